@@ -1,0 +1,52 @@
+"""quantlab: INT8 quantization and accuracy validation for ONNX models bound for TensorRT.
+
+The curated public API lives here; submodules are importable but this is the
+surface that stays stable.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    BackendError,
+    BackendUnavailableError,
+    CalibrationError,
+    CompareError,
+    DataError,
+    ExperimentError,
+    InputMismatchError,
+    ManifestError,
+    ModelError,
+    PlanError,
+    QuantlabError,
+    SearchError,
+    ThresholdError,
+    UnsupportedOpError,
+)
+from .graph import LoadedModel, TensorSpec, load_model, model_from_proto
+from .table import CalibrationTable, TensorRange
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "load_model",
+    "model_from_proto",
+    "LoadedModel",
+    "TensorSpec",
+    "CalibrationTable",
+    "TensorRange",
+    "QuantlabError",
+    "ModelError",
+    "DataError",
+    "ManifestError",
+    "InputMismatchError",
+    "CalibrationError",
+    "PlanError",
+    "BackendError",
+    "BackendUnavailableError",
+    "UnsupportedOpError",
+    "CompareError",
+    "ThresholdError",
+    "SearchError",
+    "ExperimentError",
+]

@@ -1,0 +1,27 @@
+"""Backends: ONNX Runtime (default), TensorRT, TensorRT-RTX behind one interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import BackendUnavailableError
+from .base import Backend, BackendInfo, Runner
+
+__all__ = ["Backend", "BackendInfo", "Runner", "get_backend", "BACKEND_NAMES"]
+
+BACKEND_NAMES = ("ort", "tensorrt", "tensorrt-rtx")
+
+
+def get_backend(name: str = "ort", **options: Any) -> Backend:
+    """The backend called ``name`` ('ort', 'tensorrt' or 'tensorrt-rtx')."""
+    if name in ("ort", "onnxruntime"):
+        from .ort import OrtBackend
+
+        return OrtBackend(**options)
+    if name in ("tensorrt", "tensorrt-rtx"):
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(flavor=name, **options)
+    raise BackendUnavailableError(
+        f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}"
+    )

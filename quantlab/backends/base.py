@@ -1,0 +1,75 @@
+"""The one small interface every backend implements (after Polygraphy's runners).
+
+    backend = get_backend("ort")            # or "tensorrt", "tensorrt-rtx"
+    runner = backend.build(model_proto)      # parse / optimise / compile once
+    outputs = runner.run({"input": x}, ["logits"])   # named inputs -> named outputs
+    backend.describe()                       # library, version, device
+
+The rest of quantlab talks to ONNX Runtime and TensorRT only through this.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+__all__ = ["BackendInfo", "Runner", "Backend"]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What ran a model: recorded in every result."""
+
+    name: str
+    library: str
+    version: str
+    device: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "library": self.library, "version": self.version,
+                "device": self.device, "details": dict(self.details)}
+
+
+class Runner(abc.ABC):
+    """A built model: feeds named inputs, returns named outputs as numpy arrays."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    @abc.abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run one batch. ``outputs`` defaults to every output the runner exposes."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory; optional."""
+
+
+class Backend(abc.ABC):
+    """Builds runners from ONNX models."""
+
+    name: str = "backend"
+
+    @abc.abstractmethod
+    def build(
+        self,
+        model: onnx.ModelProto,
+        *,
+        outputs: Sequence[str] | None = None,
+        cache_dir: Path | None = None,
+    ) -> Runner:
+        """Build a runner for ``model``.
+
+        ``outputs`` lists intermediate tensors to expose in addition to the
+        graph outputs (for statistics and per-layer comparison).
+        """
+
+    @abc.abstractmethod
+    def describe(self) -> BackendInfo:
+        """Library, version and device, for provenance."""

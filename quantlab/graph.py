@@ -1,0 +1,349 @@
+"""Loading ONNX models safely, and the graph queries every other module needs.
+
+A model is data, never code: it is parsed with protobuf, checked with the ONNX
+checker, shape-inferred, and its external-data paths are refused when they
+leave the model's folder. Opsets below 13 are upgraded, because per-channel
+QuantizeLinear/DequantizeLinear needs opset 13.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import ModelError
+from .fingerprint import sha256_bytes, sha256_file
+
+__all__ = [
+    "MIN_OPSET",
+    "TensorSpec",
+    "LoadedModel",
+    "load_model",
+    "model_from_proto",
+    "serialize",
+    "tensor_specs",
+    "activation_names",
+    "with_outputs",
+    "topological_nodes",
+    "producer_map",
+    "consumer_map",
+    "initializer_map",
+    "default_opset",
+]
+
+MIN_OPSET = 13
+"""Per-channel Q/DQ (``axis`` on QuantizeLinear/DequantizeLinear) needs opset 13."""
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, numpy dtype name and shape of a tensor; a dim is an int, a symbol or None."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...] | None
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in ("float32", "float16", "float64", "bfloat16")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checked, shape-inferred model and where it came from.
+
+    ``sha256`` is the hash of the file as given (plus its external-data files),
+    or of the serialized proto for a model built in memory.
+    """
+
+    proto: onnx.ModelProto = field(repr=False)
+    sha256: str
+    path: Path | None
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int
+    upgraded_from_opset: int | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path else f"<in-memory model {self.sha256[:12]}>"
+
+
+def serialize(proto: onnx.ModelProto) -> bytes:
+    """Deterministic bytes of a model (same proto, same bytes)."""
+    return proto.SerializeToString(deterministic=True)
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ModelError("the model imports no default ('ai.onnx') opset; it is not a usable ONNX graph")
+
+
+def _check_external_paths(proto: onnx.ModelProto, folder: Path, label: str) -> list[Path]:
+    """Refuse external-data locations that escape ``folder``; return the files used."""
+    folder = folder.resolve()
+    used: set[Path] = set()
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+    for t in tensors:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise ModelError(
+                f"{label}: initializer {t.name!r} stores its data at {location!r}, an absolute or "
+                "empty path; external data must sit inside the model's folder. Re-save the model "
+                "with onnx.save(..., save_as_external_data=True, location='<file name>')."
+            )
+        resolved = (folder / location).resolve()
+        if resolved != folder and folder not in resolved.parents:
+            raise ModelError(
+                f"{label}: initializer {t.name!r} points its external data at {location!r}, which "
+                f"leaves the model's folder {folder}; refusing to read it. Move the data file next "
+                "to the model and re-save it with a plain file name as location."
+            )
+        if not resolved.is_file():
+            raise ModelError(
+                f"{label}: initializer {t.name!r} needs external data file {location!r}, which "
+                f"does not exist in {folder}. Copy it next to the model."
+            )
+        used.add(resolved)
+    return sorted(used)
+
+
+def _parse(data: bytes, label: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning subclasses
+        raise ModelError(
+            f"{label}: not an ONNX model, or the file is truncated ({exc}). "
+            "Check the path, or re-export the model."
+        ) from None
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelError(
+            f"{label}: parsed as protobuf but holds no ONNX graph (no nodes, no outputs); "
+            "it is not an ONNX model or it is truncated."
+        )
+    return proto
+
+
+def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onnx.ModelProto, int, int | None]:
+    opset = default_opset(proto)
+    upgraded_from: int | None = None
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ModelError(
+            f"{label}: fails the ONNX checker: {exc}. The file may be truncated or corrupt; "
+            "re-export it."
+        ) from None
+    if opset < MIN_OPSET:
+        try:
+            from onnx import version_converter
+
+            proto = version_converter.convert_version(proto, MIN_OPSET)
+            onnx.checker.check_model(proto)
+        except Exception as exc:
+            raise ModelError(
+                f"{label}: opset {opset} is below {MIN_OPSET} (needed for per-channel "
+                f"Q/DQ) and the automatic upgrade failed: {exc}. Re-export the model with "
+                f"opset_version>={MIN_OPSET}."
+            ) from None
+        upgraded_from, opset = opset, MIN_OPSET
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise ModelError(f"{label}: ONNX shape inference failed: {exc}") from None
+    return proto, opset, upgraded_from
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Load, check and shape-infer an ONNX file (external data only from its own folder)."""
+    path = Path(path)
+    label = str(path)
+    if not path.exists():
+        raise ModelError(f"{label}: no such file. Give the path of an .onnx model.")
+    if path.is_dir():
+        raise ModelError(f"{label}: is a folder; give the path of an .onnx file inside it.")
+    data = path.read_bytes()
+    if not data:
+        raise ModelError(f"{label}: the file is empty; it is not an ONNX model.")
+    proto = _parse(data, label)
+    external = _check_external_paths(proto, path.parent, label)
+    digest = sha256_bytes(data)
+    if external:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:
+            raise ModelError(f"{label}: cannot read its external data: {exc}") from None
+        parts = [digest] + [f"{p.name}:{sha256_file(p)}" for p in external]
+        digest = sha256_bytes("|".join(parts).encode())
+    proto, opset, upgraded = _prepare(proto, label, path)
+    return _loaded(proto, digest, path, opset, upgraded)
+
+
+def model_from_proto(proto: onnx.ModelProto, *, label: str = "in-memory model") -> LoadedModel:
+    """Check and shape-infer a model built in memory (e.g. by a writer or a test)."""
+    proto_copy = onnx.ModelProto()
+    proto_copy.CopyFrom(proto)
+    digest = sha256_bytes(serialize(proto_copy))
+    proto_copy, opset, upgraded = _prepare(proto_copy, label, None)
+    return _loaded(proto_copy, digest, None, opset, upgraded)
+
+
+def _loaded(proto: onnx.ModelProto, digest: str, path: Path | None, opset: int, upgraded: int | None) -> LoadedModel:
+    specs = tensor_specs(proto)
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = tuple(specs[i.name] for i in proto.graph.input if i.name not in inits)
+    outputs = tuple(specs[o.name] for o in proto.graph.output)
+    return LoadedModel(proto=proto, sha256=digest, path=path, inputs=inputs, outputs=outputs,
+                       opset=opset, upgraded_from_opset=upgraded)
+
+
+def _spec_from_value_info(vi: onnx.ValueInfoProto) -> TensorSpec:
+    tt = vi.type.tensor_type
+    dtype = "undefined"
+    if tt.elem_type:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
+    shape: tuple[int | str | None, ...] | None = None
+    if tt.HasField("shape"):
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        shape = tuple(dims)
+    return TensorSpec(vi.name, dtype, shape)
+
+
+def tensor_specs(proto: onnx.ModelProto) -> dict[str, TensorSpec]:
+    """Type and shape of every named tensor the (shape-inferred) graph knows."""
+    specs: dict[str, TensorSpec] = {}
+    g = proto.graph
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        specs[vi.name] = _spec_from_value_info(vi)
+    for init in g.initializer:
+        specs[init.name] = TensorSpec(
+            init.name, np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).name, tuple(init.dims)
+        )
+    return specs
+
+
+def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {i.name: i for i in proto.graph.initializer}
+
+
+def producer_map(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that produces it."""
+    return {out: node for node in proto.graph.node for out in node.output if out}
+
+
+def consumer_map(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for inp in node.input:
+            if inp:
+                consumers.setdefault(inp, []).append(node)
+    return consumers
+
+
+def topological_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes in a topological order (ONNX requires graphs to be sorted; we verify)."""
+    known = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
+    pending = list(proto.graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progressed = False
+        rest = []
+        for node in pending:
+            if all((not i) or i in known for i in node.input):
+                ordered.append(node)
+                known.update(o for o in node.output if o)
+                progressed = True
+            else:
+                rest.append(node)
+        if not progressed:
+            names = ", ".join(repr(n.name or n.op_type) for n in rest[:5])
+            raise ModelError(f"the graph has a cycle or reads undefined tensors at nodes {names}")
+        pending = rest
+    return ordered
+
+
+def activation_names(proto: onnx.ModelProto, *, include_inputs: bool = True) -> list[str]:
+    """Float activation tensors in topological order: graph inputs and node outputs.
+
+    Constants (outputs of Constant nodes, initializers) are not activations.
+    """
+    specs = tensor_specs(proto)
+    inits = {i.name for i in proto.graph.initializer}
+    names: list[str] = []
+    seen: set[str] = set()
+    if include_inputs:
+        for i in proto.graph.input:
+            if i.name not in inits and specs.get(i.name) and specs[i.name].is_float:
+                names.append(i.name)
+                seen.add(i.name)
+    for node in topological_nodes(proto):
+        if node.op_type == "Constant":
+            continue
+        for out in node.output:
+            if out and out not in seen and out in specs and specs[out].is_float:
+                names.append(out)
+                seen.add(out)
+    return names
+
+
+def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``proto`` whose graph also outputs ``names`` (for intermediate reads)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    existing = {o.name for o in out.graph.output}
+    value_info = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input)}
+    for name in names:
+        if name in existing:
+            continue
+        if name in value_info:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(value_info[name])
+        else:
+            vi = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+        out.graph.output.append(vi)
+        existing.add(name)
+    return out
+
+
+def initializer_array(init: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(init)
+
+
+def input_feed_specs(model: LoadedModel) -> Sequence[TensorSpec]:
+    return model.inputs

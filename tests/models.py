@@ -1,0 +1,184 @@
+"""Small real ONNX models built with onnx.helper, shared by the whole test suite.
+
+Each builder returns an ``onnx.ModelProto`` (opset 17, checked) with
+deterministic weights from ``seed``. Add new builders here (append only) and
+register them in ``ALL_BUILDERS`` so cross-cutting tests (e.g. "TensorRT
+parses every written model") pick them up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+def _model(nodes, inputs, outputs, inits, name: str) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="quantlab-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_net(seed: int = 0, channels: int = 8, size: int = 16) -> onnx.ModelProto:
+    """input[N,3,H,W] -> Conv+BN-folded bias -> Relu -> Conv -> Relu -> GlobalAvgPool -> Flatten -> Gemm -> logits[N,10]."""
+    rng = np.random.default_rng(seed)
+    c = channels
+    w1 = rng.normal(0, 0.3, (c, 3, 3, 3)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, (c,)).astype(np.float32)
+    w2 = rng.normal(0, 0.2, (c, c, 3, 3)).astype(np.float32)
+    b2 = rng.normal(0, 0.1, (c,)).astype(np.float32)
+    wf = rng.normal(0, 0.3, (10, c)).astype(np.float32)
+    bf = rng.normal(0, 0.1, (10,)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["conv1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1"),
+        helper.make_node("Conv", ["relu1", "w2", "b2"], ["conv2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv2"], ["relu2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["relu2"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])]
+    inits = [_init(n, a) for n, a in [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("wf", wf), ("bf", bf)]]
+    return _model(nodes, inputs, outputs, inits, "conv_net")
+
+
+def residual_net(seed: int = 0, channels: int = 8, size: int = 16) -> onnx.ModelProto:
+    """ResNet-style block: stem Conv+Relu, then Conv+Relu -> Conv -> Add(skip) -> Relu, depthwise Conv, pool, Gemm."""
+    rng = np.random.default_rng(seed)
+    c = channels
+    w = {
+        "w0": rng.normal(0, 0.3, (c, 3, 3, 3)), "b0": rng.normal(0, 0.1, (c,)),
+        "w1": rng.normal(0, 0.2, (c, c, 3, 3)), "b1": rng.normal(0, 0.1, (c,)),
+        "w2": rng.normal(0, 0.2, (c, c, 3, 3)), "b2": rng.normal(0, 0.1, (c,)),
+        "wd": rng.normal(0, 0.3, (c, 1, 3, 3)), "bd": rng.normal(0, 0.1, (c,)),
+        "wf": rng.normal(0, 0.3, (10, c)), "bf": rng.normal(0, 0.1, (10,)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w0", "b0"], ["stem"], name="stem_conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["stem"], ["stem_relu"], name="stem_relu"),
+        helper.make_node("Conv", ["stem_relu", "w1", "b1"], ["c1"], name="block_conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="block_relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="block_conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "stem_relu"], ["sum"], name="block_add"),
+        helper.make_node("Relu", ["sum"], ["r2"], name="block_relu2"),
+        helper.make_node("Conv", ["r2", "wd", "bd"], ["dw"], name="dw_conv", pads=[1, 1, 1, 1], group=c),
+        helper.make_node("Clip", ["dw", "clip_min", "clip_max"], ["dw_relu6"], name="dw_relu6"),
+        helper.make_node("GlobalAveragePool", ["dw_relu6"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    inits += [_init("clip_min", np.array(0.0, np.float32)), _init("clip_max", np.array(6.0, np.float32))]
+    return _model(nodes, inputs, outputs, inits, "residual_net")
+
+
+def concat_net(seed: int = 0, channels: int = 4, size: int = 8) -> onnx.ModelProto:
+    """Two Conv branches concatenated then a Conv: concat inputs must share one scale."""
+    rng = np.random.default_rng(seed)
+    c = channels
+    w = {
+        "wa": rng.normal(0, 0.3, (c, 3, 1, 1)), "ba": rng.normal(0, 0.1, (c,)),
+        "wb": rng.normal(0, 0.6, (c, 3, 3, 3)), "bb": rng.normal(0, 0.1, (c,)),
+        "wc": rng.normal(0, 0.2, (c, 2 * c, 1, 1)), "bc": rng.normal(0, 0.1, (c,)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "wa", "ba"], ["a"], name="branch_a"),
+        helper.make_node("Conv", ["input", "wb", "bb"], ["b"], name="branch_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["a", "b"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "wc", "bc"], ["out"], name="fuse_conv"),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", c, size, size])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    return _model(nodes, inputs, outputs, inits, "concat_net")
+
+
+def mlp_attention(seed: int = 0, seq: int = 8, hidden: int = 16) -> onnx.ModelProto:
+    """Transformer-ish: MatMul projections, additive attention mask at float32.min, Softmax, MatMul.
+
+    Inputs: x[N,seq,hidden] float32, mask[N,1,seq] float32 (0 or float32.min, as HF models do).
+    """
+    rng = np.random.default_rng(seed)
+    h = hidden
+    w = {
+        "wq": rng.normal(0, 0.3, (h, h)), "wk": rng.normal(0, 0.3, (h, h)),
+        "wv": rng.normal(0, 0.3, (h, h)), "wo": rng.normal(0, 0.3, (h, h)), "bo": rng.normal(0, 0.1, (h,)),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="k_transpose", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+        helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="attn_v"),
+        helper.make_node("MatMul", ["ctx", "wo"], ["o"], name="o_proj"),
+        helper.make_node("Add", ["o", "bo"], ["out"], name="o_bias"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, h]),
+        helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1, seq]),
+    ]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", seq, h])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    return _model(nodes, inputs, outputs, inits, "mlp_attention")
+
+
+def outlier_channel_net(seed: int = 0, channels: int = 8, size: int = 16, outlier_gain: float = 200.0) -> onnx.ModelProto:
+    """Like ``residual_net`` but one channel of ``block_conv1`` has a huge outlier gain.
+
+    Per-tensor INT8 of that conv's output crushes every other channel, so the
+    sensitive fusion group is known by construction: the one holding ``block_conv2``
+    (which reads the outlier tensor) and ``block_conv1``'s output range.
+    """
+    model = residual_net(seed, channels, size)
+    for init in model.graph.initializer:
+        if init.name == "w1":
+            w1 = numpy_helper.to_array(init).copy()
+            w1[0] *= outlier_gain
+            init.CopyFrom(_init("w1", w1))
+    model.graph.name = "outlier_channel_net"
+    return model
+
+
+def random_inputs(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic float feeds for every graph input (masks get 0 / float32.min)."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feeds: dict[str, np.ndarray] = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in inp.type.tensor_type.shape.dim]
+        if inp.name == "mask":
+            m = np.zeros(dims, np.float32)
+            m[..., -2:] = np.finfo(np.float32).min
+            feeds[inp.name] = m
+        else:
+            feeds[inp.name] = rng.normal(0, 1, dims).astype(np.float32)
+    return feeds
+
+
+ALL_BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
+    "conv_net": conv_net,
+    "residual_net": residual_net,
+    "concat_net": concat_net,
+    "mlp_attention": mlp_attention,
+    "outlier_channel_net": outlier_channel_net,
+}
