@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+
+from quantlab.atomic import atomic_dir, json_dumps, write_json, write_text
+
+
+def test_write_is_atomic_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"b": 1, "a": [1.5, 2]})
+    before = target.read_bytes()
+    assert before == json_dumps({"a": [1.5, 2], "b": 1}).encode()
+
+    class Boom(Exception):
+        pass
+
+    from quantlab.atomic import atomic_path
+
+    with pytest.raises(Boom):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise Boom
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_dir_replaces_only_when_complete(tmp_path):
+    target = tmp_path / "report"
+    with atomic_dir(target) as d:
+        write_text(d / "index.html", "v1")
+    assert (target / "index.html").read_text() == "v1"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as d:
+            write_text(d / "index.html", "v2-partial")
+            raise RuntimeError("interrupted")
+    assert (target / "index.html").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    with atomic_dir(target) as d:
+        write_text(d / "index.html", "v2")
+    assert (target / "index.html").read_text() == "v2"

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import models
+from quantlab.errors import ModelError
+from quantlab.graph import (
+    MIN_OPSET,
+    activation_names,
+    consumer_map,
+    load_model,
+    model_from_proto,
+    producer_map,
+    serialize,
+    topological_nodes,
+    with_outputs,
+)
+
+
+def test_load_model_reads_specs_and_hash(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(models.conv_net(), path)
+    m = load_model(path)
+    assert m.input_names == ["input"]
+    assert m.output_names == ["logits"]
+    assert m.inputs[0].shape == ("N", 3, 16, 16)
+    assert m.inputs[0].dtype == "float32"
+    assert m.opset == 17
+    # the hash is of the file as given: the same bytes give the same hash, other bytes another
+    assert load_model(path).sha256 == m.sha256
+    onnx.save(models.conv_net(seed=1), tmp_path / "other.onnx")
+    assert load_model(tmp_path / "other.onnx").sha256 != m.sha256
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(ModelError, match="no such file"):
+        load_model(tmp_path / "absent.onnx")
+    with pytest.raises(ModelError, match="is a folder"):
+        load_model(tmp_path)
+
+
+def test_not_onnx_and_empty(tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is not a model at all\n" * 10)
+    with pytest.raises(ModelError, match=r"notes\.onnx"):
+        load_model(bad)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match="empty"):
+        load_model(empty)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
+def test_truncated_file_is_refused(tmp_path, fraction):
+    data = serialize(models.conv_net())
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(ModelError, match=r"cut\.onnx"):
+        load_model(path)
+
+
+def _external_model(tmp_path, location: str):
+    model = models.conv_net()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    loaded = onnx.load(folder / "m.onnx", load_external_data=False)
+    for init in loaded.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(loaded, folder / "m.onnx")
+    return folder
+
+
+def test_external_data_inside_folder_loads(tmp_path):
+    folder = _external_model(tmp_path, "weights.bin")
+    m = load_model(folder / "m.onnx")
+    w1 = next(i for i in m.proto.graph.initializer if i.name == "w1")
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(w1),
+        numpy_helper.to_array(next(i for i in models.conv_net().graph.initializer if i.name == "w1")),
+    )
+
+
+@pytest.mark.parametrize("location", ["../weights.bin", "/etc/passwd", "sub/../../weights.bin"])
+def test_external_data_escaping_the_folder_is_refused(tmp_path, location):
+    folder = _external_model(tmp_path, "weights.bin")
+    (tmp_path / "weights.bin").write_bytes((folder / "weights.bin").read_bytes())
+    loaded = onnx.load(folder / "m.onnx", load_external_data=False)
+    for init in loaded.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(loaded, folder / "m.onnx")
+    with pytest.raises(ModelError, match="folder"):
+        load_model(folder / "m.onnx")
+
+
+def test_external_data_missing_file(tmp_path):
+    folder = _external_model(tmp_path, "weights.bin")
+    (folder / "weights.bin").unlink()
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(folder / "m.onnx")
+
+
+def test_old_opset_is_upgraded(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r")], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 11)],
+    )
+    model.ir_version = 7
+    path = tmp_path / "old.onnx"
+    onnx.save(model, path)
+    m = load_model(path)
+    assert m.opset == MIN_OPSET
+    assert m.upgraded_from_opset == 11
+
+
+def test_checker_failure_is_a_model_error(tmp_path):
+    model = models.conv_net()
+    model.graph.node[0].input[1] = "no_such_weight"
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match=r"broken\.onnx"):
+        load_model(path)
+
+
+def test_activation_names_topological_and_float_only():
+    m = model_from_proto(models.residual_net())
+    names = activation_names(m.proto)
+    assert names[0] == "input"
+    assert names.index("stem_relu") < names.index("sum") < names.index("logits")
+    assert "w1" not in names and "clip_min" not in names
+    producers = producer_map(m.proto)
+    consumers = consumer_map(m.proto)
+    assert producers["sum"].name == "block_add"
+    assert {n.name for n in consumers["stem_relu"]} == {"block_conv1", "block_add"}
+    assert [n.name for n in topological_nodes(m.proto)][0] == "stem_conv"
+
+
+def test_with_outputs_exposes_intermediates():
+    m = model_from_proto(models.conv_net())
+    exposed = with_outputs(m.proto, ["relu1", "logits"])
+    assert [o.name for o in exposed.graph.output] == ["logits", "relu1"]
+    assert [o.name for o in m.proto.graph.output] == ["logits"]  # original untouched
