@@ -5,21 +5,60 @@ reads. Activations are symmetric per-tensor INT8: ``scale = amax / 127``.
 ``min``/``max`` are kept too, so a writer targeting ONNX Runtime's uint8 form
 can derive an asymmetric range clipped to ``[-amax, amax]``.
 
-Also reads and writes TensorRT's calibration-cache text format (TensorRT 10):
+Also reads and writes TensorRT's calibration-cache text format (TensorRT 10,
+``IInt8EntropyCalibrator2.writeCalibrationCache``; Polygraphy saves the same
+bytes)::
 
     TRT-<version>-EntropyCalibration2
-    <tensor name>: <big-endian hex float32 scale>
+    <tensor name>: <big-endian hex of the float32 scale>
+
+``<version>`` is TensorRT's version number (``NV_TENSORRT_VERSION``: 101300 for
+10.13.0, 8601 for 8.6.1); TensorRT ignores a cache whose version differs from
+its own. The scale is ``amax / 127`` as float32, e.g. ``3c010a14``; TensorRT
+writes unused tensors as ``0`` (leading zeros dropped), which is accepted on import.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["TensorRange", "CalibrationTable", "TABLE_FORMAT"]
+import numpy as np
+
+from .atomic import write_json, write_text
+from .errors import CalibrationError
+
+if TYPE_CHECKING:  # graph is a lower layer; imported only for the annotation
+    from .graph import LoadedModel
+
+__all__ = [
+    "TensorRange",
+    "CalibrationTable",
+    "TABLE_FORMAT",
+    "TRT_CACHE_VERSION",
+    "table_to_dict",
+    "table_from_dict",
+    "write_table",
+    "read_table",
+    "trt_cache_text",
+    "parse_trt_cache",
+    "write_trt_cache",
+    "read_trt_cache",
+    "trt_version_number",
+    "check_table_fits",
+]
 
 TABLE_FORMAT = "quantlab.calibration/1"
+
+TRT_CACHE_VERSION = "101300"
+"""Header version written by default (TensorRT 10.13.0); pass the target's own version."""
 
 
 @dataclass(frozen=True)
@@ -65,3 +104,238 @@ class CalibrationTable:
 
     def amax(self, tensor: str) -> float:
         return self.ranges[tensor].amax
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _range_to_dict(r: TensorRange) -> dict[str, Any]:
+    return {
+        "amax": float(r.amax),
+        "scale": float(np.float32(r.scale)),
+        "min": float(r.min),
+        "max": float(r.max),
+        "clipped_fraction": float(r.clipped_fraction),
+        "excluded": {k: int(v) for k, v in r.excluded.items()},
+        "histogram": dict(r.histogram),
+    }
+
+
+def table_to_dict(table: CalibrationTable) -> dict[str, Any]:
+    """The JSON document of ``table`` (``scale`` is float32(amax / 127), informative on read)."""
+    return {
+        "format": TABLE_FORMAT,
+        "method": table.method,
+        "model_sha256": table.model_sha256,
+        "settings": dict(table.settings),
+        "calib_set": dict(table.calib_set),
+        "versions": dict(table.versions),
+        "notes": list(table.notes),
+        "tensors": {name: _range_to_dict(r) for name, r in table.ranges.items()},
+    }
+
+
+def _number(value: Any, what: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CalibrationError(f"{where}: {what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def table_from_dict(doc: Any, where: str = "calibration table") -> CalibrationTable:
+    """Rebuild a table from :func:`table_to_dict` output; CalibrationError naming the bad field."""
+    if not isinstance(doc, dict):
+        raise CalibrationError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    if doc.get("format") != TABLE_FORMAT:
+        raise CalibrationError(
+            f"{where}: not a quantlab calibration table (format {doc.get('format')!r}, expected "
+            f"{TABLE_FORMAT!r}). A TensorRT calibration cache is read with read_trt_cache / --trt-cache."
+        )
+    for key, kind in (("method", str), ("model_sha256", str), ("tensors", dict)):
+        if not isinstance(doc.get(key), kind):
+            raise CalibrationError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
+    ranges: dict[str, TensorRange] = {}
+    for name, entry in doc["tensors"].items():
+        at = f"{where}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise CalibrationError(f"{at}: expected an object with amax/min/max")
+        amax = _number(entry.get("amax"), "amax", at)
+        if amax < 0:
+            raise CalibrationError(f"{at}: amax must be >= 0, got {amax}")
+        excluded = entry.get("excluded", {})
+        if not isinstance(excluded, dict) or not all(isinstance(v, int) for v in excluded.values()):
+            raise CalibrationError(f"{at}: 'excluded' must map a reason to a count")
+        ranges[name] = TensorRange(
+            amax=amax,
+            min=_number(entry.get("min", -amax), "min", at),
+            max=_number(entry.get("max", amax), "max", at),
+            clipped_fraction=_number(entry.get("clipped_fraction", 0.0), "clipped_fraction", at),
+            excluded=dict(excluded),
+            histogram=dict(entry.get("histogram", {})) if isinstance(entry.get("histogram", {}), dict) else {},
+        )
+    notes = doc.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise CalibrationError(f"{where}: 'notes' must be a list of strings")
+    return CalibrationTable(
+        method=doc["method"],
+        ranges=ranges,
+        model_sha256=doc["model_sha256"],
+        settings=dict(doc.get("settings") or {}),
+        calib_set=dict(doc.get("calib_set") or {}),
+        versions=dict(doc.get("versions") or {}),
+        notes=tuple(notes),
+    )
+
+
+def write_table(table: CalibrationTable, path: str | os.PathLike[str]) -> Path:
+    """Write ``table`` as deterministic JSON (same table, same bytes), atomically."""
+    return write_json(path, table_to_dict(table))
+
+
+def read_table(path: str | os.PathLike[str]) -> CalibrationTable:
+    """Read a table written by :func:`write_table`; CalibrationError naming the file otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CalibrationError(f"{path}: no such calibration table; run quantlab calibrate first") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"{path}: cannot read the calibration table ({exc})") from None
+    if text.startswith("TRT-"):
+        raise CalibrationError(
+            f"{path}: is a TensorRT calibration cache, not a quantlab JSON table; import it with read_trt_cache"
+        )
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"{path}: not valid JSON ({exc}); the table is truncated or not a table") from None
+    return table_from_dict(doc, str(path))
+
+
+# --------------------------------------------------------------------------- TensorRT cache
+
+_HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
+_HEX = re.compile(r"^[0-9a-fA-F]{1,8}$")
+
+
+def trt_version_number(version: str | int) -> str:
+    """``"10.13.0"`` -> ``"101300"``, ``"8.6.1"`` -> ``"8601"`` (NV_TENSORRT_VERSION); digits pass through."""
+    text = str(version).strip()
+    if text.isdigit():
+        return text
+    parts = text.split(".")
+    if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts):
+        raise CalibrationError(f"TensorRT version {version!r} is neither like '10.13.0' nor like '101300'")
+    major, minor = int(parts[0]), int(parts[1])
+    patch = int(parts[2]) if len(parts) > 2 else 0
+    return str(major * (10000 if major >= 10 else 1000) + minor * 100 + patch)
+
+
+def _scale_hex(scale: float) -> str:
+    return struct.pack(">f", float(scale)).hex()
+
+
+def trt_cache_text(table: CalibrationTable, version: str | int = TRT_CACHE_VERSION) -> str:
+    """The cache file's text: header, then ``name: %08x`` of the float32 scale per tensor."""
+    lines = [f"TRT-{trt_version_number(version)}-EntropyCalibration2"]
+    for name, r in table.ranges.items():
+        if "\n" in name or "\r" in name:
+            raise CalibrationError(f"tensor name {name!r} holds a line break; it cannot go in a TensorRT cache")
+        lines.append(f"{name}: {_scale_hex(r.scale)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_trt_cache(
+    table: CalibrationTable, path: str | os.PathLike[str], version: str | int = TRT_CACHE_VERSION
+) -> Path:
+    """Write ``table`` as a TensorRT calibration cache (``version`` like '10.13.0' or '101300'), atomically."""
+    return write_text(path, trt_cache_text(table, version))
+
+
+def parse_trt_cache(text: str, *, where: str = "calibration cache", model_sha256: str = "") -> CalibrationTable:
+    """A table from TensorRT cache text (any ``TRT-<n>-<Calibrator>`` header; CRLF and short hex accepted).
+
+    A line is split at its last ``:`` so names holding colons survive. ``min``/``max``
+    are unknown in a cache and set to ``-amax``/``amax``.
+    """
+    lines = [ln.strip() for ln in text.replace("\r\n", "\n").split("\n")]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise CalibrationError(f"{where}: empty file; not a TensorRT calibration cache")
+    header = _HEADER.match(lines[0])
+    if header is None:
+        raise CalibrationError(
+            f"{where}: first line {lines[0][:60]!r} is not a TensorRT cache header like "
+            "'TRT-101300-EntropyCalibration2'"
+        )
+    ranges: dict[str, TensorRange] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        name, sep, value = line.rpartition(":")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not _HEX.match(value):
+            raise CalibrationError(f"{where}: line {number} {line[:80]!r} is not '<tensor>: <hex float32 scale>'")
+        scale = struct.unpack(">f", int(value, 16).to_bytes(4, "big"))[0]
+        if not math.isfinite(scale) or scale < 0:
+            raise CalibrationError(f"{where}: line {number}: tensor {name!r} has scale {scale}; expected >= 0")
+        if name in ranges:
+            raise CalibrationError(f"{where}: line {number}: tensor {name!r} appears twice")
+        amax = scale * 127.0
+        ranges[name] = TensorRange(amax=amax, min=-amax, max=amax)
+    return CalibrationTable(
+        method="imported",
+        ranges=ranges,
+        model_sha256=model_sha256,
+        settings={"source": "tensorrt-calibration-cache", "trt_version": header.group(1),
+                  "calibrator": header.group(2)},
+        notes=((f"imported from a TensorRT calibration cache ({header.group(2)}, TensorRT {header.group(1)}); "
+                "min/max are not stored in caches, so the ranges are symmetric"),),
+    )
+
+
+def read_trt_cache(path: str | os.PathLike[str], *, model_sha256: str = "") -> CalibrationTable:
+    """Import a TensorRT / Polygraphy calibration cache file; ``model_sha256`` ties it to a model."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CalibrationError(f"{path}: no such calibration cache") from None
+    except OSError as exc:
+        raise CalibrationError(f"{path}: cannot read the calibration cache ({exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CalibrationError(f"{path}: binary data, not a TensorRT calibration cache (text)") from None
+    table = parse_trt_cache(text, where=str(path), model_sha256=model_sha256)
+    settings = dict(table.settings, file=path.name)
+    return CalibrationTable(method=table.method, ranges=table.ranges, model_sha256=table.model_sha256,
+                            settings=settings, calib_set=table.calib_set, versions=table.versions,
+                            notes=table.notes)
+
+
+# --------------------------------------------------------------------------- fit check
+
+
+def check_table_fits(table: CalibrationTable, model: LoadedModel) -> None:
+    """CalibrationError unless ``table`` was made for ``model``.
+
+    With a model hash (tables quantlab writes) the hashes must match. An
+    imported cache has none: then at least one of its tensor names must be a
+    tensor of the model (TensorRT caches also name TensorRT-internal tensors,
+    which are ignored).
+    """
+    if table.model_sha256:
+        if table.model_sha256 != model.sha256:
+            raise CalibrationError(
+                f"the calibration table ({table.method}) was made for the model with sha256 "
+                f"{table.model_sha256[:12]}..., but {model.label} has sha256 {model.sha256[:12]}...; "
+                f"calibrate this model (quantlab calibrate {model.label} ...) and use that table."
+            )
+        return
+    from .graph import tensor_specs
+
+    known = set(tensor_specs(model.proto))
+    if table.ranges and not any(name in known for name in table.ranges):
+        shown = ", ".join(repr(n) for n in list(table.ranges)[:3])
+        raise CalibrationError(
+            f"none of the {len(table.ranges)} tensors of the calibration table ({shown}, ...) is a tensor "
+            f"of {model.label}; the cache was made for another model or another export of it."
+        )

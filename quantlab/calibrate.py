@@ -1,0 +1,279 @@
+"""Calibrate a model on a calibration set: one statistics pass, then one table per method.
+
+    dataset ──batches──> collect_statistics (one FP32 pass, streaming) ──> Statistics
+       │                      └─ on_batch: DataFingerprint (hash, NaN/Inf check)
+       └─ check_inputs (names, shapes, dtypes) before any work
+    Statistics ──> table_from_statistics(method) ──> CalibrationTable  (minmax, percentile, entropy, mse)
+
+All methods read the same histograms, so ``methods=("all",)`` costs one pass.
+Same data, same order and same settings give byte-identical tables: the
+histogram does not depend on the batch size (see quantlab.histogram) and the
+tables record no time stamps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .backends.base import Backend
+from .calibrators import (
+    ENTROPY_BINS,
+    ENTROPY_LEVELS,
+    METHODS,
+    amax_entropy,
+    amax_minmax,
+    amax_mse,
+    amax_percentile,
+)
+from .errors import CalibrationError
+from .fingerprint import tool_versions
+from .graph import LoadedModel
+from .histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, HistogramState
+from .stats import DEFAULT_MEMORY_BUDGET, Statistics, collect_statistics
+from .table import CalibrationTable, TensorRange
+
+__all__ = [
+    "DEFAULT_PERCENTILE",
+    "DEFAULT_BATCH_SIZE",
+    "ALL_METHODS",
+    "CalibrationResult",
+    "calibrate",
+    "resolve_methods",
+    "table_from_statistics",
+    "tensor_range",
+    "method_settings",
+    "statistics_notes",
+    "clipping_notes",
+]
+
+DEFAULT_PERCENTILE = 99.99
+DEFAULT_BATCH_SIZE = 8
+ALL_METHODS = ("minmax", "percentile", "entropy")
+"""What ``--method all`` computes."""
+
+_SUMMARY_QUANTILES = (0.5, 0.99, 0.999, 0.9999)
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Tables by method, the statistics they came from, and the summary of the data used."""
+
+    tables: dict[str, CalibrationTable]
+    statistics: Statistics
+    data: Any
+    """A ``quantlab.data.DataSummary`` (``.sha256``, ``.count``, ``.as_dict()``, ``.to_frame()``)."""
+
+
+def resolve_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
+    """Expand 'all' and check names; order kept, duplicates dropped."""
+    if isinstance(methods, str):
+        methods = [methods]
+    out: list[str] = []
+    for m in methods:
+        for name in ALL_METHODS if m == "all" else (m,):
+            if name not in METHODS:
+                raise CalibrationError(
+                    f"unknown calibration method {name!r}; choose from {', '.join(METHODS)} or 'all'"
+                )
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise CalibrationError("no calibration method given; choose from " + ", ".join(METHODS) + " or 'all'")
+    return tuple(out)
+
+
+def method_settings(method: str, *, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS,
+                    huge_threshold: float = DEFAULT_HUGE_THRESHOLD) -> dict[str, Any]:
+    """The parameters a table records for ``method`` (everything that changes its ranges)."""
+    common = {"fine_bins": bins, "huge_threshold": huge_threshold, "symmetric": True, "num_bits": 8}
+    if method == "percentile":
+        return {**common, "percentile": percentile}
+    if method == "entropy":
+        return {**common, "bins": ENTROPY_BINS, "levels": ENTROPY_LEVELS, "start_bin": ENTROPY_LEVELS,
+                "histogram": "2048 bins of whole fine bins over [0, U], absmax <= U < 1.25 absmax",
+                "reference": "Migacz, 8-bit Inference with TensorRT, GTC 2017"}
+    if method == "mse":
+        return {**common, "bins": ENTROPY_BINS, "candidates": 512}
+    return common
+
+
+def _amax(state: HistogramState, method: str, percentile: float) -> float:
+    absmax = state.absmax
+    if absmax == 0.0:
+        return 0.0
+    if method == "minmax":
+        return amax_minmax(state.min, state.max)
+    if method == "percentile":
+        return min(amax_percentile(state.counts, state.upper, percentile), absmax)
+    hist, upper = state.coarsen(ENTROPY_BINS)
+    if method == "entropy":
+        return min(amax_entropy(hist, upper, levels=ENTROPY_LEVELS), absmax)
+    if method == "mse":
+        return min(amax_mse(hist, upper), absmax)
+    raise CalibrationError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _histogram_summary(state: HistogramState) -> dict[str, Any]:
+    return {
+        "count": state.count,
+        "absmax": state.absmax,
+        "fine_bins": state.bins,
+        "upper": state.upper,
+        "quantiles": {f"{q * 100:g}": state.quantile(q) for q in _SUMMARY_QUANTILES},
+    }
+
+
+def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFAULT_PERCENTILE) -> TensorRange:
+    """The :class:`TensorRange` of one tensor for ``method``."""
+    amax = _amax(state, method, percentile)
+    return TensorRange(
+        amax=amax,
+        min=state.min,
+        max=state.max,
+        clipped_fraction=state.fraction_above(amax),
+        excluded=state.excluded,
+        histogram=_histogram_summary(state),
+    )
+
+
+def _names(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def statistics_notes(stats: Statistics) -> tuple[str, ...]:
+    """What a user should know about the data the ranges came from (huge values, NaN/Inf, empty ranges)."""
+    notes: list[str] = []
+    huge = [n for n, s in stats.tensors.items() if s.huge]
+    if huge:
+        total = sum(stats.tensors[n].huge for n in huge)
+        notes.append(
+            f"{len(huge)} tensor(s) held huge constants (|x|>={stats.huge_threshold:g}, e.g. attention masks "
+            f"at float32.min): {_names(huge)}; excluded {total} values from their ranges; consider keeping "
+            "these layers in fp32."
+        )
+    nonfinite = [n for n, s in stats.tensors.items() if s.nonfinite]
+    if nonfinite:
+        total = sum(stats.tensors[n].nonfinite for n in nonfinite)
+        notes.append(
+            f"{len(nonfinite)} tensor(s) produced NaN/Inf: {_names(nonfinite)}; excluded {total} values from "
+            "their ranges; INT8 cannot represent them, keep these layers in fp32 or fix the model."
+        )
+    empty = [n for n, s in stats.tensors.items() if s.absmax == 0.0]
+    if empty:
+        notes.append(
+            f"{len(empty)} tensor(s) have no non-zero usable value (all zero or excluded): {_names(empty)}; "
+            "their amax is 0 (smallest scale); check the data or keep them out of INT8."
+        )
+    return tuple(notes)
+
+
+CLIP_NOTE_FRACTION = 0.01
+"""A method that saturates more than this share of a tensor's values gets a note in the table."""
+
+
+def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statistics) -> tuple[str, ...]:
+    """A note naming tensors whose range saturates more than 1 % of their values.
+
+    The entropy method's KL minimum is unreliable on sparse histograms (a few
+    hundred values, or values far from zero such as pooled features): it can
+    pick a threshold below most of the values. The algorithm is kept as
+    published; the note tells the user where to look.
+    """
+    heavy = [n for n, r in ranges.items() if r.clipped_fraction > CLIP_NOTE_FRACTION]
+    if not heavy:
+        return ()
+    worst = max(heavy, key=lambda n: ranges[n].clipped_fraction)
+    note = (
+        f"{method}: {len(heavy)} tensor(s) have more than {CLIP_NOTE_FRACTION:.0%} of their values above amax "
+        f"(saturated): {_names(heavy)}; worst {worst!r} at {ranges[worst].clipped_fraction:.1%} of "
+        f"{stats.tensors[worst].count} values. Check their histograms; with few or sparse values prefer "
+        "percentile or minmax for them, or more calibration samples."
+    )
+    return (note,)
+
+
+def table_from_statistics(
+    stats: Statistics,
+    method: str,
+    *,
+    percentile: float = DEFAULT_PERCENTILE,
+    calib_set: Mapping[str, Any] | None = None,
+    versions: Mapping[str, str] | None = None,
+) -> CalibrationTable:
+    """One method's table from collected statistics (no model run: methods share one pass)."""
+    (method,) = resolve_methods([method])
+    if method == "percentile" and not 0.0 < percentile <= 100.0:
+        raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
+    settings = method_settings(method, percentile=percentile, bins=stats.bins, huge_threshold=stats.huge_threshold)
+    settings["samples"] = stats.samples
+    ranges = {name: tensor_range(state, method, percentile=percentile) for name, state in stats.tensors.items()}
+    return CalibrationTable(
+        method=method,
+        ranges=ranges,
+        model_sha256=stats.model_sha256,
+        settings=settings,
+        calib_set=dict(calib_set or {}),
+        versions=dict(versions if versions is not None else tool_versions()),
+        notes=statistics_notes(stats) + clipping_notes(method, ranges, stats),
+    )
+
+
+def _dataset_size(dataset: Any) -> int | None:
+    for attr in ("count", "size"):
+        value = getattr(dataset, attr, None)
+        if isinstance(value, int):
+            return value
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def calibrate(
+    model: LoadedModel,
+    dataset: Any,
+    methods: Sequence[str] | str = ("entropy",),
+    *,
+    percentile: float = DEFAULT_PERCENTILE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    backend: Backend | None = None,
+    progress: bool = False,
+    tensors: Sequence[str] | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+) -> CalibrationResult:
+    """Calibrate ``model`` on ``dataset`` (a ``quantlab.data.DataSet``) with every method in ``methods``.
+
+    Checks the data against the model's inputs first (InputMismatchError),
+    fingerprints every batch as it streams (DataError on NaN/Inf, naming the
+    sample and input), then computes all methods from one statistics pass.
+    """
+    from .data import DataFingerprint, check_inputs
+
+    chosen = resolve_methods(methods)
+    if batch_size < 1:
+        raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
+    if "percentile" in chosen and not 0.0 < percentile <= 100.0:
+        raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
+    check_inputs(dataset, model)
+    fingerprint = DataFingerprint()
+    stats = collect_statistics(
+        model,
+        lambda: dataset.batches(batch_size),
+        tensors=tensors,
+        backend=backend,
+        memory_budget_bytes=memory_budget_bytes,
+        on_batch=fingerprint.update,
+        progress=progress,
+        total=_dataset_size(dataset),
+    )
+    summary = fingerprint.summary()
+    calib_set = {"manifest": dataset.manifest_record(), "sha256": summary.sha256, "count": summary.count}
+    versions = tool_versions()
+    tables = {
+        m: table_from_statistics(stats, m, percentile=percentile, calib_set=calib_set, versions=versions)
+        for m in chosen
+    }
+    return CalibrationResult(tables=tables, statistics=stats, data=summary)

@@ -1,0 +1,180 @@
+"""``quantlab calibrate MODEL``: per-tensor INT8 ranges from one streaming pass over a calibration set.
+
+    quantlab calibrate model.onnx --calib calib_sets/NAME.toml --method entropy --out runs/calib
+    quantlab calibrate model.onnx --calib calib_sets/NAME.toml --method all --trt-cache --out runs/calib
+
+Writes into ``--out`` (atomically: a failed run leaves the previous folder or nothing):
+
+- ``calib_<method>.json``   the calibration table of each method (what ``quantlab build`` reads)
+- ``calibration.cache``     TensorRT 10 calibration cache, with ``--trt-cache``
+                            (``calibration_<method>.cache`` when several methods are asked)
+- ``statistics.npz``        per-tensor histograms, min/max, counts (for the report)
+- ``data_summary.json``     what went in: sample count, content hash, per-input ranges, duplicates
+- ``calibrate_run.json``    the command's settings, model hash and tool versions
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_dir, write_json
+from ..calibrate import ALL_METHODS, DEFAULT_BATCH_SIZE, DEFAULT_PERCENTILE, CalibrationResult, calibrate
+from ..calibrators import METHODS
+from ..errors import CalibrationError, QuantlabError
+from ..fingerprint import tool_versions
+from ..graph import load_model
+from ..stats import TENSOR_SCOPES, save_statistics, scope_tensors
+from ..table import TRT_CACHE_VERSION, CalibrationTable, write_table, write_trt_cache
+
+__all__ = ["register", "run", "summary_frame", "RUN_RECORD"]
+
+RUN_RECORD = "calibrate_run.json"
+"""Marks a folder as a calibrate output, so a rerun may replace it (and nothing else)."""
+
+TOP_TENSORS = 10
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _percentile(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 100.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {value}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "calibrate",
+        help="per-tensor INT8 ranges (entropy, minmax, percentile, mse) from a calibration set",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("model", type=Path, help="FP32 ONNX model file")
+    p.add_argument("--calib", type=Path, required=True, metavar="TOML",
+                   help="calibration set manifest, e.g. calib_sets/NAME.toml")
+    p.add_argument("--method", choices=[*METHODS, "all"], default="entropy",
+                   help="calibration method; 'all' = " + ", ".join(ALL_METHODS) + " from one pass (default entropy)")
+    p.add_argument("--percentile", type=_percentile, default=DEFAULT_PERCENTILE,
+                   help=f"percentile of |x| kept by the percentile method (default {DEFAULT_PERCENTILE})")
+    p.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE,
+                   help=f"samples per model run (default {DEFAULT_BATCH_SIZE}; does not change the ranges)")
+    p.add_argument("--tensors", choices=TENSOR_SCOPES, default="all",
+                   help="'all' float activations (default) or 'quantizable': without pre-activation tensors "
+                        "TensorRT fuses away (about half the work on CNNs)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--trt-cache", action="store_true",
+                   help="also write a TensorRT calibration cache (for TensorRT 10 implicit INT8)")
+    p.add_argument("--trt-version", default=TRT_CACHE_VERSION,
+                   help=f"TensorRT version for the cache header, e.g. 10.13.0 (default {TRT_CACHE_VERSION}); "
+                        "TensorRT ignores a cache made for another version")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _load_dataset(path: Path) -> Any:
+    from .. import data
+
+    return data.load_dataset(path)
+
+
+def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS) -> Any:
+    """The widest and the most clipped tensors of ``table`` as a pandas DataFrame."""
+    import pandas as pd
+
+    rows = [{
+        "tensor": name,
+        "amax": r.amax,
+        "min": r.min,
+        "max": r.max,
+        "amax/absmax": r.amax / max(abs(r.min), abs(r.max)) if max(abs(r.min), abs(r.max)) > 0 else 1.0,
+        "clipped %": 100.0 * r.clipped_fraction,
+        "excluded": sum(r.excluded.values()),
+    } for name, r in table.ranges.items()]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    widest = frame.nlargest(top, "amax")
+    clipped = frame[frame["clipped %"] > 0].nlargest(top, "clipped %")
+    return pd.concat([widest, clipped]).drop_duplicates("tensor").reset_index(drop=True)
+
+
+def _check_out(out: Path, model: Path, calib: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CalibrationError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / RUN_RECORD).is_file():
+        raise CalibrationError(
+            f"--out {out} is a non-empty folder that is not a previous calibrate output (no {RUN_RECORD}); "
+            "it would be replaced. Give a new or empty folder."
+        )
+    resolved = out.resolve()
+    for p in (model, calib):
+        if resolved == p.resolve().parent or resolved in p.resolve().parents:
+            raise CalibrationError(f"--out {out} holds the input {p}; it would be replaced. Choose another folder.")
+
+
+def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model: Any) -> list[Path]:
+    written: list[Path] = []
+    with atomic_dir(out) as tmp:
+        for method, table in result.tables.items():
+            write_table(table, tmp / f"calib_{method}.json")
+            written.append(out / f"calib_{method}.json")
+            if args.trt_cache:
+                name = "calibration.cache" if len(result.tables) == 1 else f"calibration_{method}.cache"
+                write_trt_cache(table, tmp / name, version=args.trt_version)
+                written.append(out / name)
+        save_statistics(result.statistics, tmp / "statistics.npz")
+        write_json(tmp / "data_summary.json", result.data.as_dict())
+        write_json(tmp / RUN_RECORD, {
+            "command": "calibrate",
+            "model": str(args.model),
+            "model_sha256": model.sha256,
+            "calib": str(args.calib),
+            "methods": list(result.tables),
+            "percentile": args.percentile,
+            "batch_size": args.batch_size,
+            "tensors": args.tensors,
+            "samples": result.statistics.samples,
+            "passes": result.statistics.passes,
+            "backend": dict(result.statistics.backend),
+            "versions": tool_versions(),
+        })
+        written += [out / "statistics.npz", out / "data_summary.json", out / RUN_RECORD]
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    _check_out(args.out, args.model, args.calib)
+    model = load_model(args.model)
+    dataset = _load_dataset(args.calib)
+    methods = list(ALL_METHODS) if args.method == "all" else [args.method]
+    tensors = scope_tensors(model.proto, args.tensors)
+    print(f"quantlab calibrate: {model.label}: {len(tensors)} tensors, method(s) {', '.join(methods)}",
+          file=sys.stderr, flush=True)
+    result = calibrate(model, dataset, methods, percentile=args.percentile, batch_size=args.batch_size,
+                       progress=not args.no_progress, tensors=tensors)
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 100):
+        print("\ncalibration data")
+        frame = result.data.to_frame() if hasattr(result.data, "to_frame") else pd.DataFrame([result.data.as_dict()])
+        print(frame.to_string())
+        for method, table in result.tables.items():
+            print(f"\n{method}: widest and most clipped tensors (of {len(table.ranges)})")
+            print(summary_frame(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            for note in table.notes:
+                print(f"note: {note}")
+    try:
+        written = _write(args.out, result, args, model)
+    except QuantlabError:
+        raise
+    except OSError as exc:
+        raise CalibrationError(f"cannot write the results to {args.out}: {exc}") from None
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0

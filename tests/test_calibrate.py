@@ -1,0 +1,274 @@
+"""calibrate(): one pass, every method, reproducible tables that record where they came from."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+import models
+from quantlab.calibrate import ALL_METHODS, calibrate, resolve_methods, table_from_statistics
+from quantlab.errors import CalibrationError, DataError, InputMismatchError
+from quantlab.graph import model_from_proto
+from quantlab.table import read_table, read_trt_cache, write_table, write_trt_cache
+
+
+def _install_data_stand_in() -> None:
+    """TEMPORARY until quantlab/data.py lands (written concurrently): the agreed DataFingerprint/check_inputs."""
+    from quantlab.errors import DataError as _DataError
+    from quantlab.errors import InputMismatchError as _Mismatch
+
+    module = types.ModuleType("quantlab.data")
+
+    class DataSummary:
+        def __init__(self, sha256: str, count: int) -> None:
+            self.sha256, self.count = sha256, count
+
+        def as_dict(self) -> dict:
+            return {"sha256": self.sha256, "count": self.count}
+
+    class DataFingerprint:
+        def __init__(self) -> None:
+            self._h, self._n = hashlib.sha256(), 0
+
+        def update(self, batch) -> None:
+            for name, arr in batch.feeds.items():
+                bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+                if bad.any():
+                    raise _DataError(f"sample {batch.keys[int(np.argmax(bad))]}: input {name!r} holds NaN/Inf")
+                self._h.update(np.ascontiguousarray(arr).tobytes())
+            self._n += len(batch.keys)
+
+        def summary(self) -> DataSummary:
+            return DataSummary(self._h.hexdigest(), self._n)
+
+    def check_inputs(dataset, model) -> None:
+        if set(dataset.arrays) != set(model.input_names):
+            raise _Mismatch(f"inputs {sorted(dataset.arrays)} != model inputs {model.input_names}")
+
+    module.DataFingerprint, module.check_inputs, module.DataSummary = DataFingerprint, check_inputs, DataSummary
+    sys.modules["quantlab.data"] = module
+
+
+if importlib.util.find_spec("quantlab.data") is None:
+    _install_data_stand_in()
+
+
+@dataclass
+class ArrayBatch:
+    feeds: dict[str, np.ndarray]
+    keys: list[str]
+    indices: list[int]
+
+
+@dataclass
+class ArrayDataSet:
+    """A data set over in-memory arrays with the DataSet interface calibrate() uses."""
+
+    arrays: dict[str, np.ndarray]
+    name: str = "arrays"
+    calls: list[int] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return int(next(iter(self.arrays.values())).shape[0])
+
+    def batches(self, batch_size: int):
+        self.calls.append(batch_size)
+        for start in range(0, self.count, batch_size):
+            idx = list(range(start, min(start + batch_size, self.count)))
+            yield ArrayBatch({k: v[start:start + len(idx)] for k, v in self.arrays.items()},
+                             [f"{self.name}[{i}]" for i in idx], idx)
+
+    def manifest_record(self) -> dict:
+        return {"name": self.name, "source": "in-memory arrays", "count": self.count}
+
+
+def _dataset(builder: str, n: int, seed: int = 3) -> ArrayDataSet:
+    return ArrayDataSet(models.random_inputs(models.ALL_BUILDERS[builder](), n, seed=seed), name=builder)
+
+
+def test_all_methods_from_one_pass():
+    model = model_from_proto(models.outlier_channel_net())
+    data = _dataset("outlier_channel_net", 12)
+    result = calibrate(model, data, ["all", "mse"], batch_size=4)
+    assert data.calls == [4]  # one pass over the data for four methods
+    assert list(result.tables) == [*ALL_METHODS, "mse"]
+    assert result.statistics.samples == 12 and result.data.count == 12
+    minmax, entropy = result.tables["minmax"], result.tables["entropy"]
+    for name, r in minmax.ranges.items():
+        state = result.statistics[name]
+        assert r.amax == max(abs(state.min), abs(state.max)) and r.clipped_fraction == 0.0
+        assert entropy.ranges[name].amax <= r.amax
+        if state.count >= 10_000:
+            assert entropy.ranges[name].clipped_fraction < 0.1  # the outlier channel is 1/8 of c1
+    # the outlier channel makes block_conv1's output heavy-tailed: entropy clips it hard
+    assert entropy.ranges["r1"].amax < 0.5 * minmax.ranges["r1"].amax
+    # 96 pooled values far from zero: the KL minimum degenerates, and the table says so
+    assert entropy.ranges["pool"].clipped_fraction > 0.5
+    assert any("entropy:" in n and "'pool'" in n for n in entropy.notes)
+    assert not any("saturated" in n for n in minmax.notes)
+    assert result.tables["percentile"].settings["percentile"] == 99.99
+
+
+def test_tables_record_provenance():
+    model = model_from_proto(models.conv_net())
+    data = _dataset("conv_net", 6)
+    table = calibrate(model, data, "percentile", percentile=99.9, batch_size=3).tables["percentile"]
+    assert table.model_sha256 == model.sha256
+    assert table.calib_set["count"] == 6 and len(table.calib_set["sha256"]) == 64
+    assert table.calib_set["manifest"] == data.manifest_record()
+    assert table.settings["percentile"] == 99.9 and table.settings["fine_bins"] == 2**14
+    assert table.settings["samples"] == 6
+    assert "numpy" in table.versions and "onnxruntime" in table.versions
+    r = table.ranges["relu1"]
+    assert r.histogram["count"] == 6 * 8 * 16 * 16 and r.excluded == {"nonfinite": 0, "huge": 0}
+    assert set(r.histogram["quantiles"]) == {"50", "99", "99.9", "99.99"}
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile", "minmax"])
+def test_byte_identical_json_across_reruns_and_batch_sizes(tmp_path, method):
+    model = model_from_proto(models.residual_net())
+    outputs = []
+    for i, batch_size in enumerate((1, 7, 21, 7)):
+        table = calibrate(model, _dataset("residual_net", 21), method, batch_size=batch_size).tables[method]
+        outputs.append(write_table(table, tmp_path / f"{i}.json").read_bytes())
+    assert len(set(outputs)) == 1
+    assert read_table(tmp_path / "0.json").method == method
+
+
+def test_huge_constants_are_noted_and_do_not_crash():
+    model = model_from_proto(models.mlp_attention())
+    result = calibrate(model, _dataset("mlp_attention", 8), "all", batch_size=3)
+    for table in result.tables.values():
+        assert table.ranges["mask"].amax == 0.0
+        assert table.ranges["mask"].excluded["huge"] > 0
+        assert table.ranges["masked"].excluded["huge"] > 0
+        assert table.ranges["masked"].amax < 1e3  # the mask did not stretch the range
+        notes = " ".join(table.notes)
+        assert "huge constants" in notes and "'mask'" in notes and "'masked'" in notes and "fp32" in notes
+        assert "no non-zero usable value" in notes
+
+
+def test_trt_cache_from_a_calibration(tmp_path):
+    model = model_from_proto(models.conv_net())
+    table = calibrate(model, _dataset("conv_net", 4), "entropy", batch_size=2).tables["entropy"]
+    path = write_trt_cache(table, tmp_path / "calibration.cache", version="8.6.1")
+    back = read_trt_cache(path, model_sha256=model.sha256)
+    assert set(back.ranges) == set(table.ranges)
+    for name, r in table.ranges.items():
+        assert np.float32(back.ranges[name].scale) == np.float32(r.scale)
+
+
+def test_bad_requests_fail_before_any_work():
+    model = model_from_proto(models.conv_net())
+    data = _dataset("conv_net", 4)
+    with pytest.raises(CalibrationError, match="unknown calibration method 'kl'"):
+        calibrate(model, data, ["kl"])
+    with pytest.raises(CalibrationError, match="percentile"):
+        calibrate(model, data, "percentile", percentile=120)
+    with pytest.raises(CalibrationError, match="batch_size"):
+        calibrate(model, data, batch_size=0)
+    assert data.calls == []
+    assert resolve_methods(["entropy", "all"]) == ("entropy", "minmax", "percentile")
+
+
+def test_input_mismatch_is_caught_before_running():
+    model = model_from_proto(models.conv_net())
+    data = ArrayDataSet({"image": np.zeros((2, 3, 16, 16), np.float32)})
+    with pytest.raises(InputMismatchError):
+        calibrate(model, data)
+    assert data.calls == []
+
+
+def test_nan_in_data_names_sample_and_input():
+    model = model_from_proto(models.conv_net())
+    data = _dataset("conv_net", 6)
+    data.arrays["input"][4, 0, 1, 1] = np.nan
+    with pytest.raises(DataError) as err:
+        calibrate(model, data, batch_size=2)
+    assert "conv_net[4]" in str(err.value) and "input" in str(err.value)
+
+
+def test_table_from_loaded_statistics_equals_direct(tmp_path):
+    from quantlab.stats import load_statistics, save_statistics
+
+    model = model_from_proto(models.concat_net())
+    result = calibrate(model, _dataset("concat_net", 5), "entropy", batch_size=2)
+    stats = load_statistics(save_statistics(result.statistics, tmp_path / "s.npz"))
+    table = result.tables["entropy"]
+    again = table_from_statistics(stats, "entropy", calib_set=table.calib_set, versions=table.versions)
+    assert again == table
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def cli_setup(tmp_path, monkeypatch):
+    """A model file, a manifest path and the data set the manifest stands for."""
+    import onnx
+
+    import quantlab.cli.calibrate as cli_calibrate
+
+    model_path = tmp_path / "model.onnx"
+    onnx.save(models.mlp_attention(), model_path)
+    manifest = tmp_path / "set.toml"
+    manifest.write_text("# stands for the in-memory set below\n")
+    data = _dataset("mlp_attention", 10)
+    monkeypatch.setattr(cli_calibrate, "_load_dataset", lambda path: data)
+    return model_path, manifest
+
+
+def test_cli_writes_every_output_atomically(tmp_path, cli_setup, capsys):
+    from quantlab.cli import main
+    from quantlab.stats import load_statistics
+
+    model_path, manifest = cli_setup
+    out = tmp_path / "out"
+    code = main(["calibrate", str(model_path), "--calib", str(manifest), "--method", "all", "--batch-size", "4",
+                 "--out", str(out), "--trt-cache", "--trt-version", "10.13.0", "--no-progress"])
+    assert code == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["calib_entropy.json", "calib_minmax.json", "calib_percentile.json", "calibrate_run.json",
+                     "calibration_entropy.cache", "calibration_minmax.cache", "calibration_percentile.cache",
+                     "data_summary.json", "statistics.npz"]
+    printed = capsys.readouterr().out
+    assert "widest and most clipped" in printed and "huge constants" in printed
+    assert read_table(out / "calib_entropy.json").method == "entropy"
+    assert (out / "calibration_minmax.cache").read_text().startswith("TRT-101300-EntropyCalibration2\n")
+    assert load_statistics(out / "statistics.npz").samples == 10
+    # a rerun replaces its own output folder
+    assert main(["calibrate", str(model_path), "--calib", str(manifest), "--out", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir())[:1] == ["calib_entropy.json"]
+    assert not (out / "calib_minmax.json").exists()
+
+
+def test_cli_refuses_to_replace_a_foreign_folder(tmp_path, cli_setup, capsys):
+    from quantlab.cli import main
+
+    model_path, manifest = cli_setup
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["calibrate", str(model_path), "--calib", str(manifest), "--out", str(foreign)]) == 2
+    assert "not a previous calibrate output" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert main(["calibrate", str(model_path), "--calib", str(manifest), "--out", str(tmp_path)]) == 2
+
+
+def test_cli_bad_model_leaves_nothing(tmp_path, cli_setup, capsys):
+    from quantlab.cli import main
+
+    _, manifest = cli_setup
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage")
+    out = tmp_path / "out"
+    assert main(["calibrate", str(bad), "--calib", str(manifest), "--out", str(out)]) == 2
+    assert "bad.onnx" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,167 @@
+"""Streaming |x| histogram: exact against numpy, independent of batch size/order, robust to masks and NaN."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from quantlab.histogram import AbsHistogram, HistogramState, power_of_two_above
+
+
+def _feed(values: np.ndarray, chunk: int, bins: int = 1024) -> HistogramState:
+    h = AbsHistogram(bins)
+    for i in range(0, values.size, chunk):
+        h.update(values[i:i + chunk])
+    return h.state()
+
+
+def _mixed(seed: int = 0, n: int = 50_000) -> np.ndarray:
+    """Values whose range grows over the stream: small first, a far outlier late, exact zeros."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, n).astype(np.float32)
+    x[: n // 4] *= 1e-3
+    x[n // 2] = 917.25
+    x[::97] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("x, expected", [(0.3, 0.5), (0.5, 1.0), (1.0, 2.0), (3.0, 4.0), (1e-40, 2.0**-132)])
+def test_power_of_two_above_is_strictly_above(x, expected):
+    assert power_of_two_above(x) == expected
+
+
+def test_counts_equal_numpy_histogram_over_final_range():
+    x = _mixed()
+    state = _feed(x, 1000)
+    absmax = float(np.abs(x).max())
+    assert state.upper == power_of_two_above(absmax) == 1024.0
+    expected, _ = np.histogram(np.abs(x.astype(np.float64)), bins=1024, range=(0, state.upper))
+    np.testing.assert_array_equal(state.counts, expected)
+    assert state.min == float(x.min()) and state.max == float(x.max())
+    assert state.count == x.size and state.absmax == absmax
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 333, 50_000])
+def test_bit_identical_whatever_the_batch_size(chunk):
+    x = _mixed(1, 20_000)
+    whole = _feed(x, x.size)
+    part = _feed(x, chunk)
+    np.testing.assert_array_equal(part.counts, whole.counts)
+    assert (part.upper, part.min, part.max, part.count) == (whole.upper, whole.min, whole.max, whole.count)
+
+
+def test_order_and_merge_do_not_change_the_result():
+    x = _mixed(2, 20_000)
+    forward = _feed(x, 500)
+    backward = _feed(x[::-1].copy(), 500)
+    np.testing.assert_array_equal(forward.counts, backward.counts)
+    a, b = AbsHistogram(1024), AbsHistogram(1024)
+    a.update(x[:3000])  # small range
+    b.update(x[3000:])  # holds the outlier: larger range
+    a.merge(b)
+    np.testing.assert_array_equal(a.state().counts, forward.counts)
+    c = AbsHistogram.from_state(_feed(x[3000:], 100))
+    c.merge(_feed(x[:3000], 100))
+    np.testing.assert_array_equal(c.state().counts, forward.counts)
+
+
+def test_huge_and_nonfinite_values_are_counted_not_binned():
+    x = np.array([0.5, -2.0, np.nan, np.inf, -np.inf, np.finfo(np.float32).min, 3e30, -1e30, 1.5], np.float32)
+    h = AbsHistogram(64)
+    h.update(x)
+    s = h.state()
+    assert (s.count, s.nonfinite, s.huge) == (3, 3, 3)
+    assert (s.min, s.max, s.upper) == (-2.0, 1.5, 4.0)
+    assert s.excluded == {"nonfinite": 3, "huge": 3}
+    assert int(s.counts.sum()) == 3
+
+
+def test_all_zero_then_values_keeps_range_from_values_only():
+    h = AbsHistogram(16)
+    h.update(np.zeros(10, np.float32))
+    assert h.state().upper == 0.0 and h.state().counts[0] == 10 and h.state().absmax == 0.0
+    h.update(np.array([0.3], np.float32))
+    s = h.state()
+    assert s.upper == 0.5  # the zeros did not force a range of 1.0
+    assert s.counts[0] == 10 and s.counts[int(0.3 * 16 / 0.5)] == 1
+
+
+def test_float16_and_float64_inputs():
+    x = np.linspace(-3, 3, 101)
+    a, b = AbsHistogram(256), AbsHistogram(256)
+    a.update(x.astype(np.float16))
+    b.update(x.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(a.state().counts, b.state().counts)
+    c = AbsHistogram(256)
+    c.update(x.reshape(1, 101, 1))  # float64, any shape
+    assert c.state().count == 101 and c.state().max == 3.0
+
+
+def test_rebin_interpolates_within_fine_bins_and_conserves_mass():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, 100_000).astype(np.float32)
+    h = AbsHistogram(4096)
+    h.update(x)
+    s = h.state()
+    absmax = s.absmax
+    coarse = s.rebin_to(2048, absmax)
+    assert coarse.sum() == pytest.approx(x.size)
+    direct, _ = np.histogram(np.abs(x), 2048, range=(0, absmax))
+    # every coarse edge falls inside one fine bin: error at most one fine bin's count per edge
+    fine_max = s.counts.max()
+    assert np.abs(coarse - direct).max() <= 2 * fine_max
+
+
+def test_quantile_and_fraction_above_match_numpy():
+    rng = np.random.default_rng(4)
+    x = rng.standard_t(3, 200_000).astype(np.float32)
+    h = AbsHistogram()
+    h.update(x)
+    s = h.state()
+    width = s.upper / s.bins
+    for q in (0.5, 0.99, 0.9999):
+        assert abs(s.quantile(q) - np.quantile(np.abs(x), q)) <= width
+    t = float(np.quantile(np.abs(x), 0.999))
+    assert s.fraction_above(t) == pytest.approx(np.mean(np.abs(x) > t), abs=2e-5)
+    assert s.fraction_above(s.absmax) == 0.0
+
+
+def test_bins_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        AbsHistogram(1000)
+    with pytest.raises(ValueError, match="merge"):
+        AbsHistogram(16).merge(AbsHistogram(32))
+
+
+def test_range_grows_by_many_doublings_exactly():
+    h = AbsHistogram(8)
+    h.update(np.array([1e-6], np.float32))
+    h.update(np.array([1e6], np.float32))
+    s = h.state()
+    assert s.upper == power_of_two_above(1e6)
+    assert s.counts[0] == 1 and s.counts[int(1e6 * 8 / s.upper)] == 1
+    assert math.log2(s.upper).is_integer()
+
+
+def test_coarsen_groups_whole_fine_bins_exactly():
+    rng = np.random.default_rng(5)
+    x = rng.laplace(0, 1, 30_000).astype(np.float32)
+    s = _feed(x, 4096, bins=2**14)
+    counts, upper = s.coarsen(2048)
+    absmax = float(np.abs(x).max())
+    assert absmax <= upper < 1.25 * absmax + upper / 2048
+    expected, _ = np.histogram(np.abs(x.astype(np.float64)), bins=2048, range=(0, upper))
+    np.testing.assert_array_equal(counts, expected)
+    # too few fine bins to group: interpolated over [0, absmax] instead, mass kept
+    small = _feed(x, 4096, bins=1024)
+    counts, upper = small.coarsen(2048)
+    assert upper == absmax and counts.sum() == pytest.approx(x.size)
+    assert AbsHistogram(64).state().coarsen(16)[1] == 0.0
+
+
+def test_states_compare_by_value():
+    x = _mixed(6, 1000)
+    assert _feed(x, 10) == _feed(x, 1000)
+    assert _feed(x, 10) != _feed(x[:-1], 10)

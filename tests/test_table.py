@@ -1,0 +1,163 @@
+"""Calibration tables: JSON round trip, TensorRT cache export/import, fit check, clear errors."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+import models
+from quantlab.errors import CalibrationError
+from quantlab.graph import model_from_proto
+from quantlab.table import (
+    CalibrationTable,
+    TensorRange,
+    check_table_fits,
+    parse_trt_cache,
+    read_table,
+    read_trt_cache,
+    trt_cache_text,
+    trt_version_number,
+    write_table,
+    write_trt_cache,
+)
+
+
+def _table(model_sha256: str = "ab" * 32) -> CalibrationTable:
+    return CalibrationTable(
+        method="entropy",
+        ranges={
+            "input": TensorRange(amax=2.5, min=-2.4, max=2.5, clipped_fraction=0.0,
+                                 excluded={"nonfinite": 0, "huge": 0}, histogram={"count": 10}),
+            "relu1": TensorRange(amax=0.1234567, min=0.0, max=0.3, clipped_fraction=0.01,
+                                 excluded={"nonfinite": 0, "huge": 3}),
+            "masked:0": TensorRange(amax=0.0, min=0.0, max=0.0),
+        },
+        model_sha256=model_sha256,
+        settings={"bins": 2048},
+        calib_set={"sha256": "cd" * 32, "count": 10},
+        versions={"numpy": np.__version__},
+        notes=("a note",),
+    )
+
+
+def test_json_round_trip_is_exact_and_deterministic(tmp_path):
+    table = _table()
+    a = write_table(table, tmp_path / "a.json")
+    b = write_table(read_table(a), tmp_path / "b.json")
+    assert a.read_bytes() == b.read_bytes()
+    back = read_table(b)
+    assert back == table
+    doc = json.loads(a.read_text())
+    assert doc["tensors"]["relu1"]["scale"] == float(np.float32(0.1234567 / 127))
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"format": "onnxruntime"}', "not a quantlab calibration table"),
+        ("TRT-8601-EntropyCalibration2\nx: 3c010a14\n", "TensorRT calibration cache"),
+        ('{"format": "quantlab.calibration/1", "method": "entropy", "model_sha256": "x", "tensors": {"t": {"amax": -1}}}',
+         "tensor 't': amax must be >= 0"),
+        ('{"format": "quantlab.calibration/1", "method": "entropy", "model_sha256": "x", "tensors": {"t": {"amax": "1"}}}',
+         "amax must be a finite number"),
+        ('{"format": "quantlab.calibration/1", "method": "entropy", "tensors": {}}', "'model_sha256'"),
+    ],
+)
+def test_read_table_rejects_malformed_files(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(CalibrationError, match=match) as err:
+        read_table(path)
+    assert "bad.json" in str(err.value)
+
+
+def test_read_table_missing_file(tmp_path):
+    with pytest.raises(CalibrationError, match="quantlab calibrate"):
+        read_table(tmp_path / "nope.json")
+
+
+def test_trt_cache_round_trip_keeps_float32_scales(tmp_path):
+    table = _table()
+    path = write_trt_cache(table, tmp_path / "calibration.cache", version="10.13.0")
+    text = path.read_text()
+    lines = text.splitlines()
+    assert lines[0] == "TRT-101300-EntropyCalibration2"
+    assert lines[1] == "input: " + struct.pack(">f", 2.5 / 127).hex()
+    back = read_trt_cache(path, model_sha256=table.model_sha256)
+    assert list(back.ranges) == list(table.ranges)  # names with ':' survive
+    for name, r in table.ranges.items():
+        assert np.float32(back.ranges[name].scale) == np.float32(r.scale), name
+    assert back.settings["trt_version"] == "101300" and back.settings["calibrator"] == "EntropyCalibration2"
+    assert back.model_sha256 == table.model_sha256
+
+
+def test_import_a_cache_written_by_hand_in_tensorrt_format():
+    """As TensorRT 8.4 / Polygraphy write them: CRLF allowed, 'Unnamed Layer' names, '0' for unused tensors."""
+    text = (
+        "TRT-8401-EntropyCalibration2\r\n"
+        "input: 3caa54fc\r\n"
+        "(Unnamed Layer* 64) [Shuffle]_output: 0\r\n"
+        "395: 3cbe52af\r\n"
+        "conv1_relu: 3d8f5c29\r\n"
+    )
+    table = parse_trt_cache(text)
+    assert set(table.ranges) == {"input", "(Unnamed Layer* 64) [Shuffle]_output", "395", "conv1_relu"}
+    scale = struct.unpack(">f", bytes.fromhex("3d8f5c29"))[0]  # 0.07
+    assert table.ranges["conv1_relu"].amax == pytest.approx(0.07 * 127, rel=1e-6)
+    assert table.ranges["conv1_relu"].scale == pytest.approx(scale, rel=1e-12)
+    assert table.ranges["(Unnamed Layer* 64) [Shuffle]_output"].amax == 0.0
+    assert table.method == "imported" and table.settings["trt_version"] == "8401"
+    assert parse_trt_cache("TRT-7103-MinMaxCalibration\ndata_0: 4000889d").settings["calibrator"] == "MinMaxCalibration"
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "empty"),
+        ("input: 3caa54fc\n", "header"),
+        ("TRT-8401-EntropyCalibration2\ninput 3caa54fc\n", "line 2"),
+        ("TRT-8401-EntropyCalibration2\ninput: xyz\n", "line 2"),
+        ("TRT-8401-EntropyCalibration2\na: 3caa54fc\na: 3caa54fc\n", "appears twice"),
+        ("TRT-8401-EntropyCalibration2\na: 7fc00000\n", "scale nan"),
+        ("TRT-8401-EntropyCalibration2\na: bf800000\n", "scale -1.0"),
+    ],
+)
+def test_bad_caches_are_refused_with_the_line(text, match):
+    with pytest.raises(CalibrationError, match=match):
+        parse_trt_cache(text, where="my.cache")
+
+
+def test_read_trt_cache_binary_and_missing(tmp_path):
+    path = tmp_path / "engine.cache"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(CalibrationError, match="binary"):
+        read_trt_cache(path)
+    with pytest.raises(CalibrationError, match="no such"):
+        read_trt_cache(tmp_path / "missing.cache")
+
+
+def test_trt_version_numbers():
+    assert trt_version_number("10.13.0") == "101300"
+    assert trt_version_number("8.6.1") == "8601"
+    assert trt_version_number("101401") == "101401"
+    with pytest.raises(CalibrationError, match="version"):
+        trt_version_number("ten")
+    with pytest.raises(CalibrationError, match="line break"):
+        trt_cache_text(CalibrationTable("minmax", {"a\nb": TensorRange(1.0, -1.0, 1.0)}, ""))
+
+
+def test_check_table_fits_names_both_hashes():
+    model = model_from_proto(models.conv_net())
+    check_table_fits(_table(model.sha256), model)
+    with pytest.raises(CalibrationError, match="ababababab") as err:
+        check_table_fits(_table("ab" * 32), model)
+    assert model.sha256[:12] in str(err.value)
+    # an imported cache has no hash: it must at least name tensors of this model
+    check_table_fits(_table(""), model)
+    stranger = CalibrationTable("imported", {"foo": TensorRange(1.0, -1.0, 1.0)}, "")
+    with pytest.raises(CalibrationError, match="another model"):
+        check_table_fits(stranger, model)
