@@ -157,6 +157,44 @@ def outlier_channel_net(seed: int = 0, channels: int = 8, size: int = 16, outlie
     return model
 
 
+def unet_block(seed: int = 0, channels: int = 8, size: int = 16) -> onnx.ModelProto:
+    """Encoder/decoder block: Conv -> BatchNorm -> swish (x*sigmoid(x)), MaxPool, Conv -> LeakyRelu,
+    ConvTranspose (stride 2) -> Relu and a nearest Resize, Concat of three branches, 1x1 Conv.
+
+    Exercises ops the other models lack; Resize's ``scales`` input must stay float32 in fp16 models.
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+    w = {
+        "w0": rng.normal(0, 0.3, (c, 3, 3, 3)), "bn_scale": rng.uniform(0.5, 1.5, (c,)),
+        "bn_bias": rng.normal(0, 0.1, (c,)), "bn_mean": rng.normal(0, 0.1, (c,)),
+        "bn_var": rng.uniform(0.5, 1.5, (c,)),
+        "w1": rng.normal(0, 0.2, (c, c, 3, 3)), "b1": rng.normal(0, 0.1, (c,)),
+        "wt": rng.normal(0, 0.3, (c, c, 2, 2)), "bt": rng.normal(0, 0.1, (c,)),
+        "w2": rng.normal(0, 0.2, (c // 2, 3 * c, 1, 1)), "b2": rng.normal(0, 0.1, (c // 2,)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w0"], ["c0"], name="enc_conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c0", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["bn0"],
+                         name="enc_bn"),
+        helper.make_node("Sigmoid", ["bn0"], ["sig0"], name="enc_sigmoid"),
+        helper.make_node("Mul", ["bn0", "sig0"], ["enc"], name="enc_swish"),
+        helper.make_node("MaxPool", ["enc"], ["down"], name="maxpool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["down", "w1", "b1"], ["c1"], name="mid_conv", pads=[1, 1, 1, 1]),
+        helper.make_node("LeakyRelu", ["c1"], ["mid"], name="mid_leaky", alpha=0.1),
+        helper.make_node("ConvTranspose", ["mid", "wt", "bt"], ["up"], name="up_deconv", strides=[2, 2]),
+        helper.make_node("Relu", ["up"], ["up_relu"], name="up_relu"),
+        helper.make_node("Resize", ["mid", "", "resize_scales"], ["resized"], name="resize", mode="nearest"),
+        helper.make_node("Concat", ["enc", "up_relu", "resized"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "w2", "b2"], ["out"], name="head_conv"),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", c // 2, size, size])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    inits.append(_init("resize_scales", np.array([1, 1, 2, 2], np.float32)))
+    return _model(nodes, inputs, outputs, inits, "unet_block")
+
+
 def random_inputs(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic float feeds for every graph input (masks get 0 / float32.min)."""
     rng = np.random.default_rng(seed)
@@ -181,4 +219,5 @@ ALL_BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
     "concat_net": concat_net,
     "mlp_attention": mlp_attention,
     "outlier_channel_net": outlier_channel_net,
+    "unet_block": unet_block,
 }

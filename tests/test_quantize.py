@@ -1,0 +1,614 @@
+from __future__ import annotations
+
+import json
+
+import models
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from quantlab.errors import CalibrationError, ModelError, PlanError
+from quantlab.graph import model_from_proto, serialize, tensor_specs, with_outputs
+from quantlab.plan import (
+    PrecisionPlan,
+    Rule,
+    fusion_groups,
+    load_plan,
+    resolve_plan,
+    uniform_plan,
+)
+from quantlab.quantize import (
+    Provenance,
+    WriteOptions,
+    activation_qparams,
+    load_provenance,
+    save_written,
+    weight_qparams,
+    write_model,
+)
+from quantlab.table import CalibrationTable, TensorRange
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _calibration_feeds(proto, n=4):
+    return [models.random_inputs(proto, 2, seed=s) for s in range(n)]
+
+
+class _Reader:
+    """An onnxruntime.quantization CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def _ort_minmax_table(proto, path, model, feeds) -> CalibrationTable:
+    """Ranges computed by ONNX Runtime's own MinMax calibrator (an independent implementation)."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    calibrator = create_calibrator(str(path), None, augmented_model_path=str(path.with_suffix(".aug.onnx")),
+                                   calibrate_method=CalibrationMethod.MinMax)
+    calibrator.collect_data(_Reader(feeds))
+    ranges = {}
+    for name, data in calibrator.compute_data().data.items():
+        lo, hi = (float(np.asarray(v).reshape(-1)[0]) for v in data.range_value)
+        ranges[name] = TensorRange(amax=max(abs(lo), abs(hi)), min=lo, max=hi)
+    return CalibrationTable("minmax", ranges, model.sha256, settings={"source": "onnxruntime MinMaxCalibrater"})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """name -> (LoadedModel, table from ORT's calibrator, onnx path, calibration feeds)."""
+    folder = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, build in models.ALL_BUILDERS.items():
+        proto = build()
+        path = folder / f"{name}.onnx"
+        onnx.save(proto, path)
+        model = model_from_proto(proto)
+        feeds = _calibration_feeds(proto)
+        out[name] = (model, _ort_minmax_table(proto, path, model, feeds), path, feeds)
+    return out
+
+
+def _run(proto, feeds, outputs=None, optimize=True):
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(serialize(proto), options, providers=["CPUExecutionProvider"])
+    names = outputs or [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def _mixed_plan(model) -> PrecisionPlan:
+    """First compute group fp16, last fp32, the rest int8."""
+    return PrecisionPlan(default="int8", rules=(Rule("fp16", first=1), Rule("fp32", last=1)))
+
+
+WRITERS = {
+    "int8": lambda m: (uniform_plan("int8"), WriteOptions(target="tensorrt")),
+    "int8-ort": lambda m: (uniform_plan("int8"), WriteOptions(target="ort")),
+    "fp16": lambda m: (uniform_plan("fp16"), WriteOptions()),
+    "fp16-sim": lambda m: (uniform_plan("fp16"), WriteOptions(fp16_simulation=True)),
+    "mixed": lambda m: (_mixed_plan(m), WriteOptions(target="tensorrt")),
+}
+
+
+def _write(prepared, name, writer):
+    model, table, _, _ = prepared[name]
+    plan, options = WRITERS[writer](model)
+    return write_model(model, plan, table, options)
+
+
+def _producers(proto):
+    return {o: n for n in proto.graph.node for o in n.output}
+
+
+# --------------------------------------------------------------------------- every model, every writer
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+@pytest.mark.parametrize("name", sorted(models.ALL_BUILDERS))
+def test_written_models_pass_the_checker_and_run_close_to_fp32(prepared, name, writer):
+    model = prepared[name][0]
+    written = _write(prepared, name, writer)
+    onnx.checker.check_model(written.proto, full_check=True)
+    feeds = models.random_inputs(model.proto, 3, seed=7)
+    ref = _run(model.proto, feeds)
+    got = _run(written.proto, feeds)
+    assert list(got) == list(ref)
+    for out, value in got.items():
+        assert value.dtype == np.float32  # model I/O stays float32
+        err = np.abs(value - ref[out]).max() / np.abs(ref[out]).max()
+        assert np.isfinite(value).all()
+        assert err < (5e-3 if writer.startswith("fp16") else 0.15), (out, err)
+    # graph inputs untouched
+    assert [i.name for i in written.proto.graph.input] == [i.name for i in model.proto.graph.input]
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+@pytest.mark.parametrize("name", sorted(models.ALL_BUILDERS))
+def test_provenance_maps_every_original_tensor_and_node(prepared, name, writer):
+    model, _, _, _ = prepared[name]
+    written = _write(prepared, name, writer)
+    prov = written.provenance
+    g = model.proto.graph
+    originals = [i.name for i in g.input] + [i.name for i in g.initializer] + [o for n in g.node for o in n.output]
+    assert set(prov.tensor_map) == set(originals)
+    produced = {o for n in written.proto.graph.node for o in n.output}
+    present = produced | {i.name for i in written.proto.graph.input} | {i.name for i in written.proto.graph.initializer}
+    inits = {i.name for i in g.initializer}
+    inferred = tensor_specs(onnx.shape_inference.infer_shapes(written.proto))
+    for tensor, target in prov.tensor_map.items():
+        assert target in present, (tensor, target)
+        if tensor not in inits:
+            assert target == tensor  # the naming rule: activations keep their names
+        assert inferred[target].dtype == prov.tensor_dtype[tensor], tensor
+    for out in g.output:
+        assert prov.tensor_dtype[out.name] == "float32"
+    written_nodes = {n.name for n in written.proto.graph.node}
+    assert set(prov.node_map) == {n.name for n in g.node}
+    for original, nodes in prov.node_map.items():
+        assert nodes[0] == original and set(nodes) <= written_nodes
+    # every inserted node is accounted for
+    assert set(prov.inserted_nodes) == written_nodes - set(prov.node_map)
+    assert prov.group_precision == written.plan.precision
+    assert Provenance.from_dict(json.loads(json.dumps(prov.to_dict()))) == prov
+
+
+@pytest.mark.parametrize("writer", ["int8", "fp16", "mixed"])
+@pytest.mark.parametrize("name", sorted(models.ALL_BUILDERS))
+def test_tensorrt_rtx_parses_and_builds_every_written_model(prepared, name, writer):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="the tensorrt-rtx extra is not installed")
+    from quantlab.backends.tensorrt import TensorRTBackend
+
+    written = _write(prepared, name, writer)
+    engine = TensorRTBackend("tensorrt-rtx").build_engine(written.proto, label=f"{name} ({writer})")
+    assert isinstance(engine, bytes) and len(engine) > 10_000
+
+
+# --------------------------------------------------------------------------- cross-check with ORT's quantizer
+
+CROSS_CHECKS = [
+    # (model, target, ORT op types, ORT ops whose output is not quantized)
+    ("conv_net", "tensorrt", ["Conv", "Gemm", "GlobalAveragePool"], ["Conv", "Gemm", "GlobalAveragePool"]),
+    ("mlp_attention", "tensorrt", ["MatMul"], ["MatMul"]),
+    ("conv_net", "ort", ["Conv", "Relu", "GlobalAveragePool", "Flatten", "Gemm"], ["Gemm"]),
+    ("residual_net", "ort", ["Conv", "Relu", "Clip", "Add", "GlobalAveragePool", "Flatten", "Gemm"], ["Gemm"]),
+]
+
+
+def _weights_of(proto):
+    """node name -> int8 weight array feeding input 1 through a DequantizeLinear."""
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    prod = _producers(proto)
+    out = {}
+    for n in proto.graph.node:
+        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in prod:
+            dq = prod[n.input[1]]
+            if dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+                out[n.name] = (inits[dq.input[0]], inits[dq.input[1]])
+    return out
+
+
+def _activation_qparams(proto):
+    """quantized tensor -> (scale, zero point) of its QuantizeLinear."""
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    return {n.input[0]: (inits[n.input[1]], inits[n.input[2]]) for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+
+
+@pytest.mark.parametrize(("name", "target", "ops", "no_output"), CROSS_CHECKS,
+                         ids=[f"{c[0]}-{c[1]}" for c in CROSS_CHECKS])
+def test_int8_matches_onnxruntime_quantize_static(prepared, tmp_path, name, target, ops, no_output):
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    model, table, path, feeds = prepared[name]
+    mine = write_model(model, uniform_plan("int8"), table, WriteOptions(target=target))
+    extra = {"WeightSymmetric": True, "OpTypesToExcludeOutputQuantization": no_output}
+    if target == "tensorrt":
+        extra.update(ActivationSymmetric=True, QuantizeBias=False)
+    theirs_path = tmp_path / "ort_qdq.onnx"
+    quantize_static(
+        str(path), str(theirs_path), _Reader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=ops,
+        per_channel=True, activation_type=QuantType.QInt8 if target == "tensorrt" else QuantType.QUInt8,
+        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, extra_options=extra,
+    )
+    theirs = onnx.load(theirs_path)
+
+    # same ranges -> the same weights, scales and zero points, bit for bit
+    w_mine, w_theirs = _weights_of(mine.proto), _weights_of(theirs)
+    assert set(w_mine) == set(w_theirs) and w_mine
+    for node in w_mine:
+        for mine_value, their_value in zip(w_mine[node], w_theirs[node]):
+            assert mine_value.dtype == their_value.dtype
+            np.testing.assert_array_equal(mine_value, their_value, strict=True)
+    a_mine, a_theirs = _activation_qparams(mine.proto), _activation_qparams(theirs)
+    common = set(a_mine) & set(a_theirs)
+    assert len(common) >= 3
+    for tensor in common:
+        for mine_value, their_value in zip(a_mine[tensor], a_theirs[tensor]):
+            assert mine_value.shape == their_value.shape == (), tensor  # per-tensor: scalars
+            assert mine_value.dtype == their_value.dtype and mine_value.tobytes() == their_value.tobytes(), tensor
+
+    # and the outputs agree within one quantization step of the output
+    val = models.random_inputs(model.proto, 8, seed=99)
+    got, ref = _run(mine.proto, val), _run(theirs, val)
+    for out in model.output_names:
+        r = table.ranges[out]
+        step = r.amax / 127 if target == "tensorrt" else (max(r.max, 0) - min(r.min, 0)) / 255
+        assert np.abs(got[out] - ref[out]).max() <= step, out
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def _dq_readers(proto):
+    """name of every node reading a DequantizeLinear output, with the tensor it reads."""
+    prod = _producers(proto)
+    return [(n, t) for n in proto.graph.node for t in n.input
+            if t in prod and prod[t].op_type == "DequantizeLinear"]
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ort"])
+def test_residual_add_quantizes_its_skip_input(prepared, target):
+    written = write_model(prepared["residual_net"][0], uniform_plan("int8"), prepared["residual_net"][1],
+                          WriteOptions(target=target))
+    add = next(n for n in written.proto.graph.node if n.name == "block_add")
+    prod = _producers(written.proto)
+    assert add.input[1] == "stem_relu/dq" and prod[add.input[1]].op_type == "DequantizeLinear"
+    # TensorRT fuses the conv's output straight into the add: no Q/DQ there; ORT wants both for QLinearAdd
+    assert (add.input[0] == "c2") == (target == "tensorrt")
+    # the skip shares the Q/DQ that block_conv1's input already has (same tensor, same scale)
+    conv1 = next(n for n in written.proto.graph.node if n.name == "block_conv1")
+    assert conv1.input[0] == "stem_relu/dq"
+    assert written.provenance.quantized_inputs["stem_relu"]["consumers"] == ["block_conv1", "block_add"]
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ort"])
+def test_concat_inputs_share_one_scale(prepared, target):
+    model, table, _, _ = prepared["concat_net"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target=target))
+    concat = next(n for n in written.proto.graph.node if n.op_type == "Concat")
+    inits = {i.name: numpy_helper.to_array(i) for i in written.proto.graph.initializer}
+    prod = _producers(written.proto)
+    params = []
+    for t in concat.input:
+        dq = prod[t]
+        assert dq.op_type == "DequantizeLinear"
+        params.append((inits[dq.input[1]].tobytes(), inits[dq.input[2]].tobytes()))
+    assert params[0] == params[1]
+    if target == "tensorrt":
+        shared = max(table.ranges["a"].amax, table.ranges["b"].amax) / 127
+        assert np.frombuffer(params[0][0], np.float32)[0] == np.float32(shared)
+
+
+def test_mixed_plan_puts_qdq_only_on_int8_groups(prepared):
+    model, table, _, _ = prepared["residual_net"]
+    plan = PrecisionPlan(default="int8", overrides={"stem_conv": "fp16", "block_conv2": "fp32", "fc": "fp16"})
+    written = write_model(model, plan, table, WriteOptions(target="tensorrt"))
+    prec = written.plan.precision
+    group_of = written.provenance.node_group
+    for node, tensor in _dq_readers(written.proto):
+        if node.op_type == "DequantizeLinear" or node.name not in group_of:
+            continue
+        assert prec[group_of[node.name]] == "int8", (node.name, tensor)
+    dtypes = written.provenance.tensor_dtype
+    assert dtypes["stem_relu"] == "float16" and dtypes["r2"] == "float32" and dtypes["logits"] == "float32"
+    # every int8 compute anchor reads only dequantized activations and weights
+    nodes = {n.name: n for n in written.proto.graph.node}
+    prod = _producers(written.proto)
+    for g in written.plan.groups_at("int8"):
+        if g.is_compute:
+            assert all(prod[t].op_type == "DequantizeLinear" for t in nodes[g.name].input[:2])
+    # the fp32 group's residual add reads stem_relu cast back to float32, not quantized
+    assert nodes["block_add"].input[1] == "stem_relu/to_fp32"
+    quantized = written.provenance.quantized_inputs
+    assert {"stem_relu", "w1", "r2", "wd"} <= set(quantized)
+    assert "r1" not in quantized and "w2" not in quantized  # block_conv2 stayed float
+    assert "input" not in quantized and "flat" not in quantized  # so did stem_conv and fc
+
+
+def test_fp16_keeps_risky_ops_fp32_and_io_float32(prepared):
+    model = prepared["mlp_attention"][0]
+    written = write_model(model, uniform_plan("fp16"), None)
+    d = written.provenance.tensor_dtype
+    assert d["probs"] == "float32"  # Softmax stays float32 by default
+    assert d["scores"] == d["ctx"] == d["q"] == "float16"
+    assert d["x"] == d["mask"] == d["out"] == "float32"
+    assert written.provenance.tensor_map["wq"] == "wq/fp16"
+    assert not written.provenance.quantized_inputs
+    all_fp16 = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp32_ops=()))
+    assert all_fp16.provenance.tensor_dtype["probs"] == "float16"
+
+
+def test_fp16_simulation_rounds_like_float16_storage_on_ort():
+    """ORT's CPU provider runs a native fp16 model in float32 and drops the casts: only weights get
+    rounded. The simulation form must match a numpy model of float16 storage exactly; native must not."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w1, b1, w2 = (rng.normal(0, 0.5, (16, 32)).astype(np.float32), rng.normal(0, 0.1, 32).astype(np.float32),
+                  rng.normal(0, 0.5, (32, 8)).astype(np.float32))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+             helper.make_node("Add", ["m1", "b1"], ["a1"], name="bias1"),
+             helper.make_node("Relu", ["a1"], ["h"], name="relu1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+                              initializer=[numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.normal(0, 1, (4, 16)).astype(np.float32)
+
+    def r(a):
+        return a.astype(np.float16).astype(np.float32)
+
+    reference = r(r(np.maximum(r(r(r(x) @ r(w1)) + r(b1)), 0)) @ r(w2))
+    sim = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=True))
+    native = write_model(model, uniform_plan("fp16"), None)
+    got_sim = _run(sim.proto, {"x": x})["y"]
+    got_native = _run(native.proto, {"x": x})["y"]
+    np.testing.assert_allclose(got_sim, reference, rtol=2e-3, atol=1e-6)
+    assert np.abs(got_sim - reference).max() < np.abs(got_native - reference).max() / 10
+    # the original names carry the rounded values, in float32
+    assert set(sim.provenance.tensor_dtype.values()) == {"float32"}
+    assert sim.provenance.meta["options"]["fp16_simulation"] is True
+    full = _run(with_outputs(sim.proto, ["m1", "h"]), {"x": x}, ["m1", "h"])
+    for t in ("m1", "h"):
+        np.testing.assert_array_equal(full[t], r(full[t]))
+
+
+def test_group_subgraphs_extract_with_original_names(prepared):
+    """The comparator cuts per-group subgraphs at original tensor names: they must run alone.
+
+    ORT runs unoptimised here: its QDQ fusions legitimately change rounding
+    when an intermediate tensor is also an output. (fp16 -> fp32 boundaries are
+    avoided on purpose: ORT's CPU cast-insertion drops the float16 rounding of
+    a tensor when the fp16 op has no CPU kernel, but keeps it for an exposed one.)
+    """
+    model, table, _, _ = prepared["residual_net"]
+    plan = PrecisionPlan(default="int8", overrides={"block_conv2": "fp32", "fc": "fp16"})
+    written = write_model(model, plan, table)
+    feeds = models.random_inputs(model.proto, 2, seed=3)
+    everything = list(dict.fromkeys(t for g in written.plan.groups for t in (*g.input_tensors, g.output_tensor)))
+    full = _run(with_outputs(written.proto, everything), feeds, everything, optimize=False)
+    for g in written.plan.groups:
+        sub = onnx.utils.Extractor(written.proto).extract_model(list(g.input_tensors), [g.output_tensor])
+        got = _run(sub, {t: full[t] for t in g.input_tensors}, optimize=False)[g.output_tensor]
+        np.testing.assert_array_equal(got, full[g.output_tensor], err_msg=g.name)
+    assert full["logits"].dtype == np.float32
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def test_weight_qparams_per_channel_symmetric():
+    w = np.array([[[[0.5, -1.0]]], [[[0.0, 0.0]]], [[[2.54, 1.27]]]], dtype=np.float32)
+    qp, q = weight_qparams(w, 0)
+    np.testing.assert_array_equal(qp.scale, np.float32([1.0 / 127, 1.0, 2.54 / 127]))
+    assert q.dtype == np.int8 and qp.zero_point.dtype == np.int8 and not qp.zero_point.any()
+    np.testing.assert_array_equal(q.reshape(3, 2), [[64, -127], [0, 0], [127, 64]])
+    deq = q.astype(np.float32) * qp.scale.reshape(-1, 1, 1, 1)
+    assert np.all(np.abs(deq - w) <= qp.scale.reshape(-1, 1, 1, 1) / 2 + 1e-7)
+
+
+def test_activation_qparams_both_targets():
+    r = TensorRange(amax=2.0, min=-0.5, max=3.0)  # max above amax: clipped to amax
+    trt = activation_qparams(r, "tensorrt")
+    assert trt.scale == np.float32(2.0 / 127) and trt.zero_point == 0 and trt.zero_point.dtype == np.int8
+    o = activation_qparams(r, "ort")
+    assert o.zero_point.dtype == np.uint8
+    assert o.scale == np.float32(2.5 / 255) and o.zero_point == round(0.5 / (2.5 / 255))
+    relu = activation_qparams(TensorRange(amax=6.0, min=0.0, max=6.0), "ort")
+    assert relu.zero_point == 0  # lets ORT drop a Relu/Clip before the Q
+    assert activation_qparams(TensorRange(amax=0.0, min=0.0, max=0.0), "ort").scale == 1.0
+
+
+def test_same_inputs_same_bytes(prepared):
+    a = _write(prepared, "residual_net", "mixed")
+    b = _write(prepared, "residual_net", "mixed")
+    assert serialize(a.proto) == serialize(b.proto)
+    assert a.provenance.to_dict() == b.provenance.to_dict()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _table_without(table: CalibrationTable, *names: str) -> CalibrationTable:
+    return CalibrationTable(table.method, {k: v for k, v in table.ranges.items() if k not in names}, table.model_sha256)
+
+
+def test_table_of_another_model(prepared):
+    model, _, _, _ = prepared["residual_net"]
+    other = prepared["conv_net"][1]
+    with pytest.raises(CalibrationError, match="made for the model with sha256"):
+        write_model(model, uniform_plan("int8"), other)
+
+
+def test_missing_range_names_tensor_and_group(prepared):
+    model, table, _, _ = prepared["residual_net"]
+    with pytest.raises(CalibrationError, match=r"no range for 1 tensor\(s\).*'r1' \(group 'block_conv2'\)"):
+        write_model(model, uniform_plan("int8"), _table_without(table, "r1"))
+    # pinning that group avoids the need
+    written = write_model(model, PrecisionPlan(overrides={"block_conv2": "fp16"}), _table_without(table, "r1"))
+    assert written.plan.precision["block_conv2"] == "fp16"
+
+
+def test_int8_without_a_table(prepared):
+    with pytest.raises(CalibrationError, match="no calibration table was given"):
+        write_model(prepared["conv_net"][0], uniform_plan("int8"), None)
+
+
+def test_huge_sentinels_are_not_quantized_silently(prepared):
+    model, table, _, _ = prepared["residual_net"]
+    ranges = dict(table.ranges)
+    r = ranges["stem_relu"]
+    ranges["stem_relu"] = TensorRange(r.amax, r.min, r.max, excluded={"huge": 3})
+    with pytest.raises(CalibrationError, match="'stem_relu'.*huge.*Pin those groups"):
+        write_model(model, uniform_plan("int8"), CalibrationTable("minmax", ranges, model.sha256))
+
+
+def test_already_quantized_model_is_refused(prepared):
+    written = _write(prepared, "conv_net", "int8")
+    with pytest.raises(ModelError, match="already holds .* QuantizeLinear/DequantizeLinear"):
+        write_model(model_from_proto(written.proto), uniform_plan("int8"), None)
+
+
+def test_subgraph_reading_an_fp16_tensor_is_refused():
+    from onnx import TensorProto, helper
+
+    def branch(name, op):
+        return helper.make_graph([helper.make_node(op, ["r"], [name])], name, [],
+                                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, [2])])
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("If", ["c"], ["y"], name="branch", then_branch=branch("t", "Identity"),
+                              else_branch=branch("e", "Neg"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(PlanError, match="'branch' \\(If\\) reads tensor 'r' inside its subgraph.*Pin group 'relu'"):
+        write_model(model, uniform_plan("fp16"), None)
+    written = write_model(model, PrecisionPlan(default="fp16", overrides={"relu": "fp32"}), None)
+    feeds = {"x": np.array([-1.0, 2.0], np.float32), "c": np.array(False)}
+    np.testing.assert_array_equal(_run(written.proto, feeds)["y"], [0.0, -2.0])
+
+
+def test_resolved_plan_of_another_model(prepared):
+    resolved = resolve_plan(uniform_plan("fp16"), models.conv_net())
+    with pytest.raises(PlanError, match="made for another model"):
+        write_model(prepared["residual_net"][0], resolved, None)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def test_save_written_round_trips(prepared, tmp_path):
+    written = _write(prepared, "residual_net", "mixed")
+    paths = save_written(written, tmp_path / "out")
+    assert {p.name for p in paths.values()} == {"model.onnx", "provenance.json", "plan.json"}
+    assert onnx.load(paths["model"]).SerializeToString() == written.proto.SerializeToString()
+    prov = load_provenance(paths["provenance"])
+    assert prov == written.provenance
+    assert prov.meta["plan_hash"] == written.plan.plan_hash()
+    assert prov.meta["source_sha256"] == prepared["residual_net"][0].sha256
+    assert prov.meta["options"]["target"] == "tensorrt"
+    assert "onnx" in prov.meta["versions"]
+    again = resolve_plan(load_plan(paths["plan"]), prepared["residual_net"][0].proto)
+    assert again.plan_hash() == written.plan.plan_hash()
+    assert [g.name for g in fusion_groups(prepared["residual_net"][0].proto)] == [g.name for g in written.plan.groups]
+
+
+# --------------------------------------------------------------------------- CLI: quantlab build
+
+
+def _cli(*argv):
+    from quantlab.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_cli_build_int8_for_tensorrt_rtx(prepared, tmp_path, capsys):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="the tensorrt-rtx extra is not installed")
+    from quantlab.table import write_table
+
+    _, table, path, _ = prepared["residual_net"]
+    table = CalibrationTable(table.method, table.ranges, model_sha256=_file_sha(path))
+    write_table(table, tmp_path / "calib.json")
+    out = tmp_path / "build"
+    assert _cli("build", path, "--table", tmp_path / "calib.json", "--backend", "tensorrt-rtx", "--out", out) == 0
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "provenance.json", "plan.json", "model.engine",
+                                               "engine.json"}
+    written = onnx.load(out / "model.onnx")
+    onnx.checker.check_model(written)
+    zero_points = [i for i in written.graph.initializer if i.name.endswith("/zero_point")]
+    assert zero_points and all(numpy_helper.to_array(z).dtype == np.int8 for z in zero_points)  # target tensorrt
+    assert json.loads((out / "engine.json").read_text())["engine_bytes"] == (out / "model.engine").stat().st_size
+    assert "int8 6" in capsys.readouterr().out
+
+
+def test_cli_build_mixed_plan_for_ort(prepared, tmp_path, capsys):
+    from quantlab.table import write_table
+
+    _, table, path, _ = prepared["residual_net"]
+    write_table(CalibrationTable(table.method, table.ranges, _file_sha(path)), tmp_path / "calib.json")
+    plan = tmp_path / "plan.toml"
+    plan.write_text('default = "int8"\n[overrides]\nblock_conv2 = "fp16"\n')
+    out = tmp_path / "build"
+    assert _cli("build", path, "--table", tmp_path / "calib.json", "--plan", plan, "--out", out) == 0
+    prov = load_provenance(out / "provenance.json")
+    assert prov.group_precision["block_conv2"] == "fp16" and prov.meta["options"]["target"] == "ort"
+    assert prov.tensor_dtype["r2"] == "float16"
+    # the effective plan reproduces the build
+    assert _cli("build", path, "--table", tmp_path / "calib.json", "--plan", out / "plan.json",
+                "--out", tmp_path / "again") == 0
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+def test_cli_build_errors_leave_nothing_behind(prepared, tmp_path, capsys):
+    from quantlab.table import write_table
+
+    path = prepared["residual_net"][2]
+    write_table(prepared["conv_net"][1], tmp_path / "other.json")
+    out = tmp_path / "build"
+    assert _cli("build", path, "--table", tmp_path / "other.json", "--out", out) == 2
+    assert "made for the model" in capsys.readouterr().err
+    bad_plan = tmp_path / "plan.json"
+    bad_plan.write_text(json.dumps({"overrides": {"block_cnv2": "fp16"}}))
+    assert _cli("build", path, "--plan", bad_plan, "--precision", "fp16", "--out", out) == 2
+    assert "disagree" in capsys.readouterr().err
+    assert _cli("build", path, "--plan", bad_plan, "--out", out) == 2
+    assert "did you mean 'block_conv2'" in capsys.readouterr().err
+    assert _cli("build", path, "--precision", "mixed", "--out", out) == 2
+    assert _cli("build", path, "--out", out) == 2  # int8 without a table
+    assert "no calibration table" in capsys.readouterr().err
+    assert _cli("build", path, "--precision", "fp16", "--fp16-simulation", "--backend", "tensorrt-rtx",
+                "--out", out) == 2
+    assert "--fp16-simulation" in capsys.readouterr().err
+    assert not out.exists()
+    # fp16 needs no table
+    assert _cli("build", path, "--precision", "fp16", "--out", out) == 0
+
+
+def _file_sha(path):
+    from quantlab.fingerprint import sha256_file
+
+    return sha256_file(path)
+
+
+def _ort_optimized_ops(proto, tmp_path):
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(serialize(proto), options, providers=["CPUExecutionProvider"])
+    return {n.name: n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+
+
+def test_ort_target_fuses_into_integer_kernels(prepared, tmp_path):
+    """The ORT form only pays off when ORT turns DQ -> Conv -> Q into QLinearConv (scalar scales, zp 0 after ReLU)."""
+    model, table, _, _ = prepared["residual_net"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    ops = _ort_optimized_ops(written.proto, tmp_path)
+    assert list(ops.values()).count("QLinearConv") == 4, ops  # every conv; their Relu/Clip dropped
+    assert "QLinearAdd" in ops.values() and "QLinearGlobalAveragePool" in ops.values()
+    assert not {"Conv", "FusedConv", "Relu", "Clip"} & set(ops.values())
+    # a LeakyRelu after the conv needs the conv's own output quantized for ORT to fuse
+    model, table, _, _ = prepared["unet_block"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    ops = _ort_optimized_ops(written.proto, tmp_path)
+    fused = {name.split("_token")[0] for name, op in ops.items() if op == "QLinearConv"}
+    assert {"mid_conv", "enc_conv"} <= fused and "QLinearLeakyRelu" in ops.values()
+    assert "c1" in written.provenance.quantized_inputs
+    # the TensorRT form never quantizes inside a fusion group
+    trt = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert "c1" not in trt.provenance.quantized_inputs and "c0" not in trt.provenance.quantized_inputs
