@@ -7,6 +7,7 @@ engine cache), else the CPU provider.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,27 +15,60 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..errors import BackendError, UnsupportedOpError
-from ..graph import serialize, with_outputs
+from ..errors import BackendError, InputMismatchError, UnsupportedOpError
+from ..graph import serialize, tensor_specs, with_outputs
 from .base import Backend, BackendInfo, Runner
 
 __all__ = ["OrtBackend", "OrtRunner"]
 
 
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(bfloat16)": "bfloat16", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(int16)": "int16", "tensor(uint16)": "uint16", "tensor(int32)": "int32",
+    "tensor(uint32)": "uint32", "tensor(int64)": "int64", "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+
+
 class OrtRunner(Runner):
+    """One ONNX Runtime session; checks feed names and dtypes so mistakes name the input."""
+
     def __init__(self, session: Any, output_names: Sequence[str]) -> None:
         self._session = session
         self.input_names = tuple(i.name for i in session.get_inputs())
         self.output_names = tuple(output_names)
         self.providers = tuple(session.get_providers())
+        self._input_dtypes = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
+
+    def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            raise InputMismatchError(
+                f"feeds do not match the model's inputs {list(self.input_names)}: "
+                f"missing {missing}, unknown {extra}"
+            )
+        for name in self.input_names:
+            want = self._input_dtypes.get(name)
+            got = np.asarray(feeds[name]).dtype.name
+            if want is not None and got != want:
+                raise InputMismatchError(f"input {name!r} is {got} but the model expects {want}; convert the data")
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(outputs) if outputs is not None else list(self.output_names)
+        unknown = [n for n in names if n not in self.output_names]
+        if unknown:
+            raise BackendError(
+                f"the session does not output {unknown}; it outputs {list(self.output_names)}. "
+                "Pass intermediate tensors as outputs= when building."
+            )
+        self._check_feeds(feeds)
         try:
             values = self._session.run(names, dict(feeds))
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed to run the model: {exc}") from None
-        return dict(zip(names, values))
+        return dict(zip(names, values, strict=True))
 
 
 class OrtBackend(Backend):
@@ -102,20 +136,37 @@ class OrtBackend(Backend):
         outputs: Sequence[str] | None = None,
         cache_dir: Path | None = None,
     ) -> OrtRunner:
+        """A session for ``model``; ``outputs`` adds intermediate tensors as graph outputs."""
         graph_outputs = [o.name for o in model.graph.output]
         extra = [n for n in (outputs or []) if n not in graph_outputs]
-        proto = with_outputs(model, extra) if extra else model
+        proto = _with_typed_outputs(model, extra) if extra else model
         try:
             session = self._ort.InferenceSession(
                 serialize(proto), sess_options=self._session_options(),
                 providers=self._provider_list(cache_dir),
             )
         except Exception as exc:
-            msg = str(exc)
-            if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg:
-                raise UnsupportedOpError(f"ONNX Runtime cannot run this model: {msg}") from None
-            raise BackendError(f"ONNX Runtime could not load the model: {msg}") from None
+            raise _load_error(self._ort.__version__, model, str(exc)) from None
         return OrtRunner(session, graph_outputs + extra)
+
+    def optimized_model(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """The graph ONNX Runtime actually runs after its optimisations (fusions, layout).
+
+        Shows whether Q/DQ pairs became QLinear* / integer kernels or stayed as
+        float ops between QuantizeLinear/DequantizeLinear (the usual reason an
+        INT8 model is not faster than FP32). May hold ``com.microsoft`` ops.
+        """
+        import tempfile
+
+        so = self._session_options()
+        with tempfile.TemporaryDirectory(prefix="quantlab-ort-opt-") as tmp:
+            path = Path(tmp) / "optimized.onnx"
+            so.optimized_model_filepath = str(path)
+            try:
+                self._ort.InferenceSession(serialize(model), sess_options=so, providers=self._provider_list(None))
+            except Exception as exc:
+                raise _load_error(self._ort.__version__, model, str(exc)) from None
+            return onnx.load(str(path))
 
     def describe(self) -> BackendInfo:
         import os
@@ -128,3 +179,66 @@ class OrtBackend(Backend):
             details={"providers": list(self.providers), "threads": self.threads or os.cpu_count(),
                      "optimization": self.optimization},
         )
+
+
+def _with_typed_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``model`` also outputting ``names``, with their real types (shape inference when needed).
+
+    ONNX Runtime refuses an output declared float32 that is float16 or int8, so
+    each added output needs its inferred type; an unknown name is an error here
+    rather than an obscure session failure.
+    """
+    specs = tensor_specs(model)
+    if any(n not in specs for n in names):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        except Exception:
+            inferred = model
+        specs = tensor_specs(inferred)
+        model = inferred
+    produced = {o for node in model.graph.node for o in node.output if o}
+    produced |= {i.name for i in model.graph.input}
+    missing = [n for n in names if n not in produced]
+    if missing:
+        raise BackendError(
+            f"cannot expose {missing}: no node of the model produces them (check the tensor names; "
+            "intermediate outputs must be activations, not initializers)"
+        )
+    return with_outputs(model, names)
+
+
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
+_NO_OP = re.compile(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
+_NO_SCHEMA = re.compile(r"No Op registered for (\w+) with domain_version of (\d+)")
+
+
+def _load_error(version: str, model: onnx.ModelProto, msg: str) -> Exception:
+    """UnsupportedOpError naming node + op when ORT lacks a kernel/op, else BackendError."""
+    specs = tensor_specs(model)
+
+    def input_types(node: onnx.NodeProto) -> str:
+        return ", ".join(f"{i}: {specs[i].dtype}" if i in specs else i for i in node.input if i)
+
+    def nodes_of(op: str) -> list[onnx.NodeProto]:
+        return [n for n in model.graph.node if n.op_type == op]
+
+    hit = _NO_KERNEL.search(msg)
+    if hit:
+        op, opset, node_name = hit.groups()
+        matches = [n for n in nodes_of(op) if n.name == node_name] or nodes_of(op)
+        types = f" with inputs ({input_types(matches[0])})" if matches else ""
+        shown = node_name or (matches[0].name if matches else "") or "<unnamed>"
+        return UnsupportedOpError(
+            f"ONNX Runtime {version} has no kernel for node {shown!r} (op {op}, opset {opset}){types}. "
+            "Change the node's input types (e.g. keep it float32 in the precision plan) or replace the op."
+        )
+    for pattern in (_NO_OP, _NO_SCHEMA):
+        hit = pattern.search(msg)
+        if hit:
+            op = hit.group(2) if pattern is _NO_OP else hit.group(1)
+            names = ", ".join(repr(n.name or "<unnamed>") for n in nodes_of(op)) or "?"
+            return UnsupportedOpError(
+                f"ONNX Runtime {version} does not know op {op!r} (node(s) {names}): {msg}. "
+                "Custom-domain ops need their library registered; otherwise replace the op."
+            )
+    return BackendError(f"ONNX Runtime {version} could not load the model: {msg}")

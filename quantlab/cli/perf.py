@@ -1,0 +1,144 @@
+"""``quantlab perf MODEL``: trtexec-style latency and throughput for each available backend.
+
+    quantlab perf model.onnx --backend all --batch-size 8 --iterations 200 --json perf.json
+
+Each backend builds the model once, runs ``--warmup`` untimed batches of random
+data, then times ``--iterations`` batches (and at least ``--duration`` seconds).
+Backends that cannot run here (not installed, no GPU) are listed with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_json
+from ..backends import BACKEND_NAMES, get_backend
+from ..errors import BackendUnavailableError, QuantlabError
+from ..fingerprint import tool_versions
+from ..graph import load_model
+from ..perf import LatencyResult, measure_latency, random_feeds
+
+__all__ = ["register", "run"]
+
+
+def _dim(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE with SIZE >= 1, got {text!r}")
+    return name, int(value)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "perf",
+        help="latency (mean, p50, p90, p99) and throughput per backend",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("model", type=Path, help="ONNX model file")
+    p.add_argument("--backend", choices=[*BACKEND_NAMES, "all"], default="all",
+                   help="backend to measure; 'all' measures every one available here (default)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="samples per run (default 1)")
+    p.add_argument("--warmup", type=_non_negative, default=10, help="untimed runs first (default 10)")
+    p.add_argument("--iterations", type=_positive, default=100, help="timed runs (default 100)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="also keep timing until this many seconds have passed")
+    p.add_argument("--threads", type=_non_negative, default=0,
+                   help="ONNX Runtime intra-op threads (0 = one per core)")
+    p.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=SIZE",
+                   help="size of a named dynamic input axis other than the batch (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input data")
+    p.add_argument("--engine-cache", type=Path, default=None,
+                   help="folder for TensorRT engines (reused when model, version and GPU match)")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
+
+
+def _measure(
+    name: str, args: argparse.Namespace, model: Any, feeds: dict[str, Any]
+) -> tuple[dict[str, Any], LatencyResult]:
+    if name == "ort":
+        backend = get_backend("ort", threads=args.threads)
+        runner = backend.build(model.proto)
+    else:
+        backend = get_backend(name, cache_dir=args.engine_cache)
+        runner = backend.build(model.proto, profiles_from={k: v.shape for k, v in feeds.items()})  # type: ignore[call-arg]
+    try:
+        result = measure_latency(runner, feeds, warmup=args.warmup, iterations=args.iterations,
+                                 duration_s=args.duration, batch_size=args.batch_size)
+    finally:
+        runner.close()
+    return backend.describe().as_dict(), result
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame([{
+        "backend": r["backend"]["name"],
+        "version": r["backend"]["version"],
+        "device": r["backend"]["device"],
+        "batch": r["latency"]["batch_size"],
+        "mean ms": r["latency"]["mean_ms"],
+        "p50 ms": r["latency"]["p50_ms"],
+        "p90 ms": r["latency"]["p90_ms"],
+        "p99 ms": r["latency"]["p99_ms"],
+        "min ms": r["latency"]["min_ms"],
+        "max ms": r["latency"]["max_ms"],
+        "samples/s": r["latency"]["throughput_per_s"],
+    } for r in rows])
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    feeds = random_feeds(model, args.batch_size, seed=args.seed, dims=dict(args.dim))
+    names = list(BACKEND_NAMES) if args.backend == "all" else [args.backend]
+    rows: list[dict[str, Any]] = []
+    unavailable: list[dict[str, str]] = []
+    for name in names:
+        print(f"quantlab perf: measuring {name} ...", file=sys.stderr, flush=True)
+        try:
+            info, result = _measure(name, args, model, feeds)
+        except BackendUnavailableError as exc:
+            if args.backend != "all":
+                raise
+            unavailable.append({"backend": name, "reason": str(exc)})
+            continue
+        rows.append({"backend": info, "latency": result.as_dict()})
+    print(f"model: {model.label}  (sha256 {model.sha256[:12]}, batch {args.batch_size}, "
+          f"warm-up {args.warmup}, iterations {args.iterations})")
+    if rows:
+        print(_table(rows))
+    for item in unavailable:
+        print(f"{item['backend']}: not measured: {item['reason']}")
+    if args.json is not None:
+        write_json(args.json, {
+            "model": {"path": str(args.model), "sha256": model.sha256},
+            "settings": {"batch_size": args.batch_size, "warmup": args.warmup, "iterations": args.iterations,
+                         "duration_s": args.duration, "threads": args.threads, "seed": args.seed,
+                         "dims": dict(args.dim)},
+            "results": rows,
+            "unavailable": unavailable,
+            "tool_versions": tool_versions(),
+        })
+        print(f"wrote {args.json}")
+    if not rows:
+        raise QuantlabError("no backend could run the model here: " +
+                            "; ".join(f"{u['backend']}: {u['reason']}" for u in unavailable))
+    return 0

@@ -1,0 +1,194 @@
+"""ONNX Runtime backend: real sessions on the shared test models, checked against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import TensorProto, helper, numpy_helper
+
+import models
+from quantlab.backends import get_backend
+from quantlab.backends.ort import OrtBackend
+from quantlab.errors import BackendError, InputMismatchError, UnsupportedOpError
+from quantlab.graph import activation_names
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def _conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int, group: int = 1) -> np.ndarray:
+    """Direct NCHW convolution, stride 1 (independent of ONNX Runtime)."""
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    kh, kw = w.shape[2:]
+    win = sliding_window_view(x, (kh, kw), axis=(2, 3))  # N, C, H, W, kh, kw
+    cin_g, cout_g = w.shape[1], w.shape[0] // group
+    outs = []
+    for g in range(group):
+        xs = win[:, g * cin_g:(g + 1) * cin_g]
+        ws = w[g * cout_g:(g + 1) * cout_g].astype(np.float64)
+        outs.append(np.einsum("nchwij,ocij->nohw", xs, ws))
+    return np.concatenate(outs, axis=1) + b.reshape(1, -1, 1, 1)
+
+
+def _conv_net_reference(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    w = _weights(model)
+    relu1 = np.maximum(_conv2d(x, w["w1"], w["b1"], 1), 0)
+    relu2 = np.maximum(_conv2d(relu1, w["w2"], w["b2"], 1), 0)
+    pooled = relu2.mean(axis=(2, 3))
+    return {"relu1": relu1, "logits": pooled @ w["wf"].T.astype(np.float64) + w["bf"]}
+
+
+def _residual_reference(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    w = _weights(model)
+    stem = np.maximum(_conv2d(x, w["w0"], w["b0"], 1), 0)
+    r1 = np.maximum(_conv2d(stem, w["w1"], w["b1"], 1), 0)
+    total = _conv2d(r1, w["w2"], w["b2"], 1) + stem
+    r2 = np.maximum(total, 0)
+    dw = np.clip(_conv2d(r2, w["wd"], w["bd"], 1, group=w["wd"].shape[0]), 0, 6)
+    return {"sum": total, "logits": dw.mean(axis=(2, 3)) @ w["wf"].T.astype(np.float64) + w["bf"]}
+
+
+def _attention_reference(model: onnx.ModelProto, x: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    w = {k: v.astype(np.float64) for k, v in _weights(model).items()}
+    x = x.astype(np.float64)
+    q, k, v = x @ w["wq"], x @ w["wk"], x @ w["wv"]
+    scores = q @ k.transpose(0, 2, 1) + mask.astype(np.float64)
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return {"probs": probs, "out": (probs @ v) @ w["wo"] + w["bo"]}
+
+
+def test_get_backend_default_is_ort():
+    assert isinstance(get_backend(), OrtBackend)
+
+
+def test_conv_net_matches_numpy_and_exposes_intermediate():
+    model = models.conv_net()
+    feeds = models.random_inputs(model, batch=3, seed=1)
+    runner = get_backend("ort").build(model, outputs=["relu1"])
+    assert runner.input_names == ("input",)
+    assert runner.output_names == ("logits", "relu1")
+    out = runner.run(feeds)
+    ref = _conv_net_reference(model, feeds["input"])
+    np.testing.assert_allclose(out["logits"], ref["logits"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["relu1"], ref["relu1"], rtol=1e-4, atol=1e-4)
+    assert out["relu1"].shape == (3, 8, 16, 16)
+    only = runner.run(feeds, ["relu1"])
+    assert list(only) == ["relu1"]
+
+
+def test_residual_net_matches_numpy_including_the_skip_add():
+    model = models.residual_net()
+    feeds = models.random_inputs(model, batch=2, seed=2)
+    out = get_backend("ort").build(model, outputs=["sum"]).run(feeds)
+    ref = _residual_reference(model, feeds["input"])
+    np.testing.assert_allclose(out["sum"], ref["sum"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["logits"], ref["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_attention_with_float32_min_mask_matches_numpy():
+    model = models.mlp_attention()
+    feeds = models.random_inputs(model, batch=2, seed=3)
+    out = get_backend("ort").build(model, outputs=["probs"]).run(feeds)
+    ref = _attention_reference(model, feeds["x"], feeds["mask"])
+    np.testing.assert_allclose(out["probs"], ref["probs"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["out"], ref["out"], rtol=1e-4, atol=1e-4)
+    assert np.all(out["probs"][..., -2:] == 0)  # masked keys get exactly zero weight
+
+
+def test_every_shared_model_runs_with_all_activations_exposed(any_model):
+    name, model = any_model
+    acts = activation_names(model, include_inputs=False)
+    runner = get_backend("ort").build(model, outputs=acts)
+    out = runner.run(models.random_inputs(model, batch=2))
+    assert set(acts) <= set(out)
+    for tensor in acts:
+        assert out[tensor].shape[0] == 2, (name, tensor)
+        assert np.isfinite(out[tensor]).all() or tensor in ("masked",), (name, tensor)
+
+
+def test_float16_intermediate_keeps_its_type():
+    """An exposed float16 tensor is declared float16 (ORT refuses a float32 declaration)."""
+    nodes = [
+        helper.make_node("Cast", ["x"], ["h"], name="to_half", to=TensorProto.FLOAT16),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu_half"),
+        helper.make_node("Cast", ["hr"], ["y"], name="to_float", to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([[-1.0, 0.5, 2.0], [3.0, -4.0, 0.25]], np.float32)
+    out = get_backend("ort").build(model, outputs=["hr"]).run({"x": x})
+    assert out["hr"].dtype == np.float16
+    np.testing.assert_array_equal(out["hr"], np.maximum(x, 0).astype(np.float16))
+
+
+def _single_node_model(op: str, dtype: int, name: str) -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"], name=name)], "g",
+                              [helper.make_tensor_value_info("x", dtype, [2, 3])],
+                              [helper.make_tensor_value_info("y", dtype, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_missing_kernel_is_unsupported_op_naming_node_and_op():
+    with pytest.raises(UnsupportedOpError) as err:
+        get_backend("ort").build(_single_node_model("Erf", TensorProto.DOUBLE, "erf_double"))
+    text = str(err.value)
+    assert "'erf_double'" in text and "Erf" in text and "float64" in text
+
+
+def test_unknown_custom_op_is_unsupported_op_naming_node():
+    graph = helper.make_graph([helper.make_node("FooBar", ["x"], ["y"], name="weird", domain="com.example")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    with pytest.raises(UnsupportedOpError, match="FooBar.*'weird'"):
+        get_backend("ort").build(model)
+
+
+def test_unknown_intermediate_output_is_named():
+    with pytest.raises(BackendError, match="nope"):
+        get_backend("ort").build(models.conv_net(), outputs=["nope"])
+
+
+def test_bad_feeds_name_the_input():
+    runner = get_backend("ort").build(models.conv_net())
+    x = models.random_inputs(models.conv_net(), batch=1)["input"]
+    with pytest.raises(InputMismatchError, match="missing \\['input'\\]"):
+        runner.run({"image": x})
+    with pytest.raises(InputMismatchError, match="'input' is float64"):
+        runner.run({"input": x.astype(np.float64)})
+    with pytest.raises(BackendError, match="does not output"):
+        runner.run({"input": x}, ["relu1"])
+
+
+def test_describe_reports_library_version_device_and_threads():
+    info = get_backend("ort", threads=1).describe()
+    assert info.name == "ort"
+    assert info.library == "onnxruntime"
+    assert info.version == onnxruntime.__version__
+    assert info.device == onnxruntime.get_device()
+    assert info.details["threads"] == 1
+    assert "CPUExecutionProvider" in info.details["providers"]
+    assert info.as_dict()["version"] == onnxruntime.__version__
+
+
+def test_missing_provider_is_a_clear_error():
+    with pytest.raises(BackendError, match="onnxruntime-gpu"):
+        OrtBackend(providers=["NoSuchExecutionProvider"])
+
+
+def test_optimized_model_shows_the_fusions_ort_applied():
+    """Conv+Relu fuse in ORT's CPU graph optimiser: no standalone Relu is left to run."""
+    model = models.conv_net()
+    optimized = get_backend("ort").optimized_model(model)
+    ops = [n.op_type for n in optimized.graph.node]
+    assert "Relu" not in ops
+    assert ops.count("Conv") + ops.count("FusedConv") == 2
+    plain = get_backend("ort", optimization="none").optimized_model(model)
+    assert [n.op_type for n in plain.graph.node].count("Relu") == 2

@@ -1,0 +1,372 @@
+"""TensorRT / TensorRT-RTX backend: the real ONNX parser and builder, no GPU needed.
+
+TensorRT-RTX's parser and builder run on the CPU, so every model here is parsed
+and built into a serialized engine for real; any parser or builder error fails
+the test. Running an engine needs a CUDA GPU: those tests skip, saying why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import models
+from quantlab.backends import get_backend
+from quantlab.errors import BackendError, BackendUnavailableError, InputMismatchError, UnsupportedOpError
+from quantlab.graph import LoadedModel, activation_names, model_from_proto
+from quantlab.table import CalibrationTable, TensorRange
+
+trt_rtx = pytest.importorskip(
+    "tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed: pip install 'quantlab[tensorrt-rtx]'"
+)
+
+from quantlab.backends.tensorrt import (  # noqa: E402
+    CPU_BUILD,
+    DEFAULT_DYNAMIC_DIM,
+    EngineCache,
+    EngineCacheWarning,
+    TensorRTBackend,
+    cuda_device,
+    profile_shapes,
+)
+
+DEVICE = cuda_device()
+needs_gpu = pytest.mark.skipif(
+    not DEVICE.available,
+    reason=f"running a TensorRT engine needs a CUDA GPU; none here ({DEVICE.reason})",
+)
+
+
+@pytest.fixture(scope="module")
+def rtx() -> TensorRTBackend:
+    return TensorRTBackend("tensorrt-rtx")
+
+
+def _engine_ok(engine: bytes) -> None:
+    assert isinstance(engine, bytes)
+    assert len(engine) > 10_000  # a real plan, not an empty or error blob
+
+
+def test_every_shared_model_parses_and_builds_fp32(rtx, any_model):
+    name, model = any_model
+    _engine_ok(rtx.build_engine(model, label=name))
+
+
+def test_profiles_from_data_shapes_and_intermediate_outputs_build(rtx):
+    model = models.residual_net()
+    engine = rtx.build_engine(model, profiles_from={"input": (4, 3, 16, 16)}, outputs=["r1", "sum"])
+    _engine_ok(engine)
+
+
+def test_profile_shapes_follow_the_data():
+    assert profile_shapes("x", (-1, 3, 16, 16), (8, 3, 16, 16)) == ((1, 3, 16, 16), (8, 3, 16, 16), (8, 3, 16, 16))
+    lo, opt, hi = DEFAULT_DYNAMIC_DIM
+    assert profile_shapes("x", (-1, 8, 16), None) == ((lo, 8, 16), (opt, 8, 16), (hi, 8, 16))
+    with pytest.raises(InputMismatchError, match="axis 1"):
+        profile_shapes("x", (-1, 3, 16, 16), (2, 4, 16, 16))
+    with pytest.raises(InputMismatchError, match="rank"):
+        profile_shapes("x", (-1, 3, 16, 16), (2, 3, 16))
+
+
+def test_profiles_for_unknown_input_are_refused(rtx):
+    with pytest.raises(InputMismatchError, match="'image'"):
+        rtx.build_engine(models.conv_net(), profiles_from={"image": (1, 3, 16, 16)})
+
+
+def test_unknown_intermediate_output_is_named(rtx):
+    with pytest.raises(BackendError, match="'no_such_tensor'"):
+        rtx.build_engine(models.conv_net(), outputs=["no_such_tensor"])
+
+
+def _model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[onnx.ValueInfoProto],
+    outputs: Sequence[onnx.ValueInfoProto],
+    inits: Sequence[onnx.TensorProto] = (),
+    extra_opsets: Sequence[onnx.OperatorSetIdProto] = (),
+) -> onnx.ModelProto:
+    graph = helper.make_graph(list(nodes), "g", list(inputs), list(outputs), initializer=list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *extra_opsets])
+
+
+def test_unsupported_op_names_node_and_op(rtx):
+    model = _model([helper.make_node("FooBar", ["x"], ["y"], name="weird_node", domain="com.example")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                   extra_opsets=[helper.make_opsetid("com.example", 1)])
+    with pytest.raises(UnsupportedOpError) as err:
+        rtx.build_engine(model, label="weird.onnx")
+    text = str(err.value)
+    assert "weird.onnx" in text and "weird_node" in text and "FooBar" in text
+    assert "--backend ort" in text
+
+
+def test_nonzero_zero_point_is_a_backend_error_naming_the_node(rtx):
+    """ORT's uint8 form: the TensorRT parser refuses it; the error says which node and what to do."""
+    model = _model(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q_input"),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dq_input")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+         numpy_helper.from_array(np.array(128, np.uint8), "z")],
+    )
+    with pytest.raises(BackendError) as err:
+        rtx.build_engine(model)
+    assert not isinstance(err.value, UnsupportedOpError)
+    text = str(err.value)
+    assert "q_input" in text and "QuantizeLinear" in text and "zero point" in text.lower()
+    assert "catchCudaError" not in text  # no-GPU noise is stripped
+
+
+def test_int32_bias_dequantize_is_refused_with_the_node_named(rtx):
+    model = _model(
+        [helper.make_node("DequantizeLinear", ["b", "s", "z"], ["y"], name="dq_bias")], [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.arange(4, dtype=np.int32), "b"),
+         numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+         numpy_helper.from_array(np.array(0, np.int32), "z")],
+    )
+    with pytest.raises(BackendError, match="dq_bias"):
+        rtx.build_engine(model)
+
+
+def test_symmetric_int8_qdq_conv_builds(rtx):
+    """The TensorRT form (int8, zero point 0, per-channel weights, float bias) parses and builds."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    w_scale = (np.abs(w).reshape(4, -1).max(axis=1) / 127).astype(np.float32)
+    w_q = np.clip(np.round(w / w_scale.reshape(4, 1, 1, 1)), -127, 127).astype(np.int8)
+    model = _model(
+        [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="x_q"),
+         helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xdq"], name="x_dq"),
+         helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wdq"], name="w_dq", axis=0),
+         helper.make_node("Conv", ["xdq", "wdq", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
+         numpy_helper.from_array(np.array(0, np.int8), "xz"),
+         numpy_helper.from_array(w_q, "wq"), numpy_helper.from_array(w_scale, "ws"),
+         numpy_helper.from_array(np.zeros(4, np.int8), "wz"),
+         numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "b")],
+    )
+    onnx.checker.check_model(model)
+    _engine_ok(rtx.build_engine(model))
+
+
+def test_missing_tensorrt_module_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, as when not installed
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'quantlab\[tensorrt\]'"):
+        get_backend("tensorrt")
+
+
+def test_missing_tensorrt_rtx_module_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", None)
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'quantlab\[tensorrt-rtx\]'"):
+        get_backend("tensorrt-rtx")
+
+
+def test_describe_reports_library_version_and_device(rtx):
+    info = rtx.describe()
+    assert info.name == "tensorrt-rtx"
+    assert info.library == "tensorrt_rtx"
+    assert info.version == trt_rtx.__version__
+    assert info.details["strongly_typed"] is True
+    if DEVICE.available:
+        assert DEVICE.compute_capability in info.device
+    else:
+        assert info.device.startswith("no GPU: parse/build only")
+        assert info.details["compute_capability"] == CPU_BUILD
+
+
+@pytest.mark.skipif(DEVICE.available, reason="a GPU is present: build() succeeds here")
+def test_build_without_gpu_says_why_and_points_to_ort(rtx):
+    with pytest.raises(BackendUnavailableError) as err:
+        rtx.build(models.conv_net())
+    text = str(err.value)
+    assert "no CUDA GPU" in text or "cuda-python" in text
+    assert "ONNX Runtime" in text
+
+
+# ----------------------------------------------------------------- engine cache
+
+
+def test_cache_key_changes_with_model_plan_version_gpu_and_settings(rtx):
+    model = models.conv_net()
+    settings = rtx._settings_for(model, [], None)
+    key = rtx.cache_key(model, settings=settings)
+    assert key.compute_capability == DEVICE.capability_key
+    assert key.version == trt_rtx.__version__
+    digests = {
+        key.digest,
+        rtx.cache_key(model, plan_sha256="a" * 64, settings=settings).digest,
+        rtx.cache_key(models.conv_net(seed=1), settings=settings).digest,
+        rtx.cache_key(model, settings=rtx._settings_for(model, ["relu1"], None)).digest,
+        rtx.cache_key(model, settings=rtx._settings_for(model, [], {"input": (4, 3, 16, 16)})).digest,
+        dataclasses.replace(key, version="1.0.0").digest,
+        dataclasses.replace(key, compute_capability="8.6").digest,
+    }
+    assert len(digests) == 7
+    assert rtx.cache_key(model, settings=settings) == key  # deterministic
+
+
+def test_engine_cache_hit_then_stale_entry_from_another_version_is_rebuilt(rtx, tmp_path):
+    model = models.conv_net()
+    first = rtx.engine_for(model, cache_dir=tmp_path, plan_sha256="p" * 64)
+    assert first.status == "built" and first.path is not None and first.path.is_file()
+    sidecar = json.loads(first.path.with_suffix(".json").read_text())
+    assert sidecar["key"]["version"] == trt_rtx.__version__
+    assert sidecar["engine_sha256"]
+    second = rtx.engine_for(model, cache_dir=tmp_path, plan_sha256="p" * 64)
+    assert second.status == "cached" and second.engine == first.engine
+
+    # the same cache folder as seen by another TensorRT version on a GPU
+    other = dataclasses.replace(first.key, version="0.9.0", compute_capability="8.6")
+    cache = EngineCache(tmp_path)
+    cache.store(other, b"engine from elsewhere", {"note": "other machine"})
+    for path in [first.path, first.path.with_suffix(".json")]:
+        path.unlink()
+    with pytest.warns(EngineCacheWarning) as caught:
+        third = rtx.engine_for(model, cache_dir=tmp_path, plan_sha256="p" * 64)
+    message = str(caught[0].message)
+    assert third.status == "rebuilt"
+    assert "0.9.0" in message and "8.6" in message and trt_rtx.__version__ in message
+    assert "not portable across GPUs" in message
+    assert cache.engine_path(other).is_file()  # the other machine's engine is left alone
+    assert third.engine != b"engine from elsewhere"
+
+
+def test_engine_cache_mismatched_sidecar_and_corrupt_engine_are_rebuilt(rtx, tmp_path):
+    model = models.concat_net()
+    built = rtx.engine_for(model, cache_dir=tmp_path)
+    meta_path = built.path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["key"]["compute_capability"] = "12.0"  # a sidecar copied from another GPU under this name
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(EngineCacheWarning, match="12.0.*not portable"):
+        again = rtx.engine_for(model, cache_dir=tmp_path)
+    assert again.status == "rebuilt"
+
+    built.path.write_bytes(b"truncated")
+    with pytest.warns(EngineCacheWarning, match="does not match its recorded hash"):
+        fixed = rtx.engine_for(model, cache_dir=tmp_path)
+    assert fixed.status == "rebuilt" and len(fixed.engine) > 10_000
+
+
+def test_rtx_ignores_timing_cache_file(tmp_path):
+    backend = TensorRTBackend("tensorrt-rtx", timing_cache=tmp_path / "timing.cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the no-op RTX API is never called
+        _engine_ok(backend.build_engine(models.conv_net()))
+    assert not (tmp_path / "timing.cache").exists()
+
+
+# ----------------------------------------------------------------- running (GPU only)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_engine_runs_and_matches_onnx_runtime(rtx, tmp_path):
+    model = models.residual_net()
+    feeds = models.random_inputs(model, batch=2, seed=4)
+    reference = get_backend("ort").build(model, outputs=["sum"]).run(feeds)
+    runner = rtx.build(model, outputs=["sum"], cache_dir=tmp_path, profiles_from={"input": (2, 3, 16, 16)})
+    try:
+        out = runner.run(feeds)
+        for name in ("logits", "sum"):
+            np.testing.assert_allclose(out[name], reference[name], rtol=1e-2, atol=1e-2)
+        smaller = runner.run({"input": feeds["input"][:1]})
+        np.testing.assert_allclose(smaller["logits"], reference["logits"][:1], rtol=1e-2, atol=1e-2)
+        with pytest.raises(InputMismatchError, match="optimisation profile"):
+            runner.run({"input": np.concatenate([feeds["input"]] * 4)})
+    finally:
+        runner.close()
+
+
+# ----------------------------------------------------------------- every model quantlab writes
+
+
+def _minmax_table(model: LoadedModel) -> CalibrationTable:
+    """MinMax ranges of every float activation over a few batches, computed with ONNX Runtime.
+
+    Values with |x| > 1e30 (additive masks at float32.min) are left out of the
+    ranges, as quantlab's calibrators do, and counted as ``huge``.
+    """
+    names = activation_names(model.proto)
+    runner = get_backend("ort").build(model.proto, outputs=[n for n in names if n not in model.input_names])
+    stats: dict[str, list[float]] = {}
+    for seed in range(3):
+        feeds = models.random_inputs(model.proto, batch=2, seed=seed)
+        values = {**feeds, **runner.run(feeds)}
+        for name in names:
+            v = values[name].astype(np.float64).ravel()
+            finite = v[np.isfinite(v) & (np.abs(v) <= 1e30)]
+            lo, hi, huge = stats.setdefault(name, [np.inf, -np.inf, 0])
+            stats[name] = [min(lo, finite.min(initial=np.inf)), max(hi, finite.max(initial=-np.inf)),
+                           huge + int(v.size - finite.size)]
+    ranges = {}
+    for name, (lo, hi, huge) in stats.items():
+        lo, hi = (0.0, 0.0) if not np.isfinite(lo) else (float(lo), float(hi))
+        ranges[name] = TensorRange(amax=max(abs(lo), abs(hi)), min=lo, max=hi,
+                                   excluded={"huge": huge} if huge else {})
+    return CalibrationTable(method="minmax", ranges=ranges, model_sha256=model.sha256)
+
+
+def _writer() -> tuple[ModuleType, ModuleType]:
+    quantize = pytest.importorskip("quantlab.quantize", reason="the Q/DQ writer (quantlab.quantize) is not there yet")
+    plan = pytest.importorskip("quantlab.plan", reason="precision plans (quantlab.plan) are not there yet")
+    return quantize, plan
+
+
+def _written_proto(result: Any) -> onnx.ModelProto:
+    return result if isinstance(result, onnx.ModelProto) else result.proto
+
+
+WRITTEN = ["int8", "fp16", "mixed"]
+
+
+def _plan(plan_module: ModuleType, which: str) -> Any:
+    if which == "mixed":  # int8 body, first compute group fp16, last fp32: all three in one model
+        return plan_module.PrecisionPlan(default="int8", rules=(plan_module.Rule("fp16", first=1),
+                                                                plan_module.Rule("fp32", last=1)))
+    return plan_module.uniform_plan(which)
+
+
+@pytest.mark.parametrize("which", WRITTEN)
+def test_every_written_model_parses_and_builds(rtx, any_model, which):
+    """INT8 (TensorRT form), FP16 and a mixed plan of every shared model: parse + build, no error."""
+    quantize, plan_module = _writer()
+    name, proto = any_model
+    model = model_from_proto(proto, label=name)
+    written = quantize.write_model(model, _plan(plan_module, which), _minmax_table(model),
+                                   quantize.WriteOptions(target="tensorrt"))
+    out = _written_proto(written)
+    ops = {n.op_type for n in out.graph.node}
+    if which in ("int8", "mixed"):
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, f"{name}/{which}: no Q/DQ written"
+    if which in ("fp16", "mixed"):
+        assert "Cast" in ops, f"{name}/{which}: no float16 casts written"
+    _engine_ok(rtx.build_engine(out, label=f"{name} ({which}, written by quantlab)"))
+
+
+def test_ort_form_int8_is_refused_by_tensorrt_with_a_clear_error(rtx):
+    """The uint8/int32-bias form is for ONNX Runtime only; TensorRT says which node and why."""
+    quantize, plan_module = _writer()
+    model = model_from_proto(models.conv_net(), label="conv_net")
+    written = quantize.write_model(model, plan_module.uniform_plan("int8"), _minmax_table(model),
+                                   quantize.WriteOptions(target="ort"))
+    with pytest.raises(BackendError) as err:
+        rtx.build_engine(_written_proto(written), label="conv_net (ort form)")
+    text = str(err.value)
+    assert "conv_net (ort form)" in text
+    assert "QuantizeLinear" in text or "DequantizeLinear" in text

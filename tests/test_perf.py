@@ -1,0 +1,153 @@
+"""Latency measurement and ``quantlab perf``: real ONNX Runtime runs, sane statistics."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import pytest
+
+import models
+from quantlab.backends import get_backend
+from quantlab.backends.base import Runner
+from quantlab.cli import main
+from quantlab.errors import InputMismatchError
+from quantlab.graph import model_from_proto
+from quantlab.perf import LatencyResult, feed_batch_size, latency_from_samples, measure_latency, random_feeds
+
+
+class _CountingRunner(Runner):
+    """Wraps a real ORT runner and counts calls (the measured work is still ONNX Runtime)."""
+
+    def __init__(self, inner: Runner) -> None:
+        self.inner = inner
+        self.input_names, self.output_names = inner.input_names, inner.output_names
+        self.calls = 0
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        self.calls += 1
+        return self.inner.run(feeds, outputs)
+
+
+def _ort_runner(model: onnx.ModelProto) -> Runner:
+    return get_backend("ort", threads=1).build(model)
+
+
+def test_latency_statistics_are_ordered_and_consistent():
+    model = models.residual_net()
+    runner = _CountingRunner(_ort_runner(model))
+    feeds = models.random_inputs(model, batch=4)
+    result = measure_latency(runner, feeds, warmup=3, iterations=40)
+    assert isinstance(result, LatencyResult)
+    assert runner.calls == 43
+    assert (result.batch_size, result.iterations, result.warmup) == (4, 40, 3)
+    assert 0 < result.min_ms <= result.p50_ms <= result.p90_ms <= result.p99_ms <= result.max_ms
+    assert result.min_ms <= result.mean_ms <= result.max_ms
+    # throughput counts wall time between runs too: at most batch/mean, and not far below it
+    ideal = result.batch_size * 1000.0 / result.mean_ms
+    assert 0.5 * ideal <= result.throughput_per_s <= ideal * 1.0001
+    assert set(result.as_dict()) >= {"mean_ms", "p99_ms", "throughput_per_s"}
+
+
+def test_duration_keeps_timing_past_the_iteration_count():
+    model = models.conv_net()
+    runner = _CountingRunner(_ort_runner(model))
+    t0 = time.perf_counter()
+    result = measure_latency(runner, models.random_inputs(model, batch=1), warmup=0, iterations=2, duration_s=0.2)
+    assert time.perf_counter() - t0 >= 0.2
+    assert result.iterations == runner.calls > 2
+
+
+def test_latency_from_samples_matches_numpy_percentiles():
+    rng = np.random.default_rng(0)
+    seconds = rng.gamma(2.0, 0.001, size=1000)
+    res = latency_from_samples(seconds, wall_seconds=float(seconds.sum()) * 1.1, batch_size=8, warmup=5)
+    ms = seconds * 1000
+    assert res.p50_ms == pytest.approx(float(np.median(ms)))
+    assert res.p99_ms == pytest.approx(float(np.sort(ms)[989] + 0.01 * (np.sort(ms)[990] - np.sort(ms)[989])))
+    assert res.mean_ms == pytest.approx(float(ms.mean()))
+    assert res.throughput_per_s == pytest.approx(8 * 1000 / (seconds.sum() * 1.1))
+
+
+def test_bad_measurement_arguments():
+    runner = _ort_runner(models.conv_net())
+    feeds = models.random_inputs(models.conv_net(), batch=1)
+    with pytest.raises(ValueError, match="iterations"):
+        measure_latency(runner, feeds, iterations=0)
+    with pytest.raises(InputMismatchError, match="batch size"):
+        feed_batch_size({"a": np.zeros((2, 3)), "b": np.zeros((3, 3))})
+
+
+def test_random_feeds_resolve_dynamic_batch_and_types():
+    model = model_from_proto(models.mlp_attention())
+    feeds = random_feeds(model, batch_size=3, seed=7)
+    assert feeds["x"].shape == (3, 8, 16) and feeds["x"].dtype == np.float32
+    assert feeds["mask"].shape == (3, 1, 8)
+    again = random_feeds(model, batch_size=3, seed=7)
+    assert all(np.array_equal(feeds[k], again[k]) for k in feeds)
+    assert not np.array_equal(random_feeds(model, 3, seed=8)["x"], feeds["x"])
+    out = get_backend("ort").build(model.proto).run(feeds)
+    assert out["out"].shape == (3, 8, 16)
+
+
+def test_random_feeds_need_named_non_batch_dims():
+    proto = models.mlp_attention()
+    for inp in proto.graph.input:
+        inp.type.tensor_type.shape.dim[1].dim_param = "seq"
+    # keep the graph consistent: the output's seq dim is symbolic too
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "seq"
+    model = model_from_proto(proto)
+    with pytest.raises(InputMismatchError, match="'seq'"):
+        random_feeds(model, batch_size=2)
+    feeds = random_feeds(model, batch_size=2, dims={"seq": 8})
+    assert feeds["x"].shape == (2, 8, 16)
+
+
+def test_cli_perf_measures_ort_lists_unavailable_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "residual.onnx"
+    onnx.save(models.residual_net(), path)
+    out_json = tmp_path / "perf.json"
+    code = main(["perf", str(path), "--backend", "all", "--batch-size", "2", "--warmup", "2",
+                 "--iterations", "10", "--threads", "1", "--json", str(out_json)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "p99 ms" in printed and "samples/s" in printed
+    data = json.loads(out_json.read_text())
+    ort_rows = [r for r in data["results"] if r["backend"]["name"] == "ort"]
+    assert len(ort_rows) == 1
+    lat = ort_rows[0]["latency"]
+    assert lat["batch_size"] == 2 and lat["iterations"] == 10
+    assert lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+    measured = {r["backend"]["name"] for r in data["results"]}
+    skipped = {u["backend"] for u in data["unavailable"]}
+    assert measured | skipped == {"ort", "tensorrt", "tensorrt-rtx"}
+    for item in data["unavailable"]:
+        assert item["reason"]
+        assert f"{item['backend']}: not measured" in printed
+    assert data["model"]["sha256"] and "onnxruntime" in data["tool_versions"]
+
+
+def test_cli_perf_specific_unavailable_backend_fails_clearly(tmp_path, capsys):
+    path = tmp_path / "conv.onnx"
+    onnx.save(models.conv_net(), path)
+    pytest.importorskip("tensorrt_rtx_bindings")
+    from quantlab.backends.tensorrt import cuda_device
+
+    if cuda_device().available:
+        pytest.skip("a GPU is present: tensorrt-rtx runs here")
+    code = main(["perf", str(path), "--backend", "tensorrt-rtx", "--iterations", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err or "cuda-python" in err
+
+
+def test_cli_perf_rejects_bad_arguments(tmp_path):
+    path = tmp_path / "conv.onnx"
+    onnx.save(models.conv_net(), path)
+    with pytest.raises(SystemExit):
+        main(["perf", str(path), "--batch-size", "0"])
+    with pytest.raises(SystemExit):
+        main(["perf", str(path), "--dim", "seq"])
