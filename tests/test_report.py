@@ -1,0 +1,239 @@
+"""The HTML report: escaping, self-containment, saving/loading its inputs, and a real browser."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from quantlab.report import (
+    HistogramView,
+    ReportInputs,
+    Verdict,
+    load_report_inputs,
+    render_comparison,
+    render_report,
+    save_report_inputs,
+    write_report,
+)
+
+EVIL = "<script>alert(1)</script>"
+
+
+def sample_inputs(layer_name: str = "stem_conv", title: str = "unit") -> ReportInputs:
+    """A report's inputs with every section filled, as the experiment runner would assemble them."""
+    rng = np.random.default_rng(0)
+    layers = [layer_name, "block_conv1", "block_conv2", "dw_conv", "fc"]
+    rows = []
+    for cand, base in (("int8-minmax", 30.0), ("int8-entropy", 33.0)):
+        acc = base - np.cumsum(rng.uniform(0, 3, len(layers)))
+        for i, name in enumerate(layers):
+            rows.append({"candidate": cand, "order": i, "layer": name, "op_type": "Conv",
+                         "tensor": name + "_out", "accumulated": acc[i], "local": base + rng.normal(0, 4)})
+    per_layer = pd.DataFrame(rows)
+    e2e = pd.DataFrame({
+        "candidate": ["fp16", "int8-minmax", "int8-entropy"],
+        "cosine": [0.99999, 0.9921, 0.9943], "cosine_ci_low": [0.99998, 0.990, 0.9931],
+        "cosine_ci_high": [0.99999, 0.9940, 0.9955],
+        "top1_agreement": [1.0, 0.96, 0.97], "top1_agreement_ci_low": [1.0, 0.93, 0.94],
+        "top1_agreement_ci_high": [1.0, 0.98, 0.99],
+        "sqnr_db": [70.1, 18.2, 20.3],
+    })
+    x = rng.normal(0, 1, 20000)
+    counts, edges = np.histogram(x, bins=80)
+    hist = HistogramView(tensor=layer_name + "_out", edges=tuple(edges.tolist()), counts=tuple(counts.tolist()),
+                         ranges={"minmax": (float(x.min()), float(x.max())), "entropy": (-2.9, 2.9),
+                                 "percentile": (-3.5, 3.5)},
+                         clipped={"minmax": 0.0, "entropy": 0.004, "percentile": 0.0005})
+    trajectory = pd.DataFrame({
+        "step": [0, 1, 2, 3], "action": ["all int8", "pin top 4", "pin top 2", "top 2 to fp16"],
+        "metric": [0.9921, 0.9975, 0.9958, 0.9957], "ci_low": [0.990, 0.9968, 0.9951, 0.9950],
+        "ci_high": [0.994, 0.9981, 0.9964, 0.9963], "int8_fraction": [1.0, 0.8, 0.9, 0.9],
+        "meets": [False, True, True, True],
+    })
+    plan = pd.DataFrame({"group": layers, "nodes": layers, "precision": ["fp16", "int8", "int8", "int8", "int8"]})
+    sens = pd.DataFrame({"rank": [1, 2], "group": [layer_name, "dw_conv"], "local_sqnr_db": [12.0, 19.5]})
+    return ReportInputs(
+        title=title,
+        model={"name": "test.onnx", "sha256": "ab" * 32, "inputs": [f"{EVIL}: float32[N,3,16,16]"]},
+        end_to_end=e2e,
+        per_layer=per_layer,
+        verdict=Verdict(threshold="cosine>=0.995", candidate="int8-search", metric="cosine", op=">=",
+                        target=0.995, value=0.9957, passed=True, ci_low=0.9952, ci_high=0.9963),
+        candidates={"fp16": "every layer FP16", "int8-minmax": "INT8, minmax ranges"},
+        histograms=(hist,),
+        sensitivity=sens,
+        trajectory=trajectory,
+        trajectory_metric="cosine",
+        plan=plan,
+        environment={"python": "3.11", "onnxruntime": "1.32.0"},
+        reproducibility={"seed": 0, "command": f"quantlab run {EVIL}.toml", "settings": {"calibrators": ["minmax"]}},
+        notes=(f"calibration and validation share 0 samples; tensor {EVIL} had 3 non-finite values",),
+    )
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.srcs: list[str] = []
+        self.hrefs: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        d = dict(attrs)
+        if d.get("src"):
+            self.srcs.append(d["src"] or "")
+        if d.get("href"):
+            self.hrefs.append(d["href"] or "")
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def _parse(page: str) -> _Collector:
+    c = _Collector()
+    c.feed(page)
+    return c
+
+
+def test_model_strings_are_escaped_and_render_as_text() -> None:
+    page = render_report(sample_inputs(layer_name=EVIL))
+    parsed = _parse(page)
+    assert "script" not in parsed.tags  # no element was injected
+    assert EVIL not in page  # the raw string never appears ...
+    assert html.escape(EVIL) in page  # ... only its escaped text
+    assert EVIL in "".join(parsed.text)  # which a browser shows as the literal name
+
+
+def test_report_is_self_contained() -> None:
+    page = render_report(sample_inputs())
+    parsed = _parse(page)
+    assert parsed.srcs and all(s.startswith("data:image/png;base64,") for s in parsed.srcs)
+    assert all(h.startswith("#") for h in parsed.hrefs)  # only in-page anchors
+    assert not re.search(r"https?://", page)
+    assert "<link" not in page and "<script" not in page
+    for src in parsed.srcs:  # every embedded image is a real PNG
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    for section in ("verdict", "end-to-end", "per-layer", "histograms", "sensitivity", "search", "plan",
+                    "environment"):
+        assert f'id="{section}"' in page
+    assert "PASS" in page and "0.9957" in page and "0.995 [0.9931, 0.9955]" not in page
+    assert "0.9943 [0.9931, 0.9955]" in page  # value with its confidence interval
+
+
+def test_verdict_flags_a_confidence_interval_that_straddles_the_threshold() -> None:
+    base = sample_inputs()
+    sure = render_report(base)
+    assert "could go either way" not in sure
+    unsure = render_report(ReportInputs(**{**base.__dict__, "verdict": Verdict(
+        threshold="cosine>=0.995", candidate="x", metric="cosine", op=">=", target=0.995, value=0.9952,
+        passed=True, ci_low=0.9940, ci_high=0.9960)}))
+    assert "could go either way" in unsure
+
+
+def test_worst_layers_are_named_by_local_error() -> None:
+    inputs = sample_inputs()
+    page = render_report(inputs)
+    per = inputs.per_layer
+    for cand, g in per.groupby("candidate"):
+        worst = g.sort_values("local").iloc[0]["layer"]
+        section = page.split('id="per-layer"')[1].split("</ul>")[0]
+        assert f"<b>{cand}</b>: <code>{worst}</code>" in section
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    inputs = sample_inputs(layer_name=EVIL)
+    save_report_inputs(tmp_path, inputs)
+    assert (tmp_path / "per_layer.parquet").is_file() and (tmp_path / "per_layer.csv").is_file()
+    back = load_report_inputs(tmp_path)
+    pd.testing.assert_frame_equal(back.per_layer, inputs.per_layer)
+    pd.testing.assert_frame_equal(back.end_to_end, inputs.end_to_end)
+    assert back.verdict == inputs.verdict
+    assert back.histograms[0].ranges == inputs.histograms[0].ranges
+    assert render_report(back) == render_report(inputs)
+
+
+def test_comparison_shows_what_changed_and_what_moved() -> None:
+    a = sample_inputs(title="run-a")
+    b_e2e = a.end_to_end.copy()
+    b_e2e.loc[b_e2e["candidate"] == "int8-entropy", "cosine"] = 0.9990
+    b_plan = a.plan.copy()
+    b_plan.loc[0, "precision"] = "int8"
+    b = ReportInputs(**{**a.__dict__, "title": "run-b", "end_to_end": b_e2e, "plan": b_plan,
+                        "reproducibility": {**a.reproducibility, "seed": 7}})
+    page = render_comparison(a, b, label_a="reports/a", label_b="reports/b")
+    assert "seed" in page and ">7<" in page
+    assert "0.9990" in page or "0.999" in page
+    assert "0.004700" in page or "0.0047" in page  # Δ of entropy cosine: 0.9990 - 0.9943
+    plan_part = page.split('id="plan"')[1]
+    assert "stem_conv" in plan_part and "fp16" in plan_part
+
+
+def test_write_report_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    path = write_report(tmp_path, sample_inputs())
+    assert path == tmp_path / "index.html"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "plots"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["histograms.png", "per_layer.png",
+                                                                       "trajectory.png"]
+
+
+# --------------------------------------------------------------------------- real browser
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                None)
+
+
+def chromium_open(page: Path, out_dir: Path, *, dump_dom: bool = False, width: int = 1200,
+                  height: int = 3000) -> subprocess.CompletedProcess[str]:
+    """Open ``page`` from disk in headless Chromium: a screenshot (or the DOM) and its console log."""
+    assert CHROMIUM is not None
+    args = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-default-apps",
+        "--hide-scrollbars", f"--user-data-dir={out_dir / 'profile'}", "--enable-logging=stderr", "--v=0",
+        f"--window-size={width},{height}",
+    ]
+    args += ["--dump-dom"] if dump_dom else [f"--screenshot={out_dir / 'screenshot.png'}"]
+    return subprocess.run(args + [page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+
+
+def console_problems(stderr: str) -> list[str]:
+    """Lines of Chromium's log that report a page problem: console errors, CSP refusals, failed loads."""
+    bad = re.compile(r"CONSOLE|Refused to|Uncaught|net::ERR_|Failed to load", re.I)
+    return [line for line in stderr.splitlines() if bad.search(line)]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium); "
+                                             "CI installs it")
+def test_report_opens_in_headless_chromium(tmp_path: Path) -> None:
+    path = write_report(tmp_path / "report", sample_inputs(layer_name=EVIL))
+    shot = chromium_open(path, tmp_path)
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert not console_problems(shot.stderr), console_problems(shot.stderr)
+    png = (tmp_path / "screenshot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    dom = chromium_open(path, tmp_path, dump_dom=True)
+    assert dom.returncode == 0
+    assert "<script>alert" not in dom.stdout  # the browser built no script element
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom.stdout  # it shows the name as text
+    assert dom.stdout.count("<img") == 3  # per-layer, histograms, trajectory
+    assert not console_problems(dom.stderr)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_console_check_catches_a_broken_page(tmp_path: Path) -> None:
+    """Positive control: the log check above would see a script error if a report had one."""
+    bad = tmp_path / "bad.html"
+    bad.write_text('<html><body><script>throw new Error("broken")</script></body></html>')
+    result = chromium_open(bad, tmp_path)
+    assert any("broken" in line for line in console_problems(result.stderr))
