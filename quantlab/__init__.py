@@ -23,6 +23,9 @@ from .errors import (
     UnsupportedOpError,
 )
 from .graph import LoadedModel, TensorSpec, load_model, model_from_proto
+from .data import DataSet, DataSummary, check_inputs, load_manifest, open_dataset, overlap, summarize
+from .plan import PrecisionPlan, ResolvedPlan, Rule, load_plan, resolve_plan, save_plan, uniform_plan
+from .quantize import Provenance, WriteOptions, WrittenModel, save_written, write_model
 from .table import CalibrationTable, TensorRange
 
 __version__ = "0.1.0"
@@ -33,8 +36,27 @@ __all__ = [
     "model_from_proto",
     "LoadedModel",
     "TensorSpec",
+    "open_dataset",
+    "load_manifest",
+    "DataSet",
+    "DataSummary",
+    "check_inputs",
+    "summarize",
+    "overlap",
     "CalibrationTable",
     "TensorRange",
+    "PrecisionPlan",
+    "Rule",
+    "ResolvedPlan",
+    "load_plan",
+    "save_plan",
+    "uniform_plan",
+    "resolve_plan",
+    "WriteOptions",
+    "WrittenModel",
+    "Provenance",
+    "write_model",
+    "save_written",
     "QuantlabError",
     "ModelError",
     "DataError",

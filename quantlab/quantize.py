@@ -26,6 +26,10 @@ conv's own output too, and a residual Add gets one on both inputs)::
      W int8 ──► DQ ──┼──► Conv ──► Relu ──► y ──► Q(s_y) ──► DQ ──► (every reader of y)
   b int32 ──► DQ ────┘
 
+(On x86 CPUs without VNNI those fused uint8 x int8 kernels saturate with
+full-range weights; ``WriteOptions(reduce_range=True)`` writes 7-bit weights
+that cannot, and quantlab's ORT backend runs other Q/DQ models there unfused.)
+
 Concat inputs share one scale (the widest of its inputs), so TensorRT and
 ORT can concatenate in INT8 without requantizing::
 
@@ -130,6 +134,14 @@ class WriteOptions:
     inside fp16 regions. ``quantize_outputs`` / ``int32_bias``: None follows
     the target. ``check``: run the ONNX checker and a dtype self-check.
 
+    ``reduce_range``: 7-bit weights (symmetric int8 in [-64, 64], ``scale =
+    absmax / 64``), as ONNX Runtime's ``quantize_static(reduce_range=True)``.
+    For ``target="ort"`` on x86 CPUs without VNNI: there ORT's uint8 x int8
+    kernels (VPMADDUBSW) add pairs of products in saturating int16, so
+    full-range weights (2 * 255 * 127 > 32767) give wrong results, while
+    2 * 255 * 64 = 32640 always fits. Costs one bit of weight precision;
+    TensorRT accumulates in int32 and never needs it.
+
     ``fp16_simulation``: for measuring FP16 accuracy on ONNX Runtime's CPU
     provider only. It has no float16 kernels for most ops: it inserts casts,
     computes in float32 and then removes cast pairs, so a native fp16 model
@@ -145,6 +157,7 @@ class WriteOptions:
     int32_bias: bool | None = None
     fp16_simulation: bool = False
     check: bool = True
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in ("tensorrt", "ort"):
@@ -175,7 +188,14 @@ class WriteOptions:
             "int32_bias": self.bias_int32,
             "activation_dtype": self.activation_dtype,
             "fp16_simulation": self.fp16_simulation,
+            "reduce_range": self.reduce_range,
+            "weight_qmax": self.weight_qmax,
         }
+
+    @property
+    def weight_qmax(self) -> int:
+        """Largest int8 weight magnitude: 127, or 64 with ``reduce_range``."""
+        return 64 if self.reduce_range else 127
 
 
 @dataclass(frozen=True)
@@ -337,25 +357,30 @@ def _fit_below(qp: QParams, upper: float) -> QParams:
     return QParams(np.array(scale, dtype=np.float32), qp.zero_point, qp.axis)
 
 
-def weight_qparams(w: np.ndarray, axis: int | None) -> tuple[QParams, np.ndarray]:
-    """Symmetric int8 weights: ``scale = absmax / 127`` per channel along ``axis`` (or per tensor).
+def weight_qparams(w: np.ndarray, axis: int | None, qmax: int = 127) -> tuple[QParams, np.ndarray]:
+    """Symmetric int8 weights: ``scale = absmax / qmax`` per channel along ``axis`` (or per tensor).
 
-    Returns the parameters and the int8 weights ``clip(round(w / scale), -127, 127)``
+    Returns the parameters and the int8 weights ``clip(round(w / scale), -qmax, qmax)``
     (float32 division, round half to even); an all-zero channel gets scale 1.
+    ``qmax`` is 127, or 64 for reduced-range (7-bit) weights; the scale is
+    computed as ``2 * absmax / (2 * qmax)`` in float64, then stored float32,
+    as ONNX Runtime's quantizer does, so both give the same bytes.
     """
+    if qmax not in (127, 64):
+        raise QuantlabError(f"int8 weight range must be 127 or 64 (reduce_range), got {qmax}")
     w32 = np.asarray(w, dtype=np.float32)
     if axis is None:
         absmax = np.abs(w32).max(initial=0.0).astype(np.float32).reshape(())
     else:
         reduce = tuple(i for i in range(w32.ndim) if i != axis)
         absmax = np.abs(w32).max(axis=reduce, initial=0.0).astype(np.float32)
-    scale64 = 2.0 * absmax.astype(np.float64) / 254.0
+    scale64 = 2.0 * absmax.astype(np.float64) / (2.0 * qmax)
     scale = scale64.astype(np.float32)
     scale = np.where(scale < _TINY32, np.float32(1.0), scale).astype(np.float32)
     shape = [1] * w32.ndim
     if axis is not None:
         shape[axis] = -1
-    q = np.clip(np.round(w32 / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w32 / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     zp = np.zeros(scale.shape, dtype=np.int8)
     return QParams(scale, zp, axis), q
 
@@ -777,7 +802,7 @@ class _Writer:
         w = self._constant_array(tensor).astype(np.float32)
         if axis is not None and (w.ndim <= axis or w.shape[axis] == 0):
             axis = None
-        qp, q = weight_qparams(w, axis)
+        qp, q = weight_qparams(w, axis, self.options.weight_qmax)
         q_name = self._add_init(f"{tensor}/int8", q)
         scale = self._add_init(f"{tensor}/scale", qp.scale)
         zp = self._add_init(f"{tensor}/zero_point", qp.zero_point)

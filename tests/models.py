@@ -221,3 +221,70 @@ ALL_BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
     "outlier_channel_net": outlier_channel_net,
     "unet_block": unet_block,
 }
+
+
+def sensitive_chain_net(seed: int = 0, depth: int = 10, channels: int = 8, size: int = 8, sensitive: int = 6,
+                        decoy: int = 2, gain: float = 100.0, decoy_gain: float = 1000.0,
+                        decoy_scale: float = 0.01) -> onnx.ModelProto:
+    """A chain of ``depth`` Conv+Relu groups where exactly one group is sensitive to INT8, and a decoy.
+
+    ``conv{sensitive-1}`` emits channel 0 ``gain`` times larger than the others and
+    ``conv{sensitive}`` divides its weights for that channel by ``gain``: the FP32 function
+    is unchanged, but a per-tensor INT8 scale on ``conv{sensitive}``'s input crushes the other
+    channels, so pinning the group ``conv{sensitive}`` alone restores the accuracy (the
+    sensitive group is known by construction).
+
+    The decoy: after ``relu{decoy}`` a side branch ``side_a`` (1x1, channel 0 x
+    ``decoy_gain``) -> ``side_b`` (1x1, compensating) is scaled by ``decoy_scale`` (a
+    stand-alone Mul) and added into ``conv{decoy+1}`` (a fused residual Add). ``side_b``'s
+    local INT8 error is the worst of the model, yet it barely changes the output: a local
+    ranking alone puts it first, measuring pins shows it does not matter.
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+    nodes, inits = [], []
+    x = "input"
+    for i in range(depth):
+        cin = 3 if i == 0 else c
+        w = rng.normal(0, np.sqrt(2.0 / (cin * 9)), (c, cin, 3, 3))
+        b = rng.normal(0, 0.05, (c,))
+        if i == sensitive - 1:
+            w[0] *= gain
+            b[0] = abs(b[0]) * gain
+        if i == sensitive:
+            w[:, 0] /= gain
+        inits += [_init(f"w{i}", w.astype(np.float32)), _init(f"b{i}", b.astype(np.float32))]
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        pre = f"c{i}"
+        if i == decoy + 1:
+            nodes.append(helper.make_node("Add", [pre, "side_scaled"], [f"s{i}"], name=f"add{i}"))
+            pre = f"s{i}"
+        nodes.append(helper.make_node("Relu", [pre], [f"r{i}"], name=f"relu{i}"))
+        x = f"r{i}"
+        if i == decoy:
+            wa = rng.normal(0, np.sqrt(2.0 / c), (c, c, 1, 1))
+            wa[0] *= decoy_gain
+            wb = rng.normal(0, np.sqrt(2.0 / c), (c, c, 1, 1))
+            wb[:, 0] /= decoy_gain
+            inits += [_init("side_wa", wa.astype(np.float32)), _init("side_wb", wb.astype(np.float32)),
+                      _init("side_k", np.array(decoy_scale, np.float32))]
+            nodes += [
+                helper.make_node("Conv", [x, "side_wa"], ["side_a"], name="side_a"),
+                helper.make_node("Relu", ["side_a"], ["side_ar"], name="side_a_relu"),
+                helper.make_node("Conv", ["side_ar", "side_wb"], ["side_b"], name="side_b"),
+                helper.make_node("Mul", ["side_b", "side_k"], ["side_scaled"], name="side_scale"),
+            ]
+    wf = rng.normal(0, 0.5, (10, c))
+    bf = rng.normal(0, 0.1, (10,))
+    inits += [_init("wf", wf.astype(np.float32)), _init("bf", bf.astype(np.float32))]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])]
+    return _model(nodes, inputs, outputs, inits, "sensitive_chain_net")
+
+
+ALL_BUILDERS["sensitive_chain_net"] = sensitive_chain_net

@@ -192,3 +192,92 @@ def test_optimized_model_shows_the_fusions_ort_applied():
     assert ops.count("Conv") + ops.count("FusedConv") == 2
     plain = get_backend("ort", optimization="none").optimized_model(model)
     assert [n.op_type for n in plain.graph.node].count("Relu") == 2
+
+
+# ----------------------------------------------------------------- INT8: fused integer kernels vs Q/DQ semantics
+
+
+def _qdq_matmul(w_q: np.ndarray, act_dtype: type) -> onnx.ModelProto:
+    """x[1,K] -> Q/DQ (scale 1, zero point 0) -> MatMul with int8 weights w_q[K,N] (scale 1).
+
+    Its exact result is the integer dot product x . w_q, for an independent check.
+    """
+    k, n = w_q.shape
+    inits = [numpy_helper.from_array(w_q, "wq"), numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "wz"), numpy_helper.from_array(np.array(0, act_dtype), "xz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "xz"], ["xq"], name="x_q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "xz"], ["xd"], name="x_dq"),
+             helper.make_node("DequantizeLinear", ["wq", "s", "wz"], ["wd"], name="w_dq"),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "qdq_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize(("act_dtype", "x_value"), [(np.uint8, 255.0), (np.int8, 127.0)])
+def test_auto_mode_never_returns_saturated_int8_results(act_dtype, x_value):
+    """Two products 255 * 127 overflow int16: ORT's VPMADDUBSW path (x86 without VNNI) clips them.
+
+    quantlab's default (qdq_fusion=None) must give the exact integer result on any CPU;
+    qdq_fusion=False always does; on a saturating CPU the forced fused path shows the error
+    the auto mode avoids.
+    """
+    from quantlab.backends.ort import int8_dot_saturates, saturation_free
+
+    k = 64
+    model = _qdq_matmul(np.full((k, 1), 127, np.int8), act_dtype)
+    feeds = {"x": np.full((1, k), x_value, np.float32)}
+    exact = x_value * 127 * k
+    assert not saturation_free(model)
+    auto = OrtBackend().build(model)
+    assert auto.run(feeds)["y"].item() == exact
+    assert auto.qdq_fusion == (not int8_dot_saturates())
+    assert OrtBackend(qdq_fusion=False).build(model).run(feeds)["y"].item() == exact
+    fused = OrtBackend(qdq_fusion=True).build(model).run(feeds)["y"].item()
+    if int8_dot_saturates():
+        assert fused != exact  # the hardware path the auto mode steers around
+    # 7-bit weights cannot saturate: the auto mode keeps the fast path, and it is exact
+    small = _qdq_matmul(np.full((k, 1), 64, np.int8), act_dtype)
+    assert saturation_free(small)
+    runner = OrtBackend().build(small)
+    assert runner.qdq_fusion is True
+    assert runner.run(feeds)["y"].item() == x_value * 64 * k
+
+
+def test_int8_dot_saturates_reads_the_cpu_flags(tmp_path, monkeypatch):
+    import platform
+
+    from quantlab.backends import ort as ort_backend
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    check = ort_backend.int8_dot_saturates.__wrapped__  # bypass the per-process cache
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor : 0\nflags : fpu sse4_1 avx avx2 fma\n")
+    vnni = tmp_path / "vnni"
+    vnni.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_vnni\n")
+    assert check(str(avx2)) is True
+    assert check(str(vnni)) is False
+    assert check(str(tmp_path / "missing")) is True  # unknown x86: accuracy first
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert check(str(avx2)) is False
+
+
+def test_describe_records_the_int8_kernel_choice():
+    info = OrtBackend().describe().details
+    assert info["qdq_fusion"] == "auto" and isinstance(info["int8_dot_saturates"], bool)
+    assert OrtBackend(qdq_fusion=False).describe().details["qdq_fusion"] is False
+
+
+def test_profile_times_the_nodes_ort_runs():
+    model = models.conv_net()
+    backend = get_backend("ort", threads=1)
+    feeds = models.random_inputs(model, 2, seed=0)
+    times = backend.profile(model, feeds, runs=3)
+    optimized = {n.name: n.op_type for n in backend.optimized_model(model).graph.node}
+    assert times and set(times) <= set(optimized)
+    assert all(t["ms"] >= 0 and t["op"] == optimized[name] for name, t in times.items())
+    assert sum(t["ms"] for name, t in times.items() if "Conv" in t["op"]) > 0
+    with pytest.raises(BackendError, match="runs >= 1"):
+        backend.profile(model, feeds, runs=0)

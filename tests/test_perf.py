@@ -151,3 +151,41 @@ def test_cli_perf_rejects_bad_arguments(tmp_path):
         main(["perf", str(path), "--batch-size", "0"])
     with pytest.raises(SystemExit):
         main(["perf", str(path), "--dim", "seq"])
+
+
+def _int8_ort_form(tmp_path, reduce_range: bool):
+    """residual_net written in ONNX Runtime's Q/DQ form from MinMax ranges of a few random batches."""
+    from quantlab.graph import activation_names
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+    from quantlab.table import CalibrationTable, TensorRange
+
+    model = model_from_proto(models.residual_net())
+    names = [n for n in activation_names(model.proto) if n not in model.input_names]
+    runner = get_backend("ort").build(model.proto, outputs=names)
+    feeds = models.random_inputs(model.proto, 4, seed=0)
+    values = {**feeds, **runner.run(feeds)}
+    ranges = {n: TensorRange(amax=float(np.abs(v).max()), min=float(v.min()), max=float(v.max()))
+              for n, v in values.items()}
+    written = write_model(model, uniform_plan("int8"), CalibrationTable("minmax", ranges, model.sha256),
+                          WriteOptions(target="ort", reduce_range=reduce_range))
+    path = tmp_path / f"int8_rr{int(reduce_range)}.onnx"
+    onnx.save(written.proto, path)
+    return path
+
+
+def test_cli_perf_records_which_int8_kernels_ort_ran(tmp_path, capsys):
+    from quantlab.backends.ort import int8_dot_saturates
+
+    common = ["--backend", "ort", "--warmup", "1", "--iterations", "3", "--threads", "1"]
+    full = _int8_ort_form(tmp_path, reduce_range=False)
+    for flag, expected in (("auto", not int8_dot_saturates()), ("on", True), ("off", False)):
+        out_json = tmp_path / f"perf_{flag}.json"
+        assert main(["perf", str(full), *common, "--qdq-fusion", flag, "--json", str(out_json)]) == 0
+        row = json.loads(out_json.read_text())["results"][0]
+        assert row["backend"]["details"]["qdq_fusion_used"] is expected, flag
+        assert ("ran the Q/DQ model unfused" in capsys.readouterr().out) is (not expected)
+    small = _int8_ort_form(tmp_path, reduce_range=True)
+    out_json = tmp_path / "perf_rr.json"
+    assert main(["perf", str(small), *common, "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["results"][0]["backend"]["details"]["qdq_fusion_used"] is True

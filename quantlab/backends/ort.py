@@ -3,10 +3,27 @@
 Uses the CUDA / TensorRT execution providers when the installed onnxruntime
 has them (TensorRT EP options from the ORT docs: fp16 / int8 enable and an
 engine cache), else the CPU provider.
+
+INT8 Q/DQ models run two ways on the CPU. Fused (ORT's default): its graph
+optimiser turns ``DQ -> Conv -> Q`` into QLinearConv and friends, real integer
+kernels. Unfused (``qdq_fusion=False``, session option
+``session.disable_quant_qdq``): every Q/DQ runs as written and Conv/MatMul
+compute in float on the dequantized values, which is exactly what the ONNX
+Q/DQ semantics (and TensorRT's int32-accumulating kernels) say. The two agree
+except on x86 CPUs without VNNI, where ORT's uint8 x int8 kernels use
+VPMADDUBSW: it adds pairs of u8 * s8 products in *saturating* int16, so two
+large products (2 * 255 * 127 = 64770 > 32767) are clipped and the result is
+wrong by whole multiples of the scale (ORT's docs: "might suffer from
+saturation issues"; use reduce_range or U8U8). With ``qdq_fusion=None`` (the
+default) quantlab fuses only when that cannot happen: on a CPU with VNNI (or
+not x86), or when every int8 operand that would be the kernel's signed side
+is a weight within [-64, 64] (``WriteOptions(reduce_range=True)``).
 """
 
 from __future__ import annotations
 
+import functools
+import platform
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +36,69 @@ from ..errors import BackendError, InputMismatchError, UnsupportedOpError
 from ..graph import serialize, tensor_specs, with_outputs
 from .base import Backend, BackendInfo, Runner
 
-__all__ = ["OrtBackend", "OrtRunner"]
+__all__ = ["OrtBackend", "OrtRunner", "int8_dot_saturates", "saturation_free", "DISABLE_QDQ_FUSION"]
+
+DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
+"""ONNX Runtime session config key: "1" keeps Q/DQ nodes as written (no integer-kernel fusion)."""
+
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"})
+_X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+_INT8_KERNEL_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+_SAFE_WEIGHT_QMAX = 64
+"""|int8 weight| up to which 2 * 255 * |w| fits a saturating int16 pair sum."""
+
+
+@functools.lru_cache(maxsize=1)
+def int8_dot_saturates(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when ONNX Runtime's u8 x s8 integer kernels may saturate on this CPU.
+
+    That is x86 without a VNNI dot product (AVX512-VNNI, AVX-VNNI, AMX): MLAS then
+    uses VPMADDUBSW, whose int16 pair sums saturate. An x86 CPU whose flags
+    cannot be read counts as saturating (accuracy first); other CPUs do not.
+    """
+    if platform.machine().lower() not in _X86:
+        return False
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return not (set(line.partition(":")[2].split()) & _VNNI_FLAGS)
+    return True
+
+
+def saturation_free(model: onnx.ModelProto) -> bool:
+    """True when no integer kernel ORT could fuse from ``model`` can saturate.
+
+    Checks every DequantizeLinear feeding input 1 (the weight / B side, the
+    signed operand of ORT's u8 x s8 kernels) of a Conv, ConvTranspose, MatMul
+    or Gemm: a uint8 operand is exact (u8 x u8 kernels widen to int16 first);
+    an int8 initializer must lie within [-64, 64]; an int8 activation
+    (activation x activation MatMul in the TensorRT form) can reach 127.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output if o}
+    specs = tensor_specs(model)
+    for node in model.graph.node:
+        if node.op_type not in _INT8_KERNEL_OPS or len(node.input) < 2:
+            continue
+        dq = producers.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        source = dq.input[0]
+        if source in inits:
+            array = numpy_helper.to_array(inits[source])
+            if array.dtype == np.int8 and array.size and int(np.abs(array.astype(np.int16)).max()) > _SAFE_WEIGHT_QMAX:
+                return False
+        else:
+            spec = specs.get(source)
+            dtype = spec.dtype if spec is not None else None
+            if dtype != "uint8":
+                return False
+    return True
 
 
 _ORT_TYPES = {
@@ -34,8 +113,9 @@ _ORT_TYPES = {
 class OrtRunner(Runner):
     """One ONNX Runtime session; checks feed names and dtypes so mistakes name the input."""
 
-    def __init__(self, session: Any, output_names: Sequence[str]) -> None:
+    def __init__(self, session: Any, output_names: Sequence[str], qdq_fusion: bool = True) -> None:
         self._session = session
+        self.qdq_fusion = qdq_fusion
         self.input_names = tuple(i.name for i in session.get_inputs())
         self.output_names = tuple(output_names)
         self.providers = tuple(session.get_providers())
@@ -84,7 +164,11 @@ class OrtBackend(Backend):
         optimization: str = "all",
         trt_fp16: bool = False,
         trt_int8: bool = False,
+        qdq_fusion: bool | None = None,
     ) -> None:
+        """``qdq_fusion``: True lets ORT fuse Q/DQ into integer kernels (fast), False runs
+        them as written (exact Q/DQ semantics), None decides per model: fused unless
+        its kernels could saturate on this CPU (see the module docstring)."""
         import onnxruntime as ort
 
         self._ort = ort
@@ -102,11 +186,23 @@ class OrtBackend(Backend):
         self.optimization = optimization
         self.trt_fp16 = trt_fp16
         self.trt_int8 = trt_int8
+        self.qdq_fusion = qdq_fusion
 
-    def _session_options(self) -> Any:
+    def fuses(self, model: onnx.ModelProto) -> bool:
+        """Whether sessions for ``model`` let ORT fuse Q/DQ into integer kernels."""
+        if self.qdq_fusion is not None:
+            return self.qdq_fusion
+        if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+            return True
+        cpu_only = all(p == "CPUExecutionProvider" for p in self.providers)
+        return not (cpu_only and int8_dot_saturates()) or saturation_free(model)
+
+    def _session_options(self, fuse: bool = True) -> Any:
         so = self._ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.log_severity_level = 3
+        if not fuse:
+            so.add_session_config_entry(DISABLE_QDQ_FUSION, "1")
         levels = {
             "none": self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": self._ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -140,14 +236,15 @@ class OrtBackend(Backend):
         graph_outputs = [o.name for o in model.graph.output]
         extra = [n for n in (outputs or []) if n not in graph_outputs]
         proto = _with_typed_outputs(model, extra) if extra else model
+        fuse = self.fuses(model)
         try:
             session = self._ort.InferenceSession(
-                serialize(proto), sess_options=self._session_options(),
+                serialize(proto), sess_options=self._session_options(fuse),
                 providers=self._provider_list(cache_dir),
             )
         except Exception as exc:
             raise _load_error(self._ort.__version__, model, str(exc)) from None
-        return OrtRunner(session, graph_outputs + extra)
+        return OrtRunner(session, graph_outputs + extra, qdq_fusion=fuse)
 
     def optimized_model(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """The graph ONNX Runtime actually runs after its optimisations (fusions, layout).
@@ -158,7 +255,7 @@ class OrtBackend(Backend):
         """
         import tempfile
 
-        so = self._session_options()
+        so = self._session_options(self.fuses(model))
         with tempfile.TemporaryDirectory(prefix="quantlab-ort-opt-") as tmp:
             path = Path(tmp) / "optimized.onnx"
             so.optimized_model_filepath = str(path)
@@ -167,6 +264,41 @@ class OrtBackend(Backend):
             except Exception as exc:
                 raise _load_error(self._ort.__version__, model, str(exc)) from None
             return onnx.load(str(path))
+
+    def profile(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], runs: int = 20) -> dict[str, Any]:
+        """Mean kernel time per node over ``runs`` runs (after 3 untimed ones), from ORT's profiler.
+
+        Keys are the node names of :meth:`optimized_model`'s graph (what ORT
+        runs), values ``{"op": op type, "ms": mean milliseconds per run}``:
+        where the time goes, e.g. which convolutions INT8 does not speed up.
+        """
+        import json
+        import tempfile
+
+        if runs < 1:
+            raise BackendError(f"profile needs runs >= 1, got {runs}")
+        so = self._session_options(self.fuses(model))
+        with tempfile.TemporaryDirectory(prefix="quantlab-ort-prof-") as tmp:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(tmp) / "profile")
+            try:
+                session = self._ort.InferenceSession(serialize(model), sess_options=so,
+                                                     providers=self._provider_list(None))
+            except Exception as exc:
+                raise _load_error(self._ort.__version__, model, str(exc)) from None
+            for _ in range(3 + runs):
+                session.run(None, dict(feeds))
+            events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
+        samples: dict[str, list[float]] = {}
+        ops: dict[str, str] = {}
+        for e in events:
+            name = str(e.get("name", ""))
+            if e.get("cat") != "Node" or not name.endswith("_kernel_time"):
+                continue
+            node = name[: -len("_kernel_time")]
+            samples.setdefault(node, []).append(float(e["dur"]))
+            ops[node] = str(e.get("args", {}).get("op_name", "?"))
+        return {node: {"op": ops[node], "ms": float(np.mean(v[-runs:])) / 1000.0} for node, v in samples.items()}
 
     def describe(self) -> BackendInfo:
         import os
@@ -177,7 +309,9 @@ class OrtBackend(Backend):
             version=self._ort.__version__,
             device=self._ort.get_device(),
             details={"providers": list(self.providers), "threads": self.threads or os.cpu_count(),
-                     "optimization": self.optimization},
+                     "optimization": self.optimization,
+                     "qdq_fusion": "auto" if self.qdq_fusion is None else self.qdq_fusion,
+                     "int8_dot_saturates": int8_dot_saturates()},
         )
 
 

@@ -7,8 +7,10 @@ Writes ``DIR/model.onnx``, ``DIR/provenance.json`` (original -> written tensor
 and node map, Q/DQ parameters, hashes, versions) and ``DIR/plan.json`` (the
 effective plan: one entry per fusion group, ready to edit and pass back with
 ``--plan``). With ``--backend tensorrt`` or ``tensorrt-rtx`` it also builds
-``DIR/model.engine``. Everything is computed before the first file is written,
-so an error leaves the folder as it was.
+``DIR/model.engine`` and ``DIR/engine.json``. Everything is computed before the
+first file is written, and the folder is assembled beside DIR and renamed into
+place: an error or a crash leaves DIR as it was, never a mix of two builds (so
+DIR must be new or hold only the files of an earlier build).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_bytes, write_json
+from ..atomic import atomic_dir, write_bytes, write_json
 from ..backends import BACKEND_NAMES, get_backend
+from ..backends.ort import int8_dot_saturates
 from ..errors import PlanError, QuantlabError
 from ..fingerprint import sha256_bytes
 from ..graph import load_model
@@ -33,7 +36,10 @@ from ..quantize import (
 )
 from ..table import CalibrationTable, read_table, read_trt_cache
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "BUILD_FILES"]
+
+BUILD_FILES = frozenset({"model.onnx", "provenance.json", "plan.json", "model.engine", "engine.json"})
+"""What a build writes into DIR: the only files it may replace."""
 
 
 def register(subparsers: Any) -> None:
@@ -63,6 +69,9 @@ def register(subparsers: Any) -> None:
                         f"(default {','.join(DEFAULT_FP32_OPS[:4])},...); '' for none")
     p.add_argument("--per-tensor-weights", action="store_true",
                    help="one weight scale per tensor instead of per output channel")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="7-bit weights ([-64, 64]): ONNX Runtime's fast uint8 x int8 kernels saturate on x86 "
+                        "CPUs without VNNI with full-range weights; this makes them exact there")
     p.add_argument("--fp16-simulation", action="store_true",
                    help="(--backend ort only) float32 kernels with every fp16 tensor rounded through "
                         "float16: ONNX Runtime's CPU provider does not round a native fp16 model's activations")
@@ -99,7 +108,31 @@ def _options(args: argparse.Namespace) -> WriteOptions:
         raise QuantlabError(f"--fp16-simulation writes a float32 model for measuring FP16 accuracy on ONNX "
                             f"Runtime; it is not for --backend {args.backend}. Drop the flag.")
     return WriteOptions(target=target, per_channel_weights=not args.per_tensor_weights, fp32_ops=fp32_ops,
-                        fp16_simulation=args.fp16_simulation)
+                        fp16_simulation=args.fp16_simulation, reduce_range=args.reduce_range)
+
+
+def _check_out(out: Path) -> None:
+    """DIR is replaced as a whole: refuse a file, or a folder holding anything a build did not write."""
+    if out.exists() and not out.is_dir():
+        raise QuantlabError(f"--out {out} is a file; give a folder for the build")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in BUILD_FILES)
+        if foreign:
+            raise QuantlabError(
+                f"--out {out} holds files a build did not write ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}); a build replaces the whole folder, so give a "
+                "new or empty folder, or one holding only an earlier build"
+            )
+
+
+def _saturation_note(options: WriteOptions, written: WrittenModel) -> str | None:
+    if options.target != "ort" or options.reduce_range or not written.plan.groups_at("int8"):
+        return None
+    if not int8_dot_saturates():
+        return None
+    return ("this CPU has no VNNI: ONNX Runtime's fused uint8 x int8 kernels saturate with full-range "
+            "weights, so quantlab's ORT backend runs this model unfused (exact Q/DQ semantics, slower); "
+            "--reduce-range writes 7-bit weights that run fused and exact here")
 
 
 def _engine(args: argparse.Namespace, written: WrittenModel) -> tuple[bytes | None, dict[str, Any] | None, str]:
@@ -124,6 +157,7 @@ def _engine(args: argparse.Namespace, written: WrittenModel) -> tuple[bytes | No
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_out(args.out)
     model = load_model(args.model)
     plan, label = _plan(args)
     table = _table(args)
@@ -131,17 +165,23 @@ def run(args: argparse.Namespace) -> int:
     written = write_model(model, plan, table, options)
     engine, engine_info, message = _engine(args, written)
 
-    paths = save_written(written, args.out)
-    if engine is not None and engine_info is not None:
-        paths["engine"] = write_bytes(args.out / "model.engine", engine)
-        paths["engine_info"] = write_json(args.out / "engine.json", engine_info)
+    with atomic_dir(args.out) as tmp:
+        names = {key: path.name for key, path in save_written(written, tmp).items()}
+        if engine is not None and engine_info is not None:
+            names["engine"] = write_bytes(tmp / "model.engine", engine).name
+            names["engine_info"] = write_json(tmp / "engine.json", engine_info).name
+    paths = {key: args.out / name for key, name in names.items()}
 
     counts = written.plan.counts()
     print(f"quantlab build: {model.label} -> {args.out}  ({label}, target {options.target})")
     print(f"  fusion groups: {len(written.plan.groups)}  int8 {counts['int8']}  fp16 {counts['fp16']}  "
           f"fp32 {counts['fp32']}  (int8 on {written.plan.int8_fraction():.0%} of quantizable groups)")
     print(f"  plan {written.plan.plan_hash()[:12]}  table {written.table_method or '-'}  {message}")
-    for note in written.provenance.notes:
+    notes = list(written.provenance.notes)
+    saturation = _saturation_note(options, written)
+    if saturation:
+        notes.append(saturation)
+    for note in notes:
         print(f"  note: {note}")
     for name, path in paths.items():
         print(f"  {name:12s} {path}")

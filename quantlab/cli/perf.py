@@ -5,6 +5,11 @@
 Each backend builds the model once, runs ``--warmup`` untimed batches of random
 data, then times ``--iterations`` batches (and at least ``--duration`` seconds).
 Backends that cannot run here (not installed, no GPU) are listed with the reason.
+
+For INT8 Q/DQ models ONNX Runtime's fused integer kernels are the fast path;
+``--qdq-fusion auto`` (the default) uses them unless they could saturate on
+this CPU (x86 without VNNI and full-range weights: see quantlab.backends.ort),
+``on`` times them regardless, ``off`` times the unfused Q/DQ graph.
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=SIZE",
                    help="size of a named dynamic input axis other than the batch (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input data")
+    p.add_argument("--qdq-fusion", choices=["auto", "on", "off"], default="auto",
+                   help="ONNX Runtime: fuse Q/DQ into integer kernels (on), run them as written (off), "
+                        "or fuse unless the kernels could saturate on this CPU (auto, default)")
     p.add_argument("--engine-cache", type=Path, default=None,
                    help="folder for TensorRT engines (reused when model, version and GPU match)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
@@ -72,9 +80,12 @@ def register(subparsers: Any) -> None:
 def _measure(
     name: str, args: argparse.Namespace, model: Any, feeds: dict[str, Any]
 ) -> tuple[dict[str, Any], LatencyResult]:
+    fused: bool | None = None
     if name == "ort":
-        backend = get_backend("ort", threads=args.threads)
+        fusion = {"auto": None, "on": True, "off": False}[args.qdq_fusion]
+        backend = get_backend("ort", threads=args.threads, qdq_fusion=fusion)
         runner = backend.build(model.proto)
+        fused = bool(getattr(runner, "qdq_fusion", True))
     else:
         backend = get_backend(name, cache_dir=args.engine_cache)
         runner = backend.build(model.proto, profiles_from={k: v.shape for k, v in feeds.items()})  # type: ignore[call-arg]
@@ -83,7 +94,10 @@ def _measure(
                                  duration_s=args.duration, batch_size=args.batch_size)
     finally:
         runner.close()
-    return backend.describe().as_dict(), result
+    info = backend.describe().as_dict()
+    if fused is not None:
+        info["details"]["qdq_fusion_used"] = fused
+    return info, result
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -125,6 +139,13 @@ def run(args: argparse.Namespace) -> int:
           f"warm-up {args.warmup}, iterations {args.iterations})")
     if rows:
         print(_table(rows))
+    has_qdq = any(n.op_type == "DequantizeLinear" for n in model.proto.graph.node)
+    for r in rows:
+        if has_qdq and r["backend"]["details"].get("qdq_fusion_used") is False:
+            why = ("--qdq-fusion off" if args.qdq_fusion == "off" else
+                   "its fused integer kernels could saturate on this CPU (x86 without VNNI)")
+            print(f"{r['backend']['name']}: ran the Q/DQ model unfused ({why}): exact, not the fast path. "
+                  "`--qdq-fusion on` times the fused kernels; `quantlab build --reduce-range` makes them exact here.")
     for item in unavailable:
         print(f"{item['backend']}: not measured: {item['reason']}")
     if args.json is not None:
@@ -132,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             "model": {"path": str(args.model), "sha256": model.sha256},
             "settings": {"batch_size": args.batch_size, "warmup": args.warmup, "iterations": args.iterations,
                          "duration_s": args.duration, "threads": args.threads, "seed": args.seed,
-                         "dims": dict(args.dim)},
+                         "dims": dict(args.dim), "qdq_fusion": args.qdq_fusion},
             "results": rows,
             "unavailable": unavailable,
             "tool_versions": tool_versions(),
