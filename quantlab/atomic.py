@@ -19,6 +19,18 @@ from typing import Any
 __all__ = ["write_bytes", "write_text", "write_json", "atomic_path", "atomic_dir", "json_dumps"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, *, folder: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700; give outputs the mode a plain open()/mkdir() would."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def json_dumps(obj: Any) -> str:
     """Deterministic JSON (sorted keys, fixed indent) so equal inputs give equal bytes."""
     return json.dumps(obj, indent=2, sort_keys=True, allow_nan=True, default=_json_default) + "\n"
@@ -51,6 +63,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            _usual_mode(tmp_path, folder=False)
         os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -84,6 +98,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        _usual_mode(tmp, folder=True)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             if old.exists():

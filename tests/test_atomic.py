@@ -38,3 +38,20 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
     with atomic_dir(target) as d:
         write_text(d / "index.html", "v2")
     assert (target / "index.html").read_text() == "v2"
+
+
+def test_outputs_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    from quantlab.atomic import atomic_dir, write_text
+
+    mask = os.umask(0o022)
+    try:
+        f = write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "b").write_text("y")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "d").st_mode) == 0o755
