@@ -1,0 +1,288 @@
+"""``quantlab compare REF.onnx CANDIDATE...``: per-layer and end-to-end error of candidates vs the FP32 reference.
+
+    quantlab compare model.onnx build/int8 build/fp16 --data calib_sets/demo_val.toml --out runs/cmp
+    quantlab compare model.onnx build/int8 --data val.toml --fail-if "top1_drop>0.5" --out runs/gate
+
+Each CANDIDATE is a folder written by ``quantlab build`` (model.onnx + provenance.json: per-layer
+comparison, accumulated and local) or any .onnx file (no provenance: end to end only). Prints the
+worst layers and the end-to-end table, and writes into ``--out`` (all or nothing):
+
+- ``end_to_end.parquet/.csv``  one row per candidate and model output (cosine, SQNR, errors,
+                               top-1 agreement, accuracy with bootstrap intervals, McNemar p)
+- ``per_layer.parquet/.csv``   one row per candidate, layer and mode (accumulated / local)
+- ``per_sample.parquet/.csv``  one row per candidate, output and sample
+- ``compare.json``             settings, data hash and manifest, models, versions, warnings
+
+Exit codes: 0 done (and no --fail-if condition holds), 1 the --fail-if expression holds for a
+candidate (or cannot be evaluated because its figures are NaN), 2 error (nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..backends import BACKEND_NAMES
+from ..errors import CompareError
+
+__all__ = ["register", "run", "candidate_name"]
+
+WORST_LAYERS = 10
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _confidence(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), e.g. 0.95; got {value}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    from ..compare import CompareOptions
+
+    d = CompareOptions()
+    p = subparsers.add_parser(
+        "compare",
+        help="per-layer and end-to-end error of FP16/INT8 candidates vs the FP32 reference (a CI gate)",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument("reference", type=Path, help="the FP32 ONNX model")
+    p.add_argument("candidates", type=Path, nargs="+", metavar="CANDIDATE",
+                   help="`quantlab build` output folders or .onnx files")
+    p.add_argument("--data", type=Path, required=True, metavar="TOML", help="validation set manifest")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--labels", dest="labels", action="store_const", const=True, default=None,
+                        help="require labels in the validation set (accuracy, McNemar); default: use them if present")
+    labels.add_argument("--no-labels", dest="labels", action="store_const", const=False,
+                        help="ignore the validation set's labels")
+    p.add_argument("--label-output", default=None, metavar="NAME",
+                   help="the model output the labels index (default: the classifier output with most classes)")
+    p.add_argument("--metric", default=None, metavar="MODULE:FUNCTION",
+                   help="user metric: function(reference_outputs, candidate_outputs, label) -> {name: number}, "
+                        "called per sample; a module name or path/to/file.py")
+    p.add_argument("--fail-if", default=None, metavar="EXPR",
+                   help='exit 1 when EXPR holds for a candidate, e.g. "top1_drop>0.5" or "cosine<0.999"')
+    p.add_argument("--backend", choices=BACKEND_NAMES, default=d.backend, help=f"default {d.backend}")
+    p.add_argument("--batch-size", type=_positive, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--max-samples", type=_positive, default=None, help="first N samples only")
+    p.add_argument("--no-per-layer", action="store_true", help="end to end only (fastest)")
+    p.add_argument("--no-local", action="store_true", help="per layer: accumulated mode only")
+    p.add_argument("--no-accumulated", action="store_true", help="per layer: local mode only")
+    p.add_argument("--layers", choices=["groups", "nodes"], default=d.layers,
+                   help="compare fusion-group outputs (default) or every node output")
+    p.add_argument("--layer-group-size", type=_positive, default=d.layer_group_size,
+                   help=f"tensors exposed at once (default {d.layer_group_size}); larger models run in segments")
+    p.add_argument("--bootstrap", type=_non_negative, default=d.bootstrap,
+                   help=f"bootstrap resamples for intervals (default {d.bootstrap}; 0: none)")
+    p.add_argument("--confidence", type=_confidence, default=d.confidence, help=f"default {d.confidence}")
+    p.add_argument("--seed", type=_non_negative, default=d.seed, help=f"bootstrap seed (default {d.seed})")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="threads running models and metrics side by side (default: 2 on ONNX Runtime, else 1)")
+    p.add_argument("--calib", type=Path, default=None, metavar="PATH",
+                   help="the calibration set (manifest .toml, or data_summary.json of `quantlab calibrate`): "
+                        "warn when the validation set shares samples with it")
+    p.add_argument("--worst", type=_non_negative, default=WORST_LAYERS,
+                   help=f"worst layers printed per candidate (default {WORST_LAYERS})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def candidate_name(path: Path) -> str:
+    """A build folder's name, the folder of a build's model.onnx, or an .onnx file's stem."""
+    if path.is_dir():
+        return path.resolve().name
+    if path.name == "model.onnx" and (path.parent / "provenance.json").is_file():
+        return path.resolve().parent.name
+    return path.stem
+
+
+def _names(paths: list[Path]) -> list[str]:
+    names: list[str] = []
+    for path in paths:
+        base = candidate_name(path) or "candidate"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}#{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _check_out(out: Path, inputs: list[Path]) -> None:
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "compare.json").is_file():
+        raise CompareError(f"--out {out} is a non-empty folder that is not a previous comparison (no compare.json); "
+                           "it would be replaced. Give a new or empty folder.")
+    resolved = out.resolve()
+    for p in inputs:
+        rp = p.resolve()
+        if resolved == rp or resolved in rp.parents:
+            raise CompareError(f"--out {out} holds the input {p}; it would be replaced. Choose another folder.")
+
+
+def _calibration_summary(path: Path | None) -> Any:
+    if path is None:
+        return None
+    import json
+
+    from ..data import DataSummary, open_dataset, summarize
+
+    if path.suffix == ".json":
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CompareError(f"--calib {path}: cannot read ({exc})") from None
+        summary = DataSummary.from_dict(doc.get("summary", doc) if isinstance(doc, dict) else doc)
+        if not summary.sample_hashes:
+            raise CompareError(f"--calib {path}: holds no per-sample hashes; give the calibration manifest instead")
+        return summary
+    return summarize(open_dataset(path))
+
+
+def _known_metrics(reference: Any, use_labels: bool) -> set[str] | None:
+    from ..compare import CLASSIFIER_COLUMNS, END_TO_END_COLUMNS, LABEL_COLUMNS
+
+    known = set(END_TO_END_COLUMNS) - {"candidate", "output"}
+    classifier = any(s.shape is not None and len(s.shape) == 2 and isinstance(s.shape[1], int) and s.shape[1] > 1
+                     for s in reference.outputs)
+    if classifier:
+        known |= set(CLASSIFIER_COLUMNS)
+        if use_labels:
+            known |= set(LABEL_COLUMNS)
+    return known
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        if 0.99 <= abs(v) < 1:
+            return f"{v:.6f}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _end_to_end_view(result: Any) -> Any:
+    df = result.end_to_end
+    cols = ["candidate", "output", "samples", "cosine", "sqnr_db", "max_abs", "rel_l2", "nan_count"]
+    for c in ("top1_agreement", "ref_top1", "top1", "top1_drop", "top1_drop_ci_low", "top1_drop_ci_high",
+              "top5_drop", "mcnemar_p"):
+        if c in df.columns and df[c].notna().any():
+            cols.append(c)
+    extra = [c for c in df.columns if c not in cols and not c.endswith(("_ci_low", "_ci_high"))
+             and c not in ("cosine_min", "mean_abs", "classes", "ref_top5", "top5", "ref_only_correct",
+                           "cand_only_correct")]
+    return df[cols + extra]
+
+
+def _worst_view(result: Any, candidate: str, n: int) -> Any:
+    import pandas as pd
+
+    df = result.per_layer[result.per_layer["candidate"] == candidate]
+    if df.empty or n == 0:
+        return df
+    keys = ["layer", "tensor"]
+    acc = df[df["mode"] == "accumulated"].set_index(keys)
+    loc = df[df["mode"] == "local"].set_index(keys)
+    base = (loc if not loc.empty else acc)[["order", "group", "op_type", "precision"]]
+    view = base.copy()
+    if not acc.empty:
+        view["accumulated_db"] = acc["sqnr_db"]
+    if not loc.empty:
+        view["local_db"] = loc["sqnr_db"]
+        view["local_cosine"] = loc["cosine"]
+    else:
+        view["accumulated_cosine"] = acc["cosine"]
+    view = view.reset_index()
+    by = "local_db" if "local_db" in view.columns else "accumulated_db"
+    view = view.sort_values([by, "order"], kind="stable").head(n)
+    return pd.DataFrame(view).drop(columns=["tensor"]).reset_index(drop=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..compare import CompareOptions, compare, load_candidate
+    from ..data import open_dataset
+    from ..graph import load_model
+    from ..threshold import parse_threshold
+
+    threshold = parse_threshold(args.fail_if) if args.fail_if else None
+    _check_out(args.out, [args.reference, args.data, *args.candidates])
+    reference = load_model(args.reference)
+    names = _names(list(args.candidates))
+    candidates = {name: load_candidate(path, reference) for name, path in zip(names, args.candidates)}
+    dataset = open_dataset(args.data)
+    if threshold is not None and args.metric is None:
+        use_labels = bool(getattr(dataset, "has_labels", False)) and args.labels is not False
+        parse_threshold(threshold.text, known_metrics=_known_metrics(reference, use_labels))
+    calibration = _calibration_summary(args.calib)
+    options = CompareOptions(
+        backend=args.backend, batch_size=args.batch_size, per_layer=not args.no_per_layer, local=not args.no_local,
+        accumulated=not args.no_accumulated, layer_group_size=args.layer_group_size, max_samples=args.max_samples,
+        metric=args.metric, bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed,
+        layers=args.layers, labels=args.labels, label_output=args.label_output, workers=args.workers,
+    )
+    print(f"quantlab compare: {reference.label} vs {', '.join(names)} on {args.data}", flush=True)
+    for name, cand in candidates.items():
+        if not hasattr(cand, "provenance"):
+            print(f"  note: {name} has no provenance (not a `quantlab build` folder): end-to-end comparison only")
+    result = compare(reference, candidates, dataset, options, progress=not args.no_progress, calibration=calibration)
+    checks = result.check(threshold) if threshold is not None else {}
+    paths = result.save(args.out)
+
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        if options.per_layer:
+            for name in names:
+                view = _worst_view(result, name, args.worst)
+                if not view.empty:
+                    print(f"\n{name}: worst layers (SQNR dB, lower is worse)")
+                    print(view.to_string(index=False, formatters=_formatters(view)))
+        e2e = _end_to_end_view(result)
+        print("\nend to end (accuracy and agreement in %, drops in percentage points)")
+        print(e2e.to_string(index=False, formatters=_formatters(e2e)))
+    for w in result.warnings:
+        print(f"warning: {w}")
+    failed = []
+    for name, check in checks.items():
+        unknown = [k for k, v in check.values.items() if v is None or (isinstance(v, float) and math.isnan(v))]
+        if check.passed or unknown:
+            failed.append(name)
+            why = "holds" if check.passed else f"cannot be evaluated ({', '.join(unknown)} is NaN)"
+            shown = ", ".join(f"{k} = {_fmt(v)}" for k, v in check.values.items())
+            print(f"FAIL {name}: --fail-if {threshold} {why} ({shown})")
+        else:
+            shown = ", ".join(f"{k} = {_fmt(v)}" for k, v in check.values.items())
+            print(f"pass {name}: --fail-if {threshold} does not hold ({shown})")
+    print(f"\nwrote {', '.join(str(p) for k, p in paths.items() if not k.endswith('_csv'))} (+ .csv)")
+    sys.stdout.flush()
+    return 1 if failed else 0
+
+
+def _formatters(df: Any) -> dict[str, Any]:
+    import pandas as pd
+
+    return {c: _fmt for c in df.columns if pd.api.types.is_float_dtype(df[c])}

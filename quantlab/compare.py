@@ -1,0 +1,1658 @@
+"""Comparator: FP32 ONNX reference vs FP16/INT8 candidates, end to end and per layer.
+
+INTERFACE (agreed in code; the search, experiments, report and CLI use exactly this):
+
+    result = compare(reference, {"int8-entropy": written, "fp16": written16}, dataset,
+                     CompareOptions(backend="ort"), progress=True)
+    result.end_to_end   # DataFrame, one row per candidate x model output (columns below)
+    result.per_layer    # DataFrame, long: one row per candidate x layer x mode ("accumulated" | "local")
+    result.per_sample   # DataFrame, one row per candidate x sample (x output for multi-output models)
+    result.check("top1_drop<=0.5")        # {candidate: ThresholdCheck}
+    result.save(out_dir); load_comparison(out_dir)
+
+end_to_end columns (NaN where not applicable): candidate, output, samples, cosine, sqnr_db,
+max_abs, mean_abs, rel_l2, and for classifier outputs (2-D [N, C], C > 1): top1_agreement,
+top1_agreement_ci_low/high; with labels: ref_top1, top1, top1_drop (percentage points,
+reference minus candidate), top5 / ref_top5 / top5_drop, each with _ci_low/_ci_high
+(bootstrap, options.bootstrap resamples, options.confidence), mcnemar_p
+(exact McNemar between reference and candidate correctness), and one column per number a user
+metric returns. nan_count counts NaN/inf elements in the candidate's outputs.
+
+per_layer columns: candidate, mode, order (topological index of the node in the reference),
+layer (reference node name), group (fusion group name), op_type, tensor (reference output
+tensor compared), precision (the group's precision in the candidate), cosine, sqnr_db,
+max_abs, mean_abs, rel_l2, nan_count.
+
+Definitions (see :mod:`quantlab.metrics`): per layer, every figure is over all elements of
+the tensor and all samples (float64 running sums). End to end, ``sqnr_db``, ``max_abs``,
+``mean_abs`` and ``rel_l2`` are over all elements too, while ``cosine`` is the mean over
+samples of each sample's cosine (``cosine_min``: the worst sample; ``cosine_ci_low/high``:
+its bootstrap interval). Accuracy and agreement figures are percentages (0-100); the
+``_drop`` columns are percentage points. Extra columns: ``cosine_min``, ``cosine_ci_*``,
+``ref_only_correct`` / ``cand_only_correct`` (McNemar's discordant counts), ``nan_count``;
+per layer also ``node`` (the reference node producing ``tensor``).
+
+Which tensors are layers (``CompareOptions.layers``): ``"groups"`` (default) compares the
+tensor each fusion group hands on (what exists in a TensorRT engine; ``layer`` and ``op_type``
+are the group's anchor node, e.g. the Conv of Conv+BN+Relu, ``node`` the node producing the
+tensor); ``"nodes"`` compares every float node output (``layer`` = ``node``).
+Tensors are aligned only through the writer's provenance (``Provenance.tensor_map``:
+original tensor -> written tensor carrying its value), never by guessing from names::
+
+    accumulated: the candidate runs end to end; each layer's written counterpart is compared
+                 with the reference's tensor (error of the layer + everything upstream)
+
+        reference   x ──► [G1] ──► a ──► [G2] ──► b           compare a : a',  b : b'
+        candidate   x ──► [G1'] ──► a' ──► [G2'] ──► b'
+
+    local:       each int8/fp16 group (and any group the writer changed) runs alone, fed the
+                 reference's values of its inputs: its own error, not the one it inherits
+
+        reference   x ──► [G1] ──► a ──► [G2] ──► b
+                                   │ (reference value of a, cast to the written dtype)
+        island      ref/a ──► Q/DQ ──► [G2' as written: DQ(W), Conv, Add, Relu ...] ──► b''
+                                                                compare b : b''
+
+An island is the group's written nodes (``Provenance.node_map``: the node plus the Q/DQ/Cast
+nodes feeding it) closed over inserted nodes, cut at the written tensors that carry original
+tensors. All islands of a chunk of groups form one "local model" (renamed ``local/<i>/...``,
+inputs ``ref/<tensor>``), run once per batch.
+
+Bounded memory (streaming): metrics are running sums per tensor, updated batch by batch; no
+activation outlives its batch. Large models do not expose every tensor at once: layers are
+split into chunks of at most ``layer_group_size`` tensors (and ``memory_budget_mb`` of
+reference activations per batch), and each model is cut into consecutive segments, one per
+chunk, so one pass over the data runs every node once and holds only one chunk's tensors
+plus the tensors crossing the cut::
+
+    chunk 0 ──────────────┐        chunk 1 ──────────────┐
+    [segment 0: ancestors of chunk 0] ──► live cut ──► [segment 1: what chunk 1 adds] ──► ...
+        ▲ fetch chunk 0, update sums, drop             ▲ fetch chunk 1, update sums, drop
+
+With one chunk (the usual case) each model is a single session exposing its chunk; with
+``per_layer=False`` the models run as they are, exposing nothing.
+
+Each batch is a small task graph, run by ``CompareOptions.workers`` threads (two on ONNX
+Runtime; its sessions then get ``cores / 2`` threads each)::
+
+    R(b): reference ─┬─► L(b): local model + sums ──┐
+    C(b): candidate ─┴─► A(b): accumulated sums ────┴─► release; end-to-end figures, in batch order
+
+Model runs and the numba metric kernels release the GIL, so the reference and candidate
+runs overlap, then the local model and the metric kernels; single-threaded sessions side by
+side also use the cores better than one two-threaded session at a time. A group fed only
+graph inputs (the first) reuses its accumulated figures as its local ones. Sums are merged
+strictly in batch order: the same data and seed give the same tables whatever the timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import pandas as pd
+from onnx import helper
+
+from .data import DataSet, DataSummary
+from .errors import CompareError, QuantlabError
+from .graph import LoadedModel
+from .quantize import WrittenModel
+from .threshold import Threshold, ThresholdCheck, parse_threshold
+
+__all__ = ["CompareOptions", "CompareResult", "compare", "load_comparison", "load_candidate",
+           "COMPARE_FORMAT", "END_TO_END_COLUMNS", "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS"]
+
+Candidate = WrittenModel | LoadedModel
+
+COMPARE_FORMAT = "quantlab.compare/1"
+FRAMES = ("end_to_end", "per_layer", "per_sample")
+
+END_TO_END_COLUMNS: tuple[str, ...] = (
+    "candidate", "output", "samples", "cosine", "cosine_min", "cosine_ci_low", "cosine_ci_high", "sqnr_db",
+    "max_abs", "mean_abs", "rel_l2", "nan_count",
+)
+CLASSIFIER_COLUMNS: tuple[str, ...] = ("classes", "top1_agreement", "top1_agreement_ci_low", "top1_agreement_ci_high")
+LABEL_COLUMNS: tuple[str, ...] = (
+    "ref_top1", "ref_top1_ci_low", "ref_top1_ci_high", "top1", "top1_ci_low", "top1_ci_high",
+    "top1_drop", "top1_drop_ci_low", "top1_drop_ci_high",
+    "ref_top5", "ref_top5_ci_low", "ref_top5_ci_high", "top5", "top5_ci_low", "top5_ci_high",
+    "top5_drop", "top5_drop_ci_low", "top5_drop_ci_high",
+    "mcnemar_p", "ref_only_correct", "cand_only_correct",
+)
+PER_LAYER_COLUMNS: tuple[str, ...] = (
+    "candidate", "mode", "order", "layer", "group", "op_type", "tensor", "precision", "cosine", "sqnr_db",
+    "max_abs", "mean_abs", "rel_l2", "nan_count", "node",
+)
+PER_SAMPLE_COLUMNS: tuple[str, ...] = ("candidate", "output", "sample", "key", "cosine", "sqnr_db", "max_abs")
+
+_LIVE_MODES = ("accumulated", "local")
+_WINDOW = 1
+"""Batches in flight when several workers run. 2 overlaps a batch's local/metric work with the next
+batch's runs (about 7 % faster on EfficientNet-Lite0) but makes the peak memory depend on thread
+timing (it kept rising for ~30 batches on a loaded machine); 1 keeps it the same every batch."""
+
+
+# --------------------------------------------------------------------------- options and results
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Settings of one comparison; every default is defined here once.
+
+    ``accumulated`` / ``local``: the two per-layer modes (both need ``per_layer``);
+    ``layers``: "groups" (fusion-group outputs) or "nodes" (every float node output);
+    ``labels``: None uses the set's labels when it has them, False ignores them, True
+    requires them; ``label_output``: the output the labels index (default: the
+    classifier output with the most classes); ``memory_budget_mb``: reference
+    activations exposed per batch before the model is cut into another segment;
+    ``backend_options``: keyword arguments of ``get_backend`` (e.g. ``{"qdq_fusion":
+    False}`` for ONNX Runtime's exact Q/DQ semantics, ``{"threads": 1}``);
+    ``workers``: threads running the models and metric kernels concurrently (with 2,
+    ONNX Runtime sessions get ``cores / 2`` threads each unless ``backend_options``
+    sets ``threads``).
+    """
+
+    backend: str = "ort"
+    batch_size: int = 8
+    per_layer: bool = True          # accumulated per-layer errors (candidates with provenance)
+    local: bool = True              # also the local mode (each quantized group fed reference inputs)
+    layer_group_size: int = 48      # tensors exposed per pass; large models run several passes
+    max_samples: int | None = None  # first N samples of the set only (the search's cheap probes)
+    metric: str | None = None       # "module:function" user metric
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    accumulated: bool = True        # the accumulated mode (False: local only, e.g. for sensitivity)
+    layers: Literal["groups", "nodes"] = "groups"
+    labels: bool | None = None
+    label_output: str | None = None
+    memory_budget_mb: float = 1024.0
+    backend_options: Mapping[str, Any] = field(default_factory=dict)  # get_backend(backend, **these)
+    workers: int | None = None      # threads running models and metrics; None: 2 on ONNX Runtime, else 1
+
+    def __post_init__(self) -> None:
+        def bad(what: str) -> CompareError:
+            return CompareError(f"CompareOptions: {what}")
+
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise bad(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.layer_group_size, int) or self.layer_group_size < 1:
+            raise bad(f"layer_group_size must be an integer >= 1, got {self.layer_group_size!r}")
+        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
+            raise bad(f"max_samples must be None or an integer >= 1, got {self.max_samples!r}")
+        if not isinstance(self.bootstrap, int) or self.bootstrap < 0:
+            raise bad(f"bootstrap must be an integer >= 0 (0: no intervals), got {self.bootstrap!r}")
+        if not 0.0 < float(self.confidence) < 1.0:
+            raise bad(f"confidence must be in (0, 1), e.g. 0.95; got {self.confidence!r}")
+        if self.layers not in ("groups", "nodes"):
+            raise bad(f"layers must be 'groups' or 'nodes', got {self.layers!r}")
+        if not self.memory_budget_mb > 0:
+            raise bad(f"memory_budget_mb must be > 0, got {self.memory_budget_mb!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise bad(f"workers must be None or an integer >= 1, got {self.workers!r}")
+        if self.metric is not None and ":" not in self.metric:
+            raise bad(f"metric must be 'module:function' (or 'path/to/file.py:function'), got {self.metric!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    end_to_end: pd.DataFrame
+    per_layer: pd.DataFrame
+    per_sample: pd.DataFrame
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    data: Mapping[str, Any] = field(default_factory=dict)        # manifest record, content sha256, count
+    models: Mapping[str, Any] = field(default_factory=dict)      # name -> sha256, plan hash, provenance meta
+    environment: Mapping[str, Any] = field(default_factory=dict)  # tool versions, backend describe()
+    warnings: tuple[str, ...] = ()                               # e.g. NaN first seen at layer X
+
+    def check(self, threshold: str | Threshold) -> dict[str, ThresholdCheck]:
+        """The threshold's outcome per candidate."""
+        t = parse_threshold(threshold)
+        return {str(name): t.check(rows) for name, rows in self.end_to_end.groupby("candidate", sort=False)}
+
+    def worst_layers(self, n: int = 10, *, candidate: str | None = None, mode: str = "local",
+                     metric: str = "sqnr_db") -> pd.DataFrame:
+        """The ``n`` layers with the lowest ``metric`` (SQNR: lower is worse)."""
+        df = self.per_layer
+        if df.empty:
+            return df
+        df = df[df["mode"] == mode]
+        if candidate is not None:
+            df = df[df["candidate"] == candidate]
+        return df.sort_values(metric, kind="stable").head(n).reset_index(drop=True)
+
+    @property
+    def candidates(self) -> list[str]:
+        return [str(c) for c in dict.fromkeys(self.end_to_end["candidate"])] if not self.end_to_end.empty else []
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record (``compare.json``): settings, data, models, environment, warnings, end-to-end rows."""
+        return {
+            "format": COMPARE_FORMAT,
+            "settings": _plain(dict(self.settings)),
+            "data": _plain(dict(self.data)),
+            "models": _plain(dict(self.models)),
+            "environment": _plain(dict(self.environment)),
+            "warnings": list(self.warnings),
+            "end_to_end": _plain(self.end_to_end.to_dict("records")),
+            "tables": {name: [f"{name}.parquet", f"{name}.csv"] for name in FRAMES},
+        }
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write the three tables as .parquet and .csv plus ``compare.json``, all or nothing.
+
+        The folder is built beside ``out_dir`` and renamed into place, so a failure
+        leaves the previous result (or nothing). ``out_dir`` must be new, empty, or
+        a previous comparison (holding ``compare.json``): other folders are refused.
+        """
+        from .atomic import atomic_dir, json_dumps
+
+        out = Path(out_dir)
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "compare.json").is_file())):
+            raise CompareError(f"{out}: exists and is not a comparison folder (no compare.json); refusing to "
+                               "replace it. Choose a new or empty folder for --out.")
+        names: dict[str, Path] = {}
+        with atomic_dir(out) as tmp:
+            for name in FRAMES:
+                frame = getattr(self, name)
+                frame.to_parquet(tmp / f"{name}.parquet", index=False)
+                frame.to_csv(tmp / f"{name}.csv", index=False)
+                names[name] = out / f"{name}.parquet"
+                names[f"{name}_csv"] = out / f"{name}.csv"
+            (tmp / "compare.json").write_text(json_dumps(self.to_dict()), encoding="utf-8")
+            names["json"] = out / "compare.json"
+        return names
+
+
+def load_comparison(out_dir: str | Path) -> CompareResult:
+    """A :class:`CompareResult` back from a folder written by :meth:`CompareResult.save`."""
+    import json
+
+    folder = Path(out_dir)
+    record_path = folder / "compare.json"
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CompareError(f"{record_path}: cannot read the comparison record ({exc}); is {folder} a folder "
+                           "written by `quantlab compare --out` / CompareResult.save?") from None
+    if not isinstance(record, dict) or record.get("format") != COMPARE_FORMAT:
+        raise CompareError(f"{record_path}: not a quantlab comparison (format {record.get('format')!r}, "
+                           f"expected {COMPARE_FORMAT!r})")
+    frames: dict[str, pd.DataFrame] = {}
+    for name in FRAMES:
+        path = folder / f"{name}.parquet"
+        try:
+            frames[name] = pd.read_parquet(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+            csv = folder / f"{name}.csv"
+            if csv.is_file():
+                frames[name] = pd.read_csv(csv)
+            else:
+                raise CompareError(f"{path}: cannot read table {name!r} ({exc})") from None
+    return CompareResult(
+        end_to_end=frames["end_to_end"], per_layer=frames["per_layer"], per_sample=frames["per_sample"],
+        settings=record.get("settings", {}), data=record.get("data", {}), models=record.get("models", {}),
+        environment=record.get("environment", {}), warnings=tuple(record.get("warnings", ())),
+    )
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready copy: numpy scalars to Python, tuples to lists, NaN kept (json_dumps allows it)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is pd.NA:
+        return None
+    return obj
+
+
+# --------------------------------------------------------------------------- loading candidates
+
+
+def load_candidate(path: str | Path, reference: LoadedModel) -> Candidate:
+    """A candidate from disk: a ``quantlab build`` folder (model.onnx + provenance.json) or an .onnx file.
+
+    A folder (or its ``model.onnx``) becomes a :class:`WrittenModel` whose
+    provenance enables per-layer comparison; any other .onnx file is a plain
+    :class:`LoadedModel` (end to end only). Refuses a model.onnx that no
+    longer matches its provenance (edited after the build).
+    """
+    from .fingerprint import sha256_bytes
+    from .graph import load_model
+    from .plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
+    from .quantize import WriteOptions, load_provenance
+
+    p = Path(path)
+    folder: Path | None = None
+    if p.is_dir():
+        folder = p
+        if not (p / "model.onnx").is_file():
+            raise CompareError(f"{p}: a candidate folder must hold model.onnx (as `quantlab build --out` writes)")
+    elif p.name == "model.onnx" and (p.parent / "provenance.json").is_file():
+        folder = p.parent
+    if folder is None:
+        if not p.is_file():
+            raise CompareError(f"{p}: no such file or folder; give a `quantlab build` output folder or an .onnx file")
+        return load_model(p)
+    model_path = folder / "model.onnx"
+    loaded = load_model(model_path)
+    prov_path = folder / "provenance.json"
+    if not prov_path.is_file():
+        return loaded
+    provenance = load_provenance(prov_path)
+    meta = provenance.meta
+    written_sha = meta.get("written_sha256")
+    if written_sha and sha256_bytes(model_path.read_bytes()) != written_sha:
+        raise CompareError(f"{model_path}: does not match {prov_path} (sha256 differs from the build's "
+                           f"{str(written_sha)[:12]}): the model was changed after `quantlab build`. Rebuild it, "
+                           "or pass the .onnx from another folder to compare it end to end only.")
+    opts = dict(meta.get("options", {}))
+    fields = {f.name for f in dataclasses.fields(WriteOptions)}
+    try:
+        options = WriteOptions(**{k: (tuple(v) if k == "fp32_ops" else v) for k, v in opts.items()
+                                  if k in fields and k not in ("quantize_outputs", "int32_bias")})
+    except QuantlabError:
+        options = WriteOptions()
+    plan_path = folder / "plan.json"
+    try:
+        plan = resolve_plan(load_plan(plan_path), reference.proto) if plan_path.is_file() else None
+    except QuantlabError:
+        plan = None
+    if plan is None:
+        plan = ResolvedPlan(groups=tuple(fusion_groups(reference.proto)), precision=dict(provenance.group_precision))
+    return WrittenModel(proto=loaded.proto, provenance=provenance, plan=plan, options=options,
+                        table_method=meta.get("table_method"), source_sha256=str(meta.get("source_sha256", "")))
+
+
+# --------------------------------------------------------------------------- graph analysis
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One compared reference tensor."""
+
+    tensor: str
+    layer: str
+    node: str
+    order: int
+    group: str
+    op_type: str
+    elements: int | None  # per sample, from the inferred shape
+
+
+@dataclass(frozen=True)
+class _Island:
+    """The written nodes of one group, cut at the tensors carrying its original inputs."""
+
+    index: int
+    group: str
+    nodes: tuple[int, ...]                      # indices into the written graph's nodes
+    boundary: tuple[str, ...]                   # written (= original) tensors fed from the reference
+    outputs: tuple[tuple[str, str], ...]        # (reference tensor, written carrier)
+
+
+@dataclass
+class _Reference:
+    model: LoadedModel
+    names: list[str]
+    groups: list[Any]
+    group_of: dict[str, str]
+    producer: dict[str, int]
+    position: dict[int, int]
+    specs: dict[str, Any]
+    constants: set[str]
+    graph_inputs: list[str]
+    outputs: list[str]
+
+
+def _analyse_reference(model: LoadedModel) -> _Reference:
+    from .graph import tensor_specs
+    from .plan import constant_names, fusion_groups, node_names, topological_order
+
+    proto = model.proto
+    names = node_names(proto)
+    order = topological_order(proto)
+    groups = fusion_groups(proto)
+    group_of = {n: g.name for g in groups for n in g.nodes}
+    producer = {o: i for i, node in enumerate(proto.graph.node) for o in node.output if o}
+    inits = {i.name for i in proto.graph.initializer}
+    return _Reference(
+        model=model, names=names, groups=groups, group_of=group_of, producer=producer,
+        position={idx: i for i, idx in enumerate(order)}, specs=tensor_specs(proto),
+        constants=constant_names(proto),
+        graph_inputs=[i.name for i in proto.graph.input if i.name not in inits],
+        outputs=[o.name for o in proto.graph.output],
+    )
+
+
+def _elements(spec: Any) -> int | None:
+    if spec is None or spec.shape is None or len(spec.shape) < 1:
+        return None
+    n = 1
+    for d in spec.shape[1:]:
+        if not isinstance(d, int) or d < 0:
+            return None
+        n *= d
+    return n
+
+
+def _is_float_spec(spec: Any) -> bool:
+    return spec is not None and spec.dtype in ("float32", "float16", "float64", "bfloat16")
+
+
+def _layers(ref: _Reference, mode: str) -> list[list[_Layer]]:
+    """Compared tensors per fusion group, in topological order of groups."""
+    proto = ref.model.proto
+    nodes = list(proto.graph.node)
+    index_of = {name: i for i, name in enumerate(ref.names)}
+    per_group: list[list[_Layer]] = []
+    seen: set[str] = set()
+    for g in ref.groups:
+        out: list[_Layer] = []
+        if mode == "groups":
+            tensors = list(g.output_tensors) or [g.output_tensor]
+            candidates = [(t, g.name) for t in tensors if t]
+        else:
+            candidates = [(o, n) for n in g.nodes for o in nodes[index_of[n]].output if o]
+        for t, layer in candidates:
+            if t in seen or t not in ref.producer or not _is_float_spec(ref.specs.get(t)):
+                continue
+            idx = ref.producer[t]
+            if nodes[idx].op_type == "Constant":
+                continue
+            seen.add(t)
+            op_type = g.anchor_op if mode == "groups" else nodes[idx].op_type
+            out.append(_Layer(tensor=t, layer=layer, node=ref.names[idx], order=ref.position[idx], group=g.name,
+                              op_type=op_type, elements=_elements(ref.specs.get(t))))
+        per_group.append(out)
+    return per_group
+
+
+def _chunks(per_group: list[list[_Layer]], options: CompareOptions) -> list[list[_Layer]]:
+    """Consecutive groups' layers, at most ``layer_group_size`` tensors and the memory budget per chunk."""
+    budget = options.memory_budget_mb * 2**20
+    chunks: list[list[_Layer]] = []
+    current: list[_Layer] = []
+    size = 0.0
+    for layers in per_group:
+        if not layers:
+            continue
+        nbytes = sum(4.0 * (x.elements or 0) * options.batch_size for x in layers)
+        if current and (len(current) + len(layers) > options.layer_group_size or size + nbytes > budget):
+            chunks.append(current)
+            current, size = [], 0.0
+        current.extend(layers)
+        size += nbytes
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _node_reads(node: onnx.NodeProto) -> list[str]:
+    """Tensors a node reads: its inputs and the outer names its subgraphs use."""
+    from .quantize import _outer_names
+
+    reads = [t for t in node.input if t]
+    for attr in node.attribute:
+        bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for body in bodies:
+            reads.extend(sorted(_outer_names(body)))
+    return reads
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class _CandidatePlan:
+    name: str
+    proto: onnx.ModelProto
+    written: WrittenModel | None
+    carriers: dict[str, str] = field(default_factory=dict)       # reference tensor -> written tensor
+    precision: dict[str, str] = field(default_factory=dict)      # group -> precision
+    islands: dict[str, _Island] = field(default_factory=dict)    # group -> island (local mode)
+    mirrored: set[str] = field(default_factory=set)              # groups whose local figures are the accumulated
+    skipped: list[str] = field(default_factory=list)             # notes
+
+
+def _check_io(ref: LoadedModel, name: str, proto: onnx.ModelProto) -> None:
+    """The candidate must take the reference's inputs and give its outputs (names, dtypes, ranks)."""
+    from .graph import tensor_specs
+
+    specs = tensor_specs(proto)
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in inits]
+    outputs = [o.name for o in proto.graph.output]
+    want_in, want_out = ref.input_names, ref.output_names
+    if sorted(inputs) != sorted(want_in):
+        raise CompareError(
+            f"candidate {name!r} has inputs {inputs} but the reference {ref.label} has {want_in}: "
+            f"missing {sorted(set(want_in) - set(inputs))}, unexpected {sorted(set(inputs) - set(want_in))}. "
+            "Compare models written from this reference."
+        )
+    if sorted(outputs) != sorted(want_out):
+        raise CompareError(
+            f"candidate {name!r} has outputs {outputs} but the reference {ref.label} has {want_out}: "
+            f"missing {sorted(set(want_out) - set(outputs))}, unexpected {sorted(set(outputs) - set(want_out))}. "
+            "Compare models written from this reference."
+        )
+    for spec in list(ref.inputs) + list(ref.outputs):
+        got = specs.get(spec.name)
+        if got is None:
+            continue
+        kind = "input" if spec.name in want_in else "output"
+        if spec.name in want_in and spec.dtype != "undefined" and got.dtype not in ("undefined", spec.dtype):
+            raise CompareError(f"candidate {name!r}: {kind} {spec.name!r} is {got.dtype}, the reference's is "
+                               f"{spec.dtype}; the same data cannot feed both.")
+        if spec.shape is not None and got.shape is not None:
+            if len(spec.shape) != len(got.shape):
+                raise CompareError(f"candidate {name!r}: {kind} {spec.name!r} has rank {len(got.shape)} "
+                                   f"{list(got.shape)}, the reference's has rank {len(spec.shape)} {list(spec.shape)}.")
+            for a, b in zip(spec.shape[1:], got.shape[1:]):
+                if isinstance(a, int) and isinstance(b, int) and a != b:
+                    raise CompareError(f"candidate {name!r}: {kind} {spec.name!r} has shape {list(got.shape)}, "
+                                       f"the reference's is {list(spec.shape)}.")
+
+
+def _plan_candidate(name: str, cand: Candidate, ref: _Reference, layers: Sequence[_Layer],
+                    options: CompareOptions) -> _CandidatePlan:
+    if isinstance(cand, WrittenModel):
+        proto, written = cand.proto, cand
+    elif isinstance(cand, LoadedModel):
+        proto, written = cand.proto, None
+    else:
+        raise CompareError(f"candidate {name!r} is a {type(cand).__name__}; give a WrittenModel (from "
+                           "quantlab.write_model / load_candidate) or a LoadedModel (quantlab.load_model)")
+    _check_io(ref.model, name, proto)
+    plan = _CandidatePlan(name=name, proto=proto, written=written)
+    if written is None or not options.per_layer:
+        return plan
+    prov = written.provenance
+    unknown = [n for n in ref.names if n not in prov.node_group]
+    if unknown:
+        raise CompareError(
+            f"candidate {name!r} was written from another model (source sha256 {written.source_sha256[:12]}, "
+            f"reference {ref.model.sha256[:12]}): its provenance has no node {unknown[0]!r}"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            + ". Compare it with the FP32 model it was written from."
+        )
+    plan.precision = {g.name: str(prov.group_precision.get(g.name, "fp32")) for g in ref.groups}
+    w_nodes = list(proto.graph.node)
+    produced = {o: i for i, n in enumerate(w_nodes) for o in n.output if o}
+    missing = []
+    for x in layers:
+        carrier = prov.tensor_map.get(x.tensor)
+        if carrier is None or carrier not in produced:
+            missing.append(x.tensor)
+            continue
+        plan.carriers[x.tensor] = carrier
+    if missing:
+        plan.skipped.append(f"candidate {name!r}: {len(missing)} layer tensor(s) have no written counterpart in "
+                            f"its provenance (e.g. {missing[0]!r}); they are left out of its per-layer table")
+    if options.local:
+        plan.islands = _islands(name, written, ref, layers, plan, produced)
+    return plan
+
+
+def _islands(name: str, written: WrittenModel, ref: _Reference, layers: Sequence[_Layer], plan: _CandidatePlan,
+             produced: Mapping[str, int]) -> dict[str, _Island]:
+    """One island per group whose written form differs from the original (see the module docstring)."""
+    from .plan import topological_order
+
+    prov = written.provenance
+    proto = written.proto
+    w_nodes = list(proto.graph.node)
+    w_index = {n.name: i for i, n in enumerate(w_nodes)}
+    inits = {i.name for i in proto.graph.initializer}
+    ref_inits = {i.name for i in ref.model.proto.graph.initializer}
+    carriers = {v for k, v in prov.tensor_map.items() if k not in ref_inits and k not in ref.constants}
+    graph_inputs = {i.name for i in proto.graph.input if i.name not in inits}
+    position = {idx: k for k, idx in enumerate(topological_order(proto))}
+    by_group: dict[str, list[_Layer]] = {}
+    for x in layers:
+        if x.tensor in plan.carriers:
+            by_group.setdefault(x.group, []).append(x)
+    out: dict[str, _Island] = {}
+    for gi, g in enumerate(ref.groups):
+        if g.name not in by_group:
+            continue
+        members: set[int] = set()
+        for n in g.nodes:
+            for w in prov.node_map.get(n, (n,)):
+                if w in w_index:
+                    members.add(w_index[w])
+        if not members:
+            continue
+        pending = list(members)
+        while pending:
+            idx = pending.pop()
+            for t in _node_reads(w_nodes[idx]):
+                if t in inits or t in graph_inputs or t in carriers:
+                    continue
+                p = produced.get(t)
+                if p is not None and p not in members:
+                    members.add(p)
+                    pending.append(p)
+        inserted = any(w_nodes[i].name in prov.inserted_nodes for i in members)
+        if plan.precision.get(g.name, "fp32") == "fp32" and not inserted:
+            continue
+        if any(_has_subgraph(w_nodes[i]) for i in members):
+            plan.skipped.append(f"candidate {name!r}: local mode skips group {g.name!r}: it holds a subgraph "
+                                "(If/Loop/Scan) that cannot be cut out")
+            continue
+        made = {o for i in members for o in w_nodes[i].output if o}
+        boundary = sorted({t for i in members for t in w_nodes[i].input
+                           if t and t not in inits and t not in made})
+        outputs = tuple((x.tensor, plan.carriers[x.tensor]) for x in by_group[g.name]
+                        if plan.carriers[x.tensor] in made)
+        if not outputs:
+            continue
+        order = sorted(members, key=position.__getitem__)
+        out[g.name] = _Island(index=gi, group=g.name, nodes=tuple(order), boundary=tuple(boundary), outputs=outputs)
+    return out
+
+
+# --------------------------------------------------------------------------- sub-models
+
+
+def _value_info(name: str, specs: Mapping[str, Any], label: str) -> onnx.ValueInfoProto:
+    spec = specs.get(name)
+    if spec is None or spec.dtype == "undefined":
+        raise CompareError(f"{label}: cannot tell the type of tensor {name!r} (shape inference gives none); "
+                           "per-layer comparison needs typed tensors. Run with per_layer=False or a smaller "
+                           "layer chunk (layer_group_size) that does not cut here.")
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
+    shape = None if spec.shape is None else [d if isinstance(d, (int, str)) else None for d in spec.shape]
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _typed_specs(proto: onnx.ModelProto) -> dict[str, Any]:
+    from .graph import tensor_specs
+
+    specs = tensor_specs(proto)
+    produced = {o for n in proto.graph.node for o in n.output if o}
+    if any(t not in specs or specs[t].dtype == "undefined" for t in produced):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+            specs = {**tensor_specs(inferred), **{k: v for k, v in specs.items() if v.dtype != "undefined"}}
+        except Exception:  # noqa: BLE001 - inference raises several types; what is typed stays typed
+            pass
+    return specs
+
+
+def _submodel(proto: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], inputs: Sequence[str],
+              outputs: Sequence[str], specs: Mapping[str, Any], label: str,
+              extra_inputs: Sequence[onnx.ValueInfoProto] = ()) -> onnx.ModelProto:
+    reads = {t for n in nodes for t in _node_reads(n)}
+    inits = [i for i in proto.graph.initializer if i.name in reads]
+    made = {o for n in nodes for o in n.output if o}
+    value_info = []
+    for t in sorted(made - set(outputs)):
+        spec = specs.get(t)
+        if spec is not None and spec.dtype != "undefined":
+            value_info.append(_value_info(t, specs, label))
+    graph = helper.make_graph(
+        list(nodes), f"{proto.graph.name}_part",
+        [_value_info(t, specs, label) for t in inputs] + list(extra_inputs),
+        [_value_info(t, specs, label) for t in outputs],
+        initializer=inits, value_info=value_info,
+    )
+    model = helper.make_model(graph, opset_imports=list(proto.opset_import))
+    model.ir_version = proto.ir_version
+    for f in proto.functions:
+        model.functions.append(f)
+    return model
+
+
+@dataclass
+class _Step:
+    runner: Any
+    inputs: tuple[str, ...]
+    fetch: tuple[str, ...]
+
+
+class _Staged:
+    """A model run in consecutive segments: step k computes what chunk k wants (see the module docstring).
+
+    ``wants[k]`` are the tensors the caller reads after step k (graph outputs must be
+    in the last). Each node runs in exactly one segment (the first whose wants need
+    it); a tensor crossing segments stays in the caller's ``live`` dict until its
+    last reader ran (``release[k]``). One chunk means one session on the whole model.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, wants: Sequence[Sequence[str]], backend: Any, label: str) -> None:
+        from .plan import topological_order
+
+        self.label = label
+        graph = proto.graph
+        nodes = list(graph.node)
+        inits = {i.name for i in graph.initializer}
+        graph_inputs = [i.name for i in graph.input if i.name not in inits]
+        producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+        k_count = len(wants)
+        for k, names in enumerate(wants):
+            for t in names:
+                if t not in producer and t not in graph_inputs:
+                    raise CompareError(f"{label}: no node produces tensor {t!r}; cannot expose it")
+        if k_count == 1:
+            extra = [t for t in dict.fromkeys(wants[0]) if t in producer and t not in {o.name for o in graph.output}]
+            runner = _build(backend, proto, extra, label)
+            fetch = tuple(t for t in dict.fromkeys(wants[0]) if t in producer)
+            self.steps = [_Step(runner, tuple(graph_inputs), fetch)]
+            self.release: list[set[str]] = [set()]
+            return
+        reads = [_node_reads(n) for n in nodes]
+        seg_of: dict[int, int] = {}
+        for k, names in enumerate(wants):
+            stack = [producer[t] for t in names if t in producer]
+            while stack:
+                idx = stack.pop()
+                if idx in seg_of:
+                    continue
+                seg_of[idx] = k
+                stack.extend(producer[t] for t in reads[idx] if t in producer and producer[t] not in seg_of)
+        order = topological_order(proto)
+        seg_nodes: list[list[int]] = [[] for _ in range(k_count)]
+        for idx in order:
+            if idx in seg_of:
+                seg_nodes[seg_of[idx]].append(idx)
+        last_use: dict[str, int] = {}
+        seg_inputs: list[list[str]] = []
+        for k in range(k_count):
+            made = {o for i in seg_nodes[k] for o in nodes[i].output if o}
+            ext = [t for i in seg_nodes[k] for t in reads[i] if t not in inits and t not in made]
+            ext = list(dict.fromkeys(ext))
+            seg_inputs.append(ext)
+            for t in ext:
+                last_use[t] = max(last_use.get(t, -1), k)
+        for k, names in enumerate(wants):
+            for t in names:
+                last_use[t] = max(last_use.get(t, -1), k)
+        specs = _typed_specs(proto)
+        self.steps = []
+        self.release = [set() for _ in range(k_count)]
+        for k in range(k_count):
+            made = [o for i in seg_nodes[k] for o in nodes[i].output if o]
+            fetch = tuple(t for t in dict.fromkeys(made) if t in last_use)
+            if not seg_nodes[k]:
+                self.steps.append(_Step(None, (), ()))
+                continue
+            sub = _submodel(proto, [nodes[i] for i in seg_nodes[k]], seg_inputs[k], fetch, specs,
+                            f"{label} (segment {k + 1}/{k_count})")
+            self.steps.append(_Step(_build(backend, sub, [], f"{label} (segment {k + 1}/{k_count})"),
+                                    tuple(seg_inputs[k]), fetch))
+        for t, k in last_use.items():
+            if t not in graph_inputs:
+                self.release[k].add(t)
+
+    def step(self, k: int, live: dict[str, np.ndarray]) -> None:
+        s = self.steps[k]
+        if s.runner is None or not s.fetch:
+            return
+        feeds = {t: live[t] for t in s.inputs}
+        live.update(s.runner.run(feeds, list(s.fetch)))
+
+    def close(self) -> None:
+        for s in self.steps:
+            if s.runner is not None:
+                s.runner.close()
+
+
+def _build(backend: Any, proto: onnx.ModelProto, outputs: Sequence[str], label: str) -> Any:
+    try:
+        return backend.build(proto, outputs=list(outputs) or None)
+    except QuantlabError as exc:
+        raise type(exc)(f"{label}: {exc}") from None
+
+
+class _LocalModel:
+    """The islands of one candidate and one chunk, as one model fed reference values (``ref/<tensor>``)."""
+
+    def __init__(self, plan: _CandidatePlan, islands: Sequence[_Island], backend: Any) -> None:
+        proto = plan.proto
+        specs = _typed_specs(proto)
+        w_nodes = list(proto.graph.node)
+        inits = {i.name for i in proto.graph.initializer}
+        nodes: list[onnx.NodeProto] = []
+        inputs: dict[str, str] = {}                 # graph input -> written tensor (= reference tensor)
+        self.outputs: list[tuple[str, str]] = []    # (output name, reference tensor)
+        local_specs: dict[str, Any] = {}
+        emitted: dict[tuple[int, tuple[str, ...]], list[str]] = {}
+        for island in islands:
+            prefix = f"local/{island.index}/"
+            names: dict[str, str] = {}   # written tensor made in this island -> its name here
+
+            def rename(t: str, names: dict[str, str] = names) -> str:
+                if not t or t in inits:
+                    return t
+                if t in names:
+                    return names[t]
+                inputs["ref/" + t] = t
+                return "ref/" + t
+
+            for i in island.nodes:
+                src = w_nodes[i]
+                ins = tuple(rename(t) for t in src.input)
+                key = (i, ins)
+                if key in emitted:  # the same node on the same inputs in an earlier island: computed once
+                    for t, done in zip(src.output, emitted[key]):
+                        if t:
+                            names[t] = done
+                    continue
+                node = onnx.NodeProto()
+                node.CopyFrom(src)
+                node.name = prefix + (src.name or f"{src.op_type}_{i}")
+                del node.input[:]
+                node.input.extend(ins)
+                del node.output[:]
+                node.output.extend(prefix + t if t else t for t in src.output)
+                emitted[key] = list(node.output)
+                nodes.append(node)
+                for t in src.output:
+                    if t:
+                        names[t] = prefix + t
+                        if t in specs:
+                            local_specs[prefix + t] = dataclasses.replace(specs[t], name=prefix + t)
+            for tensor, carrier in island.outputs:
+                self.outputs.append((names[carrier], tensor))
+        for name, t in inputs.items():
+            if t not in specs:
+                raise CompareError(f"candidate {plan.name!r}: cannot tell the type of written tensor {t!r} "
+                                   "to feed it the reference's value (local mode)")
+            local_specs[name] = dataclasses.replace(specs[t], name=name)
+        self.inputs = [(name, t, local_specs[name].dtype) for name, t in inputs.items()]
+        self.label = f"candidate {plan.name!r} (local mode)"
+        sub = _submodel(proto, nodes, [n for n, _, _ in self.inputs], [o for o, _ in self.outputs],
+                        local_specs, self.label)
+        self.runner = _build(backend, sub, [], self.label)
+
+    @property
+    def needs(self) -> list[str]:
+        return [t for _, t, _ in self.inputs]
+
+    def run(self, ref_live: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name, t, dtype in self.inputs:
+            v = ref_live[t]
+            if v.dtype != np.dtype(dtype):
+                with np.errstate(over="ignore"):  # e.g. a float32.min mask becomes -inf in float16, as written
+                    v = v.astype(dtype)
+            feeds[name] = v
+        got = self.runner.run(feeds, [o for o, _ in self.outputs])
+        return {t: got[o] for o, t in self.outputs}
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+# --------------------------------------------------------------------------- scheduling
+
+
+@dataclass
+class _Task:
+    key: tuple[Any, ...]
+    fn: Callable[[], Any]
+    deps: tuple[tuple[Any, ...], ...] = ()
+    inline: bool = False     # run on the calling thread (cheap bookkeeping)
+
+
+@dataclass
+class _BatchState:
+    """One batch in flight: its live tensors per model and the metric sums of its tasks."""
+
+    batch: Any
+    ref_live: dict[str, np.ndarray]
+    cand_live: dict[str, dict[str, np.ndarray]]
+    sums: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    keys: set[tuple[Any, ...]] = field(default_factory=set)
+    runs: set[tuple[Any, ...]] = field(default_factory=set)   # the model runs (R, C tasks)
+
+    def sorted_sums(self) -> list[tuple[tuple[str, str, str], Any]]:
+        """The batch's sums in insertion order of the keys' first appearance: deterministic merging."""
+        return sorted(self.sums.items(), key=lambda kv: kv[0])
+
+
+# --------------------------------------------------------------------------- end-to-end accumulation
+
+
+@dataclass
+class _OutputStats:
+    """Running end-to-end statistics of one candidate output, plus per-sample scalars."""
+
+    sums: Any = None
+    cosine: list[np.ndarray] = field(default_factory=list)
+    sqnr: list[np.ndarray] = field(default_factory=list)
+    max_abs: list[np.ndarray] = field(default_factory=list)
+    top1: list[np.ndarray] = field(default_factory=list)
+    correct1: list[np.ndarray] = field(default_factory=list)
+    correct5: list[np.ndarray] = field(default_factory=list)
+    nonfinite: int = 0
+
+
+def _load_metric(spec: str) -> Callable[..., Any]:
+    module_name, _, func_name = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise CompareError(f"metric {spec!r}: no such file {path}")
+            mod_spec = importlib.util.spec_from_file_location(f"quantlab_metric_{path.stem}", path)
+            assert mod_spec is not None and mod_spec.loader is not None
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                local = Path.cwd() / (module_name.replace(".", "/") + ".py")
+                if exc.name != module_name.split(".")[0] or not local.is_file():
+                    raise
+                return _load_metric(f"{local}:{func_name}")
+    except CompareError:
+        raise
+    except ImportError as exc:
+        raise CompareError(f"metric {spec!r}: cannot import {module_name!r} ({exc}); make it importable or "
+                           "give a file path, e.g. --metric my_metrics.py:score") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        raise CompareError(f"metric {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise CompareError(f"metric {spec!r}: module {module_name!r} has no function {func_name!r}")
+    return func
+
+
+_RESERVED = set(END_TO_END_COLUMNS) | set(CLASSIFIER_COLUMNS) | set(LABEL_COLUMNS) | set(PER_SAMPLE_COLUMNS)
+
+
+def _call_metric(func: Callable[..., Any], spec: str, ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray],
+                 label: Any, candidate: str, index: int, key: str) -> dict[str, float]:
+    try:
+        got = func(ref, cand, label)
+    except Exception as exc:  # noqa: BLE001 - any failure of user code is reported with the sample
+        raise CompareError(f"metric {spec!r} raised {type(exc).__name__}: {exc} on sample {index} ({key!r}), "
+                           f"candidate {candidate!r}. Fix the metric function or the data.") from None
+    if not isinstance(got, Mapping):
+        raise CompareError(f"metric {spec!r} returned {type(got).__name__} on sample {index} ({key!r}); it must "
+                           "return a mapping of names to numbers, e.g. {'iou': 0.87}")
+    out: dict[str, float] = {}
+    for k, v in got.items():
+        if str(k) in _RESERVED:
+            raise CompareError(f"metric {spec!r} returns {k!r}, a name the comparator uses itself; rename it")
+        try:
+            out[str(k)] = float(v)
+        except (TypeError, ValueError):
+            raise CompareError(f"metric {spec!r} returned {k!r} = {v!r} on sample {index} ({key!r}); values must "
+                               "be numbers") from None
+    return out
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _truncated(dataset: DataSet, batch_size: int, limit: int) -> Iterator[Any]:
+    """The first ``limit`` samples, batched (the last batch sliced)."""
+    seen = 0
+    for batch in dataset.batches(batch_size):
+        if seen >= limit:
+            break
+        n = len(batch)
+        if seen + n > limit:
+            keep = limit - seen
+            batch = dataclasses.replace(
+                batch, indices=tuple(batch.indices[:keep]), keys=tuple(batch.keys[:keep]),
+                feeds={k: v[:keep] for k, v in batch.feeds.items()},
+                labels=None if batch.labels is None else batch.labels[:keep],
+            )
+            n = keep
+        seen += n
+        yield batch
+
+
+def compare(
+    reference: LoadedModel,
+    candidates: Mapping[str, Candidate],
+    dataset: DataSet,
+    options: CompareOptions = CompareOptions(),
+    *,
+    progress: bool = False,
+    calibration: DataSummary | None = None,
+) -> CompareResult:
+    """Compare every candidate with ``reference`` on ``dataset`` (see the module docstring).
+
+    ``calibration``: the calibration set's summary (``quantlab.summarize`` or a
+    calibration run's ``data_summary.json``); a validation set sharing samples with
+    it gets a warning. Raises CompareError for candidates that do not fit the
+    reference, labels that do not fit the outputs, a failing user metric;
+    InputMismatchError for data that does not fit the model.
+    """
+    return _Comparison(reference, candidates, dataset, options, calibration).run(progress)
+
+
+class _Comparison:
+    """One compare() call: the plan (chunks, segments, islands), the pass over the data, the tables."""
+
+    def __init__(self, reference: LoadedModel, candidates: Mapping[str, Candidate], dataset: DataSet,
+                 options: CompareOptions, calibration: DataSummary | None) -> None:
+        from .backends import get_backend
+        from .data import check_inputs
+
+        if not isinstance(reference, LoadedModel):
+            raise CompareError("the reference must be a LoadedModel (quantlab.load_model), got "
+                               f"{type(reference).__name__}")
+        if not candidates:
+            raise CompareError("no candidates to compare; give at least one")
+        self.reference = reference
+        self.candidates = dict(candidates)
+        self.dataset = dataset
+        self.options = options
+        self.calibration = calibration
+        self.warnings: list[str] = []
+        check_inputs(dataset, reference, batch_size=options.batch_size)
+        self.total = len(dataset) if options.max_samples is None else min(len(dataset), options.max_samples)
+        if self.total == 0:
+            raise CompareError(f"the validation set {getattr(dataset, 'name', '')!r} is empty")
+        is_ort = options.backend in ("ort", "onnxruntime")
+        cores = os.cpu_count() or 1
+        self.workers = options.workers if options.workers is not None else (2 if is_ort and cores >= 2 else 1)
+        backend_options = dict(options.backend_options)
+        if self.workers > 1 and is_ort and "threads" not in backend_options:
+            backend_options["threads"] = max(1, cores // self.workers)
+        try:
+            self.backend = get_backend(options.backend, **backend_options)
+        except TypeError as exc:
+            raise CompareError(f"backend {options.backend!r} does not take options {dict(options.backend_options)}: "
+                               f"{exc}") from None
+        self.ref = _analyse_reference(reference)
+        per_group = _layers(self.ref, options.layers) if options.per_layer else []
+        self.all_layers = [x for g in per_group for x in g]
+        self.plans = {name: _plan_candidate(name, c, self.ref, self.all_layers, options)
+                      for name, c in self.candidates.items()}
+        for p in self.plans.values():
+            self.warnings.extend(p.skipped)
+            if p.written is None and options.per_layer:
+                self.warnings.append(f"candidate {p.name!r} has no provenance (not written by quantlab): "
+                                     "end-to-end comparison only")
+        self.do_acc = options.per_layer and options.accumulated
+        self.do_local = options.per_layer and options.local
+        self.chunks = _chunks(per_group, options) if (self.do_acc or self.do_local) else []
+        self.metric_spec = options.metric
+        self.metric = _load_metric(options.metric) if options.metric else None
+        self._labels_setup()
+
+    # -- labels ---------------------------------------------------------------------------------
+
+    def _labels_setup(self) -> None:
+        ds, opts = self.dataset, self.options
+        has = bool(getattr(ds, "has_labels", False))
+        if opts.labels is True and not has:
+            raise CompareError(f"labels were asked for but the validation set {getattr(ds, 'name', '')!r} has none; "
+                               "add a [labels] table to its manifest (see calib_sets/README.md)")
+        self.use_labels = has and opts.labels is not False
+        self.classifiers: dict[str, int] = {}
+        for spec in self.reference.outputs:
+            if spec.shape is not None and len(spec.shape) == 2 and isinstance(spec.shape[1], int) \
+                    and spec.shape[1] > 1 and spec.is_float:
+                self.classifiers[spec.name] = int(spec.shape[1])
+        self.label_output: str | None = None
+        integer = str(getattr(ds, "label_dtype", "") or "").startswith(("int", "uint"))
+        if opts.label_output is not None:
+            if opts.label_output not in self.classifiers:
+                raise CompareError(f"label_output {opts.label_output!r} is not a classifier output ([N, C] float) of "
+                                   f"the reference; classifier outputs: {sorted(self.classifiers) or 'none'}")
+            self.label_output = opts.label_output
+        elif self.classifiers:
+            order = list(self.classifiers)
+            self.label_output = max(order, key=lambda k: (self.classifiers[k], -order.index(k)))
+        if self.use_labels and (not integer or self.label_output is None):
+            why = ("the labels are not class indices (dtype " + str(getattr(ds, "label_dtype", None)) + ")"
+                   if not integer else "the reference has no classifier output ([N, C] scores)")
+            if self.metric is None:
+                self.warnings.append(f"validation labels are not used for accuracy: {why}; only a user metric "
+                                     "(--metric) receives them")
+            self.accuracy = False
+        else:
+            self.accuracy = self.use_labels
+
+    def _check_labels(self, batch: Any) -> None:
+        if not self.accuracy or self.label_output is None:
+            return
+        c = self.classifiers[self.label_output]
+        labels = np.asarray(batch.labels)
+        bad = np.flatnonzero((labels < 0) | (labels >= c))
+        if bad.size:
+            i = int(bad[0])
+            raise CompareError(
+                f"sample {batch.indices[i]} ({batch.keys[i]!r}) has label {labels[i].item()}, which does not fit "
+                f"output {self.label_output!r} with {c} classes (valid 0..{c - 1}). Fix the manifest's [labels] "
+                "(regex/column) or choose the output with label_output / --label-output."
+            )
+
+    # -- setup of runners ---------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        layered = [p for p in self.plans.values() if p.written is not None and (p.carriers or p.islands)]
+        self.layered = layered
+        k_count = max(1, len(self.chunks))
+        chunk_of_group: dict[str, int] = {}
+        for k, chunk in enumerate(self.chunks):
+            for x in chunk:
+                chunk_of_group[x.group] = k
+        # local models, per candidate and chunk
+        self.local: dict[str, list[_LocalModel | None]] = {}
+        ref_wants: list[list[str]] = [[] for _ in range(k_count)]
+        for k, chunk in enumerate(self.chunks):
+            ref_wants[k].extend(x.tensor for x in chunk)
+        if self.do_local:
+            graph_inputs = set(self.ref.graph_inputs)
+            for p in layered:
+                per_chunk: list[list[_Island]] = [[] for _ in range(k_count)]
+                for g, island in p.islands.items():
+                    if self.do_acc and set(island.boundary) <= graph_inputs \
+                            and all(t in p.carriers for t, _ in island.outputs):
+                        # fed only graph inputs: the candidate's own run already gives its local error
+                        p.mirrored.add(g)
+                        continue
+                    per_chunk[chunk_of_group[g]].append(island)
+                models: list[_LocalModel | None] = []
+                for k, islands in enumerate(per_chunk):
+                    if not islands:
+                        models.append(None)
+                        continue
+                    lm = _LocalModel(p, islands, self.backend)
+                    ref_wants[k].extend(lm.needs)
+                    models.append(lm)
+                self.local[p.name] = models
+        ref_wants[-1].extend(self.ref.outputs)
+        ref_wants = [list(dict.fromkeys(w)) for w in ref_wants]
+        self.ref_staged = _Staged(self.reference.proto, ref_wants, self.backend, f"reference {self.reference.label}")
+        self.cand_staged: dict[str, _Staged] = {}
+        for name, p in self.plans.items():
+            if self.do_acc and p in layered and p.carriers:
+                wants: list[list[str]] = [[] for _ in range(k_count)]
+                for k, chunk in enumerate(self.chunks):
+                    wants[k].extend(p.carriers[x.tensor] for x in chunk if x.tensor in p.carriers)
+                wants[-1].extend(self.ref.outputs)
+                self.cand_staged[name] = _Staged(p.proto, [list(dict.fromkeys(w)) for w in wants], self.backend,
+                                                 f"candidate {name!r}")
+            else:
+                self.cand_staged[name] = _Staged(p.proto, [list(self.ref.outputs)], self.backend,
+                                                 f"candidate {name!r}")
+        self.k_count = k_count
+
+    # -- the pass ---------------------------------------------------------------------------------
+
+    def run(self, progress: bool) -> CompareResult:
+        from .data import DataFingerprint, overlap
+        from .metrics import ErrorAccumulator
+
+        self._setup()
+        opts = self.options
+        fingerprint = DataFingerprint()
+        acc: dict[tuple[str, str, str], ErrorAccumulator] = {}
+        e2e = {(c, o): _OutputStats() for c in self.plans for o in self.ref.outputs}
+        ref_out = {o: _OutputStats() for o in self.ref.outputs}
+        keys: list[str] = []
+        indices: list[int] = []
+        labels: list[Any] = []
+        user: dict[str, list[dict[str, float]]] = {c: [] for c in self.plans}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total, unit="sample", desc="compare", dynamic_ncols=True)
+
+        def opened(batch: Any) -> None:
+            self._check_labels(batch)
+            fingerprint.update(batch)
+
+        def finished(state: _BatchState) -> None:
+            for key, sums in state.sorted_sums():
+                acc.setdefault(key, ErrorAccumulator()).add(sums)
+            self._end_to_end_batch(state.batch, state.ref_live, state.cand_live, e2e, ref_out, user)
+            keys.extend(state.batch.keys)
+            indices.extend(int(i) for i in state.batch.indices)
+            if self.use_labels and state.batch.labels is not None:
+                labels.extend(np.asarray(state.batch.labels).tolist())
+            if bar is not None:
+                bar.update(len(state.batch))
+
+        try:
+            self._pipeline(_truncated(self.dataset, opts.batch_size, self.total), opened, finished)
+        finally:
+            if bar is not None:
+                bar.close()
+            self._close()
+        summary = fingerprint.summary()
+        if self.calibration is not None:
+            shared = overlap(summary, self.calibration)
+            if shared:
+                self.warnings.append(f"the validation set shares {shared} sample(s) (same content hash) with the "
+                                     "calibration set: accuracy on those is optimistic; use disjoint sets")
+        if getattr(self.dataset, "role", "validation") == "calibration":
+            self.warnings.append(f"data set {getattr(self.dataset, 'name', '')!r} is marked role = \"calibration\"; "
+                                 "compare on a validation set (role = \"validation\"), disjoint from calibration")
+        if summary.duplicates:
+            self.warnings.append(f"{len(summary.duplicates)} validation sample(s) repeat an earlier one (e.g. "
+                                 f"{summary.duplicates[0][0]!r} = {summary.duplicates[0][1]!r}); they count twice")
+        per_layer = self._per_layer_frame(acc)
+        end_to_end, per_sample = self._end_to_end_frames(e2e, ref_out, keys, indices, labels, user)
+        self._nan_warnings(per_layer, end_to_end)
+        return CompareResult(
+            end_to_end=end_to_end, per_layer=per_layer, per_sample=per_sample,
+            settings=self._settings(), data=self._data_record(summary), models=self._models_record(),
+            environment=self._environment(), warnings=tuple(dict.fromkeys(self.warnings)),
+        )
+
+    def _tasks(self, b: int, state: _BatchState) -> list[_Task]:
+        """The work of one batch as a small graph: runs, metric sums, releases (see ``_pipeline``)."""
+        tasks: list[_Task] = []
+        for k in range(self.k_count):
+            chunk = self.chunks[k] if k < len(self.chunks) else []
+            # a session never runs twice at once (its memory arena would grow to hold both): each run
+            # waits for the same run of the previous batch
+            tasks.append(_Task(("R", b, k), partial(self.ref_staged.step, k, state.ref_live),
+                               (("R", b, k - 1), ("R", b - 1, k))))
+            chunk_tasks = [("R", b, k)] + ([("REL", b, k - 1)] if k else [])  # earlier chunks' readers first
+            for name, p in self.plans.items():
+                staged = self.cand_staged[name]
+                if k < len(staged.steps):
+                    tasks.append(_Task(("C", b, k, name), partial(staged.step, k, state.cand_live[name]),
+                                       (("C", b, k - 1, name), ("C", b - 1, k, name))))
+                    chunk_tasks.append(("C", b, k, name))
+                if self.do_acc and p.carriers and chunk:
+                    tasks.append(_Task(("MA", b, k, name), partial(self._accumulated_sums, state, name, chunk),
+                                       (("R", b, k), ("C", b, k, name))))
+                    chunk_tasks.append(("MA", b, k, name))
+                local = self.local.get(name)
+                if local is not None and local[k] is not None:
+                    tasks.append(_Task(("L", b, k, name), partial(self._local_sums, state, name, local[k]),
+                                       (("R", b, k), ("L", b - 1, k, name))))
+                    chunk_tasks.append(("L", b, k, name))
+            tasks.append(_Task(("REL", b, k), partial(self._release, state, k), tuple(chunk_tasks), inline=True))
+        return tasks
+
+    def _accumulated_sums(self, state: _BatchState, name: str, chunk: Sequence[_Layer]) -> None:
+        from .metrics import error_sums
+
+        p = self.plans[name]
+        live = state.cand_live[name]
+        for x in chunk:
+            carrier = p.carriers.get(x.tensor)
+            if carrier is not None:
+                r, c = state.ref_live[x.tensor], live[carrier]
+                self._check_shape(r, c, name, x.tensor, "accumulated")
+                state.sums[(name, "accumulated", x.tensor)] = error_sums(r, c)
+
+    def _local_sums(self, state: _BatchState, name: str, model: _LocalModel) -> None:
+        from .metrics import error_sums
+
+        got = model.run(state.ref_live)
+        for tensor, value in got.items():
+            r = state.ref_live[tensor]
+            self._check_shape(r, value, name, tensor, "local")
+            state.sums[(name, "local", tensor)] = error_sums(r, value)
+
+    def _release(self, state: _BatchState, k: int) -> None:
+        outputs = set(self.ref.outputs)
+        for t in self.ref_staged.release[k]:
+            if t not in outputs:
+                state.ref_live.pop(t, None)
+        for name, staged in self.cand_staged.items():
+            if k < len(staged.release):
+                for t in staged.release[k]:
+                    if t not in outputs:
+                        state.cand_live[name].pop(t, None)
+
+    def _pipeline(self, batches: Iterator[Any], opened: Callable[[Any], None],
+                  finished: Callable[[_BatchState], None]) -> None:
+        """Run every batch's task graph on ``self.workers`` threads, ``_WINDOW`` batches in flight.
+
+        Runs and metric kernels release the GIL, so two workers keep two cores busy
+        (ONNX Runtime sessions then use ``cores / workers`` threads each); a session
+        never runs twice at once. Results are merged by ``finished`` strictly in batch
+        order, so the tables do not depend on which task ends first. One worker runs
+        everything in order on this thread.
+        """
+        from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+        window = _WINDOW if self.workers > 1 else 1
+        states: dict[int, _BatchState] = {}
+        pending: list[_Task] = []
+        known: set[tuple[Any, ...]] = set()
+        done: set[tuple[Any, ...]] = set()
+        running: dict[Future[Any], tuple[Any, ...]] = {}
+        source = iter(batches)
+        exhausted = False
+        next_batch = 0
+        next_finish = 0
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="quantlab-compare") if self.workers > 1 else None
+        try:
+            while True:
+                while not exhausted and len(states) < window and (
+                        not states or states[next_batch - 1].runs <= done):
+                    # the next batch starts once this one's models ran: its metric and local work overlap the
+                    # next batch's runs, and the activations in memory stay at the same bound every batch
+                    batch = next(source, None)
+                    if batch is None:
+                        exhausted = True
+                        break
+                    opened(batch)
+                    state = _BatchState(batch, dict(batch.feeds), {n: dict(batch.feeds) for n in self.plans})
+                    states[next_batch] = state
+                    tasks = self._tasks(next_batch, state)
+                    state.keys = {t.key for t in tasks}
+                    state.runs = {t.key for t in tasks if t.key[0] in ("R", "C")}
+                    known |= state.keys
+                    pending.extend(tasks)
+                    next_batch += 1
+                progressed = True
+                while progressed:
+                    progressed = False
+                    for task in list(pending):
+                        if not all(d in done or d not in known for d in task.deps):
+                            continue
+                        if pool is None or task.inline:
+                            pending.remove(task)
+                            task.fn()
+                            done.add(task.key)
+                            progressed = True
+                        elif len(running) < self.workers:
+                            pending.remove(task)
+                            running[pool.submit(task.fn)] = task.key
+                while next_finish in states and states[next_finish].keys <= done:
+                    state = states.pop(next_finish)
+                    finished(state)
+                    done -= state.keys
+                    known -= state.keys
+                    next_finish += 1
+                if not running:
+                    if exhausted and not states:
+                        return
+                    if not pending or any(all(d in done or d not in known for d in t.deps) for t in pending):
+                        continue
+                    raise RuntimeError("internal error: the comparison's task graph is stuck")  # pragma: no cover
+                finished_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in finished_now:
+                    key = running.pop(fut)
+                    fut.result()  # re-raises the task's error here
+                    done.add(key)
+        finally:
+            if pool is not None:
+                for fut in running:
+                    fut.cancel()
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _check_shape(r: np.ndarray, c: np.ndarray, name: str, tensor: str, mode: str) -> None:
+        if r.shape != c.shape:
+            raise CompareError(f"candidate {name!r}: tensor {tensor!r} ({mode}) has shape {list(c.shape)}, the "
+                               f"reference's has {list(r.shape)}; the written model does not compute the same layer")
+
+    def _end_to_end_batch(self, batch: Any, ref_live: Mapping[str, np.ndarray],
+                          cand_live: Mapping[str, Mapping[str, np.ndarray]],
+                          e2e: dict[tuple[str, str], _OutputStats], ref_out: dict[str, _OutputStats],
+                          user: dict[str, list[dict[str, float]]]) -> None:
+        from .metrics import error_sums, per_sample_errors, per_sample_sums, topk
+
+        labels = np.asarray(batch.labels) if (self.accuracy and batch.labels is not None) else None
+        ref_top: dict[str, np.ndarray] = {}
+        for o in self.ref.outputs:
+            r = ref_live[o]
+            st = ref_out[o]
+            if o in self.classifiers:
+                top5 = topk(r.reshape(r.shape[0], -1), 5)
+                ref_top[o] = top5
+                st.top1.append(top5[:, 0])
+                if labels is not None and o == self.label_output:
+                    st.correct1.append(top5[:, 0] == labels)
+                    st.correct5.append((top5 == labels[:, None]).any(axis=1))
+            bad = int(r.size - np.count_nonzero(np.isfinite(r))) if np.issubdtype(r.dtype, np.floating) else 0
+            st.nonfinite += bad
+        for name in self.plans:
+            live = cand_live[name]
+            for o in self.ref.outputs:
+                r, c = ref_live[o], live[o]
+                if r.shape != c.shape:
+                    raise CompareError(f"candidate {name!r}: output {o!r} has shape {list(c.shape)}, the "
+                                       f"reference's has {list(r.shape)}")
+                st = e2e[(name, o)]
+                s = error_sums(r, c)
+                st.sums = s if st.sums is None else st.sums + s
+                st.nonfinite += s.nonfinite
+                rows = per_sample_errors(per_sample_sums(r, c))
+                st.cosine.append(rows["cosine"])
+                st.sqnr.append(rows["sqnr_db"])
+                st.max_abs.append(rows["max_abs"])
+                if o in self.classifiers:
+                    scores = c.reshape(c.shape[0], -1)
+                    top = topk(scores, 5 if labels is not None and o == self.label_output else 1)
+                    st.top1.append(top[:, 0])
+                    if labels is not None and o == self.label_output:
+                        st.correct1.append(top[:, 0] == labels)
+                        st.correct5.append((top == labels[:, None]).any(axis=1))
+            if self.metric is not None:
+                for i in range(len(batch)):
+                    rs = {o: ref_live[o][i] for o in self.ref.outputs}
+                    cs = {o: live[o][i] for o in self.ref.outputs}
+                    label = None if batch.labels is None or not self.use_labels else np.asarray(batch.labels)[i].item()
+                    user[name].append(_call_metric(self.metric, str(self.metric_spec), rs, cs, label, name,
+                                                   int(batch.indices[i]), str(batch.keys[i])))
+
+    def _close(self) -> None:
+        for obj in [getattr(self, "ref_staged", None), *getattr(self, "cand_staged", {}).values()]:
+            if obj is not None:
+                obj.close()
+        for models in getattr(self, "local", {}).values():
+            for m in models:
+                if m is not None:
+                    m.close()
+
+    # -- tables -------------------------------------------------------------------------------------
+
+    def _per_layer_frame(self, acc: Mapping[tuple[str, str, str], Any]) -> pd.DataFrame:
+        rows = []
+        for name, p in self.plans.items():
+            for mode in _LIVE_MODES:
+                for x in self.all_layers:
+                    a = acc.get((name, mode, x.tensor))
+                    if a is None and mode == "local" and x.group in p.mirrored:
+                        a = acc.get((name, "accumulated", x.tensor))
+                    if a is None:
+                        continue
+                    rows.append({
+                        "candidate": name, "mode": mode, "order": x.order, "layer": x.layer, "group": x.group,
+                        "op_type": x.op_type, "tensor": x.tensor, "precision": p.precision.get(x.group, "fp32"),
+                        **a.result(), "node": x.node,
+                    })
+        frame = pd.DataFrame(rows, columns=list(PER_LAYER_COLUMNS))
+        frame["order"] = frame["order"].astype("int64")
+        frame["nan_count"] = frame["nan_count"].astype("int64")
+        for c in ("cosine", "sqnr_db", "max_abs", "mean_abs", "rel_l2"):
+            frame[c] = frame[c].astype("float64")
+        return frame
+
+    def _end_to_end_frames(self, e2e: Mapping[tuple[str, str], _OutputStats], ref_out: Mapping[str, _OutputStats],
+                           keys: Sequence[str], indices: Sequence[int], labels: Sequence[Any],
+                           user: Mapping[str, list[dict[str, float]]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        from .metrics import bootstrap_ci, errors_from_sums, mcnemar_exact_p
+
+        opts = self.options
+        n = len(keys)
+        rows: list[dict[str, Any]] = []
+        samples: list[pd.DataFrame] = []
+        user_names = list(dict.fromkeys(k for c in user.values() for d in c for k in d))
+        for o, st in ref_out.items():
+            if st.nonfinite:
+                self.warnings.append(f"the reference itself gives {st.nonfinite} NaN/inf value(s) in output {o!r}; "
+                                     "its figures are NaN")
+        for name in self.plans:
+            user_cols = {k: np.array([d.get(k, math.nan) for d in user[name]], dtype=np.float64) for k in user_names}
+            for o in self.ref.outputs:
+                st = e2e[(name, o)]
+                err = errors_from_sums(st.sums)
+                cos = np.concatenate(st.cosine) if st.cosine else np.zeros(0)
+                row: dict[str, Any] = {
+                    "candidate": name, "output": o, "samples": n,
+                    "cosine": float(cos.mean()) if cos.size else math.nan,
+                    "cosine_min": float(cos.min()) if cos.size else math.nan,
+                    "sqnr_db": err["sqnr_db"], "max_abs": err["max_abs"], "mean_abs": err["mean_abs"],
+                    "rel_l2": err["rel_l2"], "nan_count": int(st.nonfinite),
+                }
+                columns: dict[str, np.ndarray] = {"cosine": cos}
+                sample = {"candidate": name, "output": o, "sample": np.asarray(indices, dtype=np.int64),
+                          "key": list(keys), "cosine": cos, "sqnr_db": np.concatenate(st.sqnr),
+                          "max_abs": np.concatenate(st.max_abs)}
+                if o in self.classifiers:
+                    rt1 = np.concatenate(ref_out[o].top1)
+                    ct1 = np.concatenate(st.top1)
+                    agree = (rt1 == ct1).astype(np.float64) * 100.0
+                    columns["top1_agreement"] = agree
+                    row["classes"] = self.classifiers[o]
+                    row["top1_agreement"] = float(agree.mean())
+                    sample.update(ref_top1_class=rt1, top1_class=ct1, top1_agree=agree > 0)
+                    if self.accuracy and o == self.label_output:
+                        rc1 = np.concatenate(ref_out[o].correct1)
+                        cc1 = np.concatenate(st.correct1)
+                        rc5 = np.concatenate(ref_out[o].correct5)
+                        cc5 = np.concatenate(st.correct5)
+                        columns.update(ref_top1=rc1 * 100.0, top1=cc1 * 100.0, top1_drop=(rc1 * 1.0 - cc1) * 100.0)
+                        has5 = self.classifiers[o] > 5
+                        if has5:
+                            columns.update(ref_top5=rc5 * 100.0, top5=cc5 * 100.0,
+                                           top5_drop=(rc5 * 1.0 - cc5) * 100.0)
+                        for k in ("ref_top1", "top1", "top1_drop", "ref_top5", "top5", "top5_drop"):
+                            row[k] = float(columns[k].mean()) if k in columns else math.nan
+                        b = int(np.count_nonzero(rc1 & ~cc1))
+                        c = int(np.count_nonzero(~rc1 & cc1))
+                        row.update(mcnemar_p=mcnemar_exact_p(b, c), ref_only_correct=b, cand_only_correct=c)
+                        sample.update(label=list(labels), ref_correct=rc1, correct=cc1, ref_top5_correct=rc5,
+                                      top5_correct=cc5)
+                for k, v in user_cols.items():
+                    row[k] = float(np.nanmean(v)) if v.size and not np.isnan(v).all() else math.nan
+                    columns[k] = v
+                    sample[k] = v
+                cis = bootstrap_ci(columns, resamples=opts.bootstrap, confidence=opts.confidence, seed=opts.seed)
+                for k, (lo, hi) in cis.items():
+                    row[f"{k}_ci_low"], row[f"{k}_ci_high"] = lo, hi
+                rows.append(row)
+                samples.append(pd.DataFrame(sample))
+        columns_order = list(END_TO_END_COLUMNS)
+        if self.classifiers:
+            columns_order += list(CLASSIFIER_COLUMNS)
+        if self.accuracy:
+            columns_order += list(LABEL_COLUMNS)
+        for k in user_names:
+            columns_order += [k, f"{k}_ci_low", f"{k}_ci_high"]
+        frame = pd.DataFrame(rows)
+        for c in columns_order:
+            if c not in frame.columns:
+                frame[c] = math.nan
+        frame = frame[columns_order + [c for c in frame.columns if c not in columns_order]]
+        frame["samples"] = frame["samples"].astype("int64")
+        frame["nan_count"] = frame["nan_count"].astype("int64")
+        per_sample = (pd.concat(samples, ignore_index=True) if samples
+                      else pd.DataFrame(columns=list(PER_SAMPLE_COLUMNS)))
+        return frame.reset_index(drop=True), per_sample
+
+    def _nan_warnings(self, per_layer: pd.DataFrame, end_to_end: pd.DataFrame) -> None:
+        for name in self.plans:
+            rows = end_to_end[end_to_end["candidate"] == name]
+            total = int(rows["nan_count"].sum())
+            layered = per_layer[(per_layer["candidate"] == name) & (per_layer["nan_count"] > 0)]
+            first = None
+            for mode in _LIVE_MODES:
+                sub = layered[layered["mode"] == mode].sort_values("order", kind="stable")
+                if not sub.empty:
+                    first = (mode, sub.iloc[0])
+                    break
+            if first is not None:
+                mode, r = first
+                self.warnings.append(
+                    f"candidate {name!r}: NaN/inf first appears ({mode} mode, topological order) at layer "
+                    f"{r['layer']!r} (tensor {r['tensor']!r}, group {r['group']!r}, {r['op_type']}, "
+                    f"{r['precision']}, {int(r['nan_count'])} value(s))"
+                    + (f"; its outputs hold {total} NaN/inf value(s)" if total else "")
+                    + ". Pin that group to fp16/fp32 or check its calibration range.")
+            elif total:
+                self.warnings.append(f"candidate {name!r}: its outputs hold {total} NaN/inf value(s); run the "
+                                     "per-layer comparison (with provenance) to find the first layer where they appear")
+
+    # -- records -------------------------------------------------------------------------------------
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            **self.options.as_dict(),
+            "candidates": list(self.plans),
+            "layer_tensors": len(self.all_layers),
+            "chunks": len(self.chunks),
+            "segments": {"reference": len(self.ref_staged.steps),
+                         **{n: len(s.steps) for n, s in self.cand_staged.items()}},
+            "local_groups": {n: len(p.islands) for n, p in self.plans.items() if self.do_local},
+            "workers": self.workers,
+            "labels_used": bool(self.accuracy),
+            "label_output": self.label_output if self.accuracy else None,
+        }
+
+    def _data_record(self, summary: DataSummary) -> dict[str, Any]:
+        try:
+            manifest = self.dataset.manifest_record()
+        except (NotImplementedError, AttributeError):
+            manifest = {"name": getattr(self.dataset, "name", None)}
+        doc = summary.as_dict()
+        doc.pop("sample_hashes", None)
+        doc["duplicates"] = len(summary.duplicates)
+        return {
+            "manifest": manifest, "name": getattr(self.dataset, "name", None),
+            "role": getattr(self.dataset, "role", None), "count": summary.count, "sha256": summary.sha256,
+            "available": len(self.dataset), "max_samples": self.options.max_samples,
+            "labels": bool(self.use_labels), "summary": doc,
+        }
+
+    def _models_record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"reference": {"sha256": self.reference.sha256,
+                                             "path": str(self.reference.path) if self.reference.path else None,
+                                             "opset": self.reference.opset}}
+        cands: dict[str, Any] = {}
+        for name, cand in self.candidates.items():
+            if isinstance(cand, WrittenModel):
+                meta = dict(cand.provenance.meta)
+                cands[name] = {
+                    "kind": "written", "sha256": cand.sha256, "source_sha256": cand.source_sha256,
+                    "plan_hash": cand.plan.plan_hash(), "int8_fraction": cand.plan.int8_fraction(),
+                    "group_counts": cand.plan.counts(), "table_method": cand.table_method,
+                    "options": cand.options.as_dict(), "source": meta.get("source"),
+                    "table_model_sha256": meta.get("table_model_sha256"),
+                }
+            else:
+                cands[name] = {"kind": "onnx", "sha256": cand.sha256, "path": str(cand.path) if cand.path else None}
+        out["candidates"] = cands
+        return out
+
+    def _environment(self) -> dict[str, Any]:
+        from .fingerprint import tool_versions
+
+        return {"versions": tool_versions(), "backend": self.backend.describe().as_dict()}

@@ -1,0 +1,387 @@
+"""Error metrics and statistics of the comparator: pure numpy functions and small streaming accumulators.
+
+Everything here works on plain arrays and is testable alone; :mod:`quantlab.compare` only
+feeds it batches. Conventions (``r`` the FP32 reference, ``c`` the candidate, ``d = c - r``,
+sums over every element seen, in float64)::
+
+    cosine  = Σ r·c / sqrt(Σ r² · Σ c²)          1 for two all-zero tensors, 0 when only one is
+    sqnr_db = 10 · log10(Σ r² / Σ d²)             = 20 · log10(‖r‖ / ‖r − c‖), as ONNX Runtime's
+                                                  qdq_loss_debug; +inf when d == 0 everywhere
+    rel_l2  = sqrt(Σ d² / Σ r²)                   ‖r − c‖ / ‖r‖
+    max_abs = max |d|,  mean_abs = Σ |d| / n
+
+A tensor's statistics are accumulated batch by batch (:class:`ErrorAccumulator`): six
+running sums and a max, never the activations. The kernel is one numba pass over float32
+data with float64 accumulators (products of two float32 are exact in float64), plus a
+second pass for the max. Non-finite values are counted only when a sum comes out
+non-finite, so clean tensors pay nothing for the check.
+
+Statistics on samples (end to end): :func:`topk` from logits, :func:`bootstrap_ci`
+(percentile bootstrap, paired: one set of resampled sample indices for every figure, from
+a seeded generator, so the same data and seed give the same interval) and
+:func:`mcnemar_exact_p` (exact two-sided McNemar test on the discordant pairs, binomial
+with p = 1/2, in log space: no scipy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+__all__ = [
+    "ErrorAccumulator",
+    "ErrorSums",
+    "error_sums",
+    "errors_from_sums",
+    "per_sample_sums",
+    "per_sample_errors",
+    "cosine",
+    "sqnr_db",
+    "rel_l2",
+    "topk",
+    "topk_correct",
+    "bootstrap_ci",
+    "mcnemar_exact_p",
+    "as_float32",
+]
+
+_FM = {"reassoc", "contract"}
+"""Reassociation lets LLVM vectorise the float64 sums; no 'nnan'/'ninf': NaN must propagate."""
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FM)
+def _sums_kernel(r: np.ndarray, c: np.ndarray) -> tuple[float, float, float, float, float]:
+    srr = 0.0
+    scc = 0.0
+    src = 0.0
+    sdd = 0.0
+    sad = 0.0
+    for i in range(r.size):
+        a = np.float64(r[i])
+        b = np.float64(c[i])
+        d = b - a
+        srr += a * a
+        scc += b * b
+        src += a * b
+        sdd += d * d
+        sad += abs(d)
+    return srr, scc, src, sdd, sad
+
+
+@numba.njit(cache=True, nogil=True)
+def _max_abs_kernel(r: np.ndarray, c: np.ndarray) -> float:
+    # eight independent maxima: the loop-carried dependency of one running max is the bottleneck
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = np.float32(0.0)
+    n8 = r.size - r.size % 8
+    for i in range(0, n8, 8):
+        m0 = max(m0, abs(c[i] - r[i]))
+        m1 = max(m1, abs(c[i + 1] - r[i + 1]))
+        m2 = max(m2, abs(c[i + 2] - r[i + 2]))
+        m3 = max(m3, abs(c[i + 3] - r[i + 3]))
+        m4 = max(m4, abs(c[i + 4] - r[i + 4]))
+        m5 = max(m5, abs(c[i + 5] - r[i + 5]))
+        m6 = max(m6, abs(c[i + 6] - r[i + 6]))
+        m7 = max(m7, abs(c[i + 7] - r[i + 7]))
+    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for i in range(n8, r.size):
+        m = max(m, abs(c[i] - r[i]))
+    return float(m)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FM)
+def _row_sums_kernel(r: np.ndarray, c: np.ndarray, out: np.ndarray) -> None:
+    """Per row of [N, M] float32 arrays: srr, scc, src, sdd, sad, max|d| into out[N, 6]."""
+    for k in range(r.shape[0]):
+        srr = 0.0
+        scc = 0.0
+        src = 0.0
+        sdd = 0.0
+        sad = 0.0
+        for i in range(r.shape[1]):
+            a = np.float64(r[k, i])
+            b = np.float64(c[k, i])
+            d = b - a
+            srr += a * a
+            scc += b * b
+            src += a * b
+            sdd += d * d
+            sad += abs(d)
+        out[k, 0] = srr
+        out[k, 1] = scc
+        out[k, 2] = src
+        out[k, 3] = sdd
+        out[k, 4] = sad
+
+
+def as_float32(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 view or copy of ``a`` (float16/float64/integers are converted)."""
+    a = np.asarray(a)
+    if a.dtype != np.float32:
+        a = a.astype(np.float32)
+    return np.ascontiguousarray(a)
+
+
+@dataclass(frozen=True)
+class ErrorSums:
+    """Sufficient statistics of the error between two tensors (float64 sums over ``n`` elements).
+
+    ``nonfinite``/``ref_nonfinite`` count NaN/inf elements of the candidate / reference.
+    """
+
+    n: int = 0
+    srr: float = 0.0
+    scc: float = 0.0
+    src: float = 0.0
+    sdd: float = 0.0
+    sad: float = 0.0
+    max_abs: float = 0.0
+    nonfinite: int = 0
+    ref_nonfinite: int = 0
+
+    def __add__(self, other: ErrorSums) -> ErrorSums:
+        return ErrorSums(self.n + other.n, self.srr + other.srr, self.scc + other.scc, self.src + other.src,
+                         self.sdd + other.sdd, self.sad + other.sad, _nanmax(self.max_abs, other.max_abs),
+                         self.nonfinite + other.nonfinite, self.ref_nonfinite + other.ref_nonfinite)
+
+
+def _nanmax(a: float, b: float) -> float:
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return max(a, b)
+
+
+def error_sums(reference: np.ndarray, candidate: np.ndarray) -> ErrorSums:
+    """The :class:`ErrorSums` of two same-shape arrays (any float dtype; converted to float32)."""
+    r = as_float32(reference).reshape(-1)
+    c = as_float32(candidate).reshape(-1)
+    if r.shape != c.shape:
+        raise ValueError(f"shapes differ: reference {np.shape(reference)}, candidate {np.shape(candidate)}")
+    if r.size == 0:
+        return ErrorSums()
+    srr, scc, src, sdd, sad = _sums_kernel(r, c)
+    bad = ref_bad = 0
+    if not (math.isfinite(scc) and math.isfinite(sdd)):
+        bad = int(c.size - np.count_nonzero(np.isfinite(c)))
+    if not math.isfinite(srr):
+        ref_bad = int(r.size - np.count_nonzero(np.isfinite(r)))
+    max_abs = math.nan if (bad or ref_bad) else _max_abs_kernel(r, c)
+    return ErrorSums(int(r.size), srr, scc, src, sdd, sad, max_abs, bad, ref_bad)
+
+
+def errors_from_sums(s: ErrorSums) -> dict[str, float]:
+    """cosine, sqnr_db, max_abs, mean_abs, rel_l2 and nan_count from accumulated sums."""
+    if s.n == 0:
+        return {"cosine": math.nan, "sqnr_db": math.nan, "max_abs": math.nan, "mean_abs": math.nan,
+                "rel_l2": math.nan, "nan_count": 0}
+    return {
+        "cosine": _cosine(s.srr, s.scc, s.src),
+        "sqnr_db": _sqnr(s.srr, s.sdd),
+        "max_abs": float(s.max_abs),
+        "mean_abs": s.sad / s.n,
+        "rel_l2": _rel_l2(s.srr, s.sdd),
+        "nan_count": int(s.nonfinite),
+    }
+
+
+def _cosine(srr: float, scc: float, src: float) -> float:
+    if not (math.isfinite(srr) and math.isfinite(scc) and math.isfinite(src)):
+        return math.nan
+    if srr == 0.0 and scc == 0.0:
+        return 1.0
+    if srr == 0.0 or scc == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, src / math.sqrt(srr * scc)))
+
+
+def _sqnr(srr: float, sdd: float) -> float:
+    if not (math.isfinite(srr) and math.isfinite(sdd)):
+        return math.nan
+    if sdd == 0.0:
+        return math.inf
+    if srr == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(srr / sdd)
+
+
+def _rel_l2(srr: float, sdd: float) -> float:
+    if not (math.isfinite(srr) and math.isfinite(sdd)):
+        return math.nan
+    if srr == 0.0:
+        return 0.0 if sdd == 0.0 else math.inf
+    return math.sqrt(sdd / srr)
+
+
+class ErrorAccumulator:
+    """Running error statistics of one tensor over batches: O(1) memory whatever the sample count."""
+
+    __slots__ = ("sums", "shape")
+
+    def __init__(self) -> None:
+        self.sums = ErrorSums()
+        self.shape: tuple[int, ...] | None = None
+
+    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        """Add one batch (same shape in both; float16 candidates are widened to float32)."""
+        if np.shape(reference) != np.shape(candidate):
+            raise ValueError(f"shapes differ: reference {np.shape(reference)}, candidate {np.shape(candidate)}")
+        self.shape = tuple(np.shape(reference))
+        self.sums = self.sums + error_sums(reference, candidate)
+
+    def add(self, sums: ErrorSums) -> None:
+        """Add the sums of one batch computed elsewhere (e.g. on a worker thread), in batch order."""
+        self.sums = self.sums + sums
+
+    @property
+    def elements(self) -> int:
+        return self.sums.n
+
+    def result(self) -> dict[str, float]:
+        return errors_from_sums(self.sums)
+
+
+def per_sample_sums(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """[N, 6] float64: per sample (axis 0) srr, scc, src, sdd, sad, max|d| (each sample flattened)."""
+    r = as_float32(reference)
+    c = as_float32(candidate)
+    if r.shape != c.shape:
+        raise ValueError(f"shapes differ: reference {r.shape}, candidate {c.shape}")
+    n = r.shape[0] if r.ndim else 1
+    r2 = r.reshape(n, -1)
+    c2 = c.reshape(n, -1)
+    out = np.zeros((n, 6), dtype=np.float64)
+    if r2.shape[1]:
+        _row_sums_kernel(r2, c2, out)
+        with np.errstate(invalid="ignore"):
+            out[:, 5] = np.abs(c2 - r2).max(axis=1)
+    return out
+
+
+def per_sample_errors(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """cosine, sqnr_db, max_abs per sample from :func:`per_sample_sums` rows."""
+    cos = np.array([_cosine(a, b, c) for a, b, c in sums[:, :3]], dtype=np.float64)
+    sq = np.array([_sqnr(a, d) for a, d in sums[:, [0, 3]]], dtype=np.float64)
+    return {"cosine": cos, "sqnr_db": sq, "max_abs": sums[:, 5].astype(np.float64)}
+
+
+def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Cosine similarity of two arrays, flattened (float64)."""
+    s = error_sums(reference, candidate)
+    return _cosine(s.srr, s.scc, s.src)
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal to quantization noise ratio in dB: 20·log10(‖r‖ / ‖r − c‖)."""
+    s = error_sums(reference, candidate)
+    return _sqnr(s.srr, s.sdd)
+
+
+def rel_l2(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """‖r − c‖ / ‖r‖."""
+    s = error_sums(reference, candidate)
+    return _rel_l2(s.srr, s.sdd)
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def topk(logits: np.ndarray, k: int) -> np.ndarray:
+    """[N, k] class indices of the ``k`` largest scores per row, best first (ties: lower index first).
+
+    ``logits`` is [N, C]; NaN scores rank last. A stable sort, so the result is deterministic.
+    """
+    x = np.asarray(logits)
+    if x.ndim != 2:
+        raise ValueError(f"top-k needs [N, C] scores, got shape {x.shape}")
+    k = min(int(k), x.shape[1])
+    scores = np.where(np.isnan(x), -np.inf, x.astype(np.float64, copy=False))
+    if k == 1:
+        return np.argmax(scores, axis=1)[:, None]
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """bool [N]: the label is among the ``k`` best classes of each row."""
+    top = topk(logits, k)
+    lab = np.asarray(labels).reshape(-1, 1)
+    return (top == lab).any(axis=1)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def bootstrap_ci(
+    columns: Mapping[str, np.ndarray],
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    block: int = 256,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of the mean of every column, paired.
+
+    Every column has one value per sample (same length N). Each resample draws
+    N sample indices with replacement from ``np.random.default_rng(seed)`` and
+    takes every column's mean over the same indices, so a difference column
+    (e.g. reference minus candidate correctness) gets the interval of the paired
+    difference. Resamples are drawn ``block`` at a time: memory is O(block · N).
+    Columns holding NaN get (nan, nan). ``resamples = 0`` gives (nan, nan).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    names = list(columns)
+    if not names:
+        return {}
+    data = np.stack([np.asarray(columns[k], dtype=np.float64).reshape(-1) for k in names], axis=1)
+    n = data.shape[0]
+    if n == 0 or resamples <= 0:
+        return {k: (math.nan, math.nan) for k in names}
+    rng = np.random.default_rng(seed)
+    means = np.empty((resamples, len(names)), dtype=np.float64)
+    done = 0
+    while done < resamples:
+        m = min(block, resamples - done)
+        idx = rng.integers(0, n, size=(m, n))
+        # mean over resampled rows: counts per sample times data, exact in float64 for 0/1 data
+        for j in range(m):
+            counts = np.bincount(idx[j], minlength=n).astype(np.float64)
+            means[done + j] = counts @ data / n
+        done += m
+    alpha = (1.0 - confidence) / 2.0
+    lo = np.quantile(means, alpha, axis=0)
+    hi = np.quantile(means, 1.0 - alpha, axis=0)
+    out: dict[str, tuple[float, float]] = {}
+    for j, k in enumerate(names):
+        if np.isnan(data[:, j]).any():
+            out[k] = (math.nan, math.nan)
+        else:
+            out[k] = (float(lo[j]), float(hi[j]))
+    return out
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant counts.
+
+    ``b``: samples the reference gets right and the candidate wrong; ``c``: the
+    reverse. Under the null hypothesis (same accuracy) each discordant sample is
+    a fair coin: p = min(1, 2 · P[X <= min(b, c)]) with X ~ Binomial(b + c, 1/2).
+    No discordant sample gives p = 1. Computed in log space (sums of
+    log-binomial terms with a log-sum-exp), exact to float64 for any counts.
+    """
+    b, c = int(b), int(c)
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    i = np.arange(k + 1, dtype=np.float64)
+    # log C(n, i) by the recurrence C(n, i+1) = C(n, i) * (n - i) / (i + 1)
+    steps = np.log(n - i[:-1]) - np.log(i[:-1] + 1.0) if k > 0 else np.zeros(0)
+    log_terms = np.concatenate([[0.0], np.cumsum(steps)]) - n * math.log(2.0)
+    top = float(log_terms.max())
+    log_tail = top + math.log(float(np.exp(log_terms - top).sum()))
+    return float(min(1.0, 2.0 * math.exp(log_tail)))

@@ -1,0 +1,162 @@
+"""The threshold language shared by ``compare --fail-if``, ``search --threshold`` and experiments.
+
+A threshold is one or more conditions joined by ``and`` (or ``,``)::
+
+    top1_drop<=0.5
+    cosine>=0.999 and sqnr_db>=30
+    top1_drop_ci_high<=1.0          # the pessimistic end of the bootstrap interval
+    my_metric>0.9                   # a user metric from --metric module:function
+
+Each metric names a column of the comparator's end-to-end table (one row per
+candidate and model output). A condition holds for a candidate when it holds
+on every output row that reports the metric; a metric no row reports is an
+error that lists the metrics that exist, never a silent pass.
+
+``compare --fail-if EXPR`` fails when EXPR holds; ``search --threshold EXPR``
+looks for a plan where EXPR holds. Same parser, same columns.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ThresholdError
+
+__all__ = ["Condition", "Threshold", "ThresholdCheck", "parse_threshold"]
+
+_OPS = ("<=", ">=", "<", ">")
+_CONDITION = re.compile(
+    r"\s*(?P<metric>[A-Za-z_][A-Za-z0-9_.\-]*)\s*(?P<op><=|>=|<|>)\s*"
+    r"(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*%?\s*"
+)
+_SPLIT = re.compile(r"\s+and\s+|\s*,\s*|\s*&&\s*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """``metric op value``; ``higher_is_better`` follows from the operator."""
+
+    metric: str
+    op: str
+    value: float
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.op in (">=", ">")
+
+    def holds(self, x: float) -> bool:
+        if x is None or math.isnan(x):
+            return False
+        return {"<=": x <= self.value, ">=": x >= self.value, "<": x < self.value, ">": x > self.value}[self.op]
+
+    def margin(self, x: float) -> float:
+        """How far ``x`` is on the good side of the target (negative: missed by that much)."""
+        if x is None or math.isnan(x):
+            return -math.inf
+        return x - self.value if self.higher_is_better else self.value - x
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+@dataclass(frozen=True)
+class ThresholdCheck:
+    """The outcome of a threshold on one candidate: per condition the worst value over outputs."""
+
+    threshold: str
+    passed: bool
+    values: Mapping[str, float]
+    margins: Mapping[str, float]
+
+    @property
+    def margin(self) -> float:
+        """The smallest margin over conditions (negative when the threshold is missed)."""
+        return min(self.margins.values()) if self.margins else math.inf
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "passed": self.passed, "values": dict(self.values),
+                "margins": dict(self.margins)}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    text: str
+    conditions: tuple[Condition, ...]
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.metric for c in self.conditions))
+
+    def check(self, rows: Sequence[Mapping[str, Any]] | Any) -> ThresholdCheck:
+        """Evaluate on one candidate's end-to-end rows (dicts or a DataFrame, one row per output)."""
+        records = _records(rows)
+        values: dict[str, float] = {}
+        margins: dict[str, float] = {}
+        passed = True
+        for cond in self.conditions:
+            present = [_number(r[cond.metric]) for r in records if cond.metric in r and _number(r[cond.metric]) is not None]
+            if not present:
+                available = sorted({k for r in records for k, v in r.items() if _number(v) is not None})
+                raise ThresholdError(
+                    f"threshold {self.text!r} names metric {cond.metric!r}, which the comparison did not "
+                    f"report{_hint(cond.metric)}; metrics available: {', '.join(available) or 'none'}"
+                )
+            worst = min(present, key=cond.margin)
+            values[str(cond)] = worst
+            margins[str(cond)] = cond.margin(worst)
+            passed = passed and cond.holds(worst)
+        return ThresholdCheck(self.text, passed, values, margins)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _hint(metric: str) -> str:
+    if metric.startswith(("top1", "top5")) and ("drop" in metric or "accuracy" in metric):
+        return " (accuracy figures need labels in the validation set's manifest)"
+    return ""
+
+
+def _records(rows: Any) -> list[Mapping[str, Any]]:
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
+        return list(rows.to_dict("records"))
+    if isinstance(rows, Mapping):
+        return [rows]
+    return list(rows)
+
+
+def _number(v: Any) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x
+
+
+def parse_threshold(text: str | Threshold, *, known_metrics: Iterable[str] | None = None) -> Threshold:
+    """Parse ``text``; with ``known_metrics`` also refuse a metric that will never be reported."""
+    if isinstance(text, Threshold):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise ThresholdError("empty threshold; write e.g. 'top1_drop<=0.5' or 'cosine>=0.999'")
+    conditions = []
+    for part in _SPLIT.split(text.strip()):
+        m = _CONDITION.fullmatch(part)
+        if not m:
+            raise ThresholdError(
+                f"cannot read {part!r} in threshold {text!r}: write metric, one of {' '.join(_OPS)}, and a "
+                "number, e.g. 'top1_drop<=0.5' or 'cosine>=0.999 and sqnr_db>=30'"
+            )
+        conditions.append(Condition(m["metric"], m["op"], float(m["value"])))
+    if known_metrics is not None:
+        known = set(known_metrics)
+        for c in conditions:
+            base = c.metric.removesuffix("_ci_low").removesuffix("_ci_high")
+            if c.metric not in known and base not in known:
+                raise ThresholdError(f"threshold {text!r} names unknown metric {c.metric!r}; known: "
+                                     f"{', '.join(sorted(known))}")
+    return Threshold(text.strip(), tuple(conditions))

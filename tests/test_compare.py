@@ -1,0 +1,537 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import models
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantlab.calibrate import calibrate
+from quantlab.cli import main
+from quantlab.compare import CompareOptions, compare, load_candidate, load_comparison
+from quantlab.data import from_arrays, summarize
+from quantlab.errors import CompareError, ThresholdError
+from quantlab.graph import model_from_proto, serialize, with_outputs
+from quantlab.plan import uniform_plan
+from quantlab.quantize import WriteOptions, save_written, write_model
+
+N_VAL = 48
+EXACT = {"qdq_fusion": False}
+"""Q/DQ as written (no integer-kernel fusion) in the comparator and in the tests' own sessions alike."""
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+def _table(model, proto, n=16):
+    return calibrate(model, from_arrays(models.random_inputs(proto, n, seed=11)), ["minmax"]).tables["minmax"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    proto = models.residual_net()
+    model = model_from_proto(proto, label="residual_net")
+    table = _table(model, proto)
+    written = {
+        "int8": write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt")),
+        "int8-ort": write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort")),
+        "fp16": write_model(model, uniform_plan("fp16"), table, WriteOptions(fp16_simulation=True)),
+    }
+    feeds = models.random_inputs(proto, N_VAL, seed=3)
+    labels = np.random.default_rng(0).integers(0, 10, N_VAL)
+    val = from_arrays(feeds, labels=labels, role="validation", name="val")
+    return {"model": model, "table": table, "written": written, "feeds": feeds, "labels": labels, "val": val}
+
+
+@pytest.fixture(scope="module")
+def result(setup):
+    return compare(setup["model"], setup["written"], setup["val"],
+                   CompareOptions(batch_size=8, bootstrap=300, backend_options=EXACT))
+
+
+def _session(proto, outputs=()):
+    if outputs:
+        proto = with_outputs(proto, outputs)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(serialize(proto), so, providers=["CPUExecutionProvider"])
+
+
+def _run_all(proto, feeds, outputs=None, batch=8):
+    s = _session(proto, outputs or ())
+    names = outputs or [o.name for o in s.get_outputs()]
+    n = next(iter(feeds.values())).shape[0]
+    parts = [s.run(names, {k: v[i:i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
+    return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}
+
+
+def _sqnr(r, c):
+    r, c = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
+    return 10 * np.log10((r @ r) / ((r - c) @ (r - c)))
+
+
+def _mcnemar(b, c):
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    return float(min(Fraction(1), 2 * Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n)))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_matches_a_direct_onnxruntime_and_numpy_computation(setup, result):
+    feeds, labels = setup["feeds"], setup["labels"]
+    ref = _run_all(setup["model"].proto, feeds)["logits"].astype(np.float64)
+    e2e = result.end_to_end.set_index("candidate")
+    for name, written in setup["written"].items():
+        cand = _run_all(written.proto, feeds)["logits"].astype(np.float64)
+        row = e2e.loc[name]
+        per_sample_cos = (ref * cand).sum(1) / np.sqrt((ref * ref).sum(1) * (cand * cand).sum(1))
+        assert row["samples"] == N_VAL and row["output"] == "logits" and row["classes"] == 10
+        assert row["cosine"] == pytest.approx(per_sample_cos.mean(), abs=1e-7)
+        assert row["cosine_min"] == pytest.approx(per_sample_cos.min(), abs=1e-7)
+        assert row["sqnr_db"] == pytest.approx(_sqnr(ref, cand), abs=1e-4)
+        assert row["max_abs"] == pytest.approx(np.abs(ref - cand).max(), rel=1e-5)
+        assert row["mean_abs"] == pytest.approx(np.abs(ref - cand).mean(), rel=1e-5)
+        assert row["rel_l2"] == pytest.approx(np.linalg.norm(ref - cand) / np.linalg.norm(ref), rel=1e-5)
+        agree = ref.argmax(1) == cand.argmax(1)
+        assert row["top1_agreement"] == pytest.approx(100 * agree.mean())
+        rc, cc = ref.argmax(1) == labels, cand.argmax(1) == labels
+        assert row["ref_top1"] == pytest.approx(100 * rc.mean()) and row["top1"] == pytest.approx(100 * cc.mean())
+        assert row["top1_drop"] == pytest.approx(100 * (rc.mean() - cc.mean()))
+        r5 = (np.argsort(-ref, 1, kind="stable")[:, :5] == labels[:, None]).any(1)
+        c5 = (np.argsort(-cand, 1, kind="stable")[:, :5] == labels[:, None]).any(1)
+        assert row["top5_drop"] == pytest.approx(100 * (r5.mean() - c5.mean()))
+        b, c = int((rc & ~cc).sum()), int((~rc & cc).sum())
+        assert (row["ref_only_correct"], row["cand_only_correct"]) == (b, c)
+        assert row["mcnemar_p"] == pytest.approx(_mcnemar(b, c))
+        for k in ("top1_agreement", "top1", "ref_top1", "top1_drop", "cosine"):
+            assert row[f"{k}_ci_low"] <= row[k] + 1e-9 <= row[f"{k}_ci_high"] + 2e-9, k
+        assert row["nan_count"] == 0
+    ps = result.per_sample
+    assert len(ps) == 3 * N_VAL and set(ps["candidate"]) == set(setup["written"])
+    one = ps[ps["candidate"] == "int8"]
+    assert one["sample"].tolist() == list(range(N_VAL)) and one["key"].iloc[0] == "val[0]"
+    assert one["label"].tolist() == labels.tolist()
+
+
+def test_fp16_is_closer_than_int8_and_thresholds_check_per_candidate(result):
+    e2e = result.end_to_end.set_index("candidate")
+    assert e2e.loc["fp16", "sqnr_db"] > e2e.loc["int8", "sqnr_db"] + 15
+    checks = result.check("sqnr_db>=50")
+    assert checks["fp16"].passed and not checks["int8"].passed and not checks["int8-ort"].passed
+    assert result.check("top1_drop_ci_high<=100")["int8"].passed
+    with pytest.raises(ThresholdError, match="iou"):
+        result.check("iou>0.5")
+
+
+# --------------------------------------------------------------------------- per layer
+
+
+def test_per_layer_sqnr_agrees_with_onnxruntime_qdq_loss_debug(setup, tmp_path):
+    """Independent implementation: ORT's debugging tool collects activations (unoptimised sessions)."""
+    from onnxruntime.quantization import qdq_loss_debug as qd
+
+    feeds = {k: v[:32] for k, v in setup["feeds"].items()}
+    written = setup["written"]["int8"]
+    res = compare(setup["model"], {"int8": written}, from_arrays(feeds, role="validation"),
+                  CompareOptions(batch_size=8, local=False, layers="nodes", bootstrap=0, backend_options=EXACT))
+    onnx.save(setup["model"].proto, tmp_path / "f.onnx")
+    onnx.save(written.proto, tmp_path / "q.onnx")
+    for name in ("f", "q"):
+        qd.modify_model_output_intermediate_tensors(str(tmp_path / f"{name}.onnx"), str(tmp_path / f"{name}a.onnx"))
+
+    class Reader:
+        def __init__(self):
+            self.it = iter([{k: v[i:i + 8] for k, v in feeds.items()} for i in range(0, 32, 8)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+        def __iter__(self):
+            return iter(self.get_next, None)
+
+    fa = qd.collect_activations(str(tmp_path / "fa.onnx"), Reader())
+    qa = qd.collect_activations(str(tmp_path / "qa.onnx"), Reader())
+    rows = res.per_layer
+    assert len(rows) >= 12 and set(rows["mode"]) == {"accumulated"}
+    for _, row in rows.iterrows():
+        carrier = written.provenance.tensor_map[row["tensor"]]
+        ort_db = qd.compute_signal_to_quantization_noice_ratio(fa[row["tensor"]], qa[carrier])
+        assert abs(row["sqnr_db"] - ort_db) < 0.1, (row["tensor"], row["sqnr_db"], ort_db)
+
+
+def _conv(x, w, b, pad):
+    """Direct 2-D convolution in float64 (stride 1): x [N,C,H,W], w [O,C,k,k]."""
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    k = w.shape[-1]
+    win = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))  # N,C,H,W,k,k
+    return np.einsum("nchwij,ocij->nohw", win, w.astype(np.float64)) + b.astype(np.float64)[None, :, None, None]
+
+
+def _two_conv_model():
+    rng = np.random.default_rng(4)
+    w1 = rng.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, (4,)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (5, 4, 3, 3)).astype(np.float32)
+    w2[2] *= 7.0  # channels with very different ranges: per-channel weight scales matter
+    b2 = rng.normal(0, 0.1, (5,)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["out"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_conv", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 5, 8, 8])],
+        initializer=[numpy_helper.from_array(a, n) for n, a in [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)]],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto, w2, b2
+
+
+def test_local_error_of_one_quantized_conv_equals_numpy(tmp_path):
+    proto, w2, b2 = _two_conv_model()
+    model = model_from_proto(proto)
+    written = write_model(model, uniform_plan("int8"), _table(model, proto), WriteOptions(target="tensorrt"))
+    feeds = models.random_inputs(proto, 24, seed=9)
+    res = compare(model, {"int8": written}, from_arrays(feeds, role="validation"),
+                  CompareOptions(batch_size=8, bootstrap=0, backend_options=EXACT))
+    local = res.per_layer[(res.per_layer["mode"] == "local") & (res.per_layer["group"] == "conv2")].iloc[0]
+    assert local["tensor"] == "out" and local["precision"] == "int8" and local["layer"] == "conv2"
+
+    # independent: reference activations from the FP32 model, then Q/DQ and per-channel int8 weights in numpy
+    acts = _run_all(proto, feeds, ["r1", "out"])
+    s_x = np.float32(written.provenance.quantized_inputs["r1"]["scale"])
+    x_q = np.clip(np.rint(acts["r1"] / s_x), -128, 127).astype(np.float32) * s_x
+    s_w = (np.abs(w2).reshape(5, -1).max(1) / np.float32(127)).astype(np.float32)
+    w_q = np.clip(np.rint(w2 / s_w[:, None, None, None]), -127, 127).astype(np.float32) * s_w[:, None, None, None]
+    y = _conv(x_q, w_q, b2, pad=1)
+    ref = acts["out"].astype(np.float64)
+    assert local["sqnr_db"] == pytest.approx(_sqnr(ref, y), abs=1e-3)
+    assert local["max_abs"] == pytest.approx(np.abs(ref - y).max(), rel=1e-4)
+    cos = (ref * y).sum() / np.sqrt((ref * ref).sum() * (y * y).sum())
+    assert local["cosine"] == pytest.approx(cos, abs=1e-9)
+    # accumulated error of conv2 also carries conv1's error: worse than its own
+    acc = res.per_layer[(res.per_layer["mode"] == "accumulated") & (res.per_layer["group"] == "conv2")].iloc[0]
+    assert acc["sqnr_db"] < local["sqnr_db"]
+
+
+def test_first_group_has_equal_local_and_accumulated_error(result):
+    pl = result.per_layer
+    for name in ("int8", "fp16"):
+        stem = pl[(pl["candidate"] == name) & (pl["group"] == "stem_conv")].set_index("mode")
+        assert stem.loc["local", "sqnr_db"] == pytest.approx(stem.loc["accumulated", "sqnr_db"], abs=1e-6)
+    assert list(pl.columns[:15]) == ["candidate", "mode", "order", "layer", "group", "op_type", "tensor", "precision",
+                                     "cosine", "sqnr_db", "max_abs", "mean_abs", "rel_l2", "nan_count", "node"]
+    int8 = pl[pl["candidate"] == "int8"]
+    # the TensorRT form leaves Flatten in fp32 and inserts nothing for it: no local row
+    assert set(int8[int8["mode"] == "local"]["group"]) == {"stem_conv", "block_conv1", "block_conv2", "dw_conv",
+                                                          "pool", "fc"}
+    assert (int8[int8["mode"] == "accumulated"]["order"].diff().dropna() > 0).all()
+    worst = result.worst_layers(2, candidate="int8")
+    assert len(worst) == 2 and worst["sqnr_db"].is_monotonic_increasing
+
+
+def test_tables_do_not_depend_on_batch_size_or_layer_chunks(setup, result):
+    small = compare(setup["model"], setup["written"], setup["val"],
+                    CompareOptions(batch_size=5, layer_group_size=1, bootstrap=300, backend_options=EXACT))
+    assert small.settings["chunks"] == 7 and small.settings["segments"]["reference"] == 7
+    key = ["candidate", "mode", "tensor"]
+    a = result.per_layer.set_index(key).sort_index()
+    b = small.per_layer.set_index(key).sort_index()
+    assert list(a.index) == list(b.index)
+    np.testing.assert_allclose(a["sqnr_db"], b["sqnr_db"], atol=1e-3)
+    np.testing.assert_allclose(a["cosine"], b["cosine"], atol=1e-8)
+    # ORT rounds differently per batch size: fp16 candidates can move by one float16 step
+    np.testing.assert_allclose(a["max_abs"], b["max_abs"], rtol=1e-2, atol=1e-7)
+    cols = ["cosine", "sqnr_db", "top1_agreement", "top1_drop", "mcnemar_p"]
+    np.testing.assert_allclose(result.end_to_end[cols], small.end_to_end[cols], atol=1e-4)
+
+
+def test_same_data_and_seed_give_identical_tables(setup):
+    opts = CompareOptions(batch_size=8, bootstrap=200, seed=5, workers=2, backend_options={"threads": 1})
+    cands = {"int8": setup["written"]["int8"]}
+    a = compare(setup["model"], cands, setup["val"], opts)
+    b = compare(setup["model"], cands, setup["val"], opts)
+    for name in ("end_to_end", "per_layer", "per_sample"):
+        pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name))
+    assert a.data["sha256"] == b.data["sha256"] and a.to_dict() == b.to_dict()
+    # one worker, everything in order: the same tables as two workers with the same sessions
+    serial = compare(setup["model"], cands, setup["val"], dataclasses.replace(opts, workers=1))
+    assert a.settings["workers"] == 2 and serial.settings["workers"] == 1
+    for name in ("end_to_end", "per_layer", "per_sample"):
+        pd.testing.assert_frame_equal(getattr(serial, name), getattr(a, name))
+    c = compare(setup["model"], cands, setup["val"], dataclasses.replace(opts, seed=6))
+    assert c.end_to_end["top1_agreement"].equals(a.end_to_end["top1_agreement"])
+    assert not c.end_to_end["cosine_ci_low"].equals(a.end_to_end["cosine_ci_low"])
+
+
+def test_local_only_and_end_to_end_only_modes(setup, result):
+    local = compare(setup["model"], setup["written"], setup["val"],
+                    CompareOptions(batch_size=8, accumulated=False, bootstrap=300, backend_options=EXACT))
+    assert set(local.per_layer["mode"]) == {"local"}
+    full_local = result.per_layer[result.per_layer["mode"] == "local"].reset_index(drop=True)
+    np.testing.assert_allclose(local.per_layer["sqnr_db"], full_local["sqnr_db"], atol=1e-6)
+    fast = compare(setup["model"], setup["written"], setup["val"],
+                   CompareOptions(batch_size=8, per_layer=False, bootstrap=300, backend_options=EXACT))
+    assert fast.per_layer.empty and list(fast.per_layer.columns)[:3] == ["candidate", "mode", "order"]
+    assert fast.settings["segments"] == {"reference": 1, "int8": 1, "int8-ort": 1, "fp16": 1}
+    np.testing.assert_allclose(fast.end_to_end["sqnr_db"], result.end_to_end["sqnr_db"], atol=1e-4)
+    few = compare(setup["model"], setup["written"], setup["val"],
+                  CompareOptions(batch_size=8, per_layer=False, max_samples=10, bootstrap=0))
+    assert (few.end_to_end["samples"] == 10).all() and len(few.per_sample) == 30
+    assert few.end_to_end["top1_ci_low"].isna().all()
+
+
+def test_nodes_mode_on_a_two_input_attention_model():
+    proto = models.mlp_attention()
+    model = model_from_proto(proto)
+    written = write_model(model, uniform_plan("int8"), _table(model, proto), WriteOptions())
+    val = from_arrays(models.random_inputs(proto, 12, seed=2), role="validation")
+    res = compare(model, {"int8": written}, val, CompareOptions(batch_size=4, layers="nodes", bootstrap=50))
+    acc = res.per_layer[res.per_layer["mode"] == "accumulated"]
+    assert {"q", "k", "v", "kt", "scores", "masked", "probs", "ctx", "o", "out"} <= set(acc["tensor"])
+    assert "top1_agreement" not in res.end_to_end.columns
+    loc = res.per_layer[res.per_layer["mode"] == "local"]
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= set(loc["group"])
+    assert np.isfinite(res.end_to_end["sqnr_db"]).all()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _with_nan_weight_scale(written, weight):
+    proto = onnx.ModelProto()
+    proto.CopyFrom(written.proto)
+    dq = written.provenance.quantized_inputs[weight]["dq_node"]
+    node = next(n for n in proto.graph.node if n.name == dq)
+    for init in proto.graph.initializer:
+        if init.name == node.input[1]:
+            arr = numpy_helper.to_array(init).copy()
+            arr[...] = np.nan
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    return dataclasses.replace(written, proto=proto)
+
+
+def test_nan_in_a_candidate_is_flagged_at_the_first_layer(setup):
+    # NaN weights in block_conv2: its output is NaN; the next group's Q turns NaN into numbers again
+    swallowed = _with_nan_weight_scale(setup["written"]["int8"], "w2")
+    # NaN weights in the last layer: NaN reaches the outputs
+    visible = _with_nan_weight_scale(setup["written"]["int8"], "wf")
+    res = compare(setup["model"], {"swallowed": swallowed, "visible": visible}, setup["val"],
+                  CompareOptions(batch_size=16, bootstrap=0))
+    e2e = res.end_to_end.set_index("candidate")
+    assert e2e.loc["swallowed", "nan_count"] == 0 and np.isfinite(e2e.loc["swallowed", "cosine"])
+    assert e2e.loc["visible", "nan_count"] == N_VAL * 10 and math.isnan(e2e.loc["visible", "cosine"])
+    pl = res.per_layer
+    acc = pl[(pl["mode"] == "accumulated") & (pl["candidate"] == "swallowed")]
+    first = acc[acc["nan_count"] > 0].iloc[0]
+    assert first["group"] == "block_conv2" and first["nan_count"] == N_VAL * 8 * 16 * 16
+    assert (acc[acc["order"] < first["order"]]["nan_count"] == 0).all()
+    assert any(w.startswith("candidate 'swallowed': NaN/inf first appears") and "'block_conv2'" in w
+               for w in res.warnings)
+    assert any(w.startswith("candidate 'visible': NaN/inf first appears") and "layer 'fc'" in w
+               and "outputs hold 480" in w for w in res.warnings)
+    loc = pl[(pl["mode"] == "local") & (pl["candidate"] == "swallowed")].set_index("group")
+    assert loc.loc["block_conv2", "nan_count"] > 0 and loc.loc["dw_conv", "nan_count"] == 0
+    assert not res.check("cosine>=0.5")["visible"].passed
+
+
+def test_candidate_with_other_inputs_or_outputs_is_refused(setup):
+    proto = onnx.ModelProto()
+    proto.CopyFrom(setup["model"].proto)
+    proto.graph.output[0].name = "scores"
+    proto.graph.node[-1].output[0] = "scores"
+    with pytest.raises(CompareError, match=r"outputs \['scores'\].*\['logits'\].*missing \['logits'\]"):
+        compare(setup["model"], {"renamed": model_from_proto(proto)}, setup["val"])
+    proto = onnx.ModelProto()
+    proto.CopyFrom(setup["model"].proto)
+    proto.graph.input[0].name = "image"
+    proto.graph.node[0].input[0] = "image"
+    with pytest.raises(CompareError, match="candidate 'other' has inputs \\['image'\\]"):
+        compare(setup["model"], {"other": model_from_proto(proto)}, setup["val"])
+
+
+def test_candidate_written_from_another_model_is_refused(setup):
+    other = models.conv_net()  # same inputs and outputs as residual_net, other layers
+    m = model_from_proto(other)
+    written = write_model(m, uniform_plan("int8"), _table(m, other), WriteOptions())
+    with pytest.raises(CompareError, match="written from another model"):
+        compare(setup["model"], {"x": written}, setup["val"])
+
+
+def test_labels_that_do_not_fit_the_outputs_name_the_sample(setup):
+    labels = setup["labels"].copy()
+    labels[13] = 10
+    val = from_arrays(setup["feeds"], labels=labels, role="validation", name="bad")
+    with pytest.raises(CompareError, match=r"sample 13 \('bad\[13\]'\) has label 10.*'logits' with 10 classes"):
+        compare(setup["model"], {"int8": setup["written"]["int8"]}, val, CompareOptions(per_layer=False))
+    unlabelled = from_arrays(setup["feeds"], role="validation")
+    with pytest.raises(CompareError, match="labels were asked for"):
+        compare(setup["model"], {"int8": setup["written"]["int8"]}, unlabelled, CompareOptions(labels=True))
+    ignored = compare(setup["model"], {"int8": setup["written"]["int8"]}, val,
+                      CompareOptions(per_layer=False, labels=False, bootstrap=0))
+    assert "top1_drop" not in ignored.end_to_end.columns and "top1_agreement" in ignored.end_to_end.columns
+
+
+def test_user_metric_adds_columns_and_a_failing_metric_names_the_sample(setup, tmp_path):
+    (tmp_path / "my_metric.py").write_text(
+        "import numpy as np\n"
+        "def agree(ref, cand, label):\n"
+        "    return {'argmax_same': float(ref['logits'].argmax() == cand['logits'].argmax()),\n"
+        "            'label_seen': float(label is not None)}\n"
+        "def boom(ref, cand, label):\n"
+        "    if label == LABEL:\n"
+        "        raise ValueError('cannot score this one')\n"
+        "    return {'x': 1.0}\n".replace("LABEL", str(int(setup["labels"][4]))))
+    spec = f"{tmp_path / 'my_metric.py'}:agree"
+    res = compare(setup["model"], {"int8": setup["written"]["int8"]}, setup["val"],
+                  CompareOptions(per_layer=False, metric=spec, bootstrap=100))
+    row = res.end_to_end.iloc[0]
+    assert row["argmax_same"] == pytest.approx(row["top1_agreement"] / 100) and row["label_seen"] == 1.0
+    assert "argmax_same_ci_low" in res.end_to_end.columns and "argmax_same" in res.per_sample.columns
+    assert res.check("argmax_same>=0.5")["int8"].passed
+    first = int(np.flatnonzero(setup["labels"] == setup["labels"][4])[0])
+    with pytest.raises(CompareError, match=rf"raised ValueError: cannot score this one on sample {first} "):
+        compare(setup["model"], {"int8": setup["written"]["int8"]}, setup["val"],
+                CompareOptions(per_layer=False, metric=f"{tmp_path / 'my_metric.py'}:boom"))
+    with pytest.raises(CompareError, match="no function 'nope'"):
+        compare(setup["model"], {"int8": setup["written"]["int8"]}, setup["val"],
+                CompareOptions(per_layer=False, metric=f"{tmp_path / 'my_metric.py'}:nope"))
+
+
+def test_overlap_with_the_calibration_set_and_role_are_warned(setup):
+    cal = summarize(from_arrays({k: v[:20] for k, v in setup["feeds"].items()}))
+    res = compare(setup["model"], {"int8": setup["written"]["int8"]}, setup["val"],
+                  CompareOptions(per_layer=False, bootstrap=0), calibration=cal)
+    assert any("shares 20 sample(s)" in w for w in res.warnings)
+    calib_role = from_arrays(setup["feeds"], labels=setup["labels"])
+    res = compare(setup["model"], {"int8": setup["written"]["int8"]}, calib_role,
+                  CompareOptions(per_layer=False, bootstrap=0))
+    assert any('role = "calibration"' in w for w in res.warnings)
+
+
+def test_plain_onnx_candidate_is_compared_end_to_end_only(setup):
+    plain = model_from_proto(setup["written"]["int8"].proto)
+    res = compare(setup["model"], {"plain": plain, "int8": setup["written"]["int8"]}, setup["val"],
+                  CompareOptions(bootstrap=0))
+    assert set(res.per_layer["candidate"]) == {"int8"}
+    assert any("'plain' has no provenance" in w for w in res.warnings)
+    e2e = res.end_to_end.set_index("candidate")
+    assert e2e.loc["plain", "sqnr_db"] == pytest.approx(e2e.loc["int8", "sqnr_db"], abs=1e-4)
+    assert res.models["candidates"]["plain"]["kind"] == "onnx"
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(CompareError, match="batch_size"):
+        CompareOptions(batch_size=0)
+    with pytest.raises(CompareError, match="layers"):
+        CompareOptions(layers="all")  # type: ignore[arg-type]
+    with pytest.raises(CompareError, match="module:function"):
+        CompareOptions(metric="no_colon")
+
+
+# --------------------------------------------------------------------------- saving, loading, CLI
+
+
+def test_save_and_load_round_trip(result, tmp_path):
+    out = tmp_path / "cmp"
+    paths = result.save(out)
+    assert {p.name for p in out.iterdir()} == {"compare.json", "end_to_end.parquet", "end_to_end.csv",
+                                               "per_layer.parquet", "per_layer.csv", "per_sample.parquet",
+                                               "per_sample.csv"}
+    assert paths["json"] == out / "compare.json"
+    back = load_comparison(out)
+    for name in ("end_to_end", "per_layer", "per_sample"):
+        pd.testing.assert_frame_equal(getattr(back, name), getattr(result, name))
+    record = json.loads((out / "compare.json").read_text())
+    assert record["format"] == "quantlab.compare/1"
+    assert record["data"]["sha256"] == result.data["sha256"] and record["data"]["count"] == N_VAL
+    assert record["settings"]["bootstrap"] == 300 and "onnxruntime" in record["environment"]["versions"]
+    assert record["models"]["candidates"]["int8"]["plan_hash"] == result.models["candidates"]["int8"]["plan_hash"]
+    assert back.warnings == result.warnings and back.check("cosine>=0.9") == result.check("cosine>=0.9")
+    result.save(out)  # a previous comparison may be replaced
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(CompareError, match="not a comparison folder"):
+        result.save(foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    with pytest.raises(CompareError, match="cannot read"):
+        load_comparison(foreign)
+
+
+def test_load_candidate_from_build_folders_and_files(setup, tmp_path):
+    save_written(setup["written"]["int8"], tmp_path / "int8")
+    cand = load_candidate(tmp_path / "int8", setup["model"])
+    assert cand.provenance.tensor_map == setup["written"]["int8"].provenance.tensor_map
+    assert load_candidate(tmp_path / "int8" / "model.onnx", setup["model"]).plan.plan_hash() == \
+        setup["written"]["int8"].plan.plan_hash()
+    onnx.save(setup["written"]["int8"].proto, tmp_path / "plain.onnx")
+    assert not hasattr(load_candidate(tmp_path / "plain.onnx", setup["model"]), "provenance")
+    (tmp_path / "int8" / "model.onnx").write_bytes((tmp_path / "plain.onnx").read_bytes() + b"\x00")
+    with pytest.raises(Exception, match="changed after|not ONNX|truncated|cannot"):
+        load_candidate(tmp_path / "int8", setup["model"])
+    with pytest.raises(CompareError, match="no such file"):
+        load_candidate(tmp_path / "missing", setup["model"])
+
+
+@pytest.fixture(scope="module")
+def cli_setup(setup, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    onnx.save(setup["model"].proto, root / "ref.onnx")
+    save_written(setup["written"]["int8"], root / "int8")
+    save_written(setup["written"]["fp16"], root / "fp16")
+    np.savez(root / "val.npz", input=setup["feeds"]["input"], label=setup["labels"])
+    (root / "val.toml").write_text('name = "val"\nrole = "validation"\nshuffle = false\n'
+                                   '[[source]]\nkind = "npz"\npath = "val.npz"\nbatched = true\n'
+                                   '[labels]\ncolumn = "label"\n')
+    return root
+
+
+def test_cli_writes_tables_and_gates(cli_setup, tmp_path, capsys):
+    root = cli_setup
+    base = [str(root / "ref.onnx"), str(root / "int8"), str(root / "fp16"), "--data", str(root / "val.toml"),
+            "--bootstrap", "100", "--no-progress"]
+    code = main(["compare", *base, "--out", str(tmp_path / "a"), "--fail-if", "sqnr_db<50"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "int8: worst layers" in out and "end to end" in out and "FAIL int8" in out and "pass fp16" in out
+    assert (tmp_path / "a" / "per_layer.parquet").is_file()
+    code = main(["compare", *base, "--out", str(tmp_path / "b"), "--fail-if", "top1_drop>100", "--no-local"])
+    assert code == 0
+    back = load_comparison(tmp_path / "b")
+    assert set(back.per_layer["mode"]) == {"accumulated"} and back.data["count"] == N_VAL
+
+
+def test_cli_errors_exit_2_and_write_nothing(cli_setup, tmp_path, capsys):
+    root = cli_setup
+    base = [str(root / "ref.onnx"), str(root / "int8"), "--data", str(root / "val.toml"), "--no-progress"]
+    assert main(["compare", *base, "--out", str(tmp_path / "a"), "--fail-if", "accuracy>0.5"]) == 2
+    assert "unknown metric 'accuracy'" in capsys.readouterr().err
+    assert main(["compare", str(root / "ref.onnx"), str(root / "nope"), "--data", str(root / "val.toml"),
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_nan_candidate_fails_the_gate(setup, cli_setup, tmp_path, capsys):
+    broken = _with_nan_weight_scale(setup["written"]["int8"], "wf")
+    onnx.save(broken.proto, tmp_path / "broken.onnx")
+    code = main(["compare", str(cli_setup / "ref.onnx"), str(tmp_path / "broken.onnx"), "--data",
+                 str(cli_setup / "val.toml"), "--out", str(tmp_path / "o"), "--fail-if", "cosine<0.9",
+                 "--no-progress", "--bootstrap", "0"])
+    out = capsys.readouterr().out
+    assert code == 1 and "cannot be evaluated" in out and "end-to-end comparison only" in out

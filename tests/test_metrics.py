@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from quantlab.metrics import (
+    ErrorAccumulator,
+    bootstrap_ci,
+    cosine,
+    error_sums,
+    errors_from_sums,
+    mcnemar_exact_p,
+    per_sample_errors,
+    per_sample_sums,
+    rel_l2,
+    sqnr_db,
+    topk,
+    topk_correct,
+)
+
+
+def _pair(n=10_000, seed=0, noise=0.01, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    r = rng.normal(0, 2, n).astype(np.float32)
+    c = (r + rng.normal(0, noise, n)).astype(dtype)
+    return r, c
+
+
+def _direct(r, c):
+    """The definitions, in float64 numpy (independent of the numba kernels)."""
+    r64, c64 = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
+    d = c64 - r64
+    return {
+        "cosine": float(r64 @ c64 / np.sqrt((r64 @ r64) * (c64 @ c64))),
+        "sqnr_db": float(10 * np.log10((r64 @ r64) / (d @ d))),
+        "max_abs": float(np.abs(d).max()),
+        "mean_abs": float(np.abs(d).mean()),
+        "rel_l2": float(np.sqrt((d @ d) / (r64 @ r64))),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1001])
+def test_error_metrics_match_float64_definitions(n, dtype):
+    r, c = _pair(n, seed=n, dtype=dtype)
+    got = errors_from_sums(error_sums(r, c))
+    want = _direct(r, c)
+    for k, v in want.items():
+        # max |d| is taken on the float32 difference (one rounding); the sums are float64
+        assert got[k] == pytest.approx(v, rel=1e-6 if k == "max_abs" else 1e-9, abs=1e-12), k
+    assert got["nan_count"] == 0
+    assert cosine(r, c) == pytest.approx(want["cosine"], rel=1e-12)
+    assert sqnr_db(r, c) == pytest.approx(want["sqnr_db"], rel=1e-9)
+    assert rel_l2(r, c) == pytest.approx(want["rel_l2"], rel=1e-9)
+
+
+def test_streaming_over_batches_equals_one_shot_in_any_split():
+    r, c = _pair(50_000, seed=3)
+    r, c = r.reshape(50, 1000), c.reshape(50, 1000)
+    one = ErrorAccumulator()
+    one.update(r, c)
+    for splits in ([10, 20, 20], [1] * 50, [49, 1]):
+        acc = ErrorAccumulator()
+        start = 0
+        for s in splits:
+            acc.update(r[start:start + s], c[start:start + s])
+            start += s
+        for k, v in one.result().items():
+            assert acc.result()[k] == pytest.approx(v, rel=1e-12), (splits, k)
+    assert one.elements == 50_000
+
+
+def test_float64_accumulation_keeps_tiny_errors_visible():
+    # 1e6 values near 1000 with errors of 1e-4: float32 sums would lose the error entirely
+    rng = np.random.default_rng(1)
+    r = (1000 + rng.normal(0, 1, 1_000_000)).astype(np.float32)
+    c = r + np.float32(1e-4) * np.sign(rng.normal(size=r.size)).astype(np.float32)
+    got = errors_from_sums(error_sums(r, c))
+    assert got["sqnr_db"] == pytest.approx(_direct(r, c)["sqnr_db"], abs=1e-6)
+    assert 1 - got["cosine"] < 1e-12
+
+
+def test_non_finite_candidate_values_are_counted_and_poison_the_figures():
+    r, c = _pair(100, seed=2)
+    c[[3, 50]] = np.nan
+    c[70] = np.inf
+    s = error_sums(r, c)
+    assert s.nonfinite == 3 and s.ref_nonfinite == 0
+    got = errors_from_sums(s)
+    assert got["nan_count"] == 3
+    assert math.isnan(got["cosine"]) and math.isnan(got["sqnr_db"]) and math.isnan(got["max_abs"])
+    ref_bad = error_sums(c, r)
+    assert ref_bad.ref_nonfinite == 3
+
+
+def test_edge_cases_zero_and_identical_tensors():
+    z = np.zeros(10, np.float32)
+    x = np.arange(10, dtype=np.float32)
+    assert errors_from_sums(error_sums(z, z)) == {"cosine": 1.0, "sqnr_db": math.inf, "max_abs": 0.0,
+                                                  "mean_abs": 0.0, "rel_l2": 0.0, "nan_count": 0}
+    assert cosine(z, x) == 0.0 and sqnr_db(z, x) == -math.inf and rel_l2(z, x) == math.inf
+    assert sqnr_db(x, x) == math.inf and cosine(x, -x) == -1.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        error_sums(x, x[:5])
+    assert errors_from_sums(error_sums(z[:0], z[:0]))["nan_count"] == 0
+
+
+def test_per_sample_rows():
+    r, c = _pair(6 * 40, seed=5)
+    r, c = r.reshape(6, 4, 10), c.reshape(6, 4, 10)
+    rows = per_sample_errors(per_sample_sums(r, c))
+    for i in range(6):
+        want = _direct(r[i], c[i])
+        assert rows["cosine"][i] == pytest.approx(want["cosine"], rel=1e-12)
+        assert rows["sqnr_db"][i] == pytest.approx(want["sqnr_db"], rel=1e-9)
+        assert rows["max_abs"][i] == pytest.approx(want["max_abs"], rel=1e-6)
+
+
+def test_topk_is_deterministic_with_ties_and_nan():
+    logits = np.array([[1.0, 3.0, 3.0, 0.0, np.nan, 2.0],
+                       [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                       [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]], dtype=np.float32)
+    assert topk(logits, 1)[:, 0].tolist() == [1, 0, 0]
+    assert topk(logits, 3).tolist() == [[1, 2, 5], [0, 1, 2], [0, 1, 2]]
+    assert topk(logits, 10).shape == (3, 6)
+    assert topk(logits, 6)[0, -1] == 4  # NaN ranks last
+    assert topk_correct(logits, np.array([2, 3, 5]), 3).tolist() == [True, False, False]
+    assert topk_correct(logits, np.array([2, 3, 5]), 6).tolist() == [True, True, True]
+    with pytest.raises(ValueError):
+        topk(logits[0], 1)
+
+
+def _mcnemar_exact(b, c):
+    n, k = b + c, min(b, c)
+    tail = Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n)
+    return float(min(Fraction(1), 2 * tail))
+
+
+@pytest.mark.parametrize("b,c", [(0, 0), (1, 0), (10, 0), (3, 7), (7, 3), (12, 12), (40, 25), (600, 540),
+                                 (1000, 1)])
+def test_mcnemar_matches_exact_rational_computation(b, c):
+    assert mcnemar_exact_p(b, c) == pytest.approx(_mcnemar_exact(b, c), rel=1e-9, abs=1e-300)
+
+
+def test_mcnemar_known_values_and_symmetry():
+    assert mcnemar_exact_p(10, 0) == pytest.approx(2 * 0.5 ** 10)
+    assert mcnemar_exact_p(0, 0) == 1.0
+    assert mcnemar_exact_p(5, 5) == 1.0
+    assert mcnemar_exact_p(30, 12) == mcnemar_exact_p(12, 30)
+    big = mcnemar_exact_p(50_000, 49_000)  # log space: no overflow for large counts
+    assert 0.0 < big < 0.01
+    with pytest.raises(ValueError):
+        mcnemar_exact_p(-1, 2)
+
+
+def test_bootstrap_is_seeded_paired_and_close_to_the_normal_interval():
+    rng = np.random.default_rng(0)
+    n = 2000
+    ref = (rng.random(n) < 0.8).astype(float)
+    cand = ref.copy()
+    flip = rng.choice(n, 60, replace=False)
+    cand[flip] = 1 - cand[flip]
+    cols = {"ref": ref, "cand": cand, "drop": ref - cand, "same": ref - ref}
+    a = bootstrap_ci(cols, resamples=2000, seed=7)
+    b = bootstrap_ci(cols, resamples=2000, seed=7)
+    c = bootstrap_ci(cols, resamples=2000, seed=8)
+    assert a == b and a != c
+    assert a["same"] == (0.0, 0.0)                       # paired: identical columns never differ
+    p = ref.mean()
+    half = 1.96 * math.sqrt(p * (1 - p) / n)
+    lo, hi = a["ref"]
+    assert lo < p < hi
+    assert lo == pytest.approx(p - half, abs=0.006) and hi == pytest.approx(p + half, abs=0.006)
+    d = (ref - cand)
+    se = d.std() / math.sqrt(n)
+    assert a["drop"][0] == pytest.approx(d.mean() - 1.96 * se, abs=0.004)
+    # the paired interval of the difference is much narrower than the unpaired one would be
+    assert a["drop"][1] - a["drop"][0] < 0.5 * 2 * 1.96 * math.sqrt(2 * p * (1 - p) / n)
+
+
+def test_bootstrap_edge_cases():
+    out = bootstrap_ci({"x": np.array([1.0, np.nan, 0.0])}, resamples=50)
+    assert all(math.isnan(v) for v in out["x"])
+    assert all(math.isnan(v) for v in bootstrap_ci({"x": np.ones(4)}, resamples=0)["x"])
+    assert bootstrap_ci({"x": np.ones(4)}, resamples=100)["x"] == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        bootstrap_ci({"x": np.ones(3)}, confidence=1.5)

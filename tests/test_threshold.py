@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from quantlab.errors import ThresholdError
+from quantlab.threshold import Condition, Threshold, parse_threshold
+
+
+@pytest.mark.parametrize("text,conditions", [
+    ("top1_drop<=0.5", [("top1_drop", "<=", 0.5)]),
+    ("  cosine >= 0.999  ", [("cosine", ">=", 0.999)]),
+    ("cosine>=0.999 and sqnr_db>=30", [("cosine", ">=", 0.999), ("sqnr_db", ">=", 30.0)]),
+    ("cosine>=0.999, sqnr_db>30", [("cosine", ">=", 0.999), ("sqnr_db", ">", 30.0)]),
+    ("a<1 && b>-2e-3", [("a", "<", 1.0), ("b", ">", -0.002)]),
+    ("top1_drop < 0.5%", [("top1_drop", "<", 0.5)]),
+    ("x>=.5 AND y<=+3", [("x", ">=", 0.5), ("y", "<=", 3.0)]),
+    ("my.metric-v2>1", [("my.metric-v2", ">", 1.0)]),
+])
+def test_parse_valid(text, conditions):
+    t = parse_threshold(text)
+    assert [(c.metric, c.op, c.value) for c in t.conditions] == conditions
+    assert t.text == text.strip() and str(t) == text.strip()
+    assert parse_threshold(t) is t
+
+
+@pytest.mark.parametrize("text", ["", "   ", "cosine", "cosine = 0.9", "cosine>=high", ">=0.9", "cosine>=0.9 or x<1",
+                                  "cosine=>0.9", "1x>=2"])
+def test_parse_invalid_names_the_part(text):
+    with pytest.raises(ThresholdError) as err:
+        parse_threshold(text)
+    assert "top1_drop<=0.5" in str(err.value) or "empty" in str(err.value)
+
+
+def test_known_metrics_accept_interval_suffixes_and_refuse_unknown():
+    known = {"cosine", "top1_drop"}
+    assert parse_threshold("top1_drop_ci_high<=1", known_metrics=known).metrics == ("top1_drop_ci_high",)
+    with pytest.raises(ThresholdError, match="unknown metric 'cosin'"):
+        parse_threshold("cosin>=0.9", known_metrics=known)
+
+
+def test_condition_semantics():
+    c = Condition("cosine", ">=", 0.99)
+    assert c.higher_is_better and c.holds(0.99) and not c.holds(0.98)
+    assert c.margin(0.995) == pytest.approx(0.005) and c.margin(0.98) == pytest.approx(-0.01)
+    d = Condition("top1_drop", "<", 0.5)
+    assert not d.higher_is_better and d.holds(0.4) and not d.holds(0.5)
+    assert d.margin(0.2) == pytest.approx(0.3)
+    assert not c.holds(math.nan) and c.margin(math.nan) == -math.inf
+    assert str(d) == "top1_drop<0.5"
+
+
+def _rows():
+    return pd.DataFrame([
+        {"candidate": "a", "output": "logits", "cosine": 0.999, "sqnr_db": 31.0, "top1_drop": 0.2},
+        {"candidate": "a", "output": "aux", "cosine": 0.990, "sqnr_db": 35.0, "top1_drop": 0.4},
+    ])
+
+
+def test_check_takes_the_worst_output_per_condition():
+    t = parse_threshold("cosine>=0.995 and sqnr_db>=30")
+    check = t.check(_rows())
+    assert not check.passed
+    assert check.values == {"cosine>=0.995": 0.990, "sqnr_db>=30": 31.0}
+    assert check.margins["cosine>=0.995"] == pytest.approx(-0.005)
+    assert check.margin == pytest.approx(-0.005)
+    ok = parse_threshold("top1_drop<=0.5").check(_rows())
+    assert ok.passed and ok.values == {"top1_drop<=0.5": 0.4}
+    assert ok.as_dict()["passed"] is True
+    # records (dicts) and a single mapping work like a DataFrame
+    assert parse_threshold("top1_drop<=0.5").check(_rows().to_dict("records")).passed
+    assert parse_threshold("cosine>=0.995").check({"cosine": 0.999}).passed
+
+
+def test_check_refuses_a_metric_no_row_reports_and_lists_what_exists():
+    with pytest.raises(ThresholdError) as err:
+        parse_threshold("top1_accuracy>=70").check(_rows())
+    msg = str(err.value)
+    assert "top1_accuracy" in msg and "cosine" in msg and "sqnr_db" in msg and "labels" in msg
+    with pytest.raises(ThresholdError, match="did not report"):
+        parse_threshold("iou>0.5").check(_rows())
+
+
+def test_nan_values_fail_the_condition():
+    rows = pd.DataFrame([{"cosine": math.nan}])
+    check = parse_threshold("cosine>=0.9").check(rows)
+    assert not check.passed and math.isnan(check.values["cosine>=0.9"])
+    assert check.margin == -math.inf
+
+
+def test_threshold_is_a_plain_value():
+    t = parse_threshold("a<1, b>2")
+    assert isinstance(t, Threshold) and t.metrics == ("a", "b")
+    assert parse_threshold("a<1, b>2") == t
