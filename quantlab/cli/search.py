@@ -1,0 +1,168 @@
+"""``quantlab search MODEL``: pin the most sensitive layers to FP16/FP32 until a threshold holds.
+
+    quantlab search model.onnx --calib calib_sets/C.toml --data calib_sets/V.toml --threshold "top1_drop<=0.5" --out DIR
+    quantlab search model.onnx --table calib/calib_entropy.json --data V.toml --threshold "cosine>=0.999" \\
+        --budget 12 --objective latency --fallback fp32 --out DIR
+
+Calibrates (``--method``, default entropy) unless ``--table`` gives the ranges, then
+searches (see :mod:`quantlab.search`) and writes into ``--out``:
+
+- ``plan.json`` / ``plan.toml``   the final precision plan (edit it and pass it to `quantlab build --plan`)
+- ``final/``                      the built model: model.onnx, provenance.json, plan.json
+- ``trajectory.csv`` / ``.parquet``  one row per evaluation (phase, pins, metric with its CI, latency)
+- ``sensitivity.csv`` / ``.parquet`` the ranking of the quantizable groups
+- ``final_compare/``              the comparator's result for the final plan
+- ``search.json``                 the outcome, settings, versions
+- ``work/search_log.jsonl``       the search log (``--workdir``): rerun the same command to resume
+
+Exit code: 0 when the final plan meets the threshold, 1 when no plan met it (the best plan
+found is still written), 2 on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..backends import BACKEND_NAMES
+from ..search import SearchOptions, StepEvent
+
+__all__ = ["register", "run", "format_step"]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {value}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    from ..calibrate import ALL_METHODS
+
+    defaults = SearchOptions(threshold="")
+    p = subparsers.add_parser(
+        "search",
+        help="pin the most sensitive layers to FP16/FP32 until a threshold is met, keeping the most INT8",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument("model", type=Path, help="the FP32 ONNX model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--calib", type=Path, metavar="TOML", help="calibration set manifest (calibrate first)")
+    src.add_argument("--table", type=Path, metavar="JSON", help="a calibration table from `quantlab calibrate`")
+    p.add_argument("--method", default="entropy", choices=list(ALL_METHODS),
+                   help="calibrator used with --calib (default entropy)")
+    p.add_argument("--data", type=Path, required=True, metavar="TOML", help="validation set manifest")
+    p.add_argument("--threshold", required=True, metavar="EXPR",
+                   help="what the final plan must meet, e.g. 'top1_drop<=0.5' or 'cosine>=0.999 and sqnr_db>=30'")
+    p.add_argument("--budget", type=_positive, default=None, metavar="N",
+                   help="most full validations (default ceil(log2 G) + 5, G = quantizable groups)")
+    p.add_argument("--time-budget", type=_seconds, default=None, metavar="S",
+                   help="start no evaluation after S seconds")
+    p.add_argument("--objective", choices=["int8", "latency"], default=defaults.objective,
+                   help="among plans that meet the threshold: the most INT8 (default) or the fastest")
+    p.add_argument("--fallback", choices=["fp16", "fp32"], default=defaults.fallback,
+                   help="precision tried first for pinned groups (default fp16; fp32 when fp16 is not enough)")
+    p.add_argument("--target", choices=["tensorrt", "ort"], default=defaults.target,
+                   help="Q/DQ form written: tensorrt (default; its accuracy is simulated on ONNX Runtime) or ort")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default=defaults.backend,
+                   help="backend that runs the candidates (default ort)")
+    p.add_argument("--probe-samples", type=_positive, default=defaults.probe_samples, metavar="N",
+                   help=f"validation subset for the ranking probes (default {defaults.probe_samples}, "
+                        "at most half the set)")
+    p.add_argument("--probe-top", type=_non_negative, default=defaults.probe_top, metavar="N",
+                   help=f"groups probed alone, from the top of the local ranking (default {defaults.probe_top})")
+    p.add_argument("--batch-size", type=_positive, default=defaults.batch_size, metavar="N")
+    p.add_argument("--latency", action="store_true",
+                   help="measure every full validation's latency (always on with --objective latency)")
+    p.add_argument("--metric", default=None, metavar="MODULE:FUNCTION",
+                   help="a user metric for the comparator; the threshold may name its columns")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
+                   help="where the search log lives (default OUT/work); rerun with it to resume")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+
+
+def format_step(event: StepEvent) -> str:
+    """One progress line: step, phase, what is pinned, the metric, and the best plan so far."""
+    r = event.row
+    pinned = r["pinned"] or "-"
+    if len(pinned) > 40:
+        pinned = pinned[:37] + "..."
+    verdict = "pass" if r["passed"] else "miss"
+    where = "full" if r["full"] else f"{r['samples']} samples"
+    extra = " (cached)" if r["cached"] else ""
+    latency = f"  {r['latency_ms']:.2f} ms" if r["latency_ms"] == r["latency_ms"] else ""
+    best = event.best
+    best_text = "-"
+    if best is not None:
+        best_text = (f"{best['metric']}={best['value']:.4g} {'pass' if best['passed'] else 'miss'}, "
+                     f"{best['n_pinned']} pinned, int8 {best['int8_fraction']:.0%}")
+    return (f"  step {r['step']:>3}  {r['phase']:<11} pinned {r['n_pinned']:>3} [{pinned}]  "
+            f"{r['metric']}={r['value']:.4g} {verdict} ({where}{extra}){latency}  "
+            f"best: {best_text}  full {event.full_used}/{event.budget}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import open_dataset
+    from ..graph import load_model
+    from ..search import search
+    from ..table import read_table
+
+    model = load_model(args.model)
+    val = open_dataset(args.data)
+    options = SearchOptions(
+        threshold=args.threshold, backend=args.backend, target=args.target, fallback=args.fallback,
+        budget=args.budget, time_budget_s=args.time_budget, objective=args.objective,
+        probe_samples=args.probe_samples, probe_top=args.probe_top, batch_size=args.batch_size, seed=args.seed,
+        latency=True if args.latency else None, metric=args.metric,
+    )
+    options.check()
+    if args.table is not None:
+        table = read_table(args.table)
+        source = f"table {args.table} ({table.method})"
+    else:
+        from ..calibrate import calibrate
+
+        print(f"quantlab search: calibrating {model.label} on {args.calib} ({args.method})", flush=True)
+        table = calibrate(model, open_dataset(args.calib), [args.method], batch_size=args.batch_size,
+                          progress=True).tables[args.method]
+        source = f"{args.method} calibration on {args.calib}"
+    workdir = args.workdir if args.workdir is not None else args.out / "work"
+    print(f"quantlab search: {model.label}, {len(val)} validation samples, threshold {args.threshold!r}, "
+          f"target {args.target}, backend {args.backend}, ranges from {source}; log {workdir}", flush=True)
+
+    def on_step(event: StepEvent) -> None:
+        print(format_step(event), flush=True)
+
+    result = search(model, table, val, options, workdir=workdir, progress=False, on_step=on_step)
+    paths = result.save(args.out)
+    print(("met: " if result.met else "NOT MET: ") + result.message)
+    for note in result.notes:
+        print(f"  note: {note}")
+    if result.executed < len(result.trajectory) - 1:
+        reused = sum(bool(c) for c in result.trajectory["cached"])
+        print(f"  {result.executed} evaluation(s) run now, {reused} step(s) answered from the cache/log")
+    for name in ("plan", "plan_toml", "final_model", "trajectory", "sensitivity", "final_compare", "search"):
+        if name in paths:
+            print(f"  {name:12s} {paths[name]}")
+    sys.stdout.flush()
+    return 0 if result.met else 1

@@ -1,0 +1,500 @@
+"""Sensitivity search: the search logic on real evaluations of small models built so that the
+sensitive group is known, the evaluation bound, the cache, the resumable log, and the API/CLI.
+
+The logic tests use ``OrtNumpyEvaluator``: every plan is written by quantlab, run with ONNX
+Runtime (directly, as an independent reference) and scored with numpy, so the numbers the
+search sees are real; the comparator-backed path is exercised by the API/CLI tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import models
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from quantlab.calibrate import calibrate
+from quantlab.data import from_arrays
+from quantlab.errors import SearchError
+from quantlab.graph import model_from_proto, serialize, with_outputs
+from quantlab.plan import ResolvedPlan, resolve_plan, uniform_plan
+from quantlab.quantize import WriteOptions, write_model
+from quantlab.search import (
+    LOG_FILE,
+    SENSITIVITY_COLUMNS,
+    TRAJECTORY_COLUMNS,
+    Evaluation,
+    SearchLog,
+    SearchOptions,
+    bisect_prefix,
+    evaluation_bound,
+    run_search,
+)
+
+# --------------------------------------------------------------------------- a real, cheap evaluator
+
+
+def _session(proto, outputs=None):
+    if outputs:
+        proto = with_outputs(proto, outputs)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(serialize(proto), opts, providers=["CPUExecutionProvider"])
+
+
+def _sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    noise = float(np.sum((ref.astype(np.float64) - out) ** 2))
+    signal = float(np.sum(ref.astype(np.float64) ** 2))
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+class OrtNumpyEvaluator:
+    """Writes each plan with quantlab, runs it with onnxruntime, scores it with numpy.
+
+    ``local=True`` also measures each quantizable group's local SQNR: the model with only
+    that group in INT8 (so its inputs are the FP32 reference values), at its output tensor.
+    """
+
+    def __init__(self, proto, table, x: np.ndarray, *, target: str = "tensorrt", fail_after: int | None = None):
+        self.proto = proto
+        self.model = model_from_proto(proto)
+        self.table = table
+        self.x = x
+        self.target = target
+        self.calls: list[tuple[str, int, bool]] = []
+        self.fail_after = fail_after
+        self.groups = resolve_plan(uniform_plan("int8"), proto).groups
+        outs = [g.output_tensor for g in self.groups if g.quantizable]
+        names = [o.name for o in proto.graph.output]
+        sess = _session(proto, outs)
+        self.ref = dict(zip(names + outs, sess.run(names + outs, {"input": x}), strict=False))
+        self.names = names
+
+    @property
+    def size(self) -> int:
+        return len(self.x)
+
+    def _run(self, plan: ResolvedPlan, samples: int, outputs=None) -> dict[str, np.ndarray]:
+        w = write_model(self.model, plan, self.table, WriteOptions(target=self.target, fp16_simulation=True))
+        names = outputs or self.names
+        return dict(zip(names, _session(w.proto, outputs).run(names, {"input": self.x[:samples]}), strict=True))
+
+    def evaluate(self, plan: ResolvedPlan, samples: int, *, local: bool = False) -> Evaluation:
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls.append((plan.plan_hash(), samples, local))
+        out = self._run(plan, samples)
+        rows = []
+        for name in self.names:
+            ref, got = self.ref[name][:samples], out[name]
+            cos = float(np.sum(ref * got) / (np.linalg.norm(ref) * np.linalg.norm(got)))
+            rows.append({"candidate": "c", "output": name, "samples": samples, "sqnr_db": _sqnr_db(ref, got),
+                         "cosine": cos, "top1_agreement": float(np.mean(ref.argmax(1) == got.argmax(1)) * 100)})
+        local_map = None
+        if local:
+            local_map = {}
+            for g in self.groups:
+                if not g.quantizable:
+                    continue
+                only = plan.with_pins({h.name: "fp32" for h in self.groups if h.quantizable and h.name != g.name})
+                got = self._run(only, samples, [g.output_tensor])[g.output_tensor]
+                local_map[g.name] = _sqnr_db(self.ref[g.output_tensor][:samples], got)
+        return Evaluation(plan_hash=plan.plan_hash(), samples=samples, rows=tuple(rows), local=local_map)
+
+    def latency(self, plan: ResolvedPlan) -> float:
+        from quantlab.backends import get_backend
+        from quantlab.perf import measure_latency
+
+        w = write_model(self.model, plan, self.table, WriteOptions(target=self.target))
+        runner = get_backend("ort").build(w.proto)
+        return measure_latency(runner, {"input": self.x[:8]}, warmup=2, iterations=10).mean_ms
+
+
+@pytest.fixture(scope="module")
+def chain():
+    """sensitive_chain_net: conv6 is sensitive by construction, side_b is the decoy."""
+    proto = models.sensitive_chain_net()
+    model = model_from_proto(proto)
+    rng = np.random.default_rng(0)
+    cal = from_arrays({"input": rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)})
+    table = calibrate(model, cal, "minmax").tables["minmax"]
+    x = rng.normal(0, 1, (48, 3, 8, 8)).astype(np.float32)
+    return proto, table, x
+
+
+@pytest.fixture(scope="module")
+def outlier():
+    """outlier_channel_net: block_conv2 reads the tensor with the outlier channel."""
+    proto = models.outlier_channel_net()
+    model = model_from_proto(proto)
+    rng = np.random.default_rng(1)
+    cal = from_arrays({"input": rng.normal(0, 1, (32, 3, 16, 16)).astype(np.float32)})
+    table = calibrate(model, cal, "minmax").tables["minmax"]
+    x = rng.normal(0, 1, (48, 3, 16, 16)).astype(np.float32)
+    return proto, table, x
+
+
+def _base(proto) -> ResolvedPlan:
+    return resolve_plan(uniform_plan("int8"), proto)
+
+
+def _quantizable(proto) -> int:
+    return sum(g.quantizable for g in _base(proto).groups)
+
+
+def _opts(threshold: str, **kw) -> SearchOptions:
+    kw.setdefault("probe_samples", 16)
+    return SearchOptions(threshold=threshold, **kw)
+
+
+def _pins(outcome) -> dict[str, str]:
+    return {g.name: outcome.plan.precision[g.name] for g in outcome.plan.groups
+            if g.quantizable and outcome.plan.precision[g.name] != "int8"}
+
+
+def _assert_no_plan_twice(evaluator: OrtNumpyEvaluator) -> None:
+    keys = [(h, n) for h, n, _ in evaluator.calls]
+    assert len(keys) == len(set(keys)), "a plan was evaluated twice on the same samples"
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_evaluation_bound():
+    assert evaluation_bound(1) == 5
+    assert evaluation_bound(2) == 6
+    assert evaluation_bound(14) == 9
+    assert evaluation_bound(64) == 11
+    assert evaluation_bound(65) == 12
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 14, 64])
+def test_bisect_prefix_finds_the_boundary_within_log2(size):
+    for boundary in range(1, size + 1):
+        calls = []
+
+        def passes(k, b=boundary):
+            calls.append(k)
+            return k >= b
+
+        k, seen, violations = bisect_prefix(passes, size)
+        assert k == boundary and not violations
+        assert len(calls) <= math.ceil(math.log2(size)) + 1 if size > 1 else len(calls) == 1
+        assert len(calls) == len(set(calls))
+        assert seen[k] and not seen[k - 1]
+
+
+def test_bisect_prefix_first_guess_and_budget():
+    calls = []
+    k, _, _ = bisect_prefix(lambda j: calls.append(j) or j >= 1, 20, first=1)
+    assert k == 1 and calls == [1]
+    # the budget runs out after two measurements: the smallest measured pass is returned
+    budget = iter([True, True])
+    k, seen, _ = bisect_prefix(lambda j: next(budget, None), 16)
+    assert k == 8 and set(seen) == {0, 16, 8}
+
+
+def test_bisect_prefix_non_monotone_is_reported_and_safe():
+    # passes at 3 and from 9 up only: a measured pass below a measured fail is reported, and
+    # the answer is always a measured pass whose predecessor is a measured fail
+    pattern = {k: (k == 3 or k >= 9) for k in range(13)}
+    k, seen, violations = bisect_prefix(lambda j: pattern[j], 12, known={}, first=3)
+    assert k == 3 and seen[3] and not seen[2]
+    k, seen, violations = bisect_prefix(lambda j: pattern[j], 12, known={6: False, 3: True})
+    assert (3, 6) in violations and k == 3
+
+
+# --------------------------------------------------------------------------- the search on real evaluations
+
+
+def test_chain_pins_exactly_the_sensitive_group_and_demotes_the_decoy(chain):
+    proto, table, x = chain
+    ev = OrtNumpyEvaluator(proto, table, x)
+    out = run_search(_base(proto), ev, _opts("sqnr_db>=30"), save_comparisons=False)
+    assert out.met, out.message
+    assert _pins(out) == {"conv6": "fp16"}
+    g = _quantizable(proto)
+    assert out.evaluations <= evaluation_bound(g) == out.bound
+    assert out.plan.int8_fraction() == pytest.approx((g - 1) / g)
+    _assert_no_plan_twice(ev)
+
+    traj, sens = out.trajectory, out.sensitivity
+    assert list(traj.columns) == list(TRAJECTORY_COLUMNS) and list(sens.columns) == list(SENSITIVITY_COLUMNS)
+    assert traj["phase"].iloc[0] == "all-int8" and not traj["passed"].iloc[0]
+    assert traj["phase"].iloc[-1] == "final" and traj["passed"].iloc[-1] and traj["cached"].iloc[-1]
+    assert traj["full"].sum() >= out.evaluations  # the final row repeats a measured plan
+    assert set(traj.loc[traj["phase"] == "probe", "samples"]) == {16}
+    assert set(traj.loc[traj["full"], "samples"]) == {len(x)}
+    # the decoy has the worst local error, but probing shows pinning it does nothing
+    local = sens.set_index("group")["local_sqnr_db"]
+    assert local.idxmin() == "side_b"
+    assert sens["group"].iloc[0] == "conv6" and sens["probed"].iloc[0] and sens["score"].iloc[0] > 10
+    assert sens.set_index("group").loc["side_b", "score"] < 1
+    assert len(sens) == g and list(sens["rank"]) == list(range(1, g + 1))
+
+
+def test_outlier_channel_net_pins_the_group_reading_the_outlier(outlier):
+    proto, table, x = outlier
+    ev = OrtNumpyEvaluator(proto, table, x)
+    base = ev.evaluate(_base(proto), len(x)).rows[0]["sqnr_db"]
+    fixed = ev.evaluate(_base(proto).with_pins({"block_conv2": "fp16"}), len(x)).rows[0]["sqnr_db"]
+    assert fixed > base + 2  # by construction: pinning that group is what helps
+    threshold = f"sqnr_db>={(base + fixed) / 2:.2f}"
+    ev = OrtNumpyEvaluator(proto, table, x)
+    out = run_search(_base(proto), ev, _opts(threshold), save_comparisons=False)
+    assert out.met, out.message
+    assert _pins(out) == {"block_conv2": "fp16"}
+    assert out.evaluations <= out.bound
+    _assert_no_plan_twice(ev)
+
+
+def test_all_int8_meeting_the_threshold_stops_after_one_validation(chain):
+    proto, table, x = chain
+    ev = OrtNumpyEvaluator(proto, table, x)
+    out = run_search(_base(proto), ev, _opts("cosine>=0.5"), save_comparisons=False)
+    assert out.met and not _pins(out) and out.evaluations == 1
+    assert list(out.trajectory["phase"]) == ["all-int8", "final"]
+    assert len(ev.calls) == 1 and out.sensitivity.empty
+    assert "all-INT8" in out.message
+
+
+def test_no_plan_meets_returns_the_best_plan_and_says_so(chain):
+    proto, table, x = chain
+    ev = OrtNumpyEvaluator(proto, table, x)
+    out = run_search(_base(proto), ev, _opts("cosine>1.0001"), save_comparisons=False)
+    assert not out.met
+    assert "not met" in out.message and "every quantizable group pinned" in out.message
+    assert out.evaluations <= out.bound
+    traj = out.trajectory
+    full = traj[traj["full"] & (traj["phase"] != "final")]
+    # fp16 then fp32 for every group were both measured; the best margin is returned
+    assert (full["n_pinned"] == _quantizable(proto)).sum() == 2
+    assert traj["margin"].iloc[-1] == full["margin"].max()
+    assert any("fp16" in n for n in out.notes) and any("fp32" in n for n in out.notes)
+
+
+def test_fp32_fallback_then_fp16_tier(chain):
+    proto, table, x = chain
+    ev = OrtNumpyEvaluator(proto, table, x)
+    out = run_search(_base(proto), ev, _opts("sqnr_db>=30", fallback="fp32"), save_comparisons=False)
+    assert out.met and _pins(out) == {"conv6": "fp16"}
+    phases = list(out.trajectory["phase"])
+    assert "fp16-tier" in phases
+    tier = out.trajectory[out.trajectory["phase"] == "fp16-tier"]
+    assert tier["passed"].iloc[0] and tier["pins"].iloc[0] == "conv6=fp16"
+    assert out.evaluations <= out.bound
+
+
+def test_budget_is_respected(chain):
+    proto, table, x = chain
+    ev = OrtNumpyEvaluator(proto, table, x)
+    out = run_search(_base(proto), ev, _opts("sqnr_db>=30", budget=2), save_comparisons=False)
+    assert out.evaluations <= 2 and out.budget == 2
+    assert sum(1 for _, n, _ in ev.calls if n == len(x)) <= 2
+
+
+def test_return_to_int8_removes_groups_the_prefix_did_not_need(chain):
+    # probe_top=0: no probes, so the local ranking puts the decoy side_b first and the
+    # bisection pins it with conv6; returning groups to INT8 then drops side_b again
+    proto, table, x = chain
+    ev = OrtNumpyEvaluator(proto, table, x)
+    out = run_search(_base(proto), ev, _opts("sqnr_db>=30", probe_top=0), save_comparisons=False)
+    assert out.met and _pins(out) == {"conv6": "fp16"}
+    assert out.sensitivity["group"].iloc[0] == "side_b"
+    ret = out.trajectory[out.trajectory["phase"] == "return-int8"]
+    assert ret["passed"].any()
+    assert out.evaluations <= out.bound
+    _assert_no_plan_twice(ev)
+
+
+def test_latency_objective_prefers_the_fastest_passing_plan(chain):
+    proto, table, x = chain
+    ev = OrtNumpyEvaluator(proto, table, x)
+    out = run_search(_base(proto), ev, _opts("sqnr_db>=30", objective="latency"), save_comparisons=False)
+    traj = out.trajectory
+    full = traj[traj["full"] & (traj["phase"] != "final")]
+    assert full["latency_ms"].notna().all() and (full["latency_ms"] > 0).all()
+    assert out.met
+    passing = full[full["passed"]]
+    assert traj["latency_ms"].iloc[-1] == passing["latency_ms"].min()
+
+
+# --------------------------------------------------------------------------- the log: resume and refusal
+
+
+def _settings(threshold: str = "sqnr_db>=30") -> dict:
+    return {"threshold": threshold, "model": "sensitive_chain_net", "data": 48}
+
+
+def test_log_is_written_after_every_step_and_a_rerun_evaluates_nothing(chain, tmp_path):
+    proto, table, x = chain
+    ev = OrtNumpyEvaluator(proto, table, x)
+    steps = []
+
+    def on_step(event):
+        lines = (tmp_path / LOG_FILE).read_text().splitlines()
+        steps.append(sum(json.loads(line)["type"] == "step" for line in lines))
+
+    first = run_search(_base(proto), ev, _opts("sqnr_db>=30"), log=SearchLog(tmp_path, _settings()),
+                       on_step=on_step)
+    assert steps == list(range(1, len(first.trajectory) + 1))  # the log held each step when it was reported
+    records = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert records[0]["type"] == "header" and records[-1]["type"] == "end" and records[-1]["met"]
+    assert sum(r["type"] == "evaluation" for r in records) == len(ev.calls) == first.executed
+
+    again = OrtNumpyEvaluator(proto, table, x)
+    second = run_search(_base(proto), again, _opts("sqnr_db>=30"), log=SearchLog(tmp_path, _settings()))
+    assert again.calls == [] and second.executed == 0 and second.resumed == first.executed
+    assert second.plan.plan_hash() == first.plan.plan_hash() and second.evaluations == first.evaluations
+    assert second.trajectory["cached"].all()
+    cols = ["phase", "plan_hash", "pins", "value", "passed", "samples", "full"]
+    assert second.trajectory[cols].equals(first.trajectory[cols])
+
+
+def test_interrupted_search_resumes_from_the_log(chain, tmp_path):
+    proto, table, x = chain
+    reference = run_search(_base(proto), OrtNumpyEvaluator(proto, table, x), _opts("sqnr_db>=30"))
+    broken = OrtNumpyEvaluator(proto, table, x, fail_after=6)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(_base(proto), broken, _opts("sqnr_db>=30"), log=SearchLog(tmp_path, _settings()))
+    logged = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert sum(r["type"] == "evaluation" for r in logged) == 6
+
+    resumed_ev = OrtNumpyEvaluator(proto, table, x)
+    resumed = run_search(_base(proto), resumed_ev, _opts("sqnr_db>=30"), log=SearchLog(tmp_path, _settings()))
+    assert resumed.resumed == 6 and resumed.executed == reference.executed - 6
+    assert len(resumed_ev.calls) == reference.executed - 6
+    assert resumed.plan.plan_hash() == reference.plan.plan_hash()
+    assert resumed.evaluations == reference.evaluations
+    assert list(resumed.trajectory["plan_hash"]) == list(reference.trajectory["plan_hash"])
+    assert resumed.trajectory["cached"].iloc[:6].all()
+
+
+def test_rerun_with_a_larger_budget_continues_where_the_budget_stopped(chain, tmp_path):
+    proto, table, x = chain
+    opts = _opts("sqnr_db>=30", probe_top=0)  # no probes: the bisection needs several validations
+    reference = run_search(_base(proto), OrtNumpyEvaluator(proto, table, x), opts)
+    short = run_search(_base(proto), OrtNumpyEvaluator(proto, table, x),
+                       _opts("sqnr_db>=30", probe_top=0, budget=3), log=SearchLog(tmp_path, _settings()))
+    assert short.evaluations == 3 and any("budget" in n for n in short.notes)
+    longer_ev = OrtNumpyEvaluator(proto, table, x)
+    longer = run_search(_base(proto), longer_ev, opts, log=SearchLog(tmp_path, _settings()))
+    assert longer.plan.plan_hash() == reference.plan.plan_hash() and longer.evaluations == reference.evaluations
+    assert len(longer_ev.calls) == reference.executed - short.executed
+    assert list(longer.trajectory["plan_hash"]) == list(reference.trajectory["plan_hash"])
+
+
+def test_log_with_other_settings_is_refused(chain, tmp_path):
+    proto, table, x = chain
+    run_search(_base(proto), OrtNumpyEvaluator(proto, table, x), _opts("cosine>=0.5"),
+               log=SearchLog(tmp_path, _settings("cosine>=0.5")))
+    with pytest.raises(SearchError, match=r"other settings.*threshold.*cosine>=0.5.*sqnr_db>=30"):
+        SearchLog(tmp_path, _settings("sqnr_db>=30"))
+    (tmp_path / LOG_FILE).write_text("not json\n")
+    with pytest.raises(SearchError, match="damaged"):
+        SearchLog(tmp_path, _settings())
+
+
+def test_options_are_checked():
+    with pytest.raises(SearchError, match="budget"):
+        SearchOptions(threshold="cosine>=0.9", budget=0).check()
+    with pytest.raises(SearchError, match="fallback"):
+        SearchOptions(threshold="cosine>=0.9", fallback="int8").check()  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- the API and CLI (real comparator)
+
+
+def _chain_sets(chain):
+    proto, table, x = chain
+    val = from_arrays({"input": x}, role="validation", name="chain_val")
+    return model_from_proto(proto), table, val
+
+
+def test_search_api_end_to_end_and_resume(chain, tmp_path):
+    from quantlab.plan import load_plan
+    from quantlab.search import search
+
+    model, table, val = _chain_sets(chain)
+    options = SearchOptions(threshold="sqnr_db>=30", probe_samples=16)
+    steps = []
+    result = search(model, table, val, options, workdir=tmp_path / "work", on_step=steps.append)
+    assert result.met, result.message
+    pins = {g: p for g, p in result.plan.precision.items() if p != "int8" and result.plan.group_map[g].quantizable}
+    assert pins == {"conv6": "fp16"}
+    assert result.evaluations <= result.bound == evaluation_bound(_quantizable(chain[0]))
+    assert len(steps) == len(result.trajectory) and steps[-1].row["phase"] == "final"
+    # the final model is the deployable form of the plan; the comparison is of that plan, on every sample
+    assert result.final.plan.plan_hash() == result.plan.plan_hash() and not result.final.options.fp16_simulation
+    e2e = result.comparison.end_to_end
+    assert e2e["candidate"].nunique() == 1 and int(e2e["samples"].iloc[0]) == len(val)
+    assert result.comparison.check("sqnr_db>=30")[str(e2e["candidate"].iloc[0])].passed
+    assert float(e2e["sqnr_db"].iloc[0]) == pytest.approx(result.trajectory["value"].iloc[-1])
+
+    paths = result.save(tmp_path / "out")
+    for name in ("plan.json", "plan.toml", "final/model.onnx", "final/provenance.json", "trajectory.csv",
+                 "trajectory.parquet", "sensitivity.csv", "search.json"):
+        assert (tmp_path / "out" / name).is_file(), name
+    assert paths["final_compare"].is_dir()
+    assert resolve_plan(load_plan(tmp_path / "out" / "plan.toml"), chain[0]).plan_hash() == result.plan.plan_hash()
+    record = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert record["met"] and record["pinned"] == {"conv6": "fp16"} and record["evaluations"] == result.evaluations
+
+    again = search(model, table, val, options, workdir=tmp_path / "work")
+    assert again.executed == 0 and again.plan.plan_hash() == result.plan.plan_hash()
+    assert again.comparison.end_to_end["sqnr_db"].iloc[0] == pytest.approx(e2e["sqnr_db"].iloc[0])
+    with pytest.raises(SearchError, match="other settings"):
+        search(model, table, val, SearchOptions(threshold="sqnr_db>=31", probe_samples=16), workdir=tmp_path / "work")
+
+
+def test_cli_search_exit_codes(chain, tmp_path):
+    import onnx
+
+    from quantlab.cli import main
+
+    proto, table, x = chain
+    onnx.save(proto, tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", input=rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "val.npz", input=x)
+    (tmp_path / "cal.toml").write_text('shuffle = false\n[[source]]\nkind = "npz"\npath = "cal.npz"\nbatched = true\n')
+    (tmp_path / "val.toml").write_text('role = "validation"\nshuffle = false\n[[source]]\nkind = "npz"\n'
+                                       'path = "val.npz"\nbatched = true\n')
+    common = ["search", str(tmp_path / "model.onnx"), "--calib", str(tmp_path / "cal.toml"), "--method", "minmax",
+              "--data", str(tmp_path / "val.toml"), "--probe-samples", "16"]
+    assert main([*common, "--threshold", "sqnr_db>=30", "--out", str(tmp_path / "ok")]) == 0
+    assert json.loads((tmp_path / "ok" / "search.json").read_text())["pinned"] == {"conv6": "fp16"}
+    assert (tmp_path / "ok" / "work" / LOG_FILE).is_file()
+    assert main([*common, "--threshold", "cosine>1.0001", "--out", str(tmp_path / "miss")]) == 1
+    assert (tmp_path / "miss" / "plan.json").is_file()  # the best plan is still written
+    assert main([*common, "--threshold", "nonsense", "--out", str(tmp_path / "bad")]) == 2
+
+
+@pytest.mark.slow
+def test_demo_model_strict_threshold(tmp_path):
+    """EfficientNet-Lite0 on real photos: a threshold all-INT8 misses is met within the bound,
+    with >= 90 % of the quantizable groups still in INT8."""
+    from quantlab.data import open_dataset
+    from quantlab.graph import load_model
+    from quantlab.search import search
+    from quantlab.zoo import efficientnet_lite0_onnx
+
+    model = load_model(efficientnet_lite0_onnx())
+    cal = open_dataset("calib_sets/demo_calib.toml")
+    table = calibrate(model, from_arrays({"input": np.concatenate(
+        [b.feeds["input"] for b in cal.batches(16)][:4])}), "percentile").tables["percentile"]
+    batches = list(open_dataset("calib_sets/demo_val.toml").batches(16))[:4]
+    val = from_arrays({"input": np.concatenate([b.feeds["input"] for b in batches])},
+                      labels=np.concatenate([b.labels for b in batches]), role="validation", name="demo_val64")
+    result = search(model, table, val, SearchOptions(threshold="sqnr_db>=20", probe_samples=32, batch_size=16),
+                    workdir=tmp_path)
+    traj = result.trajectory
+    assert not traj["passed"].iloc[0], "all-INT8 should miss this threshold"
+    assert result.met, result.message
+    assert result.evaluations <= result.bound
+    assert result.plan.int8_fraction() >= 0.9
+    assert all(c.passed for c in result.comparison.check("sqnr_db>=20").values())
+    assert (~traj["full"] | traj["cached"]).sum() >= 1  # probes ran on the subset
