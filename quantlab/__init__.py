@@ -27,6 +27,10 @@ from .data import DataSet, DataSummary, check_inputs, load_manifest, open_datase
 from .plan import PrecisionPlan, ResolvedPlan, Rule, load_plan, resolve_plan, save_plan, uniform_plan
 from .quantize import Provenance, WriteOptions, WrittenModel, save_written, write_model
 from .table import CalibrationTable, TensorRange
+from .calibrate import CalibrationResult, calibrate
+from .threshold import Threshold, parse_threshold
+from .compare import CompareOptions, CompareResult, compare, load_comparison
+from .search import SearchOptions, SearchResult, search
 
 __version__ = "0.1.0"
 
@@ -57,6 +61,17 @@ __all__ = [
     "Provenance",
     "write_model",
     "save_written",
+    "calibrate",
+    "CalibrationResult",
+    "Threshold",
+    "parse_threshold",
+    "CompareOptions",
+    "CompareResult",
+    "compare",
+    "load_comparison",
+    "SearchOptions",
+    "SearchResult",
+    "search",
     "QuantlabError",
     "ModelError",
     "DataError",

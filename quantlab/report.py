@@ -303,16 +303,31 @@ def _end_to_end_section(inputs: ReportInputs) -> str:
         '<section id="end-to-end"><h2>End to end, per candidate</h2>'
         "<p>Each candidate's outputs against the FP32 ONNX reference on the validation set. "
         "Bracketed figures are bootstrap confidence intervals.</p>"
-        f"{_candidates_list(inputs)}{_table(inputs.end_to_end)}</section>"
+        f"{_candidates_list(inputs)}{_table(_end_to_end_view(inputs.end_to_end))}</section>"
     )
 
 
+_END_TO_END_FIRST = ("candidate", "output", "samples", "top1_agreement", "top1", "ref_top1", "top1_drop",
+                     "mcnemar_p", "cosine", "sqnr_db", "top5", "ref_top5", "top5_drop")
+
+
+def _end_to_end_view(df: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The figures a reviewer decides on first (agreement, accuracy, drop, McNemar), then the rest."""
+    if df is None:
+        return None
+    first = [c for c in _END_TO_END_FIRST if c in df.columns]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
 def _worst_layers(per_layer: pd.DataFrame, higher_is_better: bool, n: int) -> pd.DataFrame:
-    """The ``n`` rows with the worst local metric (culprits), per candidate."""
+    """The ``n`` rows with the worst local metric (culprits), per candidate.
+
+    Layers without a local figure (not quantized: Reshape, Flatten...) only
+    inherit error, so they rank after every layer that has one.
+    """
     frames = []
     for _, group in per_layer.groupby("candidate", sort=False):
-        key = group["local"].where(group["local"].notna(), group["accumulated"])
-        order = key.sort_values(ascending=higher_is_better, na_position="last").index[:n]
+        order = group["local"].sort_values(ascending=higher_is_better, na_position="last").index[:n]
         frames.append(group.loc[order])
     return pd.concat(frames) if frames else per_layer.head(0)
 
@@ -464,15 +479,22 @@ def _trajectory_plot(inputs: ReportInputs) -> bytes:
     fig = _figure(10, 3.4)
     ax = fig.subplots()
     x = t["step"].to_numpy()
-    y = t["metric"].to_numpy(dtype=float)
+    # the search writes the metric's name in "metric" and its value in "value"
+    y = pd.to_numeric(t["value"] if "value" in t.columns else t["metric"], errors="coerce").to_numpy(dtype=float)
     label = inputs.trajectory_metric or (inputs.verdict.metric if inputs.verdict else "metric")
-    if {"ci_low", "ci_high"} <= set(t.columns) and t["ci_low"].notna().any():
-        lo = y - t["ci_low"].to_numpy(dtype=float)
-        hi = t["ci_high"].to_numpy(dtype=float) - y
-        ax.errorbar(x, y, yerr=np.vstack([np.abs(lo), np.abs(hi)]), fmt="o-", color="#2471a3", capsize=3,
-                    label=f"{label} (with CI)")
-    else:
-        ax.plot(x, y, "o-", color="#2471a3", label=label)
+    full = t["full"].to_numpy(dtype=bool) if "full" in t.columns else np.ones(len(t), dtype=bool)
+    has_ci = {"ci_low", "ci_high"} <= set(t.columns) and t["ci_low"].notna().any()
+    for mask, style, what in ((full, "o", "full validation"), (~full, "s", "probe on a subset")):
+        if not mask.any():
+            continue
+        if has_ci:
+            lo = y[mask] - t["ci_low"].to_numpy(dtype=float)[mask]
+            hi = t["ci_high"].to_numpy(dtype=float)[mask] - y[mask]
+            ax.errorbar(x[mask], y[mask], yerr=np.nan_to_num(np.vstack([np.abs(lo), np.abs(hi)])), fmt=style,
+                        color="#2471a3", mfc="#2471a3" if what.startswith("full") else "white", capsize=3,
+                        label=f"{label}, {what} (with CI)")
+        else:
+            ax.plot(x[mask], y[mask], style, color="#2471a3", label=f"{label}, {what}")
     if inputs.verdict is not None:
         ax.axhline(inputs.verdict.target, color="#c0392b", ls="--", lw=1.2,
                    label=f"threshold {inputs.verdict.op} {_fmt(inputs.verdict.target)}")
@@ -496,6 +518,17 @@ def _trajectory_plot(inputs: ReportInputs) -> bytes:
     return _png(fig)
 
 
+def _trajectory_view(t: pd.DataFrame) -> pd.DataFrame:
+    """The trajectory as a reviewer reads it: short plan hashes, the bookkeeping columns left to the CSV."""
+    view = t.drop(columns=[c for c in ("pins", "margin", "latency_ms") if c in t.columns
+                           and (c != "latency_ms" or t[c].isna().all())])
+    if "plan_hash" in view.columns:
+        view = view.assign(plan_hash=view["plan_hash"].astype(str).str[:12])
+    if "pinned" in view.columns:
+        view = view.assign(pinned=view["pinned"].astype(str).str.replace(",", ", "))
+    return view
+
+
 def _trajectory_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str:
     t = inputs.trajectory
     if t is None or t.empty:
@@ -507,7 +540,8 @@ def _trajectory_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str
         '<section id="search"><h2>Search trajectory</h2>'
         "<p>Each step evaluates one precision plan on the validation set: the metric with its confidence "
         "interval (left axis) and the share of fusion groups still in INT8 (bars, right axis).</p>"
-        f"{_img(plots.get('trajectory'), 'search trajectory: metric and INT8 share per step')}{_table(t)}</section>"
+        f"{_img(plots.get('trajectory'), 'search trajectory: metric and INT8 share per step')}"
+        f"{_table(_trajectory_view(t))}</section>"
     )
 
 

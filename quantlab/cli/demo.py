@@ -1,0 +1,55 @@
+"""``quantlab demo``: the README's main command.
+
+Runs the shipped ``experiments/demo.toml``: EfficientNet-Lite0 (pretrained,
+exported to ONNX by quantlab and cached), real photos for calibration and
+validation, all three calibrators, FP16 and INT8 candidates, a strict threshold
+and the sensitivity search; then prints where the HTML report is.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run", "demo_experiment_path"]
+
+
+def demo_experiment_path() -> Path:
+    """``experiments/demo.toml`` of this checkout (next to the ``quantlab`` package), or of the current folder."""
+    from ..errors import ExperimentError
+
+    candidates = [Path(__file__).resolve().parents[2] / "experiments" / "demo.toml",
+                  Path.cwd() / "experiments" / "demo.toml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ExperimentError(
+        "experiments/demo.toml was not found next to the quantlab package nor in the current folder; "
+        "run the demo from a clone of the quantlab repository."
+    )
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help="run the EfficientNet-Lite0 demo experiment and write its report",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--reports-dir", type=Path, default=Path("reports"),
+                   help="folder that receives reports/demo/ (default: ./reports)")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: Any) -> int:
+    from ..experiment import load_experiment, run_experiment
+    from .run import print_result
+
+    start = time.perf_counter()
+    path = demo_experiment_path()
+    config = load_experiment(path)
+    print(f"quantlab demo: {path}", file=sys.stderr)
+    result = run_experiment(config, reports_dir=args.reports_dir, progress=not args.quiet, force=args.force,
+                            command="quantlab " + " ".join(sys.argv[1:]))
+    print_result(result)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; open {result.index_html.resolve().as_uri()}")
+    return 0

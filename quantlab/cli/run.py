@@ -1,0 +1,62 @@
+"""``quantlab run EXPERIMENT.toml``: calibrate, build, compare, search and report in one go.
+
+    quantlab run experiments/demo.toml --reports-dir reports
+
+Writes ``reports/NAME/`` (``index.html``, ``manifest.json``, ``results/``,
+``plots/``, and the reusable ``stages/``). Stages whose inputs did not change
+are reused, so a rerun after an interruption or an edit only redoes what changed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run", "print_result"]
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run an experiment file: calibrate -> build -> compare -> search -> HTML report",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("experiment", type=Path, help="experiment TOML file (e.g. experiments/demo.toml)")
+    p.add_argument("--reports-dir", type=Path, default=Path("reports"),
+                   help="folder that receives reports/NAME/ (default: ./reports)")
+    p.add_argument("--force", action="store_true", help="redo every stage even when its inputs are unchanged")
+    p.add_argument("--fail-on-verdict", action="store_true",
+                   help="exit with code 1 when the final candidate misses the threshold (CI gate)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def print_result(result: Any, *, stream: Any = None) -> None:
+    """The stage summary, the verdict and where the report is."""
+    out = stream or sys.stdout
+    for stage in result.stages:
+        how = "reused" if stage.reused else f"{stage.seconds:7.1f} s"
+        print(f"  {stage.name:<28} {how}", file=out)
+    if result.verdict is not None:
+        v = result.verdict
+        ci = f" (95 % CI {v.ci_low:.6g} – {v.ci_high:.6g})" if v.ci_low is not None else ""
+        word = "PASS" if v.passed else "FAIL"
+        print(f"verdict: {word}: {v.candidate}: {v.metric} = {v.value:.6g}{ci}; threshold {v.threshold}", file=out)
+    for note in result.messages:
+        print(f"note: {note}", file=out)
+    print(f"report: {result.index_html}", file=out)
+
+
+def run(args: Any) -> int:
+    from ..experiment import load_experiment, run_experiment
+    from . import EXIT_GATE_FAILED
+
+    config = load_experiment(args.experiment)
+    command = "quantlab " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0] else "quantlab run"
+    print(f"experiment {config.name}: {args.experiment}", file=sys.stderr)
+    result = run_experiment(config, reports_dir=args.reports_dir, progress=not args.quiet, force=args.force,
+                            command=command)
+    print_result(result)
+    if args.fail_on_verdict and result.verdict is not None and not result.verdict.passed:
+        return EXIT_GATE_FAILED
+    return 0

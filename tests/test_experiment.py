@@ -1,0 +1,249 @@
+"""Experiments: the TOML file (validation with key + line), stages reused and restarted, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quantlab.errors import ExperimentError
+from quantlab.experiment import CALIBRATORS, load_experiment, parse_experiment
+
+GOOD = """\
+name = "unit"
+seed = 3
+threshold = "cosine>=0.99"
+
+[model]
+path = "model.onnx"
+
+[data]
+calibration = "calib.toml"
+validation = "val.toml"
+
+[calibrate]
+methods = ["minmax", "entropy"]
+
+[candidates]
+fp16 = false
+int8 = ["minmax"]
+
+[search]
+enabled = false
+"""
+
+
+@pytest.fixture
+def exp_dir(tmp_path: Path) -> Path:
+    for name in ("model.onnx", "calib.toml", "val.toml"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "e.toml").write_text(GOOD)
+    return tmp_path
+
+
+def test_good_file_parses_with_paths_relative_to_it(exp_dir: Path) -> None:
+    cfg = load_experiment(exp_dir / "e.toml")
+    assert cfg.name == "unit" and cfg.seed == 3 and cfg.threshold == "cosine>=0.99"
+    assert cfg.model_path == (exp_dir / "model.onnx").resolve()
+    assert cfg.calibrators == ("minmax", "entropy") and cfg.int8 == ("minmax",)
+    assert cfg.fp16 is False and cfg.search is False and cfg.backend == "ort"
+
+
+def test_defaults_fill_what_is_left_out(exp_dir: Path) -> None:
+    text = 'model = { path = "model.onnx" }\ndata = { calibration = "calib.toml", validation = "val.toml" }\n'
+    cfg = parse_experiment(text, source=exp_dir / "minimal.toml")
+    assert cfg.name == "minimal" and cfg.calibrators == CALIBRATORS and cfg.int8 == CALIBRATORS
+    assert cfg.threshold is None and cfg.fp16 and cfg.search
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "words"),
+    [
+        ("seed = 3", "seed = 3\ncolour = 1", 3, ["unknown key 'colour'"]),
+        ("fp16 = false", "fp16 = false\nbf16 = true", 17, ["unknown key 'candidates.bf16'", "candidates.fp16"]),
+        ("seed = 3", 'seed = "three"', 2, ["'seed'", "integer", "string"]),
+        ("enabled = false", "enabled = 1", 20, ["'search.enabled'", "true or false"]),
+        ('validation = "val.toml"', 'validation = "nope.toml"', 10, ["'data.validation'", "nope.toml"]),
+        ('methods = ["minmax", "entropy"]', 'methods = ["minmax", "kl"]', 13, ["'calibrate.methods'", "'kl'"]),
+        ('int8 = ["minmax"]', 'int8 = ["percentile"]', 17, ["'candidates.int8'", "percentile"]),
+        ('threshold = "cosine>=0.99"', 'threshold = "cosine is high"', 3, ["'threshold'"]),
+    ],
+)
+def test_bad_key_names_key_and_line(exp_dir: Path, old: str, new: str, line: int, words: list[str]) -> None:
+    path = exp_dir / "bad.toml"
+    path.write_text(GOOD.replace(old, new))
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(path)
+    msg = str(info.value)
+    assert f"bad.toml:{line}:" in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_model_needs_exactly_one_source(exp_dir: Path) -> None:
+    path = exp_dir / "two.toml"
+    path.write_text(GOOD.replace('path = "model.onnx"', 'path = "model.onnx"\nzoo = "efficientnet_lite0"'))
+    with pytest.raises(ExperimentError, match=r"two.toml:5: give exactly one of 'model.path'"):
+        load_experiment(path)
+
+
+def test_not_toml_and_missing_file(exp_dir: Path) -> None:
+    bad = exp_dir / "broken.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(ExperimentError, match="not valid TOML.*line 1"):
+        load_experiment(bad)
+    with pytest.raises(ExperimentError, match="no such experiment file"):
+        load_experiment(exp_dir / "absent.toml")
+
+
+# --------------------------------------------------------------------------- stages
+
+from quantlab.experiment import STAGE_KEY_FILE, run_stage  # noqa: E402
+
+
+def test_stage_is_reused_only_when_its_key_is_unchanged(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def produce(folder: Path) -> None:
+        calls.append(1)
+        (folder / "out.txt").write_text(str(len(calls)))
+
+    first = run_stage(tmp_path, "calibrate", {"model": "a", "n": 1}, produce)
+    again = run_stage(tmp_path, "calibrate", {"n": 1, "model": "a"}, produce)  # same key, other order
+    assert not first.reused and again.reused and len(calls) == 1
+    changed = run_stage(tmp_path, "calibrate", {"model": "a", "n": 2}, produce)
+    assert not changed.reused and len(calls) == 2
+    assert (changed.path / "out.txt").read_text() == "2"
+    assert first.key_sha256 != changed.key_sha256
+
+
+def test_interrupted_stage_leaves_nothing_that_looks_finished(tmp_path: Path) -> None:
+    run_stage(tmp_path, "build", {"v": 1}, lambda f: (f / "model.onnx").write_text("old"))
+
+    def crash(folder: Path) -> None:
+        (folder / "model.onnx").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "build", {"v": 2}, crash)
+    stage = tmp_path / "stages" / "build"
+    # the previous complete result is untouched, its key still says v=1, no temp folders are left
+    assert (stage / "model.onnx").read_text() == "old"
+    assert '"v": 1' in (stage / STAGE_KEY_FILE).read_text()
+    assert [p.name for p in (tmp_path / "stages").iterdir()] == ["build"]
+    redo = run_stage(tmp_path, "build", {"v": 2}, lambda f: (f / "model.onnx").write_text("new"))
+    assert not redo.reused and (stage / "model.onnx").read_text() == "new"
+
+
+# --------------------------------------------------------------------------- whole runs on small models
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+
+import models  # noqa: E402
+from quantlab.cli import main as cli_main  # noqa: E402
+from quantlab.experiment import run_experiment  # noqa: E402
+
+EVIL = "<script>alert(1)</script>"
+needs_compare = pytest.mark.skipif(importlib.util.find_spec("quantlab.compare") is None,
+                                   reason="quantlab/compare.py (the comparator) is not in this tree yet")
+
+
+def _small_experiment(folder: Path, *, threshold: str = "cosine>=0.9", evil: bool = True,
+                      search: bool = False, calib_shape: tuple[int, ...] = (24, 3, 16, 16)) -> Path:
+    model = models.residual_net()
+    if evil:  # a model-supplied name that must come out of the report as text
+        for node in model.graph.node:
+            if node.name == "stem_conv":
+                node.name = EVIL
+    onnx.save(model, folder / "model.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(folder / "calib.npz", input=rng.normal(0, 1, calib_shape).astype(np.float32))
+    np.savez(folder / "val.npz", input=rng.normal(0, 1, (16, 3, 16, 16)).astype(np.float32))
+    for role, name in (("calibration", "calib"), ("validation", "val")):
+        (folder / f"{name}.toml").write_text(
+            f'role = "{role}"\nshuffle = false\n[[source]]\nkind = "npz"\npath = "{name}.npz"\nbatched = true\n')
+    path = folder / "small.toml"
+    path.write_text(
+        f'name = "small"\nthreshold = "{threshold}"\n[model]\npath = "model.onnx"\n'
+        '[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n'
+        '[calibrate]\nmethods = ["minmax", "entropy"]\n'
+        f'[search]\nenabled = {"true" if search else "false"}\n'
+    )
+    return path
+
+
+@needs_compare
+def test_run_writes_a_finished_report_and_reuses_stages(tmp_path: Path) -> None:
+    cfg = load_experiment(_small_experiment(tmp_path))
+    first = run_experiment(cfg, reports_dir=tmp_path / "reports", command="quantlab run small.toml")
+    report = tmp_path / "reports" / "small"
+    assert first.index_html == report / "index.html" and first.index_html.is_file()
+    manifest = json.loads((report / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["model"]["sha256"]
+    assert manifest["command"] == "quantlab run small.toml" and "onnxruntime" in manifest["versions"]
+    assert (report / "results" / "end_to_end.parquet").is_file() and (report / "results" / "end_to_end.csv").is_file()
+    page = first.index_html.read_text()
+    assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert first.verdict is not None and first.verdict.threshold == "cosine>=0.9"
+    assert not any(s.reused for s in first.stages)
+
+    again = run_experiment(cfg, reports_dir=tmp_path / "reports")
+    assert all(s.reused for s in again.stages if s.name != "report")
+    assert again.verdict == first.verdict
+
+
+@needs_compare
+def test_changed_calibration_data_redoes_calibration_and_what_follows(tmp_path: Path) -> None:
+    path = _small_experiment(tmp_path, evil=False)
+    run_experiment(load_experiment(path), reports_dir=tmp_path / "reports")
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(5).normal(0, 2, (24, 3, 16, 16)).astype(np.float32))
+    again = run_experiment(load_experiment(path), reports_dir=tmp_path / "reports")
+    redone = {s.name for s in again.stages if not s.reused}
+    assert {"calibrate", "build-int8-minmax", "build-int8-entropy", "compare"} <= redone
+    assert "build-fp16" not in redone  # FP16 does not read the calibration
+
+
+def test_failed_run_leaves_no_finished_report(tmp_path: Path) -> None:
+    path = _small_experiment(tmp_path, calib_shape=(8, 3, 12, 12))  # wrong spatial size for the model
+    report = tmp_path / "reports" / "small"
+    report.mkdir(parents=True)
+    (report / "index.html").write_text("<html>an old report</html>")
+    from quantlab.errors import QuantlabError
+
+    with pytest.raises(QuantlabError):
+        run_experiment(load_experiment(path), reports_dir=tmp_path / "reports")
+    assert not (report / "index.html").exists()
+    manifest = json.loads((report / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "input" in manifest["error"]
+    assert not (report / "stages" / "calibrate").exists()
+
+
+@needs_compare
+def test_cli_run_and_compare_two_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _small_experiment(tmp_path)
+    reports = tmp_path / "reports"
+    assert cli_main(["run", str(path), "--reports-dir", str(reports), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {reports / 'small' / 'index.html'}" in out and "verdict:" in out
+    other = tmp_path / "other.toml"
+    other.write_text(path.read_text().replace('name = "small"', 'name = "small-b"')
+                     .replace('methods = ["minmax", "entropy"]', 'methods = ["minmax", "percentile"]'))
+    assert cli_main(["run", str(other), "--reports-dir", str(reports), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli_main(["report", "--compare", str(reports / "small"), str(reports / "small-b")]) == 0
+    page = (reports / "compare-small-vs-small-b" / "index.html").read_text()
+    assert "percentile" in page and "entropy" in page
+    assert cli_main(["report", str(reports / "small")]) == 0
+
+
+def test_cli_bad_experiment_is_one_error_with_key_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _small_experiment(tmp_path)
+    path.write_text(path.read_text().replace('threshold = "cosine>=0.9"', 'threshold = 0.9'))
+    assert cli_main(["run", str(path), "--reports-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "small.toml:2: key 'threshold' must be a non-empty string" in err
+    assert not (tmp_path / "r").exists()
