@@ -6,6 +6,9 @@
     Statistics ──> table_from_statistics(method) ──> CalibrationTable  (minmax, percentile, entropy, mse)
 
 All methods read the same histograms, so ``methods=("all",)`` costs one pass.
+The entropy method leaves exact zeros out of its histogram by default
+(``entropy_skip_zeros``; see quantlab.calibrators.amax_entropy for why), the
+other methods count them like any value.
 Same data, same order and same settings give byte-identical tables: the
 histogram does not depend on the batch size (see quantlab.histogram) and the
 tables record no time stamps.
@@ -13,7 +16,7 @@ tables record no time stamps.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +34,7 @@ from .errors import CalibrationError
 from .fingerprint import tool_versions
 from .graph import LoadedModel
 from .histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, HistogramState
-from .stats import DEFAULT_MEMORY_BUDGET, Statistics, collect_statistics
+from .stats import DEFAULT_MEMORY_BUDGET, Statistics, collect_statistics, fused_preactivations
 from .table import CalibrationTable, TensorRange
 
 __all__ = [
@@ -85,21 +88,24 @@ def resolve_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def method_settings(method: str, *, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS,
-                    huge_threshold: float = DEFAULT_HUGE_THRESHOLD) -> dict[str, Any]:
+                    huge_threshold: float = DEFAULT_HUGE_THRESHOLD, entropy_skip_zeros: bool = True) -> dict[str, Any]:
     """The parameters a table records for ``method`` (everything that changes its ranges)."""
     common = {"fine_bins": bins, "huge_threshold": huge_threshold, "symmetric": True, "num_bits": 8}
     if method == "percentile":
         return {**common, "percentile": percentile}
     if method == "entropy":
         return {**common, "bins": ENTROPY_BINS, "levels": ENTROPY_LEVELS, "start_bin": ENTROPY_LEVELS,
-                "histogram": "2048 bins of whole fine bins over [0, U], absmax <= U < 1.25 absmax",
-                "reference": "Migacz, 8-bit Inference with TensorRT, GTC 2017"}
+                "skip_zeros": bool(entropy_skip_zeros),
+                "histogram": "2048 bins of whole fine bins over [0, U], absmax <= U < 1.25 absmax"
+                             + (", exact zeros left out" if entropy_skip_zeros else ""),
+                "reference": "Migacz, 8-bit Inference with TensorRT, GTC 2017"
+                             + ("; zeros skipped as pytorch-quantization's skip_zeros" if entropy_skip_zeros else "")}
     if method == "mse":
         return {**common, "bins": ENTROPY_BINS, "candidates": 512}
     return common
 
 
-def _amax(state: HistogramState, method: str, percentile: float) -> float:
+def _amax(state: HistogramState, method: str, percentile: float, entropy_skip_zeros: bool = True) -> float:
     absmax = state.absmax
     if absmax == 0.0:
         return 0.0
@@ -109,7 +115,8 @@ def _amax(state: HistogramState, method: str, percentile: float) -> float:
         return min(amax_percentile(state.counts, state.upper, percentile), absmax)
     hist, upper = state.coarsen(ENTROPY_BINS)
     if method == "entropy":
-        return min(amax_entropy(hist, upper, levels=ENTROPY_LEVELS), absmax)
+        zeros = float(state.zeros) if entropy_skip_zeros else 0.0
+        return min(amax_entropy(hist, upper, levels=ENTROPY_LEVELS, zeros=zeros), absmax)
     if method == "mse":
         return min(amax_mse(hist, upper), absmax)
     raise CalibrationError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
@@ -118,6 +125,7 @@ def _amax(state: HistogramState, method: str, percentile: float) -> float:
 def _histogram_summary(state: HistogramState) -> dict[str, Any]:
     return {
         "count": state.count,
+        "zeros": state.zeros,
         "absmax": state.absmax,
         "fine_bins": state.bins,
         "upper": state.upper,
@@ -125,9 +133,14 @@ def _histogram_summary(state: HistogramState) -> dict[str, Any]:
     }
 
 
-def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFAULT_PERCENTILE) -> TensorRange:
-    """The :class:`TensorRange` of one tensor for ``method``."""
-    amax = _amax(state, method, percentile)
+def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFAULT_PERCENTILE,
+                 entropy_skip_zeros: bool = True) -> TensorRange:
+    """The :class:`TensorRange` of one tensor for ``method``.
+
+    ``clipped_fraction`` is the share of all usable values (exact zeros
+    included) above ``amax``: what saturates at run time.
+    """
+    amax = _amax(state, method, percentile, entropy_skip_zeros)
     return TensorRange(
         amax=amax,
         min=state.min,
@@ -174,25 +187,58 @@ CLIP_NOTE_FRACTION = 0.01
 """A method that saturates more than this share of a tensor's values gets a note in the table."""
 
 
-def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statistics) -> tuple[str, ...]:
-    """A note naming tensors whose range saturates more than 1 % of their values.
+def _sorted_by_clipping(ranges: Mapping[str, TensorRange], names: Sequence[str], limit: int = 8) -> str:
+    worst = sorted(names, key=lambda n: -ranges[n].clipped_fraction)
+    shown = ", ".join(f"{n!r} {ranges[n].clipped_fraction:.1%}" for n in worst[:limit])
+    return shown + (f" and {len(worst) - limit} more" if len(worst) > limit else "")
 
-    The entropy method's KL minimum is unreliable on sparse histograms (a few
-    hundred values, or values far from zero such as pooled features): it can
-    pick a threshold below most of the values. The algorithm is kept as
-    published; the note tells the user where to look.
+
+def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statistics, *,
+                   entropy_skip_zeros: bool = True, fused: Collection[str] = ()) -> tuple[str, ...]:
+    """A warning naming every tensor whose range saturates more than 1 % of its values, worst first.
+
+    Saturated values lose their magnitude (a ReLU6 output of 6 read as 0.44),
+    and a few such tensors are enough to make a model useless. The entropy
+    method's KL minimum is unreliable on sparse histograms (a few hundred
+    values, or values far from zero such as pooled features), and on tensors
+    that are mostly exact zeros when it keeps them (``entropy_skip_zeros=False``,
+    TensorRT's own behaviour): it can pick a threshold below most of the values.
+    The algorithm is kept as published; the note tells the user where to look.
+
+    ``fused``: pre-activation tensors TensorRT fuses into the following
+    Relu/Clip (:func:`quantlab.stats.fused_preactivations`); no Q/DQ is written
+    on them, so their saturation gets a separate, milder note.
     """
     heavy = [n for n, r in ranges.items() if r.clipped_fraction > CLIP_NOTE_FRACTION]
-    if not heavy:
-        return ()
-    worst = max(heavy, key=lambda n: ranges[n].clipped_fraction)
-    note = (
-        f"{method}: {len(heavy)} tensor(s) have more than {CLIP_NOTE_FRACTION:.0%} of their values above amax "
-        f"(saturated): {_names(heavy)}; worst {worst!r} at {ranges[worst].clipped_fraction:.1%} of "
-        f"{stats.tensors[worst].count} values. Check their histograms; with few or sparse values prefer "
-        "percentile or minmax for them, or more calibration samples."
-    )
-    return (note,)
+    used = [n for n in heavy if n not in fused]
+    notes: list[str] = []
+    if used:
+        worst = max(used, key=lambda n: ranges[n].clipped_fraction)
+        note = (
+            f"WARNING {method}: {len(used)} of {len(ranges)} tensor(s) saturate more than "
+            f"{CLIP_NOTE_FRACTION:.0%} of their values (|x| > amax), worst first: {_sorted_by_clipping(ranges, used)}; "
+            f"worst {worst!r}: {ranges[worst].clipped_fraction:.1%} of {stats.tensors[worst].count} values above "
+            f"amax {ranges[worst].amax:.4g} (absmax {stats.tensors[worst].absmax:.4g}). Saturated values lose their "
+            "magnitude and can ruin accuracy: check these histograms; prefer percentile or minmax for them, keep "
+            "them in fp16, or calibrate on more samples."
+        )
+        zero_heavy = [n for n in used if stats.tensors[n].zero_fraction > 0.25]
+        if method == "entropy" and not entropy_skip_zeros and zero_heavy:
+            note += (
+                f" {len(zero_heavy)} of them hold many exact zeros (e.g. {zero_heavy[0]!r}: "
+                f"{stats.tensors[zero_heavy[0]].zero_fraction:.0%}) and the entropy method kept them in its "
+                "histogram (entropy_skip_zeros=False, --entropy-keep-zeros), which pulls its threshold below the "
+                "tail; by default it leaves them out."
+            )
+        notes.append(note)
+    fused_heavy = [n for n in heavy if n in fused]
+    if fused_heavy:
+        notes.append(
+            f"{method}: {len(fused_heavy)} pre-activation tensor(s) saturate more than {CLIP_NOTE_FRACTION:.0%} of "
+            f"their values: {_sorted_by_clipping(ranges, fused_heavy)}; TensorRT fuses them into the following "
+            "Relu/Clip and quantlab writes no Q/DQ on them, so their ranges are not used."
+        )
+    return tuple(notes)
 
 
 def table_from_statistics(
@@ -202,14 +248,24 @@ def table_from_statistics(
     percentile: float = DEFAULT_PERCENTILE,
     calib_set: Mapping[str, Any] | None = None,
     versions: Mapping[str, str] | None = None,
+    entropy_skip_zeros: bool = True,
+    fused: Collection[str] = (),
 ) -> CalibrationTable:
-    """One method's table from collected statistics (no model run: methods share one pass)."""
+    """One method's table from collected statistics (no model run: methods share one pass).
+
+    ``entropy_skip_zeros=False`` gives TensorRT's entropy algorithm exactly as
+    published, exact zeros included (see quantlab.calibrators.amax_entropy).
+    ``fused`` names the pre-activation tensors TensorRT fuses away (only the
+    notes use it: see :func:`clipping_notes`).
+    """
     (method,) = resolve_methods([method])
     if method == "percentile" and not 0.0 < percentile <= 100.0:
         raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
-    settings = method_settings(method, percentile=percentile, bins=stats.bins, huge_threshold=stats.huge_threshold)
+    settings = method_settings(method, percentile=percentile, bins=stats.bins, huge_threshold=stats.huge_threshold,
+                               entropy_skip_zeros=entropy_skip_zeros)
     settings["samples"] = stats.samples
-    ranges = {name: tensor_range(state, method, percentile=percentile) for name, state in stats.tensors.items()}
+    ranges = {name: tensor_range(state, method, percentile=percentile, entropy_skip_zeros=entropy_skip_zeros)
+              for name, state in stats.tensors.items()}
     return CalibrationTable(
         method=method,
         ranges=ranges,
@@ -217,7 +273,8 @@ def table_from_statistics(
         settings=settings,
         calib_set=dict(calib_set or {}),
         versions=dict(versions if versions is not None else tool_versions()),
-        notes=statistics_notes(stats) + clipping_notes(method, ranges, stats),
+        notes=statistics_notes(stats)
+        + clipping_notes(method, ranges, stats, entropy_skip_zeros=entropy_skip_zeros, fused=frozenset(fused)),
     )
 
 
@@ -243,12 +300,16 @@ def calibrate(
     progress: bool = False,
     tensors: Sequence[str] | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    entropy_skip_zeros: bool = True,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``dataset`` (a ``quantlab.data.DataSet``) with every method in ``methods``.
 
     Checks the data against the model's inputs first (InputMismatchError),
     fingerprints every batch as it streams (DataError on NaN/Inf, naming the
     sample and input), then computes all methods from one statistics pass.
+    ``entropy_skip_zeros=False``: the entropy method keeps exact zeros in its
+    histogram (TensorRT's behaviour; clips ReLU outputs hard, see
+    quantlab.calibrators.amax_entropy).
     """
     from .data import DataFingerprint, check_inputs
 
@@ -270,10 +331,12 @@ def calibrate(
         total=_dataset_size(dataset),
     )
     summary = fingerprint.summary()
+    fused = frozenset(fused_preactivations(model.proto))
     calib_set = {"manifest": dataset.manifest_record(), "sha256": summary.sha256, "count": summary.count}
     versions = tool_versions()
     tables = {
-        m: table_from_statistics(stats, m, percentile=percentile, calib_set=calib_set, versions=versions)
+        m: table_from_statistics(stats, m, percentile=percentile, calib_set=calib_set, versions=versions,
+                                 entropy_skip_zeros=entropy_skip_zeros, fused=fused)
         for m in chosen
     }
     return CalibrationResult(tables=tables, statistics=stats, data=summary)

@@ -136,8 +136,9 @@ def amax_entropy(
     *,
     levels: int = ENTROPY_LEVELS,
     start_bin: int | None = None,
+    zeros: float = 0.0,
 ) -> float:
-    """TensorRT's entropy (KL-divergence) calibration threshold.
+    """TensorRT's entropy (KL-divergence) calibration threshold, optionally without the exact zeros.
 
     Reference: Szymon Migacz, "8-bit Inference with TensorRT", GTC 2017
     (on-demand.gputechconf.com/gtc/2017/presentation/s7310-8-bit-inference-with-tensorrt.pdf).
@@ -161,8 +162,30 @@ def amax_entropy(
     whose ``Q`` has no mass where ``P`` has some (bin ``i - 1`` empty but
     outliers folded into it) has infinite divergence. If every candidate is
     infinite, or the histogram has fewer than ``levels + 1`` bins, ``upper`` is returned.
+
+    ``zeros``: how many of the ``hist[0]`` values are exactly 0.0; they are
+    taken out of bin 0 before the search (pytorch-quantization's
+    ``HistogramCalibrator(skip_zeros=True)``). ``zeros=0`` is the published
+    algorithm. Why leave them out: after ReLU/ReLU6 a large share of the values
+    (20-90 % on EfficientNet-Lite0's ReLU6 outputs) is exactly 0, all in bin 0. For ``i``
+    near ``levels`` each level is one bin, so ``Q`` copies that spike; for
+    larger ``i`` a level spans ``i / levels`` bins and ``Q`` spreads the
+    spike evenly over them, which costs about ``share_of_zeros * log(i / levels)``
+    of divergence (1.9 nats at ``i = 2047`` with 70 % zeros), far more than
+    clipping the tail costs. The minimum then sits at the smallest candidate
+    whatever the tail looks like: on EfficientNet-Lite0, amax = 0.44 for ReLU6
+    outputs reaching 6 (blocks 6-15), 14-21 % of their values saturated, and
+    all-INT8 logits with cosine 0.01 to FP32's (0.98 with the zeros left out). Symmetric INT8 represents 0 exactly, so
+    the zeros carry no quantization error whatever the threshold and should
+    not steer it. (pytorch-quantization's ``_compute_amax_entropy`` also
+    defuses bin 0 on its own: it sets ``bins[0] = bins[1]``.)
     """
     hist = _validate(hist, upper)
+    if not 0.0 <= zeros <= hist[0]:
+        raise ValueError(f"zeros must be in [0, hist[0]] = [0, {hist[0]:g}], got {zeros}")
+    if zeros:
+        hist = hist.copy()
+        hist[0] -= zeros
     if hist.sum() == 0 or upper == 0:
         return 0.0
     if hist.size <= levels:

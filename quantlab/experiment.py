@@ -638,6 +638,7 @@ def run_experiment(config: ExperimentConfig, *, reports_dir: Path = Path("report
 def _run(config: ExperimentConfig, report_dir: Path, progress: bool, command: str, start: float) -> ExperimentResult:
     import time
 
+    from .calibrate import method_settings
     from .data import open_dataset
     from .graph import load_model
     from .table import read_table
@@ -652,8 +653,10 @@ def _run(config: ExperimentConfig, report_dir: Path, progress: bool, command: st
     common = {"versions": versions, "model_sha256": model.sha256}
     stages: list[StageRecord] = []
 
+    # the methods' settings, not only their names: a changed default (e.g. entropy skipping zeros) redoes it
     cal_key = {"stage": "calibrate", **common, "data": data_key(calib), "methods": list(config.calibrators),
-               "percentile": config.percentile}
+               "percentile": config.percentile,
+               "method_settings": {m: method_settings(m, percentile=config.percentile) for m in config.calibrators}}
     stages.append(run_stage(report_dir, "calibrate", cal_key,
                             lambda f: _calibrate_stage(f, model, calib, config, progress)))
     cal_dir = stages[-1].path

@@ -14,6 +14,13 @@ against an earlier, smaller ``R`` then merging pairs gives the same bin
 in floating point because it is a multiplication by a power of two. So the
 final histogram is bit-identical whatever the batch size, split or order.
 
+Exact zeros are binned (bin 0) and also counted on their own (``zeros``):
+after ReLU/ReLU6 they are often half or more of a tensor, and symmetric INT8
+represents 0 exactly, so a method may want to leave them out (the entropy
+method does, see quantlab.calibrators.amax_entropy). They are counted in the
+same compiled call, by a vectorised loop over the batch (~0.15 ns per value,
+against ~1.4 ns for binning).
+
 Values that cannot be binned are counted, not binned: non-finite values
 (NaN, +-inf) and "huge" finite values with ``|x| >= huge_threshold`` (default
 1e30: additive attention masks at float32.min). They are also left out of
@@ -39,6 +46,7 @@ from .calibrators import amax_percentile
 __all__ = [
     "DEFAULT_BINS",
     "DEFAULT_HUGE_THRESHOLD",
+    "MAX_BINS",
     "AbsHistogram",
     "HistogramState",
     "power_of_two_above",
@@ -46,6 +54,9 @@ __all__ = [
 
 DEFAULT_BINS = 2**14
 """Fine bins per tensor: 128 KiB of int64 counts each."""
+
+MAX_BINS = 2**30
+"""Bin indices are computed as uint32 in the compiled kernels (8 GiB of counts: never near it)."""
 
 DEFAULT_HUGE_THRESHOLD = 1e30
 """|x| at or above this is a sentinel (mask, padding), not a value to calibrate on."""
@@ -59,12 +70,16 @@ def power_of_two_above(value: float) -> float:
 
 @numba.njit(cache=True, nogil=True)
 def _scan_and_bin(flat, counts, scale, upper, huge):  # pragma: no cover - compiled
-    """One pass: min/max/counts of the usable values; bins those with |x| < upper.
+    """One pass: min/max/counts/exact zeros of the usable values; bins those with |x| < upper.
 
-    Returns (min, max, usable, nonfinite, huge_count, skipped) where skipped
-    counts usable non-zero values with |x| >= upper (binned later, after R grows).
+    Returns (min, max, usable, nonfinite, huge_count, skipped, zeros) where
+    skipped counts usable non-zero values with |x| >= upper (binned later,
+    after R grows) and zeros counts values equal to 0.0 (or -0.0; all in bin 0).
     The common case (|x| below both limits) takes the first branch only: about
-    1 ns per value, the cost of the scattered increment.
+    1.4 ns per value, the cost of the scattered increment. Zeros are counted in
+    a second, vectorised loop (~0.15 ns per value; in the scatter loop a float
+    compare-and-add is 4 more instructions per value, ~0.3 ns); the unsigned bin
+    index (2 instructions fewer per value, ~0.07 ns) pays back about half of it.
     """
     limit = min(upper, huge)
     mn = np.inf
@@ -72,11 +87,12 @@ def _scan_and_bin(flat, counts, scale, upper, huge):  # pragma: no cover - compi
     nonfinite = 0
     n_huge = 0
     skipped = 0
+    zeros = 0
     for i in range(flat.size):
         x = flat[i]
         ax = abs(x)
         if ax < limit:
-            counts[int(ax * scale)] += 1
+            counts[np.uint32(ax * scale)] += 1  # unsigned: no negative-index wrap-around code
             if x < mn:
                 mn = x
             if x > mx:
@@ -94,7 +110,9 @@ def _scan_and_bin(flat, counts, scale, upper, huge):  # pragma: no cover - compi
                 counts[0] += 1  # before any range exists zeros still belong in bin 0
             else:
                 skipped += 1
-    return mn, mx, flat.size - nonfinite - n_huge, nonfinite, n_huge, skipped
+    for i in range(flat.size):  # exact zeros (all usable: neither non-finite nor huge)
+        zeros += flat[i] == 0.0
+    return mn, mx, flat.size - nonfinite - n_huge, nonfinite, n_huge, skipped, zeros
 
 
 @numba.njit(cache=True, nogil=True)
@@ -103,7 +121,7 @@ def _bin_from(flat, counts, scale, lower, huge):  # pragma: no cover - compiled
     for i in range(flat.size):
         ax = abs(flat[i])
         if ax >= lower and ax < huge and ax != 0.0:
-            counts[int(ax * scale)] += 1
+            counts[np.uint32(ax * scale)] += 1
 
 
 def _merge_pairs(counts: np.ndarray, doublings: int) -> np.ndarray:
@@ -124,7 +142,10 @@ class HistogramState:
     ``counts[k]`` counts usable values with ``k*w <= |x| < (k+1)*w``, where
     ``w = upper / bins``. ``upper`` is 0.0 while every usable value was zero
     (they are all in bin 0). ``min``/``max``/``count`` cover usable values only;
-    ``nonfinite`` and ``huge`` count the values left out.
+    ``nonfinite`` and ``huge`` count the values left out. ``zeros`` counts the
+    usable values that are exactly 0.0 (-0.0 included): they are part of
+    ``counts[0]`` and of ``count``, and are a point mass at 0 for
+    :meth:`cdf_at` (not spread over bin 0).
     """
 
     counts: np.ndarray = field(repr=False)
@@ -135,13 +156,20 @@ class HistogramState:
     nonfinite: int = 0
     huge: int = 0
     huge_threshold: float = DEFAULT_HUGE_THRESHOLD
+    zeros: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.zeros <= self.count or (self.zeros and self.zeros > int(self.counts[0])):
+            raise ValueError(f"zeros ({self.zeros}) must be within 0..min(count, counts[0]) "
+                             f"(count {self.count}, counts[0] {int(self.counts[0]) if self.counts.size else 0})")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HistogramState):
             return NotImplemented
         return (
-            (self.upper, self.min, self.max, self.count, self.nonfinite, self.huge, self.huge_threshold)
-            == (other.upper, other.min, other.max, other.count, other.nonfinite, other.huge, other.huge_threshold)
+            (self.upper, self.min, self.max, self.count, self.nonfinite, self.huge, self.huge_threshold, self.zeros)
+            == (other.upper, other.min, other.max, other.count, other.nonfinite, other.huge, other.huge_threshold,
+                other.zeros)
             and np.array_equal(self.counts, other.counts)
         )
 
@@ -162,6 +190,26 @@ class HistogramState:
     def excluded(self) -> dict[str, int]:
         return {"nonfinite": int(self.nonfinite), "huge": int(self.huge)}
 
+    @property
+    def zero_fraction(self) -> float:
+        """Share of usable values that are exactly zero (0.0 when there are none)."""
+        return self.zeros / self.count if self.count else 0.0
+
+    def without_zeros(self) -> HistogramState:
+        """The same statistics with the exact zeros taken out of ``counts[0]`` and ``count``.
+
+        ``min``/``max`` are kept (they set the range, and a zero never widens
+        it). For methods that should not weigh values INT8 represents exactly.
+        """
+        if self.zeros == 0:
+            return self
+        counts = self.counts.copy()
+        counts[0] -= self.zeros
+        counts.setflags(write=False)
+        return HistogramState(counts=counts, upper=self.upper, min=self.min, max=self.max,
+                              count=self.count - self.zeros, nonfinite=self.nonfinite, huge=self.huge,
+                              huge_threshold=self.huge_threshold, zeros=0)
+
     def bin_edges(self) -> np.ndarray:
         """``bins + 1`` edges over ``[0, upper]`` (float64)."""
         return np.linspace(0.0, self.upper, self.bins + 1)
@@ -170,13 +218,16 @@ class HistogramState:
         """Count of usable values with |x| below ``x``: linear within a fine bin, all of it at ``absmax``.
 
         The fine bin holding ``absmax`` is taken to end at ``absmax`` (no value
-        lies above it), so ``cdf_at(absmax) == count``.
+        lies above it), so ``cdf_at(absmax) == count``. Exact zeros are a point
+        mass at 0: counted for every ``x > 0``, not spread over bin 0.
         """
         xs = np.asarray(x, dtype=np.float64)
         total = float(self.counts.sum())
         if self.upper == 0.0 or total == 0.0:
             return np.where(xs > 0, total, 0.0)
-        cum = np.concatenate([[0.0], np.cumsum(self.counts, dtype=np.float64)])
+        zeros = float(self.zeros)
+        cum = np.concatenate([[0.0], np.cumsum(self.counts, dtype=np.float64) - zeros])
+        total -= zeros
         edges = self.bin_edges()
         absmax = self.absmax
         k = min(int(absmax * self.bins / self.upper), self.bins - 1)  # fine bin holding absmax
@@ -186,7 +237,7 @@ class HistogramState:
         else:  # absmax sits on an edge: its point mass joins the bin below
             xp = edges[: k + 1]
             fp = np.concatenate([cum[:k], [total]])
-        return np.interp(xs, xp, fp)
+        return np.interp(xs, xp, fp) + np.where(xs > 0, zeros, 0.0)
 
     def rebin_to(self, n_bins: int, upper: float) -> np.ndarray:
         """Counts (float64) of ``n_bins`` equal bins over ``[0, upper]``.
@@ -239,8 +290,8 @@ class AbsHistogram:
     """Mutable accumulator behind :class:`HistogramState`; feed it batches with :meth:`update`."""
 
     def __init__(self, bins: int = DEFAULT_BINS, huge_threshold: float = DEFAULT_HUGE_THRESHOLD) -> None:
-        if bins < 2 or bins & (bins - 1):
-            raise ValueError(f"bins must be a power of two >= 2, got {bins}")
+        if bins < 2 or bins & (bins - 1) or bins > MAX_BINS:
+            raise ValueError(f"bins must be a power of two in [2, {MAX_BINS}], got {bins}")
         if not huge_threshold > 0:
             raise ValueError(f"huge_threshold must be > 0, got {huge_threshold}")
         self.bins = int(bins)
@@ -252,6 +303,7 @@ class AbsHistogram:
         self.count = 0
         self.nonfinite = 0
         self.huge = 0
+        self.zeros = 0
 
     def _scale(self) -> float:
         return self.bins / self.upper if self.upper > 0.0 else 0.0
@@ -274,10 +326,11 @@ class AbsHistogram:
         if flat.size == 0:
             return
         old_upper = self.upper
-        mn, mx, usable, nonfinite, n_huge, skipped = _scan_and_bin(
+        mn, mx, usable, nonfinite, n_huge, skipped, zeros = _scan_and_bin(
             flat, self.counts, self._scale(), old_upper, self.huge_threshold
         )
         self.count += int(usable)
+        self.zeros += int(zeros)
         self.nonfinite += int(nonfinite)
         self.huge += int(n_huge)
         if usable:
@@ -301,6 +354,7 @@ class AbsHistogram:
         self.count += int(other.count)
         self.nonfinite += int(other.nonfinite)
         self.huge += int(other.huge)
+        self.zeros += int(other.zeros)
         if other.count:
             self.min = min(self.min, float(other.min))
             self.max = max(self.max, float(other.max))
@@ -319,6 +373,7 @@ class AbsHistogram:
             nonfinite=int(self.nonfinite),
             huge=int(self.huge),
             huge_threshold=self.huge_threshold,
+            zeros=int(self.zeros),
         )
 
     @classmethod

@@ -396,11 +396,17 @@ def _run_groups(
     return samples, n_batches
 
 
-_SCALARS = ("upper", "min", "max", "count", "nonfinite", "huge")
+_SCALARS = ("upper", "min", "max", "count", "nonfinite", "huge", "zeros")
+_OPTIONAL_SCALARS = ("zeros",)
+"""Scalars files from older quantlab versions lack; read as 0 (e.g. no exact-zero count: entropy keeps zeros)."""
 
 
 def save_statistics(stats: Statistics, path: str | os.PathLike[str]) -> Path:
-    """Write ``stats`` as one ``.npz`` (no pickles): counts [tensors, bins], per-tensor scalars, JSON metadata."""
+    """Write ``stats`` as one ``.npz`` (no pickles): counts [tensors, bins], per-tensor scalars, JSON metadata.
+
+    The scalars include ``zeros`` (exact-zero count); files written before it
+    existed still load, with ``zeros`` 0.
+    """
     names = list(stats.tensors)
     states = [stats.tensors[n] for n in names]
     arrays: dict[str, np.ndarray] = {
@@ -408,7 +414,7 @@ def save_statistics(stats: Statistics, path: str | os.PathLike[str]) -> Path:
         "counts": np.stack([s.counts for s in states]) if states else np.zeros((0, stats.bins), np.int64),
     }
     for key in _SCALARS:
-        dtype = np.int64 if key in ("count", "nonfinite", "huge") else np.float64
+        dtype = np.int64 if key in ("count", "nonfinite", "huge", "zeros") else np.float64
         arrays[key] = np.array([getattr(s, key) for s in states], dtype=dtype)
     target = Path(path)
     with atomic_path(target) as tmp, open(tmp, "wb") as f:
@@ -430,23 +436,28 @@ def load_statistics(path: str | os.PathLike[str]) -> Statistics:
     if not isinstance(meta, dict) or meta.get("format") != STATISTICS_FORMAT:
         raise CalibrationError(f"{path}: not a {STATISTICS_FORMAT} file (format {meta.get('format')!r})")
     names = meta["tensors"]
-    missing = [k for k in ("counts", *_SCALARS) if k not in arrays]
+    missing = [k for k in ("counts", *_SCALARS) if k not in arrays and k not in _OPTIONAL_SCALARS]
     if missing or arrays["counts"].shape != (len(names), meta["bins"]):
         raise CalibrationError(f"{path}: statistics file is incomplete or inconsistent (missing {missing})")
+    zeros = arrays["zeros"] if "zeros" in arrays else np.zeros(len(names), np.int64)
     tensors = {}
     for i, name in enumerate(names):
         counts = arrays["counts"][i].astype(np.int64)
         counts.setflags(write=False)
-        tensors[name] = HistogramState(
-            counts=counts,
-            upper=float(arrays["upper"][i]),
-            min=float(arrays["min"][i]),
-            max=float(arrays["max"][i]),
-            count=int(arrays["count"][i]),
-            nonfinite=int(arrays["nonfinite"][i]),
-            huge=int(arrays["huge"][i]),
-            huge_threshold=float(meta["huge_threshold"]),
-        )
+        try:
+            tensors[name] = HistogramState(
+                counts=counts,
+                upper=float(arrays["upper"][i]),
+                min=float(arrays["min"][i]),
+                max=float(arrays["max"][i]),
+                count=int(arrays["count"][i]),
+                nonfinite=int(arrays["nonfinite"][i]),
+                huge=int(arrays["huge"][i]),
+                huge_threshold=float(meta["huge_threshold"]),
+                zeros=int(zeros[i]),
+            )
+        except (ValueError, IndexError) as exc:
+            raise CalibrationError(f"{path}: statistics of tensor {name!r} are inconsistent ({exc})") from None
     return Statistics(
         tensors=tensors,
         samples=int(meta["samples"]),

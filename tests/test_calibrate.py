@@ -195,6 +195,50 @@ def test_nan_in_data_names_sample_and_input():
     assert "conv_net[4]" in str(err.value) and "input" in str(err.value)
 
 
+def test_entropy_skips_exact_zeros_by_default_and_keeps_them_on_request():
+    """ReLU/ReLU6 outputs are ~half exact zeros: kept, they drag the KL minimum down and 2-3 % saturate."""
+    from quantlab.calibrators import amax_entropy
+
+    model = model_from_proto(models.residual_net())
+    result = calibrate(model, _dataset("residual_net", 12), "entropy", batch_size=4)
+    skip = result.tables["entropy"]
+    keep = table_from_statistics(result.statistics, "entropy", entropy_skip_zeros=False,
+                                 calib_set=skip.calib_set, versions=skip.versions)
+    assert skip.settings["skip_zeros"] is True and keep.settings["skip_zeros"] is False
+    relus = ["stem_relu", "r1", "r2", "dw_relu6"]
+    for name in relus:
+        state = result.statistics[name]
+        assert 0.3 < state.zero_fraction < 0.7 and skip.ranges[name].histogram["zeros"] == state.zeros
+        hist, upper = state.coarsen(2048)
+        assert keep.ranges[name].amax == min(amax_entropy(hist, upper), state.absmax)
+        assert skip.ranges[name].amax == min(amax_entropy(hist, upper, zeros=state.zeros), state.absmax)
+        assert keep.ranges[name].clipped_fraction > 0.01 > 0.001 > skip.ranges[name].clipped_fraction
+    # tensors without exact zeros get the same range either way
+    for name, state in result.statistics.tensors.items():
+        if state.zeros == 0:
+            assert keep.ranges[name].amax == skip.ranges[name].amax
+    # the warning names every saturating tensor with its share, and says why when zeros were kept
+    (note,) = [n for n in keep.notes if n.startswith("WARNING entropy:")]
+    for name in relus:
+        assert f"{name!r} {keep.ranges[name].clipped_fraction:.1%}" in note
+    assert "exact zeros" in note and "--entropy-keep-zeros" in note
+    assert not any(name in n for n in skip.notes for name in relus)
+
+
+def test_clipping_note_lists_tensors_worst_first():
+    from quantlab.calibrate import clipping_notes
+    from quantlab.table import TensorRange
+
+    model = model_from_proto(models.conv_net())
+    stats = calibrate(model, _dataset("conv_net", 2), "minmax").statistics
+    fractions = {"relu1": 0.02, "relu2": 0.30, "input": 0.005}
+    ranges = {n: TensorRange(amax=1.0, min=-1.0, max=1.0, clipped_fraction=f) for n, f in fractions.items()}
+    (note,) = clipping_notes("percentile", ranges, stats)
+    assert note.startswith("WARNING percentile: 2 of 3 tensor(s) saturate more than 1%")
+    assert note.index("'relu2' 30.0%") < note.index("'relu1' 2.0%") and "'input'" not in note
+    assert clipping_notes("percentile", {"input": ranges["input"]}, stats) == ()
+
+
 def test_table_from_loaded_statistics_equals_direct(tmp_path):
     from quantlab.stats import load_statistics, save_statistics
 
@@ -249,6 +293,33 @@ def test_cli_writes_every_output_atomically(tmp_path, cli_setup, capsys):
     assert not (out / "calib_minmax.json").exists()
 
 
+def test_cli_entropy_keep_zeros_flag(tmp_path, monkeypatch, capsys):
+    import json
+
+    import onnx
+
+    import quantlab.cli.calibrate as cli_calibrate
+    from quantlab.cli import main
+
+    model_path = tmp_path / "model.onnx"
+    onnx.save(models.residual_net(), model_path)
+    manifest = tmp_path / "set.toml"
+    manifest.write_text("# stands for the in-memory set\n")
+    data = _dataset("residual_net", 8)
+    monkeypatch.setattr(cli_calibrate, "_load_dataset", lambda path: data)
+    tables = {}
+    for flag in ([], ["--entropy-keep-zeros"]):
+        out = tmp_path / f"out{len(flag)}"
+        assert main(["calibrate", str(model_path), "--calib", str(manifest), "--out", str(out),
+                     "--no-progress", *flag]) == 0
+        tables[bool(flag)] = read_table(out / "calib_entropy.json")
+        run = json.loads((out / "calibrate_run.json").read_text())
+        assert run["entropy_skip_zeros"] is (not flag)
+    assert tables[False].settings["skip_zeros"] is True and tables[True].settings["skip_zeros"] is False
+    assert tables[True].ranges["r1"].amax < 0.7 * tables[False].ranges["r1"].amax
+    assert "WARNING entropy" in capsys.readouterr().out  # kept zeros: the saturation warning is printed
+
+
 def test_cli_refuses_to_replace_a_foreign_folder(tmp_path, cli_setup, capsys):
     from quantlab.cli import main
 
@@ -272,3 +343,22 @@ def test_cli_bad_model_leaves_nothing(tmp_path, cli_setup, capsys):
     assert main(["calibrate", str(bad), "--calib", str(manifest), "--out", str(out)]) == 2
     assert "bad.onnx" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_clipping_note_separates_fused_preactivations():
+    """Pre-activations TensorRT fuses into a Relu/Clip get no Q/DQ: their saturation is reported apart, mildly."""
+    from quantlab.calibrate import clipping_notes
+    from quantlab.stats import fused_preactivations
+    from quantlab.table import TensorRange
+
+    model = model_from_proto(models.conv_net())
+    fused = set(fused_preactivations(model.proto))
+    assert fused == {"conv1", "conv2"}
+    stats = calibrate(model, _dataset("conv_net", 2), "minmax").statistics
+    pre = sorted(fused)[0]
+    ranges = {n: TensorRange(amax=1.0, min=-1.0, max=1.0, clipped_fraction=0.05) for n in ("relu1", pre)}
+    warning, info = clipping_notes("entropy", ranges, stats, fused=fused)
+    assert warning.startswith("WARNING entropy: 1 of 2") and "'relu1' 5.0%" in warning and repr(pre) not in warning
+    assert not info.startswith("WARNING") and f"{pre!r} 5.0%" in info and "not used" in info
+    (only,) = clipping_notes("entropy", {pre: ranges[pre]}, stats, fused=fused)
+    assert not only.startswith("WARNING")

@@ -3,7 +3,10 @@
 The entropy reference below is written directly from the GTC 2017 slides
 (Migacz, "8-bit Inference with TensorRT", slides "Calibration" / "Candidate
 distribution Q"), one candidate at a time, building P and Q explicitly; it
-shares no code with quantlab.calibrators, which uses prefix sums.
+shares no code with quantlab.calibrators, which uses prefix sums. quantlab
+leaves exact zeros out by default (``zeros=``, pytorch-quantization's
+skip_zeros); the reference gets the same zero-free histogram, built from the
+samples without their zeros.
 """
 
 from __future__ import annotations
@@ -74,42 +77,91 @@ def _distributions() -> dict[str, np.ndarray]:
         "laplace": rng.laplace(0, 1, n),
         "student_t3": rng.standard_t(3, n),
         "relu_gaussian": np.maximum(rng.normal(0.2, 1, n), 0),
+        "relu6_mostly_zero": np.clip(rng.normal(-1.3, 2.5, n), 0, 6),  # ~70 % exact zeros, spike at 6
     }
 
 
 DISTRIBUTIONS = _distributions()
 
 
-@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
-def test_entropy_equals_reference_on_the_same_histogram(name):
-    x = DISTRIBUTIONS[name]
-    absmax = float(np.abs(x).max())
-    hist, _ = np.histogram(np.abs(x), bins=2048, range=(0.0, absmax))
+def _assert_same_curve(hist: np.ndarray) -> None:
     ours = entropy_divergences(hist)
     ref = reference_kl_curve(hist)
     ref_arr = np.array([ref[i] for i in range(128, 2048)])
     finite = np.isfinite(ref_arr)
     np.testing.assert_array_equal(np.isfinite(ours), finite)
     np.testing.assert_allclose(ours[finite], ref_arr[finite], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_entropy_equals_reference_on_the_same_zero_free_histogram(name):
+    """Default (zeros skipped): quantlab gets the histogram and its zero count, the reference the zero-free samples."""
+    x = DISTRIBUTIONS[name]
+    absmax = float(np.abs(x).max())
+    zeros = int((x == 0).sum())
+    hist, _ = np.histogram(np.abs(x), bins=2048, range=(0.0, absmax))
+    zero_free, _ = np.histogram(np.abs(x[x != 0]), bins=2048, range=(0.0, absmax))
+    np.testing.assert_array_equal(zero_free[1:], hist[1:])
+    assert zero_free[0] == hist[0] - zeros
+    _assert_same_curve(zero_free)
+    expected = reference_entropy_amax(x[x != 0], absmax)
+    assert amax_entropy(hist, absmax, zeros=zeros) == pytest.approx(expected, rel=1e-12)
+    assert amax_entropy(zero_free, absmax) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "relu_gaussian", "relu6_mostly_zero"])
+def test_entropy_keeping_zeros_equals_reference_on_the_full_histogram(name):
+    """zeros=0: TensorRT's published algorithm exactly, zeros in bin 0 (``--entropy-keep-zeros``)."""
+    x = DISTRIBUTIONS[name]
+    absmax = float(np.abs(x).max())
+    hist, _ = np.histogram(np.abs(x), bins=2048, range=(0.0, absmax))
+    _assert_same_curve(hist)
     assert amax_entropy(hist, absmax) == pytest.approx(reference_entropy_amax(x), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
 def test_entropy_from_streaming_histogram_equals_reference_on_samples(name):
-    """Streaming 2**14-bin histogram (13 batches) -> 2048 coarse bins -> threshold == reference on raw samples."""
+    """Streaming 2**14-bin histogram (13 batches) -> 2048 coarse bins -> threshold == reference on raw samples
+    (without their exact zeros; with them for zeros=0)."""
     x = DISTRIBUTIONS[name].astype(np.float32)
     h = AbsHistogram()
     for chunk in np.array_split(x, 13):
         h.update(chunk)
     s = h.state()
+    assert s.zeros == int((x == 0).sum())
     hist, upper = s.coarsen(2048)
     absmax = float(np.abs(x).max())
     assert upper == streaming_histogram_upper(absmax)
     assert absmax <= upper < 1.25 * absmax + upper / 2048
-    ours = amax_entropy(hist, upper)
-    assert ours == pytest.approx(reference_entropy_amax(x, upper), rel=1e-12)
+    ours = amax_entropy(hist, upper, zeros=s.zeros)
+    assert ours == pytest.approx(reference_entropy_amax(x[x != 0], upper), rel=1e-12)
+    assert amax_entropy(hist, upper) == pytest.approx(reference_entropy_amax(x, upper), rel=1e-12)
     if name in ("laplace", "student_t3"):
         assert ours < 0.9 * absmax  # heavy tails get clipped
+
+
+@pytest.mark.parametrize("name, tail", [
+    ("relu6", lambda rng, n: np.clip(rng.normal(-1.3, 2.5, n), 0, 6)),
+    ("relu_laplace", lambda rng, n: np.maximum(rng.laplace(-0.8, 1.0, n), 0)),
+])
+def test_entropy_no_longer_clips_the_tail_of_mostly_zero_relu_outputs(name, tail):
+    """~70-80 % exact zeros + a long tail (ReLU6 / ReLU outputs of EfficientNet's late blocks).
+
+    Kept in bin 0, the zeros put the KL minimum at the smallest candidate (128.5
+    bins of 2048): 12-25 % of the values saturate. Left out, the tail is kept.
+    """
+    x = tail(np.random.default_rng(11), 200_000).astype(np.float32)
+    h = AbsHistogram()
+    h.update(x)
+    s = h.state()
+    assert 0.65 < s.zero_fraction < 0.85
+    hist, upper = s.coarsen(2048)
+    kept = amax_entropy(hist, upper)  # TensorRT's algorithm as published
+    skipped = amax_entropy(hist, upper, zeros=s.zeros)
+    assert kept == pytest.approx(128.5 * upper / 2048)  # the smallest candidate, whatever the tail
+    assert np.mean(x > kept) > 0.10
+    assert np.mean(x > skipped) < 0.001
+    assert skipped > 0.8 * s.absmax
 
 
 def test_entropy_is_ill_conditioned_in_sparse_tails_which_is_why_bins_are_not_interpolated():
@@ -140,6 +192,13 @@ def test_entropy_edge_cases():
     assert amax_entropy(np.ones(64), 2.0) == 2.0  # fewer bins than levels
     with pytest.raises(ValueError):
         amax_entropy(np.array([1.0, -1.0]), 1.0)
+    only_zeros = np.zeros(2048)
+    only_zeros[0] = 50
+    assert amax_entropy(only_zeros, 1.0, zeros=50) == 0.0
+    with pytest.raises(ValueError, match="zeros"):
+        amax_entropy(only_zeros, 1.0, zeros=51)
+    with pytest.raises(ValueError, match="zeros"):
+        amax_entropy(only_zeros, 1.0, zeros=-1)
 
 
 def test_minmax():

@@ -131,6 +131,8 @@ def test_quantile_and_fraction_above_match_numpy():
 def test_bins_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         AbsHistogram(1000)
+    with pytest.raises(ValueError, match="power of two"):
+        AbsHistogram(2**31)
     with pytest.raises(ValueError, match="merge"):
         AbsHistogram(16).merge(AbsHistogram(32))
 
@@ -165,3 +167,50 @@ def test_states_compare_by_value():
     x = _mixed(6, 1000)
     assert _feed(x, 10) == _feed(x, 1000)
     assert _feed(x, 10) != _feed(x[:-1], 10)
+
+
+def test_exact_zeros_are_counted_whatever_the_batch_size_order_and_merge():
+    x = _mixed(7, 20_000)
+    x[5::301] = -0.0  # negative zero is a zero too
+    x[3] = np.float32(1e-30)  # tiny but not zero: bin 0, not a zero
+    expected = int((x == 0).sum())
+    for chunk in (1, 13, x.size):
+        s = _feed(x, chunk)
+        assert s.zeros == expected and s.zero_fraction == pytest.approx(expected / x.size)
+        assert int(s.counts[0]) > s.zeros  # the tiny value and the 1e-3-scaled values below one bin share bin 0
+    a, b = AbsHistogram(1024), AbsHistogram(1024)
+    a.update(x[:5000])
+    b.update(x[5000:])
+    a.merge(b.state())
+    assert a.state() == _feed(x, 777)
+    assert AbsHistogram.from_state(a.state()).state().zeros == expected
+
+
+def test_zeros_before_any_range_and_non_usable_values():
+    h = AbsHistogram(16)
+    h.update(np.zeros(10, np.float32))  # no range yet: every value takes the slow branch
+    h.update(np.array([0.0, np.nan, np.inf, -3e30, 0.3], np.float32))
+    s = h.state()
+    assert (s.zeros, s.count, s.nonfinite, s.huge) == (11, 12, 2, 1)
+    assert s.counts[0] == 11
+
+
+def test_without_zeros_and_zeros_as_a_point_mass():
+    rng = np.random.default_rng(9)
+    x = np.maximum(rng.normal(0, 1, 40_000), 0).astype(np.float32)  # ~half exact zeros
+    s = _feed(x, 4096, bins=256)
+    zeros = int((x == 0).sum())
+    assert s.zeros == zeros
+    nz = s.without_zeros()
+    assert nz.zeros == 0 and nz.count == x.size - zeros and nz.counts[0] == s.counts[0] - zeros
+    assert (nz.min, nz.max, nz.upper) == (s.min, s.max, s.upper)
+    expected, _ = np.histogram(x[x != 0], bins=256, range=(0, s.upper))
+    np.testing.assert_array_equal(nz.counts, expected)
+    assert s.without_zeros().without_zeros() == nz and nz.without_zeros() is nz
+    # the zeros sit at 0, not spread over bin 0: half a bin in, all of them and half of the rest are below
+    half = s.upper / s.bins / 2
+    assert s.cdf_at(0.0) == 0.0
+    assert s.cdf_at(half) == pytest.approx(zeros + (s.counts[0] - zeros) / 2)
+    assert s.cdf_at(s.absmax) == pytest.approx(x.size)
+    with pytest.raises(ValueError, match="zeros"):
+        HistogramState(counts=np.array([1, 2]), upper=1.0, min=0.0, max=0.9, count=3, zeros=2)

@@ -93,8 +93,8 @@ def _assert_same_statistics(a, b):
     for name in a.names:
         x, y = a[name], b[name]
         np.testing.assert_array_equal(x.counts, y.counts, err_msg=name)
-        assert (x.upper, x.min, x.max, x.count, x.huge, x.nonfinite) == (
-            y.upper, y.min, y.max, y.count, y.huge, y.nonfinite), name
+        assert (x.upper, x.min, x.max, x.count, x.huge, x.nonfinite, x.zeros) == (
+            y.upper, y.min, y.max, y.count, y.huge, y.nonfinite, y.zeros), name
 
 
 def test_statistics_do_not_depend_on_batch_size():
@@ -170,6 +170,41 @@ def test_save_and_load_round_trip(tmp_path):
     assert back["mask"].huge == stats["mask"].huge
     with np.load(path, allow_pickle=False) as data:  # plain arrays only
         assert set(data.files) >= {"counts", "metadata"}
+
+
+def test_exact_zeros_of_relu_outputs_are_counted(tmp_path):
+    model = model_from_proto(models.conv_net())
+    feeds = _feeds("conv_net", 12)
+    stats = collect_statistics(model, _batches(feeds, 5))
+    runner = get_backend("ort").build(model.proto, outputs=["relu1"])
+    try:
+        relu1 = runner.run(feeds, ["relu1"])["relu1"]
+    finally:
+        runner.close()
+    zeros = int((relu1 == 0).sum())
+    assert 0.2 * relu1.size < zeros < relu1.size  # a ReLU output: many exact zeros
+    assert stats["relu1"].zeros == zeros
+    assert stats["input"].zeros == int((feeds["input"] == 0).sum())
+    back = load_statistics(save_statistics(stats, tmp_path / "s.npz"))
+    assert back["relu1"].zeros == zeros
+
+
+def test_files_without_zero_counts_still_load(tmp_path):
+    """Statistics written before the exact-zero count existed load with zeros = 0 (entropy then keeps zeros)."""
+    model = model_from_proto(models.conv_net())
+    stats = collect_statistics(model, _batches(_feeds("conv_net", 4), 4))
+    path = save_statistics(stats, tmp_path / "new.npz")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files if k != "zeros"}
+    old = tmp_path / "old.npz"
+    np.savez_compressed(old, **arrays)
+    back = load_statistics(old)
+    assert stats["relu1"].zeros > 0 and back["relu1"].zeros == 0
+    np.testing.assert_array_equal(back["relu1"].counts, stats["relu1"].counts)
+    arrays["zeros"] = np.full(len(stats.names), 10**12, np.int64)  # more zeros than values: corrupt
+    np.savez_compressed(old, **arrays)
+    with pytest.raises(CalibrationError, match="inconsistent"):
+        load_statistics(old)
 
 
 def test_load_rejects_other_files(tmp_path):

@@ -2,6 +2,7 @@
 
     quantlab calibrate model.onnx --calib calib_sets/NAME.toml --method entropy --out runs/calib
     quantlab calibrate model.onnx --calib calib_sets/NAME.toml --method all --trt-cache --out runs/calib
+    quantlab calibrate model.onnx --calib calib_sets/NAME.toml --method entropy --entropy-keep-zeros --out runs/calib
 
 Writes into ``--out`` (atomically: a failed run leaves the previous folder or nothing):
 
@@ -64,6 +65,10 @@ def register(subparsers: Any) -> None:
                    help="calibration method; 'all' = " + ", ".join(ALL_METHODS) + " from one pass (default entropy)")
     p.add_argument("--percentile", type=_percentile, default=DEFAULT_PERCENTILE,
                    help=f"percentile of |x| kept by the percentile method (default {DEFAULT_PERCENTILE})")
+    p.add_argument("--entropy-keep-zeros", action="store_true",
+                   help="entropy: keep exact zeros in the histogram, as TensorRT's published algorithm does; by "
+                        "default they are left out (INT8 represents 0 exactly; kept, the zeros after ReLU/ReLU6 "
+                        "pull the threshold far below the tail and saturate 10-20 %% of the values)")
     p.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE,
                    help=f"samples per model run (default {DEFAULT_BATCH_SIZE}; does not change the ranges)")
     p.add_argument("--tensors", choices=TENSOR_SCOPES, default="all",
@@ -138,6 +143,7 @@ def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model
             "calib": str(args.calib),
             "methods": list(result.tables),
             "percentile": args.percentile,
+            "entropy_skip_zeros": not args.entropy_keep_zeros,
             "batch_size": args.batch_size,
             "tensors": args.tensors,
             "samples": result.statistics.samples,
@@ -160,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"quantlab calibrate: {model.label}: {len(tensors)} tensors, method(s) {', '.join(methods)}",
           file=sys.stderr, flush=True)
     result = calibrate(model, dataset, methods, percentile=args.percentile, batch_size=args.batch_size,
-                       progress=not args.no_progress, tensors=tensors)
+                       progress=not args.no_progress, tensors=tensors,
+                       entropy_skip_zeros=not args.entropy_keep_zeros)
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 100):
         print("\ncalibration data")
         frame = result.data.to_frame() if hasattr(result.data, "to_frame") else pd.DataFrame([result.data.as_dict()])
