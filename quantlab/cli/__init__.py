@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from ..errors import QuantlabError
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "positive_int", "non_negative_int"]
 
 COMMANDS: tuple[str, ...] = (
     "calibrate",
@@ -31,6 +31,22 @@ COMMANDS: tuple[str, ...] = (
 
 EXIT_ERROR = 2
 EXIT_GATE_FAILED = 1
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import positive_int
 from ..atomic import atomic_dir, write_json
 from ..calibrate import ALL_METHODS, DEFAULT_BATCH_SIZE, DEFAULT_PERCENTILE, CalibrationResult, calibrate
 from ..calibrators import METHODS
@@ -36,13 +37,6 @@ RUN_RECORD = "calibrate_run.json"
 """Marks a folder as a calibrate output, so a rerun may replace it (and nothing else)."""
 
 TOP_TENSORS = 10
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _percentile(text: str) -> float:
@@ -69,7 +63,7 @@ def register(subparsers: Any) -> None:
                    help="entropy: keep exact zeros in the histogram, as TensorRT's published algorithm does; by "
                         "default they are left out (INT8 represents 0 exactly; kept, the zeros after ReLU/ReLU6 "
                         "pull the threshold far below the tail and saturate 10-20 %% of the values)")
-    p.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help=f"samples per model run (default {DEFAULT_BATCH_SIZE}; does not change the ranges)")
     p.add_argument("--tensors", choices=TENSOR_SCOPES, default="all",
                    help="'all' float activations (default) or 'quantizable': without pre-activation tensors "

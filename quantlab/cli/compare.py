@@ -25,26 +25,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import positive_int, non_negative_int
 from ..backends import BACKEND_NAMES
 from ..errors import CompareError
 
 __all__ = ["register", "run", "candidate_name"]
 
 WORST_LAYERS = 10
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _confidence(text: str) -> float:
@@ -83,25 +70,25 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fail-if", default=None, metavar="EXPR",
                    help='exit 1 when EXPR holds for a candidate, e.g. "top1_drop>0.5" or "cosine<0.999"')
     p.add_argument("--backend", choices=BACKEND_NAMES, default=d.backend, help=f"default {d.backend}")
-    p.add_argument("--batch-size", type=_positive, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--max-samples", type=_positive, default=None, help="first N samples only")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="first N samples only")
     p.add_argument("--no-per-layer", action="store_true", help="end to end only (fastest)")
     p.add_argument("--no-local", action="store_true", help="per layer: accumulated mode only")
     p.add_argument("--no-accumulated", action="store_true", help="per layer: local mode only")
     p.add_argument("--layers", choices=["groups", "nodes"], default=d.layers,
                    help="compare fusion-group outputs (default) or every node output")
-    p.add_argument("--layer-group-size", type=_positive, default=d.layer_group_size,
+    p.add_argument("--layer-group-size", type=positive_int, default=d.layer_group_size,
                    help=f"tensors exposed at once (default {d.layer_group_size}); larger models run in segments")
-    p.add_argument("--bootstrap", type=_non_negative, default=d.bootstrap,
+    p.add_argument("--bootstrap", type=non_negative_int, default=d.bootstrap,
                    help=f"bootstrap resamples for intervals (default {d.bootstrap}; 0: none)")
     p.add_argument("--confidence", type=_confidence, default=d.confidence, help=f"default {d.confidence}")
-    p.add_argument("--seed", type=_non_negative, default=d.seed, help=f"bootstrap seed (default {d.seed})")
-    p.add_argument("--workers", type=_positive, default=None,
+    p.add_argument("--seed", type=non_negative_int, default=d.seed, help=f"bootstrap seed (default {d.seed})")
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="threads running models and metrics side by side (default: 2 on ONNX Runtime, else 1)")
     p.add_argument("--calib", type=Path, default=None, metavar="PATH",
                    help="the calibration set (manifest .toml, or data_summary.json of `quantlab calibrate`): "
                         "warn when the validation set shares samples with it")
-    p.add_argument("--worst", type=_non_negative, default=WORST_LAYERS,
+    p.add_argument("--worst", type=non_negative_int, default=WORST_LAYERS,
                    help=f"worst layers printed per candidate (default {WORST_LAYERS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import positive_int, non_negative_int
 from ..atomic import write_json
 from ..backends import BACKEND_NAMES, get_backend
 from ..errors import BackendUnavailableError, QuantlabError
@@ -36,20 +37,6 @@ def _dim(text: str) -> tuple[str, int]:
     return name, int(value)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "perf",
@@ -59,12 +46,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", type=Path, help="ONNX model file")
     p.add_argument("--backend", choices=[*BACKEND_NAMES, "all"], default="all",
                    help="backend to measure; 'all' measures every one available here (default)")
-    p.add_argument("--batch-size", type=_positive, default=1, help="samples per run (default 1)")
-    p.add_argument("--warmup", type=_non_negative, default=10, help="untimed runs first (default 10)")
-    p.add_argument("--iterations", type=_positive, default=100, help="timed runs (default 100)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="samples per run (default 1)")
+    p.add_argument("--warmup", type=non_negative_int, default=10, help="untimed runs first (default 10)")
+    p.add_argument("--iterations", type=positive_int, default=100, help="timed runs (default 100)")
     p.add_argument("--duration", type=float, default=None,
                    help="also keep timing until this many seconds have passed")
-    p.add_argument("--threads", type=_non_negative, default=0,
+    p.add_argument("--threads", type=non_negative_int, default=0,
                    help="ONNX Runtime intra-op threads (0 = one per core)")
     p.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=SIZE",
                    help="size of a named dynamic input axis other than the batch (repeatable)")

@@ -26,24 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import positive_int, non_negative_int
 from ..backends import BACKEND_NAMES
 from ..search import SearchOptions, StepEvent
 
 __all__ = ["register", "run", "format_step"]
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _seconds(text: str) -> float:
@@ -73,7 +60,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", type=Path, required=True, metavar="TOML", help="validation set manifest")
     p.add_argument("--threshold", required=True, metavar="EXPR",
                    help="what the final plan must meet, e.g. 'top1_drop<=0.5' or 'cosine>=0.999 and sqnr_db>=30'")
-    p.add_argument("--budget", type=_positive, default=None, metavar="N",
+    p.add_argument("--budget", type=positive_int, default=None, metavar="N",
                    help="most full validations (default ceil(log2 G) + 5, G = quantizable groups)")
     p.add_argument("--time-budget", type=_seconds, default=None, metavar="S",
                    help="start no evaluation after S seconds")
@@ -85,12 +72,12 @@ def register(subparsers: Any) -> None:
                    help="Q/DQ form written: tensorrt (default; its accuracy is simulated on ONNX Runtime) or ort")
     p.add_argument("--backend", choices=BACKEND_NAMES, default=defaults.backend,
                    help="backend that runs the candidates (default ort)")
-    p.add_argument("--probe-samples", type=_positive, default=defaults.probe_samples, metavar="N",
+    p.add_argument("--probe-samples", type=positive_int, default=defaults.probe_samples, metavar="N",
                    help=f"validation subset for the ranking probes (default {defaults.probe_samples}, "
                         "at most half the set)")
-    p.add_argument("--probe-top", type=_non_negative, default=defaults.probe_top, metavar="N",
+    p.add_argument("--probe-top", type=non_negative_int, default=defaults.probe_top, metavar="N",
                    help=f"groups probed alone, from the top of the local ranking (default {defaults.probe_top})")
-    p.add_argument("--batch-size", type=_positive, default=defaults.batch_size, metavar="N")
+    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, metavar="N")
     p.add_argument("--latency", action="store_true",
                    help="measure every full validation's latency (always on with --objective latency)")
     p.add_argument("--metric", default=None, metavar="MODULE:FUNCTION",
