@@ -719,7 +719,6 @@ class _Run:
         """The pinned groups (group -> precision) of the smallest passing prefix, or None."""
         tiers = [self.options.fallback] + (["fp32"] if self.options.fallback == "fp16" else [])
         size = len(self.ranking)
-        top = self.ranking[0] if self.ranking else None
         for tier in tiers:
             budget_out = False
 
