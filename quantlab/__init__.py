@@ -29,7 +29,7 @@ from .quantize import Provenance, WriteOptions, WrittenModel, save_written, writ
 from .table import CalibrationTable, TensorRange
 from .calibrate import CalibrationResult, calibrate
 from .threshold import Threshold, parse_threshold
-from .compare import CompareOptions, CompareResult, compare, load_comparison
+from .compare import CompareOptions, CompareResult, compare, load_candidate, load_comparison
 from .search import SearchOptions, SearchResult, search
 
 __version__ = "0.1.0"
@@ -69,6 +69,7 @@ __all__ = [
     "CompareResult",
     "compare",
     "load_comparison",
+    "load_candidate",
     "SearchOptions",
     "SearchResult",
     "search",

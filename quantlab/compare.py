@@ -55,8 +55,9 @@ original tensor -> written tensor carrying its value), never by guessing from na
 
 An island is the group's written nodes (``Provenance.node_map``: the node plus the Q/DQ/Cast
 nodes feeding it) closed over inserted nodes, cut at the written tensors that carry original
-tensors. All islands of a chunk of groups form one "local model" (renamed ``local/<i>/...``,
-inputs ``ref/<tensor>``), run once per batch.
+tensors. The islands of a chunk of groups form "local models" (renamed ``local/<i>/...``,
+inputs ``ref/<tensor>``; a node shared by two islands on the same inputs is computed once),
+one per worker thread, each run once per batch.
 
 Bounded memory (streaming): metrics are running sums per tensor, updated batch by batch; no
 activation outlives its batch. Large models do not expose every tensor at once: layers are
@@ -527,7 +528,7 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
 # --------------------------------------------------------------------------- candidates
 
 
-@dataclass
+@dataclass(eq=False)
 class _CandidatePlan:
     name: str
     proto: onnx.ModelProto
@@ -920,7 +921,7 @@ class _Task:
     inline: bool = False     # run on the calling thread (cheap bookkeeping)
 
 
-@dataclass
+@dataclass(eq=False)
 class _BatchState:
     """One batch in flight: its live tensors per model and the metric sums of its tasks."""
 
@@ -1161,8 +1162,8 @@ class _Comparison:
         for k, chunk in enumerate(self.chunks):
             for x in chunk:
                 chunk_of_group[x.group] = k
-        # local models, per candidate and chunk
-        self.local: dict[str, list[_LocalModel | None]] = {}
+        # local models, per candidate and chunk: split in ``workers`` parts that run side by side
+        self.local: dict[str, list[list[_LocalModel]]] = {}
         ref_wants: list[list[str]] = [[] for _ in range(k_count)]
         for k, chunk in enumerate(self.chunks):
             ref_wants[k].extend(x.tensor for x in chunk)
@@ -1177,14 +1178,12 @@ class _Comparison:
                         p.mirrored.add(g)
                         continue
                     per_chunk[chunk_of_group[g]].append(island)
-                models: list[_LocalModel | None] = []
+                models: list[list[_LocalModel]] = []
                 for k, islands in enumerate(per_chunk):
-                    if not islands:
-                        models.append(None)
-                        continue
-                    lm = _LocalModel(p, islands, self.backend)
-                    ref_wants[k].extend(lm.needs)
-                    models.append(lm)
+                    parts = [_LocalModel(p, part, self.backend) for part in self._split(islands)]
+                    for lm in parts:
+                        ref_wants[k].extend(lm.needs)
+                    models.append(parts)
                 self.local[p.name] = models
         ref_wants[-1].extend(self.ref.outputs)
         ref_wants = [list(dict.fromkeys(w)) for w in ref_wants]
@@ -1287,13 +1286,30 @@ class _Comparison:
                     tasks.append(_Task(("MA", b, k, name), partial(self._accumulated_sums, state, name, chunk),
                                        (("R", b, k), ("C", b, k, name))))
                     chunk_tasks.append(("MA", b, k, name))
-                local = self.local.get(name)
-                if local is not None and local[k] is not None:
-                    tasks.append(_Task(("L", b, k, name), partial(self._local_sums, state, name, local[k]),
-                                       (("R", b, k), ("L", b - 1, k, name))))
-                    chunk_tasks.append(("L", b, k, name))
+                for i, model in enumerate(self.local.get(name, [[]] * (k + 1))[k]):
+                    tasks.append(_Task(("L", b, k, name, i), partial(self._local_sums, state, name, model),
+                                       (("R", b, k), ("L", b - 1, k, name, i))))
+                    chunk_tasks.append(("L", b, k, name, i))
             tasks.append(_Task(("REL", b, k), partial(self._release, state, k), tuple(chunk_tasks), inline=True))
         return tasks
+
+    def _split(self, islands: list[_Island]) -> list[list[_Island]]:
+        """Islands in ``workers`` parts of similar size (activation elements in and out), so the
+        local models of one chunk run side by side; each part keeps topological order."""
+        if not islands:
+            return []
+        parts: list[list[_Island]] = [[] for _ in range(min(self.workers, len(islands)))]
+        load = [0] * len(parts)
+
+        def size(island: _Island) -> int:
+            tensors = list(island.boundary) + [t for t, _ in island.outputs]
+            return sum(_elements(self.ref.specs.get(t)) or 0 for t in tensors) or 1
+
+        for island in sorted(islands, key=lambda i: (-size(i), i.index)):
+            j = load.index(min(load))
+            parts[j].append(island)
+            load[j] += size(island)
+        return [sorted(part, key=lambda i: i.index) for part in parts if part]
 
     def _accumulated_sums(self, state: _BatchState, name: str, chunk: Sequence[_Layer]) -> None:
         from .metrics import error_sums
@@ -1347,20 +1363,40 @@ class _Comparison:
         running: dict[Future[Any], tuple[Any, ...]] = {}
         source = iter(batches)
         exhausted = False
+        prefetched: Any = None
         next_batch = 0
         next_finish = 0
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="quantlab-compare") if self.workers > 1 else None
+
+        def load() -> Any:
+            nonlocal exhausted
+            if exhausted:
+                return None
+            batch = next(source, None)
+            if batch is None:
+                exhausted = True
+                return None
+            opened(batch)
+            return batch
+
+        def ready(task: _Task) -> bool:
+            return all(d in done or d not in known for d in task.deps)
+
         try:
             while True:
-                while not exhausted and len(states) < window and (
-                        not states or states[next_batch - 1].runs <= done):
-                    # the next batch starts once this one's models ran: its metric and local work overlap the
-                    # next batch's runs, and the activations in memory stay at the same bound every batch
-                    batch = next(source, None)
+                retired: list[_BatchState] = []
+                while next_finish in states and states[next_finish].keys <= done:
+                    state = states.pop(next_finish)
+                    done -= state.keys
+                    known -= state.keys
+                    retired.append(state)
+                    next_finish += 1
+                while len(states) < window and (not states or states[next_batch - 1].runs <= done):
+                    # the next batch starts once this one's models ran (window > 1): its metric and local
+                    # work then overlap the next batch's runs
+                    batch, prefetched = (prefetched, None) if prefetched is not None else (load(), None)
                     if batch is None:
-                        exhausted = True
                         break
-                    opened(batch)
                     state = _BatchState(batch, dict(batch.feeds), {n: dict(batch.feeds) for n in self.plans})
                     states[next_batch] = state
                     tasks = self._tasks(next_batch, state)
@@ -1373,7 +1409,7 @@ class _Comparison:
                 while progressed:
                     progressed = False
                     for task in list(pending):
-                        if not all(d in done or d not in known for d in task.deps):
+                        if not ready(task):
                             continue
                         if pool is None or task.inline:
                             pending.remove(task)
@@ -1383,16 +1419,16 @@ class _Comparison:
                         elif len(running) < self.workers:
                             pending.remove(task)
                             running[pool.submit(task.fn)] = task.key
-                while next_finish in states and states[next_finish].keys <= done:
-                    state = states.pop(next_finish)
+                # this thread's own work, while the workers run the models: end-to-end figures of the
+                # batches done, and loading the next batch
+                for state in retired:
                     finished(state)
-                    done -= state.keys
-                    known -= state.keys
-                    next_finish += 1
+                if pool is not None and prefetched is None:
+                    prefetched = load()
                 if not running:
-                    if exhausted and not states:
+                    if exhausted and prefetched is None and not states:
                         return
-                    if not pending or any(all(d in done or d not in known for d in t.deps) for t in pending):
+                    if not pending or any(ready(t) for t in pending) or retired:
                         continue
                     raise RuntimeError("internal error: the comparison's task graph is stuck")  # pragma: no cover
                 finished_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -1467,8 +1503,8 @@ class _Comparison:
             if obj is not None:
                 obj.close()
         for models in getattr(self, "local", {}).values():
-            for m in models:
-                if m is not None:
+            for parts in models:
+                for m in parts:
                     m.close()
 
     # -- tables -------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ A threshold is one or more conditions joined by ``and`` (or ``,``)::
 
 Each metric names a column of the comparator's end-to-end table (one row per
 candidate and model output). A condition holds for a candidate when it holds
-on every output row that reports the metric; a metric no row reports is an
-error that lists the metrics that exist, never a silent pass.
+on every output row that reports the metric (NaN: not applicable to that
+output); a metric no row reports is an error that lists the metrics that
+exist, never a silent pass, and a metric that is NaN on every row fails.
 
 ``compare --fail-if EXPR`` fails when EXPR holds; ``search --threshold EXPR``
 looks for a plan where EXPR holds. Same parser, same columns.
@@ -99,6 +100,10 @@ class Threshold:
         passed = True
         for cond in self.conditions:
             present = [_number(r[cond.metric]) for r in records if cond.metric in r and _number(r[cond.metric]) is not None]
+            # an output where the metric does not apply (top1 of a regression head) reports NaN: skip it,
+            # unless no output has a number, then NaN stays and the condition fails
+            finite = [x for x in present if not math.isnan(x)]
+            present = finite or present
             if not present:
                 available = sorted({k for r in records for k, v in r.items() if _number(v) is not None})
                 raise ThresholdError(

@@ -94,3 +94,14 @@ def test_threshold_is_a_plain_value():
     t = parse_threshold("a<1, b>2")
     assert isinstance(t, Threshold) and t.metrics == ("a", "b")
     assert parse_threshold("a<1, b>2") == t
+
+
+def test_nan_on_an_output_where_the_metric_does_not_apply_is_skipped_but_all_nan_fails():
+    from quantlab.threshold import parse_threshold
+
+    t = parse_threshold("top1_drop<=0.5")
+    rows = [{"output": "logits", "top1_drop": 0.2}, {"output": "boxes", "top1_drop": float("nan")}]
+    assert t.check(rows).passed
+    rows_bad = [{"output": "logits", "top1_drop": 0.9}, {"output": "boxes", "top1_drop": float("nan")}]
+    assert not t.check(rows_bad).passed
+    assert not t.check([{"output": "boxes", "top1_drop": float("nan")}]).passed
