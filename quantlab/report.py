@@ -302,7 +302,11 @@ def _end_to_end_section(inputs: ReportInputs) -> str:
     return (
         '<section id="end-to-end"><h2>End to end, per candidate</h2>'
         "<p>Each candidate's outputs against the FP32 ONNX reference on the validation set. "
-        "Bracketed figures are bootstrap confidence intervals.</p>"
+        "Bracketed figures are bootstrap confidence intervals. Accuracy (<code>top1</code>, "
+        "<code>top5</code>) and agreement with the reference's top-1 are in %; drops are in percentage "
+        "points (reference minus candidate); <code>mcnemar_p</code> is the exact McNemar test between the "
+        "reference's and the candidate's correctness: a small value means the accuracy difference is "
+        "not noise.</p>"
         f"{_candidates_list(inputs)}{_table(_end_to_end_view(inputs.end_to_end))}</section>"
     )
 
