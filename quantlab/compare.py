@@ -89,8 +89,6 @@ strictly in batch order: the same data and seed give the same tables whatever th
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -955,35 +953,11 @@ class _OutputStats:
 
 
 def _load_metric(spec: str) -> Callable[..., Any]:
-    module_name, _, func_name = spec.rpartition(":")
-    try:
-        if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
-            path = Path(module_name)
-            if not path.is_file():
-                raise CompareError(f"metric {spec!r}: no such file {path}")
-            mod_spec = importlib.util.spec_from_file_location(f"quantlab_metric_{path.stem}", path)
-            assert mod_spec is not None and mod_spec.loader is not None
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                local = Path.cwd() / (module_name.replace(".", "/") + ".py")
-                if exc.name != module_name.split(".")[0] or not local.is_file():
-                    raise
-                return _load_metric(f"{local}:{func_name}")
-    except CompareError:
-        raise
-    except ImportError as exc:
-        raise CompareError(f"metric {spec!r}: cannot import {module_name!r} ({exc}); make it importable or "
-                           "give a file path, e.g. --metric my_metrics.py:score") from None
-    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
-        raise CompareError(f"metric {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise CompareError(f"metric {spec!r}: module {module_name!r} has no function {func_name!r}")
-    return func
+    """``--metric``: ``file.py:function``, ``module.py`` in the current folder, or an importable module."""
+    from .hooks import load_hook
+
+    return load_hook(spec, Path.cwd(), CompareError, f"metric {spec!r}",
+                     "Make it importable or give a file path, e.g. --metric my_metrics.py:score")
 
 
 _RESERVED = set(END_TO_END_COLUMNS) | set(CLASSIFIER_COLUMNS) | set(LABEL_COLUMNS) | set(PER_SAMPLE_COLUMNS)

@@ -648,26 +648,12 @@ def _parse_labels(table: dict[str, Any] | None, where: _Where, sources: Sequence
 
 
 def _resolve_hook(spec: str, folder: Path, where: str) -> Callable[[Any], Any]:
-    """Import ``module:function``: an importable module, or ``module.py`` beside the manifest."""
-    module_name, _, func_name = spec.partition(":")
-    local = folder / (module_name.replace(".", "/") + ".py")
-    try:
-        if local.is_file():
-            mod_spec = importlib.util.spec_from_file_location(f"quantlab_hook_{module_name}", local)
-            assert mod_spec is not None and mod_spec.loader is not None
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ManifestError(f"{where}: cannot import module {module_name!r} ({exc}). Put {module_name}.py "
-                            "next to the manifest or make it importable.") from None
-    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
-        raise ManifestError(f"{where}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ManifestError(f"{where}: module {module_name!r} has no function {func_name!r}.")
-    return func
+    """Import ``module:function``: ``module.py`` beside the manifest, or an importable module."""
+    from .hooks import load_hook
+
+    module_name = spec.rpartition(":")[0]
+    return load_hook(spec, folder, ManifestError, where,
+                     f"Put {module_name}.py next to the manifest or make it importable.")
 
 
 # ─────────────────────────────── samples and batches ───────────────────────────────
