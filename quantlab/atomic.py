@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_bytes", "write_text", "write_json", "atomic_path", "atomic_dir", "json_dumps"]
+__all__ = ["write_bytes", "write_text", "write_json", "atomic_path", "atomic_dir", "json_dumps", "json_default"]
 
 
 def _umask() -> int:
@@ -33,10 +33,11 @@ def _usual_mode(path: Path, *, folder: bool) -> None:
 
 def json_dumps(obj: Any) -> str:
     """Deterministic JSON (sorted keys, fixed indent) so equal inputs give equal bytes."""
-    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=True, default=_json_default) + "\n"
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=True, default=json_default) + "\n"
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars/arrays, paths, sets and pandas' missing values."""
     import numpy as np
 
     if isinstance(obj, np.generic):
@@ -47,6 +48,8 @@ def _json_default(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
+    if type(obj).__name__ in ("NAType", "NaTType"):  # pandas.NA / pandas.NaT, without importing pandas
+        return None
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 

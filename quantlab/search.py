@@ -257,22 +257,10 @@ class Evaluator(Protocol):
 # --------------------------------------------------------------------------- the log
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    if obj is pd.NA or obj is pd.NaT:
-        return None
-    raise TypeError(f"cannot write {type(obj).__name__} to the search log")
-
-
 def _line(record: Mapping[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=True, default=_plain)
+    from .atomic import json_default
+
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=True, default=json_default)
 
 
 def _normalise(obj: Any) -> Any:
