@@ -32,7 +32,7 @@ from .threshold import Threshold, parse_threshold
 from .compare import CompareOptions, CompareResult, compare, load_candidate, load_comparison
 from .search import SearchOptions, SearchResult, search
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "__version__",

@@ -104,7 +104,7 @@ from onnx import helper
 
 from .data import DataSet, DataSummary
 from .errors import CompareError, QuantlabError
-from .graph import LoadedModel
+from .graph import LoadedModel, outer_names
 from .quantize import WrittenModel
 from .threshold import Threshold, ThresholdCheck, parse_threshold
 
@@ -509,13 +509,12 @@ def _chunks(per_group: list[list[_Layer]], options: CompareOptions) -> list[list
 
 def _node_reads(node: onnx.NodeProto) -> list[str]:
     """Tensors a node reads: its inputs and the outer names its subgraphs use."""
-    from .quantize import _outer_names
 
     reads = [t for t in node.input if t]
     for attr in node.attribute:
         bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
         for body in bodies:
-            reads.extend(sorted(_outer_names(body)))
+            reads.extend(sorted(outer_names(body)))
     return reads
 
 

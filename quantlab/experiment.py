@@ -847,7 +847,7 @@ def assemble_report_inputs(config: ExperimentConfig, model: Any, tables: Mapping
     """Everything the report shows, from results already on disk (nothing is re-run)."""
     import pandas as pd
 
-    from .report import WORST_LAYERS_SHOWN, ReportInputs, _worst_layers
+    from .report import WORST_LAYERS_SHOWN, ReportInputs, worst_layers
     from .stats import load_statistics
 
     e2e = frames["end_to_end"].copy()
@@ -877,7 +877,7 @@ def assemble_report_inputs(config: ExperimentConfig, model: Any, tables: Mapping
     wanted: list[str] = []
     if per_layer is not None:
         int8 = per_layer[per_layer["candidate"].astype(str).str.startswith("int8")]
-        worst = _worst_layers(int8 if not int8.empty else per_layer, True, WORST_LAYERS_SHOWN)
+        worst = worst_layers(int8 if not int8.empty else per_layer, True, WORST_LAYERS_SHOWN)
         wanted = _tensors_for_layers(list(worst["layer"]), written, known)
     for t in disagreeing_tensors(tables, config.worst_tensors):
         if t not in wanted:

@@ -35,6 +35,7 @@ __all__ = [
     "consumer_map",
     "initializer_map",
     "default_opset",
+    "outer_names",
 ]
 
 MIN_OPSET = 13
@@ -347,3 +348,17 @@ def initializer_array(init: onnx.TensorProto) -> np.ndarray:
 
 def input_feed_specs(model: LoadedModel) -> Sequence[TensorSpec]:
     return model.inputs
+
+
+def outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Tensors a subgraph reads from enclosing scopes (used but not defined inside it)."""
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(t for t in node.input if t)
+        defined.update(o for o in node.output if o)
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                used |= outer_names(body)
+    used.update(o.name for o in graph.output)
+    return used - defined

@@ -72,7 +72,8 @@ from onnx import TensorProto, helper, numpy_helper
 from .atomic import write_bytes, write_json
 from .errors import CalibrationError, ModelError, PlanError, QuantlabError
 from .fingerprint import sha256_bytes, tool_versions
-from .graph import LoadedModel, default_opset, serialize, tensor_specs
+from .graph import LoadedModel, default_opset, outer_names, serialize, tensor_specs
+from .version import __version__
 from .plan import (
     FusionGroup,
     Precision,
@@ -1008,7 +1009,7 @@ class _Writer:
             for attr in node.attribute:
                 bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
                 for body in bodies:
-                    for t in sorted(_outer_names(body)):
+                    for t in sorted(outer_names(body)):
                         if self.written_dtype.get(t, self._orig_dtype(t)) != self._orig_dtype(t):
                             producer = self.placement.producers[t]
                             group = self.group_of[self.names[self.nodes.index(producer)]].name
@@ -1028,7 +1029,7 @@ class _Writer:
         graph = helper.make_graph(self.out_nodes, g.name, list(g.input), list(g.output), initializer=inits,
                                   doc_string=g.doc_string)
         out = helper.make_model(graph, opset_imports=list(self.src.opset_import),
-                                producer_name="quantlab", producer_version=_version())
+                                producer_name="quantlab", producer_version=__version__)
         out.ir_version = self.src.ir_version
         out.model_version = self.src.model_version
         out.domain = self.src.domain
@@ -1073,26 +1074,6 @@ class _Writer:
             if name in self._kept:
                 return name
         return tensor
-
-
-def _outer_names(graph: onnx.GraphProto) -> set[str]:
-    """Tensors a subgraph reads from enclosing scopes (used but not defined inside it)."""
-    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    used: set[str] = set()
-    for node in graph.node:
-        used.update(t for t in node.input if t)
-        defined.update(o for o in node.output if o)
-        for attr in node.attribute:
-            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                used |= _outer_names(body)
-    used.update(o.name for o in graph.output)
-    return used - defined
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 # --------------------------------------------------------------------------- entry point

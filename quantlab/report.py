@@ -45,6 +45,7 @@ __all__ = [
     "save_report_inputs",
     "load_report_inputs",
     "REPORT_INPUTS_FILE",
+    "worst_layers",
 ]
 
 REPORT_INPUTS_FILE = "report_inputs.json"
@@ -323,7 +324,7 @@ def _end_to_end_view(df: pd.DataFrame | None) -> pd.DataFrame | None:
     return df[first + [c for c in df.columns if c not in first]]
 
 
-def _worst_layers(per_layer: pd.DataFrame, higher_is_better: bool, n: int) -> pd.DataFrame:
+def worst_layers(per_layer: pd.DataFrame, higher_is_better: bool, n: int) -> pd.DataFrame:
     """The ``n`` rows with the worst local metric (culprits), per candidate.
 
     Layers without a local figure (not quantized: Reshape, Flatten...) only
@@ -381,7 +382,7 @@ def _per_layer_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str:
                 "was recorded.</p></section>")
     _check_per_layer(df)
     better = "higher is better" if inputs.layer_metric_higher_is_better else "lower is better"
-    worst = _worst_layers(df, inputs.layer_metric_higher_is_better, WORST_LAYERS_SHOWN)
+    worst = worst_layers(df, inputs.layer_metric_higher_is_better, WORST_LAYERS_SHOWN)
     shown = worst.copy()
     shown.insert(1, "rank", shown.groupby("candidate", sort=False).cumcount() + 1)
     names = []
@@ -639,7 +640,7 @@ def report_plots(inputs: ReportInputs) -> dict[str, bytes]:
     plots: dict[str, bytes] = {}
     if inputs.per_layer is not None and not inputs.per_layer.empty:
         _check_per_layer(inputs.per_layer)
-        worst = _worst_layers(inputs.per_layer, inputs.layer_metric_higher_is_better, WORST_LAYERS_SHOWN)
+        worst = worst_layers(inputs.per_layer, inputs.layer_metric_higher_is_better, WORST_LAYERS_SHOWN)
         plots["per_layer"] = _per_layer_plot(inputs, worst)
     if inputs.histograms:
         plots["histograms"] = _histogram_plot(inputs.histograms)

@@ -85,6 +85,7 @@ from .plan import ResolvedPlan
 from .quantize import WrittenModel
 from .table import CalibrationTable
 from .threshold import Threshold, ThresholdCheck, parse_threshold
+from .version import __version__
 
 __all__ = [
     "SearchOptions",
@@ -1050,7 +1051,6 @@ class SearchResult:
 def search_settings(model: LoadedModel, table: CalibrationTable, dataset: DataSet, options: SearchOptions,
                     *, data_sha256: str | None = None) -> dict[str, Any]:
     """What a search's evaluations depend on: a resumed search must match every key."""
-    from . import __version__
     from .fingerprint import sha256_bytes, tool_versions
     from .table import table_to_dict
 

@@ -50,7 +50,7 @@ def non_negative_int(text: str) -> int:
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(
         prog="quantlab",
