@@ -46,6 +46,14 @@ The experiment file (paths are relative to the file itself)::
     [report]
     worst_tensors = 6                   # histograms drawn for this many tensors
 
+    [export]                            # optional: after the report, `quantlab export triton`
+    repository = "../models"            # Triton model repository (relative to this file)
+    name = "efficientnet"               # default: the experiment's name
+    platform = "onnxruntime"            # onnxruntime | tensorrt
+    max_batch_size = 8                  # default: 8 with a dynamic batch axis, else 0
+    dynamic_batching = true
+    instances = 1
+
 Package layout (each module reads only those above it)::
 
     spec.py           the experiment file: schema (quantlab.schema), validation, ExperimentConfig

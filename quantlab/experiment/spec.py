@@ -54,10 +54,16 @@ class ExperimentConfig:
     search_calibrator: str = "best"
     search_budget: int = 0
     worst_tensors: int = 6
+    export_repository: Path | None = None
+    export_name: str | None = None
+    export_platform: str = "onnxruntime"
+    export_max_batch_size: int | None = None
+    export_dynamic_batching: bool = False
+    export_instances: int = 1
 
     def settings(self) -> dict[str, Any]:
         """Everything that shapes results, as plain data (recorded in the manifest)."""
-        return {
+        out = {
             "name": self.name, "model": str(self.model_path) if self.model_path else None, "zoo": self.zoo,
             "calibration": str(self.calibration), "validation": str(self.validation), "seed": self.seed,
             "backend": self.backend, "threshold": self.threshold, "calibrators": list(self.calibrators),
@@ -65,6 +71,11 @@ class ExperimentConfig:
             "search": self.search, "search_calibrator": self.search_calibrator,
             "search_budget": self.search_budget, "worst_tensors": self.worst_tensors,
         }
+        if self.export_repository is not None:
+            out["export"] = {"repository": str(self.export_repository), "name": self.export_name or self.name,
+                             "platform": self.export_platform, "max_batch_size": self.export_max_batch_size,
+                             "dynamic_batching": self.export_dynamic_batching, "instances": self.export_instances}
+        return out
 
 
 def _methods(v: Any) -> bool:
@@ -117,6 +128,17 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
     "report": {
         "worst_tensors": (Key(_COUNT, _count, "worst_tensors = 6"), "worst_tensors"),
     },
+    "export": {
+        "repository": (Key("a folder path string (relative to the experiment file)", non_empty_str,
+                           'repository = "../models"'), "export_repository"),
+        "name": (Key("a model name", non_empty_str, 'name = "efficientnet"'), "export_name"),
+        "platform": (Key("one of 'onnxruntime', 'tensorrt'", one_of(("onnxruntime", "tensorrt")),
+                         'platform = "onnxruntime"'), "export_platform"),
+        "max_batch_size": (Key(_COUNT, _count, "max_batch_size = 8"), "export_max_batch_size"),
+        "dynamic_batching": (Key("true or false", lambda v: isinstance(v, bool), "dynamic_batching = true"),
+                             "export_dynamic_batching"),
+        "instances": (Key("an integer >= 1", lambda v: is_int(v) and v >= 1, "instances = 1"), "export_instances"),
+    },
 }
 _PATH_FIELDS = ("model_path", "calibration", "validation")
 
@@ -144,6 +166,8 @@ def _values(data: Mapping[str, Any], where: Where, base: Path) -> dict[str, Any]
 def _converted(field: str, value: Any, where: str, base: Path) -> Any:
     if isinstance(value, list):
         return tuple(value)
+    if field == "export_repository":
+        return (base / value).resolve() if not Path(value).is_absolute() else Path(value)
     if field in _PATH_FIELDS:
         path = (base / value).resolve() if not Path(value).is_absolute() else Path(value)
         if not path.is_file():
@@ -165,6 +189,10 @@ def parse_experiment(text: str, *, source: Path | None = None, base: Path | None
     values = _values(data, where, base)
     _check_model(values, where)
     _check_candidates(values, where)
+    exports = [k for k in values if k.startswith("export_")]
+    if exports and "export_repository" not in values:
+        raise ExperimentError(f"{where.at('export')}: give 'repository' (the Triton model repository folder) "
+                              "for the [export] table.")
     if "threshold" in values:
         _check_threshold(values["threshold"], where.at("", None, "threshold"))
     name = values.pop("name", None) or (source.stem if source else "experiment")
