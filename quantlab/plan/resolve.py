@@ -14,17 +14,14 @@ import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import onnx
+import pandas as pd
 
 from ..errors import PlanError
 from ..precision import DEFAULT_FALLBACK, DEFAULT_PRECISION, INT8, GroupPrecision, Precision, check_precision
 from .groups import FusionGroup, fusion_groups
 from .rules import PrecisionPlan, Rule
-
-if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
 
 __all__ = ["ResolvedPlan", "resolve_plan"]
 
@@ -99,8 +96,6 @@ class ResolvedPlan:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per group: order, name, anchor op, nodes, quantizable, precision, reason, tensors."""
-        import pandas as pd
-
         return pd.DataFrame([
             {
                 "topo_index": g.topo_index,
