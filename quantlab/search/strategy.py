@@ -60,7 +60,6 @@ def bisect_prefix(
     return (min(passing) if passing else None), seen, violations
 
 
-
 def prefix_pins(ranking: Ranking, k: int, tier: str) -> dict[str, str]:
     """The first ``k`` ranked groups pinned at ``tier``."""
     return {g: tier for g in ranking.order[:k]}
