@@ -102,11 +102,11 @@ import onnx
 import pandas as pd
 from onnx import helper
 
-from .data import DataSet, DataSummary
-from .errors import CompareError, QuantlabError
-from .graph import LoadedModel, outer_names
-from .quantize import WrittenModel
-from .threshold import Threshold, ThresholdCheck, parse_threshold
+from ..data import DataSet, DataSummary
+from ..errors import CompareError, QuantlabError
+from ..graph import LoadedModel, outer_names
+from ..quantize import WrittenModel
+from ..threshold import Threshold, ThresholdCheck, parse_threshold
 
 __all__ = ["CompareOptions", "CompareResult", "compare", "load_comparison", "load_candidate",
            "COMPARE_FORMAT", "END_TO_END_COLUMNS", "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS"]
@@ -259,7 +259,7 @@ class CompareResult:
         leaves the previous result (or nothing). ``out_dir`` must be new, empty, or
         a previous comparison (holding ``compare.json``): other folders are refused.
         """
-        from .atomic import atomic_dir, json_dumps
+        from ..atomic import atomic_dir, json_dumps
 
         out = Path(out_dir)
         if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "compare.json").is_file())):
@@ -336,10 +336,10 @@ def load_candidate(path: str | Path, reference: LoadedModel) -> Candidate:
     :class:`LoadedModel` (end to end only). Refuses a model.onnx that no
     longer matches its provenance (edited after the build).
     """
-    from .fingerprint import sha256_bytes
-    from .graph import load_model
-    from .plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
-    from .quantize import WriteOptions, load_provenance
+    from ..fingerprint import sha256_bytes
+    from ..graph import load_model
+    from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
+    from ..quantize import WriteOptions, load_provenance
 
     p = Path(path)
     folder: Path | None = None
@@ -425,8 +425,8 @@ class _Reference:
 
 
 def _analyse_reference(model: LoadedModel) -> _Reference:
-    from .graph import tensor_specs
-    from .plan import constant_names, fusion_groups, node_names, topological_order
+    from ..graph import tensor_specs
+    from ..plan import constant_names, fusion_groups, node_names, topological_order
 
     proto = model.proto
     names = node_names(proto)
@@ -539,7 +539,7 @@ class _CandidatePlan:
 
 def _check_io(ref: LoadedModel, name: str, proto: onnx.ModelProto) -> None:
     """The candidate must take the reference's inputs and give its outputs (names, dtypes, ranks)."""
-    from .graph import tensor_specs
+    from ..graph import tensor_specs
 
     specs = tensor_specs(proto)
     inits = {i.name for i in proto.graph.initializer}
@@ -619,7 +619,7 @@ def _plan_candidate(name: str, cand: Candidate, ref: _Reference, layers: Sequenc
 def _islands(name: str, written: WrittenModel, ref: _Reference, layers: Sequence[_Layer], plan: _CandidatePlan,
              produced: Mapping[str, int]) -> dict[str, _Island]:
     """One island per group whose written form differs from the original (see the module docstring)."""
-    from .plan import topological_order
+    from ..plan import topological_order
 
     prov = written.provenance
     proto = written.proto
@@ -689,7 +689,7 @@ def _value_info(name: str, specs: Mapping[str, Any], label: str) -> onnx.ValueIn
 
 
 def _typed_specs(proto: onnx.ModelProto) -> dict[str, Any]:
-    from .graph import tensor_specs
+    from ..graph import tensor_specs
 
     specs = tensor_specs(proto)
     produced = {o for n in proto.graph.node for o in n.output if o}
@@ -743,7 +743,7 @@ class _Staged:
     """
 
     def __init__(self, proto: onnx.ModelProto, wants: Sequence[Sequence[str]], backend: Any, label: str) -> None:
-        from .plan import topological_order
+        from ..plan import topological_order
 
         self.label = label
         graph = proto.graph
@@ -953,7 +953,7 @@ class _OutputStats:
 
 def _load_metric(spec: str) -> Callable[..., Any]:
     """``--metric``: ``file.py:function``, ``module.py`` in the current folder, or an importable module."""
-    from .hooks import load_hook
+    from ..hooks import load_hook
 
     return load_hook(spec, Path.cwd(), CompareError, f"metric {spec!r}",
                      "Make it importable or give a file path, e.g. --metric my_metrics.py:score")
@@ -1031,8 +1031,8 @@ class _Comparison:
 
     def __init__(self, reference: LoadedModel, candidates: Mapping[str, Candidate], dataset: DataSet,
                  options: CompareOptions, calibration: DataSummary | None) -> None:
-        from .backends import get_backend
-        from .data import check_inputs
+        from ..backends import get_backend
+        from ..data import check_inputs
 
         if not isinstance(reference, LoadedModel):
             raise CompareError("the reference must be a LoadedModel (quantlab.load_model), got "
@@ -1178,8 +1178,8 @@ class _Comparison:
     # -- the pass ---------------------------------------------------------------------------------
 
     def run(self, progress: bool) -> CompareResult:
-        from .data import DataFingerprint, overlap
-        from .metrics import ErrorAccumulator
+        from ..data import DataFingerprint, overlap
+        from ..metrics import ErrorAccumulator
 
         self._setup()
         opts = self.options
@@ -1285,7 +1285,7 @@ class _Comparison:
         return [sorted(part, key=lambda i: i.index) for part in parts if part]
 
     def _accumulated_sums(self, state: _BatchState, name: str, chunk: Sequence[_Layer]) -> None:
-        from .metrics import error_sums
+        from ..metrics import error_sums
 
         p = self.plans[name]
         live = state.cand_live[name]
@@ -1297,7 +1297,7 @@ class _Comparison:
                 state.sums[(name, "accumulated", x.tensor)] = error_sums(r, c)
 
     def _local_sums(self, state: _BatchState, name: str, model: _LocalModel) -> None:
-        from .metrics import error_sums
+        from ..metrics import error_sums
 
         got = model.run(state.ref_live)
         for tensor, value in got.items():
@@ -1425,7 +1425,7 @@ class _Comparison:
                           cand_live: Mapping[str, Mapping[str, np.ndarray]],
                           e2e: dict[tuple[str, str], _OutputStats], ref_out: dict[str, _OutputStats],
                           user: dict[str, list[dict[str, float]]]) -> None:
-        from .metrics import error_sums, per_sample_errors, per_sample_sums, topk
+        from ..metrics import error_sums, per_sample_errors, per_sample_sums, topk
 
         labels = np.asarray(batch.labels) if (self.accuracy and batch.labels is not None) else None
         ref_top: dict[str, np.ndarray] = {}
@@ -1507,7 +1507,7 @@ class _Comparison:
     def _end_to_end_frames(self, e2e: Mapping[tuple[str, str], _OutputStats], ref_out: Mapping[str, _OutputStats],
                            keys: Sequence[str], indices: Sequence[int], labels: Sequence[Any],
                            user: Mapping[str, list[dict[str, float]]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-        from .metrics import bootstrap_ci, errors_from_sums, mcnemar_exact_p
+        from ..metrics import bootstrap_ci, errors_from_sums, mcnemar_exact_p
 
         opts = self.options
         n = len(keys)
@@ -1662,6 +1662,6 @@ class _Comparison:
         return out
 
     def _environment(self) -> dict[str, Any]:
-        from .fingerprint import tool_versions
+        from ..fingerprint import tool_versions
 
         return {"versions": tool_versions(), "backend": self.backend.describe().as_dict()}
