@@ -108,6 +108,10 @@ from ..graph import LoadedModel, outer_names
 from ..quantize import WrittenModel
 from .candidates import Candidate, load_candidate
 from .options import CompareOptions
+from .alignment import plan_candidate
+from .islands import Island, LocalModel
+from .layers import Layer, analyse_reference, chunks, elements_per_sample, layers_per_group
+from .segments import StagedModel
 from .result import (
     CLASSIFIER_COLUMNS,
     COMPARE_FORMAT,
@@ -127,530 +131,6 @@ _WINDOW = 1
 """Batches in flight when several workers run. 2 overlaps a batch's local/metric work with the next
 batch's runs (about 7 % faster on EfficientNet-Lite0) but makes the peak memory depend on thread
 timing (it kept rising for ~30 batches on a loaded machine); 1 keeps it the same every batch."""
-
-
-# --------------------------------------------------------------------------- graph analysis
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """One compared reference tensor."""
-
-    tensor: str
-    layer: str
-    node: str
-    order: int
-    group: str
-    op_type: str
-    elements: int | None  # per sample, from the inferred shape
-
-
-@dataclass(frozen=True)
-class _Island:
-    """The written nodes of one group, cut at the tensors carrying its original inputs."""
-
-    index: int
-    group: str
-    nodes: tuple[int, ...]                      # indices into the written graph's nodes
-    boundary: tuple[str, ...]                   # written (= original) tensors fed from the reference
-    outputs: tuple[tuple[str, str], ...]        # (reference tensor, written carrier)
-
-
-@dataclass
-class _Reference:
-    model: LoadedModel
-    names: list[str]
-    groups: list[Any]
-    group_of: dict[str, str]
-    producer: dict[str, int]
-    position: dict[int, int]
-    specs: dict[str, Any]
-    constants: set[str]
-    graph_inputs: list[str]
-    outputs: list[str]
-
-
-def _analyse_reference(model: LoadedModel) -> _Reference:
-    from ..graph import tensor_specs
-    from ..plan import constant_names, fusion_groups, node_names, topological_order
-
-    proto = model.proto
-    names = node_names(proto)
-    order = topological_order(proto)
-    groups = fusion_groups(proto)
-    group_of = {n: g.name for g in groups for n in g.nodes}
-    producer = {o: i for i, node in enumerate(proto.graph.node) for o in node.output if o}
-    inits = {i.name for i in proto.graph.initializer}
-    return _Reference(
-        model=model, names=names, groups=groups, group_of=group_of, producer=producer,
-        position={idx: i for i, idx in enumerate(order)}, specs=tensor_specs(proto),
-        constants=constant_names(proto),
-        graph_inputs=[i.name for i in proto.graph.input if i.name not in inits],
-        outputs=[o.name for o in proto.graph.output],
-    )
-
-
-def _elements(spec: Any) -> int | None:
-    if spec is None or spec.shape is None or len(spec.shape) < 1:
-        return None
-    n = 1
-    for d in spec.shape[1:]:
-        if not isinstance(d, int) or d < 0:
-            return None
-        n *= d
-    return n
-
-
-def _is_float_spec(spec: Any) -> bool:
-    return spec is not None and spec.dtype in ("float32", "float16", "float64", "bfloat16")
-
-
-def _layers(ref: _Reference, mode: str) -> list[list[_Layer]]:
-    """Compared tensors per fusion group, in topological order of groups."""
-    proto = ref.model.proto
-    nodes = list(proto.graph.node)
-    index_of = {name: i for i, name in enumerate(ref.names)}
-    per_group: list[list[_Layer]] = []
-    seen: set[str] = set()
-    for g in ref.groups:
-        out: list[_Layer] = []
-        if mode == "groups":
-            tensors = list(g.output_tensors) or [g.output_tensor]
-            candidates = [(t, g.name) for t in tensors if t]
-        else:
-            candidates = [(o, n) for n in g.nodes for o in nodes[index_of[n]].output if o]
-        for t, layer in candidates:
-            if t in seen or t not in ref.producer or not _is_float_spec(ref.specs.get(t)):
-                continue
-            idx = ref.producer[t]
-            if nodes[idx].op_type == "Constant":
-                continue
-            seen.add(t)
-            op_type = g.anchor_op if mode == "groups" else nodes[idx].op_type
-            out.append(_Layer(tensor=t, layer=layer, node=ref.names[idx], order=ref.position[idx], group=g.name,
-                              op_type=op_type, elements=_elements(ref.specs.get(t))))
-        per_group.append(out)
-    return per_group
-
-
-def _chunks(per_group: list[list[_Layer]], options: CompareOptions) -> list[list[_Layer]]:
-    """Consecutive groups' layers, at most ``layer_group_size`` tensors and the memory budget per chunk."""
-    budget = options.memory_budget_mb * 2**20
-    chunks: list[list[_Layer]] = []
-    current: list[_Layer] = []
-    size = 0.0
-    for layers in per_group:
-        if not layers:
-            continue
-        nbytes = sum(4.0 * (x.elements or 0) * options.batch_size for x in layers)
-        if current and (len(current) + len(layers) > options.layer_group_size or size + nbytes > budget):
-            chunks.append(current)
-            current, size = [], 0.0
-        current.extend(layers)
-        size += nbytes
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-def _node_reads(node: onnx.NodeProto) -> list[str]:
-    """Tensors a node reads: its inputs and the outer names its subgraphs use."""
-
-    reads = [t for t in node.input if t]
-    for attr in node.attribute:
-        bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for body in bodies:
-            reads.extend(sorted(outer_names(body)))
-    return reads
-
-
-def _has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-
-
-# --------------------------------------------------------------------------- candidates
-
-
-@dataclass(eq=False)
-class _CandidatePlan:
-    name: str
-    proto: onnx.ModelProto
-    written: WrittenModel | None
-    carriers: dict[str, str] = field(default_factory=dict)       # reference tensor -> written tensor
-    precision: dict[str, str] = field(default_factory=dict)      # group -> precision
-    islands: dict[str, _Island] = field(default_factory=dict)    # group -> island (local mode)
-    mirrored: set[str] = field(default_factory=set)              # groups whose local figures are the accumulated
-    skipped: list[str] = field(default_factory=list)             # notes
-
-
-def _check_io(ref: LoadedModel, name: str, proto: onnx.ModelProto) -> None:
-    """The candidate must take the reference's inputs and give its outputs (names, dtypes, ranks)."""
-    from ..graph import tensor_specs
-
-    specs = tensor_specs(proto)
-    inits = {i.name for i in proto.graph.initializer}
-    inputs = [i.name for i in proto.graph.input if i.name not in inits]
-    outputs = [o.name for o in proto.graph.output]
-    want_in, want_out = ref.input_names, ref.output_names
-    if sorted(inputs) != sorted(want_in):
-        raise CompareError(
-            f"candidate {name!r} has inputs {inputs} but the reference {ref.label} has {want_in}: "
-            f"missing {sorted(set(want_in) - set(inputs))}, unexpected {sorted(set(inputs) - set(want_in))}. "
-            "Compare models written from this reference."
-        )
-    if sorted(outputs) != sorted(want_out):
-        raise CompareError(
-            f"candidate {name!r} has outputs {outputs} but the reference {ref.label} has {want_out}: "
-            f"missing {sorted(set(want_out) - set(outputs))}, unexpected {sorted(set(outputs) - set(want_out))}. "
-            "Compare models written from this reference."
-        )
-    for spec in list(ref.inputs) + list(ref.outputs):
-        got = specs.get(spec.name)
-        if got is None:
-            continue
-        kind = "input" if spec.name in want_in else "output"
-        if spec.name in want_in and spec.dtype != "undefined" and got.dtype not in ("undefined", spec.dtype):
-            raise CompareError(f"candidate {name!r}: {kind} {spec.name!r} is {got.dtype}, the reference's is "
-                               f"{spec.dtype}; the same data cannot feed both.")
-        if spec.shape is not None and got.shape is not None:
-            if len(spec.shape) != len(got.shape):
-                raise CompareError(f"candidate {name!r}: {kind} {spec.name!r} has rank {len(got.shape)} "
-                                   f"{list(got.shape)}, the reference's has rank {len(spec.shape)} {list(spec.shape)}.")
-            for a, b in zip(spec.shape[1:], got.shape[1:]):
-                if isinstance(a, int) and isinstance(b, int) and a != b:
-                    raise CompareError(f"candidate {name!r}: {kind} {spec.name!r} has shape {list(got.shape)}, "
-                                       f"the reference's is {list(spec.shape)}.")
-
-
-def _plan_candidate(name: str, cand: Candidate, ref: _Reference, layers: Sequence[_Layer],
-                    options: CompareOptions) -> _CandidatePlan:
-    if isinstance(cand, WrittenModel):
-        proto, written = cand.proto, cand
-    elif isinstance(cand, LoadedModel):
-        proto, written = cand.proto, None
-    else:
-        raise CompareError(f"candidate {name!r} is a {type(cand).__name__}; give a WrittenModel (from "
-                           "quantlab.write_model / load_candidate) or a LoadedModel (quantlab.load_model)")
-    _check_io(ref.model, name, proto)
-    plan = _CandidatePlan(name=name, proto=proto, written=written)
-    if written is None or not options.per_layer:
-        return plan
-    prov = written.provenance
-    unknown = [n for n in ref.names if n not in prov.node_group]
-    if unknown:
-        raise CompareError(
-            f"candidate {name!r} was written from another model (source sha256 {written.source_sha256[:12]}, "
-            f"reference {ref.model.sha256[:12]}): its provenance has no node {unknown[0]!r}"
-            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-            + ". Compare it with the FP32 model it was written from."
-        )
-    plan.precision = {g.name: str(prov.group_precision.get(g.name, "fp32")) for g in ref.groups}
-    w_nodes = list(proto.graph.node)
-    produced = {o: i for i, n in enumerate(w_nodes) for o in n.output if o}
-    missing = []
-    for x in layers:
-        carrier = prov.tensor_map.get(x.tensor)
-        if carrier is None or carrier not in produced:
-            missing.append(x.tensor)
-            continue
-        plan.carriers[x.tensor] = carrier
-    if missing:
-        plan.skipped.append(f"candidate {name!r}: {len(missing)} layer tensor(s) have no written counterpart in "
-                            f"its provenance (e.g. {missing[0]!r}); they are left out of its per-layer table")
-    if options.local:
-        plan.islands = _islands(name, written, ref, layers, plan, produced)
-    return plan
-
-
-def _islands(name: str, written: WrittenModel, ref: _Reference, layers: Sequence[_Layer], plan: _CandidatePlan,
-             produced: Mapping[str, int]) -> dict[str, _Island]:
-    """One island per group whose written form differs from the original (see the module docstring)."""
-    from ..plan import topological_order
-
-    prov = written.provenance
-    proto = written.proto
-    w_nodes = list(proto.graph.node)
-    w_index = {n.name: i for i, n in enumerate(w_nodes)}
-    inits = {i.name for i in proto.graph.initializer}
-    ref_inits = {i.name for i in ref.model.proto.graph.initializer}
-    carriers = {v for k, v in prov.tensor_map.items() if k not in ref_inits and k not in ref.constants}
-    graph_inputs = {i.name for i in proto.graph.input if i.name not in inits}
-    position = {idx: k for k, idx in enumerate(topological_order(proto))}
-    by_group: dict[str, list[_Layer]] = {}
-    for x in layers:
-        if x.tensor in plan.carriers:
-            by_group.setdefault(x.group, []).append(x)
-    out: dict[str, _Island] = {}
-    for gi, g in enumerate(ref.groups):
-        if g.name not in by_group:
-            continue
-        members: set[int] = set()
-        for n in g.nodes:
-            for w in prov.node_map.get(n, (n,)):
-                if w in w_index:
-                    members.add(w_index[w])
-        if not members:
-            continue
-        pending = list(members)
-        while pending:
-            idx = pending.pop()
-            for t in _node_reads(w_nodes[idx]):
-                if t in inits or t in graph_inputs or t in carriers:
-                    continue
-                p = produced.get(t)
-                if p is not None and p not in members:
-                    members.add(p)
-                    pending.append(p)
-        inserted = any(w_nodes[i].name in prov.inserted_nodes for i in members)
-        if plan.precision.get(g.name, "fp32") == "fp32" and not inserted:
-            continue
-        if any(_has_subgraph(w_nodes[i]) for i in members):
-            plan.skipped.append(f"candidate {name!r}: local mode skips group {g.name!r}: it holds a subgraph "
-                                "(If/Loop/Scan) that cannot be cut out")
-            continue
-        made = {o for i in members for o in w_nodes[i].output if o}
-        boundary = sorted({t for i in members for t in w_nodes[i].input
-                           if t and t not in inits and t not in made})
-        outputs = tuple((x.tensor, plan.carriers[x.tensor]) for x in by_group[g.name]
-                        if plan.carriers[x.tensor] in made)
-        if not outputs:
-            continue
-        order = sorted(members, key=position.__getitem__)
-        out[g.name] = _Island(index=gi, group=g.name, nodes=tuple(order), boundary=tuple(boundary), outputs=outputs)
-    return out
-
-
-# --------------------------------------------------------------------------- sub-models
-
-
-def _value_info(name: str, specs: Mapping[str, Any], label: str) -> onnx.ValueInfoProto:
-    spec = specs.get(name)
-    if spec is None or spec.dtype == "undefined":
-        raise CompareError(f"{label}: cannot tell the type of tensor {name!r} (shape inference gives none); "
-                           "per-layer comparison needs typed tensors. Run with per_layer=False or a smaller "
-                           "layer chunk (layer_group_size) that does not cut here.")
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
-    shape = None if spec.shape is None else [d if isinstance(d, (int, str)) else None for d in spec.shape]
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def _typed_specs(proto: onnx.ModelProto) -> dict[str, Any]:
-    from ..graph import tensor_specs
-
-    specs = tensor_specs(proto)
-    produced = {o for n in proto.graph.node for o in n.output if o}
-    if any(t not in specs or specs[t].dtype == "undefined" for t in produced):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
-            specs = {**tensor_specs(inferred), **{k: v for k, v in specs.items() if v.dtype != "undefined"}}
-        except Exception:  # noqa: BLE001 - inference raises several types; what is typed stays typed
-            pass
-    return specs
-
-
-def _submodel(proto: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], inputs: Sequence[str],
-              outputs: Sequence[str], specs: Mapping[str, Any], label: str,
-              extra_inputs: Sequence[onnx.ValueInfoProto] = ()) -> onnx.ModelProto:
-    reads = {t for n in nodes for t in _node_reads(n)}
-    inits = [i for i in proto.graph.initializer if i.name in reads]
-    made = {o for n in nodes for o in n.output if o}
-    value_info = []
-    for t in sorted(made - set(outputs)):
-        spec = specs.get(t)
-        if spec is not None and spec.dtype != "undefined":
-            value_info.append(_value_info(t, specs, label))
-    graph = helper.make_graph(
-        list(nodes), f"{proto.graph.name}_part",
-        [_value_info(t, specs, label) for t in inputs] + list(extra_inputs),
-        [_value_info(t, specs, label) for t in outputs],
-        initializer=inits, value_info=value_info,
-    )
-    model = helper.make_model(graph, opset_imports=list(proto.opset_import))
-    model.ir_version = proto.ir_version
-    for f in proto.functions:
-        model.functions.append(f)
-    return model
-
-
-@dataclass
-class _Step:
-    runner: Any
-    inputs: tuple[str, ...]
-    fetch: tuple[str, ...]
-
-
-class _Staged:
-    """A model run in consecutive segments: step k computes what chunk k wants (see the module docstring).
-
-    ``wants[k]`` are the tensors the caller reads after step k (graph outputs must be
-    in the last). Each node runs in exactly one segment (the first whose wants need
-    it); a tensor crossing segments stays in the caller's ``live`` dict until its
-    last reader ran (``release[k]``). One chunk means one session on the whole model.
-    """
-
-    def __init__(self, proto: onnx.ModelProto, wants: Sequence[Sequence[str]], backend: Any, label: str) -> None:
-        from ..plan import topological_order
-
-        self.label = label
-        graph = proto.graph
-        nodes = list(graph.node)
-        inits = {i.name for i in graph.initializer}
-        graph_inputs = [i.name for i in graph.input if i.name not in inits]
-        producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-        k_count = len(wants)
-        for k, names in enumerate(wants):
-            for t in names:
-                if t not in producer and t not in graph_inputs:
-                    raise CompareError(f"{label}: no node produces tensor {t!r}; cannot expose it")
-        if k_count == 1:
-            extra = [t for t in dict.fromkeys(wants[0]) if t in producer and t not in {o.name for o in graph.output}]
-            runner = _build(backend, proto, extra, label)
-            fetch = tuple(t for t in dict.fromkeys(wants[0]) if t in producer)
-            self.steps = [_Step(runner, tuple(graph_inputs), fetch)]
-            self.release: list[set[str]] = [set()]
-            return
-        reads = [_node_reads(n) for n in nodes]
-        seg_of: dict[int, int] = {}
-        for k, names in enumerate(wants):
-            stack = [producer[t] for t in names if t in producer]
-            while stack:
-                idx = stack.pop()
-                if idx in seg_of:
-                    continue
-                seg_of[idx] = k
-                stack.extend(producer[t] for t in reads[idx] if t in producer and producer[t] not in seg_of)
-        order = topological_order(proto)
-        seg_nodes: list[list[int]] = [[] for _ in range(k_count)]
-        for idx in order:
-            if idx in seg_of:
-                seg_nodes[seg_of[idx]].append(idx)
-        last_use: dict[str, int] = {}
-        seg_inputs: list[list[str]] = []
-        for k in range(k_count):
-            made = {o for i in seg_nodes[k] for o in nodes[i].output if o}
-            ext = [t for i in seg_nodes[k] for t in reads[i] if t not in inits and t not in made]
-            ext = list(dict.fromkeys(ext))
-            seg_inputs.append(ext)
-            for t in ext:
-                last_use[t] = max(last_use.get(t, -1), k)
-        for k, names in enumerate(wants):
-            for t in names:
-                last_use[t] = max(last_use.get(t, -1), k)
-        specs = _typed_specs(proto)
-        self.steps = []
-        self.release = [set() for _ in range(k_count)]
-        for k in range(k_count):
-            made = [o for i in seg_nodes[k] for o in nodes[i].output if o]
-            fetch = tuple(t for t in dict.fromkeys(made) if t in last_use)
-            if not seg_nodes[k]:
-                self.steps.append(_Step(None, (), ()))
-                continue
-            sub = _submodel(proto, [nodes[i] for i in seg_nodes[k]], seg_inputs[k], fetch, specs,
-                            f"{label} (segment {k + 1}/{k_count})")
-            self.steps.append(_Step(_build(backend, sub, [], f"{label} (segment {k + 1}/{k_count})"),
-                                    tuple(seg_inputs[k]), fetch))
-        for t, k in last_use.items():
-            if t not in graph_inputs:
-                self.release[k].add(t)
-
-    def step(self, k: int, live: dict[str, np.ndarray]) -> None:
-        s = self.steps[k]
-        if s.runner is None or not s.fetch:
-            return
-        feeds = {t: live[t] for t in s.inputs}
-        live.update(s.runner.run(feeds, list(s.fetch)))
-
-    def close(self) -> None:
-        for s in self.steps:
-            if s.runner is not None:
-                s.runner.close()
-
-
-def _build(backend: Any, proto: onnx.ModelProto, outputs: Sequence[str], label: str) -> Any:
-    try:
-        return backend.build(proto, outputs=list(outputs) or None)
-    except QuantlabError as exc:
-        raise type(exc)(f"{label}: {exc}") from None
-
-
-class _LocalModel:
-    """The islands of one candidate and one chunk, as one model fed reference values (``ref/<tensor>``)."""
-
-    def __init__(self, plan: _CandidatePlan, islands: Sequence[_Island], backend: Any) -> None:
-        proto = plan.proto
-        specs = _typed_specs(proto)
-        w_nodes = list(proto.graph.node)
-        inits = {i.name for i in proto.graph.initializer}
-        nodes: list[onnx.NodeProto] = []
-        inputs: dict[str, str] = {}                 # graph input -> written tensor (= reference tensor)
-        self.outputs: list[tuple[str, str]] = []    # (output name, reference tensor)
-        local_specs: dict[str, Any] = {}
-        emitted: dict[tuple[int, tuple[str, ...]], list[str]] = {}
-        for island in islands:
-            prefix = f"local/{island.index}/"
-            names: dict[str, str] = {}   # written tensor made in this island -> its name here
-
-            def rename(t: str, names: dict[str, str] = names) -> str:
-                if not t or t in inits:
-                    return t
-                if t in names:
-                    return names[t]
-                inputs["ref/" + t] = t
-                return "ref/" + t
-
-            for i in island.nodes:
-                src = w_nodes[i]
-                ins = tuple(rename(t) for t in src.input)
-                key = (i, ins)
-                if key in emitted:  # the same node on the same inputs in an earlier island: computed once
-                    for t, done in zip(src.output, emitted[key]):
-                        if t:
-                            names[t] = done
-                    continue
-                node = onnx.NodeProto()
-                node.CopyFrom(src)
-                node.name = prefix + (src.name or f"{src.op_type}_{i}")
-                del node.input[:]
-                node.input.extend(ins)
-                del node.output[:]
-                node.output.extend(prefix + t if t else t for t in src.output)
-                emitted[key] = list(node.output)
-                nodes.append(node)
-                for t in src.output:
-                    if t:
-                        names[t] = prefix + t
-                        if t in specs:
-                            local_specs[prefix + t] = dataclasses.replace(specs[t], name=prefix + t)
-            for tensor, carrier in island.outputs:
-                self.outputs.append((names[carrier], tensor))
-        for name, t in inputs.items():
-            if t not in specs:
-                raise CompareError(f"candidate {plan.name!r}: cannot tell the type of written tensor {t!r} "
-                                   "to feed it the reference's value (local mode)")
-            local_specs[name] = dataclasses.replace(specs[t], name=name)
-        self.inputs = [(name, t, local_specs[name].dtype) for name, t in inputs.items()]
-        self.label = f"candidate {plan.name!r} (local mode)"
-        sub = _submodel(proto, nodes, [n for n, _, _ in self.inputs], [o for o, _ in self.outputs],
-                        local_specs, self.label)
-        self.runner = _build(backend, sub, [], self.label)
-
-    @property
-    def needs(self) -> list[str]:
-        return [t for _, t, _ in self.inputs]
-
-    def run(self, ref_live: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {}
-        for name, t, dtype in self.inputs:
-            v = ref_live[t]
-            if v.dtype != np.dtype(dtype):
-                with np.errstate(over="ignore"):  # e.g. a float32.min mask becomes -inf in float16, as written
-                    v = v.astype(dtype)
-            feeds[name] = v
-        got = self.runner.run(feeds, [o for o, _ in self.outputs])
-        return {t: got[o] for o, t in self.outputs}
-
-    def close(self) -> None:
-        self.runner.close()
 
 
 # --------------------------------------------------------------------------- scheduling
@@ -806,10 +286,10 @@ class _Comparison:
         except TypeError as exc:
             raise CompareError(f"backend {options.backend!r} does not take options {dict(options.backend_options)}: "
                                f"{exc}") from None
-        self.ref = _analyse_reference(reference)
-        per_group = _layers(self.ref, options.layers) if options.per_layer else []
+        self.ref = analyse_reference(reference)
+        per_group = layers_per_group(self.ref, options.layers) if options.per_layer else []
         self.all_layers = [x for g in per_group for x in g]
-        self.plans = {name: _plan_candidate(name, c, self.ref, self.all_layers, options)
+        self.plans = {name: plan_candidate(name, c, self.ref, self.all_layers, options)
                       for name, c in self.candidates.items()}
         for p in self.plans.values():
             self.warnings.extend(p.skipped)
@@ -818,7 +298,7 @@ class _Comparison:
                                      "end-to-end comparison only")
         self.do_acc = options.per_layer and options.accumulated
         self.do_local = options.per_layer and options.local
-        self.chunks = _chunks(per_group, options) if (self.do_acc or self.do_local) else []
+        self.chunks = chunks(per_group, options) if (self.do_acc or self.do_local) else []
         self.metric_spec = options.metric
         self.metric = _load_metric(options.metric) if options.metric else None
         self._labels_setup()
@@ -882,14 +362,14 @@ class _Comparison:
             for x in chunk:
                 chunk_of_group[x.group] = k
         # local models, per candidate and chunk: split in ``workers`` parts that run side by side
-        self.local: dict[str, list[list[_LocalModel]]] = {}
+        self.local: dict[str, list[list[LocalModel]]] = {}
         ref_wants: list[list[str]] = [[] for _ in range(k_count)]
         for k, chunk in enumerate(self.chunks):
             ref_wants[k].extend(x.tensor for x in chunk)
         if self.do_local:
             graph_inputs = set(self.ref.graph_inputs)
             for p in layered:
-                per_chunk: list[list[_Island]] = [[] for _ in range(k_count)]
+                per_chunk: list[list[Island]] = [[] for _ in range(k_count)]
                 for g, island in p.islands.items():
                     if self.do_acc and set(island.boundary) <= graph_inputs \
                             and all(t in p.carriers for t, _ in island.outputs):
@@ -897,27 +377,27 @@ class _Comparison:
                         p.mirrored.add(g)
                         continue
                     per_chunk[chunk_of_group[g]].append(island)
-                models: list[list[_LocalModel]] = []
+                models: list[list[LocalModel]] = []
                 for k, islands in enumerate(per_chunk):
-                    parts = [_LocalModel(p, part, self.backend) for part in self._split(islands)]
+                    parts = [LocalModel(p.name, p.proto, part, self.backend) for part in self._split(islands)]
                     for lm in parts:
                         ref_wants[k].extend(lm.needs)
                     models.append(parts)
                 self.local[p.name] = models
         ref_wants[-1].extend(self.ref.outputs)
         ref_wants = [list(dict.fromkeys(w)) for w in ref_wants]
-        self.ref_staged = _Staged(self.reference.proto, ref_wants, self.backend, f"reference {self.reference.label}")
-        self.cand_staged: dict[str, _Staged] = {}
+        self.ref_staged = StagedModel(self.reference.proto, ref_wants, self.backend, f"reference {self.reference.label}")
+        self.cand_staged: dict[str, StagedModel] = {}
         for name, p in self.plans.items():
             if self.do_acc and p in layered and p.carriers:
                 wants: list[list[str]] = [[] for _ in range(k_count)]
                 for k, chunk in enumerate(self.chunks):
                     wants[k].extend(p.carriers[x.tensor] for x in chunk if x.tensor in p.carriers)
                 wants[-1].extend(self.ref.outputs)
-                self.cand_staged[name] = _Staged(p.proto, [list(dict.fromkeys(w)) for w in wants], self.backend,
+                self.cand_staged[name] = StagedModel(p.proto, [list(dict.fromkeys(w)) for w in wants], self.backend,
                                                  f"candidate {name!r}")
             else:
-                self.cand_staged[name] = _Staged(p.proto, [list(self.ref.outputs)], self.backend,
+                self.cand_staged[name] = StagedModel(p.proto, [list(self.ref.outputs)], self.backend,
                                                  f"candidate {name!r}")
         self.k_count = k_count
 
@@ -1012,17 +492,17 @@ class _Comparison:
             tasks.append(_Task(("REL", b, k), partial(self._release, state, k), tuple(chunk_tasks), inline=True))
         return tasks
 
-    def _split(self, islands: list[_Island]) -> list[list[_Island]]:
+    def _split(self, islands: list[Island]) -> list[list[Island]]:
         """Islands in ``workers`` parts of similar size (activation elements in and out), so the
         local models of one chunk run side by side; each part keeps topological order."""
         if not islands:
             return []
-        parts: list[list[_Island]] = [[] for _ in range(min(self.workers, len(islands)))]
+        parts: list[list[Island]] = [[] for _ in range(min(self.workers, len(islands)))]
         load = [0] * len(parts)
 
-        def size(island: _Island) -> int:
+        def size(island: Island) -> int:
             tensors = list(island.boundary) + [t for t, _ in island.outputs]
-            return sum(_elements(self.ref.specs.get(t)) or 0 for t in tensors) or 1
+            return sum(elements_per_sample(self.ref.specs.get(t)) or 0 for t in tensors) or 1
 
         for island in sorted(islands, key=lambda i: (-size(i), i.index)):
             j = load.index(min(load))
@@ -1030,7 +510,7 @@ class _Comparison:
             load[j] += size(island)
         return [sorted(part, key=lambda i: i.index) for part in parts if part]
 
-    def _accumulated_sums(self, state: _BatchState, name: str, chunk: Sequence[_Layer]) -> None:
+    def _accumulated_sums(self, state: _BatchState, name: str, chunk: Sequence[Layer]) -> None:
         from ..metrics import error_sums
 
         p = self.plans[name]
@@ -1042,7 +522,7 @@ class _Comparison:
                 self._check_shape(r, c, name, x.tensor, "accumulated")
                 state.sums[(name, "accumulated", x.tensor)] = error_sums(r, c)
 
-    def _local_sums(self, state: _BatchState, name: str, model: _LocalModel) -> None:
+    def _local_sums(self, state: _BatchState, name: str, model: LocalModel) -> None:
         from ..metrics import error_sums
 
         got = model.run(state.ref_live)
