@@ -288,3 +288,44 @@ def sensitive_chain_net(seed: int = 0, depth: int = 10, channels: int = 8, size:
 
 
 ALL_BUILDERS["sensitive_chain_net"] = sensitive_chain_net
+
+
+def text_recognizer(seed: int = 0, channels: int = 8, height: int = 48, classes: int = 12) -> onnx.ModelProto:
+    """A CRNN-style text-line recognizer with a dynamic width: image[N,3,48,W] -> logits[N,W/4,classes].
+
+    Conv(stride 2) -> Relu -> Conv -> Relu -> MaxPool(4x2) gives [N, C, 6, W/4]; the
+    sequence reshape's target is computed from the input's shape as exporters trace it,
+    ``[N, C*6, (W+3)//4]``, which equals the pooled width for every W that is a multiple
+    of 4 (real text lines) but not for W < 4: at W = 1 the pool is empty and the reshape
+    asks for volume 0 -> N*C*6 ("reshape would change volume 0 to 48"), the failure of an
+    engine profile that puts a dynamic width at 1. Then Transpose -> MatMul per time step.
+    Not in ALL_BUILDERS: its width must be a multiple of 4 (random_inputs would give W = N).
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+    feat = c * (height // 8)
+    w = {"w1": rng.normal(0, 0.3, (c, 3, 3, 3)), "b1": rng.normal(0, 0.1, (c,)),
+         "w2": rng.normal(0, 0.2, (c, c, 3, 3)), "b2": rng.normal(0, 0.1, (c,)),
+         "wf": rng.normal(0, 0.2, (feat, classes))}
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("MaxPool", ["r2"], ["pooled"], name="pool", kernel_shape=[4, 2], strides=[4, 2]),
+        helper.make_node("Shape", ["image"], ["image_shape"], name="image_shape"),
+        helper.make_node("Gather", ["image_shape", "axis0"], ["n"], name="batch_dim", axis=0),
+        helper.make_node("Gather", ["image_shape", "axis3"], ["width"], name="width_dim", axis=0),
+        helper.make_node("Add", ["width", "three"], ["width3"], name="width_plus_3"),
+        helper.make_node("Div", ["width3", "four"], ["steps_count"], name="steps_ceil"),
+        helper.make_node("Concat", ["n", "feat", "steps_count"], ["seq_shape"], name="seq_shape", axis=0),
+        helper.make_node("Reshape", ["pooled", "seq_shape"], ["seq"], name="to_sequence"),
+        helper.make_node("Transpose", ["seq"], ["steps"], name="time_major", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["steps", "wf"], ["logits"], name="classifier"),
+    ]
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, height, "W"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "T", classes])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    inits += [_init(k, np.array([v], np.int64)) for k, v in
+              [("axis0", 0), ("axis3", 3), ("three", 3), ("four", 4), ("feat", feat)]]
+    return _model(nodes, inputs, outputs, inits, "text_recognizer")
