@@ -329,3 +329,63 @@ def text_recognizer(seed: int = 0, channels: int = 8, height: int = 48, classes:
     inits += [_init(k, np.array([v], np.int64)) for k, v in
               [("axis0", 0), ("axis3", 3), ("three", 3), ("four", 4), ("feat", feat)]]
     return _model(nodes, inputs, outputs, inits, "text_recognizer")
+
+
+def voice_activity(seed: int = 0, hidden: int = 128, chunk: int = 64, sample_rate: int = 16000) -> onnx.ModelProto:
+    """A Silero-style voice-activity model: weights per sample rate inside an ``If``, a recurrent state.
+
+    Inputs: ``input[N, chunk]`` audio, ``state[2, N, hidden]`` (batch on axis 1: h and c of
+    the previous chunk) and ``sr``, a scalar int64 given here as an initializer (the sample
+    rate the data always has). ``If(sr == 16000)`` holds the 16 kHz encoder in its then
+    branch and the 8 kHz one in its else branch, each ``MatMul(Constant W) -> Add(Constant b)
+    -> Relu`` reading the outer ``input``. Then ``h = Tanh(enc @ Wx + h_prev @ Wh)``,
+    ``c = Sigmoid(h) * c_prev + h``, ``stateN = [h; c]`` and ``prob = Sigmoid(h @ Wo)``.
+    Not in ALL_BUILDERS: ``state`` does not have its batch on axis 0.
+    """
+    rng = np.random.default_rng(seed)
+
+    def branch(tag: str, scale: float) -> onnx.GraphProto:
+        w = (rng.normal(0, scale, (chunk, hidden))).astype(np.float32)
+        b = rng.normal(0, 0.1, (hidden,)).astype(np.float32)
+        nodes = [
+            helper.make_node("Constant", [], [f"w_{tag}"], name=f"w_{tag}", value=numpy_helper.from_array(w)),
+            helper.make_node("Constant", [], [f"b_{tag}"], name=f"b_{tag}", value=numpy_helper.from_array(b)),
+            helper.make_node("MatMul", ["input", f"w_{tag}"], [f"mm_{tag}"], name=f"encoder_{tag}"),
+            helper.make_node("Add", [f"mm_{tag}", f"b_{tag}"], [f"pre_{tag}"], name=f"encoder_bias_{tag}"),
+            helper.make_node("Relu", [f"pre_{tag}"], [f"enc_{tag}"], name=f"encoder_relu_{tag}"),
+        ]
+        out = helper.make_tensor_value_info(f"enc_{tag}", TensorProto.FLOAT, ["N", hidden])
+        return helper.make_graph(nodes, f"encoder_{tag}", [], [out])
+
+    then_branch, else_branch = branch("16k", 0.2), branch("8k", 0.3)
+    w = {"wx": rng.normal(0, 0.1, (hidden, hidden)), "wh": rng.normal(0, 0.1, (hidden, hidden)),
+         "wo": rng.normal(0, 0.2, (hidden, 1))}
+    nodes = [
+        helper.make_node("Equal", ["sr", "sr_16k"], ["is_16k"], name="is_16k"),
+        helper.make_node("If", ["is_16k"], ["enc"], name="by_sample_rate",
+                         then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("Gather", ["state", "zero"], ["h_prev"], name="h_prev", axis=0),
+        helper.make_node("Gather", ["state", "one"], ["c_prev"], name="c_prev", axis=0),
+        helper.make_node("MatMul", ["enc", "wx"], ["xh"], name="input_gate"),
+        helper.make_node("MatMul", ["h_prev", "wh"], ["hh"], name="recurrent_gate"),
+        helper.make_node("Add", ["xh", "hh"], ["gates"], name="gates"),
+        helper.make_node("Tanh", ["gates"], ["h"], name="h"),
+        helper.make_node("Sigmoid", ["h"], ["keep"], name="keep"),
+        helper.make_node("Mul", ["keep", "c_prev"], ["kept"], name="kept"),
+        helper.make_node("Add", ["kept", "h"], ["c"], name="c"),
+        helper.make_node("Unsqueeze", ["h", "axis0"], ["h1"], name="h_unsqueeze"),
+        helper.make_node("Unsqueeze", ["c", "axis0"], ["c1"], name="c_unsqueeze"),
+        helper.make_node("Concat", ["h1", "c1"], ["stateN"], name="stateN", axis=0),
+        helper.make_node("MatMul", ["h", "wo"], ["logit"], name="head"),
+        helper.make_node("Sigmoid", ["logit"], ["prob"], name="prob"),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", chunk]),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", hidden]),
+              helper.make_tensor_value_info("sr", TensorProto.INT64, [])]
+    outputs = [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1]),
+               helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "N", hidden])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    scalars = {"sr": sample_rate, "sr_16k": 16000, "zero": 0, "one": 1}  # 0-d: not through _init (makes 1-d)
+    inits += [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in scalars.items()]
+    inits.append(_init("axis0", np.array([0], np.int64)))
+    return _model(nodes, inputs, outputs, inits, "voice_activity")

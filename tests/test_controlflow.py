@@ -1,0 +1,154 @@
+"""Ifs with a constant condition are inlined (quantlab.controlflow); the rest of control flow stays float, listed.
+
+The voice-activity test model keeps its weights as Constant nodes inside the two
+branches of ``If(sr == 16000)``; inlined, the taken branch's tensors are calibrated
+and get Q/DQ, and the written model still parses and builds with TensorRT-RTX.
+"""
+
+from __future__ import annotations
+
+import models
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantlab.backends import get_backend
+from quantlab.calibrate import table_from_statistics
+from quantlab.controlflow import (
+    RECORD_KEY,
+    bind_inputs,
+    control_flow_notes,
+    float_subgraph_tensors,
+    inline_constant_ifs,
+)
+from quantlab.errors import ModelError
+from quantlab.graph import activation_names, model_from_proto
+from quantlab.plan import uniform_plan
+from quantlab.quantize import WriteOptions, write_model
+from quantlab.stats import collect_statistics
+
+
+def _feeds(batch: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input": rng.normal(0, 1, (batch, 64)).astype(np.float32),
+            "state": rng.normal(0, 0.5, (2, batch, 128)).astype(np.float32)}
+
+
+def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    runner = get_backend("ort").build(proto)
+    try:
+        return runner.run(feeds)
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("rate, branch", [(16000, "then_branch"), (8000, "else_branch")])
+def test_constant_condition_if_is_inlined_with_the_same_outputs(rate, branch):
+    proto = models.voice_activity(sample_rate=rate)
+    inlined, done = inline_constant_ifs(proto)
+    onnx.checker.check_model(inlined, full_check=True)
+    assert [d.branch for d in done] == [branch] and done[0].sources == ("sr", "sr_16k")
+    ops = [n.op_type for n in inlined.graph.node]
+    assert "If" not in ops and "Constant" not in ops and "Equal" not in ops  # condition cone removed too
+    tag = "16k" if rate == 16000 else "8k"
+    assert {f"w_{tag}", f"b_{tag}"} <= {i.name for i in inlined.graph.initializer}  # weights as initializers
+    feeds = _feeds(3, 0)
+    before, after = _run(proto, feeds), _run(inlined, feeds)
+    for name in ("prob", "stateN"):
+        np.testing.assert_array_equal(before[name], after[name])  # the same nodes run on the same values
+    assert {f"mm_{tag}", f"pre_{tag}", "enc"} <= set(activation_names(model_from_proto(inlined).proto))
+    assert any(p.key == RECORD_KEY for p in inlined.metadata_props)
+
+
+def test_condition_from_the_data_is_left_and_its_tensors_listed():
+    proto = models.voice_activity()
+    free = bind_inputs(proto, {})  # a copy
+    del free.graph.initializer[[i.name for i in free.graph.initializer].index("sr")]  # sr: a real input now
+    out, done = inline_constant_ifs(free)
+    assert done == () and out is free
+    left = float_subgraph_tensors(out)
+    assert set(left) == {"mm_16k", "pre_16k", "enc_16k", "mm_8k", "pre_8k", "enc_8k"}
+    assert "condition depends on the data" in left["enc_8k"]
+    note = control_flow_notes(out)[0]
+    assert note.startswith("6 tensor(s) left in float") and "by_sample_rate" in note
+    # the value the data always feeds, bound as a constant: inlined
+    _, done = inline_constant_ifs(bind_inputs(free, {"sr": np.array(8000, np.int64)}))
+    assert [d.branch for d in done] == ["else_branch"]
+    with pytest.raises(ModelError, match="'rate'"):
+        bind_inputs(free, {"rate": np.array(1)})
+
+
+def _branch(name: str, nodes: list[onnx.NodeProto], out: str) -> onnx.GraphProto:
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, [2])])
+
+
+def test_nested_ifs_and_names_two_branches_share():
+    """The first If's branch holds another constant If; the second If's branch reuses the name 'u' the
+    first one brought into the main graph, so the second inlining renames it 'second/u'."""
+    inner = helper.make_node("If", ["flag"], ["y"], name="inner",
+                             then_branch=_branch("it", [helper.make_node("Neg", ["x"], ["n"], name="neg")], "n"),
+                             else_branch=_branch("ie", [helper.make_node("Identity", ["x"], ["s"], name="s")], "s"))
+    first_then = _branch("ft", [helper.make_node("Relu", ["x"], ["u"], name="relu"), inner,
+                                helper.make_node("Add", ["y", "u"], ["r"], name="add")], "r")
+    second_then = _branch("st", [helper.make_node("Sigmoid", ["x"], ["u"], name="sig"),
+                                 helper.make_node("Neg", ["u"], ["v"], name="neg2")], "v")
+    other = _branch("oe", [helper.make_node("Identity", ["x"], ["w"], name="w")], "w")
+    graph = helper.make_graph(
+        [helper.make_node("Not", ["off"], ["on"], name="not"),
+         helper.make_node("If", ["on"], ["z1"], name="first", then_branch=first_then, else_branch=other),
+         helper.make_node("If", ["on"], ["z2"], name="second", then_branch=second_then, else_branch=other),
+         helper.make_node("Mul", ["z1", "z2"], ["out"], name="mul")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])],
+        initializer=[numpy_helper.from_array(np.array(False), "off"), numpy_helper.from_array(np.array(False), "flag")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    inlined, done = inline_constant_ifs(proto)
+    onnx.checker.check_model(inlined, full_check=True)
+    assert [(d.node, d.branch) for d in done] == [("first", "then_branch"), ("inner", "else_branch"),
+                                                  ("second", "then_branch")]
+    assert "If" not in {n.op_type for n in inlined.graph.node}
+    assert "second/u" in {t for n in inlined.graph.node for t in n.output}
+    assert {"relu", "add", "sig", "neg2"} <= {n.name for n in inlined.graph.node}  # names kept where free
+    x = {"x": np.array([-1.5, 2.0], np.float32)}
+    np.testing.assert_array_equal(_run(proto, x)["out"], _run(inlined, x)["out"])
+
+
+def _calibrated_int8(proto: onnx.ModelProto):
+    model = model_from_proto(proto, label="voice_activity")
+    stats = collect_statistics(model, lambda: [_feeds(4, s) for s in range(3)])
+    table = table_from_statistics(stats, "minmax")
+    return model, table, write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+
+
+def test_inlined_branch_is_calibrated_written_and_recorded_in_provenance():
+    inlined, _ = inline_constant_ifs(models.voice_activity())
+    _, table, written = _calibrated_int8(inlined)
+    assert {"mm_16k", "pre_16k", "enc"} <= set(table.ranges)  # enc_16k computes under the If output name
+    dq_of = {n.input[0] for n in written.proto.graph.node if n.op_type == "DequantizeLinear"}
+    assert any(t.startswith("w_16k") for t in dq_of)  # the branch weight is quantized
+    assert any("by_sample_rate" in n and "then_branch inlined" in n for n in written.provenance.notes)
+    feeds = _feeds(2, 7)
+    got, want = _run(written.proto, feeds), _run(inlined, feeds)
+    assert np.abs(got["prob"] - want["prob"]).max() < 0.05  # INT8 error on a probability, not a wrong branch
+
+
+def test_written_models_with_and_without_inlining_build_with_tensorrt_rtx():
+    rtx = pytest.importorskip("quantlab.backends.tensorrt").TensorRTBackend
+    try:
+        backend = rtx("tensorrt-rtx")
+    except Exception as exc:  # noqa: BLE001 - any missing piece of TensorRT-RTX: skip, saying why
+        pytest.skip(f"TensorRT-RTX is not usable here: {exc}")
+    from quantlab.shapes import ShapeLog, profiles_from_data
+
+    log = ShapeLog()
+    for s, batch in enumerate((4, 4, 2)):
+        log.observe(_feeds(batch, s))
+    shapes = profiles_from_data({"input": (-1, 64), "state": (2, -1, 128)}, log)
+    assert shapes["state"].as_lists() == [[2, 2, 128], [2, 4, 128], [2, 4, 128]]  # batch on axis 1: data's range
+    inlined, _ = inline_constant_ifs(models.voice_activity())
+    for proto in (inlined, models.voice_activity()):
+        _, _, written = _calibrated_int8(proto)
+        engine = backend.build_engine(written.proto, shapes=shapes, label="voice_activity")
+        assert len(engine) > 10_000
