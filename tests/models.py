@@ -389,3 +389,38 @@ def voice_activity(seed: int = 0, hidden: int = 128, chunk: int = 64, sample_rat
     inits += [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in scalars.items()]
     inits.append(_init("axis0", np.array([0], np.int64)))
     return _model(nodes, inputs, outputs, inits, "voice_activity")
+
+
+def refinement_loop(seed: int = 0, width: int = 16, trips: int = 3) -> onnx.ModelProto:
+    """A ``Loop`` with a static trip count: ``h = Tanh(h @ W + x)`` ``trips`` times, each step also scanned out.
+
+    input[N, width] -> Loop(M=trips initializer, cond=true; body: h -> MatMul(Constant W) -> Add(x, outer)
+    -> Tanh -> h', scan Relu(h')) -> refined[N, width], steps[trips, N, width]. The body's
+    continue condition passes its input through (Identity), as exporters write for-loops.
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.4, (width, width)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Constant", [], ["w_step"], name="w_step", value=numpy_helper.from_array(w)),
+         helper.make_node("MatMul", ["h_in", "w_step"], ["mixed"], name="mix"),
+         helper.make_node("Add", ["mixed", "input"], ["pre"], name="add_input"),
+         helper.make_node("Tanh", ["pre"], ["h_out"], name="tanh"),
+         helper.make_node("Relu", ["h_out"], ["step"], name="step_relu")],
+        "refine",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width]),
+         helper.make_tensor_value_info("step", TensorProto.FLOAT, ["N", width])])
+    nodes = [
+        helper.make_node("Relu", ["input"], ["h0"], name="start"),
+        helper.make_node("Loop", ["trips", "go", "h0"], ["refined", "steps"], name="refine", body=body),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])]
+    outputs = [helper.make_tensor_value_info("refined", TensorProto.FLOAT, ["N", width]),
+               helper.make_tensor_value_info("steps", TensorProto.FLOAT, [trips, "N", width])]
+    inits = [numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+             numpy_helper.from_array(np.array(True), "go")]
+    return _model(nodes, inputs, outputs, inits, "refinement_loop")

@@ -21,6 +21,7 @@ from quantlab.controlflow import (
     control_flow_notes,
     float_subgraph_tensors,
     inline_constant_ifs,
+    resolve_static_control_flow,
 )
 from quantlab.errors import ModelError
 from quantlab.graph import activation_names, model_from_proto
@@ -58,7 +59,8 @@ def test_constant_condition_if_is_inlined_with_the_same_outputs(rate, branch):
     for name in ("prob", "stateN"):
         np.testing.assert_array_equal(before[name], after[name])  # the same nodes run on the same values
     assert {f"mm_{tag}", f"pre_{tag}", "enc"} <= set(activation_names(model_from_proto(inlined).proto))
-    assert any(p.key == RECORD_KEY for p in inlined.metadata_props)
+    recorded, _ = resolve_static_control_flow(proto)
+    assert control_flow_notes(recorded) == (done[0].note(),) and RECORD_KEY in {p.key for p in recorded.metadata_props}
 
 
 def test_condition_from_the_data_is_left_and_its_tensors_listed():
@@ -123,7 +125,7 @@ def _calibrated_int8(proto: onnx.ModelProto):
 
 
 def test_inlined_branch_is_calibrated_written_and_recorded_in_provenance():
-    inlined, _ = inline_constant_ifs(models.voice_activity())
+    inlined, _ = resolve_static_control_flow(models.voice_activity())
     _, table, written = _calibrated_int8(inlined)
     assert {"mm_16k", "pre_16k", "enc"} <= set(table.ranges)  # enc_16k computes under the If output name
     dq_of = {n.input[0] for n in written.proto.graph.node if n.op_type == "DequantizeLinear"}
@@ -135,11 +137,7 @@ def test_inlined_branch_is_calibrated_written_and_recorded_in_provenance():
 
 
 def test_written_models_with_and_without_inlining_build_with_tensorrt_rtx():
-    rtx = pytest.importorskip("quantlab.backends.tensorrt").TensorRTBackend
-    try:
-        backend = rtx("tensorrt-rtx")
-    except Exception as exc:  # noqa: BLE001 - any missing piece of TensorRT-RTX: skip, saying why
-        pytest.skip(f"TensorRT-RTX is not usable here: {exc}")
+    backend = _rtx()
     from quantlab.shapes import ShapeLog, profiles_from_data
 
     log = ShapeLog()
@@ -152,3 +150,58 @@ def test_written_models_with_and_without_inlining_build_with_tensorrt_rtx():
         _, _, written = _calibrated_int8(proto)
         engine = backend.build_engine(written.proto, shapes=shapes, label="voice_activity")
         assert len(engine) > 10_000
+
+
+def test_static_loop_is_unrolled_calibrated_and_builds_with_tensorrt_rtx():
+    proto = models.refinement_loop(trips=3)
+    out, done = resolve_static_control_flow(proto)
+    onnx.checker.check_model(out, full_check=True)
+    assert [(d.node, d.trips) for d in done] == [("refine", 3)]
+    assert "Loop" not in {n.op_type for n in out.graph.node}
+    x = {"input": np.random.default_rng(1).normal(0, 1, (2, 16)).astype(np.float32)}
+    before, after = _run(proto, x), _run(out, x)
+    for name in ("refined", "steps"):
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-6, atol=1e-6)
+    model = model_from_proto(out, label="refinement_loop")
+    stats = collect_statistics(model, lambda: [{"input": np.random.default_rng(s).normal(0, 1, (4, 16))
+                                                .astype(np.float32)} for s in range(2)])
+    table = table_from_statistics(stats, "minmax")
+    assert {f"refine/{i}/pre" for i in range(3)} <= set(table.ranges)  # every iteration calibrated
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert any("trip count 3 (static), unrolled" in n for n in written.provenance.notes)
+    backend = _rtx()
+    assert len(backend.build_engine(written.proto, shapes=_batch_range("input", 16),
+                                    label="refinement_loop")) > 10_000
+
+
+def test_loops_the_data_drives_or_too_long_stay_float_with_the_reason():
+    long_loop = models.refinement_loop(trips=100)
+    out, done = resolve_static_control_flow(long_loop)
+    assert done == () and out is long_loop
+    left = float_subgraph_tensors(out)
+    assert set(left) == {"mixed", "pre", "h_out", "step"}  # not the bool continue condition
+    assert "trip count 100 is above the unrolling limit 64" in left["pre"]
+    by_data = models.refinement_loop()
+    shape = helper.make_node("Shape", ["input"], ["in_shape"], name="in_shape", start=0, end=1)
+    squeeze = helper.make_node("Squeeze", ["in_shape"], ["batch_trips"], name="batch_trips")
+    by_data.graph.node.insert(0, squeeze)
+    by_data.graph.node.insert(0, shape)
+    by_data.graph.node[3].input[0] = "batch_trips"
+    assert resolve_static_control_flow(by_data)[1] == ()
+    assert "trip count set by the data" in float_subgraph_tensors(by_data)["pre"]
+    assert any(n.startswith("4 tensor(s) left in float, inside the body of Loop 'refine'")
+               for n in control_flow_notes(by_data))
+
+
+def _rtx():
+    trt = pytest.importorskip("quantlab.backends.tensorrt")
+    try:
+        return trt.TensorRTBackend("tensorrt-rtx")
+    except Exception as exc:  # noqa: BLE001 - any missing piece of TensorRT-RTX: skip, saying why
+        pytest.skip(f"TensorRT-RTX is not usable here: {exc}")
+
+
+def _batch_range(name: str, width: int):
+    from quantlab.shapes import parse_shapes
+
+    return parse_shapes(f"{name}:1x{width},4x{width},8x{width}")
