@@ -9,10 +9,10 @@ builds are in test_controlflow.py.)
 
 from __future__ import annotations
 
+import models
 import numpy as np
 import pytest
 
-import models
 from quantlab.calibrate import calibrate
 from quantlab.compare import CompareOptions, compare
 from quantlab.controlflow import resolve_static_control_flow
