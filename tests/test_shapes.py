@@ -73,3 +73,35 @@ def test_data_shapes_that_break_the_model_are_named():
     log.observe({"image": np.zeros((2, 3, 32, 64), np.float32)})
     with pytest.raises(InputMismatchError, match="'image'.*axis 2"):
         profiles_from_data({"image": (-1, 3, 48, -1)}, log)
+
+
+EXPERIMENT = """\
+name = "ocr"
+
+[model]
+path = "model.onnx"
+shapes = "{shapes}"
+
+[data]
+calibration = "calib.toml"
+validation = "val.toml"
+"""
+
+
+def test_experiment_files_take_shapes_and_name_the_line_of_a_bad_one(tmp_path):
+    from quantlab.errors import ExperimentError
+    from quantlab.experiment import load_experiment
+
+    for name in ("model.onnx", "calib.toml", "val.toml"):
+        (tmp_path / name).write_text("x")
+    good = tmp_path / "good.toml"
+    good.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320,32x3x48x1600"))
+    config = load_experiment(good)
+    assert parse_shapes(config.shapes)["image"].max == (32, 3, 48, 1600)
+    assert config.settings()["shapes"] == config.shapes
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320"))
+    with pytest.raises(ExperimentError) as err:
+        load_experiment(bad)
+    text = str(err.value)
+    assert "bad.toml: line 5" in text and "'image' has 2 shapes" in text and "NAME:MIN,OPT,MAX" in text
