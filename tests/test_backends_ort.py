@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import models
 from quantlab.backends import get_backend
-from quantlab.backends.ort import OrtBackend
+from quantlab.backends.ort import FUSION_ENV, THREADS_ENV, OrtBackend, int8_dot_saturates, saturation_free
 from quantlab.errors import BackendError, InputMismatchError, UnsupportedOpError
 from quantlab.graph import activation_names
 
@@ -216,6 +216,14 @@ def _qdq_matmul(w_q: np.ndarray, act_dtype: type) -> onnx.ModelProto:
     return model
 
 
+@pytest.fixture
+def auto_mode(monkeypatch):
+    """No QUANTLAB_ORT_* variable: OrtBackend() decides the fusion per model (what the auto tests check)."""
+    monkeypatch.delenv(FUSION_ENV, raising=False)
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+
+
+@pytest.mark.usefixtures("auto_mode")
 @pytest.mark.parametrize(("act_dtype", "x_value"), [(np.uint8, 255.0), (np.int8, 127.0)])
 def test_auto_mode_never_returns_saturated_int8_results(act_dtype, x_value):
     """Two products 255 * 127 overflow int16: ORT's VPMADDUBSW path (x86 without VNNI) clips them.
@@ -224,8 +232,6 @@ def test_auto_mode_never_returns_saturated_int8_results(act_dtype, x_value):
     qdq_fusion=False always does; on a saturating CPU the forced fused path shows the error
     the auto mode avoids.
     """
-    from quantlab.backends.ort import int8_dot_saturates, saturation_free
-
     k = 64
     model = _qdq_matmul(np.full((k, 1), 127, np.int8), act_dtype)
     feeds = {"x": np.full((1, k), x_value, np.float32)}
@@ -264,10 +270,103 @@ def test_int8_dot_saturates_reads_the_cpu_flags(tmp_path, monkeypatch):
     assert check(str(avx2)) is False
 
 
+@pytest.mark.usefixtures("auto_mode")
 def test_describe_records_the_int8_kernel_choice():
     info = OrtBackend().describe().details
     assert info["qdq_fusion"] == "auto" and isinstance(info["int8_dot_saturates"], bool)
+    assert info["forced_by_environment"] == {}
     assert OrtBackend(qdq_fusion=False).describe().details["qdq_fusion"] is False
+
+
+@pytest.mark.parametrize(("value", "fusion"), [("on", True), ("OFF", False), (" auto ", "auto"), ("", "auto")])
+def test_environment_forces_the_fusion_mode_and_threads_unless_an_argument_does(monkeypatch, value, fusion):
+    monkeypatch.setenv(FUSION_ENV, value)
+    monkeypatch.setenv(THREADS_ENV, "1")
+    model = _qdq_matmul(np.full((8, 1), 127, np.int8), np.uint8)
+    backend = OrtBackend()
+    details = backend.describe().details
+    assert details["qdq_fusion"] == fusion and details["threads"] == 1
+    assert details["forced_by_environment"].get(FUSION_ENV, "auto") == fusion
+    assert details["forced_by_environment"][THREADS_ENV] == 1
+    auto_choice = not int8_dot_saturates() or saturation_free(model)
+    assert backend.build(model).qdq_fusion is (auto_choice if fusion == "auto" else fusion)
+    explicit = OrtBackend(qdq_fusion=True, threads=2)  # arguments win over the environment
+    assert explicit.describe().details["forced_by_environment"] == {}
+    assert explicit.build(model).qdq_fusion is True and explicit.threads == 2
+    assert OrtBackend(qdq_fusion=False).build(model).qdq_fusion is False
+
+
+@pytest.mark.parametrize(("name", "value"), [(FUSION_ENV, "yes"), (THREADS_ENV, "two"), (THREADS_ENV, "-1")])
+def test_bad_environment_value_is_an_error_naming_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(BackendError, match=f"{name}='{value}'.*unset it"):
+        OrtBackend()
+
+
+def _scaled_qdq_matmul(w_q: np.ndarray, w_scale: float, act_dtype: type, zero_point: int, rows: int) -> onnx.ModelProto:
+    """x[rows,K] -> Q/DQ (scale 2**-5, ``zero_point``) -> MatMul with int8 weights w_q[K,N] * ``w_scale``."""
+    k, n = w_q.shape
+    inits = [numpy_helper.from_array(w_q, "wq"), numpy_helper.from_array(np.array(2.0 ** -5, np.float32), "sx"),
+             numpy_helper.from_array(np.array(w_scale, np.float32), "sw"),
+             numpy_helper.from_array(np.array(0, np.int8), "wz"),
+             numpy_helper.from_array(np.array(zero_point, act_dtype), "xz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "xz"], ["xq"], name="x_q"),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "xz"], ["xd"], name="x_dq"),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "wz"], ["wd"], name="w_dq"),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "scaled_qdq_matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u), u = 2**-24: the worst-case relative error of n float32 roundings."""
+    u = 2.0 ** -24
+    return n * u / (1 - n * u)
+
+
+@pytest.mark.parametrize("env", ["", "on", "off"])
+@pytest.mark.parametrize(("act_dtype", "zero_point", "lo", "hi"), [(np.uint8, 128, 0, 255), (np.int8, 0, -128, 127)])
+@pytest.mark.parametrize("qmax", [64, 127])
+def test_each_fusion_mode_keeps_its_promise_on_any_cpu(monkeypatch, env, act_dtype, zero_point, lo, hi, qmax):
+    """Forced either way (argument or environment), each mode computes what it promises.
+
+    Unfused: Q/DQ then a float32 MatMul, within the worst-case float32 bound of a K-term
+    dot product (any summation order, any kernel): |y - exact| <= gamma_{K+1} * sum |x_dq * w_dq|.
+    Fused: int32 accumulation then one float scaling, |y - exact| <= gamma_2 * |exact|, when the
+    int16 pair sums cannot saturate (weights within [-64, 64], or a VNNI CPU). Full-range weights
+    on a CPU without VNNI may saturate: there only the mode and the integer op are asserted.
+    """
+    monkeypatch.setenv(FUSION_ENV, env)
+    rng = np.random.default_rng(qmax)
+    k, n, rows = 64, 24, 16
+    w_q = rng.integers(-qmax, qmax + 1, (k, n)).astype(np.int8)
+    w_q[0, 0] = qmax
+    q = rng.integers(lo, hi + 1, (rows, k))
+    q[0, :2] = hi  # two large products side by side: the pair a saturating kernel clips
+    w_q[:2, 0] = qmax
+    model = _scaled_qdq_matmul(w_q, 0.0123, act_dtype, zero_point, rows)
+    x_dq = (q - zero_point) * 2.0 ** -5  # exact in float32: Q/DQ returns x itself
+    w_dq = w_q.astype(np.float64) * float(np.float32(0.0123))
+    exact = x_dq @ w_dq
+    feeds = {"x": x_dq.astype(np.float32)}
+    for fuse in (False, True):
+        backend = OrtBackend(qdq_fusion=fuse) if env == "" else OrtBackend()
+        if env != "" and (env == "on") is not fuse:
+            continue
+        runner = backend.build(model)
+        assert runner.qdq_fusion is fuse and backend.describe().details["qdq_fusion"] is fuse
+        ops = [node.op_type for node in backend.optimized_model(model).graph.node]
+        assert ("MatMul" in ops and "DequantizeLinear" in ops) is not fuse, ops
+        assert any("Integer" in op or op.startswith("QLinear") for op in ops) is fuse, ops
+        y = runner.run(feeds)["y"].astype(np.float64)
+        if not fuse:
+            assert (np.abs(y - exact) <= _gamma(k + 1) * (np.abs(x_dq) @ np.abs(w_dq))).all()
+        elif qmax <= 64 or not int8_dot_saturates():
+            assert (np.abs(y - exact) <= _gamma(2) * np.abs(exact)).all()
 
 
 def test_profile_times_the_nodes_ort_runs():
