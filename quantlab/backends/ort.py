@@ -291,7 +291,8 @@ class OrtBackend(Backend):
             details={"providers": list(self.providers), "threads": self.threads or os.cpu_count(),
                      "optimization": self.optimization,
                      "qdq_fusion": "auto" if self.qdq_fusion is None else self.qdq_fusion,
-                     "int8_dot_saturates": int8_dot_saturates(), "forced_by_environment": dict(self.forced_by_environment)},
+                     "int8_dot_saturates": int8_dot_saturates(),
+                     "forced_by_environment": dict(self.forced_by_environment)},
         )
 
 
