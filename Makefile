@@ -40,9 +40,11 @@ chromium:
 demo: install-demo
 	$(BIN)/quantlab demo
 
-# pytest exits 0 ok, 1 failures, 2 interrupted, 3 internal error, 4 usage, 5 no tests (a failure here too).
+# First pass: every test with ONNX Runtime's defaults (variables from the caller's shell removed); second pass:
+# the numeric tests with NUMERIC_ENV. pytest exits 0 ok, 1 failures, 2 interrupted, 3 internal error, 4 usage,
+# 5 no tests (a failure here too); make test fails if either pass fails.
 test: install-test chromium
-	@$(BIN)/python -m pytest; rc=$$?; \
+	@env -u QUANTLAB_ORT_QDQ_FUSION -u QUANTLAB_ORT_THREADS $(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests"; exit 1; fi; \
 	if [ $$rc -gt 1 ]; then exit $$rc; fi; \
 	echo "make: numeric tests again with $(NUMERIC_ENV)"; \
