@@ -1,6 +1,6 @@
 # The two set-up commands of the README:
 #   make demo   install quantlab (+ the demo extra) into .venv and run the demo experiment
-#   make test   install quantlab (+ dev, demo, tensorrt-rtx extras, chromium) into .venv and run every test,
+#   make test   install quantlab (+ dev, demo, tensorrt-rtx, ray extras, chromium) into .venv and run every test,
 #               then the numeric tests again with other ONNX Runtime kernels (NUMERIC_ENV below)
 # .ci/run calls `make test`.
 
@@ -31,7 +31,11 @@ install-demo: venv
 	$(PIP) install --no-deps foolbox==3.3.4
 
 install-test: install-demo
-	$(PIP) install -e '.[dev,demo,tensorrt-rtx]'
+	$(PIP) install -e '.[dev,demo,tensorrt-rtx,ray]'
+	# nvidia-pytriton bundles a tritonserver binary; the export test runs only that binary (no import), and
+	# pytriton's own dependencies (numpy<2) would downgrade the environment: so no deps, like foolbox.
+	@if [ "$$(uname -m)" = x86_64 ]; then $(PIP) install --no-deps nvidia-pytriton==0.7.0 \
+	  || echo "make: nvidia-pytriton did not install; the tritonserver test will skip"; fi
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \

@@ -409,13 +409,14 @@ def helper_value(attribute):
     return helper.get_attribute_value(attribute)
 
 
-def test_ort_fused_integer_kernels_are_exact_with_reduced_range_weights(prepared):
+def test_ort_fused_integer_kernels_are_exact_with_reduced_range_weights(prepared, monkeypatch):
     """ORT's fused QLinear kernels (fast path) compute what the Q/DQ graph says once weights fit 7 bits.
 
     Full-range weights saturate ORT's int16 pair sums on x86 without VNNI (checked in
     test_backends_ort); reduce_range removes that, so fused and unfused agree to one
     output step on every model (they may round a requantization differently).
     """
+    monkeypatch.delenv("QUANTLAB_ORT_QDQ_FUSION", raising=False)  # the auto mode's choice is the subject
     for name in sorted(models.ALL_BUILDERS):
         model, table, _, calibration = prepared[name]
         written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort", reduce_range=True))
