@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .environment import unreadable
 from .errors import ModelError
 from .fingerprint import sha256_bytes, sha256_file
 
@@ -151,8 +152,35 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     return proto
 
 
+def _check_unique_node_names(graph: onnx.GraphProto, label: str, scope: str = "the graph") -> None:
+    """Refuse two nodes of one graph (or subgraph) sharing a non-empty name.
+
+    ONNX Runtime refuses such models, and quantlab's plans, reports and
+    comparisons name layers by node name, so a duplicate would be ambiguous.
+    """
+    seen: dict[str, list[tuple[int, str]]] = {}
+    for index, node in enumerate(graph.node):
+        if node.name:
+            seen.setdefault(node.name, []).append((index, node.op_type))
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _check_unique_node_names(body, label, f"the subgraph {attr.name!r} of node {node.name or node.op_type!r}")
+    dupes = {name: where for name, where in seen.items() if len(where) > 1}
+    if dupes:
+        name, where = next(iter(dupes.items()))
+        nodes = ", ".join(f"#{i} ({op})" for i, op in where[:5])
+        more = f" ({len(dupes) - 1} other name(s) repeat too: {', '.join(map(repr, list(dupes)[1:4]))})" if len(dupes) > 1 else ""
+        raise ModelError(
+            f"{label}: node name {name!r} is used by {len(where)} nodes of {scope}: {nodes}{more}. "
+            "ONNX Runtime refuses such models and quantlab names layers by node name; give every node a "
+            "unique name (re-export, or rename in Python: for i, n in enumerate(model.graph.node): "
+            "n.name = f\"{n.name}_{i}\" for the repeated ones, then onnx.save)."
+        )
+
+
 def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onnx.ModelProto, int, int | None]:
     opset = default_opset(proto)
+    _check_unique_node_names(proto.graph, label)
     upgraded_from: int | None = None
     try:
         onnx.checker.check_model(proto)
@@ -182,8 +210,20 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load, check and shape-infer an ONNX file (external data only from its own folder)."""
+    """Load, check and shape-infer an ONNX file (external data only from its own folder).
+
+    A file (or external-data file, or folder on the way) this user may not read
+    raises a PermissionError naming it and the fix: an environment problem,
+    not a bad model.
+    """
     path = Path(path)
+    try:
+        return _load_file(path)
+    except PermissionError as exc:
+        raise unreadable(exc, "model", path) from None
+
+
+def _load_file(path: Path) -> LoadedModel:
     label = str(path)
     if not path.exists():
         raise ModelError(f"{label}: no such file. Give the path of an .onnx model.")
@@ -200,6 +240,8 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
 
         try:
             load_external_data_for_model(proto, str(path.parent))
+        except PermissionError:
+            raise
         except Exception as exc:
             raise ModelError(f"{label}: cannot read its external data: {exc}") from None
         parts = [digest] + [f"{p.name}:{sha256_file(p)}" for p in external]
