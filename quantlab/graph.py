@@ -238,14 +238,13 @@ def _load_file(path: Path) -> LoadedModel:
     if external:
         from onnx.external_data_helper import load_external_data_for_model
 
-        try:
-            load_external_data_for_model(proto, str(path.parent))
-        except PermissionError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"{label}: cannot read its external data: {exc}") from None
+        # hashed first: a file this user may not read fails here with its name (onnx's loader hides it)
         parts = [digest] + [f"{p.name}:{sha256_file(p)}" for p in external]
         digest = sha256_bytes("|".join(parts).encode())
+        try:
+            load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:
+            raise ModelError(f"{label}: cannot read its external data: {exc}") from None
     proto, opset, upgraded = _prepare(proto, label, path)
     return _loaded(proto, digest, path, opset, upgraded)
 
