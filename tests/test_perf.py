@@ -225,10 +225,10 @@ def test_feeds_that_fit_only_at_a_smaller_batch_say_which_sizes_to_lower():
         inp.type.tensor_type.shape.dim[1].dim_param = "seq"
     proto.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "seq"
     model = model_from_proto(proto)
-    # x [N, seq, 16] float32 + mask [N, 1, seq] float32, each value drawn as float64 first; out [N, seq, 16]
+    # x [N, seq, 16] + mask [N, seq, 8] float32, each value drawn as float64 first; out [N, seq, 16] float32
     need = check_feeds_fit(model, 2, {"seq": 8}, available=10**9)
-    assert need == 2 * 8 * 16 * (4 + 8) + 2 * 1 * 8 * (4 + 8) + 2 * 8 * 16 * 4
+    assert need == 2 * 8 * 16 * (4 + 8) + 2 * 8 * 8 * (4 + 8) + 2 * 8 * 16 * 4
     with pytest.raises(InputMismatchError) as err:
         check_feeds_fit(model, 2, {"seq": 8}, available=need - 1)
     assert "a smaller --batch-size than 2" in str(err.value) and "seq=8" in str(err.value)
-    assert f"{need - 1} B available" in str(err.value)
+    assert "5.5 KiB available" in str(err.value) and need == 5632
