@@ -30,6 +30,7 @@ __all__ = [
     "serialize",
     "tensor_specs",
     "activation_names",
+    "check_float_activations",
     "with_outputs",
     "topological_nodes",
     "producer_map",
@@ -362,6 +363,24 @@ def activation_names(proto: onnx.ModelProto, *, include_inputs: bool = True) -> 
                 names.append(out)
                 seen.add(out)
     return names
+
+
+def check_float_activations(model: LoadedModel) -> None:
+    """ModelError naming the model when it has no float activation (nothing for INT8 calibration to measure).
+
+    An integer-only graph (token ids to ids, an index pipeline) or an already
+    quantized one (QLinearConv, integer Q/DQ outputs) has no float tensor whose
+    range could be calibrated; an empty table would be useless.
+    """
+    if activation_names(model.proto):
+        return
+    shown = ", ".join(f"{t.name!r} {t.dtype}" for t in model.inputs[:4])
+    quantized = sorted({n.op_type for n in model.proto.graph.node if n.op_type.startswith(("QLinear", "Quantize",
+                                                                                          "Dequantize"))})
+    hint = (f" It holds {', '.join(quantized)}: it is already quantized; calibrate the float model it was made from."
+            if quantized else " INT8 calibration measures float activations; this model needs no calibration table.")
+    raise ModelError(f"{model.label}: has no float activation tensors to calibrate (inputs: {shown or 'none'}; "
+                     f"no node outputs float32/float16).{hint}")
 
 
 def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

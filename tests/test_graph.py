@@ -202,3 +202,35 @@ def test_unreadable_external_data_is_a_permission_error(tmp_path):
     with models.permissions_enforced(), pytest.raises(PermissionError) as err:
         load_model(folder / "m.onnx")
     assert err.value.filename == str(folder / "weights.bin") and "cannot read model" in str(err.value)
+
+
+def test_a_model_without_float_activations_is_refused_by_calibrate_naming_it(tmp_path):
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import check_float_activations
+
+    path = tmp_path / "ids.onnx"
+    onnx.save(models.relu_net(["N", 4], TensorProto.INT64), path)
+    model = load_model(path)
+    with pytest.raises(ModelError) as err:
+        check_float_activations(model)
+    assert str(path) in str(err.value) and "no float activation tensors" in str(err.value)
+    assert "'input' int64" in str(err.value)
+    data = from_arrays({"input": np.ones((4, 4), np.int64)})
+    with pytest.raises(ModelError, match="no float activation tensors to calibrate"):
+        calibrate(model, data, "minmax")
+    check_float_activations(model_from_proto(models.conv_net()))  # a float model passes
+
+
+def test_an_already_quantized_model_is_told_to_calibrate_its_float_source():
+    from quantlab.graph import check_float_activations
+
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(np.full((4, 2), 130, np.uint8), "w")]
+    node = helper.make_node("QLinearMatMul", ["x", "s", "z", "w", "s", "z", "s", "z"], ["y"], name="qmm")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, ["N", 2])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    with pytest.raises(ModelError, match="QLinearMatMul: it is already quantized; calibrate the float model"):
+        check_float_activations(model_from_proto(proto))
