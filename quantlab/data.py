@@ -30,7 +30,6 @@ import importlib.metadata
 import importlib.util
 import math
 import re
-import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from .arrayfiles import load_npy, load_npz, npy_header, npz_members
+from .environment import available_memory_bytes, format_bytes, shape_bytes, unreadable
 from .errors import DataError, InputMismatchError, ManifestError
 from .fingerprint import ArrayHasher, sha256_bytes
 from .graph import LoadedModel, TensorSpec
@@ -395,12 +396,15 @@ class DataSetManifest:
 
 
 def _read_toml(path: Path) -> tuple[dict[str, Any], str, str]:
-    if not path.exists():
-        raise ManifestError(f"{path}: no such manifest file. Give the path of a data-set TOML "
-                            "(e.g. calib_sets/demo_calib.toml).")
-    if path.is_dir():
-        raise ManifestError(f"{path}: is a folder; give the path of a data-set TOML file.")
-    data = path.read_bytes()
+    try:
+        if not path.exists():
+            raise ManifestError(f"{path}: no such manifest file. Give the path of a data-set TOML "
+                                "(e.g. calib_sets/demo_calib.toml).")
+        if path.is_dir():
+            raise ManifestError(f"{path}: is a folder; give the path of a data-set TOML file.")
+        data = path.read_bytes()
+    except PermissionError as exc:
+        raise unreadable(exc, "manifest", path) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -421,6 +425,13 @@ def load_manifest(path: str | Path) -> DataSetManifest:
     """
     path = Path(path)
     raw, text, digest = _read_toml(path)
+    try:
+        return _manifest_from(path, raw, text, digest)
+    except PermissionError as exc:
+        raise unreadable(exc, f"a path manifest {path} names", path) from None
+
+
+def _manifest_from(path: Path, raw: dict[str, Any], text: str, digest: str) -> DataSetManifest:
     where = _Where(path, text)
     _check_table(raw, _TOP_KEYS, where, "")
     if "source" not in raw:
@@ -784,6 +795,8 @@ def _decode_image(path: Path) -> Any:
         with Image.open(path) as im:
             im.load()
             return im.copy() if im.mode != "P" else im.convert("RGBA")
+    except PermissionError:
+        raise
     except Exception as exc:  # noqa: BLE001 - UnidentifiedImageError, truncated data, decompression bombs...
         raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc}). Replace or remove the file "
                         "(or narrow the source's pattern).") from None
@@ -892,53 +905,6 @@ def _cast(arr: np.ndarray, dtype: str | None) -> np.ndarray:
     return arr.astype(target)
 
 
-# ─────────────────────────────── npz headers ───────────────────────────────
-
-
-def _npy_header(fp: Any) -> tuple[tuple[int, ...], np.dtype]:
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-    else:
-        raise ValueError(f"unsupported .npy format version {version}")
-    return tuple(shape), dtype
-
-
-def _npz_members(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every array in an .npz, read from the headers only (nothing decompressed in bulk)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            members = {}
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                with zf.open(info) as fp:
-                    members[info.filename[:-4]] = _npy_header(fp)
-            return members
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: unreadable .npz file ({type(exc).__name__}: {exc}). Re-save it with "
-                        "numpy.savez.") from None
-
-
-def _load_npy(path: Path, *, mmap: bool) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - ValueError for object arrays (pickle refused), truncated files...
-        raise DataError(f"{path}: unreadable .npy file ({type(exc).__name__}: {exc}). Re-save it with "
-                        "numpy.save (numeric arrays only; pickled objects are refused).") from None
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: unreadable .npz file ({type(exc).__name__}: {exc}). Re-save it with "
-                        "numpy.savez (numeric arrays only; pickled objects are refused).") from None
-
-
 # ─────────────────────────────── manifest data set ───────────────────────────────
 
 
@@ -985,7 +951,10 @@ class ManifestDataSet(DataSet):
         items: list[_Item] = []
         per_source: list[int] = []
         for s_index, source in enumerate(manifest.sources):
-            src_items, src_fields = self._list_source(s_index, source)
+            try:
+                src_items, src_fields = self._list_source(s_index, source)
+            except PermissionError as exc:
+                raise unreadable(exc, f"a data file of {manifest.path}", source.root) from None
             per_source.append(len(src_items))
             items.extend(src_items)
             fields.append(src_fields)
@@ -1082,7 +1051,7 @@ class ManifestDataSet(DataSet):
             label = self._label_from_name(ref, base_key)
             rows: list[int | None] = [None]
             if source.kind == "npz" and not fields:
-                fields = set(_npz_members(path))
+                fields = set(npz_members(path))
                 if label_column and label_column not in fields:
                     raise ManifestError(f"{self.manifest.path}: [labels] column {label_column!r} is not an array "
                                         f"in {path} (it holds {sorted(fields)}); fix the column name.")
@@ -1098,9 +1067,9 @@ class ManifestDataSet(DataSet):
     def _rows_in(self, source: SourceSpec, path: Path) -> int:
         """Samples in a batched file: the shared leading dimension of its arrays."""
         if source.kind == "npy":
-            shapes = {"array": _load_npy(path, mmap=True).shape}
+            shapes = {"array": npy_header(path)[0]}
         else:
-            shapes = {k: v[0] for k, v in _npz_members(path).items()}
+            shapes = {k: v[0] for k, v in npz_members(path).items()}
         leading = {k: (s[0] if s else None) for k, s in shapes.items()}
         if not leading or any(v is None for v in leading.values()) or len(set(leading.values())) != 1:
             raise DataError(f"{path}: batched = true but its arrays do not share a leading sample axis "
@@ -1134,6 +1103,8 @@ class ManifestDataSet(DataSet):
                     kwargs = {"cache_dir": str(source.cache_dir)} if source.cache_dir else {}
                     ds = datasets.load_dataset("imagefolder", data_dir=str(source.root),
                                                split=source.split or "train", **kwargs)
+            except PermissionError:
+                raise
             except Exception as exc:  # noqa: BLE001
                 what = ("a folder written by Dataset.save_to_disk" if source.kind == "hf_disk"
                         else "an image folder (class sub-folders or metadata.csv)")
@@ -1198,14 +1169,14 @@ class ManifestDataSet(DataSet):
         if source.kind == "npy":
             path = self._file_path(source, str(item.ref))
             if item.row is None:
-                return {"array": _load_npy(path, mmap=False)}
-            return {"array": np.array(_load_npy(path, mmap=True)[item.row])}
+                return {"array": load_npy(path, mmap=False)}
+            return {"array": np.array(load_npy(path, mmap=True)[item.row])}
         if source.kind == "npz":
             path = self._file_path(source, str(item.ref))
             if item.row is None:
-                return _load_npz(path)
+                return load_npz(path)
             if self._npz_cache is None or self._npz_cache[0] != path:
-                self._npz_cache = (path, _load_npz(path))
+                self._npz_cache = (path, load_npz(path))
             return {k: v[item.row] for k, v in self._npz_cache[1].items()}
         images, arrays, _, _ = self._hf[item.source]
         out: dict[str, Any] = {}
@@ -1218,7 +1189,10 @@ class ManifestDataSet(DataSet):
 
     def _load(self, i: int) -> Sample:
         item = self._items[i]
-        fields = self._fields_of(item)
+        try:
+            fields = self._fields_of(item)
+        except PermissionError as exc:
+            raise unreadable(exc, f"the data of sample {item.key!r}", self.manifest.sources[item.source].root) from None
         label = item.label
         spec = self.manifest.labels
         if spec is not None and spec.column is not None:
