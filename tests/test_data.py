@@ -524,9 +524,12 @@ def test_check_inputs_symbols_and_fixed_batch():
     check_inputs(from_arrays({"a": np.zeros((1, 5), np.float32), "b": np.ones((1, 5), np.float32)}), model)
     with pytest.raises(InputMismatchError, match=r"dimension 'S' \(axis 1\) is 6 in the data but 5 in input 'a'"):
         check_inputs(from_arrays({"a": np.zeros((1, 5), np.float32), "b": np.ones((1, 6), np.float32)}), model)
+    five = from_arrays({"a": np.zeros((5, 5), np.float32), "b": np.ones((5, 5), np.float32)})
     with pytest.raises(InputMismatchError, match=r"fixed batch of 1.*batch size 1, not 4"):
-        check_inputs(from_arrays({"a": np.zeros((1, 5), np.float32), "b": np.ones((1, 5), np.float32)}), model,
-                     batch_size=4)
+        check_inputs(five, model, batch_size=4)
+    # a set smaller than the batch size arrives in one batch of its own size
+    check_inputs(from_arrays({"a": np.zeros((1, 5), np.float32), "b": np.ones((1, 5), np.float32)}), model,
+                 batch_size=4)
 
 
 # ─────────────────────────────── bad manifests and data ───────────────────────────────
