@@ -1422,9 +1422,15 @@ def _image_hint(expected: Sequence[Any], got: Sequence[int], layout: str) -> str
             "input shape")
 
 
-def _shape_hint(origin: str, expected: Sequence[Any], got: Sequence[int], layout: str) -> str:
+def _shape_hint(origin: str, expected: Sequence[Any], got: Sequence[int], layout: str, dtype: str) -> str:
     """How to make samples of shape ``got`` into ``expected`` (no batch axis), for where they come from."""
     want = _fmt_shape(expected)
+    one = shape_bytes([d for d in expected if isinstance(d, int) and d > 0], np.dtype(dtype).itemsize)
+    available = available_memory_bytes()
+    if available is not None and one > available:
+        return (f"One sample of {want} would be {format_bytes(one)} ({one} bytes), more than the "
+                f"{format_bytes(available)} this machine has available: check the model's input shape (re-export "
+                "it with the size it is really used at)")
     if origin == "image":
         return _image_hint(expected, got, layout)
     if origin == "hook":
@@ -1529,7 +1535,7 @@ def _check_shape(spec: TensorSpec, dtype: str, sample_shape: tuple[int, ...], mo
             raise InputMismatchError(
                 f"input {spec.name!r}: model {model.label} expects shape {_fmt_shape(spec.shape)} (first dim "
                 f"= batch); {where} gives samples {_fmt_shape(sample_shape)}: axis {axis} is {actual}, the "
-                f"model wants {dim}. {_shape_hint(origin[0], spec.shape[1:], sample_shape, layout)}."
+                f"model wants {dim}. {_shape_hint(origin[0], spec.shape[1:], sample_shape, layout, dtype)}."
             )
         if isinstance(dim, str):
             seen = symbols.setdefault(dim, (actual, spec.name))
