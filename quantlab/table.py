@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .atomic import write_json, write_text
+from .environment import unreadable
 from .errors import CalibrationError
 
 if TYPE_CHECKING:  # graph is a lower layer; imported only for the annotation
@@ -121,17 +122,14 @@ def check_range(name: str, r: TensorRange, where: str = "calibration table") -> 
 
 def _warn_zero_ranges(ranges: Mapping[str, TensorRange], where: str, cache: bool = False) -> None:
     zero = [name for name, r in ranges.items() if r.amax == 0]
-    if not zero:
-        return
     shown = ", ".join(repr(n) for n in zero[:5]) + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
     why = ("TensorRT writes 0 for tensors it did not calibrate; quantlab for tensors that were all zero"
            if cache else "every calibration value was zero, or excluded")
-    warnings.warn(
-        f"{where}: {len(zero)} tensor(s) have amax 0 ({why}): {shown}. Their Q/DQ scale is "
-        f"{ZERO_RANGE_SCALE}: zeros stay exact, any other value there rounds to whole numbers. Check the data, or "
-        "keep their layers out of INT8 if they are not always zero.",
-        ZeroRangeWarning, stacklevel=3,
-    )
+    if zero:
+        warnings.warn(f"{where}: {len(zero)} tensor(s) have amax 0 ({why}): {shown}. Their Q/DQ scale is "
+                      f"{ZERO_RANGE_SCALE}: zeros stay exact, any other value there rounds to whole numbers. Check "
+                      "the data, or keep their layers out of INT8 if they are not always zero.",
+                      ZeroRangeWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -251,6 +249,8 @@ def read_table(path: str | os.PathLike[str]) -> CalibrationTable:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CalibrationError(f"{path}: no such calibration table; run quantlab calibrate first") from None
+    except PermissionError as exc:
+        raise unreadable(exc, "calibration table", path) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CalibrationError(f"{path}: cannot read the calibration table ({exc})") from None
     if text.startswith("TRT-"):
@@ -354,6 +354,8 @@ def read_trt_cache(path: str | os.PathLike[str], *, model_sha256: str = "") -> C
         data = path.read_bytes()
     except FileNotFoundError:
         raise CalibrationError(f"{path}: no such calibration cache") from None
+    except PermissionError as exc:
+        raise unreadable(exc, "calibration cache", path) from None
     except OSError as exc:
         raise CalibrationError(f"{path}: cannot read the calibration cache ({exc})") from None
     try:

@@ -833,3 +833,14 @@ def test_unreadable_source_folder_is_a_permission_error(tmp_path, photos):
         assert err.value.filename == str(photos) and f"chmod a+rx {photos}" in str(err.value)
     finally:
         photos.chmod(0o755)
+
+
+def test_an_unreadable_hook_module_is_a_permission_error(tmp_path, photos):
+    (tmp_path / "my_prep.py").write_text("def prepare(image):\n    return None\n")
+    text = IMAGES_TOML.replace("resize = 20\ncenter_crop = 16\nmean = [120.0, 110.0, 100.0]\nstd = [60.0, 50.0, 40.0]\n",
+                               'hook = "my_prep:prepare"\n')
+    manifest = _manifest(tmp_path, text)
+    (tmp_path / "my_prep.py").chmod(0)
+    with models.permissions_enforced(), pytest.raises(PermissionError) as err:
+        load_manifest(manifest)
+    assert err.value.filename == str(tmp_path / "my_prep.py") and "permission denied" in str(err.value)

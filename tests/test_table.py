@@ -215,3 +215,13 @@ def test_min_above_max_is_refused_but_no_usable_value_is_not():
     with pytest.raises(CalibrationError, match="min 2.0 is above max 1.0"):
         CalibrationTable("minmax", {"t": TensorRange(1.0, 2.0, 1.0)}, "")
     CalibrationTable("minmax", {"t": TensorRange(0.0, math.inf, -math.inf)}, "")  # every value excluded
+
+
+def test_an_unreadable_table_or_cache_is_a_permission_error_naming_it(tmp_path):
+    table = write_table(_table(), tmp_path / "t.json")
+    cache = write_trt_cache(_table(), tmp_path / "c.cache")
+    for path, read in ((table, read_table), (cache, read_trt_cache)):
+        path.chmod(0)
+        with models.permissions_enforced(), pytest.raises(PermissionError) as err:
+            read(path)
+        assert err.value.filename == str(path) and f"chmod a+r {path}" in str(err.value)
