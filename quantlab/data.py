@@ -952,6 +952,7 @@ class ManifestDataSet(DataSet):
                       if manifest.preprocess.hook else None)
         self._hf: dict[int, tuple[Any, Any, list[str], list[str]]] = {}
         self._npz_cache: tuple[Path, dict[str, np.ndarray]] | None = None
+        self._npy_cache: tuple[Path, np.ndarray] | None = None
         self._regex = re.compile(manifest.labels.regex) if manifest.labels and manifest.labels.regex else None
         self.label_dtype = manifest.labels.dtype if manifest.labels else None
         fields: list[set[str]] = []
@@ -1199,7 +1200,9 @@ class ManifestDataSet(DataSet):
             path = self._file_path(source, str(item.ref))
             if item.row is None:
                 return {"array": load_npy(path, mmap=False)}
-            return {"array": np.array(load_npy(path, mmap=True)[item.row])}
+            if self._npy_cache is None or self._npy_cache[0] != path:
+                self._npy_cache = (path, load_npy(path, mmap=True))  # a memmap: rows are read when used
+            return {"array": np.array(self._npy_cache[1][item.row])}
         if source.kind == "npz":
             path = self._file_path(source, str(item.ref))
             if item.row is None:
