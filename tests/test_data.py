@@ -844,3 +844,24 @@ def test_an_unreadable_hook_module_is_a_permission_error(tmp_path, photos):
     with models.permissions_enforced(), pytest.raises(PermissionError) as err:
         load_manifest(manifest)
     assert err.value.filename == str(tmp_path / "my_prep.py") and "permission denied" in str(err.value)
+
+
+def test_arrays_read_after_their_header_check_equal_numpys_own_reader(tmp_path):
+    """quantlab reads .npy/.npz data itself after checking the header: Fortran order and byte order must survive."""
+    from quantlab.arrayfiles import load_npy, load_npz
+
+    rng = np.random.default_rng(0)
+    c_order = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    fortran = np.asfortranarray(rng.normal(size=(3, 4, 5)))
+    big_endian = rng.integers(-9, 9, size=(2, 7)).astype(">i4")
+    for name, arr in {"c": c_order, "f": fortran, "be": big_endian}.items():
+        np.save(tmp_path / f"{name}.npy", arr)
+        got = load_npy(tmp_path / f"{name}.npy", mmap=False)
+        assert got.dtype == arr.dtype and np.array_equal(got, arr) and got.flags.writeable
+        np.testing.assert_array_equal(load_npy(tmp_path / f"{name}.npy", mmap=True), arr)
+    np.savez_compressed(tmp_path / "all.npz", c=c_order, f=fortran, be=big_endian)
+    loaded = load_npz(tmp_path / "all.npz")
+    with np.load(tmp_path / "all.npz") as reference:
+        assert set(loaded) == set(reference.files)
+        for k in reference.files:
+            assert loaded[k].dtype == reference[k].dtype and np.array_equal(loaded[k], reference[k])
