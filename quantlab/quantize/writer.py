@@ -23,8 +23,8 @@ from onnx import TensorProto, helper
 
 from ..controlflow import control_flow_notes
 from ..errors import PlanError
-from ..graph import LoadedModel, default_opset, outer_names
-from ..plan import FusionGroup, ResolvedPlan, topological_order
+from ..graph import LoadedModel, default_opset, outer_names, topological_order
+from ..plan import FusionGroup, ResolvedPlan
 from ..precision import FP16
 from ..version import __version__
 from .casts import Casts
