@@ -4,9 +4,9 @@
 Constant nodes, seeded values), one node at a time with ONNX's reference
 evaluator, remembering which constants each value came from; ``rename_node``
 copies a node under new tensor names, following the names into the subgraphs
-that read them from the enclosing scope. This module imports only ONNX and
-:mod:`quantlab.simplify`, so :mod:`quantlab.graph` may import the passes built
-on it.
+that read them from the enclosing scope (:func:`quantlab.graph.topology.outer_names`,
+re-exported as ``outer_reads``). It imports only ONNX, :mod:`quantlab.simplify` and
+:mod:`quantlab.graph.topology`, so :mod:`quantlab.graph.load` may run the passes built on it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph.topology import outer_names as outer_reads
 from .simplify import single_node_model
 
 __all__ = [
@@ -43,20 +44,6 @@ def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     for attr in node.attribute:
         out += [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
     return out
-
-
-def outer_reads(graph: onnx.GraphProto) -> set[str]:
-    """Tensors a subgraph reads from enclosing scopes (as :func:`quantlab.graph.outer_names`; this module
-    stays importable by :mod:`quantlab.graph`, so it does not import it)."""
-    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    used: set[str] = set()
-    for node in graph.node:
-        used.update(t for t in node.input if t)
-        defined.update(o for o in node.output if o)
-        for body in subgraphs(node):
-            used |= outer_reads(body)
-    used.update(o.name for o in graph.output)
-    return used - defined
 
 
 def graph_names(graph: onnx.GraphProto) -> set[str]:

@@ -24,7 +24,8 @@ from quantlab.controlflow import (
     resolve_static_control_flow,
 )
 from quantlab.errors import ModelError
-from quantlab.graph import activation_names, model_from_proto
+from quantlab.fingerprint import sha256_file
+from quantlab.graph import activation_names, load_model, model_from_proto
 from quantlab.plan import uniform_plan
 from quantlab.quantize import WriteOptions, write_model
 from quantlab.stats import collect_statistics
@@ -64,9 +65,7 @@ def test_constant_condition_if_is_inlined_with_the_same_outputs(rate, branch):
 
 
 def test_condition_from_the_data_is_left_and_its_tensors_listed():
-    proto = models.voice_activity()
-    free = bind_inputs(proto, {})  # a copy
-    del free.graph.initializer[[i.name for i in free.graph.initializer].index("sr")]  # sr: a real input now
+    free = _data_driven_vad()
     out, done = inline_constant_ifs(free)
     assert done == () and out is free
     left = float_subgraph_tensors(out)
@@ -117,15 +116,26 @@ def test_nested_ifs_and_names_two_branches_share():
     np.testing.assert_array_equal(_run(proto, x)["out"], _run(inlined, x)["out"])
 
 
-def _calibrated_int8(proto: onnx.ModelProto):
+def _data_driven_vad() -> onnx.ModelProto:
+    """voice_activity with ``sr`` a real input (no initializer): its If cannot be inlined."""
+    proto = models.voice_activity()
+    del proto.graph.initializer[[i.name for i in proto.graph.initializer].index("sr")]
+    return proto
+
+
+def _calibrated_int8(proto: onnx.ModelProto, extra: dict[str, np.ndarray] | None = None):
     model = model_from_proto(proto, label="voice_activity")
-    stats = collect_statistics(model, lambda: [_feeds(4, s) for s in range(3)])
+    stats = collect_statistics(model, lambda: [{**_feeds(4, s), **(extra or {})} for s in range(3)])
     table = table_from_statistics(stats, "minmax")
     return model, table, write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
 
 
-def test_inlined_branch_is_calibrated_written_and_recorded_in_provenance():
-    inlined, _ = resolve_static_control_flow(models.voice_activity())
+def test_inlined_branch_is_calibrated_written_and_recorded_in_provenance(tmp_path):
+    onnx.save(models.voice_activity(), tmp_path / "vad.onnx")
+    loaded = load_model(tmp_path / "vad.onnx")  # loading inlines (quantlab.graph.load)
+    assert "If" not in {n.op_type for n in loaded.proto.graph.node}
+    assert loaded.sha256 == sha256_file(tmp_path / "vad.onnx")  # tables still name the file as given
+    inlined = loaded.proto
     _, table, written = _calibrated_int8(inlined)
     assert {"mm_16k", "pre_16k", "enc"} <= set(table.ranges)  # enc_16k computes under the If output name
     dq_of = {n.input[0] for n in written.proto.graph.node if n.op_type == "DequantizeLinear"}
@@ -137,6 +147,7 @@ def test_inlined_branch_is_calibrated_written_and_recorded_in_provenance():
 
 
 def test_written_models_with_and_without_inlining_build_with_tensorrt_rtx():
+    """Loading inlines the constant If; with ``sr`` fed by the data the If stays, its tensors float."""
     backend = _rtx()
     from quantlab.shapes import ShapeLog, profiles_from_data
 
@@ -145,9 +156,13 @@ def test_written_models_with_and_without_inlining_build_with_tensorrt_rtx():
         log.observe(_feeds(batch, s))
     shapes = profiles_from_data({"input": (-1, 64), "state": (2, -1, 128)}, log)
     assert shapes["state"].as_lists() == [[2, 2, 128], [2, 4, 128], [2, 4, 128]]  # batch on axis 1: data's range
-    inlined, _ = inline_constant_ifs(models.voice_activity())
-    for proto in (inlined, models.voice_activity()):
-        _, _, written = _calibrated_int8(proto)
+    _, table, inlined = _calibrated_int8(models.voice_activity())  # model_from_proto inlines the If
+    assert "mm_16k" in table.ranges and "If" not in {n.op_type for n in inlined.proto.graph.node}
+    sr = {"sr": np.array(16000, np.int64)}
+    _, table, kept = _calibrated_int8(_data_driven_vad(), sr)
+    assert "mm_16k" not in table.ranges and "If" in {n.op_type for n in kept.proto.graph.node}
+    assert any("6 tensor(s) left in float" in n for n in kept.provenance.notes)
+    for written in (inlined, kept):
         engine = backend.build_engine(written.proto, shapes=shapes, label="voice_activity")
         assert len(engine) > 10_000
 
