@@ -182,9 +182,25 @@ class ShapeLog:
         return self.counts.get(name, Counter())
 
     def as_dict(self) -> dict[str, list[list[int]]]:
-        """Shapes seen per input as JSON (count-ordered, ties by shape): enough to derive the ranges again."""
+        """Shapes seen per input as JSON, ``[*shape, count]`` rows (count-ordered): enough to derive the ranges again.
+
+        A calibration table can keep it (``calib_set["input_shapes"]``) so that ``quantlab build``,
+        which has no data, still builds profiles from the shapes the data had.
+        """
         return {name: [[*shape, n] for shape, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))]
                 for name, c in sorted(self.counts.items())}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Sequence[Sequence[int]]], where: str = "input_shapes") -> ShapeLog:
+        """The log :meth:`as_dict` wrote; InputMismatchError naming ``where`` for anything else."""
+        log = cls()
+        for name, rows in doc.items():
+            for row in rows:
+                if not row or not all(isinstance(d, int) and d >= 0 for d in row):
+                    raise InputMismatchError(f"{where}: input {name!r} has row {row!r}; rows are "
+                                             "[dim, ..., dim, count] of non-negative integers")
+                log.counts.setdefault(str(name), Counter())[tuple(row[:-1])] += row[-1]
+        return log
 
 
 def _most_frequent(values: Counter[int]) -> int:

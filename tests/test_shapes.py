@@ -66,6 +66,10 @@ def test_profiles_follow_the_data_and_never_invent_a_width_of_1():
     assert image.opt == (8, 3, 48, 320)  # the most frequent value per axis
     assert image.max == (8, 3, 48, 640)
     assert log.as_dict()["image"][0] == [8, 3, 48, 320, 2]
+    again = ShapeLog.from_dict(log.as_dict())  # what a calibration table can keep for `quantlab build`
+    assert profiles_from_data({"image": (-1, 3, 48, -1)}, again) == ranges
+    with pytest.raises(InputMismatchError, match="calib.json: input 'image'"):
+        ShapeLog.from_dict({"image": [[8, -3, 2]]}, where="calib.json")
 
 
 def test_data_shapes_that_break_the_model_are_named():
