@@ -225,8 +225,15 @@ def range_from_shapes(name: str, network_shape: Sequence[int], seen: Mapping[Sha
 
 
 def profiles_from_data(network_inputs: Mapping[str, Sequence[int]], log: ShapeLog,
-                       batch_axis: int | None = BATCH_AXIS) -> dict[str, ShapeRange]:
-    """Ranges for every input with a dynamic dim (-1) that ``log`` saw; inputs it never saw are left out."""
-    return {name: range_from_shapes(name, shape, log.shapes(name), batch_axis)
+                       batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS) -> dict[str, ShapeRange]:
+    """Ranges for every input with a dynamic dim (-1) that ``log`` saw; inputs it never saw are left out.
+
+    ``batch_axis``: the axis samples are stacked on (min 1 there), one for all inputs or per
+    input name (an input missing from the mapping, or mapped to None, has no batch axis).
+    """
+    def axis(name: str) -> int | None:
+        return batch_axis.get(name) if isinstance(batch_axis, Mapping) else batch_axis
+
+    return {name: range_from_shapes(name, shape, log.shapes(name), axis(name))
             for name, shape in network_inputs.items()
             if any(int(d) < 0 for d in shape) and log.shapes(name)}

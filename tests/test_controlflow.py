@@ -155,7 +155,9 @@ def test_written_models_with_and_without_inlining_build_with_tensorrt_rtx():
     for s, batch in enumerate((4, 4, 2)):
         log.observe(_feeds(batch, s))
     shapes = profiles_from_data({"input": (-1, 64), "state": (2, -1, 128)}, log)
-    assert shapes["state"].as_lists() == [[2, 2, 128], [2, 4, 128], [2, 4, 128]]  # batch on axis 1: data's range
+    assert shapes["state"].as_lists() == [[2, 2, 128], [2, 4, 128], [2, 4, 128]]  # axis 1 not the batch: data's range
+    per_input = profiles_from_data({"input": (-1, 64), "state": (2, -1, 128)}, log, {"input": 0, "state": 1})
+    assert per_input["state"].min == (2, 1, 128) and per_input["input"].min == (1, 64)
     _, table, inlined = _calibrated_int8(models.voice_activity())  # model_from_proto inlines the If
     assert "mm_16k" in table.ranges and "If" not in {n.op_type for n in inlined.proto.graph.node}
     sr = {"sr": np.array(16000, np.int64)}
