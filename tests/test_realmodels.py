@@ -77,3 +77,41 @@ def test_unrolled_loop_calibrates_builds_and_compares():
     assert len(trt.TensorRTBackend("tensorrt-rtx").build_engine(written.proto, shapes=shapes)) > 10_000
     row = _end_to_end(model, written, valid, "refined")
     assert row["cosine"] > 0.99 and row["sqnr_db"] > 20
+
+
+def _issue_models():
+    """(name, proto, feeds of one batch, engine shapes) for each issue-14 test model."""
+    from quantlab.shapes import parse_shapes
+
+    rng = np.random.default_rng(3)
+    vad = {"input": rng.normal(0, 1, (4, 64)).astype(np.float32),
+           "state": rng.normal(0, 0.5, (2, 4, 128)).astype(np.float32)}
+    vad_free = models.voice_activity()
+    del vad_free.graph.initializer[[i.name for i in vad_free.graph.initializer].index("sr")]
+    return [
+        ("text_recognizer", models.text_recognizer(), {"image": _images(4, 64, 3)},
+         parse_shapes("image:1x3x48x64,4x3x48x128,8x3x48x256")),
+        ("voice_activity", models.voice_activity(), vad, parse_shapes("input:1x64,4x64,8x64 state:2x1x128,2x4x128,2x8x128")),
+        ("voice_activity_data_sr", vad_free, {**vad, "sr": np.array(8000, np.int64)},
+         parse_shapes("input:1x64,4x64,8x64 state:2x1x128,2x4x128,2x8x128")),
+        ("refinement_loop", models.refinement_loop(), {"input": rng.normal(0, 1, (4, 16)).astype(np.float32)},
+         parse_shapes("input:1x16,4x16,8x16")),
+    ]
+
+
+@pytest.mark.parametrize("which", ["int8", "fp16", "mixed"])
+def test_every_issue_model_written_parses_and_builds(which):
+    """INT8, FP16 and mixed writes of each model (control flow resolved at load) build with TensorRT-RTX."""
+    from quantlab.calibrate import table_from_statistics
+    from quantlab.plan import PrecisionPlan, Rule
+    from quantlab.stats import collect_statistics
+
+    backend = trt.TensorRTBackend("tensorrt-rtx")
+    plan = (PrecisionPlan(default="int8", rules=(Rule("fp16", first=1), Rule("fp32", last=1)))
+            if which == "mixed" else uniform_plan(which))
+    for name, proto, feeds, shapes in _issue_models():
+        model = model_from_proto(proto, label=name)
+        table = table_from_statistics(collect_statistics(model, lambda feeds=feeds: [feeds]), "minmax")
+        written = write_model(model, plan, table, WriteOptions(target="tensorrt"))
+        engine = backend.build_engine(written.proto, shapes=shapes, label=f"{name} ({which})")
+        assert len(engine) > 10_000, name
