@@ -417,3 +417,15 @@ def test_shapes_flag_text_builds_and_is_recorded_in_the_cache_sidecar(rtx, tmp_p
         rtx.build_engine(model, shapes=parse_shapes("image:1x3x32x64,1x3x32x64,1x3x32x64"))
     with pytest.raises(InputMismatchError, match="'img'"):
         rtx.build_engine(model, shapes=parse_shapes("img:1x3x48x64"))
+
+
+def test_backend_default_shapes_apply_to_models_holding_those_inputs():
+    """get_backend(..., shapes=) is how compare/search pass --shapes; sub-models without the input ignore it."""
+    from quantlab.shapes import parse_shapes
+
+    shapes = parse_shapes("image:1x3x48x64,2x3x48x128,4x3x48x256")
+    backend = get_backend("tensorrt-rtx", shapes=shapes)
+    _engine_ok(backend.build_engine(models.text_recognizer(), label="text_recognizer"))
+    assert backend.profiles_for(models.text_recognizer()) == {"image": [[1, 3, 48, 64], [2, 3, 48, 128],
+                                                                         [4, 3, 48, 256]]}
+    assert backend.profiles_for(models.conv_net())["input"][1] == [1, 3, 16, 16]  # no 'image' here: the guess

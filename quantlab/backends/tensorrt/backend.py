@@ -35,7 +35,10 @@ class TensorRTBackend(Backend):
 
     ``cache_dir`` enables the engine cache (and, for TensorRT-RTX, its JIT
     runtime cache); ``timing_cache`` is a file the TensorRT builder loads and
-    updates (TensorRT-RTX ignores timing caches since 1.2).
+    updates (TensorRT-RTX ignores timing caches since 1.2). ``shapes`` are
+    default (min, opt, max) ranges by input name for builds given none of their
+    own (``get_backend("tensorrt-rtx", shapes=...)``: how compare and search pass
+    ``--shapes``); a model without an input of that name ignores it (sub-models).
     """
 
     def __init__(
@@ -45,8 +48,10 @@ class TensorRTBackend(Backend):
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
         cache_dir: Path | None = None,
         timing_cache: Path | None = None,
+        shapes: Mapping[str, ShapeRange] | None = None,
     ) -> None:
         self.flavor = flavor
+        self.shapes = dict(shapes or {})
         self.name = flavor
         self._spec, self._trt = import_flavor(flavor)
         if workspace_bytes <= 0:
@@ -112,7 +117,15 @@ class TensorRTBackend(Backend):
         engine outputs. :meth:`profiles_for` says which profiles the engine gets.
         """
         return self._builder.build(model, profiles_from=profiles_from, outputs=outputs, label=label,
-                                   shapes=shapes)[0]
+                                   shapes=self._shapes_for(model, shapes))[0]
+
+    def _shapes_for(self, model: onnx.ModelProto, shapes: Mapping[str, ShapeRange] | None
+                    ) -> Mapping[str, ShapeRange] | None:
+        """``shapes`` if given, else the backend's default ranges for the inputs ``model`` has."""
+        if shapes is not None or not self.shapes:
+            return shapes
+        names = {i.name for i in model.graph.input}
+        return {k: v for k, v in self.shapes.items() if k in names}
 
     def profiles_for(
         self,
@@ -125,7 +138,7 @@ class TensorRTBackend(Backend):
 
         The form ``engine.json`` records under ``profiles`` (the Triton export reads it).
         """
-        return dict(self._builder.settings_for(model, [], profiles_from, shapes)["profiles"])
+        return dict(self._builder.settings_for(model, [], profiles_from, self._shapes_for(model, shapes))["profiles"])
 
     def cache_key(
         self,
@@ -170,6 +183,7 @@ class TensorRTBackend(Backend):
         """
         folder = Path(cache_dir) if cache_dir is not None else self.cache_dir
         outputs = list(outputs or [])
+        shapes = self._shapes_for(model, shapes)
         settings = self._settings_for(model, outputs, profiles_from, shapes)
         key = self.cache_key(model, plan_sha256=plan_sha256, settings=settings)
         if folder is None:
