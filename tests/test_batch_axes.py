@@ -111,3 +111,25 @@ def test_manifest_batch_axis_errors_name_the_table_and_key(tmp_path):
     (tmp_path / "bad.toml").write_text(MANIFEST.format(axis='"one"'))
     with pytest.raises(ManifestError, match=r"bad.toml: \[inputs.state\] key 'batch_axis'.*an integer >= 0, or \"none\""):
         open_dataset(tmp_path / "bad.toml")
+
+
+def test_complete_feeds_are_files_of_batch_1_in_the_models_own_layout(tmp_path):
+    """feeds = "complete": each file holds what the model takes for one sample (state [2, 1, 128], sr a scalar)."""
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    arrays = _arrays(3)
+    for i in range(3):
+        np.savez(folder / f"f{i}.npz", input=arrays["input"][i:i + 1], state=arrays["state"][:, i:i + 1],
+                 sr=arrays["sr"])
+    text = MANIFEST.format(axis=1).replace('path = "chunks"', 'path = "feeds"')
+    (tmp_path / "complete.toml").write_text('feeds = "complete"\n' + text)
+    data = open_dataset(tmp_path / "complete.toml")
+    model = model_from_proto(_vad(), label="vad")
+    check_inputs(data, model, batch_size=3)
+    batch = next(data.batches(3))
+    np.testing.assert_array_equal(batch.feeds["state"], arrays["state"])
+    np.testing.assert_array_equal(batch.feeds["input"], arrays["input"])
+    np.savez(folder / "f9.npz", input=arrays["input"][:2], state=arrays["state"][:, :2], sr=arrays["sr"])
+    again = open_dataset(tmp_path / "complete.toml")
+    with pytest.raises(DataError, match=r"'feeds/f9.npz'.*input 'input' is \[2, 64\].*batch 1 on axis 0"):
+        list(again.batches(4))

@@ -167,7 +167,20 @@ class ManifestDataSet(DataSet):
                 raise DataError(f"sample {item.key!r}: has no field {fieldname!r} for input {name!r} "
                                 f"(it has {sorted(fields)}); fix [inputs] in {self.manifest.path}.")
             feeds[name] = self._feeds.array(fields[fieldname], item.key, item.view, name)
+            if self.manifest.complete_feeds:
+                feeds[name] = self._without_batch_axis(feeds[name], name, item.key)
         return Sample(index=i, key=item.key, feeds=feeds, label=label)
+
+    def _without_batch_axis(self, array: np.ndarray, name: str, key: str) -> np.ndarray:
+        """A complete feed's array (batch 1 on the input's batch axis) as one sample (``feeds = "complete"``)."""
+        axis = self.batch_axis(name)
+        if axis is None:
+            return array
+        if array.ndim <= axis or array.shape[axis] != 1:
+            raise DataError(f"sample {key!r}: input {name!r} is {list(array.shape)}, but feeds = \"complete\" in "
+                            f"{self.manifest.path} says each file is one whole feed with batch 1 on axis {axis}. "
+                            "Give files of batch 1, or set the input's batch_axis in [inputs].")
+        return np.squeeze(array, axis=axis)
 
     def _first(self, n: int) -> ManifestDataSet:
         """The same set with ``count = n``: the first n samples in seed order, sources not listed again."""

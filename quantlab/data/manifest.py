@@ -44,6 +44,8 @@ TOP_KEYS: dict[str, Key] = {
     "count": Key("an integer >= 1", lambda v: is_int(v) and v >= 1, "count = 128"),
     "seed": Key("an integer >= 0", lambda v: is_int(v) and v >= 0, "seed = 0"),
     "shuffle": Key("true or false", lambda v: isinstance(v, bool), "shuffle = true"),
+    "feeds": Key('"complete" or "samples"', one_of(("complete", "samples")),
+                 'feeds = "complete"   # each file is a whole model feed, batch 1 on each batch axis'),
     "source": Key("a [source] table or [[source]] tables", lambda v: isinstance(v, (dict, list)),
                   '[[source]]\nkind = "images"\npath = "photos"'),
     "inputs": Key("a table of input name = source field (or = { field = ..., batch_axis = ... })",
@@ -74,6 +76,7 @@ class DataSetManifest:
     augment: AugmentSpec | None
     labels: LabelSpec | None
     batch_axes: tuple[tuple[str, int | None], ...] = ()
+    complete_feeds: bool = False
 
     @property
     def folder(self) -> Path:
@@ -159,6 +162,7 @@ def _manifest_from(path: Path, raw: dict[str, Any], text: str, digest: str) -> D
         skipped_sources=tuple(skipped),
         inputs=parse_inputs(raw.get("inputs"), where),
         batch_axes=parse_batch_axes(raw.get("inputs"), where),
+        complete_feeds=raw.get("feeds", "samples") == "complete",
         preprocess=parse_preprocess(raw.get("preprocess", {}), where, path.parent, kinds),
         augment=parse_augment(raw.get("augment"), where, kinds),
         labels=parse_labels(raw.get("labels"), where, kinds),
