@@ -133,3 +133,27 @@ def test_complete_feeds_are_files_of_batch_1_in_the_models_own_layout(tmp_path):
     again = open_dataset(tmp_path / "complete.toml")
     with pytest.raises(DataError, match=r"'feeds/f9.npz'.*input 'input' is \[2, 64\].*batch 1 on axis 0"):
         list(again.batches(4))
+
+
+def test_sequence_mode_carries_the_state_output_into_the_next_batch():
+    from quantlab.backends import get_backend
+    from quantlab.sequence import SequenceData
+
+    model = model_from_proto(_vad(), label="vad")
+    arrays = _arrays(5)
+    data = SequenceData(from_arrays(arrays, batch_axes=AXES), model, {"stateN": "state"})
+    check_inputs(data, model, batch_size=2)
+    batches = list(data.batches(2))
+    np.testing.assert_array_equal(batches[0].feeds["state"], arrays["state"][:, :2])  # the first keeps the data's
+    runner = get_backend("ort").build(model.proto)
+    try:
+        expected = runner.run(batches[0].feeds)["stateN"]
+        np.testing.assert_array_equal(batches[1].feeds["state"], expected)  # two streams, each continued
+        shorter = runner.run(batches[1].feeds)["stateN"][:, :1]
+    finally:
+        runner.close()
+    np.testing.assert_array_equal(batches[2].feeds["state"], shorter)  # the last batch: the first stream only
+    table = calibrate(model, data, "minmax", batch_size=2).tables["minmax"]
+    assert table.calib_set["manifest"]["sequence"] == {"carry": {"stateN": "state"}}
+    with pytest.raises(InputMismatchError, match="'hidden'"):
+        SequenceData(from_arrays(arrays, batch_axes=AXES), model, {"stateN": "hidden"})
