@@ -157,3 +157,18 @@ def test_sequence_mode_carries_the_state_output_into_the_next_batch():
     assert table.calib_set["manifest"]["sequence"] == {"carry": {"stateN": "state"}}
     with pytest.raises(InputMismatchError, match="'hidden'"):
         SequenceData(from_arrays(arrays, batch_axes=AXES), model, {"stateN": "hidden"})
+
+
+def test_manifest_sequence_carry_is_parsed_for_sequence_data(tmp_path):
+    from quantlab.sequence import SequenceData
+
+    _npz_folder(tmp_path)
+    (tmp_path / "seq.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n')
+    data = open_dataset(tmp_path / "seq.toml")
+    assert data.sequence_carry == {"stateN": "state"}
+    model = model_from_proto(_vad(), label="vad")
+    result = calibrate(model, SequenceData(data, model, data.sequence_carry), "minmax", batch_size=1)
+    assert result.data.count == 5
+    (tmp_path / "bad.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncary = { stateN = "state" }\n')
+    with pytest.raises(ManifestError, match=r"\[sequence\] key 'cary'.*Did you mean 'carry'"):
+        open_dataset(tmp_path / "bad.toml")

@@ -80,6 +80,7 @@ class ManifestDataSet(DataSet):
         self._mapping = _input_mapping(manifest, fields)
         self.input_names = tuple(self._mapping)
         self.batch_axes = dict(manifest.batch_axes)
+        self.sequence_carry = dict(manifest.sequence_carry)  # quantlab.sequence.SequenceData runs the carry
 
     # --- listing -------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["ROLES", "TOP_KEYS", "DataSetManifest", "load_manifest", "parse_batch_axes", "parse_inputs"]
+__all__ = ["ROLES", "TOP_KEYS", "DataSetManifest", "load_manifest", "parse_batch_axes", "parse_inputs",
+           "parse_sequence"]
 
 ROLES = ("calibration", "validation")
 
@@ -53,6 +54,7 @@ TOP_KEYS: dict[str, Key] = {
     "preprocess": Key("a table", lambda v: isinstance(v, dict), "[preprocess]\nresize = 256"),
     "augment": Key("a table", lambda v: isinstance(v, dict), "[augment]\nviews = 8"),
     "labels": Key("a table", lambda v: isinstance(v, dict), '[labels]\nregex = "_(\\\\d+)\\\\.jpg$"'),
+    "sequence": Key("a table", lambda v: isinstance(v, dict), '[sequence]\ncarry = { stateN = "state" }'),
 }
 """The top-level keys of a manifest (its tables are checked by the module that owns them)."""
 
@@ -77,6 +79,7 @@ class DataSetManifest:
     labels: LabelSpec | None
     batch_axes: tuple[tuple[str, int | None], ...] = ()
     complete_feeds: bool = False
+    sequence_carry: tuple[tuple[str, str], ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -163,6 +166,7 @@ def _manifest_from(path: Path, raw: dict[str, Any], text: str, digest: str) -> D
         inputs=parse_inputs(raw.get("inputs"), where),
         batch_axes=parse_batch_axes(raw.get("inputs"), where),
         complete_feeds=raw.get("feeds", "samples") == "complete",
+        sequence_carry=parse_sequence(raw.get("sequence"), where),
         preprocess=parse_preprocess(raw.get("preprocess", {}), where, path.parent, kinds),
         augment=parse_augment(raw.get("augment"), where, kinds),
         labels=parse_labels(raw.get("labels"), where, kinds),
@@ -209,3 +213,21 @@ def parse_batch_axes(table: dict[str, Any] | None, where: Where) -> tuple[tuple[
             axis = entry["batch_axis"]
             out.append((name, None if axis == "none" else int(axis)))
     return tuple(out)
+
+
+SEQUENCE_KEYS: dict[str, Key] = {
+    "carry": Key("a table of model output = model input", lambda v: isinstance(v, dict) and bool(v)
+                 and all(isinstance(x, str) and x for x in v.values()), 'carry = { stateN = "state" }'),
+}
+"""Keys of ``[sequence]``: which outputs feed which inputs on the next batch (quantlab.sequence.SequenceData)."""
+
+
+def parse_sequence(table: dict[str, Any] | None, where: Where) -> tuple[tuple[str, str], ...]:
+    """``[sequence] carry``: (output, input) pairs; empty without ``[sequence]``."""
+    if table is None:
+        return ()
+    check_table(table, SEQUENCE_KEYS, where, "sequence", error=ManifestError, guide="calib_sets/README.md")
+    if "carry" not in table:
+        raise ManifestError(f"{where.at('sequence')}: no 'carry'; say which output feeds which input, e.g. "
+                            + SEQUENCE_KEYS["carry"].example)
+    return tuple(table["carry"].items())
