@@ -172,3 +172,34 @@ def test_manifest_sequence_carry_is_parsed_for_sequence_data(tmp_path):
     (tmp_path / "bad.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncary = { stateN = "state" }\n')
     with pytest.raises(ManifestError, match=r"\[sequence\] key 'cary'.*Did you mean 'carry'"):
         open_dataset(tmp_path / "bad.toml")
+
+
+def test_text_lines_of_several_widths_batch_by_shape_and_give_the_engine_profile(tmp_path):
+    """batching = "by_shape": the OCR recognizer's lines of 64/128/192 px, calibrated; profiles from the batches."""
+    from quantlab.shapes import ShapeLog, profiles_from_data
+
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    widths = [64, 128, 64, 192, 64, 128, 64]
+    for i, w in enumerate(widths):
+        np.save(folder / f"line{i}.npy", rng.uniform(-1, 1, (3, 48, w)).astype(np.float32))
+    text = 'shuffle = false\n[source]\nkind = "npy"\npath = "lines"\n[inputs]\nimage = "array"\n'
+    (tmp_path / "in_order.toml").write_text(text)
+    with pytest.raises(DataError, match='batching = "by_shape"'):
+        list(open_dataset(tmp_path / "in_order.toml").batches(2))
+    (tmp_path / "lines.toml").write_text('batching = "by_shape"\n' + text)
+    data = open_dataset(tmp_path / "lines.toml")
+    batches = list(data.batches(2))
+    assert [(b.indices, b.feeds["image"].shape[-1]) for b in batches] == [
+        ((0, 2), 64), ((1, 5), 128), ((4, 6), 64), ((3,), 192)]
+    assert [(b.indices, b.feeds["image"].shape[-1]) for b in data.batches(2)] == [
+        (b.indices, b.feeds["image"].shape[-1]) for b in batches]  # the same batches every pass
+    model = model_from_proto(models.text_recognizer(), label="text_recognizer")
+    result = calibrate(model, data, "minmax", batch_size=2)
+    assert result.data.count == 7
+    log = ShapeLog()
+    for batch in batches:
+        log.observe(batch.feeds)
+    image = profiles_from_data({"image": (-1, 3, 48, -1)}, log)["image"]
+    assert (image.min, image.opt, image.max) == ((1, 3, 48, 64), (2, 3, 48, 64), (2, 3, 48, 192))

@@ -204,9 +204,31 @@ class DataSet:
             specs = {k: (v.dtype, tuple(int(d) for d in v.shape or ())) for k, v in self.input_specs().items()}
             batch_fits(specs, min(batch_size, n), f"data set {self.describe_source()}",
                        "lower the batch size (--batch-size / batch_size=)")
+        if self.group_by_shape:
+            yield from self._batches_by_shape(batch_size)
+            return
         for start in range(0, n, batch_size):
             samples = [self._load(i) for i in range(start, min(start + batch_size, n))]
             yield stack_samples(samples, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes)
+
+    def _batches_by_shape(self, batch_size: int) -> Iterator[Batch]:
+        """Samples of equal shapes batched together (``batching = "by_shape"``: text lines of several widths).
+
+        A batch is given as soon as ``batch_size`` samples of one shape are in; the
+        unfinished ones follow at the end, in the order their shapes first appeared.
+        Holds at most (distinct shapes x batch size) samples. Same data, same batches.
+        """
+        pending: dict[tuple[Any, ...], list[Sample]] = {}
+        for i in range(len(self)):
+            sample = self._load(i)
+            shape = tuple((name, sample.feeds[name].shape, sample.feeds[name].dtype.str) for name in self.input_names)
+            group = pending.setdefault(shape, [])
+            group.append(sample)
+            if len(group) == batch_size:
+                yield stack_samples(group, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes)
+                del pending[shape]
+        for group in pending.values():
+            yield stack_samples(group, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes)
 
     def input_specs(self) -> dict[str, TensorSpec]:
         """dtype and per-sample shape (no batch axis) of each input, from the first sample."""
@@ -232,7 +254,7 @@ class FirstSamples(DataSet):
         self.parent, self._n = parent, n
         self.role, self.name = parent.role, parent.name
         self.input_names, self.label_dtype = parent.input_names, parent.label_dtype
-        self.batch_axes = parent.batch_axes
+        self.batch_axes, self.group_by_shape = parent.batch_axes, parent.group_by_shape
 
     def __len__(self) -> int:
         return self._n

@@ -81,6 +81,7 @@ class ManifestDataSet(DataSet):
         self.input_names = tuple(self._mapping)
         self.batch_axes = dict(manifest.batch_axes)
         self.sequence_carry = dict(manifest.sequence_carry)  # quantlab.sequence.SequenceData runs the carry
+        self.group_by_shape = manifest.group_by_shape
 
     # --- listing -------------------------------------------------------------------------
 
@@ -144,7 +145,8 @@ class ManifestDataSet(DataSet):
             return "set [preprocess] resize and center_crop so that every image gets one size"
         if origin == "hook":
             return "make the [preprocess] hook return one shape for every image"
-        return SAME_SHAPE_ADVICE
+        return SAME_SHAPE_ADVICE + ', or set batching = "by_shape" in the manifest to batch equal shapes together'
+
 
     # --- loading -------------------------------------------------------------------------
 

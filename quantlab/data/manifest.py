@@ -45,6 +45,8 @@ TOP_KEYS: dict[str, Key] = {
     "count": Key("an integer >= 1", lambda v: is_int(v) and v >= 1, "count = 128"),
     "seed": Key("an integer >= 0", lambda v: is_int(v) and v >= 0, "seed = 0"),
     "shuffle": Key("true or false", lambda v: isinstance(v, bool), "shuffle = true"),
+    "batching": Key('"in_order" or "by_shape"', one_of(("in_order", "by_shape")),
+                    'batching = "by_shape"   # samples of several shapes: batch equal shapes together'),
     "feeds": Key('"complete" or "samples"', one_of(("complete", "samples")),
                  'feeds = "complete"   # each file is a whole model feed, batch 1 on each batch axis'),
     "source": Key("a [source] table or [[source]] tables", lambda v: isinstance(v, (dict, list)),
@@ -80,6 +82,7 @@ class DataSetManifest:
     batch_axes: tuple[tuple[str, int | None], ...] = ()
     complete_feeds: bool = False
     sequence_carry: tuple[tuple[str, str], ...] = ()
+    group_by_shape: bool = False
 
     @property
     def folder(self) -> Path:
@@ -167,6 +170,7 @@ def _manifest_from(path: Path, raw: dict[str, Any], text: str, digest: str) -> D
         batch_axes=parse_batch_axes(raw.get("inputs"), where),
         complete_feeds=raw.get("feeds", "samples") == "complete",
         sequence_carry=parse_sequence(raw.get("sequence"), where),
+        group_by_shape=raw.get("batching", "in_order") == "by_shape",
         preprocess=parse_preprocess(raw.get("preprocess", {}), where, path.parent, kinds),
         augment=parse_augment(raw.get("augment"), where, kinds),
         labels=parse_labels(raw.get("labels"), where, kinds),
