@@ -237,3 +237,16 @@ def profiles_from_data(network_inputs: Mapping[str, Sequence[int]], log: ShapeLo
     return {name: range_from_shapes(name, shape, log.shapes(name), axis(name))
             for name, shape in network_inputs.items()
             if any(int(d) < 0 for d in shape) and log.shapes(name)}
+
+
+def shapes_for_build(shapes_text: str | Sequence[str] | None, recorded: Mapping[str, Sequence[Sequence[int]]] | None,
+                     network_inputs: Mapping[str, Sequence[int]],
+                     batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS) -> dict[str, ShapeRange] | None:
+    """The ranges an engine build uses: ``--shapes`` when given, else those derived from the shapes the
+    calibration data had (``recorded``: a :meth:`ShapeLog.as_dict`, e.g. a table's ``calib_set["input_shapes"]``),
+    else None (the builder's guess, which names itself when the build fails)."""
+    if shapes_text:
+        return parse_shapes(shapes_text)
+    if recorded:
+        return profiles_from_data(network_inputs, ShapeLog.from_dict(recorded, "calib_set.input_shapes"), batch_axis)
+    return None

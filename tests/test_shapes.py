@@ -109,3 +109,15 @@ def test_experiment_files_take_shapes_and_name_the_line_of_a_bad_one(tmp_path):
         load_experiment(bad)
     text = str(err.value)
     assert "bad.toml: line 5" in text and "'image' has 2 shapes" in text and "NAME:MIN,OPT,MAX" in text
+
+
+def test_a_build_takes_the_flag_else_the_recorded_data_shapes_else_nothing():
+    from quantlab.shapes import shapes_for_build
+
+    net = {"image": (-1, 3, 48, -1)}
+    recorded = {"image": [[8, 3, 48, 320, 5], [2, 3, 48, 96, 1]]}
+    flag = shapes_for_build("image:1x3x48x64,8x3x48x320,32x3x48x1600", recorded, net)
+    assert flag["image"].max == (32, 3, 48, 1600)
+    assert shapes_for_build(None, recorded, net)["image"].as_lists() == [[1, 3, 48, 96], [8, 3, 48, 320],
+                                                                        [8, 3, 48, 320]]
+    assert shapes_for_build(None, None, net) is None
