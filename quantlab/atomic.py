@@ -159,12 +159,20 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         if tmp_path.exists():
             _usual_mode(tmp_path, folder=False)
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        _name_the_target(exc, target)
         raise
     finally:
         _active.remove(target)
+
+
+def _name_the_target(exc: BaseException, target: Path) -> None:
+    """An OSError without a file name (zipfile, pandas, pyarrow writers) gets the target being written."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        with contextlib.suppress(AttributeError, TypeError):
+            exc.filename = str(target)
 
 
 def write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:
@@ -204,8 +212,9 @@ def atomic_dir(target: str | os.PathLike[str], *, owned: Iterable[str] | None = 
         if patterns is not None:
             check_replaceable(target, patterns)
         _replace_dir(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_the_target(exc, target)
         raise
     finally:
         _active.remove(target)

@@ -123,7 +123,7 @@ def _selected(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def _parser(selected: str | None) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+def _parser(selected: str | None) -> tuple[argparse.ArgumentParser, dict[str, Any], Any]:
     """The top-level parser; only the selected command gets its full arguments (and their imports)."""
     from ..version import __version__
 
@@ -143,7 +143,7 @@ def _parser(selected: str | None) -> tuple[argparse.ArgumentParser, dict[str, An
         else:
             sub.add_parser(name, help=module.HELP)
         modules[name] = module
-    return parser, modules
+    return parser, modules, sub
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,9 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         selected = _selected(args_list)
         command = selected if selected in COMMANDS else ""
         set_activity("reading the command line")
-        parser, modules = _parser(selected)
+        parser, modules, sub = _parser(selected)
         try:
-            args = parser.parse_args(args_list)
+            args, extra = parser.parse_known_args(args_list)
+            if extra:  # reported by the sub-command's parser, so the line names the command
+                sub.choices.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
         except SystemExit as exc:  # --help, --version, or a usage error already printed
             return exc.code if isinstance(exc.code, int) else ExitCode.BAD_INPUT
         if not args.command:

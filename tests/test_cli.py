@@ -1,0 +1,578 @@
+"""The ``quantlab`` entry point: exit codes, one-line errors, signals, output folders, start-up imports.
+
+In-process runs go through ``quantlab.cli.main``; signals, read-only and full file systems and
+start-up imports run as ``python -m quantlab`` subprocesses. Read-only (EROFS) and full (ENOSPC)
+folders are real where this machine allows a private mount namespace (``unshare -rm``), permission
+denied (EACCES) is real as root once ``setpriv`` drops the capabilities that bypass file modes;
+otherwise the test is skipped rather than faked.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import models
+from quantlab.atomic import TEMP_NAME
+from quantlab.cli import EXIT_CODES_HELP, ExitCode, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CALIB_TOML = """\
+role = "calibration"
+
+[[source]]
+kind = "npy"
+path = "data"
+
+[inputs]
+input = "array"
+"""
+
+VAL_TOML = """\
+role = "validation"
+
+[[source]]
+kind = "npz"
+path = "val.npz"
+batched = true
+
+[inputs]
+input = "input"
+"""
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    """A small conv model, a calibration set of 4 .npy samples and a validation .npz of 4."""
+    onnx.save(models.conv_net(size=8), tmp_path / "model.onnx")
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(tmp_path / "data" / f"s{i}.npy", rng.normal(0, 1, (3, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "val.npz", input=rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32))
+    (tmp_path / "calib.toml").write_text(CALIB_TOML)
+    (tmp_path / "val.toml").write_text(VAL_TOML)
+    return tmp_path
+
+
+def calibrate_argv(ws: Path, out: Path, *extra: str) -> list[str]:
+    return ["calibrate", str(ws / "model.onnx"), "--calib", str(ws / "calib.toml"), "--method", "minmax",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def run_main(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """main(argv) as the console script would end: the code, stdout and stderr."""
+    capfd.readouterr()
+    code = main(argv)
+    out, err = capfd.readouterr()
+    return int(code), out, err
+
+
+def error_line(err: str, command: str) -> str:
+    """The one stderr line of a failure: it is the last line, it is the only error line, no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert lines and lines[-1].startswith(f"quantlab {command}: error: "), err
+    assert sum(": error: " in line for line in lines) == 1, err
+    return lines[-1]
+
+
+def temp_entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if TEMP_NAME.match(p.name) or p.name.endswith(".tmp"))
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+def test_exit_codes_are_the_documented_ones() -> None:
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 130, 143]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    for code in ExitCode:
+        assert f"| {int(code)} " in section, code
+        assert f"{int(code)}" in EXIT_CODES_HELP
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["calibrate", "--help"], ["build", "--help"], ["perf", "--help"],
+                                  ["compare", "--help"], ["search", "--help"], ["run", "--help"],
+                                  ["report", "--help"], ["demo", "--help"]])
+def test_every_help_lists_the_exit_codes(argv: list[str], capfd: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(argv, capfd)
+    assert code == 0
+    assert "exit codes:" in out and "130" in out and "environment" in out
+
+
+def test_ok_and_verdict(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == ExitCode.OK, err
+    code, _, err = run_main(["build", str(ws / "model.onnx"), "--precision", "fp16", "--out", str(ws / "b")], capfd)
+    assert code == ExitCode.OK, err
+    compare = ["compare", str(ws / "model.onnx"), str(ws / "b"), "--data", str(ws / "val.toml"), "--no-progress",
+               "--bootstrap", "0", "--no-per-layer"]
+    code, out, err = run_main([*compare, "--out", str(ws / "c1"), "--fail-if", "cosine<2"], capfd)
+    assert code == ExitCode.VERDICT, err
+    assert "FAIL" in out and "error" not in err
+    code, _, err = run_main([*compare, "--out", str(ws / "c2"), "--fail-if", "cosine>2"], capfd)
+    assert code == ExitCode.OK, err
+
+
+@pytest.mark.parametrize("flag", ["--fail-if", "--metric", "--label-output", "--out", "--data", "--calib"])
+@pytest.mark.parametrize("value", ["", "   "])
+def test_compare_refuses_empty_values(ws: Path, flag: str, value: str, capfd: pytest.CaptureFixture[str]) -> None:
+    argv = ["compare", str(ws / "model.onnx"), str(ws / "model.onnx"), "--data", str(ws / "val.toml"),
+            "--out", str(ws / "c")]
+    argv += [flag, value]
+    code, _, err = run_main(argv, capfd)
+    assert code == ExitCode.BAD_INPUT
+    assert flag in error_line(err, "compare") and "must not be empty" in err
+    assert not (ws / "c").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["search", "M", "--table", "t.json", "--data", "v.toml", "--out", "o", "--threshold", ""],
+    ["search", "M", "--table", "t.json", "--data", "v.toml", "--out", "o", "--threshold", "x>1", "--workdir", ""],
+    ["calibrate", "M", "--calib", "c.toml", "--out", " "],
+    ["calibrate", "M", "--calib", "c.toml", "--out", "o", "--trt-version", ""],
+    ["build", "", "--out", "o"],
+    ["build", "M", "--plan", "", "--out", "o"],
+    ["perf", "M", "--json", ""],
+    ["run", "", "--reports-dir", "r"],
+    ["run", "e.toml", "--reports-dir", ""],
+    ["report", ""],
+    ["demo", "--reports-dir", ""],
+])
+def test_every_path_and_expression_flag_refuses_empty(argv: list[str], capfd: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(argv, capfd)
+    assert code == ExitCode.BAD_INPUT
+    assert "must not be empty" in error_line(err, argv[0])
+
+
+def test_usage_errors_are_one_line(capfd: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["calibrate", "m.onnx", "--calib", "c.toml", "--out", "o", "--bogus"], capfd)
+    assert code == ExitCode.BAD_INPUT and "--bogus" in error_line(err, "calibrate")
+    code, _, err = run_main(["nonsense"], capfd)
+    assert code == ExitCode.BAD_INPUT and "nonsense" in err and "Traceback" not in err
+    code, _, err = run_main([], capfd)
+    assert code == ExitCode.BAD_INPUT and "COMMAND" in err
+
+
+def test_report_on_a_missing_folder_says_so(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["report", str(tmp_path / "nope")], capfd)
+    assert code == ExitCode.BAD_INPUT
+    line = error_line(err, "report")
+    assert "does not exist" in line and str(tmp_path / "nope") in line and "report_inputs.json" not in line
+    code, _, err = run_main(["report", "--compare", str(tmp_path / "a"), str(tmp_path / "b")], capfd)
+    assert code == ExitCode.BAD_INPUT and "does not exist" in error_line(err, "report")
+
+
+def test_bad_input_is_2(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (ws / "bad.onnx").write_bytes(b"\x00not onnx")
+    code, _, err = run_main(["calibrate", str(ws / "bad.onnx"), "--calib", str(ws / "calib.toml"), "--out",
+                             str(ws / "o")], capfd)
+    assert code == ExitCode.BAD_INPUT and "bad.onnx" in error_line(err, "calibrate")
+    assert not (ws / "o").exists()
+
+
+def test_missing_backend_is_3(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    code, _, err = run_main(["perf", str(ws / "model.onnx"), "--backend", "tensorrt", "--iterations", "1"], capfd)
+    assert code == ExitCode.ENVIRONMENT
+    assert "tensorrt" in error_line(err, "perf")
+
+
+def test_disk_full_while_writing_is_3_and_leaves_the_earlier_run(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC from the middle of writing the results (an ``open`` that fails, as on a full disk)."""
+    import quantlab.stats
+
+    out = ws / "cal"
+    assert run_main(calibrate_argv(ws, out), capfd)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(statistics: object, target: Path) -> None:
+        Path(target).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(quantlab.stats, "save_statistics", full)
+    code, _, err = run_main(calibrate_argv(ws, out), capfd)
+    assert code == ExitCode.ENVIRONMENT
+    line = error_line(err, "calibrate")
+    assert "statistics.npz" in line and "disk is full" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert temp_entries(ws) == []
+
+
+def test_out_of_memory_is_3(ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    calibrate_module = importlib.import_module("quantlab.calibrate")  # quantlab.calibrate is also a function
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError("Unable to allocate 175. TiB for an array")
+
+    monkeypatch.setattr(calibrate_module, "calibrate", no_memory)
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == ExitCode.ENVIRONMENT
+    assert "out of memory" in error_line(err, "calibrate") and "175. TiB" in err
+
+
+def test_library_error_caused_by_permission_is_3(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QuantlabError raised while handling EACCES is the machine's fault, not the input's."""
+    import quantlab.graph
+    from quantlab.errors import ModelError
+
+    def unreadable(path: object, *args: object, **kwargs: object) -> None:
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read ({exc.strerror})") from None
+
+    monkeypatch.setattr(quantlab.graph, "load_model", unreadable)
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == ExitCode.ENVIRONMENT and "model.onnx" in error_line(err, "calibrate")
+
+
+def test_a_bug_keeps_its_traceback_but_is_not_a_verdict(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import quantlab.cli.build
+
+    def bug(args: object) -> int:
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(quantlab.cli.build, "run", bug)
+    code, _, err = run_main(["build", str(ws / "model.onnx"), "--out", str(ws / "b")], capfd)
+    assert code == ExitCode.BAD_INPUT
+    assert "Traceback" in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("quantlab build: error: internal error (TypeError") and "bug" in last
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def test_commands_refuse_to_delete_a_users_files(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    out = ws / "cal"
+    assert run_main(calibrate_argv(ws, out), capfd)[0] == 0
+    (out / "notes.txt").write_text("keep me")
+    (out / "sub").mkdir()
+    (out / "sub" / "more.txt").write_text("me too")
+    code, _, err = run_main(calibrate_argv(ws, out), capfd)
+    line = error_line(err, "calibrate")
+    assert code == ExitCode.BAD_INPUT and "notes.txt" in line and "sub/more.txt" in line and str(out) in line
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "calib_minmax.json").is_file()
+
+    build = ["build", str(ws / "model.onnx"), "--precision", "fp16", "--out", str(ws / "b")]
+    assert run_main(build, capfd)[0] == 0
+    compare = ["compare", str(ws / "model.onnx"), str(ws / "b"), "--data", str(ws / "val.toml"), "--no-progress",
+               "--bootstrap", "0", "--no-per-layer", "--out", str(ws / "cmp")]
+    assert run_main(compare, capfd)[0] == 0
+    assert run_main(compare, capfd)[0] == 0  # its own earlier output is replaced
+    (ws / "cmp" / "notes.txt").write_text("keep me")
+    code, _, err = run_main(compare, capfd)
+    assert code == ExitCode.BAD_INPUT and "notes.txt" in error_line(err, "compare")
+    assert (ws / "cmp" / "notes.txt").read_text() == "keep me"
+
+    (ws / "perf.json").write_text('{"mine": true}\n')
+    code, _, err = run_main(["perf", str(ws / "model.onnx"), "--backend", "ort", "--iterations", "1",
+                             "--warmup", "0", "--json", str(ws / "perf.json")], capfd)
+    assert code == ExitCode.BAD_INPUT and "perf.json" in error_line(err, "perf")
+    assert json.loads((ws / "perf.json").read_text()) == {"mine": True}
+
+
+def test_run_refuses_a_report_folder_with_foreign_files(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (ws / "exp.toml").write_text('name = "e"\nthreshold = "cosine>=0.5"\n[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\n'
+                                 'validation = "val.toml"\n')
+    (ws / "reports" / "e").mkdir(parents=True)
+    (ws / "reports" / "e" / "notes.txt").write_text("keep me")
+    code, _, err = run_main(["run", str(ws / "exp.toml"), "--quiet", "--reports-dir", str(ws / "reports")], capfd)
+    if code == ExitCode.BAD_INPUT and "notes.txt" not in err:
+        pytest.fail(f"the experiment file was refused for another reason: {err}")
+    assert code == ExitCode.BAD_INPUT and "notes.txt" in error_line(err, "run")
+    assert sorted(p.name for p in (ws / "reports" / "e").iterdir()) == ["notes.txt"]
+
+
+def test_unwritable_out_is_refused_before_the_work(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe write fails (EROFS here, injected at the one open quantlab makes in that folder): exit 3
+    naming the folder, and calibration never starts."""
+    import importlib
+    import tempfile
+
+    calibrate_module = importlib.import_module("quantlab.calibrate")  # quantlab.calibrate is also a function
+    ro = ws / "ro"
+    ro.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args: object, **kwargs: object) -> tuple[int, str]:
+        if Path(str(kwargs.get("dir"))) == ro:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(ro))
+        return real_mkstemp(*args, **kwargs)  # type: ignore[arg-type]
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("calibration ran before the output folder was checked")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(calibrate_module, "calibrate", never)
+    code, _, err = run_main(calibrate_argv(ws, ro / "out"), capfd)
+    assert code == ExitCode.ENVIRONMENT
+    line = error_line(err, "calibrate")
+    assert str(ro / "out") in line and "read-only" in line.lower()
+
+
+def test_out_under_a_file_is_bad_input(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (ws / "notes.txt").write_text("x")
+    code, _, err = run_main(calibrate_argv(ws, ws / "notes.txt" / "out"), capfd)
+    assert code == ExitCode.BAD_INPUT and "notes.txt" in error_line(err, "calibrate")
+    assert (ws / "notes.txt").read_text() == "x"
+
+
+def _namespace_shell() -> list[str]:
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -rm): cannot make a real read-only or full disk")
+    return ["unshare", "-rm", "sh", "-c"]
+
+
+def _cli(*argv: str) -> str:
+    return " ".join([sys.executable, "-m", "quantlab", *(f"'{a}'" for a in argv)])
+
+
+@pytest.mark.parametrize("fs", ["read-only", "full"])
+def test_real_read_only_and_full_file_systems(ws: Path, fs: str) -> None:
+    shell = _namespace_shell()
+    mnt = ws / "mnt"
+    mnt.mkdir()
+    argv = calibrate_argv(ws, mnt / "out")
+    if fs == "read-only":
+        setup = f"mount -t tmpfs -o size=1m tmpfs '{mnt}' && mount -o remount,ro '{mnt}'"
+    else:
+        setup = f"mount -t tmpfs -o size=16k tmpfs '{mnt}' && head -c 12288 /dev/zero > '{mnt}/filler'"
+    script = f"{setup} && {{ {_cli(*argv)}; rc=$?; echo LISTING; ls -A '{mnt}'; exit $rc; }}"
+    proc = subprocess.run([*shell, script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == ExitCode.ENVIRONMENT, proc.stderr
+    line = error_line(proc.stderr, "calibrate")
+    assert str(mnt) in line and ("read-only" in line.lower() if fs == "read-only" else "full" in line)
+    left = proc.stdout.split("LISTING\n", 1)[1].split()
+    assert left == ([] if fs == "read-only" else ["filler"])  # no output, no temporary file on that disk
+
+
+def test_real_permission_denied_as_root(ws: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root with setpriv (a normal user gets EACCES from chmod alone: covered by the injection)")
+    locked = ws / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    argv = calibrate_argv(ws, locked / "out")
+    proc = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m",
+                           "quantlab", *argv],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("setpriv could not drop the capabilities here")
+    assert proc.returncode == ExitCode.ENVIRONMENT, proc.stderr
+    assert str(locked / "out") in error_line(proc.stderr, "calibrate")
+    assert list(locked.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- stale temporary entries
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_later_run_sweeps_stale_temp_entries_it_owns(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    dead, alive = _dead_pid(), os.getpid()
+    stale_dir = ws / f".cal.{dead}.abcd1234.tmp"
+    stale_dir.mkdir(mode=0o700)
+    (stale_dir / "calib_minmax.json").write_text("half")
+    stale_file = ws / f".calib.toml.{dead}.zz_09xyz.tmp"
+    stale_file.write_text("half")
+    stale_old = ws / f".cal.{dead}.q1w2e3r4.old"
+    stale_old.mkdir()
+    live = ws / f".cal.{alive}.abcd1234.tmp"  # a running process's temp: not ours to remove
+    live.mkdir()
+    users = [ws / ".cal.tmp", ws / f".notes.{dead}.tmp", ws / f"cal.{dead}.abcd1234.tmp"]  # not quantlab's pattern
+    for p in users:
+        p.write_text("mine")
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == 0, err
+    assert not stale_dir.exists() and not stale_file.exists() and not stale_old.exists()
+    assert live.is_dir() and all(p.read_text() == "mine" for p in users)
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_sigterm_while_writing_removes_the_temp_files(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: SIGTERM arrives while statistics.npz is half-written inside the temporary folder."""
+    import quantlab.stats
+
+    out = ws / "cal"
+    assert run_main(calibrate_argv(ws, out), capfd)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = quantlab.stats.save_statistics
+
+    def interrupted(statistics: object, target: Path) -> None:
+        Path(target).write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        real(statistics, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quantlab.stats, "save_statistics", interrupted)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run_main(calibrate_argv(ws, out), capfd)
+    assert code == ExitCode.SIGTERM
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("quantlab calibrate: interrupted (SIGTERM) while writing ")
+    assert str(out) in lines[-1] and "nothing half-written" in lines[-1] and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert temp_entries(ws) == []
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # main() put the handlers back
+
+
+SLOW_WRITE = """\
+import os, pathlib, runpy, sys, time
+marker = pathlib.Path(sys.argv[1])
+real_replace = os.replace
+def slow_replace(src, dst, *args, **kwargs):
+    if os.path.basename(os.fspath(src)).endswith(".tmp"):
+        marker.touch()
+        time.sleep(60)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = slow_replace
+sys.argv = ["quantlab", *sys.argv[2:]]
+runpy.run_module("quantlab", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_while_writing_in_a_real_process(ws: Path, signum: int, code: int) -> None:
+    marker = ws / "writing.marker"
+    out = ws / "cal"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(marker), *calibrate_argv(ws, out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "never started writing"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert lines[-1].startswith(f"quantlab calibrate: interrupted ({signal.Signals(signum).name}) while writing")
+    assert not out.exists() and temp_entries(ws) == []
+
+
+def _eager_package() -> bool:
+    """quantlab/__init__.py still imports the whole library (the lazy one is the lead's change): then the
+    heavy imports run before main() can install its handlers."""
+    return "def __getattr__" not in (ROOT / "quantlab" / "__init__.py").read_text(encoding="utf-8")
+
+
+@pytest.mark.xfail(_eager_package(), reason="needs the lazy quantlab/__init__.py (PEP 562) from the rel-cli report",
+                   strict=True)
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_start_up_imports(ws: Path, signum: int, code: int) -> None:
+    """The signal lands while numba (the heaviest import) is being imported: one line, no KeyboardInterrupt."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "quantlab", *calibrate_argv(ws, ws / "cal")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "numba" not in line:  # import time lines of numba's submodules: numba is loading
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            assert line or proc.poll() is None, "finished before importing numba"
+            assert time.monotonic() < deadline
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("import time:"))
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"quantlab calibrate: interrupted ({signal.Signals(signum).name}) while ")
+    assert not (ws / "cal").exists()
+
+
+# --------------------------------------------------------------------------- start-up imports
+
+HEAVY = ("onnxruntime", "pandas", "numba", "matplotlib", "torch", "onnx")
+
+
+LOADED = """\
+import atexit, runpy, sys
+atexit.register(lambda: print("LOADED", *sorted(sys.modules)))
+sys.argv = ["quantlab", *sys.argv[1:]]
+runpy.run_module("quantlab", run_name="__main__", alter_sys=True)
+"""
+
+
+def _imported_modules(*argv: str) -> set[str]:
+    """Every module imported by ``python -m quantlab ARGV``: what -X importtime logs, and sys.modules at exit
+    (importtime does not log modules loaded through importlib.import_module)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", LOADED, *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    logged = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    at_exit = proc.stdout.rsplit("LOADED", 1)[-1].split()
+    assert at_exit, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return logged | set(at_exit)
+
+
+LIGHT_NOW = [("--help",), ("run", "--help"), ("report", "--help"), ("demo", "--help"), ("run", "--bogus"),
+             ("nonsense",)]
+NEEDS_LIGHT_DEFAULTS = {
+    "calibrate": "method names/defaults (quantlab/methods.py), TENSOR_SCOPES, TRT_CACHE_VERSION",
+    "build": "BACKEND_NAMES, PRECISIONS, DEFAULT_FP32_OPS",
+    "perf": "BACKEND_NAMES",
+    "compare": "BACKEND_NAMES, CompareOptions defaults",
+    "search": "BACKEND_NAMES, ALL_METHODS, SearchOptions defaults",
+}
+"""Commands whose --help shows defaults that still live in heavy modules (see the rel-cli report)."""
+
+
+@pytest.mark.xfail(_eager_package(), reason="needs the lazy quantlab/__init__.py (PEP 562) from the rel-cli report",
+                   strict=True)
+@pytest.mark.parametrize("argv", LIGHT_NOW)
+def test_help_and_usage_errors_import_no_heavy_library(argv: tuple[str, ...]) -> None:
+    loaded = _imported_modules(*argv)
+    assert "quantlab.cli" in loaded and "quantlab.cli.calibrate" in loaded
+    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
+    assert heavy == []
+
+
+@pytest.mark.parametrize("command", sorted(NEEDS_LIGHT_DEFAULTS))
+def test_command_help_imports_no_heavy_library(command: str, request: pytest.FixtureRequest) -> None:
+    request.applymarker(pytest.mark.xfail(reason=f"--help defaults from heavy modules: {NEEDS_LIGHT_DEFAULTS[command]}",
+                                          strict=False))
+    loaded = _imported_modules(command, "--help")
+    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
+    assert heavy == []
