@@ -49,6 +49,7 @@ __all__ = [
     "foreign_files",
     "check_replaceable",
     "check_writable",
+    "remove_empty_folders",
 ]
 
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?P<token>[a-z0-9_]{8})\.(?:tmp|old)$")
@@ -162,17 +163,27 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        _name_the_target(exc, target)
+        _name_the_target(exc, target, tmp_path)
         raise
     finally:
         _active.remove(target)
 
 
-def _name_the_target(exc: BaseException, target: Path) -> None:
-    """An OSError without a file name (zipfile, pandas, pyarrow writers) gets the target being written."""
-    if isinstance(exc, OSError) and exc.filename is None:
-        with contextlib.suppress(AttributeError, TypeError):
-            exc.filename = str(target)
+def _name_the_target(exc: BaseException, target: Path, tmp: Path) -> None:
+    """Make an OSError name the output the user asked for, not quantlab's temporary path.
+
+    No file name (zipfile, pandas, pyarrow writers): the target being written.
+    A path inside the temporary file or folder: the same path inside the target.
+    """
+    if not isinstance(exc, OSError):
+        return
+    name = exc.filename
+    if name is None:
+        exc.filename = str(target)
+        return
+    with contextlib.suppress(TypeError, ValueError):
+        rel = Path(os.fsdecode(name)).relative_to(tmp)
+        exc.filename = str(target if rel == Path(".") else target / rel)
 
 
 def write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:
@@ -214,7 +225,7 @@ def atomic_dir(target: str | os.PathLike[str], *, owned: Iterable[str] | None = 
         _replace_dir(tmp, target)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        _name_the_target(exc, target)
+        _name_the_target(exc, target, tmp)
         raise
     finally:
         _active.remove(target)
@@ -234,6 +245,16 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_empty_folders(root: str | os.PathLike[str]) -> None:
+    """Remove ``root`` and the folders below it that hold no file (after a failed run created them).
+
+    Never removes a file; a folder holding one (at any depth) stays, with its parents.
+    """
+    for dirpath, _dirnames, _filenames in os.walk(root, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)  # fails (and is skipped) unless empty
 
 
 def foreign_files(folder: str | os.PathLike[str], owned: Iterable[str]) -> list[str]:

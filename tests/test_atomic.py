@@ -156,6 +156,29 @@ def test_an_os_error_without_a_file_name_names_the_target(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
     assert info.value.filename == str(tmp_path / "table.parquet")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError) as info:  # a temporary path in the message becomes the path asked for
+        with atomic_dir(tmp_path / "out") as d, atomic_path(d / "a.csv") as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert info.value.filename == str(tmp_path / "out" / "a.csv")
+    with pytest.raises(OSError) as info:
+        with atomic_dir(tmp_path / "out") as d:
+            raise OSError(errno.ENOSPC, "No space left on device", str(d / "sub" / "b.csv"))
+    assert info.value.filename == str(tmp_path / "out" / "sub" / "b.csv")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_remove_empty_folders_keeps_every_file(tmp_path):
+    from quantlab.atomic import remove_empty_folders
+
+    (tmp_path / "out" / "work" / "evaluations").mkdir(parents=True)
+    (tmp_path / "out" / "keep" / "deep").mkdir(parents=True)
+    (tmp_path / "out" / "keep" / "log.jsonl").write_text("x")
+    remove_empty_folders(tmp_path / "out")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "out", "out/keep", "out/keep/log.jsonl"]
+    (tmp_path / "out" / "keep" / "log.jsonl").unlink()
+    remove_empty_folders(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_check_writable_probes_the_folder_that_will_hold_the_temp_files(tmp_path, monkeypatch):

@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+import models
 import numpy as np
 import onnx
 import pytest
 
-import models
 from quantlab.atomic import TEMP_NAME
 from quantlab.cli import EXIT_CODES_HELP, ExitCode, main
 
@@ -343,7 +343,7 @@ def test_out_under_a_file_is_bad_input(ws: Path, capfd: pytest.CaptureFixture[st
 
 
 def _namespace_shell() -> list[str]:
-    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True) if shutil.which("unshare") else None
+    probe = subprocess.run(["unshare", "-rm", "true"], check=False, capture_output=True) if shutil.which("unshare") else None
     if probe is None or probe.returncode != 0:
         pytest.skip("no private mount namespace here (unshare -rm): cannot make a real read-only or full disk")
     return ["unshare", "-rm", "sh", "-c"]
@@ -364,7 +364,7 @@ def test_real_read_only_and_full_file_systems(ws: Path, fs: str) -> None:
     else:
         setup = f"mount -t tmpfs -o size=16k tmpfs '{mnt}' && head -c 12288 /dev/zero > '{mnt}/filler'"
     script = f"{setup} && {{ {_cli(*argv)}; rc=$?; echo LISTING; ls -A '{mnt}'; exit $rc; }}"
-    proc = subprocess.run([*shell, script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*shell, script], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == ExitCode.ENVIRONMENT, proc.stderr
     line = error_line(proc.stderr, "calibrate")
     assert str(mnt) in line and ("read-only" in line.lower() if fs == "read-only" else "full" in line)
@@ -379,7 +379,7 @@ def test_real_permission_denied_as_root(ws: Path) -> None:
     locked.mkdir()
     locked.chmod(0o500)
     argv = calibrate_argv(ws, locked / "out")
-    proc = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m",
+    proc = subprocess.run(check=False, args=["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m",
                            "quantlab", *argv],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     if proc.returncode == 0:
@@ -539,7 +539,7 @@ runpy.run_module("quantlab", run_name="__main__", alter_sys=True)
 def _imported_modules(*argv: str) -> set[str]:
     """Every module imported by ``python -m quantlab ARGV``: what -X importtime logs, and sys.modules at exit
     (importtime does not log modules loaded through importlib.import_module)."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", LOADED, *argv], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", LOADED, *argv], check=False, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     logged = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     at_exit = proc.stdout.rsplit("LOADED", 1)[-1].split()

@@ -31,6 +31,7 @@ from .exits import (
     EXIT_CODES_HELP,
     ExitCode,
     failure,
+    hold_signals,
     install_signal_handlers,
     restore_signal_handlers,
     set_activity,
@@ -162,15 +163,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if extra:  # reported by the sub-command's parser, so the line names the command
                 sub.choices.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
         except SystemExit as exc:  # --help, --version, or a usage error already printed
-            return exc.code if isinstance(exc.code, int) else ExitCode.BAD_INPUT
+            return ExitCode.OK if exc.code is None else exc.code if isinstance(exc.code, int) else ExitCode.BAD_INPUT
         if not args.command:
             parser.print_help(sys.stderr)
             return ExitCode.BAD_INPUT
         set_activity(f"running {command}")
         return int(modules[command].run(args))
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
+    except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
+        hold_signals()  # a signal now would turn this one line into a traceback
         code, message = failure(exc, command)
         _flush_quietly()
         print(message, file=sys.stderr, flush=True)

@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any
 
 __all__ = ["ExitCode", "EXIT_CODES_HELP", "Interrupted", "install_signal_handlers", "restore_signal_handlers",
-           "set_activity", "failure"]
+           "hold_signals", "set_activity", "failure"]
 
 
 class ExitCode(enum.IntEnum):
@@ -68,9 +68,15 @@ class Interrupted(KeyboardInterrupt):
         self.writing = writing
 
 
+def hold_signals() -> None:
+    """Ignore SIGINT/SIGTERM from now on (main thread only): the run is ending, let it end cleanly."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)  # one interruption: let the clean-up finish
+    hold_signals()  # one interruption: let the clean-up finish
     atomic = sys.modules.get("quantlab.atomic")
     writing = atomic.writes_in_progress() if atomic is not None else ()
     raise Interrupted(signum, writing)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import add_command, non_negative_int, path_arg, positive_int, prepare_output, text_arg
@@ -114,6 +113,18 @@ def format_step(event: StepEvent) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import remove_empty_folders
+
+    new = [p for p in (args.out, args.workdir) if p is not None and not p.exists()]
+    try:
+        return _run(args)
+    except BaseException:
+        for folder in new:  # a search that failed early leaves no empty folders behind (its log files stay)
+            remove_empty_folders(folder)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..atomic import check_writable
     from ..data import open_dataset
     from ..graph import load_model
