@@ -576,3 +576,20 @@ def test_command_help_imports_no_heavy_library(command: str, request: pytest.Fix
     loaded = _imported_modules(command, "--help")
     heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
     assert heavy == []
+
+
+def test_threshold_problems_are_found_before_any_work(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """An accuracy metric on an unlabelled set says to add [labels]; a metric no comparison reports is refused
+    before the search writes anything."""
+    assert run_main(["build", str(ws / "model.onnx"), "--precision", "fp16", "--out", str(ws / "b")], capfd)[0] == 0
+    code, _, err = run_main(["compare", str(ws / "model.onnx"), str(ws / "b"), "--data", str(ws / "val.toml"),
+                             "--out", str(ws / "c"), "--fail-if", "top1_drop>0.5"], capfd)
+    line = error_line(err, "compare")
+    assert code == ExitCode.BAD_INPUT and "top1_drop" in line and "[labels]" in line and "val.toml" in line
+    assert run_main(calibrate_argv(ws, ws / "cal"), capfd)[0] == 0
+    search = ["search", str(ws / "model.onnx"), "--table", str(ws / "cal" / "calib_minmax.json"), "--data",
+              str(ws / "val.toml"), "--out", str(ws / "s")]
+    for threshold, named in (("frobnicity>=1", "frobnicity"), ("top1_drop<=0.5", "[labels]")):
+        code, _, err = run_main([*search, "--threshold", threshold], capfd)
+        assert code == ExitCode.BAD_INPUT and named in error_line(err, "search")
+        assert not (ws / "s").exists() and not (ws / "c").exists()

@@ -27,7 +27,8 @@ from typing import Any
 
 from . import add_command, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 
-__all__ = ["HELP", "register", "run", "candidate_name", "owned_files"]
+__all__ = ["HELP", "register", "run", "candidate_name", "owned_files", "check_label_metrics",
+           "known_metrics"]
 
 HELP = "per-layer and end-to-end error of FP16/INT8 candidates vs the FP32 reference (a CI gate)"
 
@@ -137,7 +138,27 @@ def _calibration_summary(path: Path | None) -> Any:
     return summarize(open_dataset(path))
 
 
-def _known_metrics(reference: Any, use_labels: bool) -> set[str] | None:
+def check_label_metrics(threshold: Any, flag: str, data: Path, dataset: Any, no_labels: bool) -> None:
+    """Accuracy metrics (top1_drop, mcnemar_p, ...) need labels: say where to add them, before any work."""
+    from ..compare import LABEL_COLUMNS
+    from ..errors import ThresholdError
+
+    wanted = [m for m in threshold.metrics if m in LABEL_COLUMNS]
+    if not wanted:
+        return
+    names = ", ".join(wanted)
+    if no_labels:
+        raise ThresholdError(f"{flag} {threshold.text!r} names {names}, an accuracy figure, but --no-labels ignores "
+                             "the labels: drop --no-labels, or gate on a label-free metric (cosine, sqnr_db, "
+                             "top1_agreement)")
+    if not getattr(dataset, "has_labels", False):
+        raise ThresholdError(f"{flag} {threshold.text!r} names {names}, an accuracy figure, but the validation set "
+                             f"{data} has no labels: add a [labels] table to {data} (see calib_sets/README.md), "
+                             "or gate on a label-free metric (cosine, sqnr_db, top1_agreement)")
+
+
+def known_metrics(reference: Any, use_labels: bool) -> set[str] | None:
+    """The end-to-end columns a comparison of ``reference`` reports: what a threshold may name."""
     from ..compare import CLASSIFIER_COLUMNS, END_TO_END_COLUMNS, LABEL_COLUMNS
 
     known = set(END_TO_END_COLUMNS) - {"candidate", "output"}
@@ -214,8 +235,9 @@ def run(args: argparse.Namespace) -> int:
     candidates = {name: load_candidate(path, reference) for name, path in zip(names, args.candidates)}
     dataset = open_dataset(args.data)
     if threshold is not None and args.metric is None:
+        check_label_metrics(threshold, "--fail-if", args.data, dataset, args.labels is False)
         use_labels = bool(getattr(dataset, "has_labels", False)) and args.labels is not False
-        parse_threshold(threshold.text, known_metrics=_known_metrics(reference, use_labels))
+        parse_threshold(threshold.text, known_metrics=known_metrics(reference, use_labels))
     calibration = _calibration_summary(args.calib)
     options = CompareOptions(
         backend=args.backend, batch_size=args.batch_size, per_layer=not args.no_per_layer, local=not args.no_local,

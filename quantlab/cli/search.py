@@ -130,6 +130,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..graph import load_model
     from ..search import SearchOptions, search
     from ..table import read_table
+    from ..threshold import parse_threshold
+    from .compare import check_label_metrics, known_metrics
 
     inputs = [p for p in (args.model, args.data, args.calib, args.table) if p is not None]
     owned = OWNED_FILES if args.workdir is not None else (*OWNED_FILES, "work/*")
@@ -138,6 +140,10 @@ def _run(args: argparse.Namespace) -> int:
         check_writable(args.workdir, label=f"--workdir {args.workdir}")
     model = load_model(args.model)
     val = open_dataset(args.data)
+    if args.metric is None:  # a threshold naming what no evaluation reports fails now, not after the first
+        threshold = parse_threshold(args.threshold)
+        check_label_metrics(threshold, "--threshold", args.data, val, False)
+        parse_threshold(threshold.text, known_metrics=known_metrics(model, bool(getattr(val, "has_labels", False))))
     options = SearchOptions(
         threshold=args.threshold, backend=args.backend, target=args.target, fallback=args.fallback,
         budget=args.budget, time_budget_s=args.time_budget, objective=args.objective,
