@@ -385,3 +385,19 @@ def test_threshold_problems_are_found_before_any_work(ws: Path, capfd: pytest.Ca
         code, _, err = run_main([*search, "--threshold", threshold], capfd)
         assert code == ExitCode.BAD_INPUT and named in error_line(err, "search")
         assert not (ws / "s").exists() and not (ws / "c").exists()
+
+
+def test_search_reruns_over_its_own_output_but_not_over_a_users_file(ws: Path,
+                                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    assert run_main(calibrate_argv(ws, ws / "cal"), capfd)[0] == 0
+    search = ["search", str(ws / "model.onnx"), "--table", str(ws / "cal" / "calib_minmax.json"), "--data",
+              str(ws / "val.toml"), "--threshold", "cosine>=0.5", "--out", str(ws / "s")]
+    code, _, err = run_main(search, capfd)
+    assert code == ExitCode.OK, err
+    assert (ws / "s" / "search.json").is_file() and (ws / "s" / "final_compare" / "compare.json").is_file()
+    code, _, err = run_main(search, capfd)  # resumes from work/ and rewrites its own files
+    assert code == ExitCode.OK, err
+    (ws / "s" / "final_compare" / "notes.txt").write_text("keep me")
+    code, _, err = run_main(search, capfd)
+    assert code == ExitCode.BAD_INPUT and "final_compare/notes.txt" in error_line(err, "search")
+    assert (ws / "s" / "final_compare" / "notes.txt").read_text() == "keep me"

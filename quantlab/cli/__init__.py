@@ -52,10 +52,6 @@ COMMANDS: tuple[str, ...] = (
 )
 """Sub-command modules, in help order."""
 
-EXIT_ERROR = ExitCode.BAD_INPUT
-EXIT_GATE_FAILED = ExitCode.VERDICT
-
-
 class QuantlabParser(argparse.ArgumentParser):
     """argparse with a one-line error (``quantlab CMD: error: ...``) instead of usage + error."""
 

@@ -29,14 +29,19 @@ from . import add_command, non_negative_int, path_arg, positive_int, prepare_out
 if TYPE_CHECKING:
     from ..search import StepEvent
 
-__all__ = ["HELP", "register", "run", "format_step", "OWNED_FILES"]
+__all__ = ["HELP", "register", "run", "format_step", "owned_files"]
 
 HELP = "pin the most sensitive layers to FP16/FP32 until a threshold is met, keeping the most INT8"
 
-OWNED_FILES = ("plan.json", "plan.toml", "final/model.onnx", "final/provenance.json", "final/plan.json",
-               "trajectory.csv", "trajectory.parquet", "sensitivity.csv", "sensitivity.parquet", "search.json",
-               "final_compare/*")
-"""What a search writes into --out (plus ``work/*``, the log, when --workdir is not given)."""
+
+def owned_files(own_workdir: bool) -> tuple[str, ...]:
+    """What a search writes into --out (and ``work/``, its log, unless --workdir puts the log elsewhere)."""
+    from .compare import owned_files as comparison_files
+
+    names = ("plan.json", "plan.toml", "final/model.onnx", "final/provenance.json", "final/plan.json",
+             "trajectory.csv", "trajectory.parquet", "sensitivity.csv", "sensitivity.parquet", "search.json",
+             *(f"final_compare/{name}" for name in comparison_files()))
+    return (*names, "work/*") if own_workdir else names
 
 
 def _seconds(text: str) -> float:
@@ -134,8 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     from .compare import check_label_metrics, known_metrics
 
     inputs = [p for p in (args.model, args.data, args.calib, args.table) if p is not None]
-    owned = OWNED_FILES if args.workdir is not None else (*OWNED_FILES, "work/*")
-    prepare_output(args.out, owned, command="search", inputs=inputs)
+    prepare_output(args.out, owned_files(args.workdir is None), command="search", inputs=inputs)
     if args.workdir is not None:
         check_writable(args.workdir, label=f"--workdir {args.workdir}")
     model = load_model(args.model)
