@@ -24,28 +24,9 @@ from quantlab.cli import EXIT_CODES_HELP, ExitCode, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CALIB_TOML = """\
-role = "calibration"
-
-[[source]]
-kind = "npy"
-path = "data"
-
-[inputs]
-input = "array"
-"""
-
-VAL_TOML = """\
-role = "validation"
-
-[[source]]
-kind = "npz"
-path = "val.npz"
-batched = true
-
-[inputs]
-input = "input"
-"""
+CALIB_TOML = 'role = "calibration"\n[[source]]\nkind = "npy"\npath = "data"\n[inputs]\ninput = "array"\n'
+VAL_TOML = ('role = "validation"\n[[source]]\nkind = "npz"\npath = "val.npz"\nbatched = true\n'
+            '[inputs]\ninput = "input"\n')
 
 
 @pytest.fixture
@@ -89,6 +70,7 @@ def error_line(err: str, command: str) -> str:
 
 
 def temp_entries(folder: Path) -> list[str]:
+    """Temporary files or folders left anywhere below ``folder``."""
     return sorted(p.name for p in folder.rglob("*") if TEMP_NAME.match(p.name) or p.name.endswith(".tmp"))
 
 
@@ -300,8 +282,6 @@ def test_run_refuses_a_report_folder_with_foreign_files(ws: Path, capfd: pytest.
     (ws / "reports" / "e").mkdir(parents=True)
     (ws / "reports" / "e" / "notes.txt").write_text("keep me")
     code, _, err = run_main(["run", str(ws / "exp.toml"), "--quiet", "--reports-dir", str(ws / "reports")], capfd)
-    if code == ExitCode.BAD_INPUT and "notes.txt" not in err:
-        pytest.fail(f"the experiment file was refused for another reason: {err}")
     assert code == ExitCode.BAD_INPUT and "notes.txt" in error_line(err, "run")
     assert sorted(p.name for p in (ws / "reports" / "e").iterdir()) == ["notes.txt"]
 
