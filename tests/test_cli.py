@@ -381,3 +381,18 @@ def test_search_reruns_over_its_own_output_but_not_over_a_users_file(ws: Path,
     code, _, err = run_main(search, capfd)
     assert code == ExitCode.BAD_INPUT and "final_compare/notes.txt" in error_line(err, "search")
     assert (ws / "s" / "final_compare" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_multi_line_library_message_is_printed_on_one_line(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import quantlab.graph
+    from quantlab.errors import ModelError
+
+    def checker(path: object, *args: object, **kwargs: object) -> None:
+        raise ModelError(f"{path}: fails the ONNX checker: input 'loop' of node:\nname: add OpType: Add\n is not output")
+
+    monkeypatch.setattr(quantlab.graph, "load_model", checker)
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == ExitCode.BAD_INPUT
+    assert error_line(err, "calibrate").endswith("input 'loop' of node: name: add OpType: Add is not output")
+    assert len(err.strip().splitlines()) == 1

@@ -129,11 +129,21 @@ def _environment_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: messages quoting ONNX / ONNX Runtime / TOML examples may hold newlines."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def failure(exc: BaseException, command: str) -> tuple[ExitCode, str]:
     """The exit code and the one stderr line for ``exc`` ending ``quantlab command``.
 
     Unexpected exceptions (bugs) print their traceback first and exit 2.
     """
+    code, message = _classify(exc, command)
+    return code, one_line(message)
+
+
+def _classify(exc: BaseException, command: str) -> tuple[ExitCode, str]:
     from ..errors import QuantlabError, ResourceError
 
     prefix = f"quantlab {command}" if command else "quantlab"
