@@ -47,7 +47,9 @@ COMMANDS: tuple[str, ...] = (
     "compare",
     "search",
     "run",
+    "sweep",
     "report",
+    "export",
     "demo",
 )
 """Sub-command modules, in help order."""

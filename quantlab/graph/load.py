@@ -1,0 +1,316 @@
+"""Loading ONNX models safely: parse, check, shape-infer, upgrade the opset, refuse escaping external data.
+
+A model is data, never code: it is parsed with protobuf, checked with the ONNX
+checker, shape-inferred, and its external-data paths are refused when they
+leave the model's folder. Opsets below 13 are upgraded, because per-channel
+QuantizeLinear/DequantizeLinear needs opset 13.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..environment import unreadable
+from ..errors import ModelError
+from ..fingerprint import sha256_bytes, sha256_file
+from .topology import topological_nodes
+
+__all__ = ["MIN_OPSET", "TensorSpec", "LoadedModel", "load_model", "model_from_proto", "serialize",
+           "tensor_specs", "default_opset", "activation_names", "check_float_activations"]
+
+MIN_OPSET = 13
+"""Per-channel Q/DQ (``axis`` on QuantizeLinear/DequantizeLinear) needs opset 13."""
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, numpy dtype name and shape of a tensor; a dim is an int, a symbol or None."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...] | None
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in ("float32", "float16", "float64", "bfloat16")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checked, shape-inferred model and where it came from.
+
+    ``sha256`` is the hash of the file as given (plus its external-data files),
+    or of the serialized proto for a model built in memory.
+    """
+
+    proto: onnx.ModelProto = field(repr=False)
+    sha256: str
+    path: Path | None
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int
+    upgraded_from_opset: int | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path else f"<in-memory model {self.sha256[:12]}>"
+
+
+def serialize(proto: onnx.ModelProto) -> bytes:
+    """Deterministic bytes of a model (same proto, same bytes)."""
+    return proto.SerializeToString(deterministic=True)
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ModelError("the model imports no default ('ai.onnx') opset; it is not a usable ONNX graph")
+
+
+def _check_external_paths(proto: onnx.ModelProto, folder: Path, label: str) -> list[Path]:
+    """Refuse external-data locations that escape ``folder``; return the files used."""
+    folder = folder.resolve()
+    used: set[Path] = set()
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+    for t in tensors:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise ModelError(
+                f"{label}: initializer {t.name!r} stores its data at {location!r}, an absolute or "
+                "empty path; external data must sit inside the model's folder. Re-save the model "
+                "with onnx.save(..., save_as_external_data=True, location='<file name>')."
+            )
+        resolved = (folder / location).resolve()
+        if resolved != folder and folder not in resolved.parents:
+            raise ModelError(
+                f"{label}: initializer {t.name!r} points its external data at {location!r}, which "
+                f"leaves the model's folder {folder}; refusing to read it. Move the data file next "
+                "to the model and re-save it with a plain file name as location."
+            )
+        if not resolved.is_file():
+            raise ModelError(
+                f"{label}: initializer {t.name!r} needs external data file {location!r}, which "
+                f"does not exist in {folder}. Copy it next to the model."
+            )
+        used.add(resolved)
+    return sorted(used)
+
+
+def _parse(data: bytes, label: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning subclasses
+        raise ModelError(
+            f"{label}: not an ONNX model, or the file is truncated ({exc}). "
+            "Check the path, or re-export the model."
+        ) from None
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelError(
+            f"{label}: parsed as protobuf but holds no ONNX graph (no nodes, no outputs); "
+            "it is not an ONNX model or it is truncated."
+        )
+    return proto
+
+
+def _check_unique_node_names(graph: onnx.GraphProto, label: str, scope: str = "the graph") -> None:
+    """Refuse two nodes of one graph (or subgraph) sharing a name: ORT refuses them, plans name layers by node name."""
+    seen: dict[str, list[tuple[int, str]]] = {}
+    for index, node in enumerate(graph.node):
+        if node.name:
+            seen.setdefault(node.name, []).append((index, node.op_type))
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _check_unique_node_names(body, label, f"the subgraph {attr.name!r} of node {node.name or node.op_type!r}")
+    dupes = {name: where for name, where in seen.items() if len(where) > 1}
+    for name, where in list(dupes.items())[:1]:
+        others = f" (and {len(dupes) - 1} other repeated name(s))" if len(dupes) > 1 else ""
+        raise ModelError(
+            f"{label}: node name {name!r} is used by {len(where)} nodes of {scope}: "
+            f"{', '.join(f'#{i} ({op})' for i, op in where[:5])}{others}. ONNX Runtime refuses such models and "
+            "quantlab names layers by node name; give every node a unique name (re-export, or in Python: for i, n in "
+            "enumerate(model.graph.node): n.name = f\"{n.name}_{i}\" for the repeated ones, then onnx.save)."
+        )
+
+
+def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onnx.ModelProto, int, int | None]:
+    opset = default_opset(proto)
+    _check_unique_node_names(proto.graph, label)
+    upgraded_from: int | None = None
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ModelError(
+            f"{label}: fails the ONNX checker: {exc}. The file may be truncated or corrupt; "
+            "re-export it."
+        ) from None
+    if opset < MIN_OPSET:
+        try:
+            from onnx import version_converter
+
+            proto = version_converter.convert_version(proto, MIN_OPSET)
+            onnx.checker.check_model(proto)
+        except Exception as exc:
+            raise ModelError(
+                f"{label}: opset {opset} is below {MIN_OPSET} (needed for per-channel "
+                f"Q/DQ) and the automatic upgrade failed: {exc}. Re-export the model with "
+                f"opset_version>={MIN_OPSET}."
+            ) from None
+        upgraded_from, opset = opset, MIN_OPSET
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise ModelError(f"{label}: ONNX shape inference failed: {exc}") from None
+    return proto, opset, upgraded_from
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Load, check and shape-infer an ONNX file (external data only from its own folder).
+
+    A file this user may not read is a PermissionError naming it and the fix (the environment's problem).
+    """
+    path = Path(path)
+    try:
+        return _load_file(path)
+    except PermissionError as exc:
+        raise unreadable(exc, "model", path) from None
+
+
+def _load_file(path: Path) -> LoadedModel:
+    label = str(path)
+    if not path.exists():
+        raise ModelError(f"{label}: no such file. Give the path of an .onnx model.")
+    if path.is_dir():
+        raise ModelError(f"{label}: is a folder; give the path of an .onnx file inside it.")
+    data = path.read_bytes()
+    if not data:
+        raise ModelError(f"{label}: the file is empty; it is not an ONNX model.")
+    proto = _parse(data, label)
+    external = _check_external_paths(proto, path.parent, label)
+    digest = sha256_bytes(data)
+    if external:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        # hashed first: a file this user may not read fails here with its name (onnx's loader hides it)
+        parts = [digest] + [f"{p.name}:{sha256_file(p)}" for p in external]
+        digest = sha256_bytes("|".join(parts).encode())
+        try:
+            load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:
+            raise ModelError(f"{label}: cannot read its external data: {exc}") from None
+    proto, opset, upgraded = _prepare(proto, label, path)
+    return _loaded(proto, digest, path, opset, upgraded)
+
+
+def model_from_proto(proto: onnx.ModelProto, *, label: str = "in-memory model") -> LoadedModel:
+    """Check and shape-infer a model built in memory (e.g. by a writer or a test)."""
+    proto_copy = onnx.ModelProto()
+    proto_copy.CopyFrom(proto)
+    digest = sha256_bytes(serialize(proto_copy))
+    proto_copy, opset, upgraded = _prepare(proto_copy, label, None)
+    return _loaded(proto_copy, digest, None, opset, upgraded)
+
+
+def _loaded(proto: onnx.ModelProto, digest: str, path: Path | None, opset: int, upgraded: int | None) -> LoadedModel:
+    specs = tensor_specs(proto)
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = tuple(specs[i.name] for i in proto.graph.input if i.name not in inits)
+    outputs = tuple(specs[o.name] for o in proto.graph.output)
+    return LoadedModel(proto=proto, sha256=digest, path=path, inputs=inputs, outputs=outputs,
+                       opset=opset, upgraded_from_opset=upgraded)
+
+
+def _spec_from_value_info(vi: onnx.ValueInfoProto) -> TensorSpec:
+    tt = vi.type.tensor_type
+    dtype = "undefined"
+    if tt.elem_type:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
+    shape: tuple[int | str | None, ...] | None = None
+    if tt.HasField("shape"):
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        shape = tuple(dims)
+    return TensorSpec(vi.name, dtype, shape)
+
+
+def tensor_specs(proto: onnx.ModelProto) -> dict[str, TensorSpec]:
+    """Type and shape of every named tensor the (shape-inferred) graph knows."""
+    specs: dict[str, TensorSpec] = {}
+    g = proto.graph
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        specs[vi.name] = _spec_from_value_info(vi)
+    for init in g.initializer:
+        specs[init.name] = TensorSpec(
+            init.name, np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).name, tuple(init.dims)
+        )
+    return specs
+
+
+def activation_names(proto: onnx.ModelProto, *, include_inputs: bool = True) -> list[str]:
+    """Float activation tensors in topological order: graph inputs and node outputs.
+
+    Constants (outputs of Constant nodes, initializers) are not activations.
+    """
+    specs = tensor_specs(proto)
+    inits = {i.name for i in proto.graph.initializer}
+    names: list[str] = []
+    seen: set[str] = set()
+    if include_inputs:
+        for i in proto.graph.input:
+            if i.name not in inits and specs.get(i.name) and specs[i.name].is_float:
+                names.append(i.name)
+                seen.add(i.name)
+    for node in topological_nodes(proto):
+        if node.op_type == "Constant":
+            continue
+        for out in node.output:
+            if out and out not in seen and out in specs and specs[out].is_float:
+                names.append(out)
+                seen.add(out)
+    return names
+
+
+def check_float_activations(model: LoadedModel) -> None:
+    """ModelError naming the model when it has no float activation: nothing for INT8 calibration to measure.
+
+    An integer-only graph (ids to ids) or an already quantized one (QLinearConv, integer Q/DQ outputs) has no
+    float tensor whose range could be calibrated; an empty table would be useless.
+    """
+    if activation_names(model.proto):
+        return
+    shown = ", ".join(f"{t.name!r} {t.dtype}" for t in model.inputs[:4]) or "none"
+    quantized = sorted({n.op_type for n in model.proto.graph.node if n.op_type.startswith(("QLinear", "Quantize"))})
+    hint = (f" It holds {', '.join(quantized)}: it is already quantized; calibrate the float model it was made from."
+            if quantized else " INT8 calibration measures float activations; this model needs no calibration table.")
+    raise ModelError(f"{model.label}: has no float activation tensors to calibrate (inputs: {shown}; "
+                     f"no node outputs float32/float16).{hint}")
