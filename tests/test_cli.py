@@ -88,7 +88,8 @@ def test_exit_codes_are_the_documented_ones() -> None:
 
 @pytest.mark.parametrize("argv", [["--help"], ["calibrate", "--help"], ["build", "--help"], ["perf", "--help"],
                                   ["compare", "--help"], ["search", "--help"], ["run", "--help"],
-                                  ["report", "--help"], ["demo", "--help"]])
+                                  ["report", "--help"], ["demo", "--help"], ["sweep", "--help"], ["export", "--help"],
+                                  ["export", "triton", "--help"]])
 def test_every_help_lists_the_exit_codes(argv: list[str], capfd: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(argv, capfd)
     assert code == 0

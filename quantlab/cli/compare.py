@@ -113,7 +113,7 @@ def _names(paths: list[Path]) -> list[str]:
 
 def owned_files() -> tuple[str, ...]:
     """The files a comparison writes into --out (the only ones a rerun may replace)."""
-    from ..compare import FRAMES
+    from ..compare.result import FRAMES
 
     return ("compare.json", *(f"{name}.{ext}" for name in FRAMES for ext in ("parquet", "csv")))
 

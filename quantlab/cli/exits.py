@@ -42,7 +42,8 @@ EXIT_CODES_HELP = """exit codes:
   0    done (and the gate / threshold, if any, is met)
   1    verdict: the gate or threshold is not met (compare --fail-if, search --threshold,
        run --fail-on-verdict)
-  2    bad input or usage: a file, flag or value to fix (also an internal error, with a traceback)
+  2    bad input or usage: a file, flag or value to fix (also a failed sweep cell, and an
+       internal error, with a traceback)
   3    environment: disk full, permission denied, read-only folder, out of memory, missing
        backend or another operating-system error
   130  interrupted by SIGINT (Ctrl-C); 143 interrupted by SIGTERM. Nothing half-written is left."""
