@@ -211,7 +211,7 @@ LIGHT_NOW = [("--help",), ("run", "--help"), ("report", "--help"), ("demo", "--h
              ("nonsense",)]
 NEEDS_LIGHT_DEFAULTS = {
     "calibrate": "method names/defaults (quantlab/methods.py), TENSOR_SCOPES, TRT_CACHE_VERSION",
-    "build": "BACKEND_NAMES, PRECISIONS, DEFAULT_FP32_OPS",
+    "build": "BACKEND_NAMES, DEFAULT_FP32_OPS (quantize/__init__ loads onnx)",
     "perf": "BACKEND_NAMES",
     "compare": "BACKEND_NAMES, CompareOptions defaults",
     "search": "BACKEND_NAMES, ALL_METHODS, SearchOptions defaults",

@@ -36,7 +36,7 @@ BUILD_FILES = frozenset({"model.onnx", "provenance.json", "plan.json", "model.en
 
 def register(subparsers: Any) -> None:
     from ..backends import BACKEND_NAMES
-    from ..plan import PRECISIONS
+    from ..precision import PRECISIONS
     from ..quantize import DEFAULT_FP32_OPS
 
     p = add_command(subparsers, "build", __doc__, HELP)
