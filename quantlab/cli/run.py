@@ -13,17 +13,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run", "print_result"]
+from . import ExitCode, add_command, path_arg, prepare_output
+
+__all__ = ["HELP", "register", "run", "print_result", "REPORT_FILES", "prepare_report_dir"]
+
+HELP = "run an experiment file: calibrate -> build -> compare -> search -> HTML report"
+
+REPORT_FILES = ("index.html", "manifest.json", "results/*", "plots/*", "stages/*", "search-log/*")
+"""What a run writes (and may remove or replace) in reports/NAME/."""
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "run",
-        help="run an experiment file: calibrate -> build -> compare -> search -> HTML report",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("experiment", type=Path, help="experiment TOML file (e.g. experiments/demo.toml)")
-    p.add_argument("--reports-dir", type=Path, default=Path("reports"),
+    p = add_command(subparsers, "run", __doc__, HELP)
+    p.add_argument("experiment", type=path_arg, help="experiment TOML file (e.g. experiments/demo.toml)")
+    p.add_argument("--reports-dir", type=path_arg, default=Path("reports"),
                    help="folder that receives reports/NAME/ (default: ./reports)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its inputs are unchanged")
     p.add_argument("--fail-on-verdict", action="store_true",
@@ -47,16 +50,21 @@ def print_result(result: Any, *, stream: Any = None) -> None:
     print(f"report: {result.index_html}", file=out)
 
 
+def prepare_report_dir(reports_dir: Path, name: str, command: str, inputs: list[Path]) -> None:
+    """reports/NAME must be new or hold only what a run wrote, and be writable, before any stage runs."""
+    prepare_output(reports_dir / name, REPORT_FILES, command=command, flag="report folder", inputs=inputs)
+
+
 def run(args: Any) -> int:
     from ..experiment import load_experiment, run_experiment
-    from . import EXIT_GATE_FAILED
 
     config = load_experiment(args.experiment)
+    prepare_report_dir(args.reports_dir, config.name, "run", [args.experiment])
     command = "quantlab " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0] else "quantlab run"
     print(f"experiment {config.name}: {args.experiment}", file=sys.stderr)
     result = run_experiment(config, reports_dir=args.reports_dir, progress=not args.quiet, force=args.force,
                             command=command)
     print_result(result)
     if args.fail_on_verdict and result.verdict is not None and not result.verdict.passed:
-        return EXIT_GATE_FAILED
+        return ExitCode.VERDICT
     return 0
