@@ -55,6 +55,17 @@ def prepare_report_dir(reports_dir: Path, name: str, command: str, inputs: list[
     prepare_output(reports_dir / name, REPORT_FILES, command=command, flag="report folder", inputs=inputs)
 
 
+def export_release(config: Any, report_dir: Path) -> None:
+    """The experiment's ``[export]`` table: its verdict's model into a Triton model repository."""
+    from ..export import TritonOptions, export_triton, resolve_source
+
+    options = TritonOptions(name=config.export_name or config.name, platform=config.export_platform,
+                            max_batch_size=config.export_max_batch_size,
+                            dynamic_batching=config.export_dynamic_batching, instances=config.export_instances)
+    exported = export_triton(resolve_source(report_dir), config.export_repository, options)
+    print(f"export: {exported.model_dir} version {exported.version} ({exported.model_file.name})")
+
+
 def run(args: Any) -> int:
     from ..experiment import load_experiment, run_experiment
 
@@ -65,6 +76,8 @@ def run(args: Any) -> int:
     result = run_experiment(config, reports_dir=args.reports_dir, progress=not args.quiet, force=args.force,
                             command=command)
     print_result(result)
+    if config.export_repository is not None:
+        export_release(config, result.report_dir)
     if args.fail_on_verdict and result.verdict is not None and not result.verdict.passed:
         return ExitCode.VERDICT
     return 0
