@@ -113,9 +113,9 @@ def _names(paths: list[Path]) -> list[str]:
 
 def owned_files() -> tuple[str, ...]:
     """The files a comparison writes into --out (the only ones a rerun may replace)."""
-    from ..compare.result import FRAMES
+    from ..compare.result import OWNED_FILES
 
-    return ("compare.json", *(f"{name}.{ext}" for name in FRAMES for ext in ("parquet", "csv")))
+    return OWNED_FILES
 
 
 def _calibration_summary(path: Path | None) -> Any:
