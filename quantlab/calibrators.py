@@ -13,6 +13,8 @@ import math
 import numba
 import numpy as np
 
+from .methods import DEFAULT_PERCENTILE, ENTROPY_BINS, ENTROPY_LEVELS, MSE_CANDIDATES, MSE_LEVELS, METHOD_NAMES, percentile_error
+
 __all__ = [
     "METHODS",
     "ENTROPY_BINS",
@@ -24,14 +26,8 @@ __all__ = [
     "amax_mse",
 ]
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
-"""Method names accepted by quantlab.calibrate; 'all' means the first three."""
-
-ENTROPY_BINS = 2048
-"""Histogram resolution TensorRT's entropy calibrator uses over [0, absmax]."""
-
-ENTROPY_LEVELS = 128
-"""Quantized levels on one side of zero for symmetric INT8."""
+METHODS = METHOD_NAMES
+"""Alias of :data:`quantlab.methods.METHOD_NAMES` (the registry) for modules that still import it from here."""
 
 
 def amax_minmax(min_value: float, max_value: float) -> float:
@@ -50,15 +46,16 @@ def _validate(hist: np.ndarray, upper: float) -> np.ndarray:
     return hist
 
 
-def amax_percentile(hist: np.ndarray, upper: float, percentile: float = 99.99) -> float:
+def amax_percentile(hist: np.ndarray, upper: float, percentile: float = DEFAULT_PERCENTILE) -> float:
     """|x| below which ``percentile`` % of the values lie (linear within the bin that crosses it).
 
     ONNX Runtime's Percentile calibrator (symmetric) returns the left edge of
     the bin where the cumulative share reaches the percentile; this returns the
     interpolated point inside that bin, so the two agree within one bin.
     """
-    if not 0.0 < percentile <= 100.0:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    problem = percentile_error(percentile)
+    if problem:
+        raise ValueError(problem)
     hist = _validate(hist, upper)
     total = hist.sum()
     if total == 0 or upper == 0:
@@ -198,7 +195,7 @@ def amax_entropy(
     return float((m + 0.5) * upper / hist.size)
 
 
-def amax_mse(hist: np.ndarray, upper: float, *, candidates: int = 512, levels: int = 127) -> float:
+def amax_mse(hist: np.ndarray, upper: float, *, candidates: int = MSE_CANDIDATES, levels: int = MSE_LEVELS) -> float:
     """Threshold minimising the expected squared INT8 error of |x| (clipping + rounding).
 
     For a threshold ``t`` with step ``s = t / levels``, a value below ``t``

@@ -42,6 +42,7 @@ import numba
 import numpy as np
 
 from .calibrators import amax_percentile
+from .methods import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD
 
 __all__ = [
     "DEFAULT_BINS",
@@ -52,14 +53,8 @@ __all__ = [
     "power_of_two_above",
 ]
 
-DEFAULT_BINS = 2**14
-"""Fine bins per tensor: 128 KiB of int64 counts each."""
-
 MAX_BINS = 2**30
 """Bin indices are computed as uint32 in the compiled kernels (8 GiB of counts: never near it)."""
-
-DEFAULT_HUGE_THRESHOLD = 1e30
-"""|x| at or above this is a sentinel (mask, padding), not a value to calibrate on."""
 
 
 def power_of_two_above(value: float) -> float:
