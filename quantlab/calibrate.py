@@ -16,12 +16,14 @@ tables record no time stamps.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from .backends.base import Backend
-from .calibrators import amax_entropy, amax_minmax, amax_mse, amax_percentile
+from .calibrators import amax_entropy, amax_minmax, amax_mse
 from .errors import CalibrationError
 from .fingerprint import tool_versions
 from .graph import LoadedModel
@@ -39,7 +41,12 @@ from .methods import (
     method_settings,
     resolve_methods,
 )
-from .stats import DEFAULT_MEMORY_BUDGET, Statistics, collect_statistics, fused_preactivations
+from .stats import (
+    DEFAULT_MEMORY_BUDGET,
+    Statistics,
+    collect_statistics,
+    fused_preactivations,
+)
 from .table import CalibrationTable, TensorRange
 
 __all__ = [
@@ -77,7 +84,7 @@ def _amax(state: HistogramState, method: str, percentile: float, entropy_skip_ze
     if method == "minmax":
         return amax_minmax(state.min, state.max)
     if method == "percentile":
-        return min(amax_percentile(state.counts, state.upper, percentile), absmax)
+        return state.percentile(percentile)
     hist, upper = state.coarsen(ENTROPY_BINS)
     if method == "entropy":
         zeros = float(state.zeros) if entropy_skip_zeros else 0.0
@@ -297,9 +304,11 @@ def calibrate(
     fused = frozenset(fused_preactivations(model.proto))
     calib_set = {"manifest": dataset.manifest_record(), "sha256": summary.sha256, "count": summary.count}
     versions = tool_versions()
-    tables = {
-        m: table_from_statistics(stats, m, percentile=percentile, calib_set=calib_set, versions=versions,
-                                 entropy_skip_zeros=entropy_skip_zeros, fused=fused)
-        for m in chosen
-    }
+
+    def table(method: str) -> CalibrationTable:
+        return table_from_statistics(stats, method, percentile=percentile, calib_set=calib_set, versions=versions,
+                                     entropy_skip_zeros=entropy_skip_zeros, fused=fused)
+
+    with ThreadPoolExecutor(min(len(chosen), os.cpu_count() or 1)) as pool:  # the KL / mse kernels release the GIL
+        tables = dict(zip(chosen, pool.map(table, chosen)))
     return CalibrationResult(tables=tables, statistics=stats, data=summary)

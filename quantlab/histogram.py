@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from .binning import merge_pairs, power_of_two_above, update_counts
-from .calibrators import amax_percentile
+from .calibrators import percentile_of_cumulative
 from .methods import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD
 
 __all__ = [
@@ -132,6 +133,10 @@ class HistogramState:
 
     def bin_edges(self) -> np.ndarray:
         """``bins + 1`` edges over ``[0, upper]`` (float64)."""
+        return self._edges.copy()
+
+    @cached_property
+    def _edges(self) -> np.ndarray:
         return np.linspace(0.0, self.upper, self.bins + 1)
 
     def cdf_at(self, x: float | np.ndarray) -> np.ndarray:
@@ -142,13 +147,14 @@ class HistogramState:
         mass at 0: counted for every ``x > 0``, not spread over bin 0.
         """
         xs = np.asarray(x, dtype=np.float64)
-        total = float(self.counts.sum())
+        total = float(self.cumulative_counts[-1])
         if self.upper == 0.0 or total == 0.0:
             return np.where(xs > 0, total, 0.0)
         zeros = float(self.zeros)
-        cum = np.concatenate([[0.0], np.cumsum(self.counts, dtype=np.float64) - zeros])
+        cum = self.cumulative_counts.copy()
+        cum[1:] -= zeros
         total -= zeros
-        edges = self.bin_edges()
+        edges = self._edges
         absmax = self.absmax
         k = min(int(absmax * self.bins / self.upper), self.bins - 1)  # fine bin holding absmax
         if absmax > edges[k]:
@@ -201,9 +207,21 @@ class HistogramState:
 
     def quantile(self, q: float) -> float:
         """|x| below which a share ``q`` (0..1] of usable values lie, interpolated in the fine bins."""
+        return self.percentile(100.0 * q)
+
+    def percentile(self, percentile: float) -> float:
+        """|x| below which ``percentile`` % of usable values lie (at most ``absmax``; 0.0 when there are none)."""
         if self.count == 0 or self.upper == 0.0:
             return 0.0
-        return min(amax_percentile(self.counts, self.upper, 100.0 * q), self.absmax)
+        cum = self.cumulative_counts
+        return min(percentile_of_cumulative(cum, float(cum[-1]), self.upper, percentile), self.absmax)
+
+    @cached_property
+    def cumulative_counts(self) -> np.ndarray:
+        """``[0, c0, c0 + c1, ...]`` as float64 (exact: counts stay far below 2**53); computed once per snapshot."""
+        cum = np.concatenate([[0.0], np.cumsum(self.counts, dtype=np.float64)])
+        cum.setflags(write=False)
+        return cum
 
 
 class AbsHistogram:

@@ -1,0 +1,88 @@
+"""How many passes over the data: group the exposed tensors so one batch of each group fits a memory budget."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..graph import LoadedModel, tensor_specs
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "resolved_sizes", "plan_groups"]
+
+DEFAULT_MEMORY_BUDGET = 2 << 30
+"""Bytes of exposed activations per batch before statistics are collected in several passes."""
+
+
+def resolved_sizes(model: LoadedModel, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict[str, int | None]:
+    """Bytes per tensor for this batch's input shapes (None when shape inference cannot tell)."""
+    symbols: dict[str, int] = {}
+    for spec in model.inputs:
+        if spec.name in feeds and spec.shape is not None:
+            for dim, actual in zip(spec.shape, np.shape(feeds[spec.name])):
+                if isinstance(dim, str):
+                    symbols.setdefault(dim, int(actual))
+
+    def size_of(specs: Mapping[str, Any]) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for name in names:
+            spec = specs.get(name)
+            if spec is None or spec.shape is None:
+                out[name] = None
+                continue
+            numel = 1
+            for dim in spec.shape:
+                value = dim if isinstance(dim, int) else symbols.get(dim) if isinstance(dim, str) else None
+                if value is None:
+                    numel = -1
+                    break
+                numel *= value
+            itemsize = np.dtype(spec.dtype).itemsize if spec.dtype not in ("undefined", "bfloat16") else 4
+            out[name] = None if numel < 0 else numel * itemsize
+        return out
+
+    sizes = size_of(tensor_specs(model.proto))
+    if all(v is not None for v in sizes.values()):
+        return sizes
+    concrete = onnx.ModelProto()
+    concrete.CopyFrom(model.proto)
+    del concrete.graph.value_info[:]
+    for inp in concrete.graph.input:
+        if inp.name in feeds:
+            shape = np.shape(feeds[inp.name])
+            dims = inp.type.tensor_type.shape.dim
+            if len(dims) == len(shape):
+                for d, actual in zip(dims, shape):
+                    d.Clear()
+                    d.dim_value = int(actual)
+    try:
+        concrete = onnx.shape_inference.infer_shapes(concrete, strict_mode=False, data_prop=True)
+    except Exception:  # estimation only: fall back to what the symbolic shapes gave
+        return sizes
+    again = size_of(tensor_specs(concrete))
+    return {n: sizes[n] if sizes[n] is not None else again[n] for n in names}
+
+
+def plan_groups(sizes: Mapping[str, int | None], budget: int) -> list[list[str]]:
+    """Split tensors (in order) into groups whose summed bytes stay within ``budget``.
+
+    A tensor of unknown size counts as the largest known one; a tensor larger
+    than the budget gets a group of its own.
+    """
+    known = [v for v in sizes.values() if v is not None]
+    fallback = max(known) if known else 0
+    groups: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, size in sizes.items():
+        nbytes = fallback if size is None else size
+        if current and used + nbytes > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    if current:
+        groups.append(current)
+    return groups
