@@ -25,7 +25,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["CHUNK", "power_of_two_above", "merge_pairs", "huge_bits", "update_counts"]
+__all__ = ["CHUNK", "power_of_two_above", "merge_pairs", "huge_bits", "update_counts", "warm_up"]
 
 CHUNK = 1 << 14
 """Values per chunk of the float32 kernel: 64 KiB, read once from memory, then again from the cache."""
@@ -237,3 +237,12 @@ def update_counts(flat: np.ndarray, counts: np.ndarray, upper: float,
         out = _update_any(flat, counts, float(upper), float(huge))
     mn, mx, usable, nonfinite, n_huge, zeros, new_upper = out
     return float(mn), float(mx), int(usable), int(nonfinite), int(n_huge), int(zeros), float(new_upper)
+
+
+def warm_up() -> None:
+    """Compile the float32 kernels, or load them from numba's cache (0.5-1 s on first use in a process).
+
+    Run in a thread while the model session is being built, so the first
+    batch does not wait for it.
+    """
+    update_counts(np.array([0.0, -0.0, 1.0, -2.0], dtype=np.float32), np.zeros(4, np.int64), 0.0, 1e30)

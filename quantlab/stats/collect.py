@@ -18,13 +18,16 @@ tensors are split into groups and the data is run once per group; that is why
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from ..backends.base import Backend
+from ..binning import warm_up
 from ..errors import CalibrationError, DataError
 from ..graph import LoadedModel, activation_names, producer_map
 from ..histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, AbsHistogram
@@ -88,11 +91,9 @@ def _run_pass(
     exposed = [t for t in group if t not in input_names]
     runner = backend.build(model.proto, outputs=exposed) if exposed else None
     samples = batches = 0
+    stream = _prefetched(items if first is None else _chain_first(first, items), on_batch)
     try:
-        stream = items if first is None else _chain_first(first, items)
         for item in stream:
-            if on_batch is not None:
-                on_batch(item)
             feeds = batch_feeds(item)
             for t in group:
                 if t in input_names:
@@ -107,6 +108,7 @@ def _run_pass(
             if bar is not None:
                 bar.update(n)
     finally:
+        stream.close()
         if runner is not None:
             runner.close()
     return samples, batches
@@ -126,6 +128,55 @@ def _reduce(outputs: Mapping[str, np.ndarray], reducers: Mapping[str, AbsHistogr
 def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield first
     yield from rest
+
+
+_END = object()
+
+
+def _prefetched(items: Iterator[Any], on_batch: Callable[[Any], None] | None) -> Generator[Any, None, None]:
+    """``items`` with ``on_batch`` applied, made one item ahead in a thread.
+
+    Batch k+1 is read, decoded and fingerprinted while the model and the
+    kernels work on batch k (image decoding, hashing and ONNX Runtime release
+    the GIL). Items and ``on_batch`` calls keep their order; an exception of
+    the producer is raised here, at the item where it happened.
+    """
+    slot: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                slot.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if on_batch is not None:
+                    on_batch(item)
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((_END, exc))
+
+    thread = threading.Thread(target=produce, name="quantlab-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slot.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def collect_statistics(
@@ -171,6 +222,8 @@ def collect_statistics(
     reducers = {t: AbsHistogram(bins, huge_threshold) for t in names}
     workers = threads if threads is not None else (os.cpu_count() or 1)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-stats") if workers > 1 else None
+    if pool is not None:
+        pool.submit(warm_up)  # loads the compiled kernels while the session is built
     try:
         samples, n_batches = _run_groups(model, batches, source, first, groups, reducers, backend,
                                          on_batch, progress, total, pool)
