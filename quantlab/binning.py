@@ -49,7 +49,8 @@ def merge_pairs(counts: np.ndarray, doublings: int) -> np.ndarray:
 
 def huge_bits(huge: float) -> int:
     """The int32 bit pattern ``h`` with ``(bits & 0x7fffffff) >= h`` iff a float32 is non-finite or ``|x| >= huge``."""
-    f = np.float32(huge) if huge < np.finfo(np.float32).max else np.float32(np.inf)
+    with np.errstate(over="ignore"):
+        f = np.float32(huge)  # inf above float32's range: then only non-finite values reach the limit
     if float(f) < huge:
         f = np.nextafter(f, np.float32(np.inf))
     return min(int(np.array(f, dtype=np.float32).view(np.int32)), 0x7F800000)
