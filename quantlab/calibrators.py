@@ -4,6 +4,21 @@ Pure numpy functions over histogram counts, testable alone. A histogram here
 is ``hist`` (counts, int or float) of ``len(hist)`` equal bins over
 ``[0, upper]``; bin ``k`` spans ``[k*w, (k+1)*w)`` with ``w = upper / len(hist)``.
 Every function returns ``amax`` as a Python float; ``scale = amax / 127``.
+
+Exact zeros and the entropy method: after ReLU/ReLU6 a large share of the
+values (20-90 % on EfficientNet-Lite0's ReLU6 outputs) is exactly 0, all in
+bin 0. For a candidate ``i`` near ``levels`` each level is one bin, so ``Q``
+copies that spike; for larger ``i`` a level spans ``i / levels`` bins and
+``Q`` spreads the spike evenly over them, which costs about
+``share_of_zeros * log(i / levels)`` of divergence (1.9 nats at ``i = 2047``
+with 70 % zeros), far more than clipping the tail costs. The minimum then sits
+at the smallest candidate whatever the tail looks like: on EfficientNet-Lite0,
+amax = 0.44 for ReLU6 outputs reaching 6 (blocks 6-15), 14-21 % of their values
+saturated, and all-INT8 logits with cosine 0.01 to FP32's (0.98 with the zeros
+left out). Symmetric INT8 represents 0 exactly, so the zeros carry no
+quantization error whatever the threshold and should not steer it
+(pytorch-quantization's ``_compute_amax_entropy`` also defuses bin 0 on its
+own: it sets ``bins[0] = bins[1]``).
 """
 
 from __future__ import annotations
@@ -180,19 +195,7 @@ def amax_entropy(
     ``zeros``: how many of the ``hist[0]`` values are exactly 0.0; they are
     taken out of bin 0 before the search (pytorch-quantization's
     ``HistogramCalibrator(skip_zeros=True)``). ``zeros=0`` is the published
-    algorithm. Why leave them out: after ReLU/ReLU6 a large share of the values
-    (20-90 % on EfficientNet-Lite0's ReLU6 outputs) is exactly 0, all in bin 0. For ``i``
-    near ``levels`` each level is one bin, so ``Q`` copies that spike; for
-    larger ``i`` a level spans ``i / levels`` bins and ``Q`` spreads the
-    spike evenly over them, which costs about ``share_of_zeros * log(i / levels)``
-    of divergence (1.9 nats at ``i = 2047`` with 70 % zeros), far more than
-    clipping the tail costs. The minimum then sits at the smallest candidate
-    whatever the tail looks like: on EfficientNet-Lite0, amax = 0.44 for ReLU6
-    outputs reaching 6 (blocks 6-15), 14-21 % of their values saturated, and
-    all-INT8 logits with cosine 0.01 to FP32's (0.98 with the zeros left out). Symmetric INT8 represents 0 exactly, so
-    the zeros carry no quantization error whatever the threshold and should
-    not steer it. (pytorch-quantization's ``_compute_amax_entropy`` also
-    defuses bin 0 on its own: it sets ``bins[0] = bins[1]``.)
+    algorithm; why quantlab leaves them out is in the module docstring.
     """
     hist = _validate(hist, upper)
     if not 0.0 <= zeros <= hist[0]:

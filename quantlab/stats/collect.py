@@ -230,17 +230,9 @@ def collect_statistics(
     finally:
         if pool is not None:
             pool.shutdown()
-    info = backend.describe().as_dict() if hasattr(backend, "describe") else {}
-    return Statistics(
-        tensors={t: reducers[t].state() for t in names},
-        samples=samples,
-        batches=n_batches,
-        model_sha256=model.sha256,
-        bins=bins,
-        huge_threshold=float(huge_threshold),
-        passes=len(groups),
-        backend=info,
-    )
+    return Statistics(tensors={t: reducers[t].state() for t in names}, samples=samples, batches=n_batches,
+                      model_sha256=model.sha256, bins=bins, huge_threshold=float(huge_threshold), passes=len(groups),
+                      backend=backend.describe().as_dict() if hasattr(backend, "describe") else {})
 
 
 def _run_groups(
