@@ -10,7 +10,10 @@ many samples the set holds::
                      │                                        (dropped after each batch)
                      └──> on_batch(item)   (first pass only: data fingerprint, NaN check)
 
-When one batch of all exposed tensors would exceed ``memory_budget_bytes``,
+A batch whose exposed activations exceed ``run_budget_bytes`` (256 MiB) runs
+through the model in slices of fewer samples: memory stays flat whatever the
+batch size, and smaller runs are cheaper (fewer fresh pages, more cache hits).
+When even one slice of all exposed tensors would exceed ``memory_budget_bytes``,
 tensors are split into groups and the data is run once per group; that is why
 ``batches`` is a factory that can be called again.
 """
@@ -18,10 +21,9 @@ tensors are split into groups and the data is run once per group; that is why
 from __future__ import annotations
 
 import os
-import queue
-import threading
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,14 @@ from ..binning import warm_up
 from ..errors import CalibrationError, DataError
 from ..graph import LoadedModel, activation_names, producer_map
 from ..histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, AbsHistogram
-from .budget import DEFAULT_MEMORY_BUDGET, plan_groups, resolved_sizes
+from .budget import (
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_RUN_BUDGET,
+    plan_groups,
+    resolved_sizes,
+    samples_per_run,
+)
+from .prefetch import prefetched
 from .record import Statistics
 
 __all__ = ["collect_statistics", "batch_feeds"]
@@ -75,34 +84,41 @@ def _progress_bar(progress: bool, total: int | None, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, leave=True)
 
 
-def _run_pass(
-    model: LoadedModel,
-    items: Iterator[Any],
-    group: Sequence[str],
-    reducers: Mapping[str, AbsHistogram],
-    backend: Any,
-    on_batch: Callable[[Any], None] | None,
-    bar: Any,
-    pool: Any,
-    first: Any = None,
-) -> tuple[int, int]:
-    """Run every batch once, feeding the group's tensors into their reducers; (samples, batches)."""
-    input_names = set(model.input_names)
+@dataclass(frozen=True)
+class _Setup:
+    """What every pass shares: the model, the reducers, the backend, the kernel threads, samples per model run."""
+
+    model: LoadedModel
+    reducers: Mapping[str, AbsHistogram]
+    backend: Any
+    pool: Any
+    run_rows: int
+
+
+def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batch: Callable[[Any], None] | None,
+              bar: Any) -> tuple[int, int]:
+    """Run every batch once, feeding the group's tensors into their reducers; (samples, batches).
+
+    A batch larger than ``setup.run_rows`` samples goes through the model in
+    slices (the histograms do not depend on how the data is split).
+    """
+    input_names = set(setup.model.input_names)
     exposed = [t for t in group if t not in input_names]
-    runner = backend.build(model.proto, outputs=exposed) if exposed else None
+    runner = setup.backend.build(setup.model.proto, outputs=exposed) if exposed else None
     samples = batches = 0
-    stream = _prefetched(items if first is None else _chain_first(first, items), on_batch)
+    stream = prefetched(items, on_batch)
     try:
         for item in stream:
             feeds = batch_feeds(item)
             for t in group:
                 if t in input_names:
-                    reducers[t].update(np.asarray(feeds[t]))
-            if runner is not None:
-                outputs = runner.run(feeds, exposed)
-                _reduce(outputs, reducers, pool)
-                del outputs
+                    setup.reducers[t].update(np.asarray(feeds[t]))
             n = _batch_size(feeds)
+            for start in range(0, n, setup.run_rows) if runner is not None else ():
+                part = feeds if n <= setup.run_rows else {k: v[start:start + setup.run_rows] for k, v in feeds.items()}
+                outputs = runner.run(part, exposed)
+                _reduce(outputs, setup.reducers, setup.pool)
+                del outputs
             samples += n
             batches += 1
             if bar is not None:
@@ -130,55 +146,6 @@ def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield from rest
 
 
-_END = object()
-
-
-def _prefetched(items: Iterator[Any], on_batch: Callable[[Any], None] | None) -> Generator[Any, None, None]:
-    """``items`` with ``on_batch`` applied, made one item ahead in a thread.
-
-    Batch k+1 is read, decoded and fingerprinted while the model and the
-    kernels work on batch k (image decoding, hashing and ONNX Runtime release
-    the GIL). Items and ``on_batch`` calls keep their order; an exception of
-    the producer is raised here, at the item where it happened.
-    """
-    slot: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def put(entry: tuple[Any, BaseException | None]) -> bool:
-        while not stop.is_set():
-            try:
-                slot.put(entry, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if on_batch is not None:
-                    on_batch(item)
-                if not put((item, None)):
-                    return
-            put((_END, None))
-        except BaseException as exc:  # handed to the consumer, raised there
-            put((_END, exc))
-
-    thread = threading.Thread(target=produce, name="quantlab-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = slot.get()
-            if error is not None:
-                raise error
-            if item is _END:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
 def collect_statistics(
     model: LoadedModel,
     batches: Callable[[], Iterable[Any]],
@@ -192,6 +159,7 @@ def collect_statistics(
     progress: bool = False,
     total: int | None = None,
     threads: int | None = None,
+    run_budget_bytes: int = DEFAULT_RUN_BUDGET,
 ) -> Statistics:
     """Histograms of |x| (plus min/max/counts) of ``tensors`` over every batch ``batches()`` yields.
 
@@ -203,7 +171,8 @@ def collect_statistics(
     ``on_batch(item)`` runs on each item of the first pass before the model
     sees it (fingerprinting, NaN checks). ``total`` is the expected number of
     samples, for the progress bar. ``threads`` (default: all cores) reduce
-    several tensors at once; results do not depend on it.
+    several tensors at once; ``run_budget_bytes`` caps the exposed activations
+    of one model run (a larger batch runs in slices); results depend on neither.
 
     Raises DataError when the data is empty or a later pass sees different
     data, CalibrationError for a tensor name the model does not produce.
@@ -218,15 +187,21 @@ def collect_statistics(
     first = next(source, None)
     if first is None:
         raise DataError("the calibration data yielded no batches; give it at least one sample")
-    groups = plan_groups(resolved_sizes(model, names, batch_feeds(first)), memory_budget_bytes) if names else [[]]
+    feeds = batch_feeds(first)
+    sizes = resolved_sizes(model, names, feeds)
+    rows = _batch_size(feeds)
+    run_rows = samples_per_run(model, sizes, rows, run_budget_bytes)
+    run_sizes = {t: None if v is None else v * run_rows // max(rows, 1) for t, v in sizes.items()}
+    groups = plan_groups(run_sizes, memory_budget_bytes) if names else [[]]
     reducers = {t: AbsHistogram(bins, huge_threshold) for t in names}
     workers = threads if threads is not None else (os.cpu_count() or 1)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-stats") if workers > 1 else None
     if pool is not None:
         pool.submit(warm_up)  # loads the compiled kernels while the session is built
     try:
-        samples, n_batches = _run_groups(model, batches, source, first, groups, reducers, backend,
-                                         on_batch, progress, total, pool)
+        setup = _Setup(model, reducers, backend, pool, run_rows)
+        samples, n_batches = _run_groups(setup, batches, _chain_first(first, source), groups, on_batch, progress,
+                                         total)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -235,19 +210,9 @@ def collect_statistics(
                       backend=backend.describe().as_dict() if hasattr(backend, "describe") else {})
 
 
-def _run_groups(
-    model: LoadedModel,
-    batches: Callable[[], Iterable[Any]],
-    source: Iterator[Any],
-    first: Any,
-    groups: Sequence[Sequence[str]],
-    reducers: Mapping[str, AbsHistogram],
-    backend: Any,
-    on_batch: Callable[[Any], None] | None,
-    progress: bool,
-    total: int | None,
-    pool: Any,
-) -> tuple[int, int]:
+def _run_groups(setup: _Setup, batches: Callable[[], Iterable[Any]], source: Iterator[Any],
+                groups: Sequence[Sequence[str]], on_batch: Callable[[Any], None] | None, progress: bool,
+                total: int | None) -> tuple[int, int]:
     """One pass per group of tensors; the first pass reuses the already-started iterator."""
     samples = n_batches = 0
     for index, group in enumerate(groups):
@@ -255,9 +220,9 @@ def _run_groups(
         bar = _progress_bar(progress, total, desc)
         try:
             if index == 0:
-                samples, n_batches = _run_pass(model, source, group, reducers, backend, on_batch, bar, pool, first)
+                samples, n_batches = _run_pass(setup, source, group, on_batch, bar)
             else:
-                again = _run_pass(model, iter(batches()), group, reducers, backend, None, bar, pool)
+                again = _run_pass(setup, iter(batches()), group, None, bar)
                 if again != (samples, n_batches):
                     raise DataError(
                         f"pass {index + 1} over the calibration data saw {again[0]} samples in {again[1]} "
