@@ -21,17 +21,37 @@ whichever ``R`` it met first: see quantlab.histogram), including which zero,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numba
 import numpy as np
 
-__all__ = ["CHUNK", "power_of_two_above", "merge_pairs", "huge_bits", "update_counts", "warm_up"]
+__all__ = ["CHUNK", "compiled", "power_of_two_above", "merge_pairs", "huge_bits", "update_counts", "warm_up"]
 
 CHUNK = 1 << 14
 """Values per chunk of the float32 kernel: 64 KiB, read once from memory, then again from the cache."""
 
 _ABS = 0x7FFFFFFF
 _NEG_ZERO = -0x80000000
+
+
+def compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``numba.njit(cache=True, **options)``, or without the cache when no folder for it is writable.
+
+    numba keeps compiled code next to the module (``__pycache__``), else in
+    ``$NUMBA_CACHE_DIR`` or the user's cache folder; when none is writable
+    (read-only install and home) ``cache=True`` fails at decoration, so the
+    kernels are then compiled once per process instead (a few seconds).
+    """
+
+    def decorate(function: Callable[..., Any]) -> Any:
+        try:
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(**options)(function)
+
+    return decorate
 
 
 def power_of_two_above(value: float) -> float:
@@ -56,7 +76,7 @@ def huge_bits(huge: float) -> int:
     return min(int(np.array(f, dtype=np.float32).view(np.int32)), 0x7F800000)
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled(nogil=True)
 def _merge_in_place(counts, doublings):  # pragma: no cover - compiled
     if counts.size < 2:
         return
@@ -68,7 +88,7 @@ def _merge_in_place(counts, doublings):  # pragma: no cover - compiled
         counts[half:] = 0
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled(nogil=True)
 def _grow(counts, spare, upper, absmax):  # pragma: no cover - compiled
     """The range after seeing ``absmax``: ``upper`` if it covers it, else the power of two above (pairs merged)."""
     if absmax == 0.0 or absmax < upper:
@@ -82,7 +102,7 @@ def _grow(counts, spare, upper, absmax):  # pragma: no cover - compiled
     return new
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@compiled(nogil=True, boundscheck=False)
 def _scan_bits(bits, limit):  # pragma: no cover - compiled
     """(min key, max key, zeros, -0.0 count, bad count) of ``bits`` (an int32 view of float32 values).
 
@@ -108,14 +128,14 @@ def _scan_bits(bits, limit):  # pragma: no cover - compiled
     return kmin, kmax, zeros, negz, bad
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled(nogil=True)
 def _key_float(key, scratch):  # pragma: no cover - compiled
     """The float32 a scan key stands for (the key transform is its own inverse)."""
     scratch[0] = key ^ ((key >> np.int32(31)) & np.int32(_ABS))
     return scratch.view(np.float32)[0]
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled(nogil=True)
 def _key_value(key, bits, scratch):  # pragma: no cover - compiled
     """Like :func:`_key_float`, but a zero key stands for the first zero in ``bits`` (either sign)."""
     if key == -1 or key == 0:
@@ -126,7 +146,7 @@ def _key_value(key, bits, scratch):  # pragma: no cover - compiled
     return _key_float(key, scratch)
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@compiled(nogil=True, boundscheck=False)
 def _bin_all(flat, counts, spare, scale):  # pragma: no cover - compiled
     """Bin every value (all have |x| < R, so every index is < bins), even ones into ``counts``, odd into ``spare``.
 
@@ -141,7 +161,7 @@ def _bin_all(flat, counts, spare, scale):  # pragma: no cover - compiled
         counts[np.uint32(abs(flat[i]) * scale)] += 1
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled(nogil=True)
 def _chunk_slow(flat, counts, spare, upper, huge):  # pragma: no cover - compiled
     """Per-value path for a chunk with non-finite or huge values: (min, max, nonfinite, huge, new upper)."""
     mn = np.inf
@@ -170,7 +190,7 @@ def _chunk_slow(flat, counts, spare, upper, huge):  # pragma: no cover - compile
     return mn, mx, nonfinite, n_huge, upper
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled(nogil=True)
 def _update_f32(flat, counts, upper, huge, limit):  # pragma: no cover - compiled
     """:func:`update_counts` for float32, chunk by chunk (see the module docstring)."""
     bits = flat.view(np.int32)
@@ -212,7 +232,7 @@ def _update_f32(flat, counts, upper, huge, limit):  # pragma: no cover - compile
     return mn, mx, flat.size - nonfinite - n_huge, nonfinite, n_huge, zeros, upper
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled(nogil=True)
 def _update_any(flat, counts, upper, huge):  # pragma: no cover - compiled
     """:func:`update_counts` for other float types: the per-value path over the whole array."""
     zeros = 0

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
+from .binning import compiled
 from .methods import (
     DEFAULT_PERCENTILE,
     ENTROPY_BINS,
@@ -101,7 +101,7 @@ def percentile_of_cumulative(cum: np.ndarray, total: float, upper: float, percen
     return float((k - 1 + frac) * upper / bins)
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled(nogil=True)
 def _kl_curve(c, levels, start):  # pragma: no cover - compiled
     """KL(P_i || Q_i) for i in [start, len(c)), from prefix sums: O(len(c) * levels)."""
     n = c.size
@@ -215,7 +215,7 @@ def amax_entropy(
     return float((m + 0.5) * upper / hist.size)
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled(nogil=True)
 def _mse_errors(hist, upper, candidates, levels):  # pragma: no cover - compiled
     """Expected squared error for each candidate threshold (see :func:`amax_mse`); O(candidates * bins)."""
     n = hist.size

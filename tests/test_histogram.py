@@ -306,3 +306,12 @@ def test_merge_pairs_and_huge_bits():
         flagged = (probes.view(np.int32) & 0x7FFFFFFF) >= limit
         expected = ~np.isfinite(probes) | (np.abs(probes.astype(np.float64)) >= huge)
         np.testing.assert_array_equal(flagged, expected)
+
+
+def test_kernels_compile_where_numba_cannot_cache():
+    """cache=True fails at decoration when no cache folder is usable; the kernels then compile per process."""
+    from quantlab.binning import compiled
+
+    namespace: dict = {}
+    exec("def add_one(x):\n    return x + 1\n", namespace)  # no source file: numba has nowhere to cache it
+    assert compiled(nogil=True)(namespace["add_one"])(41) == 42
