@@ -9,6 +9,8 @@ builds are in test_controlflow.py.)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import models
 import numpy as np
 import pytest
@@ -115,3 +117,24 @@ def test_every_issue_model_written_parses_and_builds(which):
         written = write_model(model, plan, table, WriteOptions(target="tensorrt"))
         engine = backend.build_engine(written.proto, shapes=shapes, label=f"{name} ({which})")
         assert len(engine) > 10_000, name
+
+
+def test_onnx_wheel_model_of_opset_9_and_ir_3_is_written_and_built():
+    """light_squeezenet (opset 9, IR 3, weights from ConstantOfShape): upgraded on load to an IR that lets
+    initializers stand outside the graph inputs, so the written Q/DQ model passes the checker and builds."""
+    import onnx as onnx_module
+
+    from quantlab.graph import load_model
+    from quantlab.simplify import fold_constant_subgraphs
+
+    path = Path(onnx_module.__file__).parent / "backend/test/data/light/light_squeezenet.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} is not in this onnx wheel")
+    model = load_model(path)
+    assert model.upgraded_from_opset == 9 and model.proto.ir_version >= 7
+    model = model_from_proto(fold_constant_subgraphs(model.proto), label="light_squeezenet")  # weights as initializers
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 224, 224)).astype(np.float32)
+    table = calibrate(model, from_arrays({"data_0": images}), "minmax", batch_size=1).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert written.plan.counts()["int8"] > 20
+    assert len(trt.TensorRTBackend("tensorrt-rtx").build_engine(written.proto, label="light_squeezenet")) > 10_000

@@ -192,6 +192,8 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
                 f"opset_version>={MIN_OPSET}."
             ) from None
         upgraded_from, opset = opset, MIN_OPSET
+        # IR < 4 wants every initializer listed as a graph input: a written model's Q/DQ scales are not
+        proto.ir_version = max(proto.ir_version, helper.find_min_ir_version_for(list(proto.opset_import)))
     proto, _ = resolve_static_control_flow(proto)  # constant Ifs inlined, static Loops unrolled: recorded
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
