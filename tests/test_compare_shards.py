@@ -124,6 +124,15 @@ def test_a_workers_error_comes_back_as_raised(setup, ray_instance, tmp_path) -> 
         _run(setup, shards=2, per_layer=False, metric=f"{metric}:score")
 
 
+def test_a_bad_label_in_a_later_shard_is_refused_naming_the_sample(setup, ray_instance) -> None:
+    val = setup["val"]
+    labels = val.labels.copy()
+    labels[30] = 99
+    bad = from_arrays(val.arrays, labels=labels, role="validation", name="bad")
+    with pytest.raises(CompareError, match=r"sample 30 .* has label 99"):
+        compare(setup["model"], {"int8": setup["written"]["int8"]}, bad, _options(shards=2, per_layer=False))
+
+
 def test_without_ray_the_error_names_the_extra(setup, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` fails as when it is not installed
     with pytest.raises(BackendUnavailableError, match=r"pip install 'quantlab\[ray\]'"):

@@ -208,9 +208,14 @@ def run_shards(reference: LoadedModel, candidates: Mapping[str, Any], dataset: D
         ref_obj, cand_obj = ray.put(reference), ray.put(dict(candidates))   # once, read by every shard
         task = ray.remote(max_retries=MAX_RETRIES, num_cpus=1)(_shard_task)
         pending: dict[Any, tuple[int, range]] = {}
-        for k, (samples, data) in enumerate(_shards(dataset, options, total, labels, fingerprint)):
-            ref = task.remote(worker, counter, k, ref_obj, cand_obj, ray.put(data), worker_options)
-            pending[ref] = (k, samples)
+        try:
+            for k, (samples, data) in enumerate(_shards(dataset, options, total, labels, fingerprint)):
+                ref = task.remote(worker, counter, k, ref_obj, cand_obj, ray.put(data), worker_options)
+                pending[ref] = (k, samples)
+        except BaseException:  # bad data in a later shard: the shards already sent stop too
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
         try:
             partials = _gathered(ray, pending, bar)
         finally:
