@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..backends import Backend, get_backend
+from ..backends.ort import environment_options
 from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs
 from ..errors import CompareError
 from ..graph import LoadedModel
@@ -83,7 +84,9 @@ def shard_worker(reference: LoadedModel, candidates: Mapping[str, Candidate], da
 def _backend(options: CompareOptions, workers: int) -> Backend:
     """The backend; with several workers on ONNX Runtime, each session gets ``cores / workers`` threads."""
     backend_options = dict(options.backend_options)
-    if workers > 1 and options.backend in ("ort", "onnxruntime") and "threads" not in backend_options:
+    forced_threads = environment_options()[1]  # QUANTLAB_ORT_THREADS wins over the split
+    if (workers > 1 and options.backend in ("ort", "onnxruntime") and "threads" not in backend_options
+            and not forced_threads):
         backend_options["threads"] = max(1, (os.cpu_count() or 1) // workers)
     try:
         return get_backend(options.backend, **backend_options)
