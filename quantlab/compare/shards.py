@@ -20,20 +20,27 @@ a float64 running sum over batches, and a shard returns its per-batch sums, not 
 so the driver adds exactly the same numbers in exactly the same order as one pass does
 (float addition is not associative: adding shard totals would differ in the last bits).
 This assumes each worker's backend computes what the driver's would for the same batch: the
-same ONNX Runtime build and CPU kernels (a cluster of mixed CPUs, e.g. with and without
-AVX-512 VNNI, gives each shard the figures of its node's kernels, as two machines would).
+same ONNX Runtime build and CPU kernels; the driver's QUANTLAB_ORT_QDQ_FUSION / QUANTLAB_ORT_THREADS
+go to every task. A cluster of mixed CPUs (e.g. with and without AVX-512 VNNI) gives each
+shard the figures of its node's kernels, as two machines would.
 
 Cost: 9 float64 per compared tensor per batch go back to the driver (10 000 samples in
 batches of 8 with 120 compared tensors: about 11 MB). The driver reads the set once (as one
 pass does) and holds one shard's batches at a time; the object store holds the shards until
 their tasks finish. A worker that dies is retried by Ray (``MAX_RETRIES``); the retries are
 counted and reported in the result's warnings and settings.
+
+Limits: the driver reads and preprocesses every sample itself (the data fingerprint is one
+hash over the samples in order), overlapped with the shards already sent: 4 s for the 160
+augmented demo views here, which bounds the speed-up of a cheap comparison. A user metric
+(``metric``) is loaded again on each worker: its file must exist there at the same path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +48,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..backends.ort import FUSION_ENV, THREADS_ENV
 from ..data import Batch, DataFingerprint, DataSet, DataSummary, Sample
 from ..errors import CompareError, QuantlabError
 from ..graph import LoadedModel
@@ -207,6 +215,9 @@ def run_shards(reference: LoadedModel, candidates: Mapping[str, Any], dataset: D
         counter = ray.remote(AttemptCounter).remote()
         ref_obj, cand_obj = ray.put(reference), ray.put(dict(candidates))   # once, read by every shard
         task = ray.remote(max_retries=MAX_RETRIES, num_cpus=1)(_shard_task)
+        forced = {k: os.environ[k] for k in (FUSION_ENV, THREADS_ENV) if os.environ.get(k)}
+        if forced:  # the driver's forced ORT kernels / threads hold on every node too
+            task = task.options(runtime_env={"env_vars": forced})
         pending: dict[Any, tuple[int, range]] = {}
         try:
             for k, (samples, data) in enumerate(_shards(dataset, options, total, labels, fingerprint)):
