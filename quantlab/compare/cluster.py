@@ -1,7 +1,8 @@
 """Ray start-up shared by sharded comparisons and sweeps: the optional import, the session, attempt counts.
 
-Ray is an optional extra (``quantlab[ray]``) imported only here, when asked for. ``"auto"``
-starts a local instance sized to this machine; any other address connects to an existing
+Ray is an optional extra (``quantlab[ray]``) imported only here, when asked for. ``"auto"`` is
+Ray's default: the cluster named by ``RAY_ADDRESS`` or started by ``ray start`` on this machine,
+else a new local instance sized to this machine; any other address connects to an existing
 cluster (``ray://head:10001`` through Ray Client, or ``host:6379`` from a node of the cluster).
 A Ray already initialised by the caller (a test, a notebook, a task running inside Ray) is
 used as it is and left running.
