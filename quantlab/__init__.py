@@ -19,6 +19,8 @@ starts without importing ONNX Runtime, pandas, numba or matplotlib.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from .errors import (
@@ -100,3 +102,21 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+class _PublicApi(types.ModuleType):
+    """Keeps ``quantlab.calibrate`` / ``.compare`` / ``.search`` the functions once their submodules load.
+
+    Importing a submodule binds it as an attribute of the package; where the
+    public function has the submodule's name, the function is what this
+    package's API promises (``from quantlab.compare import ...`` still reads
+    the submodule through ``sys.modules``).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _PublicApi
