@@ -14,13 +14,14 @@ import pandas as pd
 import pytest
 
 from quantlab.calibrate import calibrate
+from quantlab.cli import main
 from quantlab.compare import CompareOptions, compare
 from quantlab.compare.shards import KILL_ONCE, shard_ranges
 from quantlab.data import from_arrays
 from quantlab.errors import BackendUnavailableError, CompareError
-from quantlab.graph import model_from_proto
+from quantlab.graph import model_from_proto, serialize
 from quantlab.plan import uniform_plan
-from quantlab.quantize import WriteOptions, write_model
+from quantlab.quantize import WriteOptions, save_written, write_model
 
 ray = pytest.importorskip("ray")
 
@@ -137,6 +138,29 @@ def test_without_ray_the_error_names_the_extra(setup, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` fails as when it is not installed
     with pytest.raises(BackendUnavailableError, match=r"pip install 'quantlab\[ray\]'"):
         _run(setup, shards=2)
+
+
+def test_cli_shards_write_the_same_tables(setup, ray_instance, tmp_path, capsys) -> None:
+    (tmp_path / "ref.onnx").write_bytes(serialize(setup["model"].proto))
+    save_written(setup["written"]["int8"], tmp_path / "int8")
+    val = setup["val"]
+    np.savez(tmp_path / "val.npz", input=val.arrays["input"], label=val.labels)
+    (tmp_path / "val.toml").write_text('name = "val"\nrole = "validation"\nshuffle = false\n[[source]]\n'
+                                       'kind = "npz"\npath = "val.npz"\nbatched = true\n[labels]\ncolumn = "label"\n')
+    base = ["compare", str(tmp_path / "ref.onnx"), str(tmp_path / "int8"), "--data", str(tmp_path / "val.toml"),
+            "--bootstrap", "100", "--no-progress", "--no-local"]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert main([*base, "--out", str(tmp_path / "two"), "--shards", "2", "--ray", "auto"]) == 0
+    for name in FRAMES:
+        assert (tmp_path / "one" / f"{name}.csv").read_bytes() == (tmp_path / "two" / f"{name}.csv").read_bytes()
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setitem(sys.modules, "ray", None)
+    try:
+        code = main([*base, "--out", str(tmp_path / "three"), "--shards", "2"])
+    finally:
+        monkeypatch.undo()
+    assert code == 3 and "pip install 'quantlab[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "three" / "end_to_end.csv").exists()
 
 
 def test_bad_shard_options_are_refused() -> None:
