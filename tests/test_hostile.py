@@ -1,0 +1,936 @@
+"""Hostile input through the real CLI entry point: every failure is one clear line with its own exit code.
+
+Exit codes (issue 11): 0 ok, 1 verdict, 2 bad input or usage, 3 environment (permission, read-only,
+disk full, out of memory, missing backend), 130 SIGINT, 143 SIGTERM. Every case below asserts
+
+- the exit code;
+- exactly one ``quantlab CMD: error:`` line on stderr, the last one, naming the file / tensor / input /
+  key at fault (and not giving advice that is wrong for the case: ``absent``);
+- no ``Traceback`` on stdout or stderr;
+- nothing outside the command's own files changed: every file of the case folder (the model, the data,
+  the user's notes, earlier outputs) is byte-identical afterwards, nothing new appeared, and no
+  ``.NAME.XXXX.tmp`` temp file or folder was left behind.
+
+Most cases run in-process (``quantlab.cli.main([...])``, stdout/stderr captured at the file-descriptor
+level, so ONNX Runtime's C++ logging counts too). Operating-system faults are real where this machine
+allows it (``chmod`` with the file-permission capabilities dropped, a 64 KiB tmpfs in a private mount
+namespace) and injected otherwise (``open``/``mkdir`` raising ``PermissionError`` / ``EROFS`` /
+``ENOSPC`` for one path only, which the issue allows for faults). Signals and a few cases run in a
+subprocess (``python -m quantlab``) to prove that no traceback reaches a real terminal.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import fnmatch
+import hashlib
+import io
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+import hostile_models as hm
+from quantlab.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+ERROR_LINE = re.compile(r"^quantlab(?: (?P<cmd>[a-z-]+))?: error: ")
+INTERRUPTED_LINE = re.compile(r"^quantlab(?: [a-z-]+)?: .*interrupted", re.IGNORECASE)
+TEMP_NAME = re.compile(r"^\..+\.tmp$")
+
+
+# ─────────────────────────────── the shared workspace ───────────────────────────────
+
+
+CALIB_TOML = """\
+role = "calibration"
+
+[[source]]
+kind = "npy"
+path = "data"
+
+[inputs]
+input = "array"
+"""
+
+VAL_TOML = """\
+role = "validation"
+
+[[source]]
+kind = "npz"
+path = "val/val.npz"
+batched = true
+
+[inputs]
+input = "input"
+
+[labels]
+column = "label"
+"""
+
+UNLABELLED_TOML = """\
+role = "validation"
+
+[[source]]
+kind = "npz"
+path = "val/val.npz"
+batched = true
+
+[inputs]
+input = "input"
+"""
+
+
+def _sample(seed: int, shape: tuple[int, ...] = (3, hm.SIZE, hm.SIZE)) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One valid model, its data sets, and earlier outputs of calibrate, build and compare (made once)."""
+    root = tmp_path_factory.mktemp("hostile_assets")
+    onnx.save(hm.small_conv_net(), root / "model.onnx")
+    (root / "data").mkdir()
+    for i in range(4):
+        np.save(root / "data" / f"s{i}.npy", _sample(i))
+    (root / "val").mkdir()
+    np.savez(root / "val" / "val.npz", input=np.stack([_sample(10 + i) for i in range(6)]),
+             label=np.arange(6, dtype=np.int64) % 4)
+    (root / "calib.toml").write_text(CALIB_TOML)
+    (root / "val.toml").write_text(VAL_TOML)
+    (root / "unlabelled.toml").write_text(UNLABELLED_TOML)
+    made = root / "made"
+    steps = [
+        ["calibrate", str(root / "model.onnx"), "--calib", str(root / "calib.toml"), "--method", "all",
+         "--no-progress", "--out", str(made / "cal")],
+        ["build", str(root / "model.onnx"), "--table", str(made / "cal" / "calib_entropy.json"),
+         "--out", str(made / "build")],
+        ["compare", str(root / "model.onnx"), str(made / "build"), "--data", str(root / "val.toml"),
+         "--no-progress", "--bootstrap", "0", "--out", str(made / "cmp")],
+    ]
+    for argv in steps:
+        assert main(argv) == 0, argv
+    return root
+
+
+def make_workspace(t: Path, assets: Path) -> None:
+    """The case folder: model.onnx, data/, val/, calib.toml, val.toml, unlabelled.toml, table.json,
+    build/ (a `quantlab build` output), prev_cal/ and prev_cmp/ (earlier calibrate / compare outputs),
+    notes.txt (a user's file)."""
+    for name in ("model.onnx", "calib.toml", "val.toml", "unlabelled.toml"):
+        shutil.copy(assets / name, t / name)
+    for name in ("data", "val"):
+        shutil.copytree(assets / name, t / name)
+    shutil.copy(assets / "made" / "cal" / "calib_entropy.json", t / "table.json")
+    shutil.copytree(assets / "made" / "build", t / "build")
+    shutil.copytree(assets / "made" / "cal", t / "prev_cal")
+    shutil.copytree(assets / "made" / "cmp", t / "prev_cmp")
+    (t / "notes.txt").write_text("my notes: do not delete\n")
+
+
+# ─────────────────────────────── snapshots ───────────────────────────────
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """relative path -> content hash (files), 'dir' (folders) or the link target (symlinks)."""
+    state: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                state[rel] = "link:" + os.readlink(path)
+            elif path.is_dir():
+                state[rel] = "dir"
+            elif path.is_file():
+                state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                state[rel] = "special"
+    return state
+
+
+def assert_nothing_else_changed(before: dict[str, str], after: dict[str, str], outputs: tuple[str, ...]) -> None:
+    changed = sorted(k for k, v in before.items() if after.get(k) != v)
+    assert not changed, f"pre-existing files changed or removed: {changed}"
+    leftovers = sorted(k for k in after if any(TEMP_NAME.match(part) for part in Path(k).parts))
+    assert not leftovers, f"temp files left behind: {leftovers}"
+    new = sorted(k for k in after if k not in before and not any(fnmatch.fnmatch(k, p) for p in outputs))
+    assert not new, f"files written although the command failed: {new}"
+
+
+def assert_one_error_line(stderr: str, stdout: str, cmd: str | None, names: list[str], absent: list[str]) -> str:
+    assert "Traceback" not in stderr, f"traceback on stderr:\n{stderr}"
+    assert "Traceback" not in stdout, f"traceback on stdout:\n{stdout}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if ERROR_LINE.match(line)]
+    assert len(errors) == 1, f"expected exactly one error line, got {len(errors)}; stderr:\n{stderr}"
+    line = errors[0]
+    assert ERROR_LINE.match(line)["cmd"] == cmd, f"error line is not from `quantlab {cmd}`: {line}"
+    assert lines[-1] == line, f"the error message continues after its first line (one line only); stderr:\n{stderr}"
+    for name in names:
+        assert name.lower() in line.lower(), f"error line does not name {name!r}: {line}"
+    for wrong in absent:
+        assert wrong.lower() not in line.lower(), f"error line gives advice that does not apply ({wrong!r}): {line}"
+    return line
+
+
+# ─────────────────────────────── fault injection (one path only) ───────────────────────────────
+
+
+def _inside(path: object, folder: Path) -> bool:
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return False
+    p = os.path.realpath(os.fsdecode(path))
+    f = os.path.realpath(folder)
+    return p == f or p.startswith(f + os.sep)
+
+
+def _writes(mode: str) -> bool:
+    return any(c in mode for c in "wax+")
+
+
+def _oserror(code: int, path: object) -> OSError:
+    cls = PermissionError if code in (errno.EACCES, errno.EPERM) else OSError
+    return cls(code, os.strerror(code), os.fsdecode(path))
+
+
+def deny_reading(target: Path, code: int = errno.EACCES) -> Callable[[Path, pytest.MonkeyPatch], None]:
+    """Opening ``target`` (relative to the case folder) for reading raises PermissionError, as for a mode-000
+    file of another user: stat still works, reading does not."""
+
+    def install(t: Path, mp: pytest.MonkeyPatch) -> None:
+        path = t / target
+        real_open, real_os_open = builtins.open, os.open
+
+        def guarded_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+            if _inside(file, path) and not _writes(mode):
+                raise _oserror(code, file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def guarded_os_open(file: object, flags: int, *args: object, **kwargs: object) -> int:
+            if _inside(file, path) and not flags & (os.O_WRONLY | os.O_RDWR):
+                raise _oserror(code, file)
+            return real_os_open(file, flags, *args, **kwargs)
+
+        mp.setattr(builtins, "open", guarded_open)
+        mp.setattr(io, "open", guarded_open)
+        mp.setattr(os, "open", guarded_os_open)
+
+    return install
+
+
+def deny_writing(folder: Path, code: int = errno.EROFS) -> Callable[[Path, pytest.MonkeyPatch], None]:
+    """Nothing can be created, replaced or removed inside ``folder`` (relative to the case folder): a read-only
+    file system (EROFS) or a folder of another user (EACCES). ``os.access(W_OK)`` says so too."""
+
+    def install(t: Path, mp: pytest.MonkeyPatch) -> None:
+        root = t / folder
+        real = {name: getattr(os, name) for name in ("open", "mkdir", "replace", "rename", "unlink", "remove",
+                                                     "rmdir", "access")}
+        real_open = builtins.open
+
+        def guarded_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+            if _writes(mode) and _inside(file, root):
+                raise _oserror(code, file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def guarded_os_open(file: object, flags: int, *args: object, **kwargs: object) -> int:
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and _inside(file, root):
+                raise _oserror(code, file)
+            return real["open"](file, flags, *args, **kwargs)
+
+        def guarded(name: str) -> Callable[..., object]:
+            def call(*args: object, **kwargs: object) -> object:
+                if any(_inside(a, root) for a in args[:2]):
+                    raise _oserror(code, args[0])
+                return real[name](*args, **kwargs)
+            return call
+
+        def access(path: object, mode: int, *args: object, **kwargs: object) -> bool:
+            if mode & os.W_OK and _inside(path, root):
+                return False
+            return real["access"](path, mode, *args, **kwargs)
+
+        mp.setattr(builtins, "open", guarded_open)
+        mp.setattr(io, "open", guarded_open)
+        mp.setattr(os, "open", guarded_os_open)
+        for name in ("mkdir", "replace", "rename", "unlink", "remove", "rmdir"):
+            mp.setattr(os, name, guarded(name))
+        mp.setattr(os, "access", access)
+
+    return install
+
+
+class _FullFile:
+    """A file opened for writing on a full disk: opening works, every write raises ENOSPC."""
+
+    def __init__(self, handle: object, path: str) -> None:
+        self._handle, self._path = handle, path
+
+    def write(self, data: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._path)
+
+    def writelines(self, lines: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._path)
+
+    def __enter__(self) -> _FullFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._handle, name)
+
+
+def disk_full(folder: Path) -> Callable[[Path, pytest.MonkeyPatch], None]:
+    """Files and folders can be created inside ``folder`` but every write to a file there fails with ENOSPC."""
+
+    def install(t: Path, mp: pytest.MonkeyPatch) -> None:
+        root = t / folder
+        real_open, real_os_write = builtins.open, os.write
+        fds: set[int] = set()
+        real_os_open = os.open
+
+        def full_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+            handle = real_open(file, mode, *args, **kwargs)
+            if _writes(mode) and _inside(file, root):
+                return _FullFile(handle, os.fsdecode(file))  # type: ignore[arg-type]
+            return handle
+
+        def tracking_os_open(file: object, flags: int, *args: object, **kwargs: object) -> int:
+            fd = real_os_open(file, flags, *args, **kwargs)
+            if flags & (os.O_WRONLY | os.O_RDWR) and _inside(file, root):
+                fds.add(fd)
+            return fd
+
+        def full_write(fd: int, data: bytes) -> int:
+            if fd in fds and data:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_os_write(fd, data)
+
+        mp.setattr(builtins, "open", full_open)
+        mp.setattr(io, "open", full_open)
+        mp.setattr(os, "open", tracking_os_open)
+        mp.setattr(os, "write", full_write)
+
+    return install
+
+
+# ─────────────────────────────── setup helpers ───────────────────────────────
+
+Setup = Callable[[Path], None]
+
+
+def write(rel: str, content: str | bytes) -> Setup:
+    def setup(t: Path) -> None:
+        path = t / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return setup
+
+
+def save_array(rel: str, array: np.ndarray) -> Setup:
+    def setup(t: Path) -> None:
+        (t / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(t / rel, array)
+    return setup
+
+
+def save_npz(rel: str, **arrays: np.ndarray) -> Setup:
+    def setup(t: Path) -> None:
+        (t / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(t / rel, **arrays)
+    return setup
+
+
+def save_model(rel: str, build: Callable[[], onnx.ModelProto]) -> Setup:
+    def setup(t: Path) -> None:
+        (t / rel).parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(build(), t / rel)
+    return setup
+
+
+def truncated_model(rel: str) -> Setup:
+    def setup(t: Path) -> None:
+        data = (t / "model.onnx").read_bytes()
+        (t / rel).write_bytes(data[: len(data) // 2])
+    return setup
+
+
+def mkdir(rel: str) -> Setup:
+    return lambda t: (t / rel).mkdir(parents=True, exist_ok=True)
+
+
+def fifo(rel: str) -> Setup:
+    return lambda t: os.mkfifo(t / rel)
+
+
+def images(folder: str, names: tuple[str, ...], size: int = 12) -> Setup:
+    def setup(t: Path) -> None:
+        (t / folder).mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(names):
+            Image.fromarray(np.full((size, size, 3), 40 * i, np.uint8)).save(t / folder / name)
+    return setup
+
+
+def chain(*steps: Setup) -> Setup:
+    def setup(t: Path) -> None:
+        for step in steps:
+            step(t)
+    return setup
+
+
+def npy_manifest(top: str = "", source: str = "", rest: str = "", path: str = '"data"') -> str:
+    """The calibration manifest with extra top-level keys, source keys and trailing tables."""
+    return (f'{top}\n[[source]]\nkind = "npy"\npath = {path}\n{source}\n'
+            f'[inputs]\ninput = "array"\n{rest}')
+
+
+def image_manifest(preprocess: str, rest: str = "") -> str:
+    return f'[[source]]\nkind = "images"\npath = "photos"\n\n[inputs]\ninput = "image"\n\n[preprocess]\n{preprocess}\n{rest}'
+
+
+HOOKS = '''\
+import numpy as np
+
+def good(image):
+    return np.zeros((3, 8, 8), np.float32)
+
+def boom(image):
+    raise ValueError("the hook exploded on purpose")
+
+def wrong_shape(image):
+    return np.zeros((5, 5), np.float32)
+
+def nothing(image):
+    return None
+'''
+
+METRICS = '''\
+def boom(reference, candidate, label):
+    raise RuntimeError("metric exploded on purpose")
+'''
+
+
+# ─────────────────────────────── the cases ───────────────────────────────
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hostile command line. ``argv``, ``names`` and ``absent`` are formatted with ``t`` = the case folder."""
+
+    id: str
+    argv: str
+    code: int | tuple[int, ...]
+    names: tuple[str, ...] = ()
+    setup: Setup | None = None
+    fault: Callable[[Path, pytest.MonkeyPatch], None] | None = None
+    absent: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+
+    @property
+    def command(self) -> str | None:
+        word = self.argv.split()[0]
+        return word if not word.startswith("-") and word in KNOWN_COMMANDS else None
+
+
+KNOWN_COMMANDS = {"calibrate", "build", "perf", "compare", "search", "run", "report", "demo"}
+
+CAL = "calibrate {t}/model.onnx --no-progress --out {t}/out --calib "
+PERF = "perf --backend ort --iterations 1 --warmup 0 "
+CMP = "compare {t}/model.onnx {t}/build --no-progress --bootstrap 0 --out {t}/out "
+BUILD = "build {t}/model.onnx --table {t}/table.json --out {t}/out "
+SEARCH = "search {t}/model.onnx --table {t}/table.json --data {t}/val.toml --out {t}/out "
+
+MODEL_CASES = [
+    Case("model-not-onnx", PERF + "{t}/notes.onnx", 2, ("notes.onnx",), write("notes.onnx", "hello, I am text\n")),
+    Case("model-truncated", CAL.replace("{t}/model.onnx", "{t}/half.onnx") + "{t}/calib.toml --method minmax", 2,
+         ("half.onnx",), truncated_model("half.onnx")),
+    Case("model-empty-file", BUILD.replace("{t}/model.onnx", "{t}/empty.onnx"), 2, ("empty.onnx",),
+         write("empty.onnx", b"")),
+    Case("model-is-a-folder", PERF + "{t}/folder.onnx", 2, ("folder.onnx",), mkdir("folder.onnx")),
+    Case("model-missing", CMP.replace("{t}/model.onnx", "{t}/gone.onnx") + "--data {t}/val.toml", 2, ("gone.onnx",)),
+    Case("model-path-under-a-file", PERF + "{t}/notes.txt/model.onnx", 2, ("notes.txt/model.onnx",)),
+    Case("model-is-dev-null", PERF + "/dev/null", 2, ("/dev/null",)),
+    Case("model-external-data-escapes-folder", CAL.replace("{t}/model.onnx", "{t}/m/ext.onnx") + "{t}/calib.toml", 2,
+         ("ext.onnx", "w1", "../notes.txt"), save_model("m/ext.onnx", lambda: hm.external_data_net("../notes.txt"))),
+    Case("model-external-data-absolute-path", PERF + "{t}/ext.onnx", 2, ("ext.onnx", "w1", "/etc/hostname"),
+         save_model("ext.onnx", lambda: hm.external_data_net("/etc/hostname"))),
+    Case("model-external-data-missing", PERF + "{t}/ext.onnx", 2, ("ext.onnx", "w1", "weights.bin"),
+         save_model("ext.onnx", lambda: hm.external_data_net("weights.bin"))),
+    Case("model-cycle", CAL.replace("{t}/model.onnx", "{t}/cycle.onnx") + "{t}/calib.toml", 2,
+         ("cycle.onnx", "cycle_add"), save_model("cycle.onnx", hm.cyclic_net)),
+    Case("model-duplicate-node-names-perf", PERF + "{t}/dup.onnx", 2, ("dup.onnx", "relu1"),
+         save_model("dup.onnx", hm.duplicate_names_net)),
+    Case("model-duplicate-node-names-calibrate", CAL.replace("{t}/model.onnx", "{t}/dup.onnx") + "{t}/calib.toml", 2,
+         ("dup.onnx", "relu1"), save_model("dup.onnx", hm.duplicate_names_net)),
+    Case("model-huge-dim-perf", PERF + "{t}/huge.onnx", (2, 3), ("huge.onnx", "'input'", "bytes"),
+         save_model("huge.onnx", hm.huge_dim_net)),
+    Case("model-huge-fixed-batch-perf", PERF + "{t}/hugebatch.onnx", (2, 3), ("hugebatch.onnx", "'input'", "bytes"),
+         save_model("hugebatch.onnx", lambda: hm.huge_dim_net(10**12, axis=0))),
+    Case("model-huge-dim-calibrate-no-crop-advice", CAL.replace("{t}/model.onnx", "{t}/huge.onnx") + "{t}/calib.toml",
+         2, ("huge.onnx", "'input'"), save_model("huge.onnx", hm.huge_dim_net), absent=("center_crop",)),
+    Case("model-custom-op-unknown-domain-perf", PERF + "{t}/custom.onnx", 2,
+         ("Frobnicate", hm.CUSTOM_DOMAIN, "frobnicate"), save_model("custom.onnx", hm.custom_op_net)),
+    Case("model-custom-op-unknown-domain-calibrate", CAL.replace("{t}/model.onnx", "{t}/custom.onnx") +
+         "{t}/calib.toml", 2, ("Frobnicate", "frobnicate"), save_model("custom.onnx", hm.custom_op_net)),
+    Case("model-unreadable-calibrate", CAL + "{t}/calib.toml", 3, ("model.onnx",), fault=deny_reading(Path("model.onnx")),
+         absent=("re-export",)),
+    Case("model-unreadable-build", BUILD, 3, ("model.onnx",), fault=deny_reading(Path("model.onnx"))),
+    Case("model-batch-size-cannot-fit-perf", PERF + "{t}/model.onnx --batch-size 1000000000000", (2, 3),
+         ("'input'", "bytes")),
+    Case("compare-candidate-not-onnx", "compare {t}/model.onnx {t}/notes.txt --no-progress --out {t}/out "
+         "--data {t}/val.toml", 2, ("notes.txt",)),
+    Case("compare-candidate-other-inputs", "compare {t}/model.onnx {t}/other.onnx --no-progress --out {t}/out "
+         "--data {t}/val.toml", 2, ("other", "pixels"), save_model("other.onnx", hm.other_input_net)),
+]
+
+MANIFEST_CASES = [
+    Case("manifest-unknown-top-level-key", CAL + "{t}/bad.toml", 2, ("bad.toml", "colour"),
+         write("bad.toml", npy_manifest(top='colour = "blue"'))),
+    Case("manifest-unknown-source-key", CAL + "{t}/bad.toml", 2, ("bad.toml", "pth"),
+         write("bad.toml", npy_manifest(source='pth = "data"'))),
+    Case("manifest-count-wrong-type", CAL + "{t}/bad.toml", 2, ("bad.toml", "count"),
+         write("bad.toml", npy_manifest(top='count = "ten"'))),
+    Case("manifest-count-negative", CAL + "{t}/bad.toml", 2, ("bad.toml", "count"),
+         write("bad.toml", npy_manifest(top="count = -3"))),
+    Case("manifest-count-more-than-available", CAL + "{t}/bad.toml", 2, ("bad.toml", "count"),
+         write("bad.toml", npy_manifest(top="count = 1000"))),
+    Case("manifest-role-unknown", CAL + "{t}/bad.toml", 2, ("bad.toml", "role"),
+         write("bad.toml", npy_manifest(top='role = "training"'))),
+    Case("manifest-toml-syntax", CAL + "{t}/bad.toml", 2, ("bad.toml", "line"),
+         write("bad.toml", "[[source]\nkind = npy\n")),
+    Case("manifest-not-utf8", CAL + "{t}/bad.toml", 2, ("bad.toml",), write("bad.toml", b"\xff\xfe\x00binary\x00")),
+    Case("manifest-missing", CAL + "{t}/gone.toml", 2, ("gone.toml",)),
+    Case("manifest-is-a-folder", CAL + "{t}/data", 2, ("data",)),
+    Case("manifest-unreadable", CAL + "{t}/calib.toml", 3, ("calib.toml",), fault=deny_reading(Path("calib.toml"))),
+    Case("manifest-no-source", CAL + "{t}/bad.toml", 2, ("bad.toml", "source"), write("bad.toml", 'name = "x"\n')),
+    Case("manifest-unknown-kind", CAL + "{t}/bad.toml", 2, ("bad.toml", "csv"),
+         write("bad.toml", '[[source]]\nkind = "csv"\npath = "data"\n')),
+    Case("manifest-source-path-missing", CAL + "{t}/bad.toml", 2, ("bad.toml", "nowhere"),
+         write("bad.toml", npy_manifest(path='"nowhere"'))),
+    Case("manifest-listed-file-missing", CAL + "{t}/bad.toml", 2, ("bad.toml", "gone.npy"),
+         write("bad.toml", npy_manifest(source='files = ["s0.npy", "gone.npy"]'))),
+    Case("manifest-listed-file-escapes-folder", CAL + "{t}/bad.toml", 2, ("bad.toml", "../model.onnx"),
+         write("bad.toml", npy_manifest(source='files = ["../model.onnx"]'))),
+    Case("manifest-glob-matches-nothing", CAL + "{t}/bad.toml", 2, ("bad.toml", "*.png"),
+         write("bad.toml", npy_manifest(source='pattern = "*.png"'))),
+    Case("manifest-package-not-installed", CAL + "{t}/bad.toml", 2, ("bad.toml", "no_such_package_qx"),
+         write("bad.toml", npy_manifest(source='package = "no_such_package_qx"'))),
+    Case("manifest-inputs-unknown-model-input", CAL + "{t}/bad.toml", 2, ("'pixels'",),
+         write("bad.toml", '[[source]]\nkind = "npy"\npath = "data"\n\n[inputs]\npixels = "array"\n')),
+    Case("manifest-inputs-unknown-field", CAL + "{t}/bad.toml", 2, ("bad.toml", "nosuchfield"),
+         write("bad.toml", '[[source]]\nkind = "npy"\npath = "data"\n\n[inputs]\ninput = "nosuchfield"\n')),
+    Case("manifest-image-key-on-npy-source", CAL + "{t}/bad.toml", 2, ("bad.toml", "resize"),
+         write("bad.toml", npy_manifest(rest="\n[preprocess]\nresize = 10\n"))),
+    Case("manifest-dtype-unknown", CAL + "{t}/bad.toml", 2, ("bad.toml", "float8"),
+         write("bad.toml", npy_manifest(rest='\n[preprocess]\ndtype = "float8"\n'))),
+    Case("manifest-labels-column-missing", CMP + "--data {t}/bad.toml", 2, ("bad.toml", "lbl"),
+         write("bad.toml", VAL_TOML.replace('column = "label"', 'column = "lbl"'))),
+    Case("data-wrong-rank", CAL + "{t}/bad.toml", 2, ("'input'", "rank"),
+         chain(save_array("flat/a.npy", _sample(1, (8, 8))), write("bad.toml", npy_manifest(path='"flat"')))),
+    Case("data-wrong-shape-npz-no-crop-advice", CAL + "{t}/bad.toml", 2, ("'input'", "16"),
+         chain(save_npz("big/a.npz", input=_sample(1, (3, 16, 16))),
+               write("bad.toml", '[[source]]\nkind = "npz"\npath = "big"\n')), absent=("center_crop",)),
+    Case("data-wrong-dtype", CAL + "{t}/bad.toml", 2, ("'input'", "int64"),
+         chain(save_array("ints/a.npy", np.ones((3, 8, 8), np.int64)), write("bad.toml", npy_manifest(path='"ints"')))),
+    Case("data-strings", CAL + "{t}/bad.toml", 2, ("'input'",),
+         chain(save_array("txt/a.npy", np.full((3, 8, 8), "x")), write("bad.toml", npy_manifest(path='"txt"')))),
+    Case("data-nan", CAL + "{t}/bad.toml", 2, ("'input'", "nan", "a.npy"),
+         chain(save_array("nan/a.npy", np.full((3, 8, 8), np.nan, np.float32)),
+               write("bad.toml", npy_manifest(path='"nan"')))),
+    Case("data-inf", CMP + "--data {t}/bad.toml", 2, ("'input'", "inf", "a.npy"),
+         chain(save_array("inf/a.npy", np.full((3, 8, 8), np.inf, np.float32)),
+               write("bad.toml", npy_manifest(top='role = "validation"', path='"inf"')))),
+    Case("data-npy-is-text", CAL + "{t}/bad.toml", 2, ("a.npy",),
+         chain(write("txtnpy/a.npy", "this is not numpy\n"), write("bad.toml", npy_manifest(path='"txtnpy"')))),
+    Case("data-npz-truncated", CAL + "{t}/bad.toml", 2, ("a.npz",),
+         chain(write("cut/a.npz", b"PK\x03\x04truncated"), write("bad.toml", '[[source]]\nkind = "npz"\npath = "cut"\n'))),
+    Case("data-npz-unreadable", CMP + "--data {t}/val.toml", 3, ("val.npz",), fault=deny_reading(Path("val/val.npz")),
+         absent=("re-save", "numpy.save")),
+    Case("data-image-corrupt", CAL + "{t}/bad.toml", 2, ("broken.png",),
+         chain(images("photos", ("a.png",)), write("photos/broken.png", b"\x89PNG\r\n\x1a\nnot really"),
+               write("bad.toml", image_manifest("resize = 8\ncenter_crop = 8")))),
+    Case("data-image-smaller-than-crop", CAL + "{t}/bad.toml", 2, ("a.png", "center_crop"),
+         chain(images("photos", ("a.png",), size=4), write("bad.toml", image_manifest("center_crop = 8")))),
+    Case("data-labels-regex-no-match", CMP + "--data {t}/bad.toml", 2, ("cat.png",),
+         chain(images("photos", ("cat.png",)),
+               write("bad.toml", 'role = "validation"\n' + image_manifest("resize = 8\ncenter_crop = 8",
+                                                                          "[labels]\nregex = '_(\\d+)\\.png$'\n")))),
+    Case("hook-module-missing", CAL + "{t}/bad.toml", 2, ("no_such_hook_module",),
+         chain(images("photos", ("a.png",)), write("bad.toml", image_manifest('hook = "no_such_hook_module:fn"')))),
+    Case("hook-function-missing", CAL + "{t}/bad.toml", 2, ("hooks", "absent_fn"),
+         chain(images("photos", ("a.png",)), write("hooks.py", HOOKS),
+               write("bad.toml", image_manifest('hook = "hooks:absent_fn"')))),
+    Case("hook-import-raises", CAL + "{t}/bad.toml", 2, ("brokenhook",),
+         chain(images("photos", ("a.png",)), write("brokenhook.py", "raise ImportError('half installed')\n"),
+               write("bad.toml", image_manifest('hook = "brokenhook:fn"')))),
+    Case("hook-raises", CAL + "{t}/bad.toml", 2, ("boom", "exploded"),
+         chain(images("photos", ("a.png",)), write("hooks.py", HOOKS), write("bad.toml", image_manifest('hook = "hooks:boom"')))),
+    Case("hook-wrong-shape", CAL + "{t}/bad.toml", 2, ("'input'",),
+         chain(images("photos", ("a.png",)), write("hooks.py", HOOKS),
+               write("bad.toml", image_manifest('hook = "hooks:wrong_shape"')))),
+    Case("hook-returns-none", CAL + "{t}/bad.toml", 2, ("nothing",),
+         chain(images("photos", ("a.png",)), write("hooks.py", HOOKS),
+               write("bad.toml", image_manifest('hook = "hooks:nothing"')))),
+    Case("hook-not-module-function", CAL + "{t}/bad.toml", 2, ("bad.toml", "hook"),
+         chain(images("photos", ("a.png",)), write("bad.toml", image_manifest('hook = "justaname"')))),
+    Case("compare-metric-module-missing", CMP + "--data {t}/val.toml --metric no_such_metric_mod:fn", 2,
+         ("no_such_metric_mod",)),
+    Case("compare-metric-raises", CMP + "--data {t}/val.toml --metric {t}/metrics.py:boom", 2, ("boom", "exploded"),
+         write("metrics.py", METRICS)),
+]
+
+FLAG_CASES = [
+    Case("flag-unknown-command", "frobnicate {t}/model.onnx", 2, ("frobnicate",)),
+    Case("flag-unknown-option", CAL + "{t}/calib.toml --colour blue", 2, ("--colour",)),
+    Case("flag-batch-size-zero", CAL + "{t}/calib.toml --batch-size 0", 2, ("--batch-size",)),
+    Case("flag-batch-size-negative", PERF + "{t}/model.onnx --batch-size -4", 2, ("--batch-size",)),
+    Case("flag-batch-size-not-a-number", CMP + "--data {t}/val.toml --batch-size ten", 2, ("--batch-size", "ten")),
+    Case("flag-iterations-float", PERF + "{t}/model.onnx --iterations 1.5", 2, ("--iterations",)),
+    Case("flag-percentile-out-of-range", CAL + "{t}/calib.toml --percentile 150", 2, ("--percentile",)),
+    Case("flag-confidence-one", CMP + "--data {t}/val.toml --confidence 1", 2, ("--confidence",)),
+    Case("flag-dim-garbage", PERF + "{t}/model.onnx --dim N=abc", 2, ("--dim",)),
+    Case("flag-time-budget-zero", SEARCH + "--threshold cosine>=0.5 --time-budget 0", 2, ("--time-budget",)),
+    Case("flag-unknown-method", CAL + "{t}/calib.toml --method kmeans", 2, ("--method", "kmeans")),
+    Case("flag-unknown-backend", PERF.replace("--backend ort", "--backend cuda") + "{t}/model.onnx", 2,
+         ("--backend", "cuda")),
+    Case("flag-backend-not-installed", PERF.replace("--backend ort", "--backend tensorrt") + "{t}/model.onnx", 3,
+         ("tensorrt",)),
+    Case("flag-table-and-trt-cache", BUILD + "--trt-cache {t}/table.json", 2, ("--trt-cache",)),
+    Case("flag-plan-and-precision-disagree", BUILD + "--plan {t}/build/plan.json --precision fp16", 2,
+         ("--plan", "--precision")),
+    Case("flag-mixed-without-plan", BUILD + "--precision mixed", 2, ("--plan",)),
+    Case("flag-labels-and-no-labels", CMP + "--data {t}/val.toml --labels --no-labels", 2, ("--no-labels",)),
+    Case("flag-fp16-simulation-with-tensorrt", BUILD + "--backend tensorrt --fp16-simulation", 2,
+         ("--fp16-simulation",)),
+    Case("flag-search-calib-and-table", SEARCH + "--threshold cosine>=0.5 --calib {t}/calib.toml", 2, ("--calib",)),
+    Case("build-table-not-json", BUILD.replace("{t}/table.json", "{t}/notes.txt"), 2, ("notes.txt",)),
+    Case("build-table-for-another-model", BUILD.replace("{t}/table.json", "{t}/other.json"), 2, ("other.json",),
+         write("other.json", '{"method": "minmax", "ranges": {"zzz": {"amax": 1.0}}}')),
+    Case("build-trt-cache-garbage", "build {t}/model.onnx --trt-cache {t}/notes.txt --out {t}/out", 2, ("notes.txt",)),
+    Case("build-plan-unknown-node", BUILD + "--plan {t}/plan.json", 2, ("plan.json", "no_such_node"),
+         write("plan.json", '{"default": "int8", "rules": [{"node": "no_such_node", "precision": "fp16"}]}')),
+    Case("run-experiment-missing", "run {t}/gone.toml --reports-dir {t}/reports", 2, ("gone.toml",)),
+    Case("run-experiment-unknown-key", "run {t}/exp.toml --reports-dir {t}/reports", 2, ("exp.toml", "colour"),
+         write("exp.toml", 'colour = "blue"\n[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\n'
+                           'validation = "val.toml"\n')),
+    Case("run-experiment-model-not-onnx", "run {t}/exp.toml --reports-dir {t}/reports --quiet", 2, ("notes.txt",),
+         write("exp.toml", '[model]\npath = "notes.txt"\n[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n'),
+         outputs=("reports", "reports/*")),
+    Case("report-missing-folder", "report {t}/no_such_report", 2, ("no_such_report",),
+         absent=("report_inputs.json here",)),
+]
+
+THRESHOLD_CASES = [
+    Case("fail-if-empty", CMP + "--data {t}/val.toml --fail-if ''", 2, ("--fail-if",)),
+    Case("fail-if-blank", CMP + "--data {t}/val.toml --fail-if '   '", 2, ("--fail-if",)),
+    Case("fail-if-garbage", CMP + "--data {t}/val.toml --fail-if 'cosine>>1'", 2, ("cosine>>1",)),
+    Case("fail-if-or-is-not-supported", CMP + "--data {t}/val.toml --fail-if 'cosine<0.9 or sqnr_db<3'", 2, ("or",)),
+    Case("fail-if-unknown-metric", CMP + "--data {t}/val.toml --fail-if 'frobnicity<1'", 2, ("frobnicity",)),
+    Case("fail-if-label-metric-without-labels", CMP + "--data {t}/unlabelled.toml --fail-if 'top1_drop>0.5'", 2,
+         ("top1_drop", "labels")),
+    Case("fail-if-label-metric-with-no-labels-flag", CMP + "--data {t}/val.toml --no-labels --fail-if 'top1_drop>0.5'",
+         2, ("top1_drop",)),
+    Case("threshold-empty", SEARCH + "--threshold ''", 2, ("threshold",)),
+    Case("threshold-no-operator", SEARCH + "--threshold cosine", 2, ("cosine",)),
+    Case("threshold-unknown-metric", SEARCH + "--threshold 'frobnicity>=1'", 2, ("frobnicity",)),
+    Case("threshold-label-metric-without-labels", SEARCH.replace("val.toml", "unlabelled.toml") +
+         "--threshold 'top1_drop<=0.5'", 2, ("top1_drop", "labels")),
+]
+
+OUTPUT_CASES = [
+    Case("calibrate-out-is-a-file", CAL.replace("{t}/out", "{t}/notes.txt") + "{t}/calib.toml", 2, ("notes.txt",)),
+    Case("calibrate-out-holds-user-notes", CAL.replace("{t}/out", "{t}/prev_cal") + "{t}/calib.toml", 2,
+         ("prev_cal", "notes.txt"), write("prev_cal/notes.txt", "results of last week, keep\n")),
+    Case("compare-out-holds-user-notes", CMP.replace("{t}/out", "{t}/prev_cmp") + "--data {t}/val.toml", 2,
+         ("prev_cmp", "notes.txt"), write("prev_cmp/notes.txt", "results of last week, keep\n")),
+    Case("build-out-holds-user-notes", BUILD.replace("{t}/out", "{t}/build"), 2, ("build", "notes.txt"),
+         write("build/notes.txt", "keep\n")),
+    Case("compare-out-is-the-candidate", CMP.replace("{t}/out", "{t}/build") + "--data {t}/val.toml", 2, ("build",)),
+    Case("calibrate-out-under-a-file", CAL.replace("{t}/out", "{t}/notes.txt/out") + "{t}/calib.toml", (2, 3),
+         ("notes.txt/out",)),
+    Case("calibrate-out-read-only", CAL.replace("{t}/out", "{t}/ro/out") + "{t}/calib.toml", 3, ("ro/out",),
+         mkdir("ro"), deny_writing(Path("ro"))),
+    Case("calibrate-out-permission-denied", CAL.replace("{t}/out", "{t}/ro/out") + "{t}/calib.toml", 3, ("ro/out",),
+         mkdir("ro"), deny_writing(Path("ro"), errno.EACCES)),
+    Case("build-out-read-only", BUILD.replace("{t}/out", "{t}/ro/out"), 3, ("ro/out",), mkdir("ro"),
+         deny_writing(Path("ro"))),
+    Case("compare-out-read-only", CMP.replace("{t}/out", "{t}/ro/out") + "--data {t}/val.toml", 3, ("ro/out",),
+         mkdir("ro"), deny_writing(Path("ro"))),
+    Case("perf-json-read-only", PERF + "{t}/model.onnx --json {t}/ro/perf.json", 3, ("perf.json",), mkdir("ro"),
+         deny_writing(Path("ro"))),
+    Case("search-out-read-only", SEARCH.replace("{t}/out", "{t}/ro/out") + "--threshold cosine>=0.5", 3, ("ro/out",),
+         mkdir("ro"), deny_writing(Path("ro"))),
+    Case("run-reports-dir-read-only", "run {t}/exp.toml --quiet --reports-dir {t}/ro", 3, ("ro",),
+         chain(mkdir("ro"), write("exp.toml", '[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\n'
+                                              'validation = "val.toml"\n')), deny_writing(Path("ro"))),
+    Case("calibrate-disk-full", CAL.replace("{t}/out", "{t}/full/out") + "{t}/calib.toml", 3, ("full/out",),
+         mkdir("full"), disk_full(Path("full"))),
+    Case("calibrate-disk-full-replacing-earlier-run", CAL.replace("{t}/out", "{t}/prev_cal") + "{t}/calib.toml", 3,
+         ("prev_cal",), fault=disk_full(Path("."))),
+    Case("build-disk-full", BUILD.replace("{t}/out", "{t}/full/out"), 3, ("full/out",), mkdir("full"),
+         disk_full(Path("full"))),
+    Case("compare-disk-full", CMP.replace("{t}/out", "{t}/full/out") + "--data {t}/val.toml", 3, ("full/out",),
+         mkdir("full"), disk_full(Path("full"))),
+    Case("perf-json-disk-full", PERF + "{t}/model.onnx --json {t}/full/perf.json", 3, ("perf.json",), mkdir("full"),
+         disk_full(Path("full"))),
+    Case("search-disk-full", SEARCH.replace("{t}/out", "{t}/full/out") + "--threshold cosine>=0.5", 3, ("full/out",),
+         mkdir("full"), disk_full(Path("full"))),
+]
+
+CASES = MODEL_CASES + MANIFEST_CASES + FLAG_CASES + THRESHOLD_CASES + OUTPUT_CASES
+assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
+
+
+def _format(text: str, t: Path) -> str:
+    return text.replace("{t}", str(t))
+
+
+def run_in_process(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``quantlab.cli.main(argv)`` as ``python -m quantlab`` would exit: SystemExit gives the code, an escaping
+    exception is a traceback and exit 1 (what the interpreter would print and return)."""
+    capfd.readouterr()
+    trace = ""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - the point: nothing may escape the entry point
+        trace = traceback.format_exc()
+        code = 1
+    out, err = capfd.readouterr()
+    return code, out, err + trace
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_cli(case: Case, assets: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    t = tmp_path / "case"
+    t.mkdir()
+    make_workspace(t, assets)
+    if case.setup is not None:
+        case.setup(t)
+    monkeypatch.chdir(t)
+    if "--backend tensorrt " in case.argv and case.code == 3 and _installed("tensorrt"):
+        pytest.skip("TensorRT is installed here; the missing-backend case needs a machine without it")
+    before = snapshot(t)
+    argv = shlex.split(_format(case.argv, t))
+    if case.fault is not None:
+        with monkeypatch.context() as mp:
+            case.fault(t, mp)
+            code, out, err = run_in_process(argv, capfd)
+    else:
+        code, out, err = run_in_process(argv, capfd)
+    after = snapshot(t)
+    expected = case.code if isinstance(case.code, tuple) else (case.code,)
+    assert code in expected, f"exit code {code}, expected {case.code}; stderr:\n{err}"
+    assert_one_error_line(err, out, case.command, [_format(n, t) for n in case.names],
+                          [_format(a, t) for a in case.absent])
+    assert_nothing_else_changed(before, after, case.outputs)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def test_there_are_at_least_60_hostile_cases() -> None:
+    assert len(CASES) + len(SUBPROCESS_CASES) + len(SIGNAL_CASES) >= 60
+
+
+# ─────────────────────────────── a real terminal: subprocess ───────────────────────────────
+
+
+def _drop_file_capabilities() -> list[str]:
+    """As root, a command prefix that drops the capabilities that bypass file permissions (so chmod bites)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot make a file unreadable for this process")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+def _cli(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "quantlab", *argv]
+
+
+def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTHONPATH", None)
+    try:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"`{' '.join(cmd)}` hung for {timeout} s (stderr: {exc.stderr!r})")
+
+
+@dataclass(frozen=True)
+class SubCase:
+    """A case run as ``python -m quantlab`` (``prefix``: e.g. drop file capabilities; ``shell``: wrap in a
+    private mount namespace)."""
+
+    id: str
+    argv: str
+    code: int
+    names: tuple[str, ...]
+    setup: Setup | None = None
+    real: str = ""  # "", "chmod-model", "read-only-out", "tmpfs-out"
+    timeout: float = 120
+
+
+SUBPROCESS_CASES = [
+    SubCase("terminal-model-not-onnx", PERF + "{t}/notes.onnx", 2, ("notes.onnx",),
+            write("notes.onnx", "hello, I am text\n")),
+    SubCase("terminal-data-nan", CAL + "{t}/bad.toml", 2, ("'input'", "nan"),
+            chain(save_array("nan/a.npy", np.full((3, 8, 8), np.nan, np.float32)),
+                  write("bad.toml", npy_manifest(path='"nan"')))),
+    SubCase("terminal-fail-if-empty", CMP + "--data {t}/val.toml --fail-if ''", 2, ("--fail-if",)),
+    SubCase("terminal-fifo-model-does-not-hang", PERF + "{t}/pipe.onnx", 2, ("pipe.onnx",), fifo("pipe.onnx"),
+            timeout=30),
+    SubCase("real-model-mode-000", CAL + "{t}/calib.toml", 3, ("model.onnx",), real="chmod-model"),
+    SubCase("real-out-parent-read-only", CAL.replace("{t}/out", "{t}/ro/out") + "{t}/calib.toml", 3, ("ro/out",),
+            mkdir("ro"), real="read-only-out"),
+    SubCase("real-disk-full-tmpfs", CAL.replace("{t}/out", "{t}/small/out") + "{t}/calib.toml", 3, ("small/out",),
+            mkdir("small"), real="tmpfs-out"),
+]
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=[c.id for c in SUBPROCESS_CASES])
+def test_hostile_cli_in_a_real_process(case: SubCase, assets: Path, tmp_path: Path) -> None:
+    t = tmp_path / "case"
+    t.mkdir()
+    make_workspace(t, assets)
+    if case.setup is not None:
+        case.setup(t)
+    argv = shlex.split(_format(case.argv, t))
+    cmd = _cli(argv)
+    if case.real == "chmod-model":
+        cmd = _drop_file_capabilities() + cmd
+        (t / "model.onnx").chmod(0)
+    elif case.real == "read-only-out":
+        cmd = _drop_file_capabilities() + cmd
+        (t / "ro").chmod(0o555)
+    elif case.real == "tmpfs-out":
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            pytest.skip("a private tmpfs needs root and unshare")
+        # a 64 KiB tmpfs in a mount namespace of its own: the disk really fills; it vanishes with the process,
+        # so the shell lists what the command left in it
+        script = (f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(t / 'small'))} || exit 97; "
+                  f"{shlex.join(cmd)}; rc=$?; echo LEFT: $(ls -A {shlex.quote(str(t / 'small'))}) >&2; exit $rc")
+        cmd = ["unshare", "-m", "sh", "-c", script]
+    before = snapshot(t)
+    try:
+        proc = _run(cmd, timeout=case.timeout)
+    finally:
+        for rel in ("model.onnx", "ro"):
+            if (t / rel).exists():
+                (t / rel).chmod(0o755 if (t / rel).is_dir() else 0o644)
+    after = snapshot(t)
+    if proc.returncode == 97:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    err = proc.stderr
+    if case.real == "tmpfs-out":
+        left = [line for line in err.splitlines() if line.startswith("LEFT:")]
+        assert left == ["LEFT:"], f"the full disk keeps files after the failure: {left}"
+        err = "\n".join(line for line in err.splitlines() if not line.startswith("LEFT:"))
+    assert proc.returncode == case.code, f"exit code {proc.returncode}, expected {case.code}; stderr:\n{err}"
+    assert_one_error_line(err, proc.stdout, argv[0], [_format(n, t) for n in case.names], [])
+    assert_nothing_else_changed(before, after, ())
+
+
+# ─────────────────────────────── signals ───────────────────────────────
+
+SLOW_WRITE = """\
+import os, pathlib, runpy, sys, time
+marker = pathlib.Path(sys.argv[1])
+real_replace = os.replace
+def slow_replace(src, dst, *args, **kwargs):
+    if os.path.basename(os.fspath(src)).endswith(".tmp"):
+        marker.touch()
+        time.sleep(60)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = slow_replace
+sys.argv = ["quantlab", *sys.argv[2:]]
+runpy.run_module("quantlab", run_name="__main__", alter_sys=True)
+"""
+"""``python -c SLOW_WRITE MARKER ARGS...``: quantlab, except that the first rename of a temp file touches
+MARKER and then waits a minute: the window in which a signal arrives "while writing"."""
+
+
+@dataclass(frozen=True)
+class SignalCase:
+    id: str
+    signum: int
+    code: int
+    when: str  # "start-up" or "writing"
+
+
+SIGNAL_CASES = [
+    SignalCase("sigint-at-start-up", signal.SIGINT, 130, "start-up"),
+    SignalCase("sigterm-at-start-up", signal.SIGTERM, 143, "start-up"),
+    SignalCase("sigint-while-writing", signal.SIGINT, 130, "writing"),
+    SignalCase("sigterm-while-writing", signal.SIGTERM, 143, "writing"),
+]
+
+
+@pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c.id for c in SIGNAL_CASES])
+def test_signal(case: SignalCase, assets: Path, tmp_path: Path) -> None:
+    """One line saying what was interrupted, no traceback, exit 130/143, temp files removed, the earlier
+    output (prev_cal/, replaced by this run) intact."""
+    t = tmp_path / "case"
+    t.mkdir()
+    make_workspace(t, assets)
+    marker = tmp_path / "writing.marker"
+    argv = ["calibrate", str(t / "model.onnx"), "--calib", str(t / "calib.toml"), "--no-progress",
+            "--out", str(t / "prev_cal")]
+    if case.when == "writing":
+        cmd = [sys.executable, "-c", SLOW_WRITE, str(marker), *argv]
+    else:
+        cmd = _cli(argv)
+    before = snapshot(t)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        if case.when == "writing":
+            deadline = time.monotonic() + 90
+            while not marker.exists():
+                assert proc.poll() is None, f"finished before writing: {proc.communicate()}"
+                assert time.monotonic() < deadline, "never started writing"
+                time.sleep(0.05)
+        else:
+            time.sleep(0.3)  # the interpreter is up; quantlab's imports take seconds
+            assert proc.poll() is None
+        proc.send_signal(case.signum)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    after = snapshot(t)
+    assert proc.returncode == case.code, f"exit code {proc.returncode}, expected {case.code}; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and INTERRUPTED_LINE.match(lines[-1]), f"no one-line 'interrupted' message last; stderr:\n{err}"
+    assert sum(bool(INTERRUPTED_LINE.match(line)) for line in lines) == 1, err
+    assert not [line for line in lines if ERROR_LINE.match(line)], err
+    assert_nothing_else_changed(before, after, ())
