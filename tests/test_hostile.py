@@ -13,7 +13,7 @@ disk full, out of memory, missing backend), 130 SIGINT, 143 SIGTERM. Every case 
 
 Most cases run in-process (``quantlab.cli.main([...])``, stdout/stderr captured at the file-descriptor
 level, so ONNX Runtime's C++ logging counts too). Operating-system faults are real where this machine
-allows it (``chmod`` with the file-permission capabilities dropped, a 64 KiB tmpfs in a private mount
+allows it (``chmod`` with the file-permission capabilities dropped, a 4 KiB tmpfs in a private mount
 namespace) and injected otherwise (``open``/``mkdir`` raising ``PermissionError`` / ``EROFS`` /
 ``ENOSPC`` for one path only, which the issue allows for faults). Signals and a few cases run in a
 subprocess (``python -m quantlab``) to prove that no traceback reaches a real terminal.
@@ -775,26 +775,24 @@ def _cli(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "quantlab", *argv]
 
 
-def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTHONPATH", None)
-    try:
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"`{' '.join(cmd)}` hung for {timeout} s (stderr: {exc.stderr!r})")
+    return env
 
 
 @dataclass(frozen=True)
 class SubCase:
-    """A case run as ``python -m quantlab`` (``prefix``: e.g. drop file capabilities; ``shell``: wrap in a
-    private mount namespace)."""
+    """A case run as ``python -m quantlab``; ``real`` makes the fault real: ``chmod-model`` (mode 000, file
+    capabilities dropped), ``read-only-out`` (out's parent mode 555, same), ``tmpfs-out`` (a 4 KiB tmpfs
+    mounted on out's parent in a private mount namespace)."""
 
     id: str
     argv: str
     code: int
     names: tuple[str, ...]
     setup: Setup | None = None
-    real: str = ""  # "", "chmod-model", "read-only-out", "tmpfs-out"
+    real: str = ""
     timeout: float = 120
 
 
@@ -806,7 +804,7 @@ SUBPROCESS_CASES = [
                   write("bad.toml", npy_manifest(path='"nan"')))),
     SubCase("terminal-fail-if-empty", CMP + "--data {t}/val.toml --fail-if ''", 2, ("--fail-if",)),
     SubCase("terminal-fifo-model-does-not-hang", PERF + "{t}/pipe.onnx", 2, ("pipe.onnx",), fifo("pipe.onnx"),
-            timeout=30),
+            timeout=20),
     SubCase("real-model-mode-000", CAL + "{t}/calib.toml", 3, ("model.onnx",), real="chmod-model"),
     SubCase("real-out-parent-read-only", CAL.replace("{t}/out", "{t}/ro/out") + "{t}/calib.toml", 3, ("ro/out",),
             mkdir("ro"), real="read-only-out"),
@@ -815,66 +813,123 @@ SUBPROCESS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=[c.id for c in SUBPROCESS_CASES])
-def test_hostile_cli_in_a_real_process(case: SubCase, assets: Path, tmp_path: Path) -> None:
-    t = tmp_path / "case"
-    t.mkdir()
-    make_workspace(t, assets)
-    if case.setup is not None:
-        case.setup(t)
-    argv = shlex.split(_format(case.argv, t))
+@dataclass
+class Launched:
+    t: Path
+    argv: list[str]
+    before: dict[str, str]
+    proc: subprocess.Popen[str] | None
+    started: float
+    skip: str = ""
+
+
+def _command(case: SubCase, t: Path, argv: list[str]) -> tuple[list[str], str]:
+    """The command line for ``case`` (and a reason to skip when this machine cannot make the fault real)."""
     cmd = _cli(argv)
-    if case.real == "chmod-model":
-        cmd = _drop_file_capabilities() + cmd
-        (t / "model.onnx").chmod(0)
-    elif case.real == "read-only-out":
-        cmd = _drop_file_capabilities() + cmd
-        (t / "ro").chmod(0o555)
-    elif case.real == "tmpfs-out":
+    if case.real in ("chmod-model", "read-only-out"):
+        if os.geteuid() == 0 and shutil.which("setpriv") is None:
+            return cmd, "running as root without setpriv: chmod does not stop root"
+        if case.real == "chmod-model":
+            (t / "model.onnx").chmod(0)
+        else:
+            (t / "ro").chmod(0o555)
+        return _drop_file_capabilities() + cmd, ""
+    if case.real == "tmpfs-out":
         if os.geteuid() != 0 or shutil.which("unshare") is None:
-            pytest.skip("a private tmpfs needs root and unshare")
-        # a 64 KiB tmpfs in a mount namespace of its own: the disk really fills; it vanishes with the process,
-        # so the shell lists what the command left in it
-        script = (f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(t / 'small'))} || exit 97; "
-                  f"{shlex.join(cmd)}; rc=$?; echo LEFT: $(ls -A {shlex.quote(str(t / 'small'))}) >&2; exit $rc")
-        cmd = ["unshare", "-m", "sh", "-c", script]
-    before = snapshot(t)
+            return cmd, "a private tmpfs needs root and unshare"
+        # the mount vanishes with the process, so the shell lists what the command left in it
+        small = shlex.quote(str(t / "small"))
+        script = (f"mount -t tmpfs -o size=4k tmpfs {small} || exit 97; {shlex.join(cmd)}; rc=$?; "
+                  f"echo LEFT: $(ls -A {small}) >&2; exit $rc")
+        return ["unshare", "-m", "sh", "-c", script], ""
+    return cmd, ""
+
+
+@pytest.fixture(scope="module")
+def launched(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Launched]:
+    """Every SUBPROCESS_CASES command started at once (each is mostly interpreter start-up); the tests collect them."""
+    runs: dict[str, Launched] = {}
+    for case in SUBPROCESS_CASES:
+        t = tmp_path_factory.mktemp(case.id) / "case"
+        t.mkdir()
+        make_workspace(t, assets)
+        if case.setup is not None:
+            case.setup(t)
+        argv = shlex.split(_format(case.argv, t))
+        cmd, skip = _command(case, t, argv)
+        before = snapshot(t)
+        proc = None if skip else subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                  text=True, env=_env())
+        runs[case.id] = Launched(t, argv, before, proc, time.monotonic(), skip)
+    yield runs
+    for run in runs.values():
+        if run.proc is not None and run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=[c.id for c in SUBPROCESS_CASES])
+def test_hostile_cli_in_a_real_process(case: SubCase, launched: dict[str, Launched]) -> None:
+    run = launched[case.id]
+    if run.skip:
+        pytest.skip(run.skip)
+    assert run.proc is not None
+    t = run.t
     try:
-        proc = _run(cmd, timeout=case.timeout)
+        out, err = run.proc.communicate(timeout=max(1.0, case.timeout - (time.monotonic() - run.started)))
+    except subprocess.TimeoutExpired:
+        run.proc.kill()
+        run.proc.communicate()
+        pytest.fail(f"`quantlab {' '.join(run.argv)}` hung for {case.timeout} s")
     finally:
         for rel in ("model.onnx", "ro"):
             if (t / rel).exists():
                 (t / rel).chmod(0o755 if (t / rel).is_dir() else 0o644)
     after = snapshot(t)
-    if proc.returncode == 97:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    err = proc.stderr
+    if run.proc.returncode == 97 and case.real == "tmpfs-out":
+        pytest.skip(f"cannot mount a tmpfs here: {err.strip()}")
     if case.real == "tmpfs-out":
         left = [line for line in err.splitlines() if line.startswith("LEFT:")]
         assert left == ["LEFT:"], f"the full disk keeps files after the failure: {left}"
         err = "\n".join(line for line in err.splitlines() if not line.startswith("LEFT:"))
-    assert proc.returncode == case.code, f"exit code {proc.returncode}, expected {case.code}; stderr:\n{err}"
-    assert_one_error_line(err, proc.stdout, argv[0], [_format(n, t) for n in case.names], [])
-    assert_nothing_else_changed(before, after, ())
+    assert run.proc.returncode == case.code, f"exit code {run.proc.returncode}, expected {case.code}; stderr:\n{err}"
+    assert_one_error_line(err, out, run.argv[0], [_format(n, t) for n in case.names], [])
+    assert_nothing_else_changed(run.before, after, ())
 
 
 # ─────────────────────────────── signals ───────────────────────────────
 
-SLOW_WRITE = """\
+PAUSING_QUANTLAB = """\
 import os, pathlib, runpy, sys, time
-marker = pathlib.Path(sys.argv[1])
+marker, when = pathlib.Path(sys.argv[1]), sys.argv[2]
+
+def pause():
+    marker.touch()
+    time.sleep(60)
+
+class PauseAtNumpy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy" and not marker.exists():
+            pause()
+        return None
+
 real_replace = os.replace
+
 def slow_replace(src, dst, *args, **kwargs):
-    if os.path.basename(os.fspath(src)).endswith(".tmp"):
-        marker.touch()
-        time.sleep(60)
+    if os.path.basename(os.fspath(src)).endswith(".tmp") and not marker.exists():
+        pause()
     return real_replace(src, dst, *args, **kwargs)
-os.replace = slow_replace
-sys.argv = ["quantlab", *sys.argv[2:]]
+
+if when == "start-up":
+    sys.meta_path.insert(0, PauseAtNumpy())
+else:
+    os.replace = slow_replace
+sys.argv = ["quantlab", *sys.argv[3:]]
 runpy.run_module("quantlab", run_name="__main__", alter_sys=True)
 """
-"""``python -c SLOW_WRITE MARKER ARGS...``: quantlab, except that the first rename of a temp file touches
-MARKER and then waits a minute: the window in which a signal arrives "while writing"."""
+"""``python -c PAUSING_QUANTLAB MARKER WHEN ARGS...`` is ``python -m quantlab ARGS...`` that, at one point,
+touches MARKER and waits a minute: ``start-up`` when quantlab first imports numpy (start-up imports), ``writing``
+at the first rename of a temp file (the output is being written). The test signals it once MARKER exists."""
 
 
 @dataclass(frozen=True)
@@ -896,30 +951,22 @@ SIGNAL_CASES = [
 @pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c.id for c in SIGNAL_CASES])
 def test_signal(case: SignalCase, assets: Path, tmp_path: Path) -> None:
     """One line saying what was interrupted, no traceback, exit 130/143, temp files removed, the earlier
-    output (prev_cal/, replaced by this run) intact."""
+    output (prev_cal/, which this run replaces) intact."""
     t = tmp_path / "case"
     t.mkdir()
     make_workspace(t, assets)
-    marker = tmp_path / "writing.marker"
+    marker = tmp_path / "paused.marker"
     argv = ["calibrate", str(t / "model.onnx"), "--calib", str(t / "calib.toml"), "--no-progress",
             "--out", str(t / "prev_cal")]
-    if case.when == "writing":
-        cmd = [sys.executable, "-c", SLOW_WRITE, str(marker), *argv]
-    else:
-        cmd = _cli(argv)
     before = snapshot(t)
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", PAUSING_QUANTLAB, str(marker), case.when, *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
-        if case.when == "writing":
-            deadline = time.monotonic() + 90
-            while not marker.exists():
-                assert proc.poll() is None, f"finished before writing: {proc.communicate()}"
-                assert time.monotonic() < deadline, "never started writing"
-                time.sleep(0.05)
-        else:
-            time.sleep(0.3)  # the interpreter is up; quantlab's imports take seconds
-            assert proc.poll() is None
+        deadline = time.monotonic() + 90
+        while not marker.exists():
+            assert proc.poll() is None, f"finished before the pause point: {proc.communicate()}"
+            assert time.monotonic() < deadline, "never reached the pause point"
+            time.sleep(0.05)
         proc.send_signal(case.signum)
         out, err = proc.communicate(timeout=30)
     finally:
