@@ -13,13 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantlab.backends import get_backend
 from quantlab.errors import ModelError
-from quantlab.zoo import (
-    DEMO_INSTALL_HINT,
-    efficientnet_lite0_onnx,
-    fold_constant_subgraphs,
-    fuse_pad_into_conv,
-    simplify_exported_graph,
-)
+from quantlab.simplify import fold_constant_subgraphs, fuse_pad_into_conv, simplify_exported_graph
+from quantlab.zoo import DEMO_INSTALL_HINT, efficientnet_lite0_onnx
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:

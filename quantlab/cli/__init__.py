@@ -25,6 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "search",
     "run",
     "report",
+    "export",
     "demo",
 )
 """Sub-command modules, in help order; a module that does not exist yet is skipped."""

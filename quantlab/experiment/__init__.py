@@ -1,0 +1,97 @@
+"""Experiments: one TOML file takes a model and two data sets to an HTML accuracy report.
+
+    quantlab run experiments/NAME.toml
+
+runs the stages below and writes ``reports/NAME/``::
+
+    model ─► calibrate (one statistics pass, every calibrator) ─► build (FP16, INT8 per calibrator)
+          ─► compare (FP32 reference vs candidates) ─► search (if the threshold is missed) ─► report
+
+Each stage writes its output folder under ``reports/NAME/stages/`` through
+:func:`quantlab.atomic.atomic_dir`, with ``key.json`` holding the hash of its
+inputs (model, data, settings, upstream outputs, tool versions). A rerun whose
+inputs hash the same reuses the folder; an interrupted run leaves only whole
+stage folders, so it restarts cleanly from the first missing one. The
+report's ``index.html`` is removed when a run starts and written last:
+a failed run never leaves a page that looks finished.
+
+The experiment file (paths are relative to the file itself)::
+
+    name = "demo"                       # report folder name (default: file stem)
+    seed = 0
+    backend = "ort"                     # ort | tensorrt | tensorrt-rtx
+    threshold = "cosine>=0.995"         # end-to-end gate; omit for no verdict
+
+    [model]
+    zoo = "efficientnet_lite0"          # or: path = "model.onnx"
+
+    [data]
+    calibration = "../calib_sets/demo_calib.toml"
+    validation = "../calib_sets/demo_val.toml"
+
+    [calibrate]
+    methods = ["entropy", "minmax", "percentile"]
+    percentile = 99.99
+
+    [candidates]
+    fp16 = true
+    int8 = ["entropy", "minmax", "percentile"]    # one INT8 candidate per calibrator
+    target = "tensorrt"                            # Q/DQ form: tensorrt | ort
+
+    [search]
+    enabled = true
+    calibrator = "best"                 # ranges the search starts from: a method or "best"
+    budget = 0                          # max full evaluations; 0 = the search's default bound
+
+    [report]
+    worst_tensors = 6                   # histograms drawn for this many tensors
+
+    [export]                            # optional: after the report, `quantlab export triton`
+    repository = "../models"            # Triton model repository (relative to this file)
+    name = "efficientnet"               # default: the experiment's name
+    platform = "onnxruntime"            # onnxruntime | tensorrt
+    max_batch_size = 8                  # default: 8 with a dynamic batch axis, else 0
+    dynamic_batching = true
+    instances = 1
+
+Package layout (each module reads only those above it)::
+
+    spec.py           the experiment file: schema (quantlab.schema), validation, ExperimentConfig
+    store.py          stage folders reused by key hash; the run manifest
+    stages.py         what each stage writes, and how its results are read back
+    report_inputs.py  from stage folders to quantlab.report.ReportInputs
+    run.py            run_experiment: the stages in order
+"""
+
+from __future__ import annotations
+
+from .report_inputs import HISTOGRAM_BINS_SHOWN, disagreeing_tensors, histogram_view, per_layer_for_report
+from .run import ExperimentResult, run_experiment
+from .spec import CALIBRATORS, TARGETS, ExperimentConfig, load_experiment, parse_experiment
+from .stages import SEARCH_CANDIDATE, Candidate, experiment_candidates, load_written, verdict_for
+from .store import MANIFEST_FILE, STAGE_KEY_FILE, StageRecord, data_key, run_stage, stage_key_hash
+
+__all__ = [
+    "ExperimentConfig",
+    "load_experiment",
+    "parse_experiment",
+    "CALIBRATORS",
+    "TARGETS",
+    "run_experiment",
+    "ExperimentResult",
+    "StageRecord",
+    "STAGE_KEY_FILE",
+    "MANIFEST_FILE",
+    "run_stage",
+    "stage_key_hash",
+    "data_key",
+    "Candidate",
+    "experiment_candidates",
+    "load_written",
+    "verdict_for",
+    "SEARCH_CANDIDATE",
+    "histogram_view",
+    "disagreeing_tensors",
+    "per_layer_for_report",
+    "HISTOGRAM_BINS_SHOWN",
+]

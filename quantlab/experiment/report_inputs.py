@@ -1,0 +1,214 @@
+"""From results already on disk to :class:`quantlab.report.ReportInputs` (nothing is re-run)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import ExperimentError
+from ..graph import LoadedModel
+from ..quantize import WrittenModel
+from ..report import WORST_LAYERS_SHOWN, HistogramView, ReportInputs, Verdict, worst_layers
+from ..stats import load_statistics
+from ..table import CalibrationTable
+from .spec import ExperimentConfig
+from .stages import SEARCH_CANDIDATE, experiment_candidates, load_frames, load_written, read_json, search_end_to_end
+from .store import StageRecord, package_versions
+
+__all__ = ["HISTOGRAM_BINS_SHOWN", "histogram_view", "disagreeing_tensors", "per_layer_for_report",
+           "assemble_report_inputs"]
+
+HISTOGRAM_BINS_SHOWN = 120
+
+
+def histogram_view(name: str, state: Any, tables: Mapping[str, CalibrationTable]) -> HistogramView:
+    """A :class:`quantlab.report.HistogramView` of one tensor's |x| histogram and each table's amax.
+
+    The statistics hold 16k fine bins over ``[0, R)``; the view re-bins them to
+    :data:`HISTOGRAM_BINS_SHOWN` bins over ``[0, 1.05 * max(absmax, every amax)]``.
+    """
+    amaxes = {m: float(t.ranges[name].amax) for m, t in tables.items() if name in t.ranges}
+    top = max([state.absmax, *amaxes.values()]) * 1.05 or 1.0
+    counts = state.rebin_to(HISTOGRAM_BINS_SHOWN, top)
+    edges = [top * i / HISTOGRAM_BINS_SHOWN for i in range(HISTOGRAM_BINS_SHOWN + 1)]
+    note_parts = []
+    excluded = sum(state.excluded.values())
+    if excluded:
+        note_parts.append(f"{excluded} non-finite or huge values left out of the statistics")
+    return HistogramView(
+        tensor=name, edges=tuple(edges), counts=tuple(float(c) for c in counts),
+        ranges={m: (-a, a) for m, a in amaxes.items()},
+        clipped={m: float(tables[m].ranges[name].clipped_fraction) for m in amaxes},
+        abs_values=True, note="; ".join(note_parts),
+    )
+
+
+def disagreeing_tensors(tables: Mapping[str, CalibrationTable], n: int) -> list[str]:
+    """Tensors whose calibrators disagree most (largest max/min amax ratio): where the choice matters."""
+    names = set.intersection(*(set(t.ranges) for t in tables.values())) if tables else set()
+    scored = []
+    for name in names:
+        amaxes = [t.ranges[name].amax for t in tables.values()]
+        lo, hi = min(amaxes), max(amaxes)
+        if lo > 0:
+            scored.append((math.log(hi / lo), name))
+    scored.sort(key=lambda x: (-x[0], x[1]))
+    return [name for _, name in scored[:n]]
+
+
+def per_layer_for_report(per_layer: pd.DataFrame, metric: str = "sqnr_db") -> pd.DataFrame:
+    """The comparator's per-layer table in the report's shape (:data:`quantlab.report.PER_LAYER_COLUMNS`).
+
+    Accepts a long table (a ``mode`` column with ``accumulated`` / ``local``
+    rows) or a wide one (``<metric>_accumulated`` and ``<metric>_local``
+    columns); the layer is the node (or tensor) name, the order the
+    topological index.
+    """
+    df = per_layer.copy()
+    layer_col = next((c for c in ("layer", "node", "group", "tensor") if c in df.columns), None)
+    order_col = next((c for c in ("order", "topo_index", "index", "position") if c in df.columns), None)
+    if layer_col is None or "candidate" not in df.columns:
+        raise ExperimentError("the per-layer results have no layer/node and candidate columns")
+    out = (_from_long(df, metric, layer_col, order_col) if "mode" in df.columns
+           else _from_wide(df, metric, layer_col, order_col))
+    if order_col and order_col in out.columns and order_col != "order":
+        out = out.rename(columns={order_col: "order"})
+    if "order" not in out.columns:
+        out["order"] = out.groupby("candidate").cumcount()
+    if "op_type" not in out.columns:
+        out["op_type"] = ""
+    for c in ("accumulated", "local"):
+        if c not in out.columns:
+            out[c] = float("nan")
+    cols = ["candidate", "order", "layer", "op_type", "accumulated", "local"]
+    rest = [c for c in out.columns if c not in cols]
+    return out[cols + rest].sort_values(["candidate", "order"], kind="stable").reset_index(drop=True)
+
+
+def _from_long(df: pd.DataFrame, metric: str, layer_col: str, order_col: str | None) -> pd.DataFrame:
+    keys = ["candidate", layer_col]
+    wide = df.pivot_table(index=keys, columns="mode", values=metric, aggfunc="first").reset_index()
+    firsts = df.drop_duplicates(keys).set_index(keys)
+    out = wide.rename(columns={layer_col: "layer"})
+    extra = firsts[[c for c in (order_col, "op_type", "tensor") if c and c in firsts.columns and c != layer_col]]
+    return out.merge(extra.reset_index().rename(columns={layer_col: "layer"}), on=["candidate", "layer"],
+                     how="left")
+
+
+def _from_wide(df: pd.DataFrame, metric: str, layer_col: str, order_col: str | None) -> pd.DataFrame:
+    acc = f"{metric}_accumulated" if f"{metric}_accumulated" in df.columns else metric
+    loc = f"{metric}_local"
+    out = pd.DataFrame({
+        "candidate": df["candidate"], "layer": df[layer_col],
+        "accumulated": df[acc] if acc in df.columns else float("nan"),
+        "local": df[loc] if loc in df.columns else float("nan"),
+    })
+    for c in (order_col, "op_type", "tensor"):
+        if c and c in df.columns and c != layer_col:
+            out[c] = df[c].to_numpy()
+    return out
+
+
+def _tensors_for_layers(layers: Sequence[str], written: Mapping[str, WrittenModel], known: set[str]) -> list[str]:
+    """The activation tensors whose ranges feed ``layers`` (a layer's group inputs), in order, unique."""
+    groups_by_node: dict[str, Any] = {}
+    groups_by_output: dict[str, Any] = {}
+    for w in written.values():
+        for g in w.plan.groups:
+            for n in g.nodes:
+                groups_by_node.setdefault(n, g)
+            for t in (g.output_tensor, *g.output_tensors):
+                groups_by_output.setdefault(t, g)
+        break
+    out: list[str] = []
+    for layer in layers:
+        group = groups_by_node.get(layer) or groups_by_output.get(layer)
+        names = list(group.input_tensors) if group is not None else [layer]
+        for t in names:
+            if t in known and t not in out:
+                out.append(t)
+    return out
+
+
+def _search_results(search_dir: Path | None, model: LoadedModel, e2e: pd.DataFrame,
+                    candidates: dict[str, str]) -> tuple[pd.DataFrame, Any, Any, pd.DataFrame | None]:
+    """End-to-end rows with the search's final plan added, its trajectory, sensitivity and plan table."""
+    if search_dir is None:
+        return e2e, None, None, None
+    extra = load_frames(search_dir, ["trajectory", "sensitivity"])
+    final = search_end_to_end(search_dir)
+    if final is not None:
+        e2e = pd.concat([e2e, final], ignore_index=True)
+        candidates[SEARCH_CANDIDATE] = "the sensitivity search's final mixed-precision plan"
+    plan = None
+    if (search_dir / "final" / "plan.json").is_file():
+        plan = load_written(search_dir / "final", model).plan.to_frame()
+        # the groups the search pinned first: they are what a reviewer checks
+        plan = plan.sort_values("precision", key=lambda p: p != "int8", ascending=False, kind="stable")
+    return e2e, extra.get("trajectory"), extra.get("sensitivity"), plan
+
+
+def _histograms(config: ExperimentConfig, frames: Mapping[str, pd.DataFrame], written: Mapping[str, WrittenModel],
+                tables: Mapping[str, CalibrationTable], cal_dir: Path,
+                ) -> tuple[pd.DataFrame | None, tuple[HistogramView, ...]]:
+    """The report's per-layer table and the histograms of the worst layers' inputs and most disputed tensors."""
+    per_layer = None
+    if frames.get("per_layer") is not None and not frames["per_layer"].empty:
+        per_layer = per_layer_for_report(frames["per_layer"])
+    stats = load_statistics(cal_dir / "statistics.npz")
+    wanted: list[str] = []
+    if per_layer is not None:
+        int8 = per_layer[per_layer["candidate"].astype(str).str.startswith("int8")]
+        worst = worst_layers(int8 if not int8.empty else per_layer, True, WORST_LAYERS_SHOWN)
+        wanted = _tensors_for_layers(list(worst["layer"]), written, set(stats.tensors))
+    for t in disagreeing_tensors(tables, config.worst_tensors):
+        if t not in wanted:
+            wanted.append(t)
+    return per_layer, tuple(histogram_view(t, stats[t], tables) for t in wanted[: config.worst_tensors])
+
+
+def _model_info(model: LoadedModel) -> dict[str, Any]:
+    return {"name": Path(str(model.path)).name if model.path else model.label, "path": str(model.path),
+            "sha256": model.sha256, "opset": model.opset,
+            "inputs": [f"{s.name}: {s.dtype}{list(s.shape or ())}" for s in model.inputs],
+            "outputs": [f"{s.name}: {s.dtype}{list(s.shape or ())}" for s in model.outputs]}
+
+
+def _reproducibility(config: ExperimentConfig, cal_dir: Path, stages: Sequence[StageRecord],
+                     command: str) -> dict[str, Any]:
+    cal_summary = read_json(cal_dir / "data_summary.json")
+    return {
+        "command": command, "experiment file": str(config.source) if config.source else None,
+        "seed": config.seed, "settings": config.settings(),
+        "calibration set": {"manifest": str(config.calibration), "samples": cal_summary.get("count"),
+                            "content sha256": cal_summary.get("sha256")},
+        "validation set": {"manifest": str(config.validation)},
+        "stage keys": {s.name: s.key_sha256[:16] for s in stages if s.key_sha256},
+    }
+
+
+def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables: Mapping[str, CalibrationTable],
+                           cal_dir: Path, frames: Mapping[str, pd.DataFrame], written: Mapping[str, WrittenModel],
+                           verdict: Verdict | None, search_dir: Path | None, stages: Sequence[StageRecord],
+                           messages: Sequence[str], command: str) -> ReportInputs:
+    """Everything the report shows, from results already on disk (nothing is re-run)."""
+    candidates = {c.name: c.description for c in experiment_candidates(config)}
+    e2e, trajectory, sensitivity, plan = _search_results(search_dir, model, frames["end_to_end"].copy(), candidates)
+    if plan is None and verdict is not None and verdict.candidate in written:
+        plan = written[verdict.candidate].plan.to_frame()
+    if plan is not None:
+        plan = plan[[c for c in ("group", "anchor_op", "nodes", "precision", "reason") if c in plan.columns]]
+    per_layer, histograms = _histograms(config, frames, written, tables, cal_dir)
+    notes = sorted({n for t in tables.values() for n in t.notes}) + list(messages)
+    return ReportInputs(
+        title=config.name, model=_model_info(model), end_to_end=e2e, per_layer=per_layer, verdict=verdict,
+        candidates=candidates, layer_metric="sqnr_db", layer_metric_higher_is_better=True,
+        histograms=histograms, sensitivity=sensitivity, trajectory=trajectory,
+        trajectory_metric=verdict.metric if verdict is not None else "", plan=plan,
+        environment=package_versions(), reproducibility=_reproducibility(config, cal_dir, stages, command),
+        notes=tuple(notes),
+    )

@@ -1,0 +1,189 @@
+"""``run_experiment``: the stages in order, each reused when its inputs are unchanged."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_dir, write_json
+from ..calibrate import method_settings
+from ..data import DataSet, open_dataset
+from ..graph import LoadedModel, load_model
+from ..quantize import WrittenModel
+from ..report import Verdict, save_report_inputs, write_report
+from ..table import CalibrationTable, read_table
+from ..zoo import zoo_model_path
+from .report_inputs import assemble_report_inputs
+from .spec import ExperimentConfig
+from .stages import (
+    COMPARE_FRAMES,
+    SEARCH_CANDIDATE,
+    best_candidate,
+    build_stage,
+    calibrate_stage,
+    compare_stage,
+    experiment_candidates,
+    load_frames,
+    load_written,
+    read_json,
+    search_end_to_end,
+    search_stage,
+    verdict_for,
+)
+from .store import (
+    MANIFEST_FILE,
+    StageRecord,
+    data_key,
+    fail_run,
+    package_versions,
+    run_stage,
+    stage_key_hash,
+    start_run,
+)
+
+__all__ = ["ExperimentResult", "run_experiment"]
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """Where the report is and what it says."""
+
+    config: ExperimentConfig
+    report_dir: Path
+    index_html: Path
+    verdict: Verdict | None
+    stages: tuple[StageRecord, ...]
+    messages: tuple[str, ...]
+    seconds: float
+
+
+def run_experiment(config: ExperimentConfig, *, reports_dir: Path = Path("reports"), progress: bool = False,
+                   force: bool = False, command: str = "") -> ExperimentResult:
+    """Run every stage of ``config`` and write ``reports_dir/NAME/`` (see the package docstring).
+
+    Stages whose inputs are unchanged are reused (``force`` redoes them all).
+    On any error the report folder holds no ``index.html`` and its
+    ``manifest.json`` says ``"status": "failed"`` with the error.
+    """
+    start = time.perf_counter()
+    report_dir = Path(reports_dir) / config.name
+    start_run(report_dir, config, command, force)
+    try:
+        return _Run(config, report_dir, progress, command).go(start)
+    except BaseException as exc:
+        fail_run(report_dir, config, command, exc)
+        raise
+
+
+@dataclass
+class _Run:
+    """One run's state as the stages fill it in."""
+
+    config: ExperimentConfig
+    report_dir: Path
+    progress: bool
+    command: str
+    stages: list[StageRecord] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    common: dict[str, Any] = field(default_factory=dict)
+
+    def go(self, start: float) -> ExperimentResult:
+        config = self.config
+        model_path = config.model_path if config.model_path else zoo_model_path(config.zoo or "",
+                                                                                progress=self.progress)
+        model = load_model(model_path)
+        calib, val = open_dataset(config.calibration), open_dataset(config.validation)
+        self.common = {"versions": package_versions(), "model_sha256": model.sha256}
+        tables, cal_dir = self._calibrate(model, calib)
+        written, build_keys = self._build(model, tables)
+        frames, cmp_dir = self._compare(model, written, build_keys, val, cal_dir)
+        self.messages += list(read_json(cmp_dir / "compare.json").get("warnings", []))
+        verdict, search_dir = self._verdict_and_search(model, val, tables, written, frames["end_to_end"])
+        t0 = time.perf_counter()
+        inputs = assemble_report_inputs(config, model, tables, cal_dir, frames, written, verdict, search_dir,
+                                        self.stages, self.messages, self.command)
+        with atomic_dir(self.report_dir / "results") as tmp:
+            save_report_inputs(tmp, inputs)
+        index = write_report(self.report_dir, inputs)
+        self.stages.append(StageRecord("report", self.report_dir, "", False, time.perf_counter() - t0))
+        seconds = time.perf_counter() - start
+        self._write_manifest(model_path, model, cal_dir, val, verdict, seconds)
+        return ExperimentResult(config=config, report_dir=self.report_dir, index_html=index, verdict=verdict,
+                                stages=tuple(self.stages), messages=tuple(self.messages), seconds=seconds)
+
+    def _calibrate(self, model: LoadedModel, calib: DataSet) -> tuple[dict[str, CalibrationTable], Path]:
+        config = self.config
+        # the methods' settings, not only their names: a changed default (e.g. entropy skipping zeros) redoes it
+        key = {"stage": "calibrate", **self.common, "data": data_key(calib), "methods": list(config.calibrators),
+               "percentile": config.percentile,
+               "method_settings": {m: method_settings(m, percentile=config.percentile) for m in config.calibrators}}
+        self.stages.append(run_stage(self.report_dir, "calibrate", key,
+                                     lambda f: calibrate_stage(f, model, calib, config, self.progress)))
+        cal_dir = self.stages[-1].path
+        return {m: read_table(cal_dir / f"table-{m}.json") for m in config.calibrators}, cal_dir
+
+    def _build(self, model: LoadedModel, tables: dict[str, CalibrationTable],
+               ) -> tuple[dict[str, WrittenModel], dict[str, str]]:
+        written: dict[str, WrittenModel] = {}
+        build_keys: dict[str, str] = {}
+        for cand in experiment_candidates(self.config):
+            key = {"stage": "build", **self.common, "candidate": cand.name, "precision": cand.precision,
+                   "table": self.stages[0].key_sha256 if cand.method else None, "method": cand.method,
+                   "target": self.config.target}
+            table = tables[cand.method] if cand.method else None
+            rec = run_stage(self.report_dir, f"build-{cand.name}", key,
+                            lambda f, c=cand, t=table: build_stage(f, model, c, t, self.config))
+            self.stages.append(rec)
+            build_keys[cand.name] = rec.key_sha256
+            written[cand.name] = load_written(rec.path, model)
+        return written, build_keys
+
+    def _compare(self, model: LoadedModel, written: dict[str, WrittenModel], build_keys: dict[str, str],
+                 val: DataSet, cal_dir: Path) -> tuple[dict[str, Any], Path]:
+        key = {"stage": "compare", **self.common, "candidates": build_keys, "data": data_key(val),
+               "backend": self.config.backend, "seed": self.config.seed}
+        rec = run_stage(self.report_dir, "compare", key,
+                        lambda f: compare_stage(f, model, written, val, self.config, self.progress, cal_dir))
+        self.stages.append(rec)
+        return load_frames(rec.path, COMPARE_FRAMES), rec.path
+
+    def _verdict_and_search(self, model: LoadedModel, val: DataSet, tables: dict[str, CalibrationTable],
+                            written: dict[str, WrittenModel], e2e: Any) -> tuple[Verdict | None, Path | None]:
+        """The verdict of the best candidate; when every INT8 candidate misses the threshold, the search's."""
+        config = self.config
+        if not config.threshold:
+            return None, None
+        int8_names = [c.name for c in experiment_candidates(config) if c.precision == "int8"]
+        verdicts = {n: verdict_for(e2e, n, config.threshold) for n in e2e["candidate"]}
+        best = best_candidate(verdicts, int8_names or list(verdicts))
+        if not (config.search and int8_names and not any(verdicts[n].passed for n in int8_names)):
+            return verdicts[best], None
+        method = (config.search_calibrator if config.search_calibrator != "best"
+                  else written[best].table_method or config.calibrators[0])
+        key = {"stage": "search", **self.common, "table": self.stages[0].key_sha256, "method": method,
+               "data": data_key(val), "threshold": config.threshold, "budget": config.search_budget,
+               "backend": config.backend, "target": config.target, "seed": config.seed}
+        log_dir = self.report_dir / "search-log" / stage_key_hash(key)[:16]
+        rec = run_stage(self.report_dir, "search", key,
+                        lambda f: search_stage(f, model, val, tables[method], config, self.progress, log_dir))
+        self.stages.append(rec)
+        final = search_end_to_end(rec.path)
+        verdict = verdict_for(final, SEARCH_CANDIDATE, config.threshold) if final is not None else verdicts[best]
+        return verdict, rec.path
+
+    def _write_manifest(self, model_path: Path, model: LoadedModel, cal_dir: Path, val: DataSet,
+                        verdict: Verdict | None, seconds: float) -> None:
+        config = self.config
+        write_json(self.report_dir / MANIFEST_FILE, {
+            "status": "complete", "experiment": config.settings(), "command": self.command,
+            "experiment_file": str(config.source) if config.source else None,
+            "model": {"path": str(model_path), "sha256": model.sha256},
+            "calibration": {"manifest": str(config.calibration), "samples": read_json(cal_dir / "data_summary.json")},
+            "validation": {"manifest": str(config.validation), "record": val.manifest_record()},
+            "seed": config.seed, "versions": self.common["versions"],
+            "stages": [s.as_dict() for s in self.stages], "seconds": round(seconds, 2),
+            "verdict": None if verdict is None else {k: getattr(verdict, k) for k in verdict.__dataclass_fields__},
+            "messages": self.messages,
+        })

@@ -1,0 +1,250 @@
+"""The experiment file: its schema, its validation, and the frozen config it becomes.
+
+Every default is defined once, on :class:`ExperimentConfig`; every problem is an
+:class:`~quantlab.errors.ExperimentError` naming the file, the line and the key
+(the checker is :mod:`quantlab.schema`, shared with data-set manifests).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExperimentError, ThresholdError
+from ..schema import Key, Where, check_table, is_int, is_num, non_empty_str, one_of, show
+from ..threshold import parse_threshold
+from ..zoo import ZOO_MODELS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["ExperimentConfig", "load_experiment", "parse_experiment", "CALIBRATORS", "TARGETS"]
+
+CALIBRATORS = ("entropy", "minmax", "percentile")
+TARGETS = ("tensorrt", "ort")
+BACKENDS = ("ort", "tensorrt", "tensorrt-rtx")
+GUIDE = "the docstring of quantlab.experiment, or experiments/demo.toml"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A validated experiment file. Paths are absolute; defaults are defined here only."""
+
+    name: str
+    source: Path | None
+    calibration: Path
+    validation: Path
+    model_path: Path | None = None
+    zoo: str | None = None
+    seed: int = 0
+    backend: str = "ort"
+    threshold: str | None = None
+    calibrators: tuple[str, ...] = CALIBRATORS
+    percentile: float = 99.99
+    fp16: bool = True
+    int8: tuple[str, ...] = CALIBRATORS
+    target: str = "tensorrt"
+    search: bool = True
+    search_calibrator: str = "best"
+    search_budget: int = 0
+    worst_tensors: int = 6
+    export_repository: Path | None = None
+    export_name: str | None = None
+    export_platform: str = "onnxruntime"
+    export_max_batch_size: int | None = None
+    export_dynamic_batching: bool = False
+    export_instances: int = 1
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that shapes results, as plain data (recorded in the manifest)."""
+        out = {
+            "name": self.name, "model": str(self.model_path) if self.model_path else None, "zoo": self.zoo,
+            "calibration": str(self.calibration), "validation": str(self.validation), "seed": self.seed,
+            "backend": self.backend, "threshold": self.threshold, "calibrators": list(self.calibrators),
+            "percentile": self.percentile, "fp16": self.fp16, "int8": list(self.int8), "target": self.target,
+            "search": self.search, "search_calibrator": self.search_calibrator,
+            "search_budget": self.search_budget, "worst_tensors": self.worst_tensors,
+        }
+        if self.export_repository is not None:
+            out["export"] = {"repository": str(self.export_repository), "name": self.export_name or self.name,
+                             "platform": self.export_platform, "max_batch_size": self.export_max_batch_size,
+                             "dynamic_batching": self.export_dynamic_batching, "instances": self.export_instances}
+        return out
+
+
+def _methods(v: Any) -> bool:
+    return (isinstance(v, list) and bool(v) and all(isinstance(m, str) and m in CALIBRATORS for m in v)
+            and len(set(v)) == len(v))
+
+
+_METHODS_EXPECT = f"a non-empty list of distinct methods from {', '.join(map(repr, CALIBRATORS))}"
+_COUNT = "an integer >= 0"
+
+
+def _count(v: Any) -> bool:
+    return is_int(v) and v >= 0
+
+
+# (table, key) -> (Key, the ExperimentConfig field it fills); table "" is the top level
+_SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
+    "": {
+        "name": (Key("a non-empty string", non_empty_str, 'name = "my_experiment"'), "name"),
+        "seed": (Key(_COUNT, _count, "seed = 0"), "seed"),
+        "backend": (Key(f"one of {', '.join(map(repr, BACKENDS))}", one_of(BACKENDS), 'backend = "ort"'), "backend"),
+        "threshold": (Key("a threshold expression", non_empty_str, 'threshold = "cosine>=0.995"'), "threshold"),
+    },
+    "model": {
+        "path": (Key("a path string (relative to the experiment file)", non_empty_str, 'path = "model.onnx"'),
+                 "model_path"),
+        "zoo": (Key("a zoo model name", non_empty_str, 'zoo = "efficientnet_lite0"'), "zoo"),
+    },
+    "data": {
+        "calibration": (Key("a manifest path string", non_empty_str,
+                            'calibration = "../calib_sets/demo_calib.toml"'), "calibration"),
+        "validation": (Key("a manifest path string", non_empty_str,
+                           'validation = "../calib_sets/demo_val.toml"'), "validation"),
+    },
+    "calibrate": {
+        "methods": (Key(_METHODS_EXPECT, _methods, 'methods = ["entropy", "minmax"]'), "calibrators"),
+        "percentile": (Key("a number in (0, 100]", lambda v: is_num(v) and 0 < v <= 100, "percentile = 99.99"),
+                       "percentile"),
+    },
+    "candidates": {
+        "fp16": (Key("true or false", lambda v: isinstance(v, bool), "fp16 = true"), "fp16"),
+        "int8": (Key(_METHODS_EXPECT, _methods, 'int8 = ["entropy"]'), "int8"),
+        "target": (Key(f"one of {', '.join(map(repr, TARGETS))}", one_of(TARGETS), 'target = "tensorrt"'), "target"),
+    },
+    "search": {
+        "enabled": (Key("true or false", lambda v: isinstance(v, bool), "enabled = true"), "search"),
+        "calibrator": (Key('"best" or a method name', non_empty_str, 'calibrator = "best"'), "search_calibrator"),
+        "budget": (Key(_COUNT, _count, "budget = 0"), "search_budget"),
+    },
+    "report": {
+        "worst_tensors": (Key(_COUNT, _count, "worst_tensors = 6"), "worst_tensors"),
+    },
+    "export": {
+        "repository": (Key("a folder path string (relative to the experiment file)", non_empty_str,
+                           'repository = "../models"'), "export_repository"),
+        "name": (Key("a model name", non_empty_str, 'name = "efficientnet"'), "export_name"),
+        "platform": (Key("one of 'onnxruntime', 'tensorrt'", one_of(("onnxruntime", "tensorrt")),
+                         'platform = "onnxruntime"'), "export_platform"),
+        "max_batch_size": (Key(_COUNT, _count, "max_batch_size = 8"), "export_max_batch_size"),
+        "dynamic_batching": (Key("true or false", lambda v: isinstance(v, bool), "dynamic_batching = true"),
+                             "export_dynamic_batching"),
+        "instances": (Key("an integer >= 1", lambda v: is_int(v) and v >= 1, "instances = 1"), "export_instances"),
+    },
+}
+_PATH_FIELDS = ("model_path", "calibration", "validation")
+
+
+def _table_keys(section: str) -> dict[str, Key]:
+    keys = {k: spec for k, (spec, _) in _SCHEMA[section].items()}
+    if section == "":
+        keys.update({t: Key("a table", lambda v: isinstance(v, dict), f"[{t}]") for t in _SCHEMA if t})
+    return keys
+
+
+def _values(data: Mapping[str, Any], where: Where, base: Path) -> dict[str, Any]:
+    """Checked values keyed by config field; paths resolved against ``base``, lists made tuples."""
+    check_table(data, _table_keys(""), where, "", error=ExperimentError, guide=GUIDE)
+    out: dict[str, Any] = {}
+    for section, keys in _SCHEMA.items():
+        table = data if section == "" else data.get(section, {})
+        check_table(table, _table_keys(section), where, section, error=ExperimentError, guide=GUIDE)
+        for key, (_, field) in keys.items():
+            if key in table and not isinstance(table[key], dict):
+                out[field] = _converted(field, table[key], where.at(section, None, key), base)
+    return out
+
+
+def _converted(field: str, value: Any, where: str, base: Path) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    if field == "export_repository":
+        return (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+    if field in _PATH_FIELDS:
+        path = (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+        if not path.is_file():
+            raise ExperimentError(f"{where}: names {value!r}, but there is no file {path}. Paths are relative "
+                                  "to the experiment file's folder.")
+        return path
+    return value
+
+
+def parse_experiment(text: str, *, source: Path | None = None, base: Path | None = None) -> ExperimentConfig:
+    """Validate experiment TOML ``text``; every problem is an ExperimentError naming the key and line."""
+    label = str(source) if source else "<experiment>"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ExperimentError(f"{label}: not valid TOML: {exc}") from None
+    base = base if base is not None else (source.parent if source else Path.cwd())
+    where = Where(label, text)
+    values = _values(data, where, base)
+    _check_model(values, where)
+    _check_candidates(values, where)
+    exports = [k for k in values if k.startswith("export_")]
+    if exports and "export_repository" not in values:
+        raise ExperimentError(f"{where.at('export')}: give 'repository' (the Triton model repository folder) "
+                              "for the [export] table.")
+    if "threshold" in values:
+        _check_threshold(values["threshold"], where.at("", None, "threshold"))
+    name = values.pop("name", None) or (source.stem if source else "experiment")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+        raise ExperimentError(f"{where.at('', None, 'name')}: is {name!r}; use letters, digits, '_', '-', '.' "
+                              "(it names the report folder).")
+    return ExperimentConfig(name=name, source=source, **values)
+
+
+def _check_model(values: Mapping[str, Any], where: Where) -> None:
+    has_path, has_zoo = "model_path" in values, "zoo" in values
+    if has_path == has_zoo:
+        raise ExperimentError(f"{where.at('model')}: give exactly one of 'model.path' (an ONNX file) or "
+                              "'model.zoo' (e.g. \"efficientnet_lite0\").")
+    if has_zoo and values["zoo"] not in ZOO_MODELS:
+        raise ExperimentError(f"{where.at('model', None, 'zoo')}: is {values['zoo']!r}; available: "
+                              f"{', '.join(ZOO_MODELS)}.")
+    for required in ("calibration", "validation"):
+        if required not in values:
+            raise ExperimentError(f"{where.at('data')}: missing key 'data.{required}' (the {required} set "
+                                  "manifest, e.g. calib_sets/NAME.toml).")
+
+
+def _check_candidates(values: dict[str, Any], where: Where) -> None:
+    calibrators = values.get("calibrators", CALIBRATORS)
+    int8 = values.setdefault("int8", calibrators)
+    missing = [m for m in int8 if m not in calibrators]
+    if missing:
+        raise ExperimentError(f"{where.at('candidates', None, 'int8')}: asks for {', '.join(missing)}, which "
+                              "'calibrate.methods' does not compute; add it there.")
+    search_cal = values.get("search_calibrator", "best")
+    if search_cal != "best" and search_cal not in calibrators:
+        raise ExperimentError(f"{where.at('search', None, 'calibrator')}: is {show(search_cal)}; use \"best\" "
+                              f"or one of {', '.join(calibrators)}.")
+
+
+def _check_threshold(expr: str, where: str) -> None:
+    """Parse the threshold with the comparator's own language (quantlab.threshold)."""
+    try:
+        parse_threshold(expr)
+    except ThresholdError as exc:
+        raise ExperimentError(f"{where}: {exc}") from None
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment file (see the package docstring for its keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(f"{path}: no such experiment file. Give the path of a TOML file such as "
+                              "experiments/demo.toml.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ExperimentError(f"{path}: not a UTF-8 text file ({exc}); an experiment file is TOML.") from None
+    return parse_experiment(text, source=path.resolve())

@@ -1,0 +1,158 @@
+"""What each stage writes into its folder, and how its results are read back.
+
+These are the only functions that know the calibrator's, comparator's and
+search's result types: everything after them works on tables saved in the
+stage folders (Parquet, JSON), so a reused stage and a fresh one look alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pandas as pd
+
+from ..atomic import write_json
+from ..calibrate import calibrate
+from ..compare import CompareOptions, compare
+from ..data import DataSet, DataSummary
+from ..errors import ExperimentError
+from ..graph import LoadedModel
+from ..plan import load_plan, resolve_plan, uniform_plan
+from ..quantize import WriteOptions, WrittenModel, load_provenance, save_written, write_model
+from ..report import Verdict
+from ..search import SearchOptions, search
+from ..stats import save_statistics
+from ..table import CalibrationTable, write_table, write_trt_cache
+from ..threshold import parse_threshold
+from .spec import ExperimentConfig
+
+__all__ = ["Candidate", "experiment_candidates", "calibrate_stage", "build_stage", "compare_stage", "search_stage",
+           "load_written", "load_frames", "read_json", "verdict_for", "best_candidate", "search_end_to_end",
+           "COMPARE_FRAMES", "SEARCH_CANDIDATE"]
+
+COMPARE_FRAMES = ("end_to_end", "per_layer", "per_sample")
+SEARCH_CANDIDATE = "mixed (search)"
+"""The name the search's final plan goes by in the report (the search log names it by plan hash)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model to compare against the FP32 reference: whole-model FP16 or INT8 with one calibrator's ranges."""
+
+    name: str
+    precision: str
+    method: str | None = None
+
+    @property
+    def description(self) -> str:
+        if self.precision == "fp16":
+            return "every layer in FP16 (numerically risky ops kept in FP32)"
+        return f"INT8 Q/DQ everywhere it is possible, activation ranges from the {self.method} calibrator"
+
+
+def experiment_candidates(config: ExperimentConfig) -> tuple[Candidate, ...]:
+    """FP16 (if asked) then one INT8 candidate per calibrator in ``candidates.int8``."""
+    out = [Candidate("fp16", "fp16")] if config.fp16 else []
+    out += [Candidate(f"int8-{m}", "int8", m) for m in config.int8]
+    return tuple(out)
+
+
+def calibrate_stage(folder: Path, model: LoadedModel, dataset: DataSet, config: ExperimentConfig,
+                    progress: bool) -> None:
+    result = calibrate(model, dataset, config.calibrators, percentile=config.percentile, progress=progress)
+    save_statistics(result.statistics, folder / "statistics.npz")
+    for method, table in result.tables.items():
+        write_table(table, folder / f"table-{method}.json")
+        write_trt_cache(table, folder / f"table-{method}.cache")
+    write_json(folder / "data_summary.json", result.data.as_dict())
+    notes = sorted({n for t in result.tables.values() for n in t.notes})
+    write_json(folder / "notes.json", notes)
+
+
+def build_stage(folder: Path, model: LoadedModel, candidate: Candidate, table: CalibrationTable | None,
+                config: ExperimentConfig) -> None:
+    written = write_model(model, uniform_plan(candidate.precision), table, WriteOptions(target=config.target))
+    save_written(written, folder)
+
+
+def load_written(folder: Path, model: LoadedModel) -> WrittenModel:
+    """A :class:`quantlab.quantize.WrittenModel` back from a build stage folder."""
+    provenance = load_provenance(folder / "provenance.json")
+    meta = provenance.meta
+    opts = meta.get("options", {})
+    options = WriteOptions(target=opts.get("target", "tensorrt"),
+                           per_channel_weights=opts.get("per_channel_weights", True),
+                           fp32_ops=tuple(opts.get("fp32_ops", WriteOptions().fp32_ops)))
+    proto = onnx.load(str(folder / "model.onnx"))
+    plan = resolve_plan(load_plan(folder / "plan.json"), model.proto)
+    return WrittenModel(proto=proto, provenance=provenance, plan=plan, options=options,
+                        table_method=meta.get("table_method"), source_sha256=model.sha256)
+
+
+def compare_stage(folder: Path, model: LoadedModel, written: Mapping[str, WrittenModel], dataset: DataSet,
+                  config: ExperimentConfig, progress: bool, cal_dir: Path) -> None:
+    options = CompareOptions(backend=config.backend, seed=config.seed)
+    calibration = DataSummary.from_dict(read_json(cal_dir / "data_summary.json"))  # for the overlap warning
+    result = compare(model, dict(written), dataset, options, progress=progress, calibration=calibration)
+    result.save(folder)
+
+
+def search_stage(folder: Path, model: LoadedModel, val: DataSet, table: CalibrationTable,
+                 config: ExperimentConfig, progress: bool, log_dir: Path) -> None:
+    options = SearchOptions(threshold=config.threshold, backend=config.backend,
+                            budget=config.search_budget or None, seed=config.seed, target=config.target)
+    # the log lives outside the stage's temporary folder, so an interrupted search resumes from it
+    result = search(model, table, val, options, workdir=log_dir, progress=progress)
+    result.save(folder)
+
+
+def load_frames(folder: Path, names: Sequence[str]) -> dict[str, pd.DataFrame]:
+    return {n: pd.read_parquet(folder / f"{n}.parquet") for n in names if (folder / f"{n}.parquet").is_file()}
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def verdict_for(end_to_end: pd.DataFrame, candidate: str, threshold: str) -> Verdict:
+    """The :class:`quantlab.report.Verdict` of ``candidate``'s rows of the end-to-end table.
+
+    ``passed`` is the whole threshold (every condition, every output); the
+    figures shown are those of the condition with the smallest margin.
+    """
+    parsed = parse_threshold(threshold)
+    rows = end_to_end[end_to_end["candidate"] == candidate]
+    if rows.empty:
+        raise ExperimentError(f"no end-to-end results for candidate {candidate!r}")
+    check = parsed.check(rows)
+    cond = min(parsed.conditions, key=lambda c: check.margins[str(c)])
+    value = check.values[str(cond)]
+    row = rows.iloc[0]
+    lo = row.get(f"{cond.metric}_ci_low")
+    hi = row.get(f"{cond.metric}_ci_high")
+    return Verdict(threshold=threshold, candidate=candidate, metric=cond.metric, op=cond.op, target=cond.value,
+                   value=value, passed=check.passed,
+                   ci_low=None if lo is None or lo != lo else float(lo),
+                   ci_high=None if hi is None or hi != hi else float(hi))
+
+
+def best_candidate(verdicts: Mapping[str, Verdict], names: Sequence[str]) -> str:
+    """The candidate closest to (or furthest past) the threshold, in the threshold's direction."""
+    def score(n: str) -> float:
+        v = verdicts[n]
+        return v.value if v.op in (">=", ">") else -v.value
+    present = [n for n in names if n in verdicts] or list(verdicts)
+    return max(present, key=score)
+
+
+def search_end_to_end(search_dir: Path) -> pd.DataFrame | None:
+    """The final candidate's end-to-end rows, renamed :data:`SEARCH_CANDIDATE`, or None."""
+    final = load_frames(search_dir / "final_compare", ["end_to_end"]).get("end_to_end")
+    if final is None or final.empty:
+        return None
+    return final.assign(candidate=SEARCH_CANDIDATE)

@@ -1,0 +1,185 @@
+"""The report's sections, each an HTML fragment built from :class:`ReportInputs` and the plots."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pandas as pd
+
+from .inputs import MAX_TABLE_ROWS, WORST_LAYERS_SHOWN, ReportInputs, check_per_layer, worst_layers
+from .markup import esc, fmt, img, kv_table, table
+
+__all__ = ["verdict_section", "notes_section", "end_to_end_section", "per_layer_section", "histogram_section",
+           "sensitivity_section", "trajectory_section", "plan_section", "environment_section"]
+
+def verdict_section(inputs: ReportInputs) -> str:
+    v = inputs.verdict
+    if v is None:
+        return ('<section id="verdict"><h2>Verdict</h2><p class="verdict none">No threshold was set: '
+                "the tables below describe the drift without a pass/fail verdict.</p></section>")
+    cls = "pass" if v.passed else "fail"
+    word = "PASS" if v.passed else "FAIL"
+    ci = ""
+    if v.ci_low is not None and v.ci_high is not None:
+        ci = f" ({int(round(v.confidence * 100))} % CI {fmt(v.ci_low)} – {fmt(v.ci_high)})"
+    sentence = (
+        f"Candidate <b>{esc(v.candidate)}</b>: {esc(v.metric)} = <b>{fmt(v.value)}</b>{ci}; "
+        f"threshold <code>{esc(v.threshold)}</code>."
+    )
+    caveat = ""
+    if v.ci_straddles():
+        caveat = ('<p class="caveat">The confidence interval contains the threshold: with this much validation '
+                  "data the verdict could go either way. Add validation samples before relying on it.</p>")
+    detail = f"<p>{esc(v.detail)}</p>" if v.detail else ""
+    return (f'<section id="verdict"><h2>Verdict</h2><div class="verdict {cls}"><span class="badge">{word}</span>'
+            f" {sentence}</div>{caveat}{detail}</section>")
+
+
+def _candidates_list(inputs: ReportInputs) -> str:
+    if not inputs.candidates:
+        return ""
+    items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in inputs.candidates.items())
+    return f'<ul class="cands">{items}</ul>'
+
+
+def end_to_end_section(inputs: ReportInputs) -> str:
+    return (
+        '<section id="end-to-end"><h2>End to end, per candidate</h2>'
+        "<p>Each candidate's outputs against the FP32 ONNX reference on the validation set. "
+        "Bracketed figures are bootstrap confidence intervals. Accuracy (<code>top1</code>, "
+        "<code>top5</code>) and agreement with the reference's top-1 are in %; drops are in percentage "
+        "points (reference minus candidate); <code>mcnemar_p</code> is the exact McNemar test between the "
+        "reference's and the candidate's correctness: a small value means the accuracy difference is "
+        "not noise.</p>"
+        f"{_candidates_list(inputs)}{table(_end_to_end_view(inputs.end_to_end))}</section>"
+    )
+
+
+_END_TO_END_FIRST = ("candidate", "output", "samples", "top1_agreement", "top1", "ref_top1", "top1_drop",
+                     "mcnemar_p", "cosine", "sqnr_db", "top5", "ref_top5", "top5_drop")
+
+
+def _end_to_end_view(df: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The figures a reviewer decides on first (agreement, accuracy, drop, McNemar), then the rest."""
+    if df is None:
+        return None
+    first = [c for c in _END_TO_END_FIRST if c in df.columns]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def per_layer_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str:
+    df = inputs.per_layer
+    if df is None or df.empty:
+        return ('<section id="per-layer"><h2>Per-layer error</h2><p class="muted">No per-layer comparison '
+                "was recorded.</p></section>")
+    check_per_layer(df)
+    better = "higher is better" if inputs.layer_metric_higher_is_better else "lower is better"
+    worst = worst_layers(df, inputs.layer_metric_higher_is_better, WORST_LAYERS_SHOWN)
+    shown = worst.copy()
+    shown.insert(1, "rank", shown.groupby("candidate", sort=False).cumcount() + 1)
+    names = []
+    for cand, g in worst.groupby("candidate", sort=False):
+        top = ", ".join(f"<code>{esc(n)}</code>" for n in g["layer"].head(3))
+        names.append(f"<li><b>{esc(cand)}</b>: {top}</li>")
+    return (
+        '<section id="per-layer"><h2>Per-layer error</h2>'
+        f"<p>{esc(inputs.layer_metric)} of every layer's output against the reference ({better}). "
+        "<b>Accumulated</b>: the candidate runs end to end, so a layer's error includes everything upstream. "
+        "<b>Local</b>: the layer is fed the reference's own inputs, so only its own quantization error shows. "
+        "A layer whose local error is bad is a <i>culprit</i>; one that is bad only when accumulated is a "
+        "<i>victim</i> of layers before it. Numbers on the plot are ranks in the table below.</p>"
+        f"<p>Worst layers by local error:</p><ul>{''.join(names)}</ul>"
+        f"{img(plots.get('per_layer'), 'per-layer ' + inputs.layer_metric + ', accumulated vs local')}"
+        f"<h3>Worst {WORST_LAYERS_SHOWN} layers per candidate</h3>{table(shown)}</section>"
+    )
+
+
+def histogram_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str:
+    if not inputs.histograms:
+        return ('<section id="histograms"><h2>Activation ranges of the worst tensors</h2>'
+                '<p class="muted">No activation statistics were recorded.</p></section>')
+    rows = []
+    for v in inputs.histograms:
+        for m in sorted(v.ranges):
+            lo, hi = v.ranges[m]
+            rows.append({"tensor": v.tensor, "calibrator": m, "low": lo, "high": hi,
+                         "clipped %": 100 * v.clipped[m] if m in v.clipped else float("nan")})
+    notes = "".join(f"<li><code>{esc(v.tensor)}</code>: {esc(v.note)}</li>" for v in inputs.histograms if v.note)
+    return (
+        '<section id="histograms"><h2>Activation ranges of the worst tensors</h2>'
+        "<p>Histogram of each tensor's values over the calibration set (log scale), with the clipping range "
+        "each calibrator chose. Values beyond a line saturate in INT8; a wider range keeps outliers but "
+        "spends resolution on them (coarser steps for everything else). This is why entropy often clips "
+        "what minmax keeps.</p>"
+        f"{img(plots.get('histograms'), 'activation histograms with each calibrator range')}"
+        f"{'<ul>' + notes + '</ul>' if notes else ''}{table(pd.DataFrame(rows))}</section>"
+    )
+
+
+def sensitivity_section(inputs: ReportInputs) -> str:
+    return (
+        '<section id="sensitivity"><h2>Sensitivity ranking</h2>'
+        "<p>Fusion groups ranked by how much quantizing them alone hurts (most sensitive first); "
+        "the search pins groups from the top of this list.</p>"
+        f"{table(inputs.sensitivity, max_rows=30)}</section>"
+    )
+
+
+def _trajectory_view(t: pd.DataFrame) -> pd.DataFrame:
+    """The trajectory as a reviewer reads it: short plan hashes, the bookkeeping columns left to the CSV."""
+    view = t.drop(columns=[c for c in ("pins", "margin", "latency_ms") if c in t.columns
+                           and (c != "latency_ms" or t[c].isna().all())])
+    if "plan_hash" in view.columns:
+        view = view.assign(plan_hash=view["plan_hash"].astype(str).str[:12])
+    if "pinned" in view.columns:
+        view = view.assign(pinned=view["pinned"].astype(str).str.replace(",", ", "))
+    return view
+
+
+def trajectory_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str:
+    t = inputs.trajectory
+    if t is None or t.empty:
+        why = ("the all-INT8 candidates already met the threshold or the search was off"
+               if inputs.verdict is not None else "no threshold was set")
+        return (f'<section id="search"><h2>Sensitivity search</h2><p class="muted">No search ran ({esc(why)}).'
+                "</p></section>")
+    return (
+        '<section id="search"><h2>Search trajectory</h2>'
+        "<p>Each step evaluates one precision plan on the validation set: the metric with its confidence "
+        "interval (left axis) and the share of fusion groups still in INT8 (bars, right axis).</p>"
+        f"{img(plots.get('trajectory'), 'search trajectory: metric and INT8 share per step')}"
+        f"{table(_trajectory_view(t))}</section>"
+    )
+
+
+def plan_section(inputs: ReportInputs) -> str:
+    plan = inputs.plan
+    if plan is None or plan.empty:
+        return ""
+    summary = ""
+    if "precision" in plan.columns:
+        counts = plan["precision"].value_counts()
+        summary = "<p>" + ", ".join(f"<b>{int(c)}</b> {esc(p)}" for p, c in counts.items()) + \
+            f" of {len(plan)} groups.</p>"
+    return (
+        '<section id="plan"><h2>Final precision plan</h2>'
+        "<p>The plan the final candidate was built with (the same format as a hand-edited plan file, "
+        "<code>plan.json</code> next to this report).</p>"
+        f"{summary}{table(plan, max_rows=MAX_TABLE_ROWS)}</section>"
+    )
+
+
+def environment_section(inputs: ReportInputs) -> str:
+    return (
+        '<section id="environment"><h2>Environment and reproducibility</h2>'
+        "<h3>Model</h3>" + kv_table(inputs.model) +
+        "<h3>Hashes, settings and command</h3>" + kv_table(inputs.reproducibility) +
+        "<h3>Versions</h3>" + kv_table(inputs.environment) + "</section>"
+    )
+
+
+def notes_section(inputs: ReportInputs) -> str:
+    if not inputs.notes:
+        return ""
+    items = "".join(f"<li>{esc(n)}</li>" for n in inputs.notes)
+    return f'<section id="notes"><h2>Notes</h2><ul class="notes">{items}</ul></section>'
