@@ -48,7 +48,7 @@ import hostile_models as hm
 from quantlab.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-ERROR_LINE = re.compile(r"^quantlab(?: (?P<cmd>[a-z-]+))?: error: ")
+ERROR_LINE = re.compile(r"^quantlab(?: (?P<cmd>[a-z-]+)(?: [a-z-]+)?)?: error: ")
 INTERRUPTED_LINE = re.compile(r"^quantlab(?: [a-z-]+)?: .*interrupted", re.IGNORECASE)
 TEMP_NAME = re.compile(r"^\..+\.tmp$")
 
@@ -453,13 +453,14 @@ class Case:
         return word if not word.startswith("-") and word in KNOWN_COMMANDS else None
 
 
-KNOWN_COMMANDS = {"calibrate", "build", "perf", "compare", "search", "run", "report", "demo"}
+KNOWN_COMMANDS = {"calibrate", "build", "perf", "compare", "search", "run", "report", "demo", "export"}
 
 CAL = "calibrate {t}/model.onnx --no-progress --out {t}/out --calib "
 PERF = "perf --backend ort --iterations 1 --warmup 0 "
 CMP = "compare {t}/model.onnx {t}/build --no-progress --bootstrap 0 --out {t}/out "
 BUILD = "build {t}/model.onnx --table {t}/table.json --out {t}/out "
 SEARCH = "search {t}/model.onnx --table {t}/table.json --data {t}/val.toml --out {t}/out "
+EXPORT = "export triton {t}/build --name m --repository {t}/repo "
 
 MODEL_CASES = [
     Case("model-not-onnx", PERF + "{t}/notes.onnx", 2, ("notes.onnx",), write("notes.onnx", "hello, I am text\n")),
@@ -698,7 +699,22 @@ OUTPUT_CASES = [
          mkdir("full"), disk_full(Path("full"))),
 ]
 
-CASES = MODEL_CASES + MANIFEST_CASES + FLAG_CASES + THRESHOLD_CASES + OUTPUT_CASES
+EXPORT_CASES = [
+    Case("export-unknown-target", "export onnx {t}/build --name m --repository {t}/repo", 2, ("onnx",)),
+    Case("export-source-missing", EXPORT.replace("{t}/build", "{t}/gone"), 2, ("gone",)),
+    Case("export-source-not-a-build", EXPORT.replace("{t}/build", "{t}/data"), 2, ("data",)),
+    Case("export-name-escapes-repository", EXPORT.replace("--name m", "--name ../escape"), 2, ("--name", "../escape")),
+    Case("export-max-batch-size-negative", EXPORT + "--max-batch-size -3", 2, ("--max-batch-size",)),
+    Case("export-instances-zero", EXPORT + "--instances 0", 2, ("--instances",)),
+    Case("export-version-negative", EXPORT + "--version -1", 2, ("--version",)),
+    Case("export-repository-is-a-file", EXPORT.replace("{t}/repo", "{t}/notes.txt"), 2, ("notes.txt",)),
+    Case("export-repository-read-only", EXPORT.replace("{t}/repo", "{t}/ro/repo"), 3, ("ro/repo",), mkdir("ro"),
+         deny_writing(Path("ro"))),
+    Case("export-repository-disk-full", EXPORT.replace("{t}/repo", "{t}/full/repo"), 3, ("full/repo",), mkdir("full"),
+         disk_full(Path("full"))),
+]
+
+CASES = MODEL_CASES + MANIFEST_CASES + FLAG_CASES + THRESHOLD_CASES + OUTPUT_CASES + EXPORT_CASES
 assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
 
 
@@ -747,6 +763,53 @@ def test_hostile_cli(case: Case, assets: Path, tmp_path: Path, capfd: pytest.Cap
     assert_one_error_line(err, out, case.command, [_format(n, t) for n in case.names],
                           [_format(a, t) for a in case.absent])
     assert_nothing_else_changed(before, after, case.outputs)
+
+
+def _verdict_or_warning(code: int, out: str, err: str, cmd: str, name: str) -> None:
+    """Either a refusal (exit 2, one error line naming ``name``) or success with a warning line naming it."""
+    assert "Traceback" not in out + err, err
+    if code == 0:
+        lines = [line for line in (out + err).splitlines() if "warning" in line.lower() and name in line]
+        assert lines, f"exit 0 without a warning naming {name!r}; stdout:\n{out}\nstderr:\n{err}"
+    else:
+        assert code == 2, f"exit code {code}, expected 0 (with a warning) or 2; stderr:\n{err}"
+        assert_one_error_line(err, out, cmd, [name], [])
+
+
+def test_nothing_to_calibrate_is_said_plainly(assets: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A model with no float activation tensor: a clear error or warning naming the model, never a raw
+    pandas ``Empty DataFrame``."""
+    t = tmp_path / "case"
+    t.mkdir()
+    make_workspace(t, assets)
+    chain(save_model("ints.onnx", hm.integer_only_net), save_array("ints/a.npy", np.arange(4, dtype=np.int64)),
+          write("ints.toml", npy_manifest(path='"ints"')))(t)
+    before = snapshot(t)
+    code, out, err = run_in_process(["calibrate", str(t / "ints.onnx"), "--calib", str(t / "ints.toml"),
+                                     "--no-progress", "--out", str(t / "out")], capfd)
+    assert "Empty DataFrame" not in out + err, out
+    _verdict_or_warning(code, out, err, "calibrate", "ints.onnx")
+    assert_nothing_else_changed(before, snapshot(t), ("out", "out/*") if code == 0 else ())
+
+
+@pytest.mark.parametrize("amax", [0.0, 1e-45], ids=["amax-zero", "amax-denormal"])
+def test_degenerate_range_is_named(amax: float, assets: Path, tmp_path: Path,
+                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """A table whose range for ``relu1`` is 0 or 1e-45 (scale 1.0 today, silently): an error or a warning
+    naming the tensor."""
+    import json
+
+    t = tmp_path / "case"
+    t.mkdir()
+    make_workspace(t, assets)
+    doc = json.loads((t / "table.json").read_text())
+    doc["tensors"]["relu1"].update(amax=amax, max=amax, scale=amax / 127)
+    (t / "tiny.json").write_text(json.dumps(doc))
+    before = snapshot(t)
+    code, out, err = run_in_process(["build", str(t / "model.onnx"), "--table", str(t / "tiny.json"),
+                                     "--out", str(t / "out")], capfd)
+    _verdict_or_warning(code, out, err, "build", "relu1")
+    assert_nothing_else_changed(before, snapshot(t), ("out", "out/*") if code == 0 else ())
 
 
 def _installed(module: str) -> bool:
