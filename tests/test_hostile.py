@@ -460,6 +460,7 @@ class Case:
     fault: Callable[[Path, pytest.MonkeyPatch], None] | None = None
     absent: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    refused_before_work: bool = False  # the model never ran (an unwritable --out is found before the long work)
 
     @property
     def command(self) -> str | None:
@@ -686,20 +687,25 @@ OUTPUT_CASES = [
     Case("calibrate-out-under-a-file", CAL.replace("{t}/out", "{t}/notes.txt/out") + "{t}/calib.toml", (2, 3),
          ("notes.txt/out",)),
     Case("calibrate-out-read-only", CAL.replace("{t}/out", "{t}/ro/out") + "{t}/calib.toml", 3, ("ro/out",),
-         mkdir("ro"), deny_writing(Path("ro"))),
+         mkdir("ro"), deny_writing(Path("ro")),
+         refused_before_work=True),
     Case("calibrate-out-permission-denied", CAL.replace("{t}/out", "{t}/ro/out") + "{t}/calib.toml", 3, ("ro/out",),
-         mkdir("ro"), deny_writing(Path("ro"), errno.EACCES)),
+         mkdir("ro"), deny_writing(Path("ro"), errno.EACCES),
+         refused_before_work=True),
     Case("build-out-read-only", BUILD.replace("{t}/out", "{t}/ro/out"), 3, ("ro/out",), mkdir("ro"),
          deny_writing(Path("ro"))),
     Case("compare-out-read-only", CMP.replace("{t}/out", "{t}/ro/out") + "--data {t}/val.toml", 3, ("ro/out",),
-         mkdir("ro"), deny_writing(Path("ro"))),
+         mkdir("ro"), deny_writing(Path("ro")),
+         refused_before_work=True),
     Case("perf-json-read-only", PERF + "{t}/model.onnx --json {t}/ro/perf.json", 3, ("perf.json",), mkdir("ro"),
          deny_writing(Path("ro"))),
     Case("search-out-read-only", SEARCH.replace("{t}/out", "{t}/ro/out") + "--threshold cosine>=0.5", 3, ("ro/out",),
-         mkdir("ro"), deny_writing(Path("ro"))),
+         mkdir("ro"), deny_writing(Path("ro")),
+         refused_before_work=True),
     Case("run-reports-dir-read-only", "run {t}/exp.toml --quiet --reports-dir {t}/ro", 3, ("ro",),
          chain(mkdir("ro"), write("exp.toml", '[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\n'
-                                              'validation = "val.toml"\n')), deny_writing(Path("ro"))),
+                                              'validation = "val.toml"\n')), deny_writing(Path("ro")),
+         refused_before_work=True),
     Case("calibrate-disk-full", CAL.replace("{t}/out", "{t}/full/out") + "{t}/calib.toml", 3, ("full/out",),
          mkdir("full"), disk_full(Path("full"))),
     Case("calibrate-disk-full-replacing-earlier-run", CAL.replace("{t}/out", "{t}/prev_cal") + "{t}/calib.toml", 3,
@@ -737,6 +743,21 @@ def _format(text: str, t: Path) -> str:
     return text.replace("{t}", str(t))
 
 
+def count_model_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at every ONNX Runtime inference (a spy: the real ``run`` still runs)."""
+    import onnxruntime
+
+    calls: list[int] = []
+    real_run = onnxruntime.InferenceSession.run
+
+    def counting_run(self: object, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", counting_run)
+    return calls
+
+
 def run_in_process(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """``quantlab.cli.main(argv)`` as ``python -m quantlab`` would exit: SystemExit gives the code, an escaping
     exception is a traceback and exit 1 (what the interpreter would print and return)."""
@@ -766,6 +787,7 @@ def test_hostile_cli(case: Case, assets: Path, tmp_path: Path, capfd: pytest.Cap
         pytest.skip("TensorRT is installed here; the missing-backend case needs a machine without it")
     before = snapshot(t)
     argv = shlex.split(_format(case.argv, t))
+    model_runs = count_model_runs(monkeypatch) if case.refused_before_work else []
     if case.fault is not None:
         with monkeypatch.context() as mp:
             case.fault(t, mp)
@@ -777,6 +799,7 @@ def test_hostile_cli(case: Case, assets: Path, tmp_path: Path, capfd: pytest.Cap
     assert code in expected, f"exit code {code}, expected {case.code}; stderr:\n{err}"
     assert_one_error_line(err, out, case.command, [_format(n, t) for n in case.names],
                           [_format(a, t) for a in case.absent], folder=t)
+    assert not model_runs, f"the model ran {len(model_runs)} time(s) before the command found it cannot write"
     assert_nothing_else_changed(before, after, case.outputs)
 
 
