@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "compare",
     "search",
     "run",
+    "sweep",
     "report",
     "export",
     "demo",

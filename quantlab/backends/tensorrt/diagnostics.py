@@ -1,0 +1,91 @@
+"""What TensorRT said: a logger that keeps errors for messages, and the ONNX parser's errors as
+:class:`ParserIssue` turned into errors that name the node and what to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from ...errors import BackendError, UnsupportedOpError
+
+
+def make_logger(trt: ModuleType) -> Any:
+    """A TensorRT ILogger that keeps warnings and errors for error messages (never prints)."""
+
+    class _CapturingLogger(trt.ILogger):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[Any, str]] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity <= trt.ILogger.Severity.WARNING:
+                self.messages.append((severity, msg))
+
+        def errors(self) -> list[str]:
+            bad = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR)
+            return [_strip_no_gpu_noise(m) for s, m in self.messages if s in bad and _strip_no_gpu_noise(m)]
+
+        def clear(self) -> None:
+            self.messages.clear()
+
+    return _CapturingLogger()
+
+
+def _strip_no_gpu_noise(text: str) -> str:
+    """Drop the lines TensorRT-RTX appends about the missing CUDA driver while building on a CPU."""
+    keep = [line for line in text.splitlines()
+            if "catchCudaError" not in line and "CUDA driver version is insufficient" not in line]
+    return "\n".join(keep).strip()
+
+
+@dataclass(frozen=True)
+class ParserIssue:
+    """One ONNX parser error: the node (index, name, op) and what went wrong."""
+
+    code: str
+    node_index: int
+    node_name: str
+    op_type: str
+    message: str
+
+    @property
+    def is_unsupported_op(self) -> bool:
+        """True when the parser has no importer for this op (or these types/attributes)."""
+        if self.node_index < 0 or not self.op_type:
+            return False
+        return self.code.startswith("UNSUPPORTED_NODE") or "Plugin not found" in self.message
+
+    def describe(self) -> str:
+        where = (f"node {self.node_name or '#' + str(self.node_index)!r} (op {self.op_type})"
+                 if self.node_index >= 0 else "the graph")
+        return f"{where}: {self.code}: {self.message}"
+
+
+def parser_issues(parser: Any) -> list[ParserIssue]:
+    issues = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        code = str(err.code()).rsplit(".", 1)[-1]
+        issues.append(ParserIssue(
+            code=code, node_index=int(err.node()), node_name=str(err.node_name() or ""),
+            op_type=str(err.node_operator() or ""), message=_strip_no_gpu_noise(str(err.desc())),
+        ))
+    return issues
+
+
+def parse_error(library: str, version: str, label: str, issues: list[ParserIssue]) -> BackendError:
+    unsupported = [i for i in issues if i.is_unsupported_op]
+    listing = "\n  ".join(i.describe() for i in issues) or "(the parser gave no detail)"
+    if unsupported:
+        ops = ", ".join(sorted({f"{i.node_name or '#' + str(i.node_index)} ({i.op_type})" for i in unsupported}))
+        return UnsupportedOpError(
+            f"{library} {version} cannot parse {label}: unsupported op at node(s) {ops}.\n  {listing}\n"
+            "Pin these nodes to a precision the backend supports, replace the op, or use the "
+            "ONNX Runtime backend (--backend ort)."
+        )
+    hint = ""
+    if any(i.op_type in ("QuantizeLinear", "DequantizeLinear") for i in issues):
+        hint = ("\nTensorRT wants int8 symmetric Q/DQ (zero point 0) and float biases: write the "
+                "model with target 'tensorrt' (the 'ort' form is for ONNX Runtime only).")
+    return BackendError(f"{library} {version} failed to parse {label}:\n  {listing}{hint}")

@@ -1,0 +1,61 @@
+"""``quantlab sweep SWEEP.toml``: every cell of a grid (models × methods × settings × precisions).
+
+    quantlab sweep experiments/sweep_demo.toml
+    quantlab sweep experiments/sweep_demo.toml --processes 2
+    quantlab sweep experiments/sweep_demo.toml --ray auto
+    quantlab sweep experiments/sweep_demo.toml --ray ray://head-node:10001
+
+Writes ``reports/NAME/``: ``sweep.parquet`` / ``sweep.csv`` (one row per cell
+and output), ``plots/``, ``index.html`` linking each cell's own report under
+``cells/``. An interrupted sweep resumes: cells whose inputs did not change are
+not run again. A cell that fails keeps its error in the table; the sweep goes on
+and exits 1 at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from . import positive_int
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("sweep", help="a grid of calibration experiments, locally or on Ray",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep", type=Path, help="sweep file (TOML), e.g. experiments/sweep_demo.toml")
+    p.add_argument("--processes", type=positive_int, default=1, metavar="N",
+                   help=f"local worker processes (default 1; this machine has {os.cpu_count()} cores)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run cells as Ray tasks: 'auto' starts a local Ray instance, ray://host:port joins a "
+                        "cluster (needs: pip install 'quantlab[ray]')")
+    p.add_argument("--reports-dir", type=Path, default=Path("reports"), metavar="DIR",
+                   help="where reports/NAME goes (default reports)")
+    p.add_argument("--force", action="store_true", help="run every cell again, even unchanged ones")
+    p.add_argument("--quiet", action="store_true", help="no line per finished cell")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..sweep import SweepOptions, load_sweep, run_sweep, sweep_cells
+
+    spec = load_sweep(args.sweep)
+    total = len(sweep_cells(spec))
+    done = [0]
+
+    def progress(result: Any) -> None:
+        done[0] += 1
+        if not args.quiet:
+            what = result.error if result.status == "failed" else f"{result.seconds:.1f} s"
+            print(f"  [{done[0]}/{total}] {result.cell.name:<40} {result.status:<7} {what}", flush=True)
+
+    where = "locally" if args.ray is None else f"on Ray ({args.ray})"
+    print(f"quantlab sweep: {spec.name}: {total} cells {where}")
+    result = run_sweep(spec, SweepOptions(processes=args.processes, ray=args.ray, force=args.force),
+                       reports_dir=args.reports_dir, on_result=progress)
+    print(f"sweep finished in {result.seconds:.0f} s; {len(result.failed)} failed; "
+          f"open {result.index_html.resolve().as_uri()}")
+    return 1 if result.failed else 0

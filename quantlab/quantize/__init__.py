@@ -1,0 +1,52 @@
+"""One writer for INT8 (explicit Q/DQ), FP16, FP32 and mixed-precision ONNX models.
+
+:func:`write_model` takes the FP32 model, a precision plan (per fusion group,
+see :mod:`quantlab.plan`) and a calibration table, and writes a model whose
+types decide every layer's precision: TensorRT 11 and TensorRT-RTX build
+*strongly typed* networks, so Q/DQ nodes and float16 tensors in the ONNX are
+the whole story. ONNX Runtime runs the same model (real INT8 kernels on the
+CPU for ``target="ort"``, a float simulation of the TensorRT form otherwise).
+
+Layout (arrows: who uses whom; nothing here imports compare/search/report/cli)::
+
+    quantlab/quantize/
+      write.py        write_model: check inputs ─► Placement ─► Writer ─► ONNX checker + dtype self-check
+       ├─ placement.py  Placement, Slot: where every Q/DQ goes, per target (int8 groups, concat scales);
+       │                all calibration errors come from here, before anything is written
+       ├─ writer.py     Writer: the node-by-node pass, assembly, Provenance of the result
+       │   ├─ casts.py    Casts: fp16 regions, Casts, float16 copies, fp16 simulation
+       │   ├─ qdq.py      QdqInserter: Q/DQ pairs, int8 weights, int32 biases
+       │   └─ tensors.py  TensorBook: names, dtypes, inserted nodes and initializers so far
+       ├─ qparams.py    QParams, activation_qparams, weight_qparams: scales and zero points
+       └─ options.py    WriteOptions, Target, DEFAULT_FP32_OPS
+      provenance.py   Provenance, load_provenance: original -> written names (provenance.json)
+      written.py      WrittenModel, save_written: model.onnx + provenance.json + plan.json
+
+The graph rewrites are drawn where they are made: the int8 forms (TensorRT,
+ONNX Runtime, shared concat scales) in :mod:`~quantlab.quantize.placement`, the
+Q/DQ nodes in :mod:`~quantlab.quantize.qdq`, fp16 regions and the fp16
+simulation in :mod:`~quantlab.quantize.casts`; the naming rule the comparator
+relies on in :mod:`~quantlab.quantize.provenance`.
+"""
+
+from __future__ import annotations
+
+from .options import DEFAULT_FP32_OPS, Target, WriteOptions
+from .provenance import PROVENANCE_FORMAT, Provenance, load_provenance
+from .qparams import activation_qparams, weight_qparams
+from .write import write_model
+from .written import WrittenModel, save_written
+
+__all__ = [
+    "Target",
+    "DEFAULT_FP32_OPS",
+    "PROVENANCE_FORMAT",
+    "WriteOptions",
+    "Provenance",
+    "WrittenModel",
+    "write_model",
+    "save_written",
+    "load_provenance",
+    "activation_qparams",
+    "weight_qparams",
+]

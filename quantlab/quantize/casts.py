@@ -1,0 +1,165 @@
+"""FP16 regions: which dtype each input of a node arrives in, and the Casts and float16 copies that make it so.
+
+FP16 group: its nodes compute in float16; Casts stand at region boundaries;
+initializers get float16 copies (clipped to ±65504); ops in
+``WriteOptions.fp32_ops`` (Softmax, reductions, ...) stay float32 inside the
+region; graph inputs and outputs stay float32::
+
+    x(f32) ──► Cast(f16) ──► Conv(f16) ──► Relu ──► y(f16) ──► Cast(f32) ──► fp32/int8 reader
+
+``WriteOptions(fp16_simulation=True)`` (ONNX Runtime CPU accuracy runs only)
+keeps float32 kernels and rounds every would-be-float16 tensor instead::
+
+    x ──► Cast(f16) ──► Cast(f32) ──► Conv(w rounded) ──► y/fp32_exact ──► Cast(f16) ──► Cast(f32) ──► y
+
+A node computes in float16 only when its schema lets float16 flow through
+its output's type variable; otherwise it keeps the dtypes it had.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Set
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..errors import ModelError
+from .options import WriteOptions
+from .tensors import F16, F32, FP16_MAX, ONNX_DTYPE, TensorBook
+
+__all__ = ["Casts"]
+
+_ACCEPT_ANY_INPUT = frozenset({"Shape", "Size", "Cast"})
+
+
+class Casts:
+    """Gets a tensor in the dtype a reader needs: the original name, a Cast, or a float16 copy (each made once)."""
+
+    def __init__(self, book: TensorBook, options: WriteOptions, opset: int, constants: Set[str]) -> None:
+        self.book = book
+        self.options = options
+        self.opset = opset
+        self.constants = constants
+        self.rounded: dict[str, str] = {}  # fp16 simulation: tensor -> float32 name holding its fp16-rounded value
+        self.fp16_clipped = 0  # initializer values clipped to +-65504 in float16 copies
+
+    def get(self, tensor: str, dtype: str) -> tuple[str, tuple[str, ...]]:
+        """The written name of ``tensor`` carrying ``dtype`` (adding a Cast or fp16 copy once)."""
+        have = self.book.versions.get(tensor, {})
+        if dtype in have:
+            name = have[dtype]
+            return name, self.book.origin.get(name, ())
+        if tensor in self.book.inits and dtype in ONNX_DTYPE:
+            array = self.book.constant_array(tensor)
+            if dtype == F16:
+                clipped = np.clip(array.astype(np.float32), -FP16_MAX, FP16_MAX)
+                self.fp16_clipped += int(np.count_nonzero(clipped != array.astype(np.float32)))
+                converted = clipped.astype(np.float16)
+            else:
+                converted = array.astype(np.float32)
+            name = self.book.add_init(f"{tensor}/{'fp16' if dtype == F16 else 'fp32'}", converted)
+            self.book.register(tensor, name, dtype)
+            return name, ()
+        if not have:
+            raise ModelError(f"internal: tensor {tensor!r} is read before it is written")
+        src_dtype, src = next(iter(have.items()))
+        if src_dtype not in ONNX_DTYPE or dtype not in ONNX_DTYPE:
+            raise ModelError(f"internal: cannot cast {tensor!r} from {src_dtype} to {dtype}")
+        suffix = "fp16" if dtype == F16 else "fp32"
+        out = self.book.fresh(f"{tensor}/to_{suffix}")
+        node = helper.make_node("Cast", [src], [out], name=self.book.fresh(f"{tensor}/Cast_to_{suffix}"),
+                                to=ONNX_DTYPE[dtype])
+        self.book.add_node(node, "cast")
+        self.book.register(tensor, out, dtype)
+        self.book.origin[out] = self.book.origin.get(src, ()) + (node.name,)
+        return out, self.book.origin[out]
+
+    def get_rounded(self, tensor: str) -> tuple[str, tuple[str, ...]]:
+        """fp16 simulation: ``tensor`` as float32 holding float16-rounded values (made once)."""
+        if tensor in self.rounded:
+            name = self.rounded[tensor]
+            return name, self.book.origin.get(name, ())
+        if tensor in self.book.inits:
+            array = self.book.constant_array(tensor).astype(np.float32)
+            clipped = np.clip(array, -FP16_MAX, FP16_MAX)
+            self.fp16_clipped += int(np.count_nonzero(clipped != array))
+            name = self.book.add_init(f"{tensor}/fp16_rounded", clipped.astype(np.float16).astype(np.float32))
+            self.book.written_dtype[name] = F32
+            self.rounded[tensor] = name
+            return name, ()
+        src, chain = self.get(tensor, F32)
+        name, casts = self.round_trip(src, tensor)
+        self.rounded[tensor] = name
+        self.book.origin[name] = chain + casts
+        return name, self.book.origin[name]
+
+    def round_trip(self, src: str, tensor: str, out: str | None = None) -> tuple[str, tuple[str, ...]]:
+        """Cast(fp16) -> Cast(fp32) of ``src``; ``out`` names the result (default a derived name)."""
+        half = self.book.fresh(f"{tensor}/fp16")
+        out = out or self.book.fresh(f"{tensor}/fp16_rounded")
+        down = helper.make_node("Cast", [src], [half], name=self.book.fresh(f"{tensor}/Cast_to_fp16"),
+                                to=TensorProto.FLOAT16)
+        up = helper.make_node("Cast", [half], [out], name=self.book.fresh(f"{tensor}/Cast_to_fp32"),
+                              to=TensorProto.FLOAT)
+        self.book.pending_casts.extend([down, up])
+        self.book.written_dtype[half] = F16
+        self.book.written_dtype[out] = F32
+        return out, (down.name, up.name)
+
+    def schema(self, node: onnx.NodeProto) -> Any | None:
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        try:
+            return onnx.defs.get_schema(node.op_type, self.opset, node.domain)
+        except Exception:  # noqa: BLE001 - unknown op: keep it as it is
+            return None
+
+    def input_wants(self, node: onnx.NodeProto, fp16: bool) -> tuple[list[str | None], bool]:
+        """Dtype each input should arrive in (None: as it is) and whether the node computes in fp16."""
+        wants: list[str | None] = []
+        schema = self.schema(node) if fp16 else None
+        has_subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        if schema is None or not schema.outputs or has_subgraph:
+            fp16 = False
+        allowed: dict[str, set[str]] = {}
+        out_var = ""
+        if fp16:
+            allowed = {tc.type_param_str: set(tc.allowed_type_strs) for tc in schema.type_constraints}
+            out_var = schema.outputs[0].type_str
+            if "tensor(float16)" not in allowed.get(out_var, set()):
+                fp16 = False
+        tied_float = False
+        for i, t in enumerate(node.input):
+            orig = self.book.orig_dtype(t) if t else ""
+            if not t or orig not in ONNX_DTYPE:
+                wants.append(None)
+                continue
+            if node.op_type in _ACCEPT_ANY_INPUT and i == 0:
+                wants.append(None)
+                continue
+            if fp16:
+                formal = schema.inputs[min(i, len(schema.inputs) - 1)]
+                var = formal.type_str
+                if var == out_var and orig == F32:
+                    wants.append(F16)
+                    tied_float = True
+                    continue
+                if t in self.constants and "tensor(float16)" in allowed.get(var, set()) and orig == F32:
+                    wants.append(F16)
+                    continue
+            wants.append(orig)
+        if fp16 and not tied_float:
+            # nothing float flows through the node's data type: leave it as it was
+            return self.input_wants(node, False)
+        return wants, fp16
+
+    def output_dtype(self, node: onnx.NodeProto, slot: int, fp16: bool) -> str:
+        t = node.output[slot]
+        orig = self.book.orig_dtype(t)
+        if not fp16 or orig != F32:
+            return orig
+        schema = self.schema(node)
+        formal = schema.outputs[min(slot, len(schema.outputs) - 1)]
+        return F16 if formal.type_str == schema.outputs[0].type_str else orig

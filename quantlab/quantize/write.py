@@ -1,0 +1,117 @@
+"""The entry point: :func:`write_model` checks its inputs, places the Q/DQ, writes, and checks the result."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import onnx
+from onnx import helper
+
+from ..errors import ModelError, PlanError
+from ..fingerprint import sha256_bytes, tool_versions
+from ..graph import LoadedModel, serialize, tensor_specs
+from ..plan import PrecisionPlan, ResolvedPlan, fusion_groups, resolve_plan
+from ..table import CalibrationTable, check_table_fits
+from .options import WriteOptions
+from .placement import Placement
+from .tensors import ONNX_DTYPE
+from .writer import Writer
+from .written import WrittenModel
+
+__all__ = ["write_model"]
+
+
+def _same_groups(plan: ResolvedPlan, model: LoadedModel) -> None:
+    groups = fusion_groups(model.proto)
+    mine = [(g.name, g.nodes) for g in groups]
+    theirs = [(g.name, g.nodes) for g in plan.groups]
+    if mine != theirs:
+        missing = sorted({g for g, _ in theirs} - {g for g, _ in mine})
+        raise PlanError(
+            f"the resolved plan was made for another model: its fusion groups differ from "
+            f"{model.label}'s" + (f" (groups not in this model: {', '.join(missing[:5])})" if missing else "")
+            + ". Resolve the plan against this model (quantlab.plan.resolve_plan)."
+        )
+
+
+def write_model(
+    model: LoadedModel,
+    plan: PrecisionPlan | ResolvedPlan,
+    table: CalibrationTable | None,
+    options: WriteOptions = WriteOptions(),
+) -> WrittenModel:
+    """Write the INT8 / FP16 / FP32 / mixed model ``plan`` asks for (see the module docstring).
+
+    Raises PlanError for a plan that does not fit the model, CalibrationError
+    for a table of another model, a missing range, or a range holding huge
+    sentinels, ModelError for a model that already holds Q/DQ nodes.
+    """
+    proto = model.proto
+    existing = [n.name or n.op_type for n in proto.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if existing:
+        raise ModelError(
+            f"{model.label} already holds {len(existing)} QuantizeLinear/DequantizeLinear node(s) "
+            f"(e.g. {existing[0]!r}); quantlab writes Q/DQ itself from the FP32 model. Give the "
+            "original FP32 model."
+        )
+    resolved = plan if isinstance(plan, ResolvedPlan) else resolve_plan(plan, proto)
+    if isinstance(plan, ResolvedPlan):
+        _same_groups(resolved, model)
+    if table is not None:
+        check_table_fits(table, model)
+    placement = Placement(model, resolved, table, options)
+    placement.run()
+    writer = Writer(model, resolved, placement, options)
+    out = _finish(writer.run(), writer.book.written_dtype, model.label, options.check)
+    meta = {
+        "source_sha256": model.sha256,
+        "source": str(model.path) if model.path else None,
+        "written_sha256": sha256_bytes(serialize(out)),
+        "plan_hash": resolved.plan_hash(),
+        "int8_fraction": resolved.int8_fraction(),
+        "group_counts": resolved.counts(),
+        "options": options.as_dict(),
+        "table_method": table.method if table is not None else None,
+        "table_model_sha256": table.model_sha256 if table is not None else None,
+        "table_settings": dict(table.settings) if table is not None else None,
+        "versions": tool_versions(),
+    }
+    return WrittenModel(
+        proto=out,
+        provenance=writer.provenance(meta),
+        plan=resolved,
+        options=options,
+        table_method=table.method if table is not None else None,
+        source_sha256=model.sha256,
+    )
+
+
+def _finish(proto: onnx.ModelProto, written_dtype: Mapping[str, str], label: str, check: bool) -> onnx.ModelProto:
+    """Checker, then shape inference; its dtypes must agree with the ones the writer tracked.
+
+    The result carries ``value_info`` for every tensor (inferred shapes, the
+    written dtypes), so exposing an intermediate tensor as an output (for
+    statistics or per-layer comparison) gets the right type.
+    """
+    if check:
+        try:
+            onnx.checker.check_model(proto)
+        except Exception as exc:  # noqa: BLE001 - the checker raises several types
+            raise ModelError(f"internal error: the model written from {label} fails the ONNX checker: {exc}") from None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except Exception as exc:  # noqa: BLE001 - inference raises several types
+        if check:
+            raise ModelError(f"internal error: shape inference fails on the model written from {label}: {exc}") from None
+        inferred = proto
+    specs = tensor_specs(inferred)
+    for tensor, spec in specs.items():
+        want = written_dtype.get(tensor)
+        if want in ONNX_DTYPE and spec.dtype in ONNX_DTYPE and spec.dtype != want:
+            raise ModelError(f"internal error: written tensor {tensor!r} is {spec.dtype}, expected {want}")
+    io = {i.name for i in inferred.graph.input} | {o.name for o in inferred.graph.output}
+    for tensor, dtype in written_dtype.items():
+        if dtype in ONNX_DTYPE and tensor not in io and (tensor not in specs or specs[tensor].dtype == "undefined"):
+            inferred.graph.value_info.append(helper.make_tensor_value_info(tensor, ONNX_DTYPE[dtype], None))
+    return inferred

@@ -1,0 +1,109 @@
+"""Sensitivity search: pin the most sensitive fusion groups to FP16/FP32 until a threshold holds.
+
+INTERFACE (agreed in code; experiments, report and CLI use exactly this):
+
+    result = search(model, table, val_set, SearchOptions(threshold="top1_drop<=0.5"),
+                    workdir=Path("out/search"), progress=True)
+    result.met          # bool: the final plan meets the threshold
+    result.plan         # ResolvedPlan (save with quantlab.plan.save_plan(result.plan.to_plan(), ...))
+    result.final        # WrittenModel of the final plan
+    result.comparison   # CompareResult of the final candidate on the full validation set
+    result.trajectory   # DataFrame, one row per evaluation (columns below)
+    result.sensitivity  # DataFrame, one row per quantizable group, most sensitive first
+    result.save(out_dir)
+
+trajectory columns: step, phase ("all-int8" | "probe" | "bisect" | "fp16-tier" | "return-int8" |
+"final"), plan_hash, pinned (comma-joined groups), n_pinned, int8_fraction, metric, value,
+ci_low, ci_high, passed, samples (the subset size: probes use fewer), full (bool: counts
+against the bound of ceil(log2 G) + 5 full validations), latency_ms (mean, NaN when not
+measured), cached (bool), seconds. Added: pins (group=precision, comma-joined), margin (the
+threshold's smallest margin: negative when missed).
+
+sensitivity columns: rank, group, anchor_op, nodes, local_sqnr_db (from the comparator's
+local mode), probe_value (the metric with only this group pinned, NaN when not probed), score.
+Added: probed, probe_margin_gain. ``score`` is the end-to-end SQNR gain in dB that pinning the
+group alone bought on the probe subset (NaN when not probed).
+
+The search, step by step (G = number of quantizable fusion groups)::
+
+    all-int8     1 full validation; stop when it meets the threshold
+    rank         1 subset compare of the all-INT8 plan with the comparator's local per-layer
+                 errors: groups ordered by local SQNR (lowest first); then each of the top
+                 ``probe_top`` is pinned alone and measured on the subset ("probe"): groups
+                 whose pinning raised the threshold's margin come first, then those that
+                 raised the output SQNR, then the unprobed ones in local order, then the
+                 probed groups that made no difference
+    bisect       the smallest prefix of the ranking whose pinning (at ``fallback``) meets the
+                 threshold: a first guess (1 when the top group's probe passed, else the
+                 number of probed groups that measurably helped, else G), G when the guess
+                 fails, then bisection between the largest failing and the smallest passing
+                 prefix;
+                 if pinning all G fails at fp16, the same at fp32; a pass below a fail
+                 (non-monotone) is recorded in the notes and the search keeps only plans
+                 that passed a full validation themselves
+    fp16-tier    when the prefix needed fp32: every pinned group at fp16, else all but the
+                 most sensitive one
+    return-int8  pinned groups back to INT8 one at a time, least sensitive first, while the
+                 budget lasts (screened on the subset when the budget cannot try them all)
+    final        the passing plan with the most INT8 (``objective="int8"``) or the lowest
+                 latency (``objective="latency"``); with none passing, the best margin
+
+Full validations stay within ``budget`` (default ceil(log2 G) + 5): all-INT8, the guess, G and
+the bisection cost at most ceil(log2 G) + 3 of them (ceil(log2 G) + 4 when fp16 is not enough
+and the bisection runs at fp32), the rest goes to the FP16 tier and returning groups to INT8;
+a new full validation never starts once the budget is spent. Every evaluation is cached by
+plan hash and sample count, so no plan is evaluated twice; with a ``workdir`` the search log
+(``search_log.jsonl``: a header with the settings, then every evaluation and every trajectory
+row) is rewritten atomically after every step, and a rerun with the same workdir replays the
+logged evaluations instead of running them again (the settings must match; the budgets may
+differ, so a rerun with a larger ``budget`` continues where the last one stopped).
+
+The search logic (:func:`run_search`) takes any :class:`Evaluator`; :func:`search` gives it
+one that writes each plan with :func:`quantlab.quantize.write_model` and measures it with
+:func:`quantlab.compare.compare` (and :mod:`quantlab.perf` for latency).
+
+Layout (arrows: imports)::
+
+    api.py         search(), search_settings()  the entry point on a model
+      +-> evaluator.py  CompareEvaluator          writes a plan, measures it with the comparator
+      +-> result.py     SearchResult              to_dict / save (plan, final model, tables)
+      +-> run.py        run_search, SearchOutcome the phases in order, the final choice, the message
+            +-> ranking.py   local-error ranking, single-group probes, the sensitivity table
+            +-> strategy.py  bisect_prefix, bisection, FP16 tier, return to INT8
+            +-> ledger.py    Ledger, StepEvent    the plan cache, budgets, trajectory rows, progress
+                  +-> log.py     SearchLog        search_log.jsonl: settings, evaluations, resume
+    evaluation.py  Evaluation, Evaluator, evaluation_key   one measured plan (used by all)
+    options.py     SearchOptions, evaluation_bound          the settings, each default once
+"""
+
+from __future__ import annotations
+
+from .api import search, search_settings
+from .evaluation import Evaluation, Evaluator, evaluation_key
+from .evaluator import CompareEvaluator
+from .ledger import TRAJECTORY_COLUMNS, StepEvent
+from .log import LOG_FILE, LOG_FORMAT, SearchLog
+from .options import SearchOptions, evaluation_bound
+from .ranking import SENSITIVITY_COLUMNS
+from .result import RESULT_FORMAT, SearchResult
+from .run import SearchOutcome, run_search
+from .strategy import bisect_prefix
+
+__all__ = [
+    "SearchOptions",
+    "SearchResult",
+    "search",
+    "Evaluation",
+    "Evaluator",
+    "StepEvent",
+    "SearchOutcome",
+    "SearchLog",
+    "CompareEvaluator",
+    "run_search",
+    "evaluation_bound",
+    "bisect_prefix",
+    "TRAJECTORY_COLUMNS",
+    "SENSITIVITY_COLUMNS",
+    "LOG_FILE",
+    "LOG_FORMAT",
+]

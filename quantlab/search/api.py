@@ -1,0 +1,110 @@
+"""The entry point: :func:`search` a model for the plan with the most INT8 that meets a threshold.
+
+It resolves the all-INT8 plan, opens the search log (``workdir``), runs the search
+(:func:`quantlab.search.run.run_search`) on the real evaluator
+(:class:`~quantlab.search.evaluator.CompareEvaluator`) and writes the final, deployable model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..compare import CompareResult, load_comparison
+from ..data import DataSet, check_inputs, summarize
+from ..fingerprint import sha256_bytes, tool_versions
+from ..graph import LoadedModel
+from ..plan import resolve_plan, uniform_plan
+from ..table import CalibrationTable, table_to_dict
+from ..threshold import parse_threshold
+from ..version import __version__
+from .evaluation import Evaluation
+from .evaluator import CompareEvaluator
+from .ledger import StepEvent
+from .log import SearchLog, log_line, normalise
+from .options import SearchOptions
+from .result import SearchResult
+from .run import run_search
+
+
+def search_settings(model: LoadedModel, table: CalibrationTable, dataset: DataSet, options: SearchOptions,
+                    *, data_sha256: str | None = None) -> dict[str, Any]:
+    """What a search's evaluations depend on: a resumed search must match every key."""
+    opts = options.as_dict()
+    for k in ("budget", "time_budget_s", "threshold"):  # a rerun may extend the budgets
+        opts.pop(k, None)
+    versions = tool_versions()
+    versions.pop("platform", None)
+    return {
+        "quantlab": __version__,
+        "threshold": options.threshold,
+        "options": opts,
+        "model_sha256": model.sha256,
+        "table_sha256": sha256_bytes(log_line(table_to_dict(table)).encode()),
+        "table_method": table.method,
+        "data": {"count": len(dataset), "sha256": data_sha256, "record": normalise(dataset.manifest_record())},
+        "versions": versions,
+    }
+
+
+def search(
+    model: LoadedModel,
+    table: CalibrationTable,
+    dataset: DataSet,
+    options: SearchOptions,
+    *,
+    workdir: str | Path | None = None,
+    progress: bool = False,
+    on_step: Callable[[StepEvent], None] | None = None,
+) -> SearchResult:
+    """Find the plan with the most INT8 that meets ``options.threshold`` (see the module docstring).
+
+    ``workdir``: where the search log lives; a rerun with the same workdir resumes.
+    ``on_step``: called after every step with a :class:`StepEvent` (the CLI prints it).
+    Raises SearchError for unusable options or a log written with other settings.
+    """
+    start = time.perf_counter()
+    options.check()
+    parse_threshold(options.threshold)
+    check_inputs(dataset, model)
+    base = resolve_plan(uniform_plan("int8"), model.proto)
+    log = None
+    data_sha = None
+    if workdir is not None:
+        data_sha = summarize(dataset, options.batch_size).sha256
+        settings = search_settings(model, table, dataset, options, data_sha256=data_sha)
+        log = SearchLog(workdir, settings)
+    else:
+        settings = search_settings(model, table, dataset, options)
+    evaluator = CompareEvaluator(model, table, dataset, options)
+    outcome = run_search(base, evaluator, options, log=log, on_step=on_step, progress=progress)
+    comparison = outcome.evaluation.comparison
+    if comparison is None and log is not None:
+        comparison = _load_logged_comparison(log, outcome.evaluation)
+    if comparison is None:  # the log lost it: measure the final plan again rather than return nothing
+        comparison = evaluator.evaluate(outcome.plan, evaluator.size).comparison
+    final = evaluator.write(outcome.plan, deploy=True)
+    return SearchResult(
+        met=outcome.met, plan=outcome.plan, final=final, comparison=comparison, trajectory=outcome.trajectory,
+        sensitivity=outcome.sensitivity, evaluations=outcome.evaluations, bound=outcome.bound,
+        message=outcome.message, settings={**settings, "workdir": None if workdir is None else str(workdir),
+                                           "budget": outcome.budget, "time_budget_s": options.time_budget_s,
+                                           "fp16_simulation": options.simulate_fp16,
+                                           "probe_samples_used": min(options.probe_samples,
+                                                                     max(1, len(dataset) // 2))},
+        notes=outcome.notes, budget=outcome.budget, executed=outcome.executed,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _load_logged_comparison(log: SearchLog, ev: Evaluation) -> CompareResult | None:
+    rel = log.comparison_dirs.get(ev.key)
+    if not rel or not (log.workdir / rel).is_dir():
+        return None
+    try:
+        return load_comparison(log.workdir / rel)
+    except Exception:  # noqa: BLE001 - a damaged saved comparison is measured again instead
+        return None
+

@@ -1,0 +1,84 @@
+"""The real :class:`~quantlab.search.evaluation.Evaluator`: write each plan, measure it with the comparator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..backends import get_backend
+from ..compare import CompareOptions, compare
+from ..data import DataSet
+from ..graph import LoadedModel
+from ..perf import measure_latency
+from ..plan import ResolvedPlan
+from ..quantize import WriteOptions, WrittenModel, write_model
+from ..table import CalibrationTable
+from .evaluation import Evaluation, plain_value
+from .options import SearchOptions
+
+
+class CompareEvaluator:
+    """Writes each plan (:func:`quantlab.quantize.write_model`) and measures it with the comparator.
+
+    Candidates are written with ``fp16_simulation`` when the options ask (ONNX Runtime),
+    so their FP16 groups are rounded as a GPU would round them; latency is measured on the
+    deployable form (no simulation) with :func:`quantlab.perf.measure_latency` on the first
+    batch of the validation set.
+    """
+
+    def __init__(self, model: LoadedModel, table: CalibrationTable, dataset: DataSet, options: SearchOptions) -> None:
+        self.model = model
+        self.table = table
+        self.dataset = dataset
+        self.options = options
+        self.write_options = WriteOptions(target=options.target, fp16_simulation=options.simulate_fp16)  # type: ignore[arg-type]
+        self.deploy_options = WriteOptions(target=options.target)  # type: ignore[arg-type]
+        self._size = len(dataset)
+        self._feeds: dict[str, np.ndarray] | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def candidate_name(self, plan: ResolvedPlan) -> str:
+        return f"plan-{plan.plan_hash()[:12]}"
+
+    def write(self, plan: ResolvedPlan, *, deploy: bool = False) -> WrittenModel:
+        return write_model(self.model, plan, self.table, self.deploy_options if deploy else self.write_options)
+
+    def evaluate(self, plan: ResolvedPlan, samples: int, *, local: bool = False) -> Evaluation:
+        written = self.write(plan)
+        opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=local,
+                              local=local, accumulated=False, max_samples=None if samples >= self._size else samples,
+                              metric=self.options.metric, seed=self.options.seed)
+        result = compare(self.model, {self.candidate_name(plan): written}, self.dataset, opts)
+        rows = tuple({k: plain_value(v) for k, v in r.items()} for r in result.end_to_end.to_dict("records"))
+        local_map = _local_errors(result.per_layer) if local else None
+        return Evaluation(plan_hash=plan.plan_hash(), samples=min(samples, self._size), rows=rows, local=local_map,
+                          comparison=result)
+
+    def latency(self, plan: ResolvedPlan) -> float:
+        written = self.write(plan, deploy=True)
+        runner = get_backend(self.options.backend).build(written.proto)
+        try:
+            if self._feeds is None:
+                batch = next(iter(self.dataset.batches(self.options.batch_size)))
+                self._feeds = dict(batch.feeds)
+            return measure_latency(runner, self._feeds, warmup=3, iterations=self.options.latency_iterations).mean_ms
+        finally:
+            runner.close()
+
+
+def _local_errors(per_layer: pd.DataFrame) -> dict[str, float]:
+    """group -> the lowest local SQNR (dB) of its layers, from the comparator's per-layer table."""
+    if per_layer is None or per_layer.empty or "group" not in per_layer.columns:
+        return {}
+    df = per_layer
+    if "mode" in df.columns:
+        df = df[df["mode"] == "local"]
+    if "precision" in df.columns:
+        df = df[df["precision"] == "int8"]
+    df = df[df["group"].notna()]
+    out = df.groupby("group", sort=False)["sqnr_db"].min()
+    return {str(k): float(v) for k, v in out.items()}
+

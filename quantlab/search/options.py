@@ -1,0 +1,78 @@
+"""What a search may do: its settings (:class:`SearchOptions`) and the bound on full validations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from ..errors import SearchError
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Settings of one search; every default is defined here once.
+
+    ``budget``: the most full validations (None: ceil(log2 G) + 5, G = quantizable groups).
+    ``time_budget_s``: no new evaluation starts after this many seconds (this run).
+    ``probe_samples``: the subset (first N samples, at most half the set) used for the
+    ranking compare, the single-group probes and return-to-INT8 screening.
+    ``fp16_simulation``: write evaluated candidates with fp16 tensors rounded in float32
+    kernels (None: when the backend is ONNX Runtime, whose CPU kernels would not round a
+    native fp16 model's activations); the final model is always written natively.
+    ``latency``: measure each full validation's latency (None: with ``objective="latency"``).
+    ``metric``: a ``module:function`` user metric for the comparator (thresholds may name it).
+    """
+
+    threshold: str
+    backend: str = "ort"
+    target: str = "tensorrt"                 # the writer's Q/DQ form (quantlab.quantize.Target)
+    fallback: Literal["fp16", "fp32"] = "fp16"  # the tier tried first for pinned groups
+    budget: int | None = None                # max full validations; None = ceil(log2 G) + 5
+    time_budget_s: float | None = None
+    objective: Literal["int8", "latency"] = "int8"
+    probe_samples: int = 64                  # validation subset for single-group probes
+    probe_top: int = 8                       # groups probed alone (the top of the local ranking)
+    batch_size: int = 8
+    seed: int = 0
+    fp16_simulation: bool | None = None
+    latency: bool | None = None
+    latency_iterations: int = 20
+    metric: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def simulate_fp16(self) -> bool:
+        return self.backend in ("ort", "onnxruntime") if self.fp16_simulation is None else self.fp16_simulation
+
+    @property
+    def measure_latency(self) -> bool:
+        return self.objective == "latency" if self.latency is None else self.latency
+
+    def check(self) -> None:
+        """Raise SearchError on settings the search cannot use."""
+        problems = []
+        if self.fallback not in ("fp16", "fp32"):
+            problems.append(f"fallback must be 'fp16' or 'fp32', got {self.fallback!r}")
+        if self.objective not in ("int8", "latency"):
+            problems.append(f"objective must be 'int8' or 'latency', got {self.objective!r}")
+        if self.target not in ("tensorrt", "ort"):
+            problems.append(f"target must be 'tensorrt' or 'ort', got {self.target!r}")
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            problems.append(f"budget must be a whole number of full validations >= 1 (or None), got {self.budget!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            problems.append(f"time_budget_s must be > 0 seconds (or None), got {self.time_budget_s!r}")
+        for key in ("probe_samples", "batch_size", "latency_iterations"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                problems.append(f"{key} must be a whole number >= 1, got {getattr(self, key)!r}")
+        if not isinstance(self.probe_top, int) or self.probe_top < 0:
+            problems.append(f"probe_top must be a whole number >= 0, got {self.probe_top!r}")
+        if problems:
+            raise SearchError("search options: " + "; ".join(problems))
+
+
+def evaluation_bound(groups: int) -> int:
+    """ceil(log2 G) + 5 full validations for G quantizable groups (5 when G <= 1)."""
+    return (math.ceil(math.log2(groups)) if groups > 1 else 0) + 5
+
