@@ -468,7 +468,7 @@ class Case:
         return word if not word.startswith("-") and word in KNOWN_COMMANDS else None
 
 
-KNOWN_COMMANDS = {"calibrate", "build", "perf", "compare", "search", "run", "report", "demo", "export"}
+KNOWN_COMMANDS = {"calibrate", "build", "perf", "compare", "search", "run", "report", "demo", "export", "sweep"}
 
 CAL = "calibrate {t}/model.onnx --no-progress --out {t}/out --calib "
 PERF = "perf --backend ort --iterations 1 --warmup 0 "
@@ -735,7 +735,34 @@ EXPORT_CASES = [
          disk_full(Path("full"))),
 ]
 
-CASES = MODEL_CASES + MANIFEST_CASES + FLAG_CASES + THRESHOLD_CASES + OUTPUT_CASES + EXPORT_CASES
+SWEEP_TOML = """\
+name = "hostile"
+[data]
+calibration = "calib.toml"
+validation = "val.toml"
+[[model]]
+path = "model.onnx"
+label = "m"
+[grid]
+methods = ["minmax"]
+fp16 = false
+search = false
+"""
+
+SWEEP_CASES = [
+    Case("sweep-file-missing", "sweep {t}/gone.toml --reports-dir {t}/reports", 2, ("gone.toml",)),
+    Case("sweep-unknown-key", "sweep {t}/sweep.toml --reports-dir {t}/reports", 2, ("sweep.toml", "colour"),
+         write("sweep.toml", 'colour = "blue"\n' + SWEEP_TOML)),
+    Case("sweep-unknown-method", "sweep {t}/sweep.toml --reports-dir {t}/reports", 2, ("sweep.toml", "kmeans"),
+         write("sweep.toml", SWEEP_TOML.replace('["minmax"]', '["kmeans"]'))),
+    Case("sweep-processes-zero", "sweep {t}/sweep.toml --processes 0 --reports-dir {t}/reports", 2, ("--processes",),
+         write("sweep.toml", SWEEP_TOML)),
+    Case("sweep-reports-dir-read-only", "sweep {t}/sweep.toml --quiet --reports-dir {t}/ro", 3, ("ro",),
+         chain(mkdir("ro"), write("sweep.toml", SWEEP_TOML)), deny_writing(Path("ro")), refused_before_work=True),
+]
+
+CASES = (MODEL_CASES + MANIFEST_CASES + FLAG_CASES + THRESHOLD_CASES + OUTPUT_CASES + EXPORT_CASES
+         + SWEEP_CASES)
 assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
 
 
