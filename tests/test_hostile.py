@@ -50,7 +50,7 @@ from quantlab.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 ERROR_LINE = re.compile(r"^quantlab(?: (?P<cmd>[a-z-]+)(?: [a-z-]+)?)?: error: ")
 INTERRUPTED_LINE = re.compile(r"^quantlab(?: [a-z-]+)?: .*interrupted", re.IGNORECASE)
-TEMP_NAME = re.compile(r"^\..+\.tmp$")
+TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)$")
 
 
 # ─────────────────────────────── the shared workspace ───────────────────────────────
@@ -460,7 +460,7 @@ class Case:
     fault: Callable[[Path, pytest.MonkeyPatch], None] | None = None
     absent: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
-    refused_before_work: bool = False  # the model never ran (an unwritable --out is found before the long work)
+    refused_before_work: bool = False  # the model never ran: the refusal (bad threshold, unwritable --out) came first
 
     @property
     def command(self) -> str | None:
@@ -499,9 +499,9 @@ MODEL_CASES = [
          save_model("dup.onnx", hm.duplicate_names_net)),
     Case("model-duplicate-node-names-calibrate", CAL.replace("{t}/model.onnx", "{t}/dup.onnx") + "{t}/calib.toml", 2,
          ("dup.onnx", "relu1"), save_model("dup.onnx", hm.duplicate_names_net)),
-    Case("model-huge-dim-perf", PERF + "{t}/huge.onnx", (2, 3), ("huge.onnx", "'input'", "bytes"),
+    Case("model-huge-dim-perf", PERF + "{t}/huge.onnx", 2, ("huge.onnx", "'input'", "bytes"),
          save_model("huge.onnx", hm.huge_dim_net)),
-    Case("model-huge-fixed-batch-perf", PERF + "{t}/hugebatch.onnx", (2, 3), ("hugebatch.onnx", "'input'", "bytes"),
+    Case("model-huge-fixed-batch-perf", PERF + "{t}/hugebatch.onnx", 2, ("hugebatch.onnx", "'input'", "bytes"),
          save_model("hugebatch.onnx", lambda: hm.huge_dim_net(10**12, axis=0))),
     Case("model-huge-dim-calibrate-no-crop-advice", CAL.replace("{t}/model.onnx", "{t}/huge.onnx") + "{t}/calib.toml",
          2, ("huge.onnx", "'input'"), save_model("huge.onnx", hm.huge_dim_net), absent=("center_crop",)),
@@ -512,7 +512,7 @@ MODEL_CASES = [
     Case("model-unreadable-calibrate", CAL + "{t}/calib.toml", 3, ("model.onnx",), fault=deny_reading(Path("model.onnx")),
          absent=("re-export",)),
     Case("model-unreadable-build", BUILD, 3, ("model.onnx",), fault=deny_reading(Path("model.onnx"))),
-    Case("model-batch-size-cannot-fit-perf", PERF + "{t}/model.onnx --batch-size 1000000000000", (2, 3),
+    Case("model-batch-size-cannot-fit-perf", PERF + "{t}/model.onnx --batch-size 1000000000000", 2,
          ("'input'", "bytes")),
     Case("compare-candidate-not-onnx", "compare {t}/model.onnx {t}/notes.txt --no-progress --out {t}/out "
          "--data {t}/val.toml", 2, ("notes.txt",)),
@@ -668,11 +668,15 @@ THRESHOLD_CASES = [
          ("top1_drop", "labels")),
     Case("fail-if-label-metric-with-no-labels-flag", CMP + "--data {t}/val.toml --no-labels --fail-if 'top1_drop>0.5'",
          2, ("top1_drop",)),
-    Case("threshold-empty", SEARCH + "--threshold ''", 2, ("threshold",)),
-    Case("threshold-no-operator", SEARCH + "--threshold cosine", 2, ("cosine",)),
-    Case("threshold-unknown-metric", SEARCH + "--threshold 'frobnicity>=1'", 2, ("frobnicity",)),
+    Case("threshold-empty", SEARCH + "--threshold ''", 2, ("threshold",),
+         refused_before_work=True),
+    Case("threshold-no-operator", SEARCH + "--threshold cosine", 2, ("cosine",),
+         refused_before_work=True),
+    Case("threshold-unknown-metric", SEARCH + "--threshold 'frobnicity>=1'", 2, ("frobnicity",),
+         refused_before_work=True),
     Case("threshold-label-metric-without-labels", SEARCH.replace("val.toml", "unlabelled.toml") +
-         "--threshold 'top1_drop<=0.5'", 2, ("top1_drop", "labels")),
+         "--threshold 'top1_drop<=0.5'", 2, ("top1_drop", "labels"),
+         refused_before_work=True),
 ]
 
 OUTPUT_CASES = [
@@ -684,7 +688,7 @@ OUTPUT_CASES = [
     Case("build-out-holds-user-notes", BUILD.replace("{t}/out", "{t}/build"), 2, ("build", "notes.txt"),
          write("build/notes.txt", "keep\n")),
     Case("compare-out-is-the-candidate", CMP.replace("{t}/out", "{t}/build") + "--data {t}/val.toml", 2, ("build",)),
-    Case("calibrate-out-under-a-file", CAL.replace("{t}/out", "{t}/notes.txt/out") + "{t}/calib.toml", (2, 3),
+    Case("calibrate-out-under-a-file", CAL.replace("{t}/out", "{t}/notes.txt/out") + "{t}/calib.toml", 2,
          ("notes.txt/out",)),
     Case("calibrate-out-read-only", CAL.replace("{t}/out", "{t}/ro/out") + "{t}/calib.toml", 3, ("ro/out",),
          mkdir("ro"), deny_writing(Path("ro")),
@@ -701,7 +705,8 @@ OUTPUT_CASES = [
          deny_writing(Path("ro"))),
     Case("search-out-read-only", SEARCH.replace("{t}/out", "{t}/ro/out") + "--threshold cosine>=0.5", 3, ("ro/out",),
          mkdir("ro"), deny_writing(Path("ro")),
-         refused_before_work=True),
+         refused_before_work=True,
+         outputs=("ro/out", "ro/out/work", "ro/out/work/*")),
     Case("run-reports-dir-read-only", "run {t}/exp.toml --quiet --reports-dir {t}/ro", 3, ("ro",),
          chain(mkdir("ro"), write("exp.toml", '[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\n'
                                               'validation = "val.toml"\n')), deny_writing(Path("ro")),
@@ -717,7 +722,8 @@ OUTPUT_CASES = [
     Case("perf-json-disk-full", PERF + "{t}/model.onnx --json {t}/full/perf.json", 3, ("perf.json",), mkdir("full"),
          disk_full(Path("full"))),
     Case("search-disk-full", SEARCH.replace("{t}/out", "{t}/full/out") + "--threshold cosine>=0.5", 3, ("full/out",),
-         mkdir("full"), disk_full(Path("full"))),
+         mkdir("full"), disk_full(Path("full")),
+         outputs=("full/out", "full/out/work", "full/out/work/*")),
 ]
 
 EXPORT_CASES = [
@@ -826,7 +832,7 @@ def test_hostile_cli(case: Case, assets: Path, tmp_path: Path, capfd: pytest.Cap
     assert code in expected, f"exit code {code}, expected {case.code}; stderr:\n{err}"
     assert_one_error_line(err, out, case.command, [_format(n, t) for n in case.names],
                           [_format(a, t) for a in case.absent], folder=t)
-    assert not model_runs, f"the model ran {len(model_runs)} time(s) before the command found it cannot write"
+    assert not model_runs, f"the model ran {len(model_runs)} time(s) before the command refused (check first, then work)"
     assert_nothing_else_changed(before, after, case.outputs)
 
 
@@ -875,6 +881,39 @@ def test_degenerate_range_is_named(amax: float, assets: Path, tmp_path: Path,
                                      "--out", str(t / "out")], capfd)
     _verdict_or_warning(code, out, err, "build", "relu1", t)
     assert_nothing_else_changed(before, snapshot(t), ("out", "out/*") if code == 0 else ())
+
+
+def _dead_pid() -> int:
+    """The id of a process that has just exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_later_run_sweeps_stale_temp_entries_it_owns(assets: Path, tmp_path: Path,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    """Temp entries a killed run left (``.NAME.<pid>.<token>.tmp`` / ``.old`` of a dead process) are removed by
+    the next run writing there; the user's own dot-files that merely end in ``.tmp`` are not."""
+    t = tmp_path / "case"
+    t.mkdir()
+    make_workspace(t, assets)
+    pid = _dead_pid()
+    stale_dir = t / f".prev_cal.{pid}.abcd1234.tmp"
+    stale_dir.mkdir(mode=0o700)
+    (stale_dir / "calib_entropy.json").write_text("{}")
+    (t / f".prev_cal.{pid}.efgh5678.old").mkdir()
+    (t / f".notes.txt.{pid}.ijkl9012.tmp").write_text("half")
+    (t / ".my-editor-backup.tmp").write_text("the user's, not quantlab's")
+    before = snapshot(t)
+    code, out, err = run_in_process(["calibrate", str(t / "model.onnx"), "--calib", str(t / "calib.toml"),
+                                     "--no-progress", "--out", str(t / "prev_cal")], capfd)
+    assert code == 0, err
+    after = snapshot(t)
+    left = sorted(k for k in after if str(pid) in k)
+    assert not left, f"stale temp entries of dead process {pid} were not swept: {left}"
+    assert after.get(".my-editor-backup.tmp") == before[".my-editor-backup.tmp"], "a user's file was removed"
+    kept = {k: v for k, v in before.items() if not k.startswith(("prev_cal", f".prev_cal.{pid}", f".notes.txt.{pid}"))}
+    assert {k: after.get(k) for k in kept} == kept, "files the run does not own changed"
 
 
 def _installed(module: str) -> bool:
