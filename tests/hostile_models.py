@@ -1,4 +1,6 @@
-"""Broken or hostile ONNX models for tests/test_hostile.py, built with onnx.helper (never checked: some are invalid on purpose).
+"""Broken or hostile ONNX models for tests/test_hostile.py, built with onnx.helper.
+
+They are never checked: some are invalid on purpose.
 
 Each builder returns an ``onnx.ModelProto`` shaped like ``models.conv_net`` (input ``input``
 [N,3,8,8] float32) so the shared data sets of the hostile tests fit it, unless the point is a misfit.
@@ -6,11 +8,10 @@ Each builder returns an ``onnx.ModelProto`` shaped like ``models.conv_net`` (inp
 
 from __future__ import annotations
 
+import models
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
-import models
 
 OPSET = models.OPSET
 SIZE = 8

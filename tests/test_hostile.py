@@ -39,12 +39,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import hostile_models as hm
 import numpy as np
 import onnx
 import pytest
 from PIL import Image
 
-import hostile_models as hm
 from quantlab.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,7 +292,7 @@ class _FullFile:
     def writelines(self, lines: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._path)
 
-    def __enter__(self) -> _FullFile:
+    def __enter__(self) -> _FullFile:  # noqa: PYI034 - Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -420,7 +420,8 @@ def npy_manifest(top: str = "", source: str = "", rest: str = "", path: str = '"
 
 
 def image_manifest(preprocess: str, rest: str = "") -> str:
-    return f'[[source]]\nkind = "images"\npath = "photos"\n\n[inputs]\ninput = "image"\n\n[preprocess]\n{preprocess}\n{rest}'
+    return ('[[source]]\nkind = "images"\npath = "photos"\n\n[inputs]\ninput = "image"\n\n'
+            f'[preprocess]\n{preprocess}\n{rest}')
 
 
 HOOKS = '''\
@@ -509,7 +510,8 @@ MODEL_CASES = [
          ("Frobnicate", hm.CUSTOM_DOMAIN, "frobnicate"), save_model("custom.onnx", hm.custom_op_net)),
     Case("model-custom-op-unknown-domain-calibrate", CAL.replace("{t}/model.onnx", "{t}/custom.onnx") +
          "{t}/calib.toml", 2, ("Frobnicate", "frobnicate"), save_model("custom.onnx", hm.custom_op_net)),
-    Case("model-unreadable-calibrate", CAL + "{t}/calib.toml", 3, ("model.onnx",), fault=deny_reading(Path("model.onnx")),
+    Case("model-unreadable-calibrate", CAL + "{t}/calib.toml", 3, ("model.onnx",),
+         fault=deny_reading(Path("model.onnx")),
          absent=("re-export",)),
     Case("model-unreadable-build", BUILD, 3, ("model.onnx",), fault=deny_reading(Path("model.onnx"))),
     Case("model-batch-size-cannot-fit-perf", PERF + "{t}/model.onnx --batch-size 1000000000000", 2,
@@ -581,7 +583,8 @@ MANIFEST_CASES = [
          chain(write("txtnpy/a.npy", "this is not numpy\n"), write("bad.toml", npy_manifest(path='"txtnpy"'))),
          absent=("contains pickled",)),
     Case("data-npz-truncated", CAL + "{t}/bad.toml", 2, ("a.npz",),
-         chain(write("cut/a.npz", b"PK\x03\x04truncated"), write("bad.toml", '[[source]]\nkind = "npz"\npath = "cut"\n'))),
+         chain(write("cut/a.npz", b"PK\x03\x04truncated"),
+               write("bad.toml", '[[source]]\nkind = "npz"\npath = "cut"\n'))),
     Case("data-npz-unreadable", CMP + "--data {t}/val.toml", 3, ("val.npz",), fault=deny_reading(Path("val/val.npz")),
          absent=("re-save", "numpy.save")),
     Case("data-image-corrupt", CAL + "{t}/bad.toml", 2, ("broken.png",),
@@ -602,7 +605,8 @@ MANIFEST_CASES = [
          chain(images("photos", ("a.png",)), write("brokenhook.py", "raise ImportError('half installed')\n"),
                write("bad.toml", image_manifest('hook = "brokenhook:fn"')))),
     Case("hook-raises", CAL + "{t}/bad.toml", 2, ("boom", "exploded"),
-         chain(images("photos", ("a.png",)), write("hooks.py", HOOKS), write("bad.toml", image_manifest('hook = "hooks:boom"')))),
+         chain(images("photos", ("a.png",)), write("hooks.py", HOOKS),
+               write("bad.toml", image_manifest('hook = "hooks:boom"')))),
     Case("hook-wrong-shape", CAL + "{t}/bad.toml", 2, ("'input'",),
          chain(images("photos", ("a.png",)), write("hooks.py", HOOKS),
                write("bad.toml", image_manifest('hook = "hooks:wrong_shape"')))),
@@ -652,7 +656,8 @@ FLAG_CASES = [
          write("exp.toml", 'colour = "blue"\n[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\n'
                            'validation = "val.toml"\n')),
     Case("run-experiment-model-not-onnx", "run {t}/exp.toml --reports-dir {t}/reports --quiet", 2, ("notes.txt",),
-         write("exp.toml", '[model]\npath = "notes.txt"\n[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n'),
+         write("exp.toml", '[model]\npath = "notes.txt"\n[data]\ncalibration = "calib.toml"\n'
+                           'validation = "val.toml"\n'),
          outputs=("reports", "reports/*")),
     Case("report-missing-folder", "report {t}/no_such_report", 2, ("no_such_report",),
          absent=("report_inputs.json here",)),
@@ -832,7 +837,7 @@ def test_hostile_cli(case: Case, assets: Path, tmp_path: Path, capfd: pytest.Cap
     assert code in expected, f"exit code {code}, expected {case.code}; stderr:\n{err}"
     assert_one_error_line(err, out, case.command, [_format(n, t) for n in case.names],
                           [_format(a, t) for a in case.absent], folder=t)
-    assert not model_runs, f"the model ran {len(model_runs)} time(s) before the command refused (check first, then work)"
+    assert not model_runs, f"the model ran {len(model_runs)} time(s) before the command refused (check, then work)"
     assert_nothing_else_changed(before, after, case.outputs)
 
 
@@ -905,8 +910,8 @@ def test_a_later_run_sweeps_stale_temp_entries_it_owns(assets: Path, tmp_path: P
     (t / f".notes.txt.{pid}.ijkl9012.tmp").write_text("half")
     (t / ".my-editor-backup.tmp").write_text("the user's, not quantlab's")
     before = snapshot(t)
-    code, out, err = run_in_process(["calibrate", str(t / "model.onnx"), "--calib", str(t / "calib.toml"),
-                                     "--no-progress", "--out", str(t / "prev_cal")], capfd)
+    code, _, err = run_in_process(["calibrate", str(t / "model.onnx"), "--calib", str(t / "calib.toml"),
+                                   "--no-progress", "--out", str(t / "prev_cal")], capfd)
     assert code == 0, err
     after = snapshot(t)
     left = sorted(k for k in after if str(pid) in k)
@@ -1142,7 +1147,7 @@ def test_signal(case: SignalCase, launched: dict[str, Launched]) -> None:
             assert time.monotonic() < deadline, "never reached the pause point"
             time.sleep(0.05)
         proc.send_signal(case.signum)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
