@@ -1090,7 +1090,7 @@ marker, when = pathlib.Path(sys.argv[1]), sys.argv[2]
 
 def pause():
     marker.touch()
-    time.sleep(60)
+    time.sleep(600)
 
 class PauseAtNumpy:
     def find_spec(self, name, path=None, target=None):
@@ -1113,7 +1113,7 @@ sys.argv = ["quantlab", *sys.argv[3:]]
 runpy.run_module("quantlab", run_name="__main__", alter_sys=True)
 """
 """``python -c PAUSING_QUANTLAB MARKER WHEN ARGS...`` is ``python -m quantlab ARGS...`` that, at one point,
-touches MARKER and waits a minute: ``start-up`` when quantlab first imports numpy (start-up imports), ``writing``
+touches MARKER and waits (10 minutes at most): ``start-up`` when quantlab first imports numpy (start-up imports), ``writing``
 at the first rename of a temp file (the output is being written). The test signals it once MARKER exists."""
 
 
