@@ -1113,8 +1113,9 @@ sys.argv = ["quantlab", *sys.argv[3:]]
 runpy.run_module("quantlab", run_name="__main__", alter_sys=True)
 """
 """``python -c PAUSING_QUANTLAB MARKER WHEN ARGS...`` is ``python -m quantlab ARGS...`` that, at one point,
-touches MARKER and waits (10 minutes at most): ``start-up`` when quantlab first imports numpy (start-up imports), ``writing``
-at the first rename of a temp file (the output is being written). The test signals it once MARKER exists."""
+touches MARKER and waits (10 minutes at most): ``start-up`` when quantlab first imports numpy (start-up
+imports), ``writing`` at the first rename of a temp file (the output is being written). The test signals it
+once MARKER exists."""
 
 
 @dataclass(frozen=True)
