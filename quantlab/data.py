@@ -30,7 +30,6 @@ import importlib.metadata
 import importlib.util
 import math
 import re
-import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from .arrayfiles import load_npy, load_npz, npy_header, npz_members
+from .environment import available_memory_bytes, format_bytes, shape_bytes, unreadable
 from .errors import DataError, InputMismatchError, ManifestError
 from .fingerprint import ArrayHasher, sha256_bytes
 from .graph import LoadedModel, TensorSpec
@@ -395,12 +396,15 @@ class DataSetManifest:
 
 
 def _read_toml(path: Path) -> tuple[dict[str, Any], str, str]:
-    if not path.exists():
-        raise ManifestError(f"{path}: no such manifest file. Give the path of a data-set TOML "
-                            "(e.g. calib_sets/demo_calib.toml).")
-    if path.is_dir():
-        raise ManifestError(f"{path}: is a folder; give the path of a data-set TOML file.")
-    data = path.read_bytes()
+    try:
+        if not path.exists():
+            raise ManifestError(f"{path}: no such manifest file. Give the path of a data-set TOML "
+                                "(e.g. calib_sets/demo_calib.toml).")
+        if path.is_dir():
+            raise ManifestError(f"{path}: is a folder; give the path of a data-set TOML file.")
+        data = path.read_bytes()
+    except PermissionError as exc:
+        raise unreadable(exc, "manifest", path) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -421,6 +425,13 @@ def load_manifest(path: str | Path) -> DataSetManifest:
     """
     path = Path(path)
     raw, text, digest = _read_toml(path)
+    try:
+        return _manifest_from(path, raw, text, digest)
+    except PermissionError as exc:
+        raise unreadable(exc, f"a path manifest {path} names", path) from None
+
+
+def _manifest_from(path: Path, raw: dict[str, Any], text: str, digest: str) -> DataSetManifest:
     where = _Where(path, text)
     _check_table(raw, _TOP_KEYS, where, "")
     if "source" not in raw:
@@ -682,7 +693,8 @@ class Batch:
         return len(self.indices)
 
 
-def _stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype: str | None) -> Batch:
+def _stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype: str | None,
+                   advice: Callable[[str], str]) -> Batch:
     first = samples[0]
     feeds: dict[str, np.ndarray] = {}
     for name in names:
@@ -692,8 +704,7 @@ def _stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype:
             if arr.shape != ref.shape or arr.dtype != ref.dtype:
                 raise DataError(
                     f"input {name!r}: sample {s.key!r} is {arr.dtype} {arr.shape} but sample {first.key!r} is "
-                    f"{ref.dtype} {ref.shape}; samples of a batch must match. For images set [preprocess] "
-                    "resize and center_crop; for arrays make every file the same shape (or use batch_size 1)."
+                    f"{ref.dtype} {ref.shape}; samples of a batch must match: {advice(name)}."
                 )
         feeds[name] = np.stack([s.feeds[name] for s in samples])
     labels = None
@@ -745,11 +756,18 @@ class DataSet:
             raise DataError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         return self._iter_batches(batch_size)
 
+    def _stack_advice(self, name: str) -> str:
+        return "make every sample the same shape (or use batch size 1)"
+
     def _iter_batches(self, batch_size: int) -> Iterator[Batch]:
         n = len(self)
+        if n:
+            specs = {k: (v.dtype, tuple(int(d) for d in v.shape or ())) for k, v in self.input_specs().items()}
+            _batch_fits(specs, min(batch_size, n), f"data set {self.describe_source()}",
+                        "lower the batch size (--batch-size / batch_size=)")
         for start in range(0, n, batch_size):
             samples = [self._load(i) for i in range(start, min(start + batch_size, n))]
-            yield _stack_samples(samples, self.input_names, self.label_dtype)
+            yield _stack_samples(samples, self.input_names, self.label_dtype, self._stack_advice)
 
     def input_specs(self) -> dict[str, TensorSpec]:
         """dtype and per-sample shape (no batch axis) of each input, from the first sample."""
@@ -784,6 +802,8 @@ def _decode_image(path: Path) -> Any:
         with Image.open(path) as im:
             im.load()
             return im.copy() if im.mode != "P" else im.convert("RGBA")
+    except PermissionError:
+        raise
     except Exception as exc:  # noqa: BLE001 - UnidentifiedImageError, truncated data, decompression bombs...
         raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc}). Replace or remove the file "
                         "(or narrow the source's pattern).") from None
@@ -892,53 +912,6 @@ def _cast(arr: np.ndarray, dtype: str | None) -> np.ndarray:
     return arr.astype(target)
 
 
-# ─────────────────────────────── npz headers ───────────────────────────────
-
-
-def _npy_header(fp: Any) -> tuple[tuple[int, ...], np.dtype]:
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-    else:
-        raise ValueError(f"unsupported .npy format version {version}")
-    return tuple(shape), dtype
-
-
-def _npz_members(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every array in an .npz, read from the headers only (nothing decompressed in bulk)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            members = {}
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                with zf.open(info) as fp:
-                    members[info.filename[:-4]] = _npy_header(fp)
-            return members
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: unreadable .npz file ({type(exc).__name__}: {exc}). Re-save it with "
-                        "numpy.savez.") from None
-
-
-def _load_npy(path: Path, *, mmap: bool) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - ValueError for object arrays (pickle refused), truncated files...
-        raise DataError(f"{path}: unreadable .npy file ({type(exc).__name__}: {exc}). Re-save it with "
-                        "numpy.save (numeric arrays only; pickled objects are refused).") from None
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: unreadable .npz file ({type(exc).__name__}: {exc}). Re-save it with "
-                        "numpy.savez (numeric arrays only; pickled objects are refused).") from None
-
-
 # ─────────────────────────────── manifest data set ───────────────────────────────
 
 
@@ -979,13 +952,17 @@ class ManifestDataSet(DataSet):
                       if manifest.preprocess.hook else None)
         self._hf: dict[int, tuple[Any, Any, list[str], list[str]]] = {}
         self._npz_cache: tuple[Path, dict[str, np.ndarray]] | None = None
+        self._npy_cache: tuple[Path, np.ndarray] | None = None
         self._regex = re.compile(manifest.labels.regex) if manifest.labels and manifest.labels.regex else None
         self.label_dtype = manifest.labels.dtype if manifest.labels else None
         fields: list[set[str]] = []
         items: list[_Item] = []
         per_source: list[int] = []
         for s_index, source in enumerate(manifest.sources):
-            src_items, src_fields = self._list_source(s_index, source)
+            try:
+                src_items, src_fields = self._list_source(s_index, source)
+            except PermissionError as exc:
+                raise unreadable(exc, f"a data file of {manifest.path}", source.root) from None
             per_source.append(len(src_items))
             items.extend(src_items)
             fields.append(src_fields)
@@ -1012,7 +989,29 @@ class ManifestDataSet(DataSet):
     # --- listing -------------------------------------------------------------------------
 
     def _has_images(self) -> bool:
-        return any(s.kind in ("images", "hf_imagefolder", "hf_disk") for s in self.manifest.sources)
+        """Whether some source yields images ([augment] applies to them only)."""
+        return any(s.kind in ("images", "hf_imagefolder") or (s.kind == "hf_disk" and self._hf[i][2])
+                   for i, s in enumerate(self.manifest.sources))
+
+    def input_origin(self, name: str) -> tuple[str, bool]:
+        """(origin, batched) of an input's samples: ``image``, ``hook``, ``npy``, ``npz`` or ``hf_disk``."""
+        fieldname = self._mapping.get(name, name)
+        for i, source in enumerate(self.manifest.sources):
+            is_image = ((source.kind == "images" and fieldname == "image") or
+                        (source.kind in ("hf_disk", "hf_imagefolder") and fieldname in self._hf[i][2]))
+            if is_image:
+                return ("hook" if self._hook is not None else "image"), False
+        kinds = [s for s in self.manifest.sources if s.kind in ("npy", "npz", "hf_disk", "hf_imagefolder")]
+        kind = kinds[0].kind if kinds else "memory"
+        return ("hf_disk" if kind == "hf_imagefolder" else kind), any(s.batched for s in kinds)
+
+    def _stack_advice(self, name: str) -> str:
+        origin = self.input_origin(name)[0]
+        if origin == "image":
+            return "set [preprocess] resize and center_crop so that every image gets one size"
+        if origin == "hook":
+            return "make the [preprocess] hook return one shape for every image"
+        return "make every sample the same shape (or use batch size 1)"
 
     def _source_summary(self) -> str:
         parts = []
@@ -1082,7 +1081,7 @@ class ManifestDataSet(DataSet):
             label = self._label_from_name(ref, base_key)
             rows: list[int | None] = [None]
             if source.kind == "npz" and not fields:
-                fields = set(_npz_members(path))
+                fields = set(npz_members(path))
                 if label_column and label_column not in fields:
                     raise ManifestError(f"{self.manifest.path}: [labels] column {label_column!r} is not an array "
                                         f"in {path} (it holds {sorted(fields)}); fix the column name.")
@@ -1098,9 +1097,9 @@ class ManifestDataSet(DataSet):
     def _rows_in(self, source: SourceSpec, path: Path) -> int:
         """Samples in a batched file: the shared leading dimension of its arrays."""
         if source.kind == "npy":
-            shapes = {"array": _load_npy(path, mmap=True).shape}
+            shapes = {"array": npy_header(path)[0]}
         else:
-            shapes = {k: v[0] for k, v in _npz_members(path).items()}
+            shapes = {k: v[0] for k, v in npz_members(path).items()}
         leading = {k: (s[0] if s else None) for k, s in shapes.items()}
         if not leading or any(v is None for v in leading.values()) or len(set(leading.values())) != 1:
             raise DataError(f"{path}: batched = true but its arrays do not share a leading sample axis "
@@ -1134,6 +1133,8 @@ class ManifestDataSet(DataSet):
                     kwargs = {"cache_dir": str(source.cache_dir)} if source.cache_dir else {}
                     ds = datasets.load_dataset("imagefolder", data_dir=str(source.root),
                                                split=source.split or "train", **kwargs)
+            except PermissionError:
+                raise
             except Exception as exc:  # noqa: BLE001
                 what = ("a folder written by Dataset.save_to_disk" if source.kind == "hf_disk"
                         else "an image folder (class sub-folders or metadata.csv)")
@@ -1198,14 +1199,16 @@ class ManifestDataSet(DataSet):
         if source.kind == "npy":
             path = self._file_path(source, str(item.ref))
             if item.row is None:
-                return {"array": _load_npy(path, mmap=False)}
-            return {"array": np.array(_load_npy(path, mmap=True)[item.row])}
+                return {"array": load_npy(path, mmap=False)}
+            if self._npy_cache is None or self._npy_cache[0] != path:
+                self._npy_cache = (path, load_npy(path, mmap=True))  # a memmap: rows are read when used
+            return {"array": np.array(self._npy_cache[1][item.row])}
         if source.kind == "npz":
             path = self._file_path(source, str(item.ref))
             if item.row is None:
-                return _load_npz(path)
+                return load_npz(path)
             if self._npz_cache is None or self._npz_cache[0] != path:
-                self._npz_cache = (path, _load_npz(path))
+                self._npz_cache = (path, load_npz(path))
             return {k: v[item.row] for k, v in self._npz_cache[1].items()}
         images, arrays, _, _ = self._hf[item.source]
         out: dict[str, Any] = {}
@@ -1218,7 +1221,10 @@ class ManifestDataSet(DataSet):
 
     def _load(self, i: int) -> Sample:
         item = self._items[i]
-        fields = self._fields_of(item)
+        try:
+            fields = self._fields_of(item)
+        except PermissionError as exc:
+            raise unreadable(exc, f"the data of sample {item.key!r}", self.manifest.sources[item.source].root) from None
         label = item.label
         spec = self.manifest.labels
         if spec is not None and spec.column is not None:
@@ -1386,18 +1392,161 @@ def _fmt_shape(shape: Sequence[Any] | None) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _shape_hint(expected: Sequence[Any], got: Sequence[int]) -> str:
+PILLOW_MAX_PIXELS = 89_478_485
+"""Pillow's default decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``): a crop larger than this is no advice."""
+
+
+def _origin(dataset: Any, name: str) -> tuple[str, bool]:
+    """Where an input's samples come from, for advice that fits: (origin, batched files).
+
+    origin: ``image`` (the built-in image pipeline), ``hook`` (a [preprocess]
+    hook), ``npy``/``npz``/``hf_disk`` (arrays from files) or ``memory``.
+    """
+    how = getattr(dataset, "input_origin", None)
+    return how(name) if callable(how) else ("memory", False)
+
+
+def _image_hint(expected: Sequence[Any], got: Sequence[int], layout: str) -> str:
     fixed = [d for d in expected if isinstance(d, int)]
-    if len(expected) == len(got) == 3 and sorted(fixed) == sorted(got[i] for i, d in enumerate(expected)
-                                                                        if isinstance(d, int)):
-        layout = "NHWC" if got[0] in (1, 3) else "NCHW"
-        return f"The layout differs: set [preprocess] layout = \"{layout}\""
-    if len(expected) == len(got) == 3:
-        c_first = isinstance(expected[0], int) and expected[0] in (1, 3)
-        h, w = (expected[1], expected[2]) if c_first else (expected[0], expected[1])
-        if isinstance(h, int) and isinstance(w, int):
-            return f"Set [preprocess] center_crop = [{h}, {w}] (and resize >= {max(h, w)})"
-    return "Make the data's per-sample shape match (after the batch axis)"
+    if len(fixed) == 3 and sorted(fixed) == sorted(got):
+        return f"The layout differs: set [preprocess] layout = \"{'NHWC' if got[0] in (1, 3) else 'NCHW'}\""
+    c_axis, h_axis, w_axis = (0, 1, 2) if layout == "NCHW" else (2, 0, 1)
+    channels = expected[c_axis]
+    if isinstance(channels, int) and channels != got[c_axis]:
+        if channels in (1, 3):
+            order = '"L" (one channel)' if channels == 1 else '"RGB" (or "BGR")'
+            return f"Set [preprocess] channel_order = {order}"
+        return (f"The model wants {channels} channels and the image pipeline makes 1 or 3; use a [preprocess] hook "
+                "that returns the model's per-sample shape")
+    h, w = expected[h_axis], expected[w_axis]
+    if isinstance(h, int) and isinstance(w, int) and 0 < h * w <= PILLOW_MAX_PIXELS:
+        return f"Set [preprocess] center_crop = [{h}, {w}] (and resize >= {max(h, w)})"
+    return (f"No image pipeline makes {_fmt_shape(expected)} (more pixels than Pillow decodes); check the model's "
+            "input shape")
+
+
+def _shape_hint(origin: str, expected: Sequence[Any], got: Sequence[int], layout: str, dtype: str) -> str:
+    """How to make samples of shape ``got`` into ``expected`` (no batch axis), for where they come from."""
+    want = _fmt_shape(expected)
+    one = shape_bytes([d for d in expected if isinstance(d, int) and d > 0], np.dtype(dtype).itemsize)
+    available = available_memory_bytes()
+    if available is not None and one > available:
+        return (f"One sample of {want} would be {format_bytes(one)} ({one} bytes), more than the "
+                f"{format_bytes(available)} this machine has available: check the model's input shape (re-export "
+                "it with the size it is really used at)")
+    if origin == "image":
+        return _image_hint(expected, got, layout)
+    if origin == "hook":
+        return f"Make the [preprocess] hook return arrays of shape {want} (one sample, no batch axis)"
+    fixed = [d for d in expected if isinstance(d, int)]
+    transpose = (" (the same sizes in another order: transpose them, e.g. numpy.transpose)"
+                 if len(fixed) == len(got) and sorted(fixed) == sorted(got) else "")
+    if origin == "memory":
+        return f"Give arrays of shape [N, {want[1:]}, the first axis counting samples{transpose}"
+    return f"Re-save the arrays with per-sample shape {want}{transpose}"
+
+
+def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_rank: int) -> str:
+    if origin == "image":
+        return ("An image becomes a rank-3 sample ([C, H, W] or [H, W, C]) and this input is not an image batch: map "
+                f"another field in [inputs], or use a [preprocess] hook that returns shape {want}")
+    if origin == "hook":
+        return f"Make the [preprocess] hook return arrays of shape {want} (one sample, no batch axis)"
+    if origin == "memory":
+        return f"Give arrays of shape [N, {want[1:]}, the first axis counting samples"
+    if origin in ("npy", "npz") and not batched and len(got) == model_rank:
+        return (f"Each file holds a leading axis of {got[0]}, like a batch: set batched = true in its [[source]] to "
+                "take one sample per row")
+    if origin in ("npy", "npz") and batched and len(got) == model_rank - 2:
+        return ("batched = true takes one sample per row of a file, and these rows lack an axis: if each file is one "
+                "sample, set batched = false")
+    return f"Re-save the arrays with per-sample shape {want}"
+
+
+def _batch_fits(specs: Mapping[str, tuple[str, tuple[int, ...]]], batch: int, where: str, advice: str) -> None:
+    """InputMismatchError when one batch (held twice while stacked) cannot fit in free memory."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    sizes = {n: shape_bytes((batch, *shape), np.dtype(dtype).itemsize) for n, (dtype, shape) in specs.items()
+             if dtype not in ("undefined", "bfloat16")}
+    if 2 * sum(sizes.values()) > available:
+        name = max(sizes, key=lambda n: sizes[n])
+        dtype, shape = specs[name]
+        raise InputMismatchError(
+            f"{where}: input {name!r}: a batch of {batch} samples of {dtype} {_fmt_shape(shape)} is "
+            f"{format_bytes(sizes[name])} ({sizes[name]} bytes), and a batch is held twice while it is stacked; this "
+            f"machine has {format_bytes(available)} available. Refusing before loading it: {advice}."
+        )
+
+
+def _check_batch(spec: TensorSpec, dataset: Any, model: LoadedModel, batch_size: int | None,
+                 specs: Mapping[str, tuple[str, tuple[int, ...]]], where: str) -> None:
+    """A fixed model batch must be the batch the data arrives in (the last, shorter one aside)."""
+    batch_dim = spec.shape[0] if spec.shape else None
+    n = len(dataset) if hasattr(dataset, "__len__") else None
+    fixed = isinstance(batch_dim, int) and batch_dim > 0
+    if fixed:
+        _batch_fits(specs, int(batch_dim), where,  # type: ignore[arg-type]
+                    f"model {model.label} fixes its batch at {batch_dim}; re-export it with a dynamic batch axis")
+    if batch_size is None:
+        return
+    effective = min(batch_size, n) if n else batch_size
+    if fixed and effective != batch_dim:
+        raise InputMismatchError(
+            f"input {spec.name!r}: model {model.label} has a fixed batch of {batch_dim} "
+            f"({_fmt_shape(spec.shape)}); run with batch size {batch_dim}, not {effective}, or re-export "
+            "the model with a dynamic batch axis."
+        )
+    _batch_fits(specs, effective, where, "lower the batch size (--batch-size / batch_size=)")
+
+
+def _check_names(specs: Mapping[str, Any], model: LoadedModel, where: str, manifest: bool) -> None:
+    model_inputs = {s.name: s for s in model.inputs}
+    for spec in model.inputs:
+        if spec.name not in specs:
+            given = ", ".join(map(repr, specs)) or "none"
+            fix = (f"Map it in the manifest's [inputs], e.g. {spec.name} = \"<source field>\"." if manifest else
+                   f"Name the array after the model's input: {{{spec.name!r}: array}}.")
+            raise InputMismatchError(
+                f"model {model.label} expects input {spec.name!r} ({spec.dtype} {_fmt_shape(spec.shape)}); "
+                f"{where} gives inputs {given}. {fix}"
+            )
+    for name in specs:
+        if name not in model_inputs:
+            fix = "Rename or remove it in the manifest's [inputs]." if manifest else "Rename or drop that array."
+            raise InputMismatchError(
+                f"{where} gives input {name!r}, which model {model.label} does not have (its inputs: "
+                f"{', '.join(map(repr, model_inputs))}). {fix}"
+            )
+
+
+def _check_shape(spec: TensorSpec, dtype: str, sample_shape: tuple[int, ...], model: LoadedModel, where: str,
+                 origin: tuple[str, bool], layout: str, symbols: dict[str, tuple[int, str]]) -> None:
+    """Rank and per-axis sizes of one input's samples against the model (symbols must agree across inputs)."""
+    assert spec.shape is not None
+    want = _fmt_shape(spec.shape[1:])
+    if len(spec.shape) != len(sample_shape) + 1:
+        raise InputMismatchError(
+            f"input {spec.name!r}: model {model.label} expects rank {len(spec.shape)} "
+            f"{_fmt_shape(spec.shape)} (first dim = batch), i.e. samples of shape {want}; {where} gives samples "
+            f"of shape {_fmt_shape(sample_shape)}. "
+            f"{_rank_hint(origin[0], origin[1], want, sample_shape, len(spec.shape))}."
+        )
+    for axis, (dim, actual) in enumerate(zip(spec.shape[1:], sample_shape), start=1):
+        if isinstance(dim, int) and dim > 0 and dim != actual:
+            raise InputMismatchError(
+                f"input {spec.name!r}: model {model.label} expects shape {_fmt_shape(spec.shape)} (first dim "
+                f"= batch); {where} gives samples {_fmt_shape(sample_shape)}: axis {axis} is {actual}, the "
+                f"model wants {dim}. {_shape_hint(origin[0], spec.shape[1:], sample_shape, layout, dtype)}."
+            )
+        if isinstance(dim, str):
+            seen = symbols.setdefault(dim, (actual, spec.name))
+            if seen[0] != actual:
+                raise InputMismatchError(
+                    f"input {spec.name!r}: dimension {dim!r} (axis {axis}) is {actual} in the data but "
+                    f"{seen[0]} in input {seen[1]!r}; the model needs them equal. Fix the data."
+                )
 
 
 def check_inputs(dataset: Any, model: LoadedModel, *, batch_size: int | None = None) -> None:
@@ -1407,67 +1556,31 @@ def check_inputs(dataset: Any, model: LoadedModel, *, batch_size: int | None = N
     the batch axis; its other dimensions must equal the data's per-sample
     shape, except symbolic ones, which are resolved from the data (the same
     symbol must get the same value everywhere). A fixed model batch size is
-    checked against ``batch_size`` when given. Raises InputMismatchError
-    naming the input, what the model expects, what the data gives and what to
-    change in the manifest.
+    checked against ``batch_size`` (or the whole set, when it is smaller), and
+    a batch that cannot fit in free memory is refused. Raises
+    InputMismatchError naming the input, what the model expects, what the data
+    gives and what to change, for the kind of source the input comes from
+    (images, a hook, npy/npz files, Hugging Face columns, in-memory arrays).
     """
     specs = _data_specs(dataset)
     where = _dataset_label(dataset)
-    model_inputs = {s.name: s for s in model.inputs}
-    for spec in model.inputs:
-        if spec.name not in specs:
-            given = ", ".join(map(repr, specs)) or "none"
-            raise InputMismatchError(
-                f"model {model.label} expects input {spec.name!r} ({spec.dtype} {_fmt_shape(spec.shape)}); "
-                f"{where} gives inputs {given}. Map it in the manifest's [inputs], e.g. "
-                f"{spec.name} = \"<source field>\"."
-            )
-    for name in specs:
-        if name not in model_inputs:
-            raise InputMismatchError(
-                f"{where} gives input {name!r}, which model {model.label} does not have (its inputs: "
-                f"{', '.join(map(repr, model_inputs))}). Rename or remove it in the manifest's [inputs]."
-            )
+    manifest = getattr(dataset, "manifest", None)
+    in_manifest = isinstance(manifest, DataSetManifest)
+    layout = manifest.preprocess.layout if in_manifest else "NCHW"
+    _check_names(specs, model, where, in_manifest)
     symbols: dict[str, tuple[int, str]] = {}
     for spec in model.inputs:
         dtype, sample_shape = specs[spec.name]
         if spec.dtype != "undefined" and dtype != spec.dtype:
+            fix = (f"Set [preprocess] dtype = \"{spec.dtype}\" in the manifest (or dtype = {{ {spec.name} = "
+                   f"\"{spec.dtype}\" }})." if in_manifest else f"Cast the array: array.astype(numpy.{spec.dtype}).")
             raise InputMismatchError(
-                f"input {spec.name!r}: model {model.label} expects {spec.dtype}, {where} gives {dtype}. "
-                f"Set [preprocess] dtype = \"{spec.dtype}\" in the manifest (or dtype = {{ {spec.name} = "
-                f"\"{spec.dtype}\" }})."
+                f"input {spec.name!r}: model {model.label} expects {spec.dtype}, {where} gives {dtype}. {fix}"
             )
         if spec.shape is None:
             continue
-        if len(spec.shape) != len(sample_shape) + 1:
-            raise InputMismatchError(
-                f"input {spec.name!r}: model {model.label} expects rank {len(spec.shape)} "
-                f"{_fmt_shape(spec.shape)} (first dim = batch); {where} gives samples of shape "
-                f"{_fmt_shape(sample_shape)}, i.e. batches [B, {_fmt_shape(sample_shape)[1:]}. "
-                "Each sample must have the model's shape without the batch axis: check [preprocess] "
-                "(layout, channel_order) or, for npy/npz, whether files are batched (batched = true)."
-            )
-        for axis, (dim, actual) in enumerate(zip(spec.shape[1:], sample_shape), start=1):
-            if isinstance(dim, int) and dim > 0 and dim != actual:
-                raise InputMismatchError(
-                    f"input {spec.name!r}: model {model.label} expects shape {_fmt_shape(spec.shape)} (first dim "
-                    f"= batch); {where} gives samples {_fmt_shape(sample_shape)}: axis {axis} is {actual}, the "
-                    f"model wants {dim}. {_shape_hint(spec.shape[1:], sample_shape)}."
-                )
-            if isinstance(dim, str):
-                seen = symbols.setdefault(dim, (actual, spec.name))
-                if seen[0] != actual:
-                    raise InputMismatchError(
-                        f"input {spec.name!r}: dimension {dim!r} (axis {axis}) is {actual} in the data but "
-                        f"{seen[0]} in input {seen[1]!r}; the model needs them equal. Fix the data."
-                    )
-        batch_dim = spec.shape[0]
-        if isinstance(batch_dim, int) and batch_dim > 0 and batch_size is not None and batch_size != batch_dim:
-            raise InputMismatchError(
-                f"input {spec.name!r}: model {model.label} has a fixed batch of {batch_dim} "
-                f"({_fmt_shape(spec.shape)}); run with batch size {batch_dim}, not {batch_size}, or re-export "
-                "the model with a dynamic batch axis."
-            )
+        _check_shape(spec, dtype, sample_shape, model, where, _origin(dataset, spec.name), layout, symbols)
+        _check_batch(spec, dataset, model, batch_size, specs, where)
 
 
 # ─────────────────────────────── fingerprint and summary ───────────────────────────────

@@ -9,33 +9,22 @@ QuantizeLinear/DequantizeLinear needs opset 13.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from .environment import unreadable
 from .errors import ModelError
 from .fingerprint import sha256_bytes, sha256_file
 
 __all__ = [
-    "MIN_OPSET",
-    "TensorSpec",
-    "LoadedModel",
-    "load_model",
-    "model_from_proto",
-    "serialize",
-    "tensor_specs",
-    "activation_names",
-    "with_outputs",
-    "topological_nodes",
-    "producer_map",
-    "consumer_map",
-    "initializer_map",
-    "default_opset",
-    "outer_names",
+    "MIN_OPSET", "TensorSpec", "LoadedModel", "load_model", "model_from_proto", "serialize", "tensor_specs",
+    "activation_names", "check_float_activations", "with_outputs", "topological_nodes", "producer_map",
+    "consumer_map", "initializer_map", "default_opset", "outer_names",
 ]
 
 MIN_OPSET = 13
@@ -151,8 +140,29 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     return proto
 
 
+def _check_unique_node_names(graph: onnx.GraphProto, label: str, scope: str = "the graph") -> None:
+    """Refuse two nodes of one graph (or subgraph) sharing a name: ORT refuses them, plans name layers by node name."""
+    seen: dict[str, list[tuple[int, str]]] = {}
+    for index, node in enumerate(graph.node):
+        if node.name:
+            seen.setdefault(node.name, []).append((index, node.op_type))
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _check_unique_node_names(body, label, f"the subgraph {attr.name!r} of node {node.name or node.op_type!r}")
+    dupes = {name: where for name, where in seen.items() if len(where) > 1}
+    for name, where in list(dupes.items())[:1]:
+        others = f" (and {len(dupes) - 1} other repeated name(s))" if len(dupes) > 1 else ""
+        raise ModelError(
+            f"{label}: node name {name!r} is used by {len(where)} nodes of {scope}: "
+            f"{', '.join(f'#{i} ({op})' for i, op in where[:5])}{others}. ONNX Runtime refuses such models and "
+            "quantlab names layers by node name; give every node a unique name (re-export, or in Python: for i, n in "
+            "enumerate(model.graph.node): n.name = f\"{n.name}_{i}\" for the repeated ones, then onnx.save)."
+        )
+
+
 def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onnx.ModelProto, int, int | None]:
     opset = default_opset(proto)
+    _check_unique_node_names(proto.graph, label)
     upgraded_from: int | None = None
     try:
         onnx.checker.check_model(proto)
@@ -182,8 +192,18 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load, check and shape-infer an ONNX file (external data only from its own folder)."""
+    """Load, check and shape-infer an ONNX file (external data only from its own folder).
+
+    A file this user may not read is a PermissionError naming it and the fix (the environment's problem).
+    """
     path = Path(path)
+    try:
+        return _load_file(path)
+    except PermissionError as exc:
+        raise unreadable(exc, "model", path) from None
+
+
+def _load_file(path: Path) -> LoadedModel:
     label = str(path)
     if not path.exists():
         raise ModelError(f"{label}: no such file. Give the path of an .onnx model.")
@@ -198,12 +218,13 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     if external:
         from onnx.external_data_helper import load_external_data_for_model
 
+        # hashed first: a file this user may not read fails here with its name (onnx's loader hides it)
+        parts = [digest] + [f"{p.name}:{sha256_file(p)}" for p in external]
+        digest = sha256_bytes("|".join(parts).encode())
         try:
             load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:
             raise ModelError(f"{label}: cannot read its external data: {exc}") from None
-        parts = [digest] + [f"{p.name}:{sha256_file(p)}" for p in external]
-        digest = sha256_bytes("|".join(parts).encode())
     proto, opset, upgraded = _prepare(proto, label, path)
     return _loaded(proto, digest, path, opset, upgraded)
 
@@ -323,6 +344,22 @@ def activation_names(proto: onnx.ModelProto, *, include_inputs: bool = True) -> 
     return names
 
 
+def check_float_activations(model: LoadedModel) -> None:
+    """ModelError naming the model when it has no float activation: nothing for INT8 calibration to measure.
+
+    An integer-only graph (ids to ids) or an already quantized one (QLinearConv, integer Q/DQ outputs) has no
+    float tensor whose range could be calibrated; an empty table would be useless.
+    """
+    if activation_names(model.proto):
+        return
+    shown = ", ".join(f"{t.name!r} {t.dtype}" for t in model.inputs[:4]) or "none"
+    quantized = sorted({n.op_type for n in model.proto.graph.node if n.op_type.startswith(("QLinear", "Quantize"))})
+    hint = (f" It holds {', '.join(quantized)}: it is already quantized; calibrate the float model it was made from."
+            if quantized else " INT8 calibration measures float activations; this model needs no calibration table.")
+    raise ModelError(f"{model.label}: has no float activation tensors to calibrate (inputs: {shown}; "
+                     f"no node outputs float32/float16).{hint}")
+
+
 def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of ``proto`` whose graph also outputs ``names`` (for intermediate reads)."""
     out = onnx.ModelProto()
@@ -340,14 +377,6 @@ def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
         out.graph.output.append(vi)
         existing.add(name)
     return out
-
-
-def initializer_array(init: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(init)
-
-
-def input_feed_specs(model: LoadedModel) -> Sequence[TensorSpec]:
-    return model.inputs
 
 
 def outer_names(graph: onnx.GraphProto) -> set[str]:
