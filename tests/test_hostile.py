@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -882,8 +883,11 @@ def test_degenerate_range_is_named(amax: float, assets: Path, tmp_path: Path,
     doc["tensors"]["relu1"].update(amax=amax, max=amax, scale=amax / 127)
     (t / "tiny.json").write_text(json.dumps(doc))
     before = snapshot(t)
-    code, out, err = run_in_process(["build", str(t / "model.onnx"), "--table", str(t / "tiny.json"),
-                                     "--out", str(t / "out")], capfd)
+    with warnings.catch_warnings(record=True) as caught:  # under pytest a Python warning does not reach stderr
+        warnings.simplefilter("always")
+        code, out, err = run_in_process(["build", str(t / "model.onnx"), "--table", str(t / "tiny.json"),
+                                         "--out", str(t / "out")], capfd)
+    err += "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
     _verdict_or_warning(code, out, err, "build", "relu1", t)
     assert_nothing_else_changed(before, snapshot(t), ("out", "out/*") if code == 0 else ())
 
