@@ -36,7 +36,8 @@ import onnx
 
 from ..backends import Backend
 from ..errors import CompareError
-from ..plan import FusionGroup, topological_order
+from ..graph import topological_order
+from ..plan import FusionGroup
 from ..quantize import Provenance, WrittenModel
 from .layers import Layer, ReferenceGraph
 from .submodel import build_runner, has_subgraph, node_reads, submodel, typed_specs

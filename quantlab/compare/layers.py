@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..graph import LoadedModel, tensor_specs
-from ..plan import FusionGroup, constant_names, fusion_groups, node_names, topological_order
+from ..graph import LoadedModel, tensor_specs, topological_order
+from ..plan import FusionGroup, constant_names, fusion_groups, node_names
 from .options import CompareOptions
 
 __all__ = ["Layer", "ReferenceGraph", "analyse_reference", "elements_per_sample", "layers_per_group", "chunks"]

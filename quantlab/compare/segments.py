@@ -23,7 +23,7 @@ import onnx
 
 from ..backends import Backend, Runner
 from ..errors import CompareError
-from ..plan import topological_order
+from ..graph import topological_order
 from .submodel import build_runner, node_reads, submodel, typed_specs
 
 __all__ = ["StagedModel"]

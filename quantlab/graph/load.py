@@ -1,4 +1,4 @@
-"""Loading ONNX models safely, and the graph queries every other module needs.
+"""Loading ONNX models safely: parse, check, shape-infer, upgrade the opset, refuse escaping external data.
 
 A model is data, never code: it is parsed with protobuf, checked with the ONNX
 checker, shape-inferred, and its external-data paths are refused when they
@@ -9,7 +9,6 @@ QuantizeLinear/DequantizeLinear needs opset 13.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,15 +16,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .environment import unreadable
-from .errors import ModelError
-from .fingerprint import sha256_bytes, sha256_file
+from ..environment import unreadable
+from ..errors import ModelError
+from ..fingerprint import sha256_bytes, sha256_file
+from .topology import topological_nodes
 
-__all__ = [
-    "MIN_OPSET", "TensorSpec", "LoadedModel", "load_model", "model_from_proto", "serialize", "tensor_specs",
-    "activation_names", "check_float_activations", "with_outputs", "topological_nodes", "producer_map",
-    "consumer_map", "initializer_map", "default_opset", "outer_names",
-]
+__all__ = ["MIN_OPSET", "TensorSpec", "LoadedModel", "load_model", "model_from_proto", "serialize",
+           "tensor_specs", "default_opset", "activation_names", "check_float_activations"]
 
 MIN_OPSET = 13
 """Per-channel Q/DQ (``axis`` on QuantizeLinear/DequantizeLinear) needs opset 13."""
@@ -279,47 +276,6 @@ def tensor_specs(proto: onnx.ModelProto) -> dict[str, TensorSpec]:
     return specs
 
 
-def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {i.name: i for i in proto.graph.initializer}
-
-
-def producer_map(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """Tensor name -> the node that produces it."""
-    return {out: node for node in proto.graph.node for out in node.output if out}
-
-
-def consumer_map(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    """Tensor name -> the nodes that read it, in graph order."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in proto.graph.node:
-        for inp in node.input:
-            if inp:
-                consumers.setdefault(inp, []).append(node)
-    return consumers
-
-
-def topological_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Nodes in a topological order (ONNX requires graphs to be sorted; we verify)."""
-    known = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
-    pending = list(proto.graph.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        progressed = False
-        rest = []
-        for node in pending:
-            if all((not i) or i in known for i in node.input):
-                ordered.append(node)
-                known.update(o for o in node.output if o)
-                progressed = True
-            else:
-                rest.append(node)
-        if not progressed:
-            names = ", ".join(repr(n.name or n.op_type) for n in rest[:5])
-            raise ModelError(f"the graph has a cycle or reads undefined tensors at nodes {names}")
-        pending = rest
-    return ordered
-
-
 def activation_names(proto: onnx.ModelProto, *, include_inputs: bool = True) -> list[str]:
     """Float activation tensors in topological order: graph inputs and node outputs.
 
@@ -358,36 +314,3 @@ def check_float_activations(model: LoadedModel) -> None:
             if quantized else " INT8 calibration measures float activations; this model needs no calibration table.")
     raise ModelError(f"{model.label}: has no float activation tensors to calibrate (inputs: {shown}; "
                      f"no node outputs float32/float16).{hint}")
-
-
-def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``proto`` whose graph also outputs ``names`` (for intermediate reads)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    existing = {o.name for o in out.graph.output}
-    value_info = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input)}
-    for name in names:
-        if name in existing:
-            continue
-        if name in value_info:
-            vi = onnx.ValueInfoProto()
-            vi.CopyFrom(value_info[name])
-        else:
-            vi = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-        out.graph.output.append(vi)
-        existing.add(name)
-    return out
-
-
-def outer_names(graph: onnx.GraphProto) -> set[str]:
-    """Tensors a subgraph reads from enclosing scopes (used but not defined inside it)."""
-    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    used: set[str] = set()
-    for node in graph.node:
-        used.update(t for t in node.input if t)
-        defined.update(o for o in node.output if o)
-        for attr in node.attribute:
-            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                used |= outer_names(body)
-    used.update(o.name for o in graph.output)
-    return used - defined
