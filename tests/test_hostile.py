@@ -122,6 +122,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
          "--out", str(made / "build")],
         ["compare", str(root / "model.onnx"), str(made / "build"), "--data", str(root / "val.toml"),
          "--no-progress", "--bootstrap", "0", "--out", str(made / "cmp")],
+        ["export", "triton", str(made / "build"), "--name", "m", "--repository", str(made / "repo")],
     ]
     for argv in steps:
         assert main(argv) == 0, argv
@@ -131,7 +132,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_workspace(t: Path, assets: Path) -> None:
     """The case folder: model.onnx, data/, val/, calib.toml, val.toml, unlabelled.toml, table.json,
     build/ (a `quantlab build` output), prev_cal/ and prev_cmp/ (earlier calibrate / compare outputs),
-    notes.txt (a user's file)."""
+    repo/m/1 (an earlier `quantlab export triton`), notes.txt (a user's file)."""
     for name in ("model.onnx", "calib.toml", "val.toml", "unlabelled.toml"):
         shutil.copy(assets / name, t / name)
     for name in ("data", "val"):
@@ -140,6 +141,7 @@ def make_workspace(t: Path, assets: Path) -> None:
     shutil.copytree(assets / "made" / "build", t / "build")
     shutil.copytree(assets / "made" / "cal", t / "prev_cal")
     shutil.copytree(assets / "made" / "cmp", t / "prev_cmp")
+    shutil.copytree(assets / "made" / "repo", t / "repo")
     (t / "notes.txt").write_text("my notes: do not delete\n")
 
 
@@ -741,6 +743,10 @@ EXPORT_CASES = [
     Case("export-instances-zero", EXPORT + "--instances 0", 2, ("--instances",)),
     Case("export-version-negative", EXPORT + "--version -1", 2, ("--version",)),
     Case("export-repository-is-a-file", EXPORT.replace("{t}/repo", "{t}/notes.txt"), 2, ("notes.txt",)),
+    Case("export-version-folder-holds-user-notes", EXPORT + "--version 1", 2, ("notes.txt",),
+         write("repo/m/1/notes.txt", "how I tested version 1\n")),
+    Case("export-warmup-folder-holds-user-file", EXPORT, 2, ("my_request.bin",),
+         write("repo/m/warmup/my_request.bin", b"\x00\x01 a request I recorded")),
     Case("export-repository-read-only", EXPORT.replace("{t}/repo", "{t}/ro/repo"), 3, ("ro/repo",), mkdir("ro"),
          deny_writing(Path("ro"))),
     Case("export-repository-disk-full", EXPORT.replace("{t}/repo", "{t}/full/repo"), 3, ("full/repo",), mkdir("full"),
