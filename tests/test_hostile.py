@@ -662,6 +662,10 @@ FLAG_CASES = [
          write("exp.toml", '[model]\npath = "notes.txt"\n[data]\ncalibration = "calib.toml"\n'
                            'validation = "val.toml"\n'),
          outputs=("reports", "reports/*")),
+    Case("run-report-folder-is-a-users-site", "run {t}/exp.toml --quiet --reports-dir {t}/site", 2, ("site/exp",),
+         chain(write("exp.toml", '[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\n'
+                                 'validation = "val.toml"\n[search]\nenabled = false\n'),
+               write("site/exp/index.html", "<h1>my own page</h1>\n"), write("site/exp/plots/logo.png", b"\x89PNG"))),
     Case("report-missing-folder", "report {t}/no_such_report", 2, ("no_such_report",),
          absent=("report_inputs.json here",)),
 ]
