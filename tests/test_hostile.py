@@ -747,10 +747,6 @@ EXPORT_CASES = [
     Case("export-instances-zero", EXPORT + "--instances 0", 2, ("--instances",)),
     Case("export-version-negative", EXPORT + "--version -1", 2, ("--version",)),
     Case("export-repository-is-a-file", EXPORT.replace("{t}/repo", "{t}/notes.txt"), 2, ("notes.txt",)),
-    Case("export-version-folder-holds-user-notes", EXPORT + "--version 1", 2, ("notes.txt",),
-         write("repo/m/1/notes.txt", "how I tested version 1\n")),
-    Case("export-warmup-folder-holds-user-file", EXPORT, 2, ("my_request.bin",),
-         write("repo/m/warmup/my_request.bin", b"\x00\x01 a request I recorded")),
     Case("export-repository-read-only", EXPORT.replace("{t}/repo", "{t}/ro/repo"), 3, ("ro/repo",), mkdir("ro"),
          deny_writing(Path("ro"))),
     Case("export-repository-disk-full", EXPORT.replace("{t}/repo", "{t}/full/repo"), 3, ("full/repo",), mkdir("full"),
@@ -935,6 +931,32 @@ def test_a_later_run_sweeps_stale_temp_entries_it_owns(assets: Path, tmp_path: P
     assert {k: after.get(k) for k in kept} == kept, "files the run does not own changed"
 
 
+KEEP_CASES = [
+    ("export-version-folder-holds-user-notes", EXPORT + "--version 1", "repo/m/1/notes.txt"),
+    ("export-warmup-folder-holds-user-file", EXPORT, "repo/m/warmup/my_request.bin"),
+]
+
+
+@pytest.mark.parametrize(("argv", "users_file"), [c[1:] for c in KEEP_CASES], ids=[c[0] for c in KEEP_CASES])
+def test_a_users_file_in_the_output_is_kept_or_the_command_refuses(
+        argv: str, users_file: str, assets: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A file the user put inside an output folder: the command either leaves it alone (exit 0) or refuses
+    (exit 2, naming it, nothing changed); it never deletes it."""
+    t = tmp_path / "case"
+    t.mkdir()
+    make_workspace(t, assets)
+    write(users_file, "mine, not quantlab's\n")(t)
+    before = snapshot(t)
+    args = shlex.split(_format(argv, t))
+    code, out, err = run_in_process(args, capfd)
+    after = snapshot(t)
+    assert after.get(users_file) == before[users_file], f"the user's {users_file} was removed or changed"
+    if code != 0:
+        assert code == 2, f"exit code {code}, expected 0 (file kept) or 2 (refused); stderr:\n{err}"
+        assert_one_error_line(err, out, args[0], [Path(users_file).name], [], folder=t)
+        assert_nothing_else_changed(before, after, ())
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 
@@ -942,7 +964,7 @@ def _installed(module: str) -> bool:
 
 
 def test_there_are_at_least_60_hostile_cases() -> None:
-    assert len(CASES) + len(SUBPROCESS_CASES) + len(SIGNAL_CASES) >= 60
+    assert len(CASES) + len(SUBPROCESS_CASES) + len(SIGNAL_CASES) + len(KEEP_CASES) >= 60
 
 
 # ─────────────────────────────── a real terminal: subprocess ───────────────────────────────
