@@ -96,6 +96,23 @@ input = "input"
 """
 
 
+EXPERIMENT_TOML = """\
+name = "exp"
+[model]
+path = "model.onnx"
+[data]
+calibration = "calib.toml"
+validation = "val.toml"
+[calibrate]
+methods = ["minmax"]
+[candidates]
+fp16 = false
+int8 = ["minmax"]
+[search]
+enabled = false
+"""
+
+
 def _sample(seed: int, shape: tuple[int, ...] = (3, hm.SIZE, hm.SIZE)) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 1, shape).astype(np.float32)
 
@@ -123,7 +140,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["compare", str(root / "model.onnx"), str(made / "build"), "--data", str(root / "val.toml"),
          "--no-progress", "--bootstrap", "0", "--out", str(made / "cmp")],
         ["export", "triton", str(made / "build"), "--name", "m", "--repository", str(made / "repo")],
+        ["run", str(root / "exp.toml"), "--quiet", "--reports-dir", str(made / "reports")],
     ]
+    (root / "exp.toml").write_text(EXPERIMENT_TOML)
     for argv in steps:
         assert main(argv) == 0, argv
     return root
@@ -132,7 +151,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_workspace(t: Path, assets: Path) -> None:
     """The case folder: model.onnx, data/, val/, calib.toml, val.toml, unlabelled.toml, table.json,
     build/ (a `quantlab build` output), prev_cal/ and prev_cmp/ (earlier calibrate / compare outputs),
-    repo/m/1 (an earlier `quantlab export triton`), notes.txt (a user's file)."""
+    repo/m/1 (an earlier `quantlab export triton`), reports/exp (a link to a `quantlab run` report, read only
+    by the cases), notes.txt (a user's file)."""
     for name in ("model.onnx", "calib.toml", "val.toml", "unlabelled.toml"):
         shutil.copy(assets / name, t / name)
     for name in ("data", "val"):
@@ -142,6 +162,7 @@ def make_workspace(t: Path, assets: Path) -> None:
     shutil.copytree(assets / "made" / "cal", t / "prev_cal")
     shutil.copytree(assets / "made" / "cmp", t / "prev_cmp")
     shutil.copytree(assets / "made" / "repo", t / "repo")
+    (t / "reports").symlink_to(assets / "made" / "reports", target_is_directory=True)
     (t / "notes.txt").write_text("my notes: do not delete\n")
 
 
@@ -666,6 +687,14 @@ FLAG_CASES = [
          chain(write("exp.toml", '[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\n'
                                  'validation = "val.toml"\n[search]\nenabled = false\n'),
                write("site/exp/index.html", "<h1>my own page</h1>\n"), write("site/exp/plots/logo.png", b"\x89PNG"))),
+    Case("report-compare-out-holds-users-page", "report --compare {t}/reports/exp {t}/reports/exp --out {t}/site", 2,
+         ("site",), write("site/index.html", "<h1>my own page</h1>\n")),
+    Case("report-compare-out-read-only", "report --compare {t}/reports/exp {t}/reports/exp --out {t}/ro/cmp", 3,
+         ("ro/cmp",), mkdir("ro"), deny_writing(Path("ro"))),
+    Case("report-compare-out-disk-full", "report --compare {t}/reports/exp {t}/reports/exp --out {t}/full/cmp", 3,
+         ("full/cmp",), mkdir("full"), disk_full(Path("full"))),
+    Case("report-rerender-disk-full", "report {t}/myreport", 3, ("myreport",),
+         lambda t: shutil.copytree(t / "reports" / "exp", t / "myreport"), disk_full(Path("myreport"))),
     Case("report-missing-folder", "report {t}/no_such_report", 2, ("no_such_report",),
          absent=("report_inputs.json here",)),
 ]
