@@ -151,8 +151,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_workspace(t: Path, assets: Path) -> None:
     """The case folder: model.onnx, data/, val/, calib.toml, val.toml, unlabelled.toml, table.json,
     build/ (a `quantlab build` output), prev_cal/ and prev_cmp/ (earlier calibrate / compare outputs),
-    repo/m/1 (an earlier `quantlab export triton`), reports/exp (a link to a `quantlab run` report, read only
-    by the cases), notes.txt (a user's file)."""
+    repo/m/1 (an earlier `quantlab export triton`), shared/exp (a link to a `quantlab run` report that no case
+    writes to), notes.txt (a user's file)."""
     for name in ("model.onnx", "calib.toml", "val.toml", "unlabelled.toml"):
         shutil.copy(assets / name, t / name)
     for name in ("data", "val"):
@@ -162,7 +162,7 @@ def make_workspace(t: Path, assets: Path) -> None:
     shutil.copytree(assets / "made" / "cal", t / "prev_cal")
     shutil.copytree(assets / "made" / "cmp", t / "prev_cmp")
     shutil.copytree(assets / "made" / "repo", t / "repo")
-    (t / "reports").symlink_to(assets / "made" / "reports", target_is_directory=True)
+    (t / "shared").symlink_to(assets / "made" / "reports", target_is_directory=True)
     (t / "notes.txt").write_text("my notes: do not delete\n")
 
 
@@ -687,14 +687,14 @@ FLAG_CASES = [
          chain(write("exp.toml", '[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\n'
                                  'validation = "val.toml"\n[search]\nenabled = false\n'),
                write("site/exp/index.html", "<h1>my own page</h1>\n"), write("site/exp/plots/logo.png", b"\x89PNG"))),
-    Case("report-compare-out-holds-users-page", "report --compare {t}/reports/exp {t}/reports/exp --out {t}/site", 2,
+    Case("report-compare-out-holds-users-page", "report --compare {t}/shared/exp {t}/shared/exp --out {t}/site", 2,
          ("site",), write("site/index.html", "<h1>my own page</h1>\n")),
-    Case("report-compare-out-read-only", "report --compare {t}/reports/exp {t}/reports/exp --out {t}/ro/cmp", 3,
+    Case("report-compare-out-read-only", "report --compare {t}/shared/exp {t}/shared/exp --out {t}/ro/cmp", 3,
          ("ro/cmp",), mkdir("ro"), deny_writing(Path("ro"))),
-    Case("report-compare-out-disk-full", "report --compare {t}/reports/exp {t}/reports/exp --out {t}/full/cmp", 3,
+    Case("report-compare-out-disk-full", "report --compare {t}/shared/exp {t}/shared/exp --out {t}/full/cmp", 3,
          ("full/cmp",), mkdir("full"), disk_full(Path("full"))),
     Case("report-rerender-disk-full", "report {t}/myreport", 3, ("myreport",),
-         lambda t: shutil.copytree(t / "reports" / "exp", t / "myreport"), disk_full(Path("myreport"))),
+         lambda t: shutil.copytree(t / "shared" / "exp", t / "myreport"), disk_full(Path("myreport"))),
     Case("report-missing-folder", "report {t}/no_such_report", 2, ("no_such_report",),
          absent=("report_inputs.json here",)),
 ]
