@@ -804,6 +804,9 @@ SWEEP_CASES = [
          write("sweep.toml", SWEEP_TOML.replace('["minmax"]', '["kmeans"]'))),
     Case("sweep-processes-zero", "sweep {t}/sweep.toml --processes 0 --reports-dir {t}/reports", 2, ("--processes",),
          write("sweep.toml", SWEEP_TOML)),
+    Case("sweep-report-folder-is-a-users-site", "sweep {t}/sweep.toml --quiet --reports-dir {t}/site", 2,
+         ("site/hostile",), chain(write("sweep.toml", SWEEP_TOML), write("site/hostile/index.html", "<h1>mine</h1>\n"),
+                                  write("site/hostile/plots/logo.png", b"\x89PNG"))),
     Case("sweep-reports-dir-read-only", "sweep {t}/sweep.toml --quiet --reports-dir {t}/ro", 3, ("ro",),
          chain(mkdir("ro"), write("sweep.toml", SWEEP_TOML)), deny_writing(Path("ro")), refused_before_work=True),
 ]
