@@ -38,26 +38,34 @@ TOP_TENSORS = 10
 
 
 def _percentile(text: str) -> float:
+    from ..methods import percentile_error
+
     value = float(text)
-    if not 0.0 < value <= 100.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {value}")
+    error = percentile_error(value)
+    if error:
+        raise argparse.ArgumentTypeError(error)
     return value
 
 
 def register(subparsers: Any) -> None:
-    # NOTE: these constants should come from the light quantlab/methods.py registry once it exists
-    # (importing quantlab.calibrate loads numba and onnx: seconds of start-up for `calibrate --help`).
-    from ..calibrate import ALL_METHODS, DEFAULT_BATCH_SIZE, DEFAULT_PERCENTILE
-    from ..calibrators import METHODS
-    from ..stats import TENSOR_SCOPES
+    from ..methods import (
+        ALL,
+        ALL_METHODS,
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_METHOD,
+        DEFAULT_PERCENTILE,
+        METHOD_NAMES,
+        TENSOR_SCOPES,
+    )
     from ..table import TRT_CACHE_VERSION
 
     p = add_command(subparsers, "calibrate", __doc__, HELP)
     p.add_argument("model", type=path_arg, help="FP32 ONNX model file")
     p.add_argument("--calib", type=path_arg, required=True, metavar="TOML",
                    help="calibration set manifest, e.g. calib_sets/NAME.toml")
-    p.add_argument("--method", choices=[*METHODS, "all"], default="entropy",
-                   help="calibration method; 'all' = " + ", ".join(ALL_METHODS) + " from one pass (default entropy)")
+    p.add_argument("--method", choices=[*METHOD_NAMES, ALL], default=DEFAULT_METHOD,
+                   help=f"calibration method; '{ALL}' = " + ", ".join(ALL_METHODS) + f" from one pass (default "
+                        f"{DEFAULT_METHOD})")
     p.add_argument("--percentile", type=_percentile, default=DEFAULT_PERCENTILE,
                    help=f"percentile of |x| kept by the percentile method (default {DEFAULT_PERCENTILE})")
     p.add_argument("--entropy-keep-zeros", action="store_true",
@@ -107,10 +115,10 @@ def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS) -> Any:
 
 def owned_files() -> tuple[str, ...]:
     """The files a calibrate run writes into --out (the only ones a rerun may replace)."""
-    from ..calibrators import METHODS
+    from ..methods import METHOD_NAMES
 
     names = [RUN_RECORD, "statistics.npz", "data_summary.json", "calibration.cache"]
-    for method in METHODS:
+    for method in METHOD_NAMES:
         names += [f"calib_{method}.json", f"calibration_{method}.cache"]
     return tuple(names)
 
@@ -154,14 +162,15 @@ def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from ..calibrate import ALL_METHODS, calibrate
+    from ..calibrate import calibrate
+    from ..methods import resolve_methods
     from ..graph import load_model
     from ..stats import scope_tensors
 
     prepare_output(args.out, owned_files(), command="calibrate", inputs=[args.model, args.calib])
     model = load_model(args.model)
     dataset = _load_dataset(args.calib)
-    methods = list(ALL_METHODS) if args.method == "all" else [args.method]
+    methods = list(resolve_methods(args.method))
     tensors = scope_tensors(model.proto, args.tensors)
     print(f"quantlab calibrate: {model.label}: {len(tensors)} tensors, method(s) {', '.join(methods)}",
           file=sys.stderr, flush=True)
