@@ -1153,8 +1153,9 @@ def test_hostile_cli_in_a_real_process(case: SubCase, launched: dict[str, Launch
 # ─────────────────────────────── signals ───────────────────────────────
 
 PAUSING_QUANTLAB = """\
-import os, pathlib, runpy, sys, time
+import faulthandler, os, pathlib, runpy, signal, sys, time
 marker, when = pathlib.Path(sys.argv[1]), sys.argv[2]
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack if it hangs
 
 def pause():
     marker.touch()
@@ -1216,7 +1217,14 @@ def test_signal(case: SignalCase, launched: dict[str, Launched]) -> None:
             assert time.monotonic() < deadline, "never reached the pause point"
             time.sleep(0.05)
         proc.send_signal(case.signum)
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"still running 60 s after {signal.Signals(case.signum).name}; its threads:\n{err}")
     finally:
         if proc.poll() is None:
             proc.kill()
