@@ -91,14 +91,20 @@ def _plan(args: argparse.Namespace) -> tuple[PrecisionPlan, str]:
     return uniform_plan(precision), precision
 
 
-def _table(args: argparse.Namespace) -> CalibrationTable | None:
-    from ..table import read_table, read_trt_cache
+def _table(args: argparse.Namespace, model: Any) -> CalibrationTable | None:
+    """The --table / --trt-cache ranges, checked against the model (the error names the file)."""
+    from ..errors import CalibrationError
+    from ..table import check_table_fits, read_table, read_trt_cache
 
-    if args.table is not None:
-        return read_table(args.table)
-    if args.trt_cache is not None:
-        return read_trt_cache(args.trt_cache)
-    return None
+    path = args.table if args.table is not None else args.trt_cache
+    if path is None:
+        return None
+    table = read_table(path) if args.table is not None else read_trt_cache(path)
+    try:
+        check_table_fits(table, model)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{path}: {exc}") from None
+    return table
 
 
 def _options(args: argparse.Namespace) -> WriteOptions:
@@ -181,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_output(args.out, BUILD_FILES, command="build")
     model = load_model(args.model)
     plan, label = _plan(args)
-    table = _table(args)
+    table = _table(args, model)
     options = _options(args)
     shapes = _shapes(args, model, table)
     written = write_model(model, plan, table, options)
