@@ -126,8 +126,13 @@ def _warmup_files(data: DataSet, io: ModelIO, batched: bool) -> dict[str, tuple[
     return out
 
 
-def _profiles(io: ModelIO, max_batch_size: int) -> dict[str, tuple[str, str, str]]:
-    """TensorRT EP profiles (min, opt, max shapes) when the batch is the only dynamic dim."""
+def _profiles(io: ModelIO, max_batch_size: int, recorded: Mapping[str, Any] | None = None,
+              ) -> dict[str, tuple[str, str, str]]:
+    """TensorRT EP profiles (min, opt, max shapes): the build's own (``engine.json`` ``profiles``), else
+    batch 1 .. max_batch_size when the batch is the only dynamic dim."""
+    if recorded:
+        return {name: tuple("x".join(str(d) for d in shape) for shape in shapes)  # type: ignore[misc]
+                for name, shapes in recorded.items()}
     if max_batch_size <= 0:
         return {}
     profiles = {}
@@ -173,7 +178,8 @@ def export_triton(source: ExportSource, repository: str | Path, options: TritonO
     names = {name: f"{i:02d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}" for i, name in enumerate(warm)}
     config = render(model_config(
         options, io, max_batch_size=max_batch, precision=precision, preferred_batch_sizes=preferred,
-        profiles=_profiles(io, max_batch) if options.platform == "onnxruntime" else {},
+        profiles=(_profiles(io, max_batch, (source.engine_info or {}).get("profiles"))
+                  if options.platform == "onnxruntime" else {}),
         warmup={n: (spec, dims, names[n]) for n, (spec, dims, _) in warm.items()},
         parameters=parameters))
     made = [d for d in (model_dir, *model_dir.parents) if not d.exists()]  # what a failure must not leave
