@@ -22,6 +22,7 @@ from typing import Any
 from .errors import QuantlabError
 
 __all__ = [
+    "read_toml_text",
     "Key",
     "Where",
     "check_table",
@@ -164,3 +165,17 @@ def check_table(table: Mapping[str, Any], schema: Mapping[str, Key], where: Wher
         if not spec.check(value):
             raise error(f"{where.at(section, index, key)}: must be {spec.expect}, got {show(value)}. "
                         f"Write it like: {spec.example}")
+
+
+def read_toml_text(path: str | Path, *, kind: str, example: str, error: type[QuantlabError]) -> str:
+    """The text of the TOML file ``path`` (an experiment file, a sweep file...), or ``error`` naming it.
+
+    ``kind`` names the file for the message (``"experiment file"``), ``example`` is a path to suggest.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such {kind}. Give the path of a TOML file such as {example}.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not a UTF-8 text file ({exc}); a {kind} is TOML.") from None

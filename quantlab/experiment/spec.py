@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ExperimentError, InputMismatchError, ThresholdError
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
-from ..schema import Key, Where, check_table, is_int, is_num, non_empty_str, one_of, show
+from ..schema import Key, Where, check_table, read_toml_text, is_int, is_num, non_empty_str, one_of, show
 from ..shapes import SHAPES_GRAMMAR, parse_shapes
 from ..threshold import parse_threshold
 from ..zoo import ZOO_MODELS
@@ -253,12 +253,5 @@ def _check_threshold(expr: str, where: str) -> None:
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment file (see the package docstring for its keys)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExperimentError(f"{path}: no such experiment file. Give the path of a TOML file such as "
-                              "experiments/demo.toml.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ExperimentError(f"{path}: not a UTF-8 text file ({exc}); an experiment file is TOML.") from None
-    return parse_experiment(text, source=path.resolve())
+    text = read_toml_text(path, kind="experiment file", example="experiments/demo.toml", error=ExperimentError)
+    return parse_experiment(text, source=Path(path).resolve())

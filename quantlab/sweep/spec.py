@@ -34,7 +34,7 @@ from typing import Any
 from ..errors import ExperimentError, ThresholdError
 from ..experiment import CALIBRATORS, TARGETS
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
-from ..schema import Key, Where, check_table, is_int, is_num, non_empty_str, one_of
+from ..schema import Key, Where, check_table, read_toml_text, is_int, is_num, non_empty_str, one_of
 from ..threshold import parse_threshold
 from ..zoo import ZOO_MODELS
 
@@ -179,12 +179,5 @@ def parse_sweep(text: str, *, source: Path | None = None, base: Path | None = No
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep file (see the module docstring for its keys)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExperimentError(f"{path}: no such sweep file. Give the path of a TOML file such as "
-                              "experiments/sweep_demo.toml.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ExperimentError(f"{path}: not a UTF-8 text file ({exc}); a sweep file is TOML.") from None
-    return parse_sweep(text, source=path.resolve())
+    text = read_toml_text(path, kind="sweep file", example="experiments/sweep_demo.toml", error=ExperimentError)
+    return parse_sweep(text, source=Path(path).resolve())
