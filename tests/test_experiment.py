@@ -212,6 +212,7 @@ def test_failed_run_leaves_no_finished_report(tmp_path: Path) -> None:
     report = tmp_path / "reports" / "small"
     report.mkdir(parents=True)
     (report / "index.html").write_text("<html>an old report</html>")
+    (report / "manifest.json").write_text('{"status": "complete"}')  # what marks a folder as a run's report
     from quantlab.errors import QuantlabError
 
     with pytest.raises(QuantlabError):
