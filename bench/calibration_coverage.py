@@ -1,0 +1,163 @@
+"""Calibration coverage demo: a biased calibration set, caught by `quantlab coverage`, fixed by merged statistics.
+
+    python bench/calibration_coverage.py [--method entropy] [--work /tmp/quantlab-coverage] [--out bench/results/calibration_coverage.json]
+
+Real data shipped by installed packages, EfficientNet-Lite0 from quantlab.zoo (the demo extra):
+
+1. calibrate on a BIASED set: the demo calibration photos darkened to 30 % brightness
+   (bench/coverage_sets/demo_calib_dark.toml, preprocessing hook dark.py), and on the same photos
+   at normal brightness (calib_sets/demo_calib.toml: the unbiased calibration);
+2. `quantlab coverage` of the dark table on the representative validation set (demo_val.toml: 20
+   labelled ImageNet photos from foolbox) and on the normal-brightness photos (standing in for
+   production samples): which tensors and which samples fall outside the calibrated ranges;
+3. recalibrate WITHOUT running the model: merge the dark statistics with the production set's
+   statistics that coverage wrote (quantlab.coverage.merge_statistics), one table per method;
+4. build INT8 (TensorRT Q/DQ form, simulated on ONNX Runtime) from the dark, unbiased and merged
+   tables and compare each with FP32 on the validation set: top-1 accuracy and drop, cosine;
+5. coverage of the unbiased and merged tables on the validation set (the gate should pass).
+
+Prints a table and writes JSON (bench/results/calibration_coverage.json). Every step runs the `quantlab` CLI
+in a subprocess, as a user would (except the merge, a library call until `calibrate --stats` exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DARK = ROOT / "bench" / "coverage_sets" / "demo_calib_dark.toml"
+NORMAL = ROOT / "calib_sets" / "demo_calib.toml"
+VAL = ROOT / "calib_sets" / "demo_val.toml"
+
+
+def _quantlab(*args: str, ok: tuple[int, ...] = (0,)) -> tuple[int, float]:
+    """Run ``python -m quantlab ARGS`` from the repository root; (exit code, seconds)."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "quantlab", *args], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    seconds = time.perf_counter() - start
+    if proc.returncode not in ok:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"quantlab {' '.join(args[:2])} exited {proc.returncode}")
+    print(f"  quantlab {' '.join(a if len(a) < 60 else '...' for a in args[:1])}: exit {proc.returncode}, "
+          f"{seconds:.0f} s", flush=True)
+    return proc.returncode, seconds
+
+
+def _merged_table(dark: Path, production: Path, method: str, out: Path) -> Path:
+    """The table of ``method`` from dark ∪ production statistics (no model run)."""
+    from quantlab.calibrate import table_from_statistics
+    from quantlab.coverage import merge_statistics
+    from quantlab.stats import load_statistics, save_statistics
+    from quantlab.table import write_table
+
+    merged = merge_statistics([load_statistics(dark), load_statistics(production)],
+                              labels=[str(dark), str(production)])
+    out.mkdir(parents=True, exist_ok=True)
+    save_statistics(merged, out / "statistics.npz")
+    table = table_from_statistics(merged, method, calib_set={"merged": [str(dark), str(production)],
+                                                             "count": merged.samples})
+    return write_table(table, out / f"calib_{method}.json")
+
+
+def _accuracy(compare_dir: Path) -> dict[str, dict[str, float]]:
+    import pandas as pd
+
+    df = pd.read_csv(compare_dir / "end_to_end.csv")
+    cols = ["ref_top1", "top1", "top1_drop", "top1_drop_ci_low", "top1_drop_ci_high", "top1_agreement", "cosine"]
+    return {row["candidate"]: {c: float(row[c]) for c in cols if c in row} for _, row in df.iterrows()}
+
+
+def _coverage_summary(folder: Path) -> dict[str, Any]:
+    doc = json.loads((folder / "coverage.json").read_text())
+    out: dict[str, Any] = {"verdict": doc["verdict"], "sets": {}}
+    for d in doc["datasets"]:
+        rows = [r for r in doc["rows"] if r["dataset"] == d["name"]]
+        worst = sorted(rows, key=lambda r: -(r["psi_excess"] if r["psi_excess"] == r["psi_excess"] else -1))[:5]
+        out["sets"][d["name"]] = {
+            "samples": d["samples"],
+            "tensors": len(rows),
+            "tensors_flagged": sum(1 for f in doc["verdict"]["failing_tensors"] if f["dataset"] == d["name"]),
+            "saturated_max": max(r["saturated"] for r in rows),
+            "outside_samples_max": max(r["outside_samples"] for r in rows),
+            "psi_max": max(r["psi"] for r in rows),
+            "worst_tensors": [{k: r[k] for k in ("tensor", "psi", "psi_ci_low", "psi_ci_high", "psi_noise",
+                                                  "saturated", "saturated_samples", "outside_samples")}
+                              for r in worst],
+            "worst_samples": d["worst_samples"][:5],
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile"])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/quantlab-coverage"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "calibration_coverage.json")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from quantlab.zoo import zoo_model_path
+
+    model = str(zoo_model_path("efficientnet_lite0"))
+    w, m = args.work, args.method
+    times: dict[str, float] = {}
+    print("1. calibrate (biased: dark photos; unbiased: the same photos)")
+    times["calibrate_dark"] = _quantlab("calibrate", model, "--calib", str(DARK), "--method", "all",
+                                        "--no-progress", "--out", str(w / "calib_dark"))[1]
+    times["calibrate_normal"] = _quantlab("calibrate", model, "--calib", str(NORMAL), "--method", "all",
+                                          "--no-progress", "--out", str(w / "calib_normal"))[1]
+    print("2. coverage of the dark table on the validation set and on production samples")
+    code_dark, times["coverage_dark"] = _quantlab(
+        "coverage", model, "--table", str(w / "calib_dark" / f"calib_{m}.json"), "--data", str(VAL),
+        "--data", str(NORMAL), "--out", str(w / "coverage_dark"), ok=(0, 1))
+    print("3. recalibrate from merged statistics (dark + production, no model run)")
+    start = time.perf_counter()
+    merged = _merged_table(w / "calib_dark" / "statistics.npz", w / "coverage_dark" / "demo_calib" / "statistics.npz",
+                           m, w / "calib_merged")
+    times["merge_and_table"] = time.perf_counter() - start
+    print("4. build INT8 from each table and compare with FP32 on the validation set")
+    builds = {}
+    for name, table in (("dark", w / "calib_dark" / f"calib_{m}.json"),
+                        ("unbiased", w / "calib_normal" / f"calib_{m}.json"), ("merged", merged)):
+        builds[name] = w / "build" / name
+        _quantlab("build", model, "--table", str(table), "--precision", "int8", "--target", "tensorrt",
+                  "--out", str(builds[name]))
+    times["compare"] = _quantlab("compare", model, *[str(p) for p in builds.values()], "--data", str(VAL),
+                                 "--no-per-layer", "--no-progress", "--out", str(w / "compare"))[1]
+    print("5. coverage of the unbiased and merged tables on the validation set")
+    code_normal, _ = _quantlab("coverage", model, "--table", str(w / "calib_normal" / f"calib_{m}.json"),
+                               "--data", str(VAL), "--out", str(w / "coverage_normal"), ok=(0, 1))
+    code_merged, _ = _quantlab("coverage", model, "--table", str(merged), "--data", str(VAL),
+                               "--out", str(w / "coverage_merged"), ok=(0, 1))
+    accuracy = _accuracy(w / "compare")
+    result = {
+        "model": "efficientnet_lite0", "method": m, "times_s": times,
+        "exit_codes": {"coverage_dark": code_dark, "coverage_unbiased": code_normal, "coverage_merged": code_merged},
+        "accuracy": accuracy,
+        "coverage": {"dark": _coverage_summary(w / "coverage_dark"),
+                     "unbiased": _coverage_summary(w / "coverage_normal"),
+                     "merged": _coverage_summary(w / "coverage_merged")},
+    }
+    print(f"\n{'calibration':<10} {'top1 %':>7} {'drop pp':>8} {'cosine':>8} {'coverage exit':>14} "
+          f"{'psi_max (val)':>14} {'saturated_max':>14} {'flagged':>8}")
+    for name, key in (("dark", "coverage_dark"), ("unbiased", "coverage_unbiased"), ("merged", "coverage_merged")):
+        acc = accuracy.get(name, {})
+        val = result["coverage"][name]["sets"]["demo_val"]
+        print(f"{name:<10} {acc.get('top1', float('nan')):>7.2f} {acc.get('top1_drop', float('nan')):>8.2f} "
+              f"{acc.get('cosine', float('nan')):>8.4f} {result['exit_codes'][key]:>14} {val['psi_max']:>14.3f} "
+              f"{val['saturated_max']:>14.4f} {val['tensors_flagged']:>8}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, sort_keys=True, default=float) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

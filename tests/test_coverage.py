@@ -1,0 +1,265 @@
+"""Calibration coverage: shifts are flagged, the same distribution is not, merged statistics equal one pass."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+import models
+from quantlab.calibrate import calibrate
+from quantlab.cli import main
+from quantlab.coverage import (
+    CoverageOptions,
+    check_coverage,
+    load_coverage,
+    merge_states,
+    merge_statistics,
+    parse_gate,
+)
+from quantlab.coverage.bins import bin_per_sample, tensor_bins
+from quantlab.coverage.blocks import BlockCounts, SampleScore, WorstSamples
+from quantlab.coverage.distance import psi
+from quantlab.data import from_arrays
+from quantlab.errors import CalibrationError, ThresholdError
+from quantlab.graph import model_from_proto
+from quantlab.histogram import AbsHistogram
+from quantlab.stats import collect_statistics
+
+MODEL = model_from_proto(models.conv_net())
+
+
+def draw(n: int, seed: int, *, scale: float = 1.0, noise: float = 0.0, mode: float = 0.0) -> dict[str, np.ndarray]:
+    """Images with a per-sample brightness and contrast (samples differ, as photos do).
+
+    ``scale`` multiplies every input, ``noise`` adds Gaussian noise of that std, ``mode`` is the share of
+    samples from a mode calibration never saw (a bright, saturated first channel).
+    """
+    rng = np.random.default_rng(seed)
+    contrast = rng.uniform(0.6, 1.4, (n, 1, 1, 1))
+    offset = rng.uniform(-0.3, 0.3, (n, 1, 1, 1))
+    x = offset + contrast * rng.normal(0.0, 1.0, (n, 3, 16, 16))
+    x = x * scale + noise * rng.normal(0.0, 1.0, x.shape)
+    unseen = np.arange(n) < round(mode * n)
+    x[unseen, 0] = 3.0 + 0.5 * rng.normal(0.0, 1.0, (int(unseen.sum()), 16, 16))
+    return {"input": x.astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    result = calibrate(MODEL, from_arrays(draw(128, 0), name="calib"), ["entropy", "minmax"])
+    return result
+
+
+def _check(calibration, feeds, method="entropy", gate=None, seed=0):
+    data = from_arrays(feeds, name="check")
+    return check_coverage(MODEL, [data], calibration.tables[method], calibration.statistics,
+                          options=CoverageOptions(gate=gate, seed=seed, resamples=200))
+
+
+# ───────────────────────── shifts flagged, no shift not flagged ─────────────────────────
+
+
+@pytest.mark.parametrize("shift", [{"scale": 1.6}, {"noise": 1.0}, {"mode": 0.25}], ids=["scaled", "noise", "mode"])
+def test_synthetic_shift_is_flagged(calibration, shift):
+    result = _check(calibration, draw(128, 1, **shift))
+    verdict = result.verdict()
+    assert verdict["fails"], verdict
+    assert verdict["failing_tensors"], "the failing tensors are named"
+    assert result.summary["psi_ci_low_max"] > 0.25
+
+
+def test_unseen_mode_names_its_samples(calibration):
+    result = _check(calibration, draw(128, 1, mode=0.1))  # samples 0..12 come from the unseen mode
+    worst = [s["key"] for s in result.datasets[0].worst_samples[:10]]
+    unseen = {f"check[{i}]" for i in range(13)}
+    assert set(worst) <= unseen, worst
+    assert result.datasets[0].worst_samples[0]["tensors_outside"] >= 1
+
+
+def test_minmax_saturation_counts_values_beyond_the_calibration_range(calibration):
+    same = _check(calibration, draw(128, 1), method="minmax")
+    scaled = _check(calibration, draw(128, 1, scale=2.0), method="minmax")
+    row = {r["tensor"]: r for r in scaled.datasets[0].rows}["input"]
+    x = np.abs(draw(128, 1, scale=2.0)["input"])
+    amax = calibration.tables["minmax"].ranges["input"].amax
+    assert row["saturated"] == pytest.approx(np.mean(x > amax), abs=1e-12)
+    assert row["saturated_samples"] == pytest.approx(np.mean((x > amax).reshape(128, -1).any(axis=1)))
+    assert max(r["saturated"] for r in same.datasets[0].rows) < 1e-3
+    assert scaled.summary["saturated_max"] > 0.01
+    assert parse_gate("saturated_max>0.01") and _gate(scaled, "saturated_max>0.01")
+    assert not _gate(same, "saturated_max>0.01")
+
+
+def _gate(result, text):
+    return type(result)(result.datasets, text, result.table, result.calibration).verdict()["fails"]
+
+
+def test_same_distribution_false_alarm_rate(calibration):
+    """20 fresh draws of the calibration distribution: the default gate must stay quiet (rate measured)."""
+    alarms = []
+    excess = []
+    for seed in range(1, 21):
+        result = _check(calibration, draw(128, 100 + seed), seed=seed)
+        alarms.append(result.verdict()["fails"])
+        excess.append(result.summary["psi_excess_max"])
+    rate = float(np.mean(alarms))
+    print(f"false-alarm rate {rate:.2f} over 20 seeds; psi_excess_max up to {max(excess):.4f}")
+    assert rate <= 0.05
+    assert max(excess) < 0.1  # well below the 0.25 of the default gate
+
+
+def test_bootstrap_interval_covers_the_point_and_narrows_with_samples(calibration):
+    small = _check(calibration, draw(32, 5)).datasets[0].rows
+    large = _check(calibration, draw(256, 5)).datasets[0].rows
+    for rows in (small, large):
+        for r in rows:
+            assert r["psi_ci_low"] <= r["psi_ci_high"]
+    width = lambda rows: np.median([r["psi_ci_high"] - r["psi_ci_low"] for r in rows])  # noqa: E731
+    assert width(large) < width(small)
+
+
+def test_gate_language(calibration):
+    with pytest.raises(ThresholdError, match="unknown metric"):
+        parse_gate("top1_drop>0.5")
+    result = _check(calibration, draw(16, 3), gate="psi_max>100")
+    assert not result.verdict()["fails"]
+    assert _gate(result, "saturated_samples_max>=0")  # holds: gate fails
+    one = _check(calibration, draw(1, 3), gate="psi_ci_low_max>0.25")  # one sample: no interval
+    assert math.isnan(one.summary["psi_ci_low_max"])
+    assert one.verdict()["fails"] and one.verdict()["unknown"]
+
+
+# ───────────────────────── reducers ─────────────────────────
+
+
+def test_bins_per_sample_match_numpy():
+    rng = np.random.default_rng(0)
+    acc = AbsHistogram(1024)
+    acc.update(rng.normal(0, 1, 5000))
+    acc.update(np.zeros(500))
+    bins = tensor_bins(acc.state(), amax=2.0)
+    batch = rng.normal(0, 1.5, (4, 300)).astype(np.float32)
+    batch[0, :10] = 0.0
+    batch[1, :3] = [np.nan, np.inf, -1e31]
+    got = bin_per_sample(batch, bins, huge=1e30)
+    ax = np.abs(batch.astype(np.float64))
+    for i in range(4):
+        row = ax[i][np.isfinite(ax[i]) & (ax[i] < 1e30)]
+        want = [np.sum(row == 0)] + [np.sum((row > lo) & (row <= hi)) for lo, hi in zip(bins.edges[:-1], bins.edges[1:])]
+        want.append(np.sum(row > bins.edges[-1]))
+        assert got[i].tolist() == want
+    assert bins.reference.sum() == pytest.approx(1.0)
+    assert bins.edges[bins.first_saturated - 1] == 2.0
+    assert psi(bins.reference * 1e6, bins.reference) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_block_counts_stay_bounded_and_exact():
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 50, (100, 5))
+    blocks = BlockCounts(5, max_blocks=8)
+    for start in range(0, 100, 7):
+        blocks.add(rows[start:start + 7])
+    assert blocks.size == 16 and blocks.used().shape == (7, 5)
+    assert np.array_equal(blocks.total(), rows.sum(axis=0))
+    assert np.array_equal(blocks.used()[0], rows[:16].sum(axis=0))
+
+
+def test_worst_samples_keep_the_highest():
+    worst = WorstSamples(3)
+    for i, share in enumerate([0.1, 0.5, 0.0, 0.9, 0.3]):
+        worst.push(SampleScore(share, 1, f"s{i}", "t"))
+    assert [s.key for s in worst.result()] == ["s3", "s1", "s4"]
+
+
+# ───────────────────────── merged statistics ─────────────────────────
+
+
+def _pieces(seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0, 0.01, 3000)
+    b = rng.normal(0, 7.0, 2000)
+    b[:100] = 0.0
+    c = np.concatenate([rng.standard_t(2, 1000) * 50, [np.nan, np.inf, 1e31, -0.0]])
+    return [np.zeros(10), a, b, c]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_merged_states_equal_one_pass_over_the_union(seed):
+    pieces = _pieces(seed)
+    one = AbsHistogram(2048)
+    for p in pieces:
+        one.update(p)
+    parts = []
+    for p in pieces:
+        h = AbsHistogram(2048)
+        h.update(p)
+        parts.append(h.state())
+    assert merge_states(parts) == one.state()
+    assert merge_states(parts[::-1]) == one.state()  # the order of the parts does not matter
+
+
+def test_merged_statistics_equal_one_pass_over_the_union():
+    a, b = draw(24, 1), draw(16, 2, scale=5.0)  # b has far wider ranges: A's histograms must double up
+    union = {"input": np.concatenate([a["input"], b["input"]])}
+
+    def stats(feeds):
+        n = feeds["input"].shape[0]
+        return collect_statistics(MODEL, lambda: ({"input": feeds["input"][i:i + 8]} for i in range(0, n, 8)),
+                                  threads=1)
+
+    merged = merge_statistics([stats(a), stats(b)])
+    one = stats(union)
+    assert merged.names == one.names and merged.samples == one.samples == 40
+    for name in one.names:
+        assert merged[name] == one[name], name
+    assert any(stats(a)[n].upper != stats(b)[n].upper for n in one.names)
+
+
+def test_merge_refuses_other_models_and_tensor_sets(calibration):
+    other = collect_statistics(model_from_proto(models.conv_net(seed=1)), lambda: [draw(4, 0)], threads=1)
+    with pytest.raises(CalibrationError, match="another model"):
+        merge_statistics([calibration.statistics, other], labels=["a.npz", "b.npz"])
+    few = collect_statistics(MODEL, lambda: [draw(4, 0)], tensors=["relu1"], threads=1)
+    with pytest.raises(CalibrationError, match="different tensors"):
+        merge_statistics([calibration.statistics, few])
+
+
+# ───────────────────────── files and the command ─────────────────────────
+
+
+def _manifest(folder, name, feeds):
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / f"{name}.npy", feeds["input"])
+    path = folder / f"{name}.toml"
+    path.write_text(f'name = "{name}"\nshuffle = false\n[[source]]\nkind = "npy"\npath = "{name}.npy"\n'
+                    'batched = true\n[inputs]\ninput = "array"\n')
+    return path
+
+
+def test_cli_gate_exit_codes_and_files(tmp_path, capsys):
+    model = tmp_path / "model.onnx"
+    onnx.save(models.conv_net(), model)
+    data = tmp_path / "data"
+    calib = _manifest(data, "calib", draw(64, 0))
+    same = _manifest(data, "same", draw(64, 1))
+    bright = _manifest(data, "bright", draw(64, 2, scale=1.8))
+    assert main(["calibrate", str(model), "--calib", str(calib), "--method", "minmax", "--no-progress",
+                 "--out", str(tmp_path / "cal")]) == 0
+    table = str(tmp_path / "cal" / "calib_minmax.json")
+    assert main(["coverage", str(model), "--table", table, "--data", str(same), "--out", str(tmp_path / "c1")]) == 0
+    code = main(["coverage", str(model), "--table", table, "--data", str(same), "--data", str(bright),
+                 "--fail-if", "saturated_max>0.01", "--out", str(tmp_path / "c2")])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAIL" in out and "bright" in out
+    doc = json.loads((tmp_path / "c2" / "coverage.json").read_text())
+    assert doc["verdict"]["fails"] and {f["dataset"] for f in doc["verdict"]["failing_tensors"]} == {"bright"}
+    loaded = load_coverage(tmp_path / "c2")
+    assert [d.name for d in loaded.datasets] == ["same", "bright"]
+    assert loaded.datasets[1].statistics is not None and loaded.datasets[1].statistics.samples == 64
+    assert main(["coverage", str(model), "--table", table, "--data", str(same), "--fail-if", "top1>1",
+                 "--out", str(tmp_path / "c3")]) == 2
+    assert not (tmp_path / "c3").exists()
