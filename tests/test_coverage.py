@@ -263,3 +263,30 @@ def test_cli_gate_exit_codes_and_files(tmp_path, capsys):
     assert main(["coverage", str(model), "--table", table, "--data", str(same), "--fail-if", "top1>1",
                  "--out", str(tmp_path / "c3")]) == 2
     assert not (tmp_path / "c3").exists()
+
+
+# ───────────────────────── quantlab run ─────────────────────────
+
+
+def test_experiment_runs_coverage_and_reports_it(tmp_path):
+    from quantlab.experiment import load_experiment, run_experiment
+    from quantlab.report import load_report_inputs
+
+    onnx.save(models.conv_net(), tmp_path / "model.onnx")
+    for name, feeds in (("calib", draw(48, 0)), ("val", draw(32, 1)), ("night", draw(32, 2, scale=2.0))):
+        _manifest(tmp_path, name, feeds)
+    (tmp_path / "e.toml").write_text(
+        'name = "cov"\n[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n'
+        '[calibrate]\nmethods = ["minmax"]\n[candidates]\nfp16 = false\n[search]\nenabled = false\n'
+        '[report]\ncoverage_gate = "saturated_max>0.01"\n[[coverage]]\ndata = "night.toml"\n')
+    result = run_experiment(load_experiment(tmp_path / "e.toml"), reports_dir=tmp_path / "reports")
+    assert any(s.name == "coverage" for s in result.stages)
+    assert any("coverage (minmax): FLAGGED" in m for m in result.messages)
+    view = load_report_inputs(tmp_path / "reports" / "cov").coverage
+    assert view["fails"] and [s["name"] for s in view["sets"]] == ["val", "night"]
+    assert view["sets"][0]["flagged"] == 0 < view["sets"][1]["flagged"]
+    assert view["worst_tensors"][0]["dataset"] == "night" and view["histograms"]
+    page = result.index_html.read_text()
+    assert 'id="coverage"' in page and "Calibration coverage" in page and "night.npy[" in page
+    again = run_experiment(load_experiment(tmp_path / "e.toml"), reports_dir=tmp_path / "reports")
+    assert [s.reused for s in again.stages if s.name == "coverage"] == [True]

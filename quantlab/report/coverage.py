@@ -31,6 +31,9 @@ _ROW_COLUMNS = ("dataset", "tensor", "psi", "psi_ci_low", "psi_ci_high", "psi_no
                 "saturated_samples", "outside_samples", "wasserstein")
 
 
+_SAMPLE_COLUMNS = ("key", "worst_tensor", "saturated", "tensors_saturated", "tensors_outside")
+
+
 def _badness(row: Mapping[str, Any]) -> tuple[float, float]:
     def num(v: Any) -> float:
         return -math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
@@ -77,7 +80,8 @@ def coverage_view(result: CoverageResult, calibration: Statistics, *, tensors: i
     verdict = result.verdict()
     rows = sorted(result.rows, key=_badness, reverse=True)
     worst = [{k: r[k] for k in _ROW_COLUMNS} | {"saturated_excess": r["saturated_excess"]} for r in rows[:12]]
-    samples = [{"dataset": d.name, **s} for d in result.datasets for s in d.worst_samples[:5]]
+    samples = sorted(({"dataset": d.name, **{k: s[k] for k in _SAMPLE_COLUMNS}} for d in result.datasets
+                      for s in d.worst_samples), key=lambda s: (s["saturated"], s["tensors_saturated"]), reverse=True)
     inputs = []
     calib_summary = result.calibration.get("summary")
     for label, summary in ([("calibration", calib_summary)] if calib_summary else []) + [
@@ -91,7 +95,7 @@ def coverage_view(result: CoverageResult, calibration: Statistics, *, tensors: i
                   "flagged": sum(1 for f in verdict["failing_tensors"] if f["dataset"] == d.name),
                   "tensors": len(d.rows)} for d in result.datasets],
         "worst_tensors": worst, "histograms": [_overlay(result, r, calibration, bins) for r in rows[:tensors]],
-        "worst_samples": samples, "inputs": sorted(inputs, key=lambda r: r["input"]),
+        "worst_samples": samples[:10], "inputs": sorted(inputs, key=lambda r: r["input"]),
         "advice": _advice(verdict, worst),
     }
 
