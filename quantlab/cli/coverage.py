@@ -14,7 +14,7 @@ Writes into --out (all or nothing): coverage.json (figures, verdict, worst sampl
 coverage_tensors.csv, and <set>/statistics.npz per data set: add a set to the calibration without running
 the model again with `quantlab calibrate MODEL --stats CALIB/statistics.npz --stats OUT/<set>/statistics.npz`.
 
---fail-if EXPR (default: psi_excess_max>0.25): exit 1 when EXPR holds, e.g. "saturated_max>0.01",
+--fail-if EXPR (default: outside_samples_max>0.2): exit 1 when EXPR holds, e.g. "saturated_max>0.01",
 "outside_samples_max>0.05", "psi_ci_low_max>0.25". Metrics: saturated, saturated_calib, saturated_excess,
 saturated_samples, outside, outside_samples, psi, psi_ci_low, psi_ci_high, psi_noise, psi_excess,
 wasserstein, each also as <metric>_max (largest over tensors and sets). Exit 2 on bad input.
@@ -58,7 +58,7 @@ def register(subparsers: Any) -> None:
                    help="data set manifest to check (repeat for several)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.add_argument("--fail-if", default=None, metavar="EXPR",
-                   help='exit 1 when EXPR holds (default "psi_excess_max>0.25"), e.g. "saturated_max>0.01"')
+                   help='exit 1 when EXPR holds (default "outside_samples_max>0.2"), e.g. "saturated_max>0.01"')
     p.add_argument("--batch-size", type=positive_int, default=8, help="samples per model run (default 8)")
     p.add_argument("--bootstrap", type=non_negative_int, default=400, help="bootstrap resamples (default 400)")
     p.add_argument("--confidence", type=_confidence, default=0.95, help="interval confidence (default 0.95)")
@@ -122,7 +122,8 @@ def _print(result: Any) -> None:
             print(worst[cols].head(WORST_TENSORS).to_string(index=False, formatters=fmt))
             print(f"{d.name}: worst samples by saturation")
             for s in d.worst_samples[:5]:
-                print(f"  {s['key']}: {s['saturated']:.2%} of {s['worst_tensor']!r} above amax; saturates in "
+                print(f"  {s['key']}: {s['saturated_excess']:+.2%} of {s['worst_tensor']!r} above amax (vs the "
+                      f"calibration set); saturates in "
                       f"{s['tensors_saturated']} tensor(s), beyond the calibration range in {s['tensors_outside']}")
             for note in d.notes:
                 print(f"note: {note}")

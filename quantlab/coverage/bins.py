@@ -53,6 +53,11 @@ class TensorBins:
         return int(np.searchsorted(self.edges, self.amax, side="right"))
 
     @property
+    def calib_saturated(self) -> float:
+        """Share of the calibration set's values above ``amax`` (as binned here)."""
+        return float(self.reference[self.first_saturated:].sum())
+
+    @property
     def first_outside(self) -> int:
         """Index of the bin above the calibration absmax (the last one)."""
         return int(self.edges.size)

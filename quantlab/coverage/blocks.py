@@ -58,7 +58,8 @@ class BlockCounts:
 
 @dataclass(frozen=True, order=True)
 class SampleScore:
-    """How hard one sample saturates: the largest share of a tensor's values above amax, and where."""
+    """How hard one sample saturates: the largest excess, over tensors, of its share of values above amax over the
+    calibration set's share (what the table accepted), and in which tensor."""
 
     share: float
     tensors: int
@@ -69,7 +70,7 @@ class SampleScore:
     """Tensors in which this sample goes beyond the calibration absmax."""
 
     def as_dict(self) -> dict[str, object]:
-        return {"key": self.key, "worst_tensor": self.tensor, "saturated": self.share,
+        return {"key": self.key, "worst_tensor": self.tensor, "saturated_excess": self.share,
                 "tensors_saturated": self.tensors, "tensors_outside": self.outside}
 
 

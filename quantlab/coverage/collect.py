@@ -73,7 +73,7 @@ class _BatchScores:
     """Per-sample worst saturation of one batch, over its tensors."""
 
     def __init__(self, n: int) -> None:
-        self.share = np.zeros(n)
+        self.share = np.full(n, -np.inf)
         self.tensor = [""] * n
         self.saturating = np.zeros(n, dtype=np.int64)
         self.outside = np.zeros(n, dtype=np.int64)
@@ -81,7 +81,7 @@ class _BatchScores:
     def add(self, name: str, rows: np.ndarray, bins: TensorBins) -> tuple[int, int]:
         sat = rows[:, bins.first_saturated:].sum(axis=1)
         out = rows[:, bins.first_outside]
-        share = sat / np.maximum(rows.sum(axis=1), 1)
+        share = sat / np.maximum(rows.sum(axis=1), 1) - bins.calib_saturated  # beyond what calibration accepted
         for i in np.flatnonzero(share > self.share):
             self.share[i] = share[i]
             self.tensor[i] = name

@@ -3,9 +3,11 @@
 One row per (data set, tensor) with the columns of :data:`TENSOR_METRICS`; a
 threshold (``--fail-if``) is checked on every row and on the summary row, where
 each metric also exists as ``<metric>_max`` (the largest over tensors and data
-sets). ``saturated_max>0.01`` fails the gate when any tensor of any set
-saturates more than 1 % of its values; ``psi_ci_low_max>0.25`` when the lower
-end of some tensor's bootstrap interval says the distribution moved.
+sets). The default gate, ``outside_samples_max>0.2``, fails when over a fifth
+of a set's samples go beyond the calibration maximum in some tensor;
+``saturated_excess_max>0.01`` when a tensor saturates 1 % more of its values
+than on the calibration set; ``psi_excess_max>0.1`` when the lower end of some
+tensor's PSI interval is 0.1 above the noise level (the distribution moved).
 A metric that is NaN on every row cannot be evaluated: the gate fails.
 """
 
@@ -32,9 +34,13 @@ TENSOR_METRICS = (
 )
 """Per-tensor columns a threshold may name (each also as ``<name>_max``)."""
 
-DEFAULT_GATE = "psi_excess_max>0.25"
-"""Fails when some tensor's distribution moved (bootstrap lower bound of PSI above the noise level) by more than
-PSI's 'different population' mark."""
+DEFAULT_GATE = "outside_samples_max>0.2"
+"""Fails when more than a fifth of some set's samples drive a tensor beyond anything the calibration set showed.
+
+Out of ``n`` calibration samples, a new sample from the same distribution exceeds
+all of them in a given tensor with probability about ``1 / (n + 1)``; on
+EfficientNet-Lite0 a validation set of other natural photos reaches 0.14, a
+darkened calibration set 0.93 (bench/calibration_coverage.py)."""
 
 COVERAGE_FILE = "coverage.json"
 TENSORS_CSV = "coverage_tensors.csv"

@@ -31,7 +31,7 @@ _ROW_COLUMNS = ("dataset", "tensor", "psi", "psi_ci_low", "psi_ci_high", "psi_no
                 "saturated_samples", "outside_samples", "wasserstein")
 
 
-_SAMPLE_COLUMNS = ("key", "worst_tensor", "saturated", "tensors_saturated", "tensors_outside")
+_SAMPLE_COLUMNS = ("key", "worst_tensor", "saturated_excess", "tensors_saturated", "tensors_outside")
 
 
 def _badness(row: Mapping[str, Any]) -> tuple[float, float]:
@@ -81,7 +81,7 @@ def coverage_view(result: CoverageResult, calibration: Statistics, *, tensors: i
     rows = sorted(result.rows, key=_badness, reverse=True)
     worst = [{k: r[k] for k in _ROW_COLUMNS} | {"saturated_excess": r["saturated_excess"]} for r in rows[:12]]
     samples = sorted(({"dataset": d.name, **{k: s[k] for k in _SAMPLE_COLUMNS}} for d in result.datasets
-                      for s in d.worst_samples), key=lambda s: (s["saturated"], s["tensors_saturated"]), reverse=True)
+                      for s in d.worst_samples), key=lambda s: (s["saturated_excess"], s["tensors_outside"]), reverse=True)
     inputs = []
     calib_summary = result.calibration.get("summary")
     for label, summary in ([("calibration", calib_summary)] if calib_summary else []) + [
