@@ -169,6 +169,22 @@ def test_order_is_deterministic_from_seed(tmp_path, photos):
     assert [k for keys, _ in runs[0] for k in keys] == a.keys()
 
 
+
+def test_head_and_open_dataset_count_give_the_first_samples_unchanged(tmp_path, photos):
+    path = _manifest(tmp_path, IMAGES_TOML)
+    full = open_dataset(path)
+    for head in (full.head(3), open_dataset(path, count=3)):
+        assert len(head) == 3 and head.keys() == full.keys()[:3] and head.manifest.count == 3
+        assert head.manifest_record()["count"] == 3
+        for i in range(3):
+            assert head.sample(i).feeds["input"].tobytes() == full.sample(i).feeds["input"].tobytes()
+    assert full.head(99) is full and len(full) == 5  # more than it holds: all of it, the original untouched
+    arrays = from_arrays({"x": np.arange(10.0).reshape(5, 2)}, labels=[1, 2, 3, 4, 5])
+    two = arrays.head(2)
+    assert [b.keys for b in two.batches(8)] == [("arrays[0]", "arrays[1]")] and two.labels.tolist() == [1, 2]
+    with pytest.raises(DataError, match="n must be an integer >= 1"):
+        full.head(0)
+
 def test_hash_and_stats_do_not_depend_on_batch_size(tmp_path, photos):
     ds = open_dataset(_manifest(tmp_path, IMAGES_TOML))
     summaries = [summarize(ds, batch_size=bs) for bs in (1, 2, 5, 16)]
