@@ -12,7 +12,9 @@ Memory is one batch of activations plus, per tensor, the fine histogram and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,8 +94,12 @@ class _BatchScores:
 
 def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str, TensorBins], *,
                   backend: Backend, fine_bins: int, huge_threshold: float, worst_samples: int = 10,
-                  max_blocks: int = MAX_BLOCKS, on_batch: Any = None) -> PassResult:
-    """Run ``model`` over ``batches`` once and reduce every tensor of ``bins`` (see the module docstring)."""
+                  max_blocks: int = MAX_BLOCKS, on_batch: Any = None, threads: int | None = None) -> PassResult:
+    """Run ``model`` over ``batches`` once and reduce every tensor of ``bins`` (see the module docstring).
+
+    ``threads`` (default: all cores) reduce several tensors at once (the kernels
+    release the GIL); the results do not depend on it.
+    """
     from ..data import DataFingerprint
 
     inputs = set(model.input_names)
@@ -103,6 +109,8 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
     worst = WorstSamples(worst_samples)
     fingerprint = DataFingerprint()
     runner = backend.build(model.proto, outputs=exposed) if exposed else None
+    workers = threads if threads is not None else (os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-coverage") if workers > 1 else None
     samples = n_batches = 0
     try:
         for item in batches:
@@ -114,10 +122,8 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
             outputs.update({t: np.asarray(feeds[t]) for t in bins if t in inputs})
             n = int(next(iter(feeds.values())).shape[0])
             scores = _BatchScores(n)
-            for name, array in outputs.items():
+            for name, rows in _reduced(outputs, tallies, huge_threshold, pool):
                 tally = tallies[name]
-                tally.fine.update(array)
-                rows = bin_per_sample(array, tally.bins, huge_threshold)
                 tally.blocks.add(rows)
                 sat, out = scores.add(name, rows, tally.bins)
                 tally.saturated_samples += sat
@@ -129,12 +135,28 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
             samples += n
             n_batches += 1
     finally:
+        if pool is not None:
+            pool.shutdown()
         if runner is not None:
             runner.close()
     if samples == 0:
         raise DataError("the data set yielded no samples; give it at least one")
     return PassResult(tallies=tallies, samples=samples, batches=n_batches, worst=tuple(worst.result()),
                       summary=fingerprint.summary())
+
+
+def _reduce_one(name: str, array: np.ndarray, tally: TensorTally, huge: float) -> tuple[str, np.ndarray]:
+    tally.fine.update(array)
+    return name, bin_per_sample(array, tally.bins, huge)
+
+
+def _reduced(outputs: Mapping[str, np.ndarray], tallies: Mapping[str, TensorTally], huge: float,
+             pool: Any) -> list[tuple[str, np.ndarray]]:
+    """Per tensor: fine histogram updated, per-sample coarse counts returned (in ``outputs`` order)."""
+    if pool is None or len(outputs) < 2:
+        return [_reduce_one(t, a, tallies[t], huge) for t, a in outputs.items()]
+    futures = [pool.submit(_reduce_one, t, a, tallies[t], huge) for t, a in outputs.items()]
+    return [f.result() for f in futures]
 
 
 def pass_statistics(result: PassResult, model_sha256: str, fine_bins: int, huge_threshold: float,
