@@ -292,3 +292,27 @@ def test_experiment_runs_coverage_and_reports_it(tmp_path):
     assert 'id="coverage"' in page and "Calibration coverage" in page and "night.npy[" in page
     again = run_experiment(load_experiment(tmp_path / "e.toml"), reports_dir=tmp_path / "reports")
     assert [s.reused for s in again.stages if s.name == "coverage"] == [True]
+
+
+def test_recalibrate_from_two_statistics_files_equals_calibrating_on_the_union(tmp_path):
+    from quantlab.atomic import write_json
+    from quantlab.coverage import recalibrate
+    from quantlab.stats import save_statistics
+
+    a, b = draw(40, 1), draw(24, 2, scale=3.0)
+    paths = []
+    for name, feeds in (("a", a), ("b", b)):
+        part = calibrate(MODEL, from_arrays(feeds, name=name), ["entropy", "minmax"])
+        paths.append(save_statistics(part.statistics, tmp_path / name / "statistics.npz"))
+        write_json(tmp_path / name / "data_summary.json", part.data.as_dict())
+    union = calibrate(MODEL, from_arrays({"input": np.concatenate([a["input"], b["input"]])}, name="ab"),
+                      ["entropy", "minmax"])
+    again = recalibrate(MODEL, paths, ["entropy", "minmax"])
+    for method in ("entropy", "minmax"):
+        assert again.tables[method].ranges == union.tables[method].ranges, method
+    assert again.data.count == 64 and again.data.sample_hashes == union.data.sample_hashes
+    got, want = again.data.input("input"), union.data.input("input")
+    assert (got.min, got.max, got.values) == (want.min, want.max, want.values)
+    assert got.mean == pytest.approx(want.mean, rel=1e-9, abs=1e-12) and got.std == pytest.approx(want.std, rel=1e-9)
+    with pytest.raises(CalibrationError, match="another model"):
+        recalibrate(model_from_proto(models.conv_net(seed=3)), paths, "minmax")

@@ -8,12 +8,14 @@
       result.py   rows, the gate in the threshold language, coverage.json / statistics.npz
       check.py    check_coverage: the whole check over several data sets
       merge.py    merged statistics (calibrate on A ∪ B from A's and B's histograms)
+      recalibrate.py  tables from several statistics files (and their merged data summaries)
 """
 
 from __future__ import annotations
 
 from .check import CoverageOptions, check_coverage, coverage_of
 from .merge import merge_states, merge_statistics
+from .recalibrate import merge_summaries, recalibrate, summary_beside
 from .result import (
     COVERAGE_FILE,
     DEFAULT_GATE,
@@ -30,5 +32,5 @@ from .result import (
 __all__ = [
     "CoverageOptions", "check_coverage", "coverage_of", "merge_states", "merge_statistics", "COVERAGE_FILE",
     "DEFAULT_GATE", "TENSOR_METRICS", "CoverageResult", "DataSetCoverage", "gate_check", "known_metrics",
-    "load_coverage", "parse_gate", "summary_row",
+    "load_coverage", "parse_gate", "summary_row", "merge_summaries", "recalibrate", "summary_beside",
 ]
