@@ -11,13 +11,13 @@ Real data shipped by installed packages, EfficientNet-Lite0 from quantlab.zoo (t
    labelled ImageNet photos from foolbox) and on the normal-brightness photos (standing in for
    production samples): which tensors and which samples fall outside the calibrated ranges;
 3. recalibrate WITHOUT running the model: merge the dark statistics with the production set's
-   statistics that coverage wrote (quantlab.coverage.merge_statistics), one table per method;
+   statistics that coverage wrote (quantlab.coverage.recalibrate: merged histograms, one table);
 4. build INT8 (TensorRT Q/DQ form, simulated on ONNX Runtime) from the dark, unbiased and merged
    tables and compare each with FP32 on the validation set: top-1 accuracy and drop, cosine;
 5. coverage of the unbiased and merged tables on the validation set (the gate should pass).
 
 Prints a table and writes JSON (bench/results/calibration_coverage.json). Every step runs the `quantlab` CLI
-in a subprocess, as a user would (except the merge, a library call until `calibrate --stats` exists).
+in a subprocess, as a user would (except step 3, a library call until `calibrate --stats` exists).
 """
 
 from __future__ import annotations
@@ -51,20 +51,19 @@ def _quantlab(*args: str, ok: tuple[int, ...] = (0,)) -> tuple[int, float]:
     return proc.returncode, seconds
 
 
-def _merged_table(dark: Path, production: Path, method: str, out: Path) -> Path:
-    """The table of ``method`` from dark ∪ production statistics (no model run)."""
-    from quantlab.calibrate import table_from_statistics
-    from quantlab.coverage import merge_statistics
-    from quantlab.stats import load_statistics, save_statistics
+def _merged_table(stats: list[Path], model: str, method: str, out: Path) -> Path:
+    """The table of ``method`` from the merged statistics files (no model run)."""
+    from quantlab.atomic import write_json
+    from quantlab.coverage import recalibrate
+    from quantlab.graph import load_model
+    from quantlab.stats import save_statistics
     from quantlab.table import write_table
 
-    merged = merge_statistics([load_statistics(dark), load_statistics(production)],
-                              labels=[str(dark), str(production)])
+    result = recalibrate(load_model(model), stats, method)
     out.mkdir(parents=True, exist_ok=True)
-    save_statistics(merged, out / "statistics.npz")
-    table = table_from_statistics(merged, method, calib_set={"merged": [str(dark), str(production)],
-                                                             "count": merged.samples})
-    return write_table(table, out / f"calib_{method}.json")
+    save_statistics(result.statistics, out / "statistics.npz")
+    write_json(out / "data_summary.json", result.data.as_dict())
+    return write_table(result.tables[method], out / f"calib_{method}.json")
 
 
 def _accuracy(compare_dir: Path) -> dict[str, dict[str, float]]:
@@ -96,32 +95,24 @@ def _coverage_summary(folder: Path) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile"])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/quantlab-coverage"))
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "calibration_coverage.json")
-    args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    from quantlab.zoo import zoo_model_path
-
-    model = str(zoo_model_path("efficientnet_lite0"))
-    w, m = args.work, args.method
+def _steps(model: str, w: Path, m: str) -> tuple[dict[str, float], dict[str, int]]:
+    """Run the five steps of the module docstring; (seconds per step, coverage exit codes)."""
     times: dict[str, float] = {}
+    codes: dict[str, int] = {}
     print("1. calibrate (biased: dark photos; unbiased: the same photos)")
     times["calibrate_dark"] = _quantlab("calibrate", model, "--calib", str(DARK), "--method", "all",
                                         "--no-progress", "--out", str(w / "calib_dark"))[1]
     times["calibrate_normal"] = _quantlab("calibrate", model, "--calib", str(NORMAL), "--method", "all",
                                           "--no-progress", "--out", str(w / "calib_normal"))[1]
     print("2. coverage of the dark table on the validation set and on production samples")
-    code_dark, times["coverage_dark"] = _quantlab(
+    codes["dark"], times["coverage_dark"] = _quantlab(
         "coverage", model, "--table", str(w / "calib_dark" / f"calib_{m}.json"), "--data", str(VAL),
         "--data", str(NORMAL), "--out", str(w / "coverage_dark"), ok=(0, 1))
     print("3. recalibrate from merged statistics (dark + production, no model run)")
     start = time.perf_counter()
-    merged = _merged_table(w / "calib_dark" / "statistics.npz", w / "coverage_dark" / "demo_calib" / "statistics.npz",
-                           m, w / "calib_merged")
-    times["merge_and_table"] = time.perf_counter() - start
+    merged = _merged_table([w / "calib_dark" / "statistics.npz", w / "coverage_dark" / "demo_calib" / "statistics.npz"],
+                           model, m, w / "calib_merged")
+    times["recalibrate_merged"] = time.perf_counter() - start
     print("4. build INT8 from each table and compare with FP32 on the validation set")
     builds = {}
     for name, table in (("dark", w / "calib_dark" / f"calib_{m}.json"),
@@ -132,27 +123,34 @@ def main(argv: list[str] | None = None) -> int:
     times["compare"] = _quantlab("compare", model, *[str(p) for p in builds.values()], "--data", str(VAL),
                                  "--no-per-layer", "--no-progress", "--out", str(w / "compare"))[1]
     print("5. coverage of the unbiased and merged tables on the validation set")
-    code_normal, _ = _quantlab("coverage", model, "--table", str(w / "calib_normal" / f"calib_{m}.json"),
-                               "--data", str(VAL), "--out", str(w / "coverage_normal"), ok=(0, 1))
-    code_merged, _ = _quantlab("coverage", model, "--table", str(merged), "--data", str(VAL),
-                               "--out", str(w / "coverage_merged"), ok=(0, 1))
+    for name, table in (("unbiased", w / "calib_normal" / f"calib_{m}.json"), ("merged", merged)):
+        codes[name], times[f"coverage_{name}"] = _quantlab("coverage", model, "--table", str(table), "--data",
+                                                           str(VAL), "--out", str(w / f"coverage_{name}"), ok=(0, 1))
+    return times, codes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile"])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/quantlab-coverage"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "calibration_coverage.json")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from quantlab.zoo import zoo_model_path
+
+    w = args.work
+    times, codes = _steps(str(zoo_model_path("efficientnet_lite0")), w, args.method)
     accuracy = _accuracy(w / "compare")
-    result = {
-        "model": "efficientnet_lite0", "method": m, "times_s": times,
-        "exit_codes": {"coverage_dark": code_dark, "coverage_unbiased": code_normal, "coverage_merged": code_merged},
-        "accuracy": accuracy,
-        "coverage": {"dark": _coverage_summary(w / "coverage_dark"),
-                     "unbiased": _coverage_summary(w / "coverage_normal"),
-                     "merged": _coverage_summary(w / "coverage_merged")},
-    }
+    coverage = {name: _coverage_summary(w / f"coverage_{name}") for name in ("dark", "unbiased", "merged")}
+    result = {"model": "efficientnet_lite0", "method": args.method, "times_s": times, "coverage_exit_codes": codes,
+              "accuracy": accuracy, "coverage": coverage}
     print(f"\n{'calibration':<10} {'top1 %':>7} {'drop pp':>8} {'cosine':>8} {'coverage exit':>14} "
-          f"{'psi_max (val)':>14} {'saturated_max':>14} {'flagged':>8}")
-    for name, key in (("dark", "coverage_dark"), ("unbiased", "coverage_unbiased"), ("merged", "coverage_merged")):
-        acc = accuracy.get(name, {})
-        val = result["coverage"][name]["sets"]["demo_val"]
+          f"{'outside_samples_max':>20} {'psi_max':>8} {'flagged':>8}   (coverage on demo_val)")
+    for name in ("dark", "unbiased", "merged"):
+        acc, val = accuracy.get(name, {}), coverage[name]["sets"]["demo_val"]
         print(f"{name:<10} {acc.get('top1', float('nan')):>7.2f} {acc.get('top1_drop', float('nan')):>8.2f} "
-              f"{acc.get('cosine', float('nan')):>8.4f} {result['exit_codes'][key]:>14} {val['psi_max']:>14.3f} "
-              f"{val['saturated_max']:>14.4f} {val['tensors_flagged']:>8}")
+              f"{acc.get('cosine', float('nan')):>8.4f} {codes[name]:>14} {val['outside_samples_max']:>20.3f} "
+              f"{val['psi_max']:>8.3f} {val['tensors_flagged']:>8}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True, default=float) + "\n")
     print(f"wrote {args.out}")
