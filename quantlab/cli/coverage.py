@@ -111,14 +111,15 @@ def inputs_frame(result: Any) -> Any:
 def _print(result: Any) -> None:
     import pandas as pd
 
-    cols = ["tensor", "saturated", "saturated_calib", "saturated_samples", "outside_samples", "psi", "psi_ci_low",
+    from ..coverage.result import worst_first
+
+    cols = ["tensor", "outside_samples", "saturated", "saturated_calib", "saturated_samples", "psi", "psi_ci_low",
             "psi_ci_high", "psi_noise", "wasserstein"]
     fmt = {c: "{:.4g}".format for c in cols[1:]}
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         for d in result.datasets:
-            df = pd.DataFrame(d.rows)
-            worst = df.sort_values(["psi_excess", "saturated_excess"], ascending=False, na_position="last")
-            print(f"\n{d.name}: {d.samples} samples; tensors farthest from the calibration set (of {len(df)})")
+            worst = pd.DataFrame(worst_first(d.rows, result.gate))
+            print(f"\n{d.name}: {d.samples} samples; worst tensors by the gate (of {len(worst)})")
             print(worst[cols].head(WORST_TENSORS).to_string(index=False, formatters=fmt))
             print(f"{d.name}: worst samples by saturation")
             for s in d.worst_samples[:5]:

@@ -25,7 +25,7 @@ from ..errors import CalibrationError
 from ..stats import Statistics, load_statistics, save_statistics
 from ..threshold import Threshold, parse_threshold
 
-__all__ = ["TENSOR_METRICS", "DEFAULT_GATE", "COVERAGE_FILE", "DataSetCoverage", "CoverageResult", "known_metrics", "parse_gate", "with_max_names",
+__all__ = ["TENSOR_METRICS", "DEFAULT_GATE", "COVERAGE_FILE", "DataSetCoverage", "CoverageResult", "known_metrics", "parse_gate", "with_max_names", "worst_first",
            "summary_row", "gate_check", "load_coverage"]
 
 TENSOR_METRICS = (
@@ -66,6 +66,19 @@ def summary_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     for m in TENSOR_METRICS:
         out[m] = out[f"{m}_max"] = _nanmax([float(r[m]) for r in rows if m in r])
     return out
+
+
+def worst_first(rows: Sequence[Mapping[str, Any]], gate: str | None) -> list[Mapping[str, Any]]:
+    """``rows`` ordered by the gate's first metric, worst first (NaN last), then by PSI above noise."""
+    cond = parse_gate(gate).conditions[0]
+    metric = cond.metric.removesuffix("_max")
+    sign = -1.0 if cond.op in (">", ">=") else 1.0  # the gate fails on high values: high is bad
+
+    def key(row: Mapping[str, Any]) -> tuple[float, float]:
+        v, p = row.get(metric, math.nan), row.get("psi_excess", math.nan)
+        return (math.inf if v is None or math.isnan(v) else sign * v, math.inf if math.isnan(p) else -p)
+
+    return sorted(rows, key=key)
 
 
 def with_max_names(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..coverage import CoverageResult
+from ..coverage.result import worst_first
 from ..stats import Statistics
 from .markup import esc, fmt, img, table
 from .plots import figure, png, short
@@ -28,17 +29,10 @@ COVERAGE_TENSORS_SHOWN = 4
 """Tensors drawn with overlaid histograms (the table lists up to 12)."""
 
 _ROW_COLUMNS = ("dataset", "tensor", "psi", "psi_ci_low", "psi_ci_high", "psi_noise", "saturated", "saturated_calib",
-                "saturated_samples", "outside_samples", "wasserstein")
+                "saturated_samples", "outside_samples", "outside", "wasserstein")
 
 
 _SAMPLE_COLUMNS = ("key", "worst_tensor", "saturated_excess", "tensors_saturated", "tensors_outside")
-
-
-def _badness(row: Mapping[str, Any]) -> tuple[float, float]:
-    def num(v: Any) -> float:
-        return -math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-
-    return num(row.get("psi_excess")), num(row.get("saturated_excess"))
 
 
 def _overlay(result: CoverageResult, row: Mapping[str, Any], calibration: Statistics, bins: int) -> dict[str, Any]:
@@ -78,7 +72,7 @@ def coverage_view(result: CoverageResult, calibration: Statistics, *, tensors: i
                   bins: int = 60) -> dict[str, Any]:
     """Plain, JSON-ready data for the section (see the module docstring)."""
     verdict = result.verdict()
-    rows = sorted(result.rows, key=_badness, reverse=True)
+    rows = worst_first(result.rows, result.gate)
     worst = [{k: r[k] for k in _ROW_COLUMNS} | {"saturated_excess": r["saturated_excess"]} for r in rows[:12]]
     samples = sorted(({"dataset": d.name, **{k: s[k] for k in _SAMPLE_COLUMNS}} for d in result.datasets
                       for s in d.worst_samples), key=lambda s: (s["saturated_excess"], s["tensors_outside"]), reverse=True)
