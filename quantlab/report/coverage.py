@@ -48,7 +48,8 @@ def _overlay(result: CoverageResult, row: Mapping[str, Any], calibration: Statis
 
     return {"tensor": row["tensor"], "dataset": row["dataset"], "edges": edges.tolist(),
             "calibration": shares(calib), "data": shares(seen), "amax": float(row["amax"]),
-            "calib_absmax": float(row["calib_absmax"]), "psi": row["psi"], "saturated": row["saturated"]}
+            "calib_absmax": float(row["calib_absmax"]), "psi": row["psi"], "saturated": row["saturated"],
+            "outside_samples": row["outside_samples"]}
 
 
 def _advice(verdict: Mapping[str, Any], worst: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -109,8 +110,9 @@ def coverage_plot(histograms: Sequence[Mapping[str, Any]]) -> bytes:
         ax.axvline(h["calib_absmax"], color="#2471a3", ls=":", lw=1.3, label=f"calibration max {fmt(h['calib_absmax'])}")
         if max(max(h["calibration"], default=0), max(h["data"], default=0)) > 0:
             ax.set_yscale("log")
-        ax.set_title(f"{short(str(h['tensor']), 50)}  PSI {fmt(h['psi'])}, saturated {100 * h['saturated']:.3g} %",
-                     fontsize=9, loc="left")
+        ax.set_title(f"{short(str(h['tensor']), 44)}: {100 * h.get('outside_samples', math.nan):.3g} % of samples "
+                     f"beyond, {100 * h['saturated']:.3g} % of values above amax; PSI {fmt(h['psi'])}",
+                     fontsize=8, loc="left")
         ax.set_xlabel("|activation|", fontsize=8)
         ax.set_ylabel("share of values", fontsize=8)
         ax.tick_params(labelsize=7)
