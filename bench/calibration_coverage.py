@@ -14,7 +14,9 @@ Real data shipped by installed packages, EfficientNet-Lite0 from quantlab.zoo (t
    statistics that coverage wrote (quantlab.coverage.recalibrate: merged histograms, one table);
 4. build INT8 (TensorRT Q/DQ form, simulated on ONNX Runtime) from the dark, unbiased and merged
    tables and compare each with FP32 on the validation set: top-1 accuracy and drop, cosine;
-5. coverage of the unbiased and merged tables on the validation set (the gate should pass).
+5. coverage of the unbiased and merged tables on the validation set (the gate should pass), and of the
+   unbiased table on other random views of its own photos (demo_calib_views.toml: the same distribution,
+   must not be flagged).
 
 Prints a table and writes JSON (bench/results/calibration_coverage.json). Every step runs the `quantlab` CLI
 in a subprocess, as a user would (except step 3, a library call until `calibrate --stats` exists).
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DARK = ROOT / "bench" / "coverage_sets" / "demo_calib_dark.toml"
 NORMAL = ROOT / "calib_sets" / "demo_calib.toml"
 VAL = ROOT / "calib_sets" / "demo_val.toml"
+VIEWS = ROOT / "bench" / "coverage_sets" / "demo_calib_views.toml"
 
 
 def _quantlab(*args: str, ok: tuple[int, ...] = (0,)) -> tuple[int, float]:
@@ -122,10 +125,13 @@ def _steps(model: str, w: Path, m: str) -> tuple[dict[str, float], dict[str, int
                   "--out", str(builds[name]))
     times["compare"] = _quantlab("compare", model, *[str(p) for p in builds.values()], "--data", str(VAL),
                                  "--no-per-layer", "--no-progress", "--out", str(w / "compare"))[1]
-    print("5. coverage of the unbiased and merged tables on the validation set")
-    for name, table in (("unbiased", w / "calib_normal" / f"calib_{m}.json"), ("merged", merged)):
+    print("5. coverage of the unbiased and merged tables on the validation set (unbiased: also on other views of "
+          "its own photos, the same distribution)")
+    for name, table, extra in (("unbiased", w / "calib_normal" / f"calib_{m}.json", ["--data", str(VIEWS)]),
+                               ("merged", merged, [])):
         codes[name], times[f"coverage_{name}"] = _quantlab("coverage", model, "--table", str(table), "--data",
-                                                           str(VAL), "--out", str(w / f"coverage_{name}"), ok=(0, 1))
+                                                           str(VAL), *extra, "--out", str(w / f"coverage_{name}"),
+                                                           ok=(0, 1))
     return times, codes
 
 
@@ -151,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<10} {acc.get('top1', float('nan')):>7.2f} {acc.get('top1_drop', float('nan')):>8.2f} "
               f"{acc.get('cosine', float('nan')):>8.4f} {codes[name]:>14} {val['outside_samples_max']:>20.3f} "
               f"{val['psi_max']:>8.3f} {val['tensors_flagged']:>8}")
+    same = coverage["unbiased"]["sets"]["demo_calib_views"]
+    print(f"same distribution (unbiased table on other views of its photos): outside_samples_max "
+          f"{same['outside_samples_max']:.3f}, psi_max {same['psi_max']:.3f}, {same['tensors_flagged']} tensors flagged")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True, default=float) + "\n")
     print(f"wrote {args.out}")
