@@ -146,9 +146,11 @@ class CoverageResult:
                 "unknown": overall["unknown"], "failing_tensors": failing}
 
     def frame(self) -> Any:
+        """One row per (data set, tensor), with ``flagged``: the gate fails on that row alone."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows)
+        threshold = parse_gate(self.gate)
+        return pd.DataFrame([{**r, "flagged": gate_check(threshold, r)["fails"]} for r in self.rows])
 
     def save(self, out: str | os.PathLike[str]) -> dict[str, Path]:
         """Write ``coverage.json``, ``coverage_tensors.csv`` and ``<set>/statistics.npz`` into ``out`` (all or nothing)."""
