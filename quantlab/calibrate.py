@@ -16,45 +16,53 @@ tables record no time stamps.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from .backends.base import Backend
-from .calibrators import (
-    ENTROPY_BINS,
-    ENTROPY_LEVELS,
-    METHODS,
-    amax_entropy,
-    amax_minmax,
-    amax_mse,
-    amax_percentile,
-)
+from .calibrators import amax_entropy, amax_minmax, amax_mse
 from .errors import CalibrationError
 from .fingerprint import tool_versions
 from .graph import LoadedModel, check_float_activations
-from .histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, HistogramState
-from .stats import DEFAULT_MEMORY_BUDGET, Statistics, collect_statistics, fused_preactivations
+from .histogram import HistogramState
+from .methods import (
+    ALL_METHODS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_METHOD,
+    DEFAULT_PERCENTILE,
+    ENTROPY_BINS,
+    ENTROPY_LEVELS,
+    ENTROPY_SKIP_ZEROS,
+    METHOD_NAMES,
+    check_percentile,
+    method_settings,
+    resolve_methods,
+)
+from .stats import (
+    DEFAULT_MEMORY_BUDGET,
+    Statistics,
+    collect_statistics,
+    fused_preactivations,
+)
 from .table import CalibrationTable, TensorRange
 
 __all__ = [
+    "CalibrationResult",
+    "calibrate",
+    "table_from_statistics",
+    "tensor_range",
+    "statistics_notes",
+    "clipping_notes",
+    # re-exported from quantlab.methods (the registry) until cli/calibrate, cli/search and experiment read it
     "DEFAULT_PERCENTILE",
     "DEFAULT_BATCH_SIZE",
     "ALL_METHODS",
-    "CalibrationResult",
-    "calibrate",
     "resolve_methods",
-    "table_from_statistics",
-    "tensor_range",
     "method_settings",
-    "statistics_notes",
-    "clipping_notes",
 ]
-
-DEFAULT_PERCENTILE = 99.99
-DEFAULT_BATCH_SIZE = 8
-ALL_METHODS = ("minmax", "percentile", "entropy")
-"""What ``--method all`` computes."""
 
 _SUMMARY_QUANTILES = (0.5, 0.99, 0.999, 0.9999)
 
@@ -69,57 +77,21 @@ class CalibrationResult:
     """A ``quantlab.data.DataSummary`` (``.sha256``, ``.count``, ``.as_dict()``, ``.to_frame()``)."""
 
 
-def resolve_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
-    """Expand 'all' and check names; order kept, duplicates dropped."""
-    if isinstance(methods, str):
-        methods = [methods]
-    out: list[str] = []
-    for m in methods:
-        for name in ALL_METHODS if m == "all" else (m,):
-            if name not in METHODS:
-                raise CalibrationError(
-                    f"unknown calibration method {name!r}; choose from {', '.join(METHODS)} or 'all'"
-                )
-            if name not in out:
-                out.append(name)
-    if not out:
-        raise CalibrationError("no calibration method given; choose from " + ", ".join(METHODS) + " or 'all'")
-    return tuple(out)
-
-
-def method_settings(method: str, *, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS,
-                    huge_threshold: float = DEFAULT_HUGE_THRESHOLD, entropy_skip_zeros: bool = True) -> dict[str, Any]:
-    """The parameters a table records for ``method`` (everything that changes its ranges)."""
-    common = {"fine_bins": bins, "huge_threshold": huge_threshold, "symmetric": True, "num_bits": 8}
-    if method == "percentile":
-        return {**common, "percentile": percentile}
-    if method == "entropy":
-        return {**common, "bins": ENTROPY_BINS, "levels": ENTROPY_LEVELS, "start_bin": ENTROPY_LEVELS,
-                "skip_zeros": bool(entropy_skip_zeros),
-                "histogram": "2048 bins of whole fine bins over [0, U], absmax <= U < 1.25 absmax"
-                             + (", exact zeros left out" if entropy_skip_zeros else ""),
-                "reference": "Migacz, 8-bit Inference with TensorRT, GTC 2017"
-                             + ("; zeros skipped as pytorch-quantization's skip_zeros" if entropy_skip_zeros else "")}
-    if method == "mse":
-        return {**common, "bins": ENTROPY_BINS, "candidates": 512}
-    return common
-
-
-def _amax(state: HistogramState, method: str, percentile: float, entropy_skip_zeros: bool = True) -> float:
+def _amax(state: HistogramState, method: str, percentile: float, entropy_skip_zeros: bool) -> float:
     absmax = state.absmax
     if absmax == 0.0:
         return 0.0
     if method == "minmax":
         return amax_minmax(state.min, state.max)
     if method == "percentile":
-        return min(amax_percentile(state.counts, state.upper, percentile), absmax)
+        return state.percentile(percentile)
     hist, upper = state.coarsen(ENTROPY_BINS)
     if method == "entropy":
         zeros = float(state.zeros) if entropy_skip_zeros else 0.0
         return min(amax_entropy(hist, upper, levels=ENTROPY_LEVELS, zeros=zeros), absmax)
     if method == "mse":
         return min(amax_mse(hist, upper), absmax)
-    raise CalibrationError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
+    raise CalibrationError(f"unknown calibration method {method!r}; choose from {', '.join(METHOD_NAMES)}")
 
 
 def _histogram_summary(state: HistogramState) -> dict[str, Any]:
@@ -134,7 +106,7 @@ def _histogram_summary(state: HistogramState) -> dict[str, Any]:
 
 
 def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFAULT_PERCENTILE,
-                 entropy_skip_zeros: bool = True) -> TensorRange:
+                 entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS) -> TensorRange:
     """The :class:`TensorRange` of one tensor for ``method``.
 
     ``clipped_fraction`` is the share of all usable values (exact zeros
@@ -194,7 +166,7 @@ def _sorted_by_clipping(ranges: Mapping[str, TensorRange], names: Sequence[str],
 
 
 def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statistics, *,
-                   entropy_skip_zeros: bool = True, fused: Collection[str] = ()) -> tuple[str, ...]:
+                   entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS, fused: Collection[str] = ()) -> tuple[str, ...]:
     """A warning naming every tensor whose range saturates more than 1 % of its values, worst first.
 
     Saturated values lose their magnitude (a ReLU6 output of 6 read as 0.44),
@@ -248,7 +220,7 @@ def table_from_statistics(
     percentile: float = DEFAULT_PERCENTILE,
     calib_set: Mapping[str, Any] | None = None,
     versions: Mapping[str, str] | None = None,
-    entropy_skip_zeros: bool = True,
+    entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS,
     fused: Collection[str] = (),
 ) -> CalibrationTable:
     """One method's table from collected statistics (no model run: methods share one pass).
@@ -259,8 +231,6 @@ def table_from_statistics(
     notes use it: see :func:`clipping_notes`).
     """
     (method,) = resolve_methods([method])
-    if method == "percentile" and not 0.0 < percentile <= 100.0:
-        raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
     settings = method_settings(method, percentile=percentile, bins=stats.bins, huge_threshold=stats.huge_threshold,
                                entropy_skip_zeros=entropy_skip_zeros)
     settings["samples"] = stats.samples
@@ -292,7 +262,7 @@ def _dataset_size(dataset: Any) -> int | None:
 def calibrate(
     model: LoadedModel,
     dataset: Any,
-    methods: Sequence[str] | str = ("entropy",),
+    methods: Sequence[str] | str = (DEFAULT_METHOD,),
     *,
     percentile: float = DEFAULT_PERCENTILE,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -300,7 +270,7 @@ def calibrate(
     progress: bool = False,
     tensors: Sequence[str] | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-    entropy_skip_zeros: bool = True,
+    entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``dataset`` (a ``quantlab.data.DataSet``) with every method in ``methods``.
 
@@ -316,8 +286,8 @@ def calibrate(
     chosen = resolve_methods(methods)
     if batch_size < 1:
         raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
-    if "percentile" in chosen and not 0.0 < percentile <= 100.0:
-        raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
+    if "percentile" in chosen:
+        check_percentile(percentile)
     check_float_activations(model)
     if tensors is not None and not tensors:
         raise CalibrationError(f"{model.label}: the list of tensors to calibrate is empty; give at least one")
@@ -337,9 +307,11 @@ def calibrate(
     fused = frozenset(fused_preactivations(model.proto))
     calib_set = {"manifest": dataset.manifest_record(), "sha256": summary.sha256, "count": summary.count}
     versions = tool_versions()
-    tables = {
-        m: table_from_statistics(stats, m, percentile=percentile, calib_set=calib_set, versions=versions,
-                                 entropy_skip_zeros=entropy_skip_zeros, fused=fused)
-        for m in chosen
-    }
+
+    def table(method: str) -> CalibrationTable:
+        return table_from_statistics(stats, method, percentile=percentile, calib_set=calib_set, versions=versions,
+                                     entropy_skip_zeros=entropy_skip_zeros, fused=fused)
+
+    with ThreadPoolExecutor(min(len(chosen), os.cpu_count() or 1)) as pool:  # the KL / mse kernels release the GIL
+        tables = dict(zip(chosen, pool.map(table, chosen)))
     return CalibrationResult(tables=tables, statistics=stats, data=summary)

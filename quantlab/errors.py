@@ -13,12 +13,19 @@ names the file, tensor, input, node or key at fault and says what to do. Only
      ├── PlanError               precision plan: unknown node, int8 on an op that cannot be
      │                           quantized, malformed file
      ├── BackendError            a backend failed to build or run a model
-     │    ├── BackendUnavailableError  not installed (names the extra) or no device
+     │    ├── BackendUnavailableError  not installed (names the extra) or no device (also a ResourceError)
      │    └── UnsupportedOpError       an op the chosen backend cannot run (names node + op)
      ├── CompareError            reference and candidate cannot be compared
      ├── ThresholdError          a threshold expression such as "top1_drop<=0.5" is malformed
      ├── SearchError             sensitivity search cannot proceed
-     └── ExperimentError         an experiment TOML or a report directory is unusable
+     ├── ExperimentError         an experiment TOML or a report directory is unusable
+     ├── OutputError             an output path would replace files quantlab did not write, or is a
+     │                           file where a folder is needed (or the reverse)
+     └── ResourceError           the machine, not the input, is at fault: an output folder that cannot
+                                 be written, a full disk, not enough memory, a missing backend
+
+The command line maps ``ResourceError`` (and any ``OSError`` or ``MemoryError``) to
+exit code 3 and every other ``QuantlabError`` to 2 (see ``quantlab.cli.ExitCode``).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ __all__ = [
     "ThresholdError",
     "SearchError",
     "ExperimentError",
+    "OutputError",
+    "ResourceError",
 ]
 
 
@@ -73,7 +82,15 @@ class BackendError(QuantlabError):
     """A backend failed to build or run a model."""
 
 
-class BackendUnavailableError(BackendError):
+class ResourceError(QuantlabError):
+    """The machine cannot do what was asked: unwritable folder, full disk, no memory, missing backend.
+
+    Retrying elsewhere (another folder, disk or machine, or after installing an extra)
+    can succeed with the same input; the command line exits 3 for it, not 2.
+    """
+
+
+class BackendUnavailableError(BackendError, ResourceError):
     """The backend is not installed (install the named extra) or has no device to run on."""
 
 
@@ -95,3 +112,7 @@ class SearchError(QuantlabError):
 
 class ExperimentError(QuantlabError):
     """An experiment file or report directory is unusable."""
+
+
+class OutputError(QuantlabError):
+    """An output path cannot be used as given: replacing it would delete files quantlab did not write."""

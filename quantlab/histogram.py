@@ -18,8 +18,7 @@ Exact zeros are binned (bin 0) and also counted on their own (``zeros``):
 after ReLU/ReLU6 they are often half or more of a tensor, and symmetric INT8
 represents 0 exactly, so a method may want to leave them out (the entropy
 method does, see quantlab.calibrators.amax_entropy). They are counted in the
-same compiled call, by a vectorised loop over the batch (~0.15 ns per value,
-against ~1.4 ns for binning).
+same compiled call, in the vectorised scan that precedes binning.
 
 Values that cannot be binned are counted, not binned: non-finite values
 (NaN, +-inf) and "huge" finite values with ``|x| >= huge_threshold`` (default
@@ -27,21 +26,22 @@ Values that cannot be binned are counted, not binned: non-finite values
 min/max, so one mask does not stretch a range over 38 decades (ONNX Runtime's
 histogram calibrators crash on them with "Too many bins for data range").
 
-The kernels are compiled with numba: one fused pass that updates min/max/counts
-and bins every value below the current ``R``; a second pass only when a batch
-grows ``R``, binning just the values the first pass skipped. ``np.histogram``
-is ~10x slower for this.
+The kernels (quantlab.binning, compiled with numba) scan a cache-sized chunk
+for min/max/zeros/non-finite values, grow ``R`` first if the chunk needs it,
+then bin the chunk without a branch. ``np.histogram`` is ~10x slower for this.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
-import numba
 import numpy as np
 
-from .calibrators import amax_percentile
+from .binning import merge_pairs, power_of_two_above, update_counts
+from .calibrators import percentile_of_cumulative
+from .methods import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD
 
 __all__ = [
     "DEFAULT_BINS",
@@ -52,87 +52,8 @@ __all__ = [
     "power_of_two_above",
 ]
 
-DEFAULT_BINS = 2**14
-"""Fine bins per tensor: 128 KiB of int64 counts each."""
-
 MAX_BINS = 2**30
 """Bin indices are computed as uint32 in the compiled kernels (8 GiB of counts: never near it)."""
-
-DEFAULT_HUGE_THRESHOLD = 1e30
-"""|x| at or above this is a sentinel (mask, padding), not a value to calibrate on."""
-
-
-def power_of_two_above(value: float) -> float:
-    """The smallest power of two strictly greater than ``value`` (> 0)."""
-    _, exponent = math.frexp(value)  # value = m * 2**e, 0.5 <= m < 1  =>  value < 2**e
-    return math.ldexp(1.0, exponent)
-
-
-@numba.njit(cache=True, nogil=True)
-def _scan_and_bin(flat, counts, scale, upper, huge):  # pragma: no cover - compiled
-    """One pass: min/max/counts/exact zeros of the usable values; bins those with |x| < upper.
-
-    Returns (min, max, usable, nonfinite, huge_count, skipped, zeros) where
-    skipped counts usable non-zero values with |x| >= upper (binned later,
-    after R grows) and zeros counts values equal to 0.0 (or -0.0; all in bin 0).
-    The common case (|x| below both limits) takes the first branch only: about
-    1.4 ns per value, the cost of the scattered increment. Zeros are counted in
-    a second, vectorised loop (~0.15 ns per value; in the scatter loop a float
-    compare-and-add is 4 more instructions per value, ~0.3 ns); the unsigned bin
-    index (2 instructions fewer per value, ~0.07 ns) pays back about half of it.
-    """
-    limit = min(upper, huge)
-    mn = np.inf
-    mx = -np.inf
-    nonfinite = 0
-    n_huge = 0
-    skipped = 0
-    zeros = 0
-    for i in range(flat.size):
-        x = flat[i]
-        ax = abs(x)
-        if ax < limit:
-            counts[np.uint32(ax * scale)] += 1  # unsigned: no negative-index wrap-around code
-            if x < mn:
-                mn = x
-            if x > mx:
-                mx = x
-        elif ax != ax or ax == np.inf:
-            nonfinite += 1
-        elif ax >= huge:
-            n_huge += 1
-        else:  # usable but at or above the current range
-            if x < mn:
-                mn = x
-            if x > mx:
-                mx = x
-            if ax == 0.0:
-                counts[0] += 1  # before any range exists zeros still belong in bin 0
-            else:
-                skipped += 1
-    for i in range(flat.size):  # exact zeros (all usable: neither non-finite nor huge)
-        zeros += flat[i] == 0.0
-    return mn, mx, flat.size - nonfinite - n_huge, nonfinite, n_huge, skipped, zeros
-
-
-@numba.njit(cache=True, nogil=True)
-def _bin_from(flat, counts, scale, lower, huge):  # pragma: no cover - compiled
-    """Bin the usable non-zero values with lower <= |x| < huge (those a first pass skipped)."""
-    for i in range(flat.size):
-        ax = abs(flat[i])
-        if ax >= lower and ax < huge and ax != 0.0:
-            counts[np.uint32(ax * scale)] += 1
-
-
-def _merge_pairs(counts: np.ndarray, doublings: int) -> np.ndarray:
-    """Counts over ``[0, R * 2**doublings)``: each doubling merges adjacent pairs into the lower half."""
-    out = counts
-    n = counts.size
-    for _ in range(min(doublings, int(math.log2(n)) + 1)):
-        merged = out.reshape(n // 2, 2).sum(axis=1)
-        out = np.zeros(n, dtype=np.int64)
-        out[: n // 2] = merged
-    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,6 +133,10 @@ class HistogramState:
 
     def bin_edges(self) -> np.ndarray:
         """``bins + 1`` edges over ``[0, upper]`` (float64)."""
+        return self._edges.copy()
+
+    @cached_property
+    def _edges(self) -> np.ndarray:
         return np.linspace(0.0, self.upper, self.bins + 1)
 
     def cdf_at(self, x: float | np.ndarray) -> np.ndarray:
@@ -222,13 +147,14 @@ class HistogramState:
         mass at 0: counted for every ``x > 0``, not spread over bin 0.
         """
         xs = np.asarray(x, dtype=np.float64)
-        total = float(self.counts.sum())
+        total = float(self.cumulative_counts[-1])
         if self.upper == 0.0 or total == 0.0:
             return np.where(xs > 0, total, 0.0)
         zeros = float(self.zeros)
-        cum = np.concatenate([[0.0], np.cumsum(self.counts, dtype=np.float64) - zeros])
+        cum = self.cumulative_counts.copy()
+        cum[1:] -= zeros
         total -= zeros
-        edges = self.bin_edges()
+        edges = self._edges
         absmax = self.absmax
         k = min(int(absmax * self.bins / self.upper), self.bins - 1)  # fine bin holding absmax
         if absmax > edges[k]:
@@ -281,9 +207,21 @@ class HistogramState:
 
     def quantile(self, q: float) -> float:
         """|x| below which a share ``q`` (0..1] of usable values lie, interpolated in the fine bins."""
+        return self.percentile(100.0 * q)
+
+    def percentile(self, percentile: float) -> float:
+        """|x| below which ``percentile`` % of usable values lie (at most ``absmax``; 0.0 when there are none)."""
         if self.count == 0 or self.upper == 0.0:
             return 0.0
-        return min(amax_percentile(self.counts, self.upper, 100.0 * q), self.absmax)
+        cum = self.cumulative_counts
+        return min(percentile_of_cumulative(cum, float(cum[-1]), self.upper, percentile), self.absmax)
+
+    @cached_property
+    def cumulative_counts(self) -> np.ndarray:
+        """``[0, c0, c0 + c1, ...]`` as float64 (exact: counts stay far below 2**53); computed once per snapshot."""
+        cum = np.concatenate([[0.0], np.cumsum(self.counts, dtype=np.float64)])
+        cum.setflags(write=False)
+        return cum
 
 
 class AbsHistogram:
@@ -305,16 +243,13 @@ class AbsHistogram:
         self.huge = 0
         self.zeros = 0
 
-    def _scale(self) -> float:
-        return self.bins / self.upper if self.upper > 0.0 else 0.0
-
     def _grow_to(self, new_upper: float) -> None:
         if self.upper == 0.0:
             self.upper = new_upper  # everything binned so far is zero: stays in bin 0
             return
         doublings = round(math.log2(new_upper / self.upper))
         if doublings > 0:
-            self.counts = _merge_pairs(self.counts, doublings)
+            self.counts = merge_pairs(self.counts, doublings)
             self.upper = new_upper
 
     def update(self, array: np.ndarray) -> None:
@@ -325,21 +260,16 @@ class AbsHistogram:
         flat = np.ravel(flat)
         if flat.size == 0:
             return
-        old_upper = self.upper
-        mn, mx, usable, nonfinite, n_huge, skipped, zeros = _scan_and_bin(
-            flat, self.counts, self._scale(), old_upper, self.huge_threshold
+        mn, mx, usable, nonfinite, n_huge, zeros, self.upper = update_counts(
+            flat, self.counts, self.upper, self.huge_threshold
         )
-        self.count += int(usable)
-        self.zeros += int(zeros)
-        self.nonfinite += int(nonfinite)
-        self.huge += int(n_huge)
+        self.count += usable
+        self.zeros += zeros
+        self.nonfinite += nonfinite
+        self.huge += n_huge
         if usable:
-            self.min = min(self.min, float(mn))
-            self.max = max(self.max, float(mx))
-        if skipped:
-            absmax = max(abs(float(mn)), abs(float(mx)))
-            self._grow_to(power_of_two_above(absmax))
-            _bin_from(flat, self.counts, self._scale(), old_upper, self.huge_threshold)
+            self.min = min(self.min, mn)
+            self.max = max(self.max, mx)
 
     def merge(self, other: AbsHistogram | HistogramState) -> None:
         """Add another accumulator's (or snapshot's) counts: exact, same as feeding its values."""
@@ -349,7 +279,7 @@ class AbsHistogram:
         if other.upper > self.upper:
             self._grow_to(other.upper)
         elif other.upper < self.upper and other.upper > 0.0:
-            counts = _merge_pairs(counts, round(math.log2(self.upper / other.upper)))
+            counts = merge_pairs(counts, round(math.log2(self.upper / other.upper)))
         self.counts = self.counts + counts
         self.count += int(other.count)
         self.nonfinite += int(other.nonfinite)

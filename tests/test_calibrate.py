@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import models
-from quantlab.calibrate import ALL_METHODS, calibrate, resolve_methods, table_from_statistics
+from quantlab.calibrate import calibrate, table_from_statistics
+from quantlab.methods import ALL_METHODS, resolve_methods
 from quantlab.errors import CalibrationError, DataError, InputMismatchError
 from quantlab.graph import model_from_proto
 from quantlab.table import read_table, read_trt_cache, write_table, write_trt_cache
@@ -98,7 +99,7 @@ def test_all_methods_from_one_pass():
     data = _dataset("outlier_channel_net", 12)
     result = calibrate(model, data, ["all", "mse"], batch_size=4)
     assert data.calls == [4]  # one pass over the data for four methods
-    assert list(result.tables) == [*ALL_METHODS, "mse"]
+    assert list(result.tables) == list(ALL_METHODS) == ["minmax", "percentile", "entropy", "mse"]  # "all" has mse
     assert result.statistics.samples == 12 and result.data.count == 12
     minmax, entropy = result.tables["minmax"], result.tables["entropy"]
     for name, r in minmax.ranges.items():
@@ -175,7 +176,7 @@ def test_bad_requests_fail_before_any_work():
     with pytest.raises(CalibrationError, match="batch_size"):
         calibrate(model, data, batch_size=0)
     assert data.calls == []
-    assert resolve_methods(["entropy", "all"]) == ("entropy", "minmax", "percentile")
+    assert resolve_methods(["entropy", "all"]) == ("entropy", "minmax", "percentile", "mse")
 
 
 def test_input_mismatch_is_caught_before_running():
@@ -279,9 +280,9 @@ def test_cli_writes_every_output_atomically(tmp_path, cli_setup, capsys):
                  "--out", str(out), "--trt-cache", "--trt-version", "10.13.0", "--no-progress"])
     assert code == 0
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["calib_entropy.json", "calib_minmax.json", "calib_percentile.json", "calibrate_run.json",
-                     "calibration_entropy.cache", "calibration_minmax.cache", "calibration_percentile.cache",
-                     "data_summary.json", "statistics.npz"]
+    assert files == ["calib_entropy.json", "calib_minmax.json", "calib_mse.json", "calib_percentile.json",
+                     "calibrate_run.json", "calibration_entropy.cache", "calibration_minmax.cache",
+                     "calibration_mse.cache", "calibration_percentile.cache", "data_summary.json", "statistics.npz"]
     printed = capsys.readouterr().out
     assert "widest and most clipped" in printed and "huge constants" in printed
     assert read_table(out / "calib_entropy.json").method == "entropy"
@@ -362,3 +363,74 @@ def test_clipping_note_separates_fused_preactivations():
     assert not info.startswith("WARNING") and f"{pre!r} 5.0%" in info and "not used" in info
     (only,) = clipping_notes("entropy", {pre: ranges[pre]}, stats, fused=fused)
     assert not only.startswith("WARNING")
+
+
+# --------------------------------------------------------------------------- the method registry (quantlab.methods)
+
+
+def test_registry_is_the_one_home_of_method_names_and_defaults():
+    import importlib
+    import inspect
+
+    from quantlab import calibrators, histogram, methods
+
+    calibrate_module = importlib.import_module("quantlab.calibrate")  # the package exports the function by that name
+
+    assert methods.METHOD_NAMES == ("minmax", "percentile", "entropy", "mse")
+    assert methods.ALL_METHODS == methods.METHOD_NAMES and "mse" in resolve_methods("all")
+    assert resolve_methods(["mse", "all", "mse"]) == ("mse", "minmax", "percentile", "entropy")
+    assert methods.DEFAULT_METHOD == "entropy" and methods.DEFAULT_PERCENTILE == 99.99
+    assert calibrators.METHODS is methods.METHOD_NAMES
+    assert (histogram.DEFAULT_BINS, histogram.DEFAULT_HUGE_THRESHOLD) == (methods.DEFAULT_BINS,
+                                                                           methods.DEFAULT_HUGE_THRESHOLD)
+    defaults = inspect.signature(calibrate_module.calibrate).parameters
+    assert defaults["methods"].default == (methods.DEFAULT_METHOD,)
+    assert defaults["percentile"].default == methods.DEFAULT_PERCENTILE
+    assert defaults["batch_size"].default == methods.DEFAULT_BATCH_SIZE
+    assert defaults["entropy_skip_zeros"].default is methods.ENTROPY_SKIP_ZEROS is True
+    entropy = methods.method_settings("entropy", entropy_skip_zeros=False)
+    assert (entropy["bins"], entropy["levels"], entropy["skip_zeros"]) == (2048, 128, False)
+    assert methods.method_settings("mse")["candidates"] == methods.MSE_CANDIDATES
+    assert methods.method_settings("percentile", percentile=99.9)["percentile"] == 99.9
+
+
+@pytest.mark.parametrize("value, ok", [(99.99, True), (100, True), (1e-9, True), (0, False), (-1, False),
+                                       (100.01, False), (float("nan"), False), ("abc", False)])
+def test_percentile_is_checked_in_one_place(value, ok):
+    from quantlab.methods import check_percentile, method_settings, percentile_error
+
+    assert (percentile_error(value) is None) is ok
+    if ok:
+        assert check_percentile(value) == float(value)
+    else:
+        with pytest.raises(CalibrationError, match=r"percentile must be in \(0, 100\]"):
+            check_percentile(value)
+        with pytest.raises(CalibrationError, match="percentile"):
+            method_settings("percentile", percentile=value)
+
+
+def test_unknown_method_names_every_choice():
+    with pytest.raises(CalibrationError, match="choose from minmax, percentile, entropy, mse or 'all'"):
+        resolve_methods(["kl"])
+    with pytest.raises(CalibrationError, match="no calibration method"):
+        resolve_methods([])
+
+
+def test_registry_module_imports_only_the_standard_library():
+    """The CLI reads quantlab.methods at start-up: it must not pull numpy, onnx or numba in."""
+    import ast
+    import pathlib
+
+    import quantlab.methods
+
+    for module in (quantlab.methods.__file__, pathlib.Path(quantlab.methods.__file__).with_name("errors.py")):
+        tree = ast.parse(pathlib.Path(module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [] if node.level else [(node.module or "").split(".")[0]]
+                assert not node.level or node.module in ("errors",), (module, node.module)
+            else:
+                continue
+            assert all(n in sys.stdlib_module_names for n in names), (module, names)

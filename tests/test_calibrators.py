@@ -233,3 +233,40 @@ def test_mse_against_brute_force_quantization_error():
     best = grid[np.argmin([real_error(t) for t in grid])]
     assert real_error(ours) <= 1.05 * real_error(best)
     assert 0.1 * absmax < ours < absmax
+
+
+def _mse_reference(hist: np.ndarray, upper: float, candidates: int = 512, levels: int = 127) -> tuple:
+    """The [candidates, bins] numpy formulation amax_mse replaced: (threshold, errors, thresholds)."""
+    centres = (np.arange(hist.size) + 0.5) * upper / hist.size
+    t = upper * np.arange(1, candidates + 1) / candidates
+    below = centres[None, :] <= t[:, None]
+    rounding = (t / levels) ** 2 / 12.0 * (below * hist[None, :]).sum(axis=1)
+    clipping = (np.where(below, 0.0, (centres[None, :] - t[:, None]) ** 2) * hist[None, :]).sum(axis=1)
+    errors = rounding + clipping
+    return float(t[int(np.argmin(errors))]), errors, t
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mse_kernel_equals_the_numpy_formulation(seed):
+    """Same threshold as the dense numpy version; sums run in another order, so a near-tie (errors equal to
+    ~1e-12 relative, float64 rounding of 2048-term sums) may pick the neighbour with the same error."""
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        hist = rng.integers(0, 1000, 2048).astype(np.float64) * (rng.random(2048) < rng.random())
+        hist[rng.integers(1, 2048):] = 0
+        hist[0] += 1
+        upper = float(rng.uniform(0.01, 100.0))
+        ref, errors, t = _mse_reference(hist, upper)
+        ours = amax_mse(hist, upper)
+        k = int(np.argmin(np.abs(t - ours)))
+        assert ours == ref or errors[k] <= errors.min() * (1 + 1e-12)
+
+
+def test_percentile_from_prefix_sums_equals_amax_percentile():
+    from quantlab.calibrators import percentile_of_cumulative
+
+    rng = np.random.default_rng(5)
+    hist = rng.integers(0, 50, 4096).astype(np.float64)
+    cum = np.concatenate([[0.0], np.cumsum(hist)])
+    for p in (50.0, 99.0, 99.99, 100.0, 1e-3):
+        assert percentile_of_cumulative(cum, float(hist.sum()), 7.5, p) == amax_percentile(hist, 7.5, p)

@@ -214,3 +214,104 @@ def test_without_zeros_and_zeros_as_a_point_mass():
     assert s.cdf_at(s.absmax) == pytest.approx(x.size)
     with pytest.raises(ValueError, match="zeros"):
         HistogramState(counts=np.array([1, 2]), upper=1.0, min=0.0, max=0.9, count=3, zeros=2)
+
+
+# --------------------------------------------------------------------------- compiled kernels (quantlab.binning)
+
+
+def _reference(values: np.ndarray, bins: int, huge: float = 1e30) -> dict:
+    """Value-by-value semantics in numpy: usable = finite and |x| < huge; min/max = first occurrence in data order."""
+    x = values.astype(np.float64)
+    usable = np.isfinite(x) & (np.abs(x) < huge)
+    u = x[usable]
+    out = {"count": int(u.size), "nonfinite": int((~np.isfinite(x)).sum()),
+           "huge": int((np.isfinite(x) & (np.abs(x) >= huge)).sum()), "zeros": int((u == 0).sum())}
+    absmax = float(np.abs(u).max()) if u.size else 0.0
+    upper = power_of_two_above(absmax) if absmax > 0 else 0.0
+    counts = np.zeros(bins, np.int64)
+    if upper > 0:
+        np.add.at(counts, np.floor(np.abs(u) * (bins / upper)).astype(np.int64), 1)
+    else:
+        counts[0] = u.size
+    out.update(counts=counts, upper=upper)
+    if u.size:  # the first value equal to the extreme (so -0.0 or 0.0 as they come)
+        out["min"] = float(u[np.flatnonzero(u == u.min())[0]])
+        out["max"] = float(u[np.flatnonzero(u == u.max())[0]])
+    return out
+
+
+def _kernel_inputs(seed: int) -> list[np.ndarray]:
+    """Arrays over several 16 Ki-value chunks: growing ranges, runs of +-0.0, NaN/inf/huge in some chunks only."""
+    from quantlab.binning import CHUNK
+
+    rng = np.random.default_rng(seed)
+    n = 3 * CHUNK + 123
+    relu = np.maximum(rng.normal(0, 1, n), 0).astype(np.float32)
+    relu[rng.random(n) < 0.2] = -0.0
+    growing = (rng.normal(0, 1, n) * np.logspace(-6, 3, n)).astype(np.float32)
+    masked = rng.normal(0, 3, n).astype(np.float32)
+    masked[[5, CHUNK + 7, 2 * CHUNK + 9]] = [np.nan, -np.inf, np.finfo(np.float32).min]
+    negative = -np.abs(rng.normal(0, 1, n)).astype(np.float32)
+    negative[CHUNK + 1:] = rng.choice(np.array([0.0, -0.0], np.float32), n - CHUNK - 1)
+    return [relu, growing, masked, negative, np.zeros(n, np.float32), masked.astype(np.float64)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("split", [1, 3, 5000])
+def test_kernels_equal_value_by_value_reference(seed, split):
+    for values in _kernel_inputs(seed):
+        h = AbsHistogram(4096)
+        for part in np.array_split(values, split):
+            h.update(part)
+        state, ref = h.state(), _reference(values, 4096)
+        np.testing.assert_array_equal(state.counts, ref["counts"])
+        assert (state.upper, state.count, state.nonfinite, state.huge, state.zeros) == (
+            ref["upper"], ref["count"], ref["nonfinite"], ref["huge"], ref["zeros"])
+        if ref["count"]:
+            assert (state.min, state.max) == (ref["min"], ref["max"])
+            assert math.copysign(1, state.min) == math.copysign(1, ref["min"])  # which zero, when the min is 0
+            assert math.copysign(1, state.max) == math.copysign(1, ref["max"])
+
+
+def test_signed_zero_extremes_follow_data_order_across_chunks():
+    from quantlab.binning import CHUNK
+
+    x = np.zeros(2 * CHUNK + 10, np.float32)
+    x[CHUNK + 3] = -0.0  # +0.0 comes first: min and max are +0.0
+    h = AbsHistogram(64)
+    h.update(x)
+    assert math.copysign(1, h.state().min) == 1.0 and math.copysign(1, h.state().max) == 1.0
+    y = x.copy()
+    y[0] = -0.0  # now -0.0 comes first
+    h = AbsHistogram(64)
+    h.update(y)
+    assert math.copysign(1, h.state().min) == -1.0 and math.copysign(1, h.state().max) == -1.0
+
+
+def test_merge_pairs_and_huge_bits():
+    from quantlab.binning import huge_bits, merge_pairs
+
+    counts = np.arange(16, dtype=np.int64)
+    for doublings in range(7):
+        expected = counts.copy()
+        for _ in range(min(doublings, 4)):
+            expected = np.concatenate([expected.reshape(-1, 2).sum(axis=1), np.zeros(8, np.int64)])
+        np.testing.assert_array_equal(merge_pairs(counts, doublings), expected)
+    for huge in (1e30, 1.0, 3.5, 1e-30, 1e300):
+        limit = huge_bits(huge)
+        with np.errstate(over="ignore"):  # 1e300 is inf in float32
+            near = np.float32(huge)
+        probes = np.array([near, np.nextafter(near, np.float32(0)), np.nextafter(near, np.float32(np.inf)),
+                           np.inf, np.nan], np.float32)
+        flagged = (probes.view(np.int32) & 0x7FFFFFFF) >= limit
+        expected = ~np.isfinite(probes) | (np.abs(probes.astype(np.float64)) >= huge)
+        np.testing.assert_array_equal(flagged, expected)
+
+
+def test_kernels_compile_where_numba_cannot_cache():
+    """cache=True fails at decoration when no cache folder is usable; the kernels then compile per process."""
+    from quantlab.binning import compiled
+
+    namespace: dict = {}
+    exec("def add_one(x):\n    return x + 1\n", namespace)  # no source file: numba has nowhere to cache it
+    assert compiled(nogil=True)(namespace["add_one"])(41) == 42

@@ -146,7 +146,7 @@ def test_cli_perf_specific_unavailable_backend_fails_clearly(tmp_path, capsys):
     if cuda_device().available:
         pytest.skip("a GPU is present: tensorrt-rtx runs here")
     code = main(["perf", str(path), "--backend", "tensorrt-rtx", "--iterations", "1"])
-    assert code == 2
+    assert code == 3  # no GPU / missing backend: an environment problem
     err = capsys.readouterr().err
     assert "no CUDA GPU" in err or "cuda-python" in err
 
@@ -154,10 +154,8 @@ def test_cli_perf_specific_unavailable_backend_fails_clearly(tmp_path, capsys):
 def test_cli_perf_rejects_bad_arguments(tmp_path):
     path = tmp_path / "conv.onnx"
     onnx.save(models.conv_net(), path)
-    with pytest.raises(SystemExit):
-        main(["perf", str(path), "--batch-size", "0"])
-    with pytest.raises(SystemExit):
-        main(["perf", str(path), "--dim", "seq"])
+    assert main(["perf", str(path), "--batch-size", "0"]) == 2
+    assert main(["perf", str(path), "--dim", "seq"]) == 2
 
 
 def _int8_ort_form(tmp_path, reduce_range: bool):

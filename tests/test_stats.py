@@ -243,3 +243,46 @@ def test_default_tensors_are_the_activations():
     stats = collect_statistics(model, _batches(_feeds("concat_net", 4), 4))
     assert stats.names == activation_names(model.proto)
     assert stats.samples == 4 and stats.backend["library"] == "onnxruntime"
+
+
+def test_prefetch_keeps_order_and_stops_with_the_pass():
+    """Batches are made one ahead in a thread: on_batch sees them in order, an error surfaces at its batch,
+    and no prefetch thread outlives collect_statistics (normal end or error)."""
+    import threading
+
+    model = model_from_proto(models.conv_net())
+    feeds = _feeds("conv_net", 24)
+    seen = []
+    stats = collect_statistics(model, _batches(feeds, 4), on_batch=lambda item: seen.append(item["input"][0, 0, 0, 0]))
+    assert seen == [feeds["input"][i, 0, 0, 0] for i in range(0, 24, 4)] and stats.batches == 6
+
+    def failing():
+        for i, batch in enumerate(_batches(feeds, 4)()):
+            if i == 3:
+                raise DataError("batch 3 is unreadable")
+            yield batch
+
+    with pytest.raises(DataError, match="batch 3"):
+        collect_statistics(model, failing)
+    bad = [{"input": feeds["input"][:4]}] + [{"wrong_name": feeds["input"][:4]}] * 50  # the model run fails
+    with pytest.raises(Exception):  # noqa: B017 - whichever error the second batch raises, the thread must end
+        collect_statistics(model, lambda: iter(bad))
+    assert not [t for t in threading.enumerate() if t.name == "quantlab-prefetch"]
+
+
+def test_large_batches_run_in_slices_with_the_same_statistics():
+    from quantlab.stats import samples_per_run
+
+    model = model_from_proto(models.conv_net())
+    feeds = _feeds("conv_net", 12)
+    whole = collect_statistics(model, _batches(feeds, 12))
+    sliced = collect_statistics(model, _batches(feeds, 12), run_budget_bytes=1)  # one sample per model run
+    _assert_same_statistics(whole, sliced)
+    assert sliced.batches == 1 and sliced.passes == 1
+    assert samples_per_run(model, {"a": 800, "b": 200}, 8, 250) == 2
+    assert samples_per_run(model, {"a": 800, "b": None}, 8, 400) == 2  # unknown counts as the largest
+    assert samples_per_run(model, {"a": 800}, 8, 1) == 1 and samples_per_run(model, {"a": 8}, 8, 10**9) == 8
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(models.conv_net())
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 8  # a fixed batch cannot be sliced
+    assert samples_per_run(model_from_proto(fixed), {"a": 800}, 8, 100) == 8

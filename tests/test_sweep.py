@@ -77,7 +77,7 @@ def test_local_runs_reuse_cells_and_keep_failures(tmp_path: Path, capsys: pytest
     pd.testing.assert_frame_equal(_metrics(one.table), _metrics(two.table))
 
     (tmp_path / "b.onnx").write_bytes(b"not onnx")
-    assert cli_main(["sweep", str(path), "--reports-dir", str(reports)]) == 1
+    assert cli_main(["sweep", str(path), "--reports-dir", str(reports)]) == 2  # a failed cell is an error
     out = capsys.readouterr().out
     assert "a--minmax" in out and "reused" in out and "b--minmax" in out and "failed" in out
     table = pd.read_parquet(reports / "unit" / "sweep.parquet")

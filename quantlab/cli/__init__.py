@@ -1,9 +1,21 @@
 """The ``quantlab`` command: the only place that prints and exits.
 
-Each sub-command lives in its own module here with two functions:
-``register(subparsers) -> None`` adds its arguments and ``run(args) -> int``
-does the work and returns the exit code. Library errors (``QuantlabError``)
-become one message on stderr and exit code 2; a failed threshold gate is 1.
+Each sub-command lives in its own module here with ``HELP`` (its one-line
+summary), ``register(subparsers) -> None`` (adds its arguments) and
+``run(args) -> int`` (does the work, returns the exit code).
+
+Imports are lazy here, on purpose (the one justified exception to "imports at
+the top of the module"): ``quantlab --help``, ``quantlab CMD --help`` and
+argument errors must answer in half a second, and onnx, onnxruntime, numpy,
+pandas, numba and matplotlib take seconds to import. So the sub-command modules
+import only the standard library at module level; ``register`` builds the
+argparse parser (only the selected command's, see :func:`main`), and ``run``
+imports the library. :func:`main` installs the SIGINT/SIGTERM handlers before
+anything heavy is imported, so an interruption at any point is one line and
+exit 130/143, never a traceback.
+
+Every failure becomes one line ``quantlab CMD: error: ...`` on stderr and an
+:class:`ExitCode` (see :mod:`quantlab.cli.exits` and README "Exit codes").
 """
 
 from __future__ import annotations
@@ -11,11 +23,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
-from ..errors import QuantlabError
+from .exits import (
+    EXIT_CODES_HELP,
+    ExitCode,
+    failure,
+    hold_signals,
+    install_signal_handlers,
+    restore_signal_handlers,
+    set_activity,
+)
 
-__all__ = ["main", "COMMANDS", "positive_int", "non_negative_int"]
+__all__ = ["main", "COMMANDS", "ExitCode", "EXIT_CODES_HELP", "positive_int", "non_negative_int", "path_arg",
+           "text_arg", "add_command", "prepare_output"]
 
 COMMANDS: tuple[str, ...] = (
     "calibrate",
@@ -30,10 +53,13 @@ COMMANDS: tuple[str, ...] = (
     "export",
     "demo",
 )
-"""Sub-command modules, in help order; a module that does not exist yet is skipped."""
+"""Sub-command modules, in help order."""
 
-EXIT_ERROR = 2
-EXIT_GATE_FAILED = 1
+class QuantlabParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``quantlab CMD: error: ...``) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def positive_int(text: str) -> int:
@@ -52,42 +78,113 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def _parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+def text_arg(text: str) -> str:
+    """argparse type: a non-blank string (an unset CI variable must not silently switch a gate off)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (an unset variable?); give a value or leave the flag out")
+    return text
+
+
+def path_arg(text: str) -> Path:
+    """argparse type: a non-blank path ("" would mean the current folder)."""
+    return Path(text_arg(text))
+
+
+def add_command(subparsers: Any, name: str, doc: str, summary: str) -> argparse.ArgumentParser:
+    """The sub-command's parser: description = first paragraph of ``doc``, epilog = the rest + exit codes."""
+    head, _, rest = doc.strip().partition("\n\n")
+    epilog = f"{rest.strip()}\n\n{EXIT_CODES_HELP}" if rest.strip() else EXIT_CODES_HELP
+    return subparsers.add_parser(name, help=summary, description=head, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def prepare_output(path: Path, owned: Iterable[str], *, command: str, flag: str = "--out",
+                   inputs: Iterable[Path] = ()) -> None:
+    """Before the long work: refuse an output that holds an input or foreign files, or cannot be written.
+
+    ``owned`` are the glob patterns (relative to ``path``) of the files the
+    command writes there; anything else is the user's and is never deleted.
+    """
+    from ..atomic import check_replaceable, check_writable
+    from ..errors import OutputError
+
+    label = f"{flag} {path}"
+    resolved = path.resolve()
+    for p in inputs:
+        rp = p.resolve()
+        if resolved == rp or resolved in rp.parents:
+            raise OutputError(f"{label} holds the input {p}; it would be replaced. Choose another folder.")
+    check_replaceable(path, owned, label=label, writer=command)
+    check_writable(path, label=label)
+
+
+def _selected(argv: Sequence[str]) -> str | None:
+    """The sub-command named on the command line (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _parser(selected: str | None) -> tuple[argparse.ArgumentParser, dict[str, Any], Any]:
+    """The top-level parser; only the selected command gets its full arguments (and their imports)."""
     from ..version import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = QuantlabParser(
         prog="quantlab",
         description="INT8 quantization and accuracy validation for ONNX models bound for TensorRT.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"quantlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules: dict[str, object] = {}
+    modules: dict[str, Any] = {}
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue
-            raise
-        module.register(sub)  # type: ignore[attr-defined]
+        module = importlib.import_module(f".{name}", __name__)
+        if name == selected:
+            module.register(sub)
+        else:
+            sub.add_parser(name, help=module.HELP)
         modules[name] = module
-    return parser, modules
+    return parser, modules, sub
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, modules = _parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return EXIT_ERROR
+    """Run ``quantlab ARGS``; returns the exit code (the console script passes it to ``sys.exit``)."""
+    previous = install_signal_handlers()
+    command = ""
     try:
-        return int(modules[args.command].run(args))  # type: ignore[attr-defined]
-    except QuantlabError as exc:
-        print(f"quantlab {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"quantlab {args.command}: interrupted; nothing half-written was left behind.", file=sys.stderr)
-        return 130
+        set_activity("starting")
+        args_list = list(sys.argv[1:] if argv is None else argv)
+        selected = _selected(args_list)
+        command = selected if selected in COMMANDS else ""
+        set_activity("reading the command line")
+        parser, modules, sub = _parser(selected)
+        try:
+            args, extra = parser.parse_known_args(args_list)
+            if extra:  # reported by the sub-command's parser, so the line names the command
+                sub.choices.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        except SystemExit as exc:  # --help, --version, or a usage error already printed
+            return ExitCode.OK if exc.code is None else exc.code if isinstance(exc.code, int) else ExitCode.BAD_INPUT
+        if not args.command:
+            parser.print_help(sys.stderr)
+            return ExitCode.BAD_INPUT
+        set_activity(f"running {command}")
+        return int(modules[command].run(args))
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        hold_signals()  # a signal now would turn this one line into a traceback
+        code, message = failure(exc, command)
+        _flush_quietly()
+        print(message, file=sys.stderr, flush=True)
+        return code
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _flush_quietly() -> None:
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,44 +17,34 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..atomic import atomic_dir, write_bytes, write_json
-from ..backends import BACKEND_NAMES, get_backend
-from ..backends.ort import int8_dot_saturates
-from ..errors import PlanError, QuantlabError
-from ..fingerprint import sha256_bytes
-from ..graph import load_model
-from ..plan import PRECISIONS, PrecisionPlan, load_plan, uniform_plan
-from ..quantize import (
-    DEFAULT_FP32_OPS,
-    WriteOptions,
-    WrittenModel,
-    save_written,
-    write_model,
-)
-from ..table import CalibrationTable, read_table, read_trt_cache
+from . import add_command, path_arg, prepare_output
 
-__all__ = ["register", "run", "BUILD_FILES"]
+if TYPE_CHECKING:
+    from ..plan import PrecisionPlan
+    from ..quantize import WriteOptions, WrittenModel
+    from ..table import CalibrationTable
+
+__all__ = ["HELP", "register", "run", "BUILD_FILES"]
+
+HELP = "write an INT8 (Q/DQ) / FP16 / mixed model, its provenance and effective plan"
 
 BUILD_FILES = frozenset({"model.onnx", "provenance.json", "plan.json", "model.engine", "engine.json"})
 """What a build writes into DIR: the only files it may replace."""
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "build",
-        help="write an INT8 (Q/DQ) / FP16 / mixed model, its provenance and effective plan",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    p.add_argument("model", type=Path, help="the FP32 ONNX model")
+    from ..backends import BACKEND_NAMES
+    from ..precision import PRECISIONS
+    from ..quantize import DEFAULT_FP32_OPS
+
+    p = add_command(subparsers, "build", __doc__, HELP)
+    p.add_argument("model", type=path_arg, help="the FP32 ONNX model")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--table", type=Path, help="calibration table written by `quantlab calibrate` (JSON)")
-    src.add_argument("--trt-cache", type=Path, help="a TensorRT calibration cache to take the ranges from")
-    p.add_argument("--plan", type=Path, help="precision plan (.json/.toml); implies --precision mixed")
+    src.add_argument("--table", type=path_arg, help="calibration table written by `quantlab calibrate` (JSON)")
+    src.add_argument("--trt-cache", type=path_arg, help="a TensorRT calibration cache to take the ranges from")
+    p.add_argument("--plan", type=path_arg, help="precision plan (.json/.toml); implies --precision mixed")
     p.add_argument("--precision", choices=[*PRECISIONS, "mixed"], default=None,
                    help="int8, fp16 or fp32 for every group, or mixed (needs --plan); default int8, "
                         "or mixed when --plan is given")
@@ -75,10 +65,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fp16-simulation", action="store_true",
                    help="(--backend ort only) float32 kernels with every fp16 tensor rounded through "
                         "float16: ONNX Runtime's CPU provider does not round a native fp16 model's activations")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
 
 
 def _plan(args: argparse.Namespace) -> tuple[PrecisionPlan, str]:
+    from ..errors import PlanError
+    from ..plan import load_plan, uniform_plan
+
     if args.plan is not None:
         if args.precision not in (None, "mixed"):
             raise PlanError(f"--plan {args.plan} and --precision {args.precision} disagree: the plan decides "
@@ -92,6 +85,8 @@ def _plan(args: argparse.Namespace) -> tuple[PrecisionPlan, str]:
 
 
 def _table(args: argparse.Namespace) -> CalibrationTable | None:
+    from ..table import read_table, read_trt_cache
+
     if args.table is not None:
         return read_table(args.table)
     if args.trt_cache is not None:
@@ -100,6 +95,9 @@ def _table(args: argparse.Namespace) -> CalibrationTable | None:
 
 
 def _options(args: argparse.Namespace) -> WriteOptions:
+    from ..errors import QuantlabError
+    from ..quantize import DEFAULT_FP32_OPS, WriteOptions
+
     target = args.target or ("ort" if args.backend == "ort" else "tensorrt")
     fp32_ops = DEFAULT_FP32_OPS
     if args.keep_fp32 is not None:
@@ -111,21 +109,9 @@ def _options(args: argparse.Namespace) -> WriteOptions:
                         fp16_simulation=args.fp16_simulation, reduce_range=args.reduce_range)
 
 
-def _check_out(out: Path) -> None:
-    """DIR is replaced as a whole: refuse a file, or a folder holding anything a build did not write."""
-    if out.exists() and not out.is_dir():
-        raise QuantlabError(f"--out {out} is a file; give a folder for the build")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in BUILD_FILES)
-        if foreign:
-            raise QuantlabError(
-                f"--out {out} holds files a build did not write ({', '.join(foreign[:5])}"
-                f"{', ...' if len(foreign) > 5 else ''}); a build replaces the whole folder, so give a "
-                "new or empty folder, or one holding only an earlier build"
-            )
-
-
 def _saturation_note(options: WriteOptions, written: WrittenModel) -> str | None:
+    from ..backends.ort import int8_dot_saturates
+
     if options.target != "ort" or options.reduce_range or not written.plan.groups_at("int8"):
         return None
     if not int8_dot_saturates():
@@ -137,6 +123,9 @@ def _saturation_note(options: WriteOptions, written: WrittenModel) -> str | None
 
 def _engine(args: argparse.Namespace, written: WrittenModel) -> tuple[bytes | None, dict[str, Any] | None, str]:
     """(engine bytes, description, message) for TensorRT backends; ORT only has to load the model."""
+    from ..backends import get_backend
+    from ..fingerprint import sha256_bytes
+
     backend = get_backend(args.backend)
     if args.backend == "ort":
         runner = backend.build(written.proto)
@@ -157,7 +146,11 @@ def _engine(args: argparse.Namespace, written: WrittenModel) -> tuple[bytes | No
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_out(args.out)
+    from ..atomic import atomic_dir, write_bytes, write_json
+    from ..graph import load_model
+    from ..quantize import save_written, write_model
+
+    prepare_output(args.out, BUILD_FILES, command="build")
     model = load_model(args.model)
     plan, label = _plan(args)
     table = _table(args)
@@ -165,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     written = write_model(model, plan, table, options)
     engine, engine_info, message = _engine(args, written)
 
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, owned=BUILD_FILES) as tmp:
         names = {key: path.name for key, path in save_written(written, tmp).items()}
         if engine is not None and engine_info is not None:
             names["engine"] = write_bytes(tmp / "model.engine", engine).name

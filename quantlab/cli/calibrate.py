@@ -19,19 +19,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import positive_int
-from ..atomic import atomic_dir, write_json
-from ..calibrate import ALL_METHODS, DEFAULT_BATCH_SIZE, DEFAULT_PERCENTILE, CalibrationResult, calibrate
-from ..calibrators import METHODS
-from ..errors import CalibrationError, QuantlabError
-from ..fingerprint import tool_versions
-from ..graph import load_model
-from ..stats import TENSOR_SCOPES, save_statistics, scope_tensors
-from ..table import TRT_CACHE_VERSION, CalibrationTable, write_table, write_trt_cache
+from . import add_command, path_arg, positive_int, prepare_output, text_arg
 
-__all__ = ["register", "run", "summary_frame", "RUN_RECORD"]
+if TYPE_CHECKING:
+    from ..calibrate import CalibrationResult
+    from ..table import CalibrationTable
+
+__all__ = ["HELP", "register", "run", "summary_frame", "RUN_RECORD", "owned_files"]
+
+HELP = "per-tensor INT8 ranges (entropy, minmax, percentile, mse) from a calibration set"
 
 RUN_RECORD = "calibrate_run.json"
 """Marks a folder as a calibrate output, so a rerun may replace it (and nothing else)."""
@@ -47,13 +45,16 @@ def _percentile(text: str) -> float:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "calibrate",
-        help="per-tensor INT8 ranges (entropy, minmax, percentile, mse) from a calibration set",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("model", type=Path, help="FP32 ONNX model file")
-    p.add_argument("--calib", type=Path, required=True, metavar="TOML",
+    # NOTE: these constants should come from the light quantlab/methods.py registry once it exists
+    # (importing quantlab.calibrate loads numba and onnx: seconds of start-up for `calibrate --help`).
+    from ..calibrate import ALL_METHODS, DEFAULT_BATCH_SIZE, DEFAULT_PERCENTILE
+    from ..calibrators import METHODS
+    from ..stats import TENSOR_SCOPES
+    from ..table import TRT_CACHE_VERSION
+
+    p = add_command(subparsers, "calibrate", __doc__, HELP)
+    p.add_argument("model", type=path_arg, help="FP32 ONNX model file")
+    p.add_argument("--calib", type=path_arg, required=True, metavar="TOML",
                    help="calibration set manifest, e.g. calib_sets/NAME.toml")
     p.add_argument("--method", choices=[*METHODS, "all"], default="entropy",
                    help="calibration method; 'all' = " + ", ".join(ALL_METHODS) + " from one pass (default entropy)")
@@ -68,10 +69,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tensors", choices=TENSOR_SCOPES, default="all",
                    help="'all' float activations (default) or 'quantizable': without pre-activation tensors "
                         "TensorRT fuses away (about half the work on CNNs)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
     p.add_argument("--trt-cache", action="store_true",
                    help="also write a TensorRT calibration cache (for TensorRT 10 implicit INT8)")
-    p.add_argument("--trt-version", default=TRT_CACHE_VERSION,
+    p.add_argument("--trt-version", type=text_arg, default=TRT_CACHE_VERSION,
                    help=f"TensorRT version for the cache header, e.g. 10.13.0 (default {TRT_CACHE_VERSION}); "
                         "TensorRT ignores a cache made for another version")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -104,23 +105,24 @@ def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS) -> Any:
     return pd.concat([widest, clipped]).drop_duplicates("tensor").reset_index(drop=True)
 
 
-def _check_out(out: Path, model: Path, calib: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise CalibrationError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / RUN_RECORD).is_file():
-        raise CalibrationError(
-            f"--out {out} is a non-empty folder that is not a previous calibrate output (no {RUN_RECORD}); "
-            "it would be replaced. Give a new or empty folder."
-        )
-    resolved = out.resolve()
-    for p in (model, calib):
-        if resolved == p.resolve().parent or resolved in p.resolve().parents:
-            raise CalibrationError(f"--out {out} holds the input {p}; it would be replaced. Choose another folder.")
+def owned_files() -> tuple[str, ...]:
+    """The files a calibrate run writes into --out (the only ones a rerun may replace)."""
+    from ..calibrators import METHODS
+
+    names = [RUN_RECORD, "statistics.npz", "data_summary.json", "calibration.cache"]
+    for method in METHODS:
+        names += [f"calib_{method}.json", f"calibration_{method}.cache"]
+    return tuple(names)
 
 
 def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model: Any) -> list[Path]:
+    from ..atomic import atomic_dir, write_json
+    from ..fingerprint import tool_versions
+    from ..stats import save_statistics
+    from ..table import write_table, write_trt_cache
+
     written: list[Path] = []
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owned=owned_files()) as tmp:
         for method, table in result.tables.items():
             write_table(table, tmp / f"calib_{method}.json")
             written.append(out / f"calib_{method}.json")
@@ -152,7 +154,11 @@ def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    _check_out(args.out, args.model, args.calib)
+    from ..calibrate import ALL_METHODS, calibrate
+    from ..graph import load_model
+    from ..stats import scope_tensors
+
+    prepare_output(args.out, owned_files(), command="calibrate", inputs=[args.model, args.calib])
     model = load_model(args.model)
     dataset = _load_dataset(args.calib)
     methods = list(ALL_METHODS) if args.method == "all" else [args.method]
@@ -171,11 +177,6 @@ def run(args: argparse.Namespace) -> int:
             print(summary_frame(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             for note in table.notes:
                 print(f"note: {note}")
-    try:
-        written = _write(args.out, result, args, model)
-    except QuantlabError:
-        raise
-    except OSError as exc:
-        raise CalibrationError(f"cannot write the results to {args.out}: {exc}") from None
+    written = _write(args.out, result, args, model)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

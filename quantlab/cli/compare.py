@@ -13,8 +13,8 @@ worst layers and the end-to-end table, and writes into ``--out`` (all or nothing
 - ``per_sample.parquet/.csv``  one row per candidate, output and sample
 - ``compare.json``             settings, data hash and manifest, models, versions, warnings
 
-Exit codes: 0 done (and no --fail-if condition holds), 1 the --fail-if expression holds for a
-candidate (or cannot be evaluated because its figures are NaN), 2 error (nothing is written).
+--fail-if: exit 1 when the expression holds for a candidate (or cannot be evaluated because its
+figures are NaN); nothing is written on errors (exit 2 or 3).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import positive_int, non_negative_int
-from ..backends import BACKEND_NAMES
-from ..errors import CompareError
+from . import add_command, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 
-__all__ = ["register", "run", "candidate_name"]
+__all__ = ["HELP", "register", "run", "candidate_name", "owned_files", "check_label_metrics",
+           "known_metrics"]
+
+HELP = "per-layer and end-to-end error of FP16/INT8 candidates vs the FP32 reference (a CI gate)"
 
 WORST_LAYERS = 10
 
@@ -42,32 +43,29 @@ def _confidence(text: str) -> float:
 
 
 def register(subparsers: Any) -> None:
+    # NOTE: CompareOptions' defaults and BACKEND_NAMES should live in a light module: importing
+    # quantlab.compare loads pandas and onnx (seconds of start-up for `compare --help`).
+    from ..backends import BACKEND_NAMES
     from ..compare import CompareOptions
 
     d = CompareOptions()
-    p = subparsers.add_parser(
-        "compare",
-        help="per-layer and end-to-end error of FP16/INT8 candidates vs the FP32 reference (a CI gate)",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    p.add_argument("reference", type=Path, help="the FP32 ONNX model")
-    p.add_argument("candidates", type=Path, nargs="+", metavar="CANDIDATE",
+    p = add_command(subparsers, "compare", __doc__, HELP)
+    p.add_argument("reference", type=path_arg, help="the FP32 ONNX model")
+    p.add_argument("candidates", type=path_arg, nargs="+", metavar="CANDIDATE",
                    help="`quantlab build` output folders or .onnx files")
-    p.add_argument("--data", type=Path, required=True, metavar="TOML", help="validation set manifest")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--data", type=path_arg, required=True, metavar="TOML", help="validation set manifest")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--labels", dest="labels", action="store_const", const=True, default=None,
                         help="require labels in the validation set (accuracy, McNemar); default: use them if present")
     labels.add_argument("--no-labels", dest="labels", action="store_const", const=False,
                         help="ignore the validation set's labels")
-    p.add_argument("--label-output", default=None, metavar="NAME",
+    p.add_argument("--label-output", type=text_arg, default=None, metavar="NAME",
                    help="the model output the labels index (default: the classifier output with most classes)")
-    p.add_argument("--metric", default=None, metavar="MODULE:FUNCTION",
+    p.add_argument("--metric", type=text_arg, default=None, metavar="MODULE:FUNCTION",
                    help="user metric: function(reference_outputs, candidate_outputs, label) -> {name: number}, "
                         "called per sample; a module name or path/to/file.py")
-    p.add_argument("--fail-if", default=None, metavar="EXPR",
+    p.add_argument("--fail-if", type=text_arg, default=None, metavar="EXPR",
                    help='exit 1 when EXPR holds for a candidate, e.g. "top1_drop>0.5" or "cosine<0.999"')
     p.add_argument("--backend", choices=BACKEND_NAMES, default=d.backend, help=f"default {d.backend}")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"default {d.batch_size}")
@@ -85,7 +83,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=non_negative_int, default=d.seed, help=f"bootstrap seed (default {d.seed})")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="threads running models and metrics side by side (default: 2 on ONNX Runtime, else 1)")
-    p.add_argument("--calib", type=Path, default=None, metavar="PATH",
+    p.add_argument("--calib", type=path_arg, default=None, metavar="PATH",
                    help="the calibration set (manifest .toml, or data_summary.json of `quantlab calibrate`): "
                         "warn when the validation set shares samples with it")
     p.add_argument("--worst", type=non_negative_int, default=WORST_LAYERS,
@@ -113,17 +111,11 @@ def _names(paths: list[Path]) -> list[str]:
     return names
 
 
-def _check_out(out: Path, inputs: list[Path]) -> None:
-    if out.exists() and not out.is_dir():
-        raise CompareError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "compare.json").is_file():
-        raise CompareError(f"--out {out} is a non-empty folder that is not a previous comparison (no compare.json); "
-                           "it would be replaced. Give a new or empty folder.")
-    resolved = out.resolve()
-    for p in inputs:
-        rp = p.resolve()
-        if resolved == rp or resolved in rp.parents:
-            raise CompareError(f"--out {out} holds the input {p}; it would be replaced. Choose another folder.")
+def owned_files() -> tuple[str, ...]:
+    """The files a comparison writes into --out (the only ones a rerun may replace)."""
+    from ..compare.result import OWNED_FILES
+
+    return OWNED_FILES
 
 
 def _calibration_summary(path: Path | None) -> Any:
@@ -132,6 +124,7 @@ def _calibration_summary(path: Path | None) -> Any:
     import json
 
     from ..data import DataSummary, open_dataset, summarize
+    from ..errors import CompareError
 
     if path.suffix == ".json":
         try:
@@ -145,7 +138,27 @@ def _calibration_summary(path: Path | None) -> Any:
     return summarize(open_dataset(path))
 
 
-def _known_metrics(reference: Any, use_labels: bool) -> set[str] | None:
+def check_label_metrics(threshold: Any, flag: str, data: Path, dataset: Any, no_labels: bool) -> None:
+    """Accuracy metrics (top1_drop, mcnemar_p, ...) need labels: say where to add them, before any work."""
+    from ..compare import LABEL_COLUMNS
+    from ..errors import ThresholdError
+
+    wanted = [m for m in threshold.metrics if m in LABEL_COLUMNS]
+    if not wanted:
+        return
+    names = ", ".join(wanted)
+    if no_labels:
+        raise ThresholdError(f"{flag} {threshold.text!r} names {names}, an accuracy figure, but --no-labels ignores "
+                             "the labels: drop --no-labels, or gate on a label-free metric (cosine, sqnr_db, "
+                             "top1_agreement)")
+    if not getattr(dataset, "has_labels", False):
+        raise ThresholdError(f"{flag} {threshold.text!r} names {names}, an accuracy figure, but the validation set "
+                             f"{data} has no labels: add a [labels] table to {data} (see calib_sets/README.md), "
+                             "or gate on a label-free metric (cosine, sqnr_db, top1_agreement)")
+
+
+def known_metrics(reference: Any, use_labels: bool) -> set[str] | None:
+    """The end-to-end columns a comparison of ``reference`` reports: what a threshold may name."""
     from ..compare import CLASSIFIER_COLUMNS, END_TO_END_COLUMNS, LABEL_COLUMNS
 
     known = set(END_TO_END_COLUMNS) - {"candidate", "output"}
@@ -215,15 +228,16 @@ def run(args: argparse.Namespace) -> int:
     from ..graph import load_model
     from ..threshold import parse_threshold
 
-    threshold = parse_threshold(args.fail_if) if args.fail_if else None
-    _check_out(args.out, [args.reference, args.data, *args.candidates])
+    threshold = parse_threshold(args.fail_if) if args.fail_if is not None else None
+    prepare_output(args.out, owned_files(), command="compare", inputs=[args.reference, args.data, *args.candidates])
     reference = load_model(args.reference)
     names = _names(list(args.candidates))
     candidates = {name: load_candidate(path, reference) for name, path in zip(names, args.candidates)}
     dataset = open_dataset(args.data)
     if threshold is not None and args.metric is None:
+        check_label_metrics(threshold, "--fail-if", args.data, dataset, args.labels is False)
         use_labels = bool(getattr(dataset, "has_labels", False)) and args.labels is not False
-        parse_threshold(threshold.text, known_metrics=_known_metrics(reference, use_labels))
+        parse_threshold(threshold.text, known_metrics=known_metrics(reference, use_labels))
     calibration = _calibration_summary(args.calib)
     options = CompareOptions(
         backend=args.backend, batch_size=args.batch_size, per_layer=not args.no_per_layer, local=not args.no_local,

@@ -13,7 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run", "demo_experiment_path"]
+from . import add_command, path_arg
+
+__all__ = ["HELP", "register", "run", "demo_experiment_path"]
+
+HELP = "run the EfficientNet-Lite0 demo experiment and write its report"
 
 
 def demo_experiment_path() -> Path:
@@ -32,9 +36,8 @@ def demo_experiment_path() -> Path:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="run the EfficientNet-Lite0 demo experiment and write its report",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--reports-dir", type=Path, default=Path("reports"),
+    p = add_command(subparsers, "demo", __doc__, HELP)
+    p.add_argument("--reports-dir", type=path_arg, default=Path("reports"),
                    help="folder that receives reports/demo/ (default: ./reports)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -42,11 +45,12 @@ def register(subparsers: Any) -> None:
 
 def run(args: Any) -> int:
     from ..experiment import load_experiment, run_experiment
-    from .run import print_result
+    from .run import prepare_report_dir, print_result
 
     start = time.perf_counter()
     path = demo_experiment_path()
     config = load_experiment(path)
+    prepare_report_dir(args.reports_dir, config.name, "demo", [path])
     print(f"quantlab demo: {path}", file=sys.stderr)
     result = run_experiment(config, reports_dir=args.reports_dir, progress=not args.quiet, force=args.force,
                             command="quantlab " + " ".join(sys.argv[1:]))

@@ -12,39 +12,42 @@ verdict's model: the search's final plan when the search ran). Writes
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run"]
+from . import add_command, path_arg, positive_int, text_arg
+
+__all__ = ["HELP", "register", "run"]
+
+HELP = "release handoff: export a build or report as a Triton model"
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("export", help="release handoff: export a build or report as a Triton model",
-                              description=__doc__.split("\n\n")[0])
+    p = add_command(subparsers, "export", __doc__, HELP)
     targets = p.add_subparsers(dest="target", metavar="TARGET", required=True)
-    t = targets.add_parser("triton", help="a Triton Inference Server model repository entry",
-                           description=__doc__.split("\n\n")[0])
-    t.add_argument("source", type=Path, help="a `quantlab build` folder or a `quantlab run` report folder")
-    t.add_argument("--name", required=True, help="the model's name in the repository (folder name)")
-    t.add_argument("--repository", type=Path, required=True, metavar="DIR", help="the model repository folder")
+    t = add_command(targets, "triton", __doc__, "a Triton Inference Server model repository entry")
+    t.add_argument("source", type=path_arg, help="a `quantlab build` folder or a `quantlab run` report folder")
+    t.add_argument("--name", type=text_arg, required=True, help="the model's name in the repository (folder name)")
+    t.add_argument("--repository", type=path_arg, required=True, metavar="DIR", help="the model repository folder")
     t.add_argument("--platform", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                    help="onnxruntime (ONNX Runtime with the TensorRT execution provider; default) or tensorrt "
                         "(the engine `quantlab build --backend tensorrt` wrote)")
     t.add_argument("--max-batch-size", type=int, default=None, metavar="N",
                    help="Triton's max_batch_size (default 8 for a model with a dynamic batch axis, else 0)")
     t.add_argument("--dynamic-batching", action="store_true", help="let Triton batch requests together")
-    t.add_argument("--instances", type=int, default=1, metavar="N", help="model instances per GPU (default 1)")
+    t.add_argument("--instances", type=positive_int, default=1, metavar="N", help="model instances per GPU (default 1)")
     t.add_argument("--version", type=int, default=None, metavar="V",
                    help="version folder to write (default: one more than the newest)")
-    t.add_argument("--candidate", default=None, help="report folders: the candidate to export (default: the verdict's)")
-    t.add_argument("--data", type=Path, default=None, metavar="TOML",
+    t.add_argument("--candidate", type=text_arg, default=None, help="report folders: the candidate to export (default: the verdict's)")
+    t.add_argument("--data", type=path_arg, default=None, metavar="TOML",
                    help="manifest whose first sample becomes the warm-up request (default: the report's "
                         "validation set; none for a build folder)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import check_writable
     from ..export import TritonOptions, export_triton, resolve_source
 
+    check_writable(args.repository / args.name, label=f"--repository {args.repository}")
     source = resolve_source(args.source, candidate=args.candidate)
     options = TritonOptions(name=args.name, platform=args.platform, max_batch_size=args.max_batch_size,
                             dynamic_batching=args.dynamic_batching, instances=args.instances, version=args.version)

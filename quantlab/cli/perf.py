@@ -15,19 +15,19 @@ this CPU (x86 without VNNI and full-range weights: see quantlab.backends.ort),
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import positive_int, non_negative_int
-from ..atomic import write_json
-from ..backends import BACKEND_NAMES, get_backend
-from ..errors import BackendUnavailableError, QuantlabError
-from ..fingerprint import tool_versions
-from ..graph import load_model
-from ..perf import LatencyResult, measure_latency, random_feeds
+from . import add_command, non_negative_int, path_arg, positive_int
 
-__all__ = ["register", "run"]
+if TYPE_CHECKING:
+    from ..perf import LatencyResult
+
+__all__ = ["HELP", "register", "run"]
+
+HELP = "latency (mean, p50, p90, p99) and throughput per backend"
 
 
 def _dim(text: str) -> tuple[str, int]:
@@ -38,12 +38,11 @@ def _dim(text: str) -> tuple[str, int]:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "perf",
-        help="latency (mean, p50, p90, p99) and throughput per backend",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("model", type=Path, help="ONNX model file")
+    # NOTE: BACKEND_NAMES should live in a light module: quantlab.backends imports numpy and onnx.
+    from ..backends import BACKEND_NAMES
+
+    p = add_command(subparsers, "perf", __doc__, HELP)
+    p.add_argument("model", type=path_arg, help="ONNX model file")
     p.add_argument("--backend", choices=[*BACKEND_NAMES, "all"], default="all",
                    help="backend to measure; 'all' measures every one available here (default)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="samples per run (default 1)")
@@ -59,14 +58,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--qdq-fusion", choices=["auto", "on", "off"], default="auto",
                    help="ONNX Runtime: fuse Q/DQ into integer kernels (on), run them as written (off), "
                         "or fuse unless the kernels could saturate on this CPU (auto, default)")
-    p.add_argument("--engine-cache", type=Path, default=None,
+    p.add_argument("--engine-cache", type=path_arg, default=None,
                    help="folder for TensorRT engines (reused when model, version and GPU match)")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--json", type=path_arg, default=None, metavar="OUT", help="also write the results as JSON")
 
 
 def _measure(
     name: str, args: argparse.Namespace, model: Any, feeds: dict[str, Any]
 ) -> tuple[dict[str, Any], LatencyResult]:
+    from ..backends import get_backend
+    from ..perf import measure_latency
+
     fused: bool | None = None
     if name == "ort":
         fusion = {"auto": None, "on": True, "off": False}[args.qdq_fusion]
@@ -106,7 +108,35 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return frame.to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
+def _check_json_target(path: Path) -> None:
+    """--json replaces a file: only one `quantlab perf --json` wrote, and only where we may write."""
+    from ..atomic import check_writable
+    from ..errors import OutputError
+
+    label = f"--json {path}"
+    if path.is_dir():
+        raise OutputError(f"{label} is a folder; give a file name such as {path / 'perf.json'}")
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            doc = None
+        if not (isinstance(doc, dict) and {"results", "unavailable", "settings"} <= doc.keys()):
+            raise OutputError(f"{label} exists and was not written by `quantlab perf --json`; it would be "
+                              "replaced. Give a new file name, or move that file away.")
+    check_writable(path, label=label)
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import write_json
+    from ..backends import BACKEND_NAMES
+    from ..errors import BackendUnavailableError, QuantlabError
+    from ..fingerprint import tool_versions
+    from ..graph import load_model
+    from ..perf import random_feeds
+
+    if args.json is not None:
+        _check_json_target(args.json)
     model = load_model(args.model)
     feeds = random_feeds(model, args.batch_size, seed=args.seed, dims=dict(args.dim))
     names = list(BACKEND_NAMES) if args.backend == "all" else [args.backend]

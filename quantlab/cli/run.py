@@ -13,17 +13,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run", "print_result"]
+from . import ExitCode, add_command, path_arg, prepare_output
+
+__all__ = ["HELP", "register", "run", "print_result", "REPORT_FILES", "prepare_report_dir"]
+
+HELP = "run an experiment file: calibrate -> build -> compare -> search -> HTML report"
+
+REPORT_FILES = ("index.html", "manifest.json", "results/*", "plots/*", "stages/*", "search-log/*")
+"""What a run writes (and may remove or replace) in reports/NAME/."""
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "run",
-        help="run an experiment file: calibrate -> build -> compare -> search -> HTML report",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("experiment", type=Path, help="experiment TOML file (e.g. experiments/demo.toml)")
-    p.add_argument("--reports-dir", type=Path, default=Path("reports"),
+    p = add_command(subparsers, "run", __doc__, HELP)
+    p.add_argument("experiment", type=path_arg, help="experiment TOML file (e.g. experiments/demo.toml)")
+    p.add_argument("--reports-dir", type=path_arg, default=Path("reports"),
                    help="folder that receives reports/NAME/ (default: ./reports)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its inputs are unchanged")
     p.add_argument("--fail-on-verdict", action="store_true",
@@ -47,16 +50,34 @@ def print_result(result: Any, *, stream: Any = None) -> None:
     print(f"report: {result.index_html}", file=out)
 
 
+def prepare_report_dir(reports_dir: Path, name: str, command: str, inputs: list[Path]) -> None:
+    """reports/NAME must be new or hold only what a run wrote, and be writable, before any stage runs."""
+    prepare_output(reports_dir / name, REPORT_FILES, command=command, flag="report folder", inputs=inputs)
+
+
+def export_release(config: Any, report_dir: Path) -> None:
+    """The experiment's ``[export]`` table: its verdict's model into a Triton model repository."""
+    from ..export import TritonOptions, export_triton, resolve_source
+
+    options = TritonOptions(name=config.export_name or config.name, platform=config.export_platform,
+                            max_batch_size=config.export_max_batch_size,
+                            dynamic_batching=config.export_dynamic_batching, instances=config.export_instances)
+    exported = export_triton(resolve_source(report_dir), config.export_repository, options)
+    print(f"export: {exported.model_dir} version {exported.version} ({exported.model_file.name})")
+
+
 def run(args: Any) -> int:
     from ..experiment import load_experiment, run_experiment
-    from . import EXIT_GATE_FAILED
 
     config = load_experiment(args.experiment)
+    prepare_report_dir(args.reports_dir, config.name, "run", [args.experiment])
     command = "quantlab " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0] else "quantlab run"
     print(f"experiment {config.name}: {args.experiment}", file=sys.stderr)
     result = run_experiment(config, reports_dir=args.reports_dir, progress=not args.quiet, force=args.force,
                             command=command)
     print_result(result)
+    if config.export_repository is not None:
+        export_release(config, result.report_dir)
     if args.fail_on_verdict and result.verdict is not None and not result.verdict.passed:
-        return EXIT_GATE_FAILED
+        return ExitCode.VERDICT
     return 0

@@ -15,22 +15,33 @@ searches (see :mod:`quantlab.search`) and writes into ``--out``:
 - ``search.json``                 the outcome, settings, versions
 - ``work/search_log.jsonl``       the search log (``--workdir``): rerun the same command to resume
 
-Exit code: 0 when the final plan meets the threshold, 1 when no plan met it (the best plan
-found is still written), 2 on errors.
+When no plan meets the threshold the best plan found is still written, and the exit code is 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import positive_int, non_negative_int
-from ..backends import BACKEND_NAMES
-from ..search import SearchOptions, StepEvent
+from . import add_command, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 
-__all__ = ["register", "run", "format_step"]
+if TYPE_CHECKING:
+    from ..search import StepEvent
+
+__all__ = ["HELP", "register", "run", "format_step", "owned_files"]
+
+HELP = "pin the most sensitive layers to FP16/FP32 until a threshold is met, keeping the most INT8"
+
+
+def owned_files(own_workdir: bool) -> tuple[str, ...]:
+    """What a search writes into --out (and ``work/``, its log, unless --workdir puts the log elsewhere)."""
+    from .compare import owned_files as comparison_files
+
+    names = ("plan.json", "plan.toml", "final/model.onnx", "final/provenance.json", "final/plan.json",
+             "trajectory.csv", "trajectory.parquet", "sensitivity.csv", "sensitivity.parquet", "search.json",
+             *(f"final_compare/{name}" for name in comparison_files()))
+    return (*names, "work/*") if own_workdir else names
 
 
 def _seconds(text: str) -> float:
@@ -41,24 +52,22 @@ def _seconds(text: str) -> float:
 
 
 def register(subparsers: Any) -> None:
+    # NOTE: SearchOptions' defaults, ALL_METHODS and BACKEND_NAMES should live in light modules: importing
+    # quantlab.search loads pandas, onnx and numba (seconds of start-up for `search --help`).
+    from ..backends import BACKEND_NAMES
     from ..calibrate import ALL_METHODS
+    from ..search import SearchOptions
 
     defaults = SearchOptions(threshold="")
-    p = subparsers.add_parser(
-        "search",
-        help="pin the most sensitive layers to FP16/FP32 until a threshold is met, keeping the most INT8",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    p.add_argument("model", type=Path, help="the FP32 ONNX model")
+    p = add_command(subparsers, "search", __doc__, HELP)
+    p.add_argument("model", type=path_arg, help="the FP32 ONNX model")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--calib", type=Path, metavar="TOML", help="calibration set manifest (calibrate first)")
-    src.add_argument("--table", type=Path, metavar="JSON", help="a calibration table from `quantlab calibrate`")
+    src.add_argument("--calib", type=path_arg, metavar="TOML", help="calibration set manifest (calibrate first)")
+    src.add_argument("--table", type=path_arg, metavar="JSON", help="a calibration table from `quantlab calibrate`")
     p.add_argument("--method", default="entropy", choices=list(ALL_METHODS),
                    help="calibrator used with --calib (default entropy)")
-    p.add_argument("--data", type=Path, required=True, metavar="TOML", help="validation set manifest")
-    p.add_argument("--threshold", required=True, metavar="EXPR",
+    p.add_argument("--data", type=path_arg, required=True, metavar="TOML", help="validation set manifest")
+    p.add_argument("--threshold", type=text_arg, required=True, metavar="EXPR",
                    help="what the final plan must meet, e.g. 'top1_drop<=0.5' or 'cosine>=0.999 and sqnr_db>=30'")
     p.add_argument("--budget", type=positive_int, default=None, metavar="N",
                    help="most full validations (default ceil(log2 G) + 5, G = quantizable groups)")
@@ -80,12 +89,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, metavar="N")
     p.add_argument("--latency", action="store_true",
                    help="measure every full validation's latency (always on with --objective latency)")
-    p.add_argument("--metric", default=None, metavar="MODULE:FUNCTION",
+    p.add_argument("--metric", type=text_arg, default=None, metavar="MODULE:FUNCTION",
                    help="a user metric for the comparator; the threshold may name its columns")
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
+    p.add_argument("--workdir", type=path_arg, default=None, metavar="DIR",
                    help="where the search log lives (default OUT/work); rerun with it to resume")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
 
 
 def format_step(event: StepEvent) -> str:
@@ -109,13 +118,36 @@ def format_step(event: StepEvent) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import remove_empty_folders
+
+    new = [p for p in (args.out, args.workdir) if p is not None and not p.exists()]
+    try:
+        return _run(args)
+    except BaseException:
+        for folder in new:  # a search that failed early leaves no empty folders behind (its log files stay)
+            remove_empty_folders(folder)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..atomic import check_writable
     from ..data import open_dataset
     from ..graph import load_model
-    from ..search import search
+    from ..search import SearchOptions, search
     from ..table import read_table
+    from ..threshold import parse_threshold
+    from .compare import check_label_metrics, known_metrics
 
+    inputs = [p for p in (args.model, args.data, args.calib, args.table) if p is not None]
+    prepare_output(args.out, owned_files(args.workdir is None), command="search", inputs=inputs)
+    if args.workdir is not None:
+        check_writable(args.workdir, label=f"--workdir {args.workdir}")
     model = load_model(args.model)
     val = open_dataset(args.data)
+    if args.metric is None:  # a threshold naming what no evaluation reports fails now, not after the first
+        threshold = parse_threshold(args.threshold)
+        check_label_metrics(threshold, "--threshold", args.data, val, False)
+        parse_threshold(threshold.text, known_metrics=known_metrics(model, bool(getattr(val, "has_labels", False))))
     options = SearchOptions(
         threshold=args.threshold, backend=args.backend, target=args.target, fallback=args.fallback,
         budget=args.budget, time_budget_s=args.time_budget, objective=args.objective,

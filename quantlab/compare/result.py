@@ -53,6 +53,9 @@ __all__ = ["CompareResult", "load_comparison", "COMPARE_FORMAT", "FRAMES", "END_
 COMPARE_FORMAT = "quantlab.compare/1"
 FRAMES = ("end_to_end", "per_layer", "per_sample")
 
+OWNED_FILES = ("compare.json", *(f"{name}.{ext}" for name in FRAMES for ext in ("parquet", "csv")))
+"""What :meth:`CompareResult.save` writes: the only files a later save into the same folder may replace."""
+
 END_TO_END_COLUMNS: tuple[str, ...] = (
     "candidate", "output", "samples", "cosine", "cosine_min", "cosine_ci_low", "cosine_ci_high", "sqnr_db",
     "max_abs", "mean_abs", "rel_l2", "nan_count",
@@ -132,7 +135,7 @@ class CompareResult:
             raise CompareError(f"{out}: exists and is not a comparison folder (no compare.json); refusing to "
                                "replace it. Choose a new or empty folder for --out.")
         names: dict[str, Path] = {}
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, owned=OWNED_FILES) as tmp:
             for name in FRAMES:
                 frame = getattr(self, name)
                 frame.to_parquet(tmp / f"{name}.parquet", index=False)

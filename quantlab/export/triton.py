@@ -175,12 +175,12 @@ def export_triton(source: ExportSource, repository: str | Path, options: TritonO
         warmup={n: (spec, dims, names[n]) for n, (spec, dims, _) in warm.items()},
         parameters=parameters))
     model_file = _write_version(model_dir, version, source, options, config)
-    _write_warmup(model_dir, {names[n]: raw for n, (_, _, raw) in warm.items()})
+    _write_warmup(model_dir, {names[n]: raw for n, (_, _, raw) in warm.items()}, record.get("warmup_files", []))
     config_path = write_text(model_dir / "config.pbtxt", config)
     versions = dict(record.get("versions", {}))
     versions[str(version)] = {"source": source.label, "model_sha256": sha256_file(model_file)}
     write_json(model_dir / RECORD_FILE, {"format": "quantlab.triton_export/1", "config_sha256": sha256_file(config_path),
-                                         "versions": versions})
+                                         "versions": versions, "warmup_files": sorted(names.values())})
     return ExportResult(model_dir=model_dir, version=version, config_path=config_path, model_file=model_file,
                         max_batch_size=max_batch, precision=precision, warmup_inputs=tuple(warm))
 
@@ -206,9 +206,11 @@ def _write_version(model_dir: Path, version: int, source: ExportSource, options:
     return target / filename
 
 
-def _write_warmup(model_dir: Path, files: Mapping[str, bytes]) -> None:
+def _write_warmup(model_dir: Path, files: Mapping[str, bytes], previous: list[str]) -> None:
+    """The warm-up files of this export; those an earlier export wrote go (and nothing else in warmup/)."""
     folder = model_dir / "warmup"
-    if folder.is_dir():
-        shutil.rmtree(folder)
+    for name in previous:
+        if name not in files and "/" not in name:
+            (folder / name).unlink(missing_ok=True)
     for name, raw in files.items():
         write_bytes(folder / name, raw)

@@ -206,6 +206,8 @@ def _load_file(path: Path) -> LoadedModel:
         raise ModelError(f"{label}: no such file. Give the path of an .onnx model.")
     if path.is_dir():
         raise ModelError(f"{label}: is a folder; give the path of an .onnx file inside it.")
+    if not path.is_file():  # a FIFO, socket or device: reading it could block forever or never end
+        raise ModelError(f"{label}: is not a regular file (a pipe or device?); give the path of an .onnx file.")
     data = path.read_bytes()
     if not data:
         raise ModelError(f"{label}: the file is empty; it is not an ONNX model.")

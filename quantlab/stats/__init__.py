@@ -1,0 +1,41 @@
+"""Activation statistics: one streaming pass of the FP32 model gives every method its histograms.
+
+    stats/
+      scope.py    which tensors: every float activation, or without the pre-activations TensorRT fuses
+      budget.py   samples per model run (run budget) and passes (tensor groups within the memory budget)
+      collect.py  the pass: data ──> model with exposed outputs ──> per-tensor histograms (quantlab.histogram)
+      prefetch.py the next batch is made in a thread while the model runs this one
+      record.py   the result (Statistics) and its .npz file
+
+Everything public is importable from ``quantlab.stats``.
+"""
+
+from __future__ import annotations
+
+from .budget import (
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_RUN_BUDGET,
+    plan_groups,
+    resolved_sizes,
+    samples_per_run,
+)
+from .collect import batch_feeds, collect_statistics
+from .record import STATISTICS_FORMAT, Statistics, load_statistics, save_statistics
+from .scope import TENSOR_SCOPES, fused_preactivations, scope_tensors
+
+__all__ = [
+    "STATISTICS_FORMAT",
+    "DEFAULT_MEMORY_BUDGET",
+    "DEFAULT_RUN_BUDGET",
+    "samples_per_run",
+    "Statistics",
+    "collect_statistics",
+    "save_statistics",
+    "load_statistics",
+    "batch_feeds",
+    "plan_groups",
+    "resolved_sizes",
+    "TENSOR_SCOPES",
+    "fused_preactivations",
+    "scope_tensors",
+]

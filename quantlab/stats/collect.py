@@ -1,0 +1,235 @@
+"""Activation statistics in one streaming pass of the FP32 model (after NNCF's statistics collection).
+
+The model is built once with every wanted tensor exposed as an extra output;
+each batch's outputs go straight into per-tensor reducers
+(:class:`quantlab.histogram.AbsHistogram`) and are dropped, so peak memory
+is one batch of activations plus a fixed 128 KiB histogram per tensor, however
+many samples the set holds::
+
+    batches() ──> feeds ──> runner(exposed outputs) ──> {tensor: array} ──> reducers
+                     │                                        (dropped after each batch)
+                     └──> on_batch(item)   (first pass only: data fingerprint, NaN check)
+
+A batch whose exposed activations exceed ``run_budget_bytes`` (256 MiB) runs
+through the model in slices of fewer samples: memory stays flat whatever the
+batch size, and smaller runs are cheaper (fewer fresh pages, more cache hits).
+When even one slice of all exposed tensors would exceed ``memory_budget_bytes``,
+tensors are split into groups and the data is run once per group; that is why
+``batches`` is a factory that can be called again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..binning import warm_up
+from ..errors import CalibrationError, DataError
+from ..graph import LoadedModel, activation_names, producer_map
+from ..histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, AbsHistogram
+from .budget import (
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_RUN_BUDGET,
+    plan_groups,
+    resolved_sizes,
+    samples_per_run,
+)
+from .prefetch import prefetched
+from .record import Statistics
+
+__all__ = ["collect_statistics", "batch_feeds"]
+
+
+def batch_feeds(item: Any) -> Mapping[str, np.ndarray]:
+    """The feed mapping of a batch item: the item itself, or its ``.feeds`` (a ``quantlab.data.Batch``)."""
+    feeds = getattr(item, "feeds", item)
+    if not isinstance(feeds, Mapping):
+        raise DataError(
+            f"a calibration batch must be a mapping of input name -> array or have .feeds; got {type(item).__name__}"
+        )
+    return feeds
+
+
+def _batch_size(feeds: Mapping[str, np.ndarray]) -> int:
+    for value in feeds.values():
+        arr = np.asarray(value)
+        return int(arr.shape[0]) if arr.ndim else 1
+    return 0
+
+
+def _check_tensors(model: LoadedModel, tensors: Sequence[str]) -> None:
+    produced = set(producer_map(model.proto)) | set(model.input_names)
+    unknown = [t for t in tensors if t not in produced]
+    if unknown:
+        shown = ", ".join(repr(t) for t in unknown[:5])
+        raise CalibrationError(
+            f"{model.label}: no node or input produces tensor(s) {shown}; "
+            "calibrate activations by the names of node outputs or graph inputs."
+        )
+    if len(set(tensors)) != len(tensors):
+        raise CalibrationError(f"{model.label}: the tensor list names a tensor twice")
+
+
+def _progress_bar(progress: bool, total: int | None, desc: str) -> Any:
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, leave=True)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every pass shares: the model, the reducers, the backend, the kernel threads, samples per model run."""
+
+    model: LoadedModel
+    reducers: Mapping[str, AbsHistogram]
+    backend: Any
+    pool: Any
+    run_rows: int
+
+
+def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batch: Callable[[Any], None] | None,
+              bar: Any) -> tuple[int, int]:
+    """Run every batch once, feeding the group's tensors into their reducers; (samples, batches).
+
+    A batch larger than ``setup.run_rows`` samples goes through the model in
+    slices (the histograms do not depend on how the data is split).
+    """
+    input_names = set(setup.model.input_names)
+    exposed = [t for t in group if t not in input_names]
+    runner = setup.backend.build(setup.model.proto, outputs=exposed) if exposed else None
+    samples = batches = 0
+    stream = prefetched(items, on_batch)
+    try:
+        for item in stream:
+            feeds = batch_feeds(item)
+            for t in group:
+                if t in input_names:
+                    setup.reducers[t].update(np.asarray(feeds[t]))
+            n = _batch_size(feeds)
+            for start in range(0, n, setup.run_rows) if runner is not None else ():
+                part = feeds if n <= setup.run_rows else {k: v[start:start + setup.run_rows] for k, v in feeds.items()}
+                outputs = runner.run(part, exposed)
+                _reduce(outputs, setup.reducers, setup.pool)
+                del outputs
+            samples += n
+            batches += 1
+            if bar is not None:
+                bar.update(n)
+    finally:
+        stream.close()
+        if runner is not None:
+            runner.close()
+    return samples, batches
+
+
+def _reduce(outputs: Mapping[str, np.ndarray], reducers: Mapping[str, AbsHistogram], pool: Any) -> None:
+    """Feed each output to its reducer; largest first over the pool's threads (the kernels release the GIL)."""
+    names = sorted(outputs, key=lambda t: -np.size(outputs[t]))
+    if pool is None or len(names) < 2:
+        for t in names:
+            reducers[t].update(outputs[t])
+        return
+    for future in [pool.submit(reducers[t].update, outputs[t]) for t in names]:
+        future.result()
+
+
+def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def collect_statistics(
+    model: LoadedModel,
+    batches: Callable[[], Iterable[Any]],
+    *,
+    tensors: Sequence[str] | None = None,
+    backend: Backend | None = None,
+    bins: int = DEFAULT_BINS,
+    huge_threshold: float = DEFAULT_HUGE_THRESHOLD,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    on_batch: Callable[[Any], None] | None = None,
+    progress: bool = False,
+    total: int | None = None,
+    threads: int | None = None,
+    run_budget_bytes: int = DEFAULT_RUN_BUDGET,
+) -> Statistics:
+    """Histograms of |x| (plus min/max/counts) of ``tensors`` over every batch ``batches()`` yields.
+
+    ``batches`` is a factory returning a fresh iterable of batch items: feed
+    mappings (input name -> array batched on axis 0) or objects with a
+    ``.feeds`` mapping (``quantlab.data.Batch``). It is called once per pass.
+    ``tensors`` defaults to every float activation
+    (:func:`quantlab.graph.activation_names`); ``backend`` to ONNX Runtime.
+    ``on_batch(item)`` runs on each item of the first pass before the model
+    sees it (fingerprinting, NaN checks). ``total`` is the expected number of
+    samples, for the progress bar. ``threads`` (default: all cores) reduce
+    several tensors at once; ``run_budget_bytes`` caps the exposed activations
+    of one model run (a larger batch runs in slices); results depend on neither.
+
+    Raises DataError when the data is empty or a later pass sees different
+    data, CalibrationError for a tensor name the model does not produce.
+    """
+    if backend is None:
+        from ..backends import get_backend
+
+        backend = get_backend("ort")
+    names = list(tensors) if tensors is not None else activation_names(model.proto)
+    _check_tensors(model, names)
+    source = iter(batches())
+    first = next(source, None)
+    if first is None:
+        raise DataError("the calibration data yielded no batches; give it at least one sample")
+    feeds = batch_feeds(first)
+    sizes = resolved_sizes(model, names, feeds)
+    rows = _batch_size(feeds)
+    run_rows = samples_per_run(model, sizes, rows, run_budget_bytes)
+    run_sizes = {t: None if v is None else v * run_rows // max(rows, 1) for t, v in sizes.items()}
+    groups = plan_groups(run_sizes, memory_budget_bytes) if names else [[]]
+    reducers = {t: AbsHistogram(bins, huge_threshold) for t in names}
+    workers = threads if threads is not None else (os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-stats") if workers > 1 else None
+    if pool is not None:
+        pool.submit(warm_up)  # loads the compiled kernels while the session is built
+    try:
+        setup = _Setup(model, reducers, backend, pool, run_rows)
+        samples, n_batches = _run_groups(setup, batches, _chain_first(first, source), groups, on_batch, progress,
+                                         total)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return Statistics(tensors={t: reducers[t].state() for t in names}, samples=samples, batches=n_batches,
+                      model_sha256=model.sha256, bins=bins, huge_threshold=float(huge_threshold), passes=len(groups),
+                      backend=backend.describe().as_dict() if hasattr(backend, "describe") else {})
+
+
+def _run_groups(setup: _Setup, batches: Callable[[], Iterable[Any]], source: Iterator[Any],
+                groups: Sequence[Sequence[str]], on_batch: Callable[[Any], None] | None, progress: bool,
+                total: int | None) -> tuple[int, int]:
+    """One pass per group of tensors; the first pass reuses the already-started iterator."""
+    samples = n_batches = 0
+    for index, group in enumerate(groups):
+        desc = "statistics" if len(groups) == 1 else f"statistics pass {index + 1}/{len(groups)}"
+        bar = _progress_bar(progress, total, desc)
+        try:
+            if index == 0:
+                samples, n_batches = _run_pass(setup, source, group, on_batch, bar)
+            else:
+                again = _run_pass(setup, iter(batches()), group, None, bar)
+                if again != (samples, n_batches):
+                    raise DataError(
+                        f"pass {index + 1} over the calibration data saw {again[0]} samples in {again[1]} "
+                        f"batches, the first saw {samples} in {n_batches}: the batches() factory must "
+                        "yield the same data every time"
+                    )
+        finally:
+            if bar is not None:
+                bar.close()
+    return samples, n_batches

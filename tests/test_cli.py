@@ -1,0 +1,399 @@
+"""The ``quantlab`` entry point in process: exit codes, one-line errors, output folders, stale temp files.
+
+Everything here runs through ``quantlab.cli.main``; operating-system faults are injected at the one
+call that fails (an ``open``/``mkstemp`` raising ENOSPC or EROFS). test_cli_process.py runs the real
+thing in a subprocess: signals, real read-only / full / permission-denied folders, start-up imports.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import models
+import numpy as np
+import onnx
+import pytest
+
+from quantlab.atomic import TEMP_NAME
+from quantlab.cli import EXIT_CODES_HELP, ExitCode, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CALIB_TOML = 'role = "calibration"\n[[source]]\nkind = "npy"\npath = "data"\n[inputs]\ninput = "array"\n'
+VAL_TOML = ('role = "validation"\n[[source]]\nkind = "npz"\npath = "val.npz"\nbatched = true\n'
+            '[inputs]\ninput = "input"\n')
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    return make_workspace(tmp_path)
+
+
+def make_workspace(tmp_path: Path) -> Path:
+    """A small conv model, a calibration set of 4 .npy samples and a validation .npz of 4."""
+    onnx.save(models.conv_net(size=8), tmp_path / "model.onnx")
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(tmp_path / "data" / f"s{i}.npy", rng.normal(0, 1, (3, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "val.npz", input=rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32))
+    (tmp_path / "calib.toml").write_text(CALIB_TOML)
+    (tmp_path / "val.toml").write_text(VAL_TOML)
+    return tmp_path
+
+
+def calibrate_argv(ws: Path, out: Path, *extra: str) -> list[str]:
+    return ["calibrate", str(ws / "model.onnx"), "--calib", str(ws / "calib.toml"), "--method", "minmax",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def run_main(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """main(argv) as the console script would end: the code, stdout and stderr."""
+    capfd.readouterr()
+    code = main(argv)
+    out, err = capfd.readouterr()
+    return int(code), out, err
+
+
+def error_line(err: str, command: str) -> str:
+    """The one stderr line of a failure: it is the last line, it is the only error line, no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert lines and lines[-1].startswith(f"quantlab {command}: error: "), err
+    assert sum(": error: " in line for line in lines) == 1, err
+    return lines[-1]
+
+
+def temp_entries(folder: Path) -> list[str]:
+    """Temporary files or folders left anywhere below ``folder``."""
+    return sorted(p.name for p in folder.rglob("*") if TEMP_NAME.match(p.name) or p.name.endswith(".tmp"))
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+def test_exit_codes_are_the_documented_ones() -> None:
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 130, 143]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    for code in ExitCode:
+        assert f"| {int(code)} " in section, code
+        assert f"{int(code)}" in EXIT_CODES_HELP
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["calibrate", "--help"], ["build", "--help"], ["perf", "--help"],
+                                  ["compare", "--help"], ["search", "--help"], ["run", "--help"],
+                                  ["report", "--help"], ["demo", "--help"], ["sweep", "--help"], ["export", "--help"],
+                                  ["export", "triton", "--help"]])
+def test_every_help_lists_the_exit_codes(argv: list[str], capfd: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(argv, capfd)
+    assert code == 0
+    assert "exit codes:" in out and "130" in out and "environment" in out
+
+
+def test_ok_and_verdict(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == ExitCode.OK, err
+    code, _, err = run_main(["build", str(ws / "model.onnx"), "--precision", "fp16", "--out", str(ws / "b")], capfd)
+    assert code == ExitCode.OK, err
+    compare = ["compare", str(ws / "model.onnx"), str(ws / "b"), "--data", str(ws / "val.toml"), "--no-progress",
+               "--bootstrap", "0", "--no-per-layer"]
+    code, out, err = run_main([*compare, "--out", str(ws / "c1"), "--fail-if", "cosine<2"], capfd)
+    assert code == ExitCode.VERDICT, err
+    assert "FAIL" in out and "error" not in err
+    code, _, err = run_main([*compare, "--out", str(ws / "c2"), "--fail-if", "cosine>2"], capfd)
+    assert code == ExitCode.OK, err
+
+
+@pytest.mark.parametrize("flag", ["--fail-if", "--metric", "--label-output", "--out", "--data", "--calib"])
+@pytest.mark.parametrize("value", ["", "   "])
+def test_compare_refuses_empty_values(ws: Path, flag: str, value: str, capfd: pytest.CaptureFixture[str]) -> None:
+    argv = ["compare", str(ws / "model.onnx"), str(ws / "model.onnx"), "--data", str(ws / "val.toml"),
+            "--out", str(ws / "c")]
+    argv += [flag, value]
+    code, _, err = run_main(argv, capfd)
+    assert code == ExitCode.BAD_INPUT
+    assert flag in error_line(err, "compare") and "must not be empty" in err
+    assert not (ws / "c").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["search", "M", "--table", "t.json", "--data", "v.toml", "--out", "o", "--threshold", ""],
+    ["search", "M", "--table", "t.json", "--data", "v.toml", "--out", "o", "--threshold", "x>1", "--workdir", ""],
+    ["calibrate", "M", "--calib", "c.toml", "--out", " "],
+    ["calibrate", "M", "--calib", "c.toml", "--out", "o", "--trt-version", ""],
+    ["build", "", "--out", "o"],
+    ["build", "M", "--plan", "", "--out", "o"],
+    ["perf", "M", "--json", ""],
+    ["run", "", "--reports-dir", "r"],
+    ["run", "e.toml", "--reports-dir", ""],
+    ["report", ""],
+    ["demo", "--reports-dir", ""],
+])
+def test_every_path_and_expression_flag_refuses_empty(argv: list[str], capfd: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(argv, capfd)
+    assert code == ExitCode.BAD_INPUT
+    assert "must not be empty" in error_line(err, argv[0])
+
+
+def test_usage_errors_are_one_line(capfd: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["calibrate", "m.onnx", "--calib", "c.toml", "--out", "o", "--bogus"], capfd)
+    assert code == ExitCode.BAD_INPUT and "--bogus" in error_line(err, "calibrate")
+    code, _, err = run_main(["nonsense"], capfd)
+    assert code == ExitCode.BAD_INPUT and "nonsense" in err and "Traceback" not in err
+    code, _, err = run_main([], capfd)
+    assert code == ExitCode.BAD_INPUT and "COMMAND" in err
+
+
+def test_report_on_a_missing_folder_says_so(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["report", str(tmp_path / "nope")], capfd)
+    assert code == ExitCode.BAD_INPUT
+    line = error_line(err, "report")
+    assert "does not exist" in line and str(tmp_path / "nope") in line and "report_inputs.json" not in line
+    code, _, err = run_main(["report", "--compare", str(tmp_path / "a"), str(tmp_path / "b")], capfd)
+    assert code == ExitCode.BAD_INPUT and "does not exist" in error_line(err, "report")
+
+
+def test_bad_input_is_2(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (ws / "bad.onnx").write_bytes(b"\x00not onnx")
+    code, _, err = run_main(["calibrate", str(ws / "bad.onnx"), "--calib", str(ws / "calib.toml"), "--out",
+                             str(ws / "o")], capfd)
+    assert code == ExitCode.BAD_INPUT and "bad.onnx" in error_line(err, "calibrate")
+    assert not (ws / "o").exists()
+
+
+def test_missing_backend_is_3(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    code, _, err = run_main(["perf", str(ws / "model.onnx"), "--backend", "tensorrt", "--iterations", "1"], capfd)
+    assert code == ExitCode.ENVIRONMENT
+    assert "tensorrt" in error_line(err, "perf")
+
+
+def test_disk_full_while_writing_is_3_and_leaves_the_earlier_run(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC from the middle of writing the results (an ``open`` that fails, as on a full disk)."""
+    import quantlab.stats
+
+    out = ws / "cal"
+    assert run_main(calibrate_argv(ws, out), capfd)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(statistics: object, target: Path) -> None:
+        Path(target).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(quantlab.stats, "save_statistics", full)
+    code, _, err = run_main(calibrate_argv(ws, out), capfd)
+    assert code == ExitCode.ENVIRONMENT
+    line = error_line(err, "calibrate")
+    assert "statistics.npz" in line and "disk is full" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert temp_entries(ws) == []
+
+
+def test_out_of_memory_is_3(ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    calibrate_module = importlib.import_module("quantlab.calibrate")  # quantlab.calibrate is also a function
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError("Unable to allocate 175. TiB for an array")
+
+    monkeypatch.setattr(calibrate_module, "calibrate", no_memory)
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == ExitCode.ENVIRONMENT
+    assert "out of memory" in error_line(err, "calibrate") and "175. TiB" in err
+
+
+def test_library_error_caused_by_permission_is_3(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QuantlabError raised while handling EACCES is the machine's fault, not the input's."""
+    import quantlab.graph
+    from quantlab.errors import ModelError
+
+    def unreadable(path: object, *args: object, **kwargs: object) -> None:
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read ({exc.strerror})") from None
+
+    monkeypatch.setattr(quantlab.graph, "load_model", unreadable)
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == ExitCode.ENVIRONMENT and "model.onnx" in error_line(err, "calibrate")
+
+
+def test_a_bug_keeps_its_traceback_but_is_not_a_verdict(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import quantlab.cli.build
+
+    def bug(args: object) -> int:
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(quantlab.cli.build, "run", bug)
+    code, _, err = run_main(["build", str(ws / "model.onnx"), "--out", str(ws / "b")], capfd)
+    assert code == ExitCode.BAD_INPUT
+    assert "Traceback" in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("quantlab build: error: internal error (TypeError") and "bug" in last
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def test_commands_refuse_to_delete_a_users_files(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    out = ws / "cal"
+    assert run_main(calibrate_argv(ws, out), capfd)[0] == 0
+    (out / "notes.txt").write_text("keep me")
+    (out / "sub").mkdir()
+    (out / "sub" / "more.txt").write_text("me too")
+    code, _, err = run_main(calibrate_argv(ws, out), capfd)
+    line = error_line(err, "calibrate")
+    assert code == ExitCode.BAD_INPUT and "notes.txt" in line and "sub/more.txt" in line and str(out) in line
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "calib_minmax.json").is_file()
+
+    build = ["build", str(ws / "model.onnx"), "--precision", "fp16", "--out", str(ws / "b")]
+    assert run_main(build, capfd)[0] == 0
+    compare = ["compare", str(ws / "model.onnx"), str(ws / "b"), "--data", str(ws / "val.toml"), "--no-progress",
+               "--bootstrap", "0", "--no-per-layer", "--out", str(ws / "cmp")]
+    assert run_main(compare, capfd)[0] == 0
+    assert run_main(compare, capfd)[0] == 0  # its own earlier output is replaced
+    (ws / "cmp" / "notes.txt").write_text("keep me")
+    code, _, err = run_main(compare, capfd)
+    assert code == ExitCode.BAD_INPUT and "notes.txt" in error_line(err, "compare")
+    assert (ws / "cmp" / "notes.txt").read_text() == "keep me"
+
+    (ws / "perf.json").write_text('{"mine": true}\n')
+    code, _, err = run_main(["perf", str(ws / "model.onnx"), "--backend", "ort", "--iterations", "1",
+                             "--warmup", "0", "--json", str(ws / "perf.json")], capfd)
+    assert code == ExitCode.BAD_INPUT and "perf.json" in error_line(err, "perf")
+    assert json.loads((ws / "perf.json").read_text()) == {"mine": True}
+
+
+def test_run_refuses_a_report_folder_with_foreign_files(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (ws / "exp.toml").write_text('name = "e"\nthreshold = "cosine>=0.5"\n[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\n'
+                                 'validation = "val.toml"\n')
+    (ws / "reports" / "e").mkdir(parents=True)
+    (ws / "reports" / "e" / "notes.txt").write_text("keep me")
+    code, _, err = run_main(["run", str(ws / "exp.toml"), "--quiet", "--reports-dir", str(ws / "reports")], capfd)
+    assert code == ExitCode.BAD_INPUT and "notes.txt" in error_line(err, "run")
+    assert sorted(p.name for p in (ws / "reports" / "e").iterdir()) == ["notes.txt"]
+
+
+def test_unwritable_out_is_refused_before_the_work(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe write fails (EROFS here, injected at the one open quantlab makes in that folder): exit 3
+    naming the folder, and calibration never starts."""
+    import importlib
+    import tempfile
+
+    calibrate_module = importlib.import_module("quantlab.calibrate")  # quantlab.calibrate is also a function
+    ro = ws / "ro"
+    ro.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args: object, **kwargs: object) -> tuple[int, str]:
+        if Path(str(kwargs.get("dir"))) == ro:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(ro))
+        return real_mkstemp(*args, **kwargs)  # type: ignore[arg-type]
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("calibration ran before the output folder was checked")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(calibrate_module, "calibrate", never)
+    code, _, err = run_main(calibrate_argv(ws, ro / "out"), capfd)
+    assert code == ExitCode.ENVIRONMENT
+    line = error_line(err, "calibrate")
+    assert str(ro / "out") in line and "read-only" in line.lower()
+
+
+def test_out_under_a_file_is_bad_input(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (ws / "notes.txt").write_text("x")
+    code, _, err = run_main(calibrate_argv(ws, ws / "notes.txt" / "out"), capfd)
+    assert code == ExitCode.BAD_INPUT and "notes.txt" in error_line(err, "calibrate")
+    assert (ws / "notes.txt").read_text() == "x"
+
+
+# --------------------------------------------------------------------------- stale temporary entries
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_later_run_sweeps_stale_temp_entries_it_owns(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    dead, alive = _dead_pid(), os.getpid()
+    stale_dir = ws / f".cal.{dead}.abcd1234.tmp"
+    stale_dir.mkdir(mode=0o700)
+    (stale_dir / "calib_minmax.json").write_text("half")
+    stale_file = ws / f".calib.toml.{dead}.zz_09xyz.tmp"
+    stale_file.write_text("half")
+    stale_old = ws / f".cal.{dead}.q1w2e3r4.old"
+    stale_old.mkdir()
+    live = ws / f".cal.{alive}.abcd1234.tmp"  # a running process's temp: not ours to remove
+    live.mkdir()
+    users = [ws / ".cal.tmp", ws / f".notes.{dead}.tmp", ws / f"cal.{dead}.abcd1234.tmp"]  # not quantlab's pattern
+    for p in users:
+        p.write_text("mine")
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == 0, err
+    assert not stale_dir.exists() and not stale_file.exists() and not stale_old.exists()
+    assert live.is_dir() and all(p.read_text() == "mine" for p in users)
+
+
+def test_threshold_problems_are_found_before_any_work(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """An accuracy metric on an unlabelled set says to add [labels]; a metric no comparison reports is refused
+    before the search writes anything."""
+    assert run_main(["build", str(ws / "model.onnx"), "--precision", "fp16", "--out", str(ws / "b")], capfd)[0] == 0
+    code, _, err = run_main(["compare", str(ws / "model.onnx"), str(ws / "b"), "--data", str(ws / "val.toml"),
+                             "--out", str(ws / "c"), "--fail-if", "top1_drop>0.5"], capfd)
+    line = error_line(err, "compare")
+    assert code == ExitCode.BAD_INPUT and "top1_drop" in line and "[labels]" in line and "val.toml" in line
+    assert run_main(calibrate_argv(ws, ws / "cal"), capfd)[0] == 0
+    search = ["search", str(ws / "model.onnx"), "--table", str(ws / "cal" / "calib_minmax.json"), "--data",
+              str(ws / "val.toml"), "--out", str(ws / "s")]
+    for threshold, named in (("frobnicity>=1", "frobnicity"), ("top1_drop<=0.5", "[labels]")):
+        code, _, err = run_main([*search, "--threshold", threshold], capfd)
+        assert code == ExitCode.BAD_INPUT and named in error_line(err, "search")
+        assert not (ws / "s").exists() and not (ws / "c").exists()
+
+
+def test_search_reruns_over_its_own_output_but_not_over_a_users_file(ws: Path,
+                                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    assert run_main(calibrate_argv(ws, ws / "cal"), capfd)[0] == 0
+    search = ["search", str(ws / "model.onnx"), "--table", str(ws / "cal" / "calib_minmax.json"), "--data",
+              str(ws / "val.toml"), "--threshold", "cosine>=0.5", "--out", str(ws / "s")]
+    code, _, err = run_main(search, capfd)
+    assert code == ExitCode.OK, err
+    assert (ws / "s" / "search.json").is_file() and (ws / "s" / "final_compare" / "compare.json").is_file()
+    code, _, err = run_main(search, capfd)  # resumes from work/ and rewrites its own files
+    assert code == ExitCode.OK, err
+    (ws / "s" / "final_compare" / "notes.txt").write_text("keep me")
+    code, _, err = run_main(search, capfd)
+    assert code == ExitCode.BAD_INPUT and "final_compare/notes.txt" in error_line(err, "search")
+    assert (ws / "s" / "final_compare" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_multi_line_library_message_is_printed_on_one_line(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import quantlab.graph
+    from quantlab.errors import ModelError
+
+    def checker(path: object, *args: object, **kwargs: object) -> None:
+        raise ModelError(f"{path}: fails the ONNX checker: input 'loop' of node:\nname: add OpType: Add\n is not output")
+
+    monkeypatch.setattr(quantlab.graph, "load_model", checker)
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == ExitCode.BAD_INPUT
+    assert error_line(err, "calibrate").endswith("input 'loop' of node: name: add OpType: Add is not output")
+    assert len(err.strip().splitlines()) == 1

@@ -1,0 +1,238 @@
+"""``python -m quantlab`` in a real process: signals, real read-only / full / permission-denied folders,
+and what start-up imports.
+
+Read-only (EROFS) and full (ENOSPC) folders are real where this machine allows a private mount
+namespace (``unshare -rm``); permission denied (EACCES) is real as root once ``setpriv`` drops the
+capabilities that bypass file modes; otherwise the test is skipped rather than faked (the in-process
+tests in test_cli.py inject the same errors).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_cli import ROOT, calibrate_argv, error_line, make_workspace, run_main, temp_entries
+
+from quantlab.cli import ExitCode
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    return make_workspace(tmp_path)
+
+
+# --------------------------------------------------------------------------- real file systems
+
+
+def _namespace_shell() -> list[str]:
+    probe = subprocess.run(["unshare", "-rm", "true"], check=False, capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -rm): cannot make a real read-only or full disk")
+    return ["unshare", "-rm", "sh", "-c"]
+
+
+def _cli(*argv: str) -> str:
+    return " ".join([sys.executable, "-m", "quantlab", *(f"'{a}'" for a in argv)])
+
+
+@pytest.mark.parametrize("fs", ["read-only", "full"])
+def test_real_read_only_and_full_file_systems(ws: Path, fs: str) -> None:
+    shell = _namespace_shell()
+    mnt = ws / "mnt"
+    mnt.mkdir()
+    argv = calibrate_argv(ws, mnt / "out")
+    if fs == "read-only":
+        setup = f"mount -t tmpfs -o size=1m tmpfs '{mnt}' && mount -o remount,ro '{mnt}'"
+    else:
+        setup = f"mount -t tmpfs -o size=16k tmpfs '{mnt}' && head -c 12288 /dev/zero > '{mnt}/filler'"
+    script = f"{setup} && {{ {_cli(*argv)}; rc=$?; echo LISTING; ls -A '{mnt}'; exit $rc; }}"
+    proc = subprocess.run([*shell, script], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == ExitCode.ENVIRONMENT, proc.stderr
+    line = error_line(proc.stderr, "calibrate")
+    assert str(mnt) in line and ("read-only" in line.lower() if fs == "read-only" else "full" in line)
+    left = proc.stdout.split("LISTING\n", 1)[1].split()
+    assert left == ([] if fs == "read-only" else ["filler"])  # no output, no temporary file on that disk
+
+
+def test_real_permission_denied_as_root(ws: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root with setpriv (a normal user gets EACCES from chmod alone: covered by the injection)")
+    locked = ws / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    argv = calibrate_argv(ws, locked / "out")
+    proc = subprocess.run(check=False, args=["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m",
+                           "quantlab", *argv],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("setpriv could not drop the capabilities here")
+    assert proc.returncode == ExitCode.ENVIRONMENT, proc.stderr
+    assert str(locked / "out") in error_line(proc.stderr, "calibrate")
+    assert list(locked.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_sigterm_while_writing_removes_the_temp_files(ws: Path, capfd: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: SIGTERM arrives while statistics.npz is half-written inside the temporary folder."""
+    import quantlab.stats
+
+    out = ws / "cal"
+    assert run_main(calibrate_argv(ws, out), capfd)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = quantlab.stats.save_statistics
+
+    def interrupted(statistics: object, target: Path) -> None:
+        Path(target).write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        real(statistics, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quantlab.stats, "save_statistics", interrupted)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run_main(calibrate_argv(ws, out), capfd)
+    assert code == ExitCode.SIGTERM
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("quantlab calibrate: interrupted (SIGTERM) while writing ")
+    assert str(out) in lines[-1] and "nothing half-written" in lines[-1] and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert temp_entries(ws) == []
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # main() put the handlers back
+
+
+SLOW_WRITE = """\
+import os, pathlib, runpy, sys, time
+marker = pathlib.Path(sys.argv[1])
+real_replace = os.replace
+def slow_replace(src, dst, *args, **kwargs):
+    if os.path.basename(os.fspath(src)).endswith(".tmp"):
+        marker.touch()
+        time.sleep(60)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = slow_replace
+sys.argv = ["quantlab", *sys.argv[2:]]
+runpy.run_module("quantlab", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_while_writing_in_a_real_process(ws: Path, signum: int, code: int) -> None:
+    marker = ws / "writing.marker"
+    out = ws / "cal"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(marker), *calibrate_argv(ws, out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "never started writing"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert lines[-1].startswith(f"quantlab calibrate: interrupted ({signal.Signals(signum).name}) while writing")
+    assert not out.exists() and temp_entries(ws) == []
+
+
+def _eager_package() -> bool:
+    """quantlab/__init__.py still imports the whole library (the lazy one is the lead's change): then the
+    heavy imports run before main() can install its handlers."""
+    return "def __getattr__" not in (ROOT / "quantlab" / "__init__.py").read_text(encoding="utf-8")
+
+
+@pytest.mark.xfail(_eager_package(), reason="needs the lazy quantlab/__init__.py (PEP 562) from the rel-cli report",
+                   strict=True)
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_start_up_imports(ws: Path, signum: int, code: int) -> None:
+    """The signal lands while numba (the heaviest import) is being imported: one line, no KeyboardInterrupt."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "quantlab", *calibrate_argv(ws, ws / "cal")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "numba" not in line:  # import time lines of numba's submodules: numba is loading
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            assert line or proc.poll() is None, "finished before importing numba"
+            assert time.monotonic() < deadline
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("import time:"))
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"quantlab calibrate: interrupted ({signal.Signals(signum).name}) while ")
+    assert not (ws / "cal").exists()
+
+
+# --------------------------------------------------------------------------- start-up imports
+
+HEAVY = ("onnxruntime", "pandas", "numba", "matplotlib", "torch", "onnx")
+
+
+LOADED = """\
+import atexit, runpy, sys
+atexit.register(lambda: print("LOADED", *sorted(sys.modules)))
+sys.argv = ["quantlab", *sys.argv[1:]]
+runpy.run_module("quantlab", run_name="__main__", alter_sys=True)
+"""
+
+
+def _imported_modules(*argv: str) -> set[str]:
+    """Every module imported by ``python -m quantlab ARGV``: what -X importtime logs, and sys.modules at exit
+    (importtime does not log modules loaded through importlib.import_module)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", LOADED, *argv], check=False, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    logged = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    at_exit = proc.stdout.rsplit("LOADED", 1)[-1].split()
+    assert at_exit, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return logged | set(at_exit)
+
+
+LIGHT_NOW = [("--help",), ("run", "--help"), ("report", "--help"), ("demo", "--help"), ("run", "--bogus"),
+             ("nonsense",)]
+NEEDS_LIGHT_DEFAULTS = {
+    "calibrate": "method names/defaults (quantlab/methods.py), TENSOR_SCOPES, TRT_CACHE_VERSION",
+    "build": "BACKEND_NAMES, DEFAULT_FP32_OPS (quantize/__init__ loads onnx)",
+    "perf": "BACKEND_NAMES",
+    "compare": "BACKEND_NAMES, CompareOptions defaults",
+    "search": "BACKEND_NAMES, ALL_METHODS, SearchOptions defaults",
+}
+"""Commands whose --help shows defaults that still live in heavy modules (see the rel-cli report)."""
+
+
+@pytest.mark.xfail(_eager_package(), reason="needs the lazy quantlab/__init__.py (PEP 562) from the rel-cli report",
+                   strict=True)
+@pytest.mark.parametrize("argv", LIGHT_NOW)
+def test_help_and_usage_errors_import_no_heavy_library(argv: tuple[str, ...]) -> None:
+    loaded = _imported_modules(*argv)
+    assert "quantlab.cli" in loaded and "quantlab.cli.calibrate" in loaded
+    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
+    assert heavy == []
+
+
+@pytest.mark.parametrize("command", sorted(NEEDS_LIGHT_DEFAULTS))
+def test_command_help_imports_no_heavy_library(command: str, request: pytest.FixtureRequest) -> None:
+    request.applymarker(pytest.mark.xfail(reason=f"--help defaults from heavy modules: {NEEDS_LIGHT_DEFAULTS[command]}",
+                                          strict=False))
+    loaded = _imported_modules(command, "--help")
+    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
+    assert heavy == []
