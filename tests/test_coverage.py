@@ -259,7 +259,14 @@ def test_cli_gate_exit_codes_and_files(tmp_path, capsys):
     assert code == 1 and "FAIL" in out and "bright" in out
     doc = json.loads((tmp_path / "c2" / "coverage.json").read_text())
     assert doc["verdict"]["fails"] and {f["dataset"] for f in doc["verdict"]["failing_tensors"]} == {"bright"}
-    loaded = load_coverage(tmp_path / "c2")
+    rerun = ["coverage", str(model), "--table", table, "--data", str(same), "--data", str(bright), "--out",
+             str(tmp_path / "c2")]
+    assert main(rerun) == 1  # its own output is replaced; the default gate flags bright (70 % of samples beyond)
+    (tmp_path / "c2" / "notes.txt").write_text("mine")
+    assert main(rerun) == 2 and (tmp_path / "c2" / "notes.txt").read_text() == "mine"
+    assert main(["coverage", str(model), "--table", table, "--data", str(same), "--data", str(bright),
+                 "--fail-if", "saturated_max>0.01", "--out", str(tmp_path / "c2b")]) == 1
+    loaded = load_coverage(tmp_path / "c2b")
     assert [d.name for d in loaded.datasets] == ["same", "bright"]
     assert loaded.datasets[1].statistics is not None and loaded.datasets[1].statistics.samples == 64
     assert main(["coverage", str(model), "--table", table, "--data", str(same), "--fail-if", "top1>1",

@@ -14,10 +14,10 @@ Writes into --out (all or nothing): coverage.json (figures, verdict, worst sampl
 coverage_tensors.csv, and <set>/statistics.npz per data set: add a set to the calibration without running
 the model again with `quantlab calibrate MODEL --stats CALIB/statistics.npz --stats OUT/<set>/statistics.npz`.
 
---fail-if EXPR (default: outside_samples_max>0.2): exit 1 when EXPR holds, e.g. "saturated_max>0.01",
+--fail-if EXPR (default: outside_samples_max>0.2): exit 1 (verdict) when EXPR holds, e.g. "saturated_max>0.01",
 "outside_samples_max>0.05", "psi_ci_low_max>0.25". Metrics: saturated, saturated_calib, saturated_excess,
 saturated_samples, outside, outside_samples, psi, psi_ci_low, psi_ci_high, psi_noise, psi_excess,
-wasserstein, each also as <metric>_max (largest over tensors and sets). Exit 2 on bad input.
+wasserstein, each also as <metric>_max (largest over tensors and sets). Nothing is written on errors.
 """
 
 from __future__ import annotations
@@ -27,14 +27,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import non_negative_int, positive_int
+from . import add_command, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 
-__all__ = ["HELP", "register", "run", "OWNED"]
+__all__ = ["HELP", "register", "run", "owned_files"]
 
 HELP = "does the calibration set cover these data sets? saturation, distribution shift, worst samples (a CI gate)"
 
-OWNED = ("coverage.json", "coverage_tensors.csv", "*/statistics.npz")
-"""What a coverage run writes into --out (the only files a rerun may replace)."""
+
+def owned_files() -> tuple[str, ...]:
+    """The files a coverage run writes into --out (the only ones a rerun may replace)."""
+    from ..coverage.result import OWNED_FILES
+
+    return OWNED_FILES
 
 WORST_TENSORS = 8
 
@@ -47,38 +51,23 @@ def _confidence(text: str) -> float:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("coverage", help=HELP, description=__doc__.split("\n\n")[0],
-                              epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, help="the FP32 ONNX model the table was calibrated for")
-    p.add_argument("--table", type=Path, required=True, metavar="JSON", help="calibration table, DIR/calib_METHOD.json")
-    p.add_argument("--stats", type=Path, default=None, metavar="NPZ",
+    p = add_command(subparsers, "coverage", __doc__, HELP)
+    p.add_argument("model", type=path_arg, help="the FP32 ONNX model the table was calibrated for")
+    p.add_argument("--table", type=path_arg, required=True, metavar="JSON",
+                   help="calibration table, DIR/calib_METHOD.json")
+    p.add_argument("--stats", type=path_arg, default=None, metavar="NPZ",
                    help="calibration statistics (default: statistics.npz beside the table)")
-    p.add_argument("--data", type=Path, required=True, action="append", metavar="TOML",
+    p.add_argument("--data", type=path_arg, required=True, action="append", metavar="TOML",
                    help="data set manifest to check (repeat for several)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    p.add_argument("--fail-if", default=None, metavar="EXPR",
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--fail-if", type=text_arg, default=None, metavar="EXPR",
                    help='exit 1 when EXPR holds (default "outside_samples_max>0.2"), e.g. "saturated_max>0.01"')
     p.add_argument("--batch-size", type=positive_int, default=8, help="samples per model run (default 8)")
     p.add_argument("--bootstrap", type=non_negative_int, default=400, help="bootstrap resamples (default 400)")
     p.add_argument("--confidence", type=_confidence, default=0.95, help="interval confidence (default 0.95)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--worst", type=non_negative_int, default=10, help="worst samples kept per set (default 10)")
-    p.add_argument("--backend", default="ort", help="backend running the FP32 model (default ort)")
-
-
-def _check_out(out: Path, inputs: list[Path]) -> None:
-    from ..errors import CalibrationError
-
-    if out.exists() and not out.is_dir():
-        raise CalibrationError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "coverage.json").is_file():
-        raise CalibrationError(f"--out {out} is a non-empty folder that is not a previous coverage output (no "
-                               "coverage.json); it would be replaced. Give a new or empty folder.")
-    resolved = out.resolve()
-    for p in inputs:
-        if resolved == p.resolve().parent or resolved in p.resolve().parents:
-            raise CalibrationError(f"--out {out} holds the input {p}; it would be replaced. Choose another folder.")
+    p.add_argument("--backend", type=text_arg, default="ort", help="backend running the FP32 model (default ort)")
 
 
 def calibration_summary(table: Path) -> Any:
@@ -142,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from ..table import read_table
 
     gate = parse_gate(args.fail_if)
-    _check_out(args.out, [args.model, args.table, *args.data])
+    prepare_output(args.out, owned_files(), command="coverage", inputs=[args.model, args.table, *args.data])
     model = load_model(args.model)
     table = read_table(args.table)
     stats_path = args.stats if args.stats is not None else args.table.parent / "statistics.npz"

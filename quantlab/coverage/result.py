@@ -25,7 +25,7 @@ from ..errors import CalibrationError
 from ..stats import Statistics, load_statistics, save_statistics
 from ..threshold import Threshold, parse_threshold
 
-__all__ = ["TENSOR_METRICS", "DEFAULT_GATE", "COVERAGE_FILE", "DataSetCoverage", "CoverageResult", "known_metrics", "parse_gate", "with_max_names", "worst_first",
+__all__ = ["TENSOR_METRICS", "DEFAULT_GATE", "COVERAGE_FILE", "DataSetCoverage", "CoverageResult", "known_metrics", "parse_gate", "with_max_names", "worst_first", "OWNED_FILES",
            "summary_row", "gate_check", "load_coverage"]
 
 TENSOR_METRICS = (
@@ -44,6 +44,8 @@ darkened calibration set 0.93 (bench/calibration_coverage.py)."""
 
 COVERAGE_FILE = "coverage.json"
 TENSORS_CSV = "coverage_tensors.csv"
+OWNED_FILES = (COVERAGE_FILE, TENSORS_CSV, "*/statistics.npz")
+"""What :meth:`CoverageResult.save` writes into its folder (the only files a rerun may replace)."""
 
 
 def known_metrics() -> set[str]:
@@ -156,7 +158,7 @@ class CoverageResult:
         """Write ``coverage.json``, ``coverage_tensors.csv`` and ``<set>/statistics.npz`` into ``out`` (all or nothing)."""
         out = Path(out)
         paths = {"coverage": out / COVERAGE_FILE, "tensors_csv": out / TENSORS_CSV}
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, owned=OWNED_FILES) as tmp:
             for d in self.datasets:
                 if d.statistics is not None:
                     (tmp / _folder(d.name)).mkdir(exist_ok=True)
