@@ -323,3 +323,28 @@ def test_recalibrate_from_two_statistics_files_equals_calibrating_on_the_union(t
     assert got.mean == pytest.approx(want.mean, rel=1e-9, abs=1e-12) and got.std == pytest.approx(want.std, rel=1e-9)
     with pytest.raises(CalibrationError, match="another model"):
         recalibrate(model_from_proto(models.conv_net(seed=3)), paths, "minmax")
+
+
+def test_cli_calibrate_from_merged_statistics(tmp_path):
+    """calibrate --stats A --stats B (no model run) writes the tables calibrate --calib A∪B writes."""
+    model = tmp_path / "model.onnx"
+    onnx.save(models.conv_net(), model)
+    data = tmp_path / "data"
+    a, b = draw(32, 1), draw(24, 2, scale=3.0)
+    sets = {"a": _manifest(data, "a", a), "b": _manifest(data, "b", b),
+            "ab": _manifest(data, "ab", {"input": np.concatenate([a["input"], b["input"]])})}
+    for name, manifest in sets.items():
+        assert main(["calibrate", str(model), "--calib", str(manifest), "--method", "all", "--no-progress",
+                     "--out", str(tmp_path / name)]) == 0
+    assert main(["calibrate", str(model), "--stats", str(tmp_path / "a" / "statistics.npz"), "--stats",
+                 str(tmp_path / "b" / "statistics.npz"), "--method", "all", "--out", str(tmp_path / "merged")]) == 0
+    for method in ("entropy", "minmax", "percentile", "mse"):
+        got = json.loads((tmp_path / "merged" / f"calib_{method}.json").read_text())
+        want = json.loads((tmp_path / "ab" / f"calib_{method}.json").read_text())
+        assert got["tensors"] == want["tensors"], method
+    summary = json.loads((tmp_path / "merged" / "data_summary.json").read_text())
+    assert summary["count"] == 56 and set(summary["sample_hashes"]) == set(
+        json.loads((tmp_path / "ab" / "data_summary.json").read_text())["sample_hashes"])
+    assert main(["calibrate", str(model), "--stats", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["calibrate", str(model), "--calib", str(sets["a"]), "--stats", str(tmp_path / "a" / "statistics.npz"),
+                 "--out", str(tmp_path / "y")]) == 2
