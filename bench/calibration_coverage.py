@@ -11,7 +11,7 @@ Real data shipped by installed packages, EfficientNet-Lite0 from quantlab.zoo (t
    labelled ImageNet photos from foolbox) and on the normal-brightness photos (standing in for
    production samples): which tensors and which samples fall outside the calibrated ranges;
 3. recalibrate WITHOUT running the model: merge the dark statistics with the production set's
-   statistics that coverage wrote (quantlab.coverage.recalibrate: merged histograms, one table);
+   statistics that coverage wrote (`quantlab calibrate --stats A --stats B`: merged histograms);
 4. build INT8 (TensorRT Q/DQ form, simulated on ONNX Runtime) from the dark, unbiased and merged
    tables and compare each with FP32 on the validation set: top-1 accuracy and drop, cosine;
 5. coverage of the unbiased and merged tables on the validation set (the gate should pass), and of the
@@ -19,7 +19,7 @@ Real data shipped by installed packages, EfficientNet-Lite0 from quantlab.zoo (t
    must not be flagged).
 
 Prints a table and writes JSON (bench/results/calibration_coverage.json). Every step runs the `quantlab` CLI
-in a subprocess, as a user would (except step 3, a library call until `calibrate --stats` exists).
+in a subprocess, as a user would.
 """
 
 from __future__ import annotations
@@ -52,21 +52,6 @@ def _quantlab(*args: str, ok: tuple[int, ...] = (0,)) -> tuple[int, float]:
     print(f"  quantlab {' '.join(a if len(a) < 60 else '...' for a in args[:1])}: exit {proc.returncode}, "
           f"{seconds:.0f} s", flush=True)
     return proc.returncode, seconds
-
-
-def _merged_table(stats: list[Path], model: str, method: str, out: Path) -> Path:
-    """The table of ``method`` from the merged statistics files (no model run)."""
-    from quantlab.atomic import write_json
-    from quantlab.coverage import recalibrate
-    from quantlab.graph import load_model
-    from quantlab.stats import save_statistics
-    from quantlab.table import write_table
-
-    result = recalibrate(load_model(model), stats, method)
-    out.mkdir(parents=True, exist_ok=True)
-    save_statistics(result.statistics, out / "statistics.npz")
-    write_json(out / "data_summary.json", result.data.as_dict())
-    return write_table(result.tables[method], out / f"calib_{method}.json")
 
 
 def _accuracy(compare_dir: Path) -> dict[str, dict[str, float]]:
@@ -112,10 +97,10 @@ def _steps(model: str, w: Path, m: str) -> tuple[dict[str, float], dict[str, int
         "coverage", model, "--table", str(w / "calib_dark" / f"calib_{m}.json"), "--data", str(VAL),
         "--data", str(NORMAL), "--out", str(w / "coverage_dark"), ok=(0, 1))
     print("3. recalibrate from merged statistics (dark + production, no model run)")
-    start = time.perf_counter()
-    merged = _merged_table([w / "calib_dark" / "statistics.npz", w / "coverage_dark" / "demo_calib" / "statistics.npz"],
-                           model, m, w / "calib_merged")
-    times["recalibrate_merged"] = time.perf_counter() - start
+    times["recalibrate_merged"] = _quantlab(
+        "calibrate", model, "--stats", str(w / "calib_dark" / "statistics.npz"), "--stats",
+        str(w / "coverage_dark" / "demo_calib" / "statistics.npz"), "--method", "all", "--out", str(w / "calib_merged"))[1]
+    merged = w / "calib_merged" / f"calib_{m}.json"
     print("4. build INT8 from each table and compare with FP32 on the validation set")
     builds = {}
     for name, table in (("dark", w / "calib_dark" / f"calib_{m}.json"),
