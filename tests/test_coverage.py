@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import models
 import numpy as np
 import onnx
 import pytest
 
-import models
 from quantlab.calibrate import calibrate
 from quantlab.cli import main
 from quantlab.coverage import (
@@ -120,7 +120,7 @@ def test_bootstrap_interval_covers_the_point_and_narrows_with_samples(calibratio
     for rows in (small, large):
         for r in rows:
             assert r["psi_ci_low"] <= r["psi_ci_high"]
-    width = lambda rows: np.median([r["psi_ci_high"] - r["psi_ci_low"] for r in rows])  # noqa: E731
+    width = lambda rows: np.median([r["psi_ci_high"] - r["psi_ci_low"] for r in rows])
     assert width(large) < width(small)
 
 

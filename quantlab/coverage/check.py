@@ -83,8 +83,9 @@ def _notes(name: str, summary: Any, calibration_summary: Any) -> tuple[str, ...]
     shared = overlap(calibration_summary, summary)
     if not shared:
         return ()
-    return (f"{name}: {shared} of {summary.count} samples are also in the calibration set; their coverage is "
-            "trivially good, so this set looks better covered than new data would be",)
+    note = (f"{name}: {shared} of {summary.count} samples are also in the calibration set; their coverage is "
+            "trivially good, so this set looks better covered than new data would be")
+    return (note,)
 
 
 def coverage_of(model: LoadedModel, dataset: Any, table: CalibrationTable, calibration: Statistics, *,

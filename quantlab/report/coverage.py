@@ -58,9 +58,9 @@ def _advice(verdict: Mapping[str, Any], worst: Sequence[Mapping[str, Any]]) -> l
     names = ", ".join(dict.fromkeys(r["tensor"] for r in verdict["failing_tensors"][:6]))
     sets = ", ".join(dict.fromkeys(r["dataset"] for r in verdict["failing_tensors"]))
     saturating = any(r["saturated_excess"] > 0.001 for r in worst if not math.isnan(r["saturated_excess"]))
-    tips = [f"Add samples like the worst ones below (from {sets}) to the calibration set. Cheap: "
-            "`quantlab calibrate MODEL --stats CALIB/statistics.npz --stats COVERAGE/<set>/statistics.npz` "
-            "recalibrates from the merged histograms without running the model again.",
+    tips = [(f"Add samples like the worst ones below (from {sets}) to the calibration set. Cheap: "
+             "`quantlab calibrate MODEL --stats CALIB/statistics.npz --stats COVERAGE/<set>/statistics.npz` "
+             "recalibrates from the merged histograms without running the model again."),
             f"Or keep the layers of the flagged tensors in FP16 ({names}): a plan file with those groups pinned.",
             ]
     if saturating:
