@@ -24,7 +24,7 @@ from ..backends.base import Backend
 from ..errors import CalibrationError, DataError
 from ..graph import LoadedModel
 from ..histogram import AbsHistogram
-from ..stats import Statistics, batch_feeds
+from ..stats import DEFAULT_RUN_BUDGET, Statistics, batch_feeds, resolved_sizes, samples_per_run
 from ..table import CalibrationTable
 from .bins import TensorBins, bin_per_sample, tensor_bins
 from .blocks import MAX_BLOCKS, BlockCounts, SampleScore, WorstSamples
@@ -94,11 +94,14 @@ class _BatchScores:
 
 def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str, TensorBins], *,
                   backend: Backend, fine_bins: int, huge_threshold: float, worst_samples: int = 10,
-                  max_blocks: int = MAX_BLOCKS, on_batch: Any = None, threads: int | None = None) -> PassResult:
+                  max_blocks: int = MAX_BLOCKS, on_batch: Any = None, threads: int | None = None,
+                  run_budget_bytes: int = DEFAULT_RUN_BUDGET) -> PassResult:
     """Run ``model`` over ``batches`` once and reduce every tensor of ``bins`` (see the module docstring).
 
     ``threads`` (default: all cores) reduce several tensors at once (the kernels
-    release the GIL); the results do not depend on it.
+    release the GIL); a batch whose exposed activations exceed ``run_budget_bytes``
+    runs through the model in slices (as the statistics pass does); the results
+    depend on neither.
     """
     from ..data import DataFingerprint
 
@@ -112,26 +115,23 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
     workers = threads if threads is not None else (os.cpu_count() or 1)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-coverage") if workers > 1 else None
     samples = n_batches = 0
+    run_rows = 0
     try:
         for item in batches:
             fingerprint.update(item)
             if on_batch is not None:
                 on_batch(item)
             feeds = batch_feeds(item)
-            outputs = dict(runner.run(feeds, exposed)) if runner is not None else {}
-            outputs.update({t: np.asarray(feeds[t]) for t in bins if t in inputs})
             n = int(next(iter(feeds.values())).shape[0])
-            scores = _BatchScores(n)
-            for name, rows in _reduced(outputs, tallies, huge_threshold, pool):
-                tally = tallies[name]
-                tally.blocks.add(rows)
-                sat, out = scores.add(name, rows, tally.bins)
-                tally.saturated_samples += sat
-                tally.outside_samples += out
-            del outputs
-            for i, key in enumerate(_keys(item, samples, n)):
-                worst.push(SampleScore(float(scores.share[i]), int(scores.saturating[i]), key, scores.tensor[i],
-                                       int(scores.outside[i])))
+            run_rows = run_rows or samples_per_run(model, resolved_sizes(model, exposed, feeds), n, run_budget_bytes)
+            keys = _keys(item, samples, n)
+            for start in range(0, n, run_rows):  # a large batch runs in slices: memory flat in the batch size
+                part = feeds if n <= run_rows else {k: v[start:start + run_rows] for k, v in feeds.items()}
+                outputs = dict(runner.run(part, exposed)) if runner is not None else {}
+                outputs.update({t: np.asarray(part[t]) for t in bins if t in inputs})
+                for score in _slice_scores(outputs, tallies, huge_threshold, pool, keys[start:start + run_rows]):
+                    worst.push(score)
+                del outputs
             samples += n
             n_batches += 1
     finally:
@@ -143,6 +143,20 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
         raise DataError("the data set yielded no samples; give it at least one")
     return PassResult(tallies=tallies, samples=samples, batches=n_batches, worst=tuple(worst.result()),
                       summary=fingerprint.summary())
+
+
+def _slice_scores(outputs: Mapping[str, np.ndarray], tallies: Mapping[str, TensorTally], huge: float, pool: Any,
+                  keys: Sequence[str]) -> list[SampleScore]:
+    """Reduce one model run's outputs into the tallies; the saturation score of each of its samples."""
+    scores = _BatchScores(len(keys))
+    for name, rows in _reduced(outputs, tallies, huge, pool):
+        tally = tallies[name]
+        tally.blocks.add(rows)
+        sat, out = scores.add(name, rows, tally.bins)
+        tally.saturated_samples += sat
+        tally.outside_samples += out
+    return [SampleScore(float(scores.share[i]), int(scores.saturating[i]), key, scores.tensor[i],
+                        int(scores.outside[i])) for i, key in enumerate(keys)]
 
 
 def _reduce_one(name: str, array: np.ndarray, tally: TensorTally, huge: float) -> tuple[str, np.ndarray]:
