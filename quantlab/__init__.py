@@ -50,7 +50,7 @@ _LAZY: dict[str, str] = {
     "DataSummary": "data", "check_inputs": "data", "summarize": "data", "overlap": "data",
     # calibration
     "calibrate": "calibrate", "CalibrationResult": "calibrate", "CalibrationTable": "table",
-    "TensorRange": "table", "read_table": "table", "write_table": "table",
+    "TensorRange": "table", "read_table": "table", "write_table": "table", "METHOD_NAMES": "methods",
     # precision plans and the writer
     "Precision": "precision", "PRECISIONS": "precision", "PrecisionPlan": "plan", "Rule": "plan",
     "ResolvedPlan": "plan", "load_plan": "plan", "save_plan": "plan", "uniform_plan": "plan",
@@ -105,7 +105,7 @@ def __dir__() -> list[str]:
 
 
 class _PublicApi(types.ModuleType):
-    """Keeps ``quantlab.calibrate`` / ``.compare`` / ``.search`` the functions once their submodules load.
+    """Keeps ``quantlab.calibrate`` / ``.compare`` / ``.search`` the functions when their submodules load.
 
     Importing a submodule binds it as an attribute of the package; where the
     public function has the submodule's name, the function is what this
@@ -115,7 +115,7 @@ class _PublicApi(types.ModuleType):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
-            value = getattr(value, name)
+            return  # the submodule stays in sys.modules; the name resolves to the function on first use
         super().__setattr__(name, value)
 
 

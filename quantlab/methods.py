@@ -69,6 +69,10 @@ DEFAULT_BINS = 2**14
 DEFAULT_HUGE_THRESHOLD = 1e30
 """|x| at or above this is a sentinel (mask, padding), not a value to calibrate on."""
 
+TENSOR_SCOPES = ("all", "quantizable")
+"""Which tensors a statistics pass covers: ``all`` float activations, or ``quantizable`` (without the
+pre-activation tensors TensorRT fuses away; see :func:`quantlab.stats.fused_preactivations`)."""
+
 DEFAULT_BATCH_SIZE = 8
 """Samples per model run during calibration (does not change the ranges)."""
 

@@ -149,14 +149,6 @@ def test_signal_while_writing_in_a_real_process(ws: Path, signum: int, code: int
     assert not out.exists() and temp_entries(ws) == []
 
 
-def _eager_package() -> bool:
-    """quantlab/__init__.py still imports the whole library (the lazy one is the lead's change): then the
-    heavy imports run before main() can install its handlers."""
-    return "def __getattr__" not in (ROOT / "quantlab" / "__init__.py").read_text(encoding="utf-8")
-
-
-@pytest.mark.xfail(_eager_package(), reason="needs the lazy quantlab/__init__.py (PEP 562) from the rel-cli report",
-                   strict=True)
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_start_up_imports(ws: Path, signum: int, code: int) -> None:
     """The signal lands while numba (the heaviest import) is being imported: one line, no KeyboardInterrupt."""
@@ -207,32 +199,15 @@ def _imported_modules(*argv: str) -> set[str]:
     return logged | set(at_exit)
 
 
-LIGHT_NOW = [("--help",), ("run", "--help"), ("report", "--help"), ("demo", "--help"), ("run", "--bogus"),
-             ("nonsense",)]
-NEEDS_LIGHT_DEFAULTS = {
-    "calibrate": "method names/defaults (quantlab/methods.py), TENSOR_SCOPES, TRT_CACHE_VERSION",
-    "build": "BACKEND_NAMES, DEFAULT_FP32_OPS (quantize/__init__ loads onnx)",
-    "perf": "BACKEND_NAMES",
-    "compare": "BACKEND_NAMES, CompareOptions defaults",
-    "search": "BACKEND_NAMES, ALL_METHODS, SearchOptions defaults",
-}
-"""Commands whose --help shows defaults that still live in heavy modules (see the rel-cli report)."""
+COMMANDS = ("calibrate", "build", "perf", "compare", "search", "run", "sweep", "report", "export", "demo")
+LIGHT = [("--help",), ("nonsense",), *((c, "--help") for c in COMMANDS), *((c, "--bogus") for c in COMMANDS)]
 
 
-@pytest.mark.xfail(_eager_package(), reason="needs the lazy quantlab/__init__.py (PEP 562) from the rel-cli report",
-                   strict=True)
-@pytest.mark.parametrize("argv", LIGHT_NOW)
+@pytest.mark.parametrize("argv", LIGHT, ids=" ".join)
 def test_help_and_usage_errors_import_no_heavy_library(argv: tuple[str, ...]) -> None:
+    """Start-up in well under a second: help and argument errors never load ONNX Runtime, onnx, pandas, numba,
+    matplotlib or torch (option defaults come from light modules; packages resolve names lazily)."""
     loaded = _imported_modules(*argv)
-    assert "quantlab.cli" in loaded and "quantlab.cli.calibrate" in loaded
-    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
-    assert heavy == []
-
-
-@pytest.mark.parametrize("command", sorted(NEEDS_LIGHT_DEFAULTS))
-def test_command_help_imports_no_heavy_library(command: str, request: pytest.FixtureRequest) -> None:
-    request.applymarker(pytest.mark.xfail(reason=f"--help defaults from heavy modules: {NEEDS_LIGHT_DEFAULTS[command]}",
-                                          strict=False))
-    loaded = _imported_modules(command, "--help")
+    assert "quantlab.cli" in loaded
     heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
     assert heavy == []

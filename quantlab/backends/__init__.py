@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendUnavailableError
-from .base import Backend, BackendInfo, Runner
+from ..lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .base import Backend
+
+__getattr__, __dir__ = lazy_exports(__name__, {"Backend": "base", "BackendInfo": "base", "Runner": "base"})
 
 __all__ = ["Backend", "BackendInfo", "Runner", "get_backend", "BACKEND_NAMES"]
 

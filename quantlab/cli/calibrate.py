@@ -39,18 +39,25 @@ TOP_TENSORS = 10
 
 
 def _percentile(text: str) -> float:
+    from ..methods import percentile_error
+
     value = float(text)
-    if not 0.0 < value <= 100.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {value}")
+    error = percentile_error(value)
+    if error:
+        raise argparse.ArgumentTypeError(error)
     return value
 
 
 def register(subparsers: Any) -> None:
-    # NOTE: these constants should come from the light quantlab/methods.py registry once it exists
-    # (importing quantlab.calibrate loads numba and onnx: seconds of start-up for `calibrate --help`).
-    from ..calibrate import ALL_METHODS, DEFAULT_BATCH_SIZE, DEFAULT_PERCENTILE
-    from ..calibrators import METHODS
-    from ..stats import TENSOR_SCOPES
+    from ..methods import (
+        ALL,
+        ALL_METHODS,
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_METHOD,
+        DEFAULT_PERCENTILE,
+        METHOD_NAMES,
+        TENSOR_SCOPES,
+    )
     from ..table import TRT_CACHE_VERSION
 
     p = add_command(subparsers, "calibrate", __doc__, HELP)
@@ -61,8 +68,9 @@ def register(subparsers: Any) -> None:
     source.add_argument("--stats", type=path_arg, action="append", metavar="NPZ",
                         help="recalibrate from statistics.npz files instead (repeat: their histograms are merged, "
                              "no model run), e.g. a calibrate output's and a `quantlab coverage` OUT/SET/statistics.npz")
-    p.add_argument("--method", choices=[*METHODS, "all"], default="entropy",
-                   help="calibration method; 'all' = " + ", ".join(ALL_METHODS) + " from one pass (default entropy)")
+    p.add_argument("--method", choices=[*METHOD_NAMES, ALL], default=DEFAULT_METHOD,
+                   help=f"calibration method; '{ALL}' = " + ", ".join(ALL_METHODS) + f" from one pass (default "
+                        f"{DEFAULT_METHOD})")
     p.add_argument("--percentile", type=_percentile, default=DEFAULT_PERCENTILE,
                    help=f"percentile of |x| kept by the percentile method (default {DEFAULT_PERCENTILE})")
     p.add_argument("--entropy-keep-zeros", action="store_true",
@@ -112,10 +120,10 @@ def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS) -> Any:
 
 def owned_files() -> tuple[str, ...]:
     """The files a calibrate run writes into --out (the only ones a rerun may replace)."""
-    from ..calibrators import METHODS
+    from ..methods import METHOD_NAMES
 
     names = [RUN_RECORD, "statistics.npz", "data_summary.json", "calibration.cache"]
-    for method in METHODS:
+    for method in METHOD_NAMES:
         names += [f"calib_{method}.json", f"calibration_{method}.cache"]
     return tuple(names)
 
@@ -159,14 +167,15 @@ def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from ..calibrate import ALL_METHODS, calibrate
+    from ..calibrate import calibrate
+    from ..methods import resolve_methods
     from ..graph import load_model
     from ..stats import scope_tensors
 
     inputs = [args.model, *([args.calib] if args.calib else args.stats)]
     prepare_output(args.out, owned_files(), command="calibrate", inputs=inputs)
     model = load_model(args.model)
-    methods = list(ALL_METHODS) if args.method == "all" else [args.method]
+    methods = list(resolve_methods(args.method))
     if args.stats:  # merged histograms: no model run (quantlab.coverage.recalibrate)
         from ..coverage import recalibrate
 

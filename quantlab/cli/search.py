@@ -52,10 +52,8 @@ def _seconds(text: str) -> float:
 
 
 def register(subparsers: Any) -> None:
-    # NOTE: SearchOptions' defaults, ALL_METHODS and BACKEND_NAMES should live in light modules: importing
-    # quantlab.search loads pandas, onnx and numba (seconds of start-up for `search --help`).
     from ..backends import BACKEND_NAMES
-    from ..calibrate import ALL_METHODS
+    from ..methods import DEFAULT_METHOD, METHOD_NAMES
     from ..search import SearchOptions
 
     defaults = SearchOptions(threshold="")
@@ -64,8 +62,8 @@ def register(subparsers: Any) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--calib", type=path_arg, metavar="TOML", help="calibration set manifest (calibrate first)")
     src.add_argument("--table", type=path_arg, metavar="JSON", help="a calibration table from `quantlab calibrate`")
-    p.add_argument("--method", default="entropy", choices=list(ALL_METHODS),
-                   help="calibrator used with --calib (default entropy)")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHOD_NAMES),
+                   help=f"calibrator used with --calib (default {DEFAULT_METHOD})")
     p.add_argument("--data", type=path_arg, required=True, metavar="TOML", help="validation set manifest")
     p.add_argument("--threshold", type=text_arg, required=True, metavar="EXPR",
                    help="what the final plan must meet, e.g. 'top1_drop<=0.5' or 'cosine>=0.999 and sqnr_db>=30'")

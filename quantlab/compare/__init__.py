@@ -44,19 +44,23 @@ Below the package: :mod:`quantlab.metrics` (the numeric kernels and statistics),
 
 from __future__ import annotations
 
-from .candidates import Candidate, load_candidate
-from .options import CompareOptions
-from .result import (
-    CLASSIFIER_COLUMNS,
-    COMPARE_FORMAT,
-    END_TO_END_COLUMNS,
-    LABEL_COLUMNS,
-    PER_LAYER_COLUMNS,
-    PER_SAMPLE_COLUMNS,
-    CompareResult,
-    load_comparison,
-)
-from .run import compare
+from ..lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "Candidate": "candidates",
+    "load_candidate": "candidates",
+    "CompareOptions": "options",
+    "CLASSIFIER_COLUMNS": "result",
+    "COMPARE_FORMAT": "result",
+    "END_TO_END_COLUMNS": "result",
+    "LABEL_COLUMNS": "result",
+    "PER_LAYER_COLUMNS": "result",
+    "PER_SAMPLE_COLUMNS": "result",
+    "CompareResult": "result",
+    "load_comparison": "result",
+    "compare": "run",
+})
+
 
 __all__ = ["CompareOptions", "CompareResult", "compare", "load_comparison", "load_candidate", "Candidate",
            "COMPARE_FORMAT", "END_TO_END_COLUMNS", "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "PER_LAYER_COLUMNS",

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_dir, write_json
-from ..calibrate import method_settings
 from ..data import DataSet, open_dataset
 from ..graph import LoadedModel, load_model
+from ..methods import method_settings
 from ..precision import INT8
 from ..quantize import WrittenModel
 from ..report import Verdict, save_report_inputs, write_report

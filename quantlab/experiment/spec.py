@@ -16,6 +16,7 @@ from typing import Any
 
 from ..coverage.result import parse_gate
 from ..errors import ExperimentError, ThresholdError
+from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
 from ..schema import Key, Where, check_table, is_int, is_num, non_empty_str, one_of, show
 from ..threshold import parse_threshold
 from ..zoo import ZOO_MODELS
@@ -28,6 +29,7 @@ else:  # pragma: no cover
 __all__ = ["ExperimentConfig", "load_experiment", "parse_experiment", "CALIBRATORS", "TARGETS"]
 
 CALIBRATORS = ("entropy", "minmax", "percentile")
+"""The methods an experiment computes by default (any of :data:`quantlab.methods.METHOD_NAMES` may be asked)."""
 TARGETS = ("tensorrt", "ort")
 BACKENDS = ("ort", "tensorrt", "tensorrt-rtx")
 GUIDE = "the docstring of quantlab.experiment, or experiments/demo.toml"
@@ -47,7 +49,7 @@ class ExperimentConfig:
     backend: str = "ort"
     threshold: str | None = None
     calibrators: tuple[str, ...] = CALIBRATORS
-    percentile: float = 99.99
+    percentile: float = DEFAULT_PERCENTILE
     fp16: bool = True
     int8: tuple[str, ...] = CALIBRATORS
     target: str = "tensorrt"
@@ -85,11 +87,11 @@ class ExperimentConfig:
 
 
 def _methods(v: Any) -> bool:
-    return (isinstance(v, list) and bool(v) and all(isinstance(m, str) and m in CALIBRATORS for m in v)
+    return (isinstance(v, list) and bool(v) and all(isinstance(m, str) and m in METHOD_NAMES for m in v)
             and len(set(v)) == len(v))
 
 
-_METHODS_EXPECT = f"a non-empty list of distinct methods from {', '.join(map(repr, CALIBRATORS))}"
+_METHODS_EXPECT = f"a non-empty list of distinct methods from {', '.join(map(repr, METHOD_NAMES))}"
 _COUNT = "an integer >= 0"
 
 
@@ -125,8 +127,8 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
     },
     "calibrate": {
         "methods": (Key(_METHODS_EXPECT, _methods, 'methods = ["entropy", "minmax"]'), "calibrators"),
-        "percentile": (Key("a number in (0, 100]", lambda v: is_num(v) and 0 < v <= 100, "percentile = 99.99"),
-                       "percentile"),
+        "percentile": (Key("a number in (0, 100]", lambda v: is_num(v) and percentile_error(v) is None,
+                           f"percentile = {DEFAULT_PERCENTILE}"), "percentile"),
     },
     "candidates": {
         "fp16": (Key("true or false", lambda v: isinstance(v, bool), "fp16 = true"), "fp16"),

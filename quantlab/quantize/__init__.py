@@ -31,11 +31,22 @@ relies on in :mod:`~quantlab.quantize.provenance`.
 
 from __future__ import annotations
 
-from .options import DEFAULT_FP32_OPS, Target, WriteOptions
-from .provenance import PROVENANCE_FORMAT, Provenance, load_provenance
-from .qparams import activation_qparams, weight_qparams
-from .write import write_model
-from .written import WrittenModel, save_written
+from ..lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "DEFAULT_FP32_OPS": "options",
+    "Target": "options",
+    "WriteOptions": "options",
+    "PROVENANCE_FORMAT": "provenance",
+    "Provenance": "provenance",
+    "load_provenance": "provenance",
+    "activation_qparams": "qparams",
+    "weight_qparams": "qparams",
+    "write_model": "write",
+    "WrittenModel": "written",
+    "save_written": "written",
+})
+
 
 __all__ = [
     "Target",

@@ -78,16 +78,30 @@ Layout (arrows: imports)::
 
 from __future__ import annotations
 
-from .api import search, search_settings
-from .evaluation import Evaluation, Evaluator, evaluation_key
-from .evaluator import CompareEvaluator
-from .ledger import TRAJECTORY_COLUMNS, StepEvent
-from .log import LOG_FILE, LOG_FORMAT, SearchLog
-from .options import SearchOptions, evaluation_bound
-from .ranking import SENSITIVITY_COLUMNS
-from .result import RESULT_FORMAT, SearchResult
-from .run import SearchOutcome, run_search
-from .strategy import bisect_prefix
+from ..lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "search": "api",
+    "search_settings": "api",
+    "Evaluation": "evaluation",
+    "Evaluator": "evaluation",
+    "evaluation_key": "evaluation",
+    "CompareEvaluator": "evaluator",
+    "TRAJECTORY_COLUMNS": "ledger",
+    "StepEvent": "ledger",
+    "LOG_FILE": "log",
+    "LOG_FORMAT": "log",
+    "SearchLog": "log",
+    "SearchOptions": "options",
+    "evaluation_bound": "options",
+    "SENSITIVITY_COLUMNS": "ranking",
+    "RESULT_FORMAT": "result",
+    "SearchResult": "result",
+    "SearchOutcome": "run",
+    "run_search": "run",
+    "bisect_prefix": "strategy",
+})
+
 
 __all__ = [
     "SearchOptions",

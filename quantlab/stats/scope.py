@@ -9,11 +9,10 @@ import onnx
 
 from ..errors import CalibrationError
 from ..graph import activation_names, consumer_map, producer_map
+from ..methods import TENSOR_SCOPES
 
 __all__ = ["TENSOR_SCOPES", "fused_preactivations", "scope_tensors"]
 
-TENSOR_SCOPES = ("all", "quantizable")
-"""``all``: every float activation; ``quantizable``: without :func:`fused_preactivations`."""
 
 _FUSING_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
 _FUSED_ACTIVATIONS = ("Relu", "Clip")

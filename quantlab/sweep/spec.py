@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import ExperimentError, ThresholdError
 from ..experiment import CALIBRATORS, TARGETS
+from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
 from ..schema import Key, Where, check_table, is_int, is_num, non_empty_str, one_of
 from ..threshold import parse_threshold
 from ..zoo import ZOO_MODELS
@@ -68,7 +69,7 @@ class SweepSpec:
     validation: Path
     models: tuple[SweepModel, ...]
     methods: tuple[str, ...] = CALIBRATORS
-    percentiles: tuple[float, ...] = (99.99,)
+    percentiles: tuple[float, ...] = (DEFAULT_PERCENTILE,)
     fp16: bool = True
     search: bool = False
     seed: int = 0
@@ -78,11 +79,12 @@ class SweepSpec:
 
 
 def _methods(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(m in CALIBRATORS for m in v) and len(set(v)) == len(v)
+    return isinstance(v, list) and bool(v) and all(m in METHOD_NAMES for m in v) and len(set(v)) == len(v)
 
 
 def _percentiles(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(is_num(p) and 0 < p <= 100 for p in v) and len(set(v)) == len(v)
+    return (isinstance(v, list) and bool(v) and all(is_num(p) and percentile_error(p) is None for p in v)
+            and len(set(v)) == len(v))
 
 
 _TOP = {
@@ -108,7 +110,7 @@ _MODEL = {
                  'label = "lite0"'),
 }
 _GRID = {
-    "methods": Key(f"a non-empty list of distinct methods from {', '.join(map(repr, CALIBRATORS))}", _methods,
+    "methods": Key(f"a non-empty list of distinct methods from {', '.join(map(repr, METHOD_NAMES))}", _methods,
                    'methods = ["entropy", "minmax"]'),
     "percentile": Key("a non-empty list of distinct numbers in (0, 100]", _percentiles, "percentile = [99.9, 99.99]"),
     "fp16": Key("true or false", lambda v: isinstance(v, bool), "fp16 = true"),
