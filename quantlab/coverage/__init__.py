@@ -5,7 +5,8 @@
       blocks.py   per-sample reducers: block counts for the bootstrap (bounded), worst samples (bounded heap)
       collect.py  the streaming pass over one data set
       distance.py PSI with a block-bootstrap interval and noise level, Wasserstein-1 on |x|
-      result.py   rows, the gate in the threshold language, coverage.json / statistics.npz
+      gate.py     the gate's metrics and default in the threshold language (light)
+      result.py   rows, the gate's verdict, coverage.json / statistics.npz
       check.py    check_coverage: the whole check over several data sets
       merge.py    merged statistics (calibrate on A ∪ B from A's and B's histograms)
       recalibrate.py  tables from several statistics files (and their merged data summaries)
@@ -13,24 +14,16 @@
 
 from __future__ import annotations
 
-from .check import CoverageOptions, check_coverage, coverage_of
-from .merge import merge_states, merge_statistics
-from .recalibrate import merge_summaries, recalibrate, summary_beside
-from .result import (
-    COVERAGE_FILE,
-    DEFAULT_GATE,
-    TENSOR_METRICS,
-    CoverageResult,
-    DataSetCoverage,
-    gate_check,
-    known_metrics,
-    load_coverage,
-    parse_gate,
-    summary_row,
-)
+from ..lazy import lazy_exports
 
-__all__ = [
-    "CoverageOptions", "check_coverage", "coverage_of", "merge_states", "merge_statistics", "COVERAGE_FILE",
-    "DEFAULT_GATE", "TENSOR_METRICS", "CoverageResult", "DataSetCoverage", "gate_check", "known_metrics",
-    "load_coverage", "parse_gate", "summary_row", "merge_summaries", "recalibrate", "summary_beside",
-]
+_EXPORTS = {
+    "CoverageOptions": "check", "check_coverage": "check", "coverage_of": "check",
+    "merge_states": "merge", "merge_statistics": "merge",
+    "merge_summaries": "recalibrate", "recalibrate": "recalibrate", "summary_beside": "recalibrate",
+    "DEFAULT_GATE": "gate", "TENSOR_METRICS": "gate", "known_metrics": "gate", "parse_gate": "gate",
+    "COVERAGE_FILE": "result", "OWNED_FILES": "result", "CoverageResult": "result", "DataSetCoverage": "result",
+    "gate_check": "result", "load_coverage": "result", "summary_row": "result", "worst_first": "result",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = list(_EXPORTS)

@@ -23,38 +23,16 @@ from typing import Any
 from ..atomic import atomic_dir, write_json
 from ..errors import CalibrationError
 from ..stats import Statistics, load_statistics, save_statistics
-from ..threshold import Threshold, parse_threshold
+from ..threshold import Threshold
+from .gate import DEFAULT_GATE, TENSOR_METRICS, known_metrics, parse_gate
 
-__all__ = ["TENSOR_METRICS", "DEFAULT_GATE", "COVERAGE_FILE", "DataSetCoverage", "CoverageResult", "known_metrics", "parse_gate", "with_max_names", "worst_first", "OWNED_FILES",
-           "summary_row", "gate_check", "load_coverage"]
-
-TENSOR_METRICS = (
-    "saturated", "saturated_calib", "saturated_excess", "saturated_samples", "outside", "outside_samples",
-    "psi", "psi_ci_low", "psi_ci_high", "psi_noise", "psi_excess", "wasserstein",
-)
-"""Per-tensor columns a threshold may name (each also as ``<name>_max``)."""
-
-DEFAULT_GATE = "outside_samples_max>0.2"
-"""Fails when more than a fifth of some set's samples drive a tensor beyond anything the calibration set showed.
-
-Out of ``n`` calibration samples, a new sample from the same distribution exceeds
-all of them in a given tensor with probability about ``1 / (n + 1)``; on
-EfficientNet-Lite0 a validation set of other natural photos reaches 0.14, a
-darkened calibration set 0.93 (bench/calibration_coverage.py)."""
+__all__ = ["TENSOR_METRICS", "DEFAULT_GATE", "COVERAGE_FILE", "OWNED_FILES", "DataSetCoverage", "CoverageResult",
+           "known_metrics", "parse_gate", "with_max_names", "worst_first", "summary_row", "gate_check", "load_coverage"]
 
 COVERAGE_FILE = "coverage.json"
 TENSORS_CSV = "coverage_tensors.csv"
 OWNED_FILES = (COVERAGE_FILE, TENSORS_CSV, "*/statistics.npz")
 """What :meth:`CoverageResult.save` writes into its folder (the only files a rerun may replace)."""
-
-
-def known_metrics() -> set[str]:
-    return set(TENSOR_METRICS) | {f"{m}_max" for m in TENSOR_METRICS}
-
-
-def parse_gate(text: str | None) -> Threshold:
-    """The gate's threshold (default :data:`DEFAULT_GATE`), refused when it names no coverage metric."""
-    return parse_threshold(text if text is not None else DEFAULT_GATE, known_metrics=known_metrics())
 
 
 def _nanmax(values: Sequence[float]) -> float:

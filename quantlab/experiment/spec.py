@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..coverage.result import parse_gate
+from ..coverage.gate import parse_gate
 from ..errors import ExperimentError, ThresholdError
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
 from ..schema import Key, Where, check_table, is_int, is_num, non_empty_str, one_of, show
