@@ -149,6 +149,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     On an exception the temporary file is removed and ``target`` is untouched.
     """
     target = Path(target)
+    created = _missing_parents(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(target.parent)
     fd, tmp = tempfile.mkstemp(prefix=_prefix(target.name), suffix=".tmp", dir=target.parent)
@@ -163,10 +164,23 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        for folder in created:  # innermost first: only the folders this write made, and only if empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         _name_the_target(exc, target, tmp_path)
         raise
     finally:
         _active.remove(target)
+
+
+def _missing_parents(target: Path) -> list[Path]:
+    """The parent folders of ``target`` that do not exist yet, innermost first."""
+    missing = []
+    for parent in target.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
 
 
 def _name_the_target(exc: BaseException, target: Path, tmp: Path) -> None:
@@ -282,11 +296,13 @@ def foreign_files(folder: str | os.PathLike[str], owned: Iterable[str]) -> list[
 
 
 def check_replaceable(folder: str | os.PathLike[str], owned: Iterable[str], *, label: str | None = None,
-                      writer: str = "quantlab") -> None:
+                      writer: str = "quantlab", marker: str | None = None) -> None:
     """Raise :class:`OutputError` unless ``folder`` is absent, or a folder holding only ``owned`` files.
 
     ``label`` names the folder in the message (e.g. ``"--out runs/calib"``), ``writer`` what owns it
-    (e.g. ``"calibrate"``).
+    (e.g. ``"calibrate"``). With ``marker`` (a file the writer always writes first, e.g. a run's
+    manifest.json), a non-empty folder without it is someone else's even when its file names match
+    (a website's index.html is not a report's).
     """
     path = Path(folder)
     name = label or str(path)
@@ -298,6 +314,8 @@ def check_replaceable(folder: str | os.PathLike[str], owned: Iterable[str], *, l
         foreign = foreign_files(path, owned)
     except OSError as exc:
         raise ResourceError(f"{name}: cannot list the folder ({exc.strerror}); check its permissions") from exc
+    if marker is not None and not foreign and not (path / marker).exists() and any(path.iterdir()):
+        foreign = sorted(p.name for p in path.iterdir())
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputError(

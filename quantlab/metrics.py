@@ -147,6 +147,17 @@ class ErrorSums:
                          self.sdd + other.sdd, self.sad + other.sad, _nanmax(self.max_abs, other.max_abs),
                          self.nonfinite + other.nonfinite, self.ref_nonfinite + other.ref_nonfinite)
 
+    def as_row(self) -> tuple[float, ...]:
+        """The nine fields as floats (a row of a float64 array; the counts stay exact below 2**53)."""
+        return (float(self.n), self.srr, self.scc, self.src, self.sdd, self.sad, self.max_abs,
+                float(self.nonfinite), float(self.ref_nonfinite))
+
+    @classmethod
+    def from_row(cls, row: np.ndarray) -> ErrorSums:
+        """The inverse of :meth:`as_row`: the same sums, bit for bit."""
+        v = [float(x) for x in row]
+        return cls(int(v[0]), v[1], v[2], v[3], v[4], v[5], v[6], int(v[7]), int(v[8]))
+
 
 def _nanmax(a: float, b: float) -> float:
     if math.isnan(a) or math.isnan(b):

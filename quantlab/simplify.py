@@ -12,8 +12,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["simplify_exported_graph", "fold_constant_subgraphs", "fuse_pad_into_conv",
-           "reshape_batch_flatten_to_flatten"]
+__all__ = [
+    "fold_constant_subgraphs",
+    "fuse_pad_into_conv",
+    "reshape_batch_flatten_to_flatten",
+    "simplify_exported_graph",
+    "single_node_model",
+]
 
 
 def simplify_exported_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -52,7 +57,7 @@ def fold_constant_subgraphs(proto: onnx.ModelProto) -> onnx.ModelProto:
     kept: list[onnx.NodeProto] = []
     for node in g.node:
         if node.op_type == "Constant":
-            single = ReferenceEvaluator(_single_node_model(node, {}, out))
+            single = ReferenceEvaluator(single_node_model(node, {}, out))
             constants[node.output[0]] = np.asarray(single.run(None, {})[0])
             continue
         ins = [i for i in node.input if i]
@@ -65,7 +70,7 @@ def fold_constant_subgraphs(proto: onnx.ModelProto) -> onnx.ModelProto:
             kept.append(node)
             continue
         feeds = {i: constants[i] for i in ins}
-        values = ReferenceEvaluator(_single_node_model(node, feeds, out)).run(None, feeds)
+        values = ReferenceEvaluator(single_node_model(node, feeds, out)).run(None, feeds)
         for name, value in zip(node.output, values):
             if name:
                 constants[name] = np.asarray(value)
@@ -79,7 +84,8 @@ def fold_constant_subgraphs(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _single_node_model(node: onnx.NodeProto, feeds: dict[str, np.ndarray], parent: onnx.ModelProto) -> onnx.ModelProto:
+def single_node_model(node: onnx.NodeProto, feeds: dict[str, np.ndarray], parent: onnx.ModelProto) -> onnx.ModelProto:
+    """A model running ``node`` alone on ``feeds`` (for ONNX's reference evaluator), with ``parent``'s opsets."""
     inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
               for n, v in feeds.items()]
     outputs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]

@@ -349,3 +349,139 @@ def permissions_enforced() -> Iterator[None]:
     finally:
         data[0].effective = saved
         libc.capset(ctypes.byref(header), data)
+
+
+def text_recognizer(seed: int = 0, channels: int = 8, height: int = 48, classes: int = 12) -> onnx.ModelProto:
+    """A CRNN-style text-line recognizer with a dynamic width: image[N,3,48,W] -> logits[N,W/4,classes].
+
+    Conv(stride 2) -> Relu -> Conv -> Relu -> MaxPool(4x2) gives [N, C, 6, W/4]; the
+    sequence reshape's target is computed from the input's shape as exporters trace it,
+    ``[N, C*6, (W+3)//4]``, which equals the pooled width for every W that is a multiple
+    of 4 (real text lines) but not for W < 4: at W = 1 the pool is empty and the reshape
+    asks for volume 0 -> N*C*6 ("reshape would change volume 0 to 48"), the failure of an
+    engine profile that puts a dynamic width at 1. Then Transpose -> MatMul per time step.
+    Not in ALL_BUILDERS: its width must be a multiple of 4 (random_inputs would give W = N).
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+    feat = c * (height // 8)
+    w = {"w1": rng.normal(0, 0.3, (c, 3, 3, 3)), "b1": rng.normal(0, 0.1, (c,)),
+         "w2": rng.normal(0, 0.2, (c, c, 3, 3)), "b2": rng.normal(0, 0.1, (c,)),
+         "wf": rng.normal(0, 0.2, (feat, classes))}
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("MaxPool", ["r2"], ["pooled"], name="pool", kernel_shape=[4, 2], strides=[4, 2]),
+        helper.make_node("Shape", ["image"], ["image_shape"], name="image_shape"),
+        helper.make_node("Gather", ["image_shape", "axis0"], ["n"], name="batch_dim", axis=0),
+        helper.make_node("Gather", ["image_shape", "axis3"], ["width"], name="width_dim", axis=0),
+        helper.make_node("Add", ["width", "three"], ["width3"], name="width_plus_3"),
+        helper.make_node("Div", ["width3", "four"], ["steps_count"], name="steps_ceil"),
+        helper.make_node("Concat", ["n", "feat", "steps_count"], ["seq_shape"], name="seq_shape", axis=0),
+        helper.make_node("Reshape", ["pooled", "seq_shape"], ["seq"], name="to_sequence"),
+        helper.make_node("Transpose", ["seq"], ["steps"], name="time_major", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["steps", "wf"], ["logits"], name="classifier"),
+    ]
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, height, "W"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "T", classes])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    inits += [_init(k, np.array([v], np.int64)) for k, v in
+              [("axis0", 0), ("axis3", 3), ("three", 3), ("four", 4), ("feat", feat)]]
+    return _model(nodes, inputs, outputs, inits, "text_recognizer")
+
+
+def voice_activity(seed: int = 0, hidden: int = 128, chunk: int = 64, sample_rate: int = 16000) -> onnx.ModelProto:
+    """A Silero-style voice-activity model: weights per sample rate inside an ``If``, a recurrent state.
+
+    Inputs: ``input[N, chunk]`` audio, ``state[2, N, hidden]`` (batch on axis 1: h and c of
+    the previous chunk) and ``sr``, a scalar int64 given here as an initializer (the sample
+    rate the data always has). ``If(sr == 16000)`` holds the 16 kHz encoder in its then
+    branch and the 8 kHz one in its else branch, each ``MatMul(Constant W) -> Add(Constant b)
+    -> Relu`` reading the outer ``input``. Then ``h = Tanh(enc @ Wx + h_prev @ Wh)``,
+    ``c = Sigmoid(h) * c_prev + h``, ``stateN = [h; c]`` and ``prob = Sigmoid(h @ Wo)``.
+    Not in ALL_BUILDERS: ``state`` does not have its batch on axis 0.
+    """
+    rng = np.random.default_rng(seed)
+
+    def branch(tag: str, scale: float) -> onnx.GraphProto:
+        w = (rng.normal(0, scale, (chunk, hidden))).astype(np.float32)
+        b = rng.normal(0, 0.1, (hidden,)).astype(np.float32)
+        nodes = [
+            helper.make_node("Constant", [], [f"w_{tag}"], name=f"w_{tag}", value=numpy_helper.from_array(w)),
+            helper.make_node("Constant", [], [f"b_{tag}"], name=f"b_{tag}", value=numpy_helper.from_array(b)),
+            helper.make_node("MatMul", ["input", f"w_{tag}"], [f"mm_{tag}"], name=f"encoder_{tag}"),
+            helper.make_node("Add", [f"mm_{tag}", f"b_{tag}"], [f"pre_{tag}"], name=f"encoder_bias_{tag}"),
+            helper.make_node("Relu", [f"pre_{tag}"], [f"enc_{tag}"], name=f"encoder_relu_{tag}"),
+        ]
+        out = helper.make_tensor_value_info(f"enc_{tag}", TensorProto.FLOAT, ["N", hidden])
+        return helper.make_graph(nodes, f"encoder_{tag}", [], [out])
+
+    then_branch, else_branch = branch("16k", 0.2), branch("8k", 0.3)
+    w = {"wx": rng.normal(0, 0.1, (hidden, hidden)), "wh": rng.normal(0, 0.1, (hidden, hidden)),
+         "wo": rng.normal(0, 0.2, (hidden, 1))}
+    nodes = [
+        helper.make_node("Equal", ["sr", "sr_16k"], ["is_16k"], name="is_16k"),
+        helper.make_node("If", ["is_16k"], ["enc"], name="by_sample_rate",
+                         then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("Gather", ["state", "zero"], ["h_prev"], name="h_prev", axis=0),
+        helper.make_node("Gather", ["state", "one"], ["c_prev"], name="c_prev", axis=0),
+        helper.make_node("MatMul", ["enc", "wx"], ["xh"], name="input_gate"),
+        helper.make_node("MatMul", ["h_prev", "wh"], ["hh"], name="recurrent_gate"),
+        helper.make_node("Add", ["xh", "hh"], ["gates"], name="gates"),
+        helper.make_node("Tanh", ["gates"], ["h"], name="h"),
+        helper.make_node("Sigmoid", ["h"], ["keep"], name="keep"),
+        helper.make_node("Mul", ["keep", "c_prev"], ["kept"], name="kept"),
+        helper.make_node("Add", ["kept", "h"], ["c"], name="c"),
+        helper.make_node("Unsqueeze", ["h", "axis0"], ["h1"], name="h_unsqueeze"),
+        helper.make_node("Unsqueeze", ["c", "axis0"], ["c1"], name="c_unsqueeze"),
+        helper.make_node("Concat", ["h1", "c1"], ["stateN"], name="stateN", axis=0),
+        helper.make_node("MatMul", ["h", "wo"], ["logit"], name="head"),
+        helper.make_node("Sigmoid", ["logit"], ["prob"], name="prob"),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", chunk]),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", hidden]),
+              helper.make_tensor_value_info("sr", TensorProto.INT64, [])]
+    outputs = [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1]),
+               helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "N", hidden])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    scalars = {"sr": sample_rate, "sr_16k": 16000, "zero": 0, "one": 1}  # 0-d: not through _init (makes 1-d)
+    inits += [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in scalars.items()]
+    inits.append(_init("axis0", np.array([0], np.int64)))
+    return _model(nodes, inputs, outputs, inits, "voice_activity")
+
+
+def refinement_loop(seed: int = 0, width: int = 16, trips: int = 3) -> onnx.ModelProto:
+    """A ``Loop`` with a static trip count: ``h = Tanh(h @ W + x)`` ``trips`` times, each step also scanned out.
+
+    input[N, width] -> Loop(M=trips initializer, cond=true; body: h -> MatMul(Constant W) -> Add(x, outer)
+    -> Tanh -> h', scan Relu(h')) -> refined[N, width], steps[trips, N, width]. The body's
+    continue condition passes its input through (Identity), as exporters write for-loops.
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.4, (width, width)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Constant", [], ["w_step"], name="w_step", value=numpy_helper.from_array(w)),
+         helper.make_node("MatMul", ["h_in", "w_step"], ["mixed"], name="mix"),
+         helper.make_node("Add", ["mixed", "input"], ["pre"], name="add_input"),
+         helper.make_node("Tanh", ["pre"], ["h_out"], name="tanh"),
+         helper.make_node("Relu", ["h_out"], ["step"], name="step_relu")],
+        "refine",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width]),
+         helper.make_tensor_value_info("step", TensorProto.FLOAT, ["N", width])])
+    nodes = [
+        helper.make_node("Relu", ["input"], ["h0"], name="start"),
+        helper.make_node("Loop", ["trips", "go", "h0"], ["refined", "steps"], name="refine", body=body),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])]
+    outputs = [helper.make_tensor_value_info("refined", TensorProto.FLOAT, ["N", width]),
+               helper.make_tensor_value_info("steps", TensorProto.FLOAT, [trips, "N", width])]
+    inits = [numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+             numpy_helper.from_array(np.array(True), "go")]
+    return _model(nodes, inputs, outputs, inits, "refinement_loop")

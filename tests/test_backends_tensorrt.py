@@ -15,14 +15,19 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+import models
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import models
 from quantlab.backends import get_backend
-from quantlab.errors import BackendError, BackendUnavailableError, InputMismatchError, UnsupportedOpError
+from quantlab.errors import (
+    BackendError,
+    BackendUnavailableError,
+    InputMismatchError,
+    UnsupportedOpError,
+)
 from quantlab.graph import LoadedModel, activation_names, model_from_proto
 from quantlab.table import CalibrationTable, TensorRange
 
@@ -30,7 +35,7 @@ trt_rtx = pytest.importorskip(
     "tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed: pip install 'quantlab[tensorrt-rtx]'"
 )
 
-from quantlab.backends.tensorrt import (  # noqa: E402
+from quantlab.backends.tensorrt import (
     CPU_BUILD,
     DEFAULT_DYNAMIC_DIM,
     EngineCache,
@@ -370,3 +375,57 @@ def test_ort_form_int8_is_refused_by_tensorrt_with_a_clear_error(rtx):
     text = str(err.value)
     assert "conv_net (ort form)" in text
     assert "QuantizeLinear" in text or "DequantizeLinear" in text
+
+
+# ----------------------------------------------------------------- dynamic shapes (profiles)
+
+
+def test_dynamic_width_recognizer_fails_with_the_guess_and_says_what_to_write(rtx):
+    """The OCR recognizer failure, reproduced: a guessed width of 1 empties the pool before the reshape."""
+    with pytest.raises(BackendError) as err:
+        rtx.build_engine(models.text_recognizer(), label="text_recognizer")
+    text = str(err.value)
+    assert "violate shape constraints" in text and "to_sequence" in text  # TensorRT's own words
+    assert "input 'image' axis 0, 3" in text and "--shapes image:" in text
+
+
+def test_dynamic_width_recognizer_builds_with_profiles_from_its_data(rtx):
+    from quantlab.shapes import ShapeLog, profiles_from_data
+
+    model = models.text_recognizer()
+    log = ShapeLog()
+    for batch, width in [(4, 64), (4, 320), (2, 128)]:
+        log.observe({"image": np.zeros((batch, 3, 48, width), np.float32)})
+    shapes = profiles_from_data({"image": (-1, 3, 48, -1)}, log)
+    _engine_ok(rtx.build_engine(model, shapes=shapes, label="text_recognizer"))
+    assert rtx.profiles_for(model, shapes=shapes) == {"image": [[1, 3, 48, 64], [4, 3, 48, 320], [4, 3, 48, 320]]}
+    # one data shape: the width is that width, not 1..width
+    assert rtx.profiles_for(model, profiles_from={"image": (2, 3, 48, 96)})["image"][0] == [1, 3, 48, 96]
+    _engine_ok(rtx.build_engine(model, profiles_from={"image": (2, 3, 48, 96)}))
+
+
+def test_shapes_flag_text_builds_and_is_recorded_in_the_cache_sidecar(rtx, tmp_path):
+    from quantlab.shapes import parse_shapes
+
+    model = models.text_recognizer()
+    shapes = parse_shapes("image:1x3x48x64,8x3x48x320,16x3x48x1600")
+    built = rtx.engine_for(model, shapes=shapes, cache_dir=tmp_path, label="text_recognizer")
+    _engine_ok(built.engine)
+    sidecar = json.loads(built.path.with_suffix(".json").read_text())
+    assert sidecar["settings"]["profiles"] == {"image": [[1, 3, 48, 64], [8, 3, 48, 320], [16, 3, 48, 1600]]}
+    with pytest.raises(InputMismatchError, match="axis 2 .* fixes it to 48"):
+        rtx.build_engine(model, shapes=parse_shapes("image:1x3x32x64,1x3x32x64,1x3x32x64"))
+    with pytest.raises(InputMismatchError, match="'img'"):
+        rtx.build_engine(model, shapes=parse_shapes("img:1x3x48x64"))
+
+
+def test_backend_default_shapes_apply_to_models_holding_those_inputs():
+    """get_backend(..., shapes=) is how compare/search pass --shapes; sub-models without the input ignore it."""
+    from quantlab.shapes import parse_shapes
+
+    shapes = parse_shapes("image:1x3x48x64,2x3x48x128,4x3x48x256")
+    backend = get_backend("tensorrt-rtx", shapes=shapes)
+    _engine_ok(backend.build_engine(models.text_recognizer(), label="text_recognizer"))
+    assert backend.profiles_for(models.text_recognizer()) == {"image": [[1, 3, 48, 64], [2, 3, 48, 128],
+                                                                         [4, 3, 48, 256]]}
+    assert backend.profiles_for(models.conv_net())["input"][1] == [1, 3, 16, 16]  # no 'image' here: the guess

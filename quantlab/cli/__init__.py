@@ -99,7 +99,7 @@ def add_command(subparsers: Any, name: str, doc: str, summary: str) -> argparse.
 
 
 def prepare_output(path: Path, owned: Iterable[str], *, command: str, flag: str = "--out",
-                   inputs: Iterable[Path] = ()) -> None:
+                   inputs: Iterable[Path] = (), marker: str | None = None) -> None:
     """Before the long work: refuse an output that holds an input or foreign files, or cannot be written.
 
     ``owned`` are the glob patterns (relative to ``path``) of the files the
@@ -114,7 +114,7 @@ def prepare_output(path: Path, owned: Iterable[str], *, command: str, flag: str 
         rp = p.resolve()
         if resolved == rp or resolved in rp.parents:
             raise OutputError(f"{label} holds the input {p}; it would be replaced. Choose another folder.")
-    check_replaceable(path, owned, label=label, writer=command)
+    check_replaceable(path, owned, label=label, writer=command, marker=marker)
     check_writable(path, label=label)
 
 

@@ -7,7 +7,10 @@ Writes ``DIR/model.onnx``, ``DIR/provenance.json`` (original -> written tensor
 and node map, Q/DQ parameters, hashes, versions) and ``DIR/plan.json`` (the
 effective plan: one entry per fusion group, ready to edit and pass back with
 ``--plan``). With ``--backend tensorrt`` or ``tensorrt-rtx`` it also builds
-``DIR/model.engine`` and ``DIR/engine.json``. Everything is computed before the
+``DIR/model.engine`` and ``DIR/engine.json`` (which records the optimisation
+``profiles``: ``--shapes NAME:MIN,OPT,MAX`` as trtexec takes them, else the
+shapes the calibration data had when the table recorded them, else a guess
+that names itself if the build fails). Everything is computed before the
 first file is written, and the folder is assembled beside DIR and renamed into
 place: an error or a crash leaves DIR as it was, never a mix of two builds (so
 DIR must be new or hold only the files of an earlier build).
@@ -65,6 +68,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fp16-simulation", action="store_true",
                    help="(--backend ort only) float32 kernels with every fp16 tensor rounded through "
                         "float16: ONNX Runtime's CPU provider does not round a native fp16 model's activations")
+    p.add_argument("--shapes", action="append", default=None, metavar="NAME:MIN,OPT,MAX",
+                   help="engine shape ranges per dynamic input, trtexec-style, e.g. "
+                        "image:1x3x48x64,8x3x48x320,32x3x48x1600 (several inputs: space-separated or repeat "
+                        "the flag; one shape = fixed); default: the shapes of the calibration data")
     p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
 
 
@@ -84,14 +91,20 @@ def _plan(args: argparse.Namespace) -> tuple[PrecisionPlan, str]:
     return uniform_plan(precision), precision
 
 
-def _table(args: argparse.Namespace) -> CalibrationTable | None:
-    from ..table import read_table, read_trt_cache
+def _table(args: argparse.Namespace, model: Any) -> CalibrationTable | None:
+    """The --table / --trt-cache ranges, checked against the model (the error names the file)."""
+    from ..errors import CalibrationError
+    from ..table import check_table_fits, read_table, read_trt_cache
 
-    if args.table is not None:
-        return read_table(args.table)
-    if args.trt_cache is not None:
-        return read_trt_cache(args.trt_cache)
-    return None
+    path = args.table if args.table is not None else args.trt_cache
+    if path is None:
+        return None
+    table = read_table(path) if args.table is not None else read_trt_cache(path)
+    try:
+        check_table_fits(table, model)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{path}: {exc}") from None
+    return table
 
 
 def _options(args: argparse.Namespace) -> WriteOptions:
@@ -121,7 +134,22 @@ def _saturation_note(options: WriteOptions, written: WrittenModel) -> str | None
             "--reduce-range writes 7-bit weights that run fused and exact here")
 
 
-def _engine(args: argparse.Namespace, written: WrittenModel) -> tuple[bytes | None, dict[str, Any] | None, str]:
+def _shapes(args: argparse.Namespace, model: Any, table: CalibrationTable | None) -> tuple[Any, str]:
+    """(ranges or None, where they come from) for the engine's optimisation profiles."""
+    from ..errors import QuantlabError
+    from ..shapes import shapes_for_build
+
+    if args.shapes and args.backend == "ort":
+        raise QuantlabError("--shapes sets TensorRT optimisation profiles; ONNX Runtime runs any shape. Drop "
+                            "--shapes, or build with --backend tensorrt / tensorrt-rtx.")
+    recorded = (table.calib_set.get("input_shapes") if table is not None else None) or None
+    network = {s.name: [d if isinstance(d, int) else -1 for d in (s.shape or ())] for s in model.inputs}
+    ranges = shapes_for_build(args.shapes, recorded, network)
+    return ranges, ("--shapes" if args.shapes else "the calibration data" if ranges else "a guess")
+
+
+def _engine(args: argparse.Namespace, written: WrittenModel, shapes: tuple[Any, str]
+            ) -> tuple[bytes | None, dict[str, Any] | None, str]:
     """(engine bytes, description, message) for TensorRT backends; ORT only has to load the model."""
     from ..backends import get_backend
     from ..fingerprint import sha256_bytes
@@ -134,15 +162,21 @@ def _engine(args: argparse.Namespace, written: WrittenModel) -> tuple[bytes | No
     build_engine = getattr(backend, "build_engine", None)
     if build_engine is None:
         return None, None, f"{args.backend}: this backend cannot build engines yet; wrote the ONNX only"
-    engine = build_engine(written.proto, label=str(args.model))
+    ranges, source = shapes
+    engine = build_engine(written.proto, label=str(args.model), shapes=ranges)
+    profiles = backend.profiles_for(written.proto, shapes=ranges)
     info = {
         "backend": backend.describe().as_dict(),
         "engine_sha256": sha256_bytes(engine),
         "engine_bytes": len(engine),
         "model_sha256": written.sha256,
         "plan_hash": written.plan.plan_hash(),
+        "profiles": profiles,
+        "profiles_from": source,
     }
-    return engine, info, f"{args.backend} built an engine of {len(engine) / 1e6:.1f} MB"
+    shown = " ".join(f"{k}:{','.join('x'.join(map(str, s)) for s in v)}" for k, v in profiles.items())
+    return engine, info, (f"{args.backend} built an engine of {len(engine) / 1e6:.1f} MB"
+                          + (f"; profiles from {source}: {shown}" if profiles else ""))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,10 +187,11 @@ def run(args: argparse.Namespace) -> int:
     prepare_output(args.out, BUILD_FILES, command="build")
     model = load_model(args.model)
     plan, label = _plan(args)
-    table = _table(args)
+    table = _table(args, model)
     options = _options(args)
+    shapes = _shapes(args, model, table)
     written = write_model(model, plan, table, options)
-    engine, engine_info, message = _engine(args, written)
+    engine, engine_info, message = _engine(args, written, shapes)
 
     with atomic_dir(args.out, owned=BUILD_FILES) as tmp:
         names = {key: path.name for key, path in save_written(written, tmp).items()}

@@ -2,6 +2,7 @@
 
     quantlab compare model.onnx build/int8 build/fp16 --data calib_sets/demo_val.toml --out runs/cmp
     quantlab compare model.onnx build/int8 --data val.toml --fail-if "top1_drop>0.5" --out runs/gate
+    quantlab compare model.onnx build/int8 --data val.toml --out runs/cmp --shards 4 --ray auto
 
 Each CANDIDATE is a folder written by ``quantlab build`` (model.onnx + provenance.json: per-layer
 comparison, accumulated and local) or any .onnx file (no provenance: end to end only). Prints the
@@ -83,6 +84,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=non_negative_int, default=d.seed, help=f"bootstrap seed (default {d.seed})")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="threads running models and metrics side by side (default: 2 on ONNX Runtime, else 1)")
+    p.add_argument("--shards", type=positive_int, default=d.shards, metavar="N",
+                   help="split the validation set into N shards compared by Ray workers; the tables equal one "
+                        "pass's (needs: pip install 'quantlab[ray]')")
+    p.add_argument("--ray", type=text_arg, default=None, metavar="ADDRESS",
+                   help="where shards run: 'auto' (a local Ray instance; the default with --shards > 1) or a "
+                        "cluster, ray://host:10001")
     p.add_argument("--calib", type=path_arg, default=None, metavar="PATH",
                    help="the calibration set (manifest .toml, or data_summary.json of `quantlab calibrate`): "
                         "warn when the validation set shares samples with it")
@@ -244,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         accumulated=not args.no_accumulated, layer_group_size=args.layer_group_size, max_samples=args.max_samples,
         metric=args.metric, bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed,
         layers=args.layers, labels=args.labels, label_output=args.label_output, workers=args.workers,
+        shards=args.shards, ray=args.ray,
     )
     print(f"quantlab compare: {reference.label} vs {', '.join(names)} on {args.data}", flush=True)
     for name, cand in candidates.items():

@@ -55,6 +55,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=SIZE",
                    help="size of a named dynamic input axis other than the batch (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input data")
+    p.add_argument("--shapes", action="append", default=None, metavar="NAME:MIN,OPT,MAX",
+                   help="TensorRT engine shape ranges, trtexec-style (e.g. image:1x3x48x64,8x3x48x320,32x3x48x1600); "
+                        "the named inputs are timed at their OPT shape, batch included (it replaces --batch-size)")
     p.add_argument("--qdq-fusion", choices=["auto", "on", "off"], default="auto",
                    help="ONNX Runtime: fuse Q/DQ into integer kernels (on), run them as written (off), "
                         "or fuse unless the kernels could saturate on this CPU (auto, default)")
@@ -76,7 +79,7 @@ def _measure(
         runner = backend.build(model.proto)
         fused = bool(getattr(runner, "qdq_fusion", True))
     else:
-        backend = get_backend(name, cache_dir=args.engine_cache)
+        backend = get_backend(name, cache_dir=args.engine_cache, shapes=args.ranges)
         runner = backend.build(model.proto, profiles_from={k: v.shape for k, v in feeds.items()})  # type: ignore[call-arg]
     try:
         result = measure_latency(runner, feeds, warmup=args.warmup, iterations=args.iterations,
@@ -87,6 +90,44 @@ def _measure(
     if fused is not None:
         info["details"]["qdq_fusion_used"] = fused
     return info, result
+
+
+def _ranges(shapes: list[str] | None, model: Any) -> dict[str, Any] | None:
+    """``--shapes`` parsed and checked against the model's inputs (None without the flag)."""
+    if not shapes:
+        return None
+    from ..errors import InputMismatchError
+    from ..shapes import check_range_fits, parse_shapes
+
+    ranges = parse_shapes(shapes)
+    inputs = {s.name: [d if isinstance(d, int) else -1 for d in (s.shape or ())] for s in model.inputs}
+    unknown = sorted(set(ranges) - set(inputs))
+    if unknown:
+        raise InputMismatchError(f"--shapes names {', '.join(map(repr, unknown))}, which are not inputs of the "
+                                 f"model; its inputs are {', '.join(map(repr, inputs))}")
+    for name, shape_range in ranges.items():
+        check_range_fits(shape_range, inputs[name])
+    return ranges
+
+
+def _opt_dims(ranges: dict[str, Any] | None, model: Any) -> dict[str, int]:
+    """Named dynamic axes (``W``) at the OPT size ``--shapes`` gives them (the batch axis aside)."""
+    dims: dict[str, int] = {}
+    for spec in model.inputs:
+        if ranges and spec.name in ranges:
+            for axis, d in enumerate(spec.shape or ()):
+                if isinstance(d, str) and axis > 0:
+                    dims.setdefault(d, ranges[spec.name].opt[axis])
+    return dims
+
+
+def _at_opt_shapes(feeds: dict[str, Any], ranges: dict[str, Any], seed: int) -> None:
+    """The inputs ``--shapes`` names, as random data of their OPT shape (batch included): what is timed."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for name, shape_range in ranges.items():
+        feeds[name] = rng.standard_normal(shape_range.opt).astype(feeds[name].dtype)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -138,7 +179,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         _check_json_target(args.json)
     model = load_model(args.model)
-    feeds = random_feeds(model, args.batch_size, seed=args.seed, dims=dict(args.dim))
+    args.ranges = _ranges(args.shapes, model)
+    feeds = random_feeds(model, args.batch_size, seed=args.seed, dims={**_opt_dims(args.ranges, model), **dict(args.dim)})
+    if args.ranges:
+        _at_opt_shapes(feeds, args.ranges, args.seed)
+        args.batch_size = next(iter(args.ranges.values())).opt[0]  # what is timed: the OPT batch (axis 0)
     names = list(BACKEND_NAMES) if args.backend == "all" else [args.backend]
     rows: list[dict[str, Any]] = []
     unavailable: list[dict[str, str]] = []

@@ -17,7 +17,7 @@ __all__ = ["HELP", "register", "run"]
 
 HELP = "re-render an experiment's HTML report, or compare two experiments (--compare A B)"
 
-COMPARISON_FILES = ("index.html",)
+COMPARISON_FILES = ("index.html", "comparison.json")
 """What ``report --compare`` writes into --out."""
 
 
@@ -52,7 +52,8 @@ def run(args: Any) -> int:
     if args.compare:
         a_dir, b_dir = (_existing_folder(p, "--compare") for p in args.compare)
         out = args.out or a_dir.parent / f"compare-{a_dir.name}-vs-{b_dir.name}"
-        prepare_output(out, COMPARISON_FILES, command="report --compare", inputs=[a_dir, b_dir])
+        prepare_output(out, COMPARISON_FILES, command="report --compare", inputs=[a_dir, b_dir],
+                       marker="comparison.json")
         a, b = load_report_inputs(a_dir), load_report_inputs(b_dir)
         path = write_comparison(out, a, b, label_a=str(a_dir), label_b=str(b_dir))
         print(f"comparison: {path}")

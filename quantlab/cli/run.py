@@ -15,12 +15,10 @@ from typing import Any
 
 from . import ExitCode, add_command, path_arg, prepare_output
 
-__all__ = ["HELP", "register", "run", "print_result", "REPORT_FILES", "prepare_report_dir"]
+__all__ = ["HELP", "register", "run", "print_result", "prepare_report_dir"]
 
 HELP = "run an experiment file: calibrate -> build -> compare -> search -> HTML report"
 
-REPORT_FILES = ("index.html", "manifest.json", "results/*", "plots/*", "stages/*", "search-log/*")
-"""What a run writes (and may remove or replace) in reports/NAME/."""
 
 
 def register(subparsers: Any) -> None:
@@ -52,7 +50,10 @@ def print_result(result: Any, *, stream: Any = None) -> None:
 
 def prepare_report_dir(reports_dir: Path, name: str, command: str, inputs: list[Path]) -> None:
     """reports/NAME must be new or hold only what a run wrote, and be writable, before any stage runs."""
-    prepare_output(reports_dir / name, REPORT_FILES, command=command, flag="report folder", inputs=inputs)
+    from ..experiment.store import MANIFEST_FILE, REPORT_FILES
+
+    prepare_output(reports_dir / name, REPORT_FILES, command=command, flag="report folder", inputs=inputs,
+                   marker=MANIFEST_FILE)
 
 
 def export_release(config: Any, report_dir: Path) -> None:

@@ -21,11 +21,10 @@ from typing import Any
 
 from . import ExitCode, add_command, path_arg, positive_int, prepare_output, text_arg
 
-__all__ = ["HELP", "register", "run", "SWEEP_FILES"]
+__all__ = ["HELP", "register", "run"]
 
 HELP = "a grid of calibration experiments, locally or on Ray"
 
-SWEEP_FILES = ("sweep.json", "sweep.parquet", "sweep.csv", "index.html", "plots/*", "cells/*")
 """What a sweep writes into reports/NAME (each cell's report under cells/)."""
 
 
@@ -44,13 +43,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sweep import SweepOptions, load_sweep, run_sweep, sweep_cells
-
     from ..errors import ExperimentError
+    from ..sweep import SweepOptions, load_sweep, run_sweep, sweep_cells
+    from ..sweep.run import SWEEP_FILES
 
     spec = load_sweep(args.sweep)
     prepare_output(args.reports_dir / spec.name, SWEEP_FILES, command="sweep", flag="report folder",
-                   inputs=[args.sweep])
+                   inputs=[args.sweep], marker="sweep.json")
     total = len(sweep_cells(spec))
     done = [0]
 

@@ -17,11 +17,16 @@ alone, fed the reference's values of its inputs: its own error, not the one it i
 Memory stays bounded (running sums, models cut into segments per chunk of layers) and each
 batch is a small task graph run by ``CompareOptions.workers`` threads; the same data and seed
 give the same tables whatever the timing.
+``CompareOptions(shards=N, ray="auto" | "ray://head:10001")`` splits the set into N
+contiguous shards of whole batches compared by Ray workers; their per-batch sums and
+per-sample records merge into tables byte-identical to one pass (:mod:`.shards` says why).
 
 Package layout (arrows: "imports"; each module's docstring has the details and diagrams)::
 
     __init__      the public API below
     run           compare(), Comparison: checks, plans, the pass over the data, the tables
+     ├─► shards        options.shards / ray: contiguous shards of batches as Ray tasks, merged exactly
+     │    └─► cluster       Ray start-up (optional import, session, attempt counter), shared with sweeps
      ├─► options       CompareOptions (every default once)
      ├─► result        CompareResult, column names, save / load_comparison (the folder format)
      ├─► candidates    Candidate, load_candidate (a build folder or .onnx from disk)

@@ -2,15 +2,19 @@
 per-sample tables (columns in :mod:`.result`).
 
 Per batch only scalars per sample are kept (cosine, SQNR, max |d|, top-1 class, correctness,
-user metric numbers) plus the running error sums; intervals are a paired bootstrap over
-the samples at the end (:func:`quantlab.metrics.bootstrap_ci`).
+user metric numbers) plus the batch's error sums (nine numbers per output, added in batch
+order when the table is made, so shards' :class:`SampleRecords` concatenate into exactly
+the figures of one pass); intervals are a paired bootstrap over the samples at the end
+(:func:`quantlab.metrics.bootstrap_ci`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -38,14 +42,15 @@ from .result import (
 )
 from .user_metric import call_metric
 
-__all__ = ["OutputStats", "EndToEnd"]
+__all__ = ["OutputStats", "SampleRecords", "EndToEnd"]
 
 
 @dataclass
 class OutputStats:
-    """Running end-to-end statistics of one candidate output, plus per-sample scalars."""
+    """Running end-to-end statistics of one candidate output: per-batch error sums (folded in batch
+    order when the table is made) and per-sample scalars; shards' stats concatenate exactly."""
 
-    sums: ErrorSums | None = None
+    batch_sums: list[ErrorSums] = field(default_factory=list)
     cosine: list[np.ndarray] = field(default_factory=list)
     sqnr: list[np.ndarray] = field(default_factory=list)
     max_abs: list[np.ndarray] = field(default_factory=list)
@@ -53,6 +58,42 @@ class OutputStats:
     correct1: list[np.ndarray] = field(default_factory=list)
     correct5: list[np.ndarray] = field(default_factory=list)
     nonfinite: int = 0
+
+    def extend(self, later: OutputStats) -> None:
+        """Appends the stats of the samples that follow (the next shard)."""
+        for f in fields(self):
+            if f.name == "nonfinite":
+                self.nonfinite += later.nonfinite
+            else:
+                getattr(self, f.name).extend(getattr(later, f.name))
+
+    def sums(self) -> ErrorSums:
+        """The batches' sums added in batch order, as a running sum would have."""
+        return functools.reduce(operator.add, self.batch_sums)
+
+
+@dataclass
+class SampleRecords:
+    """Everything :class:`EndToEnd` keeps per sample, in sample order: what a shard returns."""
+
+    stats: dict[tuple[str, str], OutputStats]
+    reference: dict[str, OutputStats]
+    keys: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    sample_labels: list[Any] = field(default_factory=list)
+    user: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    def extend(self, later: SampleRecords) -> None:
+        """Appends the records of the samples that follow (the next shard, same candidates and outputs)."""
+        for key, st in self.stats.items():
+            st.extend(later.stats[key])
+        for o, st in self.reference.items():
+            st.extend(later.reference[o])
+        self.keys.extend(later.keys)
+        self.indices.extend(later.indices)
+        self.sample_labels.extend(later.sample_labels)
+        for name, rows in self.user.items():
+            rows.extend(later.user[name])
 
 
 class EndToEnd:
@@ -65,12 +106,19 @@ class EndToEnd:
         self.labels = labels
         self.metric = metric
         self.metric_spec = metric_spec
-        self.stats = {(c, o): OutputStats() for c in self.candidates for o in self.outputs}
-        self.reference = {o: OutputStats() for o in self.outputs}
-        self.keys: list[str] = []
-        self.indices: list[int] = []
-        self.sample_labels: list[Any] = []
-        self.user: dict[str, list[dict[str, float]]] = {c: [] for c in self.candidates}
+        self.records = SampleRecords(stats={(c, o): OutputStats() for c in self.candidates for o in self.outputs},
+                                     reference={o: OutputStats() for o in self.outputs},
+                                     user={c: [] for c in self.candidates})
+        self.stats = self.records.stats
+        self.reference = self.records.reference
+        self.keys = self.records.keys
+        self.indices = self.records.indices
+        self.sample_labels = self.records.sample_labels
+        self.user = self.records.user
+
+    def extend(self, later: SampleRecords) -> None:
+        """Appends a shard's records (the samples that follow those seen so far)."""
+        self.records.extend(later)
 
     def add(self, batch: Batch, ref_live: Mapping[str, np.ndarray],
             cand_live: Mapping[str, Mapping[str, np.ndarray]]) -> None:
@@ -107,7 +155,7 @@ class EndToEnd:
                                    f"reference's has {list(r.shape)}")
             st = self.stats[(name, o)]
             s = error_sums(r, c)
-            st.sums = s if st.sums is None else st.sums + s
+            st.batch_sums.append(s)
             st.nonfinite += s.nonfinite
             rows = per_sample_errors(per_sample_sums(r, c))
             st.cosine.append(rows["cosine"])
@@ -169,8 +217,7 @@ class EndToEnd:
              options: CompareOptions) -> tuple[dict[str, Any], dict[str, Any]]:
         """One end-to-end row and the per-sample columns of one candidate output."""
         st = self.stats[(name, o)]
-        assert st.sums is not None
-        err = errors_from_sums(st.sums)
+        err = errors_from_sums(st.sums())
         cos = np.concatenate(st.cosine) if st.cosine else np.zeros(0)
         row: dict[str, Any] = {
             "candidate": name, "output": o, "samples": len(self.keys),

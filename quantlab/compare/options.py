@@ -25,7 +25,11 @@ class CompareOptions:
     False}`` for ONNX Runtime's exact Q/DQ semantics, ``{"threads": 1}``);
     ``workers``: threads running the models and metric kernels concurrently (with 2,
     ONNX Runtime sessions get ``cores / 2`` threads each unless ``backend_options``
-    sets ``threads``).
+    sets ``threads``); ``shards``: contiguous shards of whole batches evaluated by Ray
+    workers, merged into exactly the tables of one pass (:mod:`.shards`); ``ray``: where
+    they run, "auto" (a local Ray instance) or a cluster address (``ray://host:10001``);
+    None with ``shards > 1`` means "auto". ``shards = 1`` with ``ray`` set runs the whole
+    set as one Ray task.
     """
 
     backend: str = "ort"
@@ -45,6 +49,8 @@ class CompareOptions:
     memory_budget_mb: float = 1024.0
     backend_options: Mapping[str, Any] = field(default_factory=dict)  # get_backend(backend, **these)
     workers: int | None = None      # threads running models and metrics; None: 2 on ONNX Runtime, else 1
+    shards: int = 1                 # > 1: Ray tasks over contiguous shards of the set (quantlab[ray])
+    ray: str | None = None          # "auto" (local Ray) or a cluster address; None: in process unless shards > 1
 
     def __post_init__(self) -> None:
         def bad(what: str) -> CompareError:
@@ -66,8 +72,17 @@ class CompareOptions:
             raise bad(f"memory_budget_mb must be > 0, got {self.memory_budget_mb!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise bad(f"workers must be None or an integer >= 1, got {self.workers!r}")
+        if not isinstance(self.shards, int) or isinstance(self.shards, bool) or self.shards < 1:
+            raise bad(f"shards must be an integer >= 1, got {self.shards!r}")
+        if self.ray is not None and (not isinstance(self.ray, str) or not self.ray.strip()):
+            raise bad(f"ray must be None, 'auto' or a cluster address such as 'ray://head:10001', got {self.ray!r}")
         if self.metric is not None and ":" not in self.metric:
             raise bad(f"metric must be 'module:function' (or 'path/to/file.py:function'), got {self.metric!r}")
+
+    @property
+    def on_ray(self) -> bool:
+        """The comparison runs as Ray tasks (``shards > 1`` or ``ray`` given)."""
+        return self.shards > 1 or self.ray is not None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

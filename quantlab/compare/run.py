@@ -1,21 +1,21 @@
 """One compare() call: checks and plans (chunks, segments, islands), the streaming pass over the
-data, then the tables and the record.
+data (here, or in shards on Ray workers), then the tables and the record.
 
 ::
 
     Comparison(...)     analyse_reference ─► layers_per_group ─► plan_candidate (per candidate) ─► chunks
-    .run()              Runners (sessions) ─► Pipeline over batches: per batch R, C, A, L tasks (_tasks)
-                        ─► finished(batch), in batch order: merge sums, EndToEnd.add
-                        ─► per_layer_frame, EndToEnd.frames, warnings, records ─► CompareResult
+    .local_pass()       Runners (sessions) ─► Pipeline over batches: per batch R, C, A, L tasks (_tasks)
+                        ─► finished(batch), in batch order: merge sums, EndToEnd.add ─► PassTotals
+    (or shards.run_shards: each worker's .shard_partial(), merged in shard order ─► PassTotals)
+    .tables(totals)     per_layer_frame, EndToEnd.frames, warnings, records ─► CompareResult
 
 A group fed only graph inputs (the first) reuses its accumulated figures as its local ones.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -27,7 +27,7 @@ from ..backends.ort import environment_options
 from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs
 from ..errors import CompareError
 from ..graph import LoadedModel
-from ..metrics import ErrorAccumulator, error_sums
+from ..metrics import ErrorAccumulator, ErrorSums, error_sums
 from .alignment import plan_candidate
 from .candidates import Candidate
 from .end_to_end import EndToEnd
@@ -38,11 +38,12 @@ from .options import CompareOptions
 from .per_layer import nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
 from .result import CompareResult
-from .runners import Runners
+from .runners import Runners, mirrored_groups
 from .schedule import BatchState, Pipeline, Task
+from .shards import PassTotals, ShardData, ShardPartial, run_shards, truncated_batches
 from .user_metric import load_metric
 
-__all__ = ["compare"]
+__all__ = ["compare", "shard_worker", "Comparison"]
 
 
 def compare(
@@ -58,30 +59,26 @@ def compare(
 
     ``calibration``: the calibration set's summary (``quantlab.summarize`` or a
     calibration run's ``data_summary.json``); a validation set sharing samples with
-    it gets a warning. Raises CompareError for candidates that do not fit the
+    it gets a warning. With ``options.shards`` > 1 or ``options.ray`` set, the set is
+    split into shards compared by Ray workers and merged into the same tables
+    (:mod:`.shards`). Raises CompareError for candidates that do not fit the
     reference, labels that do not fit the outputs, a failing user metric;
-    InputMismatchError for data that does not fit the model.
+    InputMismatchError for data that does not fit the model; BackendUnavailableError
+    when Ray is asked for but not installed.
     """
-    return Comparison(reference, candidates, dataset, options, calibration).run(progress)
+    comparison = Comparison(reference, candidates, dataset, options, calibration)
+    if options.on_ray:
+        totals = run_shards(reference, comparison.candidates, dataset, options, comparison.labels,
+                            comparison.total, shard_worker, progress)
+    else:
+        totals = comparison.local_pass(progress)
+    return comparison.tables(totals)
 
 
-def _truncated(dataset: DataSet, batch_size: int, limit: int) -> Iterator[Batch]:
-    """The first ``limit`` samples, batched (the last batch sliced)."""
-    seen = 0
-    for batch in dataset.batches(batch_size):
-        if seen >= limit:
-            break
-        n = len(batch)
-        if seen + n > limit:
-            keep = limit - seen
-            batch = dataclasses.replace(
-                batch, indices=tuple(batch.indices[:keep]), keys=tuple(batch.keys[:keep]),
-                feeds={k: v[:keep] for k, v in batch.feeds.items()},
-                labels=None if batch.labels is None else batch.labels[:keep],
-            )
-            n = keep
-        seen += n
-        yield batch
+def shard_worker(reference: LoadedModel, candidates: Mapping[str, Candidate], data: ShardData,
+                 options: CompareOptions) -> ShardPartial:
+    """One shard on a Ray worker: the same plans and per-batch task graph, partial sums back."""
+    return Comparison(reference, candidates, data, options, None).shard_partial()
 
 
 def _backend(options: CompareOptions, workers: int) -> Backend:
@@ -140,16 +137,18 @@ class Comparison:
         self.do_acc = options.per_layer and options.accumulated
         self.do_local = options.per_layer and options.local
         self.chunks = chunks(per_group, options) if (self.do_acc or self.do_local) else []
+        if self.do_local:  # known here, not only once the sessions exist: a sharded run's driver has none
+            for p in self.plans.values():
+                p.mirrored.update(mirrored_groups(p, self.ref, self.do_acc))
         self.metric = load_metric(options.metric) if options.metric else None
         self.labels, warnings = label_use(reference, dataset, options, self.metric is not None)
         self.warnings.extend(warnings)
 
-    def run(self, progress: bool) -> CompareResult:
-        self.runners = Runners(self.reference, self.ref, self.plans, self.chunks, self.do_acc, self.do_local,
-                               self.workers, self.backend)
+    def local_pass(self, progress: bool) -> PassTotals:
+        """One pass over the data in this process: label checks, fingerprint, sums merged in batch order."""
         fingerprint = DataFingerprint()
         acc: dict[tuple[str, str, str], ErrorAccumulator] = {}
-        e2e = EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric)
+        e2e = self._end_to_end()
         bar = tqdm(total=self.total, unit="sample", desc="compare", dynamic_ncols=True) if progress else None
 
         def opened(batch: Batch) -> None:
@@ -164,22 +163,53 @@ class Comparison:
                 bar.update(len(state.batch))
 
         try:
-            Pipeline(self.workers, list(self.plans), self._tasks).run(
-                _truncated(self.dataset, self.options.batch_size, self.total), opened, finished)
+            segments = self._pass(truncated_batches(self.dataset, self.options.batch_size, self.total), opened,
+                                  finished)
         finally:
             if bar is not None:
                 bar.close()
+        return PassTotals(acc=acc, records=e2e.records, summary=fingerprint.summary(), segments=segments)
+
+    def shard_partial(self) -> ShardPartial:
+        """The pass over this comparison's data (a shard), returning per-batch sums (see :mod:`.shards`)."""
+        per_batch: list[list[tuple[tuple[str, str, str], ErrorSums]]] = []
+        e2e = self._end_to_end()
+
+        def finished(state: BatchState) -> None:
+            per_batch.append(state.sorted_sums())
+            e2e.add(state.batch, state.ref_live, state.cand_live)
+
+        segments = self._pass(self.dataset.batches(self.options.batch_size), lambda batch: None, finished)
+        return ShardPartial.from_batches(per_batch, e2e.records, segments)
+
+    def _pass(self, batches: Iterable[Batch], opened: Callable[[Batch], None],
+              finished: Callable[[BatchState], None]) -> dict[str, int]:
+        """Runs the per-batch task graphs over ``batches``; returns the segments per model."""
+        self.runners = Runners(self.reference, self.ref, self.plans, self.chunks, self.do_acc, self.do_local,
+                               self.workers, self.backend)
+        try:
+            Pipeline(self.workers, list(self.plans), self._tasks).run(batches, opened, finished)
+        finally:
             self.runners.close()
-        summary = fingerprint.summary()
-        self.warnings.extend(data_warnings(summary, self.calibration, self.dataset))
-        per_layer = per_layer_frame(self.plans, self.all_layers, acc)
+        return self.runners.segments()
+
+    def _end_to_end(self) -> EndToEnd:
+        return EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric)
+
+    def tables(self, totals: PassTotals) -> CompareResult:
+        """The result from the totals of one pass or of the merged shards (the same code either way)."""
+        self.warnings.extend(data_warnings(totals.summary, self.calibration, self.dataset))
+        per_layer = per_layer_frame(self.plans, self.all_layers, totals.acc)
+        e2e = self._end_to_end()
+        e2e.extend(totals.records)
         self.warnings.extend(e2e.reference_warnings())
         end_to_end, per_sample = e2e.frames(self.options)
         self.warnings.extend(nan_warnings(list(self.plans), per_layer, end_to_end))
+        self.warnings.extend(totals.warnings)
         return CompareResult(
             end_to_end=end_to_end, per_layer=per_layer, per_sample=per_sample,
-            settings=self._settings(),
-            data=data_record(self.dataset, summary, self.options.max_samples, self.labels.use_labels),
+            settings={**self._settings(totals.segments), **totals.settings},
+            data=data_record(self.dataset, totals.summary, self.options.max_samples, self.labels.use_labels),
             models=models_record(self.reference, self.candidates),
             environment=environment_record(self.backend), warnings=tuple(dict.fromkeys(self.warnings)),
         )
@@ -229,13 +259,13 @@ class Comparison:
             _check_shape(r, value, name, tensor, "local")
             state.sums[(name, "local", tensor)] = error_sums(r, value)
 
-    def _settings(self) -> dict[str, Any]:
+    def _settings(self, segments: Mapping[str, int]) -> dict[str, Any]:
         return {
             **self.options.as_dict(),
             "candidates": list(self.plans),
             "layer_tensors": len(self.all_layers),
             "chunks": len(self.chunks),
-            "segments": self.runners.segments(),
+            "segments": dict(segments),
             "local_groups": {n: len(p.islands) for n, p in self.plans.items() if self.do_local},
             "workers": self.workers,
             "labels_used": bool(self.labels.accuracy),

@@ -13,7 +13,17 @@ from .layers import Layer, ReferenceGraph, elements_per_sample
 from .schedule import BatchState
 from .segments import StagedModel
 
-__all__ = ["Runners"]
+__all__ = ["Runners", "mirrored_groups"]
+
+
+def mirrored_groups(p: CandidatePlan, ref: ReferenceGraph, accumulated: bool) -> set[str]:
+    """Groups fed only graph inputs: with the accumulated mode, the candidate's own run already gives
+    their local error, so they get no local model (known before any session exists)."""
+    if not accumulated:
+        return set()
+    graph_inputs = set(ref.graph_inputs)
+    return {g for g, island in p.islands.items()
+            if set(island.boundary) <= graph_inputs and all(t in p.carriers for t, _ in island.outputs)}
 
 
 class Runners:
@@ -60,13 +70,11 @@ class Runners:
     def _local_models(self, p: CandidatePlan, chunk_of_group: Mapping[str, int], accumulated: bool,
                       ref_wants: list[list[str]]) -> list[list[LocalModel]]:
         """The candidate's local models per chunk; what they read from the reference joins ``ref_wants``."""
-        graph_inputs = set(self._ref.graph_inputs)
+        mirrored = mirrored_groups(p, self._ref, accumulated)
+        p.mirrored.update(mirrored)
         per_chunk: list[list[Island]] = [[] for _ in range(self.k_count)]
         for g, island in p.islands.items():
-            if accumulated and set(island.boundary) <= graph_inputs \
-                    and all(t in p.carriers for t, _ in island.outputs):
-                # fed only graph inputs: the candidate's own run already gives its local error
-                p.mirrored.add(g)
+            if g in mirrored:
                 continue
             per_chunk[chunk_of_group[g]].append(island)
         models: list[list[LocalModel]] = []

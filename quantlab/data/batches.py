@@ -1,8 +1,11 @@
 """Samples, batches and the :class:`DataSet` base: the lazy, ordered, batch-by-batch contract.
 
 Every data set (manifest-backed or in-memory) loads sample ``i`` on demand
-and stacks consecutive samples on axis 0. A batch is refused before loading
-when it could not fit in free memory.
+and stacks consecutive samples on each input's batch axis: axis 0 unless the
+data set's ``batch_axes`` says otherwise (a recurrent ``state`` [2, N, 128] on
+axis 1; None for an input with no batch axis, e.g. a scalar sample rate, which
+every sample of a batch must then hold equal). A batch is refused before
+loading when it could not fit in free memory.
 
 Batching lives here alone (:func:`stack_samples`, :meth:`DataSet._iter_batches`):
 a per-input batch axis or a sequence mode changes this module, not the sources.
@@ -11,7 +14,7 @@ a per-input batch axis or a sequence mode changes this module, not the sources.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,17 @@ from ..errors import DataError, InputMismatchError
 from ..graph import TensorSpec
 from ..schema import is_int
 
-__all__ = ["Batch", "DataSet", "FirstSamples", "Sample", "batch_fits", "checked_count", "format_shape", "stack_samples"]
+__all__ = [
+    "Batch",
+    "DataSet",
+    "FirstSamples",
+    "Sample",
+    "batch_fits",
+    "checked_count",
+    "format_shape",
+    "stack_input",
+    "stack_samples",
+]
 
 SAME_SHAPE_ADVICE = "make every sample the same shape (or use batch size 1)"
 
@@ -38,12 +51,21 @@ class Sample:
 
 @dataclass(frozen=True)
 class Batch:
-    """Consecutive samples stacked on axis 0; ``labels`` is None when the set has no labels."""
+    """Consecutive samples stacked on axis 0 (or the input's ``batch_axes`` entry; None: not stacked);
+    ``labels`` is None when the set has no labels."""
 
     indices: tuple[int, ...]
     keys: tuple[str, ...]
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    batch_axes: Mapping[str, int | None] = field(default_factory=dict)
+
+    def per_sample(self, name: str) -> np.ndarray:
+        """Input ``name`` with the samples on axis 0 (a value without a batch axis repeated per sample)."""
+        array, axis = np.asarray(self.feeds[name]), self.batch_axes.get(name, 0)
+        if axis is None:
+            return np.broadcast_to(array, (len(self.indices), *array.shape))
+        return np.moveaxis(array, axis, 0) if axis else array
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -56,9 +78,25 @@ def format_shape(shape: Sequence[Any] | None) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+def stack_input(name: str, samples: Sequence[Sample], axis: int | None) -> np.ndarray:
+    """One input's samples stacked on a new ``axis``; with no batch axis (None), the value they all hold."""
+    first = samples[0]
+    if axis is not None:
+        return np.stack([s.feeds[name] for s in samples], axis=axis)
+    for s in samples[1:]:
+        if not np.array_equal(s.feeds[name], first.feeds[name]):
+            raise DataError(
+                f"input {name!r} has no batch axis (batch_axis = \"none\"), so every sample of a batch must hold "
+                f"the same value, but sample {s.key!r} differs from sample {first.key!r}; give it a batch axis "
+                "or use batch size 1."
+            )
+    return np.asarray(first.feeds[name])
+
+
 def stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype: str | None,
-                  advice: Callable[[str], str]) -> Batch:
-    """Samples stacked on a new axis 0 (DataError naming both samples when shapes or dtypes differ)."""
+                  advice: Callable[[str], str], batch_axes: Mapping[str, int | None] | None = None) -> Batch:
+    """Samples stacked on each input's batch axis, 0 by default (DataError naming both samples when shapes
+    or dtypes differ)."""
     first = samples[0]
     feeds: dict[str, np.ndarray] = {}
     for name in names:
@@ -70,7 +108,7 @@ def stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype: 
                     f"input {name!r}: sample {s.key!r} is {arr.dtype} {arr.shape} but sample {first.key!r} is "
                     f"{ref.dtype} {ref.shape}; samples of a batch must match: {advice(name)}."
                 )
-        feeds[name] = np.stack([s.feeds[name] for s in samples])
+        feeds[name] = stack_input(name, samples, (batch_axes or {}).get(name, 0))
     labels = None
     if label_dtype is not None:
         values = [s.label for s in samples]
@@ -78,7 +116,7 @@ def stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype: 
         if label_dtype == "str":
             labels = labels.astype(str)
     return Batch(indices=tuple(s.index for s in samples), keys=tuple(s.key for s in samples), feeds=feeds,
-                 labels=labels)
+                 labels=labels, batch_axes=dict(batch_axes or {}))
 
 
 def batch_fits(specs: Mapping[str, tuple[str, tuple[int, ...]]], batch: int, where: str, advice: str) -> None:
@@ -116,9 +154,14 @@ class DataSet:
     name: str = "data"
     input_names: tuple[str, ...] = ()
     label_dtype: str | None = None
+    batch_axes: Mapping[str, int | None] = {}
 
     def __len__(self) -> int:
         raise NotImplementedError
+
+    def batch_axis(self, name: str) -> int | None:
+        """The axis ``name``'s samples are stacked on (None: no batch axis, one value per batch)."""
+        return self.batch_axes.get(name, 0)
 
     @property
     def count(self) -> int:
@@ -161,9 +204,31 @@ class DataSet:
             specs = {k: (v.dtype, tuple(int(d) for d in v.shape or ())) for k, v in self.input_specs().items()}
             batch_fits(specs, min(batch_size, n), f"data set {self.describe_source()}",
                        "lower the batch size (--batch-size / batch_size=)")
+        if self.group_by_shape:
+            yield from self._batches_by_shape(batch_size)
+            return
         for start in range(0, n, batch_size):
             samples = [self._load(i) for i in range(start, min(start + batch_size, n))]
-            yield stack_samples(samples, self.input_names, self.label_dtype, self._stack_advice)
+            yield stack_samples(samples, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes)
+
+    def _batches_by_shape(self, batch_size: int) -> Iterator[Batch]:
+        """Samples of equal shapes batched together (``batching = "by_shape"``: text lines of several widths).
+
+        A batch is given as soon as ``batch_size`` samples of one shape are in; the
+        unfinished ones follow at the end, in the order their shapes first appeared.
+        Holds at most (distinct shapes x batch size) samples. Same data, same batches.
+        """
+        pending: dict[tuple[Any, ...], list[Sample]] = {}
+        for i in range(len(self)):
+            sample = self._load(i)
+            shape = tuple((name, sample.feeds[name].shape, sample.feeds[name].dtype.str) for name in self.input_names)
+            group = pending.setdefault(shape, [])
+            group.append(sample)
+            if len(group) == batch_size:
+                yield stack_samples(group, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes)
+                del pending[shape]
+        for group in pending.values():
+            yield stack_samples(group, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes)
 
     def input_specs(self) -> dict[str, TensorSpec]:
         """dtype and per-sample shape (no batch axis) of each input, from the first sample."""
@@ -189,6 +254,7 @@ class FirstSamples(DataSet):
         self.parent, self._n = parent, n
         self.role, self.name = parent.role, parent.name
         self.input_names, self.label_dtype = parent.input_names, parent.label_dtype
+        self.batch_axes, self.group_by_shape = parent.batch_axes, parent.group_by_shape
 
     def __len__(self) -> int:
         return self._n

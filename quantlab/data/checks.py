@@ -120,9 +120,11 @@ def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_
 
 
 def _check_batch(spec: TensorSpec, dataset: Any, model: LoadedModel, batch_size: int | None,
-                 specs: Mapping[str, tuple[str, tuple[int, ...]]], where: str) -> None:
+                 specs: Mapping[str, tuple[str, tuple[int, ...]]], where: str, batch_axis: int | None = 0) -> None:
     """A fixed model batch must be the batch the data arrives in (the last, shorter one aside)."""
-    batch_dim = spec.shape[0] if spec.shape else None
+    if batch_axis is None:
+        return
+    batch_dim = spec.shape[batch_axis] if spec.shape and batch_axis < len(spec.shape) else None
     n = len(dataset) if hasattr(dataset, "__len__") else None
     fixed = isinstance(batch_dim, int) and batch_dim > 0
     if fixed:
@@ -132,10 +134,14 @@ def _check_batch(spec: TensorSpec, dataset: Any, model: LoadedModel, batch_size:
         return
     effective = min(batch_size, n) if n else batch_size
     if fixed and effective != batch_dim:
+        symbolic = [a for a, d in enumerate(spec.shape) if isinstance(d, str) and a != batch_axis]
+        other = (f" If its batch is on axis {symbolic[0]} ({spec.shape[symbolic[0]]!r}), say so: [inputs] "
+                 f"{spec.name} = {{ field = ..., batch_axis = {symbolic[0]} }} in a manifest, or "
+                 f"from_arrays(..., batch_axes={{{spec.name!r}: {symbolic[0]}}})." if symbolic else "")
         raise InputMismatchError(
             f"input {spec.name!r}: model {model.label} has a fixed batch of {batch_dim} "
-            f"({format_shape(spec.shape)}); run with batch size {batch_dim}, not {effective}, or re-export "
-            "the model with a dynamic batch axis."
+            f"({format_shape(spec.shape)}, batch on axis {batch_axis}); run with batch size {batch_dim}, not "
+            f"{effective}, or re-export the model with a dynamic batch axis.{other}"
         )
     batch_fits(specs, effective, where, "lower the batch size (--batch-size / batch_size=)")
 
@@ -160,24 +166,32 @@ def _check_names(specs: Mapping[str, Any], model: LoadedModel, where: str, manif
             )
 
 
+def _axis_words(axis: int | None) -> str:
+    return "no batch axis" if axis is None else "first dim = batch" if axis == 0 else f"batch on axis {axis}"
+
+
 def _check_shape(spec: TensorSpec, dtype: str, sample_shape: tuple[int, ...], model: LoadedModel, where: str,
-                 origin: tuple[str, bool], layout: str, symbols: dict[str, tuple[int, str]]) -> None:
+                 origin: tuple[str, bool], layout: str, symbols: dict[str, tuple[int, str]],
+                 batch_axis: int | None = 0) -> None:
     """Rank and per-axis sizes of one input's samples against the model (symbols must agree across inputs)."""
     assert spec.shape is not None
-    want = format_shape(spec.shape[1:])
-    if len(spec.shape) != len(sample_shape) + 1:
+    axes = [a for a in range(len(spec.shape)) if a != batch_axis]
+    per_sample = [spec.shape[a] for a in axes]
+    want = format_shape(per_sample)
+    words = _axis_words(batch_axis)
+    if len(per_sample) != len(sample_shape) or (batch_axis is not None and batch_axis >= len(spec.shape)):
         raise InputMismatchError(
             f"input {spec.name!r}: model {model.label} expects rank {len(spec.shape)} "
-            f"{format_shape(spec.shape)} (first dim = batch), i.e. samples of shape {want}; {where} gives samples "
+            f"{format_shape(spec.shape)} ({words}), i.e. samples of shape {want}; {where} gives samples "
             f"of shape {format_shape(sample_shape)}. "
             f"{_rank_hint(origin[0], origin[1], want, sample_shape, len(spec.shape))}."
         )
-    for axis, (dim, actual) in enumerate(zip(spec.shape[1:], sample_shape), start=1):
+    for axis, dim, actual in zip(axes, per_sample, sample_shape):
         if isinstance(dim, int) and dim > 0 and dim != actual:
             raise InputMismatchError(
-                f"input {spec.name!r}: model {model.label} expects shape {format_shape(spec.shape)} (first dim "
-                f"= batch); {where} gives samples {format_shape(sample_shape)}: axis {axis} is {actual}, the "
-                f"model wants {dim}. {_shape_hint(origin[0], spec.shape[1:], sample_shape, layout, dtype)}."
+                f"input {spec.name!r}: model {model.label} expects shape {format_shape(spec.shape)} ({words}); "
+                f"{where} gives samples {format_shape(sample_shape)}: axis {axis} is {actual}, the "
+                f"model wants {dim}. {_shape_hint(origin[0], per_sample, sample_shape, layout, dtype)}."
             )
         if isinstance(dim, str):
             seen = symbols.setdefault(dim, (actual, spec.name))
@@ -192,7 +206,8 @@ def check_inputs(dataset: Any, model: LoadedModel, *, batch_size: int | None = N
     """Refuse data that does not fit ``model``'s inputs, before any work starts.
 
     Compares input names, dtypes and shapes: the model's first dimension is
-    the batch axis; its other dimensions must equal the data's per-sample
+    the batch axis (or the one the data set's ``batch_axes`` names; none for an
+    input without one); its other dimensions must equal the data's per-sample
     shape, except symbolic ones, which are resolved from the data (the same
     symbol must get the same value everywhere). A fixed model batch size is
     checked against ``batch_size`` (or the whole set, when it is smaller), and
@@ -218,5 +233,6 @@ def check_inputs(dataset: Any, model: LoadedModel, *, batch_size: int | None = N
             )
         if spec.shape is None:
             continue
-        _check_shape(spec, dtype, sample_shape, model, where, _origin(dataset, spec.name), layout, symbols)
-        _check_batch(spec, dataset, model, batch_size, specs, where)
+        axis = dataset.batch_axis(spec.name) if hasattr(dataset, "batch_axis") else 0
+        _check_shape(spec, dtype, sample_shape, model, where, _origin(dataset, spec.name), layout, symbols, axis)
+        _check_batch(spec, dataset, model, batch_size, specs, where, axis)

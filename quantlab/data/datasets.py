@@ -79,6 +79,9 @@ class ManifestDataSet(DataSet):
         self._items = self._in_seed_order(items)
         self._mapping = _input_mapping(manifest, fields)
         self.input_names = tuple(self._mapping)
+        self.batch_axes = dict(manifest.batch_axes)
+        self.sequence_carry = dict(manifest.sequence_carry)  # quantlab.sequence.SequenceData runs the carry
+        self.group_by_shape = manifest.group_by_shape
 
     # --- listing -------------------------------------------------------------------------
 
@@ -142,7 +145,8 @@ class ManifestDataSet(DataSet):
             return "set [preprocess] resize and center_crop so that every image gets one size"
         if origin == "hook":
             return "make the [preprocess] hook return one shape for every image"
-        return SAME_SHAPE_ADVICE
+        return SAME_SHAPE_ADVICE + ', or set batching = "by_shape" in the manifest to batch equal shapes together'
+
 
     # --- loading -------------------------------------------------------------------------
 
@@ -166,7 +170,20 @@ class ManifestDataSet(DataSet):
                 raise DataError(f"sample {item.key!r}: has no field {fieldname!r} for input {name!r} "
                                 f"(it has {sorted(fields)}); fix [inputs] in {self.manifest.path}.")
             feeds[name] = self._feeds.array(fields[fieldname], item.key, item.view, name)
+            if self.manifest.complete_feeds:
+                feeds[name] = self._without_batch_axis(feeds[name], name, item.key)
         return Sample(index=i, key=item.key, feeds=feeds, label=label)
+
+    def _without_batch_axis(self, array: np.ndarray, name: str, key: str) -> np.ndarray:
+        """A complete feed's array (batch 1 on the input's batch axis) as one sample (``feeds = "complete"``)."""
+        axis = self.batch_axis(name)
+        if axis is None:
+            return array
+        if array.ndim <= axis or array.shape[axis] != 1:
+            raise DataError(f"sample {key!r}: input {name!r} is {list(array.shape)}, but feeds = \"complete\" in "
+                            f"{self.manifest.path} says each file is one whole feed with batch 1 on axis {axis}. "
+                            "Give files of batch 1, or set the input's batch_axis in [inputs].")
+        return np.squeeze(array, axis=axis)
 
     def _first(self, n: int) -> ManifestDataSet:
         """The same set with ``count = n``: the first n samples in seed order, sources not listed again."""
@@ -197,22 +214,25 @@ class ManifestDataSet(DataSet):
 
 
 class ArrayDataSet(DataSet):
-    """Samples from in-memory arrays batched on axis 0 (tests, notebooks, bench scripts)."""
+    """Samples from in-memory arrays batched on axis 0 (tests, notebooks, bench scripts).
+
+    ``batch_axes`` names inputs batched on another axis (``{"state": 1}``) or on none
+    (``{"sr": None}``: the array is every sample's value).
+    """
 
     def __init__(self, arrays: Mapping[str, np.ndarray], *, labels: Sequence[Any] | np.ndarray | None = None,
-                 role: str = "calibration", name: str = "arrays") -> None:
+                 role: str = "calibration", name: str = "arrays",
+                 batch_axes: Mapping[str, int | None] | None = None) -> None:
         if role not in ROLES:
             raise DataError(f"role must be one of {ROLES}, got {role!r}")
         if not arrays:
             raise DataError(f"{name}: no arrays given; a data set needs at least one input.")
         self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        sizes = {k: (v.shape[0] if v.ndim else None) for k, v in self.arrays.items()}
-        if None in sizes.values() or len(set(sizes.values())) != 1:
-            raise DataError(f"{name}: arrays must share a leading sample axis, got shapes "
-                            f"{ {k: v.shape for k, v in self.arrays.items()} }.")
-        self._n = int(next(iter(sizes.values())))
-        if self._n == 0:
-            raise DataError(f"{name}: the data set is empty (0 samples).")
+        self.batch_axes = dict(batch_axes or {})
+        unknown = sorted(set(self.batch_axes) - set(self.arrays))
+        if unknown:
+            raise DataError(f"{name}: batch_axes names {unknown}, which are not among the arrays {list(self.arrays)}.")
+        self._n = self._sample_count(name)
         self.labels = None if labels is None else np.asarray(labels)
         if self.labels is not None and len(self.labels) != self._n:
             raise DataError(f"{name}: {len(self.labels)} labels for {self._n} samples.")
@@ -221,34 +241,66 @@ class ArrayDataSet(DataSet):
         self.role, self.name = role, name
         self.input_names = tuple(self.arrays)
 
+    def _sample_count(self, name: str) -> int:
+        sizes = {}
+        for k, v in self.arrays.items():
+            axis = self.batch_axis(k)
+            if axis is not None:
+                sizes[k] = v.shape[axis] if v.ndim > axis else None
+        if not sizes or None in sizes.values() or len(set(sizes.values())) != 1:
+            raise DataError(f"{name}: arrays must share a sample axis (axis 0, or the one batch_axes gives), got "
+                            f"shapes { {k: v.shape for k, v in self.arrays.items()} } and batch axes "
+                            f"{ {k: self.batch_axis(k) for k in self.arrays} }. Name inputs batched on another "
+                            "axis, or on none, e.g. from_arrays(arrays, batch_axes={'state': 1, 'sr': None}).")
+        n = int(next(iter(sizes.values())))
+        if n == 0:
+            raise DataError(f"{name}: the data set is empty (0 samples).")
+        return n
+
     def __len__(self) -> int:
         return self._n
 
+    def _take(self, name: str, index: int | slice) -> np.ndarray:
+        array, axis = self.arrays[name], self.batch_axis(name)
+        if axis is None:
+            return array
+        where = [slice(None)] * array.ndim
+        where[axis] = index
+        return np.ascontiguousarray(array[tuple(where)])
+
     def _load(self, i: int) -> Sample:
         label = None if self.labels is None else self.labels[i].item()
-        return Sample(index=i, key=f"{self.name}[{i}]", feeds={k: v[i] for k, v in self.arrays.items()}, label=label)
+        return Sample(index=i, key=f"{self.name}[{i}]", feeds={k: self._take(k, i) for k in self.arrays}, label=label)
 
     def _iter_batches(self, batch_size: int) -> Iterator[Batch]:
         for start in range(0, self._n, batch_size):
             stop = min(start + batch_size, self._n)
             yield Batch(indices=tuple(range(start, stop)), keys=tuple(f"{self.name}[{i}]" for i in range(start, stop)),
-                        feeds={k: np.ascontiguousarray(v[start:stop]) for k, v in self.arrays.items()},
-                        labels=None if self.labels is None else self.labels[start:stop])
+                        feeds={k: self._take(k, slice(start, stop)) for k in self.arrays},
+                        labels=None if self.labels is None else self.labels[start:stop], batch_axes=self.batch_axes)
 
     def _first(self, n: int) -> ArrayDataSet:
-        return ArrayDataSet({k: v[:n] for k, v in self.arrays.items()},
-                            labels=None if self.labels is None else self.labels[:n], role=self.role, name=self.name)
+        return ArrayDataSet({k: self._take(k, slice(0, n)) for k in self.arrays},
+                            labels=None if self.labels is None else self.labels[:n], role=self.role, name=self.name,
+                            batch_axes=self.batch_axes)
 
     def manifest_record(self) -> dict[str, Any]:
+        inputs = {k: [v.dtype.name, list(self._take(k, 0).shape)] for k, v in self.arrays.items()}
+        settings: dict[str, Any] = {"source": "in-memory arrays", "inputs": inputs}
+        if self.batch_axes:
+            settings["batch_axes"] = {k: v for k, v in sorted(self.batch_axes.items())}
         return {"path": None, "sha256": None, "name": self.name, "role": self.role, "count": self._n,
-                "settings": {"source": "in-memory arrays",
-                             "inputs": {k: [v.dtype.name, list(v.shape[1:])] for k, v in self.arrays.items()}}}
+                "settings": settings}
 
 
 def from_arrays(arrays: Mapping[str, np.ndarray], *, labels: Sequence[Any] | np.ndarray | None = None,
-                role: str = "calibration", name: str = "arrays") -> ArrayDataSet:
-    """A data set over arrays batched on axis 0 (input name -> array), with optional labels."""
-    return ArrayDataSet(arrays, labels=labels, role=role, name=name)
+                role: str = "calibration", name: str = "arrays",
+                batch_axes: Mapping[str, int | None] | None = None) -> ArrayDataSet:
+    """A data set over arrays batched on axis 0 (input name -> array), with optional labels.
+
+    ``batch_axes``: inputs batched on another axis, or on none (``{"state": 1, "sr": None}``).
+    """
+    return ArrayDataSet(arrays, labels=labels, role=role, name=name, batch_axes=batch_axes)
 
 
 def open_dataset(manifest_or_path: DataSetManifest | DataSet | str | Path, *, count: int | None = None) -> DataSet:

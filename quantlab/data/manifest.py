@@ -9,8 +9,8 @@
 
 Keys are checked by :func:`quantlab.schema.check_table`, so every message
 names the file, the line and the key. How model inputs are fed (which field
-feeds which input; later: complete feeds, per-input batch axes, sequences)
-is parsed in :func:`parse_inputs` and the ``[inputs]`` entry of TOP_KEYS.
+feeds which input, on which batch axis; later: sequences) is parsed in
+:func:`parse_inputs` / :func:`parse_batch_axes` and the ``[inputs]`` entry of TOP_KEYS.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["ROLES", "TOP_KEYS", "DataSetManifest", "load_manifest", "parse_inputs"]
+__all__ = ["ROLES", "TOP_KEYS", "DataSetManifest", "load_manifest", "parse_batch_axes", "parse_inputs",
+           "parse_sequence"]
 
 ROLES = ("calibration", "validation")
 
@@ -44,13 +45,18 @@ TOP_KEYS: dict[str, Key] = {
     "count": Key("an integer >= 1", lambda v: is_int(v) and v >= 1, "count = 128"),
     "seed": Key("an integer >= 0", lambda v: is_int(v) and v >= 0, "seed = 0"),
     "shuffle": Key("true or false", lambda v: isinstance(v, bool), "shuffle = true"),
+    "batching": Key('"in_order" or "by_shape"', one_of(("in_order", "by_shape")),
+                    'batching = "by_shape"   # samples of several shapes: batch equal shapes together'),
+    "feeds": Key('"complete" or "samples"', one_of(("complete", "samples")),
+                 'feeds = "complete"   # each file is a whole model feed, batch 1 on each batch axis'),
     "source": Key("a [source] table or [[source]] tables", lambda v: isinstance(v, (dict, list)),
                   '[[source]]\nkind = "images"\npath = "photos"'),
-    "inputs": Key("a table of input name = source field", lambda v: isinstance(v, dict),
-                  '[inputs]\ninput = "image"'),
+    "inputs": Key("a table of input name = source field (or = { field = ..., batch_axis = ... })",
+                  lambda v: isinstance(v, dict), '[inputs]\ninput = "image"\nstate = { field = "state", batch_axis = 1 }'),
     "preprocess": Key("a table", lambda v: isinstance(v, dict), "[preprocess]\nresize = 256"),
     "augment": Key("a table", lambda v: isinstance(v, dict), "[augment]\nviews = 8"),
     "labels": Key("a table", lambda v: isinstance(v, dict), '[labels]\nregex = "_(\\\\d+)\\\\.jpg$"'),
+    "sequence": Key("a table", lambda v: isinstance(v, dict), '[sequence]\ncarry = { stateN = "state" }'),
 }
 """The top-level keys of a manifest (its tables are checked by the module that owns them)."""
 
@@ -73,6 +79,10 @@ class DataSetManifest:
     preprocess: PreprocessSpec
     augment: AugmentSpec | None
     labels: LabelSpec | None
+    batch_axes: tuple[tuple[str, int | None], ...] = ()
+    complete_feeds: bool = False
+    sequence_carry: tuple[tuple[str, str], ...] = ()
+    group_by_shape: bool = False
 
     @property
     def folder(self) -> Path:
@@ -157,6 +167,10 @@ def _manifest_from(path: Path, raw: dict[str, Any], text: str, digest: str) -> D
         sources=tuple(sources),
         skipped_sources=tuple(skipped),
         inputs=parse_inputs(raw.get("inputs"), where),
+        batch_axes=parse_batch_axes(raw.get("inputs"), where),
+        complete_feeds=raw.get("feeds", "samples") == "complete",
+        sequence_carry=parse_sequence(raw.get("sequence"), where),
+        group_by_shape=raw.get("batching", "in_order") == "by_shape",
         preprocess=parse_preprocess(raw.get("preprocess", {}), where, path.parent, kinds),
         augment=parse_augment(raw.get("augment"), where, kinds),
         labels=parse_labels(raw.get("labels"), where, kinds),
@@ -164,14 +178,60 @@ def _manifest_from(path: Path, raw: dict[str, Any], text: str, digest: str) -> D
 
 
 def parse_inputs(table: dict[str, Any] | None, where: Where) -> tuple[tuple[str, str], ...] | None:
-    """``[inputs]``: model input name -> source field (None: every shared field feeds the input it names)."""
+    """``[inputs]``: model input name -> source field (None: every shared field feeds the input it names).
+
+    An entry is a field name, or a table ``{ field = "state", batch_axis = 1 }`` (see :func:`parse_batch_axes`).
+    """
     if table is None:
         return None
     if not table:
         raise ManifestError(f"{where.at('inputs')}: empty; map each model input to a source field, "
                             'e.g. input = "image", or remove [inputs] to use the field names as input names.')
-    for name, fieldname in table.items():
+    out = []
+    for name, entry in table.items():
+        fieldname = entry.get("field") if isinstance(entry, dict) else entry
+        if isinstance(entry, dict):
+            check_table(entry, INPUT_KEYS, where, f"inputs.{name}", error=ManifestError, guide="calib_sets/README.md")
         if not isinstance(fieldname, str) or not fieldname:
             raise ManifestError(f"{where.at('inputs', None, name)}: must be the name of a source field "
-                                f'(a string), got {show(fieldname)}. E.g. {name} = "image"')
-    return tuple(table.items())
+                                f'(a string), got {show(entry)}. E.g. {name} = "image", or with its batch axis '
+                                f'{name} = {{ field = "{name}", batch_axis = 1 }}')
+        out.append((name, fieldname))
+    return tuple(out)
+
+
+INPUT_KEYS: dict[str, Key] = {
+    "field": Key("a source field name", is_str, 'field = "state"'),
+    "batch_axis": Key('an integer >= 0, or "none"', lambda v: (is_int(v) and v >= 0) or v == "none",
+                      'batch_axis = 1   # or "none" for an input every sample shares (a scalar sample rate)'),
+}
+"""Keys of an ``[inputs]`` entry given as a table."""
+
+
+def parse_batch_axes(table: dict[str, Any] | None, where: Where) -> tuple[tuple[str, int | None], ...]:
+    """The inputs ``[inputs]`` batches on an axis other than 0: ``batch_axis = 1``, or ``"none"`` (not batched:
+    every sample of a batch must hold the same value, fed once)."""
+    out = []
+    for name, entry in (table or {}).items():
+        if isinstance(entry, dict) and "batch_axis" in entry:
+            axis = entry["batch_axis"]
+            out.append((name, None if axis == "none" else int(axis)))
+    return tuple(out)
+
+
+SEQUENCE_KEYS: dict[str, Key] = {
+    "carry": Key("a table of model output = model input", lambda v: isinstance(v, dict) and bool(v)
+                 and all(isinstance(x, str) and x for x in v.values()), 'carry = { stateN = "state" }'),
+}
+"""Keys of ``[sequence]``: which outputs feed which inputs on the next batch (quantlab.sequence.SequenceData)."""
+
+
+def parse_sequence(table: dict[str, Any] | None, where: Where) -> tuple[tuple[str, str], ...]:
+    """``[sequence] carry``: (output, input) pairs; empty without ``[sequence]``."""
+    if table is None:
+        return ()
+    check_table(table, SEQUENCE_KEYS, where, "sequence", error=ManifestError, guide="calib_sets/README.md")
+    if "carry" not in table:
+        raise ManifestError(f"{where.at('sequence')}: no 'carry'; say which output feeds which input, e.g. "
+                            + SEQUENCE_KEYS["carry"].example)
+    return tuple(table["carry"].items())

@@ -262,7 +262,7 @@ class FeedMaker:
         if arr.dtype.kind not in "biuf":
             raise DataError(f"sample {key!r}: input {input_name!r} holds {arr.dtype} values, not numbers; "
                             "map a numeric field in [inputs].")
-        return np.ascontiguousarray(cast(arr, dtype))
+        return np.require(cast(arr, dtype), requirements="C")  # ascontiguousarray would make a scalar 1-D
 
     def _hooked(self, image: Any, key: str, dtype: str | None) -> np.ndarray:
         hook = self.spec.hook
@@ -274,4 +274,4 @@ class FeedMaker:
             raise DataError(f"sample {key!r}: [preprocess] hook {hook} returned {type(out).__name__}"
                             f"{'' if not isinstance(out, np.ndarray) else ' of ' + str(out.dtype)}; it must "
                             "return a numeric numpy array (one sample, no batch axis).")
-        return np.ascontiguousarray(cast(out, dtype))
+        return np.require(cast(out, dtype), requirements="C")  # keeps a scalar 0-D

@@ -174,7 +174,8 @@ class DataFingerprint:
 
     def update(self, batch: Any) -> None:
         feeds: Mapping[str, Any] = getattr(batch, "feeds", batch)
-        arrays = {name: np.asarray(feeds[name]) for name in sorted(feeds)}
+        per_sample = getattr(batch, "per_sample", None)  # a Batch puts each input's samples on axis 0
+        arrays = {name: per_sample(name) if per_sample else np.asarray(feeds[name]) for name in sorted(feeds)}
         if not arrays:
             raise DataError("a batch holds no inputs")
         n = next(iter(arrays.values())).shape[0]

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..coverage.gate import parse_gate
-from ..errors import ExperimentError, ThresholdError
+from ..errors import ExperimentError, InputMismatchError, ThresholdError
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
 from ..schema import Key, Where, check_table, is_int, is_num, non_empty_str, one_of, show
+from ..shapes import SHAPES_GRAMMAR, parse_shapes
 from ..threshold import parse_threshold
 from ..zoo import ZOO_MODELS
 
@@ -45,6 +46,7 @@ class ExperimentConfig:
     validation: Path
     model_path: Path | None = None
     zoo: str | None = None
+    shapes: str | None = None
     seed: int = 0
     backend: str = "ort"
     threshold: str | None = None
@@ -79,6 +81,8 @@ class ExperimentConfig:
             "coverage": {"enabled": self.coverage, "gate": self.coverage_gate,
                          "sets": [str(p) for p in self.coverage_sets]},
         }
+        if self.shapes is not None:
+            out["shapes"] = self.shapes
         if self.export_repository is not None:
             out["export"] = {"repository": str(self.export_repository), "name": self.export_name or self.name,
                              "platform": self.export_platform, "max_batch_size": self.export_max_batch_size,
@@ -118,6 +122,8 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
         "path": (Key("a path string (relative to the experiment file)", non_empty_str, 'path = "model.onnx"'),
                  "model_path"),
         "zoo": (Key("a zoo model name", non_empty_str, 'zoo = "efficientnet_lite0"'), "zoo"),
+        "shapes": (Key(f"engine shape ranges as --shapes takes them: {SHAPES_GRAMMAR}", non_empty_str,
+                       'shapes = "image:1x3x48x64,8x3x48x320,32x3x48x1600"'), "shapes"),
     },
     "data": {
         "calibration": (Key("a manifest path string", non_empty_str,
@@ -186,6 +192,12 @@ def _converted(field: str, value: Any, where: str, base: Path) -> Any:
         return tuple(_converted("validation", t["data"], where, base) for t in value)
     if isinstance(value, list):
         return tuple(value)
+    if field == "shapes":
+        try:
+            parse_shapes(value)
+        except InputMismatchError as exc:
+            raise ExperimentError(f"{where}: {exc}") from None
+        return value
     if field == "export_repository":
         return (base / value).resolve() if not Path(value).is_absolute() else Path(value)
     if field in _PATH_FIELDS:

@@ -18,15 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_dir, json_dumps, write_json
+from ..atomic import atomic_dir, check_replaceable, json_dumps, write_json
 from ..fingerprint import sha256_bytes, tool_versions
 from .spec import ExperimentConfig
 
-__all__ = ["StageRecord", "STAGE_KEY_FILE", "MANIFEST_FILE", "stage_key_hash", "run_stage", "data_key",
+__all__ = ["StageRecord", "STAGE_KEY_FILE", "MANIFEST_FILE", "REPORT_FILES", "stage_key_hash", "run_stage", "data_key",
            "package_versions", "start_run", "fail_run"]
 
 STAGE_KEY_FILE = "key.json"
 MANIFEST_FILE = "manifest.json"
+REPORT_FILES = ("index.html", MANIFEST_FILE, "results/*", "plots/*", "stages/*", "search-log/*")
+"""What a run writes (and may remove or replace) in reports/NAME/; the manifest is written first."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,12 @@ def package_versions() -> dict[str, str]:
 
 
 def start_run(report_dir: Path, config: ExperimentConfig, command: str, force: bool) -> None:
-    """Remove what made the previous run look finished (page, results, plots); keep reusable stages."""
+    """Remove what made the previous run look finished (page, results, plots); keep reusable stages.
+
+    A folder holding files a run does not write, or not marked as a report by its manifest, is refused.
+    """
+    check_replaceable(report_dir, REPORT_FILES, label=f"report folder {report_dir}", writer="run",
+                      marker=MANIFEST_FILE)
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "index.html").unlink(missing_ok=True)
     for sub in ("results", "plots"):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_dir, write_bytes, write_json, write_text
+from ..atomic import atomic_dir, remove_empty_folders, write_bytes, write_json, write_text
 from ..data import DataSet, open_dataset
 from ..errors import ExperimentError
 from ..fingerprint import sha256_bytes, sha256_file, tool_versions
@@ -40,6 +40,8 @@ __all__ = ["ExportResult", "export_triton", "RECORD_FILE"]
 
 RECORD_FILE = "quantlab_export.json"
 VERSION_RECORD = "export.json"
+VERSION_FILES = ("model.onnx", "model.plan", "engine.json", VERSION_RECORD)
+"""What an export writes into a version folder: the only files a later export of that version may replace."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
@@ -124,8 +126,13 @@ def _warmup_files(data: DataSet, io: ModelIO, batched: bool) -> dict[str, tuple[
     return out
 
 
-def _profiles(io: ModelIO, max_batch_size: int) -> dict[str, tuple[str, str, str]]:
-    """TensorRT EP profiles (min, opt, max shapes) when the batch is the only dynamic dim."""
+def _profiles(io: ModelIO, max_batch_size: int, recorded: Mapping[str, Any] | None = None,
+              ) -> dict[str, tuple[str, str, str]]:
+    """TensorRT EP profiles (min, opt, max shapes): the build's own (``engine.json`` ``profiles``), else
+    batch 1 .. max_batch_size when the batch is the only dynamic dim."""
+    if recorded:
+        return {name: tuple("x".join(str(d) for d in shape) for shape in shapes)  # type: ignore[misc]
+                for name, shapes in recorded.items()}
     if max_batch_size <= 0:
         return {}
     profiles = {}
@@ -171,12 +178,19 @@ def export_triton(source: ExportSource, repository: str | Path, options: TritonO
     names = {name: f"{i:02d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}" for i, name in enumerate(warm)}
     config = render(model_config(
         options, io, max_batch_size=max_batch, precision=precision, preferred_batch_sizes=preferred,
-        profiles=_profiles(io, max_batch) if options.platform == "onnxruntime" else {},
+        profiles=(_profiles(io, max_batch, (source.engine_info or {}).get("profiles"))
+                  if options.platform == "onnxruntime" else {}),
         warmup={n: (spec, dims, names[n]) for n, (spec, dims, _) in warm.items()},
         parameters=parameters))
-    model_file = _write_version(model_dir, version, source, options, config)
-    _write_warmup(model_dir, {names[n]: raw for n, (_, _, raw) in warm.items()}, record.get("warmup_files", []))
-    config_path = write_text(model_dir / "config.pbtxt", config)
+    made = [d for d in (model_dir, *model_dir.parents) if not d.exists()]  # what a failure must not leave
+    try:
+        model_file = _write_version(model_dir, version, source, options, config)
+        _write_warmup(model_dir, {names[n]: raw for n, (_, _, raw) in warm.items()}, record.get("warmup_files", []))
+        config_path = write_text(model_dir / "config.pbtxt", config)
+    except BaseException:
+        if made:  # a failed first export leaves no empty folders behind
+            remove_empty_folders(made[-1])
+        raise
     versions = dict(record.get("versions", {}))
     versions[str(version)] = {"source": source.label, "model_sha256": sha256_file(model_file)}
     write_json(model_dir / RECORD_FILE, {"format": "quantlab.triton_export/1", "config_sha256": sha256_file(config_path),
@@ -187,9 +201,8 @@ def export_triton(source: ExportSource, repository: str | Path, options: TritonO
 
 def _write_version(model_dir: Path, version: int, source: ExportSource, options: TritonOptions,
                    config: str) -> Path:
-    model_dir.mkdir(parents=True, exist_ok=True)
     target = model_dir / str(version)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, owned=VERSION_FILES) as tmp:
         if options.platform == "tensorrt":
             assert source.engine_path is not None
             filename = "model.plan"

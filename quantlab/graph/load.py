@@ -16,13 +16,24 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..controlflow import resolve_static_control_flow
 from ..environment import unreadable
 from ..errors import ModelError
 from ..fingerprint import sha256_bytes, sha256_file
 from .topology import topological_nodes
 
-__all__ = ["MIN_OPSET", "TensorSpec", "LoadedModel", "load_model", "model_from_proto", "serialize",
-           "tensor_specs", "default_opset", "activation_names", "check_float_activations"]
+__all__ = [
+    "MIN_OPSET",
+    "LoadedModel",
+    "TensorSpec",
+    "activation_names",
+    "check_float_activations",
+    "default_opset",
+    "load_model",
+    "model_from_proto",
+    "serialize",
+    "tensor_specs",
+]
 
 MIN_OPSET = 13
 """Per-channel Q/DQ (``axis`` on QuantizeLinear/DequantizeLinear) needs opset 13."""
@@ -181,6 +192,9 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
                 f"opset_version>={MIN_OPSET}."
             ) from None
         upgraded_from, opset = opset, MIN_OPSET
+        # IR < 4 wants every initializer listed as a graph input: a written model's Q/DQ scales are not
+        proto.ir_version = max(proto.ir_version, helper.find_min_ir_version_for(list(proto.opset_import)))
+    proto, _ = resolve_static_control_flow(proto)  # constant Ifs inlined, static Loops unrolled: recorded
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
+from ..controlflow import control_flow_notes
 from ..errors import PlanError
 from ..graph import LoadedModel, default_opset, outer_names, topological_order
 from ..plan import FusionGroup, ResolvedPlan
@@ -61,6 +62,7 @@ class Writer:
         for idx in topological_order(self.src):
             self.write_node(idx)
         self._check_subgraph_reads()
+        self.notes.extend(control_flow_notes(self.src))  # Ifs inlined at load, subgraph tensors left float
         if self.casts.fp16_clipped:
             self.notes.append(f"{self.casts.fp16_clipped} initializer value(s) outside float16 range were "
                               "clipped to +-65504 in fp16 copies")

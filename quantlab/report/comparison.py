@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..atomic import write_text
+from ..atomic import write_json, write_text
 from .inputs import ReportInputs
 from .markup import esc, flatten, fmt, page, table
 
@@ -85,5 +85,8 @@ def render_comparison(a: ReportInputs, b: ReportInputs, *, label_a: str = "A", l
 
 def write_comparison(out_dir: Path, a: ReportInputs, b: ReportInputs, *, label_a: str = "A",
                      label_b: str = "B") -> Path:
-    """Write ``out_dir/index.html`` with :func:`render_comparison`; returns its path."""
+    """Write ``out_dir/comparison.json`` (what was compared: marks the folder as quantlab's) and
+    ``out_dir/index.html`` with :func:`render_comparison`; returns the page's path."""
+    write_json(Path(out_dir) / "comparison.json", {"a": {"label": label_a, "title": a.title},
+                                                  "b": {"label": label_b, "title": b.title}})
     return write_text(Path(out_dir) / "index.html", render_comparison(a, b, label_a=label_a, label_b=label_b))

@@ -4,7 +4,7 @@ A cell is one model with one INT8 calibration (a method and its setting) or
 the model's FP16 candidate. It runs as an ordinary experiment
 (:func:`quantlab.experiment.run_experiment`) in ``reports/SWEEP/cells/CELL``, so
 its own report, stage cache and manifest are those of any experiment. Its
-``cell.json`` records the hash of everything the cell depends on: a cell whose
+record ``cells/CELL.cell.json`` holds the hash of everything the cell depends on: a cell whose
 key is unchanged and whose run completed is not run again.
 """
 
@@ -30,7 +30,8 @@ from .spec import SweepSpec
 __all__ = ["CellSpec", "CellResult", "sweep_cells", "cell_config", "cell_key", "run_cell", "cached_result",
            "CELL_RECORD"]
 
-CELL_RECORD = "cell.json"
+CELL_RECORD = "{cell}.cell.json"
+"""A cell's record, beside (not inside) its experiment's report folder, which holds only what a run writes."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def cell_key(spec: SweepSpec, cell: CellSpec, model_path: Path, calib: Any, val:
 
 def cached_result(cells_dir: Path, cell: CellSpec, key: str) -> CellResult | None:
     """The recorded result of a cell whose key is unchanged and whose run completed, else None."""
-    record_path = cells_dir / cell.name / CELL_RECORD
+    record_path = cells_dir / CELL_RECORD.format(cell=cell.name)
     if not record_path.is_file():
         return None
     record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -114,8 +115,8 @@ def cached_result(cells_dir: Path, cell: CellSpec, key: str) -> CellResult | Non
 
 
 def record_result(cells_dir: Path, result: CellResult, key: str) -> None:
-    """Write ``cell.json`` (only a completed cell is reused later; a failed one keeps its error)."""
-    write_json(cells_dir / result.cell.name / CELL_RECORD, {
+    """Write the cell record (only a completed cell is reused later; a failed one keeps its error)."""
+    write_json(cells_dir / CELL_RECORD.format(cell=result.cell.name), {
         "key": key, "status": "ok" if result.status in ("ok", "reused") else result.status,
         "cell": asdict(result.cell), "rows": list(result.rows), "verdict": result.verdict,
         "error": result.error, "seconds": round(result.seconds, 3), "attempts": result.attempts})

@@ -8,8 +8,9 @@
                                node and returns its table rows and its report folder (a zip),
                                which the driver unpacks under reports/SWEEP/cells/.
 
-Ray retries a task whose worker died (``max_retries``); every attempt is
-counted by a small named actor, so a retried cell says so in the sweep table.
+Ray start-up, the attempt counter and the fault hook are shared with sharded comparisons
+(:mod:`quantlab.compare.cluster`). Ray retries a task whose worker died (``max_retries``); every
+attempt is counted by a small actor, so a retried cell says so in the sweep table.
 A cell whose experiment fails keeps its error in the table; the sweep goes on.
 
 Fault injection for tests: ``QUANTLAB_SWEEP_KILL_ONCE=CELL:MARKER`` makes the
@@ -22,8 +23,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import io
 import multiprocessing
-import os
-import signal
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,14 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from ..compare.cluster import RAY_HINT, AttemptCounter, maybe_kill_once, ray_session
 from ..data import DataSet
-from ..errors import BackendUnavailableError, DataError
+from ..errors import DataError
 from ..experiment import ExperimentConfig
 from .cells import CellResult, CellSpec, run_cell
 
 __all__ = ["CellJob", "run_local", "run_on_ray", "materialise", "RAY_HINT"]
 
-RAY_HINT = "pip install 'quantlab[ray]'"
 KILL_ONCE = "QUANTLAB_SWEEP_KILL_ONCE"
 
 
@@ -98,23 +97,13 @@ def _manifest_text(name: str, role: str, label_dtype: str | None) -> str:
     return text
 
 
-def _maybe_kill_once(cell: str) -> None:
-    setting = os.environ.get(KILL_ONCE, "")
-    if not setting:
-        return
-    target, _, marker = setting.partition(":")
-    if target == cell and marker and not Path(marker).exists():
-        Path(marker).write_text(str(os.getpid()))
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _ray_cell(job: CellJob, model: bytes, calib: tuple[bytes, str | None], val: tuple[bytes, str | None],
               counter: Any) -> tuple[CellResult, bytes]:
     """A Ray task: the cell in a scratch folder, from object-store bytes; (result, zipped report folder)."""
     import ray
 
     attempt = ray.get(counter.attempt.remote(job.cell.name))
-    _maybe_kill_once(job.cell.name)
+    maybe_kill_once(KILL_ONCE, job.cell.name)
     with tempfile.TemporaryDirectory(prefix="quantlab-cell-") as tmp:
         folder = Path(tmp)
         (folder / "model.onnx").write_bytes(model)
@@ -155,37 +144,17 @@ def unzip_folder(data: bytes, folder: Path) -> None:
         z.extractall(folder)
 
 
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise BackendUnavailableError(f"--ray needs Ray, which is not installed: {RAY_HINT}") from None
-    return ray
-
-
 def run_on_ray(jobs: Sequence[CellJob], address: str, model_paths: Mapping[str, Path],
                data: Mapping[str, DataSet], on_report: Callable[[CellResult, bytes], None],
                *, max_retries: int = 3, runtime_env: Mapping[str, Any] | None = None) -> Iterator[CellResult]:
     """Cells as Ray tasks on a local instance (``address`` "auto") or a cluster (``ray://host:port``)."""
-    ray = _import_ray()
-    started = not ray.is_initialized()
-    if started:
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                  "runtime_env": dict(runtime_env or {})}
-        if address == "auto":
-            ray.init(**kwargs)
-        else:
-            ray.init(address=address, **kwargs)
-    try:
+    with ray_session(address, what="--ray", runtime_env=runtime_env) as ray:
         yield from _submit(ray, jobs, model_paths, data, on_report, max_retries)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _submit(ray: Any, jobs: Sequence[CellJob], model_paths: Mapping[str, Path], data: Mapping[str, DataSet],
             on_report: Callable[[CellResult, bytes], None], max_retries: int) -> Iterator[CellResult]:
-    counter = ray.remote(_AttemptCounter).remote()
+    counter = ray.remote(AttemptCounter).remote()
     models = {label: ray.put(path.read_bytes()) for label, path in model_paths.items()}  # once per model
     sets = {role: ray.put(materialise(ds)) for role, ds in data.items()}  # once per data set
     task = ray.remote(max_retries=max_retries, num_cpus=1)(_ray_cell)
@@ -203,14 +172,3 @@ def _submit(ray: Any, jobs: Sequence[CellJob], model_paths: Mapping[str, Path], 
             continue
         on_report(result, archive)
         yield result
-
-
-class _AttemptCounter:
-    """Counts task attempts per cell (a Ray actor): a count above 1 means Ray retried the cell."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-
-    def attempt(self, cell: str) -> int:
-        self.counts[cell] = self.counts.get(cell, 0) + 1
-        return self.counts[cell]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..atomic import write_json
+from ..atomic import check_replaceable, write_json
 from ..data import open_dataset
 from ..experiment.store import package_versions
 from ..zoo import zoo_model_path
@@ -18,7 +18,10 @@ from .executors import CellJob, run_local, run_on_ray, unzip_folder
 from .report import write_sweep_report
 from .spec import SweepSpec
 
-__all__ = ["SweepOptions", "SweepResult", "run_sweep"]
+__all__ = ["SweepOptions", "SweepResult", "run_sweep", "SWEEP_FILES"]
+
+SWEEP_FILES = ("sweep.json", "sweep.parquet", "sweep.csv", "index.html", "plots/*", "cells/*")
+"""What a sweep writes into reports/NAME/ (the only files a later sweep may replace)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ def run_sweep(spec: SweepSpec, options: SweepOptions = SweepOptions(), *, report
     start = time.perf_counter()
     report_dir = Path(reports_dir) / spec.name
     cells_dir = report_dir / "cells"
+    check_replaceable(report_dir, SWEEP_FILES, label=f"sweep report folder {report_dir}", writer="sweep",
+                      marker="sweep.json")
+    write_json(report_dir / "sweep.json", {"name": spec.name, "status": "running"})  # marks the folder as a sweep's
     cells_dir.mkdir(parents=True, exist_ok=True)
     model_paths = {m.label: m.path if m.path else zoo_model_path(m.zoo or "") for m in spec.models}
     calib, val = open_dataset(spec.calibration), open_dataset(spec.validation)
@@ -84,7 +90,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions = SweepOptions(), *, report
     index = write_sweep_report(report_dir, spec, table)
     seconds = time.perf_counter() - start
     write_json(report_dir / "sweep.json", {
-        "name": spec.name, "source": str(spec.source) if spec.source else None, "cells": len(results),
+        "name": spec.name, "status": "complete", "source": str(spec.source) if spec.source else None,
+        "cells": len(results),
         "failed": [r.cell.name for r in results if r.status == "failed"],
         "where": "local" if options.ray is None else f"ray {options.ray}", "processes": options.processes,
         "versions": package_versions(), "seconds": round(seconds, 2)})

@@ -47,19 +47,19 @@ from .flavors import FLAVORS, Flavor
 from .runner import TensorRTRunner
 
 __all__ = [
-    "Flavor",
-    "FLAVORS",
-    "DEFAULT_WORKSPACE_BYTES",
-    "DEFAULT_DYNAMIC_DIM",
     "CPU_BUILD",
+    "DEFAULT_DYNAMIC_DIM",
+    "DEFAULT_WORKSPACE_BYTES",
+    "FLAVORS",
     "CudaDevice",
-    "cuda_device",
-    "ParserIssue",
-    "EngineCacheKey",
-    "EngineCache",
-    "EngineCacheWarning",
     "EngineBuild",
+    "EngineCache",
+    "EngineCacheKey",
+    "EngineCacheWarning",
+    "Flavor",
+    "ParserIssue",
     "TensorRTBackend",
     "TensorRTRunner",
+    "cuda_device",
     "profile_shapes",
 ]

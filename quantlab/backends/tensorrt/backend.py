@@ -20,6 +20,7 @@ import onnx
 from ...errors import BackendError, BackendUnavailableError
 from ...fingerprint import sha256_bytes
 from ...graph import serialize
+from ...shapes import ShapeRange
 from ..base import Backend, BackendInfo
 from .builder import DEFAULT_WORKSPACE_BYTES, EngineBuilder
 from .cache import EngineBuild, EngineCache, EngineCacheKey, EngineCacheWarning
@@ -34,7 +35,10 @@ class TensorRTBackend(Backend):
 
     ``cache_dir`` enables the engine cache (and, for TensorRT-RTX, its JIT
     runtime cache); ``timing_cache`` is a file the TensorRT builder loads and
-    updates (TensorRT-RTX ignores timing caches since 1.2).
+    updates (TensorRT-RTX ignores timing caches since 1.2). ``shapes`` are
+    default (min, opt, max) ranges by input name for builds given none of their
+    own (``get_backend("tensorrt-rtx", shapes=...)``: how compare and search pass
+    ``--shapes``); a model without an input of that name ignores it (sub-models).
     """
 
     def __init__(
@@ -44,8 +48,10 @@ class TensorRTBackend(Backend):
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
         cache_dir: Path | None = None,
         timing_cache: Path | None = None,
+        shapes: Mapping[str, ShapeRange] | None = None,
     ) -> None:
         self.flavor = flavor
+        self.shapes = dict(shapes or {})
         self.name = flavor
         self._spec, self._trt = import_flavor(flavor)
         if workspace_bytes <= 0:
@@ -100,14 +106,39 @@ class TensorRTBackend(Backend):
         profiles_from: Mapping[str, tuple[int, ...]] | None = None,
         outputs: Sequence[str] | None = None,
         label: str = "the model",
+        shapes: Mapping[str, ShapeRange] | None = None,
     ) -> bytes:
         """Parse ``model`` and build a serialized engine (no GPU needed for TensorRT-RTX).
 
-        ``profiles_from`` maps input names to data shapes; dynamic dims get
-        (1, d, d) profiles from them. ``outputs`` are intermediate tensors to
-        expose as extra engine outputs.
+        ``shapes`` gives (min, opt, max) per input (``--shapes``, or
+        :func:`quantlab.shapes.profiles_from_data`); ``profiles_from`` maps other
+        inputs to one data shape each (batch axis (1, d, d), other dynamic axes
+        (d, d, d)). ``outputs`` are intermediate tensors to expose as extra
+        engine outputs. :meth:`profiles_for` says which profiles the engine gets.
         """
-        return self._builder.build(model, profiles_from=profiles_from, outputs=outputs, label=label)[0]
+        return self._builder.build(model, profiles_from=profiles_from, outputs=outputs, label=label,
+                                   shapes=self._shapes_for(model, shapes))[0]
+
+    def _shapes_for(self, model: onnx.ModelProto, shapes: Mapping[str, ShapeRange] | None
+                    ) -> Mapping[str, ShapeRange] | None:
+        """``shapes`` if given, else the backend's default ranges for the inputs ``model`` has."""
+        if shapes is not None or not self.shapes:
+            return shapes
+        names = {i.name for i in model.graph.input}
+        return {k: v for k, v in self.shapes.items() if k in names}
+
+    def profiles_for(
+        self,
+        model: onnx.ModelProto,
+        *,
+        profiles_from: Mapping[str, tuple[int, ...]] | None = None,
+        shapes: Mapping[str, ShapeRange] | None = None,
+    ) -> dict[str, list[list[int]]]:
+        """The optimisation profiles an engine of ``model`` is built with: input -> [min, opt, max].
+
+        The form ``engine.json`` records under ``profiles`` (the Triton export reads it).
+        """
+        return dict(self._builder.settings_for(model, [], profiles_from, self._shapes_for(model, shapes))["profiles"])
 
     def cache_key(
         self,
@@ -127,10 +158,11 @@ class TensorRTBackend(Backend):
         )
 
     def _settings_for(
-        self, model: onnx.ModelProto, outputs: Sequence[str], profiles_from: Mapping[str, Sequence[int]] | None
+        self, model: onnx.ModelProto, outputs: Sequence[str], profiles_from: Mapping[str, Sequence[int]] | None,
+        shapes: Mapping[str, ShapeRange] | None = None,
     ) -> dict[str, Any]:
         """Build settings computed from the ONNX inputs alone (no parse), for the cache key."""
-        return self._builder.settings_for(model, outputs, profiles_from)
+        return self._builder.settings_for(model, outputs, profiles_from, shapes)
 
     def engine_for(
         self,
@@ -141,6 +173,7 @@ class TensorRTBackend(Backend):
         plan_sha256: str | None = None,
         cache_dir: Path | None = None,
         label: str = "the model",
+        shapes: Mapping[str, ShapeRange] | None = None,
     ) -> EngineBuild:
         """An engine for ``model``: from the engine cache when it fits, else built (and cached).
 
@@ -150,11 +183,13 @@ class TensorRTBackend(Backend):
         """
         folder = Path(cache_dir) if cache_dir is not None else self.cache_dir
         outputs = list(outputs or [])
-        settings = self._settings_for(model, outputs, profiles_from)
+        shapes = self._shapes_for(model, shapes)
+        settings = self._settings_for(model, outputs, profiles_from, shapes)
         key = self.cache_key(model, plan_sha256=plan_sha256, settings=settings)
         if folder is None:
             t0 = time.perf_counter()
-            engine, _ = self._builder.build(model, profiles_from=profiles_from, outputs=outputs, label=label)
+            engine, _ = self._builder.build(model, profiles_from=profiles_from, outputs=outputs, label=label,
+                                            shapes=shapes)
             return EngineBuild(engine, key, "uncached", "engine cache disabled (no cache_dir)", None,
                                time.perf_counter() - t0)
         cache = EngineCache(folder)
@@ -164,7 +199,8 @@ class TensorRTBackend(Backend):
         if stale:
             warnings.warn(message, EngineCacheWarning, stacklevel=2)
         t0 = time.perf_counter()
-        engine, _ = self._builder.build(model, profiles_from=profiles_from, outputs=outputs, label=label)
+        engine, _ = self._builder.build(model, profiles_from=profiles_from, outputs=outputs, label=label,
+                                            shapes=shapes)
         seconds = time.perf_counter() - t0
         path = cache.store(key, engine, settings)
         return EngineBuild(engine, key, "rebuilt" if stale else "built", message, path, seconds)
@@ -188,13 +224,14 @@ class TensorRTBackend(Backend):
         cache_dir: Path | None = None,
         profiles_from: Mapping[str, tuple[int, ...]] | None = None,
         plan_sha256: str | None = None,
+        shapes: Mapping[str, ShapeRange] | None = None,
     ) -> TensorRTRunner:
         """A runner executing ``model`` on GPU 0 (needs a CUDA GPU and cuda-python)."""
         self.require_gpu()
         cudart = import_cudart()
         assert cudart is not None  # require_gpu succeeded, so cuda-python imported
         build = self.engine_for(model, outputs=outputs, profiles_from=profiles_from,
-                                plan_sha256=plan_sha256, cache_dir=cache_dir)
+                                plan_sha256=plan_sha256, cache_dir=cache_dir, shapes=shapes)
         graph_outputs = [o.name for o in model.graph.output]
         exposed = graph_outputs + [n for n in (outputs or []) if n not in graph_outputs]
         runtime_cache = None

@@ -20,47 +20,82 @@ import onnx
 from ...atomic import write_bytes
 from ...errors import BackendError, BackendUnavailableError, InputMismatchError
 from ...graph import serialize
+from ...shapes import BATCH_AXIS, ShapeRange, check_range_fits, range_from_shapes
 from .diagnostics import parse_error, parser_issues
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30
 """Builder workspace pool limit (bytes): 1 GiB, TensorRT's usual default order of magnitude."""
 
 DEFAULT_DYNAMIC_DIM = (1, 1, 32)
-"""(min, opt, max) for a dynamic dimension the data does not fix: batch 1 latency, up to 32."""
+"""(min, opt, max) for a dynamic dimension neither the data nor ``--shapes`` fixes: a guess.
+
+A build that fails with such a guess says which input and axis got it and what to
+write (``--shapes``), since e.g. a width of 1 can make a reshape impossible."""
+
+Profile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
-def profile_shapes(
-    name: str, network_shape: Sequence[int], data_shape: Sequence[int] | None
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(min, opt, max) shapes for one input with dynamic dims (-1).
+def profile_shapes(name: str, network_shape: Sequence[int], data_shape: Sequence[int] | None) -> Profile:
+    """(min, opt, max) shapes for one input with dynamic dims (-1), from one data shape.
 
-    A dynamic dim the data fixes to ``d`` gets ``(1, d, d)``: the data's own
-    shape is the one to optimise for, smaller (e.g. a last partial batch) still
-    runs. A dynamic dim without data gets :data:`DEFAULT_DYNAMIC_DIM`.
+    A dynamic dim the data fixes to ``d`` gets ``(d, d, d)``, except the batch axis
+    (axis 0), which gets ``(1, d, d)``: a last partial batch still runs. A dynamic dim
+    without data gets :data:`DEFAULT_DYNAMIC_DIM`.
     """
     net = [int(d) for d in network_shape]
     if data_shape is not None:
-        data = [int(d) for d in data_shape]
-        if len(data) != len(net):
-            raise InputMismatchError(
-                f"input {name!r}: the data has rank {len(data)} (shape {tuple(data)}) but the "
-                f"model expects rank {len(net)} (shape {tuple(net)}, -1 = dynamic)"
-            )
-        for axis, (n, d) in enumerate(zip(net, data, strict=True)):
-            if n >= 0 and n != d:
-                raise InputMismatchError(
-                    f"input {name!r}: the data has {d} at axis {axis} but the model fixes it to {n}"
-                )
-    lo, opt, hi = [], [], []
-    for axis, n in enumerate(net):
-        if n >= 0:
-            lo.append(n), opt.append(n), hi.append(n)
-        elif data_shape is not None:
-            d = int(data_shape[axis])
-            lo.append(1), opt.append(d), hi.append(d)
-        else:
-            lo.append(DEFAULT_DYNAMIC_DIM[0]), opt.append(DEFAULT_DYNAMIC_DIM[1]), hi.append(DEFAULT_DYNAMIC_DIM[2])
-    return tuple(lo), tuple(opt), tuple(hi)
+        data = tuple(int(d) for d in data_shape)
+        check_range_fits(ShapeRange(name, data, data, data), net)
+        return range_from_shapes(name, net, {data: 1}, BATCH_AXIS).as_tuple()
+    lo, opt, hi = DEFAULT_DYNAMIC_DIM
+    return (tuple(lo if n < 0 else n for n in net), tuple(opt if n < 0 else n for n in net),
+            tuple(hi if n < 0 else n for n in net))
+
+
+def resolve_profiles(
+    inputs: Mapping[str, Sequence[int]],
+    profiles_from: Mapping[str, Sequence[int]] | None,
+    shapes: Mapping[str, ShapeRange] | None,
+) -> tuple[dict[str, Profile], dict[str, list[int]]]:
+    """(profile per dynamic input, the axes per input that got :data:`DEFAULT_DYNAMIC_DIM`).
+
+    ``shapes`` (``--shapes`` or ranges derived from the data) win over ``profiles_from``
+    (one data shape per input); an input named in neither gets the default guess.
+    """
+    given = {**dict(profiles_from or {}), **dict(shapes or {})}
+    unknown = sorted(set(given) - set(inputs))
+    if unknown:
+        raise InputMismatchError(
+            f"shapes are given for {', '.join(map(repr, unknown))}, which are not inputs of the "
+            f"model; its inputs are {', '.join(map(repr, inputs))}"
+        )
+    profiles: dict[str, Profile] = {}
+    guessed: dict[str, list[int]] = {}
+    for name, net in inputs.items():
+        explicit = (shapes or {}).get(name)
+        if explicit is not None:
+            check_range_fits(explicit, net)
+        if not any(int(d) < 0 for d in net):
+            continue
+        if explicit is not None:
+            profiles[name] = explicit.as_tuple()
+            continue
+        data = (profiles_from or {}).get(name)
+        profiles[name] = profile_shapes(name, net, data)
+        if data is None:
+            guessed[name] = [axis for axis, d in enumerate(net) if int(d) < 0]
+    return profiles, guessed
+
+
+def guessed_profiles_hint(profiles: Mapping[str, Profile], guessed: Mapping[str, Sequence[int]]) -> str:
+    """What to write when a build with guessed dims fails: the inputs, the axes, a ``--shapes`` to edit."""
+    if not guessed:
+        return ""
+    which = "; ".join(f"input {name!r} axis {', '.join(map(str, axes))}" for name, axes in guessed.items())
+    example = " ".join(str(ShapeRange(name, *profiles[name])) for name in guessed)
+    return (f"\n  No data or --shapes fixed {which}: they got the guess (min, opt, max) = {DEFAULT_DYNAMIC_DIM}, "
+            f"which the model may not accept. Give the real range, e.g. --shapes {example} with your sizes, "
+            "or build from data (profiles then follow the shapes it holds).")
 
 
 class EngineBuilder:
@@ -141,20 +176,13 @@ class EngineBuilder:
             existing.add(name)
 
     def profiles(
-        self, network: Any, profiles_from: Mapping[str, Sequence[int]] | None
-    ) -> dict[str, tuple[tuple[int, ...], ...]]:
-        shapes = dict(profiles_from or {})
+        self, network: Any, profiles_from: Mapping[str, Sequence[int]] | None,
+        shapes: Mapping[str, ShapeRange] | None = None,
+    ) -> tuple[dict[str, Profile], dict[str, list[int]]]:
         inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
-        unknown = sorted(set(shapes) - set(inputs))
-        if unknown:
-            raise InputMismatchError(
-                f"profiles_from names {', '.join(map(repr, unknown))}, which are not inputs of the "
-                f"model; its inputs are {', '.join(map(repr, inputs))}"
-            )
-        return {name: profile_shapes(name, shape, shapes.get(name))
-                for name, shape in inputs.items() if any(d < 0 for d in shape)}
+        return resolve_profiles(inputs, profiles_from, shapes)
 
-    def config(self, builder: Any, profiles: Mapping[str, tuple[tuple[int, ...], ...]]) -> tuple[Any, Any]:
+    def config(self, builder: Any, profiles: Mapping[str, Profile]) -> tuple[Any, Any]:
         trt = self._trt
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
@@ -187,31 +215,29 @@ class EngineBuilder:
         profiles_from: Mapping[str, Sequence[int]] | None,
         outputs: Sequence[str] | None,
         label: str,
+        shapes: Mapping[str, ShapeRange] | None = None,
     ) -> tuple[bytes, dict[str, Any]]:
         builder, network, _parser = self.parse(model, label)  # parser must outlive the build
         self.mark_outputs(network, list(outputs or []), label)
-        profiles = self.profiles(network, profiles_from)
+        profiles, guessed = self.profiles(network, profiles_from, shapes)
         config, _timing = self.config(builder, profiles)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             errors = "\n  ".join(self._logger.errors()) or "(no error was logged)"
             raise BackendError(
                 f"{self.library} {self.version} failed to build an engine for {label}:\n  {errors}"
+                + guessed_profiles_hint(profiles, guessed)
             )
         self.save_timing_cache(config)
         return bytes(serialized), self.settings(list(outputs or []), profiles)
 
 
     def settings_for(
-        self, model: onnx.ModelProto, outputs: Sequence[str], profiles_from: Mapping[str, Sequence[int]] | None
+        self, model: onnx.ModelProto, outputs: Sequence[str], profiles_from: Mapping[str, Sequence[int]] | None,
+        shapes: Mapping[str, ShapeRange] | None = None,
     ) -> dict[str, Any]:
         """Build settings computed from the ONNX inputs alone (no parse), for the cache key."""
         inits = {i.name for i in model.graph.initializer}
-        profiles = {}
-        for inp in model.graph.input:
-            if inp.name in inits:
-                continue
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
-            if any(d < 0 for d in dims):
-                profiles[inp.name] = profile_shapes(inp.name, dims, (profiles_from or {}).get(inp.name))
-        return self.settings(list(outputs), profiles)
+        inputs = {inp.name: [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
+                  for inp in model.graph.input if inp.name not in inits}
+        return self.settings(list(outputs), resolve_profiles(inputs, profiles_from, shapes)[0])

@@ -18,6 +18,7 @@ from ...atomic import json_dumps, write_bytes, write_text
 from ...fingerprint import sha256_bytes, tool_versions
 from .flavors import NOT_PORTABLE
 
+
 class EngineCacheWarning(UserWarning):
     """A cached engine was unusable (other TensorRT version, other GPU, corrupt) and is rebuilt."""
 

@@ -19,6 +19,7 @@ from ..base import Runner
 from .device import cuda_call
 from .flavors import NOT_PORTABLE
 
+
 class _HostDeviceBuffer:
     """A pinned host buffer and a device buffer of the same byte size, grown on demand."""
 
@@ -132,7 +133,8 @@ class TensorRTRunner(Runner):
                 lo, _opt, hi = (tuple(s) for s in self._engine.get_tensor_profile_shape(name, 0))
                 raise InputMismatchError(
                     f"input {name!r} has shape {array.shape}, outside the engine's optimisation "
-                    f"profile {lo}..{hi}; rebuild with profiles_from={{{name!r}: {array.shape}}}"
+                    f"profile {lo}..{hi}; rebuild with a range that holds it (--shapes {name}:MIN,OPT,MAX, "
+                    "or shapes= / profiles_from= in Python)"
                 )
         elif tuple(array.shape) != engine_shape:
             raise InputMismatchError(f"input {name!r} has shape {array.shape}; the engine expects {engine_shape}")

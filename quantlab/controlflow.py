@@ -1,0 +1,234 @@
+"""Control flow the data cannot change: constant ``If`` nodes inlined, static ``Loop`` nodes unrolled.
+
+A voice-activity model keeps one set of weights per sample rate, as Constant nodes
+inside the two branches of an ``If`` on ``sr == 16000``. Statistics see only the
+main graph, so nothing inside a branch is calibrated and the writer cannot place
+Q/DQ there. When the condition folds to a constant (from initializers, Constant
+nodes, or inputs bound to the value the data always has: :func:`bind_inputs`),
+the taken branch replaces the node::
+
+    sr(16000) ─► Equal ─► cond ─► If ─► enc        x ─► MatMul(W16) ─► Add(b16) ─► Relu ─► enc
+               x ─────────────────┘        ==>        (W16, b16: initializers)
+      then: x ─► MatMul(Constant W16) ─► Add(Constant b16) ─► Relu ─► out
+
+Branch Constant nodes become initializers (weights, as the writer expects); a
+branch tensor or node whose name is already taken in the graph is renamed
+``<If name>/<name>``; the branch output is computed under the If output's name (an
+Identity when the branch passes a tensor through); the condition's now dead nodes
+go. Nested Ifs come up into the main graph and are inlined in turn; Loops with a
+static trip count are unrolled (:mod:`quantlab.loops`). :func:`resolve_static_control_flow`
+does both and records what it did in the model's ``metadata_props``
+(:data:`RECORD_KEY`), which :func:`control_flow_notes` turns into provenance notes,
+together with the subgraph tensors that stay float and why (:func:`float_subgraph_tensors`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import ModelError
+from .folding import (
+    ConstantFolder,
+    constant_node_value,
+    drop_dead_producers,
+    graph_names,
+    outer_reads,
+    rename_node,
+    renamed_initializer,
+    replace_node,
+    subgraphs,
+)
+from .loops import (
+    MAX_UNROLLED_TRIPS,
+    UnrolledLoop,
+    static_trip_count,
+    unroll_static_loops,
+)
+
+__all__ = [
+    "RECORD_KEY",
+    "InlinedIf",
+    "bind_inputs",
+    "control_flow_notes",
+    "float_subgraph_tensors",
+    "inline_constant_ifs",
+    "resolve_static_control_flow",
+]
+
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                          onnx.TensorProto.DOUBLE})
+
+RECORD_KEY = "quantlab.control_flow"
+"""``metadata_props`` key holding the JSON list of what was inlined / unrolled (one sentence each)."""
+
+
+@dataclass(frozen=True)
+class InlinedIf:
+    """One If replaced by its taken branch: ``sources`` are the constants its condition came from."""
+
+    node: str
+    condition: bool
+    branch: str
+    sources: tuple[str, ...]
+
+    def note(self) -> str:
+        sources = ", ".join(self.sources) or "a constant"
+        return (f"If {self.node!r}: condition constant {self.condition} (from {sources}), "
+                f"{self.branch} inlined before statistics and writing")
+
+
+def bind_inputs(proto: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy where the inputs ``values`` names are initializers: the value the data always feeds them."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    names = {i.name for i in out.graph.input}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ModelError(f"cannot bind {', '.join(map(repr, unknown))}: not inputs of the model "
+                         f"(its inputs are {', '.join(sorted(names))})")
+    kept = [i for i in out.graph.input if i.name not in values]
+    del out.graph.input[:]
+    out.graph.input.extend(kept)
+    inits = [i for i in out.graph.initializer if i.name not in values]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    out.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in values.items())
+    return out
+
+
+def _spliced(node: onnx.NodeProto, branch: onnx.GraphProto, taken: set[str], node_names: set[str]
+             ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes and initializers replacing ``node`` by ``branch`` (see the module docstring)."""
+    prefix = node.name or node.output[0]
+    local = {t for n in branch.node for t in n.output if t} | {i.name for i in branch.initializer}
+    mapping = {t: (f"{prefix}/{t}" if t in taken else t) for t in local}
+    claimed: set[str] = set()
+    for out_vi, if_out in zip(branch.output, node.output):
+        if out_vi.name in local and out_vi.name not in claimed:  # computed under the If output's name
+            mapping[out_vi.name] = if_out
+            claimed.add(out_vi.name)
+    inits = [renamed_initializer(i, mapping[i.name]) for i in branch.initializer]
+    nodes: list[onnx.NodeProto] = []
+    for n in branch.node:
+        if n.op_type == "Constant" and not n.input:
+            inits.append(numpy_helper.from_array(constant_node_value(n), mapping[n.output[0]]))
+            continue
+        renamed = rename_node(n, mapping)
+        if n.name in node_names:
+            renamed.name = f"{prefix}/{n.name}"
+        nodes.append(renamed)
+    for out_vi, if_out in zip(branch.output, node.output):
+        written = mapping.get(out_vi.name, out_vi.name)
+        if written != if_out:  # an outer tensor passed through, or one result given twice
+            nodes.append(helper.make_node("Identity", [written], [if_out], name=f"{prefix}/{if_out}/identity"))
+    return nodes, inits
+
+
+def inline_constant_ifs(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[InlinedIf, ...]]:
+    """A copy of ``proto`` whose main-graph Ifs with a constant condition are replaced by the taken branch.
+
+    ``proto`` itself when there is nothing to inline. (The load-time entry is
+    :func:`resolve_static_control_flow`, which also unrolls loops and records what it did.)
+    """
+    if not any(n.op_type == "If" for n in proto.graph.node):
+        return proto, ()
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    done: list[InlinedIf] = []
+    while True:
+        folder = ConstantFolder(out.graph, out)
+        for idx, node in enumerate(out.graph.node):
+            cond = folder.scalar(node.input[0]) if node.op_type == "If" else None
+            if cond is None:
+                continue
+            taken = bool(cond)
+            branch = next(a.g for a in node.attribute if a.name == ("then_branch" if taken else "else_branch"))
+            nodes, inits = _spliced(node, branch, graph_names(out.graph) - set(node.output),
+                                    {n.name for n in out.graph.node if n.name})
+            replace_node(out.graph, idx, nodes, inits)
+            drop_dead_producers(out.graph, [node.input[0]])
+            done.append(InlinedIf(node.name or node.output[0], taken, "then_branch" if taken else "else_branch",
+                                  folder.leaves.get(node.input[0], ())))
+            break
+        else:
+            break
+    return (out, tuple(done)) if done else (proto, ())
+
+
+def resolve_static_control_flow(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROLLED_TRIPS
+                                ) -> tuple[onnx.ModelProto, tuple[InlinedIf | UnrolledLoop, ...]]:
+    """Inline constant Ifs and unroll static Loops until none is left (one may expose the other).
+
+    What was done is appended to the copy's ``metadata_props`` under :data:`RECORD_KEY`, which
+    :func:`control_flow_notes` reads back for provenance. ``proto`` itself when nothing applies.
+    """
+    done: list[InlinedIf | UnrolledLoop] = []
+    out = proto
+    while True:
+        out, ifs = inline_constant_ifs(out)
+        out, loops = unroll_static_loops(out, max_trips)
+        done += [*ifs, *loops]
+        if not ifs and not loops:
+            break
+    if not done:
+        return proto, ()
+    _record(out, done)
+    return out, tuple(done)
+
+
+def _record(proto: onnx.ModelProto, done: list[InlinedIf | UnrolledLoop]) -> None:
+    previous = [p for p in proto.metadata_props if p.key == RECORD_KEY]
+    entries = json.loads(previous[0].value) if previous else []
+    entries += [d.note() for d in done]
+    kept = [p for p in proto.metadata_props if p.key != RECORD_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=RECORD_KEY, value=json.dumps(entries)))
+
+
+def _reason(node: onnx.NodeProto, folder: ConstantFolder, proto: onnx.ModelProto, max_trips: int) -> str:
+    label = f"{node.op_type} {node.name or node.output[0]!r}"
+    if node.op_type == "If":
+        return f"inside {label}, whose condition depends on the data (not inlined)"
+    if node.op_type == "Loop":
+        return f"inside the body of {label}, not unrolled: {static_trip_count(node, folder, proto, max_trips)[1]}"
+    return f"inside the body of {label} ({node.op_type} bodies are not unrolled)"
+
+
+def float_subgraph_tensors(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROLLED_TRIPS) -> dict[str, str]:
+    """Activations computed inside If / Loop / Scan bodies (which stay float), each with the reason."""
+    folder = ConstantFolder(proto.graph, proto)
+    out: dict[str, str] = {}
+    for node in proto.graph.node:
+        bodies = subgraphs(node)
+        reason = _reason(node, folder, proto, max_trips) if bodies else ""
+        for body in bodies:
+            constants = {i.name for i in body.initializer} | {o for n in body.node if n.op_type == "Constant"
+                                                               for o in n.output}
+            declared = {vi.name: vi.type.tensor_type.elem_type for vi in list(body.output) + list(body.value_info)}
+            not_float = {t for t, dtype in declared.items() if dtype and dtype not in _FLOAT_TYPES}
+            for t in sorted(graph_names(body) - {i.name for i in body.input} - outer_reads(body) - constants
+                            - not_float):
+                out.setdefault(t, reason)
+    return out
+
+
+def control_flow_notes(proto: onnx.ModelProto) -> tuple[str, ...]:
+    """Provenance notes: what :func:`resolve_static_control_flow` did, and the subgraph tensors left float."""
+    notes: list[str] = []
+    for p in proto.metadata_props:
+        if p.key == RECORD_KEY:
+            notes += [str(n) for n in json.loads(p.value)]
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in float_subgraph_tensors(proto).items():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        notes.append(f"{len(names)} tensor(s) left in float, {reason}: {shown}")
+    return tuple(notes)

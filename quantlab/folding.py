@@ -1,0 +1,156 @@
+"""Graph-rewrite helpers shared by the control-flow passes: constant values, renaming, dead code.
+
+:class:`ConstantFolder` evaluates a tensor from constants alone (initializers,
+Constant nodes, seeded values), one node at a time with ONNX's reference
+evaluator, remembering which constants each value came from; ``rename_node``
+copies a node under new tensor names, following the names into the subgraphs
+that read them from the enclosing scope (:func:`quantlab.graph.topology.outer_names`,
+re-exported as ``outer_reads``). It imports only ONNX, :mod:`quantlab.simplify` and
+:mod:`quantlab.graph.topology`, so :mod:`quantlab.graph.load` may run the passes built on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph.topology import outer_names as outer_reads
+from .simplify import single_node_model
+
+__all__ = [
+    "NEVER_FOLD",
+    "ConstantFolder",
+    "constant_node_value",
+    "drop_dead_producers",
+    "graph_names",
+    "outer_reads",
+    "rename_node",
+    "renamed_initializer",
+    "replace_node",
+    "subgraphs",
+]
+
+NEVER_FOLD = frozenset({"Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                        "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"})
+"""Ops never evaluated at rewrite time: shape- or randomness-dependent, or holding subgraphs."""
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held in ``node``'s attributes (If branches, Loop/Scan bodies)."""
+    out: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        out += [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+    return out
+
+
+def graph_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name the graph's own nodes, inputs, outputs and initializers use."""
+    names = {i.name for i in graph.input} | {o.name for o in graph.output} | {i.name for i in graph.initializer}
+    for node in graph.node:
+        names.update(t for t in list(node.input) + list(node.output) if t)
+    return names
+
+
+class ConstantFolder:
+    """Values of a graph's tensors computable from constants alone (memoised), and the constants behind them.
+
+    ``seeds`` adds known values (e.g. a loop body's iteration number); their names count as leaves.
+    """
+
+    def __init__(self, graph: onnx.GraphProto, model: onnx.ModelProto,
+                 seeds: Mapping[str, np.ndarray] | None = None) -> None:
+        self.model = model
+        self.values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        self.values.update({k: np.asarray(v) for k, v in (seeds or {}).items()})
+        self.leaves: dict[str, tuple[str, ...]] = {name: (name,) for name in self.values}
+        self.producer = {o: n for n in graph.node for o in n.output if o}
+
+    def value(self, name: str, depth: int = 0) -> np.ndarray | None:
+        if name in self.values:
+            return self.values[name]
+        node = self.producer.get(name)
+        if node is None or node.op_type in NEVER_FOLD or node.domain not in ("", "ai.onnx") or depth > 200:
+            return None
+        feeds: dict[str, np.ndarray] = {}
+        for i in (i for i in node.input if i):
+            v = self.value(i, depth + 1)
+            if v is None:
+                return None
+            feeds[i] = v
+        from onnx.reference import ReferenceEvaluator
+
+        outputs = ReferenceEvaluator(single_node_model(node, feeds, self.model)).run(None, feeds)
+        leaves = tuple(sorted({leaf for i in feeds for leaf in self.leaves[i]}))
+        for out, v in zip((o for o in node.output if o), outputs):
+            self.values[out] = np.asarray(v)
+            self.leaves[out] = leaves or (f"Constant {node.name or out!r}",)
+        return self.values.get(name)
+
+    def scalar(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` when it is constant and holds one element (else None)."""
+        value = self.value(name) if name else None
+        return value.reshape(()) if value is not None and value.size == 1 else None
+
+
+def rename_node(node: onnx.NodeProto, mapping: Mapping[str, str]) -> onnx.NodeProto:
+    """A copy of ``node`` reading and writing renamed tensors, nested subgraphs' outer reads included."""
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    for field in (out.input, out.output):
+        for i, t in enumerate(field):
+            field[i] = mapping.get(t, t)
+    for body in subgraphs(out):
+        inner = {k: v for k, v in mapping.items() if k in outer_reads(body)}
+        if inner:
+            renamed = [rename_node(n, inner) for n in body.node]
+            del body.node[:]
+            body.node.extend(renamed)
+            for vi in body.output:
+                vi.name = inner.get(vi.name, vi.name)
+    return out
+
+
+def renamed_initializer(init: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    out = onnx.TensorProto()
+    out.CopyFrom(init)
+    out.name = name
+    return out
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    """The value a Constant node holds (any of its value_* attributes)."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = helper.make_model(helper.make_graph([node], "c", [], [helper.make_empty_tensor_value_info(node.output[0])]))
+    return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+
+
+def replace_node(graph: onnx.GraphProto, index: int, nodes: Iterable[onnx.NodeProto],
+                 initializers: Iterable[onnx.TensorProto]) -> None:
+    """Put ``nodes`` where node ``index`` was (keeping the topological order) and add ``initializers``."""
+    kept = list(graph.node)
+    kept[index:index + 1] = list(nodes)
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(initializers)
+
+
+def drop_dead_producers(graph: onnx.GraphProto, names: Iterable[str]) -> None:
+    """Remove the nodes that computed ``names`` (e.g. a folded condition), and theirs, when nothing reads them."""
+    pending = [n for n in names if n]
+    while pending:
+        tensor = pending.pop()
+        readers = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
+        for n in graph.node:
+            for body in subgraphs(n):
+                readers |= outer_reads(body)
+        if tensor in readers:
+            continue
+        producer = next((n for n in graph.node if tensor in n.output), None)
+        if producer is None or any(o in readers for o in producer.output if o):
+            continue
+        graph.node.remove(producer)
+        pending.extend(i for i in producer.input if i)

@@ -1,0 +1,153 @@
+"""``Loop`` nodes with a trip count the data cannot change are unrolled, so their body tensors get calibrated.
+
+A Loop whose trip count ``M`` folds to a constant, whose ``cond`` input is absent or
+constant true, and whose body's ``cond`` output folds to a constant at every
+iteration runs the same number of times for any data: it is replaced by that many
+copies of its body (at most :data:`MAX_UNROLLED_TRIPS`)::
+
+    v0 ─► Loop(M=3, body: v ─► f ─► v', s) ─► v3, [s0; s1; s2]
+    ==>  v0 ─► f ─► v1 ─► f ─► v2 ─► f ─► v3          (copy i names its tensors "<loop>/<i>/<tensor>")
+                └► s0        └► s1        └► s2 ─► Unsqueeze(0) each ─► Concat(axis 0) ─► scan output
+
+The iteration number and ``cond`` become per-copy initializers; body weights
+(initializers, Constant nodes) become one initializer shared by every copy; the
+loop outputs keep their names (Identity for the carried values). A Loop whose body
+says stop at iteration ``i`` (constant false) is unrolled ``i + 1`` times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .folding import (
+    ConstantFolder,
+    constant_node_value,
+    drop_dead_producers,
+    rename_node,
+    renamed_initializer,
+    replace_node,
+)
+
+__all__ = ["MAX_UNROLLED_TRIPS", "UnrolledLoop", "static_trip_count", "unroll_static_loops"]
+
+MAX_UNROLLED_TRIPS = 64
+"""Loops running more often stay loops (their body tensors stay float): the graph would grow too much."""
+
+
+@dataclass(frozen=True)
+class UnrolledLoop:
+    """One Loop replaced by ``trips`` copies of its body."""
+
+    node: str
+    trips: int
+
+    def note(self) -> str:
+        return (f"Loop {self.node!r}: trip count {self.trips} (static), unrolled into {self.trips} copies of its "
+                "body before statistics and writing")
+
+
+def static_trip_count(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.ModelProto,
+                      limit: int = MAX_UNROLLED_TRIPS) -> tuple[int | None, str]:
+    """(the number of times the Loop runs for any data, or None; the reason when None)."""
+    m = folder.scalar(node.input[0]) if node.input and node.input[0] else None
+    if node.input and node.input[0] and m is None:
+        return None, "trip count set by the data"
+    if len(node.input) > 1 and node.input[1]:
+        cond = folder.scalar(node.input[1])
+        if cond is None:
+            return None, "loop condition set by the data"
+        if not bool(cond):
+            return None, "loop never runs (condition false)"
+    body = next(a.g for a in node.attribute if a.name == "body")
+    bound = int(m) if m is not None else limit + 1
+    for i in range(min(bound, limit + 1)):
+        seeds = {body.input[0].name: _iteration(body, i), body.input[1].name: np.array(True)}
+        cond_out = ConstantFolder(body, model, seeds).scalar(body.output[0].name)
+        if cond_out is None:
+            return None, "the body's continue condition depends on the data"
+        if not bool(cond_out):
+            bound = i + 1
+            break
+    if bound > limit:
+        return None, f"trip count {'unbounded' if m is None else bound} is above the unrolling limit {limit}"
+    if bound == 0:
+        return None, "trip count 0"
+    return bound, ""
+
+
+def _iteration(body: onnx.GraphProto, i: int) -> np.ndarray:
+    dims = body.input[0].type.tensor_type.shape.dim
+    return np.array([i] if len(dims) == 1 else i, np.int64)
+
+
+def _unrolled(node: onnx.NodeProto, trips: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The copies of the body, the final Identities and the scan-output Concats replacing ``node``."""
+    body = next(a.g for a in node.attribute if a.name == "body")
+    prefix = node.name or node.output[0]
+    carried = len(node.input) - 2
+    local = {t for n in body.node for t in n.output if t}
+    shared = {i.name: f"{prefix}/{i.name}" for i in body.initializer}
+    shared.update({n.output[0]: f"{prefix}/{n.output[0]}" for n in body.node if n.op_type == "Constant" and not n.input})
+    inits = [renamed_initializer(i, shared[i.name]) for i in body.initializer]
+    inits += [numpy_helper.from_array(constant_node_value(n), shared[n.output[0]])
+              for n in body.node if n.op_type == "Constant" and not n.input]
+    current = list(node.input[2:])
+    scans: list[list[str]] = [[] for _ in body.output[1 + carried:]]
+    nodes: list[onnx.NodeProto] = []
+    for i in range(trips):
+        mapping = {t: f"{prefix}/{i}/{t}" for t in local} | shared
+        mapping[body.input[0].name] = f"{prefix}/{i}/iteration"
+        mapping[body.input[1].name] = f"{prefix}/{i}/cond"
+        inits += [numpy_helper.from_array(_iteration(body, i), mapping[body.input[0].name]),
+                  numpy_helper.from_array(np.array(True), mapping[body.input[1].name])]
+        mapping.update({vi.name: v for vi, v in zip(body.input[2:], current)})
+        for n in body.node:
+            if n.op_type == "Constant" and not n.input:
+                continue
+            copy = rename_node(n, mapping)
+            copy.name = f"{prefix}/{i}/{n.name or n.output[0]}"
+            nodes.append(copy)
+        current = [mapping.get(vi.name, vi.name) for vi in body.output[1:1 + carried]]
+        for j, vi in enumerate(body.output[1 + carried:]):
+            scans[j].append(mapping.get(vi.name, vi.name))
+    nodes += [helper.make_node("Identity", [v], [out], name=f"{prefix}/{out}/final")
+              for v, out in zip(current, node.output[:carried]) if out]
+    if any(scans):
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), f"{prefix}/axis0"))
+    for parts, out in zip(scans, node.output[carried:]):
+        if not out:
+            continue
+        stacked = [f"{prefix}/{k}/{out}/unsqueezed" for k in range(len(parts))]
+        nodes += [helper.make_node("Unsqueeze", [p, f"{prefix}/axis0"], [s], name=s) for p, s in zip(parts, stacked)]
+        nodes.append(helper.make_node("Concat", stacked, [out], name=f"{prefix}/{out}/concat", axis=0))
+    return nodes, inits
+
+
+def unroll_static_loops(proto: onnx.ModelProto, limit: int = MAX_UNROLLED_TRIPS
+                        ) -> tuple[onnx.ModelProto, tuple[UnrolledLoop, ...]]:
+    """A copy of ``proto`` whose main-graph Loops with a static trip count are unrolled (``proto`` if none)."""
+    if not any(n.op_type == "Loop" for n in proto.graph.node):
+        return proto, ()
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    done: list[UnrolledLoop] = []
+    while True:
+        folder = ConstantFolder(out.graph, out)
+        for idx, node in enumerate(out.graph.node):
+            if node.op_type != "Loop":
+                continue
+            trips, _ = static_trip_count(node, folder, out, limit)
+            if trips is None:
+                continue
+            nodes, inits = _unrolled(node, trips)
+            replace_node(out.graph, idx, nodes, inits)
+            drop_dead_producers(out.graph, node.input[:2])
+            done.append(UnrolledLoop(node.name or node.output[0], trips))
+            break
+        else:
+            break
+    return (out, tuple(done)) if done else (proto, ())

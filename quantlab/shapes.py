@@ -1,0 +1,252 @@
+"""Input shape ranges (TensorRT optimisation profiles): parsed from ``--shapes``, derived from data.
+
+A dynamic input needs a (min, opt, max) shape to build a TensorRT engine. Two sources:
+
+* the user, trtexec's way: ``--shapes NAME:MIN,OPT,MAX`` (see :func:`parse_shapes`);
+* the data: every shape the calibration / validation batches had (:class:`ShapeLog`),
+  reduced per dimension to (smallest, most frequent, largest) (:func:`profiles_from_data`).
+
+A dynamic dimension is never given a value the data never had: a text recognizer with
+``[N, 3, 48, W]`` whose widths are 64..320 gets ``W`` in 64..320, not the old 1..32
+default, whose ``W = 1`` makes the sequence reshape impossible ("kOPT values for profile 0
+violate shape constraints ... reshape would change volume 0 to ..."). The batch axis is
+the one exception: its minimum is 1, because a last partial batch may hold any count.
+
+This module sits beside :mod:`quantlab.graph` (it imports only the errors): the data
+layer, the backends and the CLI all use it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .errors import InputMismatchError
+
+__all__ = [
+    "BATCH_AXIS",
+    "SHAPES_GRAMMAR",
+    "ShapeLog",
+    "ShapeRange",
+    "check_range_fits",
+    "format_shapes",
+    "parse_shapes",
+    "profiles_from_data",
+    "range_from_shapes",
+]
+
+Shape = tuple[int, ...]
+
+BATCH_AXIS = 0
+"""The axis the data layer stacks samples on; its profile minimum is 1 (partial batches)."""
+
+SHAPES_GRAMMAR = (
+    "NAME:MIN,OPT,MAX (or NAME:SHAPE for one fixed shape), each shape as dims joined by 'x' "
+    "(e.g. image:1x3x48x64,8x3x48x320,32x3x48x1600); several inputs separated by spaces or commas"
+)
+"""One line for error messages and ``--help``: what to write after ``--shapes``."""
+
+_DIMS = re.compile(r"^[0-9]+(x[0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """(min, opt, max) shapes of one input: TensorRT's optimisation profile for it.
+
+    Checked on creation: same rank, positive dims, ``min <= opt <= max`` per axis.
+    """
+
+    name: str
+    min: Shape
+    opt: Shape
+    max: Shape
+
+    def __post_init__(self) -> None:
+        ranks = {len(self.min), len(self.opt), len(self.max)}
+        if len(ranks) != 1:
+            raise InputMismatchError(
+                f"shapes of input {self.name!r}: MIN, OPT and MAX have ranks {len(self.min)}, "
+                f"{len(self.opt)} and {len(self.max)}; give three shapes of the same rank ({SHAPES_GRAMMAR})")
+        for axis, (lo, opt, hi) in enumerate(zip(self.min, self.opt, self.max)):
+            if lo < 1 or not lo <= opt <= hi:
+                raise InputMismatchError(
+                    f"shapes of input {self.name!r}, axis {axis}: MIN {lo}, OPT {opt}, MAX {hi} must satisfy "
+                    f"1 <= MIN <= OPT <= MAX ({SHAPES_GRAMMAR})")
+
+    def as_tuple(self) -> tuple[Shape, Shape, Shape]:
+        return self.min, self.opt, self.max
+
+    def as_lists(self) -> list[list[int]]:
+        """``[min, opt, max]`` as JSON lists: the form engine.json and the cache sidecar record."""
+        return [list(self.min), list(self.opt), list(self.max)]
+
+    def __str__(self) -> str:
+        return f"{self.name}:{_text(self.min)},{_text(self.opt)},{_text(self.max)}"
+
+
+def _text(shape: Sequence[int]) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def _dims(token: str, name: str, which: str) -> Shape:
+    if not _DIMS.match(token):
+        raise InputMismatchError(
+            f"--shapes: {which} shape {token!r} of input {name!r} is not dims joined by 'x'; write {SHAPES_GRAMMAR}")
+    return tuple(int(d) for d in token.split("x"))
+
+
+def _specs(text: str) -> list[tuple[str, list[str]]]:
+    """``text`` split into (name, [shape tokens]): a token holding ':' starts a new input."""
+    specs: list[tuple[str, list[str]]] = []
+    for token in (t for t in re.split(r"[\s,]+", text.strip()) if t):
+        if ":" in token:
+            name, first = token.rsplit(":", 1)  # names such as 'input:0' keep their own colons
+            if not name:
+                raise InputMismatchError(f"--shapes: {token!r} has no input name before ':'; write {SHAPES_GRAMMAR}")
+            specs.append((name, [first]))
+        elif not specs:
+            raise InputMismatchError(
+                f"--shapes: {token!r} comes before any input name; write {SHAPES_GRAMMAR}")
+        else:
+            specs[-1][1].append(token)
+    return specs
+
+
+def parse_shapes(text: str | Iterable[str]) -> dict[str, ShapeRange]:
+    """``--shapes`` text (one string, or several: the flag may repeat) -> ranges by input name.
+
+    Grammar (trtexec's ``--minShapes/--optShapes/--maxShapes`` in one flag)::
+
+        SHAPES := SPEC ((',' | ' ') SPEC)*
+        SPEC   := NAME ':' DIMS ',' DIMS ',' DIMS      min, opt, max
+                | NAME ':' DIMS                        one fixed shape (min = opt = max)
+        DIMS   := INT ('x' INT)*
+
+    NAME is everything before the token's last ':', so ``input:0:1x3,...`` names ``input:0``.
+    """
+    texts = [text] if isinstance(text, str) else list(text)
+    out: dict[str, ShapeRange] = {}
+    for name, tokens in (spec for t in texts for spec in _specs(t)):
+        if name in out:
+            raise InputMismatchError(f"--shapes: input {name!r} is given twice; give each input once ({SHAPES_GRAMMAR})")
+        if len(tokens) not in (1, 3):
+            raise InputMismatchError(
+                f"--shapes: input {name!r} has {len(tokens)} shapes ({','.join(tokens)}); give 3 "
+                f"(MIN,OPT,MAX) or 1 (fixed): {SHAPES_GRAMMAR}")
+        shapes = [_dims(t, name, which) for t, which in zip(tokens, ("MIN", "OPT", "MAX") if len(tokens) == 3
+                                                               else ("the",))]
+        lo, opt, hi = shapes if len(shapes) == 3 else shapes * 3
+        out[name] = ShapeRange(name, lo, opt, hi)
+    if not out:
+        raise InputMismatchError(f"--shapes is empty; write {SHAPES_GRAMMAR}")
+    return out
+
+
+def format_shapes(ranges: Mapping[str, ShapeRange]) -> str:
+    """The ``--shapes`` text that parses back to ``ranges`` (for messages and reports)."""
+    return " ".join(str(r) for r in ranges.values())
+
+
+def check_range_fits(shape_range: ShapeRange, network_shape: Sequence[int]) -> None:
+    """InputMismatchError unless ``shape_range`` has the input's rank and keeps its fixed dims."""
+    net = [int(d) for d in network_shape]
+    name = shape_range.name
+    if len(shape_range.min) != len(net):
+        raise InputMismatchError(
+            f"input {name!r}: the shapes given have rank {len(shape_range.min)} ({_text(shape_range.min)}) but "
+            f"the model expects rank {len(net)} ({'x'.join(str(d) if d >= 0 else '?' for d in net)}, ? = dynamic)")
+    for axis, n in enumerate(net):
+        if n >= 0 and {shape_range.min[axis], shape_range.opt[axis], shape_range.max[axis]} != {n}:
+            raise InputMismatchError(
+                f"input {name!r}: the shapes given have axis {axis} in {shape_range.min[axis]}.."
+                f"{shape_range.max[axis]} but the model fixes it to {n}; write {n} there")
+
+
+@dataclass
+class ShapeLog:
+    """Counts of the batch shapes seen per input, as batches stream by (calibration, validation).
+
+    ``observe`` takes a feed dict; :func:`profiles_from_data` turns the counts into ranges.
+    """
+
+    counts: dict[str, Counter[Shape]] = field(default_factory=dict)
+
+    def observe(self, feeds: Mapping[str, object]) -> None:
+        for name, array in feeds.items():
+            shape = tuple(int(d) for d in getattr(array, "shape", ()))
+            self.counts.setdefault(name, Counter())[shape] += 1
+
+    def shapes(self, name: str) -> Counter[Shape]:
+        return self.counts.get(name, Counter())
+
+    def as_dict(self) -> dict[str, list[list[int]]]:
+        """Shapes seen per input as JSON, ``[*shape, count]`` rows (count-ordered): enough to derive the ranges again.
+
+        A calibration table can keep it (``calib_set["input_shapes"]``) so that ``quantlab build``,
+        which has no data, still builds profiles from the shapes the data had.
+        """
+        return {name: [[*shape, n] for shape, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))]
+                for name, c in sorted(self.counts.items())}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Sequence[Sequence[int]]], where: str = "input_shapes") -> ShapeLog:
+        """The log :meth:`as_dict` wrote; InputMismatchError naming ``where`` for anything else."""
+        log = cls()
+        for name, rows in doc.items():
+            for row in rows:
+                if not row or not all(isinstance(d, int) and d >= 0 for d in row):
+                    raise InputMismatchError(f"{where}: input {name!r} has row {row!r}; rows are "
+                                             "[dim, ..., dim, count] of non-negative integers")
+                log.counts.setdefault(str(name), Counter())[tuple(row[:-1])] += row[-1]
+        return log
+
+
+def _most_frequent(values: Counter[int]) -> int:
+    """The most frequent value; ties go to the larger one (an engine tuned for it also fits the smaller)."""
+    return max(values.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
+def range_from_shapes(name: str, network_shape: Sequence[int], seen: Mapping[Shape, int],
+                      batch_axis: int | None = BATCH_AXIS) -> ShapeRange:
+    """(min, opt, max) per axis over the shapes ``seen`` (shape -> count); the batch axis' min is 1."""
+    net = [int(d) for d in network_shape]
+    for shape in seen:
+        check_range_fits(ShapeRange(name, shape, shape, shape), net)
+    lo, opt, hi = [], [], []
+    for axis, n in enumerate(net):
+        values: Counter[int] = Counter()
+        for shape, count in seen.items():
+            values[shape[axis]] += count
+        low = 1 if axis == batch_axis and n < 0 else min(values)
+        lo.append(low), opt.append(_most_frequent(values)), hi.append(max(values))
+    return ShapeRange(name, tuple(lo), tuple(opt), tuple(hi))
+
+
+def profiles_from_data(network_inputs: Mapping[str, Sequence[int]], log: ShapeLog,
+                       batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS) -> dict[str, ShapeRange]:
+    """Ranges for every input with a dynamic dim (-1) that ``log`` saw; inputs it never saw are left out.
+
+    ``batch_axis``: the axis samples are stacked on (min 1 there), one for all inputs or per
+    input name (an input missing from the mapping, or mapped to None, has no batch axis).
+    """
+    def axis(name: str) -> int | None:
+        return batch_axis.get(name) if isinstance(batch_axis, Mapping) else batch_axis
+
+    return {name: range_from_shapes(name, shape, log.shapes(name), axis(name))
+            for name, shape in network_inputs.items()
+            if any(int(d) < 0 for d in shape) and log.shapes(name)}
+
+
+def shapes_for_build(shapes_text: str | Sequence[str] | None, recorded: Mapping[str, Sequence[Sequence[int]]] | None,
+                     network_inputs: Mapping[str, Sequence[int]],
+                     batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS) -> dict[str, ShapeRange] | None:
+    """The ranges an engine build uses: ``--shapes`` when given, else those derived from the shapes the
+    calibration data had (``recorded``: a :meth:`ShapeLog.as_dict`, e.g. a table's ``calib_set["input_shapes"]``),
+    else None (the builder's guess, which names itself when the build fails)."""
+    if shapes_text:
+        return parse_shapes(shapes_text)
+    if recorded:
+        return profiles_from_data(network_inputs, ShapeLog.from_dict(recorded, "calib_set.input_shapes"), batch_axis)
+    return None

@@ -1,0 +1,205 @@
+"""Per-input batch axes (issue 14, part 2): a recurrent state batched on axis 1, a scalar with no batch axis.
+
+The voice-activity test model with ``sr`` a real input: ``input[N, 64]``, ``state[2, N, 128]``,
+``sr`` a scalar. In-memory arrays (``from_arrays(batch_axes=...)``) and manifests
+(``[inputs] state = { field = "state", batch_axis = 1 }``) feed it; check_inputs checks
+against those axes and calibration runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import models
+import numpy as np
+import onnx
+import pytest
+
+from quantlab.calibrate import calibrate
+from quantlab.data import check_inputs, from_arrays, open_dataset
+from quantlab.errors import DataError, InputMismatchError, ManifestError
+from quantlab.graph import model_from_proto
+
+AXES = {"state": 1, "sr": None}
+
+
+def _vad() -> onnx.ModelProto:
+    proto = models.voice_activity()
+    del proto.graph.initializer[[i.name for i in proto.graph.initializer].index("sr")]  # sr: fed by the data
+    return proto
+
+
+def _arrays(n: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input": rng.normal(size=(n, 64)).astype(np.float32),
+            "state": rng.normal(0, 0.5, size=(2, n, 128)).astype(np.float32),
+            "sr": np.array(16000, np.int64)}
+
+
+def test_arrays_with_batch_axes_fit_and_calibrate_the_same_whatever_the_batch_size():
+    model = model_from_proto(_vad(), label="vad")
+    data = from_arrays(_arrays(), batch_axes=AXES)
+    check_inputs(data, model, batch_size=4)
+    assert data.sample(2).feeds["state"].shape == (2, 128) and data.sample(2).feeds["sr"].shape == ()
+    last = list(data.batches(4))[-1]
+    assert last.feeds["state"].shape == (2, 2, 128) and last.feeds["sr"].shape == ()
+    np.testing.assert_array_equal(last.feeds["state"], _arrays()["state"][:, 4:6])
+    four, one = (calibrate(model, data, "minmax", batch_size=b) for b in (4, 1))
+    assert four.data.sha256 == one.data.sha256 and four.data.count == 6  # samples hashed per sample
+    assert four.tables["minmax"].ranges["h_prev"] == one.tables["minmax"].ranges["h_prev"]
+    assert "enc" in four.tables["minmax"].ranges and "enc_16k" not in four.tables["minmax"].ranges  # If kept
+
+
+def test_without_batch_axes_the_error_says_what_to_write():
+    with pytest.raises(DataError, match=r"batch_axes=\{'state': 1, 'sr': None\}"):
+        from_arrays(_arrays())
+    model = model_from_proto(_vad(), label="vad")
+    data = from_arrays({**_arrays(), "state": np.zeros((6, 2, 128), np.float32)}, batch_axes={"sr": None})
+    with pytest.raises(InputMismatchError, match=r"input 'state'.*fixed batch of 2.*batch_axis = 1"):
+        check_inputs(data, model, batch_size=4)
+
+
+def test_an_input_without_batch_axis_must_agree_within_a_batch():
+    arrays = {**_arrays(), "sr": np.array([16000, 16000, 8000, 16000, 16000, 16000], np.int64)}
+    data = from_arrays(arrays, batch_axes={"state": 1})  # sr batched on axis 0: a value per sample
+    with pytest.raises(InputMismatchError, match="input 'sr'"):
+        check_inputs(data, model_from_proto(_vad(), label="vad"))  # the model's sr is a scalar: no batch axis
+    from quantlab.data import Sample
+    from quantlab.data.batches import stack_input
+
+    samples = [Sample(i, f"s{i}", {"sr": np.array(v)}) for i, v in enumerate((16000, 8000))]
+    with pytest.raises(DataError, match="'s1' differs from sample 's0'"):
+        stack_input("sr", samples, None)
+
+
+def _npz_folder(tmp_path: Path, n: int = 5) -> Path:
+    folder = tmp_path / "chunks"
+    folder.mkdir()
+    arrays = _arrays(n)
+    for i in range(n):
+        np.savez(folder / f"chunk{i}.npz", input=arrays["input"][i], state=arrays["state"][:, i], sr=arrays["sr"])
+    return folder
+
+
+MANIFEST = """\
+shuffle = false
+[source]
+kind = "npz"
+path = "chunks"
+[inputs]
+input = "input"
+state = {{ field = "state", batch_axis = {axis} }}
+sr = {{ field = "sr", batch_axis = "none" }}
+"""
+
+
+def test_manifest_batch_axes_feed_the_state_on_axis_1_and_the_scalar_once(tmp_path):
+    _npz_folder(tmp_path)
+    (tmp_path / "vad.toml").write_text(MANIFEST.format(axis=1))
+    data = open_dataset(tmp_path / "vad.toml")
+    model = model_from_proto(_vad(), label="vad")
+    check_inputs(data, model, batch_size=2)
+    batch = next(data.batches(2))
+    assert batch.feeds["state"].shape == (2, 2, 128) and batch.feeds["sr"].shape == ()
+    np.testing.assert_array_equal(batch.feeds["state"], _arrays(5)["state"][:, :2])
+    result = calibrate(model, data, "minmax", batch_size=2)
+    assert result.data.count == 5 and "h_prev" in result.tables["minmax"].ranges
+
+
+def test_manifest_batch_axis_errors_name_the_table_and_key(tmp_path):
+    _npz_folder(tmp_path)
+    (tmp_path / "bad.toml").write_text(MANIFEST.format(axis='"one"'))
+    with pytest.raises(ManifestError, match=r"bad.toml: \[inputs.state\] key 'batch_axis'.*an integer >= 0, or \"none\""):
+        open_dataset(tmp_path / "bad.toml")
+
+
+def test_complete_feeds_are_files_of_batch_1_in_the_models_own_layout(tmp_path):
+    """feeds = "complete": each file holds what the model takes for one sample (state [2, 1, 128], sr a scalar)."""
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    arrays = _arrays(3)
+    for i in range(3):
+        np.savez(folder / f"f{i}.npz", input=arrays["input"][i:i + 1], state=arrays["state"][:, i:i + 1],
+                 sr=arrays["sr"])
+    text = MANIFEST.format(axis=1).replace('path = "chunks"', 'path = "feeds"')
+    (tmp_path / "complete.toml").write_text('feeds = "complete"\n' + text)
+    data = open_dataset(tmp_path / "complete.toml")
+    model = model_from_proto(_vad(), label="vad")
+    check_inputs(data, model, batch_size=3)
+    batch = next(data.batches(3))
+    np.testing.assert_array_equal(batch.feeds["state"], arrays["state"])
+    np.testing.assert_array_equal(batch.feeds["input"], arrays["input"])
+    np.savez(folder / "f9.npz", input=arrays["input"][:2], state=arrays["state"][:, :2], sr=arrays["sr"])
+    again = open_dataset(tmp_path / "complete.toml")
+    with pytest.raises(DataError, match=r"'feeds/f9.npz'.*input 'input' is \[2, 64\].*batch 1 on axis 0"):
+        list(again.batches(4))
+
+
+def test_sequence_mode_carries_the_state_output_into_the_next_batch():
+    from quantlab.backends import get_backend
+    from quantlab.sequence import SequenceData
+
+    model = model_from_proto(_vad(), label="vad")
+    arrays = _arrays(5)
+    data = SequenceData(from_arrays(arrays, batch_axes=AXES), model, {"stateN": "state"})
+    check_inputs(data, model, batch_size=2)
+    batches = list(data.batches(2))
+    np.testing.assert_array_equal(batches[0].feeds["state"], arrays["state"][:, :2])  # the first keeps the data's
+    runner = get_backend("ort").build(model.proto)
+    try:
+        expected = runner.run(batches[0].feeds)["stateN"]
+        np.testing.assert_array_equal(batches[1].feeds["state"], expected)  # two streams, each continued
+        shorter = runner.run(batches[1].feeds)["stateN"][:, :1]
+    finally:
+        runner.close()
+    np.testing.assert_array_equal(batches[2].feeds["state"], shorter)  # the last batch: the first stream only
+    table = calibrate(model, data, "minmax", batch_size=2).tables["minmax"]
+    assert table.calib_set["manifest"]["sequence"] == {"carry": {"stateN": "state"}}
+    with pytest.raises(InputMismatchError, match="'hidden'"):
+        SequenceData(from_arrays(arrays, batch_axes=AXES), model, {"stateN": "hidden"})
+
+
+def test_manifest_sequence_carry_is_parsed_for_sequence_data(tmp_path):
+    from quantlab.sequence import SequenceData
+
+    _npz_folder(tmp_path)
+    (tmp_path / "seq.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n')
+    data = open_dataset(tmp_path / "seq.toml")
+    assert data.sequence_carry == {"stateN": "state"}
+    model = model_from_proto(_vad(), label="vad")
+    result = calibrate(model, SequenceData(data, model, data.sequence_carry), "minmax", batch_size=1)
+    assert result.data.count == 5
+    (tmp_path / "bad.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncary = { stateN = "state" }\n')
+    with pytest.raises(ManifestError, match=r"\[sequence\] key 'cary'.*Did you mean 'carry'"):
+        open_dataset(tmp_path / "bad.toml")
+
+
+def test_text_lines_of_several_widths_batch_by_shape_and_give_the_engine_profile(tmp_path):
+    """batching = "by_shape": the OCR recognizer's lines of 64/128/192 px, calibrated; profiles from the batches."""
+    from quantlab.shapes import ShapeLog, profiles_from_data
+
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    widths = [64, 128, 64, 192, 64, 128, 64]
+    for i, w in enumerate(widths):
+        np.save(folder / f"line{i}.npy", rng.uniform(-1, 1, (3, 48, w)).astype(np.float32))
+    text = 'shuffle = false\n[source]\nkind = "npy"\npath = "lines"\n[inputs]\nimage = "array"\n'
+    (tmp_path / "in_order.toml").write_text(text)
+    with pytest.raises(DataError, match='batching = "by_shape"'):
+        list(open_dataset(tmp_path / "in_order.toml").batches(2))
+    (tmp_path / "lines.toml").write_text('batching = "by_shape"\n' + text)
+    data = open_dataset(tmp_path / "lines.toml")
+    batches = list(data.batches(2))
+    assert [(b.indices, b.feeds["image"].shape[-1]) for b in batches] == [
+        ((0, 2), 64), ((1, 5), 128), ((4, 6), 64), ((3,), 192)]
+    assert [(b.indices, b.feeds["image"].shape[-1]) for b in data.batches(2)] == [
+        (b.indices, b.feeds["image"].shape[-1]) for b in batches]  # the same batches every pass
+    model = model_from_proto(models.text_recognizer(), label="text_recognizer")
+    result = calibrate(model, data, "minmax", batch_size=2)
+    assert result.data.count == 7
+    log = ShapeLog()
+    for batch in batches:
+        log.observe(batch.feeds)
+    image = profiles_from_data({"image": (-1, 3, 48, -1)}, log)["image"]
+    assert (image.min, image.opt, image.max) == ((1, 3, 48, 64), (2, 3, 48, 64), (2, 3, 48, 192))

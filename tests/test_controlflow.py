@@ -1,0 +1,224 @@
+"""Ifs with a constant condition are inlined (quantlab.controlflow); the rest of control flow stays float, listed.
+
+The voice-activity test model keeps its weights as Constant nodes inside the two
+branches of ``If(sr == 16000)``; inlined, the taken branch's tensors are calibrated
+and get Q/DQ, and the written model still parses and builds with TensorRT-RTX.
+"""
+
+from __future__ import annotations
+
+import models
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantlab.backends import get_backend
+from quantlab.calibrate import table_from_statistics
+from quantlab.controlflow import (
+    RECORD_KEY,
+    bind_inputs,
+    control_flow_notes,
+    float_subgraph_tensors,
+    inline_constant_ifs,
+    resolve_static_control_flow,
+)
+from quantlab.errors import ModelError
+from quantlab.fingerprint import sha256_file
+from quantlab.graph import activation_names, load_model, model_from_proto
+from quantlab.plan import uniform_plan
+from quantlab.quantize import WriteOptions, write_model
+from quantlab.stats import collect_statistics
+
+
+def _feeds(batch: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input": rng.normal(0, 1, (batch, 64)).astype(np.float32),
+            "state": rng.normal(0, 0.5, (2, batch, 128)).astype(np.float32)}
+
+
+def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    runner = get_backend("ort").build(proto)
+    try:
+        return runner.run(feeds)
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("rate, branch", [(16000, "then_branch"), (8000, "else_branch")])
+def test_constant_condition_if_is_inlined_with_the_same_outputs(rate, branch):
+    proto = models.voice_activity(sample_rate=rate)
+    inlined, done = inline_constant_ifs(proto)
+    onnx.checker.check_model(inlined, full_check=True)
+    assert [d.branch for d in done] == [branch] and done[0].sources == ("sr", "sr_16k")
+    ops = [n.op_type for n in inlined.graph.node]
+    assert "If" not in ops and "Constant" not in ops and "Equal" not in ops  # condition cone removed too
+    tag = "16k" if rate == 16000 else "8k"
+    assert {f"w_{tag}", f"b_{tag}"} <= {i.name for i in inlined.graph.initializer}  # weights as initializers
+    feeds = _feeds(3, 0)
+    before, after = _run(proto, feeds), _run(inlined, feeds)
+    for name in ("prob", "stateN"):
+        np.testing.assert_array_equal(before[name], after[name])  # the same nodes run on the same values
+    assert {f"mm_{tag}", f"pre_{tag}", "enc"} <= set(activation_names(model_from_proto(inlined).proto))
+    recorded, _ = resolve_static_control_flow(proto)
+    assert control_flow_notes(recorded) == (done[0].note(),) and RECORD_KEY in {p.key for p in recorded.metadata_props}
+
+
+def test_condition_from_the_data_is_left_and_its_tensors_listed():
+    free = _data_driven_vad()
+    out, done = inline_constant_ifs(free)
+    assert done == () and out is free
+    left = float_subgraph_tensors(out)
+    assert set(left) == {"mm_16k", "pre_16k", "enc_16k", "mm_8k", "pre_8k", "enc_8k"}
+    assert "condition depends on the data" in left["enc_8k"]
+    note = control_flow_notes(out)[0]
+    assert note.startswith("6 tensor(s) left in float") and "by_sample_rate" in note
+    # the value the data always feeds, bound as a constant: inlined
+    _, done = inline_constant_ifs(bind_inputs(free, {"sr": np.array(8000, np.int64)}))
+    assert [d.branch for d in done] == ["else_branch"]
+    with pytest.raises(ModelError, match="'rate'"):
+        bind_inputs(free, {"rate": np.array(1)})
+
+
+def _branch(name: str, nodes: list[onnx.NodeProto], out: str) -> onnx.GraphProto:
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, [2])])
+
+
+def test_nested_ifs_and_names_two_branches_share():
+    """The first If's branch holds another constant If; the second If's branch reuses the name 'u' the
+    first one brought into the main graph, so the second inlining renames it 'second/u'."""
+    inner = helper.make_node("If", ["flag"], ["y"], name="inner",
+                             then_branch=_branch("it", [helper.make_node("Neg", ["x"], ["n"], name="neg")], "n"),
+                             else_branch=_branch("ie", [helper.make_node("Identity", ["x"], ["s"], name="s")], "s"))
+    first_then = _branch("ft", [helper.make_node("Relu", ["x"], ["u"], name="relu"), inner,
+                                helper.make_node("Add", ["y", "u"], ["r"], name="add")], "r")
+    second_then = _branch("st", [helper.make_node("Sigmoid", ["x"], ["u"], name="sig"),
+                                 helper.make_node("Neg", ["u"], ["v"], name="neg2")], "v")
+    other = _branch("oe", [helper.make_node("Identity", ["x"], ["w"], name="w")], "w")
+    graph = helper.make_graph(
+        [helper.make_node("Not", ["off"], ["on"], name="not"),
+         helper.make_node("If", ["on"], ["z1"], name="first", then_branch=first_then, else_branch=other),
+         helper.make_node("If", ["on"], ["z2"], name="second", then_branch=second_then, else_branch=other),
+         helper.make_node("Mul", ["z1", "z2"], ["out"], name="mul")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])],
+        initializer=[numpy_helper.from_array(np.array(False), "off"), numpy_helper.from_array(np.array(False), "flag")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    inlined, done = inline_constant_ifs(proto)
+    onnx.checker.check_model(inlined, full_check=True)
+    assert [(d.node, d.branch) for d in done] == [("first", "then_branch"), ("inner", "else_branch"),
+                                                  ("second", "then_branch")]
+    assert "If" not in {n.op_type for n in inlined.graph.node}
+    assert "second/u" in {t for n in inlined.graph.node for t in n.output}
+    assert {"relu", "add", "sig", "neg2"} <= {n.name for n in inlined.graph.node}  # names kept where free
+    x = {"x": np.array([-1.5, 2.0], np.float32)}
+    np.testing.assert_array_equal(_run(proto, x)["out"], _run(inlined, x)["out"])
+
+
+def _data_driven_vad() -> onnx.ModelProto:
+    """voice_activity with ``sr`` a real input (no initializer): its If cannot be inlined."""
+    proto = models.voice_activity()
+    del proto.graph.initializer[[i.name for i in proto.graph.initializer].index("sr")]
+    return proto
+
+
+def _calibrated_int8(proto: onnx.ModelProto, extra: dict[str, np.ndarray] | None = None):
+    model = model_from_proto(proto, label="voice_activity")
+    stats = collect_statistics(model, lambda: [{**_feeds(4, s), **(extra or {})} for s in range(3)])
+    table = table_from_statistics(stats, "minmax")
+    return model, table, write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+
+
+def test_inlined_branch_is_calibrated_written_and_recorded_in_provenance(tmp_path):
+    onnx.save(models.voice_activity(), tmp_path / "vad.onnx")
+    loaded = load_model(tmp_path / "vad.onnx")  # loading inlines (quantlab.graph.load)
+    assert "If" not in {n.op_type for n in loaded.proto.graph.node}
+    assert loaded.sha256 == sha256_file(tmp_path / "vad.onnx")  # tables still name the file as given
+    inlined = loaded.proto
+    _, table, written = _calibrated_int8(inlined)
+    assert {"mm_16k", "pre_16k", "enc"} <= set(table.ranges)  # enc_16k computes under the If output name
+    dq_of = {n.input[0] for n in written.proto.graph.node if n.op_type == "DequantizeLinear"}
+    assert any(t.startswith("w_16k") for t in dq_of)  # the branch weight is quantized
+    assert any("by_sample_rate" in n and "then_branch inlined" in n for n in written.provenance.notes)
+    feeds = _feeds(2, 7)
+    got, want = _run(written.proto, feeds), _run(inlined, feeds)
+    assert np.abs(got["prob"] - want["prob"]).max() < 0.05  # INT8 error on a probability, not a wrong branch
+
+
+def test_written_models_with_and_without_inlining_build_with_tensorrt_rtx():
+    """Loading inlines the constant If; with ``sr`` fed by the data the If stays, its tensors float."""
+    backend = _rtx()
+    from quantlab.shapes import ShapeLog, profiles_from_data
+
+    log = ShapeLog()
+    for s, batch in enumerate((4, 4, 2)):
+        log.observe(_feeds(batch, s))
+    shapes = profiles_from_data({"input": (-1, 64), "state": (2, -1, 128)}, log)
+    assert shapes["state"].as_lists() == [[2, 2, 128], [2, 4, 128], [2, 4, 128]]  # axis 1 not the batch: data's range
+    per_input = profiles_from_data({"input": (-1, 64), "state": (2, -1, 128)}, log, {"input": 0, "state": 1})
+    assert per_input["state"].min == (2, 1, 128) and per_input["input"].min == (1, 64)
+    _, table, inlined = _calibrated_int8(models.voice_activity())  # model_from_proto inlines the If
+    assert "mm_16k" in table.ranges and "If" not in {n.op_type for n in inlined.proto.graph.node}
+    sr = {"sr": np.array(16000, np.int64)}
+    _, table, kept = _calibrated_int8(_data_driven_vad(), sr)
+    assert "mm_16k" not in table.ranges and "If" in {n.op_type for n in kept.proto.graph.node}
+    assert any("6 tensor(s) left in float" in n for n in kept.provenance.notes)
+    for written in (inlined, kept):
+        engine = backend.build_engine(written.proto, shapes=shapes, label="voice_activity")
+        assert len(engine) > 10_000
+
+
+def test_static_loop_is_unrolled_calibrated_and_builds_with_tensorrt_rtx():
+    proto = models.refinement_loop(trips=3)
+    out, done = resolve_static_control_flow(proto)
+    onnx.checker.check_model(out, full_check=True)
+    assert [(d.node, d.trips) for d in done] == [("refine", 3)]
+    assert "Loop" not in {n.op_type for n in out.graph.node}
+    x = {"input": np.random.default_rng(1).normal(0, 1, (2, 16)).astype(np.float32)}
+    before, after = _run(proto, x), _run(out, x)
+    for name in ("refined", "steps"):
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-6, atol=1e-6)
+    model = model_from_proto(out, label="refinement_loop")
+    stats = collect_statistics(model, lambda: [{"input": np.random.default_rng(s).normal(0, 1, (4, 16))
+                                                .astype(np.float32)} for s in range(2)])
+    table = table_from_statistics(stats, "minmax")
+    assert {f"refine/{i}/pre" for i in range(3)} <= set(table.ranges)  # every iteration calibrated
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert any("trip count 3 (static), unrolled" in n for n in written.provenance.notes)
+    backend = _rtx()
+    assert len(backend.build_engine(written.proto, shapes=_batch_range("input", 16),
+                                    label="refinement_loop")) > 10_000
+
+
+def test_loops_the_data_drives_or_too_long_stay_float_with_the_reason():
+    long_loop = models.refinement_loop(trips=100)
+    out, done = resolve_static_control_flow(long_loop)
+    assert done == () and out is long_loop
+    left = float_subgraph_tensors(out)
+    assert set(left) == {"mixed", "pre", "h_out", "step"}  # not the bool continue condition
+    assert "trip count 100 is above the unrolling limit 64" in left["pre"]
+    by_data = models.refinement_loop()
+    shape = helper.make_node("Shape", ["input"], ["in_shape"], name="in_shape", start=0, end=1)
+    squeeze = helper.make_node("Squeeze", ["in_shape"], ["batch_trips"], name="batch_trips")
+    by_data.graph.node.insert(0, squeeze)
+    by_data.graph.node.insert(0, shape)
+    by_data.graph.node[3].input[0] = "batch_trips"
+    assert resolve_static_control_flow(by_data)[1] == ()
+    assert "trip count set by the data" in float_subgraph_tensors(by_data)["pre"]
+    assert any(n.startswith("4 tensor(s) left in float, inside the body of Loop 'refine'")
+               for n in control_flow_notes(by_data))
+
+
+def _rtx():
+    trt = pytest.importorskip("quantlab.backends.tensorrt")
+    try:
+        return trt.TensorRTBackend("tensorrt-rtx")
+    except Exception as exc:  # noqa: BLE001 - any missing piece of TensorRT-RTX: skip, saying why
+        pytest.skip(f"TensorRT-RTX is not usable here: {exc}")
+
+
+def _batch_range(name: str, width: int):
+    from quantlab.shapes import parse_shapes
+
+    return parse_shapes(f"{name}:1x{width},4x{width},8x{width}")

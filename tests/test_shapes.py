@@ -1,0 +1,123 @@
+"""--shapes parsing and profiles derived from the shapes the data holds (quantlab.shapes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantlab.errors import InputMismatchError
+from quantlab.shapes import (
+    ShapeLog,
+    ShapeRange,
+    check_range_fits,
+    format_shapes,
+    parse_shapes,
+    profiles_from_data,
+)
+
+
+def test_trtexec_style_shapes_parse_for_several_inputs():
+    ranges = parse_shapes("x:1x3x48x64,8x3x48x320,32x3x48x1600 mask:1x16,8x16,32x16")
+    assert ranges["x"] == ShapeRange("x", (1, 3, 48, 64), (8, 3, 48, 320), (32, 3, 48, 1600))
+    assert ranges["mask"].opt == (8, 16)
+    # comma-separated inputs, a repeated flag, a name holding ':' and a single fixed shape
+    again = parse_shapes(["x:1x3x48x64,8x3x48x320,32x3x48x1600,input:0:2x5", "y:4"])
+    assert again["x"] == ranges["x"]
+    assert again["input:0"] == ShapeRange("input:0", (2, 5), (2, 5), (2, 5))
+    assert again["y"].max == (4,)
+    assert parse_shapes(format_shapes(ranges)) == ranges
+
+
+@pytest.mark.parametrize("text, says", [
+    ("x:1x3,2x3", "'x' has 2 shapes"),
+    ("x:1x3,2x3,3x3,4x3", "'x' has 4 shapes"),
+    ("x:1x3,8x3,4x3", "axis 0: MIN 1, OPT 8, MAX 4"),
+    ("x:1x3,8x3x2,9x3", "ranks 2, 3 and 2"),
+    ("x:1x3,8*3,9x3", "OPT shape '8\\*3' of input 'x'"),
+    ("1x3,8x3,9x3", "before any input name"),
+    (":1x3", "no input name"),
+    ("x:0x3,1x3,1x3", "1 <= MIN"),
+    ("x:1,2,3 x:1,2,3", "given twice"),
+    ("  ", "empty"),
+])
+def test_bad_shapes_name_the_input_and_say_what_to_write(text, says):
+    with pytest.raises(InputMismatchError, match=says) as err:
+        parse_shapes(text)
+    assert "NAME:MIN,OPT,MAX" in str(err.value)
+
+
+def test_range_must_keep_the_models_rank_and_fixed_dims():
+    r = parse_shapes("x:1x3x48x64,8x3x48x320,32x3x48x1600")["x"]
+    check_range_fits(r, (-1, 3, 48, -1))
+    with pytest.raises(InputMismatchError, match="axis 2 .* fixes it to 32; write 32"):
+        check_range_fits(r, (-1, 3, 32, -1))
+    with pytest.raises(InputMismatchError, match="rank 4 .*rank 3"):
+        check_range_fits(r, (-1, 3, -1))
+
+
+def test_profiles_follow_the_data_and_never_invent_a_width_of_1():
+    log = ShapeLog()
+    for batch, width in [(8, 320), (8, 320), (8, 160), (3, 640)]:  # the last batch is partial
+        log.observe({"image": np.zeros((batch, 3, 48, width), np.float32), "fixed": np.zeros((batch, 4))})
+    ranges = profiles_from_data({"image": (-1, 3, 48, -1), "fixed": (2, 4)}, log)
+    assert set(ranges) == {"image"}  # a fully static input needs no profile
+    image = ranges["image"]
+    assert image.min == (1, 3, 48, 160)  # batch down to 1 (partial batches); width only what the data had
+    assert image.opt == (8, 3, 48, 320)  # the most frequent value per axis
+    assert image.max == (8, 3, 48, 640)
+    assert log.as_dict()["image"][0] == [8, 3, 48, 320, 2]
+    again = ShapeLog.from_dict(log.as_dict())  # what a calibration table can keep for `quantlab build`
+    assert profiles_from_data({"image": (-1, 3, 48, -1)}, again) == ranges
+    with pytest.raises(InputMismatchError, match="calib.json: input 'image'"):
+        ShapeLog.from_dict({"image": [[8, -3, 2]]}, where="calib.json")
+
+
+def test_data_shapes_that_break_the_model_are_named():
+    log = ShapeLog()
+    log.observe({"image": np.zeros((2, 3, 32, 64), np.float32)})
+    with pytest.raises(InputMismatchError, match="'image'.*axis 2"):
+        profiles_from_data({"image": (-1, 3, 48, -1)}, log)
+
+
+EXPERIMENT = """\
+name = "ocr"
+
+[model]
+path = "model.onnx"
+shapes = "{shapes}"
+
+[data]
+calibration = "calib.toml"
+validation = "val.toml"
+"""
+
+
+def test_experiment_files_take_shapes_and_name_the_line_of_a_bad_one(tmp_path):
+    from quantlab.errors import ExperimentError
+    from quantlab.experiment import load_experiment
+
+    for name in ("model.onnx", "calib.toml", "val.toml"):
+        (tmp_path / name).write_text("x")
+    good = tmp_path / "good.toml"
+    good.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320,32x3x48x1600"))
+    config = load_experiment(good)
+    assert parse_shapes(config.shapes)["image"].max == (32, 3, 48, 1600)
+    assert config.settings()["shapes"] == config.shapes
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320"))
+    with pytest.raises(ExperimentError) as err:
+        load_experiment(bad)
+    text = str(err.value)
+    assert "bad.toml: line 5" in text and "'image' has 2 shapes" in text and "NAME:MIN,OPT,MAX" in text
+
+
+def test_a_build_takes_the_flag_else_the_recorded_data_shapes_else_nothing():
+    from quantlab.shapes import shapes_for_build
+
+    net = {"image": (-1, 3, 48, -1)}
+    recorded = {"image": [[8, 3, 48, 320, 5], [2, 3, 48, 96, 1]]}
+    flag = shapes_for_build("image:1x3x48x64,8x3x48x320,32x3x48x1600", recorded, net)
+    assert flag["image"].max == (32, 3, 48, 1600)
+    assert shapes_for_build(None, recorded, net)["image"].as_lists() == [[1, 3, 48, 96], [8, 3, 48, 320],
+                                                                        [8, 3, 48, 320]]
+    assert shapes_for_build(None, None, net) is None
