@@ -46,6 +46,7 @@ COMMANDS: tuple[str, ...] = (
     "perf",
     "compare",
     "search",
+    "coverage",
     "run",
     "sweep",
     "report",

@@ -3,6 +3,7 @@
     quantlab calibrate model.onnx --calib calib_sets/NAME.toml --method entropy --out runs/calib
     quantlab calibrate model.onnx --calib calib_sets/NAME.toml --method all --trt-cache --out runs/calib
     quantlab calibrate model.onnx --calib calib_sets/NAME.toml --method entropy --entropy-keep-zeros --out runs/calib
+    quantlab calibrate model.onnx --stats runs/calib/statistics.npz --stats runs/cov/prod/statistics.npz --out runs/c2
 
 Writes into ``--out`` (atomically: a failed run leaves the previous folder or nothing):
 
@@ -61,8 +62,12 @@ def register(subparsers: Any) -> None:
 
     p = add_command(subparsers, "calibrate", __doc__, HELP)
     p.add_argument("model", type=path_arg, help="FP32 ONNX model file")
-    p.add_argument("--calib", type=path_arg, required=True, metavar="TOML",
-                   help="calibration set manifest, e.g. calib_sets/NAME.toml")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--calib", type=path_arg, metavar="TOML",
+                        help="calibration set manifest, e.g. calib_sets/NAME.toml")
+    source.add_argument("--stats", type=path_arg, action="append", metavar="NPZ",
+                        help="recalibrate from statistics.npz files instead (repeat: their histograms are merged, "
+                             "no model run), e.g. a calibrate output's and a `quantlab coverage` OUT/SET/statistics.npz")
     p.add_argument("--method", choices=[*METHOD_NAMES, ALL], default=DEFAULT_METHOD,
                    help=f"calibration method; '{ALL}' = " + ", ".join(ALL_METHODS) + f" from one pass (default "
                         f"{DEFAULT_METHOD})")
@@ -144,7 +149,7 @@ def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model
             "command": "calibrate",
             "model": str(args.model),
             "model_sha256": model.sha256,
-            "calib": str(args.calib),
+            "calib": str(args.calib) if args.calib else [str(p) for p in args.stats],
             "methods": list(result.tables),
             "percentile": args.percentile,
             "entropy_skip_zeros": not args.entropy_keep_zeros,
@@ -167,16 +172,23 @@ def run(args: argparse.Namespace) -> int:
     from ..graph import load_model
     from ..stats import scope_tensors
 
-    prepare_output(args.out, owned_files(), command="calibrate", inputs=[args.model, args.calib])
+    inputs = [args.model, *([args.calib] if args.calib else args.stats)]
+    prepare_output(args.out, owned_files(), command="calibrate", inputs=inputs)
     model = load_model(args.model)
-    dataset = _load_dataset(args.calib)
     methods = list(resolve_methods(args.method))
-    tensors = scope_tensors(model.proto, args.tensors)
-    print(f"quantlab calibrate: {model.label}: {len(tensors)} tensors, method(s) {', '.join(methods)}",
-          file=sys.stderr, flush=True)
-    result = calibrate(model, dataset, methods, percentile=args.percentile, batch_size=args.batch_size,
-                       progress=not args.no_progress, tensors=tensors,
-                       entropy_skip_zeros=not args.entropy_keep_zeros)
+    if args.stats:  # merged histograms: no model run (quantlab.coverage.recalibrate)
+        from ..coverage import recalibrate
+
+        result = recalibrate(model, args.stats, methods, percentile=args.percentile,
+                             entropy_skip_zeros=not args.entropy_keep_zeros)
+    else:
+        dataset = _load_dataset(args.calib)
+        tensors = scope_tensors(model.proto, args.tensors)
+        print(f"quantlab calibrate: {model.label}: {len(tensors)} tensors, method(s) {', '.join(methods)}",
+              file=sys.stderr, flush=True)
+        result = calibrate(model, dataset, methods, percentile=args.percentile, batch_size=args.batch_size,
+                           progress=not args.no_progress, tensors=tensors,
+                           entropy_skip_zeros=not args.entropy_keep_zeros)
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 100):
         print("\ncalibration data")
         frame = result.data.to_frame() if hasattr(result.data, "to_frame") else pd.DataFrame([result.data.as_dict()])

@@ -5,7 +5,8 @@
 runs the stages below and writes ``reports/NAME/``::
 
     model ─► calibrate (one statistics pass, every calibrator) ─► build (FP16, INT8 per calibrator)
-          ─► compare (FP32 reference vs candidates) ─► search (if the threshold is missed) ─► report
+          ─► compare (FP32 reference vs candidates) ─► search (if the threshold is missed)
+          ─► coverage (does the calibration set cover the validation / [[coverage]] sets?) ─► report
 
 Each stage writes its output folder under ``reports/NAME/stages/`` through
 :func:`quantlab.atomic.atomic_dir`, with ``key.json`` holding the hash of its
@@ -45,6 +46,11 @@ The experiment file (paths are relative to the file itself)::
 
     [report]
     worst_tensors = 6                   # histograms drawn for this many tensors
+    coverage = true                     # the "Calibration coverage" section (quantlab.coverage)
+    coverage_gate = "outside_samples_max>0.2"   # its verdict (the default shown; `quantlab coverage --fail-if`)
+
+    [[coverage]]                        # optional, repeatable: more data sets checked against the
+    data = "../calib_sets/night.toml"   # calibration set, besides the validation set
 
     [export]                            # optional: after the report, `quantlab export triton`
     repository = "../models"            # Triton model repository (relative to this file)
@@ -60,6 +66,7 @@ Package layout (each module reads only those above it)::
     store.py          stage folders reused by key hash; the run manifest
     stages.py         what each stage writes, and how its results are read back
     report_inputs.py  from stage folders to quantlab.report.ReportInputs
+    coverage.py       the coverage stage and its report view
     run.py            run_experiment: the stages in order
 """
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from ..quantize import WrittenModel
 from ..report import Verdict, save_report_inputs, write_report
 from ..table import CalibrationTable, read_table
 from ..zoo import zoo_model_path
+from .coverage import run_coverage
 from .report_inputs import assemble_report_inputs
 from .spec import ExperimentConfig
 from .stages import (
@@ -102,9 +103,16 @@ class _Run:
         frames, cmp_dir = self._compare(model, written, build_keys, val, cal_dir)
         self.messages += list(read_json(cmp_dir / "compare.json").get("warnings", []))
         verdict, search_dir = self._verdict_and_search(model, val, tables, written, frames["end_to_end"])
+        coverage = None
+        if config.coverage:
+            rec, coverage, message = run_coverage(self.report_dir, model, config, val, tables, cal_dir, self.common,
+                                                  self.stages[0].key_sha256)
+            self.stages.append(rec)
+            self.messages.append(message)
         t0 = time.perf_counter()
         inputs = assemble_report_inputs(config, model, tables, cal_dir, frames, written, verdict, search_dir,
                                         self.stages, self.messages, self.command)
+        inputs = replace(inputs, coverage=coverage)
         with atomic_dir(self.report_dir / "results") as tmp:
             save_report_inputs(tmp, inputs)
         index = write_report(self.report_dir, inputs)

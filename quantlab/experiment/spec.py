@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..coverage.gate import parse_gate
 from ..errors import ExperimentError, InputMismatchError, ThresholdError
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
 from ..schema import Key, Where, check_table, read_toml_text, is_int, is_num, non_empty_str, one_of, show
@@ -64,6 +65,9 @@ class ExperimentConfig:
     export_max_batch_size: int | None = None
     export_dynamic_batching: bool = False
     export_instances: int = 1
+    coverage: bool = True
+    coverage_gate: str | None = None
+    coverage_sets: tuple[Path, ...] = ()
 
     def settings(self) -> dict[str, Any]:
         """Everything that shapes results, as plain data (recorded in the manifest)."""
@@ -74,6 +78,8 @@ class ExperimentConfig:
             "percentile": self.percentile, "fp16": self.fp16, "int8": list(self.int8), "target": self.target,
             "search": self.search, "search_calibrator": self.search_calibrator,
             "search_budget": self.search_budget, "worst_tensors": self.worst_tensors,
+            "coverage": {"enabled": self.coverage, "gate": self.coverage_gate,
+                         "sets": [str(p) for p in self.coverage_sets]},
         }
         if self.shapes is not None:
             out["shapes"] = self.shapes
@@ -97,6 +103,11 @@ def _count(v: Any) -> bool:
     return is_int(v) and v >= 0
 
 
+def _coverage_sets(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(t, dict) and set(t) == {"data"} and non_empty_str(t["data"])
+                                       for t in v)
+
+
 # (table, key) -> (Key, the ExperimentConfig field it fills); table "" is the top level
 _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
     "": {
@@ -104,6 +115,8 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
         "seed": (Key(_COUNT, _count, "seed = 0"), "seed"),
         "backend": (Key(f"one of {', '.join(map(repr, BACKENDS))}", one_of(BACKENDS), 'backend = "ort"'), "backend"),
         "threshold": (Key("a threshold expression", non_empty_str, 'threshold = "cosine>=0.995"'), "threshold"),
+        "coverage": (Key("[[coverage]] tables, each with data = a manifest path", _coverage_sets,
+                         '[[coverage]]\ndata = "../calib_sets/night.toml"'), "coverage_sets"),
     },
     "model": {
         "path": (Key("a path string (relative to the experiment file)", non_empty_str, 'path = "model.onnx"'),
@@ -135,6 +148,9 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
     },
     "report": {
         "worst_tensors": (Key(_COUNT, _count, "worst_tensors = 6"), "worst_tensors"),
+        "coverage": (Key("true or false", lambda v: isinstance(v, bool), "coverage = true"), "coverage"),
+        "coverage_gate": (Key("a coverage threshold", non_empty_str, 'coverage_gate = "saturated_max>0.01"'),
+                          "coverage_gate"),
     },
     "export": {
         "repository": (Key("a folder path string (relative to the experiment file)", non_empty_str,
@@ -172,6 +188,8 @@ def _values(data: Mapping[str, Any], where: Where, base: Path) -> dict[str, Any]
 
 
 def _converted(field: str, value: Any, where: str, base: Path) -> Any:
+    if field == "coverage_sets":
+        return tuple(_converted("validation", t["data"], where, base) for t in value)
     if isinstance(value, list):
         return tuple(value)
     if field == "shapes":
@@ -209,6 +227,8 @@ def parse_experiment(text: str, *, source: Path | None = None, base: Path | None
                               "for the [export] table.")
     if "threshold" in values:
         _check_threshold(values["threshold"], where.at("", None, "threshold"))
+    if "coverage_gate" in values:
+        _check_threshold(values["coverage_gate"], where.at("report", None, "coverage_gate"), coverage=True)
     name = values.pop("name", None) or (source.stem if source else "experiment")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
         raise ExperimentError(f"{where.at('', None, 'name')}: is {name!r}; use letters, digits, '_', '-', '.' "
@@ -243,10 +263,10 @@ def _check_candidates(values: dict[str, Any], where: Where) -> None:
                               f"or one of {', '.join(calibrators)}.")
 
 
-def _check_threshold(expr: str, where: str) -> None:
-    """Parse the threshold with the comparator's own language (quantlab.threshold)."""
+def _check_threshold(expr: str, where: str, coverage: bool = False) -> None:
+    """Parse the threshold with the comparator's own language (quantlab.threshold); coverage gates name its metrics."""
     try:
-        parse_threshold(expr)
+        parse_gate(expr) if coverage else parse_threshold(expr)
     except ThresholdError as exc:
         raise ExperimentError(f"{where}: {exc}") from None
 

@@ -102,6 +102,8 @@ class ReportInputs:
       a ``precision`` column.
     - ``environment``: tool versions; ``reproducibility``: hashes, settings,
       seed, command line (nested dicts are flattened for display).
+    - ``coverage``: the calibration-coverage figures as plain data
+      (:func:`quantlab.report.coverage.coverage_view`), None when not computed.
     """
 
     title: str
@@ -120,6 +122,7 @@ class ReportInputs:
     environment: Mapping[str, str] = field(default_factory=dict)
     reproducibility: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    coverage: Mapping[str, Any] | None = None
 
 
 def worst_layers(per_layer: pd.DataFrame, higher_is_better: bool, n: int) -> pd.DataFrame:

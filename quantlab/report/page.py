@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..atomic import write_bytes, write_text
 from .inputs import ReportInputs
+from .coverage import coverage_section
 from .markup import esc, page
 from .plots import report_plots
 from .sections import (
@@ -41,13 +42,14 @@ def render_report(inputs: ReportInputs, plots: Mapping[str, bytes] | None = None
         end_to_end_section(inputs),
         per_layer_section(inputs, plots),
         histogram_section(inputs, plots),
+        coverage_section(inputs.coverage),
         sensitivity_section(inputs) if has_sens else "",
         trajectory_section(inputs, plots),
         plan_section(inputs),
         environment_section(inputs),
     ]
     nav = [("verdict", "Verdict"), ("end-to-end", "End to end"), ("per-layer", "Per layer"),
-           ("histograms", "Histograms")]
+           ("histograms", "Histograms")] + ([("coverage", "Coverage")] if inputs.coverage else [])
     if has_sens:
         nav.append(("sensitivity", "Sensitivity"))
     nav.append(("search", "Search"))

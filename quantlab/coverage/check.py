@@ -1,0 +1,145 @@
+"""``check_coverage``: does the calibration set represent these data sets? One pass per set, then the figures.
+
+    table + calibration statistics ──> per-tensor coarse bins (amax, calibration deciles)
+    each data set ──> coverage_pass ──> rows (saturation, PSI with bootstrap interval, W1), worst samples,
+                                        per-input summary, fine histograms (mergeable statistics)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..errors import CalibrationError
+from ..graph import LoadedModel
+from ..stats import Statistics
+from ..table import CalibrationTable
+from .collect import PassResult, TensorTally, check_names, coverage_pass, pass_statistics, table_bins
+from .distance import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, psi_estimate, wasserstein_relative
+from .result import CoverageResult, DataSetCoverage, parse_gate
+
+__all__ = ["CoverageOptions", "check_coverage", "coverage_of"]
+
+
+@dataclass(frozen=True)
+class CoverageOptions:
+    """Settings of a coverage check (defaults defined here only)."""
+
+    batch_size: int = 8
+    resamples: int = DEFAULT_RESAMPLES
+    confidence: float = DEFAULT_CONFIDENCE
+    seed: int = 0
+    worst_samples: int = 10
+    gate: str | None = None
+    """Threshold that fails the check (None: :data:`quantlab.coverage.result.DEFAULT_GATE`)."""
+    backend: str = "ort"
+
+
+def _row(name: str, tally: TensorTally, calib: Any, clipped: float, samples: int, calib_samples: int,
+         weights: np.ndarray | None, confidence: float) -> dict[str, Any]:
+    total = tally.blocks.total()
+    values = int(total.sum())
+    b = tally.bins
+    sat = int(total[b.first_saturated:].sum())
+    out = int(total[b.first_outside])
+    est = psi_estimate(tally.blocks.used(), b.reference, calib_samples, samples, confidence=confidence,
+                       weights=weights)
+    fine = tally.fine.state()
+    saturated = sat / values if values else math.nan
+    excess = est.ci_low - est.noise if not math.isnan(est.ci_low) else math.nan
+    return {
+        "tensor": name, "samples": samples, "values": values, "amax": b.amax, "calib_absmax": b.calib_absmax,
+        "absmax": fine.absmax, "saturated": saturated, "saturated_calib": clipped,
+        "saturated_excess": saturated - clipped, "saturated_samples": tally.saturated_samples / samples,
+        "outside": out / values if values else math.nan, "outside_samples": tally.outside_samples / samples,
+        "psi": est.value, "psi_ci_low": est.ci_low, "psi_ci_high": est.ci_high, "psi_noise": est.noise,
+        "psi_excess": excess, "wasserstein": wasserstein_relative(calib, fine, b.amax),
+        "zeros": fine.zero_fraction, "calib_zeros": calib.zero_fraction,
+    }
+
+
+def _rows(result: PassResult, table: CalibrationTable, calibration: Statistics,
+          options: CoverageOptions) -> tuple[dict[str, Any], ...]:
+    any_tally = next(iter(result.tallies.values()), None)
+    n_blocks = any_tally.blocks.used().shape[0] if any_tally is not None else 0
+    weights = None
+    if n_blocks >= 2 and options.resamples > 0:
+        rng = np.random.default_rng(options.seed)
+        weights = rng.multinomial(n_blocks, np.full(n_blocks, 1.0 / n_blocks), size=options.resamples)
+    return tuple(_row(t, tally, calibration.tensors[t], table.ranges[t].clipped_fraction, result.samples,
+                      calibration.samples, weights, options.confidence) for t, tally in result.tallies.items())
+
+
+def _notes(name: str, summary: Any, calibration_summary: Any) -> tuple[str, ...]:
+    if calibration_summary is None or summary is None:
+        return ()
+    from ..data import overlap
+
+    shared = overlap(calibration_summary, summary)
+    if not shared:
+        return ()
+    note = (f"{name}: {shared} of {summary.count} samples are also in the calibration set; their coverage is "
+            "trivially good, so this set looks better covered than new data would be")
+    return (note,)
+
+
+def coverage_of(model: LoadedModel, dataset: Any, table: CalibrationTable, calibration: Statistics, *,
+                options: CoverageOptions = CoverageOptions(), backend: Backend | None = None,
+                calibration_summary: Any = None, name: str | None = None) -> DataSetCoverage:
+    """Coverage of one data set (a ``quantlab.data.DataSet``) by ``table`` calibrated on ``calibration``."""
+    from ..backends import get_backend
+    from ..data import check_inputs
+
+    check_inputs(dataset, model, batch_size=options.batch_size)
+    bins = table_bins(table, calibration)
+    check_names(list(bins), model)
+    result = coverage_pass(model, dataset.batches(options.batch_size), bins,
+                           backend=backend if backend is not None else get_backend(options.backend),
+                           fine_bins=calibration.bins, huge_threshold=calibration.huge_threshold,
+                           worst_samples=options.worst_samples)
+    label = name or getattr(dataset, "name", "data")
+    stats = pass_statistics(result, model.sha256, calibration.bins, calibration.huge_threshold,
+                            backend.describe().as_dict() if backend is not None and hasattr(backend, "describe")
+                            else {})
+    return DataSetCoverage(
+        name=label, source=dataset.describe_source() if hasattr(dataset, "describe_source") else label,
+        samples=result.samples, rows=_rows(result, table, calibration, options),
+        worst_samples=tuple(s.as_dict() for s in result.worst), summary=result.summary, statistics=stats,
+        notes=_notes(label, result.summary, calibration_summary))
+
+
+def check_coverage(model: LoadedModel, datasets: Sequence[Any], table: CalibrationTable, calibration: Statistics, *,
+                   options: CoverageOptions = CoverageOptions(), backend: Backend | None = None,
+                   calibration_summary: Any = None, calibration_source: Mapping[str, Any] | None = None,
+                   ) -> CoverageResult:
+    """Coverage of every data set in ``datasets``, with the gate's threshold checked before any work."""
+    parse_gate(options.gate)
+    if table.model_sha256 and table.model_sha256 != model.sha256:
+        raise CalibrationError(f"the calibration table was made for another model (sha256 {table.model_sha256[:12]}, "
+                               f"{model.label} is {model.sha256[:12]}); give this model's table")
+    if not datasets:
+        raise CalibrationError("no data set to check; give at least one --data manifest")
+    sets = []
+    names: list[str] = []
+    for dataset in datasets:
+        base = getattr(dataset, "name", "data")
+        label, k = base, 2
+        while label in names:
+            label, k = f"{base}#{k}", k + 1
+        names.append(label)
+        sets.append(coverage_of(model, dataset, table, calibration, options=options, backend=backend,
+                                calibration_summary=calibration_summary, name=label))
+    from .result import DEFAULT_GATE
+
+    calib = {**dict(calibration_source or {}), "samples": calibration.samples}
+    if calibration_summary is not None and hasattr(calibration_summary, "as_dict"):
+        calib["summary"] = calibration_summary.as_dict()
+    return CoverageResult(datasets=tuple(sets), gate=options.gate or DEFAULT_GATE,
+                          table={"method": table.method, "model_sha256": table.model_sha256,
+                                 "calib_set": dict(table.calib_set)},
+                          calibration=calib)

@@ -1,0 +1,61 @@
+"""The coverage stage of ``quantlab run``: does the calibration set cover the validation set (and ``[[coverage]]`` sets)?
+
+Runs after the comparison, on the table of the first INT8 candidate's method
+(the first calibrator when there is none), and is reused like any stage while
+the model, the calibration stage and the data are unchanged. Its result feeds
+the report's "Calibration coverage" section; it never changes the run's verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..coverage import CoverageOptions, check_coverage, load_coverage
+from ..data import DataSet, DataSummary, open_dataset
+from ..graph import LoadedModel
+from ..report.coverage import coverage_view
+from ..stats import load_statistics
+from ..table import CalibrationTable
+from .spec import ExperimentConfig
+from .store import StageRecord, data_key, run_stage
+
+__all__ = ["coverage_method", "coverage_stage", "run_coverage"]
+
+
+def coverage_method(config: ExperimentConfig) -> str:
+    """The calibrator whose table is checked: the first INT8 candidate's, else the first calibrator."""
+    return config.int8[0] if config.int8 else config.calibrators[0]
+
+
+def coverage_stage(folder: Path, model: LoadedModel, datasets: Sequence[DataSet], table: CalibrationTable,
+                   cal_dir: Path, config: ExperimentConfig) -> None:
+    import json
+
+    summary = DataSummary.from_dict(json.loads((cal_dir / "data_summary.json").read_text(encoding="utf-8")))
+    result = check_coverage(model, datasets, table, load_statistics(cal_dir / "statistics.npz"),
+                            options=CoverageOptions(gate=config.coverage_gate, seed=config.seed),
+                            calibration_summary=summary,
+                            calibration_source={"manifest": str(config.calibration), "method": table.method})
+    result.save(folder / "coverage")
+
+
+def run_coverage(report_dir: Path, model: LoadedModel, config: ExperimentConfig, val: DataSet,
+                 tables: Mapping[str, CalibrationTable], cal_dir: Path, common: Mapping[str, Any],
+                 calib_key: str) -> tuple[StageRecord, dict[str, Any], str]:
+    """Run (or reuse) the stage; its record, the report's view of it, and a one-line message."""
+    method = coverage_method(config)
+    datasets = [val, *(open_dataset(p) for p in config.coverage_sets)]
+    key = {"stage": "coverage", **common, "table": calib_key, "method": method, "gate": config.coverage_gate,
+           "data": [data_key(d) for d in datasets], "seed": config.seed}
+    rec = run_stage(report_dir, "coverage", key,
+                    lambda f: coverage_stage(f, model, datasets, tables[method], cal_dir, config))
+    result = load_coverage(rec.path / "coverage")
+    view = coverage_view(result, load_statistics(cal_dir / "statistics.npz"))
+    verdict = result.verdict()
+    flagged = len({(f["dataset"], f["tensor"]) for f in verdict["failing_tensors"]})
+    message = (f"calibration coverage ({method}): {'FLAGGED' if verdict['fails'] else 'covered'} by "
+               f"{verdict['gate']}" + (f", {flagged} tensor(s) flagged; see the Calibration coverage section"
+                                       if verdict["fails"] else ""))
+    return rec, view, message

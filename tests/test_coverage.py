@@ -1,0 +1,376 @@
+"""Calibration coverage: shifts are flagged, the same distribution is not, merged statistics equal one pass."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import models
+import numpy as np
+import onnx
+import pytest
+
+from quantlab.calibrate import calibrate
+from quantlab.cli import main
+from quantlab.coverage import (
+    CoverageOptions,
+    check_coverage,
+    load_coverage,
+    merge_states,
+    merge_statistics,
+    parse_gate,
+)
+from quantlab.coverage.bins import bin_per_sample, tensor_bins
+from quantlab.coverage.blocks import BlockCounts, SampleScore, WorstSamples
+from quantlab.coverage.distance import psi
+from quantlab.data import from_arrays
+from quantlab.errors import CalibrationError, ThresholdError
+from quantlab.graph import model_from_proto
+from quantlab.histogram import AbsHistogram
+from quantlab.stats import collect_statistics
+
+MODEL = model_from_proto(models.conv_net())
+
+
+def draw(n: int, seed: int, *, scale: float = 1.0, noise: float = 0.0, mode: float = 0.0) -> dict[str, np.ndarray]:
+    """Images with a per-sample brightness and contrast (samples differ, as photos do).
+
+    ``scale`` multiplies every input, ``noise`` adds Gaussian noise of that std, ``mode`` is the share of
+    samples from a mode calibration never saw (a bright, saturated first channel).
+    """
+    rng = np.random.default_rng(seed)
+    contrast = rng.uniform(0.6, 1.4, (n, 1, 1, 1))
+    offset = rng.uniform(-0.3, 0.3, (n, 1, 1, 1))
+    x = offset + contrast * rng.normal(0.0, 1.0, (n, 3, 16, 16))
+    x = x * scale + noise * rng.normal(0.0, 1.0, x.shape)
+    unseen = np.arange(n) < round(mode * n)
+    x[unseen, 0] = 3.0 + 0.5 * rng.normal(0.0, 1.0, (int(unseen.sum()), 16, 16))
+    return {"input": x.astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    result = calibrate(MODEL, from_arrays(draw(128, 0), name="calib"), ["entropy", "minmax"])
+    return result
+
+
+def _check(calibration, feeds, method="entropy", gate=None, seed=0):
+    data = from_arrays(feeds, name="check")
+    return check_coverage(MODEL, [data], calibration.tables[method], calibration.statistics,
+                          options=CoverageOptions(gate=gate, seed=seed, resamples=200))
+
+
+# ───────────────────────── shifts flagged, no shift not flagged ─────────────────────────
+
+
+@pytest.mark.parametrize("shift", [{"scale": 1.6}, {"noise": 1.0}, {"mode": 0.25}], ids=["scaled", "noise", "mode"])
+def test_synthetic_shift_is_flagged(calibration, shift):
+    result = _check(calibration, draw(128, 1, **shift))
+    verdict = result.verdict()
+    assert verdict["fails"], verdict
+    assert verdict["failing_tensors"], "the failing tensors are named"
+    assert result.summary["psi_excess_max"] > 0.1  # 8x the largest value of 20 unshifted draws
+    assert result.summary["saturated_excess_max"] > 0.01
+
+
+def test_unseen_mode_names_its_samples(calibration):
+    result = _check(calibration, draw(128, 1, mode=0.1))  # samples 0..12 come from the unseen mode
+    worst = [s["key"] for s in result.datasets[0].worst_samples[:10]]
+    unseen = {f"check[{i}]" for i in range(13)}
+    assert set(worst) <= unseen, worst
+    assert result.datasets[0].worst_samples[0]["tensors_outside"] >= 1
+
+
+def test_minmax_saturation_counts_values_beyond_the_calibration_range(calibration):
+    same = _check(calibration, draw(128, 1), method="minmax")
+    scaled = _check(calibration, draw(128, 1, scale=2.0), method="minmax")
+    row = {r["tensor"]: r for r in scaled.datasets[0].rows}["input"]
+    x = np.abs(draw(128, 1, scale=2.0)["input"])
+    amax = calibration.tables["minmax"].ranges["input"].amax
+    assert row["saturated"] == pytest.approx(np.mean(x > amax), abs=1e-12)
+    assert row["saturated_samples"] == pytest.approx(np.mean((x > amax).reshape(128, -1).any(axis=1)))
+    assert max(r["saturated"] for r in same.datasets[0].rows) < 1e-3
+    assert scaled.summary["saturated_max"] > 0.01
+    assert parse_gate("saturated_max>0.01") and _gate(scaled, "saturated_max>0.01")
+    assert not _gate(same, "saturated_max>0.01")
+
+
+def _gate(result, text):
+    return type(result)(result.datasets, text, result.table, result.calibration).verdict()["fails"]
+
+
+def test_same_distribution_false_alarm_rate(calibration):
+    """20 fresh draws of the calibration distribution: the default gate must stay quiet (rate measured)."""
+    alarms = []
+    excess = []
+    for seed in range(1, 21):
+        result = _check(calibration, draw(128, 100 + seed), seed=seed)
+        alarms.append(result.verdict()["fails"])
+        excess.append(result.summary["psi_excess_max"])
+        assert result.summary["outside_samples_max"] < 0.1 and result.summary["saturated_excess_max"] < 0.01
+    rate = float(np.mean(alarms))
+    print(f"false-alarm rate {rate:.2f} over 20 seeds; psi_excess_max up to {max(excess):.4f}")
+    assert rate <= 0.05
+    assert max(excess) < 0.05
+
+
+def test_bootstrap_interval_covers_the_point_and_narrows_with_samples(calibration):
+    small = _check(calibration, draw(32, 5)).datasets[0].rows
+    large = _check(calibration, draw(256, 5)).datasets[0].rows
+    for rows in (small, large):
+        for r in rows:
+            assert r["psi_ci_low"] <= r["psi_ci_high"]
+    width = lambda rows: np.median([r["psi_ci_high"] - r["psi_ci_low"] for r in rows])
+    assert width(large) < width(small)
+
+
+def test_gate_language(calibration):
+    with pytest.raises(ThresholdError, match="unknown metric"):
+        parse_gate("top1_drop>0.5")
+    result = _check(calibration, draw(16, 3), gate="psi_max>100")
+    assert not result.verdict()["fails"]
+    assert _gate(result, "saturated_samples_max>=0")  # holds: gate fails
+    one = _check(calibration, draw(1, 3), gate="psi_ci_low_max>0.25")  # one sample: no interval
+    assert math.isnan(one.summary["psi_ci_low_max"])
+    assert one.verdict()["fails"] and one.verdict()["unknown"]
+
+
+# ───────────────────────── reducers ─────────────────────────
+
+
+def test_bins_per_sample_match_numpy():
+    rng = np.random.default_rng(0)
+    acc = AbsHistogram(1024)
+    acc.update(rng.normal(0, 1, 5000))
+    acc.update(np.zeros(500))
+    bins = tensor_bins(acc.state(), amax=2.0)
+    batch = rng.normal(0, 1.5, (4, 300)).astype(np.float32)
+    batch[0, :10] = 0.0
+    batch[1, :3] = [np.nan, np.inf, -1e31]
+    got = bin_per_sample(batch, bins, huge=1e30)
+    ax = np.abs(batch.astype(np.float64))
+    for i in range(4):
+        row = ax[i][np.isfinite(ax[i]) & (ax[i] < 1e30)]
+        want = [np.sum(row == 0)] + [np.sum((row > lo) & (row <= hi)) for lo, hi in zip(bins.edges[:-1], bins.edges[1:])]
+        want.append(np.sum(row > bins.edges[-1]))
+        assert got[i].tolist() == want
+    assert bins.reference.sum() == pytest.approx(1.0)
+    assert bins.edges[bins.first_saturated - 1] == 2.0
+    assert psi(bins.reference * 1e6, bins.reference) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_block_counts_stay_bounded_and_exact():
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 50, (100, 5))
+    blocks = BlockCounts(5, max_blocks=8)
+    for start in range(0, 100, 7):
+        blocks.add(rows[start:start + 7])
+    assert blocks.size == 16 and blocks.used().shape == (7, 5)
+    assert np.array_equal(blocks.total(), rows.sum(axis=0))
+    assert np.array_equal(blocks.used()[0], rows[:16].sum(axis=0))
+
+
+def test_worst_samples_keep_the_highest():
+    worst = WorstSamples(3)
+    for i, share in enumerate([0.1, 0.5, 0.0, 0.9, 0.3]):
+        worst.push(SampleScore(share, 1, f"s{i}", "t"))
+    assert [s.key for s in worst.result()] == ["s3", "s1", "s4"]
+
+
+# ───────────────────────── merged statistics ─────────────────────────
+
+
+def _pieces(seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0, 0.01, 3000)
+    b = rng.normal(0, 7.0, 2000)
+    b[:100] = 0.0
+    c = np.concatenate([rng.standard_t(2, 1000) * 50, [np.nan, np.inf, 1e31, -0.0]])
+    return [np.zeros(10), a, b, c]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_merged_states_equal_one_pass_over_the_union(seed):
+    pieces = _pieces(seed)
+    one = AbsHistogram(2048)
+    for p in pieces:
+        one.update(p)
+    parts = []
+    for p in pieces:
+        h = AbsHistogram(2048)
+        h.update(p)
+        parts.append(h.state())
+    assert merge_states(parts) == one.state()
+    assert merge_states(parts[::-1]) == one.state()  # the order of the parts does not matter
+
+
+def test_merged_statistics_equal_one_pass_over_the_union():
+    a, b = draw(24, 1), draw(16, 2, scale=5.0)  # b has far wider ranges: A's histograms must double up
+    union = {"input": np.concatenate([a["input"], b["input"]])}
+
+    def stats(feeds):
+        n = feeds["input"].shape[0]
+        return collect_statistics(MODEL, lambda: ({"input": feeds["input"][i:i + 8]} for i in range(0, n, 8)),
+                                  threads=1)
+
+    merged = merge_statistics([stats(a), stats(b)])
+    one = stats(union)
+    assert merged.names == one.names and merged.samples == one.samples == 40
+    for name in one.names:
+        assert merged[name] == one[name], name
+    assert any(stats(a)[n].upper != stats(b)[n].upper for n in one.names)
+
+
+def test_merge_refuses_other_models_and_tensor_sets(calibration):
+    other = collect_statistics(model_from_proto(models.conv_net(seed=1)), lambda: [draw(4, 0)], threads=1)
+    with pytest.raises(CalibrationError, match="another model"):
+        merge_statistics([calibration.statistics, other], labels=["a.npz", "b.npz"])
+    few = collect_statistics(MODEL, lambda: [draw(4, 0)], tensors=["relu1"], threads=1)
+    with pytest.raises(CalibrationError, match="different tensors"):
+        merge_statistics([calibration.statistics, few])
+
+
+# ───────────────────────── files and the command ─────────────────────────
+
+
+def _manifest(folder, name, feeds):
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / f"{name}.npy", feeds["input"])
+    path = folder / f"{name}.toml"
+    path.write_text(f'name = "{name}"\nshuffle = false\n[[source]]\nkind = "npy"\npath = "{name}.npy"\n'
+                    'batched = true\n[inputs]\ninput = "array"\n')
+    return path
+
+
+def test_cli_gate_exit_codes_and_files(tmp_path, capsys):
+    model = tmp_path / "model.onnx"
+    onnx.save(models.conv_net(), model)
+    data = tmp_path / "data"
+    calib = _manifest(data, "calib", draw(64, 0))
+    same = _manifest(data, "same", draw(64, 1))
+    bright = _manifest(data, "bright", draw(64, 2, scale=1.8))
+    assert main(["calibrate", str(model), "--calib", str(calib), "--method", "minmax", "--no-progress",
+                 "--out", str(tmp_path / "cal")]) == 0
+    table = str(tmp_path / "cal" / "calib_minmax.json")
+    assert main(["coverage", str(model), "--table", table, "--data", str(same), "--out", str(tmp_path / "c1")]) == 0
+    code = main(["coverage", str(model), "--table", table, "--data", str(same), "--data", str(bright),
+                 "--fail-if", "saturated_max>0.01", "--out", str(tmp_path / "c2")])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAIL" in out and "bright" in out
+    doc = json.loads((tmp_path / "c2" / "coverage.json").read_text())
+    assert doc["verdict"]["fails"] and {f["dataset"] for f in doc["verdict"]["failing_tensors"]} == {"bright"}
+    rerun = ["coverage", str(model), "--table", table, "--data", str(same), "--data", str(bright), "--out",
+             str(tmp_path / "c2")]
+    assert main(rerun) == 1  # its own output is replaced; the default gate flags bright (70 % of samples beyond)
+    (tmp_path / "c2" / "notes.txt").write_text("mine")
+    assert main(rerun) == 2 and (tmp_path / "c2" / "notes.txt").read_text() == "mine"
+    assert main(["coverage", str(model), "--table", table, "--data", str(same), "--data", str(bright),
+                 "--fail-if", "saturated_max>0.01", "--out", str(tmp_path / "c2b")]) == 1
+    loaded = load_coverage(tmp_path / "c2b")
+    assert [d.name for d in loaded.datasets] == ["same", "bright"]
+    assert loaded.datasets[1].statistics is not None and loaded.datasets[1].statistics.samples == 64
+    assert main(["coverage", str(model), "--table", table, "--data", str(same), "--fail-if", "top1>1",
+                 "--out", str(tmp_path / "c3")]) == 2
+    assert not (tmp_path / "c3").exists()
+
+
+# ───────────────────────── quantlab run ─────────────────────────
+
+
+def test_experiment_runs_coverage_and_reports_it(tmp_path):
+    from quantlab.experiment import load_experiment, run_experiment
+    from quantlab.report import load_report_inputs
+
+    onnx.save(models.conv_net(), tmp_path / "model.onnx")
+    for name, feeds in (("calib", draw(48, 0)), ("val", draw(32, 1)), ("night", draw(32, 2, scale=2.0))):
+        _manifest(tmp_path, name, feeds)
+    (tmp_path / "e.toml").write_text(
+        'name = "cov"\n[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n'
+        '[calibrate]\nmethods = ["minmax"]\n[candidates]\nfp16 = false\n[search]\nenabled = false\n'
+        '[report]\ncoverage_gate = "saturated_max>0.01"\n[[coverage]]\ndata = "night.toml"\n')
+    result = run_experiment(load_experiment(tmp_path / "e.toml"), reports_dir=tmp_path / "reports")
+    assert any(s.name == "coverage" for s in result.stages)
+    assert any("coverage (minmax): FLAGGED" in m for m in result.messages)
+    view = load_report_inputs(tmp_path / "reports" / "cov").coverage
+    assert view["fails"] and [s["name"] for s in view["sets"]] == ["val", "night"]
+    assert view["sets"][0]["flagged"] == 0 < view["sets"][1]["flagged"]
+    assert view["worst_tensors"][0]["dataset"] == "night" and view["histograms"]
+    page = result.index_html.read_text()
+    assert 'id="coverage"' in page and "Calibration coverage" in page and "night.npy[" in page
+    again = run_experiment(load_experiment(tmp_path / "e.toml"), reports_dir=tmp_path / "reports")
+    assert [s.reused for s in again.stages if s.name == "coverage"] == [True]
+
+
+def test_recalibrate_from_two_statistics_files_equals_calibrating_on_the_union(tmp_path):
+    from quantlab.atomic import write_json
+    from quantlab.coverage import recalibrate
+    from quantlab.stats import save_statistics
+
+    a, b = draw(40, 1), draw(24, 2, scale=3.0)
+    paths = []
+    for name, feeds in (("a", a), ("b", b)):
+        part = calibrate(MODEL, from_arrays(feeds, name=name), ["entropy", "minmax"])
+        paths.append(save_statistics(part.statistics, tmp_path / name / "statistics.npz"))
+        write_json(tmp_path / name / "data_summary.json", part.data.as_dict())
+    union = calibrate(MODEL, from_arrays({"input": np.concatenate([a["input"], b["input"]])}, name="ab"),
+                      ["entropy", "minmax"])
+    again = recalibrate(MODEL, paths, ["entropy", "minmax"])
+    for method in ("entropy", "minmax"):
+        assert again.tables[method].ranges == union.tables[method].ranges, method
+    assert again.data.count == 64 and again.data.sample_hashes == union.data.sample_hashes
+    got, want = again.data.input("input"), union.data.input("input")
+    assert (got.min, got.max, got.values) == (want.min, want.max, want.values)
+    assert got.mean == pytest.approx(want.mean, rel=1e-9, abs=1e-12) and got.std == pytest.approx(want.std, rel=1e-9)
+    with pytest.raises(CalibrationError, match="another model"):
+        recalibrate(model_from_proto(models.conv_net(seed=3)), paths, "minmax")
+
+
+def test_cli_calibrate_from_merged_statistics(tmp_path):
+    """calibrate --stats A --stats B (no model run) writes the tables calibrate --calib A∪B writes."""
+    model = tmp_path / "model.onnx"
+    onnx.save(models.conv_net(), model)
+    data = tmp_path / "data"
+    a, b = draw(32, 1), draw(24, 2, scale=3.0)
+    sets = {"a": _manifest(data, "a", a), "b": _manifest(data, "b", b),
+            "ab": _manifest(data, "ab", {"input": np.concatenate([a["input"], b["input"]])})}
+    for name, manifest in sets.items():
+        assert main(["calibrate", str(model), "--calib", str(manifest), "--method", "all", "--no-progress",
+                     "--out", str(tmp_path / name)]) == 0
+    assert main(["calibrate", str(model), "--stats", str(tmp_path / "a" / "statistics.npz"), "--stats",
+                 str(tmp_path / "b" / "statistics.npz"), "--method", "all", "--out", str(tmp_path / "merged")]) == 0
+    for method in ("entropy", "minmax", "percentile", "mse"):
+        got = json.loads((tmp_path / "merged" / f"calib_{method}.json").read_text())
+        want = json.loads((tmp_path / "ab" / f"calib_{method}.json").read_text())
+        assert got["tensors"] == want["tensors"], method
+    summary = json.loads((tmp_path / "merged" / "data_summary.json").read_text())
+    assert summary["count"] == 56 and set(summary["sample_hashes"]) == set(
+        json.loads((tmp_path / "ab" / "data_summary.json").read_text())["sample_hashes"])
+    assert main(["calibrate", str(model), "--stats", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["calibrate", str(model), "--calib", str(sets["a"]), "--stats", str(tmp_path / "a" / "statistics.npz"),
+                 "--out", str(tmp_path / "y")]) == 2
+
+
+def test_results_do_not_depend_on_batch_slicing_or_threads():
+    """Relu only: its outputs are exact whatever batch ORT sees, so any difference would be the reducers'."""
+    from quantlab.backends import get_backend
+    from quantlab.coverage.collect import coverage_pass, table_bins
+
+    relu = model_from_proto(models.relu_net(["N", 3, 16, 16]))
+    cal = calibrate(relu, from_arrays(draw(64, 0)), ["entropy"])
+    feeds = draw(40, 4, scale=1.3)
+    bins = table_bins(cal.tables["entropy"], cal.statistics)
+
+    def run(batch: int, **kw):
+        batches = ({"input": feeds["input"][i:i + batch]} for i in range(0, 40, batch))
+        return coverage_pass(relu, batches, bins, backend=get_backend("ort"), fine_bins=cal.statistics.bins,
+                             huge_threshold=cal.statistics.huge_threshold, max_blocks=8, **kw)
+
+    one = run(40, threads=1, run_budget_bytes=1)  # one sample per model run
+    other = run(16, threads=2)
+    for name, tally in one.tallies.items():
+        twin = other.tallies[name]
+        assert np.array_equal(tally.blocks.used(), twin.blocks.used()), name
+        assert tally.fine.state() == twin.fine.state(), name
+        assert (tally.saturated_samples, tally.outside_samples) == (twin.saturated_samples, twin.outside_samples)
+    assert one.worst == other.worst and one.samples == other.samples == 40
+    assert sum(t.saturated_samples for t in one.tallies.values()) > 0  # the shift shows, so equality means something
