@@ -69,6 +69,9 @@ _LAZY: dict[str, str] = {
     "run_sweep": "sweep", "load_sweep": "sweep", "SweepOptions": "sweep",
     "export_triton": "export", "resolve_source": "export", "TritonOptions": "export",
     "tool_versions": "fingerprint",
+    # calibration coverage
+    "check_coverage": "coverage", "CoverageOptions": "coverage", "load_coverage": "coverage",
+    "merge_statistics": "coverage", "recalibrate": "coverage",
 }
 
 __all__ = [

@@ -493,7 +493,8 @@ class Case:
         return word if not word.startswith("-") and word in KNOWN_COMMANDS else None
 
 
-KNOWN_COMMANDS = {"calibrate", "build", "perf", "compare", "search", "run", "report", "demo", "export", "sweep"}
+KNOWN_COMMANDS = {"calibrate", "build", "perf", "compare", "search", "run", "report", "demo", "export", "sweep",
+                  "coverage"}
 
 CAL = "calibrate {t}/model.onnx --no-progress --out {t}/out --calib "
 PERF = "perf --backend ort --iterations 1 --warmup 0 "
