@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -50,12 +52,28 @@ class CompareEvaluator:
         written = self.write(plan)
         opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=local,
                               local=local, accumulated=False, max_samples=None if samples >= self._size else samples,
-                              metric=self.options.metric, seed=self.options.seed)
+                              metric=self.options.metric, seed=self.options.seed,
+                              bootstrap=CompareOptions.bootstrap if samples >= self._size else 0)
         result = compare(self.model, {self.candidate_name(plan): written}, self.dataset, opts)
         rows = tuple({k: plain_value(v) for k, v in r.items()} for r in result.end_to_end.to_dict("records"))
         local_map = _local_errors(result.per_layer) if local else None
         return Evaluation(plan_hash=plan.plan_hash(), samples=min(samples, self._size), rows=rows, local=local_map,
                           comparison=result)
+
+    def evaluate_many(self, plans: Sequence[ResolvedPlan], samples: int) -> list[Evaluation]:
+        """Several plans on the first ``samples`` samples in one comparator pass (the reference
+        runs once), end to end only and without bootstrap intervals: the ranking's batched pass."""
+        written = {self.candidate_name(p): self.write(p) for p in plans}
+        opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=False,
+                              local=False, accumulated=False, max_samples=None if samples >= self._size else samples,
+                              metric=self.options.metric, seed=self.options.seed, bootstrap=0)
+        result = compare(self.model, written, self.dataset, opts)
+        out = []
+        for p in plans:
+            df = result.end_to_end[result.end_to_end["candidate"] == self.candidate_name(p)]
+            rows = tuple({k: plain_value(v) for k, v in r.items()} for r in df.to_dict("records"))
+            out.append(Evaluation(plan_hash=p.plan_hash(), samples=min(samples, self._size), rows=rows))
+        return out
 
     def latency(self, plan: ResolvedPlan) -> float:
         written = self.write(plan, deploy=True)

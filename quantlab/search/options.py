@@ -14,8 +14,11 @@ class SearchOptions:
 
     ``budget``: the most full validations (None: ceil(log2 G) + 5, G = quantizable groups).
     ``time_budget_s``: no new evaluation starts after this many seconds (this run).
-    ``probe_samples``: the subset (first N samples, at most half the set) used for the
-    ranking compare, the single-group probes and return-to-INT8 screening.
+    ``probe_samples``: the ranking subset (first N samples, at most half the set): every
+    group's impact is measured there on the output's continuous noise (SQNR), which a few
+    samples of full logits resolve; discrete metrics are only read on full validations.
+    ``probe_top``: no longer used (every quantizable group's impact is measured); kept so
+    that settings written by earlier versions still load.
     ``fp16_simulation``: write evaluated candidates with fp16 tensors rounded in float32
     kernels (None: when the backend is ONNX Runtime, whose CPU kernels would not round a
     native fp16 model's activations); the final model is always written natively.
@@ -30,8 +33,8 @@ class SearchOptions:
     budget: int | None = None                # max full validations; None = ceil(log2 G) + 5
     time_budget_s: float | None = None
     objective: Literal["int8", "latency"] = "int8"
-    probe_samples: int = 64                  # validation subset for single-group probes
-    probe_top: int = 8                       # groups probed alone (the top of the local ranking)
+    probe_samples: int = 16                  # the ranking subset (continuous measures only)
+    probe_top: int = 8                       # unused (see the docstring)
     batch_size: int = 8
     seed: int = 0
     fp16_simulation: bool | None = None
