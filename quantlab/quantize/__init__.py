@@ -19,6 +19,7 @@ Layout (arrows: who uses whom; nothing here imports compare/search/report/cli)::
        │   └─ tensors.py  TensorBook: names, dtypes, inserted nodes and initializers so far
        ├─ qparams.py    QParams, activation_qparams, weight_qparams: scales and zero points
        └─ options.py    WriteOptions, Target, DEFAULT_FP32_OPS
+      bias_correction.py  BiasCorrection, measure_bias_correction: output mean shifts folded into biases
       provenance.py   Provenance, load_provenance: original -> written names (provenance.json)
       written.py      WrittenModel, save_written: model.onnx + provenance.json + plan.json
 
@@ -31,6 +32,7 @@ relies on in :mod:`~quantlab.quantize.provenance`.
 
 from __future__ import annotations
 
+from .bias_correction import BiasCorrection, apply_bias_correction, measure_bias_correction
 from .options import DEFAULT_FP32_OPS, Target, WriteOptions
 from .provenance import PROVENANCE_FORMAT, Provenance, load_provenance
 from .qparams import activation_qparams, weight_qparams
@@ -49,4 +51,7 @@ __all__ = [
     "load_provenance",
     "activation_qparams",
     "weight_qparams",
+    "BiasCorrection",
+    "measure_bias_correction",
+    "apply_bias_correction",
 ]
