@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,10 +14,16 @@ from ..data import DataSet
 from ..graph import LoadedModel
 from ..perf import measure_latency
 from ..plan import ResolvedPlan
-from ..quantize import WriteOptions, WrittenModel, write_model
+from ..quantize import BiasCorrection, WriteOptions, WrittenModel, write_model
 from ..table import CalibrationTable
 from .evaluation import Evaluation, plain_value
 from .options import SearchOptions
+
+
+def write_options(options: SearchOptions, correction: BiasCorrection | None = None) -> WriteOptions:
+    """How the search writes its deployable models (the evaluated ones add the fp16 simulation)."""
+    return WriteOptions(target=options.target, per_channel_weights=options.per_channel_weights,  # type: ignore[arg-type]
+                        bias_correction=correction)
 
 
 class CompareEvaluator:
@@ -28,13 +35,14 @@ class CompareEvaluator:
     batch of the validation set.
     """
 
-    def __init__(self, model: LoadedModel, table: CalibrationTable, dataset: DataSet, options: SearchOptions) -> None:
+    def __init__(self, model: LoadedModel, table: CalibrationTable, dataset: DataSet, options: SearchOptions,
+                 correction: BiasCorrection | None = None) -> None:
         self.model = model
         self.table = table
         self.dataset = dataset
         self.options = options
-        self.write_options = WriteOptions(target=options.target, fp16_simulation=options.simulate_fp16)  # type: ignore[arg-type]
-        self.deploy_options = WriteOptions(target=options.target)  # type: ignore[arg-type]
+        self.deploy_options = write_options(options, correction)
+        self.write_options = dataclasses.replace(self.deploy_options, fp16_simulation=options.simulate_fp16)
         self._size = len(dataset)
         self._feeds: dict[str, np.ndarray] | None = None
 

@@ -24,6 +24,10 @@ class SearchOptions:
     native fp16 model's activations); the final model is always written natively.
     ``latency``: measure each full validation's latency (None: with ``objective="latency"``).
     ``metric``: a ``module:function`` user metric for the comparator (thresholds may name it).
+    ``per_channel_weights``: the writer's weight granularity (False: per tensor).
+    ``bias_correction``: correct every INT8 Conv/Gemm's output mean shift, measured on the
+    calibration set given to :func:`~quantlab.search.search` (``calib=``; without it no
+    correction is applied and the result's settings say so).
     """
 
     threshold: str
@@ -41,6 +45,8 @@ class SearchOptions:
     latency: bool | None = None
     latency_iterations: int = 20
     metric: str | None = None
+    per_channel_weights: bool = True
+    bias_correction: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
