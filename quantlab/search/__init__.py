@@ -83,7 +83,7 @@ from .evaluator import CompareEvaluator
 from .ledger import TRAJECTORY_COLUMNS, StepEvent
 from .log import LOG_FILE, LOG_FORMAT, SearchLog
 from .options import SearchOptions, evaluation_bound
-from .ranking import SENSITIVITY_COLUMNS
+from .ranking import SENSITIVITY_COLUMNS, impact_notes
 from .result import RESULT_FORMAT, SearchResult
 from .run import SearchOutcome, run_search
 from .strategy import bisect_prefix
@@ -103,6 +103,7 @@ __all__ = [
     "bisect_prefix",
     "TRAJECTORY_COLUMNS",
     "SENSITIVITY_COLUMNS",
+    "impact_notes",
     "LOG_FILE",
     "LOG_FORMAT",
 ]

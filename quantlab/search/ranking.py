@@ -98,6 +98,21 @@ class Ranking:
         return pd.DataFrame(recs, columns=list(SENSITIVITY_COLUMNS))
 
 
+def impact_notes(sensitivity: pd.DataFrame | None) -> dict[str, str]:
+    """group -> one phrase saying what its measured impact was (for the report's plan table)."""
+    if sensitivity is None or sensitivity.empty or "impact_db" not in sensitivity.columns:
+        return {}
+    notes = {}
+    for r in sensitivity.to_dict("records"):
+        if is_nan(r.get("impact_db")):
+            notes[str(r["group"])] = f"rank {int(r['rank'])} (impact not measured)"
+            continue
+        notes[str(r["group"])] = (f"rank {int(r['rank'])}: reverting it alone raised the output SQNR by "
+                                  f"{float(r['impact_db']):.2f} dB ({float(r['noise_share']):.1%} of the "
+                                  "all-INT8 output noise)")
+    return notes
+
+
 def rank_groups(ledger: Ledger) -> Ranking:
     """Measure every group's impact on the subset in batched passes (module docstring); log the table."""
     topo = sorted(ledger.groups, key=lambda g: ledger.topo[g])
