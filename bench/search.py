@@ -170,7 +170,7 @@ def run_quantlab(model_path: Path, calib: Path, x: np.ndarray, y: np.ndarray, re
     from quantlab.calibrate import calibrate
     from quantlab.data import from_arrays, open_dataset
     from quantlab.graph import load_model
-    from quantlab.quantize import WriteOptions, write_model
+    from quantlab.quantize import write_model
     from quantlab.search import SearchOptions, search
 
     start = time.perf_counter()
@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="thresholds top1_agreement >= A (percent; default 99.5)")
     parser.add_argument("--samples", type=int, default=None, help="first N validation samples (default all)")
     parser.add_argument("--skip-nncf", action="store_true")
+    parser.add_argument("--nncf-min-drop", type=float, default=0.0,
+                        help="run NNCF's accuracy control only for drops >= this (it may not finish tighter ones)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
     args = parser.parse_args(argv)
 
@@ -385,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {threshold}: quantlab search", flush=True)
             q = run_quantlab(model_path, calib, x, y, ref, threshold, per_channel)
             results.append({"threshold": threshold, "metric": metric, "target": target, **q})
-            if not args.skip_nncf:
+            if not args.skip_nncf and max_drop >= args.nncf_min_drop:
                 print(f"== {threshold}: NNCF quantize_with_accuracy_control (max_drop {max_drop:g})", flush=True)
                 n = run_nncf(model_path, cal, x, y, ref, max_drop, metric == "top1_agreement", per_channel)
                 results.append({"threshold": threshold, "metric": metric, "target": target, **n})

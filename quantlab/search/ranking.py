@@ -3,7 +3,9 @@
 Discrete metrics (top-1 agreement, accuracy) move in steps of 100/N points on a subset
 of N samples and say nothing about one group among fifty; the ranking therefore reads a
 continuous measure, the output's noise power relative to its signal (from the logits
-SQNR, ``noise = 10 ** (-sqnr_db / 10)``), on the ranking subset::
+SQNR, ``noise = 10 ** (-sqnr_db / 10)``), on the ranking subset (with a threshold on a
+discrete metric, the evaluator's fragile samples: those whose FP32 top-1 lead is smallest,
+where flips happen; else the first ``probe_samples``)::
 
     all-INT8 plan on the subset                  -> N_all  (noise of every group together)
     all-INT8 with group g alone at ``fallback``   -> N_-g   (one batched comparator pass per
@@ -34,6 +36,10 @@ SENSITIVITY_COLUMNS: tuple[str, ...] = (
     "rank", "group", "anchor_op", "nodes", "reverted_sqnr_db", "impact_db", "impact", "noise_share",
     "cumulative_share",
 )
+
+
+DISCRETE_MARKERS: tuple[str, ...] = ("top1", "top5", "agreement", "mcnemar")
+"""Metric names holding one of these count flips: the ranking then measures the fragile samples."""
 
 
 def output_sqnr(rows: Sequence[Mapping[str, Any]]) -> float:
@@ -116,6 +122,13 @@ def impact_notes(sensitivity: pd.DataFrame | None) -> dict[str, str]:
 def rank_groups(ledger: Ledger) -> Ranking:
     """Measure every group's impact on the subset in batched passes (module docstring); log the table."""
     topo = sorted(ledger.groups, key=lambda g: ledger.topo[g])
+    select = getattr(ledger.evaluator, "select_subset", None)
+    if select is not None:
+        fragile = any(m in c.metric for c in ledger.threshold.conditions for m in DISCRETE_MARKERS)
+        idx = select(ledger.probe_n, fragile=fragile)
+        if fragile:
+            ledger.notes.append(f"ranking subset: the {len(idx)} validation samples whose FP32 top-1 lead is "
+                                "smallest (where a discrete metric flips)")
     base = ledger.evaluate("rank", {}, full=False)
     if base is None:
         ledger.notes.append("the time budget ran out before the ranking: groups are in topological order")
