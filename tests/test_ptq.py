@@ -134,7 +134,7 @@ def test_corrected_model_has_no_mean_error_on_the_calibration_set(build, shape, 
 
 
 def test_only_int8_groups_are_corrected_and_settings_must_match():
-    model, _, x, cal, table = _setup(_conv1x1, (4, 6, 6))
+    model, _, _, cal, table = _setup(_conv1x1, (4, 6, 6))
     opts = WriteOptions(per_channel_weights=False)
     bc = measure_bias_correction(model, table, cal, opts)
     fp16 = write_model(model, uniform_plan("fp16"), table, dataclasses.replace(opts, bias_correction=bc))

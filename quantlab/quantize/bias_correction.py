@@ -136,9 +136,9 @@ def _input_means(model: LoadedModel, layers: list[_Layer], dataset: DataSet, bat
             if take <= 0:
                 break
             got = runner.run(feeds, exposed) if exposed else {}
-            for name in quant:
+            for name, qp in quant.items():
                 x = (feeds[name] if name in inputs else got[name])[:take].astype(np.float32)
-                xq = x if quant[name] is None else fake_quantize(x, quant[name])
+                xq = x if qp is None else fake_quantize(x, qp)
                 sums[name] = sums.get(name, 0.0) + x.astype(np.float64).sum(axis=0)
                 qsums[name] = qsums.get(name, 0.0) + xq.astype(np.float64).sum(axis=0)
             seen += take
