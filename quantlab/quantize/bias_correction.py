@@ -80,10 +80,14 @@ def correction_settings(options: WriteOptions) -> tuple[tuple[str, Any], ...]:
 def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     """Q then DQ as ONNX defines them (per tensor): round half to even, saturate, float32."""
     scale = np.float32(qp.scale)
-    zp = int(qp.zero_point)
+    zp = np.float32(int(qp.zero_point))
     lo, hi = (-128, 127) if qp.zero_point.dtype == np.int8 else (0, 255)
-    q = np.clip(np.round(x.astype(np.float32) / scale) + zp, lo, hi)
-    return ((q - zp) * scale).astype(np.float32)
+    q = np.round(np.asarray(x, dtype=np.float32) / scale)
+    q += zp
+    np.clip(q, lo, hi, out=q)
+    q -= zp
+    q *= scale
+    return q
 
 
 @dataclass(frozen=True)
@@ -137,10 +141,10 @@ def _input_means(model: LoadedModel, layers: list[_Layer], dataset: DataSet, bat
                 break
             got = runner.run(feeds, exposed) if exposed else {}
             for name, qp in quant.items():
-                x = (feeds[name] if name in inputs else got[name])[:take].astype(np.float32)
+                x = np.asarray(feeds[name] if name in inputs else got[name])[:take]
                 xq = x if qp is None else fake_quantize(x, qp)
-                sums[name] = sums.get(name, 0.0) + x.astype(np.float64).sum(axis=0)
-                qsums[name] = qsums.get(name, 0.0) + xq.astype(np.float64).sum(axis=0)
+                sums[name] = sums.get(name, 0.0) + x.sum(axis=0, dtype=np.float64)
+                qsums[name] = qsums.get(name, 0.0) + xq.sum(axis=0, dtype=np.float64)
             seen += take
     finally:
         runner.close()
