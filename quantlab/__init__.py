@@ -1,10 +1,25 @@
 """quantlab: INT8 quantization and accuracy validation for ONNX models bound for TensorRT.
 
 The curated public API lives here; submodules are importable but this is the
-surface that stays stable.
+surface that stays stable::
+
+    import quantlab as ql
+
+    model = ql.load_model("model.onnx")
+    calib = ql.open_dataset("calib_sets/NAME.toml")
+    tables = ql.calibrate(model, calib, ["entropy", "minmax"]).tables
+    int8 = ql.write_model(model, ql.uniform_plan("int8"), tables["entropy"], ql.WriteOptions(target="tensorrt"))
+    result = ql.compare(model, {"int8": int8}, ql.open_dataset("calib_sets/VAL.toml"))
+
+Names are resolved on first use (PEP 562 ``__getattr__``): ``import quantlab``
+loads only the version and the exception tree, so the ``quantlab`` command
+starts without importing ONNX Runtime, pandas, numba or matplotlib.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .errors import (
     BackendError,
@@ -22,57 +37,41 @@ from .errors import (
     ThresholdError,
     UnsupportedOpError,
 )
-from .graph import LoadedModel, TensorSpec, load_model, model_from_proto
-from .data import DataSet, DataSummary, check_inputs, load_manifest, open_dataset, overlap, summarize
-from .plan import PrecisionPlan, ResolvedPlan, Rule, load_plan, resolve_plan, save_plan, uniform_plan
-from .quantize import Provenance, WriteOptions, WrittenModel, save_written, write_model
-from .table import CalibrationTable, TensorRange
-from .calibrate import CalibrationResult, calibrate
-from .threshold import Threshold, parse_threshold
-from .compare import CompareOptions, CompareResult, compare, load_candidate, load_comparison
-from .search import SearchOptions, SearchResult, search
-
 from .version import __version__
+
+_LAZY: dict[str, str] = {
+    # models
+    "load_model": "graph", "model_from_proto": "graph", "LoadedModel": "graph", "TensorSpec": "graph",
+    "efficientnet_lite0_onnx": "zoo", "zoo_model_path": "zoo",
+    # data
+    "open_dataset": "data", "load_manifest": "data", "from_arrays": "data", "DataSet": "data",
+    "DataSummary": "data", "check_inputs": "data", "summarize": "data", "overlap": "data",
+    # calibration
+    "calibrate": "calibrate", "CalibrationResult": "calibrate", "CalibrationTable": "table",
+    "TensorRange": "table", "read_table": "table", "write_table": "table",
+    # precision plans and the writer
+    "Precision": "precision", "PRECISIONS": "precision", "PrecisionPlan": "plan", "Rule": "plan",
+    "ResolvedPlan": "plan", "load_plan": "plan", "save_plan": "plan", "uniform_plan": "plan",
+    "resolve_plan": "plan", "WriteOptions": "quantize", "WrittenModel": "quantize", "Provenance": "quantize",
+    "write_model": "quantize", "save_written": "quantize",
+    # backends
+    "get_backend": "backends",
+    # comparison, thresholds, search
+    "compare": "compare", "CompareOptions": "compare", "CompareResult": "compare",
+    "load_candidate": "compare", "load_comparison": "compare", "Threshold": "threshold",
+    "parse_threshold": "threshold", "search": "search", "SearchOptions": "search", "SearchResult": "search",
+    # reports, experiments, sweeps, export
+    "ReportInputs": "report", "Verdict": "report", "write_report": "report", "render_report": "report",
+    "run_experiment": "experiment", "load_experiment": "experiment", "verdict_for": "experiment",
+    "per_layer_for_report": "experiment", "histogram_view": "experiment",
+    "run_sweep": "sweep", "load_sweep": "sweep", "SweepOptions": "sweep",
+    "export_triton": "export", "resolve_source": "export", "TritonOptions": "export",
+    "tool_versions": "fingerprint",
+}
 
 __all__ = [
     "__version__",
-    "load_model",
-    "model_from_proto",
-    "LoadedModel",
-    "TensorSpec",
-    "open_dataset",
-    "load_manifest",
-    "DataSet",
-    "DataSummary",
-    "check_inputs",
-    "summarize",
-    "overlap",
-    "CalibrationTable",
-    "TensorRange",
-    "PrecisionPlan",
-    "Rule",
-    "ResolvedPlan",
-    "load_plan",
-    "save_plan",
-    "uniform_plan",
-    "resolve_plan",
-    "WriteOptions",
-    "WrittenModel",
-    "Provenance",
-    "write_model",
-    "save_written",
-    "calibrate",
-    "CalibrationResult",
-    "Threshold",
-    "parse_threshold",
-    "CompareOptions",
-    "CompareResult",
-    "compare",
-    "load_comparison",
-    "load_candidate",
-    "SearchOptions",
-    "SearchResult",
-    "search",
+    *_LAZY,
     "QuantlabError",
     "ModelError",
     "DataError",
@@ -88,3 +87,16 @@ __all__ = [
     "SearchError",
     "ExperimentError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'quantlab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

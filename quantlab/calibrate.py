@@ -32,7 +32,7 @@ from .calibrators import (
 )
 from .errors import CalibrationError
 from .fingerprint import tool_versions
-from .graph import LoadedModel
+from .graph import LoadedModel, check_float_activations
 from .histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, HistogramState
 from .stats import DEFAULT_MEMORY_BUDGET, Statistics, collect_statistics, fused_preactivations
 from .table import CalibrationTable, TensorRange
@@ -318,7 +318,10 @@ def calibrate(
         raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
     if "percentile" in chosen and not 0.0 < percentile <= 100.0:
         raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
-    check_inputs(dataset, model)
+    check_float_activations(model)
+    if tensors is not None and not tensors:
+        raise CalibrationError(f"{model.label}: the list of tensors to calibrate is empty; give at least one")
+    check_inputs(dataset, model, batch_size=batch_size)
     fingerprint = DataFingerprint()
     stats = collect_statistics(
         model,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .environment import unreadable
 from .errors import QuantlabError
 
 __all__ = ["load_hook"]
@@ -46,6 +47,8 @@ def load_hook(spec: str, base: Path, error: type[QuantlabError], where: str, hin
             module = importlib.import_module(module_name)
     except QuantlabError:
         raise
+    except PermissionError as exc:  # the module, or a file it reads on import: the environment's problem
+        raise unreadable(exc, f"{where}: hook {spec!r} needs", base / module_name) from None
     except ImportError as exc:
         raise error(f"{where}: cannot import module {module_name!r} ({exc}). {hint}") from None
     except Exception as exc:  # noqa: BLE001 - the user's module failed while importing

@@ -21,10 +21,15 @@ from typing import Any
 import numpy as np
 
 from .backends.base import Runner
+from .environment import available_memory_bytes, format_bytes, shape_bytes
 from .errors import InputMismatchError
 from .graph import LoadedModel, TensorSpec
 
-__all__ = ["LatencyResult", "measure_latency", "random_feeds", "latency_from_samples", "feed_batch_size"]
+__all__ = ["LatencyResult", "measure_latency", "random_feeds", "latency_from_samples", "feed_batch_size",
+           "check_feeds_fit"]
+
+_RANDOM_TEMP_ITEMSIZE = 8
+"""numpy draws random numbers as float64 / int64 before the cast: 8 more bytes per value while a feed is made."""
 
 
 @dataclass(frozen=True)
@@ -141,24 +146,109 @@ def _resolve_shape(spec: TensorSpec, batch_size: int, dims: Mapping[str, int]) -
     return tuple(shape)
 
 
+def _feed_dtype(spec: TensorSpec) -> np.dtype:
+    if spec.dtype in ("undefined", "bfloat16"):
+        raise InputMismatchError(f"input {spec.name!r} has type {spec.dtype}; numpy cannot make data for it")
+    return np.dtype(spec.dtype)
+
+
+def _output_shapes(model: LoadedModel, batch_size: int, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """Output shapes that follow from the inputs' resolved dims (outputs with other unknown dims are left out)."""
+    symbols = dict(dims)
+    for spec in model.inputs:
+        if spec.shape is not None:
+            for d, n in zip(spec.shape, _resolve_shape(spec, batch_size, dims)):
+                if isinstance(d, str):
+                    symbols.setdefault(d, n)
+    known: dict[str, tuple[int, ...]] = {}
+    for spec in model.outputs:
+        if spec.shape is None or spec.dtype in ("undefined", "bfloat16"):
+            continue
+        shape = [d if isinstance(d, int) and d > 0 else symbols.get(d) if isinstance(d, str) else None
+                 for d in spec.shape]
+        if all(isinstance(d, int) for d in shape):
+            known[spec.name] = tuple(shape)  # type: ignore[arg-type]
+    return known
+
+
+def _too_big_advice(spec: TensorSpec | None, shape: tuple[int, ...], itemsize: int, available: int) -> str:
+    """What to change: the model's fixed dims when they alone do not fit, else the batch or --dim sizes."""
+    declared = spec.shape if spec is not None and spec.shape is not None else ()
+    fixed = [d for d in declared if isinstance(d, int) and d > 0]
+    if shape_bytes(fixed, itemsize) > available:
+        return ("its fixed dims alone do not fit, whatever the batch size: the model declares an input larger than "
+                "this machine can hold; re-export it with the input size it is really used at")
+    fixes = []
+    if declared and not (isinstance(declared[0], int) and declared[0] > 0):
+        fixes.append(f"a smaller --batch-size than {shape[0]} (batch_size=)")
+    named = [f"{d}={n}" for d, n in zip(declared[1:], shape[1:]) if isinstance(d, str)]
+    if named:
+        fixes.append(f"smaller --dim sizes than {', '.join(named)} (dims=)")
+    return "use " + " and ".join(fixes) if fixes else "run it on a machine with more memory"
+
+
+def _batch_note(spec: TensorSpec | None, batch_size: int) -> str:
+    first = spec.shape[0] if spec is not None and spec.shape else None
+    if isinstance(first, int) and first > 0:
+        return f"(the model fixes its batch at {first})"
+    return f"at batch size {batch_size}"
+
+
+def check_feeds_fit(model: LoadedModel, batch_size: int, dims: Mapping[str, int] | None = None, *,
+                    available: int | None = None) -> int:
+    """Bytes random feeds (and the outputs whose shapes are known) need; InputMismatchError when they cannot fit.
+
+    Checked before anything is allocated, against ``available`` (default:
+    :func:`quantlab.environment.available_memory_bytes`), so a model with a
+    dimension of 10^12 is refused with the input, its shape and its bytes
+    instead of a numpy allocation error. Counts the float64/int64 values numpy
+    draws before the cast to the input's type.
+    """
+    dims = dims or {}
+    tensors: list[tuple[str, TensorSpec | None, tuple[int, ...], int]] = []
+    need = 0
+    for spec in model.inputs:
+        shape = _resolve_shape(spec, batch_size, dims)
+        item = _feed_dtype(spec).itemsize
+        tensors.append((f"input {spec.name!r} ({spec.dtype})", spec, shape, item))
+        need += shape_bytes(shape, item + _RANDOM_TEMP_ITEMSIZE)
+    specs = {s.name: s for s in model.outputs}
+    for name, shape in _output_shapes(model, batch_size, dims).items():
+        item = np.dtype(specs[name].dtype).itemsize
+        tensors.append((f"output {name!r} ({specs[name].dtype})", None, shape, item))
+        need += shape_bytes(shape, item)
+    available = available_memory_bytes() if available is None else available
+    if available is None or need <= available:
+        return need
+    what, spec, shape, item = max(tensors, key=lambda t: shape_bytes(t[2], t[3]))
+    own = shape_bytes(shape, item)
+    raise InputMismatchError(
+        f"{model.label}: {what} of shape {list(shape)} is {format_bytes(own)} ({own} bytes) "
+        f"{_batch_note(spec, batch_size)}; the feeds, known outputs and numpy's float64/int64 draws need "
+        f"{format_bytes(need)}, and this machine has {format_bytes(available)} available. Refusing before "
+        f"allocating: {_too_big_advice(spec, shape, item, available)}."
+    )
+
+
 def random_feeds(
-    model: LoadedModel, batch_size: int, seed: int = 0, *, dims: Mapping[str, int] | None = None
+    model: LoadedModel, batch_size: int, seed: int = 0, *, dims: Mapping[str, int] | None = None,
+    available: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Deterministic random data for every model input, dynamic dims resolved.
 
     A dynamic leading axis becomes ``batch_size``; other dynamic axes need a
     size in ``dims`` (by symbol name). Floats are N(0, 1) in the input's float
     type; integers are 0 or 1 (valid ids, masks and token types); bools random.
+    Refuses sizes that cannot fit in memory first (:func:`check_feeds_fit`).
     """
     if batch_size < 1:
         raise InputMismatchError(f"batch_size must be >= 1, got {batch_size}")
+    check_feeds_fit(model, batch_size, dims, available=available)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in model.inputs:
         shape = _resolve_shape(spec, batch_size, dims or {})
-        dtype = np.dtype(spec.dtype) if spec.dtype not in ("undefined", "bfloat16") else None
-        if dtype is None:
-            raise InputMismatchError(f"input {spec.name!r} has type {spec.dtype}; numpy cannot make data for it")
+        dtype = _feed_dtype(spec)
         if dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind in "iu":

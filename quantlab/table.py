@@ -16,6 +16,15 @@ bytes)::
 10.13.0, 8601 for 8.6.1); TensorRT ignores a cache whose version differs from
 its own. The scale is ``amax / 127`` as float32, e.g. ``3c010a14``; TensorRT
 writes unused tensors as ``0`` (leading zeros dropped), which is accepted on import.
+
+Every table made or read is checked (:func:`check_range`). ``amax == 0`` (an
+all-zero tensor) is legal: any positive scale holds zero exactly, and its Q/DQ
+scale is 1.0 (as ONNX Runtime's quantizer and pytorch-quantization use), not a
+tiny one, because TensorRT needs a positive scale that survives float16 and the
+products of scales in its fused kernels; a cache stores it as ``0`` (TensorRT's
+own encoding); reading such a table warns (:class:`ZeroRangeWarning`) naming
+the tensors. An amax whose float32 scale underflows (``0 < amax < 127 * 1.18e-38``)
+or is not finite is a CalibrationError naming the tensor.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import math
 import os
 import re
 import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,32 +43,33 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .atomic import write_json, write_text
+from .environment import unreadable
 from .errors import CalibrationError
 
 if TYPE_CHECKING:  # graph is a lower layer; imported only for the annotation
     from .graph import LoadedModel
 
 __all__ = [
-    "TensorRange",
-    "CalibrationTable",
-    "TABLE_FORMAT",
-    "TRT_CACHE_VERSION",
-    "table_to_dict",
-    "table_from_dict",
-    "write_table",
-    "read_table",
-    "trt_cache_text",
-    "parse_trt_cache",
-    "write_trt_cache",
-    "read_trt_cache",
-    "trt_version_number",
-    "check_table_fits",
+    "ZERO_RANGE_SCALE", "ZeroRangeWarning", "check_range", "TensorRange",
+    "CalibrationTable", "TABLE_FORMAT", "TRT_CACHE_VERSION", "table_to_dict", "table_from_dict",
+    "write_table", "read_table", "trt_cache_text", "parse_trt_cache", "write_trt_cache", "read_trt_cache",
+    "trt_version_number", "check_table_fits",
 ]
 
 TABLE_FORMAT = "quantlab.calibration/1"
 
 TRT_CACHE_VERSION = "101300"
 """Header version written by default (TensorRT 10.13.0); pass the target's own version."""
+
+ZERO_RANGE_SCALE = 1.0
+"""The Q/DQ scale of an all-zero tensor (amax 0): positive, and exact in float16 (see the module docstring)."""
+
+_TINY32 = float(np.finfo(np.float32).tiny)
+_MAX32 = float(np.finfo(np.float32).max)
+
+
+class ZeroRangeWarning(UserWarning):
+    """A table holds tensors with amax 0 (all zero in calibration): legal, but worth a look."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +92,44 @@ class TensorRange:
 
     @property
     def scale(self) -> float:
-        """INT8 symmetric scale (amax / 127); a zero range gets the smallest normal scale."""
-        return self.amax / 127.0 if self.amax > 0 else 1.1754943508222875e-38
+        """INT8 symmetric scale (amax / 127); an all-zero tensor (amax 0) gets :data:`ZERO_RANGE_SCALE`."""
+        return self.amax / 127.0 if self.amax > 0 else ZERO_RANGE_SCALE
+
+
+def check_range(name: str, r: TensorRange, where: str = "calibration table") -> None:
+    """CalibrationError naming ``name`` when INT8 cannot represent its range (amax 0 is fine).
+
+    Refused: an amax that is negative, not finite, or whose float32 scale
+    ``amax / 127`` overflows or underflows float32's smallest normal (TensorRT
+    flushes denormals: it would read the scale as 0); min above max. (min/max
+    are +inf/-inf for a tensor with no usable value: only their order is checked.)
+    """
+    at = f"{where}: tensor {name!r}"
+    if isinstance(r.amax, bool) or not isinstance(r.amax, (int, float)) or not math.isfinite(r.amax):
+        raise CalibrationError(f"{at}: amax must be a finite number, got {r.amax!r}")
+    if r.amax < 0:
+        raise CalibrationError(f"{at}: amax must be >= 0, got {r.amax}")
+    if math.isfinite(r.min) and math.isfinite(r.max) and r.min > r.max:
+        raise CalibrationError(f"{at}: min {r.min} is above max {r.max}; fix or recalibrate the table")
+    if r.amax > 0 and not _TINY32 <= r.amax / 127.0 <= _MAX32:
+        raise CalibrationError(
+            f"{at}: amax {r.amax:g} does not fit INT8: its scale amax / 127 = {r.amax / 127.0:.3g} is outside "
+            f"float32's normal range [{_TINY32:.3g}, {_MAX32:.3g}], so TensorRT would read it as 0 or inf. An "
+            "all-zero tensor has amax 0 (scale 1.0): set amax to 0, or keep this tensor's layers in fp16/fp32 "
+            "with a precision plan."
+        )
+
+
+def _warn_zero_ranges(ranges: Mapping[str, TensorRange], where: str, cache: bool = False) -> None:
+    zero = [name for name, r in ranges.items() if r.amax == 0]
+    shown = ", ".join(repr(n) for n in zero[:5]) + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
+    why = ("TensorRT writes 0 for tensors it did not calibrate; quantlab for tensors that were all zero"
+           if cache else "every calibration value was zero, or excluded")
+    if zero:
+        warnings.warn(f"{where}: {len(zero)} tensor(s) have amax 0 ({why}): {shown}. Their Q/DQ scale is "
+                      f"{ZERO_RANGE_SCALE}: zeros stay exact, any other value there rounds to whole numbers. Check "
+                      "the data, or keep their layers out of INT8 if they are not always zero.",
+                      ZeroRangeWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -101,6 +148,10 @@ class CalibrationTable:
     calib_set: Mapping[str, Any] = field(default_factory=dict)
     versions: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, r in self.ranges.items():
+            check_range(name, r, f"calibration table ({self.method})")
 
     def amax(self, tensor: str) -> float:
         return self.ranges[tensor].amax
@@ -159,8 +210,6 @@ def table_from_dict(doc: Any, where: str = "calibration table") -> CalibrationTa
         if not isinstance(entry, dict):
             raise CalibrationError(f"{at}: expected an object with amax/min/max")
         amax = _number(entry.get("amax"), "amax", at)
-        if amax < 0:
-            raise CalibrationError(f"{at}: amax must be >= 0, got {amax}")
         excluded = entry.get("excluded", {})
         if not isinstance(excluded, dict) or not all(isinstance(v, int) for v in excluded.values()):
             raise CalibrationError(f"{at}: 'excluded' must map a reason to a count")
@@ -172,6 +221,8 @@ def table_from_dict(doc: Any, where: str = "calibration table") -> CalibrationTa
             excluded=dict(excluded),
             histogram=dict(entry.get("histogram", {})) if isinstance(entry.get("histogram", {}), dict) else {},
         )
+        check_range(name, ranges[name], where)
+    _warn_zero_ranges(ranges, where)
     notes = doc.get("notes", [])
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise CalibrationError(f"{where}: 'notes' must be a list of strings")
@@ -198,6 +249,8 @@ def read_table(path: str | os.PathLike[str]) -> CalibrationTable:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CalibrationError(f"{path}: no such calibration table; run quantlab calibrate first") from None
+    except PermissionError as exc:
+        raise unreadable(exc, "calibration table", path) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CalibrationError(f"{path}: cannot read the calibration table ({exc})") from None
     if text.startswith("TRT-"):
@@ -230,8 +283,9 @@ def trt_version_number(version: str | int) -> str:
     return str(major * (10000 if major >= 10 else 1000) + minor * 100 + patch)
 
 
-def _scale_hex(scale: float) -> str:
-    return struct.pack(">f", float(scale)).hex()
+def _scale_hex(r: TensorRange) -> str:
+    """The float32 scale as big-endian hex; an all-zero tensor as ``0``, as TensorRT writes it."""
+    return "0" if r.amax == 0 else struct.pack(">f", float(r.scale)).hex()
 
 
 def trt_cache_text(table: CalibrationTable, version: str | int = TRT_CACHE_VERSION) -> str:
@@ -240,7 +294,7 @@ def trt_cache_text(table: CalibrationTable, version: str | int = TRT_CACHE_VERSI
     for name, r in table.ranges.items():
         if "\n" in name or "\r" in name:
             raise CalibrationError(f"tensor name {name!r} holds a line break; it cannot go in a TensorRT cache")
-        lines.append(f"{name}: {_scale_hex(r.scale)}")
+        lines.append(f"{name}: {_scale_hex(r)}")
     return "\n".join(lines) + "\n"
 
 
@@ -280,6 +334,8 @@ def parse_trt_cache(text: str, *, where: str = "calibration cache", model_sha256
             raise CalibrationError(f"{where}: line {number}: tensor {name!r} appears twice")
         amax = scale * 127.0
         ranges[name] = TensorRange(amax=amax, min=-amax, max=amax)
+        check_range(name, ranges[name], f"{where}: line {number}")
+    _warn_zero_ranges(ranges, where, cache=True)
     return CalibrationTable(
         method="imported",
         ranges=ranges,
@@ -298,6 +354,8 @@ def read_trt_cache(path: str | os.PathLike[str], *, model_sha256: str = "") -> C
         data = path.read_bytes()
     except FileNotFoundError:
         raise CalibrationError(f"{path}: no such calibration cache") from None
+    except PermissionError as exc:
+        raise unreadable(exc, "calibration cache", path) from None
     except OSError as exc:
         raise CalibrationError(f"{path}: cannot read the calibration cache ({exc})") from None
     try:

@@ -19,6 +19,7 @@ looks for a plan where EXPR holds. Same parser, same columns.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -120,9 +121,16 @@ class Threshold:
         return self.text
 
 
+_LABEL_METRIC = re.compile(r"(ref_)?top[15](_drop|_accuracy)?(_ci_low|_ci_high)?|mcnemar_p|(ref|cand)_only_correct")
+"""Columns the comparator reports only with labels (quantlab.compare.LABEL_COLUMNS)."""
+
+
 def _hint(metric: str) -> str:
-    if metric.startswith(("top1", "top5")) and ("drop" in metric or "accuracy" in metric):
-        return " (accuracy figures need labels in the validation set's manifest)"
+    """Why a metric may be missing, when the reason is known: label metrics need a labelled set."""
+    if _LABEL_METRIC.fullmatch(metric):
+        return (f" ({metric} compares predictions with labels: the validation set needs a [labels] table in its "
+                "manifest, e.g. [labels] regex = '_(\\d+)\\.jpg$' or column = \"label\" (see "
+                "calib_sets/README.md), and the model a classifier output [N, classes])")
     return ""
 
 
@@ -162,6 +170,8 @@ def parse_threshold(text: str | Threshold, *, known_metrics: Iterable[str] | Non
         for c in conditions:
             base = c.metric.removesuffix("_ci_low").removesuffix("_ci_high")
             if c.metric not in known and base not in known:
-                raise ThresholdError(f"threshold {text!r} names unknown metric {c.metric!r}; known: "
+                close = difflib.get_close_matches(c.metric, sorted(known), n=1)
+                hint = _hint(c.metric) or (f" (did you mean {close[0]!r}?)" if close else "")
+                raise ThresholdError(f"threshold {text!r} names unknown metric {c.metric!r}{hint}; known: "
                                      f"{', '.join(sorted(known))}")
     return Threshold(text.strip(), tuple(conditions))

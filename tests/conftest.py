@@ -9,6 +9,30 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import models  # noqa: E402
 
+NUMERIC_MODULES = frozenset({
+    "test_backends_ort", "test_calibrate", "test_compare", "test_quantize", "test_search", "test_stats", "test_zoo",
+})
+"""Modules whose tests compare numbers that come out of ONNX Runtime runs: all marked ``numeric``.
+
+``make test`` runs them a second time with ``QUANTLAB_ORT_QDQ_FUSION=off QUANTLAB_ORT_THREADS=1``
+(other integer kernels, another float32 reduction order), so a tolerance that holds for one
+CPU's kernels only fails here rather than on a user's machine.
+"""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "numeric: compares numbers from ONNX Runtime runs; `make test` runs these again with the other "
+        "Q/DQ fusion mode and one ORT thread (bounds must hold for any CPU's kernels)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in NUMERIC_MODULES:
+            item.add_marker(pytest.mark.numeric)
+
 
 @pytest.fixture(params=sorted(models.ALL_BUILDERS))
 def any_model(request):

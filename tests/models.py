@@ -8,7 +8,10 @@ parses every written model") pick them up.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import ctypes
+import os
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -288,3 +291,61 @@ def sensitive_chain_net(seed: int = 0, depth: int = 10, channels: int = 8, size:
 
 
 ALL_BUILDERS["sensitive_chain_net"] = sensitive_chain_net
+
+
+def relu_net(shape: list[int | str], elem_type: int = TensorProto.FLOAT, name: str = "relu_net") -> onnx.ModelProto:
+    """input[shape] -> Relu -> out[shape]: the smallest model with a given input shape (e.g. a dim of 10**12).
+
+    Integer element types get Abs instead of Relu (Relu takes integers only from opset 14 on
+    and int64 Abs is what an index pipeline would hold): no float tensor anywhere.
+    """
+    op = "Relu" if elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16) else "Abs"
+    nodes = [helper.make_node(op, ["input"], ["out"], name="act")]
+    inputs = [helper.make_tensor_value_info("input", elem_type, shape)]
+    outputs = [helper.make_tensor_value_info("out", elem_type, shape)]
+    return _model(nodes, inputs, outputs, [], name)
+
+
+def duplicate_names_net() -> onnx.ModelProto:
+    """input[N,4] -> Relu 'dup' -> Relu 'dup' -> out: two nodes share a name (the ONNX checker allows it)."""
+    nodes = [helper.make_node("Relu", ["input"], ["a"], name="dup"),
+             helper.make_node("Relu", ["a"], ["out"], name="dup")]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])]
+    return _model(nodes, inputs, outputs, [], "duplicate_names_net")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+@contextlib.contextmanager
+def permissions_enforced() -> Iterator[None]:
+    """Make file permissions apply in the block, even when the tests run as root (not a model builder).
+
+    Root reads a mode-000 file through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH;
+    clearing those two from this thread's effective set (Linux capset) leaves
+    root an ordinary owner, so ``open`` raises a real EACCES. Restored after.
+    Other users need nothing: the block runs as is.
+    """
+    if os.geteuid() != 0:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    saved = data[0].effective
+    data[0].effective &= ~((1 << 1) | (1 << 2))  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        libc.capset(ctypes.byref(header), data)

@@ -86,6 +86,52 @@ def _mcnemar(b, c):
     return float(min(Fraction(1), 2 * Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n)))
 
 
+FLOAT32_DRIFT = 4 * 8 * math.sqrt(3 * 9 + 8 * 9 + 8 * 9 + 9 + 16 * 16 + 8) * 2.0 ** -24
+"""How far float32 rounding alone can move a relative error ||c - r|| / ||r|| (or an angle) of these models.
+
+Two ONNX Runtime runs of one model that differ in batch size, exposed outputs, fusions, kernels (AVX2,
+AVX-512, VNNI) or thread count differ only in float32 rounding. Each run's tensor is within
+lambda * sqrt(n) * u (relative) of the exact one, for any summation order: n = multiply-adds on
+residual_net's longest path (3*9, 8*9, 8*9 conv taps, 9 depthwise taps, a 16x16 mean, 8 Gemm terms; the
+other models here are shallower), u = 2**-24, lambda = 8 (probabilistic rounding analysis, Higham & Mary
+2019, with room for sums that cancel). The noise e = c - r of two runs then differs by at most the four
+tensors' drifts (triangle inequality: | ||e_a|| - ||e_b|| | <= ||r_a - r_b|| + ||c_a - c_b||), and so does
+the angle between c and r. An int8 / float16 rounding that flips between runs moves |e| of its own element
+by no more than the drift (the distance to a grid is 1-Lipschitz); later layers see it with random sign.
+"""
+
+
+def _relative_error(sqnr_db):
+    """||c - r|| / ||r|| from an SQNR in dB (the quantity FLOAT32_DRIFT bounds, whatever the SQNR)."""
+    return 10.0 ** (-np.asarray(sqnr_db, dtype=np.float64) / 20)
+
+
+def _sqnr_tolerance_holds(a, b):
+    """SQNRs (dB) equal up to float32 drift: compared as relative errors, not in dB."""
+    qa, qb = _relative_error(a), _relative_error(b)
+    return bool(np.all(np.abs(qa - qb) <= FLOAT32_DRIFT * (1 + np.maximum(qa, qb))))
+
+
+def _cosine_tolerance(cosine_min):
+    """Largest move of a (mean) cosine when each angle moves by FLOAT32_DRIFT: |d cos| <= sin(theta) d + d**2 / 2."""
+    c = float(np.clip(np.min(cosine_min), -1.0, 1.0))
+    return FLOAT32_DRIFT * math.sqrt(1 - c * c) + FLOAT32_DRIFT ** 2 / 2
+
+
+def _assert_no_near_ties(*logits):
+    """Argmax-based counts are float32-robust only if no sample's two best logits are within the drift."""
+    for x in logits:
+        top = np.sort(np.asarray(x, dtype=np.float64), axis=1)
+        assert (top[:, -1] - top[:, -2] > 2 * FLOAT32_DRIFT * np.abs(x).max()).all(), "near tie: change the seed"
+
+
+def _grid_step(candidate, tensor, magnitude, table):
+    """The rounding step of ``candidate``'s values up to ``magnitude``: one float16 ulp, or the int8 scale."""
+    if candidate.startswith("fp16"):
+        return float(np.spacing(np.float16(magnitude)))
+    return table.ranges[tensor].amax / 127
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -98,12 +144,18 @@ def test_end_to_end_matches_a_direct_onnxruntime_and_numpy_computation(setup, re
         row = e2e.loc[name]
         per_sample_cos = (ref * cand).sum(1) / np.sqrt((ref * ref).sum(1) * (cand * cand).sum(1))
         assert row["samples"] == N_VAL and row["output"] == "logits" and row["classes"] == 10
-        assert row["cosine"] == pytest.approx(per_sample_cos.mean(), abs=1e-7)
-        assert row["cosine_min"] == pytest.approx(per_sample_cos.min(), abs=1e-7)
-        assert row["sqnr_db"] == pytest.approx(_sqnr(ref, cand), abs=1e-4)
-        assert row["max_abs"] == pytest.approx(np.abs(ref - cand).max(), rel=1e-5)
-        assert row["mean_abs"] == pytest.approx(np.abs(ref - cand).mean(), rel=1e-5)
-        assert row["rel_l2"] == pytest.approx(np.linalg.norm(ref - cand) / np.linalg.norm(ref), rel=1e-5)
+        # compare's sessions expose other outputs (other fusions) than these: equal up to float32 drift
+        assert row["cosine"] == pytest.approx(per_sample_cos.mean(), abs=_cosine_tolerance(per_sample_cos))
+        assert row["cosine_min"] == pytest.approx(per_sample_cos.min(), abs=_cosine_tolerance(per_sample_cos))
+        assert _sqnr_tolerance_holds(row["sqnr_db"], _sqnr(ref, cand))
+        # the worst element moves by its drift, or by one int8 / float16 step of the logits if its rounding flips
+        step = _grid_step(name, "logits", np.abs(ref).max(), setup["table"])
+        drift = FLOAT32_DRIFT * np.abs(ref).max()
+        assert row["max_abs"] == pytest.approx(np.abs(ref - cand).max(), abs=drift + step)
+        assert row["mean_abs"] == pytest.approx(np.abs(ref - cand).mean(), abs=drift)
+        assert row["rel_l2"] == pytest.approx(np.linalg.norm(ref - cand) / np.linalg.norm(ref),
+                                              abs=FLOAT32_DRIFT * (1 + row["rel_l2"]))
+        _assert_no_near_ties(ref, cand)
         agree = ref.argmax(1) == cand.argmax(1)
         assert row["top1_agreement"] == pytest.approx(100 * agree.mean())
         rc, cc = ref.argmax(1) == labels, cand.argmax(1) == labels
@@ -168,7 +220,7 @@ def test_per_layer_sqnr_agrees_with_onnxruntime_qdq_loss_debug(setup, tmp_path):
     for _, row in rows.iterrows():
         carrier = written.provenance.tensor_map[row["tensor"]]
         ort_db = qd.compute_signal_to_quantization_noice_ratio(fa[row["tensor"]], qa[carrier])
-        assert abs(row["sqnr_db"] - ort_db) < 0.1, (row["tensor"], row["sqnr_db"], ort_db)
+        assert _sqnr_tolerance_holds(row["sqnr_db"], ort_db), (row["tensor"], row["sqnr_db"], ort_db)
 
 
 def _conv(x, w, b, pad):
@@ -219,10 +271,12 @@ def test_local_error_of_one_quantized_conv_equals_numpy(tmp_path):
     w_q = np.clip(np.rint(w2 / s_w[:, None, None, None]), -127, 127).astype(np.float32) * s_w[:, None, None, None]
     y = _conv(x_q, w_q, b2, pad=1)
     ref = acts["out"].astype(np.float64)
-    assert local["sqnr_db"] == pytest.approx(_sqnr(ref, y), abs=1e-3)
-    assert local["max_abs"] == pytest.approx(np.abs(ref - y).max(), rel=1e-4)
+    assert _sqnr_tolerance_holds(local["sqnr_db"], _sqnr(ref, y))
+    # float32 drift, or one input step times a weight if an input rounding flips between the two runs
+    flip = float(s_x) * float(np.abs(w_q).max())
+    assert local["max_abs"] == pytest.approx(np.abs(ref - y).max(), abs=FLOAT32_DRIFT * np.abs(ref).max() + flip)
     cos = (ref * y).sum() / np.sqrt((ref * ref).sum() * (y * y).sum())
-    assert local["cosine"] == pytest.approx(cos, abs=1e-9)
+    assert local["cosine"] == pytest.approx(cos, abs=_cosine_tolerance(cos))
     # accumulated error of conv2 also carries conv1's error: worse than its own
     acc = res.per_layer[(res.per_layer["mode"] == "accumulated") & (res.per_layer["group"] == "conv2")].iloc[0]
     assert acc["sqnr_db"] < local["sqnr_db"]
@@ -232,7 +286,7 @@ def test_first_group_has_equal_local_and_accumulated_error(result):
     pl = result.per_layer
     for name in ("int8", "fp16"):
         stem = pl[(pl["candidate"] == name) & (pl["group"] == "stem_conv")].set_index("mode")
-        assert stem.loc["local", "sqnr_db"] == pytest.approx(stem.loc["accumulated", "sqnr_db"], abs=1e-6)
+        assert _sqnr_tolerance_holds(stem.loc["local", "sqnr_db"], stem.loc["accumulated", "sqnr_db"])
     assert list(pl.columns[:15]) == ["candidate", "mode", "order", "layer", "group", "op_type", "tensor", "precision",
                                      "cosine", "sqnr_db", "max_abs", "mean_abs", "rel_l2", "nan_count", "node"]
     int8 = pl[pl["candidate"] == "int8"]
@@ -252,12 +306,23 @@ def test_tables_do_not_depend_on_batch_size_or_layer_chunks(setup, result):
     a = result.per_layer.set_index(key).sort_index()
     b = small.per_layer.set_index(key).sort_index()
     assert list(a.index) == list(b.index)
-    np.testing.assert_allclose(a["sqnr_db"], b["sqnr_db"], atol=1e-3)
-    np.testing.assert_allclose(a["cosine"], b["cosine"], atol=1e-8)
-    # ORT rounds differently per batch size: fp16 candidates can move by one float16 step
-    np.testing.assert_allclose(a["max_abs"], b["max_abs"], rtol=1e-2, atol=1e-7)
-    cols = ["cosine", "sqnr_db", "top1_agreement", "top1_drop", "mcnemar_p"]
-    np.testing.assert_allclose(result.end_to_end[cols], small.end_to_end[cols], atol=1e-4)
+    # other batches and chunks mean other sessions and fusions: the same numbers up to float32 drift
+    # (a 70 dB float16 tensor may move by 0.02 dB: compare relative errors and angles, not dB)
+    assert _sqnr_tolerance_holds(a["sqnr_db"], b["sqnr_db"])
+    angles = [np.arccos(np.clip(t["cosine"].to_numpy(), -1, 1)) for t in (a, b)]
+    assert (np.abs(angles[0] - angles[1]) <= FLOAT32_DRIFT).all()
+    tensors = sorted(set(a.index.get_level_values("tensor")))
+    peak = {t: float(np.abs(v).max()) for t, v in _run_all(setup["model"].proto, setup["feeds"], tensors).items()}
+    # the worst element moves by its drift, or by one int8 / float16 step if its rounding flips
+    bound = [FLOAT32_DRIFT * peak[t] + _grid_step(c, t, peak[t], setup["table"]) for c, _, t in a.index]
+    assert (np.abs(a["max_abs"] - b["max_abs"]) <= bound).all()
+    e2e_a, e2e_b = (r.end_to_end.set_index("candidate").sort_index() for r in (result, small))
+    assert _sqnr_tolerance_holds(e2e_a["sqnr_db"], e2e_b["sqnr_db"])
+    assert (np.abs(e2e_a["cosine"] - e2e_b["cosine"]) <= _cosine_tolerance(e2e_a["cosine_min"])).all()
+    models_run = [setup["model"], *setup["written"].values()]
+    _assert_no_near_ties(*(_run_all(m.proto, setup["feeds"])["logits"] for m in models_run))
+    cols = ["top1_agreement", "top1_drop", "mcnemar_p"]
+    pd.testing.assert_frame_equal(e2e_a[cols], e2e_b[cols])
 
 
 def test_same_data_and_seed_give_identical_tables(setup):
@@ -283,12 +348,12 @@ def test_local_only_and_end_to_end_only_modes(setup, result):
                     CompareOptions(batch_size=8, accumulated=False, bootstrap=300, backend_options=EXACT))
     assert set(local.per_layer["mode"]) == {"local"}
     full_local = result.per_layer[result.per_layer["mode"] == "local"].reset_index(drop=True)
-    np.testing.assert_allclose(local.per_layer["sqnr_db"], full_local["sqnr_db"], atol=1e-6)
+    assert _sqnr_tolerance_holds(local.per_layer["sqnr_db"], full_local["sqnr_db"])
     fast = compare(setup["model"], setup["written"], setup["val"],
                    CompareOptions(batch_size=8, per_layer=False, bootstrap=300, backend_options=EXACT))
     assert fast.per_layer.empty and list(fast.per_layer.columns)[:3] == ["candidate", "mode", "order"]
     assert fast.settings["segments"] == {"reference": 1, "int8": 1, "int8-ort": 1, "fp16": 1}
-    np.testing.assert_allclose(fast.end_to_end["sqnr_db"], result.end_to_end["sqnr_db"], atol=1e-4)
+    assert _sqnr_tolerance_holds(fast.end_to_end["sqnr_db"], result.end_to_end["sqnr_db"])
     few = compare(setup["model"], setup["written"], setup["val"],
                   CompareOptions(batch_size=8, per_layer=False, max_samples=10, bootstrap=0))
     assert (few.end_to_end["samples"] == 10).all() and len(few.per_sample) == 30
@@ -430,7 +495,7 @@ def test_plain_onnx_candidate_is_compared_end_to_end_only(setup):
     assert set(res.per_layer["candidate"]) == {"int8"}
     assert any("'plain' has no provenance" in w for w in res.warnings)
     e2e = res.end_to_end.set_index("candidate")
-    assert e2e.loc["plain", "sqnr_db"] == pytest.approx(e2e.loc["int8", "sqnr_db"], abs=1e-4)
+    assert _sqnr_tolerance_holds(e2e.loc["plain", "sqnr_db"], e2e.loc["int8", "sqnr_db"])
     assert res.models["candidates"]["plain"]["kind"] == "onnx"
 
 

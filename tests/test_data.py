@@ -169,6 +169,22 @@ def test_order_is_deterministic_from_seed(tmp_path, photos):
     assert [k for keys, _ in runs[0] for k in keys] == a.keys()
 
 
+
+def test_head_and_open_dataset_count_give_the_first_samples_unchanged(tmp_path, photos):
+    path = _manifest(tmp_path, IMAGES_TOML)
+    full = open_dataset(path)
+    for head in (full.head(3), open_dataset(path, count=3)):
+        assert len(head) == 3 and head.keys() == full.keys()[:3] and head.manifest.count == 3
+        assert head.manifest_record()["count"] == 3
+        for i in range(3):
+            assert head.sample(i).feeds["input"].tobytes() == full.sample(i).feeds["input"].tobytes()
+    assert full.head(99) is full and len(full) == 5  # more than it holds: all of it, the original untouched
+    arrays = from_arrays({"x": np.arange(10.0).reshape(5, 2)}, labels=[1, 2, 3, 4, 5])
+    two = arrays.head(2)
+    assert [b.keys for b in two.batches(8)] == [("arrays[0]", "arrays[1]")] and two.labels.tolist() == [1, 2]
+    with pytest.raises(DataError, match="n must be an integer >= 1"):
+        full.head(0)
+
 def test_hash_and_stats_do_not_depend_on_batch_size(tmp_path, photos):
     ds = open_dataset(_manifest(tmp_path, IMAGES_TOML))
     summaries = [summarize(ds, batch_size=bs) for bs in (1, 2, 5, 16)]
@@ -524,9 +540,12 @@ def test_check_inputs_symbols_and_fixed_batch():
     check_inputs(from_arrays({"a": np.zeros((1, 5), np.float32), "b": np.ones((1, 5), np.float32)}), model)
     with pytest.raises(InputMismatchError, match=r"dimension 'S' \(axis 1\) is 6 in the data but 5 in input 'a'"):
         check_inputs(from_arrays({"a": np.zeros((1, 5), np.float32), "b": np.ones((1, 6), np.float32)}), model)
+    five = from_arrays({"a": np.zeros((5, 5), np.float32), "b": np.ones((5, 5), np.float32)})
     with pytest.raises(InputMismatchError, match=r"fixed batch of 1.*batch size 1, not 4"):
-        check_inputs(from_arrays({"a": np.zeros((1, 5), np.float32), "b": np.ones((1, 5), np.float32)}), model,
-                     batch_size=4)
+        check_inputs(five, model, batch_size=4)
+    # a set smaller than the batch size arrives in one batch of its own size
+    check_inputs(from_arrays({"a": np.zeros((1, 5), np.float32), "b": np.ones((1, 5), np.float32)}), model,
+                 batch_size=4)
 
 
 # ─────────────────────────────── bad manifests and data ───────────────────────────────
@@ -609,7 +628,7 @@ def test_truncated_image_names_the_file(tmp_path, photos):
 def test_pickled_npy_is_refused(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     ds = open_dataset(_manifest(tmp_path, '[source]\nkind = "npy"\npath = "obj.npy"\n'))
-    with pytest.raises(DataError, match=r"obj\.npy: unreadable \.npy file.*pickled objects are refused"):
+    with pytest.raises(DataError, match=r"obj\.npy: holds Python objects \(object\).*never unpickles"):
         ds.sample(0)
 
 
@@ -661,3 +680,204 @@ def test_demo_sets_load_fit_the_demo_input_and_do_not_overlap():
     assert set(labels.tolist()) >= {243, 559, 609, 305} and labels.max() < 1000
     sources = {s["package"] for s in calib.manifest_record()["sources"]}
     assert sources == {"skimage", "matplotlib"}
+
+
+# ─────────────────────────────── advice fits the source kind; unreadable and oversized files ───────────────────────────────
+
+
+def _model_of(shape: list[int | str]):
+    return model_from_proto(models.relu_net(shape))
+
+
+def test_npz_samples_of_another_size_get_array_advice_not_center_crop(tmp_path):
+    np.savez(tmp_path / "a.npz", input=np.zeros((3, 16, 16), np.float32))
+    ds = open_dataset(_manifest(tmp_path, '[source]\nkind = "npz"\npath = "a.npz"\n'))
+    with pytest.raises(InputMismatchError) as err:
+        check_inputs(ds, _model_of(["N", 3, 8, 8]))
+    text = str(err.value)
+    assert "axis 2 is 16, the model wants 8" in text and "Re-save the arrays with per-sample shape [3, 8, 8]" in text
+    assert "center_crop" not in text and "[preprocess]" not in text
+    np.savez(tmp_path / "t.npz", input=np.zeros((8, 8, 3), np.float32))
+    ds = open_dataset(_manifest(tmp_path, '[source]\nkind = "npz"\npath = "t.npz"\n', "t.toml"))
+    with pytest.raises(InputMismatchError, match="transpose them") as err:
+        check_inputs(ds, _model_of(["N", 3, 8, 8]))
+    assert "layout" not in str(err.value)
+
+
+def test_a_model_dim_of_10_12_gets_no_center_crop_advice(tmp_path, photos):
+    ds = open_dataset(_manifest(tmp_path, IMAGES_TOML))
+    with pytest.raises(InputMismatchError) as err:
+        check_inputs(ds, _model_of(["N", 3, 10**12, 16]))
+    text = str(err.value)
+    assert "center_crop" not in text and "192000000000000 bytes" in text and "check the model's input shape" in text
+    # an image size that fits in memory but not in Pillow still gets no crop advice
+    with pytest.raises(InputMismatchError) as err:
+        check_inputs(ds, _model_of(["N", 3, 16, 10**7]))
+    assert "center_crop" not in str(err.value) and "check the model's input shape" in str(err.value)
+    # a plausible size does
+    with pytest.raises(InputMismatchError, match=r"center_crop = \[24, 24\] \(and resize >= 24\)"):
+        check_inputs(ds, _model_of(["N", 3, 24, 24]))
+
+
+def test_rank_advice_for_images_hooks_and_batched_files(tmp_path, photos):
+    ds = open_dataset(_manifest(tmp_path, IMAGES_TOML))
+    with pytest.raises(InputMismatchError, match=r"not an image batch.*\[preprocess\] hook that returns shape \[768\]"):
+        check_inputs(ds, _model_of(["N", 768]))
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    for i in range(2):
+        np.save(folder / f"{i}.npy", np.zeros((4, 3, 8, 8), np.float32))
+    files = open_dataset(_manifest(tmp_path, '[source]\nkind = "npy"\npath = "feeds"\n[inputs]\ninput = "array"\n',
+                                   "f.toml"))
+    with pytest.raises(InputMismatchError, match=r"leading axis of 4, like a batch: set batched = true") as err:
+        check_inputs(files, _model_of(["N", 3, 8, 8]))
+    assert "layout" not in str(err.value) and "channel_order" not in str(err.value)
+    check_inputs(open_dataset(_manifest(tmp_path, '[source]\nkind = "npy"\npath = "feeds"\nbatched = true\n'
+                                                  '[inputs]\ninput = "array"\n', "b.toml")), _model_of(["N", 3, 8, 8]))
+
+
+def test_in_memory_arrays_get_python_advice_not_manifest_advice():
+    model = _model_of(["N", 3, 8, 8])
+    with pytest.raises(InputMismatchError, match=r"Name the array after the model's input: \{'input': array\}") as err:
+        check_inputs(from_arrays({"x": np.zeros((2, 3, 8, 8), np.float32)}), model)
+    assert "manifest" not in str(err.value)
+    with pytest.raises(InputMismatchError, match=r"Cast the array: array\.astype\(numpy\.float32\)"):
+        check_inputs(from_arrays({"input": np.zeros((2, 3, 8, 8), np.float64)}), model)
+    with pytest.raises(InputMismatchError, match=r"Give arrays of shape \[N, 3, 8, 8\]"):
+        check_inputs(from_arrays({"input": np.zeros((2, 3, 8, 9), np.float32)}), model)
+
+
+def test_npy_samples_of_different_shapes_get_array_advice(tmp_path):
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.zeros((3, 8, 8), np.float32))
+    np.save(folder / "b.npy", np.zeros((3, 9, 8), np.float32))
+    ds = open_dataset(_manifest(tmp_path, 'shuffle = false\n[source]\nkind = "npy"\npath = "feeds"\n'
+                                          '[inputs]\ninput = "array"\n'))
+    with pytest.raises(DataError, match="make every sample the same shape") as err:
+        list(ds.batches(2))
+    assert "center_crop" not in str(err.value)
+
+
+def test_a_fixed_batch_of_10_12_is_refused_with_its_bytes_and_re_export_advice():
+    data = from_arrays({"input": np.zeros((2, 3, 8, 8), np.float32)})
+    with pytest.raises(InputMismatchError) as err:
+        check_inputs(data, _model_of([10**12, 3, 8, 8]))
+    text = str(err.value)
+    assert "a batch of 1000000000000 samples of float32 [3, 8, 8]" in text and "768000000000000 bytes" in text
+    assert "fixes its batch at 1000000000000; re-export it with a dynamic batch axis" in text
+
+
+def test_a_text_file_given_as_npy_is_not_an_npy_file(tmp_path):
+    (tmp_path / "notes.npy").write_text("these are notes\n")
+    ds = open_dataset(_manifest(tmp_path, '[source]\nkind = "npy"\npath = "notes.npy"\n'))
+    with pytest.raises(DataError) as err:
+        ds.sample(0)
+    assert "notes.npy: not an .npy file" in str(err.value) and "it holds text" in str(err.value)
+    assert "re-save" not in str(err.value).lower()
+    np.savez(tmp_path / "real.npz", a=np.zeros(3))
+    (tmp_path / "zipped.npy").write_bytes((tmp_path / "real.npz").read_bytes())
+    ds = open_dataset(_manifest(tmp_path, '[source]\nkind = "npy"\npath = "zipped.npy"\n', "z.toml"))
+    with pytest.raises(DataError, match=r'zip archive \(an \.npz\?\): use kind = "npz"'):
+        ds.sample(0)
+
+
+def test_a_file_given_as_npz_that_is_not_a_zip_says_so(tmp_path):
+    np.save(tmp_path / "arr.npy", np.zeros(3, np.float32))
+    (tmp_path / "arr.npz").write_bytes((tmp_path / "arr.npy").read_bytes())
+    with pytest.raises(DataError, match=r'arr\.npz: not an \.npz file \(not a zip archive; it is an \.npy array: '
+                                        r'use kind = "npy"\)'):
+        open_dataset(_manifest(tmp_path, '[source]\nkind = "npz"\npath = "arr.npz"\n'))
+
+
+def test_truncated_npy_is_refused_before_loading(tmp_path):
+    np.save(tmp_path / "big.npy", np.zeros((100, 3, 8, 8), np.float32))
+    data = (tmp_path / "big.npy").read_bytes()
+    (tmp_path / "big.npy").write_bytes(data[: len(data) // 2])
+    for batched in ("false", "true"):
+        ds_text = f'[source]\nkind = "npy"\npath = "big.npy"\nbatched = {batched}\n'
+        with pytest.raises(DataError, match=r"big\.npy: its header declares float32 \[100, 3, 8, 8\] \(76800 bytes\) "
+                                            r"but only \d+ bytes of data follow: the file is truncated"):
+            open_dataset(_manifest(tmp_path, ds_text, f"{batched}.toml")).sample(0)
+
+
+def test_an_npz_member_declaring_10_12_values_is_refused_before_numpy_allocates(tmp_path):
+    """numpy's reader allocates what the header says before reading: the header is checked against the member."""
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+    member.write(b"\0" * 16)
+    with zipfile.ZipFile(tmp_path / "forged.npz", "w") as zf:
+        zf.writestr("input.npy", member.getvalue())
+    with pytest.raises(DataError) as err:
+        open_dataset(_manifest(tmp_path, '[source]\nkind = "npz"\npath = "forged.npz"\n'))
+    text = str(err.value)
+    assert "forged.npz: array 'input'" in text and "[1000000000000]" in text and "4000000000000 bytes" in text
+    assert "only 16 bytes of data follow" in text
+
+
+def test_unreadable_npz_image_and_manifest_are_permission_errors_with_the_fix(tmp_path, photos):
+    np.savez(tmp_path / "a.npz", input=np.zeros((3, 8, 8), np.float32))
+    manifest = _manifest(tmp_path, '[source]\nkind = "npz"\npath = "a.npz"\n')
+    (tmp_path / "a.npz").chmod(0)
+    with models.permissions_enforced(), pytest.raises(PermissionError) as err:
+        open_dataset(manifest)
+    assert err.value.filename == str(tmp_path / "a.npz")
+    assert f"chmod a+r {tmp_path / 'a.npz'}" in str(err.value) and "re-save" not in str(err.value).lower()
+
+    images = open_dataset(_manifest(tmp_path, IMAGES_TOML, "img.toml"))
+    first = photos / images.keys()[0].split("/")[-1]
+    first.chmod(0)
+    with models.permissions_enforced(), pytest.raises(PermissionError) as err:
+        images.sample(0)
+    assert err.value.filename == str(first) and "permission denied" in str(err.value)
+
+    manifest.chmod(0)
+    with models.permissions_enforced(), pytest.raises(PermissionError) as err:
+        load_manifest(manifest)
+    assert err.value.filename == str(manifest) and "cannot read manifest" in str(err.value)
+
+
+def test_unreadable_source_folder_is_a_permission_error(tmp_path, photos):
+    manifest = _manifest(tmp_path, IMAGES_TOML)
+    photos.chmod(0)
+    try:
+        with models.permissions_enforced(), pytest.raises(PermissionError) as err:
+            open_dataset(manifest)
+        assert err.value.filename == str(photos) and f"chmod a+rx {photos}" in str(err.value)
+    finally:
+        photos.chmod(0o755)
+
+
+def test_an_unreadable_hook_module_is_a_permission_error(tmp_path, photos):
+    (tmp_path / "my_prep.py").write_text("def prepare(image):\n    return None\n")
+    text = IMAGES_TOML.replace("resize = 20\ncenter_crop = 16\nmean = [120.0, 110.0, 100.0]\nstd = [60.0, 50.0, 40.0]\n",
+                               'hook = "my_prep:prepare"\n')
+    manifest = _manifest(tmp_path, text)
+    (tmp_path / "my_prep.py").chmod(0)
+    with models.permissions_enforced(), pytest.raises(PermissionError) as err:
+        load_manifest(manifest)
+    assert err.value.filename == str(tmp_path / "my_prep.py") and "permission denied" in str(err.value)
+
+
+def test_arrays_read_after_their_header_check_equal_numpys_own_reader(tmp_path):
+    """quantlab reads .npy/.npz data itself after checking the header: Fortran order and byte order must survive."""
+    from quantlab.arrayfiles import load_npy, load_npz
+
+    rng = np.random.default_rng(0)
+    c_order = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    fortran = np.asfortranarray(rng.normal(size=(3, 4, 5)))
+    big_endian = rng.integers(-9, 9, size=(2, 7)).astype(">i4")
+    for name, arr in {"c": c_order, "f": fortran, "be": big_endian}.items():
+        np.save(tmp_path / f"{name}.npy", arr)
+        got = load_npy(tmp_path / f"{name}.npy", mmap=False)
+        assert got.dtype == arr.dtype and np.array_equal(got, arr) and got.flags.writeable
+        np.testing.assert_array_equal(load_npy(tmp_path / f"{name}.npy", mmap=True), arr)
+    np.savez_compressed(tmp_path / "all.npz", c=c_order, f=fortran, be=big_endian)
+    loaded = load_npz(tmp_path / "all.npz")
+    with np.load(tmp_path / "all.npz") as reference:
+        assert set(loaded) == set(reference.files)
+        for k in reference.files:
+            assert loaded[k].dtype == reference[k].dtype and np.array_equal(loaded[k], reference[k])

@@ -150,3 +150,87 @@ def test_with_outputs_exposes_intermediates():
     exposed = with_outputs(m.proto, ["relu1", "logits"])
     assert [o.name for o in exposed.graph.output] == ["logits", "relu1"]
     assert [o.name for o in m.proto.graph.output] == ["logits"]  # original untouched
+
+
+def test_duplicate_node_names_are_refused_up_front_naming_nodes_and_fix(tmp_path):
+    path = tmp_path / "dup.onnx"
+    onnx.save(models.duplicate_names_net(), path)
+    with pytest.raises(ModelError) as err:
+        load_model(path)
+    text = str(err.value)
+    assert str(path) in text and "'dup'" in text and "#0 (Relu), #1 (Relu)" in text and "unique name" in text
+    with pytest.raises(ModelError, match="'dup' is used by 2 nodes"):
+        model_from_proto(models.duplicate_names_net())
+
+
+def test_duplicate_names_inside_a_subgraph_are_refused():
+    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t1"], name="same"),
+                              helper.make_node("Relu", ["t1"], ["t2"], name="same")], "then", [],
+                             [helper.make_tensor_value_info("t2", TensorProto.FLOAT, [2])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"], name="neg")], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    node = helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then, else_branch=other)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    with pytest.raises(ModelError, match="subgraph 'then_branch' of node 'branch'"):
+        model_from_proto(proto)
+
+
+def test_nodes_without_names_are_not_duplicates():
+    proto = models.conv_net()
+    for node in proto.graph.node:
+        node.name = ""
+    assert len(model_from_proto(proto).proto.graph.node) == 7
+
+
+def test_unreadable_model_is_a_permission_error_naming_file_and_fix(tmp_path):
+    path = tmp_path / "secret.onnx"
+    onnx.save(models.conv_net(), path)
+    path.chmod(0)
+    with models.permissions_enforced(), pytest.raises(PermissionError) as err:
+        load_model(path)
+    assert err.value.filename == str(path)
+    assert "cannot read model" in str(err.value) and f"chmod a+r {path}" in str(err.value)
+
+
+def test_unreadable_external_data_is_a_permission_error(tmp_path):
+    folder = _external_model(tmp_path, "weights.bin")
+    (folder / "weights.bin").chmod(0)
+    with models.permissions_enforced(), pytest.raises(PermissionError) as err:
+        load_model(folder / "m.onnx")
+    assert err.value.filename == str(folder / "weights.bin") and "cannot read model" in str(err.value)
+
+
+def test_a_model_without_float_activations_is_refused_by_calibrate_naming_it(tmp_path):
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import check_float_activations
+
+    path = tmp_path / "ids.onnx"
+    onnx.save(models.relu_net(["N", 4], TensorProto.INT64), path)
+    model = load_model(path)
+    with pytest.raises(ModelError) as err:
+        check_float_activations(model)
+    assert str(path) in str(err.value) and "no float activation tensors" in str(err.value)
+    assert "'input' int64" in str(err.value)
+    data = from_arrays({"input": np.ones((4, 4), np.int64)})
+    with pytest.raises(ModelError, match="no float activation tensors to calibrate"):
+        calibrate(model, data, "minmax")
+    check_float_activations(model_from_proto(models.conv_net()))  # a float model passes
+
+
+def test_an_already_quantized_model_is_told_to_calibrate_its_float_source():
+    from quantlab.graph import check_float_activations
+
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(np.full((4, 2), 130, np.uint8), "w")]
+    node = helper.make_node("QLinearMatMul", ["x", "s", "z", "w", "s", "z", "s", "z"], ["y"], name="qmm")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, ["N", 2])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    with pytest.raises(ModelError, match="QLinearMatMul: it is already quantized; calibrate the float model"):
+        check_float_activations(model_from_proto(proto))

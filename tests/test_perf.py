@@ -16,7 +16,14 @@ from quantlab.backends.base import Runner
 from quantlab.cli import main
 from quantlab.errors import InputMismatchError
 from quantlab.graph import model_from_proto
-from quantlab.perf import LatencyResult, feed_batch_size, latency_from_samples, measure_latency, random_feeds
+from quantlab.perf import (
+    LatencyResult,
+    check_feeds_fit,
+    feed_batch_size,
+    latency_from_samples,
+    measure_latency,
+    random_feeds,
+)
 
 
 class _CountingRunner(Runner):
@@ -189,3 +196,39 @@ def test_cli_perf_records_which_int8_kernels_ort_ran(tmp_path, capsys):
     out_json = tmp_path / "perf_rr.json"
     assert main(["perf", str(small), *common, "--json", str(out_json)]) == 0
     assert json.loads(out_json.read_text())["results"][0]["backend"]["details"]["qdq_fusion_used"] is True
+
+
+def test_a_dimension_of_10_12_is_refused_before_allocating_naming_input_shape_and_bytes(tmp_path, capsys):
+    model = model_from_proto(models.relu_net(["N", 3, 10**12, 8]))
+    with pytest.raises(InputMismatchError) as err:
+        random_feeds(model, batch_size=1)
+    text = str(err.value)
+    assert "input 'input' (float32)" in text and "[1, 3, 1000000000000, 8]" in text
+    assert "96000000000000 bytes" in text and "87.3 TiB" in text
+    assert "fixed dims alone do not fit" in text and "--batch-size" not in text  # no batch size can help
+    path = tmp_path / "huge.onnx"
+    onnx.save(models.relu_net(["N", 3, 10**12, 8]), path)
+    assert main(["perf", str(path), "--backend", "ort", "--iterations", "1"]) == 2
+    err_text = capsys.readouterr().err
+    assert str(path) in err_text and "96000000000000 bytes" in err_text and "Traceback" not in err_text
+
+
+def test_a_fixed_batch_of_10_12_is_refused_and_says_the_batch_is_fixed():
+    model = model_from_proto(models.relu_net([10**12, 3]))
+    with pytest.raises(InputMismatchError, match=r"fixes its batch at 1000000000000.*re-export"):
+        check_feeds_fit(model, batch_size=4)
+
+
+def test_feeds_that_fit_only_at_a_smaller_batch_say_which_sizes_to_lower():
+    proto = models.mlp_attention()
+    for inp in proto.graph.input:
+        inp.type.tensor_type.shape.dim[1].dim_param = "seq"
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "seq"
+    model = model_from_proto(proto)
+    # x [N, seq, 16] + mask [N, seq, 8] float32, each value drawn as float64 first; out [N, seq, 16] float32
+    need = check_feeds_fit(model, 2, {"seq": 8}, available=10**9)
+    assert need == 2 * 8 * 16 * (4 + 8) + 2 * 8 * 8 * (4 + 8) + 2 * 8 * 16 * 4
+    with pytest.raises(InputMismatchError) as err:
+        check_feeds_fit(model, 2, {"seq": 8}, available=need - 1)
+    assert "a smaller --batch-size than 2" in str(err.value) and "seq=8" in str(err.value)
+    assert "5.5 KiB available" in str(err.value) and need == 5632

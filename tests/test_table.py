@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -18,6 +19,7 @@ from quantlab.table import (
     parse_trt_cache,
     read_table,
     read_trt_cache,
+    table_to_dict,
     trt_cache_text,
     trt_version_number,
     write_table,
@@ -161,3 +163,65 @@ def test_check_table_fits_names_both_hashes():
     stranger = CalibrationTable("imported", {"foo": TensorRange(1.0, -1.0, 1.0)}, "")
     with pytest.raises(CalibrationError, match="another model"):
         check_table_fits(stranger, model)
+
+
+def test_an_all_zero_tensor_gets_scale_one_and_a_warning_naming_it_when_read(tmp_path):
+    """amax 0 is legal (all zero in calibration); its Q/DQ scale is 1.0, positive and exact in float16."""
+    from quantlab.quantize import activation_qparams
+    from quantlab.table import ZERO_RANGE_SCALE, ZeroRangeWarning
+
+    table = _table()
+    assert table.ranges["masked:0"].scale == ZERO_RANGE_SCALE == 1.0
+    qp = activation_qparams(table.ranges["masked:0"], "tensorrt")
+    assert qp.scale == np.float32(1.0) and np.float16(qp.scale) == 1.0
+    path = write_table(table, tmp_path / "t.json")
+    assert json.loads(path.read_text())["tensors"]["masked:0"]["scale"] == 1.0
+    with pytest.warns(ZeroRangeWarning, match=r"t\.json: 1 tensor\(s\) have amax 0.*'masked:0'"):
+        back = read_table(path)
+    assert back.ranges["masked:0"].amax == 0.0
+    # TensorRT's own encoding of a zero range in a cache is "0": it reads back as amax 0, not 127
+    cache = write_trt_cache(table, tmp_path / "c.cache")
+    assert "masked:0: 0\n" in cache.read_text()
+    with pytest.warns(ZeroRangeWarning, match="'masked:0'"):
+        assert read_trt_cache(cache).ranges["masked:0"].amax == 0.0
+
+
+@pytest.mark.parametrize("amax", [1e-45, 1e-40, 1.4e-36, 1e300])
+def test_an_amax_whose_scale_leaves_float32_normals_is_an_error_naming_the_tensor(tmp_path, amax):
+    doc = table_to_dict(_table())
+    doc["tensors"]["relu1"].update(amax=amax, min=-amax, max=amax)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CalibrationError) as err:
+        read_table(path)
+    assert "tiny.json" in str(err.value) and "tensor 'relu1'" in str(err.value) and "float32" in str(err.value)
+    with pytest.raises(CalibrationError, match="tensor 'relu1'"):
+        CalibrationTable("minmax", {"relu1": TensorRange(amax, -amax, amax)}, "")
+
+
+def test_the_smallest_amax_with_a_normal_scale_is_accepted():
+    tiny = float(np.finfo(np.float32).tiny)
+    r = TensorRange(127 * tiny, -127 * tiny, 127 * tiny)
+    CalibrationTable("minmax", {"t": r}, "")
+    assert np.float32(r.scale) == np.float32(tiny)
+
+
+def test_a_cache_with_a_denormal_scale_is_refused_with_the_line():
+    with pytest.raises(CalibrationError, match=r"my\.cache: line 3: tensor 'b'"):
+        parse_trt_cache("TRT-8601-EntropyCalibration2\na: 3c010a14\nb: 00000001\n", where="my.cache")
+
+
+def test_min_above_max_is_refused_but_no_usable_value_is_not():
+    with pytest.raises(CalibrationError, match="min 2.0 is above max 1.0"):
+        CalibrationTable("minmax", {"t": TensorRange(1.0, 2.0, 1.0)}, "")
+    CalibrationTable("minmax", {"t": TensorRange(0.0, math.inf, -math.inf)}, "")  # every value excluded
+
+
+def test_an_unreadable_table_or_cache_is_a_permission_error_naming_it(tmp_path):
+    table = write_table(_table(), tmp_path / "t.json")
+    cache = write_trt_cache(_table(), tmp_path / "c.cache")
+    for path, read in ((table, read_table), (cache, read_trt_cache)):
+        path.chmod(0)
+        with models.permissions_enforced(), pytest.raises(PermissionError) as err:
+            read(path)
+        assert err.value.filename == str(path) and f"chmod a+r {path}" in str(err.value)

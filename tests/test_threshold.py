@@ -105,3 +105,23 @@ def test_nan_on_an_output_where_the_metric_does_not_apply_is_skipped_but_all_nan
     rows_bad = [{"output": "logits", "top1_drop": 0.9}, {"output": "boxes", "top1_drop": float("nan")}]
     assert not t.check(rows_bad).passed
     assert not t.check([{"output": "boxes", "top1_drop": float("nan")}]).passed
+
+
+@pytest.mark.parametrize("metric", ["top1_drop", "top5_drop_ci_high", "ref_top1", "top1", "mcnemar_p"])
+def test_a_label_metric_on_an_unlabelled_comparison_says_to_add_labels(metric):
+    """Both ways a threshold learns a metric is missing: up front (known metrics) and on the result rows."""
+    with pytest.raises(ThresholdError) as err:
+        parse_threshold(f"{metric}<=0.5", known_metrics={"cosine", "sqnr_db", "top1_agreement"})
+    assert "[labels]" in str(err.value) and "calib_sets/README.md" in str(err.value)
+    with pytest.raises(ThresholdError) as err:
+        parse_threshold(f"{metric}<=0.5").check([{"cosine": 0.99, "sqnr_db": 30.0}])
+    assert "[labels]" in str(err.value) and "cosine" in str(err.value)
+
+
+def test_other_unknown_metrics_get_no_label_advice_but_a_close_match():
+    with pytest.raises(ThresholdError) as err:
+        parse_threshold("cosin>=0.9", known_metrics={"cosine", "sqnr_db"})
+    assert "did you mean 'cosine'" in str(err.value) and "[labels]" not in str(err.value)
+    with pytest.raises(ThresholdError) as err:
+        parse_threshold("iou>0.5").check([{"cosine": 0.99}])
+    assert "[labels]" not in str(err.value)

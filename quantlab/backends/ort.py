@@ -18,12 +18,25 @@ saturation issues"; use reduce_range or U8U8). With ``qdq_fusion=None`` (the
 default) quantlab fuses only when that cannot happen: on a CPU with VNNI (or
 not x86), or when every int8 operand that would be the kernel's signed side
 is a weight within [-64, 64] (``WriteOptions(reduce_range=True)``).
+
+Two environment variables force these choices from outside, for every
+``OrtBackend`` that was not given the option explicitly (an argument such as
+``quantlab perf --qdq-fusion on`` or ``threads=1`` wins over them):
+
+- ``QUANTLAB_ORT_QDQ_FUSION=auto|on|off``: the ``qdq_fusion`` default (None,
+  True, False). ``on`` on an x86 CPU without VNNI gives the saturated results above.
+- ``QUANTLAB_ORT_THREADS=N``: ORT's intra-op thread count when ``threads`` is 0
+  (N=1 gives another float32 reduction order than one thread per core).
+
+Both are read in :func:`environment_options` only, and recorded by ``describe()``
+(``forced_by_environment``). ``make test`` runs the numeric tests a second time with
+``off`` and one thread: the float kernels a CPU without VNNI runs, another reduction
+order, so a bound that holds for one CPU's kernels only fails there and not on a user's machine.
 """
 
 from __future__ import annotations
 
-import functools
-import platform
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,70 +48,33 @@ import onnx
 from ..errors import BackendError, InputMismatchError, UnsupportedOpError
 from ..graph import serialize, tensor_specs, with_outputs
 from .base import Backend, BackendInfo, Runner
+from .saturation import int8_dot_saturates, saturation_free
 
-__all__ = ["OrtBackend", "OrtRunner", "int8_dot_saturates", "saturation_free", "DISABLE_QDQ_FUSION"]
+__all__ = ["OrtBackend", "OrtRunner", "int8_dot_saturates", "saturation_free", "environment_options",
+           "DISABLE_QDQ_FUSION", "FUSION_ENV", "THREADS_ENV"]
 
 DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
 """ONNX Runtime session config key: "1" keeps Q/DQ nodes as written (no integer-kernel fusion)."""
 
-_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"})
-_X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
-_INT8_KERNEL_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
-_SAFE_WEIGHT_QMAX = 64
-"""|int8 weight| up to which 2 * 255 * |w| fits a saturating int16 pair sum."""
+FUSION_ENV = "QUANTLAB_ORT_QDQ_FUSION"
+THREADS_ENV = "QUANTLAB_ORT_THREADS"
+_FUSION_VALUES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
 
-@functools.lru_cache(maxsize=1)
-def int8_dot_saturates(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when ONNX Runtime's u8 x s8 integer kernels may saturate on this CPU.
+def environment_options(environ: Mapping[str, str] | None = None) -> tuple[bool | None, int]:
+    """``(qdq_fusion, threads)`` forced by QUANTLAB_ORT_QDQ_FUSION / QUANTLAB_ORT_THREADS; ``(None, 0)`` if unset.
 
-    That is x86 without a VNNI dot product (AVX512-VNNI, AVX-VNNI, AMX): MLAS then
-    uses VPMADDUBSW, whose int16 pair sums saturate. An x86 CPU whose flags
-    cannot be read counts as saturating (accuracy first); other CPUs do not.
+    The one place quantlab reads them; a bad value is an error naming the variable.
     """
-    if platform.machine().lower() not in _X86:
-        return False
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return True
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return not (set(line.partition(":")[2].split()) & _VNNI_FLAGS)
-    return True
-
-
-def saturation_free(model: onnx.ModelProto) -> bool:
-    """True when no integer kernel ORT could fuse from ``model`` can saturate.
-
-    Checks every DequantizeLinear feeding input 1 (the weight / B side, the
-    signed operand of ORT's u8 x s8 kernels) of a Conv, ConvTranspose, MatMul
-    or Gemm: a uint8 operand is exact (u8 x u8 kernels widen to int16 first);
-    an int8 initializer must lie within [-64, 64]; an int8 activation
-    (activation x activation MatMul in the TensorRT form) can reach 127.
-    """
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output if o}
-    specs = tensor_specs(model)
-    for node in model.graph.node:
-        if node.op_type not in _INT8_KERNEL_OPS or len(node.input) < 2:
-            continue
-        dq = producers.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear":
-            continue
-        source = dq.input[0]
-        if source in inits:
-            array = numpy_helper.to_array(inits[source])
-            if array.dtype == np.int8 and array.size and int(np.abs(array.astype(np.int16)).max()) > _SAFE_WEIGHT_QMAX:
-                return False
-        else:
-            spec = specs.get(source)
-            dtype = spec.dtype if spec is not None else None
-            if dtype != "uint8":
-                return False
-    return True
+    env = os.environ if environ is None else environ
+    fusion_text = env.get(FUSION_ENV, "").strip().lower() or "auto"
+    threads_text = env.get(THREADS_ENV, "").strip() or "0"
+    if fusion_text not in _FUSION_VALUES:
+        raise BackendError(f"{FUSION_ENV}={env[FUSION_ENV]!r} is not one of auto, on, off; fix or unset it")
+    if not (threads_text.isascii() and threads_text.isdigit()):
+        raise BackendError(f"{THREADS_ENV}={env[THREADS_ENV]!r} is not a thread count (0 = one per core); "
+                           "fix or unset it")
+    return _FUSION_VALUES[fusion_text], int(threads_text)
 
 
 _ORT_TYPES = {
@@ -167,9 +143,12 @@ class OrtBackend(Backend):
         qdq_fusion: bool | None = None,
     ) -> None:
         """``qdq_fusion``: True lets ORT fuse Q/DQ into integer kernels (fast), False runs
-        them as written (exact Q/DQ semantics), None decides per model: fused unless
-        its kernels could saturate on this CPU (see the module docstring)."""
+        them as written (exact Q/DQ semantics), None takes QUANTLAB_ORT_QDQ_FUSION, else
+        decides per model: fused unless its kernels could saturate on this CPU (see the
+        module docstring). ``threads`` 0 takes QUANTLAB_ORT_THREADS, else one per core."""
         import onnxruntime as ort
+
+        env_fusion, env_threads = environment_options()
 
         self._ort = ort
         available = ort.get_available_providers()
@@ -182,11 +161,16 @@ class OrtBackend(Backend):
                 f"{', '.join(available)}. Install onnxruntime-gpu for CUDA/TensorRT providers."
             )
         self.providers = list(providers)
-        self.threads = threads
+        self.threads = threads or env_threads
         self.optimization = optimization
         self.trt_fp16 = trt_fp16
         self.trt_int8 = trt_int8
-        self.qdq_fusion = qdq_fusion
+        self.qdq_fusion = qdq_fusion if qdq_fusion is not None else env_fusion
+        self.forced_by_environment: dict[str, Any] = {}  # what the variables decided, for describe()
+        if qdq_fusion is None and env_fusion is not None:
+            self.forced_by_environment[FUSION_ENV] = env_fusion
+        if not threads and env_threads:
+            self.forced_by_environment[THREADS_ENV] = env_threads
 
     def fuses(self, model: onnx.ModelProto) -> bool:
         """Whether sessions for ``model`` let ORT fuse Q/DQ into integer kernels."""
@@ -301,8 +285,6 @@ class OrtBackend(Backend):
         return {node: {"op": ops[node], "ms": float(np.mean(v[-runs:])) / 1000.0} for node, v in samples.items()}
 
     def describe(self) -> BackendInfo:
-        import os
-
         return BackendInfo(
             name=self.name,
             library="onnxruntime",
@@ -311,7 +293,8 @@ class OrtBackend(Backend):
             details={"providers": list(self.providers), "threads": self.threads or os.cpu_count(),
                      "optimization": self.optimization,
                      "qdq_fusion": "auto" if self.qdq_fusion is None else self.qdq_fusion,
-                     "int8_dot_saturates": int8_dot_saturates()},
+                     "int8_dot_saturates": int8_dot_saturates(),
+                     "forced_by_environment": dict(self.forced_by_environment)},
         )
 
 

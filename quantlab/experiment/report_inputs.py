@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..errors import ExperimentError
 from ..graph import LoadedModel
+from ..precision import INT8
 from ..quantize import WrittenModel
 from ..report import WORST_LAYERS_SHOWN, HistogramView, ReportInputs, Verdict, worst_layers
 from ..search import impact_notes
@@ -149,9 +150,9 @@ def _search_results(search_dir: Path | None, model: LoadedModel, e2e: pd.DataFra
     if (search_dir / "final" / "plan.json").is_file():
         plan = load_written(search_dir / "final", model).plan.to_frame()
         # the groups the search pinned first: they are what a reviewer checks
-        plan = plan.sort_values("precision", key=lambda p: p != "int8", ascending=False, kind="stable")
+        plan = plan.sort_values("precision", key=lambda p: p != INT8, ascending=False, kind="stable")
         notes = impact_notes(extra.get("sensitivity"))
-        plan["measured_impact"] = [notes.get(g, "") if p != "int8" else "" for g, p in
+        plan["measured_impact"] = [notes.get(g, "") if p != INT8 else "" for g, p in
                                    zip(plan["group"], plan["precision"], strict=True)]
     return e2e, extra.get("trajectory"), extra.get("sensitivity"), plan
 
@@ -166,7 +167,7 @@ def _histograms(config: ExperimentConfig, frames: Mapping[str, pd.DataFrame], wr
     stats = load_statistics(cal_dir / "statistics.npz")
     wanted: list[str] = []
     if per_layer is not None:
-        int8 = per_layer[per_layer["candidate"].astype(str).str.startswith("int8")]
+        int8 = per_layer[per_layer["candidate"].astype(str).str.startswith(INT8)]
         worst = worst_layers(int8 if not int8.empty else per_layer, True, WORST_LAYERS_SHOWN)
         wanted = _tensors_for_layers(list(worst["layer"]), written, set(stats.tensors))
     for t in disagreeing_tensors(tables, config.worst_tensors):

@@ -11,6 +11,7 @@ from ..atomic import atomic_dir, write_json
 from ..calibrate import method_settings
 from ..data import DataSet, open_dataset
 from ..graph import LoadedModel, load_model
+from ..precision import INT8
 from ..quantize import WrittenModel
 from ..report import Verdict, save_report_inputs, write_report
 from ..table import CalibrationTable, read_table
@@ -155,7 +156,7 @@ class _Run:
         config = self.config
         if not config.threshold:
             return None, None
-        int8_names = [c.name for c in experiment_candidates(config) if c.precision == "int8"]
+        int8_names = [c.name for c in experiment_candidates(config) if c.precision == INT8]
         verdicts = {n: verdict_for(e2e, n, config.threshold) for n in e2e["candidate"]}
         best = best_candidate(verdicts, int8_names or list(verdicts))
         if not (config.search and int8_names and not any(verdicts[n].passed for n in int8_names)):

@@ -13,17 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
 import pandas as pd
 
 from ..atomic import write_json
 from ..calibrate import calibrate
-from ..compare import CompareOptions, compare
+from ..compare import CompareOptions, compare, load_candidate
 from ..data import DataSet, DataSummary
 from ..errors import ExperimentError
 from ..graph import LoadedModel
-from ..plan import load_plan, resolve_plan, uniform_plan
-from ..quantize import WriteOptions, WrittenModel, load_provenance, save_written, write_model
+from ..plan import uniform_plan
+from ..precision import FP16, INT8
+from ..quantize import WriteOptions, WrittenModel, save_written, write_model
 from ..report import Verdict
 from ..search import SearchOptions, search
 from ..stats import save_statistics
@@ -50,15 +50,15 @@ class Candidate:
 
     @property
     def description(self) -> str:
-        if self.precision == "fp16":
+        if self.precision == FP16:
             return "every layer in FP16 (numerically risky ops kept in FP32)"
         return f"INT8 Q/DQ everywhere it is possible, activation ranges from the {self.method} calibrator"
 
 
 def experiment_candidates(config: ExperimentConfig) -> tuple[Candidate, ...]:
     """FP16 (if asked) then one INT8 candidate per calibrator in ``candidates.int8``."""
-    out = [Candidate("fp16", "fp16")] if config.fp16 else []
-    out += [Candidate(f"int8-{m}", "int8", m) for m in config.int8]
+    out = [Candidate(FP16, FP16)] if config.fp16 else []
+    out += [Candidate(f"{INT8}-{m}", INT8, m) for m in config.int8]
     return tuple(out)
 
 
@@ -81,17 +81,12 @@ def build_stage(folder: Path, model: LoadedModel, candidate: Candidate, table: C
 
 
 def load_written(folder: Path, model: LoadedModel) -> WrittenModel:
-    """A :class:`quantlab.quantize.WrittenModel` back from a build stage folder."""
-    provenance = load_provenance(folder / "provenance.json")
-    meta = provenance.meta
-    opts = meta.get("options", {})
-    options = WriteOptions(target=opts.get("target", "tensorrt"),
-                           per_channel_weights=opts.get("per_channel_weights", True),
-                           fp32_ops=tuple(opts.get("fp32_ops", WriteOptions().fp32_ops)))
-    proto = onnx.load(str(folder / "model.onnx"))
-    plan = resolve_plan(load_plan(folder / "plan.json"), model.proto)
-    return WrittenModel(proto=proto, provenance=provenance, plan=plan, options=options,
-                        table_method=meta.get("table_method"), source_sha256=model.sha256)
+    """A :class:`quantlab.quantize.WrittenModel` back from a build stage folder (the comparator's loader)."""
+    candidate = load_candidate(folder, model)
+    if not isinstance(candidate, WrittenModel):
+        raise ExperimentError(f"{folder}: holds no provenance.json, so it is not a build stage; re-run the "
+                              "experiment with --force.")
+    return candidate
 
 
 def compare_stage(folder: Path, model: LoadedModel, written: Mapping[str, WrittenModel], dataset: DataSet,

@@ -9,7 +9,7 @@ Layout (each module imports only those above it, and
 :mod:`quantlab.precision` / graph / errors / atomic)::
 
     quantlab/plan/
-      groups.py    FusionGroup, fusion_groups, node_names, constant_names, topological_order:
+      groups.py    FusionGroup, fusion_groups, node_names, constant_names:
                    how TensorRT fuses the model's nodes (changes with TensorRT's fusions)
       rules.py     Rule, PrecisionPlan, uniform_plan: what the user asks for and its precedence
       files.py     plan_to_dict, plan_from_dict, load_plan, save_plan: the JSON/TOML file form
@@ -31,7 +31,6 @@ from .groups import (
     constant_names,
     fusion_groups,
     node_names,
-    topological_order,
 )
 from .resolve import ResolvedPlan, resolve_plan
 from .rules import PrecisionPlan, Rule, uniform_plan
@@ -50,7 +49,6 @@ __all__ = [
     "fusion_groups",
     "node_names",
     "constant_names",
-    "topological_order",
     "uniform_plan",
     "load_plan",
     "save_plan",

@@ -32,6 +32,7 @@ from typing import Any
 from ..atomic import write_json, write_text
 from ..errors import PlanError
 from ..precision import DEFAULT_FALLBACK, DEFAULT_PRECISION, Precision, check_precision
+from ..schema import Key, Where, check_table, is_str
 from .groups import FusionGroup
 from .rules import PrecisionPlan, rule_from_dict
 
@@ -39,7 +40,17 @@ __all__ = ["PLAN_FORMAT", "plan_to_dict", "plan_from_dict", "load_plan", "save_p
 
 PLAN_FORMAT = "quantlab.plan/1"
 
-_PLAN_KEYS = {"format", "default", "op_defaults", "rules", "overrides", "fallback", "description", "groups"}
+_TABLE = "a table of name = precision"
+_PLAN_KEYS: dict[str, Key] = {  # precisions themselves are checked by check_precision (its message names them)
+    "format": Key(f"{PLAN_FORMAT!r}", is_str, f'format = "{PLAN_FORMAT}"'),
+    "default": Key("a precision name", is_str, 'default = "int8"'),
+    "fallback": Key("a precision name", is_str, 'fallback = "fp32"'),
+    "op_defaults": Key(_TABLE, lambda v: isinstance(v, Mapping), '[op_defaults]\nSoftmax = "fp32"'),
+    "rules": Key("a list of tables", lambda v: isinstance(v, (list, tuple)), '[[rules]]\nfirst = 1\nprecision = "fp16"'),
+    "overrides": Key(_TABLE, lambda v: isinstance(v, Mapping), '[overrides]\nfc = "fp32"'),
+    "description": Key("a string", is_str, 'description = "why this plan"'),
+    "groups": Key("a table (written for the reader, ignored)", lambda v: isinstance(v, Mapping), "[groups]"),
+}
 
 
 def plan_to_dict(plan: PrecisionPlan, groups: Sequence[FusionGroup] | None = None) -> dict[str, Any]:
@@ -61,38 +72,29 @@ def plan_to_dict(plan: PrecisionPlan, groups: Sequence[FusionGroup] | None = Non
     return d
 
 
-def plan_from_dict(data: Mapping[str, Any], source: str = "plan") -> PrecisionPlan:
-    """Validate the file form (unknown keys, types, precisions) into a :class:`PrecisionPlan`."""
+def plan_from_dict(data: Mapping[str, Any], source: str = "plan", text: str = "") -> PrecisionPlan:
+    """Validate the file form (unknown keys, types, precisions) into a :class:`PrecisionPlan`.
+
+    ``text`` (the file's TOML) lets messages name the line of a bad key.
+    """
     if not isinstance(data, Mapping):
         raise PlanError(f"{source}: a plan is a JSON/TOML table, got {type(data).__name__}")
-    unknown = sorted(set(data) - _PLAN_KEYS)
-    if unknown:
-        raise PlanError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                        f"a plan has {', '.join(sorted(_PLAN_KEYS - {'groups'}))}")
+    check_table(data, _PLAN_KEYS, Where(source, text), "", error=PlanError, guide="quantlab/plan/files.py")
     fmt = data.get("format", PLAN_FORMAT)
     if fmt != PLAN_FORMAT:
         raise PlanError(f"{source}: format {fmt!r} is not {PLAN_FORMAT!r}")
 
     def table(key: str) -> dict[str, Precision]:
-        value = data.get(key, {})
-        if not isinstance(value, Mapping):
-            raise PlanError(f"{source}: {key!r} must be a table of name -> precision")
-        return {str(k): check_precision(v, f"{source}: {key}[{k!r}]") for k, v in value.items()}
+        return {str(k): check_precision(v, f"{source}: {key}[{k!r}]") for k, v in data.get(key, {}).items()}
 
-    rules_raw = data.get("rules", [])
-    if not isinstance(rules_raw, (list, tuple)):
-        raise PlanError(f"{source}: 'rules' must be a list of tables")
-    rules = tuple(rule_from_dict(r, f"{source}: rules[{i}]") for i, r in enumerate(rules_raw))
-    description = data.get("description", "")
-    if not isinstance(description, str):
-        raise PlanError(f"{source}: 'description' must be a string")
+    rules = tuple(rule_from_dict(r, f"{source}: rules[{i}]") for i, r in enumerate(data.get("rules", [])))
     return PrecisionPlan(
         default=check_precision(data.get("default", DEFAULT_PRECISION), f"{source}: default"),
         op_defaults=table("op_defaults"),
         rules=rules,
         overrides=table("overrides"),
         fallback=check_precision(data.get("fallback", DEFAULT_FALLBACK), f"{source}: fallback"),
-        description=description,
+        description=data.get("description", ""),
     )
 
 
@@ -113,7 +115,7 @@ def load_plan(path: str | os.PathLike[str]) -> PrecisionPlan:
             raise PlanError(f"{path}: a plan file ends in .json or .toml")
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
         raise PlanError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
-    return plan_from_dict(data, str(path))
+    return plan_from_dict(data, str(path), text if suffix == ".toml" else "")
 
 
 def save_plan(

@@ -23,7 +23,7 @@ from typing import Any
 
 import onnx
 
-from ..graph import consumer_map, tensor_specs, topological_nodes
+from ..graph import consumer_indices, tensor_specs, topological_order
 
 __all__ = [
     "COMPUTE_OPS",
@@ -34,7 +34,6 @@ __all__ = [
     "fusion_groups",
     "node_names",
     "constant_names",
-    "topological_order",
 ]
 
 COMPUTE_OPS: frozenset[str] = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -124,25 +123,6 @@ def constant_names(proto: onnx.ModelProto) -> set[str]:
         if node.op_type == "Constant":
             names.update(o for o in node.output if o)
     return names
-
-
-def topological_order(proto: onnx.ModelProto) -> list[int]:
-    """Indices into ``graph.node`` in a topological order (graph order when already sorted).
-
-    The order is :func:`quantlab.graph.topological_nodes`' (a ModelError names
-    the nodes of a cycle). ``nodes`` keeps every node's Python wrapper alive
-    while the map is built, so ``id()`` identifies each node.
-    """
-    nodes = list(proto.graph.node)
-    index = {id(n): i for i, n in enumerate(nodes)}
-    return [index[id(n)] for n in topological_nodes(proto)]
-
-
-def consumer_indices(proto: onnx.ModelProto) -> dict[str, list[int]]:
-    """Tensor -> indices of the nodes reading it, in graph order, each node once (``Mul(x, x)`` reads x once)."""
-    nodes = list(proto.graph.node)
-    index = {id(n): i for i, n in enumerate(nodes)}
-    return {t: list(dict.fromkeys(index[id(n)] for n in readers)) for t, readers in consumer_map(proto).items()}
 
 
 class _Graph:

@@ -22,8 +22,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import PlanError
-from ..graph import LoadedModel, default_opset, outer_names
-from ..plan import FusionGroup, ResolvedPlan, topological_order
+from ..graph import LoadedModel, default_opset, outer_names, topological_order
+from ..plan import FusionGroup, ResolvedPlan
 from ..precision import FP16
 from ..version import __version__
 from .casts import Casts

@@ -1,4 +1,4 @@
-"""Loading ONNX models safely, and the graph queries every other module needs.
+"""Loading ONNX models safely: parse, check, shape-infer, upgrade the opset, refuse escaping external data.
 
 A model is data, never code: it is parsed with protobuf, checked with the ONNX
 checker, shape-inferred, and its external-data paths are refused when they
@@ -9,34 +9,20 @@ QuantizeLinear/DequantizeLinear needs opset 13.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from .errors import ModelError
-from .fingerprint import sha256_bytes, sha256_file
+from ..environment import unreadable
+from ..errors import ModelError
+from ..fingerprint import sha256_bytes, sha256_file
+from .topology import topological_nodes
 
-__all__ = [
-    "MIN_OPSET",
-    "TensorSpec",
-    "LoadedModel",
-    "load_model",
-    "model_from_proto",
-    "serialize",
-    "tensor_specs",
-    "activation_names",
-    "with_outputs",
-    "topological_nodes",
-    "producer_map",
-    "consumer_map",
-    "initializer_map",
-    "default_opset",
-    "outer_names",
-]
+__all__ = ["MIN_OPSET", "TensorSpec", "LoadedModel", "load_model", "model_from_proto", "serialize",
+           "tensor_specs", "default_opset", "activation_names", "check_float_activations"]
 
 MIN_OPSET = 13
 """Per-channel Q/DQ (``axis`` on QuantizeLinear/DequantizeLinear) needs opset 13."""
@@ -151,8 +137,29 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     return proto
 
 
+def _check_unique_node_names(graph: onnx.GraphProto, label: str, scope: str = "the graph") -> None:
+    """Refuse two nodes of one graph (or subgraph) sharing a name: ORT refuses them, plans name layers by node name."""
+    seen: dict[str, list[tuple[int, str]]] = {}
+    for index, node in enumerate(graph.node):
+        if node.name:
+            seen.setdefault(node.name, []).append((index, node.op_type))
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _check_unique_node_names(body, label, f"the subgraph {attr.name!r} of node {node.name or node.op_type!r}")
+    dupes = {name: where for name, where in seen.items() if len(where) > 1}
+    for name, where in list(dupes.items())[:1]:
+        others = f" (and {len(dupes) - 1} other repeated name(s))" if len(dupes) > 1 else ""
+        raise ModelError(
+            f"{label}: node name {name!r} is used by {len(where)} nodes of {scope}: "
+            f"{', '.join(f'#{i} ({op})' for i, op in where[:5])}{others}. ONNX Runtime refuses such models and "
+            "quantlab names layers by node name; give every node a unique name (re-export, or in Python: for i, n in "
+            "enumerate(model.graph.node): n.name = f\"{n.name}_{i}\" for the repeated ones, then onnx.save)."
+        )
+
+
 def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onnx.ModelProto, int, int | None]:
     opset = default_opset(proto)
+    _check_unique_node_names(proto.graph, label)
     upgraded_from: int | None = None
     try:
         onnx.checker.check_model(proto)
@@ -182,8 +189,18 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load, check and shape-infer an ONNX file (external data only from its own folder)."""
+    """Load, check and shape-infer an ONNX file (external data only from its own folder).
+
+    A file this user may not read is a PermissionError naming it and the fix (the environment's problem).
+    """
     path = Path(path)
+    try:
+        return _load_file(path)
+    except PermissionError as exc:
+        raise unreadable(exc, "model", path) from None
+
+
+def _load_file(path: Path) -> LoadedModel:
     label = str(path)
     if not path.exists():
         raise ModelError(f"{label}: no such file. Give the path of an .onnx model.")
@@ -198,12 +215,13 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     if external:
         from onnx.external_data_helper import load_external_data_for_model
 
+        # hashed first: a file this user may not read fails here with its name (onnx's loader hides it)
+        parts = [digest] + [f"{p.name}:{sha256_file(p)}" for p in external]
+        digest = sha256_bytes("|".join(parts).encode())
         try:
             load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:
             raise ModelError(f"{label}: cannot read its external data: {exc}") from None
-        parts = [digest] + [f"{p.name}:{sha256_file(p)}" for p in external]
-        digest = sha256_bytes("|".join(parts).encode())
     proto, opset, upgraded = _prepare(proto, label, path)
     return _loaded(proto, digest, path, opset, upgraded)
 
@@ -258,47 +276,6 @@ def tensor_specs(proto: onnx.ModelProto) -> dict[str, TensorSpec]:
     return specs
 
 
-def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {i.name: i for i in proto.graph.initializer}
-
-
-def producer_map(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """Tensor name -> the node that produces it."""
-    return {out: node for node in proto.graph.node for out in node.output if out}
-
-
-def consumer_map(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    """Tensor name -> the nodes that read it, in graph order."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in proto.graph.node:
-        for inp in node.input:
-            if inp:
-                consumers.setdefault(inp, []).append(node)
-    return consumers
-
-
-def topological_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Nodes in a topological order (ONNX requires graphs to be sorted; we verify)."""
-    known = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
-    pending = list(proto.graph.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        progressed = False
-        rest = []
-        for node in pending:
-            if all((not i) or i in known for i in node.input):
-                ordered.append(node)
-                known.update(o for o in node.output if o)
-                progressed = True
-            else:
-                rest.append(node)
-        if not progressed:
-            names = ", ".join(repr(n.name or n.op_type) for n in rest[:5])
-            raise ModelError(f"the graph has a cycle or reads undefined tensors at nodes {names}")
-        pending = rest
-    return ordered
-
-
 def activation_names(proto: onnx.ModelProto, *, include_inputs: bool = True) -> list[str]:
     """Float activation tensors in topological order: graph inputs and node outputs.
 
@@ -323,42 +300,17 @@ def activation_names(proto: onnx.ModelProto, *, include_inputs: bool = True) -> 
     return names
 
 
-def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``proto`` whose graph also outputs ``names`` (for intermediate reads)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    existing = {o.name for o in out.graph.output}
-    value_info = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input)}
-    for name in names:
-        if name in existing:
-            continue
-        if name in value_info:
-            vi = onnx.ValueInfoProto()
-            vi.CopyFrom(value_info[name])
-        else:
-            vi = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-        out.graph.output.append(vi)
-        existing.add(name)
-    return out
+def check_float_activations(model: LoadedModel) -> None:
+    """ModelError naming the model when it has no float activation: nothing for INT8 calibration to measure.
 
-
-def initializer_array(init: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(init)
-
-
-def input_feed_specs(model: LoadedModel) -> Sequence[TensorSpec]:
-    return model.inputs
-
-
-def outer_names(graph: onnx.GraphProto) -> set[str]:
-    """Tensors a subgraph reads from enclosing scopes (used but not defined inside it)."""
-    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    used: set[str] = set()
-    for node in graph.node:
-        used.update(t for t in node.input if t)
-        defined.update(o for o in node.output if o)
-        for attr in node.attribute:
-            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                used |= outer_names(body)
-    used.update(o.name for o in graph.output)
-    return used - defined
+    An integer-only graph (ids to ids) or an already quantized one (QLinearConv, integer Q/DQ outputs) has no
+    float tensor whose range could be calibrated; an empty table would be useless.
+    """
+    if activation_names(model.proto):
+        return
+    shown = ", ".join(f"{t.name!r} {t.dtype}" for t in model.inputs[:4]) or "none"
+    quantized = sorted({n.op_type for n in model.proto.graph.node if n.op_type.startswith(("QLinear", "Quantize"))})
+    hint = (f" It holds {', '.join(quantized)}: it is already quantized; calibrate the float model it was made from."
+            if quantized else " INT8 calibration measures float activations; this model needs no calibration table.")
+    raise ModelError(f"{model.label}: has no float activation tensors to calibrate (inputs: {shown}; "
+                     f"no node outputs float32/float16).{hint}")

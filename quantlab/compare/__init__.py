@@ -1,0 +1,63 @@
+"""Comparator: FP32 ONNX reference vs FP16/INT8 candidates, end to end and per layer.
+
+INTERFACE (agreed in code; the search, experiments, report and CLI use exactly this):
+
+    result = compare(reference, {"int8-entropy": written, "fp16": written16}, dataset,
+                     CompareOptions(backend="ort"), progress=True)
+    result.end_to_end   # DataFrame, one row per candidate x model output (columns: .result)
+    result.per_layer    # DataFrame, long: one row per candidate x layer x mode ("accumulated" | "local")
+    result.per_sample   # DataFrame, one row per candidate x sample (x output for multi-output models)
+    result.check("top1_drop<=0.5")        # {candidate: ThresholdCheck}
+    result.save(out_dir); load_comparison(out_dir)
+    load_candidate("build/int8", reference)   # a `quantlab build` folder or an .onnx file
+
+Two per-layer modes: ``accumulated`` (the candidate runs end to end; each layer's written
+counterpart is compared with the reference's tensor) and ``local`` (each int8/fp16 group runs
+alone, fed the reference's values of its inputs: its own error, not the one it inherits).
+Memory stays bounded (running sums, models cut into segments per chunk of layers) and each
+batch is a small task graph run by ``CompareOptions.workers`` threads; the same data and seed
+give the same tables whatever the timing.
+
+Package layout (arrows: "imports"; each module's docstring has the details and diagrams)::
+
+    __init__      the public API below
+    run           compare(), Comparison: checks, plans, the pass over the data, the tables
+     ├─► options       CompareOptions (every default once)
+     ├─► result        CompareResult, column names, save / load_comparison (the folder format)
+     ├─► candidates    Candidate, load_candidate (a build folder or .onnx from disk)
+     ├─► layers        which reference tensors are compared; chunks of them (memory budget)
+     ├─► alignment     per candidate: I/O check, written carriers of the compared tensors
+     │    └─► islands       local mode: each group's written nodes, cut out and fed reference values
+     │         └─► submodel     cutting ONNX sub-models (typed inputs/outputs), building runners
+     ├─► runners       the sessions: reference and candidates as staged models, local models
+     │    └─► segments      a model run in consecutive segments, one per chunk
+     ├─► schedule      Task, BatchState, Pipeline: the per-batch task graph on worker threads
+     ├─► labels        classifier outputs, whether labels give accuracy, label checks
+     ├─► end_to_end    running end-to-end statistics -> end-to-end and per-sample tables
+     │    └─► user_metric   --metric file.py:function, loaded and called per sample
+     ├─► per_layer     the per-layer table and where NaN/inf first appear
+     └─► records       the data / models / environment records and the data warnings
+
+Below the package: :mod:`quantlab.metrics` (the numeric kernels and statistics), ``graph``,
+``plan``, ``quantize`` (provenance), ``data``, ``backends``.
+"""
+
+from __future__ import annotations
+
+from .candidates import Candidate, load_candidate
+from .options import CompareOptions
+from .result import (
+    CLASSIFIER_COLUMNS,
+    COMPARE_FORMAT,
+    END_TO_END_COLUMNS,
+    LABEL_COLUMNS,
+    PER_LAYER_COLUMNS,
+    PER_SAMPLE_COLUMNS,
+    CompareResult,
+    load_comparison,
+)
+from .run import compare
+
+__all__ = ["CompareOptions", "CompareResult", "compare", "load_comparison", "load_candidate", "Candidate",
+           "COMPARE_FORMAT", "END_TO_END_COLUMNS", "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "PER_LAYER_COLUMNS",
+           "PER_SAMPLE_COLUMNS"]

@@ -1,0 +1,100 @@
+"""Candidates: what compare() takes (:data:`Candidate`) and :func:`load_candidate` (one from disk).
+
+A ``quantlab build --out`` folder reads back as the :class:`WrittenModel` it was::
+
+    build/int8/
+      model.onnx         the written model              -> WrittenModel.proto
+      provenance.json    node/tensor maps, build meta   -> .provenance, .options (meta["options"])
+      plan.json          the effective plan             -> .plan (resolved on the reference)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import CompareError, QuantlabError
+from ..fingerprint import sha256_bytes
+from ..graph import LoadedModel, load_model
+from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
+from ..quantize import WriteOptions, WrittenModel, load_provenance
+
+__all__ = ["Candidate", "load_candidate"]
+
+Candidate = WrittenModel | LoadedModel
+
+
+def load_candidate(path: str | Path, reference: LoadedModel) -> Candidate:
+    """A candidate from disk: a ``quantlab build`` folder (model.onnx + provenance.json) or an .onnx file.
+
+    A folder (or its ``model.onnx``) becomes a :class:`WrittenModel` whose
+    provenance enables per-layer comparison; any other .onnx file is a plain
+    :class:`LoadedModel` (end to end only). Refuses a model.onnx that no
+    longer matches its provenance (edited after the build), and a folder whose
+    plan.json or recorded write options cannot be read (the error names the file).
+    A folder without plan.json gets the provenance's group precisions.
+    """
+    p = Path(path)
+    folder: Path | None = None
+    if p.is_dir():
+        folder = p
+        if not (p / "model.onnx").is_file():
+            raise CompareError(f"{p}: a candidate folder must hold model.onnx (as `quantlab build --out` writes)")
+    elif p.name == "model.onnx" and (p.parent / "provenance.json").is_file():
+        folder = p.parent
+    if folder is None:
+        if not p.is_file():
+            raise CompareError(f"{p}: no such file or folder; give a `quantlab build` output folder or an .onnx file")
+        return load_model(p)
+    model_path = folder / "model.onnx"
+    loaded = load_model(model_path)
+    prov_path = folder / "provenance.json"
+    if not prov_path.is_file():
+        return loaded
+    provenance = load_provenance(prov_path)
+    meta = provenance.meta
+    written_sha = meta.get("written_sha256")
+    if written_sha and sha256_bytes(model_path.read_bytes()) != written_sha:
+        raise CompareError(f"{model_path}: does not match {prov_path} (sha256 differs from the build's "
+                           f"{str(written_sha)[:12]}): the model was changed after `quantlab build`. Rebuild it, "
+                           "or pass the .onnx from another folder to compare it end to end only.")
+    options = _write_options(meta.get("options", {}), prov_path)
+    plan_path = folder / "plan.json"
+    if plan_path.is_file():
+        plan = _resolved_plan(plan_path, reference)
+    else:  # a folder without plan.json: the precisions the provenance records, on the reference's groups
+        plan = ResolvedPlan(groups=tuple(fusion_groups(reference.proto)), precision=dict(provenance.group_precision))
+    return WrittenModel(proto=loaded.proto, provenance=provenance, plan=plan, options=options,
+                        table_method=meta.get("table_method"), source_sha256=str(meta.get("source_sha256", "")))
+
+
+def _write_options(recorded: Any, prov_path: Path) -> WriteOptions:
+    """The build's write options back from ``meta.options`` of its provenance.
+
+    ``quantize_outputs`` / ``int32_bias`` are not read back (None: follow the target), so a build
+    that overrode the target's choice reads back with the target's; ``activation_dtype`` and
+    ``weight_qmax`` are derived, not options.
+    """
+    if not isinstance(recorded, Mapping):
+        raise CompareError(f"{prov_path}: meta.options is a {type(recorded).__name__}, not a table of write "
+                           "options; rebuild the candidate with `quantlab build`.")
+    fields = {f.name for f in dataclasses.fields(WriteOptions)}
+    try:
+        return WriteOptions(**{k: (tuple(v) if k == "fp32_ops" else v) for k, v in recorded.items()
+                               if k in fields and k not in ("quantize_outputs", "int32_bias")})
+    except (QuantlabError, TypeError) as exc:
+        raise CompareError(f"{prov_path}: the recorded write options (meta.options) are not valid: {exc}; "
+                           "rebuild the candidate with `quantlab build`.") from None
+
+
+def _resolved_plan(plan_path: Path, reference: LoadedModel) -> ResolvedPlan:
+    """The build's effective plan on the reference's groups; a plan naming other nodes means another model."""
+    plan = load_plan(plan_path)  # its errors name the file
+    try:
+        return resolve_plan(plan, reference.proto)
+    except QuantlabError as exc:
+        raise CompareError(f"{plan_path}: does not fit the reference {reference.label}; the candidate was probably "
+                           "built from another model (compare it with the FP32 model it was built from). "
+                           f"{exc}") from None

@@ -1,0 +1,206 @@
+"""The local mode: each int8/fp16 group's written nodes (its island) run alone, fed reference values.
+
+Tensors are aligned only through the writer's provenance (``Provenance.tensor_map``:
+original tensor -> written tensor carrying its value), never by guessing from names::
+
+    accumulated: the candidate runs end to end; each layer's written counterpart is compared
+                 with the reference's tensor (error of the layer + everything upstream)
+
+        reference   x ──► [G1] ──► a ──► [G2] ──► b           compare a : a',  b : b'
+        candidate   x ──► [G1'] ──► a' ──► [G2'] ──► b'
+
+    local:       each int8/fp16 group (and any group the writer changed) runs alone, fed the
+                 reference's values of its inputs: its own error, not the one it inherits
+
+        reference   x ──► [G1] ──► a ──► [G2] ──► b
+                                   │ (reference value of a, cast to the written dtype)
+        island      ref/a ──► Q/DQ ──► [G2' as written: DQ(W), Conv, Add, Relu ...] ──► b''
+                                                                compare b : b''
+
+An island is the group's written nodes (``Provenance.node_map``: the node plus the Q/DQ/Cast
+nodes feeding it) closed over inserted nodes, cut at the written tensors that carry original
+tensors. The islands of a chunk of groups form "local models" (renamed ``local/<i>/...``,
+inputs ``ref/<tensor>``; a node shared by two islands on the same inputs is computed once),
+one per worker thread, each run once per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..backends import Backend
+from ..errors import CompareError
+from ..graph import topological_order
+from ..plan import FusionGroup
+from ..quantize import Provenance, WrittenModel
+from .layers import Layer, ReferenceGraph
+from .submodel import build_runner, has_subgraph, node_reads, submodel, typed_specs
+
+__all__ = ["Island", "find_islands", "LocalModel"]
+
+
+@dataclass(frozen=True)
+class Island:
+    """The written nodes of one group, cut at the tensors carrying its original inputs."""
+
+    index: int
+    group: str
+    nodes: tuple[int, ...]                      # indices into the written graph's nodes
+    boundary: tuple[str, ...]                   # written (= original) tensors fed from the reference
+    outputs: tuple[tuple[str, str], ...]        # (reference tensor, written carrier)
+
+
+def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: Sequence[Layer],
+                 carriers: Mapping[str, str], precision: Mapping[str, str],
+                 produced: Mapping[str, int]) -> tuple[dict[str, Island], list[str]]:
+    """One island per group whose written form differs from the original (see the module docstring),
+    and notes on the groups left out."""
+    prov = written.provenance
+    proto = written.proto
+    w_nodes = list(proto.graph.node)
+    inits = {i.name for i in proto.graph.initializer}
+    ref_inits = {i.name for i in ref.model.proto.graph.initializer}
+    stops = inits | {i.name for i in proto.graph.input if i.name not in inits} \
+        | {v for k, v in prov.tensor_map.items() if k not in ref_inits and k not in ref.constants}
+    position = {idx: k for k, idx in enumerate(topological_order(proto))}
+    by_group: dict[str, list[Layer]] = {}
+    for x in layers:
+        if x.tensor in carriers:
+            by_group.setdefault(x.group, []).append(x)
+    out: dict[str, Island] = {}
+    notes: list[str] = []
+    for gi, g in enumerate(ref.groups):
+        if g.name not in by_group:
+            continue
+        members = _members(g, prov, w_nodes, stops, produced)
+        if not members:
+            continue
+        inserted = any(w_nodes[i].name in prov.inserted_nodes for i in members)
+        if precision.get(g.name, "fp32") == "fp32" and not inserted:
+            continue
+        if any(has_subgraph(w_nodes[i]) for i in members):
+            notes.append(f"candidate {name!r}: local mode skips group {g.name!r}: it holds a subgraph "
+                         "(If/Loop/Scan) that cannot be cut out")
+            continue
+        made = {o for i in members for o in w_nodes[i].output if o}
+        boundary = sorted({t for i in members for t in w_nodes[i].input
+                           if t and t not in inits and t not in made})
+        outputs = tuple((x.tensor, carriers[x.tensor]) for x in by_group[g.name] if carriers[x.tensor] in made)
+        if not outputs:
+            continue
+        order = sorted(members, key=position.__getitem__)
+        out[g.name] = Island(index=gi, group=g.name, nodes=tuple(order), boundary=tuple(boundary), outputs=outputs)
+    return out, notes
+
+
+def _members(group: FusionGroup, prov: Provenance, w_nodes: Sequence[onnx.NodeProto], stops: set[str],
+             produced: Mapping[str, int]) -> set[int]:
+    """The group's written nodes, closed over the nodes computing what they read, up to ``stops``
+    (initializers, graph inputs and the written tensors carrying original tensors)."""
+    w_index = {n.name: i for i, n in enumerate(w_nodes)}
+    members: set[int] = set()
+    for n in group.nodes:
+        for w in prov.node_map.get(n, (n,)):
+            if w in w_index:
+                members.add(w_index[w])
+    pending = list(members)
+    while pending:
+        idx = pending.pop()
+        for t in node_reads(w_nodes[idx]):
+            if t in stops:
+                continue
+            p = produced.get(t)
+            if p is not None and p not in members:
+                members.add(p)
+                pending.append(p)
+    return members
+
+
+class LocalModel:
+    """The islands of one candidate and one chunk, as one model fed reference values (``ref/<tensor>``)."""
+
+    def __init__(self, name: str, proto: onnx.ModelProto, islands: Sequence[Island], backend: Backend) -> None:
+        self._proto = proto
+        self._specs = typed_specs(proto)
+        self._inits = {i.name for i in proto.graph.initializer}
+        self._nodes: list[onnx.NodeProto] = []
+        self._inputs: dict[str, str] = {}           # graph input -> written tensor (= reference tensor)
+        self._local_specs: dict[str, Any] = {}
+        self._emitted: dict[tuple[int, tuple[str, ...]], list[str]] = {}
+        self.outputs: list[tuple[str, str]] = []    # (output name, reference tensor)
+        for island in islands:
+            self._add(island)
+        for graph_input, t in self._inputs.items():
+            if t not in self._specs:
+                raise CompareError(f"candidate {name!r}: cannot tell the type of written tensor {t!r} "
+                                   "to feed it the reference's value (local mode)")
+            self._local_specs[graph_input] = dataclasses.replace(self._specs[t], name=graph_input)
+        self.inputs = [(n, t, self._local_specs[n].dtype) for n, t in self._inputs.items()]
+        self.label = f"candidate {name!r} (local mode)"
+        sub = submodel(proto, self._nodes, [n for n, _, _ in self.inputs], [o for o, _ in self.outputs],
+                       self._local_specs, self.label)
+        self.runner = build_runner(backend, sub, [], self.label)
+
+    def _add(self, island: Island) -> None:
+        """The island's nodes, renamed ``local/<index>/...``, reading ``ref/<tensor>`` at its boundary."""
+        w_nodes = self._proto.graph.node
+        prefix = f"local/{island.index}/"
+        names: dict[str, str] = {}   # written tensor made in this island -> its name here
+
+        def rename(t: str) -> str:
+            if not t or t in self._inits:
+                return t
+            if t in names:
+                return names[t]
+            self._inputs["ref/" + t] = t
+            return "ref/" + t
+
+        for i in island.nodes:
+            src = w_nodes[i]
+            ins = tuple(rename(t) for t in src.input)
+            key = (i, ins)
+            if key in self._emitted:  # the same node on the same inputs in an earlier island: computed once
+                for t, done in zip(src.output, self._emitted[key]):
+                    if t:
+                        names[t] = done
+                continue
+            node = onnx.NodeProto()
+            node.CopyFrom(src)
+            node.name = prefix + (src.name or f"{src.op_type}_{i}")
+            del node.input[:]
+            node.input.extend(ins)
+            del node.output[:]
+            node.output.extend(prefix + t if t else t for t in src.output)
+            self._emitted[key] = list(node.output)
+            self._nodes.append(node)
+            for t in src.output:
+                if t:
+                    names[t] = prefix + t
+                    if t in self._specs:
+                        self._local_specs[prefix + t] = dataclasses.replace(self._specs[t], name=prefix + t)
+        for tensor, carrier in island.outputs:
+            self.outputs.append((names[carrier], tensor))
+
+    @property
+    def needs(self) -> list[str]:
+        return [t for _, t, _ in self.inputs]
+
+    def run(self, ref_live: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name, t, dtype in self.inputs:
+            v = ref_live[t]
+            if v.dtype != np.dtype(dtype):
+                with np.errstate(over="ignore"):  # e.g. a float32.min mask becomes -inf in float16, as written
+                    v = v.astype(dtype)
+            feeds[name] = v
+        got = self.runner.run(feeds, [o for o, _ in self.outputs])
+        return {t: got[o] for o, t in self.outputs}
+
+    def close(self) -> None:
+        self.runner.close()

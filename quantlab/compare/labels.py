@@ -1,0 +1,79 @@
+"""Which outputs are classifiers and whether the validation labels give accuracy figures."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data import Batch, DataSet
+from ..errors import CompareError
+from ..graph import LoadedModel
+from .options import CompareOptions
+
+__all__ = ["LabelUse", "label_use"]
+
+
+@dataclass(frozen=True)
+class LabelUse:
+    """``classifiers``: output -> classes for 2-D float [N, C > 1] outputs; ``use_labels``: the set's
+    labels are read (accuracy or a user metric); ``accuracy``: top-1/top-5 against them on
+    ``label_output``."""
+
+    classifiers: Mapping[str, int]
+    label_output: str | None
+    use_labels: bool
+    accuracy: bool
+
+    def check(self, batch: Batch) -> None:
+        """Refuses a label outside the classes of ``label_output``, naming the sample."""
+        if not self.accuracy or self.label_output is None:
+            return
+        c = self.classifiers[self.label_output]
+        labels = np.asarray(batch.labels)
+        bad = np.flatnonzero((labels < 0) | (labels >= c))
+        if bad.size:
+            i = int(bad[0])
+            raise CompareError(
+                f"sample {batch.indices[i]} ({batch.keys[i]!r}) has label {labels[i].item()}, which does not fit "
+                f"output {self.label_output!r} with {c} classes (valid 0..{c - 1}). Fix the manifest's [labels] "
+                "(regex/column) or choose the output with label_output / --label-output."
+            )
+
+
+def label_use(reference: LoadedModel, dataset: DataSet, options: CompareOptions,
+              has_metric: bool) -> tuple[LabelUse, list[str]]:
+    """How the comparison uses the set's labels, and a warning when they cannot give accuracy."""
+    ds, opts = dataset, options
+    has = bool(getattr(ds, "has_labels", False))
+    if opts.labels is True and not has:
+        raise CompareError(f"labels were asked for but the validation set {getattr(ds, 'name', '')!r} has none; "
+                           "add a [labels] table to its manifest (see calib_sets/README.md)")
+    use_labels = has and opts.labels is not False
+    classifiers: dict[str, int] = {}
+    for spec in reference.outputs:
+        if spec.shape is not None and len(spec.shape) == 2 and isinstance(spec.shape[1], int) \
+                and spec.shape[1] > 1 and spec.is_float:
+            classifiers[spec.name] = int(spec.shape[1])
+    label_output: str | None = None
+    integer = str(getattr(ds, "label_dtype", "") or "").startswith(("int", "uint"))
+    if opts.label_output is not None:
+        if opts.label_output not in classifiers:
+            raise CompareError(f"label_output {opts.label_output!r} is not a classifier output ([N, C] float) of "
+                               f"the reference; classifier outputs: {sorted(classifiers) or 'none'}")
+        label_output = opts.label_output
+    elif classifiers:
+        order = list(classifiers)
+        label_output = max(order, key=lambda k: (classifiers[k], -order.index(k)))
+    warnings: list[str] = []
+    if use_labels and (not integer or label_output is None):
+        why = ("the labels are not class indices (dtype " + str(getattr(ds, "label_dtype", None)) + ")"
+               if not integer else "the reference has no classifier output ([N, C] scores)")
+        if not has_metric:
+            warnings.append(f"validation labels are not used for accuracy: {why}; only a user metric "
+                            "(--metric) receives them")
+        accuracy = False
+    else:
+        accuracy = use_labels
+    return LabelUse(classifiers, label_output, use_labels, accuracy), warnings

@@ -1,0 +1,132 @@
+"""Which reference tensors are compared per layer, and how they are chunked for bounded memory.
+
+``CompareOptions.layers``: ``"groups"`` (default) compares the tensor each fusion group hands
+on (what exists in a TensorRT engine; ``layer`` and ``op_type`` are the group's anchor node,
+e.g. the Conv of Conv+BN+Relu, ``node`` the node producing the tensor); ``"nodes"`` compares
+every float node output (``layer`` = ``node``).
+
+Large models do not expose every tensor at once: layers are split into chunks of
+consecutive groups, at most ``layer_group_size`` tensors and ``memory_budget_mb`` of
+reference activations per batch (see :mod:`.segments` for how a model runs chunk by chunk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..graph import LoadedModel, tensor_specs, topological_order
+from ..plan import FusionGroup, constant_names, fusion_groups, node_names
+from .options import CompareOptions
+
+__all__ = ["Layer", "ReferenceGraph", "analyse_reference", "elements_per_sample", "layers_per_group", "chunks"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One compared reference tensor."""
+
+    tensor: str
+    layer: str
+    node: str
+    order: int
+    group: str
+    op_type: str
+    elements: int | None  # per sample, from the inferred shape
+
+
+@dataclass
+class ReferenceGraph:
+    """The reference model's graph facts the comparison needs, computed once."""
+
+    model: LoadedModel
+    names: list[str]
+    groups: list[FusionGroup]
+    group_of: dict[str, str]
+    producer: dict[str, int]
+    position: dict[int, int]
+    specs: dict[str, Any]
+    constants: set[str]
+    graph_inputs: list[str]
+    outputs: list[str]
+
+
+def analyse_reference(model: LoadedModel) -> ReferenceGraph:
+    proto = model.proto
+    names = node_names(proto)
+    order = topological_order(proto)
+    groups = fusion_groups(proto)
+    group_of = {n: g.name for g in groups for n in g.nodes}
+    producer = {o: i for i, node in enumerate(proto.graph.node) for o in node.output if o}
+    inits = {i.name for i in proto.graph.initializer}
+    return ReferenceGraph(
+        model=model, names=names, groups=groups, group_of=group_of, producer=producer,
+        position={idx: i for i, idx in enumerate(order)}, specs=tensor_specs(proto),
+        constants=constant_names(proto),
+        graph_inputs=[i.name for i in proto.graph.input if i.name not in inits],
+        outputs=[o.name for o in proto.graph.output],
+    )
+
+
+def elements_per_sample(spec: Any) -> int | None:
+    """Elements of one sample of the tensor (its shape without the batch axis); None when not static."""
+    if spec is None or spec.shape is None or len(spec.shape) < 1:
+        return None
+    n = 1
+    for d in spec.shape[1:]:
+        if not isinstance(d, int) or d < 0:
+            return None
+        n *= d
+    return n
+
+
+def _is_float_spec(spec: Any) -> bool:
+    return spec is not None and spec.dtype in ("float32", "float16", "float64", "bfloat16")
+
+
+def layers_per_group(ref: ReferenceGraph, mode: str) -> list[list[Layer]]:
+    """Compared tensors per fusion group, in topological order of groups."""
+    proto = ref.model.proto
+    nodes = list(proto.graph.node)
+    index_of = {name: i for i, name in enumerate(ref.names)}
+    per_group: list[list[Layer]] = []
+    seen: set[str] = set()
+    for g in ref.groups:
+        out: list[Layer] = []
+        if mode == "groups":
+            tensors = list(g.output_tensors) or [g.output_tensor]
+            candidates = [(t, g.name) for t in tensors if t]
+        else:
+            candidates = [(o, n) for n in g.nodes for o in nodes[index_of[n]].output if o]
+        for t, layer in candidates:
+            if t in seen or t not in ref.producer or not _is_float_spec(ref.specs.get(t)):
+                continue
+            idx = ref.producer[t]
+            if nodes[idx].op_type == "Constant":
+                continue
+            seen.add(t)
+            op_type = g.anchor_op if mode == "groups" else nodes[idx].op_type
+            out.append(Layer(tensor=t, layer=layer, node=ref.names[idx], order=ref.position[idx], group=g.name,
+                             op_type=op_type, elements=elements_per_sample(ref.specs.get(t))))
+        per_group.append(out)
+    return per_group
+
+
+def chunks(per_group: list[list[Layer]], options: CompareOptions) -> list[list[Layer]]:
+    """Consecutive groups' layers, at most ``layer_group_size`` tensors and the memory budget per chunk."""
+    budget = options.memory_budget_mb * 2**20
+    out: list[list[Layer]] = []
+    current: list[Layer] = []
+    size = 0.0
+    for layers in per_group:
+        if not layers:
+            continue
+        nbytes = sum(4.0 * (x.elements or 0) * options.batch_size for x in layers)
+        if current and (len(current) + len(layers) > options.layer_group_size or size + nbytes > budget):
+            out.append(current)
+            current, size = [], 0.0
+        current.extend(layers)
+        size += nbytes
+    if current:
+        out.append(current)
+    return out

@@ -1,0 +1,73 @@
+"""The settings of one comparison (:class:`CompareOptions`); every default is defined here once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from ..errors import CompareError
+
+__all__ = ["CompareOptions"]
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Settings of one comparison; every default is defined here once.
+
+    ``accumulated`` / ``local``: the two per-layer modes (both need ``per_layer``);
+    ``layers``: "groups" (fusion-group outputs) or "nodes" (every float node output);
+    ``labels``: None uses the set's labels when it has them, False ignores them, True
+    requires them; ``label_output``: the output the labels index (default: the
+    classifier output with the most classes); ``memory_budget_mb``: reference
+    activations exposed per batch before the model is cut into another segment;
+    ``backend_options``: keyword arguments of ``get_backend`` (e.g. ``{"qdq_fusion":
+    False}`` for ONNX Runtime's exact Q/DQ semantics, ``{"threads": 1}``);
+    ``workers``: threads running the models and metric kernels concurrently (with 2,
+    ONNX Runtime sessions get ``cores / 2`` threads each unless ``backend_options``
+    sets ``threads``).
+    """
+
+    backend: str = "ort"
+    batch_size: int = 8
+    per_layer: bool = True          # accumulated per-layer errors (candidates with provenance)
+    local: bool = True              # also the local mode (each quantized group fed reference inputs)
+    layer_group_size: int = 48      # tensors exposed per pass; large models run several passes
+    max_samples: int | None = None  # first N samples of the set only (the search's cheap probes)
+    metric: str | None = None       # "module:function" user metric
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    accumulated: bool = True        # the accumulated mode (False: local only, e.g. for sensitivity)
+    layers: Literal["groups", "nodes"] = "groups"
+    labels: bool | None = None
+    label_output: str | None = None
+    memory_budget_mb: float = 1024.0
+    backend_options: Mapping[str, Any] = field(default_factory=dict)  # get_backend(backend, **these)
+    workers: int | None = None      # threads running models and metrics; None: 2 on ONNX Runtime, else 1
+
+    def __post_init__(self) -> None:
+        def bad(what: str) -> CompareError:
+            return CompareError(f"CompareOptions: {what}")
+
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise bad(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.layer_group_size, int) or self.layer_group_size < 1:
+            raise bad(f"layer_group_size must be an integer >= 1, got {self.layer_group_size!r}")
+        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
+            raise bad(f"max_samples must be None or an integer >= 1, got {self.max_samples!r}")
+        if not isinstance(self.bootstrap, int) or self.bootstrap < 0:
+            raise bad(f"bootstrap must be an integer >= 0 (0: no intervals), got {self.bootstrap!r}")
+        if not 0.0 < float(self.confidence) < 1.0:
+            raise bad(f"confidence must be in (0, 1), e.g. 0.95; got {self.confidence!r}")
+        if self.layers not in ("groups", "nodes"):
+            raise bad(f"layers must be 'groups' or 'nodes', got {self.layers!r}")
+        if not self.memory_budget_mb > 0:
+            raise bad(f"memory_budget_mb must be > 0, got {self.memory_budget_mb!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise bad(f"workers must be None or an integer >= 1, got {self.workers!r}")
+        if self.metric is not None and ":" not in self.metric:
+            raise bad(f"metric must be 'module:function' (or 'path/to/file.py:function'), got {self.metric!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,67 @@
+"""The per-layer table (columns in :mod:`.result`) from the merged sums, and where NaN/inf first appear."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from ..metrics import ErrorAccumulator
+from .alignment import CandidatePlan
+from .layers import Layer
+from .result import LIVE_MODES, PER_LAYER_COLUMNS
+
+__all__ = ["per_layer_frame", "nan_warnings"]
+
+
+def per_layer_frame(plans: Mapping[str, CandidatePlan], layers: Sequence[Layer],
+                    acc: Mapping[tuple[str, str, str], ErrorAccumulator]) -> pd.DataFrame:
+    """One row per candidate x mode x layer with sums; a group fed only graph inputs takes its local
+    figures from the accumulated ones (``CandidatePlan.mirrored``)."""
+    rows = []
+    for name, p in plans.items():
+        for mode in LIVE_MODES:
+            for x in layers:
+                a = acc.get((name, mode, x.tensor))
+                if a is None and mode == "local" and x.group in p.mirrored:
+                    a = acc.get((name, "accumulated", x.tensor))
+                if a is None:
+                    continue
+                rows.append({
+                    "candidate": name, "mode": mode, "order": x.order, "layer": x.layer, "group": x.group,
+                    "op_type": x.op_type, "tensor": x.tensor, "precision": p.precision.get(x.group, "fp32"),
+                    **a.result(), "node": x.node,
+                })
+    frame = pd.DataFrame(rows, columns=list(PER_LAYER_COLUMNS))
+    frame["order"] = frame["order"].astype("int64")
+    frame["nan_count"] = frame["nan_count"].astype("int64")
+    for c in ("cosine", "sqnr_db", "max_abs", "mean_abs", "rel_l2"):
+        frame[c] = frame[c].astype("float64")
+    return frame
+
+
+def nan_warnings(candidates: Sequence[str], per_layer: pd.DataFrame, end_to_end: pd.DataFrame) -> list[str]:
+    """Per candidate with NaN/inf: the first layer (topological order) where they appear, or the count."""
+    warnings: list[str] = []
+    for name in candidates:
+        rows = end_to_end[end_to_end["candidate"] == name]
+        total = int(rows["nan_count"].sum())
+        layered = per_layer[(per_layer["candidate"] == name) & (per_layer["nan_count"] > 0)]
+        first = None
+        for mode in LIVE_MODES:
+            sub = layered[layered["mode"] == mode].sort_values("order", kind="stable")
+            if not sub.empty:
+                first = (mode, sub.iloc[0])
+                break
+        if first is not None:
+            mode, r = first
+            warnings.append(
+                f"candidate {name!r}: NaN/inf first appears ({mode} mode, topological order) at layer "
+                f"{r['layer']!r} (tensor {r['tensor']!r}, group {r['group']!r}, {r['op_type']}, "
+                f"{r['precision']}, {int(r['nan_count'])} value(s))"
+                + (f"; its outputs hold {total} NaN/inf value(s)" if total else "")
+                + ". Pin that group to fp16/fp32 or check its calibration range.")
+        elif total:
+            warnings.append(f"candidate {name!r}: its outputs hold {total} NaN/inf value(s); run the "
+                            "per-layer comparison (with provenance) to find the first layer where they appear")
+    return warnings

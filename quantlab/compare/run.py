@@ -1,0 +1,249 @@
+"""One compare() call: checks and plans (chunks, segments, islands), the streaming pass over the
+data, then the tables and the record.
+
+::
+
+    Comparison(...)     analyse_reference ─► layers_per_group ─► plan_candidate (per candidate) ─► chunks
+    .run()              Runners (sessions) ─► Pipeline over batches: per batch R, C, A, L tasks (_tasks)
+                        ─► finished(batch), in batch order: merge sums, EndToEnd.add
+                        ─► per_layer_frame, EndToEnd.frames, warnings, records ─► CompareResult
+
+A group fed only graph inputs (the first) reuses its accumulated figures as its local ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..backends import Backend, get_backend
+from ..backends.ort import environment_options
+from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs
+from ..errors import CompareError
+from ..graph import LoadedModel
+from ..metrics import ErrorAccumulator, error_sums
+from .alignment import plan_candidate
+from .candidates import Candidate
+from .end_to_end import EndToEnd
+from .islands import LocalModel
+from .labels import label_use
+from .layers import Layer, analyse_reference, chunks, layers_per_group
+from .options import CompareOptions
+from .per_layer import nan_warnings, per_layer_frame
+from .records import data_record, data_warnings, environment_record, models_record
+from .result import CompareResult
+from .runners import Runners
+from .schedule import BatchState, Pipeline, Task
+from .user_metric import load_metric
+
+__all__ = ["compare"]
+
+
+def compare(
+    reference: LoadedModel,
+    candidates: Mapping[str, Candidate],
+    dataset: DataSet,
+    options: CompareOptions = CompareOptions(),
+    *,
+    progress: bool = False,
+    calibration: DataSummary | None = None,
+) -> CompareResult:
+    """Compare every candidate with ``reference`` on ``dataset`` (see :mod:`quantlab.compare`).
+
+    ``calibration``: the calibration set's summary (``quantlab.summarize`` or a
+    calibration run's ``data_summary.json``); a validation set sharing samples with
+    it gets a warning. Raises CompareError for candidates that do not fit the
+    reference, labels that do not fit the outputs, a failing user metric;
+    InputMismatchError for data that does not fit the model.
+    """
+    return Comparison(reference, candidates, dataset, options, calibration).run(progress)
+
+
+def _truncated(dataset: DataSet, batch_size: int, limit: int) -> Iterator[Batch]:
+    """The first ``limit`` samples, batched (the last batch sliced)."""
+    seen = 0
+    for batch in dataset.batches(batch_size):
+        if seen >= limit:
+            break
+        n = len(batch)
+        if seen + n > limit:
+            keep = limit - seen
+            batch = dataclasses.replace(
+                batch, indices=tuple(batch.indices[:keep]), keys=tuple(batch.keys[:keep]),
+                feeds={k: v[:keep] for k, v in batch.feeds.items()},
+                labels=None if batch.labels is None else batch.labels[:keep],
+            )
+            n = keep
+        seen += n
+        yield batch
+
+
+def _backend(options: CompareOptions, workers: int) -> Backend:
+    """The backend; with several workers on ONNX Runtime, each session gets ``cores / workers`` threads."""
+    backend_options = dict(options.backend_options)
+    forced_threads = environment_options()[1]  # QUANTLAB_ORT_THREADS wins over the split
+    if (workers > 1 and options.backend in ("ort", "onnxruntime") and "threads" not in backend_options
+            and not forced_threads):
+        backend_options["threads"] = max(1, (os.cpu_count() or 1) // workers)
+    try:
+        return get_backend(options.backend, **backend_options)
+    except TypeError as exc:
+        raise CompareError(f"backend {options.backend!r} does not take options {dict(options.backend_options)}: "
+                           f"{exc}") from None
+
+
+def _workers(options: CompareOptions) -> int:
+    """``options.workers``, else 2 on ONNX Runtime with at least two cores, else 1."""
+    if options.workers is not None:
+        return options.workers
+    return 2 if options.backend in ("ort", "onnxruntime") and (os.cpu_count() or 1) >= 2 else 1
+
+
+class Comparison:
+    """One compare() call: the plan (chunks, segments, islands), the pass over the data, the tables."""
+
+    def __init__(self, reference: LoadedModel, candidates: Mapping[str, Candidate], dataset: DataSet,
+                 options: CompareOptions, calibration: DataSummary | None) -> None:
+        if not isinstance(reference, LoadedModel):
+            raise CompareError("the reference must be a LoadedModel (quantlab.load_model), got "
+                               f"{type(reference).__name__}")
+        if not candidates:
+            raise CompareError("no candidates to compare; give at least one")
+        self.reference = reference
+        self.candidates = dict(candidates)
+        self.dataset = dataset
+        self.options = options
+        self.calibration = calibration
+        self.warnings: list[str] = []
+        check_inputs(dataset, reference, batch_size=options.batch_size)
+        self.total = len(dataset) if options.max_samples is None else min(len(dataset), options.max_samples)
+        if self.total == 0:
+            raise CompareError(f"the validation set {getattr(dataset, 'name', '')!r} is empty")
+        self.workers = _workers(options)
+        self.backend = _backend(options, self.workers)
+        self.ref = analyse_reference(reference)
+        per_group = layers_per_group(self.ref, options.layers) if options.per_layer else []
+        self.all_layers = [x for g in per_group for x in g]
+        self.plans = {name: plan_candidate(name, c, self.ref, self.all_layers, options)
+                      for name, c in self.candidates.items()}
+        for p in self.plans.values():
+            self.warnings.extend(p.skipped)
+            if p.written is None and options.per_layer:
+                self.warnings.append(f"candidate {p.name!r} has no provenance (not written by quantlab): "
+                                     "end-to-end comparison only")
+        self.do_acc = options.per_layer and options.accumulated
+        self.do_local = options.per_layer and options.local
+        self.chunks = chunks(per_group, options) if (self.do_acc or self.do_local) else []
+        self.metric = load_metric(options.metric) if options.metric else None
+        self.labels, warnings = label_use(reference, dataset, options, self.metric is not None)
+        self.warnings.extend(warnings)
+
+    def run(self, progress: bool) -> CompareResult:
+        self.runners = Runners(self.reference, self.ref, self.plans, self.chunks, self.do_acc, self.do_local,
+                               self.workers, self.backend)
+        fingerprint = DataFingerprint()
+        acc: dict[tuple[str, str, str], ErrorAccumulator] = {}
+        e2e = EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric)
+        bar = tqdm(total=self.total, unit="sample", desc="compare", dynamic_ncols=True) if progress else None
+
+        def opened(batch: Batch) -> None:
+            self.labels.check(batch)
+            fingerprint.update(batch)
+
+        def finished(state: BatchState) -> None:
+            for key, sums in state.sorted_sums():
+                acc.setdefault(key, ErrorAccumulator()).add(sums)
+            e2e.add(state.batch, state.ref_live, state.cand_live)
+            if bar is not None:
+                bar.update(len(state.batch))
+
+        try:
+            Pipeline(self.workers, list(self.plans), self._tasks).run(
+                _truncated(self.dataset, self.options.batch_size, self.total), opened, finished)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.runners.close()
+        summary = fingerprint.summary()
+        self.warnings.extend(data_warnings(summary, self.calibration, self.dataset))
+        per_layer = per_layer_frame(self.plans, self.all_layers, acc)
+        self.warnings.extend(e2e.reference_warnings())
+        end_to_end, per_sample = e2e.frames(self.options)
+        self.warnings.extend(nan_warnings(list(self.plans), per_layer, end_to_end))
+        return CompareResult(
+            end_to_end=end_to_end, per_layer=per_layer, per_sample=per_sample,
+            settings=self._settings(),
+            data=data_record(self.dataset, summary, self.options.max_samples, self.labels.use_labels),
+            models=models_record(self.reference, self.candidates),
+            environment=environment_record(self.backend), warnings=tuple(dict.fromkeys(self.warnings)),
+        )
+
+    def _tasks(self, b: int, state: BatchState) -> list[Task]:
+        """The work of one batch as a small graph: runs, metric sums, releases (see :mod:`.schedule`)."""
+        runners = self.runners
+        tasks: list[Task] = []
+        for k in range(runners.k_count):
+            chunk = self.chunks[k] if k < len(self.chunks) else []
+            # a session never runs twice at once (its memory arena would grow to hold both): each run
+            # waits for the same run of the previous batch
+            tasks.append(Task(("R", b, k), partial(runners.reference.step, k, state.ref_live),
+                              (("R", b, k - 1), ("R", b - 1, k))))
+            chunk_tasks = [("R", b, k)] + ([("REL", b, k - 1)] if k else [])  # earlier chunks' readers first
+            for name, p in self.plans.items():
+                staged = runners.candidates[name]
+                if k < len(staged.steps):
+                    tasks.append(Task(("C", b, k, name), partial(staged.step, k, state.cand_live[name]),
+                                      (("C", b, k - 1, name), ("C", b - 1, k, name))))
+                    chunk_tasks.append(("C", b, k, name))
+                if self.do_acc and p.carriers and chunk:
+                    tasks.append(Task(("MA", b, k, name), partial(self._accumulated_sums, state, name, chunk),
+                                      (("R", b, k), ("C", b, k, name))))
+                    chunk_tasks.append(("MA", b, k, name))
+                for i, model in enumerate(runners.local.get(name, [[]] * (k + 1))[k]):
+                    tasks.append(Task(("L", b, k, name, i), partial(self._local_sums, state, name, model),
+                                      (("R", b, k), ("L", b - 1, k, name, i))))
+                    chunk_tasks.append(("L", b, k, name, i))
+            tasks.append(Task(("REL", b, k), partial(runners.release, state, k), tuple(chunk_tasks), inline=True))
+        return tasks
+
+    def _accumulated_sums(self, state: BatchState, name: str, chunk: Sequence[Layer]) -> None:
+        p = self.plans[name]
+        live = state.cand_live[name]
+        for x in chunk:
+            carrier = p.carriers.get(x.tensor)
+            if carrier is not None:
+                r, c = state.ref_live[x.tensor], live[carrier]
+                _check_shape(r, c, name, x.tensor, "accumulated")
+                state.sums[(name, "accumulated", x.tensor)] = error_sums(r, c)
+
+    def _local_sums(self, state: BatchState, name: str, model: LocalModel) -> None:
+        got = model.run(state.ref_live)
+        for tensor, value in got.items():
+            r = state.ref_live[tensor]
+            _check_shape(r, value, name, tensor, "local")
+            state.sums[(name, "local", tensor)] = error_sums(r, value)
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            **self.options.as_dict(),
+            "candidates": list(self.plans),
+            "layer_tensors": len(self.all_layers),
+            "chunks": len(self.chunks),
+            "segments": self.runners.segments(),
+            "local_groups": {n: len(p.islands) for n, p in self.plans.items() if self.do_local},
+            "workers": self.workers,
+            "labels_used": bool(self.labels.accuracy),
+            "label_output": self.labels.label_output if self.labels.accuracy else None,
+        }
+
+
+def _check_shape(r: np.ndarray, c: np.ndarray, name: str, tensor: str, mode: str) -> None:
+    if r.shape != c.shape:
+        raise CompareError(f"candidate {name!r}: tensor {tensor!r} ({mode}) has shape {list(c.shape)}, the "
+                           f"reference's has {list(r.shape)}; the written model does not compute the same layer")

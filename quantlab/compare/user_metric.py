@@ -1,0 +1,49 @@
+"""A user's own end-to-end metric (``--metric file.py:function``): loading it and calling it per sample.
+
+The function gets the reference's and the candidate's outputs of one sample (name -> array)
+and the sample's label (None without labels) and returns a mapping of names to numbers; each
+name becomes a column of the end-to-end table (mean over samples, with a bootstrap interval).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CompareError
+from ..hooks import load_hook
+from .result import RESERVED_COLUMNS
+
+__all__ = ["load_metric", "call_metric"]
+
+
+def load_metric(spec: str) -> Callable[..., Any]:
+    """``--metric``: ``file.py:function``, ``module.py`` in the current folder, or an importable module."""
+    return load_hook(spec, Path.cwd(), CompareError, f"metric {spec!r}",
+                     "Make it importable or give a file path, e.g. --metric my_metrics.py:score")
+
+
+def call_metric(func: Callable[..., Any], spec: str, ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray],
+                label: Any, candidate: str, index: int, key: str) -> dict[str, float]:
+    """The metric's numbers for one sample; its failures and wrong results name the sample and candidate."""
+    try:
+        got = func(ref, cand, label)
+    except Exception as exc:  # noqa: BLE001 - any failure of user code is reported with the sample
+        raise CompareError(f"metric {spec!r} raised {type(exc).__name__}: {exc} on sample {index} ({key!r}), "
+                           f"candidate {candidate!r}. Fix the metric function or the data.") from None
+    if not isinstance(got, Mapping):
+        raise CompareError(f"metric {spec!r} returned {type(got).__name__} on sample {index} ({key!r}); it must "
+                           "return a mapping of names to numbers, e.g. {'iou': 0.87}")
+    out: dict[str, float] = {}
+    for k, v in got.items():
+        if str(k) in RESERVED_COLUMNS:
+            raise CompareError(f"metric {spec!r} returns {k!r}, a name the comparator uses itself; rename it")
+        try:
+            out[str(k)] = float(v)
+        except (TypeError, ValueError):
+            raise CompareError(f"metric {spec!r} returned {k!r} = {v!r} on sample {index} ({key!r}); values must "
+                               "be numbers") from None
+    return out

@@ -1,0 +1,206 @@
+"""Samples, batches and the :class:`DataSet` base: the lazy, ordered, batch-by-batch contract.
+
+Every data set (manifest-backed or in-memory) loads sample ``i`` on demand
+and stacks consecutive samples on axis 0. A batch is refused before loading
+when it could not fit in free memory.
+
+Batching lives here alone (:func:`stack_samples`, :meth:`DataSet._iter_batches`):
+a per-input batch axis or a sequence mode changes this module, not the sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..environment import available_memory_bytes, format_bytes, shape_bytes
+from ..errors import DataError, InputMismatchError
+from ..graph import TensorSpec
+from ..schema import is_int
+
+__all__ = ["Batch", "DataSet", "FirstSamples", "Sample", "batch_fits", "checked_count", "format_shape", "stack_samples"]
+
+SAME_SHAPE_ADVICE = "make every sample the same shape (or use batch size 1)"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample: feeds by input name (no batch axis) and its label (None without [labels])."""
+
+    index: int
+    key: str
+    feeds: dict[str, np.ndarray]
+    label: object | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Consecutive samples stacked on axis 0; ``labels`` is None when the set has no labels."""
+
+    indices: tuple[int, ...]
+    keys: tuple[str, ...]
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def format_shape(shape: Sequence[Any] | None) -> str:
+    """``[1, 3, ?, ?]``: unknown dimensions as ``?``, an unknown rank as ``[?]``."""
+    if shape is None:
+        return "[?]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype: str | None,
+                  advice: Callable[[str], str]) -> Batch:
+    """Samples stacked on a new axis 0 (DataError naming both samples when shapes or dtypes differ)."""
+    first = samples[0]
+    feeds: dict[str, np.ndarray] = {}
+    for name in names:
+        ref = first.feeds[name]
+        for s in samples[1:]:
+            arr = s.feeds[name]
+            if arr.shape != ref.shape or arr.dtype != ref.dtype:
+                raise DataError(
+                    f"input {name!r}: sample {s.key!r} is {arr.dtype} {arr.shape} but sample {first.key!r} is "
+                    f"{ref.dtype} {ref.shape}; samples of a batch must match: {advice(name)}."
+                )
+        feeds[name] = np.stack([s.feeds[name] for s in samples])
+    labels = None
+    if label_dtype is not None:
+        values = [s.label for s in samples]
+        labels = np.array(values, dtype=object if label_dtype == "str" else label_dtype)
+        if label_dtype == "str":
+            labels = labels.astype(str)
+    return Batch(indices=tuple(s.index for s in samples), keys=tuple(s.key for s in samples), feeds=feeds,
+                 labels=labels)
+
+
+def batch_fits(specs: Mapping[str, tuple[str, tuple[int, ...]]], batch: int, where: str, advice: str) -> None:
+    """InputMismatchError when one batch (held twice while stacked) cannot fit in free memory."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    sizes = {n: shape_bytes((batch, *shape), np.dtype(dtype).itemsize) for n, (dtype, shape) in specs.items()
+             if dtype not in ("undefined", "bfloat16")}
+    if 2 * sum(sizes.values()) > available:
+        name = max(sizes, key=lambda n: sizes[n])
+        dtype, shape = specs[name]
+        raise InputMismatchError(
+            f"{where}: input {name!r}: a batch of {batch} samples of {dtype} {format_shape(shape)} is "
+            f"{format_bytes(sizes[name])} ({sizes[name]} bytes), and a batch is held twice while it is stacked; this "
+            f"machine has {format_bytes(available)} available. Refusing before loading it: {advice}."
+        )
+
+
+def checked_count(n: Any, what: str) -> int:
+    """``n`` when it is an integer >= 1 (DataError naming ``what`` otherwise)."""
+    if not is_int(n) or n < 1:
+        raise DataError(f"{what} must be an integer >= 1, got {n!r}")
+    return int(n)
+
+
+class DataSet:
+    """Ordered samples that load lazily; subclasses implement ``_load(i)``.
+
+    ``batches(n)`` returns a fresh iterator each call, in the same order every
+    time, holding at most one batch in memory.
+    """
+
+    role: str = "calibration"
+    name: str = "data"
+    input_names: tuple[str, ...] = ()
+    label_dtype: str | None = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def count(self) -> int:
+        return len(self)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_dtype is not None
+
+    def _load(self, i: int) -> Sample:
+        raise NotImplementedError
+
+    def sample(self, i: int) -> Sample:
+        n = len(self)
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+            raise TypeError(f"sample index must be an int, got {type(i).__name__}")
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range: {self.name} holds {n} samples")
+        return self._load(int(i) % n)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        checked_count(batch_size, "batch_size")
+        return self._iter_batches(batch_size)
+
+    def head(self, n: int) -> DataSet:
+        """The first ``n`` samples (all of them when the set holds fewer): same order, keys and feeds."""
+        n = checked_count(n, "head(n): n")
+        return self if n >= len(self) else self._first(n)
+
+    def _first(self, n: int) -> DataSet:
+        """Samples 0..n-1 (``n`` < len); subclasses may return their own kind instead of a view."""
+        return FirstSamples(self, n)
+
+    def _stack_advice(self, name: str) -> str:
+        return SAME_SHAPE_ADVICE
+
+    def _iter_batches(self, batch_size: int) -> Iterator[Batch]:
+        n = len(self)
+        if n:
+            specs = {k: (v.dtype, tuple(int(d) for d in v.shape or ())) for k, v in self.input_specs().items()}
+            batch_fits(specs, min(batch_size, n), f"data set {self.describe_source()}",
+                       "lower the batch size (--batch-size / batch_size=)")
+        for start in range(0, n, batch_size):
+            samples = [self._load(i) for i in range(start, min(start + batch_size, n))]
+            yield stack_samples(samples, self.input_names, self.label_dtype, self._stack_advice)
+
+    def input_specs(self) -> dict[str, TensorSpec]:
+        """dtype and per-sample shape (no batch axis) of each input, from the first sample."""
+        cached = getattr(self, "_specs", None)
+        if cached is None:
+            first = self.sample(0)
+            cached = {n: TensorSpec(n, first.feeds[n].dtype.name, tuple(first.feeds[n].shape))
+                      for n in self.input_names}
+            self._specs = cached
+        return dict(cached)
+
+    def manifest_record(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def describe_source(self) -> str:
+        return self.name
+
+
+class FirstSamples(DataSet):
+    """The first ``n`` samples of another data set, loaded from it (what :meth:`DataSet.head` gives by default)."""
+
+    def __init__(self, parent: DataSet, n: int) -> None:
+        self.parent, self._n = parent, n
+        self.role, self.name = parent.role, parent.name
+        self.input_names, self.label_dtype = parent.input_names, parent.label_dtype
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _load(self, i: int) -> Sample:
+        return self.parent._load(i)
+
+    def _stack_advice(self, name: str) -> str:
+        return self.parent._stack_advice(name)
+
+    def manifest_record(self) -> dict[str, Any]:
+        return dict(self.parent.manifest_record(), count=self._n)
+
+    def describe_source(self) -> str:
+        return self.parent.describe_source()

@@ -1,0 +1,222 @@
+"""Does a data set fit a model's inputs? Checked before any work starts, with advice for where the data comes from.
+
+    names ──> dtypes ──> per-sample shapes (symbolic dims resolved, the same symbol equal everywhere)
+          ──> fixed model batch vs the batch size ──> one batch fits in free memory
+
+The advice names the fix for the input's origin (``input_origin`` of the data
+set): the image pipeline (``image``), a ``hook``, ``npy``/``npz`` files (batched
+or not), Hugging Face columns (``hf_disk``) or in-memory arrays (``memory``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..environment import available_memory_bytes, format_bytes, shape_bytes
+from ..errors import DataError, InputMismatchError
+from ..graph import LoadedModel, TensorSpec
+from .batches import batch_fits, format_shape
+from .manifest import DataSetManifest
+
+__all__ = ["PILLOW_MAX_PIXELS", "check_inputs", "dataset_label"]
+
+
+def _data_specs(dataset: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """dtype name and per-sample shape of each input the data gives, loading at most one sample."""
+    if hasattr(dataset, "input_specs"):
+        return {n: (s.dtype, tuple(s.shape or ())) for n, s in dataset.input_specs().items()}
+    if hasattr(dataset, "sample"):
+        feeds = dataset.sample(0).feeds
+        return {n: (np.asarray(a).dtype.name, tuple(np.shape(a))) for n, a in feeds.items()}
+    arrays = getattr(dataset, "arrays", None)
+    if isinstance(arrays, Mapping):
+        return {n: (np.asarray(a).dtype.name, tuple(np.shape(a))[1:]) for n, a in arrays.items()}
+    first = next(iter(dataset.batches(1)), None)
+    if first is None:
+        raise DataError("the data set is empty; give it at least one sample")
+    feeds = getattr(first, "feeds", first)
+    return {n: (np.asarray(a).dtype.name, tuple(np.shape(a))[1:]) for n, a in feeds.items()}
+
+
+def dataset_label(dataset: Any) -> str:
+    manifest = getattr(dataset, "manifest", None)
+    if isinstance(manifest, DataSetManifest):
+        return f"data set {manifest.path}"
+    return f"data set {getattr(dataset, 'name', type(dataset).__name__)!r}"
+
+
+PILLOW_MAX_PIXELS = 89_478_485
+"""Pillow's default decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``): a crop larger than this is no advice."""
+
+
+def _origin(dataset: Any, name: str) -> tuple[str, bool]:
+    """Where an input's samples come from, for advice that fits: (origin, batched files).
+
+    origin: ``image`` (the built-in image pipeline), ``hook`` (a [preprocess]
+    hook), ``npy``/``npz``/``hf_disk`` (arrays from files) or ``memory``.
+    """
+    how = getattr(dataset, "input_origin", None)
+    return how(name) if callable(how) else ("memory", False)
+
+
+def _image_hint(expected: Sequence[Any], got: Sequence[int], layout: str) -> str:
+    fixed = [d for d in expected if isinstance(d, int)]
+    if len(fixed) == 3 and sorted(fixed) == sorted(got):
+        return f"The layout differs: set [preprocess] layout = \"{'NHWC' if got[0] in (1, 3) else 'NCHW'}\""
+    c_axis, h_axis, w_axis = (0, 1, 2) if layout == "NCHW" else (2, 0, 1)
+    channels = expected[c_axis]
+    if isinstance(channels, int) and channels != got[c_axis]:
+        if channels in (1, 3):
+            order = '"L" (one channel)' if channels == 1 else '"RGB" (or "BGR")'
+            return f"Set [preprocess] channel_order = {order}"
+        return (f"The model wants {channels} channels and the image pipeline makes 1 or 3; use a [preprocess] hook "
+                "that returns the model's per-sample shape")
+    h, w = expected[h_axis], expected[w_axis]
+    if isinstance(h, int) and isinstance(w, int) and 0 < h * w <= PILLOW_MAX_PIXELS:
+        return f"Set [preprocess] center_crop = [{h}, {w}] (and resize >= {max(h, w)})"
+    return (f"No image pipeline makes {format_shape(expected)} (more pixels than Pillow decodes); check the model's "
+            "input shape")
+
+
+def _shape_hint(origin: str, expected: Sequence[Any], got: Sequence[int], layout: str, dtype: str) -> str:
+    """How to make samples of shape ``got`` into ``expected`` (no batch axis), for where they come from."""
+    want = format_shape(expected)
+    one = shape_bytes([d for d in expected if isinstance(d, int) and d > 0], np.dtype(dtype).itemsize)
+    available = available_memory_bytes()
+    if available is not None and one > available:
+        return (f"One sample of {want} would be {format_bytes(one)} ({one} bytes), more than the "
+                f"{format_bytes(available)} this machine has available: check the model's input shape (re-export "
+                "it with the size it is really used at)")
+    if origin == "image":
+        return _image_hint(expected, got, layout)
+    if origin == "hook":
+        return f"Make the [preprocess] hook return arrays of shape {want} (one sample, no batch axis)"
+    fixed = [d for d in expected if isinstance(d, int)]
+    transpose = (" (the same sizes in another order: transpose them, e.g. numpy.transpose)"
+                 if len(fixed) == len(got) and sorted(fixed) == sorted(got) else "")
+    if origin == "memory":
+        return f"Give arrays of shape [N, {want[1:]}, the first axis counting samples{transpose}"
+    return f"Re-save the arrays with per-sample shape {want}{transpose}"
+
+
+def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_rank: int) -> str:
+    if origin == "image":
+        return ("An image becomes a rank-3 sample ([C, H, W] or [H, W, C]) and this input is not an image batch: map "
+                f"another field in [inputs], or use a [preprocess] hook that returns shape {want}")
+    if origin == "hook":
+        return f"Make the [preprocess] hook return arrays of shape {want} (one sample, no batch axis)"
+    if origin == "memory":
+        return f"Give arrays of shape [N, {want[1:]}, the first axis counting samples"
+    if origin in ("npy", "npz") and not batched and len(got) == model_rank:
+        return (f"Each file holds a leading axis of {got[0]}, like a batch: set batched = true in its [[source]] to "
+                "take one sample per row")
+    if origin in ("npy", "npz") and batched and len(got) == model_rank - 2:
+        return ("batched = true takes one sample per row of a file, and these rows lack an axis: if each file is one "
+                "sample, set batched = false")
+    return f"Re-save the arrays with per-sample shape {want}"
+
+
+def _check_batch(spec: TensorSpec, dataset: Any, model: LoadedModel, batch_size: int | None,
+                 specs: Mapping[str, tuple[str, tuple[int, ...]]], where: str) -> None:
+    """A fixed model batch must be the batch the data arrives in (the last, shorter one aside)."""
+    batch_dim = spec.shape[0] if spec.shape else None
+    n = len(dataset) if hasattr(dataset, "__len__") else None
+    fixed = isinstance(batch_dim, int) and batch_dim > 0
+    if fixed:
+        batch_fits(specs, int(batch_dim), where,  # type: ignore[arg-type]
+                    f"model {model.label} fixes its batch at {batch_dim}; re-export it with a dynamic batch axis")
+    if batch_size is None:
+        return
+    effective = min(batch_size, n) if n else batch_size
+    if fixed and effective != batch_dim:
+        raise InputMismatchError(
+            f"input {spec.name!r}: model {model.label} has a fixed batch of {batch_dim} "
+            f"({format_shape(spec.shape)}); run with batch size {batch_dim}, not {effective}, or re-export "
+            "the model with a dynamic batch axis."
+        )
+    batch_fits(specs, effective, where, "lower the batch size (--batch-size / batch_size=)")
+
+
+def _check_names(specs: Mapping[str, Any], model: LoadedModel, where: str, manifest: bool) -> None:
+    model_inputs = {s.name: s for s in model.inputs}
+    for spec in model.inputs:
+        if spec.name not in specs:
+            given = ", ".join(map(repr, specs)) or "none"
+            fix = (f"Map it in the manifest's [inputs], e.g. {spec.name} = \"<source field>\"." if manifest else
+                   f"Name the array after the model's input: {{{spec.name!r}: array}}.")
+            raise InputMismatchError(
+                f"model {model.label} expects input {spec.name!r} ({spec.dtype} {format_shape(spec.shape)}); "
+                f"{where} gives inputs {given}. {fix}"
+            )
+    for name in specs:
+        if name not in model_inputs:
+            fix = "Rename or remove it in the manifest's [inputs]." if manifest else "Rename or drop that array."
+            raise InputMismatchError(
+                f"{where} gives input {name!r}, which model {model.label} does not have (its inputs: "
+                f"{', '.join(map(repr, model_inputs))}). {fix}"
+            )
+
+
+def _check_shape(spec: TensorSpec, dtype: str, sample_shape: tuple[int, ...], model: LoadedModel, where: str,
+                 origin: tuple[str, bool], layout: str, symbols: dict[str, tuple[int, str]]) -> None:
+    """Rank and per-axis sizes of one input's samples against the model (symbols must agree across inputs)."""
+    assert spec.shape is not None
+    want = format_shape(spec.shape[1:])
+    if len(spec.shape) != len(sample_shape) + 1:
+        raise InputMismatchError(
+            f"input {spec.name!r}: model {model.label} expects rank {len(spec.shape)} "
+            f"{format_shape(spec.shape)} (first dim = batch), i.e. samples of shape {want}; {where} gives samples "
+            f"of shape {format_shape(sample_shape)}. "
+            f"{_rank_hint(origin[0], origin[1], want, sample_shape, len(spec.shape))}."
+        )
+    for axis, (dim, actual) in enumerate(zip(spec.shape[1:], sample_shape), start=1):
+        if isinstance(dim, int) and dim > 0 and dim != actual:
+            raise InputMismatchError(
+                f"input {spec.name!r}: model {model.label} expects shape {format_shape(spec.shape)} (first dim "
+                f"= batch); {where} gives samples {format_shape(sample_shape)}: axis {axis} is {actual}, the "
+                f"model wants {dim}. {_shape_hint(origin[0], spec.shape[1:], sample_shape, layout, dtype)}."
+            )
+        if isinstance(dim, str):
+            seen = symbols.setdefault(dim, (actual, spec.name))
+            if seen[0] != actual:
+                raise InputMismatchError(
+                    f"input {spec.name!r}: dimension {dim!r} (axis {axis}) is {actual} in the data but "
+                    f"{seen[0]} in input {seen[1]!r}; the model needs them equal. Fix the data."
+                )
+
+
+def check_inputs(dataset: Any, model: LoadedModel, *, batch_size: int | None = None) -> None:
+    """Refuse data that does not fit ``model``'s inputs, before any work starts.
+
+    Compares input names, dtypes and shapes: the model's first dimension is
+    the batch axis; its other dimensions must equal the data's per-sample
+    shape, except symbolic ones, which are resolved from the data (the same
+    symbol must get the same value everywhere). A fixed model batch size is
+    checked against ``batch_size`` (or the whole set, when it is smaller), and
+    a batch that cannot fit in free memory is refused. Raises
+    InputMismatchError naming the input, what the model expects, what the data
+    gives and what to change, for the kind of source the input comes from
+    (images, a hook, npy/npz files, Hugging Face columns, in-memory arrays).
+    """
+    specs = _data_specs(dataset)
+    where = dataset_label(dataset)
+    manifest = getattr(dataset, "manifest", None)
+    in_manifest = isinstance(manifest, DataSetManifest)
+    layout = manifest.preprocess.layout if in_manifest else "NCHW"
+    _check_names(specs, model, where, in_manifest)
+    symbols: dict[str, tuple[int, str]] = {}
+    for spec in model.inputs:
+        dtype, sample_shape = specs[spec.name]
+        if spec.dtype != "undefined" and dtype != spec.dtype:
+            fix = (f"Set [preprocess] dtype = \"{spec.dtype}\" in the manifest (or dtype = {{ {spec.name} = "
+                   f"\"{spec.dtype}\" }})." if in_manifest else f"Cast the array: array.astype(numpy.{spec.dtype}).")
+            raise InputMismatchError(
+                f"input {spec.name!r}: model {model.label} expects {spec.dtype}, {where} gives {dtype}. {fix}"
+            )
+        if spec.shape is None:
+            continue
+        _check_shape(spec, dtype, sample_shape, model, where, _origin(dataset, spec.name), layout, symbols)
+        _check_batch(spec, dataset, model, batch_size, specs, where)

@@ -1,0 +1,244 @@
+"""What went in: :class:`DataFingerprint` reduces the batches a run consumed to a :class:`DataSummary`.
+
+    batch ──refuse NaN/Inf──> per sample: ArrayHasher (content hash, in order) ─┬─> DataSummary.sha256
+                                          per-sample hash (duplicates, overlap)─┼─> duplicates, sample_hashes
+                                          RunningStats per input (float64)      ─┴─> InputStats
+
+The hash and the statistics are merged one sample at a time, so they do not
+depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from ..fingerprint import ArrayHasher
+from .batches import DataSet, format_shape
+from .checks import dataset_label
+
+__all__ = ["DataFingerprint", "DataSummary", "InputStats", "RunningStats", "overlap", "summarize"]
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """Value range of one input over every sample seen (float64 statistics)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+    """Per-sample shape; None where it varied between samples."""
+    min: float
+    max: float
+    mean: float
+    std: float
+    values: int
+    """Number of scalar values the statistics cover."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What went in: sample count, content hash (in order), per-input ranges, duplicates, per-sample hashes.
+
+    ``duplicates`` pairs each repeated sample's key with the key of its first
+    occurrence. ``sample_hashes`` (content only, no keys) let :func:`overlap`
+    count samples shared by two sets.
+    """
+
+    count: int
+    sha256: str
+    inputs: tuple[InputStats, ...]
+    duplicates: tuple[tuple[str, str], ...]
+    sample_hashes: frozenset[str] = field(repr=False)
+
+    @property
+    def unique(self) -> int:
+        return len(self.sample_hashes)
+
+    def input(self, name: str) -> InputStats:
+        for s in self.inputs:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "sha256": self.sha256,
+            "unique": self.unique,
+            "inputs": {s.name: s.as_dict() for s in self.inputs},
+            "duplicates": [list(d) for d in self.duplicates],
+            "sample_hashes": sorted(self.sample_hashes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataSummary:
+        try:
+            inputs = tuple(
+                InputStats(**{**v, "shape": tuple(v["shape"])}) for v in data["inputs"].values()
+            )
+            return cls(count=int(data["count"]), sha256=str(data["sha256"]), inputs=inputs,
+                       duplicates=tuple((str(a), str(b)) for a, b in data["duplicates"]),
+                       sample_hashes=frozenset(data.get("sample_hashes", ())))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"not a quantlab data summary ({type(exc).__name__}: {exc})") from None
+
+    def to_frame(self) -> Any:
+        """One row per input: dtype, per-sample shape, min, max, mean, std (``attrs``: count, sha256)."""
+        frame = pd.DataFrame([{
+            "input": s.name, "dtype": s.dtype, "shape": format_shape(s.shape),
+            "min": s.min, "max": s.max, "mean": s.mean, "std": s.std,
+        } for s in self.inputs], columns=["input", "dtype", "shape", "min", "max", "mean", "std"])
+        frame.attrs.update(count=self.count, sha256=self.sha256, duplicates=len(self.duplicates))
+        return frame
+
+    def describe(self, max_duplicates: int = 5) -> str:
+        """A short human summary: count, per-input value ranges, duplicates found."""
+        lines = [f"{self.count} samples ({self.unique} unique), content sha256 {self.sha256[:12]}"]
+        for s in self.inputs:
+            lines.append(f"  {s.name}: {s.dtype} {format_shape(s.shape)}  range [{s.min:.4g}, {s.max:.4g}]  "
+                         f"mean {s.mean:.4g}  std {s.std:.4g}")
+        if not self.duplicates:
+            lines.append("  duplicates: none")
+        else:
+            shown = ", ".join(f"{a} = {b}" for a, b in self.duplicates[:max_duplicates])
+            more = len(self.duplicates) - max_duplicates
+            lines.append(f"  duplicates: {len(self.duplicates)} sample(s) repeat an earlier one: {shown}"
+                         + (f" (and {more} more)" if more > 0 else ""))
+        return "\n".join(lines)
+
+
+class RunningStats:
+    """min/max/mean/M2 merged one sample at a time (Chan et al.), so results do not depend on batch size."""
+
+    def __init__(self, dtype: str, shape: tuple[int, ...]) -> None:
+        self.dtype = dtype
+        self.shape: tuple[int | None, ...] = shape
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add(self, sample: np.ndarray) -> None:
+        if sample.shape != self.shape:
+            self.shape = tuple(None if len(self.shape) != sample.ndim or a != b else a
+                               for a, b in zip(self.shape, sample.shape))
+        if sample.size == 0:
+            return
+        x = sample.astype(np.float64, copy=False)
+        n_b = x.size
+        mean_b = float(x.mean())
+        m2_b = float(np.square(x - mean_b).sum())
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.n * n_b / n
+        self.n = n
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+
+    def result(self, name: str) -> InputStats:
+        std = math.sqrt(self.m2 / self.n) if self.n else math.nan
+        return InputStats(name=name, dtype=self.dtype, shape=self.shape,
+                          min=self.min if self.n else math.nan, max=self.max if self.n else math.nan,
+                          mean=self.mean if self.n else math.nan, std=std, values=self.n)
+
+
+class DataFingerprint:
+    """Reduces the batches a run consumes to a :class:`DataSummary`, without keeping samples.
+
+    ``update(batch)`` refuses NaN/Inf (DataError naming the sample key and
+    input), hashes every sample in order (inputs sorted by name, through
+    :class:`quantlab.fingerprint.ArrayHasher`, so the hash does not depend on
+    the batch size), and tracks per-input statistics and repeated samples.
+    """
+
+    def __init__(self) -> None:
+        self._hasher = ArrayHasher()
+        self._count = 0
+        self._stats: dict[str, RunningStats] = {}
+        self._first_key: dict[str, str] = {}
+        self._duplicates: list[tuple[str, str]] = []
+
+    def update(self, batch: Any) -> None:
+        feeds: Mapping[str, Any] = getattr(batch, "feeds", batch)
+        arrays = {name: np.asarray(feeds[name]) for name in sorted(feeds)}
+        if not arrays:
+            raise DataError("a batch holds no inputs")
+        n = next(iter(arrays.values())).shape[0]
+        given = None if isinstance(batch, Mapping) else getattr(batch, "keys", None)
+        keys = list(given) if given is not None else [f"sample {self._count + i}" for i in range(n)]
+        if len(keys) != n or any(a.shape[:1] != (n,) for a in arrays.values()):
+            raise DataError(f"a batch must hold {len(keys)} samples on axis 0 of every input; got shapes "
+                            f"{ {k: a.shape for k, a in arrays.items()} }")
+        for name, arr in arrays.items():
+            if arr.dtype.kind not in "biuf":
+                raise DataError(f"input {name!r}: holds {arr.dtype} values (sample {keys[0]!r}); inputs must be "
+                                "numeric arrays.")
+            if arr.dtype.kind == "f":
+                finite = np.isfinite(arr.reshape(n, -1)).all(axis=1)
+                if not finite.all():
+                    i = int(np.argmin(finite))
+                    bad = int(np.size(arr[i]) - np.count_nonzero(np.isfinite(arr[i])))
+                    kinds = "NaN" if np.isnan(arr[i]).any() else "Inf"
+                    if np.isnan(arr[i]).any() and np.isinf(arr[i]).any():
+                        kinds = "NaN and Inf"
+                    raise DataError(f"sample {keys[i]!r}: input {name!r} holds {bad} {kinds} value(s). Fix or "
+                                    "remove that sample (or its preprocessing); quantlab does not calibrate or "
+                                    "compare on non-finite inputs.")
+        for i in range(n):
+            sample_hash = ArrayHasher()
+            for name, arr in arrays.items():
+                a = arr[i]
+                self._hasher.update(name, a)
+                sample_hash.update(name, a)
+                stats = self._stats.get(name)
+                if stats is None:
+                    stats = self._stats[name] = RunningStats(arr.dtype.name, tuple(a.shape))
+                stats.add(a)
+            digest = sample_hash.hexdigest()
+            first = self._first_key.setdefault(digest, keys[i])
+            if first != keys[i]:
+                self._duplicates.append((keys[i], first))
+            self._count += 1
+
+    def summary(self) -> DataSummary:
+        return DataSummary(
+            count=self._count,
+            sha256=self._hasher.hexdigest(),
+            inputs=tuple(s.result(name) for name, s in self._stats.items()),
+            duplicates=tuple(self._duplicates),
+            sample_hashes=frozenset(self._first_key),
+        )
+
+
+def summarize(dataset: DataSet, batch_size: int = 16, *, progress: bool = False) -> DataSummary:
+    """One pass over ``dataset``: its :class:`DataSummary` (DataError on NaN/Inf or an empty set)."""
+    fingerprint = DataFingerprint()
+    batches: Any = dataset.batches(batch_size)
+    if progress:
+        batches = tqdm(batches, total=math.ceil(len(dataset) / batch_size), unit="batch",
+                       desc=f"summarize {getattr(dataset, 'name', 'data')}")
+    for batch in batches:
+        fingerprint.update(batch)
+    summary = fingerprint.summary()
+    if summary.count == 0:
+        raise DataError(f"{dataset_label(dataset)} is empty; give it at least one sample.")
+    return summary
+
+
+def overlap(a: DataSummary, b: DataSummary) -> int:
+    """How many distinct samples (by content) appear in both summaries."""
+    return len(a.sample_hashes & b.sample_hashes)

@@ -1,0 +1,37 @@
+"""ONNX models as data: safe loading (load.py) and the graph algorithms every module shares (topology.py).
+
+    graph/
+    ├── topology.py   producer/consumer maps, topological order, subgraph reads, extra outputs
+    └── load.py       load_model / model_from_proto -> LoadedModel; TensorSpec; float activations
+"""
+
+from __future__ import annotations
+
+from .load import (
+    MIN_OPSET,
+    LoadedModel,
+    TensorSpec,
+    activation_names,
+    check_float_activations,
+    default_opset,
+    load_model,
+    model_from_proto,
+    serialize,
+    tensor_specs,
+)
+from .topology import (
+    consumer_indices,
+    consumer_map,
+    initializer_map,
+    outer_names,
+    producer_map,
+    topological_nodes,
+    topological_order,
+    with_outputs,
+)
+
+__all__ = [
+    "MIN_OPSET", "TensorSpec", "LoadedModel", "load_model", "model_from_proto", "serialize", "tensor_specs",
+    "activation_names", "check_float_activations", "with_outputs", "topological_order", "topological_nodes",
+    "producer_map", "consumer_map", "consumer_indices", "initializer_map", "default_opset", "outer_names",
+]

@@ -1,0 +1,107 @@
+"""Graph queries every other module needs: who produces and reads a tensor, node order, subgraph reads.
+
+The one home of graph algorithms (plan, quantize, compare, stats and the clean-up passes read them here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import onnx
+from onnx import TensorProto, helper
+
+from ..errors import ModelError
+
+__all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
+           "topological_nodes", "with_outputs", "outer_names"]
+
+
+def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {i.name: i for i in proto.graph.initializer}
+
+
+def producer_map(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that produces it."""
+    return {out: node for node in proto.graph.node for out in node.output if out}
+
+
+def consumer_map(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for inp in node.input:
+            if inp:
+                consumers.setdefault(inp, []).append(node)
+    return consumers
+
+
+def topological_order(proto: onnx.ModelProto) -> list[int]:
+    """Indices into ``graph.node`` in a topological order (graph order when already sorted, as ONNX requires;
+    we verify). A cycle or a read of an undefined tensor is a ModelError naming the nodes."""
+    nodes = list(proto.graph.node)
+    known = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
+    pending = list(range(len(nodes)))
+    order: list[int] = []
+    while pending:
+        rest = []
+        for idx in pending:
+            if all((not t) or t in known for t in nodes[idx].input):
+                order.append(idx)
+                known.update(o for o in nodes[idx].output if o)
+            else:
+                rest.append(idx)
+        if len(rest) == len(pending):
+            names = ", ".join(repr(nodes[i].name or nodes[i].op_type) for i in rest[:5])
+            raise ModelError(f"the graph has a cycle or reads undefined tensors at nodes {names}")
+        pending = rest
+    return order
+
+
+def topological_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes in a topological order (see :func:`topological_order`)."""
+    nodes = list(proto.graph.node)
+    return [nodes[i] for i in topological_order(proto)]
+
+
+def consumer_indices(proto: onnx.ModelProto) -> dict[str, list[int]]:
+    """Tensor -> indices of the nodes reading it, in graph order, each node once (``Mul(x, x)`` reads x once;
+    :func:`consumer_map` lists such a node twice)."""
+    consumers: dict[str, list[int]] = {}
+    for idx, node in enumerate(proto.graph.node):
+        for t in node.input:
+            if t and idx not in consumers.get(t, []):
+                consumers.setdefault(t, []).append(idx)
+    return consumers
+
+
+def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``proto`` whose graph also outputs ``names`` (for intermediate reads)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    existing = {o.name for o in out.graph.output}
+    value_info = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input)}
+    for name in names:
+        if name in existing:
+            continue
+        if name in value_info:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(value_info[name])
+        else:
+            vi = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+        out.graph.output.append(vi)
+        existing.add(name)
+    return out
+
+
+def outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Tensors a subgraph reads from enclosing scopes (used but not defined inside it)."""
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(t for t in node.input if t)
+        defined.update(o for o in node.output if o)
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                used |= outer_names(body)
+    used.update(o.name for o in graph.output)
+    return used - defined
