@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -223,7 +224,8 @@ class _NncfValidation:
     be reused), because NNCF's ranking calls the function once per sample.
     """
 
-    def __init__(self, ref: np.ndarray, size: int, top1: bool = False) -> None:
+    def __init__(self, ref: np.ndarray, size: int, top1: bool = False, deadline: float = math.inf) -> None:
+        self.deadline = deadline
         self.ref = ref
         self.size = size
         self.top1 = top1
@@ -241,6 +243,8 @@ class _NncfValidation:
         return self._cache[key][1]
 
     def __call__(self, model: onnx.ModelProto, data: Any) -> tuple[float, list[float]]:
+        if time.perf_counter() > self.deadline:
+            raise _OutOfTime
         s = self._session(model)
         name = s.get_inputs()[0].name
         values = []
@@ -257,6 +261,10 @@ class _NncfValidation:
             self.partial_calls += 1
             self.partial_samples += len(values)
         return float(np.mean(values)), values
+
+
+class _OutOfTime(Exception):
+    """Raised by the validation function once NNCF's time cap is spent (NNCF has no time budget)."""
 
 
 def _nncf_advanced(per_channel: bool) -> Any:
@@ -284,32 +292,36 @@ def nncf_baseline(model_path: Path, cal: np.ndarray, x: np.ndarray, y: np.ndarra
 
 
 def run_nncf(model_path: Path, cal: np.ndarray, x: np.ndarray, y: np.ndarray, ref: np.ndarray, max_drop: float,
-             top1: bool, per_channel: bool) -> dict[str, Any]:
+             top1: bool, per_channel: bool, cap_s: float) -> dict[str, Any]:
     import nncf
 
     logging.getLogger("nncf").setLevel(logging.WARNING)
     start = time.perf_counter()
     proto = onnx.load(str(model_path))
     valdata = nncf.Dataset([(i, x[i:i + 1]) for i in range(len(x))], lambda item: {"input": item[1]})
-    validation = _NncfValidation(ref, len(x), top1=top1)
-    quantized = nncf.quantize_with_accuracy_control(proto, _nncf_data(cal), valdata, validation, max_drop=max_drop,
-                                                    subset_size=len(cal),
-                                                    advanced_quantization_parameters=_nncf_advanced(per_channel))
-    wall = time.perf_counter() - start
-    final = score(ref, _logits(quantized, x, exact=True), y)
-    fused = score(ref, _logits(quantized, x), y)
-    return {
-        "tool": f"NNCF {nncf.__version__} quantize_with_accuracy_control",
+    validation = _NncfValidation(ref, len(x), top1=top1, deadline=start + cap_s)
+    out: dict[str, Any] = {"tool": f"NNCF {nncf.__version__} quantize_with_accuracy_control", "max_drop": max_drop}
+    try:
+        quantized = nncf.quantize_with_accuracy_control(
+            proto, _nncf_data(cal), valdata, validation, max_drop=max_drop, subset_size=len(cal),
+            advanced_quantization_parameters=_nncf_advanced(per_channel))
+    except _OutOfTime:
+        quantized = None
+    out.update({
+        "finished": quantized is not None,
         "full_validations": validation.full,
         "ranking_calls": validation.partial_calls,
         "ranking_samples": validation.partial_samples,
         "items": validation.full * len(x) + validation.partial_samples,
-        "wall_s": round(wall, 1),
-        "final": final,
-        "final_ort_fused": fused,
-        "int8_fraction_compute": round(int8_compute_fraction(quantized), 4),
-        "max_drop": max_drop,
-    }
+        "wall_s": round(time.perf_counter() - start, 1),
+    })
+    if quantized is None:
+        out["message"] = f"not finished within the {cap_s:g} s cap"
+        return out
+    out.update({"final": score(ref, _logits(quantized, x, exact=True), y),
+                "final_ort_fused": score(ref, _logits(quantized, x), y),
+                "int8_fraction_compute": round(int8_compute_fraction(quantized), 4)})
+    return out
 
 
 # --------------------------------------------------------------------------- table
@@ -325,6 +337,11 @@ def print_table(results: Sequence[Mapping[str, Any]]) -> None:
     rows = []
     for r in results:
         metric = r["metric"]
+        if "final" not in r:
+            rows.append([r["threshold"], r["tool"].split(" quantize")[0], "no: " + r.get("message", "?"),
+                         r["full_validations"], f"{r['ranking_calls']} calls / {r['ranking_samples']} samples",
+                         r["items"], r["wall_s"], "-", "-", "-", "-", "-"])
+            continue
         other = (f"{r['subset_evaluations']} x {r['subset_samples']} samples" if "subset_evaluations" in r
                  else f"{r['ranking_calls']} calls / {r['ranking_samples']} samples")
         met = r.get("met", r["final_ort_fused"][metric] >= r["target"])  # NNCF validated with ORT's fused kernels
@@ -363,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="thresholds top1_agreement >= A (percent; default 99.5)")
     parser.add_argument("--samples", type=int, default=None, help="first N validation samples (default all)")
     parser.add_argument("--skip-nncf", action="store_true")
+    parser.add_argument("--nncf-cap", type=float, default=600.0,
+                        help="seconds after which NNCF's accuracy control is stopped (default 600)")
     parser.add_argument("--nncf-min-drop", type=float, default=0.0,
                         help="run NNCF's accuracy control only for drops >= this (it may not finish tighter ones)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
@@ -389,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"threshold": threshold, "metric": metric, "target": target, **q})
             if not args.skip_nncf and max_drop >= args.nncf_min_drop:
                 print(f"== {threshold}: NNCF quantize_with_accuracy_control (max_drop {max_drop:g})", flush=True)
-                n = run_nncf(model_path, cal, x, y, ref, max_drop, metric == "top1_agreement", per_channel)
+                n = run_nncf(model_path, cal, x, y, ref, max_drop, metric == "top1_agreement", per_channel,
+                             args.nncf_cap)
                 results.append({"threshold": threshold, "metric": metric, "target": target, **n})
     print()
     print_baselines(baselines)
