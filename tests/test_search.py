@@ -226,14 +226,17 @@ def test_chain_pins_exactly_the_sensitive_group_and_demotes_the_decoy(chain):
     assert traj["phase"].iloc[0] == "all-int8" and not traj["passed"].iloc[0]
     assert traj["phase"].iloc[-1] == "final" and traj["passed"].iloc[-1] and traj["cached"].iloc[-1]
     assert traj["full"].sum() >= out.evaluations  # the final row repeats a measured plan
-    assert set(traj.loc[traj["phase"] == "probe", "samples"]) == {16}
+    # every group reverted alone on the subset, in batched passes; full validations only at decisions
+    assert set(traj.loc[traj["phase"] == "rank", "samples"]) == {16}
+    assert (traj["phase"] == "rank").sum() == g + 1
     assert set(traj.loc[traj["full"], "samples"]) == {len(x)}
-    # the decoy has the worst local error, but probing shows pinning it does nothing
-    local = sens.set_index("group")["local_sqnr_db"]
-    assert local.idxmin() == "side_b"
-    assert sens["group"].iloc[0] == "conv6" and sens["probed"].iloc[0] and sens["score"].iloc[0] > 10
-    assert sens.set_index("group").loc["side_b", "score"] < 1
+    # the decoy has the worst local error, but reverting it alone changes the output by nothing
+    assert sens["group"].iloc[0] == "conv6" and sens["impact_db"].iloc[0] > 10
+    assert sens["noise_share"].iloc[0] > 0.9
+    assert abs(sens.set_index("group").loc["side_b", "impact_db"]) < 1
     assert len(sens) == g and list(sens["rank"]) == list(range(1, g + 1))
+    # the noise model's first guess (1 group) passed and prefix 0 is the all-INT8 plan: 2 validations
+    assert out.evaluations == 2
 
 
 def test_outlier_channel_net_pins_the_group_reading_the_outlier(outlier):
@@ -294,20 +297,6 @@ def test_budget_is_respected(chain):
     out = run_search(_base(proto), ev, _opts("sqnr_db>=30", budget=2), save_comparisons=False)
     assert out.evaluations <= 2 and out.budget == 2
     assert sum(1 for _, n, _ in ev.calls if n == len(x)) <= 2
-
-
-def test_return_to_int8_removes_groups_the_prefix_did_not_need(chain):
-    # probe_top=0: no probes, so the local ranking puts the decoy side_b first and the
-    # bisection pins it with conv6; returning groups to INT8 then drops side_b again
-    proto, table, x = chain
-    ev = OrtNumpyEvaluator(proto, table, x)
-    out = run_search(_base(proto), ev, _opts("sqnr_db>=30", probe_top=0), save_comparisons=False)
-    assert out.met and _pins(out) == {"conv6": "fp16"}
-    assert out.sensitivity["group"].iloc[0] == "side_b"
-    ret = out.trajectory[out.trajectory["phase"] == "return-int8"]
-    assert ret["passed"].any()
-    assert out.evaluations <= out.bound
-    _assert_no_plan_twice(ev)
 
 
 def test_latency_objective_prefers_the_fastest_passing_plan(chain):
@@ -375,11 +364,11 @@ def test_interrupted_search_resumes_from_the_log(chain, tmp_path):
 
 def test_rerun_with_a_larger_budget_continues_where_the_budget_stopped(chain, tmp_path):
     proto, table, x = chain
-    opts = _opts("sqnr_db>=30", probe_top=0)  # no probes: the bisection needs several validations
+    opts = _opts("sqnr_db>=30")
     reference = run_search(_base(proto), OrtNumpyEvaluator(proto, table, x), opts)
     short = run_search(_base(proto), OrtNumpyEvaluator(proto, table, x),
-                       _opts("sqnr_db>=30", probe_top=0, budget=3), log=SearchLog(tmp_path, _settings()))
-    assert short.evaluations == 3 and any("budget" in n for n in short.notes)
+                       _opts("sqnr_db>=30", budget=1), log=SearchLog(tmp_path, _settings()))
+    assert short.evaluations == 1 and any("budget" in n for n in short.notes) and not short.met
     longer_ev = OrtNumpyEvaluator(proto, table, x)
     longer = run_search(_base(proto), longer_ev, opts, log=SearchLog(tmp_path, _settings()))
     assert longer.plan.plan_hash() == reference.plan.plan_hash() and longer.evaluations == reference.evaluations
@@ -497,4 +486,145 @@ def test_demo_model_strict_threshold(tmp_path):
     assert result.evaluations <= result.bound
     assert result.plan.int8_fraction() >= 0.9
     assert all(c.passed for c in result.comparison.check("sqnr_db>=20").values())
-    assert (~traj["full"] | traj["cached"]).sum() >= 1  # probes ran on the subset
+    assert (~traj["full"] | traj["cached"]).sum() >= 1  # the ranking ran on the subset
+
+
+# --------------------------------------------------------------------------- planted noise: exact plans and counts
+
+
+class PlantedEvaluator:
+    """A plan's output noise is planted: the sum of ``noise[g]`` over its INT8 groups plus
+    ``fp16`` per FP16 group (and ``overrides[frozenset(pinned)]`` when given: interactions).
+
+    Rows follow the small-noise laws the search's guess uses only approximately: cosine
+    ``1 - N``, SQNR ``-10 log10 N``, and a top-1 agreement in whole samples, ``100 (1 - 3 sqrt(N))``
+    rounded down to the subset's 100/n steps (a discrete metric, as real agreement is).
+    """
+
+    def __init__(self, noise: dict[str, float], *, n: int = 300, fp16: float = 1e-7,
+                 overrides: dict[frozenset, float] | None = None):
+        self.noise = noise
+        self.n = n
+        self.fp16 = fp16
+        self.overrides = overrides or {}
+        self.calls: list[tuple[str, int, bool]] = []
+
+    @property
+    def size(self) -> int:
+        return self.n
+
+    def plan_noise(self, plan: ResolvedPlan) -> float:
+        pinned = frozenset(g for g in self.noise if plan.precision[g] != "int8")
+        if pinned in self.overrides:
+            return self.overrides[pinned]
+        return sum(self.fp16 if g in pinned else v for g, v in self.noise.items())
+
+    def evaluate(self, plan: ResolvedPlan, samples: int, *, local: bool = False) -> Evaluation:
+        self.calls.append((plan.plan_hash(), samples, local))
+        noise = self.plan_noise(plan)
+        agree = math.floor(samples * max(0.0, 1 - 3 * math.sqrt(noise))) * 100.0 / samples
+        row = {"candidate": "c", "output": "y", "samples": samples, "sqnr_db": -10 * math.log10(noise),
+               "cosine": 1 - noise, "top1_agreement": agree}
+        return Evaluation(plan_hash=plan.plan_hash(), samples=samples, rows=(row,))
+
+    def latency(self, plan: ResolvedPlan) -> float:
+        return 1.0
+
+    def full_calls(self) -> int:
+        return sum(1 for _, n, _ in self.calls if n == self.n)
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """The all-INT8 plan of a 40-conv chain (43 quantizable groups): the groups the noise is planted on."""
+    base = _base(models.sensitive_chain_net(depth=40))
+    return base, [g.name for g in base.groups if g.quantizable]
+
+
+def _planted(groups, seed=0, low=1e-5, high=2e-5, **planted):
+    rng = np.random.default_rng(seed)
+    noise = {g: float(rng.uniform(low, high)) for g in groups}
+    noise.update(planted)
+    return noise
+
+
+def test_planted_one_sensitive_group(deep):
+    base, groups = deep
+    noise = _planted(groups, conv17=2e-2)
+    ev = PlantedEvaluator(noise)
+    out = run_search(base, ev, _opts("cosine>=0.999"), save_comparisons=False)
+    assert out.met and _pins(out) == {"conv17": "fp16"}
+    # all-INT8, then the guess (1 group) passes and prefix 0 is all-INT8: two full validations,
+    # and one subset pass per group plus the all-INT8 plan for the ranking
+    assert out.evaluations == ev.full_calls() == 2
+    assert len(ev.calls) == 2 + len(groups) + 1
+    assert out.sensitivity["group"].iloc[0] == "conv17"
+    _assert_no_plan_twice(ev)
+
+
+def test_planted_several_sensitive_groups(deep):
+    base, groups = deep
+    noise = _planted(groups, conv3=8e-3, conv21=6e-3, fc=4e-3)
+    ev = PlantedEvaluator(noise)
+    out = run_search(base, ev, _opts("cosine>=0.999"), save_comparisons=False)
+    assert out.met and _pins(out) == {"conv3": "fp16", "conv21": "fp16", "fc": "fp16"}
+    assert list(out.sensitivity["group"][:3]) == ["conv3", "conv21", "fc"]
+    # all-INT8, the guess (3) passes, then 1 and 2 fail: four full validations
+    assert out.evaluations == ev.full_calls() == 4
+    _assert_no_plan_twice(ev)
+
+
+def test_planted_spread_out_noise_keeps_most_groups_int8(deep):
+    # every group carries 1-4 % of the noise: no single group matters, the right plan pins the
+    # largest contributors until the agreement threshold (a discrete metric) holds
+    base, groups = deep
+    noise = _planted(groups, seed=3, low=1e-5, high=4e-5)
+    by_noise = sorted(groups, key=lambda g: -noise[g])
+
+    def agreement(k):  # the planted law on the full set with the k largest contributors pinned
+        n = sum(1e-7 if g in by_noise[:k] else noise[g] for g in groups)
+        return math.floor(300 * max(0.0, 1 - 3 * math.sqrt(n))) * 100.0 / 300
+
+    target = agreement(8)
+    need = next(k for k in range(len(groups) + 1) if agreement(k) >= target)
+    assert agreement(0) < target - 1  # all-INT8 misses by more than a point
+    ev = PlantedEvaluator(noise)
+    out = run_search(base, ev, _opts(f"top1_agreement>={target - 1e-9}"), save_comparisons=False)
+    assert out.met, out.message
+    assert set(_pins(out)) == set(by_noise[:need])  # the largest contributors, nothing else
+    assert out.plan.int8_fraction() >= 0.8
+    assert out.evaluations == ev.full_calls() <= math.ceil(math.log2(len(groups))) + 2
+    _assert_no_plan_twice(ev)
+
+
+def test_planted_non_monotone_prefixes_keep_a_measured_pass(deep):
+    base, groups = deep
+    noise = _planted(groups, conv3=8e-3, conv21=6e-3, fc=4e-3)
+    # an interaction: the first two ranked groups together pass, the first three do not (the
+    # noise model's guess), the first four do again
+    overrides = {frozenset({"conv3", "conv21"}): 1e-4, frozenset({"conv3", "conv21", "fc"}): 5e-3}
+    ev = PlantedEvaluator(noise, overrides=overrides)
+    out = run_search(base, ev, _opts("cosine>=0.999"), save_comparisons=False)
+    full = out.trajectory[out.trajectory["full"] & (out.trajectory["phase"] != "final")]
+    assert not full[full["n_pinned"] == 3]["passed"].any()  # the guess was measured and failed
+    # the answer is a plan that passed its own full validation: bisection between the failing
+    # guess and G ends at the first four ranked groups, never at an unmeasured shorter prefix
+    assert out.met and _pins(out) == {g: "fp16" for g in ("conv3", "conv21", "fc", "conv24")} == \
+        {g: "fp16" for g in out.sensitivity["group"][:4]}
+    assert full.loc[full["pins"] == out.trajectory["pins"].iloc[-1], "passed"].all()
+    # fail at 3, pass at G, then bisection over (3, 43): 1 + 1 + 1 + ceil(log2 40) at most
+    assert out.evaluations == ev.full_calls() <= 3 + math.ceil(math.log2(40)) <= out.bound
+    _assert_no_plan_twice(ev)
+
+
+def test_planted_budget_that_runs_out(deep):
+    base, groups = deep
+    noise = _planted(groups, conv3=8e-3, conv21=6e-3, fc=4e-3)
+    ev = PlantedEvaluator(noise)
+    out = run_search(base, ev, _opts("cosine>=0.999", budget=2), save_comparisons=False)
+    # all-INT8 fails, the guess passes; nothing else may be validated
+    assert out.evaluations == ev.full_calls() == 2 and out.budget == 2
+    assert out.met and _pins(out) == {"conv3": "fp16", "conv21": "fp16", "fc": "fp16"}
+    assert any("budget" in n for n in out.notes)
+    out = run_search(base, PlantedEvaluator(noise), _opts("cosine>=0.99999", budget=1), save_comparisons=False)
+    assert not out.met and out.evaluations == 1 and "budget ran out" in out.message

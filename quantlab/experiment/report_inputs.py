@@ -14,6 +14,7 @@ from ..graph import LoadedModel
 from ..precision import INT8
 from ..quantize import WrittenModel
 from ..report import WORST_LAYERS_SHOWN, HistogramView, ReportInputs, Verdict, worst_layers
+from ..search import impact_notes
 from ..stats import load_statistics
 from ..table import CalibrationTable
 from .spec import ExperimentConfig
@@ -150,6 +151,9 @@ def _search_results(search_dir: Path | None, model: LoadedModel, e2e: pd.DataFra
         plan = load_written(search_dir / "final", model).plan.to_frame()
         # the groups the search pinned first: they are what a reviewer checks
         plan = plan.sort_values("precision", key=lambda p: p != INT8, ascending=False, kind="stable")
+        notes = impact_notes(extra.get("sensitivity"))
+        plan["measured_impact"] = [notes.get(g, "") if p != INT8 else "" for g, p in
+                                   zip(plan["group"], plan["precision"], strict=True)]
     return e2e, extra.get("trajectory"), extra.get("sensitivity"), plan
 
 
@@ -202,7 +206,8 @@ def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables:
     if plan is None and verdict is not None and verdict.candidate in written:
         plan = written[verdict.candidate].plan.to_frame()
     if plan is not None:
-        plan = plan[[c for c in ("group", "anchor_op", "nodes", "precision", "reason") if c in plan.columns]]
+        plan = plan[[c for c in ("group", "anchor_op", "nodes", "precision", "reason", "measured_impact")
+                     if c in plan.columns]]
     per_layer, histograms = _histograms(config, frames, written, tables, cal_dir)
     notes = sorted({n for t in tables.values() for n in t.notes}) + list(messages)
     return ReportInputs(

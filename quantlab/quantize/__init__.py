@@ -19,6 +19,7 @@ Layout (arrows: who uses whom; nothing here imports compare/search/report/cli)::
        │   └─ tensors.py  TensorBook: names, dtypes, inserted nodes and initializers so far
        ├─ qparams.py    QParams, activation_qparams, weight_qparams: scales and zero points
        └─ options.py    WriteOptions, Target, DEFAULT_FP32_OPS
+      bias_correction.py  BiasCorrection, measure_bias_correction: output mean shifts folded into biases
       provenance.py   Provenance, load_provenance: original -> written names (provenance.json)
       written.py      WrittenModel, save_written: model.onnx + provenance.json + plan.json
 
@@ -34,6 +35,9 @@ from __future__ import annotations
 from ..lazy import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
+    "BiasCorrection": "bias_correction",
+    "apply_bias_correction": "bias_correction",
+    "measure_bias_correction": "bias_correction",
     "DEFAULT_FP32_OPS": "options",
     "Target": "options",
     "WriteOptions": "options",
@@ -60,4 +64,7 @@ __all__ = [
     "load_provenance",
     "activation_qparams",
     "weight_qparams",
+    "BiasCorrection",
+    "measure_bias_correction",
+    "apply_bias_correction",
 ]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import QuantlabError
+
+if TYPE_CHECKING:
+    from .bias_correction import BiasCorrection
 
 __all__ = ["Target", "DEFAULT_FP32_OPS", "WriteOptions"]
 
@@ -46,6 +49,10 @@ class WriteOptions:
     there rounds only its weights, not its activations. This mode keeps every
     node float32 and rounds each tensor that would be float16 (weights too)
     through ``Cast(fp16) -> Cast(fp32)``, which ORT keeps. Never for TensorRT.
+
+    ``bias_correction``: per-channel output mean shifts measured on calibration data
+    (:func:`quantlab.quantize.measure_bias_correction`, with these same options),
+    subtracted from the bias of the plan's INT8 Conv/Gemm layers; None: no correction.
     """
 
     target: Target = "tensorrt"
@@ -56,6 +63,7 @@ class WriteOptions:
     fp16_simulation: bool = False
     check: bool = True
     reduce_range: bool = False
+    bias_correction: BiasCorrection | None = None
 
     def __post_init__(self) -> None:
         if self.target not in ("tensorrt", "ort"):
@@ -88,6 +96,7 @@ class WriteOptions:
             "fp16_simulation": self.fp16_simulation,
             "reduce_range": self.reduce_range,
             "weight_qmax": self.weight_qmax,
+            "bias_correction": None if self.bias_correction is None else self.bias_correction.describe(),
         }
 
     @property

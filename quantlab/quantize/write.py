@@ -12,6 +12,7 @@ from ..fingerprint import sha256_bytes, tool_versions
 from ..graph import LoadedModel, serialize, tensor_specs
 from ..plan import PrecisionPlan, ResolvedPlan, fusion_groups, resolve_plan
 from ..table import CalibrationTable, check_table_fits
+from .bias_correction import apply_bias_correction, bias_correction_record
 from .options import WriteOptions
 from .placement import Placement
 from .tensors import ONNX_DTYPE
@@ -60,6 +61,9 @@ def write_model(
         _same_groups(resolved, model)
     if table is not None:
         check_table_fits(table, model)
+    applied: list[str] = []
+    if options.bias_correction is not None:
+        model, applied = apply_bias_correction(model, resolved, options.bias_correction, options)
     placement = Placement(model, resolved, table, options)
     placement.run()
     writer = Writer(model, resolved, placement, options)
@@ -76,6 +80,7 @@ def write_model(
         "table_model_sha256": table.model_sha256 if table is not None else None,
         "table_settings": dict(table.settings) if table is not None else None,
         "versions": tool_versions(),
+        "bias_correction": bias_correction_record(options.bias_correction, applied),
     }
     return WrittenModel(
         proto=out,

@@ -164,7 +164,9 @@ def plan_section(inputs: ReportInputs) -> str:
     return (
         '<section id="plan"><h2>Final precision plan</h2>'
         "<p>The plan the final candidate was built with (the same format as a hand-edited plan file, "
-        "<code>plan.json</code> next to this report).</p>"
+        "<code>plan.json</code> next to this report). For every group the search pinned, "
+        "<i>measured_impact</i> gives what got it pinned: its rank and how much reverting it alone "
+        "raised the output SQNR on the ranking subset.</p>"
         f"{summary}{table(plan, max_rows=MAX_TABLE_ROWS)}</section>"
     )
 

@@ -12,39 +12,38 @@ INTERFACE (agreed in code; experiments, report and CLI use exactly this):
     result.sensitivity  # DataFrame, one row per quantizable group, most sensitive first
     result.save(out_dir)
 
-trajectory columns: step, phase ("all-int8" | "probe" | "bisect" | "fp16-tier" | "return-int8" |
+trajectory columns: step, phase ("all-int8" | "rank" | "bisect" | "fp16-tier" | "return-int8" |
 "final"), plan_hash, pinned (comma-joined groups), n_pinned, int8_fraction, metric, value,
-ci_low, ci_high, passed, samples (the subset size: probes use fewer), full (bool: counts
+ci_low, ci_high, passed, samples (the subset size for the ranking), full (bool: counts
 against the bound of ceil(log2 G) + 5 full validations), latency_ms (mean, NaN when not
 measured), cached (bool), seconds. Added: pins (group=precision, comma-joined), margin (the
 threshold's smallest margin: negative when missed).
 
-sensitivity columns: rank, group, anchor_op, nodes, local_sqnr_db (from the comparator's
-local mode), probe_value (the metric with only this group pinned, NaN when not probed), score.
-Added: probed, probe_margin_gain. ``score`` is the end-to-end SQNR gain in dB that pinning the
-group alone bought on the probe subset (NaN when not probed).
+sensitivity columns (:data:`SENSITIVITY_COLUMNS`): rank, group, anchor_op, nodes,
+reverted_sqnr_db (the output SQNR on the ranking subset with the group alone reverted to the
+fallback tier), impact_db (the SQNR gain that bought), impact (the output noise power it
+removed, relative to the signal), noise_share (its share of the all-INT8 noise) and
+cumulative_share (down the ranking).
 
 The search, step by step (G = number of quantizable fusion groups)::
 
     all-int8     1 full validation; stop when it meets the threshold
-    rank         1 subset compare of the all-INT8 plan with the comparator's local per-layer
-                 errors: groups ordered by local SQNR (lowest first); then each of the top
-                 ``probe_top`` is pinned alone and measured on the subset ("probe"): groups
-                 whose pinning raised the threshold's margin come first, then those that
-                 raised the output SQNR, then the unprobed ones in local order, then the
-                 probed groups that made no difference
+    rank         on the ranking subset (``probe_samples``): the all-INT8 plan, then every group
+                 reverted alone, in batched comparator passes (the reference runs once per
+                 batch); groups ordered by the output noise power they account for. Only this
+                 continuous measure is read on the subset; discrete metrics (agreement,
+                 accuracy) decide pass/fail on full validations only, with their intervals
     bisect       the smallest prefix of the ranking whose pinning (at ``fallback``) meets the
-                 threshold: a first guess (1 when the top group's probe passed, else the
-                 number of probed groups that measurably helped, else G), G when the guess
-                 fails, then bisection between the largest failing and the smallest passing
-                 prefix;
-                 if pinning all G fails at fp16, the same at fp32; a pass below a fail
-                 (non-monotone) is recorded in the notes and the search keeps only plans
-                 that passed a full validation themselves
+                 threshold: first the prefix the additive noise model predicts to pass (from
+                 the all-INT8 value and the metric's small-noise law), G when that fails, then
+                 bisection between the largest failing and the smallest passing prefix (each
+                 step returns a batch of the least impactful pinned groups to INT8);
+                 if pinning all G fails at fp16, the same at fp32; the answer is always a plan
+                 that passed a full validation itself (non-monotone prefixes are noted)
     fp16-tier    when the prefix needed fp32: every pinned group at fp16, else all but the
                  most sensitive one
-    return-int8  pinned groups back to INT8 one at a time, least sensitive first, while the
-                 budget lasts (screened on the subset when the budget cannot try them all)
+    return-int8  pinned groups back to INT8 one at a time, least impact first, while the
+                 budget lasts, skipping those the noise model says cannot pass
     final        the passing plan with the most INT8 (``objective="int8"``) or the lowest
                  latency (``objective="latency"``); with none passing, the best margin
 
@@ -68,7 +67,7 @@ Layout (arrows: imports)::
       +-> evaluator.py  CompareEvaluator          writes a plan, measures it with the comparator
       +-> result.py     SearchResult              to_dict / save (plan, final model, tables)
       +-> run.py        run_search, SearchOutcome the phases in order, the final choice, the message
-            +-> ranking.py   local-error ranking, single-group probes, the sensitivity table
+            +-> ranking.py   impact ranking (each group reverted alone, batched), the sensitivity table
             +-> strategy.py  bisect_prefix, bisection, FP16 tier, return to INT8
             +-> ledger.py    Ledger, StepEvent    the plan cache, budgets, trajectory rows, progress
                   +-> log.py     SearchLog        search_log.jsonl: settings, evaluations, resume
@@ -95,6 +94,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "SearchOptions": "options",
     "evaluation_bound": "options",
     "SENSITIVITY_COLUMNS": "ranking",
+    "impact_notes": "ranking",
     "RESULT_FORMAT": "result",
     "SearchResult": "result",
     "SearchOutcome": "run",
@@ -118,6 +118,7 @@ __all__ = [
     "bisect_prefix",
     "TRAJECTORY_COLUMNS",
     "SENSITIVITY_COLUMNS",
+    "impact_notes",
     "LOG_FILE",
     "LOG_FORMAT",
 ]

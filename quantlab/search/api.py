@@ -17,11 +17,12 @@ from ..data import DataSet, check_inputs, summarize
 from ..fingerprint import sha256_bytes, tool_versions
 from ..graph import LoadedModel
 from ..plan import resolve_plan, uniform_plan
+from ..quantize import measure_bias_correction
 from ..table import CalibrationTable, table_to_dict
 from ..threshold import parse_threshold
 from ..version import __version__
 from .evaluation import Evaluation
-from .evaluator import CompareEvaluator
+from .evaluator import CompareEvaluator, write_options
 from .ledger import StepEvent
 from .log import SearchLog, log_line, normalise
 from .options import SearchOptions
@@ -58,11 +59,14 @@ def search(
     workdir: str | Path | None = None,
     progress: bool = False,
     on_step: Callable[[StepEvent], None] | None = None,
+    calib: DataSet | None = None,
 ) -> SearchResult:
     """Find the plan with the most INT8 that meets ``options.threshold`` (see the module docstring).
 
     ``workdir``: where the search log lives; a rerun with the same workdir resumes.
     ``on_step``: called after every step with a :class:`StepEvent` (the CLI prints it).
+    ``calib``: the calibration set, for ``options.bias_correction`` (measured once, applied to
+    every plan's INT8 layers).
     Raises SearchError for unusable options or a log written with other settings.
     """
     start = time.perf_counter()
@@ -70,15 +74,22 @@ def search(
     parse_threshold(options.threshold)
     check_inputs(dataset, model)
     base = resolve_plan(uniform_plan("int8"), model.proto)
+    correction = None
+    if options.bias_correction and calib is not None:
+        correction = measure_bias_correction(model, table, calib, write_options(options),
+                                             batch_size=options.batch_size)
     log = None
     data_sha = None
     if workdir is not None:
         data_sha = summarize(dataset, options.batch_size).sha256
         settings = search_settings(model, table, dataset, options, data_sha256=data_sha)
-        log = SearchLog(workdir, settings)
     else:
         settings = search_settings(model, table, dataset, options)
-    evaluator = CompareEvaluator(model, table, dataset, options)
+    settings["bias_correction"] = (correction.describe() if correction is not None else
+                                   "not applied: no calibration set given" if options.bias_correction else None)
+    if workdir is not None:
+        log = SearchLog(workdir, settings)
+    evaluator = CompareEvaluator(model, table, dataset, options, correction)
     outcome = run_search(base, evaluator, options, log=log, on_step=on_step, progress=progress)
     comparison = outcome.evaluation.comparison
     if comparison is None and log is not None:

@@ -200,13 +200,45 @@ class Ledger:
         self.record(phase, plan, ev, full=full, cached=was_cached, seconds=time.perf_counter() - t0)
         return ev
 
-    def _measure(self, plan: ResolvedPlan, samples: int, key: str, *, full: bool, local: bool,
-                 t0: float) -> Evaluation:
-        """Run the evaluator (and the latency for a full validation), cache and log the result."""
-        ev = self.evaluator.evaluate(plan, samples, local=local)
-        if full and self.options.measure_latency and is_nan(ev.latency_ms):
-            ev = dataclasses.replace(ev, latency_ms=float(self.evaluator.latency(plan)))
-        ev = dataclasses.replace(ev, seconds=time.perf_counter() - t0)
+    def evaluate_many(self, phase: str, pins: Sequence[Mapping[str, str]],
+                      chunk: int = 8) -> list[Evaluation | None]:
+        """``base + pins[i]`` on the ranking subset, uncached plans measured ``chunk`` at a time in
+        one comparator pass each (``Evaluator.evaluate_many`` when it has one); rows recorded in
+        the order asked; None for the plans not measured once time is out."""
+        plans = [self.base.with_pins(dict(p)) if p else self.base for p in pins]
+        keys = [evaluation_key(p.plan_hash(), self.probe_n) for p in plans]
+        many = getattr(self.evaluator, "evaluate_many", None)
+        chunk = chunk if many is not None else 1  # one at a time: each is logged as soon as measured
+        pending: list[int] = []
+
+        def flush() -> None:
+            if not pending or not self.time_left():
+                pending.clear()
+                return
+            t0 = time.perf_counter()
+            if many is not None:
+                evs = list(many([plans[i] for i in pending], self.probe_n))
+            else:
+                evs = [self.evaluator.evaluate(plans[i], self.probe_n) for i in pending]
+            each = (time.perf_counter() - t0) / len(pending)
+            for i, ev in zip(pending, evs, strict=True):
+                self._store(dataclasses.replace(ev, seconds=each), keys[i], full=False)
+                self.record(phase, plans[i], self.cache[keys[i]], full=False, cached=False, seconds=each)
+            pending.clear()
+
+        for i, key in enumerate(keys):
+            if key in self.cache:
+                flush()
+                self.record(phase, plans[i], self.cache[key], full=False, cached=True, seconds=0.0)
+            else:
+                pending.append(i)
+                if len(pending) >= chunk:
+                    flush()
+        flush()
+        return [self.cache.get(k) for k in keys]
+
+    def _store(self, ev: Evaluation, key: str, *, full: bool) -> None:
+        """Cache and log a new evaluation (with its saved comparison when full)."""
         self.executed += 1
         self.cache[key] = ev
         if self.log is not None:
@@ -216,6 +248,15 @@ class Ledger:
                 ev.comparison.save(target)
                 cdir = str(target.relative_to(self.log.workdir))
             self.log.add(ev, cdir)
+
+    def _measure(self, plan: ResolvedPlan, samples: int, key: str, *, full: bool, local: bool,
+                 t0: float) -> Evaluation:
+        """Run the evaluator (and the latency for a full validation), cache and log the result."""
+        ev = self.evaluator.evaluate(plan, samples, local=local)
+        if full and self.options.measure_latency and is_nan(ev.latency_ms):
+            ev = dataclasses.replace(ev, latency_ms=float(self.evaluator.latency(plan)))
+        ev = dataclasses.replace(ev, seconds=time.perf_counter() - t0)
+        self._store(ev, key, full=full)
         return ev
 
     def record(self, phase: str, plan: ResolvedPlan, ev: Evaluation, *, full: bool, cached: bool,

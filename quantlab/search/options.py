@@ -14,13 +14,20 @@ class SearchOptions:
 
     ``budget``: the most full validations (None: ceil(log2 G) + 5, G = quantizable groups).
     ``time_budget_s``: no new evaluation starts after this many seconds (this run).
-    ``probe_samples``: the subset (first N samples, at most half the set) used for the
-    ranking compare, the single-group probes and return-to-INT8 screening.
+    ``probe_samples``: the ranking subset (first N samples, at most half the set): every
+    group's impact is measured there on the output's continuous noise (SQNR), which a few
+    samples of full logits resolve; discrete metrics are only read on full validations.
+    ``probe_top``: no longer used (every quantizable group's impact is measured); kept so
+    that settings written by earlier versions still load.
     ``fp16_simulation``: write evaluated candidates with fp16 tensors rounded in float32
     kernels (None: when the backend is ONNX Runtime, whose CPU kernels would not round a
     native fp16 model's activations); the final model is always written natively.
     ``latency``: measure each full validation's latency (None: with ``objective="latency"``).
     ``metric``: a ``module:function`` user metric for the comparator (thresholds may name it).
+    ``per_channel_weights``: the writer's weight granularity (False: per tensor).
+    ``bias_correction``: correct every INT8 Conv/Gemm's output mean shift, measured on the
+    calibration set given to :func:`~quantlab.search.search` (``calib=``; without it no
+    correction is applied and the result's settings say so).
     """
 
     threshold: str
@@ -30,14 +37,16 @@ class SearchOptions:
     budget: int | None = None                # max full validations; None = ceil(log2 G) + 5
     time_budget_s: float | None = None
     objective: Literal["int8", "latency"] = "int8"
-    probe_samples: int = 64                  # validation subset for single-group probes
-    probe_top: int = 8                       # groups probed alone (the top of the local ranking)
+    probe_samples: int = 16                  # the ranking subset (continuous measures only)
+    probe_top: int = 8                       # unused (see the docstring)
     batch_size: int = 8
     seed: int = 0
     fp16_simulation: bool | None = None
     latency: bool | None = None
     latency_iterations: int = 20
     metric: str | None = None
+    per_channel_weights: bool = True
+    bias_correction: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

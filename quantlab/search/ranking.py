@@ -1,13 +1,23 @@
-"""Which groups to pin first: the local-error ranking, the single-group probes, the sensitivity table.
+"""Which groups to pin first: each group's measured impact on the model's output, the sensitivity table.
 
-    all-INT8 plan on the probe subset, local mode --> group -> lowest local SQNR (dB)
-          by_local: lowest local SQNR first (NaN last, then topological order)
-                | the top ``probe_top`` pinned alone (at ``fallback``) on the subset
-                v
-    order = helped   (the threshold's margin rose, by more than noise)
-          + raised   (only the output SQNR rose, by >= 0.1 dB)
-          + unprobed (local order)
-          + idle     (probed, no effect)
+Discrete metrics (top-1 agreement, accuracy) move in steps of 100/N points on a subset
+of N samples and say nothing about one group among fifty; the ranking therefore reads a
+continuous measure, the output's noise power relative to its signal (from the logits
+SQNR, ``noise = 10 ** (-sqnr_db / 10)``), on the ranking subset (with a threshold on a
+discrete metric, the evaluator's fragile samples: those whose FP32 top-1 lead is smallest,
+where flips happen; else the first ``probe_samples``)::
+
+    all-INT8 plan on the subset                  -> N_all  (noise of every group together)
+    all-INT8 with group g alone at ``fallback``   -> N_-g   (one batched comparator pass per
+                                                             ``batch`` of candidates)
+    impact(g) = N_all - N_-g                          (noise power g alone accounts for)
+    order     = impact, largest first (ties: topological order)
+
+Quantization errors of different layers are nearly independent, so their noise powers
+add: ``N_all - sum(impact of the pinned groups)`` predicts the noise of any plan, which
+is what the search uses to choose where its full validations go
+(:func:`predicted_noise`). ``impact_db`` in the table is the same measure as an output
+SQNR gain: how many dB reverting the group alone bought.
 """
 
 from __future__ import annotations
@@ -20,53 +30,16 @@ from typing import Any
 import pandas as pd
 
 from ..plan import ResolvedPlan
-from .evaluation import Evaluation
 from .ledger import Ledger, is_nan
 
 SENSITIVITY_COLUMNS: tuple[str, ...] = (
-    "rank", "group", "anchor_op", "nodes", "local_sqnr_db", "probe_value", "score", "probed",
-    "probe_margin_gain",
+    "rank", "group", "anchor_op", "nodes", "reverted_sqnr_db", "impact_db", "impact", "noise_share",
+    "cumulative_share",
 )
 
-_SQNR_EFFECT_DB = 0.1
-"""An output-SQNR gain (dB) below this from pinning one group counts as no effect."""
 
-
-@dataclass(frozen=True)
-class Probe:
-    """One group pinned alone on the probe subset: the binding metric's value and what it gained."""
-
-    value: float
-    margin_gain: float
-    sqnr_gain: float
-    passed: bool
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """The quantizable groups, most sensitive first (``order``), and the evidence behind it.
-
-    ``effective``: the probed groups that measurably helped (they head ``order``).
-    """
-
-    order: list[str] = field(default_factory=list)
-    local: dict[str, float] = field(default_factory=dict)
-    probes: dict[str, Probe] = field(default_factory=dict)
-    effective: set[str] = field(default_factory=set)
-
-    def sensitivity(self, base: ResolvedPlan) -> pd.DataFrame:
-        """One row per ranked group (:data:`SENSITIVITY_COLUMNS`), most sensitive first."""
-        groups = base.group_map
-        recs = []
-        for rank, g in enumerate(self.order, 1):
-            p = self.probes.get(g)
-            recs.append({
-                "rank": rank, "group": g, "anchor_op": groups[g].anchor_op, "nodes": ", ".join(groups[g].nodes),
-                "local_sqnr_db": self.local.get(g, math.nan),
-                "probe_value": p.value if p else math.nan, "score": p.sqnr_gain if p else math.nan,
-                "probed": p is not None, "probe_margin_gain": p.margin_gain if p else math.nan,
-            })
-        return pd.DataFrame(recs, columns=list(SENSITIVITY_COLUMNS))
+DISCRETE_MARKERS: tuple[str, ...] = ("top1", "top5", "agreement", "mcnemar")
+"""Metric names holding one of these count flips: the ranking then measures the fragile samples."""
 
 
 def output_sqnr(rows: Sequence[Mapping[str, Any]]) -> float:
@@ -75,57 +48,106 @@ def output_sqnr(rows: Sequence[Mapping[str, Any]]) -> float:
     return min(vals) if vals else math.nan
 
 
+def noise_power(sqnr_db: float) -> float:
+    """Output noise power relative to the signal: 10^(-SQNR/10) (0 for an exact output, NaN unknown)."""
+    if is_nan(sqnr_db):
+        return math.nan
+    return 0.0 if math.isinf(sqnr_db) and sqnr_db > 0 else 10.0 ** (-float(sqnr_db) / 10.0)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The quantizable groups, largest impact first (``order``), and the evidence behind it.
+
+    ``base_noise``: the all-INT8 plan's relative noise power on the subset; ``impact``:
+    group -> the noise power reverting it alone removed; ``reverted_sqnr``: group -> the
+    subset SQNR (dB) with it reverted alone.
+    """
+
+    order: list[str] = field(default_factory=list)
+    base_noise: float = math.nan
+    impact: dict[str, float] = field(default_factory=dict)
+    reverted_sqnr: dict[str, float] = field(default_factory=dict)
+
+    def share(self, g: str) -> float:
+        """The fraction of the all-INT8 noise power ``g`` accounts for (NaN when unmeasured)."""
+        if g not in self.impact or not self.base_noise > 0:
+            return math.nan
+        return self.impact[g] / self.base_noise
+
+    def impact_db(self, g: str) -> float:
+        """Output SQNR gain (dB) of reverting ``g`` alone."""
+        if g not in self.reverted_sqnr or not self.base_noise > 0:
+            return math.nan
+        return self.reverted_sqnr[g] + 10.0 * math.log10(self.base_noise)
+
+    def predicted_noise(self, pinned: Sequence[str]) -> float:
+        """The all-INT8 noise minus the impacts of ``pinned`` (additive model), at least 0."""
+        if not self.base_noise > 0:
+            return math.nan
+        return max(0.0, self.base_noise - sum(self.impact.get(g, 0.0) for g in pinned))
+
+    def sensitivity(self, base: ResolvedPlan) -> pd.DataFrame:
+        """One row per ranked group (:data:`SENSITIVITY_COLUMNS`), largest impact first."""
+        groups = base.group_map
+        recs = []
+        cumulative = 0.0
+        for rank, g in enumerate(self.order, 1):
+            share = self.share(g)
+            cumulative += 0.0 if is_nan(share) else share
+            recs.append({
+                "rank": rank, "group": g, "anchor_op": groups[g].anchor_op, "nodes": ", ".join(groups[g].nodes),
+                "reverted_sqnr_db": self.reverted_sqnr.get(g, math.nan), "impact_db": self.impact_db(g),
+                "impact": self.impact.get(g, math.nan), "noise_share": share,
+                "cumulative_share": cumulative if self.impact else math.nan,
+            })
+        return pd.DataFrame(recs, columns=list(SENSITIVITY_COLUMNS))
+
+
+def impact_notes(sensitivity: pd.DataFrame | None) -> dict[str, str]:
+    """group -> one phrase saying what its measured impact was (for the report's plan table)."""
+    if sensitivity is None or sensitivity.empty or "impact_db" not in sensitivity.columns:
+        return {}
+    notes = {}
+    for r in sensitivity.to_dict("records"):
+        if is_nan(r.get("impact_db")):
+            notes[str(r["group"])] = f"rank {int(r['rank'])} (impact not measured)"
+            continue
+        notes[str(r["group"])] = (f"rank {int(r['rank'])}: reverting it alone raised the output SQNR by "
+                                  f"{float(r['impact_db']):.2f} dB ({float(r['noise_share']):.1%} of the "
+                                  "all-INT8 output noise)")
+    return notes
+
+
 def rank_groups(ledger: Ledger) -> Ranking:
-    """Measure local errors and probe the top groups (see the module docstring); log the table."""
-    sub = ledger.evaluate("probe", {}, full=False, local=True)
-    if sub is None:
+    """Measure every group's impact on the subset in batched passes (module docstring); log the table."""
+    topo = sorted(ledger.groups, key=lambda g: ledger.topo[g])
+    select = getattr(ledger.evaluator, "select_subset", None)
+    if select is not None:
+        fragile = any(m in c.metric for c in ledger.threshold.conditions for m in DISCRETE_MARKERS)
+        idx = select(ledger.probe_n, fragile=fragile)
+        if fragile:
+            ledger.notes.append(f"ranking subset: the {len(idx)} validation samples whose FP32 top-1 lead is "
+                                "smallest (where a discrete metric flips)")
+    base = ledger.evaluate("rank", {}, full=False)
+    if base is None:
         ledger.notes.append("the time budget ran out before the ranking: groups are in topological order")
-        return Ranking(order=sorted(ledger.groups, key=lambda g: ledger.topo[g]))
-    reported = dict(sub.local or {})
-    local = {g: float(reported[g]) for g in ledger.groups if g in reported}
-    missing = [g for g in ledger.groups if g not in local]
-    if len(missing) == len(ledger.groups):
-        ledger.notes.append("the comparator reported no local per-layer error: the ranking rests on the "
-                            "probes and the topological order")
-
-    def local_key(g: str) -> tuple[float, int]:
-        v = local.get(g, math.nan)
-        return (math.inf if is_nan(v) else v, ledger.topo[g])
-
-    by_local = sorted(ledger.groups, key=local_key)
-    base_sqnr = output_sqnr(sub.rows)
-    probes = _probe(ledger, by_local[: ledger.options.probe_top], sub, base_sqnr)
-
-    # "helped": the threshold's margin rose, and (when the outputs have an SQNR) by more than noise
-    def effect(p: Probe) -> bool:
-        return p.sqnr_gain >= _SQNR_EFFECT_DB or not math.isfinite(base_sqnr)
-
-    helped = [g for g, p in probes.items() if p.margin_gain > 0 and effect(p)]
-    raised = [g for g, p in probes.items() if g not in helped and p.sqnr_gain >= _SQNR_EFFECT_DB]
-    helped.sort(key=lambda g: (-probes[g].margin_gain, -probes[g].sqnr_gain, local_key(g)))
-    raised.sort(key=lambda g: (-probes[g].sqnr_gain, local_key(g)))
-    idle = [g for g in by_local if g in probes and g not in helped and g not in raised]
-    rest = [g for g in by_local if g not in probes]
-    ranking = Ranking(order=helped + raised + rest + idle, local=local, probes=probes,
-                      effective=set(helped) | set(raised))
+        return Ranking(order=topo)
+    base_noise = noise_power(output_sqnr(base.rows))
+    if not base_noise > 0:
+        ledger.notes.append("the all-INT8 outputs have no measurable noise on the ranking subset (no SQNR): "
+                            "groups are in topological order")
+        return Ranking(order=topo, base_noise=base_noise)
+    tier = ledger.options.fallback
+    evs = ledger.evaluate_many("rank", [{g: tier} for g in topo])
+    reverted = {g: output_sqnr(ev.rows) for g, ev in zip(topo, evs, strict=False) if ev is not None}
+    if len(reverted) < len(topo):
+        ledger.notes.append(f"the time budget ran out during the ranking: {len(topo) - len(reverted)} group(s) "
+                            "unmeasured, ranked last in topological order")
+    impact = {g: base_noise - noise_power(s) for g, s in reverted.items() if not is_nan(s)}
+    measured = sorted(impact, key=lambda g: (-impact[g], ledger.topo[g]))
+    ranking = Ranking(order=measured + [g for g in topo if g not in impact], base_noise=base_noise,
+                      impact=impact, reverted_sqnr=reverted)
     ledger.extra = [{"type": "sensitivity", "records": ranking.sensitivity(ledger.base).to_dict("records")}]
     ledger.write_log()
     return ranking
-
-
-def _probe(ledger: Ledger, groups: Sequence[str], sub: Evaluation, base_sqnr: float) -> dict[str, Probe]:
-    """Pin each of ``groups`` alone at the fallback tier on the subset; stop when time runs out."""
-    base_margin = ledger.check(sub).margin
-    probes: dict[str, Probe] = {}
-    for g in groups:
-        ev = ledger.evaluate("probe", {g: ledger.options.fallback}, full=False)
-        if ev is None:
-            ledger.notes.append("the time budget ran out during the probes; the rest keep their local order")
-            break
-        _metric, value, _, _ = ledger.binding(ev)
-        margin = ledger.check(ev).margin
-        gain = margin - base_margin if math.isfinite(margin) and math.isfinite(base_margin) else 0.0
-        s = output_sqnr(ev.rows)
-        sgain = s - base_sqnr if math.isfinite(s) and math.isfinite(base_sqnr) else 0.0
-        probes[g] = Probe(value=value, margin_gain=gain, sqnr_gain=sgain, passed=ledger.check(ev).passed)
-    return probes

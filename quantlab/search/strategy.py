@@ -1,20 +1,27 @@
 """How many ranked groups to pin, and at which precision: the bisection, the FP16 tier, return to INT8.
 
-    ranking: g1 g2 g3 ... gG (most sensitive first)
-    bisect       pin g1..gk at ``fallback``: the smallest passing k (first guess, G, then halve the
-                 gap between the largest failing and the smallest passing prefix); fp32 if fp16 fails
+    ranking: g1 g2 g3 ... gG (largest measured impact first, see ranking.py)
+    bisect       pin g1..gk at ``fallback``: the smallest passing k. First guess: the shortest
+                 prefix the additive noise model predicts to pass (N_all - sum of its impacts
+                 below the noise the threshold allows, from the all-INT8 value and the metric's
+                 small-noise law, times 0.8); then G when it fails, then halve the gap between
+                 the largest failing and the smallest passing prefix: each halving returns the
+                 lower-impact half of the pinned groups to INT8 in one batch, in ranked order.
+                 fp32 if every group at fp16 fails
     fp16-tier    g1..gk all at fp16, else all but g1 at fp16          (only when the prefix is fp32)
-    return-int8  gk, g(k-1), ... back to INT8 one at a time while the plan keeps passing
+    return-int8  gk, g(k-1), ... back to INT8 one at a time while the plan keeps passing, skipping
+                 candidates the noise model says cannot beat a plan that already failed
 
-Every measurement goes through the :class:`~quantlab.search.ledger.Ledger` (cache, budgets);
-a phase stops, with a note, when it returns None.
+Non-monotone prefixes (a pass below a fail) are noted and only plans that passed a full
+validation themselves are kept. Every measurement goes through the
+:class:`~quantlab.search.ledger.Ledger` (cache, budgets); a phase stops, with a note, when it
+returns None.
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from .ledger import Ledger
+from .ledger import Ledger, is_nan
 from .ranking import Ranking
 
 
@@ -81,7 +88,7 @@ def bisect(ledger: Ledger, ranking: Ranking) -> dict[str, str] | None:
                 return None
             return ledger.check(ev).passed
 
-        first = first_guess(ranking, size) if tier == fallback else size
+        first = first_guess(ledger, ranking, size) if tier == fallback else size
         k, _seen, violations = bisect_prefix(passes, size, first=first)
         for a, b in violations:
             ledger.notes.append(f"non-monotone at {tier}: pinning the first {a} ranked groups meets the threshold "
@@ -97,18 +104,55 @@ def bisect(ledger: Ledger, ranking: Ranking) -> dict[str, str] | None:
     return None
 
 
-def first_guess(ranking: Ranking, size: int) -> int:
-    """The first prefix to validate: 1 when the top group alone passed its probe, else the
-    probed groups that measurably helped (they head the ranking), else every group."""
-    top = ranking.order[0] if ranking.order else None
-    if top in ranking.probes and ranking.probes[top].passed:
-        return 1
-    effective = 0
-    for g in ranking.order:
-        if g not in ranking.effective:
-            break
-        effective += 1
-    return effective if 0 < effective < size else size
+_GUESS_SAFETY = 0.8
+"""The first guess aims at this fraction of the noise the threshold allows (the model is approximate)."""
+
+
+def allowed_noise_fraction(metric: str, higher_is_better: bool, target: float, value: float) -> float | None:
+    """How much of the all-INT8 output noise power a plan may keep to reach ``target`` from ``value``.
+
+    Small-noise laws: cosine deficit and rel_l2**2 grow like the noise power, top-1
+    disagreement and drops like its square root (a flip needs noise of the order of the
+    gap between the two best logits), SQNR is the noise power in dB. None: no law known.
+    """
+    if "cosine" in metric and higher_is_better and value < 1.0 and target < 1.0:
+        return (1.0 - target) / (1.0 - value)
+    if "agreement" in metric and higher_is_better and value < 100.0 and target < 100.0:
+        return ((100.0 - target) / (100.0 - value)) ** 2
+    if ("drop" in metric or "rel_l2" in metric) and not higher_is_better and value > 0 and target > 0:
+        return (target / value) ** 2
+    if "sqnr" in metric and higher_is_better:
+        return 10.0 ** (-(target - value) / 10.0)
+    return None
+
+
+def first_guess(ledger: Ledger, ranking: Ranking, size: int) -> int:
+    """The first prefix to validate: the shortest one the additive noise model predicts to pass
+    (every group when there is no model or it predicts none does)."""
+    base = ledger.known_full({})[0]
+    if base is None or not ranking.impact:
+        return size
+    check = ledger.check(base)
+    fractions = []
+    for cond in ledger.threshold.conditions:
+        rows = [r for r in base.rows if not is_nan(r.get(cond.metric))]
+        if not rows:
+            return size
+        worst = min(float(r[cond.metric]) for r in rows) if cond.higher_is_better else \
+            max(float(r[cond.metric]) for r in rows)
+        if check.margins.get(str(cond), -1.0) >= 0:
+            continue
+        f = allowed_noise_fraction(cond.metric, cond.higher_is_better, cond.value, worst)
+        if f is None:
+            return size
+        fractions.append(f)
+    if not fractions:
+        return size
+    target = min(fractions) * _GUESS_SAFETY * ranking.base_noise
+    for k in range(1, size + 1):
+        if ranking.predicted_noise(ranking.order[:k]) <= target:
+            return k
+    return size
 
 
 def fp16_tier(ledger: Ledger, ranking: Ranking, pins: dict[str, str]) -> dict[str, str]:
@@ -130,8 +174,13 @@ def fp16_tier(ledger: Ledger, ranking: Ranking, pins: dict[str, str]) -> dict[st
 
 
 def return_int8(ledger: Ledger, ranking: Ranking, pins: dict[str, str]) -> None:
-    """Pinned groups back to INT8 one at a time, least sensitive first, while the budget lasts
-    (screened on the subset when the budget cannot try them all)."""
+    """Pinned groups back to INT8 one at a time, least impact first, while the budget lasts.
+
+    With measured impacts, a candidate whose predicted noise is no lower than that of a plan
+    which failed its full validation is skipped without spending one (after the bisection
+    that is every single return: the prefix one shorter failed); without impacts, the
+    candidates are screened on the subset when the budget cannot try them all.
+    """
     current = dict(pins)
     order = [g for g in reversed(ranking.order) if g in current]
     for i, g in enumerate(order):
@@ -143,11 +192,13 @@ def return_int8(ledger: Ledger, ranking: Ranking, pins: dict[str, str]) -> None:
         known, counted = ledger.known_full(cand)
         if known is not None and counted and not ledger.passed(known):
             continue  # measured in this search (e.g. a shorter prefix) and it failed
+        if known is None and ranking.impact and _predicted_to_fail(ledger, ranking, list(cand)):
+            continue
         if known is None and left <= 0:
             ledger.notes.append(f"the budget ({ledger.budget} full validations) ran out while returning pinned "
                                 f"groups to INT8; {remaining} not tried")
             break
-        if known is None and left < remaining:
+        if known is None and left < remaining and not ranking.impact:
             screen = ledger.evaluate("return-int8", cand, full=False)
             if screen is None:
                 break
@@ -158,3 +209,14 @@ def return_int8(ledger: Ledger, ranking: Ranking, pins: dict[str, str]) -> None:
             break
         if ledger.passed(ev):
             current = cand
+
+
+def _predicted_to_fail(ledger: Ledger, ranking: Ranking, pinned: list[str]) -> bool:
+    """The additive model predicts at least the noise of a plan that failed a full validation."""
+    mine = ranking.predicted_noise(pinned)
+    for row in ledger.rows:
+        if row["full"] and not row["passed"] and row["phase"] != "final":
+            theirs = ranking.predicted_noise([p for p in row["pinned"].split(",") if p])
+            if mine >= theirs:
+                return True
+    return False

@@ -1,0 +1,267 @@
+"""Bias correction: fold the mean shift INT8 causes in each quantized Conv/Gemm output into its bias.
+
+Rounding weights (per tensor above all: a depthwise channel with small weights loses most
+of its precision) and activations shifts the *mean* of a layer's output channel by a
+constant; the next layers amplify it. Measured on the calibration set and subtracted from
+the bias, that shift is gone (Nagel et al. 2019, "Data-Free Quantization Through Weight
+Equalization and Bias Correction", section 4.2, empirical form; NNCF's bias correction)::
+
+    calibration set --> FP32 model with every quantized Conv/Gemm data input exposed
+        per input x: the mean over samples of x and of Q(x) (fake-quantized exactly as written)
+    shift[c] = mean over output positions of conv(W_q, E[Q(x)]) - conv(W, E[x])   (linear: exact)
+
+    x --> Q --> DQ --+                          x --> Q --> DQ --+
+      W int8 --> DQ -+--> Conv       ==>          W int8 --> DQ -+--> Conv      the same graph:
+       b float ------+                    (b - shift) float -----+              only bias values
+
+Each layer's shift is measured with FP32 inputs (the layer alone), so one correction
+serves every plan: :func:`write_model` applies it to the INT8 groups of the plan only. In
+the TensorRT form the corrected bias is the float bias TensorRT already parses; in the
+ONNX Runtime form it is quantized to int32 (scale s_x * s_w) as any bias is. A Conv/Gemm
+without bias gets one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..backends import get_backend
+from ..data import DataSet
+from ..errors import QuantlabError
+from ..graph import LoadedModel, with_outputs
+from ..plan import ResolvedPlan, resolve_plan, uniform_plan
+from ..precision import INT8
+from ..table import CalibrationTable
+from .options import WriteOptions
+from .placement import Placement, Slot
+from .qparams import QParams, weight_qparams
+
+__all__ = ["BiasCorrection", "measure_bias_correction", "apply_bias_correction", "fake_quantize"]
+
+
+@dataclass(frozen=True)
+class BiasCorrection:
+    """Per-channel shifts to subtract from the bias of each corrected layer (by node name).
+
+    ``settings``: the write settings the shifts were measured for (target,
+    per_channel_weights, reduce_range); :func:`apply_bias_correction` refuses others.
+    """
+
+    layers: tuple[tuple[str, tuple[float, ...]], ...]
+    samples: int
+    settings: tuple[tuple[str, Any], ...]
+
+    def shift(self, node: str) -> np.ndarray | None:
+        for name, values in self.layers:
+            if name == node:
+                return np.asarray(values, dtype=np.float64)
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        peak = max((max(abs(v) for v in vals) for _, vals in self.layers if vals), default=0.0)
+        return {"layers": len(self.layers), "samples": self.samples, "settings": dict(self.settings),
+                "max_abs_shift": float(peak)}
+
+
+def correction_settings(options: WriteOptions) -> tuple[tuple[str, Any], ...]:
+    """What the shifts depend on besides the model and table."""
+    return (("target", options.target), ("per_channel_weights", options.per_channel_weights),
+            ("reduce_range", options.reduce_range))
+
+
+def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """Q then DQ as ONNX defines them (per tensor): round half to even, saturate, float32."""
+    scale = np.float32(qp.scale)
+    zp = np.float32(int(qp.zero_point))
+    lo, hi = (-128, 127) if qp.zero_point.dtype == np.int8 else (0, 255)
+    q = np.round(np.asarray(x, dtype=np.float32) / scale)
+    q += zp
+    np.clip(q, lo, hi, out=q)
+    q -= zp
+    q *= scale
+    return q
+
+
+@dataclass(frozen=True)
+class _Layer:
+    node: onnx.NodeProto
+    x: str
+    x_qp: QParams | None
+    w: np.ndarray
+    axis: int | None
+
+
+def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> list[_Layer]:
+    """The Conv/Gemm anchors of INT8 groups whose weight is an initializer and whose data input is float."""
+    inits = {i.name: i for i in model.proto.graph.initializer}
+    out = []
+    for group in plan.groups_at(INT8):
+        idx = placement.index_of.get(group.name)
+        if idx is None:
+            continue
+        node = placement.nodes[idx]
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm" and (int(attrs.get("transA", 0)) or float(attrs.get("alpha", 1.0)) != 1.0
+                                       or float(attrs.get("beta", 1.0)) != 1.0):
+            continue
+        w_slot: Slot | None = placement.slots.get((idx, 1))
+        x_slot: Slot | None = placement.slots.get((idx, 0))
+        if w_slot is None or w_slot.kind != "weight" or node.input[0] in inits:
+            continue
+        qp = x_slot.qparams if x_slot is not None and x_slot.kind == "activation" else None
+        out.append(_Layer(node, node.input[0], qp, numpy_helper.to_array(inits[node.input[1]]), w_slot.axis))
+    return out
+
+
+def _input_means(model: LoadedModel, layers: list[_Layer], dataset: DataSet, batch_size: int,
+                 max_samples: int | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Per layer input: E[x] and E[Q(x)] over the samples (float64, one sample's shape)."""
+    inputs = set(model.input_names)
+    exposed = sorted({lay.x for lay in layers} - inputs)
+    runner = get_backend("ort").build(with_outputs(model.proto, exposed), outputs=exposed)
+    sums: dict[str, np.ndarray] = {}
+    qsums: dict[str, np.ndarray] = {}
+    quant = {lay.x: lay.x_qp for lay in layers}
+    seen = 0
+    try:
+        for batch in dataset.batches(batch_size):
+            feeds = dict(batch.feeds)
+            take = len(batch) if max_samples is None else min(len(batch), max_samples - seen)
+            if take <= 0:
+                break
+            got = runner.run(feeds, exposed) if exposed else {}
+            for name, qp in quant.items():
+                x = np.asarray(feeds[name] if name in inputs else got[name])[:take]
+                xq = x if qp is None else fake_quantize(x, qp)
+                sums[name] = sums.get(name, 0.0) + x.sum(axis=0, dtype=np.float64)
+                qsums[name] = qsums.get(name, 0.0) + xq.sum(axis=0, dtype=np.float64)
+            seen += take
+    finally:
+        runner.close()
+    if seen == 0:
+        raise QuantlabError("bias correction needs calibration samples; the data set is empty")
+    return {k: v / seen for k, v in sums.items()}, {k: v / seen for k, v in qsums.items()}, seen
+
+
+def _dequantized_weight(w: np.ndarray, axis: int | None, options: WriteOptions) -> np.ndarray:
+    """The weight as the writer stores it: int8 times scale (per channel along ``axis`` or per tensor)."""
+    if axis is not None and (w.ndim <= axis or w.shape[axis] == 0):
+        axis = None
+    qp, q = weight_qparams(w, axis, options.weight_qmax)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    return (q.astype(np.float32) * qp.scale.reshape(shape)).astype(np.float32)
+
+
+def _conv_shift(layer: _Layer, wq: np.ndarray, mean_x: np.ndarray, mean_xq: np.ndarray) -> np.ndarray:
+    """mean over positions of conv(Wq, E[Q(x)]) - conv(W, E[x]), run by ONNX Runtime (pads, groups...).
+
+    ONNX Runtime's CPU Conv is float32 only, so the difference is computed from its two small
+    terms, conv(Wq - W, E[x]) + conv(Wq, E[Q(x)] - E[x]), without cancellation.
+    """
+    attrs = {a.name: helper.get_attribute_value(a) for a in layer.node.attribute}
+    shape = [1, *mean_x.shape]
+    f32 = onnx.TensorProto.FLOAT
+    nodes = [helper.make_node("Conv", ["x", "dw"], ["a"], **attrs),
+             helper.make_node("Conv", ["dx", "wq"], ["b"], **attrs),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "bias_shift",
+        [helper.make_tensor_value_info("x", f32, shape), helper.make_tensor_value_info("dx", f32, shape)],
+        [helper.make_tensor_value_info("y", f32, None)],
+        [numpy_helper.from_array((wq.astype(np.float64) - layer.w).astype(np.float32), "dw"),
+         numpy_helper.from_array(wq.astype(np.float32), "wq")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    runner = get_backend("ort").build(proto)
+    try:
+        out = runner.run({"x": mean_x[None].astype(np.float32), "dx": (mean_xq - mean_x)[None].astype(np.float32)})
+    finally:
+        runner.close()
+    y = np.asarray(out["y"], dtype=np.float64)
+    return y.reshape(y.shape[1], -1).mean(axis=1)
+
+
+def _gemm_shift(layer: _Layer, wq: np.ndarray, mean_x: np.ndarray, mean_xq: np.ndarray) -> np.ndarray:
+    trans_b = any(a.name == "transB" and helper.get_attribute_value(a) for a in layer.node.attribute)
+    w, wq = (layer.w.T, wq.T) if trans_b else (layer.w, wq)
+    return mean_xq.reshape(-1) @ wq.astype(np.float64) - mean_x.reshape(-1) @ w.astype(np.float64)
+
+
+def measure_bias_correction(model: LoadedModel, table: CalibrationTable, dataset: DataSet,
+                            options: WriteOptions = WriteOptions(), *, batch_size: int = 8,
+                            max_samples: int | None = None) -> BiasCorrection:
+    """Measure every quantizable Conv/Gemm's output mean shift on ``dataset`` (module docstring)."""
+    plan = resolve_plan(uniform_plan("int8"), model.proto)
+    placement = Placement(model, plan, table, options)
+    placement.run()
+    layers = _layers(model, placement, plan)
+    means, qmeans, seen = _input_means(model, layers, dataset, batch_size, max_samples)
+    out = []
+    for lay in layers:
+        wq = _dequantized_weight(lay.w, lay.axis, options)
+        fn = _conv_shift if lay.node.op_type == "Conv" else _gemm_shift
+        shift = fn(lay, wq, means[lay.x], qmeans[lay.x])
+        if all(math.isfinite(v) for v in shift):
+            out.append((lay.node.name, tuple(float(v) for v in shift)))
+    return BiasCorrection(layers=tuple(out), samples=seen, settings=correction_settings(options))
+
+
+def apply_bias_correction(model: LoadedModel, plan: ResolvedPlan, correction: BiasCorrection,
+                          options: WriteOptions) -> tuple[LoadedModel, list[str]]:
+    """A copy of ``model`` whose INT8 Conv/Gemm anchors have corrected biases; the corrected nodes.
+
+    The source hash stays the original model's: the written model derives from it plus the
+    correction, which the provenance records.
+    """
+    if dict(correction.settings) != dict(correction_settings(options)):
+        raise QuantlabError(f"the bias correction was measured for {dict(correction.settings)} but the model is "
+                            f"written with {dict(correction_settings(options))}; measure it again with these "
+                            "write options (quantlab.quantize.measure_bias_correction)")
+    int8 = {g.name for g in plan.groups_at(INT8)}
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    inits = {i.name: i for i in proto.graph.initializer}
+    names = {i.name for i in proto.graph.initializer} | {o for n in proto.graph.node for o in n.output}
+    applied = []
+    for node in proto.graph.node:
+        shift = correction.shift(node.name) if node.name in int8 else None
+        if shift is None:
+            continue
+        old = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and old is None:
+            continue  # a computed bias: leave it
+        bias = numpy_helper.to_array(old).astype(np.float64) if old is not None else np.zeros(shift.shape)
+        if bias.reshape(-1).shape != shift.shape:
+            continue
+        name = f"{node.name}/corrected_bias"
+        while name in names:
+            name += "_"
+        names.add(name)
+        proto.graph.initializer.append(numpy_helper.from_array(
+            (bias.reshape(-1) - shift).astype(np.float32).reshape(bias.shape), name))
+        if len(node.input) > 2:
+            node.input[2] = name
+        else:
+            node.input.append(name)
+        applied.append(node.name)
+    if not applied:
+        return model, []
+    return dataclasses.replace(model, proto=proto), applied
+
+
+def bias_correction_record(correction: BiasCorrection | None, applied: list[str]) -> Mapping[str, Any] | None:
+    """What the provenance says about the correction (None when none was asked)."""
+    if correction is None:
+        return None
+    return {**correction.describe(), "applied": list(applied)}
