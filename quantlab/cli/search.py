@@ -80,10 +80,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--backend", choices=BACKEND_NAMES, default=defaults.backend,
                    help="backend that runs the candidates (default ort)")
     p.add_argument("--probe-samples", type=positive_int, default=defaults.probe_samples, metavar="N",
-                   help=f"validation subset for the ranking probes (default {defaults.probe_samples}, "
-                        "at most half the set)")
+                   help=f"validation subset on which each group's impact is measured (reverted alone) for the "
+                        f"ranking (default {defaults.probe_samples})")
     p.add_argument("--probe-top", type=non_negative_int, default=defaults.probe_top, metavar="N",
-                   help=f"groups probed alone, from the top of the local ranking (default {defaults.probe_top})")
+                   help="unused since the impact ranking measures every group (kept for old command lines)")
+    p.add_argument("--per-tensor-weights", action="store_true",
+                   help="one weight scale per tensor instead of per output channel")
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="with --calib: do not fold the per-channel mean shift INT8 causes into the biases")
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, metavar="N")
     p.add_argument("--latency", action="store_true",
                    help="measure every full validation's latency (always on with --objective latency)")
@@ -151,8 +155,10 @@ def _run(args: argparse.Namespace) -> int:
         budget=args.budget, time_budget_s=args.time_budget, objective=args.objective,
         probe_samples=args.probe_samples, probe_top=args.probe_top, batch_size=args.batch_size, seed=args.seed,
         latency=True if args.latency else None, metric=args.metric,
+        per_channel_weights=not args.per_tensor_weights, bias_correction=not args.no_bias_correction,
     )
     options.check()
+    calib = None
     if args.table is not None:
         table = read_table(args.table)
         source = f"table {args.table} ({table.method})"
@@ -160,7 +166,8 @@ def _run(args: argparse.Namespace) -> int:
         from ..calibrate import calibrate
 
         print(f"quantlab search: calibrating {model.label} on {args.calib} ({args.method})", flush=True)
-        table = calibrate(model, open_dataset(args.calib), [args.method], batch_size=args.batch_size,
+        calib = open_dataset(args.calib)
+        table = calibrate(model, calib, [args.method], batch_size=args.batch_size,
                           progress=True).tables[args.method]
         source = f"{args.method} calibration on {args.calib}"
     workdir = args.workdir if args.workdir is not None else args.out / "work"
@@ -170,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     def on_step(event: StepEvent) -> None:
         print(format_step(event), flush=True)
 
-    result = search(model, table, val, options, workdir=workdir, progress=False, on_step=on_step)
+    result = search(model, table, val, options, workdir=workdir, progress=False, on_step=on_step, calib=calib)
     paths = result.save(args.out)
     print(("met: " if result.met else "NOT MET: ") + result.message)
     for note in result.notes:

@@ -106,7 +106,9 @@ class CompareEvaluator:
         opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=local,
                               local=local, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed,
-                              bootstrap=CompareOptions.bootstrap if samples >= self._size else 0)
+                              bootstrap=CompareOptions.bootstrap if samples >= self._size else 0,
+                              shards=self.options.shards if samples >= self._size else 1,
+                              ray=self.options.ray if samples >= self._size else None)
         result = compare(self.model, {self.candidate_name(plan): written}, data, opts)
         rows = tuple({k: plain_value(v) for k, v in r.items()} for r in result.end_to_end.to_dict("records"))
         local_map = _local_errors(result.per_layer) if local else None

@@ -47,6 +47,8 @@ class SearchOptions:
     metric: str | None = None
     per_channel_weights: bool = True
     bias_correction: bool = True
+    shards: int = 1                          # full validations split into shards on Ray (quantlab.compare)
+    ray: str | None = None                   # None: local; "auto" or a cluster address
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
