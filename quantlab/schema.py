@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,14 @@ from typing import Any
 
 from .errors import QuantlabError
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 __all__ = [
     "read_toml_text",
+    "parse_toml",
     "Key",
     "Where",
     "check_table",
@@ -179,3 +186,12 @@ def read_toml_text(path: str | Path, *, kind: str, example: str, error: type[Qua
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not a UTF-8 text file ({exc}); a {kind} is TOML.") from None
+
+
+def parse_toml(text: str, label: str, *, error: type[QuantlabError]) -> tuple[dict[str, Any], Where]:
+    """``text`` parsed as TOML and a :class:`Where` for its messages, or ``error`` naming ``label`` and the line."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{label}: not valid TOML: {exc}") from None
+    return data, Where(label, text)

@@ -70,6 +70,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def confidence_level(text: str) -> float:
+    """argparse type: a confidence level strictly between 0 and 1 (e.g. 0.95)."""
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), e.g. 0.95; got {value}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     value = int(text)

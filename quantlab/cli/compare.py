@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_command, non_negative_int, path_arg, positive_int, prepare_output, text_arg
+from . import add_command, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 
 __all__ = ["HELP", "register", "run", "candidate_name", "owned_files", "check_label_metrics",
            "known_metrics"]
@@ -36,16 +36,7 @@ HELP = "per-layer and end-to-end error of FP16/INT8 candidates vs the FP32 refer
 WORST_LAYERS = 10
 
 
-def _confidence(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), e.g. 0.95; got {value}")
-    return value
-
-
 def register(subparsers: Any) -> None:
-    # NOTE: CompareOptions' defaults and BACKEND_NAMES should live in a light module: importing
-    # quantlab.compare loads pandas and onnx (seconds of start-up for `compare --help`).
     from ..backends import BACKEND_NAMES
     from ..compare import CompareOptions
 
@@ -80,7 +71,7 @@ def register(subparsers: Any) -> None:
                    help=f"tensors exposed at once (default {d.layer_group_size}); larger models run in segments")
     p.add_argument("--bootstrap", type=non_negative_int, default=d.bootstrap,
                    help=f"bootstrap resamples for intervals (default {d.bootstrap}; 0: none)")
-    p.add_argument("--confidence", type=_confidence, default=d.confidence, help=f"default {d.confidence}")
+    p.add_argument("--confidence", type=confidence_level, default=d.confidence, help=f"default {d.confidence}")
     p.add_argument("--seed", type=non_negative_int, default=d.seed, help=f"bootstrap seed (default {d.seed})")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="threads running models and metrics side by side (default: 2 on ONNX Runtime, else 1)")

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_command, non_negative_int, path_arg, positive_int, prepare_output, text_arg
+from . import add_command, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 
 __all__ = ["HELP", "register", "run", "owned_files"]
 
@@ -41,13 +41,6 @@ def owned_files() -> tuple[str, ...]:
     return OWNED_FILES
 
 WORST_TENSORS = 8
-
-
-def _confidence(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), e.g. 0.95; got {value}")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -64,7 +57,7 @@ def register(subparsers: Any) -> None:
                    help='exit 1 when EXPR holds (default "outside_samples_max>0.2"), e.g. "saturated_max>0.01"')
     p.add_argument("--batch-size", type=positive_int, default=8, help="samples per model run (default 8)")
     p.add_argument("--bootstrap", type=non_negative_int, default=400, help="bootstrap resamples (default 400)")
-    p.add_argument("--confidence", type=_confidence, default=0.95, help="interval confidence (default 0.95)")
+    p.add_argument("--confidence", type=confidence_level, default=0.95, help="interval confidence (default 0.95)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--worst", type=non_negative_int, default=10, help="worst samples kept per set (default 10)")
     p.add_argument("--backend", type=text_arg, default="ort", help="backend running the FP32 model (default ort)")

@@ -8,7 +8,6 @@ Every default is defined once, on :class:`ExperimentConfig`; every problem is an
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +16,10 @@ from typing import Any
 from ..coverage.gate import parse_gate
 from ..errors import ExperimentError, InputMismatchError, ThresholdError
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
-from ..schema import Key, Where, check_table, read_toml_text, is_int, is_num, non_empty_str, one_of, show
+from ..schema import Key, Where, check_table, parse_toml, read_toml_text, is_int, is_num, non_empty_str, one_of, show
 from ..shapes import SHAPES_GRAMMAR, parse_shapes
 from ..threshold import parse_threshold
 from ..zoo import ZOO_MODELS
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["ExperimentConfig", "load_experiment", "parse_experiment", "CALIBRATORS", "TARGETS"]
 
@@ -212,12 +206,8 @@ def _converted(field: str, value: Any, where: str, base: Path) -> Any:
 def parse_experiment(text: str, *, source: Path | None = None, base: Path | None = None) -> ExperimentConfig:
     """Validate experiment TOML ``text``; every problem is an ExperimentError naming the key and line."""
     label = str(source) if source else "<experiment>"
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ExperimentError(f"{label}: not valid TOML: {exc}") from None
+    data, where = parse_toml(text, label, error=ExperimentError)
     base = base if base is not None else (source.parent if source else Path.cwd())
-    where = Where(label, text)
     values = _values(data, where, base)
     _check_model(values, where)
     _check_candidates(values, where)

@@ -26,7 +26,6 @@ the file, line and key (:mod:`quantlab.schema`).
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,9 @@ from typing import Any
 from ..errors import ExperimentError, ThresholdError
 from ..experiment import CALIBRATORS, TARGETS
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
-from ..schema import Key, Where, check_table, read_toml_text, is_int, is_num, non_empty_str, one_of
+from ..schema import Key, Where, check_table, parse_toml, read_toml_text, is_int, is_num, non_empty_str, one_of
 from ..threshold import parse_threshold
 from ..zoo import ZOO_MODELS
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["SweepModel", "SweepSpec", "load_sweep", "parse_sweep"]
 
@@ -145,12 +139,8 @@ def _models(tables: list[dict[str, Any]], where: Where, base: Path) -> tuple[Swe
 def parse_sweep(text: str, *, source: Path | None = None, base: Path | None = None) -> SweepSpec:
     """Validate sweep TOML ``text``; every problem is an ExperimentError naming the key and line."""
     label = str(source) if source else "<sweep>"
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ExperimentError(f"{label}: not valid TOML: {exc}") from None
+    data, where = parse_toml(text, label, error=ExperimentError)
     base = base if base is not None else (source.parent if source else Path.cwd())
-    where = Where(label, text)
     check_table(data, _TOP, where, "", error=ExperimentError, guide=GUIDE)
     for section, schema in (("data", _DATA), ("grid", _GRID)):
         check_table(data.get(section, {}), schema, where, section, error=ExperimentError, guide=GUIDE)
