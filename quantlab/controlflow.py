@@ -42,6 +42,7 @@ from .folding import (
     rename_node,
     renamed_initializer,
     replace_node,
+    rewrite_until_fixed,
     subgraphs,
 )
 from .loops import (
@@ -136,29 +137,22 @@ def inline_constant_ifs(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[
     ``proto`` itself when there is nothing to inline. (The load-time entry is
     :func:`resolve_static_control_flow`, which also unrolls loops and records what it did.)
     """
-    if not any(n.op_type == "If" for n in proto.graph.node):
-        return proto, ()
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    done: list[InlinedIf] = []
-    while True:
-        folder = ConstantFolder(out.graph, out)
-        for idx, node in enumerate(out.graph.node):
-            cond = folder.scalar(node.input[0]) if node.op_type == "If" else None
-            if cond is None:
-                continue
-            taken = bool(cond)
-            branch = next(a.g for a in node.attribute if a.name == ("then_branch" if taken else "else_branch"))
-            nodes, inits = _spliced(node, branch, graph_names(out.graph) - set(node.output),
-                                    {n.name for n in out.graph.node if n.name})
-            replace_node(out.graph, idx, nodes, inits)
-            drop_dead_producers(out.graph, [node.input[0]])
-            done.append(InlinedIf(node.name or node.output[0], taken, "then_branch" if taken else "else_branch",
-                                  folder.leaves.get(node.input[0], ())))
-            break
-        else:
-            break
-    return (out, tuple(done)) if done else (proto, ())
+    return rewrite_until_fixed(proto, "If", _inline_if)
+
+
+def _inline_if(out: onnx.ModelProto, folder: ConstantFolder, idx: int, node: onnx.NodeProto) -> InlinedIf | None:
+    """Splice the branch a constant condition takes in place of the If (None: the data decides)."""
+    cond = folder.scalar(node.input[0])
+    if cond is None:
+        return None
+    taken = bool(cond)
+    branch = next(a.g for a in node.attribute if a.name == ("then_branch" if taken else "else_branch"))
+    nodes, inits = _spliced(node, branch, graph_names(out.graph) - set(node.output),
+                            {n.name for n in out.graph.node if n.name})
+    replace_node(out.graph, idx, nodes, inits)
+    drop_dead_producers(out.graph, [node.input[0]])
+    return InlinedIf(node.name or node.output[0], taken, "then_branch" if taken else "else_branch",
+                     folder.leaves.get(node.input[0], ()))
 
 
 def resolve_static_control_flow(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROLLED_TRIPS

@@ -11,7 +11,8 @@ re-exported as ``outer_reads``). It imports only ONNX, :mod:`quantlab.simplify` 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -30,8 +31,11 @@ __all__ = [
     "rename_node",
     "renamed_initializer",
     "replace_node",
+    "rewrite_until_fixed",
     "subgraphs",
 ]
+
+Record = TypeVar("Record")
 
 NEVER_FOLD = frozenset({"Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike",
                         "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"})
@@ -154,3 +158,26 @@ def drop_dead_producers(graph: onnx.GraphProto, names: Iterable[str]) -> None:
             continue
         graph.node.remove(producer)
         pending.extend(i for i in producer.input if i)
+
+
+def rewrite_until_fixed(proto: onnx.ModelProto, op_type: str,
+                        rewrite: Callable[[onnx.ModelProto, ConstantFolder, int, onnx.NodeProto], Record | None],
+                        ) -> tuple[onnx.ModelProto, tuple[Record, ...]]:
+    """Rewrite main-graph ``op_type`` nodes one at a time until ``rewrite`` declines every one left.
+
+    ``rewrite(copy, folder, index, node)`` edits the copy in place and returns what it did, or None to
+    leave the node; constants are re-folded after each rewrite (one may fix another's inputs). Returns
+    ``proto`` itself when nothing was rewritten.
+    """
+    if not any(n.op_type == op_type for n in proto.graph.node):
+        return proto, ()
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    done: list[Record] = []
+    while True:
+        folder = ConstantFolder(out.graph, out)
+        record = next((r for idx, node in enumerate(out.graph.node) if node.op_type == op_type
+                       for r in [rewrite(out, folder, idx, node)] if r is not None), None)
+        if record is None:
+            return (out, tuple(done)) if done else (proto, ())
+        done.append(record)

@@ -30,6 +30,7 @@ from .folding import (
     rename_node,
     renamed_initializer,
     replace_node,
+    rewrite_until_fixed,
 )
 
 __all__ = ["MAX_UNROLLED_TRIPS", "UnrolledLoop", "static_trip_count", "unroll_static_loops"]
@@ -130,24 +131,13 @@ def _unrolled(node: onnx.NodeProto, trips: int) -> tuple[list[onnx.NodeProto], l
 def unroll_static_loops(proto: onnx.ModelProto, limit: int = MAX_UNROLLED_TRIPS
                         ) -> tuple[onnx.ModelProto, tuple[UnrolledLoop, ...]]:
     """A copy of ``proto`` whose main-graph Loops with a static trip count are unrolled (``proto`` if none)."""
-    if not any(n.op_type == "Loop" for n in proto.graph.node):
-        return proto, ()
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    done: list[UnrolledLoop] = []
-    while True:
-        folder = ConstantFolder(out.graph, out)
-        for idx, node in enumerate(out.graph.node):
-            if node.op_type != "Loop":
-                continue
-            trips, _ = static_trip_count(node, folder, out, limit)
-            if trips is None:
-                continue
-            nodes, inits = _unrolled(node, trips)
-            replace_node(out.graph, idx, nodes, inits)
-            drop_dead_producers(out.graph, node.input[:2])
-            done.append(UnrolledLoop(node.name or node.output[0], trips))
-            break
-        else:
-            break
-    return (out, tuple(done)) if done else (proto, ())
+    def unroll(out: onnx.ModelProto, folder: ConstantFolder, idx: int, node: onnx.NodeProto) -> UnrolledLoop | None:
+        trips, _ = static_trip_count(node, folder, out, limit)
+        if trips is None:
+            return None
+        nodes, inits = _unrolled(node, trips)
+        replace_node(out.graph, idx, nodes, inits)
+        drop_dead_producers(out.graph, node.input[:2])
+        return UnrolledLoop(node.name or node.output[0], trips)
+
+    return rewrite_until_fixed(proto, "Loop", unroll)
