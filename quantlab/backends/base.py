@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-__all__ = ["BackendInfo", "Runner", "Backend"]
+from ..errors import InputMismatchError
+
+__all__ = ["BackendInfo", "Runner", "Backend", "check_feed_names"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,15 @@ class BackendInfo:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "library": self.library, "version": self.version,
                 "device": self.device, "details": dict(self.details)}
+
+
+def check_feed_names(feeds: Mapping[str, np.ndarray], input_names: Sequence[str], what: str) -> None:
+    """InputMismatchError unless ``feeds`` names exactly ``input_names`` (``what``: "model", "engine")."""
+    missing = [n for n in input_names if n not in feeds]
+    extra = [n for n in feeds if n not in input_names]
+    if missing or extra:
+        raise InputMismatchError(f"feeds do not match the {what}'s inputs {list(input_names)}: "
+                                 f"missing {missing}, unknown {extra}")
 
 
 class Runner(abc.ABC):

@@ -47,7 +47,7 @@ import onnx
 
 from ..errors import BackendError, InputMismatchError, UnsupportedOpError
 from ..graph import serialize, tensor_specs, with_outputs
-from .base import Backend, BackendInfo, Runner
+from .base import Backend, BackendInfo, Runner, check_feed_names
 from .saturation import int8_dot_saturates, saturation_free
 
 __all__ = ["OrtBackend", "OrtRunner", "int8_dot_saturates", "saturation_free", "environment_options",
@@ -98,13 +98,7 @@ class OrtRunner(Runner):
         self._input_dtypes = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
 
     def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
-        missing = [n for n in self.input_names if n not in feeds]
-        extra = [n for n in feeds if n not in self.input_names]
-        if missing or extra:
-            raise InputMismatchError(
-                f"feeds do not match the model's inputs {list(self.input_names)}: "
-                f"missing {missing}, unknown {extra}"
-            )
+        check_feed_names(feeds, self.input_names, "model")
         for name in self.input_names:
             want = self._input_dtypes.get(name)
             got = np.asarray(feeds[name]).dtype.name

@@ -15,7 +15,7 @@ import numpy as np
 
 from ...atomic import write_bytes
 from ...errors import BackendError, InputMismatchError
-from ..base import Runner
+from ..base import Runner, check_feed_names
 from .device import cuda_call
 from .flavors import NOT_PORTABLE
 
@@ -148,13 +148,7 @@ class TensorRTRunner(Runner):
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         cudart = self._cudart
-        missing = [n for n in self.input_names if n not in feeds]
-        extra = [n for n in feeds if n not in self.input_names]
-        if missing or extra:
-            raise InputMismatchError(
-                f"feeds do not match the engine's inputs {list(self.input_names)}: "
-                f"missing {missing}, unknown {extra}"
-            )
+        check_feed_names(feeds, self.input_names, "engine")
         wanted = list(outputs) if outputs is not None else list(self.output_names)
         unknown = [n for n in wanted if n not in self.output_names]
         if unknown:
