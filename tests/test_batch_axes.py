@@ -203,3 +203,28 @@ def test_text_lines_of_several_widths_batch_by_shape_and_give_the_engine_profile
         log.observe(batch.feeds)
     image = profiles_from_data({"image": (-1, 3, 48, -1)}, log)["image"]
     assert (image.min, image.opt, image.max) == ((1, 3, 48, 64), (2, 3, 48, 64), (2, 3, 48, 192))
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_compare_gives_per_sample_rows_for_an_output_batched_on_axis_1(batch_size):
+    """``stateN [2, N, 128]`` has its samples on axis 1: one per-sample row per sample, as for ``prob``."""
+    import quantlab as ql
+
+    model = model_from_proto(_vad(), label="vad")
+    data = from_arrays(_arrays(6), batch_axes=AXES)
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    int8 = ql.write_model(model, ql.uniform_plan("int8"), table, ql.WriteOptions(target="ort"))
+    options = ql.CompareOptions(batch_size=batch_size)  # per-layer figures too
+    result = ql.compare(model, {"int8": int8}, from_arrays(_arrays(6, seed=1), batch_axes=AXES), options)
+    rows = result.per_sample
+    for output in ("prob", "stateN"):
+        mine = rows[rows["output"] == output]
+        assert list(mine["sample"]) == list(range(6)), output
+    # sample 3's stateN row is the error of that sample's [2, 128] slice alone
+    state = rows[(rows["output"] == "stateN")].set_index("sample")
+    alone = ql.compare(model, {"int8": int8}, from_arrays({k: (v[:, 3:4] if k == "state" else v if k == "sr" else v[3:4])
+                                                           for k, v in _arrays(6, seed=1).items()}, batch_axes=AXES),
+                       ql.CompareOptions(batch_size=1, per_layer=False)).per_sample
+    alone = alone[alone["output"] == "stateN"].iloc[0]
+    assert state.loc[3, "max_abs"] == alone["max_abs"]
+    np.testing.assert_allclose(state.loc[3, "cosine"], alone["cosine"], rtol=1e-6)

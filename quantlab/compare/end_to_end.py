@@ -34,6 +34,7 @@ from ..metrics import (
 )
 from .labels import LabelUse
 from .options import CompareOptions
+from .sample_axes import samples_first
 from .result import (
     CLASSIFIER_COLUMNS,
     END_TO_END_COLUMNS,
@@ -100,9 +101,11 @@ class EndToEnd:
     """The end-to-end statistics of every candidate output, fed batch by batch in batch order."""
 
     def __init__(self, candidates: Sequence[str], outputs: Sequence[str], labels: LabelUse,
-                 metric: Callable[..., Any] | None, metric_spec: str | None) -> None:
+                 metric: Callable[..., Any] | None, metric_spec: str | None,
+                 sample_axes: Mapping[str, int] | None = None) -> None:
         self.candidates = list(candidates)
         self.outputs = list(outputs)
+        self.sample_axes = dict(sample_axes or {})
         self.labels = labels
         self.metric = metric
         self.metric_spec = metric_spec
@@ -123,6 +126,8 @@ class EndToEnd:
     def add(self, batch: Batch, ref_live: Mapping[str, np.ndarray],
             cand_live: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         labels = np.asarray(batch.labels) if (self.labels.accuracy and batch.labels is not None) else None
+        ref_live = self._samples_first(ref_live, len(batch))
+        cand_live = {name: self._samples_first(cand_live[name], len(batch)) for name in self.candidates}
         self._add_reference(ref_live, labels)
         for name in self.candidates:
             self._add_candidate(name, ref_live, cand_live[name], labels)
@@ -132,6 +137,10 @@ class EndToEnd:
         self.indices.extend(int(i) for i in batch.indices)
         if self.labels.use_labels and batch.labels is not None:
             self.sample_labels.extend(np.asarray(batch.labels).tolist())
+
+    def _samples_first(self, live: Mapping[str, np.ndarray], samples: int) -> dict[str, np.ndarray]:
+        """The compared outputs with their samples on axis 0 (see :mod:`.sample_axes`)."""
+        return {o: samples_first(live[o], self.sample_axes.get(o, 0), samples, o) for o in self.outputs}
 
     def _add_reference(self, ref_live: Mapping[str, np.ndarray], labels: np.ndarray | None) -> None:
         for o in self.outputs:

@@ -39,6 +39,7 @@ from .per_layer import nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
 from .result import CompareResult
 from .runners import Runners, mirrored_groups
+from .sample_axes import output_sample_axes
 from .schedule import BatchState, Pipeline, Task
 from .shards import PassTotals, ShardData, ShardPartial, run_shards, truncated_batches
 from .user_metric import load_metric
@@ -194,7 +195,8 @@ class Comparison:
         return self.runners.segments()
 
     def _end_to_end(self) -> EndToEnd:
-        return EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric)
+        return EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric,
+                        output_sample_axes(self.reference, getattr(self.dataset, "batch_axes", {})))
 
     def tables(self, totals: PassTotals) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way)."""

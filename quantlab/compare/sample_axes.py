@@ -1,0 +1,48 @@
+"""Where each model output keeps its samples, so per-sample figures are per sample.
+
+Most outputs have their samples on axis 0, but not all: a recurrent model's
+``stateN [2, N, 128]`` carries them on axis 1 (the axis its ``state`` input is
+batched on, ``batch_axes = {"state": 1}``). An output's sample axis is the first
+axis whose symbolic dim (``"N"``) is the batch dim of an input on that input's
+batch axis; an output with no such symbol is assumed to have them on axis 0,
+and a batch of one sample whose output has no axis of size 1 there (a complete
+feed, an output without batch axis) is that one sample's output as a whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..errors import CompareError
+from ..graph import LoadedModel
+
+__all__ = ["output_sample_axes", "samples_first"]
+
+
+def output_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> dict[str, int]:
+    """Output name -> the axis its samples are on (0 unless a batch symbol of the inputs says otherwise)."""
+    symbols: set[str] = set()
+    for spec in model.inputs:
+        axis = batch_axes.get(spec.name, 0)
+        if axis is not None and spec.shape is not None and axis < len(spec.shape) and isinstance(spec.shape[axis], str):
+            symbols.add(str(spec.shape[axis]))
+    axes: dict[str, int] = {}
+    for spec in model.outputs:
+        found = [k for k, d in enumerate(spec.shape or ()) if isinstance(d, str) and d in symbols]
+        axes[spec.name] = found[0] if found else 0
+    return axes
+
+
+def samples_first(array: np.ndarray, axis: int, samples: int, output: str) -> np.ndarray:
+    """``array`` with its ``samples`` on axis 0 (a view): moved from ``axis``, or one sample as a whole."""
+    if array.ndim > axis and array.shape[axis] == samples:
+        return np.moveaxis(array, axis, 0) if axis else array
+    if samples == 1:
+        return array[np.newaxis]
+    raise CompareError(
+        f"output {output!r} is {list(array.shape)} for a batch of {samples} samples: quantlab expected the samples "
+        f"on axis {axis} and cannot tell which part of it belongs to which sample. Compare with batch size 1 "
+        "(--batch-size 1), or give the model a symbolic batch dim on that output (the one its inputs use)."
+    )
