@@ -211,3 +211,34 @@ def test_help_and_usage_errors_import_no_heavy_library(argv: tuple[str, ...]) ->
     assert "quantlab.cli" in loaded
     heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
     assert heavy == []
+
+
+_IMPORT_EACH_FIRST = r"""
+import importlib, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+names = sorted(".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+               for p in root.rglob("*.py") if p.name != "__main__.py")
+failed = []
+for name in names:
+    for loaded in [m for m in sys.modules if m == "quantlab" or m.startswith("quantlab.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        failed.append(f"{name}: {type(exc).__name__}: {exc}")
+print(len(names))
+print("\n".join(failed))
+"""
+
+
+def test_every_module_imports_first_without_a_cycle() -> None:
+    """Each module imported first, as a user's ``from quantlab.controlflow import ...`` would (third-party
+    libraries stay loaded between modules, quantlab's are dropped): an import cycle shows up as an
+    ImportError on a partially initialised module."""
+    package = ROOT / "quantlab"
+    done = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST, str(package)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    count, *failed = done.stdout.strip().split("\n")
+    assert int(count) > 80
+    assert [f for f in failed if f] == []

@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..controlflow import resolve_static_control_flow
 from ..environment import unreadable
 from ..errors import ModelError
 from ..fingerprint import sha256_bytes, sha256_file
@@ -194,6 +193,10 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
         upgraded_from, opset = opset, MIN_OPSET
         # IR < 4 wants every initializer listed as a graph input: a written model's Q/DQ scales are not
         proto.ir_version = max(proto.ir_version, helper.find_min_ir_version_for(list(proto.opset_import)))
+    # imported here, not at the top: controlflow's rewrites use graph.topology, and a module-level import
+    # would make `import quantlab.controlflow` (or folding, loops) fail on the partially initialised cycle
+    from ..controlflow import resolve_static_control_flow
+
     proto, _ = resolve_static_control_flow(proto)  # constant Ifs inlined, static Loops unrolled: recorded
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
