@@ -62,10 +62,7 @@ def test_text_recognizer_calibrates_builds_with_data_profiles_and_compares():
 
 
 def test_unrolled_loop_calibrates_builds_and_compares():
-    loop = models.refinement_loop(trips=3)
-    # the scanned "steps" output is [trips, N, 16]: compare's per-sample table needs the batch on axis 0
-    # (it raises pandas' "All arrays must be of the same length"), so only "refined" is compared
-    del loop.graph.output[1]
+    loop = models.refinement_loop(trips=3)  # its scanned "steps" output is [trips, N, 16]: samples on axis 1
     proto, done = resolve_static_control_flow(loop)
     assert done
     model = model_from_proto(proto, label="refinement_loop")
@@ -79,6 +76,8 @@ def test_unrolled_loop_calibrates_builds_and_compares():
     assert len(trt.TensorRTBackend("tensorrt-rtx").build_engine(written.proto, shapes=shapes)) > 10_000
     row = _end_to_end(model, written, valid, "refined")
     assert row["cosine"] > 0.99 and row["sqnr_db"] > 20
+    steps = _end_to_end(model, written, valid, "steps")
+    assert steps["samples"] == 8 and steps["cosine"] > 0.99
 
 
 def _issue_models():
