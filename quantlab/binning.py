@@ -161,6 +161,11 @@ def _bin_all(flat, counts, spare, scale):  # pragma: no cover - compiled
         counts[np.uint32(abs(flat[i]) * scale)] += 1
 
 
+_TINY_UPPER = 2.0 ** -900
+"""Below this range (float64 data only: float32's smallest denormal is 2**-149) the bin of a value is
+``|x| / upper * bins``: ``bins / upper`` would overflow."""
+
+
 @compiled(nogil=True)
 def _chunk_slow(flat, counts, spare, upper, huge):  # pragma: no cover - compiled
     """Per-value path for a chunk with non-finite or huge values: (min, max, nonfinite, huge, new upper)."""
@@ -182,11 +187,17 @@ def _chunk_slow(flat, counts, spare, upper, huge):  # pragma: no cover - compile
             n_huge += 1
     if mn <= mx:
         upper = _grow(counts, spare, upper, max(abs(mn), abs(mx)))
-        scale = counts.size / upper if upper > 0.0 else 0.0
-        for i in range(flat.size):
-            ax = abs(flat[i])
-            if ax < huge:
-                counts[np.uint32(ax * scale)] += 1
+        if upper >= _TINY_UPPER or upper == 0.0:
+            scale = counts.size / upper if upper > 0.0 else 0.0
+            for i in range(flat.size):
+                ax = abs(flat[i])
+                if ax < huge:
+                    counts[np.uint32(ax * scale)] += 1
+        else:  # float64 denormals: counts.size / upper would overflow to inf (and 0 * inf is NaN)
+            for i in range(flat.size):
+                ax = abs(flat[i])
+                if ax < huge:
+                    counts[np.uint32(ax / upper * counts.size)] += 1
     return mn, mx, nonfinite, n_huge, upper
 
 

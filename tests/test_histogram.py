@@ -315,3 +315,15 @@ def test_kernels_compile_where_numba_cannot_cache():
     namespace: dict = {}
     exec("def add_one(x):\n    return x + 1\n", namespace)  # no source file: numba has nowhere to cache it
     assert compiled(nogil=True)(namespace["add_one"])(41) == 42
+
+
+def test_float64_denormals_and_huge_values_bin_without_overflow():
+    """Uninitialised float64 memory (an ONNX test input): denormals near 1e-310 next to 9e223. The bin
+    scale ``bins / upper`` overflows for such a range; the values must still land in the table."""
+    a = np.array([[6.94648680255427e-310, 2.103873e-316, 9.017663435556133e+223],
+                  [6.9463770964045e-310, 0.0, 1.2988305250790147e+219]])
+    h = AbsHistogram(2048, 1e30)
+    h.update(a)
+    assert (h.count, h.huge, h.zeros) == (4, 2, 1)
+    assert h.max == 6.94648680255427e-310 and 0 < h.upper <= 2 * h.max
+    assert int(h.counts.sum()) == 4 and h.counts[-1] == 0
