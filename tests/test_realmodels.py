@@ -137,3 +137,36 @@ def test_onnx_wheel_model_of_opset_9_and_ir_3_is_written_and_built():
     written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
     assert written.plan.counts()["int8"] > 20
     assert len(trt.TensorRTBackend("tensorrt-rtx").build_engine(written.proto, label="light_squeezenet")) > 10_000
+
+
+_ONNX_LAYER_MODELS = ("test_Conv1d_groups", "test_Conv2d_depthwise_with_multiplier", "test_Conv2d_dilated",
+                      "test_Conv3d_dilated_strided", "test_ConvTranspose2d", "test_Linear_no_bias",
+                      "test_Embedding", "test_PReLU_2d", "test_PixelShuffle")
+
+
+def test_onnx_wheel_layer_models_are_written_and_build_where_their_fp32_builds():
+    """A sample of the onnx wheel's pytorch-converted layer models (bench/onnx_testdata.py runs all ~140):
+    each, with its own test input, is calibrated, written INT8 and built; the written model builds."""
+    import onnx as onnx_module
+    from onnx import numpy_helper
+
+    from quantlab.calibrate import table_from_statistics
+    from quantlab.graph import load_model
+    from quantlab.stats import collect_statistics
+
+    folder = Path(onnx_module.__file__).parent / "backend/test/data/pytorch-converted"
+    present = [n for n in _ONNX_LAYER_MODELS if (folder / n / "model.onnx").is_file()]
+    if not present:
+        pytest.skip(f"{folder} holds none of the models")
+    backend = trt.TensorRTBackend("tensorrt-rtx")
+    quantized = 0
+    for name in present:
+        model = load_model(folder / name / "model.onnx")
+        tensor = onnx_module.TensorProto()
+        tensor.ParseFromString((folder / name / "test_data_set_0/input_0.pb").read_bytes())
+        feeds = {model.inputs[0].name: numpy_helper.to_array(tensor)}
+        table = table_from_statistics(collect_statistics(model, lambda feeds=feeds: [feeds]), "entropy")
+        written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+        quantized += written.plan.counts().get("int8", 0) > 0
+        assert len(backend.build_engine(written.proto, label=name)) > 1_000, name
+    assert quantized >= len(present) - 3  # Embedding, PReLU and PixelShuffle hold no Conv/MatMul/Gemm
