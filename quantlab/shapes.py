@@ -22,6 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import InputMismatchError
 
@@ -30,11 +31,15 @@ __all__ = [
     "SHAPES_GRAMMAR",
     "ShapeLog",
     "ShapeRange",
+    "batch_axes_from_dict",
     "check_range_fits",
+    "check_ranges",
     "format_shapes",
+    "network_shapes",
     "parse_shapes",
     "profiles_from_data",
     "range_from_shapes",
+    "shapes_for_build",
 ]
 
 Shape = tuple[int, ...]
@@ -164,6 +169,27 @@ def check_range_fits(shape_range: ShapeRange, network_shape: Sequence[int]) -> N
                 f"{shape_range.max[axis]} but the model fixes it to {n}; write {n} there")
 
 
+def network_shapes(specs: Iterable[Any]) -> dict[str, list[int]]:
+    """Input name -> shape with -1 for every dynamic dim, from :class:`quantlab.graph.TensorSpec`-like specs
+    (``.name``, ``.shape`` of ints, dim names and None; an unknown rank gives no dims)."""
+    return {str(s.name): [d if isinstance(d, int) and d >= 0 else -1 for d in (s.shape or ())] for s in specs}
+
+
+def check_ranges(ranges: Mapping[str, ShapeRange], network_inputs: Mapping[str, Sequence[int]],
+                 where: str = "--shapes") -> dict[str, ShapeRange]:
+    """``ranges`` when every one names an input of the model and fits it (InputMismatchError naming ``where``)."""
+    unknown = sorted(set(ranges) - set(network_inputs))
+    if unknown:
+        raise InputMismatchError(f"{where} names {', '.join(map(repr, unknown))}, which are not inputs of the "
+                                 f"model; its inputs are {', '.join(map(repr, network_inputs))}")
+    for name, shape_range in ranges.items():
+        try:
+            check_range_fits(shape_range, network_inputs[name])
+        except InputMismatchError as exc:
+            raise InputMismatchError(f"{where}: {exc}") from None
+    return dict(ranges)
+
+
 @dataclass
 class ShapeLog:
     """Counts of the batch shapes seen per input, as batches stream by (calibration, validation).
@@ -177,6 +203,12 @@ class ShapeLog:
         for name, array in feeds.items():
             shape = tuple(int(d) for d in getattr(array, "shape", ()))
             self.counts.setdefault(name, Counter())[shape] += 1
+
+    def update(self, other: ShapeLog) -> ShapeLog:
+        """Add ``other``'s counts (e.g. the validation data's to the calibration data's); returns self."""
+        for name, counts in other.counts.items():
+            self.counts.setdefault(name, Counter()).update(counts)
+        return self
 
     def shapes(self, name: str) -> Counter[Shape]:
         return self.counts.get(name, Counter())
@@ -239,14 +271,30 @@ def profiles_from_data(network_inputs: Mapping[str, Sequence[int]], log: ShapeLo
             if any(int(d) < 0 for d in shape) and log.shapes(name)}
 
 
+def batch_axes_from_dict(doc: object, where: str = "calib_set.batch_axes") -> dict[str, int | None]:
+    """The per-input batch axes a table recorded (``{"state": 1, "sr": null}``); InputMismatchError naming
+    ``where`` for anything else. Tables older than the record give None here: axis 0 for every input."""
+    if not isinstance(doc, Mapping) or not all(
+            v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in doc.values()):
+        raise InputMismatchError(f"{where}: is {doc!r}; it maps input names to a batch axis (an integer >= 0) "
+                                 "or null (no batch axis). Recalibrate to write it again.")
+    return {str(k): v for k, v in doc.items()}
+
+
 def shapes_for_build(shapes_text: str | Sequence[str] | None, recorded: Mapping[str, Sequence[Sequence[int]]] | None,
                      network_inputs: Mapping[str, Sequence[int]],
-                     batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS) -> dict[str, ShapeRange] | None:
-    """The ranges an engine build uses: ``--shapes`` when given, else those derived from the shapes the
-    calibration data had (``recorded``: a :meth:`ShapeLog.as_dict`, e.g. a table's ``calib_set["input_shapes"]``),
-    else None (the builder's guess, which names itself when the build fails)."""
+                     batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS,
+                     seen: ShapeLog | None = None) -> dict[str, ShapeRange] | None:
+    """The ranges an engine build uses: ``--shapes`` when given (checked against ``network_inputs``), else
+    those derived from the shapes the data had: ``recorded`` (a :meth:`ShapeLog.as_dict`, e.g. a table's
+    ``calib_set["input_shapes"]``) plus ``seen`` (e.g. the validation batches), else None (the builder's
+    guess, which names itself when the build fails).
+
+    ``batch_axis`` as in :func:`profiles_from_data` (a table records it as ``calib_set["batch_axes"]``).
+    """
     if shapes_text:
-        return parse_shapes(shapes_text)
-    if recorded:
-        return profiles_from_data(network_inputs, ShapeLog.from_dict(recorded, "calib_set.input_shapes"), batch_axis)
-    return None
+        return check_ranges(parse_shapes(shapes_text), network_inputs)
+    log = ShapeLog.from_dict(recorded, "calib_set.input_shapes") if recorded else ShapeLog()
+    if seen is not None:
+        log.update(seen)
+    return profiles_from_data(network_inputs, log, batch_axis) or None
