@@ -41,6 +41,7 @@ from .methods import (
     method_settings,
     resolve_methods,
 )
+from .shapes import ShapeLog
 from .stats import (
     DEFAULT_MEMORY_BUDGET,
     Statistics,
@@ -48,7 +49,6 @@ from .stats import (
     collect_statistics,
     fused_preactivations,
 )
-from .shapes import ShapeLog
 from .table import CalibrationTable, TensorRange
 
 __all__ = [

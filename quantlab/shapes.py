@@ -34,12 +34,14 @@ __all__ = [
     "batch_axes_from_dict",
     "check_range_fits",
     "check_ranges",
+    "engine_shapes",
     "format_shapes",
     "network_shapes",
     "parse_shapes",
     "profiles_from_data",
     "range_from_shapes",
     "shapes_for_build",
+    "shapes_for_table",
 ]
 
 Shape = tuple[int, ...]
@@ -204,6 +206,14 @@ class ShapeLog:
             shape = tuple(int(d) for d in getattr(array, "shape", ()))
             self.counts.setdefault(name, Counter())[shape] += 1
 
+    @classmethod
+    def of(cls, batches: Iterable[Any]) -> ShapeLog:
+        """The log of every batch in ``batches`` (feed mappings, or items with ``.feeds``: data-set batches)."""
+        log = cls()
+        for item in batches:
+            log.observe(getattr(item, "feeds", item))
+        return log
+
     def update(self, other: ShapeLog) -> ShapeLog:
         """Add ``other``'s counts (e.g. the validation data's to the calibration data's); returns self."""
         for name, counts in other.counts.items():
@@ -298,3 +308,29 @@ def shapes_for_build(shapes_text: str | Sequence[str] | None, recorded: Mapping[
     if seen is not None:
         log.update(seen)
     return profiles_from_data(network_inputs, log, batch_axis) or None
+
+
+def shapes_for_table(shapes_text: str | Sequence[str] | None, calib_set: Mapping[str, Any] | None,
+                     network_inputs: Mapping[str, Sequence[int]], seen: ShapeLog | None = None,
+                     where: str = "the calibration table") -> dict[str, ShapeRange] | None:
+    """:func:`shapes_for_build` with the shapes and batch axes a calibration table recorded (its ``calib_set``:
+    ``input_shapes``, ``batch_axes``; tables written before these keys give only ``seen``, on axis 0)."""
+    calib_set = calib_set or {}
+    axes: int | None | Mapping[str, int | None] = BATCH_AXIS
+    if "batch_axes" in calib_set:
+        axes = batch_axes_from_dict(calib_set["batch_axes"], f"{where}: calib_set.batch_axes")
+    return shapes_for_build(shapes_text, calib_set.get("input_shapes") or None, network_inputs, axes, seen)
+
+
+def engine_shapes(backend: str, shapes_text: str | Sequence[str] | None, calib_set: Mapping[str, Any] | None,
+                  network_inputs: Mapping[str, Sequence[int]], batches: Iterable[Any] | None = None,
+                  where: str = "the calibration table") -> str | None:
+    """The ``--shapes`` text every engine of a comparison or search on ``backend`` is built with: the ranges
+    given, else those of the calibration shapes ``calib_set`` recorded and of ``batches`` (the validation
+    data, batched as large as any run will batch it), else None. ONNX Runtime needs none: None (and the
+    given text unchanged, for the caller's check to refuse)."""
+    if backend in ("ort", "onnxruntime"):
+        return " ".join([shapes_text] if isinstance(shapes_text, str) else shapes_text) if shapes_text else None
+    seen = ShapeLog.of(batches) if batches is not None and not shapes_text else None
+    ranges = shapes_for_table(shapes_text, calib_set, network_inputs, seen, where)
+    return format_shapes(ranges) if ranges else None

@@ -81,6 +81,7 @@ def test_data_shapes_that_break_the_model_are_named():
 
 EXPERIMENT = """\
 name = "ocr"
+backend = "{backend}"
 
 [model]
 path = "model.onnx"
@@ -99,16 +100,19 @@ def test_experiment_files_take_shapes_and_name_the_line_of_a_bad_one(tmp_path):
     for name in ("model.onnx", "calib.toml", "val.toml"):
         (tmp_path / name).write_text("x")
     good = tmp_path / "good.toml"
-    good.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320,32x3x48x1600"))
+    good.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320,32x3x48x1600", backend="tensorrt-rtx"))
     config = load_experiment(good)
     assert parse_shapes(config.shapes)["image"].max == (32, 3, 48, 1600)
     assert config.settings()["shapes"] == config.shapes
     bad = tmp_path / "bad.toml"
-    bad.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320"))
+    bad.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320", backend="tensorrt-rtx"))
     with pytest.raises(ExperimentError) as err:
         load_experiment(bad)
     text = str(err.value)
-    assert "bad.toml: line 5" in text and "'image' has 2 shapes" in text and "NAME:MIN,OPT,MAX" in text
+    assert "bad.toml: line 6" in text and "'image' has 2 shapes" in text and "NAME:MIN,OPT,MAX" in text
+    bad.write_text(EXPERIMENT.format(shapes="image:1x3x48x64", backend="ort"))  # ONNX Runtime takes any shape
+    with pytest.raises(ExperimentError, match=r"bad.toml: line 6: \[model\] key 'shapes'.*ONNX Runtime runs any shape"):
+        load_experiment(bad)
 
 
 def test_a_build_takes_the_flag_else_the_recorded_data_shapes_else_nothing():

@@ -137,15 +137,13 @@ def _saturation_note(options: WriteOptions, written: WrittenModel) -> str | None
 def _shapes(args: argparse.Namespace, model: Any, table: CalibrationTable | None) -> tuple[Any, str]:
     """(ranges or None, where they come from) for the engine's optimisation profiles."""
     from ..errors import QuantlabError
-    from ..shapes import BATCH_AXIS, batch_axes_from_dict, network_shapes, shapes_for_build
+    from ..shapes import network_shapes, shapes_for_table
 
     if args.shapes and args.backend == "ort":
         raise QuantlabError("--shapes sets TensorRT optimisation profiles; ONNX Runtime runs any shape. Drop "
                             "--shapes, or build with --backend tensorrt / tensorrt-rtx.")
-    calib_set = table.calib_set if table is not None else {}
-    where = f"{args.table}: calib_set.batch_axes"
-    axes = batch_axes_from_dict(calib_set["batch_axes"], where) if "batch_axes" in calib_set else BATCH_AXIS
-    ranges = shapes_for_build(args.shapes, calib_set.get("input_shapes") or None, network_shapes(model.inputs), axes)
+    ranges = shapes_for_table(args.shapes, table.calib_set if table is not None else None,
+                              network_shapes(model.inputs), where=str(args.table))
     return ranges, ("--shapes" if args.shapes else "the calibration data" if ranges else "a guess")
 
 
