@@ -251,9 +251,10 @@ def table_from_statistics(
 
 
 def recorded_shapes(dataset: Any, model: LoadedModel, shapes: ShapeLog) -> dict[str, Any]:
-    """What a table keeps of the batch shapes it was calibrated on, for ``quantlab build``'s default engine
-    profiles (:func:`quantlab.shapes.shapes_for_build`): ``input_shapes`` ([*shape, count] rows per input)
-    and ``batch_axes`` (per input: the axis samples were stacked on, None for none)."""
+    """What a table keeps of the sample shapes it was calibrated on, for ``quantlab build``'s default engine
+    profiles (:func:`quantlab.shapes.shapes_for_table`): ``input_shapes`` ([*shape, samples] rows per input,
+    the batch axis at 1: the same whatever the batch size) and ``batch_axes`` (per input: the axis samples
+    were stacked on, None for none)."""
     axis = getattr(dataset, "batch_axis", lambda name: 0)
     return {"input_shapes": shapes.as_dict(), "batch_axes": {name: axis(name) for name in model.input_names}}
 
@@ -306,7 +307,7 @@ def calibrate(
 
     def on_batch(item: Any) -> None:
         fingerprint.update(item)
-        shapes.observe(batch_feeds(item))
+        shapes.observe_samples(batch_feeds(item), getattr(item, "batch_axes", {}))
 
     stats = collect_statistics(
         model,

@@ -28,6 +28,7 @@ from .errors import InputMismatchError
 
 __all__ = [
     "BATCH_AXIS",
+    "PROFILE_BATCH",
     "SHAPES_GRAMMAR",
     "ShapeLog",
     "ShapeRange",
@@ -48,6 +49,11 @@ Shape = tuple[int, ...]
 
 BATCH_AXIS = 0
 """The axis the data layer stacks samples on; its profile minimum is 1 (partial batches)."""
+
+PROFILE_BATCH = 8
+"""The batch an engine built from data shapes is tuned for and tops out at, (1, 8, 8) on the batch axis:
+quantlab's default batch size (calibration, compare, search). The data's sample shapes say nothing about the
+batch a deployment runs; ``--shapes`` sets it."""
 
 SHAPES_GRAMMAR = (
     "NAME:MIN,OPT,MAX (or NAME:SHAPE for one fixed shape), each shape as dims joined by 'x' "
@@ -194,9 +200,11 @@ def check_ranges(ranges: Mapping[str, ShapeRange], network_inputs: Mapping[str, 
 
 @dataclass
 class ShapeLog:
-    """Counts of the batch shapes seen per input, as batches stream by (calibration, validation).
+    """Counts of the shapes seen per input, as batches stream by (calibration, validation).
 
-    ``observe`` takes a feed dict; :func:`profiles_from_data` turns the counts into ranges.
+    ``observe`` counts a feed dict's batch shapes; ``observe_samples`` its sample shapes (the
+    batch axis set to 1, counted once per sample: what a calibration table keeps, the same
+    whatever the batch size). :func:`profiles_from_data` turns the counts into ranges.
     """
 
     counts: dict[str, Counter[Shape]] = field(default_factory=dict)
@@ -206,12 +214,25 @@ class ShapeLog:
             shape = tuple(int(d) for d in getattr(array, "shape", ()))
             self.counts.setdefault(name, Counter())[shape] += 1
 
+    def observe_samples(self, feeds: Mapping[str, object], batch_axes: Mapping[str, int | None]) -> None:
+        """Count each sample's shape: the batch axis (``batch_axes``, default 0; None: none) set to 1. An input
+        without a batch axis counts once per sample of the batch too (the same counts whatever the batch size)."""
+        shapes = {name: [int(d) for d in getattr(array, "shape", ())] for name, array in feeds.items()}
+        axes = {name: batch_axes.get(name, BATCH_AXIS) for name in shapes}
+        sizes = [shape[axes[n]] for n, shape in shapes.items() if axes[n] is not None and axes[n] < len(shape)]
+        samples = sizes[0] if sizes else 1
+        for name, shape in shapes.items():
+            if axes[name] is not None and axes[name] < len(shape):
+                shape[axes[name]] = 1
+            self.counts.setdefault(name, Counter())[tuple(shape)] += samples
+
     @classmethod
     def of(cls, batches: Iterable[Any]) -> ShapeLog:
-        """The log of every batch in ``batches`` (feed mappings, or items with ``.feeds``: data-set batches)."""
+        """The sample shapes of every batch in ``batches`` (:class:`quantlab.data.Batch` items, on their
+        ``batch_axes``, or plain feed mappings, batched on axis 0)."""
         log = cls()
         for item in batches:
-            log.observe(getattr(item, "feeds", item))
+            log.observe_samples(getattr(item, "feeds", item), getattr(item, "batch_axes", {}))
         return log
 
     def update(self, other: ShapeLog) -> ShapeLog:
@@ -251,9 +272,14 @@ def _most_frequent(values: Counter[int]) -> int:
 
 
 def range_from_shapes(name: str, network_shape: Sequence[int], seen: Mapping[Shape, int],
-                      batch_axis: int | None = BATCH_AXIS) -> ShapeRange:
-    """(min, opt, max) per axis over the shapes ``seen`` (shape -> count); the batch axis' min is 1."""
+                      batch_axis: int | None = BATCH_AXIS, batch: int | None = None) -> ShapeRange:
+    """(min, opt, max) per axis over the shapes ``seen`` (shape -> count); the batch axis' min is 1.
+
+    ``batch``: the batch axis gets (1, batch, batch) whatever ``seen`` holds there (sample shapes).
+    """
     net = [int(d) for d in network_shape]
+    if batch is not None and batch_axis is not None:  # sample shapes: their batch axis is the model's
+        seen = _with_batch(seen, batch_axis, net[batch_axis] if batch_axis < len(net) and net[batch_axis] >= 0 else 1)
     for shape in seen:
         check_range_fits(ShapeRange(name, shape, shape, shape), net)
     lo, opt, hi = [], [], []
@@ -261,22 +287,33 @@ def range_from_shapes(name: str, network_shape: Sequence[int], seen: Mapping[Sha
         values: Counter[int] = Counter()
         for shape, count in seen.items():
             values[shape[axis]] += count
+        if axis == batch_axis and n < 0 and batch is not None:
+            values = Counter({batch: 1})
         low = 1 if axis == batch_axis and n < 0 else min(values)
         lo.append(low), opt.append(_most_frequent(values)), hi.append(max(values))
     return ShapeRange(name, tuple(lo), tuple(opt), tuple(hi))
 
 
+def _with_batch(seen: Mapping[Shape, int], axis: int, size: int) -> Counter[Shape]:
+    out: Counter[Shape] = Counter()
+    for shape, count in seen.items():
+        out[shape[:axis] + (size,) + shape[axis + 1:] if axis < len(shape) else shape] += count
+    return out
+
+
 def profiles_from_data(network_inputs: Mapping[str, Sequence[int]], log: ShapeLog,
-                       batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS) -> dict[str, ShapeRange]:
+                       batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS,
+                       batch: int | None = None) -> dict[str, ShapeRange]:
     """Ranges for every input with a dynamic dim (-1) that ``log`` saw; inputs it never saw are left out.
 
     ``batch_axis``: the axis samples are stacked on (min 1 there), one for all inputs or per
     input name (an input missing from the mapping, or mapped to None, has no batch axis).
+    ``batch``: the batch axis' range is (1, batch, batch) (for a log of sample shapes), not the data's.
     """
     def axis(name: str) -> int | None:
         return batch_axis.get(name) if isinstance(batch_axis, Mapping) else batch_axis
 
-    return {name: range_from_shapes(name, shape, log.shapes(name), axis(name))
+    return {name: range_from_shapes(name, shape, log.shapes(name), axis(name), batch)
             for name, shape in network_inputs.items()
             if any(int(d) < 0 for d in shape) and log.shapes(name)}
 
@@ -294,43 +331,45 @@ def batch_axes_from_dict(doc: object, where: str = "calib_set.batch_axes") -> di
 def shapes_for_build(shapes_text: str | Sequence[str] | None, recorded: Mapping[str, Sequence[Sequence[int]]] | None,
                      network_inputs: Mapping[str, Sequence[int]],
                      batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS,
-                     seen: ShapeLog | None = None) -> dict[str, ShapeRange] | None:
+                     seen: ShapeLog | None = None, batch: int | None = None) -> dict[str, ShapeRange] | None:
     """The ranges an engine build uses: ``--shapes`` when given (checked against ``network_inputs``), else
     those derived from the shapes the data had: ``recorded`` (a :meth:`ShapeLog.as_dict`, e.g. a table's
     ``calib_set["input_shapes"]``) plus ``seen`` (e.g. the validation batches), else None (the builder's
     guess, which names itself when the build fails).
 
-    ``batch_axis`` as in :func:`profiles_from_data` (a table records it as ``calib_set["batch_axes"]``).
+    ``batch_axis`` and ``batch`` as in :func:`profiles_from_data` (a table records the axes as
+    ``calib_set["batch_axes"]``).
     """
     if shapes_text:
         return check_ranges(parse_shapes(shapes_text), network_inputs)
     log = ShapeLog.from_dict(recorded, "calib_set.input_shapes") if recorded else ShapeLog()
     if seen is not None:
         log.update(seen)
-    return profiles_from_data(network_inputs, log, batch_axis) or None
+    return profiles_from_data(network_inputs, log, batch_axis, batch) or None
 
 
 def shapes_for_table(shapes_text: str | Sequence[str] | None, calib_set: Mapping[str, Any] | None,
                      network_inputs: Mapping[str, Sequence[int]], seen: ShapeLog | None = None,
-                     where: str = "the calibration table") -> dict[str, ShapeRange] | None:
-    """:func:`shapes_for_build` with the shapes and batch axes a calibration table recorded (its ``calib_set``:
-    ``input_shapes``, ``batch_axes``; tables written before these keys give only ``seen``, on axis 0)."""
+                     where: str = "the calibration table", batch: int = PROFILE_BATCH) -> dict[str, ShapeRange] | None:
+    """:func:`shapes_for_build` with the sample shapes and batch axes a calibration table recorded (its
+    ``calib_set``: ``input_shapes``, ``batch_axes``; tables written before these keys give only ``seen``,
+    on axis 0); the batch axis gets (1, ``batch``, ``batch``)."""
     calib_set = calib_set or {}
     axes: int | None | Mapping[str, int | None] = BATCH_AXIS
     if "batch_axes" in calib_set:
         axes = batch_axes_from_dict(calib_set["batch_axes"], f"{where}: calib_set.batch_axes")
-    return shapes_for_build(shapes_text, calib_set.get("input_shapes") or None, network_inputs, axes, seen)
+    return shapes_for_build(shapes_text, calib_set.get("input_shapes") or None, network_inputs, axes, seen, batch)
 
 
 def engine_shapes(backend: str, shapes_text: str | Sequence[str] | None, calib_set: Mapping[str, Any] | None,
                   network_inputs: Mapping[str, Sequence[int]], batches: Iterable[Any] | None = None,
-                  where: str = "the calibration table") -> str | None:
+                  where: str = "the calibration table", batch: int = PROFILE_BATCH) -> str | None:
     """The ``--shapes`` text every engine of a comparison or search on ``backend`` is built with: the ranges
-    given, else those of the calibration shapes ``calib_set`` recorded and of ``batches`` (the validation
-    data, batched as large as any run will batch it), else None. ONNX Runtime needs none: None (and the
-    given text unchanged, for the caller's check to refuse)."""
+    given, else those of the sample shapes ``calib_set`` recorded and of ``batches`` (the validation data),
+    with the batch axis at (1, ``batch``, ``batch``) (the run's batch size), else None. ONNX Runtime needs
+    none: None (and the given text unchanged, for the caller's check to refuse)."""
     if backend in ("ort", "onnxruntime"):
         return " ".join([shapes_text] if isinstance(shapes_text, str) else shapes_text) if shapes_text else None
     seen = ShapeLog.of(batches) if batches is not None and not shapes_text else None
-    ranges = shapes_for_table(shapes_text, calib_set, network_inputs, seen, where)
+    ranges = shapes_for_table(shapes_text, calib_set, network_inputs, seen, where, batch)
     return format_shapes(ranges) if ranges else None

@@ -57,14 +57,14 @@ def test_build_takes_the_shapes_a_calibration_table_recorded(recognizer, tmp_pat
 
     images = np.random.default_rng(0).uniform(-1, 1, (4, 3, 48, 96)).astype(np.float32)
     table = calibrate(load_model(recognizer), from_arrays({"image": images}), "minmax", batch_size=2).tables["minmax"]
-    assert table.calib_set["input_shapes"] == {"image": [[2, 3, 48, 96, 2]]}  # [*shape, batches]
+    assert table.calib_set["input_shapes"] == {"image": [[1, 3, 48, 96, 4]]}  # [*sample shape, samples]
     assert table.calib_set["batch_axes"] == {"image": 0}
     write_table(table, tmp_path / "t.json")
     code, _, _ = _run(["build", str(recognizer), "--table", str(tmp_path / "t.json"), "--backend", "tensorrt-rtx",
                        "--out", str(tmp_path / "b")], capfd)
     assert code == ExitCode.OK
     info = json.loads((tmp_path / "b" / "engine.json").read_text())
-    assert info["profiles"] == {"image": [[1, 3, 48, 96], [2, 3, 48, 96], [2, 3, 48, 96]]}
+    assert info["profiles"] == {"image": [[1, 3, 48, 96], [8, 3, 48, 96], [8, 3, 48, 96]]}  # batch: PROFILE_BATCH
     assert info["profiles_from"] == "the calibration data"
 
 
@@ -100,9 +100,9 @@ def test_search_takes_shapes_or_derives_them_from_calibration_and_validation_dat
     code, out, err = _run([*search, "--backend", "tensorrt-rtx", "--shapes", "image:1x3x32x64",
                            "--out", str(tmp_path / "bad")], capfd)
     assert code == ExitCode.BAD_INPUT and "--shapes: input 'image'" in err and "write 48" in err
-    # no --shapes: the table's calibration shapes (64 wide, batches of 2 and 1) and the validation's (128, 64)
+    # no --shapes: the table's calibration lines (64 wide) and the validation's (128, 64), batch 1..--batch-size
     code, out, err = _run([*search, "--backend", "tensorrt-rtx", "--out", str(tmp_path / "rtx")], capfd)
-    assert "engine profiles image:1x3x48x64,1x3x48x64,2x3x48x128 (from the calibration and validation data)" in out
+    assert "engine profiles image:1x3x48x64,2x3x48x64,2x3x48x128 (from the calibration and validation data)" in out
     assert code == ExitCode.OK or "no CUDA GPU" in err  # the engines build anywhere; running them needs a GPU
 
 
@@ -139,7 +139,7 @@ def test_experiment_engine_shapes_come_from_the_file_or_the_data(recognizer, tmp
     table = calibrate(model, open_dataset(calib), "minmax", batch_size=2).tables["minmax"]
     head = f'backend = "tensorrt-rtx"\n[data]\ncalibration = "{calib}"\nvalidation = "{valid}"\n[model]\npath = "{recognizer}"\n'
     derived = engine_shapes_for(parse_experiment(head), model, table, open_dataset(valid))
-    assert derived == "image:1x3x48x64,1x3x48x64,2x3x48x128"  # validation batched as large as the stages batch it
+    assert derived == "image:1x3x48x64,8x3x48x64,8x3x48x128"  # the batch up to the stages' batch size (8)
     given = parse_experiment(head + 'shapes = "image:1x3x48x64,8x3x48x320,32x3x48x1600"\n')
     assert engine_shapes_for(given, model, table, open_dataset(valid)) == "image:1x3x48x64,8x3x48x320,32x3x48x1600"
     ort = parse_experiment(head.replace("tensorrt-rtx", "ort"))

@@ -224,10 +224,10 @@ def test_recognizer_lines_of_several_widths_end_to_end(tmp_path, capfd):
     line = lambda w: {"image": rng.uniform(-1, 1, (3, 48, w)).astype(np.float32)}  # noqa: E731
     got = _through_the_cli(tmp_path, capfd, models.text_recognizer(), [line(w) for w in (64, 128, 64, 64, 192, 64)],
                            [line(w) for w in (128, 64, 128)], 'batching = "by_shape"')
-    # [*shape, batches], the most frequent first: (64, 64) twice, then 128 and 192 alone
-    assert got["table"]["calib_set"]["input_shapes"] == {"image": [[2, 3, 48, 64, 2], [1, 3, 48, 128, 1],
+    # [*sample shape, samples], the most frequent first; the batch axis of the profile: 1..PROFILE_BATCH
+    assert got["table"]["calib_set"]["input_shapes"] == {"image": [[1, 3, 48, 64, 4], [1, 3, 48, 128, 1],
                                                                    [1, 3, 48, 192, 1]]}
-    assert got["profiles"] == {"image": [[1, 3, 48, 64], [2, 3, 48, 64], [2, 3, 48, 192]]}
+    assert got["profiles"] == {"image": [[1, 3, 48, 64], [8, 3, 48, 64], [8, 3, 48, 192]]}
     row = got["end_to_end"].loc[("int8", "logits")]
     assert row["samples"] == 3 and row["cosine"] > 0.99
 
@@ -241,7 +241,7 @@ def test_transformer_with_padded_sentences_and_an_additive_mask_end_to_end(tmp_p
     got = _through_the_cli(tmp_path, capfd, models.dynamic_attention(), [sentence(n) for n in (3, 2, 8, 7, 4, 4)],
                            [sentence(n) for n in (5, 3, 6, 2)], pad)
     assert got["table"]["calib_set"]["manifest"]["padding"]["mask"] == "mask"
-    assert got["profiles"] == {"x": [[1, 4, 16], [2, 4, 16], [2, 8, 16]], "mask": [[1, 4], [2, 4], [2, 8]]}
+    assert got["profiles"] == {"x": [[1, 4, 16], [8, 4, 16], [8, 8, 16]], "mask": [[1, 4], [8, 4], [8, 8]]}
     assert not {"mask", "mask4", "masked"} & got["quantized"]  # the additive mask stays float: INT8 would lose it
     row = got["end_to_end"].loc[("int8", "out")]
     assert row["samples"] == 4 and row["cosine"] > 0.97  # INT8 noise of six 16-wide MatMul inputs (~0.99 here)
@@ -258,7 +258,7 @@ def test_voice_activity_with_state_on_axis_1_end_to_end(tmp_path, capfd):
     axes = '[inputs]\ninput = "input"\nstate = { field = "state", batch_axis = 1 }'
     got = _through_the_cli(tmp_path, capfd, proto, [chunk() for _ in range(5)], [chunk() for _ in range(4)], axes)
     assert got["table"]["calib_set"]["batch_axes"] == {"input": 0, "state": 1}
-    assert got["profiles"] == {"input": [[1, 64], [2, 64], [2, 64]], "state": [[2, 1, 128], [2, 2, 128], [2, 2, 128]]}
+    assert got["profiles"] == {"input": [[1, 64], [8, 64], [8, 64]], "state": [[2, 1, 128], [2, 8, 128], [2, 8, 128]]}
     assert any("16k" in name for name in got["table"]["tensors"])  # the taken branch's tensors are calibrated
     row = got["end_to_end"].loc[("int8", "prob")]
     assert row["samples"] == 4 and row["cosine"] > 0.99
@@ -272,7 +272,7 @@ def test_hardsigmoid_spike_detector_end_to_end(tmp_path, capfd):
     got = _through_the_cli(tmp_path, capfd, models.hardsigmoid_detector(),
                            [image(32, 48), image(32, 48), image(48, 64), image(48, 64)],
                            [image(32, 48), image(48, 64)], 'batching = "by_shape"', method="entropy")
-    assert got["profiles"] == {"image": [[1, 3, 32, 48], [2, 3, 48, 64], [2, 3, 48, 64]]}
+    assert got["profiles"] == {"image": [[1, 3, 32, 48], [8, 3, 48, 64], [8, 3, 48, 64]]}
     gate = got["table"]["tensors"]["gate"]
     assert gate["max"] == 1.0 and gate["amax"] >= 1.0  # the plateau at 1.0 is inside the range, not clipped
     row = got["end_to_end"].loc[("int8", "prob")]

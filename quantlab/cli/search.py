@@ -138,7 +138,7 @@ def _with_engine_shapes(options: SearchOptions, args: argparse.Namespace, model:
 
     batches = val.batches(args.batch_size) if options.backend != "ort" and not args.shapes else None
     shapes = engine_shapes(options.backend, args.shapes, table.calib_set, network_shapes(model.inputs), batches,
-                           where=str(args.table or "the calibration"))
+                           where=str(args.table or "the calibration"), batch=args.batch_size)
     return dataclasses.replace(options, shapes=shapes)
 
 

@@ -94,11 +94,11 @@ def engine_shapes_for(config: ExperimentConfig, model: LoadedModel, table: Calib
                       val: DataSet) -> str | None:
     """The engine shape ranges (``--shapes`` text) of the comparison's and the search's TensorRT engines:
     ``[model] shapes``, else those of the calibration shapes ``table`` recorded and of the validation batches
-    (at the larger of the two stages' batch sizes); None on ONNX Runtime."""
+    with the batch axis up to the larger of the two stages' batch sizes; None on ONNX Runtime."""
     batch = max(CompareOptions.batch_size, SearchOptions.batch_size)
     batches = val.batches(batch) if config.backend != "ort" and not config.shapes else None
     return engine_shapes(config.backend, config.shapes, table.calib_set if table is not None else None,
-                         network_shapes(model.inputs), batches)
+                         network_shapes(model.inputs), batches, batch=batch)
 
 
 def _backend_options(shapes: str | None) -> dict[str, Any]:
