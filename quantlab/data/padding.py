@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import DataError, ManifestError
 from ..schema import Key, Where, check_table, is_int, is_num, str_list
 
-__all__ = ["PAD_KEYS", "PadSpec", "parse_pad", "pad_samples", "with_mask"]
+__all__ = ["PAD_KEYS", "PadSpec", "pad_samples", "parse_pad", "with_mask"]
 
 GUIDE = "calib_sets/README.md"
 
