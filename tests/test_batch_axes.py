@@ -246,7 +246,7 @@ def test_pad_makes_one_length_per_batch_with_a_mask_and_records_it(tmp_path):
     ('value = 0', r"(?s)\[pad\]: no 'inputs'.*inputs = \[\"input_ids\"\]"),
     ('inputs = ["x"]\nmask_values = [1, 0]', r"\[pad\] key 'mask_values': set without 'mask'"),
     ('inputs = ["x"]\npadding = 1', r"\[pad\] key 'padding': unknown key"),
-    ('inputs = ["y"]', r"p.toml: \[pad\] key 'inputs' names \['y'\], which the data set does not feed"),
+    ('inputs = ["y"]', r"p.toml: \[pad\] key 'inputs' names \['y'\], which the data set does not feed.*inputs = \[\"x\"\]"),
     ('inputs = ["x"]\nmask = "x"', r"\[pad\] key 'mask'.*named twice"),
 ])
 def test_pad_errors_name_the_manifest_and_key_with_an_example(tmp_path, table, message):

@@ -215,7 +215,7 @@ class DataSet:
         for start in range(0, n, batch_size):
             samples = [self._load(i) for i in range(start, min(start + batch_size, n))]
             yield stack_samples(samples, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes,
-                                    self.padding)
+                                self.padding)
 
     def _batches_by_shape(self, batch_size: int) -> Iterator[Batch]:
         """Samples of equal shapes batched together (``batching = "by_shape"``: text lines of several widths).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def _checked_padding(manifest: DataSetManifest, mapping: dict[str, str]) -> PadS
     if unknown:
         raise ManifestError(f"{manifest.path}: [pad] key 'inputs' names {unknown}, which the data set does not "
                             f"feed (its inputs: {list(mapping)}); list inputs it feeds, e.g. inputs = "
-                            f"[{', '.join(repr(n) for n in list(mapping)[:1])}]")
+                            f"{json.dumps(list(mapping)[:1])}")
     if spec.mask in mapping:
         raise ManifestError(f"{manifest.path}: [pad] key 'mask' is {spec.mask!r}, which the data already feeds; "
                             "the mask is made by quantlab from the padding. Drop 'mask' (and pad the data's own "
