@@ -41,9 +41,11 @@ from .methods import (
     method_settings,
     resolve_methods,
 )
+from .shapes import ShapeLog
 from .stats import (
     DEFAULT_MEMORY_BUDGET,
     Statistics,
+    batch_feeds,
     collect_statistics,
     fused_preactivations,
 )
@@ -248,6 +250,15 @@ def table_from_statistics(
     )
 
 
+def recorded_shapes(dataset: Any, model: LoadedModel, shapes: ShapeLog) -> dict[str, Any]:
+    """What a table keeps of the sample shapes it was calibrated on, for ``quantlab build``'s default engine
+    profiles (:func:`quantlab.shapes.shapes_for_table`): ``input_shapes`` ([*shape, samples] rows per input,
+    the batch axis at 1: the same whatever the batch size) and ``batch_axes`` (per input: the axis samples
+    were stacked on, None for none)."""
+    axis = getattr(dataset, "batch_axis", lambda name: 0)
+    return {"input_shapes": shapes.as_dict(), "batch_axes": {name: axis(name) for name in model.input_names}}
+
+
 def _dataset_size(dataset: Any) -> int | None:
     for attr in ("count", "size"):
         value = getattr(dataset, attr, None)
@@ -292,20 +303,26 @@ def calibrate(
     if tensors is not None and not tensors:
         raise CalibrationError(f"{model.label}: the list of tensors to calibrate is empty; give at least one")
     check_inputs(dataset, model, batch_size=batch_size)
-    fingerprint = DataFingerprint()
+    fingerprint, shapes = DataFingerprint(), ShapeLog()
+
+    def on_batch(item: Any) -> None:
+        fingerprint.update(item)
+        shapes.observe_samples(batch_feeds(item), getattr(item, "batch_axes", {}))
+
     stats = collect_statistics(
         model,
         lambda: dataset.batches(batch_size),
         tensors=tensors,
         backend=backend,
         memory_budget_bytes=memory_budget_bytes,
-        on_batch=fingerprint.update,
+        on_batch=on_batch,
         progress=progress,
         total=_dataset_size(dataset),
     )
     summary = fingerprint.summary()
     fused = frozenset(fused_preactivations(model.proto))
-    calib_set = {"manifest": dataset.manifest_record(), "sha256": summary.sha256, "count": summary.count}
+    calib_set = {"manifest": dataset.manifest_record(), "sha256": summary.sha256, "count": summary.count,
+                 **recorded_shapes(dataset, model, shapes)}
     versions = tool_versions()
 
     def table(method: str) -> CalibrationTable:

@@ -22,25 +22,38 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import InputMismatchError
 
 __all__ = [
     "BATCH_AXIS",
+    "PROFILE_BATCH",
     "SHAPES_GRAMMAR",
     "ShapeLog",
     "ShapeRange",
+    "batch_axes_from_dict",
     "check_range_fits",
+    "check_ranges",
+    "engine_shapes",
     "format_shapes",
+    "network_shapes",
     "parse_shapes",
     "profiles_from_data",
     "range_from_shapes",
+    "shapes_for_build",
+    "shapes_for_table",
 ]
 
 Shape = tuple[int, ...]
 
 BATCH_AXIS = 0
 """The axis the data layer stacks samples on; its profile minimum is 1 (partial batches)."""
+
+PROFILE_BATCH = 8
+"""The batch an engine built from data shapes is tuned for and tops out at, (1, 8, 8) on the batch axis:
+quantlab's default batch size (calibration, compare, search). The data's sample shapes say nothing about the
+batch a deployment runs; ``--shapes`` sets it."""
 
 SHAPES_GRAMMAR = (
     "NAME:MIN,OPT,MAX (or NAME:SHAPE for one fixed shape), each shape as dims joined by 'x' "
@@ -164,11 +177,34 @@ def check_range_fits(shape_range: ShapeRange, network_shape: Sequence[int]) -> N
                 f"{shape_range.max[axis]} but the model fixes it to {n}; write {n} there")
 
 
+def network_shapes(specs: Iterable[Any]) -> dict[str, list[int]]:
+    """Input name -> shape with -1 for every dynamic dim, from :class:`quantlab.graph.TensorSpec`-like specs
+    (``.name``, ``.shape`` of ints, dim names and None; an unknown rank gives no dims)."""
+    return {str(s.name): [d if isinstance(d, int) and d >= 0 else -1 for d in (s.shape or ())] for s in specs}
+
+
+def check_ranges(ranges: Mapping[str, ShapeRange], network_inputs: Mapping[str, Sequence[int]],
+                 where: str = "--shapes") -> dict[str, ShapeRange]:
+    """``ranges`` when every one names an input of the model and fits it (InputMismatchError naming ``where``)."""
+    unknown = sorted(set(ranges) - set(network_inputs))
+    if unknown:
+        raise InputMismatchError(f"{where} names {', '.join(map(repr, unknown))}, which are not inputs of the "
+                                 f"model; its inputs are {', '.join(map(repr, network_inputs))}")
+    for name, shape_range in ranges.items():
+        try:
+            check_range_fits(shape_range, network_inputs[name])
+        except InputMismatchError as exc:
+            raise InputMismatchError(f"{where}: {exc}") from None
+    return dict(ranges)
+
+
 @dataclass
 class ShapeLog:
-    """Counts of the batch shapes seen per input, as batches stream by (calibration, validation).
+    """Counts of the shapes seen per input, as batches stream by (calibration, validation).
 
-    ``observe`` takes a feed dict; :func:`profiles_from_data` turns the counts into ranges.
+    ``observe`` counts a feed dict's batch shapes; ``observe_samples`` its sample shapes (the
+    batch axis set to 1, counted once per sample: what a calibration table keeps, the same
+    whatever the batch size). :func:`profiles_from_data` turns the counts into ranges.
     """
 
     counts: dict[str, Counter[Shape]] = field(default_factory=dict)
@@ -177,6 +213,33 @@ class ShapeLog:
         for name, array in feeds.items():
             shape = tuple(int(d) for d in getattr(array, "shape", ()))
             self.counts.setdefault(name, Counter())[shape] += 1
+
+    def observe_samples(self, feeds: Mapping[str, object], batch_axes: Mapping[str, int | None]) -> None:
+        """Count each sample's shape: the batch axis (``batch_axes``, default 0; None: none) set to 1. An input
+        without a batch axis counts once per sample of the batch too (the same counts whatever the batch size)."""
+        shapes = {name: [int(d) for d in getattr(array, "shape", ())] for name, array in feeds.items()}
+        axes = {name: batch_axes.get(name, BATCH_AXIS) for name in shapes}
+        sizes = [shape[axes[n]] for n, shape in shapes.items() if axes[n] is not None and axes[n] < len(shape)]
+        samples = sizes[0] if sizes else 1
+        for name, shape in shapes.items():
+            if axes[name] is not None and axes[name] < len(shape):
+                shape[axes[name]] = 1
+            self.counts.setdefault(name, Counter())[tuple(shape)] += samples
+
+    @classmethod
+    def of(cls, batches: Iterable[Any]) -> ShapeLog:
+        """The sample shapes of every batch in ``batches`` (:class:`quantlab.data.Batch` items, on their
+        ``batch_axes``, or plain feed mappings, batched on axis 0)."""
+        log = cls()
+        for item in batches:
+            log.observe_samples(getattr(item, "feeds", item), getattr(item, "batch_axes", {}))
+        return log
+
+    def update(self, other: ShapeLog) -> ShapeLog:
+        """Add ``other``'s counts (e.g. the validation data's to the calibration data's); returns self."""
+        for name, counts in other.counts.items():
+            self.counts.setdefault(name, Counter()).update(counts)
+        return self
 
     def shapes(self, name: str) -> Counter[Shape]:
         return self.counts.get(name, Counter())
@@ -209,9 +272,14 @@ def _most_frequent(values: Counter[int]) -> int:
 
 
 def range_from_shapes(name: str, network_shape: Sequence[int], seen: Mapping[Shape, int],
-                      batch_axis: int | None = BATCH_AXIS) -> ShapeRange:
-    """(min, opt, max) per axis over the shapes ``seen`` (shape -> count); the batch axis' min is 1."""
+                      batch_axis: int | None = BATCH_AXIS, batch: int | None = None) -> ShapeRange:
+    """(min, opt, max) per axis over the shapes ``seen`` (shape -> count); the batch axis' min is 1.
+
+    ``batch``: the batch axis gets (1, batch, batch) whatever ``seen`` holds there (sample shapes).
+    """
     net = [int(d) for d in network_shape]
+    if batch is not None and batch_axis is not None:  # sample shapes: their batch axis is the model's
+        seen = _with_batch(seen, batch_axis, net[batch_axis] if batch_axis < len(net) and net[batch_axis] >= 0 else 1)
     for shape in seen:
         check_range_fits(ShapeRange(name, shape, shape, shape), net)
     lo, opt, hi = [], [], []
@@ -219,34 +287,89 @@ def range_from_shapes(name: str, network_shape: Sequence[int], seen: Mapping[Sha
         values: Counter[int] = Counter()
         for shape, count in seen.items():
             values[shape[axis]] += count
+        if axis == batch_axis and n < 0 and batch is not None:
+            values = Counter({batch: 1})
         low = 1 if axis == batch_axis and n < 0 else min(values)
         lo.append(low), opt.append(_most_frequent(values)), hi.append(max(values))
     return ShapeRange(name, tuple(lo), tuple(opt), tuple(hi))
 
 
+def _with_batch(seen: Mapping[Shape, int], axis: int, size: int) -> Counter[Shape]:
+    out: Counter[Shape] = Counter()
+    for shape, count in seen.items():
+        out[shape[:axis] + (size,) + shape[axis + 1:] if axis < len(shape) else shape] += count
+    return out
+
+
 def profiles_from_data(network_inputs: Mapping[str, Sequence[int]], log: ShapeLog,
-                       batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS) -> dict[str, ShapeRange]:
+                       batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS,
+                       batch: int | None = None) -> dict[str, ShapeRange]:
     """Ranges for every input with a dynamic dim (-1) that ``log`` saw; inputs it never saw are left out.
 
     ``batch_axis``: the axis samples are stacked on (min 1 there), one for all inputs or per
     input name (an input missing from the mapping, or mapped to None, has no batch axis).
+    ``batch``: the batch axis' range is (1, batch, batch) (for a log of sample shapes), not the data's.
     """
     def axis(name: str) -> int | None:
         return batch_axis.get(name) if isinstance(batch_axis, Mapping) else batch_axis
 
-    return {name: range_from_shapes(name, shape, log.shapes(name), axis(name))
+    return {name: range_from_shapes(name, shape, log.shapes(name), axis(name), batch)
             for name, shape in network_inputs.items()
             if any(int(d) < 0 for d in shape) and log.shapes(name)}
 
 
+def batch_axes_from_dict(doc: object, where: str = "calib_set.batch_axes") -> dict[str, int | None]:
+    """The per-input batch axes a table recorded (``{"state": 1, "sr": null}``); InputMismatchError naming
+    ``where`` for anything else. Tables older than the record give None here: axis 0 for every input."""
+    if not isinstance(doc, Mapping) or not all(
+            v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in doc.values()):
+        raise InputMismatchError(f"{where}: is {doc!r}; it maps input names to a batch axis (an integer >= 0) "
+                                 "or null (no batch axis). Recalibrate to write it again.")
+    return {str(k): v for k, v in doc.items()}
+
+
 def shapes_for_build(shapes_text: str | Sequence[str] | None, recorded: Mapping[str, Sequence[Sequence[int]]] | None,
                      network_inputs: Mapping[str, Sequence[int]],
-                     batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS) -> dict[str, ShapeRange] | None:
-    """The ranges an engine build uses: ``--shapes`` when given, else those derived from the shapes the
-    calibration data had (``recorded``: a :meth:`ShapeLog.as_dict`, e.g. a table's ``calib_set["input_shapes"]``),
-    else None (the builder's guess, which names itself when the build fails)."""
+                     batch_axis: int | None | Mapping[str, int | None] = BATCH_AXIS,
+                     seen: ShapeLog | None = None, batch: int | None = None) -> dict[str, ShapeRange] | None:
+    """The ranges an engine build uses: ``--shapes`` when given (checked against ``network_inputs``), else
+    those derived from the shapes the data had: ``recorded`` (a :meth:`ShapeLog.as_dict`, e.g. a table's
+    ``calib_set["input_shapes"]``) plus ``seen`` (e.g. the validation batches), else None (the builder's
+    guess, which names itself when the build fails).
+
+    ``batch_axis`` and ``batch`` as in :func:`profiles_from_data` (a table records the axes as
+    ``calib_set["batch_axes"]``).
+    """
     if shapes_text:
-        return parse_shapes(shapes_text)
-    if recorded:
-        return profiles_from_data(network_inputs, ShapeLog.from_dict(recorded, "calib_set.input_shapes"), batch_axis)
-    return None
+        return check_ranges(parse_shapes(shapes_text), network_inputs)
+    log = ShapeLog.from_dict(recorded, "calib_set.input_shapes") if recorded else ShapeLog()
+    if seen is not None:
+        log.update(seen)
+    return profiles_from_data(network_inputs, log, batch_axis, batch) or None
+
+
+def shapes_for_table(shapes_text: str | Sequence[str] | None, calib_set: Mapping[str, Any] | None,
+                     network_inputs: Mapping[str, Sequence[int]], seen: ShapeLog | None = None,
+                     where: str = "the calibration table", batch: int = PROFILE_BATCH) -> dict[str, ShapeRange] | None:
+    """:func:`shapes_for_build` with the sample shapes and batch axes a calibration table recorded (its
+    ``calib_set``: ``input_shapes``, ``batch_axes``; tables written before these keys give only ``seen``,
+    on axis 0); the batch axis gets (1, ``batch``, ``batch``)."""
+    calib_set = calib_set or {}
+    axes: int | None | Mapping[str, int | None] = BATCH_AXIS
+    if "batch_axes" in calib_set:
+        axes = batch_axes_from_dict(calib_set["batch_axes"], f"{where}: calib_set.batch_axes")
+    return shapes_for_build(shapes_text, calib_set.get("input_shapes") or None, network_inputs, axes, seen, batch)
+
+
+def engine_shapes(backend: str, shapes_text: str | Sequence[str] | None, calib_set: Mapping[str, Any] | None,
+                  network_inputs: Mapping[str, Sequence[int]], batches: Iterable[Any] | None = None,
+                  where: str = "the calibration table", batch: int = PROFILE_BATCH) -> str | None:
+    """The ``--shapes`` text every engine of a comparison or search on ``backend`` is built with: the ranges
+    given, else those of the sample shapes ``calib_set`` recorded and of ``batches`` (the validation data),
+    with the batch axis at (1, ``batch``, ``batch``) (the run's batch size), else None. ONNX Runtime needs
+    none: None (and the given text unchanged, for the caller's check to refuse)."""
+    if backend in ("ort", "onnxruntime"):
+        return " ".join([shapes_text] if isinstance(shapes_text, str) else shapes_text) if shapes_text else None
+    seen = ShapeLog.of(batches) if batches is not None and not shapes_text else None
+    ranges = shapes_for_table(shapes_text, calib_set, network_inputs, seen, where, batch)
+    return format_shapes(ranges) if ranges else None

@@ -485,3 +485,73 @@ def refinement_loop(seed: int = 0, width: int = 16, trips: int = 3) -> onnx.Mode
     inits = [numpy_helper.from_array(np.array(trips, np.int64), "trips"),
              numpy_helper.from_array(np.array(True), "go")]
     return _model(nodes, inputs, outputs, inits, "refinement_loop")
+
+
+def dynamic_attention(seed: int = 0, hidden: int = 16, heads: int = 2) -> onnx.ModelProto:
+    """A transformer attention block with a dynamic sequence length and an additive mask.
+
+    Inputs: ``x[N, S, hidden]`` float32 and ``mask[N, S]`` float32, additive (0 on tokens,
+    a large negative value on padding, as ``[pad] mask_values = [0.0, -1e9]`` makes it).
+    Heads are split with ``Reshape [0, 0, heads, hidden/heads]`` (0 copies N and S, as
+    exporters write it), scores ``q k^T / sqrt(d) + mask[:, None, None, :]``, Softmax,
+    heads merged with ``Reshape [0, 0, hidden]``, output projection and a residual Add.
+    Not in ALL_BUILDERS: its mask must be 0 / -1e9, not random.
+    """
+    rng = np.random.default_rng(seed)
+    h, d = hidden, hidden // heads
+    w = {k: rng.normal(0, 0.3, (h, h)) for k in ("wq", "wk", "wv", "wo")}
+    w["bo"] = rng.normal(0, 0.1, (h,))
+    w["scale"] = np.array(1 / np.sqrt(d))
+    nodes = [
+        helper.make_node("Unsqueeze", ["mask", "mask_axes"], ["mask4"], name="mask_unsqueeze"),
+        *[helper.make_node("MatMul", ["x", f"w{t}"], [t], name=f"{t}_proj") for t in ("q", "k", "v")],
+        *[helper.make_node("Reshape", [t, "split_shape"], [f"{t}_heads"], name=f"{t}_split") for t in ("q", "k", "v")],
+        helper.make_node("Transpose", ["q_heads"], ["qh"], name="q_transpose", perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k_heads"], ["kt"], name="k_transpose", perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["v_heads"], ["vh"], name="v_transpose", perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["qh", "kt"], ["scores"], name="qk"),
+        helper.make_node("Mul", ["scores", "scale"], ["scaled"], name="scale_scores"),
+        helper.make_node("Add", ["scaled", "mask4"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "vh"], ["ctx_heads"], name="attn_v"),
+        helper.make_node("Transpose", ["ctx_heads"], ["ctx_t"], name="ctx_transpose", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["ctx"], name="merge_heads"),
+        helper.make_node("MatMul", ["ctx", "wo"], ["o"], name="o_proj"),
+        helper.make_node("Add", ["o", "bo"], ["ob"], name="o_bias"),
+        helper.make_node("Add", ["ob", "x"], ["out"], name="residual"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", h]),
+              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", "S"])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", "S", h])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    inits += [_init("mask_axes", np.array([1, 2], np.int64)), _init("split_shape", np.array([0, 0, heads, d], np.int64)),
+              _init("merge_shape", np.array([0, 0, h], np.int64))]
+    return _model(nodes, inputs, outputs, inits, "dynamic_attention")
+
+
+def hardsigmoid_detector(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
+    """An OCR-detector-style head whose HardSigmoid piles its outputs at exactly 1.0 (and 0.0).
+
+    image[N, 3, H, W] (dynamic H, W) -> Conv -> Relu -> Conv (gain 4) -> HardSigmoid(alpha 0.2,
+    beta 0.5) 'gate' -> Mul with the features -> Conv 1x1 -> Sigmoid 'prob' [N, 1, H, W].
+    With inputs in [-1, 1] most gate values sit on the plateaus at 0 and 1: the spike a
+    threshold must not be pinned by.
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+    w = {"w1": rng.normal(0, 0.4, (c, 3, 3, 3)), "b1": rng.normal(0, 0.1, (c,)),
+         "w2": rng.normal(0, 4 * 0.4, (c, c, 3, 3)), "b2": rng.normal(0, 1.0, (c,)),
+         "w3": rng.normal(0, 0.3, (1, c, 1, 1)), "b3": rng.normal(0, 0.1, (1,))}
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("HardSigmoid", ["c2"], ["gate"], name="gate", alpha=0.2, beta=0.5),
+        helper.make_node("Mul", ["r1", "gate"], ["gated"], name="gated"),
+        helper.make_node("Conv", ["gated", "w3", "b3"], ["logit"], name="head"),
+        helper.make_node("Sigmoid", ["logit"], ["prob"], name="prob"),
+    ]
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])]
+    outputs = [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1, "H", "W"])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    return _model(nodes, inputs, outputs, inits, "hardsigmoid_detector")

@@ -228,3 +228,61 @@ def test_compare_gives_per_sample_rows_for_an_output_batched_on_axis_1(batch_siz
     alone = alone[alone["output"] == "stateN"].iloc[0]
     assert state.loc[3, "max_abs"] == alone["max_abs"]
     np.testing.assert_allclose(state.loc[3, "cosine"], alone["cosine"], rtol=1e-6)
+
+
+def _sequences(tmp_path: Path, lengths: list[int]) -> list[np.ndarray]:
+    folder = tmp_path / "seqs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(n, 4)).astype(np.float32) for n in lengths]
+    for i, a in enumerate(arrays):
+        np.savez(folder / f"s{i}.npz", x=a)
+    return arrays
+
+
+PADDED = 'shuffle = false\n[source]\nkind = "npz"\npath = "seqs"\n[pad]\n'
+
+
+def test_pad_makes_one_length_per_batch_with_a_mask_and_records_it(tmp_path):
+    """[pad]: sentences of 5, 8, 3 tokens padded per batch (to a multiple of 4), the mask made by quantlab."""
+    arrays = _sequences(tmp_path, [5, 8, 3])
+    (tmp_path / "p.toml").write_text(PADDED + 'inputs = ["x"]\nvalue = -7.0\nto = 4\nmask = "mask"\n'
+                                     'mask_values = [0.0, -1e9]\n')
+    data = open_dataset(tmp_path / "p.toml")
+    assert data.input_names == ("x", "mask")
+    assert data.sample(0).feeds["mask"].tolist() == [0.0] * 5  # a sample alone: unpadded, all real
+    first, last = list(data.batches(2))
+    assert first.feeds["x"].shape == (2, 8, 4) and last.feeds["x"].shape == (1, 4, 4)  # 3 -> next multiple of 4
+    np.testing.assert_array_equal(first.feeds["x"][0, :5], arrays[0])
+    assert (first.feeds["x"][0, 5:] == -7.0).all() and first.feeds["mask"].dtype == np.float32
+    assert first.feeds["mask"].tolist() == [[0.0] * 5 + [-1e9] * 3, [0.0] * 8]
+    record = data.manifest_record()["padding"]
+    assert record == {"inputs": ["x"], "value": -7.0, "axis": 0, "to": 4, "mask": "mask",
+                      "mask_values": [0.0, -1e9], "mask_dtype": "float32"}
+    (tmp_path / "int.toml").write_text(PADDED + 'inputs = ["x"]\nmask = "attention_mask"\n')
+    batch = next(open_dataset(tmp_path / "int.toml").batches(3))  # defaults: pad with 0 to the longest, mask 1/0
+    assert batch.feeds["x"].shape == (3, 8, 4) and batch.feeds["attention_mask"].dtype == np.int64
+    assert batch.feeds["attention_mask"].sum(axis=1).tolist() == [5, 8, 3]
+
+
+@pytest.mark.parametrize("table, message", [
+    ('inputs = "x"', r"p.toml: line 6: \[pad\] key 'inputs': must be a non-empty list.*inputs = \[\"input_ids\"\]"),
+    ('inputs = ["x"]\nto = 0', r"\[pad\] key 'to': must be \"max\" or an integer >= 1.*to = \"max\""),
+    ('value = 0', r"(?s)\[pad\]: no 'inputs'.*inputs = \[\"input_ids\"\]"),
+    ('inputs = ["x"]\nmask_values = [1, 0]', r"\[pad\] key 'mask_values': set without 'mask'"),
+    ('inputs = ["x"]\npadding = 1', r"\[pad\] key 'padding': unknown key"),
+    ('inputs = ["y"]', r"p.toml: \[pad\] key 'inputs' names \['y'\], which the data set does not feed.*inputs = \[\"x\"\]"),
+    ('inputs = ["x"]\nmask = "x"', r"\[pad\] key 'mask'.*named twice"),
+])
+def test_pad_errors_name_the_manifest_and_key_with_an_example(tmp_path, table, message):
+    _sequences(tmp_path, [2, 3])
+    (tmp_path / "p.toml").write_text(PADDED + table + "\n")
+    with pytest.raises(ManifestError, match=message):
+        open_dataset(tmp_path / "p.toml")
+
+
+def test_pad_axis_outside_a_sample_names_the_sample_and_input(tmp_path):
+    _sequences(tmp_path, [2, 3])
+    (tmp_path / "p.toml").write_text(PADDED + 'inputs = ["x"]\naxis = 2\n')
+    with pytest.raises(DataError, match=r"sample 'seqs/s0.npz': input 'x' is \[2, 4\] and has no axis 2"):
+        list(open_dataset(tmp_path / "p.toml").batches(2))

@@ -53,20 +53,18 @@ def test_build_takes_the_shapes_a_calibration_table_recorded(recognizer, tmp_pat
     from quantlab.calibrate import calibrate
     from quantlab.data import from_arrays
     from quantlab.graph import load_model
-    from quantlab.shapes import ShapeLog
     from quantlab.table import write_table
 
     images = np.random.default_rng(0).uniform(-1, 1, (4, 3, 48, 96)).astype(np.float32)
     table = calibrate(load_model(recognizer), from_arrays({"image": images}), "minmax", batch_size=2).tables["minmax"]
-    log = ShapeLog()
-    log.observe({"image": images[:2]})
-    table = type(table)(**{**table.__dict__, "calib_set": {**table.calib_set, "input_shapes": log.as_dict()}})
+    assert table.calib_set["input_shapes"] == {"image": [[1, 3, 48, 96, 4]]}  # [*sample shape, samples]
+    assert table.calib_set["batch_axes"] == {"image": 0}
     write_table(table, tmp_path / "t.json")
     code, _, _ = _run(["build", str(recognizer), "--table", str(tmp_path / "t.json"), "--backend", "tensorrt-rtx",
                        "--out", str(tmp_path / "b")], capfd)
     assert code == ExitCode.OK
     info = json.loads((tmp_path / "b" / "engine.json").read_text())
-    assert info["profiles"] == {"image": [[1, 3, 48, 96], [2, 3, 48, 96], [2, 3, 48, 96]]}
+    assert info["profiles"] == {"image": [[1, 3, 48, 96], [8, 3, 48, 96], [8, 3, 48, 96]]}  # batch: PROFILE_BATCH
     assert info["profiles_from"] == "the calibration data"
 
 
@@ -77,3 +75,72 @@ def test_perf_times_the_opt_shape(recognizer, tmp_path, capfd):
     assert json.loads((tmp_path / "p.json").read_text())["results"][0]["latency"]["batch_size"] == 2
     code, _, err = _run(["perf", str(recognizer), "--backend", "ort", "--shapes", "image:1x3x32x64"], capfd)
     assert code == ExitCode.BAD_INPUT and "axis 2" in err and "write 48" in err
+
+
+def _line_sets(tmp_path: Path) -> tuple[Path, Path]:
+    """Calibration lines of width 64 (3) and validation lines of widths 128 and 64, batched by shape."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for folder, widths in (("calib", (64, 64, 64)), ("valid", (128, 64))):
+        (tmp_path / folder).mkdir()
+        for i, w in enumerate(widths):
+            np.save(tmp_path / folder / f"l{i}.npy", rng.uniform(-1, 1, (3, 48, w)).astype(np.float32))
+        paths.append(tmp_path / f"{folder}.toml")
+        paths[-1].write_text(f'batching = "by_shape"\nshuffle = false\n[source]\nkind = "npy"\npath = "{folder}"\n'
+                             '[inputs]\nimage = "array"\n')
+    return paths[0], paths[1]
+
+
+def test_search_takes_shapes_or_derives_them_from_calibration_and_validation_data(recognizer, tmp_path, capfd):
+    calib, valid = _line_sets(tmp_path)
+    search = ["search", str(recognizer), "--calib", str(calib), "--data", str(valid), "--threshold", "cosine>=0.9",
+              "--batch-size", "2"]
+    code, out, err = _run([*search, "--out", str(tmp_path / "ort"), "--shapes", "image:1x3x48x64"], capfd)
+    assert code != ExitCode.OK and "ONNX Runtime runs any shape" in err and not (tmp_path / "ort").exists()
+    code, out, err = _run([*search, "--backend", "tensorrt-rtx", "--shapes", "image:1x3x32x64",
+                           "--out", str(tmp_path / "bad")], capfd)
+    assert code == ExitCode.BAD_INPUT and "--shapes: input 'image'" in err and "write 48" in err
+    # no --shapes: the table's calibration lines (64 wide) and the validation's (128, 64), batch 1..--batch-size
+    code, out, err = _run([*search, "--backend", "tensorrt-rtx", "--out", str(tmp_path / "rtx")], capfd)
+    assert "engine profiles image:1x3x48x64,2x3x48x64,2x3x48x128 (from the calibration and validation data)" in out
+    assert code == ExitCode.OK or "no CUDA GPU" in err  # the engines build anywhere; running them needs a GPU
+
+
+def test_search_options_give_every_engine_the_shapes(recognizer):
+    """SearchOptions.shapes become the backend's default ranges (what the evaluator's runners and the
+    comparator's get): the written INT8 candidate builds with exactly those profiles."""
+    from quantlab.backends import get_backend
+    from quantlab.errors import SearchError
+    from quantlab.search import SearchOptions
+
+    text = "image:1x3x48x64,2x3x48x128,4x3x48x256"
+    options = SearchOptions(threshold="cosine>=0.9", backend="tensorrt-rtx", shapes=text)
+    options.check()
+    backend = get_backend(options.backend, **options.backend_options)
+    proto = onnx.load(recognizer)
+    assert backend.profiles_for(proto) == {"image": [[1, 3, 48, 64], [2, 3, 48, 128], [4, 3, 48, 256]]}
+    assert len(backend.build_engine(proto, label="recognizer")) > 10_000
+    assert SearchOptions(threshold="cosine>=0.9").backend_options == {}
+    with pytest.raises(SearchError, match="ONNX Runtime runs any shape"):
+        SearchOptions(threshold="cosine>=0.9", shapes=text).check()
+    with pytest.raises(SearchError, match="'image' has 2 shapes"):
+        SearchOptions(threshold="cosine>=0.9", backend="tensorrt-rtx", shapes="image:1x3x48x64,2x3x48x64").check()
+
+
+def test_experiment_engine_shapes_come_from_the_file_or_the_data(recognizer, tmp_path):
+    from quantlab.calibrate import calibrate
+    from quantlab.data import open_dataset
+    from quantlab.experiment.spec import parse_experiment
+    from quantlab.experiment.stages import engine_shapes_for
+    from quantlab.graph import load_model
+
+    calib, valid = _line_sets(tmp_path)
+    model = load_model(recognizer)
+    table = calibrate(model, open_dataset(calib), "minmax", batch_size=2).tables["minmax"]
+    head = f'backend = "tensorrt-rtx"\n[data]\ncalibration = "{calib}"\nvalidation = "{valid}"\n[model]\npath = "{recognizer}"\n'
+    derived = engine_shapes_for(parse_experiment(head), model, table, open_dataset(valid))
+    assert derived == "image:1x3x48x64,8x3x48x64,8x3x48x128"  # the batch up to the stages' batch size (8)
+    given = parse_experiment(head + 'shapes = "image:1x3x48x64,8x3x48x320,32x3x48x1600"\n')
+    assert engine_shapes_for(given, model, table, open_dataset(valid)) == "image:1x3x48x64,8x3x48x320,32x3x48x1600"
+    ort = parse_experiment(head.replace("tensorrt-rtx", "ort"))
+    assert engine_shapes_for(ort, model, table, open_dataset(valid)) is None

@@ -2,9 +2,11 @@
 
 ``text_recognizer`` is the OCR recognizer's shape problem (dynamic width, a reshape
 that a width of 1 breaks); ``refinement_loop`` a Loop with a static trip count,
-unrolled before statistics. (``voice_activity`` needs a state input batched on axis 1,
-which the data layer cannot feed yet: its graph passes, calibration from raw feeds and
-builds are in test_controlflow.py.)
+unrolled before statistics. The ``slow`` tests at the end take every issue model
+(recognizer, ``dynamic_attention`` with padded sentences and an additive mask,
+``voice_activity`` with its state on axis 1, ``hardsigmoid_detector``) through the CLI
+as a user would: manifests, calibrate, build with TensorRT-RTX without --shapes, compare,
+search, and a TensorRT-RTX build of the plan the search chose.
 """
 
 from __future__ import annotations
@@ -170,3 +172,140 @@ def test_onnx_wheel_layer_models_are_written_and_build_where_their_fp32_builds()
         quantized += written.plan.counts().get("int8", 0) > 0
         assert len(backend.build_engine(written.proto, label=name)) > 1_000, name
     assert quantized >= len(present) - 3  # Embedding, PReLU and PixelShuffle hold no Conv/MatMul/Gemm
+
+
+# --- issue 14, part 5: every test model through the CLI as a user runs it -------------------------------------
+# calibrate (a manifest) -> build --backend tensorrt-rtx without --shapes (profiles from the shapes the table
+# recorded) -> compare (ORT) -> search (ORT) -> build of the search's plan with TensorRT-RTX.
+
+
+def _save_npz(folder: Path, samples: list[dict[str, np.ndarray]]) -> None:
+    folder.mkdir(parents=True)
+    for i, feeds in enumerate(samples):
+        np.savez(folder / f"s{i}.npz", **feeds)
+
+
+def _manifest(path: Path, folder: str, role: str, extra: str) -> Path:
+    path.write_text(f'role = "{role}"\nshuffle = false\n{extra}\n[source]\nkind = "npz"\npath = "{folder}"\n')
+    return path
+
+
+def _cli(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from quantlab.cli import main
+
+    capfd.readouterr()
+    code = int(main([str(a) for a in argv]))
+    out, err = capfd.readouterr()
+    return code, out + err
+
+
+def _no_invented_ones(profiles: dict, batch_axes: dict) -> None:
+    """No profile puts a dim at 1 except on the batch axis (a last partial batch): the data had none."""
+    for name, (lo, _opt, _hi) in profiles.items():
+        assert all(d > 1 or axis == batch_axes[name] for axis, d in enumerate(lo)), (name, lo)
+
+
+def _through_the_cli(tmp_path: Path, capfd, proto, calib: list[dict], valid: list[dict], manifest_extra: str,
+                     method: str = "minmax") -> dict:
+    """calibrate -> build (RTX, profiles from the table) -> compare -> search -> build the plan; what each gave."""
+    import json
+
+    import onnx
+
+    from quantlab.compare import load_candidate
+    from quantlab.data import open_dataset
+    from quantlab.graph import load_model
+
+    onnx.save(proto, tmp_path / "model.onnx")
+    _save_npz(tmp_path / "calib", calib)
+    _save_npz(tmp_path / "valid", valid)
+    cal = _manifest(tmp_path / "calib.toml", "calib", "calibration", manifest_extra)
+    val = _manifest(tmp_path / "valid.toml", "valid", "validation", manifest_extra)
+    model_path = tmp_path / "model.onnx"
+    code, text = _cli(["calibrate", model_path, "--calib", cal, "--method", method, "--batch-size", 2,
+                       "--no-progress", "--out", tmp_path / "cal"], capfd)
+    assert code == 0, text
+    table = tmp_path / "cal" / f"calib_{method}.json"
+    code, text = _cli(["build", model_path, "--table", table, "--backend", "tensorrt-rtx", "--out", tmp_path / "int8"],
+                      capfd)
+    assert code == 0, text
+    engine = json.loads((tmp_path / "int8" / "engine.json").read_text())
+    assert engine["profiles_from"] == "the calibration data" and engine["engine_bytes"] > 10_000
+    _no_invented_ones(engine["profiles"], json.loads(table.read_text())["calib_set"]["batch_axes"])
+    model = load_model(model_path)
+    result = compare(model, {"int8": load_candidate(tmp_path / "int8", model)}, open_dataset(val),
+                     CompareOptions(batch_size=2, local=False, bootstrap=0))
+    code, text = _cli(["search", model_path, "--table", table, "--data", val, "--threshold", "cosine>=0.9",
+                       "--budget", 2, "--batch-size", 2, "--out", tmp_path / "search"], capfd)
+    assert code == 0 and "met: " in text and (tmp_path / "search" / "final" / "model.onnx").is_file(), text
+    code, text = _cli(["build", model_path, "--table", table, "--plan", tmp_path / "search" / "plan.json",
+                       "--backend", "tensorrt-rtx", "--out", tmp_path / "mixed"], capfd)
+    assert code == 0, text
+    written = onnx.load(tmp_path / "int8" / "model.onnx")
+    return {"table": json.loads(table.read_text()), "profiles": engine["profiles"],
+            "quantized": {n.input[0] for n in written.graph.node if n.op_type == "QuantizeLinear"},
+            "end_to_end": result.end_to_end.set_index(["candidate", "output"]),
+            "search": json.loads((tmp_path / "search" / "search.json").read_text())}
+
+
+
+
+@pytest.mark.slow
+def test_recognizer_lines_of_several_widths_end_to_end(tmp_path, capfd):
+    rng = np.random.default_rng(0)
+    line = lambda w: {"image": rng.uniform(-1, 1, (3, 48, w)).astype(np.float32)}  # noqa: E731
+    got = _through_the_cli(tmp_path, capfd, models.text_recognizer(), [line(w) for w in (64, 128, 64, 64, 192, 64)],
+                           [line(w) for w in (128, 64, 128)], 'batching = "by_shape"')
+    # [*sample shape, samples], the most frequent first; the batch axis of the profile: 1..PROFILE_BATCH
+    assert got["table"]["calib_set"]["input_shapes"] == {"image": [[1, 3, 48, 64, 4], [1, 3, 48, 128, 1],
+                                                                   [1, 3, 48, 192, 1]]}
+    assert got["profiles"] == {"image": [[1, 3, 48, 64], [8, 3, 48, 64], [8, 3, 48, 192]]}
+    row = got["end_to_end"].loc[("int8", "logits")]
+    assert row["samples"] == 3 and row["cosine"] > 0.99
+
+
+@pytest.mark.slow
+def test_transformer_with_padded_sentences_and_an_additive_mask_end_to_end(tmp_path, capfd):
+    """[pad] to a multiple of 4 with the mask quantlab makes (0 / -1e9): profiles follow the padded lengths."""
+    rng = np.random.default_rng(1)
+    sentence = lambda n: {"x": rng.normal(0, 1, (n, 16)).astype(np.float32)}  # noqa: E731
+    pad = '[pad]\ninputs = ["x"]\nto = 4\nmask = "mask"\nmask_values = [0.0, -1e9]'
+    got = _through_the_cli(tmp_path, capfd, models.dynamic_attention(), [sentence(n) for n in (3, 2, 8, 7, 4, 4)],
+                           [sentence(n) for n in (5, 3, 6, 2)], pad)
+    assert got["table"]["calib_set"]["manifest"]["padding"]["mask"] == "mask"
+    assert got["profiles"] == {"x": [[1, 4, 16], [8, 4, 16], [8, 8, 16]], "mask": [[1, 4], [8, 4], [8, 8]]}
+    assert not {"mask", "mask4", "masked"} & got["quantized"]  # the additive mask stays float: INT8 would lose it
+    row = got["end_to_end"].loc[("int8", "out")]
+    assert row["samples"] == 4 and row["cosine"] > 0.97  # INT8 noise of six 16-wide MatMul inputs (~0.99 here)
+
+
+@pytest.mark.slow
+def test_voice_activity_with_state_on_axis_1_end_to_end(tmp_path, capfd):
+    """The If on the sample rate (an initializer) is inlined, state is batched on axis 1: so are its profiles."""
+    rng = np.random.default_rng(2)
+    chunk = lambda: {"input": rng.normal(0, 1, 64).astype(np.float32),  # noqa: E731
+                     "state": rng.normal(0, 0.5, (2, 128)).astype(np.float32)}
+    proto = models.voice_activity()
+    axes = '[inputs]\ninput = "input"\nstate = { field = "state", batch_axis = 1 }'
+    got = _through_the_cli(tmp_path, capfd, proto, [chunk() for _ in range(5)], [chunk() for _ in range(4)], axes)
+    assert got["table"]["calib_set"]["batch_axes"] == {"input": 0, "state": 1}
+    assert got["profiles"] == {"input": [[1, 64], [8, 64], [8, 64]], "state": [[2, 1, 128], [2, 8, 128], [2, 8, 128]]}
+    assert any("16k" in name for name in got["table"]["tensors"])  # the taken branch's tensors are calibrated
+    row = got["end_to_end"].loc[("int8", "prob")]
+    assert row["samples"] == 4 and row["cosine"] > 0.99
+    assert got["end_to_end"].loc[("int8", "stateN")]["samples"] == 4  # an output batched on axis 1 compared too
+
+
+@pytest.mark.slow
+def test_hardsigmoid_spike_detector_end_to_end(tmp_path, capfd):
+    """Most HardSigmoid outputs sit at exactly 0 or 1 (a third at 1.0): entropy's range for it keeps the plateau."""
+    rng = np.random.default_rng(3)
+    image = lambda h, w: {"image": rng.uniform(-1, 1, (3, h, w)).astype(np.float32)}  # noqa: E731
+    got = _through_the_cli(tmp_path, capfd, models.hardsigmoid_detector(),
+                           [image(32, 48), image(32, 48), image(48, 64), image(48, 64)],
+                           [image(32, 48), image(48, 64)], 'batching = "by_shape"', method="entropy")
+    assert got["profiles"] == {"image": [[1, 3, 32, 48], [8, 3, 48, 64], [8, 3, 48, 64]]}
+    gate = got["table"]["tensors"]["gate"]
+    assert gate["max"] == 1.0 and gate["amax"] >= 1.0  # the plateau at 1.0 is inside the range, not clipped
+    row = got["end_to_end"].loc[("int8", "prob")]
+    assert row["samples"] == 2 and row["cosine"] > 0.99

@@ -81,6 +81,7 @@ def test_data_shapes_that_break_the_model_are_named():
 
 EXPERIMENT = """\
 name = "ocr"
+backend = "{backend}"
 
 [model]
 path = "model.onnx"
@@ -99,16 +100,19 @@ def test_experiment_files_take_shapes_and_name_the_line_of_a_bad_one(tmp_path):
     for name in ("model.onnx", "calib.toml", "val.toml"):
         (tmp_path / name).write_text("x")
     good = tmp_path / "good.toml"
-    good.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320,32x3x48x1600"))
+    good.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320,32x3x48x1600", backend="tensorrt-rtx"))
     config = load_experiment(good)
     assert parse_shapes(config.shapes)["image"].max == (32, 3, 48, 1600)
     assert config.settings()["shapes"] == config.shapes
     bad = tmp_path / "bad.toml"
-    bad.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320"))
+    bad.write_text(EXPERIMENT.format(shapes="image:1x3x48x64,8x3x48x320", backend="tensorrt-rtx"))
     with pytest.raises(ExperimentError) as err:
         load_experiment(bad)
     text = str(err.value)
-    assert "bad.toml: line 5" in text and "'image' has 2 shapes" in text and "NAME:MIN,OPT,MAX" in text
+    assert "bad.toml: line 6" in text and "'image' has 2 shapes" in text and "NAME:MIN,OPT,MAX" in text
+    bad.write_text(EXPERIMENT.format(shapes="image:1x3x48x64", backend="ort"))  # ONNX Runtime takes any shape
+    with pytest.raises(ExperimentError, match=r"bad.toml: line 6: \[model\] key 'shapes'.*ONNX Runtime runs any shape"):
+        load_experiment(bad)
 
 
 def test_a_build_takes_the_flag_else_the_recorded_data_shapes_else_nothing():
@@ -121,3 +125,29 @@ def test_a_build_takes_the_flag_else_the_recorded_data_shapes_else_nothing():
     assert shapes_for_build(None, recorded, net)["image"].as_lists() == [[1, 3, 48, 96], [8, 3, 48, 320],
                                                                         [8, 3, 48, 320]]
     assert shapes_for_build(None, None, net) is None
+
+
+def test_sample_shapes_do_not_depend_on_the_batch_size_and_the_batch_axis_is_set_apart():
+    """What a calibration table keeps: sample shapes (batch axis 1, counted per sample), on each input's axis."""
+    from quantlab.shapes import PROFILE_BATCH, shapes_for_table
+
+    logs = []
+    for batch in (1, 2, 4):
+        log = ShapeLog()
+        for start in range(0, 4, batch):
+            n = min(batch, 4 - start)
+            log.observe_samples({"input": np.zeros((n, 64)), "state": np.zeros((2, n, 128)), "sr": np.zeros(())},
+                                {"state": 1, "sr": None})
+        logs.append(log.as_dict())
+    assert logs[0]["input"] == [[1, 64, 4]] and logs[0]["state"] == [[2, 1, 128, 4]]
+    assert logs[0] == logs[1] == logs[2] and logs[0]["sr"] == [[4]]  # sr (no batch axis): once per sample
+    net = {"input": (-1, 64), "state": (2, -1, 128), "sr": ()}
+    calib_set = {"input_shapes": logs[1], "batch_axes": {"input": 0, "state": 1, "sr": None}}
+    ranges = shapes_for_table(None, calib_set, net)
+    assert ranges["state"].as_lists() == [[2, 1, 128], [2, PROFILE_BATCH, 128], [2, PROFILE_BATCH, 128]]
+    assert shapes_for_table(None, calib_set, net, batch=3)["input"].as_lists() == [[1, 64], [3, 64], [3, 64]]
+    assert set(ranges) == {"input", "state"}  # sr is static
+    fixed = shapes_for_table(None, {"input_shapes": {"image": [[1, 3, 48, 96, 5]]}}, {"image": (4, 3, 48, -1)})
+    assert fixed["image"].as_lists() == [[4, 3, 48, 96]] * 3  # a fixed batch stays the model's
+    with pytest.raises(InputMismatchError, match="t.json: calib_set.batch_axes: is"):
+        shapes_for_table(None, {"batch_axes": {"state": "one"}}, net, where="t.json")

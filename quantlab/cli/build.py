@@ -137,14 +137,13 @@ def _saturation_note(options: WriteOptions, written: WrittenModel) -> str | None
 def _shapes(args: argparse.Namespace, model: Any, table: CalibrationTable | None) -> tuple[Any, str]:
     """(ranges or None, where they come from) for the engine's optimisation profiles."""
     from ..errors import QuantlabError
-    from ..shapes import shapes_for_build
+    from ..shapes import network_shapes, shapes_for_table
 
     if args.shapes and args.backend == "ort":
         raise QuantlabError("--shapes sets TensorRT optimisation profiles; ONNX Runtime runs any shape. Drop "
                             "--shapes, or build with --backend tensorrt / tensorrt-rtx.")
-    recorded = (table.calib_set.get("input_shapes") if table is not None else None) or None
-    network = {s.name: [d if isinstance(d, int) else -1 for d in (s.shape or ())] for s in model.inputs}
-    ranges = shapes_for_build(args.shapes, recorded, network)
+    ranges = shapes_for_table(args.shapes, table.calib_set if table is not None else None,
+                              network_shapes(model.inputs), where=str(args.table))
     return ranges, ("--shapes" if args.shapes else "the calibration data" if ranges else "a guess")
 
 

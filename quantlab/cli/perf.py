@@ -96,18 +96,9 @@ def _ranges(shapes: list[str] | None, model: Any) -> dict[str, Any] | None:
     """``--shapes`` parsed and checked against the model's inputs (None without the flag)."""
     if not shapes:
         return None
-    from ..errors import InputMismatchError
-    from ..shapes import check_range_fits, parse_shapes
+    from ..shapes import check_ranges, network_shapes, parse_shapes
 
-    ranges = parse_shapes(shapes)
-    inputs = {s.name: [d if isinstance(d, int) else -1 for d in (s.shape or ())] for s in model.inputs}
-    unknown = sorted(set(ranges) - set(inputs))
-    if unknown:
-        raise InputMismatchError(f"--shapes names {', '.join(map(repr, unknown))}, which are not inputs of the "
-                                 f"model; its inputs are {', '.join(map(repr, inputs))}")
-    for name, shape_range in ranges.items():
-        check_range_fits(shape_range, inputs[name])
-    return ranges
+    return check_ranges(parse_shapes(shapes), network_shapes(model.inputs))
 
 
 def _opt_dims(ranges: dict[str, Any] | None, model: Any) -> dict[str, int]:

@@ -3,9 +3,14 @@
     quantlab search model.onnx --calib calib_sets/C.toml --data calib_sets/V.toml --threshold "top1_drop<=0.5" --out DIR
     quantlab search model.onnx --table calib/calib_entropy.json --data V.toml --threshold "cosine>=0.999" \\
         --budget 12 --objective latency --fallback fp32 --out DIR
+    quantlab search rec.onnx --calib C.toml --data V.toml --backend tensorrt-rtx \\
+        --shapes image:1x3x48x64,8x3x48x320,32x3x48x1600 --threshold "cosine>=0.99" --out DIR
 
 Calibrates (``--method``, default entropy) unless ``--table`` gives the ranges, then
-searches (see :mod:`quantlab.search`) and writes into ``--out``:
+searches (see :mod:`quantlab.search`) and writes into ``--out``. On a TensorRT backend every
+engine is built with the ``--shapes`` ranges, else with those of the shapes the calibration
+table recorded and the validation batches had (``search.json`` records them under ``options``).
+Writes:
 
 - ``plan.json`` / ``plan.toml``   the final precision plan (edit it and pass it to `quantlab build --plan`)
 - ``final/``                      the built model: model.onnx, provenance.json, plan.json
@@ -27,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from . import add_command, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 
 if TYPE_CHECKING:
-    from ..search import StepEvent
+    from ..search import SearchOptions, StepEvent
 
 __all__ = ["HELP", "register", "run", "format_step", "owned_files"]
 
@@ -79,6 +84,10 @@ def register(subparsers: Any) -> None:
                    help="Q/DQ form written: tensorrt (default; its accuracy is simulated on ONNX Runtime) or ort")
     p.add_argument("--backend", choices=BACKEND_NAMES, default=defaults.backend,
                    help="backend that runs the candidates (default ort)")
+    p.add_argument("--shapes", action="append", default=None, metavar="NAME:MIN,OPT,MAX",
+                   help="(TensorRT backends) engine shape ranges for every engine the search builds, as `quantlab "
+                        "build --shapes` takes them, e.g. image:1x3x48x64,8x3x48x320,32x3x48x1600; default: the "
+                        "shapes of the calibration and validation data")
     p.add_argument("--probe-samples", type=positive_int, default=defaults.probe_samples, metavar="N",
                    help=f"validation subset on which each group's impact is measured (reverted alone) for the "
                         f"ranking (default {defaults.probe_samples})")
@@ -119,6 +128,20 @@ def format_step(event: StepEvent) -> str:
             f"best: {best_text}  full {event.full_used}/{event.budget}")
 
 
+def _with_engine_shapes(options: SearchOptions, args: argparse.Namespace, model: Any, table: Any,
+                        val: Any) -> SearchOptions:
+    """``options`` with the engine shapes of a TensorRT search: --shapes checked against the model, else those
+    of the calibration table's recorded shapes and the validation batches (see quantlab.shapes.engine_shapes)."""
+    import dataclasses
+
+    from ..shapes import engine_shapes, network_shapes
+
+    batches = val.batches(args.batch_size) if options.backend != "ort" and not args.shapes else None
+    shapes = engine_shapes(options.backend, args.shapes, table.calib_set, network_shapes(model.inputs), batches,
+                           where=str(args.table or "the calibration"), batch=args.batch_size)
+    return dataclasses.replace(options, shapes=shapes)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..atomic import remove_empty_folders
 
@@ -156,8 +179,9 @@ def _run(args: argparse.Namespace) -> int:
         probe_samples=args.probe_samples, probe_top=args.probe_top, batch_size=args.batch_size, seed=args.seed,
         latency=True if args.latency else None, metric=args.metric,
         per_channel_weights=not args.per_tensor_weights, bias_correction=not args.no_bias_correction,
+        shapes=" ".join(args.shapes) if args.shapes else None,
     )
-    options.check()
+    options.check()  # refuses --shapes on ONNX Runtime and bad --shapes text before any work
     calib = None
     if args.table is not None:
         table = read_table(args.table)
@@ -170,9 +194,14 @@ def _run(args: argparse.Namespace) -> int:
         table = calibrate(model, calib, [args.method], batch_size=args.batch_size,
                           progress=True).tables[args.method]
         source = f"{args.method} calibration on {args.calib}"
+    options = _with_engine_shapes(options, args, model, table, val)
     workdir = args.workdir if args.workdir is not None else args.out / "work"
     print(f"quantlab search: {model.label}, {len(val)} validation samples, threshold {args.threshold!r}, "
           f"target {args.target}, backend {args.backend}, ranges from {source}; log {workdir}", flush=True)
+
+    if options.shapes:
+        print(f"quantlab search: engine profiles {options.shapes}"
+              + ("" if args.shapes else " (from the calibration and validation data)"), flush=True)
 
     def on_step(event: StepEvent) -> None:
         print(format_step(event), flush=True)

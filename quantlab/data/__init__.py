@@ -19,6 +19,7 @@ Layout (arrows: imports; each manifest table's keys live with the code that uses
       ├─ sources.py     [[source]] kinds + keys, SourceSpec, file listing      │ parse
       ├─ preprocess.py  [preprocess] keys, image pipeline, hooks, FeedMaker    │ (quantlab.schema
       │    └─ augment.py  [augment] keys, random resized crop + flip           │  checks every key)
+      ├─ padding.py     [pad] keys, PadSpec, per-batch padding + mask          │
       └─ labels.py      [labels] keys, Labeler                                 ┘
     huggingface.py  hf_disk / hf_imagefolder (imports `datasets` lazily)   ─┐
     reader.py       SourceReader: items per source, raw fields of an item   │ load
@@ -48,6 +49,7 @@ from .datasets import (
 )
 from .labels import LABEL_DTYPES, LabelSpec
 from .manifest import ROLES, DataSetManifest, load_manifest
+from .padding import PadSpec
 from .preprocess import (
     CHANNEL_ORDERS,
     DTYPES,
@@ -79,6 +81,7 @@ __all__ = [
     "InputStats",
     "LabelSpec",
     "ManifestDataSet",
+    "PadSpec",
     "PreprocessSpec",
     "Sample",
     "SourceSpec",

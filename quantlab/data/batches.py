@@ -23,6 +23,7 @@ from ..environment import available_memory_bytes, format_bytes, shape_bytes
 from ..errors import DataError, InputMismatchError
 from ..graph import TensorSpec
 from ..schema import is_int
+from .padding import PadSpec, pad_samples
 
 __all__ = [
     "Batch",
@@ -94,9 +95,11 @@ def stack_input(name: str, samples: Sequence[Sample], axis: int | None) -> np.nd
 
 
 def stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype: str | None,
-                  advice: Callable[[str], str], batch_axes: Mapping[str, int | None] | None = None) -> Batch:
-    """Samples stacked on each input's batch axis, 0 by default (DataError naming both samples when shapes
-    or dtypes differ)."""
+                  advice: Callable[[str], str], batch_axes: Mapping[str, int | None] | None = None,
+                  padding: PadSpec | None = None) -> Batch:
+    """Samples stacked on each input's batch axis, 0 by default, after ``padding`` made the inputs it names
+    one length (DataError naming both samples when shapes or dtypes still differ)."""
+    samples = pad_samples(samples, padding)
     first = samples[0]
     feeds: dict[str, np.ndarray] = {}
     for name in names:
@@ -155,6 +158,8 @@ class DataSet:
     input_names: tuple[str, ...] = ()
     label_dtype: str | None = None
     batch_axes: Mapping[str, int | None] = {}
+    group_by_shape: bool = False
+    padding: PadSpec | None = None  # [pad]: inputs padded to one length per batch (quantlab.data.padding)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -209,7 +214,8 @@ class DataSet:
             return
         for start in range(0, n, batch_size):
             samples = [self._load(i) for i in range(start, min(start + batch_size, n))]
-            yield stack_samples(samples, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes)
+            yield stack_samples(samples, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes,
+                                self.padding)
 
     def _batches_by_shape(self, batch_size: int) -> Iterator[Batch]:
         """Samples of equal shapes batched together (``batching = "by_shape"``: text lines of several widths).
@@ -225,10 +231,12 @@ class DataSet:
             group = pending.setdefault(shape, [])
             group.append(sample)
             if len(group) == batch_size:
-                yield stack_samples(group, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes)
+                yield stack_samples(group, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes,
+                                    self.padding)
                 del pending[shape]
         for group in pending.values():
-            yield stack_samples(group, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes)
+            yield stack_samples(group, self.input_names, self.label_dtype, self._stack_advice, self.batch_axes,
+                                    self.padding)
 
     def input_specs(self) -> dict[str, TensorSpec]:
         """dtype and per-sample shape (no batch axis) of each input, from the first sample."""
@@ -255,6 +263,7 @@ class FirstSamples(DataSet):
         self.role, self.name = parent.role, parent.name
         self.input_names, self.label_dtype = parent.input_names, parent.label_dtype
         self.batch_axes, self.group_by_shape = parent.batch_axes, parent.group_by_shape
+        self.padding = parent.padding
 
     def __len__(self) -> int:
         return self._n

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ..errors import DataError, ManifestError
 from .batches import SAME_SHAPE_ADVICE, Batch, DataSet, Sample
 from .labels import Labeler
 from .manifest import ROLES, DataSetManifest, load_manifest
+from .padding import PadSpec, with_mask
 from .preprocess import FeedMaker, resolve_hook
 from .reader import SourceReader
 from .sources import Item
@@ -59,6 +61,23 @@ def _input_mapping(manifest: DataSetManifest, fields: list[set[str]]) -> dict[st
     return mapping
 
 
+def _checked_padding(manifest: DataSetManifest, mapping: dict[str, str]) -> PadSpec | None:
+    """``[pad]`` when its inputs are inputs of the set and its mask is not (ManifestError naming the file)."""
+    spec = manifest.padding
+    if spec is None:
+        return None
+    unknown = [n for n in spec.inputs if n not in mapping]
+    if unknown:
+        raise ManifestError(f"{manifest.path}: [pad] key 'inputs' names {unknown}, which the data set does not "
+                            f"feed (its inputs: {list(mapping)}); list inputs it feeds, e.g. inputs = "
+                            f"{json.dumps(list(mapping)[:1])}")
+    if spec.mask in mapping:
+        raise ManifestError(f"{manifest.path}: [pad] key 'mask' is {spec.mask!r}, which the data already feeds; "
+                            "the mask is made by quantlab from the padding. Drop 'mask' (and pad the data's own "
+                            f"mask by listing it in 'inputs'), or remove {spec.mask!r} from the data's inputs.")
+    return spec
+
+
 class ManifestDataSet(DataSet):
     """The samples a :class:`DataSetManifest` describes, in seed order, loaded one at a time."""
 
@@ -78,7 +97,9 @@ class ManifestDataSet(DataSet):
         items, fields = self._list_sources()
         self._items = self._in_seed_order(items)
         self._mapping = _input_mapping(manifest, fields)
-        self.input_names = tuple(self._mapping)
+        self.padding = _checked_padding(manifest, self._mapping)
+        mask = (self.padding.mask,) if self.padding is not None and self.padding.mask else ()
+        self.input_names = (*self._mapping, *mask)
         self.batch_axes = dict(manifest.batch_axes)
         self.sequence_carry = dict(manifest.sequence_carry)  # quantlab.sequence.SequenceData runs the carry
         self.group_by_shape = manifest.group_by_shape
@@ -145,7 +166,8 @@ class ManifestDataSet(DataSet):
             return "set [preprocess] resize and center_crop so that every image gets one size"
         if origin == "hook":
             return "make the [preprocess] hook return one shape for every image"
-        return SAME_SHAPE_ADVICE + ', or set batching = "by_shape" in the manifest to batch equal shapes together'
+        return (SAME_SHAPE_ADVICE + ', or set batching = "by_shape" in the manifest to batch equal shapes together'
+                ", or pad them to one length with [pad] (see calib_sets/README.md)")
 
 
     # --- loading -------------------------------------------------------------------------
@@ -164,7 +186,7 @@ class ManifestDataSet(DataSet):
             raise unreadable(exc, f"the data of sample {item.key!r}", self.manifest.sources[item.source].root) from None
         label = self._labeler.from_fields(fields, item.key, item.label)
         feeds: dict[str, np.ndarray] = {}
-        for name in self.input_names:
+        for name in self._mapping:
             fieldname = self._mapping[name]
             if fieldname not in fields:
                 raise DataError(f"sample {item.key!r}: has no field {fieldname!r} for input {name!r} "
@@ -172,7 +194,7 @@ class ManifestDataSet(DataSet):
             feeds[name] = self._feeds.array(fields[fieldname], item.key, item.view, name)
             if self.manifest.complete_feeds:
                 feeds[name] = self._without_batch_axis(feeds[name], name, item.key)
-        return Sample(index=i, key=item.key, feeds=feeds, label=label)
+        return Sample(index=i, key=item.key, feeds=with_mask(feeds, self.padding, item.key), label=label)
 
     def _without_batch_axis(self, array: np.ndarray, name: str, key: str) -> np.ndarray:
         """A complete feed's array (batch 1 on the input's batch axis) as one sample (``feeds = "complete"``)."""
@@ -204,6 +226,7 @@ class ManifestDataSet(DataSet):
             "settings": m.raw,
             "sources": [dict(s.record(), available=n) for s, n in zip(m.sources, self._per_source)],
             "skipped_sources": list(m.skipped_sources),
+            **({"padding": self.padding.record()} if self.padding is not None else {}),
         }
 
     def describe_source(self) -> str:

@@ -2,6 +2,7 @@
 
     NAME.toml ──read_toml──> raw table ──check_table(TOP_KEYS)──┬─ [[source]]  -> sources.parse_source
                                                                ├─ [inputs]    -> parse_inputs (here)
+                                                               ├─ [pad]       -> padding.parse_pad
                                                                ├─ [preprocess]-> preprocess.parse_preprocess
                                                                ├─ [augment]   -> augment.parse_augment
                                                                └─ [labels]    -> labels.parse_labels
@@ -25,6 +26,7 @@ from ..fingerprint import sha256_bytes
 from ..schema import Key, Where, check_table, is_int, is_str, one_of, show
 from .augment import AugmentSpec, parse_augment
 from .labels import LabelSpec, parse_labels
+from .padding import PadSpec, parse_pad
 from .preprocess import PreprocessSpec, parse_preprocess
 from .sources import SourceSpec, parse_source
 
@@ -57,6 +59,8 @@ TOP_KEYS: dict[str, Key] = {
     "augment": Key("a table", lambda v: isinstance(v, dict), "[augment]\nviews = 8"),
     "labels": Key("a table", lambda v: isinstance(v, dict), '[labels]\nregex = "_(\\\\d+)\\\\.jpg$"'),
     "sequence": Key("a table", lambda v: isinstance(v, dict), '[sequence]\ncarry = { stateN = "state" }'),
+    "pad": Key("a table", lambda v: isinstance(v, dict),
+               '[pad]\ninputs = ["input_ids"]\nvalue = 0\nmask = "attention_mask"   # pad samples to one length'),
 }
 """The top-level keys of a manifest (its tables are checked by the module that owns them)."""
 
@@ -83,6 +87,7 @@ class DataSetManifest:
     complete_feeds: bool = False
     sequence_carry: tuple[tuple[str, str], ...] = ()
     group_by_shape: bool = False
+    padding: PadSpec | None = None
 
     @property
     def folder(self) -> Path:
@@ -171,6 +176,7 @@ def _manifest_from(path: Path, raw: dict[str, Any], text: str, digest: str) -> D
         complete_feeds=raw.get("feeds", "samples") == "complete",
         sequence_carry=parse_sequence(raw.get("sequence"), where),
         group_by_shape=raw.get("batching", "in_order") == "by_shape",
+        padding=parse_pad(raw.get("pad"), where),
         preprocess=parse_preprocess(raw.get("preprocess", {}), where, path.parent, kinds),
         augment=parse_augment(raw.get("augment"), where, kinds),
         labels=parse_labels(raw.get("labels"), where, kinds),

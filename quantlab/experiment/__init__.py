@@ -25,6 +25,8 @@ The experiment file (paths are relative to the file itself)::
 
     [model]
     zoo = "efficientnet_lite0"          # or: path = "model.onnx"
+    # shapes = "image:1x3x48x64,8x3x48x320,32x3x48x1600"   # TensorRT backends: engine shape ranges
+    #                                   # (as --shapes); default: the calibration and validation data's
 
     [data]
     calibration = "../calib_sets/demo_calib.toml"

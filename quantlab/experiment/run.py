@@ -26,6 +26,7 @@ from .stages import (
     build_stage,
     calibrate_stage,
     compare_stage,
+    engine_shapes_for,
     experiment_candidates,
     load_frames,
     load_written,
@@ -90,6 +91,7 @@ class _Run:
     stages: list[StageRecord] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     common: dict[str, Any] = field(default_factory=dict)
+    shapes: str | None = None  # the TensorRT engines' shape ranges (stages.engine_shapes_for)
 
     def go(self, start: float) -> ExperimentResult:
         config = self.config
@@ -100,6 +102,7 @@ class _Run:
         self.common = {"versions": package_versions(), "model_sha256": model.sha256}
         tables, cal_dir = self._calibrate(model, calib)
         written, build_keys = self._build(model, tables)
+        self.shapes = engine_shapes_for(config, model, next(iter(tables.values()), None), val)
         frames, cmp_dir = self._compare(model, written, build_keys, val, cal_dir)
         self.messages += list(read_json(cmp_dir / "compare.json").get("warnings", []))
         verdict, search_dir = self._verdict_and_search(model, val, tables, written, frames["end_to_end"])
@@ -152,9 +155,10 @@ class _Run:
     def _compare(self, model: LoadedModel, written: dict[str, WrittenModel], build_keys: dict[str, str],
                  val: DataSet, cal_dir: Path) -> tuple[dict[str, Any], Path]:
         key = {"stage": "compare", **self.common, "candidates": build_keys, "data": data_key(val),
-               "backend": self.config.backend, "seed": self.config.seed}
+               "backend": self.config.backend, "seed": self.config.seed, **self._shapes_key()}
         rec = run_stage(self.report_dir, "compare", key,
-                        lambda f: compare_stage(f, model, written, val, self.config, self.progress, cal_dir))
+                        lambda f: compare_stage(f, model, written, val, self.config, self.progress, cal_dir,
+                                                self.shapes))
         self.stages.append(rec)
         return load_frames(rec.path, COMPARE_FRAMES), rec.path
 
@@ -173,14 +177,19 @@ class _Run:
                   else written[best].table_method or config.calibrators[0])
         key = {"stage": "search", **self.common, "table": self.stages[0].key_sha256, "method": method,
                "data": data_key(val), "threshold": config.threshold, "budget": config.search_budget,
-               "backend": config.backend, "target": config.target, "seed": config.seed}
+               "backend": config.backend, "target": config.target, "seed": config.seed, **self._shapes_key()}
         log_dir = self.report_dir / "search-log" / stage_key_hash(key)[:16]
         rec = run_stage(self.report_dir, "search", key,
-                        lambda f: search_stage(f, model, val, tables[method], config, self.progress, log_dir))
+                        lambda f: search_stage(f, model, val, tables[method], config, self.progress, log_dir,
+                                               self.shapes))
         self.stages.append(rec)
         final = search_end_to_end(rec.path)
         verdict = verdict_for(final, SEARCH_CANDIDATE, config.threshold) if final is not None else verdicts[best]
         return verdict, rec.path
+
+    def _shapes_key(self) -> dict[str, str]:
+        """The engine shapes in a stage key (none on ONNX Runtime: the keys of earlier runs stay valid)."""
+        return {"shapes": self.shapes} if self.shapes else {}
 
     def _write_manifest(self, model_path: Path, model: LoadedModel, cal_dir: Path, val: DataSet,
                         verdict: Verdict | None, seconds: float) -> None:

@@ -211,6 +211,10 @@ def parse_experiment(text: str, *, source: Path | None = None, base: Path | None
     values = _values(data, where, base)
     _check_model(values, where)
     _check_candidates(values, where)
+    if "shapes" in values and values.get("backend", "ort") == "ort":
+        raise ExperimentError(f"{where.at('model', None, 'shapes')}: engine shape ranges set TensorRT optimisation "
+                              "profiles and ONNX Runtime runs any shape; drop 'shapes', or set backend = "
+                              '"tensorrt-rtx" (or "tensorrt") at the top of the file.')
     exports = [k for k in values if k.startswith("export_")]
     if exports and "export_repository" not in values:
         raise ExperimentError(f"{where.at('export')}: give 'repository' (the Triton model repository folder) "

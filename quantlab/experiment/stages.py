@@ -26,14 +26,15 @@ from ..precision import FP16, INT8
 from ..quantize import WriteOptions, WrittenModel, save_written, write_model
 from ..report import Verdict
 from ..search import SearchOptions, search
+from ..shapes import engine_shapes, network_shapes, parse_shapes
 from ..stats import save_statistics
 from ..table import CalibrationTable, write_table, write_trt_cache
 from ..threshold import parse_threshold
 from .spec import ExperimentConfig
 
 __all__ = ["Candidate", "experiment_candidates", "calibrate_stage", "build_stage", "compare_stage", "search_stage",
-           "load_written", "load_frames", "read_json", "verdict_for", "best_candidate", "search_end_to_end",
-           "COMPARE_FRAMES", "SEARCH_CANDIDATE"]
+           "engine_shapes_for", "load_written", "load_frames", "read_json", "verdict_for", "best_candidate",
+           "search_end_to_end", "COMPARE_FRAMES", "SEARCH_CANDIDATE"]
 
 COMPARE_FRAMES = ("end_to_end", "per_layer", "per_sample")
 SEARCH_CANDIDATE = "mixed (search)"
@@ -89,18 +90,34 @@ def load_written(folder: Path, model: LoadedModel) -> WrittenModel:
     return candidate
 
 
+def engine_shapes_for(config: ExperimentConfig, model: LoadedModel, table: CalibrationTable | None,
+                      val: DataSet) -> str | None:
+    """The engine shape ranges (``--shapes`` text) of the comparison's and the search's TensorRT engines:
+    ``[model] shapes``, else those of the calibration shapes ``table`` recorded and of the validation batches
+    with the batch axis up to the larger of the two stages' batch sizes; None on ONNX Runtime."""
+    batch = max(CompareOptions.batch_size, SearchOptions.batch_size)
+    batches = val.batches(batch) if config.backend != "ort" and not config.shapes else None
+    return engine_shapes(config.backend, config.shapes, table.calib_set if table is not None else None,
+                         network_shapes(model.inputs), batches, batch=batch)
+
+
+def _backend_options(shapes: str | None) -> dict[str, Any]:
+    return {"shapes": parse_shapes(shapes)} if shapes else {}
+
+
 def compare_stage(folder: Path, model: LoadedModel, written: Mapping[str, WrittenModel], dataset: DataSet,
-                  config: ExperimentConfig, progress: bool, cal_dir: Path) -> None:
-    options = CompareOptions(backend=config.backend, seed=config.seed)
+                  config: ExperimentConfig, progress: bool, cal_dir: Path, shapes: str | None = None) -> None:
+    options = CompareOptions(backend=config.backend, seed=config.seed, backend_options=_backend_options(shapes))
     calibration = DataSummary.from_dict(read_json(cal_dir / "data_summary.json"))  # for the overlap warning
     result = compare(model, dict(written), dataset, options, progress=progress, calibration=calibration)
     result.save(folder)
 
 
 def search_stage(folder: Path, model: LoadedModel, val: DataSet, table: CalibrationTable,
-                 config: ExperimentConfig, progress: bool, log_dir: Path) -> None:
+                 config: ExperimentConfig, progress: bool, log_dir: Path, shapes: str | None = None) -> None:
     options = SearchOptions(threshold=config.threshold, backend=config.backend,
-                            budget=config.search_budget or None, seed=config.seed, target=config.target)
+                            budget=config.search_budget or None, seed=config.seed, target=config.target,
+                            shapes=shapes)
     # the log lives outside the stage's temporary folder, so an interrupted search resumes from it
     result = search(model, table, val, options, workdir=log_dir, progress=progress)
     result.save(folder)

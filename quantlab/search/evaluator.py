@@ -77,7 +77,7 @@ class CompareEvaluator:
 
     def _fp32_margins(self) -> np.ndarray | None:
         """Per sample: (top-1 - top-2 logit) / std of the logits, of the first 2-D output with >= 2 classes."""
-        runner = get_backend(self.options.backend).build(self.model.proto)
+        runner = get_backend(self.options.backend, **self.options.backend_options).build(self.model.proto)
         margins: list[np.ndarray] = []
         try:
             for batch in self.dataset.batches(self.options.batch_size):
@@ -103,7 +103,8 @@ class CompareEvaluator:
     def evaluate(self, plan: ResolvedPlan, samples: int, *, local: bool = False) -> Evaluation:
         written = self.write(plan)
         data, max_samples = self._data(samples)
-        opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=local,
+        opts = CompareOptions(backend=self.options.backend, backend_options=self.options.backend_options,
+                              batch_size=self.options.batch_size, per_layer=local,
                               local=local, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed,
                               bootstrap=CompareOptions.bootstrap if samples >= self._size else 0,
@@ -120,7 +121,8 @@ class CompareEvaluator:
         runs once), end to end only and without bootstrap intervals: the ranking's batched pass."""
         written = {self.candidate_name(p): self.write(p) for p in plans}
         data, max_samples = self._data(samples)
-        opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=False,
+        opts = CompareOptions(backend=self.options.backend, backend_options=self.options.backend_options,
+                              batch_size=self.options.batch_size, per_layer=False,
                               local=False, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed, bootstrap=0)
         result = compare(self.model, written, data, opts)
@@ -133,7 +135,7 @@ class CompareEvaluator:
 
     def latency(self, plan: ResolvedPlan) -> float:
         written = self.write(plan, deploy=True)
-        runner = get_backend(self.options.backend).build(written.proto)
+        runner = get_backend(self.options.backend, **self.options.backend_options).build(written.proto)
         try:
             if self._feeds is None:
                 batch = next(iter(self.dataset.batches(self.options.batch_size)))

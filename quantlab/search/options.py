@@ -6,7 +6,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from ..errors import SearchError
+from ..errors import QuantlabError, SearchError
+from ..shapes import parse_shapes
+
 
 @dataclass(frozen=True)
 class SearchOptions:
@@ -25,6 +27,8 @@ class SearchOptions:
     ``latency``: measure each full validation's latency (None: with ``objective="latency"``).
     ``metric``: a ``module:function`` user metric for the comparator (thresholds may name it).
     ``per_channel_weights``: the writer's weight granularity (False: per tensor).
+    ``shapes``: TensorRT engine shape ranges (``--shapes`` text) for every engine the search
+    builds (a TensorRT backend only: ONNX Runtime runs any shape).
     ``bias_correction``: correct every INT8 Conv/Gemm's output mean shift, measured on the
     calibration set given to :func:`~quantlab.search.search` (``calib=``; without it no
     correction is applied and the result's settings say so).
@@ -49,6 +53,12 @@ class SearchOptions:
     bias_correction: bool = True
     shards: int = 1                          # full validations split into shards on Ray (quantlab.compare)
     ray: str | None = None                   # None: local; "auto" or a cluster address
+    shapes: str | None = None                # TensorRT profiles, quantlab.shapes.parse_shapes text
+
+    @property
+    def backend_options(self) -> dict[str, Any]:
+        """``get_backend(backend, **these)`` for every runner the search builds: the engine shapes."""
+        return {"shapes": parse_shapes(self.shapes)} if self.shapes else {}
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,8 +89,20 @@ class SearchOptions:
                 problems.append(f"{key} must be a whole number >= 1, got {getattr(self, key)!r}")
         if not isinstance(self.probe_top, int) or self.probe_top < 0:
             problems.append(f"probe_top must be a whole number >= 0, got {self.probe_top!r}")
+        if self.shapes is not None:
+            problems.extend(self._shape_problems())
         if problems:
             raise SearchError("search options: " + "; ".join(problems))
+
+    def _shape_problems(self) -> list[str]:
+        if self.backend in ("ort", "onnxruntime"):
+            return ["shapes set TensorRT optimisation profiles and ONNX Runtime runs any shape: drop them, or "
+                    "search with backend 'tensorrt' / 'tensorrt-rtx'"]
+        try:
+            parse_shapes(self.shapes or "")
+        except QuantlabError as exc:
+            return [str(exc)]
+        return []
 
 
 def evaluation_bound(groups: int) -> int:
