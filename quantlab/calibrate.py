@@ -41,6 +41,7 @@ from .methods import (
     method_settings,
     resolve_methods,
 )
+from .sequence import with_carry
 from .shapes import ShapeLog
 from .stats import (
     DEFAULT_MEMORY_BUDGET,
@@ -302,6 +303,7 @@ def calibrate(
     check_float_activations(model)
     if tensors is not None and not tensors:
         raise CalibrationError(f"{model.label}: the list of tensors to calibrate is empty; give at least one")
+    dataset = with_carry(dataset, model)
     check_inputs(dataset, model, batch_size=batch_size)
     fingerprint, shapes = DataFingerprint(), ShapeLog()
 

@@ -30,7 +30,7 @@ from .data import Batch, DataSet
 from .errors import InputMismatchError
 from .graph import LoadedModel
 
-__all__ = ["SequenceData"]
+__all__ = ["SequenceData", "with_carry"]
 
 
 class SequenceData(DataSet):
@@ -83,3 +83,15 @@ class SequenceData(DataSet):
 
     def describe_source(self) -> str:
         return self.dataset.describe_source()
+
+
+def with_carry(dataset: DataSet, model: LoadedModel, *, backend: str = "ort") -> DataSet:
+    """``dataset`` in sequence mode when its manifest has a ``[sequence] carry`` (else as given).
+
+    What calibrate, compare and search call first, so a manifest's carry reaches every
+    command; a set already in sequence mode is returned as is.
+    """
+    carry = getattr(dataset, "sequence_carry", None)
+    if not carry or isinstance(dataset, SequenceData):
+        return dataset
+    return SequenceData(dataset, model, carry, backend=backend)

@@ -286,3 +286,28 @@ def test_pad_axis_outside_a_sample_names_the_sample_and_input(tmp_path):
     (tmp_path / "p.toml").write_text(PADDED + 'inputs = ["x"]\naxis = 2\n')
     with pytest.raises(DataError, match=r"sample 'seqs/s0.npz': input 'x' is \[2, 4\] and has no axis 2"):
         list(open_dataset(tmp_path / "p.toml").batches(2))
+
+
+def test_a_manifest_carry_reaches_calibrate_and_compare_without_wrapping(tmp_path):
+    """quantlab.calibrate / compare put a manifest's ``[sequence] carry`` in force themselves (the CLI passes
+    manifests as they are): the state of the second sample is the model's stateN after the first."""
+    import quantlab as ql
+    from quantlab.sequence import SequenceData
+
+    _npz_folder(tmp_path)
+    (tmp_path / "seq.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n')
+    (tmp_path / "plain.toml").write_text(MANIFEST.format(axis=1))
+    model = model_from_proto(_vad(), label="vad")
+    seq, plain = open_dataset(tmp_path / "seq.toml"), open_dataset(tmp_path / "plain.toml")
+    by_manifest = calibrate(model, seq, "minmax", batch_size=1)
+    wrapped = calibrate(model, SequenceData(plain, model, {"stateN": "state"}), "minmax", batch_size=1)
+    without = calibrate(model, plain, "minmax", batch_size=1)
+    assert by_manifest.data.sha256 == wrapped.data.sha256 != without.data.sha256
+    assert by_manifest.tables["minmax"].ranges["c_prev"] == wrapped.tables["minmax"].ranges["c_prev"]
+    assert by_manifest.tables["minmax"].calib_set["manifest"]["sequence"] == {"carry": {"stateN": "state"}}
+    int8 = ql.write_model(model, ql.uniform_plan("int8"), by_manifest.tables["minmax"], ql.WriteOptions(target="ort"))
+    options = ql.CompareOptions(batch_size=1, per_layer=False, bootstrap=0)
+    compared = ql.compare(model, {"int8": int8}, seq, options)
+    assert compared.data["manifest"]["sequence"] == {"carry": {"stateN": "state"}}
+    with pytest.raises(ql.CompareError, match="sequence"):
+        ql.compare(model, {"int8": int8}, seq, ql.CompareOptions(batch_size=1, shards=2))

@@ -28,6 +28,7 @@ from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs
 from ..errors import CompareError
 from ..graph import LoadedModel
 from ..metrics import ErrorAccumulator, ErrorSums, error_sums
+from ..sequence import SequenceData, with_carry
 from .alignment import plan_candidate
 from .candidates import Candidate
 from .end_to_end import EndToEnd
@@ -67,6 +68,10 @@ def compare(
     InputMismatchError for data that does not fit the model; BackendUnavailableError
     when Ray is asked for but not installed.
     """
+    dataset = with_carry(dataset, reference)
+    if options.on_ray and isinstance(dataset, SequenceData):
+        raise CompareError("a [sequence] carry runs the data as one stream, which shards would cut: compare "
+                           "without --shards/--ray")
     comparison = Comparison(reference, candidates, dataset, options, calibration)
     if options.on_ray:
         totals = run_shards(reference, comparison.candidates, dataset, options, comparison.labels,

@@ -18,6 +18,7 @@ from ..fingerprint import sha256_bytes, tool_versions
 from ..graph import LoadedModel
 from ..plan import resolve_plan, uniform_plan
 from ..quantize import measure_bias_correction
+from ..sequence import with_carry
 from ..table import CalibrationTable, table_to_dict
 from ..threshold import parse_threshold
 from ..version import __version__
@@ -72,6 +73,7 @@ def search(
     start = time.perf_counter()
     options.check()
     parse_threshold(options.threshold)
+    dataset = with_carry(dataset, model)
     check_inputs(dataset, model)
     base = resolve_plan(uniform_plan("int8"), model.proto)
     correction = None
