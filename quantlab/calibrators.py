@@ -150,6 +150,32 @@ def _sum_plogp(c, i, e):  # pragma: no cover - compiled
 
 
 @compiled(nogil=True)
+def _sum_plogq(cum, cum_nz, i, levels, e_p, e_q):  # pragma: no cover - compiled
+    """``(sum p_j log q_j over the non-empty bins j < i, log q of the last level)``; ``nan`` if a q is <= 0.
+
+    The non-empty bins of level k share ``q = s_k / nz_k - e_q`` and carry
+    ``p_j = c_j - e_p``: ``(s_k - nz_k * e_p) * log q`` per level, O(levels).
+    The outliers folded into bin i-1 are added by the caller.
+    """
+    p_log_q = 0.0
+    log_q_last = 0.0
+    for k in range(levels):
+        a = -((-k * i) // levels)  # level k = bins [ceil(k*i/levels), ceil((k+1)*i/levels))
+        b = -((-(k + 1) * i) // levels)
+        nz_k = cum_nz[b] - cum_nz[a]
+        if nz_k > 0:
+            s = cum[b] - cum[a]
+            q = s / nz_k - e_q
+            if q <= 0:
+                return np.nan, 0.0
+            log_q = math.log(q)
+            p_log_q += (s - nz_k * e_p) * log_q
+            if k == levels - 1:
+                log_q_last = log_q
+    return p_log_q, log_q_last
+
+
+@compiled(nogil=True)
 def _kl_curve(c, levels, start, eps):  # pragma: no cover - compiled
     """Smoothed KL(P_i || Q_i) for i in [start, len(c)) (see :func:`entropy_divergences`); ``eps = 0``: unsmoothed."""
     n = c.size
@@ -182,26 +208,8 @@ def _kl_curve(c, levels, start, eps):  # pragma: no cover - compiled
             continue  # a count below the smoothing amount (fractional counts only): P_i cannot be smoothed
         if last + outliers > 0:
             p_log_p += p_last * math.log(p_last)
-        # sum p_j log q_j: the non-empty bins of level k share q = s_k / nz_k - e_q and carry p_j = c_j - e_p,
-        # except bin i-1 (always in the last level), which also carries the outliers.
-        p_log_q = 0.0
-        log_q_last = 0.0
-        bad = False
-        for k in range(levels):
-            a = -((-k * i) // levels)  # level k = bins [ceil(k*i/levels), ceil((k+1)*i/levels))
-            b = -((-(k + 1) * i) // levels)
-            nz_k = cum_nz[b] - cum_nz[a]
-            if nz_k > 0:
-                s = cum[b] - cum[a]
-                q = s / nz_k - e_q
-                if q <= 0:
-                    bad = True
-                    break
-                log_q = math.log(q)
-                p_log_q += (s - nz_k * e_p) * log_q
-                if k == levels - 1:
-                    log_q_last = log_q
-        if bad:
+        p_log_q, log_q_last = _sum_plogq(cum, cum_nz, i, levels, e_p, e_q)
+        if not p_log_q == p_log_q:
             continue
         if folded_into_empty:
             p_log_q += p_last * math.log(eps)  # Q_i's bin i-1 is empty: smoothing gave it eps
@@ -272,40 +280,30 @@ def amax_entropy(
 ) -> float:
     """Entropy (KL-divergence) calibration threshold: TensorRT's search, made robust to point masses.
 
-    Reference: Szymon Migacz, "8-bit Inference with TensorRT", GTC 2017
-    (on-demand.gputechconf.com/gtc/2017/presentation/s7310-8-bit-inference-with-tensorrt.pdf).
-    ``hist`` is the histogram of |x| over ``[0, upper]`` (TensorRT: 2048 bins,
-    ``upper = absmax``; quantlab passes 2048 bins made of whole fine bins of its
-    streaming histogram, ``absmax <= upper < 1.25 * absmax``, see
-    ``HistogramState.coarsen``: the minimum of the KL curve is flat in sparse
-    tails, so interpolated re-binning would move it by several percent). For
+    Migacz, "8-bit Inference with TensorRT", GTC 2017 (s7310-8-bit-inference-with-tensorrt.pdf). ``hist``: |x| over ``[0, upper]`` (TensorRT: 2048 bins up to absmax; quantlab:
+    2048 bins of whole fine bins, ``absmax <= upper < 1.25 * absmax``, see
+    ``HistogramState.coarsen``: re-binning would move a flat minimum). For
     every candidate ``i`` from ``levels`` (128) up to ``len(hist) - 1``:
 
-    - ``P`` = the first ``i`` bins, with every count at or above bin ``i``
-      (the outliers) added to bin ``i - 1``;
-    - ``Q`` = the first ``i`` bins (without outliers) merged into ``levels``
-      levels (bin ``j`` goes to level ``floor(j * levels / i)``, an even split
-      when ``i`` is not a multiple of ``levels``), each level's mass then
-      spread evenly over its non-empty bins (empty bins stay 0);
+    - ``P`` = the first ``i`` bins, every count at or above bin ``i`` (the outliers) added to bin ``i - 1``;
+    - ``Q`` = the first ``i`` bins (without outliers) merged into ``levels`` levels (bin ``j`` goes to level
+      ``floor(j * levels / i)``), each level's mass spread evenly over its non-empty bins (empty bins stay 0);
     - ``robust``: both smoothed as ONNX Runtime / MXNet / TVM do
       (``smooth_distribution``: each empty bin gets ``ENTROPY_SMOOTHING`` counts,
       taken evenly off the non-empty ones); then normalised;
     - ``divergence[i] = KL(P || Q) = sum_j P_j log(P_j / Q_j)``.
 
     The threshold is ``(m + 0.5) * bin_width`` for the ``m`` with the smallest
-    divergence (the first one on ties). ``robust`` (the default) adds the
-    point-mass rule of the module docstring: bins holding more than
-    ``ENTROPY_POINT_MASS`` of the counts are cut to their neighbours' height
-    before the search, and only candidates leaving at most that share above
-    them are eligible. ``robust=False`` is the published algorithm: no
-    smoothing (a candidate whose bin ``i - 1`` is empty while outliers fold into
-    it has infinite divergence), every candidate eligible. ``upper`` is
-    returned when no candidate is eligible and finite, or the histogram has
-    fewer than ``levels + 1`` bins.
+    divergence (the first one on ties). ``robust`` (default) adds the point-mass
+    rule of the module docstring: bins holding more than ``ENTROPY_POINT_MASS``
+    of the counts are cut to their neighbours' height before the search, and
+    only candidates leaving at most that share above them are eligible.
+    ``robust=False``: the published algorithm (unsmoothed: infinite where bin
+    ``i - 1`` is empty but outliers fold into it; every candidate eligible).
+    ``upper`` when no candidate is eligible and finite, or ``len(hist) <= levels``.
 
-    ``zeros``: how many of the ``hist[0]`` values are exactly 0.0; they are
-    taken out of bin 0 before anything else (pytorch-quantization's
-    ``HistogramCalibrator(skip_zeros=True)``); why is in the module docstring.
+    ``zeros``: how many ``hist[0]`` values are exactly 0.0, taken out first (pytorch-quantization's
+    ``skip_zeros``; why: module docstring).
     """
     hist = _validate(hist, upper)
     if not 0.0 <= zeros <= hist[0]:
@@ -320,9 +318,12 @@ def amax_entropy(
     start = levels if start_bin is None else int(start_bin)
     if not robust:
         kl = entropy_divergences(hist, levels, start, eps=0.0)
-    else:
+    else:  # the eligible candidates are [first, len(hist)): the share above i only falls as i grows
+        eligible = saturation_bound(hist, start)
+        if not eligible.any():
+            return float(upper)
+        start += int(np.argmax(eligible))
         kl = entropy_divergences(without_point_masses(hist), levels, start)
-        kl[~saturation_bound(hist, start)] = np.inf
     if not np.isfinite(kl).any():
         return float(upper)
     m = start + int(np.argmin(kl))
