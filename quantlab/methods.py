@@ -9,7 +9,8 @@ CLI can read it at start-up without loading numpy or numba::
     name        what sets amax                                 settings (default)
     minmax      max |x|                                        -
     percentile  |x| below which `percentile` % of values lie   percentile (99.99)
-    entropy     TensorRT's KL-divergence search                bins 2048, levels 128, skip_zeros (True)
+    entropy     TensorRT's KL-divergence search, smoothed,     bins 2048, levels 128, skip_zeros (True),
+                point masses out of the search                 smoothing 1e-4, point_mass 0.01
     mse         least squared INT8 error (clip + rounding)     bins 2048, candidates 512, levels 127
 
 ``"all"`` computes every method (they share one statistics pass).
@@ -37,6 +38,8 @@ __all__ = [
     "ENTROPY_BINS",
     "ENTROPY_LEVELS",
     "ENTROPY_SKIP_ZEROS",
+    "ENTROPY_SMOOTHING",
+    "ENTROPY_POINT_MASS",
     "MSE_CANDIDATES",
     "MSE_LEVELS",
     "check_percentile",
@@ -53,6 +56,13 @@ ENTROPY_BINS = 2048
 
 ENTROPY_LEVELS = 128
 """Quantized levels on one side of zero for symmetric INT8 (entropy's merge target and first candidate)."""
+
+ENTROPY_SMOOTHING = 1e-4
+"""Counts each empty bin of P and Q gets before the KL divergence (ONNX Runtime's / MXNet's / TVM's eps)."""
+
+ENTROPY_POINT_MASS = 0.01
+"""A histogram bin holding more than this share of the non-zero values is a point mass: it does not steer the
+entropy search, and no candidate may saturate more than this share (see quantlab.calibrators)."""
 
 ENTROPY_SKIP_ZEROS = True
 """Entropy leaves exact zeros out of its histogram (``--entropy-keep-zeros`` turns this off)."""
@@ -91,8 +101,9 @@ METHODS_BY_NAME: dict[str, Method] = {
     for m in (
         Method("minmax", "max |x|: no clipping"),
         Method("percentile", "|x| below which the given percentile of values lie"),
-        Method("entropy", "TensorRT's KL-divergence threshold",
-               (("bins", ENTROPY_BINS), ("levels", ENTROPY_LEVELS), ("start_bin", ENTROPY_LEVELS))),
+        Method("entropy", "TensorRT's KL-divergence threshold, smoothed, robust to point masses",
+               (("bins", ENTROPY_BINS), ("levels", ENTROPY_LEVELS), ("start_bin", ENTROPY_LEVELS),
+                ("smoothing", ENTROPY_SMOOTHING), ("point_mass", ENTROPY_POINT_MASS))),
         Method("mse", "least expected squared INT8 error (clipping + rounding)",
                (("bins", ENTROPY_BINS), ("candidates", MSE_CANDIDATES))),
     )
@@ -161,5 +172,7 @@ def method_settings(method: str, *, percentile: float = DEFAULT_PERCENTILE, bins
                 "histogram": "2048 bins of whole fine bins over [0, U], absmax <= U < 1.25 absmax"
                              + (", exact zeros left out" if skip else ""),
                 "reference": "Migacz, 8-bit Inference with TensorRT, GTC 2017"
-                             + ("; zeros skipped as pytorch-quantization's skip_zeros" if skip else "")}
+                             + ("; zeros skipped as pytorch-quantization's skip_zeros" if skip else "")
+                             + "; P and Q smoothed as ONNX Runtime's smooth_distribution; a bin holding more than"
+                               " point_mass of the values is cut to its neighbours' height and never saturated"}
     return {**common, **fixed}

@@ -555,3 +555,102 @@ def hardsigmoid_detector(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1, "H", "W"])]
     inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
     return _model(nodes, inputs, outputs, inits, "hardsigmoid_detector")
+
+
+def hardsigmoid_plateau_net(seed: int = 0, channels: int = 8, size: int = 16) -> onnx.ModelProto:
+    """A squeeze-excite gate whose HardSigmoid output piles up at exactly 1.0 (a saturation plateau at the top).
+
+    input[N,3,H,W] -> Conv -> HardSwish -> GlobalAveragePool -> Conv(1x1, bias +4) -> HardSigmoid -> gate[N,C,1,1];
+    Mul(features, gate) -> Conv -> HardSigmoid -> out. The gate's pre-activation is mostly above 2.5
+    (HardSigmoid(x) = clip(0.2 x + 0.5, 0, 1)), so ~90 % of the gate values are exactly 1.0, the
+    rest spread below it; the last HardSigmoid has a plateau at 1.0 (~15 %) and one at 0.
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+    w = {"w1": rng.normal(0, 0.4, (c, 3, 3, 3)), "b1": rng.normal(0, 0.1, (c,)),
+         "ws": rng.normal(0, 0.3, (c, c, 1, 1)), "bs": np.full((c,), 4.0) + rng.normal(0, 0.3, (c,)),
+         "w2": rng.normal(0, 0.5, (c, c, 3, 3)), "b2": rng.normal(1.0, 0.3, (c,))}
+    w["bs"][0] = 0.0  # one gate channel stays in the linear part: the plateau is not the whole tensor
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c1"], ["features"], name="hswish1"),
+        helper.make_node("GlobalAveragePool", ["features"], ["squeezed"], name="squeeze"),
+        helper.make_node("Conv", ["squeezed", "ws", "bs"], ["excite"], name="excite"),
+        helper.make_node("HardSigmoid", ["excite"], ["gate"], name="gate", alpha=0.2, beta=0.5),
+        helper.make_node("Mul", ["features", "gate"], ["gated"], name="scale"),
+        helper.make_node("Conv", ["gated", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("HardSigmoid", ["c2"], ["out"], name="head", alpha=0.2, beta=0.5),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", c, size, size])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    return _model(nodes, inputs, outputs, inits, "hardsigmoid_plateau_net")
+
+
+def layernorm_decomposed_net(seed: int = 0, seq: int = 8, hidden: int = 32) -> onnx.ModelProto:
+    """LayerNorm as exporters write it before opset 17, between two MatMuls::
+
+        x[N,seq,hidden] -> MatMul -> h -> ReduceMean(-1) -> mean ─┐
+                                     h ───────────────────────> Sub -> d -> Pow 2 -> ReduceMean(-1) -> var
+                                     var -> Add eps -> Sqrt -> std ;  d / std -> Mul gamma -> Add beta -> MatMul
+
+    ``mean``, ``var`` and ``std`` hold one value per token (N * seq values), near-constant:
+    the tensors whose entropy range fell below every value they hold.
+    """
+    rng = np.random.default_rng(seed)
+    h = hidden
+    w = {"w_in": rng.normal(0, 0.5, (h, h)) + 0.3, "gamma": rng.normal(1.0, 0.1, (h,)),
+         "beta": rng.normal(0, 0.1, (h,)), "w_out": rng.normal(0, 0.3, (h, h)),
+         "two": np.array(2.0), "eps": np.array(1e-5)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_in"], ["h"], name="proj_in"),
+        helper.make_node("ReduceMean", ["h"], ["mean"], name="ln_mean", axes=[-1], keepdims=1),
+        helper.make_node("Sub", ["h", "mean"], ["d"], name="ln_sub"),
+        helper.make_node("Pow", ["d", "two"], ["sq"], name="ln_pow"),
+        helper.make_node("ReduceMean", ["sq"], ["var"], name="ln_var", axes=[-1], keepdims=1),
+        helper.make_node("Add", ["var", "eps"], ["var_eps"], name="ln_add_eps"),
+        helper.make_node("Sqrt", ["var_eps"], ["std"], name="ln_sqrt"),
+        helper.make_node("Div", ["d", "std"], ["normed"], name="ln_div"),
+        helper.make_node("Mul", ["normed", "gamma"], ["scaled"], name="ln_gamma"),
+        helper.make_node("Add", ["scaled", "beta"], ["ln"], name="ln_beta"),
+        helper.make_node("MatMul", ["ln", "w_out"], ["out"], name="proj_out"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, h])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", seq, h])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    return _model(nodes, inputs, outputs, inits, "layernorm_decomposed_net")
+
+
+def sparse_tail_residual_net(seed: int = 0, seq: int = 16, hidden: int = 64, jump: float = 180.0,
+                             shift: float = 3.5) -> onnx.ModelProto:
+    """A residual stream with a sparse tail far from its bulk (a transformer's "massive activations")::
+
+        x[N,seq,hidden] -> Mul 3 ---------------------------------------------> bulk (|x| < 14) ─┐
+        x -> MatMul -> Sub shift -> Relu -> on ─> Sign -> Mul jump ─┐                            Add -> stream -> MatMul
+                                               └> Mul 20 ───────────Add -> rare (0, or jump..jump+30) ┘
+
+    About 0.02 % of the stream's elements (shift 3.5 standard deviations) sit at 180-210, nothing
+    between the bulk and them (one token's outlier dimensions in a real encoder are rarer still): the
+    residual-stream Add of the issue, where unsmoothed entropy put amax next to the absolute maximum.
+    """
+    rng = np.random.default_rng(seed)
+    h = hidden
+    w = {"w_gate": rng.normal(0, 1.0 / np.sqrt(h), (h, h)), "w_out": rng.normal(0, 0.2, (h, h)),
+         "three": np.array(3.0), "shift": np.array(shift), "jump": np.array(jump),
+         "twenty": np.array(20.0)}
+    nodes = [
+        helper.make_node("Mul", ["x", "three"], ["bulk"], name="bulk_scale"),
+        helper.make_node("MatMul", ["x", "w_gate"], ["g"], name="gate_proj"),
+        helper.make_node("Sub", ["g", "shift"], ["g3"], name="gate_shift"),
+        helper.make_node("Relu", ["g3"], ["on"], name="gate_relu"),
+        helper.make_node("Sign", ["on"], ["step"], name="gate_step"),
+        helper.make_node("Mul", ["step", "jump"], ["jumped"], name="gate_jump"),
+        helper.make_node("Mul", ["on", "twenty"], ["ramp"], name="gate_ramp"),
+        helper.make_node("Add", ["jumped", "ramp"], ["rare"], name="rare_values"),
+        helper.make_node("Add", ["bulk", "rare"], ["stream"], name="residual_add"),
+        helper.make_node("MatMul", ["stream", "w_out"], ["out"], name="proj_out"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, h])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", seq, h])]
+    inits = [_init(k, np.asarray(v, np.float32)) for k, v in w.items()]
+    return _model(nodes, inputs, outputs, inits, "sparse_tail_residual_net")

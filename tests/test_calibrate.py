@@ -110,9 +110,10 @@ def test_all_methods_from_one_pass():
             assert entropy.ranges[name].clipped_fraction < 0.1  # the outlier channel is 1/8 of c1
     # the outlier channel makes block_conv1's output heavy-tailed: entropy clips it hard
     assert entropy.ranges["r1"].amax < 0.5 * minmax.ranges["r1"].amax
-    # 96 pooled values far from zero: the KL minimum degenerates, and the table says so
-    assert entropy.ranges["pool"].clipped_fraction > 0.5
-    assert any("entropy:" in n and "'pool'" in n for n in entropy.notes)
+    # 96 pooled values far from zero: TensorRT's KL minimum saturated more than half of them; the
+    # point-mass rule (quantlab.calibrators) never saturates more than 1 %, so no entropy warning
+    assert entropy.ranges["pool"].clipped_fraction <= 0.01
+    assert not any(n.startswith("WARNING entropy") for n in entropy.notes)
     assert not any("saturated" in n for n in minmax.notes)
     assert result.tables["percentile"].settings["percentile"] == 99.99
 
@@ -196,8 +197,10 @@ def test_nan_in_data_names_sample_and_input():
     assert "conv_net[4]" in str(err.value) and "input" in str(err.value)
 
 
-def test_entropy_skips_exact_zeros_by_default_and_keeps_them_on_request():
-    """ReLU/ReLU6 outputs are ~half exact zeros: kept, they drag the KL minimum down and 2-3 % saturate."""
+def test_entropy_skips_exact_zeros_by_default_and_kept_they_are_a_point_mass():
+    """ReLU/ReLU6 outputs are ~half exact zeros. TensorRT's published search keeps them and 2-3 % saturate;
+    quantlab leaves them out by default, and kept (``entropy_skip_zeros=False``) bin 0 is a point mass
+    that the robust rule cuts to its neighbour's height, so the range hardly moves (here: not at all)."""
     from quantlab.calibrators import amax_entropy
 
     model = model_from_proto(models.residual_net())
@@ -213,17 +216,14 @@ def test_entropy_skips_exact_zeros_by_default_and_keeps_them_on_request():
         hist, upper = state.coarsen(2048)
         assert keep.ranges[name].amax == min(amax_entropy(hist, upper), state.absmax)
         assert skip.ranges[name].amax == min(amax_entropy(hist, upper, zeros=state.zeros), state.absmax)
-        assert keep.ranges[name].clipped_fraction > 0.01 > 0.001 > skip.ranges[name].clipped_fraction
+        published = min(amax_entropy(hist, upper, robust=False), state.absmax)
+        assert state.fraction_above(published) > 0.01 > 0.001 > skip.ranges[name].clipped_fraction
+        assert keep.ranges[name].clipped_fraction <= 0.01
     # tensors without exact zeros get the same range either way
     for name, state in result.statistics.tensors.items():
         if state.zeros == 0:
             assert keep.ranges[name].amax == skip.ranges[name].amax
-    # the warning names every saturating tensor with its share, and says why when zeros were kept
-    (note,) = [n for n in keep.notes if n.startswith("WARNING entropy:")]
-    for name in relus:
-        assert f"{name!r} {keep.ranges[name].clipped_fraction:.1%}" in note
-    assert "exact zeros" in note and "--entropy-keep-zeros" in note
-    assert not any(name in n for n in skip.notes for name in relus)
+    assert not any(n.startswith("WARNING entropy:") for n in keep.notes + skip.notes)
 
 
 def test_clipping_note_lists_tensors_worst_first():
@@ -317,8 +317,9 @@ def test_cli_entropy_keep_zeros_flag(tmp_path, monkeypatch, capsys):
         run = json.loads((out / "calibrate_run.json").read_text())
         assert run["entropy_skip_zeros"] is (not flag)
     assert tables[False].settings["skip_zeros"] is True and tables[True].settings["skip_zeros"] is False
-    assert tables[True].ranges["r1"].amax < 0.7 * tables[False].ranges["r1"].amax
-    assert "WARNING entropy" in capsys.readouterr().out  # kept zeros: the saturation warning is printed
+    # kept, the zeros are a point mass the entropy rule cuts down: r1's range is the same, nothing saturates
+    assert tables[True].ranges["r1"].amax == tables[False].ranges["r1"].amax
+    assert "WARNING entropy" not in capsys.readouterr().out
 
 
 def test_cli_refuses_to_replace_a_foreign_folder(tmp_path, cli_setup, capsys):
