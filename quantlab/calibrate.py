@@ -6,9 +6,10 @@
     Statistics ──> table_from_statistics(method) ──> CalibrationTable  (minmax, percentile, entropy, mse)
 
 All methods read the same histograms, so ``methods=("all",)`` costs one pass.
-The entropy method leaves exact zeros out of its histogram by default
-(``entropy_skip_zeros``; see quantlab.calibrators.amax_entropy for why), the
-other methods count them like any value.
+The entropy method leaves exact zeros out of its histogram, smooths it and
+keeps point masses inside the range by default (see quantlab.calibrators for
+the rule and why); ``entropy_skip_zeros=False`` runs TensorRT's algorithm as
+published instead. The other methods count zeros like any value.
 Same data, same order and same settings give byte-identical tables: the
 histogram does not depend on the batch size (see quantlab.histogram) and the
 tables record no time stamps.
@@ -90,8 +91,9 @@ def _amax(state: HistogramState, method: str, percentile: float, entropy_skip_ze
         return state.percentile(percentile)
     hist, upper = state.coarsen(ENTROPY_BINS)
     if method == "entropy":
-        zeros = float(state.zeros) if entropy_skip_zeros else 0.0
-        return min(amax_entropy(hist, upper, levels=ENTROPY_LEVELS, zeros=zeros), absmax)
+        if not entropy_skip_zeros:  # TensorRT's algorithm as published: zeros kept, no smoothing, no spike rule
+            return min(amax_entropy(hist, upper, levels=ENTROPY_LEVELS, robust=False), absmax)
+        return min(amax_entropy(hist, upper, levels=ENTROPY_LEVELS, zeros=float(state.zeros)), absmax)
     if method == "mse":
         return min(amax_mse(hist, upper), absmax)
     raise CalibrationError(f"unknown calibration method {method!r}; choose from {', '.join(METHOD_NAMES)}")
@@ -177,8 +179,10 @@ def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statis
     method's KL minimum is unreliable on sparse histograms (a few hundred
     values, or values far from zero such as pooled features), and on tensors
     that are mostly exact zeros when it keeps them (``entropy_skip_zeros=False``,
-    TensorRT's own behaviour): it can pick a threshold below most of the values.
-    The algorithm is kept as published; the note tells the user where to look.
+    TensorRT's published algorithm): it can pick a threshold below most of the
+    values. quantlab's default rule caps that at 1 % (quantlab.calibrators); the
+    note tells the user where to look when another method or the published rule
+    saturates more.
 
     ``fused``: pre-activation tensors TensorRT fuses into the following
     Relu/Clip (:func:`quantlab.stats.fused_preactivations`); no Q/DQ is written
@@ -229,7 +233,8 @@ def table_from_statistics(
     """One method's table from collected statistics (no model run: methods share one pass).
 
     ``entropy_skip_zeros=False`` gives TensorRT's entropy algorithm exactly as
-    published, exact zeros included (see quantlab.calibrators.amax_entropy).
+    published: exact zeros included, no smoothing, no point-mass rule
+    (``quantlab.calibrators.amax_entropy(robust=False)``).
     ``fused`` names the pre-activation tensors TensorRT fuses away (only the
     notes use it: see :func:`clipping_notes`).
     """
@@ -289,9 +294,9 @@ def calibrate(
     Checks the data against the model's inputs first (InputMismatchError),
     fingerprints every batch as it streams (DataError on NaN/Inf, naming the
     sample and input), then computes all methods from one statistics pass.
-    ``entropy_skip_zeros=False``: the entropy method keeps exact zeros in its
-    histogram (TensorRT's behaviour; clips ReLU outputs hard, see
-    quantlab.calibrators.amax_entropy).
+    ``entropy_skip_zeros=False``: the entropy method runs TensorRT's algorithm
+    as published (exact zeros kept, no smoothing, no point-mass rule; clips
+    ReLU outputs hard, see quantlab.calibrators.amax_entropy).
     """
     from .data import DataFingerprint, check_inputs
 

@@ -168,11 +168,12 @@ def method_settings(method: str, *, percentile: float = DEFAULT_PERCENTILE, bins
         return {**common, "percentile": percentile}
     if method == "entropy":
         skip = bool(entropy_skip_zeros)
-        return {**common, **fixed, "skip_zeros": skip,
+        return {**common, **fixed, "skip_zeros": skip, "robust": skip,
                 "histogram": "2048 bins of whole fine bins over [0, U], absmax <= U < 1.25 absmax"
                              + (", exact zeros left out" if skip else ""),
                 "reference": "Migacz, 8-bit Inference with TensorRT, GTC 2017"
-                             + ("; zeros skipped as pytorch-quantization's skip_zeros" if skip else "")
-                             + "; P and Q smoothed as ONNX Runtime's smooth_distribution; a bin holding more than"
-                               " point_mass of the values is cut to its neighbours' height and never saturated"}
+                             + ("; zeros skipped as pytorch-quantization's skip_zeros; P and Q smoothed as ONNX"
+                                " Runtime's smooth_distribution; a bin holding more than point_mass of the values is"
+                                " cut to its neighbours' height and never saturated" if skip
+                                else "; as published (no smoothing, no point-mass rule)")}
     return {**common, **fixed}

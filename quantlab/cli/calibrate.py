@@ -74,9 +74,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--percentile", type=_percentile, default=DEFAULT_PERCENTILE,
                    help=f"percentile of |x| kept by the percentile method (default {DEFAULT_PERCENTILE})")
     p.add_argument("--entropy-keep-zeros", action="store_true",
-                   help="entropy: keep exact zeros in the histogram, as TensorRT's published algorithm does; by "
-                        "default they are left out (INT8 represents 0 exactly; kept, the zeros after ReLU/ReLU6 "
-                        "pull the threshold far below the tail and saturate 10-20 %% of the values)")
+                   help="entropy: TensorRT's algorithm exactly as published (exact zeros kept, no smoothing, no "
+                        "point-mass rule); by default zeros are left out, the histograms smoothed and no spike may "
+                        "be saturated (kept, the zeros after ReLU/ReLU6 pull the threshold far below the tail and "
+                        "saturate 10-20 %% of the values)")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help=f"samples per model run (default {DEFAULT_BATCH_SIZE}; does not change the ranges)")
     p.add_argument("--tensors", choices=TENSOR_SCOPES, default="all",
