@@ -236,6 +236,7 @@ def _run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
     root = cfg.get("root", str(ROOT))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    load = round(os.getloadavg()[0], 2)  # other jobs on the machine: wall times mean little when it is high
     start, cpu = time.perf_counter(), _cpu_seconds(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
                           env=env, cwd=root, check=False)
@@ -243,7 +244,8 @@ def _run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-    return {"wall": wall, "process_cpu": process_cpu, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    return {"wall": wall, "process_cpu": process_cpu, "load_average": load,
+            **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 # --------------------------------------------------------------------------- driver
@@ -319,6 +321,7 @@ def _summarise(rows: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, A
                     base = (plain[b][key] - plain[a][key]) / (b - a)
                     row[f"{name}_ms_per_sample"] = round(1000 * ours, 2)
                     row[f"{name}_per_sample_x"] = round(ours / base, 2) if base > 0 else None
+            row["load_average_max"] = max(r.get("load_average", 0.0) for r in runs.values())
             row["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in runs.values()))
             row["rss_growth"] = round(runs[max(runs)]["peak_rss_mb"] / runs[min(runs)]["peak_rss_mb"] - 1, 3)
             out.append(row)
@@ -351,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     tools = args.tools.split(",")
     rows: list[dict[str, Any]] = []
     labels: dict[str, str] = {}
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):
             path, labels[key] = _model(key, Path(tmp))
@@ -374,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": max(1, args.repeat),
         "baseline": args.baseline,
         "bench_seconds": round(time.perf_counter() - started, 1),
-        "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+        "machine": {"cpus": os.cpu_count(), "load_average_at_start": load_at_start,
+                    "load_average_at_end": os.getloadavg(),
                     "mem_available_mb_at_end": round(_mem_available_mb())},
         "versions": tool_versions(),
         "targets": TARGETS,

@@ -8,7 +8,7 @@ that stay in the L1/L2 cache, two loops per chunk::
     chunk ──> scan (integer ops on the float bits, SIMD: ~0.25 ns/value)
                  min/max as order-preserving integer keys, exact zeros, -0.0, non-finite or huge values
           ──> grow R first if the chunk's |x| reaches it (adjacent bin pairs merge)
-          ──> bin  (one scattered increment per value, no branch)
+          ──> bin  (one scattered increment per value, no branch; float32 product, two int32 tables)
 
 A chunk holding a non-finite or huge value takes the branchy per-value path
 (:func:`_chunk_slow`); float64 arrays take the per-value kernels for the whole
@@ -34,6 +34,10 @@ CHUNK = 1 << 14
 
 _ABS = 0x7FFFFFFF
 _NEG_ZERO = -0x80000000
+_F32_NORMAL_MIN = 2.0**-126
+_F32_POW2_MAX = 2.0**127
+_FLUSH = 1 << 30
+"""Values binned into the int32 partial tables before they are added to the int64 counts (no overflow)."""
 
 
 def compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
@@ -89,8 +93,11 @@ def _merge_in_place(counts, doublings):  # pragma: no cover - compiled
 
 
 @compiled(nogil=True)
-def _grow(counts, spare, upper, absmax):  # pragma: no cover - compiled
-    """The range after seeing ``absmax``: ``upper`` if it covers it, else the power of two above (pairs merged)."""
+def _grow(counts, even, odd, upper, absmax):  # pragma: no cover - compiled
+    """The range after seeing ``absmax``: ``upper`` if it covers it, else the power of two above.
+
+    Adjacent bin pairs merge in ``counts`` and in the call's two partial tables ``even``/``odd``.
+    """
     if absmax == 0.0 or absmax < upper:
         return upper
     _, exponent = math.frexp(absmax)  # absmax < 2**exponent
@@ -98,7 +105,8 @@ def _grow(counts, spare, upper, absmax):  # pragma: no cover - compiled
     if upper > 0.0:
         _, old_exponent = math.frexp(upper)  # upper = 0.5 * 2**old_exponent
         _merge_in_place(counts, exponent - old_exponent + 1)
-        _merge_in_place(spare, exponent - old_exponent + 1)
+        _merge_in_place(even, exponent - old_exponent + 1)
+        _merge_in_place(odd, exponent - old_exponent + 1)
     return new
 
 
@@ -147,18 +155,21 @@ def _key_value(key, bits, scratch):  # pragma: no cover - compiled
 
 
 @compiled(nogil=True, boundscheck=False)
-def _bin_all(flat, counts, spare, scale):  # pragma: no cover - compiled
-    """Bin every value (all have |x| < R, so every index is < bins), even ones into ``counts``, odd into ``spare``.
+def _bin_all(flat, even, odd, scale):  # pragma: no cover - compiled
+    """Bin every value (all have |x| < R, so every index is < bins), even ones into ``even``, odd into ``odd``.
 
     Two tables break the chain of increments to one bin (a run of exact zeros after a
     ReLU): 0.7 instead of 2.7 ns per value on such tensors. Unsigned indices: no wrap-around code.
+    ``scale`` is float32 when the power of two ``bins / R`` is a normal float32: ``|x| * scale``
+    is then exact in float32 as in float64 (or below 1 either way), and the float32 product
+    and int32 tables (half the cache) take 0.74 instead of 0.89 ns per value.
     """
     pairs = flat.size // 2 * 2
     for i in range(0, pairs, 2):
-        counts[np.uint32(abs(flat[i]) * scale)] += 1
-        spare[np.uint32(abs(flat[i + 1]) * scale)] += 1
+        even[np.uint32(abs(flat[i]) * scale)] += 1
+        odd[np.uint32(abs(flat[i + 1]) * scale)] += 1
     for i in range(pairs, flat.size):
-        counts[np.uint32(abs(flat[i]) * scale)] += 1
+        even[np.uint32(abs(flat[i]) * scale)] += 1
 
 
 _TINY_UPPER = 2.0 ** -900
@@ -167,7 +178,20 @@ _TINY_UPPER = 2.0 ** -900
 
 
 @compiled(nogil=True)
-def _chunk_slow(flat, counts, spare, upper, huge):  # pragma: no cover - compiled
+def _bin_chunk(chunk, even, odd, upper):  # pragma: no cover - compiled
+    """:func:`_bin_all` with the scale ``bins / upper``, in float32 when that is exact (see there)."""
+    if upper == 0.0:
+        _bin_all(chunk, even, odd, np.float32(0.0))
+        return
+    scale = even.size / upper
+    if _F32_NORMAL_MIN <= scale <= _F32_POW2_MAX:
+        _bin_all(chunk, even, odd, np.float32(scale))
+    else:
+        _bin_all(chunk, even, odd, scale)
+
+
+@compiled(nogil=True)
+def _chunk_slow(flat, counts, even, odd, upper, huge):  # pragma: no cover - compiled
     """Per-value path for a chunk with non-finite or huge values: (min, max, nonfinite, huge, new upper)."""
     mn = np.inf
     mx = -np.inf
@@ -186,7 +210,7 @@ def _chunk_slow(flat, counts, spare, upper, huge):  # pragma: no cover - compile
         else:
             n_huge += 1
     if mn <= mx:
-        upper = _grow(counts, spare, upper, max(abs(mn), abs(mx)))
+        upper = _grow(counts, even, odd, upper, max(abs(mn), abs(mx)))
         if upper >= _TINY_UPPER or upper == 0.0:
             scale = counts.size / upper if upper > 0.0 else 0.0
             for i in range(flat.size):
@@ -203,22 +227,30 @@ def _chunk_slow(flat, counts, spare, upper, huge):  # pragma: no cover - compile
 
 @compiled(nogil=True)
 def _update_f32(flat, counts, upper, huge, limit):  # pragma: no cover - compiled
-    """:func:`update_counts` for float32, chunk by chunk (see the module docstring)."""
+    """:func:`update_counts` for float32, chunk by chunk (see the module docstring).
+
+    Arrays of at least ``bins`` values are binned into two int32 partial tables,
+    added to ``counts`` at the end (and every :data:`_FLUSH` values); smaller ones
+    straight into ``counts``.
+    """
     bits = flat.view(np.int32)
     scratch = np.empty(1, np.int32)
-    spare = np.zeros(counts.size if flat.size >= counts.size else 0, np.int64)
+    size = counts.size if flat.size >= counts.size else 0
+    even = np.zeros(size, np.int32)
+    odd = np.zeros(size, np.int32)
     mn = np.inf
     mx = -np.inf
     nonfinite = 0
     n_huge = 0
     zeros = 0
+    pending = 0
     for start in range(0, flat.size, CHUNK):
         chunk = flat[start:start + CHUNK]
         chunk_bits = bits[start:start + CHUNK]
         kmin, kmax, z, negz, bad = _scan_bits(chunk_bits, limit)
         zeros += z
         if bad:
-            cmn, cmx, nf, nh, upper = _chunk_slow(chunk, counts, spare, upper, huge)
+            cmn, cmx, nf, nh, upper = _chunk_slow(chunk, counts, even, odd, upper, huge)
             nonfinite += nf
             n_huge += nh
         else:
@@ -228,19 +260,31 @@ def _update_f32(flat, counts, upper, huge, limit):  # pragma: no cover - compile
             else:
                 cmn = _key_float(kmin, scratch)
                 cmx = _key_float(kmax, scratch)
-            upper = _grow(counts, spare, upper, max(abs(cmn), abs(cmx)))
-            scale = counts.size / upper if upper > 0.0 else 0.0
-            if spare.size:
-                _bin_all(chunk, counts, spare, scale)
+            upper = _grow(counts, even, odd, upper, max(abs(cmn), abs(cmx)))
+            if size:
+                _bin_chunk(chunk, even, odd, upper)
+                pending += chunk.size
+                if pending >= _FLUSH:
+                    _flush(counts, even, odd)
+                    pending = 0
             else:
-                _bin_all(chunk, counts, counts, scale)
+                _bin_chunk(chunk, counts, counts, upper)
         if cmn < mn:
             mn = cmn
         if cmx > mx:
             mx = cmx
-    if spare.size:
-        counts += spare
+    if size:
+        _flush(counts, even, odd)
     return mn, mx, flat.size - nonfinite - n_huge, nonfinite, n_huge, zeros, upper
+
+
+@compiled(nogil=True)
+def _flush(counts, even, odd):  # pragma: no cover - compiled
+    """Add the int32 partial tables to the int64 counts and clear them."""
+    for k in range(counts.size):
+        counts[k] += even[k] + np.int64(odd[k])
+        even[k] = 0
+        odd[k] = 0
 
 
 @compiled(nogil=True)
@@ -249,7 +293,7 @@ def _update_any(flat, counts, upper, huge):  # pragma: no cover - compiled
     zeros = 0
     for i in range(flat.size):
         zeros += flat[i] == 0.0
-    mn, mx, nonfinite, n_huge, upper = _chunk_slow(flat, counts, counts[:0], upper, huge)
+    mn, mx, nonfinite, n_huge, upper = _chunk_slow(flat, counts, counts[:0], counts[:0], upper, huge)
     return mn, mx, flat.size - nonfinite - n_huge, nonfinite, n_huge, zeros, upper
 
 

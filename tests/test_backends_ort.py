@@ -425,3 +425,15 @@ def test_profile_times_the_nodes_ort_runs():
     assert sum(t["ms"] for name, t in times.items() if "Conv" in t["op"]) > 0
     with pytest.raises(BackendError, match="runs >= 1"):
         backend.profile(model, feeds, runs=0)
+
+
+def test_sessions_without_spinning_give_the_same_outputs():
+    """allow_spinning=0 only lets idle threads sleep: same kernels, same values, recorded in describe()."""
+    model = models.residual_net()
+    feeds = models.random_inputs(model, 4, seed=3)
+    names = [o.name for o in model.graph.output]
+    spinning, sleeping = OrtBackend(), OrtBackend(spinning=False)
+    a, b = spinning.build(model).run(feeds, names), sleeping.build(model).run(feeds, names)
+    for name in names:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert spinning.describe().details["spinning"] is True and sleeping.describe().details["spinning"] is False

@@ -327,3 +327,21 @@ def test_float64_denormals_and_huge_values_bin_without_overflow():
     assert (h.count, h.huge, h.zeros) == (4, 2, 1)
     assert h.max == 6.94648680255427e-310 and 0 < h.upper <= 2 * h.max
     assert int(h.counts.sum()) == 4 and h.counts[-1] == 0
+
+
+@pytest.mark.parametrize("bins", [2, 4096, 2**16])
+def test_kernels_equal_reference_where_the_float32_scale_is_not_exact(bins):
+    """bins / R outside float32's normal powers of two (subnormal or enormous ranges) takes the float64 product."""
+    from quantlab.binning import CHUNK
+
+    rng = np.random.default_rng(7)
+    n = CHUNK + 99  # one chunk through the int32 tables, the rest too
+    cases = [rng.normal(0, 1, n) * scale for scale in (1e-42, 1e-39, 1e-36, 1e36, 5e37)]
+    cases.append(np.concatenate([rng.normal(0, 1, n) * 1e-40, rng.normal(0, 1, n) * 1e10]))  # R grows 50 decades
+    for values in cases:
+        values = values.astype(np.float32)
+        h = AbsHistogram(bins, huge_threshold=float(np.finfo(np.float32).max) * 2)
+        h.update(values)
+        state, ref = h.state(), _reference(values, bins, huge=float(np.finfo(np.float32).max) * 2)
+        np.testing.assert_array_equal(state.counts, ref["counts"])
+        assert (state.upper, state.count, state.zeros) == (ref["upper"], ref["count"], ref["zeros"])

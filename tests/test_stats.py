@@ -286,3 +286,39 @@ def test_large_batches_run_in_slices_with_the_same_statistics():
     fixed.CopyFrom(models.conv_net())
     fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 8  # a fixed batch cannot be sliced
     assert samples_per_run(model_from_proto(fixed), {"a": 800}, 8, 100) == 8
+
+
+def test_overlapped_threads_give_the_same_statistics_as_one_thread():
+    """Run k reduced on the pool while run k+1 computes: per-tensor order is kept, so nothing changes."""
+    model = model_from_proto(models.residual_net())
+    feeds = _feeds("residual_net", 21)
+    serial = collect_statistics(model, _batches(feeds, 7), threads=1, run_budget_bytes=1)
+    for threads in (2, 3):
+        overlapped = collect_statistics(model, _batches(feeds, 7), threads=threads, run_budget_bytes=1)
+        _assert_same_statistics(serial, overlapped)
+    assert serial.backend["details"]["spinning"] is False  # the collection's session leaves the cores to the kernels
+
+
+def test_a_failing_reduction_is_raised_and_stops_the_pass():
+    import threading
+
+    model = model_from_proto(models.conv_net())
+    feeds = _feeds("conv_net", 8)
+
+    class Broken:
+        def build(self, proto, outputs=None, cache_dir=None):
+            runner = get_backend("ort").build(proto, outputs=outputs)
+
+            class Runner:
+                def run(self, part, names):
+                    out = runner.run(part, names)
+                    return {**out, names[0]: np.array([["not a number"]])}  # no float: update() raises
+
+                def close(self):
+                    pass
+
+            return Runner()
+
+    with pytest.raises(ValueError, match="not a number"):
+        collect_statistics(model, _batches(feeds, 2), backend=Broken(), threads=2)
+    assert not [t for t in threading.enumerate() if t.name.startswith("quantlab-stats")]

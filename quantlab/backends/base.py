@@ -56,7 +56,11 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run one batch. ``outputs`` defaults to every output the runner exposes."""
+        """Run one batch. ``outputs`` defaults to every output the runner exposes.
+
+        The arrays belong to the caller: a later run must not write into them
+        (quantlab.stats reduces run k's outputs while run k+1 computes).
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device memory; optional."""

@@ -51,10 +51,13 @@ from .base import Backend, BackendInfo, Runner, check_feed_names
 from .saturation import int8_dot_saturates, saturation_free
 
 __all__ = ["OrtBackend", "OrtRunner", "int8_dot_saturates", "saturation_free", "environment_options",
-           "DISABLE_QDQ_FUSION", "FUSION_ENV", "THREADS_ENV"]
+           "ALLOW_SPINNING", "DISABLE_QDQ_FUSION", "FUSION_ENV", "THREADS_ENV"]
 
 DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
 """ONNX Runtime session config key: "1" keeps Q/DQ nodes as written (no integer-kernel fusion)."""
+
+ALLOW_SPINNING = "session.intra_op.allow_spinning"
+"""ONNX Runtime session config key: "0" lets idle intra-op threads sleep instead of busy-waiting."""
 
 FUSION_ENV = "QUANTLAB_ORT_QDQ_FUSION"
 THREADS_ENV = "QUANTLAB_ORT_THREADS"
@@ -135,11 +138,15 @@ class OrtBackend(Backend):
         trt_fp16: bool = False,
         trt_int8: bool = False,
         qdq_fusion: bool | None = None,
+        spinning: bool = True,
     ) -> None:
         """``qdq_fusion``: True lets ORT fuse Q/DQ into integer kernels (fast), False runs
         them as written (exact Q/DQ semantics), None takes QUANTLAB_ORT_QDQ_FUSION, else
         decides per model: fused unless its kernels could saturate on this CPU (see the
-        module docstring). ``threads`` 0 takes QUANTLAB_ORT_THREADS, else one per core."""
+        module docstring). ``threads`` 0 takes QUANTLAB_ORT_THREADS, else one per core.
+        ``spinning=False`` lets ORT's idle intra-op threads sleep instead of busy-waiting
+        (ORT's default): slower by a little alone, but the cores are free for other work of the
+        process, such as the statistics kernels running beside the model (same results)."""
         import onnxruntime as ort
 
         env_fusion, env_threads = environment_options()
@@ -160,6 +167,7 @@ class OrtBackend(Backend):
         self.trt_fp16 = trt_fp16
         self.trt_int8 = trt_int8
         self.qdq_fusion = qdq_fusion if qdq_fusion is not None else env_fusion
+        self.spinning = spinning
         self.forced_by_environment: dict[str, Any] = {}  # what the variables decided, for describe()
         if qdq_fusion is None and env_fusion is not None:
             self.forced_by_environment[FUSION_ENV] = env_fusion
@@ -181,6 +189,8 @@ class OrtBackend(Backend):
         so.log_severity_level = 3
         if not fuse:
             so.add_session_config_entry(DISABLE_QDQ_FUSION, "1")
+        if not self.spinning:
+            so.add_session_config_entry(ALLOW_SPINNING, "0")
         levels = {
             "none": self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": self._ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -287,7 +297,7 @@ class OrtBackend(Backend):
             details={"providers": list(self.providers), "threads": self.threads or os.cpu_count(),
                      "optimization": self.optimization,
                      "qdq_fusion": "auto" if self.qdq_fusion is None else self.qdq_fusion,
-                     "int8_dot_saturates": int8_dot_saturates(),
+                     "int8_dot_saturates": int8_dot_saturates(), "spinning": self.spinning,
                      "forced_by_environment": dict(self.forced_by_environment)},
         )
 

@@ -16,7 +16,8 @@ DEFAULT_MEMORY_BUDGET = 2 << 30
 """Bytes of exposed activations per model run before statistics are collected in several passes."""
 
 DEFAULT_RUN_BUDGET = 256 << 20
-"""Bytes of exposed activations per model run before a batch is run in slices (EfficientNet-Lite0: 4 samples).
+"""Bytes of exposed activations in memory before a batch is run in slices (EfficientNet-Lite0: 4 samples;
+2 per run when the reducers overlap the next run, which holds two runs' outputs: see quantlab.stats.collect).
 
 Measured on EfficientNet-Lite0, every activation exposed (CPU ms per sample):
 runs of 2-4 samples 63-67, of 8 71, of 16 72-79, of 32 83-84; peak RSS 0.65 GB

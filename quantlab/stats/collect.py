@@ -3,14 +3,18 @@
 The model is built once with every wanted tensor exposed as an extra output;
 each batch's outputs go straight into per-tensor reducers
 (:class:`quantlab.histogram.AbsHistogram`) and are dropped, so peak memory
-is one batch of activations plus a fixed 128 KiB histogram per tensor, however
+is two runs of activations plus a fixed 128 KiB histogram per tensor, however
 many samples the set holds::
 
-    batches() ──> feeds ──> runner(exposed outputs) ──> {tensor: array} ──> reducers
-                     │                                        (dropped after each batch)
+    batches() ──> feeds ──> runner(exposed outputs) ──> {tensor: array} ──> reducers (threads)
+                     │                                        (dropped after each run; the model
+                     │                                         computes run k+1 meanwhile)
                      └──> on_batch(item)   (first pass only: data fingerprint, NaN check)
 
-A batch whose exposed activations exceed ``run_budget_bytes`` (256 MiB) runs
+The ONNX Runtime session is made with ``spinning=False``: its idle threads
+sleep, so the reducers of run k get the cores ORT leaves free while it
+computes run k+1 (ORT's busy-waiting threads took 40 % of its CPU time).
+A batch whose exposed activations exceed ``run_budget_bytes`` (256 MiB, half per run) runs
 through the model in slices of fewer samples: memory stays flat whatever the
 batch size, and smaller runs are cheaper (fewer fresh pages, more cache hits).
 When even one slice of all exposed tensors would exceed ``memory_budget_bytes``,
@@ -21,8 +25,10 @@ tensors are split into groups and the data is run once per group; that is why
 from __future__ import annotations
 
 import os
+import queue
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +98,7 @@ class _Setup:
     reducers: Mapping[str, AbsHistogram]
     backend: Any
     pool: Any
+    workers: int
     run_rows: int
 
 
@@ -100,13 +107,16 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
     """Run every batch once, feeding the group's tensors into their reducers; (samples, batches).
 
     A batch larger than ``setup.run_rows`` samples goes through the model in
-    slices (the histograms do not depend on how the data is split).
+    slices (the histograms do not depend on how the data is split). The
+    outputs of one run are reduced on the pool while the model computes the
+    next run (:class:`_Reductions`).
     """
     input_names = set(setup.model.input_names)
     exposed = [t for t in group if t not in input_names]
     runner = setup.backend.build(setup.model.proto, outputs=exposed) if exposed else None
     samples = batches = 0
     stream = prefetched(items, on_batch)
+    reductions = _Reductions(setup.reducers, setup.pool, setup.workers)
     try:
         for item in stream:
             feeds = batch_feeds(item)
@@ -116,29 +126,73 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
             n = _batch_size(feeds)
             for start in range(0, n, setup.run_rows) if runner is not None else ():
                 part = feeds if n <= setup.run_rows else {k: v[start:start + setup.run_rows] for k, v in feeds.items()}
-                outputs = runner.run(part, exposed)
-                _reduce(outputs, setup.reducers, setup.pool)
-                del outputs
+                reductions.submit(runner.run(part, exposed))
             samples += n
             batches += 1
             if bar is not None:
                 bar.update(n)
+        reductions.wait()
     finally:
+        reductions.drain()
         stream.close()
         if runner is not None:
             runner.close()
     return samples, batches
 
 
-def _reduce(outputs: Mapping[str, np.ndarray], reducers: Mapping[str, AbsHistogram], pool: Any) -> None:
-    """Feed each output to its reducer; largest first over the pool's threads (the kernels release the GIL)."""
-    names = sorted(outputs, key=lambda t: -np.size(outputs[t]))
-    if pool is None or len(names) < 2:
-        for t in names:
-            reducers[t].update(outputs[t])
-        return
-    for future in [pool.submit(reducers[t].update, outputs[t]) for t in names]:
-        future.result()
+class _Reductions:
+    """The reductions of the last model run, in flight on the pool while the model computes the next run.
+
+    ::
+
+        main thread:  run k ──> submit k ──> run k+1 ──> submit k+1 (waits for k first) ──> ...
+        pool:                   reduce k ───────────────┘ reduce k+1 ...
+
+    A tensor's reducer is fed by one task at a time, runs in data order (run
+    k's reductions end before run k+1's start), so the results do not depend on
+    threads or timing. Two runs' outputs are alive at once: the collection gives
+    each run half of the memory budgets. Without a pool, each run is reduced at once.
+    One task per thread takes the run's tensors from a queue, largest first
+    (95 futures per run cost 1 ms of Python; a queue balances as well).
+    """
+
+    def __init__(self, reducers: Mapping[str, AbsHistogram], pool: Any, workers: int) -> None:
+        self._reducers = reducers
+        self._pool = pool
+        self._workers = workers
+        self._pending: list[Any] = []
+
+    def submit(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Wait for the previous run's reductions, then start this run's."""
+        self.wait()
+        names: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for t in sorted(outputs, key=lambda t: -np.size(outputs[t])):
+            names.put(t)
+        if self._pool is None:
+            self._reduce(names, outputs)
+            return
+        self._pending = [self._pool.submit(self._reduce, names, outputs)
+                         for _ in range(min(self._workers, names.qsize()))]
+
+    def _reduce(self, names: queue.SimpleQueue[str], outputs: Mapping[str, np.ndarray]) -> None:
+        """Feed tensors taken from ``names`` to their reducers until it is empty."""
+        while True:
+            try:
+                t = names.get_nowait()
+            except queue.Empty:
+                return
+            self._reducers[t].update(outputs[t])
+
+    def wait(self) -> None:
+        """Block until the reductions in flight are done; raises the first error of one."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def drain(self) -> None:
+        """Wait for the reductions in flight without raising (cleanup after an error elsewhere)."""
+        pending, self._pending = self._pending, []
+        wait_for(pending)
 
 
 def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
@@ -171,8 +225,10 @@ def collect_statistics(
     ``on_batch(item)`` runs on each item of the first pass before the model
     sees it (fingerprinting, NaN checks). ``total`` is the expected number of
     samples, for the progress bar. ``threads`` (default: all cores) reduce
-    several tensors at once; ``run_budget_bytes`` caps the exposed activations
-    of one model run (a larger batch runs in slices); results depend on neither.
+    several tensors at once, while the model computes the next run;
+    ``run_budget_bytes`` caps the exposed activations in memory (a larger batch
+    runs in slices; with threads, two runs of half the budget each are in
+    flight); results depend on neither.
 
     Raises DataError when the data is empty or a later pass sees different
     data, CalibrationError for a tensor name the model does not produce.
@@ -180,7 +236,7 @@ def collect_statistics(
     if backend is None:
         from ..backends import get_backend
 
-        backend = get_backend("ort")
+        backend = get_backend("ort", spinning=False)  # idle ORT threads sleep: the kernels use the cores
     names = list(tensors) if tensors is not None else activation_names(model.proto)
     _check_tensors(model, names)
     source = iter(batches())
@@ -190,16 +246,17 @@ def collect_statistics(
     feeds = batch_feeds(first)
     sizes = resolved_sizes(model, names, feeds)
     rows = _batch_size(feeds)
-    run_rows = samples_per_run(model, sizes, rows, run_budget_bytes)
-    run_sizes = {t: None if v is None else v * run_rows // max(rows, 1) for t, v in sizes.items()}
-    groups = plan_groups(run_sizes, memory_budget_bytes) if names else [[]]
-    reducers = {t: AbsHistogram(bins, huge_threshold) for t in names}
     workers = threads if threads is not None else (os.cpu_count() or 1)
+    in_flight = 2 if workers > 1 else 1  # outputs of the run being reduced and of the run being computed
+    run_rows = samples_per_run(model, sizes, rows, run_budget_bytes // in_flight)
+    run_sizes = {t: None if v is None else v * run_rows // max(rows, 1) for t, v in sizes.items()}
+    groups = plan_groups(run_sizes, memory_budget_bytes // in_flight) if names else [[]]
+    reducers = {t: AbsHistogram(bins, huge_threshold) for t in names}
     pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-stats") if workers > 1 else None
     if pool is not None:
         pool.submit(warm_up)  # loads the compiled kernels while the session is built
     try:
-        setup = _Setup(model, reducers, backend, pool, run_rows)
+        setup = _Setup(model, reducers, backend, pool, workers, run_rows)
         samples, n_batches = _run_groups(setup, batches, _chain_first(first, source), groups, on_batch, progress,
                                          total)
     finally:
