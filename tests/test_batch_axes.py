@@ -311,3 +311,24 @@ def test_a_manifest_carry_reaches_calibrate_and_compare_without_wrapping(tmp_pat
     assert compared.data["manifest"]["sequence"] == {"carry": {"stateN": "state"}}
     with pytest.raises(ql.CompareError, match="sequence"):
         ql.compare(model, {"int8": int8}, seq, ql.CompareOptions(batch_size=1, shards=2))
+
+
+def test_a_batch_split_into_smaller_runs_cuts_each_input_on_its_own_sample_axis():
+    """A run budget too small for a batch of 4 splits it into runs of fewer samples: ``state`` is cut on
+    axis 1, the scalar ``sr`` passed whole, and the statistics equal those of batches of one."""
+    from quantlab.graph import activation_names
+    from quantlab.stats import collect_statistics
+    from quantlab.stats.budget import resolved_sizes, samples_per_run
+
+    model = model_from_proto(_vad(), label="vad")
+    data = from_arrays(_arrays(6), batch_axes=AXES)
+    first = next(iter(data.batches(4)))
+    sizes = resolved_sizes(model, activation_names(model.proto), first.feeds)
+    assert samples_per_run(model, sizes, 4, 4096 // 2, first.batch_axes) == 1  # runs of one sample each
+    split = collect_statistics(model, lambda: data.batches(4), run_budget_bytes=4096, threads=1)
+    single = collect_statistics(model, lambda: data.batches(1), threads=1)
+    assert split.samples == single.samples == 6
+    for name in ("h_prev", "c_prev", "gates", "stateN", "prob"):
+        a, b = split[name], single[name]
+        assert (a.count, a.min, a.max) == (b.count, b.min, b.max), name
+        np.testing.assert_array_equal(a.counts, b.counts)

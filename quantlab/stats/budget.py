@@ -97,14 +97,22 @@ def plan_groups(sizes: Mapping[str, int | None], budget: int) -> list[list[str]]
     return groups
 
 
-def samples_per_run(model: LoadedModel, sizes: Mapping[str, int | None], rows: int, budget: int) -> int:
+def samples_per_run(model: LoadedModel, sizes: Mapping[str, int | None], rows: int, budget: int,
+                    batch_axes: Mapping[str, int | None] | None = None) -> int:
     """Samples per model run: the most whose exposed activations fit ``budget``, at least one.
 
     ``sizes`` are the bytes per tensor of a batch of ``rows`` samples (unknown
     ones count as the largest known). All ``rows`` when a model input has a
-    fixed or unknown batch dimension (the batch cannot be sliced).
+    fixed or unknown batch dimension on its sample axis (``batch_axes``: axis 0
+    unless named; None for an input without one) — the batch cannot be sliced.
     """
-    if rows <= 1 or any(not spec.shape or isinstance(spec.shape[0], int) for spec in model.inputs):
+    axes = batch_axes or {}
+
+    def sliceable(spec: Any) -> bool:
+        axis = axes.get(spec.name, 0)
+        return axis is None or bool(spec.shape) and axis < len(spec.shape) and not isinstance(spec.shape[axis], int)
+
+    if rows <= 1 or not all(sliceable(spec) for spec in model.inputs):
         return max(rows, 1)
     known = [v for v in sizes.values() if v is not None]
     if not known:

@@ -62,11 +62,35 @@ def batch_feeds(item: Any) -> Mapping[str, np.ndarray]:
     return feeds
 
 
-def _batch_size(feeds: Mapping[str, np.ndarray]) -> int:
+def _batch_axes(item: Any) -> Mapping[str, int | None]:
+    """Each input's sample axis: a ``quantlab.data.Batch``'s ``batch_axes`` (state on axis 1, a scalar on
+    none); axis 0 for a plain feed mapping."""
+    return getattr(item, "batch_axes", None) or {}
+
+
+def _batch_size(item: Any, feeds: Mapping[str, np.ndarray]) -> int:
+    """Samples in a batch: ``len(Batch)``, or axis 0 of a plain mapping's first input."""
+    if hasattr(item, "indices"):
+        return len(item.indices)
     for value in feeds.values():
         arr = np.asarray(value)
         return int(arr.shape[0]) if arr.ndim else 1
     return 0
+
+
+def _rows(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None], start: int,
+          stop: int) -> dict[str, np.ndarray]:
+    """Samples ``start:stop`` of every input, cut along its own sample axis (inputs without one whole)."""
+    out = {}
+    for name, value in feeds.items():
+        axis = axes.get(name, 0)
+        if axis is None:
+            out[name] = value
+        else:
+            where = [slice(None)] * np.ndim(value)
+            where[axis] = slice(start, stop)
+            out[name] = np.asarray(value)[tuple(where)]
+    return out
 
 
 def _check_tensors(model: LoadedModel, tensors: Sequence[str]) -> None:
@@ -123,9 +147,10 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
             for t in group:
                 if t in input_names:
                     setup.reducers[t].update(np.asarray(feeds[t]))
-            n = _batch_size(feeds)
+            n = _batch_size(item, feeds)
             for start in range(0, n, setup.run_rows) if runner is not None else ():
-                part = feeds if n <= setup.run_rows else {k: v[start:start + setup.run_rows] for k, v in feeds.items()}
+                part = feeds if n <= setup.run_rows else _rows(feeds, _batch_axes(item), start,
+                                                                start + setup.run_rows)
                 reductions.submit(runner.run(part, exposed))
             samples += n
             batches += 1
@@ -245,10 +270,10 @@ def collect_statistics(
         raise DataError("the calibration data yielded no batches; give it at least one sample")
     feeds = batch_feeds(first)
     sizes = resolved_sizes(model, names, feeds)
-    rows = _batch_size(feeds)
+    rows = _batch_size(first, feeds)
     workers = threads if threads is not None else (os.cpu_count() or 1)
     in_flight = 2 if workers > 1 else 1  # outputs of the run being reduced and of the run being computed
-    run_rows = samples_per_run(model, sizes, rows, run_budget_bytes // in_flight)
+    run_rows = samples_per_run(model, sizes, rows, run_budget_bytes // in_flight, _batch_axes(first))
     run_sizes = {t: None if v is None else v * run_rows // max(rows, 1) for t, v in sizes.items()}
     groups = plan_groups(run_sizes, memory_budget_bytes // in_flight) if names else [[]]
     reducers = {t: AbsHistogram(bins, huge_threshold) for t in names}
