@@ -9,6 +9,8 @@ from ..errors import QuantlabError
 
 if TYPE_CHECKING:
     from .bias_correction import BiasCorrection
+    from .equalization import Equalization
+    from .smoothquant import SmoothQuant
 
 __all__ = ["Target", "DEFAULT_FP32_OPS", "WriteOptions"]
 
@@ -53,6 +55,12 @@ class WriteOptions:
     ``bias_correction``: per-channel output mean shifts measured on calibration data
     (:func:`quantlab.quantize.measure_bias_correction`, with these same options),
     subtracted from the bias of the plan's INT8 Conv/Gemm layers; None: no correction.
+
+    ``equalization`` (:class:`quantlab.quantize.Equalization`): cross-layer equalization of
+    consecutive convs; ``smoothquant`` (:class:`quantlab.quantize.SmoothQuant`, measured by
+    :func:`quantlab.quantize.measure_smoothquant`): outlier activation ranges moved into
+    MatMul/Gemm weights. Both rewrite the float model before it is written, so the table must be
+    calibrated on the rewritten model (:func:`quantlab.quantize.prepare_model`); None: not done.
     """
 
     target: Target = "tensorrt"
@@ -64,6 +72,8 @@ class WriteOptions:
     check: bool = True
     reduce_range: bool = False
     bias_correction: BiasCorrection | None = None
+    equalization: Equalization | None = None
+    smoothquant: SmoothQuant | None = None
 
     def __post_init__(self) -> None:
         if self.target not in ("tensorrt", "ort"):
@@ -97,6 +107,8 @@ class WriteOptions:
             "reduce_range": self.reduce_range,
             "weight_qmax": self.weight_qmax,
             "bias_correction": None if self.bias_correction is None else self.bias_correction.describe(),
+            "equalization": None if self.equalization is None else self.equalization.describe(),
+            "smoothquant": None if self.smoothquant is None else self.smoothquant.describe(),
         }
 
     @property
