@@ -8,7 +8,8 @@ written for TensorRT and run as written on ONNX Runtime (``session.disable_quant
 the ONNX semantics TensorRT computes). For per-channel and per-tensor weights, every
 all-INT8 model is scored against the FP32 model's logits (top-1 agreement, mean cosine,
 SQNR), with CLE off / "skip" (pairs joined by a bounded Clip left alone) / "split"
-(ReLU6 rewritten exactly as Relu + per-channel Min), each without and with bias correction.
+(ReLU6 rewritten exactly as Relu + per-channel Min; no activation channel enlarged, the default)
+/ "split, unbounded" (Nagel's scales from the weights alone), each without and with bias correction.
 Each CLE mode calibrates its own rewritten model (ranges change). Also printed: how far
 the equalized FP32 model's logits are from the original's (float32 rounding only).
 """
@@ -33,7 +34,9 @@ from quantlab.atomic import write_json  # noqa: E402
 from quantlab.fingerprint import tool_versions  # noqa: E402
 from search import MODELS, load_data, score  # noqa: E402
 
-MODES = ("off", "skip", "split")
+MODES = ("off", "skip", "split", "split, unbounded")
+"""CLE off; skip pairs joined by a bounded Clip; split (the default: no activation channel grows);
+split with Nagel's unconstrained scales (``max_activation_growth=inf``)."""
 
 
 def logits(model: onnx.ModelProto | str, x: np.ndarray, batch: int = 16) -> np.ndarray:
@@ -60,7 +63,8 @@ def measure_mode(model_path: Path, calib: Path, mode: str, x: np.ndarray, y: np.
                                    write_model)
 
     model = load_model(model_path)
-    eq = None if mode == "off" else Equalization(clip=mode)  # type: ignore[arg-type]
+    eq = {"off": None, "skip": Equalization(clip="skip"), "split": Equalization(),
+          "split, unbounded": Equalization(max_activation_growth=float("inf"))}[mode]
     start = time.perf_counter()
     prepared = prepare_model(model, WriteOptions(equalization=eq))
     t_eq = time.perf_counter() - start

@@ -541,8 +541,10 @@ def smoothquant_block(seed: int = 0, seq: int = 8, hidden: int = 16, outliers: t
 
     x[N,seq,hidden] -> LayerNormalization (gamma large on ``outliers``) -> MatMul W1 [hidden, 4h] -> Add b1
     -> Relu -> MatMul W2 [4h, hidden] -> Add(residual x) -> out; and out -> ReduceMean(seq) ->
-    Gemm (transB) -> logits[N, 4]. The outlier channels make per-tensor INT8 of the LayerNorm output
-    crush every other channel: SmoothQuant moves that range into W1's rows (folded into gamma/beta).
+    Gemm (transB) -> logits[N, 4]. W1's rows for the outlier channels are ``outlier_gain`` times
+    smaller (as in trained LLMs), so every channel matters to fc1; the outliers make per-tensor INT8
+    of the LayerNorm output crush the others: SmoothQuant moves that range into W1's rows (folded
+    into gamma/beta).
     """
     rng = np.random.default_rng(seed)
     h = hidden
@@ -550,7 +552,8 @@ def smoothquant_block(seed: int = 0, seq: int = 8, hidden: int = 16, outliers: t
     gamma[list(outliers)] *= outlier_gain
     w = {
         "ln_g": gamma, "ln_b": rng.normal(0, 0.1, h),
-        "w1": rng.normal(0, 0.3, (h, 4 * h)), "b1": rng.normal(0, 0.1, 4 * h),
+        "w1": rng.normal(0, 0.3, (h, 4 * h)) / np.where(np.isin(np.arange(h), outliers), outlier_gain, 1.0)[:, None],
+        "b1": rng.normal(0, 0.1, 4 * h),
         "w2": rng.normal(0, 0.15, (4 * h, h)),
         "head_w": rng.normal(0, 0.3, (4, h)), "head_b": rng.normal(0, 0.1, 4),
     }

@@ -104,6 +104,11 @@ def check_prepared_table(table: CalibrationTable, model: LoadedModel, prepared: 
             f"the calibration table ({table.method}) was made for {model.label} rewritten with {_flags(recorded)}, "
             f"but this model is written {'with other rewrites' if prepared.changed else 'without them'}: "
             "give the same --equalize / --smoothquant as at calibration")
+    if prepared.changed:
+        raise CalibrationError(
+            f"the calibration table ({table.method}) was made for the model with sha256 {table.model_sha256[:12]}..., "
+            f"not for {model.label} rewritten with these write options (sha256 {prepared.model.sha256[:12]}...): "
+            "calibrate the model with the same --equalize / --smoothquant settings and use that table")
     check_table_fits(table, prepared.model)
 
 
