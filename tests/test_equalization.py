@@ -305,3 +305,69 @@ def test_smoothquant_alpha_is_checked_and_no_outliers_means_no_change():
     sq = measure_smoothquant(model, from_arrays({"x": _tokens(8, 1)}))
     assert sq.activations == () and isinstance(sq, SmoothQuant)
     assert apply_smoothquant(model, sq) is model
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cli_setup(tmp_path, monkeypatch, proto, arrays):
+    from quantlab.cli import calibrate as cli_calibrate
+
+    model_path = tmp_path / "model.onnx"
+    onnx.save(proto, model_path)
+    manifest = tmp_path / "set.toml"
+    manifest.write_text("# stands for the in-memory set below\n")
+    monkeypatch.setattr(cli_calibrate, "_load_dataset", lambda path: from_arrays(arrays))
+    return model_path, manifest
+
+
+def test_cli_calibrate_and_build_with_equalize(tmp_path, monkeypatch, capsys):
+    import json
+
+    from quantlab.cli import main
+    from quantlab.table import read_table
+
+    model_path, manifest = _cli_setup(tmp_path, monkeypatch, models.depthwise_separable_net(),
+                                      {"input": _inputs(8)})
+    cal = tmp_path / "cal"
+    assert main(["calibrate", str(model_path), "--calib", str(manifest), "--method", "minmax", "--equalize",
+                 "--out", str(cal), "--no-progress"]) == 0
+    assert "equalized 4 conv pair(s)" in capsys.readouterr().err
+    table = read_table(cal / "calib_minmax.json")
+    run = json.loads((cal / "calibrate_run.json").read_text())
+    assert table.model_sha256 == run["calibrated_model_sha256"] != run["model_sha256"]
+    assert table.settings["prepared"]["equalization"]["pair_count"] == 4
+    out = tmp_path / "build"
+    assert main(["build", str(model_path), "--table", str(cal / "calib_minmax.json"), "--equalize",
+                 "--per-tensor-weights", "--target", "tensorrt", "--out", str(out)]) == 0
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["meta"]["prepared"]["equalization"]["equalized_sha256"] == table.model_sha256
+    assert prov["meta"]["source_sha256"] == run["model_sha256"]
+    capsys.readouterr()
+    # the same table without --equalize: exit 2, the file and the missing flag named, nothing written
+    assert main(["build", str(model_path), "--table", str(cal / "calib_minmax.json"),
+                 "--out", str(tmp_path / "b2")]) == 2
+    err = capsys.readouterr().err
+    assert "calib_minmax.json" in err and "--equalize" in err
+    assert not (tmp_path / "b2").exists()
+
+
+def test_cli_calibrate_smoothquant_writes_scales_that_build_reuses(tmp_path, monkeypatch, capsys):
+    import json
+
+    from quantlab.cli import main
+
+    model_path, manifest = _cli_setup(tmp_path, monkeypatch, models.smoothquant_block(), {"x": _tokens(16, 8)})
+    cal = tmp_path / "cal"
+    assert main(["calibrate", str(model_path), "--calib", str(manifest), "--method", "minmax",
+                 "--smoothquant", "0.5", "--out", str(cal), "--no-progress"]) == 0
+    assert (cal / "smoothquant.json").is_file()
+    out = tmp_path / "build"
+    assert main(["build", str(model_path), "--table", str(cal / "calib_minmax.json"), "--smoothquant-scales",
+                 str(cal / "smoothquant.json"), "--out", str(out)]) == 0
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["meta"]["prepared"]["smoothquant"]["activations"] == ["ln"]
+    capsys.readouterr()
+    assert main(["calibrate", str(model_path), "--calib", str(manifest), "--smoothquant", "2",
+                 "--out", str(tmp_path / "c2"), "--no-progress"]) == 2
+    assert "[0, 1]" in capsys.readouterr().err

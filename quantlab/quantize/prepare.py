@@ -17,19 +17,22 @@ of the group feeding them, float32 when that one is INT8 (the INT8 group's outpu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CalibrationError
+from ..data import DataSet
+from ..errors import CalibrationError, QuantlabError
 from ..graph import LoadedModel
 from ..plan import ResolvedPlan, fusion_groups
 from ..precision import FP32, INT8, GroupPrecision
 from ..table import CalibrationTable, check_table_fits
-from .equalization import EqualizedModel, equalize_model
+from .equalization import EqualizedModel, Equalization, equalize_model
 from .options import WriteOptions
-from .smoothquant import apply_smoothquant
+from .smoothquant import SmoothQuant, apply_smoothquant, measure_smoothquant
 
-__all__ = ["PreparedModel", "prepare_model", "prepared_plan", "check_prepared_table"]
+__all__ = ["PreparedModel", "prepare_model", "prepare_rewrites", "prepared_plan", "check_prepared_table",
+           "mark_table"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,12 @@ class PreparedModel:
     source_sha256: str
     equalized: EqualizedModel | None
     smoothquant: dict[str, Any] | None
+    equalization: Equalization | None = None
+    smooth: SmoothQuant | None = None
+
+    def write_options(self, **kwargs: Any) -> WriteOptions:
+        """WriteOptions that redo these rewrites (``kwargs``: the other options)."""
+        return WriteOptions(equalization=self.equalization, smoothquant=self.smooth, **kwargs)
 
     @property
     def changed(self) -> bool:
@@ -65,7 +74,32 @@ def prepare_model(model: LoadedModel, options: WriteOptions) -> PreparedModel:
     if options.smoothquant is not None:
         current = apply_smoothquant(current, options.smoothquant)
         smooth = {**options.smoothquant.describe(), "smoothed_sha256": current.sha256}
-    return PreparedModel(current, model.sha256, equalized, smooth)
+    return PreparedModel(current, model.sha256, equalized, smooth, options.equalization, options.smoothquant)
+
+
+def prepare_rewrites(model: LoadedModel, dataset: DataSet | None, *, equalize: bool = False,
+                     smoothquant_alpha: float | None = None, batch_size: int = 8) -> PreparedModel:
+    """Equalize (data-free), then measure SmoothQuant's scales on ``dataset`` and apply them: the model to calibrate.
+
+    What ``quantlab calibrate --equalize --smoothquant ALPHA`` does before its statistics pass.
+    """
+    equalization = Equalization() if equalize else None
+    if smoothquant_alpha is None:
+        return prepare_model(model, WriteOptions(equalization=equalization))
+    if dataset is None:
+        raise QuantlabError("SmoothQuant measures per-channel activation maxima: it needs the calibration set "
+                            "(--calib), not merged statistics")
+    equalized = prepare_model(model, WriteOptions(equalization=equalization))
+    smooth = measure_smoothquant(equalized.model, dataset, smoothquant_alpha, batch_size=batch_size)
+    return prepare_model(model, WriteOptions(equalization=equalization, smoothquant=smooth))
+
+
+def mark_table(table: CalibrationTable, prepared: PreparedModel) -> CalibrationTable:
+    """``table`` with the rewrites it was calibrated after in its settings (``settings["prepared"]``)."""
+    record = prepared.record()
+    if record is None:
+        return table
+    return dataclasses.replace(table, settings={**table.settings, "prepared": record})
 
 
 def prepared_plan(plan: ResolvedPlan, prepared: PreparedModel) -> ResolvedPlan:

@@ -25,14 +25,18 @@ the smoothed model is what gets calibrated and written (:func:`quantlab.quantize
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..atomic import write_json
 from ..backends import get_backend
 from ..data import DataSet
 from ..errors import QuantlabError
@@ -40,7 +44,10 @@ from ..fingerprint import sha256_bytes
 from ..graph import LoadedModel, serialize, with_outputs
 from ..graph.topology import consumer_map, initializer_map, producer_map
 
-__all__ = ["SmoothQuant", "measure_smoothquant", "apply_smoothquant", "DEFAULT_OUTLIER_RATIO"]
+__all__ = ["SmoothQuant", "measure_smoothquant", "apply_smoothquant", "DEFAULT_OUTLIER_RATIO", "check_alpha",
+           "save_smoothquant", "load_smoothquant", "SMOOTHQUANT_FORMAT"]
+
+SMOOTHQUANT_FORMAT = "quantlab.smoothquant/1"
 
 DEFAULT_OUTLIER_RATIO = 8.0
 """Smooth an activation when its widest channel is this many times its median channel (max|X_j|)."""
@@ -62,6 +69,28 @@ class SmoothQuant:
                 "activations": [name for name, _ in self.activations], "model_sha256": self.model_sha256,
                 "max_scale": max((max(v) for _, v in self.activations if v), default=1.0),
                 "min_scale": min((min(v) for _, v in self.activations if v), default=1.0)}
+
+
+def save_smoothquant(smooth: SmoothQuant, path: str | os.PathLike[str]) -> Path:
+    """Write the scales as JSON (atomically), for ``quantlab build --smoothquant-scales``."""
+    return write_json(path, {"format": SMOOTHQUANT_FORMAT, **dataclasses.asdict(smooth)})
+
+
+def load_smoothquant(path: str | os.PathLike[str]) -> SmoothQuant:
+    """Read :func:`save_smoothquant`'s file; a QuantlabError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != SMOOTHQUANT_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {SMOOTHQUANT_FORMAT!r}")
+        acts = tuple((str(name), tuple(float(v) for v in values)) for name, values in data["activations"])
+        if any(not (v > 0) for _, values in acts for v in values):
+            raise ValueError("a scale is not a positive number")
+        return SmoothQuant(alpha=check_alpha(data["alpha"]), activations=acts, samples=int(data["samples"]),
+                           model_sha256=str(data["model_sha256"]), outlier_ratio=float(data["outlier_ratio"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise QuantlabError(f"{path}: not a SmoothQuant scales file written by `quantlab calibrate --smoothquant` "
+                            f"({exc}); calibrate again with --smoothquant ALPHA") from None
 
 
 def check_alpha(alpha: float) -> float:
