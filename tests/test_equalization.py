@@ -12,20 +12,29 @@ from __future__ import annotations
 
 import dataclasses
 
+import models
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-import models
 from quantlab.backends import get_backend
 from quantlab.calibrate import calibrate
 from quantlab.data import from_arrays
 from quantlab.errors import CalibrationError, QuantlabError
 from quantlab.graph import model_from_proto, serialize
 from quantlab.plan import uniform_plan
-from quantlab.quantize import (Equalization, SmoothQuant, WriteOptions, apply_smoothquant, equalize_model,
-                               measure_bias_correction, measure_smoothquant, prepare_model, write_model)
+from quantlab.quantize import (
+    Equalization,
+    SmoothQuant,
+    WriteOptions,
+    apply_smoothquant,
+    equalize_model,
+    measure_bias_correction,
+    measure_smoothquant,
+    prepare_model,
+    write_model,
+)
 
 U = 2.0 ** -24
 
@@ -371,3 +380,53 @@ def test_cli_calibrate_smoothquant_writes_scales_that_build_reuses(tmp_path, mon
     assert main(["calibrate", str(model_path), "--calib", str(manifest), "--smoothquant", "2",
                  "--out", str(tmp_path / "c2"), "--no-progress"]) == 2
     assert "[0, 1]" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def test_experiment_keys_parse_and_are_checked(tmp_path):
+    from quantlab.errors import ExperimentError
+    from quantlab.experiment import parse_experiment
+
+    for name in ("model.onnx", "calib.toml", "val.toml"):
+        (tmp_path / name).write_text("x")
+    head = 'model = { path = "model.onnx" }\ndata = { calibration = "calib.toml", validation = "val.toml" }\n'
+    cfg = parse_experiment(head + "[calibrate]\nequalize = true\nsmoothquant = 0.5\n[search]\nbias_correction = false\n",
+                           source=tmp_path / "e.toml")
+    assert cfg.equalize and cfg.smoothquant == 0.5 and not cfg.search_bias_correction
+    assert cfg.settings()["rewrites"] == {"equalize": True, "smoothquant": 0.5}
+    plain = parse_experiment(head, source=tmp_path / "e.toml")
+    assert not plain.equalize and plain.smoothquant is None and plain.search_bias_correction
+    assert "rewrites" not in plain.settings()
+    with pytest.raises(ExperimentError, match="smoothquant"):
+        parse_experiment(head + "[calibrate]\nsmoothquant = 1.5\n", source=tmp_path / "e.toml")
+
+
+def test_experiment_with_equalization_calibrates_builds_and_searches_the_rewritten_model(tmp_path):
+    import json
+
+    from quantlab.experiment import load_experiment, run_experiment
+
+    onnx.save(models.depthwise_separable_net(), tmp_path / "model.onnx")
+    np.savez(tmp_path / "calib.npz", input=_inputs(24, seed=11))
+    np.savez(tmp_path / "val.npz", input=_inputs(16, seed=12))
+    for role, name in (("calibration", "calib"), ("validation", "val")):
+        (tmp_path / f"{name}.toml").write_text(
+            f'role = "{role}"\nshuffle = false\n[[source]]\nkind = "npz"\npath = "{name}.npz"\nbatched = true\n')
+    path = tmp_path / "cle.toml"
+    path.write_text('name = "cle"\nthreshold = "cosine>=0.99999"\n[model]\npath = "model.onnx"\n'
+                    '[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n'
+                    '[calibrate]\nmethods = ["minmax"]\nequalize = true\n[candidates]\nfp16 = false\n'
+                    '[search]\nenabled = true\nbudget = 3\n')
+    result = run_experiment(load_experiment(path), reports_dir=tmp_path / "reports")
+    report = tmp_path / "reports" / "cle"
+    build = next(s.path for s in result.stages if s.name.startswith("build-int8"))
+    prov = json.loads((build / "provenance.json").read_text())
+    assert prov["meta"]["prepared"]["equalization"]["pair_count"] == 4
+    assert any(m.startswith("float rewrites before calibration: cross-layer equalization of 4") for m in result.messages)
+    search = next(s.path for s in result.stages if s.name == "search")
+    settings = json.loads((search / "search.json").read_text())["settings"]
+    assert isinstance(settings["bias_correction"], dict) and settings["bias_correction"]["layers"] >= 5
+    assert any(m.startswith("search: bias correction on") for m in result.messages)
+    assert (report / "index.html").is_file()

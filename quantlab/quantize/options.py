@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -106,9 +107,9 @@ class WriteOptions:
             "fp16_simulation": self.fp16_simulation,
             "reduce_range": self.reduce_range,
             "weight_qmax": self.weight_qmax,
-            "bias_correction": None if self.bias_correction is None else self.bias_correction.describe(),
-            "equalization": None if self.equalization is None else self.equalization.describe(),
-            "smoothquant": None if self.smoothquant is None else self.smoothquant.describe(),
+            "bias_correction": _described(self.bias_correction),
+            "equalization": _described(self.equalization),
+            "smoothquant": _described(self.smoothquant),
         }
 
     @property
@@ -116,3 +117,11 @@ class WriteOptions:
         """Largest int8 weight magnitude: 127, or 64 with ``reduce_range``."""
         return 64 if self.reduce_range else 127
 
+
+
+def _described(value: Any) -> Any:
+    """A measured/settings record as plain data; one read back from a provenance file is plain data already
+    (``quantlab.compare`` rebuilds WriteOptions from ``meta.options`` to describe a saved build)."""
+    if value is None or isinstance(value, Mapping):
+        return None if value is None else dict(value)
+    return value.describe()

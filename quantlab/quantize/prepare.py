@@ -27,7 +27,7 @@ from ..graph import LoadedModel
 from ..plan import ResolvedPlan, fusion_groups
 from ..precision import FP32, INT8, GroupPrecision
 from ..table import CalibrationTable, check_table_fits
-from .equalization import EqualizedModel, Equalization, equalize_model
+from .equalization import Equalization, EqualizedModel, equalize_model
 from .options import WriteOptions
 from .smoothquant import SmoothQuant, apply_smoothquant, measure_smoothquant
 
