@@ -430,3 +430,30 @@ def test_experiment_with_equalization_calibrates_builds_and_searches_the_rewritt
     assert isinstance(settings["bias_correction"], dict) and settings["bias_correction"]["layers"] >= 5
     assert any(m.startswith("search: bias correction on") for m in result.messages)
     assert (report / "index.html").is_file()
+
+
+def _npz_sets(folder, arrays_cal, arrays_val):
+    np.savez(folder / "calib.npz", **arrays_cal)
+    np.savez(folder / "val.npz", **arrays_val)
+    for role, name in (("calibration", "calib"), ("validation", "val")):
+        (folder / f"{name}.toml").write_text(
+            f'role = "{role}"\nshuffle = false\n[[source]]\nkind = "npz"\npath = "{name}.npz"\nbatched = true\n')
+    return folder / "calib.toml", folder / "val.toml"
+
+
+def test_cli_search_with_equalize_searches_the_equalized_model_with_bias_correction(tmp_path, capsys):
+    import json
+
+    from quantlab.cli import main
+
+    onnx.save(models.depthwise_separable_net(), tmp_path / "model.onnx")
+    calib, val = _npz_sets(tmp_path, {"input": _inputs(16, seed=13)}, {"input": _inputs(12, seed=14)})
+    out = tmp_path / "search"
+    code = main(["search", str(tmp_path / "model.onnx"), "--calib", str(calib), "--data", str(val),
+                 "--threshold", "cosine>=0.99999", "--equalize", "--per-tensor-weights", "--budget", "2",
+                 "--out", str(out)])
+    assert code in (0, 1)
+    record = json.loads((out / "search.json").read_text())
+    assert record["settings"]["bias_correction"]["layers"] >= 5
+    ops = [n.op_type for n in onnx.load(out / "final" / "model.onnx").graph.node]
+    assert ops.count("Min") == 3  # the split ReLU6s of the equalized model

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ..calibrate import CalibrationResult
     from ..table import CalibrationTable
 
-__all__ = ["HELP", "register", "run", "summary_frame", "RUN_RECORD", "owned_files"]
+__all__ = ["HELP", "register", "run", "summary_frame", "RUN_RECORD", "owned_files", "alpha_arg"]
 
 HELP = "per-tensor INT8 ranges (entropy, minmax, percentile, mse) from a calibration set"
 
@@ -54,7 +54,8 @@ def _percentile(text: str) -> float:
     return value
 
 
-def _alpha(text: str) -> float:
+def alpha_arg(text: str) -> float:
+    """argparse type of --smoothquant: SmoothQuant's alpha, a number in [0, 1]."""
     try:
         value = float(text)
     except ValueError:
@@ -107,7 +108,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--equalize", action="store_true",
                    help="cross-layer equalization of consecutive convs before calibrating (exact in FP32; helps "
                         "per-tensor weights most); build with --equalize too")
-    p.add_argument("--smoothquant", type=_alpha, default=None, metavar="ALPHA",
+    p.add_argument("--smoothquant", type=alpha_arg, default=None, metavar="ALPHA",
                    help="SmoothQuant: move outlier activation channels' range into the MatMul/Gemm weights reading "
                         "them (alpha in [0, 1], 0.5 typical; needs --calib); writes smoothquant.json for "
                         "`quantlab build --smoothquant-scales`")
