@@ -457,3 +457,33 @@ def test_cli_search_with_equalize_searches_the_equalized_model_with_bias_correct
     assert record["settings"]["bias_correction"]["layers"] >= 5
     ops = [n.op_type for n in onnx.load(out / "final" / "model.onnx").graph.node]
     assert ops.count("Min") == 3  # the split ReLU6s of the equalized model
+
+
+def test_smoothquant_scales_the_columns_of_a_transposed_gemm_weight_exactly():
+    model = _block()
+    x = _tokens(8, 9)
+    x[..., 5] *= 50  # the residual carries it into the pooled input of the Gemm head (transB=1)
+    sq = measure_smoothquant(model, from_arrays({"x": x}))
+    assert [name for name, _ in sq.activations] == ["ln", "pooled"]
+    smoothed = apply_smoothquant(model, sq)
+    head = next(n for n in smoothed.proto.graph.node if n.name == "head")
+    assert head.input[0] == "pooled/smoothed"
+    w0 = next(numpy_helper.to_array(i) for i in model.proto.graph.initializer if i.name == "head_w")
+    w1 = next(numpy_helper.to_array(i) for i in smoothed.proto.graph.initializer if i.name == "head_w")
+    s = np.asarray(dict(sq.activations)["pooled"])
+    np.testing.assert_allclose(w1, w0 * s[None, :].astype(np.float32), rtol=2 * U)
+    ref, got = _run(model.proto, {"x": x}), _run(smoothed.proto, {"x": x})
+    np.testing.assert_allclose(got, ref, rtol=0, atol=64 * 16 * U * np.abs(ref).max() + 1e-6)
+
+
+def test_ort_form_of_an_equalized_model_runs_and_stays_close():
+    model = _dsn()
+    x_cal, x_val = _inputs(32, seed=2), _inputs(16, seed=3)
+    opts = WriteOptions(target="ort", per_channel_weights=False, equalization=Equalization())
+    table, _ = _calibrated(model, prepare_model(model, opts).model, x_cal)
+    plain_table, _ = _calibrated(model, model, x_cal)
+    ref = _run(model.proto, {"input": x_val})
+    eq = _sqnr(ref, _run(write_model(model, uniform_plan("int8"), table, opts).proto, {"input": x_val}))
+    plain = _sqnr(ref, _run(write_model(model, uniform_plan("int8"), plain_table,
+                                        WriteOptions(target="ort", per_channel_weights=False)).proto, {"input": x_val}))
+    assert eq > plain, (plain, eq)
