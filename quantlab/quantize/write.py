@@ -36,6 +36,17 @@ def _same_groups(plan: ResolvedPlan, model: LoadedModel) -> None:
         )
 
 
+def _refuse_qdq(model: LoadedModel) -> None:
+    existing = [n.name or n.op_type for n in model.proto.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if existing:
+        raise ModelError(
+            f"{model.label} already holds {len(existing)} QuantizeLinear/DequantizeLinear node(s) "
+            f"(e.g. {existing[0]!r}); quantlab writes Q/DQ itself from the FP32 model. Give the "
+            "original FP32 model."
+        )
+
+
 def write_model(
     model: LoadedModel,
     plan: PrecisionPlan | ResolvedPlan,
@@ -52,16 +63,8 @@ def write_model(
     (:func:`quantlab.quantize.prepare_model`): ``table`` must be the rewritten model's, the
     plan names the original model's groups, and the provenance records both hashes.
     """
-    proto = model.proto
-    existing = [n.name or n.op_type for n in proto.graph.node
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    if existing:
-        raise ModelError(
-            f"{model.label} already holds {len(existing)} QuantizeLinear/DequantizeLinear node(s) "
-            f"(e.g. {existing[0]!r}); quantlab writes Q/DQ itself from the FP32 model. Give the "
-            "original FP32 model."
-        )
-    resolved = plan if isinstance(plan, ResolvedPlan) else resolve_plan(plan, proto)
+    _refuse_qdq(model)
+    resolved = plan if isinstance(plan, ResolvedPlan) else resolve_plan(plan, model.proto)
     if isinstance(plan, ResolvedPlan):
         _same_groups(resolved, model)
     source = model
