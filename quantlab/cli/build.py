@@ -220,6 +220,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  fusion groups: {len(written.plan.groups)}  int8 {counts['int8']}  fp16 {counts['fp16']}  "
           f"fp32 {counts['fp32']}  (int8 on {written.plan.int8_fraction():.0%} of quantizable groups)")
     print(f"  plan {written.plan.plan_hash()[:12]}  table {written.table_method or '-'}  {message}")
+    prepared = written.provenance.meta.get("prepared")
+    if prepared:
+        eq, sq = prepared.get("equalization"), prepared.get("smoothquant")
+        done = ([f"cross-layer equalization of {eq['pair_count']} conv pair(s)"] if eq else []) + \
+            ([f"SmoothQuant (alpha {sq['alpha']:g}) on {len(sq['activations'])} input(s)"] if sq else [])
+        print(f"  rewritten before writing: {', '.join(done)} (sha256 {prepared['prepared_sha256'][:12]})")
     notes = list(written.provenance.notes)
     saturation = _saturation_note(options, written)
     if saturation:
