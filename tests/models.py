@@ -654,3 +654,89 @@ def sparse_tail_residual_net(seed: int = 0, seq: int = 16, hidden: int = 64, jum
     outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", seq, h])]
     inits = [_init(k, np.asarray(v, np.float32)) for k, v in w.items()]
     return _model(nodes, inputs, outputs, inits, "sparse_tail_residual_net")
+
+
+def depthwise_separable_net(seed: int = 0, channels: int = 8, size: int = 12, spread: float = 30.0) -> onnx.ModelProto:
+    """MobileNet-style blocks whose weight channels differ in range by up to ``spread``x (planted for CLE).
+
+    input[N,3,H,W] -> stem Conv 3x3 -> Clip(0,6) -> depthwise 3x3 -> Relu -> pointwise 1x1 (2C)
+    -> Clip(0,6) -> depthwise 3x3 -> Clip(0,6) -> project 1x1 (C, linear) -> GlobalAveragePool
+    -> Flatten -> Gemm -> logits[N,10]. Every conv has a bias. Each conv's output channels are
+    multiplied by log-uniform gains in [1/sqrt(spread), sqrt(spread)], so one per-tensor weight
+    scale fits some channels badly: the case cross-layer equalization repairs.
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+
+    def gains(n: int) -> np.ndarray:
+        return np.exp(rng.uniform(-0.5, 0.5, n) * np.log(spread))
+
+    def conv_w(out: int, inp: int, k: int, std: float) -> np.ndarray:
+        return (rng.normal(0, std, (out, inp, k, k)) * gains(out)[:, None, None, None]).astype(np.float32)
+
+    w = {
+        "stem_w": conv_w(c, 3, 3, 0.3), "stem_b": rng.normal(0, 0.1, c),
+        "dw1_w": conv_w(c, 1, 3, 0.4), "dw1_b": rng.normal(0, 0.1, c),
+        "pw1_w": conv_w(2 * c, c, 1, 0.3), "pw1_b": rng.normal(0, 0.1, 2 * c),
+        "dw2_w": conv_w(2 * c, 1, 3, 0.4), "dw2_b": rng.normal(0, 0.1, 2 * c),
+        "proj_w": conv_w(c, 2 * c, 1, 0.3), "proj_b": rng.normal(0, 0.1, c),
+        "fc_w": rng.normal(0, 0.3, (10, c)), "fc_b": rng.normal(0, 0.1, 10),
+        "zero": np.array(0.0), "six": np.array(6.0),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "stem_w", "stem_b"], ["stem"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["stem", "zero", "six"], ["stem_act"], name="stem_relu6"),
+        helper.make_node("Conv", ["stem_act", "dw1_w", "dw1_b"], ["dw1"], name="dw1", pads=[1, 1, 1, 1], group=c),
+        helper.make_node("Relu", ["dw1"], ["dw1_act"], name="dw1_relu"),
+        helper.make_node("Conv", ["dw1_act", "pw1_w", "pw1_b"], ["pw1"], name="pw1"),
+        helper.make_node("Clip", ["pw1", "zero", "six"], ["pw1_act"], name="pw1_relu6"),
+        helper.make_node("Conv", ["pw1_act", "dw2_w", "dw2_b"], ["dw2"], name="dw2", pads=[1, 1, 1, 1],
+                         group=2 * c),
+        helper.make_node("Clip", ["dw2", "zero", "six"], ["dw2_act"], name="dw2_relu6"),
+        helper.make_node("Conv", ["dw2_act", "proj_w", "proj_b"], ["proj"], name="proj"),
+        helper.make_node("GlobalAveragePool", ["proj"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])]
+    inits = [_init(k, np.asarray(v, dtype=np.float32)) for k, v in w.items()]
+    return _model(nodes, inputs, outputs, inits, "depthwise_separable_net")
+
+
+def smoothquant_block(seed: int = 0, seq: int = 8, hidden: int = 16, outliers: tuple[int, ...] = (3, 11),
+                      outlier_gain: float = 60.0) -> onnx.ModelProto:
+    """A transformer MLP block whose LayerNorm output has a few outlier channels (as LLM activations do).
+
+    x[N,seq,hidden] -> LayerNormalization (gamma large on ``outliers``) -> MatMul W1 [hidden, 4h] -> Add b1
+    -> Relu -> MatMul W2 [4h, hidden] -> Add(residual x) -> out; and out -> ReduceMean(seq) ->
+    Gemm (transB) -> logits[N, 4]. W1's rows for the outlier channels are ``outlier_gain`` times
+    smaller (as in trained LLMs), so every channel matters to fc1; the outliers make per-tensor INT8
+    of the LayerNorm output crush the others: SmoothQuant moves that range into W1's rows (folded
+    into gamma/beta).
+    """
+    rng = np.random.default_rng(seed)
+    h = hidden
+    gamma = rng.uniform(0.5, 1.5, h)
+    gamma[list(outliers)] *= outlier_gain
+    w = {
+        "ln_g": gamma, "ln_b": rng.normal(0, 0.1, h),
+        "w1": rng.normal(0, 0.3, (h, 4 * h)) / np.where(np.isin(np.arange(h), outliers), outlier_gain, 1.0)[:, None],
+        "b1": rng.normal(0, 0.1, 4 * h),
+        "w2": rng.normal(0, 0.15, (4 * h, h)),
+        "head_w": rng.normal(0, 0.3, (4, h)), "head_b": rng.normal(0, 0.1, 4),
+    }
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "ln_g", "ln_b"], ["ln"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["ln", "w1"], ["fc1"], name="fc1"),
+        helper.make_node("Add", ["fc1", "b1"], ["fc1_b"], name="fc1_bias"),
+        helper.make_node("Relu", ["fc1_b"], ["act"], name="act"),
+        helper.make_node("MatMul", ["act", "w2"], ["fc2"], name="fc2"),
+        helper.make_node("Add", ["fc2", "x"], ["out"], name="residual"),
+        helper.make_node("ReduceMean", ["out"], ["pooled"], name="pool", axes=[1], keepdims=0),
+        helper.make_node("Gemm", ["pooled", "head_w", "head_b"], ["logits"], name="head", transB=1),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, h])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])]
+    inits = [_init(k, np.asarray(v, dtype=np.float32)) for k, v in w.items()]
+    return _model(nodes, inputs, outputs, inits, "smoothquant_block")

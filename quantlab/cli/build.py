@@ -2,6 +2,7 @@
 
     quantlab build model.onnx --table calib/calib_entropy.json --precision int8 --target tensorrt --out build/
     quantlab build model.onnx --table calib.json --plan plan.toml --backend tensorrt-rtx --out build/
+    quantlab build model.onnx --table calib_cle/calib_entropy.json --equalize --per-tensor-weights --out build/
 
 Writes ``DIR/model.onnx``, ``DIR/provenance.json`` (original -> written tensor
 and node map, Q/DQ parameters, hashes, versions) and ``DIR/plan.json`` (the
@@ -14,6 +15,10 @@ that names itself if the build fails). Everything is computed before the
 first file is written, and the folder is assembled beside DIR and renamed into
 place: an error or a crash leaves DIR as it was, never a mix of two builds (so
 DIR must be new or hold only the files of an earlier build).
+
+``--equalize`` / ``--smoothquant-scales FILE`` redo the float rewrites the table was
+calibrated after (``quantlab calibrate --equalize`` / ``--smoothquant ALPHA``, which writes
+FILE); provenance.json records them with the rewritten model's hash.
 """
 
 from __future__ import annotations
@@ -65,6 +70,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--reduce-range", action="store_true",
                    help="7-bit weights ([-64, 64]): ONNX Runtime's fast uint8 x int8 kernels saturate on x86 "
                         "CPUs without VNNI with full-range weights; this makes them exact there")
+    p.add_argument("--equalize", action="store_true",
+                   help="cross-layer equalization of consecutive convs (exact in FP32); the table must come from "
+                        "`quantlab calibrate --equalize`")
+    p.add_argument("--smoothquant-scales", type=path_arg, default=None, metavar="FILE",
+                   help="SmoothQuant scales (smoothquant.json of `quantlab calibrate --smoothquant ALPHA`, whose "
+                        "table this build must use)")
     p.add_argument("--fp16-simulation", action="store_true",
                    help="(--backend ort only) float32 kernels with every fp16 tensor rounded through "
                         "float16: ONNX Runtime's CPU provider does not round a native fp16 model's activations")
@@ -91,17 +102,19 @@ def _plan(args: argparse.Namespace) -> tuple[PrecisionPlan, str]:
     return uniform_plan(precision), precision
 
 
-def _table(args: argparse.Namespace, model: Any) -> CalibrationTable | None:
-    """The --table / --trt-cache ranges, checked against the model (the error names the file)."""
+def _table(args: argparse.Namespace, model: Any, options: WriteOptions) -> CalibrationTable | None:
+    """The --table / --trt-cache ranges, checked against the model as the options rewrite it (the error names
+    the file)."""
     from ..errors import CalibrationError
-    from ..table import check_table_fits, read_table, read_trt_cache
+    from ..quantize import check_prepared_table, prepare_model
+    from ..table import read_table, read_trt_cache
 
     path = args.table if args.table is not None else args.trt_cache
     if path is None:
         return None
     table = read_table(path) if args.table is not None else read_trt_cache(path)
     try:
-        check_table_fits(table, model)
+        check_prepared_table(table, model, prepare_model(model, options))
     except CalibrationError as exc:
         raise CalibrationError(f"{path}: {exc}") from None
     return table
@@ -109,7 +122,7 @@ def _table(args: argparse.Namespace, model: Any) -> CalibrationTable | None:
 
 def _options(args: argparse.Namespace) -> WriteOptions:
     from ..errors import QuantlabError
-    from ..quantize import DEFAULT_FP32_OPS, WriteOptions
+    from ..quantize import DEFAULT_FP32_OPS, Equalization, WriteOptions, load_smoothquant
 
     target = args.target or ("ort" if args.backend == "ort" else "tensorrt")
     fp32_ops = DEFAULT_FP32_OPS
@@ -118,8 +131,10 @@ def _options(args: argparse.Namespace) -> WriteOptions:
     if args.fp16_simulation and args.backend != "ort":
         raise QuantlabError(f"--fp16-simulation writes a float32 model for measuring FP16 accuracy on ONNX "
                             f"Runtime; it is not for --backend {args.backend}. Drop the flag.")
+    smooth = load_smoothquant(args.smoothquant_scales) if args.smoothquant_scales is not None else None
     return WriteOptions(target=target, per_channel_weights=not args.per_tensor_weights, fp32_ops=fp32_ops,
-                        fp16_simulation=args.fp16_simulation, reduce_range=args.reduce_range)
+                        fp16_simulation=args.fp16_simulation, reduce_range=args.reduce_range,
+                        equalization=Equalization() if args.equalize else None, smoothquant=smooth)
 
 
 def _saturation_note(options: WriteOptions, written: WrittenModel) -> str | None:
@@ -186,8 +201,8 @@ def run(args: argparse.Namespace) -> int:
     prepare_output(args.out, BUILD_FILES, command="build")
     model = load_model(args.model)
     plan, label = _plan(args)
-    table = _table(args, model)
     options = _options(args)
+    table = _table(args, model, options)
     shapes = _shapes(args, model, table)
     written = write_model(model, plan, table, options)
     engine, engine_info, message = _engine(args, written, shapes)
@@ -204,6 +219,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  fusion groups: {len(written.plan.groups)}  int8 {counts['int8']}  fp16 {counts['fp16']}  "
           f"fp32 {counts['fp32']}  (int8 on {written.plan.int8_fraction():.0%} of quantizable groups)")
     print(f"  plan {written.plan.plan_hash()[:12]}  table {written.table_method or '-'}  {message}")
+    prepared = written.provenance.meta.get("prepared")
+    if prepared:
+        eq, sq = prepared.get("equalization"), prepared.get("smoothquant")
+        done = ([f"cross-layer equalization of {eq['pair_count']} conv pair(s)"] if eq else []) + \
+            ([f"SmoothQuant (alpha {sq['alpha']:g}) on {len(sq['activations'])} input(s)"] if sq else [])
+        print(f"  rewritten before writing: {', '.join(done)} (sha256 {prepared['prepared_sha256'][:12]})")
     notes = list(written.provenance.notes)
     saturation = _saturation_note(options, written)
     if saturation:

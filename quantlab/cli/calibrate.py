@@ -4,6 +4,7 @@
     quantlab calibrate model.onnx --calib calib_sets/NAME.toml --method all --trt-cache --out runs/calib
     quantlab calibrate model.onnx --calib calib_sets/NAME.toml --method entropy --entropy-keep-zeros --out runs/calib
     quantlab calibrate model.onnx --stats runs/calib/statistics.npz --stats runs/cov/prod/statistics.npz --out runs/c2
+    quantlab calibrate model.onnx --calib calib_sets/NAME.toml --equalize --out runs/calib_cle
 
 Writes into ``--out`` (atomically: a failed run leaves the previous folder or nothing):
 
@@ -13,6 +14,11 @@ Writes into ``--out`` (atomically: a failed run leaves the previous folder or no
 - ``statistics.npz``        per-tensor histograms, min/max, counts (for the report)
 - ``data_summary.json``     what went in: sample count, content hash, per-input ranges, duplicates
 - ``calibrate_run.json``    the command's settings, model hash and tool versions
+- ``smoothquant.json``      with ``--smoothquant``: the per-channel scales (``quantlab build --smoothquant-scales``)
+
+``--equalize`` / ``--smoothquant ALPHA`` rewrite the float model first (cross-layer
+equalization, SmoothQuant; :func:`quantlab.quantize.prepare_model`) and calibrate the rewritten
+model: its tables fit only a build with the same rewrites (``quantlab build --equalize``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ if TYPE_CHECKING:
     from ..calibrate import CalibrationResult
     from ..table import CalibrationTable
 
-__all__ = ["HELP", "register", "run", "summary_frame", "RUN_RECORD", "owned_files"]
+__all__ = ["HELP", "register", "run", "summary_frame", "RUN_RECORD", "owned_files", "alpha_arg"]
 
 HELP = "per-tensor INT8 ranges (entropy, minmax, percentile, mse) from a calibration set"
 
@@ -45,6 +51,17 @@ def _percentile(text: str) -> float:
     error = percentile_error(value)
     if error:
         raise argparse.ArgumentTypeError(error)
+    return value
+
+
+def alpha_arg(text: str) -> float:
+    """argparse type of --smoothquant: SmoothQuant's alpha, a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (0.5 is SmoothQuant's usual value), got {value}")
     return value
 
 
@@ -89,6 +106,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--trt-version", type=text_arg, default=TRT_CACHE_VERSION,
                    help=f"TensorRT version for the cache header, e.g. 10.13.0 (default {TRT_CACHE_VERSION}); "
                         "TensorRT ignores a cache made for another version")
+    p.add_argument("--equalize", action="store_true",
+                   help="cross-layer equalization of consecutive convs before calibrating (exact in FP32; helps "
+                        "per-tensor weights most); build with --equalize too")
+    p.add_argument("--smoothquant", type=alpha_arg, default=None, metavar="ALPHA",
+                   help="SmoothQuant: move outlier activation channels' range into the MatMul/Gemm weights reading "
+                        "them (alpha in [0, 1], 0.5 typical; needs --calib); writes smoothquant.json for "
+                        "`quantlab build --smoothquant-scales`")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -123,22 +147,26 @@ def owned_files() -> tuple[str, ...]:
     """The files a calibrate run writes into --out (the only ones a rerun may replace)."""
     from ..methods import METHOD_NAMES
 
-    names = [RUN_RECORD, "statistics.npz", "data_summary.json", "calibration.cache"]
+    names = [RUN_RECORD, "statistics.npz", "data_summary.json", "calibration.cache", "smoothquant.json"]
     for method in METHOD_NAMES:
         names += [f"calib_{method}.json", f"calibration_{method}.cache"]
     return tuple(names)
 
 
-def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model: Any) -> list[Path]:
+def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model: Any, prepared: Any) -> list[Path]:
     from ..atomic import atomic_dir, write_json
     from ..fingerprint import tool_versions
+    from ..quantize import mark_table, save_smoothquant
     from ..stats import save_statistics
     from ..table import write_table, write_trt_cache
 
     written: list[Path] = []
     with atomic_dir(out, owned=owned_files()) as tmp:
+        if prepared.smooth is not None:
+            save_smoothquant(prepared.smooth, tmp / "smoothquant.json")
+            written.append(out / "smoothquant.json")
         for method, table in result.tables.items():
-            write_table(table, tmp / f"calib_{method}.json")
+            write_table(mark_table(table, prepared), tmp / f"calib_{method}.json")
             written.append(out / f"calib_{method}.json")
             if args.trt_cache:
                 name = "calibration.cache" if len(result.tables) == 1 else f"calibration_{method}.cache"
@@ -150,6 +178,8 @@ def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model
             "command": "calibrate",
             "model": str(args.model),
             "model_sha256": model.sha256,
+            "calibrated_model_sha256": prepared.model.sha256,
+            "prepared": prepared.record(),
             "calib": str(args.calib) if args.calib else [str(p) for p in args.stats],
             "methods": list(result.tables),
             "percentile": args.percentile,
@@ -165,25 +195,44 @@ def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model
     return written
 
 
+def _rewrites(prepared: Any) -> str:
+    """One line on what the float rewrites did."""
+    parts = []
+    if prepared.equalized is not None:
+        parts.append(f"equalized {len(prepared.equalized.pairs)} conv pair(s) in {prepared.equalized.iterations} "
+                     "sweep(s)")
+    if prepared.smooth is not None:
+        parts.append(f"SmoothQuant (alpha {prepared.smooth.alpha:g}) on {len(prepared.smooth.activations)} "
+                     "activation(s)")
+    return ", ".join(parts) or "no rewrite applied"
+
+
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from ..calibrate import calibrate
     from ..methods import resolve_methods
     from ..graph import load_model
+    from ..quantize import prepare_rewrites
     from ..stats import scope_tensors
 
     inputs = [args.model, *([args.calib] if args.calib else args.stats)]
     prepare_output(args.out, owned_files(), command="calibrate", inputs=inputs)
-    model = load_model(args.model)
+    source = load_model(args.model)
     methods = list(resolve_methods(args.method))
+    dataset = _load_dataset(args.calib) if args.calib else None
+    prepared = prepare_rewrites(source, dataset, equalize=args.equalize, smoothquant_alpha=args.smoothquant,
+                                batch_size=args.batch_size)
+    model = prepared.model
+    if prepared.changed:
+        print(f"quantlab calibrate: {_rewrites(prepared)}; calibrating the rewritten model "
+              f"(sha256 {model.sha256[:12]})", file=sys.stderr, flush=True)
     if args.stats:  # merged histograms: no model run (quantlab.coverage.recalibrate)
         from ..coverage import recalibrate
 
         result = recalibrate(model, args.stats, methods, percentile=args.percentile,
                              entropy_skip_zeros=not args.entropy_keep_zeros)
     else:
-        dataset = _load_dataset(args.calib)
         tensors = scope_tensors(model.proto, args.tensors)
         print(f"quantlab calibrate: {model.label}: {len(tensors)} tensors, method(s) {', '.join(methods)}",
               file=sys.stderr, flush=True)
@@ -199,6 +248,6 @@ def run(args: argparse.Namespace) -> int:
             print(summary_frame(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             for note in table.notes:
                 print(f"note: {note}")
-    written = _write(args.out, result, args, model)
+    written = _write(args.out, result, args, source, prepared)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

@@ -30,6 +30,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from . import add_command, non_negative_int, path_arg, positive_int, prepare_output, text_arg
+from .calibrate import alpha_arg
 
 if TYPE_CHECKING:
     from ..search import SearchOptions, StepEvent
@@ -97,6 +98,11 @@ def register(subparsers: Any) -> None:
                    help="one weight scale per tensor instead of per output channel")
     p.add_argument("--no-bias-correction", action="store_true",
                    help="with --calib: do not fold the per-channel mean shift INT8 causes into the biases")
+    p.add_argument("--equalize", action="store_true",
+                   help="cross-layer equalization of consecutive convs before calibrating (a --table must come from "
+                        "`quantlab calibrate --equalize`); the search runs on the equalized FP32 model")
+    p.add_argument("--smoothquant", type=alpha_arg, default=None, metavar="ALPHA",
+                   help="with --calib: SmoothQuant (alpha in [0, 1]) for MatMul/Gemm inputs with outlier channels")
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, metavar="N")
     p.add_argument("--latency", action="store_true",
                    help="measure every full validation's latency (always on with --objective latency)")
@@ -154,6 +160,23 @@ def run(args: argparse.Namespace) -> int:
         raise
 
 
+def _rewritten(model: Any, args: argparse.Namespace) -> Any:
+    """The model as --equalize / --smoothquant rewrite it (the search has no rewrite option yet: it searches
+    the rewritten FP32 model, whose outputs are the original's up to float32 rounding)."""
+    if not args.equalize and args.smoothquant is None:
+        return model
+    from ..data import open_dataset
+    from ..errors import QuantlabError
+    from ..quantize import prepare_rewrites
+
+    if args.smoothquant is not None and args.calib is None:
+        raise QuantlabError("--smoothquant measures activation maxima on the calibration set: give --calib "
+                            "(or calibrate with `quantlab calibrate --smoothquant` and search that model)")
+    calib = open_dataset(args.calib) if args.calib is not None else None
+    return prepare_rewrites(model, calib, equalize=args.equalize, smoothquant_alpha=args.smoothquant,
+                            batch_size=args.batch_size).model
+
+
 def _run(args: argparse.Namespace) -> int:
     from ..atomic import check_writable
     from ..data import open_dataset
@@ -182,6 +205,7 @@ def _run(args: argparse.Namespace) -> int:
         shapes=" ".join(args.shapes) if args.shapes else None,
     )
     options.check()  # refuses --shapes on ONNX Runtime and bad --shapes text before any work
+    model = _rewritten(model, args)
     calib = None
     if args.table is not None:
         table = read_table(args.table)

@@ -35,6 +35,8 @@ The experiment file (paths are relative to the file itself)::
     [calibrate]
     methods = ["entropy", "minmax", "percentile"]
     percentile = 99.99
+    equalize = false                    # cross-layer equalization before calibrating (quantlab.quantize)
+    # smoothquant = 0.5                 # SmoothQuant's alpha for MatMul/Gemm inputs with outlier channels
 
     [candidates]
     fp16 = true
@@ -45,6 +47,7 @@ The experiment file (paths are relative to the file itself)::
     enabled = true
     calibrator = "best"                 # ranges the search starts from: a method or "best"
     budget = 0                          # max full evaluations; 0 = the search's default bound
+    bias_correction = true              # fold INT8's per-channel output mean shift into the biases
 
     [report]
     worst_tensors = 6                   # histograms drawn for this many tensors

@@ -199,10 +199,15 @@ def _reproducibility(config: ExperimentConfig, cal_dir: Path, stages: Sequence[S
 def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables: Mapping[str, CalibrationTable],
                            cal_dir: Path, frames: Mapping[str, pd.DataFrame], written: Mapping[str, WrittenModel],
                            verdict: Verdict | None, search_dir: Path | None, stages: Sequence[StageRecord],
-                           messages: Sequence[str], command: str) -> ReportInputs:
-    """Everything the report shows, from results already on disk (nothing is re-run)."""
+                           messages: Sequence[str], command: str,
+                           reference: LoadedModel | None = None) -> ReportInputs:
+    """Everything the report shows, from results already on disk (nothing is re-run).
+
+    ``reference``: the model the comparator and the search ran on when it is not ``model``
+    (float rewrites: ``[calibrate] equalize`` / ``smoothquant``)."""
     candidates = {c.name: c.description for c in experiment_candidates(config)}
-    e2e, trajectory, sensitivity, plan = _search_results(search_dir, model, frames["end_to_end"].copy(), candidates)
+    e2e, trajectory, sensitivity, plan = _search_results(search_dir, reference or model, frames["end_to_end"].copy(),
+                                                         candidates)
     if plan is None and verdict is not None and verdict.candidate in written:
         plan = written[verdict.candidate].plan.to_frame()
     if plan is not None:

@@ -12,7 +12,7 @@ from ..data import DataSet, open_dataset
 from ..graph import LoadedModel, load_model
 from ..methods import method_settings
 from ..precision import INT8
-from ..quantize import WrittenModel
+from ..quantize import PreparedModel, WrittenModel
 from ..report import Verdict, save_report_inputs, write_report
 from ..table import CalibrationTable, read_table
 from ..zoo import zoo_model_path
@@ -32,7 +32,10 @@ from .stages import (
     load_written,
     read_json,
     search_end_to_end,
+    bias_correction_note,
+    rewrite_note,
     search_stage,
+    stage_rewrites,
     verdict_for,
 )
 from .store import (
@@ -60,6 +63,13 @@ class ExperimentResult:
     stages: tuple[StageRecord, ...]
     messages: tuple[str, ...]
     seconds: float
+
+
+def _rewrite_key(config: ExperimentConfig) -> dict[str, Any]:
+    """The float rewrites, for stage keys (nothing when off, so earlier stage folders stay reusable)."""
+    if not config.equalize and config.smoothquant is None:
+        return {}
+    return {"rewrites": {"equalize": config.equalize, "smoothquant": config.smoothquant}}
 
 
 def run_experiment(config: ExperimentConfig, *, reports_dir: Path = Path("reports"), progress: bool = False,
@@ -101,20 +111,27 @@ class _Run:
         calib, val = open_dataset(config.calibration), open_dataset(config.validation)
         self.common = {"versions": package_versions(), "model_sha256": model.sha256}
         tables, cal_dir = self._calibrate(model, calib)
-        written, build_keys = self._build(model, tables)
+        rewrites = stage_rewrites(model, config, cal_dir) if config.equalize or config.smoothquant is not None else None
+        if rewrites is not None:
+            self.messages.append(rewrite_note(rewrites))
+        written, build_keys = self._build(model, tables, rewrites)
         self.shapes = engine_shapes_for(config, model, next(iter(tables.values()), None), val)
-        frames, cmp_dir = self._compare(model, written, build_keys, val, cal_dir)
+        # with float rewrites the comparator's reference is the rewritten FP32 model (same outputs up to
+        # rounding): the INT8 models' rescaled tensors exist only there
+        reference = rewrites.model if rewrites is not None and rewrites.changed else model
+        frames, cmp_dir = self._compare(reference, written, build_keys, val, cal_dir)
         self.messages += list(read_json(cmp_dir / "compare.json").get("warnings", []))
-        verdict, search_dir = self._verdict_and_search(model, val, tables, written, frames["end_to_end"])
+        verdict, search_dir = self._verdict_and_search(model, val, tables, written, frames["end_to_end"], calib,
+                                                       rewrites)
         coverage = None
         if config.coverage:
-            rec, coverage, message = run_coverage(self.report_dir, model, config, val, tables, cal_dir, self.common,
+            rec, coverage, message = run_coverage(self.report_dir, reference, config, val, tables, cal_dir, self.common,
                                                   self.stages[0].key_sha256)
             self.stages.append(rec)
             self.messages.append(message)
         t0 = time.perf_counter()
         inputs = assemble_report_inputs(config, model, tables, cal_dir, frames, written, verdict, search_dir,
-                                        self.stages, self.messages, self.command)
+                                        self.stages, self.messages, self.command, reference=reference)
         inputs = replace(inputs, coverage=coverage)
         with atomic_dir(self.report_dir / "results") as tmp:
             save_report_inputs(tmp, inputs)
@@ -130,23 +147,24 @@ class _Run:
         # the methods' settings, not only their names: a changed default (e.g. entropy skipping zeros) redoes it
         key = {"stage": "calibrate", **self.common, "data": data_key(calib), "methods": list(config.calibrators),
                "percentile": config.percentile,
-               "method_settings": {m: method_settings(m, percentile=config.percentile) for m in config.calibrators}}
+               "method_settings": {m: method_settings(m, percentile=config.percentile) for m in config.calibrators},
+               **_rewrite_key(config)}
         self.stages.append(run_stage(self.report_dir, "calibrate", key,
                                      lambda f: calibrate_stage(f, model, calib, config, self.progress)))
         cal_dir = self.stages[-1].path
         return {m: read_table(cal_dir / f"table-{m}.json") for m in config.calibrators}, cal_dir
 
-    def _build(self, model: LoadedModel, tables: dict[str, CalibrationTable],
+    def _build(self, model: LoadedModel, tables: dict[str, CalibrationTable], rewrites: PreparedModel | None,
                ) -> tuple[dict[str, WrittenModel], dict[str, str]]:
         written: dict[str, WrittenModel] = {}
         build_keys: dict[str, str] = {}
         for cand in experiment_candidates(self.config):
             key = {"stage": "build", **self.common, "candidate": cand.name, "precision": cand.precision,
                    "table": self.stages[0].key_sha256 if cand.method else None, "method": cand.method,
-                   "target": self.config.target}
+                   "target": self.config.target, **_rewrite_key(self.config)}
             table = tables[cand.method] if cand.method else None
             rec = run_stage(self.report_dir, f"build-{cand.name}", key,
-                            lambda f, c=cand, t=table: build_stage(f, model, c, t, self.config))
+                            lambda f, c=cand, t=table: build_stage(f, model, c, t, self.config, rewrites))
             self.stages.append(rec)
             build_keys[cand.name] = rec.key_sha256
             written[cand.name] = load_written(rec.path, model)
@@ -163,7 +181,8 @@ class _Run:
         return load_frames(rec.path, COMPARE_FRAMES), rec.path
 
     def _verdict_and_search(self, model: LoadedModel, val: DataSet, tables: dict[str, CalibrationTable],
-                            written: dict[str, WrittenModel], e2e: Any) -> tuple[Verdict | None, Path | None]:
+                            written: dict[str, WrittenModel], e2e: Any, calib: DataSet,
+                            rewrites: PreparedModel | None) -> tuple[Verdict | None, Path | None]:
         """The verdict of the best candidate; when every INT8 candidate misses the threshold, the search's."""
         config = self.config
         if not config.threshold:
@@ -177,12 +196,14 @@ class _Run:
                   else written[best].table_method or config.calibrators[0])
         key = {"stage": "search", **self.common, "table": self.stages[0].key_sha256, "method": method,
                "data": data_key(val), "threshold": config.threshold, "budget": config.search_budget,
-               "backend": config.backend, "target": config.target, "seed": config.seed, **self._shapes_key()}
+               "backend": config.backend, "target": config.target, "seed": config.seed,
+               "bias_correction": config.search_bias_correction, **_rewrite_key(config), **self._shapes_key()}
         log_dir = self.report_dir / "search-log" / stage_key_hash(key)[:16]
         rec = run_stage(self.report_dir, "search", key,
                         lambda f: search_stage(f, model, val, tables[method], config, self.progress, log_dir,
-                                               self.shapes))
+                                               self.shapes, calib, rewrites))
         self.stages.append(rec)
+        self.messages.append(bias_correction_note(read_json(rec.path / "search.json").get("settings", {})))
         final = search_end_to_end(rec.path)
         verdict = verdict_for(final, SEARCH_CANDIDATE, config.threshold) if final is not None else verdicts[best]
         return verdict, rec.path

@@ -62,6 +62,9 @@ class ExperimentConfig:
     coverage: bool = True
     coverage_gate: str | None = None
     coverage_sets: tuple[Path, ...] = ()
+    equalize: bool = False
+    smoothquant: float | None = None
+    search_bias_correction: bool = True
 
     def settings(self) -> dict[str, Any]:
         """Everything that shapes results, as plain data (recorded in the manifest)."""
@@ -77,6 +80,10 @@ class ExperimentConfig:
         }
         if self.shapes is not None:
             out["shapes"] = self.shapes
+        if self.equalize or self.smoothquant is not None:  # absent when off: older manifests stay comparable
+            out["rewrites"] = {"equalize": self.equalize, "smoothquant": self.smoothquant}
+        if not self.search_bias_correction:
+            out["search_bias_correction"] = False
         if self.export_repository is not None:
             out["export"] = {"repository": str(self.export_repository), "name": self.export_name or self.name,
                              "platform": self.export_platform, "max_batch_size": self.export_max_batch_size,
@@ -129,6 +136,9 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
         "methods": (Key(_METHODS_EXPECT, _methods, 'methods = ["entropy", "minmax"]'), "calibrators"),
         "percentile": (Key("a number in (0, 100]", lambda v: is_num(v) and percentile_error(v) is None,
                            f"percentile = {DEFAULT_PERCENTILE}"), "percentile"),
+        "equalize": (Key("true or false", lambda v: isinstance(v, bool), "equalize = true"), "equalize"),
+        "smoothquant": (Key("a number in [0, 1] (SmoothQuant's alpha)", lambda v: is_num(v) and 0 <= v <= 1,
+                            "smoothquant = 0.5"), "smoothquant"),
     },
     "candidates": {
         "fp16": (Key("true or false", lambda v: isinstance(v, bool), "fp16 = true"), "fp16"),
@@ -139,6 +149,8 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
         "enabled": (Key("true or false", lambda v: isinstance(v, bool), "enabled = true"), "search"),
         "calibrator": (Key('"best" or a method name', non_empty_str, 'calibrator = "best"'), "search_calibrator"),
         "budget": (Key(_COUNT, _count, "budget = 0"), "search_budget"),
+        "bias_correction": (Key("true or false", lambda v: isinstance(v, bool), "bias_correction = true"),
+                            "search_bias_correction"),
     },
     "report": {
         "worst_tensors": (Key(_COUNT, _count, "worst_tensors = 6"), "worst_tensors"),

@@ -23,7 +23,8 @@ from ..errors import ExperimentError
 from ..graph import LoadedModel
 from ..plan import uniform_plan
 from ..precision import FP16, INT8
-from ..quantize import WriteOptions, WrittenModel, save_written, write_model
+from ..quantize import (PreparedModel, WriteOptions, WrittenModel, load_smoothquant, mark_table, prepare_model,
+                        prepare_rewrites, save_smoothquant, save_written, write_model)
 from ..report import Verdict
 from ..search import SearchOptions, search
 from ..shapes import engine_shapes, network_shapes, parse_shapes
@@ -33,8 +34,9 @@ from ..threshold import parse_threshold
 from .spec import ExperimentConfig
 
 __all__ = ["Candidate", "experiment_candidates", "calibrate_stage", "build_stage", "compare_stage", "search_stage",
-           "engine_shapes_for", "load_written", "load_frames", "read_json", "verdict_for", "best_candidate",
-           "search_end_to_end", "COMPARE_FRAMES", "SEARCH_CANDIDATE"]
+           "engine_shapes_for", "stage_rewrites", "SMOOTHQUANT_FILE", "rewrite_note", "bias_correction_note",
+           "load_written", "load_frames", "read_json", "verdict_for", "best_candidate", "search_end_to_end",
+           "COMPARE_FRAMES", "SEARCH_CANDIDATE"]
 
 COMPARE_FRAMES = ("end_to_end", "per_layer", "per_sample")
 SEARCH_CANDIDATE = "mixed (search)"
@@ -63,11 +65,20 @@ def experiment_candidates(config: ExperimentConfig) -> tuple[Candidate, ...]:
     return tuple(out)
 
 
+SMOOTHQUANT_FILE = "smoothquant.json"
+
+
 def calibrate_stage(folder: Path, model: LoadedModel, dataset: DataSet, config: ExperimentConfig,
                     progress: bool) -> None:
-    result = calibrate(model, dataset, config.calibrators, percentile=config.percentile, progress=progress)
+    """Calibrate the model as ``[calibrate] equalize`` / ``smoothquant`` rewrite it (the scales saved beside)."""
+    prepared = prepare_rewrites(model, dataset, equalize=config.equalize,
+                                smoothquant_alpha=None if config.smoothquant is None else float(config.smoothquant))
+    if prepared.smooth is not None:
+        save_smoothquant(prepared.smooth, folder / SMOOTHQUANT_FILE)
+    result = calibrate(prepared.model, dataset, config.calibrators, percentile=config.percentile, progress=progress)
     save_statistics(result.statistics, folder / "statistics.npz")
     for method, table in result.tables.items():
+        table = mark_table(table, prepared)
         write_table(table, folder / f"table-{method}.json")
         write_trt_cache(table, folder / f"table-{method}.cache")
     write_json(folder / "data_summary.json", result.data.as_dict())
@@ -75,9 +86,42 @@ def calibrate_stage(folder: Path, model: LoadedModel, dataset: DataSet, config: 
     write_json(folder / "notes.json", notes)
 
 
+def stage_rewrites(model: LoadedModel, config: ExperimentConfig, cal_dir: Path) -> PreparedModel:
+    """The float rewrites the calibrate stage in ``cal_dir`` applied (redone: equalization is deterministic,
+    SmoothQuant's scales are read back)."""
+    from ..quantize import Equalization
+
+    smooth = load_smoothquant(cal_dir / SMOOTHQUANT_FILE) if config.smoothquant is not None else None
+    return prepare_model(model, WriteOptions(equalization=Equalization() if config.equalize else None,
+                                             smoothquant=smooth))
+
+
+def rewrite_note(rewrites: PreparedModel) -> str:
+    """The report's line on the float rewrites every INT8 model of the run was calibrated and written after."""
+    parts = []
+    if rewrites.equalized is not None:
+        parts.append(f"cross-layer equalization of {len(rewrites.equalized.pairs)} conv pair(s)")
+    if rewrites.smooth is not None:
+        parts.append(f"SmoothQuant (alpha {rewrites.smooth.alpha:g}) on {len(rewrites.smooth.activations)} "
+                     "MatMul/Gemm input(s)")
+    return ("float rewrites before calibration: " + (", ".join(parts) or "none applied")
+            + f"; the INT8 models derive from the rewritten model (sha256 {rewrites.model.sha256[:12]})")
+
+
+def bias_correction_note(settings: Mapping[str, Any]) -> str:
+    """The report's line on the search's bias correction (from its saved settings)."""
+    bc = settings.get("bias_correction")
+    if isinstance(bc, Mapping):
+        return (f"search: bias correction on {bc.get('layers')} layer(s), measured on {bc.get('samples')} "
+                f"calibration sample(s) (largest shift {float(bc.get('max_abs_shift', 0.0)):.3g})")
+    return f"search: bias correction {bc if bc else 'off'}"
+
+
 def build_stage(folder: Path, model: LoadedModel, candidate: Candidate, table: CalibrationTable | None,
-                config: ExperimentConfig) -> None:
-    written = write_model(model, uniform_plan(candidate.precision), table, WriteOptions(target=config.target))
+                config: ExperimentConfig, rewrites: PreparedModel | None = None) -> None:
+    options = (rewrites.write_options(target=config.target) if rewrites is not None
+               else WriteOptions(target=config.target))
+    written = write_model(model, uniform_plan(candidate.precision), table, options)
     save_written(written, folder)
 
 
@@ -114,12 +158,15 @@ def compare_stage(folder: Path, model: LoadedModel, written: Mapping[str, Writte
 
 
 def search_stage(folder: Path, model: LoadedModel, val: DataSet, table: CalibrationTable,
-                 config: ExperimentConfig, progress: bool, log_dir: Path, shapes: str | None = None) -> None:
+                 config: ExperimentConfig, progress: bool, log_dir: Path, shapes: str | None = None,
+                 calib: DataSet | None = None, rewrites: PreparedModel | None = None) -> None:
+    """The search, with bias correction measured on ``calib``. With float rewrites it searches the rewritten
+    model (its FP32 outputs are the original's up to rounding; the search has no rewrite option yet)."""
     options = SearchOptions(threshold=config.threshold, backend=config.backend,
                             budget=config.search_budget or None, seed=config.seed, target=config.target,
-                            shapes=shapes)
+                            bias_correction=config.search_bias_correction, shapes=shapes)
     # the log lives outside the stage's temporary folder, so an interrupted search resumes from it
-    result = search(model, table, val, options, workdir=log_dir, progress=progress)
+    result = search(model, table, val, options, workdir=log_dir, progress=progress, calib=calib)
     result.save(folder)
 
 

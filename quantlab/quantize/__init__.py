@@ -20,6 +20,9 @@ Layout (arrows: who uses whom; nothing here imports compare/search/report/cli)::
        ├─ qparams.py    QParams, activation_qparams, weight_qparams: scales and zero points
        └─ options.py    WriteOptions, Target, DEFAULT_FP32_OPS
       bias_correction.py  BiasCorrection, measure_bias_correction: output mean shifts folded into biases
+      prepare.py      prepare_model: the float rewrites before calibration (equalization, then SmoothQuant)
+       ├─ equalization.py  Equalization, equalize_model: cross-layer equalization of conv pairs
+       └─ smoothquant.py   SmoothQuant, measure_smoothquant: outlier activation ranges moved into weights
       provenance.py   Provenance, load_provenance: original -> written names (provenance.json)
       written.py      WrittenModel, save_written: model.onnx + provenance.json + plan.json
 
@@ -38,6 +41,19 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "BiasCorrection": "bias_correction",
     "apply_bias_correction": "bias_correction",
     "measure_bias_correction": "bias_correction",
+    "Equalization": "equalization",
+    "EqualizedModel": "equalization",
+    "equalize_model": "equalization",
+    "PreparedModel": "prepare",
+    "prepare_model": "prepare",
+    "prepare_rewrites": "prepare",
+    "check_prepared_table": "prepare",
+    "mark_table": "prepare",
+    "SmoothQuant": "smoothquant",
+    "measure_smoothquant": "smoothquant",
+    "apply_smoothquant": "smoothquant",
+    "save_smoothquant": "smoothquant",
+    "load_smoothquant": "smoothquant",
     "DEFAULT_FP32_OPS": "options",
     "Target": "options",
     "WriteOptions": "options",
@@ -67,4 +83,17 @@ __all__ = [
     "BiasCorrection",
     "measure_bias_correction",
     "apply_bias_correction",
+    "Equalization",
+    "EqualizedModel",
+    "equalize_model",
+    "PreparedModel",
+    "prepare_model",
+    "prepare_rewrites",
+    "check_prepared_table",
+    "mark_table",
+    "SmoothQuant",
+    "measure_smoothquant",
+    "apply_smoothquant",
+    "save_smoothquant",
+    "load_smoothquant",
 ]

@@ -42,6 +42,7 @@ from ..precision import INT8
 from ..table import CalibrationTable
 from .options import WriteOptions
 from .placement import Placement, Slot
+from .prepare import check_prepared_table, prepare_model
 from .qparams import QParams, weight_qparams
 
 __all__ = ["BiasCorrection", "measure_bias_correction", "apply_bias_correction", "fake_quantize"]
@@ -72,9 +73,11 @@ class BiasCorrection:
 
 
 def correction_settings(options: WriteOptions) -> tuple[tuple[str, Any], ...]:
-    """What the shifts depend on besides the model and table."""
+    """What the shifts depend on besides the model and table (the float rewrites change the weights)."""
     return (("target", options.target), ("per_channel_weights", options.per_channel_weights),
-            ("reduce_range", options.reduce_range))
+            ("reduce_range", options.reduce_range),
+            ("equalization", None if options.equalization is None else options.equalization.describe()["clip"]),
+            ("smoothquant", None if options.smoothquant is None else options.smoothquant.model_sha256))
 
 
 def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
@@ -201,7 +204,14 @@ def _gemm_shift(layer: _Layer, wq: np.ndarray, mean_x: np.ndarray, mean_xq: np.n
 def measure_bias_correction(model: LoadedModel, table: CalibrationTable, dataset: DataSet,
                             options: WriteOptions = WriteOptions(), *, batch_size: int = 8,
                             max_samples: int | None = None) -> BiasCorrection:
-    """Measure every quantizable Conv/Gemm's output mean shift on ``dataset`` (module docstring)."""
+    """Measure every quantizable Conv/Gemm's output mean shift on ``dataset`` (module docstring).
+
+    With ``options.equalization`` / ``options.smoothquant`` the shifts are measured on the rewritten
+    model (:func:`quantlab.quantize.prepare_model`), the one ``table`` was calibrated on.
+    """
+    prepared = prepare_model(model, options)
+    check_prepared_table(table, model, prepared)
+    model = prepared.model
     plan = resolve_plan(uniform_plan("int8"), model.proto)
     placement = Placement(model, plan, table, options)
     placement.run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -9,6 +10,8 @@ from ..errors import QuantlabError
 
 if TYPE_CHECKING:
     from .bias_correction import BiasCorrection
+    from .equalization import Equalization
+    from .smoothquant import SmoothQuant
 
 __all__ = ["Target", "DEFAULT_FP32_OPS", "WriteOptions"]
 
@@ -53,6 +56,12 @@ class WriteOptions:
     ``bias_correction``: per-channel output mean shifts measured on calibration data
     (:func:`quantlab.quantize.measure_bias_correction`, with these same options),
     subtracted from the bias of the plan's INT8 Conv/Gemm layers; None: no correction.
+
+    ``equalization`` (:class:`quantlab.quantize.Equalization`): cross-layer equalization of
+    consecutive convs; ``smoothquant`` (:class:`quantlab.quantize.SmoothQuant`, measured by
+    :func:`quantlab.quantize.measure_smoothquant`): outlier activation ranges moved into
+    MatMul/Gemm weights. Both rewrite the float model before it is written, so the table must be
+    calibrated on the rewritten model (:func:`quantlab.quantize.prepare_model`); None: not done.
     """
 
     target: Target = "tensorrt"
@@ -64,6 +73,8 @@ class WriteOptions:
     check: bool = True
     reduce_range: bool = False
     bias_correction: BiasCorrection | None = None
+    equalization: Equalization | None = None
+    smoothquant: SmoothQuant | None = None
 
     def __post_init__(self) -> None:
         if self.target not in ("tensorrt", "ort"):
@@ -96,7 +107,9 @@ class WriteOptions:
             "fp16_simulation": self.fp16_simulation,
             "reduce_range": self.reduce_range,
             "weight_qmax": self.weight_qmax,
-            "bias_correction": None if self.bias_correction is None else self.bias_correction.describe(),
+            "bias_correction": _described(self.bias_correction),
+            "equalization": _described(self.equalization),
+            "smoothquant": _described(self.smoothquant),
         }
 
     @property
@@ -104,3 +117,11 @@ class WriteOptions:
         """Largest int8 weight magnitude: 127, or 64 with ``reduce_range``."""
         return 64 if self.reduce_range else 127
 
+
+
+def _described(value: Any) -> Any:
+    """A measured/settings record as plain data; one read back from a provenance file is plain data already
+    (``quantlab.compare`` rebuilds WriteOptions from ``meta.options`` to describe a saved build)."""
+    if value is None or isinstance(value, Mapping):
+        return None if value is None else dict(value)
+    return value.describe()

@@ -11,10 +11,11 @@ from ..errors import ModelError, PlanError
 from ..fingerprint import sha256_bytes, tool_versions
 from ..graph import LoadedModel, serialize, tensor_specs
 from ..plan import PrecisionPlan, ResolvedPlan, fusion_groups, resolve_plan
-from ..table import CalibrationTable, check_table_fits
+from ..table import CalibrationTable
 from .bias_correction import apply_bias_correction, bias_correction_record
 from .options import WriteOptions
 from .placement import Placement
+from .prepare import check_prepared_table, prepare_model, prepared_plan
 from .tensors import ONNX_DTYPE
 from .writer import Writer
 from .written import WrittenModel
@@ -35,6 +36,17 @@ def _same_groups(plan: ResolvedPlan, model: LoadedModel) -> None:
         )
 
 
+def _refuse_qdq(model: LoadedModel) -> None:
+    existing = [n.name or n.op_type for n in model.proto.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if existing:
+        raise ModelError(
+            f"{model.label} already holds {len(existing)} QuantizeLinear/DequantizeLinear node(s) "
+            f"(e.g. {existing[0]!r}); quantlab writes Q/DQ itself from the FP32 model. Give the "
+            "original FP32 model."
+        )
+
+
 def write_model(
     model: LoadedModel,
     plan: PrecisionPlan | ResolvedPlan,
@@ -46,30 +58,29 @@ def write_model(
     Raises PlanError for a plan that does not fit the model, CalibrationError
     for a table of another model, a missing range, or a range holding huge
     sentinels, ModelError for a model that already holds Q/DQ nodes.
+
+    With ``options.equalization`` / ``options.smoothquant`` the model is rewritten first
+    (:func:`quantlab.quantize.prepare_model`): ``table`` must be the rewritten model's, the
+    plan names the original model's groups, and the provenance records both hashes.
     """
-    proto = model.proto
-    existing = [n.name or n.op_type for n in proto.graph.node
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    if existing:
-        raise ModelError(
-            f"{model.label} already holds {len(existing)} QuantizeLinear/DequantizeLinear node(s) "
-            f"(e.g. {existing[0]!r}); quantlab writes Q/DQ itself from the FP32 model. Give the "
-            "original FP32 model."
-        )
-    resolved = plan if isinstance(plan, ResolvedPlan) else resolve_plan(plan, proto)
+    _refuse_qdq(model)
+    resolved = plan if isinstance(plan, ResolvedPlan) else resolve_plan(plan, model.proto)
     if isinstance(plan, ResolvedPlan):
         _same_groups(resolved, model)
+    source = model
+    prepared = prepare_model(model, options)
     if table is not None:
-        check_table_fits(table, model)
+        check_prepared_table(table, source, prepared)
+    model, work_plan = prepared.model, prepared_plan(resolved, prepared)
     applied: list[str] = []
     if options.bias_correction is not None:
-        model, applied = apply_bias_correction(model, resolved, options.bias_correction, options)
-    placement = Placement(model, resolved, table, options)
+        model, applied = apply_bias_correction(model, work_plan, options.bias_correction, options)
+    placement = Placement(model, work_plan, table, options)
     placement.run()
-    writer = Writer(model, resolved, placement, options)
+    writer = Writer(model, work_plan, placement, options)
     out = _finish(writer.run(), writer.book.written_dtype, model.label, options.check)
     meta = {
-        "source_sha256": model.sha256,
+        "source_sha256": source.sha256,
         "source": str(model.path) if model.path else None,
         "written_sha256": sha256_bytes(serialize(out)),
         "plan_hash": resolved.plan_hash(),
@@ -81,6 +92,7 @@ def write_model(
         "table_settings": dict(table.settings) if table is not None else None,
         "versions": tool_versions(),
         "bias_correction": bias_correction_record(options.bias_correction, applied),
+        "prepared": prepared.record(),
     }
     return WrittenModel(
         proto=out,
@@ -88,7 +100,7 @@ def write_model(
         plan=resolved,
         options=options,
         table_method=table.method if table is not None else None,
-        source_sha256=model.sha256,
+        source_sha256=source.sha256,
     )
 
 
