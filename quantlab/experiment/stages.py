@@ -165,6 +165,8 @@ def search_stage(folder: Path, model: LoadedModel, val: DataSet, table: Calibrat
     options = SearchOptions(threshold=config.threshold, backend=config.backend,
                             budget=config.search_budget or None, seed=config.seed, target=config.target,
                             bias_correction=config.search_bias_correction, shapes=shapes)
+    if rewrites is not None and rewrites.changed:
+        model = rewrites.model
     # the log lives outside the stage's temporary folder, so an interrupted search resumes from it
     result = search(model, table, val, options, workdir=log_dir, progress=progress, calib=calib)
     result.save(folder)
