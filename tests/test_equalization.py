@@ -487,3 +487,19 @@ def test_ort_form_of_an_equalized_model_runs_and_stays_close():
     plain = _sqnr(ref, _run(write_model(model, uniform_plan("int8"), plain_table,
                                         WriteOptions(target="ort", per_channel_weights=False)).proto, {"input": x_val}))
     assert eq > plain, (plain, eq)
+
+
+def test_comparing_the_original_with_an_equalized_build_skips_only_the_rescaled_islands():
+    """Per-layer comparison of an equalized INT8 build against the ORIGINAL model: groups that read a rescaled
+    tensor (it exists only in the candidate) are left out of the local mode with a note; the rest is compared."""
+    from quantlab.compare import CompareOptions, compare
+
+    model = _dsn()
+    opts = WriteOptions(target="tensorrt", per_channel_weights=False, equalization=Equalization())
+    table, _ = _calibrated(model, prepare_model(model, opts).model, _inputs(8))
+    written = write_model(model, uniform_plan("int8"), table, opts)
+    result = compare(model, {"int8": written}, from_arrays({"input": _inputs(4, seed=3)}),
+                     CompareOptions(batch_size=2, bootstrap=0))
+    assert any("exists only in the candidate" in w for w in result.warnings)
+    local = result.per_layer[result.per_layer["candidate"] == "int8"]
+    assert len(local) > 0 and result.end_to_end.loc[0, "cosine"] > 0.9

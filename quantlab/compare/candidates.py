@@ -70,12 +70,17 @@ def load_candidate(path: str | Path, reference: LoadedModel) -> Candidate:
                         table_method=meta.get("table_method"), source_sha256=str(meta.get("source_sha256", "")))
 
 
+_NOT_READ_BACK = ("quantize_outputs", "int32_bias", "bias_correction", "equalization", "smoothquant")
+
+
 def _write_options(recorded: Any, prov_path: Path) -> WriteOptions:
     """The build's write options back from ``meta.options`` of its provenance.
 
     ``quantize_outputs`` / ``int32_bias`` are not read back (None: follow the target), so a build
     that overrode the target's choice reads back with the target's; ``activation_dtype`` and
-    ``weight_qmax`` are derived, not options.
+    ``weight_qmax`` are derived, not options; ``bias_correction`` / ``equalization`` /
+    ``smoothquant`` are records of what was measured and applied (in the provenance), not settings
+    to apply again.
     """
     if not isinstance(recorded, Mapping):
         raise CompareError(f"{prov_path}: meta.options is a {type(recorded).__name__}, not a table of write "
@@ -83,7 +88,7 @@ def _write_options(recorded: Any, prov_path: Path) -> WriteOptions:
     fields = {f.name for f in dataclasses.fields(WriteOptions)}
     try:
         return WriteOptions(**{k: (tuple(v) if k == "fp32_ops" else v) for k, v in recorded.items()
-                               if k in fields and k not in ("quantize_outputs", "int32_bias")})
+                               if k in fields and k not in _NOT_READ_BACK})
     except (QuantlabError, TypeError) as exc:
         raise CompareError(f"{prov_path}: the recorded write options (meta.options) are not valid: {exc}; "
                            "rebuild the candidate with `quantlab build`.") from None

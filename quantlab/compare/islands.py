@@ -73,6 +73,7 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
     for x in layers:
         if x.tensor in carriers:
             by_group.setdefault(x.group, []).append(x)
+    known = set(ref.producer) | set(ref.graph_inputs) | ref_inits | ref.constants
     out: dict[str, Island] = {}
     notes: list[str] = []
     for gi, g in enumerate(ref.groups):
@@ -93,6 +94,12 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
                            if t and t not in inits and t not in made})
         outputs = tuple((x.tensor, carriers[x.tensor]) for x in by_group[g.name] if carriers[x.tensor] in made)
         if not outputs:
+            continue
+        foreign = [t for t in boundary if t not in known]
+        if foreign:  # e.g. a tensor --equalize rescaled: the reference cannot feed it
+            notes.append(f"candidate {name!r}: local mode skips group {g.name!r}: its input {foreign[0]!r} exists "
+                         "only in the candidate (a float rewrite such as --equalize rescaled it); compare against "
+                         "the rewritten FP32 model for its local error")
             continue
         order = sorted(members, key=position.__getitem__)
         out[g.name] = Island(index=gi, group=g.name, nodes=tuple(order), boundary=tuple(boundary), outputs=outputs)
