@@ -628,3 +628,155 @@ def test_planted_budget_that_runs_out(deep):
     assert any("budget" in n for n in out.notes)
     out = run_search(base, PlantedEvaluator(noise), _opts("cosine>=0.99999", budget=1), save_comparisons=False)
     assert not out.met and out.evaluations == 1 and "budget ran out" in out.message
+
+
+# --------------------------------------------------------------------------- planted flips: the top-1 search
+
+
+class PlantedFlipEvaluator:
+    """Top-1 flips planted per sample: sample s keeps its FP32 class while its margin
+    ``lead[s] - sum(effect[g][s] over INT8 groups) - FP16_SHARE * (the same over FP16 groups)``
+    stays >= 0 (``overrides[frozenset(pinned)]`` adds a margin vector: interactions).
+
+    Exposes what the flip search needs: ``margins`` (that margin, the FP32 logits' std taken
+    as 1), ``fragile_order`` (smallest lead first) and full validations that list the flipped samples.
+    """
+
+    FP16_SHARE = 1e-3
+
+    def __init__(self, lead: np.ndarray, effect: dict[str, np.ndarray],
+                 overrides: dict[frozenset, np.ndarray] | None = None):
+        self.lead = lead
+        self.effect = effect
+        self.overrides = overrides or {}
+        self.calls: list[tuple[str, int, bool]] = []
+        self.margin_calls: list[tuple[str, tuple[int, ...]]] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.lead)
+
+    def margin_of(self, plan: ResolvedPlan) -> np.ndarray:
+        m = self.lead.astype(np.float64).copy()
+        pinned = frozenset(g for g in self.effect if plan.precision[g] != "int8")
+        for g, e in self.effect.items():
+            m -= e * (self.FP16_SHARE if g in pinned else 1.0)
+        return m + self.overrides.get(pinned, 0.0)
+
+    def evaluate(self, plan: ResolvedPlan, samples: int, *, local: bool = False) -> Evaluation:
+        self.calls.append((plan.plan_hash(), samples, local))
+        m = self.margin_of(plan)[:samples]
+        row = {"candidate": "c", "output": "y", "samples": samples,
+               "top1_agreement": float(np.mean(m >= 0) * 100.0)}
+        flipped = tuple(int(i) for i in np.flatnonzero(m < 0)) if samples == self.size else None
+        return Evaluation(plan_hash=plan.plan_hash(), samples=samples, rows=(row,), flipped=flipped)
+
+    def margins(self, plans, indices) -> np.ndarray:
+        self.margin_calls.extend((p.plan_hash(), tuple(indices)) for p in plans)
+        return np.array([self.margin_of(p)[list(indices)] for p in plans])
+
+    def fragile_order(self) -> list[int]:
+        return [int(i) for i in np.argsort(self.lead, kind="stable")]
+
+    def latency(self, plan: ResolvedPlan) -> float:
+        return 1.0
+
+    def full_calls(self) -> int:
+        return sum(1 for _, n, _ in self.calls if n == self.size)
+
+
+def _flip_world(groups, *, n=160, seed=0, spread=0.002, **planted):
+    """Leads: FP32 top-1 leads of n samples (a few fragile ones); every group shifts every margin by
+    a little noise (``spread``); ``planted``: group -> {sample: margin loss} on top of that."""
+    rng = np.random.default_rng(seed)
+    lead = rng.uniform(0.5, 3.0, n)
+    lead[:12] = np.linspace(0.01, 0.12, 12)  # the fragile samples
+    effect = {g: rng.normal(0.0, spread, n) for g in groups}
+    for g, losses in planted.items():
+        for s, loss in losses.items():
+            effect[g][s] += loss
+    return lead, effect
+
+
+def _margin_measured(ev: PlantedFlipEvaluator) -> int:
+    return len(ev.margin_calls)
+
+
+def test_flip_search_one_sensitive_group(deep):
+    base, groups = deep
+    lead, effect = _flip_world(groups, conv17={2: 0.2, 7: 0.3})  # conv17 alone flips samples 2 and 7
+    ev = PlantedFlipEvaluator(lead, effect)
+    out = run_search(base, ev, _opts("top1_agreement>=99.5"), save_comparisons=False)
+    assert ev.margin_of(base).__lt__(0).sum() == 2
+    assert out.met and _pins(out) == {"conv17": "fp16"}
+    # all-INT8 and the greedy plan: two full validations; the flip model measured all-INT8,
+    # everything at fp16 and each group alone (G + 2 plans); the greedy plan (conv17 alone)
+    # was one of them, so its check on the critical samples came from the cache
+    assert out.evaluations == ev.full_calls() == 2
+    assert _margin_measured(ev) == len(groups) + 2
+    top = out.sensitivity.iloc[0]
+    assert top["group"] == "conv17" and top["pinned_step"] == 1 and top["flips_fixed"] == 2
+    assert out.trajectory["phase"].iloc[-2] == "greedy"
+
+
+def test_flip_search_several_sensitive_groups(deep):
+    base, groups = deep
+    lead, effect = _flip_world(groups, conv3={0: 0.2}, conv21={5: 0.3, 9: 0.3}, fc={11: 0.4})
+    ev = PlantedFlipEvaluator(lead, effect)
+    out = run_search(base, ev, _opts("top1_agreement>=99.5"), save_comparisons=False)
+    assert out.met and _pins(out) == {"conv3": "fp16", "conv21": "fp16", "fc": "fp16"}
+    assert out.evaluations == ev.full_calls() == 2
+    assert set(out.sensitivity["group"][:3]) == {"conv3", "conv21", "fc"}
+
+
+def test_flip_search_spread_out_noise_keeps_most_groups_int8(deep):
+    # no group stands out: every group moves every margin a little, and the fragile samples flip
+    # from the sum; the plan must pass, stay mostly INT8, and need each of its pins
+    base, groups = deep
+    lead, effect = _flip_world(groups, seed=4, spread=0.012)
+    ev = PlantedFlipEvaluator(lead, effect)
+    assert (ev.margin_of(base) < 0).sum() >= 3
+    out = run_search(base, ev, _opts("top1_agreement>=99.5"), save_comparisons=False)
+    assert out.met, out.message
+    assert out.plan.int8_fraction() >= 0.8
+    assert (ev.margin_of(out.plan) >= 0).all()
+    pins = _pins(out)
+    for g in pins:  # every pin is needed: returning any one of them to INT8 flips a sample
+        assert (ev.margin_of(out.plan.with_pins({g: "int8"})) < 0).any(), g
+    # all-INT8, the greedy plan, one batch returned to INT8
+    assert out.evaluations == ev.full_calls() == 3 <= out.bound
+    _assert_no_plan_twice(ev)
+
+
+def test_flip_search_interaction_keeps_only_measured_passes(deep):
+    # pinning conv3 alone is what the model predicts to pass, but together with the other
+    # groups' INT8 it flips sample 30 (outside the critical set): the search learns that
+    # sample and pins what it needs; only plans that passed their own full validation are kept
+    base, groups = deep
+    lead, effect = _flip_world(groups, conv3={0: 0.2}, conv30={30: -0.5})
+    twist = np.zeros(len(lead))
+    twist[30] = -10.0
+    ev = PlantedFlipEvaluator(lead, effect, overrides={frozenset({"conv3"}): twist})
+    out = run_search(base, ev, _opts("top1_agreement>=99.5"), save_comparisons=False)
+    full = out.trajectory[out.trajectory["full"] & (out.trajectory["phase"] != "final")]
+    assert not full[full["pins"] == "conv3=fp16"]["passed"].any()  # the model's plan was measured and failed
+    assert out.met and (ev.margin_of(out.plan) >= 0).all()
+    assert full.loc[full["pins"] == out.trajectory["pins"].iloc[-1], "passed"].all()
+    assert any("outside the critical set" in n for n in out.notes)
+    assert out.evaluations == ev.full_calls() <= 4
+
+
+def test_flip_search_budget_that_runs_out(deep):
+    base, groups = deep
+    lead, effect = _flip_world(groups, conv3={0: 0.2}, conv30={30: -0.5})
+    twist = np.zeros(len(lead))
+    twist[30] = -10.0
+    ev = PlantedFlipEvaluator(lead, effect, overrides={frozenset({"conv3"}): twist})
+    out = run_search(base, ev, _opts("top1_agreement>=99.5", budget=2), save_comparisons=False)
+    # all-INT8 fails; the last full validation the budget allows pins every group (the plan
+    # that passes when anything does), nothing more is validated
+    assert out.evaluations == ev.full_calls() == 2 and out.budget == 2
+    assert out.met and len(_pins(out)) == len(groups)
+    out = run_search(base, PlantedFlipEvaluator(lead, effect, overrides={frozenset({"conv3"}): twist}),
+                     _opts("top1_agreement>=99.5", budget=1), save_comparisons=False)
+    assert not out.met and out.evaluations == 1 and "budget ran out" in out.message

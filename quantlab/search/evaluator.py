@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pandas as pd
 from ..backends import get_backend
 from ..compare import CompareOptions, compare
 from ..data import DataSet, from_arrays
+from ..errors import SearchError
 from ..graph import LoadedModel
 from ..perf import measure_latency
 from ..plan import ResolvedPlan
@@ -47,6 +49,8 @@ class CompareEvaluator:
         self._feeds: dict[str, np.ndarray] | None = None
         self.subset: DataSet | None = None
         self.subset_indices: list[int] = []
+        self._ref: _Reference | bool | None = None
+        self._sample_feeds: dict[int, dict[str, np.ndarray]] = {}
 
     @property
     def size(self) -> int:
@@ -65,9 +69,9 @@ class CompareEvaluator:
         n = min(n, self._size)
         idx = list(range(n))
         if fragile:
-            margins = self._fp32_margins()
-            if margins is not None:
-                idx = sorted(int(i) for i in np.argsort(margins, kind="stable")[:n])
+            order = self.fragile_order()
+            if order:
+                idx = sorted(order[:n])
         samples = [self.dataset.sample(i) for i in idx]
         arrays = {k: np.stack([s.feeds[k] for s in samples]) for k in self.dataset.input_names}
         labels = [s.label for s in samples] if self.dataset.has_labels else None
@@ -75,22 +79,48 @@ class CompareEvaluator:
         self.subset_indices = idx
         return idx
 
-    def _fp32_margins(self) -> np.ndarray | None:
-        """Per sample: (top-1 - top-2 logit) / std of the logits, of the first 2-D output with >= 2 classes."""
-        runner = get_backend(self.options.backend).build(self.model.proto)
-        margins: list[np.ndarray] = []
-        try:
-            for batch in self.dataset.batches(self.options.batch_size):
-                outs = runner.run(batch.feeds)
-                z = next((np.asarray(v, dtype=np.float64) for v in outs.values()
-                          if np.ndim(v) == 2 and np.shape(v)[1] >= 2), None)
-                if z is None:
-                    return None
-                top = np.sort(z, axis=1)
-                margins.append((top[:, -1] - top[:, -2]) / (z.std(axis=1) + 1e-12))
-        finally:
-            runner.close()
-        return np.concatenate(margins)
+    def fragile_order(self) -> list[int]:
+        """Every sample index, smallest FP32 relative top-1 lead first ([] when no output is a classifier)."""
+        ref = self._reference()
+        return [] if ref is None else [int(i) for i in np.argsort(ref.lead, kind="stable")]
+
+    def _reference(self) -> _Reference | None:
+        """The FP32 model's per-sample classifier figures (one pass over the set, kept)."""
+        if self._ref is None:
+            self._ref = _reference_pass(self.model, self.dataset, self.options)
+        return self._ref or None
+
+    def margins(self, plans: Sequence[ResolvedPlan], indices: Sequence[int]) -> np.ndarray:
+        """[plan, sample]: each plan's logit of the FP32 top-1 class minus its best other logit,
+        over the FP32 logits' std, on the validation samples ``indices`` (negative: flipped).
+
+        The candidates run directly on the backend (no comparator: the reference's figures are
+        kept from one FP32 pass), each model built once for all ``indices``.
+        """
+        ref = self._reference()
+        if ref is None:
+            raise SearchError("margins need a classifier output (2-D, >= 2 classes); this model has none")
+        idx = [int(i) for i in indices]
+        feeds = self._feeds_of(idx)
+        out = np.zeros((len(plans), len(idx)))
+        backend = get_backend(self.options.backend)
+        for p, plan in enumerate(plans):
+            runner = backend.build(self.write(plan).proto)
+            try:
+                z = np.concatenate([np.asarray(runner.run({k: v[a:a + self.options.batch_size]
+                                                           for k, v in feeds.items()}, [ref.output])[ref.output],
+                                               dtype=np.float64)
+                                    for a in range(0, len(idx), self.options.batch_size)])
+            finally:
+                runner.close()
+            out[p] = logit_margins(z, ref.top1[idx]) / ref.scale[idx]
+        return out
+
+    def _feeds_of(self, idx: Sequence[int]) -> dict[str, np.ndarray]:
+        for i in idx:
+            if i not in self._sample_feeds:
+                self._sample_feeds[i] = dict(self.dataset.sample(i).feeds)
+        return {k: np.stack([self._sample_feeds[i][k] for i in idx]) for k in self.dataset.input_names}
 
     def _data(self, samples: int) -> tuple[DataSet, int | None]:
         """The data set and max_samples of an evaluation on ``samples`` samples."""
@@ -112,8 +142,9 @@ class CompareEvaluator:
         result = compare(self.model, {self.candidate_name(plan): written}, data, opts)
         rows = tuple({k: plain_value(v) for k, v in r.items()} for r in result.end_to_end.to_dict("records"))
         local_map = _local_errors(result.per_layer) if local else None
+        flipped = _flipped(result.per_sample) if samples >= self._size else None
         return Evaluation(plan_hash=plan.plan_hash(), samples=min(samples, self._size), rows=rows, local=local_map,
-                          comparison=result)
+                          comparison=result, flipped=flipped)
 
     def evaluate_many(self, plans: Sequence[ResolvedPlan], samples: int) -> list[Evaluation]:
         """Several plans on the first ``samples`` samples in one comparator pass (the reference
@@ -156,3 +187,57 @@ def _local_errors(per_layer: pd.DataFrame) -> dict[str, float]:
     out = df.groupby("group", sort=False)["sqnr_db"].min()
     return {str(k): float(v) for k, v in out.items()}
 
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """The FP32 model on every validation sample: the classifier ``output``, its top-1 class,
+    the top-1 lead over the runner-up relative to ``scale`` (the logits' std, per sample)."""
+
+    output: str
+    top1: np.ndarray
+    lead: np.ndarray
+    scale: np.ndarray
+
+
+def logit_margins(z: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """Per row: ``z[cls]`` minus the largest other entry (negative when another class wins)."""
+    rows = np.arange(len(z))
+    own = z[rows, cls]
+    other = z.copy()
+    other[rows, cls] = -np.inf
+    return own - other.max(axis=1)
+
+
+def _reference_pass(model: LoadedModel, dataset: DataSet, options: SearchOptions) -> _Reference | bool:
+    """One FP32 pass: the first 2-D output with >= 2 classes (False when there is none)."""
+    runner = get_backend(options.backend).build(model.proto)
+    name: str | None = None
+    parts: list[np.ndarray] = []
+    try:
+        for batch in dataset.batches(options.batch_size):
+            outs = runner.run(batch.feeds)
+            if name is None:
+                name = next((k for k, v in outs.items() if np.ndim(v) == 2 and np.shape(v)[1] >= 2), None)
+                if name is None:
+                    return False
+            parts.append(np.asarray(outs[name], dtype=np.float64))
+    finally:
+        runner.close()
+    if name is None:
+        return False
+    z = np.concatenate(parts)
+    top1 = z.argmax(axis=1)
+    scale = z.std(axis=1) + 1e-12
+    return _Reference(output=name, top1=top1, lead=logit_margins(z, top1) / scale, scale=scale)
+
+
+def _flipped(per_sample: pd.DataFrame | None) -> tuple[int, ...] | None:
+    """The samples whose top-1 class differs from the FP32 model's on any classifier output."""
+    if per_sample is None or per_sample.empty or "top1_agree" not in per_sample.columns:
+        return None
+    rows = per_sample[per_sample["top1_agree"].notna()]
+    if rows.empty:
+        return None
+    bad = rows.loc[~rows["top1_agree"].astype(bool), "sample"]
+    return tuple(sorted({int(i) for i in bad}))
