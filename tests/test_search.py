@@ -780,3 +780,51 @@ def test_flip_search_budget_that_runs_out(deep):
     out = run_search(base, PlantedFlipEvaluator(lead, effect, overrides={frozenset({"conv3"}): twist}),
                      _opts("top1_agreement>=99.5", budget=1), save_comparisons=False)
     assert not out.met and out.evaluations == 1 and "budget ran out" in out.message
+
+
+def test_suffix_runs_match_whole_models(chain):
+    """A plan run from its first node that differs from the all-INT8 model, fed the all-INT8
+    model's tensors at the cut, gives the outputs of the whole plan model (exact Q/DQ)."""
+    from quantlab.backends import get_backend
+    from quantlab.search.suffix import plan_outputs, run_batched, shared_prefix
+
+    proto, table, x = chain
+    model = model_from_proto(proto)
+    base = _base(proto)
+    groups = [g.name for g in base.groups if g.quantizable]
+    plans = [base, base.with_pins({"conv6": "fp16"}), base.with_pins({"fc": "fp16"}),
+             base.with_pins({"conv0": "fp16", "conv8": "fp32"}), base.with_pins({g: "fp16" for g in groups})]
+    opts = WriteOptions(target="tensorrt", fp16_simulation=True)
+    protos = [write_model(model, p, table, opts).proto for p in plans]
+    starts = [shared_prefix(protos[0], p) for p in protos]
+    assert starts[0] == len(protos[0].graph.node) and 0 < starts[2] and starts[1] < starts[2]
+    backend = get_backend("ort", qdq_fusion=False)
+    fast = plan_outputs(backend, protos[0], protos, {"input": x[:16]}, "logits", 8)
+    for got, p in zip(fast, protos, strict=True):
+        whole = run_batched(backend, p, {"input": x[:16]}, ["logits"], 8)["logits"]
+        # the same nodes on the same values; the bound covers another float32 reduction order
+        np.testing.assert_allclose(got, whole, rtol=0, atol=1e-4 * float(np.abs(whole).max()))
+
+
+def test_search_api_top1_threshold_runs_the_flip_search(chain, tmp_path):
+    from quantlab.search import search
+
+    proto, _, x = chain
+    proto = models.sensitive_chain_net(gain=200.0)  # strong enough to flip about 10 % of the samples
+    model = model_from_proto(proto)
+    rng = np.random.default_rng(0)
+    table = calibrate(model, from_arrays({"input": rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)}),
+                      "minmax").tables["minmax"]
+    val = from_arrays({"input": x}, role="validation", name="chain_val")
+    options = SearchOptions(threshold="top1_agreement>=99", probe_samples=16)
+    result = search(model, table, val, options, workdir=tmp_path / "work")
+    traj = result.trajectory
+    assert not traj["passed"].iloc[0] and result.met, result.message
+    pins = {g: p for g, p in result.plan.precision.items() if p != "int8" and result.plan.group_map[g].quantizable}
+    assert "conv6" in pins and result.plan.int8_fraction() >= 0.8
+    assert result.evaluations <= result.bound and "greedy" in set(traj["phase"])
+    sens = result.sensitivity.set_index("group")
+    assert sens.loc["conv6", "pinned_step"] >= 1 and sens.loc["conv6", "margin_gain"] > 0
+    # margin measurements are logged: a rerun replays everything
+    again = search(model, table, val, options, workdir=tmp_path / "work")
+    assert again.executed == 0 and again.plan.plan_hash() == result.plan.plan_hash()

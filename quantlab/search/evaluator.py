@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..backends import get_backend
+from ..backends import Backend, get_backend
 from ..compare import CompareOptions, compare
 from ..data import DataSet, from_arrays
 from ..errors import SearchError
@@ -20,6 +20,7 @@ from ..quantize import BiasCorrection, WriteOptions, WrittenModel, write_model
 from ..table import CalibrationTable
 from .evaluation import Evaluation, plain_value
 from .options import SearchOptions
+from .suffix import plan_outputs
 
 
 def write_options(options: SearchOptions, correction: BiasCorrection | None = None) -> WriteOptions:
@@ -95,26 +96,30 @@ class CompareEvaluator:
         over the FP32 logits' std, on the validation samples ``indices`` (negative: flipped).
 
         The candidates run directly on the backend (no comparator: the reference's figures are
-        kept from one FP32 pass), each model built once for all ``indices``.
+        kept from one FP32 pass), each only from where it differs from the all-INT8 model
+        (:mod:`.suffix`).
         """
         ref = self._reference()
         if ref is None:
             raise SearchError("margins need a classifier output (2-D, >= 2 classes); this model has none")
         idx = [int(i) for i in indices]
-        feeds = self._feeds_of(idx)
-        out = np.zeros((len(plans), len(idx)))
-        backend = get_backend(self.options.backend)
-        for p, plan in enumerate(plans):
-            runner = backend.build(self.write(plan).proto)
-            try:
-                z = np.concatenate([np.asarray(runner.run({k: v[a:a + self.options.batch_size]
-                                                           for k, v in feeds.items()}, [ref.output])[ref.output],
-                                               dtype=np.float64)
-                                    for a in range(0, len(idx), self.options.batch_size)])
-            finally:
-                runner.close()
-            out[p] = logit_margins(z, ref.top1[idx]) / ref.scale[idx]
-        return out
+        if not plans:
+            return np.zeros((0, len(idx)))
+        first = plans[0]
+        anchor = first.with_pins({g.name: "int8" for g in first.groups
+                                  if g.quantizable and first.precision[g.name] != "int8"})
+        logits = plan_outputs(self._exact_backend(), self.write(anchor).proto,
+                              [self.write(p).proto for p in plans], self._feeds_of(idx), ref.output,
+                              self.options.batch_size)
+        return np.stack([logit_margins(np.asarray(z, dtype=np.float64), ref.top1[idx]) / ref.scale[idx]
+                         for z in logits])
+
+    def _exact_backend(self) -> Backend:
+        """The backend for margins: on ONNX Runtime with Q/DQ run as written (ONNX semantics on every
+        CPU; a suffix then computes exactly what its whole model computes, see :mod:`.suffix`)."""
+        if self.options.backend in ("ort", "onnxruntime"):
+            return get_backend(self.options.backend, qdq_fusion=False)
+        return get_backend(self.options.backend)
 
     def _feeds_of(self, idx: Sequence[int]) -> dict[str, np.ndarray]:
         for i in idx:

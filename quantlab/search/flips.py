@@ -10,7 +10,8 @@
         |                                           (the residual becomes the model's offset)
         v
     full validation of P --passes--> return-int8: prune with half, then a quarter of the safety
-        | fails                       margin; each smaller plan checked on S, then validated
+        | fails                       margin, then spending every flip the threshold allows; each
+        |                             smaller plan checked on S, then validated; stop at a failure
         v
     samples it flipped outside S join S (their margins measured for every group), greedy on;
     no new sample: the safety margin doubles
@@ -38,8 +39,9 @@ from .ranking import SENSITIVITY_COLUMNS
 SUBSET_CHECKS = 3
 """Plans checked on the critical samples before one full validation (each check refines the offset)."""
 
-RETURN_STEPS = (0.5, 0.25)
-"""The return-to-INT8 phase prunes with these fractions of the safety margin."""
+RETURN_STEPS: tuple[tuple[float, bool], ...] = ((0.5, False), (0.25, False), (0.25, True), (0.0, True))
+"""The return-to-INT8 phase prunes with these fractions of the safety margin, first keeping half
+the flips the threshold allows in reserve (False), then spending them all (True)."""
 
 
 def applies(ledger: Ledger, base_ev: Evaluation) -> bool:
@@ -92,7 +94,7 @@ def flip_search(ledger: Ledger, base_ev: Evaluation) -> pd.DataFrame | None:
     order = sorted(groups, key=lambda g: -model.gain(g, []))
     pins, passed = _forward(ledger, model, order, target, allowed)
     if passed is not None:
-        passed = _return_int8(ledger, model, passed, target)
+        passed = _return_int8(ledger, model, passed, target, allowed)
     final = passed if passed is not None else pins
     describe = {g: (ledger.base.group_map[g].anchor_op, ", ".join(ledger.base.group_map[g].nodes)) for g in groups}
     table = margin_sensitivity(model, groups, final, describe, SENSITIVITY_COLUMNS)
@@ -165,15 +167,16 @@ def _learn(ledger: Ledger, model: MarginModel, ev: Evaluation, pins: list[str], 
     return more
 
 
-def _return_int8(ledger: Ledger, model: MarginModel, passed: list[str], target: int) -> list[str]:
+def _return_int8(ledger: Ledger, model: MarginModel, passed: list[str], target: int, allowed: int) -> list[str]:
     """Return batches of pinned groups to INT8 with a smaller safety margin while plans pass."""
     best = list(passed)
-    for fraction in RETURN_STEPS:
-        cand = model.prune(best, target, tau=model.tau * fraction)
+    for fraction, spend in RETURN_STEPS:
+        limit = max(0, allowed - model.unfixable) if spend else target
+        cand = model.prune(best, limit, tau=model.tau * fraction)
         if len(cand) == len(best):
             continue
         m = ledger.margins("return-int8", [_pins(ledger, cand)], model.indices)
-        if m is None or int(np.count_nonzero((m[0] < 0) & model.fixable)) > target:
+        if m is None or int(np.count_nonzero((m[0] < 0) & model.fixable)) > limit:
             continue
         ev = ledger.evaluate("return-int8", _pins(ledger, cand), full=True)
         if ev is None:
