@@ -13,8 +13,8 @@
         | fails                       margin, then spending every flip the threshold allows; each
         |                             smaller plan checked on S, then validated; stop at a failure
         v
-    samples it flipped outside S join S (their margins measured for every group), greedy on;
-    no new sample: the safety margin doubles
+    samples it flipped outside S join S (their margins measured for every group), greedy on
+    from P, then prune; no new sample: the safety margin doubles
 
 Full validations: all-INT8, then one per decision; the forward loop stops with one left for
 pinning every group (the plan that cannot fail unless the fallback tier itself flips samples),
@@ -161,8 +161,9 @@ def _learn(ledger: Ledger, model: MarginModel, ev: Evaluation, pins: list[str], 
                                 "added to it")
     else:
         model.tau *= 2.0
-    more = model.greedy_add(pins, order, target)
-    if more == pins:  # the model sees nothing left to fix: pin the next group by impact
+    more = model.prune(model.greedy_add(pins, order, target), target)
+    tried, _ = ledger.known_full(_pins(ledger, more))
+    if set(more) <= set(pins) or tried is not None:  # nothing new to fix: pin the next group by impact
         more = pins + [g for g in order if g not in pins][:1]
     return more
 
