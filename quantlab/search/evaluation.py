@@ -13,6 +13,7 @@ import pandas as pd
 
 from ..plan import ResolvedPlan
 
+
 @dataclass(frozen=True)
 class Evaluation:
     """One plan measured on the first ``samples`` samples of the validation set.

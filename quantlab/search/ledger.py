@@ -273,7 +273,7 @@ class Ledger:
         """A margin measurement as a trajectory's row: top-1 agreement on those samples, the worst
         margin, and NaN for the threshold's other metrics (a subset never decides pass/fail)."""
         row: dict[str, Any] = {c.metric: math.nan for c in self.threshold.conditions}
-        row.update({"candidate": "margins", "output": "margins", "samples": int(len(margins)),
+        row.update({"candidate": "margins", "output": "margins", "samples": len(margins),
                     "top1_agreement": float(np.mean(margins >= 0) * 100.0) if len(margins) else math.nan,
                     "min_margin": float(np.min(margins)) if len(margins) else math.nan})
         return row

@@ -21,9 +21,16 @@ import pandas as pd
 from ..errors import SearchError
 from ..plan import ResolvedPlan
 from ..threshold import parse_threshold
-from .evaluation import Evaluation, Evaluator, evaluation_key
 from . import flips
-from .ledger import TRAJECTORY_COLUMNS, Ledger, StepEvent, format_number, is_nan, select_row
+from .evaluation import Evaluation, Evaluator, evaluation_key
+from .ledger import (
+    TRAJECTORY_COLUMNS,
+    Ledger,
+    StepEvent,
+    format_number,
+    is_nan,
+    select_row,
+)
 from .log import SearchLog
 from .options import SearchOptions
 from .ranking import Ranking, rank_groups
