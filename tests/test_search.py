@@ -31,6 +31,7 @@ from quantlab.search import (
     SearchOptions,
     bisect_prefix,
     evaluation_bound,
+    impact_notes,
     run_search,
 )
 
@@ -825,6 +826,10 @@ def test_search_api_top1_threshold_runs_the_flip_search(chain, tmp_path):
     assert result.evaluations <= result.bound and "greedy" in set(traj["phase"])
     sens = result.sensitivity.set_index("group")
     assert sens.loc["conv6", "pinned_step"] >= 1 and sens.loc["conv6", "margin_gain"] > 0
+    # what the report says for every pinned group: the impact that got it pinned
+    notes = impact_notes(result.sensitivity)
+    for g in pins:
+        assert "pinned at greedy step" in notes[g] and "critical samples" in notes[g], notes[g]
     # margin measurements are logged: a rerun replays everything
     again = search(model, table, val, options, workdir=tmp_path / "work")
     assert again.executed == 0 and again.plan.plan_hash() == result.plan.plan_hash()
