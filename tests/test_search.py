@@ -764,7 +764,10 @@ def test_flip_search_interaction_keeps_only_measured_passes(deep):
     assert out.met and (ev.margin_of(out.plan) >= 0).all()
     assert full.loc[full["pins"] == out.trajectory["pins"].iloc[-1], "passed"].all()
     assert any("outside the critical set" in n for n in out.notes)
-    assert out.evaluations == ev.full_calls() <= 4
+    # the residual of the failed plan makes the model cautious (22 pins pass), then batches go
+    # back to INT8 while they pass: 3 pins at the end (2 would do), within the bound
+    assert len(_pins(out)) <= 3 and "conv3" in _pins(out)
+    assert out.evaluations == ev.full_calls() <= out.bound
 
 
 def test_flip_search_budget_that_runs_out(deep):

@@ -169,21 +169,37 @@ def _learn(ledger: Ledger, model: MarginModel, ev: Evaluation, pins: list[str], 
 
 
 def _return_int8(ledger: Ledger, model: MarginModel, passed: list[str], target: int, allowed: int) -> list[str]:
-    """Return batches of pinned groups to INT8 with a smaller safety margin while plans pass."""
+    """Return batches of pinned groups to INT8 with a smaller safety margin while plans pass; when
+    a batch fails its full validation, half of it (the least needed groups) is tried instead."""
     best = list(passed)
     for fraction, spend in RETURN_STEPS:
         limit = max(0, allowed - model.unfixable) if spend else target
         cand = model.prune(best, limit, tau=model.tau * fraction)
-        if len(cand) == len(best):
-            continue
-        m = ledger.margins("return-int8", [_pins(ledger, cand)], model.indices)
-        if m is None or int(np.count_nonzero((m[0] < 0) & model.fixable)) > limit:
-            continue
-        ev = ledger.evaluate("return-int8", _pins(ledger, cand), full=True)
-        if ev is None:
-            ledger.notes.append("the budget ran out while returning pinned groups to INT8")
-            break
-        if not ledger.passed(ev):
-            break
-        best = cand
+        batch = sorted((g for g in best if g not in cand),
+                       key=lambda g: model.shortfall(model.predict([p for p in best if p != g])))
+        while batch:
+            outcome = _try_return(ledger, model, best, batch, limit)
+            if outcome is None:
+                return best
+            if outcome:
+                best = [g for g in best if g not in batch]
+                break
+            batch = batch[: len(batch) // 2]
+        else:
+            return best  # even a single group failed: smaller safety margins will not pass either
     return best
+
+
+def _try_return(ledger: Ledger, model: MarginModel, best: list[str], batch: list[str], limit: int) -> bool | None:
+    """``best`` without ``batch``: checked on the critical samples, then validated (None: out of budget)."""
+    cand = [g for g in best if g not in batch]
+    m = ledger.margins("return-int8", [_pins(ledger, cand)], model.indices)
+    if m is None:
+        return None
+    if int(np.count_nonzero((m[0] < 0) & model.fixable)) > limit:
+        return False
+    ev = ledger.evaluate("return-int8", _pins(ledger, cand), full=True)
+    if ev is None:
+        ledger.notes.append("the budget ran out while returning pinned groups to INT8")
+        return None
+    return ledger.passed(ev)
