@@ -836,3 +836,16 @@ def test_search_api_top1_threshold_runs_the_flip_search(chain, tmp_path):
     # margin measurements are logged: a rerun replays everything
     again = search(model, table, val, options, workdir=tmp_path / "work")
     assert again.executed == 0 and again.plan.plan_hash() == result.plan.plan_hash()
+
+
+def test_allowed_flips_counts_whole_samples():
+    from quantlab.search.margins import allowed_flips
+    from quantlab.threshold import parse_threshold
+
+    assert allowed_flips(parse_threshold("top1_agreement>=99.5"), 160) == 0  # one flip is 0.625 points
+    assert allowed_flips(parse_threshold("top1_agreement>=99"), 160) == 1
+    assert allowed_flips(parse_threshold("top1_agreement>=99"), 300) == 3
+    assert allowed_flips(parse_threshold("top1_agreement>99"), 300) == 2
+    assert allowed_flips(parse_threshold("top1_drop<=1"), 160) == 1
+    assert allowed_flips(parse_threshold("top1_agreement>=99 and top1_drop<=0.5"), 300) == 1
+    assert allowed_flips(parse_threshold("top1_agreement>100"), 160) == -1  # nothing passes

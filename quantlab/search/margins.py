@@ -53,9 +53,10 @@ def allowed_flips(threshold: Threshold, n: int) -> int:
     by 100/n points; a drop counts as if every flip lost a correct answer)."""
     allowed = n
     for cond in threshold.conditions:
+        # the comparator's figure: the mean over samples of 100 (agree) / 0, i.e. 100 * count / n
         value = (lambda k: 100.0 * (n - k) / n) if cond.metric == "top1_agreement" else (lambda k: 100.0 * k / n)
         k = 0
-        while k <= n and cond.holds(value(k) + (1e-9 if cond.higher_is_better else -1e-9)):
+        while k <= n and cond.holds(value(k)):
             k += 1
         allowed = min(allowed, k - 1)
     return max(allowed, -1)
