@@ -211,6 +211,7 @@ def run_quantlab(model_path: Path, calib: Path, x: np.ndarray, y: np.ndarray, re
                    if p != "int8" and result.plan.group_map[g].quantizable},
         "all_int8": {k: traj[k].iloc[0] for k in ("metric", "value")},
         "message": result.message,
+        "notes": list(result.notes),
         "trajectory": [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
                        for r in traj[["step", "phase", "n_pinned", "value", "passed", "samples", "full", "cached",
                                       "seconds"]].to_dict("records")],
