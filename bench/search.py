@@ -31,8 +31,10 @@ groups in INT8, and for both the share of Conv/Gemm nodes whose data input comes
 DequantizeLinear (the same count on both ONNX files).
 
 quantlab runs as a user would: percentile calibration, bias correction (its default, on the
-calibration set), Q/DQ written for TensorRT (simulated on ONNX Runtime, FP16 groups rounded
-as a GPU would), default budget. NNCF runs its own quantizer (ONNX Runtime Q/DQ, fast bias
+calibration set), Q/DQ written for TensorRT (simulated on ONNX Runtime with Q/DQ run as
+written, so its own validations measure what the "exact" column measures; FP16 groups rounded
+as a GPU would), default budget; "cpu s" is the process's CPU time (calibration included), the
+honest figure on a shared machine where wall time depends on the other jobs. NNCF runs its own quantizer (ONNX Runtime Q/DQ, fast bias
 correction) and reverts groups to FP32 one by one until the drop is met.
 """
 
