@@ -11,7 +11,9 @@
         v
     full validation of P --passes--> return-int8: prune with half, then a quarter of the safety
         | fails                       margin, then spending every flip the threshold allows; each
-        |                             smaller plan checked on S, then validated; stop at a failure
+        |                             smaller plan checked on S, then validated (a failing batch is
+        |                             halved); last, each pinned group returned alone is measured
+        |                             on S at the passing plan and the harmless ones go back together
         v
     samples it flipped outside S join S (their margins measured for every group), greedy on
     from P, then prune; no new sample: the safety margin doubles
@@ -177,6 +179,8 @@ def _return_int8(ledger: Ledger, model: MarginModel, passed: list[str], target: 
         cand = model.prune(best, limit, tau=model.tau * fraction)
         batch = sorted((g for g in best if g not in cand),
                        key=lambda g: model.shortfall(model.predict([p for p in best if p != g])))
+        if not batch:
+            continue
         while batch:
             outcome = _try_return(ledger, model, best, batch, limit)
             if outcome is None:
@@ -187,6 +191,34 @@ def _return_int8(ledger: Ledger, model: MarginModel, passed: list[str], target: 
             batch = batch[: len(batch) // 2]
         else:
             return best  # even a single group failed: smaller safety margins will not pass either
+    return _measured_return(ledger, model, best, max(0, allowed - model.unfixable))
+
+
+def _measured_return(ledger: Ledger, model: MarginModel, best: list[str], limit: int) -> list[str]:
+    """The last return to INT8, from measurements at the passing plan rather than at all-INT8:
+    every pinned group returned alone, measured on the critical samples; the groups whose returns
+    together still keep at most ``limit`` samples below a quarter of the safety margin (adding
+    their measured margin losses) go back as one batch, halved while it fails."""
+    if len(best) < 2:
+        return best
+    plans = [_pins(ledger, best), *(_pins(ledger, [p for p in best if p != g]) for g in best)]
+    m = ledger.margins("return-int8", plans, model.indices)
+    if m is None:
+        return best
+    loss = {g: m[0] - m[1 + k] for k, g in enumerate(best)}
+    targets = np.where(model.fixable, model.targets(model.tau * 0.25), -np.inf)
+    batch: list[str] = []
+    for g in sorted(best, key=lambda g: float(np.sum(np.maximum(targets - (m[0] - loss[g]), 0.0)))):
+        trial = m[0] - sum((loss[h] for h in [*batch, g]), np.zeros_like(m[0]))
+        if int(np.count_nonzero(trial < targets)) <= limit:
+            batch.append(g)
+    while batch:
+        outcome = _try_return(ledger, model, best, batch, limit)
+        if outcome is None:
+            break
+        if outcome:
+            return [g for g in best if g not in batch]
+        batch = batch[: len(batch) // 2]
     return best
 
 
