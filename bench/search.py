@@ -31,8 +31,10 @@ groups in INT8, and for both the share of Conv/Gemm nodes whose data input comes
 DequantizeLinear (the same count on both ONNX files).
 
 quantlab runs as a user would: percentile calibration, bias correction (its default, on the
-calibration set), Q/DQ written for TensorRT (simulated on ONNX Runtime, FP16 groups rounded
-as a GPU would), default budget. NNCF runs its own quantizer (ONNX Runtime Q/DQ, fast bias
+calibration set), Q/DQ written for TensorRT (simulated on ONNX Runtime with Q/DQ run as
+written, so its own validations measure what the "exact" column measures; FP16 groups rounded
+as a GPU would), default budget; "cpu s" is the process's CPU time (calibration included), the
+honest figure on a shared machine where wall time depends on the other jobs. NNCF runs its own quantizer (ONNX Runtime Q/DQ, fast bias
 correction) and reverts groups to FP32 one by one until the drop is met.
 """
 
@@ -175,6 +177,7 @@ def run_quantlab(model_path: Path, calib: Path, x: np.ndarray, y: np.ndarray, re
     from quantlab.search import SearchOptions, search
 
     start = time.perf_counter()
+    cpu0 = time.process_time()
     model = load_model(model_path)
     table = calibrate(model, open_dataset(calib), ["percentile"]).tables["percentile"]
     t_cal = time.perf_counter() - start
@@ -183,6 +186,7 @@ def run_quantlab(model_path: Path, calib: Path, x: np.ndarray, y: np.ndarray, re
     with tempfile.TemporaryDirectory() as work:
         result = search(model, table, val, options, workdir=work, calib=open_dataset(calib))
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu0
     traj = result.trajectory
     evaluated = traj[~traj["cached"]]
     sim = write_model(model, result.plan, table, dataclasses.replace(result.final.options, fp16_simulation=True))
@@ -198,6 +202,7 @@ def run_quantlab(model_path: Path, calib: Path, x: np.ndarray, y: np.ndarray, re
         "subset_samples": int(evaluated.loc[~evaluated["full"], "samples"].max()) if (~evaluated["full"]).any() else 0,
         "items": int(evaluated["samples"].sum()),
         "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
         "calibration_s": round(t_cal, 1),
         "final": final,
         "final_ort_fused": fused,
@@ -208,6 +213,7 @@ def run_quantlab(model_path: Path, calib: Path, x: np.ndarray, y: np.ndarray, re
                    if p != "int8" and result.plan.group_map[g].quantizable},
         "all_int8": {k: traj[k].iloc[0] for k in ("metric", "value")},
         "message": result.message,
+        "notes": list(result.notes),
         "trajectory": [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
                        for r in traj[["step", "phase", "n_pinned", "value", "passed", "samples", "full", "cached",
                                       "seconds"]].to_dict("records")],
@@ -297,6 +303,7 @@ def run_nncf(model_path: Path, cal: np.ndarray, x: np.ndarray, y: np.ndarray, re
 
     logging.getLogger("nncf").setLevel(logging.WARNING)
     start = time.perf_counter()
+    cpu0 = time.process_time()
     proto = onnx.load(str(model_path))
     valdata = nncf.Dataset([(i, x[i:i + 1]) for i in range(len(x))], lambda item: {"input": item[1]})
     validation = _NncfValidation(ref, len(x), top1=top1, deadline=start + cap_s)
@@ -314,6 +321,7 @@ def run_nncf(model_path: Path, cal: np.ndarray, x: np.ndarray, y: np.ndarray, re
         "ranking_samples": validation.partial_samples,
         "items": validation.full * len(x) + validation.partial_samples,
         "wall_s": round(time.perf_counter() - start, 1),
+        "cpu_s": round(time.process_time() - cpu0, 1),
     })
     if quantized is None:
         out["message"] = f"not finished within the {cap_s:g} s cap"
@@ -332,7 +340,7 @@ def _row(cells: Sequence[Any], widths: Sequence[int]) -> str:
 
 
 def print_table(results: Sequence[Mapping[str, Any]]) -> None:
-    head = ["threshold", "tool", "met", "full evals", "other evals", "items", "wall s", "final (exact Q/DQ)",
+    head = ["threshold", "tool", "met", "full evals", "other evals", "items", "wall s", "cpu s", "final (exact Q/DQ)",
             "top1 agree", "cosine", "INT8 (compute)", "INT8 groups"]
     rows = []
     for r in results:
@@ -340,14 +348,14 @@ def print_table(results: Sequence[Mapping[str, Any]]) -> None:
         if "final" not in r:
             rows.append([r["threshold"], r["tool"].split(" quantize")[0], "no: " + r.get("message", "?"),
                          r["full_validations"], f"{r['ranking_calls']} calls / {r['ranking_samples']} samples",
-                         r["items"], r["wall_s"], "-", "-", "-", "-", "-"])
+                         r["items"], r["wall_s"], r.get("cpu_s", "-"), "-", "-", "-", "-", "-"])
             continue
         other = (f"{r['subset_evaluations']} x {r['subset_samples']} samples" if "subset_evaluations" in r
                  else f"{r['ranking_calls']} calls / {r['ranking_samples']} samples")
         met = r.get("met", r["final_ort_fused"][metric] >= r["target"])  # NNCF validated with ORT's fused kernels
         rows.append([r["threshold"], r["tool"].split(" quantize")[0], "yes" if met else "no",
                      f"{r['full_validations']}" + (f" (bound {r['bound']})" if "bound" in r else ""), other,
-                     r["items"], r["wall_s"], f"{metric}={r['final'][metric]:.5g}",
+                     r["items"], r["wall_s"], r.get("cpu_s", "-"), f"{metric}={r['final'][metric]:.5g}",
                      f"{r['final']['top1_agreement']:.1f}%", f"{r['final']['cosine']:.4f}",
                      f"{r['int8_fraction_compute']:.0%}", r.get("groups_int8", "-")])
     _print_rows(head, rows)
@@ -368,6 +376,25 @@ def _print_rows(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print(_row(row, widths))
 
 
+def reuse_nncf(path: Path, baselines: dict[str, Any], results: list[dict[str, Any]]
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """NNCF's entries of an earlier run written to ``path`` (its baseline, its runs at the thresholds
+    run now), placed as a full run would place them, each marked ``reused_from``."""
+    import json
+
+    if not path.is_file():
+        return baselines, results
+    old = json.loads(path.read_text())
+    if "NNCF nncf.quantize" in old.get("baselines", {}):
+        baselines["NNCF nncf.quantize"] = {**old["baselines"]["NNCF nncf.quantize"], "reused_from": str(path.name)}
+    merged = []
+    for r in results:
+        merged.append(r)
+        merged += [{**o, "reused_from": str(path.name)} for o in old.get("results", [])
+                   if str(o.get("tool", "")).startswith("NNCF") and o.get("threshold") == r["threshold"]]
+    return baselines, merged
+
+
 MODELS = {"lite0": ("efficientnet_lite0", 224), "lite2": ("efficientnet_lite2", 260)}
 
 
@@ -384,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds after which NNCF's accuracy control is stopped (default 600)")
     parser.add_argument("--nncf-min-drop", type=float, default=0.0,
                         help="run NNCF's accuracy control only for drops >= this (it may not finish tighter ones)")
+    parser.add_argument("--reuse-nncf", action="store_true",
+                        help="with --skip-nncf: keep NNCF's baseline and runs (same thresholds) from the --out file")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
     args = parser.parse_args(argv)
 
@@ -411,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                 n = run_nncf(model_path, cal, x, y, ref, max_drop, metric == "top1_agreement", per_channel,
                              args.nncf_cap)
                 results.append({"threshold": threshold, "metric": metric, "target": target, **n})
+    if args.reuse_nncf and args.skip_nncf:
+        baselines, results = reuse_nncf(args.out, baselines, results)
     print()
     print_baselines(baselines)
     print()

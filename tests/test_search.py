@@ -31,6 +31,7 @@ from quantlab.search import (
     SearchOptions,
     bisect_prefix,
     evaluation_bound,
+    impact_notes,
     run_search,
 )
 
@@ -628,3 +629,223 @@ def test_planted_budget_that_runs_out(deep):
     assert any("budget" in n for n in out.notes)
     out = run_search(base, PlantedEvaluator(noise), _opts("cosine>=0.99999", budget=1), save_comparisons=False)
     assert not out.met and out.evaluations == 1 and "budget ran out" in out.message
+
+
+# --------------------------------------------------------------------------- planted flips: the top-1 search
+
+
+class PlantedFlipEvaluator:
+    """Top-1 flips planted per sample: sample s keeps its FP32 class while its margin
+    ``lead[s] - sum(effect[g][s] over INT8 groups) - FP16_SHARE * (the same over FP16 groups)``
+    stays >= 0 (``overrides[frozenset(pinned)]`` adds a margin vector: interactions).
+
+    Exposes what the flip search needs: ``margins`` (that margin, the FP32 logits' std taken
+    as 1), ``fragile_order`` (smallest lead first) and full validations that list the flipped samples.
+    """
+
+    FP16_SHARE = 1e-3
+
+    def __init__(self, lead: np.ndarray, effect: dict[str, np.ndarray],
+                 overrides: dict[frozenset, np.ndarray] | None = None):
+        self.lead = lead
+        self.effect = effect
+        self.overrides = overrides or {}
+        self.calls: list[tuple[str, int, bool]] = []
+        self.margin_calls: list[tuple[str, tuple[int, ...]]] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.lead)
+
+    def margin_of(self, plan: ResolvedPlan) -> np.ndarray:
+        m = self.lead.astype(np.float64).copy()
+        pinned = frozenset(g for g in self.effect if plan.precision[g] != "int8")
+        for g, e in self.effect.items():
+            m -= e * (self.FP16_SHARE if g in pinned else 1.0)
+        return m + self.overrides.get(pinned, 0.0)
+
+    def evaluate(self, plan: ResolvedPlan, samples: int, *, local: bool = False) -> Evaluation:
+        self.calls.append((plan.plan_hash(), samples, local))
+        m = self.margin_of(plan)[:samples]
+        row = {"candidate": "c", "output": "y", "samples": samples,
+               "top1_agreement": float(np.mean(m >= 0) * 100.0)}
+        flipped = tuple(int(i) for i in np.flatnonzero(m < 0)) if samples == self.size else None
+        return Evaluation(plan_hash=plan.plan_hash(), samples=samples, rows=(row,), flipped=flipped)
+
+    def margins(self, plans, indices) -> np.ndarray:
+        self.margin_calls.extend((p.plan_hash(), tuple(indices)) for p in plans)
+        return np.array([self.margin_of(p)[list(indices)] for p in plans])
+
+    def fragile_order(self) -> list[int]:
+        return [int(i) for i in np.argsort(self.lead, kind="stable")]
+
+    def latency(self, plan: ResolvedPlan) -> float:
+        return 1.0
+
+    def full_calls(self) -> int:
+        return sum(1 for _, n, _ in self.calls if n == self.size)
+
+
+def _flip_world(groups, *, n=160, seed=0, spread=0.002, **planted):
+    """Leads: FP32 top-1 leads of n samples (a few fragile ones); every group shifts every margin by
+    a little noise (``spread``); ``planted``: group -> {sample: margin loss} on top of that."""
+    rng = np.random.default_rng(seed)
+    lead = rng.uniform(0.5, 3.0, n)
+    lead[:12] = np.linspace(0.01, 0.12, 12)  # the fragile samples
+    effect = {g: rng.normal(0.0, spread, n) for g in groups}
+    for g, losses in planted.items():
+        for s, loss in losses.items():
+            effect[g][s] += loss
+    return lead, effect
+
+
+def _margin_measured(ev: PlantedFlipEvaluator) -> int:
+    return len(ev.margin_calls)
+
+
+def test_flip_search_one_sensitive_group(deep):
+    base, groups = deep
+    lead, effect = _flip_world(groups, conv17={2: 0.2, 7: 0.3})  # conv17 alone flips samples 2 and 7
+    ev = PlantedFlipEvaluator(lead, effect)
+    out = run_search(base, ev, _opts("top1_agreement>=99.5"), save_comparisons=False)
+    assert ev.margin_of(base).__lt__(0).sum() == 2
+    assert out.met and _pins(out) == {"conv17": "fp16"}
+    # all-INT8 and the greedy plan: two full validations; the flip model measured all-INT8,
+    # everything at fp16 and each group alone (G + 2 plans); the greedy plan (conv17 alone)
+    # was one of them, so its check on the critical samples came from the cache
+    assert out.evaluations == ev.full_calls() == 2
+    assert _margin_measured(ev) == len(groups) + 2
+    top = out.sensitivity.iloc[0]
+    assert top["group"] == "conv17" and top["pinned_step"] == 1 and top["flips_fixed"] == 2
+    assert out.trajectory["phase"].iloc[-2] == "greedy"
+
+
+def test_flip_search_several_sensitive_groups(deep):
+    base, groups = deep
+    lead, effect = _flip_world(groups, conv3={0: 0.2}, conv21={5: 0.3, 9: 0.3}, fc={11: 0.4})
+    ev = PlantedFlipEvaluator(lead, effect)
+    out = run_search(base, ev, _opts("top1_agreement>=99.5"), save_comparisons=False)
+    assert out.met and _pins(out) == {"conv3": "fp16", "conv21": "fp16", "fc": "fp16"}
+    assert out.evaluations == ev.full_calls() == 2
+    assert set(out.sensitivity["group"][:3]) == {"conv3", "conv21", "fc"}
+
+
+def test_flip_search_spread_out_noise_keeps_most_groups_int8(deep):
+    # no group stands out: every group moves every margin a little, and the fragile samples flip
+    # from the sum; the plan must pass, stay mostly INT8, and need each of its pins
+    base, groups = deep
+    lead, effect = _flip_world(groups, seed=4, spread=0.012)
+    ev = PlantedFlipEvaluator(lead, effect)
+    assert (ev.margin_of(base) < 0).sum() >= 3
+    out = run_search(base, ev, _opts("top1_agreement>=99.5"), save_comparisons=False)
+    assert out.met, out.message
+    assert out.plan.int8_fraction() >= 0.8
+    assert (ev.margin_of(out.plan) >= 0).all()
+    pins = _pins(out)
+    for g in pins:  # every pin is needed: returning any one of them to INT8 flips a sample
+        assert (ev.margin_of(out.plan.with_pins({g: "int8"})) < 0).any(), g
+    # all-INT8, the greedy plan, one batch returned to INT8
+    assert out.evaluations == ev.full_calls() == 3 <= out.bound
+    _assert_no_plan_twice(ev)
+
+
+def test_flip_search_interaction_keeps_only_measured_passes(deep):
+    # pinning conv3 alone is what the model predicts to pass, but together with the other
+    # groups' INT8 it flips sample 30 (outside the critical set): the search learns that
+    # sample and pins what it needs; only plans that passed their own full validation are kept
+    base, groups = deep
+    lead, effect = _flip_world(groups, conv3={0: 0.2}, conv30={30: -0.5})
+    twist = np.zeros(len(lead))
+    twist[30] = -10.0
+    ev = PlantedFlipEvaluator(lead, effect, overrides={frozenset({"conv3"}): twist})
+    out = run_search(base, ev, _opts("top1_agreement>=99.5"), save_comparisons=False)
+    full = out.trajectory[out.trajectory["full"] & (out.trajectory["phase"] != "final")]
+    assert not full[full["pins"] == "conv3=fp16"]["passed"].any()  # the model's plan was measured and failed
+    assert out.met and (ev.margin_of(out.plan) >= 0).all()
+    assert full.loc[full["pins"] == out.trajectory["pins"].iloc[-1], "passed"].all()
+    assert any("outside the critical set" in n for n in out.notes)
+    # the residual of the failed plan makes the model cautious (22 pins pass), then batches go
+    # back to INT8 while they pass: 3 pins at the end (2 would do), within the bound
+    assert len(_pins(out)) <= 3 and "conv3" in _pins(out)
+    assert out.evaluations == ev.full_calls() <= out.bound
+
+
+def test_flip_search_budget_that_runs_out(deep):
+    base, groups = deep
+    lead, effect = _flip_world(groups, conv3={0: 0.2}, conv30={30: -0.5})
+    twist = np.zeros(len(lead))
+    twist[30] = -10.0
+    ev = PlantedFlipEvaluator(lead, effect, overrides={frozenset({"conv3"}): twist})
+    out = run_search(base, ev, _opts("top1_agreement>=99.5", budget=2), save_comparisons=False)
+    # all-INT8 fails; the last full validation the budget allows pins every group (the plan
+    # that passes when anything does), nothing more is validated
+    assert out.evaluations == ev.full_calls() == 2 and out.budget == 2
+    assert out.met and len(_pins(out)) == len(groups)
+    out = run_search(base, PlantedFlipEvaluator(lead, effect, overrides={frozenset({"conv3"}): twist}),
+                     _opts("top1_agreement>=99.5", budget=1), save_comparisons=False)
+    assert not out.met and out.evaluations == 1 and "budget ran out" in out.message
+
+
+def test_suffix_runs_match_whole_models(chain):
+    """A plan run from its first node that differs from the all-INT8 model, fed the all-INT8
+    model's tensors at the cut, gives the outputs of the whole plan model (exact Q/DQ)."""
+    from quantlab.backends import get_backend
+    from quantlab.search.suffix import plan_outputs, run_batched, shared_prefix
+
+    proto, table, x = chain
+    model = model_from_proto(proto)
+    base = _base(proto)
+    groups = [g.name for g in base.groups if g.quantizable]
+    plans = [base, base.with_pins({"conv6": "fp16"}), base.with_pins({"fc": "fp16"}),
+             base.with_pins({"conv0": "fp16", "conv8": "fp32"}), base.with_pins({g: "fp16" for g in groups})]
+    opts = WriteOptions(target="tensorrt", fp16_simulation=True)
+    protos = [write_model(model, p, table, opts).proto for p in plans]
+    starts = [shared_prefix(protos[0], p) for p in protos]
+    assert starts[0] == len(protos[0].graph.node) and 0 < starts[2] and starts[1] < starts[2]
+    backend = get_backend("ort", qdq_fusion=False)
+    fast = plan_outputs(backend, protos[0], protos, {"input": x[:16]}, "logits", 8)
+    for got, p in zip(fast, protos, strict=True):
+        whole = run_batched(backend, p, {"input": x[:16]}, ["logits"], 8)["logits"]
+        # the same nodes on the same values; the bound covers another float32 reduction order
+        np.testing.assert_allclose(got, whole, rtol=0, atol=1e-4 * float(np.abs(whole).max()))
+
+
+def test_search_api_top1_threshold_runs_the_flip_search(chain, tmp_path):
+    from quantlab.search import search
+
+    proto, _, x = chain
+    proto = models.sensitive_chain_net(gain=200.0)  # strong enough to flip about 10 % of the samples
+    model = model_from_proto(proto)
+    rng = np.random.default_rng(0)
+    table = calibrate(model, from_arrays({"input": rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)}),
+                      "minmax").tables["minmax"]
+    val = from_arrays({"input": x}, role="validation", name="chain_val")
+    options = SearchOptions(threshold="top1_agreement>=99", probe_samples=16)
+    result = search(model, table, val, options, workdir=tmp_path / "work")
+    traj = result.trajectory
+    assert not traj["passed"].iloc[0] and result.met, result.message
+    pins = {g: p for g, p in result.plan.precision.items() if p != "int8" and result.plan.group_map[g].quantizable}
+    assert "conv6" in pins and result.plan.int8_fraction() >= 0.8
+    assert result.evaluations <= result.bound and "greedy" in set(traj["phase"])
+    sens = result.sensitivity.set_index("group")
+    assert sens.loc["conv6", "pinned_step"] >= 1 and sens.loc["conv6", "margin_gain"] > 0
+    # what the report says for every pinned group: the impact that got it pinned
+    notes = impact_notes(result.sensitivity)
+    for g in pins:
+        assert "pinned at greedy step" in notes[g] and "critical samples" in notes[g], notes[g]
+    # margin measurements are logged: a rerun replays everything
+    again = search(model, table, val, options, workdir=tmp_path / "work")
+    assert again.executed == 0 and again.plan.plan_hash() == result.plan.plan_hash()
+
+
+def test_allowed_flips_counts_whole_samples():
+    from quantlab.search.margins import allowed_flips
+    from quantlab.threshold import parse_threshold
+
+    assert allowed_flips(parse_threshold("top1_agreement>=99.5"), 160) == 0  # one flip is 0.625 points
+    assert allowed_flips(parse_threshold("top1_agreement>=99"), 160) == 1
+    assert allowed_flips(parse_threshold("top1_agreement>=99"), 300) == 3
+    assert allowed_flips(parse_threshold("top1_agreement>99"), 300) == 2
+    assert allowed_flips(parse_threshold("top1_drop<=1"), 160) == 1
+    assert allowed_flips(parse_threshold("top1_agreement>=99 and top1_drop<=0.5"), 300) == 1
+    assert allowed_flips(parse_threshold("top1_agreement>100"), 160) == -1  # nothing passes

@@ -117,11 +117,20 @@ def histogram_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str:
 
 
 def sensitivity_section(inputs: ReportInputs) -> str:
+    # one ranking kind per search: the other kind's columns are empty
+    sens = inputs.sensitivity.dropna(axis=1, how="all") if inputs.sensitivity is not None else pd.DataFrame()
+    margins = "margin_gain" in sens.columns
+    why = ("For a top-1 threshold the ranking reads the <i>critical samples</i> (those all-INT8 flips and those "
+           "whose FP32 top-1 lead is smallest): <i>margin_gain</i> is how much reverting the group alone shrank "
+           "their top-1 margin shortfall (in FP32 logit standard deviations), <i>flips_fixed</i> the all-INT8 "
+           "flips it alone undid, <i>pinned_step</i> when the search pinned it; the pinned groups come first."
+           if margins else
+           "Fusion groups ranked by how much reverting them alone improves the output (most sensitive first); "
+           "the search pins groups from the top of this list.")
     return (
         '<section id="sensitivity"><h2>Sensitivity ranking</h2>'
-        "<p>Fusion groups ranked by how much quantizing them alone hurts (most sensitive first); "
-        "the search pins groups from the top of this list.</p>"
-        f"{table(inputs.sensitivity, max_rows=30)}</section>"
+        f"<p>{why}</p>"
+        f"{table(sens, max_rows=30)}</section>"
     )
 
 
@@ -166,7 +175,8 @@ def plan_section(inputs: ReportInputs) -> str:
         "<p>The plan the final candidate was built with (the same format as a hand-edited plan file, "
         "<code>plan.json</code> next to this report). For every group the search pinned, "
         "<i>measured_impact</i> gives what got it pinned: its rank and how much reverting it alone "
-        "raised the output SQNR on the ranking subset.</p>"
+        "raised the output SQNR on the ranking subset (for a top-1 threshold: the top-1 margins of the "
+        "critical samples).</p>"
         f"{summary}{table(plan, max_rows=MAX_TABLE_ROWS)}</section>"
     )
 

@@ -12,8 +12,8 @@ INTERFACE (agreed in code; experiments, report and CLI use exactly this):
     result.sensitivity  # DataFrame, one row per quantizable group, most sensitive first
     result.save(out_dir)
 
-trajectory columns: step, phase ("all-int8" | "rank" | "bisect" | "fp16-tier" | "return-int8" |
-"final"), plan_hash, pinned (comma-joined groups), n_pinned, int8_fraction, metric, value,
+trajectory columns: step, phase ("all-int8" | "rank" | "bisect" | "fp16-tier" | "greedy" | "check" |
+"return-int8" | "final"), plan_hash, pinned (comma-joined groups), n_pinned, int8_fraction, metric, value,
 ci_low, ci_high, passed, samples (the subset size for the ranking), full (bool: counts
 against the bound of ceil(log2 G) + 5 full validations), latency_ms (mean, NaN when not
 measured), cached (bool), seconds. Added: pins (group=precision, comma-joined), margin (the
@@ -23,7 +23,20 @@ sensitivity columns (:data:`SENSITIVITY_COLUMNS`): rank, group, anchor_op, nodes
 reverted_sqnr_db (the output SQNR on the ranking subset with the group alone reverted to the
 fallback tier), impact_db (the SQNR gain that bought), impact (the output noise power it
 removed, relative to the signal), noise_share (its share of the all-INT8 noise) and
-cumulative_share (down the ranking).
+cumulative_share (down the ranking); for top-1 thresholds instead (the flip search):
+critical_samples, margin_gain (how much reverting the group alone shrank the critical samples'
+top-1 margin shortfall), worst_margin_gain, flips_fixed (all-INT8 flips it alone undid) and
+pinned_step (when the greedy pinned it; NaN: not pinned).
+
+Top-1 thresholds (``top1_agreement``, ``top1_drop``) with an evaluator that measures per-sample
+margins (:class:`CompareEvaluator` does) take another path after the all-INT8 validation, the
+flip search (``flips.py``, ``margins.py``): the samples all-INT8 flips plus the most fragile
+ones are the critical samples; each group's effect on their top-1 margins is measured alone
+(batched; each plan runs only from its first layer that differs from the all-INT8 model,
+``suffix.py``), a greedy pins the groups that shrink the margin shortfall most, prunes the
+ones not needed, and full validations decide; a failed one adds the samples it flipped to
+the critical set. Full validations: all-INT8 and one per decision (usually 2-4), within the
+same budget; the last one the budget allows pins every group.
 
 The search, step by step (G = number of quantizable fusion groups)::
 
@@ -65,8 +78,11 @@ Layout (arrows: imports)::
 
     api.py         search(), search_settings()  the entry point on a model
       +-> evaluator.py  CompareEvaluator          writes a plan, measures it with the comparator
+            +-> suffix.py   plans run from their first layer that differs (margins on few samples)
       +-> result.py     SearchResult              to_dict / save (plan, final model, tables)
       +-> run.py        run_search, SearchOutcome the phases in order, the final choice, the message
+            +-> flips.py     the flip search for top-1 thresholds (greedy, validations at decisions)
+            |     +-> margins.py   MarginModel: per-sample top-1 margins, greedy_add, prune
             +-> ranking.py   impact ranking (each group reverted alone, batched), the sensitivity table
             +-> strategy.py  bisect_prefix, bisection, FP16 tier, return to INT8
             +-> ledger.py    Ledger, StepEvent    the plan cache, budgets, trajectory rows, progress

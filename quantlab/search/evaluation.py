@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..plan import ResolvedPlan
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -20,6 +22,9 @@ class Evaluation:
     the threshold is checked on. ``local``: group -> lowest local SQNR (dB) of its layers,
     only for the ranking evaluation. ``latency_ms``: mean latency of one batch (NaN when
     not measured). ``comparison``: the full CompareResult when in memory (not logged).
+    ``indices`` / ``margins``: a margin measurement (:mod:`.margins`) on these validation
+    samples, not the first ``samples``; ``flipped``: a full validation's samples whose top-1
+    class differs from the FP32 model's (None: not a classifier, or not recorded).
     """
 
     plan_hash: str
@@ -29,15 +34,22 @@ class Evaluation:
     latency_ms: float = math.nan
     seconds: float = 0.0
     comparison: Any = field(default=None, compare=False, repr=False)
+    indices: tuple[int, ...] | None = None
+    margins: tuple[float, ...] | None = None
+    flipped: tuple[int, ...] | None = None
 
     @property
     def key(self) -> str:
-        return evaluation_key(self.plan_hash, self.samples)
+        return evaluation_key(self.plan_hash, self.samples, self.indices)
 
     def to_record(self) -> dict[str, Any]:
-        return {"plan_hash": self.plan_hash, "samples": self.samples, "rows": [dict(r) for r in self.rows],
-                "local": None if self.local is None else dict(self.local), "latency_ms": self.latency_ms,
-                "seconds": self.seconds}
+        record = {"plan_hash": self.plan_hash, "samples": self.samples, "rows": [dict(r) for r in self.rows],
+                  "local": None if self.local is None else dict(self.local), "latency_ms": self.latency_ms,
+                  "seconds": self.seconds}
+        for name in ("indices", "margins", "flipped"):
+            if getattr(self, name) is not None:
+                record[name] = list(getattr(self, name))
+        return record
 
     @classmethod
     def from_record(cls, data: Mapping[str, Any]) -> Evaluation:
@@ -45,12 +57,22 @@ class Evaluation:
         return cls(plan_hash=str(data["plan_hash"]), samples=int(data["samples"]),
                    rows=tuple(dict(r) for r in data["rows"]),
                    local=None if local is None else {str(k): float(v) for k, v in local.items()},
-                   latency_ms=float(data.get("latency_ms", math.nan)), seconds=float(data.get("seconds", 0.0)))
+                   latency_ms=float(data.get("latency_ms", math.nan)), seconds=float(data.get("seconds", 0.0)),
+                   indices=_ints(data.get("indices")), flipped=_ints(data.get("flipped")),
+                   margins=None if data.get("margins") is None else tuple(float(m) for m in data["margins"]))
 
 
-def evaluation_key(plan_hash: str, samples: int) -> str:
-    """The cache key of an evaluation: the plan and how many samples it saw."""
-    return f"{plan_hash}@{samples}"
+def _ints(values: Sequence[Any] | None) -> tuple[int, ...] | None:
+    return None if values is None else tuple(int(v) for v in values)
+
+
+def evaluation_key(plan_hash: str, samples: int, indices: Sequence[int] | None = None) -> str:
+    """The cache key of an evaluation: the plan and how many samples it saw (and which, for a
+    margin measurement on chosen samples)."""
+    if indices is None:
+        return f"{plan_hash}@{samples}"
+    digest = hashlib.sha256(",".join(str(int(i)) for i in indices).encode()).hexdigest()[:12]
+    return f"{plan_hash}@{samples}:{digest}"
 
 
 class Evaluator(Protocol):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..backends import get_backend
+from ..backends import Backend, get_backend
 from ..compare import CompareOptions, compare
 from ..data import DataSet, from_arrays
+from ..errors import SearchError
 from ..graph import LoadedModel
 from ..perf import measure_latency
 from ..plan import ResolvedPlan
@@ -18,6 +21,7 @@ from ..quantize import BiasCorrection, WriteOptions, WrittenModel, write_model
 from ..table import CalibrationTable
 from .evaluation import Evaluation, plain_value
 from .options import SearchOptions
+from .suffix import plan_outputs
 
 
 def write_options(options: SearchOptions, correction: BiasCorrection | None = None) -> WriteOptions:
@@ -47,6 +51,8 @@ class CompareEvaluator:
         self._feeds: dict[str, np.ndarray] | None = None
         self.subset: DataSet | None = None
         self.subset_indices: list[int] = []
+        self._ref: _Reference | bool | None = None
+        self._sample_feeds: dict[int, dict[str, np.ndarray]] = {}
 
     @property
     def size(self) -> int:
@@ -65,9 +71,9 @@ class CompareEvaluator:
         n = min(n, self._size)
         idx = list(range(n))
         if fragile:
-            margins = self._fp32_margins()
-            if margins is not None:
-                idx = sorted(int(i) for i in np.argsort(margins, kind="stable")[:n])
+            order = self.fragile_order()
+            if order:
+                idx = sorted(order[:n])
         samples = [self.dataset.sample(i) for i in idx]
         arrays = {k: np.stack([s.feeds[k] for s in samples]) for k in self.dataset.input_names}
         labels = [s.label for s in samples] if self.dataset.has_labels else None
@@ -75,22 +81,58 @@ class CompareEvaluator:
         self.subset_indices = idx
         return idx
 
-    def _fp32_margins(self) -> np.ndarray | None:
-        """Per sample: (top-1 - top-2 logit) / std of the logits, of the first 2-D output with >= 2 classes."""
-        runner = get_backend(self.options.backend, **self.options.backend_options).build(self.model.proto)
-        margins: list[np.ndarray] = []
-        try:
-            for batch in self.dataset.batches(self.options.batch_size):
-                outs = runner.run(batch.feeds)
-                z = next((np.asarray(v, dtype=np.float64) for v in outs.values()
-                          if np.ndim(v) == 2 and np.shape(v)[1] >= 2), None)
-                if z is None:
-                    return None
-                top = np.sort(z, axis=1)
-                margins.append((top[:, -1] - top[:, -2]) / (z.std(axis=1) + 1e-12))
-        finally:
-            runner.close()
-        return np.concatenate(margins)
+    def fragile_order(self) -> list[int]:
+        """Every sample index, smallest FP32 relative top-1 lead first ([] when no output is a classifier)."""
+        ref = self._reference()
+        return [] if ref is None else [int(i) for i in np.argsort(ref.lead, kind="stable")]
+
+    def _reference(self) -> _Reference | None:
+        """The FP32 model's per-sample classifier figures (one pass over the set, kept)."""
+        if self._ref is None:
+            self._ref = _reference_pass(self.model, self.dataset, self.options)
+        return self._ref or None
+
+    def margins(self, plans: Sequence[ResolvedPlan], indices: Sequence[int]) -> np.ndarray:
+        """[plan, sample]: each plan's logit of the FP32 top-1 class minus its best other logit,
+        over the FP32 logits' std, on the validation samples ``indices`` (negative: flipped).
+
+        The candidates run directly on the backend (no comparator: the reference's figures are
+        kept from one FP32 pass), each only from where it differs from the all-INT8 model
+        (:mod:`.suffix`).
+        """
+        ref = self._reference()
+        if ref is None:
+            raise SearchError("margins need a classifier output (2-D, >= 2 classes); this model has none")
+        idx = [int(i) for i in indices]
+        if not plans:
+            return np.zeros((0, len(idx)))
+        first = plans[0]
+        anchor = first.with_pins({g.name: "int8" for g in first.groups
+                                  if g.quantizable and first.precision[g.name] != "int8"})
+        logits = plan_outputs(self._exact_backend(), self.write(anchor).proto,
+                              [self.write(p).proto for p in plans], self._feeds_of(idx), ref.output,
+                              self.options.batch_size)
+        return np.stack([logit_margins(np.asarray(z, dtype=np.float64), ref.top1[idx]) / ref.scale[idx]
+                         for z in logits])
+
+    def _backend_options(self) -> dict[str, Any]:
+        """On ONNX Runtime, Q/DQ run as written: the ONNX (and TensorRT) semantics on every CPU. ORT's
+        fused integer kernels, which it would pick on a CPU with VNNI, round differently (about 0.3
+        logits on EfficientNet-Lite0), enough to flip the samples a top-1 threshold counts; and a
+        suffix (:mod:`.suffix`) then computes exactly what its whole model computes. On TensorRT: the
+        engine shapes (``SearchOptions.backend_options``)."""
+        exact = {"qdq_fusion": False} if self.options.backend in ("ort", "onnxruntime") else {}
+        return {**self.options.backend_options, **exact}
+
+    def _exact_backend(self) -> Backend:
+        """The backend for margins (see :meth:`_backend_options`)."""
+        return get_backend(self.options.backend, **self._backend_options())
+
+    def _feeds_of(self, idx: Sequence[int]) -> dict[str, np.ndarray]:
+        for i in idx:
+            if i not in self._sample_feeds:
+                self._sample_feeds[i] = dict(self.dataset.sample(i).feeds)
+        return {k: np.stack([self._sample_feeds[i][k] for i in idx]) for k in self.dataset.input_names}
 
     def _data(self, samples: int) -> tuple[DataSet, int | None]:
         """The data set and max_samples of an evaluation on ``samples`` samples."""
@@ -103,28 +145,29 @@ class CompareEvaluator:
     def evaluate(self, plan: ResolvedPlan, samples: int, *, local: bool = False) -> Evaluation:
         written = self.write(plan)
         data, max_samples = self._data(samples)
-        opts = CompareOptions(backend=self.options.backend, backend_options=self.options.backend_options,
-                              batch_size=self.options.batch_size, per_layer=local,
+        opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=local,
                               local=local, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed,
+                              backend_options=self._backend_options(),
                               bootstrap=CompareOptions.bootstrap if samples >= self._size else 0,
                               shards=self.options.shards if samples >= self._size else 1,
                               ray=self.options.ray if samples >= self._size else None)
         result = compare(self.model, {self.candidate_name(plan): written}, data, opts)
         rows = tuple({k: plain_value(v) for k, v in r.items()} for r in result.end_to_end.to_dict("records"))
         local_map = _local_errors(result.per_layer) if local else None
+        flipped = _flipped(result.per_sample) if samples >= self._size else None
         return Evaluation(plan_hash=plan.plan_hash(), samples=min(samples, self._size), rows=rows, local=local_map,
-                          comparison=result)
+                          comparison=result, flipped=flipped)
 
     def evaluate_many(self, plans: Sequence[ResolvedPlan], samples: int) -> list[Evaluation]:
         """Several plans on the first ``samples`` samples in one comparator pass (the reference
         runs once), end to end only and without bootstrap intervals: the ranking's batched pass."""
         written = {self.candidate_name(p): self.write(p) for p in plans}
         data, max_samples = self._data(samples)
-        opts = CompareOptions(backend=self.options.backend, backend_options=self.options.backend_options,
-                              batch_size=self.options.batch_size, per_layer=False,
+        opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=False,
                               local=False, accumulated=False, max_samples=max_samples,
-                              metric=self.options.metric, seed=self.options.seed, bootstrap=0)
+                              metric=self.options.metric, seed=self.options.seed, bootstrap=0,
+                              backend_options=self._backend_options())
         result = compare(self.model, written, data, opts)
         out = []
         for p in plans:
@@ -158,3 +201,57 @@ def _local_errors(per_layer: pd.DataFrame) -> dict[str, float]:
     out = df.groupby("group", sort=False)["sqnr_db"].min()
     return {str(k): float(v) for k, v in out.items()}
 
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """The FP32 model on every validation sample: the classifier ``output``, its top-1 class,
+    the top-1 lead over the runner-up relative to ``scale`` (the logits' std, per sample)."""
+
+    output: str
+    top1: np.ndarray
+    lead: np.ndarray
+    scale: np.ndarray
+
+
+def logit_margins(z: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """Per row: ``z[cls]`` minus the largest other entry (negative when another class wins)."""
+    rows = np.arange(len(z))
+    own = z[rows, cls]
+    other = z.copy()
+    other[rows, cls] = -np.inf
+    return own - other.max(axis=1)
+
+
+def _reference_pass(model: LoadedModel, dataset: DataSet, options: SearchOptions) -> _Reference | bool:
+    """One FP32 pass: the first 2-D output with >= 2 classes (False when there is none)."""
+    runner = get_backend(options.backend, **options.backend_options).build(model.proto)
+    name: str | None = None
+    parts: list[np.ndarray] = []
+    try:
+        for batch in dataset.batches(options.batch_size):
+            outs = runner.run(batch.feeds)
+            if name is None:
+                name = next((k for k, v in outs.items() if np.ndim(v) == 2 and np.shape(v)[1] >= 2), None)
+                if name is None:
+                    return False
+            parts.append(np.asarray(outs[name], dtype=np.float64))
+    finally:
+        runner.close()
+    if name is None:
+        return False
+    z = np.concatenate(parts)
+    top1 = z.argmax(axis=1)
+    scale = z.std(axis=1) + 1e-12
+    return _Reference(output=name, top1=top1, lead=logit_margins(z, top1) / scale, scale=scale)
+
+
+def _flipped(per_sample: pd.DataFrame | None) -> tuple[int, ...] | None:
+    """The samples whose top-1 class differs from the FP32 model's on any classifier output."""
+    if per_sample is None or per_sample.empty or "top1_agree" not in per_sample.columns:
+        return None
+    rows = per_sample[per_sample["top1_agree"].notna()]
+    if rows.empty:
+        return None
+    bad = rows.loc[~rows["top1_agree"].astype(bool), "sample"]
+    return tuple(sorted({int(i) for i in bad}))

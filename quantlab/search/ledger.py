@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import SearchError
@@ -115,6 +116,9 @@ class Ledger:
             raise SearchError("the validation set is empty: the search needs samples to evaluate plans on")
         self.probe_n = max(1, min(options.probe_samples, self.n // 2)) if self.n > 1 else 1
         self.cache: dict[str, Evaluation] = dict(log.evaluations) if log is not None else {}
+        self.margin_cache: dict[tuple[str, int], float] = {}
+        for ev in self.cache.values():
+            self._remember_margins(ev)
         self.checks: dict[str, ThresholdCheck] = {}
         self.full_used: list[str] = []
         self.rows: list[dict[str, Any]] = []
@@ -237,10 +241,53 @@ class Ledger:
         flush()
         return [self.cache.get(k) for k in keys]
 
+    def margins(self, phase: str, pins: Sequence[Mapping[str, str]], indices: Sequence[int],
+                chunk: int = 8) -> np.ndarray | None:
+        """[plan, sample] margins (``Evaluator.margins``) of ``base + pins[i]`` on the validation
+        samples ``indices``: cached per plan and sample, the missing ones measured ``chunk`` plans at
+        a time, each plan's measurement one subset row of the trajectory; None once time is out."""
+        plans = [self.base.with_pins(dict(p)) if p else self.base for p in pins]
+        idx = [int(i) for i in indices]
+        hashes = [p.plan_hash() for p in plans]
+        todo: dict[tuple[int, ...], list[int]] = {}  # the samples a plan lacks -> those plans
+        for h in dict.fromkeys(hashes):
+            missing = tuple(i for i in idx if (h, i) not in self.margin_cache)
+            if missing:
+                todo.setdefault(missing, []).append(hashes.index(h))
+        for missing, which in todo.items():
+            for a in range(0, len(which), chunk):
+                part = which[a:a + chunk]
+                if not self.time_left():
+                    return None
+                t0 = time.perf_counter()
+                values = np.asarray(self.evaluator.margins([plans[j] for j in part], list(missing)))
+                each = (time.perf_counter() - t0) / len(part)
+                for j, row in zip(part, values, strict=True):
+                    ev = Evaluation(plan_hash=hashes[j], samples=len(missing), rows=(self._margin_row(row),),
+                                    seconds=each, indices=missing, margins=tuple(float(m) for m in row))
+                    self._store(ev, ev.key, full=False)
+                    self.record(phase, plans[j], ev, full=False, cached=False, seconds=each)
+        return np.array([[self.margin_cache[(h, i)] for i in idx] for h in hashes], dtype=np.float64)
+
+    def _margin_row(self, margins: np.ndarray) -> dict[str, Any]:
+        """A margin measurement as a trajectory's row: top-1 agreement on those samples, the worst
+        margin, and NaN for the threshold's other metrics (a subset never decides pass/fail)."""
+        row: dict[str, Any] = {c.metric: math.nan for c in self.threshold.conditions}
+        row.update({"candidate": "margins", "output": "margins", "samples": len(margins),
+                    "top1_agreement": float(np.mean(margins >= 0) * 100.0) if len(margins) else math.nan,
+                    "min_margin": float(np.min(margins)) if len(margins) else math.nan})
+        return row
+
+    def _remember_margins(self, ev: Evaluation) -> None:
+        if ev.indices is not None and ev.margins is not None:
+            for i, m in zip(ev.indices, ev.margins, strict=True):
+                self.margin_cache[(ev.plan_hash, int(i))] = float(m)
+
     def _store(self, ev: Evaluation, key: str, *, full: bool) -> None:
         """Cache and log a new evaluation (with its saved comparison when full)."""
         self.executed += 1
         self.cache[key] = ev
+        self._remember_margins(ev)
         if self.log is not None:
             cdir = None
             if full and self.save_comparison and ev.comparison is not None:

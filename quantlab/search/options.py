@@ -19,6 +19,8 @@ class SearchOptions:
     ``probe_samples``: the ranking subset (first N samples, at most half the set): every
     group's impact is measured there on the output's continuous noise (SQNR), which a few
     samples of full logits resolve; discrete metrics are only read on full validations.
+    For top-1 thresholds, the number of critical samples of the flip search (the all-INT8
+    plan's flipped samples, up to twice this many, then the most fragile ones).
     ``probe_top``: no longer used (every quantizable group's impact is measured); kept so
     that settings written by earlier versions still load.
     ``fp16_simulation``: write evaluated candidates with fp16 tensors rounded in float32

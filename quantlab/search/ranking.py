@@ -34,8 +34,11 @@ from .ledger import Ledger, is_nan
 
 SENSITIVITY_COLUMNS: tuple[str, ...] = (
     "rank", "group", "anchor_op", "nodes", "reverted_sqnr_db", "impact_db", "impact", "noise_share",
-    "cumulative_share",
+    "cumulative_share", "critical_samples", "margin_gain", "worst_margin_gain", "flips_fixed", "pinned_step",
 )
+"""The noise columns (``reverted_sqnr_db`` .. ``cumulative_share``) come from the noise ranking, the
+margin columns (``critical_samples`` .. ``pinned_step``) from the flip model of top-1 thresholds
+(:mod:`.margins`); the other kind is NaN."""
 
 
 DISCRETE_MARKERS: tuple[str, ...] = ("top1", "top5", "agreement", "mcnemar")
@@ -110,6 +113,9 @@ def impact_notes(sensitivity: pd.DataFrame | None) -> dict[str, str]:
         return {}
     notes = {}
     for r in sensitivity.to_dict("records"):
+        if not is_nan(r.get("margin_gain")):
+            notes[str(r["group"])] = _margin_note(r)
+            continue
         if is_nan(r.get("impact_db")):
             notes[str(r["group"])] = f"rank {int(r['rank'])} (impact not measured)"
             continue
@@ -117,6 +123,15 @@ def impact_notes(sensitivity: pd.DataFrame | None) -> dict[str, str]:
                                   f"{float(r['impact_db']):.2f} dB ({float(r['noise_share']):.1%} of the "
                                   "all-INT8 output noise)")
     return notes
+
+
+def _margin_note(r: Mapping[str, Any]) -> str:
+    """The flip model's evidence for one group: what reverting it alone did to the critical samples."""
+    step = "" if is_nan(r.get("pinned_step")) else f", pinned at greedy step {int(r['pinned_step'])}"
+    return (f"rank {int(r['rank'])}{step}: reverting it alone shrank the top-1 margin shortfall of the "
+            f"{int(r['critical_samples'])} critical samples by {float(r['margin_gain']):.3g} "
+            f"(worst margin {float(r['worst_margin_gain']):+.3g} logit std, "
+            f"{int(r['flips_fixed'])} all-INT8 flip(s) undone)")
 
 
 def rank_groups(ledger: Ledger) -> Ranking:

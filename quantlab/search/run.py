@@ -2,6 +2,7 @@
 
     all-int8 --passes--> final
         | fails
+        +-- top-1 threshold, margins measurable --> flip_search (flips.py) ------------------> final
         v
     rank_groups (ranking) --> bisect (strategy) --> fp16_tier --> return_int8 --> final
 
@@ -20,8 +21,16 @@ import pandas as pd
 from ..errors import SearchError
 from ..plan import ResolvedPlan
 from ..threshold import parse_threshold
+from . import flips
 from .evaluation import Evaluation, Evaluator, evaluation_key
-from .ledger import TRAJECTORY_COLUMNS, Ledger, StepEvent, format_number, is_nan, select_row
+from .ledger import (
+    TRAJECTORY_COLUMNS,
+    Ledger,
+    StepEvent,
+    format_number,
+    is_nan,
+    select_row,
+)
 from .log import SearchLog
 from .options import SearchOptions
 from .ranking import Ranking, rank_groups
@@ -66,23 +75,27 @@ def run_search(
         ledger.close()
 
 
-def _phases(ledger: Ledger) -> Ranking:
-    """Run every phase the all-INT8 plan's result calls for; the ranking they used."""
+def _phases(ledger: Ledger) -> pd.DataFrame:
+    """Run every phase the all-INT8 plan's result calls for; the sensitivity table they used:
+    the flip search for top-1 thresholds (flips.py), else the noise ranking and bisection."""
     base_ev = ledger.evaluate("all-int8", {}, full=True)
     if base_ev is None:
         raise SearchError("the search could not run its first evaluation (the all-INT8 plan): "
                           "the time budget is already spent")
     if ledger.passed(base_ev):
-        return Ranking()
+        return Ranking().sensitivity(ledger.base)
+    if flips.applies(ledger, base_ev):
+        table = flips.flip_search(ledger, base_ev)
+        return table if table is not None else Ranking().sensitivity(ledger.base)
     ranking = rank_groups(ledger)
     pins = bisect(ledger, ranking)
     if pins is not None:
         pins = fp16_tier(ledger, ranking, pins)
         return_int8(ledger, ranking, pins)
-    return ranking
+    return ranking.sensitivity(ledger.base)
 
 
-def _finish(ledger: Ledger, ranking: Ranking) -> SearchOutcome:
+def _finish(ledger: Ledger, sensitivity: pd.DataFrame) -> SearchOutcome:
     """Choose among the full validations, record the choice, close the log."""
     full = [r for r in ledger.rows if r["full"]]
     chosen = select_row(full, ledger.options.objective)
@@ -94,7 +107,6 @@ def _finish(ledger: Ledger, ranking: Ranking) -> SearchOutcome:
     ledger.record("final", plan, ev, full=True, cached=True, seconds=0.0)
     met = bool(chosen["passed"])
     message = _message(ledger, met, chosen, plan)
-    sensitivity = ranking.sensitivity(ledger.base)
     ledger.extra = [{"type": "sensitivity", "records": sensitivity.to_dict("records")},
                     {"type": "end", "met": met, "plan_hash": plan.plan_hash(), "message": message,
                      "notes": list(ledger.notes), "full_validations": len(ledger.full_used)}]
