@@ -457,6 +457,16 @@ def test_cli_search_with_equalize_searches_the_equalized_model_with_bias_correct
     assert record["settings"]["bias_correction"]["layers"] >= 5
     ops = [n.op_type for n in onnx.load(out / "final" / "model.onnx").graph.node]
     assert ops.count("Min") == 3  # the split ReLU6s of the equalized model
+    # the plan names the rewrite's Min nodes too; build --equalize takes it for the original model
+    searched = json.loads((out / "plan.json").read_text())["overrides"]
+    assert any(k.endswith("/equalized_max") for k in searched)
+    assert main(["calibrate", str(tmp_path / "model.onnx"), "--calib", str(calib), "--method", "minmax",
+                 "--equalize", "--no-progress", "--out", str(tmp_path / "cal")]) == 0
+    assert main(["build", str(tmp_path / "model.onnx"), "--table", str(tmp_path / "cal" / "calib_minmax.json"),
+                 "--plan", str(out / "plan.json"), "--equalize", "--per-tensor-weights",
+                 "--out", str(tmp_path / "b")]) == 0
+    built = json.loads((tmp_path / "b" / "plan.json").read_text())["overrides"]
+    assert built == {k: v for k, v in searched.items() if not k.endswith("/equalized_max")}
 
 
 def test_smoothquant_scales_the_columns_of_a_transposed_gemm_weight_exactly():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping
 
 import onnx
@@ -15,7 +17,7 @@ from ..table import CalibrationTable
 from .bias_correction import apply_bias_correction, bias_correction_record
 from .options import WriteOptions
 from .placement import Placement
-from .prepare import check_prepared_table, prepare_model, prepared_plan
+from .prepare import PreparedModel, check_prepared_table, prepare_model, prepared_plan
 from .tensors import ONNX_DTYPE
 from .writer import Writer
 from .written import WrittenModel
@@ -47,6 +49,20 @@ def _refuse_qdq(model: LoadedModel) -> None:
         )
 
 
+def _original_plan(plan: PrecisionPlan, model: LoadedModel, prepared: PreparedModel) -> PrecisionPlan:
+    """``plan`` without the overrides that name nodes only a float rewrite added (a plan saved by a search of
+    the rewritten model: ``relu6/equalized_max``); the rewrite's nodes then follow the group feeding them
+    (:func:`prepared_plan`). Names in neither model stay, for resolve_plan's error."""
+    if not prepared.changed:
+        return plan
+    original = {n.name for n in model.proto.graph.node}
+    added = {n.name for n in prepared.model.proto.graph.node} - original
+    dropped = [k for k in plan.overrides if k in added]
+    if not dropped:
+        return plan
+    return dataclasses.replace(plan, overrides={k: v for k, v in plan.overrides.items() if k not in dropped})
+
+
 def write_model(
     model: LoadedModel,
     plan: PrecisionPlan | ResolvedPlan,
@@ -64,11 +80,12 @@ def write_model(
     plan names the original model's groups, and the provenance records both hashes.
     """
     _refuse_qdq(model)
-    resolved = plan if isinstance(plan, ResolvedPlan) else resolve_plan(plan, model.proto)
-    if isinstance(plan, ResolvedPlan):
-        _same_groups(resolved, model)
     source = model
     prepared = prepare_model(model, options)
+    resolved = plan if isinstance(plan, ResolvedPlan) else resolve_plan(_original_plan(plan, model, prepared),
+                                                                         model.proto)
+    if isinstance(plan, ResolvedPlan):
+        _same_groups(resolved, model)
     if table is not None:
         check_prepared_table(table, source, prepared)
     model, work_plan = prepared.model, prepared_plan(resolved, prepared)

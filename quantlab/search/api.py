@@ -46,6 +46,9 @@ def search_settings(model: LoadedModel, table: CalibrationTable, dataset: DataSe
         "model_sha256": model.sha256,
         "table_sha256": sha256_bytes(log_line(table_to_dict(table)).encode()),
         "table_method": table.method,
+        # since issue 13 every evaluation on ONNX Runtime runs Q/DQ as written (CompareEvaluator): logs of
+        # searches that ran ORT's fused kernels lack this key and are refused instead of replayed
+        "evaluation": "qdq-as-written",
         "data": {"count": len(dataset), "sha256": data_sha256, "record": normalise(dataset.manifest_record())},
         "versions": versions,
     }
