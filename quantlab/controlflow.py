@@ -100,6 +100,9 @@ def bind_inputs(proto: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onn
     del out.graph.initializer[:]
     out.graph.initializer.extend(inits)
     out.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in values.items())
+    if values:
+        _record_notes(out, [f"input {k!r} bound to {np.asarray(v).tolist()!r} (the value the data always feeds "
+                            "it): Ifs and Loops it decides resolved for that value" for k, v in values.items()])
     return out
 
 
@@ -177,9 +180,13 @@ def resolve_static_control_flow(proto: onnx.ModelProto, *, max_trips: int = MAX_
 
 
 def _record(proto: onnx.ModelProto, done: list[InlinedIf | UnrolledLoop]) -> None:
+    _record_notes(proto, [d.note() for d in done])
+
+
+def _record_notes(proto: onnx.ModelProto, notes: list[str]) -> None:
     previous = [p for p in proto.metadata_props if p.key == RECORD_KEY]
     entries = json.loads(previous[0].value) if previous else []
-    entries += [d.note() for d in done]
+    entries += notes
     kept = [p for p in proto.metadata_props if p.key != RECORD_KEY]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)

@@ -222,3 +222,47 @@ def _batch_range(name: str, width: int):
     from quantlab.shapes import parse_shapes
 
     return parse_shapes(f"{name}:1x{width},4x{width},8x{width}")
+
+
+def test_bind_inlines_the_if_a_data_fed_input_decides_through_the_cli(tmp_path, capfd):
+    """Silero's case: ``sr`` is a real input the data always feeds 16000. ``--bind sr=16000`` on calibrate,
+    build and compare makes it a constant, so the If is inlined and its 16 kHz branch calibrated, written
+    INT8 and compared; the model hash covers the binding; a bad --bind is one clear error."""
+    import json
+
+    from quantlab.cli import main
+
+    free = models.voice_activity()
+    del free.graph.initializer[[i.name for i in free.graph.initializer].index("sr")]
+    onnx.save(free, tmp_path / "vad.onnx")
+    assert "If" in {n.op_type for n in load_model(tmp_path / "vad.onnx").proto.graph.node}
+    bound = load_model(tmp_path / "vad.onnx", bind={"sr": 16000})
+    assert "If" not in {n.op_type for n in bound.proto.graph.node} and "sr" not in bound.input_names
+    assert bound.sha256 != sha256_file(tmp_path / "vad.onnx")
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "chunks"
+    folder.mkdir()
+    for i in range(6):
+        np.savez(folder / f"c{i}.npz", input=rng.normal(size=64).astype(np.float32),
+                 state=rng.normal(0, 0.5, (2, 128)).astype(np.float32))
+    (tmp_path / "set.toml").write_text('shuffle = false\n[source]\nkind = "npz"\npath = "chunks"\n[inputs]\n'
+                                       'input = "input"\nstate = { field = "state", batch_axis = 1 }\n')
+    capfd.readouterr()
+    assert main(["calibrate", str(tmp_path / "vad.onnx"), "--calib", str(tmp_path / "set.toml"), "--bind",
+                 "sr=16000", "--method", "minmax", "--no-progress", "--out", str(tmp_path / "cal")]) == 0
+    table = json.loads((tmp_path / "cal" / "calib_minmax.json").read_text())
+    assert "mm_16k" in table["tensors"] and "mm_8k" not in table["tensors"]
+    assert main(["build", str(tmp_path / "vad.onnx"), "--bind", "sr=16000", "--table",
+                 str(tmp_path / "cal" / "calib_minmax.json"), "--precision", "int8", "--out", str(tmp_path / "b")]) == 0
+    prov = json.loads((tmp_path / "b" / "provenance.json").read_text())
+    assert any("'sr' bound to 16000" in n for n in prov["notes"])
+    written = onnx.load(tmp_path / "b" / "model.onnx")
+    assert any(n.op_type == "DequantizeLinear" and n.input[0].startswith("w_16k") for n in written.graph.node)
+    capfd.readouterr()
+    assert main(["compare", str(tmp_path / "vad.onnx"), str(tmp_path / "b"), "--bind", "sr=16000", "--data",
+                 str(tmp_path / "set.toml"), "--no-progress", "--out", str(tmp_path / "cmp")]) == 0
+    capfd.readouterr()
+    assert main(["calibrate", str(tmp_path / "vad.onnx"), "--calib", str(tmp_path / "set.toml"), "--bind",
+                 "rate=16000", "--no-progress", "--out", str(tmp_path / "bad")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot bind 'rate'" in err[0] and "sr" in err[0]

@@ -93,6 +93,36 @@ def text_arg(text: str) -> str:
     return text
 
 
+def bind_arg(text: str) -> tuple[str, Any]:
+    """argparse type: ``NAME=VALUE``, VALUE a JSON number or list (``sr=16000``): an input the data always
+    feeds that value, bound before control flow is resolved (``quantlab.load_model(bind=...)``)."""
+    import json
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. sr=16000; got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a number or a JSON list, e.g. sr=16000") from None
+    if not isinstance(parsed, (int, float, list)) or isinstance(parsed, bool):
+        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a number or a JSON list, e.g. sr=16000")
+    return name.strip(), parsed
+
+
+def add_bind_option(p: argparse.ArgumentParser) -> None:
+    """``--bind NAME=VALUE`` (repeatable) on every command that loads the model."""
+    p.add_argument("--bind", action="append", type=bind_arg, default=None, metavar="NAME=VALUE",
+                   help="an input the data always feeds this value (a voice model's sr=16000): it becomes a "
+                        "constant before control flow is resolved, so the If it decides is inlined and its "
+                        "branch calibrated and written; give the same --bind to every command (repeatable)")
+
+
+def bound_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--bind`` values as ``load_model(bind=...)`` takes them."""
+    return dict(getattr(args, "bind", None) or [])
+
+
 def path_arg(text: str) -> Path:
     """argparse type: a non-blank path ("" would mean the current folder)."""
     return Path(text_arg(text))

@@ -27,7 +27,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from . import add_command, path_arg, prepare_output
+from . import add_bind_option, add_command, bound_inputs, path_arg, prepare_output
 
 if TYPE_CHECKING:
     from ..plan import PrecisionPlan
@@ -48,6 +48,7 @@ def register(subparsers: Any) -> None:
     from ..quantize import DEFAULT_FP32_OPS
 
     p = add_command(subparsers, "build", __doc__, HELP)
+    add_bind_option(p)
     p.add_argument("model", type=path_arg, help="the FP32 ONNX model")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--table", type=path_arg, help="calibration table written by `quantlab calibrate` (JSON)")
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     from ..quantize import save_written, write_model
 
     prepare_output(args.out, BUILD_FILES, command="build")
-    model = load_model(args.model)
+    model = load_model(args.model, bind=bound_inputs(args))
     plan, label = _plan(args)
     options = _options(args)
     table = _table(args, model, options)

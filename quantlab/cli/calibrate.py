@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import add_command, path_arg, positive_int, prepare_output, text_arg
+from . import add_bind_option, add_command, bound_inputs, path_arg, positive_int, prepare_output, text_arg
 
 if TYPE_CHECKING:
     from ..calibrate import CalibrationResult
@@ -78,6 +78,7 @@ def register(subparsers: Any) -> None:
     from ..table import TRT_CACHE_VERSION
 
     p = add_command(subparsers, "calibrate", __doc__, HELP)
+    add_bind_option(p)
     p.add_argument("model", type=path_arg, help="FP32 ONNX model file")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--calib", type=path_arg, metavar="TOML",
@@ -218,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 
     inputs = [args.model, *([args.calib] if args.calib else args.stats)]
     prepare_output(args.out, owned_files(), command="calibrate", inputs=inputs)
-    source = load_model(args.model)
+    source = load_model(args.model, bind=bound_inputs(args))
     methods = list(resolve_methods(args.method))
     dataset = _load_dataset(args.calib) if args.calib else None
     prepared = prepare_rewrites(source, dataset, equalize=args.equalize, smoothquant_alpha=args.smoothquant,

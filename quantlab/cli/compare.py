@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_command, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, text_arg
+from . import add_bind_option, add_command, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 
 __all__ = ["HELP", "register", "run", "candidate_name", "owned_files", "check_label_metrics",
            "known_metrics"]
@@ -42,6 +42,7 @@ def register(subparsers: Any) -> None:
 
     d = CompareOptions()
     p = add_command(subparsers, "compare", __doc__, HELP)
+    add_bind_option(p)
     p.add_argument("reference", type=path_arg, help="the FP32 ONNX model")
     p.add_argument("candidates", type=path_arg, nargs="+", metavar="CANDIDATE",
                    help="`quantlab build` output folders or .onnx files")
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
 
     threshold = parse_threshold(args.fail_if) if args.fail_if is not None else None
     prepare_output(args.out, owned_files(), command="compare", inputs=[args.reference, args.data, *args.candidates])
-    reference = load_model(args.reference)
+    reference = load_model(args.reference, bind=bound_inputs(args))
     names = _names(list(args.candidates))
     candidates = {name: load_candidate(path, reference) for name, path in zip(names, args.candidates)}
     dataset = open_dataset(args.data)

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_command, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, text_arg
+from . import add_bind_option, add_command, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 
 __all__ = ["HELP", "register", "run", "owned_files"]
 
@@ -45,6 +45,7 @@ WORST_TENSORS = 8
 
 def register(subparsers: Any) -> None:
     p = add_command(subparsers, "coverage", __doc__, HELP)
+    add_bind_option(p)
     p.add_argument("model", type=path_arg, help="the FP32 ONNX model the table was calibrated for")
     p.add_argument("--table", type=path_arg, required=True, metavar="JSON",
                    help="calibration table, DIR/calib_METHOD.json")
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
     gate = parse_gate(args.fail_if)
     prepare_output(args.out, owned_files(), command="coverage", inputs=[args.model, args.table, *args.data])
-    model = load_model(args.model)
+    model = load_model(args.model, bind=bound_inputs(args))
     table = read_table(args.table)
     stats_path = args.stats if args.stats is not None else args.table.parent / "statistics.npz"
     calibration = load_statistics(stats_path)

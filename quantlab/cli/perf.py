@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import add_command, non_negative_int, path_arg, positive_int
+from . import add_bind_option, add_command, bound_inputs, non_negative_int, path_arg, positive_int
 
 if TYPE_CHECKING:
     from ..perf import LatencyResult
@@ -42,6 +42,7 @@ def register(subparsers: Any) -> None:
     from ..backends import BACKEND_NAMES
 
     p = add_command(subparsers, "perf", __doc__, HELP)
+    add_bind_option(p)
     p.add_argument("model", type=path_arg, help="ONNX model file")
     p.add_argument("--backend", choices=[*BACKEND_NAMES, "all"], default="all",
                    help="backend to measure; 'all' measures every one available here (default)")
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json is not None:
         _check_json_target(args.json)
-    model = load_model(args.model)
+    model = load_model(args.model, bind=bound_inputs(args))
     args.ranges = _ranges(args.shapes, model)
     feeds = random_feeds(model, args.batch_size, seed=args.seed, dims={**_opt_dims(args.ranges, model), **dict(args.dim)})
     if args.ranges:

@@ -29,7 +29,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from . import add_command, non_negative_int, path_arg, positive_int, prepare_output, text_arg
+from . import add_bind_option, add_command, bound_inputs, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 from .calibrate import alpha_arg
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ def register(subparsers: Any) -> None:
 
     defaults = SearchOptions(threshold="")
     p = add_command(subparsers, "search", __doc__, HELP)
+    add_bind_option(p)
     p.add_argument("model", type=path_arg, help="the FP32 ONNX model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--calib", type=path_arg, metavar="TOML", help="calibration set manifest (calibrate first)")
@@ -190,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
     prepare_output(args.out, owned_files(args.workdir is None), command="search", inputs=inputs)
     if args.workdir is not None:
         check_writable(args.workdir, label=f"--workdir {args.workdir}")
-    model = load_model(args.model)
+    model = load_model(args.model, bind=bound_inputs(args))
     val = open_dataset(args.data)
     if args.metric is None:  # a threshold naming what no evaluation reports fails now, not after the first
         threshold = parse_threshold(args.threshold)

@@ -9,8 +9,10 @@ QuantizeLinear/DequantizeLinear needs opset 13.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -205,19 +207,42 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
     return proto, opset, upgraded_from
 
 
-def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+def load_model(path: str | os.PathLike[str], *, bind: Mapping[str, Any] | None = None) -> LoadedModel:
     """Load, check and shape-infer an ONNX file (external data only from its own folder).
+
+    ``bind``: inputs the data always feeds one value (a voice model's sample rate ``sr``), made
+    initializers before control flow is resolved, so the ``If`` they decide is inlined and its branch
+    calibrated and written (``quantlab.controlflow.bind_inputs``; recorded in provenance). Values
+    take the input's dtype. The model's hash then covers the bound values: a table of the bound
+    model does not pass for the file's.
 
     A file this user may not read is a PermissionError naming it and the fix (the environment's problem).
     """
     path = Path(path)
     try:
-        return _load_file(path)
+        return _load_file(path, dict(bind or {}))
     except PermissionError as exc:
         raise unreadable(exc, "model", path) from None
 
 
-def _load_file(path: Path) -> LoadedModel:
+def _bound(proto: onnx.ModelProto, bind: Mapping[str, Any], label: str) -> onnx.ModelProto:
+    """``proto`` with the ``bind`` inputs made initializers of their input's dtype."""
+    from ..controlflow import bind_inputs  # not at the top: see _prepare
+
+    dtypes = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
+    values = {}
+    for name, value in bind.items():
+        if name not in dtypes:
+            raise ModelError(f"{label}: cannot bind {name!r}: not an input of the model (its inputs are "
+                             f"{', '.join(sorted(dtypes))})")
+        try:
+            values[name] = np.asarray(value, dtype=helper.tensor_dtype_to_np_dtype(dtypes[name]))
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{label}: cannot bind {name!r} to {value!r}: {exc}") from None
+    return bind_inputs(proto, values)
+
+
+def _load_file(path: Path, bind: Mapping[str, Any] | None = None) -> LoadedModel:
     label = str(path)
     if not path.exists():
         raise ModelError(f"{label}: no such file. Give the path of an .onnx model.")
@@ -241,6 +266,10 @@ def _load_file(path: Path) -> LoadedModel:
             load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:
             raise ModelError(f"{label}: cannot read its external data: {exc}") from None
+    if bind:
+        proto = _bound(proto, bind, label)
+        digest = sha256_bytes((digest + "|bind:" + ",".join(
+            f"{k}={np.asarray(v).tolist()!r}" for k, v in sorted(bind.items()))).encode())
     proto, opset, upgraded = _prepare(proto, label, path)
     return _loaded(proto, digest, path, opset, upgraded)
 
