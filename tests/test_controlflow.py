@@ -266,3 +266,37 @@ def test_bind_inlines_the_if_a_data_fed_input_decides_through_the_cli(tmp_path, 
                  "rate=16000", "--no-progress", "--out", str(tmp_path / "bad")]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot bind 'rate'" in err[0] and "sr" in err[0]
+
+
+def test_experiment_bind_reaches_the_run_and_bad_values_name_the_key(tmp_path):
+    """``[model] bind = { sr = 16000 }``: quantlab run calibrates and writes the inlined 16 kHz branch."""
+    import json
+
+    from quantlab.errors import ExperimentError
+    from quantlab.experiment import load_experiment, run_experiment
+
+    free = models.voice_activity()
+    del free.graph.initializer[[i.name for i in free.graph.initializer].index("sr")]
+    onnx.save(free, tmp_path / "vad.onnx")
+    rng = np.random.default_rng(1)
+    for role in ("calibration", "validation"):
+        folder = tmp_path / role
+        folder.mkdir()
+        for i in range(6):
+            np.savez(folder / f"c{i}.npz", input=rng.normal(size=64).astype(np.float32),
+                     state=rng.normal(0, 0.5, (2, 128)).astype(np.float32))
+        (tmp_path / f"{role}.toml").write_text(
+            f'role = "{role}"\nshuffle = false\n[source]\nkind = "npz"\npath = "{role}"\n[inputs]\n'
+            'input = "input"\nstate = { field = "state", batch_axis = 1 }\n')
+    text = ('name = "vad"\nthreshold = "cosine>=0.9"\n[model]\npath = "vad.onnx"\n{bind}\n[data]\n'
+            'calibration = "calibration.toml"\nvalidation = "validation.toml"\n[calibrate]\nmethods = ["minmax"]\n'
+            '[candidates]\nfp16 = false\n[search]\nenabled = false\n')
+    (tmp_path / "vad.toml").write_text(text.format(bind="bind = { sr = 16000 }"))
+    config = load_experiment(tmp_path / "vad.toml")
+    assert config.bind == (("sr", 16000),)
+    run_experiment(config, reports_dir=tmp_path / "reports")
+    table = json.loads(next((tmp_path / "reports").rglob("table-minmax.json")).read_text())
+    assert "mm_16k" in table["tensors"]
+    (tmp_path / "bad.toml").write_text(text.format(bind='bind = { sr = "16k" }'))
+    with pytest.raises(ExperimentError, match=r"bind.*bind = \{ sr = 16000 \}"):
+        load_experiment(tmp_path / "bad.toml")

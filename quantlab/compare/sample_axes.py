@@ -17,22 +17,14 @@ import numpy as np
 
 from ..errors import CompareError
 from ..graph import LoadedModel
+from ..graph.samples import tensor_sample_axes
 
 __all__ = ["output_sample_axes", "samples_first"]
 
 
 def output_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> dict[str, int]:
     """Output name -> the axis its samples are on (0 unless a batch symbol of the inputs says otherwise)."""
-    symbols: set[str] = set()
-    for spec in model.inputs:
-        axis = batch_axes.get(spec.name, 0)
-        if axis is not None and spec.shape is not None and axis < len(spec.shape) and isinstance(spec.shape[axis], str):
-            symbols.add(str(spec.shape[axis]))
-    axes: dict[str, int] = {}
-    for spec in model.outputs:
-        found = [k for k, d in enumerate(spec.shape or ()) if isinstance(d, str) and d in symbols]
-        axes[spec.name] = found[0] if found else 0
-    return axes
+    return tensor_sample_axes(model, batch_axes, model.output_names)
 
 
 def samples_first(array: np.ndarray, axis: int, samples: int, output: str) -> np.ndarray:

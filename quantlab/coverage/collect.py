@@ -24,7 +24,17 @@ from ..backends.base import Backend
 from ..errors import CalibrationError, DataError
 from ..graph import LoadedModel
 from ..histogram import AbsHistogram
-from ..stats import DEFAULT_RUN_BUDGET, Statistics, batch_feeds, resolved_sizes, samples_per_run
+from ..graph.samples import tensor_sample_axes
+from ..stats import (
+    DEFAULT_RUN_BUDGET,
+    Statistics,
+    batch_axes_of,
+    batch_feeds,
+    batch_size_of,
+    resolved_sizes,
+    sample_rows,
+    samples_per_run,
+)
 from ..table import CalibrationTable
 from .bins import TensorBins, bin_per_sample, tensor_bins
 from .blocks import MAX_BLOCKS, BlockCounts, SampleScore, WorstSamples
@@ -116,20 +126,26 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
     pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-coverage") if workers > 1 else None
     samples = n_batches = 0
     run_rows = 0
+    axes: dict[str, int] = {}
     try:
         for item in batches:
             fingerprint.update(item)
             if on_batch is not None:
                 on_batch(item)
             feeds = batch_feeds(item)
-            n = int(next(iter(feeds.values())).shape[0])
-            run_rows = run_rows or samples_per_run(model, resolved_sizes(model, exposed, feeds), n, run_budget_bytes)
+            n = batch_size_of(item, feeds)
+            batch_axes = batch_axes_of(item)
+            axes = axes or tensor_sample_axes(model, batch_axes, bins)
+            run_rows = run_rows or samples_per_run(model, resolved_sizes(model, exposed, feeds), n, run_budget_bytes,
+                                                   batch_axes)
             keys = _keys(item, samples, n)
             for start in range(0, n, run_rows):  # a large batch runs in slices: memory flat in the batch size
-                part = feeds if n <= run_rows else {k: v[start:start + run_rows] for k, v in feeds.items()}
+                part = feeds if n <= run_rows else sample_rows(feeds, batch_axes, start, start + run_rows)
                 outputs = dict(runner.run(part, exposed)) if runner is not None else {}
                 outputs.update({t: np.asarray(part[t]) for t in bins if t in inputs})
-                for score in _slice_scores(outputs, tallies, huge_threshold, pool, keys[start:start + run_rows]):
+                shown = keys[start:start + run_rows]
+                outputs = {t: (a, _samples_first(a, axes.get(t, 0), len(shown))) for t, a in outputs.items()}
+                for score in _slice_scores(outputs, tallies, huge_threshold, pool, shown):
                     worst.push(score)
                 del outputs
             samples += n
@@ -145,11 +161,23 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
                       summary=fingerprint.summary())
 
 
-def _slice_scores(outputs: Mapping[str, np.ndarray], tallies: Mapping[str, TensorTally], huge: float, pool: Any,
+def _samples_first(array: np.ndarray, axis: int, samples: int) -> np.ndarray:
+    """``array`` with its samples on axis 0 (moved from ``axis``; one sample: the whole array). A tensor whose
+    samples cannot be told apart gets None: it feeds the histograms only, not the per-sample scores."""
+    array = np.asarray(array)
+    if array.ndim > axis and array.shape[axis] == samples:
+        return np.moveaxis(array, axis, 0) if axis else array
+    return array[np.newaxis] if samples == 1 else None
+
+
+def _slice_scores(outputs: Mapping[str, tuple[np.ndarray, np.ndarray | None]], tallies: Mapping[str, TensorTally],
+                  huge: float, pool: Any,
                   keys: Sequence[str]) -> list[SampleScore]:
     """Reduce one model run's outputs into the tallies; the saturation score of each of its samples."""
     scores = _BatchScores(len(keys))
     for name, rows in _reduced(outputs, tallies, huge, pool):
+        if rows is None:
+            continue
         tally = tallies[name]
         tally.blocks.add(rows)
         sat, out = scores.add(name, rows, tally.bins)
@@ -159,13 +187,16 @@ def _slice_scores(outputs: Mapping[str, np.ndarray], tallies: Mapping[str, Tenso
                         int(scores.outside[i])) for i, key in enumerate(keys)]
 
 
-def _reduce_one(name: str, array: np.ndarray, tally: TensorTally, huge: float) -> tuple[str, np.ndarray]:
-    tally.fine.update(array)
-    return name, bin_per_sample(array, tally.bins, huge)
+def _reduce_one(name: str, arrays: tuple[np.ndarray, np.ndarray | None], tally: TensorTally, huge: float
+                ) -> tuple[str, np.ndarray | None]:
+    """``arrays``: the tensor as the model gave it, and with its samples on axis 0 (None: not per sample)."""
+    whole, by_sample = arrays
+    tally.fine.update(whole)
+    return name, None if by_sample is None else bin_per_sample(by_sample, tally.bins, huge)
 
 
-def _reduced(outputs: Mapping[str, np.ndarray], tallies: Mapping[str, TensorTally], huge: float,
-             pool: Any) -> list[tuple[str, np.ndarray]]:
+def _reduced(outputs: Mapping[str, tuple[np.ndarray, np.ndarray | None]], tallies: Mapping[str, TensorTally],
+             huge: float, pool: Any) -> list[tuple[str, np.ndarray | None]]:
     """Per tensor: fine histogram updated, per-sample coarse counts returned (in ``outputs`` order)."""
     if pool is None or len(outputs) < 2:
         return [_reduce_one(t, a, tallies[t], huge) for t, a in outputs.items()]

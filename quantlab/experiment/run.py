@@ -107,7 +107,7 @@ class _Run:
         config = self.config
         model_path = config.model_path if config.model_path else zoo_model_path(config.zoo or "",
                                                                                 progress=self.progress)
-        model = load_model(model_path)
+        model = load_model(model_path, bind=dict(config.bind))
         calib, val = open_dataset(config.calibration), open_dataset(config.validation)
         self.common = {"versions": package_versions(), "model_sha256": model.sha256}
         tables, cal_dir = self._calibrate(model, calib)

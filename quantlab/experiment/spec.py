@@ -41,6 +41,7 @@ class ExperimentConfig:
     model_path: Path | None = None
     zoo: str | None = None
     shapes: str | None = None
+    bind: tuple[tuple[str, Any], ...] = ()
     seed: int = 0
     backend: str = "ort"
     threshold: str | None = None
@@ -80,6 +81,8 @@ class ExperimentConfig:
         }
         if self.shapes is not None:
             out["shapes"] = self.shapes
+        if self.bind:
+            out["bind"] = dict(self.bind)
         if self.equalize or self.smoothquant is not None:  # absent when off: older manifests stay comparable
             out["rewrites"] = {"equalize": self.equalize, "smoothquant": self.smoothquant}
         if not self.search_bias_correction:
@@ -109,6 +112,13 @@ def _coverage_sets(v: Any) -> bool:
                                        for t in v)
 
 
+def _bindings(value: Any) -> bool:
+    """``bind = { sr = 16000 }``: input names to numbers or lists of numbers (no booleans)."""
+    def number_or_list(v: Any) -> bool:
+        return is_num(v) or isinstance(v, list) and all(number_or_list(x) for x in v)
+    return isinstance(value, dict) and bool(value) and all(number_or_list(v) for v in value.values())
+
+
 # (table, key) -> (Key, the ExperimentConfig field it fills); table "" is the top level
 _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
     "": {
@@ -125,6 +135,8 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
         "zoo": (Key("a zoo model name", non_empty_str, 'zoo = "efficientnet_lite0"'), "zoo"),
         "shapes": (Key(f"engine shape ranges as --shapes takes them: {SHAPES_GRAMMAR}", non_empty_str,
                        'shapes = "image:1x3x48x64,8x3x48x320,32x3x48x1600"'), "shapes"),
+        "bind": (Key("an inline table of input name = number or list (the value the data always feeds it)",
+                     _bindings, "bind = { sr = 16000 }"), "bind"),
     },
     "data": {
         "calibration": (Key("a manifest path string", non_empty_str,
@@ -188,12 +200,14 @@ def _values(data: Mapping[str, Any], where: Where, base: Path) -> dict[str, Any]
         table = data if section == "" else data.get(section, {})
         check_table(table, _table_keys(section), where, section, error=ExperimentError, guide=GUIDE)
         for key, (_, field) in keys.items():
-            if key in table and not isinstance(table[key], dict):
+            if key in table and (not isinstance(table[key], dict) or field == "bind"):
                 out[field] = _converted(field, table[key], where.at(section, None, key), base)
     return out
 
 
 def _converted(field: str, value: Any, where: str, base: Path) -> Any:
+    if field == "bind":
+        return tuple(sorted(value.items()))
     if field == "coverage_sets":
         return tuple(_converted("validation", t["data"], where, base) for t in value)
     if isinstance(value, list):

@@ -19,7 +19,7 @@ from .budget import (
     resolved_sizes,
     samples_per_run,
 )
-from .collect import batch_feeds, collect_statistics
+from .collect import batch_axes_of, batch_feeds, batch_size_of, collect_statistics, sample_rows
 from .record import STATISTICS_FORMAT, Statistics, load_statistics, save_statistics
 from .scope import TENSOR_SCOPES, fused_preactivations, scope_tensors
 
@@ -33,6 +33,9 @@ __all__ = [
     "save_statistics",
     "load_statistics",
     "batch_feeds",
+    "batch_axes_of",
+    "batch_size_of",
+    "sample_rows",
     "plan_groups",
     "resolved_sizes",
     "TENSOR_SCOPES",

@@ -49,7 +49,7 @@ from .budget import (
 from .prefetch import prefetched
 from .record import Statistics
 
-__all__ = ["collect_statistics", "batch_feeds"]
+__all__ = ["collect_statistics", "batch_feeds", "batch_axes_of", "batch_size_of", "sample_rows"]
 
 
 def batch_feeds(item: Any) -> Mapping[str, np.ndarray]:
@@ -62,13 +62,13 @@ def batch_feeds(item: Any) -> Mapping[str, np.ndarray]:
     return feeds
 
 
-def _batch_axes(item: Any) -> Mapping[str, int | None]:
+def batch_axes_of(item: Any) -> Mapping[str, int | None]:
     """Each input's sample axis: a ``quantlab.data.Batch``'s ``batch_axes`` (state on axis 1, a scalar on
     none); axis 0 for a plain feed mapping."""
     return getattr(item, "batch_axes", None) or {}
 
 
-def _batch_size(item: Any, feeds: Mapping[str, np.ndarray]) -> int:
+def batch_size_of(item: Any, feeds: Mapping[str, np.ndarray]) -> int:
     """Samples in a batch: ``len(Batch)``, or axis 0 of a plain mapping's first input."""
     if hasattr(item, "indices"):
         return len(item.indices)
@@ -78,7 +78,7 @@ def _batch_size(item: Any, feeds: Mapping[str, np.ndarray]) -> int:
     return 0
 
 
-def _rows(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None], start: int,
+def sample_rows(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None], start: int,
           stop: int) -> dict[str, np.ndarray]:
     """Samples ``start:stop`` of every input, cut along its own sample axis (inputs without one whole)."""
     out = {}
@@ -147,9 +147,9 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
             for t in group:
                 if t in input_names:
                     setup.reducers[t].update(np.asarray(feeds[t]))
-            n = _batch_size(item, feeds)
+            n = batch_size_of(item, feeds)
             for start in range(0, n, setup.run_rows) if runner is not None else ():
-                part = feeds if n <= setup.run_rows else _rows(feeds, _batch_axes(item), start,
+                part = feeds if n <= setup.run_rows else sample_rows(feeds, batch_axes_of(item), start,
                                                                 start + setup.run_rows)
                 reductions.submit(runner.run(part, exposed))
             samples += n
@@ -270,10 +270,10 @@ def collect_statistics(
         raise DataError("the calibration data yielded no batches; give it at least one sample")
     feeds = batch_feeds(first)
     sizes = resolved_sizes(model, names, feeds)
-    rows = _batch_size(first, feeds)
+    rows = batch_size_of(first, feeds)
     workers = threads if threads is not None else (os.cpu_count() or 1)
     in_flight = 2 if workers > 1 else 1  # outputs of the run being reduced and of the run being computed
-    run_rows = samples_per_run(model, sizes, rows, run_budget_bytes // in_flight, _batch_axes(first))
+    run_rows = samples_per_run(model, sizes, rows, run_budget_bytes // in_flight, batch_axes_of(first))
     run_sizes = {t: None if v is None else v * run_rows // max(rows, 1) for t, v in sizes.items()}
     groups = plan_groups(run_sizes, memory_budget_bytes // in_flight) if names else [[]]
     reducers = {t: AbsHistogram(bins, huge_threshold) for t in names}

@@ -1,0 +1,43 @@
+"""Which axis of a tensor holds the samples of a batch.
+
+Inputs say it themselves (``batch_axes``: a recurrent ``state [2, N, 128]`` on axis 1, a
+scalar on none; axis 0 otherwise). For any other tensor it is the first axis whose
+symbolic dim (``"N"``) is the batch dim of an input on that input's sample axis, as
+shape inference propagated it; a tensor with no such symbol is assumed to have its
+samples on axis 0. Callers check the size against the batch (see
+``quantlab.compare.sample_axes.samples_first``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from .load import LoadedModel, tensor_specs
+
+__all__ = ["batch_symbols", "tensor_sample_axes"]
+
+
+def batch_symbols(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> set[str]:
+    """The symbolic dims naming the batch: each input's dim on its sample axis, where it is a symbol."""
+    symbols: set[str] = set()
+    for spec in model.inputs:
+        axis = batch_axes.get(spec.name, 0)
+        if axis is not None and spec.shape is not None and axis < len(spec.shape) and isinstance(spec.shape[axis], str):
+            symbols.add(str(spec.shape[axis]))
+    return symbols
+
+
+def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
+                       names: Iterable[str]) -> dict[str, int]:
+    """Tensor name -> the axis its samples are on (0 unless a batch symbol says otherwise)."""
+    symbols = batch_symbols(model, batch_axes)
+    specs = tensor_specs(model.proto)
+    out: dict[str, int] = {}
+    for name in names:
+        axis = batch_axes.get(name, 0) if name in model.input_names else None
+        if axis is None:
+            spec = specs.get(name)
+            found = [k for k, d in enumerate(spec.shape or ()) if isinstance(d, str) and d in symbols] if spec else []
+            axis = found[0] if found else 0
+        out[name] = axis
+    return out
