@@ -232,7 +232,12 @@ def _run(args: argparse.Namespace) -> int:
         print(format_step(event), flush=True)
 
     result = search(model, table, val, options, workdir=workdir, progress=False, on_step=on_step, calib=calib)
-    paths = result.save(args.out)
+    _print_result(result, result.save(args.out))
+    return 0 if result.met else 1
+
+
+def _print_result(result: Any, paths: dict[str, Any]) -> None:
+    """The verdict, the notes, what the cache answered and where each output went."""
     print(("met: " if result.met else "NOT MET: ") + result.message)
     for note in result.notes:
         print(f"  note: {note}")
@@ -243,4 +248,3 @@ def _run(args: argparse.Namespace) -> int:
         if name in paths:
             print(f"  {name:12s} {paths[name]}")
     sys.stdout.flush()
-    return 0 if result.met else 1
