@@ -749,15 +749,20 @@ def test_flip_search_spread_out_noise_keeps_most_groups_int8(deep):
     _assert_no_plan_twice(ev)
 
 
+def _interaction_evaluator(groups):
+    """conv3 alone fixes sample 0, but conv3 at fp16 with the rest INT8 flips sample 30 (an interaction)."""
+    lead, effect = _flip_world(groups, conv3={0: 0.2}, conv30={30: -0.5})
+    twist = np.zeros(len(lead))
+    twist[30] = -10.0
+    return PlantedFlipEvaluator(lead, effect, overrides={frozenset({"conv3"}): twist})
+
+
 def test_flip_search_interaction_keeps_only_measured_passes(deep):
     # pinning conv3 alone is what the model predicts to pass, but together with the other
     # groups' INT8 it flips sample 30 (outside the critical set): the search learns that
     # sample and pins what it needs; only plans that passed their own full validation are kept
     base, groups = deep
-    lead, effect = _flip_world(groups, conv3={0: 0.2}, conv30={30: -0.5})
-    twist = np.zeros(len(lead))
-    twist[30] = -10.0
-    ev = PlantedFlipEvaluator(lead, effect, overrides={frozenset({"conv3"}): twist})
+    ev = _interaction_evaluator(groups)
     out = run_search(base, ev, _opts("top1_agreement>=99.5"), save_comparisons=False)
     full = out.trajectory[out.trajectory["full"] & (out.trajectory["phase"] != "final")]
     assert not full[full["pins"] == "conv3=fp16"]["passed"].any()  # the model's plan was measured and failed
@@ -772,10 +777,7 @@ def test_flip_search_interaction_keeps_only_measured_passes(deep):
 
 def test_flip_search_budget_that_runs_out(deep):
     base, groups = deep
-    lead, effect = _flip_world(groups, conv3={0: 0.2}, conv30={30: -0.5})
-    twist = np.zeros(len(lead))
-    twist[30] = -10.0
-    ev = PlantedFlipEvaluator(lead, effect, overrides={frozenset({"conv3"}): twist})
+    ev = _interaction_evaluator(groups)
     out = run_search(base, ev, _opts("top1_agreement>=99.5", budget=2), save_comparisons=False)
     # all-INT8 fails; the last full validation the budget allows pins every group (the plan
     # that passes when anything does), nothing more is validated
