@@ -783,8 +783,8 @@ def test_flip_search_budget_that_runs_out(deep):
     # that passes when anything does), nothing more is validated
     assert out.evaluations == ev.full_calls() == 2 and out.budget == 2
     assert out.met and len(_pins(out)) == len(groups)
-    out = run_search(base, PlantedFlipEvaluator(lead, effect, overrides={frozenset({"conv3"}): twist}),
-                     _opts("top1_agreement>=99.5", budget=1), save_comparisons=False)
+    out = run_search(base, _interaction_evaluator(groups), _opts("top1_agreement>=99.5", budget=1),
+                     save_comparisons=False)
     assert not out.met and out.evaluations == 1 and "budget ran out" in out.message
 
 
