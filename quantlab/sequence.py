@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .backends import get_backend
-from .data import Batch, DataSet
+from .data import Batch, DataSet, take_samples
 from .errors import InputMismatchError
 from .graph import LoadedModel
 
@@ -62,21 +62,13 @@ class SequenceData(DataSet):
             for batch in self.dataset.batches(batch_size):
                 feeds = dict(batch.feeds)
                 for inp, value in state.items():
-                    feeds[inp] = self._rows(value, self.batch_axis(inp), len(batch))
+                    feeds[inp] = take_samples(value, self.batch_axis(inp), slice(0, len(batch)))
                 batch = replace(batch, feeds=feeds)
                 outputs = runner.run(feeds, list(self.carry))
                 state = {inp: outputs[out] for out, inp in self.carry.items()}
                 yield batch
         finally:
             runner.close()
-
-    @staticmethod
-    def _rows(value: np.ndarray, axis: int | None, n: int) -> np.ndarray:
-        if axis is None:
-            return value
-        where = [slice(None)] * value.ndim
-        where[axis] = slice(0, n)
-        return np.ascontiguousarray(value[tuple(where)])
 
     def manifest_record(self) -> dict[str, Any]:
         return dict(self.dataset.manifest_record(), sequence={"carry": dict(self.carry)})

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CompareError
 from ..graph import LoadedModel
-from ..graph.samples import tensor_sample_axes
+from ..graph.samples import samples_on_axis0, tensor_sample_axes
 
 __all__ = ["output_sample_axes", "samples_first"]
 
@@ -28,13 +28,12 @@ def output_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None])
 
 
 def samples_first(array: np.ndarray, axis: int, samples: int, output: str) -> np.ndarray:
-    """``array`` with its ``samples`` on axis 0 (a view): moved from ``axis``, or one sample as a whole."""
-    if array.ndim > axis and array.shape[axis] == samples:
-        return np.moveaxis(array, axis, 0) if axis else array
-    if samples == 1:
-        return array[np.newaxis]
-    raise CompareError(
-        f"output {output!r} is {list(array.shape)} for a batch of {samples} samples: quantlab expected the samples "
-        f"on axis {axis} and cannot tell which part of it belongs to which sample. Compare with batch size 1 "
-        "(--batch-size 1), or give the model a symbolic batch dim on that output (the one its inputs use)."
-    )
+    """``array`` with its ``samples`` on axis 0 (see :func:`quantlab.graph.samples.samples_on_axis0`)."""
+    moved = samples_on_axis0(array, axis, samples)
+    if moved is None:
+        raise CompareError(
+            f"output {output!r} is {list(np.shape(array))} for a batch of {samples} samples: quantlab expected the "
+            f"samples on axis {axis} and cannot tell which part of it belongs to which sample. Compare with batch "
+            "size 1 (--batch-size 1), or give the model a symbolic batch dim on that output (the one its inputs use)."
+        )
+    return moved

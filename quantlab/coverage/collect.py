@@ -23,8 +23,8 @@ import numpy as np
 from ..backends.base import Backend
 from ..errors import CalibrationError, DataError
 from ..graph import LoadedModel
+from ..graph.samples import samples_on_axis0, tensor_sample_axes
 from ..histogram import AbsHistogram
-from ..graph.samples import tensor_sample_axes
 from ..stats import (
     DEFAULT_RUN_BUDGET,
     Statistics,
@@ -144,7 +144,8 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
                 outputs = dict(runner.run(part, exposed)) if runner is not None else {}
                 outputs.update({t: np.asarray(part[t]) for t in bins if t in inputs})
                 shown = keys[start:start + run_rows]
-                outputs = {t: (a, _samples_first(a, axes.get(t, 0), len(shown))) for t, a in outputs.items()}
+                # a tensor whose samples cannot be told apart (None) feeds the histograms, not the per-sample scores
+                outputs = {t: (a, samples_on_axis0(a, axes.get(t, 0), len(shown))) for t, a in outputs.items()}
                 for score in _slice_scores(outputs, tallies, huge_threshold, pool, shown):
                     worst.push(score)
                 del outputs
@@ -159,15 +160,6 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
         raise DataError("the data set yielded no samples; give it at least one")
     return PassResult(tallies=tallies, samples=samples, batches=n_batches, worst=tuple(worst.result()),
                       summary=fingerprint.summary())
-
-
-def _samples_first(array: np.ndarray, axis: int, samples: int) -> np.ndarray:
-    """``array`` with its samples on axis 0 (moved from ``axis``; one sample: the whole array). A tensor whose
-    samples cannot be told apart gets None: it feeds the histograms only, not the per-sample scores."""
-    array = np.asarray(array)
-    if array.ndim > axis and array.shape[axis] == samples:
-        return np.moveaxis(array, axis, 0) if axis else array
-    return array[np.newaxis] if samples == 1 else None
 
 
 def _slice_scores(outputs: Mapping[str, tuple[np.ndarray, np.ndarray | None]], tallies: Mapping[str, TensorTally],

@@ -38,7 +38,7 @@ before any work starts.
 from __future__ import annotations
 
 from .augment import AugmentSpec, random_resized_crop_box
-from .batches import Batch, DataSet, Sample
+from .batches import Batch, DataSet, Sample, take_samples
 from .checks import PILLOW_MAX_PIXELS, check_inputs
 from .datasets import (
     ArrayDataSet,
@@ -62,6 +62,7 @@ from .sources import IMAGE_SUFFIXES, SOURCE_KINDS, SourceSpec
 from .summary import DataFingerprint, DataSummary, InputStats, overlap, summarize
 
 __all__ = [
+    "take_samples",
     "CHANNEL_ORDERS",
     "DTYPES",
     "IMAGE_SUFFIXES",

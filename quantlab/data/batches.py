@@ -35,6 +35,7 @@ __all__ = [
     "format_shape",
     "stack_input",
     "stack_samples",
+    "take_samples",
 ]
 
 SAME_SHAPE_ADVICE = "make every sample the same shape (or use batch size 1)"
@@ -77,6 +78,15 @@ def format_shape(shape: Sequence[Any] | None) -> str:
     if shape is None:
         return "[?]"
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def take_samples(array: np.ndarray, axis: int | None, index: int | slice) -> np.ndarray:
+    """Sample(s) ``index`` of an input batched on ``axis`` (contiguous); an input without one (None) whole."""
+    if axis is None:
+        return array
+    where = [slice(None)] * np.ndim(array)
+    where[axis] = index
+    return np.ascontiguousarray(np.asarray(array)[tuple(where)])
 
 
 def stack_input(name: str, samples: Sequence[Sample], axis: int | None) -> np.ndarray:

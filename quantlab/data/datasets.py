@@ -22,7 +22,7 @@ import numpy as np
 
 from ..environment import unreadable
 from ..errors import DataError, ManifestError
-from .batches import SAME_SHAPE_ADVICE, Batch, DataSet, Sample
+from .batches import SAME_SHAPE_ADVICE, Batch, DataSet, Sample, take_samples
 from .labels import Labeler
 from .manifest import ROLES, DataSetManifest, load_manifest
 from .padding import PadSpec, with_mask
@@ -284,12 +284,7 @@ class ArrayDataSet(DataSet):
         return self._n
 
     def _take(self, name: str, index: int | slice) -> np.ndarray:
-        array, axis = self.arrays[name], self.batch_axis(name)
-        if axis is None:
-            return array
-        where = [slice(None)] * array.ndim
-        where[axis] = index
-        return np.ascontiguousarray(array[tuple(where)])
+        return take_samples(self.arrays[name], self.batch_axis(name), index)
 
     def _load(self, i: int) -> Sample:
         label = None if self.labels is None else self.labels[i].item()

@@ -4,17 +4,18 @@ Inputs say it themselves (``batch_axes``: a recurrent ``state [2, N, 128]`` on a
 scalar on none; axis 0 otherwise). For any other tensor it is the first axis whose
 symbolic dim (``"N"``) is the batch dim of an input on that input's sample axis, as
 shape inference propagated it; a tensor with no such symbol is assumed to have its
-samples on axis 0. Callers check the size against the batch (see
-``quantlab.compare.sample_axes.samples_first``).
+samples on axis 0; :func:`samples_on_axis0` checks the size against the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import numpy as np
+
 from .load import LoadedModel, tensor_specs
 
-__all__ = ["batch_symbols", "tensor_sample_axes"]
+__all__ = ["batch_symbols", "samples_on_axis0", "tensor_sample_axes"]
 
 
 def batch_symbols(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> set[str]:
@@ -41,3 +42,12 @@ def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
             axis = found[0] if found else 0
         out[name] = axis
     return out
+
+
+def samples_on_axis0(array: np.ndarray, axis: int, samples: int) -> np.ndarray | None:
+    """``array`` with its ``samples`` on axis 0 (a view): moved from ``axis``, or one sample as a whole;
+    None when no axis of that size is where the samples should be (the caller says what that means)."""
+    array = np.asarray(array)
+    if array.ndim > axis and array.shape[axis] == samples:
+        return np.moveaxis(array, axis, 0) if axis else array
+    return array[np.newaxis] if samples == 1 else None

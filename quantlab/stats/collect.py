@@ -36,6 +36,7 @@ import numpy as np
 
 from ..backends.base import Backend
 from ..binning import warm_up
+from ..data.batches import take_samples
 from ..errors import CalibrationError, DataError
 from ..graph import LoadedModel, activation_names, producer_map
 from ..histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, AbsHistogram
@@ -79,18 +80,9 @@ def batch_size_of(item: Any, feeds: Mapping[str, np.ndarray]) -> int:
 
 
 def sample_rows(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None], start: int,
-          stop: int) -> dict[str, np.ndarray]:
+                stop: int) -> dict[str, np.ndarray]:
     """Samples ``start:stop`` of every input, cut along its own sample axis (inputs without one whole)."""
-    out = {}
-    for name, value in feeds.items():
-        axis = axes.get(name, 0)
-        if axis is None:
-            out[name] = value
-        else:
-            where = [slice(None)] * np.ndim(value)
-            where[axis] = slice(start, stop)
-            out[name] = np.asarray(value)[tuple(where)]
-    return out
+    return {name: take_samples(value, axes.get(name, 0), slice(start, stop)) for name, value in feeds.items()}
 
 
 def _check_tensors(model: LoadedModel, tensors: Sequence[str]) -> None:
