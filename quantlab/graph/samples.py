@@ -33,10 +33,11 @@ def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
     """Tensor name -> the axis its samples are on (0 unless a batch symbol says otherwise)."""
     symbols = batch_symbols(model, batch_axes)
     specs = tensor_specs(model.proto)
+    inputs = set(model.input_names)
     out: dict[str, int] = {}
     for name in names:
-        axis = batch_axes.get(name, 0) if name in model.input_names else None
-        if axis is None:
+        axis = batch_axes.get(name, 0) if name in inputs else None
+        if axis is None:  # an activation, or an input without a sample axis: what shape inference says
             spec = specs.get(name)
             found = [k for k, d in enumerate(spec.shape or ()) if isinstance(d, str) and d in symbols] if spec else []
             axis = found[0] if found else 0
