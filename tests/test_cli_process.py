@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -124,24 +125,34 @@ runpy.run_module("quantlab", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_while_writing_in_a_real_process(ws: Path, signum: int, code: int) -> None:
-    marker = ws / "writing.marker"
-    out = ws / "cal"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(marker), *calibrate_argv(ws, out)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _signalled(proc: subprocess.Popen[str], signum: int, ready: Callable[[], None]) -> str:
+    """Waits for ``ready()``, sends ``signum`` and returns the process's stderr; kills it if anything fails."""
     try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "never started writing"
-            time.sleep(0.05)
+        ready()
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return err
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_while_writing_in_a_real_process(ws: Path, signum: int, code: int) -> None:
+    marker = ws / "writing.marker"
+    out = ws / "cal"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(marker), *calibrate_argv(ws, out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def writing() -> None:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "never started writing"
+            time.sleep(0.05)
+
+    err = _signalled(proc, signum, writing)
     assert proc.returncode == code, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err
@@ -154,19 +165,16 @@ def test_signal_during_start_up_imports(ws: Path, signum: int, code: int) -> Non
     """The signal lands while numba (the heaviest import) is being imported: one line, no KeyboardInterrupt."""
     proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "quantlab", *calibrate_argv(ws, ws / "cal")],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+
+    def importing_numba() -> None:
         deadline = time.monotonic() + 60
         line = ""
         while "numba" not in line:  # import time lines of numba's submodules: numba is loading
             line = proc.stderr.readline()  # type: ignore[union-attr]
             assert line or proc.poll() is None, "finished before importing numba"
             assert time.monotonic() < deadline
-        proc.send_signal(signum)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    err = _signalled(proc, signum, importing_numba)
     err = "\n".join(line for line in err.splitlines() if not line.startswith("import time:"))
     assert proc.returncode == code, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err

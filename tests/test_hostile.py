@@ -68,21 +68,6 @@ path = "data"
 input = "array"
 """
 
-VAL_TOML = """\
-role = "validation"
-
-[[source]]
-kind = "npz"
-path = "val/val.npz"
-batched = true
-
-[inputs]
-input = "input"
-
-[labels]
-column = "label"
-"""
-
 UNLABELLED_TOML = """\
 role = "validation"
 
@@ -93,6 +78,11 @@ batched = true
 
 [inputs]
 input = "input"
+"""
+
+VAL_TOML = UNLABELLED_TOML + """
+[labels]
+column = "label"
 """
 
 
