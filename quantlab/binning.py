@@ -243,12 +243,14 @@ def _update_f32(flat, counts, upper, huge, limit):  # pragma: no cover - compile
     nonfinite = 0
     n_huge = 0
     zeros = 0
+    negzeros = 0
     pending = 0
     for start in range(0, flat.size, CHUNK):
         chunk = flat[start:start + CHUNK]
         chunk_bits = bits[start:start + CHUNK]
         kmin, kmax, z, negz, bad = _scan_bits(chunk_bits, limit)
         zeros += z
+        negzeros += negz
         if bad:
             cmn, cmx, nf, nh, upper = _chunk_slow(chunk, counts, even, odd, upper, huge)
             nonfinite += nf
@@ -275,7 +277,7 @@ def _update_f32(flat, counts, upper, huge, limit):  # pragma: no cover - compile
             mx = cmx
     if size:
         _flush(counts, even, odd)
-    return mn, mx, flat.size - nonfinite - n_huge, nonfinite, n_huge, zeros, upper
+    return mn, mx, flat.size - nonfinite - n_huge, nonfinite, n_huge, zeros, negzeros, upper
 
 
 @compiled(nogil=True)
@@ -291,19 +293,22 @@ def _flush(counts, even, odd):  # pragma: no cover - compiled
 def _update_any(flat, counts, upper, huge):  # pragma: no cover - compiled
     """:func:`update_counts` for other float types: the per-value path over the whole array."""
     zeros = 0
+    negzeros = 0
     for i in range(flat.size):
-        zeros += flat[i] == 0.0
+        if flat[i] == 0.0:
+            zeros += 1
+            negzeros += math.copysign(1.0, flat[i]) < 0.0
     mn, mx, nonfinite, n_huge, upper = _chunk_slow(flat, counts, counts[:0], counts[:0], upper, huge)
-    return mn, mx, flat.size - nonfinite - n_huge, nonfinite, n_huge, zeros, upper
+    return mn, mx, flat.size - nonfinite - n_huge, nonfinite, n_huge, zeros, negzeros, upper
 
 
 def update_counts(flat: np.ndarray, counts: np.ndarray, upper: float,
-                  huge: float) -> tuple[float, float, int, int, int, int, float]:
+                  huge: float) -> tuple[float, float, int, int, int, int, int, float]:
     """Bin the usable values of 1-D ``flat`` into ``counts`` over ``[0, upper)``, growing the range as needed.
 
-    Returns ``(min, max, usable, nonfinite, huge, zeros, upper)``: min/max of
-    the usable values (inf/-inf when none), their count, the non-finite and
-    huge (``|x| >= huge``) values left out, the exact zeros, and the new
+    Returns ``(min, max, usable, nonfinite, huge, zeros, negative zeros, upper)``:
+    min/max of the usable values (inf/-inf when none), their count, the non-finite
+    and huge (``|x| >= huge``) values left out, the exact zeros (-0.0 among them), and the new
     range. ``counts`` (int64) is updated in place, its pairs merged when the
     range grows. Releases the GIL.
     """
@@ -311,8 +316,9 @@ def update_counts(flat: np.ndarray, counts: np.ndarray, upper: float,
         out = _update_f32(flat, counts, float(upper), float(huge), np.int32(huge_bits(huge)))
     else:
         out = _update_any(flat, counts, float(upper), float(huge))
-    mn, mx, usable, nonfinite, n_huge, zeros, new_upper = out
-    return float(mn), float(mx), int(usable), int(nonfinite), int(n_huge), int(zeros), float(new_upper)
+    mn, mx, usable, nonfinite, n_huge, zeros, negzeros, new_upper = out
+    return (float(mn), float(mx), int(usable), int(nonfinite), int(n_huge), int(zeros), int(negzeros),
+            float(new_upper))
 
 
 def warm_up() -> None:

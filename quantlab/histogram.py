@@ -34,6 +34,7 @@ then bin the chunk without a branch. ``np.histogram`` is ~10x slower for this.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -224,6 +225,14 @@ class HistogramState:
         return cum
 
 
+def _flat_float(array: np.ndarray) -> np.ndarray:
+    """``array`` flat, float32 or float64 (other floats become float32)."""
+    flat = np.asarray(array)
+    if flat.dtype not in (np.float32, np.float64):
+        flat = flat.astype(np.float32)
+    return np.ravel(flat)
+
+
 class AbsHistogram:
     """Mutable accumulator behind :class:`HistogramState`; feed it batches with :meth:`update`."""
 
@@ -254,15 +263,38 @@ class AbsHistogram:
 
     def update(self, array: np.ndarray) -> None:
         """Add every element of ``array`` (any shape; float16/32/64)."""
-        flat = np.asarray(array)
-        if flat.dtype not in (np.float32, np.float64):
-            flat = flat.astype(np.float32)
-        flat = np.ravel(flat)
-        if flat.size == 0:
-            return
-        mn, mx, usable, nonfinite, n_huge, zeros, self.upper = update_counts(
-            flat, self.counts, self.upper, self.huge_threshold
-        )
+        flat = _flat_float(array)
+        if flat.size:
+            self._add(*update_counts(flat, self.counts, self.upper, self.huge_threshold))
+
+    def update_values(self, pieces: Sequence[np.ndarray], in_layout: Callable[[], np.ndarray]) -> None:
+        """:meth:`update` for a tensor given as ``pieces`` in another order than its layout (a backend's own).
+
+        Only one result depends on the order: a zero min (or max) is the first
+        zero in data order, +0.0 or -0.0. When both signs occur and the
+        extreme is zero, ``in_layout()`` (the tensor in its layout) decides.
+        """
+        mn, mx = math.inf, -math.inf
+        usable = nonfinite = n_huge = zeros = negzeros = 0
+        for piece in pieces:
+            flat = _flat_float(piece)
+            if not flat.size:
+                continue
+            pmn, pmx, pu, pnf, ph, pz, pnz, self.upper = update_counts(flat, self.counts, self.upper,
+                                                                       self.huge_threshold)
+            mn, mx = min(mn, pmn), max(mx, pmx)
+            usable, nonfinite, n_huge, zeros, negzeros = (usable + pu, nonfinite + pnf, n_huge + ph, zeros + pz,
+                                                          negzeros + pnz)
+        if 0 < negzeros < zeros and (mn == 0.0 or mx == 0.0):
+            ordered = _flat_float(in_layout())
+            first = float(ordered[np.flatnonzero(ordered == 0.0)[0]])
+            mn, mx = (first if mn == 0.0 else mn), (first if mx == 0.0 else mx)
+        self._add(mn, mx, usable, nonfinite, n_huge, zeros, negzeros, self.upper)
+
+    def _add(self, mn: float, mx: float, usable: int, nonfinite: int, n_huge: int, zeros: int, negzeros: int,
+             upper: float) -> None:
+        """Fold one :func:`update_counts` result (its counts already added) into the totals."""
+        self.upper = upper
         self.count += usable
         self.zeros += zeros
         self.nonfinite += nonfinite

@@ -740,3 +740,41 @@ def smoothquant_block(seed: int = 0, seq: int = 8, hidden: int = 16, outliers: t
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])]
     inits = [_init(k, np.asarray(v, dtype=np.float32)) for k, v in w.items()]
     return _model(nodes, inputs, outputs, inits, "smoothquant_block")
+
+
+def blocked_layout_net(seed: int = 0, channels: int = 12, size: int = 14) -> onnx.ModelProto:
+    """A CNN that ONNX Runtime runs in its NCHWc layout, with a channel count that pads its blocks (8 or 16).
+
+    input[N,3,H,W] -> Conv -> Clip(0,6) -> depthwise Conv -> Relu -> Conv (project) -> Add(residual)
+    -> x*Sigmoid(x) (same-shape Mul) -> Mul by a per-channel constant (broadcast) -> MaxPool
+    -> GlobalAveragePool -> Flatten -> Gemm -> logits[N,10].
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+    w = {
+        "w0": rng.normal(0, 0.4, (c, 3, 3, 3)), "b0": rng.normal(0, 0.2, c),
+        "wd": rng.normal(0, 0.5, (c, 1, 3, 3)), "bd": rng.normal(0, 0.1, c),
+        "wp": rng.normal(0, 0.3, (c, c, 1, 1)), "bp": rng.normal(0, 0.1, c),
+        "gain": rng.uniform(0.5, 2.0, (1, c, 1, 1)),
+        "lo": np.array(0.0), "hi": np.array(6.0),
+        "wf": rng.normal(0, 0.3, (10, c)), "bf": rng.normal(0, 0.1, 10),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["stem"], pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["stem", "lo", "hi"], ["stem6"]),
+        helper.make_node("Conv", ["stem6", "wd", "bd"], ["dw"], pads=[1, 1, 1, 1], group=c),
+        helper.make_node("Relu", ["dw"], ["dwr"]),
+        helper.make_node("Conv", ["dwr", "wp", "bp"], ["proj"]),
+        helper.make_node("Add", ["proj", "stem6"], ["res"]),
+        helper.make_node("Sigmoid", ["res"], ["gate"]),
+        helper.make_node("Mul", ["res", "gate"], ["silu"]),
+        helper.make_node("Mul", ["silu", "gain"], ["scaled"]),
+        helper.make_node("MaxPool", ["scaled"], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["pool"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], transB=1),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])]
+    inits = [_init(k, np.asarray(v, dtype=np.float32)) for k, v in w.items()]
+    return _model(nodes, inputs, outputs, inits, "blocked_layout_net")

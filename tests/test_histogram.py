@@ -345,3 +345,26 @@ def test_kernels_equal_reference_where_the_float32_scale_is_not_exact(bins):
         state, ref = h.state(), _reference(values, bins, huge=float(np.finfo(np.float32).max) * 2)
         np.testing.assert_array_equal(state.counts, ref["counts"])
         assert (state.upper, state.count, state.zeros) == (ref["upper"], ref["count"], ref["zeros"])
+
+
+@pytest.mark.parametrize("first", [0.0, -0.0])
+def test_update_values_in_another_order_keeps_the_first_zero_of_the_layout(first):
+    """A zero min/max is the first zero in data order; pieces in storage order must not change which one."""
+    rng = np.random.default_rng(4)
+    x = np.abs(rng.normal(size=(3, 5, 7)).astype(np.float32))  # min is a zero once zeros are put in
+    x.flat[11] = first  # the first zero in data order
+    x.flat[40::17] = -0.0
+    x.flat[60::13] = 0.0  # the last zero (flat index 99) is +0.0
+    order = np.arange(x.size)[::-1]  # storage order: the last zero comes first
+    pieces = (x.ravel()[order[:50]], x.ravel()[order[50:]])
+    want, got = AbsHistogram(), AbsHistogram()
+    want.update(x)
+    got.update_values(pieces, lambda: x)
+    assert got.state() == want.state()
+    assert math.copysign(1.0, got.state().min) == math.copysign(1.0, first)
+    nonneg = -x  # max is zero now: the same rule
+    want, got = AbsHistogram(), AbsHistogram()
+    want.update(nonneg)
+    got.update_values((nonneg.ravel()[order],), lambda: nonneg)
+    assert got.state() == want.state()
+    assert math.copysign(1.0, got.state().max) == math.copysign(1.0, want.state().max)

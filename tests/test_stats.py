@@ -319,6 +319,9 @@ def test_a_failing_reduction_is_raised_and_stops_the_pass():
 
             return Runner()
 
+        def build_values(self, proto, outputs):
+            return self.build(proto, outputs=outputs)
+
     with pytest.raises(ValueError, match="not a number"):
         collect_statistics(model, _batches(feeds, 2), backend=Broken(), threads=2)
     assert not [t for t in threading.enumerate() if t.name.startswith("quantlab-stats")]

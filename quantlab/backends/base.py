@@ -11,7 +11,7 @@ The rest of quantlab talks to ONNX Runtime and TensorRT only through this.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import onnx
 
 from ..errors import InputMismatchError
 
-__all__ = ["BackendInfo", "Runner", "Backend", "check_feed_names"]
+__all__ = ["BackendInfo", "Runner", "Backend", "TensorValues", "check_feed_names"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,25 @@ def check_feed_names(feeds: Mapping[str, np.ndarray], input_names: Sequence[str]
     if missing or extra:
         raise InputMismatchError(f"feeds do not match the {what}'s inputs {list(input_names)}: "
                                  f"missing {missing}, unknown {extra}")
+
+
+@dataclass(frozen=True)
+class TensorValues:
+    """Every value of one tensor once, in the order the backend stores them (not the tensor's layout).
+
+    For reductions that do not depend on order (histograms, min/max, zero
+    counts): a backend can hand these over without reordering its memory.
+    ``pieces`` are arrays (views where possible) that together hold each value
+    once; ``in_layout()`` makes the ordinary array (a copy), for the rare tie
+    that depends on order (which of +0.0 and -0.0 comes first).
+    """
+
+    pieces: tuple[np.ndarray, ...]
+    in_layout: Callable[[], np.ndarray]
+
+    @property
+    def size(self) -> int:
+        return sum(int(p.size) for p in self.pieces)
 
 
 class Runner(abc.ABC):
@@ -84,6 +103,15 @@ class Backend(abc.ABC):
         ``outputs`` lists intermediate tensors to expose in addition to the
         graph outputs (for statistics and per-layer comparison).
         """
+
+    def build_values(self, model: onnx.ModelProto, outputs: Sequence[str]) -> Runner:
+        """A runner for statistics: ``outputs`` are exposed, and a run may return each of them as
+        :class:`TensorValues` (its values in the backend's own order) instead of an array.
+
+        The default is :meth:`build`; a backend overrides it where exposing a
+        tensor in its ONNX layout costs a conversion (ONNX Runtime's NCHWc).
+        """
+        return self.build(model, outputs=outputs)
 
     @abc.abstractmethod
     def describe(self) -> BackendInfo:

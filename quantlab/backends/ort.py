@@ -48,6 +48,7 @@ import onnx
 from ..errors import BackendError, InputMismatchError, UnsupportedOpError
 from ..graph import serialize, tensor_specs, with_outputs
 from .base import Backend, BackendInfo, Runner, check_feed_names
+from .nchwc import BlockedRunner, block_size, blocked_graph
 from .saturation import int8_dot_saturates, saturation_free
 
 __all__ = ["OrtBackend", "OrtRunner", "int8_dot_saturates", "saturation_free", "environment_options",
@@ -233,6 +234,27 @@ class OrtBackend(Backend):
         except Exception as exc:
             raise _load_error(self._ort.__version__, model, str(exc)) from None
         return OrtRunner(session, graph_outputs + extra, qdq_fusion=fuse)
+
+    def build_values(self, model: onnx.ModelProto, outputs: Sequence[str]) -> Runner:
+        """:meth:`build`, exposing the tensors ORT keeps in NCHWc layout as they are stored
+        (quantlab.backends.nchwc): no layout conversion, same values. Any other case is :meth:`build`."""
+        model_outputs = [o.name for o in model.graph.output]
+        extra = [n for n in outputs if n not in model_outputs]
+        block = block_size(self._ort)
+        if not extra or block is None or self.optimization != "all" or self.providers != ["CPUExecutionProvider"]:
+            return self.build(model, outputs=outputs)
+        optimized = self.optimized_model(_with_typed_outputs(model, extra))
+        graph, blocked = blocked_graph(optimized, extra, model_outputs, tensor_specs(model))
+        if not blocked:
+            return self.build(model, outputs=outputs)
+        so = self._session_options(self.fuses(model))
+        so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ORT's plan, as rewritten
+        try:
+            session = self._ort.InferenceSession(serialize(graph), sess_options=so, providers=self._provider_list(None))
+        except Exception as exc:
+            raise _load_error(self._ort.__version__, model, f"(statistics graph in NCHWc layout) {exc}") from None
+        runner = OrtRunner(session, [o.name for o in graph.graph.output], qdq_fusion=self.fuses(model))
+        return BlockedRunner(runner, blocked, block, model_outputs + extra)
 
     def optimized_model(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """The graph ONNX Runtime actually runs after its optimisations (fusions, layout).

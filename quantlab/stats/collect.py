@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import Backend
+from ..backends.base import Backend, TensorValues
 from ..binning import warm_up
 from ..data.batches import take_samples
 from ..errors import CalibrationError, DataError
@@ -129,7 +129,7 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
     """
     input_names = set(setup.model.input_names)
     exposed = [t for t in group if t not in input_names]
-    runner = setup.backend.build(setup.model.proto, outputs=exposed) if exposed else None
+    runner = setup.backend.build_values(setup.model.proto, exposed) if exposed else None
     samples = batches = 0
     stream = prefetched(items, on_batch)
     reductions = _Reductions(setup.reducers, setup.pool, setup.workers)
@@ -183,7 +183,7 @@ class _Reductions:
         """Wait for the previous run's reductions, then start this run's."""
         self.wait()
         names: queue.SimpleQueue[str] = queue.SimpleQueue()
-        for t in sorted(outputs, key=lambda t: -np.size(outputs[t])):
+        for t in sorted(outputs, key=lambda t: -_size(outputs[t])):
             names.put(t)
         if self._pool is None:
             self._reduce(names, outputs)
@@ -198,7 +198,11 @@ class _Reductions:
                 t = names.get_nowait()
             except queue.Empty:
                 return
-            self._reducers[t].update(outputs[t])
+            value = outputs[t]
+            if isinstance(value, TensorValues):
+                self._reducers[t].update_values(value.pieces, value.in_layout)
+            else:
+                self._reducers[t].update(value)
 
     def wait(self) -> None:
         """Block until the reductions in flight are done; raises the first error of one."""
@@ -210,6 +214,10 @@ class _Reductions:
         """Wait for the reductions in flight without raising (cleanup after an error elsewhere)."""
         pending, self._pending = self._pending, []
         wait_for(pending)
+
+
+def _size(value: Any) -> int:
+    return value.size if isinstance(value, TensorValues) else int(np.size(value))
 
 
 def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
