@@ -38,6 +38,7 @@ from .methods import (
     ENTROPY_LEVELS,
     ENTROPY_SKIP_ZEROS,
     METHOD_NAMES,
+    METHODS_BY_NAME,
     check_percentile,
     method_settings,
     resolve_methods,
@@ -220,6 +221,23 @@ def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statis
     return tuple(notes)
 
 
+def _ranges(stats: Statistics, method: str, percentile: float, entropy_skip_zeros: bool) -> dict[str, TensorRange]:
+    """Every tensor's range; a method that searches (entropy: 9 ms a tensor, compiled, GIL released) on all cores.
+
+    Each tensor's search is the same computation whichever thread runs it: the table does not depend on threads.
+    """
+    names = list(stats.tensors)
+
+    def one(name: str) -> TensorRange:
+        return tensor_range(stats.tensors[name], method, percentile=percentile, entropy_skip_zeros=entropy_skip_zeros)
+
+    workers = min(os.cpu_count() or 1, len(names))
+    if workers < 2 or not METHODS_BY_NAME[method].searches:
+        return {name: one(name) for name in names}
+    with ThreadPoolExecutor(workers, thread_name_prefix="quantlab-table") as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))
+
+
 def table_from_statistics(
     stats: Statistics,
     method: str,
@@ -242,8 +260,7 @@ def table_from_statistics(
     settings = method_settings(method, percentile=percentile, bins=stats.bins, huge_threshold=stats.huge_threshold,
                                entropy_skip_zeros=entropy_skip_zeros)
     settings["samples"] = stats.samples
-    ranges = {name: tensor_range(state, method, percentile=percentile, entropy_skip_zeros=entropy_skip_zeros)
-              for name, state in stats.tensors.items()}
+    ranges = _ranges(stats, method, percentile, entropy_skip_zeros)
     return CalibrationTable(
         method=method,
         ranges=ranges,

@@ -89,11 +89,16 @@ DEFAULT_BATCH_SIZE = 8
 
 @dataclass(frozen=True)
 class Method:
-    """One calibration method: its name, a one-line description, and the fixed parameters a table records."""
+    """One calibration method: its name, a one-line description, and the fixed parameters a table records.
+
+    ``searches``: its range is a search over candidate thresholds (milliseconds a tensor, where
+    the others take microseconds), so a table computes its tensors on all cores.
+    """
 
     name: str
     summary: str
     parameters: tuple[tuple[str, Any], ...] = ()
+    searches: bool = False
 
 
 METHODS_BY_NAME: dict[str, Method] = {
@@ -103,9 +108,9 @@ METHODS_BY_NAME: dict[str, Method] = {
         Method("percentile", "|x| below which the given percentile of values lie"),
         Method("entropy", "TensorRT's KL-divergence threshold, smoothed, robust to point masses",
                (("bins", ENTROPY_BINS), ("levels", ENTROPY_LEVELS), ("start_bin", ENTROPY_LEVELS),
-                ("smoothing", ENTROPY_SMOOTHING), ("point_mass", ENTROPY_POINT_MASS))),
+                ("smoothing", ENTROPY_SMOOTHING), ("point_mass", ENTROPY_POINT_MASS)), searches=True),
         Method("mse", "least expected squared INT8 error (clipping + rounding)",
-               (("bins", ENTROPY_BINS), ("candidates", MSE_CANDIDATES))),
+               (("bins", ENTROPY_BINS), ("candidates", MSE_CANDIDATES)), searches=True),
     )
 }
 
