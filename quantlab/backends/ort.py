@@ -237,24 +237,26 @@ class OrtBackend(Backend):
 
     def build_values(self, model: onnx.ModelProto, outputs: Sequence[str]) -> Runner:
         """:meth:`build`, exposing the tensors ORT keeps in NCHWc layout as they are stored
-        (quantlab.backends.nchwc): no layout conversion, same values. Any other case is :meth:`build`."""
+        (quantlab.backends.nchwc): no layout conversion, same values. Any other case is :meth:`build`:
+        no convolution, no NCHWc on this CPU, other providers, or a graph the rewrite cannot take
+        (ORT cannot save a model over 2 GB without external data, for one)."""
         model_outputs = [o.name for o in model.graph.output]
         extra = [n for n in outputs if n not in model_outputs]
-        block = block_size(self._ort)
-        if not extra or block is None or self.optimization != "all" or self.providers != ["CPUExecutionProvider"]:
+        if (not extra or self.optimization != "all" or self.providers != ["CPUExecutionProvider"]
+                or not any(n.op_type == "Conv" for n in model.graph.node) or block_size(self._ort) is None):
             return self.build(model, outputs=outputs)
-        optimized = self.optimized_model(_with_typed_outputs(model, extra))
-        graph, blocked = blocked_graph(optimized, extra, model_outputs, tensor_specs(model))
-        if not blocked:
-            return self.build(model, outputs=outputs)
-        so = self._session_options(self.fuses(model))
-        so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ORT's plan, as rewritten
         try:
-            session = self._ort.InferenceSession(serialize(graph), sess_options=so, providers=self._provider_list(None))
-        except Exception as exc:
-            raise _load_error(self._ort.__version__, model, f"(statistics graph in NCHWc layout) {exc}") from None
+            optimized = self.optimized_model(_with_typed_outputs(model, extra))
+            graph, blocked = blocked_graph(optimized, extra, model_outputs, tensor_specs(model))
+            if not blocked:
+                return self.build(model, outputs=outputs)
+            so = self._session_options(self.fuses(model))
+            so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ORT's plan, rewritten
+            session = self._ort.InferenceSession(serialize(graph), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception:  # the ordinary session is always right; it raises the error that names the problem
+            return self.build(model, outputs=outputs)
         runner = OrtRunner(session, [o.name for o in graph.graph.output], qdq_fusion=self.fuses(model))
-        return BlockedRunner(runner, blocked, block, model_outputs + extra)
+        return BlockedRunner(runner, blocked, int(block_size(self._ort) or 0), model_outputs + extra)
 
     def optimized_model(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """The graph ONNX Runtime actually runs after its optimisations (fusions, layout).
