@@ -325,3 +325,26 @@ def test_a_failing_reduction_is_raised_and_stops_the_pass():
     with pytest.raises(ValueError, match="not a number"):
         collect_statistics(model, _batches(feeds, 2), backend=Broken(), threads=2)
     assert not [t for t in threading.enumerate() if t.name.startswith("quantlab-stats")]
+
+
+def test_reshaped_tensors_share_their_source_statistics_and_match_a_direct_histogram():
+    """Reshape/Unsqueeze outputs are not run out of the model again; their statistics are still theirs."""
+    from quantlab.histogram import AbsHistogram
+    from quantlab.stats.collect import value_sources
+
+    model = model_from_proto(models.dynamic_attention())
+    names = activation_names(model.proto)
+    sources = value_sources(model, names)
+    aliased = [t for t in names if sources[t] != t]
+    assert aliased and all(t in names or t in model.input_names for t in sources.values())
+    producers = {n.output[0]: n.op_type for n in model.proto.graph.node}
+    assert not any(producers.get(t) == "Transpose" for t in aliased)  # a transpose reorders: its own statistics
+    feeds = models.random_inputs(model.proto, 12, seed=5)
+    batches = _batches(feeds, 4)
+    stats = collect_statistics(model, batches)
+    runner = get_backend("ort").build(model.proto, outputs=aliased)
+    for t in aliased:
+        direct = AbsHistogram()
+        for b in batches():
+            direct.update(runner.run(b, [t])[t])
+        assert stats.tensors[t] == direct.state(), t

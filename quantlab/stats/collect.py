@@ -50,7 +50,7 @@ from .budget import (
 from .prefetch import prefetched
 from .record import Statistics
 
-__all__ = ["collect_statistics", "batch_feeds", "batch_axes_of", "batch_size_of", "sample_rows"]
+__all__ = ["collect_statistics", "value_sources", "batch_feeds", "batch_axes_of", "batch_size_of", "sample_rows"]
 
 
 def batch_feeds(item: Any) -> Mapping[str, np.ndarray]:
@@ -83,6 +83,35 @@ def sample_rows(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None],
                 stop: int) -> dict[str, np.ndarray]:
     """Samples ``start:stop`` of every input, cut along its own sample axis (inputs without one whole)."""
     return {name: take_samples(value, axes.get(name, 0), slice(start, stop)) for name, value in feeds.items()}
+
+
+_SAME_VALUES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+"""Ops whose output holds their first input's values in the same (row-major) order: the same statistics."""
+
+
+def value_sources(model: LoadedModel, tensors: Sequence[str]) -> dict[str, str]:
+    """For each tensor, the tensor whose values it holds in the same order (itself, unless a Reshape,
+    Flatten, Squeeze, Unsqueeze or Identity made it): statistics are gathered once per source.
+
+    A transformer reshapes most of its activations (heads split and merged): those are not run out of
+    the model a second time. Transpose changes the order, so it is not a source (the first zero decides a
+    zero min's sign).
+    """
+    producers = producer_map(model.proto)
+    inputs = set(model.input_names)
+
+    def source(name: str) -> str:
+        while name not in inputs:
+            node = producers.get(name)
+            if node is None or node.op_type not in _SAME_VALUES or not node.input or node.output[0] != name:
+                break
+            first = node.input[0]
+            if first not in producers and first not in inputs:  # a constant reshaped: keep the tensor itself
+                break
+            name = first
+        return name
+
+    return {t: source(t) for t in tensors}
 
 
 def _check_tensors(model: LoadedModel, tensors: Sequence[str]) -> None:
@@ -262,8 +291,10 @@ def collect_statistics(
         from ..backends import get_backend
 
         backend = get_backend("ort", spinning=False)  # idle ORT threads sleep: the kernels use the cores
-    names = list(tensors) if tensors is not None else activation_names(model.proto)
-    _check_tensors(model, names)
+    wanted = list(tensors) if tensors is not None else activation_names(model.proto)
+    _check_tensors(model, wanted)
+    sources = value_sources(model, wanted)
+    names = list(dict.fromkeys(sources.values()))
     source = iter(batches())
     first = next(source, None)
     if first is None:
@@ -287,7 +318,8 @@ def collect_statistics(
     finally:
         if pool is not None:
             pool.shutdown()
-    return Statistics(tensors={t: reducers[t].state() for t in names}, samples=samples, batches=n_batches,
+    states = {t: reducers[t].state() for t in names}
+    return Statistics(tensors={t: states[sources[t]] for t in wanted}, samples=samples, batches=n_batches,
                       model_sha256=model.sha256, bins=bins, huge_threshold=float(huge_threshold), passes=len(groups),
                       backend=backend.describe().as_dict() if hasattr(backend, "describe") else {})
 
