@@ -40,7 +40,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .binning import merge_pairs, power_of_two_above, update_counts
+from .binning import merge_pairs, partial_tables, power_of_two_above, update_counts
 from .calibrators import percentile_of_cumulative
 from .methods import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD
 
@@ -251,6 +251,14 @@ class AbsHistogram:
         self.nonfinite = 0
         self.huge = 0
         self.zeros = 0
+        self._tables: np.ndarray | None = None  # update_counts' scratch, made on the first large update
+
+    def _scratch(self, size: int) -> np.ndarray | None:
+        if size < self.bins:
+            return None
+        if self._tables is None:
+            self._tables = partial_tables(self.bins)
+        return self._tables
 
     def _grow_to(self, new_upper: float) -> None:
         if self.upper == 0.0:
@@ -265,7 +273,7 @@ class AbsHistogram:
         """Add every element of ``array`` (any shape; float16/32/64)."""
         flat = _flat_float(array)
         if flat.size:
-            self._add(*update_counts(flat, self.counts, self.upper, self.huge_threshold))
+            self._add(*update_counts(flat, self.counts, self.upper, self.huge_threshold, self._scratch(flat.size)))
 
     def update_values(self, pieces: Sequence[np.ndarray], in_layout: Callable[[], np.ndarray]) -> None:
         """:meth:`update` for a tensor given as ``pieces`` in another order than its layout (a backend's own).
@@ -280,8 +288,8 @@ class AbsHistogram:
             flat = _flat_float(piece)
             if not flat.size:
                 continue
-            pmn, pmx, pu, pnf, ph, pz, pnz, self.upper = update_counts(flat, self.counts, self.upper,
-                                                                       self.huge_threshold)
+            pmn, pmx, pu, pnf, ph, pz, pnz, self.upper = update_counts(
+                flat, self.counts, self.upper, self.huge_threshold, self._scratch(flat.size))
             mn, mx = min(mn, pmn), max(mx, pmx)
             usable, nonfinite, n_huge, zeros, negzeros = (usable + pu, nonfinite + pnf, n_huge + ph, zeros + pz,
                                                           negzeros + pnz)
