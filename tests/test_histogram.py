@@ -368,3 +368,19 @@ def test_update_values_in_another_order_keeps_the_first_zero_of_the_layout(first
     got.update_values((nonneg.ravel()[order],), lambda: nonneg)
     assert got.state() == want.state()
     assert math.copysign(1.0, got.state().max) == math.copysign(1.0, want.state().max)
+
+
+def test_the_reused_partial_tables_are_zero_between_updates_and_change_nothing():
+    """A histogram passes the same int32 scratch to every update: it must come back zero (range growth too)."""
+    rng = np.random.default_rng(9)
+    arrays = [rng.normal(0, s, 3 * 2048 + 5).astype(np.float32) for s in (0.1, 5.0, 0.01, 300.0)]
+    reused = AbsHistogram(2048)
+    for a in arrays:
+        reused.update(a)
+        assert reused._tables is not None and not reused._tables.any()
+    fresh = AbsHistogram(2048)
+    for a in arrays:  # in parts smaller than the bins: straight into the counts, never the scratch
+        for part in np.array_split(a, len(a) // 1000 + 1):
+            fresh.update(part)
+    assert fresh._tables is None
+    assert reused.state() == fresh.state()
