@@ -299,14 +299,8 @@ def collect_statistics(
     first = next(source, None)
     if first is None:
         raise DataError("the calibration data yielded no batches; give it at least one sample")
-    feeds = batch_feeds(first)
-    sizes = resolved_sizes(model, names, feeds)
-    rows = batch_size_of(first, feeds)
     workers = threads if threads is not None else (os.cpu_count() or 1)
-    in_flight = 2 if workers > 1 else 1  # outputs of the run being reduced and of the run being computed
-    run_rows = samples_per_run(model, sizes, rows, run_budget_bytes // in_flight, batch_axes_of(first))
-    run_sizes = {t: None if v is None else v * run_rows // max(rows, 1) for t, v in sizes.items()}
-    groups = plan_groups(run_sizes, memory_budget_bytes // in_flight) if names else [[]]
+    run_rows, groups = _run_plan(model, names, first, workers, memory_budget_bytes, run_budget_bytes)
     reducers = {t: AbsHistogram(bins, huge_threshold) for t in names}
     pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-stats") if workers > 1 else None
     if pool is not None:
@@ -322,6 +316,19 @@ def collect_statistics(
     return Statistics(tensors={t: states[sources[t]] for t in wanted}, samples=samples, batches=n_batches,
                       model_sha256=model.sha256, bins=bins, huge_threshold=float(huge_threshold), passes=len(groups),
                       backend=backend.describe().as_dict() if hasattr(backend, "describe") else {})
+
+
+def _run_plan(model: LoadedModel, names: Sequence[str], first: Any, workers: int, memory_budget_bytes: int,
+              run_budget_bytes: int) -> tuple[int, list[list[str]]]:
+    """(samples per model run, tensor groups, one pass each) that keep the exposed activations in budget."""
+    feeds = batch_feeds(first)
+    sizes = resolved_sizes(model, names, feeds)
+    rows = batch_size_of(first, feeds)
+    in_flight = 2 if workers > 1 else 1  # outputs of the run being reduced and of the run being computed
+    run_rows = samples_per_run(model, sizes, rows, run_budget_bytes // in_flight, batch_axes_of(first))
+    run_sizes = {t: None if v is None else v * run_rows // max(rows, 1) for t, v in sizes.items()}
+    groups = plan_groups(run_sizes, memory_budget_bytes // in_flight) if names else [[]]
+    return run_rows, [list(g) for g in groups]
 
 
 def _run_groups(setup: _Setup, batches: Callable[[], Iterable[Any]], source: Iterator[Any],
