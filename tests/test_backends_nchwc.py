@@ -97,6 +97,7 @@ def test_statistics_are_identical_to_the_ordinary_path(scope):
     fast = collect_statistics(model, batches, tensors=names, backend=get_backend("ort", spinning=False))
     ordinary = collect_statistics(model, batches, tensors=names, backend=_Ordinary(spinning=False))
     assert set(fast.tensors) == set(names)
+    assert fast.backend["exposed_layout"] == [f"nchwc{BLOCK}"] and ordinary.backend["exposed_layout"] == ["onnx"]
     for t in names:
         assert fast.tensors[t] == ordinary.tensors[t], t
 

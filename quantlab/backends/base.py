@@ -72,6 +72,9 @@ class Runner(abc.ABC):
 
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    layout: str = "onnx"
+    """How a run returns exposed tensors: ``"onnx"`` (arrays in their ONNX layout) or the backend's own
+    storage order as :class:`TensorValues` (``"nchwc16"``: ONNX Runtime's blocks of 16 channels)."""
 
     @abc.abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -294,6 +294,7 @@ class BlockedRunner(Runner):
         self._runner = runner
         self._blocked = dict(blocked)
         self.block = block
+        self.layout = f"nchwc{block}"
         self.input_names = runner.input_names
         self.output_names = tuple(output_names)
 

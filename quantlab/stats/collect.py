@@ -145,6 +145,7 @@ class _Setup:
     pool: Any
     workers: int
     run_rows: int
+    layouts: set[str]  # how the runners returned the exposed tensors (for provenance)
 
 
 def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batch: Callable[[Any], None] | None,
@@ -159,6 +160,8 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
     input_names = set(setup.model.input_names)
     exposed = [t for t in group if t not in input_names]
     runner = setup.backend.build_values(setup.model.proto, exposed) if exposed else None
+    if runner is not None:
+        setup.layouts.add(str(getattr(runner, "layout", "onnx")))
     samples = batches = 0
     stream = prefetched(items, on_batch)
     reductions = _Reductions(setup.reducers, setup.pool, setup.workers)
@@ -306,7 +309,7 @@ def collect_statistics(
     if pool is not None:
         pool.submit(warm_up)  # loads the compiled kernels while the session is built
     try:
-        setup = _Setup(model, reducers, backend, pool, workers, run_rows)
+        setup = _Setup(model, reducers, backend, pool, workers, run_rows, set())
         samples, n_batches = _run_groups(setup, batches, _chain_first(first, source), groups, on_batch, progress,
                                          total)
     finally:
@@ -315,7 +318,8 @@ def collect_statistics(
     states = {t: reducers[t].state() for t in names}
     return Statistics(tensors={t: states[sources[t]] for t in wanted}, samples=samples, batches=n_batches,
                       model_sha256=model.sha256, bins=bins, huge_threshold=float(huge_threshold), passes=len(groups),
-                      backend=backend.describe().as_dict() if hasattr(backend, "describe") else {})
+                      backend={**(backend.describe().as_dict() if hasattr(backend, "describe") else {}),
+                               "exposed_layout": sorted(setup.layouts)})
 
 
 def _run_plan(model: LoadedModel, names: Sequence[str], first: Any, workers: int, memory_budget_bytes: int,
