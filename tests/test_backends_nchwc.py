@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import models
 import numpy as np
 import onnx
 import onnxruntime
 import pytest
 
-import models
 from quantlab.backends import get_backend
 from quantlab.backends.base import TensorValues
-from quantlab.backends.nchwc import BlockedRunner, block_size, blocked_graph, in_layout, values_of
+from quantlab.backends.nchwc import (
+    BlockedRunner,
+    block_size,
+    blocked_graph,
+    in_layout,
+    values_of,
+)
 from quantlab.backends.ort import OrtBackend
 from quantlab.graph import activation_names, model_from_proto, tensor_specs
 from quantlab.stats import collect_statistics
