@@ -177,13 +177,18 @@ class _Rewrite:
         return new
 
     def reorder_back(self, needed: set[str]) -> None:
-        """A ReorderOutput for every NCHW tensor still read whose producer now writes only its blocked twin."""
+        """A ReorderOutput for every NCHW tensor still read whose producer now writes only its blocked twin,
+        placed right after the twin's producer (the nodes stay in topological order)."""
         produced = {o for n in self.nodes for o in n.output}
-        for name in sorted(needed - produced):
-            if name in self.blocked:
-                self.nodes.append(helper.make_node("ReorderOutput", [self.blocked[name]], [name],
-                                                   domain=NCHWC_DOMAIN, channels=self.channels[name],
-                                                   channels_last=0, name=name + "::reorder"))
+        pending = {self.blocked[name]: helper.make_node("ReorderOutput", [self.blocked[name]], [name],
+                                                        domain=NCHWC_DOMAIN, channels=self.channels[name],
+                                                        channels_last=0, name=name + "::reorder")
+                   for name in sorted(needed - produced) if name in self.blocked}
+        nodes: list[onnx.NodeProto] = []
+        for node in self.nodes:
+            nodes.append(node)
+            nodes.extend(pending.pop(o) for o in node.output if o in pending)
+        self.nodes = nodes + list(pending.values())  # a twin no node writes: ORT rejects it, build() takes over
 
 
 def _needed_nchw(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str]) -> set[str]:
@@ -191,25 +196,15 @@ def _needed_nchw(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str]) -> set
 
 
 def _live(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str]) -> list[onnx.NodeProto]:
-    """The nodes ``outputs`` depend on, producers before consumers (ONNX requires it)."""
-    producers = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-    order: list[onnx.NodeProto] = []
-    state: dict[int, bool] = {}  # False: being visited, True: placed
-    stack = [(producers[o], False) for o in reversed(outputs) if o in producers]
-    while stack:
-        k, expanded = stack.pop()
-        if expanded:
-            if not state.get(k):
-                state[k] = True
-                order.append(nodes[k])
-            continue
-        if k in state:
-            continue
-        state[k] = False
-        stack.append((k, True))
-        stack.extend((producers[t], False) for t in reversed(nodes[k].input) if t in producers
-                     and producers[t] not in state)
-    return order
+    """The (topologically ordered) ``nodes`` that ``outputs`` depend on, in their order."""
+    needed = set(outputs)
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(t for t in node.input if t)
+    kept.reverse()
+    return kept
 
 
 def blocked_graph(optimized: onnx.ModelProto, exposed: Sequence[str], model_outputs: Sequence[str],
@@ -233,8 +228,8 @@ def blocked_graph(optimized: onnx.ModelProto, exposed: Sequence[str], model_outp
                if t in rewrite.blocked and t not in model_outputs and rewrite.channels.get(t, 0) > 0}
     outputs = list(model_outputs) + [blocked[t].name if t in blocked else t for t in exposed
                                      if t not in model_outputs]
-    rewrite.reorder_back(_needed_nchw(rewrite.nodes, [o for o in outputs if o not in
-                                                      {b.name for b in blocked.values()}]))
+    twins = {b.name for b in blocked.values()}
+    rewrite.reorder_back(_needed_nchw(rewrite.nodes, [o for o in outputs if o not in twins]))
     nodes = [_copied(n) for n in _live(rewrite.nodes, outputs)]
     infos = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) if o not in model_outputs
              else _copied(_output_info(optimized.graph, o)) for o in outputs]

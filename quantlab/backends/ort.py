@@ -242,21 +242,23 @@ class OrtBackend(Backend):
         (ORT cannot save a model over 2 GB without external data, for one)."""
         model_outputs = [o.name for o in model.graph.output]
         extra = [n for n in outputs if n not in model_outputs]
+        block = block_size(self._ort)
         if (not extra or self.optimization != "all" or self.providers != ["CPUExecutionProvider"]
-                or not any(n.op_type == "Conv" for n in model.graph.node) or block_size(self._ort) is None):
+                or not any(n.op_type == "Conv" for n in model.graph.node) or block is None):
             return self.build(model, outputs=outputs)
+        fuse = self.fuses(model)
         try:
             optimized = self.optimized_model(_with_typed_outputs(model, extra))
             graph, blocked = blocked_graph(optimized, extra, model_outputs, tensor_specs(model))
             if not blocked:
                 return self.build(model, outputs=outputs)
-            so = self._session_options(self.fuses(model))
+            so = self._session_options(fuse)
             so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ORT's plan, rewritten
             session = self._ort.InferenceSession(serialize(graph), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception:  # the ordinary session is always right; it raises the error that names the problem
             return self.build(model, outputs=outputs)
-        runner = OrtRunner(session, [o.name for o in graph.graph.output], qdq_fusion=self.fuses(model))
-        return BlockedRunner(runner, blocked, int(block_size(self._ort) or 0), model_outputs + extra)
+        runner = OrtRunner(session, [o.name for o in graph.graph.output], qdq_fusion=fuse)
+        return BlockedRunner(runner, blocked, block, model_outputs + extra)
 
     def optimized_model(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """The graph ONNX Runtime actually runs after its optimisations (fusions, layout).
