@@ -778,3 +778,42 @@ def blocked_layout_net(seed: int = 0, channels: int = 12, size: int = 14) -> onn
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])]
     inits = [_init(k, np.asarray(v, dtype=np.float32)) for k, v in w.items()]
     return _model(nodes, inputs, outputs, inits, "blocked_layout_net")
+
+
+def clipped_activations_net(seed: int = 0, channels: int = 8, size: int = 8) -> onnx.ModelProto:
+    """Every kind of Relu / Clip the statistics pass may derive from its input, and kinds it must not.
+
+    input[N,4,H,W] -> Neg (x0: -0.0 where the input is +0.0) -> Relu (r0)          derived
+    r0 -> Conv (c1) -> Clip(0, 6) (c1_6)                                              derived
+                   -> Clip(0, 3) (c1_3)        a second clip of c1                    not derived
+    c1 * gain (m) -> Clip(Constant 0, Constant 1.5) (m_c)                             derived (Constant bounds)
+    c1 + c1_6 (s) -> Clip(-1, 1) (s_c)         min below 0                             not derived
+    s -> Clip(-0.0, 2) (s_z)                   min -0.0                               not derived
+    m -> Clip(0) (m_open)                      no max: a Relu                         derived
+    output = r0-free sum of the clips (so every branch reaches it) -> out[N,8,H,W]
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+    inits = [_init(k, np.asarray(v, dtype=np.float32)) for k, v in {
+        "w1": rng.normal(0, 0.4, (c, 4, 3, 3)), "b1": rng.normal(0, 0.3, c), "gain": rng.uniform(0.5, 3.0, (1, c, 1, 1)),
+        "zero": np.array(0.0), "six": np.array(6.0), "three": np.array(3.0), "neg1": np.array(-1.0),
+        "one": np.array(1.0), "negzero": np.array(-0.0), "two": np.array(2.0)}.items()]
+    nodes = [
+        helper.make_node("Neg", ["input"], ["x0"]),
+        helper.make_node("Relu", ["x0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c1", "zero", "six"], ["c1_6"]),
+        helper.make_node("Clip", ["c1", "zero", "three"], ["c1_3"]),
+        helper.make_node("Mul", ["c1", "gain"], ["m"]),
+        helper.make_node("Constant", [], ["lo_c"], value=helper.make_tensor("lo_c", TensorProto.FLOAT, [], [0.0])),
+        helper.make_node("Constant", [], ["hi_c"], value=helper.make_tensor("hi_c", TensorProto.FLOAT, [], [1.5])),
+        helper.make_node("Clip", ["m", "lo_c", "hi_c"], ["m_c"]),
+        helper.make_node("Add", ["c1", "c1_6"], ["s"]),
+        helper.make_node("Clip", ["s", "neg1", "one"], ["s_c"]),
+        helper.make_node("Clip", ["s", "negzero", "two"], ["s_z"]),
+        helper.make_node("Clip", ["m", "zero"], ["m_open"]),
+        helper.make_node("Sum", ["c1_3", "m_c", "s_c", "s_z", "m_open"], ["out"]),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, size, size])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", c, size, size])]
+    return _model(nodes, inputs, outputs, inits, "clipped_activations_net")

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..backends.base import Backend, TensorValues
 from ..binning import warm_up
+from ..clipped import ClippedPair, NotDerivable
 from ..data.batches import take_samples
 from ..errors import CalibrationError, DataError
 from ..graph import LoadedModel, activation_names, producer_map
@@ -47,6 +48,7 @@ from .budget import (
     resolved_sizes,
     samples_per_run,
 )
+from .pairs import clipped_pairs
 from .prefetch import prefetched
 from .record import Statistics
 
@@ -140,7 +142,7 @@ class _Setup:
     """What every pass shares: the model, the reducers, the backend, the kernel threads, samples per model run."""
 
     model: LoadedModel
-    reducers: Mapping[str, AbsHistogram]
+    reducers: Mapping[str, AbsHistogram | ClippedPair]
     backend: Any
     pool: Any
     workers: int
@@ -205,7 +207,7 @@ class _Reductions:
     (95 futures per run cost 1 ms of Python; a queue balances as well).
     """
 
-    def __init__(self, reducers: Mapping[str, AbsHistogram], pool: Any, workers: int) -> None:
+    def __init__(self, reducers: Mapping[str, AbsHistogram | ClippedPair], pool: Any, workers: int) -> None:
         self._reducers = reducers
         self._pool = pool
         self._workers = workers
@@ -271,6 +273,7 @@ def collect_statistics(
     total: int | None = None,
     threads: int | None = None,
     run_budget_bytes: int = DEFAULT_RUN_BUDGET,
+    derive_clipped: bool = True,
 ) -> Statistics:
     """Histograms of |x| (plus min/max/counts) of ``tensors`` over every batch ``batches()`` yields.
 
@@ -279,13 +282,17 @@ def collect_statistics(
     ``.feeds`` mapping (``quantlab.data.Batch``). It is called once per pass.
     ``tensors`` defaults to every float activation
     (:func:`quantlab.graph.activation_names`); ``backend`` to ONNX Runtime.
-    ``on_batch(item)`` runs on each item of the first pass before the model
-    sees it (fingerprinting, NaN checks). ``total`` is the expected number of
+    ``on_batch(item)`` runs once on each item, before the model sees it
+    (fingerprinting, NaN checks). ``total`` is the expected number of
     samples, for the progress bar. ``threads`` (default: all cores) reduce
     several tensors at once, while the model computes the next run;
     ``run_budget_bytes`` caps the exposed activations in memory (a larger batch
     runs in slices; with threads, two runs of half the budget each are in
-    flight); results depend on neither.
+    flight); results depend on neither. ``derive_clipped``: a Relu or
+    ``Clip(x, 0, h)`` of a calibrated ``x`` is derived from ``x``'s values
+    (quantlab.clipped), not exposed; the same results, unless the data holds
+    values that make it ambiguous (NaN, inf, -0.0), and then the pass starts again
+    with every tensor exposed.
 
     Raises DataError when the data is empty or a later pass sees different
     data, CalibrationError for a tensor name the model does not produce.
@@ -296,30 +303,83 @@ def collect_statistics(
         backend = get_backend("ort", spinning=False)  # idle ORT threads sleep: the kernels use the cores
     wanted = list(tensors) if tensors is not None else activation_names(model.proto)
     _check_tensors(model, wanted)
+    options = _Options(bins, float(huge_threshold), memory_budget_bytes, run_budget_bytes,
+                       threads if threads is not None else (os.cpu_count() or 1), progress, total)
+    once = _OncePerItem(on_batch)
+    if derive_clipped:
+        try:
+            return _collect(model, batches, wanted, backend, options, once, derive=True)
+        except NotDerivable:
+            once.rewind()  # items already seen are not passed to on_batch again
+    return _collect(model, batches, wanted, backend, options, once, derive=False)
+
+
+@dataclass(frozen=True)
+class _Options:
+    bins: int
+    huge_threshold: float
+    memory_budget_bytes: int
+    run_budget_bytes: int
+    workers: int
+    progress: bool
+    total: int | None
+
+
+class _OncePerItem:
+    """``on_batch`` for the items of the first pass, skipping those a pass that was started again already saw."""
+
+    def __init__(self, on_batch: Callable[[Any], None] | None) -> None:
+        self._on_batch = on_batch
+        self._seen = 0
+        self._skip = 0
+
+    def __call__(self, item: Any) -> None:
+        if self._skip:
+            self._skip -= 1
+            return
+        if self._on_batch is not None:
+            self._on_batch(item)
+        self._seen += 1
+
+    def rewind(self) -> None:
+        self._skip = self._seen
+        self._seen = 0
+
+
+def _collect(model: LoadedModel, batches: Callable[[], Iterable[Any]], wanted: Sequence[str], backend: Any,
+             options: _Options, on_batch: _OncePerItem, *, derive: bool) -> Statistics:
     sources = value_sources(model, wanted)
     names = list(dict.fromkeys(sources.values()))
+    inputs = set(model.input_names)
+    pairs = clipped_pairs(model, names, options.huge_threshold, [t for t in names if t not in inputs]) \
+        if derive else {}
+    derived = {y: x for x, (y, _) in pairs.items()}
+    measured = [t for t in names if t not in derived]
     source = iter(batches())
     first = next(source, None)
     if first is None:
         raise DataError("the calibration data yielded no batches; give it at least one sample")
-    workers = threads if threads is not None else (os.cpu_count() or 1)
-    run_rows, groups = _run_plan(model, names, first, workers, memory_budget_bytes, run_budget_bytes)
-    reducers = {t: AbsHistogram(bins, huge_threshold) for t in names}
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-stats") if workers > 1 else None
+    run_rows, groups = _run_plan(model, measured, first, options.workers, options.memory_budget_bytes,
+                                 options.run_budget_bytes)
+    reducers: dict[str, Any] = {t: ClippedPair(pairs[t][1], options.bins, options.huge_threshold) if t in pairs
+                                else AbsHistogram(options.bins, options.huge_threshold) for t in measured}
+    pool = ThreadPoolExecutor(options.workers, thread_name_prefix="quantlab-stats") if options.workers > 1 else None
     if pool is not None:
         pool.submit(warm_up)  # loads the compiled kernels while the session is built
     try:
-        setup = _Setup(model, reducers, backend, pool, workers, run_rows, set())
-        samples, n_batches = _run_groups(setup, batches, _chain_first(first, source), groups, on_batch, progress,
-                                         total)
+        setup = _Setup(model, reducers, backend, pool, options.workers, run_rows, set())
+        samples, n_batches = _run_groups(setup, batches, _chain_first(first, source), groups, on_batch,
+                                         options.progress, options.total)
     finally:
         if pool is not None:
             pool.shutdown()
-    states = {t: reducers[t].state() for t in names}
+    states = {t: reducers[t].state() for t in measured}
+    states.update({y: reducers[x].clipped_state() for y, x in derived.items()})
     return Statistics(tensors={t: states[sources[t]] for t in wanted}, samples=samples, batches=n_batches,
-                      model_sha256=model.sha256, bins=bins, huge_threshold=float(huge_threshold), passes=len(groups),
+                      model_sha256=model.sha256, bins=options.bins, huge_threshold=options.huge_threshold,
+                      passes=len(groups),
                       backend={**(backend.describe().as_dict() if hasattr(backend, "describe") else {}),
-                               "exposed_layout": sorted(setup.layouts)})
+                               "exposed_layout": sorted(setup.layouts), "derived_clipped": len(derived)})
 
 
 def _run_plan(model: LoadedModel, names: Sequence[str], first: Any, workers: int, memory_budget_bytes: int,
