@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..fingerprint import ArrayHasher
@@ -96,6 +94,8 @@ class DataSummary:
 
     def to_frame(self) -> Any:
         """One row per input: dtype, per-sample shape, min, max, mean, std (``attrs``: count, sha256)."""
+        import pandas as pd  # 0.3 s: only for whoever asks for a table
+
         frame = pd.DataFrame([{
             "input": s.name, "dtype": s.dtype, "shape": format_shape(s.shape),
             "min": s.min, "max": s.max, "mean": s.mean, "std": s.std,
@@ -230,6 +230,8 @@ def summarize(dataset: DataSet, batch_size: int = 16, *, progress: bool = False)
     fingerprint = DataFingerprint()
     batches: Any = dataset.batches(batch_size)
     if progress:
+        from tqdm.auto import tqdm
+
         batches = tqdm(batches, total=math.ceil(len(dataset) / batch_size), unit="batch",
                        desc=f"summarize {getattr(dataset, 'name', 'data')}")
     for batch in batches:
