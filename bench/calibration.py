@@ -23,7 +23,8 @@ summary gives both ratios. ``peak_rss_mb`` is ``ru_maxrss``. Configurations
 run in turn, one model and sample count at a time, so the ratios compare runs
 made side by side:
 
-- ``plain``: FP32 inference only (ONNX Runtime, default options): the yardstick;
+- ``plain``: FP32 inference only (ONNX Runtime, default options) at ``--batch-size``: the yardstick;
+- ``plain-b1``: the same at batch 1, the issue's own yardstick (``wall_per_sample_x_plain_b1``);
 - ``quantlab``: ``--method all`` (minmax, percentile, entropy, mse from one pass) with
   scope ``all`` (every float activation, the default) and ``quantizable``, and
   ``entropy`` alone (the CLI default), through ``quantlab.calibrate.calibrate``
@@ -240,7 +241,7 @@ def _cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
 
 
 def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    run = {"plain": _run_plain, "quantlab": _run_quantlab, "baseline": _run_quantlab,
+    run = {"plain": _run_plain, "plain-b1": _run_plain, "quantlab": _run_quantlab, "baseline": _run_quantlab,
            "onnxruntime": _run_onnxruntime}[cfg["tool"]]
     cpu = _cpu_seconds()
     result = run(cfg)
@@ -272,6 +273,7 @@ def _configs(n: int, tools: list[str], baseline: str | None) -> list[dict[str, A
     out: list[dict[str, Any]] = []
     if "plain" in tools:
         out.append({"tool": "plain", "method": "-", "scope": "-"})
+        out.append({"tool": "plain-b1", "method": "-", "scope": "-", "batch_size": 1})  # the yardstick
     if "quantlab" in tools:
         out += [{"tool": "quantlab", "method": ["all", "mse"], "scope": "all"},
                 {"tool": "quantlab", "method": ["all", "mse"], "scope": "quantizable"},
@@ -337,6 +339,11 @@ def _summarise(rows: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, A
                     base = (plain[b][key] - plain[a][key]) / (b - a)
                     row[f"{name}_ms_per_sample"] = round(1000 * ours, 2)
                     row[f"{name}_per_sample_x"] = round(ours / base, 2) if base > 0 else None
+                b1 = {r["samples"]: r for r in mine if r["tool"] == "plain-b1"}
+                if a in b1 and b in b1:
+                    base = (b1[b]["seconds"] - b1[a]["seconds"]) / (b - a)
+                    row["wall_per_sample_x_plain_b1"] = round((runs[b]["seconds"] - runs[a]["seconds"]) / (b - a)
+                                                              / base, 2) if base > 0 else None
             row["load_average_max"] = max(r.get("load_average", 0.0) for r in runs.values())
             row["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in runs.values()))
             row["rss_growth"] = round(runs[max(runs)]["peak_rss_mb"] / runs[min(runs)]["peak_rss_mb"] - 1, 3)
@@ -377,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"model {key}: {labels[key]}", flush=True)
             for n in sizes:
                 for cfg in _configs(n, tools, args.baseline):
-                    cfg.update(model=path, model_key=key, batch_size=args.batch_size)
+                    cfg = {"batch_size": args.batch_size, **cfg, "model": path, "model_key": key}
                     row = _best_of(cfg, rows, args.repeat, args.max_run_seconds)
                     rows.append(row)
                     print(" ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()

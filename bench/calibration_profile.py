@@ -9,11 +9,14 @@ Each stage runs alone, in one process, on the same batches (made once, before an
     plain             ONNX Runtime, the model's outputs only (2 threads, idle threads sleep)
     exposed           every float activation exposed, each in its ONNX layout (ORT reorders NCHWc
                       tensors back, runs the activations unfused, reorders again)
-    exposed-blocked   the same tensors as the statistics pass exposes them (quantlab.backends.nchwc)
-    histograms        every tensor's histogram update alone, one thread (the reducers' work)
+    exposed-blocked   the same tensors, blocked (quantlab.backends.nchwc)
+    exposed-measured  blocked, without the Relu/Clip outputs derived from their inputs: what the pass exposes
+    histograms        every tensor's own histogram update, one thread (the reducers' work before derivation)
+    histograms-derived  the pass's reducers, one thread: a derived pair's input binned once for both
     pass              the whole statistics pass (quantlab.stats.collect_statistics: run k+1 computes
                       while run k is reduced on the pool), its session build included; page faults per
                       sample (mostly the fresh session's first runs: on a VM a fault can cost ~10 us)
+    pass-no-derive    the same with ``derive_clipped=False`` (every tensor exposed)
     tables            each method's table from the pass's statistics (ms per table, not per sample)
 
 Also recorded once: import time of quantlab.calibrate, model load, session build of each kind, values
@@ -75,9 +78,11 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 def profile(name: str, samples: int, batch: int, repeat: int, tmp: Path) -> dict[str, Any]:
     from quantlab.backends import get_backend
     from quantlab.backends.base import TensorValues
+    from quantlab.clipped import ClippedPair
     from quantlab.graph import activation_names, load_model
-    from quantlab.histogram import AbsHistogram
+    from quantlab.histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, AbsHistogram
     from quantlab.stats import collect_statistics
+    from quantlab.stats.pairs import clipped_pairs
 
     path, label = _model(name, tmp)
     model, load_s = _timed(lambda: load_model(path))
@@ -87,24 +92,32 @@ def profile(name: str, samples: int, batch: int, repeat: int, tmp: Path) -> dict
     plain, build_plain = _timed(lambda: backend.build(model.proto))
     exposed, build_exposed = _timed(lambda: backend.build(model.proto, outputs=names))
     blocked, build_blocked = _timed(lambda: backend.build_values(model.proto, names))
+    pairs = clipped_pairs(model, names, DEFAULT_HUGE_THRESHOLD, names)
+    derived = {y for y, _ in pairs.values()}
+    measured = [t for t in names if t not in derived]
+    blocked_measured = backend.build_values(model.proto, measured)
     rows = [{"stage": "plain", **_best(lambda: [plain.run(b) for b in batches], repeat, samples)},
             {"stage": "exposed", **_best(lambda: [exposed.run(b, names) for b in batches], repeat, samples)},
-            {"stage": "exposed-blocked", **_best(lambda: [blocked.run(b, names) for b in batches], repeat, samples)}]
+            {"stage": "exposed-blocked", **_best(lambda: [blocked.run(b, names) for b in batches], repeat, samples)},
+            {"stage": "exposed-measured",
+             **_best(lambda: [blocked_measured.run(b, measured) for b in batches], repeat, samples)}]
     outputs = [blocked.run(b, names) for b in batches]
     values = sum(v.size if isinstance(v, TensorValues) else np.size(v) for v in outputs[0].values()) / len(
         next(iter(batches[0].values())))
 
-    def histograms() -> None:
-        reducers = {t: AbsHistogram() for t in names}
+    def histograms(derive: bool) -> None:
+        reducers = {t: ClippedPair(pairs[t][1], DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD) if derive and t in pairs
+                    else AbsHistogram() for t in (measured if derive else names)}
         for out in outputs:
-            for t in names:
+            for t, reducer in reducers.items():
                 v = out[t]
                 if isinstance(v, TensorValues):
-                    reducers[t].update_values(v.pieces, v.in_layout)
+                    reducer.update_values(v.pieces, v.in_layout)
                 else:
-                    reducers[t].update(v)
+                    reducer.update(v)
 
-    rows.append({"stage": "histograms", **_best(histograms, repeat, samples)})
+    rows.append({"stage": "histograms", **_best(lambda: histograms(False), repeat, samples)})
+    rows.append({"stage": "histograms-derived", **_best(lambda: histograms(True), repeat, samples)})
     outputs.clear()  # the arrays are freed before the whole pass runs
     stats: dict[str, Any] = {}
 
@@ -112,10 +125,14 @@ def profile(name: str, samples: int, batch: int, repeat: int, tmp: Path) -> dict
         stats["s"] = collect_statistics(model, lambda: iter(batches), backend=backend)
 
     rows.append({"stage": "pass", **_best(whole_pass, repeat, samples)})
+    rows.append({"stage": "pass-no-derive", **_best(
+        lambda: collect_statistics(model, lambda: iter(batches), backend=backend, derive_clipped=False), repeat,
+        samples)})
     tables = {}
     for method in ("minmax", "percentile", "entropy", "mse"):
         _, tables[method] = _timed(lambda m=method: table_from_statistics(stats["s"], m, versions={}))
     return {"model": name, "label": label, "tensors": len(names), "values_per_sample": int(values),
+            "derived_tensors": len(derived),
             "blocked_tensors": sum(isinstance(v, TensorValues) for v in blocked.run(batches[0], names).values()),
             "seconds": {"import_quantlab_calibrate": round(IMPORT_SECONDS, 3), "load_model": load_s,
                         "build_plain": build_plain, "build_exposed": build_exposed, "build_blocked": build_blocked,
@@ -141,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             result = profile(name, args.samples, args.batch_size, args.repeat, Path(tmp))
             results.append(result)
             print(f"{result['label']}: {result['tensors']} tensors ({result['blocked_tensors']} blocked), "
-                  f"{result['values_per_sample'] / 1e6:.1f} M values a sample; seconds: {result['seconds']}")
+                  f"{result['values_per_sample'] / 1e6:.1f} M values a sample, {result['derived_tensors']} derived; "
+                  f"seconds: {result['seconds']}")
             table = pd.DataFrame(result["rows"]).set_index("stage")
             table["wall_x_plain"] = (table["wall_ms"] / table.loc["plain", "wall_ms"]).round(2)
             print(table.to_string(), "\n")

@@ -31,13 +31,19 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .binning import CHUNK, _grow, compiled, huge_bits, merge_pairs
+from .binning import (
+    CHUNK,
+    _grow,
+    _key_float,
+    _scan_bits,
+    compiled,
+    huge_bits,
+    merge_pairs,
+)
 from .histogram import AbsHistogram, HistogramState
 
 __all__ = ["ClippedPair", "NotDerivable", "derivable_limit"]
 
-_ABS = 0x7FFFFFFF
-_NEG_ZERO = -0x80000000
 _F32_NORMAL_MIN = 2.0**-126
 _F32_POW2_MAX = 2.0**127
 _MAX_VALUES = 1 << 30
@@ -62,49 +68,23 @@ def derivable_limit(h: float, huge_threshold: float) -> float | None:
 
 
 @compiled(nogil=True, boundscheck=False)
-def _scan_pair(flat, bits, out, limit, p_limit, p_scale, q_scale, offset, p_cap, q_cap):
-    # pragma: no cover - compiled
-    """One chunk's (min key, max key, zeros, -0.0 count, bad count, negatives, x >= R_h), and each value's
-    bin index at the current ranges (as :func:`_pair_indices`; redone when the chunk grows a range).
-
-    Keys as in quantlab.binning._scan_bits; ``p_limit`` is the bit pattern of R_h (of +inf for Relu).
-    """
-    kmin = np.int32(0x7FFFFFFF)
-    kmax = np.int32(-0x80000000)
-    zeros = 0
-    negz = 0
-    bad = 0
-    neg = 0
-    big = 0
-    for i in range(bits.size):
-        b = bits[i]
-        key = b ^ ((b >> np.int32(31)) & np.int32(_ABS))
-        kmin = min(kmin, key)
-        kmax = max(kmax, key)
-        mag = b & np.int32(_ABS)
-        zeros += mag == 0
-        negz += b == np.int32(_NEG_ZERO)
-        bad += mag >= limit
-        neg += b < 0
-        big += b >= p_limit
-        in_p = np.uint32(0) - np.uint32((b >= np.int32(0)) & (b < p_limit))
-        a = abs(flat[i])
-        out[i] = (np.uint32(min(a, p_cap) * p_scale) & in_p) | ((offset + np.uint32(min(a, q_cap) * q_scale)) & ~in_p)
-    return kmin, kmax, zeros, negz, bad, neg, big
-
-
-@compiled(nogil=True, boundscheck=False)
 def _pair_indices(flat, bits, out, p_limit, p_scale, q_scale, offset, cap):  # pragma: no cover - compiled
-    """Bin index of each value: P's bins for ``0 <= x < R_h``, ``offset`` + Q's bins of |x| for the others.
+    """Bin index of each value: P's bins for ``0 <= x < R_h``, ``offset`` + Q's bins of |x| for the others;
+    returns (negatives, x >= R_h). ``p_limit`` is the bit pattern of R_h (of +inf for Relu).
 
     Branch-free (a branch mispredicts on signed data: 6 instead of 1.2 ns a value); P's index of a Q value
     is computed from ``min(|x|, cap)`` so that it stays in range, then masked out.
     """
+    neg = 0
+    big = 0
     for i in range(flat.size):
         b = bits[i]
+        neg += b < np.int32(0)
+        big += b >= p_limit
         in_p = np.uint32(0) - np.uint32((b >= np.int32(0)) & (b < p_limit))
         a = abs(flat[i])
         out[i] = (np.uint32(min(a, cap) * p_scale) & in_p) | ((offset + np.uint32(a * q_scale)) & ~in_p)
+    return neg, big
 
 
 @compiled(nogil=True, boundscheck=False)
@@ -115,12 +95,6 @@ def _increment(indices, even, odd):  # pragma: no cover - compiled
         odd[indices[i + 1]] += 1
     for i in range(pairs, indices.size):
         even[indices[i]] += 1
-
-
-@compiled(nogil=True)
-def _key_float(key, scratch):  # pragma: no cover - compiled
-    scratch[0] = key ^ ((key >> np.int32(31)) & np.int32(_ABS))
-    return scratch.view(np.float32)[0]
 
 
 @compiled(nogil=True)
@@ -143,8 +117,8 @@ def _update_pair(flat, p_counts, q_counts, p_upper, q_upper, h, p_limit, limit, 
     Returns ``(ok, min, max, zeros, negatives, big, p_upper, q_upper)``. With ``ok`` False the counts
     are partly updated: the caller drops them (the pass starts again without deriving).
     ``tables``: ``[2, 2 * bins]`` int32 partial tables the counts are pending in (P's bins, then Q's);
-    ``indices``: uint32 scratch of a chunk. One pass over a chunk scans it and computes its bin indices;
-    a second one, only when the chunk widens a range, recomputes them.
+    ``indices``: uint32 scratch of a chunk. Each chunk (in the cache) is scanned (quantlab.binning's scan:
+    min/max, zeros, values that make it not derivable), the ranges grown, then its indices computed and counted.
     """
     bits = flat.view(np.int32)
     scratch = np.empty(1, np.int32)
@@ -158,16 +132,11 @@ def _update_pair(flat, p_counts, q_counts, p_upper, q_upper, h, p_limit, limit, 
     zeros = 0
     neg = 0
     big = 0
-    ok, p_scale, q_scale = _scales(p_upper, q_upper, bins)
+    ok = True
     for start in range(0, flat.size, CHUNK):
-        if not ok:
-            break
         chunk = flat[start:start + CHUNK]
         chunk_bits = bits[start:start + CHUNK]
-        out = indices[:chunk.size]
-        kmin, kmax, z, negz, bad, cneg, cbig = _scan_pair(chunk, chunk_bits, out, limit, p_limit, p_scale, q_scale,
-                                                          np.uint32(bins), np.float32(p_upper),
-                                                          np.float32(q_upper))
+        kmin, kmax, z, negz, bad = _scan_bits(chunk_bits, limit)
         if bad or negz:
             ok = False
             break
@@ -176,17 +145,17 @@ def _update_pair(flat, p_counts, q_counts, p_upper, q_upper, h, p_limit, limit, 
         mn = min(mn, cmn)
         mx = max(mx, cmx)
         zeros += z
-        neg += cneg
-        big += cbig
-        old = (p_upper, q_upper)
         q_upper = _grow(q_counts, q_even, q_odd, q_upper, max(abs(np.float64(cmn)), abs(np.float64(cmx))))
         if cmx > 0.0:
             p_upper = _grow(p_counts, p_even, p_odd, p_upper, min(np.float64(cmx), h))
-        if (p_upper, q_upper) != old:
-            ok, p_scale, q_scale = _scales(p_upper, q_upper, bins)
-            if not ok:  # float32 products would not be exact (ranges near float32's ends)
-                break
-            _pair_indices(chunk, chunk_bits, out, p_limit, p_scale, q_scale, np.uint32(bins), np.float32(p_upper))
+        ok, p_scale, q_scale = _scales(p_upper, q_upper, bins)
+        if not ok:  # float32 products would not be exact (ranges near float32's ends)
+            break
+        out = indices[:chunk.size]
+        cneg, cbig = _pair_indices(chunk, chunk_bits, out, p_limit, p_scale, q_scale, np.uint32(bins),
+                                   np.float32(p_upper))
+        neg += cneg
+        big += cbig
         _increment(out, tables[0], tables[1])
     return ok, mn, mx, zeros, neg, big, p_upper, q_upper
 

@@ -790,6 +790,7 @@ def clipped_activations_net(seed: int = 0, channels: int = 8, size: int = 8) -> 
     c1 + c1_6 (s) -> Clip(-1, 1) (s_c)         min below 0                             not derived
     s -> Clip(-0.0, 2) (s_z)                   min -0.0                               not derived
     m -> Clip(0) (m_open)                      no max: a Relu                         derived
+    r0 -> Relu (rr)                            its input is derived, not run out        not derived
     output = r0-free sum of the clips (so every branch reaches it) -> out[N,8,H,W]
     """
     rng = np.random.default_rng(seed)
@@ -812,7 +813,9 @@ def clipped_activations_net(seed: int = 0, channels: int = 8, size: int = 8) -> 
         helper.make_node("Clip", ["s", "neg1", "one"], ["s_c"]),
         helper.make_node("Clip", ["s", "negzero", "two"], ["s_z"]),
         helper.make_node("Clip", ["m", "zero"], ["m_open"]),
-        helper.make_node("Sum", ["c1_3", "m_c", "s_c", "s_z", "m_open"], ["out"]),
+        helper.make_node("Relu", ["r0"], ["rr"]),
+        helper.make_node("Conv", ["rr", "w1", "b1"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sum", ["c1_3", "m_c", "s_c", "s_z", "m_open", "c2"], ["out"]),
     ]
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, size, size])]
     outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", c, size, size])]

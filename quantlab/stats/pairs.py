@@ -27,7 +27,8 @@ def clipped_pairs(model: LoadedModel, tensors: Sequence[str], huge_threshold: fl
                   exposed: Collection[str]) -> dict[str, tuple[str, float]]:
     """``{x: (y, h)}`` for each ``y = Relu(x)`` (``h`` inf) or ``Clip(x, 0, h)`` with both ``x`` and ``y`` among
     ``tensors``, ``x`` among ``exposed`` (run out of the model), float32 where the graph says, and a
-    constant ``0 < h < huge_threshold``. One ``y`` per ``x`` (the first in graph order)."""
+    constant ``0 < h < huge_threshold``. One ``y`` per ``x`` (the first in graph order); no ``x`` that is
+    another pair's ``y``."""
     wanted = set(tensors)
     exposed = set(exposed)
     specs = tensor_specs(model.proto)
@@ -39,9 +40,9 @@ def clipped_pairs(model: LoadedModel, tensors: Sequence[str], huge_threshold: fl
         if node.op_type not in ("Relu", "Clip") or not node.input or len(node.output) != 1:
             continue
         x, y = node.input[0], node.output[0]
-        if x not in exposed or y not in wanted or x == y or x in pairs or y in taken:
-            continue
-        if any(t in specs and specs[t].dtype not in (None, "float32") for t in (x, y)):
+        if x not in exposed or y not in wanted or x == y or x in pairs or x in taken:
+            continue  # one y per x; an x that is itself derived (Relu(Relu(x))) is not run out of the model
+        if any(t not in specs or specs[t].dtype != "float32" for t in (x, y)):
             continue
         h = _upper_bound(node, inits, producers)
         if h is None or derivable_limit(h, huge_threshold) is None:
