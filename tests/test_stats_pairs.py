@@ -61,6 +61,8 @@ def test_ambiguous_values_start_the_pass_again_without_deriving(poison):
     exposed = collect_statistics(model, _batches(feeds, 4), derive_clipped=False)
     assert seen == [0, 1, 2]
     assert derived.backend["derived_clipped"] == 0
+    why = derived.backend["clipped_not_derived"]  # provenance: which tensor, and why
+    assert any(f"'{x}'" in why for x in ("x0", "c1", "m")) and "-0.0" in why
     _assert_same(derived, exposed)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -242,12 +242,14 @@ def collect_statistics(
     options = _Options(bins, float(huge_threshold), memory_budget_bytes, run_budget_bytes,
                        threads if threads is not None else (os.cpu_count() or 1), progress, total)
     once = _OncePerItem(on_batch)
-    if derive_clipped:
-        try:
-            return _collect(model, batches, wanted, backend, options, once, derive=True)
-        except NotDerivable:
-            once.rewind()  # items already seen are not passed to on_batch again
-    return _collect(model, batches, wanted, backend, options, once, derive=False)
+    if not derive_clipped:
+        return _collect(model, batches, wanted, backend, options, once, derive=False)
+    try:
+        return _collect(model, batches, wanted, backend, options, once, derive=True)
+    except NotDerivable as exc:
+        once.rewind()  # items already seen are not passed to on_batch again
+        again = _collect(model, batches, wanted, backend, options, once, derive=False)
+        return replace(again, backend={**again.backend, "clipped_not_derived": str(exc)})
 
 
 @dataclass(frozen=True)

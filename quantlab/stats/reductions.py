@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import TensorValues
-from ..clipped import ClippedPair
+from ..clipped import ClippedPair, NotDerivable
 from ..histogram import AbsHistogram
 
 __all__ = ["Reductions"]
@@ -58,10 +58,13 @@ class Reductions:
             except queue.Empty:
                 return
             value = outputs[t]
-            if isinstance(value, TensorValues):
-                self._reducers[t].update_values(value.pieces, value.in_layout)
-            else:
-                self._reducers[t].update(value)
+            try:
+                if isinstance(value, TensorValues):
+                    self._reducers[t].update_values(value.pieces, value.in_layout)
+                else:
+                    self._reducers[t].update(value)
+            except NotDerivable as exc:
+                raise NotDerivable(f"{t!r}: {exc}") from None
 
     def wait(self) -> None:
         """Block until the reductions in flight are done; raises the first error of one."""
