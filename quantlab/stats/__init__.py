@@ -4,6 +4,8 @@
       scope.py    which tensors: every float activation, or without the pre-activations TensorRT fuses
       budget.py   samples per model run (run budget) and passes (tensor groups within the memory budget)
       collect.py  the pass: data ──> model with exposed outputs ──> per-tensor histograms (quantlab.histogram)
+      pairs.py    which Relu / Clip(x, 0, h) outputs are derived from their input's pass (quantlab.clipped)
+      reductions.py  one run's reductions on the thread pool while the model computes the next run
       prefetch.py the next batch is made in a thread while the model runs this one
       record.py   the result (Statistics) and its .npz file
 

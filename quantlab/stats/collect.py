@@ -1,10 +1,11 @@
 """Activation statistics in one streaming pass of the FP32 model (after NNCF's statistics collection).
 
-The model is built once with every wanted tensor exposed as an extra output;
-each batch's outputs go straight into per-tensor reducers
-(:class:`quantlab.histogram.AbsHistogram`) and are dropped, so peak memory
-is two runs of activations plus a fixed 128 KiB histogram per tensor, however
-many samples the set holds::
+The model is built once with every wanted tensor exposed as an extra output
+(but the Relu / ``Clip(x, 0, h)`` outputs whose input is exposed: one reducer
+bins ``x`` for both, quantlab.clipped and stats/pairs.py); each batch's outputs
+go straight into per-tensor reducers (:class:`quantlab.histogram.AbsHistogram`)
+and are dropped, so peak memory is two runs of activations plus a fixed 128 KiB
+histogram per tensor, however many samples the set holds::
 
     batches() ──> feeds ──> runner(exposed outputs) ──> {tensor: array} ──> reducers (threads)
                      │                                        (dropped after each run; the model
