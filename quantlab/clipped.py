@@ -20,8 +20,8 @@ which is ``y``'s range, and merging pairs up to a larger range is exact.
 two agree except where ``max(x, 0)`` is implementation-defined, for NaN and
 for -0.0 (``std::max`` keeps -0.0, SSE's ``maxps`` gives +0.0), and where ``x``
 is non-finite or huge. :meth:`ClippedPair.update` raises :class:`NotDerivable`
-on such data (and on ranges outside float32's normal scales), before anything
-is counted; the statistics pass then starts again with ``y`` computed by the model.
+on such data (and on ranges outside float32's normal scales); the pair's counts
+are then unusable, and the statistics pass starts again with ``y`` computed by the model.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .binning import (
     huge_bits,
     merge_pairs,
 )
-from .histogram import AbsHistogram, HistogramState
+from .histogram import HistogramState, checked_bins
 
 __all__ = ["ClippedPair", "NotDerivable", "derivable_limit"]
 
@@ -186,7 +186,7 @@ class ClippedPair:
         limit = derivable_limit(self.h, huge_threshold)
         if limit is None:
             raise ValueError(f"Clip(x, 0, {h}) cannot be derived (max not in (0, {huge_threshold}))")
-        self.bins = int(AbsHistogram(bins, huge_threshold).bins)
+        self.bins = checked_bins(bins)
         self.huge_threshold = float(huge_threshold)
         self._p_limit = np.int32(0x7F800000 if math.isinf(limit) else _float32_bits(limit))
         self._limit = np.int32(huge_bits(huge_threshold))

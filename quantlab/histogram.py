@@ -50,6 +50,7 @@ __all__ = [
     "MAX_BINS",
     "AbsHistogram",
     "HistogramState",
+    "checked_bins",
     "power_of_two_above",
 ]
 
@@ -233,15 +234,20 @@ def _flat_float(array: np.ndarray) -> np.ndarray:
     return np.ravel(flat)
 
 
+def checked_bins(bins: int) -> int:
+    """``bins`` as an int, or ValueError unless it is a power of two in ``[2, MAX_BINS]``."""
+    if bins < 2 or bins & (bins - 1) or bins > MAX_BINS:
+        raise ValueError(f"bins must be a power of two in [2, {MAX_BINS}], got {bins}")
+    return int(bins)
+
+
 class AbsHistogram:
     """Mutable accumulator behind :class:`HistogramState`; feed it batches with :meth:`update`."""
 
     def __init__(self, bins: int = DEFAULT_BINS, huge_threshold: float = DEFAULT_HUGE_THRESHOLD) -> None:
-        if bins < 2 or bins & (bins - 1) or bins > MAX_BINS:
-            raise ValueError(f"bins must be a power of two in [2, {MAX_BINS}], got {bins}")
+        self.bins = checked_bins(bins)
         if not huge_threshold > 0:
             raise ValueError(f"huge_threshold must be > 0, got {huge_threshold}")
-        self.bins = int(bins)
         self.huge_threshold = float(huge_threshold)
         self.counts = np.zeros(self.bins, dtype=np.int64)
         self.upper = 0.0
