@@ -53,7 +53,7 @@ class ArrayHasher:
     def update(self, name: str, array: np.ndarray) -> None:
         a = np.ascontiguousarray(array)
         self._h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        self._h.update(a.tobytes())
+        self._h.update(a.data if a.size else b"")  # the array's own buffer: the bytes of tobytes(), not a copy
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()

@@ -140,14 +140,16 @@ class RunningStats:
         x = sample.astype(np.float64, copy=False)
         n_b = x.size
         mean_b = float(x.mean())
-        m2_b = float(np.square(x - mean_b).sum())
+        deviations = x - mean_b
+        np.multiply(deviations, deviations, out=deviations)  # squared in place: one temporary, not two
+        m2_b = float(deviations.sum())
         n = self.n + n_b
         delta = mean_b - self.mean
         self.mean += delta * n_b / n
         self.m2 += m2_b + delta * delta * self.n * n_b / n
         self.n = n
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
+        self.min = min(self.min, float(sample.min()))  # the same value in the sample's dtype, fewer bytes read
+        self.max = max(self.max, float(sample.max()))
 
     def result(self, name: str) -> InputStats:
         std = math.sqrt(self.m2 / self.n) if self.n else math.nan
