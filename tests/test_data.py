@@ -6,12 +6,12 @@ import hashlib
 import math
 from pathlib import Path
 
+import models
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-import models
 from quantlab.data import (
     ArrayDataSet,
     Batch,
@@ -881,3 +881,32 @@ def test_arrays_read_after_their_header_check_equal_numpys_own_reader(tmp_path):
         assert set(loaded) == set(reference.files)
         for k in reference.files:
             assert loaded[k].dtype == reference[k].dtype and np.array_equal(loaded[k], reference[k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.uint8, np.int64, np.bool_])
+def test_running_stats_and_sample_hash_equal_their_plain_numpy_definitions(dtype):
+    """The fingerprint's shortcuts (min/max in the sample's dtype, squares in place, sha256 over the array's
+    buffer) give the same bits as float64 numpy and ``tobytes()``, for whole arrays and 0-d samples."""
+    import hashlib
+
+    from quantlab.data.summary import RunningStats
+    from quantlab.fingerprint import ArrayHasher
+
+    rng = np.random.default_rng(5)
+    for shape in [(3, 7, 5), ()]:
+        samples = [(rng.standard_normal(shape) * 40).astype(dtype) for _ in range(4)]
+        stats = RunningStats(np.dtype(dtype).name, shape)
+        n = mean = m2 = 0.0
+        for s in samples:
+            stats.add(s)
+            x = np.asarray(s, dtype=np.float64)
+            mean_b, m2_b = float(x.mean()), float(np.square(x - x.mean()).sum())
+            delta, total = mean_b - mean, n + x.size
+            mean, m2, n = mean + delta * x.size / total, m2 + (m2_b + delta * delta * n * x.size / total), total
+        got = stats.result("t")
+        everything = np.stack([np.asarray(s, dtype=np.float64) for s in samples])
+        assert (got.mean, got.std, got.min, got.max) == (mean, math.sqrt(m2 / n), everything.min(), everything.max())
+        hasher = ArrayHasher()
+        hasher.update("t", samples[0])
+        a = np.ascontiguousarray(samples[0])
+        assert hasher.hexdigest() == hashlib.sha256(f"t|{a.dtype.str}|{a.shape}|".encode() + a.tobytes()).hexdigest()

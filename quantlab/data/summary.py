@@ -140,7 +140,7 @@ class RunningStats:
         x = sample.astype(np.float64, copy=False)
         n_b = x.size
         mean_b = float(x.mean())
-        deviations = x - mean_b
+        deviations = np.asarray(x - mean_b)  # a 0-d sample gives a scalar: out= needs an array
         np.multiply(deviations, deviations, out=deviations)  # squared in place: one temporary, not two
         m2_b = float(deviations.sum())
         n = self.n + n_b
