@@ -39,6 +39,7 @@ from .binning import (
     compiled,
     huge_bits,
     merge_pairs,
+    power_of_two_above,
 )
 from .histogram import HistogramState, checked_bins
 
@@ -63,8 +64,7 @@ def derivable_limit(h: float, huge_threshold: float) -> float | None:
         return math.inf
     if h >= huge_threshold or h >= 2.0**127:
         return None
-    _, exponent = math.frexp(h)
-    return math.ldexp(1.0, exponent)
+    return power_of_two_above(h)
 
 
 @compiled(nogil=True, boundscheck=False)
@@ -170,10 +170,6 @@ def _settle(p_counts, q_counts, tables):  # pragma: no cover - compiled
     tables[:] = 0
 
 
-def _float32_bits(value: float) -> int:
-    return int(np.array(value, dtype=np.float32).view(np.int32))
-
-
 class ClippedPair:
     """The reducer of a tensor ``x`` that also yields the statistics of ``Clip(x, 0, h)`` (``h`` inf: Relu).
 
@@ -188,7 +184,7 @@ class ClippedPair:
             raise ValueError(f"Clip(x, 0, {h}) cannot be derived (max not in (0, {huge_threshold}))")
         self.bins = checked_bins(bins)
         self.huge_threshold = float(huge_threshold)
-        self._p_limit = np.int32(0x7F800000 if math.isinf(limit) else _float32_bits(limit))
+        self._p_limit = np.int32(huge_bits(limit))  # x >= R_h as bits (+inf's for Relu: none)
         self._limit = np.int32(huge_bits(huge_threshold))
         self.p_counts = np.zeros(self.bins, np.int64)
         self.q_counts = np.zeros(self.bins, np.int64)
