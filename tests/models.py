@@ -216,6 +216,12 @@ def random_inputs(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str
     return feeds
 
 
+
+def batch_factory(feeds: dict[str, np.ndarray], size: int) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    """A ``batches()`` factory (what collect_statistics takes) cutting ``feeds`` into batches of ``size`` on axis 0."""
+    n = next(iter(feeds.values())).shape[0]
+    return lambda: ({k: v[i:i + size] for k, v in feeds.items()} for i in range(0, n, size))
+
 ALL_BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
     "conv_net": conv_net,
     "residual_net": residual_net,

@@ -28,9 +28,7 @@ def _feeds(name: str, n: int = N_SAMPLES, seed: int = 1) -> dict[str, np.ndarray
     return models.random_inputs(models.ALL_BUILDERS[name](), n, seed=seed)
 
 
-def _batches(feeds: dict[str, np.ndarray], size: int):
-    n = next(iter(feeds.values())).shape[0]
-    return lambda: ({k: v[i:i + size] for k, v in feeds.items()} for i in range(0, n, size))
+_batches = models.batch_factory
 
 
 class _Reader(CalibrationDataReader):

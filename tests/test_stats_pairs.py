@@ -21,9 +21,7 @@ def _feeds(model, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     return models.random_inputs(model.proto, n, seed=seed)
 
 
-def _batches(feeds, size: int):
-    n = next(iter(feeds.values())).shape[0]
-    return lambda: ({k: v[i:i + size] for k, v in feeds.items()} for i in range(0, n, size))
+_batches = models.batch_factory
 
 
 def test_pairs_are_relus_and_clips_from_zero_of_an_exposed_tensor():
