@@ -24,6 +24,7 @@ from .simplify import single_node_model
 __all__ = [
     "NEVER_FOLD",
     "ConstantFolder",
+    "clip_bounds",
     "constant_node_value",
     "drop_dead_producers",
     "graph_names",
@@ -32,6 +33,7 @@ __all__ = [
     "renamed_initializer",
     "replace_node",
     "rewrite_until_fixed",
+    "scalar_constant",
     "subgraphs",
 ]
 
@@ -130,6 +132,40 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
 
     model = helper.make_model(helper.make_graph([node], "c", [], [helper.make_empty_tensor_value_info(node.output[0])]))
     return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+
+
+def scalar_constant(name: str, inits: Mapping[str, onnx.TensorProto],
+                    producers: Mapping[str, onnx.NodeProto]) -> np.ndarray | None:
+    """A one-element constant as a 0-d array of its own dtype: an initializer, or a Constant node (any of
+    its ``value*`` attributes); None for a value computed at run time or holding several elements."""
+    if name in inits:
+        value = numpy_helper.to_array(inits[name])
+    elif name in producers and producers[name].op_type == "Constant":
+        value = constant_node_value(producers[name])
+    else:
+        return None
+    return value.reshape(()) if value.size == 1 else None
+
+
+def clip_bounds(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
+                producers: Mapping[str, onnx.NodeProto]) -> tuple[np.ndarray | None, np.ndarray | None] | None:
+    """``(min, max)`` of a Clip as 0-d arrays, None for an absent bound; None when a bound is computed at run time.
+
+    Opset < 11 holds the bounds in float attributes (float32 0-d arrays here), later opsets in
+    optional inputs 1 and 2 (an empty name is an absent bound).
+    """
+    attrs = {a.name: a.f for a in node.attribute if a.name in ("min", "max")}
+    if attrs:
+        return tuple(np.array(attrs[k], np.float32) if k in attrs else None  # type: ignore[return-value]
+                     for k in ("min", "max"))
+    bounds: list[np.ndarray | None] = []
+    for i in (1, 2):
+        name = node.input[i] if len(node.input) > i else ""
+        value = scalar_constant(name, inits, producers) if name else None
+        if name and value is None:
+            return None
+        bounds.append(value)
+    return bounds[0], bounds[1]
 
 
 def replace_node(graph: onnx.GraphProto, index: int, nodes: Iterable[onnx.NodeProto],

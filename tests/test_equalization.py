@@ -513,3 +513,17 @@ def test_comparing_the_original_with_an_equalized_build_skips_only_the_rescaled_
     assert any("exists only in the candidate" in w for w in result.warnings)
     local = result.per_layer[result.per_layer["candidate"] == "int8"]
     assert len(local) > 0 and result.end_to_end.loc[0, "cosine"] > 0.9
+
+
+def test_a_relu6_bound_held_by_a_value_float_constant_is_equalized_like_an_initializer():
+    """Exporters write Clip's bounds as initializers or as Constant nodes (``value`` or ``value_float``):
+    all are the same ReLU6 to equalization (quantlab.folding.clip_bounds)."""
+    proto = models.depthwise_separable_net()
+    proto.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["six_c"], value_float=6.0))
+    for node in proto.graph.node:
+        if node.name == "pw1_relu6":
+            node.input[2] = "six_c"
+    constant = equalize_model(model_from_proto(proto, label="dsn_constant_six"))
+    reference = equalize_model(_dsn())
+    assert constant.pairs == reference.pairs and ("pw1", "pw1_relu6", "dw2") in constant.pairs
+    assert sum(n.op_type == "Min" for n in constant.model.proto.graph.node) == 3

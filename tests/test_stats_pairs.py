@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import models
 import numpy as np
 import pytest
 
-import models
 from quantlab.graph import activation_names, model_from_proto
 from quantlab.stats import collect_statistics
 from quantlab.stats.pairs import clipped_pairs
@@ -62,6 +62,30 @@ def test_ambiguous_values_start_the_pass_again_without_deriving(poison):
     why = derived.backend["clipped_not_derived"]  # provenance: which tensor, and why
     assert any(f"'{x}'" in why for x in ("x0", "c1", "m")) and "-0.0" in why
     _assert_same(derived, exposed)
+
+
+def test_a_value_float_constant_bound_is_derived_and_a_nan_bound_is_not():
+    """Clip(x, 0, Constant value_float=2) is a ReLU-2 like any other; Clip(x, 0, NaN) is not derived (what
+    ``min(v, NaN)`` gives is implementation-defined), and both give the statistics of exposing every tensor."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Neg", ["input"], ["x"]),
+             helper.make_node("Constant", [], ["two"], value_float=2.0),
+             helper.make_node("Clip", ["x", "zero", "two"], ["y"]),
+             helper.make_node("Mul", ["input", "zero"], ["x2"]),
+             helper.make_node("Clip", ["x2", "zero", "nan"], ["y2"]),
+             helper.make_node("Sum", ["y", "y2"], ["out"])]
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("zero", 0.0), ("nan", np.nan))]
+    proto = models._model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 4, 4])], inits, "bounds")
+    model = model_from_proto(proto)
+    names = activation_names(model.proto)
+    assert clipped_pairs(model, names, 1e30, [t for t in names if t != "input"]) == {"x": ("y", 2.0)}
+    feeds = _feeds(model, 6, seed=5)
+    feeds["input"] = np.abs(feeds["input"]) + 0.5  # positive: Neg gives no -0.0 (nothing ambiguous)
+    derived = collect_statistics(model, _batches(feeds, 2), tensors=["x", "y"])
+    assert derived.backend["derived_clipped"] == 1
+    _assert_same(derived, collect_statistics(model, _batches(feeds, 2), tensors=["x", "y"], derive_clipped=False))
 
 
 def test_one_thread_gives_the_same_derived_statistics():

@@ -41,8 +41,9 @@ from onnx import helper, numpy_helper
 
 from ..errors import QuantlabError
 from ..fingerprint import sha256_bytes
+from ..folding import clip_bounds
 from ..graph import LoadedModel, serialize
-from ..graph.topology import consumer_map, initializer_map
+from ..graph.topology import consumer_map, initializer_map, producer_map
 
 __all__ = ["Equalization", "EqualizedModel", "equalize_model"]
 
@@ -119,19 +120,6 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return default
 
 
-def _scalar(proto: onnx.ModelProto, inits: Mapping[str, onnx.TensorProto], name: str) -> float | None:
-    """The value of a constant scalar input (initializer or Constant node), None if not constant."""
-    if name in inits:
-        arr = numpy_helper.to_array(inits[name])
-    else:
-        node = next((n for n in proto.graph.node if n.op_type == "Constant" and name in n.output), None)
-        value = _attr(node, "value", None) if node is not None else None
-        if value is None:
-            return None
-        arr = numpy_helper.to_array(value)
-    return float(arr.reshape(-1)[0]) if arr.size == 1 else None
-
-
 def _conv_kind(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> str | None:
     """'dense' (group 1) or 'depthwise' (one input channel per group) for a Conv with constant weights."""
     if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
@@ -145,27 +133,10 @@ def _conv_kind(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> s
     return "depthwise" if len(dims) >= 2 and dims[1] == 1 and dims[0] % group == 0 else None
 
 
-def _clip_bounds(proto: onnx.ModelProto, inits: Mapping[str, onnx.TensorProto],
-                 node: onnx.NodeProto) -> tuple[float | None, float | None] | None:
-    """(min, max) of a Clip whose bounds are constants (None for an absent bound); None if computed."""
-    if len(node.input) <= 1:
-        return _attr(node, "min", None), _attr(node, "max", None)
-    bounds = []
-    for i in (1, 2):
-        name = node.input[i] if len(node.input) > i else ""
-        if not name:
-            bounds.append(None)
-            continue
-        value = _scalar(proto, inits, name)
-        if value is None:
-            return None
-        bounds.append(value)
-    return bounds[0], bounds[1]
-
-
 def _find_pairs(proto: onnx.ModelProto, settings: Equalization) -> list[_Pair]:
     """Conv -> [Relu | Clip(0, max) | nothing] -> Conv, every tensor between read once, weights not shared."""
     inits = initializer_map(proto)
+    producers = producer_map(proto)
     readers = consumer_map(proto)
     outputs = {o.name for o in proto.graph.output}
     pairs = []
@@ -179,10 +150,10 @@ def _find_pairs(proto: onnx.ModelProto, settings: Equalization) -> list[_Pair]:
         if nxt[0].op_type in ("Relu", "Clip"):
             act = nxt[0]
             if act.op_type == "Clip":
-                bounds = _clip_bounds(proto, inits, act)
-                if bounds is None or bounds[0] != 0.0:
+                bounds = clip_bounds(act, inits, producers)
+                if bounds is None or bounds[0] is None or bounds[0] != 0.0:
                     continue
-                clip_max = bounds[1]
+                clip_max = None if bounds[1] is None else float(bounds[1])
                 if clip_max is not None and (settings.clip == "skip" or not clip_max > 0):
                     continue
             tensor = act.output[0]

@@ -13,10 +13,9 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..clipped import derivable_limit
-from ..folding import constant_node_value
+from ..folding import clip_bounds
 from ..graph import LoadedModel, initializer_map, producer_map
 from ..graph.load import tensor_specs
 
@@ -54,35 +53,15 @@ def clipped_pairs(model: LoadedModel, tensors: Sequence[str], huge_threshold: fl
 
 def _upper_bound(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
                  producers: dict[str, onnx.NodeProto]) -> float | None:
-    """``h`` of a Relu (inf) or of a Clip whose min is the constant +0.0 (-0.0 could give -0.0 outputs);
-    None for any other Clip (a min below 0, a bound computed at run time)."""
+    """``h`` of a Relu (inf) or of a Clip whose min is the float32 constant +0.0 (-0.0 could give -0.0
+    outputs) and whose max is a float32 constant or absent; None for any other Clip (a min below 0, a NaN
+    max, a bound computed at run time)."""
     if node.op_type == "Relu":
         return math.inf
-    attrs = {a.name: a for a in node.attribute}
-    if "min" in attrs or "max" in attrs:  # opset < 11
-        lo = attrs["min"].f if "min" in attrs else -math.inf
-        hi = attrs["max"].f if "max" in attrs else math.inf
-    else:
-        bounds = [_scalar(node.input[i], inits, producers) if len(node.input) > i and node.input[i] else None
-                  for i in (1, 2)]
-        if len(node.input) < 2 or not node.input[1] or bounds[0] is None:
-            return None
-        if len(node.input) > 2 and node.input[2] and bounds[1] is None:
-            return None
-        lo, hi = bounds[0], (bounds[1] if bounds[1] is not None else math.inf)
-    lo32 = np.float32(lo)
-    if lo32 != 0.0 or np.signbit(lo32):
+    bounds = clip_bounds(node, inits, producers)
+    if bounds is None or bounds[0] is None or any(b is not None and b.dtype != np.float32 for b in bounds):
         return None
-    return float(np.float32(hi)) if math.isfinite(hi) else math.inf
-
-
-def _scalar(name: str, inits: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]) -> float | None:
-    if name in inits:
-        value = numpy_helper.to_array(inits[name])
-    elif name in producers and producers[name].op_type == "Constant":
-        value = constant_node_value(producers[name])
-    else:
+    lo, hi = bounds
+    if lo != 0.0 or np.signbit(lo) or (hi is not None and np.isnan(hi)):
         return None
-    if value.size != 1 or value.dtype != np.float32:
-        return None
-    return float(value.reshape(()))
+    return float(hi) if hi is not None and math.isfinite(hi) else math.inf
