@@ -30,7 +30,6 @@ from .fingerprint import tool_versions
 from .graph import LoadedModel, check_float_activations
 from .histogram import HistogramState
 from .methods import (
-    ALL_METHODS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_METHOD,
     DEFAULT_PERCENTILE,
@@ -57,16 +56,10 @@ from .table import CalibrationTable, TensorRange
 __all__ = [
     "CalibrationResult",
     "calibrate",
+    "clipping_notes",
+    "statistics_notes",
     "table_from_statistics",
     "tensor_range",
-    "statistics_notes",
-    "clipping_notes",
-    # re-exported from quantlab.methods (the registry) until cli/calibrate, cli/search and experiment read it
-    "DEFAULT_PERCENTILE",
-    "DEFAULT_BATCH_SIZE",
-    "ALL_METHODS",
-    "resolve_methods",
-    "method_settings",
 ]
 
 _SUMMARY_QUANTILES = (0.5, 0.99, 0.999, 0.9999)
@@ -293,6 +286,20 @@ def _dataset_size(dataset: Any) -> int | None:
         return None
 
 
+def _checked_request(model: LoadedModel, methods: Sequence[str] | str, percentile: float, batch_size: int,
+                     tensors: Sequence[str] | None) -> tuple[str, ...]:
+    """The methods asked for, once the settings and the model are known to be usable (CalibrationError if not)."""
+    chosen = resolve_methods(methods)
+    if batch_size < 1:
+        raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
+    if "percentile" in chosen:
+        check_percentile(percentile)
+    check_float_activations(model)
+    if tensors is not None and not tensors:
+        raise CalibrationError(f"{model.label}: the list of tensors to calibrate is empty; give at least one")
+    return chosen
+
+
 def calibrate(
     model: LoadedModel,
     dataset: Any,
@@ -317,14 +324,7 @@ def calibrate(
     """
     from .data import DataFingerprint, check_inputs
 
-    chosen = resolve_methods(methods)
-    if batch_size < 1:
-        raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
-    if "percentile" in chosen:
-        check_percentile(percentile)
-    check_float_activations(model)
-    if tensors is not None and not tensors:
-        raise CalibrationError(f"{model.label}: the list of tensors to calibrate is empty; give at least one")
+    chosen = _checked_request(model, methods, percentile, batch_size, tensors)
     dataset = with_carry(dataset, model)
     check_inputs(dataset, model, batch_size=batch_size)
     fingerprint, shapes = DataFingerprint(), ShapeLog()

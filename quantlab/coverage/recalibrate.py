@@ -18,16 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..calibrate import CalibrationResult, resolve_methods, table_from_statistics
+from ..calibrate import CalibrationResult, table_from_statistics
 from ..data import DataSummary, InputStats
 from ..errors import CalibrationError
 from ..fingerprint import tool_versions
 from ..graph import LoadedModel
+from ..methods import resolve_methods
 from ..stats import Statistics, fused_preactivations, load_statistics
 from .merge import merge_statistics
 from .result import COVERAGE_FILE
 
-__all__ = ["summary_beside", "merge_summaries", "recalibrate"]
+__all__ = ["merge_summaries", "recalibrate", "summary_beside"]
 
 
 def summary_beside(stats_path: str | os.PathLike[str]) -> DataSummary | None:
