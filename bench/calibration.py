@@ -20,8 +20,9 @@ is the work (session build + pass + tables); ``process_cpu`` and ``cpu`` are
 the CPU seconds (user + system, all threads) of the same two spans: on a
 machine shared with other jobs they move much less than wall times, so the
 summary gives both ratios. ``peak_rss_mb`` is ``ru_maxrss``. Configurations
-run in turn, one model and sample count at a time, so the ratios compare runs
-made side by side:
+run in turn, one model at a time, so the ratios compare runs made side by side;
+``--repeat N`` runs all of a model's configurations N times in rounds and keeps
+each one's fastest:
 
 - ``plain``: FP32 inference only (ONNX Runtime, default options) at ``--batch-size``: the yardstick;
 - ``plain-b1``: the same at batch 1, the issue's own yardstick (``wall_per_sample_x_plain_b1``);
@@ -382,13 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         for key in args.models.split(","):
             path, labels[key] = _model(key, Path(tmp))
             print(f"model {key}: {labels[key]}", flush=True)
-            for n in sizes:
-                for cfg in _configs(n, tools, args.baseline):
-                    cfg = {"batch_size": args.batch_size, **cfg, "model": path, "model_key": key}
-                    row = _best_of(cfg, rows, args.repeat, args.max_run_seconds)
-                    rows.append(row)
-                    print(" ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-                                if k not in ("table_seconds",)}, flush=True)
+            cfgs = [{"batch_size": args.batch_size, **cfg, "model": path, "model_key": key}
+                    for n in sizes for cfg in _configs(n, tools, args.baseline)]
+            rows += _best_of_rounds(cfgs, rows, args.repeat, args.max_run_seconds)
     summary = _summarise(rows, sizes)
     with pd.option_context("display.width", 220, "display.max_rows", 200, "display.max_columns", 30):
         print()
@@ -413,23 +410,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _best_of(cfg: dict[str, Any], rows: list[dict[str, Any]], repeat: int, max_seconds: float) -> dict[str, Any]:
-    """The fastest of ``repeat`` runs of ``cfg`` (with the largest peak RSS seen), or why it was skipped."""
-    base = {"model": cfg["model_key"], "tool": cfg["tool"], "method": cfg["method"], "scope": cfg["scope"],
-            "samples": cfg["samples"]}
-    skip = _projected_skip(cfg, rows, max_seconds)
-    if skip:
-        return {**base, "skipped": skip}
-    best: dict[str, Any] | None = None
-    worker_cfg = {k: v for k, v in cfg.items() if k != "model_key"}
-    for _ in range(max(1, repeat)):
-        result = _run_worker(worker_cfg)
-        if "seconds" not in result:
-            return {**base, **result}
-        if best is None or result["wall"] < best["wall"]:
-            rss = max(result["peak_rss_mb"], best["peak_rss_mb"]) if best else result["peak_rss_mb"]
-            best = {**result, "peak_rss_mb": rss}
-    return {**base, **best}
+def _best_of_rounds(cfgs: list[dict[str, Any]], done: list[dict[str, Any]], repeat: int,
+                    max_seconds: float) -> list[dict[str, Any]]:
+    """The fastest of ``repeat`` runs of each configuration (with the largest peak RSS seen), or why it was
+    skipped. Repeats run in rounds (every configuration once, then again), so a slow spell of the
+    machine hits all configurations alike instead of all repeats of one."""
+    best: list[dict[str, Any] | None] = [None] * len(cfgs)
+    for round_ in range(max(1, repeat)):
+        for i, cfg in enumerate(cfgs):
+            if best[i] is not None and "seconds" not in best[i]:
+                continue  # skipped or failed in an earlier round
+            base = {"model": cfg["model_key"], "tool": cfg["tool"], "method": cfg["method"], "scope": cfg["scope"],
+                    "samples": cfg["samples"]}
+            skip = _projected_skip(cfg, done + [r for r in best if r is not None], max_seconds) \
+                if round_ == 0 else None
+            result = {"skipped": skip} if skip else _run_worker({k: v for k, v in cfg.items() if k != "model_key"})
+            previous = best[i]
+            if "seconds" not in result or previous is None:
+                best[i] = {**base, **result}
+            elif result["wall"] < previous["wall"]:
+                best[i] = {**base, **result, "peak_rss_mb": max(result["peak_rss_mb"], previous["peak_rss_mb"])}
+            else:
+                previous["peak_rss_mb"] = max(result["peak_rss_mb"], previous["peak_rss_mb"])
+            row = {**base, **result}
+            print(f"  round {round_ + 1}:", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                                             if k not in ("table_seconds",)}, flush=True)
+    return [r for r in best if r is not None]
 
 
 if __name__ == "__main__":

@@ -92,29 +92,11 @@ def _max_abs_kernel(r: np.ndarray, c: np.ndarray) -> float:
     return float(m)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FM)
+@numba.njit(cache=True, nogil=True)
 def _row_sums_kernel(r: np.ndarray, c: np.ndarray, out: np.ndarray) -> None:
-    """Per row of [N, M] float32 arrays: srr, scc, src, sdd, sad, max|d| into out[N, 6]."""
+    """Per row of [N, M] float32 arrays: srr, scc, src, sdd, sad into out[N, :5] (:func:`_sums_kernel` a row)."""
     for k in range(r.shape[0]):
-        srr = 0.0
-        scc = 0.0
-        src = 0.0
-        sdd = 0.0
-        sad = 0.0
-        for i in range(r.shape[1]):
-            a = np.float64(r[k, i])
-            b = np.float64(c[k, i])
-            d = b - a
-            srr += a * a
-            scc += b * b
-            src += a * b
-            sdd += d * d
-            sad += abs(d)
-        out[k, 0] = srr
-        out[k, 1] = scc
-        out[k, 2] = src
-        out[k, 3] = sdd
-        out[k, 4] = sad
+        out[k, 0], out[k, 1], out[k, 2], out[k, 3], out[k, 4] = _sums_kernel(r[k], c[k])
 
 
 def as_float32(a: np.ndarray) -> np.ndarray:
