@@ -38,7 +38,8 @@ each one's fastest:
 
 The summary gives, per model and tool, the ratio to plain inference of the
 process wall time and of the marginal cost per sample (slope between the two
-largest sample counts). Targets (issue 15): ``--method all`` over every tensor
+largest sample counts; with ``--repeat``, the median over rounds of each
+round's ratio). Targets (issue 15): ``--method all`` over every tensor
 <= 2x plain per sample and <= 3x process wall at 256 samples; ``--tensors
 quantizable`` <= 1.5x; peak RSS flat in the sample count and <= 1 GB.
 """
@@ -319,6 +320,25 @@ def _label(row: dict[str, Any]) -> str:
     return f"{row['tool']} {method} {row['scope']}".replace(" - -", "")
 
 
+def _per_sample(runs: dict[int, dict[str, Any]], yardstick: dict[int, dict[str, Any]], a: int, b: int,
+                key: str) -> tuple[float, float | None]:
+    """(seconds of ``key`` per sample between ``a`` and ``b`` samples, that over the yardstick's).
+
+    With rounds (``--repeat``), the medians over rounds of the slope and of its ratio to the yardstick's
+    slope in the same round (runs made minutes apart, not hours); else from the fastest runs.
+    """
+    def slopes(rows: dict[int, dict[str, Any]]) -> list[float]:
+        if f"round_{key}" not in rows[a] or f"round_{key}" not in rows[b]:
+            return [(rows[b][key] - rows[a][key]) / (b - a)]
+        return [(y - x) / (b - a) for x, y in zip(rows[a][f"round_{key}"], rows[b][f"round_{key}"])]
+
+    ours, base = slopes(runs), slopes(yardstick)
+    if len(ours) != len(base):
+        ours, base = ours[:1], base[:1]
+    ratios = [o / p for o, p in zip(ours, base) if p > 0]
+    return float(np.median(ours)), (round(float(np.median(ratios)), 2) if ratios else None)
+
+
 def _summarise(rows: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any]]:
     """Per model and configuration: wall / plain wall at each size, marginal per-sample cost / plain's, RSS."""
     out = []
@@ -335,16 +355,17 @@ def _summarise(rows: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, A
             done = [n for n in sizes if n in runs and n in plain]
             if len(done) >= 2:
                 a, b = done[-2], done[-1]
-                for key, name in (("seconds", "wall"), ("cpu", "cpu")):
-                    ours = (runs[b][key] - runs[a][key]) / (b - a)
-                    base = (plain[b][key] - plain[a][key]) / (b - a)
-                    row[f"{name}_ms_per_sample"] = round(1000 * ours, 2)
-                    row[f"{name}_per_sample_x"] = round(ours / base, 2) if base > 0 else None
                 b1 = {r["samples"]: r for r in mine if r["tool"] == "plain-b1"}
-                if a in b1 and b in b1:
-                    base = (b1[b]["seconds"] - b1[a]["seconds"]) / (b - a)
-                    row["wall_per_sample_x_plain_b1"] = round((runs[b]["seconds"] - runs[a]["seconds"]) / (b - a)
-                                                              / base, 2) if base > 0 else None
+                for key, name, yardstick in (("seconds", "wall", plain), ("cpu", "cpu", plain),
+                                             ("seconds", "wall_b1", b1)):
+                    if a not in yardstick or b not in yardstick:
+                        continue
+                    ours, ratio = _per_sample(runs, yardstick, a, b, key)
+                    if name == "wall_b1":
+                        row["wall_per_sample_x_plain_b1"] = ratio
+                        continue
+                    row[f"{name}_ms_per_sample"] = round(1000 * ours, 2)
+                    row[f"{name}_per_sample_x"] = ratio
             row["load_average_max"] = max(r.get("load_average", 0.0) for r in runs.values())
             row["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in runs.values()))
             row["rss_growth"] = round(runs[max(runs)]["peak_rss_mb"] / runs[min(runs)]["peak_rss_mb"] - 1, 3)
@@ -426,12 +447,14 @@ def _best_of_rounds(cfgs: list[dict[str, Any]], done: list[dict[str, Any]], repe
                 if round_ == 0 else None
             result = {"skipped": skip} if skip else _run_worker({k: v for k, v in cfg.items() if k != "model_key"})
             previous = best[i]
-            if "seconds" not in result or previous is None:
+            if "seconds" not in result:
                 best[i] = {**base, **result}
-            elif result["wall"] < previous["wall"]:
-                best[i] = {**base, **result, "peak_rss_mb": max(result["peak_rss_mb"], previous["peak_rss_mb"])}
             else:
-                previous["peak_rss_mb"] = max(result["peak_rss_mb"], previous["peak_rss_mb"])
+                rounds = {k: [*(previous or {}).get(f"round_{k}", []), result[k]] for k in ("seconds", "cpu")}
+                if previous is None or result["wall"] < previous["wall"]:
+                    best[i] = {**base, **result}
+                best[i].update({f"round_{k}": v for k, v in rounds.items()},  # type: ignore[union-attr]
+                               peak_rss_mb=max(result["peak_rss_mb"], (previous or result)["peak_rss_mb"]))
             row = {**base, **result}
             print(f"  round {round_ + 1}:", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                                              if k not in ("table_seconds",)}, flush=True)
