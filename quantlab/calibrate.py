@@ -17,14 +17,18 @@ tables record no time stamps.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
 
 from .backends.base import Backend
 from .calibrators import amax_entropy, amax_minmax, amax_mse
+from .controlflow import bind_hints
 from .errors import CalibrationError
 from .fingerprint import tool_versions
 from .graph import LoadedModel, check_float_activations
@@ -355,4 +359,20 @@ def calibrate(
 
     with ThreadPoolExecutor(min(len(chosen), os.cpu_count() or 1)) as pool:  # the KL / mse kernels release the GIL
         tables = dict(zip(chosen, pool.map(table, chosen)))
+    hints = bind_hints(model.proto, _constant_unbatched_inputs(dataset, summary), summary.count)
+    if hints:
+        tables = {m: replace(t, notes=t.notes + hints) for m, t in tables.items()}
     return CalibrationResult(tables=tables, statistics=stats, data=summary)
+
+
+def _constant_unbatched_inputs(dataset: Any, summary: Any) -> dict[str, float | int | list[Any]]:
+    """Inputs without a batch axis that held one single value in every sample (what ``--bind`` takes:
+    a number, or a list for a one-element tensor of rank > 0)."""
+    axis = getattr(dataset, "batch_axis", lambda name: 0)
+    out: dict[str, float | int | list[Any]] = {}
+    for s in getattr(summary, "inputs", ()):
+        if axis(s.name) is not None or not s.values or s.min != s.max or None in s.shape or math.prod(s.shape) != 1:
+            continue
+        value = int(s.min) if np.dtype(s.dtype).kind in "biu" else float(s.min)
+        out[s.name] = np.full(s.shape, value).tolist() if s.shape else value
+    return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -45,6 +46,7 @@ from .folding import (
     rewrite_until_fixed,
     subgraphs,
 )
+from .graph.topology import producer_map
 from .loops import (
     MAX_UNROLLED_TRIPS,
     UnrolledLoop,
@@ -55,8 +57,10 @@ from .loops import (
 __all__ = [
     "RECORD_KEY",
     "InlinedIf",
+    "bind_hints",
     "bind_inputs",
     "control_flow_notes",
+    "deciding_inputs",
     "float_subgraph_tensors",
     "inline_constant_ifs",
     "resolve_static_control_flow",
@@ -233,3 +237,65 @@ def control_flow_notes(proto: onnx.ModelProto) -> tuple[str, ...]:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         notes.append(f"{len(names)} tensor(s) left in float, {reason}: {shown}")
     return tuple(notes)
+
+
+def deciding_inputs(proto: onnx.ModelProto) -> dict[str, tuple[str, ...]]:
+    """The graph inputs an ``If``'s condition (or a ``Loop``'s trip count or condition) is computed from, each
+    with the nodes it decides (``"If 'name'"``), for the If / Loop nodes of the main graph still there: those
+    loading could not resolve, because what decides them comes from the data."""
+    producers = producer_map(proto)
+    inputs = {i.name for i in proto.graph.input} - {i.name for i in proto.graph.initializer}
+    out: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        roots = node.input[:1] if node.op_type == "If" else node.input[:2] if node.op_type == "Loop" else []
+        for name in _inputs_upstream([t for t in roots if t], producers, inputs):
+            out.setdefault(name, []).append(f"{node.op_type} {node.name or node.output[0]!r}")
+    return {name: tuple(nodes) for name, nodes in out.items()}
+
+
+def _inputs_upstream(names: list[str], producers: Mapping[str, onnx.NodeProto], inputs: set[str]) -> list[str]:
+    """The graph inputs among ``names`` and the tensors they are computed from, in the order first met."""
+    seen: set[str] = set()
+    found: list[str] = []
+    pending = list(names)
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in inputs:
+            found.append(name)
+        elif name in producers:
+            node = producers[name]
+            pending += [t for t in node.input if t]
+            pending += [t for body in subgraphs(node) for t in outer_reads(body)]
+    return found
+
+
+def bind_hints(proto: onnx.ModelProto, constant_inputs: Mapping[str, Any], samples: int) -> tuple[str, ...]:
+    """What to ``--bind`` so that the If / Loop nodes the data decides can be resolved.
+
+    ``constant_inputs``: inputs that held one value in every sample of the data (a voice model's
+    sample rate ``sr``). A hint is given for a node only when every input it depends on is among
+    them: binding them makes its condition a constant, so loading inlines the If (or unrolls the
+    Loop) and its branch is calibrated and written instead of left in float.
+    """
+    decided = deciding_inputs(proto)
+    by_node: dict[str, list[str]] = {}
+    for name, nodes in decided.items():
+        for node in nodes:
+            by_node.setdefault(node, []).append(name)
+    hints = []
+    for node, names in by_node.items():
+        if not all(n in constant_inputs for n in names):
+            continue
+        names = sorted(names)
+        binds = " ".join(f"--bind {n}={constant_inputs[n]!r}" for n in names)
+        table = ", ".join(f"{n} = {constant_inputs[n]!r}" for n in names)
+        held = ", ".join(f"{n!r} held {constant_inputs[n]!r}" for n in names)
+        done = "inlined when the model loads, and its branch is" if node.startswith("If") else \
+            f"unrolled when the model loads (up to {MAX_UNROLLED_TRIPS} trips), and its body is"
+        hints.append(f"{node} is decided by the data: input {held} in all {samples} calibration samples. "
+                     f"`{binds}` on every command (`bind = {{ {table} }}` in an experiment) makes it a constant: "
+                     f"the {node.split()[0]} is then {done} calibrated and written instead of left in float")
+    return tuple(hints)

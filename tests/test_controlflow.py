@@ -300,3 +300,78 @@ def test_experiment_bind_reaches_the_run_and_bad_values_name_the_key(tmp_path):
     (tmp_path / "bad.toml").write_text(text.format(bind='bind = { sr = "16k" }'))
     with pytest.raises(ExperimentError, match=r"bind.*bind = \{ sr = 16000 \}"):
         load_experiment(tmp_path / "bad.toml")
+
+
+def _vad_with_sr_fed(tmp_path, rates: list[int]):
+    """The voice-activity model with ``sr`` a real input, and a data set feeding it (no batch axis)."""
+    import quantlab as ql
+
+    free = models.voice_activity()
+    del free.graph.initializer[[i.name for i in free.graph.initializer].index("sr")]
+    onnx.save(free, tmp_path / "vad.onnx")
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "chunks"
+    folder.mkdir()
+    for i, rate in enumerate(rates):
+        np.savez(folder / f"c{i}.npz", input=rng.normal(size=64).astype(np.float32),
+                 state=rng.normal(0, 0.5, (2, 128)).astype(np.float32), sr=np.array(rate, np.int64))
+    (tmp_path / "set.toml").write_text('shuffle = false\n[source]\nkind = "npz"\npath = "chunks"\n[inputs]\n'
+                                       'input = "input"\nstate = { field = "state", batch_axis = 1 }\n'
+                                       'sr = { field = "sr", batch_axis = "none" }\n')
+    return load_model(tmp_path / "vad.onnx"), ql.open_dataset(tmp_path / "set.toml")
+
+
+def test_an_if_the_data_always_decides_alike_gets_a_bind_hint_in_the_tables(tmp_path):
+    """Without --bind, the If on ``sr == 16000`` stays (its branch in float); the data fed 16000 every
+    time, so every table says which --bind would inline it, and that bind does."""
+    from quantlab.calibrate import calibrate
+    from quantlab.controlflow import bind_hints, deciding_inputs
+
+    model, data = _vad_with_sr_fed(tmp_path, [16000] * 4)
+    assert deciding_inputs(model.proto) == {"sr": ("If 'by_sample_rate'",)}
+    result = calibrate(model, data, ["minmax", "entropy"], batch_size=2)
+    for table in result.tables.values():
+        hints = [n for n in table.notes if "--bind sr=16000" in n]
+        assert len(hints) == 1 and "If 'by_sample_rate'" in hints[0] and "all 4 calibration samples" in hints[0]
+    bound = load_model(tmp_path / "vad.onnx", bind={"sr": 16000})
+    assert deciding_inputs(bound.proto) == {} and not bind_hints(bound.proto, {"sr": 16000}, 4)
+    # an input that is not constant, or an If also decided by another input, gets no hint
+    assert bind_hints(model.proto, {}, 4) == ()
+    assert bind_hints(model.proto, {"state": 0.0}, 4) == ()
+
+
+def test_no_bind_hint_when_the_data_feeds_several_values(tmp_path):
+    from quantlab.calibrate import calibrate
+
+    model, data = _vad_with_sr_fed(tmp_path, [16000, 16000, 8000, 8000])
+    result = calibrate(model, data, "minmax", batch_size=2)
+    assert not any("--bind" in n for n in result.tables["minmax"].notes)
+
+
+def test_a_loop_whose_trip_count_is_an_input_gets_an_unroll_hint():
+    """``trips`` made a graph input (a model that takes its step count): the Loop stays, and binding
+    the count the data always fed resolves it (it is then unrolled)."""
+    from quantlab.controlflow import bind_hints, deciding_inputs
+    from quantlab.graph import model_from_proto
+
+    proto = models.refinement_loop(trips=3)
+    del proto.graph.initializer[[i.name for i in proto.graph.initializer].index("trips")]
+    proto.graph.input.append(onnx.helper.make_tensor_value_info("trips", onnx.TensorProto.INT64, []))
+    model = model_from_proto(proto)
+    assert "Loop" in {n.op_type for n in model.proto.graph.node}
+    assert deciding_inputs(model.proto) == {"trips": ("Loop 'refine'",)}
+    (hint,) = bind_hints(model.proto, {"trips": 3}, 10)
+    assert "--bind trips=3" in hint and "unrolled" in hint and "bind = { trips = 3 }" in hint
+    bound = model_from_proto(bind_inputs(proto, {"trips": np.array(3, np.int64)}))
+    assert "Loop" not in {n.op_type for n in bound.proto.graph.node}
+
+
+def test_the_cli_prints_the_bind_hint_once_for_all_methods(tmp_path, capfd):
+    from quantlab.cli import main
+
+    _vad_with_sr_fed(tmp_path, [16000] * 4)
+    capfd.readouterr()
+    assert main(["calibrate", str(tmp_path / "vad.onnx"), "--calib", str(tmp_path / "set.toml"), "--method", "all",
+                 "--no-progress", "--out", str(tmp_path / "cal")]) == 0
+    out = capfd.readouterr().out
+    assert out.count("--bind sr=16000") == 1

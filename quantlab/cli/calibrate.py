@@ -244,11 +244,13 @@ def run(args: argparse.Namespace) -> int:
         print("\ncalibration data")
         frame = result.data.to_frame() if hasattr(result.data, "to_frame") else pd.DataFrame([result.data.as_dict()])
         print(frame.to_string())
+        shown: set[str] = set()  # a note every table has (a bind hint, huge values) is printed once
         for method, table in result.tables.items():
             print(f"\n{method}: widest and most clipped tensors (of {len(table.ranges)})")
             print(summary_frame(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-            for note in table.notes:
+            for note in (n for n in table.notes if n not in shown):
                 print(f"note: {note}")
+                shown.add(note)
     written = _write(args.out, result, args, source, prepared)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
