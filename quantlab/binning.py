@@ -10,9 +10,12 @@ that stay in the L1/L2 cache, two loops per chunk::
           ──> grow R first if the chunk's |x| reaches it (adjacent bin pairs merge)
           ──> bin  (one scattered increment per value, no branch; float32 product, two int32 tables)
 
-A chunk holding a non-finite or huge value takes the branchy per-value path
-(:func:`_chunk_slow`); float64 arrays take the per-value kernels for the whole
-array. Every path gives the same counts and the same min/max as binning value
+A chunk holding a non-finite or huge value (attention scores with padded keys
+at float32.min or -inf) takes :func:`_chunk_usable`: the scan again with the
+left-out values masked by selects, then the binning with one branch per value
+(the masked positions come in runs the predictor follows): 1.2-1.4 ns a value on
+such scores, where the per-value path took 2.3. float64 arrays take the
+per-value kernels (:func:`_chunk_slow`) for the whole array. Every path gives the same counts and the same min/max as binning value
 by value in data order (a value lands in ``floor(|x| * bins / R_final)``
 whichever ``R`` it met first: see quantlab.histogram), including which zero,
 +0.0 or -0.0, is the min when the min is zero (the first one in data order).
@@ -37,6 +40,7 @@ _ABS = 0x7FFFFFFF
 _NEG_ZERO = -0x80000000
 _F32_NORMAL_MIN = 2.0**-126
 _F32_POW2_MAX = 2.0**127
+_F32_INF_BITS = 0x7F800000
 _FLUSH = 1 << 30
 """Values binned into the int32 partial tables before they are added to the int64 counts (no overflow)."""
 
@@ -226,6 +230,89 @@ def _chunk_slow(flat, counts, even, odd, upper, huge):  # pragma: no cover - com
     return mn, mx, nonfinite, n_huge, upper
 
 
+@compiled(nogil=True, boundscheck=False)
+def _scan_usable(bits, limit):  # pragma: no cover - compiled
+    """(min key, max key, usable, non-finite) of a chunk holding values to leave out (see :func:`_scan_bits`).
+
+    Only the usable values (magnitude bits below ``limit``: finite and ``|x| < huge``) reach the
+    keys, through selects, so the loop stays vectorised. No usable value: the keys stay at their
+    starting points (check ``usable``).
+    """
+    kmin = np.int32(0x7FFFFFFF)
+    kmax = np.int32(-0x80000000)
+    usable = 0
+    nonfinite = 0
+    for i in range(bits.size):
+        b = bits[i]
+        mag = b & np.int32(_ABS)
+        ok = mag < limit
+        key = b ^ ((b >> np.int32(31)) & np.int32(_ABS))
+        kmin = min(kmin, key if ok else np.int32(0x7FFFFFFF))
+        kmax = max(kmax, key if ok else np.int32(-0x80000000))
+        usable += ok
+        nonfinite += mag >= np.int32(_F32_INF_BITS)
+    return kmin, kmax, usable, nonfinite
+
+
+@compiled(nogil=True, boundscheck=False)
+def _bin_usable(flat, bits, even, odd, scale, limit):  # pragma: no cover - compiled
+    """:func:`_bin_all` over the usable values only (magnitude bits below ``limit``).
+
+    The branch is cheap where it matters: masked positions (attention masks at float32.min,
+    -inf padding) come in runs, which the branch predictor follows.
+    """
+    pairs = flat.size // 2 * 2
+    for i in range(0, pairs, 2):
+        if bits[i] & np.int32(_ABS) < limit:
+            even[np.uint32(abs(flat[i]) * scale)] += 1
+        if bits[i + 1] & np.int32(_ABS) < limit:
+            odd[np.uint32(abs(flat[i + 1]) * scale)] += 1
+    for i in range(pairs, flat.size):
+        if bits[i] & np.int32(_ABS) < limit:
+            even[np.uint32(abs(flat[i]) * scale)] += 1
+
+
+@compiled(nogil=True)
+def _bin_usable_chunk(chunk, bits, even, odd, upper, limit):  # pragma: no cover - compiled
+    """:func:`_bin_usable` with the scale ``bins / upper``, in float32 when that is exact (as :func:`_bin_chunk`)."""
+    if upper == 0.0:
+        _bin_usable(chunk, bits, even, odd, np.float32(0.0), limit)
+        return
+    scale = even.size / upper
+    if _F32_NORMAL_MIN <= scale <= _F32_POW2_MAX:
+        _bin_usable(chunk, bits, even, odd, np.float32(scale), limit)
+    else:
+        _bin_usable(chunk, bits, even, odd, scale, limit)
+
+
+@compiled(nogil=True)
+def _chunk_usable(chunk, bits, counts, even, odd, into, upper, limit, z, negz, scratch):  # pragma: no cover - compiled
+    """A float32 chunk holding values to leave out (non-finite or huge): (min, max, non-finite, huge, new upper).
+
+    The same results as :func:`_chunk_slow` (min/max of the usable values, a zero min or max the
+    first zero in data order, counts of what is left out), at about half its cost: an integer-key
+    scan like the clean chunks' and the two partial tables. ``even``/``odd``: the partial tables, merged
+    with ``counts`` when the range grows; ``into``: 0 to bin into them, 1 straight into ``counts`` (a
+    small array: the tables are empty). ``z``/``negz``: the chunk's exact zeros and -0.0 (from
+    :func:`_scan_bits`; a left-out value is never zero).
+    """
+    kmin, kmax, usable, nonfinite = _scan_usable(bits, limit)
+    if usable == 0:
+        return np.inf, -np.inf, nonfinite, chunk.size - nonfinite, upper
+    if negz > 0 and z > negz:
+        cmn = _key_value(kmin, bits, scratch)
+        cmx = _key_value(kmax, bits, scratch)
+    else:
+        cmn = _key_float(kmin, scratch)
+        cmx = _key_float(kmax, scratch)
+    upper = _grow(counts, even, odd, upper, max(abs(cmn), abs(cmx)))
+    if into:
+        _bin_usable_chunk(chunk, bits, counts, counts, upper, limit)
+    else:
+        _bin_usable_chunk(chunk, bits, even, odd, upper, limit)
+    return cmn, cmx, nonfinite, chunk.size - usable - nonfinite, upper
+
+
 @compiled(nogil=True)
 def _update_f32(flat, counts, upper, huge, limit, tables):  # pragma: no cover - compiled
     """:func:`update_counts` for float32, chunk by chunk (see the module docstring).
@@ -253,7 +340,13 @@ def _update_f32(flat, counts, upper, huge, limit, tables):  # pragma: no cover -
         zeros += z
         negzeros += negz
         if bad:
-            cmn, cmx, nf, nh, upper = _chunk_slow(chunk, counts, even, odd, upper, huge)
+            cmn, cmx, nf, nh, upper = _chunk_usable(chunk, chunk_bits, counts, even, odd, 0 if size else 1, upper,
+                                                    limit, z, negz, scratch)
+            if size:
+                pending += chunk.size
+                if pending >= _FLUSH:
+                    _flush(counts, even, odd)
+                    pending = 0
             nonfinite += nf
             n_huge += nh
         else:

@@ -253,7 +253,14 @@ def _kernel_inputs(seed: int) -> list[np.ndarray]:
     masked[[5, CHUNK + 7, 2 * CHUNK + 9]] = [np.nan, -np.inf, np.finfo(np.float32).min]
     negative = -np.abs(rng.normal(0, 1, n)).astype(np.float32)
     negative[CHUNK + 1:] = rng.choice(np.array([0.0, -0.0], np.float32), n - CHUNK - 1)
-    return [relu, growing, masked, negative, np.zeros(n, np.float32), masked.astype(np.float64)]
+    attention = rng.normal(0, 3, (n // 128 + 1) * 128).astype(np.float32).reshape(-1, 128)
+    attention[:, 90:] = np.finfo(np.float32).min  # padded keys: a run of masked scores in every row
+    attention = attention.ravel()[:n]
+    attention[rng.random(n) < 0.05] = rng.choice(np.array([0.0, -0.0, -np.inf, np.nan], np.float32), 1)[0]
+    attention[rng.random(n) < 0.01] = -0.0
+    attention[rng.random(n) < 0.01] = 0.0
+    attention[CHUNK:2 * CHUNK] = -np.inf  # a chunk with nothing usable
+    return [relu, growing, masked, negative, np.zeros(n, np.float32), masked.astype(np.float64), attention]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -270,6 +277,25 @@ def test_kernels_equal_value_by_value_reference(seed, split):
         if ref["count"]:
             assert (state.min, state.max) == (ref["min"], ref["max"])
             assert math.copysign(1, state.min) == math.copysign(1, ref["min"])  # which zero, when the min is 0
+            assert math.copysign(1, state.max) == math.copysign(1, ref["max"])
+
+
+@pytest.mark.parametrize("huge", [0.5, 2.0, 1e30])
+@pytest.mark.parametrize("split", [1, 7, 5000])
+def test_chunks_with_values_left_out_equal_the_reference_at_any_huge_threshold(huge, split):
+    """A low ``huge`` leaves many values out in every chunk (the masked-chunk kernel throughout); 5000 parts
+    are smaller than the bins, so they bin straight into the counts."""
+    for values in _kernel_inputs(2)[1:]:
+        h = AbsHistogram(4096, huge_threshold=huge)
+        for part in np.array_split(values, split):
+            h.update(part)
+        state, ref = h.state(), _reference(values, 4096, huge)
+        np.testing.assert_array_equal(state.counts, ref["counts"])
+        assert (state.upper, state.count, state.nonfinite, state.huge, state.zeros) == (
+            ref["upper"], ref["count"], ref["nonfinite"], ref["huge"], ref["zeros"])
+        if ref["count"]:
+            assert (state.min, state.max) == (ref["min"], ref["max"])
+            assert math.copysign(1, state.min) == math.copysign(1, ref["min"])
             assert math.copysign(1, state.max) == math.copysign(1, ref["max"])
 
 
