@@ -286,6 +286,42 @@ def test_large_batches_run_in_slices_with_the_same_statistics():
     assert samples_per_run(model_from_proto(fixed), {"a": 800}, 8, 100) == 8
 
 
+def _widened(model, width: int, n: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of ``text_recognizer`` (image [N, 3, 48, W]) at this width."""
+    image = np.random.default_rng(seed).normal(0, 1, (n, 3, 48, width)).astype(np.float32)
+    return {"image": image}
+
+
+def test_a_wider_batch_runs_in_fewer_samples_per_run_and_the_estimate_bounds_the_truth():
+    """Text lines of other widths: the run size of the first batch would let a 4x wider batch hold 4x
+    the budget. Each shape gets its own run size; where the graph's symbols cannot tell the sizes (here:
+    none of them), the first batch's sizes grow with the square of the input growth, an upper bound."""
+    from quantlab.stats import RunRows, resolved_sizes
+
+    model = model_from_proto(models.text_recognizer())
+    names = [t for t in activation_names(model.proto) if t not in model.input_names]
+    narrow, wide = _widened(model, 32, 8), _widened(model, 128, 8)
+    names = [t for t, v in resolved_sizes(model, names, narrow).items() if v is not None]  # sized by inference
+    first = resolved_sizes(model, names, narrow)
+    budget = sum(first.values()) // 2  # half the first batch: runs of 4 samples
+    plan = RunRows(model, names, budget, narrow, 8, first)
+    assert plan(narrow, 8) == 4
+    exact = resolved_sizes(model, names, wide)
+    estimate = plan.sizes(wide, 8)
+    assert all(estimate[t] >= exact[t] for t in names)  # an upper bound of the truth
+    rows = plan(wide, 8)
+    assert rows == 1 and rows * sum(exact.values()) / 8 <= budget  # the truth then fits the budget
+    assert plan.sizes(_widened(model, 16, 8), 8) == {t: v for t, v in first.items()}  # smaller: the first's sizes
+
+
+def test_batches_of_other_widths_give_the_same_statistics_however_they_are_sliced():
+    model = model_from_proto(models.text_recognizer())
+    batches = [_widened(model, w, 3, seed=i) for i, w in enumerate((32, 96, 24, 64))]
+    whole = collect_statistics(model, lambda: iter(batches))
+    sliced = collect_statistics(model, lambda: iter(batches), run_budget_bytes=1)  # one sample per run
+    _assert_same_statistics(whole, sliced)
+
+
 def test_overlapped_threads_give_the_same_statistics_as_one_thread():
     """Run k reduced on the pool while run k+1 computes: per-tensor order is kept, so nothing changes."""
     model = model_from_proto(models.residual_net())

@@ -27,13 +27,13 @@ from ..graph.samples import samples_on_axis0, tensor_sample_axes
 from ..histogram import AbsHistogram
 from ..stats import (
     DEFAULT_RUN_BUDGET,
+    RunRows,
     Statistics,
     batch_axes_of,
     batch_feeds,
     batch_size_of,
     resolved_sizes,
     sample_rows,
-    samples_per_run,
 )
 from ..table import CalibrationTable
 from .bins import TensorBins, bin_per_sample, tensor_bins
@@ -125,7 +125,7 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
     workers = threads if threads is not None else (os.cpu_count() or 1)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-coverage") if workers > 1 else None
     samples = n_batches = 0
-    run_rows = 0
+    plan: RunRows | None = None
     axes: dict[str, int] = {}
     try:
         for item in batches:
@@ -136,8 +136,9 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
             n = batch_size_of(item, feeds)
             batch_axes = batch_axes_of(item)
             axes = axes or tensor_sample_axes(model, batch_axes, bins)
-            run_rows = run_rows or samples_per_run(model, resolved_sizes(model, exposed, feeds), n, run_budget_bytes,
-                                                   batch_axes)
+            if plan is None:
+                plan = RunRows(model, exposed, run_budget_bytes, feeds, n, resolved_sizes(model, exposed, feeds))
+            run_rows = plan(feeds, n, batch_axes)
             keys = _keys(item, samples, n)
             for start in range(0, n, run_rows):  # a large batch runs in slices: memory flat in the batch size
                 part = feeds if n <= run_rows else sample_rows(feeds, batch_axes, start, start + run_rows)

@@ -2,7 +2,8 @@
 
     stats/
       scope.py    which tensors: every float activation, or without the pre-activations TensorRT fuses
-      budget.py   samples per model run (run budget) and passes (tensor groups within the memory budget)
+      budget.py   samples per model run for each batch shape (run budget) and passes (tensor groups
+                  within the memory budget)
       collect.py  the pass: data ──> model with exposed outputs ──> per-tensor histograms (quantlab.histogram)
       pairs.py    which Relu / Clip(x, 0, h) outputs are derived from their input's pass (quantlab.clipped)
       reductions.py  one run's reductions on the thread pool while the model computes the next run
@@ -17,6 +18,7 @@ from __future__ import annotations
 from .budget import (
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_RUN_BUDGET,
+    RunRows,
     plan_groups,
     resolved_sizes,
     samples_per_run,
@@ -29,6 +31,7 @@ __all__ = [
     "STATISTICS_FORMAT",
     "DEFAULT_MEMORY_BUDGET",
     "DEFAULT_RUN_BUDGET",
+    "RunRows",
     "samples_per_run",
     "Statistics",
     "collect_statistics",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import onnx
 
 from ..graph import LoadedModel, tensor_specs
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "DEFAULT_RUN_BUDGET", "resolved_sizes", "plan_groups", "samples_per_run"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "DEFAULT_RUN_BUDGET", "RunRows", "plan_groups", "resolved_sizes", "samples_per_run"]
 
 DEFAULT_MEMORY_BUDGET = 2 << 30
 """Bytes of exposed activations per model run before statistics are collected in several passes."""
@@ -25,8 +26,13 @@ at 4 samples per run, 0.9 GB at 8, 2.1 GB at 32.
 """
 
 
-def resolved_sizes(model: LoadedModel, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict[str, int | None]:
-    """Bytes per tensor for this batch's input shapes (None when shape inference cannot tell)."""
+def resolved_sizes(model: LoadedModel, names: Sequence[str], feeds: Mapping[str, np.ndarray], *,
+                   infer: bool = True) -> dict[str, int | None]:
+    """Bytes per tensor for this batch's input shapes (None when shape inference cannot tell).
+
+    The graph's symbolic shapes first; for what they leave unknown, ONNX shape inference on a copy
+    with these shapes (``infer=False``: not, it can take a second on a large model).
+    """
     symbols: dict[str, int] = {}
     for spec in model.inputs:
         if spec.name in feeds and spec.shape is not None:
@@ -53,7 +59,7 @@ def resolved_sizes(model: LoadedModel, names: Sequence[str], feeds: Mapping[str,
         return out
 
     sizes = size_of(tensor_specs(model.proto))
-    if all(v is not None for v in sizes.values()):
+    if not infer or all(v is not None for v in sizes.values()):
         return sizes
     concrete = onnx.ModelProto()
     concrete.CopyFrom(model.proto)
@@ -119,3 +125,51 @@ def samples_per_run(model: LoadedModel, sizes: Mapping[str, int | None], rows: i
         return rows
     total = sum(known) + max(known) * (len(sizes) - len(known))
     return max(1, min(rows, int(budget * rows // max(total, 1))))
+
+
+class RunRows:
+    """Samples per model run for each batch's input shapes: the exposed activations of one run within ``budget``.
+
+    Shapes can change from batch to batch (text lines of other widths, sentences of other lengths).
+    The first batch is sized exactly (``first_sizes``, from :func:`resolved_sizes`); another shape from
+    the graph's symbols when they tell, else from the first's sizes grown by the square of how much
+    larger a sample's inputs are (attention grows with the square of the sequence; a CNN's
+    activations with the area, for which the square errs on the safe side). Smaller inputs keep
+    the first batch's sizes. One plan per distinct shape.
+    """
+
+    def __init__(self, model: LoadedModel, names: Sequence[str], budget: int, first_feeds: Mapping[str, Any],
+                 first_rows: int, first_sizes: Mapping[str, int | None]) -> None:
+        self._model, self._names, self._budget = model, list(names), budget
+        rows = max(first_rows, 1)
+        self._per_sample = {t: None if v is None else v / rows for t, v in first_sizes.items()}
+        self._elements = _input_elements(first_feeds) / rows
+        self._known = {_shape_key(first_feeds): dict(first_sizes)}
+        self._plans: dict[tuple[Any, ...], int] = {}
+
+    def __call__(self, feeds: Mapping[str, Any], rows: int, batch_axes: Mapping[str, int | None] | None = None) -> int:
+        key = _shape_key(feeds)
+        if (key, rows) not in self._plans:
+            self._plans[key, rows] = samples_per_run(self._model, self.sizes(feeds, rows), rows, self._budget,
+                                                     batch_axes)
+        return self._plans[key, rows]
+
+    def sizes(self, feeds: Mapping[str, Any], rows: int) -> dict[str, int | None]:
+        """Bytes per exposed tensor for a batch of ``rows`` samples of these input shapes (an estimate)."""
+        key = _shape_key(feeds)
+        if key in self._known:
+            return self._known[key]
+        sizes = resolved_sizes(self._model, self._names, feeds, infer=False)
+        if any(v is None for v in sizes.values()):
+            ratio = _input_elements(feeds) / max(rows, 1) / self._elements if self._elements else 1.0
+            growth = max(1.0, ratio) ** 2
+            sizes = {t: None if v is None else math.ceil(v * rows * growth) for t, v in self._per_sample.items()}
+        return sizes
+
+
+def _shape_key(feeds: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(sorted((name, np.shape(value)) for name, value in feeds.items()))
+
+
+def _input_elements(feeds: Mapping[str, Any]) -> float:
+    return float(sum(np.size(value) for value in feeds.values()))

@@ -43,9 +43,9 @@ from ..histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, AbsHistogram
 from .budget import (
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_RUN_BUDGET,
+    RunRows,
     plan_groups,
     resolved_sizes,
-    samples_per_run,
 )
 from .pairs import clipped_pairs
 from .prefetch import prefetched
@@ -146,7 +146,7 @@ class _Setup:
     backend: Any
     pool: Any
     workers: int
-    run_rows: int
+    run_rows: RunRows  # samples per model run, for a batch's shapes
     layouts: set[str]  # how the runners returned the exposed tensors (for provenance)
 
 
@@ -154,7 +154,7 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
               bar: Any) -> tuple[int, int]:
     """Run every batch once, feeding the group's tensors into their reducers; (samples, batches).
 
-    A batch larger than ``setup.run_rows`` samples goes through the model in
+    A batch larger than ``setup.run_rows`` allows for its shapes goes through the model in
     slices (the histograms do not depend on how the data is split). The
     outputs of one run are reduced on the pool while the model computes the
     next run (:class:`quantlab.stats.reductions.Reductions`).
@@ -174,9 +174,9 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
                 if t in input_names:
                     setup.reducers[t].update(np.asarray(feeds[t]))
             n = batch_size_of(item, feeds)
-            for start in range(0, n, setup.run_rows) if runner is not None else ():
-                part = feeds if n <= setup.run_rows else sample_rows(feeds, batch_axes_of(item), start,
-                                                                start + setup.run_rows)
+            step = setup.run_rows(feeds, n, batch_axes_of(item)) if runner is not None else n
+            for start in range(0, n, step) if runner is not None else ():
+                part = feeds if n <= step else sample_rows(feeds, batch_axes_of(item), start, start + step)
                 reductions.submit(runner.run(part, exposed))
             samples += n
             batches += 1
@@ -322,14 +322,16 @@ def _collect(model: LoadedModel, batches: Callable[[], Iterable[Any]], wanted: S
 
 
 def _run_plan(model: LoadedModel, names: Sequence[str], first: Any, workers: int, memory_budget_bytes: int,
-              run_budget_bytes: int) -> tuple[int, list[list[str]]]:
-    """(samples per model run, tensor groups, one pass each) that keep the exposed activations in budget."""
+              run_budget_bytes: int) -> tuple[RunRows, list[list[str]]]:
+    """(samples per model run for each batch shape, tensor groups, one pass each) that keep the exposed
+    activations in budget; the groups are planned on the first batch."""
     feeds = batch_feeds(first)
     sizes = resolved_sizes(model, names, feeds)
     rows = batch_size_of(first, feeds)
     in_flight = 2 if workers > 1 else 1  # outputs of the run being reduced and of the run being computed
-    run_rows = samples_per_run(model, sizes, rows, run_budget_bytes // in_flight, batch_axes_of(first))
-    run_sizes = {t: None if v is None else v * run_rows // max(rows, 1) for t, v in sizes.items()}
+    run_rows = RunRows(model, names, run_budget_bytes // in_flight, feeds, rows, sizes)
+    first_rows = run_rows(feeds, rows, batch_axes_of(first))
+    run_sizes = {t: None if v is None else v * first_rows // max(rows, 1) for t, v in sizes.items()}
     groups = plan_groups(run_sizes, memory_budget_bytes // in_flight) if names else [[]]
     return run_rows, [list(g) for g in groups]
 
