@@ -31,16 +31,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .binning import (
-    CHUNK,
-    _grow,
-    _key_float,
-    _scan_bits,
-    compiled,
-    huge_bits,
-    merge_pairs,
-    power_of_two_above,
-)
+from .binning import CHUNK, compiled, huge_bits, merge_pairs, power_of_two_above
+from .binning.core import _grow, _key_float, _scan_bits
 from .histogram import HistogramState, checked_bins
 
 __all__ = ["ClippedPair", "NotDerivable", "derivable_limit"]
