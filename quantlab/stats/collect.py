@@ -18,6 +18,8 @@ computes run k+1 (ORT's busy-waiting threads took 40 % of its CPU time).
 A batch whose exposed activations exceed ``run_budget_bytes`` (256 MiB, half per run) runs
 through the model in slices of fewer samples: memory stays flat whatever the
 batch size, and smaller runs are cheaper (fewer fresh pages, more cache hits).
+The slices are sized for each batch's shapes (wider text lines, longer sentences:
+:class:`quantlab.stats.budget.RunRows`).
 When even one slice of all exposed tensors would exceed ``memory_budget_bytes``,
 tensors are split into groups and the data is run once per group; that is why
 ``batches`` is a factory that can be called again.
