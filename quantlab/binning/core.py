@@ -137,6 +137,15 @@ def _key_value(key, bits, scratch):  # pragma: no cover - compiled
     return _key_float(key, scratch)
 
 
+@compiled(nogil=True)
+def _extremes(kmin, kmax, zeros, negzeros, bits, scratch):  # pragma: no cover - compiled
+    """(min, max) floats of a chunk's scan keys; with both signed zeros in the chunk, a zero min or max is
+    the first zero in data order (as binning value by value would find it)."""
+    if negzeros > 0 and zeros > negzeros:
+        return _key_value(kmin, bits, scratch), _key_value(kmax, bits, scratch)
+    return _key_float(kmin, scratch), _key_float(kmax, scratch)
+
+
 @compiled(nogil=True, boundscheck=False)
 def _bin_all(flat, even, odd, scale):  # pragma: no cover - compiled
     """Bin every value (all have |x| < R, so every index is < bins), even ones into ``even``, odd into ``odd``.

@@ -15,9 +15,8 @@ from .core import (
     _F32_NORMAL_MIN,
     _F32_POW2_MAX,
     _TINY_UPPER,
+    _extremes,
     _grow,
-    _key_float,
-    _key_value,
     compiled,
 )
 
@@ -126,12 +125,7 @@ def _chunk_usable(chunk, bits, counts, even, odd, into, upper, limit, z, negz, s
     kmin, kmax, usable, nonfinite = _scan_usable(bits, limit)
     if usable == 0:
         return np.inf, -np.inf, nonfinite, chunk.size - nonfinite, upper
-    if negz > 0 and z > negz:
-        cmn = _key_value(kmin, bits, scratch)
-        cmx = _key_value(kmax, bits, scratch)
-    else:
-        cmn = _key_float(kmin, scratch)
-        cmx = _key_float(kmax, scratch)
+    cmn, cmx = _extremes(kmin, kmax, z, negz, bits, scratch)
     upper = _grow(counts, even, odd, upper, max(abs(cmn), abs(cmx)))
     if into:
         _bin_usable_chunk(chunk, bits, counts, counts, upper, limit)

@@ -9,9 +9,8 @@ import numpy as np
 from .core import (
     CHUNK,
     _bin_chunk,
+    _extremes,
     _grow,
-    _key_float,
-    _key_value,
     _scan_bits,
     compiled,
     huge_bits,
@@ -60,12 +59,7 @@ def _update_f32(flat, counts, upper, huge, limit, tables):  # pragma: no cover -
             nonfinite += nf
             n_huge += nh
         else:
-            if negz > 0 and z > negz:  # both signed zeros: a zero min/max is the first zero, as value by value
-                cmn = _key_value(kmin, chunk_bits, scratch)
-                cmx = _key_value(kmax, chunk_bits, scratch)
-            else:
-                cmn = _key_float(kmin, scratch)
-                cmx = _key_float(kmax, scratch)
+            cmn, cmx = _extremes(kmin, kmax, z, negz, chunk_bits, scratch)
             upper = _grow(counts, even, odd, upper, max(abs(cmn), abs(cmx)))
             if size:
                 _bin_chunk(chunk, even, odd, upper)
