@@ -32,13 +32,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .binning import CHUNK, compiled, huge_bits, merge_pairs, power_of_two_above
-from .binning.core import _grow, _key_float, _scan_bits
+from .binning.core import _F32_NORMAL_MIN, _F32_POW2_MAX, _grow, _key_float, _scan_bits
 from .histogram import HistogramState, checked_bins
 
 __all__ = ["ClippedPair", "NotDerivable", "derivable_limit"]
 
-_F32_NORMAL_MIN = 2.0**-126
-_F32_POW2_MAX = 2.0**127
 _MAX_VALUES = 1 << 30
 """Values per update binned in the int32 partial tables (no overflow); larger arrays are not derived."""
 

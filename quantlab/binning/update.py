@@ -22,6 +22,7 @@ __all__ = ["partial_tables", "update_counts", "warm_up"]
 _FLUSH = 1 << 30
 """Values binned into the int32 partial tables before they are added to the int64 counts (no overflow)."""
 
+
 @compiled(nogil=True)
 def _update_f32(flat, counts, upper, huge, limit, tables):  # pragma: no cover - compiled
     """:func:`update_counts` for float32, chunk by chunk (see the module docstring).
@@ -51,11 +52,6 @@ def _update_f32(flat, counts, upper, huge, limit, tables):  # pragma: no cover -
         if bad:
             cmn, cmx, nf, nh, upper = _chunk_usable(chunk, chunk_bits, counts, even, odd, 0 if size else 1, upper,
                                                     limit, z, negz, scratch)
-            if size:
-                pending += chunk.size
-                if pending >= _FLUSH:
-                    _flush(counts, even, odd)
-                    pending = 0
             nonfinite += nf
             n_huge += nh
         else:
@@ -63,12 +59,13 @@ def _update_f32(flat, counts, upper, huge, limit, tables):  # pragma: no cover -
             upper = _grow(counts, even, odd, upper, max(abs(cmn), abs(cmx)))
             if size:
                 _bin_chunk(chunk, even, odd, upper)
-                pending += chunk.size
-                if pending >= _FLUSH:
-                    _flush(counts, even, odd)
-                    pending = 0
             else:
                 _bin_chunk(chunk, counts, counts, upper)
+        if size:
+            pending += chunk.size
+            if pending >= _FLUSH:
+                _flush(counts, even, odd)
+                pending = 0
         if cmn < mn:
             mn = cmn
         if cmx > mx:

@@ -176,10 +176,11 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
                 if t in input_names:
                     setup.reducers[t].update(np.asarray(feeds[t]))
             n = batch_size_of(item, feeds)
-            step = setup.run_rows(feeds, n, batch_axes_of(item)) if runner is not None else n
-            for start in range(0, n, step) if runner is not None else ():
-                part = feeds if n <= step else sample_rows(feeds, batch_axes_of(item), start, start + step)
-                reductions.submit(runner.run(part, exposed))
+            if runner is not None:
+                step = setup.run_rows(feeds, n, batch_axes_of(item))
+                for start in range(0, n, step):
+                    part = feeds if n <= step else sample_rows(feeds, batch_axes_of(item), start, start + step)
+                    reductions.submit(runner.run(part, exposed))
             samples += n
             batches += 1
             if bar is not None:
