@@ -15,13 +15,17 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import pytest
 from test_cli import ROOT, calibrate_argv, error_line, make_workspace, run_main, temp_entries
 
 from quantlab.cli import ExitCode
+from quantlab.cli.exits import Interrupted, install_signal_handlers, restore_signal_handlers
 
 
 @pytest.fixture
@@ -260,3 +264,81 @@ def test_every_module_imports_first_without_a_cycle() -> None:
     count, *failed = done.stdout.strip().split("\n")
     assert int(count) > 80
     assert [f for f in failed if f] == []
+
+
+# --------------------------------------------------------------------------- where a signal must not raise
+
+
+def _frame_in(filename: str) -> FrameType:
+    """A real frame whose code comes from ``filename`` (importlib's frozen bootstrap, say)."""
+    scope: dict[str, Any] = {"sys": sys}
+    exec(compile("frame = sys._getframe()", filename, "exec"), scope)  # noqa: S102 - our own constant source
+    return scope["frame"]
+
+
+def _raised_within(seconds: float) -> BaseException | None:
+    """Run plain Python bytecode for up to ``seconds``; the exception a signal handler raised in it, if any."""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            sum(range(100))
+    except KeyboardInterrupt as exc:
+        return exc
+    return None
+
+
+def test_a_signal_in_importlib_frames_waits_until_the_main_thread_leaves_them() -> None:
+    """Raised inside a module lock's weakref callback the exception would leave the global import lock held
+    (the next import hangs): the handler defers it and SIGALRM delivers it outside importlib."""
+    previous = install_signal_handlers()
+    try:
+        bootstrap = _frame_in("<frozen importlib._bootstrap>")
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        handler(signal.SIGTERM, bootstrap)  # returns: nothing raised inside importlib
+        retry = signal.getsignal(signal.SIGALRM)
+        assert callable(retry) and signal.getitimer(signal.ITIMER_REAL)[0] > 0
+        signal.setitimer(signal.ITIMER_REAL, 0.0)
+        retry(signal.SIGALRM, bootstrap)  # still inside: waits again
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 0
+        exc = _raised_within(5.0)  # the next retry lands in this test's own frame
+        assert isinstance(exc, Interrupted) and exc.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # held while the run unwinds
+    finally:
+        restore_signal_handlers(previous)
+    assert signal.getsignal(signal.SIGALRM) == previous[signal.SIGALRM]
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
+def test_an_interruption_dropped_by_a_weakref_callback_is_delivered_again() -> None:
+    """Python drops exceptions raised in finalizers ("Exception ignored in ..."); the interruption is not lost."""
+    previous = install_signal_handlers()
+    try:
+
+        class Owner:
+            pass
+
+        def callback(_ref: Any) -> None:
+            raise Interrupted(signal.SIGINT)
+
+        owner = Owner()
+        ref = weakref.ref(owner, callback)
+        del owner  # the callback raises; Python passes the exception to sys.unraisablehook
+        assert ref() is None
+        exc = _raised_within(5.0)
+        assert isinstance(exc, Interrupted) and exc.signum == signal.SIGINT
+    finally:
+        restore_signal_handlers(previous)
+    assert sys.unraisablehook is previous[-1]
+
+
+def test_the_signal_handler_raises_at_once_in_ordinary_code() -> None:
+    previous = install_signal_handlers()
+    try:
+        handler = signal.getsignal(signal.SIGINT)
+        assert callable(handler)
+        with pytest.raises(Interrupted):
+            handler(signal.SIGINT, _frame_in(__file__))
+        assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    finally:
+        restore_signal_handlers(previous)

@@ -10,6 +10,18 @@ unwinds through ``with atomic_path/atomic_dir`` blocks (their temporary files
 are removed) and through ``except Exception`` clauses untouched. Further
 signals are ignored while the first one unwinds, so the clean-up is not cut
 short. Standard library only: this runs before any heavy import.
+
+Two places must not see the exception, so the signal waits there (SIGALRM
+delivers it again every 2 ms until the main thread is elsewhere):
+
+- importlib's own frames. A signal during start-up imports may land in the
+  weakref callback of a module lock, between taking the global import lock
+  and the ``try`` that releases it: raised there, the lock stays held and the
+  next import waits forever (seen in the SIGTERM-during-imports test).
+- finalizers and weakref callbacks in general: Python prints "Exception
+  ignored" and drops the exception, and the signals are held by then, so the
+  run would go on. ``sys.unraisablehook`` catches the dropped
+  :class:`Interrupted` and delivers it again.
 """
 
 from __future__ import annotations
@@ -76,30 +88,89 @@ def hold_signals() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+_RETRY_SECONDS = 0.002
+"""How soon a signal that landed where it must not raise is delivered again (see the module docstring)."""
+
+_pending: list[int] = []
+"""The signal waiting for the main thread to leave importlib's frames (at most one)."""
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if _in_import_machinery(frame):
+        _deliver_later(signum)
+        return
+    _interrupt(signum)
+
+
+def _interrupt(signum: int) -> None:
     hold_signals()  # one interruption: let the clean-up finish
+    _pending.clear()
     atomic = sys.modules.get("quantlab.atomic")
     writing = atomic.writes_in_progress() if atomic is not None else ()
     raise Interrupted(signum, writing)
 
 
+def _in_import_machinery(frame: FrameType | None) -> bool:
+    """True in importlib's frozen bootstrap code (module locks, finders, loaders), not in a module's own body."""
+    return frame is not None and frame.f_code.co_filename.startswith("<frozen importlib")
+
+
+def _deliver_later(signum: int) -> None:
+    if not _pending:
+        _pending.append(signum)
+    signal.signal(signal.SIGALRM, _on_retry)
+    signal.setitimer(signal.ITIMER_REAL, _RETRY_SECONDS)
+
+
+def _on_retry(_alarm: int, frame: FrameType | None) -> None:
+    if not _pending:
+        return
+    if _in_import_machinery(frame):
+        signal.setitimer(signal.ITIMER_REAL, _RETRY_SECONDS)
+        return
+    _interrupt(_pending[0])
+
+
+def _on_unraisable(unraisable: Any) -> None:
+    """An :class:`Interrupted` dropped by a finalizer or weakref callback is delivered again; the rest as before."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        _deliver_later(unraisable.exc_value.signum)
+        return
+    _unraisable_hooks[-1](unraisable)
+
+
+_unraisable_hooks: list[Any] = [sys.unraisablehook]
+"""The hook :func:`_on_unraisable` passes everything else to (the one it replaced)."""
+
 Handlers = dict[int, Any]
+_UNRAISABLE = -1
+"""The key under which :data:`Handlers` keeps the replaced ``sys.unraisablehook``."""
 
 
 def install_signal_handlers() -> Handlers:
     """Route SIGINT and SIGTERM to :class:`Interrupted`; returns the previous handlers (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    previous: Handlers = {}
+    previous: Handlers = {signal.SIGALRM: signal.getsignal(signal.SIGALRM)}
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, _on_signal)
+    previous[_UNRAISABLE] = sys.unraisablehook
+    if sys.unraisablehook is not _on_unraisable:
+        _unraisable_hooks[-1] = sys.unraisablehook
+        sys.unraisablehook = _on_unraisable
     return previous
 
 
 def restore_signal_handlers(previous: Handlers) -> None:
     """Put back what :func:`install_signal_handlers` replaced (for in-process callers such as tests)."""
+    if _pending:  # a retry still armed: cancel it
+        signal.setitimer(signal.ITIMER_REAL, 0.0)
+        _pending.clear()
     for sig, handler in previous.items():
-        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if sig == _UNRAISABLE:
+            sys.unraisablehook = handler
+        else:
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _os_error_text(exc: OSError) -> str:
