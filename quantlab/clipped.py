@@ -187,8 +187,15 @@ class ClippedPair:
         self._pending = 0
         self._indices = np.empty(CHUNK, np.uint32)
 
-    def update(self, array: np.ndarray) -> None:
-        """Add every element of ``array``; raises :class:`NotDerivable` (see the module docstring)."""
+    def update(self, array: np.ndarray, weight: int = 1) -> None:
+        """Add every element of ``array``, ``weight`` times (see AbsHistogram.update); raises
+        :class:`NotDerivable` (see the module docstring)."""
+        if weight < 1:
+            raise ValueError(f"weight must be >= 1, got {weight}")
+        for _ in range(weight):
+            self._update(array)
+
+    def _update(self, array: np.ndarray) -> None:
         flat = np.ravel(np.asarray(array))
         if flat.dtype != np.float32 or flat.size >= _MAX_VALUES:
             raise NotDerivable(f"{flat.dtype} array of {flat.size} values")

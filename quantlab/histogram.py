@@ -275,11 +275,28 @@ class AbsHistogram:
             self.counts = merge_pairs(self.counts, doublings)
             self.upper = new_upper
 
-    def update(self, array: np.ndarray) -> None:
-        """Add every element of ``array`` (any shape; float16/32/64)."""
+    def update(self, array: np.ndarray, weight: int = 1) -> None:
+        """Add every element of ``array`` (any shape; float16/32/64), ``weight`` times.
+
+        ``weight`` > 1 is for a value that stands for several samples (a tensor
+        with no sample axis, computed once per model run of ``weight``
+        samples): the same statistics as adding it ``weight`` times, binned once.
+        """
         flat = _flat_float(array)
-        if flat.size:
+        if not flat.size:
+            return
+        if weight == 1:
             self._add(*update_counts(flat, self.counts, self.upper, self.huge_threshold, self._scratch(flat.size)))
+            return
+        if weight < 1:
+            raise ValueError(f"weight must be >= 1, got {weight}")
+        counts = np.zeros(self.bins, np.int64)
+        mn, mx, usable, nonfinite, n_huge, zeros, negzeros, upper = update_counts(
+            flat, counts, self.upper, self.huge_threshold, self._scratch(flat.size))
+        self._grow_to(upper)  # the range the counts were binned in (they started in this one)
+        self.counts += counts * weight
+        self._add(mn, mx, usable * weight, nonfinite * weight, n_huge * weight, zeros * weight, negzeros * weight,
+                  upper)
 
     def update_values(self, pieces: Sequence[np.ndarray], in_layout: Callable[[], np.ndarray]) -> None:
         """:meth:`update` for a tensor given as ``pieces`` in another order than its layout (a backend's own).

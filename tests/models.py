@@ -826,3 +826,29 @@ def clipped_activations_net(seed: int = 0, channels: int = 8, size: int = 8) -> 
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, size, size])]
     outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", c, size, size])]
     return _model(nodes, inputs, outputs, inits, "clipped_activations_net")
+
+
+def position_table_net(seed: int = 0, hidden: int = 8, max_len: int = 16) -> onnx.ModelProto:
+    """Tensors with no sample axis, as a transformer has them: computed once per model run for every sample.
+
+    Inputs ``x[N, S, hidden]`` and ``temperature`` (a scalar: no batch axis, fed with
+    ``batch_axes={"temperature": None}``). ``table = Tanh(pos_table)`` has a static shape
+    ``[max_len, hidden]`` (the graph says it carries no samples); ``positions`` is its slice of
+    the first S rows (the graph cannot tell: S comes from ``Shape(x)``); ``y = x + positions``
+    and ``out = y * temperature`` carry the batch. Not in ALL_BUILDERS: ``temperature`` needs its batch axis.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Tanh", ["pos_table"], ["table"], name="table_tanh"),
+        helper.make_node("Shape", ["x"], ["x_shape"], name="x_shape"),
+        helper.make_node("Gather", ["x_shape", "one"], ["seq"], name="seq_len", axis=0),
+        helper.make_node("Slice", ["table", "zero", "seq", "zero"], ["positions"], name="take_positions"),
+        helper.make_node("Add", ["x", "positions"], ["y"], name="add_positions"),
+        helper.make_node("Mul", ["y", "temperature"], ["out"], name="temper"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", hidden]),
+              helper.make_tensor_value_info("temperature", TensorProto.FLOAT, [])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", "S", hidden])]
+    inits = [_init("pos_table", rng.normal(0, 1.5, (max_len, hidden)).astype(np.float32)),
+             _init("one", np.array([1], np.int64)), _init("zero", np.array([0], np.int64))]
+    return _model(nodes, inputs, outputs, inits, "position_table_net")

@@ -374,3 +374,23 @@ def test_results_do_not_depend_on_batch_slicing_or_threads():
         assert (tally.saturated_samples, tally.outside_samples) == (twin.saturated_samples, twin.outside_samples)
     assert one.worst == other.worst and one.samples == other.samples == 40
     assert sum(t.saturated_samples for t in one.tallies.values()) > 0  # the shift shows, so equality means something
+
+
+def test_tensors_without_a_sample_axis_weigh_the_same_as_in_the_statistics_pass():
+    """A position-table slice and a scalar input: the coverage pass's fine histograms count them once per
+    sample, as the statistics pass does, so they merge with the calibration set's whatever the batch size."""
+    from quantlab.backends import get_backend
+    from quantlab.coverage.collect import coverage_pass, table_bins
+
+    model = model_from_proto(models.position_table_net())
+    rng = np.random.default_rng(1)
+    data = from_arrays({"x": rng.normal(size=(12, 5, 8)).astype(np.float32),
+                        "temperature": np.array(0.7, np.float32)}, batch_axes={"temperature": None})
+    cal = calibrate(model, data, ["minmax"], batch_size=4)
+    bins = table_bins(cal.tables["minmax"], cal.statistics)
+    assert {"positions", "table", "temperature"} <= set(bins)
+    for batch in (1, 3, 12):
+        result = coverage_pass(model, data.batches(batch), bins, backend=get_backend("ort"),
+                               fine_bins=cal.statistics.bins, huge_threshold=cal.statistics.huge_threshold)
+        for name in bins:
+            assert result.tallies[name].fine.state() == cal.statistics[name], (batch, name)

@@ -382,3 +382,49 @@ def test_reshaped_tensors_share_their_source_statistics_and_match_a_direct_histo
         for b in batches():
             direct.update(runner.run(b, [t])[t])
         assert stats.tensors[t] == direct.state(), t
+
+
+def test_tensors_without_a_sample_axis_count_once_per_sample_whatever_the_batch_size():
+    """A position-table slice or a scalar input is computed (fed) once per model run for all its samples:
+    it counts once per sample, so batch size and slicing change nothing (before, 3 runs of 20 samples
+    counted it 3 times, 20 single-sample runs 20 times)."""
+    from quantlab.data import from_arrays
+    from quantlab.graph.samples import carries_samples
+
+    model = model_from_proto(models.position_table_net(hidden=8, max_len=16))
+    rng = np.random.default_rng(0)
+    n, seq = 20, 5  # no run of 8, 8, 4, 3 or 2 samples has 5 rows: positions' runtime check cannot be fooled
+    data = from_arrays({"x": rng.normal(size=(n, seq, 8)).astype(np.float32),
+                        "temperature": np.array(0.7, np.float32)}, batch_axes={"temperature": None})
+    names = ["x", "temperature", "table", "positions", "y", "out"]
+    assert carries_samples(model, {"temperature": None}, names) == {
+        "x": True, "temperature": False, "table": False, "positions": None, "y": True, "out": True}
+    runs = {size: collect_statistics(model, lambda size=size: data.batches(size), tensors=names)
+            for size in (1, 3, 8)}
+    runs["sliced"] = collect_statistics(model, lambda: data.batches(8), tensors=names, run_budget_bytes=1)
+    for other in (3, 8, "sliced"):
+        _assert_same_statistics(runs[1], runs[other])
+    stats = runs[8]
+    assert stats["table"].count == n * 16 * 8 and stats["positions"].count == n * seq * 8
+    assert stats["temperature"].count == n and stats["x"].count == n * seq * 8
+
+
+def test_a_weighted_update_equals_that_many_updates():
+    from quantlab.clipped import ClippedPair
+    from quantlab.histogram import AbsHistogram
+
+    rng = np.random.default_rng(3)
+    first = rng.normal(0, 0.5, 5000).astype(np.float32)
+    wider = np.concatenate([rng.normal(0, 40, 3000), [0.0, -0.0, np.inf, -3e38]]).astype(np.float32)  # grows R
+    for make in (lambda: AbsHistogram(1024), lambda: ClippedPair(6.0, 1024, 1e30)):
+        once, repeated = make(), make()
+        arrays = (first, wider) if isinstance(once, AbsHistogram) else (first, np.abs(wider[:3000]))
+        for array in arrays:
+            once.update(array, 3)
+            for _ in range(3):
+                repeated.update(array)
+        assert once.state() == repeated.state()
+        if isinstance(once, ClippedPair):
+            assert once.clipped_state() == repeated.clipped_state()
+        with pytest.raises(ValueError, match="weight"):
+            once.update(first, 0)

@@ -23,7 +23,7 @@ import numpy as np
 from ..backends.base import Backend
 from ..errors import CalibrationError, DataError
 from ..graph import LoadedModel
-from ..graph.samples import samples_on_axis0, tensor_sample_axes
+from ..graph.samples import carries_samples, samples_on_axis0, tensor_sample_axes
 from ..histogram import AbsHistogram
 from ..stats import (
     DEFAULT_RUN_BUDGET,
@@ -34,6 +34,7 @@ from ..stats import (
     batch_size_of,
     resolved_sizes,
     sample_rows,
+    sample_weights,
 )
 from ..table import CalibrationTable
 from .bins import TensorBins, bin_per_sample, tensor_bins
@@ -126,7 +127,7 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
     pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-coverage") if workers > 1 else None
     samples = n_batches = 0
     plan: RunRows | None = None
-    axes: dict[str, int] = {}
+    layout: tuple[dict[str, int], dict[str, bool | None]] | None = None  # sample axes, carries a sample
     try:
         for item in batches:
             fingerprint.update(item)
@@ -135,7 +136,8 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
             feeds = batch_feeds(item)
             n = batch_size_of(item, feeds)
             batch_axes = batch_axes_of(item)
-            axes = axes or tensor_sample_axes(model, batch_axes, bins)
+            layout = layout or (tensor_sample_axes(model, batch_axes, bins), carries_samples(model, batch_axes, bins))
+            axes, carries = layout
             if plan is None:
                 plan = RunRows(model, exposed, run_budget_bytes, feeds, n, resolved_sizes(model, exposed, feeds))
             run_rows = plan(feeds, n, batch_axes)
@@ -145,9 +147,10 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
                 outputs = dict(runner.run(part, exposed)) if runner is not None else {}
                 outputs.update({t: np.asarray(part[t]) for t in bins if t in inputs})
                 shown = keys[start:start + run_rows]
+                weights = sample_weights(outputs, len(shown), carries, axes)
                 # a tensor whose samples cannot be told apart (None) feeds the histograms, not the per-sample scores
                 outputs = {t: (a, samples_on_axis0(a, axes.get(t, 0), len(shown))) for t, a in outputs.items()}
-                for score in _slice_scores(outputs, tallies, huge_threshold, pool, shown):
+                for score in _slice_scores(outputs, weights, tallies, huge_threshold, pool, shown):
                     worst.push(score)
                 del outputs
             samples += n
@@ -163,12 +166,13 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
                       summary=fingerprint.summary())
 
 
-def _slice_scores(outputs: Mapping[str, tuple[np.ndarray, np.ndarray | None]], tallies: Mapping[str, TensorTally],
-                  huge: float, pool: Any,
+def _slice_scores(outputs: Mapping[str, tuple[np.ndarray, np.ndarray | None]], weights: Mapping[str, int],
+                  tallies: Mapping[str, TensorTally], huge: float, pool: Any,
                   keys: Sequence[str]) -> list[SampleScore]:
-    """Reduce one model run's outputs into the tallies; the saturation score of each of its samples."""
+    """Reduce one model run's outputs into the tallies; the saturation score of each of its samples.
+    ``weights``: tensor -> samples its value stands for (quantlab.stats.sample_weights)."""
     scores = _BatchScores(len(keys))
-    for name, rows in _reduced(outputs, tallies, huge, pool):
+    for name, rows in _reduced(outputs, weights, tallies, huge, pool):
         if rows is None:
             continue
         tally = tallies[name]
@@ -180,20 +184,20 @@ def _slice_scores(outputs: Mapping[str, tuple[np.ndarray, np.ndarray | None]], t
                         int(scores.outside[i])) for i, key in enumerate(keys)]
 
 
-def _reduce_one(name: str, arrays: tuple[np.ndarray, np.ndarray | None], tally: TensorTally, huge: float
-                ) -> tuple[str, np.ndarray | None]:
+def _reduce_one(name: str, arrays: tuple[np.ndarray, np.ndarray | None], weight: int, tally: TensorTally,
+                huge: float) -> tuple[str, np.ndarray | None]:
     """``arrays``: the tensor as the model gave it, and with its samples on axis 0 (None: not per sample)."""
     whole, by_sample = arrays
-    tally.fine.update(whole)
+    tally.fine.update(whole, weight)
     return name, None if by_sample is None else bin_per_sample(by_sample, tally.bins, huge)
 
 
-def _reduced(outputs: Mapping[str, tuple[np.ndarray, np.ndarray | None]], tallies: Mapping[str, TensorTally],
-             huge: float, pool: Any) -> list[tuple[str, np.ndarray | None]]:
+def _reduced(outputs: Mapping[str, tuple[np.ndarray, np.ndarray | None]], weights: Mapping[str, int],
+             tallies: Mapping[str, TensorTally], huge: float, pool: Any) -> list[tuple[str, np.ndarray | None]]:
     """Per tensor: fine histogram updated, per-sample coarse counts returned (in ``outputs`` order)."""
     if pool is None or len(outputs) < 2:
-        return [_reduce_one(t, a, tallies[t], huge) for t, a in outputs.items()]
-    futures = [pool.submit(_reduce_one, t, a, tallies[t], huge) for t, a in outputs.items()]
+        return [_reduce_one(t, a, weights.get(t, 1), tallies[t], huge) for t, a in outputs.items()]
+    futures = [pool.submit(_reduce_one, t, a, weights.get(t, 1), tallies[t], huge) for t, a in outputs.items()]
     return [f.result() for f in futures]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .load import LoadedModel, tensor_specs
 
-__all__ = ["batch_symbols", "samples_on_axis0", "tensor_sample_axes"]
+__all__ = ["batch_symbols", "carries_samples", "samples_on_axis0", "tensor_sample_axes"]
 
 
 def batch_symbols(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> set[str]:
@@ -42,6 +42,34 @@ def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
             found = [k for k, d in enumerate(spec.shape or ()) if isinstance(d, str) and d in symbols] if spec else []
             axis = found[0] if found else 0
         out[name] = axis
+    return out
+
+
+def carries_samples(model: LoadedModel, batch_axes: Mapping[str, int | None],
+                    names: Iterable[str]) -> dict[str, bool | None]:
+    """Tensor name -> does it hold one slice per sample? None where the graph does not tell.
+
+    An input says it itself (``batch_axes``). An activation does when shape
+    inference gave it a batch symbol (True), or a fully static shape while an
+    input's batch dim is a symbol (False: the same whatever the batch, like a
+    slice of a position table or a constant mask, computed once per model run).
+    """
+    symbols = batch_symbols(model, batch_axes)
+    specs = tensor_specs(model.proto)
+    inputs = set(model.input_names)
+    out: dict[str, bool | None] = {}
+    for name in names:
+        spec = specs.get(name)
+        if name in inputs:
+            out[name] = batch_axes.get(name, 0) is not None
+        elif spec is None or spec.shape is None:
+            out[name] = None
+        elif any(isinstance(d, str) and d in symbols for d in spec.shape):
+            out[name] = True
+        elif symbols and all(isinstance(d, int) for d in spec.shape):
+            out[name] = False
+        else:
+            out[name] = None
     return out
 
 

@@ -24,6 +24,7 @@ from .budget import (
     samples_per_run,
 )
 from .collect import batch_axes_of, batch_feeds, batch_size_of, collect_statistics, sample_rows
+from .reductions import sample_weights
 from .record import STATISTICS_FORMAT, Statistics, load_statistics, save_statistics
 from .scope import TENSOR_SCOPES, fused_preactivations, scope_tensors
 
@@ -41,6 +42,7 @@ __all__ = [
     "batch_axes_of",
     "batch_size_of",
     "sample_rows",
+    "sample_weights",
     "plan_groups",
     "resolved_sizes",
     "TENSOR_SCOPES",

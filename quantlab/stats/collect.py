@@ -19,7 +19,10 @@ A batch whose exposed activations exceed ``run_budget_bytes`` (256 MiB, half per
 through the model in slices of fewer samples: memory stays flat whatever the
 batch size, and smaller runs are cheaper (fewer fresh pages, more cache hits).
 The slices are sized for each batch's shapes (wider text lines, longer sentences:
-:class:`quantlab.stats.budget.RunRows`).
+:class:`quantlab.stats.budget.RunRows`). A tensor without a sample axis (a position
+table's slice, a scalar input) holds one value for all the samples of a run: it counts
+once per sample (quantlab.stats.reductions.sample_weights), so the statistics do not
+depend on the batch size or the slicing either.
 When even one slice of all exposed tensors would exceed ``memory_budget_bytes``,
 tensors are split into groups and the data is run once per group; that is why
 ``batches`` is a factory that can be called again.
@@ -41,6 +44,7 @@ from ..clipped import ClippedPair, NotDerivable
 from ..data.batches import take_samples
 from ..errors import CalibrationError, DataError
 from ..graph import LoadedModel, activation_names, producer_map
+from ..graph.samples import carries_samples, tensor_sample_axes
 from ..histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, AbsHistogram
 from .budget import (
     DEFAULT_MEMORY_BUDGET,
@@ -52,7 +56,7 @@ from .budget import (
 from .pairs import clipped_pairs
 from .prefetch import prefetched
 from .record import Statistics
-from .reductions import Reductions
+from .reductions import Reductions, sample_weights
 
 __all__ = ["collect_statistics", "value_sources", "batch_feeds", "batch_axes_of", "batch_size_of", "sample_rows"]
 
@@ -169,18 +173,26 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
     samples = batches = 0
     stream = prefetched(items, on_batch)
     reductions = Reductions(setup.reducers, setup.pool, setup.workers)
+    sample_layouts: dict[tuple[tuple[str, int | None], ...], tuple[dict[str, bool | None], dict[str, int]]] = {}
     try:
         for item in stream:
             feeds = batch_feeds(item)
-            for t in group:
-                if t in input_names:
-                    setup.reducers[t].update(np.asarray(feeds[t]))
+            axes = batch_axes_of(item)
             n = batch_size_of(item, feeds)
+            for t in group:
+                if t in input_names:  # an input without a sample axis stands for all n samples
+                    setup.reducers[t].update(np.asarray(feeds[t]), 1 if axes.get(t, 0) is not None else max(n, 1))
             if runner is not None:
-                step = setup.run_rows(feeds, n, batch_axes_of(item))
+                key = tuple(sorted(axes.items()))
+                if key not in sample_layouts:
+                    sample_layouts[key] = (carries_samples(setup.model, axes, exposed),
+                                           tensor_sample_axes(setup.model, axes, exposed))
+                carries, sample_axes = sample_layouts[key]
+                step = setup.run_rows(feeds, n, axes)
                 for start in range(0, n, step):
-                    part = feeds if n <= step else sample_rows(feeds, batch_axes_of(item), start, start + step)
-                    reductions.submit(runner.run(part, exposed))
+                    part = feeds if n <= step else sample_rows(feeds, axes, start, start + step)
+                    outputs = runner.run(part, exposed)
+                    reductions.submit(outputs, sample_weights(outputs, min(step, n - start), carries, sample_axes))
             samples += n
             batches += 1
             if bar is not None:

@@ -13,7 +13,7 @@ from ..backends.base import TensorValues
 from ..clipped import ClippedPair, NotDerivable
 from ..histogram import AbsHistogram
 
-__all__ = ["Reductions"]
+__all__ = ["Reductions", "sample_weights"]
 
 
 class Reductions:
@@ -38,19 +38,22 @@ class Reductions:
         self._workers = workers
         self._pending: list[Any] = []
 
-    def submit(self, outputs: Mapping[str, np.ndarray]) -> None:
-        """Wait for the previous run's reductions, then start this run's."""
+    def submit(self, outputs: Mapping[str, np.ndarray], weights: Mapping[str, int] | None = None) -> None:
+        """Wait for the previous run's reductions, then start this run's. ``weights``: tensor -> how many
+        samples its value stands for (:func:`sample_weights`; 1 where missing)."""
         self.wait()
         names: queue.SimpleQueue[str] = queue.SimpleQueue()
         for t in sorted(outputs, key=lambda t: -_size(outputs[t])):
             names.put(t)
+        weights = weights or {}
         if self._pool is None:
-            self._reduce(names, outputs)
+            self._reduce(names, outputs, weights)
             return
-        self._pending = [self._pool.submit(self._reduce, names, outputs)
+        self._pending = [self._pool.submit(self._reduce, names, outputs, weights)
                          for _ in range(min(self._workers, names.qsize()))]
 
-    def _reduce(self, names: queue.SimpleQueue[str], outputs: Mapping[str, np.ndarray]) -> None:
+    def _reduce(self, names: queue.SimpleQueue[str], outputs: Mapping[str, np.ndarray],
+                weights: Mapping[str, int]) -> None:
         """Feed tensors taken from ``names`` to their reducers until it is empty."""
         while True:
             try:
@@ -58,11 +61,13 @@ class Reductions:
             except queue.Empty:
                 return
             value = outputs[t]
+            weight = weights.get(t, 1)
             try:
-                if isinstance(value, TensorValues):
+                if isinstance(value, TensorValues) and weight == 1:
                     self._reducers[t].update_values(value.pieces, value.in_layout)
                 else:
-                    self._reducers[t].update(value)
+                    array = value.in_layout() if isinstance(value, TensorValues) else value
+                    self._reducers[t].update(array, weight)
             except NotDerivable as exc:
                 raise NotDerivable(f"{t!r}: {exc}") from None
 
@@ -76,6 +81,31 @@ class Reductions:
         """Wait for the reductions in flight without raising (cleanup after an error elsewhere)."""
         pending, self._pending = self._pending, []
         wait_for(pending)
+
+
+def sample_weights(outputs: Mapping[str, Any], rows: int, carries: Mapping[str, bool | None],
+                   axes: Mapping[str, int]) -> dict[str, int]:
+    """Tensor -> how many samples its value in a model run of ``rows`` samples stands for.
+
+    A tensor with a sample axis holds each sample's slice once: 1. One without
+    (:func:`quantlab.graph.samples.carries_samples` False: a position table's
+    slice, a constant mask) is computed once per run for all ``rows`` samples,
+    so it counts ``rows`` times: its counts are then those of running every
+    sample alone, whatever the batch size or slicing. Where the graph does not
+    tell (None), a value whose size on the sample axis is not ``rows`` has none.
+    """
+    if rows == 1:
+        return {}
+    out: dict[str, int] = {}
+    for t, value in outputs.items():
+        carried = carries.get(t)
+        if carried is None and not isinstance(value, TensorValues):  # blocked layouts are Conv outputs: batched
+            shape = np.shape(value)
+            axis = axes.get(t, 0)
+            carried = len(shape) > axis and shape[axis] == rows
+        if carried is False:
+            out[t] = rows
+    return out
 
 
 def _size(value: Any) -> int:
