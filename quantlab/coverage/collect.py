@@ -147,7 +147,7 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
                 outputs = dict(runner.run(part, exposed)) if runner is not None else {}
                 outputs.update({t: np.asarray(part[t]) for t in bins if t in inputs})
                 shown = keys[start:start + run_rows]
-                weights = sample_weights(outputs, len(shown), carries, axes)
+                weights = sample_weights(outputs, len(shown), carries)
                 # a tensor whose samples cannot be told apart (None) feeds the histograms, not the per-sample scores
                 outputs = {t: (a, samples_on_axis0(a, axes.get(t, 0), len(shown))) for t, a in outputs.items()}
                 for score in _slice_scores(outputs, weights, tallies, huge_threshold, pool, shown):

@@ -44,7 +44,7 @@ from ..clipped import ClippedPair, NotDerivable
 from ..data.batches import take_samples
 from ..errors import CalibrationError, DataError
 from ..graph import LoadedModel, activation_names, producer_map
-from ..graph.samples import carries_samples, tensor_sample_axes
+from ..graph.samples import carries_samples
 from ..histogram import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD, AbsHistogram
 from .budget import (
     DEFAULT_MEMORY_BUDGET,
@@ -173,7 +173,7 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
     samples = batches = 0
     stream = prefetched(items, on_batch)
     reductions = Reductions(setup.reducers, setup.pool, setup.workers)
-    sample_layouts: dict[tuple[tuple[str, int | None], ...], tuple[dict[str, bool | None], dict[str, int]]] = {}
+    carries: dict[tuple[tuple[str, int | None], ...], dict[str, bool | None]] = {}  # for each inputs' batch axes
     try:
         for item in stream:
             feeds = batch_feeds(item)
@@ -184,15 +184,13 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
                     setup.reducers[t].update(np.asarray(feeds[t]), 1 if axes.get(t, 0) is not None else max(n, 1))
             if runner is not None:
                 key = tuple(sorted(axes.items()))
-                if key not in sample_layouts:
-                    sample_layouts[key] = (carries_samples(setup.model, axes, exposed),
-                                           tensor_sample_axes(setup.model, axes, exposed))
-                carries, sample_axes = sample_layouts[key]
+                if key not in carries:
+                    carries[key] = carries_samples(setup.model, axes, exposed)
                 step = setup.run_rows(feeds, n, axes)
                 for start in range(0, n, step):
                     part = feeds if n <= step else sample_rows(feeds, axes, start, start + step)
                     outputs = runner.run(part, exposed)
-                    reductions.submit(outputs, sample_weights(outputs, min(step, n - start), carries, sample_axes))
+                    reductions.submit(outputs, sample_weights(outputs, min(step, n - start), carries[key]))
             samples += n
             batches += 1
             if bar is not None:

@@ -83,8 +83,7 @@ class Reductions:
         wait_for(pending)
 
 
-def sample_weights(outputs: Mapping[str, Any], rows: int, carries: Mapping[str, bool | None],
-                   axes: Mapping[str, int]) -> dict[str, int]:
+def sample_weights(outputs: Mapping[str, Any], rows: int, carries: Mapping[str, bool | None]) -> dict[str, int]:
     """Tensor -> how many samples its value in a model run of ``rows`` samples stands for.
 
     A tensor with a sample axis holds each sample's slice once: 1. One without
@@ -92,7 +91,9 @@ def sample_weights(outputs: Mapping[str, Any], rows: int, carries: Mapping[str, 
     slice, a constant mask) is computed once per run for all ``rows`` samples,
     so it counts ``rows`` times: its counts are then those of running every
     sample alone, whatever the batch size or slicing. Where the graph does not
-    tell (None), a value whose size on the sample axis is not ``rows`` has none.
+    tell (None), a value with no axis of ``rows`` has none: a batched tensor
+    always has one (wherever its samples are: an LSTM's ``Y`` on axis 2), so it is
+    never counted twice; a shared one whose size happens to be ``rows`` counts once.
     """
     if rows == 1:
         return {}
@@ -100,9 +101,7 @@ def sample_weights(outputs: Mapping[str, Any], rows: int, carries: Mapping[str, 
     for t, value in outputs.items():
         carried = carries.get(t)
         if carried is None and not isinstance(value, TensorValues):  # blocked layouts are Conv outputs: batched
-            shape = np.shape(value)
-            axis = axes.get(t, 0)
-            carried = len(shape) > axis and shape[axis] == rows
+            carried = rows in np.shape(value)
         if carried is False:
             out[t] = rows
     return out
