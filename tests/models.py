@@ -852,3 +852,23 @@ def position_table_net(seed: int = 0, hidden: int = 8, max_len: int = 16) -> onn
     inits = [_init("pos_table", rng.normal(0, 1.5, (max_len, hidden)).astype(np.float32)),
              _init("one", np.array([1], np.int64)), _init("zero", np.array([0], np.int64))]
     return _model(nodes, inputs, outputs, inits, "position_table_net")
+
+
+def any_size_classifier(seed: int = 0, channels: int = 8, classes: int = 5) -> onnx.ModelProto:
+    """An image classifier for any image size: Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm,
+    ``image[N, 3, H, W]`` -> ``logits[N, classes]`` (photos of several sizes batched by shape)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["image", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="pool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])]
+    inits = [_init("w", rng.normal(0, 0.4, (channels, 3, 3, 3)).astype(np.float32)),
+             _init("b", rng.normal(0, 0.1, (channels,)).astype(np.float32)),
+             _init("fc_w", rng.normal(0, 0.5, (classes, channels)).astype(np.float32)),
+             _init("fc_b", rng.normal(0, 0.1, (classes,)).astype(np.float32))]
+    return _model(nodes, inputs, outputs, inits, "any_size_classifier")

@@ -96,6 +96,13 @@ def test_every_help_lists_the_exit_codes(argv: list[str], capfd: pytest.CaptureF
     assert "exit codes:" in out and "130" in out and "environment" in out
 
 
+@pytest.mark.parametrize("command", ["calibrate", "compare", "search", "run", "demo"])
+def test_every_command_with_a_progress_bar_takes_no_progress(command: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """One flag for logs and CI on every command that shows bars (``run``/``demo`` keep ``--quiet`` too)."""
+    code, out, _ = run_main([command, "--help"], capfd)
+    assert code == 0 and "--no-progress" in out
+
+
 def test_ok_and_verdict(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
     assert code == ExitCode.OK, err

@@ -851,3 +851,85 @@ def test_allowed_flips_counts_whole_samples():
     assert allowed_flips(parse_threshold("top1_drop<=1"), 160) == 1
     assert allowed_flips(parse_threshold("top1_agreement>=99 and top1_drop<=0.5"), 300) == 1
     assert allowed_flips(parse_threshold("top1_agreement>100"), 160) == -1  # nothing passes
+
+
+# --------------------------------------------------------------------------- the ranking subset keeps the set's batching
+
+
+def _lines_set(tmp_path, widths):
+    from quantlab.data import open_dataset
+
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, w in enumerate(widths):
+        np.save(folder / f"line{i}.npy", rng.uniform(-1, 1, (3, 48, w)).astype(np.float32))
+    (tmp_path / "lines.toml").write_text('batching = "by_shape"\nshuffle = false\nrole = "validation"\n'
+                                         '[source]\nkind = "npy"\npath = "lines"\n[inputs]\nimage = "array"\n')
+    return open_dataset(tmp_path / "lines.toml")
+
+
+def test_ranking_subset_of_text_lines_of_several_widths_batches_by_shape(tmp_path):
+    """The subset of a set batched by shape is a view of it: stacking its samples into one array
+    failed ("all input arrays must have the same shape") on the first OCR search that had to rank."""
+    from quantlab.search.evaluator import CompareEvaluator
+
+    model = model_from_proto(models.text_recognizer(), label="text_recognizer")
+    data = _lines_set(tmp_path, [64, 128, 64, 192, 128, 64])
+    table = calibrate(model, data, "minmax", batch_size=2).tables["minmax"]
+    evaluator = CompareEvaluator(model, table, data, SearchOptions(threshold="cosine>=0.99", batch_size=2))
+    assert evaluator.select_subset(3, fragile=False) == [0, 1, 2]
+    subset = evaluator.subset
+    assert subset is not None and len(subset) == 3 and subset.group_by_shape
+    assert [s.key for s in (subset.sample(i) for i in range(3))] == [data.sample(i).key for i in range(3)]
+    assert [b.feeds["image"].shape[-1] for b in subset.batches(2)] == [64, 128]  # lines 0 and 2 together
+    plan = resolve_plan(uniform_plan("int8"), model.proto)
+    ranked = evaluator.evaluate_many([plan], 3)[0]
+    assert ranked.samples == 3 and ranked.rows[0]["samples"] == 3 and ranked.rows[0]["cosine"] > 0.9
+
+
+def test_ranking_subset_keeps_a_state_batched_on_axis_1():
+    from quantlab.search.evaluator import CompareEvaluator
+
+    proto = models.voice_activity()
+    model = model_from_proto(proto, label="vad")
+    rng = np.random.default_rng(0)
+    data = from_arrays({"input": rng.normal(size=(6, 64)).astype(np.float32),
+                        "state": rng.normal(0, 0.5, size=(2, 6, 128)).astype(np.float32)},
+                       batch_axes={"state": 1}, role="validation")
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    evaluator = CompareEvaluator(model, table, data, SearchOptions(threshold="cosine>=0.99", batch_size=4))
+    evaluator.select_subset(4, fragile=False)
+    batch = next(iter(evaluator.subset.batches(4)))
+    np.testing.assert_array_equal(batch.feeds["state"], data.batches(6).__next__().feeds["state"][:, :4])
+    ranked = evaluator.evaluate_many([resolve_plan(uniform_plan("int8"), model.proto)], 4)[0]
+    assert ranked.samples == 4 and all(r["samples"] == 4 for r in ranked.rows)
+
+
+def test_flip_margins_of_photos_of_several_sizes_follow_the_sample_indices(tmp_path):
+    """A top-1 search's margins on a set batched by shape: the reference's rows and each plan's margins
+    belong to the samples asked for, whatever order the batches came in."""
+    from quantlab.data import open_dataset
+    from quantlab.search.evaluator import CompareEvaluator
+
+    model = model_from_proto(models.any_size_classifier(), label="classifier")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    sizes = [16, 24, 24, 16, 24, 16]
+    for i, s in enumerate(sizes):
+        np.save(folder / f"p{i}.npy", rng.uniform(-1, 1, (3, s, s)).astype(np.float32))
+    (tmp_path / "photos.toml").write_text('batching = "by_shape"\nshuffle = false\nrole = "validation"\n'
+                                          '[source]\nkind = "npy"\npath = "photos"\n[inputs]\nimage = "array"\n')
+    data = open_dataset(tmp_path / "photos.toml")
+    assert [b.indices for b in data.batches(2)] == [(1, 2), (0, 3), (4,), (5,)]  # not in data order
+    table = calibrate(model, data, "minmax", batch_size=2).tables["minmax"]
+    evaluator = CompareEvaluator(model, table, data, SearchOptions(threshold="top1_agree>=99", batch_size=2))
+    fp32 = _session(model.proto)
+    expected = [int(np.argmax(fp32.run(None, {"image": data.sample(i).feeds["image"][None]})[0])) for i in range(6)]
+    assert list(evaluator._reference().top1) == expected
+    plans = [resolve_plan(uniform_plan("int8"), model.proto), resolve_plan(uniform_plan("fp16"), model.proto)]
+    indices = [4, 0, 5, 1]
+    together = evaluator.margins(plans, indices)
+    alone = np.concatenate([evaluator.margins(plans, [i]) for i in indices], axis=1)
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)

@@ -118,6 +118,13 @@ def add_bind_option(p: argparse.ArgumentParser) -> None:
                         "branch calibrated and written; give the same --bind to every command (repeatable)")
 
 
+def add_progress_option(p: argparse.ArgumentParser, *aliases: str) -> None:
+    """``--no-progress`` (and ``aliases``, e.g. ``--quiet``) on every command that shows a progress bar:
+    ``args.no_progress``."""
+    p.add_argument("--no-progress", *aliases, dest="no_progress", action="store_true",
+                   help="no progress bars (for logs and CI)")
+
+
 def bound_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--bind`` values as ``load_model(bind=...)`` takes them."""
     return dict(getattr(args, "bind", None) or [])

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import add_bind_option, add_command, bound_inputs, path_arg, positive_int, prepare_output, text_arg
+from . import add_bind_option, add_command, add_progress_option, bound_inputs, path_arg, positive_int, prepare_output, text_arg
 
 if TYPE_CHECKING:
     from ..calibrate import CalibrationResult
@@ -114,7 +114,7 @@ def register(subparsers: Any) -> None:
                    help="SmoothQuant: move outlier activation channels' range into the MatMul/Gemm weights reading "
                         "them (alpha in [0, 1], 0.5 typical; needs --calib); writes smoothquant.json for "
                         "`quantlab build --smoothquant-scales`")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(p)
 
 
 def _load_dataset(path: Path) -> Any:

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_bind_option, add_command, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, text_arg
+from . import add_bind_option, add_command, add_progress_option, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 
 __all__ = ["HELP", "register", "run", "candidate_name", "owned_files", "check_label_metrics",
            "known_metrics"]
@@ -87,7 +87,7 @@ def register(subparsers: Any) -> None:
                         "warn when the validation set shares samples with it")
     p.add_argument("--worst", type=non_negative_int, default=WORST_LAYERS,
                    help=f"worst layers printed per candidate (default {WORST_LAYERS})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(p)
 
 
 def candidate_name(path: Path) -> str:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import add_command, path_arg
+from . import add_command, add_progress_option, path_arg
 
 __all__ = ["HELP", "register", "run", "demo_experiment_path"]
 
@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--reports-dir", type=path_arg, default=Path("reports"),
                    help="folder that receives reports/demo/ (default: ./reports)")
     p.add_argument("--force", action="store_true", help="redo every stage")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress_option(p, "--quiet")
 
 
 def run(args: Any) -> int:
@@ -52,7 +52,7 @@ def run(args: Any) -> int:
     config = load_experiment(path)
     prepare_report_dir(args.reports_dir, config.name, "demo", [path])
     print(f"quantlab demo: {path}", file=sys.stderr)
-    result = run_experiment(config, reports_dir=args.reports_dir, progress=not args.quiet, force=args.force,
+    result = run_experiment(config, reports_dir=args.reports_dir, progress=not args.no_progress, force=args.force,
                             command="quantlab " + " ".join(sys.argv[1:]))
     print_result(result)
     print(f"demo finished in {time.perf_counter() - start:.0f} s; open {result.index_html.resolve().as_uri()}")

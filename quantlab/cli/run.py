@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import ExitCode, add_command, path_arg, prepare_output
+from . import ExitCode, add_command, add_progress_option, path_arg, prepare_output
 
 __all__ = ["HELP", "register", "run", "print_result", "prepare_report_dir"]
 
@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="redo every stage even when its inputs are unchanged")
     p.add_argument("--fail-on-verdict", action="store_true",
                    help="exit with code 1 when the final candidate misses the threshold (CI gate)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress_option(p, "--quiet")
 
 
 def print_result(result: Any, *, stream: Any = None) -> None:
@@ -74,7 +74,7 @@ def run(args: Any) -> int:
     prepare_report_dir(args.reports_dir, config.name, "run", [args.experiment])
     command = "quantlab " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0] else "quantlab run"
     print(f"experiment {config.name}: {args.experiment}", file=sys.stderr)
-    result = run_experiment(config, reports_dir=args.reports_dir, progress=not args.quiet, force=args.force,
+    result = run_experiment(config, reports_dir=args.reports_dir, progress=not args.no_progress, force=args.force,
                             command=command)
     print_result(result)
     if config.export_repository is not None:

@@ -29,7 +29,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from . import add_bind_option, add_command, bound_inputs, non_negative_int, path_arg, positive_int, prepare_output, text_arg
+from . import add_bind_option, add_command, add_progress_option, bound_inputs, non_negative_int, path_arg, positive_int, prepare_output, text_arg
 from .calibrate import alpha_arg
 
 if TYPE_CHECKING:
@@ -113,6 +113,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--workdir", type=path_arg, default=None, metavar="DIR",
                    help="where the search log lives (default OUT/work); rerun with it to resume")
     p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
+    add_progress_option(p)
 
 
 def format_step(event: StepEvent) -> str:
@@ -217,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"quantlab search: calibrating {model.label} on {args.calib} ({args.method})", flush=True)
         calib = open_dataset(args.calib)
         table = calibrate(model, calib, [args.method], batch_size=args.batch_size,
-                          progress=True).tables[args.method]
+                          progress=not args.no_progress).tables[args.method]
         source = f"{args.method} calibration on {args.calib}"
     options = _with_engine_shapes(options, args, model, table, val)
     workdir = args.workdir if args.workdir is not None else args.out / "work"

@@ -30,6 +30,7 @@ __all__ = [
     "DataSet",
     "FirstSamples",
     "Sample",
+    "SelectedSamples",
     "batch_fits",
     "checked_count",
     "format_shape",
@@ -190,12 +191,7 @@ class DataSet:
         raise NotImplementedError
 
     def sample(self, i: int) -> Sample:
-        n = len(self)
-        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
-            raise TypeError(f"sample index must be an int, got {type(i).__name__}")
-        if not -n <= i < n:
-            raise IndexError(f"sample {i} out of range: {self.name} holds {n} samples")
-        return self._load(int(i) % n)
+        return self._load(self._checked_index(i))
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         checked_count(batch_size, "batch_size")
@@ -209,6 +205,20 @@ class DataSet:
     def _first(self, n: int) -> DataSet:
         """Samples 0..n-1 (``n`` < len); subclasses may return their own kind instead of a view."""
         return FirstSamples(self, n)
+
+    def select(self, indices: Sequence[int], *, name: str | None = None) -> DataSet:
+        """The samples ``indices``, in that order, as a data set that loads them from this one: same
+        feeds, keys, labels, batch axes, batching and padding (a search's ranking subset of text lines
+        of several widths batches by shape as the whole set does)."""
+        return SelectedSamples(self, [self._checked_index(i) for i in indices], name=name)
+
+    def _checked_index(self, i: int) -> int:
+        n = len(self)
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+            raise TypeError(f"sample index must be an int, got {type(i).__name__}")
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range: {self.name} holds {n} samples")
+        return int(i) % n
 
     def _stack_advice(self, name: str) -> str:
         return SAME_SHAPE_ADVICE
@@ -265,24 +275,38 @@ class DataSet:
         return self.name
 
 
-class FirstSamples(DataSet):
-    """The first ``n`` samples of another data set, loaded from it (what :meth:`DataSet.head` gives by default)."""
+class SelectedSamples(DataSet):
+    """Chosen samples of another data set, in the order given, loaded from it (:meth:`DataSet.select`)."""
 
-    def __init__(self, parent: DataSet, n: int) -> None:
-        self.parent, self._n = parent, n
-        self.role, self.name = parent.role, parent.name
+    def __init__(self, parent: DataSet, indices: Sequence[int], *, name: str | None = None) -> None:
+        self.parent, self._indices = parent, list(indices)
+        self.role, self.name = parent.role, name or parent.name
         self.input_names, self.label_dtype = parent.input_names, parent.label_dtype
         self.batch_axes, self.group_by_shape = parent.batch_axes, parent.group_by_shape
         self.padding = parent.padding
 
     def __len__(self) -> int:
-        return self._n
+        return len(self._indices)
 
     def _load(self, i: int) -> Sample:
-        return self.parent._load(i)
+        return self.parent._load(self._indices[i])
 
     def _stack_advice(self, name: str) -> str:
         return self.parent._stack_advice(name)
+
+    def manifest_record(self) -> dict[str, Any]:
+        return dict(self.parent.manifest_record(), samples=list(self._indices))
+
+    def describe_source(self) -> str:
+        return f"{len(self)} samples of {self.parent.describe_source()}"
+
+
+class FirstSamples(SelectedSamples):
+    """The first ``n`` samples of another data set, loaded from it (what :meth:`DataSet.head` gives by default)."""
+
+    def __init__(self, parent: DataSet, n: int) -> None:
+        super().__init__(parent, range(n))
+        self._n = n
 
     def manifest_record(self) -> dict[str, Any]:
         return dict(self.parent.manifest_record(), count=self._n)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..backends import Backend, get_backend
 from ..compare import CompareOptions, compare
-from ..data import DataSet, from_arrays
+from ..data import DataSet
 from ..errors import SearchError
 from ..graph import LoadedModel
 from ..perf import measure_latency
@@ -74,10 +74,7 @@ class CompareEvaluator:
             order = self.fragile_order()
             if order:
                 idx = sorted(order[:n])
-        samples = [self.dataset.sample(i) for i in idx]
-        arrays = {k: np.stack([s.feeds[k] for s in samples]) for k in self.dataset.input_names}
-        labels = [s.label for s in samples] if self.dataset.has_labels else None
-        self.subset = from_arrays(arrays, labels=labels, role="validation", name=f"{self.dataset.name}-ranking")
+        self.subset = self.dataset.select(idx, name=f"{self.dataset.name}-ranking")
         self.subset_indices = idx
         return idx
 
@@ -109,11 +106,18 @@ class CompareEvaluator:
         first = plans[0]
         anchor = first.with_pins({g.name: "int8" for g in first.groups
                                   if g.quantizable and first.precision[g.name] != "int8"})
-        logits = plan_outputs(self._exact_backend(), self.write(anchor).proto,
-                              [self.write(p).proto for p in plans], self._feeds_of(idx), ref.output,
-                              self.options.batch_size)
-        return np.stack([logit_margins(np.asarray(z, dtype=np.float64), ref.top1[idx]) / ref.scale[idx]
-                         for z in logits])
+        anchor_proto, protos = self.write(anchor).proto, [self.write(p).proto for p in plans]
+        rows: list[list[np.ndarray]] = [[] for _ in plans]
+        order: list[int] = []
+        for positions, feeds in self._feeds_by_shape(idx):  # images of several sizes: one stack per size
+            outs = plan_outputs(self._exact_backend(), anchor_proto, protos, feeds, ref.output,
+                                self.options.batch_size)
+            for k, z in enumerate(outs):
+                rows[k].append(np.asarray(z, dtype=np.float64))
+            order.extend(positions)
+        back = np.argsort(np.asarray(order), kind="stable")  # rows in the order of ``idx`` again
+        logits = [np.concatenate(r)[back] for r in rows]
+        return np.stack([logit_margins(z, ref.top1[idx]) / ref.scale[idx] for z in logits])
 
     def _backend_options(self) -> dict[str, Any]:
         """On ONNX Runtime, Q/DQ run as written: the ONNX (and TensorRT) semantics on every CPU. ORT's
@@ -128,11 +132,21 @@ class CompareEvaluator:
         """The backend for margins (see :meth:`_backend_options`)."""
         return get_backend(self.options.backend, **self._backend_options())
 
-    def _feeds_of(self, idx: Sequence[int]) -> dict[str, np.ndarray]:
-        for i in idx:
+    def _feeds_by_shape(self, idx: Sequence[int]) -> list[tuple[list[int], dict[str, np.ndarray]]]:
+        """(positions in ``idx``, their feeds stacked on axis 0) for each distinct sample shape."""
+        moved = [n for n in self.dataset.input_names if self.dataset.batch_axis(n) != 0]
+        if moved:
+            raise SearchError(f"a top-1 threshold's flip search stacks samples on axis 0, and input {moved[0]!r} "
+                              f"is batched on axis {self.dataset.batch_axis(moved[0])}: use a cosine or sqnr_db "
+                              "threshold for this model")
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for pos, i in enumerate(idx):
             if i not in self._sample_feeds:
                 self._sample_feeds[i] = dict(self.dataset.sample(i).feeds)
-        return {k: np.stack([self._sample_feeds[i][k] for i in idx]) for k in self.dataset.input_names}
+            feeds = self._sample_feeds[i]
+            groups.setdefault(tuple((k, feeds[k].shape) for k in self.dataset.input_names), []).append(pos)
+        return [(positions, {k: np.stack([self._sample_feeds[idx[p]][k] for p in positions])
+                             for k in self.dataset.input_names}) for positions in groups.values()]
 
     def _data(self, samples: int) -> tuple[DataSet, int | None]:
         """The data set and max_samples of an evaluation on ``samples`` samples."""
@@ -228,6 +242,7 @@ def _reference_pass(model: LoadedModel, dataset: DataSet, options: SearchOptions
     runner = get_backend(options.backend, **options.backend_options).build(model.proto)
     name: str | None = None
     parts: list[np.ndarray] = []
+    indices: list[int] = []
     try:
         for batch in dataset.batches(options.batch_size):
             outs = runner.run(batch.feeds)
@@ -236,11 +251,12 @@ def _reference_pass(model: LoadedModel, dataset: DataSet, options: SearchOptions
                 if name is None:
                     return False
             parts.append(np.asarray(outs[name], dtype=np.float64))
+            indices.extend(batch.indices)  # batched by shape, batches come out of data order
     finally:
         runner.close()
     if name is None:
         return False
-    z = np.concatenate(parts)
+    z = np.concatenate(parts)[np.argsort(np.asarray(indices), kind="stable")]
     top1 = z.argmax(axis=1)
     scale = z.std(axis=1) + 1e-12
     return _Reference(output=name, top1=top1, lead=logit_margins(z, top1) / scale, scale=scale)
