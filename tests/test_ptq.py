@@ -159,3 +159,44 @@ def test_every_corrected_model_parses_and_builds_in_tensorrt_rtx(any_model):
     written = write_model(model, uniform_plan("int8"), table, dataclasses.replace(opts, bias_correction=bc))
     engine = TensorRTBackend("tensorrt-rtx").build_engine(written.proto, label=f"{name} (bias-corrected)")
     assert isinstance(engine, bytes) and len(engine) > 10_000
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv_shift_of_samples_of_several_sizes_matches_numpy(tmp_path, group):
+    """Images of two sizes have no one mean image: the shift comes from per-channel means, exact for a
+    1x1 conv (the mean over every output position of every sample), grouped convs reading their own channels."""
+    from quantlab.data import open_dataset
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(0, 1, (4, 4 // group, 1, 1)) * rng.uniform(0.01, 1.0, (4, 1, 1, 1))
+    proto = _model([helper.make_node("Conv", ["input", "w"], ["y"], name="conv", group=group)],
+                   ["N", 4, "H", "W"], ["N", 4, "H", "W"], {"w": w})
+    model = model_from_proto(proto)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = [(rng.normal(0.6, 1.0, (4, s, s + 2)) ** 2).astype(np.float32) for s in (5, 8, 5, 8, 8)]
+    for i, image in enumerate(images):
+        np.save(folder / f"i{i}.npy", image)
+    (tmp_path / "set.toml").write_text('batching = "by_shape"\nshuffle = false\n[source]\nkind = "npy"\n'
+                                       'path = "images"\n[inputs]\ninput = "array"\n')
+    cal = open_dataset(tmp_path / "set.toml")
+    table = calibrate(model, cal, "minmax", batch_size=2).tables["minmax"]
+    bc = measure_bias_correction(model, table, cal, WriteOptions(target="tensorrt", per_channel_weights=False),
+                                 batch_size=2)
+    qp, q = weight_qparams(w.astype(np.float32), None)
+    wq = q.astype(np.float64) * float(qp.scale)
+    x_qp = activation_qparams(table.ranges["input"], "tensorrt")
+    diffs = []
+    for x in images:
+        xq = fake_quantize(x, x_qp).astype(np.float64)
+        for g in range(group):
+            o, i = slice(g * 4 // group, (g + 1) * 4 // group), slice(g * 4 // group, (g + 1) * 4 // group)
+            d = np.einsum("oi,ihw->ohw", wq[o, :, 0, 0], xq[i]) - np.einsum("oi,ihw->ohw", w[o, :, 0, 0], x[i])
+            diffs.append((o, d.reshape(d.shape[0], -1)))
+    want = np.zeros(4)
+    for g in range(group):
+        rows = [d for o, d in diffs if o.start == g * 4 // group]
+        want[g * 4 // group:(g + 1) * 4 // group] = np.concatenate(rows, axis=1).mean(axis=1)
+    got = bc.shift("conv")
+    assert got is not None and np.abs(want).max() > 1e-4
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())

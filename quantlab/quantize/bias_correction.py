@@ -14,6 +14,11 @@ Equalization and Bias Correction", section 4.2, empirical form; NNCF's bias corr
       W int8 --> DQ -+--> Conv       ==>          W int8 --> DQ -+--> Conv      the same graph:
        b float ------+                    (b - shift) float -----+              only bias values
 
+Samples of several shapes (text lines of several widths) have no one-sample mean image:
+a layer whose inputs came in several shapes is measured from per-channel means instead,
+``shift[o] = sum over c, k of Wq[o,c,k] E[Q(x)_c] - W[o,c,k] E[x_c]`` (the zero padding at the
+borders is not counted: a small bias on narrow maps).
+
 Each layer's shift is measured with FP32 inputs (the layer alone), so one correction
 serves every plan: :func:`write_model` applies it to the INT8 groups of the plan only. In
 the TensorRT form the corrected bias is the float bias TensorRT already parses; in the
@@ -126,14 +131,48 @@ def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> lis
     return out
 
 
+class _Means:
+    """E[x] and E[Q(x)] of one layer input: over the samples at one sample's shape while every sample
+    has one shape, and per channel (axis 1 of the batch) over samples and positions always."""
+
+    def __init__(self) -> None:
+        self.sum: np.ndarray | None = None
+        self.qsum: np.ndarray | None = None
+        self.samples = 0
+        self.one_shape = True
+        self.channel_sum: np.ndarray | float = 0.0
+        self.channel_qsum: np.ndarray | float = 0.0
+        self.positions = 0
+
+    def add(self, x: np.ndarray, xq: np.ndarray) -> None:
+        if self.sum is not None and self.sum.shape != x.shape[1:]:
+            self.one_shape, self.sum, self.qsum = False, None, None  # several shapes: per channel only
+        if self.one_shape:
+            s, sq = x.sum(axis=0, dtype=np.float64), xq.sum(axis=0, dtype=np.float64)
+            self.sum, self.qsum = (s, sq) if self.sum is None else (self.sum + s, self.qsum + sq)
+        axes = (0, *range(2, x.ndim))
+        self.channel_sum = self.channel_sum + x.sum(axis=axes, dtype=np.float64)
+        self.channel_qsum = self.channel_qsum + xq.sum(axis=axes, dtype=np.float64)
+        self.samples += x.shape[0]
+        self.positions += x.size // max(x.shape[1], 1) if x.ndim > 1 else x.size
+
+    def image(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(E[x], E[Q(x)]) at one sample's shape; None when the samples came in several shapes."""
+        if not self.one_shape or self.sum is None:
+            return None
+        return self.sum / self.samples, self.qsum / self.samples
+
+    def channels(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.channel_sum) / self.positions, np.asarray(self.channel_qsum) / self.positions
+
+
 def _input_means(model: LoadedModel, layers: list[_Layer], dataset: DataSet, batch_size: int,
-                 max_samples: int | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
-    """Per layer input: E[x] and E[Q(x)] over the samples (float64, one sample's shape)."""
+                 max_samples: int | None) -> tuple[dict[str, _Means], int]:
+    """Per layer input: its means over the samples (:class:`_Means`); the samples seen."""
     inputs = set(model.input_names)
     exposed = sorted({lay.x for lay in layers} - inputs)
     runner = get_backend("ort").build(with_outputs(model.proto, exposed), outputs=exposed)
-    sums: dict[str, np.ndarray] = {}
-    qsums: dict[str, np.ndarray] = {}
+    means = {lay.x: _Means() for lay in layers}
     quant = {lay.x: lay.x_qp for lay in layers}
     seen = 0
     try:
@@ -145,15 +184,13 @@ def _input_means(model: LoadedModel, layers: list[_Layer], dataset: DataSet, bat
             got = runner.run(feeds, exposed) if exposed else {}
             for name, qp in quant.items():
                 x = np.asarray(feeds[name] if name in inputs else got[name])[:take]
-                xq = x if qp is None else fake_quantize(x, qp)
-                sums[name] = sums.get(name, 0.0) + x.sum(axis=0, dtype=np.float64)
-                qsums[name] = qsums.get(name, 0.0) + xq.sum(axis=0, dtype=np.float64)
+                means[name].add(x, x if qp is None else fake_quantize(x, qp))
             seen += take
     finally:
         runner.close()
     if seen == 0:
         raise QuantlabError("bias correction needs calibration samples; the data set is empty")
-    return {k: v / seen for k, v in sums.items()}, {k: v / seen for k, v in qsums.items()}, seen
+    return means, seen
 
 
 def _dequantized_weight(w: np.ndarray, axis: int | None, options: WriteOptions) -> np.ndarray:
@@ -195,6 +232,17 @@ def _conv_shift(layer: _Layer, wq: np.ndarray, mean_x: np.ndarray, mean_xq: np.n
     return y.reshape(y.shape[1], -1).mean(axis=1)
 
 
+def _channel_shift(layer: _Layer, wq: np.ndarray, mean_c: np.ndarray, mean_qc: np.ndarray) -> np.ndarray:
+    """The Conv shift from per-channel input means (samples of several shapes): each output channel's
+    weights summed over the kernel, times the means of the input channels its group reads."""
+    group = next((int(helper.get_attribute_value(a)) for a in layer.node.attribute if a.name == "group"), 1)
+    out_ch, per_group = layer.w.shape[0], layer.w.shape[1]
+    reads = (np.arange(out_ch) // (out_ch // group))[:, None] * per_group + np.arange(per_group)[None, :]
+    w = layer.w.astype(np.float64).reshape(out_ch, per_group, -1).sum(axis=2)
+    w_q = wq.astype(np.float64).reshape(out_ch, per_group, -1).sum(axis=2)
+    return (w_q * mean_qc[reads]).sum(axis=1) - (w * mean_c[reads]).sum(axis=1)
+
+
 def _gemm_shift(layer: _Layer, wq: np.ndarray, mean_x: np.ndarray, mean_xq: np.ndarray) -> np.ndarray:
     trans_b = any(a.name == "transB" and helper.get_attribute_value(a) for a in layer.node.attribute)
     w, wq = (layer.w.T, wq.T) if trans_b else (layer.w, wq)
@@ -216,12 +264,15 @@ def measure_bias_correction(model: LoadedModel, table: CalibrationTable, dataset
     placement = Placement(model, plan, table, options)
     placement.run()
     layers = _layers(model, placement, plan)
-    means, qmeans, seen = _input_means(model, layers, dataset, batch_size, max_samples)
+    means, seen = _input_means(model, layers, dataset, batch_size, max_samples)
     out = []
     for lay in layers:
         wq = _dequantized_weight(lay.w, lay.axis, options)
-        fn = _conv_shift if lay.node.op_type == "Conv" else _gemm_shift
-        shift = fn(lay, wq, means[lay.x], qmeans[lay.x])
+        image = means[lay.x].image()
+        if image is None:  # inputs of several shapes: Conv from the per-channel means (Gemm has one shape)
+            shift = _channel_shift(lay, wq, *means[lay.x].channels())
+        else:
+            shift = (_conv_shift if lay.node.op_type == "Conv" else _gemm_shift)(lay, wq, *image)
         if all(math.isfinite(v) for v in shift):
             out.append((lay.node.name, tuple(float(v) for v in shift)))
     return BiasCorrection(layers=tuple(out), samples=seen, settings=correction_settings(options))
