@@ -390,6 +390,21 @@ def _with_nan_weight_scale(written, weight):
     return dataclasses.replace(written, proto=proto)
 
 
+def test_an_fp16_mask_beyond_float16_is_flagged_with_the_fp16_remedy():
+    """An additive mask of -1e9 is -inf in float16: flagged where it first appears, with what to do about fp16
+    (fp32 pin, or a mask float16 holds), and marked harmless-if-meant since Softmax keeps the outputs finite."""
+    model = model_from_proto(models.dynamic_attention())
+    rng = np.random.default_rng(0)
+    mask = np.zeros((6, 5), np.float32)
+    mask[:, 3:] = -1e9
+    data = from_arrays({"x": rng.normal(size=(6, 5, 16)).astype(np.float32), "mask": mask}, role="validation")
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    fp16 = write_model(model, uniform_plan("fp16"), table, WriteOptions(fp16_simulation=True))
+    res = compare(model, {"fp16": fp16}, data, CompareOptions(batch_size=3, bootstrap=0))
+    warning = next(w for w in res.warnings if w.startswith("candidate 'fp16': NaN/inf first appears"))
+    assert "'mask4'" in warning and "65504" in warning and "fp32" in warning and "stay finite" in warning
+
+
 def test_nan_in_a_candidate_is_flagged_at_the_first_layer(setup):
     # NaN weights in block_conv2: its output is NaN; the next group's Q turns NaN into numbers again
     swallowed = _with_nan_weight_scale(setup["written"]["int8"], "w2")

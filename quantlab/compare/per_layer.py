@@ -40,6 +40,13 @@ def per_layer_frame(plans: Mapping[str, CandidatePlan], layers: Sequence[Layer],
     return frame
 
 
+def _nan_advice(group: str, precision: str) -> str:
+    if precision == "fp16":
+        return (f"float16 holds |x| <= 65504: keep group {group!r} in fp32 (a plan pin), or keep those values in "
+                "float16's range (an additive mask of -1e4 rather than -1e9).")
+    return f"Check group {group!r}'s calibration range, or pin it to fp16/fp32."
+
+
 def nan_warnings(candidates: Sequence[str], per_layer: pd.DataFrame, end_to_end: pd.DataFrame) -> list[str]:
     """Per candidate with NaN/inf: the first layer (topological order) where they appear, or the count."""
     warnings: list[str] = []
@@ -59,8 +66,10 @@ def nan_warnings(candidates: Sequence[str], per_layer: pd.DataFrame, end_to_end:
                 f"candidate {name!r}: NaN/inf first appears ({mode} mode, topological order) at layer "
                 f"{r['layer']!r} (tensor {r['tensor']!r}, group {r['group']!r}, {r['op_type']}, "
                 f"{r['precision']}, {int(r['nan_count'])} value(s))"
-                + (f"; its outputs hold {total} NaN/inf value(s)" if total else "")
-                + ". Pin that group to fp16/fp32 or check its calibration range.")
+                + (f"; its outputs hold {total} NaN/inf value(s)" if total else
+                   "; its outputs stay finite (harmless only where the inf is meant: a -inf attention mask that "
+                   "Softmax turns into 0)")
+                + ". " + _nan_advice(str(r["group"]), str(r["precision"])))
         elif total:
             warnings.append(f"candidate {name!r}: its outputs hold {total} NaN/inf value(s); run the "
                             "per-layer comparison (with provenance) to find the first layer where they appear")
