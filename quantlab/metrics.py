@@ -14,7 +14,11 @@ A tensor's statistics are accumulated batch by batch (:class:`ErrorAccumulator`)
 running sums and a max, never the activations. The kernel is one numba pass over float32
 data with float64 accumulators (products of two float32 are exact in float64), plus a
 second pass for the max. Non-finite values are counted only when a sum comes out
-non-finite, so clean tensors pay nothing for the check.
+non-finite, so clean tensors pay nothing for the check. Elements where the reference is
+not finite (an attention mask's -inf, which the candidate may hold as -inf too, or as
+float16's -65504) are left out of every figure and counted in ``ref_nonfinite``: one
+-inf would make every sum inf. ``nonfinite`` counts the candidate's NaN/inf where the
+reference is finite: what the candidate broke.
 
 Statistics on samples (end to end): :func:`topk` from logits, :func:`bootstrap_ci`
 (percentile bootstrap, paired: one set of resampled sample indices for every figure, from
@@ -111,7 +115,8 @@ def as_float32(a: np.ndarray) -> np.ndarray:
 class ErrorSums:
     """Sufficient statistics of the error between two tensors (float64 sums over ``n`` elements).
 
-    ``nonfinite``/``ref_nonfinite`` count NaN/inf elements of the candidate / reference.
+    ``nonfinite`` counts the candidate's NaN/inf where the reference is finite; ``ref_nonfinite`` the
+    reference's NaN/inf, which ``n`` and the sums leave out (see the module docstring).
     """
 
     n: int = 0
@@ -147,6 +152,13 @@ def _nanmax(a: float, b: float) -> float:
     return max(a, b)
 
 
+def _where_reference_is_finite(r: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """``r``, ``c`` (1-D) at the elements where ``r`` is finite, and how many were left out."""
+    keep = np.isfinite(r)
+    left_out = int(r.size - np.count_nonzero(keep))
+    return (r, c, 0) if left_out == 0 else (r[keep], c[keep], left_out)
+
+
 def error_sums(reference: np.ndarray, candidate: np.ndarray) -> ErrorSums:
     """The :class:`ErrorSums` of two same-shape arrays (any float dtype; converted to float32)."""
     r = as_float32(reference).reshape(-1)
@@ -156,12 +168,14 @@ def error_sums(reference: np.ndarray, candidate: np.ndarray) -> ErrorSums:
     if r.size == 0:
         return ErrorSums()
     srr, scc, src, sdd, sad = _sums_kernel(r, c)
-    bad = ref_bad = 0
+    ref_bad = 0
+    if not math.isfinite(srr):  # the reference holds NaN/inf: the figures cover its finite elements
+        r, c, ref_bad = _where_reference_is_finite(r, c)
+        srr, scc, src, sdd, sad = _sums_kernel(r, c) if r.size else (0.0, 0.0, 0.0, 0.0, 0.0)
+    bad = 0
     if not (math.isfinite(scc) and math.isfinite(sdd)):
         bad = int(c.size - np.count_nonzero(np.isfinite(c)))
-    if not math.isfinite(srr):
-        ref_bad = int(r.size - np.count_nonzero(np.isfinite(r)))
-    max_abs = math.nan if (bad or ref_bad) else _max_abs_kernel(r, c)
+    max_abs = math.nan if bad else (_max_abs_kernel(r, c) if r.size else 0.0)
     return ErrorSums(int(r.size), srr, scc, src, sdd, sad, max_abs, bad, ref_bad)
 
 
@@ -250,6 +264,13 @@ def per_sample_sums(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         _row_sums_kernel(r2, c2, out)
         with np.errstate(invalid="ignore"):
             out[:, 5] = np.abs(c2 - r2).max(axis=1)
+        for k in np.flatnonzero(~np.isfinite(out[:, 0])):  # rows whose reference holds NaN/inf
+            rk, ck, _ = _where_reference_is_finite(r2[k], c2[k])
+            out[k] = 0.0
+            if rk.size:
+                out[k, :5] = _sums_kernel(rk, ck)
+                with np.errstate(invalid="ignore"):
+                    out[k, 5] = np.abs(ck - rk).max()
     return out
 
 

@@ -405,6 +405,30 @@ def test_an_fp16_mask_beyond_float16_is_flagged_with_the_fp16_remedy():
     assert "'mask4'" in warning and "65504" in warning and "fp32" in warning and "stay finite" in warning
 
 
+def test_a_minus_inf_mask_in_both_models_is_not_flagged_and_keeps_the_figures():
+    """torch exports masks as Where(pad, -inf, 0): the reference holds -inf too. Where both agree, the element
+    is left out: no NaN/inf note, and the masked scores get a cosine instead of NaN."""
+    proto = models.dynamic_attention()  # its mask input becomes keep (1) / pad (0), made -inf in the graph
+    proto.graph.node.insert(0, helper.make_node("Equal", ["mask", "zero"], ["is_pad"], name="is_pad"))
+    proto.graph.node.insert(1, helper.make_node("Where", ["is_pad", "minus_inf", "zero"], ["additive"], name="where"))
+    next(n for n in proto.graph.node if n.name == "mask_unsqueeze").input[0] = "additive"
+    proto.graph.initializer.extend([numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                                    numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf")])
+    model = model_from_proto(proto)
+    rng = np.random.default_rng(0)
+    mask = np.ones((6, 5), np.float32)
+    mask[:, 3:] = 0.0
+    data = from_arrays({"x": rng.normal(size=(6, 5, 16)).astype(np.float32), "mask": mask}, role="validation")
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    fp16 = write_model(model, uniform_plan("fp16"), table, WriteOptions(fp16_simulation=True))
+    res = compare(model, {"fp16": fp16}, data, CompareOptions(batch_size=3, bootstrap=0))
+    assert not [w for w in res.warnings if "NaN/inf" in w], res.warnings
+    pl = res.per_layer.set_index(["mode", "tensor"])
+    row = pl.loc[("accumulated", "masked")]
+    assert row["nan_count"] == 0 and 0.999 < row["cosine"] <= 1.0
+    assert res.end_to_end["nan_count"].sum() == 0
+
+
 def test_nan_in_a_candidate_is_flagged_at_the_first_layer(setup):
     # NaN weights in block_conv2: its output is NaN; the next group's Q turns NaN into numbers again
     swallowed = _with_nan_weight_scale(setup["written"]["int8"], "w2")

@@ -188,3 +188,31 @@ def test_bootstrap_edge_cases():
     assert bootstrap_ci({"x": np.ones(4)}, resamples=100)["x"] == (1.0, 1.0)
     with pytest.raises(ValueError):
         bootstrap_ci({"x": np.ones(3)}, confidence=1.5)
+
+
+def test_where_the_reference_is_not_finite_the_figures_leave_it_out():
+    """An attention mask's -inf (held by the candidate as -inf, or clamped to float16's -65504): left out of
+    every figure (it made them all NaN) and counted apart; the candidate's NaN/inf where the reference is
+    finite is what ``nonfinite`` counts."""
+    from quantlab.metrics import error_sums, errors_from_sums, per_sample_sums
+
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(3, 40)).astype(np.float32)
+    c = (r + rng.normal(0, 0.01, r.shape)).astype(np.float32)
+    r[:, 30:] = -np.inf
+    c[:, 30:] = -np.inf
+    c[1, 30:] = -65504.0
+    r[0, 29] = c[0, 29] = np.nan
+    finite = error_sums(r[:, :29], c[:, :29]) + error_sums(r[1:, 29], c[1:, 29])
+    masked = error_sums(r, c)
+    assert masked.n == finite.n == 3 * 29 + 2 and masked.nonfinite == 0 and masked.ref_nonfinite == 31
+    for f in ("srr", "scc", "src", "sdd", "sad", "max_abs"):
+        assert math.isclose(getattr(masked, f), getattr(finite, f), rel_tol=1e-12), f
+    assert np.isfinite(errors_from_sums(masked)["cosine"]) and errors_from_sums(masked)["nan_count"] == 0
+    rows = per_sample_sums(r, c)
+    assert np.isfinite(rows).all()
+    np.testing.assert_allclose(rows[1, :5], per_sample_sums(r[1:2, :30], c[1:2, :30])[0, :5])
+    c[2, 31] = np.nan  # where the reference is -inf: left out with it
+    c[2, 0] = np.inf   # where the reference is finite: counted
+    assert error_sums(r, c).nonfinite == 1 and errors_from_sums(error_sums(r, c))["nan_count"] == 1
+    assert error_sums(np.full(4, -np.inf, np.float32), np.zeros(4, np.float32)).n == 0
