@@ -90,6 +90,16 @@ _ORT_TYPES = {
 }
 
 
+def _quiet_run_options() -> Any:
+    """Run options that keep ONNX Runtime's own log line of a failed kernel off stderr: the exception
+    carries the same text, and the command prints it once, as its one-line error."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
 class OrtRunner(Runner):
     """One ONNX Runtime session; checks feed names and dtypes so mistakes name the input."""
 
@@ -100,6 +110,7 @@ class OrtRunner(Runner):
         self.output_names = tuple(output_names)
         self.providers = tuple(session.get_providers())
         self._input_dtypes = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
+        self._run_options = _quiet_run_options()
 
     def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
         check_feed_names(feeds, self.input_names, "model")
@@ -119,9 +130,10 @@ class OrtRunner(Runner):
             )
         self._check_feeds(feeds)
         try:
-            values = self._session.run(names, dict(feeds))
+            values = self._session.run(names, dict(feeds), self._run_options)
         except Exception as exc:
-            raise BackendError(f"ONNX Runtime failed to run the model: {exc}") from None
+            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+            raise BackendError(f"ONNX Runtime failed to run the model on {shapes}: {exc}") from None
         return dict(zip(names, values, strict=True))
 
 
