@@ -437,3 +437,22 @@ def test_sessions_without_spinning_give_the_same_outputs():
     for name in names:
         np.testing.assert_array_equal(a[name], b[name])
     assert spinning.describe().details["spinning"] is True and sleeping.describe().details["spinning"] is False
+
+
+def test_a_failing_run_names_the_input_shapes_and_prints_nothing_itself(capfd):
+    """A Reshape an exporter baked at the traced length (4 x 8 values): another length fails inside ONNX
+    Runtime. The error names the shapes given; ONNX Runtime's own log line does not reach stderr."""
+    from quantlab.errors import BackendError
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="baked")], "baked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([4, 8], np.int64), "shape")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    runner = get_backend("ort").build(proto)
+    assert runner.run({"x": np.ones((4, 8), np.float32)})["y"].shape == (4, 8)
+    capfd.readouterr()
+    with pytest.raises(BackendError, match=r"on x \[4, 10\]: .*Reshape"):
+        runner.run({"x": np.ones((4, 10), np.float32)})
+    assert "onnxruntime" not in capfd.readouterr().err
