@@ -834,8 +834,10 @@ def position_table_net(seed: int = 0, hidden: int = 8, max_len: int = 16) -> onn
     Inputs ``x[N, S, hidden]`` and ``temperature`` (a scalar: no batch axis, fed with
     ``batch_axes={"temperature": None}``). ``table = Tanh(pos_table)`` has a static shape
     ``[max_len, hidden]`` (the graph says it carries no samples); ``positions`` is its slice of
-    the first S rows (the graph cannot tell: S comes from ``Shape(x)``); ``y = x + positions``
-    and ``out = y * temperature`` carry the batch. Not in ALL_BUILDERS: ``temperature`` needs its batch axis.
+    the first S rows (its shape is unknown to shape inference: S comes from ``Shape(x)``, only x's shape);
+    ``y = x + positions``, ``flat = Reshape(y, [-1, hidden])`` (samples merged with the sequence axis, as
+    transformer exports do) and ``out = y * temperature`` carry the batch. Not in ALL_BUILDERS:
+    ``temperature`` needs its batch axis.
     """
     rng = np.random.default_rng(seed)
     nodes = [
@@ -845,12 +847,14 @@ def position_table_net(seed: int = 0, hidden: int = 8, max_len: int = 16) -> onn
         helper.make_node("Slice", ["table", "zero", "seq", "zero"], ["positions"], name="take_positions"),
         helper.make_node("Add", ["x", "positions"], ["y"], name="add_positions"),
         helper.make_node("Mul", ["y", "temperature"], ["out"], name="temper"),
+        helper.make_node("Reshape", ["y", "flat_shape"], ["flat"], name="flatten_tokens"),
     ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", hidden]),
               helper.make_tensor_value_info("temperature", TensorProto.FLOAT, [])]
     outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", "S", hidden])]
     inits = [_init("pos_table", rng.normal(0, 1.5, (max_len, hidden)).astype(np.float32)),
-             _init("one", np.array([1], np.int64)), _init("zero", np.array([0], np.int64))]
+             _init("one", np.array([1], np.int64)), _init("zero", np.array([0], np.int64)),
+             _init("flat_shape", np.array([-1, hidden], np.int64))]
     return _model(nodes, inputs, outputs, inits, "position_table_net")
 
 

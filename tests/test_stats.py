@@ -396,9 +396,9 @@ def test_tensors_without_a_sample_axis_count_once_per_sample_whatever_the_batch_
     n, seq = 20, 5  # positions [5, 6]: no run (8, 8, 4; 3 ... 2) has 5 or 6 rows to fool the runtime check
     data = from_arrays({"x": rng.normal(size=(n, seq, 6)).astype(np.float32),
                         "temperature": np.array(0.7, np.float32)}, batch_axes={"temperature": None})
-    names = ["x", "temperature", "table", "positions", "y", "out"]
+    names = ["x", "temperature", "table", "positions", "y", "out", "flat"]
     assert carries_samples(model, {"temperature": None}, names) == {
-        "x": True, "temperature": False, "table": False, "positions": None, "y": True, "out": True}
+        "x": True, "temperature": False, "table": False, "positions": False, "y": True, "out": True, "flat": True}
     runs = {size: collect_statistics(model, lambda size=size: data.batches(size), tensors=names)
             for size in (1, 3, 8)}
     runs["sliced"] = collect_statistics(model, lambda: data.batches(8), tensors=names, run_budget_bytes=1)
@@ -407,18 +407,18 @@ def test_tensors_without_a_sample_axis_count_once_per_sample_whatever_the_batch_
     stats = runs[8]
     assert stats["table"].count == n * 16 * 6 and stats["positions"].count == n * seq * 6
     assert stats["temperature"].count == n and stats["x"].count == n * seq * 6
+    assert stats["flat"].count == n * seq * 6  # [rows * S, 6]: no axis of the run's size, still per sample
 
 
-def test_sample_weights_where_the_graph_cannot_tell():
-    """Unknown to shape inference: a value with an axis of the run's size holds samples, wherever that axis
-    is (an LSTM's Y [seq, directions, N, hidden]), and counts once; one without counts once per sample."""
+def test_sample_weights_weigh_only_what_the_samples_do_not_change():
     from quantlab.stats import sample_weights
 
-    outputs = {"lstm_y": np.zeros((7, 1, 4, 16)), "table": np.zeros((7, 16)), "known": np.zeros((7, 16)),
-               "scalar": np.zeros(())}
-    carries = {"lstm_y": None, "table": None, "known": True, "scalar": None}
-    assert sample_weights(outputs, 4, carries) == {"table": 4, "scalar": 4}
+    outputs = {t: np.zeros((7, 16)) for t in ("batched", "table", "unknown")}
+    outputs["zeros_like_mask"] = np.zeros((4, 7))  # ConstantOfShape(Shape(mask)): shared values, batched shape
+    carries = {"batched": True, "table": False, "zeros_like_mask": False}
+    assert sample_weights(outputs, 4, carries) == {"table": 4}
     assert sample_weights(outputs, 1, carries) == {}
+
 
 
 def test_a_weighted_update_equals_that_many_updates():

@@ -127,7 +127,7 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
     pool = ThreadPoolExecutor(workers, thread_name_prefix="quantlab-coverage") if workers > 1 else None
     samples = n_batches = 0
     plan: RunRows | None = None
-    layout: tuple[dict[str, int], dict[str, bool | None]] | None = None  # sample axes, carries a sample
+    layout: tuple[dict[str, int], dict[str, bool]] | None = None  # sample axes, carries the samples
     try:
         for item in batches:
             fingerprint.update(item)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from .load import LoadedModel, tensor_specs
+from .topology import topological_nodes
 
 __all__ = ["batch_symbols", "carries_samples", "samples_on_axis0", "tensor_sample_axes"]
 
@@ -45,32 +46,42 @@ def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
     return out
 
 
-def carries_samples(model: LoadedModel, batch_axes: Mapping[str, int | None],
-                    names: Iterable[str]) -> dict[str, bool | None]:
-    """Tensor name -> does it hold one slice per sample? None where the graph does not tell.
+_SHAPE_ONLY = frozenset({"Shape", "Size", "EyeLike"})
+"""Ops whose output depends on their input's shape, not its values."""
 
-    An input says it itself (``batch_axes``). An activation does when shape
-    inference gave it a batch symbol (True), or a fully static shape while an
-    input's batch dim is a symbol (False: the same whatever the batch, like a
-    slice of a position table or a constant mask, computed once per model run).
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
+
+
+def carries_samples(model: LoadedModel, batch_axes: Mapping[str, int | None],
+                    names: Iterable[str]) -> dict[str, bool]:
+    """Tensor name -> may it hold a part per sample? False: one value for all the samples of a run.
+
+    False needs both: its value does not depend on the values of an input with a
+    sample axis, and shape inference gave it no batch symbol. So a slice of a
+    position table (``Slice(table, 0, Shape(x)[1])``: only ``x``'s shape), a mask
+    built from constants or a function of a scalar input without a sample axis (a
+    sample rate) is False; ``ConstantOfShape(Shape(mask))`` (``[N, S]`` zeros)
+    and whatever a Reshape makes of a batched tensor (``[N*S, H]``, a batch an
+    exporter baked in) are True. Values are followed through the graph:
+    Shape/Size/EyeLike outputs do not depend on values; an If/Loop/Scan output is
+    assumed to (its branches may read any outer tensor). The caller checks the
+    run's value too (:func:`quantlab.stats.sample_weights`: no axis of the run's size).
     """
+    batched = {i for i in model.input_names if batch_axes.get(i, 0) is not None}
+    for node in topological_nodes(model.proto):
+        if node.op_type in _SHAPE_ONLY:
+            continue
+        if node.op_type in _SUBGRAPH_OPS or any(i in batched for i in node.input if i):
+            batched.update(o for o in node.output if o)
     symbols = batch_symbols(model, batch_axes)
     specs = tensor_specs(model.proto)
-    inputs = set(model.input_names)
-    out: dict[str, bool | None] = {}
-    for name in names:
+
+    def has_batch_symbol(name: str) -> bool:
         spec = specs.get(name)
-        if name in inputs:
-            out[name] = batch_axes.get(name, 0) is not None
-        elif spec is None or spec.shape is None:
-            out[name] = None
-        elif any(isinstance(d, str) and d in symbols for d in spec.shape):
-            out[name] = True
-        elif symbols and all(isinstance(d, int) for d in spec.shape):
-            out[name] = False
-        else:
-            out[name] = None
-    return out
+        return spec is not None and spec.shape is not None and any(d in symbols for d in spec.shape
+                                                                    if isinstance(d, str))
+
+    return {name: name in batched or has_batch_symbol(name) for name in names}
 
 
 def samples_on_axis0(array: np.ndarray, axis: int, samples: int) -> np.ndarray | None:

@@ -173,7 +173,7 @@ def _run_pass(setup: _Setup, items: Iterator[Any], group: Sequence[str], on_batc
     samples = batches = 0
     stream = prefetched(items, on_batch)
     reductions = Reductions(setup.reducers, setup.pool, setup.workers)
-    carries: dict[tuple[tuple[str, int | None], ...], dict[str, bool | None]] = {}  # for each inputs' batch axes
+    carries: dict[tuple[tuple[str, int | None], ...], dict[str, bool]] = {}  # for each inputs' batch axes
     try:
         for item in stream:
             feeds = batch_feeds(item)

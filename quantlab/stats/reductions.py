@@ -83,28 +83,21 @@ class Reductions:
         wait_for(pending)
 
 
-def sample_weights(outputs: Mapping[str, Any], rows: int, carries: Mapping[str, bool | None]) -> dict[str, int]:
-    """Tensor -> how many samples its value in a model run of ``rows`` samples stands for.
+def sample_weights(outputs: Mapping[str, Any], rows: int, carries: Mapping[str, bool]) -> dict[str, int]:
+    """Tensor -> how many samples its value in a model run of ``rows`` samples stands for (1 if missing).
 
-    A tensor with a sample axis holds each sample's slice once: 1. One without
-    (:func:`quantlab.graph.samples.carries_samples` False: a position table's
-    slice, a constant mask) is computed once per run for all ``rows`` samples,
-    so it counts ``rows`` times: its counts are then those of running every
-    sample alone, whatever the batch size or slicing. Where the graph does not
-    tell (None), a value with no axis of ``rows`` has none: a batched tensor
-    always has one (wherever its samples are: an LSTM's ``Y`` on axis 2), so it is
-    never counted twice; a shared one whose size happens to be ``rows`` counts once.
+    A tensor that holds a part per sample counts once. One that does not
+    (:func:`quantlab.graph.samples.carries_samples` False, and no axis of ``rows``
+    in this run: a position table's slice, a constant mask) is computed once per
+    run for all ``rows`` samples, so it counts ``rows`` times: its counts are then
+    those of running every sample alone, whatever the batch size or slicing. (A
+    shared tensor that happens to have an axis of ``rows`` counts once: never more
+    than its samples, when in doubt.)
     """
     if rows == 1:
         return {}
-    out: dict[str, int] = {}
-    for t, value in outputs.items():
-        carried = carries.get(t)
-        if carried is None and not isinstance(value, TensorValues):  # blocked layouts are Conv outputs: batched
-            carried = rows in np.shape(value)
-        if carried is False:
-            out[t] = rows
-    return out
+    return {t: rows for t, value in outputs.items()
+            if carries.get(t) is False and not isinstance(value, TensorValues) and rows not in np.shape(value)}
 
 
 def _size(value: Any) -> int:
