@@ -1,7 +1,7 @@
 # The two set-up commands of the README:
 #   make demo   install quantlab (+ the demo extra) into .venv and run the demo experiment
-#   make test   install quantlab (+ dev, demo, tensorrt-rtx, ray extras, chromium) into .venv and run every test,
-#               then the numeric tests again with other ONNX Runtime kernels (NUMERIC_ENV below)
+#   make test   install quantlab (+ dev, demo, tensorrt-rtx, ray extras, chromium) into .venv, lint (ruff), run
+#               every test, then the numeric tests again with other ONNX Runtime kernels (NUMERIC_ENV below)
 # .ci/run calls `make test`.
 
 PYTHON ?= python3
@@ -47,10 +47,12 @@ chromium:
 demo: install-demo
 	$(BIN)/quantlab demo
 
-# First pass: every test with ONNX Runtime's defaults (variables from the caller's shell removed); second pass:
-# the numeric tests with NUMERIC_ENV. pytest exits 0 ok, 1 failures, 2 interrupted, 3 internal error, 4 usage,
+# First `ruff check` (the rules in pyproject.toml: bugs, not taste; about a second). Then the first pass: every
+# test with ONNX Runtime's defaults (variables from the caller's shell removed); second pass: the numeric tests
+# with NUMERIC_ENV. pytest exits 0 ok, 1 failures, 2 interrupted, 3 internal error, 4 usage,
 # 5 no tests (a failure here too); make test fails if either pass fails.
 test: install-test chromium
+	$(BIN)/ruff check quantlab tests bench notebooks
 	@env -u QUANTLAB_ORT_QDQ_FUSION -u QUANTLAB_ORT_THREADS $(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests"; exit 1; fi; \
 	if [ $$rc -gt 1 ]; then exit $$rc; fi; \

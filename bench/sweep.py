@@ -45,7 +45,7 @@ def _sweep_file(folder: Path, calib: int, val: int) -> Path:
         lines.insert(at, f"count = {count}\n")
         (folder / f"{name}.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     path = folder / "bench_sweep.toml"
-    path.write_text(f'''name = "bench_sweep"
+    path.write_text('''name = "bench_sweep"
 threshold = "cosine>=0.995"
 [data]
 calibration = "demo_calib.toml"

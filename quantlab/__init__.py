@@ -74,7 +74,7 @@ _LAZY: dict[str, str] = {
     "merge_statistics": "coverage", "recalibrate": "coverage",
 }
 
-__all__ = [
+__all__ = [  # noqa: PLE0604 - _LAZY's keys are the lazily imported names (strings)
     "__version__",
     *_LAZY,
     "QuantlabError",

@@ -244,7 +244,9 @@ class ClippedPair:
             counts[at_h] += counts[at_h + 1:].sum() + self.big
             counts[at_h + 1:] = 0
         counts[0] += self.negatives
-        clip = (lambda v: 0.0 if v <= 0.0 else min(v, self.h))
+        def clip(v: float) -> float:
+            return 0.0 if v <= 0.0 else min(v, self.h)
+
         return self._snapshot(counts, self.p_upper, clip(self.min), clip(self.max), self.zeros + self.negatives)
 
     def _snapshot(self, counts: np.ndarray, upper: float, mn: float, mx: float, zeros: int) -> HistogramState:

@@ -35,7 +35,7 @@ trt_rtx = pytest.importorskip(
     "tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed: pip install 'quantlab[tensorrt-rtx]'"
 )
 
-from quantlab.backends.tensorrt import (
+from quantlab.backends.tensorrt import (  # noqa: E402 - after the importorskip above
     CPU_BUILD,
     DEFAULT_DYNAMIC_DIM,
     EngineCache,

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import math
 from fractions import Fraction
-from pathlib import Path
 
 import models
 import numpy as np

@@ -120,7 +120,9 @@ def test_bootstrap_interval_covers_the_point_and_narrows_with_samples(calibratio
     for rows in (small, large):
         for r in rows:
             assert r["psi_ci_low"] <= r["psi_ci_high"]
-    width = lambda rows: np.median([r["psi_ci_high"] - r["psi_ci_low"] for r in rows])
+    def width(rows):
+        return np.median([r["psi_ci_high"] - r["psi_ci_low"] for r in rows])
+
     assert width(large) < width(small)
 
 

@@ -269,9 +269,7 @@ def test_smoothquant_folds_into_the_layernorm_and_keeps_fp32_outputs():
 
 
 def test_smoothquant_inserts_a_mul_when_the_producer_cannot_absorb_it():
-    proto = models.mlp_attention()
-    for init in proto.graph.initializer:  # make channel 2 of x an outlier through the data below
-        pass
+    proto = models.mlp_attention()  # channel 2 of x is made an outlier through the data below
     model = model_from_proto(proto, label="mlp_attention")
     rng = np.random.default_rng(0)
     x = rng.normal(0, 1, (8, 8, 16)).astype(np.float32)

@@ -11,10 +11,8 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
 from quantlab.backends import get_backend
 from quantlab.calibrate import calibrate

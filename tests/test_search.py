@@ -177,7 +177,7 @@ def test_bisect_prefix_finds_the_boundary_within_log2(size):
     for boundary in range(1, size + 1):
         calls = []
 
-        def passes(k, b=boundary):
+        def passes(k, b=boundary, calls=calls):
             calls.append(k)
             return k >= b
 
