@@ -45,9 +45,7 @@ class SequenceData(DataSet):
                     f"sequence carry {out!r} -> {inp!r}: {model.label} has outputs {sorted(outputs)} and inputs "
                     f"{sorted(inputs)}; carry = {{ <output> = \"<input>\" }} must name one of each.")
         self.dataset, self.model, self.carry, self.backend = dataset, model, dict(carry), backend
-        self.role, self.name = dataset.role, dataset.name
-        self.input_names, self.label_dtype = dataset.input_names, dataset.label_dtype
-        self.batch_axes = dataset.batch_axes
+        self._describe_like(dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -202,6 +202,13 @@ class DataSet:
         n = checked_count(n, "head(n): n")
         return self if n >= len(self) else self._first(n)
 
+    def _describe_like(self, parent: DataSet) -> None:
+        """Take ``parent``'s role, name, inputs, labels, batch axes, batching and padding (a set built on it)."""
+        self.role, self.name = parent.role, parent.name
+        self.input_names, self.label_dtype = parent.input_names, parent.label_dtype
+        self.batch_axes, self.group_by_shape = parent.batch_axes, parent.group_by_shape
+        self.padding = parent.padding
+
     def _first(self, n: int) -> DataSet:
         """Samples 0..n-1 (``n`` < len); subclasses may return their own kind instead of a view."""
         return FirstSamples(self, n)
@@ -280,10 +287,8 @@ class SelectedSamples(DataSet):
 
     def __init__(self, parent: DataSet, indices: Sequence[int], *, name: str | None = None) -> None:
         self.parent, self._indices = parent, list(indices)
-        self.role, self.name = parent.role, name or parent.name
-        self.input_names, self.label_dtype = parent.input_names, parent.label_dtype
-        self.batch_axes, self.group_by_shape = parent.batch_axes, parent.group_by_shape
-        self.padding = parent.padding
+        self._describe_like(parent)
+        self.name = name or parent.name
 
     def __len__(self) -> int:
         return len(self._indices)
