@@ -168,3 +168,43 @@ def test_bad_shard_options_are_refused() -> None:
         CompareOptions(shards=0)
     with pytest.raises(CompareError, match="ray must be None, 'auto' or a cluster address"):
         CompareOptions(ray="")
+
+
+def test_shards_of_text_lines_batched_by_shape_equal_one_pass(ray_instance, tmp_path) -> None:
+    """Batches by shape leave a partial batch per width: the shards are cut on the real batches (before,
+    ceil(samples / batch size) batches were sent and the rest of the set silently left out)."""
+    from quantlab.compare.shards import batch_sizes
+    from quantlab.data import open_dataset
+
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, w in enumerate([64, 128, 64, 192, 64, 128, 64, 96, 128]):
+        np.save(folder / f"line{i}.npy", rng.uniform(-1, 1, (3, 48, w)).astype(np.float32))
+    (tmp_path / "lines.toml").write_text('batching = "by_shape"\nshuffle = false\nrole = "validation"\n'
+                                         '[source]\nkind = "npy"\npath = "lines"\n[inputs]\nimage = "array"\n')
+    data = open_dataset(tmp_path / "lines.toml")
+    model = model_from_proto(models.text_recognizer(), label="text_recognizer")
+    table = calibrate(model, data, "minmax", batch_size=2).tables["minmax"]
+    written = {"int8": write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))}
+    assert batch_sizes(data, 2, 9) == [2, 2, 2, 1, 1, 1]
+    options = CompareOptions(batch_size=2, bootstrap=50, backend_options=EXACT)
+    local = compare(model, written, data, options)
+    sharded = compare(model, written, data, CompareOptions(batch_size=2, bootstrap=50, backend_options=EXACT,
+                                                           shards=2))
+    assert int(local.end_to_end["samples"].iloc[0]) == 9
+    _assert_same_tables(local, sharded, tmp_path)
+
+
+def test_shards_keep_a_state_batched_on_axis_1(ray_instance, tmp_path) -> None:
+    proto = models.voice_activity()
+    model = model_from_proto(proto, label="vad")
+    rng = np.random.default_rng(0)
+    data = from_arrays({"input": rng.normal(size=(10, 64)).astype(np.float32),
+                        "state": rng.normal(0, 0.5, size=(2, 10, 128)).astype(np.float32)},
+                       batch_axes={"state": 1}, role="validation")
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    written = {"int8": write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))}
+    local = compare(model, written, data, _options(batch_size=4, bootstrap=50))
+    sharded = compare(model, written, data, _options(batch_size=4, bootstrap=50, shards=2))
+    _assert_same_tables(local, sharded, tmp_path)

@@ -39,7 +39,6 @@ augmented demo views here, which bounds the speed-up of a cheap comparison. A us
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..backends.ort import FUSION_ENV, THREADS_ENV
-from ..data import Batch, DataFingerprint, DataSet, DataSummary, Sample
+from ..data import Batch, DataFingerprint, DataSet, DataSummary, Sample, take_samples
 from ..errors import CompareError, QuantlabError
 from ..graph import LoadedModel
 from ..metrics import ErrorAccumulator, ErrorSums
@@ -98,9 +97,10 @@ class ShardData(DataSet):
     """A shard's batches as a data set (what a worker compares): ``batches()`` yields them as they are."""
 
     def __init__(self, batches: Sequence[Batch], *, name: str, role: str, label_dtype: str | None,
-                 input_names: tuple[str, ...]) -> None:
+                 input_names: tuple[str, ...], batch_axes: Mapping[str, int | None]) -> None:
         self.stored = list(batches)
         self.name, self.role, self.label_dtype, self.input_names = name, role, label_dtype, input_names
+        self.batch_axes = dict(batch_axes)  # a state batched on axis 1 stays there in the workers
         self._n = sum(len(b) for b in self.stored)
 
     def __len__(self) -> int:
@@ -110,8 +110,8 @@ class ShardData(DataSet):
         for b in self.stored:
             if i < len(b):
                 label = None if b.labels is None else np.asarray(b.labels)[i].item()
-                return Sample(index=b.indices[i], key=b.keys[i], feeds={k: v[i] for k, v in b.feeds.items()},
-                              label=label)
+                feeds = {k: take_samples(v, self.batch_axes.get(k, 0), i) for k, v in b.feeds.items()}
+                return Sample(index=b.indices[i], key=b.keys[i], feeds=feeds, label=label)
             i -= len(b)
         raise IndexError(i)
 
@@ -185,15 +185,27 @@ def _shard_task(worker: Worker, counter: Any, shard: int, reference: LoadedModel
     return dataclasses.replace(worker(reference, candidates, data, options), attempt=attempt)
 
 
+def batch_sizes(dataset: DataSet, batch_size: int, total: int) -> list[int]:
+    """Samples in each batch of a pass over the first ``total`` samples. Batches by shape (text lines of
+    several widths) leave a partial batch per shape, so that set is read once more just to count them;
+    otherwise all batches are full but the last."""
+    if getattr(dataset, "group_by_shape", False):
+        return [len(b) for b in truncated_batches(dataset, batch_size, total)]
+    return [min(batch_size, total - start) for start in range(0, total, batch_size)]
+
+
 def _shards(dataset: DataSet, options: CompareOptions, total: int, labels: LabelUse,
             fingerprint: DataFingerprint) -> Iterator[tuple[range, ShardData]]:
-    """The shards' batches read as one pass reads them (label check, fingerprint), one shard at a time."""
+    """The shards' batches read as one pass reads them (label check, fingerprint), one shard at a time;
+    with each shard, its samples' positions in the pass."""
+    sizes = batch_sizes(dataset, options.batch_size, total)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     batches = truncated_batches(dataset, options.batch_size, total)
     meta = {"name": getattr(dataset, "name", "data"), "role": getattr(dataset, "role", "validation"),
             "label_dtype": getattr(dataset, "label_dtype", None),
-            "input_names": tuple(getattr(dataset, "input_names", ()))}
-    size = options.batch_size
-    for batch_range in shard_ranges(math.ceil(total / size), options.shards):
+            "input_names": tuple(getattr(dataset, "input_names", ())),
+            "batch_axes": dict(getattr(dataset, "batch_axes", {}) or {})}
+    for batch_range in shard_ranges(len(sizes), options.shards):
         held = []
         for _ in batch_range:
             batch = next(batches)
@@ -202,7 +214,7 @@ def _shards(dataset: DataSet, options: CompareOptions, total: int, labels: Label
             held.append(batch)
         if not meta["input_names"]:
             meta["input_names"] = tuple(held[0].feeds)
-        yield range(batch_range.start * size, min(batch_range.stop * size, total)), ShardData(held, **meta)
+        yield range(int(starts[batch_range.start]), int(starts[batch_range.stop])), ShardData(held, **meta)
 
 
 def run_shards(reference: LoadedModel, candidates: Mapping[str, Any], dataset: DataSet, options: CompareOptions,
