@@ -230,14 +230,19 @@ class DataFingerprint:
 def summarize(dataset: DataSet, batch_size: int = 16, *, progress: bool = False) -> DataSummary:
     """One pass over ``dataset``: its :class:`DataSummary` (DataError on NaN/Inf or an empty set)."""
     fingerprint = DataFingerprint()
-    batches: Any = dataset.batches(batch_size)
-    if progress:
+    bar = None
+    if progress:  # in samples: batches by shape are not all full
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=math.ceil(len(dataset) / batch_size), unit="batch",
-                       desc=f"summarize {getattr(dataset, 'name', 'data')}")
-    for batch in batches:
-        fingerprint.update(batch)
+        bar = tqdm(total=len(dataset), unit="sample", desc=f"summarize {getattr(dataset, 'name', 'data')}")
+    try:
+        for batch in dataset.batches(batch_size):
+            fingerprint.update(batch)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
     summary = fingerprint.summary()
     if summary.count == 0:
         raise DataError(f"{dataset_label(dataset)} is empty; give it at least one sample.")
