@@ -660,6 +660,31 @@ def test_already_quantized_model_is_refused(prepared):
         write_model(model_from_proto(written.proto), uniform_plan("int8"), None)
 
 
+@pytest.mark.parametrize("where", ["input", "weight"])
+def test_a_model_that_already_computes_in_float16_is_refused(where):
+    """Q/DQ (opset 13-18) and the FP16 casts are written around float32 tensors: an FP16 export is refused
+    by name, not written into a model that fails ("internal error: written tensor 'y' is float16")."""
+    from onnx import TensorProto, numpy_helper
+
+    half = onnx.ModelProto()
+    half.CopyFrom(models.conv_net())
+    if where == "input":
+        half.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+        name = half.graph.input[0].name
+    else:
+        init = half.graph.initializer[0]
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+        name = init.name
+    with pytest.raises(ModelError, match=rf"already computes in float16 \({where} '{name}' is float16\).*FP32 export"):
+        write_model(_loaded(half), uniform_plan("int8"), None)
+
+
+def _loaded(proto):
+    """The model as quantlab loads it (a float16 weight in a float32 Conv is type-inconsistent: loading must
+    still work, the refusal is the writer's)."""
+    return model_from_proto(proto)
+
+
 def test_subgraph_reading_an_fp16_tensor_is_refused():
     from onnx import TensorProto, helper
 
