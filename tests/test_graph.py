@@ -234,3 +234,38 @@ def test_an_already_quantized_model_is_told_to_calibrate_its_float_source():
     proto.ir_version = 8
     with pytest.raises(ModelError, match="QLinearMatMul: it is already quantized; calibrate the float model"):
         check_float_activations(model_from_proto(proto))
+
+
+def test_outputs_of_contrib_ops_get_their_inputs_float_type_and_are_calibrated():
+    """ONNX shape inference knows no com.microsoft schema: Gelu's output (and what follows) had no type, so
+    it was not calibrated while the writer quantized the MatMul reading it ("no range for 'g'")."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import activation_names, model_from_proto, tensor_specs
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("Gelu", ["h"], ["g"], name="gelu", domain="com.microsoft"),
+         helper.make_node("MatMul", ["g", "w2"], ["z"], name="fc2"),
+         helper.make_node("Relu", ["z"], ["y"], name="relu")], "contrib",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(rng.normal(0, 0.3, (16, 32)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.normal(0, 0.3, (32, 8)).astype(np.float32), "w2")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 8
+    model = model_from_proto(proto)
+    specs = tensor_specs(model.proto)
+    assert specs["g"].dtype == "float32" and specs["z"].dtype == "float32"
+    assert {"h", "g", "z", "y"} <= set(activation_names(model.proto))
+    data = from_arrays({"x": rng.normal(size=(16, 16)).astype(np.float32)})
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    assert "g" in table.ranges
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == "g" for n in written.proto.graph.node)

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from ..environment import unreadable
 from ..errors import ModelError
 from ..fingerprint import sha256_bytes, sha256_file
+from .domains import typed_custom_outputs
 from .topology import topological_nodes
 
 __all__ = [
@@ -204,7 +205,7 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise ModelError(f"{label}: ONNX shape inference failed: {exc}") from None
-    return proto, opset, upgraded_from
+    return typed_custom_outputs(proto), opset, upgraded_from
 
 
 def load_model(path: str | os.PathLike[str], *, bind: Mapping[str, Any] | None = None) -> LoadedModel:
