@@ -269,3 +269,40 @@ def test_outputs_of_contrib_ops_get_their_inputs_float_type_and_are_calibrated()
     assert "g" in table.ranges
     written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
     assert any(n.op_type == "QuantizeLinear" and n.input[0] == "g" for n in written.proto.graph.node)
+
+
+def test_identity_over_an_initializer_is_folded_so_the_weight_stays_a_weight():
+    """torch writes Identity(W) for a parameter equal to another: the MatMul reading it got activation Q/DQ
+    (one calibrated scale) and the copy was calibrated as a tensor. The reader now reads W itself."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import activation_names, model_from_proto
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (8, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["w_again"], name="shared"),
+         helper.make_node("MatMul", ["x", "w"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w_again"], ["y"], name="fc2")], "tied",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = model_from_proto(proto)
+    assert "Identity" not in {n.op_type for n in model.proto.graph.node}
+    assert next(n for n in model.proto.graph.node if n.name == "fc2").input[1] == "w"
+    assert "w_again" not in activation_names(model.proto)
+    table = calibrate(model, from_arrays({"x": rng.normal(size=(16, 8)).astype(np.float32)}), "minmax").tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt",
+                                                                           per_channel_weights=True))
+    weight_dq = [n for n in written.proto.graph.node if n.op_type == "DequantizeLinear"
+                 and any(a.name == "axis" for a in n.attribute)]
+    assert weight_dq  # per-channel weight Q/DQ, which a weight read as an activation never gets
+    assert "w_again" not in {n.input[0] for n in written.proto.graph.node if n.op_type == "QuantizeLinear"}
