@@ -876,3 +876,27 @@ def any_size_classifier(seed: int = 0, channels: int = 8, classes: int = 5) -> o
              _init("fc_w", rng.normal(0, 0.5, (classes, channels)).astype(np.float32)),
              _init("fc_b", rng.normal(0, 0.1, (classes,)).astype(np.float32))]
     return _model(nodes, inputs, outputs, inits, "any_size_classifier")
+
+
+def voice_activity_feeds(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of :func:`voice_activity` for ``n`` samples: ``input[n, 64]`` and ``state[2, n, 128]``
+    (the samples of the state on axis 1: ``batch_axes={"state": 1}``)."""
+    rng = np.random.default_rng(seed)
+    return {"input": rng.normal(size=(n, 64)).astype(np.float32),
+            "state": rng.normal(0, 0.5, size=(2, n, 128)).astype(np.float32)}
+
+
+def text_line_set(folder: str | os.PathLike[str], widths: list[int], seed: int = 0, role: str = "validation") -> str:
+    """Text lines for :func:`text_recognizer` (``[3, 48, w]`` .npy files in ``folder/lines``) and the manifest
+    that batches them by shape (``folder/lines.toml``); returns the manifest's path."""
+    root = os.fspath(folder)
+    lines = os.path.join(root, "lines")
+    os.makedirs(lines, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, w in enumerate(widths):
+        np.save(os.path.join(lines, f"line{i}.npy"), rng.uniform(-1, 1, (3, 48, w)).astype(np.float32))
+    manifest = os.path.join(root, "lines.toml")
+    with open(manifest, "w", encoding="utf-8") as f:
+        f.write(f'batching = "by_shape"\nshuffle = false\nrole = "{role}"\n'
+                '[source]\nkind = "npy"\npath = "lines"\n[inputs]\nimage = "array"\n')
+    return manifest

@@ -176,14 +176,7 @@ def test_shards_of_text_lines_batched_by_shape_equal_one_pass(ray_instance, tmp_
     from quantlab.compare.shards import batch_sizes
     from quantlab.data import open_dataset
 
-    folder = tmp_path / "lines"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i, w in enumerate([64, 128, 64, 192, 64, 128, 64, 96, 128]):
-        np.save(folder / f"line{i}.npy", rng.uniform(-1, 1, (3, 48, w)).astype(np.float32))
-    (tmp_path / "lines.toml").write_text('batching = "by_shape"\nshuffle = false\nrole = "validation"\n'
-                                         '[source]\nkind = "npy"\npath = "lines"\n[inputs]\nimage = "array"\n')
-    data = open_dataset(tmp_path / "lines.toml")
+    data = open_dataset(models.text_line_set(tmp_path, [64, 128, 64, 192, 64, 128, 64, 96, 128]))
     model = model_from_proto(models.text_recognizer(), label="text_recognizer")
     table = calibrate(model, data, "minmax", batch_size=2).tables["minmax"]
     written = {"int8": write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))}
@@ -197,12 +190,8 @@ def test_shards_of_text_lines_batched_by_shape_equal_one_pass(ray_instance, tmp_
 
 
 def test_shards_keep_a_state_batched_on_axis_1(ray_instance, tmp_path) -> None:
-    proto = models.voice_activity()
-    model = model_from_proto(proto, label="vad")
-    rng = np.random.default_rng(0)
-    data = from_arrays({"input": rng.normal(size=(10, 64)).astype(np.float32),
-                        "state": rng.normal(0, 0.5, size=(2, 10, 128)).astype(np.float32)},
-                       batch_axes={"state": 1}, role="validation")
+    model = model_from_proto(models.voice_activity(), label="vad")
+    data = from_arrays(models.voice_activity_feeds(10), batch_axes={"state": 1}, role="validation")
     table = calibrate(model, data, "minmax").tables["minmax"]
     written = {"int8": write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))}
     local = compare(model, written, data, _options(batch_size=4, bootstrap=50))

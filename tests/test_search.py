@@ -859,14 +859,7 @@ def test_allowed_flips_counts_whole_samples():
 def _lines_set(tmp_path, widths):
     from quantlab.data import open_dataset
 
-    folder = tmp_path / "lines"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i, w in enumerate(widths):
-        np.save(folder / f"line{i}.npy", rng.uniform(-1, 1, (3, 48, w)).astype(np.float32))
-    (tmp_path / "lines.toml").write_text('batching = "by_shape"\nshuffle = false\nrole = "validation"\n'
-                                         '[source]\nkind = "npy"\npath = "lines"\n[inputs]\nimage = "array"\n')
-    return open_dataset(tmp_path / "lines.toml")
+    return open_dataset(models.text_line_set(tmp_path, widths))
 
 
 def test_ranking_subset_of_text_lines_of_several_widths_batches_by_shape(tmp_path):
@@ -891,12 +884,8 @@ def test_ranking_subset_of_text_lines_of_several_widths_batches_by_shape(tmp_pat
 def test_ranking_subset_keeps_a_state_batched_on_axis_1():
     from quantlab.search.evaluator import CompareEvaluator
 
-    proto = models.voice_activity()
-    model = model_from_proto(proto, label="vad")
-    rng = np.random.default_rng(0)
-    data = from_arrays({"input": rng.normal(size=(6, 64)).astype(np.float32),
-                        "state": rng.normal(0, 0.5, size=(2, 6, 128)).astype(np.float32)},
-                       batch_axes={"state": 1}, role="validation")
+    model = model_from_proto(models.voice_activity(), label="vad")
+    data = from_arrays(models.voice_activity_feeds(6), batch_axes={"state": 1}, role="validation")
     table = calibrate(model, data, "minmax").tables["minmax"]
     evaluator = CompareEvaluator(model, table, data, SearchOptions(threshold="cosine>=0.99", batch_size=4))
     evaluator.select_subset(4, fragile=False)

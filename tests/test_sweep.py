@@ -62,10 +62,19 @@ def test_grid_and_bad_files(tmp_path: Path) -> None:
         parse_sweep(text, source=tmp_path / "s.toml")
 
 
-def test_local_runs_reuse_cells_and_keep_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _sweep_dir(tmp_path)
-    reports = tmp_path / "reports"
-    one = run_sweep(load_sweep(path), SweepOptions(processes=1), reports_dir=reports)
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory: pytest.TempPathFactory):
+    """The sweep run once locally in one process: (its folder, its reports folder, the result). The Ray test
+    compares with this table; the local test goes on in the same folder (and breaks b.onnx at its end)."""
+    folder = tmp_path_factory.mktemp("local_sweep")
+    path = _sweep_dir(folder)
+    reports = folder / "reports"
+    return folder, reports, run_sweep(load_sweep(path), SweepOptions(processes=1), reports_dir=reports)
+
+
+def test_local_runs_reuse_cells_and_keep_failures(local_sweep, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path, reports, one = local_sweep
+    path = tmp_path / "s.toml"
     assert [r.status for r in one.results] == ["ok"] * 4
     assert set(one.table["cell"]) == {"a--minmax", "a--entropy", "b--minmax", "b--entropy"}
     assert (reports / "unit" / "index.html").is_file() and (reports / "unit" / "cells" / "a--minmax" / "index.html").is_file()
@@ -98,9 +107,10 @@ def ray_instance(tmp_path_factory: pytest.TempPathFactory):
     os.environ.pop(KILL_ONCE, None)
 
 
-def test_ray_sweep_equals_local_and_retries_a_killed_worker(tmp_path: Path, ray_instance: Path) -> None:
-    path = _sweep_dir(tmp_path)
-    local = run_sweep(load_sweep(path), SweepOptions(processes=1), reports_dir=tmp_path / "local")
+def test_ray_sweep_equals_local_and_retries_a_killed_worker(tmp_path: Path, ray_instance: Path,
+                                                           local_sweep) -> None:
+    path = _sweep_dir(tmp_path)  # the same files as the local run's: the same table
+    local = local_sweep[2]
     remote = run_sweep(load_sweep(path), SweepOptions(ray="auto"), reports_dir=tmp_path / "ray")
     assert ray_instance.is_file(), "the fault hook did not kill the first attempt"
     by_cell = {r.cell.name: r for r in remote.results}
