@@ -147,7 +147,9 @@ def statistics_notes(stats: Statistics) -> tuple[str, ...]:
         total = sum(stats.tensors[n].nonfinite for n in nonfinite)
         notes.append(
             f"{len(nonfinite)} tensor(s) produced NaN/Inf: {_names(nonfinite)}; excluded {total} values from "
-            "their ranges; INT8 cannot represent them, keep these layers in fp32 or fix the model."
+            "their ranges. An additive attention mask at -inf (torch's Where(pad, -inf, 0)) and what it feeds "
+            "before Softmax are expected here; anywhere else NaN/Inf means a broken layer: INT8 cannot "
+            "represent them, keep it in fp32 or fix the model."
         )
     empty = [n for n, s in stats.tensors.items() if s.absmax == 0.0]
     if empty:

@@ -433,3 +433,33 @@ def test_registry_module_imports_only_the_standard_library():
             else:
                 continue
             assert all(n in sys.stdlib_module_names for n in names), (module, names)
+
+
+def test_a_minus_inf_mask_is_left_out_and_the_note_says_it_is_expected():
+    """torch's Where(pad, -inf, 0) mask: its -inf values are left out of the ranges (counted), and the
+    note tells an expected mask from a broken layer instead of only saying "fix the model"."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.data import from_arrays
+
+    graph = helper.make_graph(
+        [helper.make_node("Equal", ["keep", "zero"], ["is_pad"], name="is_pad"),
+         helper.make_node("Where", ["is_pad", "minus_inf", "zero"], ["additive"], name="mask"),
+         helper.make_node("Add", ["scores", "additive"], ["masked"], name="add_mask"),
+         helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1)], "masked_softmax",
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 6]),
+         helper.make_tensor_value_info("keep", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+         numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    keep = np.ones((8, 6), np.float32)
+    keep[:, 4:] = 0.0
+    data = from_arrays({"scores": np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32), "keep": keep})
+    result = calibrate(model_from_proto(proto), data, "minmax")
+    stats = result.statistics
+    assert stats["additive"].nonfinite == stats["masked"].nonfinite == 16
+    assert result.tables["minmax"].ranges["masked"].amax < 10  # the finite scores only
+    note = next(n for n in result.tables["minmax"].notes if "produced NaN/Inf" in n)
+    assert "'additive'" in note and "attention mask at -inf" in note and "fix the model" in note
