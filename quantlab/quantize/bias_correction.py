@@ -132,38 +132,37 @@ def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> lis
 
 
 class _Means:
-    """E[x] and E[Q(x)] of one layer input: over the samples at one sample's shape while every sample
-    has one shape, and per channel (axis 1 of the batch) over samples and positions always."""
+    """E[x] and E[Q(x)] of one layer input: summed over the samples at one sample's shape while every
+    sample has one shape; from the first other shape on, per channel (axis 1 of the batch) over samples
+    and positions (the image sums so far reduced to channels once)."""
 
     def __init__(self) -> None:
-        self.sum: np.ndarray | None = None
+        self.sum: np.ndarray | None = None  # [C, ...] while one shape, [C] after
         self.qsum: np.ndarray | None = None
         self.samples = 0
         self.one_shape = True
-        self.channel_sum: np.ndarray | float = 0.0
-        self.channel_qsum: np.ndarray | float = 0.0
-        self.positions = 0
+        self.positions = 0  # samples x positions per channel
 
     def add(self, x: np.ndarray, xq: np.ndarray) -> None:
-        if self.sum is not None and self.sum.shape != x.shape[1:]:
-            self.one_shape, self.sum, self.qsum = False, None, None  # several shapes: per channel only
-        if self.one_shape:
-            s, sq = x.sum(axis=0, dtype=np.float64), xq.sum(axis=0, dtype=np.float64)
-            self.sum, self.qsum = (s, sq) if self.sum is None else (self.sum + s, self.qsum + sq)
-        axes = (0, *range(2, x.ndim))
-        self.channel_sum = self.channel_sum + x.sum(axis=axes, dtype=np.float64)
-        self.channel_qsum = self.channel_qsum + xq.sum(axis=axes, dtype=np.float64)
+        if self.one_shape and self.sum is not None and self.sum.shape != x.shape[1:]:
+            spatial = tuple(range(1, self.sum.ndim))
+            self.sum, self.qsum, self.one_shape = self.sum.sum(axis=spatial), self.qsum.sum(axis=spatial), False
+        axes = (0,) if self.one_shape else (0, *range(2, x.ndim))
+        s, sq = x.sum(axis=axes, dtype=np.float64), xq.sum(axis=axes, dtype=np.float64)
+        self.sum, self.qsum = (s, sq) if self.sum is None else (self.sum + s, self.qsum + sq)
         self.samples += x.shape[0]
         self.positions += x.size // max(x.shape[1], 1) if x.ndim > 1 else x.size
 
     def image(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(E[x], E[Q(x)]) at one sample's shape; None when the samples came in several shapes."""
-        if not self.one_shape or self.sum is None:
+        if not self.one_shape or self.sum is None or self.qsum is None:
             return None
         return self.sum / self.samples, self.qsum / self.samples
 
     def channels(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self.channel_sum) / self.positions, np.asarray(self.channel_qsum) / self.positions
+        """Per-channel (E[x], E[Q(x)]) over samples and positions (after samples of several shapes)."""
+        assert self.sum is not None and self.qsum is not None and not self.one_shape
+        return self.sum / self.positions, self.qsum / self.positions
 
 
 def _input_means(model: LoadedModel, layers: list[_Layer], dataset: DataSet, batch_size: int,

@@ -61,13 +61,11 @@ class Reductions:
             except queue.Empty:
                 return
             value = outputs[t]
-            weight = weights.get(t, 1)
             try:
-                if isinstance(value, TensorValues) and weight == 1:
+                if isinstance(value, TensorValues):  # a Conv output: per sample, never weighted
                     self._reducers[t].update_values(value.pieces, value.in_layout)
                 else:
-                    array = value.in_layout() if isinstance(value, TensorValues) else value
-                    self._reducers[t].update(array, weight)
+                    self._reducers[t].update(value, weights.get(t, 1))
             except NotDerivable as exc:
                 raise NotDerivable(f"{t!r}: {exc}") from None
 
