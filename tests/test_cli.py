@@ -404,3 +404,27 @@ def test_a_multi_line_library_message_is_printed_on_one_line(ws: Path, capfd: py
     assert code == ExitCode.BAD_INPUT
     assert error_line(err, "calibrate").endswith("input 'loop' of node: name: add OpType: Add is not output")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_library_warning_prints_as_one_line_naming_the_command(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A table with a zero range (ZeroRangeWarning): ``quantlab build: warning: ...``, not Python's
+    ``table.py:264: ZeroRangeWarning`` with the source line under it."""
+    import json
+    import warnings
+
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == ExitCode.OK, err
+    table = json.loads((ws / "cal" / "calib_minmax.json").read_text())
+    name = next(iter(table["tensors"]))
+    table["tensors"][name].update(amax=0.0, scale=1.0)
+    (ws / "zero.json").write_text(json.dumps(table))
+    shown_before = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code, _, err = run_main(["build", str(ws / "model.onnx"), "--table", str(ws / "zero.json"),
+                                 "--precision", "int8", "--out", str(ws / "b")], capfd)
+    assert code == ExitCode.OK, err
+    line = next(x for x in err.splitlines() if "amax 0" in x)
+    assert line.startswith("quantlab build: warning: ") and f"'{name}'" in line
+    assert "ZeroRangeWarning" not in err and "table.py" not in err
+    assert warnings.showwarning is shown_before  # main() put it back

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -212,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return ExitCode.BAD_INPUT
         set_activity(f"running {command}")
-        return int(modules[command].run(args))
+        with warnings.catch_warnings():  # the library's warnings as one line, like the errors (restored after)
+            warnings.showwarning = _warning_line(command)
+            return int(modules[command].run(args))
     except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
@@ -223,6 +226,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     finally:
         restore_signal_handlers(previous)
+
+
+def _warning_line(command: str) -> Any:
+    """A ``warnings.showwarning`` that prints ``quantlab CMD: warning: MESSAGE``, without the source line."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        print(f"quantlab {command}: warning: {message}", file=file if file is not None else sys.stderr, flush=True)
+
+    return show
 
 
 def _flush_quietly() -> None:
