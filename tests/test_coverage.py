@@ -396,3 +396,38 @@ def test_tensors_without_a_sample_axis_weigh_the_same_as_in_the_statistics_pass(
                                fine_bins=cal.statistics.bins, huge_threshold=cal.statistics.huge_threshold)
         for name in bins:
             assert result.tallies[name].fine.state() == cal.statistics[name], (batch, name)
+
+
+def test_tensors_without_a_sample_axis_count_for_every_sample_of_batches_of_any_size():
+    """A run of several samples computes a position-table slice once for all of them; a run of one sample
+    holds it as that sample's. Each sample saw it either way, so its per-sample rows (bootstrap blocks,
+    saturation scores) are the same for batches of 1, 4 and 11 of 12 samples (not 5: the slice is [5, 8], and
+    a shared tensor with an axis of the run's size is taken as per sample, see quantlab.stats.sample_weights); before, only the runs of one
+    sample gave rows, the tensors ended with fewer blocks than the rest and the bootstrap crashed."""
+    from quantlab.backends import get_backend
+    from quantlab.coverage.collect import coverage_pass, table_bins
+
+    model = model_from_proto(models.position_table_net())
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 5, 8)).astype(np.float32)
+    calib = from_arrays({"x": x[:6], "temperature": np.array(0.7, np.float32)}, batch_axes={"temperature": None})
+    cal = calibrate(model, calib, ["minmax"], batch_size=3)
+    bins = table_bins(cal.tables["minmax"], cal.statistics)
+    data = from_arrays({"x": x * 1.5, "temperature": np.array(0.9, np.float32)},
+                       batch_axes={"temperature": None})
+    blocks = {}
+    for batch in (1, 4, 11):
+        result = coverage_pass(model, data.batches(batch), bins, backend=get_backend("ort"),
+                               fine_bins=cal.statistics.bins, huge_threshold=cal.statistics.huge_threshold)
+        for name in ("positions", "table", "temperature"):
+            assert result.tallies[name].blocks.samples == 12, (batch, name)
+        blocks[batch] = {t: tally.blocks.used().copy() for t, tally in result.tallies.items()}
+        assert blocks[batch]["temperature"].sum() == 12  # one value per sample
+    for name in ("positions", "table", "temperature", "out"):
+        np.testing.assert_array_equal(blocks[1][name], blocks[11][name], err_msg=name)
+        np.testing.assert_array_equal(blocks[4][name], blocks[11][name], err_msg=name)
+    checked = check_coverage(model, [data], cal.tables["minmax"], cal.statistics,
+                             options=CoverageOptions(resamples=50, batch_size=11))
+    rows = {row["tensor"]: row for row in checked.datasets[0].rows}
+    assert rows["temperature"]["outside_samples"] == 1.0  # 0.9 > 0.7: every sample saw it
+    assert np.isfinite(rows["positions"]["psi_ci_low"])

@@ -65,14 +65,22 @@ def _row(name: str, tally: TensorTally, calib: Any, clipped: float, samples: int
 
 def _rows(result: PassResult, table: CalibrationTable, calibration: Statistics,
           options: CoverageOptions) -> tuple[dict[str, Any], ...]:
-    any_tally = next(iter(result.tallies.values()), None)
-    n_blocks = any_tally.blocks.used().shape[0] if any_tally is not None else 0
-    weights = None
-    if n_blocks >= 2 and options.resamples > 0:
-        rng = np.random.default_rng(options.seed)
-        weights = rng.multinomial(n_blocks, np.full(n_blocks, 1.0 / n_blocks), size=options.resamples)
+    weights = _bootstrap_weights({tally.blocks.used().shape[0] for tally in result.tallies.values()}, options)
     return tuple(_row(t, tally, calibration.tensors[t], table.ranges[t].clipped_fraction, result.samples,
-                      calibration.samples, weights, options.confidence) for t, tally in result.tallies.items())
+                      calibration.samples, weights.get(tally.blocks.used().shape[0]), options.confidence)
+                 for t, tally in result.tallies.items())
+
+
+def _bootstrap_weights(block_counts: set[int], options: CoverageOptions) -> dict[int, np.ndarray]:
+    """Block count -> multinomial resampling weights ``[resamples, blocks]``, one draw shared by every tensor with
+    that many blocks (so they are resampled alike). Almost always one count; a tensor whose samples could not be
+    told apart in some runs (a flattened ``[N*S, H]`` in a batch of several) has fewer blocks than the rest."""
+    out = {}
+    for n_blocks in sorted(block_counts):
+        if n_blocks >= 2 and options.resamples > 0:
+            rng = np.random.default_rng(options.seed)
+            out[n_blocks] = rng.multinomial(n_blocks, np.full(n_blocks, 1.0 / n_blocks), size=options.resamples)
+    return out
 
 
 def _notes(name: str, summary: Any, calibration_summary: Any) -> tuple[str, ...]:

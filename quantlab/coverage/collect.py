@@ -148,8 +148,8 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
                 outputs.update({t: np.asarray(part[t]) for t in bins if t in inputs})
                 shown = keys[start:start + run_rows]
                 weights = sample_weights(outputs, len(shown), carries)
-                # a tensor whose samples cannot be told apart (None) feeds the histograms, not the per-sample scores
-                outputs = {t: (a, samples_on_axis0(a, axes.get(t, 0), len(shown))) for t, a in outputs.items()}
+                outputs = {t: (a, _by_sample(a, axes.get(t, 0), len(shown), weights.get(t, 1)))
+                           for t, a in outputs.items()}
                 for score in _slice_scores(outputs, weights, tallies, huge_threshold, pool, shown):
                     worst.push(score)
                 del outputs
@@ -164,6 +164,16 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
         raise DataError("the data set yielded no samples; give it at least one")
     return PassResult(tallies=tallies, samples=samples, batches=n_batches, worst=tuple(worst.result()),
                       summary=fingerprint.summary())
+
+
+def _by_sample(array: np.ndarray, axis: int, samples: int, weight: int) -> np.ndarray | None:
+    """``array`` with its samples on axis 0; a value shared by the run's samples (``weight`` > 1, see
+    quantlab.stats.sample_weights) as one entry, which :func:`_reduce_one` counts for each of them (every sample
+    saw it); None when the samples cannot be told apart (a flattened ``[N*S, H]``): it then feeds the histograms,
+    not the per-sample scores."""
+    if weight > 1:
+        return np.asarray(array)[np.newaxis]
+    return samples_on_axis0(array, axis, samples)
 
 
 def _slice_scores(outputs: Mapping[str, tuple[np.ndarray, np.ndarray | None]], weights: Mapping[str, int],
@@ -189,7 +199,10 @@ def _reduce_one(name: str, arrays: tuple[np.ndarray, np.ndarray | None], weight:
     """``arrays``: the tensor as the model gave it, and with its samples on axis 0 (None: not per sample)."""
     whole, by_sample = arrays
     tally.fine.update(whole, weight)
-    return name, None if by_sample is None else bin_per_sample(by_sample, tally.bins, huge)
+    if by_sample is None:
+        return name, None
+    rows = bin_per_sample(by_sample, tally.bins, huge)
+    return name, np.repeat(rows, weight, axis=0) if weight > 1 else rows
 
 
 def _reduced(outputs: Mapping[str, tuple[np.ndarray, np.ndarray | None]], weights: Mapping[str, int],
