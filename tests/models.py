@@ -900,3 +900,43 @@ def text_line_set(folder: str | os.PathLike[str], widths: list[int], seed: int =
         f.write(f'batching = "by_shape"\nshuffle = false\nrole = "{role}"\n'
                 '[source]\nkind = "npy"\npath = "lines"\n[inputs]\nimage = "array"\n')
     return manifest
+
+
+def token_rnn(seed: int = 0, features: int = 6, width: int = 12, classes: int = 4) -> onnx.ModelProto:
+    """A recurrent net as torch.jit.script exports it: a ``Loop`` over the sequence, its trip count from the data.
+
+    x[N, T, features] -> MatMul(W_in) -> Relu -> xp[N, T, width];
+    Loop(M = Shape(x)[1], body: h -> Tanh(Gather(xp, i, axis 1) + h @ W_rec) -> h') -> h_T[N, width]
+    -> MatMul(W_out) -> logits[N, classes]. The body reads ``xp``, a tensor of the outer graph, by name:
+    whatever precision the plan gives xp's producer, the body must still find it in float32.
+    """
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Gather", ["xp", "i"], ["x_t"], name="take_step", axis=1),
+         helper.make_node("Constant", [], ["w_rec"], name="w_rec",
+                          value=numpy_helper.from_array(rng.normal(0, 0.3, (width, width)).astype(np.float32))),
+         helper.make_node("MatMul", ["h_in", "w_rec"], ["recurrent"], name="recur"),
+         helper.make_node("Add", ["x_t", "recurrent"], ["pre"], name="add_step"),
+         helper.make_node("Tanh", ["pre"], ["h_out"], name="tanh")],
+        "over_tokens",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width])])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_in"], ["xp_pre"], name="embed"),
+        helper.make_node("Relu", ["xp_pre"], ["xp"], name="embed_relu"),
+        helper.make_node("Shape", ["x"], ["x_shape"], name="x_shape"),
+        helper.make_node("Gather", ["x_shape", "one"], ["steps"], name="steps", axis=0),
+        helper.make_node("Loop", ["steps", "", "h0"], ["h_last"], name="over_tokens", body=body),
+        helper.make_node("MatMul", ["h_last", "w_out"], ["logits"], name="head"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", features]),
+              helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["N", width])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])]
+    inits = [_init("w_in", rng.normal(0, 0.5, (features, width)).astype(np.float32)),
+             _init("w_out", rng.normal(0, 0.5, (width, classes)).astype(np.float32)),
+             numpy_helper.from_array(np.array(1, np.int64), "one")]
+    return _model(nodes, inputs, outputs, inits, "token_rnn")

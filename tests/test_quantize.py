@@ -685,7 +685,9 @@ def _loaded(proto):
     return model_from_proto(proto)
 
 
-def test_subgraph_reading_an_fp16_tensor_is_refused():
+def test_subgraph_reading_an_fp16_tensor_reads_it_in_float32():
+    """An If branch reads 'r' by name and stays float32: the fp16 Relu writes 'r/fp16' and a Cast gives 'r' back
+    in float32 (before: the plan was refused, and with it every FP16 candidate of a model with control flow)."""
     from onnx import TensorProto, helper
 
     def branch(name, op):
@@ -699,11 +701,34 @@ def test_subgraph_reading_an_fp16_tensor_is_refused():
                                            helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    with pytest.raises(PlanError, match="'branch' \\(If\\) reads tensor 'r' inside its subgraph.*Pin group 'relu'"):
-        write_model(model, uniform_plan("fp16"), None)
-    written = write_model(model, PrecisionPlan(default="fp16", overrides={"relu": "fp32"}), None)
-    feeds = {"x": np.array([-1.0, 2.0], np.float32), "c": np.array(False)}
-    np.testing.assert_array_equal(_run(written.proto, feeds)["y"], [0.0, -2.0])
+    written = write_model(model, uniform_plan("fp16"), None)
+    relu = next(n for n in written.proto.graph.node if n.name == "relu")
+    assert list(relu.output) != ["r"]
+    cast = next(n for n in written.proto.graph.node if n.op_type == "Cast" and list(n.output) == ["r"])
+    assert list(cast.input) == list(relu.output)
+    typed = {v.name: v.type.tensor_type.elem_type
+             for v in onnx.shape_inference.infer_shapes(written.proto).graph.value_info}
+    assert typed[relu.output[0]] == TensorProto.FLOAT16 and typed["r"] == TensorProto.FLOAT
+    for c, expected in ((False, [0.0, -2.0]), (True, [0.0, 2.0])):
+        feeds = {"x": np.array([-1.0, 2.0], np.float32), "c": np.array(c)}
+        np.testing.assert_array_equal(_run(written.proto, feeds)["y"], expected)
+
+
+@pytest.mark.parametrize("simulation", [False, True], ids=["float16", "simulated"])
+def test_fp16_rnn_whose_loop_reads_an_outer_tensor(simulation):
+    """torch's scripted RNN: a Loop over the sequence (trip count from the data) reads the embedded sequence
+    by name. The FP16 candidate computes the embedding in float16, the loop body in float32."""
+    model = model_from_proto(models.token_rnn())
+    written = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=simulation))
+    rng = np.random.default_rng(0)
+    for steps in (1, 7):
+        feeds = {"x": rng.normal(size=(3, steps, 6)).astype(np.float32),
+                 "h0": rng.normal(0, 0.3, (3, 12)).astype(np.float32)}
+        ref = _run(model.proto, feeds)["logits"]
+        got = _run(written.proto, feeds)["logits"]
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-2 * np.abs(ref).max())
+        assert not np.array_equal(got, ref)  # the embedding did compute in (or round to) float16
 
 
 def test_resolved_plan_of_another_model(prepared):

@@ -57,6 +57,7 @@ class Writer:
         self.node_map: dict[str, list[str]] = {}
         self.notes: list[str] = []
         self._kept: set[str] = set()  # initializers the written model keeps
+        self.subgraph_reads = _subgraph_reads(self.nodes)
 
     def run(self) -> onnx.ModelProto:
         for idx in topological_order(self.src):
@@ -152,7 +153,8 @@ class Writer:
                 casts.extend(round_casts)
                 self.book.register(t, t, F32)
                 self.casts.rounded[t] = t
-            elif t in self.graph_outputs and dtype == F16:
+            elif dtype == F16 and (t in self.graph_outputs or t in self.subgraph_reads):
+                # graph outputs keep their dtype; so do tensors If/Loop/Scan bodies read by name (they stay fp32)
                 inner = self.book.fresh(f"{t}/fp16")
                 outputs.append(inner)
                 self.book.register(t, inner, F16)
@@ -167,7 +169,8 @@ class Writer:
         return outputs, casts
 
     def _check_subgraph_reads(self) -> None:
-        """If/Loop/Scan bodies read outer tensors by name: those must keep their original dtype."""
+        """If/Loop/Scan bodies read outer tensors by name: those must keep their original dtype (a safety net:
+        :meth:`_outputs` computes such a tensor in float16 under another name and casts it back to its own)."""
         written_dtype = self.book.written_dtype
         for idx, node in enumerate(self.nodes):
             for attr in node.attribute:
@@ -241,3 +244,13 @@ class Writer:
             if name in self._kept:
                 return name
         return tensor
+
+
+def _subgraph_reads(nodes: list[onnx.NodeProto]) -> frozenset[str]:
+    """Outer tensors that If/Loop/Scan bodies of ``nodes`` read by name."""
+    reads: set[str] = set()
+    for node in nodes:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                reads |= outer_names(body)
+    return frozenset(reads)
