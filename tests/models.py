@@ -930,7 +930,7 @@ def token_rnn(seed: int = 0, features: int = 6, width: int = 12, classes: int = 
         helper.make_node("Relu", ["xp_pre"], ["xp"], name="embed_relu"),
         helper.make_node("Shape", ["x"], ["x_shape"], name="x_shape"),
         helper.make_node("Gather", ["x_shape", "one"], ["steps"], name="steps", axis=0),
-        helper.make_node("Loop", ["steps", "", "h0"], ["h_last"], name="over_tokens", body=body),
+        helper.make_node("Loop", ["steps", "go", "h0"], ["h_last"], name="over_tokens", body=body),
         helper.make_node("MatMul", ["h_last", "w_out"], ["logits"], name="head"),
     ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", features]),
@@ -938,5 +938,5 @@ def token_rnn(seed: int = 0, features: int = 6, width: int = 12, classes: int = 
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])]
     inits = [_init("w_in", rng.normal(0, 0.5, (features, width)).astype(np.float32)),
              _init("w_out", rng.normal(0, 0.5, (width, classes)).astype(np.float32)),
-             numpy_helper.from_array(np.array(1, np.int64), "one")]
+             numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.array(True), "go")]
     return _model(nodes, inputs, outputs, inits, "token_rnn")

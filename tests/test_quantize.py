@@ -715,6 +715,32 @@ def test_subgraph_reading_an_fp16_tensor_reads_it_in_float32():
 
 
 @pytest.mark.parametrize("simulation", [False, True], ids=["float16", "simulated"])
+def test_fp16_mask_from_a_constant_node_at_float32_min_stays_finite(simulation):
+    """HF transformers build the mask as (1 - m) * torch.finfo(float32).min, the minimum a Constant node: its
+    float16 copy is clipped to -65504 when written (a Cast at run time made it -inf, and 0 * -inf = NaN on
+    every token the mask keeps)."""
+    from onnx import TensorProto, helper
+
+    lowest = numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32))
+    nodes = [helper.make_node("Constant", [], ["one"], name="one", value=numpy_helper.from_array(np.float32(1.0))),
+             helper.make_node("Constant", [], ["lowest"], name="lowest", value=lowest),
+             helper.make_node("Sub", ["one", "keep"], ["dropped"], name="invert"),
+             helper.make_node("Mul", ["dropped", "lowest"], ["mask"], name="to_mask"),
+             helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [2, 4]),
+                                           helper.make_tensor_value_info("keep", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [2, 4])])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    written = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=simulation))
+    feeds = {"scores": np.array([[0.5, -1.0, 2.0, 0.0]] * 2, np.float32),
+             "keep": np.array([[1, 1, 0, 1], [1, 0, 0, 0]], np.float32)}
+    got = _run(written.proto, feeds)["probs"]
+    np.testing.assert_allclose(got, _run(model.proto, feeds)["probs"], atol=2e-3)
+    assert any("clipped to +-65504" in note for note in written.provenance.notes)
+
+
+@pytest.mark.parametrize("simulation", [False, True], ids=["float16", "simulated"])
 def test_fp16_rnn_whose_loop_reads_an_outer_tensor(simulation):
     """torch's scripted RNN: a Loop over the sequence (trip count from the data) reads the embedded sequence
     by name. The FP16 candidate computes the embedding in float16, the loop body in float32."""

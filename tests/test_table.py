@@ -186,6 +186,28 @@ def test_an_all_zero_tensor_gets_scale_one_and_a_warning_naming_it_when_read(tmp
         assert read_trt_cache(cache).ranges["masked:0"].amax == 0.0
 
 
+def test_an_additive_mask_of_zeros_and_float32_min_reads_back_without_a_zero_range_warning(tmp_path):
+    """A mask's only non-zero values are huge sentinels: amax 0, said in the table's notes and refused by the
+    writer; a warning on every read (once per method, in every run of a transformer) would only be noise."""
+    import warnings
+
+    from quantlab.table import ZeroRangeWarning
+
+    table = _table()
+    ranges = dict(table.ranges)
+    ranges["mask"] = TensorRange(amax=0.0, min=0.0, max=0.0, excluded={"nonfinite": 0, "huge": 96})
+    path = write_table(CalibrationTable("minmax", ranges, table.model_sha256), tmp_path / "mask.json")
+    with pytest.warns(ZeroRangeWarning) as caught:
+        back = read_table(path)
+    assert back.ranges["mask"].amax == 0.0
+    assert len(caught) == 1 and "'masked:0'" in str(caught[0].message) and "'mask'" not in str(caught[0].message)
+    del ranges["masked:0"]
+    path = write_table(CalibrationTable("minmax", ranges, table.model_sha256), tmp_path / "only_mask.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ZeroRangeWarning)
+        read_table(path)
+
+
 @pytest.mark.parametrize("amax", [1e-45, 1e-40, 1.4e-36, 1e300])
 def test_an_amax_whose_scale_leaves_float32_normals_is_an_error_naming_the_tensor(tmp_path, amax):
     doc = table_to_dict(_table())

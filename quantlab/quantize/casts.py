@@ -1,7 +1,7 @@
 """FP16 regions: which dtype each input of a node arrives in, and the Casts and float16 copies that make it so.
 
 FP16 group: its nodes compute in float16; Casts stand at region boundaries;
-initializers get float16 copies (clipped to ±65504); ops in
+initializers and Constant nodes get float16 copies (clipped to ±65504); ops in
 ``WriteOptions.fp32_ops`` (Softmax, reductions, ...) stay float32 inside the
 region; graph inputs and outputs stay float32::
 
@@ -43,7 +43,7 @@ class Casts:
         self.opset = opset
         self.constants = constants
         self.rounded: dict[str, str] = {}  # fp16 simulation: tensor -> float32 name holding its fp16-rounded value
-        self.fp16_clipped = 0  # initializer values clipped to +-65504 in float16 copies
+        self.fp16_clipped = 0  # initializer and Constant values clipped to +-65504 in float16 copies
 
     def get(self, tensor: str, dtype: str) -> tuple[str, tuple[str, ...]]:
         """The written name of ``tensor`` carrying ``dtype`` (adding a Cast or fp16 copy once)."""
@@ -51,7 +51,9 @@ class Casts:
         if dtype in have:
             name = have[dtype]
             return name, self.book.origin.get(name, ())
-        if tensor in self.book.inits and dtype in ONNX_DTYPE:
+        if (tensor in self.book.inits or tensor in self.book.const_nodes) and dtype in ONNX_DTYPE:
+            # a constant's copy is made here, clipped: a Cast at run time turns torch.finfo(float32).min into
+            # -inf, and a mask (1 - m) * min then into 0 * -inf = NaN
             array = self.book.constant_array(tensor)
             if dtype == F16:
                 clipped = np.clip(array.astype(np.float32), -FP16_MAX, FP16_MAX)
@@ -81,7 +83,7 @@ class Casts:
         if tensor in self.rounded:
             name = self.rounded[tensor]
             return name, self.book.origin.get(name, ())
-        if tensor in self.book.inits:
+        if tensor in self.book.inits or tensor in self.book.const_nodes:
             array = self.book.constant_array(tensor).astype(np.float32)
             clipped = np.clip(array, -FP16_MAX, FP16_MAX)
             self.fp16_clipped += int(np.count_nonzero(clipped != array))

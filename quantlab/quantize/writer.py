@@ -65,7 +65,7 @@ class Writer:
         self._check_subgraph_reads()
         self.notes.extend(control_flow_notes(self.src))  # Ifs inlined at load, subgraph tensors left float
         if self.casts.fp16_clipped:
-            self.notes.append(f"{self.casts.fp16_clipped} initializer value(s) outside float16 range were "
+            self.notes.append(f"{self.casts.fp16_clipped} constant value(s) (initializers, Constant nodes) outside float16 range were "
                               "clipped to +-65504 in fp16 copies")
         return self._assemble()
 
