@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -60,14 +61,28 @@ class ArrayHasher:
 
 
 def tool_versions() -> dict[str, str]:
-    """Versions of Python, the platform and every package that can change a result."""
+    """Versions of Python, the platform and every package that can change a result, and the hash of quantlab's
+    own source (a checkout between releases keeps one version number: the hash tells its outputs apart, and
+    ``quantlab run`` does not reuse a stage an edited quantlab made)."""
     versions = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in _TRACKED_PACKAGES:
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             continue
+    versions["quantlab-source"] = source_hash()
     return versions
+
+
+@functools.cache
+def source_hash() -> str:
+    """sha256 (first 16 hex digits) of the package's ``.py`` files: their paths below the package and bytes."""
+    h = hashlib.sha256()
+    root = package_root()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def package_root() -> Path:
