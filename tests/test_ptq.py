@@ -200,3 +200,79 @@ def test_conv_shift_of_samples_of_several_sizes_matches_numpy(tmp_path, group):
     got = bc.shift("conv")
     assert got is not None and np.abs(want).max() > 1e-4
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+def _linear_on_tokens(rng):
+    """torch's Linear on a sequence: MatMul [N, S, 8] x [8, 5], then Add of the bias; a second MatMul without bias
+    reads the same tokens (nothing to fold a shift into: left as it is)."""
+    w = rng.normal(0, 1, (8, 5)) * rng.uniform(0.005, 1.0, (8, 1))
+    v = rng.normal(0, 1, (8, 3))
+    nodes = [helper.make_node("MatMul", ["input", "w"], ["xw"], name="fc/MatMul"),
+             helper.make_node("Add", ["b", "xw"], ["y"], name="fc/Add"),
+             helper.make_node("MatMul", ["input", "v"], ["z"], name="proj")]
+    graph = helper.make_graph(nodes, "ptq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "S", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 5]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", "S", 3])],
+                              [numpy_helper.from_array(a.astype(np.float32), k)
+                               for k, a in {"w": w, "b": rng.normal(0, 0.1, 5), "v": v}.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto, w
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ort"])
+def test_matmul_with_a_bias_add_on_sentences_of_two_lengths_is_corrected(tmp_path, target):
+    """The shift of a Linear on tokens is E[Q(x)] Wq - E[x] W over every token of every sentence (numpy here),
+    it is what the written model does on average, and folding it into the Add's bias removes it."""
+    from quantlab.data import open_dataset
+
+    rng = np.random.default_rng(5)
+    proto, w = _linear_on_tokens(rng)
+    model = model_from_proto(proto)
+    folder = tmp_path / "sentences"
+    folder.mkdir()
+    sentences = [(rng.normal(0.6, 1.0, (s, 8)) ** 2).astype(np.float32) for s in (3, 7, 3, 7, 7, 3)]
+    for i, tokens in enumerate(sentences):
+        np.save(folder / f"s{i}.npy", tokens)
+    (tmp_path / "set.toml").write_text('batching = "by_shape"\nshuffle = false\n[source]\nkind = "npy"\n'
+                                       'path = "sentences"\n[inputs]\ninput = "array"\n')
+    cal = open_dataset(tmp_path / "set.toml")
+    table = calibrate(model, cal, "minmax", batch_size=2).tables["minmax"]
+    opts = WriteOptions(target=target, per_channel_weights=False)
+    bc = measure_bias_correction(model, table, cal, opts, batch_size=2)
+    qp, q = weight_qparams(w.astype(np.float32), None)
+    wq = q.astype(np.float64) * float(qp.scale)
+    x_qp = activation_qparams(table.ranges["input"], target)
+    tokens = np.concatenate(sentences).astype(np.float64)
+    xq = np.concatenate([fake_quantize(s, x_qp) for s in sentences]).astype(np.float64)
+    want = (xq @ wq - tokens @ w).mean(axis=0)
+    assert np.abs(want).max() > 1e-3 and bc.shift("proj") is None
+    np.testing.assert_allclose(bc.shift("fc/MatMul"), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+    def token_errors(written):
+        errors = []
+        for s in sentences:
+            ref = _run_outputs(proto, s[None])
+            got = _run_outputs(written.proto, s[None])
+            errors.append((got["y"] - ref["y"])[0])
+        return np.concatenate(errors).mean(axis=0)
+
+    plain = write_model(model, uniform_plan("int8"), table, opts)
+    fixed = write_model(model, uniform_plan("int8"), table, dataclasses.replace(opts, bias_correction=bc))
+    assert fixed.provenance.meta["bias_correction"]["applied"] == ["fc/MatMul"]
+    scale = max(np.abs(_run_outputs(proto, s[None])["y"]).max() for s in sentences)
+    out_step = 0.0 if target == "tensorrt" else scale / 255  # the ORT form quantizes the output too
+    before, after = token_errors(plain), token_errors(fixed)
+    np.testing.assert_allclose(before, want, atol=1e-5 * scale + out_step)
+    assert np.abs(after).max() < 0.2 * np.abs(before).max() and np.abs(after).max() <= 1e-5 * scale + out_step
+    add = next(n for n in fixed.proto.graph.node if n.name == "fc/Add")
+    assert any("fc/MatMul/corrected_bias" in t for t in add.input)
+    assert "b" not in {i.name for i in fixed.proto.graph.initializer}  # the replaced bias is not carried along
+
+
+def _run_outputs(proto, x):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    s = ort.InferenceSession(serialize(proto), so, providers=["CPUExecutionProvider"])
+    return {o.name: r.astype(np.float64) for o, r in zip(s.get_outputs(), s.run(None, {"input": x}))}

@@ -1,4 +1,4 @@
-"""Bias correction: fold the mean shift INT8 causes in each quantized Conv/Gemm output into its bias.
+"""Bias correction: fold the mean shift INT8 causes in each quantized Conv/Gemm/MatMul output into its bias.
 
 Rounding weights (per tensor above all: a depthwise channel with small weights loses most
 of its precision) and activations shifts the *mean* of a layer's output channel by a
@@ -18,6 +18,11 @@ Samples of several shapes (text lines of several widths) have no one-sample mean
 a layer whose inputs came in several shapes is measured from per-channel means instead,
 ``shift[o] = sum over c, k of Wq[o,c,k] E[Q(x)_c] - W[o,c,k] E[x_c]`` (the zero padding at the
 borders is not counted: a small bias on narrow maps).
+
+A MatMul with a weight initializer ``[K, N]`` (torch's ``Linear`` on a sequence: MatMul, then an Add
+of the bias) is corrected from the means of its input's last axis over samples and tokens,
+``shift[n] = E[Q(x)] @ Wq[:, n] - E[x] @ W[:, n]`` (linear: exact), folded into the Add's
+constant bias; a MatMul whose output no such Add alone reads is left as it is.
 
 Each layer's shift is measured with FP32 inputs (the layer alone), so one correction
 serves every plan: :func:`write_model` applies it to the INT8 groups of the plan only. In
@@ -41,7 +46,7 @@ from onnx import helper, numpy_helper
 from ..backends import get_backend
 from ..data import DataSet
 from ..errors import QuantlabError
-from ..graph import LoadedModel, with_outputs
+from ..graph import LoadedModel, outer_names, with_outputs
 from ..plan import ResolvedPlan, resolve_plan, uniform_plan
 from ..precision import INT8
 from ..table import CalibrationTable
@@ -106,9 +111,35 @@ class _Layer:
     w: np.ndarray
     axis: int | None
 
+    @property
+    def channel_axis(self) -> int:
+        """The input axis the weight reduces: 1 for Conv/Gemm ([N, C, ...], [N, K]), the last for MatMul."""
+        return -1 if self.node.op_type == "MatMul" else 1
+
+
+def bias_add(nodes: list[onnx.NodeProto], matmul: onnx.NodeProto,
+             inits: Mapping[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, int] | None:
+    """The Add that alone reads ``matmul``'s output and adds a constant bias of its N outputs (``[N]``, or ones
+    then N); the Add and the index of the bias among its inputs. None when there is no such Add."""
+    out = matmul.output[0]
+    readers = [n for n in nodes if out in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Add" or len(readers[0].input) != 2:
+        return None
+    add = readers[0]
+    slot = 1 - list(add.input).index(out)
+    bias = inits.get(add.input[slot])
+    w = inits.get(matmul.input[1])
+    if bias is None or w is None or len(w.dims) != 2:
+        return None
+    dims = list(bias.dims)
+    if not dims or dims[-1] != w.dims[1] or any(d != 1 for d in dims[:-1]):
+        return None
+    return add, slot
+
 
 def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> list[_Layer]:
-    """The Conv/Gemm anchors of INT8 groups whose weight is an initializer and whose data input is float."""
+    """The Conv/Gemm/MatMul anchors of INT8 groups whose weight is an initializer and whose data input is float
+    (a MatMul also needs its bias Add: :func:`bias_add`)."""
     inits = {i.name: i for i in model.proto.graph.initializer}
     out = []
     for group in plan.groups_at(INT8):
@@ -116,7 +147,9 @@ def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> lis
         if idx is None:
             continue
         node = placement.nodes[idx]
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.op_type == "MatMul" and bias_add(placement.nodes, node, inits) is None:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Gemm" and (int(attrs.get("transA", 0)) or float(attrs.get("alpha", 1.0)) != 1.0
@@ -136,14 +169,17 @@ class _Means:
     sample has one shape; from the first other shape on, per channel (axis 1 of the batch) over samples
     and positions (the image sums so far reduced to channels once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, channel_axis: int = 1) -> None:
         self.sum: np.ndarray | None = None  # [C, ...] while one shape, [C] after
         self.qsum: np.ndarray | None = None
         self.samples = 0
-        self.one_shape = True
+        self.channel_axis = channel_axis
+        self.one_shape = channel_axis == 1  # a MatMul's input (channels last) is reduced to channels at once
         self.positions = 0  # samples x positions per channel
 
     def add(self, x: np.ndarray, xq: np.ndarray) -> None:
+        if self.channel_axis != 1:
+            x, xq = np.moveaxis(x, self.channel_axis, 1), np.moveaxis(xq, self.channel_axis, 1)
         if self.one_shape and self.sum is not None and self.sum.shape != x.shape[1:]:
             spatial = tuple(range(1, self.sum.ndim))
             self.sum, self.qsum, self.one_shape = self.sum.sum(axis=spatial), self.qsum.sum(axis=spatial), False
@@ -160,19 +196,20 @@ class _Means:
         return self.sum / self.samples, self.qsum / self.samples
 
     def channels(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel (E[x], E[Q(x)]) over samples and positions (after samples of several shapes)."""
+        """Per-channel (E[x], E[Q(x)]) over samples and positions (after samples of several shapes, or a MatMul's
+        input)."""
         assert self.sum is not None and self.qsum is not None and not self.one_shape
         return self.sum / self.positions, self.qsum / self.positions
 
 
 def _input_means(model: LoadedModel, layers: list[_Layer], dataset: DataSet, batch_size: int,
-                 max_samples: int | None) -> tuple[dict[str, _Means], int]:
-    """Per layer input: its means over the samples (:class:`_Means`); the samples seen."""
+                 max_samples: int | None) -> tuple[dict[tuple[str, int], _Means], int]:
+    """Per layer input and channel axis: its means over the samples (:class:`_Means`); the samples seen."""
     inputs = set(model.input_names)
     exposed = sorted({lay.x for lay in layers} - inputs)
     runner = get_backend("ort").build(with_outputs(model.proto, exposed), outputs=exposed)
-    means = {lay.x: _Means() for lay in layers}
-    quant = {lay.x: lay.x_qp for lay in layers}
+    means = {(lay.x, lay.channel_axis): _Means(lay.channel_axis) for lay in layers}
+    quant = {key: lay.x_qp for lay in layers for key in [(lay.x, lay.channel_axis)]}
     seen = 0
     try:
         for batch in dataset.batches(batch_size):
@@ -181,9 +218,9 @@ def _input_means(model: LoadedModel, layers: list[_Layer], dataset: DataSet, bat
             if take <= 0:
                 break
             got = runner.run(feeds, exposed) if exposed else {}
-            for name, qp in quant.items():
+            for (name, axis), qp in quant.items():
                 x = np.asarray(feeds[name] if name in inputs else got[name])[:take]
-                means[name].add(x, x if qp is None else fake_quantize(x, qp))
+                means[name, axis].add(x, x if qp is None else fake_quantize(x, qp))
             seen += take
     finally:
         runner.close()
@@ -248,10 +285,15 @@ def _gemm_shift(layer: _Layer, wq: np.ndarray, mean_x: np.ndarray, mean_xq: np.n
     return mean_xq.reshape(-1) @ wq.astype(np.float64) - mean_x.reshape(-1) @ w.astype(np.float64)
 
 
+def _matmul_shift(wq: np.ndarray, w: np.ndarray, mean_c: np.ndarray, mean_qc: np.ndarray) -> np.ndarray:
+    """E[Q(x)] @ Wq - E[x] @ W from the means of the input's last axis (over samples and tokens)."""
+    return mean_qc @ wq.astype(np.float64) - mean_c @ w.astype(np.float64)
+
+
 def measure_bias_correction(model: LoadedModel, table: CalibrationTable, dataset: DataSet,
                             options: WriteOptions = WriteOptions(), *, batch_size: int = 8,
                             max_samples: int | None = None) -> BiasCorrection:
-    """Measure every quantizable Conv/Gemm's output mean shift on ``dataset`` (module docstring).
+    """Measure every quantizable Conv/Gemm/MatMul's output mean shift on ``dataset`` (module docstring).
 
     With ``options.equalization`` / ``options.smoothquant`` the shifts are measured on the rewritten
     model (:func:`quantlab.quantize.prepare_model`), the one ``table`` was calibrated on.
@@ -267,9 +309,12 @@ def measure_bias_correction(model: LoadedModel, table: CalibrationTable, dataset
     out = []
     for lay in layers:
         wq = _dequantized_weight(lay.w, lay.axis, options)
-        image = means[lay.x].image()
-        if image is None:  # inputs of several shapes: Conv from the per-channel means (Gemm has one shape)
-            shift = _channel_shift(lay, wq, *means[lay.x].channels())
+        mean = means[lay.x, lay.channel_axis]
+        image = mean.image()
+        if lay.node.op_type == "MatMul":
+            shift = _matmul_shift(wq, lay.w, *mean.channels())
+        elif image is None:  # inputs of several shapes: Conv from the per-channel means (Gemm has one shape)
+            shift = _channel_shift(lay, wq, *mean.channels())
         else:
             shift = (_conv_shift if lay.node.op_type == "Conv" else _gemm_shift)(lay, wq, *image)
         if all(math.isfinite(v) for v in shift):
@@ -279,7 +324,7 @@ def measure_bias_correction(model: LoadedModel, table: CalibrationTable, dataset
 
 def apply_bias_correction(model: LoadedModel, plan: ResolvedPlan, correction: BiasCorrection,
                           options: WriteOptions) -> tuple[LoadedModel, list[str]]:
-    """A copy of ``model`` whose INT8 Conv/Gemm anchors have corrected biases; the corrected nodes.
+    """A copy of ``model`` whose INT8 Conv/Gemm/MatMul anchors have corrected biases; the corrected nodes.
 
     The source hash stays the original model's: the written model derives from it plus the
     correction, which the provenance records.
@@ -294,30 +339,52 @@ def apply_bias_correction(model: LoadedModel, plan: ResolvedPlan, correction: Bi
     inits = {i.name: i for i in proto.graph.initializer}
     names = {i.name for i in proto.graph.initializer} | {o for n in proto.graph.node for o in n.output}
     applied = []
-    for node in proto.graph.node:
+    replaced: set[str] = set()
+    nodes = list(proto.graph.node)
+    for node in nodes:
         shift = correction.shift(node.name) if node.name in int8 else None
         if shift is None:
             continue
-        old = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if len(node.input) > 2 and node.input[2] and old is None:
+        anchor = node.name
+        found = bias_add(nodes, node, inits) if node.op_type == "MatMul" else (node, 2)
+        if found is None:
+            continue
+        target, slot = found  # a MatMul's bias is its Add's constant
+        old = inits.get(target.input[slot]) if len(target.input) > slot and target.input[slot] else None
+        if len(target.input) > slot and target.input[slot] and old is None:
             continue  # a computed bias: leave it
         bias = numpy_helper.to_array(old).astype(np.float64) if old is not None else np.zeros(shift.shape)
         if bias.reshape(-1).shape != shift.shape:
             continue
-        name = f"{node.name}/corrected_bias"
+        name = f"{anchor}/corrected_bias"
         while name in names:
             name += "_"
         names.add(name)
         proto.graph.initializer.append(numpy_helper.from_array(
             (bias.reshape(-1) - shift).astype(np.float32).reshape(bias.shape), name))
-        if len(node.input) > 2:
-            node.input[2] = name
+        if old is not None:
+            replaced.add(old.name)
+        if len(target.input) > slot:
+            target.input[slot] = name
         else:
-            node.input.append(name)
-        applied.append(node.name)
+            target.input.append(name)
+        applied.append(anchor)
     if not applied:
         return model, []
+    _drop_unread_initializers(proto, replaced)
     return dataclasses.replace(model, proto=proto), applied
+
+
+def _drop_unread_initializers(proto: onnx.ModelProto, names: set[str]) -> None:
+    """Removes the initializers in ``names`` nothing reads any more (the biases a corrected copy replaced): left in,
+    ONNX Runtime warns of each one, and the written model carries them."""
+    read = {t for n in proto.graph.node for t in n.input} | {o.name for o in proto.graph.output}
+    read |= {t for n in proto.graph.node for a in n.attribute
+             for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)) for t in outer_names(g)}
+    keep = [i for i in proto.graph.initializer if i.name not in names or i.name in read]
+    if len(keep) != len(proto.graph.initializer):
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
 
 
 def bias_correction_record(correction: BiasCorrection | None, applied: list[str]) -> Mapping[str, Any] | None:

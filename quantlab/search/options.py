@@ -31,7 +31,7 @@ class SearchOptions:
     ``per_channel_weights``: the writer's weight granularity (False: per tensor).
     ``shapes``: TensorRT engine shape ranges (``--shapes`` text) for every engine the search
     builds (a TensorRT backend only: ONNX Runtime runs any shape).
-    ``bias_correction``: correct every INT8 Conv/Gemm's output mean shift, measured on the
+    ``bias_correction``: correct every INT8 Conv/Gemm/MatMul(+bias Add)'s output mean shift, measured on the
     calibration set given to :func:`~quantlab.search.search` (``calib=``; without it no
     correction is applied and the result's settings say so).
     """
