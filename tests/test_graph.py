@@ -271,6 +271,87 @@ def test_outputs_of_contrib_ops_get_their_inputs_float_type_and_are_calibrated()
     assert any(n.op_type == "QuantizeLinear" and n.input[0] == "g" for n in written.proto.graph.node)
 
 
+def _ort_contrib_rules() -> dict:
+    """The rules of quantlab.graph.contrib_types, derived again from the installed ONNX Runtime's schemas."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as schemas
+
+    rules: dict = {}
+    for s in schemas.get_all_operator_schema():
+        if s.domain in ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "ai.onnx.training"):
+            continue
+        allowed = {t.type_param_str: sorted(t.allowed_type_strs) for t in s.type_constraints}
+        per = []
+        for o in s.outputs:
+            same = tuple(i for i, f in enumerate(s.inputs) if f.typeStr == o.typeStr)[:3]
+            types = allowed.get(o.typeStr, [o.typeStr])
+            per.append(same or (types[0][7:-1] if len(types) == 1 and types[0].startswith("tensor(") else None))
+        key = (s.domain, s.name)
+        if key in rules and rules[key] != tuple(per):  # versions that disagree: unknown where they do
+            old = rules[key]
+            per = [a if a == b else None for a, b in zip(old, per)] + [None] * abs(len(per) - len(old))
+        rules[key] = tuple(per)
+    return rules
+
+
+def test_contrib_output_types_agree_with_onnxruntimes_own_schemas():
+    """The table quantlab ships (the graph layer does not import ONNX Runtime) against the installed ONNX
+    Runtime's operator schemas: every op both know has the same rules. On a newer ONNX Runtime a changed
+    schema fails here: regenerate quantlab/graph/contrib_types.py with _ort_contrib_rules()."""
+    from quantlab.graph.contrib_types import CONTRIB_OUTPUT_TYPES
+
+    ort_rules = _ort_contrib_rules()
+    shared = set(ort_rules) & set(CONTRIB_OUTPUT_TYPES)
+    assert len(shared) >= 0.9 * len(CONTRIB_OUTPUT_TYPES)  # ops ONNX Runtime dropped stay in the table, a few
+    differ = {k: (CONTRIB_OUTPUT_TYPES[k], ort_rules[k]) for k in shared if CONTRIB_OUTPUT_TYPES[k] != ort_rules[k]}
+    assert not differ, differ
+    assert CONTRIB_OUTPUT_TYPES["com.microsoft", "EmbedLayerNormalization"][1] == (0, 1, 7)  # mask_index: the ids'
+    assert CONTRIB_OUTPUT_TYPES["com.microsoft", "SkipLayerNormalization"][1] == "float"
+
+
+def test_an_embedding_layer_norm_types_its_float_output_and_its_int32_mask_apart():
+    """ONNX Runtime's transformer optimizer starts BERT with EmbedLayerNormalization(int32 ids, ..., float
+    tables) -> (float embedding, int32 mask_index): typing outputs from the first input made the embedding
+    untyped (its first input is int32), so nothing downstream was calibrated ("no range" for every MatMul)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import model_from_proto, tensor_specs
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    rng = np.random.default_rng(0)
+    hidden, vocab = 16, 30
+    tables = {"words": (vocab, hidden), "positions": (8, hidden), "segments": (2, hidden)}
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), k) for k, shape in tables.items()]
+    inits += [numpy_helper.from_array(np.ones(hidden, np.float32), "gamma"),
+              numpy_helper.from_array(np.zeros(hidden, np.float32), "beta"),
+              numpy_helper.from_array(rng.normal(0, 0.3, (hidden, 4)).astype(np.float32), "w")]
+    graph = helper.make_graph(
+        [helper.make_node("EmbedLayerNormalization", ["ids", "segment_ids", "words", "positions", "segments",
+                                                      "gamma", "beta", "mask"], ["embedded", "mask_index"],
+                          name="embed", domain="com.microsoft", epsilon=1e-5),
+         helper.make_node("MatMul", ["embedded", "w"], ["logits"], name="head")], "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT32, ["N", "S"]),
+         helper.make_tensor_value_info("segment_ids", TensorProto.INT32, ["N", "S"]),
+         helper.make_tensor_value_info("mask", TensorProto.INT32, ["N", "S"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "S", 4])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 8
+    model = model_from_proto(proto)
+    specs = tensor_specs(model.proto)
+    assert specs["embedded"].dtype == "float32" and specs["logits"].dtype == "float32"
+    assert specs["mask_index"].dtype == "int32"
+    ids = rng.integers(0, vocab, (12, 8)).astype(np.int32)
+    data = from_arrays({"ids": ids, "segment_ids": (np.arange(8) >= 4).astype(np.int32)[None].repeat(12, 0),
+                        "mask": np.ones((12, 8), np.int32)})
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    assert "embedded" in table.ranges and "mask_index" not in table.ranges
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == "embedded" for n in written.proto.graph.node)
+
+
 def test_identity_over_an_initializer_is_folded_so_the_weight_stays_a_weight():
     """torch writes Identity(W) for a parameter equal to another: the MatMul reading it got activation Q/DQ
     (one calibrated scale) and the copy was calibrated as a tensor. The reader now reads W itself."""

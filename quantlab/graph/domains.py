@@ -4,13 +4,21 @@ ONNX shape inference has no schema for them, so their outputs get no type, and
 every tensor downstream of them may lose its type too: the calibration would
 not see them as float activations, while the writer still quantizes the
 MatMul reading them ("no range for 'g'" on a ``com.microsoft::Gelu`` between
-two MatMuls). Their outputs take the type of the node's first input when that
-is a float type (``Gelu``, ``FastGelu``, ``SkipLayerNormalization``,
-``FusedMatMul``, ``BiasAdd``, ``Attention``... map T to T), and inference runs
-again to carry the types downstream::
+two MatMuls). Their outputs get the type ONNX Runtime's schema gives them
+(:data:`~quantlab.graph.contrib_types.CONTRIB_OUTPUT_TYPES`: the type of an
+input sharing the output's type variable, or the one type it can have, e.g.
+``EmbedLayerNormalization``'s int32 ``mask_index`` beside its float output); an
+op the table does not know takes its first input's type when that is a float.
+Inference then runs again to carry the types downstream::
 
     x:float ─► MatMul ─► h:float ─► com.microsoft::Gelu ─► g:?      ─► MatMul ─► y:?
                                                    ==>  g:float (h's)          y:float (inferred again)
+
+Each round types the contrib ops whose inputs the last one typed (a transformer
+ONNX Runtime optimized chains dozens through MatMuls), so the rounds run on a
+light copy of the graph: float initializers of more than :data:`_LIGHT_LIMIT`
+values become typed graph inputs of their shape (their data is not needed to
+infer types), and the types found are copied back once.
 """
 
 from __future__ import annotations
@@ -18,10 +26,14 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["typed_custom_outputs"]
+from .contrib_types import CONTRIB_OUTPUT_TYPES
+
+__all__ = ["typed_custom_outputs", "contrib_output_types"]
 
 _FLOATS = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
 _ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+_LIGHT_LIMIT = 1024
+"""Initializers with more values than this are left out of the light copy (shape tensors and scalars stay)."""
 
 
 def _known_types(proto: onnx.ModelProto) -> dict[str, int]:
@@ -33,25 +45,83 @@ def _known_types(proto: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def typed_custom_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` (shape-inferred) with a type for each untyped output of a non-ONNX-domain node whose first
-    input is a float, shape inference run again after; ``proto`` itself when there is none."""
-    custom = [n for n in proto.graph.node if n.domain not in _ONNX_DOMAINS]
-    for _ in range(len(custom)):  # each round types the nodes whose first input got a type in the last one
-        types = _known_types(proto)
-        added = []
-        for node in custom:
+def contrib_output_types(node: onnx.NodeProto, types: dict[str, int]) -> dict[str, int]:
+    """Output name -> ONNX element type for the outputs of ``node`` (a non-ONNX-domain op) that its schema and
+    the known ``types`` of its inputs decide; the others are left out."""
+    rules = CONTRIB_OUTPUT_TYPES.get((node.domain or "", node.op_type))
+    out: dict[str, int] = {}
+    for k, name in enumerate(node.output):
+        if not name:
+            continue
+        if rules is None:  # an op the table does not know: its first input's type, when a float
             first = types.get(node.input[0]) if node.input and node.input[0] else None
-            if first not in _FLOATS:
-                continue
-            added += [helper.make_tensor_value_info(o, first, None) for o in node.output if o and o not in types]
+            if first in _FLOATS:
+                out[name] = first
+            continue
+        rule = rules[k] if k < len(rules) else None
+        if isinstance(rule, str):
+            fixed = getattr(TensorProto, rule.upper(), None)  # "int32" -> TensorProto.INT32
+            if isinstance(fixed, int):
+                out[name] = fixed
+        elif rule is not None:
+            present = [node.input[i] for i in rule if i < len(node.input) and node.input[i]]
+            if present and present[0] in types:
+                out[name] = types[present[0]]
+    return out
+
+
+def _light_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` without the data of its large initializers: they become graph inputs of their type and shape."""
+    light = onnx.ModelProto()
+    light.CopyFrom(proto)  # (one copy; the rounds then copy only the light graph)
+    g = light.graph
+    big = [i for i in g.initializer if _size(i) > _LIGHT_LIMIT]
+    if big:
+        names = {i.name for i in big}
+        keep = [i for i in g.initializer if i.name not in names]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        g.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in big
+                       if i.name not in {x.name for x in proto.graph.input})
+    return light
+
+
+def _size(init: onnx.TensorProto) -> int:
+    n = 1
+    for d in init.dims:
+        n *= d
+    return n
+
+
+def typed_custom_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` (shape-inferred) with types for the untyped outputs of non-ONNX-domain nodes, shape inference
+    run again after (on a light copy, module docstring); ``proto`` itself when there is nothing to type."""
+    custom = [n for n in proto.graph.node if n.domain not in _ONNX_DOMAINS]
+    if not custom or all(o in _known_types(proto) for n in custom for o in n.output if o):
+        return proto
+    light = _light_copy(proto)
+    changed = False
+    for _ in range(len(custom)):  # each round types the nodes whose inputs got a type in the last one
+        types = _known_types(light)
+        added = [helper.make_tensor_value_info(o, t, None) for node in custom
+                 for o, t in contrib_output_types(node, types).items() if o not in types]
         if not added:
             break
-        typed = onnx.ModelProto()
-        typed.CopyFrom(proto)
-        typed.graph.value_info.extend(added)
+        changed = True
+        light.graph.value_info.extend(added)
         try:
-            proto = onnx.shape_inference.infer_shapes(typed, strict_mode=False, data_prop=True)
+            light = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
         except Exception:  # noqa: BLE001 - keep the added types without the downstream inference
-            proto = typed
-    return proto
+            pass
+    if not changed:
+        return proto
+    typed = onnx.ModelProto()
+    typed.CopyFrom(proto)
+    inputs = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
+    del typed.graph.value_info[:]
+    typed.graph.value_info.extend(v for v in light.graph.value_info if v.name not in inputs)
+    outputs = {o.name: o for o in light.graph.output}
+    for o in typed.graph.output:
+        if not o.type.tensor_type.elem_type and o.name in outputs:
+            o.CopyFrom(outputs[o.name])
+    return typed
