@@ -922,3 +922,59 @@ def test_flip_margins_of_photos_of_several_sizes_follow_the_sample_indices(tmp_p
     together = evaluator.margins(plans, indices)
     alone = np.concatenate([evaluator.margins(plans, [i]) for i in indices], axis=1)
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def _stateful_classifier():
+    """logits[N, 5] = (Tanh(x @ W + state[0] @ U) @ V) * temperature: the state [2, N, 8] is batched on axis 1,
+    the temperature is one scalar for every sample (no batch axis)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), k)
+             for k, shape in {"W": (8, 8), "U": (8, 8), "V": (8, 5)}.items()]
+    inits.append(numpy_helper.from_array(np.array(0, np.int64), "zero"))
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["state", "zero"], ["h_prev"], name="take_h", axis=0),
+         helper.make_node("MatMul", ["x", "W"], ["xw"], name="input_proj"),
+         helper.make_node("MatMul", ["h_prev", "U"], ["hu"], name="state_proj"),
+         helper.make_node("Add", ["xw", "hu"], ["pre"], name="mix"),
+         helper.make_node("Tanh", ["pre"], ["h"], name="tanh"),
+         helper.make_node("MatMul", ["h", "V"], ["z"], name="head"),
+         helper.make_node("Mul", ["z", "temperature"], ["logits"], name="temper")], "stateful",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 8]),
+         helper.make_tensor_value_info("temperature", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def test_flip_margins_of_a_state_batched_on_axis_1_and_a_shared_scalar():
+    """A top-1 search on a recurrent classifier: its state holds the samples on axis 1 and its temperature on
+    no axis, so the samples run one at a time, each put back on its own axes (before: refused, 'use a cosine
+    or sqnr_db threshold'). Each plan's margin is its logits' FP32-top-1 lead, checked against whole-model runs."""
+    from quantlab.search.evaluator import CompareEvaluator, logit_margins
+
+    model = model_from_proto(_stateful_classifier(), label="stateful")
+    rng = np.random.default_rng(4)
+    n = 12
+    feeds = {"x": rng.normal(size=(n, 8)).astype(np.float32),
+             "state": rng.normal(0, 0.7, (2, n, 8)).astype(np.float32), "temperature": np.array(1.5, np.float32)}
+    data = from_arrays(feeds, batch_axes={"state": 1, "temperature": None}, role="validation")
+    table = calibrate(model, data, "minmax", batch_size=4).tables["minmax"]
+    evaluator = CompareEvaluator(model, table, data, SearchOptions(threshold="top1_agree>=99", batch_size=4))
+    plans = [resolve_plan(uniform_plan("int8"), model.proto), resolve_plan(uniform_plan("fp16"), model.proto)]
+    indices = [7, 0, 11, 3]
+    got = evaluator.margins(plans, indices)
+    ref = evaluator._reference()
+    fp32 = _session(model.proto).run(["logits"], feeds)[0]
+    assert list(ref.top1) == list(np.argmax(fp32, axis=1))
+    for k, plan in enumerate(plans):
+        session = _session(evaluator.write(plan).proto)
+        logits = session.run(["logits"], feeds)[0][indices].astype(np.float64)
+        want = logit_margins(logits, ref.top1[indices]) / ref.scale[indices]
+        np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-5)
+    assert np.abs(got[0] - got[1]).max() > 0  # int8 and fp16 differ: the check can fail

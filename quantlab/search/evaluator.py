@@ -109,9 +109,8 @@ class CompareEvaluator:
         anchor_proto, protos = self.write(anchor).proto, [self.write(p).proto for p in plans]
         rows: list[list[np.ndarray]] = [[] for _ in plans]
         order: list[int] = []
-        for positions, feeds in self._feeds_by_shape(idx):  # images of several sizes: one stack per size
-            outs = plan_outputs(self._exact_backend(), anchor_proto, protos, feeds, ref.output,
-                                self.options.batch_size)
+        for positions, feeds, batch in self._feeds_by_shape(idx):  # images of several sizes: one stack per size
+            outs = plan_outputs(self._exact_backend(), anchor_proto, protos, feeds, ref.output, batch)
             for k, z in enumerate(outs):
                 rows[k].append(np.asarray(z, dtype=np.float64))
             order.extend(positions)
@@ -132,21 +131,28 @@ class CompareEvaluator:
         """The backend for margins (see :meth:`_backend_options`)."""
         return get_backend(self.options.backend, **self._backend_options())
 
-    def _feeds_by_shape(self, idx: Sequence[int]) -> list[tuple[list[int], dict[str, np.ndarray]]]:
-        """(positions in ``idx``, their feeds stacked on axis 0) for each distinct sample shape."""
-        moved = [n for n in self.dataset.input_names if self.dataset.batch_axis(n) != 0]
-        if moved:
-            raise SearchError(f"a top-1 threshold's flip search stacks samples on axis 0, and input {moved[0]!r} "
-                              f"is batched on axis {self.dataset.batch_axis(moved[0])}: use a cosine or sqnr_db "
-                              "threshold for this model")
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for pos, i in enumerate(idx):
+    def _feeds_by_shape(self, idx: Sequence[int]) -> list[tuple[list[int], dict[str, np.ndarray], int]]:
+        """(positions in ``idx``, their feeds, samples per run) for each distinct sample shape: stacked on axis 0.
+
+        A set with an input batched on another axis (an LSTM's state on axis 1) or on none (a sample rate)
+        runs each sample alone, its batch axis of size 1 put back where the model wants it: the anchor's cut
+        tensors are then one sample's, whatever axis holds their samples.
+        """
+        names = self.dataset.input_names
+        for i in idx:
             if i not in self._sample_feeds:
                 self._sample_feeds[i] = dict(self.dataset.sample(i).feeds)
+        axes = {k: self.dataset.batch_axis(k) for k in names}
+        if any(a != 0 for a in axes.values()):
+            return [([pos], {k: (self._sample_feeds[i][k] if axes[k] is None
+                                 else np.expand_dims(self._sample_feeds[i][k], axes[k])) for k in names}, 1 << 30)
+                    for pos, i in enumerate(idx)]
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for pos, i in enumerate(idx):
             feeds = self._sample_feeds[i]
-            groups.setdefault(tuple((k, feeds[k].shape) for k in self.dataset.input_names), []).append(pos)
-        return [(positions, {k: np.stack([self._sample_feeds[idx[p]][k] for p in positions])
-                             for k in self.dataset.input_names}) for positions in groups.values()]
+            groups.setdefault(tuple((k, feeds[k].shape) for k in names), []).append(pos)
+        return [(positions, {k: np.stack([self._sample_feeds[idx[p]][k] for p in positions]) for k in names},
+                 self.options.batch_size) for positions in groups.values()]
 
     def _data(self, samples: int) -> tuple[DataSet, int | None]:
         """The data set and max_samples of an evaluation on ``samples`` samples."""

@@ -66,11 +66,16 @@ def suffix_model(proto: onnx.ModelProto, start: int, cut: Sequence[str], output:
 
 def run_batched(backend: Backend, proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
                 outputs: Sequence[str], batch: int) -> dict[str, np.ndarray]:
-    """``outputs`` of ``proto`` on ``feeds`` (samples on axis 0), ``batch`` samples per run."""
+    """``outputs`` of ``proto`` on ``feeds`` (samples on axis 0), ``batch`` samples per run (feeds of at most
+    ``batch`` rows, or one sample whose axes are its own, run whole)."""
     runner = backend.build(proto, outputs=list(outputs))
     try:
-        n = len(next(iter(feeds.values())))
-        parts = [runner.run({k: v[a:a + batch] for k, v in feeds.items()}, list(outputs)) for a in range(0, n, batch)]
+        n = max((len(v) for v in feeds.values() if np.ndim(v)), default=1)
+        if n <= batch:
+            parts = [runner.run(dict(feeds), list(outputs))]
+        else:
+            parts = [runner.run({k: v[a:a + batch] for k, v in feeds.items()}, list(outputs))
+                     for a in range(0, n, batch)]
     finally:
         runner.close()
     return {o: np.concatenate([p[o] for p in parts]) for o in outputs}
