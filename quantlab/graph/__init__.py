@@ -2,6 +2,7 @@
 
     graph/
     ├── topology.py   producer/consumer maps, topological order, subgraph reads, extra outputs
+    ├── light.py      shape inference and the checker on a copy without the weights' data
     └── load.py       load_model / model_from_proto -> LoadedModel; TensorSpec; float activations
 """
 

@@ -15,10 +15,9 @@ Inference then runs again to carry the types downstream::
                                                    ==>  g:float (h's)          y:float (inferred again)
 
 Each round types the contrib ops whose inputs the last one typed (a transformer
-ONNX Runtime optimized chains dozens through MatMuls), so the rounds run on a
-light copy of the graph: float initializers of more than :data:`_LIGHT_LIMIT`
-values become typed graph inputs of their shape (their data is not needed to
-infer types), and the types found are copied back once.
+ONNX Runtime optimized chains dozens through MatMuls), so the rounds run on the
+weightless copy of :mod:`quantlab.graph.light`, and the types found are copied
+back once.
 """
 
 from __future__ import annotations
@@ -27,13 +26,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from .contrib_types import CONTRIB_OUTPUT_TYPES
+from .light import light_copy
 
 __all__ = ["typed_custom_outputs", "contrib_output_types"]
 
 _FLOATS = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
 _ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
-_LIGHT_LIMIT = 1024
-"""Initializers with more values than this are left out of the light copy (shape tensors and scalars stay)."""
 
 
 def _known_types(proto: onnx.ModelProto) -> dict[str, int]:
@@ -70,36 +68,13 @@ def contrib_output_types(node: onnx.NodeProto, types: dict[str, int]) -> dict[st
     return out
 
 
-def _light_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` without the data of its large initializers: they become graph inputs of their type and shape."""
-    light = onnx.ModelProto()
-    light.CopyFrom(proto)  # (one copy; the rounds then copy only the light graph)
-    g = light.graph
-    big = [i for i in g.initializer if _size(i) > _LIGHT_LIMIT]
-    if big:
-        names = {i.name for i in big}
-        keep = [i for i in g.initializer if i.name not in names]
-        del g.initializer[:]
-        g.initializer.extend(keep)
-        g.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in big
-                       if i.name not in {x.name for x in proto.graph.input})
-    return light
-
-
-def _size(init: onnx.TensorProto) -> int:
-    n = 1
-    for d in init.dims:
-        n *= d
-    return n
-
-
 def typed_custom_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` (shape-inferred) with types for the untyped outputs of non-ONNX-domain nodes, shape inference
     run again after (on a light copy, module docstring); ``proto`` itself when there is nothing to type."""
     custom = [n for n in proto.graph.node if n.domain not in _ONNX_DOMAINS]
     if not custom or all(o in _known_types(proto) for n in custom for o in n.output if o):
         return proto
-    light = _light_copy(proto)
+    light = light_copy(proto)
     changed = False
     for _ in range(len(custom)):  # each round types the nodes whose inputs got a type in the last one
         types = _known_types(light)

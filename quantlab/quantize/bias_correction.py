@@ -34,6 +34,7 @@ without bias gets one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,10 +77,14 @@ class BiasCorrection:
                 return np.asarray(values, dtype=np.float64)
         return None
 
+    @functools.cached_property
+    def _peak(self) -> float:
+        """The largest |shift| (every written model's provenance says it: computed once)."""
+        return float(max((max(abs(v) for v in vals) for _, vals in self.layers if vals), default=0.0))
+
     def describe(self) -> dict[str, Any]:
-        peak = max((max(abs(v) for v in vals) for _, vals in self.layers if vals), default=0.0)
         return {"layers": len(self.layers), "samples": self.samples, "settings": dict(self.settings),
-                "max_abs_shift": float(peak)}
+                "max_abs_shift": self._peak}
 
 
 def correction_settings(options: WriteOptions) -> tuple[tuple[str, Any], ...]:
@@ -117,12 +122,23 @@ class _Layer:
         return -1 if self.node.op_type == "MatMul" else 1
 
 
-def bias_add(nodes: list[onnx.NodeProto], matmul: onnx.NodeProto,
+def readers_of(nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor -> the nodes of ``nodes`` that read it."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for t in dict.fromkeys(n.input):
+            if t:
+                out.setdefault(t, []).append(n)
+    return out
+
+
+def bias_add(readers: Mapping[str, list[onnx.NodeProto]], matmul: onnx.NodeProto,
              inits: Mapping[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, int] | None:
     """The Add that alone reads ``matmul``'s output and adds a constant bias of its N outputs (``[N]``, or ones
-    then N); the Add and the index of the bias among its inputs. None when there is no such Add."""
+    then N); the Add and the index of the bias among its inputs. None when there is no such Add.
+    ``readers``: :func:`readers_of` the graph's nodes."""
     out = matmul.output[0]
-    readers = [n for n in nodes if out in n.input]
+    readers = readers.get(out, [])
     if len(readers) != 1 or readers[0].op_type != "Add" or len(readers[0].input) != 2:
         return None
     add = readers[0]
@@ -141,6 +157,7 @@ def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> lis
     """The Conv/Gemm/MatMul anchors of INT8 groups whose weight is an initializer and whose data input is float
     (a MatMul also needs its bias Add: :func:`bias_add`)."""
     inits = {i.name: i for i in model.proto.graph.initializer}
+    readers = readers_of(placement.nodes)
     out = []
     for group in plan.groups_at(INT8):
         idx = placement.index_of.get(group.name)
@@ -149,7 +166,7 @@ def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> lis
         node = placement.nodes[idx]
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
             continue
-        if node.op_type == "MatMul" and bias_add(placement.nodes, node, inits) is None:
+        if node.op_type == "MatMul" and bias_add(readers, node, inits) is None:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Gemm" and (int(attrs.get("transA", 0)) or float(attrs.get("alpha", 1.0)) != 1.0
@@ -341,12 +358,13 @@ def apply_bias_correction(model: LoadedModel, plan: ResolvedPlan, correction: Bi
     applied = []
     replaced: set[str] = set()
     nodes = list(proto.graph.node)
+    readers = readers_of(nodes)
     for node in nodes:
         shift = correction.shift(node.name) if node.name in int8 else None
         if shift is None:
             continue
         anchor = node.name
-        found = bias_add(nodes, node, inits) if node.op_type == "MatMul" else (node, 2)
+        found = bias_add(readers, node, inits) if node.op_type == "MatMul" else (node, 2)
         if found is None:
             continue
         target, slot = found  # a MatMul's bias is its Add's constant

@@ -12,6 +12,7 @@ from onnx import helper
 from ..errors import ModelError, PlanError
 from ..fingerprint import sha256_bytes, tool_versions
 from ..graph import LoadedModel, serialize, tensor_specs
+from ..graph.light import check_light, infer_light
 from ..plan import PrecisionPlan, ResolvedPlan, fusion_groups, resolve_plan
 from ..table import CalibrationTable
 from .bias_correction import apply_bias_correction, bias_correction_record
@@ -141,7 +142,8 @@ def write_model(
 
 
 def _finish(proto: onnx.ModelProto, written_dtype: Mapping[str, str], label: str, check: bool) -> onnx.ModelProto:
-    """Checker, then shape inference; its dtypes must agree with the ones the writer tracked.
+    """Checker, then shape inference (both on the weightless copy, quantlab.graph.light); its dtypes must agree
+    with the ones the writer tracked.
 
     The result carries ``value_info`` for every tensor (inferred shapes, the
     written dtypes), so exposing an intermediate tensor as an output (for
@@ -149,11 +151,11 @@ def _finish(proto: onnx.ModelProto, written_dtype: Mapping[str, str], label: str
     """
     if check:
         try:
-            onnx.checker.check_model(proto)
+            check_light(proto)
         except Exception as exc:  # noqa: BLE001 - the checker raises several types
             raise ModelError(f"internal error: the model written from {label} fails the ONNX checker: {exc}") from None
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+        inferred = infer_light(proto, strict_mode=False)
     except Exception as exc:  # noqa: BLE001 - inference raises several types
         if check:
             raise ModelError(f"internal error: shape inference fails on the model written from {label}: {exc}") from None

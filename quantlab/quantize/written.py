@@ -37,7 +37,10 @@ class WrittenModel:
 
     @property
     def sha256(self) -> str:
-        return sha256_bytes(serialize(self.proto))
+        """The written model's hash: the one :func:`write_model` recorded (serializing a large model again costs
+        a tenth of a second), else computed."""
+        recorded = self.provenance.meta.get("written_sha256")
+        return str(recorded) if recorded else sha256_bytes(serialize(self.proto))
 
 
 def save_written(written: WrittenModel, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
