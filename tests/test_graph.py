@@ -387,3 +387,41 @@ def test_identity_over_an_initializer_is_folded_so_the_weight_stays_a_weight():
                  and any(a.name == "axis" for a in n.attribute)]
     assert weight_dq  # per-channel weight Q/DQ, which a weight read as an activation never gets
     assert "w_again" not in {n.input[0] for n in written.proto.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_inference_and_checker_on_the_weightless_copy_match_the_full_model():
+    """quantlab.graph.light: a 2048-value weight becomes a typed input (no data), a 2-value Reshape target
+    stays (data propagation reads it); inference finds exactly what it finds on the full model."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.graph.light import LIGHT_LIMIT, check_light, infer_light, light_copy
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+         helper.make_node("Reshape", ["h", "shape"], ["r"], name="fold"),
+         helper.make_node("Relu", ["r"], ["y"], name="relu")], "light",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 16])],
+        [numpy_helper.from_array(rng.normal(size=(32, 64)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([-1, 16], np.int64), "shape")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    light = light_copy(proto)
+    assert [i.name for i in light.graph.initializer] == ["shape"] and 32 * 64 > LIGHT_LIMIT
+    assert "w" in {i.name for i in light.graph.input}
+    full = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    mine = onnx.ModelProto()
+    mine.CopyFrom(proto)
+    infer_light(mine, strict_mode=False)
+    assert [v.SerializeToString() for v in mine.graph.value_info] == [v.SerializeToString() for v in full.graph.value_info]
+    assert mine.graph.output[0].SerializeToString() == full.graph.output[0].SerializeToString()
+    assert len(mine.graph.initializer) == 2 and [i.name for i in mine.graph.input] == ["x"]
+    check_light(proto)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(proto)
+    broken.graph.node[1].input[1] = "nowhere"
+    with pytest.raises(Exception, match="nowhere"):
+        check_light(broken)
