@@ -425,3 +425,56 @@ def test_inference_and_checker_on_the_weightless_copy_match_the_full_model():
     broken.graph.node[1].input[1] = "nowhere"
     with pytest.raises(Exception, match="nowhere"):
         check_light(broken)
+
+
+def test_float16_stored_weights_cast_up_are_float32_weights_after_loading():
+    """A float32 model stored with float16 weights (Cast(to=FLOAT) at every run) was refused as 'already
+    computing in float16', and its Conv read the Cast's output as an activation. Loading casts once: the
+    weight is a float32 initializer of the same values, written with per-channel weight Q/DQ."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import model_from_proto, serialize
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    rng = np.random.default_rng(0)
+    w16 = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["w16"], ["w"], name="cast_w", to=TensorProto.FLOAT),
+         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"], name="relu"),
+         helper.make_node("Cast", ["w16"], ["w16_out"], name="cast_out", to=TensorProto.FLOAT)], "stored_half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8]),
+         helper.make_tensor_value_info("w16_out", TensorProto.FLOAT, [8, 3, 3, 3])],
+        [numpy_helper.from_array(w16, "w16")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = model_from_proto(proto)
+    inits = {i.name: i for i in model.proto.graph.initializer}
+    assert inits["w"].data_type == TensorProto.FLOAT
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["w"]), w16.astype(np.float32))
+    assert [n.name for n in model.proto.graph.node if n.op_type == "Cast"] == ["cast_out"]  # a graph output stays
+    x = rng.normal(size=(8, 3, 8, 8)).astype(np.float32)
+
+    def run(p):
+        return ort.InferenceSession(serialize(p), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+
+    np.testing.assert_array_equal(run(model.proto), run(proto))
+    table = calibrate(model, from_arrays({"x": x}), "minmax").tables["minmax"]
+    assert "w" not in table.ranges
+    with pytest.raises(Exception, match="float16"):  # the float16 weight a graph output still reads stays
+        write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    del proto.graph.output[1]
+    del proto.graph.node[3]
+    model = model_from_proto(proto)
+    assert "w16" not in {i.name for i in model.proto.graph.initializer}
+    written = write_model(model, uniform_plan("int8"), model_table := calibrate(
+        model, from_arrays({"x": x}), "minmax").tables["minmax"], WriteOptions(target="tensorrt"))
+    assert set(model_table.ranges) == set(table.ranges) - {"w16_out"}
+    weight_dq = next(n for n in written.proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "w/int8")
+    assert any(a.name == "axis" for a in weight_dq.attribute)  # per-channel weight Q/DQ, not a calibrated scale
