@@ -165,21 +165,13 @@ def test_every_corrected_model_parses_and_builds_in_tensorrt_rtx(any_model):
 def test_conv_shift_of_samples_of_several_sizes_matches_numpy(tmp_path, group):
     """Images of two sizes have no one mean image: the shift comes from per-channel means, exact for a
     1x1 conv (the mean over every output position of every sample), grouped convs reading their own channels."""
-    from quantlab.data import open_dataset
-
     rng = np.random.default_rng(4)
     w = rng.normal(0, 1, (4, 4 // group, 1, 1)) * rng.uniform(0.01, 1.0, (4, 1, 1, 1))
     proto = _model([helper.make_node("Conv", ["input", "w"], ["y"], name="conv", group=group)],
                    ["N", 4, "H", "W"], ["N", 4, "H", "W"], {"w": w})
     model = model_from_proto(proto)
-    folder = tmp_path / "images"
-    folder.mkdir()
     images = [(rng.normal(0.6, 1.0, (4, s, s + 2)) ** 2).astype(np.float32) for s in (5, 8, 5, 8, 8)]
-    for i, image in enumerate(images):
-        np.save(folder / f"i{i}.npy", image)
-    (tmp_path / "set.toml").write_text('batching = "by_shape"\nshuffle = false\n[source]\nkind = "npy"\n'
-                                       'path = "images"\n[inputs]\ninput = "array"\n')
-    cal = open_dataset(tmp_path / "set.toml")
+    cal = _set_by_shape(tmp_path, images)
     table = calibrate(model, cal, "minmax", batch_size=2).tables["minmax"]
     bc = measure_bias_correction(model, table, cal, WriteOptions(target="tensorrt", per_channel_weights=False),
                                  batch_size=2)
@@ -224,19 +216,11 @@ def _linear_on_tokens(rng):
 def test_matmul_with_a_bias_add_on_sentences_of_two_lengths_is_corrected(tmp_path, target):
     """The shift of a Linear on tokens is E[Q(x)] Wq - E[x] W over every token of every sentence (numpy here),
     it is what the written model does on average, and folding it into the Add's bias removes it."""
-    from quantlab.data import open_dataset
-
     rng = np.random.default_rng(5)
     proto, w = _linear_on_tokens(rng)
     model = model_from_proto(proto)
-    folder = tmp_path / "sentences"
-    folder.mkdir()
     sentences = [(rng.normal(0.6, 1.0, (s, 8)) ** 2).astype(np.float32) for s in (3, 7, 3, 7, 7, 3)]
-    for i, tokens in enumerate(sentences):
-        np.save(folder / f"s{i}.npy", tokens)
-    (tmp_path / "set.toml").write_text('batching = "by_shape"\nshuffle = false\n[source]\nkind = "npy"\n'
-                                       'path = "sentences"\n[inputs]\ninput = "array"\n')
-    cal = open_dataset(tmp_path / "set.toml")
+    cal = _set_by_shape(tmp_path, sentences)
     table = calibrate(model, cal, "minmax", batch_size=2).tables["minmax"]
     opts = WriteOptions(target=target, per_channel_weights=False)
     bc = measure_bias_correction(model, table, cal, opts, batch_size=2)
@@ -276,3 +260,16 @@ def _run_outputs(proto, x):
     so.add_session_config_entry("session.disable_quant_qdq", "1")
     s = ort.InferenceSession(serialize(proto), so, providers=["CPUExecutionProvider"])
     return {o.name: r.astype(np.float64) for o, r in zip(s.get_outputs(), s.run(None, {"input": x}))}
+
+
+def _set_by_shape(tmp_path, samples):
+    """A calibration set of ``samples`` (arrays of several shapes, one .npy each) batched by shape."""
+    from quantlab.data import open_dataset
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i, array in enumerate(samples):
+        np.save(folder / f"s{i}.npy", array)
+    (tmp_path / "set.toml").write_text('batching = "by_shape"\nshuffle = false\n[source]\nkind = "npy"\n'
+                                       'path = "samples"\n[inputs]\ninput = "array"\n')
+    return open_dataset(tmp_path / "set.toml")

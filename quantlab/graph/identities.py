@@ -49,11 +49,7 @@ def fold_initializer_identities(proto: onnx.ModelProto) -> onnx.ModelProto:
         for k, name in enumerate(node.input):
             if name in source:
                 node.input[k] = source[name]
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    kept_info = [vi for vi in out.graph.value_info if vi.name not in source]
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(kept_info)
+    _replace_nodes(out.graph, nodes, gone=set(source))
     return out
 
 
@@ -89,9 +85,14 @@ def fold_initializer_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
     kept_inits = [i for i in out.graph.initializer if i.name not in set(casts.values()) or i.name in read]
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept_inits + widened)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    kept_info = [vi for vi in out.graph.value_info if vi.name not in casts]
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(kept_info)
+    _replace_nodes(out.graph, nodes, gone=set(casts))
     return out
+
+
+def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], gone: set[str]) -> None:
+    """``graph``'s nodes become ``nodes``; the value_info of the tensors no node makes any more (``gone``) goes."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept_info = [vi for vi in graph.value_info if vi.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
