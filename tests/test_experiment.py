@@ -67,6 +67,8 @@ def test_defaults_fill_what_is_left_out(exp_dir: Path) -> None:
         ('methods = ["minmax", "entropy"]', 'methods = ["minmax", "kl"]', 13, ["[calibrate] key 'methods'", "'kl'"]),
         ('int8 = ["minmax"]', 'int8 = ["percentile"]', 17, ["[candidates] key 'int8'", "percentile"]),
         ('threshold = "cosine>=0.99"', 'threshold = "cosine is high"', 3, ["key 'threshold'"]),
+        ('threshold = "cosine>=0.99"', 'threshold = "top1_agree>=99"', 3,
+         ["key 'threshold'", "unknown metric 'top1_agree'", "did you mean 'top1_agreement'"]),
     ],
 )
 def test_bad_key_names_key_and_line(exp_dir: Path, old: str, new: str, line: int, words: list[str]) -> None:

@@ -284,11 +284,19 @@ def _check_candidates(values: dict[str, Any], where: Where) -> None:
 
 
 def _check_threshold(expr: str, where: str, coverage: bool = False) -> None:
-    """Parse the threshold with the comparator's own language (quantlab.threshold); coverage gates name its metrics."""
+    """Parse the threshold with the comparator's own language (quantlab.threshold); coverage gates name its metrics.
+    A threshold must name a metric a comparison can report (for some model: ``top1_agreement`` needs a
+    classifier, which only the run finds out), so a misspelt one fails here, before any work."""
     try:
-        parse_gate(expr) if coverage else parse_threshold(expr)
+        parse_gate(expr) if coverage else parse_threshold(expr, known_metrics=_comparison_metrics())
     except ThresholdError as exc:
         raise ExperimentError(f"{where}: {exc}") from None
+
+
+def _comparison_metrics() -> set[str]:
+    from ..compare import CLASSIFIER_COLUMNS, END_TO_END_COLUMNS, LABEL_COLUMNS
+
+    return (set(END_TO_END_COLUMNS) | set(CLASSIFIER_COLUMNS) | set(LABEL_COLUMNS)) - {"candidate", "output"}
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
