@@ -478,3 +478,51 @@ def test_float16_stored_weights_cast_up_are_float32_weights_after_loading():
     assert set(model_table.ranges) == set(table.ranges) - {"w16_out"}
     weight_dq = next(n for n in written.proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "w/int8")
     assert any(a.name == "axis" for a in weight_dq.attribute)  # per-channel weight Q/DQ, not a calibrated scale
+
+
+def test_transposed_and_reshaped_weights_are_weights_after_loading():
+    """torch without constant folding writes MatMul(x, Transpose(W)): the MatMul read an activation (a
+    calibrated per-tensor scale). Loading computes the layout once (ONNX's reference Transpose, Reshape...),
+    chains included, so the MatMul reads an initializer and gets per-channel weight Q/DQ."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import model_from_proto, serialize
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.4, (6, 10)).astype(np.float32)  # torch's Linear weight: [out, in]
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["w"], ["wt"], name="t", perm=[1, 0]),
+         helper.make_node("MatMul", ["x", "wt"], ["h"], name="fc"),
+         helper.make_node("Reshape", ["w", "flat"], ["w_flat"], name="r"),
+         helper.make_node("Unsqueeze", ["w_flat", "axis0"], ["w_row"], name="u"),
+         helper.make_node("Add", ["h", "bias"], ["y"], name="bias_add")], "views",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 6]),
+         helper.make_tensor_value_info("w_row", TensorProto.FLOAT, [1, 60])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "bias"),
+         numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+         numpy_helper.from_array(np.array([0], np.int64), "axis0")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = model_from_proto(proto)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.proto.graph.initializer}
+    np.testing.assert_array_equal(inits["wt"], w.T)
+    assert [n.op_type for n in model.proto.graph.node] == ["MatMul", "Unsqueeze", "Add"]  # w_row: a graph output
+    x = rng.normal(size=(4, 5, 10)).astype(np.float32)
+
+    def run(p):
+        return ort.InferenceSession(serialize(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    for got, want in zip(run(model.proto), run(proto), strict=True):
+        np.testing.assert_array_equal(got, want)
+    table = calibrate(model, from_arrays({"x": x}), "minmax").tables["minmax"]
+    assert "wt" not in table.ranges
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    dq = next(n for n in written.proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "wt/int8")
+    assert any(a.name == "axis" and a.i == 1 for a in dq.attribute)  # per output channel of the [in, out] weight

@@ -9,12 +9,13 @@ The consumers read the initializer directly instead::
     W (initializer) ─► Identity ─► W' ─► MatMul        ==>        W (initializer) ─► MatMul
 
 A float32 model stored with float16 (or bfloat16, float64) weights casts each one up,
-``Cast(to=FLOAT)``: the same trap, and the weight's type made the writer refuse the model as
-"computing in float16". The cast is done once here: its output becomes a float32 initializer
-of the same values (what the Cast computes at every run), and the narrow one goes when
-nothing else reads it::
+``Cast(to=FLOAT)``, and torch without constant folding writes ``MatMul(x, Transpose(W))``: the
+same trap (and the float16 weight made the writer refuse the model as "computing in float16").
+Such a node is computed once here: its output becomes the initializer it computes at every run,
+and its source goes when nothing else reads it::
 
     W16 (float16 initializer) ─► Cast(to float) ─► W ─► Conv    ==>    W (float32 initializer) ─► Conv
+    W (initializer) ─► Transpose ─► Wt ─► MatMul                ==>    Wt (initializer) ─► MatMul
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from onnx import TensorProto, numpy_helper
 
 from .topology import outer_names
 
-__all__ = ["fold_initializer_identities", "fold_initializer_casts"]
+__all__ = ["fold_initializer_identities", "fold_initializer_views"]
 
 _WIDENED = frozenset({TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
+_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten"})
 
 
 def fold_initializer_identities(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -63,29 +65,52 @@ def _kept_names(g: onnx.GraphProto) -> set[str]:
     return keep
 
 
-def fold_initializer_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with each ``Cast(to=FLOAT)`` of a float16/bfloat16/float64 initializer replaced by a float32
-    initializer under the Cast's output name; the narrow initializers nothing reads any more removed. A Cast
-    whose output is a graph output or read inside a subgraph stays. ``proto`` itself when there is none."""
-    g = proto.graph
-    inits = {i.name: i for i in g.initializer if i.name not in {x.name for x in g.input}}
-    keep = _kept_names(g)
-    casts = {n.output[0]: n.input[0] for n in g.node
-             if n.op_type == "Cast" and n.domain in ("", "ai.onnx") and len(n.input) == 1 and len(n.output) == 1
-             and n.input[0] in inits and inits[n.input[0]].data_type in _WIDENED and n.output[0] not in keep
-             and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)}
-    if not casts:
-        return proto
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    nodes = [n for n in out.graph.node if not (n.op_type == "Cast" and n.output and n.output[0] in casts)]
-    read = {t for n in nodes for t in n.input} | keep
-    widened = [numpy_helper.from_array(numpy_helper.to_array(inits[src]).astype(np.float32), name)
-               for name, src in casts.items()]
-    kept_inits = [i for i in out.graph.initializer if i.name not in set(casts.values()) or i.name in read]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept_inits + widened)
-    _replace_nodes(out.graph, nodes, gone=set(casts))
+def _is_widening_cast(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    return (node.op_type == "Cast" and len(node.input) == 1 and inits[node.input[0]].data_type in _WIDENED
+            and any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute))
+
+
+def _folded_value(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """What ``node`` computes from its initializers: a widening Cast in numpy, a layout op by ONNX's reference
+    implementation (exact: it moves values, it computes none)."""
+    arrays = [numpy_helper.to_array(inits[t]) for t in node.input if t]
+    if node.op_type == "Cast":
+        return arrays[0].astype(np.float32)
+    from onnx.reference import ReferenceEvaluator
+
+    named = {t: a for t, a in zip([t for t in node.input if t], arrays, strict=True)}
+    return np.asarray(ReferenceEvaluator(node).run(None, named)[0])
+
+
+def fold_initializer_views(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with each node that only widens or re-lays out initializers (``Cast(to=FLOAT)`` of a
+    float16/bfloat16/float64 one; Transpose, Reshape, Unsqueeze, Squeeze, Flatten of float ones, as torch
+    writes ``MatMul(x, Transpose(W))`` without constant folding) replaced by the initializer it computes,
+    under its output's name, chains included; the initializers nothing reads any more removed. A node whose
+    output is a graph output or read inside a subgraph stays. ``proto`` itself when there is none."""
+    out = proto
+    for _ in range(len(proto.graph.node)):
+        g = out.graph
+        inits = {i.name: i for i in g.initializer if i.name not in {x.name for x in g.input}}
+        keep = _kept_names(g)
+        folded = [n for n in g.node if n.domain in ("", "ai.onnx") and len(n.output) == 1 and n.output[0]
+                  and n.output[0] not in keep and n.input and all(t in inits for t in n.input if t)
+                  and (_is_widening_cast(n, inits) if n.op_type == "Cast"
+                       else n.op_type in _LAYOUT_OPS and inits[n.input[0]].data_type == TensorProto.FLOAT)]
+        if not folded:
+            break
+        made = [numpy_helper.from_array(_folded_value(n, inits), n.output[0]) for n in folded]
+        if out is proto:
+            out = onnx.ModelProto()
+            out.CopyFrom(proto)
+        gone = {n.output[0] for n in folded}
+        nodes = [n for n in out.graph.node if not (len(n.output) == 1 and n.output[0] in gone)]
+        read = {t for n in nodes for t in n.input} | keep
+        sources = {t for n in folded for t in n.input if t}
+        kept_inits = [i for i in out.graph.initializer if i.name not in sources or i.name in read]
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(kept_inits + made)
+        _replace_nodes(out.graph, nodes, gone=gone)
     return out
 
 

@@ -22,7 +22,7 @@ from ..environment import unreadable
 from ..errors import ModelError
 from ..fingerprint import sha256_bytes, sha256_file
 from .domains import typed_custom_outputs
-from .identities import fold_initializer_casts, fold_initializer_identities
+from .identities import fold_initializer_identities, fold_initializer_views
 from .topology import topological_nodes
 
 __all__ = [
@@ -202,7 +202,7 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
     from ..controlflow import resolve_static_control_flow
 
     proto, _ = resolve_static_control_flow(proto)  # constant Ifs inlined, static Loops unrolled: recorded
-    proto = fold_initializer_casts(proto)  # float16-stored weights cast up at every run: float32 weights
+    proto = fold_initializer_views(proto)  # weights cast up or transposed at every run: weights again
     proto = fold_initializer_identities(proto)  # torch's Identity over shared/equal weights: weights again
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
