@@ -250,3 +250,28 @@ def test_cli_bad_experiment_is_one_error_with_key_and_line(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert "small.toml: line 2: key 'threshold': must be a threshold expression, got number 0.9" in err
     assert not (tmp_path / "r").exists()
+
+
+@needs_compare
+def test_a_model_that_fixes_its_batch_at_1_runs_one_sample_at_a_time(tmp_path: Path) -> None:
+    """A static export ([1, 3, 16, 16], as detection models with NMS are) failed every stage with 'run with
+    batch size 1', and an experiment file had no batch size to give: the run now takes 1 by itself, says so,
+    and records it; [data] batch_size sets it for any model."""
+    path = _small_experiment(tmp_path, evil=False, search=True, threshold="cosine>=0.9999")
+    model = onnx.load(tmp_path / "model.onnx")
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, tmp_path / "model.onnx")
+    cfg = load_experiment(path)
+    assert cfg.batch_size is None
+    result = run_experiment(cfg, reports_dir=tmp_path / "reports")
+    assert any("fixes its batch at 1" in m for m in result.messages)
+    manifest = json.loads((tmp_path / "reports" / "small" / "manifest.json").read_text())
+    assert manifest["experiment"]["batch_size"] == 1
+    import pandas as pd
+
+    e2e = pd.read_csv(tmp_path / "reports" / "small" / "results" / "end_to_end.csv")
+    assert set(e2e["samples"]) == {16}
+    path.write_text(path.read_text().replace('validation = "val.toml"', 'validation = "val.toml"\nbatch_size = 0'))
+    with pytest.raises(ExperimentError, match=r"\[data\] key 'batch_size'.*integer >= 1"):
+        load_experiment(path)

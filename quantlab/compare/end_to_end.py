@@ -161,7 +161,10 @@ class EndToEnd:
             r, c = ref_live[o], live[o]
             if r.shape != c.shape:
                 raise CompareError(f"candidate {name!r}: output {o!r} has shape {list(c.shape)}, the "
-                                   f"reference's has {list(r.shape)}")
+                                   f"reference's has {list(r.shape)}. An output whose size the data decides "
+                                   "(boxes kept by NonMaxSuppression, a TopK over a threshold) cannot be compared "
+                                   "element by element: compare the model without its post-processing (its raw "
+                                   "boxes and scores as outputs)")
             st = self.stats[(name, o)]
             s = error_sums(r, c)
             st.batch_sums.append(s)

@@ -25,7 +25,7 @@ Layout (arrows: imports; each manifest table's keys live with the code that uses
     reader.py       SourceReader: items per source, raw fields of an item   │ load
     batches.py      Sample, Batch, stacking, DataSet base, head(n)          │
     datasets.py     ManifestDataSet, ArrayDataSet, from_arrays, open_dataset┘
-    checks.py       check_inputs: data vs a model's inputs, advice by origin
+    checks.py       check_inputs: data vs a model's inputs, advice by origin; fixed_batch
     summary.py      DataFingerprint, DataSummary, summarize, overlap
 
 :class:`DataFingerprint` reduces the batches a run actually consumed to a
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from .augment import AugmentSpec, random_resized_crop_box
 from .batches import Batch, DataSet, Sample, take_samples
-from .checks import PILLOW_MAX_PIXELS, check_inputs
+from .checks import PILLOW_MAX_PIXELS, check_inputs, fixed_batch
 from .datasets import (
     ArrayDataSet,
     ManifestDataSet,
@@ -87,6 +87,7 @@ __all__ = [
     "Sample",
     "SourceSpec",
     "check_inputs",
+    "fixed_batch",
     "from_arrays",
     "load_dataset",
     "load_manifest",

@@ -21,7 +21,7 @@ from ..graph import LoadedModel, TensorSpec
 from .batches import batch_fits, format_shape
 from .manifest import DataSetManifest
 
-__all__ = ["PILLOW_MAX_PIXELS", "check_inputs", "dataset_label"]
+__all__ = ["PILLOW_MAX_PIXELS", "check_inputs", "dataset_label", "fixed_batch"]
 
 
 def _data_specs(dataset: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -117,6 +117,21 @@ def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_
         return ("batched = true takes one sample per row of a file, and these rows lack an axis: if each file is one "
                 "sample, set batched = false")
     return f"Re-save the arrays with per-sample shape {want}"
+
+
+def fixed_batch(model: LoadedModel, dataset: Any) -> int | None:
+    """The batch every batched input of ``model`` fixes (a static export's ``[1, 3, 640, 640]``), None when an
+    input leaves it dynamic or the inputs disagree; ``dataset`` says which axis holds each input's samples."""
+    sizes = set()
+    for spec in model.inputs:
+        axis = dataset.batch_axis(spec.name) if hasattr(dataset, "batch_axis") else 0
+        if axis is None:
+            continue
+        dim = spec.shape[axis] if spec.shape and axis < len(spec.shape) else None
+        if not (isinstance(dim, int) and dim > 0):
+            return None
+        sizes.add(int(dim))
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _check_batch(spec: TensorSpec, dataset: Any, model: LoadedModel, batch_size: int | None,

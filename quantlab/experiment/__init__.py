@@ -31,6 +31,8 @@ The experiment file (paths are relative to the file itself)::
     [data]
     calibration = "../calib_sets/demo_calib.toml"
     validation = "../calib_sets/demo_val.toml"
+    # batch_size = 8                    # samples per model run in every stage; default: each stage's own
+    #                                   # (8), or 1 for a model that fixes its batch at 1
 
     [calibrate]
     methods = ["entropy", "minmax", "percentile"]

@@ -35,7 +35,8 @@ def coverage_stage(folder: Path, model: LoadedModel, datasets: Sequence[DataSet]
 
     summary = DataSummary.from_dict(json.loads((cal_dir / "data_summary.json").read_text(encoding="utf-8")))
     result = check_coverage(model, datasets, table, load_statistics(cal_dir / "statistics.npz"),
-                            options=CoverageOptions(gate=config.coverage_gate, seed=config.seed),
+                            options=CoverageOptions(gate=config.coverage_gate, seed=config.seed,
+                                                    **config.batch_size_option()),
                             calibration_summary=summary,
                             calibration_source={"manifest": str(config.calibration), "method": table.method})
     result.save(folder / "coverage")

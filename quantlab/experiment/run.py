@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_dir, write_json
-from ..data import DataSet, open_dataset
+from ..data import DataSet, fixed_batch, open_dataset
 from ..graph import LoadedModel, load_model
 from ..methods import method_settings
 from ..precision import INT8
@@ -109,7 +109,12 @@ class _Run:
                                                                                 progress=self.progress)
         model = load_model(model_path, bind=dict(config.bind))
         calib, val = open_dataset(config.calibration), open_dataset(config.validation)
+        if config.batch_size is None and fixed_batch(model, calib) == 1:  # a static export: one sample per run
+            config = self.config = replace(config, batch_size=1)
+            self.messages.append(f"{model.label} fixes its batch at 1: every stage runs one sample at a time")
         self.common = {"versions": package_versions(), "model_sha256": model.sha256}
+        if config.batch_size is not None:  # absent by default: the stage keys of earlier runs stay valid
+            self.common["batch_size"] = config.batch_size
         tables, cal_dir = self._calibrate(model, calib)
         rewrites = stage_rewrites(model, config, cal_dir) if config.equalize or config.smoothquant is not None else None
         if rewrites is not None:

@@ -66,6 +66,13 @@ class ExperimentConfig:
     equalize: bool = False
     smoothquant: float | None = None
     search_bias_correction: bool = True
+    batch_size: int | None = None
+    """Samples per model run in every stage; None: each stage's default, or the batch a model fixes at 1."""
+
+    def batch_size_option(self) -> dict[str, int]:
+        """``{"batch_size": n}`` when the experiment sets one (or its model fixes it at 1), else {} (each stage's
+        own default)."""
+        return {} if self.batch_size is None else {"batch_size": self.batch_size}
 
     def settings(self) -> dict[str, Any]:
         """Everything that shapes results, as plain data (recorded in the manifest)."""
@@ -87,6 +94,8 @@ class ExperimentConfig:
             out["rewrites"] = {"equalize": self.equalize, "smoothquant": self.smoothquant}
         if not self.search_bias_correction:
             out["search_bias_correction"] = False
+        if self.batch_size is not None:
+            out["batch_size"] = self.batch_size
         if self.export_repository is not None:
             out["export"] = {"repository": str(self.export_repository), "name": self.export_name or self.name,
                              "platform": self.export_platform, "max_batch_size": self.export_max_batch_size,
@@ -143,6 +152,7 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
                             'calibration = "../calib_sets/demo_calib.toml"'), "calibration"),
         "validation": (Key("a manifest path string", non_empty_str,
                            'validation = "../calib_sets/demo_val.toml"'), "validation"),
+        "batch_size": (Key("an integer >= 1", lambda v: _count(v) and v >= 1, "batch_size = 8"), "batch_size"),
     },
     "calibrate": {
         "methods": (Key(_METHODS_EXPECT, _methods, 'methods = ["entropy", "minmax"]'), "calibrators"),

@@ -71,11 +71,14 @@ SMOOTHQUANT_FILE = "smoothquant.json"
 def calibrate_stage(folder: Path, model: LoadedModel, dataset: DataSet, config: ExperimentConfig,
                     progress: bool) -> None:
     """Calibrate the model as ``[calibrate] equalize`` / ``smoothquant`` rewrite it (the scales saved beside)."""
+    batch = config.batch_size_option()
     prepared = prepare_rewrites(model, dataset, equalize=config.equalize,
-                                smoothquant_alpha=None if config.smoothquant is None else float(config.smoothquant))
+                                smoothquant_alpha=None if config.smoothquant is None else float(config.smoothquant),
+                                **batch)
     if prepared.smooth is not None:
         save_smoothquant(prepared.smooth, folder / SMOOTHQUANT_FILE)
-    result = calibrate(prepared.model, dataset, config.calibrators, percentile=config.percentile, progress=progress)
+    result = calibrate(prepared.model, dataset, config.calibrators, percentile=config.percentile, progress=progress,
+                       **batch)
     save_statistics(result.statistics, folder / "statistics.npz")
     for method, table in result.tables.items():
         table = mark_table(table, prepared)
@@ -139,7 +142,7 @@ def engine_shapes_for(config: ExperimentConfig, model: LoadedModel, table: Calib
     """The engine shape ranges (``--shapes`` text) of the comparison's and the search's TensorRT engines:
     ``[model] shapes``, else those of the calibration shapes ``table`` recorded and of the validation batches
     with the batch axis up to the larger of the two stages' batch sizes; None on ONNX Runtime."""
-    batch = max(CompareOptions.batch_size, SearchOptions.batch_size)
+    batch = config.batch_size or max(CompareOptions.batch_size, SearchOptions.batch_size)
     batches = val.batches(batch) if config.backend != "ort" and not config.shapes else None
     return engine_shapes(config.backend, config.shapes, table.calib_set if table is not None else None,
                          network_shapes(model.inputs), batches, batch=batch)
@@ -151,7 +154,8 @@ def _backend_options(shapes: str | None) -> dict[str, Any]:
 
 def compare_stage(folder: Path, model: LoadedModel, written: Mapping[str, WrittenModel], dataset: DataSet,
                   config: ExperimentConfig, progress: bool, cal_dir: Path, shapes: str | None = None) -> None:
-    options = CompareOptions(backend=config.backend, seed=config.seed, backend_options=_backend_options(shapes))
+    options = CompareOptions(backend=config.backend, seed=config.seed, backend_options=_backend_options(shapes),
+                             **config.batch_size_option())
     calibration = DataSummary.from_dict(read_json(cal_dir / "data_summary.json"))  # for the overlap warning
     result = compare(model, dict(written), dataset, options, progress=progress, calibration=calibration)
     result.save(folder)
@@ -164,7 +168,8 @@ def search_stage(folder: Path, model: LoadedModel, val: DataSet, table: Calibrat
     model (its FP32 outputs are the original's up to rounding; the search has no rewrite option yet)."""
     options = SearchOptions(threshold=config.threshold, backend=config.backend,
                             budget=config.search_budget or None, seed=config.seed, target=config.target,
-                            bias_correction=config.search_bias_correction, shapes=shapes)
+                            bias_correction=config.search_bias_correction, shapes=shapes,
+                            **config.batch_size_option())
     if rewrites is not None and rewrites.changed:
         model = rewrites.model
     # the log lives outside the stage's temporary folder, so an interrupted search resumes from it
