@@ -428,3 +428,26 @@ def test_a_library_warning_prints_as_one_line_naming_the_command(ws: Path, capfd
     assert line.startswith("quantlab build: warning: ") and f"'{name}'" in line
     assert "ZeroRangeWarning" not in err and "table.py" not in err
     assert warnings.showwarning is shown_before  # main() put it back
+
+
+def test_a_model_that_fixes_its_batch_at_1_needs_no_batch_size_flag(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Without --batch-size, calibrate, compare, coverage and search run a static export (batch fixed at 1) one
+    sample at a time and say so; an explicit --batch-size 4 still gets the error that names the fixed batch."""
+    model = onnx.load(ws / "model.onnx")
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, ws / "model.onnx")
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == 0 and "fixes its batch at 1: running one sample at a time" in err
+    assert json.loads((ws / "cal" / "calibrate_run.json").read_text())["batch_size"] == 1
+    table = str(ws / "cal" / "calib_minmax.json")
+    assert run_main(["build", str(ws / "model.onnx"), "--table", table, "--precision", "int8",
+                     "--out", str(ws / "int8")], capfd)[0] == 0
+    for argv in (["compare", str(ws / "model.onnx"), str(ws / "int8" / "model.onnx"), "--data", str(ws / "val.toml"),
+                  "--out", str(ws / "cmp"), "--no-progress"],
+                 ["coverage", str(ws / "model.onnx"), "--table", table, "--data", str(ws / "val.toml"),
+                  "--out", str(ws / "cov")]):
+        code, _, err = run_main(argv, capfd)
+        assert code in (0, 1) and "fixes its batch at 1" in err, err
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal4", "--batch-size", "4"), capfd)
+    assert code == 2 and "fixed batch of 1" in error_line(err, "calibrate")

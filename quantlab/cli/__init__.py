@@ -126,6 +126,20 @@ def add_progress_option(p: argparse.ArgumentParser, *aliases: str) -> None:
                    help="no progress bars (for logs and CI)")
 
 
+def resolve_batch_size(args: argparse.Namespace, model: Any, dataset: Any, default: int, command: str) -> int:
+    """``--batch-size`` when given; else 1 for a model that fixes its batch at 1 (said on stderr), else
+    ``default``. Sets ``args.batch_size`` so every later use (and the run's record) sees the same value."""
+    if args.batch_size is None:
+        from ..data import fixed_batch
+
+        args.batch_size = default
+        if dataset is not None and fixed_batch(model, dataset) == 1:
+            args.batch_size = 1
+            print(f"quantlab {command}: note: {model.label} fixes its batch at 1: running one sample at a time",
+                  file=sys.stderr, flush=True)
+    return int(args.batch_size)
+
+
 def bound_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--bind`` values as ``load_model(bind=...)`` takes them."""
     return dict(getattr(args, "bind", None) or [])

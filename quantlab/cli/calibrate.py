@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import add_bind_option, add_command, add_progress_option, bound_inputs, path_arg, positive_int, prepare_output, text_arg
+from . import add_bind_option, add_command, add_progress_option, bound_inputs, path_arg, positive_int, prepare_output, resolve_batch_size, text_arg
 
 if TYPE_CHECKING:
     from ..calibrate import CalibrationResult
@@ -96,8 +96,9 @@ def register(subparsers: Any) -> None:
                         "point-mass rule); by default zeros are left out, the histograms smoothed and no spike may "
                         "be saturated (kept, the zeros after ReLU/ReLU6 pull the threshold far below the tail and "
                         "saturate 10-20 %% of the values)")
-    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                   help=f"samples per model run (default {DEFAULT_BATCH_SIZE}; does not change the ranges)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"samples per model run (default {DEFAULT_BATCH_SIZE}, 1 for a model that fixes its batch at "
+                        "1; does not change the ranges)")
     p.add_argument("--tensors", choices=TENSOR_SCOPES, default="all",
                    help="'all' float activations (default) or 'quantizable': without pre-activation tensors "
                         "TensorRT fuses away (about half the work on CNNs)")
@@ -212,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from ..calibrate import calibrate
-    from ..methods import resolve_methods
+    from ..methods import DEFAULT_BATCH_SIZE, resolve_methods
     from ..graph import load_model
     from ..quantize import prepare_rewrites
     from ..stats import scope_tensors
@@ -222,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     source = load_model(args.model, bind=bound_inputs(args))
     methods = list(resolve_methods(args.method))
     dataset = _load_dataset(args.calib) if args.calib else None
+    resolve_batch_size(args, source, dataset, DEFAULT_BATCH_SIZE, "calibrate")
     prepared = prepare_rewrites(source, dataset, equalize=args.equalize, smoothquant_alpha=args.smoothquant,
                                 batch_size=args.batch_size)
     model = prepared.model

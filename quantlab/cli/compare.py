@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_bind_option, add_command, add_progress_option, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, text_arg
+from . import add_bind_option, add_command, add_progress_option, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, resolve_batch_size, text_arg
 
 __all__ = ["HELP", "register", "run", "candidate_name", "owned_files", "check_label_metrics",
            "known_metrics"]
@@ -61,7 +61,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fail-if", type=text_arg, default=None, metavar="EXPR",
                    help='exit 1 when EXPR holds for a candidate, e.g. "top1_drop>0.5" or "cosine<0.999"')
     p.add_argument("--backend", choices=BACKEND_NAMES, default=d.backend, help=f"default {d.backend}")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"default {d.batch_size}, 1 for a model that fixes its batch at 1")
     p.add_argument("--max-samples", type=positive_int, default=None, help="first N samples only")
     p.add_argument("--no-per-layer", action="store_true", help="end to end only (fastest)")
     p.add_argument("--no-local", action="store_true", help="per layer: accumulated mode only")
@@ -233,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
     names = _names(list(args.candidates))
     candidates = {name: load_candidate(path, reference) for name, path in zip(names, args.candidates)}
     dataset = open_dataset(args.data)
+    resolve_batch_size(args, reference, dataset, CompareOptions.batch_size, "compare")
     if threshold is not None and args.metric is None:
         check_label_metrics(threshold, "--fail-if", args.data, dataset, args.labels is False)
         use_labels = bool(getattr(dataset, "has_labels", False)) and args.labels is not False

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_bind_option, add_command, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, text_arg
+from . import add_bind_option, add_command, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, resolve_batch_size, text_arg
 
 __all__ = ["HELP", "register", "run", "owned_files"]
 
@@ -56,7 +56,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
     p.add_argument("--fail-if", type=text_arg, default=None, metavar="EXPR",
                    help='exit 1 when EXPR holds (default "outside_samples_max>0.2"), e.g. "saturated_max>0.01"')
-    p.add_argument("--batch-size", type=positive_int, default=8, help="samples per model run (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="samples per model run (default 8, 1 for a model that fixes its batch at 1)")
     p.add_argument("--bootstrap", type=non_negative_int, default=400, help="bootstrap resamples (default 400)")
     p.add_argument("--confidence", type=confidence_level, default=0.95, help="interval confidence (default 0.95)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed (default 0)")
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     stats_path = args.stats if args.stats is not None else args.table.parent / "statistics.npz"
     calibration = load_statistics(stats_path)
     datasets = [open_dataset(p) for p in args.data]
+    resolve_batch_size(args, model, datasets[0] if datasets else None, CoverageOptions.batch_size, "coverage")
     options = CoverageOptions(batch_size=args.batch_size, resamples=args.bootstrap, confidence=args.confidence,
                               seed=args.seed, worst_samples=args.worst, gate=gate.text, backend=args.backend)
     print(f"quantlab coverage: {model.label}, table {args.table} ({table.method}), "

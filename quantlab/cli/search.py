@@ -29,7 +29,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from . import add_bind_option, add_command, add_progress_option, bound_inputs, non_negative_int, path_arg, positive_int, prepare_output, text_arg
+from . import add_bind_option, add_command, add_progress_option, bound_inputs, non_negative_int, path_arg, positive_int, prepare_output, resolve_batch_size, text_arg
 from .calibrate import alpha_arg
 
 if TYPE_CHECKING:
@@ -104,7 +104,9 @@ def register(subparsers: Any) -> None:
                         "`quantlab calibrate --equalize`); the search runs on the equalized FP32 model")
     p.add_argument("--smoothquant", type=alpha_arg, default=None, metavar="ALPHA",
                    help="with --calib: SmoothQuant (alpha in [0, 1]) for MatMul/Gemm inputs with outlier channels")
-    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, metavar="N")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                   help=f"samples per model run (default {defaults.batch_size}, 1 for a model that fixes its "
+                        "batch at 1)")
     p.add_argument("--latency", action="store_true",
                    help="measure every full validation's latency (always on with --objective latency)")
     p.add_argument("--metric", type=text_arg, default=None, metavar="MODULE:FUNCTION",
@@ -194,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         check_writable(args.workdir, label=f"--workdir {args.workdir}")
     model = load_model(args.model, bind=bound_inputs(args))
     val = open_dataset(args.data)
+    resolve_batch_size(args, model, val, SearchOptions.batch_size, "search")
     if args.metric is None:  # a threshold naming what no evaluation reports fails now, not after the first
         threshold = parse_threshold(args.threshold)
         check_label_metrics(threshold, "--threshold", args.data, val, False)
