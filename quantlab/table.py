@@ -121,8 +121,7 @@ def check_range(name: str, r: TensorRange, where: str = "calibration table") -> 
 
 
 def _warn_zero_ranges(ranges: Mapping[str, TensorRange], where: str, cache: bool = False) -> None:
-    """Warns of tensors with amax 0, except those whose other values were huge sentinels (an additive attention
-    mask of 0 and float32.min): the table's notes name those, and the writer refuses to quantize them."""
+    """Warns of amax 0, not for masks (other values huge: the notes name them, the writer refuses them)."""
     zero = [name for name, r in ranges.items() if r.amax == 0 and not (r.excluded or {}).get("huge")]
     shown = ", ".join(repr(n) for n in zero[:5]) + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
     why = ("TensorRT writes 0 for tensors it did not calibrate; quantlab for tensors that were all zero"

@@ -47,13 +47,14 @@ from onnx import helper, numpy_helper
 from ..backends import get_backend
 from ..data import DataSet
 from ..errors import QuantlabError
-from ..graph import LoadedModel, outer_names, with_outputs
+from ..graph import LoadedModel, outer_names
 from ..plan import ResolvedPlan, resolve_plan, uniform_plan
 from ..precision import INT8
 from ..table import CalibrationTable
 from .options import WriteOptions
 from .placement import Placement, Slot
 from .prepare import check_prepared_table, prepare_model
+from .input_means import InputMeans, fake_quantize, input_means
 from .qparams import QParams, weight_qparams
 
 __all__ = ["BiasCorrection", "measure_bias_correction", "apply_bias_correction", "fake_quantize"]
@@ -93,19 +94,6 @@ def correction_settings(options: WriteOptions) -> tuple[tuple[str, Any], ...]:
             ("reduce_range", options.reduce_range),
             ("equalization", None if options.equalization is None else options.equalization.describe()["clip"]),
             ("smoothquant", None if options.smoothquant is None else options.smoothquant.model_sha256))
-
-
-def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
-    """Q then DQ as ONNX defines them (per tensor): round half to even, saturate, float32."""
-    scale = np.float32(qp.scale)
-    zp = np.float32(int(qp.zero_point))
-    lo, hi = (-128, 127) if qp.zero_point.dtype == np.int8 else (0, 255)
-    q = np.round(np.asarray(x, dtype=np.float32) / scale)
-    q += zp
-    np.clip(q, lo, hi, out=q)
-    q -= zp
-    q *= scale
-    return q
 
 
 @dataclass(frozen=True)
@@ -181,69 +169,10 @@ def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> lis
     return out
 
 
-class _Means:
-    """E[x] and E[Q(x)] of one layer input: summed over the samples at one sample's shape while every
-    sample has one shape; from the first other shape on, per channel (axis 1 of the batch) over samples
-    and positions (the image sums so far reduced to channels once)."""
-
-    def __init__(self, channel_axis: int = 1) -> None:
-        self.sum: np.ndarray | None = None  # [C, ...] while one shape, [C] after
-        self.qsum: np.ndarray | None = None
-        self.samples = 0
-        self.channel_axis = channel_axis
-        self.one_shape = channel_axis == 1  # a MatMul's input (channels last) is reduced to channels at once
-        self.positions = 0  # samples x positions per channel
-
-    def add(self, x: np.ndarray, xq: np.ndarray) -> None:
-        if self.channel_axis != 1:
-            x, xq = np.moveaxis(x, self.channel_axis, 1), np.moveaxis(xq, self.channel_axis, 1)
-        if self.one_shape and self.sum is not None and self.sum.shape != x.shape[1:]:
-            spatial = tuple(range(1, self.sum.ndim))
-            self.sum, self.qsum, self.one_shape = self.sum.sum(axis=spatial), self.qsum.sum(axis=spatial), False
-        axes = (0,) if self.one_shape else (0, *range(2, x.ndim))
-        s, sq = x.sum(axis=axes, dtype=np.float64), xq.sum(axis=axes, dtype=np.float64)
-        self.sum, self.qsum = (s, sq) if self.sum is None else (self.sum + s, self.qsum + sq)
-        self.samples += x.shape[0]
-        self.positions += x.size // max(x.shape[1], 1) if x.ndim > 1 else x.size
-
-    def image(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(E[x], E[Q(x)]) at one sample's shape; None when the samples came in several shapes."""
-        if not self.one_shape or self.sum is None or self.qsum is None:
-            return None
-        return self.sum / self.samples, self.qsum / self.samples
-
-    def channels(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel (E[x], E[Q(x)]) over samples and positions (after samples of several shapes, or a MatMul's
-        input)."""
-        assert self.sum is not None and self.qsum is not None and not self.one_shape
-        return self.sum / self.positions, self.qsum / self.positions
-
-
 def _input_means(model: LoadedModel, layers: list[_Layer], dataset: DataSet, batch_size: int,
-                 max_samples: int | None) -> tuple[dict[tuple[str, int], _Means], int]:
-    """Per layer input and channel axis: its means over the samples (:class:`_Means`); the samples seen."""
-    inputs = set(model.input_names)
-    exposed = sorted({lay.x for lay in layers} - inputs)
-    runner = get_backend("ort").build(with_outputs(model.proto, exposed), outputs=exposed)
-    means = {(lay.x, lay.channel_axis): _Means(lay.channel_axis) for lay in layers}
-    quant = {key: lay.x_qp for lay in layers for key in [(lay.x, lay.channel_axis)]}
-    seen = 0
-    try:
-        for batch in dataset.batches(batch_size):
-            feeds = dict(batch.feeds)
-            take = len(batch) if max_samples is None else min(len(batch), max_samples - seen)
-            if take <= 0:
-                break
-            got = runner.run(feeds, exposed) if exposed else {}
-            for (name, axis), qp in quant.items():
-                x = np.asarray(feeds[name] if name in inputs else got[name])[:take]
-                means[name, axis].add(x, x if qp is None else fake_quantize(x, qp))
-            seen += take
-    finally:
-        runner.close()
-    if seen == 0:
-        raise QuantlabError("bias correction needs calibration samples; the data set is empty")
-    return means, seen
+                 max_samples: int | None) -> tuple[dict[tuple[str, int], InputMeans], int]:
+    return input_means(model, {(lay.x, lay.channel_axis): lay.x_qp for lay in layers}, dataset, batch_size,
+                       max_samples)
 
 
 def _dequantized_weight(w: np.ndarray, axis: int | None, options: WriteOptions) -> np.ndarray:
