@@ -940,3 +940,39 @@ def token_rnn(seed: int = 0, features: int = 6, width: int = 12, classes: int = 
              _init("w_out", rng.normal(0, 0.5, (width, classes)).astype(np.float32)),
              numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.array(True), "go")]
     return _model(nodes, inputs, outputs, inits, "token_rnn")
+
+
+def nms_detector(seed: int = 0, score_threshold: float = 0.5) -> onnx.ModelProto:
+    """A detector with its post-processing in the graph, exported at a fixed batch of 1 as such models are.
+
+    image[1, 3, 16, 16] -> Conv/Relu/Conv -> 16 anchors x (4 box coordinates, 1 score logit) -> Sigmoid ->
+    ``NonMaxSuppression`` (up to 10 boxes, IoU 0.5, scores above ``score_threshold``) -> kept_boxes[K, 4]
+    (Gather of the selected anchors) and scores[1, 1, 16]. K is decided by the data: with the threshold
+    near the median score, an INT8 model keeps a few boxes more or fewer than FP32.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", strides=[2, 2]),
+        helper.make_node("Reshape", ["c2", "anchor_shape"], ["flat"], name="flat"),
+        helper.make_node("Transpose", ["flat"], ["anchors"], name="anchors", perm=[0, 2, 1]),
+        helper.make_node("Split", ["anchors", "split"], ["boxes", "logit"], name="split", axis=2),
+        helper.make_node("Sigmoid", ["logit"], ["score"], name="sigmoid"),
+        helper.make_node("Transpose", ["score"], ["scores"], name="scores", perm=[0, 2, 1]),
+        helper.make_node("NonMaxSuppression", ["boxes", "scores", "max_boxes", "iou", "threshold"], ["selected"],
+                         name="nms"),
+        helper.make_node("Gather", ["selected", "two"], ["box_index"], name="box_index", axis=1),
+        helper.make_node("Squeeze", ["boxes", "zero"], ["boxes0"], name="first_image"),
+        helper.make_node("Gather", ["boxes0", "box_index"], ["kept_boxes"], name="keep", axis=0),
+    ]
+    inits = [_init("w1", rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)),
+             _init("w2", rng.normal(0, 0.3, (5, 8, 2, 2)).astype(np.float32)),
+             _init("anchor_shape", np.array([0, 5, -1], np.int64)), _init("split", np.array([4, 1], np.int64)),
+             _init("max_boxes", np.array([10], np.int64)), _init("iou", np.array([0.5], np.float32)),
+             _init("threshold", np.array([score_threshold], np.float32)), _init("zero", np.array([0], np.int64)),
+             numpy_helper.from_array(np.array(2, np.int64), "two")]
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])]
+    outputs = [helper.make_tensor_value_info("kept_boxes", TensorProto.FLOAT, ["K", 4]),
+               helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 16])]
+    return _model(nodes, inputs, outputs, inits, "nms_detector")

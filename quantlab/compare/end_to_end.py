@@ -59,18 +59,20 @@ class OutputStats:
     correct1: list[np.ndarray] = field(default_factory=list)
     correct5: list[np.ndarray] = field(default_factory=list)
     nonfinite: int = 0
+    mismatched: int = 0
+    """Samples whose output had another shape than the reference's (a size the data decides): left out."""
 
     def extend(self, later: OutputStats) -> None:
         """Appends the stats of the samples that follow (the next shard)."""
         for f in fields(self):
-            if f.name == "nonfinite":
-                self.nonfinite += later.nonfinite
+            if f.name in ("nonfinite", "mismatched"):
+                setattr(self, f.name, getattr(self, f.name) + getattr(later, f.name))
             else:
                 getattr(self, f.name).extend(getattr(later, f.name))
 
     def sums(self) -> ErrorSums:
-        """The batches' sums added in batch order, as a running sum would have."""
-        return functools.reduce(operator.add, self.batch_sums)
+        """The batches' sums added in batch order, as a running sum would have (zero sums when none)."""
+        return functools.reduce(operator.add, self.batch_sums) if self.batch_sums else ErrorSums()
 
 
 @dataclass
@@ -102,9 +104,12 @@ class EndToEnd:
 
     def __init__(self, candidates: Sequence[str], outputs: Sequence[str], labels: LabelUse,
                  metric: Callable[..., Any] | None, metric_spec: str | None,
-                 sample_axes: Mapping[str, int] | None = None) -> None:
+                 sample_axes: Mapping[str, int] | None = None, data_sized: frozenset[str] = frozenset()) -> None:
         self.candidates = list(candidates)
         self.outputs = list(outputs)
+        self.data_sized = data_sized  # outputs whose size the data decides (graph.samples.data_sized)
+        # a [K, 4] of kept boxes looks like a classifier of 4 classes over K samples: it is not one
+        self.classifiers = {o: n for o, n in labels.classifiers.items() if o not in data_sized}
         self.sample_axes = dict(sample_axes or {})
         self.labels = labels
         self.metric = metric
@@ -146,7 +151,7 @@ class EndToEnd:
         for o in self.outputs:
             r = ref_live[o]
             st = self.reference[o]
-            if o in self.labels.classifiers:
+            if o in self.classifiers:
                 top5 = topk(r.reshape(r.shape[0], -1), 5)
                 st.top1.append(top5[:, 0])
                 if labels is not None and o == self.labels.label_output:
@@ -159,12 +164,14 @@ class EndToEnd:
                        labels: np.ndarray | None) -> None:
         for o in self.outputs:
             r, c = ref_live[o], live[o]
+            if r.shape != c.shape and o in self.data_sized:
+                self._add_mismatch(self.stats[(name, o)], r.shape[0])
+                continue
             if r.shape != c.shape:
                 raise CompareError(f"candidate {name!r}: output {o!r} has shape {list(c.shape)}, the "
-                                   f"reference's has {list(r.shape)}. An output whose size the data decides "
-                                   "(boxes kept by NonMaxSuppression, a TopK over a threshold) cannot be compared "
-                                   "element by element: compare the model without its post-processing (its raw "
-                                   "boxes and scores as outputs)")
+                                   f"reference's has {list(r.shape)}, and nothing in the graph lets the data decide "
+                                   "its size (NonMaxSuppression, NonZero, Unique, Compress): the candidate does not "
+                                   "compute the same output")
             st = self.stats[(name, o)]
             s = error_sums(r, c)
             st.batch_sums.append(s)
@@ -173,13 +180,20 @@ class EndToEnd:
             st.cosine.append(rows["cosine"])
             st.sqnr.append(rows["sqnr_db"])
             st.max_abs.append(rows["max_abs"])
-            if o in self.labels.classifiers:
+            if o in self.classifiers:
                 scores = c.reshape(c.shape[0], -1)
                 top = topk(scores, 5 if labels is not None and o == self.labels.label_output else 1)
                 st.top1.append(top[:, 0])
                 if labels is not None and o == self.labels.label_output:
                     st.correct1.append(top[:, 0] == labels)
                     st.correct5.append((top == labels[:, None]).any(axis=1))
+
+    def _add_mismatch(self, st: OutputStats, samples: int) -> None:
+        """A batch whose output sizes differ (NMS kept other boxes): NaN rows keep the per-sample tables aligned,
+        the error sums leave it out, and its samples are counted."""
+        st.mismatched += samples
+        for column in (st.cosine, st.sqnr, st.max_abs):
+            column.append(np.full(samples, np.nan))
 
     def _add_user(self, name: str, batch: Batch, ref_live: Mapping[str, np.ndarray],
                   live: Mapping[str, np.ndarray]) -> None:
@@ -192,8 +206,12 @@ class EndToEnd:
                                                int(batch.indices[i]), str(batch.keys[i])))
 
     def reference_warnings(self) -> list[str]:
-        return [f"the reference itself gives {st.nonfinite} NaN/inf value(s) in output {o!r}; its figures are NaN"
-                for o, st in self.reference.items() if st.nonfinite]
+        out = [f"the reference itself gives {st.nonfinite} NaN/inf value(s) in output {o!r}; its figures are NaN"
+               for o, st in self.reference.items() if st.nonfinite]
+        out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps) has "
+                f"another shape than the reference's on {st.mismatched} of {len(self.keys)} sample(s); its figures "
+                "cover the others" for (name, o), st in self.stats.items() if st.mismatched]
+        return out
 
     def frames(self, options: CompareOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The end-to-end table (one row per candidate x output) and the per-sample table."""
@@ -208,7 +226,7 @@ class EndToEnd:
                 rows.append(row)
                 samples.append(pd.DataFrame(sample))
         columns_order = list(END_TO_END_COLUMNS)
-        if self.labels.classifiers:
+        if self.classifiers:
             columns_order += list(CLASSIFIER_COLUMNS)
         if self.labels.accuracy:
             columns_order += list(LABEL_COLUMNS)
@@ -231,22 +249,23 @@ class EndToEnd:
         st = self.stats[(name, o)]
         err = errors_from_sums(st.sums())
         cos = np.concatenate(st.cosine) if st.cosine else np.zeros(0)
+        kept = cos[~np.isnan(cos)] if st.mismatched else cos  # samples whose sizes differed are left out
         row: dict[str, Any] = {
             "candidate": name, "output": o, "samples": len(self.keys),
-            "cosine": float(cos.mean()) if cos.size else math.nan,
-            "cosine_min": float(cos.min()) if cos.size else math.nan,
+            "cosine": float(kept.mean()) if kept.size else math.nan,
+            "cosine_min": float(kept.min()) if kept.size else math.nan,
             "sqnr_db": err["sqnr_db"], "max_abs": err["max_abs"], "mean_abs": err["mean_abs"],
             "rel_l2": err["rel_l2"], "nan_count": int(st.nonfinite),
         }
-        columns: dict[str, np.ndarray] = {"cosine": cos}
+        columns: dict[str, np.ndarray] = {"cosine": kept}
         sample = {"candidate": name, "output": o, "sample": np.asarray(self.indices, dtype=np.int64),
                   "key": list(self.keys), "cosine": cos, "sqnr_db": np.concatenate(st.sqnr),
                   "max_abs": np.concatenate(st.max_abs)}
-        if o in self.labels.classifiers:
+        if o in self.classifiers:
             self._classifier(o, st, row, columns, sample)
         for k, v in user_cols.items():
             row[k] = float(np.nanmean(v)) if v.size and not np.isnan(v).all() else math.nan
-            columns[k] = v
+            columns[k] = v[~np.isnan(cos)] if st.mismatched else v  # paired with the kept samples
             sample[k] = v
         cis = bootstrap_ci(columns, resamples=options.bootstrap, confidence=options.confidence, seed=options.seed)
         for k, (lo, hi) in cis.items():
@@ -261,7 +280,7 @@ class EndToEnd:
         ct1 = np.concatenate(st.top1)
         agree = (rt1 == ct1).astype(np.float64) * 100.0
         columns["top1_agreement"] = agree
-        row["classes"] = self.labels.classifiers[o]
+        row["classes"] = self.classifiers[o]
         row["top1_agreement"] = float(agree.mean())
         sample.update(ref_top1_class=rt1, top1_class=ct1, top1_agree=agree > 0)
         if not (self.labels.accuracy and o == self.labels.label_output):
@@ -271,7 +290,7 @@ class EndToEnd:
         rc5 = np.concatenate(ref.correct5)
         cc5 = np.concatenate(st.correct5)
         columns.update(ref_top1=rc1 * 100.0, top1=cc1 * 100.0, top1_drop=(rc1 * 1.0 - cc1) * 100.0)
-        if self.labels.classifiers[o] > 5:
+        if self.classifiers[o] > 5:
             columns.update(ref_top5=rc5 * 100.0, top5=cc5 * 100.0, top5_drop=(rc5 * 1.0 - cc5) * 100.0)
         for k in ("ref_top1", "top1", "top1_drop", "ref_top5", "top5", "top5_drop"):
             row[k] = float(columns[k].mean()) if k in columns else math.nan

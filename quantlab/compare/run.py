@@ -27,6 +27,7 @@ from ..backends.ort import environment_options
 from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs
 from ..errors import CompareError
 from ..graph import LoadedModel
+from ..graph.samples import data_sized
 from ..metrics import ErrorAccumulator, ErrorSums, error_sums
 from ..sequence import SequenceData, with_carry
 from .alignment import plan_candidate
@@ -119,6 +120,7 @@ class Comparison:
         if not candidates:
             raise CompareError("no candidates to compare; give at least one")
         self.reference = reference
+        self.data_sized = frozenset(data_sized(reference))  # tensors whose size the data decides (NMS boxes)
         self.candidates = dict(candidates)
         self.dataset = dataset
         self.options = options
@@ -201,7 +203,8 @@ class Comparison:
 
     def _end_to_end(self) -> EndToEnd:
         return EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric,
-                        output_sample_axes(self.reference, getattr(self.dataset, "batch_axes", {})))
+                        output_sample_axes(self.reference, getattr(self.dataset, "batch_axes", {})),
+                        data_sized=self.data_sized)
 
     def tables(self, totals: PassTotals) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way)."""
@@ -256,6 +259,8 @@ class Comparison:
             carrier = p.carriers.get(x.tensor)
             if carrier is not None:
                 r, c = state.ref_live[x.tensor], live[carrier]
+                if r.shape != c.shape and x.tensor in self.data_sized:
+                    continue  # NMS kept other boxes: nothing to compare element by element in this batch
                 _check_shape(r, c, name, x.tensor, "accumulated")
                 state.sums[(name, "accumulated", x.tensor)] = error_sums(r, c)
 
@@ -263,6 +268,8 @@ class Comparison:
         got = model.run(state.ref_live)
         for tensor, value in got.items():
             r = state.ref_live[tensor]
+            if r.shape != value.shape and tensor in self.data_sized:
+                continue
             _check_shape(r, value, name, tensor, "local")
             state.sums[(name, "local", tensor)] = error_sums(r, value)
 

@@ -16,7 +16,7 @@ import numpy as np
 from .load import LoadedModel, tensor_specs
 from .topology import topological_nodes
 
-__all__ = ["batch_symbols", "carries_samples", "samples_on_axis0", "tensor_sample_axes"]
+__all__ = ["batch_symbols", "carries_samples", "data_sized", "samples_on_axis0", "tensor_sample_axes"]
 
 
 def batch_symbols(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> set[str]:
@@ -43,6 +43,21 @@ def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
             found = [k for k, d in enumerate(spec.shape or ()) if isinstance(d, str) and d in symbols] if spec else []
             axis = found[0] if found else 0
         out[name] = axis
+    return out
+
+
+_DATA_SIZED_OPS = frozenset({"NonMaxSuppression", "NonZero", "Unique", "Compress"})
+"""Ops whose output size the input values decide (the boxes NMS keeps, the indices NonZero finds)."""
+
+
+def data_sized(model: LoadedModel) -> set[str]:
+    """The tensors whose size the data decides: the outputs of :data:`_DATA_SIZED_OPS` and everything computed
+    from them (``Gather(boxes, NMS indices) -> [K, 4]``). Two correct models may disagree on their shapes (FP32
+    keeps 5 boxes, INT8 4); on any other tensor a different shape is a bug."""
+    out: set[str] = set()
+    for node in topological_nodes(model.proto):
+        if node.op_type in _DATA_SIZED_OPS or any(t in out for t in node.input if t):
+            out.update(o for o in node.output if o)
     return out
 
 
