@@ -661,6 +661,11 @@ def test_boxes_nms_keeps_may_differ_in_number_and_are_compared_where_they_agree(
     rows = result.end_to_end.set_index("output")
     assert np.isfinite(rows.loc["kept_boxes", "cosine"]) and rows.loc["scores", "cosine"] == 1.0
     assert "top1_agreement" not in rows.columns or math.isnan(rows.loc["kept_boxes", "top1_agreement"])
+    from quantlab.cli.compare import known_metrics
+    from quantlab.compare.labels import classifier_outputs
+
+    assert classifier_outputs(model) == {}  # [K, 4] boxes are not 4 classes: no top-1 threshold to set on them
+    assert "top1_agreement" not in known_metrics(model, False)
     same = [i for i, (a, b) in enumerate(counts) if a == b]
     per_sample = result.per_sample[result.per_sample["output"] == "kept_boxes"]
     assert per_sample["cosine"].isna().sum() == differ and (per_sample["cosine"].iloc[same] == 1.0).all()

@@ -160,11 +160,10 @@ def check_label_metrics(threshold: Any, flag: str, data: Path, dataset: Any, no_
 def known_metrics(reference: Any, use_labels: bool) -> set[str] | None:
     """The end-to-end columns a comparison of ``reference`` reports: what a threshold may name."""
     from ..compare import CLASSIFIER_COLUMNS, END_TO_END_COLUMNS, LABEL_COLUMNS
+    from ..compare.labels import classifier_outputs
 
     known = set(END_TO_END_COLUMNS) - {"candidate", "output"}
-    classifier = any(s.shape is not None and len(s.shape) == 2 and isinstance(s.shape[1], int) and s.shape[1] > 1
-                     for s in reference.outputs)
-    if classifier:
+    if classifier_outputs(reference):
         known |= set(CLASSIFIER_COLUMNS)
         if use_labels:
             known |= set(LABEL_COLUMNS)

@@ -108,8 +108,7 @@ class EndToEnd:
         self.candidates = list(candidates)
         self.outputs = list(outputs)
         self.data_sized = data_sized  # outputs whose size the data decides (graph.samples.data_sized)
-        # a [K, 4] of kept boxes looks like a classifier of 4 classes over K samples: it is not one
-        self.classifiers = {o: n for o, n in labels.classifiers.items() if o not in data_sized}
+        self.classifiers = dict(labels.classifiers)  # never a data-sized output (compare.labels)
         self.sample_axes = dict(sample_axes or {})
         self.labels = labels
         self.metric = metric

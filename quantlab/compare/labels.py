@@ -10,9 +10,10 @@ import numpy as np
 from ..data import Batch, DataSet
 from ..errors import CompareError
 from ..graph import LoadedModel
+from ..graph.samples import data_sized
 from .options import CompareOptions
 
-__all__ = ["LabelUse", "label_use"]
+__all__ = ["LabelUse", "classifier_outputs", "label_use"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,15 @@ class LabelUse:
             )
 
 
+def classifier_outputs(reference: LoadedModel) -> dict[str, int]:
+    """Output -> classes, for the outputs that score classes: ``[N, C]`` float with C > 1 fixed. Not an output
+    whose size the data decides: NMS's kept boxes ``[K, 4]`` are not 4 classes over K samples."""
+    sized = data_sized(reference)
+    return {spec.name: int(spec.shape[1]) for spec in reference.outputs
+            if spec.shape is not None and len(spec.shape) == 2 and isinstance(spec.shape[1], int)
+            and spec.shape[1] > 1 and spec.is_float and spec.name not in sized}
+
+
 def label_use(reference: LoadedModel, dataset: DataSet, options: CompareOptions,
               has_metric: bool) -> tuple[LabelUse, list[str]]:
     """How the comparison uses the set's labels, and a warning when they cannot give accuracy."""
@@ -51,11 +61,7 @@ def label_use(reference: LoadedModel, dataset: DataSet, options: CompareOptions,
         raise CompareError(f"labels were asked for but the validation set {getattr(ds, 'name', '')!r} has none; "
                            "add a [labels] table to its manifest (see calib_sets/README.md)")
     use_labels = has and opts.labels is not False
-    classifiers: dict[str, int] = {}
-    for spec in reference.outputs:
-        if spec.shape is not None and len(spec.shape) == 2 and isinstance(spec.shape[1], int) \
-                and spec.shape[1] > 1 and spec.is_float:
-            classifiers[spec.name] = int(spec.shape[1])
+    classifiers = classifier_outputs(reference)
     label_output: str | None = None
     integer = str(getattr(ds, "label_dtype", "") or "").startswith(("int", "uint"))
     if opts.label_output is not None:

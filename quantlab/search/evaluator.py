@@ -15,6 +15,7 @@ from ..compare import CompareOptions, compare
 from ..data import DataSet
 from ..errors import SearchError
 from ..graph import LoadedModel
+from ..graph.samples import data_sized
 from ..perf import measure_latency
 from ..plan import ResolvedPlan
 from ..quantize import BiasCorrection, WriteOptions, WrittenModel, write_model
@@ -246,6 +247,7 @@ def logit_margins(z: np.ndarray, cls: np.ndarray) -> np.ndarray:
 def _reference_pass(model: LoadedModel, dataset: DataSet, options: SearchOptions) -> _Reference | bool:
     """One FP32 pass: the first 2-D output with >= 2 classes (False when there is none)."""
     runner = get_backend(options.backend, **options.backend_options).build(model.proto)
+    sized = data_sized(model)  # NMS's kept boxes [K, 4] are not 4 classes
     name: str | None = None
     parts: list[np.ndarray] = []
     indices: list[int] = []
@@ -253,7 +255,8 @@ def _reference_pass(model: LoadedModel, dataset: DataSet, options: SearchOptions
         for batch in dataset.batches(options.batch_size):
             outs = runner.run(batch.feeds)
             if name is None:
-                name = next((k for k, v in outs.items() if np.ndim(v) == 2 and np.shape(v)[1] >= 2), None)
+                name = next((k for k, v in outs.items()
+                             if np.ndim(v) == 2 and np.shape(v)[1] >= 2 and k not in sized), None)
                 if name is None:
                     return False
             parts.append(np.asarray(outs[name], dtype=np.float64))
