@@ -26,6 +26,7 @@ from .topology import (
     initializer_map,
     outer_names,
     producer_map,
+    subgraph_reads,
     topological_nodes,
     topological_order,
     with_outputs,
@@ -35,4 +36,5 @@ __all__ = [
     "MIN_OPSET", "TensorSpec", "LoadedModel", "load_model", "model_from_proto", "serialize", "tensor_specs",
     "activation_names", "check_float_activations", "with_outputs", "topological_order", "topological_nodes",
     "producer_map", "consumer_map", "consumer_indices", "initializer_map", "default_opset", "outer_names",
+    "subgraph_reads",
 ]

@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .contrib_types import CONTRIB_OUTPUT_TYPES
-from .light import light_copy
+from .light import infer_light
 
 __all__ = ["typed_custom_outputs", "contrib_output_types"]
 
@@ -70,33 +70,24 @@ def contrib_output_types(node: onnx.NodeProto, types: dict[str, int]) -> dict[st
 
 def typed_custom_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` (shape-inferred) with types for the untyped outputs of non-ONNX-domain nodes, shape inference
-    run again after (on a light copy, module docstring); ``proto`` itself when there is nothing to type."""
+    run again after each round (on the weightless copy, module docstring); ``proto`` itself when there is
+    nothing to type."""
     custom = [n for n in proto.graph.node if n.domain not in _ONNX_DOMAINS]
     if not custom or all(o in _known_types(proto) for n in custom for o in n.output if o):
         return proto
-    light = light_copy(proto)
-    changed = False
+    typed = proto
     for _ in range(len(custom)):  # each round types the nodes whose inputs got a type in the last one
-        types = _known_types(light)
+        types = _known_types(typed)
         added = [helper.make_tensor_value_info(o, t, None) for node in custom
                  for o, t in contrib_output_types(node, types).items() if o not in types]
         if not added:
             break
-        changed = True
-        light.graph.value_info.extend(added)
+        if typed is proto:
+            typed = onnx.ModelProto()
+            typed.CopyFrom(proto)
+        typed.graph.value_info.extend(added)
         try:
-            light = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+            infer_light(typed, strict_mode=False, data_prop=True)
         except Exception:  # noqa: BLE001 - keep the added types without the downstream inference
             pass
-    if not changed:
-        return proto
-    typed = onnx.ModelProto()
-    typed.CopyFrom(proto)
-    inputs = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
-    del typed.graph.value_info[:]
-    typed.graph.value_info.extend(v for v in light.graph.value_info if v.name not in inputs)
-    outputs = {o.name: o for o in light.graph.output}
-    for o in typed.graph.output:
-        if not o.type.tensor_type.elem_type and o.name in outputs:
-            o.CopyFrom(outputs[o.name])
     return typed

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .topology import outer_names
+from .topology import subgraph_reads
 
 __all__ = ["fold_initializer_identities", "fold_initializer_views"]
 
@@ -57,12 +57,7 @@ def fold_initializer_identities(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def _kept_names(g: onnx.GraphProto) -> set[str]:
     """Graph outputs and the tensors subgraphs read by name: a copy under such a name stays a node."""
-    keep = {o.name for o in g.output}
-    for node in g.node:
-        for attr in node.attribute:
-            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                keep |= outer_names(body)
-    return keep
+    return {o.name for o in g.output} | subgraph_reads(g.node)
 
 
 def _is_widening_cast(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:

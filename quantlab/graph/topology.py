@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
-           "topological_nodes", "with_outputs", "outer_names"]
+           "topological_nodes", "with_outputs", "outer_names", "subgraph_reads"]
 
 
 def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -105,3 +105,13 @@ def outer_names(graph: onnx.GraphProto) -> set[str]:
                 used |= outer_names(body)
     used.update(o.name for o in graph.output)
     return used - defined
+
+
+def subgraph_reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Outer tensors that the If/Loop/Scan bodies of ``nodes`` read by name."""
+    reads: set[str] = set()
+    for node in nodes:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                reads |= outer_names(body)
+    return reads

@@ -21,6 +21,7 @@ Layout (arrows: who uses whom; nothing here imports compare/search/report/cli)::
        └─ options.py    WriteOptions, Target, DEFAULT_FP32_OPS
       bias_correction.py  BiasCorrection, measure_bias_correction: output mean shifts folded into biases
        └─ input_means.py   input_means, fake_quantize: E[x], E[Q(x)] of layer inputs in one FP32 pass
+      fp32_values.py  fp32_values: chosen tensors' FP32 values batch by batch (input means, SmoothQuant maxima)
       prepare.py      prepare_model: the float rewrites before calibration (equalization, then SmoothQuant)
        ├─ equalization.py  Equalization, equalize_model: cross-layer equalization of conv pairs
        └─ smoothquant.py   SmoothQuant, measure_smoothquant: outlier activation ranges moved into weights

@@ -47,7 +47,7 @@ from onnx import helper, numpy_helper
 from ..backends import get_backend
 from ..data import DataSet
 from ..errors import QuantlabError
-from ..graph import LoadedModel, outer_names
+from ..graph import LoadedModel, consumer_map, subgraph_reads
 from ..plan import ResolvedPlan, resolve_plan, uniform_plan
 from ..precision import INT8
 from ..table import CalibrationTable
@@ -110,21 +110,11 @@ class _Layer:
         return -1 if self.node.op_type == "MatMul" else 1
 
 
-def readers_of(nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
-    """Tensor -> the nodes of ``nodes`` that read it."""
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for n in nodes:
-        for t in dict.fromkeys(n.input):
-            if t:
-                out.setdefault(t, []).append(n)
-    return out
-
-
 def bias_add(readers: Mapping[str, list[onnx.NodeProto]], matmul: onnx.NodeProto,
              inits: Mapping[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, int] | None:
     """The Add that alone reads ``matmul``'s output and adds a constant bias of its N outputs (``[N]``, or ones
     then N); the Add and the index of the bias among its inputs. None when there is no such Add.
-    ``readers``: :func:`readers_of` the graph's nodes."""
+    ``readers``: the graph's consumer map (quantlab.graph.consumer_map)."""
     out = matmul.output[0]
     readers = readers.get(out, [])
     if len(readers) != 1 or readers[0].op_type != "Add" or len(readers[0].input) != 2:
@@ -145,7 +135,7 @@ def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> lis
     """The Conv/Gemm/MatMul anchors of INT8 groups whose weight is an initializer and whose data input is float
     (a MatMul also needs its bias Add: :func:`bias_add`)."""
     inits = {i.name: i for i in model.proto.graph.initializer}
-    readers = readers_of(placement.nodes)
+    readers = consumer_map(model.proto)
     out = []
     for group in plan.groups_at(INT8):
         idx = placement.index_of.get(group.name)
@@ -287,7 +277,7 @@ def apply_bias_correction(model: LoadedModel, plan: ResolvedPlan, correction: Bi
     applied = []
     replaced: set[str] = set()
     nodes = list(proto.graph.node)
-    readers = readers_of(nodes)
+    readers = consumer_map(proto)
     for node in nodes:
         shift = correction.shift(node.name) if node.name in int8 else None
         if shift is None:
@@ -326,8 +316,7 @@ def _drop_unread_initializers(proto: onnx.ModelProto, names: set[str]) -> None:
     """Removes the initializers in ``names`` nothing reads any more (the biases a corrected copy replaced): left in,
     ONNX Runtime warns of each one, and the written model carries them."""
     read = {t for n in proto.graph.node for t in n.input} | {o.name for o in proto.graph.output}
-    read |= {t for n in proto.graph.node for a in n.attribute
-             for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)) for t in outer_names(g)}
+    read |= subgraph_reads(proto.graph.node)
     keep = [i for i in proto.graph.initializer if i.name not in names or i.name in read]
     if len(keep) != len(proto.graph.initializer):
         del proto.graph.initializer[:]

@@ -14,10 +14,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..backends import get_backend
 from ..data import DataSet
-from ..errors import QuantlabError
-from ..graph import LoadedModel, with_outputs
+from ..graph import LoadedModel
+from .fp32_values import fp32_values
 from .qparams import QParams
 
 __all__ = ["InputMeans", "fake_quantize", "input_means"]
@@ -78,24 +77,12 @@ def input_means(model: LoadedModel, wanted: Mapping[tuple[str, int], QParams | N
                 batch_size: int, max_samples: int | None) -> tuple[dict[tuple[str, int], InputMeans], int]:
     """Per (tensor, channel axis) in ``wanted``: its means over the samples, with Q(x) fake-quantized by the
     tensor's quantization parameters (None: x itself); the samples seen. One FP32 pass on ONNX Runtime."""
-    inputs = set(model.input_names)
-    exposed = sorted({name for name, _ in wanted} - inputs)
-    runner = get_backend("ort").build(with_outputs(model.proto, exposed), outputs=exposed)
     means = {key: InputMeans(key[1]) for key in wanted}
     seen = 0
-    try:
-        for batch in dataset.batches(batch_size):
-            feeds = dict(batch.feeds)
-            take = len(batch) if max_samples is None else min(len(batch), max_samples - seen)
-            if take <= 0:
-                break
-            got = runner.run(feeds, exposed) if exposed else {}
-            for (name, axis), qp in wanted.items():
-                x = np.asarray(feeds[name] if name in inputs else got[name])[:take]
-                means[name, axis].add(x, x if qp is None else fake_quantize(x, qp))
-            seen += take
-    finally:
-        runner.close()
-    if seen == 0:
-        raise QuantlabError("bias correction needs calibration samples; the data set is empty")
+    for take, values in fp32_values(model, (name for name, _ in wanted), dataset, batch_size, max_samples,
+                                    purpose="bias correction"):
+        for (name, axis), qp in wanted.items():
+            x = values[name]
+            means[name, axis].add(x, x if qp is None else fake_quantize(x, qp))
+        seen += take
     return means, seen

@@ -37,12 +37,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..atomic import write_json
-from ..backends import get_backend
 from ..data import DataSet
 from ..errors import QuantlabError
 from ..fingerprint import sha256_bytes
-from ..graph import LoadedModel, serialize, with_outputs
+from ..graph import LoadedModel, serialize
 from ..graph.topology import consumer_map, initializer_map, producer_map
+from .fp32_values import fp32_values
 
 __all__ = ["SmoothQuant", "measure_smoothquant", "apply_smoothquant", "DEFAULT_OUTLIER_RATIO", "check_alpha",
            "save_smoothquant", "load_smoothquant", "SMOOTHQUANT_FORMAT"]
@@ -130,26 +130,13 @@ def _candidates(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
 def _channel_absmax(model: LoadedModel, tensors: list[str], dataset: DataSet, batch_size: int,
                     max_samples: int | None) -> tuple[dict[str, np.ndarray], int]:
     """max |x| per last-axis channel of each tensor over the samples (ONNX Runtime, batch by batch)."""
-    inputs = set(model.input_names)
-    exposed = [t for t in tensors if t not in inputs]
-    runner = get_backend("ort").build(with_outputs(model.proto, exposed), outputs=exposed)
     peaks: dict[str, np.ndarray] = {}
     seen = 0
-    try:
-        for batch in dataset.batches(batch_size):
-            take = len(batch) if max_samples is None else min(len(batch), max_samples - seen)
-            if take <= 0:
-                break
-            got = runner.run(dict(batch.feeds), exposed) if exposed else {}
-            for name in tensors:
-                x = np.asarray(batch.feeds[name] if name in inputs else got[name])[:take]
-                peak = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0).astype(np.float64)
-                peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
-            seen += take
-    finally:
-        runner.close()
-    if seen == 0:
-        raise QuantlabError("SmoothQuant needs calibration samples; the data set is empty")
+    for take, values in fp32_values(model, tensors, dataset, batch_size, max_samples, purpose="SmoothQuant"):
+        for name, x in values.items():
+            peak = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0).astype(np.float64)
+            peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
+        seen += take
     return peaks, seen
 
 

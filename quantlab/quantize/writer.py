@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 
 from ..controlflow import control_flow_notes
 from ..errors import PlanError
-from ..graph import LoadedModel, default_opset, outer_names, topological_order
+from ..graph import LoadedModel, default_opset, outer_names, subgraph_reads, topological_order
 from ..plan import FusionGroup, ResolvedPlan
 from ..precision import FP16
 from ..version import __version__
@@ -57,7 +57,7 @@ class Writer:
         self.node_map: dict[str, list[str]] = {}
         self.notes: list[str] = []
         self._kept: set[str] = set()  # initializers the written model keeps
-        self.subgraph_reads = _subgraph_reads(self.nodes)
+        self.subgraph_reads = frozenset(subgraph_reads(self.nodes))
 
     def run(self) -> onnx.ModelProto:
         for idx in topological_order(self.src):
@@ -244,13 +244,3 @@ class Writer:
             if name in self._kept:
                 return name
         return tensor
-
-
-def _subgraph_reads(nodes: list[onnx.NodeProto]) -> frozenset[str]:
-    """Outer tensors that If/Loop/Scan bodies of ``nodes`` read by name."""
-    reads: set[str] = set()
-    for node in nodes:
-        for attr in node.attribute:
-            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                reads |= outer_names(body)
-    return frozenset(reads)
