@@ -186,6 +186,23 @@ def test_fp16_is_closer_than_int8_and_thresholds_check_per_candidate(result):
         result.check("iou>0.5")
 
 
+
+def test_a_native_fp16_candidate_on_onnxruntime_is_flagged_as_overstated(setup, result):
+    """ORT's CPU provider computes a native float16 model's activations in float32: its figures are better than
+    float16's. The comparison says so (and how to measure float16), for a written model and for a bare .onnx;
+    the simulated write, which rounds every activation, measures lower and is not flagged."""
+    assert not [w for w in result.warnings if "float16" in w]  # the fixture's fp16 is the simulated write
+    native = write_model(setup["model"], uniform_plan("fp16"), None, WriteOptions())
+    bare = model_from_proto(native.proto, label="bare")
+    res = compare(setup["model"], {"native": native, "bare": bare, "simulated": setup["written"]["fp16"]},
+                  setup["val"], CompareOptions(batch_size=16, bootstrap=0, per_layer=False))
+    flagged = [w for w in res.warnings if "overstate FP16 accuracy" in w]
+    assert [w.split("'")[1] for w in flagged] == ["native", "bare"] and "--fp16-simulation" in flagged[0]
+    e2e = res.end_to_end.set_index("candidate")
+    assert e2e.loc["native", "sqnr_db"] > e2e.loc["simulated", "sqnr_db"] + 1
+    assert e2e.loc["simulated", "sqnr_db"] == result.end_to_end.set_index("candidate").loc["fp16", "sqnr_db"]
+
+
 # --------------------------------------------------------------------------- per layer
 
 

@@ -196,6 +196,30 @@ def test_run_writes_a_finished_report_and_reuses_stages(tmp_path: Path) -> None:
     again = run_experiment(cfg, reports_dir=tmp_path / "reports")
     assert all(s.reused for s in again.stages if s.name != "report")
     assert again.verdict == first.verdict
+    _fp16_is_measured_in_simulation(tmp_path, report, first.messages)
+
+
+def _fp16_is_measured_in_simulation(folder: Path, report: Path, messages: tuple[str, ...]) -> None:
+    """On ONNX Runtime the fp16 figures are the simulated write's (ORT's CPU provider would compute the native
+    model's activations in float32: 5-10 dB better here); the build folder keeps the native model."""
+    import pandas as pd
+
+    from quantlab.compare import CompareOptions, compare
+    from quantlab.data import open_dataset
+    from quantlab.experiment import load_written
+    from quantlab.graph import load_model
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    assert [m for m in messages if m.startswith("fp16: measured with every float16 tensor rounded")]
+    model = load_model(folder / "model.onnx")
+    native = load_written(report / "stages" / "build-fp16", model)
+    assert not native.options.fp16_simulation
+    simulated = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=True))
+    direct = compare(model, {"native": native, "simulated": simulated}, open_dataset(folder / "val.toml"),
+                     CompareOptions(per_layer=False, bootstrap=0)).end_to_end.set_index("candidate")["sqnr_db"]
+    run = pd.read_parquet(report / "stages" / "compare" / "end_to_end.parquet").set_index("candidate")["sqnr_db"]
+    assert run["fp16"] == direct["simulated"] and direct["native"] > direct["simulated"] + 1
 
 
 @needs_compare

@@ -12,14 +12,20 @@ if TYPE_CHECKING:
 
 __getattr__, __dir__ = lazy_exports(__name__, {"Backend": "base", "BackendInfo": "base", "Runner": "base"})
 
-__all__ = ["Backend", "BackendInfo", "Runner", "get_backend", "BACKEND_NAMES"]
+__all__ = ["Backend", "BackendInfo", "Runner", "get_backend", "is_onnxruntime", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("ort", "tensorrt", "tensorrt-rtx")
+_ORT_NAMES = ("ort", "onnxruntime")
+
+
+def is_onnxruntime(name: str) -> bool:
+    """Whether backend ``name`` is ONNX Runtime's CPU provider (``ort``, or its long name)."""
+    return name in _ORT_NAMES
 
 
 def get_backend(name: str = "ort", **options: Any) -> Backend:
     """The backend called ``name`` ('ort', 'tensorrt' or 'tensorrt-rtx')."""
-    if name in ("ort", "onnxruntime"):
+    if is_onnxruntime(name):
         from .ort import OrtBackend
 
         return OrtBackend(**options)

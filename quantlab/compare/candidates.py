@@ -15,15 +15,33 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from ..errors import CompareError, QuantlabError
 from ..fingerprint import sha256_bytes
 from ..graph import LoadedModel, load_model
+from ..precision import FP16
 from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
 from ..quantize import WriteOptions, WrittenModel, load_provenance
 
-__all__ = ["Candidate", "load_candidate"]
+__all__ = ["Candidate", "computes_in_float16", "load_candidate"]
 
 Candidate = WrittenModel | LoadedModel
+
+
+def computes_in_float16(candidate: Candidate) -> bool:
+    """Whether ``candidate`` computes in float16 natively: a written model with FP16 groups not written for
+    FP16 simulation, or any other model holding a float16 initializer or a Cast to float16.
+
+    ONNX Runtime's CPU provider runs most float16 ops in float32 (it inserts casts, then removes cast
+    pairs), so such a model's activations are not rounded there: its figures overstate FP16 accuracy.
+    """
+    if isinstance(candidate, WrittenModel):
+        return not candidate.options.fp16_simulation and bool(candidate.plan.groups_at(FP16))
+    graph = candidate.proto.graph
+    return (any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+            or any(n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16
+                                               for a in n.attribute) for n in graph.node))
 
 
 def load_candidate(path: str | Path, reference: LoadedModel) -> Candidate:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..backends import Backend, get_backend
+from ..backends import Backend, get_backend, is_onnxruntime
 from ..backends.ort import environment_options
 from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs
 from ..errors import CompareError
@@ -31,7 +31,7 @@ from ..graph.samples import data_sized
 from ..metrics import ErrorAccumulator, ErrorSums, error_sums
 from ..sequence import SequenceData, with_carry
 from .alignment import plan_candidate
-from .candidates import Candidate
+from .candidates import Candidate, computes_in_float16
 from .end_to_end import EndToEnd
 from .islands import LocalModel
 from .labels import label_use
@@ -92,7 +92,7 @@ def _backend(options: CompareOptions, workers: int) -> Backend:
     """The backend; with several workers on ONNX Runtime, each session gets ``cores / workers`` threads."""
     backend_options = dict(options.backend_options)
     forced_threads = environment_options()[1]  # QUANTLAB_ORT_THREADS wins over the split
-    if (workers > 1 and options.backend in ("ort", "onnxruntime") and "threads" not in backend_options
+    if (workers > 1 and is_onnxruntime(options.backend) and "threads" not in backend_options
             and not forced_threads):
         backend_options["threads"] = max(1, (os.cpu_count() or 1) // workers)
     try:
@@ -106,7 +106,7 @@ def _workers(options: CompareOptions) -> int:
     """``options.workers``, else 2 on ONNX Runtime with at least two cores, else 1."""
     if options.workers is not None:
         return options.workers
-    return 2 if options.backend in ("ort", "onnxruntime") and (os.cpu_count() or 1) >= 2 else 1
+    return 2 if is_onnxruntime(options.backend) and (os.cpu_count() or 1) >= 2 else 1
 
 
 class Comparison:
@@ -142,6 +142,12 @@ class Comparison:
             if p.written is None and options.per_layer:
                 self.warnings.append(f"candidate {p.name!r} has no provenance (not written by quantlab): "
                                      "end-to-end comparison only")
+        if is_onnxruntime(options.backend):
+            self.warnings.extend(
+                f"candidate {name!r} computes in float16, which ONNX Runtime's CPU provider runs mostly in float32 "
+                "(activations not rounded): its figures overstate FP16 accuracy; build it with `quantlab build "
+                "--fp16-simulation` to measure float16 rounding on ONNX Runtime"
+                for name, c in self.candidates.items() if computes_in_float16(c))
         self.do_acc = options.per_layer and options.accumulated
         self.do_local = options.per_layer and options.local
         self.chunks = chunks(per_group, options) if (self.do_acc or self.do_local) else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ from .stages import (
     experiment_candidates,
     load_frames,
     load_written,
+    measured_candidates,
+    simulated_candidates,
+    simulated_note,
     read_json,
     search_end_to_end,
     bias_correction_note,
@@ -124,7 +128,12 @@ class _Run:
         # with float rewrites the comparator's reference is the rewritten FP32 model (same outputs up to
         # rounding): the INT8 models' rescaled tensors exist only there
         reference = rewrites.model if rewrites is not None and rewrites.changed else model
-        frames, cmp_dir = self._compare(reference, written, build_keys, val, cal_dir)
+        simulated = simulated_candidates(written, config)
+        if simulated:
+            self.messages.append(simulated_note(simulated))
+        frames, cmp_dir = self._compare(
+            reference, lambda: measured_candidates(model, written, tables, config, rewrites), build_keys, val, cal_dir,
+            simulated)
         self.messages += list(read_json(cmp_dir / "compare.json").get("warnings", []))
         verdict, search_dir = self._verdict_and_search(model, val, tables, written, frames["end_to_end"], calib,
                                                        rewrites)
@@ -175,12 +184,15 @@ class _Run:
             written[cand.name] = load_written(rec.path, model)
         return written, build_keys
 
-    def _compare(self, model: LoadedModel, written: dict[str, WrittenModel], build_keys: dict[str, str],
-                 val: DataSet, cal_dir: Path) -> tuple[dict[str, Any], Path]:
+    def _compare(self, model: LoadedModel, written: Callable[[], dict[str, WrittenModel]],
+                 build_keys: dict[str, str], val: DataSet, cal_dir: Path,
+                 simulated: list[str]) -> tuple[dict[str, Any], Path]:
+        """The compare stage on the models ``written()`` gives (made only when the stage is not reused)."""
         key = {"stage": "compare", **self.common, "candidates": build_keys, "data": data_key(val),
-               "backend": self.config.backend, "seed": self.config.seed, **self._shapes_key()}
+               "backend": self.config.backend, "seed": self.config.seed, **self._shapes_key(),
+               **({"fp16_simulation": simulated} if simulated else {})}
         rec = run_stage(self.report_dir, "compare", key,
-                        lambda f: compare_stage(f, model, written, val, self.config, self.progress, cal_dir,
+                        lambda f: compare_stage(f, model, written(), val, self.config, self.progress, cal_dir,
                                                 self.shapes))
         self.stages.append(rec)
         return load_frames(rec.path, COMPARE_FRAMES), rec.path

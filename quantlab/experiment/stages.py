@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ import pandas as pd
 
 from ..atomic import write_json
 from ..calibrate import calibrate
-from ..compare import CompareOptions, compare, load_candidate
+from ..backends import is_onnxruntime
+from ..compare import CompareOptions, compare, computes_in_float16, load_candidate
 from ..data import DataSet, DataSummary
 from ..errors import ExperimentError
 from ..graph import LoadedModel
@@ -34,7 +35,7 @@ from ..threshold import parse_threshold
 from .spec import ExperimentConfig
 
 __all__ = ["Candidate", "experiment_candidates", "calibrate_stage", "build_stage", "compare_stage", "search_stage",
-           "engine_shapes_for", "stage_rewrites", "SMOOTHQUANT_FILE", "rewrite_note", "bias_correction_note",
+           "engine_shapes_for", "measured_candidates", "simulated_candidates", "simulated_note", "stage_rewrites", "SMOOTHQUANT_FILE", "rewrite_note", "bias_correction_note",
            "load_written", "load_frames", "read_json", "verdict_for", "best_candidate", "search_end_to_end",
            "COMPARE_FRAMES", "SEARCH_CANDIDATE"]
 
@@ -120,12 +121,45 @@ def bias_correction_note(settings: Mapping[str, Any]) -> str:
     return f"search: bias correction {bc if bc else 'off'}"
 
 
+def _write_options(config: ExperimentConfig, rewrites: PreparedModel | None) -> WriteOptions:
+    return rewrites.write_options(target=config.target) if rewrites is not None else WriteOptions(target=config.target)
+
+
 def build_stage(folder: Path, model: LoadedModel, candidate: Candidate, table: CalibrationTable | None,
                 config: ExperimentConfig, rewrites: PreparedModel | None = None) -> None:
-    options = (rewrites.write_options(target=config.target) if rewrites is not None
-               else WriteOptions(target=config.target))
-    written = write_model(model, uniform_plan(candidate.precision), table, options)
+    written = write_model(model, uniform_plan(candidate.precision), table, _write_options(config, rewrites))
     save_written(written, folder)
+
+
+def simulated_candidates(written: Mapping[str, WrittenModel], config: ExperimentConfig) -> list[str]:
+    """The candidates the compare stage measures in FP16 simulation (quantlab.quantize.WriteOptions): on ONNX
+    Runtime, those computing in float16, whose activations ORT's CPU provider would compute in float32,
+    overstating their accuracy (the search measures its candidates the same way)."""
+    if not is_onnxruntime(config.backend):
+        return []
+    return [n for n, w in written.items() if computes_in_float16(w)]
+
+
+def measured_candidates(model: LoadedModel, written: Mapping[str, WrittenModel],
+                        tables: Mapping[str, CalibrationTable], config: ExperimentConfig,
+                        rewrites: PreparedModel | None = None) -> dict[str, WrittenModel]:
+    """The models the compare stage runs: the built ones, those of :func:`simulated_candidates` written again
+    with FP16 simulation (the build folders keep the deployable, native float16 models)."""
+    out = dict(written)
+    simulated = set(simulated_candidates(written, config))
+    for cand in experiment_candidates(config):
+        if cand.name in simulated:
+            options = replace(_write_options(config, rewrites), fp16_simulation=True)
+            out[cand.name] = write_model(model, uniform_plan(cand.precision), tables[cand.method] if cand.method
+                                         else None, options)
+    return out
+
+
+def simulated_note(names: Sequence[str]) -> str:
+    """The report's note on the candidates measured in FP16 simulation."""
+    return (f"{', '.join(names)}: measured with every float16 tensor rounded in float32 kernels (FP16 simulation), "
+            "as ONNX Runtime's CPU provider computes float16 models mostly in float32, which would overstate their "
+            "accuracy; the models to deploy are the build folders' (native float16)")
 
 
 def load_written(folder: Path, model: LoadedModel) -> WrittenModel:

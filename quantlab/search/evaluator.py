@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..backends import Backend, get_backend
+from ..backends import Backend, get_backend, is_onnxruntime
 from ..compare import CompareOptions, compare
 from ..data import DataSet
 from ..errors import SearchError
@@ -125,7 +125,7 @@ class CompareEvaluator:
         logits on EfficientNet-Lite0), enough to flip the samples a top-1 threshold counts; and a
         suffix (:mod:`.suffix`) then computes exactly what its whole model computes. On TensorRT: the
         engine shapes (``SearchOptions.backend_options``)."""
-        exact = {"qdq_fusion": False} if self.options.backend in ("ort", "onnxruntime") else {}
+        exact = {"qdq_fusion": False} if is_onnxruntime(self.options.backend) else {}
         return {**self.options.backend_options, **exact}
 
     def _exact_backend(self) -> Backend:

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from ..backends import is_onnxruntime
 from ..errors import QuantlabError, SearchError
 from ..shapes import parse_shapes
 
@@ -67,7 +68,7 @@ class SearchOptions:
 
     @property
     def simulate_fp16(self) -> bool:
-        return self.backend in ("ort", "onnxruntime") if self.fp16_simulation is None else self.fp16_simulation
+        return is_onnxruntime(self.backend) if self.fp16_simulation is None else self.fp16_simulation
 
     @property
     def measure_latency(self) -> bool:
@@ -97,7 +98,7 @@ class SearchOptions:
             raise SearchError("search options: " + "; ".join(problems))
 
     def _shape_problems(self) -> list[str]:
-        if self.backend in ("ort", "onnxruntime"):
+        if is_onnxruntime(self.backend):
             return ["shapes set TensorRT optimisation profiles and ONNX Runtime runs any shape: drop them, or "
                     "search with backend 'tensorrt' / 'tensorrt-rtx'"]
         try:
