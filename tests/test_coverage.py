@@ -114,6 +114,39 @@ def test_same_distribution_false_alarm_rate(calibration):
     assert max(excess) < 0.05
 
 
+
+def test_outside_surprise_is_the_exact_chance_for_exchangeable_samples():
+    """C(m, k) / C(n + m, k): the chance that at least k of m new samples exceed the largest of n calibration
+    samples, whatever the distribution; checked against 40,000 simulated draws (exponential maxima)."""
+    from quantlab.coverage.gate import outside_surprise
+
+    n, m = 16, 12
+    rng = np.random.default_rng(0)
+    calib_max = rng.exponential(size=(40_000, n)).max(axis=1)
+    beyond = (rng.exponential(size=(40_000, m)) > calib_max[:, None]).sum(axis=1)
+    for k in (1, 2, 3, 4):
+        exact = 10 ** -outside_surprise(k, m, n, 1)
+        assert exact == pytest.approx(math.comb(m, k) / math.comb(n + m, k), rel=1e-12)
+        assert np.mean(beyond >= k) == pytest.approx(exact, rel=0.08, abs=2e-3)
+    assert outside_surprise(0, m, n, 50) == 0.0 and outside_surprise(3, m, n, 50) == 0.0  # 0.067 x 50: capped
+    assert outside_surprise(12, 12, 16, 50) > 5  # every new sample beyond: about 3e-8 x 50
+
+
+def test_small_sets_of_the_same_distribution_are_not_flagged_and_shifted_ones_are():
+    """16 calibration and 12 checked samples: the old default (outside_samples_max>0.2) flagged same-distribution
+    draws most of the time (3 of 12 beyond the calibration max happens with chance 0.067 in each tensor); the
+    default gate weighs the set sizes."""
+    small = calibrate(MODEL, from_arrays(draw(16, 0), name="calib"), ["entropy"])
+    alarms, old_alarms = [], []
+    for seed in range(10):
+        result = _check(small, draw(12, 200 + seed), seed=seed)
+        alarms.append(result.verdict()["fails"])
+        old_alarms.append(_gate(result, "outside_samples_max>0.2"))
+    assert sum(alarms) == 0 and sum(old_alarms) >= 3, (alarms, old_alarms)
+    shifted = _check(small, draw(12, 300, scale=1.6))
+    assert shifted.verdict()["fails"] and shifted.summary["outside_surprise_max"] > 2
+
+
 def test_bootstrap_interval_covers_the_point_and_narrows_with_samples(calibration):
     small = _check(calibration, draw(32, 5)).datasets[0].rows
     large = _check(calibration, draw(256, 5)).datasets[0].rows
@@ -297,6 +330,18 @@ def test_experiment_runs_coverage_and_reports_it(tmp_path):
     assert view["fails"] and [s["name"] for s in view["sets"]] == ["val", "night"]
     assert view["sets"][0]["flagged"] == 0 < view["sets"][1]["flagged"]
     assert view["worst_tensors"][0]["dataset"] == "night" and view["histograms"]
+    from quantlab.coverage import load_coverage
+    from quantlab.experiment import load_written
+    from quantlab.graph import load_model
+
+    stages = tmp_path / "reports" / "cov" / "stages"
+    written = load_written(stages / "build-int8-minmax", load_model(tmp_path / "model.onnx"))
+    quantized = {t for t, q in written.provenance.quantized_inputs.items() if q["kind"] == "activation"}
+    checked = {r["tensor"] for r in load_coverage(stages / "coverage" / "coverage").rows}
+    from quantlab.table import read_table
+
+    table = read_table(stages / "calibrate" / "table-minmax.json")
+    assert checked == quantized and checked < set(table.ranges)  # only what the INT8 candidate quantizes
     page = result.index_html.read_text()
     assert 'id="coverage"' in page and "Calibration coverage" in page and "night.npy[" in page
     again = run_experiment(load_experiment(tmp_path / "e.toml"), reports_dir=tmp_path / "reports")

@@ -14,9 +14,10 @@ Writes into --out (all or nothing): coverage.json (figures, verdict, worst sampl
 coverage_tensors.csv, and <set>/statistics.npz per data set: add a set to the calibration without running
 the model again with `quantlab calibrate MODEL --stats CALIB/statistics.npz --stats OUT/<set>/statistics.npz`.
 
---fail-if EXPR (default: outside_samples_max>0.2): exit 1 (verdict) when EXPR holds, e.g. "saturated_max>0.01",
+--fail-if EXPR (default: outside_surprise_max>2): exit 1 (verdict) when EXPR holds, e.g. "saturated_max>0.01",
 "outside_samples_max>0.05", "psi_ci_low_max>0.25". Metrics: saturated, saturated_calib, saturated_excess,
-saturated_samples, outside, outside_samples, psi, psi_ci_low, psi_ci_high, psi_noise, psi_excess,
+saturated_samples, outside, outside_samples, outside_surprise (-log10 of the chance that data of the calibration
+set's own distribution has that many samples beyond the calibration maximum in some tensor), psi, psi_ci_low, psi_ci_high, psi_noise, psi_excess,
 wasserstein, each also as <metric>_max (largest over tensors and sets). Nothing is written on errors.
 """
 
@@ -27,7 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_bind_option, add_command, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, resolve_batch_size, text_arg
+from ..coverage.gate import DEFAULT_GATE
+from . import add_bind_option, add_command, add_progress_option, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, resolve_batch_size, text_arg
 
 __all__ = ["HELP", "register", "run", "owned_files"]
 
@@ -55,7 +57,8 @@ def register(subparsers: Any) -> None:
                    help="data set manifest to check (repeat for several)")
     p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
     p.add_argument("--fail-if", type=text_arg, default=None, metavar="EXPR",
-                   help='exit 1 when EXPR holds (default "outside_samples_max>0.2"), e.g. "saturated_max>0.01"')
+                   help=f'exit 1 when EXPR holds (default "{DEFAULT_GATE}"), e.g. "saturated_max>0.01"')
+    add_progress_option(p)
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="samples per model run (default 8, 1 for a model that fixes its batch at 1)")
     p.add_argument("--bootstrap", type=non_negative_int, default=400, help="bootstrap resamples (default 400)")
@@ -139,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
           f"{len(datasets)} data set(s)", file=sys.stderr, flush=True)
     result = check_coverage(model, datasets, table, calibration, options=options,
                             calibration_summary=calibration_summary(args.table),
-                            calibration_source={"table": str(args.table), "statistics": str(stats_path)})
+                            calibration_source={"table": str(args.table), "statistics": str(stats_path)},
+                            progress=not args.no_progress)
     _print(result)
     paths = result.save(args.out)
     verdict = result.verdict()

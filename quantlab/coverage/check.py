@@ -17,10 +17,11 @@ import numpy as np
 from ..backends.base import Backend
 from ..errors import CalibrationError
 from ..graph import LoadedModel
-from ..stats import Statistics
+from ..stats import Statistics, batch_feeds, batch_size_of
 from ..table import CalibrationTable
 from .collect import PassResult, TensorTally, check_names, coverage_pass, pass_statistics, table_bins
 from .distance import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, psi_estimate, wasserstein_relative
+from .gate import outside_surprise
 from .result import CoverageResult, DataSetCoverage, parse_gate
 
 __all__ = ["CoverageOptions", "check_coverage", "coverage_of"]
@@ -37,11 +38,14 @@ class CoverageOptions:
     worst_samples: int = 10
     gate: str | None = None
     """Threshold that fails the check (None: :data:`quantlab.coverage.result.DEFAULT_GATE`)."""
+    tensors: tuple[str, ...] | None = None
+    """The table's tensors to check (None: all of them): ``quantlab run`` gives those its INT8 candidates
+    quantize, so the verdict and its advice name no tensor that stays float."""
     backend: str = "ort"
 
 
 def _row(name: str, tally: TensorTally, calib: Any, clipped: float, samples: int, calib_samples: int,
-         weights: np.ndarray | None, confidence: float) -> dict[str, Any]:
+         weights: np.ndarray | None, confidence: float, tensors: int) -> dict[str, Any]:
     total = tally.blocks.total()
     values = int(total.sum())
     b = tally.bins
@@ -57,6 +61,7 @@ def _row(name: str, tally: TensorTally, calib: Any, clipped: float, samples: int
         "absmax": fine.absmax, "saturated": saturated, "saturated_calib": clipped,
         "saturated_excess": saturated - clipped, "saturated_samples": tally.saturated_samples / samples,
         "outside": out / values if values else math.nan, "outside_samples": tally.outside_samples / samples,
+        "outside_surprise": outside_surprise(tally.outside_samples, samples, calib_samples, tensors),
         "psi": est.value, "psi_ci_low": est.ci_low, "psi_ci_high": est.ci_high, "psi_noise": est.noise,
         "psi_excess": excess, "wasserstein": wasserstein_relative(calib, fine, b.amax),
         "zeros": fine.zero_fraction, "calib_zeros": calib.zero_fraction,
@@ -67,7 +72,8 @@ def _rows(result: PassResult, table: CalibrationTable, calibration: Statistics,
           options: CoverageOptions) -> tuple[dict[str, Any], ...]:
     weights = _bootstrap_weights({tally.blocks.used().shape[0] for tally in result.tallies.values()}, options)
     return tuple(_row(t, tally, calibration.tensors[t], table.ranges[t].clipped_fraction, result.samples,
-                      calibration.samples, weights.get(tally.blocks.used().shape[0]), options.confidence)
+                      calibration.samples, weights.get(tally.blocks.used().shape[0]), options.confidence,
+                      len(result.tallies))
                  for t, tally in result.tallies.items())
 
 
@@ -98,19 +104,30 @@ def _notes(name: str, summary: Any, calibration_summary: Any) -> tuple[str, ...]
 
 def coverage_of(model: LoadedModel, dataset: Any, table: CalibrationTable, calibration: Statistics, *,
                 options: CoverageOptions = CoverageOptions(), backend: Backend | None = None,
-                calibration_summary: Any = None, name: str | None = None) -> DataSetCoverage:
-    """Coverage of one data set (a ``quantlab.data.DataSet``) by ``table`` calibrated on ``calibration``."""
+                calibration_summary: Any = None, name: str | None = None, progress: bool = False) -> DataSetCoverage:
+    """Coverage of one data set (a ``quantlab.data.DataSet``) by ``table`` calibrated on ``calibration``;
+    ``progress``: a bar over its samples."""
     from ..backends import get_backend
     from ..data import check_inputs
 
     check_inputs(dataset, model, batch_size=options.batch_size)
     bins = table_bins(table, calibration)
+    if options.tensors is not None:
+        chosen = set(options.tensors)
+        bins = {t: b for t, b in bins.items() if t in chosen}
     check_names(list(bins), model)
-    result = coverage_pass(model, dataset.batches(options.batch_size), bins,
-                           backend=backend if backend is not None else get_backend(options.backend),
-                           fine_bins=calibration.bins, huge_threshold=calibration.huge_threshold,
-                           worst_samples=options.worst_samples)
     label = name or getattr(dataset, "name", "data")
+    bar = _progress_bar(progress, dataset, label)
+    try:
+        result = coverage_pass(model, dataset.batches(options.batch_size), bins,
+                               backend=backend if backend is not None else get_backend(options.backend),
+                               fine_bins=calibration.bins, huge_threshold=calibration.huge_threshold,
+                               worst_samples=options.worst_samples,
+                               on_batch=(lambda item: bar.update(batch_size_of(item, batch_feeds(item))))
+                               if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     stats = pass_statistics(result, model.sha256, calibration.bins, calibration.huge_threshold,
                             backend.describe().as_dict() if backend is not None and hasattr(backend, "describe")
                             else {})
@@ -121,11 +138,21 @@ def coverage_of(model: LoadedModel, dataset: Any, table: CalibrationTable, calib
         notes=_notes(label, result.summary, calibration_summary))
 
 
+def _progress_bar(progress: bool, dataset: Any, label: str) -> Any:
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    return tqdm(total=total, desc=f"coverage {label}", unit="sample", dynamic_ncols=True, leave=True)
+
+
 def check_coverage(model: LoadedModel, datasets: Sequence[Any], table: CalibrationTable, calibration: Statistics, *,
                    options: CoverageOptions = CoverageOptions(), backend: Backend | None = None,
                    calibration_summary: Any = None, calibration_source: Mapping[str, Any] | None = None,
-                   ) -> CoverageResult:
-    """Coverage of every data set in ``datasets``, with the gate's threshold checked before any work."""
+                   progress: bool = False) -> CoverageResult:
+    """Coverage of every data set in ``datasets``, with the gate's threshold checked before any work;
+    ``progress``: a bar per data set."""
     parse_gate(options.gate)
     if table.model_sha256 and table.model_sha256 != model.sha256:
         raise CalibrationError(f"the calibration table was made for another model (sha256 {table.model_sha256[:12]}, "
@@ -141,7 +168,7 @@ def check_coverage(model: LoadedModel, datasets: Sequence[Any], table: Calibrati
             label, k = f"{base}#{k}", k + 1
         names.append(label)
         sets.append(coverage_of(model, dataset, table, calibration, options=options, backend=backend,
-                                calibration_summary=calibration_summary, name=label))
+                                calibration_summary=calibration_summary, name=label, progress=progress))
     from .result import DEFAULT_GATE
 
     calib = {**dict(calibration_source or {}), "samples": calibration.samples}

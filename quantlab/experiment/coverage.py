@@ -15,13 +15,14 @@ from typing import Any
 from ..coverage import CoverageOptions, check_coverage, load_coverage
 from ..data import DataSet, DataSummary, open_dataset
 from ..graph import LoadedModel
+from ..quantize import WrittenModel
 from ..report.coverage import coverage_view
 from ..stats import load_statistics
 from ..table import CalibrationTable
 from .spec import ExperimentConfig
 from .store import StageRecord, data_key, run_stage
 
-__all__ = ["coverage_method", "coverage_stage", "run_coverage"]
+__all__ = ["coverage_method", "coverage_stage", "quantized_tensors", "run_coverage"]
 
 
 def coverage_method(config: ExperimentConfig) -> str:
@@ -29,29 +30,43 @@ def coverage_method(config: ExperimentConfig) -> str:
     return config.int8[0] if config.int8 else config.calibrators[0]
 
 
+def quantized_tensors(written: Mapping[str, WrittenModel]) -> list[str] | None:
+    """The activation tensors some INT8 candidate quantizes (the coverage check's tensors), in first-seen order;
+    None when no candidate quantizes any (FP16 only: every tensor of the table is checked)."""
+    names = [t for w in written.values() for t, q in w.provenance.quantized_inputs.items()
+             if q.get("kind") == "activation"]
+    return list(dict.fromkeys(names)) or None
+
+
 def coverage_stage(folder: Path, model: LoadedModel, datasets: Sequence[DataSet], table: CalibrationTable,
-                   cal_dir: Path, config: ExperimentConfig) -> None:
+                   cal_dir: Path, config: ExperimentConfig, progress: bool = False,
+                   tensors: Sequence[str] | None = None) -> None:
     import json
 
     summary = DataSummary.from_dict(json.loads((cal_dir / "data_summary.json").read_text(encoding="utf-8")))
     result = check_coverage(model, datasets, table, load_statistics(cal_dir / "statistics.npz"),
                             options=CoverageOptions(gate=config.coverage_gate, seed=config.seed,
+                                                    tensors=tuple(tensors) if tensors is not None else None,
                                                     **config.batch_size_option()),
                             calibration_summary=summary,
-                            calibration_source={"manifest": str(config.calibration), "method": table.method})
+                            calibration_source={"manifest": str(config.calibration), "method": table.method},
+                            progress=progress)
     result.save(folder / "coverage")
 
 
 def run_coverage(report_dir: Path, model: LoadedModel, config: ExperimentConfig, val: DataSet,
                  tables: Mapping[str, CalibrationTable], cal_dir: Path, common: Mapping[str, Any],
-                 calib_key: str) -> tuple[StageRecord, dict[str, Any], str]:
+                 calib_key: str, progress: bool = False,
+                 tensors: Sequence[str] | None = None) -> tuple[StageRecord, dict[str, Any], str]:
     """Run (or reuse) the stage; its record, the report's view of it, and a one-line message."""
     method = coverage_method(config)
     datasets = [val, *(open_dataset(p) for p in config.coverage_sets)]
     key = {"stage": "coverage", **common, "table": calib_key, "method": method, "gate": config.coverage_gate,
-           "data": [data_key(d) for d in datasets], "seed": config.seed}
+           "data": [data_key(d) for d in datasets], "seed": config.seed,
+           **({"tensors": sorted(tensors)} if tensors is not None else {})}
     rec = run_stage(report_dir, "coverage", key,
-                    lambda f: coverage_stage(f, model, datasets, tables[method], cal_dir, config))
+                    lambda f: coverage_stage(f, model, datasets, tables[method], cal_dir, config, progress,
+                                             tensors))
     result = load_coverage(rec.path / "coverage")
     view = coverage_view(result, load_statistics(cal_dir / "statistics.npz"))
     verdict = result.verdict()

@@ -17,7 +17,7 @@ from ..quantize import PreparedModel, WrittenModel
 from ..report import Verdict, save_report_inputs, write_report
 from ..table import CalibrationTable, read_table
 from ..zoo import zoo_model_path
-from .coverage import run_coverage
+from .coverage import quantized_tensors, run_coverage
 from .report_inputs import assemble_report_inputs
 from .spec import ExperimentConfig
 from .stages import (
@@ -140,7 +140,8 @@ class _Run:
         coverage = None
         if config.coverage:
             rec, coverage, message = run_coverage(self.report_dir, reference, config, val, tables, cal_dir, self.common,
-                                                  self.stages[0].key_sha256)
+                                                  self.stages[0].key_sha256, self.progress,
+                                                  quantized_tensors(written))
             self.stages.append(rec)
             self.messages.append(message)
         t0 = time.perf_counter()

@@ -29,7 +29,7 @@ COVERAGE_TENSORS_SHOWN = 4
 """Tensors drawn with overlaid histograms (the table lists up to 12)."""
 
 _ROW_COLUMNS = ("dataset", "tensor", "psi", "psi_ci_low", "psi_ci_high", "psi_noise", "saturated", "saturated_calib",
-                "saturated_samples", "outside_samples", "outside", "wasserstein")
+                "saturated_samples", "outside_samples", "outside_surprise", "outside", "wasserstein")
 
 
 _SAMPLE_COLUMNS = ("key", "worst_tensor", "saturated_excess", "tensors_saturated", "tensors_outside")
@@ -140,7 +140,9 @@ def coverage_section(view: Mapping[str, Any] | None) -> str:
         "<p>One FP32 pass over each data set, binned against the calibration table: <code>saturated</code> is the "
         "share of values above amax (<code>saturated_calib</code>: the same on the calibration set), "
         "<code>saturated_samples</code> / <code>outside_samples</code> the share of samples with any value above "
-        "amax / above anything calibration saw; <code>psi</code> the population stability index of |x| against "
+        "amax / above anything calibration saw (<code>outside_surprise</code>: how unlikely that many such samples "
+        "are for data of the calibration set's own distribution, -log10 of the chance over all tensors checked: 2 is "
+        "one in a hundred); <code>psi</code> the population stability index of |x| against "
         "the calibration set (bracketed: block-bootstrap interval; <code>psi_noise</code>: what two sets of these "
         "sizes from one distribution would show; above 0.25 is a different population).</p>"
         f"{img(plot, 'calibration vs data |x| histograms with the calibrated range')}"
