@@ -34,7 +34,7 @@ def computes_in_float16(candidate: Candidate) -> bool:
     FP16 simulation, or any other model holding a float16 initializer or a Cast to float16.
 
     ONNX Runtime's CPU provider runs most float16 ops in float32 (it inserts casts, then removes cast
-    pairs), so such a model's activations are not rounded there: its figures overstate FP16 accuracy.
+    pairs), so such a model's activations are not rounded there: its figures do not measure FP16 accuracy.
     """
     if isinstance(candidate, WrittenModel):
         return not candidate.options.fp16_simulation and bool(candidate.plan.groups_at(FP16))

@@ -39,6 +39,7 @@ from ..errors import CompareError
 from ..graph import topological_order
 from ..plan import FusionGroup
 from ..quantize import Provenance, WrittenModel
+from ..quantize.tensors import FP16_MAX
 from .layers import Layer, ReferenceGraph
 from .submodel import build_runner, has_subgraph, node_reads, submodel, typed_specs
 
@@ -54,6 +55,7 @@ class Island:
     nodes: tuple[int, ...]                      # indices into the written graph's nodes
     boundary: tuple[str, ...]                   # written (= original) tensors fed from the reference
     outputs: tuple[tuple[str, str], ...]        # (reference tensor, written carrier)
+    float16: bool = False                       # an FP16 group: fed reference values saturated at +-65504
 
 
 def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: Sequence[Layer],
@@ -102,7 +104,8 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
                          "the rewritten FP32 model for its local error")
             continue
         order = sorted(members, key=position.__getitem__)
-        out[g.name] = Island(index=gi, group=g.name, nodes=tuple(order), boundary=tuple(boundary), outputs=outputs)
+        out[g.name] = Island(index=gi, group=g.name, nodes=tuple(order), boundary=tuple(boundary), outputs=outputs,
+                             float16=precision.get(g.name) == "fp16")
     return out, notes
 
 
@@ -155,7 +158,8 @@ class LocalModel:
         self.runner = build_runner(backend, sub, [], self.label)
 
     def _add(self, island: Island) -> None:
-        """The island's nodes, renamed ``local/<index>/...``, reading ``ref/<tensor>`` at its boundary."""
+        """The island's nodes, renamed ``local/<index>/...``, reading ``ref/<tensor>`` at its boundary (an FP16
+        group ``ref16/<tensor>``: the reference value saturated at +-65504, see :func:`_as_island_input`)."""
         w_nodes = self._proto.graph.node
         prefix = f"local/{island.index}/"
         names: dict[str, str] = {}   # written tensor made in this island -> its name here
@@ -165,8 +169,9 @@ class LocalModel:
                 return t
             if t in names:
                 return names[t]
-            self._inputs["ref/" + t] = t
-            return "ref/" + t
+            feed = ("ref16/" if island.float16 else "ref/") + t
+            self._inputs[feed] = t
+            return feed
 
         for i in island.nodes:
             src = w_nodes[i]
@@ -201,13 +206,20 @@ class LocalModel:
     def run(self, ref_live: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {}
         for name, t, dtype in self.inputs:
-            v = ref_live[t]
-            if v.dtype != np.dtype(dtype):
-                with np.errstate(over="ignore"):  # e.g. a float32.min mask becomes -inf in float16, as written
-                    v = v.astype(dtype)
-            feeds[name] = v
+            feeds[name] = _as_island_input(ref_live[t], np.dtype(dtype), name.startswith("ref16/"))
         got = self.runner.run(feeds, [o for o, _ in self.outputs])
         return {t: got[o] for o, t in self.outputs}
 
     def close(self) -> None:
         self.runner.close()
+
+
+def _as_island_input(value: np.ndarray, dtype: np.dtype, into_float16: bool = False) -> np.ndarray:
+    """A reference value in the dtype an island reads; for an FP16 group (``into_float16``, float32 in FP16
+    simulation) or into float16, saturated at +-65504 as the written model's float16 constants are
+    (quantlab.quantize.casts): a torch mask ``(1 - m) * finfo(float32).min`` is -65504 in the FP16 candidate,
+    where the reference's -3.4e38 made every island reading it overflow to -inf and look like the first layer
+    to give NaN."""
+    if value.dtype.kind == "f" and (dtype == np.float16 or into_float16):
+        value = np.clip(value, -FP16_MAX, FP16_MAX)
+    return value if value.dtype == dtype else value.astype(dtype)

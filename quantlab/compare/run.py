@@ -145,8 +145,9 @@ class Comparison:
         if is_onnxruntime(options.backend):
             self.warnings.extend(
                 f"candidate {name!r} computes in float16, which ONNX Runtime's CPU provider runs mostly in float32 "
-                "(activations not rounded): its figures overstate FP16 accuracy; build it with `quantlab build "
-                "--fp16-simulation` to measure float16 rounding on ONNX Runtime"
+                "(activations not rounded, where float16 would round them): its figures do not measure FP16 "
+                "accuracy (usually better, sometimes worse); build it with `quantlab build --fp16-simulation` to "
+                "measure float16 rounding on ONNX Runtime"
                 for name, c in self.candidates.items() if computes_in_float16(c))
         self.do_acc = options.per_layer and options.accumulated
         self.do_local = options.per_layer and options.local

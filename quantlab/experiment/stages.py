@@ -158,7 +158,7 @@ def measured_candidates(model: LoadedModel, written: Mapping[str, WrittenModel],
 def simulated_note(names: Sequence[str]) -> str:
     """The report's note on the candidates measured in FP16 simulation."""
     return (f"{', '.join(names)}: measured with every float16 tensor rounded in float32 kernels (FP16 simulation), "
-            "as ONNX Runtime's CPU provider computes float16 models mostly in float32, which would overstate their "
+            "as ONNX Runtime's CPU provider computes float16 models mostly in float32, which would misstate their "
             "accuracy; the models to deploy are the build folders' (native float16)")
 
 
