@@ -15,9 +15,11 @@ running sums and a max, never the activations. The kernel is one numba pass over
 data with float64 accumulators (products of two float32 are exact in float64), plus a
 second pass for the max. Non-finite values are counted only when a sum comes out
 non-finite, so clean tensors pay nothing for the check. Elements where the reference is
-not finite (an attention mask's -inf, which the candidate may hold as -inf too, or as
+not finite or huge (``|x| >= 1e30``, quantlab.methods.DEFAULT_HUGE_THRESHOLD: an attention
+mask's -inf or ``finfo(float32).min``, which the candidate may hold as -inf too, or as
 float16's -65504) are left out of every figure and counted in ``ref_nonfinite``: one
--inf would make every sum inf. ``nonfinite`` counts the candidate's NaN/inf where the
+-inf would make every sum inf, one -3.4e38 every cosine 1 and SQNR 0 dB, as calibration
+leaves them out of the ranges. ``nonfinite`` counts the candidate's NaN/inf where the
 reference is finite: what the candidate broke.
 
 Statistics on samples (end to end): :func:`topk` from logits, :func:`bootstrap_ci`
@@ -35,6 +37,8 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+
+from .methods import DEFAULT_HUGE_THRESHOLD
 
 __all__ = [
     "ErrorAccumulator",
@@ -116,7 +120,7 @@ class ErrorSums:
     """Sufficient statistics of the error between two tensors (float64 sums over ``n`` elements).
 
     ``nonfinite`` counts the candidate's NaN/inf where the reference is finite; ``ref_nonfinite`` the
-    reference's NaN/inf, which ``n`` and the sums leave out (see the module docstring).
+    reference's NaN/inf and huge values (masks), which ``n`` and the sums leave out (see the module docstring).
     """
 
     n: int = 0
@@ -152,9 +156,13 @@ def _nanmax(a: float, b: float) -> float:
     return max(a, b)
 
 
+_HUGE_SQUARED = DEFAULT_HUGE_THRESHOLD**2
+"""Σ r² reaches this whenever one |r| is huge (and, rarely, when many values near it are: then none is left out)."""
+
+
 def _where_reference_is_finite(r: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """``r``, ``c`` (1-D) at the elements where ``r`` is finite, and how many were left out."""
-    keep = np.isfinite(r)
+    """``r``, ``c`` (1-D) at the elements where ``r`` is finite and not huge, and how many were left out."""
+    keep = np.abs(r) < DEFAULT_HUGE_THRESHOLD  # False for NaN and +-inf too
     left_out = int(r.size - np.count_nonzero(keep))
     return (r, c, 0) if left_out == 0 else (r[keep], c[keep], left_out)
 
@@ -169,7 +177,7 @@ def error_sums(reference: np.ndarray, candidate: np.ndarray) -> ErrorSums:
         return ErrorSums()
     srr, scc, src, sdd, sad = _sums_kernel(r, c)
     ref_bad = 0
-    if not math.isfinite(srr):  # the reference holds NaN/inf: the figures cover its finite elements
+    if not srr < _HUGE_SQUARED:  # the reference may hold NaN/inf or a huge mask: the figures cover the rest
         r, c, ref_bad = _where_reference_is_finite(r, c)
         srr, scc, src, sdd, sad = _sums_kernel(r, c) if r.size else (0.0, 0.0, 0.0, 0.0, 0.0)
     bad = 0
@@ -264,7 +272,7 @@ def per_sample_sums(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         _row_sums_kernel(r2, c2, out)
         with np.errstate(invalid="ignore"):
             out[:, 5] = np.abs(c2 - r2).max(axis=1)
-        for k in np.flatnonzero(~np.isfinite(out[:, 0])):  # rows whose reference holds NaN/inf
+        for k in np.flatnonzero(~(out[:, 0] < _HUGE_SQUARED)):  # rows whose reference may hold NaN/inf or a mask
             rk, ck, _ = _where_reference_is_finite(r2[k], c2[k])
             out[k] = 0.0
             if rk.size:

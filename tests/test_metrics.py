@@ -216,3 +216,27 @@ def test_where_the_reference_is_not_finite_the_figures_leave_it_out():
     c[2, 0] = np.inf   # where the reference is finite: counted
     assert error_sums(r, c).nonfinite == 1 and errors_from_sums(error_sums(r, c))["nan_count"] == 1
     assert error_sums(np.full(4, -np.inf, np.float32), np.zeros(4, np.float32)).n == 0
+
+
+def test_a_huge_finite_mask_in_the_reference_is_left_out_like_inf():
+    """HF/T5 masks are (1 - m) * finfo(float32).min: finite, so they stayed in the sums and every masked tensor
+    of an FP16 candidate (holding -65504) read cosine 1.0, SQNR 0 dB, max_abs 3.4e38: the worst layer of the
+    report. Values with |x| >= 1e30 (calibration's sentinel threshold) are left out as -inf is."""
+    from quantlab.metrics import error_sums, errors_from_sums, per_sample_sums
+
+    rng = np.random.default_rng(1)
+    r = rng.normal(size=(4, 50)).astype(np.float32)
+    c = (r + rng.normal(0, 0.01, r.shape)).astype(np.float32)
+    clean = errors_from_sums(error_sums(r[:, :40], c[:, :40]))
+    r[:, 40:] = np.finfo(np.float32).min
+    c[:, 40:] = -65504.0
+    masked = error_sums(r, c)
+    assert masked.n == 160 and masked.ref_nonfinite == 40
+    got = errors_from_sums(masked)
+    for k in ("cosine", "sqnr_db", "max_abs", "rel_l2"):
+        assert math.isclose(got[k], clean[k], rel_tol=1e-12), k
+    assert got["sqnr_db"] > 30
+    rows = per_sample_sums(r, c)
+    np.testing.assert_allclose(rows, per_sample_sums(r[:, :40], c[:, :40]), rtol=1e-12)
+    big = np.full(8, 1e29, np.float32)  # large but below the threshold: kept
+    assert error_sums(big, big).n == 8 and error_sums(big, big).ref_nonfinite == 0
