@@ -526,3 +526,76 @@ def test_transposed_and_reshaped_weights_are_weights_after_loading():
     written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
     dq = next(n for n in written.proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "wt/int8")
     assert any(a.name == "axis" and a.i == 1 for a in dq.attribute)  # per output channel of the [in, out] weight
+
+
+def _weight_norm_conv() -> "onnx.ModelProto":
+    """wav2vec2's positional conv as torch exports it without constant folding: W = g * v / ||v|| (per output
+    channel), computed at every run; a GroupNorm-style bias Unsqueeze(b, Constant axes) read by an Add; and a
+    scale computed from the graph input, which is not a constant."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    v = (rng.normal(0, 0.3, (8, 4, 3)) * np.exp(rng.uniform(-1.5, 1.5, (8, 1, 1)))).astype(np.float32)
+    g = np.abs(rng.normal(1.0, 0.5, (8, 1, 1))).astype(np.float32)
+    axes = numpy_helper.from_array(np.array([1], np.int64))
+    nodes = [helper.make_node("ReduceL2", ["v", "norm_axes"], ["norm"], name="norm", keepdims=1),
+             helper.make_node("Div", ["g", "norm"], ["ratio"], name="ratio"),
+             helper.make_node("Mul", ["v", "ratio"], ["w"], name="scale_w"),
+             helper.make_node("Conv", ["x", "w", "b"], ["c"], name="pos_conv", pads=[1, 1]),
+             helper.make_node("Constant", [], ["one_axis"], name="one_axis", value=axes),
+             helper.make_node("Unsqueeze", ["shift", "one_axis"], ["shift_col"], name="unsq"),
+             helper.make_node("Add", ["c", "shift_col"], ["y0"], name="shift_add"),
+             helper.make_node("ReduceMax", ["x"], ["xmax"], name="xmax", keepdims=1),
+             helper.make_node("Mul", ["u", "xmax"], ["u_scaled"], name="u_scaled"),
+             helper.make_node("Conv", ["y0", "u_scaled"], ["y"], name="dyn_conv")]
+    graph = helper.make_graph(
+        nodes, "weight_norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 12])],
+        [numpy_helper.from_array(v, "v"), numpy_helper.from_array(g, "g"),
+         numpy_helper.from_array(np.array([1, 2], np.int64), "norm_axes"),
+         numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "b"),
+         numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "shift"),
+         numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 1)).astype(np.float32), "u")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 8
+    return proto
+
+
+def test_weights_computed_from_constants_are_weights_after_loading():
+    """torch without constant folding (and its dynamo exporter) keeps weight_norm as ReduceL2/Div/Mul on two
+    parameters: the conv's weight was calibrated like an activation (one per-tensor scale, amax clipped by
+    entropy) and bias correction skipped the layer. Loading computes it once: an initializer with numpy's
+    values, per-channel weight Q/DQ; a weight scaled by the input stays computed."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import model_from_proto, serialize
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    proto = _weight_norm_conv()
+    model = model_from_proto(proto)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.proto.graph.initializer}
+    src = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    want = src["v"] * (src["g"] / np.sqrt((src["v"].astype(np.float64) ** 2).sum(axis=(1, 2), keepdims=True)))
+    np.testing.assert_allclose(inits["w"], want, rtol=3e-7)
+    np.testing.assert_array_equal(inits["shift_col"], src["shift"][:, None])
+    ops = [n.op_type for n in model.proto.graph.node]
+    assert ops == ["Conv", "Add", "ReduceMax", "Mul", "Conv"], ops  # norm, Div, Mul, Constant, Unsqueeze gone
+    assert not {"v", "g", "norm_axes", "shift"} & set(inits) and "u" in inits
+    x = np.random.default_rng(4).normal(size=(6, 4, 12)).astype(np.float32)
+
+    def run(p):
+        return ort.InferenceSession(serialize(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    np.testing.assert_allclose(run(model.proto), run(proto), rtol=1e-5, atol=1e-5)
+    table = calibrate(model, from_arrays({"x": x}), "entropy").tables["entropy"]
+    assert "w" not in table.ranges and "shift_col" not in table.ranges and "u_scaled" in table.ranges
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    dq = next(n for n in written.proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "w/int8")
+    assert any(a.name == "axis" and a.i == 0 for a in dq.attribute)  # one scale per output channel

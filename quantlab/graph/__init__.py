@@ -3,6 +3,8 @@
     graph/
     ├── topology.py   producer/consumer maps, topological order, subgraph reads, extra outputs
     ├── light.py      shape inference and the checker on a copy without the weights' data
+    ├── identities.py Identity / widening Cast / layout ops over initializers: weights again (at load)
+    ├── weights.py    weights and biases computed from constants (weight_norm): computed once (at load)
     └── load.py       load_model / model_from_proto -> LoadedModel; TensorSpec; float activations
 """
 

@@ -65,6 +65,12 @@ def _is_widening_cast(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) 
             and any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute))
 
 
+def _constant_values(g: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Outputs of Constant nodes holding a tensor (``value``): torch writes a layout op's axes or shape so."""
+    return {n.output[0]: a.t for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+            and len(n.output) == 1 for a in n.attribute if a.name == "value"}
+
+
 def _folded_value(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
     """What ``node`` computes from its initializers: a widening Cast in numpy, a layout op by ONNX's reference
     implementation (exact: it moves values, it computes none)."""
@@ -87,20 +93,25 @@ def fold_initializer_views(proto: onnx.ModelProto) -> onnx.ModelProto:
     for _ in range(len(proto.graph.node)):
         g = out.graph
         inits = {i.name: i for i in g.initializer if i.name not in {x.name for x in g.input}}
+        constants = {**_constant_values(g), **inits}  # a layout op's axes/shape may be a Constant node's
         keep = _kept_names(g)
         folded = [n for n in g.node if n.domain in ("", "ai.onnx") and len(n.output) == 1 and n.output[0]
-                  and n.output[0] not in keep and n.input and all(t in inits for t in n.input if t)
+                  and n.output[0] not in keep and n.input and n.input[0] in inits
+                  and all(t in constants for t in n.input[1:] if t)
                   and (_is_widening_cast(n, inits) if n.op_type == "Cast"
                        else n.op_type in _LAYOUT_OPS and inits[n.input[0]].data_type == TensorProto.FLOAT)]
         if not folded:
             break
-        made = [numpy_helper.from_array(_folded_value(n, inits), n.output[0]) for n in folded]
+        made = [numpy_helper.from_array(_folded_value(n, constants), n.output[0]) for n in folded]
         if out is proto:
             out = onnx.ModelProto()
             out.CopyFrom(proto)
         gone = {n.output[0] for n in folded}
         nodes = [n for n in out.graph.node if not (len(n.output) == 1 and n.output[0] in gone)]
         read = {t for n in nodes for t in n.input} | keep
+        unread_constants = {t for n in folded for t in n.input[1:] if t and t not in inits and t not in read}
+        gone |= unread_constants
+        nodes = [n for n in nodes if not (n.op_type == "Constant" and n.output and n.output[0] in unread_constants)]
         sources = {t for n in folded for t in n.input if t}
         kept_inits = [i for i in out.graph.initializer if i.name not in sources or i.name in read]
         del out.graph.initializer[:]

@@ -23,6 +23,7 @@ from ..errors import ModelError
 from ..fingerprint import sha256_bytes, sha256_file
 from .domains import typed_custom_outputs
 from .identities import fold_initializer_identities, fold_initializer_views
+from .weights import fold_computed_weights
 from .topology import topological_nodes
 
 __all__ = [
@@ -202,6 +203,8 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
     from ..controlflow import resolve_static_control_flow
 
     proto, _ = resolve_static_control_flow(proto)  # constant Ifs inlined, static Loops unrolled: recorded
+    proto = fold_initializer_identities(proto)  # first: an Identity over a weight is rewired, not copied
+    proto = fold_computed_weights(proto)  # weights computed from constants at every run (weight_norm): weights again
     proto = fold_initializer_views(proto)  # weights cast up or transposed at every run: weights again
     proto = fold_initializer_identities(proto)  # torch's Identity over shared/equal weights: weights again
     try:
