@@ -961,3 +961,59 @@ def test_tensorrt_rtx_parses_and_builds_every_model_written_in_this_module(prepa
         assert isinstance(engine, bytes) and len(engine) > 10_000, label
         labels.append(label)
     assert len(labels) >= 3 * len(models.ALL_BUILDERS)
+
+
+def _bucket_model(k: float) -> onnx.ModelProto:
+    """T5's relative-position buckets in small: float arithmetic on Range(Shape(ids)), cast back to int64, picks
+    a bias row added to the scores."""
+    from onnx import TensorProto, helper
+
+    def const(name: str, value: object) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    nodes = [helper.make_node("Shape", ["ids"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "one"], ["length"], name="length", axis=0),
+             helper.make_node("Range", ["zero", "length", "one"], ["pos"], name="range"),
+             helper.make_node("Cast", ["pos"], ["posf"], name="to_float", to=TensorProto.FLOAT),
+             helper.make_node("Div", ["posf", "eight"], ["ratio"], name="div"),
+             helper.make_node("Add", ["ratio", "onef"], ["ratio1"], name="shift"),
+             helper.make_node("Log", ["ratio1"], ["logs"], name="log"),
+             helper.make_node("Mul", ["logs", "k"], ["scaled"], name="mul"),
+             helper.make_node("Cast", ["scaled"], ["bucket"], name="to_int", to=TensorProto.INT64),
+             helper.make_node("Gather", ["table", "bucket"], ["bias"], name="lookup", axis=0),
+             helper.make_node("Add", ["scores", "bias"], ["y"], name="add_bias")]
+    graph = helper.make_graph(
+        nodes, "buckets",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "S"]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", "S"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S"])],
+        [const("one", np.int64(1)), const("zero", np.int64(0)), const("eight", np.float32(8.0)),
+         const("onef", np.float32(1.0)), const("k", np.float32(k)),
+         const("table", (np.arange(256) * 10.0).astype(np.float32))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto
+
+
+@pytest.mark.parametrize("simulation", [False, True], ids=["float16", "simulated"])
+def test_index_arithmetic_on_shapes_stays_float32_in_fp16(simulation):
+    """Float maths on shapes only (T5's bucket = int(log(1 + pos / 8) * k)) computes the same for every sample:
+    in an FP16 candidate it stays float32, where float16 rounding moved positions into the next bucket (a
+    different bias row: an error of 10 here, which no layer's precision explains)."""
+    from onnx import TensorProto
+
+    length = 200
+    pos = np.arange(length, dtype=np.float32)
+    logs = np.log(pos / np.float32(8.0) + np.float32(1.0)).astype(np.float32)
+    k = next(float(k) for k in np.linspace(3.0, 9.0, 601, dtype=np.float32)
+             if np.any((logs * k).astype(np.int64) != (logs * k).astype(np.float16).astype(np.int64)))
+    model = model_from_proto(_bucket_model(k))
+    written = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=simulation))
+    typed = {v.name: v.type.tensor_type.elem_type
+             for v in onnx.shape_inference.infer_shapes(written.proto).graph.value_info}
+    for t in ("ratio", "ratio1", "logs", "scaled"):
+        assert typed[t] == TensorProto.FLOAT, t
+    add = next(n for n in written.proto.graph.node if n.name == "add_bias")
+    assert add.input[0] != "scores"  # the scores still go through float16 (a cast, or a rounding round trip)
+    feeds = {"ids": np.zeros((2, length), np.int64), "scores": np.zeros((2, length), np.float32)}
+    np.testing.assert_array_equal(_run(written.proto, feeds)["y"], _run(model.proto, feeds)["y"])

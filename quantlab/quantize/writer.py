@@ -35,7 +35,7 @@ from .qdq import QdqInserter
 from .qparams import QParams
 from .tensors import F16, F32, TensorBook
 
-__all__ = ["Writer"]
+__all__ = ["Writer", "shape_determined_nodes"]
 
 
 class Writer:
@@ -58,6 +58,7 @@ class Writer:
         self.notes: list[str] = []
         self._kept: set[str] = set()  # initializers the written model keeps
         self.subgraph_reads = frozenset(subgraph_reads(self.nodes))
+        self.shape_determined = shape_determined_nodes(self.src)
 
     def run(self) -> onnx.ModelProto:
         for idx in topological_order(self.src):
@@ -73,7 +74,8 @@ class Writer:
         node = self.nodes[idx]
         name = self.names[idx]
         precision = self.plan.precision[self.group_of[name].name]
-        runs_fp16 = precision == FP16 and node.op_type not in self.options.fp32_ops
+        runs_fp16 = (precision == FP16 and node.op_type not in self.options.fp32_ops
+                     and idx not in self.shape_determined)
         wants, fp16 = self.casts.input_wants(node, runs_fp16)
         new_inputs, chains = self._inputs(idx, node, name, wants)
         outputs, casts = self._outputs(node, fp16)
@@ -244,3 +246,32 @@ class Writer:
             if name in self._kept:
                 return name
         return tensor
+
+
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
+
+
+def shape_determined_nodes(proto: onnx.ModelProto) -> frozenset[int]:
+    """Indices of the main graph's nodes that read no input's values, only shapes and constants: they stay
+    float32 in an FP16 group.
+
+    T5's relative-position buckets are float arithmetic on ``Range(Shape(ids))`` cast back to int64
+    (``log(distance / 8) / log(16) * 8``): in float16 a rounded ``Log`` moves distances into the next bucket.
+    Such a computation is the same for every sample of a shape, costs nothing next to the layers, and float16
+    gains nothing there::
+
+        ids ─► Shape ─► Range ─► Cast(float) ─► Div ─► Log ─► Mul ─► Cast(int64) ─► Gather(bias table)
+               └─────────────────── float32 in an FP16 candidate ───────────────────┘
+    """
+    inits = {i.name for i in proto.graph.initializer}
+    live = {i.name for i in proto.graph.input if i.name not in inits}  # tensors whose values come from the data
+    determined: set[int] = set()
+    for idx in topological_order(proto):
+        node = proto.graph.node[idx]
+        reads_values = node.op_type not in _SHAPE_ONLY and (
+            any(t in live for t in node.input if t) or bool(subgraph_reads([node]) & live))
+        if reads_values:
+            live.update(o for o in node.output if o)
+        else:
+            determined.add(idx)
+    return frozenset(determined)
