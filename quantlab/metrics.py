@@ -52,6 +52,7 @@ __all__ = [
     "rel_l2",
     "topk",
     "topk_correct",
+    "binomial_ci",
     "bootstrap_ci",
     "mcnemar_exact_p",
     "as_float32",
@@ -382,6 +383,50 @@ def bootstrap_ci(
         else:
             out[k] = (float(lo[j]), float(hi[j]))
     return out
+
+
+def _binomial_tail_at_least(k: int, n: int, p: float) -> float:
+    """P[X >= k] for X ~ Binomial(n, p), summed in log space (exact to float64 for any n)."""
+    if k <= 0:
+        return 1.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    i = np.arange(k, n + 1, dtype=np.float64)
+    first = math.lgamma(n + 1.0) - math.lgamma(k + 1.0) - math.lgamma(n - k + 1.0)  # log C(n, k)
+    steps = np.log(n - i[:-1]) - np.log(i[:-1] + 1.0)  # C(n, i+1) = C(n, i) * (n - i) / (i + 1)
+    log_terms = np.concatenate([[first], first + np.cumsum(steps)]) + i * math.log(p) + (n - i) * math.log1p(-p)
+    top = float(log_terms.max())
+    return float(min(1.0, math.exp(top) * float(np.exp(log_terms - top).sum())))
+
+
+def binomial_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson (exact) interval of a proportion: ``successes`` of ``n`` samples, as fractions in [0, 1].
+
+    The bootstrap collapses to a point when every sample agrees (12 of 12: "100 [100, 100]"), which would let a
+    gate pass on a dozen samples; the exact interval of 12 of 12 is [0.735, 1]. Each end solves its binomial
+    tail equation by bisection (60 halvings: float64's resolution); ``n = 0`` gives (nan, nan).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    k, n = int(successes), int(n)
+    if n <= 0:
+        return math.nan, math.nan
+    if not 0 <= k <= n:
+        raise ValueError(f"successes must be in [0, {n}], got {k}")
+    alpha = (1.0 - confidence) / 2.0
+
+    def solve(at_least: int, target: float) -> float:  # the p where P[X >= at_least] (increasing in p) = target
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2.0
+            lo, hi = (mid, hi) if _binomial_tail_at_least(at_least, n, mid) < target else (lo, mid)
+        return (lo + hi) / 2.0
+
+    low = 0.0 if k == 0 else solve(k, alpha)  # P[X >= k | low] = alpha/2
+    high = 1.0 if k == n else solve(k + 1, 1.0 - alpha)  # P[X <= k | high] = alpha/2
+    return low, high
 
 
 def mcnemar_exact_p(b: int, c: int) -> float:

@@ -4,7 +4,7 @@ A threshold is one or more conditions joined by ``and`` (or ``,``)::
 
     top1_drop<=0.5
     cosine>=0.999 and sqnr_db>=30
-    top1_drop_ci_high<=1.0          # the pessimistic end of the bootstrap interval
+    top1_drop_ci_high<=1.0          # the pessimistic end of its 95 % interval
     my_metric>0.9                   # a user metric from --metric module:function
 
 Each metric names a column of the comparator's end-to-end table (one row per

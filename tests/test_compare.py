@@ -203,6 +203,27 @@ def test_a_native_fp16_candidate_on_onnxruntime_is_flagged_as_not_measuring_fp16
     assert e2e.loc["simulated", "sqnr_db"] == result.end_to_end.set_index("candidate").loc["fp16", "sqnr_db"]
 
 
+
+def test_agreement_intervals_are_exact_and_do_not_collapse_when_every_sample_agrees(setup):
+    """The bootstrap gave "100 [100, 100]" and a top-1 drop of "0 [0, 0]" when every sample agrees, so a
+    top1_drop_ci_high<=1 gate passed on a dozen samples. Agreement and accuracy get the exact (Clopper-Pearson)
+    interval; a drop with few discordant samples the exact bounds of its two kinds of disagreement."""
+    from quantlab.data import from_arrays as arrays
+
+    n = 12
+    feeds = {k: v[:n] for k, v in setup["feeds"].items()}
+    fp32 = {"same": setup["model"]}  # the reference itself: every sample agrees
+    val = arrays(feeds, labels=setup["labels"][:n], role="validation", name="val12")
+    res = compare(setup["model"], fp32, val, CompareOptions(batch_size=4, bootstrap=200, per_layer=False))
+    row = res.end_to_end.iloc[0]
+    edge = 100 * 0.025 ** (1 / n)  # the exact 95 % lower end of 12 of 12
+    assert row["top1_agreement"] == 100 and row["top1_agreement_ci_high"] == 100
+    assert row["top1_agreement_ci_low"] == pytest.approx(edge, rel=1e-9)
+    assert row["top1_drop"] == 0 and row["top1_drop_ci_high"] == pytest.approx(100 - edge, rel=1e-9)
+    assert row["top1_drop_ci_low"] == pytest.approx(edge - 100, rel=1e-9)
+    assert not res.check("top1_drop_ci_high<=1.0")["same"].passed
+
+
 # --------------------------------------------------------------------------- per layer
 
 

@@ -240,3 +240,22 @@ def test_a_huge_finite_mask_in_the_reference_is_left_out_like_inf():
     np.testing.assert_allclose(rows, per_sample_sums(r[:, :40], c[:, :40]), rtol=1e-12)
     big = np.full(8, 1e29, np.float32)  # large but below the threshold: kept
     assert error_sums(big, big).n == 8 and error_sums(big, big).ref_nonfinite == 0
+
+
+def test_binomial_ci_is_clopper_pearson():
+    """The exact interval of a proportion, against scipy's beta quantiles (an independent implementation) and the
+    closed forms at 0 and n (``(alpha/2) ** (1/n)``)."""
+    from quantlab.metrics import binomial_ci
+
+    beta = pytest.importorskip("scipy.stats").beta
+    for k, n, conf in ((0, 12, 0.95), (12, 12, 0.95), (5, 20, 0.9), (3, 1000, 0.95), (49_000, 50_000, 0.99),
+                       (1, 1, 0.95), (7, 9, 0.5)):
+        lo, hi = binomial_ci(k, n, conf)
+        a = (1 - conf) / 2
+        want_lo = beta.ppf(a, k, n - k + 1) if k > 0 else 0.0
+        want_hi = beta.ppf(1 - a, k + 1, n - k) if k < n else 1.0
+        assert lo == pytest.approx(want_lo, rel=1e-9, abs=1e-12) and hi == pytest.approx(want_hi, rel=1e-9, abs=1e-12)
+    assert binomial_ci(12, 12)[0] == pytest.approx(0.025 ** (1 / 12), rel=1e-12)
+    assert all(math.isnan(v) for v in binomial_ci(0, 0))
+    with pytest.raises(ValueError):
+        binomial_ci(13, 12)

@@ -5,7 +5,8 @@ Per batch only scalars per sample are kept (cosine, SQNR, max |d|, top-1 class, 
 user metric numbers) plus the batch's error sums (nine numbers per output, added in batch
 order when the table is made, so shards' :class:`SampleRecords` concatenate into exactly
 the figures of one pass); intervals are a paired bootstrap over the samples at the end
-(:func:`quantlab.metrics.bootstrap_ci`).
+(:func:`quantlab.metrics.bootstrap_ci`), but exact binomial ones for agreement and accuracy, and
+for drops with few discordant samples (:func:`exact_intervals`: the bootstrap collapses there).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..data import Batch
 from ..errors import CompareError
 from ..metrics import (
     ErrorSums,
+    binomial_ci,
     bootstrap_ci,
     error_sums,
     errors_from_sums,
@@ -267,6 +269,8 @@ class EndToEnd:
             columns[k] = v[~np.isnan(cos)] if st.mismatched else v  # paired with the kept samples
             sample[k] = v
         cis = bootstrap_ci(columns, resamples=options.bootstrap, confidence=options.confidence, seed=options.seed)
+        if options.bootstrap > 0:
+            cis.update(exact_intervals(columns, options.confidence))
         for k, (lo, hi) in cis.items():
             row[f"{k}_ci_low"], row[f"{k}_ci_high"] = lo, hi
         return row, sample
@@ -298,3 +302,39 @@ class EndToEnd:
         row.update(mcnemar_p=mcnemar_exact_p(b, c), ref_only_correct=b, cand_only_correct=c)
         sample.update(label=list(self.sample_labels), ref_correct=rc1, correct=cc1, ref_top5_correct=rc5,
                       top5_correct=cc5)
+
+
+_PROPORTIONS = ("top1_agreement", "ref_top1", "top1", "ref_top5", "top5")
+"""Per-sample 0/100 columns: their interval is the exact binomial one (:func:`quantlab.metrics.binomial_ci`)."""
+
+_FEW_DISCORDANT = 10
+"""Below this many samples where reference and candidate differ, a drop's interval is the exact bound below."""
+
+
+def exact_intervals(columns: Mapping[str, np.ndarray], confidence: float) -> dict[str, tuple[float, float]]:
+    """Intervals that do not collapse on small sets, in percent: Clopper-Pearson for agreement and accuracy; for
+    ``top1_drop`` / ``top5_drop`` with fewer than 10 discordant samples, ``[-U(c), U(b)]`` (``b``: samples only
+    the reference gets right, ``c``: only the candidate; ``U``: the exact upper bound of a proportion at
+    ``1 - (1 - confidence) / 2``), since the drop lies between ``-c/n`` and ``b/n``.
+
+    The percentile bootstrap gave "100 [100, 100]" and a drop of "0 [0, 0]" on 12 samples that all agree, so
+    ``top1_drop_ci_high<=1`` passed on a dozen samples; the exact interval of 12 of 12 is [73.5, 100].
+    """
+    out: dict[str, tuple[float, float]] = {}
+    for name in _PROPORTIONS:
+        values = columns.get(name)
+        if values is None or not len(values) or np.isnan(values).any():
+            continue
+        lo, hi = binomial_ci(int(np.count_nonzero(values > 50.0)), len(values), confidence)
+        out[name] = (100.0 * lo, 100.0 * hi)
+    for name in ("top1_drop", "top5_drop"):
+        values = columns.get(name)
+        if values is None or not len(values) or np.isnan(values).any():
+            continue
+        b, c = int(np.count_nonzero(values > 50.0)), int(np.count_nonzero(values < -50.0))
+        if b + c < _FEW_DISCORDANT:
+            n = len(values)
+            # the upper end of a two-sided interval is a one-sided bound at 1 - alpha/2: both ends hold at 1 - alpha
+            out[name] = (-100.0 * binomial_ci(c, n, confidence)[1], 100.0 * binomial_ci(b, n, confidence)[1])
+    return out
+
