@@ -53,9 +53,9 @@ from .stats import (
     Statistics,
     batch_feeds,
     collect_statistics,
-    fused_preactivations,
+    unquantized_tensors,
 )
-from .table import CalibrationTable, TensorRange
+from .table import ZERO_RANGE_SCALE, CalibrationTable, TensorRange
 
 __all__ = [
     "CalibrationResult",
@@ -131,8 +131,12 @@ def _names(names: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def statistics_notes(stats: Statistics) -> tuple[str, ...]:
-    """What a user should know about the data the ranges came from (huge values, NaN/Inf, empty ranges)."""
+def statistics_notes(stats: Statistics, unquantized: Collection[str] = ()) -> tuple[str, ...]:
+    """What a user should know about the data the ranges came from (huge values, NaN/Inf, empty ranges).
+
+    ``unquantized``: tensors no INT8 plan puts a Q/DQ on (:func:`quantlab.stats.unquantized_tensors`): NaN/Inf
+    there (T5's ``log(0)`` that a ``Where`` then discards) or an empty range is only mentioned.
+    """
     notes: list[str] = []
     huge = [n for n, s in stats.tensors.items() if s.huge]
     if huge:
@@ -142,7 +146,7 @@ def statistics_notes(stats: Statistics) -> tuple[str, ...]:
             f"at float32.min): {_names(huge)}; excluded {total} values from their ranges; consider keeping "
             "these layers in fp32."
         )
-    nonfinite = [n for n, s in stats.tensors.items() if s.nonfinite]
+    nonfinite = [n for n, s in stats.tensors.items() if s.nonfinite and n not in unquantized]
     if nonfinite:
         total = sum(stats.tensors[n].nonfinite for n in nonfinite)
         notes.append(
@@ -151,11 +155,20 @@ def statistics_notes(stats: Statistics) -> tuple[str, ...]:
             "before Softmax are expected here; anywhere else NaN/Inf means a broken layer: INT8 cannot "
             "represent them, keep it in fp32 or fix the model."
         )
-    empty = [n for n, s in stats.tensors.items() if s.absmax == 0.0]
+    aside = [n for n, s in stats.tensors.items() if s.nonfinite and n in unquantized]
+    if aside:
+        notes.append(
+            f"{len(aside)} tensor(s) that get no Q/DQ (only float ops read them) produced NaN/Inf: {_names(aside)}. "
+            "An additive attention mask at -inf (torch's Where(pad, -inf, 0)) and what it feeds before Softmax, or "
+            "T5's log(0) in its position buckets that a Where discards, are expected here; if they reach an output, "
+            "the FP32 model itself is broken: fix the model."
+        )
+    empty = [n for n, s in stats.tensors.items() if s.absmax == 0.0 and not s.huge and n not in unquantized]
     if empty:
         notes.append(
             f"{len(empty)} tensor(s) have no non-zero usable value (all zero or excluded): {_names(empty)}; "
-            "their amax is 0 (smallest scale); check the data or keep them out of INT8."
+            f"their amax is 0 and their Q/DQ scale {ZERO_RANGE_SCALE} (zeros stay exact); check the data or keep "
+            "them out of INT8."
         )
     return tuple(notes)
 
@@ -171,7 +184,8 @@ def _sorted_by_clipping(ranges: Mapping[str, TensorRange], names: Sequence[str],
 
 
 def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statistics, *,
-                   entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS, fused: Collection[str] = ()) -> tuple[str, ...]:
+                   entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS,
+                   unquantized: Collection[str] = ()) -> tuple[str, ...]:
     """A warning naming every tensor whose range saturates more than 1 % of its values, worst first.
 
     Saturated values lose their magnitude (a ReLU6 output of 6 read as 0.44),
@@ -184,12 +198,12 @@ def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statis
     note tells the user where to look when another method or the published rule
     saturates more.
 
-    ``fused``: pre-activation tensors TensorRT fuses into the following
-    Relu/Clip (:func:`quantlab.stats.fused_preactivations`); no Q/DQ is written
-    on them, so their saturation gets a separate, milder note.
+    ``unquantized``: tensors no INT8 plan puts a Q/DQ on (:func:`quantlab.stats.unquantized_tensors`:
+    pre-activations TensorRT fuses into the following Relu/Clip, and what only float ops read, such as a
+    0/1 mask cast to float), so their saturation gets a separate, milder note.
     """
     heavy = [n for n, r in ranges.items() if r.clipped_fraction > CLIP_NOTE_FRACTION]
-    used = [n for n in heavy if n not in fused]
+    used = [n for n in heavy if n not in unquantized]
     notes: list[str] = []
     if used:
         worst = max(used, key=lambda n: ranges[n].clipped_fraction)
@@ -210,12 +224,12 @@ def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statis
                 "tail; by default it leaves them out."
             )
         notes.append(note)
-    fused_heavy = [n for n in heavy if n in fused]
-    if fused_heavy:
+    aside = [n for n in heavy if n in unquantized]
+    if aside:
         notes.append(
-            f"{method}: {len(fused_heavy)} pre-activation tensor(s) saturate more than {CLIP_NOTE_FRACTION:.0%} of "
-            f"their values: {_sorted_by_clipping(ranges, fused_heavy)}; TensorRT fuses them into the following "
-            "Relu/Clip and quantlab writes no Q/DQ on them, so their ranges are not used."
+            f"{method}: {len(aside)} tensor(s) that get no Q/DQ saturate more than {CLIP_NOTE_FRACTION:.0%} of "
+            f"their values: {_sorted_by_clipping(ranges, aside)}; they are pre-activations TensorRT fuses into the "
+            "following Relu/Clip, or only float ops read them, so their ranges are not used."
         )
     return tuple(notes)
 
@@ -245,15 +259,15 @@ def table_from_statistics(
     calib_set: Mapping[str, Any] | None = None,
     versions: Mapping[str, str] | None = None,
     entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS,
-    fused: Collection[str] = (),
+    unquantized: Collection[str] = (),
 ) -> CalibrationTable:
     """One method's table from collected statistics (no model run: methods share one pass).
 
     ``entropy_skip_zeros=False`` gives TensorRT's entropy algorithm exactly as
     published: exact zeros included, no smoothing, no point-mass rule
     (``quantlab.calibrators.amax_entropy(robust=False)``).
-    ``fused`` names the pre-activation tensors TensorRT fuses away (only the
-    notes use it: see :func:`clipping_notes`).
+    ``unquantized`` names the tensors no INT8 plan puts a Q/DQ on (only the
+    notes use it: see :func:`statistics_notes`, :func:`clipping_notes`).
     """
     (method,) = resolve_methods([method])
     settings = method_settings(method, percentile=percentile, bins=stats.bins, huge_threshold=stats.huge_threshold,
@@ -267,8 +281,9 @@ def table_from_statistics(
         settings=settings,
         calib_set=dict(calib_set or {}),
         versions=dict(versions if versions is not None else tool_versions()),
-        notes=statistics_notes(stats)
-        + clipping_notes(method, ranges, stats, entropy_skip_zeros=entropy_skip_zeros, fused=frozenset(fused)),
+        notes=statistics_notes(stats, frozenset(unquantized))
+        + clipping_notes(method, ranges, stats, entropy_skip_zeros=entropy_skip_zeros,
+                         unquantized=frozenset(unquantized)),
     )
 
 
@@ -350,14 +365,14 @@ def calibrate(
         total=_dataset_size(dataset),
     )
     summary = fingerprint.summary()
-    fused = frozenset(fused_preactivations(model.proto))
+    unquantized = unquantized_tensors(model.proto)
     calib_set = {"manifest": dataset.manifest_record(), "sha256": summary.sha256, "count": summary.count,
                  **recorded_shapes(dataset, model, shapes)}
     versions = tool_versions()
 
     def table(method: str) -> CalibrationTable:
         return table_from_statistics(stats, method, percentile=percentile, calib_set=calib_set, versions=versions,
-                                     entropy_skip_zeros=entropy_skip_zeros, fused=fused)
+                                     entropy_skip_zeros=entropy_skip_zeros, unquantized=unquantized)
 
     with ThreadPoolExecutor(min(len(chosen), os.cpu_count() or 1)) as pool:  # the KL / mse kernels release the GIL
         tables = dict(zip(chosen, pool.map(table, chosen)))

@@ -80,8 +80,8 @@ DEFAULT_HUGE_THRESHOLD = 1e30
 """|x| at or above this is a sentinel (mask, padding), not a value to calibrate on."""
 
 TENSOR_SCOPES = ("all", "quantizable")
-"""Which tensors a statistics pass covers: ``all`` float activations, or ``quantizable`` (without the
-pre-activation tensors TensorRT fuses away; see :func:`quantlab.stats.fused_preactivations`)."""
+"""Which tensors a statistics pass covers: ``all`` float activations, or ``quantizable`` (those an INT8 plan can
+put a Q/DQ on; see :func:`quantlab.stats.quantizable_tensors`)."""
 
 DEFAULT_BATCH_SIZE = 8
 """Samples per model run during calibration (does not change the ranges)."""

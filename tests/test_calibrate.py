@@ -154,7 +154,7 @@ def test_huge_constants_are_noted_and_do_not_crash():
         assert table.ranges["masked"].amax < 1e3  # the mask did not stretch the range
         notes = " ".join(table.notes)
         assert "huge constants" in notes and "'mask'" in notes and "'masked'" in notes and "fp32" in notes
-        assert "no non-zero usable value" in notes
+        assert "no non-zero usable value" not in notes  # the mask's empty range: named once, as huge constants
 
 
 def test_trt_cache_from_a_calibration(tmp_path):
@@ -345,23 +345,49 @@ def test_cli_bad_model_leaves_nothing(tmp_path, cli_setup, capsys):
     assert not out.exists()
 
 
-def test_clipping_note_separates_fused_preactivations():
+def test_clipping_note_separates_tensors_that_get_no_qdq():
     """Pre-activations TensorRT fuses into a Relu/Clip get no Q/DQ: their saturation is reported apart, mildly."""
     from quantlab.calibrate import clipping_notes
-    from quantlab.stats import fused_preactivations
+    from quantlab.stats import fused_preactivations, unquantized_tensors
     from quantlab.table import TensorRange
 
     model = model_from_proto(models.conv_net())
     fused = set(fused_preactivations(model.proto))
-    assert fused == {"conv1", "conv2"}
+    assert fused == {"conv1", "conv2"} and fused <= unquantized_tensors(model.proto)
     stats = calibrate(model, _dataset("conv_net", 2), "minmax").statistics
     pre = sorted(fused)[0]
     ranges = {n: TensorRange(amax=1.0, min=-1.0, max=1.0, clipped_fraction=0.05) for n in ("relu1", pre)}
-    warning, info = clipping_notes("entropy", ranges, stats, fused=fused)
+    warning, info = clipping_notes("entropy", ranges, stats, unquantized=fused)
     assert warning.startswith("WARNING entropy: 1 of 2") and "'relu1' 5.0%" in warning and repr(pre) not in warning
     assert not info.startswith("WARNING") and f"{pre!r} 5.0%" in info and "not used" in info
-    (only,) = clipping_notes("entropy", {pre: ranges[pre]}, stats, fused=fused)
+    (only,) = clipping_notes("entropy", {pre: ranges[pre]}, stats, unquantized=fused)
     assert not only.startswith("WARNING")
+
+
+def test_quantizable_scope_is_what_an_int8_plan_can_quantize_on_a_transformer():
+    """The 'quantizable' scope skipped only pre-activations fused into Relu/Clip: on a transformer it kept every
+    LayerNorm internal and mask tensor (a T5 encoder: 120 of 120). It is now the activation inputs and outputs of
+    quantizable fusion groups: a table of that scope writes INT8 for both targets (no range is missing)."""
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+    from quantlab.data import from_arrays
+    from quantlab.stats import quantizable_tensors, scope_tensors, unquantized_tensors
+
+    model = model_from_proto(models.dynamic_attention())
+    every = scope_tensors(model.proto, "all")
+    chosen = scope_tensors(model.proto, "quantizable")
+    assert set(chosen) == quantizable_tensors(model.proto) & set(every) and len(chosen) < len(every)
+    assert set(every) - set(chosen) == unquantized_tensors(model.proto)
+    rng = np.random.default_rng(0)
+    mask = np.zeros((6, 5), np.float32)
+    mask[:, 3:] = -1e9
+    data = from_arrays({"x": rng.normal(size=(6, 5, 16)).astype(np.float32), "mask": mask})
+    table = calibrate(model, data, "minmax", tensors=chosen).tables["minmax"]
+    assert set(table.ranges) == set(chosen)
+    for target in ("tensorrt", "ort"):
+        written = write_model(model, uniform_plan("int8"), table, WriteOptions(target=target))
+        quantized = {t for t, q in written.provenance.quantized_inputs.items() if q["kind"] == "activation"}
+        assert quantized and quantized <= set(chosen)
 
 
 # --------------------------------------------------------------------------- the method registry (quantlab.methods)

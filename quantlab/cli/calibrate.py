@@ -100,8 +100,9 @@ def register(subparsers: Any) -> None:
                    help=f"samples per model run (default {DEFAULT_BATCH_SIZE}, 1 for a model that fixes its batch at "
                         "1; does not change the ranges)")
     p.add_argument("--tensors", choices=TENSOR_SCOPES, default="all",
-                   help="'all' float activations (default) or 'quantizable': without pre-activation tensors "
-                        "TensorRT fuses away (about half the work on CNNs)")
+                   help="'all' float activations (default) or 'quantizable': only those an INT8 plan can put a "
+                        "Q/DQ on (no pre-activation TensorRT fuses away, no LayerNorm internals or masks: a third of "
+                        "the tensors on transformers)")
     p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
     p.add_argument("--trt-cache", action="store_true",
                    help="also write a TensorRT calibration cache (for TensorRT 10 implicit INT8)")

@@ -24,7 +24,7 @@ from ..errors import CalibrationError
 from ..fingerprint import tool_versions
 from ..graph import LoadedModel
 from ..methods import resolve_methods
-from ..stats import Statistics, fused_preactivations, load_statistics
+from ..stats import Statistics, load_statistics, unquantized_tensors
 from .merge import merge_statistics
 from .result import COVERAGE_FILE
 
@@ -90,9 +90,9 @@ def recalibrate(model: LoadedModel, stats_paths: Sequence[str | os.PathLike[str]
     summary = merge_summaries(known) if len(known) == len(summaries) else DataSummary(
         count=merged.samples, sha256="", inputs=(), duplicates=(), sample_hashes=frozenset())
     calib_set: dict[str, Any] = {"merged_statistics": labels, "sha256": summary.sha256, "count": merged.samples}
-    fused = frozenset(fused_preactivations(model.proto))
+    unquantized = unquantized_tensors(model.proto)
     versions = tool_versions()
     tables = {m: table_from_statistics(merged, m, percentile=percentile, calib_set=calib_set, versions=versions,
-                                       entropy_skip_zeros=entropy_skip_zeros, fused=fused)
+                                       entropy_skip_zeros=entropy_skip_zeros, unquantized=unquantized)
               for m in resolve_methods(methods)}
     return CalibrationResult(tables=tables, statistics=merged, data=summary)

@@ -26,7 +26,7 @@ from .budget import (
 from .collect import batch_axes_of, batch_feeds, batch_size_of, collect_statistics, sample_rows
 from .reductions import sample_weights
 from .record import STATISTICS_FORMAT, Statistics, load_statistics, save_statistics
-from .scope import TENSOR_SCOPES, fused_preactivations, scope_tensors
+from .scope import TENSOR_SCOPES, fused_preactivations, quantizable_tensors, scope_tensors, unquantized_tensors
 
 __all__ = [
     "STATISTICS_FORMAT",
@@ -47,5 +47,7 @@ __all__ = [
     "resolved_sizes",
     "TENSOR_SCOPES",
     "fused_preactivations",
+    "quantizable_tensors",
+    "unquantized_tensors",
     "scope_tensors",
 ]

@@ -1,6 +1,7 @@
-"""Which activation tensors to calibrate: every float activation, or only those that get a Q/DQ.
+"""Which activation tensors to calibrate: every float activation, or only those an INT8 plan can put a Q/DQ on.
 
     x ─► Conv ─► t ─► Clip ─► y ─► [Q/DQ] ─► next Conv       t: fused pre-activation (scope "quantizable" skips it)
+    ids ─► ... ─► RMSNorm internals, mask, bucket maths ─►   only float ops read them: skipped too
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import onnx
 from ..errors import CalibrationError
 from ..graph import activation_names, consumer_map, producer_map
 from ..methods import TENSOR_SCOPES
+from ..plan.groups import fusion_groups, node_names
 
-__all__ = ["TENSOR_SCOPES", "fused_preactivations", "scope_tensors"]
+__all__ = ["TENSOR_SCOPES", "fused_preactivations", "quantizable_tensors", "scope_tensors", "unquantized_tensors"]
 
 
 _FUSING_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
@@ -38,12 +40,41 @@ def fused_preactivations(proto: onnx.ModelProto) -> list[str]:
     ]
 
 
+def quantizable_tensors(proto: onnx.ModelProto) -> set[str]:
+    """The float activations some INT8 plan may put a Q/DQ on: the activation inputs (and residual input) of every
+    quantizable fusion group (quantlab.plan.groups) and the outputs of its nodes, but fused pre-activations.
+
+    A superset of what the writer quantizes for either target (an ONNX Runtime target also quantizes a conv's
+    output before a BatchNorm or a residual Add, inside its group). Everything else only float ops read: an
+    RMSNorm's internals, a mask, T5's bucket arithmetic; on a small T5 encoder that is 120 tensors where about
+    40 can get a Q/DQ.
+    """
+    fused = set(fused_preactivations(proto))
+    nodes = dict(zip(node_names(proto), proto.graph.node, strict=True))
+    out: set[str] = set()
+    for group in fusion_groups(proto):
+        if not group.quantizable:
+            continue
+        out.update(group.input_tensors)
+        if group.residual_input:
+            out.add(group.residual_input)
+        out.update(t for name in group.nodes for t in nodes[name].output if t and t not in fused)
+    return out
+
+
+def unquantized_tensors(proto: onnx.ModelProto) -> frozenset[str]:
+    """The float activations no INT8 plan puts a Q/DQ on (the complement of :func:`quantizable_tensors`): their
+    ranges are never used, so their calibration notes are milder."""
+    quantizable = quantizable_tensors(proto)
+    return frozenset(n for n in activation_names(proto) if n not in quantizable)
+
+
 def scope_tensors(proto: onnx.ModelProto, scope: str = "all") -> list[str]:
     """The tensors calibrated for ``scope`` (one of :data:`TENSOR_SCOPES`), in topological order."""
     names = activation_names(proto)
     if scope == "all":
         return names
     if scope == "quantizable":
-        fused = set(fused_preactivations(proto))
-        return [n for n in names if n not in fused]
+        wanted = quantizable_tensors(proto)
+        return [n for n in names if n in wanted]
     raise CalibrationError(f"unknown tensor scope {scope!r}; choose one of {', '.join(TENSOR_SCOPES)}")
