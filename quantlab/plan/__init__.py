@@ -22,18 +22,33 @@ no ONNX; it is re-exported here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 from ..precision import PRECISIONS, GroupPrecision, Precision
-from .files import PLAN_FORMAT, load_plan, plan_from_dict, plan_to_dict, save_plan
-from .groups import (
-    COMPUTE_OPS,
-    QUANTIZABLE_STANDALONE_OPS,
-    FusionGroup,
-    constant_names,
-    fusion_groups,
-    node_names,
-)
-from .resolve import ResolvedPlan, resolve_plan
-from .rules import PrecisionPlan, Rule, uniform_plan
+
+if TYPE_CHECKING:
+    from .files import PLAN_FORMAT, load_plan, plan_from_dict, plan_to_dict, save_plan
+    from .groups import (
+        COMPUTE_OPS,
+        QUANTIZABLE_STANDALONE_OPS,
+        FusionGroup,
+        constant_names,
+        fusion_groups,
+        node_names,
+    )
+    from .resolve import ResolvedPlan, resolve_plan
+    from .rules import PrecisionPlan, Rule, uniform_plan
+
+# lazy: the statistics pass reads fusion groups (quantlab.stats.scope) without pandas, which resolve.py needs
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "PLAN_FORMAT": "files", "load_plan": "files", "plan_from_dict": "files", "plan_to_dict": "files",
+    "save_plan": "files",
+    "COMPUTE_OPS": "groups", "QUANTIZABLE_STANDALONE_OPS": "groups", "FusionGroup": "groups",
+    "constant_names": "groups", "fusion_groups": "groups", "node_names": "groups",
+    "ResolvedPlan": "resolve", "resolve_plan": "resolve",
+    "PrecisionPlan": "rules", "Rule": "rules", "uniform_plan": "rules",
+})
 
 __all__ = [
     "Precision",
