@@ -297,5 +297,6 @@ def bind_hints(proto: onnx.ModelProto, constant_inputs: Mapping[str, Any], sampl
             f"unrolled when the model loads (up to {MAX_UNROLLED_TRIPS} trips), and its body is"
         hints.append(f"{node} is decided by the data: input {held} in all {samples} calibration samples. "
                      f"`{binds}` on every command (`bind = {{ {table} }}` in an experiment) makes it a constant: "
-                     f"the {node.split()[0]} is then {done} calibrated and written instead of left in float")
+                     f"the {node.split()[0]} is then {done} calibrated and written instead of left in float; "
+                     "leave the bound input out of the data sets' [inputs]")
     return tuple(hints)

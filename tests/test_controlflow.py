@@ -375,3 +375,84 @@ def test_the_cli_prints_the_bind_hint_once_for_all_methods(tmp_path, capfd):
                  "--no-progress", "--out", str(tmp_path / "cal")]) == 0
     out = capfd.readouterr().out
     assert out.count("--bind sr=16000") == 1
+
+
+def _layers_inside_an_if(tmp_path):
+    """Every layer inside an ``If`` on a data input, as optimum's merged decoders are (``use_cache_branch``)."""
+    import quantlab as ql
+
+    rng = np.random.default_rng(1)
+
+    def branch(tag: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 6)).astype(np.float32))
+        return helper.make_graph([helper.make_node("Constant", [], [f"w_{tag}"], name=f"w_{tag}", value=w),
+                                  helper.make_node("MatMul", ["x", f"w_{tag}"], [f"y_{tag}"], name=f"mm_{tag}")],
+                                 tag, [], [helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, ["N", 6])])
+
+    graph = helper.make_graph(
+        [helper.make_node("Equal", ["mode", "one"], ["cached"], name="cached"),
+         helper.make_node("If", ["cached"], ["y"], name="use_cache", then_branch=branch("with"),
+                          else_branch=branch("without"))], "merged",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("mode", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(np.array(1, np.int64), "one")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "merged.onnx")
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    for i in range(6):
+        np.savez(folder / f"r{i}.npz", x=rng.normal(size=4).astype(np.float32), mode=np.array(1, np.int64))
+    (tmp_path / "rows.toml").write_text('shuffle = false\n[source]\nkind = "npz"\npath = "rows"\n[inputs]\n'
+                                        'x = "x"\nmode = { field = "mode", batch_axis = "none" }\n')
+    return ql.open_dataset(tmp_path / "rows.toml")
+
+
+def test_int8_candidates_with_no_qdq_get_a_warning_naming_the_input_to_bind(tmp_path):
+    """An optimum-style merged decoder keeps every layer inside an If on a data input: without a bind the INT8
+    candidates hold no Q/DQ, compute in float32, and passed at sqnr_db = inf without a word. quantlab run now
+    says so and names the input to bind; bound, the branch is inlined and quantized, and nothing is said."""
+    from quantlab.calibrate import calibrate
+    from quantlab.experiment import parse_experiment
+    from quantlab.experiment.stages import float_candidates_note
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    data = _layers_inside_an_if(tmp_path)
+    model = load_model(tmp_path / "merged.onnx")
+    config = parse_experiment('[model]\npath = "merged.onnx"\n[data]\ncalibration = "rows.toml"\n'
+                              'validation = "rows.toml"\n[candidates]\nint8 = ["minmax"]\n', source=tmp_path / "e.toml")
+    table = calibrate(model, data, "minmax", batch_size=2).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    note = float_candidates_note(model, {"int8-minmax": written}, config)
+    assert note is not None and note.startswith("WARNING int8-minmax: no tensor got a Q/DQ or float16")
+    assert "'mode' decides If 'use_cache'" in note and "bind = { NAME = VALUE }" in note
+    bound = load_model(tmp_path / "merged.onnx", bind={"mode": 1})
+    assert not [n for n in bound.proto.graph.node if n.op_type == "If"] and bound.bound == ("mode",)
+    from quantlab.errors import InputMismatchError
+
+    with pytest.raises(InputMismatchError, match=r"gives input 'mode', which is bound .*Leave it out of the data set"):
+        calibrate(bound, data, "minmax", batch_size=2)
+    (tmp_path / "rows_bound.toml").write_text((tmp_path / "rows.toml").read_text().replace(
+        'mode = { field = "mode", batch_axis = "none" }\n', ""))
+    import quantlab as ql
+
+    bound_table = calibrate(bound, ql.open_dataset(tmp_path / "rows_bound.toml"), "minmax").tables["minmax"]
+    quantized = write_model(bound, uniform_plan("int8"), bound_table, WriteOptions(target="tensorrt"))
+    assert float_candidates_note(bound, {"int8-minmax": quantized}, config) is None
+
+
+def test_a_boolean_input_binds_to_true_or_false(tmp_path):
+    """optimum's use_cache_branch is a bool: --bind use_cache_branch=true and bind = { use_cache_branch = true }
+    were refused as 'not a number'."""
+    from quantlab.cli import bind_arg
+    from quantlab.experiment import parse_experiment
+
+    assert bind_arg("use_cache_branch=true") == ("use_cache_branch", True)
+    assert bind_arg("use_cache_branch=false") == ("use_cache_branch", False)
+    for name in ("m.onnx", "c.toml", "v.toml"):
+        (tmp_path / name).write_text("x")
+    config = parse_experiment('[model]\npath = "m.onnx"\nbind = { use_cache_branch = true }\n[data]\n'
+                              'calibration = "c.toml"\nvalidation = "v.toml"\n', source=tmp_path / "e.toml")
+    assert dict(config.bind) == {"use_cache_branch": True}

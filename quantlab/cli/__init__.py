@@ -95,8 +95,9 @@ def text_arg(text: str) -> str:
 
 
 def bind_arg(text: str) -> tuple[str, Any]:
-    """argparse type: ``NAME=VALUE``, VALUE a JSON number or list (``sr=16000``): an input the data always
-    feeds that value, bound before control flow is resolved (``quantlab.load_model(bind=...)``)."""
+    """argparse type: ``NAME=VALUE``, VALUE a JSON number, boolean or list (``sr=16000``,
+    ``use_cache_branch=true``): an input the data always feeds that value, bound before control flow is resolved
+    (``quantlab.load_model(bind=...)``)."""
     import json
 
     name, sep, value = text.partition("=")
@@ -105,9 +106,11 @@ def bind_arg(text: str) -> tuple[str, Any]:
     try:
         parsed = json.loads(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a number or a JSON list, e.g. sr=16000") from None
-    if not isinstance(parsed, (int, float, list)) or isinstance(parsed, bool):
-        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a number or a JSON list, e.g. sr=16000")
+        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a number, true/false or a JSON list, e.g. "
+                                         "sr=16000") from None
+    if not isinstance(parsed, (int, float, list)):  # bool is an int: true/false bind a boolean input
+        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a number, true/false or a JSON list, e.g. "
+                                         "sr=16000")
     return name.strip(), parsed
 
 

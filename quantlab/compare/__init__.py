@@ -55,6 +55,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "Candidate": "candidates",
     "load_candidate": "candidates",
     "computes_in_float16": "candidates",
+    "holds_float16": "candidates",
     "CompareOptions": "options",
     "CLASSIFIER_COLUMNS": "result",
     "COMPARE_FORMAT": "result",
@@ -69,6 +70,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 
 
 __all__ = ["CompareOptions", "CompareResult", "compare", "load_comparison", "load_candidate", "Candidate",
-           "computes_in_float16",
+           "computes_in_float16", "holds_float16",
            "COMPARE_FORMAT", "END_TO_END_COLUMNS", "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "PER_LAYER_COLUMNS",
            "PER_SAMPLE_COLUMNS"]

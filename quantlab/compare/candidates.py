@@ -24,7 +24,7 @@ from ..precision import FP16
 from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
 from ..quantize import WriteOptions, WrittenModel, load_provenance
 
-__all__ = ["Candidate", "computes_in_float16", "load_candidate"]
+__all__ = ["Candidate", "computes_in_float16", "holds_float16", "load_candidate"]
 
 Candidate = WrittenModel | LoadedModel
 
@@ -38,7 +38,12 @@ def computes_in_float16(candidate: Candidate) -> bool:
     """
     if isinstance(candidate, WrittenModel):
         return not candidate.options.fp16_simulation and bool(candidate.plan.groups_at(FP16))
-    graph = candidate.proto.graph
+    return holds_float16(candidate.proto)
+
+
+def holds_float16(proto: onnx.ModelProto) -> bool:
+    """Whether the main graph holds a float16 initializer or a Cast to float16 (a native FP16 model does)."""
+    graph = proto.graph
     return (any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
             or any(n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16
                                                for a in n.attribute) for n in graph.node))

@@ -173,6 +173,12 @@ def _check_names(specs: Mapping[str, Any], model: LoadedModel, where: str, manif
                 f"{where} gives inputs {given}. {fix}"
             )
     for name in specs:
+        if name in getattr(model, "bound", ()):
+            raise InputMismatchError(
+                f"{where} gives input {name!r}, which is bound (--bind, or [model] bind in an experiment): the "
+                f"bound value replaces it in {model.label}. Leave it out of the data set's [inputs] (one data set "
+                "per bound value, e.g. per branch of an If it decides), or run without binding it."
+            )
         if name not in model_inputs:
             fix = "Rename or remove it in the manifest's [inputs]." if manifest else "Rename or drop that array."
             raise InputMismatchError(

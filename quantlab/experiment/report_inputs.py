@@ -149,12 +149,21 @@ def _search_results(search_dir: Path | None, model: LoadedModel, e2e: pd.DataFra
     plan = None
     if (search_dir / "final" / "plan.json").is_file():
         plan = load_written(search_dir / "final", model).plan.to_frame()
+        # the saved plan is an effective one (an override per group): say why each group has its precision
+        plan["reason"] = [_final_reason(q, p) for q, p in zip(plan["quantizable"], plan["precision"], strict=True)]
         # the groups the search pinned first: they are what a reviewer checks
         plan = plan.sort_values("precision", key=lambda p: p != INT8, ascending=False, kind="stable")
         notes = impact_notes(extra.get("sensitivity"))
         plan["measured_impact"] = [notes.get(g, "") if p != INT8 else "" for g, p in
                                    zip(plan["group"], plan["precision"], strict=True)]
     return e2e, extra.get("trajectory"), extra.get("sensitivity"), plan
+
+
+def _final_reason(quantizable: bool, precision: str) -> str:
+    """Why a group of the search's final plan has its precision (the plan file records only the precision)."""
+    if not quantizable:
+        return f"not quantizable: no INT8 kernel ({precision})"
+    return "INT8 (kept by the search)" if precision == INT8 else f"pinned to {precision} by the search"
 
 
 def _histograms(config: ExperimentConfig, frames: Mapping[str, pd.DataFrame], written: Mapping[str, WrittenModel],

@@ -37,6 +37,9 @@ from .stages import (
     read_json,
     search_end_to_end,
     bias_correction_note,
+    float_candidates,
+    float_candidates_note,
+    search_note,
     rewrite_note,
     search_stage,
     stage_rewrites,
@@ -124,6 +127,9 @@ class _Run:
         if rewrites is not None:
             self.messages.append(rewrite_note(rewrites))
         written, build_keys = self._build(model, tables, rewrites)
+        empty = float_candidates_note(model, written, config)
+        if empty:
+            self.messages.append(empty)
         self.shapes = engine_shapes_for(config, model, next(iter(tables.values()), None), val)
         # with float rewrites the comparator's reference is the rewritten FP32 model (same outputs up to
         # rounding): the INT8 models' rescaled tensors exist only there
@@ -205,8 +211,11 @@ class _Run:
         config = self.config
         if not config.threshold:
             return None, None
-        int8_names = [c.name for c in experiment_candidates(config) if c.precision == INT8]
-        verdicts = {n: verdict_for(e2e, n, config.threshold) for n in e2e["candidate"]}
+        floating = set(float_candidates(written, config))  # they compute in float32: not judged
+        int8_names = [c.name for c in experiment_candidates(config) if c.precision == INT8 and c.name not in floating]
+        verdicts = {n: verdict_for(e2e, n, config.threshold) for n in e2e["candidate"] if n not in floating}
+        if not verdicts:
+            return None, None
         best = best_candidate(verdicts, int8_names or list(verdicts))
         if not (config.search and int8_names and not any(verdicts[n].passed for n in int8_names)):
             return verdicts[best], None
@@ -221,7 +230,9 @@ class _Run:
                         lambda f: search_stage(f, model, val, tables[method], config, self.progress, log_dir,
                                                self.shapes, calib, rewrites))
         self.stages.append(rec)
-        self.messages.append(bias_correction_note(read_json(rec.path / "search.json").get("settings", {})))
+        summary = read_json(rec.path / "search.json")
+        self.messages.append(search_note(summary))
+        self.messages.append(bias_correction_note(summary.get("settings", {})))
         final = search_end_to_end(rec.path)
         verdict = verdict_for(final, SEARCH_CANDIDATE, config.threshold) if final is not None else verdicts[best]
         return verdict, rec.path

@@ -122,9 +122,10 @@ def _coverage_sets(v: Any) -> bool:
 
 
 def _bindings(value: Any) -> bool:
-    """``bind = { sr = 16000 }``: input names to numbers or lists of numbers (no booleans)."""
+    """``bind = { sr = 16000 }``: input names to numbers, booleans (a bool input: ``use_cache_branch = true``) or
+    lists of them."""
     def number_or_list(v: Any) -> bool:
-        return is_num(v) or isinstance(v, list) and all(number_or_list(x) for x in v)
+        return is_num(v) or isinstance(v, bool) or isinstance(v, list) and all(number_or_list(x) for x in v)
     return isinstance(value, dict) and bool(value) and all(number_or_list(v) for v in value.values())
 
 
@@ -144,7 +145,8 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
         "zoo": (Key("a zoo model name", non_empty_str, 'zoo = "efficientnet_lite0"'), "zoo"),
         "shapes": (Key(f"engine shape ranges as --shapes takes them: {SHAPES_GRAMMAR}", non_empty_str,
                        'shapes = "image:1x3x48x64,8x3x48x320,32x3x48x1600"'), "shapes"),
-        "bind": (Key("an inline table of input name = number or list (the value the data always feeds it)",
+        "bind": (Key("an inline table of input name = number, true/false or list (the value the data always "
+                     "feeds it)",
                      _bindings, "bind = { sr = 16000 }"), "bind"),
     },
     "data": {

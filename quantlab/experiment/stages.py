@@ -18,7 +18,7 @@ import pandas as pd
 from ..atomic import write_json
 from ..calibrate import calibrate
 from ..backends import is_onnxruntime
-from ..compare import CompareOptions, compare, computes_in_float16, load_candidate
+from ..compare import CompareOptions, compare, computes_in_float16, holds_float16, load_candidate
 from ..data import DataSet, DataSummary
 from ..errors import ExperimentError
 from ..graph import LoadedModel
@@ -35,7 +35,7 @@ from ..threshold import parse_threshold
 from .spec import ExperimentConfig
 
 __all__ = ["Candidate", "experiment_candidates", "calibrate_stage", "build_stage", "compare_stage", "search_stage",
-           "engine_shapes_for", "measured_candidates", "simulated_candidates", "simulated_note", "stage_rewrites", "SMOOTHQUANT_FILE", "rewrite_note", "bias_correction_note",
+           "engine_shapes_for", "float_candidates", "float_candidates_note", "measured_candidates", "search_note", "simulated_candidates", "simulated_note", "stage_rewrites", "SMOOTHQUANT_FILE", "rewrite_note", "bias_correction_note",
            "load_written", "load_frames", "read_json", "verdict_for", "best_candidate", "search_end_to_end",
            "COMPARE_FRAMES", "SEARCH_CANDIDATE"]
 
@@ -119,6 +119,55 @@ def bias_correction_note(settings: Mapping[str, Any]) -> str:
         return (f"search: bias correction on {bc.get('layers')} layer(s), measured on {bc.get('samples')} "
                 f"calibration sample(s) (largest shift {float(bc.get('max_abs_shift', 0.0)):.3g})")
     return f"search: bias correction {bc if bc else 'off'}"
+
+
+def search_note(search: Mapping[str, Any]) -> str:
+    """The report's line on what the search's final plan keeps in INT8 (search.json), with a warning when nothing:
+    "PASS: mixed (search)" read like a mixed plan when every layer had gone to FP16."""
+    pinned = search.get("pinned") or {}
+    groups = int(search.get("quantizable_groups") or 0)
+    fraction = float(search.get("int8_fraction") or 0.0)
+    line = (f"search: final plan pins {len(pinned)} of {groups} quantizable group(s) above INT8; INT8 on "
+            f"{fraction:.0%} of them")
+    if groups and fraction == 0.0:
+        line = ("WARNING " + line + ": no layer is INT8, so this plan is the FP16 model; compare the fp16 "
+                "candidate, or calibrate on more representative data if INT8 should fit")
+    return line
+
+
+def float_candidates(written: Mapping[str, WrittenModel], config: ExperimentConfig) -> list[str]:
+    """The candidates that compute in float32 all the same: INT8 ones that quantize no activation, FP16 ones that
+    hold no float16 tensor (every layer inside If/Loop bodies, which stay float)."""
+    out = []
+    for c in experiment_candidates(config):
+        w = written.get(c.name)
+        if w is None:
+            continue
+        if c.precision == INT8 and not any(q.get("kind") == "activation" for q in w.provenance.quantized_inputs.values()):
+            out.append(c.name)
+        elif c.precision == FP16 and not holds_float16(w.proto):
+            out.append(c.name)
+    return out
+
+
+def float_candidates_note(model: LoadedModel, written: Mapping[str, WrittenModel], config: ExperimentConfig) -> str | None:
+    """A warning naming the :func:`float_candidates`: their figures measure float32 (an optimum-style merged
+    decoder, whose layers all sit inside an ``If`` on ``use_cache_branch``, passed at ``sqnr_db = inf`` without
+    a word); None when there is none."""
+    names = float_candidates(written, config)
+    if not names:
+        return None
+    from ..controlflow import deciding_inputs
+
+    deciding = deciding_inputs(model.proto)
+    line = (f"WARNING {', '.join(names)}: no tensor got a Q/DQ or float16, so these candidates compute in float32, "
+            "their figures say nothing about INT8 or FP16, and the verdict leaves them out")
+    if deciding:
+        which = "; ".join(f"{name!r} decides {', '.join(nodes)}" for name, nodes in deciding.items())
+        line += (f". The layers sit inside control flow the data decides ({which}): bind each such input to the "
+                 "value you deploy, `[model] bind = { NAME = VALUE }` (quantlab calibrate/build: --bind NAME=VALUE), "
+                 "to inline that branch, one experiment per branch")
+    return line
 
 
 def _write_options(config: ExperimentConfig, rewrites: PreparedModel | None) -> WriteOptions:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class LoadedModel:
     outputs: tuple[TensorSpec, ...]
     opset: int
     upgraded_from_opset: int | None = None
+    bound: tuple[str, ...] = ()  # inputs made constants at load (``bind``): data must not give them
 
     @property
     def input_names(self) -> list[str]:
@@ -278,7 +279,7 @@ def _load_file(path: Path, bind: Mapping[str, Any] | None = None) -> LoadedModel
         digest = sha256_bytes((digest + "|bind:" + ",".join(
             f"{k}={np.asarray(v).tolist()!r}" for k, v in sorted(bind.items()))).encode())
     proto, opset, upgraded = _prepare(proto, label, path)
-    return _loaded(proto, digest, path, opset, upgraded)
+    return replace(_loaded(proto, digest, path, opset, upgraded), bound=tuple(sorted(bind or {})))
 
 
 def model_from_proto(proto: onnx.ModelProto, *, label: str = "in-memory model") -> LoadedModel:
