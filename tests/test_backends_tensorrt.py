@@ -429,3 +429,50 @@ def test_backend_default_shapes_apply_to_models_holding_those_inputs():
     assert backend.profiles_for(models.text_recognizer()) == {"image": [[1, 3, 48, 64], [2, 3, 48, 128],
                                                                          [4, 3, 48, 256]]}
     assert backend.profiles_for(models.conv_net())["input"][1] == [1, 3, 16, 16]  # no 'image' here: the guess
+
+
+def _kv_cache_attention() -> onnx.ModelProto:
+    """One attention step with a KV cache, as decoders export it: present = Concat(past, k) is a graph output the
+    next step reads back; the past length P and the new length S are dynamic."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 16)).astype(np.float32), n) for n in ("wk", "wq", "wo")]
+    nodes = [helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+             helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+             helper.make_node("Concat", ["past", "k"], ["present"], name="cache", axis=1),
+             helper.make_node("Transpose", ["present"], ["kt"], name="kt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+             helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["probs", "present"], ["ctx"], name="attend"),
+             helper.make_node("MatMul", ["ctx", "wo"], ["y"], name="o_proj")]
+    graph = helper.make_graph(
+        nodes, "kv_step",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 16]),
+         helper.make_tensor_value_info("past", TensorProto.FLOAT, ["N", "P", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 16]),
+         helper.make_tensor_value_info("present", TensorProto.FLOAT, ["N", "T", 16])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto
+
+
+def test_a_kv_cache_concat_stays_float_and_int8_builds_with_a_dynamic_past(rtx):
+    """The Concat that makes a KV cache output is not quantized: its Q/DQ'd inputs made TensorRT-RTX's Myelin fail
+    (CHECK(is_const())) on a 2-layer optimum-style merged decoder with a dynamic past length (this one-layer step
+    built either way), and would hand the next step INT8-rounded keys. The MatMuls around it are INT8 all the
+    same, and the step builds with a dynamic past."""
+    from quantlab.shapes import ShapeRange
+
+    quantize, plan_module = _writer()
+    model = model_from_proto(_kv_cache_attention(), label="kv_step")
+    written = quantize.write_model(model, plan_module.uniform_plan("int8"), _minmax_table(model),
+                                   quantize.WriteOptions(target="tensorrt"))
+    out = _written_proto(written)
+    cache = next(n for n in out.graph.node if n.op_type == "Concat")
+    assert list(cache.input) == ["past", "k"]  # read as they are: no DQ in front
+    quantized = {t for t, q in written.provenance.quantized_inputs.items() if q["kind"] == "activation"}
+    assert {"x", "q", "probs", "ctx"} <= quantized and not {"past", "k"} & quantized
+    shapes = {"x": ShapeRange("x", (1, 1, 16), (4, 1, 16), (8, 4, 16)),
+              "past": ShapeRange("past", (1, 1, 16), (4, 5, 16), (8, 12, 16))}
+    _engine_ok(rtx.build_engine(out, shapes=shapes, label="kv_step (int8, written by quantlab)"))
