@@ -24,7 +24,7 @@ from ..fingerprint import sha256_bytes, sha256_file
 from .domains import typed_custom_outputs
 from .identities import fold_initializer_identities, fold_initializer_views
 from .weights import fold_computed_weights
-from .topology import topological_nodes
+from .topology import subgraph_reads, topological_nodes
 
 __all__ = [
     "MIN_OPSET",
@@ -335,15 +335,18 @@ def tensor_specs(proto: onnx.ModelProto) -> dict[str, TensorSpec]:
 def activation_names(proto: onnx.ModelProto, *, include_inputs: bool = True) -> list[str]:
     """Float activation tensors in topological order: graph inputs and node outputs.
 
-    Constants (outputs of Constant nodes, initializers) are not activations.
+    Constants (outputs of Constant nodes, initializers) are not activations, nor are inputs nothing reads (an
+    optimum decoder's ``past_key_values`` once its no-cache branch is bound: an "amax 0" warning per table).
     """
     specs = tensor_specs(proto)
     inits = {i.name for i in proto.graph.initializer}
     names: list[str] = []
     seen: set[str] = set()
     if include_inputs:
+        read = ({t for n in proto.graph.node for t in n.input} | subgraph_reads(proto.graph.node)
+                | {o.name for o in proto.graph.output})
         for i in proto.graph.input:
-            if i.name not in inits and specs.get(i.name) and specs[i.name].is_float:
+            if i.name not in inits and i.name in read and specs.get(i.name) and specs[i.name].is_float:
                 names.append(i.name)
                 seen.add(i.name)
     for node in topological_nodes(proto):
