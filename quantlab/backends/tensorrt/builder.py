@@ -92,10 +92,20 @@ def guessed_profiles_hint(profiles: Mapping[str, Profile], guessed: Mapping[str,
     if not guessed:
         return ""
     which = "; ".join(f"input {name!r} axis {', '.join(map(str, axes))}" for name, axes in guessed.items())
-    example = " ".join(str(ShapeRange(name, *profiles[name])) for name in guessed)
+    example = " ".join(_shape_template(name, profiles[name], guessed[name]) for name in guessed)
     return (f"\n  No data or --shapes fixed {which}: they got the guess (min, opt, max) = {DEFAULT_DYNAMIC_DIM}, "
-            f"which the model may not accept. Give the real range, e.g. --shapes {example} with your sizes, "
-            "or build from data (profiles then follow the shapes it holds).")
+            f"which the model does not accept. Give the real range: --shapes {example}, each MIN/OPT/MAX the "
+            "smallest, typical and largest size your data has there; or build from data (--table: profiles then "
+            "follow the shapes it holds).")
+
+
+def _shape_template(name: str, profile: Profile, axes: Sequence[int]) -> str:
+    """``name:1x3xMINxMIN,8x3xOPTxOPT,...``: the profile with the guessed axes as placeholders to fill in (the
+    guess itself, which just failed, is no example to copy)."""
+    def one(shape: Sequence[int], word: str) -> str:
+        return "x".join(word if k in axes and k != 0 else str(d) for k, d in enumerate(shape))
+
+    return f"{name}:" + ",".join(one(shape, word) for shape, word in zip(profile, ("MIN", "OPT", "MAX"), strict=True))
 
 
 class EngineBuilder:
