@@ -68,7 +68,8 @@ _DIMS = re.compile(r"^[0-9]+(x[0-9]+)*$")
 class ShapeRange:
     """(min, opt, max) shapes of one input: TensorRT's optimisation profile for it.
 
-    Checked on creation: same rank, positive dims, ``min <= opt <= max`` per axis.
+    Checked on creation: same rank, dims >= 0 (TensorRT builds empty tensors: an optimum decoder's first step
+    has a past of length 0), ``min <= opt <= max`` per axis.
     """
 
     name: str
@@ -83,10 +84,10 @@ class ShapeRange:
                 f"shapes of input {self.name!r}: MIN, OPT and MAX have ranks {len(self.min)}, "
                 f"{len(self.opt)} and {len(self.max)}; give three shapes of the same rank ({SHAPES_GRAMMAR})")
         for axis, (lo, opt, hi) in enumerate(zip(self.min, self.opt, self.max)):
-            if lo < 1 or not lo <= opt <= hi:
+            if lo < 0 or not lo <= opt <= hi:  # 0: an empty tensor, a decoder's first step (past length 0)
                 raise InputMismatchError(
                     f"shapes of input {self.name!r}, axis {axis}: MIN {lo}, OPT {opt}, MAX {hi} must satisfy "
-                    f"1 <= MIN <= OPT <= MAX ({SHAPES_GRAMMAR})")
+                    f"0 <= MIN <= OPT <= MAX ({SHAPES_GRAMMAR})")
 
     def as_tuple(self) -> tuple[Shape, Shape, Shape]:
         return self.min, self.opt, self.max

@@ -477,3 +477,5 @@ def test_a_kv_cache_concat_stays_float_and_int8_builds_with_a_dynamic_past(rtx):
     shapes = {"x": ShapeRange("x", (1, 1, 16), (4, 1, 16), (8, 4, 16)),
               "past": ShapeRange("past", (1, 1, 16), (4, 5, 16), (8, 12, 16))}
     _engine_ok(rtx.build_engine(out, shapes=shapes, label="kv_step (int8, written by quantlab)"))
+    first_step = {"x": shapes["x"], "past": ShapeRange("past", (1, 0, 16), (4, 0, 16), (8, 0, 16))}  # no past yet
+    _engine_ok(rtx.build_engine(out, shapes=first_step, label="kv_step (int8, first step: empty past)"))

@@ -36,7 +36,7 @@ def test_trtexec_style_shapes_parse_for_several_inputs():
     ("x:1x3,8*3,9x3", "OPT shape '8\\*3' of input 'x'"),
     ("1x3,8x3,9x3", "before any input name"),
     (":1x3", "no input name"),
-    ("x:0x3,1x3,1x3", "1 <= MIN"),
+    ("x:-1x3,1x3,1x3", "MIN shape '-1x3' of input 'x'"),
     ("x:1,2,3 x:1,2,3", "given twice"),
     ("  ", "empty"),
 ])
@@ -44,6 +44,14 @@ def test_bad_shapes_name_the_input_and_say_what_to_write(text, says):
     with pytest.raises(InputMismatchError, match=says) as err:
         parse_shapes(text)
     assert "NAME:MIN,OPT,MAX" in str(err.value)
+
+
+def test_an_empty_axis_is_a_range_tensorrt_builds():
+    """A decoder's first step has a past of length 0: the data's shapes give MIN 0 (even MAX 0 for a no-cache
+    set), which was refused though TensorRT builds empty tensors."""
+    ranges = parse_shapes("past:1x4x0x16,8x4x0x16,8x4x6x16 x:1x1,1x1,1x1")
+    assert ranges["past"].min == (1, 4, 0, 16) and ranges["past"].max == (8, 4, 6, 16)
+    assert ShapeRange("past", (1, 0), (1, 0), (1, 0)).max == (1, 0)
 
 
 def test_range_must_keep_the_models_rank_and_fixed_dims():
