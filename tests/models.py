@@ -976,3 +976,20 @@ def nms_detector(seed: int = 0, score_threshold: float = 0.5) -> onnx.ModelProto
     outputs = [helper.make_tensor_value_info("kept_boxes", TensorProto.FLOAT, ["K", 4]),
                helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 16])]
     return _model(nodes, inputs, outputs, inits, "nms_detector")
+
+
+def hf_mask_softmax(width: int = 4) -> onnx.ModelProto:
+    """HF transformers' additive mask: ``(1 - keep) * finfo(float32).min`` from two Constant nodes, added to the
+    scores before a Softmax (``scores, keep [N, width] -> probs``). Not in ALL_BUILDERS: no compute layer."""
+    lowest = numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32))
+    nodes = [helper.make_node("Constant", [], ["one"], name="one", value=numpy_helper.from_array(np.float32(1.0))),
+             helper.make_node("Constant", [], ["lowest"], name="lowest", value=lowest),
+             helper.make_node("Sub", ["one", "keep"], ["dropped"], name="invert"),
+             helper.make_node("Mul", ["dropped", "lowest"], ["mask"], name="to_mask"),
+             helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1)]
+    graph = helper.make_graph(nodes, "hf_mask", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", width]),
+                                                 helper.make_tensor_value_info("keep", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", width])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+

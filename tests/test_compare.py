@@ -472,17 +472,7 @@ def test_an_hf_mask_at_float32_min_gives_no_false_nan_in_local_mode(simulation):
     fed islands the reference's -3.4e38, which became -inf in float16: every T5/wav2vec2 FP16 run was told NaN
     'first appears' at the mask's Add and to pin it to fp32, which did not help. Islands of FP16 groups are fed
     values saturated at +-65504, as the candidate holds them."""
-    lowest = numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32))
-    nodes = [helper.make_node("Constant", [], ["one"], name="one", value=numpy_helper.from_array(np.float32(1.0))),
-             helper.make_node("Constant", [], ["lowest"], name="lowest", value=lowest),
-             helper.make_node("Sub", ["one", "keep"], ["dropped"], name="invert"),
-             helper.make_node("Mul", ["dropped", "lowest"], ["mask"], name="to_mask"),
-             helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
-             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 4]),
-                                           helper.make_tensor_value_info("keep", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 4])])
-    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model = model_from_proto(models.hf_mask_softmax())
     rng = np.random.default_rng(0)
     keep = (rng.random((8, 4)) < 0.7).astype(np.float32)
     keep[:, 0] = 1.0

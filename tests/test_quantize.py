@@ -719,19 +719,8 @@ def test_fp16_mask_from_a_constant_node_at_float32_min_stays_finite(simulation):
     """HF transformers build the mask as (1 - m) * torch.finfo(float32).min, the minimum a Constant node: its
     float16 copy is clipped to -65504 when written (a Cast at run time made it -inf, and 0 * -inf = NaN on
     every token the mask keeps)."""
-    from onnx import TensorProto, helper
 
-    lowest = numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32))
-    nodes = [helper.make_node("Constant", [], ["one"], name="one", value=numpy_helper.from_array(np.float32(1.0))),
-             helper.make_node("Constant", [], ["lowest"], name="lowest", value=lowest),
-             helper.make_node("Sub", ["one", "keep"], ["dropped"], name="invert"),
-             helper.make_node("Mul", ["dropped", "lowest"], ["mask"], name="to_mask"),
-             helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
-             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [2, 4]),
-                                           helper.make_tensor_value_info("keep", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [2, 4])])
-    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model = model_from_proto(models.hf_mask_softmax())
     written = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=simulation))
     feeds = {"scores": np.array([[0.5, -1.0, 2.0, 0.0]] * 2, np.float32),
              "keep": np.array([[1, 1, 0, 1], [1, 0, 0, 0]], np.float32)}
