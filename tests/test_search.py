@@ -978,3 +978,17 @@ def test_flip_margins_of_a_state_batched_on_axis_1_and_a_shared_scalar():
         want = logit_margins(logits, ref.top1[indices]) / ref.scale[indices]
         np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-5)
     assert np.abs(got[0] - got[1]).max() > 0  # int8 and fp16 differ: the check can fail
+
+
+def test_ranking_noise_counts_every_output_not_only_the_worst():
+    """A decoder's worst output was present.0.key, which only block 0's key projection touches: ranked by the worst
+    output alone, every other group had exactly zero impact and the search pinned all 21 groups (0 % INT8); ranked
+    by the outputs' summed noise (a soft minimum), it pinned 1 and kept 95 % in INT8 at 46.6 dB."""
+    from quantlab.search.ranking import output_sqnr
+
+    assert output_sqnr([{"sqnr_db": 40.0}]) == 40.0
+    both = output_sqnr([{"sqnr_db": 40.0}, {"sqnr_db": 50.0}])
+    assert both == pytest.approx(-10 * math.log10(1e-4 + 1e-5)) and both < 40.0
+    # a group that only improves the second output now changes the figure (it did not with the minimum)
+    assert output_sqnr([{"sqnr_db": 40.0}, {"sqnr_db": 60.0}]) > both
+    assert output_sqnr([{"sqnr_db": math.inf}]) == math.inf and math.isnan(output_sqnr([{"sqnr_db": math.nan}]))
