@@ -992,3 +992,33 @@ def test_ranking_noise_counts_every_output_not_only_the_worst():
     # a group that only improves the second output now changes the figure (it did not with the minimum)
     assert output_sqnr([{"sqnr_db": 40.0}, {"sqnr_db": 60.0}]) > both
     assert output_sqnr([{"sqnr_db": math.inf}]) == math.inf and math.isnan(output_sqnr([{"sqnr_db": math.nan}]))
+
+
+def test_bias_correction_that_lowers_the_all_int8_sqnr_is_measured_and_not_applied():
+    """Bias correction is mixed: on a wav2vec2-style encoder it cost 0.3 dB, and every plan of the search
+    inherited it. The search keeps it only when the all-INT8 plan is no worse with it on the ranking subset;
+    a correction made harmful on purpose (shifts x 40) is dropped, the measured one is kept or dropped by the
+    same two evaluations, and both figures are recorded."""
+    import dataclasses
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.quantize import measure_bias_correction
+    from quantlab.search.api import _correction_if_it_helps
+    from quantlab.search.evaluator import write_options
+
+    proto = models.residual_net()
+    model = model_from_proto(proto)
+    cal = from_arrays(models.random_inputs(proto, 16, seed=1))
+    val = from_arrays(models.random_inputs(proto, 16, seed=2), role="validation")
+    table = calibrate(model, cal, "minmax").tables["minmax"]
+    options = SearchOptions(threshold="sqnr_db>=40", batch_size=8)
+    measured = measure_bias_correction(model, table, cal, write_options(options), batch_size=8)
+    base = resolve_plan(uniform_plan("int8"), proto)
+    kept, check = _correction_if_it_helps(model, table, val, options, measured, base)
+    assert check["check_samples"] == 8 and (kept is measured) == (check["int8_sqnr_db_with"] >= check["int8_sqnr_db_without"])
+    harmful = dataclasses.replace(measured, layers=tuple((n, tuple(40.0 * v + 0.5 for v in vals))
+                                                           for n, vals in measured.layers))
+    dropped, why = _correction_if_it_helps(model, table, val, options, harmful, base)
+    assert dropped is None and why["int8_sqnr_db_with"] < why["int8_sqnr_db_without"]
+    assert why["why"].startswith("it lowered the all-INT8 output SQNR on 8 validation sample(s)")
