@@ -726,3 +726,27 @@ def test_boxes_nms_keeps_may_differ_in_number_and_are_compared_where_they_agree(
     same = [i for i, (a, b) in enumerate(counts) if a == b]
     per_sample = result.per_sample[result.per_sample["output"] == "kept_boxes"]
     assert per_sample["cosine"].isna().sum() == differ and (per_sample["cosine"].iloc[same] == 1.0).all()
+
+
+def test_a_0d_float_tensor_feeds_an_fp16_island_in_local_mode():
+    """A scalar computed from a shape (1/sqrt(d) of an attention) fed to an FP16 group's island: np.clip gave a
+    numpy scalar, which ONNX Runtime refused ('Unable to handle object of type numpy.float32'): every FP16
+    comparison of a GPT-style decoder failed."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "last"], ["width"], name="width", axis=0),
+             helper.make_node("Cast", ["width"], ["widthf"], name="widthf", to=TensorProto.FLOAT),
+             helper.make_node("Sqrt", ["widthf"], ["root"], name="root"),
+             helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Div", ["h", "root"], ["y"], name="scale")]
+    graph = helper.make_graph(nodes, "scaled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+                              [numpy_helper.from_array(np.array(1, np.int64), "last"),
+                               numpy_helper.from_array(rng.normal(size=(8, 6)).astype(np.float32), "w")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = from_arrays({"x": rng.normal(size=(6, 8)).astype(np.float32)}, role="validation")
+    for simulation in (False, True):
+        fp16 = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=simulation))
+        res = compare(model, {"fp16": fp16}, data, CompareOptions(batch_size=3, bootstrap=0))
+        local = res.per_layer[res.per_layer["mode"] == "local"]
+        assert "y" in set(local["tensor"]) and res.end_to_end["sqnr_db"].iloc[0] > 50

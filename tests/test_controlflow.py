@@ -456,3 +456,23 @@ def test_a_boolean_input_binds_to_true_or_false(tmp_path):
     config = parse_experiment('[model]\npath = "m.onnx"\nbind = { use_cache_branch = true }\n[data]\n'
                               'calibration = "c.toml"\nvalidation = "v.toml"\n', source=tmp_path / "e.toml")
     assert dict(config.bind) == {"use_cache_branch": True}
+
+
+def test_a_truncated_batch_cuts_each_input_on_its_own_batch_axis(tmp_path):
+    """compare with max_samples cut the last batch on axis 0 of every input: an LSTM's state [2, N, H] became
+    [1, N, H]... and the run stopped ('a batch must hold 1 samples on axis 0 of every input'). The search's
+    bias-correction check evaluates the first samples so, and LSTM/GRU experiments failed."""
+    from quantlab.calibrate import calibrate
+    from quantlab.compare import CompareOptions, compare
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    model, data = _vad_with_sr_fed(tmp_path, [16000] * 5)
+    table = calibrate(model, data, "minmax", batch_size=2).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    whole = compare(model, {"int8": written}, data.select([0, 1, 2]), CompareOptions(batch_size=2, bootstrap=0,
+                                                                                      per_layer=False))
+    cut = compare(model, {"int8": written}, data, CompareOptions(batch_size=2, max_samples=3, per_layer=False,
+                                                                 bootstrap=0))
+    assert cut.end_to_end["samples"].tolist() == whole.end_to_end["samples"].tolist() == [3, 3]
+    np.testing.assert_allclose(cut.end_to_end["sqnr_db"], whole.end_to_end["sqnr_db"], rtol=1e-9)

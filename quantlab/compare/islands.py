@@ -78,6 +78,13 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
     known = set(ref.producer) | set(ref.graph_inputs) | ref_inits | ref.constants
     out: dict[str, Island] = {}
     notes: list[str] = []
+    specs: dict[str, Any] = {}
+
+    def typed() -> Mapping[str, Any]:  # computed on first use: shape inference of a large model costs seconds
+        if not specs:
+            specs.update(typed_specs(proto))
+        return specs
+
     for gi, g in enumerate(ref.groups):
         if g.name not in by_group:
             continue
@@ -96,6 +103,11 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
                            if t and t not in inits and t not in made})
         outputs = tuple((x.tensor, carriers[x.tensor]) for x in by_group[g.name] if carriers[x.tensor] in made)
         if not outputs:
+            continue
+        untyped = [t for t in boundary if t not in typed()]
+        if untyped:  # e.g. a contrib op's int32 mask index in an FP16-simulation write: nothing to feed it as
+            notes.append(f"candidate {name!r}: local mode skips group {g.name!r}: the type of its input "
+                         f"{untyped[0]!r} is unknown (shape inference cannot type it)")
             continue
         foreign = [t for t in boundary if t not in known]
         if foreign:  # e.g. a tensor --equalize rescaled: the reference cannot feed it
@@ -221,5 +233,5 @@ def _as_island_input(value: np.ndarray, dtype: np.dtype, into_float16: bool = Fa
     where the reference's -3.4e38 made every island reading it overflow to -inf and look like the first layer
     to give NaN."""
     if value.dtype.kind == "f" and (dtype == np.float16 or into_float16):
-        value = np.clip(value, -FP16_MAX, FP16_MAX)
-    return value if value.dtype == dtype else value.astype(dtype)
+        value = np.asarray(np.clip(value, -FP16_MAX, FP16_MAX))  # a 0-d array stays an array (np.clip: a scalar)
+    return value if value.dtype == dtype else np.asarray(value.astype(dtype))

@@ -69,7 +69,8 @@ LayerKey = tuple[str, str, str]
 
 
 def truncated_batches(dataset: DataSet, batch_size: int, limit: int) -> Iterator[Batch]:
-    """The first ``limit`` samples, batched (the last batch sliced)."""
+    """The first ``limit`` samples, batched (the last batch sliced, each input along its own batch axis: an LSTM's
+    state on axis 1 was cut on axis 0)."""
     seen = 0
     for batch in dataset.batches(batch_size):
         if seen >= limit:
@@ -79,7 +80,8 @@ def truncated_batches(dataset: DataSet, batch_size: int, limit: int) -> Iterator
             keep = limit - seen
             batch = dataclasses.replace(
                 batch, indices=tuple(batch.indices[:keep]), keys=tuple(batch.keys[:keep]),
-                feeds={k: v[:keep] for k, v in batch.feeds.items()},
+                feeds={k: take_samples(v, (batch.batch_axes or {}).get(k, 0), slice(0, keep))
+                       for k, v in batch.feeds.items()},
                 labels=None if batch.labels is None else batch.labels[:keep],
             )
             n = keep

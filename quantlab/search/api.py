@@ -130,8 +130,13 @@ def _correction_if_it_helps(model: LoadedModel, table: CalibrationTable, dataset
     every plan of the search inherited it. Two evaluations of the all-INT8 plan on a few samples decide.
     """
     n = min(options.probe_samples, max(1, len(dataset) // 2))
-    with_it = output_sqnr(CompareEvaluator(model, table, dataset, options, correction).evaluate(base, n).rows)
-    without = output_sqnr(CompareEvaluator(model, table, dataset, options, None).evaluate(base, n).rows)
+
+    def sqnr(fix: BiasCorrection | None) -> float:
+        evaluator = CompareEvaluator(model, table, dataset, options, fix)
+        n_used = len(evaluator.select_subset(n, fragile=False))  # the first n samples, as the ranking's
+        return output_sqnr(evaluator.evaluate(base, n_used).rows)
+
+    with_it, without = sqnr(correction), sqnr(None)
     check = {"check_samples": n, "int8_sqnr_db_with": with_it, "int8_sqnr_db_without": without}
     if is_nan(with_it) or is_nan(without) or with_it >= without:
         return correction, check
