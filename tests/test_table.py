@@ -247,3 +247,26 @@ def test_an_unreadable_table_or_cache_is_a_permission_error_naming_it(tmp_path):
         with models.permissions_enforced(), pytest.raises(PermissionError) as err:
             read(path)
         assert err.value.filename == str(path) and f"chmod a+r {path}" in str(err.value)
+
+
+def test_a_zero_filled_tensor_quantlab_calibrated_reads_back_quietly(tmp_path):
+    """A BERT's zero-filled tensors (ConstantOfShape, an Expand of zeros) have amax 0 and an all-zero histogram:
+    the table's notes name them when a Q/DQ reads them; reading the table warned about them on every read,
+    three times a run. A zero range set by hand over a histogram that saw values still warns."""
+    import warnings
+
+    from quantlab.table import ZeroRangeWarning
+
+    table = _table()
+    ranges = dict(table.ranges)
+    ranges["zeros"] = TensorRange(amax=0.0, min=0.0, max=0.0, histogram={"count": 64, "zeros": 64, "absmax": 0.0})
+    del ranges["masked:0"]
+    path = write_table(CalibrationTable("minmax", ranges, table.model_sha256), tmp_path / "quiet.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ZeroRangeWarning)
+        read_table(path)
+    ranges["edited"] = TensorRange(amax=0.0, min=0.0, max=0.0, histogram={"count": 64, "zeros": 3, "absmax": 2.5})
+    path = write_table(CalibrationTable("minmax", ranges, table.model_sha256), tmp_path / "edited.json")
+    with pytest.warns(ZeroRangeWarning, match="'edited'") as caught:
+        read_table(path)
+    assert "'zeros'" not in str(caught[0].message)
