@@ -3,9 +3,9 @@
 One row per (data set, tensor) with the columns of :data:`TENSOR_METRICS`; a
 threshold (``--fail-if``) is checked on every row and on the summary row, where
 each metric also exists as ``<metric>_max`` (the largest over tensors and data
-sets). The default gate, ``outside_surprise_max>2``, fails when some tensor has more samples beyond the
-calibration maximum than the calibration set's own distribution gives once in a hundred times (the set
-sizes decide how many that is: :func:`quantlab.coverage.gate.outside_surprise`);
+sets). The default gate, ``outside_surprise_max>2 and outside_samples_max>0.2``, fails when over a fifth
+of a set's samples go beyond the calibration maximum in some tensor, more than the calibration set's own
+distribution gives once in a hundred times (:func:`quantlab.coverage.gate.outside_surprise`);
 ``saturated_excess_max>0.01`` when a tensor saturates 1 % more of its values
 than on the calibration set; ``psi_excess_max>0.1`` when the lower end of some
 tensor's PSI interval is 0.1 above the noise level (the distribution moved).
