@@ -190,7 +190,7 @@ def _run_quantlab(cfg: dict[str, Any]) -> dict[str, Any]:
     """``calibrate()`` as the CLI calls it, then each table again alone for its own time."""
     from quantlab.calibrate import calibrate, table_from_statistics
     from quantlab.graph import load_model
-    from quantlab.stats import scope_tensors, unquantized_tensors
+    from quantlab.stats import scope_tensors
 
     model = load_model(cfg["model"])
     start = time.perf_counter()
@@ -199,11 +199,18 @@ def _run_quantlab(cfg: dict[str, Any]) -> dict[str, Any]:
                        tensors=tensors)
     seconds = time.perf_counter() - start
     done_cpu = _cpu_seconds()
-    unquantized = unquantized_tensors(model.proto)
+    try:
+        from quantlab.stats import unquantized_tensors
+
+        notes = {"unquantized": unquantized_tensors(model.proto)}
+    except ImportError:  # an older quantlab (--baseline): the pre-activations it knew
+        from quantlab.stats import fused_preactivations
+
+        notes = {"fused": fused_preactivations(model.proto)}
     tables = {}
     for method in result.tables:
         t0 = time.perf_counter()
-        table_from_statistics(result.statistics, method, versions={}, unquantized=unquantized)
+        table_from_statistics(result.statistics, method, versions={}, **notes)
         tables[method] = round(time.perf_counter() - t0, 4)
     # the bench's own timing of each table below is not part of the work: wall and CPU leave it out
     return {"seconds": seconds, "tensors": len(tensors), "table_seconds": tables,
