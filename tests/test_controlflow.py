@@ -476,3 +476,21 @@ def test_a_truncated_batch_cuts_each_input_on_its_own_batch_axis(tmp_path):
                                                                  bootstrap=0))
     assert cut.end_to_end["samples"].tolist() == whole.end_to_end["samples"].tolist() == [3, 3]
     np.testing.assert_allclose(cut.end_to_end["sqnr_db"], whole.end_to_end["sqnr_db"], rtol=1e-9)
+
+
+def test_run_with_every_layer_inside_an_if_has_no_verdict_and_fails_the_gate(tmp_path, capsys):
+    """Without a bind no candidate computes anything but float32: the run said 'PASS ... sqnr_db = inf'. It now
+    has no verdict, says why, and --fail-on-verdict (a CI gate) exits 1."""
+    from quantlab.cli import main
+
+    _layers_inside_an_if(tmp_path)
+    (tmp_path / "e.toml").write_text('name = "merged"\nthreshold = "sqnr_db>=25"\n[model]\npath = "merged.onnx"\n'
+                                     '[data]\ncalibration = "rows.toml"\nvalidation = "rows.toml"\n'
+                                     '[calibrate]\nmethods = ["minmax"]\n[candidates]\nint8 = ["minmax"]\n'
+                                     '[search]\nenabled = false\n[report]\ncoverage = false\n')
+    code = main(["run", str(tmp_path / "e.toml"), "--reports-dir", str(tmp_path / "r"), "--quiet",
+                 "--fail-on-verdict"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "verdict: NONE: no candidate computes in INT8 or FP16, so 'sqnr_db>=25' was not checked" in out
+    assert "WARNING fp16, int8-minmax: no tensor got a Q/DQ or float16" in out and "'mode' decides" in out

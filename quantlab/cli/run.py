@@ -28,7 +28,8 @@ def register(subparsers: Any) -> None:
                    help="folder that receives reports/NAME/ (default: ./reports)")
     p.add_argument("--force", action="store_true", help="redo every stage even when its inputs are unchanged")
     p.add_argument("--fail-on-verdict", action="store_true",
-                   help="exit with code 1 when the final candidate misses the threshold (CI gate)")
+                   help="exit with code 1 when the final candidate misses the threshold, or when no candidate "
+                        "could be judged (CI gate)")
     add_progress_option(p, "--quiet")
 
 
@@ -43,6 +44,9 @@ def print_result(result: Any, *, stream: Any = None) -> None:
         ci = f" (95 % CI {v.ci_low:.6g} – {v.ci_high:.6g})" if v.ci_low is not None else ""
         word = "PASS" if v.passed else "FAIL"
         print(f"verdict: {word}: {v.candidate}: {v.metric} = {v.value:.6g}{ci}; threshold {v.threshold}", file=out)
+    elif result.config.threshold:
+        print(f"verdict: NONE: no candidate computes in INT8 or FP16, so {result.config.threshold!r} was not "
+              "checked (see the WARNING below)", file=out)
     for note in result.messages:
         print(f"note: {note}", file=out)
     print(f"report: {result.index_html}", file=out)
@@ -79,6 +83,7 @@ def run(args: Any) -> int:
     print_result(result)
     if config.export_repository is not None:
         export_release(config, result.report_dir)
-    if args.fail_on_verdict and result.verdict is not None and not result.verdict.passed:
-        return ExitCode.VERDICT
+    if args.fail_on_verdict and (result.verdict is None and config.threshold
+                                 or result.verdict is not None and not result.verdict.passed):
+        return ExitCode.VERDICT  # a CI gate does not pass a threshold it could not check
     return 0
