@@ -33,8 +33,7 @@ def coverage_method(config: ExperimentConfig) -> str:
 def quantized_tensors(written: Mapping[str, WrittenModel]) -> list[str] | None:
     """The activation tensors some INT8 candidate quantizes (the coverage check's tensors), in first-seen order;
     None when no candidate quantizes any (FP16 only: every tensor of the table is checked)."""
-    names = [t for w in written.values() for t, q in w.provenance.quantized_inputs.items()
-             if q.get("kind") == "activation"]
+    names = [t for w in written.values() for t in w.provenance.quantized_activations()]
     return list(dict.fromkeys(names)) or None
 
 

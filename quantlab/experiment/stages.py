@@ -35,9 +35,10 @@ from ..threshold import parse_threshold
 from .spec import ExperimentConfig
 
 __all__ = ["Candidate", "experiment_candidates", "calibrate_stage", "build_stage", "compare_stage", "search_stage",
-           "engine_shapes_for", "float_candidates", "float_candidates_note", "measured_candidates", "search_note", "simulated_candidates", "simulated_note", "stage_rewrites", "SMOOTHQUANT_FILE", "rewrite_note", "bias_correction_note",
-           "load_written", "load_frames", "read_json", "verdict_for", "best_candidate", "search_end_to_end",
-           "COMPARE_FRAMES", "SEARCH_CANDIDATE"]
+           "engine_shapes_for", "float_candidates", "float_candidates_note", "measured_candidates", "search_note",
+           "simulated_candidates", "simulated_note", "stage_rewrites", "SMOOTHQUANT_FILE", "rewrite_note",
+           "bias_correction_note", "load_written", "load_frames", "read_json", "verdict_for", "best_candidate",
+           "search_end_to_end", "COMPARE_FRAMES", "SEARCH_CANDIDATE"]
 
 COMPARE_FRAMES = ("end_to_end", "per_layer", "per_sample")
 SEARCH_CANDIDATE = "mixed (search)"
@@ -145,7 +146,7 @@ def float_candidates(written: Mapping[str, WrittenModel], config: ExperimentConf
         w = written.get(c.name)
         if w is None:
             continue
-        if c.precision == INT8 and not any(q.get("kind") == "activation" for q in w.provenance.quantized_inputs.values()):
+        if c.precision == INT8 and not w.provenance.quantized_activations():
             out.append(c.name)
         elif c.precision == FP16 and not holds_float16(w.proto):
             out.append(c.name)

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .topology import subgraph_reads
+from .topology import kept_names
 
 __all__ = ["fold_initializer_identities", "fold_initializer_views"]
 
@@ -38,7 +38,7 @@ def fold_initializer_identities(proto: onnx.ModelProto) -> onnx.ModelProto:
     there is none."""
     g = proto.graph
     inits = {i.name for i in g.initializer} - {i.name for i in g.input}
-    keep = _kept_names(g)
+    keep = kept_names(g)
     source = {n.output[0]: n.input[0] for n in g.node
               if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and len(n.input) == 1
               and n.input[0] in inits and n.output[0] not in keep}
@@ -53,11 +53,6 @@ def fold_initializer_identities(proto: onnx.ModelProto) -> onnx.ModelProto:
                 node.input[k] = source[name]
     _replace_nodes(out.graph, nodes, gone=set(source))
     return out
-
-
-def _kept_names(g: onnx.GraphProto) -> set[str]:
-    """Graph outputs and the tensors subgraphs read by name: a copy under such a name stays a node."""
-    return {o.name for o in g.output} | subgraph_reads(g.node)
 
 
 def _is_widening_cast(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
@@ -94,7 +89,7 @@ def fold_initializer_views(proto: onnx.ModelProto) -> onnx.ModelProto:
         g = out.graph
         inits = {i.name: i for i in g.initializer if i.name not in {x.name for x in g.input}}
         constants = {**_constant_values(g), **inits}  # a layout op's axes/shape may be a Constant node's
-        keep = _kept_names(g)
+        keep = kept_names(g)
         folded = [n for n in g.node if n.domain in ("", "ai.onnx") and len(n.output) == 1 and n.output[0]
                   and n.output[0] not in keep and n.input and n.input[0] in inits
                   and all(t in constants for t in n.input[1:] if t)

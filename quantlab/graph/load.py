@@ -24,7 +24,7 @@ from ..fingerprint import sha256_bytes, sha256_file
 from .domains import typed_custom_outputs
 from .identities import fold_initializer_identities, fold_initializer_views
 from .weights import fold_computed_weights
-from .topology import subgraph_reads, topological_nodes
+from .topology import kept_names, topological_nodes
 
 __all__ = [
     "MIN_OPSET",
@@ -343,8 +343,7 @@ def activation_names(proto: onnx.ModelProto, *, include_inputs: bool = True) -> 
     names: list[str] = []
     seen: set[str] = set()
     if include_inputs:
-        read = ({t for n in proto.graph.node for t in n.input} | subgraph_reads(proto.graph.node)
-                | {o.name for o in proto.graph.output})
+        read = {t for n in proto.graph.node for t in n.input} | kept_names(proto.graph)
         for i in proto.graph.input:
             if i.name not in inits and i.name in read and specs.get(i.name) and specs[i.name].is_float:
                 names.append(i.name)

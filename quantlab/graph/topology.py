@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
-           "topological_nodes", "with_outputs", "outer_names", "subgraph_reads"]
+           "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names"]
 
 
 def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -115,3 +115,9 @@ def subgraph_reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:
             for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
                 reads |= outer_names(body)
     return reads
+
+
+def kept_names(graph: onnx.GraphProto) -> set[str]:
+    """Graph outputs and the tensors its subgraphs read by name: a load-time fold must keep them under their names."""
+    return {o.name for o in graph.output} | subgraph_reads(graph.node)
+

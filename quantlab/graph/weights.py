@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .topology import subgraph_reads
+from .topology import kept_names
 
 __all__ = ["fold_computed_weights"]
 
@@ -43,7 +43,7 @@ def fold_computed_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     g = proto.graph
     inits = {i.name for i in g.initializer} - {i.name for i in g.input}
     producers = {o: n for n in g.node for o in n.output if o}
-    kept = {o.name for o in g.output} | subgraph_reads(g.node)
+    kept = kept_names(g)
     constant: dict[str, bool] = {}
     targets = [t for n in g.node if n.domain in ("", "ai.onnx")
                for slot in _WEIGHT_SLOTS.get(n.op_type, ()) if slot < len(n.input)
@@ -53,11 +53,11 @@ def fold_computed_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     targets = list(dict.fromkeys(targets))
     if not targets:
         return proto
-    ids, read = _cone(targets, producers, inits)
-    values = _evaluated(proto, targets, set(ids), read)
+    cone, read = _cone(targets, producers, inits)
+    values = _evaluated(proto, targets, cone, read)
     if values is None:
         return proto
-    return _with_initializers(proto, values, kept, set(ids))
+    return _with_initializers(proto, values, kept, cone)
 
 
 def _is_constant(tensor: str, producers: dict[str, onnx.NodeProto], inits: set[str],
@@ -91,10 +91,10 @@ def _is_constant(tensor: str, producers: dict[str, onnx.NodeProto], inits: set[s
     return memo[tensor]
 
 
-def _cone(targets: list[str], producers: dict[str, onnx.NodeProto], inits: set[str]) -> tuple[list[int], set[str]]:
-    """Indices (graph order) of the nodes computing ``targets``, and the initializers they read."""
+def _cone(targets: list[str], producers: dict[str, onnx.NodeProto], inits: set[str]) -> tuple[set[int], set[str]]:
+    """The ``id``s of the nodes computing ``targets``, and the initializers they read."""
     seen: set[str] = set()
-    nodes: dict[int, onnx.NodeProto] = {}
+    nodes: set[int] = set()
     read: set[str] = set()
     stack = list(targets)
     while stack:
@@ -106,9 +106,9 @@ def _cone(targets: list[str], producers: dict[str, onnx.NodeProto], inits: set[s
             read.add(t)
             continue
         node = producers[t]
-        nodes[id(node)] = node
+        nodes.add(id(node))
         stack.extend(i for i in node.input if i)
-    return [id(n) for n in nodes.values()], read
+    return nodes, read
 
 
 def _evaluated(proto: onnx.ModelProto, targets: list[str], cone: set[int],

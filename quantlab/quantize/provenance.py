@@ -60,6 +60,10 @@ class Provenance:
             object.__setattr__(self, "group_precision",
                                GroupPrecision(self.group_precision, where="provenance group_precision"))
 
+    def quantized_activations(self) -> tuple[str, ...]:
+        """The original tensors that got an activation Q/DQ (not a weight's or a bias's), in written order."""
+        return tuple(t for t, q in self.quantized_inputs.items() if q.get("kind") == "activation")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PROVENANCE_FORMAT,

@@ -49,6 +49,11 @@ def quantizable_tensors(proto: onnx.ModelProto) -> set[str]:
     RMSNorm's internals, a mask, T5's bucket arithmetic, the Sigmoid inside a SiLU; a small T5 encoder has 120
     tensors of which 36 can get a Q/DQ.
     """
+    return _quantizable_among(proto, activation_names(proto))
+
+
+def _quantizable_among(proto: onnx.ModelProto, names: list[str]) -> set[str]:
+    """:func:`quantizable_tensors` among ``names`` (the model's activation names, computed once by the caller)."""
     fused = set(fused_preactivations(proto))
     nodes = dict(zip(node_names(proto), proto.graph.node, strict=True))
     out: set[str] = set()
@@ -61,14 +66,15 @@ def quantizable_tensors(proto: onnx.ModelProto) -> set[str]:
         if group.residual_input:  # the residual Add's inputs: the skip, and the conv branch (ORT target)
             out.update(t for name in group.nodes for t in nodes[name].input
                        if group.residual_input in nodes[name].input and t)
-    return out & set(activation_names(proto))
+    return out & set(names)
 
 
 def unquantized_tensors(proto: onnx.ModelProto) -> frozenset[str]:
     """The float activations no INT8 plan puts a Q/DQ on (the complement of :func:`quantizable_tensors`): their
     ranges are never used, so their calibration notes are milder."""
-    quantizable = quantizable_tensors(proto)
-    return frozenset(n for n in activation_names(proto) if n not in quantizable)
+    names = activation_names(proto)
+    quantizable = _quantizable_among(proto, names)
+    return frozenset(n for n in names if n not in quantizable)
 
 
 def scope_tensors(proto: onnx.ModelProto, scope: str = "all") -> list[str]:
@@ -77,6 +83,6 @@ def scope_tensors(proto: onnx.ModelProto, scope: str = "all") -> list[str]:
     if scope == "all":
         return names
     if scope == "quantizable":
-        wanted = quantizable_tensors(proto)
+        wanted = _quantizable_among(proto, names)
         return [n for n in names if n in wanted]
     raise CalibrationError(f"unknown tensor scope {scope!r}; choose one of {', '.join(TENSOR_SCOPES)}")
