@@ -346,7 +346,7 @@ def calibrate(
     from .data import DataFingerprint, check_inputs
 
     chosen = _checked_request(model, methods, percentile, batch_size, tensors)
-    dataset = with_carry(dataset, model)
+    dataset = with_carry(dataset, model, streams=batch_size)
     check_inputs(dataset, model, batch_size=batch_size)
     fingerprint, shapes = DataFingerprint(), ShapeLog()
 

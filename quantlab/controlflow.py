@@ -59,6 +59,8 @@ __all__ = [
     "InlinedIf",
     "bind_hints",
     "bind_inputs",
+    "compute_layers_in_bodies",
+    "compute_layers_outside",
     "control_flow_notes",
     "deciding_inputs",
     "float_subgraph_tensors",
@@ -222,6 +224,29 @@ def float_subgraph_tensors(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROL
                             - not_float):
                 out.setdefault(t, reason)
     return out
+
+
+_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+"""The layers that carry a model's compute, and an INT8 plan's speed-up."""
+
+
+def compute_layers_in_bodies(proto: onnx.ModelProto) -> dict[str, int]:
+    """``"Loop 'name'"`` -> how many Conv/ConvTranspose/MatMul/Gemm nodes its bodies hold (nested ones included),
+    for the If / Loop / Scan nodes of the main graph that hold any: they stay float whatever the plan."""
+    def count(graph: onnx.GraphProto) -> int:
+        return sum((n.op_type in _COMPUTE_OPS) + sum(count(b) for b in subgraphs(n)) for n in graph.node)
+
+    out: dict[str, int] = {}
+    for node in proto.graph.node:
+        inside = sum(count(body) for body in subgraphs(node))
+        if inside:
+            out[f"{node.op_type} {(node.name or node.output[0])!r}"] = inside
+    return out
+
+
+def compute_layers_outside(proto: onnx.ModelProto) -> int:
+    """The Conv/ConvTranspose/MatMul/Gemm nodes of the main graph (those a plan can make INT8)."""
+    return sum(n.op_type in _COMPUTE_OPS for n in proto.graph.node)
 
 
 def control_flow_notes(proto: onnx.ModelProto) -> tuple[str, ...]:

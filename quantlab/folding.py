@@ -73,11 +73,33 @@ class ConstantFolder:
         self.values.update({k: np.asarray(v) for k, v in (seeds or {}).items()})
         self.leaves: dict[str, tuple[str, ...]] = {name: (name,) for name in self.values}
         self.producer = {o: n for n in graph.node for o in n.output if o}
+        self._graph = graph
+        self._dims: dict[str, tuple[int | None, ...]] | None = None  # inferred shapes, made on first need
+
+    def _static_shape(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """A main-graph ``Shape`` whose (sliced) dims shape inference fixes, from the declared input shapes: a
+        scripted ``for t in range(x.shape[1])`` over a fixed axis is a static trip count. None when any dim is
+        symbolic (the data decides)."""
+        if self._dims is None:
+            self._dims = _inferred_dims(self.model)
+        dims = self._dims.get(node.input[0]) if node.input else None
+        if dims is None:
+            return None
+        attrs = {a.name: a.i for a in node.attribute}
+        picked = dims[slice(attrs.get("start", 0), attrs.get("end"))]
+        if any(d is None for d in picked):
+            return None
+        out = node.output[0]
+        self.values[out] = np.array(picked, dtype=np.int64)
+        self.leaves[out] = (f"the static shape of {node.input[0]!r}",)
+        return self.values[out]
 
     def value(self, name: str, depth: int = 0) -> np.ndarray | None:
         if name in self.values:
             return self.values[name]
         node = self.producer.get(name)
+        if node is not None and node.op_type == "Shape" and self._graph is self.model.graph:
+            return self._static_shape(node)
         if node is None or node.op_type in NEVER_FOLD or node.domain not in ("", "ai.onnx") or depth > 200:
             return None
         feeds: dict[str, np.ndarray] = {}
@@ -194,6 +216,21 @@ def drop_dead_producers(graph: onnx.GraphProto, names: Iterable[str]) -> None:
             continue
         graph.node.remove(producer)
         pending.extend(i for i in producer.input if i)
+
+
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Tensor -> its dims (None where symbolic or unknown) after ONNX shape inference; {} if inference fails."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - a model shape inference cannot read: no static shapes, nothing folded
+        return {}
+    graph = inferred.graph
+    out: dict[str, tuple[int | None, ...]] = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return out
 
 
 def rewrite_until_fixed(proto: onnx.ModelProto, op_type: str,

@@ -14,7 +14,13 @@ position j of batch t-1 (batch size 1: one stream in sample order; a last, short
 batch takes the first rows of the carried state along its batch axis). The first
 batch keeps the data's own value of each carried input. Every consumer sees the
 reference model's state (teacher forcing): calibration sees realistic state, and a
-comparison measures each candidate's error on one step, not its drift over a stream.
+comparison measures each candidate's error on one step, not its drift over a stream
+(:data:`TEACHER_FORCING_NOTE`, which reports print).
+
+A sample taken alone (``sample(i)``, a search's ranking subset) gets the state its stream
+carries into it at the set's batch size (``streams``): the first request runs the FP32 model
+over the set once and keeps each sample's carried state. Batches must come in sample order,
+so ``batching = "by_shape"`` is refused.
 """
 
 from __future__ import annotations
@@ -27,46 +33,82 @@ import numpy as np
 
 from .backends import get_backend
 from .data import Batch, DataSet, take_samples
-from .errors import InputMismatchError
+from .errors import DataError, InputMismatchError
 from .graph import LoadedModel
 
-__all__ = ["SequenceData", "with_carry"]
+__all__ = ["TEACHER_FORCING_NOTE", "SequenceData", "with_carry"]
+
+TEACHER_FORCING_NOTE = (
+    "sequence mode ([sequence] carry): every candidate is fed the FP32 model's state (teacher forcing), so its "
+    "figures are the error of one step; over a stream, where a candidate reads back its own state, the error can "
+    "grow. Check a deployed model closed-loop on whole streams before release.")
+"""What every report of a sequence-mode comparison says about its figures."""
 
 
 class SequenceData(DataSet):
     """``dataset`` with each ``carry`` input (output name -> input name) fed from the previous batch's output."""
 
     def __init__(self, dataset: DataSet, model: LoadedModel, carry: Mapping[str, str], *,
-                 backend: str = "ort") -> None:
+                 backend: str = "ort", streams: int | None = None) -> None:
+        """``streams``: the batch size the set is run at (interleaved streams), which decides the state a
+        sample taken alone gets; None: the batch size of the last ``batches()`` call, else the data's own."""
         outputs, inputs = set(model.output_names), set(model.input_names)
         for out, inp in carry.items():
             if out not in outputs or inp not in inputs:
                 raise InputMismatchError(
                     f"sequence carry {out!r} -> {inp!r}: {model.label} has outputs {sorted(outputs)} and inputs "
                     f"{sorted(inputs)}; carry = {{ <output> = \"<input>\" }} must name one of each.")
+        if dataset.group_by_shape:
+            raise DataError(
+                f"data set {dataset.describe_source()}: [sequence] carry feeds each batch the state the one before "
+                "left, so batches must come in sample order, and batching = \"by_shape\" reorders them. Use the "
+                "default batching with the batch size set to the number of interleaved streams, and give all the "
+                "chunks of one step the same shape (a cache that starts empty: the first step's chunks all empty).")
         self.dataset, self.model, self.carry, self.backend = dataset, model, dict(carry), backend
+        self.streams = streams
+        self._carried: dict[int, dict[int, dict[str, np.ndarray]]] = {}  # streams -> sample -> carried inputs
         self._describe_like(dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def _load(self, i: int) -> Any:
-        return self.dataset._load(i)  # one sample alone has no predecessor: the data's own state
+        """Sample ``i`` with the state its stream carries into it (the data's own before any run, when
+        the set's batch size is not known yet)."""
+        sample = self.dataset._load(i)
+        if self.streams is None or i < self.streams:  # the first step keeps the data's own state
+            return sample
+        if self.streams not in self._carried:
+            for _ in self._iter_batches(self.streams):  # one pass keeps every sample's carried state
+                pass
+        carried = self._carried[self.streams].get(i)
+        return sample if carried is None else replace(sample, feeds={**sample.feeds, **carried})
 
     def _iter_batches(self, batch_size: int) -> Iterator[Batch]:
         runner = get_backend(self.backend).build(self.model.proto, outputs=list(self.carry))
         state: dict[str, np.ndarray] = {}
+        kept: dict[int, dict[str, np.ndarray]] = {}
         try:
             for batch in self.dataset.batches(batch_size):
                 feeds = dict(batch.feeds)
                 for inp, value in state.items():
                     feeds[inp] = take_samples(value, self.batch_axis(inp), slice(0, len(batch)))
+                for row, index in enumerate(batch.indices):
+                    kept[index] = {inp: self._row(feeds[inp], inp, row) for inp in state}
                 batch = replace(batch, feeds=feeds)
                 outputs = runner.run(feeds, list(self.carry))
                 state = {inp: outputs[out] for out, inp in self.carry.items()}
                 yield batch
         finally:
             runner.close()
+        self._carried[batch_size] = kept  # a pass run to its end: every sample's carried state
+        if self.streams is None:
+            self.streams = batch_size
+
+    def _row(self, value: np.ndarray, name: str, row: int) -> np.ndarray:
+        """Sample ``row`` of a batched input, without its batch axis (as a Sample holds it)."""
+        axis = self.batch_axis(name)
+        return np.asarray(value) if axis is None else np.take(value, row, axis=axis).copy()
 
     def manifest_record(self) -> dict[str, Any]:
         return dict(self.dataset.manifest_record(), sequence={"carry": dict(self.carry)})
@@ -75,7 +117,7 @@ class SequenceData(DataSet):
         return self.dataset.describe_source()
 
 
-def with_carry(dataset: DataSet, model: LoadedModel, *, backend: str = "ort") -> DataSet:
+def with_carry(dataset: DataSet, model: LoadedModel, *, backend: str = "ort", streams: int | None = None) -> DataSet:
     """``dataset`` in sequence mode when its manifest has a ``[sequence] carry`` (else as given).
 
     What calibrate, compare and search call first, so a manifest's carry reaches every
@@ -84,4 +126,4 @@ def with_carry(dataset: DataSet, model: LoadedModel, *, backend: str = "ort") ->
     carry = getattr(dataset, "sequence_carry", None)
     if not carry or isinstance(dataset, SequenceData):
         return dataset
-    return SequenceData(dataset, model, carry, backend=backend)
+    return SequenceData(dataset, model, carry, backend=backend, streams=streams)

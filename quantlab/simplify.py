@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph.topology import kept_names
+
 __all__ = [
     "fold_constant_subgraphs",
     "fuse_pad_into_conv",
@@ -100,25 +102,33 @@ def fuse_pad_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
         x ─► Conv(pads=[p0+t, p1+l, p2+b, p3+r])
 
     Only when the Pad output has that Conv as its sole reader, the pads are
-    constant and non-negative, the batch and channel dims are not padded, the
-    mode is ``constant`` with value 0 and the Conv uses explicit pads
-    (``auto_pad`` NOTSET). Anything else is left as it is.
+    constant (an initializer or a Constant node) and non-negative, the batch and
+    channel dims are not padded, the mode is ``constant`` with value 0 and the Conv
+    uses explicit pads (``auto_pad`` NOTSET). Anything else is left as it is. tf2onnx
+    writes SAME padding this way: left alone, the Pad becomes a float layer between
+    the Conv and its input's Q/DQ.
     """
+    if not any(n.op_type == "Pad" for n in proto.graph.node):
+        return proto  # nothing to do: no copy of a large model's weights
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     g = out.graph
     inits = {i.name: i for i in g.initializer}
+    for node in g.node:  # Constant nodes hold pads as often as initializers do
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is not None and node.output and node.output[0] not in inits:
+            inits[node.output[0]] = value
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in g.node:
         for i in node.input:
             readers.setdefault(i, []).append(node)
-    graph_outputs = {o.name for o in g.output}
+    kept = kept_names(g)  # graph outputs and what subgraphs read stay
     removed: set[int] = set()
     for idx, pad in enumerate(g.node):
         if pad.op_type != "Pad":
             continue
         consumers = readers.get(pad.output[0], [])
-        if len(consumers) != 1 or consumers[0].op_type != "Conv" or pad.output[0] in graph_outputs:
+        if len(consumers) != 1 or consumers[0].op_type != "Conv" or pad.output[0] in kept:
             continue
         conv = consumers[0]
         spatial = _constant_spatial_pads(pad, inits)
@@ -137,9 +147,16 @@ def fuse_pad_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
         conv.attribute.append(helper.make_attribute("pads", merged))
         conv.input[0] = pad.input[0]
         removed.add(idx)
-    kept = [n for i, n in enumerate(g.node) if i not in removed]
+    if not removed:
+        return out
+    nodes = [n for i, n in enumerate(g.node) if i not in removed]
+    read = {i for n in nodes for i in n.input} | kept
+    dropped = {t for i in removed for t in proto.graph.node[i].input[1:]} - read  # the Pads' own pads and value
     del g.node[:]
-    g.node.extend(kept)
+    g.node.extend(n for n in nodes if not (n.op_type == "Constant" and n.output and n.output[0] in dropped))
+    keep_inits = [i for i in g.initializer if i.name not in dropped]
+    del g.initializer[:]
+    g.initializer.extend(keep_inits)
     return out
 
 

@@ -313,6 +313,58 @@ def test_a_manifest_carry_reaches_calibrate_and_compare_without_wrapping(tmp_pat
         ql.compare(model, {"int8": int8}, seq, ql.CompareOptions(batch_size=1, shards=2))
 
 
+def test_a_sample_taken_alone_gets_the_state_its_stream_carries_into_it():
+    """A search's ranking subset and ``sample(i)`` see the state the batches carry (teacher forcing at the set's
+    batch size), not the data's own: its SQNR had been measured on states that never occur in use."""
+    from quantlab.sequence import SequenceData
+
+    model = model_from_proto(_vad(), label="vad")
+    arrays = _arrays(5)
+    data = SequenceData(from_arrays(arrays, batch_axes=AXES), model, {"stateN": "state"}, streams=2)
+    batches = list(data.batches(2))
+    np.testing.assert_array_equal(data.sample(0).feeds["state"], arrays["state"][:, 0])  # first step: the data's
+    for i in (2, 3, 4):
+        np.testing.assert_array_equal(data.sample(i).feeds["state"],
+                                      np.take(batches[i // 2].feeds["state"], i % 2, axis=1))
+    assert not np.array_equal(data.sample(3).feeds["state"], arrays["state"][:, 3])
+    subset = list(data.select([3, 4]).batches(2))[0]
+    np.testing.assert_array_equal(subset.feeds["state"], np.stack([data.sample(3).feeds["state"],
+                                                                   data.sample(4).feeds["state"]], axis=1))
+    fresh = SequenceData(from_arrays(arrays, batch_axes=AXES), model, {"stateN": "state"}, streams=2)
+    np.testing.assert_array_equal(fresh.sample(4).feeds["state"], data.sample(4).feeds["state"])  # runs the set once
+
+
+def test_sequence_mode_refuses_batches_by_shape_which_reorder_the_streams():
+    from quantlab.sequence import SequenceData
+
+    model = model_from_proto(_vad(), label="vad")
+    data = from_arrays(_arrays(4), batch_axes=AXES)
+    data.group_by_shape = True
+    with pytest.raises(DataError, match=r"batching = \"by_shape\" reorders them.*number of interleaved streams"):
+        SequenceData(data, model, {"stateN": "state"})
+
+
+def test_sequence_mode_reaches_coverage_and_compare_says_its_figures_are_one_step(tmp_path):
+    import quantlab as ql
+    from quantlab.sequence import TEACHER_FORCING_NOTE
+
+    _npz_folder(tmp_path)
+    (tmp_path / "seq.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n')
+    (tmp_path / "plain.toml").write_text(MANIFEST.format(axis=1))
+    model = model_from_proto(_vad(), label="vad")
+    seq, plain = open_dataset(tmp_path / "seq.toml"), open_dataset(tmp_path / "plain.toml")
+    result = calibrate(model, seq, "minmax", batch_size=1)
+    options = ql.CoverageOptions(batch_size=1)
+    covered = {name: ql.check_coverage(model, [data], result.tables["minmax"], result.statistics, options=options)
+               for name, data in (("seq", seq), ("plain", plain))}
+    assert covered["seq"].datasets[0].summary.sha256 == result.data.sha256  # the states calibration saw
+    assert covered["plain"].datasets[0].summary.sha256 != result.data.sha256
+    int8 = ql.write_model(model, ql.uniform_plan("int8"), result.tables["minmax"], ql.WriteOptions(target="ort"))
+    options = ql.CompareOptions(batch_size=1, per_layer=False, bootstrap=0)
+    assert TEACHER_FORCING_NOTE in ql.compare(model, {"int8": int8}, seq, options).warnings
+    assert TEACHER_FORCING_NOTE not in ql.compare(model, {"int8": int8}, plain, options).warnings
+
+
 def test_a_batch_split_into_smaller_runs_cuts_each_input_on_its_own_sample_axis():
     """A run budget too small for a batch of 4 splits it into runs of fewer samples: ``state`` is cut on
     axis 1, the scalar ``sr`` passed whole, and the statistics equal those of batches of one."""

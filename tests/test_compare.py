@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantlab.calibrate import calibrate
 from quantlab.cli import main
+from quantlab.backends.ort import environment_options
 from quantlab.compare import CompareOptions, compare, load_candidate, load_comparison
 from quantlab.data import from_arrays, summarize
 from quantlab.errors import CompareError, ThresholdError
@@ -750,3 +751,24 @@ def test_a_0d_float_tensor_feeds_an_fp16_island_in_local_mode():
         res = compare(model, {"fp16": fp16}, data, CompareOptions(batch_size=3, bootstrap=0))
         local = res.per_layer[res.per_layer["mode"] == "local"]
         assert "y" in set(local["tensor"]) and res.end_to_end["sqnr_db"].iloc[0] > 50
+
+
+def test_candidates_written_for_tensorrt_run_their_qdq_as_written_on_onnxruntime(setup):
+    """TensorRT computes the Q/DQ's ONNX semantics; ORT's fused integer kernels round differently, and differently
+    on a CPU with VNNI: with only TensorRT-form INT8 candidates the comparison runs them as written (as the search
+    measures), so its figures do not depend on the CPU; an ORT-form candidate keeps ORT's own choice."""
+    options = CompareOptions(batch_size=16, bootstrap=0, per_layer=False)
+    written = setup["written"]
+    trt = compare(setup["model"], {"int8": written["int8"], "fp16": written["fp16"]}, setup["val"], options)
+    assert trt.environment["backend"]["details"]["qdq_fusion"] is False
+    exact = compare(setup["model"], {"int8": written["int8"]}, setup["val"], dataclasses.replace(options, backend_options=EXACT))
+    rows = [frame[frame["candidate"] == "int8"].reset_index(drop=True) for frame in (trt.end_to_end, exact.end_to_end)]
+    pd.testing.assert_frame_equal(*rows)
+    mixed = compare(setup["model"], {"int8": written["int8"], "int8-ort": written["int8-ort"]}, setup["val"],
+                    options)
+    forced = environment_options()[0]  # QUANTLAB_ORT_QDQ_FUSION, which the CI's other kernel runs set
+    ort_choice = "auto" if forced is None else forced
+    assert mixed.environment["backend"]["details"]["qdq_fusion"] == ort_choice
+    bare = compare(setup["model"], {"bare": model_from_proto(written["int8"].proto, label="bare")}, setup["val"],
+                   options)  # no provenance: its target is unknown
+    assert bare.environment["backend"]["details"]["qdq_fusion"] == ort_choice

@@ -7,6 +7,8 @@ and get Q/DQ, and the written model still parses and builds with TensorRT-RTX.
 
 from __future__ import annotations
 
+import dataclasses
+
 import models
 import numpy as np
 import onnx
@@ -494,3 +496,51 @@ def test_run_with_every_layer_inside_an_if_has_no_verdict_and_fails_the_gate(tmp
     assert code == 1, out
     assert "verdict: NONE: no candidate computes in INT8 or FP16, so 'sqnr_db>=25' was not checked" in out
     assert "WARNING fp16, int8-minmax: no tensor got a Q/DQ or float16" in out and "'mode' decides" in out
+
+
+def test_compute_left_float_in_a_loop_body_is_counted_and_the_run_warns_of_it(tmp_path):
+    """A scripted RNN kept 4 of its 6 MatMuls (96 % of the MACs) in a Scan body: the run said "PASS: int8-entropy"
+    with no word that INT8 covered 4 % of the model. The note counts the layers left float and warns when they are
+    at least half; an unrolled loop leaves none."""
+    from quantlab.controlflow import compute_layers_in_bodies, compute_layers_outside
+    from quantlab.experiment.spec import parse_experiment
+    from quantlab.experiment.stages import float_bodies_note
+
+    long_loop = model_from_proto(models.refinement_loop(trips=100), label="loop")
+    assert compute_layers_in_bodies(long_loop.proto) == {"Loop 'refine'": 1}
+    assert compute_layers_outside(long_loop.proto) == 0
+    for name in ("m.onnx", "rows.toml"):
+        (tmp_path / name).write_text("")  # the configuration only checks they exist
+    toml = ('[model]\npath = "m.onnx"\n[data]\ncalibration = "rows.toml"\nvalidation = "rows.toml"\n'
+            '[candidates]\nint8 = ["minmax"]\n')
+    note = float_bodies_note(long_loop, parse_experiment(toml, source=tmp_path / "e.toml"))
+    assert note is not None and note.startswith("WARNING 1 of 1 Conv/MatMul/Gemm layers sit inside control-flow")
+    assert "Loop 'refine' (1)" in note
+    config = parse_experiment(toml, source=tmp_path / "e.toml")
+    assert float_bodies_note(long_loop, dataclasses.replace(config, int8=(), fp16=True)) is None  # nothing INT8
+    unrolled = model_from_proto(models.refinement_loop(), label="unrolled")  # a static trip count: unrolled at load
+    assert compute_layers_in_bodies(unrolled.proto) == {}
+    assert float_bodies_note(unrolled, parse_experiment(toml, source=tmp_path / "e.toml")) is None
+
+
+def test_a_loop_over_a_fixed_axis_of_the_input_is_unrolled():
+    """torch.jit.script writes ``for t in range(x.shape[1])`` as a Loop whose trip count is Gather(Shape(x)): over
+    an axis the model fixes, that is a static trip count (it had been left float: "trip count set by the data")."""
+    proto = models.refinement_loop(trips=16)  # input [N, 16]: axis 1 is fixed
+    shape = helper.make_node("Shape", ["input"], ["in_shape"], name="in_shape", start=1, end=2)
+    squeeze = helper.make_node("Squeeze", ["in_shape"], ["width_trips"], name="width_trips")
+    proto.graph.node.insert(0, squeeze)
+    proto.graph.node.insert(0, shape)
+    loop = next(n for n in proto.graph.node if n.op_type == "Loop")
+    loop.input[0] = "width_trips"
+    out, done = resolve_static_control_flow(proto)
+    assert [d.note() for d in done] and "16" in done[0].note()
+    assert not any(n.op_type == "Loop" for n in out.graph.node)
+    feeds = {"input": np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)}
+    for name, value in _run(proto, feeds).items():
+        np.testing.assert_allclose(_run(out, feeds)[name], value, rtol=1e-6, atol=1e-6)
+    by_batch = models.refinement_loop()  # the batch axis is symbolic: the data decides, as before
+    by_batch.graph.node.insert(0, helper.make_node("Squeeze", ["n_shape"], ["n_trips"], name="n_trips"))
+    by_batch.graph.node.insert(0, helper.make_node("Shape", ["input"], ["n_shape"], name="n_shape", start=0, end=1))
+    next(n for n in by_batch.graph.node if n.op_type == "Loop").input[0] = "n_trips"
+    assert resolve_static_control_flow(by_batch)[1] == ()

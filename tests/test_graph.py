@@ -599,3 +599,99 @@ def test_weights_computed_from_constants_are_weights_after_loading():
     written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
     dq = next(n for n in written.proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "w/int8")
     assert any(a.name == "axis" and a.i == 0 for a in dq.attribute)  # one scale per output channel
+
+
+def _tf_same_padding_model(pad_value: float = 0.0) -> onnx.ModelProto:
+    """tf2onnx's SAME padding: a zero Pad (pads an initializer, then a Constant node) before each Conv."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32), "w2")
+    p1 = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "p1")
+    value = numpy_helper.from_array(np.array(pad_value, np.float32), "value")
+    nodes = [
+        helper.make_node("Pad", ["x", "p1", "value"], ["x:pad"], name="stem/Pad"),
+        helper.make_node("Conv", ["x:pad", "w1"], ["c1"], name="stem/Conv2D", strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="stem/Relu"),
+        helper.make_node("Constant", [], ["p2"], name="p2", value=numpy_helper.from_array(
+            np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))),
+        helper.make_node("Pad", ["r1", "p2"], ["r1:pad"], name="block/Pad"),
+        helper.make_node("Conv", ["r1:pad", "w2"], ["y"], name="block/Conv2D"),
+    ]
+    graph = helper.make_graph(nodes, "tf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])], [w1, w2, p1, value])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_zero_pad_before_a_conv_moves_into_its_pads_at_load():
+    """tf2onnx writes SAME padding as a Pad node: left there, a Q/DQ sat after it and the Pad ran as a float layer
+    between the Conv and its input's Q/DQ, in a fusion group of its own."""
+    import onnxruntime as ort
+
+    proto = _tf_same_padding_model()
+    loaded = model_from_proto(proto, label="tf")
+    assert [n.op_type for n in loaded.proto.graph.node] == ["Conv", "Relu", "Conv"]
+    assert {i.name for i in loaded.proto.graph.initializer} == {"w1", "w2"}
+    pads = [next(helper.get_attribute_value(a) for a in n.attribute if a.name == "pads")
+            for n in loaded.proto.graph.node if n.op_type == "Conv"]
+    assert pads == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
+
+    def run(model: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    np.testing.assert_allclose(run(loaded.proto), run(proto), rtol=1e-5, atol=1e-5)
+    kept = model_from_proto(_tf_same_padding_model(pad_value=1.0), label="tf")  # a non-zero value is no Conv pad
+    assert [n.op_type for n in kept.proto.graph.node].count("Pad") == 1
+
+
+def _conv_bn_model(shared: bool = False, conv_output_kept: bool = False) -> onnx.ModelProto:
+    """x ─► Conv(w) ─► BatchNorm ─► Relu ─► Conv(w or w2, no bias) ─► BatchNorm ─► y (the dynamo exporter's form)."""
+    rng = np.random.default_rng(0)
+    c = 4
+    inits = [numpy_helper.from_array(rng.normal(size=(c, c, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.normal(size=(c, c, 3, 3)).astype(np.float32), "w2")]
+    for k in (1, 2):
+        inits += [numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), f"gamma{k}"),
+                  numpy_helper.from_array(rng.normal(size=c).astype(np.float32), f"beta{k}"),
+                  numpy_helper.from_array(rng.normal(size=c).astype(np.float32), f"mean{k}"),
+                  numpy_helper.from_array(rng.uniform(0.1, 3, c).astype(np.float32), f"var{k}")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "gamma1", "beta1", "mean1", "var1"], ["n1"], name="bn1",
+                              epsilon=1e-3),
+             helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w" if shared else "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c2", "gamma2", "beta2", "mean2", "var2"], ["y"], name="bn2")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 6, 6])]
+    if conv_output_kept:
+        outputs.append(helper.make_tensor_value_info("c2", TensorProto.FLOAT, ["N", c, 6, 6]))
+    graph = helper.make_graph(nodes, "convbn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 6, 6])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_batchnorm_after_a_conv_is_folded_into_it_at_load(shared):
+    """The dynamo exporter keeps BatchNorm nodes; ORT's form then quantized each conv's output before its BN (a
+    Conv3d model lost 10 dB). Folded at load, as TensorRT folds it: same outputs up to float32 rounding, a weight
+    two convs share gets one folded copy each, and a conv output the graph also returns keeps its BN."""
+    import onnxruntime as ort
+
+    proto = _conv_bn_model(shared=shared)
+    loaded = model_from_proto(proto, label="convbn")
+    assert [n.op_type for n in loaded.proto.graph.node] == ["Conv", "Relu", "Conv"]
+    assert [n.output[0] for n in loaded.proto.graph.node] == ["n1", "r1", "y"]
+    names = {i.name for i in loaded.proto.graph.initializer}
+    assert not names & {"b", "gamma1", "beta1", "mean1", "var1", "gamma2", "beta2", "mean2", "var2"}
+    assert ("w" in names) == (not shared) and ("conv1/bn_folded_weight" in names) == shared
+    x = np.random.default_rng(1).normal(size=(2, 4, 6, 6)).astype(np.float32)
+
+    def run(model: onnx.ModelProto) -> list[np.ndarray]:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ORT would fold the BN itself
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})
+
+    np.testing.assert_allclose(run(loaded.proto)[0], run(proto)[0], rtol=1e-5, atol=1e-5)
+    kept = model_from_proto(_conv_bn_model(conv_output_kept=True), label="kept")
+    assert [n.op_type for n in kept.proto.graph.node] == ["Conv", "Relu", "Conv", "BatchNormalization"]

@@ -996,7 +996,7 @@ def test_ranking_noise_counts_every_output_not_only_the_worst():
 
 def test_bias_correction_that_lowers_the_all_int8_sqnr_is_measured_and_not_applied():
     """Bias correction is mixed: on a wav2vec2-style encoder it cost 0.3 dB, and every plan of the search
-    inherited it. The search keeps it only when the all-INT8 plan is no worse with it on the ranking subset;
+    inherited it. The search keeps it only when the all-INT8 plan is no worse with it on the validation set;
     a correction made harmful on purpose (shifts x 40) is dropped, the measured one is kept or dropped by the
     same two evaluations, and both figures are recorded."""
     import dataclasses
@@ -1016,9 +1016,9 @@ def test_bias_correction_that_lowers_the_all_int8_sqnr_is_measured_and_not_appli
     measured = measure_bias_correction(model, table, cal, write_options(options), batch_size=8)
     base = resolve_plan(uniform_plan("int8"), proto)
     kept, check = _correction_if_it_helps(model, table, val, options, measured, base)
-    assert check["check_samples"] == 8 and (kept is measured) == (check["int8_sqnr_db_with"] >= check["int8_sqnr_db_without"])
+    assert check["check_samples"] == 16 and (kept is measured) == (check["int8_sqnr_db_with"] >= check["int8_sqnr_db_without"])
     harmful = dataclasses.replace(measured, layers=tuple((n, tuple(40.0 * v + 0.5 for v in vals))
                                                            for n, vals in measured.layers))
     dropped, why = _correction_if_it_helps(model, table, val, options, harmful, base)
     assert dropped is None and why["int8_sqnr_db_with"] < why["int8_sqnr_db_without"]
-    assert why["why"].startswith("it lowered the all-INT8 output SQNR on 8 validation sample(s)")
+    assert why["why"].startswith("it lowered the all-INT8 output SQNR on 16 validation sample(s)")

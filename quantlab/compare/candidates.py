@@ -11,7 +11,7 @@ A ``quantlab build --out`` folder reads back as the :class:`WrittenModel` it was
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from ..precision import FP16
 from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
 from ..quantize import WriteOptions, WrittenModel, load_provenance
 
-__all__ = ["Candidate", "computes_in_float16", "holds_float16", "load_candidate"]
+__all__ = ["Candidate", "computes_in_float16", "holds_float16", "load_candidate", "simulates_tensorrt"]
 
 Candidate = WrittenModel | LoadedModel
 
@@ -39,6 +39,16 @@ def computes_in_float16(candidate: Candidate) -> bool:
     if isinstance(candidate, WrittenModel):
         return not candidate.options.fp16_simulation and bool(candidate.plan.groups_at(FP16))
     return holds_float16(candidate.proto)
+
+
+def simulates_tensorrt(candidates: Iterable[Candidate]) -> bool:
+    """Whether every candidate holding Q/DQ (at least one) was written for TensorRT: on ONNX Runtime they are then
+    run with Q/DQ as written (``qdq_fusion=False``), the ONNX semantics TensorRT computes. ORT's fused integer
+    kernels round differently and differ between CPUs (VNNI or not); they made a tf2onnx-style Lite0 read 4
+    points of agreement lower than the same maths in NCHW, and a report's INT8 rows disagree with its search,
+    which measures as written."""
+    written = [c for c in candidates if any(n.op_type == "DequantizeLinear" for n in c.proto.graph.node)]
+    return bool(written) and all(isinstance(c, WrittenModel) and c.options.target == "tensorrt" for c in written)
 
 
 def holds_float16(proto: onnx.ModelProto) -> bool:

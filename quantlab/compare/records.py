@@ -11,13 +11,15 @@ from ..data import DataSet, DataSummary, overlap
 from ..fingerprint import tool_versions
 from ..graph import LoadedModel
 from ..quantize import WrittenModel
+from ..sequence import TEACHER_FORCING_NOTE, SequenceData
 from .candidates import Candidate
 
 __all__ = ["data_record", "data_warnings", "models_record", "environment_record"]
 
 
 def data_warnings(summary: DataSummary, calibration: DataSummary | None, dataset: DataSet) -> list[str]:
-    """Warnings that the validation data overlaps calibration, is a calibration set, or repeats samples."""
+    """Warnings that the validation data overlaps calibration, is a calibration set, or repeats samples; in
+    sequence mode, that the figures are one step's (teacher forcing)."""
     warnings: list[str] = []
     if calibration is not None:
         shared = overlap(summary, calibration)
@@ -30,6 +32,8 @@ def data_warnings(summary: DataSummary, calibration: DataSummary | None, dataset
     if summary.duplicates:
         warnings.append(f"{len(summary.duplicates)} validation sample(s) repeat an earlier one (e.g. "
                         f"{summary.duplicates[0][0]!r} = {summary.duplicates[0][1]!r}); they count twice")
+    if isinstance(dataset, SequenceData):
+        warnings.append(TEACHER_FORCING_NOTE)
     return warnings
 
 

@@ -31,7 +31,7 @@ from ..graph.samples import data_sized
 from ..metrics import ErrorAccumulator, ErrorSums, error_sums
 from ..sequence import SequenceData, with_carry
 from .alignment import plan_candidate
-from .candidates import Candidate, computes_in_float16
+from .candidates import Candidate, computes_in_float16, simulates_tensorrt
 from .end_to_end import EndToEnd
 from .islands import LocalModel
 from .labels import label_use
@@ -69,7 +69,7 @@ def compare(
     InputMismatchError for data that does not fit the model; BackendUnavailableError
     when Ray is asked for but not installed.
     """
-    dataset = with_carry(dataset, reference)
+    dataset = with_carry(dataset, reference, streams=options.batch_size)
     if options.on_ray and isinstance(dataset, SequenceData):
         raise CompareError("a [sequence] carry runs the data as one stream, which shards would cut: compare "
                            "without --shards/--ray")
@@ -88,9 +88,14 @@ def shard_worker(reference: LoadedModel, candidates: Mapping[str, Candidate], da
     return Comparison(reference, candidates, data, options, None).shard_partial()
 
 
-def _backend(options: CompareOptions, workers: int) -> Backend:
-    """The backend; with several workers on ONNX Runtime, each session gets ``cores / workers`` threads."""
+def _backend(options: CompareOptions, workers: int, candidates: Mapping[str, Candidate]) -> Backend:
+    """The backend; with several workers on ONNX Runtime, each session gets ``cores / workers`` threads, and
+    candidates written for TensorRT run their Q/DQ as written (:func:`.candidates.simulates_tensorrt`) unless
+    ``backend_options`` say otherwise."""
     backend_options = dict(options.backend_options)
+    if is_onnxruntime(options.backend) and "qdq_fusion" not in backend_options and simulates_tensorrt(
+            candidates.values()):
+        backend_options["qdq_fusion"] = False
     forced_threads = environment_options()[1]  # QUANTLAB_ORT_THREADS wins over the split
     if (workers > 1 and is_onnxruntime(options.backend) and "threads" not in backend_options
             and not forced_threads):
@@ -131,7 +136,7 @@ class Comparison:
         if self.total == 0:
             raise CompareError(f"the validation set {getattr(dataset, 'name', '')!r} is empty")
         self.workers = _workers(options)
-        self.backend = _backend(options, self.workers)
+        self.backend = _backend(options, self.workers, self.candidates)
         self.ref = analyse_reference(reference)
         per_group = layers_per_group(self.ref, options.layers) if options.per_layer else []
         self.all_layers = [x for g in per_group for x in g]

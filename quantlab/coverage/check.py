@@ -109,7 +109,9 @@ def coverage_of(model: LoadedModel, dataset: Any, table: CalibrationTable, calib
     ``progress``: a bar over its samples."""
     from ..backends import get_backend
     from ..data import check_inputs
+    from ..sequence import with_carry
 
+    dataset = with_carry(dataset, model, streams=options.batch_size)  # states as in use, as calibration saw them
     check_inputs(dataset, model, batch_size=options.batch_size)
     bins = table_bins(table, calibration)
     if options.tensors is not None:

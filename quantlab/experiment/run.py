@@ -38,6 +38,7 @@ from .stages import (
     search_end_to_end,
     bias_correction_note,
     float_candidates,
+    float_bodies_note,
     float_candidates_note,
     search_note,
     rewrite_note,
@@ -130,6 +131,8 @@ class _Run:
         empty = float_candidates_note(model, written, config)
         if empty:
             self.messages.append(empty)
+        elif bodies := float_bodies_note(model, config):
+            self.messages.append(bodies)
         self.shapes = engine_shapes_for(config, model, next(iter(tables.values()), None), val)
         # with float rewrites the comparator's reference is the rewritten FP32 model (same outputs up to
         # rounding): the INT8 models' rescaled tensors exist only there

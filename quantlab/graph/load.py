@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from ..environment import unreadable
 from ..errors import ModelError
 from ..fingerprint import sha256_bytes, sha256_file
+from .batchnorm import fold_batchnorm_into_conv
 from .domains import typed_custom_outputs
 from .identities import fold_initializer_identities, fold_initializer_views
 from .weights import fold_computed_weights
@@ -202,12 +203,15 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
     # imported here, not at the top: controlflow's rewrites use graph.topology, and a module-level import
     # would make `import quantlab.controlflow` (or folding, loops) fail on the partially initialised cycle
     from ..controlflow import resolve_static_control_flow
+    from ..simplify import fuse_pad_into_conv
 
     proto, _ = resolve_static_control_flow(proto)  # constant Ifs inlined, static Loops unrolled: recorded
+    proto = fuse_pad_into_conv(proto)  # tf2onnx's SAME padding: a zero Pad before a Conv goes into its pads
     proto = fold_initializer_identities(proto)  # first: an Identity over a weight is rewired, not copied
     proto = fold_computed_weights(proto)  # weights computed from constants at every run (weight_norm): weights again
     proto = fold_initializer_views(proto)  # weights cast up or transposed at every run: weights again
     proto = fold_initializer_identities(proto)  # torch's Identity over shared/equal weights: weights again
+    proto = fold_batchnorm_into_conv(proto)  # the dynamo exporter keeps BatchNorm nodes: folded as TensorRT does
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as exc:

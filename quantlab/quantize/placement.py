@@ -183,8 +183,10 @@ class Placement:
             return 1 if int(attrs.get("group", 1)) == 1 else None
         if op == "Gemm" and slot == 1:
             return 0 if int(attrs.get("transB", 0)) else 1
-        if op == "MatMul" and slot == 1 and len(shape) == 2:
-            return 1
+        if op == "Gemm" and slot == 0:  # the weight as A: out rows run along A's rows (its columns if transA)
+            return 1 if int(attrs.get("transA", 0)) else 0
+        if op == "MatMul" and len(shape) == 2:
+            return 1 if slot == 1 else 0  # x @ W: per output column; W @ x: per output row
         return None
 
     def _compute_group(self, group: FusionGroup) -> None:
@@ -205,12 +207,15 @@ class Placement:
         if self.options.output_qdq and node.op_type in ("Conv", "ConvTranspose") and len(group.nodes) > 1:
             # ORT: DQ -> Conv -> Q is QLinearConv. It drops a Relu/Clip before a Q itself; anything
             # else after the conv (LeakyRelu, Sigmoid, BatchNorm...) needs the conv's output quantized.
-            nxt_idx = self.index_of[group.nodes[1]]
-            nxt = self.nodes[nxt_idx]
+            # Every reader in the group gets it: a SiLU reads it twice (Sigmoid and Mul), and one float reader
+            # left keeps ORT from fusing the conv.
+            nxt = self.nodes[self.index_of[group.nodes[1]]]
             if nxt.op_type not in ("Relu", "Clip") and group.residual_input not in nxt.input:
-                for slot, t in enumerate(nxt.input):
-                    if t == node.output[0]:
-                        self._set_activation(nxt_idx, slot, t, group)
+                for name in group.nodes[1:]:
+                    reader_idx = self.index_of[name]
+                    for slot, t in enumerate(self.nodes[reader_idx].input):
+                        if t == node.output[0]:
+                            self._set_activation(reader_idx, slot, t, group)
         if group.residual_input is not None:
             add_idx = next(self.index_of[n] for n in group.nodes if self.nodes[self.index_of[n]].op_type == "Add"
                            and group.residual_input in self.nodes[self.index_of[n]].input)

@@ -77,13 +77,14 @@ def search(
     start = time.perf_counter()
     options.check()
     parse_threshold(options.threshold)
-    dataset = with_carry(dataset, model)
+    dataset = with_carry(dataset, model, streams=options.batch_size)
     check_inputs(dataset, model)
     base = resolve_plan(uniform_plan("int8"), model.proto)
     correction = None
     correction_check: dict[str, Any] = {}
     if options.bias_correction and calib is not None:
-        correction = measure_bias_correction(model, table, calib, write_options(options),
+        correction = measure_bias_correction(model, table, with_carry(calib, model, streams=options.batch_size),
+                                             write_options(options),
                                              batch_size=options.batch_size)
         correction, correction_check = _correction_if_it_helps(model, table, dataset, options, correction, base)
     log = None
@@ -123,18 +124,18 @@ def search(
 def _correction_if_it_helps(model: LoadedModel, table: CalibrationTable, dataset: DataSet, options: SearchOptions,
                             correction: BiasCorrection, base: ResolvedPlan,
                             ) -> tuple[BiasCorrection | None, dict[str, Any]]:
-    """``correction`` when the all-INT8 plan's combined output SQNR on the ranking subset (the first samples) is
-    no lower with it than without, else None; and what was measured.
+    """``correction`` when the all-INT8 plan's combined output SQNR on the whole validation set is no lower with it
+    than without, else None; and what was measured.
 
     Bias correction is mixed (README): on a wav2vec2-style encoder it lowered the all-INT8 SQNR by 0.3 dB, and
-    every plan of the search inherited it. Two evaluations of the all-INT8 plan on a few samples decide.
+    every plan of the search inherited it. Two evaluations of the all-INT8 plan on every sample decide: on the
+    ranking subset (16 of 32 text lines) an OCR model read 28.89 dB with it and 28.77 without, on all 32 27.77
+    and 29.57, and the search kept 44 % INT8 where 97 % passed without it.
     """
-    n = min(options.probe_samples, max(1, len(dataset) // 2))
+    n = len(dataset)
 
     def sqnr(fix: BiasCorrection | None) -> float:
-        evaluator = CompareEvaluator(model, table, dataset, options, fix)
-        n_used = len(evaluator.select_subset(n, fragile=False))  # the first n samples, as the ranking's
-        return output_sqnr(evaluator.evaluate(base, n_used).rows)
+        return output_sqnr(CompareEvaluator(model, table, dataset, options, fix).evaluate_many([base], n)[0].rows)
 
     with_it, without = sqnr(correction), sqnr(None)
     check = {"check_samples": n, "int8_sqnr_db_with": with_it, "int8_sqnr_db_without": without}
