@@ -89,17 +89,42 @@ class ConstantFolder:
         picked = dims[slice(attrs.get("start", 0), attrs.get("end"))]
         if any(d is None for d in picked):
             return None
-        out = node.output[0]
-        self.values[out] = np.array(picked, dtype=np.int64)
-        self.leaves[out] = (f"the static shape of {node.input[0]!r}",)
-        return self.values[out]
+        return self._keep(node.output[0], np.array(picked, dtype=np.int64), node.input[0])
+
+    def _static_dims(self, gather: onnx.NodeProto) -> np.ndarray | None:
+        """``Gather(Shape(x), i)`` when the dims it picks are fixed (torch's ``x.shape[1]``; the batch dim may be
+        symbolic)."""
+        shape_node = self.producer[gather.input[0]]
+        index = self.value(gather.input[1]) if len(gather.input) > 1 else None
+        if self._dims is None:
+            self._dims = _inferred_dims(self.model)
+        dims = self._dims.get(shape_node.input[0])
+        if index is None or dims is None or index.dtype.kind not in "iu":
+            return None
+        attrs = {a.name: a.i for a in shape_node.attribute}
+        sliced = dims[slice(attrs.get("start", 0), attrs.get("end"))]
+        try:
+            picked = np.array(sliced, dtype=object)[np.asarray(index)]
+        except IndexError:
+            return None
+        if any(d is None for d in np.ravel(picked)):
+            return None
+        return self._keep(gather.output[0], np.asarray(picked, dtype=np.int64), shape_node.input[0])
+
+    def _keep(self, name: str, value: np.ndarray, source: str) -> np.ndarray:
+        self.values[name] = value
+        self.leaves[name] = (f"the static shape of {source!r}",)
+        return value
 
     def value(self, name: str, depth: int = 0) -> np.ndarray | None:
         if name in self.values:
             return self.values[name]
         node = self.producer.get(name)
-        if node is not None and node.op_type == "Shape" and self._graph is self.model.graph:
-            return self._static_shape(node)
+        if node is not None and self._graph is self.model.graph:
+            if node.op_type == "Shape":
+                return self._static_shape(node)
+            if node.op_type == "Gather" and self.producer.get(node.input[0], node).op_type == "Shape":
+                return self._static_dims(node)
         if node is None or node.op_type in NEVER_FOLD or node.domain not in ("", "ai.onnx") or depth > 200:
             return None
         feeds: dict[str, np.ndarray] = {}

@@ -169,7 +169,12 @@ def parse_threshold(text: str | Threshold, *, known_metrics: Iterable[str] | Non
         known = set(known_metrics)
         for c in conditions:
             base = c.metric.removesuffix("_ci_low").removesuffix("_ci_high")
-            if c.metric not in known and base not in known:
+            if c.metric not in known and base != c.metric and base in known:  # parsed, then failed after the run
+                with_ci = sorted(k.removesuffix("_ci_low") for k in known if k.endswith("_ci_low"))
+                raise ThresholdError(f"threshold {text!r} names {c.metric!r}, but {base!r} gets no confidence "
+                                     f"interval; gate on {base!r} itself, or on one with an interval: "
+                                     f"{', '.join(with_ci) or 'none here'}")
+            if c.metric not in known:
                 close = difflib.get_close_matches(c.metric, sorted(known), n=1)
                 hint = _hint(c.metric) or (f" (did you mean {close[0]!r}?)" if close else "")
                 raise ThresholdError(f"threshold {text!r} names unknown metric {c.metric!r}{hint}; known: "

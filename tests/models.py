@@ -993,3 +993,44 @@ def hf_mask_softmax(width: int = 4) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", width])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
+
+
+def transposed_loop_rnn(seed: int = 0, channels: int = 8, hidden: int = 16) -> onnx.ModelProto:
+    """A conv front end whose output a data-length ``Loop`` reads by name, through a Transpose (torch.jit.script's
+    ``for t in range(u.shape[1])``): x[N, T, C] ─► Transpose ─► Conv ─► Relu ─► Transpose ─► u[N, T, C];
+    Loop(Gather(Shape(u), 1)) body: h' = Tanh(Gather(u, i, axis 1) @ Win + h @ Wh), scan h' ─► ys[T, N, H]."""
+    rng = np.random.default_rng(seed)
+    c, h = channels, hidden
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body/cond"),
+         helper.make_node("Gather", ["u", "i"], ["u_t"], name="body/take_t", axis=1),
+         helper.make_node("MatMul", ["u_t", "Win"], ["xu"], name="body/mm_in"),
+         helper.make_node("MatMul", ["h_in", "Wh"], ["hh"], name="body/mm_rec"),
+         helper.make_node("Add", ["xu", "hh"], ["pre"], name="body/add"),
+         helper.make_node("Tanh", ["pre"], ["h_out"], name="body/tanh"),
+         helper.make_node("Identity", ["h_out"], ["y_t"], name="body/scan_out")],
+        "rnn_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", h])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", h]),
+         helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", h])])
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (c, c, 3)).astype(np.float32), "conv_w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "conv_b"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (c, h)).astype(np.float32), "Win"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (h, h)).astype(np.float32), "Wh"),
+             numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.array(True), "go")]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], name="to_ncl", perm=[0, 2, 1]),
+             helper.make_node("Conv", ["xt", "conv_w", "conv_b"], ["c"], name="frontend", pads=[1, 1]),
+             helper.make_node("Relu", ["c"], ["cr"], name="frontend_relu"),
+             helper.make_node("Transpose", ["cr"], ["u"], name="to_ntc", perm=[0, 2, 1]),
+             helper.make_node("Shape", ["u"], ["u_shape"], name="shape"),
+             helper.make_node("Gather", ["u_shape", "one"], ["trips"], name="trip_count", axis=0),
+             helper.make_node("Loop", ["trips", "go", "h0"], ["hN", "ys"], name="rnn_loop", body=body)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", c]),
+              helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["N", h])]
+    outputs = [helper.make_tensor_value_info("hN", TensorProto.FLOAT, ["N", h]),
+               helper.make_tensor_value_info("ys", TensorProto.FLOAT, ["T", "N", h])]
+    return _model(nodes, inputs, outputs, inits, "transposed_loop_rnn")

@@ -456,3 +456,34 @@ def test_a_failing_run_names_the_input_shapes_and_prints_nothing_itself(capfd):
     with pytest.raises(BackendError, match=r"on x \[4, 10\]: .*Reshape"):
         runner.run({"x": np.ones((4, 10), np.float32)})
     assert "onnxruntime" not in capfd.readouterr().err
+
+
+def test_ort_form_qdq_beside_a_loop_runs_without_aborting_the_process(tmp_path):
+    """ORT 1.32 moved the conv output's DequantizeLinear past the Transpose a Loop body reads by name and then
+    aborted the process (an assertion in its graph code: no exception, exit 134, a half-written report). The
+    backend turns that propagation off for such models; run in a child process, as a regression would kill us."""
+    import subprocess
+    import sys
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import model_from_proto
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    model = model_from_proto(models.transposed_loop_rnn(), label="loop_rnn")
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.normal(size=(4, 6, 8)).astype(np.float32), "h0": np.zeros((4, 16), np.float32)}
+    table = calibrate(model, from_arrays(feeds), "minmax", batch_size=4).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    assert any(n.op_type == "DequantizeLinear" for n in written.proto.graph.node)
+    assert any("QDQPropagationTransformer" in n for n in written.provenance.notes)  # the user's own session too
+    onnx.save(written.proto, tmp_path / "int8.onnx")
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    script = ("import numpy as np, onnx\nfrom quantlab.backends import get_backend\n"
+              f"feeds = dict(np.load({str(tmp_path / 'feeds.npz')!r}))\n"
+              f"out = get_backend('ort').build(onnx.load({str(tmp_path / 'int8.onnx')!r})).run(feeds)\n"
+              "print(sorted((k, v.shape) for k, v in out.items()))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "('hN', (4, 16)), ('ys', (6, 4, 16))" in done.stdout

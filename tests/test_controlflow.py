@@ -523,13 +523,20 @@ def test_compute_left_float_in_a_loop_body_is_counted_and_the_run_warns_of_it(tm
     assert float_bodies_note(unrolled, parse_experiment(toml, source=tmp_path / "e.toml")) is None
 
 
-def test_a_loop_over_a_fixed_axis_of_the_input_is_unrolled():
-    """torch.jit.script writes ``for t in range(x.shape[1])`` as a Loop whose trip count is Gather(Shape(x)): over
-    an axis the model fixes, that is a static trip count (it had been left float: "trip count set by the data")."""
+@pytest.mark.parametrize("form", ["gather", "slice"])
+def test_a_loop_over_a_fixed_axis_of_the_input_is_unrolled(form):
+    """torch.jit.script writes ``for t in range(x.shape[1])`` as a Loop whose trip count is Gather(Shape(x), 1)
+    (or Shape with start/end): over an axis the model fixes, that is a static trip count, whatever the batch
+    dim (it had been left float: "trip count set by the data")."""
     proto = models.refinement_loop(trips=16)  # input [N, 16]: axis 1 is fixed
-    shape = helper.make_node("Shape", ["input"], ["in_shape"], name="in_shape", start=1, end=2)
-    squeeze = helper.make_node("Squeeze", ["in_shape"], ["width_trips"], name="width_trips")
-    proto.graph.node.insert(0, squeeze)
+    if form == "slice":
+        shape = helper.make_node("Shape", ["input"], ["in_shape"], name="in_shape", start=1, end=2)
+        pick = helper.make_node("Squeeze", ["in_shape"], ["width_trips"], name="width_trips")
+    else:
+        proto.graph.initializer.append(numpy_helper.from_array(np.array(1, np.int64), "axis_one"))
+        shape = helper.make_node("Shape", ["input"], ["in_shape"], name="in_shape")
+        pick = helper.make_node("Gather", ["in_shape", "axis_one"], ["width_trips"], name="width_trips", axis=0)
+    proto.graph.node.insert(0, pick)
     proto.graph.node.insert(0, shape)
     loop = next(n for n in proto.graph.node if n.op_type == "Loop")
     loop.input[0] = "width_trips"

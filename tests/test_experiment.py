@@ -144,10 +144,12 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+import pandas as pd  # noqa: E402
 
 import models  # noqa: E402
 from quantlab.cli import main as cli_main  # noqa: E402
 from quantlab.experiment import run_experiment  # noqa: E402
+from quantlab.fingerprint import sha256_file  # noqa: E402
 
 EVIL = "<script>alert(1)</script>"
 needs_compare = pytest.mark.skipif(importlib.util.find_spec("quantlab.compare") is None,
@@ -298,4 +300,32 @@ def test_a_model_that_fixes_its_batch_at_1_runs_one_sample_at_a_time(tmp_path: P
     assert set(e2e["samples"]) == {16}
     path.write_text(path.read_text().replace('validation = "val.toml"', 'validation = "val.toml"\nbatch_size = 0'))
     with pytest.raises(ExperimentError, match=r"\[data\] key 'batch_size'.*integer >= 1"):
+        load_experiment(path)
+
+
+@needs_compare
+def test_an_experiment_takes_a_user_metric_and_gates_on_its_names(tmp_path: Path) -> None:
+    """An OCR model's line accuracy is a user metric: `quantlab run` told users to pass --metric, which an
+    experiment file could not take. ``metric = "file.py:function"`` (relative to the file) reaches the compare
+    stage and the search, the threshold may name what it returns, and the file's hash is in the settings."""
+    path = _small_experiment(tmp_path, threshold="close>=50", search=True, evil=False)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "close.py").write_text(
+        "import numpy as np\n\n\ndef score(ref, cand, label):\n"
+        "    r, c = next(iter(ref.values())), next(iter(cand.values()))\n"
+        "    return {'close': 100.0 * float(np.abs(r - c).max() <= 0.05 * np.abs(r).max())}\n")
+    text = path.read_text().replace('threshold = "close>=50"\n', 'threshold = "close>=50"\nmetric = "metrics/close.py:score"\n')
+    path.write_text(text)
+    cfg = load_experiment(path)
+    assert cfg.metric == f"{tmp_path / 'metrics' / 'close.py'}:score"
+    assert cfg.settings()["metric"]["sha256"] == sha256_file(tmp_path / "metrics" / "close.py")
+    result = run_experiment(cfg, reports_dir=tmp_path / "reports")
+    assert result.verdict is not None and result.verdict.threshold == "close>=50"
+    e2e = pd.read_parquet(tmp_path / "reports" / "small" / "results" / "end_to_end.parquet")
+    assert "close" in e2e.columns and e2e["close"].notna().any()
+    path.write_text(text.replace("metrics/close.py", "metrics/missing.py"))
+    with pytest.raises(ExperimentError, match=r"\[?metric.*no file .*missing.py"):
+        load_experiment(path)
+    path.write_text(text.replace('metric = "metrics/close.py:score"\n', ""))
+    with pytest.raises(ExperimentError, match="unknown metric 'close'"):  # without the metric: misspelt
         load_experiment(path)

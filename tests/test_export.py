@@ -174,6 +174,16 @@ def test_report_folder_exports_the_verdicts_model_and_cli(build, tmp_path: Path,
     assert cli_main(["export", "triton", str(report), "--name", "exp", "--repository", str(tmp_path / "repo"),
                      "--candidate", "fp16"]) == 2
     assert "no candidate 'fp16'" in capsys.readouterr().err
+    # a search folder an earlier run left: this run (its manifest's stages) made none, so it is not exported
+    (report / "stages" / "search" / "final").mkdir(parents=True)
+    for f in folder.iterdir():
+        shutil.copy(f, report / "stages" / "search" / "final" / f.name)
+    (report / "manifest.json").write_text(json.dumps({
+        "status": "complete", "verdict": {"candidate": "int8-minmax"}, "validation": {"manifest": str(manifest)},
+        "stages": [{"name": "calibrate"}, {"name": "build-int8-minmax"}, {"name": "compare"}]}))
+    with pytest.raises(ExperimentError, match=r"made no search.*earlier run's plan.*int8-minmax"):
+        resolve_source(report, candidate="mixed (search)")
+    assert resolve_source(report).folder == report / "stages" / "build-int8-minmax"
 
 
 def _tritonserver() -> Path | None:

@@ -35,10 +35,14 @@ def test_parse_invalid_names_the_part(text):
 
 
 def test_known_metrics_accept_interval_suffixes_and_refuse_unknown():
-    known = {"cosine", "top1_drop"}
+    known = {"cosine", "cosine_ci_low", "cosine_ci_high", "top1_drop", "top1_drop_ci_low", "top1_drop_ci_high",
+             "sqnr_db"}
     assert parse_threshold("top1_drop_ci_high<=1", known_metrics=known).metrics == ("top1_drop_ci_high",)
     with pytest.raises(ThresholdError, match="unknown metric 'cosin'"):
         parse_threshold("cosin>=0.9", known_metrics=known)
+    # SQNR gets no interval: accepted when parsed, it used to fail after the whole run ("did not report")
+    with pytest.raises(ThresholdError, match=r"'sqnr_db' gets no confidence interval.*cosine, top1_drop"):
+        parse_threshold("sqnr_db_ci_low>=30", known_metrics=known)
 
 
 def test_condition_semantics():

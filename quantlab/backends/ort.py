@@ -241,7 +241,7 @@ class OrtBackend(Backend):
         try:
             session = self._ort.InferenceSession(
                 serialize(proto), sess_options=self._session_options(fuse),
-                providers=self._provider_list(cache_dir),
+                providers=self._provider_list(cache_dir), disabled_optimizers=unsafe_optimizers(model),
             )
         except Exception as exc:
             raise _load_error(self._ort.__version__, model, str(exc)) from None
@@ -286,7 +286,8 @@ class OrtBackend(Backend):
             path = Path(tmp) / "optimized.onnx"
             so.optimized_model_filepath = str(path)
             try:
-                self._ort.InferenceSession(serialize(model), sess_options=so, providers=self._provider_list(None))
+                self._ort.InferenceSession(serialize(model), sess_options=so, providers=self._provider_list(None),
+                                           disabled_optimizers=unsafe_optimizers(model))
             except Exception as exc:
                 raise _load_error(self._ort.__version__, model, str(exc)) from None
             return onnx.load(str(path))
@@ -309,7 +310,8 @@ class OrtBackend(Backend):
             so.profile_file_prefix = str(Path(tmp) / "profile")
             try:
                 session = self._ort.InferenceSession(serialize(model), sess_options=so,
-                                                     providers=self._provider_list(None))
+                                                     providers=self._provider_list(None),
+                                                     disabled_optimizers=unsafe_optimizers(model))
             except Exception as exc:
                 raise _load_error(self._ort.__version__, model, str(exc)) from None
             for _ in range(3 + runs):
@@ -338,6 +340,23 @@ class OrtBackend(Backend):
                      "int8_dot_saturates": int8_dot_saturates(), "spinning": self.spinning,
                      "forced_by_environment": dict(self.forced_by_environment)},
         )
+
+
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
+
+
+def unsafe_optimizers(model: onnx.ModelProto) -> list[str]:
+    """ONNX Runtime optimizers to turn off for ``model``: its QDQ propagation when Q/DQ sit beside control flow.
+
+    ORT 1.32 moved the DequantizeLinear of a conv's output past the Transpose whose output a ``Loop`` body reads
+    by name, then aborted the whole process (``stl_vector.h: Assertion '__n < this->size()'``) at any
+    optimization level from BASIC up: no exception to catch, no exit code of ours. Without that transformer
+    the model runs, with the same Q/DQ semantics.
+    """
+    if any(n.op_type in _SUBGRAPH_OPS for n in model.graph.node) and any(
+            n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        return ["QDQPropagationTransformer"]
+    return []
 
 
 def _with_typed_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

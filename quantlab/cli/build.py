@@ -77,6 +77,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--smoothquant-scales", type=path_arg, default=None, metavar="FILE",
                    help="SmoothQuant scales (smoothquant.json of `quantlab calibrate --smoothquant ALPHA`, whose "
                         "table this build must use)")
+    p.add_argument("--bias-correction", type=path_arg, default=None, metavar="FILE",
+                   help="apply the bias correction a search measured (its bias_correction.json, beside plan.json) "
+                        "to the INT8 layers: with the search's --plan, this rebuilds its final model")
     p.add_argument("--fp16-simulation", action="store_true",
                    help="(--backend ort only) float32 kernels with every fp16 tensor rounded through "
                         "float16: ONNX Runtime's CPU provider does not round a native fp16 model's activations")
@@ -123,7 +126,7 @@ def _table(args: argparse.Namespace, model: Any, options: WriteOptions) -> Calib
 
 def _options(args: argparse.Namespace) -> WriteOptions:
     from ..errors import QuantlabError
-    from ..quantize import DEFAULT_FP32_OPS, Equalization, WriteOptions, load_smoothquant
+    from ..quantize import DEFAULT_FP32_OPS, Equalization, WriteOptions, load_bias_correction, load_smoothquant
 
     target = args.target or ("ort" if args.backend == "ort" else "tensorrt")
     fp32_ops = DEFAULT_FP32_OPS
@@ -133,9 +136,11 @@ def _options(args: argparse.Namespace) -> WriteOptions:
         raise QuantlabError(f"--fp16-simulation writes a float32 model for measuring FP16 accuracy on ONNX "
                             f"Runtime; it is not for --backend {args.backend}. Drop the flag.")
     smooth = load_smoothquant(args.smoothquant_scales) if args.smoothquant_scales is not None else None
+    correction = load_bias_correction(args.bias_correction) if args.bias_correction is not None else None
     return WriteOptions(target=target, per_channel_weights=not args.per_tensor_weights, fp32_ops=fp32_ops,
                         fp16_simulation=args.fp16_simulation, reduce_range=args.reduce_range,
-                        equalization=Equalization() if args.equalize else None, smoothquant=smooth)
+                        equalization=Equalization() if args.equalize else None, smoothquant=smooth,
+                        bias_correction=correction)
 
 
 def _saturation_note(options: WriteOptions, written: WrittenModel) -> str | None:
@@ -227,6 +232,14 @@ def run(args: argparse.Namespace) -> int:
             ([f"SmoothQuant (alpha {sq['alpha']:g}) on {len(sq['activations'])} input(s)"] if sq else [])
         print(f"  rewritten before writing: {', '.join(done)} (sha256 {prepared['prepared_sha256'][:12]})")
     notes = list(written.provenance.notes)
+    beside = args.plan.parent / "bias_correction.json" if args.plan is not None else None
+    if beside is not None and beside.is_file() and args.bias_correction is None:
+        notes.append(f"the search that wrote {args.plan} applied bias correction to its final model: add "
+                     f"--bias-correction {beside} to build that model (without it, this one differs)")
+    applied = written.provenance.meta.get("bias_correction")
+    if applied:
+        notes.append(f"bias correction from {args.bias_correction} on {len(applied.get('applied', []))} INT8 "
+                     "layer(s)")
     saturation = _saturation_note(options, written)
     if saturation:
         notes.append(saturation)

@@ -46,6 +46,7 @@ def owned_files(own_workdir: bool) -> tuple[str, ...]:
 
     names = ("plan.json", "plan.toml", "final/model.onnx", "final/provenance.json", "final/plan.json",
              "trajectory.csv", "trajectory.parquet", "sensitivity.csv", "sensitivity.parquet", "search.json",
+             "bias_correction.json",
              *(f"final_compare/{name}" for name in comparison_files()))
     return (*names, "work/*") if own_workdir else names
 

@@ -78,7 +78,8 @@ def label_use(reference: LoadedModel, dataset: DataSet, options: CompareOptions,
                if not integer else "the reference has no classifier output ([N, C] scores)")
         if not has_metric:
             warnings.append(f"validation labels are not used for accuracy: {why}; only a user metric "
-                            "(--metric) receives them")
+                            "receives them (quantlab compare --metric, or metric = \"file.py:function\" in an "
+                            "experiment file)")
         accuracy = False
     else:
         accuracy = use_labels

@@ -22,6 +22,8 @@ The experiment file (paths are relative to the file itself)::
     seed = 0
     backend = "ort"                     # ort | tensorrt | tensorrt-rtx
     threshold = "cosine>=0.995"         # end-to-end gate; omit for no verdict
+    # metric = "ctc.py:line_accuracy"   # a user metric (as compare --metric): the threshold may name what it
+    #                                   # returns; it gets the validation labels when they are not class indices
 
     [model]
     zoo = "efficientnet_lite0"          # or: path = "model.onnx"

@@ -200,7 +200,7 @@ class _Run:
         """The compare stage on the models ``written()`` gives (made only when the stage is not reused)."""
         key = {"stage": "compare", **self.common, "candidates": build_keys, "data": data_key(val),
                "backend": self.config.backend, "seed": self.config.seed, **self._shapes_key(),
-               **({"fp16_simulation": simulated} if simulated else {})}
+               **({"fp16_simulation": simulated} if simulated else {}), **self._metric_key()}
         rec = run_stage(self.report_dir, "compare", key,
                         lambda f: compare_stage(f, model, written(), val, self.config, self.progress, cal_dir,
                                                 self.shapes))
@@ -227,7 +227,8 @@ class _Run:
         key = {"stage": "search", **self.common, "table": self.stages[0].key_sha256, "method": method,
                "data": data_key(val), "threshold": config.threshold, "budget": config.search_budget,
                "backend": config.backend, "target": config.target, "seed": config.seed,
-               "bias_correction": config.search_bias_correction, **_rewrite_key(config), **self._shapes_key()}
+               "bias_correction": config.search_bias_correction, **_rewrite_key(config), **self._shapes_key(),
+               **self._metric_key()}
         log_dir = self.report_dir / "search-log" / stage_key_hash(key)[:16]
         rec = run_stage(self.report_dir, "search", key,
                         lambda f: search_stage(f, model, val, tables[method], config, self.progress, log_dir,
@@ -239,6 +240,10 @@ class _Run:
         final = search_end_to_end(rec.path)
         verdict = verdict_for(final, SEARCH_CANDIDATE, config.threshold) if final is not None else verdicts[best]
         return verdict, rec.path
+
+    def _metric_key(self) -> dict[str, Any]:
+        """The user metric and its file's hash (absent without one: earlier stage keys stay valid)."""
+        return {} if self.config.metric is None else {"metric": self.config.settings()["metric"]}
 
     def _shapes_key(self) -> dict[str, str]:
         """The engine shapes in a stage key (none on ONNX Runtime: the keys of earlier runs stay valid)."""

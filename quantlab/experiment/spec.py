@@ -15,6 +15,7 @@ from typing import Any
 
 from ..coverage.gate import parse_gate
 from ..errors import ExperimentError, InputMismatchError, ThresholdError
+from ..fingerprint import sha256_file
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
 from ..schema import Key, Where, check_table, parse_toml, read_toml_text, is_int, is_num, non_empty_str, one_of, show
 from ..shapes import SHAPES_GRAMMAR, parse_shapes
@@ -45,6 +46,8 @@ class ExperimentConfig:
     seed: int = 0
     backend: str = "ort"
     threshold: str | None = None
+    metric: str | None = None
+    """A user metric, ``file.py:function`` (the file's path made absolute) or ``module:function``, as --metric."""
     calibrators: tuple[str, ...] = CALIBRATORS
     percentile: float = DEFAULT_PERCENTILE
     fp16: bool = True
@@ -86,6 +89,8 @@ class ExperimentConfig:
             "coverage": {"enabled": self.coverage, "gate": self.coverage_gate,
                          "sets": [str(p) for p in self.coverage_sets]},
         }
+        if self.metric is not None:  # absent when unset: older manifests stay comparable
+            out["metric"] = {"spec": self.metric, "sha256": metric_file_sha256(self.metric)}
         if self.shapes is not None:
             out["shapes"] = self.shapes
         if self.bind:
@@ -136,6 +141,8 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
         "seed": (Key(_COUNT, _count, "seed = 0"), "seed"),
         "backend": (Key(f"one of {', '.join(map(repr, BACKENDS))}", one_of(BACKENDS), 'backend = "ort"'), "backend"),
         "threshold": (Key("a threshold expression", non_empty_str, 'threshold = "cosine>=0.995"'), "threshold"),
+        "metric": (Key("a user metric, 'file.py:function' (relative to the experiment file) or 'module:function'",
+                       lambda v: non_empty_str(v) and ":" in v, 'metric = "ctc_metric.py:line_accuracy"'), "metric"),
         "coverage": (Key("[[coverage]] tables, each with data = a manifest path", _coverage_sets,
                          '[[coverage]]\ndata = "../calib_sets/night.toml"'), "coverage_sets"),
     },
@@ -230,6 +237,8 @@ def _converted(field: str, value: Any, where: str, base: Path) -> Any:
         except InputMismatchError as exc:
             raise ExperimentError(f"{where}: {exc}") from None
         return value
+    if field == "metric":
+        return _metric_spec(value, where, base)
     if field == "export_repository":
         return (base / value).resolve() if not Path(value).is_absolute() else Path(value)
     if field in _PATH_FIELDS:
@@ -239,6 +248,25 @@ def _converted(field: str, value: Any, where: str, base: Path) -> Any:
                                   "to the experiment file's folder.")
         return path
     return value
+
+
+def _metric_spec(value: str, where: str, base: Path) -> str:
+    """``value`` with a metric file's path made absolute (checked to exist), as quantlab compare's --metric takes it."""
+    module, _, function = value.rpartition(":")
+    if not (module.endswith(".py") or "/" in module):
+        return value  # an importable module
+    path = Path(module) if Path(module).is_absolute() else (base / module).resolve()
+    if not path.is_file():
+        raise ExperimentError(f"{where}: names {module!r}, but there is no file {path}. Paths are relative to the "
+                              "experiment file's folder.")
+    return f"{path}:{function}"
+
+
+def metric_file_sha256(spec: str) -> str | None:
+    """The sha256 of a user metric's file (what the run's figures depend on); None for an importable module."""
+    module = spec.rpartition(":")[0]
+    path = Path(module)
+    return sha256_file(path) if module.endswith(".py") and path.is_file() else None
 
 
 def parse_experiment(text: str, *, source: Path | None = None, base: Path | None = None) -> ExperimentConfig:
@@ -258,7 +286,7 @@ def parse_experiment(text: str, *, source: Path | None = None, base: Path | None
         raise ExperimentError(f"{where.at('export')}: give 'repository' (the Triton model repository folder) "
                               "for the [export] table.")
     if "threshold" in values:
-        _check_threshold(values["threshold"], where.at("", None, "threshold"))
+        _check_threshold(values["threshold"], where.at("", None, "threshold"), user_metric="metric" in values)
     if "coverage_gate" in values:
         _check_threshold(values["coverage_gate"], where.at("report", None, "coverage_gate"), coverage=True)
     name = values.pop("name", None) or (source.stem if source else "experiment")
@@ -295,12 +323,14 @@ def _check_candidates(values: dict[str, Any], where: Where) -> None:
                               f"or one of {', '.join(calibrators)}.")
 
 
-def _check_threshold(expr: str, where: str, coverage: bool = False) -> None:
+def _check_threshold(expr: str, where: str, coverage: bool = False, user_metric: bool = False) -> None:
     """Parse the threshold with the comparator's own language (quantlab.threshold); coverage gates name its metrics.
     A threshold must name a metric a comparison can report (for some model: ``top1_agreement`` needs a
-    classifier, which only the run finds out), so a misspelt one fails here, before any work."""
+    classifier, which only the run finds out), so a misspelt one fails here, before any work; with a user
+    metric, whose names only its results tell, any name goes (as quantlab compare --metric)."""
+    known = None if user_metric else _comparison_metrics()
     try:
-        parse_gate(expr) if coverage else parse_threshold(expr, known_metrics=_comparison_metrics())
+        parse_gate(expr) if coverage else parse_threshold(expr, known_metrics=known)
     except ThresholdError as exc:
         raise ExperimentError(f"{where}: {exc}") from None
 

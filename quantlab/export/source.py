@@ -81,13 +81,22 @@ def _report_candidate_folder(report: Path, manifest: Mapping[str, Any], candidat
         stages = sorted(p.name[len("build-"):] for p in (report / "stages").glob("build-*"))
         raise ExperimentError(f"{report}: the experiment set no threshold, so there is no verdict to say which "
                               f"model to release; choose one with --candidate ({', '.join(stages)}).")
+    # the run's own stages: an earlier run's folders stay on disk (reused when their inputs come back)
+    on_disk = {p.name for p in (report / "stages").glob("*") if p.is_dir()}
+    ran = ({str(s.get("name")) for s in manifest["stages"] if isinstance(s, Mapping)}
+           if isinstance(manifest.get("stages"), list) else on_disk) & on_disk  # no list: a manifest by hand
+    builds = sorted(name[len("build-"):] for name in ran if name.startswith("build-"))
     if chosen == SEARCH_CANDIDATE:
+        if "search" not in ran:
+            raise ExperimentError(f"{report}: this run made no search (no threshold, or a candidate passed it), so "
+                                  "stages/search holds an earlier run's plan; choose one of this run's candidates "
+                                  f"with --candidate ({', '.join(builds)}), or re-run with a threshold that "
+                                  "searches.")
         return report / "stages" / "search" / "final", chosen
     folder = report / "stages" / f"build-{chosen}"
-    if not folder.is_dir():
-        stages = sorted(p.name[len("build-"):] for p in (report / "stages").glob("build-*"))
-        raise ExperimentError(f"{report}: no candidate {chosen!r}; candidates: {', '.join(stages)}"
-                              + (f", {SEARCH_CANDIDATE!r}" if (report / "stages" / "search").is_dir() else ""))
+    if f"build-{chosen}" not in ran:
+        raise ExperimentError(f"{report}: this run has no candidate {chosen!r}; candidates: {', '.join(builds)}"
+                              + (f", {SEARCH_CANDIDATE!r}" if "search" in ran else ""))
     return folder, chosen
 
 

@@ -35,15 +35,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..atomic import write_json
 from ..backends import get_backend
 from ..data import DataSet
 from ..errors import QuantlabError
@@ -57,7 +60,8 @@ from .prepare import check_prepared_table, prepare_model
 from .input_means import InputMeans, fake_quantize, input_means
 from .qparams import QParams, weight_qparams
 
-__all__ = ["BiasCorrection", "measure_bias_correction", "apply_bias_correction", "fake_quantize"]
+__all__ = ["BiasCorrection", "measure_bias_correction", "apply_bias_correction", "fake_quantize",
+           "save_bias_correction", "load_bias_correction"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,42 @@ class BiasCorrection:
     def describe(self) -> dict[str, Any]:
         return {"layers": len(self.layers), "samples": self.samples, "settings": dict(self.settings),
                 "max_abs_shift": self._peak}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The shifts as JSON data (:func:`save_bias_correction`), so a build can apply what a search measured."""
+        return {"format": BIAS_CORRECTION_FORMAT, "samples": self.samples, "settings": dict(self.settings),
+                "layers": {name: list(values) for name, values in self.layers}}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> BiasCorrection:
+        """The correction :meth:`to_dict` wrote; a QuantlabError naming ``where`` for anything else."""
+        layers = data.get("layers") if isinstance(data, dict) else None
+        if (not isinstance(data, dict) or data.get("format") != BIAS_CORRECTION_FORMAT or not isinstance(layers, dict)
+                or not isinstance(data.get("settings"), dict) or not isinstance(data.get("samples"), int)
+                or not all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+                           for v in layers.values())):
+            raise QuantlabError(f"{where}: not a bias correction file (format {BIAS_CORRECTION_FORMAT}) as `quantlab "
+                                "search` / `quantlab run` write it (search/bias_correction.json)")
+        return cls(layers=tuple((str(k), tuple(float(x) for x in v)) for k, v in layers.items()),
+                   samples=data["samples"], settings=tuple(data["settings"].items()))
+
+
+BIAS_CORRECTION_FORMAT = 1
+"""Version of the bias correction file."""
+
+
+def save_bias_correction(correction: BiasCorrection, path: str | Path) -> Path:
+    """Write ``correction`` as JSON (atomically)."""
+    return write_json(Path(path), correction.to_dict())
+
+
+def load_bias_correction(path: str | Path) -> BiasCorrection:
+    """Read a file :func:`save_bias_correction` wrote."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise QuantlabError(f"{path}: cannot read the bias correction file ({exc})") from None
+    return BiasCorrection.from_dict(data, str(path))
 
 
 def correction_settings(options: WriteOptions) -> tuple[tuple[str, Any], ...]:

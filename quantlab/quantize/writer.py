@@ -65,6 +65,11 @@ class Writer:
             self.write_node(idx)
         self._check_subgraph_reads()
         self.notes.extend(control_flow_notes(self.src))  # Ifs inlined at load, subgraph tensors left float
+        if (self.options.target == "ort" and self.qdq.quantized
+                and any(n.op_type in ("If", "Loop", "Scan") for n in self.src.graph.node)):
+            self.notes.append("ONNX Runtime 1.32 can abort the process on Q/DQ beside a Loop/If/Scan (its QDQ "
+                              "propagation, at any optimization level above none): create the deployment session "
+                              "with disabled_optimizers=[\"QDQPropagationTransformer\"], as quantlab does")
         if self.casts.fp16_clipped:
             self.notes.append(f"{self.casts.fp16_clipped} constant value(s) (initializers, Constant nodes) outside float16 range were "
                               "clipped to +-65504 in fp16 copies")

@@ -117,7 +117,7 @@ def search(
                                            "probe_samples_used": min(options.probe_samples,
                                                                      max(1, len(dataset) // 2))},
         notes=outcome.notes, budget=outcome.budget, executed=outcome.executed,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, correction=correction,
     )
 
 

@@ -80,6 +80,10 @@ class Ranking:
     base_noise: float = math.nan
     impact: dict[str, float] = field(default_factory=dict)
     reverted_sqnr: dict[str, float] = field(default_factory=dict)
+    output_base: dict[str, float] = field(default_factory=dict)
+    """Each output's all-INT8 noise power (a model with several outputs)."""
+    output_impact: dict[str, dict[str, float]] = field(default_factory=dict)
+    """group -> output -> the noise power reverting it alone removed from that output."""
 
     def share(self, g: str) -> float:
         """The fraction of the all-INT8 noise power ``g`` accounts for (NaN when unmeasured)."""
@@ -98,6 +102,11 @@ class Ranking:
         if not self.base_noise > 0:
             return math.nan
         return max(0.0, self.base_noise - sum(self.impact.get(g, 0.0) for g in pinned))
+
+    def predicted_output_noise(self, pinned: Sequence[str]) -> dict[str, float]:
+        """:meth:`predicted_noise` for each output ({} without per-output measurements)."""
+        return {o: max(0.0, base - sum(self.output_impact.get(g, {}).get(o, 0.0) for g in pinned))
+                for o, base in self.output_base.items()}
 
     def sensitivity(self, base: ResolvedPlan) -> pd.DataFrame:
         """One row per ranked group (:data:`SENSITIVITY_COLUMNS`), largest impact first."""
@@ -170,8 +179,19 @@ def rank_groups(ledger: Ledger) -> Ranking:
                             "unmeasured, ranked last in topological order")
     impact = {g: base_noise - noise_power(s) for g, s in reverted.items() if not is_nan(s)}
     measured = sorted(impact, key=lambda g: (-impact[g], ledger.topo[g]))
+    output_base = _output_noise(base.rows)
+    output_impact = {g: {o: output_base[o] - n for o, n in _output_noise(ev.rows).items() if o in output_base}
+                     for g, ev in zip(topo, evs, strict=False) if ev is not None and g in impact}
     ranking = Ranking(order=measured + [g for g in topo if g not in impact], base_noise=base_noise,
-                      impact=impact, reverted_sqnr=reverted)
+                      impact=impact, reverted_sqnr=reverted,
+                      output_base=output_base if len(output_base) > 1 else {},
+                      output_impact=output_impact if len(output_base) > 1 else {})
     ledger.extra = [{"type": "sensitivity", "records": ranking.sensitivity(ledger.base).to_dict("records")}]
     ledger.write_log()
     return ranking
+
+
+def _output_noise(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Output name -> its relative noise power, for the rows with an SQNR."""
+    return {str(r["output"]): noise_power(float(r["sqnr_db"])) for r in rows
+            if r.get("output") is not None and r.get("sqnr_db") is not None and not is_nan(r.get("sqnr_db"))}

@@ -12,8 +12,11 @@ import pandas as pd
 from ..atomic import atomic_path, write_json
 from ..compare import CompareResult
 from ..plan import ResolvedPlan, save_plan
-from ..quantize import WrittenModel, save_written
+from ..quantize import BiasCorrection, WrittenModel, save_bias_correction, save_written
 from .evaluation import plain_value
+
+BIAS_CORRECTION_FILE = "bias_correction.json"
+"""Beside plan.json: the shifts the final model's INT8 layers got (``quantlab build --bias-correction``)."""
 
 RESULT_FORMAT = "quantlab.search/1"
 
@@ -36,6 +39,7 @@ class SearchResult:
     budget: int = 0
     executed: int = 0                         # evaluations run by this call (the rest came from the log)
     seconds: float = 0.0
+    correction: BiasCorrection | None = None  # the bias correction every INT8 layer of ``final`` got
 
     def to_dict(self) -> dict[str, Any]:
         counts = self.plan.counts()
@@ -80,11 +84,16 @@ class SearchResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         description = f"quantlab search for {self.settings.get('threshold', '')!r}: {self.message}"
+        if self.correction is not None:  # the plan alone does not rebuild final/: say what else it needs
+            description += (f"; its INT8 layers carry bias correction: build with --bias-correction "
+                            f"{BIAS_CORRECTION_FILE}")
         plan = self.plan.to_plan(description)
         paths = {
             "plan": save_plan(plan, out / "plan.json", groups=self.plan.groups),
             "plan_toml": save_plan(plan, out / "plan.toml", groups=self.plan.groups),
         }
+        if self.correction is not None:
+            paths["bias_correction"] = save_bias_correction(self.correction, out / BIAS_CORRECTION_FILE)
         paths.update({f"final_{k}": v for k, v in save_written(self.final, out / "final").items()})
         for name, frame in (("trajectory", self.trajectory), ("sensitivity", self.sensitivity)):
             with atomic_path(out / f"{name}.csv") as tmp:
