@@ -288,17 +288,22 @@ def test_pad_axis_outside_a_sample_names_the_sample_and_input(tmp_path):
         list(open_dataset(tmp_path / "p.toml").batches(2))
 
 
+def _sequence_and_plain_sets(tmp_path: Path):
+    """The vad model, and its chunks as a manifest with ``[sequence] carry`` and as one without."""
+    _npz_folder(tmp_path)
+    (tmp_path / "seq.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n')
+    (tmp_path / "plain.toml").write_text(MANIFEST.format(axis=1))
+    model = model_from_proto(_vad(), label="vad")
+    return model, open_dataset(tmp_path / "seq.toml"), open_dataset(tmp_path / "plain.toml")
+
+
 def test_a_manifest_carry_reaches_calibrate_and_compare_without_wrapping(tmp_path):
     """quantlab.calibrate / compare put a manifest's ``[sequence] carry`` in force themselves (the CLI passes
     manifests as they are): the state of the second sample is the model's stateN after the first."""
     import quantlab as ql
     from quantlab.sequence import SequenceData
 
-    _npz_folder(tmp_path)
-    (tmp_path / "seq.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n')
-    (tmp_path / "plain.toml").write_text(MANIFEST.format(axis=1))
-    model = model_from_proto(_vad(), label="vad")
-    seq, plain = open_dataset(tmp_path / "seq.toml"), open_dataset(tmp_path / "plain.toml")
+    model, seq, plain = _sequence_and_plain_sets(tmp_path)
     by_manifest = calibrate(model, seq, "minmax", batch_size=1)
     wrapped = calibrate(model, SequenceData(plain, model, {"stateN": "state"}), "minmax", batch_size=1)
     without = calibrate(model, plain, "minmax", batch_size=1)
@@ -348,11 +353,7 @@ def test_sequence_mode_reaches_coverage_and_compare_says_its_figures_are_one_ste
     import quantlab as ql
     from quantlab.sequence import TEACHER_FORCING_NOTE
 
-    _npz_folder(tmp_path)
-    (tmp_path / "seq.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n')
-    (tmp_path / "plain.toml").write_text(MANIFEST.format(axis=1))
-    model = model_from_proto(_vad(), label="vad")
-    seq, plain = open_dataset(tmp_path / "seq.toml"), open_dataset(tmp_path / "plain.toml")
+    model, seq, plain = _sequence_and_plain_sets(tmp_path)
     result = calibrate(model, seq, "minmax", batch_size=1)
     options = ql.CoverageOptions(batch_size=1)
     covered = {name: ql.check_coverage(model, [data], result.tables["minmax"], result.statistics, options=options)

@@ -430,6 +430,10 @@ def test_int8_candidates_with_no_qdq_get_a_warning_naming_the_input_to_bind(tmp_
     note = float_candidates_note(model, {"int8-minmax": written}, config)
     assert note is not None and note.startswith("WARNING int8-minmax: no tensor got a Q/DQ or float16")
     assert "'mode' decides If 'use_cache'" in note and "bind = { NAME = VALUE }" in note
+    from quantlab.experiment.stages import simulated_candidates
+
+    fp16 = write_model(model, uniform_plan("fp16"), None, WriteOptions(target="tensorrt"))
+    assert simulated_candidates({"fp16": fp16}, config) == []  # nothing float16 to simulate: no such note
     bound = load_model(tmp_path / "merged.onnx", bind={"mode": 1})
     assert not [n for n in bound.proto.graph.node if n.op_type == "If"] and bound.bound == ("mode",)
     from quantlab.errors import InputMismatchError

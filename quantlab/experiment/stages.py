@@ -212,7 +212,7 @@ def simulated_candidates(written: Mapping[str, WrittenModel], config: Experiment
     overstating their accuracy (the search measures its candidates the same way)."""
     if not is_onnxruntime(config.backend):
         return []
-    return [n for n, w in written.items() if computes_in_float16(w)]
+    return [n for n, w in written.items() if computes_in_float16(w) and holds_float16(w.proto)]  # not all in If
 
 
 def measured_candidates(model: LoadedModel, written: Mapping[str, WrittenModel],
