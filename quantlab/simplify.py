@@ -8,6 +8,8 @@ placement and TensorRT's fusions expect.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -110,14 +112,12 @@ def fuse_pad_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
     """
     if not any(n.op_type == "Pad" for n in proto.graph.node):
         return proto  # nothing to do: no copy of a large model's weights
+    from .folding import ConstantFolder, drop_dead_producers  # here: quantlab.folding imports this module
+
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     g = out.graph
-    inits = {i.name: i for i in g.initializer}
-    for node in g.node:  # Constant nodes hold pads as often as initializers do
-        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
-        if value is not None and node.output and node.output[0] not in inits:
-            inits[node.output[0]] = value
+    folder = ConstantFolder(g, out)  # pads computed from constants (the legacy exporter's F.pad chain) fold too
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in g.node:
         for i in node.input:
@@ -131,7 +131,7 @@ def fuse_pad_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
         if len(consumers) != 1 or consumers[0].op_type != "Conv" or pad.output[0] in kept:
             continue
         conv = consumers[0]
-        spatial = _constant_spatial_pads(pad, inits)
+        spatial = _constant_spatial_pads(pad, folder.value)
         if spatial is None or conv.input[0] != pad.output[0]:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
@@ -149,30 +149,35 @@ def fuse_pad_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
         removed.add(idx)
     if not removed:
         return out
+    used_before = set(readers)
+    sources = [t for i in removed for t in proto.graph.node[i].input[1:]]  # the Pads' pads and value
     nodes = [n for i, n in enumerate(g.node) if i not in removed]
-    read = {i for n in nodes for i in n.input} | kept
-    dropped = {t for i in removed for t in proto.graph.node[i].input[1:]} - read  # the Pads' own pads and value
     del g.node[:]
-    g.node.extend(n for n in nodes if not (n.op_type == "Constant" and n.output and n.output[0] in dropped))
-    keep_inits = [i for i in g.initializer if i.name not in dropped]
+    g.node.extend(nodes)
+    drop_dead_producers(g, sources)  # the constant chains that computed them
+    read = {t for n in g.node for t in n.input} | kept
+    keep_inits = [i for i in g.initializer if i.name in read or i.name not in used_before]
     del g.initializer[:]
     g.initializer.extend(keep_inits)
     return out
 
 
-def _constant_spatial_pads(pad: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[int] | None:
-    """The Conv-style spatial pads ``[begins..., ends...]`` of a foldable Pad, else None."""
+def _constant_spatial_pads(pad: onnx.NodeProto, value: Callable[[str], np.ndarray | None]) -> list[int] | None:
+    """The Conv-style spatial pads ``[begins..., ends...]`` of a foldable Pad, else None. ``value``: a tensor's
+    constant value (None when the data decides it)."""
     attrs = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
     if attrs.get("mode", b"constant") not in (b"constant", "constant"):
         return None
-    if len(pad.input) < 2 or pad.input[1] not in inits:
+    pads_value = value(pad.input[1]) if len(pad.input) >= 2 and pad.input[1] else None
+    if pads_value is None or pads_value.dtype.kind not in "iu":
         return None
     if len(pad.input) >= 3 and pad.input[2]:
-        if pad.input[2] not in inits or np.any(numpy_helper.to_array(inits[pad.input[2]]) != 0):
+        fill = value(pad.input[2])
+        if fill is None or np.any(fill != 0):
             return None
     if len(pad.input) >= 4 and pad.input[3]:
         return None  # explicit axes: keep it simple, leave as is
-    pads = numpy_helper.to_array(inits[pad.input[1]]).astype(np.int64).tolist()
+    pads = pads_value.astype(np.int64).reshape(-1).tolist()
     rank = len(pads) // 2
     if rank < 3 or any(p < 0 for p in pads):
         return None

@@ -769,6 +769,14 @@ def test_candidates_written_for_tensorrt_run_their_qdq_as_written_on_onnxruntime
     forced = environment_options()[0]  # QUANTLAB_ORT_QDQ_FUSION, which the CI's other kernel runs set
     ort_choice = "auto" if forced is None else forced
     assert mixed.environment["backend"]["details"]["qdq_fusion"] == ort_choice
+    # beside an ORT-form candidate the TensorRT-form one still runs as written: the same figures as alone
+    assert mixed.environment["candidate_backends"]["int8"]["details"]["qdq_fusion"] is False
+    rows = [frame[frame["candidate"] == "int8"].reset_index(drop=True) for frame in (mixed.end_to_end,
+                                                                                    exact.end_to_end)]
+    pd.testing.assert_frame_equal(*rows)
     bare = compare(setup["model"], {"bare": model_from_proto(written["int8"].proto, label="bare")}, setup["val"],
-                   options)  # no provenance: its target is unknown
-    assert bare.environment["backend"]["details"]["qdq_fusion"] == ort_choice
+                   options)  # no provenance: its int8 zero points and float bias say TensorRT form
+    assert bare.environment["backend"]["details"]["qdq_fusion"] is False
+    bare_ort = compare(setup["model"], {"bare": model_from_proto(written["int8-ort"].proto, label="bare")},
+                       setup["val"], options)  # uint8 activations, int32 bias: ORT's own choice
+    assert bare_ort.environment["backend"]["details"]["qdq_fusion"] == ort_choice

@@ -695,3 +695,53 @@ def test_a_batchnorm_after_a_conv_is_folded_into_it_at_load(shared):
     np.testing.assert_allclose(run(loaded.proto)[0], run(proto)[0], rtol=1e-5, atol=1e-5)
     kept = model_from_proto(_conv_bn_model(conv_output_kept=True), label="kept")
     assert [n.op_type for n in kept.proto.graph.node] == ["Conv", "Relu", "Conv", "BatchNormalization"]
+
+
+def test_pads_computed_from_constants_fold_and_their_chain_goes():
+    """The legacy exporter writes F.pad's pads as a chain of constant ops (ConstantOfShape, Concat, Slice with step
+    -1, ...) that its own folding leaves: the Pad stayed, a float layer of its own, 56 extra fp32 groups on a
+    MobileNetV3. The chain is evaluated; the Pad goes into the Conv, and the chain with it."""
+    proto = _tf_same_padding_model()
+    first = proto.graph.node[0]
+    first.input[1] = "p1_computed"
+    proto.graph.node.insert(0, helper.make_node("Concat", ["p_head", "p_tail"], ["p1_computed"], name="pads/concat",
+                                                axis=0))
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["p_tail"], name="pads/tail",
+                                                value=numpy_helper.from_array(np.array([1, 1], np.int64))))
+    proto.graph.node.insert(0, helper.make_node("ConstantOfShape", ["six"], ["p_head"], name="pads/zeros",
+                                                value=numpy_helper.from_array(np.array([0], np.int64))))
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([6], np.int64), "six"))
+    del proto.graph.initializer[[i.name for i in proto.graph.initializer].index("p1")]
+    loaded = model_from_proto(proto, label="legacy pads")
+    assert [n.op_type for n in loaded.proto.graph.node] == ["Conv", "Relu", "Conv"]
+    assert {i.name for i in loaded.proto.graph.initializer} == {"w1", "w2"}
+
+
+def test_a_reduce_mean_over_the_spatial_axes_loads_as_global_average_pool():
+    """The dynamo exporter writes adaptive_avg_pool2d(x, 1) as ReduceMean, the legacy one as GlobalAveragePool
+    (an INT8 layer): the same net had 24 quantizable groups from one and 28 from the other. A mean over the
+    channels (or without keepdims) stays a ReduceMean."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    axes = numpy_helper.from_array(np.array([-1, -2], np.int64), "axes")
+    channel_axes = numpy_helper.from_array(np.array([1], np.int64), "channel_axes")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["c", "axes"], ["pooled"], name="pool"),
+             helper.make_node("ReduceMean", ["c", "channel_axes"], ["channel_mean"], name="channel_mean")]
+    graph = helper.make_graph(nodes, "rm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 4, 1, 1]),
+                               helper.make_tensor_value_info("channel_mean", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [w, axes, channel_axes])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    loaded = model_from_proto(proto, label="rm")
+    assert [n.op_type for n in loaded.proto.graph.node] == ["Conv", "GlobalAveragePool", "ReduceMean"]
+    assert "axes" not in {i.name for i in loaded.proto.graph.initializer}
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+
+    def run(model: onnx.ModelProto) -> list[np.ndarray]:
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    for got, want in zip(run(loaded.proto), run(proto), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

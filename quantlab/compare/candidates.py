@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx import numpy_helper
 
 from ..errors import CompareError, QuantlabError
 from ..fingerprint import sha256_bytes
@@ -42,13 +43,30 @@ def computes_in_float16(candidate: Candidate) -> bool:
 
 
 def simulates_tensorrt(candidates: Iterable[Candidate]) -> bool:
-    """Whether every candidate holding Q/DQ (at least one) was written for TensorRT: on ONNX Runtime they are then
+    """Whether every candidate holding Q/DQ (at least one) was written for TensorRT (by its provenance, or for a bare
+    model by its Q/DQ, :func:`_in_tensorrt_form`): on ONNX Runtime they are then
     run with Q/DQ as written (``qdq_fusion=False``), the ONNX semantics TensorRT computes. ORT's fused integer
     kernels round differently and differ between CPUs (VNNI or not); they made a tf2onnx-style Lite0 read 4
     points of agreement lower than the same maths in NCHW, and a report's INT8 rows disagree with its search,
     which measures as written."""
     written = [c for c in candidates if any(n.op_type == "DequantizeLinear" for n in c.proto.graph.node)]
-    return bool(written) and all(isinstance(c, WrittenModel) and c.options.target == "tensorrt" for c in written)
+    return bool(written) and all(c.options.target == "tensorrt" if isinstance(c, WrittenModel)
+                                 else _in_tensorrt_form(c.proto) for c in written)
+
+
+def _in_tensorrt_form(proto: onnx.ModelProto) -> bool:
+    """A bare model's Q/DQ in the form TensorRT parses: every QuantizeLinear with an int8 zero point of 0 (no
+    uint8 activations) and no DequantizeLinear of an int32 tensor (no int32 bias)."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "QuantizeLinear":
+            zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if zero is None or zero.data_type != onnx.TensorProto.INT8 or numpy_helper.to_array(zero).any():
+                return False
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits \
+                and inits[node.input[0]].data_type == onnx.TensorProto.INT32:
+            return False
+    return True
 
 
 def holds_float16(proto: onnx.ModelProto) -> bool:

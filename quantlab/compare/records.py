@@ -74,5 +74,9 @@ def models_record(reference: LoadedModel, candidates: Mapping[str, Candidate]) -
     return out
 
 
-def environment_record(backend: Backend) -> dict[str, Any]:
-    return {"versions": tool_versions(), "backend": backend.describe().as_dict()}
+def environment_record(backend: Backend, own: Mapping[str, Backend] | None = None) -> dict[str, Any]:
+    """Versions and the backend; ``candidate_backends``: the candidates run on another one (its description)."""
+    record = {"versions": tool_versions(), "backend": backend.describe().as_dict()}
+    if own:
+        record["candidate_backends"] = {name: b.describe().as_dict() for name, b in own.items()}
+    return record

@@ -88,14 +88,26 @@ def shard_worker(reference: LoadedModel, candidates: Mapping[str, Candidate], da
     return Comparison(reference, candidates, data, options, None).shard_partial()
 
 
-def _backend(options: CompareOptions, workers: int, candidates: Mapping[str, Candidate]) -> Backend:
-    """The backend; with several workers on ONNX Runtime, each session gets ``cores / workers`` threads, and
-    candidates written for TensorRT run their Q/DQ as written (:func:`.candidates.simulates_tensorrt`) unless
-    ``backend_options`` say otherwise."""
-    backend_options = dict(options.backend_options)
-    if is_onnxruntime(options.backend) and "qdq_fusion" not in backend_options and simulates_tensorrt(
-            candidates.values()):
-        backend_options["qdq_fusion"] = False
+def _backends(options: CompareOptions, workers: int, candidates: Mapping[str, Candidate]
+              ) -> tuple[Backend, dict[str, Backend]]:
+    """(the backend, the candidates that need their own): candidates written for TensorRT run their Q/DQ as written
+    on ONNX Runtime (:func:`.candidates.simulates_tensorrt`) unless ``backend_options`` set ``qdq_fusion``: all of
+    them on the one backend when no other candidate holds Q/DQ, else on a second one (beside an ORT-form
+    candidate, a TensorRT-form one had read 31.43 dB instead of its 32.10 alone)."""
+    if not is_onnxruntime(options.backend) or "qdq_fusion" in options.backend_options:
+        return _backend(options, workers), {}
+    if simulates_tensorrt(candidates.values()):
+        return _backend(options, workers, qdq_fusion=False), {}
+    trt_form = [n for n, c in candidates.items() if simulates_tensorrt([c])]
+    if not trt_form:
+        return _backend(options, workers), {}
+    exact = _backend(options, workers, qdq_fusion=False)
+    return _backend(options, workers), {n: exact for n in trt_form}
+
+
+def _backend(options: CompareOptions, workers: int, **extra: Any) -> Backend:
+    """The backend; with several workers on ONNX Runtime, each session gets ``cores / workers`` threads."""
+    backend_options = {**options.backend_options, **extra}
     forced_threads = environment_options()[1]  # QUANTLAB_ORT_THREADS wins over the split
     if (workers > 1 and is_onnxruntime(options.backend) and "threads" not in backend_options
             and not forced_threads):
@@ -136,7 +148,7 @@ class Comparison:
         if self.total == 0:
             raise CompareError(f"the validation set {getattr(dataset, 'name', '')!r} is empty")
         self.workers = _workers(options)
-        self.backend = _backend(options, self.workers, self.candidates)
+        self.backend, self.candidate_backends = _backends(options, self.workers, self.candidates)
         self.ref = analyse_reference(reference)
         per_group = layers_per_group(self.ref, options.layers) if options.per_layer else []
         self.all_layers = [x for g in per_group for x in g]
@@ -206,7 +218,7 @@ class Comparison:
               finished: Callable[[BatchState], None]) -> dict[str, int]:
         """Runs the per-batch task graphs over ``batches``; returns the segments per model."""
         self.runners = Runners(self.reference, self.ref, self.plans, self.chunks, self.do_acc, self.do_local,
-                               self.workers, self.backend)
+                               self.workers, self.backend, self.candidate_backends)
         try:
             Pipeline(self.workers, list(self.plans), self._tasks).run(batches, opened, finished)
         finally:
@@ -233,7 +245,7 @@ class Comparison:
             settings={**self._settings(totals.segments), **totals.settings},
             data=data_record(self.dataset, totals.summary, self.options.max_samples, self.labels.use_labels),
             models=models_record(self.reference, self.candidates),
-            environment=environment_record(self.backend), warnings=tuple(dict.fromkeys(self.warnings)),
+            environment=environment_record(self.backend, self.candidate_backends), warnings=tuple(dict.fromkeys(self.warnings)),
         )
 
     def _tasks(self, b: int, state: BatchState) -> list[Task]:

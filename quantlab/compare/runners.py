@@ -37,9 +37,12 @@ class Runners:
 
     def __init__(self, reference: LoadedModel, ref: ReferenceGraph, plans: Mapping[str, CandidatePlan],
                  chunks: Sequence[Sequence[Layer]], accumulated: bool, local: bool, workers: int,
-                 backend: Backend) -> None:
+                 backend: Backend, candidate_backends: Mapping[str, Backend] | None = None) -> None:
+        """``candidate_backends``: a candidate's own backend where it differs from ``backend`` (a TensorRT-form
+        candidate run with Q/DQ as written beside an ORT-form one)."""
         self._ref = ref
         self._backend = backend
+        self._own = dict(candidate_backends or {})
         self._workers = workers
         self.outputs = list(ref.outputs)
         self.k_count = max(1, len(chunks))
@@ -62,10 +65,11 @@ class Runners:
                 for k, chunk in enumerate(chunks):
                     wants[k].extend(p.carriers[x.tensor] for x in chunk if x.tensor in p.carriers)
                 wants[-1].extend(ref.outputs)
-                self.candidates[name] = StagedModel(p.proto, [list(dict.fromkeys(w)) for w in wants], backend,
-                                                    f"candidate {name!r}")
+                self.candidates[name] = StagedModel(p.proto, [list(dict.fromkeys(w)) for w in wants],
+                                                    self._own.get(name, backend), f"candidate {name!r}")
             else:
-                self.candidates[name] = StagedModel(p.proto, [list(ref.outputs)], backend, f"candidate {name!r}")
+                self.candidates[name] = StagedModel(p.proto, [list(ref.outputs)], self._own.get(name, backend),
+                                                    f"candidate {name!r}")
 
     def _local_models(self, p: CandidatePlan, chunk_of_group: Mapping[str, int], accumulated: bool,
                       ref_wants: list[list[str]]) -> list[list[LocalModel]]:
@@ -79,7 +83,8 @@ class Runners:
             per_chunk[chunk_of_group[g]].append(island)
         models: list[list[LocalModel]] = []
         for k, islands in enumerate(per_chunk):
-            parts = [LocalModel(p.name, p.proto, part, self._backend) for part in self._split(islands)]
+            parts = [LocalModel(p.name, p.proto, part, self._own.get(p.name, self._backend))
+                     for part in self._split(islands)]
             for lm in parts:
                 ref_wants[k].extend(lm.needs)
             models.append(parts)

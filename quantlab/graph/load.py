@@ -24,6 +24,7 @@ from ..fingerprint import sha256_bytes, sha256_file
 from .batchnorm import fold_batchnorm_into_conv
 from .domains import typed_custom_outputs
 from .identities import fold_initializer_identities, fold_initializer_views
+from .pooling import reduce_mean_to_global_pool
 from .weights import fold_computed_weights
 from .topology import kept_names, topological_nodes
 
@@ -211,11 +212,12 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
     proto = fold_computed_weights(proto)  # weights computed from constants at every run (weight_norm): weights again
     proto = fold_initializer_views(proto)  # weights cast up or transposed at every run: weights again
     proto = fold_initializer_identities(proto)  # torch's Identity over shared/equal weights: weights again
-    proto = fold_batchnorm_into_conv(proto)  # the dynamo exporter keeps BatchNorm nodes: folded as TensorRT does
+    proto = fold_batchnorm_into_conv(proto)  # dynamo exports (optimize=False) keep BatchNorms: folded as TensorRT does
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise ModelError(f"{label}: ONNX shape inference failed: {exc}") from None
+    proto = reduce_mean_to_global_pool(proto)  # the dynamo exporter's adaptive_avg_pool2d(x, 1): as legacy writes it
     return typed_custom_outputs(proto), opset, upgraded_from
 
 
