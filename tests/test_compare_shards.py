@@ -186,6 +186,7 @@ def test_shards_of_text_lines_batched_by_shape_equal_one_pass(ray_instance, tmp_
     sharded = compare(model, written, data, CompareOptions(batch_size=2, bootstrap=50, backend_options=EXACT,
                                                            shards=2))
     assert int(local.end_to_end["samples"].iloc[0]) == 9
+    assert local.end_to_end["token_agreement"].notna().all()  # per-position figures concatenate across shards too
     _assert_same_tables(local, sharded, tmp_path)
 
 

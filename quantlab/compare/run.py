@@ -35,6 +35,7 @@ from .candidates import Candidate, computes_in_float16, simulates_tensorrt
 from .end_to_end import EndToEnd
 from .islands import LocalModel
 from .labels import label_use
+from .positions import position_scorers
 from .layers import Layer, analyse_reference, chunks, layers_per_group
 from .options import CompareOptions
 from .per_layer import nan_warnings, per_layer_frame
@@ -145,6 +146,8 @@ class Comparison:
         self.warnings: list[str] = []
         check_inputs(dataset, reference, batch_size=options.batch_size)
         self.total = len(dataset) if options.max_samples is None else min(len(dataset), options.max_samples)
+        self.sample_axes = output_sample_axes(reference, getattr(dataset, "batch_axes", {}))
+        self.positions = position_scorers(reference, self.sample_axes)  # outputs scored per position (OCR, tokens)
         if self.total == 0:
             raise CompareError(f"the validation set {getattr(dataset, 'name', '')!r} is empty")
         self.workers = _workers(options)
@@ -227,8 +230,7 @@ class Comparison:
 
     def _end_to_end(self) -> EndToEnd:
         return EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric,
-                        output_sample_axes(self.reference, getattr(self.dataset, "batch_axes", {})),
-                        data_sized=self.data_sized)
+                        self.sample_axes, data_sized=self.data_sized, positions=self.positions)
 
     def tables(self, totals: PassTotals) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way)."""

@@ -1,0 +1,104 @@
+"""Outputs that score classes at every position, and how often a candidate picks the reference's best class there.
+
+An OCR recogniser's CTC scores ``[T, N, C]``, a token classifier's tags or a language model's logits
+``[N, T, C]``: what a user reads off them is the best class at each position (the decoded text, the tags, the
+next token), which cosine and SQNR over the whole tensor do not show. For such outputs the end-to-end table
+adds (in %):
+
+    token_agreement      positions whose best class is the reference's, per sample, then the mean over
+                         samples (bootstrap interval over samples)
+    sequence_agreement   samples whose every position agrees (exact binomial interval): under greedy CTC
+                         decoding such a sample reads the same text, whatever the others read
+
+Which outputs (:func:`position_scorers`): float, rank 3, samples not on the last axis, a fixed class count > 1
+on the last axis, computed by a linear layer (MatMul, Gemm, Conv, Einsum) through only bias adds,
+(log-)softmax and layout ops::
+
+    MatMul ─► Add(bias) ─► LogSoftmax ─► Transpose ─► output [T, N, C]     scores: yes
+    ... ─► LayerNormalization ─► output [N, T, 768]                        hidden states: no
+
+Every position counts, padding included: the outputs do not say which positions are padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from ..graph import LoadedModel
+from ..graph.samples import data_sized
+from ..graph.topology import initializer_map, producer_map
+
+__all__ = ["best_positions", "position_agreement", "position_scorers"]
+
+_LINEAR = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul"})
+"""Ops that compute class scores from features."""
+_ON_THE_WAY = frozenset({"Softmax", "LogSoftmax", "Transpose", "Reshape", "Identity", "Cast", "Squeeze",
+                         "Unsqueeze", "Dropout"})
+"""Ops between the linear layer and the output that keep the scores' order along the class axis (their data
+input is the first)."""
+_MAX_HOPS = 16
+
+
+def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict[str, int]:
+    """Output -> class count, for the outputs that score classes at every position (see the module docstring)."""
+    producers = producer_map(model.proto)
+    constants = set(initializer_map(model.proto)) | {
+        o for n in model.proto.graph.node if n.op_type == "Constant" for o in n.output}
+    sized = data_sized(model)
+    out: dict[str, int] = {}
+    for spec in model.outputs:
+        shape = spec.shape
+        if (shape is None or len(shape) != 3 or not spec.is_float or spec.name in sized
+                or sample_axes.get(spec.name, 0) == 2):
+            continue
+        classes = shape[2]
+        if isinstance(classes, int) and classes > 1 and _from_linear_layer(spec.name, producers, constants):
+            out[spec.name] = classes
+    return out
+
+
+def _from_linear_layer(tensor: str, producers: Mapping[str, onnx.NodeProto], constants: set[str]) -> bool:
+    for _ in range(_MAX_HOPS):
+        node = producers.get(tensor)
+        if node is None:
+            return False
+        if node.op_type in _LINEAR:
+            return True
+        if node.op_type == "Add":
+            data = [t for t in node.input if t not in constants]
+            if len(data) != 1:
+                return False
+            tensor = data[0]
+        elif node.op_type in _ON_THE_WAY:
+            tensor = node.input[0]
+        else:
+            return False
+    return False
+
+
+def best_positions(scores: np.ndarray) -> np.ndarray:
+    """[N, T] int32: the best class at each position of ``[N, T, C]`` scores (NaN ranks last; ties: lower index,
+    as :func:`quantlab.metrics.topk`)."""
+    x = np.asarray(scores)
+    if x.ndim != 3:
+        raise ValueError(f"per-position scores must be [N, T, C], got shape {x.shape}")
+    if x.shape[2] == 0:
+        raise ValueError(f"per-position scores have no class axis to pick from (shape {x.shape})")
+    nan = np.isnan(x)
+    if nan.any():
+        x = np.where(nan, -np.inf, x)
+    return np.argmax(x, axis=2).astype(np.int32)
+
+
+def position_agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample of ``[N, T]`` best classes: the % of positions that agree (float64 [N], NaN when T is 0) and
+    whether every position agrees (bool [N])."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"best classes of shape {reference.shape} and {candidate.shape} do not pair up")
+    same = reference == candidate
+    if same.shape[1] == 0:
+        return np.full(same.shape[0], np.nan), np.ones(same.shape[0], dtype=bool)
+    return same.mean(axis=1) * 100.0, same.all(axis=1)

@@ -1,0 +1,119 @@
+"""Per-position agreement (quantlab.compare.positions): which outputs score classes at every position, the numeric
+kernels alone, and the end-to-end columns against ONNX Runtime run directly on the same samples."""
+
+from __future__ import annotations
+
+import models
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from quantlab.calibrate import calibrate
+from quantlab.compare import CompareOptions, compare
+from quantlab.compare.positions import best_positions, position_agreement, position_scorers
+from quantlab.data import from_arrays
+from quantlab.errors import ThresholdError
+from quantlab.graph import model_from_proto
+from quantlab.metrics import binomial_ci
+from quantlab.plan import uniform_plan
+from quantlab.quantize import WriteOptions, write_model
+from quantlab.threshold import parse_threshold
+
+
+def _time_major(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``text_recognizer`` with a CTC head as CRNN exports write it: LogSoftmax, then [T, N, C] (samples on axis 1)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    g.node.extend([helper.make_node("LogSoftmax", ["logits"], ["log_probs"], name="ctc_log_softmax", axis=-1),
+                   helper.make_node("Transpose", ["log_probs"], ["ctc"], name="time_first", perm=[1, 0, 2])])
+    classes = g.output[0].type.tensor_type.shape.dim[2].dim_value
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("ctc", TensorProto.FLOAT, ["T", "N", classes]))
+    return out
+
+
+def test_scores_per_position_are_told_from_hidden_states():
+    assert position_scorers(model_from_proto(models.text_recognizer(classes=12)), {}) == {"logits": 12}
+    crnn = model_from_proto(_time_major(models.text_recognizer(classes=7)))
+    assert position_scorers(crnn, {"ctc": 1}) == {"ctc": 7}
+    # a LayerNorm's output is hidden states, a classifier [N, C] is not per position
+    ln = models.layernorm_decomposed_net()
+    ln.graph.output[0].name = "ln"
+    del ln.graph.node[-1]
+    assert position_scorers(model_from_proto(ln), {}) == {}
+    assert position_scorers(model_from_proto(models.any_size_classifier()), {}) == {}
+
+
+def test_best_positions_and_agreement_by_hand():
+    ref = np.array([[[0.1, 0.9, 0.0], [0.5, 0.2, 0.5], [np.nan, 0.0, 1.0]],
+                    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]], np.float32)
+    best = best_positions(ref)
+    assert best.tolist() == [[1, 0, 2], [0, 1, 2]]  # a tie takes the lower class, NaN ranks last
+    cand = best.copy()
+    cand[0, 1] = 2
+    token, sequence = position_agreement(best, cand)
+    np.testing.assert_allclose(token, [200.0 / 3.0, 100.0])
+    assert sequence.tolist() == [False, True]
+    with pytest.raises(ValueError, match=r"\[N, T, C\]"):
+        best_positions(ref[0])
+
+
+def _runs(proto: onnx.ModelProto, feeds: np.ndarray, output: str) -> np.ndarray:
+    """The model's output over ``feeds`` in batches of 4, Q/DQ as written, one thread: the kernels the comparison
+    below runs, so a near-tie between two classes falls the same way on any CPU."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run([output], {"image": feeds[i:i + 4]})[0] for i in range(0, len(feeds), 4)],
+                          axis=1 if output == "ctc" else 0)
+
+
+@pytest.mark.parametrize("layout", ["batch_major", "time_major"])
+def test_end_to_end_agreement_matches_onnxruntime_run_directly(layout):
+    proto = models.text_recognizer(classes=12)
+    output = "logits"
+    if layout == "time_major":
+        proto, output = _time_major(proto), "ctc"
+    model = model_from_proto(proto, label="recognizer")
+    rng = np.random.default_rng(0)
+    calib = from_arrays({"image": rng.uniform(-1, 1, (8, 3, 48, 64)).astype(np.float32)})
+    images = rng.uniform(-1, 1, (10, 3, 48, 64)).astype(np.float32)
+    valid = from_arrays({"image": images}, role="validation")
+    table = calibrate(model, calib, "minmax", batch_size=4).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    options = CompareOptions(batch_size=4, local=False, bootstrap=200, workers=1,
+                             backend_options={"threads": 1, "qdq_fusion": False})
+    result = compare(model, {"int8": written}, valid, options)
+    row = result.end_to_end.set_index(["candidate", "output"]).loc[("int8", output)]
+
+    ref = _runs(model.proto, images, output)
+    cand = _runs(written.proto, images, output)
+    if layout == "time_major":
+        ref, cand = ref.transpose(1, 0, 2), cand.transpose(1, 0, 2)
+    same = ref.argmax(axis=2) == cand.argmax(axis=2)
+    assert 0 < same.mean() < 1, "the check needs a candidate that disagrees somewhere"
+    assert row["classes"] == 12
+    assert row["token_agreement"] == pytest.approx(same.mean(axis=1).mean() * 100.0)
+    agree = int(same.all(axis=1).sum())
+    assert row["sequence_agreement"] == pytest.approx(agree * 10.0)
+    lo, hi = binomial_ci(agree, 10, 0.95)
+    assert (row["sequence_agreement_ci_low"], row["sequence_agreement_ci_high"]) == pytest.approx((100 * lo, 100 * hi))
+    assert row["token_agreement_ci_low"] <= row["token_agreement"] <= row["token_agreement_ci_high"]
+    per_sample = result.per_sample[result.per_sample["output"] == output]
+    np.testing.assert_allclose(per_sample["token_agreement"], same.mean(axis=1) * 100.0)
+    assert per_sample["sequence_agree"].tolist() == same.all(axis=1).tolist()
+    assert "top1_agreement" not in row  # not a classifier [N, C]
+
+
+def test_thresholds_may_name_position_agreement():
+    from quantlab.cli.compare import known_metrics
+
+    known = known_metrics(model_from_proto(models.text_recognizer()), use_labels=False)
+    assert parse_threshold("token_agreement_ci_low>=99", known_metrics=known).metrics == ("token_agreement_ci_low",)
+    plain = known_metrics(model_from_proto(models.conv_net()), use_labels=False)
+    with pytest.raises(ThresholdError):
+        parse_threshold("sequence_agreement>=90", known_metrics=plain)
