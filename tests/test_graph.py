@@ -745,3 +745,32 @@ def test_a_reduce_mean_over_the_spatial_axes_loads_as_global_average_pool():
 
     for got, want in zip(run(loaded.proto), run(proto), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("written_as", [-1, 0])
+def test_dynamic_axes_written_as_numbers_load_symbolic_and_compare(written_as):
+    """paddle2onnx writes dynamic axes as -1 (others as 0): shape inference made a Conv's width 0, and every cut
+    sub-model of the comparison refused the real width ("Expected: 0"); ORT refused any data for a 0."""
+    from quantlab.calibrate import calibrate
+    from quantlab.compare import CompareOptions, compare
+    from quantlab.data import from_arrays
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    proto = models.text_recognizer()
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                d.Clear()
+                d.dim_value = written_as
+    model = model_from_proto(proto, label="paddle-style")
+    assert model.inputs[0].shape == ("image_0", 3, 48, "image_3")
+    for vi in list(model.proto.graph.value_info) + list(model.proto.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        assert not any(d.HasField("dim_value") and d.dim_value <= 0 for d in dims), vi.name
+    rng = np.random.default_rng(0)
+    data = from_arrays({"image": rng.uniform(-1, 1, (6, 3, 48, 64)).astype(np.float32)}, role="validation")
+    table = calibrate(model, data, "minmax", batch_size=3).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    row = compare(model, {"int8": written}, data, CompareOptions(batch_size=3, bootstrap=0)).end_to_end.iloc[0]
+    assert row["samples"] == 6 and row["cosine"] > 0.99

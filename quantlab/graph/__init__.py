@@ -5,6 +5,9 @@
     ├── light.py      shape inference and the checker on a copy without the weights' data
     ├── identities.py Identity / widening Cast / layout ops over initializers: weights again (at load)
     ├── weights.py    weights and biases computed from constants (weight_norm): computed once (at load)
+    ├── batchnorm.py  BatchNormalization after a Conv folded into it (at load)
+    ├── pooling.py    a spatial ReduceMean as GlobalAveragePool (at load)
+    ├── dims.py       dynamic axes written as -1 made symbolic (at load)
     └── load.py       load_model / model_from_proto -> LoadedModel; TensorSpec; float activations
 """
 

@@ -22,6 +22,7 @@ from ..environment import unreadable
 from ..errors import ModelError
 from ..fingerprint import sha256_bytes, sha256_file
 from .batchnorm import fold_batchnorm_into_conv
+from .dims import symbolic_negative_dims
 from .domains import typed_custom_outputs
 from .identities import fold_initializer_identities, fold_initializer_views
 from .pooling import reduce_mean_to_global_pool
@@ -206,6 +207,7 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
     from ..controlflow import resolve_static_control_flow
     from ..simplify import fuse_pad_into_conv
 
+    proto = symbolic_negative_dims(proto)  # -1/0 as dynamic dims (paddle2onnx): they broke cut sub-models
     proto, _ = resolve_static_control_flow(proto)  # constant Ifs inlined, static Loops unrolled: recorded
     proto = fuse_pad_into_conv(proto)  # tf2onnx's SAME padding: a zero Pad before a Conv goes into its pads
     proto = fold_initializer_identities(proto)  # first: an Identity over a weight is rewired, not copied
