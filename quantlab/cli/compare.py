@@ -159,9 +159,9 @@ def check_label_metrics(threshold: Any, flag: str, data: Path, dataset: Any, no_
 
 def known_metrics(reference: Any, use_labels: bool) -> set[str] | None:
     """The end-to-end columns a comparison of ``reference`` reports: what a threshold may name."""
-    from ..compare import CLASSIFIER_COLUMNS, END_TO_END_COLUMNS, LABEL_COLUMNS, POSITION_COLUMNS
+    from ..compare import CLASSIFIER_COLUMNS, END_TO_END_COLUMNS, LABEL_COLUMNS, MATCH_COLUMNS, POSITION_COLUMNS
+    from ..compare.choices import exact_outputs, position_scorers
     from ..compare.labels import classifier_outputs
-    from ..compare.positions import position_scorers
 
     known = set(END_TO_END_COLUMNS) - {"candidate", "output"}
     if classifier_outputs(reference):
@@ -170,6 +170,8 @@ def known_metrics(reference: Any, use_labels: bool) -> set[str] | None:
             known |= set(LABEL_COLUMNS)
     if position_scorers(reference, {}):
         known |= set(POSITION_COLUMNS)
+    if exact_outputs(reference):
+        known |= set(MATCH_COLUMNS)
     return known
 
 
@@ -190,7 +192,7 @@ def _fmt(v: Any) -> str:
 def _end_to_end_view(result: Any) -> Any:
     df = result.end_to_end
     cols = ["candidate", "output", "samples", "cosine", "sqnr_db", "max_abs", "rel_l2", "nan_count"]
-    for c in ("top1_agreement", "token_agreement", "sequence_agreement", "ref_top1", "top1", "top1_drop", "top1_drop_ci_low", "top1_drop_ci_high",
+    for c in ("top1_agreement", "token_agreement", "sequence_agreement", "exact_match", "ref_top1", "top1", "top1_drop", "top1_drop_ci_low", "top1_drop_ci_high",
               "top5_drop", "mcnemar_p"):
         if c in df.columns and df[c].notna().any():
             cols.append(c)

@@ -38,7 +38,7 @@ Package layout (arrows: "imports"; each module's docstring has the details and d
      │    └─► segments      a model run in consecutive segments, one per chunk
      ├─► schedule      Task, BatchState, Pipeline: the per-batch task graph on worker threads
      ├─► labels        classifier outputs, whether labels give accuracy, label checks
-     ├─► positions     outputs scored per position (OCR, token logits) and their agreement
+     ├─► choices       outputs read as choices (best class per position, integer ids) and their agreement
      ├─► end_to_end    running end-to-end statistics -> end-to-end and per-sample tables
      │    └─► user_metric   --metric file.py:function, loaded and called per sample
      ├─► per_layer     the per-layer table and where NaN/inf first appear
@@ -63,6 +63,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "END_TO_END_COLUMNS": "result",
     "LABEL_COLUMNS": "result",
     "POSITION_COLUMNS": "result",
+    "MATCH_COLUMNS": "result",
     "PER_LAYER_COLUMNS": "result",
     "PER_SAMPLE_COLUMNS": "result",
     "CompareResult": "result",
@@ -74,4 +75,4 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 __all__ = ["CompareOptions", "CompareResult", "compare", "load_comparison", "load_candidate", "Candidate",
            "computes_in_float16", "holds_float16",
            "COMPARE_FORMAT", "END_TO_END_COLUMNS", "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "POSITION_COLUMNS",
-           "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS"]
+           "MATCH_COLUMNS", "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS"]

@@ -2,7 +2,7 @@
 per-sample tables (columns in :mod:`.result`).
 
 Per batch only scalars per sample are kept (cosine, SQNR, max |d|, top-1 class, correctness,
-per-position agreement (:mod:`.positions`), user metric numbers) plus the batch's error sums (nine numbers per output, added in batch
+choices agreed (:mod:`.choices`), user metric numbers) plus the batch's error sums (nine numbers per output, added in batch
 order when the table is made, so shards' :class:`SampleRecords` concatenate into exactly
 the figures of one pass); intervals are a paired bootstrap over the samples at the end
 (:func:`quantlab.metrics.bootstrap_ci`), but exact binomial ones for agreement and accuracy, and
@@ -36,12 +36,13 @@ from ..metrics import (
 )
 from .labels import LabelUse
 from .options import CompareOptions
-from .positions import best_positions, position_agreement
+from .choices import CHOICE_COLUMNS, best_positions, part_agreement
 from .sample_axes import samples_first
 from .result import (
     CLASSIFIER_COLUMNS,
     END_TO_END_COLUMNS,
     LABEL_COLUMNS,
+    MATCH_COLUMNS,
     PER_SAMPLE_COLUMNS,
     POSITION_COLUMNS,
 )
@@ -62,10 +63,10 @@ class OutputStats:
     top1: list[np.ndarray] = field(default_factory=list)
     correct1: list[np.ndarray] = field(default_factory=list)
     correct5: list[np.ndarray] = field(default_factory=list)
-    tokens: list[np.ndarray] = field(default_factory=list)
-    """Per sample, the % of positions whose best class is the reference's (outputs scored per position)."""
-    sequences: list[np.ndarray] = field(default_factory=list)
-    """Per sample, whether every position's best class is the reference's."""
+    parts: list[np.ndarray] = field(default_factory=list)
+    """Outputs read as choices (:mod:`.choices`): per sample, the % of parts (positions, elements) that agree."""
+    wholes: list[np.ndarray] = field(default_factory=list)
+    """... and whether every part agrees."""
     nonfinite: int = 0
     mismatched: int = 0
     """Samples whose output had another shape than the reference's (a size the data decides): left out."""
@@ -113,12 +114,13 @@ class EndToEnd:
     def __init__(self, candidates: Sequence[str], outputs: Sequence[str], labels: LabelUse,
                  metric: Callable[..., Any] | None, metric_spec: str | None,
                  sample_axes: Mapping[str, int] | None = None, data_sized: frozenset[str] = frozenset(),
-                 positions: Mapping[str, int] | None = None) -> None:
+                 positions: Mapping[str, int] | None = None, exact: Sequence[str] = ()) -> None:
         self.candidates = list(candidates)
         self.outputs = list(outputs)
         self.data_sized = data_sized  # outputs whose size the data decides (graph.samples.data_sized)
         self.classifiers = dict(labels.classifiers)  # never a data-sized output (compare.labels)
-        self.positions = dict(positions or {})  # output -> classes scored per position (compare.positions)
+        self.positions = dict(positions or {})  # output -> classes scored per position (compare.choices)
+        self.choices = {**{o: "positions" for o in self.positions}, **{o: "values" for o in exact}}
         self.sample_axes = dict(sample_axes or {})
         self.labels = labels
         self.metric = metric
@@ -143,10 +145,10 @@ class EndToEnd:
         ref_live = self._samples_first(ref_live, len(batch))
         cand_live = {name: self._samples_first(cand_live[name], len(batch)) for name in self.candidates}
         self._add_reference(ref_live, labels)
-        ref_best = {o: best_positions(ref_live[o]) for o in self.positions}
+        ref_chosen = {o: self._chosen(o, ref_live[o]) for o in self.choices}
         for name in self.candidates:
             self._add_candidate(name, ref_live, cand_live[name], labels)
-            self._add_positions(name, ref_best, cand_live[name])
+            self._add_choices(name, ref_chosen, cand_live[name])
             if self.metric is not None:
                 self._add_user(name, batch, ref_live, cand_live[name])
         self.keys.extend(batch.keys)
@@ -199,12 +201,16 @@ class EndToEnd:
                     st.correct1.append(top[:, 0] == labels)
                     st.correct5.append((top == labels[:, None]).any(axis=1))
 
-    def _add_positions(self, name: str, ref_best: Mapping[str, np.ndarray], live: Mapping[str, np.ndarray]) -> None:
-        for o, ref in ref_best.items():
-            token, sequence = position_agreement(ref, best_positions(live[o]))
+    def _chosen(self, o: str, value: np.ndarray) -> np.ndarray:
+        """What a user reads off output ``o``: the best class at each position, or the values themselves."""
+        return best_positions(value) if self.choices[o] == "positions" else value
+
+    def _add_choices(self, name: str, ref_chosen: Mapping[str, np.ndarray], live: Mapping[str, np.ndarray]) -> None:
+        for o, ref in ref_chosen.items():
+            part, whole = part_agreement(ref, self._chosen(o, live[o]))
             st = self.stats[(name, o)]
-            st.tokens.append(token)
-            st.sequences.append(sequence)
+            st.parts.append(part)
+            st.wholes.append(whole)
 
     def _add_mismatch(self, st: OutputStats, samples: int) -> None:
         """A batch whose output sizes differ (NMS kept other boxes): NaN rows keep the per-sample tables aligned,
@@ -248,6 +254,8 @@ class EndToEnd:
             columns_order += list(CLASSIFIER_COLUMNS)
         if self.positions:
             columns_order += [c for c in POSITION_COLUMNS if c not in columns_order]
+        if len(self.choices) > len(self.positions):
+            columns_order += list(MATCH_COLUMNS)
         if self.labels.accuracy:
             columns_order += list(LABEL_COLUMNS)
         for k in user_names:
@@ -283,8 +291,8 @@ class EndToEnd:
                   "max_abs": np.concatenate(st.max_abs)}
         if o in self.classifiers:
             self._classifier(o, st, row, columns, sample)
-        if o in self.positions:
-            self._positions(o, st, row, columns, sample)
+        if o in self.choices:
+            self._choices(o, st, row, columns, sample)
         for k, v in user_cols.items():
             row[k] = float(np.nanmean(v)) if v.size and not np.isnan(v).all() else math.nan
             columns[k] = v[~np.isnan(cos)] if st.mismatched else v  # paired with the kept samples
@@ -325,20 +333,22 @@ class EndToEnd:
                       top5_correct=cc5)
 
 
-    def _positions(self, o: str, st: OutputStats, row: dict[str, Any], columns: dict[str, np.ndarray],
-                   sample: dict[str, Any]) -> None:
-        """Per-position agreement with the reference's best class (:mod:`.positions`)."""
-        token = np.concatenate(st.tokens) if st.tokens else np.zeros(0)
-        sequence = np.concatenate(st.sequences) if st.sequences else np.zeros(0, dtype=bool)
-        columns["token_agreement"] = token
-        columns["sequence_agreement"] = sequence * 100.0
-        row["classes"] = self.positions[o]
-        row["token_agreement"] = float(np.nanmean(token)) if token.size and not np.isnan(token).all() else math.nan
-        row["sequence_agreement"] = float(sequence.mean() * 100.0) if sequence.size else math.nan
-        sample.update(token_agreement=token, sequence_agree=sequence)
+    def _choices(self, o: str, st: OutputStats, row: dict[str, Any], columns: dict[str, np.ndarray],
+                 sample: dict[str, Any]) -> None:
+        """How often the candidate makes the reference's choices (:mod:`.choices`)."""
+        part_name, whole_name, agree_name = CHOICE_COLUMNS[self.choices[o]]
+        part = np.concatenate(st.parts) if st.parts else np.zeros(0)
+        whole = np.concatenate(st.wholes) if st.wholes else np.zeros(0, dtype=bool)
+        columns[part_name] = part
+        columns[whole_name] = whole * 100.0
+        if o in self.positions:
+            row["classes"] = self.positions[o]
+        row[part_name] = float(np.nanmean(part)) if part.size and not np.isnan(part).all() else math.nan
+        row[whole_name] = float(whole.mean() * 100.0) if whole.size else math.nan
+        sample.update({part_name: part, agree_name: whole})
 
 
-_PROPORTIONS = ("top1_agreement", "ref_top1", "top1", "ref_top5", "top5", "sequence_agreement")
+_PROPORTIONS = ("top1_agreement", "ref_top1", "top1", "ref_top5", "top5", "sequence_agreement", "exact_match")
 """Per-sample 0/100 columns: their interval is the exact binomial one (:func:`quantlab.metrics.binomial_ci`)."""
 
 _FEW_DISCORDANT = 10

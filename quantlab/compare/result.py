@@ -14,9 +14,10 @@ top1_agreement_ci_low/high; with labels: ref_top1, top1, top1_drop (percentage p
 reference minus candidate), top5 / ref_top5 / top5_drop, each with _ci_low/_ci_high
 (bootstrap, options.bootstrap resamples, options.confidence), mcnemar_p
 (exact McNemar between reference and candidate correctness); for outputs scored per position
-(:mod:`.positions`: OCR/CTC scores, token logits [N, T, C]): classes, token_agreement (% of positions whose
+(:mod:`.choices`: OCR/CTC scores, token logits [N, T, C]): classes, token_agreement (% of positions whose
 best class is the reference's, per sample then averaged) and sequence_agreement (% of samples that agree at
-every position), each with _ci_low/_ci_high; and one column per number a user metric returns. nan_count counts NaN/inf elements in the candidate's outputs.
+every position); for integer and boolean outputs (ArgMax ids, decoded tokens): element_match and exact_match,
+alike over elements; each with _ci_low/_ci_high; and one column per number a user metric returns. nan_count counts NaN/inf elements in the candidate's outputs.
 
 per_layer columns: candidate, mode, order (topological index of the node in the reference),
 layer (reference node name), group (fusion group name), op_type, tensor (reference output
@@ -49,7 +50,7 @@ from ..errors import CompareError
 from ..threshold import Threshold, ThresholdCheck, parse_threshold
 
 __all__ = ["CompareResult", "load_comparison", "COMPARE_FORMAT", "FRAMES", "END_TO_END_COLUMNS",
-           "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "POSITION_COLUMNS", "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS", "RESERVED_COLUMNS",
+           "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "POSITION_COLUMNS", "MATCH_COLUMNS", "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS", "RESERVED_COLUMNS",
            "LIVE_MODES"]
 
 COMPARE_FORMAT = "quantlab.compare/1"
@@ -74,13 +75,17 @@ POSITION_COLUMNS: tuple[str, ...] = (
     "classes", "token_agreement", "token_agreement_ci_low", "token_agreement_ci_high",
     "sequence_agreement", "sequence_agreement_ci_low", "sequence_agreement_ci_high",
 )
+MATCH_COLUMNS: tuple[str, ...] = (
+    "element_match", "element_match_ci_low", "element_match_ci_high", "exact_match", "exact_match_ci_low",
+    "exact_match_ci_high",
+)
 PER_LAYER_COLUMNS: tuple[str, ...] = (
     "candidate", "mode", "order", "layer", "group", "op_type", "tensor", "precision", "cosine", "sqnr_db",
     "max_abs", "mean_abs", "rel_l2", "nan_count", "node",
 )
 PER_SAMPLE_COLUMNS: tuple[str, ...] = ("candidate", "output", "sample", "key", "cosine", "sqnr_db", "max_abs")
 RESERVED_COLUMNS = frozenset(END_TO_END_COLUMNS + CLASSIFIER_COLUMNS + LABEL_COLUMNS + POSITION_COLUMNS
-                             + PER_SAMPLE_COLUMNS)
+                             + MATCH_COLUMNS + PER_SAMPLE_COLUMNS)
 """Names a user metric may not return: the comparator's own columns."""
 LIVE_MODES = ("accumulated", "local")
 """The per-layer modes, in the order of the per-layer table."""

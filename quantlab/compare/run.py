@@ -35,7 +35,7 @@ from .candidates import Candidate, computes_in_float16, simulates_tensorrt
 from .end_to_end import EndToEnd
 from .islands import LocalModel
 from .labels import label_use
-from .positions import position_scorers
+from .choices import exact_outputs, position_scorers
 from .layers import Layer, analyse_reference, chunks, layers_per_group
 from .options import CompareOptions
 from .per_layer import nan_warnings, per_layer_frame
@@ -148,6 +148,7 @@ class Comparison:
         self.total = len(dataset) if options.max_samples is None else min(len(dataset), options.max_samples)
         self.sample_axes = output_sample_axes(reference, getattr(dataset, "batch_axes", {}))
         self.positions = position_scorers(reference, self.sample_axes)  # outputs scored per position (OCR, tokens)
+        self.exact = exact_outputs(reference)  # integer/bool outputs: equal or not
         if self.total == 0:
             raise CompareError(f"the validation set {getattr(dataset, 'name', '')!r} is empty")
         self.workers = _workers(options)
@@ -230,7 +231,8 @@ class Comparison:
 
     def _end_to_end(self) -> EndToEnd:
         return EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric,
-                        self.sample_axes, data_sized=self.data_sized, positions=self.positions)
+                        self.sample_axes, data_sized=self.data_sized, positions=self.positions,
+                        exact=self.exact)
 
     def tables(self, totals: PassTotals) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way)."""

@@ -52,13 +52,14 @@ def end_to_end_section(inputs: ReportInputs) -> str:
         "reference's and the candidate's correctness: a small value means the accuracy difference is "
         "not noise. Outputs scored at every position (OCR, token logits) add <code>token_agreement</code> "
         "(positions whose best class is the reference's) and <code>sequence_agreement</code> (samples that "
-        "agree at every position).</p>"
+        "agree at every position); integer outputs (class ids, decoded tokens) add <code>exact_match</code> "
+        "(samples whose output equals the reference's) and <code>element_match</code>.</p>"
         f"{_candidates_list(inputs)}{table(_end_to_end_view(inputs.end_to_end))}</section>"
     )
 
 
 _END_TO_END_FIRST = ("candidate", "output", "samples", "top1_agreement", "token_agreement", "sequence_agreement",
-                     "top1", "ref_top1", "top1_drop",
+                     "exact_match", "element_match", "top1", "ref_top1", "top1_drop",
                      "mcnemar_p", "cosine", "sqnr_db", "top5", "ref_top5", "top5_drop")
 
 

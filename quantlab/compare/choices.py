@@ -1,6 +1,6 @@
-"""Outputs that score classes at every position, and how often a candidate picks the reference's best class there.
+"""Outputs a user reads as choices, not as numbers, and how often a candidate makes the reference's choice.
 
-An OCR recogniser's CTC scores ``[T, N, C]``, a token classifier's tags or a language model's logits
+**Scores per position.** An OCR recogniser's CTC scores ``[T, N, C]``, a token classifier's tags or a language model's logits
 ``[N, T, C]``: what a user reads off them is the best class at each position (the decoded text, the tags, the
 next token), which cosine and SQNR over the whole tensor do not show. For such outputs the end-to-end table
 adds (in %):
@@ -18,6 +18,15 @@ on the last axis, computed by a linear layer (MatMul, Gemm, Conv, Einsum) throug
     ... ─► LayerNormalization ─► output [N, T, 768]                        hidden states: no
 
 Every position counts, padding included: the outputs do not say which positions are padding.
+
+**Integer and boolean outputs** (:func:`exact_outputs`): class ids from an ArgMax, TopK indices, tokens a
+decoding loop emits, masks. Class 7 is not "close" to class 8, so their cosine and SQNR mean little; they
+add (in %):
+
+    element_match        elements equal to the reference's, per sample, then the mean over samples
+    exact_match          samples whose whole output equals the reference's (exact binomial interval)
+
+Both kinds give, per sample, the % of parts that agree and whether all do (:func:`part_agreement`).
 """
 
 from __future__ import annotations
@@ -31,7 +40,14 @@ from ..graph import LoadedModel
 from ..graph.samples import data_sized
 from ..graph.topology import initializer_map, producer_map
 
-__all__ = ["best_positions", "position_agreement", "position_scorers"]
+__all__ = ["CHOICE_COLUMNS", "best_positions", "exact_outputs", "part_agreement", "position_scorers"]
+
+CHOICE_COLUMNS: Mapping[str, tuple[str, str, str]] = {
+    "positions": ("token_agreement", "sequence_agreement", "sequence_agree"),
+    "values": ("element_match", "exact_match", "exact_agree"),
+}
+"""Kind of output -> its columns: per-part % and whole-sample % (end-to-end and per-sample tables), and the
+per-sample table's bool."""
 
 _LINEAR = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul"})
 """Ops that compute class scores from features."""
@@ -93,12 +109,21 @@ def best_positions(scores: np.ndarray) -> np.ndarray:
     return np.argmax(x, axis=2).astype(np.int32)
 
 
-def position_agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample of ``[N, T]`` best classes: the % of positions that agree (float64 [N], NaN when T is 0) and
-    whether every position agrees (bool [N])."""
+def exact_outputs(model: LoadedModel) -> list[str]:
+    """The integer and boolean outputs whose size the data does not decide (NMS's kept indices are compared by
+    their count of mismatched samples instead, :mod:`.end_to_end`)."""
+    sized = data_sized(model)
+    return [spec.name for spec in model.outputs if spec.name not in sized
+            and (spec.dtype == "bool" or spec.dtype.startswith(("int", "uint")))]
+
+
+def part_agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample (axis 0) of two same-shape arrays: the % of elements that are equal (float64 [N], NaN for
+    samples without elements) and whether all are (bool [N])."""
     if reference.shape != candidate.shape:
-        raise ValueError(f"best classes of shape {reference.shape} and {candidate.shape} do not pair up")
-    same = reference == candidate
+        raise ValueError(f"outputs of shape {reference.shape} and {candidate.shape} do not pair up")
+    n = reference.shape[0] if reference.ndim else 1
+    same = (np.asarray(reference) == np.asarray(candidate)).reshape(n, -1)
     if same.shape[1] == 0:
-        return np.full(same.shape[0], np.nan), np.ones(same.shape[0], dtype=bool)
+        return np.full(n, np.nan), np.ones(n, dtype=bool)
     return same.mean(axis=1) * 100.0, same.all(axis=1)

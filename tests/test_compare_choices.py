@@ -1,5 +1,6 @@
-"""Per-position agreement (quantlab.compare.positions): which outputs score classes at every position, the numeric
-kernels alone, and the end-to-end columns against ONNX Runtime run directly on the same samples."""
+"""Outputs read as choices (quantlab.compare.choices): which outputs score classes at every position or hold
+integers, the numeric kernels alone, and the end-to-end columns against ONNX Runtime run directly on the same
+samples."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from onnx import TensorProto, helper
 
 from quantlab.calibrate import calibrate
 from quantlab.compare import CompareOptions, compare
-from quantlab.compare.positions import best_positions, position_agreement, position_scorers
+from quantlab.compare.choices import best_positions, exact_outputs, part_agreement, position_scorers
 from quantlab.data import from_arrays
 from quantlab.errors import ThresholdError
 from quantlab.graph import model_from_proto
@@ -54,7 +55,7 @@ def test_best_positions_and_agreement_by_hand():
     assert best.tolist() == [[1, 0, 2], [0, 1, 2]]  # a tie takes the lower class, NaN ranks last
     cand = best.copy()
     cand[0, 1] = 2
-    token, sequence = position_agreement(best, cand)
+    token, sequence = part_agreement(best, cand)
     np.testing.assert_allclose(token, [200.0 / 3.0, 100.0])
     assert sequence.tolist() == [False, True]
     with pytest.raises(ValueError, match=r"\[N, T, C\]"):
@@ -109,7 +110,7 @@ def test_end_to_end_agreement_matches_onnxruntime_run_directly(layout):
     assert "top1_agreement" not in row  # not a classifier [N, C]
 
 
-def test_thresholds_may_name_position_agreement():
+def test_thresholds_may_name_choice_agreement():
     from quantlab.cli.compare import known_metrics
 
     known = known_metrics(model_from_proto(models.text_recognizer()), use_labels=False)
@@ -117,3 +118,62 @@ def test_thresholds_may_name_position_agreement():
     plain = known_metrics(model_from_proto(models.conv_net()), use_labels=False)
     with pytest.raises(ThresholdError):
         parse_threshold("sequence_agreement>=90", known_metrics=plain)
+    with pytest.raises(ThresholdError):
+        parse_threshold("exact_match>=90", known_metrics=plain)
+    decider = known_metrics(model_from_proto(_with_decisions(models.any_size_classifier())), use_labels=False)
+    assert parse_threshold("exact_match_ci_low>=90", known_metrics=decider).metrics == ("exact_match_ci_low",)
+
+
+def _with_decisions(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A classifier that also returns its decision as a deployed model does: ArgMax ids and TopK(3)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    logits = g.output[0].name
+    g.node.extend([helper.make_node("ArgMax", [logits], ["label"], name="argmax", axis=1, keepdims=0),
+                   helper.make_node("TopK", [logits, "k"], ["top_scores", "top_ids"], name="topk", axis=1)])
+    g.initializer.append(onnx.numpy_helper.from_array(np.array([3], np.int64), "k"))
+    g.output.extend([helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+                     helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["N", 3]),
+                     helper.make_tensor_value_info("top_ids", TensorProto.INT64, ["N", 3])])
+    return out
+
+
+def test_integer_outputs_are_compared_as_choices():
+    from quantlab.compare.labels import classifier_outputs
+
+    model = model_from_proto(_with_decisions(models.any_size_classifier(classes=64)), label="decider")
+    assert exact_outputs(model) == ["label", "top_ids"]
+    assert classifier_outputs(model) == {"logits": 64}  # TopK's sorted scores are not 3 classes
+    rng = np.random.default_rng(1)
+    images = rng.normal(0, 1, (40, 3, 12, 12)).astype(np.float32)
+    valid = from_arrays({"image": images}, role="validation")
+    narrow = from_arrays({"image": images[:16] * 0.3})  # ranges too narrow for the validation set: it saturates
+    table = calibrate(model, narrow, "minmax", batch_size=8).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    options = CompareOptions(batch_size=8, local=False, bootstrap=200, workers=1,
+                             backend_options={"threads": 1, "qdq_fusion": False})
+    result = compare(model, {"int8": written}, valid, options)
+    e2e = result.end_to_end.set_index("output")
+    # the ArgMax output's exact match is the logits' top-1 agreement, computed apart
+    assert e2e.loc["label", "exact_match"] == pytest.approx(e2e.loc["logits", "top1_agreement"])
+    assert e2e.loc["label", "exact_match"] == pytest.approx(e2e.loc["label", "element_match"])
+    per_sample = result.per_sample.set_index(["output", "sample"])
+    assert (per_sample.loc["label", "exact_agree"].to_numpy() == per_sample.loc["logits", "top1_agree"].to_numpy()).all()
+    lo, hi = binomial_ci(int(per_sample.loc["label", "exact_agree"].sum()), 40, 0.95)
+    assert (e2e.loc["label", "exact_match_ci_low"], e2e.loc["label", "exact_match_ci_high"]) == pytest.approx(
+        (100 * lo, 100 * hi))
+    ref = _run_ids(model.proto, images)
+    cand = _run_ids(written.proto, images)
+    same = ref == cand
+    assert not same.all(), "the check needs a candidate that disagrees somewhere"
+    assert e2e.loc["top_ids", "element_match"] == pytest.approx(same.mean(axis=1).mean() * 100.0)
+    assert e2e.loc["top_ids", "exact_match"] == pytest.approx(same.all(axis=1).mean() * 100.0)
+
+
+def _run_ids(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(["top_ids"], {"image": images[i:i + 8]})[0] for i in range(0, len(images), 8)])
