@@ -493,6 +493,49 @@ def refinement_loop(seed: int = 0, width: int = 16, trips: int = 3) -> onnx.Mode
     return _model(nodes, inputs, outputs, inits, "refinement_loop")
 
 
+def until_converged(seed: int = 0, width: int = 16, max_trips: int = 30, tol: float = 0.05) -> onnx.ModelProto:
+    """A while loop: ``h = Tanh(h @ W + x)`` until no element moves by more than ``tol`` (at most ``max_trips``).
+
+    input[N, width] -> MatMul(w0) -> Relu -> Loop(body: h -> MatMul(Constant W) -> Add(x0) -> Tanh -> h';
+    continue while ReduceMax|h' - h| > tol; scan Relu(h') and ArgMax(h')) -> refined[N, width],
+    steps[T, N, width], ids[T, N]. How many steps it takes depends on the values: an INT8 ``embed`` may
+    take one more or one less than FP32, so ``steps`` and ``ids`` may have another length.
+    """
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [helper.make_node("Constant", [], ["w_step"], name="w_step",
+                          value=numpy_helper.from_array(rng.normal(0, 0.25, (width, width)).astype(np.float32))),
+         helper.make_node("MatMul", ["h_in", "w_step"], ["mixed"], name="mix"),
+         helper.make_node("Add", ["mixed", "x0"], ["pre"], name="add_input"),
+         helper.make_node("Tanh", ["pre"], ["h_out"], name="tanh"),
+         helper.make_node("Sub", ["h_out", "h_in"], ["delta"], name="delta"),
+         helper.make_node("Abs", ["delta"], ["moved"], name="moved"),
+         helper.make_node("ReduceMax", ["moved"], ["change"], name="change", keepdims=0),
+         helper.make_node("Constant", [], ["tol"], name="tol", value=numpy_helper.from_array(np.array(tol, np.float32))),
+         helper.make_node("Greater", ["change", "tol"], ["cond_out"], name="not_converged"),
+         helper.make_node("ArgMax", ["h_out"], ["step_id"], name="step_id", axis=1, keepdims=0),
+         helper.make_node("Relu", ["h_out"], ["step"], name="step_relu")],
+        "refine",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width]),
+         helper.make_tensor_value_info("step", TensorProto.FLOAT, ["N", width]),
+         helper.make_tensor_value_info("step_id", TensorProto.INT64, ["N"])])
+    nodes = [helper.make_node("MatMul", ["input", "w0"], ["x0"], name="embed"),
+             helper.make_node("Relu", ["x0"], ["h0"], name="start"),
+             helper.make_node("Loop", ["trips", "go", "h0"], ["refined", "steps", "ids"], name="refine", body=body)]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])]
+    outputs = [helper.make_tensor_value_info("refined", TensorProto.FLOAT, ["N", width]),
+               helper.make_tensor_value_info("steps", TensorProto.FLOAT, ["T", "N", width]),
+               helper.make_tensor_value_info("ids", TensorProto.INT64, ["T", "N"])]
+    inits = [_init("w0", rng.normal(0, 0.5, (width, width)).astype(np.float32)),
+             numpy_helper.from_array(np.array(max_trips, np.int64), "trips"),
+             numpy_helper.from_array(np.array(True), "go")]
+    return _model(nodes, inputs, outputs, inits, "until_converged")
+
+
 def dynamic_attention(seed: int = 0, hidden: int = 16, heads: int = 2) -> onnx.ModelProto:
     """A transformer attention block with a dynamic sequence length and an additive mask.
 

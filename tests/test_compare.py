@@ -780,3 +780,32 @@ def test_candidates_written_for_tensorrt_run_their_qdq_as_written_on_onnxruntime
     bare_ort = compare(setup["model"], {"bare": model_from_proto(written["int8-ort"].proto, label="bare")},
                        setup["val"], options)  # uint8 activations, int32 bias: ORT's own choice
     assert bare_ort.environment["backend"]["details"]["qdq_fusion"] == ort_choice
+
+
+def test_a_while_loop_may_stop_at_another_step_and_is_compared_where_it_agrees():
+    """A Loop that runs until its state converges: a candidate may take one step more or fewer (INT8 near the
+    tolerance; here a candidate with a looser tolerance, so the count does not hang on a CPU's kernels). Its
+    scanned outputs then have another length: counted, named in a warning, and for the integer ids counted as
+    no exact match (before: CompareError "the written model does not compute the same layer")."""
+    from quantlab.graph.samples import data_sized
+
+    model = model_from_proto(models.until_converged(tol=0.05))
+    looser = model_from_proto(models.until_converged(tol=0.08))
+    assert {"steps", "ids", "refined"} <= data_sized(model)
+    assert not data_sized(model_from_proto(models.refinement_loop()))  # a for loop: its length is its trip count
+    x = np.random.default_rng(0).normal(size=(24, 16)).astype(np.float32)
+    result = compare(model, {"looser": looser}, from_arrays({"input": x}, role="validation"),
+                     CompareOptions(batch_size=1, bootstrap=100))
+    fp32, other = (ort.InferenceSession(serialize(p), providers=["CPUExecutionProvider"])
+                   for p in (model.proto, looser.proto))
+    ids = [(fp32.run(["ids"], {"input": x[i:i + 1]})[0], other.run(["ids"], {"input": x[i:i + 1]})[0])
+           for i in range(24)]
+    differ = sum(a.shape != b.shape for a, b in ids)
+    assert 0 < differ < 24, [a.shape[0] for a, _ in ids]  # the checks below can fail both ways
+    assert any(f"output 'steps' (its size decided by the data" in w and f"on {differ} of 24 sample(s)" in w
+               for w in result.warnings)
+    row = result.end_to_end.set_index("output").loc["ids"]
+    exact = sum(a.shape == b.shape and (a == b).all() for a, b in ids)
+    assert row["exact_match"] == pytest.approx(100.0 * exact / 24)
+    assert row["exact_match_ci_low"] < row["exact_match"] < row["exact_match_ci_high"]
+    assert np.isfinite(result.end_to_end.set_index("output").loc["steps", "cosine"])

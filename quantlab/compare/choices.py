@@ -110,11 +110,9 @@ def best_positions(scores: np.ndarray) -> np.ndarray:
 
 
 def exact_outputs(model: LoadedModel) -> list[str]:
-    """The integer and boolean outputs whose size the data does not decide (NMS's kept indices are compared by
-    their count of mismatched samples instead, :mod:`.end_to_end`)."""
-    sized = data_sized(model)
-    return [spec.name for spec in model.outputs if spec.name not in sized
-            and (spec.dtype == "bool" or spec.dtype.startswith(("int", "uint")))]
+    """The integer and boolean outputs. Where the data decides their size (the tokens a decoder emits until its
+    end token), a batch whose shapes differ counts as no sample matching."""
+    return [spec.name for spec in model.outputs if spec.dtype == "bool" or spec.dtype.startswith(("int", "uint"))]
 
 
 def part_agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -207,7 +207,12 @@ class EndToEnd:
 
     def _add_choices(self, name: str, ref_chosen: Mapping[str, np.ndarray], live: Mapping[str, np.ndarray]) -> None:
         for o, ref in ref_chosen.items():
-            part, whole = part_agreement(ref, self._chosen(o, live[o]))
+            cand = live[o]
+            if cand.shape != ref.shape and o in self.data_sized:  # another length (a while loop stopped elsewhere)
+                n = ref.shape[0] if ref.ndim else 1
+                part, whole = np.full(n, np.nan), np.zeros(n, dtype=bool)
+            else:
+                part, whole = part_agreement(ref, self._chosen(o, cand))
             st = self.stats[(name, o)]
             st.parts.append(part)
             st.wholes.append(whole)
@@ -232,7 +237,8 @@ class EndToEnd:
     def reference_warnings(self) -> list[str]:
         out = [f"the reference itself gives {st.nonfinite} NaN/inf value(s) in output {o!r}; its figures are NaN"
                for o, st in self.reference.items() if st.nonfinite]
-        out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps) has "
+        out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps or the steps "
+                f"a while loop takes) has "
                 f"another shape than the reference's on {st.mismatched} of {len(self.keys)} sample(s); its figures "
                 "cover the others" for (name, o), st in self.stats.items() if st.mismatched]
         return out
@@ -291,15 +297,16 @@ class EndToEnd:
                   "max_abs": np.concatenate(st.max_abs)}
         if o in self.classifiers:
             self._classifier(o, st, row, columns, sample)
+        apart: dict[str, np.ndarray] = {}  # choices where sizes differed: a sample of another length still counts
         if o in self.choices:
-            self._choices(o, st, row, columns, sample)
+            self._choices(o, st, row, apart if st.mismatched else columns, sample)
         for k, v in user_cols.items():
             row[k] = float(np.nanmean(v)) if v.size and not np.isnan(v).all() else math.nan
             columns[k] = v[~np.isnan(cos)] if st.mismatched else v  # paired with the kept samples
             sample[k] = v
-        cis = bootstrap_ci(columns, resamples=options.bootstrap, confidence=options.confidence, seed=options.seed)
-        if options.bootstrap > 0:
-            cis.update(exact_intervals(columns, options.confidence))
+        cis = _intervals(columns, options)
+        for k, v in apart.items():
+            cis.update(_intervals({k: v[~np.isnan(v)]}, options))
         for k, (lo, hi) in cis.items():
             row[f"{k}_ci_low"], row[f"{k}_ci_high"] = lo, hi
         return row, sample
@@ -346,6 +353,14 @@ class EndToEnd:
         row[part_name] = float(np.nanmean(part)) if part.size and not np.isnan(part).all() else math.nan
         row[whole_name] = float(whole.mean() * 100.0) if whole.size else math.nan
         sample.update({part_name: part, agree_name: whole})
+
+
+def _intervals(columns: Mapping[str, np.ndarray], options: CompareOptions) -> dict[str, tuple[float, float]]:
+    """The paired bootstrap intervals of ``columns``, exact where the bootstrap collapses (:func:`exact_intervals`)."""
+    cis = bootstrap_ci(columns, resamples=options.bootstrap, confidence=options.confidence, seed=options.seed)
+    if options.bootstrap > 0:
+        cis.update(exact_intervals(columns, options.confidence))
+    return cis
 
 
 _PROPORTIONS = ("top1_agreement", "ref_top1", "top1", "ref_top5", "top5", "sequence_agreement", "exact_match")

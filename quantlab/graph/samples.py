@@ -13,8 +13,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+import onnx
+
 from .load import LoadedModel, tensor_specs
-from .topology import topological_nodes
+from .topology import subgraph_reads, topological_nodes
 
 __all__ = ["batch_symbols", "carries_samples", "data_sized", "samples_on_axis0", "tensor_sample_axes"]
 
@@ -51,14 +53,78 @@ _DATA_SIZED_OPS = frozenset({"NonMaxSuppression", "NonZero", "Unique", "Compress
 
 
 def data_sized(model: LoadedModel) -> set[str]:
-    """The tensors whose size the data decides: the outputs of :data:`_DATA_SIZED_OPS` and everything computed
+    """The tensors whose size the data decides: the outputs of :data:`_DATA_SIZED_OPS`, of a node whose size an
+    input computed from float activations decides (:func:`_sized_by_values`: a Loop that stops when its state
+    converges or a decoder emits its end token, a Reshape/Range/TopK fed such a value) and everything computed
     from them (``Gather(boxes, NMS indices) -> [K, 4]``). Two correct models may disagree on their shapes (FP32
-    keeps 5 boxes, INT8 4); on any other tensor a different shape is a bug."""
+    keeps 5 boxes, INT8 4; FP32 converges in 11 steps, INT8 in 13); on any other tensor a different shape is a
+    bug."""
     out: set[str] = set()
+    differ = _may_differ(model)
     for node in topological_nodes(model.proto):
-        if node.op_type in _DATA_SIZED_OPS or any(t in out for t in node.input if t):
+        if (node.op_type in _DATA_SIZED_OPS or any(t in out for t in node.input if t)
+                or _sized_by_values(node, differ)):
             out.update(o for o in node.output if o)
     return out
+
+
+_SIZE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2),
+                "Slice": (1, 2, 3, 4), "TopK": (1,), "Pad": (1,), "Resize": (2, 3), "OneHot": (1,),
+                "Loop": (0, 1), "If": (0,)}
+"""Op -> the inputs that decide its output's size (a Loop's trip count and start condition, an If's branch)."""
+
+
+def _may_differ(model: LoadedModel) -> set[str]:
+    """Main-graph tensors whose values a candidate may compute otherwise than the reference: float tensors
+    computed from the inputs' values, and anything computed from those (an ArgMax's ids). Not what only
+    shapes, constants or the inputs themselves decide (``Cast(Shape(x)) * 0.5``, a mask's ``ReduceSum``)."""
+    specs = tensor_specs(model.proto)
+    valued = set(model.input_names)
+    differ: set[str] = set()
+    for node in topological_nodes(model.proto):
+        if node.op_type in _SHAPE_ONLY:
+            continue
+        reads = [t for t in node.input if t] + sorted(subgraph_reads([node]))
+        if not any(t in valued for t in reads):
+            continue
+        outputs = [o for o in node.output if o]
+        valued.update(outputs)
+        upstream = any(t in differ for t in reads)
+        differ.update(o for o in outputs if upstream or (o in specs and specs[o].is_float))
+    return differ
+
+
+def _sized_by_values(node: onnx.NodeProto, differ: set[str]) -> bool:
+    """Whether an input that decides ``node``'s output size may differ between candidate and reference, or a
+    Loop's body decides when to stop from its state (a while loop: converged, end token)."""
+    if any(k < len(node.input) and node.input[k] in differ for k in _SIZE_INPUTS.get(node.op_type, ())):
+        return True
+    if node.op_type != "Loop":
+        return False
+    body = next(a.g for a in node.attribute if a.name == "body")
+    return _stops_on_state(body, differ)
+
+
+def _stops_on_state(body: onnx.GraphProto, differ: set[str]) -> bool:
+    """Whether the body's continue condition is computed from its carried state or an outer tensor that may
+    differ (not the iteration count or constants: a for loop's ``Identity(cond_in)`` or ``i < M``)."""
+    producers = {o: n for n in body.node for o in n.output if o}
+    carried = {i.name for i in body.input[2:]}
+    seen: set[str] = set()
+    stack = [body.output[0].name]
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in carried or t in differ:
+            return True
+        node = producers.get(t)
+        if node is None or node.op_type in _SHAPE_ONLY:
+            continue
+        stack.extend(x for x in node.input if x)
+        stack.extend(subgraph_reads([node]))
+    return False
 
 
 _SHAPE_ONLY = frozenset({"Shape", "Size", "EyeLike"})
