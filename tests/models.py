@@ -536,6 +536,26 @@ def until_converged(seed: int = 0, width: int = 16, max_trips: int = 30, tol: fl
     return _model(nodes, inputs, outputs, inits, "until_converged")
 
 
+def sdpa_block(seed: int = 0, hidden: int = 32, heads: int = 4) -> onnx.ModelProto:
+    """A transformer block as torch's dynamo exporter writes it at opset 23: ONNX ``Attention`` and
+    ``RMSNormalization`` ops. x[N, S, hidden] -> MatMul q/k/v -> Attention -> MatMul -> Add x -> RMSNorm -> y."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+        helper.make_node("Attention", ["q", "k", "v"], ["a"], name="sdpa", q_num_heads=heads, kv_num_heads=heads),
+        helper.make_node("MatMul", ["a", "wo"], ["o"], name="o_proj"),
+        helper.make_node("Add", ["o", "x"], ["res"], name="residual"),
+        helper.make_node("RMSNormalization", ["res", "g"], ["y"], name="norm", axis=-1),
+    ]
+    inits = [_init(n, rng.normal(0, 0.2, (hidden, hidden)).astype(np.float32)) for n in ("wq", "wk", "wv", "wo")]
+    inits.append(_init("g", np.ones(hidden, np.float32)))
+    graph = helper.make_graph(nodes, "sdpa_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
 def dynamic_attention(seed: int = 0, hidden: int = 16, heads: int = 2) -> onnx.ModelProto:
     """A transformer attention block with a dynamic sequence length and an additive mask.
 

@@ -377,6 +377,25 @@ def test_ort_form_int8_is_refused_by_tensorrt_with_a_clear_error(rtx):
     assert "QuantizeLinear" in text or "DequantizeLinear" in text
 
 
+def test_onnx_attention_builds_fp32_and_int8(rtx):
+    """Opset-23 ``Attention`` (torch's dynamo export of scaled_dot_product_attention): TensorRT-RTX found no fused
+    float32 kernel and failed the build ("not supported by a dedicated kernel"); quantlab lets it decompose."""
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+    from quantlab.shapes import parse_shapes
+
+    model = model_from_proto(models.sdpa_block(), label="sdpa_block")
+    data = from_arrays({"x": np.random.default_rng(0).normal(0, 1, (8, 10, 32)).astype(np.float32)})
+    table = calibrate(model, data, "minmax", batch_size=4).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert sum(n.op_type == "QuantizeLinear" for n in written.proto.graph.node) >= 2  # x (shared by q, k, v) and a
+    shapes = parse_shapes("x:1x4x32,2x10x32,4x16x32")
+    for proto in (model.proto, written.proto):
+        _engine_ok(rtx.build_engine(proto, shapes=shapes, label="sdpa_block"))
+
+
 # ----------------------------------------------------------------- dynamic shapes (profiles)
 
 

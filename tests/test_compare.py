@@ -802,7 +802,7 @@ def test_a_while_loop_may_stop_at_another_step_and_is_compared_where_it_agrees()
            for i in range(24)]
     differ = sum(a.shape != b.shape for a, b in ids)
     assert 0 < differ < 24, [a.shape[0] for a, _ in ids]  # the checks below can fail both ways
-    assert any(f"output 'steps' (its size decided by the data" in w and f"on {differ} of 24 sample(s)" in w
+    assert any("output 'steps' (its size decided by the data" in w and f"on {differ} of 24 sample(s)" in w
                for w in result.warnings)
     row = result.end_to_end.set_index("output").loc["ids"]
     exact = sum(a.shape == b.shape and (a == b).all() for a, b in ids)

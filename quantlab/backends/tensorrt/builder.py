@@ -148,6 +148,7 @@ class EngineBuilder:
             "profiles": {k: [list(s) for s in v] for k, v in sorted(profiles.items())},
             "workspace_bytes": self.workspace_bytes,
             "strongly_typed": True,
+            "attention_decomposable": True,
         }
 
     def parse(self, model: onnx.ModelProto, label: str) -> tuple[Any, Any, Any]:
@@ -160,7 +161,30 @@ class EngineBuilder:
         issues = parser_issues(parser)
         if not ok or issues:
             raise parse_error(self.library, self.version, label, issues)
+        self.allow_decomposed_attention(network)
         return builder, network, parser
+
+    def allow_decomposed_attention(self, network: Any) -> int:
+        """Lets every attention (ONNX ``Attention``, opset 23: torch's dynamo export of
+        scaled_dot_product_attention) fall back to several kernels where no fused one fits; returns how many.
+
+        TensorRT marks them not decomposable, so an attention without a dedicated kernel fails the whole build
+        ("Attention operation was not supported by a dedicated kernel"; TensorRT-RTX 1.7 refused every float32
+        one). A fused kernel is still taken where one exists.
+        """
+        trt = self._trt
+        kinds = {getattr(trt.LayerType, k) for k in ("ATTENTION_INPUT", "ATTENTION_OUTPUT") if hasattr(trt.LayerType, k)}
+        boundary = getattr(trt, "IAttentionBoundaryLayer", None)
+        if not kinds or boundary is None:
+            return 0
+        seen = 0
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type in kinds:
+                layer.__class__ = boundary  # the Python bindings hand out ILayer; Polygraphy casts the same way
+                layer.attention.decomposable = True
+                seen += 1
+        return seen // 2  # an input and an output layer per attention
 
     def mark_outputs(self, network: Any, names: Sequence[str], label: str) -> None:
         """Expose intermediate tensors: mark them as network outputs (types stay as the graph says)."""
