@@ -155,6 +155,10 @@ def test_integer_outputs_are_compared_as_choices():
                              backend_options={"threads": 1, "qdq_fusion": False})
     result = compare(model, {"int8": written}, valid, options)
     e2e = result.end_to_end.set_index("output")
+    # class ids have no cosine: a threshold on it reads the float outputs only
+    assert np.isnan(e2e.loc["label", "cosine"]) and np.isnan(e2e.loc["top_ids", "sqnr_db"])
+    check = parse_threshold("cosine>=0.5").check(result.end_to_end)
+    assert check.values["cosine>=0.5"] == pytest.approx(min(e2e.loc["logits", "cosine"], e2e.loc["top_scores", "cosine"]))
     # the ArgMax output's exact match is the logits' top-1 agreement, computed apart
     assert e2e.loc["label", "exact_match"] == pytest.approx(e2e.loc["logits", "top1_agreement"])
     assert e2e.loc["label", "exact_match"] == pytest.approx(e2e.loc["label", "element_match"])

@@ -297,6 +297,10 @@ class EndToEnd:
                   "max_abs": np.concatenate(st.max_abs)}
         if o in self.classifiers:
             self._classifier(o, st, row, columns, sample)
+        if self.choices.get(o) == "values":  # ids and masks: equal or not (exact_match), their cosine means nothing
+            row.update(dict.fromkeys(_SIMILARITY, math.nan))
+            del columns["cosine"]
+            sample.update(cosine=np.full(len(cos), np.nan), sqnr_db=np.full(len(cos), np.nan))
         apart: dict[str, np.ndarray] = {}  # choices where sizes differed: a sample of another length still counts
         if o in self.choices:
             self._choices(o, st, row, apart if st.mismatched else columns, sample)
@@ -353,6 +357,11 @@ class EndToEnd:
         row[part_name] = float(np.nanmean(part)) if part.size and not np.isnan(part).all() else math.nan
         row[whole_name] = float(whole.mean() * 100.0) if whole.size else math.nan
         sample.update({part_name: part, agree_name: whole})
+
+
+_SIMILARITY = ("cosine", "cosine_min", "sqnr_db", "rel_l2")
+"""Figures that treat an output as a signal: left out (NaN) for integer and boolean outputs, which keep max_abs
+and mean_abs (a count off by one) and get exact_match / element_match instead."""
 
 
 def _intervals(columns: Mapping[str, np.ndarray], options: CompareOptions) -> dict[str, tuple[float, float]]:

@@ -17,7 +17,7 @@ reference minus candidate), top5 / ref_top5 / top5_drop, each with _ci_low/_ci_h
 (:mod:`.choices`: OCR/CTC scores, token logits [N, T, C]): classes, token_agreement (% of positions whose
 best class is the reference's, per sample then averaged) and sequence_agreement (% of samples that agree at
 every position); for integer and boolean outputs (ArgMax ids, decoded tokens): element_match and exact_match,
-alike over elements; each with _ci_low/_ci_high; and one column per number a user metric returns. nan_count counts NaN/inf elements in the candidate's outputs.
+alike over elements (their cosine, cosine_min, sqnr_db and rel_l2 are NaN); each with _ci_low/_ci_high; and one column per number a user metric returns. nan_count counts NaN/inf elements in the candidate's outputs.
 
 per_layer columns: candidate, mode, order (topological index of the node in the reference),
 layer (reference node name), group (fusion group name), op_type, tensor (reference output
