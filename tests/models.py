@@ -33,6 +33,19 @@ def _model(nodes, inputs, outputs, inits, name: str) -> onnx.ModelProto:
     return model
 
 
+def _loop_body(nodes: list[onnx.NodeProto], name: str, state: list[int | str],
+               scans: list[tuple[str, int, list[int | str]]] = ()) -> onnx.GraphProto:
+    """A Loop body with one float state: (i, cond_in, h_in[state]) -> (cond_out, h_out[state], *scans)."""
+    return helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, state)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, state),
+         *(helper.make_tensor_value_info(n, t, shape) for n, t, shape in scans)])
+
+
 def conv_net(seed: int = 0, channels: int = 8, size: int = 16) -> onnx.ModelProto:
     """input[N,3,H,W] -> Conv+BN-folded bias -> Relu -> Conv -> Relu -> GlobalAvgPool -> Flatten -> Gemm -> logits[N,10]."""
     rng = np.random.default_rng(seed)
@@ -467,20 +480,14 @@ def refinement_loop(seed: int = 0, width: int = 16, trips: int = 3) -> onnx.Mode
     """
     rng = np.random.default_rng(seed)
     w = rng.normal(0, 0.4, (width, width)).astype(np.float32)
-    body = helper.make_graph(
+    body = _loop_body(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
          helper.make_node("Constant", [], ["w_step"], name="w_step", value=numpy_helper.from_array(w)),
          helper.make_node("MatMul", ["h_in", "w_step"], ["mixed"], name="mix"),
          helper.make_node("Add", ["mixed", "input"], ["pre"], name="add_input"),
          helper.make_node("Tanh", ["pre"], ["h_out"], name="tanh"),
          helper.make_node("Relu", ["h_out"], ["step"], name="step_relu")],
-        "refine",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width]),
-         helper.make_tensor_value_info("step", TensorProto.FLOAT, ["N", width])])
+        "refine", ["N", width], scans=[("step", TensorProto.FLOAT, ["N", width])])
     nodes = [
         helper.make_node("Relu", ["input"], ["h0"], name="start"),
         helper.make_node("Loop", ["trips", "go", "h0"], ["refined", "steps"], name="refine", body=body),
@@ -502,7 +509,7 @@ def until_converged(seed: int = 0, width: int = 16, max_trips: int = 30, tol: fl
     take one more or one less than FP32, so ``steps`` and ``ids`` may have another length.
     """
     rng = np.random.default_rng(seed)
-    body = helper.make_graph(
+    body = _loop_body(
         [helper.make_node("Constant", [], ["w_step"], name="w_step",
                           value=numpy_helper.from_array(rng.normal(0, 0.25, (width, width)).astype(np.float32))),
          helper.make_node("MatMul", ["h_in", "w_step"], ["mixed"], name="mix"),
@@ -515,14 +522,7 @@ def until_converged(seed: int = 0, width: int = 16, max_trips: int = 30, tol: fl
          helper.make_node("Greater", ["change", "tol"], ["cond_out"], name="not_converged"),
          helper.make_node("ArgMax", ["h_out"], ["step_id"], name="step_id", axis=1, keepdims=0),
          helper.make_node("Relu", ["h_out"], ["step"], name="step_relu")],
-        "refine",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width]),
-         helper.make_tensor_value_info("step", TensorProto.FLOAT, ["N", width]),
-         helper.make_tensor_value_info("step_id", TensorProto.INT64, ["N"])])
+        "refine", ["N", width], scans=[("step", TensorProto.FLOAT, ["N", width]), ("step_id", TensorProto.INT64, ["N"])])
     nodes = [helper.make_node("MatMul", ["input", "w0"], ["x0"], name="embed"),
              helper.make_node("Relu", ["x0"], ["h0"], name="start"),
              helper.make_node("Loop", ["trips", "go", "h0"], ["refined", "steps", "ids"], name="refine", body=body)]
@@ -974,7 +974,7 @@ def token_rnn(seed: int = 0, features: int = 6, width: int = 12, classes: int = 
     whatever precision the plan gives xp's producer, the body must still find it in float32.
     """
     rng = np.random.default_rng(seed)
-    body = helper.make_graph(
+    body = _loop_body(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
          helper.make_node("Gather", ["xp", "i"], ["x_t"], name="take_step", axis=1),
          helper.make_node("Constant", [], ["w_rec"], name="w_rec",
@@ -982,12 +982,7 @@ def token_rnn(seed: int = 0, features: int = 6, width: int = 12, classes: int = 
          helper.make_node("MatMul", ["h_in", "w_rec"], ["recurrent"], name="recur"),
          helper.make_node("Add", ["x_t", "recurrent"], ["pre"], name="add_step"),
          helper.make_node("Tanh", ["pre"], ["h_out"], name="tanh")],
-        "over_tokens",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width])])
+        "over_tokens", ["N", width])
     nodes = [
         helper.make_node("MatMul", ["x", "w_in"], ["xp_pre"], name="embed"),
         helper.make_node("Relu", ["xp_pre"], ["xp"], name="embed_relu"),
@@ -1064,7 +1059,7 @@ def transposed_loop_rnn(seed: int = 0, channels: int = 8, hidden: int = 16) -> o
     Loop(Gather(Shape(u), 1)) body: h' = Tanh(Gather(u, i, axis 1) @ Win + h @ Wh), scan h' ─► ys[T, N, H]."""
     rng = np.random.default_rng(seed)
     c, h = channels, hidden
-    body = helper.make_graph(
+    body = _loop_body(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body/cond"),
          helper.make_node("Gather", ["u", "i"], ["u_t"], name="body/take_t", axis=1),
          helper.make_node("MatMul", ["u_t", "Win"], ["xu"], name="body/mm_in"),
@@ -1072,13 +1067,7 @@ def transposed_loop_rnn(seed: int = 0, channels: int = 8, hidden: int = 16) -> o
          helper.make_node("Add", ["xu", "hh"], ["pre"], name="body/add"),
          helper.make_node("Tanh", ["pre"], ["h_out"], name="body/tanh"),
          helper.make_node("Identity", ["h_out"], ["y_t"], name="body/scan_out")],
-        "rnn_body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", h])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", h]),
-         helper.make_tensor_value_info("y_t", TensorProto.FLOAT, ["N", h])])
+        "rnn_body", ["N", h], scans=[("y_t", TensorProto.FLOAT, ["N", h])])
     inits = [numpy_helper.from_array(rng.normal(0, 0.4, (c, c, 3)).astype(np.float32), "conv_w"),
              numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "conv_b"),
              numpy_helper.from_array(rng.normal(0, 0.3, (c, h)).astype(np.float32), "Win"),
