@@ -46,7 +46,7 @@ from .folding import (
     rewrite_until_fixed,
     subgraphs,
 )
-from .graph.topology import producer_map
+from .graph.topology import producer_map, upstream
 from .loops import (
     MAX_UNROLLED_TRIPS,
     UnrolledLoop,
@@ -280,21 +280,7 @@ def deciding_inputs(proto: onnx.ModelProto) -> dict[str, tuple[str, ...]]:
 
 def _inputs_upstream(names: list[str], producers: Mapping[str, onnx.NodeProto], inputs: set[str]) -> list[str]:
     """The graph inputs among ``names`` and the tensors they are computed from, in the order first met."""
-    seen: set[str] = set()
-    found: list[str] = []
-    pending = list(names)
-    while pending:
-        name = pending.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in inputs:
-            found.append(name)
-        elif name in producers:
-            node = producers[name]
-            pending += [t for t in node.input if t]
-            pending += [t for body in subgraphs(node) for t in outer_reads(body)]
-    return found
+    return [t for t in upstream(names, producers, bodies=True) if t in inputs]
 
 
 def bind_hints(proto: onnx.ModelProto, constant_inputs: Mapping[str, Any], samples: int) -> tuple[str, ...]:

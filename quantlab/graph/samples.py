@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .load import LoadedModel, tensor_specs
-from .topology import subgraph_reads, topological_nodes
+from .topology import subgraph_reads, topological_nodes, upstream
 
 __all__ = ["batch_symbols", "carries_samples", "data_sized", "samples_on_axis0", "tensor_sample_axes"]
 
@@ -110,21 +110,8 @@ def _stops_on_state(body: onnx.GraphProto, differ: set[str]) -> bool:
     differ (not the iteration count or constants: a for loop's ``Identity(cond_in)`` or ``i < M``)."""
     producers = {o: n for n in body.node for o in n.output if o}
     carried = {i.name for i in body.input[2:]}
-    seen: set[str] = set()
-    stack = [body.output[0].name]
-    while stack:
-        t = stack.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        if t in carried or t in differ:
-            return True
-        node = producers.get(t)
-        if node is None or node.op_type in _SHAPE_ONLY:
-            continue
-        stack.extend(x for x in node.input if x)
-        stack.extend(subgraph_reads([node]))
-    return False
+    walked = upstream([body.output[0].name], producers, stop=lambda n: n.op_type in _SHAPE_ONLY, bodies=True)
+    return any(t in carried or t in differ for t in walked)
 
 
 _SHAPE_ONLY = frozenset({"Shape", "Size", "EyeLike"})

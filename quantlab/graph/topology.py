@@ -5,7 +5,7 @@ The one home of graph algorithms (plan, quantize, compare, stats and the clean-u
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import onnx
 from onnx import TensorProto, helper
@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
-           "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names"]
+           "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream"]
 
 
 def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -115,6 +115,32 @@ def subgraph_reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:
             for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
                 reads |= outer_names(body)
     return reads
+
+
+def upstream(names: Iterable[str], producers: Mapping[str, onnx.NodeProto], *,
+             stop: Callable[[onnx.NodeProto], bool] | None = None, bodies: bool = False) -> list[str]:
+    """``names`` and every tensor they are computed from, each once, in the order a depth-first walk meets them.
+
+    A tensor without a producer (an input, an initializer, a body's outer read) ends its path, and so does one
+    whose producer ``stop`` refuses (a Shape: only its input's shape counts). ``bodies``: the outer tensors an
+    If/Loop/Scan body reads by name are walked too (sorted, so the order never depends on hashing).
+    """
+    seen: set[str] = set()
+    found: list[str] = []
+    pending = list(names)
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        found.append(name)
+        node = producers.get(name)
+        if node is None or (stop is not None and stop(node)):
+            continue
+        pending += [t for t in node.input if t]
+        if bodies:
+            pending += sorted(subgraph_reads([node]))
+    return found
 
 
 def kept_names(graph: onnx.GraphProto) -> set[str]:

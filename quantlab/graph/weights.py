@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .topology import kept_names
+from .topology import kept_names, upstream
 
 __all__ = ["fold_computed_weights"]
 
@@ -93,22 +93,8 @@ def _is_constant(tensor: str, producers: dict[str, onnx.NodeProto], inits: set[s
 
 def _cone(targets: list[str], producers: dict[str, onnx.NodeProto], inits: set[str]) -> tuple[set[int], set[str]]:
     """The ``id``s of the nodes computing ``targets``, and the initializers they read."""
-    seen: set[str] = set()
-    nodes: set[int] = set()
-    read: set[str] = set()
-    stack = list(targets)
-    while stack:
-        t = stack.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        if t in inits:
-            read.add(t)
-            continue
-        node = producers[t]
-        nodes.add(id(node))
-        stack.extend(i for i in node.input if i)
-    return nodes, read
+    walked = upstream(targets, producers)
+    return {id(producers[t]) for t in walked if t in producers}, {t for t in walked if t in inits}
 
 
 def _evaluated(proto: onnx.ModelProto, targets: list[str], cone: set[int],
