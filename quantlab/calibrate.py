@@ -31,7 +31,7 @@ from .calibrators import amax_entropy, amax_minmax, amax_mse
 from .controlflow import bind_hints
 from .errors import CalibrationError
 from .fingerprint import tool_versions
-from .graph import LoadedModel, check_float_activations
+from .graph import LoadedModel, check_float32, check_float_activations
 from .histogram import HistogramState
 from .methods import (
     DEFAULT_BATCH_SIZE,
@@ -316,6 +316,7 @@ def _checked_request(model: LoadedModel, methods: Sequence[str] | str, percentil
     if "percentile" in chosen:
         check_percentile(percentile)
     check_float_activations(model)
+    check_float32(model)
     if tensors is not None and not tensors:
         raise CalibrationError(f"{model.label}: the list of tensors to calibrate is empty; give at least one")
     return chosen

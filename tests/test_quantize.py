@@ -677,6 +677,13 @@ def test_a_model_that_already_computes_in_float16_is_refused(where):
         name = init.name
     with pytest.raises(ModelError, match=rf"already computes in float16 \({where} '{name}' is float16\).*FP32 export"):
         write_model(_loaded(half), uniform_plan("int8"), None)
+    if where == "input":  # calibrate refuses it before the pass: no build could use its table
+        from quantlab.calibrate import calibrate
+        from quantlab.data import from_arrays
+
+        data = from_arrays({name: np.zeros((2, 3, 16, 16), np.float16)})
+        with pytest.raises(ModelError, match="already computes in float16"):
+            calibrate(_loaded(half), data, "minmax")
 
 
 def _loaded(proto):

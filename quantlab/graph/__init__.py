@@ -18,6 +18,7 @@ from .load import (
     LoadedModel,
     TensorSpec,
     activation_names,
+    check_float32,
     check_float_activations,
     default_opset,
     load_model,
@@ -39,7 +40,7 @@ from .topology import (
 
 __all__ = [
     "MIN_OPSET", "TensorSpec", "LoadedModel", "load_model", "model_from_proto", "serialize", "tensor_specs",
-    "activation_names", "check_float_activations", "with_outputs", "topological_order", "topological_nodes",
+    "activation_names", "check_float32", "check_float_activations", "with_outputs", "topological_order", "topological_nodes",
     "producer_map", "consumer_map", "consumer_indices", "initializer_map", "default_opset", "outer_names",
     "subgraph_reads",
 ]

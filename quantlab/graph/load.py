@@ -380,3 +380,22 @@ def check_float_activations(model: LoadedModel) -> None:
             if quantized else " INT8 calibration measures float activations; this model needs no calibration table.")
     raise ModelError(f"{model.label}: has no float activation tensors to calibrate (inputs: {shown}; "
                      f"no node outputs float32/float16).{hint}")
+
+
+_HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def check_float32(model: LoadedModel) -> None:
+    """ModelError for a model that already computes in float16/bfloat16 (inputs or weights): the writer's Q/DQ
+    and FP16 casts are written around float32 tensors (opset 13-18 QuantizeLinear reads float32 only), so
+    calibrate refuses it too, before a pass whose table no build could use."""
+    g = model.proto.graph
+    inits = {i.name for i in g.initializer}
+    half = [(f"input {i.name!r}", i.type.tensor_type.elem_type) for i in g.input if i.name not in inits]
+    half += [(f"weight {i.name!r}", i.data_type) for i in g.initializer]
+    found = next(((what, _HALF_TYPES[t]) for what, t in half if t in _HALF_TYPES), None)
+    if found is not None:
+        raise ModelError(
+            f"{model.label} already computes in {found[1]} ({found[0]} is {found[1]}); quantlab writes INT8 and "
+            "FP16 from the FP32 model (--precision fp16, or fp16 groups in a plan, make the FP16 parts). Give "
+            "the FP32 export.")

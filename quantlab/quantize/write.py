@@ -11,7 +11,7 @@ from onnx import helper
 
 from ..errors import ModelError, PlanError
 from ..fingerprint import sha256_bytes, tool_versions
-from ..graph import LoadedModel, serialize, tensor_specs
+from ..graph import LoadedModel, check_float32, serialize, tensor_specs
 from ..graph.light import check_light, infer_light
 from ..plan import PrecisionPlan, ResolvedPlan, fusion_groups, resolve_plan
 from ..table import CalibrationTable
@@ -50,24 +50,6 @@ def _refuse_qdq(model: LoadedModel) -> None:
         )
 
 
-_HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
-
-
-def _refuse_half(model: LoadedModel) -> None:
-    """A model that already computes in float16/bfloat16 (inputs or weights): the writer's Q/DQ and FP16
-    casts are written around float32 tensors (opset 13-18 QuantizeLinear reads float32 only)."""
-    g = model.proto.graph
-    inits = {i.name for i in g.initializer}
-    half = [(f"input {i.name!r}", i.type.tensor_type.elem_type) for i in g.input if i.name not in inits]
-    half += [(f"weight {i.name!r}", i.data_type) for i in g.initializer]
-    found = next(((what, _HALF_TYPES[t]) for what, t in half if t in _HALF_TYPES), None)
-    if found is not None:
-        raise ModelError(
-            f"{model.label} already computes in {found[1]} ({found[0]} is {found[1]}); quantlab writes INT8 and "
-            "FP16 from the FP32 model (--precision fp16, or fp16 groups in a plan, make the FP16 parts). Give "
-            "the FP32 export.")
-
-
 def _original_plan(plan: PrecisionPlan, model: LoadedModel, prepared: PreparedModel) -> PrecisionPlan:
     """``plan`` without the overrides that name nodes only a float rewrite added (a plan saved by a search of
     the rewritten model: ``relu6/equalized_max``); the rewrite's nodes then follow the group feeding them
@@ -99,7 +81,7 @@ def write_model(
     plan names the original model's groups, and the provenance records both hashes.
     """
     _refuse_qdq(model)
-    _refuse_half(model)
+    check_float32(model)
     source = model
     prepared = prepare_model(model, options)
     resolved = plan if isinstance(plan, ResolvedPlan) else resolve_plan(_original_plan(plan, model, prepared),
