@@ -108,6 +108,14 @@ def test_end_to_end_agreement_matches_onnxruntime_run_directly(layout):
     np.testing.assert_allclose(per_sample["token_agreement"], same.mean(axis=1) * 100.0)
     assert per_sample["sequence_agree"].tolist() == same.all(axis=1).tolist()
     assert "top1_agreement" not in row  # not a classifier [N, C]
+    from quantlab.report.samples import changed_samples
+
+    changed = changed_samples(result.per_sample, shown=100)
+    assert len(changed) == 10 - agree
+    for _, r in changed.iterrows():  # "97.5 % of positions agree", the fewest first
+        assert r["change"] == f"{same[r['sample']].mean() * 100.0:.1f} % of positions agree"
+    assert list(changed["change"].str.split(" ").str[0].astype(float)) == sorted(
+        changed["change"].str.split(" ").str[0].astype(float))
 
 
 def test_thresholds_may_name_choice_agreement():

@@ -237,3 +237,45 @@ def test_console_check_catches_a_broken_page(tmp_path: Path) -> None:
     bad.write_text('<html><body><script>throw new Error("broken")</script></body></html>')
     result = chromium_open(bad, tmp_path)
     assert any("broken" in line for line in console_problems(result.stderr))
+
+
+def test_changed_samples_lists_what_a_candidate_decided_otherwise(tmp_path: Path) -> None:
+    """From a real comparison: every sample whose top-1 flipped is counted, the listed ones say which class
+    became which, a file-supplied key is escaped, and the table survives save/load."""
+    import dataclasses
+
+    import models
+
+    from quantlab.calibrate import calibrate
+    from quantlab.compare import CompareOptions, compare
+    from quantlab.data import from_arrays
+    from quantlab.graph import model_from_proto
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+    from quantlab.report.samples import changed_samples
+
+    model = model_from_proto(models.any_size_classifier(classes=64))
+    rng = np.random.default_rng(1)
+    images = (rng.normal(0, 1, (40, 3, 12, 12)) + rng.normal(0, 1.5, (40, 3, 1, 1))).astype(np.float32)
+    narrow = from_arrays({"image": images[:16] * 0.3})  # ranges too narrow: the INT8 candidate flips some top-1s
+    written = write_model(model, uniform_plan("int8"), calibrate(model, narrow, "minmax").tables["minmax"],
+                          WriteOptions(target="tensorrt"))
+    result = compare(model, {"int8": written}, from_arrays({"image": images}, role="validation"),
+                     CompareOptions(batch_size=8, bootstrap=0, local=False))
+    per_sample = result.per_sample.copy()
+    flipped = per_sample[~per_sample["top1_agree"].astype(bool)]
+    assert 1 <= len(flipped) < 40, "the checks below need some flips, not all"
+    per_sample["key"] = "<script>alert(1)</script>" + per_sample["key"].astype(str)
+    table = changed_samples(per_sample, shown=3)
+    assert len(table) == min(3, len(flipped)) and set(table["changed"]) == {len(flipped)}
+    row = table.iloc[0]
+    ref, cand = flipped.set_index("sample").loc[row["sample"], ["ref_top1_class", "top1_class"]]
+    assert row["change"] == f"top-1 {int(ref)} -> {int(cand)}" and ref != cand
+    assert list(table["cosine"]) == sorted(table["cosine"])  # the furthest first
+    assert table["cosine"].iloc[0] == flipped["cosine"].min()
+    inputs = dataclasses.replace(sample_inputs(), changed_samples=table)
+    page = render_report(inputs)
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    save_report_inputs(tmp_path, inputs)
+    assert load_report_inputs(tmp_path).changed_samples["change"].tolist() == table["change"].tolist()
+    assert changed_samples(per_sample[per_sample["top1_agree"].astype(bool)]).empty

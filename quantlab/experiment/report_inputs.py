@@ -14,6 +14,7 @@ from ..graph import LoadedModel
 from ..precision import INT8
 from ..quantize import WrittenModel
 from ..report import WORST_LAYERS_SHOWN, HistogramView, ReportInputs, Verdict, worst_layers
+from ..report.samples import changed_samples
 from ..search import impact_notes
 from ..stats import load_statistics
 from ..table import CalibrationTable
@@ -159,6 +160,13 @@ def _search_results(search_dir: Path | None, model: LoadedModel, e2e: pd.DataFra
     return e2e, extra.get("trajectory"), extra.get("sensitivity"), plan
 
 
+def _per_sample(frames: Mapping[str, pd.DataFrame], search_dir: Path | None) -> pd.DataFrame | None:
+    """The candidates' per-sample rows, the search's final plan's after them."""
+    final = search_end_to_end(search_dir, "per_sample") if search_dir is not None else None
+    parts = [f for f in (frames.get("per_sample"), final) if f is not None and not f.empty]
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
 def _final_reason(quantizable: bool, precision: str) -> str:
     """Why a group of the search's final plan has its precision (the plan file records only the precision)."""
     if not quantizable:
@@ -230,5 +238,5 @@ def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables:
         histograms=histograms, sensitivity=sensitivity, trajectory=trajectory,
         trajectory_metric=verdict.metric if verdict is not None else "", plan=plan,
         environment=package_versions(), reproducibility=_reproducibility(config, cal_dir, stages, command),
-        notes=tuple(notes),
+        notes=tuple(notes), changed_samples=changed_samples(_per_sample(frames, search_dir)),
     )

@@ -326,9 +326,10 @@ def best_candidate(verdicts: Mapping[str, Verdict], names: Sequence[str]) -> str
     return max(present, key=score)
 
 
-def search_end_to_end(search_dir: Path) -> pd.DataFrame | None:
-    """The final candidate's end-to-end rows, renamed :data:`SEARCH_CANDIDATE`, or None."""
-    final = load_frames(search_dir / "final_compare", ["end_to_end"]).get("end_to_end")
+def search_end_to_end(search_dir: Path, frame: str = "end_to_end") -> pd.DataFrame | None:
+    """The final candidate's end-to-end rows (or another of its comparison's frames: ``per_sample``), renamed
+    :data:`SEARCH_CANDIDATE`, or None."""
+    final = load_frames(search_dir / "final_compare", [frame]).get(frame)
     if final is None or final.empty:
         return None
     return final.assign(candidate=SEARCH_CANDIDATE)

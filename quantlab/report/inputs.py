@@ -104,6 +104,8 @@ class ReportInputs:
       seed, command line (nested dicts are flattened for display).
     - ``coverage``: the calibration-coverage figures as plain data
       (:func:`quantlab.report.coverage.coverage_view`), None when not computed.
+    - ``changed_samples``: the samples whose decision a candidate changed
+      (:func:`quantlab.report.samples.changed_samples`), None when no output is read as a choice.
     """
 
     title: str
@@ -123,6 +125,7 @@ class ReportInputs:
     reproducibility: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     coverage: Mapping[str, Any] | None = None
+    changed_samples: pd.DataFrame | None = None
 
 
 def worst_layers(per_layer: pd.DataFrame, higher_is_better: bool, n: int) -> pd.DataFrame:
@@ -144,7 +147,7 @@ def check_per_layer(df: pd.DataFrame) -> None:
         raise ExperimentError(f"per-layer results lack the columns {missing}; cannot draw the per-layer plot")
 
 
-_FRAMES = ("end_to_end", "per_layer", "sensitivity", "trajectory", "plan")
+_FRAMES = ("end_to_end", "per_layer", "sensitivity", "trajectory", "plan", "changed_samples")
 
 
 def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:

@@ -11,6 +11,7 @@ from .coverage import coverage_section
 from .markup import esc, page
 from .plots import report_plots
 from .sections import (
+    changed_samples_section,
     end_to_end_section,
     environment_section,
     histogram_section,
@@ -40,6 +41,7 @@ def render_report(inputs: ReportInputs, plots: Mapping[str, bytes] | None = None
         verdict_section(inputs),
         notes_section(inputs),
         end_to_end_section(inputs),
+        changed_samples_section(inputs),
         per_layer_section(inputs, plots),
         histogram_section(inputs, plots),
         coverage_section(inputs.coverage),

@@ -58,6 +58,21 @@ def end_to_end_section(inputs: ReportInputs) -> str:
     )
 
 
+def changed_samples_section(inputs: ReportInputs) -> str:
+    """The samples whose decision changed (a classifier's top-1, text read per position, integer outputs)."""
+    df = inputs.changed_samples
+    if df is None:
+        return ""
+    if df.empty:
+        body = '<p class="muted">No candidate changed a decision on any validation sample.</p>'
+    else:
+        body = table(df, caption="changed: how many samples that candidate's output changed in all (the furthest "
+                                 "from the reference first; every sample is in per_sample.csv)")
+    return ('<section id="changed-samples"><h2>Samples whose decision changed</h2>'
+            "<p>Where a candidate's top-1 class, text read per position or integer output differs from the "
+            "reference's: the samples to look at first.</p>" + body + "</section>")
+
+
 _END_TO_END_FIRST = ("candidate", "output", "samples", "top1_agreement", "token_agreement", "sequence_agreement",
                      "exact_match", "element_match", "top1", "ref_top1", "top1_drop",
                      "mcnemar_p", "cosine", "sqnr_db", "top5", "ref_top5", "top5_drop")
