@@ -385,3 +385,37 @@ def test_a_batch_split_into_smaller_runs_cuts_each_input_on_its_own_sample_axis(
         a, b = split[name], single[name]
         assert (a.count, a.min, a.max) == (b.count, b.min, b.max), name
         np.testing.assert_array_equal(a.counts, b.counts)
+
+
+def test_sizes_decided_by_computed_values_are_data_sized():
+    """A Range whose length an activation decides (``Range(0, ArgMax(x))``) is data-sized; one whose length only a
+    shape decides (``Cast(Shape(x)) * 0.5``) or an integer input decides is not (their values are the same in
+    every candidate)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.graph import model_from_proto
+    from quantlab.graph.samples import data_sized
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("ReduceMax", ["r"], ["top"], name="top", keepdims=0),
+        helper.make_node("Cast", ["top"], ["top_i"], name="top_i", to=TensorProto.INT64),
+        helper.make_node("Range", ["zero", "top_i", "one"], ["by_value"], name="by_value"),
+        helper.make_node("Shape", ["x"], ["xs"], name="xs"),
+        helper.make_node("Cast", ["xs"], ["xs_f"], name="xs_f", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["xs_f", "half"], ["half_size"], name="half_size"),
+        helper.make_node("Cast", ["half_size"], ["half_i"], name="half_i", to=TensorProto.INT64),
+        helper.make_node("ReduceMax", ["half_i"], ["half_max"], name="half_max", keepdims=0),
+        helper.make_node("Range", ["zero", "half_max", "one"], ["by_shape"], name="by_shape"),
+        helper.make_node("Range", ["zero", "count", "one"], ["by_input"], name="by_input"),
+    ]
+    graph = helper.make_graph(
+        nodes, "ranges",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("count", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["K"]) for n in ("by_value", "by_shape", "by_input")],
+        [numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array(1, np.int64), "one"),
+         numpy_helper.from_array(np.array(0.5, np.float32), "half")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    sized = data_sized(model)
+    assert "by_value" in sized and not {"by_shape", "by_input"} & sized
