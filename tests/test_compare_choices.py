@@ -189,3 +189,43 @@ def _run_ids(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
     options.add_session_config_entry("session.disable_quant_qdq", "1")
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(["top_ids"], {"image": images[i:i + 8]})[0] for i in range(0, len(images), 8)])
+
+
+def test_classifiers_are_told_from_poolers_and_embeddings():
+    """[N, C] outputs are class scores only when a linear layer computes them (then softmax, bias, a temperature
+    input, a SqueezeNet head's ReLU and pool): a BERT pooler (Tanh) and a normalised embedding are not, and the
+    labels go to the logits, not to the output with the most "classes" (the pooler's 16, before)."""
+    from quantlab.compare.labels import classifier_outputs
+
+    rng = np.random.default_rng(0)
+
+    def init(name, shape):
+        return onnx.numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wp"], ["p"], name="pool_dense"),
+        helper.make_node("Tanh", ["p"], ["pooler"], name="pooler"),
+        helper.make_node("Gemm", ["pooler", "wl"], ["z"], name="classifier"),
+        helper.make_node("Div", ["z", "temperature"], ["logits"], name="temper"),
+        helper.make_node("ReduceL2", ["p"], ["norm"], name="norm", axes=[1], keepdims=1),
+        helper.make_node("Div", ["p", "norm"], ["embedding"], name="normalise"),
+        helper.make_node("Conv", ["r", "w1"], ["cls_map"], name="head_conv"),
+        helper.make_node("Relu", ["cls_map"], ["cls_relu"], name="head_relu"),
+        helper.make_node("GlobalAveragePool", ["cls_relu"], ["cls_pool"], name="head_pool"),
+        helper.make_node("Flatten", ["cls_pool"], ["squeezenet"], name="head_flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes, "heads",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8]),
+         helper.make_tensor_value_info("temperature", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("pooler", TensorProto.FLOAT, ["N", 16]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 16]),
+         helper.make_tensor_value_info("squeezenet", TensorProto.FLOAT, ["N", 5])],
+        [init("w", (4, 3, 3, 3)), init("wp", (4, 16)), init("wl", (16, 3)), init("w1", (5, 4, 1, 1))])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert classifier_outputs(model) == {"logits": 3, "squeezenet": 5}

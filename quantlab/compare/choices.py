@@ -40,7 +40,7 @@ from ..graph import LoadedModel
 from ..graph.samples import data_sized
 from ..graph.topology import initializer_map, producer_map
 
-__all__ = ["CHOICE_COLUMNS", "best_positions", "exact_outputs", "part_agreement", "position_scorers"]
+__all__ = ["CHOICE_COLUMNS", "best_positions", "exact_outputs", "part_agreement", "position_scorers", "score_outputs"]
 
 CHOICE_COLUMNS: Mapping[str, tuple[str, str, str]] = {
     "positions": ("token_agreement", "sequence_agreement", "sequence_agree"),
@@ -51,27 +51,38 @@ per-sample table's bool."""
 
 _LINEAR = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul"})
 """Ops that compute class scores from features."""
-_ON_THE_WAY = frozenset({"Softmax", "LogSoftmax", "Transpose", "Reshape", "Identity", "Cast", "Squeeze",
-                         "Unsqueeze", "Dropout"})
-"""Ops between the linear layer and the output that keep the scores' order along the class axis (their data
-input is the first)."""
+_ON_THE_WAY = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "Relu", "Transpose", "Reshape", "Flatten", "Identity",
+                         "Cast", "Squeeze", "Unsqueeze", "Dropout", "GlobalAveragePool", "AveragePool",
+                         "ReduceMean"})
+"""Ops between the linear layer and the output that keep each class's score apart and in order (their data input
+is the first): a softmax, a ReLU, the global pool of a 1x1-conv head (SqueezeNet), layout ops."""
+_WITH_A_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div"})
+"""... and a bias, a logit scale or a temperature: one operand a constant or a graph input."""
 _MAX_HOPS = 16
+
+
+def score_outputs(model: LoadedModel) -> set[str]:
+    """The float outputs computed by a linear layer through only :data:`_ON_THE_WAY` ops and constant
+    biases/scales: class scores. Not hidden states (a LayerNorm's, a pooler's Tanh), embeddings divided by their
+    norm, or a TopK's sorted scores."""
+    producers = producer_map(model.proto)
+    constants = set(initializer_map(model.proto)) | {
+        o for n in model.proto.graph.node if n.op_type == "Constant" for o in n.output}
+    return {spec.name for spec in model.outputs if spec.is_float and _from_linear_layer(spec.name, producers, constants)}
 
 
 def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict[str, int]:
     """Output -> class count, for the outputs that score classes at every position (see the module docstring)."""
-    producers = producer_map(model.proto)
-    constants = set(initializer_map(model.proto)) | {
-        o for n in model.proto.graph.node if n.op_type == "Constant" for o in n.output}
+    scored = score_outputs(model)
     sized = data_sized(model)
     out: dict[str, int] = {}
     for spec in model.outputs:
         shape = spec.shape
-        if (shape is None or len(shape) != 3 or not spec.is_float or spec.name in sized
+        if (shape is None or len(shape) != 3 or spec.name not in scored or spec.name in sized
                 or sample_axes.get(spec.name, 0) == 2):
             continue
         classes = shape[2]
-        if isinstance(classes, int) and classes > 1 and _from_linear_layer(spec.name, producers, constants):
+        if isinstance(classes, int) and classes > 1:
             out[spec.name] = classes
     return out
 
@@ -83,8 +94,8 @@ def _from_linear_layer(tensor: str, producers: Mapping[str, onnx.NodeProto], con
             return False
         if node.op_type in _LINEAR:
             return True
-        if node.op_type == "Add":
-            data = [t for t in node.input if t not in constants]
+        if node.op_type in _WITH_A_CONSTANT:  # the other operand: a constant or a graph input (a temperature)
+            data = [t for t in node.input if t not in constants and t in producers]
             if len(data) != 1:
                 return False
             tensor = data[0]

@@ -11,7 +11,7 @@ from ..data import Batch, DataSet
 from ..errors import CompareError
 from ..graph import LoadedModel
 from ..graph.samples import data_sized
-from ..graph.topology import producer_map
+from .choices import score_outputs
 from .options import CompareOptions
 
 __all__ = ["LabelUse", "classifier_outputs", "label_use"]
@@ -45,19 +45,16 @@ class LabelUse:
 
 
 def classifier_outputs(reference: LoadedModel) -> dict[str, int]:
-    """Output -> classes, for the outputs that score classes: ``[N, C]`` float with C > 1 fixed. Not an output
-    whose size the data decides: NMS's kept boxes ``[K, 4]`` are not 4 classes over K samples; nor the sorted
-    scores of a TopK (their best "class" is always the first)."""
+    """Output -> classes, for the outputs that score classes: ``[N, C]`` float with C > 1 fixed, computed as
+    scores (:func:`.choices.score_outputs`: a linear layer, then only softmax/bias/layout ops). Not an output
+    whose size the data decides: NMS's kept boxes ``[K, 4]`` are not 4 classes over K samples; nor a BERT
+    pooler's Tanh (768 "classes"), a normalised embedding or a TopK's sorted scores. With both a pooler and
+    logits, the labels went to the pooler (the output with the most classes)."""
     sized = data_sized(reference)
-    producers = producer_map(reference.proto)
+    scored = score_outputs(reference)
     return {spec.name: int(spec.shape[1]) for spec in reference.outputs
             if spec.shape is not None and len(spec.shape) == 2 and isinstance(spec.shape[1], int)
-            and spec.shape[1] > 1 and spec.is_float and spec.name not in sized
-            and getattr(producers.get(spec.name), "op_type", None) not in _SORTED}
-
-
-_SORTED = frozenset({"TopK"})
-"""Ops whose float output is already sorted by score."""
+            and spec.shape[1] > 1 and spec.name in scored and spec.name not in sized}
 
 
 def label_use(reference: LoadedModel, dataset: DataSet, options: CompareOptions,

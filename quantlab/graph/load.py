@@ -385,14 +385,14 @@ def check_float_activations(model: LoadedModel) -> None:
 _HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 
-def check_float32(model: LoadedModel) -> None:
-    """ModelError for a model that already computes in float16/bfloat16 (inputs or weights): the writer's Q/DQ
-    and FP16 casts are written around float32 tensors (opset 13-18 QuantizeLinear reads float32 only), so
-    calibrate refuses it too, before a pass whose table no build could use."""
+def check_float32(model: LoadedModel, *, weights: bool = True) -> None:
+    """ModelError for a model that already computes in float16/bfloat16 (inputs, or ``weights`` too): the
+    writer's Q/DQ and FP16 casts are written around float32 tensors (opset 13-18 QuantizeLinear reads float32
+    only). Calibrate refuses float16 inputs too, before a pass whose table no build could use."""
     g = model.proto.graph
     inits = {i.name for i in g.initializer}
     half = [(f"input {i.name!r}", i.type.tensor_type.elem_type) for i in g.input if i.name not in inits]
-    half += [(f"weight {i.name!r}", i.data_type) for i in g.initializer]
+    half += [(f"weight {i.name!r}", i.data_type) for i in g.initializer] if weights else []
     found = next(((what, _HALF_TYPES[t]) for what, t in half if t in _HALF_TYPES), None)
     if found is not None:
         raise ModelError(

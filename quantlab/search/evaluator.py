@@ -12,10 +12,10 @@ import pandas as pd
 
 from ..backends import Backend, get_backend, is_onnxruntime
 from ..compare import CompareOptions, compare
+from ..compare.labels import classifier_outputs
 from ..data import DataSet
 from ..errors import SearchError
 from ..graph import LoadedModel
-from ..graph.samples import data_sized
 from ..perf import measure_latency
 from ..plan import ResolvedPlan
 from ..quantize import BiasCorrection, WriteOptions, WrittenModel, write_model
@@ -245,26 +245,20 @@ def logit_margins(z: np.ndarray, cls: np.ndarray) -> np.ndarray:
 
 
 def _reference_pass(model: LoadedModel, dataset: DataSet, options: SearchOptions) -> _Reference | bool:
-    """One FP32 pass: the first 2-D output with >= 2 classes (False when there is none)."""
+    """One FP32 pass: the first classifier output (:func:`quantlab.compare.labels.classifier_outputs`; False when
+    there is none)."""
+    name = next(iter(classifier_outputs(model)), None)
+    if name is None:
+        return False
     runner = get_backend(options.backend, **options.backend_options).build(model.proto)
-    sized = data_sized(model)  # NMS's kept boxes [K, 4] are not 4 classes
-    name: str | None = None
     parts: list[np.ndarray] = []
     indices: list[int] = []
     try:
         for batch in dataset.batches(options.batch_size):
-            outs = runner.run(batch.feeds)
-            if name is None:
-                name = next((k for k, v in outs.items()
-                             if np.ndim(v) == 2 and np.shape(v)[1] >= 2 and k not in sized), None)
-                if name is None:
-                    return False
-            parts.append(np.asarray(outs[name], dtype=np.float64))
+            parts.append(np.asarray(runner.run(batch.feeds)[name], dtype=np.float64))
             indices.extend(batch.indices)  # batched by shape, batches come out of data order
     finally:
         runner.close()
-    if name is None:
-        return False
     z = np.concatenate(parts)[np.argsort(np.asarray(indices), kind="stable")]
     top1 = z.argmax(axis=1)
     scale = z.std(axis=1) + 1e-12
