@@ -229,3 +229,43 @@ def test_classifiers_are_told_from_poolers_and_embeddings():
         [init("w", (4, 3, 3, 3)), init("wp", (4, 16)), init("wl", (16, 3)), init("w1", (5, 4, 1, 1))])
     model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert classifier_outputs(model) == {"logits": 3, "squeezenet": 5}
+
+
+def test_a_1x1_conv_head_is_a_classifier_for_compare_and_the_search():
+    """SqueezeNet/DenseNet exports end in [N, C, 1, 1] scores: they get top-1 agreement, and the search's flip
+    margins read them (before: no classifier, so a top1_agreement threshold was refused)."""
+    from quantlab.compare.labels import classifier_outputs
+    from quantlab.plan import resolve_plan
+    from quantlab.search import SearchOptions
+    from quantlab.search.evaluator import CompareEvaluator, logit_margins
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w1"], ["cls_map"], name="head_conv"),
+             helper.make_node("Relu", ["cls_map"], ["cls_relu"], name="head_relu"),
+             helper.make_node("GlobalAveragePool", ["cls_relu"], ["scores"], name="head_pool")]
+    graph = helper.make_graph(
+        nodes, "squeezenet_head", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 6, 1, 1])],
+        [onnx.numpy_helper.from_array(rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(rng.normal(0, 0.5, (6, 8, 1, 1)).astype(np.float32), "w1")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert classifier_outputs(model) == {"scores": 6}
+    images = (rng.normal(0, 1, (16, 3, 8, 8)) + rng.normal(0, 1, (16, 3, 1, 1))).astype(np.float32)
+    data = from_arrays({"image": images}, role="validation")
+    table = calibrate(model, data, "minmax", batch_size=4).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    options = CompareOptions(batch_size=4, local=False, bootstrap=0, workers=1,
+                             backend_options={"threads": 1, "qdq_fusion": False})
+    row = compare(model, {"int8": written}, data, options).end_to_end.iloc[0]
+    session = ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert row["classes"] == 6 and 0 <= row["top1_agreement"] <= 100
+    evaluator = CompareEvaluator(model, table, data, SearchOptions(threshold="top1_agreement>=99", batch_size=4))
+    plan = resolve_plan(uniform_plan("fp32"), model.proto)
+    got = evaluator.margins([plan], [3, 0, 9])[0]
+    fp32 = session.run(["scores"], {"image": images})[0].reshape(16, 6).astype(np.float64)
+    ref = evaluator._reference()
+    assert list(ref.top1) == list(fp32.argmax(axis=1))
+    np.testing.assert_allclose(got, logit_margins(fp32[[3, 0, 9]], ref.top1[[3, 0, 9]]) / ref.scale[[3, 0, 9]],
+                               rtol=1e-4, atol=1e-6)

@@ -45,7 +45,8 @@ class LabelUse:
 
 
 def classifier_outputs(reference: LoadedModel) -> dict[str, int]:
-    """Output -> classes, for the outputs that score classes: ``[N, C]`` float with C > 1 fixed, computed as
+    """Output -> classes, for the outputs that score classes: ``[N, C]`` (or ``[N, C, 1, 1]``, a 1x1-conv head as
+    SqueezeNet and DenseNet exports end) float with C > 1 fixed, computed as
     scores (:func:`.choices.score_outputs`: a linear layer, then only softmax/bias/layout ops). Not an output
     whose size the data decides: NMS's kept boxes ``[K, 4]`` are not 4 classes over K samples; nor a BERT
     pooler's Tanh (768 "classes"), a normalised embedding or a TopK's sorted scores. With both a pooler and
@@ -53,8 +54,9 @@ def classifier_outputs(reference: LoadedModel) -> dict[str, int]:
     sized = data_sized(reference)
     scored = score_outputs(reference)
     return {spec.name: int(spec.shape[1]) for spec in reference.outputs
-            if spec.shape is not None and len(spec.shape) == 2 and isinstance(spec.shape[1], int)
-            and spec.shape[1] > 1 and spec.name in scored and spec.name not in sized}
+            if spec.shape is not None and len(spec.shape) >= 2 and isinstance(spec.shape[1], int)
+            and spec.shape[1] > 1 and all(d == 1 for d in spec.shape[2:])  # [N, C, 1, 1]: a 1x1-conv head
+            and spec.name in scored and spec.name not in sized}
 
 
 def label_use(reference: LoadedModel, dataset: DataSet, options: CompareOptions,

@@ -9,7 +9,7 @@ The table columns and the on-disk format change together with the result, so the
       per_sample.parquet / .csv       one row per candidate x sample (x output)
 
 end_to_end columns (NaN where not applicable): candidate, output, samples, cosine, sqnr_db,
-max_abs, mean_abs, rel_l2, and for classifier outputs (2-D [N, C], C > 1): top1_agreement,
+max_abs, mean_abs, rel_l2, and for classifier outputs ([N, C] or [N, C, 1, 1] scores, C > 1): top1_agreement,
 top1_agreement_ci_low/high; with labels: ref_top1, top1, top1_drop (percentage points,
 reference minus candidate), top5 / ref_top5 / top5_drop, each with _ci_low/_ci_high
 (bootstrap, options.bootstrap resamples, options.confidence), mcnemar_p

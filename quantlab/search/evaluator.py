@@ -113,7 +113,7 @@ class CompareEvaluator:
         for positions, feeds, batch in self._feeds_by_shape(idx):  # images of several sizes: one stack per size
             outs = plan_outputs(self._exact_backend(), anchor_proto, protos, feeds, ref.output, batch)
             for k, z in enumerate(outs):
-                rows[k].append(np.asarray(z, dtype=np.float64))
+                rows[k].append(np.asarray(z, dtype=np.float64).reshape(len(z), -1))
             order.extend(positions)
         back = np.argsort(np.asarray(order), kind="stable")  # rows in the order of ``idx`` again
         logits = [np.concatenate(r)[back] for r in rows]
@@ -255,7 +255,8 @@ def _reference_pass(model: LoadedModel, dataset: DataSet, options: SearchOptions
     indices: list[int] = []
     try:
         for batch in dataset.batches(options.batch_size):
-            parts.append(np.asarray(runner.run(batch.feeds)[name], dtype=np.float64))
+            z = np.asarray(runner.run(batch.feeds)[name], dtype=np.float64)
+            parts.append(z.reshape(len(z), -1))  # [N, C, 1, 1] heads as [N, C]
             indices.extend(batch.indices)  # batched by shape, batches come out of data order
     finally:
         runner.close()
