@@ -40,6 +40,7 @@ Package layout (arrows: "imports"; each module's docstring has the details and d
      ├─► labels        classifier outputs, whether labels give accuracy, label checks
      ├─► choices       outputs read as choices (best class per position, integer ids) and their agreement
      ├─► end_to_end    running end-to-end statistics -> end-to-end and per-sample tables
+     │    ├─► intervals     bootstrap intervals, exact ones where the bootstrap collapses
      │    └─► user_metric   --metric file.py:function, loaded and called per sample
      ├─► per_layer     the per-layer table and where NaN/inf first appear
      └─► records       the data / models / environment records and the data warnings

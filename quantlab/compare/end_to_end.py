@@ -6,7 +6,7 @@ choices agreed (:mod:`.choices`), user metric numbers) plus the batch's error su
 order when the table is made, so shards' :class:`SampleRecords` concatenate into exactly
 the figures of one pass); intervals are a paired bootstrap over the samples at the end
 (:func:`quantlab.metrics.bootstrap_ci`), but exact binomial ones for agreement and accuracy, and
-for drops with few discordant samples (:func:`exact_intervals`: the bootstrap collapses there).
+for drops with few discordant samples (:func:`.intervals.exact_intervals`: the bootstrap collapses there).
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from ..data import Batch
 from ..errors import CompareError
 from ..metrics import (
     ErrorSums,
-    binomial_ci,
-    bootstrap_ci,
     error_sums,
     errors_from_sums,
     mcnemar_exact_p,
@@ -37,6 +35,7 @@ from ..metrics import (
 from .labels import LabelUse
 from .options import CompareOptions
 from .choices import CHOICE_COLUMNS, best_positions, part_agreement
+from .intervals import intervals
 from .sample_axes import samples_first
 from .result import (
     CLASSIFIER_COLUMNS,
@@ -308,9 +307,9 @@ class EndToEnd:
             row[k] = float(np.nanmean(v)) if v.size and not np.isnan(v).all() else math.nan
             columns[k] = v[~np.isnan(cos)] if st.mismatched else v  # paired with the kept samples
             sample[k] = v
-        cis = _intervals(columns, options)
+        cis = intervals(columns, options)
         for k, v in apart.items():
-            cis.update(_intervals({k: v[~np.isnan(v)]}, options))
+            cis.update(intervals({k: v[~np.isnan(v)]}, options))
         for k, (lo, hi) in cis.items():
             row[f"{k}_ci_low"], row[f"{k}_ci_high"] = lo, hi
         return row, sample
@@ -362,47 +361,3 @@ class EndToEnd:
 _SIMILARITY = ("cosine", "cosine_min", "sqnr_db", "rel_l2")
 """Figures that treat an output as a signal: left out (NaN) for integer and boolean outputs, which keep max_abs
 and mean_abs (a count off by one) and get exact_match / element_match instead."""
-
-
-def _intervals(columns: Mapping[str, np.ndarray], options: CompareOptions) -> dict[str, tuple[float, float]]:
-    """The paired bootstrap intervals of ``columns``, exact where the bootstrap collapses (:func:`exact_intervals`)."""
-    cis = bootstrap_ci(columns, resamples=options.bootstrap, confidence=options.confidence, seed=options.seed)
-    if options.bootstrap > 0:
-        cis.update(exact_intervals(columns, options.confidence))
-    return cis
-
-
-_PROPORTIONS = ("top1_agreement", "ref_top1", "top1", "ref_top5", "top5", "sequence_agreement", "exact_match")
-"""Per-sample 0/100 columns: their interval is the exact binomial one (:func:`quantlab.metrics.binomial_ci`)."""
-
-_FEW_DISCORDANT = 10
-"""Below this many samples where reference and candidate differ, a drop's interval is the exact bound below."""
-
-
-def exact_intervals(columns: Mapping[str, np.ndarray], confidence: float) -> dict[str, tuple[float, float]]:
-    """Intervals that do not collapse on small sets, in percent: Clopper-Pearson for agreement and accuracy; for
-    ``top1_drop`` / ``top5_drop`` with fewer than 10 discordant samples, ``[-U(c), U(b)]`` (``b``: samples only
-    the reference gets right, ``c``: only the candidate; ``U``: the exact upper bound of a proportion at
-    ``1 - (1 - confidence) / 2``), since the drop lies between ``-c/n`` and ``b/n``.
-
-    The percentile bootstrap gave "100 [100, 100]" and a drop of "0 [0, 0]" on 12 samples that all agree, so
-    ``top1_drop_ci_high<=1`` passed on a dozen samples; the exact interval of 12 of 12 is [73.5, 100].
-    """
-    out: dict[str, tuple[float, float]] = {}
-    for name in _PROPORTIONS:
-        values = columns.get(name)
-        if values is None or not len(values) or np.isnan(values).any():
-            continue
-        lo, hi = binomial_ci(int(np.count_nonzero(values > 50.0)), len(values), confidence)
-        out[name] = (100.0 * lo, 100.0 * hi)
-    for name in ("top1_drop", "top5_drop"):
-        values = columns.get(name)
-        if values is None or not len(values) or np.isnan(values).any():
-            continue
-        b, c = int(np.count_nonzero(values > 50.0)), int(np.count_nonzero(values < -50.0))
-        if b + c < _FEW_DISCORDANT:
-            n = len(values)
-            # the upper end of a two-sided interval is a one-sided bound at 1 - alpha/2: both ends hold at 1 - alpha
-            out[name] = (-100.0 * binomial_ci(c, n, confidence)[1], 100.0 * binomial_ci(b, n, confidence)[1])
-    return out
-

@@ -8,6 +8,7 @@
     ├── batchnorm.py  BatchNormalization after a Conv folded into it (at load)
     ├── pooling.py    a spatial ReduceMean as GlobalAveragePool (at load)
     ├── dims.py       dynamic axes written as -1 made symbolic (at load)
+    ├── usable.py     refusals: no float activation to calibrate, a model already in float16
     └── load.py       load_model / model_from_proto -> LoadedModel; TensorSpec; float activations
 """
 
@@ -18,8 +19,6 @@ from .load import (
     LoadedModel,
     TensorSpec,
     activation_names,
-    check_float32,
-    check_float_activations,
     default_opset,
     load_model,
     model_from_proto,
@@ -37,6 +36,7 @@ from .topology import (
     topological_order,
     with_outputs,
 )
+from .usable import check_float32, check_float_activations
 
 __all__ = [
     "MIN_OPSET", "TensorSpec", "LoadedModel", "load_model", "model_from_proto", "serialize", "tensor_specs",

@@ -34,7 +34,6 @@ __all__ = [
     "LoadedModel",
     "TensorSpec",
     "activation_names",
-    "check_float_activations",
     "default_opset",
     "load_model",
     "model_from_proto",
@@ -364,38 +363,3 @@ def activation_names(proto: onnx.ModelProto, *, include_inputs: bool = True) -> 
                 names.append(out)
                 seen.add(out)
     return names
-
-
-def check_float_activations(model: LoadedModel) -> None:
-    """ModelError naming the model when it has no float activation: nothing for INT8 calibration to measure.
-
-    An integer-only graph (ids to ids) or an already quantized one (QLinearConv, integer Q/DQ outputs) has no
-    float tensor whose range could be calibrated; an empty table would be useless.
-    """
-    if activation_names(model.proto):
-        return
-    shown = ", ".join(f"{t.name!r} {t.dtype}" for t in model.inputs[:4]) or "none"
-    quantized = sorted({n.op_type for n in model.proto.graph.node if n.op_type.startswith(("QLinear", "Quantize"))})
-    hint = (f" It holds {', '.join(quantized)}: it is already quantized; calibrate the float model it was made from."
-            if quantized else " INT8 calibration measures float activations; this model needs no calibration table.")
-    raise ModelError(f"{model.label}: has no float activation tensors to calibrate (inputs: {shown}; "
-                     f"no node outputs float32/float16).{hint}")
-
-
-_HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
-
-
-def check_float32(model: LoadedModel, *, weights: bool = True) -> None:
-    """ModelError for a model that already computes in float16/bfloat16 (inputs, or ``weights`` too): the
-    writer's Q/DQ and FP16 casts are written around float32 tensors (opset 13-18 QuantizeLinear reads float32
-    only). Calibrate refuses float16 inputs too, before a pass whose table no build could use."""
-    g = model.proto.graph
-    inits = {i.name for i in g.initializer}
-    half = [(f"input {i.name!r}", i.type.tensor_type.elem_type) for i in g.input if i.name not in inits]
-    half += [(f"weight {i.name!r}", i.data_type) for i in g.initializer] if weights else []
-    found = next(((what, _HALF_TYPES[t]) for what, t in half if t in _HALF_TYPES), None)
-    if found is not None:
-        raise ModelError(
-            f"{model.label} already computes in {found[1]} ({found[0]} is {found[1]}); quantlab writes INT8 and "
-            "FP16 from the FP32 model (--precision fp16, or fp16 groups in a plan, make the FP16 parts). Give "
-            "the FP32 export.")

@@ -1,0 +1,61 @@
+"""Confidence intervals of the end-to-end figures: a paired bootstrap over the samples, exact where it collapses.
+
+Agreement and accuracy columns hold 0/100 per sample: their interval is Clopper-Pearson
+(:func:`quantlab.metrics.binomial_ci`); a drop with fewer than 10 discordant samples gets the exact bounds of its
+two kinds of disagreement. Everything else is the percentile bootstrap (:func:`quantlab.metrics.bootstrap_ci`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..metrics import binomial_ci, bootstrap_ci
+from .options import CompareOptions
+
+__all__ = ["exact_intervals", "intervals"]
+
+
+def intervals(columns: Mapping[str, np.ndarray], options: CompareOptions) -> dict[str, tuple[float, float]]:
+    """The paired bootstrap intervals of ``columns``, exact where the bootstrap collapses (:func:`exact_intervals`)."""
+    cis = bootstrap_ci(columns, resamples=options.bootstrap, confidence=options.confidence, seed=options.seed)
+    if options.bootstrap > 0:
+        cis.update(exact_intervals(columns, options.confidence))
+    return cis
+
+
+_PROPORTIONS = ("top1_agreement", "ref_top1", "top1", "ref_top5", "top5", "sequence_agreement", "exact_match")
+"""Per-sample 0/100 columns: their interval is the exact binomial one (:func:`quantlab.metrics.binomial_ci`)."""
+
+_FEW_DISCORDANT = 10
+"""Below this many samples where reference and candidate differ, a drop's interval is the exact bound below."""
+
+
+def exact_intervals(columns: Mapping[str, np.ndarray], confidence: float) -> dict[str, tuple[float, float]]:
+    """Intervals that do not collapse on small sets, in percent: Clopper-Pearson for agreement and accuracy; for
+    ``top1_drop`` / ``top5_drop`` with fewer than 10 discordant samples, ``[-U(c), U(b)]`` (``b``: samples only
+    the reference gets right, ``c``: only the candidate; ``U``: the exact upper bound of a proportion at
+    ``1 - (1 - confidence) / 2``), since the drop lies between ``-c/n`` and ``b/n``.
+
+    The percentile bootstrap gave "100 [100, 100]" and a drop of "0 [0, 0]" on 12 samples that all agree, so
+    ``top1_drop_ci_high<=1`` passed on a dozen samples; the exact interval of 12 of 12 is [73.5, 100].
+    """
+    out: dict[str, tuple[float, float]] = {}
+    for name in _PROPORTIONS:
+        values = columns.get(name)
+        if values is None or not len(values) or np.isnan(values).any():
+            continue
+        lo, hi = binomial_ci(int(np.count_nonzero(values > 50.0)), len(values), confidence)
+        out[name] = (100.0 * lo, 100.0 * hi)
+    for name in ("top1_drop", "top5_drop"):
+        values = columns.get(name)
+        if values is None or not len(values) or np.isnan(values).any():
+            continue
+        b, c = int(np.count_nonzero(values > 50.0)), int(np.count_nonzero(values < -50.0))
+        if b + c < _FEW_DISCORDANT:
+            n = len(values)
+            # the upper end of a two-sided interval is a one-sided bound at 1 - alpha/2: both ends hold at 1 - alpha
+            out[name] = (-100.0 * binomial_ci(c, n, confidence)[1], 100.0 * binomial_ci(b, n, confidence)[1])
+    return out
+
