@@ -226,10 +226,15 @@ def _worst_view(result: Any, candidate: str, n: int) -> Any:
     return pd.DataFrame(view).drop(columns=["tensor"]).reset_index(drop=True)
 
 
+CHANGED_SHOWN = 5
+"""Changed samples printed per candidate (the report lists more)."""
+
+
 def run(args: argparse.Namespace) -> int:
     from ..compare import CompareOptions, compare, load_candidate
     from ..data import open_dataset
     from ..graph import load_model
+    from ..report.samples import changed_samples
     from ..threshold import parse_threshold
 
     threshold = parse_threshold(args.fail_if) if args.fail_if is not None else None
@@ -271,6 +276,11 @@ def run(args: argparse.Namespace) -> int:
         e2e = _end_to_end_view(result)
         print("\nend to end (accuracy and agreement in %, drops in percentage points)")
         print(e2e.to_string(index=False, formatters=_formatters(e2e)))
+        changed = changed_samples(result.per_sample, shown=CHANGED_SHOWN)
+        if changed is not None and not changed.empty:
+            print(f"\nsamples whose decision changed (at most {CHANGED_SHOWN} per candidate, the furthest first; "
+                  "all in per_sample.csv)")
+            print(changed.to_string(index=False, formatters=_formatters(changed)))
     for w in result.warnings:
         print(f"warning: {w}")
     failed = []
