@@ -191,8 +191,8 @@ def float_bodies_note(model: LoadedModel, config: ExperimentConfig) -> str | Non
             f"INT8 candidate: {where}; INT8 figures and speed cover the other {outside} only")
     if k >= outside:
         line = ("WARNING " + line + ". A Loop whose trip count the data cannot change is unrolled (and an If whose "
-                "condition is an input you can bind is inlined, `[model] bind`); a Loop over the data's length or a "
-                "Scan is not yet")
+                "condition is an input you can bind is inlined, `[model] bind`); a Loop over the data's length, one "
+                "that stops on its state (a decoder's end token) or a Scan is not yet")
     return line
 
 
