@@ -809,3 +809,23 @@ def test_a_while_loop_may_stop_at_another_step_and_is_compared_where_it_agrees()
     assert row["exact_match"] == pytest.approx(100.0 * exact / 24)
     assert row["exact_match_ci_low"] < row["exact_match"] < row["exact_match_ci_high"]
     assert np.isfinite(result.end_to_end.set_index("output").loc["steps", "cosine"])
+
+
+def test_a_sequence_output_is_left_out_with_a_warning():
+    """An output of sequence type (SequenceConstruct; ZipMap gives maps): ONNX Runtime returns a list, which was
+    stacked into one array and refused as "[2, 8, 8] for a batch of 8 samples"; it is now named and left out."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+             helper.make_node("Relu", ["y"], ["r"], name="relu"),
+             helper.make_node("SequenceConstruct", ["y", "r"], ["seq"], name="seq")]
+    graph = helper.make_graph(
+        nodes, "sequence_output", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.5, (8, 8)).astype(np.float32), "w")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = from_arrays({"x": np.random.default_rng(1).normal(0, 1, (16, 8)).astype(np.float32)}, role="validation")
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    result = compare(model, {"int8": written}, data, CompareOptions(bootstrap=0))
+    assert result.end_to_end["output"].tolist() == ["r"] and result.end_to_end["cosine"].iloc[0] > 0.99
+    assert any("output 'seq' is a sequence or map" in w for w in result.warnings)

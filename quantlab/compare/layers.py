@@ -49,6 +49,7 @@ class ReferenceGraph:
     constants: set[str]
     graph_inputs: list[str]
     outputs: list[str]
+    """The tensor outputs: a sequence or map output (SequenceConstruct, ZipMap) is not compared."""
 
 
 def analyse_reference(model: LoadedModel) -> ReferenceGraph:
@@ -64,7 +65,7 @@ def analyse_reference(model: LoadedModel) -> ReferenceGraph:
         position={idx: i for i, idx in enumerate(order)}, specs=tensor_specs(proto),
         constants=constant_names(proto),
         graph_inputs=[i.name for i in proto.graph.input if i.name not in inits],
-        outputs=[o.name for o in proto.graph.output],
+        outputs=[o.name for o in proto.graph.output if o.type.HasField("tensor_type")],
     )
 
 

@@ -154,6 +154,13 @@ class Comparison:
         self.workers = _workers(options)
         self.backend, self.candidate_backends = _backends(options, self.workers, self.candidates)
         self.ref = analyse_reference(reference)
+        others = [o.name for o in reference.proto.graph.output if o.name not in self.ref.outputs]
+        if others and not self.ref.outputs:
+            raise CompareError(f"{reference.label}: no output is a tensor ({', '.join(map(repr, others))} are sequences "
+                               "or maps); expose the tensors they hold as graph outputs to compare them")
+        self.warnings.extend(f"output {o!r} is a sequence or map of tensors, not a tensor: left out of the "
+                             "comparison (expose the tensors it holds as graph outputs to compare them)"
+                             for o in others)
         per_group = layers_per_group(self.ref, options.layers) if options.per_layer else []
         self.all_layers = [x for g in per_group for x in g]
         self.plans = {name: plan_candidate(name, c, self.ref, self.all_layers, options)
