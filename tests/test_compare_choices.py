@@ -298,3 +298,28 @@ def test_cli_compare_prints_the_samples_that_changed(tmp_path, capsys):
     assert changed > 0, "the check needs a sample whose text changed"
     listed = out.split("samples whose decision changed", 1)[1]
     assert listed.count("% of positions agree") == min(changed, 5)
+
+
+def test_an_ort_optimized_head_is_still_a_classifier(tmp_path):
+    """ONNX Runtime's optimizer fuses Gemm+Relu into com.microsoft FusedGemm (and Conv+Relu into FusedConv): the
+    head of an ORT-optimized export is still class scores."""
+    from quantlab.compare.labels import classifier_outputs
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["g"], name="fc", transB=1),
+             helper.make_node("Relu", ["g"], ["scores"], name="fc_relu")]
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 5])],
+        [onnx.numpy_helper.from_array(rng.normal(0, 1, shape).astype(np.float32), name)
+         for name, shape in (("w", (4, 3, 4, 4)), ("fw", (5, 4)), ("fb", (5,)))])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+                         options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    assert [n.op_type for n in optimized.graph.node][-1] == "FusedGemm"
+    assert classifier_outputs(model_from_proto(optimized)) == {"scores": 5}

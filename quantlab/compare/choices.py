@@ -49,8 +49,8 @@ CHOICE_COLUMNS: Mapping[str, tuple[str, str, str]] = {
 """Kind of output -> its columns: per-part % and whole-sample % (end-to-end and per-sample tables), and the
 per-sample table's bool."""
 
-_LINEAR = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul"})
-"""Ops that compute class scores from features."""
+_LINEAR = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul", "FusedGemm", "FusedConv"})
+"""Ops that compute class scores from features (ORT's fused forms too: an ORT-optimized graph)."""
 _ON_THE_WAY = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "Relu", "Transpose", "Reshape", "Flatten", "Identity",
                          "Cast", "Squeeze", "Unsqueeze", "Dropout", "GlobalAveragePool", "AveragePool",
                          "ReduceMean"})
