@@ -19,7 +19,7 @@ __all__ = ["LabelUse", "classifier_outputs", "label_use"]
 
 @dataclass(frozen=True)
 class LabelUse:
-    """``classifiers``: output -> classes for 2-D float [N, C > 1] outputs; ``use_labels``: the set's
+    """``classifiers``: output -> classes (:func:`classifier_outputs`); ``use_labels``: the set's
     labels are read (accuracy or a user metric); ``accuracy``: top-1/top-5 against them on
     ``label_output``."""
 
@@ -73,7 +73,7 @@ def label_use(reference: LoadedModel, dataset: DataSet, options: CompareOptions,
     integer = str(getattr(ds, "label_dtype", "") or "").startswith(("int", "uint"))
     if opts.label_output is not None:
         if opts.label_output not in classifiers:
-            raise CompareError(f"label_output {opts.label_output!r} is not a classifier output ([N, C] float) of "
+            raise CompareError(f"label_output {opts.label_output!r} is not a classifier output ([N, C] scores from a linear layer) of "
                                f"the reference; classifier outputs: {sorted(classifiers) or 'none'}")
         label_output = opts.label_output
     elif classifiers:
@@ -82,7 +82,7 @@ def label_use(reference: LoadedModel, dataset: DataSet, options: CompareOptions,
     warnings: list[str] = []
     if use_labels and (not integer or label_output is None):
         why = ("the labels are not class indices (dtype " + str(getattr(ds, "label_dtype", None)) + ")"
-               if not integer else "the reference has no classifier output ([N, C] scores)")
+               if not integer else "the reference has no classifier output ([N, C] scores from a linear layer)")
         if not has_metric:
             warnings.append(f"validation labels are not used for accuracy: {why}; only a user metric "
                             "receives them (quantlab compare --metric, or metric = \"file.py:function\" in an "

@@ -100,7 +100,8 @@ class CompareEvaluator:
         """
         ref = self._reference()
         if ref is None:
-            raise SearchError("margins need a classifier output (2-D, >= 2 classes); this model has none")
+            raise SearchError("margins need a classifier output ([N, C] scores a linear layer computes, C >= 2); "
+                              "this model has none: use a cosine or sqnr_db threshold")
         idx = [int(i) for i in indices]
         if not plans:
             return np.zeros((0, len(idx)))
