@@ -1,0 +1,40 @@
+"""The comparator's numbers: pure numpy functions over arrays, testable alone.
+
+    metrics/
+    ├── errors.py      cosine, SQNR, rel_l2, max/mean |d| from streaming sums (numba kernels), per sample too
+    └── statistics.py  top-k classes, paired bootstrap and exact binomial intervals, exact McNemar test
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    ErrorAccumulator,
+    ErrorSums,
+    as_float32,
+    cosine,
+    error_sums,
+    errors_from_sums,
+    per_sample_errors,
+    per_sample_sums,
+    rel_l2,
+    sqnr_db,
+)
+from .statistics import binomial_ci, bootstrap_ci, mcnemar_exact_p, topk, topk_correct
+
+__all__ = [
+    "ErrorAccumulator",
+    "ErrorSums",
+    "error_sums",
+    "errors_from_sums",
+    "per_sample_sums",
+    "per_sample_errors",
+    "cosine",
+    "sqnr_db",
+    "rel_l2",
+    "topk",
+    "topk_correct",
+    "binomial_ci",
+    "bootstrap_ci",
+    "mcnemar_exact_p",
+    "as_float32",
+]
