@@ -37,7 +37,6 @@ order, so a bound that holds for one CPU's kernels only fails there and not on a
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..errors import BackendError, InputMismatchError, UnsupportedOpError
+from ..errors import BackendError, InputMismatchError
 from ..graph import serialize, tensor_specs, with_outputs
 from .base import Backend, BackendInfo, Runner, check_feed_names
 from .nchwc import BlockedRunner, block_size, blocked_graph
+from .ort_diagnostics import load_error
 from .saturation import int8_dot_saturates, saturation_free
 
 __all__ = ["OrtBackend", "OrtRunner", "int8_dot_saturates", "saturation_free", "environment_options",
@@ -244,7 +244,7 @@ class OrtBackend(Backend):
                 providers=self._provider_list(cache_dir), disabled_optimizers=unsafe_optimizers(model),
             )
         except Exception as exc:
-            raise _load_error(self._ort.__version__, model, str(exc)) from None
+            raise load_error(self._ort.__version__, model, str(exc)) from None
         return OrtRunner(session, graph_outputs + extra, qdq_fusion=fuse)
 
     def build_values(self, model: onnx.ModelProto, outputs: Sequence[str]) -> Runner:
@@ -289,7 +289,7 @@ class OrtBackend(Backend):
                 self._ort.InferenceSession(serialize(model), sess_options=so, providers=self._provider_list(None),
                                            disabled_optimizers=unsafe_optimizers(model))
             except Exception as exc:
-                raise _load_error(self._ort.__version__, model, str(exc)) from None
+                raise load_error(self._ort.__version__, model, str(exc)) from None
             return onnx.load(str(path))
 
     def profile(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], runs: int = 20) -> dict[str, Any]:
@@ -313,7 +313,7 @@ class OrtBackend(Backend):
                                                      providers=self._provider_list(None),
                                                      disabled_optimizers=unsafe_optimizers(model))
             except Exception as exc:
-                raise _load_error(self._ort.__version__, model, str(exc)) from None
+                raise load_error(self._ort.__version__, model, str(exc)) from None
             for _ in range(3 + runs):
                 session.run(None, dict(feeds))
             events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
@@ -383,40 +383,3 @@ def _with_typed_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.Mo
             "intermediate outputs must be activations, not initializers)"
         )
     return with_outputs(model, names)
-
-
-_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
-_NO_OP = re.compile(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
-_NO_SCHEMA = re.compile(r"No Op registered for (\w+) with domain_version of (\d+)")
-
-
-def _load_error(version: str, model: onnx.ModelProto, msg: str) -> Exception:
-    """UnsupportedOpError naming node + op when ORT lacks a kernel/op, else BackendError."""
-    specs = tensor_specs(model)
-
-    def input_types(node: onnx.NodeProto) -> str:
-        return ", ".join(f"{i}: {specs[i].dtype}" if i in specs else i for i in node.input if i)
-
-    def nodes_of(op: str) -> list[onnx.NodeProto]:
-        return [n for n in model.graph.node if n.op_type == op]
-
-    hit = _NO_KERNEL.search(msg)
-    if hit:
-        op, opset, node_name = hit.groups()
-        matches = [n for n in nodes_of(op) if n.name == node_name] or nodes_of(op)
-        types = f" with inputs ({input_types(matches[0])})" if matches else ""
-        shown = node_name or (matches[0].name if matches else "") or "<unnamed>"
-        return UnsupportedOpError(
-            f"ONNX Runtime {version} has no kernel for node {shown!r} (op {op}, opset {opset}){types}. "
-            "Change the node's input types (e.g. keep it float32 in the precision plan) or replace the op."
-        )
-    for pattern in (_NO_OP, _NO_SCHEMA):
-        hit = pattern.search(msg)
-        if hit:
-            op = hit.group(2) if pattern is _NO_OP else hit.group(1)
-            names = ", ".join(repr(n.name or "<unnamed>") for n in nodes_of(op)) or "?"
-            return UnsupportedOpError(
-                f"ONNX Runtime {version} does not know op {op!r} (node(s) {names}): {msg}. "
-                "Custom-domain ops need their library registered; otherwise replace the op."
-            )
-    return BackendError(f"ONNX Runtime {version} could not load the model: {msg}")
