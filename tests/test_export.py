@@ -142,6 +142,28 @@ def test_model_without_batch_axis_and_bad_options(tmp_path: Path) -> None:
         resolve_source(tmp_path)
 
 
+def test_a_sequence_output_is_refused_by_name_and_nothing_is_written(tmp_path: Path) -> None:
+    """Triton serves tensors: a SequenceConstruct output was an internal error (ValueError on dtype 'undefined')."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.errors import ModelError
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+             helper.make_node("SequenceConstruct", ["y", "y"], ["seq"], name="seq")]
+    graph = helper.make_graph(
+        nodes, "sequence_output", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    folder = tmp_path / "build"
+    folder.mkdir()
+    save_written(write_model(model, uniform_plan("fp16"), None), folder)
+    with pytest.raises(ModelError, match=r"'seq' is a sequence or map, not a tensor"):
+        export_triton(resolve_source(folder), tmp_path / "repo", TritonOptions(name="seqm"))
+    assert not (tmp_path / "repo" / "seqm").exists()
+
+
 def test_hostile_tensor_names_are_escaped_and_tensorrt_plan_config_parses(tmp_path: Path) -> None:
     name = 'in"put\\\n}\nplatform: "evil'
     io = ModelIO(inputs=(TensorSpec(name, "float32", ("N", 4)),), outputs=(TensorSpec("é", "int64", ("N",)),))

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..errors import ModelError
 from ..graph import TensorSpec
 from .pbtxt import Enum, Message
 
@@ -77,7 +78,10 @@ def triton_dtype(spec: TensorSpec) -> str:
     try:
         return _DTYPES[spec.dtype]
     except KeyError:
-        raise ValueError(f"tensor {spec.name!r} has dtype {spec.dtype}, which Triton has no type for") from None
+        what = ("is a sequence or map, not a tensor (SequenceConstruct, ZipMap)" if spec.dtype == "undefined"
+                else f"has dtype {spec.dtype}")
+        raise ModelError(f"model input/output {spec.name!r} {what}, which Triton has no type for: export a model "
+                         "whose graph outputs are the tensors it holds (or cast it to a type Triton serves)") from None
 
 
 def config_dims(spec: TensorSpec, batched: bool) -> list[int]:
