@@ -1,8 +1,8 @@
 """Outputs a user reads as choices, not as numbers, and how often a candidate makes the reference's choice.
 
-**Scores per position.** An OCR recogniser's CTC scores ``[T, N, C]``, a token classifier's tags or a language model's logits
-``[N, T, C]``: what a user reads off them is the best class at each position (the decoded text, the tags, the
-next token), which cosine and SQNR over the whole tensor do not show. For such outputs the end-to-end table
+**Scores per position.** An OCR recogniser's CTC scores ``[T, N, C]``, a token classifier's tags or a
+language model's logits ``[N, T, C]``: what a user reads off them is the best class at each position (the
+decoded text, the tags, the next token), which cosine and SQNR over the whole tensor do not show. For such outputs the end-to-end table
 adds (in %):
 
     token_agreement      positions whose best class is the reference's, per sample, then the mean over
@@ -11,8 +11,9 @@ adds (in %):
                          decoding such a sample reads the same text, whatever the others read
 
 Which outputs (:func:`position_scorers`): float, rank 3, samples not on the last axis, a fixed class count > 1
-on the last axis, computed by a linear layer (MatMul, Gemm, Conv, Einsum) through only bias adds,
-(log-)softmax and layout ops::
+on the last axis, and class scores (:func:`score_outputs`, which also decides the ``[N, C]`` classifiers of
+:mod:`.labels`): computed by a linear layer (MatMul, Gemm, Conv, Einsum) through only biases, scales,
+(log-)softmax, a ReLU and pooling, and layout ops::
 
     MatMul ─► Add(bias) ─► LogSoftmax ─► Transpose ─► output [T, N, C]     scores: yes
     ... ─► LayerNormalization ─► output [N, T, 768]                        hidden states: no
@@ -20,8 +21,8 @@ on the last axis, computed by a linear layer (MatMul, Gemm, Conv, Einsum) throug
 Every position counts, padding included: the outputs do not say which positions are padding.
 
 **Integer and boolean outputs** (:func:`exact_outputs`): class ids from an ArgMax, TopK indices, tokens a
-decoding loop emits, masks. Class 7 is not "close" to class 8, so their cosine and SQNR mean little; they
-add (in %):
+decoding loop emits, masks. Class 7 is not "close" to class 8, so their cosine, SQNR and rel_l2 are left out
+(NaN) and they add (in %):
 
     element_match        elements equal to the reference's, per sample, then the mean over samples
     exact_match          samples whose whole output equals the reference's (exact binomial interval)

@@ -7,8 +7,8 @@ becomes one row per changed (candidate, output, sample), saying what changed::
     sequence_agree = False   "92.5 % of positions agree"            text read per position (OCR, tokens)
     exact_agree = False      "75 % of elements equal" / "another length"   ids, masks, decoded tokens
 
-the furthest from the reference first (fewest positions or elements agreeing, then lowest cosine), at most
-``shown`` per candidate.
+the furthest from the reference first (by the % of positions or elements that agree; a changed top-1 by
+100 x its cosine), at most ``shown`` per candidate.
 """
 
 from __future__ import annotations
