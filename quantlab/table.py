@@ -5,17 +5,7 @@ reads. Activations are symmetric per-tensor INT8: ``scale = amax / 127``.
 ``min``/``max`` are kept too, so a writer targeting ONNX Runtime's uint8 form
 can derive an asymmetric range clipped to ``[-amax, amax]``.
 
-Also reads and writes TensorRT's calibration-cache text format (TensorRT 10,
-``IInt8EntropyCalibrator2.writeCalibrationCache``; Polygraphy saves the same
-bytes)::
-
-    TRT-<version>-EntropyCalibration2
-    <tensor name>: <big-endian hex of the float32 scale>
-
-``<version>`` is TensorRT's version number (``NV_TENSORRT_VERSION``: 101300 for
-10.13.0, 8601 for 8.6.1); TensorRT ignores a cache whose version differs from
-its own. The scale is ``amax / 127`` as float32, e.g. ``3c010a14``; TensorRT
-writes unused tensors as ``0`` (leading zeros dropped), which is accepted on import.
+TensorRT's calibration-cache text format is :mod:`quantlab.trt_cache`.
 
 Every table made or read is checked (:func:`check_range`). ``amax == 0`` (an
 all-zero tensor) is legal: any positive scale holds zero exactly, and its Q/DQ
@@ -32,8 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import struct
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .atomic import write_json, write_text
+from .atomic import write_json
 from .environment import unreadable
 from .errors import CalibrationError
 
@@ -51,15 +39,11 @@ if TYPE_CHECKING:  # graph is a lower layer; imported only for the annotation
 
 __all__ = [
     "ZERO_RANGE_SCALE", "ZeroRangeWarning", "check_range", "TensorRange",
-    "CalibrationTable", "TABLE_FORMAT", "TRT_CACHE_VERSION", "table_to_dict", "table_from_dict",
-    "write_table", "read_table", "trt_cache_text", "parse_trt_cache", "write_trt_cache", "read_trt_cache",
-    "trt_version_number", "check_table_fits",
+    "CalibrationTable", "TABLE_FORMAT", "table_to_dict", "table_from_dict",
+    "write_table", "read_table", "check_table_fits", "warn_zero_ranges",
 ]
 
 TABLE_FORMAT = "quantlab.calibration/1"
-
-TRT_CACHE_VERSION = "101300"
-"""Header version written by default (TensorRT 10.13.0); pass the target's own version."""
 
 ZERO_RANGE_SCALE = 1.0
 """The Q/DQ scale of an all-zero tensor (amax 0): positive, and exact in float16 (see the module docstring)."""
@@ -120,7 +104,7 @@ def check_range(name: str, r: TensorRange, where: str = "calibration table") -> 
         )
 
 
-def _warn_zero_ranges(ranges: Mapping[str, TensorRange], where: str, cache: bool = False) -> None:
+def warn_zero_ranges(ranges: Mapping[str, TensorRange], where: str, cache: bool = False) -> None:
     """Warns of amax 0, not for masks (other values huge: the notes name them, the writer refuses them)."""
     zero = [name for name, r in ranges.items() if r.amax == 0 and not (r.excluded or {}).get("huge")]
     shown = ", ".join(repr(n) for n in zero[:5]) + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
@@ -226,7 +210,7 @@ def table_from_dict(doc: Any, where: str = "calibration table") -> CalibrationTa
     # an all-zero tensor quantlab calibrated (its histogram summary: absmax 0) is in the table's notes when a Q/DQ
     # reads it; the warning is for zero ranges set by hand or by another tool (it named a BERT's zero-filled
     # mask tensors, which no Q/DQ reads, three times a run)
-    _warn_zero_ranges({n: r for n, r in ranges.items() if r.histogram.get("absmax") != 0.0}, where)
+    warn_zero_ranges({n: r for n, r in ranges.items() if r.histogram.get("absmax") != 0.0}, where)
     notes = doc.get("notes", [])
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise CalibrationError(f"{where}: 'notes' must be a list of strings")
@@ -259,118 +243,13 @@ def read_table(path: str | os.PathLike[str]) -> CalibrationTable:
         raise CalibrationError(f"{path}: cannot read the calibration table ({exc})") from None
     if text.startswith("TRT-"):
         raise CalibrationError(
-            f"{path}: is a TensorRT calibration cache, not a quantlab JSON table; import it with read_trt_cache"
+            f"{path}: is a TensorRT calibration cache, not a quantlab JSON table; import it with quantlab.trt_cache.read_trt_cache"
         )
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CalibrationError(f"{path}: not valid JSON ({exc}); the table is truncated or not a table") from None
     return table_from_dict(doc, str(path))
-
-
-# --------------------------------------------------------------------------- TensorRT cache
-
-_HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
-_HEX = re.compile(r"^[0-9a-fA-F]{1,8}$")
-
-
-def trt_version_number(version: str | int) -> str:
-    """``"10.13.0"`` -> ``"101300"``, ``"8.6.1"`` -> ``"8601"`` (NV_TENSORRT_VERSION); digits pass through."""
-    text = str(version).strip()
-    if text.isdigit():
-        return text
-    parts = text.split(".")
-    if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts):
-        raise CalibrationError(f"TensorRT version {version!r} is neither like '10.13.0' nor like '101300'")
-    major, minor = int(parts[0]), int(parts[1])
-    patch = int(parts[2]) if len(parts) > 2 else 0
-    return str(major * (10000 if major >= 10 else 1000) + minor * 100 + patch)
-
-
-def _scale_hex(r: TensorRange) -> str:
-    """The float32 scale as big-endian hex; an all-zero tensor as ``0``, as TensorRT writes it."""
-    return "0" if r.amax == 0 else struct.pack(">f", float(r.scale)).hex()
-
-
-def trt_cache_text(table: CalibrationTable, version: str | int = TRT_CACHE_VERSION) -> str:
-    """The cache file's text: header, then ``name: %08x`` of the float32 scale per tensor."""
-    lines = [f"TRT-{trt_version_number(version)}-EntropyCalibration2"]
-    for name, r in table.ranges.items():
-        if "\n" in name or "\r" in name:
-            raise CalibrationError(f"tensor name {name!r} holds a line break; it cannot go in a TensorRT cache")
-        lines.append(f"{name}: {_scale_hex(r)}")
-    return "\n".join(lines) + "\n"
-
-
-def write_trt_cache(
-    table: CalibrationTable, path: str | os.PathLike[str], version: str | int = TRT_CACHE_VERSION
-) -> Path:
-    """Write ``table`` as a TensorRT calibration cache (``version`` like '10.13.0' or '101300'), atomically."""
-    return write_text(path, trt_cache_text(table, version))
-
-
-def parse_trt_cache(text: str, *, where: str = "calibration cache", model_sha256: str = "") -> CalibrationTable:
-    """A table from TensorRT cache text (any ``TRT-<n>-<Calibrator>`` header; CRLF and short hex accepted).
-
-    A line is split at its last ``:`` so names holding colons survive. ``min``/``max``
-    are unknown in a cache and set to ``-amax``/``amax``.
-    """
-    lines = [ln.strip() for ln in text.replace("\r\n", "\n").split("\n")]
-    lines = [ln for ln in lines if ln]
-    if not lines:
-        raise CalibrationError(f"{where}: empty file; not a TensorRT calibration cache")
-    header = _HEADER.match(lines[0])
-    if header is None:
-        raise CalibrationError(
-            f"{where}: first line {lines[0][:60]!r} is not a TensorRT cache header like "
-            "'TRT-101300-EntropyCalibration2'"
-        )
-    ranges: dict[str, TensorRange] = {}
-    for number, line in enumerate(lines[1:], start=2):
-        name, sep, value = line.rpartition(":")
-        name, value = name.strip(), value.strip()
-        if not sep or not name or not _HEX.match(value):
-            raise CalibrationError(f"{where}: line {number} {line[:80]!r} is not '<tensor>: <hex float32 scale>'")
-        scale = struct.unpack(">f", int(value, 16).to_bytes(4, "big"))[0]
-        if not math.isfinite(scale) or scale < 0:
-            raise CalibrationError(f"{where}: line {number}: tensor {name!r} has scale {scale}; expected >= 0")
-        if name in ranges:
-            raise CalibrationError(f"{where}: line {number}: tensor {name!r} appears twice")
-        amax = scale * 127.0
-        ranges[name] = TensorRange(amax=amax, min=-amax, max=amax)
-        check_range(name, ranges[name], f"{where}: line {number}")
-    _warn_zero_ranges(ranges, where, cache=True)
-    return CalibrationTable(
-        method="imported",
-        ranges=ranges,
-        model_sha256=model_sha256,
-        settings={"source": "tensorrt-calibration-cache", "trt_version": header.group(1),
-                  "calibrator": header.group(2)},
-        notes=((f"imported from a TensorRT calibration cache ({header.group(2)}, TensorRT {header.group(1)}); "
-                "min/max are not stored in caches, so the ranges are symmetric"),),
-    )
-
-
-def read_trt_cache(path: str | os.PathLike[str], *, model_sha256: str = "") -> CalibrationTable:
-    """Import a TensorRT / Polygraphy calibration cache file; ``model_sha256`` ties it to a model."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CalibrationError(f"{path}: no such calibration cache") from None
-    except PermissionError as exc:
-        raise unreadable(exc, "calibration cache", path) from None
-    except OSError as exc:
-        raise CalibrationError(f"{path}: cannot read the calibration cache ({exc})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CalibrationError(f"{path}: binary data, not a TensorRT calibration cache (text)") from None
-    table = parse_trt_cache(text, where=str(path), model_sha256=model_sha256)
-    settings = dict(table.settings, file=path.name)
-    return CalibrationTable(method=table.method, ranges=table.ranges, model_sha256=table.model_sha256,
-                            settings=settings, calib_set=table.calib_set, versions=table.versions,
-                            notes=table.notes)
 
 
 # --------------------------------------------------------------------------- fit check

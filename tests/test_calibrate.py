@@ -16,7 +16,8 @@ from quantlab.calibrate import calibrate, table_from_statistics
 from quantlab.methods import ALL_METHODS, resolve_methods
 from quantlab.errors import CalibrationError, DataError, InputMismatchError
 from quantlab.graph import model_from_proto
-from quantlab.table import read_table, read_trt_cache, write_table, write_trt_cache
+from quantlab.table import read_table, write_table
+from quantlab.trt_cache import read_trt_cache, write_trt_cache
 
 
 def _install_data_stand_in() -> None:

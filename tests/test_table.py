@@ -12,19 +12,8 @@ import pytest
 import models
 from quantlab.errors import CalibrationError
 from quantlab.graph import model_from_proto
-from quantlab.table import (
-    CalibrationTable,
-    TensorRange,
-    check_table_fits,
-    parse_trt_cache,
-    read_table,
-    read_trt_cache,
-    table_to_dict,
-    trt_cache_text,
-    trt_version_number,
-    write_table,
-    write_trt_cache,
-)
+from quantlab.table import CalibrationTable, TensorRange, check_table_fits, read_table, table_to_dict, write_table
+from quantlab.trt_cache import parse_trt_cache, read_trt_cache, trt_cache_text, trt_version_number, write_trt_cache
 
 
 def _table(model_sha256: str = "ab" * 32) -> CalibrationTable:

@@ -111,7 +111,8 @@ def _table(args: argparse.Namespace, model: Any, options: WriteOptions) -> Calib
     the file)."""
     from ..errors import CalibrationError
     from ..quantize import check_prepared_table, prepare_model
-    from ..table import read_table, read_trt_cache
+    from ..table import read_table
+    from ..trt_cache import read_trt_cache
 
     path = args.table if args.table is not None else args.trt_cache
     if path is None:

@@ -75,7 +75,7 @@ def register(subparsers: Any) -> None:
         METHOD_NAMES,
         TENSOR_SCOPES,
     )
-    from ..table import TRT_CACHE_VERSION
+    from ..trt_cache import TRT_CACHE_VERSION
 
     p = add_command(subparsers, "calibrate", __doc__, HELP)
     add_bind_option(p)
@@ -161,7 +161,8 @@ def _write(out: Path, result: CalibrationResult, args: argparse.Namespace, model
     from ..fingerprint import tool_versions
     from ..quantize import mark_table, save_smoothquant
     from ..stats import save_statistics
-    from ..table import write_table, write_trt_cache
+    from ..table import write_table
+    from ..trt_cache import write_trt_cache
 
     written: list[Path] = []
     with atomic_dir(out, owned=owned_files()) as tmp:

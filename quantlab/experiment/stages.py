@@ -30,7 +30,8 @@ from ..report import Verdict
 from ..search import SearchOptions, search
 from ..shapes import engine_shapes, network_shapes, parse_shapes
 from ..stats import save_statistics
-from ..table import CalibrationTable, write_table, write_trt_cache
+from ..table import CalibrationTable, write_table
+from ..trt_cache import write_trt_cache
 from ..threshold import parse_threshold
 from .spec import ExperimentConfig
 
