@@ -76,18 +76,23 @@ class ConstantFolder:
         self._graph = graph
         self._dims: dict[str, tuple[int | None, ...]] | None = None  # inferred shapes, made on first need
 
-    def _static_shape(self, node: onnx.NodeProto) -> np.ndarray | None:
-        """A main-graph ``Shape`` whose (sliced) dims shape inference fixes, from the declared input shapes: a
-        scripted ``for t in range(x.shape[1])`` over a fixed axis is a static trip count. None when any dim is
-        symbolic (the data decides)."""
+    def _shape_dims(self, shape_node: onnx.NodeProto) -> tuple[int | None, ...] | None:
+        """The dims a main-graph ``Shape`` node gives (its start/end slice applied), as shape inference fixes them
+        from the declared input shapes (None per symbolic dim); None when its input has no inferred shape."""
         if self._dims is None:
             self._dims = _inferred_dims(self.model)
-        dims = self._dims.get(node.input[0]) if node.input else None
+        dims = self._dims.get(shape_node.input[0]) if shape_node.input else None
         if dims is None:
             return None
-        attrs = {a.name: a.i for a in node.attribute}
-        picked = dims[slice(attrs.get("start", 0), attrs.get("end"))]
-        if any(d is None for d in picked):
+        attrs = {a.name: a.i for a in shape_node.attribute}
+        return dims[slice(attrs.get("start", 0), attrs.get("end"))]
+
+    def _static_shape(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """A main-graph ``Shape`` whose (sliced) dims shape inference fixes: a scripted
+        ``for t in range(x.shape[1])`` over a fixed axis is a static trip count. None when any dim is symbolic
+        (the data decides)."""
+        picked = self._shape_dims(node)
+        if picked is None or any(d is None for d in picked):
             return None
         return self._keep(node.output[0], np.array(picked, dtype=np.int64), node.input[0])
 
@@ -96,13 +101,9 @@ class ConstantFolder:
         symbolic)."""
         shape_node = self.producer[gather.input[0]]
         index = self.value(gather.input[1]) if len(gather.input) > 1 else None
-        if self._dims is None:
-            self._dims = _inferred_dims(self.model)
-        dims = self._dims.get(shape_node.input[0])
-        if index is None or dims is None or index.dtype.kind not in "iu":
+        sliced = self._shape_dims(shape_node)
+        if index is None or sliced is None or index.dtype.kind not in "iu":
             return None
-        attrs = {a.name: a.i for a in shape_node.attribute}
-        sliced = dims[slice(attrs.get("start", 0), attrs.get("end"))]
         try:
             picked = np.array(sliced, dtype=object)[np.asarray(index)]
         except IndexError:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph.topology import kept_names
+from .graph.topology import drop_unread_initializers, kept_names
 
 __all__ = [
     "fold_constant_subgraphs",
@@ -149,16 +149,12 @@ def fuse_pad_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
         removed.add(idx)
     if not removed:
         return out
-    used_before = set(readers)
     sources = [t for i in removed for t in proto.graph.node[i].input[1:]]  # the Pads' pads and value
     nodes = [n for i, n in enumerate(g.node) if i not in removed]
     del g.node[:]
     g.node.extend(nodes)
     drop_dead_producers(g, sources)  # the constant chains that computed them
-    read = {t for n in g.node for t in n.input} | kept
-    keep_inits = [i for i in g.initializer if i.name in read or i.name not in used_before]
-    del g.initializer[:]
-    g.initializer.extend(keep_inits)
+    drop_unread_initializers(g, readers)
     return out
 
 

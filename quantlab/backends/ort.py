@@ -46,6 +46,7 @@ import onnx
 
 from ..errors import BackendError, InputMismatchError
 from ..graph import serialize, tensor_specs, with_outputs
+from ..graph.topology import CONTROL_FLOW_OPS
 from .base import Backend, BackendInfo, Runner, check_feed_names
 from .nchwc import BlockedRunner, block_size, blocked_graph
 from .ort_diagnostics import load_error
@@ -342,9 +343,6 @@ class OrtBackend(Backend):
         )
 
 
-_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
-
-
 def unsafe_optimizers(model: onnx.ModelProto) -> list[str]:
     """ONNX Runtime optimizers to turn off for ``model``: its QDQ propagation when Q/DQ sit beside control flow.
 
@@ -353,7 +351,7 @@ def unsafe_optimizers(model: onnx.ModelProto) -> list[str]:
     optimization level from BASIC up: no exception to catch, no exit code of ours. Without that transformer
     the model runs, with the same Q/DQ semantics.
     """
-    if any(n.op_type in _SUBGRAPH_OPS for n in model.graph.node) and any(
+    if any(n.op_type in CONTROL_FLOW_OPS for n in model.graph.node) and any(
             n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         return ["QDQPropagationTransformer"]
     return []

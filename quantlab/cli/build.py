@@ -203,7 +203,7 @@ def _engine(args: argparse.Namespace, written: WrittenModel, shapes: tuple[Any, 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_dir, write_bytes, write_json
     from ..graph import load_model
-    from ..quantize import save_written, write_model
+    from ..quantize import BIAS_CORRECTION_FILE, save_written, write_model
 
     prepare_output(args.out, BUILD_FILES, command="build")
     model = load_model(args.model, bind=bound_inputs(args))
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
             ([f"SmoothQuant (alpha {sq['alpha']:g}) on {len(sq['activations'])} input(s)"] if sq else [])
         print(f"  rewritten before writing: {', '.join(done)} (sha256 {prepared['prepared_sha256'][:12]})")
     notes = list(written.provenance.notes)
-    beside = args.plan.parent / "bias_correction.json" if args.plan is not None else None
+    beside = args.plan.parent / BIAS_CORRECTION_FILE if args.plan is not None else None
     if beside is not None and beside.is_file() and args.bias_correction is None:
         notes.append(f"the search that wrote {args.plan} applied bias correction to its final model: add "
                      f"--bias-correction {beside} to build that model (without it, this one differs)")

@@ -42,11 +42,12 @@ HELP = "pin the most sensitive layers to FP16/FP32 until a threshold is met, kee
 
 def owned_files(own_workdir: bool) -> tuple[str, ...]:
     """What a search writes into --out (and ``work/``, its log, unless --workdir puts the log elsewhere)."""
+    from ..quantize import BIAS_CORRECTION_FILE
     from .compare import owned_files as comparison_files
 
     names = ("plan.json", "plan.toml", "final/model.onnx", "final/provenance.json", "final/plan.json",
              "trajectory.csv", "trajectory.parquet", "sensitivity.csv", "sensitivity.parquet", "search.json",
-             "bias_correction.json",
+             BIAS_CORRECTION_FILE,
              *(f"final_compare/{name}" for name in comparison_files()))
     return (*names, "work/*") if own_workdir else names
 

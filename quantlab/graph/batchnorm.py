@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .topology import kept_names
+from .topology import drop_unread_initializers, kept_names
 
 __all__ = ["fold_batchnorm_into_conv"]
 
@@ -60,16 +60,15 @@ def fold_batchnorm_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
         conv.output[0] = bn.output[0]
     gone_nodes = {b for _, b in pairs}
     nodes = [n for k, n in enumerate(g.node) if k not in gone_nodes]
-    read = {t for n in nodes for t in n.input} | keep
-    used_before = set(readers)
     replaced = {i.name for i in made}
-    kept_inits = [i for i in g.initializer
-                  if i.name not in replaced and (i.name in read or i.name not in used_before)]
     gone = {proto.graph.node[c].output[0] for c, _ in pairs}
     del g.node[:]
     g.node.extend(nodes)
+    unreplaced = [i for i in g.initializer if i.name not in replaced]
     del g.initializer[:]
-    g.initializer.extend(kept_inits + made)
+    g.initializer.extend(unreplaced)
+    drop_unread_initializers(g, readers, keep)
+    g.initializer.extend(made)
     kept_info = [vi for vi in g.value_info if vi.name not in gone]
     del g.value_info[:]
     g.value_info.extend(kept_info)

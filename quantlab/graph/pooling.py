@@ -16,7 +16,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
-from .topology import kept_names
+from .topology import drop_unread_initializers, kept_names
 
 __all__ = ["reduce_mean_to_global_pool"]
 
@@ -49,9 +49,7 @@ def reduce_mean_to_global_pool(proto: onnx.ModelProto) -> onnx.ModelProto:
     nodes = [n for n in out.graph.node if not (n.op_type == "Constant" and n.output[0] in unread)]
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    inits = [i for i in out.graph.initializer if i.name not in unread]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(inits)
+    drop_unread_initializers(out.graph, axes_inputs)
     return out
 
 

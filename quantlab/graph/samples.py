@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .load import LoadedModel, tensor_specs
-from .topology import subgraph_reads, topological_nodes, upstream
+from .topology import CONTROL_FLOW_OPS, subgraph_reads, topological_nodes, upstream
 
 __all__ = ["batch_symbols", "carries_samples", "data_sized", "samples_on_axis0", "tensor_sample_axes"]
 
@@ -89,8 +89,8 @@ def _may_differ(model: LoadedModel) -> set[str]:
             continue
         outputs = [o for o in node.output if o]
         valued.update(outputs)
-        upstream = any(t in differ for t in reads)
-        differ.update(o for o in outputs if upstream or (o in specs and specs[o].is_float))
+        from_differing = any(t in differ for t in reads)
+        differ.update(o for o in outputs if from_differing or (o in specs and specs[o].is_float))
     return differ
 
 
@@ -117,7 +117,6 @@ def _stops_on_state(body: onnx.GraphProto, differ: set[str]) -> bool:
 _SHAPE_ONLY = frozenset({"Shape", "Size", "EyeLike"})
 """Ops whose output depends on their input's shape, not its values."""
 
-_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
 
 
 def carries_samples(model: LoadedModel, batch_axes: Mapping[str, int | None],
@@ -139,7 +138,7 @@ def carries_samples(model: LoadedModel, batch_axes: Mapping[str, int | None],
     for node in topological_nodes(model.proto):
         if node.op_type in _SHAPE_ONLY:
             continue
-        if node.op_type in _SUBGRAPH_OPS or any(i in batched for i in node.input if i):
+        if node.op_type in CONTROL_FLOW_OPS or any(i in batched for i in node.input if i):
             batched.update(o for o in node.output if o)
     symbols = batch_symbols(model, batch_axes)
     specs = tensor_specs(model.proto)

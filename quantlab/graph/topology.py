@@ -13,7 +13,11 @@ from onnx import TensorProto, helper
 from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
-           "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream"]
+           "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream",
+           "drop_unread_initializers", "CONTROL_FLOW_OPS"]
+
+CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
+"""The ops that hold subgraphs (their bodies read outer tensors by name)."""
 
 
 def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -141,6 +145,16 @@ def upstream(names: Iterable[str], producers: Mapping[str, onnx.NodeProto], *,
         if bodies:
             pending += sorted(subgraph_reads([node]))
     return found
+
+
+def drop_unread_initializers(graph: onnx.GraphProto, read_before: Iterable[str], keep: Iterable[str] = ()) -> None:
+    """Remove, in place, the initializers a rewrite left unread: read by a node before it (``read_before``), and
+    now by no node, graph output, subgraph or name in ``keep``. An initializer no node ever read stays."""
+    read = {t for n in graph.node for t in n.input} | kept_names(graph) | set(keep)
+    before = set(read_before)
+    kept = [i for i in graph.initializer if i.name in read or i.name not in before]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def kept_names(graph: onnx.GraphProto) -> set[str]:

@@ -61,7 +61,7 @@ from .input_means import InputMeans, fake_quantize, input_means
 from .qparams import QParams, weight_qparams
 
 __all__ = ["BiasCorrection", "measure_bias_correction", "apply_bias_correction", "fake_quantize",
-           "save_bias_correction", "load_bias_correction"]
+           "save_bias_correction", "load_bias_correction", "BIAS_CORRECTION_FILE"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,9 @@ class BiasCorrection:
 
 BIAS_CORRECTION_FORMAT = 1
 """Version of the bias correction file."""
+
+BIAS_CORRECTION_FILE = "bias_correction.json"
+"""Its name beside a search's plan.json: the shifts the final model's INT8 layers got (``build --bias-correction``)."""
 
 
 def save_bias_correction(correction: BiasCorrection, path: str | Path) -> Path:

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 from ..controlflow import control_flow_notes
 from ..errors import PlanError
 from ..graph import LoadedModel, default_opset, outer_names, subgraph_reads, topological_order
+from ..graph.topology import CONTROL_FLOW_OPS
 from ..plan import FusionGroup, ResolvedPlan
 from ..precision import FP16
 from ..version import __version__
@@ -66,7 +67,7 @@ class Writer:
         self._check_subgraph_reads()
         self.notes.extend(control_flow_notes(self.src))  # Ifs inlined at load, subgraph tensors left float
         if (self.options.target == "ort" and self.qdq.quantized
-                and any(n.op_type in ("If", "Loop", "Scan") for n in self.src.graph.node)):
+                and any(n.op_type in CONTROL_FLOW_OPS for n in self.src.graph.node)):
             self.notes.append("ONNX Runtime 1.32 can abort the process on Q/DQ beside a Loop/If/Scan (its QDQ "
                               "propagation, at any optimization level above none): create the deployment session "
                               "with disabled_optimizers=[\"QDQPropagationTransformer\"], as quantlab does")

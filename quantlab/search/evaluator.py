@@ -256,7 +256,7 @@ def _reference_pass(model: LoadedModel, dataset: DataSet, options: SearchOptions
     indices: list[int] = []
     try:
         for batch in dataset.batches(options.batch_size):
-            z = np.asarray(runner.run(batch.feeds)[name], dtype=np.float64)
+            z = np.asarray(runner.run(batch.feeds, [name])[name], dtype=np.float64)
             parts.append(z.reshape(len(z), -1))  # [N, C, 1, 1] heads as [N, C]
             indices.extend(batch.indices)  # batched by shape, batches come out of data order
     finally:

@@ -12,11 +12,8 @@ import pandas as pd
 from ..atomic import atomic_path, write_json
 from ..compare import CompareResult
 from ..plan import ResolvedPlan, save_plan
-from ..quantize import BiasCorrection, WrittenModel, save_bias_correction, save_written
+from ..quantize import BIAS_CORRECTION_FILE, BiasCorrection, WrittenModel, save_bias_correction, save_written
 from .evaluation import plain_value
-
-BIAS_CORRECTION_FILE = "bias_correction.json"
-"""Beside plan.json: the shifts the final model's INT8 layers got (``quantlab build --bias-correction``)."""
 
 RESULT_FORMAT = "quantlab.search/1"
 
