@@ -1059,6 +1059,14 @@ def test_the_searchs_plan_and_bias_correction_file_rebuild_its_final_model(tmp_p
     (tmp_path / "bad.json").write_text('{"format": 1}')
     assert main([*common, "--bias-correction", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")]) == 2
     assert "bad.json: not a bias correction file" in capsys.readouterr().err
+    other = tmp_path / "other.onnx"  # another model: the correction names layers it does not have
+    onnx.save(models.conv_net(), other)
+    write_table(calibrate(model_from_proto(models.conv_net()), from_arrays(models.random_inputs(models.conv_net(), 8)),
+                          "minmax").tables["minmax"], tmp_path / "other_table.json")
+    assert main(["build", str(other), "--table", str(tmp_path / "other_table.json"), "--precision", "int8",
+                 "--target", "tensorrt", "--bias-correction", str(saved["bias_correction"]),
+                 "--out", str(tmp_path / "wrong")]) == 2
+    assert "measured on another model" in capsys.readouterr().err and not (tmp_path / "wrong").exists()
 
 
 class SubsetMissesEvaluator(PlantedEvaluator):

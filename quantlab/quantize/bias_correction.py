@@ -312,6 +312,13 @@ def apply_bias_correction(model: LoadedModel, plan: ResolvedPlan, correction: Bi
         raise QuantlabError(f"the bias correction was measured for {dict(correction.settings)} but the model is "
                             f"written with {dict(correction_settings(options))}; measure it again with these "
                             "write options (quantlab.quantize.measure_bias_correction)")
+    nodes_of_model = {n.name for n in model.proto.graph.node}
+    foreign = [name for name, _ in correction.layers if name not in nodes_of_model]
+    if foreign:
+        shown = ", ".join(map(repr, foreign[:3])) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise QuantlabError(f"the bias correction names layer(s) {model.label} does not have ({shown}): it was "
+                            "measured on another model. Use the bias_correction.json that the search of this model "
+                            "wrote beside its plan.json.")
     int8 = {g.name for g in plan.groups_at(INT8)}
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
