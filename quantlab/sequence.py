@@ -36,7 +36,7 @@ from .data import Batch, DataSet, take_samples
 from .errors import DataError, InputMismatchError
 from .graph import LoadedModel
 
-__all__ = ["TEACHER_FORCING_NOTE", "SequenceData", "with_carry"]
+__all__ = ["TEACHER_FORCING_NOTE", "SequenceData", "sequence_carry", "with_carry"]
 
 TEACHER_FORCING_NOTE = (
     "sequence mode ([sequence] carry): every candidate is fed the FP32 model's state (teacher forcing), so its "
@@ -127,3 +127,9 @@ def with_carry(dataset: DataSet, model: LoadedModel, *, backend: str = "ort", st
     if not carry or isinstance(dataset, SequenceData):
         return dataset
     return SequenceData(dataset, model, carry, backend=backend, streams=streams)
+
+
+def sequence_carry(dataset: Any) -> dict[str, str]:
+    """The ``[sequence] carry`` (output -> input) of a data set in sequence mode or of its manifest; {} without."""
+    carry = dataset.carry if isinstance(dataset, SequenceData) else getattr(dataset, "sequence_carry", None)
+    return dict(carry or {})

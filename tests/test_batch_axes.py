@@ -419,3 +419,30 @@ def test_sizes_decided_by_computed_values_are_data_sized():
     model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     sized = data_sized(model)
     assert "by_value" in sized and not {"by_shape", "by_input"} & sized
+
+
+def test_a_carried_state_with_unnamed_dims_is_compared_per_stream(tmp_path):
+    """torch's LSTM exports leave ``stateN`` as ``['', '', '']`` (Silero VAD): no batch symbol says its samples are
+    on axis 1, but the carry ``stateN -> state`` does. Compare at 2 streams failed with "quantlab expected the
+    samples on axis 0"; now it gives the figures of the same model with the dims named."""
+    import quantlab as ql
+
+    model, seq, _ = _sequence_and_plain_sets(tmp_path)
+    unnamed = _vad()
+    concat = next(n for n in unnamed.graph.node if n.output[0] == "stateN")  # as torch's shape-decided Ifs do:
+    concat.output[0] = "hc"  # stateN = Reshape(hc, Shape(hc)), which shape inference cannot follow
+    unnamed.graph.node.extend([onnx.helper.make_node("Shape", ["hc"], ["hc_shape"]),
+                               onnx.helper.make_node("Reshape", ["hc", "hc_shape"], ["stateN"])])
+    dims = next(o for o in unnamed.graph.output if o.name == "stateN").type.tensor_type.shape.dim
+    for d in dims:
+        d.Clear()
+    unnamed_model = model_from_proto(unnamed, label="vad, stateN dims unnamed")
+    options = ql.CompareOptions(batch_size=2, per_layer=False, bootstrap=0)
+    figures = []
+    for reference in (model, unnamed_model):
+        table = calibrate(reference, seq, "minmax", batch_size=1).tables["minmax"]
+        int8 = ql.write_model(reference, ql.uniform_plan("int8"), table, ql.WriteOptions(target="tensorrt"))
+        frame = ql.compare(reference, {"int8": int8}, seq, options).end_to_end.set_index("output")
+        figures.append(frame.loc[["prob", "stateN"], ["samples", "sqnr_db", "max_abs"]])
+    assert list(figures[1]["samples"]) == [5, 5]
+    np.testing.assert_allclose(figures[1].to_numpy(float), figures[0].to_numpy(float), rtol=1e-6)

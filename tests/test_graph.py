@@ -601,6 +601,55 @@ def test_weights_computed_from_constants_are_weights_after_loading():
     assert any(a.name == "axis" and a.i == 0 for a in dq.attribute)  # one scale per output channel
 
 
+def _torch_lstm(hidden: int = 8, features: int = 6) -> onnx.ModelProto:
+    """An LSTM as torch exports it: W, R and B are Concats of Slices of the parameters (gates reordered)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4 * hidden, n)).astype(np.float32), name)
+             for name, n in (("w_ih", features), ("w_hh", hidden))]
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (8 * hidden,)).astype(np.float32), "b"))
+    nodes = []
+    for name, rows in (("w_ih", 4 * hidden), ("w_hh", 4 * hidden), ("b", 8 * hidden)):
+        half = rows // 2
+        for k, (lo, hi) in enumerate(((half, rows), (0, half))):  # the two halves swapped
+            for t, v in (("lo", lo), ("hi", hi), ("ax", 0)):
+                inits.append(numpy_helper.from_array(np.array([v], np.int64), f"{name}_{t}{k}"))
+            nodes.append(helper.make_node("Slice", [name, f"{name}_lo{k}", f"{name}_hi{k}", f"{name}_ax{k}"],
+                                          [f"{name}_part{k}"]))
+        nodes.append(helper.make_node("Concat", [f"{name}_part0", f"{name}_part1"], [f"{name}_cat"], axis=0,
+                                      name=f"{name}/Concat"))
+        nodes.append(helper.make_node("Unsqueeze", [f"{name}_cat", "zero_axis"], [f"{name}_3d"]))
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "zero_axis"))
+    nodes.append(helper.make_node("LSTM", ["x", "w_ih_3d", "w_hh_3d", "b_3d"], ["y", "h", "c"], hidden_size=hidden,
+                                  name="lstm"))
+    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", 1, "N", hidden])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto
+
+
+def test_recurrent_weights_made_of_slices_are_weights_after_loading():
+    """Silero VAD's LSTM (torch): its W, R, B were Concat(Slice(param), ...) at every run, so the plan took each
+    Concat for an INT8 group and wrote per-tensor activation Q/DQ on the weights (the bias clipped by entropy to
+    0.52 of 0.84). Loading computes them once: initializers, no Concat left, the same outputs."""
+    import onnxruntime as ort
+
+    from quantlab.graph import model_from_proto, serialize
+    from quantlab.plan import fusion_groups
+
+    proto = _torch_lstm()
+    model = model_from_proto(proto)
+    assert [n.op_type for n in model.proto.graph.node] == ["LSTM"]
+    assert {"w_ih_3d", "w_hh_3d", "b_3d"} <= {i.name for i in model.proto.graph.initializer}
+    assert not any(g.quantizable for g in fusion_groups(model.proto))
+    x = np.random.default_rng(1).normal(size=(5, 2, 6)).astype(np.float32)
+
+    def run(p):
+        return ort.InferenceSession(serialize(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    np.testing.assert_array_equal(run(model.proto), run(proto))
+
+
 def _tf_same_padding_model(pad_value: float = 0.0) -> onnx.ModelProto:
     """tf2onnx's SAME padding: a zero Pad (pads an initializer, then a Constant node) before each Conv."""
     rng = np.random.default_rng(0)

@@ -17,6 +17,7 @@ from quantlab.plan import (
     load_plan,
     node_names,
     plan_from_dict,
+    plan_to_dict,
     resolve_plan,
     save_plan,
     uniform_plan,
@@ -63,6 +64,42 @@ def test_concat_is_its_own_quantizable_group():
     assert by["concat"].input_tensors == ("a", "b")
 
 
+def _state_concat_model() -> onnx.ModelProto:
+    """A recurrent step's tail: stateN = Concat(h, c) + 0 (as torch writes Silero VAD's), and a Concat a Conv reads."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.zeros(1, np.float32), "zero")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv_h"),
+             helper.make_node("Conv", ["x", "w"], ["c"], name="conv_c"),
+             helper.make_node("Concat", ["h", "c"], ["hc"], name="state_concat", axis=0),
+             helper.make_node("Add", ["hc", "zero"], ["stateN"], name="state_add"),
+             helper.make_node("Concat", ["h", "c"], ["both"], name="feature_concat", axis=1),
+             helper.make_node("Conv", ["both", "w8"], ["y"], name="conv_y"),
+             helper.make_node("Concat", ["h", "c"], ["shown"], name="shown_concat", axis=1),
+             helper.make_node("Reshape", ["shown", "shape"], ["flat"], name="reshape"),
+             helper.make_node("Conv", ["shown", "w8"], ["z"], name="conv_z"),
+             helper.make_node("MaxPool", ["y"], ["p"], name="last_pool", kernel_shape=[2, 2])]
+    inits += [numpy_helper.from_array(np.array([1, 8, 8, 8], np.int64), "shape"),
+              numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w8")]
+    graph = helper.make_graph(
+        nodes, "state_tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("stateN", "flat", "p", "z")], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_concat_and_pool_are_int8_only_where_an_int8_reader_follows():
+    """Q/DQ on a Concat's inputs only rounds where nothing reads it in INT8: Silero VAD's stateN = Concat(h, c)
+    + 0 had been quantized with one scale for h and c (stateN 8.8 dB instead of 21.7); and a plan file said int8
+    for a Concat the writer then left float."""
+    by = _groups(_state_concat_model())
+    assert not by["state_concat"].quantizable  # read by an Add only
+    assert by["feature_concat"].quantizable  # a Conv reads it
+    assert not by["shown_concat"].quantizable  # a Conv reads it, but it is also the graph's output (reshaped)
+    assert not by["last_pool"].quantizable  # the graph's output
+    resolved = resolve_plan(uniform_plan("int8"), _state_concat_model())
+    assert resolved.precision["state_concat"] != "int8" and resolved.precision["feature_concat"] == "int8"
+
+
 def test_attention_mask_add_is_not_fused_nor_quantizable():
     by = _groups(models.mlp_attention())
     assert by["qk"].nodes == ("qk",)  # a MatMul never absorbs an activation Add (mask)
@@ -99,7 +136,7 @@ def test_batchnorm_and_swish_fuse_and_unnamed_nodes_get_names():
     groups = fusion_groups(proto)
     assert groups[0].nodes == ("Conv_0", "bn", "sig", "swish")
     assert groups[0].output_tensor == "y"
-    assert groups[1].nodes == ("maxpool",) and groups[1].quantizable
+    assert groups[1].nodes == ("maxpool",) and not groups[1].quantizable  # its output is the graph's: float
 
 
 def test_add_of_two_conv_branches_fuses_into_one_of_them():
@@ -239,6 +276,13 @@ def test_broken_plan_files(tmp_path):
         load_plan(toml)
     with pytest.raises(PlanError, match="no such plan file"):
         load_plan(tmp_path / "absent.json")
+    # a precision written into the groups listing (read by no one) is refused, naming overrides
+    listed = plan_to_dict(uniform_plan("int8"), groups=fusion_groups(models.residual_net()))
+    listed["groups"]["fc"]["precision"] = "fp32"
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(listed))
+    with pytest.raises(PlanError, match=r"edited.json: groups\['fc'\] has 'precision'.*overrides"):
+        load_plan(edited)
 
 
 def test_hand_written_toml(tmp_path):

@@ -29,7 +29,7 @@ from ..errors import CompareError
 from ..graph import LoadedModel
 from ..graph.samples import data_sized
 from ..metrics import ErrorAccumulator, ErrorSums, error_sums
-from ..sequence import SequenceData, with_carry
+from ..sequence import SequenceData, sequence_carry, with_carry
 from .alignment import plan_candidate
 from .candidates import Candidate, computes_in_float16, simulates_tensorrt
 from .end_to_end import EndToEnd
@@ -146,7 +146,7 @@ class Comparison:
         self.warnings: list[str] = []
         check_inputs(dataset, reference, batch_size=options.batch_size)
         self.total = len(dataset) if options.max_samples is None else min(len(dataset), options.max_samples)
-        self.sample_axes = output_sample_axes(reference, getattr(dataset, "batch_axes", {}))
+        self.sample_axes = output_sample_axes(reference, getattr(dataset, "batch_axes", {}), sequence_carry(dataset))
         self.positions = position_scorers(reference, self.sample_axes)  # outputs scored per position (OCR, tokens)
         self.exact = exact_outputs(reference)  # integer/bool outputs: equal or not
         if self.total == 0:

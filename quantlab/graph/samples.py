@@ -32,14 +32,21 @@ def batch_symbols(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> s
 
 
 def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
-                       names: Iterable[str]) -> dict[str, int]:
-    """Tensor name -> the axis its samples are on (0 unless a batch symbol says otherwise)."""
+                       names: Iterable[str], carry: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Tensor name -> the axis its samples are on (0 unless a batch symbol says otherwise).
+
+    ``carry`` (output -> input, a sequence data set's ``[sequence] carry``): an output fed back as an
+    input next step holds its samples where that input does, whatever shape inference named its dims
+    (torch's LSTM exports leave ``stateN`` as ``['', '', '']``)."""
     symbols = batch_symbols(model, batch_axes)
     specs = tensor_specs(model.proto)
     inputs = set(model.input_names)
+    carry = carry or {}
     out: dict[str, int] = {}
     for name in names:
         axis = batch_axes.get(name, 0) if name in inputs else None
+        if axis is None and name in carry:
+            axis = batch_axes.get(carry[name], 0)
         if axis is None:  # an activation, or an input without a sample axis: what shape inference says
             spec = specs.get(name)
             found = [k for k, d in enumerate(spec.shape or ()) if isinstance(d, str) and d in symbols] if spec else []

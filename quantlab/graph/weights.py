@@ -10,7 +10,7 @@ parameters; a weight may also be scaled, transposed or reshaped on the way::
 Such a ``W`` looked like an activation: it was calibrated (one per-tensor scale for the whole
 weight, recomputed at every run, where a weight gets one scale per output channel), and bias
 correction and weight Q/DQ skipped the layer. Here every weight and bias slot of Conv,
-ConvTranspose, Gemm and MatMul whose producer reads only constants (initializers, Constant
+ConvTranspose, Gemm and MatMul (and W, R, B of LSTM, GRU and RNN) whose producer reads only constants (initializers, Constant
 nodes; no graph input, Shape, Size, random or Q/DQ op, no subgraph) is evaluated once with ONNX's
 reference implementation and becomes an initializer under the same name; nodes and
 initializers nothing reads any more go. The values can differ from ONNX Runtime's own
@@ -28,8 +28,11 @@ from .topology import kept_names, upstream
 
 __all__ = ["fold_computed_weights"]
 
-_WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}
-"""Inputs that hold a layer's weight or bias when they are constants (quantlab.quantize.placement)."""
+_WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,),
+                 "LSTM": (1, 2, 3), "GRU": (1, 2, 3), "RNN": (1, 2, 3)}
+"""Inputs that hold a layer's weight or bias when they are constants (quantlab.quantize.placement), and the
+W, R, B of recurrent layers: torch writes an LSTM's as ``Concat(Slice(w_ih), ...)`` (gates reordered),
+which otherwise stayed Concat nodes the plan took for INT8 groups of activations."""
 
 _NEVER_EVALUATED = frozenset({"Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike",
                               "RandomUniformLike", "Multinomial", "Bernoulli", "QuantizeLinear", "DequantizeLinear"})

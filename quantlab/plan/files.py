@@ -83,6 +83,7 @@ def plan_from_dict(data: Mapping[str, Any], source: str = "plan", text: str = ""
     fmt = data.get("format", PLAN_FORMAT)
     if fmt != PLAN_FORMAT:
         raise PlanError(f"{source}: format {fmt!r} is not {PLAN_FORMAT!r}")
+    _check_listing(data.get("groups", {}), source)
 
     def table(key: str) -> dict[str, Precision]:
         return {str(k): check_precision(v, f"{source}: {key}[{k!r}]") for k, v in data.get(key, {}).items()}
@@ -96,6 +97,23 @@ def plan_from_dict(data: Mapping[str, Any], source: str = "plan", text: str = ""
         fallback=check_precision(data.get("fallback", DEFAULT_FALLBACK), f"{source}: fallback"),
         description=data.get("description", ""),
     )
+
+
+_LISTING_KEYS = frozenset({"nodes", "op", "quantizable"})
+"""What :func:`plan_to_dict` writes for each group under ``groups``."""
+
+
+def _check_listing(groups: Mapping[str, Any], source: str) -> None:
+    """Refuse an edit of the ``groups`` listing, which is read by no one: a precision written there (the
+    natural place to look) would be silently ignored."""
+    for name, info in groups.items():
+        extra = sorted(set(info) - _LISTING_KEYS) if isinstance(info, Mapping) else ["(not a table)"]
+        if extra:
+            raise PlanError(
+                f"{source}: groups[{name!r}] has {', '.join(map(repr, extra))}: the groups listing is written for the "
+                "reader and ignored when the plan is read. Set a group's precision under overrides instead, e.g. "
+                f"overrides = {{ {json.dumps(name)} = \"fp32\" }} (JSON: \"overrides\": {{{json.dumps(name)}: \"fp32\"}})."
+            )
 
 
 def load_plan(path: str | os.PathLike[str]) -> PrecisionPlan:

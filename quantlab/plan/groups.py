@@ -11,8 +11,8 @@ Add after a MatMul must not be quantized). When both inputs of the Add come
 from convs (a ResNet downsample block), the first conv in topological order
 takes it and the other conv's output is the skip input. Every other node is a group of its
 own: pooling, Concat and Resize are quantizable (TensorRT runs them on INT8
-inputs), data movement, normalisation, Softmax and stand-alone elementwise ops
-are not.
+inputs) where an INT8-capable node reads their output (:func:`_int8_reader_follows`);
+data movement, normalisation, Softmax and stand-alone elementwise ops are not.
 """
 
 from __future__ import annotations
@@ -225,6 +225,8 @@ def _group(g: _Graph, chain: list[int], index: int, residual_input: str | None) 
                 outs.append(t)
     last = g.nodes[chain[-1]]
     kind, quantizable = _classify(anchor, g.specs, g.constants)
+    if quantizable and anchor.op_type not in COMPUTE_OPS:
+        quantizable = _int8_reader_follows(g, last.output[0] if last.output else "")
     return FusionGroup(
         name=g.names[chain[0]],
         nodes=tuple(g.names[i] for i in chain),
@@ -262,6 +264,44 @@ def _swish_tail(
     if gate_out in graph_outputs or len(consumers.get(gate_out, [])) != 1:
         return []
     return [gates[0], muls[0]]
+
+
+_PASS_THROUGH = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Split", "Slice",
+                           "Gather", "Pad", "DepthToSpace", "SpaceToDepth", "Tile", "Expand"})
+"""Data movement between a pool / Concat / Resize and the reader that decides whether it runs in INT8."""
+
+
+def _int8_reader_follows(g: _Graph, tensor: str) -> bool:
+    """Whether a pool's, Concat's or Resize's output reaches, through data movement only, a node that can read
+    INT8 (a compute op or another of :data:`QUANTIZABLE_STANDALONE_OPS`) and no graph output.
+
+    Those ops run in INT8 only to spare a kernel between INT8 neighbours a requantization; where every reader
+    is float (a recurrent state ``stateN = Concat(h, c)``, an LSTM, a Softmax, the graph's output) Q/DQ on
+    their inputs would only round. A KV cache (``present = Concat(past, k)``, a graph output) would hand the next
+    decoding step INT8-rounded keys, and TensorRT-RTX's Myelin failed on Q/DQ'd cache inputs with a dynamic past
+    length::
+
+        h ─┐                                         h ─┐
+           ├─► Concat ─► stateN     no Q/DQ here        ├─► Q ─► DQ ─► Concat ─► Conv    INT8 pays off
+        c ─┘                                         c ─┘
+    """
+    seen: set[str] = set()
+    todo = [tensor] if tensor else []
+    reader = False
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        if t in g.graph_outputs:
+            return False
+        seen.add(t)
+        for idx in g.consumers.get(t, []):
+            node = g.nodes[idx]
+            if node.op_type in COMPUTE_OPS or node.op_type in QUANTIZABLE_STANDALONE_OPS:
+                reader = True
+            elif node.op_type in _PASS_THROUGH and node.input and node.input[0] == t:
+                todo.extend(o for o in node.output if o)
+    return reader
 
 
 def _is_float(specs: Mapping[str, Any], tensor: str) -> bool:

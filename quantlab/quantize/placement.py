@@ -244,13 +244,10 @@ class Placement:
         self.slots[(idx, 2)] = Slot("bias", b, weight_tensor=w_slot.tensor, input_qparams=x_slot.qparams)
 
     def _concat_group(self, group: FusionGroup) -> None:
-        """One shared Q/DQ on a Concat's inputs, but not on a Concat the graph outputs: a KV cache
-        (``present = Concat(past, k)``) would hand the next decoding step INT8-rounded keys, and
-        TensorRT-RTX's Myelin failed on Q/DQ'd cache inputs with a dynamic past length."""
+        """One shared Q/DQ on a Concat's inputs. (A Concat the graph outputs, such as a KV cache
+        ``present = Concat(past, k)``, is no INT8 group: quantlab.plan.groups._int8_reader_follows.)"""
         idx = self.index_of[group.name]
         node = self.nodes[idx]
-        if any(o in self.graph_outputs for o in node.output if o):
-            return
         inputs = [(s, t) for s, t in enumerate(node.input) if self._is_float_activation(t)]
         ranges = [self._range(t, group) for _, t in inputs]
         if any(r is None for r in ranges) or not ranges:
