@@ -369,6 +369,8 @@ def calibrate(
     unquantized = unquantized_tensors(model.proto)
     calib_set = {"manifest": dataset.manifest_record(), "sha256": summary.sha256, "count": summary.count,
                  **recorded_shapes(dataset, model, shapes)}
+    if model.bindings:
+        calib_set["bind"] = dict(model.bindings)  # part of the model's hash: build needs the same --bind
     versions = tool_versions()
 
     def table(method: str) -> CalibrationTable:

@@ -25,7 +25,7 @@ together with the subgraph tensors that stay float and why (:func:`float_subgrap
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,10 +202,29 @@ def _record_notes(proto: onnx.ModelProto, notes: list[str]) -> None:
 def _reason(node: onnx.NodeProto, folder: ConstantFolder, proto: onnx.ModelProto, max_trips: int) -> str:
     label = f"{node.op_type} {node.name or node.output[0]!r}"
     if node.op_type == "If":
+        shaped = _shapes_deciding(node.input[0], proto)
+        if shaped:
+            return (f"inside {label}, whose condition depends on the shape of {', '.join(map(repr, shaped))} (a dynamic "
+                    "dim), not on values: not inlined. TensorRT builds such an If only with that dim fixed "
+                    "(build --shapes with min = opt = max)")
         return f"inside {label}, whose condition depends on the data (not inlined)"
     if node.op_type == "Loop":
         return f"inside the body of {label}, not unrolled: {static_trip_count(node, folder, proto, max_trips)[1]}"
     return f"inside the body of {label} ({node.op_type} bodies are not unrolled)"
+
+
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+
+
+def _shapes_deciding(condition: str, proto: onnx.ModelProto) -> list[str]:
+    """The graph inputs whose shapes alone decide ``condition`` (torch's ``if x.size(0) == 1: squeeze``), or []
+    when an input's values reach it too."""
+    producers = producer_map(proto)
+    inputs = {i.name for i in proto.graph.input} - {i.name for i in proto.graph.initializer}
+    if any(t in inputs for t in upstream([condition], producers, stop=lambda n: n.op_type in _SHAPE_OPS,
+                                        bodies=True)):
+        return []
+    return [t for t in upstream([condition], producers, bodies=True) if t in inputs]
 
 
 def float_subgraph_tensors(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROLLED_TRIPS) -> dict[str, str]:
@@ -264,23 +283,26 @@ def control_flow_notes(proto: onnx.ModelProto) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def deciding_inputs(proto: onnx.ModelProto) -> dict[str, tuple[str, ...]]:
+def deciding_inputs(proto: onnx.ModelProto, *, by_value: bool = False) -> dict[str, tuple[str, ...]]:
     """The graph inputs an ``If``'s condition (or a ``Loop``'s trip count or condition) is computed from, each
     with the nodes it decides (``"If 'name'"``), for the If / Loop nodes of the main graph still there: those
-    loading could not resolve, because what decides them comes from the data."""
+    loading could not resolve, because what decides them comes from the data. ``by_value``: only inputs whose
+    values decide (what ``--bind`` can resolve), not those whose shape alone does."""
     producers = producer_map(proto)
     inputs = {i.name for i in proto.graph.input} - {i.name for i in proto.graph.initializer}
+    stop = (lambda n: n.op_type in _SHAPE_OPS) if by_value else None
     out: dict[str, list[str]] = {}
     for node in proto.graph.node:
         roots = node.input[:1] if node.op_type == "If" else node.input[:2] if node.op_type == "Loop" else []
-        for name in _inputs_upstream([t for t in roots if t], producers, inputs):
+        for name in _inputs_upstream([t for t in roots if t], producers, inputs, stop):
             out.setdefault(name, []).append(f"{node.op_type} {node.name or node.output[0]!r}")
     return {name: tuple(nodes) for name, nodes in out.items()}
 
 
-def _inputs_upstream(names: list[str], producers: Mapping[str, onnx.NodeProto], inputs: set[str]) -> list[str]:
+def _inputs_upstream(names: list[str], producers: Mapping[str, onnx.NodeProto], inputs: set[str],
+                     stop: Callable[[onnx.NodeProto], bool] | None = None) -> list[str]:
     """The graph inputs among ``names`` and the tensors they are computed from, in the order first met."""
-    return [t for t in upstream(names, producers, bodies=True) if t in inputs]
+    return [t for t in upstream(names, producers, stop=stop, bodies=True) if t in inputs]
 
 
 def bind_hints(proto: onnx.ModelProto, constant_inputs: Mapping[str, Any], samples: int) -> tuple[str, ...]:

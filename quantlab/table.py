@@ -255,6 +255,25 @@ def read_table(path: str | os.PathLike[str]) -> CalibrationTable:
 # --------------------------------------------------------------------------- fit check
 
 
+def _bind_hint(table: CalibrationTable, model: LoadedModel) -> str:
+    """Bound values are part of a model's hash: when the table or the model had some, say which."""
+    from .controlflow import deciding_inputs
+
+    bound = table.calib_set.get("bind") or {}
+    if bound and dict(model.bindings) != dict(bound):
+        binds = " ".join(f"--bind {k}={v!r}" for k, v in bound.items())
+        return (f" The table was calibrated on it with {binds} ({'none' if not model.bindings else 'other values'} "
+                "here): bound values are part of the model's hash, so give the same.")
+    if model.bound:
+        return (f" It was loaded with {', '.join(model.bound)} bound: the values bound are part of its hash, so "
+                "load it with the --bind the table was calibrated with.")
+    decided = sorted(deciding_inputs(model.proto, by_value=True))
+    if decided:
+        return (f" If the table was calibrated with --bind (e.g. --bind {decided[0]}=...), give the same --bind here: "
+                "bound values are part of the model's hash.")
+    return ""
+
+
 def check_table_fits(table: CalibrationTable, model: LoadedModel) -> None:
     """CalibrationError unless ``table`` was made for ``model``.
 
@@ -269,6 +288,7 @@ def check_table_fits(table: CalibrationTable, model: LoadedModel) -> None:
                 f"the calibration table ({table.method}) was made for the model with sha256 "
                 f"{table.model_sha256[:12]}..., but {model.label} has sha256 {model.sha256[:12]}...; "
                 f"calibrate this model (quantlab calibrate {model.label} ...) and use that table."
+                f"{_bind_hint(table, model)}"
             )
         return
     from .graph import tensor_specs

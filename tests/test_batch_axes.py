@@ -57,6 +57,9 @@ def test_without_batch_axes_the_error_says_what_to_write():
     data = from_arrays({**_arrays(), "state": np.zeros((6, 2, 128), np.float32)}, batch_axes={"sr": None})
     with pytest.raises(InputMismatchError, match=r"input 'state'.*fixed batch of 2.*batch_axis = 1"):
         check_inputs(data, model, batch_size=4)
+    no_rate = from_arrays({k: v for k, v in _arrays().items() if k != "sr"}, batch_axes={"state": 1})
+    with pytest.raises(InputMismatchError, match=r"expects input 'sr'.*bind it instead: --bind sr=VALUE"):
+        check_inputs(no_rate, model, batch_size=4)  # a scalar that decides an If: bind it, once for all samples
 
 
 def test_an_input_without_batch_axis_must_agree_within_a_batch():
@@ -442,7 +445,13 @@ def test_a_carried_state_with_unnamed_dims_is_compared_per_stream(tmp_path):
     for reference in (model, unnamed_model):
         table = calibrate(reference, seq, "minmax", batch_size=1).tables["minmax"]
         int8 = ql.write_model(reference, ql.uniform_plan("int8"), table, ql.WriteOptions(target="tensorrt"))
-        frame = ql.compare(reference, {"int8": int8}, seq, options).end_to_end.set_index("output")
+        result = ql.compare(reference, {"int8": int8}, seq, options)
+        frame = result.end_to_end.set_index("output")
         figures.append(frame.loc[["prob", "stateN"], ["samples", "sqnr_db", "max_abs"]])
     assert list(figures[1]["samples"]) == [5, 5]
+    # prob [N, 1]: one value per sample, whose cosine is its sign (1.0 whatever the error): left out, said once
+    assert np.isnan(frame.loc["prob", "cosine"]) and np.isfinite(frame.loc["stateN", "cosine"])
+    assert np.isfinite(frame.loc["prob", "sqnr_db"])
+    assert result.per_sample.query("output == 'prob'")["cosine"].isna().all()
+    assert sum("'prob' holds one value per sample" in w for w in result.warnings) == 1
     np.testing.assert_allclose(figures[1].to_numpy(float), figures[0].to_numpy(float), rtol=1e-6)

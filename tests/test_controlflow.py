@@ -66,6 +66,26 @@ def test_constant_condition_if_is_inlined_with_the_same_outputs(rate, branch):
     assert control_flow_notes(recorded) == (done[0].note(),) and RECORD_KEY in {p.key for p in recorded.metadata_props}
 
 
+def test_a_condition_decided_by_a_dynamic_dim_says_so():
+    """torch writes ``if x.size(0) == 1: squeeze`` as If(Equal(Gather(Shape(x), 0), 1)) (Silero VAD's LSTM): the
+    note said "depends on the data", yet the values play no part and TensorRT builds it only with the dim fixed."""
+    then_branch = helper.make_graph([helper.make_node("Squeeze", ["x", "zero"], ["s"])], "then", [],
+                                    [helper.make_tensor_value_info("s", TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["x"], ["i"])], "else", [],
+                                    [helper.make_tensor_value_info("i", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "zero"], ["n"]),
+             helper.make_node("Equal", ["n", "one"], ["single"]),
+             helper.make_node("If", ["single"], ["y"], name="squeeze_if", then_branch=then_branch,
+                              else_branch=else_branch)]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    reason = float_subgraph_tensors(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))["s"]
+    assert "depends on the shape of 'x' (a dynamic dim), not on values" in reason and "--shapes" in reason
+
+
 def test_condition_from_the_data_is_left_and_its_tensors_listed():
     free = _data_driven_vad()
     out, done = inline_constant_ifs(free)
@@ -254,6 +274,12 @@ def test_bind_inlines_the_if_a_data_fed_input_decides_through_the_cli(tmp_path, 
                  "sr=16000", "--method", "minmax", "--no-progress", "--out", str(tmp_path / "cal")]) == 0
     table = json.loads((tmp_path / "cal" / "calib_minmax.json").read_text())
     assert "mm_16k" in table["tensors"] and "mm_8k" not in table["tensors"]
+    assert table["calib_set"]["bind"] == {"sr": 16000}
+    capfd.readouterr()  # building without the --bind: the error says which one the table needs
+    assert main(["build", str(tmp_path / "vad.onnx"), "--table", str(tmp_path / "cal" / "calib_minmax.json"),
+                 "--precision", "int8", "--out", str(tmp_path / "unbound")]) == 2
+    assert "calibrated on it with --bind sr=16000 (none here)" in capfd.readouterr().err
+    assert not (tmp_path / "unbound").exists()
     assert main(["build", str(tmp_path / "vad.onnx"), "--bind", "sr=16000", "--table",
                  str(tmp_path / "cal" / "calib_minmax.json"), "--precision", "int8", "--out", str(tmp_path / "b")]) == 0
     prov = json.loads((tmp_path / "b" / "provenance.json").read_text())

@@ -69,12 +69,16 @@ class OutputStats:
     nonfinite: int = 0
     mismatched: int = 0
     """Samples whose output had another shape than the reference's (a size the data decides): left out."""
+    widest: int = 0
+    """The most values one sample's output held: 1 for a speech probability ``[N, 1]``, whose cosine is ±1."""
 
     def extend(self, later: OutputStats) -> None:
         """Appends the stats of the samples that follow (the next shard)."""
         for f in fields(self):
             if f.name in ("nonfinite", "mismatched"):
                 setattr(self, f.name, getattr(self, f.name) + getattr(later, f.name))
+            elif f.name == "widest":
+                self.widest = max(self.widest, later.widest)
             else:
                 getattr(self, f.name).extend(getattr(later, f.name))
 
@@ -187,6 +191,7 @@ class EndToEnd:
             st = self.stats[(name, o)]
             s = error_sums(r, c)
             st.batch_sums.append(s)
+            st.widest = max(st.widest, r.size // r.shape[0] if r.ndim and r.shape[0] else r.size)
             st.nonfinite += s.nonfinite
             rows = per_sample_errors(per_sample_sums(r, c))
             st.cosine.append(rows["cosine"])
@@ -236,6 +241,10 @@ class EndToEnd:
     def reference_warnings(self) -> list[str]:
         out = [f"the reference itself gives {st.nonfinite} NaN/inf value(s) in output {o!r}; its figures are NaN"
                for o, st in self.reference.items() if st.nonfinite]
+        out += [f"output {o!r} holds one value per sample: its cosine (the sign agreement, 1 whatever the error) "
+                "is left out; read its sqnr_db and max_abs" for o in self.outputs
+                if self.choices.get(o) != "values"
+                and {self.stats[(n, o)].widest for n in self.candidates if (n, o) in self.stats} == {1}]
         out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps or the steps "
                 f"a while loop takes) has "
                 f"another shape than the reference's on {st.mismatched} of {len(self.keys)} sample(s); its figures "
@@ -300,6 +309,10 @@ class EndToEnd:
             row.update(dict.fromkeys(_SIMILARITY, math.nan))
             del columns["cosine"]
             sample.update(cosine=np.full(len(cos), np.nan), sqnr_db=np.full(len(cos), np.nan))
+        elif st.widest == 1:  # one value per sample: its cosine is the sign agreement, 1 whatever the error
+            row.update(cosine=math.nan, cosine_min=math.nan)
+            del columns["cosine"]
+            sample.update(cosine=np.full(len(cos), np.nan))
         apart: dict[str, np.ndarray] = {}  # choices where sizes differed: a sample of another length still counts
         if o in self.choices:
             self._choices(o, st, row, apart if st.mismatched else columns, sample)

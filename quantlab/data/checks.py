@@ -161,13 +161,24 @@ def _check_batch(spec: TensorSpec, dataset: Any, model: LoadedModel, batch_size:
     batch_fits(specs, effective, where, "lower the batch size (--batch-size / batch_size=)")
 
 
+def _bind_fix(spec: Any, model: LoadedModel) -> str:
+    """For a missing scalar or an input whose value decides an If / Loop (a sample rate): the --bind that
+    supplies it once, for every sample."""
+    from ..controlflow import deciding_inputs
+
+    if spec.shape != () and spec.name not in deciding_inputs(model.proto, by_value=True):
+        return ""
+    return (f" If every sample has the same {spec.name!r} (a sample rate, a mode), bind it instead: --bind "
+            f"{spec.name}=VALUE (an experiment's [model] bind = {{ {spec.name} = VALUE }}).")
+
+
 def _check_names(specs: Mapping[str, Any], model: LoadedModel, where: str, manifest: bool) -> None:
     model_inputs = {s.name: s for s in model.inputs}
     for spec in model.inputs:
         if spec.name not in specs:
             given = ", ".join(map(repr, specs)) or "none"
             fix = (f"Map it in the manifest's [inputs], e.g. {spec.name} = \"<source field>\"." if manifest else
-                   f"Name the array after the model's input: {{{spec.name!r}: array}}.")
+                   f"Name the array after the model's input: {{{spec.name!r}: array}}.") + _bind_fix(spec, model)
             raise InputMismatchError(
                 f"model {model.label} expects input {spec.name!r} ({spec.dtype} {format_shape(spec.shape)}); "
                 f"{where} gives inputs {given}. {fix}"

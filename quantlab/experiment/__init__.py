@@ -29,6 +29,8 @@ The experiment file (paths are relative to the file itself)::
     zoo = "efficientnet_lite0"          # or: path = "model.onnx"
     # shapes = "image:1x3x48x64,8x3x48x320,32x3x48x1600"   # TensorRT backends: engine shape ranges
     #                                   # (as --shapes); default: the calibration and validation data's
+    # bind = { sr = 16000 }             # inputs the data always feeds one value (as --bind): an If they
+    #                                   # decide is inlined, so its branch is calibrated and quantized
 
     [data]
     calibration = "../calib_sets/demo_calib.toml"

@@ -76,6 +76,7 @@ class LoadedModel:
     opset: int
     upgraded_from_opset: int | None = None
     bound: tuple[str, ...] = ()  # inputs made constants at load (``bind``): data must not give them
+    bindings: tuple[tuple[str, Any], ...] = ()  # ... and their values (JSON-able), for the records
 
     @property
     def input_names(self) -> list[str]:
@@ -286,7 +287,8 @@ def _load_file(path: Path, bind: Mapping[str, Any] | None = None) -> LoadedModel
         digest = sha256_bytes((digest + "|bind:" + ",".join(
             f"{k}={np.asarray(v).tolist()!r}" for k, v in sorted(bind.items()))).encode())
     proto, opset, upgraded = _prepare(proto, label, path)
-    return replace(_loaded(proto, digest, path, opset, upgraded), bound=tuple(sorted(bind or {})))
+    return replace(_loaded(proto, digest, path, opset, upgraded), bound=tuple(sorted(bind or {})),
+                   bindings=tuple((k, np.asarray(v).tolist()) for k, v in sorted((bind or {}).items())))
 
 
 def model_from_proto(proto: onnx.ModelProto, *, label: str = "in-memory model") -> LoadedModel:
