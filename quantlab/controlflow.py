@@ -108,7 +108,8 @@ def bind_inputs(proto: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onn
     out.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in values.items())
     if values:
         _record_notes(out, [f"input {k!r} bound to {np.asarray(v).tolist()!r} (the value the data always feeds "
-                            "it): Ifs and Loops it decides resolved for that value" for k, v in values.items()])
+                            "it): Ifs and Loops it decides resolved for that value; the written model has no input "
+                            f"{k!r}, so callers stop feeding it" for k, v in values.items()])
     return out
 
 

@@ -1,4 +1,4 @@
-"""Dynamic axes written as ``-1`` or ``0``: symbolic again, before shape inference.
+"""Dynamic axes written as ``-1``, ``0`` or ``"?"``: symbolic again, before shape inference.
 
 Some converters (paddle2onnx, older tf2onnx and hand-edited graphs) write a dynamic
 axis as ``dim_value: -1`` or ``0`` where ONNX wants a ``dim_param``. ONNX Runtime runs
@@ -14,6 +14,10 @@ data at all. The data checks already read both as "any size"::
 Graph inputs get a symbol per axis (``<input>_<axis>``); every other declared -1 or 0
 becomes unknown, for inference to fill (unknown is never wrong, a 0 that was meant would
 be inferred again).
+
+paddle2onnx also writes ``"?"`` as the symbol of *every* unknown axis (``x [-1, 3, ?, ?]``): taken as one
+symbol, it made a text classifier's height and width one dim, and a 48x192 crop was refused ("dimension '?'
+(axis 3) is 192 in the data but 48"). It means "unknown", so it gets the same treatment.
 """
 
 from __future__ import annotations
@@ -22,20 +26,29 @@ import onnx
 
 __all__ = ["symbolic_negative_dims"]
 
+_UNKNOWN = frozenset({"?", "-1", "None"})
+"""``dim_param`` spellings of "unknown" (not a symbol two axes could share)."""
+
 
 def symbolic_negative_dims(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with its dims of -1 or 0 made symbolic (inputs) or unknown (outputs, value_info), in place."""
+    """``proto`` with its dims of -1, 0 or "?" made symbolic (inputs) or unknown (outputs, value_info), in place."""
     g = proto.graph
     for vi in g.input:
         for axis, dim in enumerate(_dims(vi)):
-            if dim.HasField("dim_value") and dim.dim_value <= 0:
+            if _unknown(dim):
                 dim.Clear()
                 dim.dim_param = f"{vi.name}_{axis}"
     for vi in list(g.output) + list(g.value_info):
         for dim in _dims(vi):
-            if dim.HasField("dim_value") and dim.dim_value <= 0:
+            if _unknown(dim):
                 dim.Clear()
     return proto
+
+
+def _unknown(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    if dim.HasField("dim_value"):
+        return dim.dim_value <= 0
+    return dim.HasField("dim_param") and dim.dim_param.strip() in _UNKNOWN
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list[onnx.TensorShapeProto.Dimension]:

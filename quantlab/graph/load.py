@@ -22,6 +22,7 @@ from ..environment import unreadable
 from ..errors import ModelError
 from ..fingerprint import sha256_bytes, sha256_file
 from .batchnorm import fold_batchnorm_into_conv
+from .constants import constants_to_initializers
 from .dims import symbolic_negative_dims
 from .domains import typed_custom_outputs
 from .identities import fold_initializer_identities, fold_initializer_views
@@ -209,6 +210,7 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
 
     proto = symbolic_negative_dims(proto)  # -1/0 as dynamic dims (paddle2onnx): they broke cut sub-models
     proto, _ = resolve_static_control_flow(proto)  # constant Ifs inlined, static Loops unrolled: recorded
+    proto = constants_to_initializers(proto)  # paddle2onnx's parameters in Constant nodes: the folds read initializers
     proto = fuse_pad_into_conv(proto)  # tf2onnx's SAME padding: a zero Pad before a Conv goes into its pads
     proto = fold_initializer_identities(proto)  # first: an Identity over a weight is rewired, not copied
     proto = fold_computed_weights(proto)  # weights computed from constants at every run (weight_norm): weights again
