@@ -734,6 +734,23 @@ def test_fp16_mask_from_a_constant_node_at_float32_min_stays_finite(simulation):
     got = _run(written.proto, feeds)["probs"]
     np.testing.assert_allclose(got, _run(model.proto, feeds)["probs"], atol=2e-3)
     assert any("clipped to +-65504" in note for note in written.provenance.notes)
+    assert not any(note.startswith("WARNING") for note in written.provenance.notes)  # a sentinel, meant to clip
+
+
+@pytest.mark.parametrize("simulation", [False, True], ids=["float16", "simulated"])
+def test_fp16_copy_of_a_parameter_beyond_its_range_is_a_warning_naming_it(simulation):
+    """A BatchNorm variance of 2e7 left unfolded (PP-OCRv4's detector) is clipped to 65504 in FP16: the layer then
+    computes something else (SQNR -0.7 dB), and only a count of clipped values said so."""
+    from onnx import TensorProto, helper
+
+    scale = numpy_helper.from_array(np.array([2e7, 1.0], np.float32), "scale")
+    graph = helper.make_graph([helper.make_node("Div", ["x", "scale"], ["y"], name="div")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [scale])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    written = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=simulation))
+    warning = [n for n in written.provenance.notes if n.startswith("WARNING")]
+    assert len(warning) == 1 and "'scale' (|x| up to 2e+07)" in warning[0] and "FP32" in warning[0]
 
 
 @pytest.mark.parametrize("simulation", [False, True], ids=["float16", "simulated"])

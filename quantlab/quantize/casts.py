@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import ModelError
+from ..methods import DEFAULT_HUGE_THRESHOLD
 from .options import WriteOptions
 from .tensors import F16, F32, FP16_MAX, ONNX_DTYPE, TensorBook
 
@@ -44,6 +45,19 @@ class Casts:
         self.constants = constants
         self.rounded: dict[str, str] = {}  # fp16 simulation: tensor -> float32 name holding its fp16-rounded value
         self.fp16_clipped = 0  # initializer and Constant values clipped to +-65504 in float16 copies
+        self.fp16_clipped_values: dict[str, float] = {}  # constant -> largest |x| clipped, sentinels (>= 1e30) apart
+
+    def _clipped(self, tensor: str, array: np.ndarray) -> np.ndarray:
+        """``array`` clipped to float16's range, counted; a parameter clipped (not a mask's -3.4e38 sentinel) is
+        kept by name: its layer computes something else in FP16."""
+        clipped = np.clip(array, -FP16_MAX, FP16_MAX)
+        changed = clipped != array
+        self.fp16_clipped += int(np.count_nonzero(changed))
+        finite = np.abs(array[changed & np.isfinite(array)])
+        real = finite[finite < DEFAULT_HUGE_THRESHOLD]
+        if real.size:
+            self.fp16_clipped_values[tensor] = max(self.fp16_clipped_values.get(tensor, 0.0), float(real.max()))
+        return clipped
 
     def get(self, tensor: str, dtype: str) -> tuple[str, tuple[str, ...]]:
         """The written name of ``tensor`` carrying ``dtype`` (adding a Cast or fp16 copy once)."""
@@ -56,9 +70,7 @@ class Casts:
             # -inf, and a mask (1 - m) * min then into 0 * -inf = NaN
             array = self.book.constant_array(tensor)
             if dtype == F16:
-                clipped = np.clip(array.astype(np.float32), -FP16_MAX, FP16_MAX)
-                self.fp16_clipped += int(np.count_nonzero(clipped != array.astype(np.float32)))
-                converted = clipped.astype(np.float16)
+                converted = self._clipped(tensor, array.astype(np.float32)).astype(np.float16)
             else:
                 converted = array.astype(np.float32)
             name = self.book.add_init(f"{tensor}/{'fp16' if dtype == F16 else 'fp32'}", converted)
@@ -84,9 +96,7 @@ class Casts:
             name = self.rounded[tensor]
             return name, self.book.origin.get(name, ())
         if tensor in self.book.inits or tensor in self.book.const_nodes:
-            array = self.book.constant_array(tensor).astype(np.float32)
-            clipped = np.clip(array, -FP16_MAX, FP16_MAX)
-            self.fp16_clipped += int(np.count_nonzero(clipped != array))
+            clipped = self._clipped(tensor, self.book.constant_array(tensor).astype(np.float32))
             name = self.book.add_init(f"{tensor}/fp16_rounded", clipped.astype(np.float16).astype(np.float32))
             self.book.written_dtype[name] = F32
             self.rounded[tensor] = name

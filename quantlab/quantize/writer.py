@@ -72,8 +72,15 @@ class Writer:
                               "propagation, at any optimization level above none): create the deployment session "
                               "with disabled_optimizers=[\"QDQPropagationTransformer\"], as quantlab does")
         if self.casts.fp16_clipped:
-            self.notes.append(f"{self.casts.fp16_clipped} constant value(s) (initializers, Constant nodes) outside float16 range were "
-                              "clipped to +-65504 in fp16 copies")
+            self.notes.append(f"{self.casts.fp16_clipped} constant value(s) (initializers, Constant nodes) outside "
+                              "float16 range were clipped to +-65504 in fp16 copies")
+        if self.casts.fp16_clipped_values:
+            worst = sorted(self.casts.fp16_clipped_values.items(), key=lambda kv: -kv[1])
+            shown = ", ".join(f"{t!r} (|x| up to {v:.3g})" for t, v in worst[:5])
+            self.notes.append(f"WARNING {len(worst)} parameter(s) hold values beyond float16's 65504, clipped in "
+                              f"their FP16 copies, so the layers reading them compute something else: {shown}. Keep "
+                              "those layers in FP32 (plan overrides), or fold the op that holds them into its "
+                              "neighbour before exporting")
         return self._assemble()
 
     def write_node(self, idx: int) -> None:
