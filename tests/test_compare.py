@@ -649,6 +649,26 @@ def test_load_candidate_from_build_folders_and_files(setup, tmp_path):
         load_candidate(tmp_path / "missing", setup["model"])
 
 
+def test_a_plan_that_does_not_fit_says_whether_another_quantlab_built_it(setup, tmp_path):
+    """A build by an older quantlab (another quantlab-source) whose plan names nodes this one does not: say so
+    and say to rebuild, not "probably built from another model"."""
+    import json
+
+    save_written(setup["written"]["int8"], tmp_path / "int8")
+    plan = json.loads((tmp_path / "int8" / "plan.json").read_text())
+    plan["overrides"]["Constant_7"] = "fp32"  # a node an older loading kept
+    (tmp_path / "int8" / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(CompareError, match="probably built from another model"):
+        load_candidate(tmp_path / "int8", setup["model"])
+    prov_path = tmp_path / "int8" / "provenance.json"
+    prov = json.loads(prov_path.read_text())
+    prov["meta"]["versions"]["quantlab-source"] = "0123456789abcdef"
+    prov_path.write_text(json.dumps(prov))
+    with pytest.raises(CompareError, match=r"built by another quantlab \(source 0123456789abcdef, this one is .*"
+                                           r"rebuild it with this quantlab"):
+        load_candidate(tmp_path / "int8", setup["model"])
+
+
 @pytest.fixture(scope="module")
 def cli_setup(setup, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")

@@ -211,6 +211,10 @@ def test_unknown_names_are_explained_with_suggestions():
         resolve_plan(PrecisionPlan(op_defaults={"LayerNormalization": "fp32"}), proto)
     with pytest.raises(PlanError, match="pins: no node called 'not_a_node'"):
         resolve_plan(uniform_plan("int8"), proto).with_pins({"not_a_node": "fp16"})
+    many = {f"other_{k:02d}": "fp32" for k in range(20)}  # another model's plan: 8 names shown, the rest counted
+    with pytest.raises(PlanError, match=r"'other_07' and 12 more \(20 in all\) in the model") as err:
+        resolve_plan(PrecisionPlan(overrides=many), proto)
+    assert "other_08" not in str(err.value)
 
 
 def test_int8_on_an_op_that_cannot_be_quantized_names_node_and_op():

@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import CompareError, QuantlabError
-from ..fingerprint import sha256_bytes
+from ..fingerprint import sha256_bytes, source_hash
 from ..graph import LoadedModel, load_model
 from ..precision import FP16
 from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
@@ -114,7 +114,7 @@ def load_candidate(path: str | Path, reference: LoadedModel) -> Candidate:
     options = _write_options(meta.get("options", {}), prov_path)
     plan_path = folder / "plan.json"
     if plan_path.is_file():
-        plan = _resolved_plan(plan_path, reference)
+        plan = _resolved_plan(plan_path, reference, str(meta.get("versions", {}).get("quantlab-source", "")))
     else:  # a folder without plan.json: the precisions the provenance records, on the reference's groups
         plan = ResolvedPlan(groups=tuple(fusion_groups(reference.proto)), precision=dict(provenance.group_precision))
     return WrittenModel(proto=loaded.proto, provenance=provenance, plan=plan, options=options,
@@ -145,12 +145,19 @@ def _write_options(recorded: Any, prov_path: Path) -> WriteOptions:
                            "rebuild the candidate with `quantlab build`.") from None
 
 
-def _resolved_plan(plan_path: Path, reference: LoadedModel) -> ResolvedPlan:
-    """The build's effective plan on the reference's groups; a plan naming other nodes means another model."""
+def _resolved_plan(plan_path: Path, reference: LoadedModel, built_by: str = "") -> ResolvedPlan:
+    """The build's effective plan on the reference's groups; a plan naming other nodes means another model, or
+    another quantlab (``built_by``: the build's quantlab-source), whose loading named or grouped the nodes
+    otherwise."""
     plan = load_plan(plan_path)  # its errors name the file
     try:
         return resolve_plan(plan, reference.proto)
     except QuantlabError as exc:
-        raise CompareError(f"{plan_path}: does not fit the reference {reference.label}; the candidate was probably "
-                           "built from another model (compare it with the FP32 model it was built from). "
-                           f"{exc}") from None
+        current = source_hash()
+        why = (f"the candidate was built by another quantlab (source {built_by}, this one is {current}), which may "
+               "name and group the model's nodes otherwise: rebuild it with this quantlab (quantlab build), or "
+               "compare the .onnx alone for end-to-end figures"
+               if built_by and built_by != current else
+               "the candidate was probably built from another model (compare it with the FP32 model it was built "
+               "from)")
+        raise CompareError(f"{plan_path}: does not fit the reference {reference.label}; {why}. {exc}") from None

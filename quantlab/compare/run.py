@@ -107,8 +107,11 @@ def _backends(options: CompareOptions, workers: int, candidates: Mapping[str, Ca
 
 
 def _backend(options: CompareOptions, workers: int, **extra: Any) -> Backend:
-    """The backend; with several workers on ONNX Runtime, each session gets ``cores / workers`` threads."""
+    """The backend; with several workers on ONNX Runtime, each session gets ``cores / workers`` threads, and no
+    session keeps a memory arena: a comparison holds one per segment and candidate (OrtBackend ``arena``)."""
     backend_options = {**options.backend_options, **extra}
+    if is_onnxruntime(options.backend):
+        backend_options.setdefault("arena", False)
     forced_threads = environment_options()[1]  # QUANTLAB_ORT_THREADS wins over the split
     if (workers > 1 and is_onnxruntime(options.backend) and "threads" not in backend_options
             and not forced_threads):

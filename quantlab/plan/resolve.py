@@ -119,17 +119,22 @@ def _not_quantizable(group: FusionGroup, where: str) -> str:
             f"quantized: {why}. Use fp16 or fp32 for it.")
 
 
+_SHOWN = 8
+"""Unknown names an error lists (a plan for another model names hundreds)."""
+
+
 def _raise_unknown(unknown: Sequence[str], known: Iterable[str], where: str) -> None:
     if not unknown:
         return
     known = sorted(set(known))
     parts = []
-    for name in unknown:
+    for name in unknown[:_SHOWN]:
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         parts.append(f"{name!r}{hint}")
+    more = f" and {len(unknown) - _SHOWN} more ({len(unknown)} in all)" if len(unknown) > _SHOWN else ""
     raise PlanError(
-        f"{where}: no node called {', '.join(parts)} in the model. Node names are listed in the "
+        f"{where}: no node called {', '.join(parts)}{more} in the model. Node names are listed in the "
         "'groups' section of a saved effective plan (quantlab build --out DIR writes DIR/plan.json)."
     )
 
