@@ -1084,3 +1084,29 @@ def test_a_weight_given_as_the_first_input_is_quantized_per_output_row(target):
     for name in ("y", "g"):
         err = np.abs(got[name] - ref[name]).max() / np.abs(ref[name]).max()
         assert 0 < err < 0.05, (name, err)
+
+
+def test_an_int32_bias_that_does_not_fit_its_scale_is_a_warning_naming_it():
+    """PP-OCRv4's recogniser: a bias of 0.139 over a near-zero weight channel was written as 0.0946 (int32's
+    limit times s_x * s_w = 4.4e-11), and other scales fell below float32's normals, without a word."""
+    from onnx import TensorProto, helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (3, 2, 1, 1)).astype(np.float32)
+    w[1] = 1e-12  # a dead channel with a live bias
+    b = np.array([0.1, 0.5, -0.2], np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.normal(size=(4, 2, 4, 4)).astype(np.float32)
+    table = calibrate(model, from_arrays({"x": x}), "minmax").tables["minmax"]
+    ort_form = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    warning = [n for n in ort_form.provenance.notes if n.startswith("WARNING")]
+    assert len(warning) == 1 and "'b' (1 channel(s) clipped" in warning[0] and "TensorRT form" in warning[0]
+    trt_form = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))  # float bias
+    assert not any(n.startswith("WARNING") for n in trt_form.provenance.notes)

@@ -33,6 +33,8 @@ class QdqInserter:
         self.qdq_cache: dict[tuple[str, Any], str] = {}
         self.weight_cache: dict[tuple[str, Any], tuple[str, QParams]] = {}
         self.quantized: dict[str, dict[str, Any]] = {}  # original tensor -> its Q/DQ record (provenance)
+        self.bias_trouble: dict[str, tuple[int, float, int]] = {}  # bias -> (channels clipped to int32, largest
+        # |error| that made, channels whose scale s_x * s_w is below float32's normals: zero where denormals flush)
 
     def activation(self, tensor: str, qp: QParams, consumer: str) -> tuple[str, tuple[str, ...]]:
         """DQ(Q(tensor)) with ``qp``; one pair per (tensor, parameters), shared by its readers."""
@@ -73,6 +75,17 @@ class QdqInserter:
             if r["output"] == dq_out and consumer not in r["consumers"]:
                 r["consumers"].append(consumer)
 
+    def _check_bias(self, tensor: str, b: np.ndarray, saturated: np.ndarray, q: np.ndarray,
+                    bias_scale: np.ndarray) -> None:
+        """Keep what int32 cannot hold: a large bias over a near-zero weight channel (s_w tiny) saturates, and
+        its scale can fall below float32's normal numbers, which CPUs that flush denormals read as 0."""
+        tiny = int(np.count_nonzero(np.abs(bias_scale) < np.finfo(np.float32).tiny))
+        if not saturated.any() and not tiny:
+            return
+        written = q.reshape(-1).astype(np.float64) * np.broadcast_to(bias_scale.astype(np.float64), q.shape).reshape(-1)
+        error = float(np.max(np.abs(written - b.reshape(-1).astype(np.float64)))) if saturated.any() else 0.0
+        self.bias_trouble[tensor] = (int(np.count_nonzero(saturated)), error, tiny)
+
     def weight(self, tensor: str, axis: int | None, consumer: str) -> tuple[str, tuple[str, ...], QParams]:
         key = (tensor, axis)
         if key in self.weight_cache:
@@ -106,7 +119,9 @@ class QdqInserter:
             bias_scale = np.full(b.reshape(-1).shape, bias_scale.max(), dtype=np.float32)
         bias_scale = np.where(bias_scale == 0, np.float32(1.0), bias_scale).astype(np.float32)
         q = np.round(b.astype(np.float64) / bias_scale.astype(np.float64).reshape(-1 if bias_scale.ndim else ()))
-        q = np.clip(q, np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32).reshape(b.shape)
+        clipped = np.clip(q, np.iinfo(np.int32).min, np.iinfo(np.int32).max)
+        self._check_bias(tensor, b, clipped.reshape(-1) != q.reshape(-1), clipped, bias_scale)
+        q = clipped.astype(np.int32).reshape(b.shape)
         qname = self.book.add_init(f"{tensor}/int32", q)
         scale = self.book.add_init(f"{tensor}/scale", bias_scale)
         zp = self.book.add_init(f"{tensor}/zero_point", np.zeros(bias_scale.shape, dtype=np.int32))

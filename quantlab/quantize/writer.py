@@ -74,6 +74,14 @@ class Writer:
         if self.casts.fp16_clipped:
             self.notes.append(f"{self.casts.fp16_clipped} constant value(s) (initializers, Constant nodes) outside "
                               "float16 range were clipped to +-65504 in fp16 copies")
+        if self.qdq.bias_trouble:
+            worst = sorted(self.qdq.bias_trouble.items(), key=lambda kv: -kv[1][1])
+            shown = ", ".join(f"{t!r} ({n} channel(s) clipped, |error| up to {e:.3g}"
+                              + (f", {tiny} scale(s) below float32's normals" if tiny else "") + ")"
+                              for t, (n, e, tiny) in worst[:5])
+            self.notes.append(f"WARNING {len(worst)} int32 bias(es) do not fit their scale s_x * s_w (a large bias over "
+                              f"a near-zero weight channel): {shown}. Those channels compute another bias; write "
+                              "the TensorRT form (float bias), or keep those layers in FP16/FP32")
         if self.casts.fp16_clipped_values:
             worst = sorted(self.casts.fp16_clipped_values.items(), key=lambda kv: -kv[1])
             shown = ", ".join(f"{t!r} (|x| up to {v:.3g})" for t, v in worst[:5])
