@@ -42,6 +42,7 @@ from .methods import (
     ENTROPY_SKIP_ZEROS,
     METHOD_NAMES,
     METHODS_BY_NAME,
+    MSE_LEVELS,
     check_percentile,
     method_settings,
     resolve_methods,
@@ -113,14 +114,16 @@ def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFA
     """The :class:`TensorRange` of one tensor for ``method``.
 
     ``clipped_fraction`` is the share of all usable values (exact zeros
-    included) above ``amax``: what saturates at run time.
+    included) that saturate at run time: above ``amax`` by more than half an
+    INT8 step (amax / 127). Those within it round to the top level as ``amax``
+    does: a HardSigmoid's 1.0 against an mse amax of 0.9985 saturates nothing.
     """
     amax = _amax(state, method, percentile, entropy_skip_zeros)
     return TensorRange(
         amax=amax,
         min=state.min,
         max=state.max,
-        clipped_fraction=state.fraction_above(amax),
+        clipped_fraction=state.fraction_above(amax * (1.0 + 0.5 / MSE_LEVELS)),
         excluded=state.excluded,
         histogram=_histogram_summary(state),
     )
@@ -209,7 +212,7 @@ def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statis
         worst = max(used, key=lambda n: ranges[n].clipped_fraction)
         note = (
             f"WARNING {method}: {len(used)} of {len(ranges)} tensor(s) saturate more than "
-            f"{CLIP_NOTE_FRACTION:.0%} of their values (|x| > amax), worst first: {_sorted_by_clipping(ranges, used)}; "
+            f"{CLIP_NOTE_FRACTION:.0%} of their values (|x| > amax + half a step), worst first: {_sorted_by_clipping(ranges, used)}; "
             f"worst {worst!r}: {ranges[worst].clipped_fraction:.1%} of {stats.tensors[worst].count} values above "
             f"amax {ranges[worst].amax:.4g} (absmax {stats.tensors[worst].absmax:.4g}). Saturated values lose their "
             "magnitude and can ruin accuracy: check these histograms; prefer percentile or minmax for them, keep "

@@ -62,7 +62,7 @@ class TensorRange:
 
     ``amax`` is the symmetric clipping threshold (|x| above it saturates);
     ``min``/``max`` are the observed extremes of the finite, non-huge values;
-    ``clipped_fraction`` is the share of observed values with |x| > amax.
+    ``clipped_fraction`` is the share of observed values that saturate: |x| > amax by more than half a step.
     ``excluded`` counts values left out of the statistics (``nonfinite``,
     ``huge``: e.g. attention masks at float32.min).
     """

@@ -292,6 +292,10 @@ def test_cli_writes_every_output_atomically(tmp_path, cli_setup, capsys):
     assert main(["calibrate", str(model_path), "--calib", str(manifest), "--out", str(out), "--no-progress"]) == 0
     assert sorted(p.name for p in out.iterdir())[:1] == ["calib_entropy.json"]
     assert not (out / "calib_minmax.json").exists()
+    # --method repeats (it kept the last one only, silently)
+    assert main(["calibrate", str(model_path), "--calib", str(manifest), "--method", "minmax", "--method", "mse",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.glob("calib_*.json")) == ["calib_minmax.json", "calib_mse.json"]
 
 
 def test_cli_entropy_keep_zeros_flag(tmp_path, monkeypatch, capsys):
@@ -490,3 +494,19 @@ def test_a_minus_inf_mask_is_left_out_and_the_note_says_it_is_expected():
     assert result.tables["minmax"].ranges["masked"].amax < 10  # the finite scores only
     note = next(n for n in result.tables["minmax"].notes if "produced NaN/Inf" in n)
     assert "'additive'" in note and "attention mask at -inf" in note and "fix the model" in note
+
+
+def test_values_within_half_a_step_of_amax_do_not_count_as_saturated():
+    """A HardSigmoid output holds a third of its values at exactly 1.0; mse picks amax 0.9985, and the table said
+    33 % saturate (a WARNING that it "can ruin accuracy"), though 1.0 rounds to the top level like amax itself."""
+    from quantlab.calibrate import tensor_range
+    from quantlab.histogram import AbsHistogram
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.uniform(0, 1, 2000), np.ones(1000)]).astype(np.float32)
+    hist = AbsHistogram()
+    hist.update(values)
+    state = hist.state()
+    r = tensor_range(state, "percentile", percentile=66.6)  # amax just below 1.0, as mse picked
+    assert 1.0 - 0.5 / 127 < r.amax < 1.0 and r.clipped_fraction == 0.0
+    assert tensor_range(state, "percentile", percentile=50.0).clipped_fraction > 0.3  # far below: saturates

@@ -86,9 +86,9 @@ def register(subparsers: Any) -> None:
     source.add_argument("--stats", type=path_arg, action="append", metavar="NPZ",
                         help="recalibrate from statistics.npz files instead (repeat: their histograms are merged, "
                              "no model run), e.g. a calibrate output's and a `quantlab coverage` OUT/SET/statistics.npz")
-    p.add_argument("--method", choices=[*METHOD_NAMES, ALL], default=DEFAULT_METHOD,
-                   help=f"calibration method; '{ALL}' = " + ", ".join(ALL_METHODS) + f" from one pass (default "
-                        f"{DEFAULT_METHOD})")
+    p.add_argument("--method", choices=[*METHOD_NAMES, ALL], action="append", default=None,
+                   help=f"calibration method, repeatable (--method entropy --method mse); '{ALL}' = "
+                        + ", ".join(ALL_METHODS) + f", all from one pass (default {DEFAULT_METHOD})")
     p.add_argument("--percentile", type=_percentile, default=DEFAULT_PERCENTILE,
                    help=f"percentile of |x| kept by the percentile method (default {DEFAULT_PERCENTILE})")
     p.add_argument("--entropy-keep-zeros", action="store_true",
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from ..calibrate import calibrate
-    from ..methods import DEFAULT_BATCH_SIZE, resolve_methods
+    from ..methods import DEFAULT_BATCH_SIZE, DEFAULT_METHOD, resolve_methods
     from ..graph import load_model
     from ..quantize import prepare_rewrites
     from ..stats import scope_tensors
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = [args.model, *([args.calib] if args.calib else args.stats)]
     prepare_output(args.out, owned_files(), command="calibrate", inputs=inputs)
     source = load_model(args.model, bind=bound_inputs(args))
-    methods = list(resolve_methods(args.method))
+    methods = list(resolve_methods(args.method or [DEFAULT_METHOD]))
     dataset = _load_dataset(args.calib) if args.calib else None
     resolve_batch_size(args, source, dataset, DEFAULT_BATCH_SIZE, "calibrate")
     prepared = prepare_rewrites(source, dataset, equalize=args.equalize, smoothquant_alpha=args.smoothquant,
