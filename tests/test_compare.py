@@ -849,3 +849,23 @@ def test_a_sequence_output_is_left_out_with_a_warning():
     result = compare(model, {"int8": written}, data, CompareOptions(bootstrap=0))
     assert result.end_to_end["output"].tolist() == ["r"] and result.end_to_end["cosine"].iloc[0] > 0.99
     assert any("output 'seq' is a sequence or map" in w for w in result.warnings)
+
+
+def test_layers_of_dynamic_size_are_sized_by_the_first_batch():
+    """A text detector's H and W are dynamic: its layers had no size, counted 0 against the memory budget, and one
+    chunk held 48 tensors of 8 images at 640x480 (12 GB). The first batch sizes them; chunks then split."""
+    from quantlab.backends import get_backend
+    from quantlab.compare.layers import analyse_reference, chunks, layers_per_group, sized_by_first_batch
+
+    model = model_from_proto(models.text_recognizer())
+    per_group = layers_per_group(analyse_reference(model), "groups")
+    assert any(x.elements is None for g in per_group for x in g)
+    data = from_arrays({"image": np.zeros((4, 3, 48, 64), np.float32)})
+    sized = sized_by_first_batch(per_group, model, data, 2)
+    layers = {x.tensor: x for g in sized for x in g}
+    runner = get_backend("ort").build(model.proto, outputs=list(layers))
+    got = runner.run({"image": np.zeros((2, 3, 48, 64), np.float32)}, list(layers))
+    assert all(layers[t].elements == v[0].size for t, v in got.items() if t in ("r1", "r2", "pooled"))
+    assert all(layers[t].elements >= v[0].size for t, v in got.items())  # past a Reshape: the layer before's
+    options = CompareOptions(batch_size=2, memory_budget_mb=sum(x.elements for x in layers.values()) * 8 / 2**20 / 3)
+    assert len(chunks(per_group, options)) == 1 < len(chunks(sized, options))

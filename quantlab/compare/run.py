@@ -36,7 +36,7 @@ from .end_to_end import EndToEnd
 from .islands import LocalModel
 from .labels import label_use
 from .choices import exact_outputs, position_scorers
-from .layers import Layer, analyse_reference, chunks, layers_per_group
+from .layers import Layer, analyse_reference, chunks, layers_per_group, sized_by_first_batch
 from .options import CompareOptions
 from .per_layer import nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
@@ -182,7 +182,10 @@ class Comparison:
                 for name, c in self.candidates.items() if computes_in_float16(c))
         self.do_acc = options.per_layer and options.accumulated
         self.do_local = options.per_layer and options.local
-        self.chunks = chunks(per_group, options) if (self.do_acc or self.do_local) else []
+        if self.do_acc or self.do_local:
+            self.chunks = chunks(sized_by_first_batch(per_group, reference, dataset, options.batch_size), options)
+        else:
+            self.chunks = []
         if self.do_local:  # known here, not only once the sessions exist: a sharded run's driver has none
             for p in self.plans.values():
                 p.mirrored.update(mirrored_groups(p, self.ref, self.do_acc))
