@@ -51,6 +51,7 @@ class CompareOptions:
     workers: int | None = None      # threads running models and metrics; None: 2 on ONNX Runtime, else 1
     shards: int = 1                 # > 1: Ray tasks over contiguous shards of the set (quantlab[ray])
     ray: str | None = None          # "auto" (local Ray) or a cluster address; None: in process unless shards > 1
+    free_running: bool = True       # sequence mode: also run every model over the streams on its own state
 
     def __post_init__(self) -> None:
         def bad(what: str) -> CompareError:

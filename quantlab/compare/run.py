@@ -33,6 +33,7 @@ from ..sequence import SequenceData, sequence_carry, with_carry
 from .alignment import plan_candidate
 from .candidates import Candidate, computes_in_float16, simulates_tensorrt
 from .end_to_end import EndToEnd
+from .free_running import free_running, free_running_note
 from .islands import LocalModel
 from .labels import label_use
 from .choices import exact_outputs, position_scorers
@@ -257,13 +258,29 @@ class Comparison:
         end_to_end, per_sample = e2e.frames(self.options)
         self.warnings.extend(nan_warnings(list(self.plans), per_layer, end_to_end))
         self.warnings.extend(totals.warnings)
+        settings = {**self._settings(totals.segments), **totals.settings}
+        if isinstance(self.dataset, SequenceData) and self.options.free_running:
+            settings["free_running"] = self._free_running(end_to_end)
         return CompareResult(
             end_to_end=end_to_end, per_layer=per_layer, per_sample=per_sample,
-            settings={**self._settings(totals.segments), **totals.settings},
+            settings=settings,
             data=data_record(self.dataset, totals.summary, self.options.max_samples, self.labels.use_labels),
             models=models_record(self.reference, self.candidates),
             environment=environment_record(self.backend, self.candidate_backends), warnings=tuple(dict.fromkeys(self.warnings)),
         )
+
+    def _free_running(self, end_to_end: Any) -> list[dict[str, Any]]:
+        """Each candidate over whole streams reading back its own state (:mod:`.free_running`), said in a warning
+        beside the teacher-forced SQNR."""
+        assert isinstance(self.dataset, SequenceData)
+        floats = [o for o in self.ref.outputs if o not in self.exact and o not in self.data_sized]
+        rows = free_running(self.reference, self.candidates, self.dataset, self.options.batch_size,
+                            lambda name: self.candidate_backends.get(name, self.backend), floats,
+                            self.options.max_samples)
+        forced = {(r.candidate, r.output): float(r.sqnr_db) for r in end_to_end.itertuples()}
+        if rows:
+            self.warnings.append(free_running_note(rows, forced))
+        return rows
 
     def _tasks(self, b: int, state: BatchState) -> list[Task]:
         """The work of one batch as a small graph: runs, metric sums, releases (see :mod:`.schedule`)."""

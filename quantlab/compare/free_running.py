@@ -1,0 +1,82 @@
+"""Free-running figures of a sequence-mode comparison: every model reads back its own state.
+
+Teacher forcing (:mod:`quantlab.sequence`) feeds every candidate the FP32 model's state, so the comparison's
+figures are the error of one step. Deployed, a candidate reads back its own state, and its error can grow along
+the stream: Silero VAD's INT8 model read 28.7 dB teacher-forced and 21.5 dB free-running. This pass runs the
+reference and each candidate over the streams again, whole models, each carrying its own outputs into its
+inputs, and compares their outputs over every element of every step::
+
+    step k:  data_k + state_ref ──► FP32 ──► out_ref, state_ref' ─┐
+             data_k + state_c   ──► cand ──► out_c,   state_c'   ──┴─► error sums per output
+
+The first step feeds every model the data's own state. Figures are over all elements (``cosine`` too: one
+cosine over the whole output, not a mean over samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..data.batches import take_samples
+from ..graph import LoadedModel
+from ..metrics import ErrorSums, error_sums, errors_from_sums
+from ..sequence import SequenceData
+
+__all__ = ["FREE_RUNNING_FIGURES", "free_running", "free_running_note"]
+
+FREE_RUNNING_FIGURES = ("cosine", "sqnr_db", "max_abs", "rel_l2")
+"""What the free-running record keeps per candidate and output (:func:`quantlab.metrics.errors_from_sums`)."""
+
+_REFERENCE = "\\0reference"  # never a candidate's name
+
+
+def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: SequenceData, batch_size: int,
+                 backend_of: Callable[[str], Backend], outputs: list[str], max_samples: int | None = None,
+                 ) -> list[dict[str, Any]]:
+    """One row per candidate and float output: its :data:`FREE_RUNNING_FIGURES` against the free-running FP32
+    model, over the first ``max_samples`` samples (all: None), streams of ``batch_size``."""
+    protos = {_REFERENCE: reference.proto, **{name: c.proto for name, c in candidates.items()}}
+    runners = {name: backend_of(name).build(proto) for name, proto in protos.items()}
+    states: dict[str, dict[str, np.ndarray]] = {name: {} for name in protos}
+    sums: dict[tuple[str, str], ErrorSums] = {(n, o): ErrorSums() for n in candidates for o in outputs}
+    seen = 0
+    try:
+        for batch in data.dataset.batches(batch_size):
+            if max_samples is not None and seen >= max_samples:
+                break
+            got = {name: runner.run(_fed(batch, states[name], data), None) for name, runner in runners.items()}
+            for name, out in got.items():
+                states[name] = {inp: out[o] for o, inp in data.carry.items()}
+            for (name, o) in sums:
+                sums[(name, o)] = sums[(name, o)] + error_sums(got[_REFERENCE][o], got[name][o])
+            seen += len(batch)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    return [{"candidate": name, "output": o, "samples": seen,
+             **{k: v for k, v in errors_from_sums(s).items() if k in FREE_RUNNING_FIGURES}}
+            for (name, o), s in sums.items()]
+
+
+def _fed(batch: Any, state: Mapping[str, np.ndarray], data: SequenceData) -> dict[str, np.ndarray]:
+    feeds = dict(batch.feeds)
+    for inp, value in state.items():
+        feeds[inp] = take_samples(value, data.batch_axis(inp), slice(0, len(batch)))
+    return feeds
+
+
+def free_running_note(rows: list[dict[str, Any]], teacher_forced: Mapping[tuple[str, str], float]) -> str:
+    """One line for the warnings: each candidate's free-running SQNR per output, beside its teacher-forced one."""
+    parts = []
+    for name in dict.fromkeys(r["candidate"] for r in rows):
+        figures = ", ".join(f"{r['output']} {r['sqnr_db']:.1f} dB (teacher-forced "
+                            f"{teacher_forced.get((name, r['output']), float('nan')):.1f})"
+                            for r in rows if r["candidate"] == name)
+        parts.append(f"{name}: {figures}")
+    return ("sequence mode, free-running over whole streams (each model reads back its own state, as deployed): "
+            + "; ".join(parts) + ". compare.json keeps them (settings.free_running); thresholds judge the "
+            "teacher-forced figures")
