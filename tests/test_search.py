@@ -1101,3 +1101,20 @@ def test_returns_to_int8_are_validated_when_the_budget_allows_even_if_the_subset
     out = run_search(base, ev, _opts("sqnr_db>=30", budget=12), save_comparisons=False)
     assert out.met
     assert set(_pins(out)) == {"side_a", "side_b"}, _pins(out)  # the hidden culprits only: 5 of 7 INT8
+
+
+def test_a_search_that_ends_mostly_pinned_says_why():
+    """PP-OCRv4's recogniser: reverting 31 of 55 groups alone made its output worse, and the search pinned 54 of
+    55 without a word. A mostly-pinned end with such non-additive impacts gets a WARNING saying what to try."""
+    import pandas as pd
+
+    from quantlab.plan import resolve_plan, uniform_plan
+    from quantlab.search.run import _weak_ranking_note
+
+    proto = models.residual_net()
+    impacts = pd.DataFrame({"group": ["a", "b", "c", "d"], "impact_db": [-0.5, 0.2, -0.1, 0.3]})
+    (note,) = _weak_ranking_note(resolve_plan(uniform_plan("fp16"), proto), impacts)
+    assert note.startswith("WARNING the search kept INT8 on only 0%") and "2 of the 4 groups" in note
+    assert _weak_ranking_note(resolve_plan(uniform_plan("int8"), proto), impacts) == []  # mostly INT8: fine
+    additive = impacts.assign(impact_db=[0.5, 0.2, 0.1, 0.3])
+    assert _weak_ranking_note(resolve_plan(uniform_plan("fp16"), proto), additive) == []

@@ -49,6 +49,9 @@ from .user_metric import call_metric
 
 __all__ = ["OutputStats", "SampleRecords", "EndToEnd"]
 
+_NEAR_ZERO_ENERGY = 1e-6
+"""A sample whose reference sum of squares is under this share of the median (norm under 1/1000) is near zero."""
+
 
 @dataclass
 class OutputStats:
@@ -71,6 +74,9 @@ class OutputStats:
     """Samples whose output had another shape than the reference's (a size the data decides): left out."""
     widest: int = 0
     """The most values one sample's output held: 1 for a speech probability ``[N, 1]``, whose cosine is ±1."""
+    ref_energy: list[np.ndarray] = field(default_factory=list)
+    """Per sample, the reference's sum of squares: near 0 (a text detector's map of an image without text), the
+    sample's cosine measures noise."""
 
     def extend(self, later: OutputStats) -> None:
         """Appends the stats of the samples that follow (the next shard)."""
@@ -193,7 +199,9 @@ class EndToEnd:
             st.batch_sums.append(s)
             st.widest = max(st.widest, r.size // r.shape[0] if r.ndim and r.shape[0] else r.size)
             st.nonfinite += s.nonfinite
-            rows = per_sample_errors(per_sample_sums(r, c))
+            sums = per_sample_sums(r, c)
+            rows = per_sample_errors(sums)
+            st.ref_energy.append(sums[:, 0].astype(np.float64))
             st.cosine.append(rows["cosine"])
             st.sqnr.append(rows["sqnr_db"])
             st.max_abs.append(rows["max_abs"])
@@ -245,10 +253,30 @@ class EndToEnd:
                 "is left out; read its sqnr_db and max_abs" for o in self.outputs
                 if self.choices.get(o) != "values"
                 and {self.stats[(n, o)].widest for n in self.candidates if (n, o) in self.stats} == {1}]
+        out += self._near_zero_warnings()
         out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps or the steps "
                 f"a while loop takes) has "
                 f"another shape than the reference's on {st.mismatched} of {len(self.keys)} sample(s); its figures "
                 "cover the others" for (name, o), st in self.stats.items() if st.mismatched]
+        return out
+
+    def _near_zero_warnings(self) -> list[str]:
+        """Outputs some of whose samples the reference leaves near zero (norm under 1/1000 of the median): the
+        per-sample cosine of those is noise, and the mean cosine reads low where SQNR does not."""
+        out = []
+        for o in self.outputs:
+            first = next((self.stats[(n, o)] for n in self.candidates if self.stats[(n, o)].ref_energy), None)
+            if first is None or self.choices.get(o) == "values":
+                continue
+            energy = np.concatenate(first.ref_energy)
+            positive = energy[energy > 0]
+            if not positive.size:
+                continue
+            near_zero = int(np.count_nonzero(energy < _NEAR_ZERO_ENERGY * float(np.median(positive))))
+            if near_zero:
+                out.append(f"output {o!r}: {near_zero} of {energy.size} sample(s) have a reference close to zero "
+                           "(norm under 1/1000 of the median: e.g. an image without text): their cosine measures "
+                           "noise and pulls the mean cosine down; read sqnr_db (over all elements) instead")
         return out
 
     def frames(self, options: CompareOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
