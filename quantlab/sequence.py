@@ -68,6 +68,7 @@ class SequenceData(DataSet):
         self.streams = streams
         self._carried: dict[int, dict[int, dict[str, np.ndarray]]] = {}  # streams -> sample -> carried inputs
         self._describe_like(dataset)
+        self.fed_back = dict(carry)  # sets taken out of this one (a search's ranking subset) know it too
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -130,6 +131,8 @@ def with_carry(dataset: DataSet, model: LoadedModel, *, backend: str = "ort", st
 
 
 def sequence_carry(dataset: Any) -> dict[str, str]:
-    """The ``[sequence] carry`` (output -> input) of a data set in sequence mode or of its manifest; {} without."""
-    carry = dataset.carry if isinstance(dataset, SequenceData) else getattr(dataset, "sequence_carry", None)
+    """The ``[sequence] carry`` (output -> input) of a data set in sequence mode, of a set taken out of one, or
+    of its manifest; {} without."""
+    carry = dataset.carry if isinstance(dataset, SequenceData) else (
+        getattr(dataset, "fed_back", None) or getattr(dataset, "sequence_carry", None))
     return dict(carry or {})

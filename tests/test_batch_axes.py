@@ -432,10 +432,23 @@ def test_a_carried_state_with_unnamed_dims_is_compared_per_stream(tmp_path):
 
     model, seq, _ = _sequence_and_plain_sets(tmp_path)
     unnamed = _vad()
-    concat = next(n for n in unnamed.graph.node if n.output[0] == "stateN")  # as torch's shape-decided Ifs do:
-    concat.output[0] = "hc"  # stateN = Reshape(hc, Shape(hc)), which shape inference cannot follow
-    unnamed.graph.node.extend([onnx.helper.make_node("Shape", ["hc"], ["hc_shape"]),
-                               onnx.helper.make_node("Reshape", ["hc", "hc_shape"], ["stateN"])])
+    concat = next(n for n in unnamed.graph.node if n.output[0] == "stateN")  # as torch's LSTM export does:
+    concat.output[0] = "hc"  # stateN = If(batch == 1, hc, hc), whose output shape inference cannot follow
+    h = onnx.helper
+
+    def branch(name: str) -> onnx.GraphProto:  # then: squeezed and back (one stream), else: as it is
+        nodes = ([h.make_node("Squeeze", ["hc", "batch_axis_index"], ["squeezed"]),
+                  h.make_node("Unsqueeze", ["squeezed", "batch_axis_index"], [name])] if name == "t" else
+                 [h.make_node("Identity", ["hc"], [name])])
+        return h.make_graph(nodes, name, [], [h.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)])
+
+    unnamed.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(v, np.int64), n)
+                                      for n, v in (("batch_axis_index", [1]), ("batch_of_one", 1))])
+    unnamed.graph.node.extend([h.make_node("Shape", ["hc"], ["hc_shape"]),
+                               h.make_node("Gather", ["hc_shape", "batch_axis_index"], ["batch"]),
+                               h.make_node("Equal", ["batch", "batch_of_one"], ["single"]),
+                               h.make_node("If", ["single"], ["stateN"], then_branch=branch("t"),
+                                           else_branch=branch("e"))])
     dims = next(o for o in unnamed.graph.output if o.name == "stateN").type.tensor_type.shape.dim
     for d in dims:
         d.Clear()
@@ -456,6 +469,18 @@ def test_a_carried_state_with_unnamed_dims_is_compared_per_stream(tmp_path):
     assert sum("'prob' holds one value per sample" in w for w in result.warnings) == 1
     # a session per segment and candidate: none keeps an ORT memory arena (a text recogniser took 12 GB with them)
     assert result.environment["backend"]["details"]["arena"] is False
+    # a search's ranking subset: samples taken out of the stream with their carried state, compared as a set
+    from quantlab.sequence import SequenceData
+
+    ranked = []
+    for reference in (model, unnamed_model):
+        table = calibrate(reference, seq, "minmax", batch_size=1).tables["minmax"]
+        int8 = ql.write_model(reference, ql.uniform_plan("int8"), table, ql.WriteOptions(target="tensorrt"))
+        subset = SequenceData(seq, reference, {"stateN": "state"}, streams=2).select([4, 1, 3], name="ranking")
+        frame = ql.compare(reference, {"int8": int8}, subset, options).end_to_end.set_index("output")
+        ranked.append(frame.loc[["stateN"], ["samples", "cosine", "cosine_min", "sqnr_db"]])
+    assert list(ranked[1]["samples"]) == [3]
+    np.testing.assert_allclose(ranked[1].to_numpy(float), ranked[0].to_numpy(float), rtol=1e-6)
     np.testing.assert_allclose(figures[1].to_numpy(float), figures[0].to_numpy(float), rtol=1e-6)
 
 

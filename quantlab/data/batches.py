@@ -171,6 +171,9 @@ class DataSet:
     batch_axes: Mapping[str, int | None] = {}
     group_by_shape: bool = False
     padding: PadSpec | None = None  # [pad]: inputs padded to one length per batch (quantlab.data.padding)
+    fed_back: Mapping[str, str] = {}
+    """Output -> input a sequence set feeds it back into (quantlab.sequence): samples taken out of such a set
+    carry their state already, but the state outputs still hold their samples on that input's batch axis."""
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -207,7 +210,7 @@ class DataSet:
         self.role, self.name = parent.role, parent.name
         self.input_names, self.label_dtype = parent.input_names, parent.label_dtype
         self.batch_axes, self.group_by_shape = parent.batch_axes, parent.group_by_shape
-        self.padding = parent.padding
+        self.padding, self.fed_back = parent.padding, parent.fed_back
 
     def _first(self, n: int) -> DataSet:
         """Samples 0..n-1 (``n`` < len); subclasses may return their own kind instead of a view."""
