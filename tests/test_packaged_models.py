@@ -1,0 +1,158 @@
+"""Real models that ship in PyPI wheels (``make test`` installs them ``--no-deps``; only their .onnx files are read).
+
+- Silero VAD (``silero-vad``): the network inside an ``If`` on the sample rate, an LSTM whose state ``stateN``
+  is fed back as ``state`` next chunk, torch's LSTM export (weights as Slices, shape-decided Ifs, unnamed dims).
+- PaddleOCR PP-OCRv4's text detector and v2 direction classifier (``rapidocr-onnxruntime``): paddle2onnx exports
+  with ``?`` for every unknown dim and BatchNorm parameters in Constant nodes.
+
+The audio and the text images are made here (synthetic): these tests check what quantlab does with the graphs
+(what it quantizes, what it can run and measure), not the models' task accuracy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantlab.calibrate import calibrate
+from quantlab.compare import CompareOptions, compare
+from quantlab.data import from_arrays
+from quantlab.graph import load_model
+from quantlab.plan import fusion_groups, uniform_plan
+from quantlab.quantize import WriteOptions, write_model
+from quantlab.sequence import SequenceData
+
+pytestmark = pytest.mark.slow
+
+
+def _packaged(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{package} is not installed (make test installs it: pip install --no-deps {package})")
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"{package} has no {'/'.join(parts)}")
+    return path
+
+
+# --------------------------------------------------------------------------- Silero VAD
+
+STREAMS, STEPS, CONTEXT, CHUNK, RATE = 4, 24, 64, 512, 16000
+
+
+def _speech_like(seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """Voiced syllables (harmonics of a gliding pitch under a syllable envelope) between silences and noise."""
+    n = int(seconds * RATE)
+    t = np.arange(n) / RATE
+    pitch = 120 + 60 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(pitch) / RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    syllables = np.clip(np.sin(2 * np.pi * 3.5 * t + rng.uniform(0, 6)), 0, None) ** 2
+    gate = (np.sin(2 * np.pi * 0.4 * t + rng.uniform(0, 6)) > -0.3).astype(np.float64)
+    audio = 0.3 * voiced * syllables * gate + 0.01 * rng.normal(size=n)
+    return audio.astype(np.float32)
+
+
+def _vad_streams(seed: int) -> SequenceData:
+    """STREAMS interleaved streams of STEPS chunks (64 samples of context + 512, as Silero's wrapper feeds them)."""
+    rng = np.random.default_rng(seed)
+    chunks = np.zeros((STEPS * STREAMS, CONTEXT + CHUNK), np.float32)
+    for s in range(STREAMS):
+        audio = _speech_like((STEPS + 1) * CHUNK / RATE, rng)
+        for k in range(STEPS):
+            start = k * CHUNK
+            chunks[k * STREAMS + s] = audio[start:start + CONTEXT + CHUNK]
+    state = np.zeros((2, len(chunks), 128), np.float32)
+    return from_arrays({"input": chunks, "state": state}, batch_axes={"state": 1})
+
+
+def test_silero_vad_int8_keeps_its_state_float_and_is_measured_free_running_too():
+    """Before: stateN = Concat(h, c) got one int8 scale for h and c (stateN 8.8 dB teacher-forced), the LSTM's
+    weight Concats were calibrated as activations, and compare failed on stateN's unnamed dims. Now the state
+    and weights stay float, the eight convs are INT8, compare reads stateN per stream and also runs every model
+    free-running; TensorRT-RTX builds the INT8 model at one stream."""
+    path = _packaged("silero_vad", "data", "silero_vad.onnx")
+    model = load_model(path, bind={"sr": RATE})
+    groups = fusion_groups(model.proto)
+    assert not any(g.quantizable and g.anchor_op == "Concat" for g in groups)  # weights folded, state float
+    assert sum(g.quantizable and g.anchor_op == "Conv" for g in groups) >= 6
+    calib = SequenceData(_vad_streams(0), model, {"stateN": "state"}, streams=STREAMS)
+    table = calibrate(model, calib, "entropy", batch_size=STREAMS).tables["entropy"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert "stateN" not in written.provenance.quantized_inputs
+    valid = SequenceData(_vad_streams(1), model, {"stateN": "state"}, streams=STREAMS)
+    result = compare(model, {"int8": written}, valid, CompareOptions(batch_size=STREAMS, per_layer=False,
+                                                                     bootstrap=0))
+    e2e = result.end_to_end.set_index("output")
+    assert list(e2e["samples"]) == [STEPS * STREAMS] * 2
+    assert np.isnan(e2e.loc["output", "cosine"])  # one probability per chunk: no cosine
+    assert e2e.loc["stateN", "sqnr_db"] > 15
+    free = {r["output"]: r for r in result.settings["free_running"]}
+    assert set(free) == {"output", "stateN"} and all(np.isfinite(r["sqnr_db"]) for r in free.values())
+    rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed")
+    assert rtx is not None
+    from quantlab.backends.tensorrt import TensorRTBackend
+    from quantlab.shapes import ShapeRange
+
+    one = {"input": ShapeRange("input", (1, CONTEXT + CHUNK), (1, CONTEXT + CHUNK), (1, CONTEXT + CHUNK)),
+           "state": ShapeRange("state", (2, 1, 128), (2, 1, 128), (2, 1, 128))}
+    engine = TensorRTBackend("tensorrt-rtx").build_engine(written.proto, shapes=one, label="silero_vad int8")
+    assert isinstance(engine, bytes) and len(engine) > 10_000
+
+
+# --------------------------------------------------------------------------- PP-OCR
+
+def _text_images(size: tuple[int, int], count: int, seed: int) -> np.ndarray:
+    """Dark lines of text on light paper, RGB uint8 [count, H, W, 3]."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        img = Image.new("RGB", (size[1], size[0]), tuple(int(v) for v in rng.integers(200, 256, 3)))
+        draw = ImageDraw.Draw(img)
+        for line in range(max(1, size[0] // 40)):
+            words = " ".join("".join(chr(int(c)) for c in rng.integers(97, 123, rng.integers(3, 8)))
+                             for _ in range(6))
+            draw.text((int(rng.integers(2, 20)), 8 + 40 * line), words, fill=(20, 20, 20))
+        out.append(np.asarray(img))
+    return np.stack(out)
+
+
+def test_pp_ocr_detector_folds_its_constant_batchnorm_and_keeps_fp16_accurate():
+    """paddle2onnx keeps BatchNorm parameters in Constant nodes: one BN with a variance of 2e7 stayed unfolded and
+    its FP16 copy clipped it to 65504 (FP16 SQNR -0.7 dB). Loaded, every BN after a Conv folds and FP16 is accurate
+    again."""
+    path = _packaged("rapidocr_onnxruntime", "models", "ch_PP-OCRv4_det_infer.onnx")
+    model = load_model(path)
+    producers = {o: n.op_type for n in model.proto.graph.node for o in n.output}
+    assert not any(n.op_type == "BatchNormalization" and producers.get(n.input[0]) == "Conv"
+                   for n in model.proto.graph.node)  # each after a Conv folded (one after an Add stays)
+    images = _text_images((160, 224), 3, 0).astype(np.float32) / 255.0
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    x = ((images - mean) / std).transpose(0, 3, 1, 2).copy()
+    fp16 = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=True))
+    assert not any("beyond float16" in n for n in fp16.provenance.notes), fp16.provenance.notes  # none clipped
+    result = compare(model, {"fp16": fp16}, from_arrays({"x": x}, role="validation"),
+                     CompareOptions(batch_size=1, per_layer=False, bootstrap=0))
+    assert result.end_to_end.iloc[0]["sqnr_db"] > 30
+
+
+def test_pp_ocr_direction_classifier_with_question_mark_dims_calibrates_and_classifies():
+    """paddle2onnx writes '?' for every unknown dim (x [-1, 3, ?, ?]): read as one symbol, a 48x192 crop was
+    refused ("dimension '?' (axis 3) is 192 in the data but 48"). It calibrates, and its [N, 2] output is a
+    classifier (top-1 agreement)."""
+    path = _packaged("rapidocr_onnxruntime", "models", "ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    model = load_model(path)
+    shape = model.inputs[0].shape
+    assert shape[2] != shape[3] and all(isinstance(d, str) for d in (shape[0], shape[2], shape[3]))
+    crops = (_text_images((48, 192), 8, 1).astype(np.float32) / 255.0 - 0.5) / 0.5
+    data = from_arrays({"x": crops.transpose(0, 3, 1, 2).copy()}, role="validation")
+    table = calibrate(model, data, "minmax", batch_size=4).tables["minmax"]
+    int8 = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    row = compare(model, {"int8": int8}, data, CompareOptions(batch_size=4, per_layer=False, bootstrap=0)
+                  ).end_to_end.iloc[0]
+    assert row["samples"] == 8 and np.isfinite(row["top1_agreement"]) and row["sqnr_db"] > 10
