@@ -329,3 +329,14 @@ def test_an_experiment_takes_a_user_metric_and_gates_on_its_names(tmp_path: Path
     path.write_text(text.replace('metric = "metrics/close.py:score"\n', ""))
     with pytest.raises(ExperimentError, match="unknown metric 'close'"):  # without the metric: misspelt
         load_experiment(path)
+
+
+def test_the_search_line_carries_the_search_warnings():
+    """A search that ended 54 of 55 pinned recorded why in search.json, but quantlab run printed only the count."""
+    from quantlab.experiment.stages import search_notes
+
+    search = {"pinned": {f"g{k}": "fp16" for k in range(54)}, "quantizable_groups": 55, "int8_fraction": 1 / 55,
+              "notes": ["flip model: 3 critical samples", "WARNING the search kept INT8 on only 2% of the groups"]}
+    assert search_notes(search) == [
+        "search: final plan pins 54 of 55 quantizable group(s) above INT8; INT8 on 2% of them",
+        "search: WARNING the search kept INT8 on only 2% of the groups"]

@@ -40,7 +40,7 @@ from .stages import (
     float_candidates,
     float_bodies_note,
     float_candidates_note,
-    search_note,
+    search_notes,
     rewrite_note,
     search_stage,
     stage_rewrites,
@@ -235,7 +235,7 @@ class _Run:
                                                self.shapes, calib, rewrites))
         self.stages.append(rec)
         summary = read_json(rec.path / "search.json")
-        self.messages.append(search_note(summary))
+        self.messages.extend(search_notes(summary))
         self.messages.append(bias_correction_note(summary.get("settings", {})))
         final = search_end_to_end(rec.path)
         verdict = verdict_for(final, SEARCH_CANDIDATE, config.threshold) if final is not None else verdicts[best]

@@ -37,7 +37,7 @@ from .spec import ExperimentConfig
 
 __all__ = ["Candidate", "experiment_candidates", "calibrate_stage", "build_stage", "compare_stage", "search_stage",
            "engine_shapes_for", "float_bodies_note", "float_candidates", "float_candidates_note",
-           "measured_candidates", "search_note", "simulated_candidates", "simulated_note", "stage_rewrites",
+           "measured_candidates", "search_notes", "simulated_candidates", "simulated_note", "stage_rewrites",
            "SMOOTHQUANT_FILE", "rewrite_note",
            "bias_correction_note", "load_written", "load_frames", "read_json", "verdict_for", "best_candidate",
            "search_end_to_end", "COMPARE_FRAMES", "SEARCH_CANDIDATE"]
@@ -126,9 +126,10 @@ def bias_correction_note(settings: Mapping[str, Any]) -> str:
     return f"search: bias correction {bc if bc else 'off'}"
 
 
-def search_note(search: Mapping[str, Any]) -> str:
+def search_notes(search: Mapping[str, Any]) -> list[str]:
     """The report's line on what the search's final plan keeps in INT8 (search.json), with a warning when nothing:
-    "PASS: mixed (search)" read like a mixed plan when every layer had gone to FP16."""
+    "PASS: mixed (search)" read like a mixed plan when every layer had gone to FP16; then the search's own
+    warnings (a mostly-pinned end whose impacts do not add up)."""
     pinned = search.get("pinned") or {}
     groups = int(search.get("quantizable_groups") or 0)
     fraction = float(search.get("int8_fraction") or 0.0)
@@ -137,7 +138,8 @@ def search_note(search: Mapping[str, Any]) -> str:
     if groups and fraction == 0.0:
         line = ("WARNING " + line + ": no layer is INT8, so this plan is the FP16 model; compare the fp16 "
                 "candidate, or calibrate on more representative data if INT8 should fit")
-    return line
+    warned = [n for n in search.get("notes") or () if str(n).startswith("WARNING")]
+    return [line, *(f"search: {n}" for n in warned)]
 
 
 def float_candidates(written: Mapping[str, WrittenModel], config: ExperimentConfig) -> list[str]:
