@@ -36,9 +36,10 @@ so nothing is written for a plan that cannot be.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -48,7 +49,7 @@ from ..plan import FusionGroup, ResolvedPlan, constant_names, node_names
 from ..precision import INT8
 from ..table import CalibrationTable, TensorRange
 from .options import WriteOptions
-from .qparams import QParams, activation_qparams, combine_ranges, fit_below
+from .qparams import QParams, activation_qparams, bias_scale_floor, combine_ranges, fit_below
 from .tensors import F32
 
 __all__ = ["Slot", "Placement"]
@@ -64,6 +65,7 @@ class Slot:
     axis: int | None = None  # weights
     weight_tensor: str | None = None  # bias: the weight it pairs with
     input_qparams: QParams | None = None  # bias: the activation scale
+    scale_floor: np.ndarray | None = field(default=None, compare=False)  # weights under an int32 bias
 
 
 class Placement:
@@ -242,6 +244,10 @@ class Placement:
             if spec is None or spec.shape is None or len(spec.shape) != 1:
                 return
         self.slots[(idx, 2)] = Slot("bias", b, weight_tensor=w_slot.tensor, input_qparams=x_slot.qparams)
+        if b in self.initializers and x_slot.qparams is not None and np.ndim(x_slot.qparams.scale) == 0:
+            floor = bias_scale_floor(numpy_helper.to_array(self.initializers[b]), float(x_slot.qparams.scale),
+                                     per_tensor=w_slot.axis is None)
+            self.slots[(idx, 1)] = replace(w_slot, scale_floor=floor)
 
     def _concat_group(self, group: FusionGroup) -> None:
         """One shared Q/DQ on a Concat's inputs. (A Concat the graph outputs, such as a KV cache

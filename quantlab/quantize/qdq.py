@@ -86,8 +86,11 @@ class QdqInserter:
         error = float(np.max(np.abs(written - b.reshape(-1).astype(np.float64)))) if saturated.any() else 0.0
         self.bias_trouble[tensor] = (int(np.count_nonzero(saturated)), error, tiny)
 
-    def weight(self, tensor: str, axis: int | None, consumer: str) -> tuple[str, tuple[str, ...], QParams]:
-        key = (tensor, axis)
+    def weight(self, tensor: str, axis: int | None, consumer: str,
+               scale_floor: np.ndarray | None = None) -> tuple[str, tuple[str, ...], QParams]:
+        """``tensor`` as int8 + DequantizeLinear, per channel on ``axis``; ``scale_floor``: least scales an int32
+        bias beside it needs (quantlab.quantize.qparams.bias_scale_floor)."""
+        key = (tensor, axis, None if scale_floor is None else np.asarray(scale_floor, np.float32).tobytes())
         if key in self.weight_cache:
             out, qp = self.weight_cache[key]
             self._note_consumer(tensor, out, consumer)
@@ -95,7 +98,10 @@ class QdqInserter:
         w = self.book.constant_array(tensor).astype(np.float32)
         if axis is not None and (w.ndim <= axis or w.shape[axis] == 0):
             axis = None
-        qp, q = weight_qparams(w, axis, self.options.weight_qmax)
+        floor = scale_floor
+        if floor is not None and (axis is None or np.size(floor) != w.shape[axis]):
+            floor = np.asarray([np.max(floor)], np.float32) if axis is None else None
+        qp, q = weight_qparams(w, axis, self.options.weight_qmax, floor)
         q_name = self.book.add_init(f"{tensor}/int8", q)
         scale = self.book.add_init(f"{tensor}/scale", qp.scale)
         zp = self.book.add_init(f"{tensor}/zero_point", qp.zero_point)

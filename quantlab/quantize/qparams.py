@@ -12,7 +12,7 @@ from ..errors import QuantlabError
 from ..table import TensorRange
 from .options import Target
 
-__all__ = ["QParams", "activation_qparams", "weight_qparams", "fit_below", "combine_ranges"]
+__all__ = ["QParams", "activation_qparams", "weight_qparams", "bias_scale_floor", "fit_below", "combine_ranges"]
 
 _TINY32 = float(np.finfo(np.float32).tiny)
 
@@ -73,7 +73,8 @@ def fit_below(qp: QParams, upper: float) -> QParams:
     return QParams(np.array(scale, dtype=np.float32), qp.zero_point, qp.axis)
 
 
-def weight_qparams(w: np.ndarray, axis: int | None, qmax: int = 127) -> tuple[QParams, np.ndarray]:
+def weight_qparams(w: np.ndarray, axis: int | None, qmax: int = 127,
+                   scale_floor: np.ndarray | None = None) -> tuple[QParams, np.ndarray]:
     """Symmetric int8 weights: ``scale = absmax / qmax`` per channel along ``axis`` (or per tensor).
 
     Returns the parameters and the int8 weights ``clip(round(w / scale), -qmax, qmax)``
@@ -81,6 +82,8 @@ def weight_qparams(w: np.ndarray, axis: int | None, qmax: int = 127) -> tuple[QP
     ``qmax`` is 127, or 64 for reduced-range (7-bit) weights; the scale is
     computed as ``2 * absmax / (2 * qmax)`` in float64, then stored float32,
     as ONNX Runtime's quantizer does, so both give the same bytes.
+    ``scale_floor`` (per channel, or one value): the least scale, so an int32 bias with scale s_x * s_w fits
+    (:func:`bias_scale_floor`); only channels of near-zero weights reach it.
     """
     if qmax not in (127, 64):
         raise QuantlabError(f"int8 weight range must be 127 or 64 (reduce_range), got {qmax}")
@@ -93,12 +96,34 @@ def weight_qparams(w: np.ndarray, axis: int | None, qmax: int = 127) -> tuple[QP
     scale64 = 2.0 * absmax.astype(np.float64) / (2.0 * qmax)
     scale = scale64.astype(np.float32)
     scale = np.where(scale < _TINY32, np.float32(1.0), scale).astype(np.float32)
+    if scale_floor is not None:
+        scale = np.maximum(scale, np.asarray(scale_floor, np.float32).reshape(scale.shape)).astype(np.float32)
     shape = [1] * w32.ndim
     if axis is not None:
         shape[axis] = -1
     q = np.clip(np.round(w32 / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     zp = np.zeros(scale.shape, dtype=np.int8)
     return QParams(scale, zp, axis), q
+
+
+_INT32_HEADROOM = 0.5 * 2.0**31
+"""The largest |bias| / (s_x * s_w) a bias may need, with room to spare below int32's limit."""
+
+
+def bias_scale_floor(bias: np.ndarray, input_scale: float, per_tensor: bool) -> np.ndarray | None:
+    """The least weight scales (per output channel, or one) with which an int32 bias quantized at
+    ``input_scale * s_w`` fits int32 and its scale stays a normal float32; None when every natural scale will do.
+
+    A live bias over a near-zero weight channel (PP-OCRv4's recogniser: 0.139 over weights of ~1e-9) otherwise
+    saturated at int32's limit (written as 0.0946), or had a denormal scale that CPUs flushing denormals read as 0.
+    ONNX Runtime's quantizer raises that channel's weight scale the same way.
+    """
+    b = np.abs(np.asarray(bias, np.float64).reshape(-1))
+    s_x = float(input_scale)
+    if not b.size or not s_x > 0:
+        return None
+    floor = np.maximum(b / (s_x * _INT32_HEADROOM), float(np.finfo(np.float32).tiny) * 4.0 / s_x)
+    return np.asarray([floor.max()] if per_tensor else floor, np.float64).astype(np.float32)
 
 
 def combine_ranges(ranges: Sequence[TensorRange]) -> TensorRange:

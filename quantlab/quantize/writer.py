@@ -126,7 +126,7 @@ class Writer:
                 new_inputs.append(t)
                 continue
             if slot is not None and slot.kind == "weight":
-                out, chain, weight_qp = self.qdq.weight(t, slot.axis, name)
+                out, chain, weight_qp = self.qdq.weight(t, slot.axis, name, slot.scale_floor)
             else:
                 out, chain = self._input(t, slot, wants[i], name)
             new_inputs.append(out)
