@@ -517,3 +517,15 @@ def test_sequence_mode_also_measures_each_candidate_free_running(tmp_path):
         ref, cand = (np.concatenate(got[k][o]).astype(np.float64) for k in ("ref", "int8"))
         sqnr = 10 * np.log10((ref ** 2).sum() / ((ref - cand) ** 2).sum())
         assert abs(row["sqnr_db"] - sqnr) < 0.5, (o, row["sqnr_db"], sqnr)
+
+
+def test_a_search_in_sequence_mode_measures_its_final_plan_free_running(tmp_path):
+    """The verdict judges teacher-forced figures; the final plan is what a user deploys, so the search also runs
+    it over the streams on its own state and says so beside its teacher-forced SQNR."""
+    from quantlab.search import SearchOptions, search
+
+    model, seq, _ = _sequence_and_plain_sets(tmp_path)
+    table = calibrate(model, seq, "minmax", batch_size=1).tables["minmax"]
+    result = search(model, table, seq, SearchOptions(threshold="sqnr_db>=0", batch_size=1, probe_samples=2))
+    (note,) = [n for n in result.notes if n.startswith("sequence mode, free-running")]
+    assert "search-final: prob" in note and "teacher-forced" in note

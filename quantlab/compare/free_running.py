@@ -69,8 +69,10 @@ def _fed(batch: Any, state: Mapping[str, np.ndarray], data: SequenceData) -> dic
     return feeds
 
 
-def free_running_note(rows: list[dict[str, Any]], teacher_forced: Mapping[tuple[str, str], float]) -> str:
-    """One line for the warnings: each candidate's free-running SQNR per output, beside its teacher-forced one."""
+def free_running_note(rows: list[dict[str, Any]], teacher_forced: Mapping[tuple[str, str], float],
+                      kept: str = "compare.json keeps them (settings.free_running)") -> str:
+    """One line for the warnings: each candidate's free-running SQNR per output, beside its teacher-forced one;
+    ``kept``: where the figures are kept."""
     parts = []
     for name in dict.fromkeys(r["candidate"] for r in rows):
         figures = ", ".join(f"{r['output']} {r['sqnr_db']:.1f} dB (teacher-forced "
@@ -78,5 +80,4 @@ def free_running_note(rows: list[dict[str, Any]], teacher_forced: Mapping[tuple[
                             for r in rows if r["candidate"] == name)
         parts.append(f"{name}: {figures}")
     return ("sequence mode, free-running over whole streams (each model reads back its own state, as deployed): "
-            + "; ".join(parts) + ". compare.json keeps them (settings.free_running); thresholds judge the "
-            "teacher-forced figures")
+            + "; ".join(parts) + f". {kept + '; ' if kept else ''}thresholds judge the teacher-forced figures")

@@ -138,7 +138,7 @@ def search_notes(search: Mapping[str, Any]) -> list[str]:
     if groups and fraction == 0.0:
         line = ("WARNING " + line + ": no layer is INT8, so this plan is the FP16 model; compare the fp16 "
                 "candidate, or calibrate on more representative data if INT8 should fit")
-    warned = [n for n in search.get("notes") or () if str(n).startswith("WARNING")]
+    warned = [n for n in search.get("notes") or () if str(n).startswith(("WARNING", "sequence mode"))]
     return [line, *(f"search: {n}" for n in warned)]
 
 

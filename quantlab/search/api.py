@@ -12,13 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..compare import CompareResult, load_comparison
+from ..compare.free_running import free_running, free_running_note
 from ..data import DataSet, check_inputs, summarize
 from ..fingerprint import sha256_bytes, tool_versions
 from ..graph import LoadedModel
 from ..plan import ResolvedPlan, resolve_plan, uniform_plan
 from ..quantize import BiasCorrection, measure_bias_correction
-from ..sequence import with_carry
+from ..sequence import SequenceData, with_carry
 from ..table import CalibrationTable, table_to_dict
 from ..threshold import parse_threshold
 from ..version import __version__
@@ -108,6 +111,7 @@ def search(
     if comparison is None:  # the log lost it: measure the final plan again rather than return nothing
         comparison = evaluator.evaluate(outcome.plan, evaluator.size).comparison
     final = evaluator.write(outcome.plan, deploy=True)
+    notes = outcome.notes + _free_running_notes(model, evaluator, outcome.plan, comparison, dataset, options)
     return SearchResult(
         met=outcome.met, plan=outcome.plan, final=final, comparison=comparison, trajectory=outcome.trajectory,
         sensitivity=outcome.sensitivity, evaluations=outcome.evaluations, bound=outcome.bound,
@@ -116,9 +120,27 @@ def search(
                                            "fp16_simulation": options.simulate_fp16,
                                            "probe_samples_used": min(options.probe_samples,
                                                                      max(1, len(dataset) // 2))},
-        notes=outcome.notes, budget=outcome.budget, executed=outcome.executed,
+        notes=notes, budget=outcome.budget, executed=outcome.executed,
         seconds=time.perf_counter() - start, correction=correction,
     )
+
+
+def _free_running_notes(model: LoadedModel, evaluator: CompareEvaluator, plan: ResolvedPlan, comparison: Any,
+                        dataset: DataSet, options: SearchOptions) -> tuple[str, ...]:
+    """Sequence mode: the final plan over the streams on its own state, beside its teacher-forced figures (the
+    verdict's). The search's evaluations skip this pass; the final plan is what a user deploys."""
+    if not isinstance(dataset, SequenceData) or comparison is None:
+        return ()
+    from ..backends import get_backend
+
+    backend = get_backend(options.backend, **evaluator._backend_options())
+    reference = comparison.end_to_end
+    outputs = [o for o in dict.fromkeys(reference["output"]) if np.isfinite(reference[reference["output"] == o]
+                                                                             ["sqnr_db"].to_numpy(float)).any()]
+    rows = free_running(model, {"search-final": evaluator.write(plan)}, dataset, options.batch_size,
+                        lambda name: backend, outputs)
+    forced = {("search-final", r.output): float(r.sqnr_db) for r in reference.itertuples()}
+    return (free_running_note(rows, forced, kept=""),) if rows else ()
 
 
 def _correction_if_it_helps(model: LoadedModel, table: CalibrationTable, dataset: DataSet, options: SearchOptions,
