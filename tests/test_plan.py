@@ -100,6 +100,30 @@ def test_concat_and_pool_are_int8_only_where_an_int8_reader_follows():
     assert resolved.precision["state_concat"] != "int8" and resolved.precision["feature_concat"] == "int8"
 
 
+def test_a_resize_read_by_a_fused_residual_add_stays_int8():
+    """An FPN's top-down path: Resize(coarse) is the skip input of a conv group's residual Add, which TensorRT
+    reads in INT8 (the Add is the conv's epilogue), so the Resize is an INT8 group; one only a plain Add reads
+    is not."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.array([], np.float32), "no_roi")]
+    nodes = [helper.make_node("Conv", ["coarse", "w"], ["c1"], name="coarse_conv"),
+             helper.make_node("Resize", ["c1", "no_roi", "scales"], ["up"], name="upsample", mode="nearest"),
+             helper.make_node("Conv", ["fine", "w"], ["lateral"], name="lateral_conv"),
+             helper.make_node("Add", ["lateral", "up"], ["merged"], name="merge"),
+             helper.make_node("Relu", ["merged"], ["y"], name="relu"),
+             helper.make_node("Resize", ["c1", "no_roi", "scales"], ["up2"], name="upsample_plain", mode="nearest"),
+             helper.make_node("Add", ["up2", "fine"], ["z"], name="plain_add")]
+    graph = helper.make_graph(
+        nodes, "fpn", [helper.make_tensor_value_info("coarse", TensorProto.FLOAT, [1, 4, 4, 4]),
+                       helper.make_tensor_value_info("fine", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z")], inits)
+    by = _groups(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert by["lateral_conv"].residual_input == "up" and by["upsample"].quantizable
+    assert not by["upsample_plain"].quantizable
+
+
 def test_attention_mask_add_is_not_fused_nor_quantizable():
     by = _groups(models.mlp_attention())
     assert by["qk"].nodes == ("qk",)  # a MatMul never absorbs an activation Add (mask)

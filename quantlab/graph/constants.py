@@ -25,7 +25,10 @@ _NUMERIC = {"value_float": np.float32, "value_floats": np.float32, "value_int": 
 
 
 def constants_to_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``proto`` with its main graph's Constant nodes as initializers (``proto`` when it has none)."""
+    """A copy of ``proto`` with its main graph's Constant nodes as initializers (``proto`` when it has none, or
+    when its IR version (< 4) wants every initializer listed as a graph input too)."""
+    if proto.ir_version < 4:
+        return proto
     outputs = {o.name for o in proto.graph.output}
     moved = {i: tensor for i, n in enumerate(proto.graph.node)
              if (tensor := _value(n, outputs)) is not None}

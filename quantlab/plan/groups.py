@@ -136,6 +136,7 @@ class _Graph:
         self.constants = constant_names(proto)
         self.graph_outputs = {o.name for o in proto.graph.output}
         self.specs = tensor_specs(proto)
+        self.fused_residuals: set[int] = set()  # residual Adds fused into a conv group: they read INT8 skips
 
     def sole_consumer(self, tensor: str) -> int | None:
         readers = self.consumers.get(tensor, [])
@@ -170,6 +171,8 @@ def fusion_groups(proto: onnx.ModelProto) -> list[FusionGroup]:
     # a valid topological order of groups: by the position of each group's last node
     position = {idx: i for i, idx in enumerate(g.order)}
     chains.sort(key=lambda c: max(position[i] for i in c))
+    g.fused_residuals = {i for chain in chains if chain[0] in residual for i in chain
+                         if g.nodes[i].op_type == "Add" and residual[chain[0]] in g.nodes[i].input}
     return [_group(g, chain, index, residual.get(chain[0])) for index, chain in enumerate(chains)]
 
 
@@ -273,7 +276,8 @@ _PASS_THROUGH = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transp
 
 def _int8_reader_follows(g: _Graph, tensor: str) -> bool:
     """Whether a pool's, Concat's or Resize's output reaches, through data movement only, a node that can read
-    INT8 (a compute op or another of :data:`QUANTIZABLE_STANDALONE_OPS`) and no graph output.
+    INT8 (a compute op, another of :data:`QUANTIZABLE_STANDALONE_OPS`, or a residual Add fused into a conv group,
+    whose skip input is quantized: an FPN's upsampled map) and no graph output.
 
     Those ops run in INT8 only to spare a kernel between INT8 neighbours a requantization; where every reader
     is float (a recurrent state ``stateN = Concat(h, c)``, an LSTM, a Softmax, the graph's output) Q/DQ on
@@ -297,7 +301,7 @@ def _int8_reader_follows(g: _Graph, tensor: str) -> bool:
         seen.add(t)
         for idx in g.consumers.get(t, []):
             node = g.nodes[idx]
-            if node.op_type in COMPUTE_OPS or node.op_type in QUANTIZABLE_STANDALONE_OPS:
+            if node.op_type in COMPUTE_OPS or node.op_type in QUANTIZABLE_STANDALONE_OPS or idx in g.fused_residuals:
                 reader = True
             elif node.op_type in _PASS_THROUGH and node.input and node.input[0] == t:
                 todo.extend(o for o in node.output if o)
