@@ -113,11 +113,9 @@ def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFA
                  entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS) -> TensorRange:
     """The :class:`TensorRange` of one tensor for ``method``.
 
-    ``clipped_fraction`` is the share of all usable values (exact zeros
-    included) that saturate at run time: above ``amax`` by more than half an
-    INT8 step (amax / 127). Those within it round to the top level as ``amax``
-    does: a HardSigmoid's 1.0 against an mse amax of 0.9985 saturates nothing.
-    """
+    ``clipped_fraction`` is the share of all usable values (exact zeros included) that saturate at run time:
+    above ``amax`` by more than half an INT8 step (amax / 127). Those within it round to the top level as
+    ``amax`` does: a HardSigmoid's 1.0 against an mse amax of 0.9985 saturates nothing."""
     amax = _amax(state, method, percentile, entropy_skip_zeros)
     return TensorRange(
         amax=amax,

@@ -259,3 +259,12 @@ def test_binomial_ci_is_clopper_pearson():
     assert all(math.isnan(v) for v in binomial_ci(0, 0))
     with pytest.raises(ValueError):
         binomial_ci(13, 12)
+
+
+def test_near_zero_count_counts_samples_far_below_the_median_energy():
+    from quantlab.metrics import near_zero_count
+
+    energy = np.array([1.0, 2.0, 0.5, 1e-9, 0.0, 3.0])  # two samples ~1e-4.5 and 0 of the median's norm
+    assert near_zero_count(energy) == 2
+    assert near_zero_count(np.array([1.0, 1.1, 0.9])) == 0
+    assert near_zero_count(np.zeros(4)) == 0  # nothing positive: no median to compare with

@@ -28,6 +28,7 @@ from ..metrics import (
     error_sums,
     errors_from_sums,
     mcnemar_exact_p,
+    near_zero_count,
     per_sample_errors,
     per_sample_sums,
     topk,
@@ -48,9 +49,6 @@ from .result import (
 from .user_metric import call_metric
 
 __all__ = ["OutputStats", "SampleRecords", "EndToEnd"]
-
-_NEAR_ZERO_ENERGY = 1e-6
-"""A sample whose reference sum of squares is under this share of the median (norm under 1/1000) is near zero."""
 
 
 @dataclass
@@ -269,10 +267,7 @@ class EndToEnd:
             if first is None or self.choices.get(o) == "values":
                 continue
             energy = np.concatenate(first.ref_energy)
-            positive = energy[energy > 0]
-            if not positive.size:
-                continue
-            near_zero = int(np.count_nonzero(energy < _NEAR_ZERO_ENERGY * float(np.median(positive))))
+            near_zero = near_zero_count(energy)
             if near_zero:
                 out.append(f"output {o!r}: {near_zero} of {energy.size} sample(s) have a reference close to zero "
                            "(norm under 1/1000 of the median: e.g. an image without text): their cosine measures "

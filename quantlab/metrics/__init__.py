@@ -19,7 +19,7 @@ from .errors import (
     rel_l2,
     sqnr_db,
 )
-from .statistics import binomial_ci, bootstrap_ci, mcnemar_exact_p, topk, topk_correct
+from .statistics import binomial_ci, bootstrap_ci, mcnemar_exact_p, near_zero_count, topk, topk_correct
 
 __all__ = [
     "ErrorAccumulator",
@@ -36,5 +36,6 @@ __all__ = [
     "binomial_ci",
     "bootstrap_ci",
     "mcnemar_exact_p",
+    "near_zero_count",
     "as_float32",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["topk", "topk_correct", "bootstrap_ci", "binomial_ci", "mcnemar_exact_p"]
+__all__ = ["topk", "topk_correct", "bootstrap_ci", "binomial_ci", "mcnemar_exact_p", "near_zero_count"]
 
 
 # --------------------------------------------------------------------------- classification
@@ -161,3 +161,11 @@ def mcnemar_exact_p(b: int, c: int) -> float:
     top = float(log_terms.max())
     log_tail = top + math.log(float(np.exp(log_terms - top).sum()))
     return float(min(1.0, 2.0 * math.exp(log_tail)))
+
+
+def near_zero_count(energy: np.ndarray, share: float = 1e-6) -> int:
+    """How many samples' sums of squares are under ``share`` of the median of the positive ones (a norm under
+    1/1000 of the median by default): their per-sample cosine measures noise. 0 when none is positive."""
+    energy = np.asarray(energy, dtype=np.float64)
+    positive = energy[energy > 0]
+    return int(np.count_nonzero(energy < share * float(np.median(positive)))) if positive.size else 0
