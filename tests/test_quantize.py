@@ -1117,3 +1117,29 @@ def test_an_int32_bias_over_a_near_zero_weight_channel_fits_its_scale():
     assert w_scale[1] > 1e-11 and w_scale[0] == np.float32(np.abs(w[0]).max() / 127)  # only channel 1 moved
     y = _run(ort_form.proto, {"x": x})["y"]
     np.testing.assert_allclose(y[:, 1], 0.5, atol=1e-3)  # the dead channel outputs its bias
+
+
+def test_a_weight_two_biased_layers_share_is_written_once():
+    """The int32 bias's scale floor (qparams.bias_scale_floor) differs per input scale; a weight whose natural
+    scales already meet every floor is still one int8 copy and one DequantizeLinear for both readers."""
+    from onnx import TensorProto, helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (3, 2, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0.1, 0.2, -0.1], np.float32), "b1"),
+             numpy_helper.from_array(np.array([0.3, -0.2, 0.1], np.float32), "b2")]
+    graph = helper.make_graph([helper.make_node("Conv", ["x1", "w", "b1"], ["y1"], name="conv1"),
+                               helper.make_node("Conv", ["x2", "w", "b2"], ["y2"], name="conv2")], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 2, 4, 4]) for n in ("x1", "x2")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 4, 4]) for n in ("y1", "y2")],
+                              inits)
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = from_arrays({"x1": rng.normal(size=(4, 2, 4, 4)).astype(np.float32),
+                        "x2": 5 * rng.normal(size=(4, 2, 4, 4)).astype(np.float32)})
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    dqs = [n for n in written.proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w/")]
+    assert len(dqs) == 1

@@ -23,6 +23,17 @@ from .tensors import F32, TensorBook
 __all__ = ["QdqInserter"]
 
 
+def _fitted_floor(floor: np.ndarray | None, axis: int | None, w: np.ndarray) -> np.ndarray | None:
+    """``floor`` as ``weight_qparams`` takes it for ``w`` on ``axis``: the largest value for a per-tensor scale;
+    None when it has one value per channel of another axis."""
+    if floor is None:
+        return None
+    floor = np.asarray(floor, np.float32)
+    if axis is None:
+        return np.asarray([floor.max()], np.float32)
+    return floor if floor.size == w.shape[axis] else None
+
+
 class QdqInserter:
     """Inserts the Q/DQ a placement asked for; one pair per (tensor, parameters), shared by its readers."""
 
@@ -89,19 +100,21 @@ class QdqInserter:
     def weight(self, tensor: str, axis: int | None, consumer: str,
                scale_floor: np.ndarray | None = None) -> tuple[str, tuple[str, ...], QParams]:
         """``tensor`` as int8 + DequantizeLinear, per channel on ``axis``; ``scale_floor``: least scales an int32
-        bias beside it needs (quantlab.quantize.qparams.bias_scale_floor)."""
-        key = (tensor, axis, None if scale_floor is None else np.asarray(scale_floor, np.float32).tobytes())
+        bias beside it needs (quantlab.quantize.qparams.bias_scale_floor). One pair per (tensor, axis), and
+        another only where the floor raises a scale: a weight shared by two readers is not written twice."""
+        w = self.book.constant_array(tensor).astype(np.float32)
+        if axis is not None and (w.ndim <= axis or w.shape[axis] == 0):
+            axis = None
+        qp, q = weight_qparams(w, axis, self.options.weight_qmax)
+        key: tuple[Any, ...] = (tensor, axis)
+        floor = _fitted_floor(scale_floor, axis, w)
+        if floor is not None and np.any(floor.reshape(qp.scale.shape) > qp.scale):
+            qp, q = weight_qparams(w, axis, self.options.weight_qmax, floor)
+            key = (tensor, axis, floor.tobytes())
         if key in self.weight_cache:
             out, qp = self.weight_cache[key]
             self._note_consumer(tensor, out, consumer)
             return out, self.book.origin[out], qp
-        w = self.book.constant_array(tensor).astype(np.float32)
-        if axis is not None and (w.ndim <= axis or w.shape[axis] == 0):
-            axis = None
-        floor = scale_floor
-        if floor is not None and (axis is None or np.size(floor) != w.shape[axis]):
-            floor = np.asarray([np.max(floor)], np.float32) if axis is None else None
-        qp, q = weight_qparams(w, axis, self.options.weight_qmax, floor)
         q_name = self.book.add_init(f"{tensor}/int8", q)
         scale = self.book.add_init(f"{tensor}/scale", qp.scale)
         zp = self.book.add_init(f"{tensor}/zero_point", qp.zero_point)

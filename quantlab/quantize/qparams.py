@@ -112,7 +112,8 @@ _INT32_HEADROOM = 0.5 * 2.0**31
 
 def bias_scale_floor(bias: np.ndarray, input_scale: float, per_tensor: bool) -> np.ndarray | None:
     """The least weight scales (per output channel, or one) with which an int32 bias quantized at
-    ``input_scale * s_w`` fits int32 and its scale stays a normal float32; None when every natural scale will do.
+    ``input_scale * s_w`` fits int32 and its scale stays a normal float32 (None without a bias or an input
+    scale). Only a near-zero weight channel's own scale is below it (the writer keeps the others).
 
     A live bias over a near-zero weight channel (PP-OCRv4's recogniser: 0.139 over weights of ~1e-9) otherwise
     saturated at int32's limit (written as 0.0946), or had a denormal scale that CPUs flushing denormals read as 0.
