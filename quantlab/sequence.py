@@ -91,9 +91,7 @@ class SequenceData(DataSet):
         kept: dict[int, dict[str, np.ndarray]] = {}
         try:
             for batch in self.dataset.batches(batch_size):
-                feeds = dict(batch.feeds)
-                for inp, value in state.items():
-                    feeds[inp] = take_samples(value, self.batch_axis(inp), slice(0, len(batch)))
+                feeds = self.fed(batch, state)
                 for row, index in enumerate(batch.indices):
                     kept[index] = {inp: self._row(feeds[inp], inp, row) for inp in state}
                 batch = replace(batch, feeds=feeds)
@@ -105,6 +103,14 @@ class SequenceData(DataSet):
         self._carried[batch_size] = kept  # a pass run to its end: every sample's carried state
         if self.streams is None:
             self.streams = batch_size
+
+    def fed(self, batch: Batch, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``batch``'s feeds with each carried input taken from ``state`` (input -> the previous batch's output;
+        empty on the first batch, which keeps the data's own), cut to the batch's streams."""
+        feeds = dict(batch.feeds)
+        for inp, value in state.items():
+            feeds[inp] = take_samples(value, self.batch_axis(inp), slice(0, len(batch)))
+        return feeds
 
     def _row(self, value: np.ndarray, name: str, row: int) -> np.ndarray:
         """Sample ``row`` of a batched input, without its batch axis (as a Sample holds it)."""
@@ -133,6 +139,4 @@ def with_carry(dataset: DataSet, model: LoadedModel, *, backend: str = "ort", st
 def sequence_carry(dataset: Any) -> dict[str, str]:
     """The ``[sequence] carry`` (output -> input) of a data set in sequence mode, of a set taken out of one, or
     of its manifest; {} without."""
-    carry = dataset.carry if isinstance(dataset, SequenceData) else (
-        getattr(dataset, "fed_back", None) or getattr(dataset, "sequence_carry", None))
-    return dict(carry or {})
+    return dict(getattr(dataset, "fed_back", None) or getattr(dataset, "sequence_carry", None) or {})

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import Backend
-from ..data.batches import take_samples
 from ..graph import LoadedModel
+from ..graph.samples import data_sized
 from ..metrics import ErrorSums, error_sums, errors_from_sums
 from ..sequence import SequenceData
 
@@ -35,10 +35,11 @@ _REFERENCE = "\\0reference"  # never a candidate's name
 
 
 def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: SequenceData, batch_size: int,
-                 backend_of: Callable[[str], Backend], outputs: list[str], max_samples: int | None = None,
-                 ) -> list[dict[str, Any]]:
-    """One row per candidate and float output: its :data:`FREE_RUNNING_FIGURES` against the free-running FP32
-    model, over the first ``max_samples`` samples (all: None), streams of ``batch_size``."""
+                 backend_of: Callable[[str], Backend], max_samples: int | None = None) -> list[dict[str, Any]]:
+    """One row per candidate and compared output (:func:`compared_outputs`): its :data:`FREE_RUNNING_FIGURES`
+    against the free-running FP32 model, over the first ``max_samples`` samples (all: None), streams of
+    ``batch_size``."""
+    outputs = compared_outputs(reference)
     protos = {_REFERENCE: reference.proto, **{name: c.proto for name, c in candidates.items()}}
     runners = {name: backend_of(name).build(proto) for name, proto in protos.items()}
     states: dict[str, dict[str, np.ndarray]] = {name: {} for name in protos}
@@ -48,7 +49,7 @@ def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: Se
         for batch in data.dataset.batches(batch_size):
             if max_samples is not None and seen >= max_samples:
                 break
-            got = {name: runner.run(_fed(batch, states[name], data), None) for name, runner in runners.items()}
+            got = {name: runner.run(data.fed(batch, states[name]), None) for name, runner in runners.items()}
             for name, out in got.items():
                 states[name] = {inp: out[o] for o, inp in data.carry.items()}
             for (name, o) in sums:
@@ -62,11 +63,10 @@ def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: Se
             for (name, o), s in sums.items()]
 
 
-def _fed(batch: Any, state: Mapping[str, np.ndarray], data: SequenceData) -> dict[str, np.ndarray]:
-    feeds = dict(batch.feeds)
-    for inp, value in state.items():
-        feeds[inp] = take_samples(value, data.batch_axis(inp), slice(0, len(batch)))
-    return feeds
+def compared_outputs(reference: LoadedModel) -> list[str]:
+    """The float tensor outputs whose size the data does not decide: those an error sum can pair step by step."""
+    sized = data_sized(reference)
+    return [s.name for s in reference.outputs if s.is_float and s.name not in sized]
 
 
 def free_running_note(rows: list[dict[str, Any]], teacher_forced: Mapping[tuple[str, str], float],

@@ -273,10 +273,8 @@ class Comparison:
         """Each candidate over whole streams reading back its own state (:mod:`.free_running`), said in a warning
         beside the teacher-forced SQNR."""
         assert isinstance(self.dataset, SequenceData)
-        floats = [o for o in self.ref.outputs if o not in self.exact and o not in self.data_sized]
         rows = free_running(self.reference, self.candidates, self.dataset, self.options.batch_size,
-                            lambda name: self.candidate_backends.get(name, self.backend), floats,
-                            self.options.max_samples)
+                            lambda name: self.candidate_backends.get(name, self.backend), self.options.max_samples)
         forced = {(r.candidate, r.output): float(r.sqnr_db) for r in end_to_end.itertuples()}
         if rows:
             self.warnings.append(free_running_note(rows, forced))

@@ -12,8 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..compare import CompareResult, load_comparison
 from ..compare.free_running import free_running, free_running_note
 from ..data import DataSet, check_inputs, summarize
@@ -131,15 +129,10 @@ def _free_running_notes(model: LoadedModel, evaluator: CompareEvaluator, plan: R
     verdict's). The search's evaluations skip this pass; the final plan is what a user deploys."""
     if not isinstance(dataset, SequenceData) or comparison is None:
         return ()
-    from ..backends import get_backend
-
-    backend = get_backend(options.backend, **evaluator._backend_options())
-    reference = comparison.end_to_end
-    outputs = [o for o in dict.fromkeys(reference["output"]) if np.isfinite(reference[reference["output"] == o]
-                                                                             ["sqnr_db"].to_numpy(float)).any()]
+    backend = evaluator.exact_backend()
     rows = free_running(model, {"search-final": evaluator.write(plan)}, dataset, options.batch_size,
-                        lambda name: backend, outputs)
-    forced = {("search-final", r.output): float(r.sqnr_db) for r in reference.itertuples()}
+                        lambda name: backend)
+    forced = {("search-final", r.output): float(r.sqnr_db) for r in comparison.end_to_end.itertuples()}
     return (free_running_note(rows, forced, kept=""),) if rows else ()
 
 

@@ -112,7 +112,7 @@ class CompareEvaluator:
         rows: list[list[np.ndarray]] = [[] for _ in plans]
         order: list[int] = []
         for positions, feeds, batch in self._feeds_by_shape(idx):  # images of several sizes: one stack per size
-            outs = plan_outputs(self._exact_backend(), anchor_proto, protos, feeds, ref.output, batch)
+            outs = plan_outputs(self.exact_backend(), anchor_proto, protos, feeds, ref.output, batch)
             for k, z in enumerate(outs):
                 rows[k].append(np.asarray(z, dtype=np.float64).reshape(len(z), -1))
             order.extend(positions)
@@ -129,8 +129,9 @@ class CompareEvaluator:
         exact = {"qdq_fusion": False} if is_onnxruntime(self.options.backend) else {}
         return {**self.options.backend_options, **exact}
 
-    def _exact_backend(self) -> Backend:
-        """The backend for margins (see :meth:`_backend_options`)."""
+    def exact_backend(self) -> Backend:
+        """A backend with the options the search's comparisons get (:meth:`_backend_options`), for what runs
+        outside them: the flip margins and the final plan's free-running pass."""
         return get_backend(self.options.backend, **self._backend_options())
 
     def _feeds_by_shape(self, idx: Sequence[int]) -> list[tuple[list[int], dict[str, np.ndarray], int]]:
