@@ -17,6 +17,7 @@ from typing import Any
 
 from ..graph import LoadedModel, tensor_specs, topological_order
 from ..plan import FusionGroup, constant_names, fusion_groups, node_names
+from ..sequence import SequenceData
 from .options import CompareOptions
 
 __all__ = ["Layer", "ReferenceGraph", "analyse_reference", "elements_per_sample", "layers_per_group", "chunks"]
@@ -122,9 +123,10 @@ def sized_by_first_batch(per_group: list[list[Layer]], model: LoadedModel, datas
     unknown = [x.tensor for g in per_group for x in g if x.elements is None]
     if not unknown:
         return per_group
-    try:
-        first = next(iter(dataset.batches(batch_size)))
-    except (StopIteration, AttributeError, TypeError):
+    # a sequence set's shapes are its data's: reading them there builds no session for the carry
+    source = dataset.dataset if isinstance(dataset, SequenceData) else dataset
+    first = next(iter(source.batches(batch_size)), None)
+    if first is None:
         return per_group
     from ..stats.budget import resolved_sizes  # the calibration pass's sizing, for the same reason
 
