@@ -46,7 +46,7 @@ from .folding import (
     rewrite_until_fixed,
     subgraphs,
 )
-from .graph.topology import producer_map, upstream
+from .graph.topology import SHAPE_ONLY_OPS, producer_map, upstream
 from .loops import (
     MAX_UNROLLED_TRIPS,
     UnrolledLoop,
@@ -214,7 +214,9 @@ def _reason(node: onnx.NodeProto, folder: ConstantFolder, proto: onnx.ModelProto
     return f"inside the body of {label} ({node.op_type} bodies are not unrolled)"
 
 
-_SHAPE_OPS = frozenset({"Shape", "Size"})
+def _shape_op(node: onnx.NodeProto) -> bool:
+    """Where a walk for the inputs whose values decide something stops: past it, only a shape counts."""
+    return node.op_type in SHAPE_ONLY_OPS
 
 
 def _shapes_deciding(condition: str, proto: onnx.ModelProto) -> list[str]:
@@ -222,10 +224,9 @@ def _shapes_deciding(condition: str, proto: onnx.ModelProto) -> list[str]:
     when an input's values reach it too."""
     producers = producer_map(proto)
     inputs = {i.name for i in proto.graph.input} - {i.name for i in proto.graph.initializer}
-    if any(t in inputs for t in upstream([condition], producers, stop=lambda n: n.op_type in _SHAPE_OPS,
-                                        bodies=True)):
+    if _inputs_upstream([condition], producers, inputs, _shape_op):
         return []
-    return [t for t in upstream([condition], producers, bodies=True) if t in inputs]
+    return _inputs_upstream([condition], producers, inputs)
 
 
 def float_subgraph_tensors(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROLLED_TRIPS) -> dict[str, str]:
@@ -291,7 +292,7 @@ def deciding_inputs(proto: onnx.ModelProto, *, by_value: bool = False) -> dict[s
     values decide (what ``--bind`` can resolve), not those whose shape alone does."""
     producers = producer_map(proto)
     inputs = {i.name for i in proto.graph.input} - {i.name for i in proto.graph.initializer}
-    stop = (lambda n: n.op_type in _SHAPE_OPS) if by_value else None
+    stop = _shape_op if by_value else None
     out: dict[str, list[str]] = {}
     for node in proto.graph.node:
         roots = node.input[:1] if node.op_type == "If" else node.input[:2] if node.op_type == "Loop" else []

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .load import LoadedModel, tensor_specs
-from .topology import CONTROL_FLOW_OPS, subgraph_reads, topological_nodes, upstream
+from .topology import CONTROL_FLOW_OPS, SHAPE_ONLY_OPS, subgraph_reads, topological_nodes, upstream
 
 __all__ = ["batch_symbols", "carries_samples", "data_sized", "samples_on_axis0", "tensor_sample_axes"]
 
@@ -89,7 +89,7 @@ def _may_differ(model: LoadedModel) -> set[str]:
     valued = set(model.input_names)
     differ: set[str] = set()
     for node in topological_nodes(model.proto):
-        if node.op_type in _SHAPE_ONLY:
+        if node.op_type in SHAPE_ONLY_OPS:
             continue
         reads = [t for t in node.input if t] + sorted(subgraph_reads([node]))
         if not any(t in valued for t in reads):
@@ -117,12 +117,9 @@ def _stops_on_state(body: onnx.GraphProto, differ: set[str]) -> bool:
     differ (not the iteration count or constants: a for loop's ``Identity(cond_in)`` or ``i < M``)."""
     producers = {o: n for n in body.node for o in n.output if o}
     carried = {i.name for i in body.input[2:]}
-    walked = upstream([body.output[0].name], producers, stop=lambda n: n.op_type in _SHAPE_ONLY, bodies=True)
+    walked = upstream([body.output[0].name], producers, stop=lambda n: n.op_type in SHAPE_ONLY_OPS, bodies=True)
     return any(t in carried or t in differ for t in walked)
 
-
-_SHAPE_ONLY = frozenset({"Shape", "Size", "EyeLike"})
-"""Ops whose output depends on their input's shape, not its values."""
 
 
 
@@ -143,7 +140,7 @@ def carries_samples(model: LoadedModel, batch_axes: Mapping[str, int | None],
     """
     batched = {i for i in model.input_names if batch_axes.get(i, 0) is not None}
     for node in topological_nodes(model.proto):
-        if node.op_type in _SHAPE_ONLY:
+        if node.op_type in SHAPE_ONLY_OPS:
             continue
         if node.op_type in CONTROL_FLOW_OPS or any(i in batched for i in node.input if i):
             batched.update(o for o in node.output if o)

@@ -14,10 +14,13 @@ from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
            "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream",
-           "drop_unread_initializers", "CONTROL_FLOW_OPS"]
+           "drop_unread_initializers", "CONTROL_FLOW_OPS", "SHAPE_ONLY_OPS"]
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 """The ops that hold subgraphs (their bodies read outer tensors by name)."""
+
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size", "EyeLike"})
+"""Ops whose output depends on their input's shape, not its values: walks for what values decide stop there."""
 
 
 def initializer_map(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
