@@ -76,8 +76,12 @@ class LoadedModel:
     outputs: tuple[TensorSpec, ...]
     opset: int
     upgraded_from_opset: int | None = None
-    bound: tuple[str, ...] = ()  # inputs made constants at load (``bind``): data must not give them
-    bindings: tuple[tuple[str, Any], ...] = ()  # ... and their values (JSON-able), for the records
+    bindings: tuple[tuple[str, Any], ...] = ()  # inputs made constants at load (``bind``), values JSON-able
+
+    @property
+    def bound(self) -> tuple[str, ...]:
+        """The inputs made constants at load (``bind``): data must not give them."""
+        return tuple(name for name, _ in self.bindings)
 
     @property
     def input_names(self) -> list[str]:
@@ -289,7 +293,7 @@ def _load_file(path: Path, bind: Mapping[str, Any] | None = None) -> LoadedModel
         digest = sha256_bytes((digest + "|bind:" + ",".join(
             f"{k}={np.asarray(v).tolist()!r}" for k, v in sorted(bind.items()))).encode())
     proto, opset, upgraded = _prepare(proto, label, path)
-    return replace(_loaded(proto, digest, path, opset, upgraded), bound=tuple(sorted(bind or {})),
+    return replace(_loaded(proto, digest, path, opset, upgraded),
                    bindings=tuple((k, np.asarray(v).tolist()) for k, v in sorted((bind or {}).items())))
 
 
