@@ -323,3 +323,59 @@ def test_an_ort_optimized_head_is_still_a_classifier(tmp_path):
     optimized = onnx.load(tmp_path / "optimized.onnx")
     assert [n.op_type for n in optimized.graph.node][-1] == "FusedGemm"
     assert classifier_outputs(model_from_proto(optimized)) == {"scores": 5}
+
+
+def _spelled_out_softmax_heads() -> onnx.ModelProto:
+    """A jax2tf/tf2onnx head: ``exp(z - max z) / sum(exp(..))`` with Reshape/Expand broadcasts (Magika's), a
+    log-softmax ``z - log(sum(exp z))``, and two look-alikes that are not scores: an embedding over its own
+    sum of squares, and ``exp(z)`` over another tensor's sum."""
+    rng = np.random.default_rng(0)
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["z"], name="dense"),
+        helper.make_node("ReduceMax", ["z"], ["zmax"], name="max", axes=[1], keepdims=0),
+        helper.make_node("Max", ["floor", "zmax"], ["zmax_f"], name="maximum"),
+        helper.make_node("Reshape", ["zmax_f", "shape"], ["zmax_r"], name="max_reshape"),
+        helper.make_node("Shape", ["z"], ["zshape"], name="zshape"),
+        helper.make_node("Expand", ["zmax_r", "zshape"], ["zmax_b"], name="max_broadcast"),
+        helper.make_node("Sub", ["z", "zmax_b"], ["shifted"], name="shift"),
+        helper.make_node("Exp", ["shifted"], ["e"], name="exp"),
+        helper.make_node("ReduceSum", ["e", "axes"], ["esum"], name="sum", keepdims=0),
+        helper.make_node("Reshape", ["esum", "shape"], ["esum_r"], name="sum_reshape"),
+        helper.make_node("Expand", ["esum_r", "zshape"], ["esum_b"], name="sum_broadcast"),
+        helper.make_node("Div", ["e", "esum_b"], ["probs"], name="normalise"),
+        helper.make_node("Exp", ["z"], ["ez"], name="exp_z"),
+        helper.make_node("ReduceSum", ["ez", "axes"], ["ezsum"], name="sum_z", keepdims=1),
+        helper.make_node("Log", ["ezsum"], ["lse"], name="log"),
+        helper.make_node("Sub", ["z", "lse"], ["log_probs"], name="log_softmax"),
+        helper.make_node("Mul", ["z", "z"], ["sq"], name="square"),
+        helper.make_node("ReduceSum", ["sq", "axes"], ["sqsum"], name="sum_sq", keepdims=1),
+        helper.make_node("Sqrt", ["sqsum"], ["norm"], name="norm"),
+        helper.make_node("Div", ["z", "norm"], ["embedding"], name="unit"),
+        helper.make_node("Exp", ["z"], ["ez2"], name="exp_other"),
+        helper.make_node("ReduceSum", ["x", "axes"], ["xsum"], name="sum_x", keepdims=1),
+        helper.make_node("Div", ["ez2", "xsum"], ["not_softmax"], name="over_other"),
+    ]
+    graph = helper.make_graph(
+        nodes, "spelled_out",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 5])
+         for n in ("probs", "log_probs", "embedding", "not_softmax")],
+        [onnx.numpy_helper.from_array(rng.normal(0, 1, (8, 5)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(np.array(-1e30, np.float32), "floor"),
+         onnx.numpy_helper.from_array(np.array([1], np.int64), "axes"), shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_softmax_spelled_out_op_by_op_is_a_classifier():
+    """Magika (jax2tf -> tf2onnx) ends in exp(z - max z) / sum(exp): it was "classifier outputs: none", so
+    top1_agreement thresholds were refused and its labels ignored. A norm over a sum of squares and an exp
+    over another tensor's sum stay not-scores."""
+    from quantlab.compare.labels import classifier_outputs
+
+    proto = _spelled_out_softmax_heads()
+    assert classifier_outputs(model_from_proto(proto)) == {"probs": 5, "log_probs": 5}
+    x = np.random.default_rng(1).normal(0, 1, (4, 8)).astype(np.float32)
+    probs, log_probs = ort.InferenceSession(proto.SerializeToString()).run(["probs", "log_probs"], {"x": x})
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)  # the graph is the softmax it claims to be
+    np.testing.assert_allclose(np.exp(log_probs), probs, rtol=1e-5)

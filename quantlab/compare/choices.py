@@ -95,7 +95,10 @@ def _from_linear_layer(tensor: str, producers: Mapping[str, onnx.NodeProto], con
             return False
         if node.op_type in _LINEAR:
             return True
-        if node.op_type in _WITH_A_CONSTANT:  # the other operand: a constant or a graph input (a temperature)
+        normalised = _normalised_input(node, producers, constants)
+        if normalised is not None:
+            tensor = normalised
+        elif node.op_type in _WITH_A_CONSTANT:  # the other operand: a constant or a graph input (a temperature)
             data = [t for t in node.input if t not in constants and t in producers]
             if len(data) != 1:
                 return False
@@ -104,6 +107,53 @@ def _from_linear_layer(tensor: str, producers: Mapping[str, onnx.NodeProto], con
             tensor = node.input[0]
         else:
             return False
+    return False
+
+
+_BROADCASTS = frozenset({"Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast", "Flatten"})
+"""Ops that carry a per-sample statistic back to the shape of the tensor it was reduced from."""
+_STATISTICS = frozenset({"ReduceMax", "ReduceSum", "ReduceMean", "ReduceLogSumExp", "Log", "Exp", "Max", "Add"})
+"""... and the reductions a softmax written out op by op is made of (Max/Add: with a constant floor or epsilon)."""
+
+
+def _normalised_input(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto],
+                      constants: set[str]) -> str | None:
+    """The scores a softmax written out op by op (jax2tf/tf2onnx, a hand-written torch softmax) normalises, else
+    None::
+
+        z ─► Sub(z, max(z)) ─► Exp ─► e ─► Div(e, sum(e)) ─► output        z: scores
+        z ─► Sub(z, log(sum(exp(z)))) ─► output                             (log-softmax)
+
+    A ``Sub``/``Div`` whose second operand is a statistic of its first (reduced over the classes, broadcast
+    back) keeps each sample's classes in order; the ``Div`` also needs an ``Exp`` numerator, so an embedding
+    divided by its own norm (a ``Sqrt`` of a sum of squares) is not read as scores.
+    """
+    if node.op_type not in ("Sub", "Div") or len(node.input) != 2:
+        return None
+    data, statistic = node.input
+    if not _statistic_of(statistic, data, producers, constants):
+        return None
+    if node.op_type == "Sub":
+        return data
+    exp = producers.get(data)
+    return exp.input[0] if exp is not None and exp.op_type == "Exp" else None
+
+
+def _statistic_of(tensor: str, source: str, producers: Mapping[str, onnx.NodeProto], constants: set[str]) -> bool:
+    """Whether ``tensor`` is a reduction of ``source`` alone, broadcast back (any other operand a constant or a
+    shape)."""
+    reduced = False
+    for _ in range(_MAX_HOPS):
+        node = producers.get(tensor)
+        if node is None or node.op_type not in _BROADCASTS | _STATISTICS:
+            return False
+        data = [t for t in node.input[:1 if node.op_type in _BROADCASTS else None] if t and t not in constants]
+        if len(data) != 1:
+            return False
+        reduced = reduced or node.op_type.startswith("Reduce")
+        if data[0] == source:
+            return reduced
+        tensor = data[0]
     return False
 
 
