@@ -1143,3 +1143,107 @@ def test_a_weight_two_biased_layers_share_is_written_once():
     written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
     dqs = [n for n in written.proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w/")]
     assert len(dqs) == 1
+
+
+def _beyond_fp16_net() -> onnx.ModelProto:
+    """x -> MatMul (outputs ~1e5, beyond float16) -> Mul 1e-3 -> y (~100): fine in FP32, inf in float16."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.normal(0, 1, (16, 8)) * 3e4).astype(np.float32), "w")
+    small = numpy_helper.from_array(np.array(1e-3, np.float32), "small")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["big"], name="matmul"),
+         helper.make_node("Mul", ["big", "small"], ["scaled"], name="scale"),
+         helper.make_node("Relu", ["scaled"], ["y"], name="relu")], "beyond_fp16",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [w, small])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("simulation", [False, True], ids=["float16", "simulated"])
+def test_fp16_keeps_nodes_whose_calibrated_activations_pass_float16s_range_in_fp32(simulation):
+    """Magika's LayerNorm reached 6e5: in float16 that is inf, and the FP16 candidate agreed with FP32 on 2 % of
+    files. With a table, the nodes that read or write such a tensor compute in FP32 and the build says which;
+    without one nothing is known (the model still overflows)."""
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+
+    model = model_from_proto(_beyond_fp16_net())
+    x = np.random.default_rng(1).normal(0, 1, (16, 16)).astype(np.float32)
+    table = calibrate(model, from_arrays({"x": x}), "minmax").tables["minmax"]
+    assert table.ranges["big"].max > 65504
+    want = _run(model.proto, {"x": x})["y"]
+    options = WriteOptions(fp16_simulation=simulation)
+    guarded = write_model(model, uniform_plan("fp16"), table, options)
+    np.testing.assert_allclose(_run(guarded.proto, {"x": x})["y"], want, rtol=2e-2, atol=0.5)
+    note = next(n for n in guarded.provenance.notes if "compute in FP32" in n)
+    assert "2 node(s)" in note and "'matmul'" in note and "'scale'" in note
+    bare = write_model(model, uniform_plan("fp16"), None, options)
+
+    def matmul_reads(proto):
+        return next(n for n in proto.graph.node if n.name == "matmul").input[0]
+
+    assert matmul_reads(guarded.proto) == "x" and matmul_reads(bare.proto) != "x"  # float32 / a float16 cast
+    if simulation:  # ORT's CPU provider runs a native float16 MatMul in float32: only simulation shows the inf
+        assert not np.isfinite(_run(bare.proto, {"x": x})["y"]).all()  # the failure the table prevents
+    stricter = write_model(model, uniform_plan("fp16"), table, WriteOptions(fp16_simulation=simulation,
+                                                                            fp16_data_max=100.0))
+    assert "3 node(s)" in next(n for n in stricter.provenance.notes if "compute in FP32" in n)  # Relu's ~100s too
+
+
+@pytest.mark.parametrize("simulation", [False, True], ids=["float16", "simulated"])
+def test_fp16_computes_a_written_out_normalisations_statistics_in_fp32(simulation):
+    """tf2onnx/jax2tf write a LayerNorm's variance as E[x^2] - E[x]^2 with eps 1e-12: in float16 it cancels and
+    the epsilon is 0, so 1/sqrt(var + eps) was off by orders of magnitude (Magika: 5 dB after its first
+    LayerNorm). The per-row statistics are now float32 (one value per row: free), the rows themselves FP16."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    consts = {"inv_n": np.array(1 / 32, np.float32), "eps": np.array(1e-12, np.float32)}
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["s"], name="sum", keepdims=1),
+         helper.make_node("Mul", ["s", "inv_n"], ["mean"], name="mean"),
+         helper.make_node("Mul", ["x", "x"], ["sq"], name="square"),
+         helper.make_node("ReduceSum", ["sq", "axes"], ["s2"], name="sum_sq", keepdims=1),
+         helper.make_node("Mul", ["s2", "inv_n"], ["mean_sq"], name="mean_sq"),
+         helper.make_node("Mul", ["mean", "mean"], ["sq_mean"], name="square_mean"),
+         helper.make_node("Sub", ["mean_sq", "sq_mean"], ["var"], name="variance"),
+         helper.make_node("Add", ["var", "eps"], ["var_eps"], name="add_eps"),
+         helper.make_node("Sqrt", ["var_eps"], ["std"], name="std"),
+         helper.make_node("Reciprocal", ["std"], ["rstd"], name="rstd"),
+         helper.make_node("Sub", ["x", "mean"], ["centred"], name="centre"),
+         helper.make_node("Mul", ["centred", "rstd"], ["y"], name="normalise")], "ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()]
+        + [numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = (60 + rng.normal(0, 0.5, (8, 32))).astype(np.float32)  # rows far from 0, small spread
+    want = _run(model.proto, {"x": x})["y"]
+    written = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=simulation))
+    got = _run(written.proto, {"x": x})["y"]
+    assert np.isfinite(got).all()
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 0.1  # float16 statistics: var = E[x^2] - E[x]^2 = 3600.25 - 3600 cancels to 0 or 2 (err >= 1)
+    halves = _float16_reads(written.proto)
+    assert halves["centre"] and halves["normalise"]  # the rows: FP16
+    assert not any(halves[n] for n in ("square", "mean", "square_mean", "variance", "add_eps"))
+
+
+def _float16_reads(proto: onnx.ModelProto) -> dict[str, bool]:
+    """Node -> whether it reads a float16 value: a float16 initializer or Cast, or (FP16 simulation) a float32
+    Cast of a float16 Cast."""
+    from onnx import TensorProto
+
+    casts = {o: n for n in proto.graph.node if n.op_type == "Cast" for o in n.output}
+    half = {i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT16}
+
+    def is_half(t: str) -> bool:
+        c = casts.get(t)
+        if c is None:
+            return t in half
+        to = next(a.i for a in c.attribute if a.name == "to")
+        return to == TensorProto.FLOAT16 or (to == TensorProto.FLOAT and c.input[0] in casts and is_half(c.input[0]))
+
+    return {n.name: any(is_half(t) for t in n.input) for n in proto.graph.node if n.op_type != "Cast"}

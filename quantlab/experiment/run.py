@@ -13,7 +13,7 @@ from ..data import DataSet, fixed_batch, open_dataset
 from ..graph import LoadedModel, load_model
 from ..methods import method_settings
 from ..precision import INT8
-from ..quantize import PreparedModel, WrittenModel
+from ..quantize import PreparedModel, WriteOptions, WrittenModel, beyond_fp16
 from ..report import Verdict, save_report_inputs, write_report
 from ..table import CalibrationTable, read_table
 from ..zoo import zoo_model_path
@@ -25,6 +25,7 @@ from .stages import (
     SEARCH_CANDIDATE,
     best_candidate,
     build_stage,
+    candidate_table,
     calibrate_stage,
     compare_stage,
     engine_shapes_for,
@@ -186,7 +187,10 @@ class _Run:
             key = {"stage": "build", **self.common, "candidate": cand.name, "precision": cand.precision,
                    "table": self.stages[0].key_sha256 if cand.method else None, "method": cand.method,
                    "target": self.config.target, **_rewrite_key(self.config)}
-            table = tables[cand.method] if cand.method else None
+            table = candidate_table(cand, tables)
+            if not cand.method and table is not None:  # FP16 reads only what went beyond float16
+                key["beyond_fp16"] = {t: f"{v:.3g}" for t, v in sorted(
+                    beyond_fp16(table, WriteOptions().fp16_data_max).items())}
             rec = run_stage(self.report_dir, f"build-{cand.name}", key,
                             lambda f, c=cand, t=table: build_stage(f, model, c, t, self.config, rewrites))
             self.stages.append(rec)

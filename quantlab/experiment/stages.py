@@ -35,7 +35,7 @@ from ..trt_cache import write_trt_cache
 from ..threshold import parse_threshold
 from .spec import ExperimentConfig
 
-__all__ = ["Candidate", "experiment_candidates", "calibrate_stage", "build_stage", "compare_stage", "search_stage",
+__all__ = ["Candidate", "candidate_table", "experiment_candidates", "calibrate_stage", "build_stage", "compare_stage", "search_stage",
            "engine_shapes_for", "float_bodies_note", "float_candidates", "float_candidates_note",
            "measured_candidates", "search_notes", "simulated_candidates", "simulated_note", "stage_rewrites",
            "SMOOTHQUANT_FILE", "rewrite_note",
@@ -203,6 +203,15 @@ def _write_options(config: ExperimentConfig, rewrites: PreparedModel | None) -> 
     return rewrites.write_options(target=config.target) if rewrites is not None else WriteOptions(target=config.target)
 
 
+def candidate_table(candidate: Candidate, tables: Mapping[str, CalibrationTable]) -> CalibrationTable | None:
+    """The table a candidate is written with: its method's; an FP16 candidate gets the first one too, for the
+    activations it saw beyond float16's range (``WriteOptions.fp16_data_max``: the observed extremes are the
+    same in every method's table)."""
+    if candidate.method:
+        return tables[candidate.method]
+    return next(iter(tables.values()), None)
+
+
 def build_stage(folder: Path, model: LoadedModel, candidate: Candidate, table: CalibrationTable | None,
                 config: ExperimentConfig, rewrites: PreparedModel | None = None) -> None:
     written = write_model(model, uniform_plan(candidate.precision), table, _write_options(config, rewrites))
@@ -228,8 +237,7 @@ def measured_candidates(model: LoadedModel, written: Mapping[str, WrittenModel],
     for cand in experiment_candidates(config):
         if cand.name in simulated:
             options = replace(_write_options(config, rewrites), fp16_simulation=True)
-            out[cand.name] = write_model(model, uniform_plan(cand.precision), tables[cand.method] if cand.method
-                                         else None, options)
+            out[cand.name] = write_model(model, uniform_plan(cand.precision), candidate_table(cand, tables), options)
     return out
 
 

@@ -68,6 +68,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "activation_qparams": "qparams",
     "weight_qparams": "qparams",
     "write_model": "write",
+    "beyond_fp16": "writer",
     "WrittenModel": "written",
     "save_written": "written",
 })
@@ -81,6 +82,7 @@ __all__ = [
     "Provenance",
     "WrittenModel",
     "write_model",
+    "beyond_fp16",
     "save_written",
     "load_provenance",
     "activation_qparams",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import QuantlabError
+from .tensors import FP16_MAX
 
 if TYPE_CHECKING:
     from .bias_correction import BiasCorrection
@@ -53,6 +54,12 @@ class WriteOptions:
     node float32 and rounds each tensor that would be float16 (weights too)
     through ``Cast(fp16) -> Cast(fp32)``, which ORT keeps. Never for TensorRT.
 
+    ``fp16_data_max``: a node of an FP16 group computes in float32 when the calibration table
+    (if one is given) saw one of its activation inputs or outputs beyond this |x| (the observed
+    extremes, not amax): float16 tops out at 65504, so a LayerNorm's sum of squares at 6e5 becomes
+    inf in float16 and the normalised output 0. 8192 leaves 8x headroom over calibration (ModelOpt's
+    AutoCast, ``data_max``, keeps 512).
+
     ``bias_correction``: per-channel output mean shifts measured on calibration data
     (:func:`quantlab.quantize.measure_bias_correction`, with these same options),
     subtracted from the bias of the plan's INT8 Conv/Gemm layers; None: no correction.
@@ -70,6 +77,7 @@ class WriteOptions:
     quantize_outputs: bool | None = None
     int32_bias: bool | None = None
     fp16_simulation: bool = False
+    fp16_data_max: float = 8192.0
     check: bool = True
     reduce_range: bool = False
     bias_correction: BiasCorrection | None = None
@@ -80,6 +88,9 @@ class WriteOptions:
         if self.target not in ("tensorrt", "ort"):
             raise QuantlabError(f"write target must be 'tensorrt' or 'ort', got {self.target!r}")
         object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
+        if not 0 < self.fp16_data_max <= FP16_MAX:
+            raise QuantlabError(f"fp16_data_max must be in (0, {FP16_MAX:g}] (float16's largest value), got "
+                                f"{self.fp16_data_max!r}")
         if self.target == "tensorrt" and self.int32_bias:
             raise QuantlabError("target 'tensorrt' cannot use int32 bias: TensorRT parsers reject "
                                 "an int32 DequantizeLinear; use target 'ort' or int32_bias=False")
@@ -105,6 +116,7 @@ class WriteOptions:
             "int32_bias": self.bias_int32,
             "activation_dtype": self.activation_dtype,
             "fp16_simulation": self.fp16_simulation,
+            "fp16_data_max": self.fp16_data_max,
             "reduce_range": self.reduce_range,
             "weight_qmax": self.weight_qmax,
             "bias_correction": _described(self.bias_correction),

@@ -27,6 +27,7 @@ from ..graph import LoadedModel, default_opset, outer_names, subgraph_reads, top
 from ..graph.topology import CONTROL_FLOW_OPS
 from ..plan import FusionGroup, ResolvedPlan
 from ..precision import FP16
+from ..table import CalibrationTable
 from ..version import __version__
 from .casts import Casts
 from .options import WriteOptions
@@ -37,6 +38,16 @@ from .qparams import QParams
 from .tensors import F16, F32, TensorBook
 
 __all__ = ["Writer", "shape_determined_nodes"]
+
+
+def beyond_fp16(table: CalibrationTable | None, limit: float) -> dict[str, float]:
+    """Tensor -> largest |x| calibration saw, for the activations beyond ``limit`` (finite values only: huge
+    sentinels such as masks at float32.min are left out of the observed min/max; float16 clips them on
+    purpose)."""
+    if table is None:
+        return {}
+    seen = {t: max(abs(r.min), abs(r.max)) for t, r in table.ranges.items()}
+    return {t: v for t, v in seen.items() if v > limit}
 
 
 class Writer:
@@ -57,6 +68,9 @@ class Writer:
         self.qdq = QdqInserter(self.book, self.casts, options)
         self.node_map: dict[str, list[str]] = {}
         self.notes: list[str] = []
+        self.beyond_fp16 = beyond_fp16(placement.table, options.fp16_data_max)
+        self.kept_fp32: dict[str, tuple[str, float]] = {}  # fp16-group node kept float32 -> (tensor, its |x|)
+        self.statistics: set[str] = set()  # reductions' outputs and what only they compute (see _statistic)
         self._kept: set[str] = set()  # initializers the written model keeps
         self.subgraph_reads = frozenset(subgraph_reads(self.nodes))
         self.shape_determined = shape_determined_nodes(self.src)
@@ -89,14 +103,21 @@ class Writer:
                               f"their FP16 copies, so the layers reading them compute something else: {shown}. Keep "
                               "those layers in FP32 (plan overrides), or fold the op that holds them into its "
                               "neighbour before exporting")
+        if self.kept_fp32:
+            worst = sorted(self.kept_fp32.items(), key=lambda kv: -kv[1][1])
+            shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in worst[:5])
+            self.notes.append(f"{len(worst)} node(s) of FP16 groups compute in FP32: calibration saw their "
+                              f"activations beyond {self.options.fp16_data_max:g} (float16 ends at 65504): {shown}")
         return self._assemble()
 
     def write_node(self, idx: int) -> None:
         node = self.nodes[idx]
         name = self.names[idx]
         precision = self.plan.precision[self.group_of[name].name]
-        runs_fp16 = (precision == FP16 and node.op_type not in self.options.fp32_ops
-                     and idx not in self.shape_determined)
+        statistic = self._statistic(node)
+        runs_fp16 = (precision == FP16 and node.op_type not in self.options.fp32_ops and not statistic
+                     and not self._square(node)
+                     and idx not in self.shape_determined and not self._reads_beyond_fp16(node, name))
         wants, fp16 = self.casts.input_wants(node, runs_fp16)
         new_inputs, chains = self._inputs(idx, node, name, wants)
         outputs, casts = self._outputs(node, fp16)
@@ -110,6 +131,43 @@ class Writer:
         self.book.out_nodes.append(written)
         self.book.flush_casts()
         self.node_map[name] = [name] + chains + casts
+
+    def _statistic(self, node: onnx.NodeProto) -> bool:
+        """Whether the node computes a per-sample statistic: a float32 reduction (``fp32_ops``), or a node whose
+        float inputs are all statistics or constants (then it stays float32, and its outputs are statistics).
+
+        A normalisation written out op by op (tf2onnx, jax2tf, older torch exports) computes its variance as
+        ``E[x^2] - E[x]^2`` and adds an epsilon of 1e-12: in float16 the difference cancels to nothing and the
+        epsilon to 0, so ``1 / sqrt(var + eps)`` is off by orders of magnitude (Magika's LayerNorm: 5 dB). These
+        tensors hold one value per sample (or row), so float32 costs nothing. ``Expand`` ends the chain: it
+        broadcasts a statistic back to the full size.
+        """
+        if node.op_type in self.options.fp32_ops and node.op_type.startswith("Reduce"):
+            self.statistics.update(node.output)
+            return True
+        if node.op_type == "Expand" or node.op_type in CONTROL_FLOW_OPS:
+            return False
+        data = [t for t in node.input if t and t not in self.placement.constants
+                and self.book.orig_dtype(t) in (F32, F16)]
+        if data and all(t in self.statistics for t in data):
+            self.statistics.update(node.output)
+            return True
+        return False
+
+    def _square(self, node: onnx.NodeProto) -> bool:
+        """``Mul(x, x)`` is ``Pow(x, 2)`` as tf2onnx writes it: float32 where ``fp32_ops`` keeps Pow (a variance's
+        squares must match the float32 mean it is taken against, or ``E[x^2] - E[x]^2`` goes negative)."""
+        return (node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]
+                and "Pow" in self.options.fp32_ops)
+
+    def _reads_beyond_fp16(self, node: onnx.NodeProto, name: str) -> bool:
+        """Whether an activation the node reads or writes went beyond ``fp16_data_max`` in calibration (then
+        the node computes in float32, and records why)."""
+        seen = [(t, self.beyond_fp16[t]) for t in (*node.input, *node.output)
+                if t in self.beyond_fp16 and t not in self.placement.constants]
+        if seen:
+            self.kept_fp32[name] = max(seen, key=lambda tv: tv[1])
+        return bool(seen)
 
     def _inputs(self, idx: int, node: onnx.NodeProto, name: str,
                 wants: list[str | None]) -> tuple[list[str], list[str]]:
