@@ -31,7 +31,7 @@ from .calibrators import amax_entropy, amax_minmax, amax_mse
 from .controlflow import bind_hints
 from .errors import CalibrationError
 from .fingerprint import tool_versions
-from .graph import LoadedModel, check_float32, check_float_activations
+from .graph import LoadedModel, check_float32, check_float_activations, check_not_quantized
 from .histogram import HistogramState
 from .methods import (
     DEFAULT_BATCH_SIZE,
@@ -316,6 +316,7 @@ def _checked_request(model: LoadedModel, methods: Sequence[str] | str, percentil
         raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
     if "percentile" in chosen:
         check_percentile(percentile)
+    check_not_quantized(model)
     check_float_activations(model)
     check_float32(model, weights=False)  # a float16 weight only a graph output reads calibrates fine
     if tensors is not None and not tensors:

@@ -656,8 +656,37 @@ def test_huge_sentinels_are_not_quantized_silently(prepared):
 
 def test_already_quantized_model_is_refused(prepared):
     written = _write(prepared, "conv_net", "int8")
-    with pytest.raises(ModelError, match="already holds .* QuantizeLinear/DequantizeLinear"):
+    with pytest.raises(ModelError, match="already quantized: it holds DequantizeLinear .*QuantizeLinear"):
         write_model(model_from_proto(written.proto), uniform_plan("int8"), None)
+
+
+def test_an_ort_dynamically_quantized_opset_12_model_loads_and_is_refused(tmp_path):
+    """ddddocr ships an ORT quantize_dynamic model (ConvInteger, DynamicQuantizeLinear) at opset 12 declaring
+    ORT's contrib domains: loading it raised "Unsupported opset-version" (a traceback from every command), and
+    once loaded, calibrate measured its int32 accumulators and build wrote Q/DQ around them."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import load_model
+
+    onnx.save(models.conv_net(), tmp_path / "fp32.onnx")  # its ops read the same at opset 12 (set below)
+    quantize_dynamic(tmp_path / "fp32.onnx", tmp_path / "dynamic.onnx")
+    proto = onnx.load(tmp_path / "dynamic.onnx")
+    proto.opset_import.extend([onnx.helper.make_opsetid(d, 1) for d in (
+        "com.microsoft", "com.microsoft.nchwc", "ai.onnx.training", "ai.onnx.preview.training")])
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 12
+    onnx.save(proto, tmp_path / "dynamic.onnx")
+    assert {"ConvInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in proto.graph.node}
+    model = load_model(tmp_path / "dynamic.onnx")  # raised before
+    x = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    for step in (lambda: calibrate(model, from_arrays({"input": x}), "minmax"),
+                 lambda: write_model(model, uniform_plan("fp16"), None)):
+        with pytest.raises(ModelError, match=r"dynamic.onnx is already quantized: it holds ConvInteger .*"
+                                             r"DynamicQuantizeLinear.*give the FP32 model"):
+            step()
 
 
 @pytest.mark.parametrize("where", ["input", "weight"])

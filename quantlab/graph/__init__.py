@@ -36,11 +36,11 @@ from .topology import (
     topological_order,
     with_outputs,
 )
-from .usable import check_float32, check_float_activations
+from .usable import check_float32, check_float_activations, check_not_quantized
 
 __all__ = [
     "MIN_OPSET", "TensorSpec", "LoadedModel", "load_model", "model_from_proto", "serialize", "tensor_specs",
-    "activation_names", "check_float32", "check_float_activations", "with_outputs", "topological_order", "topological_nodes",
+    "activation_names", "check_float32", "check_float_activations", "check_not_quantized", "with_outputs", "topological_order", "topological_nodes",
     "producer_map", "consumer_map", "consumer_indices", "initializer_map", "default_opset", "outer_names",
     "subgraph_reads",
 ]

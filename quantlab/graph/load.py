@@ -108,6 +108,17 @@ def default_opset(proto: onnx.ModelProto) -> int:
     raise ModelError("the model imports no default ('ai.onnx') opset; it is not a usable ONNX graph")
 
 
+
+def _min_ir_version(proto: onnx.ModelProto) -> int:
+    """The IR version the model's opsets need; contrib domains (com.microsoft, ...) and versions onnx does not
+    know count as none (``find_min_ir_version_for`` raised "Unsupported opset-version" on an ORT-quantized
+    model's ``ai.onnx.training``)."""
+    try:
+        return helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    except ValueError:
+        standard = [o for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+        return helper.find_min_ir_version_for(standard, ignore_unknown=True)
+
 def _check_external_paths(proto: onnx.ModelProto, folder: Path, label: str) -> list[Path]:
     """Refuse external-data locations that escape ``folder``; return the files used."""
     folder = folder.resolve()
@@ -206,7 +217,7 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
             ) from None
         upgraded_from, opset = opset, MIN_OPSET
         # IR < 4 wants every initializer listed as a graph input: a written model's Q/DQ scales are not
-        proto.ir_version = max(proto.ir_version, helper.find_min_ir_version_for(list(proto.opset_import)))
+        proto.ir_version = max(proto.ir_version, _min_ir_version(proto))
     # imported here, not at the top: controlflow's rewrites use graph.topology, and a module-level import
     # would make `import quantlab.controlflow` (or folding, loops) fail on the partially initialised cycle
     from ..controlflow import resolve_static_control_flow

@@ -11,7 +11,32 @@ import onnx
 from ..errors import ModelError
 from .load import LoadedModel, activation_names
 
-__all__ = ["check_float32", "check_float_activations"]
+__all__ = ["QUANTIZED_OPS", "check_float32", "check_float_activations", "check_not_quantized"]
+
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger", "QLinearConv",
+    "QLinearMatMul", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention",
+    "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
+    "QLinearLeakyRelu", "QLinearSigmoid", "QLinearSoftmax", "QLinearWhere", "QuantizeBFP", "DequantizeBFP",
+    "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized", "QMoE", "QOrderedMatMul", "DynamicQuantizeLinearInteger",
+})
+"""Ops of a model that is already quantized (ONNX Q/DQ and integer ops, ONNX Runtime's static, dynamic and
+weight-only forms): its float tensors are dequantized values or int32 accumulators, not activations to calibrate."""
+
+
+def check_not_quantized(model: LoadedModel) -> None:
+    """ModelError naming the model and its quantized ops: calibrating one measures accumulators and dequantized
+    values (ORT's dynamic quantization leaves float tensors between ConvInteger and the next
+    DynamicQuantizeLinear), and writing Q/DQ into it quantizes twice."""
+    found: dict[str, str] = {}
+    for node in model.proto.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            found.setdefault(node.op_type, node.name or node.output[0])
+    if found:
+        shown = ", ".join(f"{op} (e.g. {name!r})" for op, name in sorted(found.items())[:4])
+        raise ModelError(f"{model.label} is already quantized: it holds {shown}. quantlab calibrates and writes "
+                         "INT8/FP16 from the float model: give the FP32 model this one was made from (a quantized "
+                         "model can still be a candidate of `quantlab compare`).")
 
 
 def check_float_activations(model: LoadedModel) -> None:

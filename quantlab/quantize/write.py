@@ -11,7 +11,7 @@ from onnx import helper
 
 from ..errors import ModelError, PlanError
 from ..fingerprint import sha256_bytes, tool_versions
-from ..graph import LoadedModel, check_float32, serialize, tensor_specs
+from ..graph import LoadedModel, check_float32, check_not_quantized, serialize, tensor_specs
 from ..graph.light import check_light, infer_light
 from ..plan import PrecisionPlan, ResolvedPlan, fusion_groups, resolve_plan
 from ..table import CalibrationTable
@@ -36,17 +36,6 @@ def _same_groups(plan: ResolvedPlan, model: LoadedModel) -> None:
             f"the resolved plan was made for another model: its fusion groups differ from "
             f"{model.label}'s" + (f" (groups not in this model: {', '.join(missing[:5])})" if missing else "")
             + ". Resolve the plan against this model (quantlab.plan.resolve_plan)."
-        )
-
-
-def _refuse_qdq(model: LoadedModel) -> None:
-    existing = [n.name or n.op_type for n in model.proto.graph.node
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    if existing:
-        raise ModelError(
-            f"{model.label} already holds {len(existing)} QuantizeLinear/DequantizeLinear node(s) "
-            f"(e.g. {existing[0]!r}); quantlab writes Q/DQ itself from the FP32 model. Give the "
-            "original FP32 model."
         )
 
 
@@ -80,7 +69,7 @@ def write_model(
     (:func:`quantlab.quantize.prepare_model`): ``table`` must be the rewritten model's, the
     plan names the original model's groups, and the provenance records both hashes.
     """
-    _refuse_qdq(model)
+    check_not_quantized(model)
     check_float32(model)
     source = model
     prepared = prepare_model(model, options)
