@@ -337,3 +337,62 @@ def test_effective_plan_reproduces_the_assignment_and_hash(tmp_path):
     assert again.plan_hash() == r.plan_hash()
     assert resolve_plan(uniform_plan("int8"), proto).plan_hash() != r.plan_hash()
     assert isinstance(again, ResolvedPlan)
+
+
+def _yolo_head() -> onnx.ModelProto:
+    """Two detection levels as an ultralytics export writes them: per level Concat(box conv, score conv); the
+    levels joined by a float Concat that feeds the output (after a Sigmoid on the scores); and an anchor grid
+    ``Range(Shape) + 0.5`` joined per level by a Concat, multiplied into the boxes."""
+    rng = np.random.default_rng(0)
+
+    def w(name, shape):
+        return numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+
+    def scalar(name, value, dtype=np.float32):
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w_stem"], ["f"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["f", "w_box"], ["box"], name="box_conv"),
+        helper.make_node("Conv", ["f", "w_cls"], ["cls"], name="cls_conv"),
+        helper.make_node("Concat", ["box", "cls"], ["level0"], name="level0_cat", axis=1),
+        helper.make_node("MaxPool", ["f"], ["f2"], name="down", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["f2", "w_box"], ["box2"], name="box_conv2"),
+        helper.make_node("Conv", ["f2", "w_cls"], ["cls2"], name="cls_conv2"),
+        helper.make_node("Concat", ["box2", "cls2"], ["level1"], name="level1_cat", axis=1),
+        helper.make_node("Reshape", ["level0", "flat"], ["l0"], name="l0_flat"),
+        helper.make_node("Reshape", ["level1", "flat"], ["l1"], name="l1_flat"),
+        helper.make_node("Concat", ["l0", "l1"], ["heads"], name="heads_cat", axis=2),
+        helper.make_node("Sigmoid", ["heads"], ["scores"], name="scores"),
+        helper.make_node("Shape", ["f"], ["f_shape"], name="f_shape"),
+        helper.make_node("Gather", ["f_shape", "three"], ["width"], name="width"),
+        helper.make_node("Cast", ["width"], ["width_f"], name="width_f", to=TensorProto.FLOAT),
+        helper.make_node("Range", ["zero", "width_f", "one"], ["cells"], name="cells"),
+        helper.make_node("Add", ["cells", "half"], ["centres"], name="centres"),
+        helper.make_node("Concat", ["centres", "centres"], ["grid"], name="grid_cat", axis=0),
+        helper.make_node("Mul", ["grid", "stride"], ["anchors"], name="anchors"),
+        helper.make_node("Unsqueeze", ["grid", "last"], ["grid2d"], name="grid2d"),
+        helper.make_node("MatMul", ["grid2d", "w_pos"], ["pos"], name="pos_proj"),  # a position embedding
+    ]
+    graph = helper.make_graph(
+        nodes, "yolo_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 6, "A"]),
+         helper.make_tensor_value_info("anchors", TensorProto.FLOAT, ["G"]),
+         helper.make_tensor_value_info("pos", TensorProto.FLOAT, ["G", 4])],
+        [w("w_stem", (4, 3, 3, 3)), w("w_box", (4, 4, 1, 1)), w("w_cls", (2, 4, 1, 1)),
+         numpy_helper.from_array(np.array([0, 6, -1], np.int64), "flat"), scalar("three", 3, np.int64),
+         scalar("zero", 0.0), scalar("one", 1.0), scalar("half", 0.5), scalar("stride", 8.0),
+         numpy_helper.from_array(np.array([1], np.int64), "last"), w("w_pos", (1, 4))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_detection_heads_float_concats_and_anchor_grid_are_not_int8_groups():
+    """NudeNet (YOLOv8) and ddddocr (YOLOX): each level's Concat was an INT8 group because another Concat read it,
+    though that Concat is float (its output goes to a Sigmoid and the graph output), so box regressions shared
+    one scale with scores; and the anchor grid, computed from the input's shape, was quantized with a range
+    calibrated at one size (clipped at 416 pixels: 13 dB). The pool between convs stays INT8."""
+    groups = {g.name: g for g in fusion_groups(_yolo_head())}
+    assert not groups["level0_cat"].quantizable and not groups["level1_cat"].quantizable
+    assert not groups["heads_cat"].quantizable
+    assert not groups["grid_cat"].quantizable and not groups["pos_proj"].quantizable  # though a MatMul reads it
+    assert groups["down"].quantizable and groups["box_conv"].quantizable

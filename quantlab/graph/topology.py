@@ -14,7 +14,7 @@ from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
            "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream",
-           "drop_unread_initializers", "CONTROL_FLOW_OPS", "SHAPE_ONLY_OPS"]
+           "drop_unread_initializers", "shape_determined_nodes", "CONTROL_FLOW_OPS", "SHAPE_ONLY_OPS"]
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 """The ops that hold subgraphs (their bodies read outer tensors by name)."""
@@ -164,3 +164,29 @@ def kept_names(graph: onnx.GraphProto) -> set[str]:
     """Graph outputs and the tensors its subgraphs read by name: a load-time fold must keep them under their names."""
     return {o.name for o in graph.output} | subgraph_reads(graph.node)
 
+
+def shape_determined_nodes(proto: onnx.ModelProto) -> frozenset[int]:
+    """Indices of the main graph's nodes that read no input's values, only shapes and constants: they stay
+    float32 in an FP16 group, and out of INT8 groups (plan.groups): a YOLO's anchor grid, ``Range(Shape) + 0.5``,
+    rounded to an INT8 scale calibrated at 320 pixels was clipped at 416.
+
+    T5's relative-position buckets are float arithmetic on ``Range(Shape(ids))`` cast back to int64
+    (``log(distance / 8) / log(16) * 8``): in float16 a rounded ``Log`` moves distances into the next bucket.
+    Such a computation is the same for every sample of a shape, costs nothing next to the layers, and float16
+    gains nothing there::
+
+        ids ─► Shape ─► Range ─► Cast(float) ─► Div ─► Log ─► Mul ─► Cast(int64) ─► Gather(bias table)
+               └─────────────────── float32 in an FP16 candidate ───────────────────┘
+    """
+    inits = {i.name for i in proto.graph.initializer}
+    live = {i.name for i in proto.graph.input if i.name not in inits}  # tensors whose values come from the data
+    determined: set[int] = set()
+    for idx in topological_order(proto):
+        node = proto.graph.node[idx]
+        reads_values = node.op_type not in SHAPE_ONLY_OPS and (
+            any(t in live for t in node.input if t) or bool(subgraph_reads([node]) & live))
+        if reads_values:
+            live.update(o for o in node.output if o)
+        else:
+            determined.add(idx)
+    return frozenset(determined)

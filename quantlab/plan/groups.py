@@ -24,6 +24,7 @@ from typing import Any
 import onnx
 
 from ..graph import consumer_indices, tensor_specs, topological_order
+from ..graph.topology import shape_determined_nodes
 
 __all__ = [
     "COMPUTE_OPS",
@@ -134,6 +135,8 @@ class _Graph:
         self.order = topological_order(proto)
         self.consumers = consumer_indices(proto)
         self.constants = constant_names(proto)
+        # values fixed by the input's shape (anchor grids: Range(Shape) + 0.5) are not activations to quantize
+        self.fixed = self.constants | {o for i in shape_determined_nodes(proto) for o in self.nodes[i].output if o}
         self.graph_outputs = {o.name for o in proto.graph.output}
         self.specs = tensor_specs(proto)
         self.fused_residuals: set[int] = set()  # residual Adds fused into a conv group: they read INT8 skips
@@ -227,7 +230,7 @@ def _group(g: _Graph, chain: list[int], index: int, residual_input: str | None) 
             if t and (t in g.graph_outputs or any(r not in members for r in g.consumers.get(t, []))):
                 outs.append(t)
     last = g.nodes[chain[-1]]
-    kind, quantizable = _classify(anchor, g.specs, g.constants)
+    kind, quantizable = _classify(anchor, g.specs, g.fixed)
     if quantizable and anchor.op_type not in COMPUTE_OPS:
         quantizable = _int8_reader_follows(g, last.output[0] if last.output else "")
     return FusionGroup(
@@ -301,9 +304,12 @@ def _int8_reader_follows(g: _Graph, tensor: str) -> bool:
         seen.add(t)
         for idx in g.consumers.get(t, []):
             node = g.nodes[idx]
-            if node.op_type in COMPUTE_OPS or node.op_type in QUANTIZABLE_STANDALONE_OPS or idx in g.fused_residuals:
+            if node.op_type in COMPUTE_OPS or idx in g.fused_residuals:
                 reader = True
-            elif node.op_type in _PASS_THROUGH and node.input and node.input[0] == t:
+            elif ((node.op_type in _PASS_THROUGH or node.op_type in QUANTIZABLE_STANDALONE_OPS)
+                  and node.input and (node.input[0] == t or node.op_type == "Concat")):
+                # another Concat/pool/Resize reads INT8 only where it is INT8 itself: where its own output goes
+                # (a YOLO head's per-level Concats feed one float Concat of scores and boxes)
                 todo.extend(o for o in node.output if o)
     return reader
 

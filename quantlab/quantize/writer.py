@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 from ..controlflow import control_flow_notes
 from ..errors import PlanError
 from ..graph import LoadedModel, default_opset, outer_names, subgraph_reads, topological_order
-from ..graph.topology import CONTROL_FLOW_OPS
+from ..graph.topology import CONTROL_FLOW_OPS, shape_determined_nodes
 from ..plan import FusionGroup, ResolvedPlan
 from ..precision import FP16
 from ..table import CalibrationTable
@@ -37,7 +37,7 @@ from .qdq import QdqInserter
 from .qparams import QParams
 from .tensors import F16, F32, TensorBook
 
-__all__ = ["Writer", "shape_determined_nodes"]
+__all__ = ["Writer"]
 
 
 def beyond_fp16(table: CalibrationTable | None, limit: float) -> dict[str, float]:
@@ -325,32 +325,3 @@ class Writer:
             if name in self._kept:
                 return name
         return tensor
-
-
-_SHAPE_ONLY = frozenset({"Shape", "Size"})
-
-
-def shape_determined_nodes(proto: onnx.ModelProto) -> frozenset[int]:
-    """Indices of the main graph's nodes that read no input's values, only shapes and constants: they stay
-    float32 in an FP16 group.
-
-    T5's relative-position buckets are float arithmetic on ``Range(Shape(ids))`` cast back to int64
-    (``log(distance / 8) / log(16) * 8``): in float16 a rounded ``Log`` moves distances into the next bucket.
-    Such a computation is the same for every sample of a shape, costs nothing next to the layers, and float16
-    gains nothing there::
-
-        ids ─► Shape ─► Range ─► Cast(float) ─► Div ─► Log ─► Mul ─► Cast(int64) ─► Gather(bias table)
-               └─────────────────── float32 in an FP16 candidate ───────────────────┘
-    """
-    inits = {i.name for i in proto.graph.initializer}
-    live = {i.name for i in proto.graph.input if i.name not in inits}  # tensors whose values come from the data
-    determined: set[int] = set()
-    for idx in topological_order(proto):
-        node = proto.graph.node[idx]
-        reads_values = node.op_type not in _SHAPE_ONLY and (
-            any(t in live for t in node.input if t) or bool(subgraph_reads([node]) & live))
-        if reads_values:
-            live.update(o for o in node.output if o)
-        else:
-            determined.add(idx)
-    return frozenset(determined)

@@ -54,6 +54,7 @@ class CompareEvaluator:
         self.subset_indices: list[int] = []
         self._ref: _Reference | bool | None = None
         self._sample_feeds: dict[int, dict[str, np.ndarray]] = {}
+        self._first_full: pd.DataFrame | None = None  # per-sample figures of the first full validation
 
     @property
     def size(self) -> int:
@@ -65,19 +66,38 @@ class CompareEvaluator:
     def write(self, plan: ResolvedPlan, *, deploy: bool = False) -> WrittenModel:
         return write_model(self.model, plan, self.table, self.deploy_options if deploy else self.write_options)
 
-    def select_subset(self, n: int, *, fragile: bool) -> list[int]:
-        """Fix the ranking subset (used for every evaluation on fewer samples than the set): the
-        first ``n`` samples, or with ``fragile`` the ``n`` whose FP32 top-1 lead over the runner-up
-        is smallest (relative to the logits' spread): the samples a discrete metric flips on."""
+    def select_subset(self, n: int, *, fragile: bool, metrics: Sequence[str] = ()) -> list[int]:
+        """Fix the ranking subset (used for every evaluation on fewer samples than the set).
+
+        With ``fragile``: the ``n`` samples whose FP32 top-1 lead over the runner-up is smallest
+        (relative to the logits' spread), the samples a discrete metric flips on. Else, once a full
+        validation has run (the all-INT8 plan's): :func:`worst_and_spread` over its per-sample
+        figures (the first of ``metrics``, cosine, sqnr_db the set has), so a sample the all-INT8
+        model gets badly wrong is ranked on wherever it sits in the set; the first ``n`` only
+        without per-sample figures (a ranking on them moved with the order of the files: 8 % or
+        67 % INT8 for the same set shuffled).
+        """
         n = min(n, self._size)
         idx = list(range(n))
-        if fragile:
-            order = self.fragile_order()
-            if order:
-                idx = sorted(order[:n])
+        order = self.fragile_order() if fragile else self.worst_order(metrics)
+        if order:
+            idx = sorted(order[:n]) if fragile else worst_and_spread(order, n)
         self.subset = self.dataset.select(idx, name=f"{self.dataset.name}-ranking")
         self.subset_indices = idx
         return idx
+
+    def worst_order(self, metrics: Sequence[str] = ()) -> list[int]:
+        """Every sample index, worst first by the first full validation's per-sample figures (the lowest over
+        the outputs; samples without a figure last); [] before any full validation or without figures."""
+        per = self._first_full
+        if per is None or per.empty or "sample" not in per.columns:
+            return []
+        column = next((m for m in (*metrics, "cosine", "sqnr_db") if m in per.columns and per[m].notna().any()),
+                      None)
+        if column is None:
+            return []
+        worst = per.groupby("sample")[column].min().reindex(range(self._size))
+        return [int(i) for i in worst.sort_values(kind="stable", na_position="last").index]
 
     def fragile_order(self) -> list[int]:
         """Every sample index, smallest FP32 relative top-1 lead first ([] when no output is a classifier)."""
@@ -179,6 +199,8 @@ class CompareEvaluator:
         rows = tuple({k: plain_value(v) for k, v in r.items()} for r in result.end_to_end.to_dict("records"))
         local_map = _local_errors(result.per_layer) if local else None
         flipped = _flipped(result.per_sample) if samples >= self._size else None
+        if samples >= self._size and self._first_full is None and result.per_sample is not None:
+            self._first_full = result.per_sample
         return Evaluation(plan_hash=plan.plan_hash(), samples=min(samples, self._size), rows=rows, local=local_map,
                           comparison=result, flipped=flipped)
 
@@ -266,6 +288,17 @@ def _reference_pass(model: LoadedModel, dataset: DataSet, options: SearchOptions
     top1 = z.argmax(axis=1)
     scale = z.std(axis=1) + 1e-12
     return _Reference(output=name, top1=top1, lead=logit_margins(z, top1) / scale, scale=scale)
+
+
+def worst_and_spread(order: Sequence[int], n: int) -> list[int]:
+    """``n`` sample indices (sorted): the worst half of ``order`` (worst first), then the rest evenly spaced
+    over the remaining samples in index order, so that the subset still sees the set's spread."""
+    n = min(n, len(order))
+    worst = list(order[:(n + 1) // 2])
+    rest = sorted(order[len(worst):])
+    k = n - len(worst)
+    picked = [rest[int(j)] for j in np.unique(np.linspace(0, len(rest) - 1, k).round())] if k and rest else []
+    return sorted(worst + picked)
 
 
 def _flipped(per_sample: pd.DataFrame | None) -> tuple[int, ...] | None:

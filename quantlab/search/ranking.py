@@ -158,10 +158,13 @@ def rank_groups(ledger: Ledger) -> Ranking:
     select = getattr(ledger.evaluator, "select_subset", None)
     if select is not None:
         fragile = any(m in c.metric for c in ledger.threshold.conditions for m in DISCRETE_MARKERS)
-        idx = select(ledger.probe_n, fragile=fragile)
+        idx = select(ledger.probe_n, fragile=fragile, metrics=[c.metric for c in ledger.threshold.conditions])
         if fragile:
             ledger.notes.append(f"ranking subset: the {len(idx)} validation samples whose FP32 top-1 lead is "
                                 "smallest (where a discrete metric flips)")
+        elif idx != list(range(len(idx))):
+            ledger.notes.append(f"ranking subset: the {(len(idx) + 1) // 2} validation samples the all-INT8 model "
+                                f"gets worst, and {len(idx) // 2} spread over the rest")
     base = ledger.evaluate("rank", {}, full=False)
     if base is None:
         ledger.notes.append("the time budget ran out before the ranking: groups are in topological order")
