@@ -340,3 +340,16 @@ def test_the_search_line_carries_the_search_warnings():
     assert search_notes(search) == [
         "search: final plan pins 54 of 55 quantizable group(s) above INT8; INT8 on 2% of them",
         "search: WARNING the search kept INT8 on only 2% of the groups"]
+
+
+def test_a_search_that_pins_everything_says_whether_its_plan_is_the_fp16_model():
+    """Magika's search ended with 3 groups FP16 and the rest FP32 (64 dB); the line said "this plan is the FP16
+    model; compare the fp16 candidate", which got 2 % top-1 agreement."""
+    from quantlab.experiment.stages import search_notes
+
+    all_fp16 = {"pinned": {"a": "fp16", "b": "fp16"}, "quantizable_groups": 2, "int8_fraction": 0.0}
+    assert "so this plan is the FP16 model" in search_notes(all_fp16)[0]
+    mixed = {"pinned": {"a": "fp16", "b": "fp32", "c": "fp32"}, "quantizable_groups": 3, "int8_fraction": 0.0}
+    line = search_notes(mixed)[0]
+    assert line.startswith("WARNING") and "2 group(s) are FP32 and the rest FP16" in line
+    assert "so this plan is the FP16 model" not in line

@@ -279,3 +279,14 @@ def test_changed_samples_lists_what_a_candidate_decided_otherwise(tmp_path: Path
     save_report_inputs(tmp_path, inputs)
     assert load_report_inputs(tmp_path).changed_samples["change"].tolist() == table["change"].tolist()
     assert changed_samples(per_sample[per_sample["top1_agree"].astype(bool)]).empty
+
+
+def test_numbers_near_one_keep_their_nines():
+    """A cosine of 0.9999996 read "1." in the report (6 places, zeros stripped), and "1. [1., 1.]" with its
+    interval: as if the candidate were exact."""
+    from quantlab.report.markup import fmt
+
+    assert fmt(0.9999996) == "0.9999996"
+    assert fmt(0.995554) == "0.995554" and fmt(0.991) == "0.991" and fmt(0.99) == "0.99"
+    assert fmt(0.9999999999) == "1 − 1.0e-10"
+    assert fmt(1.0) == "1" and fmt(12.345678) == "12.35"

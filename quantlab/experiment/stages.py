@@ -136,8 +136,12 @@ def search_notes(search: Mapping[str, Any]) -> list[str]:
     line = (f"search: final plan pins {len(pinned)} of {groups} quantizable group(s) above INT8; INT8 on "
             f"{fraction:.0%} of them")
     if groups and fraction == 0.0:
-        line = ("WARNING " + line + ": no layer is INT8, so this plan is the FP16 model; compare the fp16 "
-                "candidate, or calibrate on more representative data if INT8 should fit")
+        fp32 = sum(1 for p in pinned.values() if str(p) == "fp32")
+        what = ("so this plan is the FP16 model; compare the fp16 candidate" if not fp32 else
+                f"{fp32} group(s) are FP32 and the rest FP16, so no INT8 speed-up is left (the fp16 candidate is "
+                "not this plan: it computes those groups in float16 too)")
+        line = ("WARNING " + line + f": no layer is INT8, {what}, or calibrate on more representative data if INT8 "
+                "should fit")
     warned = [n for n in search.get("notes") or () if str(n).startswith(("WARNING", "sequence mode"))]
     return [line, *(f"search: {n}" for n in warned)]
 

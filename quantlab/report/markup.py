@@ -42,7 +42,11 @@ def fmt(value: Any, digits: int = 4) -> str:
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
             return f"{v:.{digits - 1}e}"
         if 0.99 <= abs(v) < 1:  # cosine / agreement near 1: the digits after the 9s matter
-            return f"{v:.6f}".rstrip("0")
+            for places in (6, 9):  # 0.9999996 at 6 places read "1."
+                text = f"{v:.{places}f}".rstrip("0")
+                if abs(float(text)) < 1:
+                    return text
+            return f"{'−' if v < 0 else ''}1 − {1 - abs(v):.1e}"
         return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.{digits}f}".rstrip("0").rstrip(".") or "0"
     return str(value)
 
