@@ -27,6 +27,7 @@ __all__ = [
     "PRECISIONS",
     "INT8",
     "FP16",
+    "FP16_MAX",
     "FP32",
     "DEFAULT_PRECISION",
     "DEFAULT_FALLBACK",
@@ -39,6 +40,8 @@ Precision = Literal["int8", "fp16", "fp32"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 INT8: Final = "int8"
 FP16: Final = "fp16"
+FP16_MAX: Final = 65504.0
+"""float16's largest finite value."""
 FP32: Final = "fp32"
 DEFAULT_PRECISION: Final[Precision] = INT8
 """A plan's ``default``: every group int8 unless the plan says otherwise."""

@@ -451,3 +451,16 @@ def test_a_model_that_fixes_its_batch_at_1_needs_no_batch_size_flag(ws: Path, ca
         assert code in (0, 1) and "fixes its batch at 1" in err, err
     code, _, err = run_main(calibrate_argv(ws, ws / "cal4", "--batch-size", "4"), capfd)
     assert code == 2 and "fixed batch of 1" in error_line(err, "calibrate")
+
+
+def test_an_int8_build_in_the_default_ort_form_says_tensorrt_rejects_it(ws: Path, capfd) -> None:
+    """The default --backend ort writes uint8 Q/DQ with zero points and int32 biases; TensorRT's parser refuses
+    them ("Non-zero zero point is not supported"), and the build said only "target ort"."""
+    assert run_main(calibrate_argv(ws, ws / "cal"), capfd)[0] == 0
+    table = str(ws / "cal" / "calib_minmax.json")
+    code, out, _ = run_main(["build", str(ws / "model.onnx"), "--table", table, "--out", str(ws / "b1")], capfd)
+    assert code == 0 and "TensorRT's parsers reject both" in out and "--target tensorrt" in out
+    for target in ("ort", "tensorrt"):  # chosen: nothing to say
+        code, out, _ = run_main(["build", str(ws / "model.onnx"), "--table", table, "--target", target, "--out",
+                                 str(ws / f"b_{target}")], capfd)
+        assert code == 0 and "parsers reject" not in out

@@ -244,6 +244,10 @@ def run(args: argparse.Namespace) -> int:
     saturation = _saturation_note(options, written)
     if saturation:
         notes.append(saturation)
+    if args.target is None and options.target == "ort" and written.plan.groups_at("int8"):
+        notes.append("target ort (the default for --backend ort): uint8 activations with zero points and int32 "
+                     "biases, the form ONNX Runtime runs fast; TensorRT's parsers reject both. For the model to "
+                     "deploy on TensorRT, build with --target tensorrt")
     for note in notes:
         print(f"  note: {note}")
     for name, path in paths.items():

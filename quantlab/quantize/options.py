@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import QuantlabError
-from .tensors import FP16_MAX
+from ..precision import FP16_MAX
 
 if TYPE_CHECKING:
     from .bias_correction import BiasCorrection

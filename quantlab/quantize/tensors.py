@@ -15,12 +15,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError
 from ..graph import TensorSpec
+from ..precision import FP16_MAX
 
 __all__ = ["F32", "F16", "ONNX_DTYPE", "FP16_MAX", "TensorBook"]
 
 F32, F16 = "float32", "float16"
 ONNX_DTYPE = {F32: TensorProto.FLOAT, F16: TensorProto.FLOAT16}
-FP16_MAX = float(np.finfo(np.float16).max)
 
 
 class TensorBook:
