@@ -379,3 +379,35 @@ def test_a_softmax_spelled_out_op_by_op_is_a_classifier():
     probs, log_probs = ort.InferenceSession(proto.SerializeToString()).run(["probs", "log_probs"], {"x": x})
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)  # the graph is the softmax it claims to be
     np.testing.assert_allclose(np.exp(log_probs), probs, rtol=1e-5)
+
+
+def test_a_fixed_batch_ctc_export_scores_time_major_positions(tmp_path):
+    """A CRNN exported with its batch fixed at 1 returns CTC scores [T, 1, C]: with no batch symbol the samples
+    were taken to be on axis 0 and a sample axis was prepended, and compare stopped on an internal error
+    ("per-position scores must be [N, T, C], got shape (1, 29, 1, 8210)"; ddddocr with its output declared)."""
+    from quantlab.graph.samples import tensor_sample_axes
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["tx"], name="time_major", perm=[2, 0, 1]),
+         helper.make_node("MatMul", ["tx", "w"], ["z"], name="classifier"),
+         helper.make_node("LogSoftmax", ["z"], ["scores"], name="log_softmax", axis=2)], "ctc_fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "T"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["T", 1, 6])],
+        [onnx.numpy_helper.from_array(rng.normal(0, 1, (4, 6)).astype(np.float32), "w")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert tensor_sample_axes(model, {}, ["scores", "tx", "x"]) == {"scores": 1, "tx": 1, "x": 0}
+    samples = {f"s{i}": rng.normal(0, 1, (1, 4, t)).astype(np.float32) for i, t in enumerate((5, 9, 5, 7))}
+    (tmp_path / "lines").mkdir()
+    for key, x in samples.items():
+        np.save(tmp_path / "lines" / f"{key}.npy", x[0])
+    from quantlab.data import open_dataset
+
+    (tmp_path / "set.toml").write_text('batching = "by_shape"\nshuffle = false\nrole = "validation"\n[source]\n'
+                                       'kind = "npy"\npath = "lines"\n[inputs]\nx = "array"\n')
+    data = open_dataset(tmp_path / "set.toml")
+    table = calibrate(model, data, "minmax", batch_size=1).tables["minmax"]
+    int8 = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    res = compare(model, {"int8": int8}, data, CompareOptions(batch_size=1, bootstrap=0, per_layer=False))
+    row = res.end_to_end.set_index("candidate").loc["int8"]
+    assert row["samples"] == 4 and 0 <= row["token_agreement"] <= 100

@@ -39,6 +39,7 @@ def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
     input next step holds its samples where that input does, whatever shape inference named its dims
     (torch's LSTM exports leave ``stateN`` as ``['', '', '']``)."""
     symbols = batch_symbols(model, batch_axes)
+    fixed = None if symbols else _fixed_batch(model, batch_axes)
     specs = tensor_specs(model.proto)
     inputs = set(model.input_names)
     carry = carry or {}
@@ -49,10 +50,23 @@ def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
             axis = batch_axes.get(carry[name], 0)
         if axis is None:  # an activation, or an input without a sample axis: what shape inference says
             spec = specs.get(name)
-            found = [k for k, d in enumerate(spec.shape or ()) if isinstance(d, str) and d in symbols] if spec else []
+            shape = tuple(spec.shape or ()) if spec else ()
+            found = [k for k, d in enumerate(shape) if isinstance(d, str) and d in symbols]
+            if not found and fixed is not None and shape and shape[0] != fixed:
+                # a fixed-batch CTC export's scores [T, 1, C]: the batch is the one dim of the inputs' size
+                found = [k for k, d in enumerate(shape) if d == fixed][:2]
+                found = found if len(found) == 1 else []
             axis = found[0] if found else 0
         out[name] = axis
     return out
+
+
+def _fixed_batch(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> int | None:
+    """The batch size every input fixes on its sample axis (a static export's 1), else None."""
+    sizes = {spec.shape[axis] for spec in model.inputs
+             if (axis := batch_axes.get(spec.name, 0)) is not None and spec.shape is not None
+             and axis < len(spec.shape)}
+    return next(iter(sizes)) if len(sizes) == 1 and isinstance(next(iter(sizes)), int) else None
 
 
 _DATA_SIZED_OPS = frozenset({"NonMaxSuppression", "NonZero", "Unique", "Compress"})
