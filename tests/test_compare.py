@@ -894,3 +894,21 @@ def test_samples_whose_reference_is_near_zero_are_named_in_a_warning():
     plain = from_arrays({"x": rng.normal(size=(6, 8)).astype(np.float32)}, role="validation")
     again = compare(model, {"fp16": fp16}, plain, CompareOptions(batch_size=3, per_layer=False, bootstrap=0))
     assert not any("close to zero" in w for w in again.warnings)
+
+
+def test_an_output_returned_with_another_rank_than_declared_is_a_warning():
+    """ddddocr's recogniser declares its output [1, seqlen] and returns [T, 1, C] CTC scores: token agreement,
+    which reads the declaration, was left out without a word."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["z"], name="dense"),
+         helper.make_node("Unsqueeze", ["z", "zero"], ["scores"], name="time_axis")], "misdeclared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 5])],  # really [1, N, 5]
+        [numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([0], np.int64), "zero")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = from_arrays({"x": rng.normal(size=(4, 4)).astype(np.float32)}, role="validation")
+    res = compare(model, {"same": model}, data, CompareOptions(batch_size=1, bootstrap=0, per_layer=False))
+    warning = next(w for w in res.warnings if "is declared" in w)
+    assert "'scores' is declared [N, 5] but the model returns shape [1, 1, 5]" in warning

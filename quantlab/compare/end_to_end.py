@@ -28,7 +28,6 @@ from ..metrics import (
     error_sums,
     errors_from_sums,
     mcnemar_exact_p,
-    near_zero_count,
     per_sample_errors,
     per_sample_sums,
     topk,
@@ -46,6 +45,7 @@ from .result import (
     PER_SAMPLE_COLUMNS,
     POSITION_COLUMNS,
 )
+from .output_warnings import output_warnings
 from .user_metric import call_metric
 
 __all__ = ["OutputStats", "SampleRecords", "EndToEnd"]
@@ -72,6 +72,8 @@ class OutputStats:
     """Samples whose output had another shape than the reference's (a size the data decides): left out."""
     widest: int = 0
     """The most values one sample's output held: 1 for a speech probability ``[N, 1]``, whose cosine is ±1."""
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    """The reference output's shape in a shard's first batch, as the model returned it."""
     ref_energy: list[np.ndarray] = field(default_factory=list)
     """Per sample, the reference's sum of squares: near 0 (a text detector's map of an image without text), the
     sample's cosine measures noise."""
@@ -121,7 +123,8 @@ class EndToEnd:
     def __init__(self, candidates: Sequence[str], outputs: Sequence[str], labels: LabelUse,
                  metric: Callable[..., Any] | None, metric_spec: str | None,
                  sample_axes: Mapping[str, int] | None = None, data_sized: frozenset[str] = frozenset(),
-                 positions: Mapping[str, int] | None = None, exact: Sequence[str] = ()) -> None:
+                 positions: Mapping[str, int] | None = None, exact: Sequence[str] = (),
+                 declared: Mapping[str, tuple[int | str | None, ...] | None] | None = None) -> None:
         self.candidates = list(candidates)
         self.outputs = list(outputs)
         self.data_sized = data_sized  # outputs whose size the data decides (graph.samples.data_sized)
@@ -129,6 +132,7 @@ class EndToEnd:
         self.positions = dict(positions or {})  # output -> classes scored per position (compare.choices)
         self.choices = {**{o: "positions" for o in self.positions}, **{o: "values" for o in exact}}
         self.sample_axes = dict(sample_axes or {})
+        self.declared = dict(declared or {})
         self.labels = labels
         self.metric = metric
         self.metric_spec = metric_spec
@@ -149,6 +153,9 @@ class EndToEnd:
     def add(self, batch: Batch, ref_live: Mapping[str, np.ndarray],
             cand_live: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         labels = np.asarray(batch.labels) if (self.labels.accuracy and batch.labels is not None) else None
+        for o in self.outputs:
+            if not self.reference[o].shapes:
+                self.reference[o].shapes.append(tuple(np.shape(ref_live[o])))
         ref_live = self._samples_first(ref_live, len(batch))
         cand_live = {name: self._samples_first(cand_live[name], len(batch)) for name in self.candidates}
         self._add_reference(ref_live, labels)
@@ -245,34 +252,8 @@ class EndToEnd:
                                                int(batch.indices[i]), str(batch.keys[i])))
 
     def reference_warnings(self) -> list[str]:
-        out = [f"the reference itself gives {st.nonfinite} NaN/inf value(s) in output {o!r}; its figures are NaN"
-               for o, st in self.reference.items() if st.nonfinite]
-        out += [f"output {o!r} holds one value per sample: its cosine (the sign agreement, 1 whatever the error) "
-                "is left out; read its sqnr_db and max_abs" for o in self.outputs
-                if self.choices.get(o) != "values"
-                and {self.stats[(n, o)].widest for n in self.candidates if (n, o) in self.stats} == {1}]
-        out += self._near_zero_warnings()
-        out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps or the steps "
-                f"a while loop takes) has "
-                f"another shape than the reference's on {st.mismatched} of {len(self.keys)} sample(s); its figures "
-                "cover the others" for (name, o), st in self.stats.items() if st.mismatched]
-        return out
-
-    def _near_zero_warnings(self) -> list[str]:
-        """Outputs some of whose samples the reference leaves near zero (norm under 1/1000 of the median): the
-        per-sample cosine of those is noise, and the mean cosine reads low where SQNR does not."""
-        out = []
-        for o in self.outputs:
-            first = next((self.stats[(n, o)] for n in self.candidates if self.stats[(n, o)].ref_energy), None)
-            if first is None or self.choices.get(o) == "values":
-                continue
-            energy = np.concatenate(first.ref_energy)
-            near_zero = near_zero_count(energy)
-            if near_zero:
-                out.append(f"output {o!r}: {near_zero} of {energy.size} sample(s) have a reference close to zero "
-                           "(norm under 1/1000 of the median: e.g. an image without text): their cosine measures "
-                           "noise and pulls the mean cosine down; read sqnr_db (over all elements) instead")
-        return out
+        """What the outputs themselves call for (:func:`.output_warnings.output_warnings`)."""
+        return output_warnings(self)
 
     def frames(self, options: CompareOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The end-to-end table (one row per candidate x output) and the per-sample table."""

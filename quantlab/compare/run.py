@@ -153,6 +153,7 @@ class Comparison:
         self.sample_axes = output_sample_axes(reference, getattr(dataset, "batch_axes", {}), sequence_carry(dataset))
         self.positions = position_scorers(reference, self.sample_axes)  # outputs scored per position (OCR, tokens)
         self.exact = exact_outputs(reference)  # integer/bool outputs: equal or not
+        self.declared = {spec.name: spec.shape for spec in reference.outputs}  # what the model says it returns
         if self.total == 0:
             raise CompareError(f"the validation set {getattr(dataset, 'name', '')!r} is empty")
         self.workers = _workers(options)
@@ -246,7 +247,7 @@ class Comparison:
     def _end_to_end(self) -> EndToEnd:
         return EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric,
                         self.sample_axes, data_sized=self.data_sized, positions=self.positions,
-                        exact=self.exact)
+                        exact=self.exact, declared=self.declared)
 
     def tables(self, totals: PassTotals) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way)."""

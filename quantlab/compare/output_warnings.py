@@ -1,0 +1,66 @@
+"""Warnings on a comparison's outputs themselves, not on a candidate: a reference that holds NaN, an output with
+one value per sample (no cosine), samples whose reference is near zero, outputs of another shape than the
+reference's or than the model declares."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..metrics import near_zero_count
+
+if TYPE_CHECKING:
+    from .end_to_end import EndToEnd
+
+__all__ = ["output_warnings"]
+
+
+def output_warnings(e2e: EndToEnd) -> list[str]:
+    """Every warning of the module docstring, for the outputs as compared so far."""
+    out = [f"the reference itself gives {st.nonfinite} NaN/inf value(s) in output {o!r}; its figures are NaN"
+           for o, st in e2e.reference.items() if st.nonfinite]
+    out += [f"output {o!r} holds one value per sample: its cosine (the sign agreement, 1 whatever the error) "
+            "is left out; read its sqnr_db and max_abs" for o in e2e.outputs
+            if e2e.choices.get(o) != "values"
+            and {e2e.stats[(n, o)].widest for n in e2e.candidates if (n, o) in e2e.stats} == {1}]
+    out += _near_zero_warnings(e2e)
+    out += _undeclared_rank_warnings(e2e)
+    out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps or the steps "
+            f"a while loop takes) has "
+            f"another shape than the reference's on {st.mismatched} of {len(e2e.keys)} sample(s); its figures "
+            "cover the others" for (name, o), st in e2e.stats.items() if st.mismatched]
+    return out
+
+
+def _undeclared_rank_warnings(e2e: EndToEnd) -> list[str]:
+    """Outputs the model returns with another rank than it declares: which outputs are scores per position
+    or classifiers is read from the declaration (ddddocr declares ``[1, seqlen]`` and returns ``[T, 1, C]``
+    CTC scores: token agreement was missing without a word)."""
+    out = []
+    for o in e2e.outputs:
+        shape, seen = e2e.declared.get(o), e2e.reference[o].shapes
+        if shape is not None and seen and len(seen[0]) != len(shape):
+            told = "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+            out.append(f"output {o!r} is declared {told} but the model returns shape {list(seen[0])}: the "
+                       "figures that depend on what an output holds (top-1 agreement, token agreement) read "
+                       "the declaration; correct the output's shape in the model (its value_info/output type, "
+                       "or re-export) to get them")
+    return out
+
+
+def _near_zero_warnings(e2e: EndToEnd) -> list[str]:
+    """Outputs some of whose samples the reference leaves near zero (norm under 1/1000 of the median): the
+    per-sample cosine of those is noise, and the mean cosine reads low where SQNR does not."""
+    out = []
+    for o in e2e.outputs:
+        first = next((e2e.stats[(n, o)] for n in e2e.candidates if e2e.stats[(n, o)].ref_energy), None)
+        if first is None or e2e.choices.get(o) == "values":
+            continue
+        energy = np.concatenate(first.ref_energy)
+        near_zero = near_zero_count(energy)
+        if near_zero:
+            out.append(f"output {o!r}: {near_zero} of {energy.size} sample(s) have a reference close to zero "
+                       "(norm under 1/1000 of the median: e.g. an image without text): their cosine measures "
+                       "noise and pulls the mean cosine down; read sqnr_db (over all elements) instead")
+    return out
