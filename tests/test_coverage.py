@@ -186,8 +186,9 @@ def test_bins_per_sample_match_numpy():
     ax = np.abs(batch.astype(np.float64))
     for i in range(4):
         row = ax[i][np.isfinite(ax[i]) & (ax[i] < 1e30)]
-        want = [np.sum(row == 0)] + [np.sum((row > lo) & (row <= hi)) for lo, hi in zip(bins.edges[:-1], bins.edges[1:])]
-        want.append(np.sum(row > bins.edges[-1]))
+        # above edge e: |x| > e, or |x| >= e at the decile edges (fine histogram edges: bins [lo, hi) there)
+        above = [np.sum(row >= e) if f else np.sum(row > e) for e, f in zip(bins.edges, bins.from_edge)]
+        want = [np.sum(row == 0)] + [a - b for a, b in zip(above[:-1], above[1:])] + [above[-1]]
         assert got[i].tolist() == want
     assert bins.reference.sum() == pytest.approx(1.0)
     assert bins.edges[bins.first_saturated - 1] == 2.0
@@ -476,3 +477,23 @@ def test_tensors_without_a_sample_axis_count_for_every_sample_of_batches_of_any_
     rows = {row["tensor"]: row for row in checked.datasets[0].rows}
     assert rows["temperature"]["outside_samples"] == 1.0  # 0.9 > 0.7: every sample saw it
     assert np.isfinite(rows["positions"]["psi_ci_low"])
+
+
+def test_values_on_a_few_exact_points_bin_as_calibration_saw_them():
+    """A YOLO's strides tensor holds only 8, 16 and 32: deciles interpolated inside the fine bin of 8.0 put the
+    calibration's mass over edges 8.0005, 8.001, ... while every sample's 8.0 fell in one bin, so the
+    calibration set checked against itself gave PSI 6.3 and `coverage --fail-if` failed."""
+    strides = np.repeat(np.array([8.0, 16.0, 32.0], np.float32), [1600, 400, 100])
+    acc = AbsHistogram(2048)
+    acc.update(strides)
+    bins = tensor_bins(acc.state(), amax=32.0)
+    counts = bin_per_sample(strides.reshape(1, -1), bins, huge=1e30)[0]
+    np.testing.assert_allclose(counts / counts.sum(), bins.reference, atol=1e-12)
+    assert psi(counts.astype(np.float64), bins.reference) == pytest.approx(0.0, abs=1e-9)
+    rng = np.random.default_rng(0)  # and a continuous tensor binned per sample matches its calibration too
+    x = rng.normal(0, 1, 20000).astype(np.float32)
+    acc = AbsHistogram(2048)
+    acc.update(x)
+    bins = tensor_bins(acc.state(), amax=2.5)
+    counts = bin_per_sample(x.reshape(1, -1), bins, huge=1e30)[0]
+    np.testing.assert_allclose(counts / counts.sum(), bins.reference, atol=1e-9)

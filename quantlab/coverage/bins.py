@@ -16,6 +16,7 @@ index over all bins, against the calibration proportions).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numba
@@ -42,6 +43,9 @@ class TensorBins:
     calib_absmax: float
     reference: np.ndarray
     """Share of the calibration set's values in each bin (sums to 1; zeros when it had no values)."""
+    from_edge: np.ndarray | None = None
+    """Per edge, whether a value equal to it counts above it (the decile edges, on fine histogram edges, as the
+    histogram counts): bins ``[e_{j-1}, e_j)`` there, ``(e_{j-1}, e_j]`` at ``amax`` and the absmax."""
 
     @property
     def n_bins(self) -> int:
@@ -67,9 +71,11 @@ def tensor_bins(state: HistogramState, amax: float) -> TensorBins:
     """The bins of one tensor from its calibration histogram and the table's ``amax``."""
     absmax = state.absmax
     nonzero = state.without_zeros()
-    qs = [nonzero.quantile(q) for q in QUANTILES] if nonzero.count else []
-    edges = np.unique(np.array([0.0, *[q for q in qs if q > 0.0], float(amax), absmax], dtype=np.float64))
+    qs = [_fine_edge_above(state, nonzero.quantile(q)) for q in QUANTILES] if nonzero.count else []
+    deciles = {q for q in qs if 0.0 < q < absmax and q != float(amax)}
+    edges = np.unique(np.array([0.0, *deciles, float(amax), absmax], dtype=np.float64))
     edges = edges[edges >= 0.0]
+    from_edge = np.array([e in deciles for e in edges.tolist()])
     reference = np.zeros(edges.size + 1, dtype=np.float64)
     if state.count:
         cdf = state.cdf_at(edges[1:]) if edges.size > 1 else np.zeros(0)
@@ -80,7 +86,22 @@ def tensor_bins(state: HistogramState, amax: float) -> TensorBins:
         reference /= reference.sum() or 1.0
     edges.setflags(write=False)
     reference.setflags(write=False)
-    return TensorBins(edges=edges, amax=float(amax), calib_absmax=absmax, reference=reference)
+    from_edge.setflags(write=False)
+    return TensorBins(edges=edges, amax=float(amax), calib_absmax=absmax, reference=reference, from_edge=from_edge)
+
+
+def _fine_edge_above(state: HistogramState, value: float) -> float:
+    """The calibration histogram's first fine-bin edge at or above ``value``.
+
+    A quantile inside a fine bin is interpolated, and so is the calibration share below it; values that sit
+    on a few exact points (a YOLO's strides 8/16/32) then had their mass split between edges 8.0005, 8.001,
+    ... while every sample's 8.0 fell in one bin: PSI 6.3 for the calibration set against itself. On a fine
+    edge the share below is exact (``cdf_at``), and the bins count from the edge up as the histogram does.
+    """
+    if state.upper <= 0.0 or value <= 0.0:
+        return value
+    width = state.upper / state.bins
+    return min(math.ceil(value / width) * width, state.upper)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -109,13 +130,15 @@ def _greater_counts(rows, edges, huge, out):  # pragma: no cover - compiled
             out[i, j + 1] = c - over
 
 
-def _edges_as(edges: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Edges in the data's dtype, rounded down: for float32 ``x``, ``x > e`` iff ``x > float32_below(e)``."""
-    if dtype == np.float64:
-        return edges
+def _edges_as(edges: np.ndarray, dtype: np.dtype, from_edge: np.ndarray | None = None) -> np.ndarray:
+    """Edges in the data's dtype, rounded down: for float32 ``x``, ``x > e`` iff ``x > float32_below(e)``;
+    where ``from_edge``, the float just below the edge (``x > below(e)`` iff ``x >= e``)."""
     low = edges.astype(dtype)
     above = low.astype(np.float64) > edges
     low[above] = np.nextafter(low[above], dtype.type(-np.inf))
+    if from_edge is not None and from_edge.any():
+        exact = from_edge & ~above & (low.astype(np.float64) == edges)
+        low[exact] = np.nextafter(low[exact], dtype.type(-np.inf))
     return low
 
 
@@ -127,7 +150,8 @@ def bin_per_sample(batch: np.ndarray, bins: TensorBins, huge: float) -> np.ndarr
     n = int(arr.shape[0]) if arr.ndim else 1
     rows = np.ascontiguousarray(arr.reshape(n, -1))
     greater = np.zeros((n, bins.edges.size + 1), dtype=np.int64)
-    _greater_counts(rows, _edges_as(bins.edges, rows.dtype), rows.dtype.type(min(huge, np.finfo(rows.dtype).max)),
+    _greater_counts(rows, _edges_as(bins.edges, rows.dtype, bins.from_edge),
+                    rows.dtype.type(min(huge, np.finfo(rows.dtype).max)),
                     greater)
     out = np.empty((n, bins.n_bins), dtype=np.int64)
     out[:, :-1] = greater[:, :-1] - greater[:, 1:]  # bin j: above edge j-1 (or usable, j=0), not above edge j
