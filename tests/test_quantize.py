@@ -1276,3 +1276,44 @@ def _float16_reads(proto: onnx.ModelProto) -> dict[str, bool]:
         return to == TensorProto.FLOAT16 or (to == TensorProto.FLOAT and c.input[0] in casts and is_half(c.input[0]))
 
     return {n.name: any(is_half(t) for t in n.input) for n in proto.graph.node if n.op_type != "Cast"}
+
+
+def test_weights_left_fp32_for_lack_of_an_int8_form_are_a_note_and_fallback_fp16_runs_them_fp16(tmp_path, capfd):
+    """ddddocr's LSTM (31 % of the weights) has no INT8 form: its "int8 on 100 % of quantizable groups" engine was
+    larger than the FP16 one, and nothing said why or that INT8 + FP16 (TensorRT's classic build) was a flag away."""
+    from quantlab.calibrate import calibrate
+    from quantlab.cli import main
+    from quantlab.data import from_arrays
+
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = {"W": (1, 64, 8), "R": (1, 64, 16), "B": (1, 128), "w_out": (16, 4)}
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["xt"], name="time_major", perm=[1, 0, 2]),
+         helper.make_node("LSTM", ["xt", "W", "R", "B"], ["y"], name="lstm", hidden_size=16),
+         helper.make_node("Squeeze", ["y", "one"], ["ys"], name="squeeze"),
+         helper.make_node("MatMul", ["ys", "w_out"], ["logits"], name="head")], "lstm_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [5, "N", 4])],
+        [numpy_helper.from_array(rng.normal(0, 0.3, v).astype(np.float32), k) for k, v in weights.items()]
+        + [numpy_helper.from_array(np.array([1], np.int64), "one")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = model_from_proto(proto)
+    feeds = {"x": rng.normal(0, 1, (4, 5, 8)).astype(np.float32)}
+    table = calibrate(model, from_arrays(feeds), "minmax").tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    note = next(n for n in written.provenance.notes if "no INT8 form" in n)
+    assert "fell back to FP32" in note and "--fallback fp16" in note
+    onnx.save(proto, tmp_path / "rnn.onnx")
+    from quantlab.table import write_table
+
+    write_table(table, tmp_path / "t.json")
+    assert main(["build", str(tmp_path / "rnn.onnx"), "--table", str(tmp_path / "t.json"), "--target", "tensorrt",
+                 "--fallback", "fp16", "--out", str(tmp_path / "b")]) == 0
+    out = capfd.readouterr().out
+    assert "fp32 0" in out and "no INT8 form" not in out
+    plan = json.loads((tmp_path / "b" / "plan.json").read_text())
+    assert plan["fallback"] == "fp16"
+    assert main(["build", str(tmp_path / "rnn.onnx"), "--precision", "fp16", "--fallback", "fp16", "--out",
+                 str(tmp_path / "c")]) == 2

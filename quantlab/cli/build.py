@@ -24,6 +24,7 @@ FILE); provenance.json records them with the rewritten model's hash.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--precision", choices=[*PRECISIONS, "mixed"], default=None,
                    help="int8, fp16 or fp32 for every group, or mixed (needs --plan); default int8, "
                         "or mixed when --plan is given")
+    p.add_argument("--fallback", choices=["fp16", "fp32"], default=None,
+                   help="precision of the groups that cannot be INT8 under --precision int8 (an LSTM, a "
+                        "Softmax): fp32 (default) or fp16, TensorRT's classic INT8 + FP16 build")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="ort",
                    help="ort (check that ONNX Runtime loads the model) or tensorrt / tensorrt-rtx "
                         "(also build DIR/model.engine); default ort")
@@ -95,6 +99,9 @@ def _plan(args: argparse.Namespace) -> tuple[PrecisionPlan, str]:
     from ..plan import load_plan, uniform_plan
 
     if args.plan is not None:
+        if args.fallback is not None:
+            raise PlanError(f"--plan {args.plan} and --fallback {args.fallback}: the plan file sets its own "
+                            "fallback; set fallback = \"fp16\" there")
         if args.precision not in (None, "mixed"):
             raise PlanError(f"--plan {args.plan} and --precision {args.precision} disagree: the plan decides "
                             "each group's precision; drop --precision (or set 'default' in the plan)")
@@ -103,6 +110,11 @@ def _plan(args: argparse.Namespace) -> tuple[PrecisionPlan, str]:
     if precision == "mixed":
         raise PlanError("--precision mixed needs --plan PLAN (a .json/.toml file; `quantlab build` "
                         "writes the effective plan of any build as DIR/plan.json to start from)")
+    if args.fallback is not None:
+        if precision != "int8":
+            raise PlanError(f"--fallback {args.fallback} applies to --precision int8 (the groups INT8 cannot "
+                            f"run); --precision {precision} runs every group in {precision} already")
+        return dataclasses.replace(uniform_plan(precision), fallback=args.fallback), f"int8, fallback {args.fallback}"
     return uniform_plan(precision), precision
 
 

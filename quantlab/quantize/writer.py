@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -26,7 +27,7 @@ from ..errors import PlanError
 from ..graph import LoadedModel, default_opset, outer_names, subgraph_reads, topological_order
 from ..graph.topology import CONTROL_FLOW_OPS, shape_determined_nodes
 from ..plan import FusionGroup, ResolvedPlan
-from ..precision import FP16
+from ..precision import FP16, FP32
 from ..table import CalibrationTable
 from ..version import __version__
 from .casts import Casts
@@ -103,6 +104,9 @@ class Writer:
                               f"their FP16 copies, so the layers reading them compute something else: {shown}. Keep "
                               "those layers in FP32 (plan overrides), or fold the op that holds them into its "
                               "neighbour before exporting")
+        heavy = self._float_fallback_weights()
+        if heavy:
+            self.notes.append(heavy)
         if self.kept_fp32:
             worst = sorted(self.kept_fp32.items(), key=lambda kv: -kv[1][1])
             shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in worst[:5])
@@ -131,6 +135,24 @@ class Writer:
         self.book.out_nodes.append(written)
         self.book.flush_casts()
         self.node_map[name] = [name] + chains + casts
+
+    def _float_fallback_weights(self) -> str | None:
+        """A note when a tenth or more of the weights sit in groups INT8 was asked of but that have no INT8 form
+        (an LSTM, a weight-only Gather) and fell back to FP32: ddddocr's LSTM held 31 % of them, so its "INT8"
+        engine came out larger than the FP16 one while the build said "int8 on 100 % of quantizable groups"."""
+        sizes = {i.name: int(np.prod(i.dims)) for i in self.src.graph.initializer}
+        total = sum(sizes.values())
+        fallback = [g for g in self.plan.groups if self.plan.precision[g.name] == FP32
+                    and self.plan.reasons.get(g.name, "").startswith("fallback")]
+        held = {g.name: sum(sizes.get(t, 0) for n in g.nodes for t in self.nodes[self.names.index(n)].input)
+                for g in fallback}
+        share = sum(held.values()) / total if total else 0.0
+        if share < 0.1:
+            return None
+        biggest = sorted((n for n in held if held[n] >= 0.01 * total), key=lambda n: -held[n])[:3]
+        return (f"{share:.0%} of the weights are in groups with no INT8 form that fell back to FP32 ("
+                + ", ".join(f"{n!r} {held[n] / total:.0%}" for n in biggest) + "): a plan fallback of fp16 "
+                "(`quantlab build --fallback fp16`, or fallback = \"fp16\" in a plan file) runs them in FP16")
 
     def _statistic(self, node: onnx.NodeProto) -> bool:
         """Whether the node computes a per-sample statistic: a float32 reduction (``fp32_ops``), or a node whose
