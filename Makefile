@@ -39,9 +39,9 @@ install-test: install-demo
 	# pytriton's own dependencies (numpy<2) would downgrade the environment: so no deps, like foolbox.
 	@if [ "$$(uname -m)" = x86_64 ]; then $(PIP) install --no-deps nvidia-pytriton==0.7.0 \
 	  || echo "make: nvidia-pytriton did not install; the tritonserver test will skip"; fi
-	# Real models that ship in wheels (Silero VAD; PaddleOCR PP-OCRv4 via rapidocr): tests read only their .onnx
-	# files, so no deps (torch/torchaudio, opencv). tests/test_packaged_models.py
-	$(PIP) install --no-deps silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4
+	# Real models that ship in wheels (Silero VAD; PaddleOCR PP-OCRv4 via rapidocr; Google's Magika; NudeNet's
+	# YOLOv8n): tests read only their .onnx files, so no deps (torch/torchaudio, opencv). tests/test_packaged_models.py
+	$(PIP) install --no-deps silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4 magika==1.0.3 nudenet==3.4.2
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \

@@ -5,6 +5,11 @@
 - PaddleOCR PP-OCRv4's text detector and v2 direction classifier (``rapidocr-onnxruntime``): paddle2onnx exports
   with ``?`` for every unknown dim and BatchNorm parameters in Constant nodes.
 
+- Magika (``magika``): Google's file-type classifier, a jax2tf -> tf2onnx export (int32 byte input, LayerNorms
+  written out op by op, a softmax as ``exp / sum(exp)``); fed the bytes of files installed here.
+- NudeNet (``nudenet``): an ultralytics YOLOv8n detector, dynamic height and width, an anchor grid computed from
+  the input's shape; fed the 20 ImageNet photos foolbox ships.
+
 The audio and the text images are made here (synthetic): these tests check what quantlab does with the graphs
 (what it quantizes, what it can run and measure), not the models' task accuracy.
 """
@@ -156,3 +161,83 @@ def test_pp_ocr_direction_classifier_with_question_mark_dims_calibrates_and_clas
     row = compare(model, {"int8": int8}, data, CompareOptions(batch_size=4, per_layer=False, bootstrap=0)
                   ).end_to_end.iloc[0]
     assert row["samples"] == 8 and np.isfinite(row["top1_agreement"]) and row["sqnr_db"] > 10
+
+
+# --------------------------------------------------------------------------- Magika
+
+
+def _magika_features(model_dir: Path, count: int, skip: int = 0) -> np.ndarray:
+    """``count`` feature rows as magika 1.0.3 builds them (stripped first and last bytes, padding token), from
+    installed files of several kinds (sources, JSON, images, shared libraries, type stubs), in a fixed order."""
+    import json
+
+    cfg = json.loads((model_dir / "config.min.json").read_text())
+    beg, end, pad, block = cfg["beg_size"], cfg["end_size"], cfg["padding_token"], cfg["block_size"]
+    site = Path(np.__file__).parents[1]
+    kinds = [sorted(p for p in (site / pkg).rglob(f"*.{ext}") if p.is_file() and p.stat().st_size > 64)
+             for pkg, ext in (("numpy", "py"), ("onnx", "json"), ("matplotlib", "png"), ("numpy", "so"),
+                              ("numpy", "pyi"), ("onnx", "proto"), ("matplotlib", "afm"), ("pandas", "pyx"))]
+    kinds = [k for k in kinds if k]
+    rows = []
+    for i in range(skip + count):
+        files = kinds[i % len(kinds)]
+        path = files[(i // len(kinds) * 7) % len(files)]
+        data = path.read_bytes()
+        head, tail = data[:block].lstrip()[:beg], data[-block:].rstrip()[-end:]
+        rows.append(list(head) + [pad] * (beg - len(head)) + [pad] * (end - len(tail)) + list(tail))
+    return np.array(rows[skip:], dtype=np.int32)
+
+
+def test_magika_is_a_classifier_and_its_fp16_keeps_its_layernorms_in_range():
+    """Magika's softmax is spelled out (it was "classifier outputs: none": no top-1 agreement, labels ignored),
+    and its LayerNorm's sum of squares reaches ~6e5: inf in float16, so the FP16 candidate agreed with FP32 on
+    2 % of files. Calibrated, those nodes compute in FP32 and the statistics stay FP32."""
+    from quantlab.compare.labels import classifier_outputs
+
+    path = _packaged("magika", "models", "standard_v3_3", "model.onnx")
+    model = load_model(path)
+    assert classifier_outputs(model) == {"target_label": 214}
+    calib = from_arrays({"bytes": _magika_features(path.parent, 32)})
+    table = calibrate(model, calib, "minmax", batch_size=8).tables["minmax"]
+    fp16 = write_model(model, uniform_plan("fp16"), table, WriteOptions(fp16_simulation=True))
+    assert any("compute in FP32: calibration saw" in n for n in fp16.provenance.notes)
+    val = from_arrays({"bytes": _magika_features(path.parent, 32, skip=32)}, role="validation")
+    row = compare(model, {"fp16": fp16}, val, CompareOptions(batch_size=8, per_layer=False, bootstrap=0)
+                  ).end_to_end.iloc[0]
+    assert row["top1_agreement"] >= 95 and row["sqnr_db"] > 30  # was 2 % and -0.2 dB
+
+
+# --------------------------------------------------------------------------- NudeNet (YOLOv8n)
+
+
+def _photos(size: tuple[int, int], count: int, offset: int = 0) -> np.ndarray:
+    """foolbox's ImageNet photos resized to ``size`` (H, W), RGB / 255, NCHW."""
+    from PIL import Image
+
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("foolbox (pip install --no-deps foolbox==3.3.4) ships the ImageNet photos")
+    files = sorted(Path(list(spec.submodule_search_locations)[0], "data").glob("imagenet_*.jpg"))
+    out = []
+    for f in (files * 2)[offset:offset + count]:
+        with Image.open(f) as img:
+            out.append(np.asarray(img.convert("RGB").resize(size[::-1], Image.BILINEAR), np.float32) / 255.0)
+    return np.stack(out).transpose(0, 3, 1, 2).copy()
+
+
+def test_nudenet_keeps_its_head_and_anchor_grid_float_and_holds_up_at_another_size():
+    """YOLOv8's per-level head Concats were INT8 groups because the float Concat joining them counted as an INT8
+    reader, and the anchor grid (``Range(Shape) + 0.5``) got a scale calibrated at 320 pixels that clipped it at
+    416: 18.7 dB there against 31.7 now."""
+    path = _packaged("nudenet", "320n.onnx")
+    model = load_model(path)
+    head = [g for g in fusion_groups(model.proto) if g.name.startswith("/model.22/") and g.anchor_op == "Concat"]
+    assert head and not any(g.quantizable for g in head)
+    table = calibrate(model, from_arrays({"images": _photos((320, 320), 12)}), "entropy",
+                      batch_size=4).tables["entropy"]
+    int8 = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    val = from_arrays({"images": _photos((416, 416), 6, offset=12)}, role="validation")
+    row = compare(model, {"int8": int8}, val, CompareOptions(batch_size=2, per_layer=False, bootstrap=0)
+                  ).end_to_end.iloc[0]
+    assert row["sqnr_db"] > 25
+
