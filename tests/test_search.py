@@ -1153,3 +1153,16 @@ def test_ranking_subset_holds_the_samples_all_int8_gets_worst_wherever_they_sit(
     assert {9, 11} <= set(subset) and len(subset) == 4
     ranked = evaluator.evaluate_many([resolve_plan(uniform_plan("int8"), model.proto)], 4)[0]
     assert ranked.rows[0]["samples"] == 4
+
+
+def test_search_progress_keeps_the_nines_a_threshold_turns_on():
+    """"cosine=0.9997 miss" then "cosine=0.9997 pass" against a threshold of 0.9997: 0.999665 was rounded to 4
+    significant digits."""
+    from quantlab.cli.search import format_step
+    from quantlab.search.ledger import StepEvent
+
+    row = {"step": 3, "phase": "bisect", "pinned": "conv1", "n_pinned": 1, "metric": "cosine", "value": 0.999665,
+           "passed": False, "full": True, "samples": 48, "cached": False, "latency_ms": float("nan")}
+    best = {"metric": "cosine", "value": 0.9997012, "passed": True, "n_pinned": 2, "int8_fraction": 0.9}
+    line = format_step(StepEvent(row=row, best=best, full_used=3, budget=9))
+    assert "cosine=0.999665 miss" in line and "cosine=0.999701 pass" in line

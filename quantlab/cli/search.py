@@ -122,6 +122,8 @@ def register(subparsers: Any) -> None:
 
 def format_step(event: StepEvent) -> str:
     """One progress line: step, phase, what is pinned, the metric, and the best plan so far."""
+    from ..report.markup import fmt  # 0.999665 read 0.9997 beside a threshold of 0.9997: the 9s matter
+
     r = event.row
     pinned = r["pinned"] or "-"
     if len(pinned) > 40:
@@ -133,10 +135,10 @@ def format_step(event: StepEvent) -> str:
     best = event.best
     best_text = "-"
     if best is not None:
-        best_text = (f"{best['metric']}={best['value']:.4g} {'pass' if best['passed'] else 'miss'}, "
+        best_text = (f"{best['metric']}={fmt(float(best['value']))} {'pass' if best['passed'] else 'miss'}, "
                      f"{best['n_pinned']} pinned, int8 {best['int8_fraction']:.0%}")
     return (f"  step {r['step']:>3}  {r['phase']:<11} pinned {r['n_pinned']:>3} [{pinned}]  "
-            f"{r['metric']}={r['value']:.4g} {verdict} ({where}{extra}){latency}  "
+            f"{r['metric']}={fmt(float(r['value']))} {verdict} ({where}{extra}){latency}  "
             f"best: {best_text}  full {event.full_used}/{event.budget}")
 
 
