@@ -290,3 +290,17 @@ def test_numbers_near_one_keep_their_nines():
     assert fmt(0.995554) == "0.995554" and fmt(0.991) == "0.991" and fmt(0.99) == "0.99"
     assert fmt(0.9999999999) == "1 − 1.0e-10"
     assert fmt(1.0) == "1" and fmt(12.345678) == "12.35"
+
+
+def test_worst_layers_are_only_layers_with_a_finite_local_figure():
+    """Magika's "worst 10 layers" listed 3 culprits, then layers without a local figure in topological order,
+    an exact one-hot Cast (+inf dB) 4th."""
+    import numpy as np
+    import pandas as pd
+
+    from quantlab.report.inputs import worst_layers
+
+    df = pd.DataFrame({"candidate": ["a"] * 5, "layer": ["cast", "conv1", "reshape", "conv2", "fp32_gemm"],
+                       "local": [np.inf, 20.0, np.nan, 12.0, np.nan]})
+    assert worst_layers(df, True, 10)["layer"].tolist() == ["conv2", "conv1"]
+    assert worst_layers(df, True, 1)["layer"].tolist() == ["conv2"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path, json_dumps, write_json
@@ -129,14 +130,16 @@ class ReportInputs:
 
 
 def worst_layers(per_layer: pd.DataFrame, higher_is_better: bool, n: int) -> pd.DataFrame:
-    """The ``n`` rows with the worst local metric (culprits), per candidate.
+    """At most ``n`` rows with the worst local metric (culprits), per candidate.
 
-    Layers without a local figure (not quantized: Reshape, Flatten...) only
-    inherit error, so they rank after every layer that has one.
+    Only layers with a finite local figure: the others (not quantized: Reshape, Flatten, an FP32 layer; or
+    exact, +inf dB) only inherit error, and padding the list with them in topological order put Magika's exact
+    one-hot Cast 4th of its "worst 10 layers".
     """
     frames = []
     for _, group in per_layer.groupby("candidate", sort=False):
-        order = group["local"].sort_values(ascending=higher_is_better, na_position="last").index[:n]
+        local = pd.to_numeric(group["local"], errors="coerce")
+        order = local[np.isfinite(local)].sort_values(ascending=higher_is_better).index[:n]
         frames.append(group.loc[order])
     return pd.concat(frames) if frames else per_layer.head(0)
 
