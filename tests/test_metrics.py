@@ -268,3 +268,18 @@ def test_near_zero_count_counts_samples_far_below_the_median_energy():
     assert near_zero_count(energy) == 2
     assert near_zero_count(np.array([1.0, 1.1, 0.9])) == 0
     assert near_zero_count(np.zeros(4)) == 0  # nothing positive: no median to compare with
+
+
+def test_channel_spread_finds_a_detectors_boxes_beside_its_scores():
+    """YOLOv8's output [N, 4 + classes, anchors]: boxes in pixels (0..320) beside scores (0..1), so cosine and
+    SQNR read the boxes only (an ORT-quantized NudeNet with 6 % of its detections right had cosine 0.999)."""
+    from quantlab.metrics import channel_spread
+
+    rng = np.random.default_rng(0)
+    head = np.concatenate([rng.uniform(0, 320, (2, 4, 600)), rng.uniform(0, 0.9, (2, 6, 600))], axis=1)
+    assert [(a, round(top)) for a, top, _ in channel_spread(head)] == [(1, 320)]
+    assert channel_spread(rng.normal(0, 1, (2, 16, 600))) == []  # features of one scale
+    assert channel_spread(rng.normal(0, 1, (2, 16))) == []  # not [N, A, B]
+    dead = rng.normal(0, 1, (2, 16, 600))
+    dead[:, 3] = 0.0  # an all-zero row is not a scale
+    assert channel_spread(dead) == []

@@ -237,7 +237,8 @@ def test_nudenet_keeps_its_head_and_anchor_grid_float_and_holds_up_at_another_si
                       batch_size=4).tables["entropy"]
     int8 = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
     val = from_arrays({"images": _photos((416, 416), 6, offset=12)}, role="validation")
-    row = compare(model, {"int8": int8}, val, CompareOptions(batch_size=2, per_layer=False, bootstrap=0)
-                  ).end_to_end.iloc[0]
-    assert row["sqnr_db"] > 25
+    result = compare(model, {"int8": int8}, val, CompareOptions(batch_size=2, per_layer=False, bootstrap=0))
+    assert result.end_to_end.iloc[0]["sqnr_db"] > 25
+    # boxes in pixels beside scores in [0, 1]: cosine/SQNR read the boxes, and the run says so
+    assert any("'output0' holds rows of very different scales along axis 1" in w for w in result.warnings)
 

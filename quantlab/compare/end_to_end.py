@@ -25,6 +25,7 @@ from ..data import Batch
 from ..errors import CompareError
 from ..metrics import (
     ErrorSums,
+    channel_spread,
     error_sums,
     errors_from_sums,
     mcnemar_exact_p,
@@ -72,6 +73,9 @@ class OutputStats:
     """Samples whose output had another shape than the reference's (a size the data decides): left out."""
     widest: int = 0
     """The most values one sample's output held: 1 for a speech probability ``[N, 1]``, whose cosine is ±1."""
+    spread: list[tuple[int, float, float]] = field(default_factory=list)
+    """(axis, largest, median) per-index absmax along an axis whose indices differ in scale 100x or more, in a
+    shard's first batch (:func:`quantlab.metrics.channel_spread`)."""
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     """The reference output's shape in a shard's first batch, as the model returned it."""
     ref_energy: list[np.ndarray] = field(default_factory=list)
@@ -153,10 +157,13 @@ class EndToEnd:
     def add(self, batch: Batch, ref_live: Mapping[str, np.ndarray],
             cand_live: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         labels = np.asarray(batch.labels) if (self.labels.accuracy and batch.labels is not None) else None
-        for o in self.outputs:
-            if not self.reference[o].shapes:
-                self.reference[o].shapes.append(tuple(np.shape(ref_live[o])))
+        first = [o for o in self.outputs if not self.reference[o].shapes]
+        for o in first:
+            self.reference[o].shapes.append(tuple(np.shape(ref_live[o])))
         ref_live = self._samples_first(ref_live, len(batch))
+        for o in first:
+            if o not in self.classifiers and o not in self.choices:
+                self.reference[o].spread.extend(channel_spread(ref_live[o]))
         cand_live = {name: self._samples_first(cand_live[name], len(batch)) for name in self.candidates}
         self._add_reference(ref_live, labels)
         ref_chosen = {o: self._chosen(o, ref_live[o]) for o in self.choices}

@@ -26,6 +26,10 @@ def output_warnings(e2e: EndToEnd) -> list[str]:
             and {e2e.stats[(n, o)].widest for n in e2e.candidates if (n, o) in e2e.stats} == {1}]
     out += _near_zero_warnings(e2e)
     out += _undeclared_rank_warnings(e2e)
+    out += [f"output {o!r} holds rows of very different scales along axis {axis} (|x| up to {top:.3g} in some, "
+            f"{low:.3g} in others: a detector's box coordinates beside its scores): cosine and SQNR weigh the large "
+            "ones only; judge it by a task metric (--metric, e.g. detections matched to the reference's)"
+            for o in e2e.outputs for axis, top, low in e2e.reference[o].spread[:1]]
     out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps or the steps "
             f"a while loop takes) has "
             f"another shape than the reference's on {st.mismatched} of {len(e2e.keys)} sample(s); its figures "

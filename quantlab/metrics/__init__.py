@@ -19,7 +19,7 @@ from .errors import (
     rel_l2,
     sqnr_db,
 )
-from .statistics import binomial_ci, bootstrap_ci, mcnemar_exact_p, near_zero_count, topk, topk_correct
+from .statistics import binomial_ci, bootstrap_ci, channel_spread, mcnemar_exact_p, near_zero_count, topk, topk_correct
 
 __all__ = [
     "ErrorAccumulator",
@@ -37,5 +37,6 @@ __all__ = [
     "bootstrap_ci",
     "mcnemar_exact_p",
     "near_zero_count",
+    "channel_spread",
     "as_float32",
 ]

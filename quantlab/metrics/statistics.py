@@ -169,3 +169,24 @@ def near_zero_count(energy: np.ndarray, share: float = 1e-6) -> int:
     energy = np.asarray(energy, dtype=np.float64)
     positive = energy[energy > 0]
     return int(np.count_nonzero(energy < share * float(np.median(positive)))) if positive.size else 0
+
+
+def channel_spread(x: np.ndarray, ratio: float = 100.0, max_size: int = 512) -> list[tuple[int, float, float]]:
+    """(axis, largest, smallest) for each axis of a ``[N, A, B]`` output (samples on axis 0) along which the
+    indices' largest |x| differ ``ratio`` times or more (smallest over the non-zero ones), for axes of 3 to
+    ``max_size`` indices: a detector's rows of box coordinates in pixels beside scores in [0, 1]. Cosine and SQNR
+    over such an output weigh the large rows only. [] for other ranks."""
+    arr = np.asarray(x)
+    if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
+        return []
+    out = []
+    for axis in (1, 2):
+        if not 3 <= arr.shape[axis] <= max_size:
+            continue
+        peak = np.nanmax(np.where(np.isfinite(arr), np.abs(arr), np.nan), axis=tuple(a for a in (0, 1, 2)
+                                                                                     if a != axis))
+        live = peak[np.isfinite(peak) & (peak > 0)]
+        if live.size >= 2 and live.max() >= ratio * live.min():
+            out.append((axis, float(live.max()), float(live.min())))
+    return out
+
