@@ -89,6 +89,15 @@ def _bootstrap_weights(block_counts: set[int], options: CoverageOptions) -> dict
     return out
 
 
+def _flattened_note(result: PassResult) -> tuple[str, ...]:
+    if not result.one_at_a_time:
+        return ()
+    shown = ", ".join(repr(t) for t in result.one_at_a_time[:3])
+    more = f" and {len(result.one_at_a_time) - 3} more" if len(result.one_at_a_time) > 3 else ""
+    return (f"{shown}{more} hold several samples' rows in one axis (a flattened [N*S, H] before a MatMul): the "
+            "pass ran one sample at a time so that every tensor is checked per sample (slower, same figures)",)
+
+
 def _notes(name: str, summary: Any, calibration_summary: Any) -> tuple[str, ...]:
     if calibration_summary is None or summary is None:
         return ()
@@ -137,7 +146,7 @@ def coverage_of(model: LoadedModel, dataset: Any, table: CalibrationTable, calib
         name=label, source=dataset.describe_source() if hasattr(dataset, "describe_source") else label,
         samples=result.samples, rows=_rows(result, table, calibration, options),
         worst_samples=tuple(s.as_dict() for s in result.worst), summary=result.summary, statistics=stats,
-        notes=_notes(label, result.summary, calibration_summary))
+        notes=_notes(label, result.summary, calibration_summary) + _flattened_note(result))
 
 
 def _progress_bar(progress: bool, dataset: Any, label: str) -> Any:

@@ -62,6 +62,9 @@ class PassResult:
     worst: tuple[SampleScore, ...]
     summary: Any
     """The data's ``quantlab.data.DataSummary``."""
+    one_at_a_time: tuple[str, ...] = ()
+    """Tensors whose samples a run of several could not tell apart (a flattened ``[N*S, H]``): the pass then ran
+    one sample at a time, so that they are checked per sample too."""
 
 
 def table_bins(table: CalibrationTable, calibration: Statistics) -> dict[str, TensorBins]:
@@ -128,6 +131,7 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
     samples = n_batches = 0
     plan: RunRows | None = None
     layout: tuple[dict[str, int], dict[str, bool]] | None = None  # sample axes, carries the samples
+    flattened: tuple[str, ...] = ()  # PassResult.one_at_a_time
     try:
         for item in batches:
             fingerprint.update(item)
@@ -140,19 +144,26 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
             axes, carries = layout
             if plan is None:
                 plan = RunRows(model, exposed, run_budget_bytes, feeds, n, resolved_sizes(model, exposed, feeds))
-            run_rows = plan(feeds, n, batch_axes)
+            run_rows = 1 if flattened else plan(feeds, n, batch_axes)
             keys = _keys(item, samples, n)
-            for start in range(0, n, run_rows):  # a large batch runs in slices: memory flat in the batch size
-                part = feeds if n <= run_rows else sample_rows(feeds, batch_axes, start, start + run_rows)
+            start = 0
+            while start < n:  # a large batch runs in slices: memory flat in the batch size
+                stop = min(start + run_rows, n)
+                part = feeds if stop - start == n else sample_rows(feeds, batch_axes, start, stop)
                 outputs = dict(runner.run(part, exposed)) if runner is not None else {}
                 outputs.update({t: np.asarray(part[t]) for t in bins if t in inputs})
-                shown = keys[start:start + run_rows]
+                shown = keys[start:stop]
                 weights = sample_weights(outputs, len(shown), carries)
                 outputs = {t: (a, _by_sample(a, axes.get(t, 0), len(shown), weights.get(t, 1)))
                            for t, a in outputs.items()}
+                lost = [t for t, (_, rows) in outputs.items() if rows is None]
+                if lost and len(shown) > 1:  # nothing reduced yet: this slice again, one sample at a time
+                    flattened, run_rows = tuple(lost), 1
+                    continue
                 for score in _slice_scores(outputs, weights, tallies, huge_threshold, pool, shown):
                     worst.push(score)
                 del outputs
+                start = stop
             samples += n
             n_batches += 1
     finally:
@@ -163,7 +174,7 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
     if samples == 0:
         raise DataError("the data set yielded no samples; give it at least one")
     return PassResult(tallies=tallies, samples=samples, batches=n_batches, worst=tuple(worst.result()),
-                      summary=fingerprint.summary())
+                      summary=fingerprint.summary(), one_at_a_time=flattened)
 
 
 def _by_sample(array: np.ndarray, axis: int, samples: int, weight: int) -> np.ndarray | None:
