@@ -411,3 +411,22 @@ def test_a_fixed_batch_ctc_export_scores_time_major_positions(tmp_path):
     res = compare(model, {"int8": int8}, data, CompareOptions(batch_size=1, bootstrap=0, per_layer=False))
     row = res.end_to_end.set_index("candidate").loc["int8"]
     assert row["samples"] == 4 and 0 <= row["token_agreement"] <= 100
+
+
+def test_sigmoid_outputs_are_independent_probabilities_not_a_choice():
+    """basic-pitch's [N, frames, 88] note probabilities (a Sigmoid per key) were read as classes per position:
+    token agreement took an argmax over 88 independent keys, and FP16 "changed" 63 of 64 samples."""
+    from quantlab.compare.labels import classifier_outputs
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["z"], name="dense"),
+         helper.make_node("Sigmoid", ["z"], ["notes"], name="notes"),
+         helper.make_node("Softmax", ["z"], ["classes"], name="classes", axis=-1)], "multi_label",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+        [helper.make_tensor_value_info("notes", TensorProto.FLOAT, ["N", 4, 6]),
+         helper.make_tensor_value_info("classes", TensorProto.FLOAT, ["N", 4, 6])],
+        [onnx.numpy_helper.from_array(rng.normal(0, 1, (8, 6)).astype(np.float32), "w")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert position_scorers(model, {}) == {"classes": 6}
+    assert classifier_outputs(model) == {}  # rank 3: per position, not [N, C]

@@ -52,11 +52,13 @@ per-sample table's bool."""
 
 _LINEAR = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul", "FusedGemm", "FusedConv"})
 """Ops that compute class scores from features (ORT's fused forms too: an ORT-optimized graph)."""
-_ON_THE_WAY = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "Relu", "Transpose", "Reshape", "Flatten", "Identity",
+_ON_THE_WAY = frozenset({"Softmax", "LogSoftmax", "Relu", "Transpose", "Reshape", "Flatten", "Identity",
                          "Cast", "Squeeze", "Unsqueeze", "Dropout", "GlobalAveragePool", "AveragePool",
                          "ReduceMean"})
 """Ops between the linear layer and the output that keep each class's score apart and in order (their data input
-is the first): a softmax, a ReLU, the global pool of a 1x1-conv head (SqueezeNet), layout ops."""
+is the first): a softmax, a ReLU, the global pool of a 1x1-conv head (SqueezeNet), layout ops. Not a Sigmoid:
+its outputs are independent probabilities (multi-label tags, basic-pitch's 88 piano keys per frame), where the
+best one is no decision (FP16 "changed" 63 of 64 samples whose thresholded notes agreed 99.3 %)."""
 _WITH_A_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div"})
 """... and a bias, a logit scale or a temperature: one operand a constant or a graph input."""
 _MAX_HOPS = 16
