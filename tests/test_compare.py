@@ -912,3 +912,19 @@ def test_an_output_returned_with_another_rank_than_declared_is_a_warning():
     res = compare(model, {"same": model}, data, CompareOptions(batch_size=1, bootstrap=0, per_layer=False))
     warning = next(w for w in res.warnings if "is declared" in w)
     assert "'scores' is declared [N, 5] but the model returns shape [1, 1, 5]" in warning
+
+
+def test_a_user_metric_of_yes_no_per_sample_gets_an_exact_interval():
+    """A user metric of 0/100 per sample (agreement at a BERT's masked positions) read 100 [100, 100] on 192
+    words, so a gate on its ``_ci_low`` could not fail; it now gets the exact binomial interval, as top-1 agreement
+    does. A 0/1 column too; cosine at exactly 1 everywhere stays a bootstrap figure."""
+    from quantlab.compare.intervals import exact_intervals
+    from quantlab.metrics import binomial_ci
+
+    n = 192
+    got = exact_intervals({"agree_mask": np.full(n, 100.0), "hit": np.r_[np.ones(n - 2), np.zeros(2)],
+                           "cosine": np.ones(n), "score": np.linspace(0, 100, n)}, 0.95)
+    lo, hi = binomial_ci(n, n, 0.95)
+    assert got["agree_mask"] == pytest.approx((100 * lo, 100 * hi)) and got["agree_mask"][0] < 99
+    assert got["hit"] == pytest.approx(binomial_ci(n - 2, n, 0.95))
+    assert "cosine" not in got and "score" not in got

@@ -1,7 +1,7 @@
 """Confidence intervals of the end-to-end figures: a paired bootstrap over the samples, exact where it collapses.
 
-Agreement and accuracy columns hold 0/100 per sample: their interval is Clopper-Pearson
-(:func:`quantlab.metrics.binomial_ci`); a drop with fewer than 10 discordant samples gets the exact bounds of its
+Agreement and accuracy columns hold 0/100 per sample (and so may a user metric's, or 0/1): their interval is
+Clopper-Pearson (:func:`quantlab.metrics.binomial_ci`); a drop with fewer than 10 discordant samples gets the exact bounds of its
 two kinds of disagreement. Everything else is the percentile bootstrap (:func:`quantlab.metrics.bootstrap_ci`).
 """
 
@@ -28,6 +28,24 @@ def intervals(columns: Mapping[str, np.ndarray], options: CompareOptions) -> dic
 _PROPORTIONS = ("top1_agreement", "ref_top1", "top1", "ref_top5", "top5", "sequence_agreement", "exact_match")
 """Per-sample 0/100 columns: their interval is the exact binomial one (:func:`quantlab.metrics.binomial_ci`)."""
 
+_CONTINUOUS = frozenset({"cosine", "token_agreement", "element_match"})
+"""Per-sample figures that are not one yes/no per sample, even where every sample reads 1 or 100."""
+
+
+def _proportion_scale(name: str, values: np.ndarray | None) -> float | None:
+    """100 for a column of :data:`_PROPORTIONS`, or any other (a user metric's) whose per-sample values are all
+    0 or 100; 1 for one whose values are all 0 or 1; None otherwise. A user metric "agree at the masked positions"
+    of 0/100 per sample read 100 [100, 100] on 192 words, so its ``_ci_low`` gate could not fail."""
+    if values is None or not len(values) or name.endswith("_drop") or name in _CONTINUOUS:
+        return None
+    v = np.asarray(values, dtype=np.float64)
+    if np.isnan(v).any():
+        return None
+    if name in _PROPORTIONS or np.isin(v, (0.0, 100.0)).all() and (v == 100.0).any():
+        return 100.0
+    return 1.0 if np.isin(v, (0.0, 1.0)).all() else None
+
+
 _FEW_DISCORDANT = 10
 """Below this many samples where reference and candidate differ, a drop's interval is the exact bound below."""
 
@@ -42,12 +60,12 @@ def exact_intervals(columns: Mapping[str, np.ndarray], confidence: float) -> dic
     ``top1_drop_ci_high<=1`` passed on a dozen samples; the exact interval of 12 of 12 is [73.5, 100].
     """
     out: dict[str, tuple[float, float]] = {}
-    for name in _PROPORTIONS:
-        values = columns.get(name)
-        if values is None or not len(values) or np.isnan(values).any():
+    for name, values in columns.items():
+        scale = _proportion_scale(name, values)
+        if scale is None:
             continue
-        lo, hi = binomial_ci(int(np.count_nonzero(values > 50.0)), len(values), confidence)
-        out[name] = (100.0 * lo, 100.0 * hi)
+        lo, hi = binomial_ci(int(np.count_nonzero(values > scale / 2)), len(values), confidence)
+        out[name] = (scale * lo, scale * hi)
     for name in ("top1_drop", "top5_drop"):
         values = columns.get(name)
         if values is None or not len(values) or np.isnan(values).any():
