@@ -1172,3 +1172,27 @@ def test_search_progress_keeps_the_nines_a_threshold_turns_on():
     best = {"metric": "cosine", "value": 0.9997012, "passed": True, "n_pinned": 2, "int8_fraction": 0.9}
     line = format_step(StepEvent(row=row, best=best, full_used=3, budget=9))
     assert "cosine=0.999665 miss" in line and "cosine=0.999701 pass" in line
+
+
+def test_bias_correction_with_no_layer_to_correct_spends_no_validation():
+    """tf2onnx graphs (MatMul -> Reshape -> Add) gave bias correction no layer, and the search still ran two full
+    validations of one and the same all-INT8 plan to decide whether to keep it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.search import search
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="dense1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="dense2")], "no_bias",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(rng.normal(0, 0.5, (8, 8)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.normal(0, 0.5, (8, 4)).astype(np.float32), "w2")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    cal = from_arrays({"x": rng.normal(size=(16, 8)).astype(np.float32)})
+    val = from_arrays({"x": rng.normal(size=(12, 8)).astype(np.float32)}, role="validation")
+    table = calibrate(model, cal, "minmax").tables["minmax"]
+    result = search(model, table, val, SearchOptions(threshold="cosine>=0.5", batch_size=4), calib=cal)
+    assert result.settings["bias_correction"] == "measured, not applied: no INT8 layer with a bias it can correct"

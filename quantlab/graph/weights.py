@@ -34,10 +34,12 @@ _WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMu
 W, R, B of recurrent layers: torch writes an LSTM's as ``Concat(Slice(w_ih), ...)`` (gates reordered),
 which otherwise stayed Concat nodes the plan took for INT8 groups of activations."""
 
-_NEVER_EVALUATED = frozenset({"Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike",
-                              "RandomUniformLike", "Multinomial", "Bernoulli", "QuantizeLinear", "DequantizeLinear"})
-"""Ops whose output depends on more than their constant inputs (shapes at run time, random draws), and Q/DQ:
-a model that already holds them is the writer's to refuse, not this fold's to turn back into float."""
+_NEVER_EVALUATED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                              "Multinomial", "Bernoulli", "QuantizeLinear", "DequantizeLinear"})
+"""Ops whose output depends on more than their constant inputs (random draws), and Q/DQ: a model that already
+holds them is the writer's to refuse, not this fold's to turn back into float. ``Shape``/``Size`` are not here:
+of a constant they are constant (tf2onnx reshapes a Gemm weight by ``Reshape(W, ReduceProd(Shape(W')))``,
+which had been calibrated as an activation, one clipped per-tensor scale), of anything else they are not."""
 
 
 def fold_computed_weights(proto: onnx.ModelProto) -> onnx.ModelProto:

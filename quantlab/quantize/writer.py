@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 from ..controlflow import control_flow_notes
 from ..errors import PlanError
 from ..graph import LoadedModel, default_opset, outer_names, subgraph_reads, topological_order
-from ..graph.topology import CONTROL_FLOW_OPS, shape_determined_nodes
+from ..graph.topology import CONTROL_FLOW_OPS, SHAPE_ONLY_OPS, shape_determined_nodes
 from ..plan import FusionGroup, ResolvedPlan
 from ..precision import FP16, FP32
 from ..table import CalibrationTable
@@ -140,11 +140,14 @@ class Writer:
         """A note when a tenth or more of the weights sit in groups INT8 was asked of but that have no INT8 form
         (an LSTM, a weight-only Gather) and fell back to FP32: ddddocr's LSTM held 31 % of them, so its "INT8"
         engine came out larger than the FP16 one while the build said "int8 on 100 % of quantizable groups"."""
-        sizes = {i.name: int(np.prod(i.dims)) for i in self.src.graph.initializer}
+        floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+        sizes = {i.name: int(np.prod(i.dims)) for i in self.src.graph.initializer if i.data_type in floats}
         total = sum(sizes.values())
         fallback = [g for g in self.plan.groups if self.plan.precision[g.name] == FP32
                     and self.plan.reasons.get(g.name, "").startswith("fallback")]
-        held = {g.name: sum(sizes.get(t, 0) for n in g.nodes for t in self.nodes[self.names.index(n)].input)
+        index = {n: i for i, n in enumerate(self.names)}
+        held = {g.name: sum(sizes.get(t, 0) for n in g.nodes for t in self.nodes[index[n]].input
+                            if self.nodes[index[n]].op_type not in SHAPE_ONLY_OPS)  # Shape(W) reads no value
                 for g in fallback}
         share = sum(held.values()) / total if total else 0.0
         if share < 0.1:

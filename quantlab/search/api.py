@@ -87,7 +87,10 @@ def search(
         correction = measure_bias_correction(model, table, with_carry(calib, model, streams=options.batch_size),
                                              write_options(options),
                                              batch_size=options.batch_size)
-        correction, correction_check = _correction_if_it_helps(model, table, dataset, options, correction, base)
+        if correction.layers:
+            correction, correction_check = _correction_if_it_helps(model, table, dataset, options, correction, base)
+        else:  # no layer it can correct (tf2onnx's MatMul -> Reshape -> Add): two full validations of one plan
+            correction, correction_check = None, {"why": "no INT8 layer with a bias it can correct"}
     log = None
     data_sha = None
     if workdir is not None:
