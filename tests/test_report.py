@@ -177,6 +177,9 @@ def test_comparison_shows_what_changed_and_what_moved() -> None:
     assert "0.004700" in page or "0.0047" in page  # Δ of entropy cosine: 0.9990 - 0.9943
     plan_part = page.split('id="plan"')[1]
     assert "stem_conv" in plan_part and "fp16" in plan_part
+    assert "different models" not in page
+    other = ReportInputs(**{**b.__dict__, "model": {**b.model, "sha256": "f" * 64}})  # another model: a caveat
+    assert "A and B are experiments on different models" in render_comparison(a, other)
 
 
 def test_write_report_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:

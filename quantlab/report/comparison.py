@@ -67,6 +67,11 @@ def render_comparison(a: ReportInputs, b: ReportInputs, *, label_a: str = "A", l
     """Two experiments side by side: what changed (settings, hashes), what moved (metrics, layers, plan)."""
     intro = (f"<p><b>A</b> = <code>{esc(label_a)}</code> ({esc(a.title)}), "
              f"<b>B</b> = <code>{esc(label_b)}</code> ({esc(b.title)}). Δ = B − A.</p>")
+    sha_a, sha_b = a.model.get("sha256"), b.model.get("sha256")
+    if sha_a and sha_b and sha_a != sha_b:
+        intro += (f'<p class="caveat">A and B are experiments on different models (sha256 {esc(str(sha_a)[:12])} '
+                  f"and {esc(str(sha_b)[:12])}): their figures do not measure one model's quantization, and the "
+                  "layer and plan tables pair only the names both models have.</p>")
     verdicts = table(pd.DataFrame([{"run": "A", "verdict": _verdict_line(a)},
                                     {"run": "B", "verdict": _verdict_line(b)}]), merge_ci=False)
     body = (
