@@ -1317,3 +1317,28 @@ def test_weights_left_fp32_for_lack_of_an_int8_form_are_a_note_and_fallback_fp16
     assert plan["fallback"] == "fp16"
     assert main(["build", str(tmp_path / "rnn.onnx"), "--precision", "fp16", "--fallback", "fp16", "--out",
                  str(tmp_path / "c")]) == 2
+
+
+def test_fp16_keeps_a_3d_global_average_pool_mean_in_fp32_like_reducemean():
+    """tf2onnx writes a LayerNorm's mean as GlobalAveragePool over a 3-D tensor: it stayed float16, with the
+    statistics after it (TensorRT-RTX: "Detected layernorm nodes in FP16"). A 4-D pool (a CNN head) is left be."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["mean"], name="gap_mean"),
+         helper.make_node("Sub", ["x", "mean"], ["centred"], name="centre"),
+         helper.make_node("Mul", ["centred", "centred"], ["sq"], name="square"),
+         helper.make_node("GlobalAveragePool", ["sq"], ["var"], name="gap_var"),
+         helper.make_node("Add", ["var", "eps"], ["var_eps"], name="add_eps"),
+         helper.make_node("Sqrt", ["var_eps"], ["std"], name="std"),
+         helper.make_node("Div", ["centred", "std"], ["y"], name="normalise"),
+         helper.make_node("GlobalAveragePool", ["img"], ["pooled"], name="cnn_head")], "gap_ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16]),
+         helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16]),
+         helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 4, 1, 1])],
+        [numpy_helper.from_array(np.array(1e-12, np.float32), "eps")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    halves = _float16_reads(write_model(model, uniform_plan("fp16"), None).proto)
+    assert not halves["gap_mean"] and not halves["gap_var"] and not halves["add_eps"]
+    assert halves["centre"] and halves["normalise"] and halves["cnn_head"]

@@ -165,9 +165,14 @@ class Writer:
         ``E[x^2] - E[x]^2`` and adds an epsilon of 1e-12: in float16 the difference cancels to nothing and the
         epsilon to 0, so ``1 / sqrt(var + eps)`` is off by orders of magnitude (Magika's LayerNorm: 5 dB). These
         tensors hold one value per sample (or row), so float32 costs nothing. ``Expand`` ends the chain: it
-        broadcasts a statistic back to the full size.
+        broadcasts a statistic back to the full size. tf2onnx writes a LayerNorm's means as a GlobalAveragePool
+        over ``[N, S, H]`` transposed to ``[N, H, S]``-like 3-D tensors: a mean like ReduceMean's, so it counts
+        where ReduceMean is kept float32 (a CNN's 4-D global pool does not).
         """
-        if node.op_type in self.options.fp32_ops and node.op_type.startswith("Reduce"):
+        spec = self.book.specs.get(node.input[0]) if node.input else None
+        mean_3d = (node.op_type == "GlobalAveragePool" and "ReduceMean" in self.options.fp32_ops
+                   and spec is not None and spec.shape is not None and len(spec.shape) == 3)
+        if (node.op_type in self.options.fp32_ops and node.op_type.startswith("Reduce")) or mean_3d:
             self.statistics.update(node.output)
             return True
         if node.op_type == "Expand" or node.op_type in CONTROL_FLOW_OPS:
