@@ -1196,3 +1196,41 @@ def test_bias_correction_with_no_layer_to_correct_spends_no_validation():
     table = calibrate(model, cal, "minmax").tables["minmax"]
     result = search(model, table, val, SearchOptions(threshold="cosine>=0.5", batch_size=4), calib=cal)
     assert result.settings["bias_correction"] == "measured, not applied: no INT8 layer with a bias it can correct"
+
+
+def test_suffix_runs_feed_each_run_its_own_shape_values():
+    """Magika's flip search failed ("requested shape {8,8,512,256}"): a cut tensor holding the batch size
+    (``Shape(x)[0]``, [8] per run) was stacked over two runs into [8, 8] and fed back as a shape."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.backends import get_backend
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.search.suffix import plan_outputs, run_batched
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["x_shape"], name="shape", end=1),
+         helper.make_node("Concat", ["x_shape", "minus_one"], ["rows"], name="rows", axis=0),
+         helper.make_node("MatMul", ["x", "w1"], ["h"], name="dense1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["z"], name="dense2"),
+         helper.make_node("Reshape", ["z", "rows"], ["flat"], name="flatten"),
+         helper.make_node("MatMul", ["flat", "w3"], ["logits"], name="head")], "shape_across_the_cut",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(rng.normal(0, 0.5, s).astype(np.float32), n)
+         for n, s in (("w1", (8, 8)), ("w2", (8, 4)), ("w3", (16, 3)))]
+        + [numpy_helper.from_array(np.array([-1], np.int64), "minus_one")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = model_from_proto(proto)
+    x = rng.normal(size=(20, 4, 8)).astype(np.float32)
+    table = calibrate(model, from_arrays({"x": x}), "minmax").tables["minmax"]
+    base = resolve_plan(uniform_plan("int8"), model.proto)
+    opts = WriteOptions(target="tensorrt", fp16_simulation=True)
+    protos = [write_model(model, p, table, opts).proto for p in (base, base.with_pins({"dense2": "fp16"}))]
+    backend = get_backend("ort", qdq_fusion=False)
+    got = plan_outputs(backend, protos[0], protos, {"x": x}, "logits", 8)  # runs of 8, 8 and 4
+    for out, p in zip(got, protos, strict=True):
+        whole = run_batched(backend, p, {"x": x}, ["logits"], 8)["logits"]
+        np.testing.assert_allclose(out, whole, rtol=0, atol=1e-4 * float(np.abs(whole).max()))

@@ -64,38 +64,54 @@ def suffix_model(proto: onnx.ModelProto, start: int, cut: Sequence[str], output:
     return submodel(proto, list(proto.graph.node[start:]), list(cut), [output], specs, f"suffix of {output}")
 
 
+def _parts(feeds: Mapping[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+    """``feeds`` (samples on axis 0) as runs of at most ``batch`` samples; one sample whose axes are its own,
+    or a set no larger than ``batch``, runs whole."""
+    n = max((len(v) for v in feeds.values() if np.ndim(v)), default=1)
+    if n <= batch:
+        return [dict(feeds)]
+    return [{k: v[a:a + batch] for k, v in feeds.items()} for a in range(0, n, batch)]
+
+
 def run_batched(backend: Backend, proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
                 outputs: Sequence[str], batch: int) -> dict[str, np.ndarray]:
-    """``outputs`` of ``proto`` on ``feeds`` (samples on axis 0), ``batch`` samples per run (feeds of at most
-    ``batch`` rows, or one sample whose axes are its own, run whole)."""
+    """``outputs`` of ``proto`` on ``feeds`` (samples on axis 0), ``batch`` samples per run."""
+    parts = _run_parts(backend, proto, _parts(feeds, batch), outputs)
+    return {o: np.concatenate([p[o] for p in parts]) for o in outputs}
+
+
+def _run_parts(backend: Backend, proto: onnx.ModelProto, parts: Sequence[Mapping[str, np.ndarray]],
+               outputs: Sequence[str]) -> list[dict[str, np.ndarray]]:
     runner = backend.build(proto, outputs=list(outputs))
     try:
-        n = max((len(v) for v in feeds.values() if np.ndim(v)), default=1)
-        if n <= batch:
-            parts = [runner.run(dict(feeds), list(outputs))]
-        else:
-            parts = [runner.run({k: v[a:a + batch] for k, v in feeds.items()}, list(outputs))
-                     for a in range(0, n, batch)]
+        return [dict(runner.run(dict(part), list(outputs))) for part in parts]
     finally:
         runner.close()
-    return {o: np.concatenate([p[o] for p in parts]) for o in outputs}
 
 
 def plan_outputs(backend: Backend, anchor: onnx.ModelProto, protos: Sequence[onnx.ModelProto],
                  feeds: Mapping[str, np.ndarray], output: str, batch: int) -> list[np.ndarray]:
     """``output`` of every model in ``protos`` on ``feeds``: the anchor runs once (keeping every
-    cut tensor), each model only from its first node that differs from the anchor."""
+    cut tensor), each model only from its first node that differs from the anchor.
+
+    The cut tensors are kept per run and fed back to the same run: not every one holds the samples on axis 0
+    (Magika's ``strided_slice:0`` is the batch size, ``[8]``; stacked over two runs it was ``[8, 8]``, and the
+    suffix's Reshape failed).
+    """
     starts = [shared_prefix(anchor, p) for p in protos]
     cuts = [cut_tensors(p, s) if s > 0 else [] for p, s in zip(protos, starts, strict=True)]
     keep = list(dict.fromkeys([output, *(t for c in cuts for t in c if t not in feeds)]))
-    values = {**feeds, **run_batched(backend, anchor, feeds, keep, batch)}
+    parts = _parts(feeds, batch)
+    kept = [{**part, **values} for part, values in zip(parts, _run_parts(backend, anchor, parts, keep),
+                                                          strict=True)]
     out = []
     for p, start, cut in zip(protos, starts, cuts, strict=True):
         if start >= len(p.graph.node) and start == len(anchor.graph.node):
-            out.append(values[output])  # the anchor itself
+            runs = kept  # the anchor itself
         elif start == 0:
-            out.append(run_batched(backend, p, feeds, [output], batch)[output])
+            runs = _run_parts(backend, p, parts, [output])
         else:
-            model = suffix_model(p, start, cut, output, values)
-            out.append(run_batched(backend, model, {t: values[t] for t in cut}, [output], batch)[output])
+            model = suffix_model(p, start, cut, output, kept[0])
+            runs = _run_parts(backend, model, [{t: k[t] for t in cut} for k in kept], [output])
+        out.append(np.concatenate([r[output] for r in runs]))
     return out
