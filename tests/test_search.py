@@ -1130,7 +1130,7 @@ def test_worst_and_spread_takes_the_worst_half_and_spreads_the_rest():
     from quantlab.search.evaluator import worst_and_spread
 
     order = [7, 3, 9, 0, 1, 2, 4, 5, 6, 8]  # worst first
-    assert worst_and_spread(order, 4) == [0, 3, 7, 9]  # worst 7, 3; the rest 0 1 2 4 5 6 8 9 -> its two ends
+    assert worst_and_spread(order, 4) == [3, 7, 8, 9]  # worst 7, 3; the rest 9 0 1 2 4 5 6 8 -> its two ends
     assert worst_and_spread(order, 6) == [0, 3, 4, 7, 8, 9]  # worst 7, 3, 9; rest 0 1 2 4 5 6 8 -> 0, 4, 8
     assert worst_and_spread(order, 10) == list(range(10))
     assert worst_and_spread(order, 1) == [7]
@@ -1153,12 +1153,23 @@ def test_ranking_subset_holds_the_samples_all_int8_gets_worst_wherever_they_sit(
     evaluator = CompareEvaluator(model, table, data, SearchOptions(threshold="cosine>=0.999", batch_size=4))
     assert evaluator.select_subset(4, fragile=False) == [0, 1, 2, 3]  # no full validation yet: the first n
     evaluator.evaluate(resolve_plan(uniform_plan("int8"), model.proto), len(data))
-    order = evaluator.worst_order(["cosine"])
+    from quantlab.threshold import parse_threshold
+
+    cosine = parse_threshold("cosine>=0.999").conditions
+    order = evaluator.worst_order(cosine)
     assert set(order[:2]) == {9, 11}
-    subset = evaluator.select_subset(4, fragile=False, metrics=["cosine"])
+    subset = evaluator.select_subset(4, fragile=False, conditions=cosine)
     assert {9, 11} <= set(subset) and len(subset) == 4
     ranked = evaluator.evaluate_many([resolve_plan(uniform_plan("int8"), model.proto)], 4)[0]
     assert ranked.rows[0]["samples"] == 4
+    # the same samples in another order: the same subset (the spread half too; ddddocr: 23 % vs 9 % INT8)
+    perm = np.random.default_rng(5).permutation(len(x))
+    shuffled = CompareEvaluator(model, table, from_arrays({"input": x[perm]}, role="validation"),
+                                SearchOptions(threshold="cosine>=0.999", batch_size=4))
+    shuffled.evaluate(resolve_plan(uniform_plan("int8"), model.proto), len(x))
+    for k in (4, 6):
+        again = shuffled.select_subset(k, fragile=False, conditions=cosine)
+        assert sorted(perm[again].tolist()) == evaluator.select_subset(k, fragile=False, conditions=cosine)
 
 
 def test_search_progress_keeps_the_nines_a_threshold_turns_on():

@@ -20,6 +20,7 @@ from ..perf import measure_latency
 from ..plan import ResolvedPlan
 from ..quantize import BiasCorrection, WriteOptions, WrittenModel, write_model
 from ..table import CalibrationTable
+from ..threshold import Condition
 from .evaluation import Evaluation, plain_value
 from .options import SearchOptions
 from .suffix import plan_outputs
@@ -66,38 +67,42 @@ class CompareEvaluator:
     def write(self, plan: ResolvedPlan, *, deploy: bool = False) -> WrittenModel:
         return write_model(self.model, plan, self.table, self.deploy_options if deploy else self.write_options)
 
-    def select_subset(self, n: int, *, fragile: bool, metrics: Sequence[str] = ()) -> list[int]:
+    def select_subset(self, n: int, *, fragile: bool, conditions: Sequence[Condition] = ()) -> list[int]:
         """Fix the ranking subset (used for every evaluation on fewer samples than the set).
 
         With ``fragile``: the ``n`` samples whose FP32 top-1 lead over the runner-up is smallest
         (relative to the logits' spread), the samples a discrete metric flips on. Else, once a full
         validation has run (the all-INT8 plan's): :func:`worst_and_spread` over its per-sample
-        figures (the first of ``metrics``, cosine, sqnr_db the set has), so a sample the all-INT8
-        model gets badly wrong is ranked on wherever it sits in the set; the first ``n`` only
-        without per-sample figures (a ranking on them moved with the order of the files: 8 % or
-        67 % INT8 for the same set shuffled).
+        figures (:meth:`worst_order`), so a sample the all-INT8 model gets badly wrong is ranked on
+        wherever it sits in the set; the first ``n`` only without per-sample figures (a ranking on
+        them moved with the order of the files: 8 % or 67 % INT8 for the same set shuffled).
         """
         n = min(n, self._size)
         idx = list(range(n))
-        order = self.fragile_order() if fragile else self.worst_order(metrics)
+        order = self.fragile_order() if fragile else self.worst_order(conditions)
         if order:
             idx = sorted(order[:n]) if fragile else worst_and_spread(order, n)
         self.subset = self.dataset.select(idx, name=f"{self.dataset.name}-ranking")
         self.subset_indices = idx
         return idx
 
-    def worst_order(self, metrics: Sequence[str] = ()) -> list[int]:
-        """Every sample index, worst first by the first full validation's per-sample figures (the lowest over
-        the outputs; samples without a figure last); [] before any full validation or without figures."""
+    def worst_order(self, conditions: Sequence[Condition] = ()) -> list[int]:
+        """Every sample index, worst first by the first full validation's per-sample figures: the threshold's
+        metrics, then cosine and SQNR to break their ties (a 0/1 user metric is mostly ties, which the files'
+        order had broken), each the worst over the outputs; samples without figures last. [] before any full
+        validation or without figures."""
         per = self._first_full
         if per is None or per.empty or "sample" not in per.columns:
             return []
-        column = next((m for m in (*metrics, "cosine", "sqnr_db") if m in per.columns and per[m].notna().any()),
-                      None)
-        if column is None:
+        keys = dict.fromkeys([*((c.metric, c.higher_is_better) for c in conditions), ("cosine", True),
+                              ("sqnr_db", True)])
+        keys = [(m, up) for m, up in keys if m in per.columns and pd.to_numeric(per[m], errors="coerce").notna().any()]
+        if not keys:
             return []
-        worst = per.groupby("sample")[column].min().reindex(range(self._size))
-        return [int(i) for i in worst.sort_values(kind="stable", na_position="last").index]
+        by_sample = per.groupby("sample")
+        worst = pd.DataFrame({f"k{i}": (by_sample[m].min() if up else -by_sample[m].max())
+                              for i, (m, up) in enumerate(keys)}).reindex(range(self._size))
+        return [int(i) for i in worst.sort_values(list(worst.columns), kind="stable", na_position="last").index]
 
     def fragile_order(self) -> list[int]:
         """Every sample index, smallest FP32 relative top-1 lead first ([] when no output is a classifier)."""
@@ -291,11 +296,12 @@ def _reference_pass(model: LoadedModel, dataset: DataSet, options: SearchOptions
 
 
 def worst_and_spread(order: Sequence[int], n: int) -> list[int]:
-    """``n`` sample indices (sorted): the worst half of ``order`` (worst first), then the rest evenly spaced
-    over the remaining samples in index order, so that the subset still sees the set's spread."""
+    """``n`` sample indices (sorted): the worst half of ``order`` (worst first), then samples evenly spaced
+    along the rest of ``order``, so that the subset still sees the set's spread and, like ``order``, does not
+    depend on the order of the files."""
     n = min(n, len(order))
     worst = list(order[:(n + 1) // 2])
-    rest = sorted(order[len(worst):])
+    rest = list(order[len(worst):])
     k = n - len(worst)
     picked = [rest[int(j)] for j in np.unique(np.linspace(0, len(rest) - 1, k).round())] if k and rest else []
     return sorted(worst + picked)

@@ -158,7 +158,7 @@ def rank_groups(ledger: Ledger) -> Ranking:
     select = getattr(ledger.evaluator, "select_subset", None)
     if select is not None:
         fragile = any(m in c.metric for c in ledger.threshold.conditions for m in DISCRETE_MARKERS)
-        idx = select(ledger.probe_n, fragile=fragile, metrics=[c.metric for c in ledger.threshold.conditions])
+        idx = select(ledger.probe_n, fragile=fragile, conditions=ledger.threshold.conditions)
         if fragile:
             ledger.notes.append(f"ranking subset: the {len(idx)} validation samples whose FP32 top-1 lead is "
                                 "smallest (where a discrete metric flips)")
