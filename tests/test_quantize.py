@@ -682,11 +682,22 @@ def test_an_ort_dynamically_quantized_opset_12_model_loads_and_is_refused(tmp_pa
     assert {"ConvInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in proto.graph.node}
     model = load_model(tmp_path / "dynamic.onnx")  # raised before
     x = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    from quantlab.compare import CompareOptions, compare
+    from quantlab.coverage import check_coverage
+
+    float_model = load_model(tmp_path / "fp32.onnx")
+    cal = calibrate(float_model, from_arrays({"input": x}), "minmax")
     for step in (lambda: calibrate(model, from_arrays({"input": x}), "minmax"),
-                 lambda: write_model(model, uniform_plan("fp16"), None)):
+                 lambda: write_model(model, uniform_plan("fp16"), None),
+                 lambda: compare(model, {"fp32": float_model}, from_arrays({"input": x}, role="validation"),
+                                 CompareOptions(per_layer=False, bootstrap=0)),  # as the reference
+                 lambda: check_coverage(model, [from_arrays({"input": x})], cal.tables["minmax"], cal.statistics)):
         with pytest.raises(ModelError, match=r"dynamic.onnx is already quantized: it holds ConvInteger .*"
                                              r"DynamicQuantizeLinear.*give the FP32 model"):
             step()
+    result = compare(float_model, {"dynamic": model}, from_arrays({"input": x}, role="validation"),
+                     CompareOptions(per_layer=False, bootstrap=0))  # as a candidate it is measured
+    assert result.end_to_end.iloc[0]["samples"] == 4
 
 
 @pytest.mark.parametrize("where", ["input", "weight"])

@@ -214,11 +214,12 @@ def _engine(args: argparse.Namespace, written: WrittenModel, shapes: tuple[Any, 
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_dir, write_bytes, write_json
-    from ..graph import load_model
+    from ..graph import check_not_quantized, load_model
     from ..quantize import BIAS_CORRECTION_FILE, save_written, write_model
 
     prepare_output(args.out, BUILD_FILES, command="build")
     model = load_model(args.model, bind=bound_inputs(args))
+    check_not_quantized(model)  # before the table's checks, which would blame the table
     plan, label = _plan(args)
     options = _options(args)
     table = _table(args, model, options)

@@ -26,7 +26,7 @@ from ..backends import Backend, get_backend, is_onnxruntime
 from ..backends.ort import environment_options
 from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs
 from ..errors import CompareError
-from ..graph import LoadedModel
+from ..graph import LoadedModel, check_not_quantized
 from ..graph.samples import data_sized
 from ..metrics import ErrorAccumulator, ErrorSums, error_sums
 from ..sequence import SequenceData, sequence_carry, with_carry
@@ -148,6 +148,7 @@ class Comparison:
         self.options = options
         self.calibration = calibration
         self.warnings: list[str] = []
+        check_not_quantized(reference)  # the reference is the float model (a quantized one may be a candidate)
         check_inputs(dataset, reference, batch_size=options.batch_size)
         self.total = len(dataset) if options.max_samples is None else min(len(dataset), options.max_samples)
         self.sample_axes = output_sample_axes(reference, getattr(dataset, "batch_axes", {}), sequence_carry(dataset))

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..backends.base import Backend
 from ..errors import CalibrationError
-from ..graph import LoadedModel
+from ..graph import LoadedModel, check_not_quantized
 from ..stats import Statistics, batch_feeds, batch_size_of
 from ..table import CalibrationTable
 from .collect import PassResult, TensorTally, check_names, coverage_pass, pass_statistics, table_bins
@@ -164,6 +164,7 @@ def check_coverage(model: LoadedModel, datasets: Sequence[Any], table: Calibrati
                    progress: bool = False) -> CoverageResult:
     """Coverage of every data set in ``datasets``, with the gate's threshold checked before any work;
     ``progress``: a bar per data set."""
+    check_not_quantized(model)
     parse_gate(options.gate)
     if table.model_sha256 and table.model_sha256 != model.sha256:
         raise CalibrationError(f"the calibration table was made for another model (sha256 {table.model_sha256[:12]}, "
