@@ -464,3 +464,14 @@ def test_an_int8_build_in_the_default_ort_form_says_tensorrt_rejects_it(ws: Path
         code, out, _ = run_main(["build", str(ws / "model.onnx"), "--table", table, "--target", target, "--out",
                                  str(ws / f"b_{target}")], capfd)
         assert code == 0 and "parsers reject" not in out
+
+
+def test_an_fp16_build_without_a_table_says_its_range_guard_is_off(ws: Path, capfd) -> None:
+    """Magika's FP16 overflowed (a LayerNorm sum of squares at 6e5) unless the build had a table; without one it
+    said nothing."""
+    code, out, _ = run_main(["build", str(ws / "model.onnx"), "--precision", "fp16", "--out", str(ws / "b")], capfd)
+    assert code == 0 and "no --table: nothing is known of the activations' ranges" in out
+    assert run_main(calibrate_argv(ws, ws / "cal"), capfd)[0] == 0
+    code, out, _ = run_main(["build", str(ws / "model.onnx"), "--precision", "fp16", "--table",
+                             str(ws / "cal" / "calib_minmax.json"), "--out", str(ws / "c")], capfd)
+    assert code == 0 and "no --table" not in out

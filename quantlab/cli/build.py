@@ -257,6 +257,10 @@ def run(args: argparse.Namespace) -> int:
     saturation = _saturation_note(options, written)
     if saturation:
         notes.append(saturation)
+    if table is None and written.plan.groups_at("fp16"):
+        notes.append("no --table: nothing is known of the activations' ranges, so none is kept out of float16 "
+                     f"(with a calibration table of any method, nodes whose activations pass "
+                     f"{options.fp16_data_max:g} compute in FP32; float16 ends at 65504)")
     if args.target is None and options.target == "ort" and written.plan.groups_at("int8"):
         notes.append("target ort (the default for --backend ort): uint8 activations with zero points and int32 "
                      "biases, the form ONNX Runtime runs fast; TensorRT's parsers reject both. For the model to "
