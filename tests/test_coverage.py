@@ -310,6 +310,28 @@ def test_cli_gate_exit_codes_and_files(tmp_path, capsys):
     assert not (tmp_path / "c3").exists()
 
 
+def test_cli_coverage_checks_what_an_int8_plan_may_quantize_unless_asked_for_all(tmp_path, capsys):
+    """NudeNet at 416 failed standalone coverage on 72 shape-determined tensors (the anchor grid) and on the FP32
+    box decoding, which no INT8 plan quantizes, while `quantlab run` (its candidates' tensors) said covered."""
+    from quantlab.stats import scope_tensors
+
+    proto = models.conv_net()
+    onnx.save(proto, tmp_path / "model.onnx")
+    calib = _manifest(tmp_path / "data", "calib", draw(32, 0))
+    same = _manifest(tmp_path / "data", "same", draw(16, 1))
+    assert main(["calibrate", str(tmp_path / "model.onnx"), "--calib", str(calib), "--method", "minmax",
+                 "--no-progress", "--out", str(tmp_path / "cal")]) == 0
+    table = str(tmp_path / "cal" / "calib_minmax.json")
+    checked = {}
+    for scope in ("quantizable", "all"):
+        assert main(["coverage", str(tmp_path / "model.onnx"), "--table", table, "--data", str(same), "--tensors",
+                     scope, "--out", str(tmp_path / scope)]) == 0
+        checked[scope] = {r["tensor"] for r in load_coverage(tmp_path / scope).datasets[0].rows}
+    quantizable = set(scope_tensors(model_from_proto(proto).proto, "quantizable"))
+    assert checked["quantizable"] == quantizable and quantizable < checked["all"]
+    capsys.readouterr()
+
+
 # ───────────────────────── quantlab run ─────────────────────────
 
 

@@ -66,6 +66,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--worst", type=non_negative_int, default=10, help="worst samples kept per set (default 10)")
     p.add_argument("--backend", type=text_arg, default="ort", help="backend running the FP32 model (default ort)")
+    p.add_argument("--tensors", choices=["quantizable", "all"], default="quantizable",
+                   help="the table's tensors to check: those an INT8 plan may quantize (default; a YOLO's anchor "
+                        "grid and box decoding are not) or all of them")
 
 
 def calibration_summary(table: Path) -> Any:
@@ -136,8 +139,14 @@ def run(args: argparse.Namespace) -> int:
     calibration = load_statistics(stats_path)
     datasets = [open_dataset(p) for p in args.data]
     resolve_batch_size(args, model, datasets[0] if datasets else None, CoverageOptions.batch_size, "coverage")
+    tensors = None
+    if args.tensors == "quantizable":
+        from ..stats import scope_tensors
+
+        tensors = tuple(scope_tensors(model.proto, "quantizable"))
     options = CoverageOptions(batch_size=args.batch_size, resamples=args.bootstrap, confidence=args.confidence,
-                              seed=args.seed, worst_samples=args.worst, gate=gate.text, backend=args.backend)
+                              seed=args.seed, worst_samples=args.worst, gate=gate.text, backend=args.backend,
+                              tensors=tensors)
     print(f"quantlab coverage: {model.label}, table {args.table} ({table.method}), "
           f"{len(datasets)} data set(s)", file=sys.stderr, flush=True)
     result = check_coverage(model, datasets, table, calibration, options=options,
