@@ -928,3 +928,19 @@ def test_a_user_metric_of_yes_no_per_sample_gets_an_exact_interval():
     assert got["agree_mask"] == pytest.approx((100 * lo, 100 * hi)) and got["agree_mask"][0] < 99
     assert got["hit"] == pytest.approx(binomial_ci(n - 2, n, 0.95))
     assert "cosine" not in got and "score" not in got
+
+
+def test_local_figures_of_an_fp16_group_feed_fp32_kept_nodes_their_float32_values():
+    """Magika's FP16 per-layer table still showed the nodes the range guard keeps FP32 at 2-4 dB: their islands
+    were fed the reference saturated at 65504 (a LayerNorm's sum of squares is 6e5), though they read float32."""
+    import importlib
+
+    beyond = importlib.import_module("test_quantize")._beyond_fp16_net()
+    model = model_from_proto(beyond)
+    x = np.random.default_rng(1).normal(0, 1, (16, 16)).astype(np.float32)
+    data = from_arrays({"x": x}, role="validation")
+    table = calibrate(model, from_arrays({"x": x}), "minmax").tables["minmax"]
+    fp16 = write_model(model, uniform_plan("fp16"), table, WriteOptions(fp16_simulation=True))
+    res = compare(model, {"fp16": fp16}, data, CompareOptions(batch_size=8, bootstrap=0))
+    local = res.per_layer[res.per_layer["mode"] == "local"].set_index("layer")["sqnr_db"]
+    assert local["scale"] > 40  # was about 0 dB: 1e5 fed in as 65504

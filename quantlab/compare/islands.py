@@ -175,13 +175,17 @@ class LocalModel:
         w_nodes = self._proto.graph.node
         prefix = f"local/{island.index}/"
         names: dict[str, str] = {}   # written tensor made in this island -> its name here
+        # what the island casts to float16 (a node the writer kept FP32, its input beyond float16's range as a
+        # LayerNorm's sum of squares at 6e5, reads the float32 value: saturating it made the layer look broken)
+        into16 = {w_nodes[i].input[0] for i in island.nodes if w_nodes[i].op_type == "Cast"
+                  and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in w_nodes[i].attribute)}
 
         def rename(t: str) -> str:
             if not t or t in self._inits:
                 return t
             if t in names:
                 return names[t]
-            feed = ("ref16/" if island.float16 else "ref/") + t
+            feed = ("ref16/" if island.float16 and t in into16 else "ref/") + t
             self._inputs[feed] = t
             return feed
 
