@@ -451,8 +451,10 @@ def test_cli_search_with_equalize_searches_the_equalized_model_with_bias_correct
                  "--threshold", "cosine>=0.99999", "--equalize", "--per-tensor-weights", "--budget", "2",
                  "--out", str(out)])
     assert code in (0, 1)
+    printed = capsys.readouterr().out
     record = json.loads((out / "search.json").read_text())
     correction = record["settings"]["bias_correction"]  # measured on the equalized model; applied if it helps
+    assert "  note: bias correction " in printed  # the search says whether it applied it
     if isinstance(correction, dict):  # kept: no further from the threshold with it (SQNR decides a tie)
         with_it, without = correction["threshold_margin_with"], correction["threshold_margin_without"]
         assert correction["layers"] >= 5 and (with_it > without or (

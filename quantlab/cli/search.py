@@ -246,9 +246,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_result(result: Any, paths: dict[str, Any]) -> None:
     """The verdict, the notes, what the cache answered and where each output went."""
+    from ..experiment.stages import bias_correction_note
+
     print(("met: " if result.met else "NOT MET: ") + result.message)
     for note in result.notes:
         print(f"  note: {note}")
+    if result.settings.get("bias_correction") is not None:  # applied to every plan, or why not: say which
+        print(f"  note: {bias_correction_note(result.settings).removeprefix('search: ')}")
     if result.executed < len(result.trajectory) - 1:
         reused = sum(bool(c) for c in result.trajectory["cached"])
         print(f"  {result.executed} evaluation(s) run now, {reused} step(s) answered from the cache/log")
