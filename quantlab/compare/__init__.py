@@ -41,6 +41,8 @@ Package layout (arrows: "imports"; each module's docstring has the details and d
      ├─► choices       outputs read as choices (best class per position, integer ids) and their agreement
      ├─► end_to_end    running end-to-end statistics -> end-to-end and per-sample tables
      │    ├─► intervals     bootstrap intervals, exact ones where the bootstrap collapses
+     │    ├─► output_warnings   what the outputs call for: NaN reference, near-zero samples, rows of mixed
+     │    │                     scales, shapes unlike the declared ones
      │    └─► user_metric   --metric file.py:function, loaded and called per sample
      ├─► per_layer     the per-layer table and where NaN/inf first appear
      └─► records       the data / models / environment records and the data warnings
