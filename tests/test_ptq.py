@@ -273,3 +273,36 @@ def _set_by_shape(tmp_path, samples):
     (tmp_path / "set.toml").write_text('batching = "by_shape"\nshuffle = false\n[source]\nkind = "npy"\n'
                                        'path = "samples"\n[inputs]\ninput = "array"\n')
     return open_dataset(tmp_path / "set.toml")
+
+
+def test_a_matmul_whose_bias_add_follows_a_reshape_is_corrected(tmp_path):
+    """tf2onnx writes a BERT's Linear as MatMul on [N*S, H] -> Reshape [N, S, H'] -> Add(bias): bias correction
+    found no layer to correct in it. A Reshape that keeps the outputs on the last axis only moves rows."""
+    rng = np.random.default_rng(5)
+    w = (rng.normal(0, 1, (8, 5)) * rng.uniform(0.005, 1.0, (8, 1))).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["input", "rows"], ["flat"], name="to_rows"),
+             helper.make_node("MatMul", ["flat", "w"], ["xw"], name="fc/MatMul"),
+             helper.make_node("Reshape", ["xw", "back"], ["xw3"], name="to_tokens"),
+             helper.make_node("Add", ["xw3", "b"], ["y"], name="fc/Add")]
+    graph = helper.make_graph(nodes, "tf2onnx_linear",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5])],
+                              [numpy_helper.from_array(w, "w"),
+                               numpy_helper.from_array(rng.normal(0, 0.1, 5).astype(np.float32), "b"),
+                               numpy_helper.from_array(np.array([-1, 8], np.int64), "rows"),
+                               numpy_helper.from_array(np.array([-1, 4, 5], np.int64), "back")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = model_from_proto(proto)
+    x = (rng.normal(0.6, 1.0, (16, 4, 8)) ** 2).astype(np.float32)
+    cal = from_arrays({"input": x})
+    table = calibrate(model, cal, "minmax").tables["minmax"]
+    opts = WriteOptions(target="tensorrt", per_channel_weights=False)
+    bc = measure_bias_correction(model, table, cal, opts, batch_size=4)
+    assert bc.shift("fc/MatMul") is not None
+    fixed = write_model(model, uniform_plan("int8"), table, dataclasses.replace(opts, bias_correction=bc))
+    assert fixed.provenance.meta["bias_correction"]["applied"] == ["fc/MatMul"]
+    plain = write_model(model, uniform_plan("int8"), table, opts)
+    ref = _run_outputs(proto, x)["y"]
+    before = (_run_outputs(plain.proto, x)["y"] - ref).mean(axis=(0, 1))
+    after = (_run_outputs(fixed.proto, x)["y"] - ref).mean(axis=(0, 1))
+    assert np.abs(after).max() < 0.2 * np.abs(before).max()

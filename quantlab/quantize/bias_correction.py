@@ -157,21 +157,40 @@ def bias_add(readers: Mapping[str, list[onnx.NodeProto]], matmul: onnx.NodeProto
              inits: Mapping[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, int] | None:
     """The Add that alone reads ``matmul``'s output and adds a constant bias of its N outputs (``[N]``, or ones
     then N); the Add and the index of the bias among its inputs. None when there is no such Add.
-    ``readers``: the graph's consumer map (quantlab.graph.consumer_map)."""
+    ``readers``: the graph's consumer map (quantlab.graph.consumer_map). A Reshape to a constant shape that keeps
+    the N outputs on the last axis may stand between them (tf2onnx: ``MatMul -> Reshape -> Add``, which had left
+    every layer of its BERT uncorrected): it moves rows, not channels."""
     out = matmul.output[0]
+    w = inits.get(matmul.input[1])
+    if w is None or len(w.dims) != 2:
+        return None
+    for _ in range(3):
+        found = readers.get(out, [])
+        if len(found) != 1 or found[0].op_type != "Reshape" or not _keeps_last(found[0], inits, w.dims[1]):
+            break
+        out = found[0].output[0]
     readers = readers.get(out, [])
     if len(readers) != 1 or readers[0].op_type != "Add" or len(readers[0].input) != 2:
         return None
     add = readers[0]
     slot = 1 - list(add.input).index(out)
     bias = inits.get(add.input[slot])
-    w = inits.get(matmul.input[1])
-    if bias is None or w is None or len(w.dims) != 2:
+    if bias is None:
         return None
     dims = list(bias.dims)
     if not dims or dims[-1] != w.dims[1] or any(d != 1 for d in dims[:-1]):
         return None
     return add, slot
+
+
+def _keeps_last(reshape: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], size: int) -> bool:
+    """Whether ``reshape`` reshapes to a constant shape whose last dim is ``size`` (then the last axis, of the
+    same length, holds the same values in the same order)."""
+    shape = inits.get(reshape.input[1]) if len(reshape.input) > 1 else None
+    if shape is None:
+        return False
+    dims = numpy_helper.to_array(shape).reshape(-1)
+    return dims.size > 0 and int(dims[-1]) == int(size)
 
 
 def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> list[_Layer]:

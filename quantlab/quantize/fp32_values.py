@@ -35,9 +35,23 @@ def fp32_values(model: LoadedModel, tensors: Iterable[str], dataset: DataSet, ba
                 break
             feeds = dict(batch.feeds)
             got = runner.run(feeds, exposed) if exposed else {}
-            yield take, {t: np.asarray(feeds[t] if t in inputs else got[t])[:take] for t in names}
+            yield take, {t: _first_samples(np.asarray(feeds[t] if t in inputs else got[t]), len(batch), take)
+                         for t in names}
             seen += take
     finally:
         runner.close()
     if seen == 0:
         raise QuantlabError(f"{purpose} needs calibration samples; the data set is empty")
+
+
+def _first_samples(value: np.ndarray, samples: int, take: int) -> np.ndarray:
+    """``value``'s rows of the first ``take`` of ``samples`` samples: all of it when all are taken (a flattened
+    ``[N*S, H]`` before a MatMul was cut to its first N rows: tf2onnx BERTs' bias corrections measured a few
+    tokens); the first ``take * S`` rows of a flattened one otherwise."""
+    if take >= samples or value.ndim == 0:
+        return value
+    rows = value.shape[0]
+    if rows == samples:
+        return value[:take]
+    return value[: take * (rows // samples)] if rows % samples == 0 else value
+
