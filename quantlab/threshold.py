@@ -157,6 +157,9 @@ def parse_threshold(text: str | Threshold, *, known_metrics: Iterable[str] | Non
     if not isinstance(text, str) or not text.strip():
         raise ThresholdError("empty threshold; write e.g. 'top1_drop<=0.5' or 'cosine>=0.999'")
     conditions = []
+    if re.search(r"\s(or|\|\|)\s", text, re.IGNORECASE):
+        raise ThresholdError(f"threshold {text!r}: conditions join with 'and' only; for a gate that fails when any "
+                             "one of several holds, give each its own --fail-if (compare takes it repeated)")
     for part in _SPLIT.split(text.strip()):
         m = _CONDITION.fullmatch(part)
         if not m:

@@ -115,6 +115,13 @@ def test_ok_and_verdict(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
     assert "FAIL" in out and "error" not in err
     code, _, err = run_main([*compare, "--out", str(ws / "c2"), "--fail-if", "cosine>2"], capfd)
     assert code == ExitCode.OK, err
+    # repeated: fails when any one holds ("cosine<0.999 or det_f1<0.9" was asked for twice)
+    code, out, err = run_main([*compare, "--out", str(ws / "c3"), "--fail-if", "cosine>2", "--fail-if",
+                               "sqnr_db<1000"], capfd)
+    assert code == ExitCode.VERDICT, err
+    assert "pass b: --fail-if cosine>2 does not hold" in out and "FAIL b: --fail-if sqnr_db<1000 holds" in out
+    code, _, err = run_main([*compare, "--out", str(ws / "c4"), "--fail-if", "cosine<0.5 or sqnr_db<1"], capfd)
+    assert code == ExitCode.BAD_INPUT and "give each its own --fail-if" in error_line(err, "compare")
 
 
 @pytest.mark.parametrize("flag", ["--fail-if", "--metric", "--label-output", "--out", "--data", "--calib"])

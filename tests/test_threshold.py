@@ -26,12 +26,18 @@ def test_parse_valid(text, conditions):
     assert parse_threshold(t) is t
 
 
-@pytest.mark.parametrize("text", ["", "   ", "cosine", "cosine = 0.9", "cosine>=high", ">=0.9", "cosine>=0.9 or x<1",
+@pytest.mark.parametrize("text", ["", "   ", "cosine", "cosine = 0.9", "cosine>=high", ">=0.9",
                                   "cosine=>0.9", "1x>=2"])
 def test_parse_invalid_names_the_part(text):
     with pytest.raises(ThresholdError) as err:
         parse_threshold(text)
     assert "top1_drop<=0.5" in str(err.value) or "empty" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["cosine>=0.9 or x<1", "cosine<0.999 OR det_f1<0.9", "a>1 || b>2"])
+def test_or_says_how_to_gate_on_any_one_condition(text):
+    with pytest.raises(ThresholdError, match="join with 'and' only.*give each its own --fail-if"):
+        parse_threshold(text)
 
 
 def test_known_metrics_accept_interval_suffixes_and_refuse_unknown():

@@ -58,8 +58,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--metric", type=text_arg, default=None, metavar="MODULE:FUNCTION",
                    help="user metric: function(reference_outputs, candidate_outputs, label) -> {name: number}, "
                         "called per sample; a module name or path/to/file.py")
-    p.add_argument("--fail-if", type=text_arg, default=None, metavar="EXPR",
-                   help='exit 1 when EXPR holds for a candidate, e.g. "top1_drop>0.5" or "cosine<0.999"')
+    p.add_argument("--fail-if", type=text_arg, default=None, action="append", metavar="EXPR",
+                   help='exit 1 when EXPR holds for a candidate, e.g. "top1_drop>0.5" or "cosine<0.999"; '
+                        "repeat it to fail when any one holds")
     p.add_argument("--backend", choices=BACKEND_NAMES, default=d.backend, help=f"default {d.backend}")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"default {d.batch_size}, 1 for a model that fixes its batch at 1")
@@ -237,14 +238,14 @@ def run(args: argparse.Namespace) -> int:
     from ..report.samples import changed_samples
     from ..threshold import parse_threshold
 
-    threshold = parse_threshold(args.fail_if) if args.fail_if is not None else None
+    gates = [parse_threshold(text) for text in args.fail_if or ()]
     prepare_output(args.out, owned_files(), command="compare", inputs=[args.reference, args.data, *args.candidates])
     reference = load_model(args.reference, bind=bound_inputs(args))
     names = _names(list(args.candidates))
     candidates = {name: load_candidate(path, reference) for name, path in zip(names, args.candidates)}
     dataset = open_dataset(args.data)
     resolve_batch_size(args, reference, dataset, CompareOptions.batch_size, "compare")
-    if threshold is not None and args.metric is None:
+    for threshold in gates if args.metric is None else ():
         check_label_metrics(threshold, "--fail-if", args.data, dataset, args.labels is False)
         use_labels = bool(getattr(dataset, "has_labels", False)) and args.labels is not False
         parse_threshold(threshold.text, known_metrics=known_metrics(reference, use_labels))
@@ -261,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         if not hasattr(cand, "provenance"):
             print(f"  note: {name} has no provenance (not a `quantlab build` folder): end-to-end comparison only")
     result = compare(reference, candidates, dataset, options, progress=not args.no_progress, calibration=calibration)
-    checks = result.check(threshold) if threshold is not None else {}
+    checks = [(threshold, result.check(threshold)) for threshold in gates]
     paths = result.save(args.out)
 
     import pandas as pd
@@ -284,16 +285,16 @@ def run(args: argparse.Namespace) -> int:
     for w in result.warnings:
         print(f"warning: {w}")
     failed = []
-    for name, check in checks.items():
-        unknown = [k for k, v in check.values.items() if v is None or (isinstance(v, float) and math.isnan(v))]
-        if check.passed or unknown:
-            failed.append(name)
-            why = "holds" if check.passed else f"cannot be evaluated ({', '.join(unknown)} is NaN)"
+    for threshold, per_candidate in checks:
+        for name, check in per_candidate.items():
+            unknown = [k for k, v in check.values.items() if v is None or (isinstance(v, float) and math.isnan(v))]
             shown = ", ".join(f"{k} = {_fmt(v)}" for k, v in check.values.items())
-            print(f"FAIL {name}: --fail-if {threshold} {why} ({shown})")
-        else:
-            shown = ", ".join(f"{k} = {_fmt(v)}" for k, v in check.values.items())
-            print(f"pass {name}: --fail-if {threshold} does not hold ({shown})")
+            if check.passed or unknown:
+                failed.append(name)
+                why = "holds" if check.passed else f"cannot be evaluated ({', '.join(unknown)} is NaN)"
+                print(f"FAIL {name}: --fail-if {threshold} {why} ({shown})")
+            else:
+                print(f"pass {name}: --fail-if {threshold} does not hold ({shown})")
     print(f"\nwrote {', '.join(str(p) for k, p in paths.items() if not k.endswith('_csv'))} (+ .csv)")
     sys.stdout.flush()
     return 1 if failed else 0
