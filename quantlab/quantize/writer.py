@@ -145,7 +145,7 @@ class Writer:
         total = sum(sizes.values())
         fallback = [g for g in self.plan.groups if self.plan.precision[g.name] == FP32
                     and self.plan.reasons.get(g.name, "").startswith("fallback")]
-        index = {n: i for i, n in enumerate(self.names)}
+        index = self.placement.index_of
         held = {g.name: sum(sizes.get(t, 0) for n in g.nodes for t in self.nodes[index[n]].input
                             if self.nodes[index[n]].op_type not in SHAPE_ONLY_OPS)  # Shape(W) reads no value
                 for g in fallback}
