@@ -1086,3 +1086,25 @@ def transposed_loop_rnn(seed: int = 0, channels: int = 8, hidden: int = 16) -> o
     outputs = [helper.make_tensor_value_info("hN", TensorProto.FLOAT, ["N", h]),
                helper.make_tensor_value_info("ys", TensorProto.FLOAT, ["T", "N", h])]
     return _model(nodes, inputs, outputs, inits, "transposed_loop_rnn")
+
+
+def gru_head(seed: int = 0, hidden: int = 16) -> onnx.ModelProto:
+    """A bidirectional GRU's output joined and projected, as torch exports it (AECMOS's head):
+    x[T, N, F] ─► GRU ─► y[T, 2, N, H] ─► Transpose ─► Reshape[0, 0, -1] ─► Transpose ─► MatMul ─► out[N, T, H].
+    Written in float16, ONNX Runtime 1.32's NCHWc transformer segfaults while it creates the session."""
+    rng = np.random.default_rng(seed)
+    h, f = hidden, 8
+    inits = [_init("W", rng.normal(0, 0.3, (2, 3 * h, f)).astype(np.float32)),
+             _init("R", rng.normal(0, 0.3, (2, 3 * h, h)).astype(np.float32)),
+             _init("B", rng.normal(0, 0.1, (2, 6 * h)).astype(np.float32)),
+             _init("join", np.array([0, 0, -1], np.int64)),
+             _init("proj", rng.normal(0, 0.2, (2 * h, h)).astype(np.float32))]
+    nodes = [helper.make_node("GRU", ["x", "W", "R", "B"], ["y", "yh"], name="gru", direction="bidirectional",
+                              hidden_size=h, linear_before_reset=1),
+             helper.make_node("Transpose", ["y"], ["yt"], name="dirs_last", perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["yt", "join"], ["yj"], name="join_dirs"),
+             helper.make_node("Transpose", ["yj"], ["yb"], name="batch_first", perm=[1, 0, 2]),
+             helper.make_node("MatMul", ["yb", "proj"], ["out"], name="proj")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", f])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", "T", h])]
+    return _model(nodes, inputs, outputs, inits, "gru_head")

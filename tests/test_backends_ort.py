@@ -487,3 +487,37 @@ def test_ort_form_qdq_beside_a_loop_runs_without_aborting_the_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-500:]
     assert "('hN', (4, 16)), ('ys', (6, 4, 16))" in done.stdout
+
+
+def test_a_native_fp16_model_loads_where_ort_nchwc_transformer_segfaults(tmp_path):
+    """ORT 1.32 segfaults at ORT_ENABLE_ALL creating the session of a float16 ``Transpose -> Reshape ->
+    Transpose -> MatMul`` (its NCHWc transformer; AECMOS's GRU head, written FP16 by quantlab): exit 139,
+    nothing written. The backend turns that transformer off for models computing in float16, and the written
+    model's notes tell the user's own session to do the same. A child process, as a regression would kill us."""
+    import subprocess
+    import sys
+
+    from quantlab.backends.ort import computes_in_float16, unsafe_optimizers
+    from quantlab.graph import model_from_proto
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    model = model_from_proto(models.gru_head(), label="gru_head")
+    written = write_model(model, uniform_plan("fp16"), None, WriteOptions())
+    assert computes_in_float16(written.proto) and "NchwcTransformer" in unsafe_optimizers(written.proto)
+    assert any("NchwcTransformer" in n for n in written.provenance.notes)
+    simulated = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=True))
+    assert not computes_in_float16(simulated.proto)  # float32 kernels with float16 round trips keep NCHWc
+    onnx.save(written.proto, tmp_path / "fp16.onnx")
+    x = np.random.default_rng(0).normal(size=(5, 3, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = ("import numpy as np, onnx\nfrom quantlab.backends import get_backend\n"
+              f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+              f"out = get_backend('ort').build(onnx.load({str(tmp_path / 'fp16.onnx')!r})).run({{'x': x}})\n"
+              "print(out['out'].shape, out['out'].dtype)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-500:])
+    assert "(3, 5, 16) float32" in done.stdout
+    reference = get_backend("ort").build(models.gru_head()).run({"x": x})["out"]
+    fp16 = get_backend("ort").build(written.proto).run({"x": x})["out"]
+    np.testing.assert_allclose(fp16, reference, atol=2e-2)

@@ -53,7 +53,7 @@ from .ort_diagnostics import load_error
 from .saturation import int8_dot_saturates, saturation_free
 
 __all__ = ["OrtBackend", "OrtRunner", "int8_dot_saturates", "saturation_free", "environment_options",
-           "ALLOW_SPINNING", "DISABLE_QDQ_FUSION", "FUSION_ENV", "THREADS_ENV"]
+           "unsafe_optimizers", "computes_in_float16", "ALLOW_SPINNING", "DISABLE_QDQ_FUSION", "FUSION_ENV", "THREADS_ENV"]
 
 DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
 """ONNX Runtime session config key: "1" keeps Q/DQ nodes as written (no integer-kernel fusion)."""
@@ -248,7 +248,7 @@ class OrtBackend(Backend):
         try:
             session = self._ort.InferenceSession(
                 serialize(proto), sess_options=self._session_options(fuse),
-                providers=self._provider_list(cache_dir), disabled_optimizers=unsafe_optimizers(model),
+                providers=self._provider_list(cache_dir), disabled_optimizers=list(unsafe_optimizers(model)),
             )
         except Exception as exc:
             raise load_error(self._ort.__version__, model, str(exc)) from None
@@ -294,7 +294,7 @@ class OrtBackend(Backend):
             so.optimized_model_filepath = str(path)
             try:
                 self._ort.InferenceSession(serialize(model), sess_options=so, providers=self._provider_list(None),
-                                           disabled_optimizers=unsafe_optimizers(model))
+                                           disabled_optimizers=list(unsafe_optimizers(model)))
             except Exception as exc:
                 raise load_error(self._ort.__version__, model, str(exc)) from None
             return onnx.load(str(path))
@@ -318,7 +318,7 @@ class OrtBackend(Backend):
             try:
                 session = self._ort.InferenceSession(serialize(model), sess_options=so,
                                                      providers=self._provider_list(None),
-                                                     disabled_optimizers=unsafe_optimizers(model))
+                                                     disabled_optimizers=list(unsafe_optimizers(model)))
             except Exception as exc:
                 raise load_error(self._ort.__version__, model, str(exc)) from None
             for _ in range(3 + runs):
@@ -349,18 +349,42 @@ class OrtBackend(Backend):
         )
 
 
-def unsafe_optimizers(model: onnx.ModelProto) -> list[str]:
-    """ONNX Runtime optimizers to turn off for ``model``: its QDQ propagation when Q/DQ sit beside control flow.
+def unsafe_optimizers(model: onnx.ModelProto) -> dict[str, str]:
+    """ONNX Runtime optimizers to turn off for ``model``, each with why: those that crash the process on it.
 
-    ORT 1.32 moved the DequantizeLinear of a conv's output past the Transpose whose output a ``Loop`` body reads
-    by name, then aborted the whole process (``stl_vector.h: Assertion '__n < this->size()'``) at any
-    optimization level from BASIC up: no exception to catch, no exit code of ours. Without that transformer
-    the model runs, with the same Q/DQ semantics.
+    Both crashes below kill the process (no exception to catch, no exit code of ours), so they are avoided
+    rather than caught; the model runs with the same semantics without them.
+
+    - ``QDQPropagationTransformer``, when Q/DQ sit beside control flow: ORT 1.32 moved the DequantizeLinear of a
+      conv's output past the Transpose whose output a ``Loop`` body reads by name, then aborted
+      (``stl_vector.h: Assertion '__n < this->size()'``) at any optimization level from BASIC up.
+    - ``NchwcTransformer``, when the model computes in float16: at ``ORT_ENABLE_ALL`` ORT 1.32 segfaults while
+      it creates the session of ``Transpose -> Reshape -> Transpose -> MatMul`` in float16 (AECMOS's GRU
+      output; ``tests/models.py`` ``gru_head``). NCHWc is a float32 layout, so float16 models lose
+      nothing; their FP32-kept convolutions run in plain NCHW.
     """
-    if any(n.op_type in CONTROL_FLOW_OPS for n in model.graph.node) and any(
-            n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
-        return ["QDQPropagationTransformer"]
-    return []
+    nodes = model.graph.node
+    out: dict[str, str] = {}
+    if any(n.op_type in CONTROL_FLOW_OPS for n in nodes) and any(
+            n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in nodes):
+        out["QDQPropagationTransformer"] = "Q/DQ beside a Loop/If/Scan: ONNX Runtime 1.32 aborts the process"
+    if computes_in_float16(model):
+        out["NchwcTransformer"] = "float16 compute: ONNX Runtime 1.32 can segfault creating the session"
+    return out
+
+
+def computes_in_float16(model: onnx.ModelProto) -> bool:
+    """Whether a node of ``model`` other than a Cast reads a float16 value (a float16 input, initializer,
+    Constant or Cast output): FP16 simulation (float16 round trips between float32 ops) does not."""
+    f16 = onnx.TensorProto.FLOAT16
+    graph = model.graph
+    halves = {i.name for i in graph.input if i.type.tensor_type.elem_type == f16}
+    halves |= {t.name for t in graph.initializer if t.data_type == f16}
+    for n in graph.node:
+        if (n.op_type == "Cast" and any(a.name == "to" and a.i == f16 for a in n.attribute)) or (
+                n.op_type == "Constant" and any(a.name == "value" and a.t.data_type == f16 for a in n.attribute)):
+            halves.update(n.output)
+    return any(n.op_type != "Cast" and any(i in halves for i in n.input) for n in graph.node)
 
 
 def _with_typed_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

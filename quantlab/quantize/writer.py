@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..backends.ort import unsafe_optimizers
 from ..controlflow import control_flow_notes
 from ..errors import PlanError
 from ..graph import LoadedModel, default_opset, outer_names, subgraph_reads, topological_order
@@ -81,11 +82,6 @@ class Writer:
             self.write_node(idx)
         self._check_subgraph_reads()
         self.notes.extend(control_flow_notes(self.src))  # Ifs inlined at load, subgraph tensors left float
-        if (self.options.target == "ort" and self.qdq.quantized
-                and any(n.op_type in CONTROL_FLOW_OPS for n in self.src.graph.node)):
-            self.notes.append("ONNX Runtime 1.32 can abort the process on Q/DQ beside a Loop/If/Scan (its QDQ "
-                              "propagation, at any optimization level above none): create the deployment session "
-                              "with disabled_optimizers=[\"QDQPropagationTransformer\"], as quantlab does")
         if self.casts.fp16_clipped:
             self.notes.append(f"{self.casts.fp16_clipped} constant value(s) (initializers, Constant nodes) outside "
                               "float16 range were clipped to +-65504 in fp16 copies")
@@ -112,7 +108,13 @@ class Writer:
             shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in worst[:5])
             self.notes.append(f"{len(worst)} node(s) of FP16 groups compute in FP32: calibration saw their "
                               f"activations beyond {self.options.fp16_data_max:g} (float16 ends at 65504): {shown}")
-        return self._assemble()
+        written = self._assemble()
+        crashing = unsafe_optimizers(written)
+        if crashing:
+            why = "; ".join(f"{name}: {reason}" for name, reason in crashing.items())
+            self.notes.append(f"ONNX Runtime can crash the process on this model ({why}): create a session of it "
+                              f"with disabled_optimizers={list(crashing)!r}, as quantlab does")
+        return written
 
     def write_node(self, idx: int) -> None:
         node = self.nodes[idx]
