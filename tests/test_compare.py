@@ -896,6 +896,24 @@ def test_samples_whose_reference_is_near_zero_are_named_in_a_warning():
     assert not any("close to zero" in w for w in again.warnings)
 
 
+def test_an_output_with_one_value_per_sample_gets_no_near_zero_cosine_warning():
+    """hey_jarvis's score ``[N, 1]``: compare said its cosine is left out, then that 10 samples near zero pull the
+    mean cosine down: two notes that contradict each other. Only the first is said."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.5, (8, 1)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["score"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N", 1])], [w])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.normal(size=(6, 8)).astype(np.float32)
+    x[[1, 4]] *= 1e-5
+    fp16 = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=True))
+    result = compare(model, {"fp16": fp16}, from_arrays({"x": x}, role="validation"),
+                     CompareOptions(batch_size=3, per_layer=False, bootstrap=0))
+    assert sum("'score' holds one value per sample" in w for w in result.warnings) == 1
+    assert not any("close to zero" in w for w in result.warnings)
+
+
 def test_an_output_returned_with_another_rank_than_declared_is_a_warning():
     """ddddocr's recogniser declares its output [1, seqlen] and returns [T, 1, C] CTC scores: token agreement,
     which reads the declaration, was left out without a word."""

@@ -20,11 +20,10 @@ def output_warnings(e2e: EndToEnd) -> list[str]:
     """Every warning of the module docstring, for the outputs as compared so far."""
     out = [f"the reference itself gives {st.nonfinite} NaN/inf value(s) in output {o!r}; its figures are NaN"
            for o, st in e2e.reference.items() if st.nonfinite]
+    single = _one_value_outputs(e2e)
     out += [f"output {o!r} holds one value per sample: its cosine (the sign agreement, 1 whatever the error) "
-            "is left out; read its sqnr_db and max_abs" for o in e2e.outputs
-            if e2e.choices.get(o) != "values"
-            and {e2e.stats[(n, o)].widest for n in e2e.candidates if (n, o) in e2e.stats} == {1}]
-    out += _near_zero_warnings(e2e)
+            "is left out; read its sqnr_db and max_abs" for o in single]
+    out += _near_zero_warnings(e2e, skip=single)
     out += _undeclared_rank_warnings(e2e)
     out += [f"output {o!r} holds rows of very different scales along axis {axis} (|x| up to {top:.3g} in some, "
             f"{low:.3g} in others: a detector's box coordinates beside its scores): cosine and SQNR weigh the large "
@@ -53,11 +52,20 @@ def _undeclared_rank_warnings(e2e: EndToEnd) -> list[str]:
     return out
 
 
-def _near_zero_warnings(e2e: EndToEnd) -> list[str]:
+def _one_value_outputs(e2e: EndToEnd) -> list[str]:
+    """Outputs with one value per sample (a probability ``[N, 1]``): compare leaves their cosine out."""
+    return [o for o in e2e.outputs if e2e.choices.get(o) != "values"
+            and {e2e.stats[(n, o)].widest for n in e2e.candidates if (n, o) in e2e.stats} == {1}]
+
+
+def _near_zero_warnings(e2e: EndToEnd, skip: list[str]) -> list[str]:
     """Outputs some of whose samples the reference leaves near zero (norm under 1/1000 of the median): the
-    per-sample cosine of those is noise, and the mean cosine reads low where SQNR does not."""
+    per-sample cosine of those is noise, and the mean cosine reads low where SQNR does not. Not said of the
+    ``skip`` outputs, whose cosine is left out anyway."""
     out = []
     for o in e2e.outputs:
+        if o in skip:
+            continue
         first = next((e2e.stats[(n, o)] for n in e2e.candidates if e2e.stats[(n, o)].ref_energy), None)
         if first is None or e2e.choices.get(o) == "values":
             continue
