@@ -126,7 +126,11 @@ _LABEL_METRIC = re.compile(r"(ref_)?top[15](_drop|_accuracy)?(_ci_low|_ci_high)?
 
 
 def _hint(metric: str) -> str:
-    """Why a metric may be missing, when the reason is known: label metrics need a labelled set."""
+    """Why a metric may be missing, when the reason is known: label metrics need a labelled set, free-running
+    figures a sequence set."""
+    if metric.startswith("free_"):
+        return (f" ({metric} is a free-running figure: compare reports them in sequence mode only, when the "
+                "validation set's manifest has a [sequence] table naming the state its model carries)")
     if _LABEL_METRIC.fullmatch(metric):
         return (f" ({metric} compares predictions with labels: the validation set needs a [labels] table in its "
                 "manifest, e.g. [labels] regex = '_(\\d+)\\.jpg$' or column = \"label\" (see "

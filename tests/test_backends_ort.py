@@ -497,7 +497,8 @@ def test_a_native_fp16_model_loads_where_ort_nchwc_transformer_segfaults(tmp_pat
     import subprocess
     import sys
 
-    from quantlab.backends.ort import computes_in_float16, unsafe_optimizers
+    from quantlab.backends.ort import unsafe_optimizers
+    from quantlab.graph.halves import computes_in_float16
     from quantlab.graph import model_from_proto
     from quantlab.plan import uniform_plan
     from quantlab.quantize import WriteOptions, write_model

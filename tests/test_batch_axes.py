@@ -519,6 +519,58 @@ def test_sequence_mode_also_measures_each_candidate_free_running(tmp_path):
         assert abs(row["sqnr_db"] - sqnr) < 0.5, (o, row["sqnr_db"], sqnr)
 
 
+def test_free_running_figures_and_user_metrics_are_columns_a_threshold_can_judge(tmp_path):
+    """Silero VAD INT8: 98-99 % speech decisions agreed teacher-forced, 86-94 % free-running, and no gate could
+    read the latter. The end-to-end table holds ``free_<figure>`` and ``free_<user metric>`` columns; the metric's
+    free-running mean matches a closed loop run here with ONNX Runtime, and --fail-if / the search read them."""
+    import onnxruntime as ort
+
+    import quantlab as ql
+    from quantlab.cli.compare import known_metrics
+    from quantlab.errors import ThresholdError
+    from quantlab.search import SearchOptions, search
+    from quantlab.threshold import parse_threshold
+
+    (tmp_path / "vad_metric.py").write_text(
+        "import numpy as np\n"
+        "def speech(ref, cand, label):\n"
+        "    return {'speech_gap': float(abs(ref['prob'] - cand['prob']).max())}\n")
+    metric = f"{tmp_path / 'vad_metric.py'}:speech"
+    model, seq, plain = _sequence_and_plain_sets(tmp_path)
+    table = calibrate(model, seq, "minmax", batch_size=1).tables["minmax"]
+    int8 = ql.write_model(model, ql.uniform_plan("int8"), table, ql.WriteOptions(target="ort"))
+    result = ql.compare(model, {"int8": int8}, seq,
+                        ql.CompareOptions(batch_size=1, per_layer=False, bootstrap=0, metric=metric))
+    frame = result.end_to_end.set_index("output")
+    rows = {r["output"]: r for r in result.settings["free_running"]}
+    for o in ("prob", "stateN"):
+        assert frame.loc[o, "free_sqnr_db"] == rows[o]["sqnr_db"]
+    chunks = [np.load(tmp_path / "chunks" / f"chunk{i}.npz") for i in range(5)]
+    sessions = {k: ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
+                for k, p in (("ref", model.proto), ("int8", int8.proto))}
+    state = {k: chunks[0]["state"][:, None] for k in sessions}
+    gaps = []
+    for c in chunks:
+        prob = {}
+        for k, sess in sessions.items():
+            prob[k], state[k] = sess.run(["prob", "stateN"], {"input": c["input"][None], "state": state[k],
+                                                              "sr": c["sr"]})
+        gaps.append(float(abs(prob["ref"] - prob["int8"]).max()))
+    assert frame.loc["prob", "free_speech_gap"] == pytest.approx(np.mean(gaps), rel=1e-6)
+    assert frame.loc["prob", "free_speech_gap"] != pytest.approx(frame.loc["prob", "speech_gap"], rel=1e-3)
+    assert "metric speech_gap" in next(w for w in result.warnings if "free-running" in w)
+    worst = frame["free_sqnr_db"].min()
+    assert parse_threshold(f"free_sqnr_db>={worst - 1}").check(result.end_to_end).passed
+    assert not parse_threshold(f"free_sqnr_db>={worst + 1}").check(result.end_to_end).passed
+    # thresholds: known in sequence mode only, and a set without [sequence] says why not
+    parse_threshold("free_sqnr_db>=20", known_metrics=known_metrics(model, False, seq))
+    with pytest.raises(ThresholdError, match=r"free-running figure.*\[sequence\]"):
+        parse_threshold("free_sqnr_db>=20", known_metrics=known_metrics(model, False, plain))
+    # the search's evaluations measure them when its threshold names one
+    found = search(model, table, seq, SearchOptions(threshold="free_sqnr_db>=0", batch_size=1, probe_samples=2))
+    assert found.met and "free_sqnr_db" in found.comparison.end_to_end.columns
+
+
 def test_a_search_in_sequence_mode_measures_its_final_plan_free_running(tmp_path):
     """The verdict judges teacher-forced figures; the final plan is what a user deploys, so the search also runs
     it over the streams on its own state and says so beside its teacher-forced SQNR."""
@@ -528,4 +580,4 @@ def test_a_search_in_sequence_mode_measures_its_final_plan_free_running(tmp_path
     table = calibrate(model, seq, "minmax", batch_size=1).tables["minmax"]
     result = search(model, table, seq, SearchOptions(threshold="sqnr_db>=0", batch_size=1, probe_samples=2))
     (note,) = [n for n in result.notes if n.startswith("sequence mode, free-running")]
-    assert "search-final: prob" in note and "teacher-forced" in note
+    assert f"{result.comparison.end_to_end['candidate'].iloc[0]}: prob" in note and "teacher-forced" in note

@@ -46,6 +46,7 @@ import onnx
 
 from ..errors import BackendError, InputMismatchError
 from ..graph import serialize, tensor_specs, with_outputs
+from ..graph.halves import computes_in_float16
 from ..graph.topology import CONTROL_FLOW_OPS
 from .base import Backend, BackendInfo, Runner, check_feed_names
 from .nchwc import BlockedRunner, block_size, blocked_graph
@@ -53,7 +54,7 @@ from .ort_diagnostics import load_error
 from .saturation import int8_dot_saturates, saturation_free
 
 __all__ = ["OrtBackend", "OrtRunner", "int8_dot_saturates", "saturation_free", "environment_options",
-           "unsafe_optimizers", "computes_in_float16", "ALLOW_SPINNING", "DISABLE_QDQ_FUSION", "FUSION_ENV", "THREADS_ENV"]
+           "unsafe_optimizers", "ALLOW_SPINNING", "DISABLE_QDQ_FUSION", "FUSION_ENV", "THREADS_ENV"]
 
 DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
 """ONNX Runtime session config key: "1" keeps Q/DQ nodes as written (no integer-kernel fusion)."""
@@ -371,20 +372,6 @@ def unsafe_optimizers(model: onnx.ModelProto) -> dict[str, str]:
     if computes_in_float16(model):
         out["NchwcTransformer"] = "float16 compute: ONNX Runtime 1.32 can segfault creating the session"
     return out
-
-
-def computes_in_float16(model: onnx.ModelProto) -> bool:
-    """Whether a node of ``model`` other than a Cast reads a float16 value (a float16 input, initializer,
-    Constant or Cast output): FP16 simulation (float16 round trips between float32 ops) does not."""
-    f16 = onnx.TensorProto.FLOAT16
-    graph = model.graph
-    halves = {i.name for i in graph.input if i.type.tensor_type.elem_type == f16}
-    halves |= {t.name for t in graph.initializer if t.data_type == f16}
-    for n in graph.node:
-        if (n.op_type == "Cast" and any(a.name == "to" and a.i == f16 for a in n.attribute)) or (
-                n.op_type == "Constant" and any(a.name == "value" and a.t.data_type == f16 for a in n.attribute)):
-            halves.update(n.output)
-    return any(n.op_type != "Cast" and any(i in halves for i in n.input) for n in graph.node)
 
 
 def _with_typed_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

@@ -158,11 +158,14 @@ def check_label_metrics(threshold: Any, flag: str, data: Path, dataset: Any, no_
                              "or gate on a label-free metric (cosine, sqnr_db, top1_agreement)")
 
 
-def known_metrics(reference: Any, use_labels: bool) -> set[str] | None:
-    """The end-to-end columns a comparison of ``reference`` reports: what a threshold may name."""
+def known_metrics(reference: Any, use_labels: bool, dataset: Any = None) -> set[str] | None:
+    """The end-to-end columns a comparison of ``reference`` on ``dataset`` reports: what a threshold may name
+    (a sequence set adds the free-running figures)."""
     from ..compare import CLASSIFIER_COLUMNS, END_TO_END_COLUMNS, LABEL_COLUMNS, MATCH_COLUMNS, POSITION_COLUMNS
     from ..compare.choices import exact_outputs, position_scorers
+    from ..compare.free_running import FREE_RUNNING_FIGURES, free_column
     from ..compare.labels import classifier_outputs
+    from ..sequence import SequenceData
 
     known = set(END_TO_END_COLUMNS) - {"candidate", "output"}
     if classifier_outputs(reference):
@@ -173,6 +176,8 @@ def known_metrics(reference: Any, use_labels: bool) -> set[str] | None:
         known |= set(POSITION_COLUMNS)
     if exact_outputs(reference):
         known |= set(MATCH_COLUMNS)
+    if isinstance(dataset, SequenceData) or getattr(dataset, "sequence_carry", None):
+        known |= {free_column(f) for f in FREE_RUNNING_FIGURES}
     return known
 
 
@@ -199,7 +204,7 @@ def _end_to_end_view(result: Any) -> Any:
             cols.append(c)
     extra = [c for c in df.columns if c not in cols and not c.endswith(("_ci_low", "_ci_high"))
              and c not in ("cosine_min", "mean_abs", "classes", "ref_top5", "top5", "ref_only_correct",
-                           "cand_only_correct")]
+                           "cand_only_correct", "free_cosine", "free_max_abs", "free_rel_l2")]
     return df[cols + extra]
 
 
@@ -248,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     for threshold in gates if args.metric is None else ():
         check_label_metrics(threshold, "--fail-if", args.data, dataset, args.labels is False)
         use_labels = bool(getattr(dataset, "has_labels", False)) and args.labels is not False
-        parse_threshold(threshold.text, known_metrics=known_metrics(reference, use_labels))
+        parse_threshold(threshold.text, known_metrics=known_metrics(reference, use_labels, dataset))
     calibration = _calibration_summary(args.calib)
     options = CompareOptions(
         backend=args.backend, batch_size=args.batch_size, per_layer=not args.no_per_layer, local=not args.no_local,

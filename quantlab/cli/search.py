@@ -204,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.metric is None:  # a threshold naming what no evaluation reports fails now, not after the first
         threshold = parse_threshold(args.threshold)
         check_label_metrics(threshold, "--threshold", args.data, val, False)
-        parse_threshold(threshold.text, known_metrics=known_metrics(model, bool(getattr(val, "has_labels", False))))
+        parse_threshold(threshold.text, known_metrics=known_metrics(model, bool(getattr(val, "has_labels", False)), val))
     options = SearchOptions(
         threshold=args.threshold, backend=args.backend, target=args.target, fallback=args.fallback,
         budget=args.budget, time_budget_s=args.time_budget, objective=args.objective,

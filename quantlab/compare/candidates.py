@@ -21,6 +21,8 @@ from onnx import numpy_helper
 from ..errors import CompareError, QuantlabError
 from ..fingerprint import sha256_bytes, source_hash
 from ..graph import LoadedModel, load_model
+from ..graph.halves import computes_in_float16 as _computes_in_float16
+from ..graph.halves import holds_float16
 from ..precision import FP16
 from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
 from ..quantize import WriteOptions, WrittenModel, load_provenance
@@ -32,14 +34,14 @@ Candidate = WrittenModel | LoadedModel
 
 def computes_in_float16(candidate: Candidate) -> bool:
     """Whether ``candidate`` computes in float16 natively: a written model with FP16 groups not written for
-    FP16 simulation, or any other model holding a float16 initializer or a Cast to float16.
+    FP16 simulation, or any other model in which an op other than a Cast reads float16 values.
 
     ONNX Runtime's CPU provider runs most float16 ops in float32 (it inserts casts, then removes cast
     pairs), so such a model's activations are not rounded there: its figures do not measure FP16 accuracy.
     """
     if isinstance(candidate, WrittenModel):
         return not candidate.options.fp16_simulation and bool(candidate.plan.groups_at(FP16))
-    return holds_float16(candidate.proto)
+    return _computes_in_float16(candidate.proto)
 
 
 def simulates_tensorrt(candidates: Iterable[Candidate]) -> bool:
@@ -67,14 +69,6 @@ def _in_tensorrt_form(proto: onnx.ModelProto) -> bool:
                 and inits[node.input[0]].data_type == onnx.TensorProto.INT32:
             return False
     return True
-
-
-def holds_float16(proto: onnx.ModelProto) -> bool:
-    """Whether the main graph holds a float16 initializer or a Cast to float16 (a native FP16 model does)."""
-    graph = proto.graph
-    return (any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
-            or any(n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16
-                                               for a in n.attribute) for n in graph.node))
 
 
 def load_candidate(path: str | Path, reference: LoadedModel) -> Candidate:

@@ -47,7 +47,7 @@ from .result import (
     POSITION_COLUMNS,
 )
 from .output_warnings import output_warnings
-from .user_metric import call_metric
+from .user_metric import metric_rows
 
 __all__ = ["OutputStats", "SampleRecords", "EndToEnd"]
 
@@ -251,12 +251,9 @@ class EndToEnd:
     def _add_user(self, name: str, batch: Batch, ref_live: Mapping[str, np.ndarray],
                   live: Mapping[str, np.ndarray]) -> None:
         assert self.metric is not None
-        for i in range(len(batch)):
-            rs = {o: ref_live[o][i] for o in self.outputs}
-            cs = {o: live[o][i] for o in self.outputs}
-            label = None if batch.labels is None or not self.labels.use_labels else np.asarray(batch.labels)[i].item()
-            self.user[name].append(call_metric(self.metric, str(self.metric_spec), rs, cs, label, name,
-                                               int(batch.indices[i]), str(batch.keys[i])))
+        self.user[name].extend(metric_rows(self.metric, str(self.metric_spec), batch,
+                                           {o: ref_live[o] for o in self.outputs}, {o: live[o] for o in self.outputs},
+                                           name, self.labels.use_labels))
 
     def reference_warnings(self) -> list[str]:
         """What the outputs themselves call for (:func:`.output_warnings.output_warnings`)."""

@@ -10,7 +10,10 @@ inputs, and compares their outputs over every element of every step::
              data_k + state_c   ──► cand ──► out_c,   state_c'   ──┴─► error sums per output
 
 The first step feeds every model the data's own state. Figures are over all elements (``cosine`` too: one
-cosine over the whole output, not a mean over samples).
+cosine over the whole output, not a mean over samples). A user metric (``--metric``) is called on every sample of
+every step, as in the teacher-forced pass, and its mean kept. The comparison's end-to-end table holds all of them
+as ``free_<figure>`` columns (:func:`free_column`), so a threshold can judge deployed behaviour:
+``free_sqnr_db>=20``, ``free_decision_agree>=95``.
 """
 
 from __future__ import annotations
@@ -19,31 +22,48 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..backends.base import Backend
+from ..data import Batch
 from ..graph import LoadedModel
 from ..graph.samples import data_sized
 from ..metrics import ErrorSums, error_sums, errors_from_sums
 from ..sequence import SequenceData
 
-__all__ = ["FREE_RUNNING_FIGURES", "free_running", "free_running_note"]
+__all__ = ["FREE_RUNNING_FIGURES", "FREE_PREFIX", "SampleMetric", "free_column", "free_running", "free_running_note",
+           "with_free_running"]
 
 FREE_RUNNING_FIGURES = ("cosine", "sqnr_db", "max_abs", "rel_l2")
 """What the free-running record keeps per candidate and output (:func:`quantlab.metrics.errors_from_sums`)."""
 
+FREE_PREFIX = "free_"
+"""The end-to-end columns of the free-running figures: ``free_sqnr_db``, ``free_<user metric>``."""
+
+SampleMetric = Callable[[str, Batch, Mapping[str, np.ndarray], Mapping[str, np.ndarray]], list[dict[str, float]]]
+"""(candidate, batch, reference outputs, candidate outputs) -> the user metric's numbers, one mapping per sample."""
+
 _REFERENCE = "\\0reference"  # never a candidate's name
 
 
+def free_column(figure: str) -> str:
+    """The end-to-end column of a free-running figure or user metric."""
+    return FREE_PREFIX + figure
+
+
 def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: SequenceData, batch_size: int,
-                 backend_of: Callable[[str], Backend], max_samples: int | None = None) -> list[dict[str, Any]]:
+                 backend_of: Callable[[str], Backend], max_samples: int | None = None,
+                 metric: SampleMetric | None = None) -> list[dict[str, Any]]:
     """One row per candidate and compared output (:func:`compared_outputs`): its :data:`FREE_RUNNING_FIGURES`
     against the free-running FP32 model, over the first ``max_samples`` samples (all: None), streams of
-    ``batch_size``."""
+    ``batch_size``; with ``metric``, also the mean of each of its numbers over every sample of every step (the
+    same on every output row of a candidate, as the end-to-end table has them)."""
     outputs = compared_outputs(reference)
     protos = {_REFERENCE: reference.proto, **{name: c.proto for name, c in candidates.items()}}
     runners = {name: backend_of(name).build(proto) for name, proto in protos.items()}
     states: dict[str, dict[str, np.ndarray]] = {name: {} for name in protos}
     sums: dict[tuple[str, str], ErrorSums] = {(n, o): ErrorSums() for n in candidates for o in outputs}
+    user: dict[str, list[dict[str, float]]] = {n: [] for n in candidates}
     seen = 0
     try:
         for batch in data.dataset.batches(batch_size):
@@ -54,13 +74,27 @@ def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: Se
                 states[name] = {inp: out[o] for o, inp in data.carry.items()}
             for (name, o) in sums:
                 sums[(name, o)] = sums[(name, o)] + error_sums(got[_REFERENCE][o], got[name][o])
+            if metric is not None:
+                for name in candidates:
+                    user[name].extend(metric(name, batch, got[_REFERENCE], got[name]))
             seen += len(batch)
     finally:
         for runner in runners.values():
             runner.close()
+    means = {name: _means(rows) for name, rows in user.items()}
     return [{"candidate": name, "output": o, "samples": seen,
-             **{k: v for k, v in errors_from_sums(s).items() if k in FREE_RUNNING_FIGURES}}
+             **{k: v for k, v in errors_from_sums(s).items() if k in FREE_RUNNING_FIGURES}, **means[name]}
             for (name, o), s in sums.items()]
+
+
+def _means(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each number's mean over the samples that report it (NaN where none does)."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    out = {}
+    for k in keys:
+        v = np.array([r.get(k, np.nan) for r in rows], dtype=np.float64)
+        out[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+    return out
 
 
 def compared_outputs(reference: LoadedModel) -> list[str]:
@@ -75,9 +109,22 @@ def free_running_note(rows: list[dict[str, Any]], teacher_forced: Mapping[tuple[
     ``kept``: where the figures are kept."""
     parts = []
     for name in dict.fromkeys(r["candidate"] for r in rows):
+        mine = [r for r in rows if r["candidate"] == name]
         figures = ", ".join(f"{r['output']} {r['sqnr_db']:.1f} dB (teacher-forced "
-                            f"{teacher_forced.get((name, r['output']), float('nan')):.1f})"
-                            for r in rows if r["candidate"] == name)
-        parts.append(f"{name}: {figures}")
+                            f"{teacher_forced.get((name, r['output']), float('nan')):.1f})" for r in mine)
+        user = [f"{k} {v:.4g}" for k, v in mine[0].items()
+                if k not in ("candidate", "output", "samples", *FREE_RUNNING_FIGURES)]
+        parts.append(f"{name}: {figures}" + (f"; metric {', '.join(user)}" if user else ""))
     return ("sequence mode, free-running over whole streams (each model reads back its own state, as deployed): "
-            + "; ".join(parts) + f". {kept + '; ' if kept else ''}thresholds judge the teacher-forced figures")
+            + "; ".join(parts) + f". {kept + '; ' if kept else ''}thresholds judge the teacher-forced figures, "
+            f"unless they name the free-running ones ({free_column('sqnr_db')}, {free_column('<metric>')})")
+
+
+def with_free_running(end_to_end: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """``end_to_end`` with each free-running figure of :func:`free_running`'s ``rows`` as a ``free_<figure>``
+    column, on its candidate's and output's row (NaN on outputs the free-running pass does not pair)."""
+    if not rows:
+        return end_to_end
+    frame = pd.DataFrame(rows).drop(columns=["samples"])
+    frame = frame.rename(columns={c: free_column(c) for c in frame.columns if c not in ("candidate", "output")})
+    return end_to_end.merge(frame, on=["candidate", "output"], how="left")

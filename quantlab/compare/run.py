@@ -33,7 +33,7 @@ from ..sequence import SequenceData, sequence_carry, with_carry
 from .alignment import plan_candidate
 from .candidates import Candidate, computes_in_float16, simulates_tensorrt
 from .end_to_end import EndToEnd
-from .free_running import free_running, free_running_note
+from .free_running import SampleMetric, free_running, free_running_note, with_free_running
 from .islands import LocalModel
 from .labels import label_use
 from .choices import exact_outputs, position_scorers
@@ -43,10 +43,10 @@ from .per_layer import nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
 from .result import CompareResult
 from .runners import Runners, mirrored_groups
-from .sample_axes import output_sample_axes
+from .sample_axes import output_sample_axes, samples_first
 from .schedule import BatchState, Pipeline, Task
 from .shards import PassTotals, ShardData, ShardPartial, run_shards, truncated_batches
-from .user_metric import load_metric
+from .user_metric import load_metric, metric_rows
 
 __all__ = ["compare", "shard_worker", "Comparison"]
 
@@ -263,6 +263,7 @@ class Comparison:
         settings = {**self._settings(totals.segments), **totals.settings}
         if isinstance(self.dataset, SequenceData) and self.options.free_running:
             settings["free_running"] = self._free_running(end_to_end)
+            end_to_end = with_free_running(end_to_end, settings["free_running"])
         return CompareResult(
             end_to_end=end_to_end, per_layer=per_layer, per_sample=per_sample,
             settings=settings,
@@ -276,11 +277,26 @@ class Comparison:
         beside the teacher-forced SQNR."""
         assert isinstance(self.dataset, SequenceData)
         rows = free_running(self.reference, self.candidates, self.dataset, self.options.batch_size,
-                            lambda name: self.candidate_backends.get(name, self.backend), self.options.max_samples)
+                            lambda name: self.candidate_backends.get(name, self.backend), self.options.max_samples,
+                            self._sample_metric())
         forced = {(r.candidate, r.output): float(r.sqnr_db) for r in end_to_end.itertuples()}
         if rows:
             self.warnings.append(free_running_note(rows, forced))
         return rows
+
+    def _sample_metric(self) -> SampleMetric | None:
+        """The user metric per sample of a free-running step: the outputs split as the end-to-end pass does."""
+        if self.metric is None:
+            return None
+        metric, spec, axes, outputs = self.metric, str(self.options.metric), self.sample_axes, self.ref.outputs
+
+        def measure(name: str, batch: Batch, ref: Mapping[str, np.ndarray],
+                    cand: Mapping[str, np.ndarray]) -> list[dict[str, float]]:
+            first = {o: samples_first(ref[o], axes.get(o, 0), len(batch), o) for o in outputs}
+            return metric_rows(metric, spec, batch, first,
+                               {o: samples_first(cand[o], axes.get(o, 0), len(batch), o) for o in outputs},
+                               name, self.labels.use_labels)
+        return measure
 
     def _tasks(self, b: int, state: BatchState) -> list[Task]:
         """The work of one batch as a small graph: runs, metric sums, releases (see :mod:`.schedule`)."""

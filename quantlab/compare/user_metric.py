@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from ..data import Batch
 from ..errors import CompareError
 from ..hooks import load_hook
 from .result import RESERVED_COLUMNS
 
-__all__ = ["load_metric", "call_metric"]
+__all__ = ["load_metric", "call_metric", "metric_rows"]
 
 
 def load_metric(spec: str) -> Callable[..., Any]:
@@ -47,3 +48,14 @@ def call_metric(func: Callable[..., Any], spec: str, ref: Mapping[str, np.ndarra
             raise CompareError(f"metric {spec!r} returned {k!r} = {v!r} on sample {index} ({key!r}); values must "
                                "be numbers") from None
     return out
+
+
+def metric_rows(func: Callable[..., Any], spec: str, batch: Batch, ref: Mapping[str, np.ndarray],
+                cand: Mapping[str, np.ndarray], candidate: str, use_labels: bool) -> list[dict[str, float]]:
+    """The metric's numbers for every sample of ``batch``; ``ref`` and ``cand`` hold the outputs with their
+    samples on axis 0 (:func:`quantlab.compare.sample_axes.samples_first`)."""
+    labels = None if batch.labels is None or not use_labels else np.asarray(batch.labels)
+    return [call_metric(func, spec, {o: v[i] for o, v in ref.items()}, {o: v[i] for o, v in cand.items()},
+                        None if labels is None else labels[i].item(), candidate, int(batch.indices[i]),
+                        str(batch.keys[i]))
+            for i in range(len(batch))]

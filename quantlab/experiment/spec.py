@@ -337,9 +337,11 @@ def _check_threshold(expr: str, where: str, coverage: bool = False, user_metric:
 
 def _comparison_metrics() -> set[str]:
     from ..compare import CLASSIFIER_COLUMNS, END_TO_END_COLUMNS, LABEL_COLUMNS, MATCH_COLUMNS, POSITION_COLUMNS
+    from ..compare.free_running import FREE_RUNNING_FIGURES, free_column
 
     return (set(END_TO_END_COLUMNS) | set(CLASSIFIER_COLUMNS) | set(LABEL_COLUMNS)
-            | set(POSITION_COLUMNS) | set(MATCH_COLUMNS)) - {"candidate", "output"}
+            | set(POSITION_COLUMNS) | set(MATCH_COLUMNS) | {free_column(f) for f in FREE_RUNNING_FIGURES}
+            ) - {"candidate", "output"}
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:

@@ -129,13 +129,15 @@ def search(
 def _free_running_notes(model: LoadedModel, evaluator: CompareEvaluator, plan: ResolvedPlan, comparison: Any,
                         dataset: DataSet, options: SearchOptions) -> tuple[str, ...]:
     """Sequence mode: the final plan over the streams on its own state, beside its teacher-forced figures (the
-    verdict's). The search's evaluations skip this pass; the final plan is what a user deploys."""
+    verdict's). The search's evaluations skip this pass unless its threshold names a free-running figure."""
     if not isinstance(dataset, SequenceData) or comparison is None:
         return ()
-    backend = evaluator.exact_backend()
-    rows = free_running(model, {"search-final": evaluator.write(plan)}, dataset, options.batch_size,
-                        lambda name: backend)
-    forced = {("search-final", r.output): float(r.sqnr_db) for r in comparison.end_to_end.itertuples()}
+    name = str(comparison.end_to_end["candidate"].iloc[0])
+    rows = comparison.settings.get("free_running")  # measured with the plan: the threshold names free_ figures
+    if not rows:
+        backend = evaluator.exact_backend()
+        rows = free_running(model, {name: evaluator.write(plan)}, dataset, options.batch_size, lambda _: backend)
+    forced = {(name, r.output): float(r.sqnr_db) for r in comparison.end_to_end.itertuples()}
     return (free_running_note(rows, forced, kept=""),) if rows else ()
 
 

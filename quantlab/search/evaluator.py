@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..backends import Backend, get_backend, is_onnxruntime
 from ..compare import CompareOptions, compare
+from ..compare.free_running import FREE_PREFIX
 from ..compare.labels import classifier_outputs
 from ..data import DataSet
 from ..errors import SearchError
@@ -20,7 +21,7 @@ from ..perf import measure_latency
 from ..plan import ResolvedPlan
 from ..quantize import BiasCorrection, WriteOptions, WrittenModel, write_model
 from ..table import CalibrationTable
-from ..threshold import Condition
+from ..threshold import Condition, parse_threshold
 from .evaluation import Evaluation, plain_value
 from .options import SearchOptions
 from .suffix import plan_outputs
@@ -56,6 +57,9 @@ class CompareEvaluator:
         self._ref: _Reference | bool | None = None
         self._sample_feeds: dict[int, dict[str, np.ndarray]] = {}
         self._first_full: pd.DataFrame | None = None  # per-sample figures of the first full validation
+        # a threshold on free-running figures (free_sqnr_db) needs that pass in every evaluation; else it is
+        # skipped there, and runs for the final plan only
+        self._free_running = any(m.startswith(FREE_PREFIX) for m in parse_threshold(options.threshold).metrics)
 
     @property
     def size(self) -> int:
@@ -186,8 +190,8 @@ class CompareEvaluator:
         """The data set and max_samples of an evaluation on ``samples`` samples."""
         if samples >= self._size:
             return self.dataset, None
-        if self.subset is not None and samples == len(self.subset):
-            return self.subset, None
+        if self.subset is not None and samples == len(self.subset) and not self._free_running:
+            return self.subset, None  # samples taken out of their streams: no free-running figures
         return self.dataset, samples
 
     def evaluate(self, plan: ResolvedPlan, samples: int, *, local: bool = False) -> Evaluation:
@@ -196,7 +200,7 @@ class CompareEvaluator:
         opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=local,
                               local=local, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed,
-                              backend_options=self._backend_options(), free_running=False,
+                              backend_options=self._backend_options(), free_running=self._free_running,
                               bootstrap=CompareOptions.bootstrap if samples >= self._size else 0,
                               shards=self.options.shards if samples >= self._size else 1,
                               ray=self.options.ray if samples >= self._size else None)
@@ -217,7 +221,7 @@ class CompareEvaluator:
         opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=False,
                               local=False, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed, bootstrap=0,
-                              backend_options=self._backend_options(), free_running=False)
+                              backend_options=self._backend_options(), free_running=self._free_running)
         result = compare(self.model, written, data, opts)
         out = []
         for p in plans:
