@@ -1108,3 +1108,20 @@ def gru_head(seed: int = 0, hidden: int = 16) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", f])]
     outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", "T", h])]
     return _model(nodes, inputs, outputs, inits, "gru_head")
+
+
+def log_mel(seed: int = 0, bins: int = 16, mels: int = 8) -> onnx.ModelProto:
+    """openwakeword's log-mel front end: power[N, T, bins] ─► MatMul(melW) ─► Clip(1e-10) ─► Log ─► Mul(10 / ln 10)
+    ─► db[N, T, mels]. Powers span many decades, so many mel energies sit under half an INT8 step of the
+    largest."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("melW", np.abs(rng.normal(0, 0.5, (bins, mels))).astype(np.float32)),
+             _init("floor", np.array(1e-10, np.float32)),
+             _init("to_db", np.array(10 / np.log(10), np.float32))]
+    nodes = [helper.make_node("MatMul", ["power", "melW"], ["mel"], name="mel_filter"),
+             helper.make_node("Clip", ["mel", "floor"], ["mel_floor"], name="floor"),
+             helper.make_node("Log", ["mel_floor"], ["log_mel"], name="log"),
+             helper.make_node("Mul", ["log_mel", "to_db"], ["db"], name="to_db")]
+    inputs = [helper.make_tensor_value_info("power", TensorProto.FLOAT, ["N", "T", bins])]
+    outputs = [helper.make_tensor_value_info("db", TensorProto.FLOAT, ["N", "T", mels])]
+    return _model(nodes, inputs, outputs, inits, "log_mel")

@@ -1353,3 +1353,25 @@ def test_fp16_keeps_a_3d_global_average_pool_mean_in_fp32_like_reducemean():
     halves = _float16_reads(write_model(model, uniform_plan("fp16"), None).proto)
     assert not halves["gap_mean"] and not halves["gap_var"] and not halves["add_eps"]
     assert halves["centre"] and halves["normalise"] and halves["cnn_head"]
+
+
+def test_ort_form_leaves_an_int8_output_float_where_a_log_reads_it():
+    """openwakeword's melspectrogram: ``MatMul -> Clip(1e-10) -> Log``. The ORT form's output Q/DQ rounded every
+    mel energy under half the INT8 step to 0, and Log made it -inf. The output stays float there (the MatMul still
+    reads INT8), and the written model's notes say so."""
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+
+    model = model_from_proto(models.log_mel(), label="log_mel")
+    rng = np.random.default_rng(0)
+    power = np.exp(rng.normal(0, 4, (8, 5, 16))).astype(np.float32)
+    table = calibrate(model, from_arrays({"power": power}), "minmax", batch_size=4).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    readers = {i: n.op_type for n in written.proto.graph.node for i in n.input}
+    log_input = next(n.input[0] for n in written.proto.graph.node if n.op_type == "Log")
+    producer = next(n for n in written.proto.graph.node if log_input in n.output)
+    assert producer.op_type != "DequantizeLinear", readers
+    assert any(n.op_type == "DequantizeLinear" for n in written.proto.graph.node)  # the MatMul is INT8 still
+    assert any("read by Log 'log'" in n for n in written.provenance.notes)
+    out = OrtBackend().build(written.proto).run({"power": power})["db"]
+    assert np.isfinite(out).all()

@@ -13,7 +13,8 @@ from the table's min/max clipped to [-amax, amax], int32 bias with scale
 s_x * s_w, and a Q/DQ on the group's output so DQ -> Conv -> Q becomes
 QLinearConv; ORT drops a Relu/Clip standing before a Q whose zero point is 0,
 so only other activations (LeakyRelu, swish, BatchNorm...) get a Q/DQ on the
-conv's own output too, and a residual Add gets one on both inputs)::
+conv's own output too, and a residual Add gets one on both inputs; no output Q/DQ where a Log, Div,
+Sqrt... reads the output, :data:`NEAR_ZERO_SENSITIVE`)::
 
     x ──► Q ──► DQ ──┐
      W int8 ──► DQ ──┼──► Conv ──► Relu ──► y ──► Q(s_y) ──► DQ ──► (every reader of y)
@@ -52,7 +53,7 @@ from .options import WriteOptions
 from .qparams import QParams, activation_qparams, bias_scale_floor, combine_ranges, fit_below
 from .tensors import F32
 
-__all__ = ["Slot", "Placement"]
+__all__ = ["NEAR_ZERO_SENSITIVE", "Slot", "Placement"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ class Slot:
     weight_tensor: str | None = None  # bias: the weight it pairs with
     input_qparams: QParams | None = None  # bias: the activation scale
     scale_floor: np.ndarray | None = field(default=None, compare=False)  # weights under an int32 bias
+
+
+NEAR_ZERO_SENSITIVE: dict[str, tuple[int, ...]] = {"Log": (0,), "Reciprocal": (0,), "Sqrt": (0,), "Pow": (0,),
+                                                    "Div": (1,)}
+"""Float ops (and the input slots) whose result a value rounded to zero changes without bound: a log-mel
+front end's ``Clip(mel, 1e-10) -> Log`` gets ``log(0) = -inf`` for every energy under half the INT8 step."""
 
 
 class Placement:
@@ -87,6 +94,7 @@ class Placement:
         self.initializers = {i.name: i for i in self.proto.graph.initializer}
         self.slots: dict[tuple[int, int], Slot] = {}
         self.output_qdq: dict[str, QParams] = {}  # tensor -> qparams every reader goes through
+        self.unquantized_outputs: dict[str, str] = {}  # group output left float -> the reader that wants it so
         self.missing: list[tuple[str, str]] = []  # (group, tensor)
         self.huge: list[tuple[str, str, int]] = []
 
@@ -266,7 +274,20 @@ class Placement:
         t = group.output_tensor
         if not t or t in self.graph_outputs or not self._is_float_activation(t):
             return
+        sensitive = self._near_zero_reader(t)
+        if sensitive is not None:
+            self.unquantized_outputs[t] = sensitive
+            return
         qp = self._activation(t, group)
         if qp is not None:
             self.output_qdq[t] = qp
 
+
+    def _near_zero_reader(self, tensor: str) -> str | None:
+        """``op 'name'`` of a float node reading ``tensor`` where a value rounded to 0 changes its result without
+        bound (:data:`NEAR_ZERO_SENSITIVE`); None when no reader does."""
+        for node, name in zip(self.nodes, self.names):
+            slots = NEAR_ZERO_SENSITIVE.get(node.op_type, ())
+            if any(i < len(node.input) and node.input[i] == tensor for i in slots):
+                return f"{node.op_type} {name!r}"
+        return None

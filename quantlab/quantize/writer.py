@@ -100,6 +100,12 @@ class Writer:
                               f"their FP16 copies, so the layers reading them compute something else: {shown}. Keep "
                               "those layers in FP32 (plan overrides), or fold the op that holds them into its "
                               "neighbour before exporting")
+        if self.placement.unquantized_outputs:
+            shown = ", ".join(f"{t!r} (read by {r})" for t, r in list(self.placement.unquantized_outputs.items())[:5])
+            self.notes.append(f"{len(self.placement.unquantized_outputs)} INT8 group output(s) stay float, without "
+                              "the output Q/DQ of the ORT form (ONNX Runtime runs those layers unfused): their "
+                              "readers would turn every value under half the INT8 step into log(0) or a division by "
+                              f"zero: {shown}")
         heavy = self._float_fallback_weights()
         if heavy:
             self.notes.append(heavy)
