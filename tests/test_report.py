@@ -307,3 +307,21 @@ def test_worst_layers_are_only_layers_with_a_finite_local_figure():
                        "local": [np.inf, 20.0, np.nan, 12.0, np.nan]})
     assert worst_layers(df, True, 10)["layer"].tolist() == ["conv2", "conv1"]
     assert worst_layers(df, True, 1)["layer"].tolist() == ["conv2"]
+
+
+def test_long_model_names_are_shortened_for_people_and_kept_whole_in_files() -> None:
+    """tf2onnx joins a fused node's names with ';' (g2p BERT: 300 characters in one table cell): titles and
+    terminal tables show the first name and how many were joined, a long path its start and end."""
+    from quantlab.cli.compare import _formatters
+    from quantlab.report.markup import CSS, short
+
+    fused = "model/dense_1/MatMul;model/dense_1/BiasAdd;model/dense_1/Relu"
+    assert short(fused) == "model/dense_1/MatMul (+2)"
+    path = "StatefulPartitionedCall/" + "encoder/" * 10 + "layer_3/attention/MatMul"
+    shown = short(path, 48)
+    assert len(shown) == 48 and shown.startswith("StatefulPart") and shown.endswith("attention/MatMul")
+    assert short("conv1") == "conv1"
+    frame = pd.DataFrame({"group": [fused, path], "local_db": [12.5, 30.0]})
+    text = frame.to_string(index=False, formatters=_formatters(frame))
+    assert "model/dense_1/MatMul (+2)" in text and path not in text and "BiasAdd" not in text
+    assert "overflow-wrap: anywhere" in CSS  # the HTML tables keep names whole, wrapped in their cell

@@ -305,7 +305,15 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+NAME_COLUMNS = ("group", "tensor", "layer", "node", "output")
+"""Columns holding model-supplied names: shortened in the terminal (tf2onnx's run to 300 characters)."""
+
+
 def _formatters(df: Any) -> dict[str, Any]:
     import pandas as pd
 
-    return {c: _fmt for c in df.columns if pd.api.types.is_float_dtype(df[c])}
+    from ..report.markup import short
+
+    out: dict[str, Any] = {c: _fmt for c in df.columns if pd.api.types.is_float_dtype(df[c])}
+    out.update({c: (lambda v: short(str(v), 60)) for c in NAME_COLUMNS if c in df.columns})
+    return out

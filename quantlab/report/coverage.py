@@ -20,8 +20,8 @@ import pandas as pd
 from ..coverage import CoverageResult
 from ..coverage.result import worst_first
 from ..stats import Statistics
-from .markup import esc, fmt, img, table
-from .plots import figure, png, short
+from .markup import esc, fmt, img, short, table
+from .plots import figure, png
 
 __all__ = ["coverage_view", "coverage_plot", "coverage_section", "COVERAGE_TENSORS_SHOWN"]
 

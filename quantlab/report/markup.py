@@ -18,11 +18,27 @@ import pandas as pd
 
 from .inputs import MAX_TABLE_ROWS
 
-__all__ = ["esc", "fmt", "isnan", "table", "kv_table", "flatten", "img", "page", "CSS"]
+__all__ = ["esc", "fmt", "short", "isnan", "table", "kv_table", "flatten", "img", "page", "CSS"]
 
 def esc(value: Any) -> str:
     """HTML-escaped text of anything (quotes too, so it is safe in attributes)."""
     return html.escape(str(value), quote=True)
+
+
+def short(name: str, limit: int = 48) -> str:
+    """A long model-supplied name shortened for a title or a terminal table (the files keep it whole).
+
+    tf2onnx joins a fused node's names with ``;`` (300 characters): the first one names it. Past ``limit``,
+    the start and the end are kept (``StatefulPartitionedCall/…/dense_1/MatMul``): a path's end says which
+    layer, its start which block.
+    """
+    first, *rest = name.split(";")
+    if rest and first:
+        name = f"{first} (+{len(rest)})"
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 3
+    return name[:head] + "…" + name[-(limit - 1 - head):]
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -149,6 +165,7 @@ code { font: 13px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; background: #
 table.tbl { border-collapse: collapse; font-size: 13px; }
 table.tbl th, table.tbl td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: left;
                              vertical-align: top; }
+table.tbl td { max-width: 60ch; overflow-wrap: anywhere; }
 table.tbl thead th { background: #eaf2f8; position: sticky; top: 0; }
 table.tbl tbody tr:nth-child(even) { background: #f4f6f7; }
 table.kv th { width: 32%; font-weight: 600; }

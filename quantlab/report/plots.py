@@ -19,9 +19,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .inputs import WORST_LAYERS_SHOWN, HistogramView, ReportInputs, check_per_layer, worst_layers
-from .markup import fmt, isnan
+from .markup import fmt, isnan, short
 
-__all__ = ["report_plots", "png", "figure", "short"]
+__all__ = ["report_plots", "png", "figure"]
 
 def png(fig: Any) -> bytes:
     """PNG bytes of a matplotlib Figure, rendered with the Agg canvas (no pyplot)."""
@@ -36,9 +36,6 @@ def figure(width: float, height: float) -> Any:
     return fig
 
 
-def short(name: str, limit: int = 48) -> str:
-    """Long tensor names shortened for plot titles (the tables keep them whole)."""
-    return name if len(name) <= limit else "…" + name[-(limit - 1):]
 
 
 def per_layer_plot(inputs: ReportInputs, worst: pd.DataFrame) -> bytes:
