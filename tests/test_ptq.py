@@ -306,3 +306,39 @@ def test_a_matmul_whose_bias_add_follows_a_reshape_is_corrected(tmp_path):
     before = (_run_outputs(plain.proto, x)["y"] - ref).mean(axis=(0, 1))
     after = (_run_outputs(fixed.proto, x)["y"] - ref).mean(axis=(0, 1))
     assert np.abs(after).max() < 0.2 * np.abs(before).max()
+
+
+@pytest.mark.parametrize("with_c", [True, False])
+def test_a_gemm_without_a_bias_of_its_own_gets_it_corrected_in_the_add_after_a_squeeze(tmp_path, with_c):
+    """TFLite -> ONNX exports write a Dense as ``Gemm(beta=0) -> Reshape [N,1,1,K] -> Squeeze(1,2) -> Add(bias)``
+    (openwakeword's embedding): bias correction skipped every such layer. The Add's constant carries it now."""
+    rng = np.random.default_rng(7)
+    w = (rng.normal(0, 1, (5, 8)) * rng.uniform(0.005, 1.0, (5, 1))).astype(np.float32)  # transB: [K_out, K_in]
+    gemm_inputs = ["input", "w", "zeros"] if with_c else ["input", "w"]
+    nodes = [helper.make_node("Gemm", gemm_inputs, ["xw"], name="dense/Gemm", transB=1, beta=0.0),
+             helper.make_node("Reshape", ["xw", "four_d"], ["xw4"], name="dense/Reshape"),
+             helper.make_node("Squeeze", ["xw4", "middle"], ["xw2"], name="dense/Squeeze"),
+             helper.make_node("Add", ["xw2", "b"], ["y"], name="dense/Add")]
+    graph = helper.make_graph(nodes, "tflite_dense",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(w, "w"),
+                               numpy_helper.from_array(np.full(5, 3.0, np.float32), "zeros"),  # times beta 0
+                               numpy_helper.from_array(rng.normal(0, 0.1, 5).astype(np.float32), "b"),
+                               numpy_helper.from_array(np.array([-1, 1, 1, 5], np.int64), "four_d"),
+                               numpy_helper.from_array(np.array([1, 2], np.int64), "middle")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = model_from_proto(proto)
+    x = (rng.normal(0.6, 1.0, (32, 8)) ** 2).astype(np.float32)
+    cal = from_arrays({"input": x})
+    table = calibrate(model, cal, "minmax").tables["minmax"]
+    opts = WriteOptions(target="tensorrt", per_channel_weights=False)
+    bc = measure_bias_correction(model, table, cal, opts, batch_size=8)
+    assert bc.shift("dense/Gemm") is not None
+    fixed = write_model(model, uniform_plan("int8"), table, dataclasses.replace(opts, bias_correction=bc))
+    assert fixed.provenance.meta["bias_correction"]["applied"] == ["dense/Gemm"]
+    plain = write_model(model, uniform_plan("int8"), table, opts)
+    ref = _run_outputs(proto, x)["y"]
+    before = (_run_outputs(plain.proto, x)["y"] - ref).mean(axis=0)
+    after = (_run_outputs(fixed.proto, x)["y"] - ref).mean(axis=0)
+    assert np.abs(after).max() < 0.2 * np.abs(before).max()

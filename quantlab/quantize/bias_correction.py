@@ -155,18 +155,22 @@ class _Layer:
 
 def bias_add(readers: Mapping[str, list[onnx.NodeProto]], matmul: onnx.NodeProto,
              inits: Mapping[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, int] | None:
-    """The Add that alone reads ``matmul``'s output and adds a constant bias of its N outputs (``[N]``, or ones
-    then N); the Add and the index of the bias among its inputs. None when there is no such Add.
-    ``readers``: the graph's consumer map (quantlab.graph.consumer_map). A Reshape to a constant shape that keeps
-    the N outputs on the last axis may stand between them (tf2onnx: ``MatMul -> Reshape -> Add``, which had left
-    every layer of its BERT uncorrected): it moves rows, not channels."""
-    out = matmul.output[0]
+    """The Add that alone reads ``matmul``'s output (a MatMul, or a Gemm without a bias of its own) and adds a
+    constant bias of its N outputs (``[N]``, or ones then N); the Add and the index of the bias among its inputs.
+    None when there is no such Add. ``readers``: the graph's consumer map (quantlab.graph.consumer_map).
+
+    Reshapes to a constant shape that keeps the N outputs on the last axis, and Squeezes/Unsqueezes of other
+    axes, may stand between them (tf2onnx: ``MatMul -> Reshape -> Add``, which had left every layer of its BERT
+    uncorrected; ``Gemm(beta=0) -> Reshape -> Squeeze -> Add``): they move rows, not channels."""
     w = inits.get(matmul.input[1])
     if w is None or len(w.dims) != 2:
         return None
-    for _ in range(3):
+    n = int(w.dims[0] if _attr(matmul, "transB", 0) else w.dims[1])
+    out, rank = matmul.output[0], 2 if matmul.op_type == "Gemm" else None
+    for _ in range(4):
         found = readers.get(out, [])
-        if len(found) != 1 or found[0].op_type != "Reshape" or not _keeps_last(found[0], inits, w.dims[1]):
+        rank = _rank_keeping_last(found[0], inits, n, rank) if len(found) == 1 else None
+        if rank is None:
             break
         out = found[0].output[0]
     readers = readers.get(out, [])
@@ -178,19 +182,47 @@ def bias_add(readers: Mapping[str, list[onnx.NodeProto]], matmul: onnx.NodeProto
     if bias is None:
         return None
     dims = list(bias.dims)
-    if not dims or dims[-1] != w.dims[1] or any(d != 1 for d in dims[:-1]):
+    if not dims or dims[-1] != n or any(d != 1 for d in dims[:-1]):
         return None
     return add, slot
 
 
-def _keeps_last(reshape: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], size: int) -> bool:
-    """Whether ``reshape`` reshapes to a constant shape whose last dim is ``size`` (then the last axis, of the
-    same length, holds the same values in the same order)."""
-    shape = inits.get(reshape.input[1]) if len(reshape.input) > 1 else None
-    if shape is None:
-        return False
-    dims = numpy_helper.to_array(shape).reshape(-1)
-    return dims.size > 0 and int(dims[-1]) == int(size)
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _rank_keeping_last(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], size: int,
+                       rank: int | None) -> int | None:
+    """The output rank of ``node`` when it keeps the last axis (``size`` long) where it is, else None: a Reshape to
+    a constant shape ending in ``size``, a Squeeze/Unsqueeze whose axes (constant; ``rank``: its input's rank, when
+    known) leave the last one alone."""
+    if node.op_type == "Reshape":
+        shape = inits.get(node.input[1]) if len(node.input) > 1 else None
+        dims = numpy_helper.to_array(shape).reshape(-1) if shape is not None else np.zeros(0)
+        return int(dims.size) if dims.size and int(dims[-1]) == int(size) else None
+    if node.op_type not in ("Squeeze", "Unsqueeze") or rank is None:
+        return None
+    given = inits.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    axes = [int(a) for a in numpy_helper.to_array(given).reshape(-1)] if given is not None else list(_attr(node, "axes", []))
+    if not axes:
+        return None  # a Squeeze of every 1: the last axis too when N is 1
+    out_rank = rank - len(axes) if node.op_type == "Squeeze" else rank + len(axes)
+    last = rank - 1 if node.op_type == "Squeeze" else out_rank - 1
+    normal = {a + (rank if node.op_type == "Squeeze" else out_rank) if a < 0 else a for a in axes}
+    return None if last in normal else out_rank
+
+
+def _bias_slot(node: onnx.NodeProto, readers: Mapping[str, list[onnx.NodeProto]],
+               inits: Mapping[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, int] | None:
+    """Where the bias of a Conv/Gemm/MatMul anchor is (the node and input index): a Conv's input 2, a Gemm's C
+    when it has one at beta 1, else the Add that follows (:func:`bias_add`; a Gemm's C at beta 0 adds nothing)."""
+    if node.op_type == "Conv":
+        return node, 2
+    if node.op_type == "Gemm" and float(_attr(node, "beta", 1.0)) == 1.0:
+        return node, 2
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and float(_attr(node, "beta", 1.0)) != 0.0:
+        return None  # a scaled C: the corrected bias would be scaled too
+    return bias_add(readers, node, inits)
 
 
 def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> list[_Layer]:
@@ -206,11 +238,10 @@ def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> lis
         node = placement.nodes[idx]
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
             continue
-        if node.op_type == "MatMul" and bias_add(readers, node, inits) is None:
+        if _bias_slot(node, readers, inits) is None:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Gemm" and (int(attrs.get("transA", 0)) or float(attrs.get("alpha", 1.0)) != 1.0
-                                       or float(attrs.get("beta", 1.0)) != 1.0):
+        if node.op_type == "Gemm" and (int(attrs.get("transA", 0)) or float(attrs.get("alpha", 1.0)) != 1.0):
             continue
         w_slot: Slot | None = placement.slots.get((idx, 1))
         x_slot: Slot | None = placement.slots.get((idx, 0))
@@ -352,7 +383,7 @@ def apply_bias_correction(model: LoadedModel, plan: ResolvedPlan, correction: Bi
         if shift is None:
             continue
         anchor = node.name
-        found = bias_add(readers, node, inits) if node.op_type == "MatMul" else (node, 2)
+        found = _bias_slot(node, readers, inits)
         if found is None:
             continue
         target, slot = found  # a MatMul's bias is its Add's constant
