@@ -1125,3 +1125,25 @@ def log_mel(seed: int = 0, bins: int = 16, mels: int = 8) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("power", TensorProto.FLOAT, ["N", "T", bins])]
     outputs = [helper.make_tensor_value_info("db", TensorProto.FLOAT, ["N", "T", mels])]
     return _model(nodes, inputs, outputs, inits, "log_mel")
+
+
+def masked_token_tagger(seed: int = 0, hidden: int = 16, classes: int = 5) -> onnx.ModelProto:
+    """A Hugging Face-style token classifier: ``x[N, S, hidden]`` and an int64 ``attention_mask[N, S]`` of 1s and
+    0s (padding), made additive (``(1 - mask) * -1e9``) for :func:`dynamic_attention`, then a tag head
+    ``MatMul + Add`` to ``logits[N, S, classes]``. The outputs at padded positions are computed and read by no one."""
+    block = dynamic_attention(seed, hidden)
+    rng = np.random.default_rng(seed + 1)
+    graph = block.graph
+    graph.input[1].CopyFrom(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "S"]))
+    head = [helper.make_node("Cast", ["attention_mask"], ["mask_f"], name="mask_cast", to=TensorProto.FLOAT),
+            helper.make_node("Sub", ["one", "mask_f"], ["pad"], name="mask_invert"),
+            helper.make_node("Mul", ["pad", "minus_big"], ["mask"], name="mask_additive")]
+    nodes = head + list(graph.node) + [
+        helper.make_node("MatMul", ["out", "w_tag"], ["tags"], name="tag_proj"),
+        helper.make_node("Add", ["tags", "b_tag"], ["logits"], name="tag_bias")]
+    inits = list(graph.initializer) + [
+        _init("one", np.array(1.0, np.float32)), _init("minus_big", np.array(-1e9, np.float32)),
+        _init("w_tag", rng.normal(0, 0.5, (hidden, classes)).astype(np.float32)),
+        _init("b_tag", rng.normal(0, 0.1, classes).astype(np.float32))]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "S", classes])]
+    return _model(nodes, list(graph.input), outputs, inits, "masked_token_tagger")

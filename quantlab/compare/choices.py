@@ -18,7 +18,7 @@ on the last axis, and class scores (:func:`score_outputs`, which also decides th
     MatMul ─► Add(bias) ─► LogSoftmax ─► Transpose ─► output [T, N, C]     scores: yes
     ... ─► LayerNormalization ─► output [N, T, 768]                        hidden states: no
 
-Every position counts, padding included: the outputs do not say which positions are padding.
+Padded positions (an ``attention_mask`` input's zeros) do not count: :mod:`.padding`.
 
 **Integer and boolean outputs** (:func:`exact_outputs`): class ids from an ArgMax, TopK indices, tokens a
 decoding loop emits, masks. Class 7 is not "close" to class 8, so their cosine, SQNR and rel_l2 are left out
@@ -179,13 +179,21 @@ def exact_outputs(model: LoadedModel) -> list[str]:
     return [spec.name for spec in model.outputs if spec.dtype == "bool" or spec.dtype.startswith(("int", "uint"))]
 
 
-def part_agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def part_agreement(reference: np.ndarray, candidate: np.ndarray,
+                   valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per sample (axis 0) of two same-shape arrays: the % of elements that are equal (float64 [N], NaN for
-    samples without elements) and whether all are (bool [N])."""
+    samples without elements) and whether all are (bool [N]). With ``valid`` (bool over the first two axes: the
+    real positions, :mod:`.padding`), only the elements at valid positions count."""
     if reference.shape != candidate.shape:
         raise ValueError(f"outputs of shape {reference.shape} and {candidate.shape} do not pair up")
     n = reference.shape[0] if reference.ndim else 1
-    same = (np.asarray(reference) == np.asarray(candidate)).reshape(n, -1)
-    if same.shape[1] == 0:
-        return np.full(n, np.nan), np.ones(n, dtype=bool)
-    return same.mean(axis=1) * 100.0, same.all(axis=1)
+    same = np.asarray(reference) == np.asarray(candidate)
+    counted = np.ones_like(same, dtype=bool)
+    if valid is not None:
+        counted = np.broadcast_to(valid.reshape(valid.shape + (1,) * (same.ndim - 2)), same.shape)
+    same, counted = same.reshape(n, -1), counted.reshape(n, -1)
+    total = counted.sum(axis=1)
+    agree = (same & counted).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        part = np.where(total > 0, agree / np.maximum(total, 1) * 100.0, np.nan)
+    return part, agree == total

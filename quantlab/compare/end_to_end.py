@@ -47,6 +47,7 @@ from .result import (
     POSITION_COLUMNS,
 )
 from .output_warnings import output_warnings
+from .padding import valid_positions, without_padding
 from .user_metric import metric_rows
 
 __all__ = ["OutputStats", "SampleRecords", "EndToEnd"]
@@ -128,8 +129,10 @@ class EndToEnd:
                  metric: Callable[..., Any] | None, metric_spec: str | None,
                  sample_axes: Mapping[str, int] | None = None, data_sized: frozenset[str] = frozenset(),
                  positions: Mapping[str, int] | None = None, exact: Sequence[str] = (),
-                 declared: Mapping[str, tuple[int | str | None, ...] | None] | None = None) -> None:
+                 declared: Mapping[str, tuple[int | str | None, ...] | None] | None = None,
+                 padding: tuple[str | None, Sequence[str]] = (None, ())) -> None:
         self.candidates = list(candidates)
+        self.mask, self.padded = padding[0], list(padding[1])  # compare.padding: the mask input, its outputs
         self.outputs = list(outputs)
         self.data_sized = data_sized  # outputs whose size the data decides (graph.samples.data_sized)
         self.classifiers = dict(labels.classifiers)  # never a data-sized output (compare.labels)
@@ -165,17 +168,30 @@ class EndToEnd:
             if o not in self.classifiers and o not in self.choices:
                 self.reference[o].spread.extend(channel_spread(ref_live[o]))
         cand_live = {name: self._samples_first(cand_live[name], len(batch)) for name in self.candidates}
-        self._add_reference(ref_live, labels)
+        valid = self._valid_positions(batch, ref_live)
+        ref_seen = {o: without_padding(v, valid[o]) if o in valid else v for o, v in ref_live.items()}
+        self._add_reference(ref_seen, labels)
         ref_chosen = {o: self._chosen(o, ref_live[o]) for o in self.choices}
         for name in self.candidates:
-            self._add_candidate(name, ref_live, cand_live[name], labels)
-            self._add_choices(name, ref_chosen, cand_live[name])
+            live = cand_live[name]
+            seen = {o: without_padding(v, valid[o]) if o in valid and v.shape == ref_live[o].shape else v
+                    for o, v in live.items()}
+            self._add_candidate(name, ref_seen, seen, labels)
+            self._add_choices(name, ref_chosen, live, valid)
             if self.metric is not None:
-                self._add_user(name, batch, ref_live, cand_live[name])
+                self._add_user(name, batch, ref_live, live)
         self.keys.extend(batch.keys)
         self.indices.extend(int(i) for i in batch.indices)
         if self.labels.use_labels and batch.labels is not None:
             self.sample_labels.extend(np.asarray(batch.labels).tolist())
+
+    def _valid_positions(self, batch: Batch, ref_live: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Output -> bool [n, S] of its real positions, for the outputs the mask describes in this batch
+        (:mod:`.padding`)."""
+        if self.mask is None:
+            return {}
+        found = {o: valid_positions(batch, self.mask, ref_live[o]) for o in self.padded}
+        return {o: v for o, v in found.items() if v is not None}
 
     def _samples_first(self, live: Mapping[str, np.ndarray], samples: int) -> dict[str, np.ndarray]:
         """The compared outputs with their samples on axis 0 (see :mod:`.sample_axes`)."""
@@ -229,14 +245,15 @@ class EndToEnd:
         """What a user reads off output ``o``: the best class at each position, or the values themselves."""
         return best_positions(value) if self.choices[o] == "positions" else value
 
-    def _add_choices(self, name: str, ref_chosen: Mapping[str, np.ndarray], live: Mapping[str, np.ndarray]) -> None:
+    def _add_choices(self, name: str, ref_chosen: Mapping[str, np.ndarray], live: Mapping[str, np.ndarray],
+                     valid: Mapping[str, np.ndarray]) -> None:
         for o, ref in ref_chosen.items():
             cand = live[o]
             if cand.shape != ref.shape and o in self.data_sized:  # another length (a while loop stopped elsewhere)
                 n = ref.shape[0] if ref.ndim else 1
                 part, whole = np.full(n, np.nan), np.zeros(n, dtype=bool)
             else:
-                part, whole = part_agreement(ref, self._chosen(o, cand))
+                part, whole = part_agreement(ref, self._chosen(o, cand), valid.get(o))
             st = self.stats[(name, o)]
             st.parts.append(part)
             st.wholes.append(whole)

@@ -39,6 +39,7 @@ from .labels import label_use
 from .choices import exact_outputs, position_scorers
 from .layers import Layer, analyse_reference, chunks, layers_per_group, sized_by_first_batch
 from .options import CompareOptions
+from .padding import mask_input, padded_outputs, padding_note
 from .per_layer import nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
 from .result import CompareResult
@@ -154,6 +155,8 @@ class Comparison:
         self.sample_axes = output_sample_axes(reference, getattr(dataset, "batch_axes", {}), sequence_carry(dataset))
         self.positions = position_scorers(reference, self.sample_axes)  # outputs scored per position (OCR, tokens)
         self.exact = exact_outputs(reference)  # integer/bool outputs: equal or not
+        self.padding = (mask_input(reference), padded_outputs(reference, self.sample_axes))  # compare.padding
+        self.warnings.extend(filter(None, [padding_note(*self.padding)]))
         self.declared = {spec.name: spec.shape for spec in reference.outputs}  # what the model says it returns
         if self.total == 0:
             raise CompareError(f"the validation set {getattr(dataset, 'name', '')!r} is empty")
@@ -248,7 +251,7 @@ class Comparison:
     def _end_to_end(self) -> EndToEnd:
         return EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric,
                         self.sample_axes, data_sized=self.data_sized, positions=self.positions,
-                        exact=self.exact, declared=self.declared)
+                        exact=self.exact, declared=self.declared, padding=self.padding)
 
     def tables(self, totals: PassTotals) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way)."""
