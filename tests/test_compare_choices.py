@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pandas as pd
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from quantlab.calibrate import calibrate
 from quantlab.compare import CompareOptions, compare
@@ -430,3 +430,52 @@ def test_sigmoid_outputs_are_independent_probabilities_not_a_choice():
     model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert position_scorers(model, {}) == {"classes": 6}
     assert classifier_outputs(model) == {}  # rank 3: per position, not [N, C]
+
+
+def _segmenter(resize: bool) -> onnx.ModelProto:
+    """x[N, 3, 8, 8] -> Conv -> Relu -> 1x1 Conv (4 classes) [-> Resize x2]: DeepLab's head, or without the
+    Resize the shape of a super-resolution model's last conv (an image, not class scores)."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["f"], name="features", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["f"], ["fr"], name="relu"),
+             helper.make_node("Conv", ["fr", "w2", "b2"], ["logits" if not resize else "low"], name="classifier")]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (4, 8, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "b2")]
+    size = 8
+    if resize:
+        nodes.append(helper.make_node("Resize", ["low", "", "scales"], ["logits"], name="upsample", mode="linear"))
+        inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+        size = 16
+    graph = helper.make_graph(nodes, "segmenter", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4, size, size])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_segmentation_map_gets_pixel_agreement_and_an_image_does_not():
+    """What a user reads off a segmentation model is the class of each pixel; cosine and SQNR over the score maps
+    do not show it. A map upsampled to the image (DeepLab) gets token_agreement over its pixels, checked against
+    the argmax of both models' outputs here; a conv's output image (super-resolution) gets none."""
+    from quantlab.backends import get_backend
+    from quantlab.data import from_arrays
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    x = np.random.default_rng(0).normal(size=(6, 3, 8, 8)).astype(np.float32)
+    for resize in (True, False):
+        model = model_from_proto(_segmenter(resize), label="seg")
+        table = calibrate(model, from_arrays({"x": x}), "minmax", batch_size=3).tables["minmax"]
+        int8 = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+        result = compare(model, {"int8": int8}, from_arrays({"x": x}, role="validation"),
+                         CompareOptions(batch_size=3, per_layer=False, bootstrap=0))
+        row = result.end_to_end.iloc[0]
+        if not resize:
+            assert "token_agreement" not in result.end_to_end.columns or np.isnan(row["token_agreement"])
+            continue
+        ref = get_backend("ort").build(model.proto).run({"x": x})["logits"].argmax(1)
+        cand = get_backend("ort").build(int8.proto).run({"x": x})["logits"].argmax(1)
+        assert row["token_agreement"] == pytest.approx((ref == cand).reshape(6, -1).mean(1).mean() * 100)
+        assert row["sequence_agreement"] == pytest.approx((ref == cand).reshape(6, -1).all(1).mean() * 100)

@@ -10,8 +10,12 @@ adds (in %):
     sequence_agreement   samples whose every position agrees (exact binomial interval): under greedy CTC
                          decoding such a sample reads the same text, whatever the others read
 
+A segmentation map ``[N, C, H, W]`` is read the same way, its pixels the positions (the best class at each pixel:
+``token_agreement`` is then pixel agreement), when its scores reach the output through an upsampling or a
+softmax (DeepLab's head; not an image a super-resolution model's last conv returns).
+
 Which outputs (:func:`position_scorers`): float, rank 3, samples not on the last axis, a fixed class count > 1
-on the last axis, and class scores (:func:`score_outputs`, which also decides the ``[N, C]`` classifiers of
+on the last axis (or rank 4 as above), and class scores (:func:`score_outputs`, which also decides the ``[N, C]`` classifiers of
 :mod:`.labels`): computed by a linear layer (MatMul, Gemm, Conv, Einsum) through only biases, scales,
 (log-)softmax, a ReLU and pooling, and layout ops::
 
@@ -54,9 +58,10 @@ _LINEAR = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul", "FusedGe
 """Ops that compute class scores from features (ORT's fused forms too: an ORT-optimized graph)."""
 _ON_THE_WAY = frozenset({"Softmax", "LogSoftmax", "Relu", "Transpose", "Reshape", "Flatten", "Identity",
                          "Cast", "Squeeze", "Unsqueeze", "Dropout", "GlobalAveragePool", "AveragePool",
-                         "ReduceMean"})
+                         "ReduceMean", "Resize", "Upsample"})
 """Ops between the linear layer and the output that keep each class's score apart and in order (their data input
-is the first): a softmax, a ReLU, the global pool of a 1x1-conv head (SqueezeNet), layout ops. Not a Sigmoid:
+is the first): a softmax, a ReLU, the global pool of a 1x1-conv head (SqueezeNet), a segmentation head's
+upsampling, layout ops. Not a Sigmoid:
 its outputs are independent probabilities (multi-label tags, basic-pitch's 88 piano keys per frame), where the
 best one is no decision (FP16 "changed" 63 of 64 samples whose thresholded notes agreed 99.3 %)."""
 _WITH_A_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div"})
@@ -75,41 +80,67 @@ def score_outputs(model: LoadedModel) -> set[str]:
 
 
 def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict[str, int]:
-    """Output -> class count, for the outputs that score classes at every position (see the module docstring)."""
+    """Output -> class count, for the outputs that score classes at every position (see the module docstring):
+    ``[N, T, C]`` scores, and ``[N, C, H, W]`` segmentation maps (:func:`_segmentation_map`)."""
     scored = score_outputs(model)
     sized = data_sized(model)
     out: dict[str, int] = {}
     for spec in model.outputs:
         shape = spec.shape
-        if (shape is None or len(shape) != 3 or spec.name not in scored or spec.name in sized
-                or sample_axes.get(spec.name, 0) == 2):
+        if shape is None or spec.name not in scored or spec.name in sized:
             continue
-        classes = shape[2]
+        if len(shape) == 3 and sample_axes.get(spec.name, 0) != 2:
+            classes = shape[2]
+        elif len(shape) == 4 and sample_axes.get(spec.name, 0) == 0 and _segmentation_map(model, spec.name):
+            classes = shape[1]
+        else:
+            continue
         if isinstance(classes, int) and classes > 1:
             out[spec.name] = classes
     return out
 
 
+def _segmentation_map(model: LoadedModel, output: str) -> bool:
+    """Whether ``[N, C, H, W]`` class scores reach the output through an upsampling or a softmax: a segmentation
+    head (DeepLab's 1x1 conv, then Resize to the input's size). A conv's output as such is not taken: an image a
+    super-resolution or denoising model returns is one too."""
+    producers = producer_map(model.proto)
+    constants = set(initializer_map(model.proto)) | {
+        o for n in model.proto.graph.node if n.op_type == "Constant" for o in n.output}
+    ops = _ops_from_linear_layer(output, producers, constants) or []
+    return bool({"Resize", "Upsample", "Softmax", "LogSoftmax"} & set(ops))
+
+
 def _from_linear_layer(tensor: str, producers: Mapping[str, onnx.NodeProto], constants: set[str]) -> bool:
+    return _ops_from_linear_layer(tensor, producers, constants) is not None
+
+
+def _ops_from_linear_layer(tensor: str, producers: Mapping[str, onnx.NodeProto],
+                           constants: set[str]) -> list[str] | None:
+    """The op types between the linear layer that computes ``tensor`` and it (output side first; ``Softmax`` for
+    one written out), or None when ``tensor`` is not class scores."""
+    ops: list[str] = []
     for _ in range(_MAX_HOPS):
         node = producers.get(tensor)
         if node is None:
-            return False
+            return None
         if node.op_type in _LINEAR:
-            return True
+            return ops
         normalised = _normalised_input(node, producers, constants)
         if normalised is not None:
             tensor = normalised
+            ops.append("Softmax")
         elif node.op_type in _WITH_A_CONSTANT:  # the other operand: a constant or a graph input (a temperature)
             data = [t for t in node.input if t not in constants and t in producers]
             if len(data) != 1:
-                return False
+                return None
             tensor = data[0]
         elif node.op_type in _ON_THE_WAY:
             tensor = node.input[0]
+            ops.append(node.op_type)
         else:
-            return False
-    return False
+            return None
+    return None
 
 
 _BROADCASTS = frozenset({"Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast", "Flatten"})
@@ -160,17 +191,19 @@ def _statistic_of(tensor: str, source: str, producers: Mapping[str, onnx.NodePro
 
 
 def best_positions(scores: np.ndarray) -> np.ndarray:
-    """[N, T] int32: the best class at each position of ``[N, T, C]`` scores (NaN ranks last; ties: lower index,
-    as :func:`quantlab.metrics.topk`)."""
+    """int32: the best class at each position of ``[N, T, C]`` scores (``[N, T]``) or at each pixel of an
+    ``[N, C, H, W]`` segmentation map (``[N, H, W]``); NaN ranks last, ties: lower index, as
+    :func:`quantlab.metrics.topk`."""
     x = np.asarray(scores)
-    if x.ndim != 3:
-        raise ValueError(f"per-position scores must be [N, T, C], got shape {x.shape}")
-    if x.shape[2] == 0:
+    if x.ndim not in (3, 4):
+        raise ValueError(f"per-position scores must be [N, T, C] or [N, C, H, W], got shape {x.shape}")
+    axis = 2 if x.ndim == 3 else 1
+    if x.shape[axis] == 0:
         raise ValueError(f"per-position scores have no class axis to pick from (shape {x.shape})")
     nan = np.isnan(x)
     if nan.any():
         x = np.where(nan, -np.inf, x)
-    return np.argmax(x, axis=2).astype(np.int32)
+    return np.argmax(x, axis=axis).astype(np.int32)
 
 
 def exact_outputs(model: LoadedModel) -> list[str]:
