@@ -53,7 +53,9 @@ def end_to_end_section(inputs: ReportInputs) -> str:
         "not noise. Outputs scored at every position (OCR, token logits) add <code>token_agreement</code> "
         "(positions whose best class is the reference's) and <code>sequence_agreement</code> (samples that "
         "agree at every position); integer outputs (class ids, decoded tokens) add <code>exact_match</code> "
-        "(samples whose output equals the reference's) and <code>element_match</code>.</p>"
+        "(samples whose output equals the reference's) and <code>element_match</code>. In sequence mode, "
+        "<code>free_</code> columns are the free-running figures: every model reading back its own state, "
+        "as deployed.</p>"
         f"{_candidates_list(inputs)}{table(_end_to_end_view(inputs.end_to_end))}</section>"
     )
 
@@ -75,7 +77,7 @@ def changed_samples_section(inputs: ReportInputs) -> str:
 
 _END_TO_END_FIRST = ("candidate", "output", "samples", "top1_agreement", "token_agreement", "sequence_agreement",
                      "exact_match", "element_match", "top1", "ref_top1", "top1_drop",
-                     "mcnemar_p", "cosine", "sqnr_db", "top5", "ref_top5", "top5_drop")
+                     "mcnemar_p", "cosine", "sqnr_db", "free_sqnr_db", "top5", "ref_top5", "top5_drop")
 
 
 def _end_to_end_view(df: pd.DataFrame | None) -> pd.DataFrame | None:
