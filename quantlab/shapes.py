@@ -37,6 +37,7 @@ __all__ = [
     "check_ranges",
     "engine_shapes",
     "format_shapes",
+    "fixed_batch_size",
     "network_shapes",
     "parse_shapes",
     "profiles_from_data",
@@ -267,6 +268,32 @@ class ShapeLog:
         return log
 
 
+def fixed_batch_size(shapes: Mapping[str, Sequence[Any] | None], batch_axes: Mapping[str, int | None] | None = None,
+                     *, all_inputs: bool = False) -> int | None:
+    """The batch size the inputs fix on their sample axes: a static export's ``[1, 3, 640, 640]`` fixes 1, and so
+    does AECMOS's GRU state ``h0 [4, 1, 64]`` with its samples on axis 1 beside a dynamic ``input [N, 3, F, 160]``:
+    the model runs at that batch only. None when no input fixes it, when two fix different sizes, or (with
+    ``all_inputs``) when any input leaves it dynamic.
+
+    ``shapes``: input name -> dims (an int, or a symbol / None / a negative int for a dynamic dim);
+    ``batch_axes``: the axis each input's samples are on (missing: 0; None: no sample axis).
+    """
+    axes = batch_axes or {}
+    sizes, dynamic = set(), False
+    for name, shape in shapes.items():
+        axis = axes.get(name, BATCH_AXIS)
+        if axis is None or shape is None or axis >= len(shape):
+            continue
+        dim = shape[axis]
+        if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0:
+            sizes.add(dim)
+        else:
+            dynamic = True
+    if len(sizes) != 1 or (all_inputs and dynamic):
+        return None
+    return sizes.pop()
+
+
 def _most_frequent(values: Counter[int]) -> int:
     """The most frequent value; ties go to the larger one (an engine tuned for it also fits the smaller)."""
     return max(values.items(), key=lambda kv: (kv[1], kv[0]))[0]
@@ -359,6 +386,9 @@ def shapes_for_table(shapes_text: str | Sequence[str] | None, calib_set: Mapping
     axes: int | None | Mapping[str, int | None] = BATCH_AXIS
     if "batch_axes" in calib_set:
         axes = batch_axes_from_dict(calib_set["batch_axes"], f"{where}: calib_set.batch_axes")
+    fixed = fixed_batch_size(network_inputs, axes if isinstance(axes, Mapping) else None)
+    if fixed is not None:  # an input fixes the batch (a recurrent state [layers, 1, H]): the engine runs that one
+        batch = min(batch, fixed)
     return shapes_for_build(shapes_text, calib_set.get("input_shapes") or None, network_inputs, axes, seen, batch)
 
 

@@ -1147,3 +1147,21 @@ def masked_token_tagger(seed: int = 0, hidden: int = 16, classes: int = 5) -> on
         _init("b_tag", rng.normal(0, 0.1, classes).astype(np.float32))]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "S", classes])]
     return _model(nodes, list(graph.input), outputs, inits, "masked_token_tagger")
+
+
+def gru_with_state(seed: int = 0, hidden: int = 8, features: int = 6) -> onnx.ModelProto:
+    """AECMOS's shape: ``x[T, N, F]`` with a dynamic batch beside a GRU state input ``h0[1, 1, H]`` whose batch
+    (axis 1) the export fixed at 1: the model runs one sample at a time only. ``y[N, H]`` is the last step."""
+    rng = np.random.default_rng(seed)
+    h, f = hidden, features
+    inits = [_init("W", rng.normal(0, 0.3, (1, 3 * h, f)).astype(np.float32)),
+             _init("R", rng.normal(0, 0.3, (1, 3 * h, h)).astype(np.float32)),
+             _init("B", rng.normal(0, 0.1, (1, 6 * h)).astype(np.float32)),
+             _init("axis0", np.array([0], np.int64))]
+    nodes = [helper.make_node("GRU", ["x", "W", "R", "B", "", "h0"], ["ys", "yh"], name="gru", hidden_size=h,
+                              linear_before_reset=1),
+             helper.make_node("Squeeze", ["yh", "axis0"], ["y"], name="last_step")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", f]),
+              helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, 1, h])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", h])]
+    return _model(nodes, inputs, outputs, inits, "gru_with_state")

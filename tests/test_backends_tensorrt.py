@@ -498,3 +498,34 @@ def test_a_kv_cache_concat_stays_float_and_int8_builds_with_a_dynamic_past(rtx):
     _engine_ok(rtx.build_engine(out, shapes=shapes, label="kv_step (int8, written by quantlab)"))
     first_step = {"x": shapes["x"], "past": ShapeRange("past", (1, 0, 16), (4, 0, 16), (8, 0, 16))}  # no past yet
     _engine_ok(rtx.build_engine(out, shapes=first_step, label="kv_step (int8, first step: empty past)"))
+
+
+def test_a_state_input_that_fixes_the_batch_at_1_gets_batch_1_profiles_and_builds(rtx, tmp_path):
+    """AECMOS: ``input [N, 3, F, 160]`` is dynamic, but its GRU state ``h0 [4, 1, 64]`` (samples on axis 1, as its
+    set says) fixes the batch at 1. quantlab gave the dynamic input a batch of 1..8 and TensorRT-RTX failed with
+    "inherently false condition"; the model fixes its batch at 1 now, for every command, and the engine builds."""
+    from quantlab.data import fixed_batch, from_arrays
+    from quantlab.shapes import network_shapes, shapes_for_table
+
+    model = model_from_proto(models.gru_with_state(), label="gru_with_state")
+    rng = np.random.default_rng(0)
+    data = from_arrays({"x": rng.normal(size=(5, 4, 6)).astype(np.float32),
+                        "h0": np.zeros((1, 4, 8), np.float32)}, batch_axes={"x": 1, "h0": 1})
+    assert fixed_batch(model, data) == 1
+    calib_set = {"input_shapes": {"x": [[5, 1, 6, 4]], "h0": [[1, 1, 8, 4]]}, "batch_axes": {"x": 1, "h0": 1}}
+    ranges = shapes_for_table(None, calib_set, network_shapes(model.inputs))
+    assert ranges["x"].min[1] == ranges["x"].max[1] == 1
+    _engine_ok(rtx.build_engine(model.proto, shapes=ranges))
+
+
+def test_a_squeeze_without_axes_on_a_dynamic_dim_names_the_node_and_the_fix(rtx):
+    """AECMOS (opset 9) squeezes ``[N, 1, 2]`` without axes: TensorRT-RTX refused to build it with a message about
+    an IShuffleLayer; the error names the Squeeze and says to re-export with axes or a fixed batch."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Squeeze", ["x"], ["y"], name="Squeeze_35")], "axisless",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    with pytest.raises(BackendError, match=r"'Squeeze_35' squeezes without axes.*Re-export with explicit axes"):
+        rtx.build_engine(model)

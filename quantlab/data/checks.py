@@ -18,6 +18,7 @@ import numpy as np
 from ..environment import available_memory_bytes, format_bytes, shape_bytes
 from ..errors import DataError, InputMismatchError
 from ..graph import LoadedModel, TensorSpec
+from ..shapes import fixed_batch_size
 from .batches import batch_fits, format_shape
 from .manifest import DataSetManifest
 
@@ -120,18 +121,12 @@ def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_
 
 
 def fixed_batch(model: LoadedModel, dataset: Any) -> int | None:
-    """The batch every batched input of ``model`` fixes (a static export's ``[1, 3, 640, 640]``), None when an
-    input leaves it dynamic or the inputs disagree; ``dataset`` says which axis holds each input's samples."""
-    sizes = set()
-    for spec in model.inputs:
-        axis = dataset.batch_axis(spec.name) if hasattr(dataset, "batch_axis") else 0
-        if axis is None:
-            continue
-        dim = spec.shape[axis] if spec.shape and axis < len(spec.shape) else None
-        if not (isinstance(dim, int) and dim > 0):
-            return None
-        sizes.add(int(dim))
-    return sizes.pop() if len(sizes) == 1 else None
+    """The batch the batched inputs of ``model`` fix (a static export's ``[1, 3, 640, 640]``, or a recurrent
+    state ``[layers, 1, H]`` beside a dynamic input: :func:`quantlab.shapes.fixed_batch_size`), None when they
+    leave it dynamic or disagree; ``dataset`` says which axis holds each input's samples."""
+    axes = {spec.name: dataset.batch_axis(spec.name) if hasattr(dataset, "batch_axis") else 0
+            for spec in model.inputs}
+    return fixed_batch_size({spec.name: spec.shape for spec in model.inputs}, axes)
 
 
 def _check_batch(spec: TensorSpec, dataset: Any, model: LoadedModel, batch_size: int | None,

@@ -15,6 +15,7 @@ import numpy as np
 
 import onnx
 
+from ..shapes import fixed_batch_size
 from .load import LoadedModel, tensor_specs
 from .topology import CONTROL_FLOW_OPS, SHAPE_ONLY_OPS, subgraph_reads, topological_nodes, upstream
 
@@ -63,10 +64,7 @@ def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
 
 def _fixed_batch(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> int | None:
     """The batch size every input fixes on its sample axis (a static export's 1), else None."""
-    sizes = {spec.shape[axis] for spec in model.inputs
-             if (axis := batch_axes.get(spec.name, 0)) is not None and spec.shape is not None
-             and axis < len(spec.shape)}
-    return next(iter(sizes)) if len(sizes) == 1 and isinstance(next(iter(sizes)), int) else None
+    return fixed_batch_size({spec.name: spec.shape for spec in model.inputs}, batch_axes, all_inputs=True)
 
 
 _DATA_SIZED_OPS = frozenset({"NonMaxSuppression", "NonZero", "Unique", "Compress"})

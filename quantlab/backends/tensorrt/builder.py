@@ -21,7 +21,7 @@ from ...atomic import write_bytes
 from ...errors import BackendError, BackendUnavailableError, InputMismatchError
 from ...graph import serialize
 from ...shapes import BATCH_AXIS, ShapeRange, check_range_fits, range_from_shapes
-from .diagnostics import parse_error, parser_issues
+from .diagnostics import build_error_hint, parse_error, parser_issues
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30
 """Builder workspace pool limit (bytes): 1 GiB, TensorRT's usual default order of magnitude."""
@@ -257,10 +257,11 @@ class EngineBuilder:
         config, _timing = self.config(builder, profiles)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            errors = "\n  ".join(self._logger.errors()) or "(no error was logged)"
+            logged = self._logger.errors()
+            errors = "\n  ".join(logged) or "(no error was logged)"
             raise BackendError(
                 f"{self.library} {self.version} failed to build an engine for {label}:\n  {errors}"
-                + guessed_profiles_hint(profiles, guessed)
+                + build_error_hint(logged) + guessed_profiles_hint(profiles, guessed)
             )
         self.save_timing_cache(config)
         return bytes(serialized), self.settings(list(outputs or []), profiles)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -89,3 +90,18 @@ def parse_error(library: str, version: str, label: str, issues: list[ParserIssue
         hint = ("\nTensorRT wants int8 symmetric Q/DQ (zero point 0) and float biases: write the "
                 "model with target 'tensorrt' (the 'ort' form is for ONNX Runtime only).")
     return BackendError(f"{library} {version} failed to parse {label}:\n  {listing}{hint}")
+
+
+_AXISLESS = "without an axes input"
+
+
+def build_error_hint(errors: list[str]) -> str:
+    """Advice for build errors whose cause the model's export holds, not quantlab's settings."""
+    text = " ".join(errors)
+    if _AXISLESS in text:
+        named = re.search(r"(\S+): I\w+Layer without an axes input", text)
+        node = repr(named.group(1)) if named else "a Squeeze"
+        return (f"\n  {node} squeezes without axes (an export at opset < 13 squeezing every dim of size 1): with a "
+                "dynamic dim in its input, TensorRT cannot fix its output rank at build time. Re-export with explicit "
+                "axes (torch: x.squeeze(dim)), or with the batch fixed if the model only runs at one batch size.")
+    return ""
