@@ -17,6 +17,7 @@ from pathlib import Path
 import models
 import numpy as np
 import onnx
+from onnx import helper
 import pytest
 
 from quantlab.atomic import TEMP_NAME
@@ -482,3 +483,28 @@ def test_an_fp16_build_without_a_table_says_its_range_guard_is_off(ws: Path, cap
     code, out, _ = run_main(["build", str(ws / "model.onnx"), "--precision", "fp16", "--table",
                              str(ws / "cal" / "calib_minmax.json"), "--out", str(ws / "c")], capfd)
     assert code == 0 and "no --table" not in out
+
+
+def test_a_model_that_couples_the_samples_of_a_batch_runs_one_sample_at_a_time(ws: Path, capfd) -> None:
+    """openwakeword's melspectrogram floors its dB at the max of the whole batch (ReduceMax without axes): tables
+    and figures changed with --batch-size (cosine 0.926 at 8, 0.651 at 1, how the package runs it). Without
+    --batch-size the model runs one sample at a time, saying why; an explicit --batch-size 4 gets a warning."""
+    from quantlab.graph import model_from_proto
+    from quantlab.graph.samples import sample_mixing_nodes
+
+    model = models.conv_net(size=8)
+    model.graph.node[-1].output[0] = "raw"
+    model.graph.node.extend([helper.make_node("ReduceMax", ["raw"], ["top"], name="batch_max"),
+                             helper.make_node("Sub", ["raw", "top"], ["logits"], name="from_top")])
+    onnx.save(model, ws / "model.onnx")
+    assert sample_mixing_nodes(model_from_proto(model), {}) == ["batch_max"]
+    assert sample_mixing_nodes(model_from_proto(models.conv_net(size=8)), {}) == []
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == 0 and "combines values across the samples of a batch ('batch_max'" in err
+    assert json.loads((ws / "cal" / "calibrate_run.json").read_text())["batch_size"] == 1
+    assert run_main(calibrate_argv(ws, ws / "cal1", "--batch-size", "1"), capfd)[0] == 0
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal4", "--batch-size", "4"), capfd)
+    assert code == 0 and "WARNING" in err and "use --batch-size 1" in err
+    ranges = {k: json.loads((ws / k / "calib_minmax.json").read_text())["tensors"]["top"]["min"]
+              for k in ("cal", "cal1", "cal4")}  # each sample's own max, or the batch's
+    assert ranges["cal"] == ranges["cal1"] != ranges["cal4"]

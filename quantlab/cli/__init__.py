@@ -132,14 +132,22 @@ def add_progress_option(p: argparse.ArgumentParser, *aliases: str) -> None:
 def resolve_batch_size(args: argparse.Namespace, model: Any, dataset: Any, default: int, command: str) -> int:
     """``--batch-size`` when given; else 1 for a model that fixes its batch at 1 (said on stderr), else
     ``default``. Sets ``args.batch_size`` so every later use (and the run's record) sees the same value."""
-    if args.batch_size is None:
-        from ..data import fixed_batch
+    from ..data import coupled_batch_note, fixed_batch, samples_coupled
 
+    coupled = samples_coupled(model, dataset) if dataset is not None else []
+    if args.batch_size is None:
         args.batch_size = default
         if dataset is not None and fixed_batch(model, dataset) == 1:
             args.batch_size = 1
             print(f"quantlab {command}: note: {model.label} fixes its batch at 1: running one sample at a time",
                   file=sys.stderr, flush=True)
+        elif coupled:
+            args.batch_size = 1
+            print(f"quantlab {command}: note: {coupled_batch_note(model.label, coupled, 1)}", file=sys.stderr,
+                  flush=True)
+    elif coupled and int(args.batch_size) > 1:
+        print(f"quantlab {command}: {coupled_batch_note(model.label, coupled, int(args.batch_size))}",
+              file=sys.stderr, flush=True)
     return int(args.batch_size)
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..backends import Backend, get_backend, is_onnxruntime
 from ..backends.ort import environment_options
-from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs
+from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs, coupled_batch_note, samples_coupled
 from ..errors import CompareError
 from ..graph import LoadedModel, check_not_quantized
 from ..graph.samples import data_sized
@@ -157,6 +157,9 @@ class Comparison:
         self.exact = exact_outputs(reference)  # integer/bool outputs: equal or not
         self.padding = (mask_input(reference), padded_outputs(reference, self.sample_axes))  # compare.padding
         self.warnings.extend(filter(None, [padding_note(*self.padding)]))
+        coupled = samples_coupled(reference, dataset) if options.batch_size > 1 else []
+        if coupled:
+            self.warnings.append(coupled_batch_note(reference.label, coupled, options.batch_size))
         self.declared = {spec.name: spec.shape for spec in reference.outputs}  # what the model says it returns
         if self.total == 0:
             raise CompareError(f"the validation set {getattr(dataset, 'name', '')!r} is empty")

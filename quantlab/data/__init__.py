@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from .augment import AugmentSpec, random_resized_crop_box
 from .batches import Batch, DataSet, Sample, take_samples
-from .checks import PILLOW_MAX_PIXELS, check_inputs, fixed_batch
+from .checks import PILLOW_MAX_PIXELS, check_inputs, coupled_batch_note, fixed_batch, samples_coupled
 from .datasets import (
     ArrayDataSet,
     ManifestDataSet,
@@ -88,6 +88,8 @@ __all__ = [
     "SourceSpec",
     "check_inputs",
     "fixed_batch",
+    "coupled_batch_note",
+    "samples_coupled",
     "from_arrays",
     "load_dataset",
     "load_manifest",

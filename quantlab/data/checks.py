@@ -18,11 +18,13 @@ import numpy as np
 from ..environment import available_memory_bytes, format_bytes, shape_bytes
 from ..errors import DataError, InputMismatchError
 from ..graph import LoadedModel, TensorSpec
+from ..graph.samples import sample_mixing_nodes
 from ..shapes import fixed_batch_size
 from .batches import batch_fits, format_shape
 from .manifest import DataSetManifest
 
-__all__ = ["PILLOW_MAX_PIXELS", "check_inputs", "dataset_label", "fixed_batch"]
+__all__ = ["PILLOW_MAX_PIXELS", "check_inputs", "coupled_batch_note", "dataset_label", "fixed_batch",
+           "samples_coupled"]
 
 
 def _data_specs(dataset: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -127,6 +129,25 @@ def fixed_batch(model: LoadedModel, dataset: Any) -> int | None:
     axes = {spec.name: dataset.batch_axis(spec.name) if hasattr(dataset, "batch_axis") else 0
             for spec in model.inputs}
     return fixed_batch_size({spec.name: spec.shape for spec in model.inputs}, axes)
+
+
+def samples_coupled(model: LoadedModel, dataset: Any) -> list[str]:
+    """The nodes of ``model`` that combine values across the samples of a batch
+    (:func:`quantlab.graph.samples.sample_mixing_nodes`); ``dataset`` says which axis holds each input's samples."""
+    axes = {spec.name: dataset.batch_axis(spec.name) if hasattr(dataset, "batch_axis") else 0
+            for spec in model.inputs}
+    return sample_mixing_nodes(model, axes)
+
+
+def coupled_batch_note(label: str, nodes: Sequence[str], batch_size: int) -> str:
+    """What to say of a model whose samples a batch couples, run at ``batch_size``."""
+    shown = ", ".join(map(repr, nodes[:3])) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+    why = (f"{label} combines values across the samples of a batch ({shown}: a reduction, softmax or top-k over "
+           "the sample axis), so each sample's outputs depend on the others in its batch")
+    if batch_size == 1:
+        return f"{why}: running one sample at a time, as the model runs on one input"
+    return (f"WARNING {why}: at batch size {batch_size} the tables and figures are not what one sample at a time "
+            "gives; use --batch-size 1 (or [data] batch_size = 1) unless the model is deployed at that batch")
 
 
 def _check_batch(spec: TensorSpec, dataset: Any, model: LoadedModel, batch_size: int | None,

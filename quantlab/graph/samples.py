@@ -19,7 +19,7 @@ from ..shapes import fixed_batch_size
 from .load import LoadedModel, tensor_specs
 from .topology import CONTROL_FLOW_OPS, SHAPE_ONLY_OPS, subgraph_reads, topological_nodes, upstream
 
-__all__ = ["batch_symbols", "carries_samples", "data_sized", "samples_on_axis0", "tensor_sample_axes"]
+__all__ = ["batch_symbols", "carries_samples", "sample_mixing_nodes", "data_sized", "samples_on_axis0", "tensor_sample_axes"]
 
 
 def batch_symbols(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> set[str]:
@@ -60,6 +60,60 @@ def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
             axis = found[0] if found else 0
         out[name] = axis
     return out
+
+
+_ALONG_ONE_AXIS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "TopK", "CumSum"})
+"""Ops that combine the values along one axis (``axis``; CumSum's is an input)."""
+
+
+def sample_mixing_nodes(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> list[str]:
+    """Names of the main-graph nodes that combine values across samples: a reduction over the sample axis
+    (openwakeword's melspectrogram: ``ReduceMax`` without axes sets its -80 dB floor from the whole batch), or a
+    softmax/arg-max/top-k/cumsum along it. Each sample's output then depends on the others in its batch: figures
+    measured at batch 8 are not what the model gives one sample at a time. Only tensors whose sample axis shape
+    inference names (the inputs' batch symbol) are judged."""
+    symbols = batch_symbols(model, batch_axes)
+    if not symbols:
+        return []
+    specs = tensor_specs(model.proto)
+    consts = {i.name: i for i in model.proto.graph.initializer}
+    out = []
+    for node in model.proto.graph.node:
+        data = node.input[0] if node.input else ""
+        spec = specs.get(data)
+        shape = tuple(spec.shape or ()) if spec else ()
+        axis = next((k for k, d in enumerate(shape) if isinstance(d, str) and d in symbols), None)
+        if axis is None:
+            continue
+        over = _combined_axes(node, len(shape), consts)
+        if over is not None and axis in over:
+            out.append(node.name or node.output[0])
+    return out
+
+
+def _combined_axes(node: onnx.NodeProto, rank: int, consts: Mapping[str, onnx.TensorProto]) -> set[int] | None:
+    """The axes ``node`` combines values along (normalised), None when it combines none or they are unknown."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type.startswith("Reduce"):
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            given = consts.get(node.input[1])
+            if given is None:
+                return None  # computed axes: unknown
+            axes = onnx.numpy_helper.to_array(given).reshape(-1).tolist()
+        if not axes:
+            return None if attrs.get("noop_with_empty_axes", 0) else set(range(rank))
+        return {int(a) % rank for a in axes}
+    if node.op_type in _ALONG_ONE_AXIS:
+        if node.op_type == "CumSum":
+            given = consts.get(node.input[1]) if len(node.input) > 1 else None
+            if given is None:
+                return None
+            axis = int(onnx.numpy_helper.to_array(given).reshape(-1)[0])
+        else:
+            axis = int(attrs.get("axis", -1 if node.op_type in ("Softmax", "LogSoftmax", "Hardmax") else 0))
+        return {axis % rank} if rank else None
+    return None
 
 
 def _fixed_batch(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> int | None:
