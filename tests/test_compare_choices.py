@@ -479,3 +479,82 @@ def test_a_segmentation_map_gets_pixel_agreement_and_an_image_does_not():
         cand = get_backend("ort").build(int8.proto).run({"x": x})["logits"].argmax(1)
         assert row["token_agreement"] == pytest.approx((ref == cand).reshape(6, -1).mean(1).mean() * 100)
         assert row["sequence_agreement"] == pytest.approx((ref == cand).reshape(6, -1).all(1).mean() * 100)
+
+
+def test_a_softmax_after_a_decoding_loop_scores_positions():
+    """SLANet's table decoder: a Loop fills a logits buffer [N, T, C] step by step (a MatMul inside its body), and a
+    Softmax after the loop writes the output. No linear layer is in reach outside the loop, but the softmax over the
+    classes says what the output is: it gets token agreement (it was read as numbers, with a warning about its
+    rows' scales). A softmax over the positions is not scores per position."""
+    rng = np.random.default_rng(0)
+    step = helper.make_graph(
+        [helper.make_node("MatMul", ["x_outer", "w"], ["logits_step"], name="head"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going")],
+        "step",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("logits_step", TensorProto.FLOAT, ["N", 6])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["steps", "go"], ["buffer"], name="decode", body=step),
+         helper.make_node("Transpose", ["buffer"], ["logits"], name="to_batch_major", perm=[1, 0, 2]),
+         helper.make_node("Softmax", ["logits"], ["structure"], name="structure", axis=-1),
+         helper.make_node("Softmax", ["logits"], ["over_steps"], name="over_steps", axis=1)],
+        "decoder",
+        [helper.make_tensor_value_info("x_outer", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("structure", TensorProto.FLOAT, ["N", 5, 6]),
+         helper.make_tensor_value_info("over_steps", TensorProto.FLOAT, ["N", 5, 6])],
+        [onnx.numpy_helper.from_array(rng.normal(0, 1, (8, 6)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(np.array(5, np.int64), "steps"),
+         onnx.numpy_helper.from_array(np.array(True), "go")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert position_scorers(model, {}) == {"structure": 6}
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    result = compare(model, {"same": model}, from_arrays({"x_outer": x}, role="validation"),
+                     CompareOptions(batch_size=2, per_layer=False, bootstrap=0))
+    rows = result.end_to_end.set_index("output")
+    assert rows.loc["structure", "token_agreement"] == 100.0
+    assert np.isnan(rows.loc["over_steps"].get("token_agreement", np.nan))
+
+
+def test_scores_of_a_loop_that_stops_on_its_state_are_compared_position_by_position():
+    """A while loop (stops when its state says so: a decoder's end token) decides its scan outputs' length, so
+    its scores are data-sized; they still get token agreement where the lengths agree (here: always)."""
+    rng = np.random.default_rng(0)
+    step = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "w"], ["z"], name="head"),
+         helper.make_node("Softmax", ["z"], ["probs_step"], name="probs", axis=-1),
+         helper.make_node("ReduceMax", ["probs_step"], ["top"], name="top", keepdims=0),
+         helper.make_node("Less", ["top", "never"], ["cond_out"], name="stop_when_unsure")],
+        "step",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("probs_step", TensorProto.FLOAT, ["N", 6])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x_outer"], ["features"], name="encoder"),
+         helper.make_node("Loop", ["steps", "go"], ["buffer"], name="decode", body=step),
+         helper.make_node("Transpose", ["buffer"], ["probs_nt"], name="to_batch_major", perm=[1, 0, 2]),
+         helper.make_node("Identity", ["probs_nt"], ["probs"], name="out")],
+        "decoder", [helper.make_tensor_value_info("x_outer", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", "T", 6])],
+        [onnx.numpy_helper.from_array(rng.normal(0, 1, (8, 6)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(np.array(5, np.int64), "steps"),
+         onnx.numpy_helper.from_array(np.array(True), "go"),
+         onnx.numpy_helper.from_array(np.array(2.0, np.float32), "never")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    from quantlab.graph.samples import data_sized
+
+    assert "probs" in data_sized(model)
+    assert position_scorers(model, {}) == {"probs": 6}
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    shorter = onnx.ModelProto()
+    shorter.CopyFrom(model.proto)
+    next(t for t in shorter.graph.initializer if t.name == "steps").CopyFrom(
+        onnx.numpy_helper.from_array(np.array(3, np.int64), "steps"))  # stops two steps early
+    result = compare(model, {"same": model, "shorter": model_from_proto(shorter)},
+                     from_arrays({"x_outer": x}, role="validation"),
+                     CompareOptions(batch_size=2, per_layer=False, bootstrap=0))
+    rows = result.end_to_end.set_index("candidate")
+    assert rows.loc["same", "sequence_agreement"] == 100.0
+    assert rows.loc["shorter", "sequence_agreement"] == 0.0  # another length: no sample reads the same

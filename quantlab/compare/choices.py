@@ -17,12 +17,17 @@ softmax (DeepLab's head; not an image a super-resolution model's last conv retur
 Which outputs (:func:`position_scorers`): float, rank 3, samples not on the last axis, a fixed class count > 1
 on the last axis (or rank 4 as above), and class scores (:func:`score_outputs`, which also decides the ``[N, C]`` classifiers of
 :mod:`.labels`): computed by a linear layer (MatMul, Gemm, Conv, Einsum) through only biases, scales,
-(log-)softmax, a ReLU and pooling, and layout ops::
+(log-)softmax, a ReLU and pooling, and layout ops; or, whatever computes them, normalised over the classes by a
+(log-)softmax that writes the output (a decoding loop's logits buffer, softmaxed after the loop: SLANet's)::
 
     MatMul ─► Add(bias) ─► LogSoftmax ─► Transpose ─► output [T, N, C]     scores: yes
+    Loop(body: MatMul ─► Softmax ─► scan output) ─► Transpose ─► output [N, T, C]  scores: yes (a decoder's steps)
+    Loop(... MatMul ─► Scatter into a buffer) ─► Softmax(axis=-1) ─► output [N, T, C]   scores: yes
     ... ─► LayerNormalization ─► output [N, T, 768]                        hidden states: no
 
-Padded positions (an ``attention_mask`` input's zeros) do not count: :mod:`.padding`.
+Padded positions (an ``attention_mask`` input's zeros) do not count: :mod:`.padding`. Where the data decides the
+length (a decoding loop that stops at its end token), a batch whose lengths differ from the reference's counts as
+no sample agreeing, as for integer outputs below.
 
 **Integer and boolean outputs** (:func:`exact_outputs`): class ids from an ArgMax, TopK indices, tokens a
 decoding loop emits, masks. Class 7 is not "close" to class 8, so their cosine, SQNR and rel_l2 are left out
@@ -42,7 +47,6 @@ import numpy as np
 import onnx
 
 from ..graph import LoadedModel
-from ..graph.samples import data_sized
 from ..graph.topology import initializer_map, producer_map
 
 __all__ = ["CHOICE_COLUMNS", "best_positions", "exact_outputs", "part_agreement", "position_scorers", "score_outputs"]
@@ -76,18 +80,33 @@ def score_outputs(model: LoadedModel) -> set[str]:
     producers = producer_map(model.proto)
     constants = set(initializer_map(model.proto)) | {
         o for n in model.proto.graph.node if n.op_type == "Constant" for o in n.output}
-    return {spec.name for spec in model.outputs if spec.is_float and _from_linear_layer(spec.name, producers, constants)}
+    return {spec.name for spec in model.outputs if spec.is_float and (
+        _from_linear_layer(spec.name, producers, constants) or _softmax_over_classes(spec.name, spec.shape, producers))}
+
+
+def _softmax_over_classes(output: str, shape: tuple | None, producers: Mapping[str, onnx.NodeProto]) -> bool:
+    """Whether a Softmax/LogSoftmax writes ``output`` (through Identity/Cast) over its class axis: the last of an
+    ``[N, C]`` or ``[N, T, C]`` output, axis 1 of an ``[N, C, H, W]`` map. Loaded models are opset >= 13, where the
+    softmax normalises that one axis."""
+    if shape is None or len(shape) < 2:
+        return False
+    node = producers.get(output)
+    while node is not None and node.op_type in ("Identity", "Cast"):
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
+        return False
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+    return axis % len(shape) == (1 if len(shape) == 4 else len(shape) - 1)
 
 
 def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict[str, int]:
     """Output -> class count, for the outputs that score classes at every position (see the module docstring):
     ``[N, T, C]`` scores, and ``[N, C, H, W]`` segmentation maps (:func:`_segmentation_map`)."""
     scored = score_outputs(model)
-    sized = data_sized(model)
     out: dict[str, int] = {}
     for spec in model.outputs:
         shape = spec.shape
-        if shape is None or spec.name not in scored or spec.name in sized:
+        if shape is None or spec.name not in scored:
             continue
         if len(shape) == 3 and sample_axes.get(spec.name, 0) != 2:
             classes = shape[2]
@@ -108,7 +127,9 @@ def _segmentation_map(model: LoadedModel, output: str) -> bool:
     constants = set(initializer_map(model.proto)) | {
         o for n in model.proto.graph.node if n.op_type == "Constant" for o in n.output}
     ops = _ops_from_linear_layer(output, producers, constants) or []
-    return bool({"Resize", "Upsample", "Softmax", "LogSoftmax"} & set(ops))
+    shape = next(spec.shape for spec in model.outputs if spec.name == output)
+    return bool({"Resize", "Upsample", "Softmax", "LogSoftmax"} & set(ops)) or _softmax_over_classes(
+        output, shape, producers)
 
 
 def _from_linear_layer(tensor: str, producers: Mapping[str, onnx.NodeProto], constants: set[str]) -> bool:
@@ -126,6 +147,16 @@ def _ops_from_linear_layer(tensor: str, producers: Mapping[str, onnx.NodeProto],
             return None
         if node.op_type in _LINEAR:
             return ops
+        if node.op_type in ("Loop", "Scan"):  # what the body emits each step (a decoder's scores), else None
+            body = next(a.g for a in node.attribute if a.name == "body")
+            index = list(node.output).index(tensor) + (node.op_type == "Loop")  # a Loop's body first emits its cond
+            if index >= len(body.output):
+                return None
+            producers = {**producers, **{o: n for n in body.node for o in n.output if o}}
+            constants = constants | {i.name for i in body.initializer} | {
+                o for n in body.node if n.op_type == "Constant" for o in n.output}
+            tensor = body.output[index].name
+            continue
         normalised = _normalised_input(node, producers, constants)
         if normalised is not None:
             tensor = normalised

@@ -248,12 +248,12 @@ class EndToEnd:
     def _add_choices(self, name: str, ref_chosen: Mapping[str, np.ndarray], live: Mapping[str, np.ndarray],
                      valid: Mapping[str, np.ndarray]) -> None:
         for o, ref in ref_chosen.items():
-            cand = live[o]
+            cand = self._chosen(o, live[o])
             if cand.shape != ref.shape and o in self.data_sized:  # another length (a while loop stopped elsewhere)
                 n = ref.shape[0] if ref.ndim else 1
                 part, whole = np.full(n, np.nan), np.zeros(n, dtype=bool)
             else:
-                part, whole = part_agreement(ref, self._chosen(o, cand), valid.get(o))
+                part, whole = part_agreement(ref, cand, valid.get(o))
             st = self.stats[(name, o)]
             st.parts.append(part)
             st.wholes.append(whole)
