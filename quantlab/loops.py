@@ -33,7 +33,8 @@ from .folding import (
     rewrite_until_fixed,
 )
 
-__all__ = ["MAX_UNROLLED_TRIPS", "UnrolledLoop", "static_trip_count", "unroll_static_loops"]
+__all__ = ["MAX_UNROLLED_TRIPS", "HoistedInvariants", "UnrolledLoop", "hoist_loop_invariants", "static_trip_count",
+           "unroll_static_loops"]
 
 MAX_UNROLLED_TRIPS = 64
 """Loops running more often stay loops (their body tensors stay float): the graph would grow too much."""
@@ -141,3 +142,76 @@ def unroll_static_loops(proto: onnx.ModelProto, limit: int = MAX_UNROLLED_TRIPS
         return UnrolledLoop(node.name or node.output[0], trips)
 
     return rewrite_until_fixed(proto, "Loop", unroll)
+
+
+@dataclass(frozen=True)
+class HoistedInvariants:
+    """Loop-carried values of one Loop that its body passes through unchanged, now read from outside it."""
+
+    node: str
+    names: tuple[str, ...]
+
+    def note(self) -> str:
+        shown = ", ".join(self.names[:5]) + (", ..." if len(self.names) > 5 else "")
+        return (f"Loop {self.node!r}: {len(self.names)} carried value(s) its body passes through unchanged ({shown}: "
+                "weights paddle2onnx carries through its loops) are read from outside the loop instead (the same "
+                "values: no activations to calibrate; TensorRT-RTX 1.7's builder fails an internal assertion on the loop "
+                "that carries them)")
+
+
+def hoist_loop_invariants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[HoistedInvariants, ...]]:
+    """A copy of ``proto`` whose main-graph Loops no longer carry values their body returns as it got them (the
+    body output is the body input itself); ``proto`` if none does. Exact: such a value never changes, so the
+    loop's final value is its initial one, whatever the trip count::
+
+        W ─► Loop(carried: W, h; body: (w, h) ─► (w, f(w, h))) ─► W', h'   ─► MatMul(W', ...)
+        ==>  W ─► Loop(carried: h; body: h ─► f(W, h)) ─► h'                ─► MatMul(W, ...)
+
+    Left carried: a value the body also emits elsewhere (a scan output), or whose outer name the body uses.
+    """
+    def hoist(out: onnx.ModelProto, folder: ConstantFolder, idx: int, node: onnx.NodeProto
+              ) -> HoistedInvariants | None:
+        body = next(a.g for a in node.attribute if a.name == "body")
+        invariant = _invariant_carried(node, body)
+        if not invariant:
+            return None
+        outer = {body.input[k + 2].name: node.input[k + 2] for k in invariant}
+        kept = [k for k in range(len(node.input) - 2) if k not in invariant]
+        new_body = onnx.GraphProto()
+        new_body.CopyFrom(body)
+        del new_body.node[:]
+        new_body.node.extend(rename_node(n, outer) for n in body.node)
+        del new_body.input[2:], new_body.output[1:]
+        new_body.input.extend(body.input[k + 2] for k in kept)
+        new_body.output.extend([body.output[k + 1] for k in kept] + list(body.output[len(node.input) - 1:]))
+        finals = {node.output[k]: node.input[k + 2] for k in invariant if k < len(node.output) and node.output[k]}
+        loop = helper.make_node("Loop", [*node.input[:2], *(node.input[k + 2] for k in kept)],
+                                [*(node.output[k] for k in kept), *node.output[len(node.input) - 2:]],
+                                name=node.name, body=new_body)
+        graph_outputs = {o.name for o in out.graph.output}
+        nodes = [loop] + [helper.make_node("Identity", [v], [o], name=f"{node.name or o}/{o}/invariant")
+                          for o, v in finals.items() if o in graph_outputs]
+        replace_node(out.graph, idx, nodes, [])
+        renamed = {o: v for o, v in finals.items() if o not in graph_outputs}
+        for n in out.graph.node:
+            n.CopyFrom(rename_node(n, renamed))
+        kept_info = [vi for vi in out.graph.value_info if vi.name not in finals]
+        del out.graph.value_info[:]
+        out.graph.value_info.extend(kept_info)
+        return HoistedInvariants(node.name or node.output[0], tuple(node.input[k + 2] for k in invariant))
+
+    return rewrite_until_fixed(proto, "Loop", hoist)
+
+
+def _invariant_carried(node: onnx.NodeProto, body: onnx.GraphProto) -> list[int]:
+    """Indices of the carried values the body returns unchanged and that can be read from outside instead."""
+    defined = {i.name for i in body.input} | {i.name for i in body.initializer} | {
+        t for n in body.node for t in n.output if t}
+    out = []
+    for k in range(len(node.input) - 2):
+        inner, outer = body.input[k + 2].name, node.input[k + 2]
+        others = [o.name for i, o in enumerate(body.output) if i != k + 1]
+        if (outer and body.output[k + 1].name == inner and inner not in others
+                and (outer == inner or outer not in defined)):
+            out.append(k)
+    return out

@@ -536,6 +536,54 @@ def until_converged(seed: int = 0, width: int = 16, max_trips: int = 30, tol: fl
     return _model(nodes, inputs, outputs, inits, "until_converged")
 
 
+def loop_carrying_weights(seed: int = 0, width: int = 16, max_trips: int = 30, tol: float = 0.05) -> onnx.ModelProto:
+    """:func:`until_converged` as paddle2onnx writes its loops: the step's weight ``w`` and bias ``b`` are
+    initializers carried through the Loop, which its body returns unchanged (body output = body input), and the
+    loop's final ``w`` is read after it (``head``) and is a graph output (``w_final``).
+
+    input[N, width] -> MatMul(w0) -> Relu -> Loop(carried: w, b, h; body: h -> MatMul(w) -> Add(b) -> Tanh -> h';
+    continue while ReduceMax|h' - h| > tol; scan Relu(h')) -> w_final, b_final, refined, steps[T, N, width];
+    refined -> MatMul(w_final) -> head.
+    """
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "w_in"], ["mixed"], name="mix"),
+         helper.make_node("Add", ["mixed", "b_in"], ["pre"], name="add_bias"),
+         helper.make_node("Tanh", ["pre"], ["h_out"], name="tanh"),
+         helper.make_node("Sub", ["h_out", "h_in"], ["delta"], name="delta"),
+         helper.make_node("Abs", ["delta"], ["moved"], name="moved"),
+         helper.make_node("ReduceMax", ["moved"], ["change"], name="change", keepdims=0),
+         helper.make_node("Constant", [], ["tol"], name="tol", value=numpy_helper.from_array(np.array(tol, np.float32))),
+         helper.make_node("Greater", ["change", "tol"], ["cond_out"], name="not_converged"),
+         helper.make_node("Relu", ["h_out"], ["step"], name="step_relu")],
+        "refine",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [width, width]),
+         helper.make_tensor_value_info("b_in", TensorProto.FLOAT, [width]),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [width, width]),
+         helper.make_tensor_value_info("b_in", TensorProto.FLOAT, [width]),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width]),
+         helper.make_tensor_value_info("step", TensorProto.FLOAT, ["N", width])])
+    nodes = [helper.make_node("MatMul", ["input", "w0"], ["x0"], name="embed"),
+             helper.make_node("Relu", ["x0"], ["h0"], name="start"),
+             helper.make_node("Loop", ["trips", "go", "w", "b", "h0"], ["w_final", "b_final", "refined", "steps"],
+                              name="refine", body=body),
+             helper.make_node("MatMul", ["refined", "w_final"], ["head"], name="head")]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])]
+    outputs = [helper.make_tensor_value_info("head", TensorProto.FLOAT, ["N", width]),
+               helper.make_tensor_value_info("w_final", TensorProto.FLOAT, [width, width]),
+               helper.make_tensor_value_info("steps", TensorProto.FLOAT, ["T", "N", width])]
+    inits = [_init("w0", rng.normal(0, 0.5, (width, width)).astype(np.float32)),
+             _init("w", rng.normal(0, 0.25, (width, width)).astype(np.float32)),
+             _init("b", rng.normal(0, 0.1, (width,)).astype(np.float32)),
+             numpy_helper.from_array(np.array(max_trips, np.int64), "trips"),
+             numpy_helper.from_array(np.array(True), "go")]
+    return _model(nodes, inputs, outputs, inits, "loop_carrying_weights")
+
+
 def sdpa_block(seed: int = 0, hidden: int = 32, heads: int = 4) -> onnx.ModelProto:
     """A transformer block as torch's dynamo exporter writes it at opset 23: ONNX ``Attention`` and
     ``RMSNormalization`` ops. x[N, S, hidden] -> MatMul q/k/v -> Attention -> MatMul -> Add x -> RMSNorm -> y."""

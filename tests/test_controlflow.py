@@ -581,3 +581,23 @@ def test_a_loop_over_a_fixed_axis_of_the_input_is_unrolled(form):
     by_batch.graph.node.insert(0, helper.make_node("Shape", ["input"], ["n_shape"], name="n_shape", start=0, end=1))
     next(n for n in by_batch.graph.node if n.op_type == "Loop").input[0] = "n_trips"
     assert resolve_static_control_flow(by_batch)[1] == ()
+
+
+def test_values_a_loop_carries_unchanged_are_read_from_outside_it():
+    """paddle2onnx carries a loop's weights through it (SLANet: 16 of 23 carried values): they were calibrated
+    as activations and listed among the widest tensors. Hoisted, the loop computes the same outputs (its final
+    weight is still an output and still read after the loop), and only real activations are calibrated."""
+    proto = models.loop_carrying_weights()
+    out, done = resolve_static_control_flow(proto)
+    onnx.checker.check_model(out, full_check=True)
+    assert [(d.node, d.names) for d in done] == [("refine", ("w", "b"))]
+    loop = next(n for n in out.graph.node if n.op_type == "Loop")
+    assert list(loop.input[2:]) == ["h0"] and list(loop.output) == ["refined", "steps"]
+    x = {"input": np.random.default_rng(2).normal(0, 1, (3, 16)).astype(np.float32)}
+    before, after = _run(proto, x), _run(out, x)
+    assert before["steps"].shape[0] > 1  # the loop ran more than once
+    for name in ("head", "w_final", "steps"):
+        np.testing.assert_array_equal(after[name], before[name])
+    model = model_from_proto(proto, label="loop_carrying_weights")  # loading hoists too
+    assert "b_final" not in activation_names(model.proto)  # w_final: the Identity of w that keeps the output
+    assert any("2 carried value(s) its body passes through unchanged (w, b" in n for n in control_flow_notes(model.proto))

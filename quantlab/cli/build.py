@@ -28,6 +28,7 @@ import dataclasses
 import sys
 from typing import TYPE_CHECKING, Any
 
+from ..errors import BackendError, BackendUnavailableError
 from . import add_bind_option, add_command, bound_inputs, path_arg, prepare_output
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ def _shapes(args: argparse.Namespace, model: Any, table: CalibrationTable | None
     return ranges, ("--shapes" if args.shapes else "the calibration data" if ranges else "a guess")
 
 
-def _engine(args: argparse.Namespace, written: WrittenModel, shapes: tuple[Any, str]
+def _engine(args: argparse.Namespace, model: Any, written: WrittenModel, shapes: tuple[Any, str]
             ) -> tuple[bytes | None, dict[str, Any] | None, str]:
     """(engine bytes, description, message) for TensorRT backends; ORT only has to load the model."""
     from ..backends import get_backend
@@ -196,7 +197,10 @@ def _engine(args: argparse.Namespace, written: WrittenModel, shapes: tuple[Any, 
     if build_engine is None:
         return None, None, f"{args.backend}: this backend cannot build engines yet; wrote the ONNX only"
     ranges, source = shapes
-    engine = build_engine(written.proto, label=str(args.model), shapes=ranges)
+    try:
+        engine = build_engine(written.proto, label=str(args.model), shapes=ranges)
+    except BackendError as error:
+        raise _with_fp32_verdict(error, build_engine, model, written, args, ranges) from error
     profiles = backend.profiles_for(written.proto, shapes=ranges)
     info = {
         "backend": backend.describe().as_dict(),
@@ -212,6 +216,27 @@ def _engine(args: argparse.Namespace, written: WrittenModel, shapes: tuple[Any, 
                           + (f"; profiles from {source}: {shown}" if profiles else ""))
 
 
+def _with_fp32_verdict(error: BackendError, build_engine: Any, model: Any, written: WrittenModel,
+                       args: argparse.Namespace, ranges: Any) -> BackendError:
+    """``error`` (a failed engine build of the written model) with whether the FP32 model itself builds: if not,
+    the backend cannot take the graph (a Loop it trips on), whatever quantlab writes; if so, the precision plan
+    is what it refuses."""
+    if isinstance(error, BackendUnavailableError) or written.plan.counts()["int8"] + written.plan.counts()["fp16"] == 0:
+        return error
+    try:
+        build_engine(model.proto, label=str(args.model), shapes=ranges)
+    except BackendError:
+        verdict = (f"\n  The FP32 model fails to build too (same profiles, no Q/DQ, no FP16): {args.backend} cannot "
+                   "build this graph as it is, whatever precision quantlab writes. Check it with trtexec or "
+                   "polygraphy on the FP32 model and report it upstream; meanwhile compare, search and the report "
+                   "run on --backend ort, whose figures simulate the TensorRT form's accuracy.")
+    else:
+        verdict = ("\n  The FP32 model builds with the same profiles: the precision plan is what fails. Keep the "
+                   "node(s) the error names out of INT8/FP16 (a plan's fp32 list, or `quantlab build --keep-fp32 "
+                   "OP`) and build again.")
+    return type(error)(f"{error}{verdict}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_dir, write_bytes, write_json
     from ..graph import check_not_quantized, load_model
@@ -225,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     table = _table(args, model, options)
     shapes = _shapes(args, model, table)
     written = write_model(model, plan, table, options)
-    engine, engine_info, message = _engine(args, written, shapes)
+    engine, engine_info, message = _engine(args, model, written, shapes)
 
     with atomic_dir(args.out, owned=BUILD_FILES) as tmp:
         names = {key: path.name for key, path in save_written(written, tmp).items()}
