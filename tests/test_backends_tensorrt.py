@@ -529,3 +529,47 @@ def test_a_squeeze_without_axes_on_a_dynamic_dim_names_the_node_and_the_fix(rtx)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     with pytest.raises(BackendError, match=r"'Squeeze_35' squeezes without axes.*Re-export with explicit axes"):
         rtx.build_engine(model)
+
+
+def test_a_failed_build_says_whether_the_fp32_model_builds(tmp_path, capsys):
+    """When an FP16/INT8 engine build fails, `quantlab build` builds the FP32 model with the same profiles and
+    says which one is at fault: here the export (an axis-less Squeeze TensorRT refuses whatever the precision),
+    where SLANet's error (an internal assertion) had left it open whether quantlab's Q/DQ caused it."""
+    from onnx import TensorProto, helper
+
+    from quantlab.cli import ExitCode, main
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("Squeeze", ["c"], ["y"], name="Squeeze_35")], "axisless",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(rng.normal(size=(1, 3, 1, 1)).astype(np.float32), "w")])
+    path = tmp_path / "axisless.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
+    code = main(["build", str(path), "--precision", "fp16", "--backend", "tensorrt-rtx", "--out", str(tmp_path / "b")])
+    assert code == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err
+    assert "squeezes without axes" in err and "The FP32 model fails to build too" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_plan_tensorrt_refuses_is_told_from_a_graph_it_refuses(tmp_path, capsys):
+    """The other verdict: the ORT form's Q/DQ (uint8, zero points) fails TensorRT's parser, the FP32 model builds.
+    The parser's own advice (write target tensorrt) stands alone: no FP32 build is needed to say it."""
+    from quantlab.cli import ExitCode, main
+
+    model = tmp_path / "conv.onnx"
+    onnx.save(models.conv_net(), model)
+    table = tmp_path / "calib"
+    data = tmp_path / "data.npz"
+    np.savez(data, input=np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32))
+    (tmp_path / "set.toml").write_text('name = "s"\n[[source]]\nkind = "npz"\npath = "data.npz"\nbatched = true\n'
+                                       '[inputs]\ninput = "input"\n')
+    assert main(["calibrate", str(model), "--calib", str(tmp_path / "set.toml"), "--method", "minmax",
+                 "--out", str(table), "--no-progress"]) == ExitCode.OK
+    code = main(["build", str(model), "--table", str(table / "calib_minmax.json"), "--target", "ort",
+                 "--backend", "tensorrt-rtx", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == ExitCode.BAD_INPUT and "target 'tensorrt'" in err and "FP32 model" not in err

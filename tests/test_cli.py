@@ -508,3 +508,13 @@ def test_a_model_that_couples_the_samples_of_a_batch_runs_one_sample_at_a_time(w
     ranges = {k: json.loads((ws / k / "calib_minmax.json").read_text())["tensors"]["top"]["min"]
               for k in ("cal", "cal1", "cal4")}  # each sample's own max, or the batch's
     assert ranges["cal"] == ranges["cal1"] != ranges["cal4"]
+
+
+def test_an_error_chained_to_itself_still_gets_its_exit_code():
+    """`raise error from error` makes a loop of causes; the exit-code classifier walked it forever."""
+    from quantlab.cli.exits import failure
+    from quantlab.errors import BackendError
+
+    error = BackendError("tensorrt-rtx failed to build an engine for m.onnx")
+    error.__cause__ = error
+    assert failure(error, "build") == (ExitCode.BAD_INPUT, f"quantlab build: error: {error}")

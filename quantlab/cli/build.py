@@ -200,7 +200,10 @@ def _engine(args: argparse.Namespace, model: Any, written: WrittenModel, shapes:
     try:
         engine = build_engine(written.proto, label=str(args.model), shapes=ranges)
     except BackendError as error:
-        raise _with_fp32_verdict(error, build_engine, model, written, args, ranges) from error
+        told = _with_fp32_verdict(error, build_engine, model, written, args, ranges)
+        if told is error:
+            raise
+        raise told from error
     profiles = backend.profiles_for(written.proto, shapes=ranges)
     info = {
         "backend": backend.describe().as_dict(),
@@ -221,7 +224,9 @@ def _with_fp32_verdict(error: BackendError, build_engine: Any, model: Any, writt
     """``error`` (a failed engine build of the written model) with whether the FP32 model itself builds: if not,
     the backend cannot take the graph (a Loop it trips on), whatever quantlab writes; if so, the precision plan
     is what it refuses."""
-    if isinstance(error, BackendUnavailableError) or written.plan.counts()["int8"] + written.plan.counts()["fp16"] == 0:
+    counts = written.plan.counts()
+    if isinstance(error, BackendUnavailableError) or counts["int8"] + counts["fp16"] == 0 or (
+            counts["int8"] and written.options.target != "tensorrt"):  # the parser's error says: target tensorrt
         return error
     try:
         build_engine(model.proto, label=str(args.model), shapes=ranges)

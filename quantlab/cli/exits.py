@@ -194,7 +194,9 @@ def _os_error_text(exc: OSError) -> str:
 def _environment_cause(exc: BaseException) -> BaseException | None:
     """The OSError/MemoryError a library error was raised while handling, if it is the machine's fault."""
     seen = exc.__cause__ or exc.__context__
-    while seen is not None:
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:  # a chain may loop (`raise e from e`)
+        visited.add(id(seen))
         if isinstance(seen, MemoryError) or (isinstance(seen, OSError) and seen.errno in ENVIRONMENT_ERRNOS):
             return seen
         seen = seen.__cause__ or seen.__context__
