@@ -155,8 +155,7 @@ class HoistedInvariants:
         shown = ", ".join(self.names[:5]) + (", ..." if len(self.names) > 5 else "")
         return (f"Loop {self.node!r}: {len(self.names)} carried value(s) its body passes through unchanged ({shown}: "
                 "weights paddle2onnx carries through its loops) are read from outside the loop instead (the same "
-                "values: no activations to calibrate; TensorRT-RTX 1.7's builder fails an internal assertion on the loop "
-                "that carries them)")
+                "values: no activations to calibrate)")
 
 
 def hoist_loop_invariants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[HoistedInvariants, ...]]:

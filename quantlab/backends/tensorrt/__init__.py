@@ -30,6 +30,7 @@ Layout (arrows: imports; nothing here imports tensorrt or cuda-python at module 
       +-> builder.py      EngineBuilder: parse, mark outputs, profiles, config, timing cache;
       |                   profile_shapes, DEFAULT_WORKSPACE_BYTES, DEFAULT_DYNAMIC_DIM
       |     +-> diagnostics.py  the capturing ILogger, ParserIssue, parser errors -> quantlab errors
+      |     +-> monitor.py      the IProgressMonitor: a bar per builder phase, Ctrl-C/SIGTERM cancel the build
       +-> cache.py        EngineCacheKey, EngineCache (engine + JSON sidecar), EngineBuild
       +-> runner.py       TensorRTRunner: cuda-python buffers, pinned host staging, one stream
       +-> device.py       CudaDevice, cuda_device(), CPU_BUILD, checked cuda-python calls

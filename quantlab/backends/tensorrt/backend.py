@@ -107,8 +107,10 @@ class TensorRTBackend(Backend):
         outputs: Sequence[str] | None = None,
         label: str = "the model",
         shapes: Mapping[str, ShapeRange] | None = None,
+        progress: bool = False,
     ) -> bytes:
-        """Parse ``model`` and build a serialized engine (no GPU needed for TensorRT-RTX).
+        """Parse ``model`` and build a serialized engine (no GPU needed for TensorRT-RTX); ``progress`` shows a bar
+        per builder phase, and an interrupt (Ctrl-C, SIGTERM) cancels the build either way.
 
         ``shapes`` gives (min, opt, max) per input (``--shapes``, or
         :func:`quantlab.shapes.profiles_from_data`); ``profiles_from`` maps other
@@ -117,7 +119,7 @@ class TensorRTBackend(Backend):
         engine outputs. :meth:`profiles_for` says which profiles the engine gets.
         """
         return self._builder.build(model, profiles_from=profiles_from, outputs=outputs, label=label,
-                                   shapes=self._shapes_for(model, shapes))[0]
+                                   shapes=self._shapes_for(model, shapes), progress=progress)[0]
 
     def _shapes_for(self, model: onnx.ModelProto, shapes: Mapping[str, ShapeRange] | None
                     ) -> Mapping[str, ShapeRange] | None:

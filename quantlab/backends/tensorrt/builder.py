@@ -22,6 +22,7 @@ from ...errors import BackendError, BackendUnavailableError, InputMismatchError
 from ...graph import serialize
 from ...shapes import BATCH_AXIS, ShapeRange, check_range_fits, range_from_shapes
 from .diagnostics import build_error_hint, parse_error, parser_issues
+from .monitor import make_monitor
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30
 """Builder workspace pool limit (bytes): 1 GiB, TensorRT's usual default order of magnitude."""
@@ -250,12 +251,20 @@ class EngineBuilder:
         outputs: Sequence[str] | None,
         label: str,
         shapes: Mapping[str, ShapeRange] | None = None,
+        progress: bool = False,
     ) -> tuple[bytes, dict[str, Any]]:
+        """(engine bytes, settings). ``progress``: a bar per builder phase; an interrupt cancels the build either
+        way (:mod:`.monitor`)."""
         builder, network, _parser = self.parse(model, label)  # parser must outlive the build
         self.mark_outputs(network, list(outputs or []), label)
         profiles, guessed = self.profiles(network, profiles_from, shapes)
         config, _timing = self.config(builder, profiles)
-        serialized = builder.build_serialized_network(network, config)
+        monitor = make_monitor(self._trt, progress)
+        config.progress_monitor = monitor
+        try:
+            serialized = builder.build_serialized_network(network, config)
+        finally:
+            monitor.raise_if_interrupted()
         if serialized is None:
             logged = self._logger.errors()
             errors = "\n  ".join(logged) or "(no error was logged)"
