@@ -50,7 +50,8 @@ from ..atomic import write_json
 from ..backends import get_backend
 from ..data import DataSet
 from ..errors import QuantlabError
-from ..graph import LoadedModel, consumer_map, subgraph_reads
+from ..graph import LoadedModel, consumer_map
+from ..graph.topology import drop_unread_initializers
 from ..plan import ResolvedPlan, resolve_plan, uniform_plan
 from ..precision import INT8
 from ..table import CalibrationTable
@@ -408,19 +409,8 @@ def apply_bias_correction(model: LoadedModel, plan: ResolvedPlan, correction: Bi
         applied.append(anchor)
     if not applied:
         return model, []
-    _drop_unread_initializers(proto, replaced)
+    drop_unread_initializers(proto.graph, replaced)  # left in, ONNX Runtime warns of each
     return dataclasses.replace(model, proto=proto), applied
-
-
-def _drop_unread_initializers(proto: onnx.ModelProto, names: set[str]) -> None:
-    """Removes the initializers in ``names`` nothing reads any more (the biases a corrected copy replaced): left in,
-    ONNX Runtime warns of each one, and the written model carries them."""
-    read = {t for n in proto.graph.node for t in n.input} | {o.name for o in proto.graph.output}
-    read |= subgraph_reads(proto.graph.node)
-    keep = [i for i in proto.graph.initializer if i.name not in names or i.name in read]
-    if len(keep) != len(proto.graph.initializer):
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(keep)
 
 
 def bias_correction_record(correction: BiasCorrection | None, applied: list[str]) -> Mapping[str, Any] | None:
