@@ -500,6 +500,15 @@ def refinement_loop(seed: int = 0, width: int = 16, trips: int = 3) -> onnx.Mode
     return _model(nodes, inputs, outputs, inits, "refinement_loop")
 
 
+def _until_still(tol: float) -> list[onnx.NodeProto]:
+    """A while loop's continue condition: ``cond_out = ReduceMax|h_out - h_in| > tol`` (a state that still moves)."""
+    return [helper.make_node("Sub", ["h_out", "h_in"], ["delta"], name="delta"),
+            helper.make_node("Abs", ["delta"], ["moved"], name="moved"),
+            helper.make_node("ReduceMax", ["moved"], ["change"], name="change", keepdims=0),
+            helper.make_node("Constant", [], ["tol"], name="tol", value=numpy_helper.from_array(np.array(tol, np.float32))),
+            helper.make_node("Greater", ["change", "tol"], ["cond_out"], name="not_converged")]
+
+
 def until_converged(seed: int = 0, width: int = 16, max_trips: int = 30, tol: float = 0.05) -> onnx.ModelProto:
     """A while loop: ``h = Tanh(h @ W + x)`` until no element moves by more than ``tol`` (at most ``max_trips``).
 
@@ -515,11 +524,7 @@ def until_converged(seed: int = 0, width: int = 16, max_trips: int = 30, tol: fl
          helper.make_node("MatMul", ["h_in", "w_step"], ["mixed"], name="mix"),
          helper.make_node("Add", ["mixed", "x0"], ["pre"], name="add_input"),
          helper.make_node("Tanh", ["pre"], ["h_out"], name="tanh"),
-         helper.make_node("Sub", ["h_out", "h_in"], ["delta"], name="delta"),
-         helper.make_node("Abs", ["delta"], ["moved"], name="moved"),
-         helper.make_node("ReduceMax", ["moved"], ["change"], name="change", keepdims=0),
-         helper.make_node("Constant", [], ["tol"], name="tol", value=numpy_helper.from_array(np.array(tol, np.float32))),
-         helper.make_node("Greater", ["change", "tol"], ["cond_out"], name="not_converged"),
+         *_until_still(tol),
          helper.make_node("ArgMax", ["h_out"], ["step_id"], name="step_id", axis=1, keepdims=0),
          helper.make_node("Relu", ["h_out"], ["step"], name="step_relu")],
         "refine", ["N", width], scans=[("step", TensorProto.FLOAT, ["N", width]), ("step_id", TensorProto.INT64, ["N"])])
@@ -550,11 +555,7 @@ def loop_carrying_weights(seed: int = 0, width: int = 16, max_trips: int = 30, t
         [helper.make_node("MatMul", ["h_in", "w_in"], ["mixed"], name="mix"),
          helper.make_node("Add", ["mixed", "b_in"], ["pre"], name="add_bias"),
          helper.make_node("Tanh", ["pre"], ["h_out"], name="tanh"),
-         helper.make_node("Sub", ["h_out", "h_in"], ["delta"], name="delta"),
-         helper.make_node("Abs", ["delta"], ["moved"], name="moved"),
-         helper.make_node("ReduceMax", ["moved"], ["change"], name="change", keepdims=0),
-         helper.make_node("Constant", [], ["tol"], name="tol", value=numpy_helper.from_array(np.array(tol, np.float32))),
-         helper.make_node("Greater", ["change", "tol"], ["cond_out"], name="not_converged"),
+         *_until_still(tol),
          helper.make_node("Relu", ["h_out"], ["step"], name="step_relu")],
         "refine",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []),
