@@ -154,8 +154,8 @@ class HoistedInvariants:
     def note(self) -> str:
         shown = ", ".join(self.names[:5]) + (", ..." if len(self.names) > 5 else "")
         return (f"Loop {self.node!r}: {len(self.names)} carried value(s) its body passes through unchanged ({shown}: "
-                "weights paddle2onnx carries through its loops) are read from outside the loop instead (the same "
-                "values: no activations to calibrate)")
+                "constants an exporter carries through the loop, as paddle2onnx does its weights) are read from "
+                "outside the loop instead (the same values: no activations to calibrate)")
 
 
 def hoist_loop_invariants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[HoistedInvariants, ...]]:
