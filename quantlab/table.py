@@ -62,7 +62,8 @@ class TensorRange:
 
     ``amax`` is the symmetric clipping threshold (|x| above it saturates);
     ``min``/``max`` are the observed extremes of the finite, non-huge values;
-    ``clipped_fraction`` is the share of observed values that saturate: |x| > amax by more than half a step.
+    ``clipped_fraction`` is the share of observed values that saturate: |x| > amax by more than half a step;
+    ``zeroed_fraction`` the share of non-zero observed values that round to 0: |x| under half a step.
     ``excluded`` counts values left out of the statistics (``nonfinite``,
     ``huge``: e.g. attention masks at float32.min).
     """
@@ -71,6 +72,7 @@ class TensorRange:
     min: float
     max: float
     clipped_fraction: float = 0.0
+    zeroed_fraction: float = 0.0
     excluded: Mapping[str, int] = field(default_factory=dict)
     histogram: Mapping[str, Any] = field(default_factory=dict)
 
@@ -152,6 +154,7 @@ def _range_to_dict(r: TensorRange) -> dict[str, Any]:
         "min": float(r.min),
         "max": float(r.max),
         "clipped_fraction": float(r.clipped_fraction),
+        "zeroed_fraction": float(r.zeroed_fraction),
         "excluded": {k: int(v) for k, v in r.excluded.items()},
         "histogram": dict(r.histogram),
     }
@@ -203,6 +206,7 @@ def table_from_dict(doc: Any, where: str = "calibration table") -> CalibrationTa
             min=_number(entry.get("min", -amax), "min", at),
             max=_number(entry.get("max", amax), "max", at),
             clipped_fraction=_number(entry.get("clipped_fraction", 0.0), "clipped_fraction", at),
+            zeroed_fraction=_number(entry.get("zeroed_fraction", 0.0), "zeroed_fraction", at),  # older tables: 0
             excluded=dict(excluded),
             histogram=dict(entry.get("histogram", {})) if isinstance(entry.get("histogram", {}), dict) else {},
         )

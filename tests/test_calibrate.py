@@ -114,7 +114,7 @@ def test_all_methods_from_one_pass():
     # 96 pooled values far from zero: TensorRT's KL minimum saturated more than half of them; the
     # point-mass rule (quantlab.calibrators) never saturates more than 1 %, so no entropy warning
     assert entropy.ranges["pool"].clipped_fraction <= 0.01
-    assert not any(n.startswith("WARNING entropy") for n in entropy.notes)
+    assert not any(n.startswith("WARNING entropy") and "saturate" in n for n in entropy.notes)
     assert not any("saturated" in n for n in minmax.notes)
     assert result.tables["percentile"].settings["percentile"] == 99.99
 
@@ -284,7 +284,7 @@ def test_cli_writes_every_output_atomically(tmp_path, cli_setup, capsys):
                      "calibrate_run.json", "calibration_entropy.cache", "calibration_minmax.cache",
                      "calibration_mse.cache", "calibration_percentile.cache", "data_summary.json", "statistics.npz"]
     printed = capsys.readouterr().out
-    assert "widest and most clipped" in printed and "huge constants" in printed
+    assert "widest, most clipped and most zeroed" in printed and "huge constants" in printed
     assert read_table(out / "calib_entropy.json").method == "entropy"
     assert (out / "calibration_minmax.cache").read_text().startswith("TRT-101300-EntropyCalibration2\n")
     assert load_statistics(out / "statistics.npz").samples == 10
@@ -510,3 +510,54 @@ def test_values_within_half_a_step_of_amax_do_not_count_as_saturated():
     r = tensor_range(state, "percentile", percentile=66.6)  # amax just below 1.0, as mse picked
     assert 1.0 - 0.5 / 127 < r.amax < 1.0 and r.clipped_fraction == 0.0
     assert tensor_range(state, "percentile", percentile=50.0).clipped_fraction > 0.3  # far below: saturates
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_zeroed_fraction_counts_the_nonzero_values_int8_reads_as_zero(method):
+    """A HardSwish on a white page: most values near 0.1, a few at 400. With amax 400 the step is 3.15, so the
+    bulk rounds to 0: the table says which share, as counted on the values themselves (exact zeros apart)."""
+    from quantlab.calibrate import tensor_range
+    from quantlab.histogram import AbsHistogram
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.exponential(0.1, 20000), np.zeros(5000), rng.uniform(50, 400, 40)])
+    values = (values * rng.choice([-1, 1], values.size)).astype(np.float32)
+    hist = AbsHistogram()
+    hist.update(values)
+    state = hist.state()
+    r = tensor_range(state, method)
+    nonzero = np.abs(values[values != 0])
+    half_step = 0.5 * r.amax / 127
+    expected = np.mean(nonzero < half_step)
+    width = state.upper / state.bins  # within one fine bin the histogram interpolates: off by at most its share
+    k = np.floor(half_step / width)
+    in_bin = np.mean((nonzero >= k * width) & (nonzero < (k + 1) * width))
+    assert abs(r.zeroed_fraction - expected) <= in_bin + 1e-9
+    if method == "minmax":
+        assert r.zeroed_fraction > 0.9
+
+
+def test_zeroing_note_names_quantized_tensors_that_lose_most_values():
+    from quantlab.calibrate import zeroing_notes
+    from quantlab.table import TensorRange
+
+    fractions = {"scores": 0.9, "hardswish": 0.6, "relu": 0.2, "fused_pre": 0.95}
+    ranges = {n: TensorRange(amax=1.0, min=-1.0, max=1.0, zeroed_fraction=f) for n, f in fractions.items()}
+    (note,) = zeroing_notes("minmax", ranges, unquantized={"fused_pre"})
+    assert note.startswith("WARNING minmax: 2 of 4 tensor(s) round more than 50% of their non-zero values to 0")
+    assert note.index("'scores' 90%") < note.index("'hardswish' 60%") and "relu" not in note and "fused" not in note
+    assert zeroing_notes("minmax", {"relu": ranges["relu"]}) == ()
+
+
+def test_zeroed_fraction_round_trips_and_older_tables_read_as_zero(tmp_path):
+    import json
+
+    model = model_from_proto(models.conv_net())
+    table = calibrate(model, _dataset("conv_net", 2), "minmax").tables["minmax"]
+    write_table(table, tmp_path / "t.json")
+    assert read_table(tmp_path / "t.json").ranges == table.ranges
+    doc = json.loads((tmp_path / "t.json").read_text())
+    for entry in doc["tensors"].values():
+        del entry["zeroed_fraction"]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    assert {r.zeroed_fraction for r in read_table(tmp_path / "old.json").ranges.values()} == {0.0}

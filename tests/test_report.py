@@ -52,7 +52,8 @@ def sample_inputs(layer_name: str = "stem_conv", title: str = "unit") -> ReportI
     hist = HistogramView(tensor=layer_name + "_out", edges=tuple(edges.tolist()), counts=tuple(counts.tolist()),
                          ranges={"minmax": (float(x.min()), float(x.max())), "entropy": (-2.9, 2.9),
                                  "percentile": (-3.5, 3.5)},
-                         clipped={"minmax": 0.0, "entropy": 0.004, "percentile": 0.0005})
+                         clipped={"minmax": 0.0, "entropy": 0.004, "percentile": 0.0005},
+                         zeroed={"minmax": 0.61, "entropy": 0.05, "percentile": 0.12})
     trajectory = pd.DataFrame({
         "step": [0, 1, 2, 3], "action": ["all int8", "pin top 4", "pin top 2", "top 2 to fp16"],
         "metric": [0.9921, 0.9975, 0.9958, 0.9957], "ci_low": [0.990, 0.9968, 0.9951, 0.9950],
@@ -160,7 +161,9 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(back.end_to_end, inputs.end_to_end)
     assert back.verdict == inputs.verdict
     assert back.histograms[0].ranges == inputs.histograms[0].ranges
+    assert back.histograms[0].zeroed == inputs.histograms[0].zeroed
     assert render_report(back) == render_report(inputs)
+    assert "zeroed %" in render_report(back)
 
 
 def test_comparison_shows_what_changed_and_what_moved() -> None:

@@ -126,8 +126,11 @@ def _load_dataset(path: Path) -> Any:
 
 
 def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS) -> Any:
-    """The widest and the most clipped tensors of ``table`` as a pandas DataFrame."""
+    """The widest, the most clipped and the most zeroed tensors of ``table`` (those that round more than half
+    their non-zero values to 0) as a pandas DataFrame."""
     import pandas as pd
+
+    from ..range_notes import ZERO_NOTE_FRACTION
 
     rows = [{
         "tensor": name,
@@ -136,6 +139,7 @@ def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS) -> Any:
         "max": r.max,
         "amax/absmax": r.amax / max(abs(r.min), abs(r.max)) if max(abs(r.min), abs(r.max)) > 0 else 1.0,
         "clipped %": 100.0 * r.clipped_fraction,
+        "zeroed %": 100.0 * r.zeroed_fraction,
         "excluded": sum(r.excluded.values()),
     } for name, r in table.ranges.items()]
     frame = pd.DataFrame(rows)
@@ -143,7 +147,8 @@ def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS) -> Any:
         return frame
     widest = frame.nlargest(top, "amax")
     clipped = frame[frame["clipped %"] > 0].nlargest(top, "clipped %")
-    return pd.concat([widest, clipped]).drop_duplicates("tensor").reset_index(drop=True)
+    zeroed = frame[frame["zeroed %"] > 100.0 * ZERO_NOTE_FRACTION].nlargest(top, "zeroed %")
+    return pd.concat([widest, clipped, zeroed]).drop_duplicates("tensor").reset_index(drop=True)
 
 
 def owned_files() -> tuple[str, ...]:
@@ -250,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         print(frame.to_string())
         shown: set[str] = set()  # a note every table has (a bind hint, huge values) is printed once
         for method, table in result.tables.items():
-            print(f"\n{method}: widest and most clipped tensors (of {len(table.ranges)})")
+            print(f"\n{method}: widest, most clipped and most zeroed tensors (of {len(table.ranges)})")
             print(summary_frame(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             for note in (n for n in table.notes if n not in shown):
                 print(f"note: {note}")

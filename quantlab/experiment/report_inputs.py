@@ -46,6 +46,7 @@ def histogram_view(name: str, state: Any, tables: Mapping[str, CalibrationTable]
         tensor=name, edges=tuple(edges), counts=tuple(float(c) for c in counts),
         ranges={m: (-a, a) for m, a in amaxes.items()},
         clipped={m: float(tables[m].ranges[name].clipped_fraction) for m in amaxes},
+        zeroed={m: float(tables[m].ranges[name].zeroed_fraction) for m in amaxes},
         abs_values=True, note="; ".join(note_parts),
     )
 

@@ -71,7 +71,8 @@ class HistogramView:
 
     ``edges`` has ``len(counts) + 1`` bin edges in the tensor's units; ``ranges``
     maps a calibrator name to its ``(low, high)`` clipping range (symmetric INT8:
-    ``(-amax, amax)``); ``clipped`` maps it to the share of values outside it.
+    ``(-amax, amax)``); ``clipped`` maps it to the share of values outside it, ``zeroed`` to the share of
+    non-zero values under half a step (INT8 reads them as 0).
     ``abs_values`` says the histogram is of |x| (only ``high`` is drawn).
     """
 
@@ -80,6 +81,7 @@ class HistogramView:
     counts: tuple[float, ...]
     ranges: Mapping[str, tuple[float, float]]
     clipped: Mapping[str, float] = field(default_factory=dict)
+    zeroed: Mapping[str, float] = field(default_factory=dict)
     abs_values: bool = False
     note: str = ""
 
@@ -189,7 +191,7 @@ def save_report_inputs(folder: Path, inputs: ReportInputs) -> Path:
             meta["histograms"] = [
                 {"tensor": h.tensor, "edges": list(h.edges), "counts": list(h.counts),
                  "ranges": {k: list(v) for k, v in h.ranges.items()}, "clipped": dict(h.clipped),
-                 "abs_values": h.abs_values, "note": h.note}
+                 "zeroed": dict(h.zeroed), "abs_values": h.abs_values, "note": h.note}
                 for h in value
             ]
         elif f.name == "notes":
@@ -221,7 +223,8 @@ def load_report_inputs(folder: Path) -> ReportInputs:
     kwargs["histograms"] = tuple(
         HistogramView(tensor=h["tensor"], edges=tuple(h["edges"]), counts=tuple(h["counts"]),
                       ranges={k: (float(v[0]), float(v[1])) for k, v in h["ranges"].items()},
-                      clipped=h.get("clipped", {}), abs_values=bool(h.get("abs_values")), note=h.get("note", ""))
+                      clipped=h.get("clipped", {}), zeroed=h.get("zeroed", {}), abs_values=bool(h.get("abs_values")),
+                      note=h.get("note", ""))
         for h in meta.get("histograms", [])
     )
     kwargs["notes"] = tuple(meta.get("notes", []))

