@@ -92,6 +92,7 @@ def test_minmax_saturation_counts_values_beyond_the_calibration_range(calibratio
     assert max(r["saturated"] for r in same.datasets[0].rows) < 1e-3
     assert scaled.summary["saturated_max"] > 0.01
     assert parse_gate("saturated_max>0.01") and _gate(scaled, "saturated_max>0.01")
+    assert _gate(scaled, "saturated_max>0.99 | saturated_max>0.01") and not _gate(scaled, "saturated_max>0.99")
     assert not _gate(same, "saturated_max>0.01")
 
 
@@ -308,6 +309,18 @@ def test_cli_gate_exit_codes_and_files(tmp_path, capsys):
     assert main(["coverage", str(model), "--table", table, "--data", str(same), "--fail-if", "top1>1",
                  "--out", str(tmp_path / "c3")]) == 2
     assert not (tmp_path / "c3").exists()
+    # --fail-if repeated: fails when any one holds (the second misspelt: refused before any work)
+    capsys.readouterr()
+    either = ["coverage", str(model), "--table", table, "--data", str(same), "--data", str(bright)]
+    assert main([*either, "--fail-if", "saturated_max>0.99", "--out", str(tmp_path / "c4")]) == 0
+    assert main([*either, "--fail-if", "saturated_max>0.99", "--fail-if", "saturated_max>0.01",
+                 "--out", str(tmp_path / "c5")]) == 1
+    doc = json.loads((tmp_path / "c5" / "coverage.json").read_text())
+    assert doc["gate"] == "saturated_max>0.99 | saturated_max>0.01" and doc["verdict"]["fails"]
+    assert load_coverage(tmp_path / "c5").verdict()["fails"]
+    assert main([*either, "--fail-if", "saturated_max>0.99", "--fail-if", "satur>1", "--out",
+                 str(tmp_path / "c6")]) == 2
+    assert "satur" in capsys.readouterr().err and not (tmp_path / "c6").exists()
 
 
 def test_cli_coverage_checks_what_an_int8_plan_may_quantize_unless_asked_for_all(tmp_path, capsys):

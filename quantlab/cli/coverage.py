@@ -56,8 +56,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", type=path_arg, required=True, action="append", metavar="TOML",
                    help="data set manifest to check (repeat for several)")
     p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output folder")
-    p.add_argument("--fail-if", type=text_arg, default=None, metavar="EXPR",
-                   help=f'exit 1 when EXPR holds (default "{DEFAULT_GATE}"), e.g. "saturated_max>0.01"')
+    p.add_argument("--fail-if", type=text_arg, default=None, action="append", metavar="EXPR",
+                   help=f'exit 1 when EXPR holds (default "{DEFAULT_GATE}"), e.g. "saturated_max>0.01"; '
+                        "repeat it to fail when any one holds")
     add_progress_option(p)
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="samples per model run (default 8, 1 for a model that fixes its batch at 1)")
@@ -125,13 +126,14 @@ def _print(result: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..coverage import CoverageOptions, check_coverage, parse_gate
+    from ..coverage import CoverageOptions, check_coverage, join_gates, parse_gate
     from ..data import open_dataset
     from ..graph import load_model
     from ..stats import load_statistics
     from ..table import read_table
 
-    gate = parse_gate(args.fail_if)
+    gate = join_gates(args.fail_if)
+    parse_gate(gate)  # a misspelt metric fails before any work
     prepare_output(args.out, owned_files(), command="coverage", inputs=[args.model, args.table, *args.data])
     model = load_model(args.model, bind=bound_inputs(args))
     table = read_table(args.table)
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
         tensors = tuple(scope_tensors(model.proto, "quantizable"))
     options = CoverageOptions(batch_size=args.batch_size, resamples=args.bootstrap, confidence=args.confidence,
-                              seed=args.seed, worst_samples=args.worst, gate=gate.text, backend=args.backend,
+                              seed=args.seed, worst_samples=args.worst, gate=gate, backend=args.backend,
                               tensors=tensors)
     print(f"quantlab coverage: {model.label}, table {args.table} ({table.method}), "
           f"{len(datasets)} data set(s)", file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "merge_states": "merge", "merge_statistics": "merge",
     "merge_summaries": "recalibrate", "recalibrate": "recalibrate", "summary_beside": "recalibrate",
     "DEFAULT_GATE": "gate", "TENSOR_METRICS": "gate", "known_metrics": "gate", "parse_gate": "gate",
+    "GATE_SEPARATOR": "gate", "join_gates": "gate",
     "COVERAGE_FILE": "result", "OWNED_FILES": "result", "CoverageResult": "result", "DataSetCoverage": "result",
     "gate_check": "result", "load_coverage": "result", "summary_row": "result", "worst_first": "result",
 }

@@ -1,7 +1,9 @@
 """The coverage gate: its metrics and default, in the threshold language (standard library only).
 
 Light on purpose: experiment files and the command line check a gate
-expression before any heavy import or any work.
+expression before any heavy import or any work. A gate may hold several
+thresholds joined by :data:`GATE_SEPARATOR` (``coverage --fail-if`` repeated):
+it fails when any one holds, as ``compare --fail-if`` does.
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ import math
 
 from ..threshold import Threshold, parse_threshold
 
-__all__ = ["TENSOR_METRICS", "DEFAULT_GATE", "known_metrics", "outside_surprise", "parse_gate"]
+__all__ = ["TENSOR_METRICS", "DEFAULT_GATE", "GATE_SEPARATOR", "join_gates", "known_metrics", "outside_surprise",
+           "parse_gate"]
+
+GATE_SEPARATOR = " | "
+"""Between the thresholds of a gate that fails when any one holds."""
 
 TENSOR_METRICS = (
     "saturated", "saturated_calib", "saturated_excess", "saturated_samples", "outside", "outside_samples",
@@ -53,6 +59,13 @@ def known_metrics() -> set[str]:
     return set(TENSOR_METRICS) | {f"{m}_max" for m in TENSOR_METRICS}
 
 
-def parse_gate(text: str | None) -> Threshold:
-    """The gate's threshold (default :data:`DEFAULT_GATE`), refused when it names no coverage metric."""
-    return parse_threshold(text if text is not None else DEFAULT_GATE, known_metrics=known_metrics())
+def parse_gate(text: str | None) -> tuple[Threshold, ...]:
+    """The gate's thresholds (default :data:`DEFAULT_GATE`; several joined by :data:`GATE_SEPARATOR`), each refused
+    when it names no coverage metric."""
+    parts = (text if text is not None else DEFAULT_GATE).split(GATE_SEPARATOR.strip())
+    return tuple(parse_threshold(part.strip(), known_metrics=known_metrics()) for part in parts)
+
+
+def join_gates(texts: list[str] | None) -> str | None:
+    """One gate text for thresholds given apart (``--fail-if`` repeated); None (the default gate) for none."""
+    return GATE_SEPARATOR.join(texts) if texts else None

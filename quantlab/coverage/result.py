@@ -51,7 +51,7 @@ def summary_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 def worst_first(rows: Sequence[Mapping[str, Any]], gate: str | None) -> list[Mapping[str, Any]]:
     """``rows`` ordered by the gate's first metric, worst first (NaN last), then by PSI above noise."""
-    cond = parse_gate(gate).conditions[0]
+    cond = parse_gate(gate)[0].conditions[0]
     metric = cond.metric.removesuffix("_max")
     sign = -1.0 if cond.op in (">", ">=") else 1.0  # the gate fails on high values: high is bad
 
@@ -67,11 +67,17 @@ def with_max_names(row: Mapping[str, Any]) -> dict[str, Any]:
     return {**row, **{f"{m}_max": row[m] for m in TENSOR_METRICS if m in row}}
 
 
-def gate_check(threshold: Threshold, row: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"fails": bool, "values": {...}, "unknown": [...]}``: the gate fails when the expression holds (or is NaN)."""
-    check = threshold.check(with_max_names(row))
-    unknown = [k for k, v in check.values.items() if v is None or math.isnan(v)]
-    return {"fails": bool(check.passed or unknown), "values": dict(check.values), "unknown": unknown}
+def gate_check(gate: Sequence[Threshold], row: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"fails": bool, "values": {...}, "unknown": [...]}``: the gate fails when one of its thresholds holds (or
+    cannot be evaluated: NaN)."""
+    fails, values, unknown = False, {}, []
+    for threshold in gate:
+        check = threshold.check(with_max_names(row))
+        missing = [k for k, v in check.values.items() if v is None or math.isnan(v)]
+        fails = fails or bool(check.passed or missing)
+        values.update(check.values)
+        unknown += [k for k in missing if k not in unknown]
+    return {"fails": fails, "values": values, "unknown": unknown}
 
 
 @dataclass(frozen=True)
@@ -116,11 +122,11 @@ class CoverageResult:
 
     def verdict(self) -> dict[str, Any]:
         """Overall gate outcome plus the failing tensors, worst first."""
-        threshold = parse_gate(self.gate)
-        overall = gate_check(threshold, self.summary)
+        gate = parse_gate(self.gate)
+        overall = gate_check(gate, self.summary)
         failing = []
         for row in self.rows:
-            check = gate_check(threshold, row)
+            check = gate_check(gate, row)
             if check["fails"]:
                 failing.append({"dataset": row["dataset"], "tensor": row["tensor"], **check["values"]})
         return {"gate": self.gate, "fails": overall["fails"], "values": overall["values"],
@@ -130,8 +136,8 @@ class CoverageResult:
         """One row per (data set, tensor), with ``flagged``: the gate fails on that row alone."""
         import pandas as pd
 
-        threshold = parse_gate(self.gate)
-        return pd.DataFrame([{**r, "flagged": gate_check(threshold, r)["fails"]} for r in self.rows])
+        gate = parse_gate(self.gate)
+        return pd.DataFrame([{**r, "flagged": gate_check(gate, r)["fails"]} for r in self.rows])
 
     def save(self, out: str | os.PathLike[str]) -> dict[str, Path]:
         """Write ``coverage.json``, ``coverage_tensors.csv`` and ``<set>/statistics.npz`` into ``out`` (all or nothing)."""
