@@ -16,7 +16,8 @@ Layout (arrows: who uses whom; nothing here imports compare/search/report/cli)::
        ├─ writer.py     Writer: the node-by-node pass, assembly, Provenance of the result
        │   ├─ casts.py    Casts: fp16 regions, Casts, float16 copies, fp16 simulation
        │   ├─ qdq.py      QdqInserter: Q/DQ pairs, int8 weights, int32 biases
-       │   └─ tensors.py  TensorBook: names, dtypes, inserted nodes and initializers so far
+       │   ├─ tensors.py  TensorBook: names, dtypes, inserted nodes and initializers so far
+       │   └─ subgraphs.py  fp16_subgraph: an FP16 group's Loop/Scan/If bodies, written by write_model in turn
        ├─ qparams.py    QParams, activation_qparams, weight_qparams: scales and zero points
        └─ options.py    WriteOptions, Target, DEFAULT_FP32_OPS
       bias_correction.py  BiasCorrection, measure_bias_correction: output mean shifts folded into biases

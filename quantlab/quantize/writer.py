@@ -70,6 +70,8 @@ class Writer:
         self.qdq = QdqInserter(self.book, self.casts, options)
         self.node_map: dict[str, list[str]] = {}
         self.notes: list[str] = []
+        self.fp16_bodies: list[str] = []  # control-flow nodes whose bodies were written in float16
+        self.initializers = {i.name: i for i in self.src.graph.initializer}
         self.beyond_fp16 = beyond_fp16(placement.table, options.fp16_data_max)
         self.kept_fp32: dict[str, tuple[str, float]] = {}  # fp16-group node kept float32 -> (tensor, its |x|)
         self.statistics: set[str] = set()  # reductions' outputs and what only they compute (see _statistic)
@@ -109,6 +111,10 @@ class Writer:
         heavy = self._float_fallback_weights()
         if heavy:
             self.notes.append(heavy)
+        if self.fp16_bodies:
+            self.notes.append(f"{len(self.fp16_bodies)} control-flow node(s) of FP16 groups compute their bodies in "
+                              f"float16 too: {', '.join(map(repr, self.fp16_bodies[:5]))} (no calibration range "
+                              "reaches inside a body: none of its nodes is kept float32 for its range)")
         if self.kept_fp32:
             worst = sorted(self.kept_fp32.items(), key=lambda kv: -kv[1][1])
             shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in worst[:5])
@@ -140,9 +146,32 @@ class Writer:
         written.input.extend(new_inputs)
         del written.output[:]
         written.output.extend(outputs)
+        if precision == FP16 and node.op_type in CONTROL_FLOW_OPS:
+            self._fp16_bodies(written, name)
         self.book.out_nodes.append(written)
         self.book.flush_casts()
         self.node_map[name] = [name] + chains + casts
+
+    def _fp16_bodies(self, node: onnx.NodeProto, name: str) -> None:
+        """Writes in float16, in place, the bodies of a control-flow node of an FP16 group (:mod:`.subgraphs`); a
+        body that cannot be written so stays float32, with a note saying why."""
+        from ..errors import QuantlabError
+        from .subgraphs import fp16_subgraph
+
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies:
+                try:
+                    written, notes = fp16_subgraph(body, name, self.book.specs, self.initializers, self.src,
+                                                   self.options)
+                except QuantlabError as exc:
+                    self.notes.append(f"the body of {name!r} ({attr.name}) stays float32: writing it in float16 "
+                                      f"failed: {exc}")
+                    continue
+                body.CopyFrom(written)
+                self.notes.extend(notes)
+                if name not in self.fp16_bodies:
+                    self.fp16_bodies.append(name)
 
     def _float_fallback_weights(self) -> str | None:
         """A note when a tenth or more of the weights sit in groups INT8 was asked of but that have no INT8 form
@@ -308,9 +337,10 @@ class Writer:
     def _assemble(self) -> onnx.ModelProto:
         g = self.src.graph
         out_nodes = self.book.out_nodes
-        used = {t for n in out_nodes for t in n.input if t} | {o.name for o in g.output}
+        used = {t for n in out_nodes for t in n.input if t} | {o.name for o in g.output} | subgraph_reads(out_nodes)
         graph_input_names = {i.name for i in g.input}
-        originally_used = {t for n in g.node for t in n.input if t} | {o.name for o in g.output}
+        originally_used = ({t for n in g.node for t in n.input if t} | {o.name for o in g.output}
+                           | subgraph_reads(g.node))  # a weight only a body read, now read as its float16 copy
         inits = [i for i in self.book.out_inits
                  if i.name in used or i.name in graph_input_names
                  or (i.name in self.book.inits and i.name not in originally_used)]

@@ -1,0 +1,88 @@
+"""FP16 inside control flow: the body of a Loop/Scan (or the branches of an If) of an FP16 group, written in float16.
+
+The writer handles one graph; a Loop node of an FP16 group kept its body in float32 (SLANet's GRU decoder: 10
+MatMuls, 28 % of the weights, in FP32 in its "FP16" model). Each body is written like a model of its own, with a
+uniform FP16 plan and the same options: its inputs and the outer tensors it reads become the model's inputs (float
+ones cast to float16 where a float16 node reads them), the outer weights it reads its initializers (float16 copies
+kept in the body), and its outputs come back as float32, so the Loop node's interface and the main graph do not
+change::
+
+    h ─► Loop(body: h_in(f32) ─► MatMul(W) ─► Tanh ─► h_out(f32)) ─► h'
+    ==>  h ─► Loop(body: h_in ─► Cast(f16) ─► MatMul(W/fp16) ─► Tanh ─► Cast(f32) ─► h_out) ─► h'
+
+Names the body's writing makes are prefixed with the node's name (ONNX forbids a subgraph to define a name of an
+enclosing scope). No calibration table reaches inside a body, so no body node is kept out of float16 for its range
+(as for an FP16 build without ``--table``); nested bodies are written the same way, recursively.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import onnx
+from onnx import helper
+
+import numpy as np
+
+from ..graph import TensorSpec, outer_names
+from .options import WriteOptions
+
+__all__ = ["fp16_subgraph"]
+
+
+def fp16_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorSpec],
+                  initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto,
+                  options: WriteOptions) -> tuple[onnx.GraphProto, tuple[str, ...]]:
+    """(``body`` written in float16, the notes of that writing). ``specs`` types the outer tensors the body reads;
+    ``initializers`` are the enclosing graph's (an outer weight the body reads stays a weight)."""
+    from ..graph import model_from_proto
+    from ..plan import uniform_plan
+    from .write import write_model
+
+    reads = sorted(outer_names(body))
+    weights = [initializers[r] for r in reads if r in initializers]
+    outer = [_value_info(specs[r]) for r in reads if r not in initializers and r in specs]
+    graph = helper.make_graph(list(body.node), body.name or owner, [*body.input, *outer], list(body.output),
+                              [*body.initializer, *weights], value_info=list(body.value_info))
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    loaded = model_from_proto(sub, label=f"the body of {owner!r}")
+    written = write_model(loaded, uniform_plan("fp16"), None, dataclasses.replace(options, check=False))
+    out = written.proto.graph
+    taken = _defined(body) | {i.name for i in body.input}
+    renamed = {n: f"{owner}/{n}" for n in _defined(out) if n not in taken}
+    own_nodes = {n.name for n in body.node}
+    result = onnx.GraphProto()
+    result.name = body.name
+    result.input.extend(body.input)
+    result.output.extend(body.output)
+    for node in out.node:
+        copy = _renamed_node(node, renamed)
+        if copy.name not in own_nodes:
+            copy.name = f"{owner}/{copy.name}"
+        result.node.append(copy)
+    for init in out.initializer:
+        if init.name in {w.name for w in weights}:
+            continue  # read from the enclosing graph, as before
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        copy.name = renamed.get(init.name, init.name)
+        result.initializer.append(copy)
+    notes = tuple(f"inside {owner!r}: {n}" for n in written.provenance.notes
+                  if "no --table" not in n and "ONNX Runtime can crash" not in n)
+    return result, notes
+
+
+def _defined(graph: onnx.GraphProto) -> set[str]:
+    return {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output if o}
+
+
+def _renamed_node(node: onnx.NodeProto, renamed: Mapping[str, str]) -> onnx.NodeProto:
+    from ..folding import rename_node
+
+    return rename_node(node, renamed)
+
+
+def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
+    dims = None if spec.shape is None else [d if isinstance(d, (int, str)) else None for d in spec.shape]
+    return helper.make_tensor_value_info(spec.name, helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype)), dims)
