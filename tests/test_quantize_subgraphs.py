@@ -94,3 +94,21 @@ def test_fp16_simulation_rounds_inside_a_body_and_an_if_gets_both_branches():
     for name in ref:
         np.testing.assert_allclose(sim[name], ref[name], atol=3e-2)
         assert not np.array_equal(sim[name], ref[name])  # rounded somewhere: the branch is no longer float32
+
+
+def test_an_outer_weight_a_float32_body_node_reads_stays_outside():
+    """A body node kept float32 (Pow: fp32_ops) reading an outer constant reads it from outside as before; the
+    body's float16 writing renamed it and left the read dangling (caught only by the checker)."""
+    proto = models.loop_carrying_weights()
+    body = _body(proto)
+    step = next(n for n in body.node if n.name == "step_relu")
+    step.CopyFrom(onnx.helper.make_node("Pow", ["h_out", "two"], ["step"], name="step_pow"))
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two"))
+    model = model_from_proto(proto, label="loop_with_pow")
+    written = write_model(model, uniform_plan("fp16"), None, WriteOptions())
+    pow_node = next(n for n in _body(written.proto).node if n.op_type == "Pow")
+    assert pow_node.input[1] == "two" and "two" in {i.name for i in written.proto.graph.initializer}
+    x = {"input": np.random.default_rng(4).normal(0, 1, (3, 16)).astype(np.float32)}
+    ref, fp16 = _run(model.proto, x), _run(written.proto, x)
+    if fp16["steps"].shape == ref["steps"].shape:
+        np.testing.assert_allclose(fp16["steps"], ref["steps"], atol=3e-2)

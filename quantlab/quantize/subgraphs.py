@@ -49,8 +49,10 @@ def fp16_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorS
     loaded = model_from_proto(sub, label=f"the body of {owner!r}")
     written = write_model(loaded, uniform_plan("fp16"), None, dataclasses.replace(options, check=False))
     out = written.proto.graph
-    taken = _defined(body) | {i.name for i in body.input}
-    renamed = {n: f"{owner}/{n}" for n in _defined(out) if n not in taken}
+    original = {w.name: w.SerializeToString() for w in weights}
+    unchanged = {i.name for i in out.initializer if original.get(i.name) == i.SerializeToString()}
+    taken = _defined(body) | {i.name for i in body.input} | unchanged  # an outer weight as it was: read from outside
+    renamed = {n: f"{owner}/{n}" for n in _defined(out) if n not in taken}  # one the loader rewrote: a body copy
     own_nodes = {n.name for n in body.node}
     result = onnx.GraphProto()
     result.name = body.name
@@ -62,7 +64,7 @@ def fp16_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorS
             copy.name = f"{owner}/{copy.name}"
         result.node.append(copy)
     for init in out.initializer:
-        if init.name in {w.name for w in weights}:
+        if init.name in unchanged:
             continue  # read from the enclosing graph, as before
         copy = onnx.TensorProto()
         copy.CopyFrom(init)
