@@ -24,11 +24,41 @@ import onnx
 from onnx import helper
 
 import numpy as np
+from onnx import TensorProto
 
+from ..errors import QuantlabError
 from ..graph import TensorSpec, outer_names
 from .options import WriteOptions
 
-__all__ = ["fp16_subgraph"]
+__all__ = ["fp16_subgraph", "write_fp16_bodies"]
+
+
+def write_fp16_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, TensorSpec],
+                      initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto,
+                      options: WriteOptions) -> tuple[list[str], bool]:
+    """Writes every body of ``node`` in float16, in place (:func:`fp16_subgraph`); a body quantlab cannot write so
+    (sequences, odd types) stays float32 with a note. Returns (notes, whether a body now computes in float16)."""
+    notes: list[str] = []
+    wrote = False
+    for attr in node.attribute:
+        for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            try:
+                written, told = fp16_subgraph(body, owner, specs, initializers, model, options)
+            except Exception as exc:  # noqa: BLE001 - any body that cannot be written: it stays float32
+                why = str(exc) if isinstance(exc, QuantlabError) else f"{type(exc).__name__}: {exc}"
+                notes.append(f"the body of {owner!r} ({attr.name}) stays float32: writing it in float16 failed: {why}")
+                continue
+            body.CopyFrom(written)
+            notes.extend(told)
+            wrote = wrote or _holds_float16(written)
+    return notes, wrote
+
+
+def _holds_float16(graph: onnx.GraphProto) -> bool:
+    """Whether a written body computes or rounds anything in float16 (a float16 copy, a Cast to float16)."""
+    to_f16 = any(n.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in n.attribute)
+                 for n in graph.node)
+    return to_f16 or any(i.data_type == TensorProto.FLOAT16 for i in graph.initializer)
 
 
 def fp16_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorSpec],

@@ -153,25 +153,13 @@ class Writer:
         self.node_map[name] = [name] + chains + casts
 
     def _fp16_bodies(self, node: onnx.NodeProto, name: str) -> None:
-        """Writes in float16, in place, the bodies of a control-flow node of an FP16 group (:mod:`.subgraphs`); a
-        body that cannot be written so stays float32, with a note saying why."""
-        from ..errors import QuantlabError
-        from .subgraphs import fp16_subgraph
+        """The bodies of a control-flow node of an FP16 group, written in float16 in place (:mod:`.subgraphs`)."""
+        from .subgraphs import write_fp16_bodies
 
-        for attr in node.attribute:
-            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for body in bodies:
-                try:
-                    written, notes = fp16_subgraph(body, name, self.book.specs, self.initializers, self.src,
-                                                   self.options)
-                except QuantlabError as exc:
-                    self.notes.append(f"the body of {name!r} ({attr.name}) stays float32: writing it in float16 "
-                                      f"failed: {exc}")
-                    continue
-                body.CopyFrom(written)
-                self.notes.extend(notes)
-                if name not in self.fp16_bodies:
-                    self.fp16_bodies.append(name)
+        notes, wrote = write_fp16_bodies(node, name, self.book.specs, self.initializers, self.src, self.options)
+        self.notes.extend(notes)
+        if wrote and name not in self.fp16_bodies:
+            self.fp16_bodies.append(name)
 
     def _float_fallback_weights(self) -> str | None:
         """A note when a tenth or more of the weights sit in groups INT8 was asked of but that have no INT8 form
