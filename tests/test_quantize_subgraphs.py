@@ -112,3 +112,34 @@ def test_an_outer_weight_a_float32_body_node_reads_stays_outside():
     ref, fp16 = _run(model.proto, x), _run(written.proto, x)
     if fp16["steps"].shape == ref["steps"].shape:
         np.testing.assert_allclose(fp16["steps"], ref["steps"], atol=3e-2)
+
+
+def test_a_loop_that_carries_a_sequence_gets_a_float16_body_that_runs():
+    """A loop pushing each step's MatMul into a tensor sequence (SequenceInsert, trip count an input): its body is
+    written in float16 (the MatMul) and the sequence still holds float32 tensors, so ConcatFromSequence after the
+    loop runs as before."""
+    from onnx import helper, numpy_helper
+
+    seq = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, ["N", 4]))
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="go_on"),
+         helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+         helper.make_node("SequenceInsert", ["seq_in", "y"], ["seq_out"], name="push")],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), helper.make_value_info("seq_in", seq)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_value_info("seq_out", seq)])
+    graph = helper.make_graph(
+        [helper.make_node("SequenceEmpty", [], ["seq0"], name="empty", dtype=TensorProto.FLOAT),
+         helper.make_node("Loop", ["trips", "", "seq0"], ["seq"], name="loop", body=body),
+         helper.make_node("ConcatFromSequence", ["seq"], ["out"], name="cat", axis=0)],
+        "pushes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                   helper.make_tensor_value_info("trips", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4])],
+        [numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32), "w")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), label="pushes")
+    written = write_model(model, uniform_plan("fp16"), None, WriteOptions())
+    assert any("compute their bodies in float16 too: 'loop'" in n for n in written.provenance.notes)
+    feeds = {"x": np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32), "trips": np.array(3, np.int64)}
+    ref, fp16 = _run(model.proto, feeds), _run(written.proto, feeds)
+    assert fp16["out"].shape == (6, 4) and fp16["out"].dtype == np.float32
+    np.testing.assert_allclose(fp16["out"], ref["out"], atol=1e-2)
