@@ -33,6 +33,17 @@ def _model(nodes, inputs, outputs, inits, name: str) -> onnx.ModelProto:
     return model
 
 
+def run_ort(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of ``proto`` on ``feeds``, through quantlab's ONNX Runtime backend (its session options)."""
+    from quantlab.backends import get_backend
+
+    runner = get_backend("ort").build(proto)
+    try:
+        return runner.run(feeds)
+    finally:
+        runner.close()
+
+
 def _loop_body(nodes: list[onnx.NodeProto], name: str, state: list[int | str],
                scans: list[tuple[str, int, list[int | str]]] = ()) -> onnx.GraphProto:
     """A Loop body with one float state: (i, cond_in, h_in[state]) -> (cond_out, h_out[state], *scans)."""

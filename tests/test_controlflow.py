@@ -15,7 +15,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from quantlab.backends import get_backend
 from quantlab.calibrate import table_from_statistics
 from quantlab.controlflow import (
     RECORD_KEY,
@@ -39,12 +38,7 @@ def _feeds(batch: int, seed: int) -> dict[str, np.ndarray]:
             "state": rng.normal(0, 0.5, (2, batch, 128)).astype(np.float32)}
 
 
-def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    runner = get_backend("ort").build(proto)
-    try:
-        return runner.run(feeds)
-    finally:
-        runner.close()
+_run = models.run_ort
 
 
 @pytest.mark.parametrize("rate, branch", [(16000, "then_branch"), (8000, "else_branch")])

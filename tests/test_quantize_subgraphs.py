@@ -9,18 +9,12 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from quantlab.backends import get_backend
 from quantlab.graph import model_from_proto
 from quantlab.plan import uniform_plan
 from quantlab.quantize import WriteOptions, write_model
 
 
-def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    runner = get_backend("ort").build(proto)
-    try:
-        return runner.run(feeds)
-    finally:
-        runner.close()
+_run = models.run_ort
 
 
 def _body(proto: onnx.ModelProto, op: str = "Loop", attr: str = "body") -> onnx.GraphProto:
