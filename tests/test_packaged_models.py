@@ -291,3 +291,10 @@ def test_slanet_decoder_loop_sheds_its_carried_weights_and_its_structure_tokens_
     tokens = rows.loc["softmax_1.tmp_0"]
     assert tokens["classes"] == 30 and 0 < tokens["token_agreement"] <= 100
     assert np.isnan(rows.loc["p2o.fill_constant_15.tmp_0.1"].get("token_agreement", np.nan))  # boxes: numbers
+    # FP16: the decoder's body computes in float16 too (it stayed float32), and reads the same structure
+    fp16 = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=True))
+    assert any("compute their bodies in float16 too: 'p2o.Loop.0'" in n for n in fp16.provenance.notes)
+    rows = compare(model, {"fp16": fp16}, from_arrays({"x": x}, role="validation"),
+                   CompareOptions(batch_size=3, per_layer=False, bootstrap=0)).end_to_end.set_index("output")
+    assert rows.loc["softmax_1.tmp_0", "sequence_agreement"] == 100.0
+    assert rows.loc["p2o.fill_constant_15.tmp_0.1", "sqnr_db"] > 20  # float16's error (27 dB here), not a broken loop
