@@ -111,15 +111,6 @@ def _histogram_summary(state: HistogramState) -> dict[str, Any]:
     }
 
 
-def _zeroed_fraction(state: HistogramState, amax: float) -> float:
-    """Share of the non-zero usable values that INT8 rounds to 0 with this ``amax``: |x| under half a step."""
-    nonzero = state.count - state.zeros
-    if amax <= 0.0 or nonzero <= 0:
-        return 0.0
-    below = float(state.cdf_at(0.5 * amax / MSE_LEVELS)) - state.zeros
-    return min(1.0, max(0.0, below / nonzero))
-
-
 def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFAULT_PERCENTILE,
                  entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS) -> TensorRange:
     """The :class:`TensorRange` of one tensor for ``method``.
@@ -134,7 +125,7 @@ def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFA
         min=state.min,
         max=state.max,
         clipped_fraction=state.fraction_above(amax * (1.0 + 0.5 / MSE_LEVELS)),
-        zeroed_fraction=_zeroed_fraction(state, amax),
+        zeroed_fraction=state.zeroed_fraction(amax, MSE_LEVELS),
         excluded=state.excluded,
         histogram=_histogram_summary(state),
     )

@@ -207,6 +207,15 @@ class HistogramState:
             return 0.0
         return float(max(0.0, (self.count - float(self.cdf_at(threshold))) / self.count))
 
+    def zeroed_fraction(self, amax: float, levels: int = 127) -> float:
+        """Share of the non-zero usable values symmetric INT8 with this ``amax`` rounds to 0: |x| under half a step
+        (``amax / levels / 2``), interpolated within a fine bin; 0.0 for amax 0 or no non-zero value."""
+        nonzero = self.count - self.zeros
+        if amax <= 0.0 or nonzero <= 0:
+            return 0.0
+        below = float(self.cdf_at(0.5 * amax / levels)) - self.zeros
+        return min(1.0, max(0.0, below / nonzero))
+
     def quantile(self, q: float) -> float:
         """|x| below which a share ``q`` (0..1] of usable values lie, interpolated in the fine bins."""
         return self.percentile(100.0 * q)

@@ -81,6 +81,23 @@ def test_unseen_mode_names_its_samples(calibration):
     assert result.datasets[0].worst_samples[0]["tensors_outside"] >= 1
 
 
+def test_a_set_far_below_the_calibrated_range_is_zeroed_and_can_be_gated(calibration):
+    """The other end of saturation: a set 50x quieter than calibration (night audio, a dark camera) keeps its values
+    inside the range but under half an INT8 step, where they round to 0. ``zeroed`` counts them (checked against
+    the values themselves, up to one fine bin's share), ``zeroed_excess`` is the rise over calibration, and a gate
+    may name it."""
+    same = _check(calibration, draw(128, 1), method="minmax")
+    quiet = _check(calibration, draw(128, 1, scale=0.02), method="minmax")
+    row = {r["tensor"]: r for r in quiet.datasets[0].rows}["input"]
+    x = np.abs(draw(128, 1, scale=0.02)["input"])
+    x = x[x != 0]
+    amax = calibration.tables["minmax"].ranges["input"].amax
+    assert row["zeroed"] == pytest.approx(np.mean(x < 0.5 * amax / 127), abs=0.02)
+    assert row["zeroed_calib"] == pytest.approx(calibration.tables["minmax"].ranges["input"].zeroed_fraction)
+    assert quiet.summary["zeroed_excess_max"] > 0.2 > same.summary["zeroed_excess_max"]
+    assert _gate(quiet, "zeroed_excess_max>0.2") and not _gate(same, "zeroed_excess_max>0.2")
+
+
 def test_minmax_saturation_counts_values_beyond_the_calibration_range(calibration):
     same = _check(calibration, draw(128, 1), method="minmax")
     scaled = _check(calibration, draw(128, 1, scale=2.0), method="minmax")

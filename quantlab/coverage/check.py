@@ -55,11 +55,14 @@ def _row(name: str, tally: TensorTally, calib: Any, clipped: float, samples: int
                        weights=weights)
     fine = tally.fine.state()
     saturated = sat / values if values else math.nan
+    zeroed = fine.zeroed_fraction(b.amax) if values else math.nan  # non-zero values INT8 reads as 0: under-range
+    zeroed_calib = calib.zeroed_fraction(b.amax)
     excess = est.ci_low - est.noise if not math.isnan(est.ci_low) else math.nan
     return {
         "tensor": name, "samples": samples, "values": values, "amax": b.amax, "calib_absmax": b.calib_absmax,
         "absmax": fine.absmax, "saturated": saturated, "saturated_calib": clipped,
         "saturated_excess": saturated - clipped, "saturated_samples": tally.saturated_samples / samples,
+        "zeroed": zeroed, "zeroed_calib": zeroed_calib, "zeroed_excess": zeroed - zeroed_calib,
         "outside": out / values if values else math.nan, "outside_samples": tally.outside_samples / samples,
         "outside_surprise": outside_surprise(tally.outside_samples, samples, calib_samples, tensors),
         "psi": est.value, "psi_ci_low": est.ci_low, "psi_ci_high": est.ci_high, "psi_noise": est.noise,

@@ -19,8 +19,9 @@ GATE_SEPARATOR = " | "
 """Between the thresholds of a gate that fails when any one holds."""
 
 TENSOR_METRICS = (
-    "saturated", "saturated_calib", "saturated_excess", "saturated_samples", "outside", "outside_samples",
-    "outside_surprise", "psi", "psi_ci_low", "psi_ci_high", "psi_noise", "psi_excess", "wasserstein",
+    "saturated", "saturated_calib", "saturated_excess", "saturated_samples", "zeroed", "zeroed_calib",
+    "zeroed_excess", "outside", "outside_samples", "outside_surprise", "psi", "psi_ci_low", "psi_ci_high",
+    "psi_noise", "psi_excess", "wasserstein",
 )
 """Per-tensor columns a threshold may name (each also as ``<name>_max``)."""
 
