@@ -137,3 +137,26 @@ def test_a_loop_that_carries_a_sequence_gets_a_float16_body_that_runs():
     ref, fp16 = _run(model.proto, feeds), _run(written.proto, feeds)
     assert fp16["out"].shape == (6, 4) and fp16["out"].dtype == np.float32
     np.testing.assert_allclose(fp16["out"], ref["out"], atol=1e-2)
+
+
+def test_a_float16_body_that_breaks_the_model_is_written_as_it_was(monkeypatch):
+    """A safety net: should a body written in float16 not fit its graph (here: made to redefine the model's input,
+    which the ONNX checker refuses), the model is written again with its bodies as they were, and says so,
+    instead of failing the whole FP16 build."""
+    from quantlab.quantize import subgraphs
+
+    real = subgraphs.fp16_subgraph
+
+    def clashing(*args, **kwargs):
+        body, notes = real(*args, **kwargs)
+        cast = next(n for n in body.node if n.op_type == "Cast")
+        cast.output[0] = "input"  # an outer name defined again inside the body
+        return body, notes
+
+    monkeypatch.setattr(subgraphs, "fp16_subgraph", clashing)
+    model = model_from_proto(models.until_converged(), label="until_converged")
+    written = write_model(model, uniform_plan("fp16"), None, WriteOptions())
+    assert any("control-flow bodies stay float32" in n for n in written.provenance.notes)
+    assert not any(i.data_type == TensorProto.FLOAT16 for i in _body(written.proto).initializer)
+    x = {"input": np.random.default_rng(3).normal(0, 1, (2, 16)).astype(np.float32)}
+    assert _run(written.proto, x)["refined"].shape == (2, 16)

@@ -86,7 +86,15 @@ def write_model(
     placement = Placement(model, work_plan, table, options)
     placement.run()
     writer = Writer(model, work_plan, placement, options)
-    out = _finish(writer.run(), writer.book.written_dtype, model.label, options.check)
+    try:
+        out = _finish(writer.run(), writer.book.written_dtype, model.label, options.check)
+    except ModelError as exc:  # a body written in float16 that does not fit its graph: write it as it was
+        if not writer.fp16_bodies:
+            raise
+        writer = Writer(model, work_plan, placement, options, float16_bodies=False)
+        out = _finish(writer.run(), writer.book.written_dtype, model.label, options.check)
+        writer.notes.append(f"control-flow bodies stay float32: the model with float16 bodies failed its check "
+                            f"({exc}); please report it")
     meta = {
         "source_sha256": source.sha256,
         "source": str(model.path) if model.path else None,

@@ -56,7 +56,7 @@ class Writer:
     """Writes the new graph node by node; its collaborators track names, dtypes, casts and Q/DQ."""
 
     def __init__(self, model: LoadedModel, plan: ResolvedPlan, placement: Placement,
-                 options: WriteOptions) -> None:
+                 options: WriteOptions, float16_bodies: bool = True) -> None:
         self.src = model.proto
         self.plan = plan
         self.placement = placement
@@ -71,6 +71,7 @@ class Writer:
         self.node_map: dict[str, list[str]] = {}
         self.notes: list[str] = []
         self.fp16_bodies: list[str] = []  # control-flow nodes whose bodies were written in float16
+        self.float16_bodies = float16_bodies  # False: bodies stay as they are (the fallback of write_model)
         self.initializers = {i.name: i for i in self.src.graph.initializer}
         self.beyond_fp16 = beyond_fp16(placement.table, options.fp16_data_max)
         self.kept_fp32: dict[str, tuple[str, float]] = {}  # fp16-group node kept float32 -> (tensor, its |x|)
@@ -146,7 +147,7 @@ class Writer:
         written.input.extend(new_inputs)
         del written.output[:]
         written.output.extend(outputs)
-        if precision == FP16 and node.op_type in CONTROL_FLOW_OPS:
+        if precision == FP16 and node.op_type in CONTROL_FLOW_OPS and self.float16_bodies:
             self._fp16_bodies(written, name)
         self.book.out_nodes.append(written)
         self.book.flush_casts()
