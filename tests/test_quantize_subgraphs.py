@@ -160,3 +160,21 @@ def test_a_float16_body_that_breaks_the_model_is_written_as_it_was(monkeypatch):
     assert not any(i.data_type == TensorProto.FLOAT16 for i in _body(written.proto).initializer)
     x = {"input": np.random.default_rng(3).normal(0, 1, (2, 16)).astype(np.float32)}
     assert _run(written.proto, x)["refined"].shape == (2, 16)
+
+
+def test_a_body_whose_inputs_pass_float16s_range_stays_float32():
+    """No calibration range reaches inside a body, but the ones of what enters it do: until_converged's body reads
+    x0, which reaches ~1e5 here; in float16 (max 65504) it would overflow, so with a table the body stays float32
+    and the note names x0. Without a table nothing is known, and the body goes float16 as before."""
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+
+    model = model_from_proto(models.until_converged(), label="until_converged")
+    loud = np.random.default_rng(0).normal(0, 5e4, (8, 16)).astype(np.float32)
+    table = calibrate(model, from_arrays({"input": loud}), "minmax", batch_size=4).tables["minmax"]
+    assert max(abs(table.ranges["x0"].min), abs(table.ranges["x0"].max)) > 8192
+    guarded = write_model(model, uniform_plan("fp16"), table, WriteOptions())
+    assert any("the bodies of 'refine' stay float32: 'x0'" in n for n in guarded.provenance.notes)
+    assert not any(i.data_type == TensorProto.FLOAT16 for i in _body(guarded.proto).initializer)
+    unguarded = write_model(model, uniform_plan("fp16"), None, WriteOptions())
+    assert any(i.data_type == TensorProto.FLOAT16 for i in _body(unguarded.proto).initializer)

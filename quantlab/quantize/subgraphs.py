@@ -11,8 +11,9 @@ change::
     ==>  h ─► Loop(body: h_in ─► Cast(f16) ─► MatMul(W/fp16) ─► Tanh ─► Cast(f32) ─► h_out) ─► h'
 
 Names the body's writing makes are prefixed with the node's name (ONNX forbids a subgraph to define a name of an
-enclosing scope). No calibration table reaches inside a body, so no body node is kept out of float16 for its range
-(as for an FP16 build without ``--table``); nested bodies are written the same way, recursively.
+enclosing scope). No calibration range reaches inside a body, so no body node is kept out of float16 for its own
+range; the writer keeps the whole body float32 when a value entering or leaving it went beyond
+``WriteOptions.fp16_data_max`` in calibration. Nested bodies are written the same way, recursively.
 """
 
 from __future__ import annotations

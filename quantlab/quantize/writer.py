@@ -115,7 +115,8 @@ class Writer:
         if self.fp16_bodies:
             self.notes.append(f"{len(self.fp16_bodies)} control-flow node(s) of FP16 groups compute their bodies in "
                               f"float16 too: {', '.join(map(repr, self.fp16_bodies[:5]))} (no calibration range "
-                              "reaches inside a body: none of its nodes is kept float32 for its range)")
+                              "reaches inside a body: its nodes are not kept float32 one by one for their ranges, only "
+                              "the whole body when a value entering or leaving it passes float16's)")
         if self.kept_fp32:
             worst = sorted(self.kept_fp32.items(), key=lambda kv: -kv[1][1])
             shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in worst[:5])
@@ -148,16 +149,26 @@ class Writer:
         del written.output[:]
         written.output.extend(outputs)
         if precision == FP16 and node.op_type in CONTROL_FLOW_OPS and self.float16_bodies:
-            self._fp16_bodies(written, name)
+            self._fp16_bodies(node, written, name)
         self.book.out_nodes.append(written)
         self.book.flush_casts()
         self.node_map[name] = [name] + chains + casts
 
-    def _fp16_bodies(self, node: onnx.NodeProto, name: str) -> None:
-        """The bodies of a control-flow node of an FP16 group, written in float16 in place (:mod:`.subgraphs`)."""
+    def _fp16_bodies(self, node: onnx.NodeProto, written: onnx.NodeProto, name: str) -> None:
+        """The bodies of a control-flow node of an FP16 group, written in float16 in place (:mod:`.subgraphs`).
+
+        No calibration range reaches inside a body, but the values that enter and leave it have ranges: when one
+        of them went beyond ``fp16_data_max`` (a decoder's state, its logits buffer), the bodies stay float32."""
         from .subgraphs import write_fp16_bodies
 
-        notes, wrote = write_fp16_bodies(node, name, self.book.specs, self.initializers, self.src, self.options)
+        crossing = [*node.input, *node.output, *sorted(subgraph_reads([node]))]
+        seen = [(t, self.beyond_fp16[t]) for t in crossing if t in self.beyond_fp16]
+        if seen:
+            t, v = max(seen, key=lambda tv: tv[1])
+            self.notes.append(f"the bodies of {name!r} stay float32: {t!r}, which {'enters' if t not in node.output else 'leaves'} "
+                              f"them, reached |x| {v:.3g} in calibration (beyond {self.options.fp16_data_max:g})")
+            return
+        notes, wrote = write_fp16_bodies(written, name, self.book.specs, self.initializers, self.src, self.options)
         self.notes.extend(notes)
         if wrote and name not in self.fp16_bodies:
             self.fp16_bodies.append(name)
