@@ -558,3 +558,21 @@ def test_scores_of_a_loop_that_stops_on_its_state_are_compared_position_by_posit
     rows = result.end_to_end.set_index("candidate")
     assert rows.loc["same", "sequence_agreement"] == 100.0
     assert rows.loc["shorter", "sequence_agreement"] == 0.0  # another length: no sample reads the same
+
+
+def test_rows_of_equal_scores_are_no_choice_unless_the_other_model_chooses():
+    """A decoder's buffer after its end token holds rows of equal scores in both models: no position to agree on.
+    Where one model still emits (it stopped later), the row counts, and disagrees."""
+    from quantlab.compare.choices import decided_positions
+
+    ref = np.zeros((2, 4, 3), np.float32)
+    ref[:, :2] = [[0.1, 0.8, 0.1]]  # two tokens, then the end
+    cand = ref.copy()
+    cand[1, 2] = [0.1, 0.7, 0.2]  # sample 1 emits one token more (class 1; an all-equal row reads as class 0)
+    counted = decided_positions(ref, cand)
+    assert counted.tolist() == [[True, True, False, False], [True, True, True, False]]
+    part, whole = part_agreement(best_positions(ref), best_positions(cand), counted)
+    assert part.tolist() == [100.0, pytest.approx(200 / 3)] and whole.tolist() == [True, False]
+    padding = np.array([[True, False, True, True], [True, True, True, True]])
+    assert decided_positions(ref, cand, padding).tolist() == [[True, False, False, False], [True, True, True, False]]
+    assert decided_positions(ref + np.arange(3), cand + np.arange(3), padding) is padding  # every row decides

@@ -49,7 +49,8 @@ import onnx
 from ..graph import LoadedModel
 from ..graph.topology import initializer_map, producer_map
 
-__all__ = ["CHOICE_COLUMNS", "best_positions", "exact_outputs", "part_agreement", "position_scorers", "score_outputs"]
+__all__ = ["CHOICE_COLUMNS", "best_positions", "decided_positions", "exact_outputs", "part_agreement", "position_scorers",
+           "score_outputs"]
 
 CHOICE_COLUMNS: Mapping[str, tuple[str, str, str]] = {
     "positions": ("token_agreement", "sequence_agreement", "sequence_agree"),
@@ -235,6 +236,23 @@ def best_positions(scores: np.ndarray) -> np.ndarray:
     if nan.any():
         x = np.where(nan, -np.inf, x)
     return np.argmax(x, axis=axis).astype(np.int32)
+
+
+def decided_positions(reference: np.ndarray, candidate: np.ndarray, valid: np.ndarray | None = None
+                      ) -> np.ndarray | None:
+    """bool ``[N, T]``: the positions of ``[N, T, C]`` scores that count (within ``valid``, the padding's), those
+    where the reference or the candidate prefers a class; ``valid`` itself when every one does, or for other
+    shapes. A row of equal scores is no choice: a decoding loop's buffer left at zeros after its end token (or a
+    softmax of such zeros, all classes equal) would count as agreement wherever both models had stopped, and a
+    long buffer's token agreement would read near 100 % whatever the tokens; where only one model still emits,
+    the row counts. (SLANet writes class 0 with confidence 1 after its end token: decided rows, counted.)"""
+    if reference.ndim != 3 or reference.shape != candidate.shape:
+        return valid
+    with np.errstate(invalid="ignore"):
+        decided = (np.ptp(reference, axis=-1) > 0) | (np.ptp(candidate, axis=-1) > 0)
+    if decided.all():
+        return valid
+    return decided if valid is None else decided & valid
 
 
 def exact_outputs(model: LoadedModel) -> list[str]:

@@ -35,7 +35,7 @@ from ..metrics import (
 )
 from .labels import LabelUse
 from .options import CompareOptions
-from .choices import CHOICE_COLUMNS, best_positions, part_agreement
+from .choices import CHOICE_COLUMNS, best_positions, decided_positions, part_agreement
 from .intervals import intervals
 from .sample_axes import samples_first
 from .result import (
@@ -177,7 +177,7 @@ class EndToEnd:
             seen = {o: without_padding(v, valid[o]) if o in valid and v.shape == ref_live[o].shape else v
                     for o, v in live.items()}
             self._add_candidate(name, ref_seen, seen, labels)
-            self._add_choices(name, ref_chosen, live, valid)
+            self._add_choices(name, ref_chosen, ref_live, live, valid)
             if self.metric is not None:
                 self._add_user(name, batch, ref_live, live)
         self.keys.extend(batch.keys)
@@ -245,15 +245,17 @@ class EndToEnd:
         """What a user reads off output ``o``: the best class at each position, or the values themselves."""
         return best_positions(value) if self.choices[o] == "positions" else value
 
-    def _add_choices(self, name: str, ref_chosen: Mapping[str, np.ndarray], live: Mapping[str, np.ndarray],
-                     valid: Mapping[str, np.ndarray]) -> None:
+    def _add_choices(self, name: str, ref_chosen: Mapping[str, np.ndarray], ref_live: Mapping[str, np.ndarray],
+                     live: Mapping[str, np.ndarray], valid: Mapping[str, np.ndarray]) -> None:
         for o, ref in ref_chosen.items():
             cand = self._chosen(o, live[o])
             if cand.shape != ref.shape and o in self.data_sized:  # another length (a while loop stopped elsewhere)
                 n = ref.shape[0] if ref.ndim else 1
                 part, whole = np.full(n, np.nan), np.zeros(n, dtype=bool)
             else:
-                part, whole = part_agreement(ref, cand, valid.get(o))
+                counted = (decided_positions(ref_live[o], live[o], valid.get(o)) if self.choices[o] == "positions"
+                           else valid.get(o))
+                part, whole = part_agreement(ref, cand, counted)
             st = self.stats[(name, o)]
             st.parts.append(part)
             st.wholes.append(whole)
