@@ -192,7 +192,7 @@ def hoist_loop_invariants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tupl
                           for o, v in finals.items() if o in graph_outputs]
         replace_node(out.graph, idx, nodes, [])
         renamed = {o: v for o, v in finals.items() if o not in graph_outputs}
-        for n in out.graph.node:
+        for n in out.graph.node if renamed else ():
             n.CopyFrom(rename_node(n, renamed))
         kept_info = [vi for vi in out.graph.value_info if vi.name not in finals]
         del out.graph.value_info[:]

@@ -111,7 +111,7 @@ def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict
             continue
         if len(shape) == 3 and sample_axes.get(spec.name, 0) != 2:
             classes = shape[2]
-        elif len(shape) == 4 and sample_axes.get(spec.name, 0) == 0 and _segmentation_map(model, spec.name):
+        elif len(shape) == 4 and sample_axes.get(spec.name, 0) == 0 and _segmentation_map(model, spec.name, shape):
             classes = shape[1]
         else:
             continue
@@ -120,7 +120,7 @@ def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict
     return out
 
 
-def _segmentation_map(model: LoadedModel, output: str) -> bool:
+def _segmentation_map(model: LoadedModel, output: str, shape: tuple) -> bool:
     """Whether ``[N, C, H, W]`` class scores reach the output through an upsampling or a softmax: a segmentation
     head (DeepLab's 1x1 conv, then Resize to the input's size). A conv's output as such is not taken: an image a
     super-resolution or denoising model returns is one too."""
@@ -128,7 +128,6 @@ def _segmentation_map(model: LoadedModel, output: str) -> bool:
     constants = set(initializer_map(model.proto)) | {
         o for n in model.proto.graph.node if n.op_type == "Constant" for o in n.output}
     ops = _ops_from_linear_layer(output, producers, constants) or []
-    shape = next(spec.shape for spec in model.outputs if spec.name == output)
     return bool({"Resize", "Upsample", "Softmax", "LogSoftmax"} & set(ops)) or _softmax_over_classes(
         output, shape, producers)
 

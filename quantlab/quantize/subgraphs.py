@@ -21,13 +21,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-import onnx
-from onnx import helper
-
 import numpy as np
-from onnx import TensorProto
+import onnx
+from onnx import TensorProto, helper
 
 from ..errors import QuantlabError
+from ..folding import rename_node
 from ..graph import TensorSpec, outer_names
 from .options import WriteOptions
 
@@ -90,7 +89,7 @@ def fp16_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorS
     result.input.extend(body.input)
     result.output.extend(body.output)
     for node in out.node:
-        copy = _renamed_node(node, renamed)
+        copy = rename_node(node, renamed)
         if copy.name not in own_nodes:
             copy.name = f"{owner}/{copy.name}"
         result.node.append(copy)
@@ -108,12 +107,6 @@ def fp16_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorS
 
 def _defined(graph: onnx.GraphProto) -> set[str]:
     return {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output if o}
-
-
-def _renamed_node(node: onnx.NodeProto, renamed: Mapping[str, str]) -> onnx.NodeProto:
-    from ..folding import rename_node
-
-    return rename_node(node, renamed)
 
 
 def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:

@@ -91,7 +91,7 @@ def write_model(
     except ModelError as exc:  # a body written in float16 that does not fit its graph: write it as it was
         if not writer.fp16_bodies:
             raise
-        writer = Writer(model, work_plan, placement, options, float16_bodies=False)
+        writer = Writer(model, work_plan, placement, options, bodies_in_fp16=False)
         out = _finish(writer.run(), writer.book.written_dtype, model.label, options.check)
         writer.notes.append(f"control-flow bodies stay float32: the model with float16 bodies failed its check "
                             f"({exc}); please report it")

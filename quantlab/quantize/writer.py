@@ -26,7 +26,7 @@ from ..backends.ort import unsafe_optimizers
 from ..controlflow import control_flow_notes
 from ..errors import PlanError
 from ..graph import LoadedModel, default_opset, outer_names, subgraph_reads, topological_order
-from ..graph.topology import CONTROL_FLOW_OPS, SHAPE_ONLY_OPS, shape_determined_nodes
+from ..graph.topology import CONTROL_FLOW_OPS, SHAPE_ONLY_OPS, initializer_map, shape_determined_nodes
 from ..plan import FusionGroup, ResolvedPlan
 from ..precision import FP16, FP32
 from ..table import CalibrationTable
@@ -56,7 +56,7 @@ class Writer:
     """Writes the new graph node by node; its collaborators track names, dtypes, casts and Q/DQ."""
 
     def __init__(self, model: LoadedModel, plan: ResolvedPlan, placement: Placement,
-                 options: WriteOptions, float16_bodies: bool = True) -> None:
+                 options: WriteOptions, bodies_in_fp16: bool = True) -> None:
         self.src = model.proto
         self.plan = plan
         self.placement = placement
@@ -71,8 +71,8 @@ class Writer:
         self.node_map: dict[str, list[str]] = {}
         self.notes: list[str] = []
         self.fp16_bodies: list[str] = []  # control-flow nodes whose bodies were written in float16
-        self.float16_bodies = float16_bodies  # False: bodies stay as they are (the fallback of write_model)
-        self.initializers = {i.name: i for i in self.src.graph.initializer}
+        self.bodies_in_fp16 = bodies_in_fp16  # False: bodies stay as they are (the fallback of write_model)
+        self.initializers = initializer_map(self.src)
         self.beyond_fp16 = beyond_fp16(placement.table, options.fp16_data_max)
         self.kept_fp32: dict[str, tuple[str, float]] = {}  # fp16-group node kept float32 -> (tensor, its |x|)
         self.statistics: set[str] = set()  # reductions' outputs and what only they compute (see _statistic)
@@ -148,7 +148,7 @@ class Writer:
         written.input.extend(new_inputs)
         del written.output[:]
         written.output.extend(outputs)
-        if precision == FP16 and node.op_type in CONTROL_FLOW_OPS and self.float16_bodies:
+        if precision == FP16 and node.op_type in CONTROL_FLOW_OPS and self.bodies_in_fp16:
             self._fp16_bodies(node, written, name)
         self.book.out_nodes.append(written)
         self.book.flush_casts()
