@@ -56,13 +56,14 @@ from .stats import (
     collect_statistics,
     unquantized_tensors,
 )
-from .range_notes import clipping_notes, statistics_notes, zeroing_notes
+from .range_notes import clipping_notes, noise_notes, statistics_notes, zeroing_notes
 from .table import CalibrationTable, TensorRange
 
 __all__ = [
     "CalibrationResult",
     "calibrate",
     "clipping_notes",
+    "noise_notes",
     "statistics_notes",
     "table_from_statistics",
     "tensor_range",
@@ -118,7 +119,9 @@ def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFA
     ``clipped_fraction`` is the share of all usable values (exact zeros included) that saturate at run time:
     above ``amax`` by more than half an INT8 step (amax / 127). Those within it round to the top level as
     ``amax`` does: a HardSigmoid's 1.0 against an mse amax of 0.9985 saturates nothing. ``zeroed_fraction``
-    is the other end: the share of non-zero values below half a step, which INT8 reads as 0."""
+    is the other end: the share of non-zero values below half a step, which INT8 reads as 0. ``predicted_sqnr_db``
+    weighs both by the values' energy (quantlab.noise): a range that saturates 0.4 % of a tensor's values can
+    still lose most of its signal when those values are its largest."""
     amax = _amax(state, method, percentile, entropy_skip_zeros)
     return TensorRange(
         amax=amax,
@@ -126,6 +129,7 @@ def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFA
         max=state.max,
         clipped_fraction=state.fraction_above(amax * (1.0 + 0.5 / MSE_LEVELS)),
         zeroed_fraction=state.zeroed_fraction(amax, MSE_LEVELS),
+        predicted_sqnr_db=state.predicted_sqnr_db(amax, MSE_LEVELS),
         excluded=state.excluded,
         histogram=_histogram_summary(state),
     )
@@ -181,7 +185,8 @@ def table_from_statistics(
         notes=statistics_notes(stats, frozenset(unquantized))
         + clipping_notes(method, ranges, stats, entropy_skip_zeros=entropy_skip_zeros,
                          unquantized=frozenset(unquantized))
-        + zeroing_notes(method, ranges, unquantized=frozenset(unquantized)),
+        + zeroing_notes(method, ranges, unquantized=frozenset(unquantized))
+        + noise_notes(method, ranges, unquantized=frozenset(unquantized)),
     )
 
 

@@ -43,6 +43,7 @@ import numpy as np
 from .binning import merge_pairs, partial_tables, power_of_two_above, update_counts
 from .calibrators import percentile_of_cumulative
 from .methods import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD
+from .noise import predicted_sqnr_db
 
 __all__ = [
     "DEFAULT_BINS",
@@ -215,6 +216,11 @@ class HistogramState:
             return 0.0
         below = float(self.cdf_at(0.5 * amax / levels)) - self.zeros
         return min(1.0, max(0.0, below / nonzero))
+
+    def predicted_sqnr_db(self, amax: float, levels: int = 127) -> float:
+        """SQNR in dB symmetric INT8 with this ``amax`` would give these values (rounding and saturation, at the
+        fine bins' resolution: :func:`quantlab.noise.predicted_sqnr_db`); nan when no value is non-zero."""
+        return predicted_sqnr_db(self.counts, self.upper, self.zeros, amax, levels)
 
     def quantile(self, q: float) -> float:
         """|x| below which a share ``q`` (0..1] of usable values lie, interpolated in the fine bins."""

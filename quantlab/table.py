@@ -63,7 +63,9 @@ class TensorRange:
     ``amax`` is the symmetric clipping threshold (|x| above it saturates);
     ``min``/``max`` are the observed extremes of the finite, non-huge values;
     ``clipped_fraction`` is the share of observed values that saturate: |x| > amax by more than half a step;
-    ``zeroed_fraction`` the share of non-zero observed values that round to 0: |x| under half a step.
+    ``zeroed_fraction`` the share of non-zero observed values that round to 0: |x| under half a step;
+    ``predicted_sqnr_db`` the SQNR (dB) symmetric INT8 at ``amax`` gives the observed values, rounding and
+    saturation together (quantlab.noise; nan when not known: an older table, a TensorRT cache, no non-zero value).
     ``excluded`` counts values left out of the statistics (``nonfinite``,
     ``huge``: e.g. attention masks at float32.min).
     """
@@ -73,6 +75,7 @@ class TensorRange:
     max: float
     clipped_fraction: float = 0.0
     zeroed_fraction: float = 0.0
+    predicted_sqnr_db: float = math.nan
     excluded: Mapping[str, int] = field(default_factory=dict)
     histogram: Mapping[str, Any] = field(default_factory=dict)
 
@@ -155,9 +158,15 @@ def _range_to_dict(r: TensorRange) -> dict[str, Any]:
         "max": float(r.max),
         "clipped_fraction": float(r.clipped_fraction),
         "zeroed_fraction": float(r.zeroed_fraction),
+        "predicted_sqnr_db": _finite_or_none(r.predicted_sqnr_db),
         "excluded": {k: int(v) for k, v in r.excluded.items()},
         "histogram": dict(r.histogram),
     }
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no nan or inf: an unknown (or noiseless) prediction is written as null."""
+    return float(value) if math.isfinite(value) else None
 
 
 def table_to_dict(table: CalibrationTable) -> dict[str, Any]:
@@ -178,6 +187,11 @@ def _number(value: Any, what: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise CalibrationError(f"{where}: {what} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _optional_number(value: Any, what: str, where: str) -> float:
+    """A finite number, or nan for null or missing (tables written before the field)."""
+    return math.nan if value is None else _number(value, what, where)
 
 
 def table_from_dict(doc: Any, where: str = "calibration table") -> CalibrationTable:
@@ -207,6 +221,7 @@ def table_from_dict(doc: Any, where: str = "calibration table") -> CalibrationTa
             max=_number(entry.get("max", amax), "max", at),
             clipped_fraction=_number(entry.get("clipped_fraction", 0.0), "clipped_fraction", at),
             zeroed_fraction=_number(entry.get("zeroed_fraction", 0.0), "zeroed_fraction", at),  # older tables: 0
+            predicted_sqnr_db=_optional_number(entry.get("predicted_sqnr_db"), "predicted_sqnr_db", at),
             excluded=dict(excluded),
             histogram=dict(entry.get("histogram", {})) if isinstance(entry.get("histogram", {}), dict) else {},
         )

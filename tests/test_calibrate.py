@@ -284,7 +284,11 @@ def test_cli_writes_every_output_atomically(tmp_path, cli_setup, capsys):
                      "calibrate_run.json", "calibration_entropy.cache", "calibration_minmax.cache",
                      "calibration_mse.cache", "calibration_percentile.cache", "data_summary.json", "statistics.npz"]
     printed = capsys.readouterr().out
-    assert "widest, most clipped and most zeroed" in printed and "huge constants" in printed
+    assert "widest, most clipped, most zeroed and noisiest" in printed and "huge constants" in printed
+    assert "predicted INT8 SQNR of the quantized tensors, per method" in printed  # --method all: side by side
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        ranges = read_table(out / f"calib_{method}.json").ranges
+        assert all(np.isfinite(r.predicted_sqnr_db) for r in ranges.values() if r.histogram.get("absmax"))
     assert read_table(out / "calib_entropy.json").method == "entropy"
     assert (out / "calibration_minmax.cache").read_text().startswith("TRT-101300-EntropyCalibration2\n")
     assert load_statistics(out / "statistics.npz").samples == 10
@@ -561,3 +565,35 @@ def test_zeroed_fraction_round_trips_and_older_tables_read_as_zero(tmp_path):
         del entry["zeroed_fraction"]
     (tmp_path / "old.json").write_text(json.dumps(doc))
     assert {r.zeroed_fraction for r in read_table(tmp_path / "old.json").ranges.values()} == {0.0}
+
+
+def test_predicted_sqnr_is_in_the_table_and_older_tables_read_as_unknown(tmp_path):
+    """tensor_range records the SQNR its amax keeps (quantlab.noise, checked there against the values); a table
+    written before the field, or with null (an unknown prediction), reads it as nan."""
+    import json
+
+    model = model_from_proto(models.conv_net())
+    tables = calibrate(model, _dataset("conv_net", 2), ["minmax", "entropy"]).tables
+    r = tables["minmax"].ranges["relu1"]
+    assert 20 < r.predicted_sqnr_db < 80
+    write_table(tables["minmax"], tmp_path / "t.json")
+    assert read_table(tmp_path / "t.json").ranges == tables["minmax"].ranges
+    doc = json.loads((tmp_path / "t.json").read_text())
+    del doc["tensors"]["relu1"]["predicted_sqnr_db"]
+    doc["tensors"]["input"]["predicted_sqnr_db"] = None
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    old = read_table(tmp_path / "old.json").ranges
+    assert np.isnan(old["relu1"].predicted_sqnr_db) and np.isnan(old["input"].predicted_sqnr_db)
+
+
+def test_noise_note_names_quantized_tensors_predicted_to_keep_little_sqnr():
+    from quantlab.calibrate import noise_notes
+    from quantlab.table import TensorRange
+
+    predicted = {"add": 5.3, "mul": 11.2, "conv": 31.0, "fused_pre": 2.0, "unknown": float("nan")}
+    ranges = {n: TensorRange(amax=1.0, min=-1.0, max=1.0, predicted_sqnr_db=v) for n, v in predicted.items()}
+    (note,) = noise_notes("entropy", ranges, unquantized={"fused_pre"})
+    assert note.startswith("WARNING entropy: 2 of 5 tensor(s) are predicted to keep under 15 dB SQNR")
+    assert note.index("'add' 5.3 dB") < note.index("'mul' 11.2 dB")
+    assert "conv" not in note and "fused_pre" not in note and "unknown" not in note
+    assert noise_notes("entropy", {"conv": ranges["conv"]}) == ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import base64
 import html
 import re
@@ -53,7 +54,8 @@ def sample_inputs(layer_name: str = "stem_conv", title: str = "unit") -> ReportI
                          ranges={"minmax": (float(x.min()), float(x.max())), "entropy": (-2.9, 2.9),
                                  "percentile": (-3.5, 3.5)},
                          clipped={"minmax": 0.0, "entropy": 0.004, "percentile": 0.0005},
-                         zeroed={"minmax": 0.61, "entropy": 0.05, "percentile": 0.12})
+                         zeroed={"minmax": 0.61, "entropy": 0.05, "percentile": 0.12},
+                         sqnr_db={"minmax": 31.2, "entropy": 24.5, "percentile": float("nan")})
     trajectory = pd.DataFrame({
         "step": [0, 1, 2, 3], "action": ["all int8", "pin top 4", "pin top 2", "top 2 to fp16"],
         "metric": [0.9921, 0.9975, 0.9958, 0.9957], "ci_low": [0.990, 0.9968, 0.9951, 0.9950],
@@ -162,8 +164,11 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert back.verdict == inputs.verdict
     assert back.histograms[0].ranges == inputs.histograms[0].ranges
     assert back.histograms[0].zeroed == inputs.histograms[0].zeroed
+    sqnr = back.histograms[0].sqnr_db  # an unknown prediction (nan) is null in the JSON and nan again on read
+    assert sqnr["minmax"] == 31.2 and sqnr["entropy"] == 24.5 and math.isnan(sqnr["percentile"])
     assert render_report(back) == render_report(inputs)
-    assert "zeroed %" in render_report(back)
+    assert "zeroed %" in render_report(back) and "SQNR dB (predicted)" in render_report(back)
+    assert "NaN" not in (tmp_path / "report_inputs.json").read_text()
 
 
 def test_comparison_shows_what_changed_and_what_moved() -> None:

@@ -24,7 +24,9 @@ model: its tables fit only a build with the same rewrites (``quantlab build --eq
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,12 +127,12 @@ def _load_dataset(path: Path) -> Any:
     return data.load_dataset(path)
 
 
-def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS) -> Any:
-    """The widest, the most clipped and the most zeroed tensors of ``table`` (those that round more than half
-    their non-zero values to 0) as a pandas DataFrame."""
+def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS, unquantized: Collection[str] = ()) -> Any:
+    """The widest, the most clipped, the most zeroed tensors of ``table`` (those that round more than half
+    their non-zero values to 0) and the quantized ones predicted to keep the least SQNR, as a pandas DataFrame."""
     import pandas as pd
 
-    from ..range_notes import ZERO_NOTE_FRACTION
+    from ..range_notes import LOW_SQNR_DB, ZERO_NOTE_FRACTION
 
     rows = [{
         "tensor": name,
@@ -140,6 +142,7 @@ def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS) -> Any:
         "amax/absmax": r.amax / max(abs(r.min), abs(r.max)) if max(abs(r.min), abs(r.max)) > 0 else 1.0,
         "clipped %": 100.0 * r.clipped_fraction,
         "zeroed %": 100.0 * r.zeroed_fraction,
+        "SQNR dB": r.predicted_sqnr_db,
         "excluded": sum(r.excluded.values()),
     } for name, r in table.ranges.items()]
     frame = pd.DataFrame(rows)
@@ -148,7 +151,29 @@ def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS) -> Any:
     widest = frame.nlargest(top, "amax")
     clipped = frame[frame["clipped %"] > 0].nlargest(top, "clipped %")
     zeroed = frame[frame["zeroed %"] > 100.0 * ZERO_NOTE_FRACTION].nlargest(top, "zeroed %")
-    return pd.concat([widest, clipped, zeroed]).drop_duplicates("tensor").reset_index(drop=True)
+    quantized = frame[~frame["tensor"].isin(set(unquantized))]
+    noisy = quantized[quantized["SQNR dB"] < LOW_SQNR_DB].nsmallest(top, "SQNR dB")
+    return pd.concat([widest, clipped, zeroed, noisy]).drop_duplicates("tensor").reset_index(drop=True)
+
+
+def methods_frame(tables: Mapping[str, CalibrationTable], unquantized: Collection[str] = ()) -> Any:
+    """Per method, the predicted INT8 SQNR of the quantized tensors (``TensorRange.predicted_sqnr_db``): median,
+    worst (and which tensor), how many fall under :data:`quantlab.range_notes.LOW_SQNR_DB`. A pandas DataFrame."""
+    import numpy as np
+    import pandas as pd
+
+    from ..range_notes import LOW_SQNR_DB
+
+    rows = []
+    for method, table in tables.items():
+        known = {n: r.predicted_sqnr_db for n, r in table.ranges.items()
+                 if n not in unquantized and math.isfinite(r.predicted_sqnr_db)}
+        worst = min(known, key=known.__getitem__) if known else ""
+        rows.append({"method": method, "tensors": len(known),
+                     "median dB": float(np.median(list(known.values()))) if known else math.nan,
+                     "worst dB": known[worst] if known else math.nan, "worst tensor": worst,
+                     f"under {LOW_SQNR_DB:g} dB": sum(v < LOW_SQNR_DB for v in known.values())})
+    return pd.DataFrame(rows)
 
 
 def owned_files() -> tuple[str, ...]:
@@ -223,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     from ..methods import DEFAULT_BATCH_SIZE, DEFAULT_METHOD, resolve_methods
     from ..graph import load_model
     from ..quantize import prepare_rewrites
-    from ..stats import scope_tensors
+    from ..stats import scope_tensors, unquantized_tensors
 
     inputs = [args.model, *([args.calib] if args.calib else args.stats)]
     prepare_output(args.out, owned_files(), command="calibrate", inputs=inputs)
@@ -254,12 +279,18 @@ def run(args: argparse.Namespace) -> int:
         frame = result.data.to_frame() if hasattr(result.data, "to_frame") else pd.DataFrame([result.data.as_dict()])
         print(frame.to_string())
         shown: set[str] = set()  # a note every table has (a bind hint, huge values) is printed once
+        unquantized = unquantized_tensors(model.proto)
         for method, table in result.tables.items():
-            print(f"\n{method}: widest, most clipped and most zeroed tensors (of {len(table.ranges)})")
-            print(summary_frame(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            print(f"\n{method}: widest, most clipped, most zeroed and noisiest tensors (of {len(table.ranges)}; "
+                  "SQNR dB: predicted for INT8 at amax)")
+            print(summary_frame(table, unquantized=unquantized).to_string(index=False,
+                                                                          float_format=lambda v: f"{v:.4g}"))
             for note in (n for n in table.notes if n not in shown):
                 print(f"note: {note}")
                 shown.add(note)
+        if len(result.tables) > 1:
+            print("\npredicted INT8 SQNR of the quantized tensors, per method (higher keeps more of the signal)")
+            print(methods_frame(result.tables, unquantized).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     written = _write(args.out, result, args, source, prepared)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

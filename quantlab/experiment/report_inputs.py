@@ -47,6 +47,7 @@ def histogram_view(name: str, state: Any, tables: Mapping[str, CalibrationTable]
         ranges={m: (-a, a) for m, a in amaxes.items()},
         clipped={m: float(tables[m].ranges[name].clipped_fraction) for m in amaxes},
         zeroed={m: float(tables[m].ranges[name].zeroed_fraction) for m in amaxes},
+        sqnr_db={m: float(tables[m].ranges[name].predicted_sqnr_db) for m in amaxes},
         abs_values=True, note="; ".join(note_parts),
     )
 

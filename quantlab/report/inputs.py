@@ -9,6 +9,7 @@ from saved results, :func:`save_report_inputs` keeps them beside the page
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -72,7 +73,8 @@ class HistogramView:
     ``edges`` has ``len(counts) + 1`` bin edges in the tensor's units; ``ranges``
     maps a calibrator name to its ``(low, high)`` clipping range (symmetric INT8:
     ``(-amax, amax)``); ``clipped`` maps it to the share of values outside it, ``zeroed`` to the share of
-    non-zero values under half a step (INT8 reads them as 0).
+    non-zero values under half a step (INT8 reads them as 0), ``sqnr_db`` to the SQNR INT8 with that range is
+    predicted to keep (quantlab.noise; nan when unknown).
     ``abs_values`` says the histogram is of |x| (only ``high`` is drawn).
     """
 
@@ -82,6 +84,7 @@ class HistogramView:
     ranges: Mapping[str, tuple[float, float]]
     clipped: Mapping[str, float] = field(default_factory=dict)
     zeroed: Mapping[str, float] = field(default_factory=dict)
+    sqnr_db: Mapping[str, float] = field(default_factory=dict)
     abs_values: bool = False
     note: str = ""
 
@@ -191,7 +194,9 @@ def save_report_inputs(folder: Path, inputs: ReportInputs) -> Path:
             meta["histograms"] = [
                 {"tensor": h.tensor, "edges": list(h.edges), "counts": list(h.counts),
                  "ranges": {k: list(v) for k, v in h.ranges.items()}, "clipped": dict(h.clipped),
-                 "zeroed": dict(h.zeroed), "abs_values": h.abs_values, "note": h.note}
+                 "zeroed": dict(h.zeroed),
+                 "sqnr_db": {k: v if math.isfinite(v) else None for k, v in h.sqnr_db.items()},
+                 "abs_values": h.abs_values, "note": h.note}
                 for h in value
             ]
         elif f.name == "notes":
@@ -223,7 +228,9 @@ def load_report_inputs(folder: Path) -> ReportInputs:
     kwargs["histograms"] = tuple(
         HistogramView(tensor=h["tensor"], edges=tuple(h["edges"]), counts=tuple(h["counts"]),
                       ranges={k: (float(v[0]), float(v[1])) for k, v in h["ranges"].items()},
-                      clipped=h.get("clipped", {}), zeroed=h.get("zeroed", {}), abs_values=bool(h.get("abs_values")),
+                      clipped=h.get("clipped", {}), zeroed=h.get("zeroed", {}),
+                      sqnr_db={k: math.nan if v is None else float(v) for k, v in h.get("sqnr_db", {}).items()},
+                      abs_values=bool(h.get("abs_values")),
                       note=h.get("note", ""))
         for h in meta.get("histograms", [])
     )

@@ -125,14 +125,17 @@ def histogram_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str:
             lo, hi = v.ranges[m]
             rows.append({"tensor": v.tensor, "calibrator": m, "low": lo, "high": hi,
                          "clipped %": 100 * v.clipped[m] if m in v.clipped else float("nan"),
-                         "zeroed %": 100 * v.zeroed[m] if m in v.zeroed else float("nan")})
+                         "zeroed %": 100 * v.zeroed[m] if m in v.zeroed else float("nan"),
+                         "SQNR dB (predicted)": v.sqnr_db.get(m, float("nan"))})
     notes = "".join(f"<li><code>{esc(v.tensor)}</code>: {esc(v.note)}</li>" for v in inputs.histograms if v.note)
     return (
         '<section id="histograms"><h2>Activation ranges of the worst tensors</h2>'
         "<p>Histogram of each tensor's values over the calibration set (log scale), with the clipping range "
         "each calibrator chose. Values beyond a line saturate in INT8; a wider range keeps outliers but "
         "spends resolution on them (coarser steps for everything else: <i>zeroed %</i> is the share of non-zero "
-        "values under half a step, which INT8 reads as 0). This is why entropy often clips what minmax keeps.</p>"
+        "values under half a step, which INT8 reads as 0). This is why entropy often clips what minmax keeps. "
+        "<i>SQNR dB (predicted)</i> weighs both by the values' energy: the SQNR this tensor keeps in INT8 with that "
+        "range, in the unit of the comparison above.</p>"
         f"{img(plots.get('histograms'), 'activation histograms with each calibrator range')}"
         f"{'<ul>' + notes + '</ul>' if notes else ''}{table(pd.DataFrame(rows))}</section>"
     )
