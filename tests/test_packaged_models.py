@@ -2,8 +2,9 @@
 
 - Silero VAD (``silero-vad``): the network inside an ``If`` on the sample rate, an LSTM whose state ``stateN``
   is fed back as ``state`` next chunk, torch's LSTM export (weights as Slices, shape-decided Ifs, unnamed dims).
-- PaddleOCR PP-OCRv4's text detector and v2 direction classifier (``rapidocr-onnxruntime``): paddle2onnx exports
-  with ``?`` for every unknown dim and BatchNorm parameters in Constant nodes.
+- PaddleOCR PP-OCRv4's text detector, recogniser and v2 direction classifier (``rapidocr-onnxruntime``): paddle2onnx
+  exports with ``?`` for every unknown dim and BatchNorm parameters in Constant nodes; the recogniser reads lines of
+  any width.
 
 - Magika (``magika``): Google's file-type classifier, a jax2tf -> tf2onnx export (int32 byte input, LayerNorms
   written out op by op, a softmax as ``exp / sum(exp)``); fed the bytes of files installed here.
@@ -164,6 +165,52 @@ def test_pp_ocr_direction_classifier_with_question_mark_dims_calibrates_and_clas
     row = compare(model, {"int8": int8}, data, CompareOptions(batch_size=4, per_layer=False, bootstrap=0)
                   ).end_to_end.iloc[0]
     assert row["samples"] == 8 and np.isfinite(row["top1_agreement"]) and row["sqnr_db"] > 10
+
+
+def _text_line_set(folder: Path, widths: list[int], seed: int) -> Path:
+    """Rendered text lines for the recogniser, ``[3, 48, w]`` .npy files normalised as rapidocr does ((x/255 - 0.5)
+    / 0.5), and the manifest that batches them by shape."""
+    lines = folder / "lines"
+    lines.mkdir(parents=True)
+    for i, w in enumerate(widths):
+        image = _text_images((48, w), 1, seed + i)[0].astype(np.float32) / 255.0
+        np.save(lines / f"line{i:02d}.npy", ((image - 0.5) / 0.5).transpose(2, 0, 1).copy())
+    manifest = folder / "lines.toml"
+    manifest.write_text('batching = "by_shape"\nshuffle = false\n[source]\nkind = "npy"\npath = "lines"\n'
+                        '[inputs]\nx = "array"\n', encoding="utf-8")
+    return manifest
+
+
+def test_pp_ocr_recognizer_lines_of_two_widths_and_the_calibrator_its_predicted_sqnr_warns_of(tmp_path):
+    """PP-OCRv4's recogniser (PP-LCNetV3 with learnable-affine Mul/Add after every conv, an SVTR neck whose
+    LayerNorms are written out op by op, CTC softmax over 6625 characters per position), dynamic width: lines of
+    two widths calibrate in one pass, entropy's ranges on its Adds are predicted to keep under 15 dB (the table's
+    note names them) and minmax's are not; minmax's INT8 TensorRT form keeps most characters (token agreement over
+    the CTC positions) and TensorRT-RTX builds it with a width profile from the calibration data."""
+    from quantlab.data import open_dataset
+    from quantlab.shapes import ShapeRange
+
+    path = _packaged("rapidocr_onnxruntime", "models", "ch_PP-OCRv4_rec_infer.onnx")
+    model = load_model(path)
+    calib = open_dataset(_text_line_set(tmp_path / "calib", [160, 320] * 6, 10))
+    tables = calibrate(model, calib, ["entropy", "minmax"], batch_size=6).tables
+    worst = {m: min(r.predicted_sqnr_db for r in t.ranges.values() if np.isfinite(r.predicted_sqnr_db))
+             for m, t in tables.items()}
+    assert any(n.startswith("WARNING entropy:") and "under 15 dB SQNR" in n for n in tables["entropy"].notes)
+    assert not any("under 15 dB SQNR" in n for n in tables["minmax"].notes)
+    assert worst["entropy"] < 15 < worst["minmax"]
+    int8 = write_model(model, uniform_plan("int8"), tables["minmax"], WriteOptions(target="tensorrt"))
+    valid = open_dataset(_text_line_set(tmp_path / "valid", [160, 320] * 3, 100))
+    row = compare(model, {"int8": int8}, valid, CompareOptions(batch_size=3, per_layer=False, bootstrap=0)
+                  ).end_to_end.iloc[0]
+    assert row["samples"] == 6 and row["classes"] == 6625 and row["token_agreement"] > 75
+    rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed")
+    assert rtx is not None
+    from quantlab.backends.tensorrt import TensorRTBackend
+
+    widths = {"x": ShapeRange("x", (1, 3, 48, 160), (1, 3, 48, 320), (2, 3, 48, 320))}
+    engine = TensorRTBackend("tensorrt-rtx").build_engine(int8.proto, shapes=widths, label="PP-OCRv4 rec int8")
+    assert isinstance(engine, bytes) and len(engine) > 100_000
 
 
 # --------------------------------------------------------------------------- Magika
