@@ -199,6 +199,27 @@ def test_run_writes_a_finished_report_and_reuses_stages(tmp_path: Path) -> None:
     assert all(s.reused for s in again.stages if s.name != "report")
     assert again.verdict == first.verdict
     _fp16_is_measured_in_simulation(tmp_path, report, first.messages)
+    _per_layer_rows_carry_their_inputs_predicted_sqnr(report)
+
+
+def _per_layer_rows_carry_their_inputs_predicted_sqnr(report: Path) -> None:
+    """Each INT8 candidate's per-layer row names the lowest predicted SQNR of the layer's quantized inputs, as its
+    own table records it for them; fp16 has no ranges (nan)."""
+    from quantlab.experiment import load_written
+    from quantlab.graph import load_model
+    from quantlab.table import read_table
+
+    layers = pd.read_parquet(report / "results" / "per_layer.parquet")
+    assert layers.loc[layers["candidate"] == "fp16", "input_sqnr_pred"].isna().all()
+    written = load_written(report / "stages" / "build-int8-minmax", load_model(report.parents[1] / "model.onnx"))
+    table = read_table(report / "stages" / "calibrate" / "table-minmax.json")
+    quantized = set(written.provenance.quantized_activations())
+    groups = {n: g for g in written.plan.groups for n in g.nodes}
+    rows = layers[(layers["candidate"] == "int8-minmax") & layers["input_sqnr_pred"].notna()]
+    assert len(rows) >= 3
+    for layer, value in zip(rows["layer"], rows["input_sqnr_pred"], strict=True):
+        expected = min(table.ranges[t].predicted_sqnr_db for t in groups[layer].input_tensors if t in quantized)
+        assert value == expected and 10 < value < 80
 
 
 def _fp16_is_measured_in_simulation(folder: Path, report: Path, messages: tuple[str, ...]) -> None:

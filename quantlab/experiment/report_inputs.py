@@ -23,7 +23,7 @@ from .stages import SEARCH_CANDIDATE, experiment_candidates, load_frames, load_w
 from .store import StageRecord, package_versions
 
 __all__ = ["HISTOGRAM_BINS_SHOWN", "histogram_view", "disagreeing_tensors", "per_layer_for_report",
-           "assemble_report_inputs"]
+           "assemble_report_inputs", "with_input_sqnr"]
 
 HISTOGRAM_BINS_SHOWN = 120
 
@@ -118,25 +118,54 @@ def _from_wide(df: pd.DataFrame, metric: str, layer_col: str, order_col: str | N
     return out
 
 
-def _tensors_for_layers(layers: Sequence[str], written: Mapping[str, WrittenModel], known: set[str]) -> list[str]:
-    """The activation tensors whose ranges feed ``layers`` (a layer's group inputs), in order, unique."""
-    groups_by_node: dict[str, Any] = {}
-    groups_by_output: dict[str, Any] = {}
+def _groups_of_layers(written: Mapping[str, WrittenModel]) -> Any:
+    """``layer -> its fusion group`` (a layer is a node name, or a group's output tensor), from any written model
+    (they share the groups)."""
+    by_node: dict[str, Any] = {}
+    by_output: dict[str, Any] = {}
     for w in written.values():
         for g in w.plan.groups:
             for n in g.nodes:
-                groups_by_node.setdefault(n, g)
+                by_node.setdefault(n, g)
             for t in (g.output_tensor, *g.output_tensors):
-                groups_by_output.setdefault(t, g)
+                by_output.setdefault(t, g)
         break
+    return lambda layer: by_node.get(layer) or by_output.get(layer)
+
+
+def _tensors_for_layers(layers: Sequence[str], written: Mapping[str, WrittenModel], known: set[str]) -> list[str]:
+    """The activation tensors whose ranges feed ``layers`` (a layer's group inputs), in order, unique."""
+    group_of = _groups_of_layers(written)
     out: list[str] = []
     for layer in layers:
-        group = groups_by_node.get(layer) or groups_by_output.get(layer)
+        group = group_of(layer)
         names = list(group.input_tensors) if group is not None else [layer]
         for t in names:
             if t in known and t not in out:
                 out.append(t)
     return out
+
+
+def with_input_sqnr(per_layer: pd.DataFrame, written: Mapping[str, WrittenModel],
+                    tables: Mapping[str, CalibrationTable]) -> pd.DataFrame:
+    """``per_layer`` (the report's shape) with ``input_sqnr_pred``: the lowest SQNR (dB) that the layer's
+    quantized inputs are predicted to keep with its candidate's table (``TensorRange.predicted_sqnr_db``).
+
+    Against the layer's measured ``local`` figure it says why a culprit is one: an input range that keeps little
+    (low here too), or its weights and output (high here, low local). nan where the candidate quantizes none of the
+    layer's inputs or has no table (fp16, a loaded plan)."""
+    group_of = _groups_of_layers(written)
+    quantized = {c: set(w.provenance.quantized_activations()) for c, w in written.items()}
+    values = []
+    for cand, layer in zip(per_layer["candidate"], per_layer["layer"], strict=True):
+        w = written.get(str(cand))
+        table = tables.get(w.table_method) if w is not None and w.table_method else None
+        group = group_of(str(layer))
+        predicted = [table.ranges[t].predicted_sqnr_db for t in (group.input_tensors if group is not None else ())
+                     if table is not None and t in quantized[str(cand)] and t in table.ranges]
+        known = [v for v in predicted if math.isfinite(v)]
+        values.append(min(known) if known else math.nan)
+    return per_layer.assign(input_sqnr_pred=values)
 
 
 def _search_results(search_dir: Path | None, model: LoadedModel, e2e: pd.DataFrame,
@@ -182,7 +211,7 @@ def _histograms(config: ExperimentConfig, frames: Mapping[str, pd.DataFrame], wr
     """The report's per-layer table and the histograms of the worst layers' inputs and most disputed tensors."""
     per_layer = None
     if frames.get("per_layer") is not None and not frames["per_layer"].empty:
-        per_layer = per_layer_for_report(frames["per_layer"])
+        per_layer = with_input_sqnr(per_layer_for_report(frames["per_layer"]), written, tables)
     stats = load_statistics(cal_dir / "statistics.npz")
     wanted: list[str] = []
     if per_layer is not None:
