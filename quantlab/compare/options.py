@@ -52,6 +52,7 @@ class CompareOptions:
     shards: int = 1                 # > 1: Ray tasks over contiguous shards of the set (quantlab[ray])
     ray: str | None = None          # "auto" (local Ray) or a cluster address; None: in process unless shards > 1
     free_running: bool = True       # sequence mode: also run every model over the streams on its own state
+    branches: bool = True           # a data-decided If: also count the runs a candidate took the other branch
 
     def __post_init__(self) -> None:
         def bad(what: str) -> CompareError:

@@ -31,6 +31,7 @@ from ..graph.samples import data_sized
 from ..metrics import ErrorAccumulator, ErrorSums, error_sums
 from ..sequence import SequenceData, sequence_carry, with_carry
 from .alignment import plan_candidate
+from .branches import branch_flips, branch_note
 from .candidates import Candidate, computes_in_float16, simulates_tensorrt
 from .end_to_end import EndToEnd
 from .free_running import SampleMetric, free_running, free_running_note, with_free_running
@@ -270,6 +271,13 @@ class Comparison:
         if isinstance(self.dataset, SequenceData) and self.options.free_running:
             settings["free_running"] = self._free_running(end_to_end)
             end_to_end = with_free_running(end_to_end, settings["free_running"])
+        branches = branch_flips(self.reference, self.candidates,
+                                truncated_batches(self.dataset, self.options.batch_size, self.total),
+                                lambda name: self.candidate_backends.get(name, self.backend),
+                                self.options.batch_size) if self.options.branches else []
+        if branches:
+            settings["branch_flips"] = branches
+            self.warnings.extend(filter(None, [branch_note(branches)]))
         return CompareResult(
             end_to_end=end_to_end, per_layer=per_layer, per_sample=per_sample,
             settings=settings,

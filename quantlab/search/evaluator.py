@@ -200,7 +200,7 @@ class CompareEvaluator:
         opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=local,
                               local=local, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed,
-                              backend_options=self._backend_options(), free_running=self._free_running,
+                              backend_options=self._backend_options(), free_running=self._free_running, branches=False,
                               bootstrap=CompareOptions.bootstrap if samples >= self._size else 0,
                               shards=self.options.shards if samples >= self._size else 1,
                               ray=self.options.ray if samples >= self._size else None)
@@ -221,7 +221,7 @@ class CompareEvaluator:
         opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=False,
                               local=False, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed, bootstrap=0,
-                              backend_options=self._backend_options(), free_running=self._free_running)
+                              backend_options=self._backend_options(), free_running=self._free_running, branches=False)
         result = compare(self.model, written, data, opts)
         out = []
         for p in plans:

@@ -1,0 +1,117 @@
+"""Which branch each data-decided ``If`` took, the reference against each candidate.
+
+An ``If`` whose condition the data decides (a detector's "any box left?", a
+score over a threshold) runs one branch or the other on every model run. A
+candidate whose rounding moves the condition across its threshold runs the
+other branch: its outputs then differ in kind, not only by rounding, and the
+error figures alone do not say why. After the comparison's pass, this one runs
+the reference and every candidate over the data again, whole models exposing
+the conditions, and counts the runs where they differ::
+
+    batch ──► FP32 model ──► cond_ref ─┐
+          └─► candidate  ──► cond_c   ──┴─► runs where cond_c != cond_ref, per If
+
+Only the main graph's Ifs are followed (one inside a Loop body decides once per
+iteration). A condition computed from shapes alone (Shape, Size) or from
+constants is not decided by the data, so it is left out (constant ones were
+inlined when the model was loaded: quantlab.controlflow). In sequence mode
+every model is fed the reference's state (the set's own batches are teacher
+forced, as the comparison's figures are). The pass runs only for models that
+have such an If.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..data import Batch
+from ..graph import LoadedModel, producer_map
+from ..graph.topology import SHAPE_ONLY_OPS, upstream
+from ..quantize import WrittenModel
+
+__all__ = ["branch_flips", "branch_note", "decided_conditions"]
+
+_REFERENCE = "\0reference"  # never a candidate's name
+
+
+def decided_conditions(model: LoadedModel) -> dict[str, str]:
+    """``If node name -> its condition tensor`` for the main graph's Ifs whose condition depends on the values of
+    a graph input (not only on shapes or constants), in graph order."""
+    producers = producer_map(model.proto)
+    inputs = set(model.input_names)
+    found: dict[str, str] = {}
+    for index, node in enumerate(model.proto.graph.node):
+        if node.op_type != "If" or not node.input or not node.input[0]:
+            continue
+        feeding = upstream([node.input[0]], producers, stop=lambda n: n.op_type in SHAPE_ONLY_OPS, bodies=True)
+        if inputs.intersection(feeding):
+            found[node.name or f"If_{index}"] = node.input[0]
+    return found
+
+
+def _condition_in(candidate: Any, condition: str) -> str | None:
+    """The candidate's name for the reference's ``condition`` tensor, None when its graph has no such tensor (a
+    bare model, or a condition folded away)."""
+    name = condition
+    if isinstance(candidate, WrittenModel):
+        name = candidate.provenance.tensor_map.get(condition, condition)
+    graph = candidate.proto.graph
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    return name if name in produced else None
+
+
+def branch_flips(reference: LoadedModel, candidates: Mapping[str, Any], batches: Iterable[Batch],
+                 backend_of: Callable[[str], Backend], batch_size: int) -> list[dict[str, Any]]:
+    """One row per candidate and data-decided If (:func:`decided_conditions`): ``runs`` (model runs compared),
+    ``flipped`` (runs whose condition differed from the reference's), the If and its condition.
+
+    ``batches``: the comparison's batches (of up to ``batch_size`` samples, for the note);
+    ``backend_of(name)``: the backend each candidate runs on (the reference: ``backend_of("")``).
+    A candidate without the condition tensor gets no row. [] when the reference has no such If.
+    """
+    conditions = decided_conditions(reference)
+    if not conditions:
+        return []
+    names = {name: {node: _condition_in(c, cond) for node, cond in conditions.items()}
+             for name, c in candidates.items()}
+    names = {name: {k: v for k, v in found.items() if v is not None} for name, found in names.items()}
+    runners = {_REFERENCE: backend_of("").build(reference.proto, outputs=list(dict.fromkeys(conditions.values())))}
+    runners.update({name: backend_of(name).build(candidates[name].proto, outputs=list(dict.fromkeys(found.values())))
+                    for name, found in names.items() if found})
+    flipped = {(name, node): 0 for name, found in names.items() for node in found}
+    runs = 0
+    try:
+        for batch in batches:
+            feeds = batch.feeds
+            ref = runners[_REFERENCE].run(feeds, None)
+            for name, found in names.items():
+                if not found:
+                    continue
+                got = runners[name].run(feeds, None)
+                for node, tensor in found.items():
+                    if not np.array_equal(np.asarray(got[tensor]), np.asarray(ref[conditions[node]])):
+                        flipped[(name, node)] += 1
+            runs += 1
+    finally:
+        for runner in runners.values():
+            runner.close()
+    return [{"candidate": name, "if": node, "condition": conditions[node], "runs": runs, "flipped": count,
+             "batch_size": batch_size} for (name, node), count in flipped.items()]
+
+
+def branch_note(rows: list[dict[str, Any]]) -> str | None:
+    """A WARNING naming every candidate and If that took the other branch in some run; None when none did."""
+    moved = [r for r in rows if r["flipped"]]
+    if not moved:
+        return None
+    parts = "; ".join(f"candidate {r['candidate']!r}: If {r['if']!r} (condition {r['condition']!r}) in "
+                      f"{r['flipped']} of {r['runs']} run(s)" for r in moved)
+    return ("WARNING a candidate took another If branch than the reference: " + parts + ". There its outputs differ "
+            "in kind (the other branch's computation), not only by rounding; keep the layers that compute the "
+            "condition in higher precision (a plan pin), or check the condition's margin to its threshold. A run "
+            f"is a batch of up to {moved[0]['batch_size']} sample(s): an If decides once per run; compare.json "
+            "keeps the counts (settings.branch_flips).")
