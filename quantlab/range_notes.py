@@ -6,7 +6,7 @@ to keep (:func:`noise_notes`). Tables carry these notes; ``quantlab calibrate`` 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from .methods import ENTROPY_SKIP_ZEROS
 from .stats import Statistics
@@ -67,10 +67,15 @@ CLIP_NOTE_FRACTION = 0.01
 """A method that saturates more than this share of a tensor's values gets a note in the table."""
 
 
+def _listed(names: Sequence[str], figure: Callable[[str], str], limit: int = 8) -> str:
+    """``'a' 12%, 'b' 9% and 3 more``: the first ``limit`` names, each with its figure."""
+    shown = ", ".join(f"{n!r} {figure(n)}" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _sorted_by_clipping(ranges: Mapping[str, TensorRange], names: Sequence[str], limit: int = 8) -> str:
     worst = sorted(names, key=lambda n: -ranges[n].clipped_fraction)
-    shown = ", ".join(f"{n!r} {ranges[n].clipped_fraction:.1%}" for n in worst[:limit])
-    return shown + (f" and {len(worst) - limit} more" if len(worst) > limit else "")
+    return _listed(worst, lambda n: f"{ranges[n].clipped_fraction:.1%}", limit)
 
 
 def clipping_notes(method: str, ranges: Mapping[str, TensorRange], stats: Statistics, *,
@@ -141,10 +146,9 @@ def zeroing_notes(method: str, ranges: Mapping[str, TensorRange], *,
                    key=lambda n: -ranges[n].zeroed_fraction)
     if not heavy:
         return ()
-    shown = ", ".join(f"{n!r} {ranges[n].zeroed_fraction:.0%}" for n in heavy[:8])
-    more = f" and {len(heavy) - 8} more" if len(heavy) > 8 else ""
+    shown = _listed(heavy, lambda n: f"{ranges[n].zeroed_fraction:.0%}")
     return (f"WARNING {method}: {len(heavy)} of {len(ranges)} tensor(s) round more than {ZERO_NOTE_FRACTION:.0%} of "
-            f"their non-zero values to 0 (|x| under half a step, amax / 254), worst first: {shown}{more}. A few large "
+            f"their non-zero values to 0 (|x| under half a step, amax / 254), worst first: {shown}. A few large "
             "values set their range; the rest reach the next layer as a sparse, coarse copy. A method with a lower "
             "amax keeps more of them (percentile, mse), or keep their layers in fp16 (the search pins the ones that "
             "matter).",)
@@ -170,10 +174,9 @@ def noise_notes(method: str, ranges: Mapping[str, TensorRange], *,
                  key=lambda n: ranges[n].predicted_sqnr_db)
     if not low:
         return ()
-    shown = ", ".join(f"{n!r} {ranges[n].predicted_sqnr_db:.1f} dB" for n in low[:8])
-    more = f" and {len(low) - 8} more" if len(low) > 8 else ""
+    shown = _listed(low, lambda n: f"{ranges[n].predicted_sqnr_db:.1f} dB")
     return (f"WARNING {method}: {len(low)} of {len(ranges)} tensor(s) are predicted to keep under {LOW_SQNR_DB:g} dB "
-            f"SQNR in INT8 (rounding and saturation over the calibration values), worst first: {shown}{more}. Each "
+            f"SQNR in INT8 (rounding and saturation over the calibration values), worst first: {shown}. Each "
             "one alone can cost the model most of its accuracy: compare the methods' predictions (`quantlab "
             "calibrate --method all` prints them side by side), or keep these layers in fp16 (the search pins "
             "the ones that matter).",)
