@@ -51,7 +51,7 @@ def test_only_conditions_the_values_decide_are_followed():
     assert decided_conditions(model_from_proto(gated_model(shape_gate=True))) == {}
 
 
-def test_an_int8_candidate_whose_clipped_range_flips_the_gate_is_named_per_run():
+def test_an_int8_candidate_whose_clipped_range_flips_the_gate_is_named_per_run(capsys):
     """Calibrated on values under 0.5, the INT8 model clips x at ~0.5: batches whose mean is 3 read a mean under the
     threshold and take the else branch. The low batches stay on the same side: exactly the high runs are counted."""
     model = model_from_proto(gated_model())
@@ -64,12 +64,13 @@ def test_an_int8_candidate_whose_clipped_range_flips_the_gate_is_named_per_run()
     x = np.concatenate([high, low, high, low, high])  # five runs of 4: high, low, high, low, high
     valid = from_arrays({"x": x}, role="validation")
     result = compare(model, {"int8": int8, "fp32": model}, valid,
-                     CompareOptions(batch_size=4, per_layer=False, bootstrap=0))
+                     CompareOptions(batch_size=4, per_layer=False, bootstrap=0), progress=True)
     rows = {r["candidate"]: r for r in result.settings["branch_flips"]}
     assert rows["int8"]["runs"] == 5 and rows["int8"]["flipped"] == 3 and rows["int8"]["if"] == "branch"
     assert rows["fp32"]["flipped"] == 0
     (note,) = [w for w in result.warnings if "another If branch" in w]
     assert "candidate 'int8': If 'branch' (condition 'cond') in 3 of 5 run(s)" in note and "'fp32'" not in note
+    assert "If branches" in capsys.readouterr().err  # the second pass shows its progress too
     quiet = compare(model, {"int8": int8}, valid, CompareOptions(batch_size=4, per_layer=False, bootstrap=0,
                                                                  branches=False))  # the search's evaluations
     assert "branch_flips" not in quiet.settings and not any("another If branch" in w for w in quiet.warnings)

@@ -31,7 +31,7 @@ from ..graph.samples import data_sized
 from ..metrics import ErrorAccumulator, ErrorSums, error_sums
 from ..sequence import SequenceData, sequence_carry, with_carry
 from .alignment import plan_candidate
-from .branches import branch_flips, branch_note
+from .branches import branch_flips, branch_note, decided_conditions
 from .candidates import Candidate, computes_in_float16, simulates_tensorrt
 from .end_to_end import EndToEnd
 from .free_running import SampleMetric, free_running, free_running_note, with_free_running
@@ -83,7 +83,7 @@ def compare(
                             comparison.total, shard_worker, progress)
     else:
         totals = comparison.local_pass(progress)
-    return comparison.tables(totals)
+    return comparison.tables(totals, progress)
 
 
 def shard_worker(reference: LoadedModel, candidates: Mapping[str, Candidate], data: ShardData,
@@ -257,8 +257,9 @@ class Comparison:
                         self.sample_axes, data_sized=self.data_sized, positions=self.positions,
                         exact=self.exact, declared=self.declared, padding=self.padding)
 
-    def tables(self, totals: PassTotals) -> CompareResult:
-        """The result from the totals of one pass or of the merged shards (the same code either way)."""
+    def tables(self, totals: PassTotals, progress: bool = False) -> CompareResult:
+        """The result from the totals of one pass or of the merged shards (the same code either way); ``progress``:
+        a bar for the pass over data-decided If branches, when the model has one."""
         self.warnings.extend(data_warnings(totals.summary, self.calibration, self.dataset))
         per_layer = per_layer_frame(self.plans, self.all_layers, totals.acc)
         e2e = self._end_to_end()
@@ -271,10 +272,7 @@ class Comparison:
         if isinstance(self.dataset, SequenceData) and self.options.free_running:
             settings["free_running"] = self._free_running(end_to_end)
             end_to_end = with_free_running(end_to_end, settings["free_running"])
-        branches = branch_flips(self.reference, self.candidates,
-                                truncated_batches(self.dataset, self.options.batch_size, self.total),
-                                lambda name: self.candidate_backends.get(name, self.backend),
-                                self.options.batch_size) if self.options.branches else []
+        branches = self._branch_flips(progress) if self.options.branches else []
         if branches:
             settings["branch_flips"] = branches
             self.warnings.extend(filter(None, [branch_note(branches)]))
@@ -285,6 +283,25 @@ class Comparison:
             models=models_record(self.reference, self.candidates),
             environment=environment_record(self.backend, self.candidate_backends), warnings=tuple(dict.fromkeys(self.warnings)),
         )
+
+    def _branch_flips(self, progress: bool) -> list[dict[str, Any]]:
+        """:func:`.branches.branch_flips` over the comparison's batches, with a bar when there is a pass to run."""
+        if not decided_conditions(self.reference):
+            return []
+        bar = tqdm(total=self.total, unit="sample", desc="If branches", dynamic_ncols=True) if progress else None
+
+        def batches() -> Iterable[Batch]:
+            for batch in truncated_batches(self.dataset, self.options.batch_size, self.total):
+                yield batch
+                if bar is not None:
+                    bar.update(len(batch))
+
+        try:
+            return branch_flips(self.reference, self.candidates, batches(),
+                                lambda name: self.candidate_backends.get(name, self.backend), self.options.batch_size)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _free_running(self, end_to_end: Any) -> list[dict[str, Any]]:
         """Each candidate over whole streams reading back its own state (:mod:`.free_running`), said in a warning
