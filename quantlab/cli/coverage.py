@@ -14,8 +14,9 @@ Writes into --out (all or nothing): coverage.json (figures, verdict, worst sampl
 coverage_tensors.csv, and <set>/statistics.npz per data set: add a set to the calibration without running
 the model again with `quantlab calibrate MODEL --stats CALIB/statistics.npz --stats OUT/<set>/statistics.npz`.
 
---fail-if EXPR (default: outside_surprise_max>2 and outside_samples_max>0.2): exit 1 (verdict) when EXPR holds, e.g. "saturated_max>0.01",
-"outside_samples_max>0.05", "psi_ci_low_max>0.25", "zeroed_excess_max>0.2". Metrics: saturated, saturated_calib,
+--fail-if EXPR (default: "outside_surprise_max>2 and outside_samples_max>0.2 | zeroed_excess_max>0.2", ` | `
+between thresholds that fail when any one holds): exit 1 (verdict) when EXPR holds, e.g. "saturated_max>0.01",
+"outside_samples_max>0.05", "psi_ci_low_max>0.25". Metrics: saturated, saturated_calib,
 saturated_excess, saturated_samples, zeroed, zeroed_calib, zeroed_excess (non-zero values under half an INT8 step,
 read as 0: a set far below the calibrated range), outside, outside_samples, outside_surprise (-log10 of the chance that data of the calibration
 set's own distribution has that many samples beyond the calibration maximum in some tensor), psi, psi_ci_low, psi_ci_high, psi_noise, psi_excess,

@@ -3,12 +3,12 @@
 One row per (data set, tensor) with the columns of :data:`TENSOR_METRICS`; a
 threshold (``--fail-if``) is checked on every row and on the summary row, where
 each metric also exists as ``<metric>_max`` (the largest over tensors and data
-sets). The default gate, ``outside_surprise_max>2 and outside_samples_max>0.2``, fails when over a fifth
+sets). The default gate (:data:`quantlab.coverage.gate.DEFAULT_GATE`) fails when over a fifth
 of a set's samples go beyond the calibration maximum in some tensor, more than the calibration set's own
-distribution gives once in a hundred times (:func:`quantlab.coverage.gate.outside_surprise`);
-``saturated_excess_max>0.01`` when a tensor saturates 1 % more of its values
-than on the calibration set; ``zeroed_excess_max>0.2`` when a set sits so far below the calibrated range that
-a fifth more of some tensor's non-zero values round to 0 in INT8; ``psi_excess_max>0.1`` when the lower end of some
+distribution gives once in a hundred times (:func:`quantlab.coverage.gate.outside_surprise`), or when
+a set sits so far below the calibrated range that a fifth more of some tensor's non-zero values round to 0 in INT8
+(``zeroed_excess_max>0.2``). Others: ``saturated_excess_max>0.01`` when a tensor saturates 1 % more of its values
+than on the calibration set; ``psi_excess_max>0.1`` when the lower end of some
 tensor's PSI interval is 0.1 above the noise level (the distribution moved).
 A metric that is NaN on every row cannot be evaluated: the gate fails.
 """

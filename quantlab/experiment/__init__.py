@@ -58,7 +58,7 @@ The experiment file (paths are relative to the file itself)::
     [report]
     worst_tensors = 6                   # histograms drawn for this many tensors
     coverage = true                     # the "Calibration coverage" section (quantlab.coverage)
-    coverage_gate = "outside_surprise_max>2 and outside_samples_max>0.2"  # its verdict (the default shown; `quantlab coverage --fail-if`)
+    coverage_gate = "outside_samples_max>0.2 | zeroed_excess_max>0.2"  # its verdict (default: `quantlab coverage --fail-if`'s)
 
     [[coverage]]                        # optional, repeatable: more data sets checked against the
     data = "../calib_sets/night.toml"   # calibration set, besides the validation set
