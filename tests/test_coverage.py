@@ -96,6 +96,15 @@ def test_a_set_far_below_the_calibrated_range_is_zeroed_and_can_be_gated(calibra
     assert row["zeroed_calib"] == pytest.approx(calibration.tables["minmax"].ranges["input"].zeroed_fraction)
     assert quiet.summary["zeroed_excess_max"] > 0.2 > same.summary["zeroed_excess_max"]
     assert _gate(quiet, "zeroed_excess_max>0.2") and not _gate(same, "zeroed_excess_max>0.2")
+    assert quiet.verdict()["fails"] and not same.verdict()["fails"]  # the default gate has it too
+    # the same shift weighed by energy, in dB: the SQNR the range keeps on the quiet values, as quantizing them gives
+    q = np.clip(np.rint(x / (amax / 127)), -127, 127) * (amax / 127)
+    assert row["sqnr"] == pytest.approx(10 * np.log10(np.sum(x.astype(np.float64) ** 2) / np.sum((x - q) ** 2)),
+                                        abs=0.1)
+    assert row["sqnr_calib"] == pytest.approx(calibration.tables["minmax"].ranges["input"].predicted_sqnr_db)
+    same_row = {r["tensor"]: r for r in same.datasets[0].rows}["input"]
+    assert row["sqnr_drop"] > 20 > 1 > abs(same_row["sqnr_drop"])
+    assert _gate(quiet, "sqnr_drop_max>6") and not _gate(same, "sqnr_drop_max>6")
 
 
 def test_minmax_saturation_counts_values_beyond_the_calibration_range(calibration):

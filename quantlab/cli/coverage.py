@@ -18,7 +18,8 @@ the model again with `quantlab calibrate MODEL --stats CALIB/statistics.npz --st
 between thresholds that fail when any one holds): exit 1 (verdict) when EXPR holds, e.g. "saturated_max>0.01",
 "outside_samples_max>0.05", "psi_ci_low_max>0.25". Metrics: saturated, saturated_calib,
 saturated_excess, saturated_samples, zeroed, zeroed_calib, zeroed_excess (non-zero values under half an INT8 step,
-read as 0: a set far below the calibrated range), outside, outside_samples, outside_surprise (-log10 of the chance that data of the calibration
+read as 0: a set far below the calibrated range), sqnr_drop (dB of predicted INT8 SQNR this set loses against the
+calibration set at the calibrated ranges: both ends weighed by energy), outside, outside_samples, outside_surprise (-log10 of the chance that data of the calibration
 set's own distribution has that many samples beyond the calibration maximum in some tensor), psi, psi_ci_low, psi_ci_high, psi_noise, psi_excess,
 wasserstein, each also as <metric>_max (largest over tensors and sets). Nothing is written on errors.
 """
@@ -107,7 +108,7 @@ def _print(result: Any) -> None:
     from ..coverage.result import worst_first
 
     cols = ["tensor", "outside_samples", "saturated", "saturated_calib", "saturated_samples", "zeroed",
-            "zeroed_calib", "psi", "psi_ci_low", "psi_ci_high", "psi_noise", "wasserstein"]
+            "zeroed_calib", "sqnr_drop", "psi", "psi_ci_low", "psi_ci_high", "psi_noise", "wasserstein"]
     fmt = {c: "{:.4g}".format for c in cols[1:]}
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         for d in result.datasets:

@@ -57,18 +57,29 @@ def _row(name: str, tally: TensorTally, calib: Any, clipped: float, samples: int
     saturated = sat / values if values else math.nan
     zeroed = fine.zeroed_fraction(b.amax) if values else math.nan  # non-zero values INT8 reads as 0: under-range
     zeroed_calib = calib.zeroed_fraction(b.amax)
+    sqnr = fine.predicted_sqnr_db(b.amax) if values else math.nan  # both ends weighed by energy, in dB
+    sqnr_calib = calib.predicted_sqnr_db(b.amax)
     excess = est.ci_low - est.noise if not math.isnan(est.ci_low) else math.nan
     return {
         "tensor": name, "samples": samples, "values": values, "amax": b.amax, "calib_absmax": b.calib_absmax,
         "absmax": fine.absmax, "saturated": saturated, "saturated_calib": clipped,
         "saturated_excess": saturated - clipped, "saturated_samples": tally.saturated_samples / samples,
         "zeroed": zeroed, "zeroed_calib": zeroed_calib, "zeroed_excess": zeroed - zeroed_calib,
+        "sqnr": sqnr, "sqnr_calib": sqnr_calib, "sqnr_drop": _drop(sqnr_calib, sqnr),
         "outside": out / values if values else math.nan, "outside_samples": tally.outside_samples / samples,
         "outside_surprise": outside_surprise(tally.outside_samples, samples, calib_samples, tensors),
         "psi": est.value, "psi_ci_low": est.ci_low, "psi_ci_high": est.ci_high, "psi_noise": est.noise,
         "psi_excess": excess, "wasserstein": wasserstein_relative(calib, fine, b.amax),
         "zeros": fine.zero_fraction, "calib_zeros": calib.zero_fraction,
     }
+
+
+def _drop(calib: float, here: float) -> float:
+    """dB of predicted SQNR this set loses against the calibration set (nan when either has no signal; a noiseless
+    side counts as 0 dB lost or gained)."""
+    if math.isnan(calib) or math.isnan(here) or (math.isinf(calib) and math.isinf(here)):
+        return 0.0 if math.isinf(calib) and math.isinf(here) else math.nan
+    return calib - here
 
 
 def _rows(result: PassResult, table: CalibrationTable, calibration: Statistics,

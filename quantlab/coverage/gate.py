@@ -20,10 +20,12 @@ GATE_SEPARATOR = " | "
 
 TENSOR_METRICS = (
     "saturated", "saturated_calib", "saturated_excess", "saturated_samples", "zeroed", "zeroed_calib",
-    "zeroed_excess", "outside", "outside_samples", "outside_surprise", "psi", "psi_ci_low", "psi_ci_high",
-    "psi_noise", "psi_excess", "wasserstein",
+    "zeroed_excess", "sqnr_drop", "outside", "outside_samples", "outside_surprise", "psi", "psi_ci_low",
+    "psi_ci_high", "psi_noise", "psi_excess", "wasserstein",
 )
-"""Per-tensor columns a threshold may name (each also as ``<name>_max``)."""
+"""Per-tensor columns a threshold may name (each also as ``<name>_max``). ``sqnr_drop``: the dB of SQNR the
+calibrated range is predicted to keep on the calibration values minus on this set's (quantlab.noise): saturation
+and zeroing together, weighed by energy; a row also carries the two predictions, ``sqnr_calib`` and ``sqnr``."""
 
 DEFAULT_GATE = "outside_surprise_max>2 and outside_samples_max>0.2 | zeroed_excess_max>0.2"
 """Fails when more than a fifth of a set's samples drive some tensor beyond anything the calibration set showed,
