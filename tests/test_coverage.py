@@ -406,6 +406,7 @@ def test_experiment_runs_coverage_and_reports_it(tmp_path):
     assert checked == quantized and checked < set(table.ranges)  # only what the INT8 candidate quantizes
     page = result.index_html.read_text()
     assert 'id="coverage"' in page and "Calibration coverage" in page and "night.npy[" in page
+    assert "<th>sqnr_drop</th>" in page and "<th>zeroed</th>" in page  # both ends of the range, in the table
     again = run_experiment(load_experiment(tmp_path / "e.toml"), reports_dir=tmp_path / "reports")
     assert [s.reused for s in again.stages if s.name == "coverage"] == [True]
 

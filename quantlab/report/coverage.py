@@ -29,7 +29,9 @@ COVERAGE_TENSORS_SHOWN = 4
 """Tensors drawn with overlaid histograms (the table lists up to 12)."""
 
 _ROW_COLUMNS = ("dataset", "tensor", "psi", "psi_ci_low", "psi_ci_high", "psi_noise", "saturated", "saturated_calib",
-                "saturated_samples", "outside_samples", "outside_surprise", "outside", "wasserstein")
+                "saturated_samples", "outside_samples", "outside_surprise", "outside", "zeroed", "zeroed_calib",
+                "sqnr_drop", "wasserstein")
+"""The worst tensors' columns; ``zeroed*`` and ``sqnr_drop`` are nan in coverage results written before them."""
 
 
 _SAMPLE_COLUMNS = ("key", "worst_tensor", "saturated_excess", "tensors_saturated", "tensors_outside")
@@ -74,7 +76,8 @@ def coverage_view(result: CoverageResult, calibration: Statistics, *, tensors: i
     """Plain, JSON-ready data for the section (see the module docstring)."""
     verdict = result.verdict()
     rows = worst_first(result.rows, result.gate)
-    worst = [{k: r[k] for k in _ROW_COLUMNS} | {"saturated_excess": r["saturated_excess"]} for r in rows[:12]]
+    worst = [{k: r.get(k, math.nan) for k in _ROW_COLUMNS} | {"saturated_excess": r["saturated_excess"]}
+             for r in rows[:12]]
     samples = sorted(({"dataset": d.name, **{k: s[k] for k in _SAMPLE_COLUMNS}} for d in result.datasets
                       for s in d.worst_samples), key=lambda s: (s["saturated_excess"], s["tensors_outside"]), reverse=True)
     inputs = []
@@ -144,7 +147,10 @@ def coverage_section(view: Mapping[str, Any] | None) -> str:
         "are for data of the calibration set's own distribution, -log10 of the chance over all tensors checked: 2 is "
         "one in a hundred); <code>psi</code> the population stability index of |x| against "
         "the calibration set (bracketed: block-bootstrap interval; <code>psi_noise</code>: what two sets of these "
-        "sizes from one distribution would show; above 0.25 is a different population).</p>"
+        "sizes from one distribution would show; above 0.25 is a different population); <code>zeroed</code> the "
+        "share of non-zero values under half an INT8 step, read as 0 (the low end: a quieter set); "
+        "<code>sqnr_drop</code> the dB of INT8 SQNR the calibrated range is predicted to lose on this set against the "
+        "calibration set, both ends weighed by energy.</p>"
         f"{img(plot, 'calibration vs data |x| histograms with the calibrated range')}"
         f"<h3>Tensors farthest from the calibration set</h3>{table(pd.DataFrame(view['worst_tensors']))}"
         f"<h3>Worst samples</h3>{table(pd.DataFrame(view['worst_samples']))}"
