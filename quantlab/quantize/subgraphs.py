@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from ..errors import QuantlabError
 from ..folding import rename_node
 from ..graph import TensorSpec, outer_names
+from ..graph.bodies import body_model
 from .options import WriteOptions
 
 __all__ = ["fp16_subgraph", "write_fp16_bodies"]
@@ -66,18 +67,23 @@ def fp16_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorS
                   options: WriteOptions) -> tuple[onnx.GraphProto, tuple[str, ...]]:
     """(``body`` written in float16, the notes of that writing). ``specs`` types the outer tensors the body reads;
     ``initializers`` are the enclosing graph's (an outer weight the body reads stays a weight)."""
-    from ..graph import model_from_proto
     from ..plan import uniform_plan
+
+    return written_subgraph(body, owner, specs, initializers, model, options, uniform_plan("fp16"), None)
+
+
+def written_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorSpec],
+                     initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto, options: WriteOptions,
+                     plan: Any, table: Any) -> tuple[onnx.GraphProto, tuple[str, ...]]:
+    """(``body`` written by :func:`quantlab.quantize.write_model` with ``plan`` and ``table`` as a model of its own
+    (:func:`quantlab.graph.bodies.body_model`), the notes of that writing), its interface unchanged."""
+    from ..graph import model_from_proto
     from .write import write_model
 
     reads = sorted(outer_names(body))
     weights = [initializers[r] for r in reads if r in initializers]
-    outer = [_value_info(specs[r]) for r in reads if r not in initializers and r in specs]
-    graph = helper.make_graph(list(body.node), body.name or owner, [*body.input, *outer], list(body.output),
-                              [*body.initializer, *weights], value_info=list(body.value_info))
-    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    loaded = model_from_proto(sub, label=f"the body of {owner!r}")
-    written = write_model(loaded, uniform_plan("fp16"), None, dataclasses.replace(options, check=False))
+    loaded = model_from_proto(body_model(body, owner, specs, initializers, model), label=f"the body of {owner!r}")
+    written = write_model(loaded, plan, table, dataclasses.replace(options, check=False))
     out = written.proto.graph
     original = {w.name: w.SerializeToString() for w in weights}
     unchanged = {i.name for i in out.initializer if original.get(i.name) == i.SerializeToString()}
@@ -108,7 +114,3 @@ def fp16_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorS
 def _defined(graph: onnx.GraphProto) -> set[str]:
     return {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output if o}
 
-
-def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
-    dims = None if spec.shape is None else [d if isinstance(d, (int, str)) else None for d in spec.shape]
-    return helper.make_tensor_value_info(spec.name, helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype)), dims)

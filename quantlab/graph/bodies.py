@@ -1,0 +1,46 @@
+"""A Loop/Scan/If body as a model of its own: what the statistics of a body and the writing of a body both start from.
+
+A body reads three kinds of tensors: its own inputs (a Loop's iteration number, condition and carried values; a
+Scan's state and the slices of its scan inputs), tensors it defines, and tensors of the enclosing graph it reads by
+name. As a model, the enclosing graph's weights it reads become its initializers and the other tensors it reads from
+outside become inputs after its own::
+
+    Loop(body: i, cond, h_in ─► MatMul(h_in, W) ─► Add(·, xp_t) ─► h_out)      W: a weight, xp: an activation
+    ==>  model(inputs: i, cond, h_in, xp; initializers: W) ─► cond_out, h_out
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .load import TensorSpec
+from .topology import outer_names
+
+__all__ = ["body_model", "body_outer_inputs", "value_info_of"]
+
+
+def body_outer_inputs(body: onnx.GraphProto, initializers: Mapping[str, onnx.TensorProto]) -> list[str]:
+    """The enclosing graph's tensors ``body`` reads by name that are not weights (they become inputs), sorted."""
+    return [r for r in sorted(outer_names(body)) if r not in initializers]
+
+
+def body_model(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorSpec],
+               initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto) -> onnx.ModelProto:
+    """``body`` of the node ``owner`` as a model: its inputs, then the outer tensors it reads (typed by ``specs``;
+    one without a spec is left out, as before), the outer weights it reads as initializers, its own outputs."""
+    reads = sorted(outer_names(body))
+    weights = [initializers[r] for r in reads if r in initializers]
+    outer = [value_info_of(specs[r]) for r in reads if r not in initializers and r in specs]
+    graph = helper.make_graph(list(body.node), body.name or owner, [*body.input, *outer], list(body.output),
+                              [*body.initializer, *weights], value_info=list(body.value_info))
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def value_info_of(spec: TensorSpec) -> onnx.ValueInfoProto:
+    """A value info with ``spec``'s type and shape (unknown dims unnamed)."""
+    dims = None if spec.shape is None else [d if isinstance(d, (int, str)) else None for d in spec.shape]
+    return helper.make_tensor_value_info(spec.name, helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype)), dims)
