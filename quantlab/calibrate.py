@@ -53,6 +53,7 @@ from .stats import (
     DEFAULT_MEMORY_BUDGET,
     Statistics,
     batch_feeds,
+    batch_size_of,
     collect_statistics,
     unquantized_tensors,
 )
@@ -161,8 +162,10 @@ def table_from_statistics(
     versions: Mapping[str, str] | None = None,
     entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS,
     unquantized: Collection[str] = (),
+    bodies: Mapping[str, Mapping[str, HistogramState]] | None = None,
 ) -> CalibrationTable:
-    """One method's table from collected statistics (no model run: methods share one pass).
+    """One method's table from collected statistics (no model run: methods share one pass); ``bodies``: the
+    statistics of Loop/Scan bodies (:func:`quantlab.stats.bodies.collect_body_statistics`), ranged the same way.
 
     ``entropy_skip_zeros=False`` gives TensorRT's entropy algorithm exactly as
     published: exact zeros included, no smoothing, no point-mass rule
@@ -187,6 +190,8 @@ def table_from_statistics(
                          unquantized=frozenset(unquantized))
         + zeroing_notes(method, ranges, unquantized=frozenset(unquantized))
         + noise_notes(method, ranges, unquantized=frozenset(unquantized)),
+        bodies={node: {t: tensor_range(state, method, percentile=percentile, entropy_skip_zeros=entropy_skip_zeros)
+                       for t, state in states.items()} for node, states in (bodies or {}).items()},
     )
 
 
@@ -269,6 +274,7 @@ def calibrate(
         progress=progress,
         total=_dataset_size(dataset),
     )
+    bodies, body_notes = _body_statistics(model, dataset, batch_size, backend, stats, progress)
     summary = fingerprint.summary()
     unquantized = unquantized_tensors(model.proto)
     calib_set = {"manifest": dataset.manifest_record(), "sha256": summary.sha256, "count": summary.count,
@@ -278,8 +284,9 @@ def calibrate(
     versions = tool_versions()
 
     def table(method: str) -> CalibrationTable:
-        return table_from_statistics(stats, method, percentile=percentile, calib_set=calib_set, versions=versions,
-                                     entropy_skip_zeros=entropy_skip_zeros, unquantized=unquantized)
+        made = table_from_statistics(stats, method, percentile=percentile, calib_set=calib_set, versions=versions,
+                                     entropy_skip_zeros=entropy_skip_zeros, unquantized=unquantized, bodies=bodies)
+        return replace(made, notes=made.notes + body_notes) if body_notes else made
 
     with ThreadPoolExecutor(min(len(chosen), os.cpu_count() or 1)) as pool:  # the KL / mse kernels release the GIL
         tables = dict(zip(chosen, pool.map(table, chosen)))
@@ -287,6 +294,41 @@ def calibrate(
     if hints:
         tables = {m: replace(t, notes=t.notes + hints) for m, t in tables.items()}
     return CalibrationResult(tables=tables, statistics=stats, data=summary)
+
+
+def _body_statistics(model: LoadedModel, dataset: Any, batch_size: int, backend: Backend | None, stats: Statistics,
+                     progress: bool) -> tuple[dict[str, dict[str, HistogramState]], tuple[str, ...]]:
+    """The Loop/Scan bodies' statistics (one more pass over the data, only for a model with such a body) and the
+    notes on them: which bodies were calibrated, and any left float."""
+    from .stats.bodies import calibrated_bodies, collect_body_statistics
+
+    if not calibrated_bodies(model):
+        return {}, ()
+    if backend is None:
+        from .backends import get_backend
+
+        backend = get_backend("ort")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=_dataset_size(dataset), desc="loop bodies", unit="sample", dynamic_ncols=True)
+
+    def items() -> Any:
+        for item in dataset.batches(batch_size):
+            yield item
+            if bar is not None:
+                bar.update(batch_size_of(item, batch_feeds(item)))
+
+    try:
+        bodies, notes = collect_body_statistics(model, items(), backend, stats.bins, stats.huge_threshold)
+    finally:
+        if bar is not None:
+            bar.close()
+    if bodies:
+        shown = ", ".join(f"{node!r} ({len(states)} tensors)" for node, states in bodies.items())
+        notes = (f"Loop/Scan bodies calibrated step by step (quantlab.stats.bodies): {shown}",) + notes
+    return bodies, notes
 
 
 def _constant_unbatched_inputs(dataset: Any, summary: Any) -> dict[str, float | int | list[Any]]:

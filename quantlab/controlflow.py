@@ -25,7 +25,7 @@ together with the subgraph tensors that stay float and why (:func:`float_subgrap
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,12 +234,14 @@ def _shapes_deciding(condition: str, proto: onnx.ModelProto) -> list[str]:
     return _inputs_upstream([condition], producers, inputs)
 
 
-def float_subgraph_tensors(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROLLED_TRIPS) -> dict[str, str]:
-    """Activations computed inside If / Loop / Scan bodies (which stay float), each with the reason."""
+def float_subgraph_tensors(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROLLED_TRIPS,
+                           skip: Collection[str] = ()) -> dict[str, str]:
+    """Activations computed inside If / Loop / Scan bodies (which stay float), each with the reason; ``skip``: nodes
+    whose bodies were written in INT8 (quantlab.stats.bodies calibrated them)."""
     folder = ConstantFolder(proto.graph, proto)
     out: dict[str, str] = {}
     for node in proto.graph.node:
-        bodies = subgraphs(node)
+        bodies = subgraphs(node) if node.name not in skip else []
         reason = _reason(node, folder, proto, max_trips) if bodies else ""
         for body in bodies:
             constants = {i.name for i in body.initializer} | {o for n in body.node if n.op_type == "Constant"
@@ -256,15 +258,15 @@ _COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 """The layers that carry a model's compute, and an INT8 plan's speed-up."""
 
 
-def compute_layers_in_bodies(proto: onnx.ModelProto) -> dict[str, int]:
+def compute_layers_in_bodies(proto: onnx.ModelProto, skip: Collection[str] = ()) -> dict[str, int]:
     """``"Loop 'name'"`` -> how many Conv/ConvTranspose/MatMul/Gemm nodes its bodies hold (nested ones included),
-    for the If / Loop / Scan nodes of the main graph that hold any: they stay float whatever the plan."""
+    for the If / Loop / Scan nodes of the main graph that hold any, but the nodes in ``skip`` (bodies written INT8)."""
     def count(graph: onnx.GraphProto) -> int:
         return sum((n.op_type in _COMPUTE_OPS) + sum(count(b) for b in subgraphs(n)) for n in graph.node)
 
     out: dict[str, int] = {}
     for node in proto.graph.node:
-        inside = sum(count(body) for body in subgraphs(node))
+        inside = sum(count(body) for body in subgraphs(node)) if node.name not in skip else 0
         if inside:
             out[f"{node.op_type} {(node.name or node.output[0])!r}"] = inside
     return out
@@ -275,14 +277,15 @@ def compute_layers_outside(proto: onnx.ModelProto) -> int:
     return sum(n.op_type in _COMPUTE_OPS for n in proto.graph.node)
 
 
-def control_flow_notes(proto: onnx.ModelProto) -> tuple[str, ...]:
-    """Provenance notes: what :func:`resolve_static_control_flow` did, and the subgraph tensors left float."""
+def control_flow_notes(proto: onnx.ModelProto, int8_bodies: Collection[str] = ()) -> tuple[str, ...]:
+    """Provenance notes: what :func:`resolve_static_control_flow` did, and the subgraph tensors left float (not
+    those of ``int8_bodies``, the nodes whose bodies the writer wrote in INT8)."""
     notes: list[str] = []
     for p in proto.metadata_props:
         if p.key == RECORD_KEY:
             notes += [str(n) for n in json.loads(p.value)]
     by_reason: dict[str, list[str]] = {}
-    for name, reason in float_subgraph_tensors(proto).items():
+    for name, reason in float_subgraph_tensors(proto, skip=int8_bodies).items():
         by_reason.setdefault(reason, []).append(name)
     for reason, names in by_reason.items():
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")

@@ -138,10 +138,16 @@ class CalibrationTable:
     calib_set: Mapping[str, Any] = field(default_factory=dict)
     versions: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    bodies: Mapping[str, Mapping[str, TensorRange]] = field(default_factory=dict)
+    """Ranges inside Loop/Scan bodies: node name (the writer's, :func:`quantlab.plan.groups.node_names`) -> body
+    tensor -> range (quantlab.stats.bodies); the JSON has them under ``bodies`` only when there are some."""
 
     def __post_init__(self) -> None:
         for name, r in self.ranges.items():
             check_range(name, r, f"calibration table ({self.method})")
+        for node, ranges in self.bodies.items():
+            for name, r in ranges.items():
+                check_range(name, r, f"calibration table ({self.method}), body of {node!r}")
 
     def amax(self, tensor: str) -> float:
         return self.ranges[tensor].amax
@@ -180,6 +186,8 @@ def table_to_dict(table: CalibrationTable) -> dict[str, Any]:
         "versions": dict(table.versions),
         "notes": list(table.notes),
         "tensors": {name: _range_to_dict(r) for name, r in table.ranges.items()},
+        **({"bodies": {node: {name: _range_to_dict(r) for name, r in ranges.items()}
+                       for node, ranges in table.bodies.items()}} if table.bodies else {}),
     }
 
 
@@ -206,8 +214,33 @@ def table_from_dict(doc: Any, where: str = "calibration table") -> CalibrationTa
     for key, kind in (("method", str), ("model_sha256", str), ("tensors", dict)):
         if not isinstance(doc.get(key), kind):
             raise CalibrationError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
+    ranges = _ranges_from(doc["tensors"], where)
+    bodies = doc.get("bodies", {})  # older tables: none
+    if not isinstance(bodies, dict) or not all(isinstance(v, dict) for v in bodies.values()):
+        raise CalibrationError(f"{where}: 'bodies' must map a Loop/Scan node to its body's tensors")
+    # an all-zero tensor quantlab calibrated (its histogram summary: absmax 0) is in the table's notes when a Q/DQ
+    # reads it; the warning is for zero ranges set by hand or by another tool (it named a BERT's zero-filled
+    # mask tensors, which no Q/DQ reads, three times a run)
+    warn_zero_ranges({n: r for n, r in ranges.items() if r.histogram.get("absmax") != 0.0}, where)
+    notes = doc.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise CalibrationError(f"{where}: 'notes' must be a list of strings")
+    return CalibrationTable(
+        method=doc["method"],
+        ranges=ranges,
+        model_sha256=doc["model_sha256"],
+        settings=dict(doc.get("settings") or {}),
+        calib_set=dict(doc.get("calib_set") or {}),
+        versions=dict(doc.get("versions") or {}),
+        notes=tuple(notes),
+        bodies={node: _ranges_from(entries, f"{where}: body of {node!r}") for node, entries in bodies.items()},
+    )
+
+
+def _ranges_from(entries: Mapping[str, Any], where: str) -> dict[str, TensorRange]:
+    """The :class:`TensorRange` of every ``tensor -> entry`` of a table document; CalibrationError naming a bad one."""
     ranges: dict[str, TensorRange] = {}
-    for name, entry in doc["tensors"].items():
+    for name, entry in entries.items():
         at = f"{where}: tensor {name!r}"
         if not isinstance(entry, dict):
             raise CalibrationError(f"{at}: expected an object with amax/min/max")
@@ -226,22 +259,7 @@ def table_from_dict(doc: Any, where: str = "calibration table") -> CalibrationTa
             histogram=dict(entry.get("histogram", {})) if isinstance(entry.get("histogram", {}), dict) else {},
         )
         check_range(name, ranges[name], where)
-    # an all-zero tensor quantlab calibrated (its histogram summary: absmax 0) is in the table's notes when a Q/DQ
-    # reads it; the warning is for zero ranges set by hand or by another tool (it named a BERT's zero-filled
-    # mask tensors, which no Q/DQ reads, three times a run)
-    warn_zero_ranges({n: r for n, r in ranges.items() if r.histogram.get("absmax") != 0.0}, where)
-    notes = doc.get("notes", [])
-    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
-        raise CalibrationError(f"{where}: 'notes' must be a list of strings")
-    return CalibrationTable(
-        method=doc["method"],
-        ranges=ranges,
-        model_sha256=doc["model_sha256"],
-        settings=dict(doc.get("settings") or {}),
-        calib_set=dict(doc.get("calib_set") or {}),
-        versions=dict(doc.get("versions") or {}),
-        notes=tuple(notes),
-    )
+    return ranges
 
 
 def write_table(table: CalibrationTable, path: str | os.PathLike[str]) -> Path:

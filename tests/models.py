@@ -1060,6 +1060,38 @@ def token_rnn(seed: int = 0, features: int = 6, width: int = 12, classes: int = 
     return _model(nodes, inputs, outputs, inits, "token_rnn")
 
 
+def scan_rnn(seed: int = 0, features: int = 6, width: int = 10, classes: int = 3, reverse: bool = False
+             ) -> onnx.ModelProto:
+    """A recurrent net as a ``Scan`` over the sequence axis (axis 1), as tf2onnx writes a dynamic RNN.
+
+    x[N, T, features] -> Scan(state h[N, width], over x on axis 1 (backwards with ``reverse``): body
+    h' = Tanh(x_t @ W_in + h @ W_rec)) -> h_T -> MatMul(W_out) -> logits[N, classes]. Every MatMul but the head is
+    inside the body.
+    """
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "w_x"], ["from_x"], name="input_step"),
+         helper.make_node("MatMul", ["h_in", "w_h"], ["from_h"], name="recur_step"),
+         helper.make_node("Add", ["from_x", "from_h"], ["pre"], name="add_step"),
+         helper.make_node("Tanh", ["pre"], ["h_out"], name="tanh_step")],
+        "over_sequence",
+        [helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width]),
+         helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width])])
+    nodes = [
+        helper.make_node("Scan", ["h0", "x"], ["h_last"], name="scan", body=body, num_scan_inputs=1,
+                         scan_input_axes=[1], scan_input_directions=[1 if reverse else 0]),
+        helper.make_node("MatMul", ["h_last", "w_out"], ["logits"], name="head"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", features]),
+              helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["N", width])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])]
+    inits = [_init("w_x", rng.normal(0, 0.5, (features, width)).astype(np.float32)),
+             _init("w_h", rng.normal(0, 0.3, (width, width)).astype(np.float32)),
+             _init("w_out", rng.normal(0, 0.5, (width, classes)).astype(np.float32))]
+    return _model(nodes, inputs, outputs, inits, "scan_rnn")
+
+
 def nms_detector(seed: int = 0, score_threshold: float = 0.5) -> onnx.ModelProto:
     """A detector with its post-processing in the graph, exported at a fixed batch of 1 as such models are.
 

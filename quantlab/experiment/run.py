@@ -138,7 +138,7 @@ class _Run:
         empty = float_candidates_note(model, written, config)
         if empty:
             self.messages.append(empty)
-        elif bodies := float_bodies_note(model, config):
+        elif bodies := float_bodies_note(model, config, written):
             self.messages.append(bodies)
         self.shapes = engine_shapes_for(config, model, next(iter(tables.values()), None), val)
         # with float rewrites the comparator's reference is the rewritten FP32 model (same outputs up to

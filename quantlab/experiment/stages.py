@@ -181,15 +181,17 @@ def float_candidates_note(model: LoadedModel, written: Mapping[str, WrittenModel
     return line
 
 
-def float_bodies_note(model: LoadedModel, config: ExperimentConfig) -> str | None:
-    """A note on the Conv/MatMul/Gemm layers inside If/Loop/Scan bodies, which stay float in every INT8 candidate;
-    a WARNING when they are at least half of the model's: a scripted RNN's Scan body held 4 of its 6 MatMuls (96 %
-    of the MACs), and the run said "PASS: int8-entropy" of a model 4 % INT8. None without INT8 candidates."""
+def float_bodies_note(model: LoadedModel, config: ExperimentConfig,
+                      written: Mapping[str, WrittenModel] | None = None) -> str | None:
+    """A note on the Conv/MatMul/Gemm layers inside If/Loop/Scan bodies that stay float in the INT8 candidates
+    (``written``: those whose bodies hold Q/DQ in one of them are left out); a WARNING when they are at least half of
+    the model's: a scripted RNN's Scan body held 4 of its 6 MatMuls (96 % of the MACs), and the run said "PASS:
+    int8-entropy" of a model 4 % INT8. None without INT8 candidates."""
     from ..controlflow import compute_layers_in_bodies, compute_layers_outside
 
     if not any(c.precision == INT8 for c in experiment_candidates(config)):
         return None
-    inside = compute_layers_in_bodies(model.proto)
+    inside = compute_layers_in_bodies(model.proto, skip=int8_bodies(written or {}))
     if not inside:
         return None
     k, outside = sum(inside.values()), compute_layers_outside(model.proto)
@@ -201,6 +203,14 @@ def float_bodies_note(model: LoadedModel, config: ExperimentConfig) -> str | Non
                 "condition is an input you can bind is inlined, `[model] bind`); a Loop over the data's length, one "
                 "that stops on its state (a decoder's end token) or a Scan is not yet")
     return line
+
+
+def int8_bodies(written: Mapping[str, WrittenModel]) -> set[str]:
+    """The main-graph nodes whose bodies hold a QuantizeLinear in some written model (quantlab.stats.bodies)."""
+    from ..folding import subgraphs
+
+    return {node.name for w in written.values() for node in w.proto.graph.node
+            if any(n.op_type == "QuantizeLinear" for body in subgraphs(node) for n in body.node)}
 
 
 def _write_options(config: ExperimentConfig, rewrites: PreparedModel | None) -> WriteOptions:

@@ -31,7 +31,7 @@ from ..graph import TensorSpec, outer_names
 from ..graph.bodies import body_model
 from .options import WriteOptions
 
-__all__ = ["fp16_subgraph", "write_fp16_bodies"]
+__all__ = ["fp16_subgraph", "write_fp16_bodies", "write_int8_bodies", "written_subgraph"]
 
 
 def write_fp16_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, TensorSpec],
@@ -53,6 +53,37 @@ def write_fp16_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
             notes.extend(told)
             wrote = wrote or _holds_float16(written)
     return notes, wrote
+
+
+def write_int8_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, TensorSpec],
+                      initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto, options: WriteOptions,
+                      table: Any, fallback: str) -> tuple[list[str], bool]:
+    """Writes the body of a Loop/Scan whose group INT8 was asked of, in place, with an INT8 plan (``fallback`` for
+    what has no INT8 form) and the ranges calibrated inside it (``table.bodies[owner]``, quantlab.stats.bodies) beside
+    the outer tensors' ranges. A body that cannot be written so stays as it was, with a note. Returns (notes, whether
+    the body now holds Q/DQ)::
+
+        Loop(body: h_in ─► MatMul(W) ─► Tanh ─► h_out)
+        ==>  Loop(body: h_in ─► Q/DQ ─► MatMul(Q/DQ(W)) ─► Tanh ─► h_out)
+    """
+    from ..plan import PrecisionPlan
+    from ..table import CalibrationTable
+
+    body = next(a.g for a in node.attribute if a.name == "body")
+    reads = outer_names(body)
+    ranges = {**{t: r for t, r in table.ranges.items() if t in reads}, **table.bodies[owner]}
+    sub_table = CalibrationTable(table.method, ranges, "", settings=table.settings)
+    try:
+        written, told = written_subgraph(body, owner, specs, initializers, model, options,
+                                         PrecisionPlan(default="int8", fallback=fallback), sub_table)
+    except Exception as exc:  # noqa: BLE001 - any body that cannot be written so: it stays as it was
+        why = str(exc) if isinstance(exc, QuantlabError) else f"{type(exc).__name__}: {exc}"
+        return [f"the body of {owner!r} stays float: writing it in INT8 failed: {why}"], False
+    quantizers = sum(n.op_type == "QuantizeLinear" for n in written.node)
+    if not quantizers:
+        return [f"the body of {owner!r} stays float: nothing in it has an INT8 form"], False
+    body.CopyFrom(written)
+    return [*told, f"the body of {owner!r} is written INT8 with its calibrated ranges ({quantizers} QuantizeLinear)"], True
 
 
 def _holds_float16(graph: onnx.GraphProto) -> bool:

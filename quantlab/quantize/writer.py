@@ -71,6 +71,7 @@ class Writer:
         self.node_map: dict[str, list[str]] = {}
         self.notes: list[str] = []
         self.fp16_bodies: list[str] = []  # control-flow nodes whose bodies were written in float16
+        self.int8_bodies: list[str] = []  # Loop/Scan nodes whose bodies were written in INT8
         self.bodies_in_fp16 = bodies_in_fp16  # False: bodies stay as they are (the fallback of write_model)
         self.initializers = initializer_map(self.src)
         self.beyond_fp16 = beyond_fp16(placement.table, options.fp16_data_max)
@@ -84,7 +85,7 @@ class Writer:
         for idx in topological_order(self.src):
             self.write_node(idx)
         self._check_subgraph_reads()
-        self.notes.extend(control_flow_notes(self.src))  # Ifs inlined at load, subgraph tensors left float
+        self.notes.extend(control_flow_notes(self.src, self.int8_bodies))  # Ifs inlined, body tensors left float
         if self.casts.fp16_clipped:
             self.notes.append(f"{self.casts.fp16_clipped} constant value(s) (initializers, Constant nodes) outside "
                               "float16 range were clipped to +-65504 in fp16 copies")
@@ -148,11 +149,27 @@ class Writer:
         written.input.extend(new_inputs)
         del written.output[:]
         written.output.extend(outputs)
-        if precision == FP16 and node.op_type in CONTROL_FLOW_OPS and self.bodies_in_fp16:
+        if self.bodies_in_fp16 and self._int8_body(name):  # INT8 asked of a Loop/Scan: its body, with fallback
+            from .subgraphs import write_int8_bodies
+
+            notes, wrote = write_int8_bodies(written, name, self.book.specs, self.initializers, self.src, self.options,
+                                             self.placement.table, precision)
+            self.notes.extend(notes)
+            if wrote:
+                self.int8_bodies.append(name)
+        if precision == FP16 and node.op_type in CONTROL_FLOW_OPS and self.bodies_in_fp16 and \
+                name not in self.int8_bodies:
             self._fp16_bodies(node, written, name)
         self.book.out_nodes.append(written)
         self.book.flush_casts()
         self.node_map[name] = [name] + chains + casts
+
+    def _int8_body(self, name: str) -> bool:
+        """Whether INT8 was asked of this Loop/Scan's group (it fell back: the node itself has no INT8 form) and the
+        table holds ranges calibrated inside its body (quantlab.stats.bodies)."""
+        table = self.placement.table
+        reason = self.plan.reasons.get(self.group_of[name].name, "")
+        return table is not None and bool(table.bodies.get(name)) and reason.startswith("fallback")
 
     def _fp16_bodies(self, node: onnx.NodeProto, written: onnx.NodeProto, name: str) -> None:
         """The bodies of a control-flow node of an FP16 group, written in float16 in place (:mod:`.subgraphs`).

@@ -1,0 +1,180 @@
+"""Statistics inside Loop and Scan bodies: each body run step by step as a model of its own.
+
+The statistics pass sees the main graph; a Loop's body runs inside ONNX Runtime, its tensors out of reach.
+Exposing them as scan outputs would hold every step at once (SLANet's decoder: 501 steps x 72 tensors x a batch,
+~0.6 GB), and a tensor whose shape changes from step to step cannot be one. So each batch runs the main graph once
+more, exposing what the loops read (their inputs and the outer tensors their bodies read), and then each body as
+the Loop or Scan would, one step at a time, its float tensors reduced after each step::
+
+    batch ──► main graph ──► M, cond, v0 (a Scan: state, scan inputs), outer reads
+    Loop: i = 0; while i < M and cond: body(i, cond, v, outer) ──► cond', v', body tensors ──► reducers; v = v'
+    Scan: for t over the scan axis (either direction): body(state, x[t], outer) ──► state', body tensors ──► reducers
+
+Bodies of the main graph's Loop and Scan nodes that hold a MatMul, Gemm or Conv are calibrated (nested
+control flow runs inside the body model, uncalibrated). A body's own float inputs (carried values, scan slices)
+and node outputs are reduced; ranges are keyed by the node's name (:func:`quantlab.plan.groups.node_names`, the
+writer's names) and the tensor's name in the body. A body that cannot be run so (a failing session, a step limit)
+is left out with a note: its loop keeps a float body, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..graph import LoadedModel, tensor_specs
+from ..graph.bodies import body_model, body_outer_inputs
+from ..graph.topology import initializer_map
+from ..histogram import AbsHistogram, HistogramState
+from ..plan.groups import COMPUTE_OPS, node_names
+from .collect import batch_feeds
+
+__all__ = ["BODY_OPS", "MAX_BODY_STEPS", "calibrated_bodies", "collect_body_statistics"]
+
+BODY_OPS = frozenset({"Loop", "Scan"})
+"""Control-flow ops whose bodies are calibrated (an If's branches are inlined when constant, else stay float)."""
+
+MAX_BODY_STEPS = 100_000
+"""Steps of one body run at most (a while loop whose condition never turns false would not end)."""
+
+
+@dataclass(frozen=True)
+class Body:
+    """One body to calibrate: its node, the node's writer name, the body as a model, what it reads from outside and
+    the float tensors to reduce (its float inputs, then its node outputs)."""
+
+    node: onnx.NodeProto
+    owner: str
+    model: onnx.ModelProto
+    outer: tuple[str, ...]
+    tensors: tuple[str, ...]
+
+
+def _body_graph(node: onnx.NodeProto) -> onnx.GraphProto:
+    return next(a.g for a in node.attribute if a.name == "body")
+
+
+def calibrated_bodies(model: LoadedModel) -> list[Body]:
+    """The main graph's Loop/Scan nodes whose body holds a MatMul, Gemm or Conv, as :class:`Body` plans."""
+    proto = model.proto
+    found = [(node, name) for node, name in zip(proto.graph.node, node_names(proto), strict=True)
+             if node.op_type in BODY_OPS and any(n.op_type in COMPUTE_OPS for n in _body_graph(node).node)]
+    if not found:
+        return []
+    specs = tensor_specs(proto)
+    weights = initializer_map(proto)
+    bodies = []
+    for node, name in found:
+        graph = _body_graph(node)
+        sub = body_model(graph, name, specs, weights, proto)
+        inner = tensor_specs(sub)
+        own_inputs = [i.name for i in graph.input]
+        produced = [o for n in graph.node if n.op_type != "Constant" for o in n.output if o]  # a weight: not it
+        tensors = [t for t in (*own_inputs, *produced) if t in inner and inner[t].dtype == "float32"]
+        bodies.append(Body(node, name, sub, tuple(body_outer_inputs(graph, weights)), tuple(dict.fromkeys(tensors))))
+    return bodies
+
+
+def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend: Any, bins: int,
+                            huge_threshold: float) -> tuple[dict[str, dict[str, HistogramState]], tuple[str, ...]]:
+    """(``node name -> body tensor -> histogram state``, notes) over ``batches`` (items as the statistics pass takes
+    them) for :func:`calibrated_bodies`; empty when the model has none."""
+    bodies = calibrated_bodies(model)
+    if not bodies:
+        return {}, ()
+    weights = {k: numpy_helper.to_array(v) for k, v in initializer_map(model.proto).items()}
+    needed = sorted({t for b in bodies for t in (*b.node.input, *b.outer)
+                     if t and t not in weights and t not in model.input_names})
+    main = backend.build(model.proto, outputs=needed)
+    runners: dict[str, Any] = {}
+    reducers = {b.owner: {t: AbsHistogram(bins, huge_threshold) for t in b.tensors} for b in bodies}
+    failed: dict[str, str] = {}
+    try:
+        for b in bodies:
+            try:
+                own = {i.name for i in b.model.graph.input}
+                runners[b.owner] = backend.build(b.model, outputs=[t for t in b.tensors if t not in own])
+            except Exception as exc:  # noqa: BLE001 - a body ORT cannot run alone stays uncalibrated, with a note
+                failed[b.owner] = f"its body does not run as a model of its own ({exc})"
+        for item in batches:
+            feeds = dict(batch_feeds(item))
+            values = {**weights, **feeds, **main.run(feeds, needed)} if needed else {**weights, **feeds}
+            for b in bodies:
+                if b.owner in failed:
+                    continue
+                try:
+                    _run_body(b, values, runners[b.owner], reducers[b.owner])
+                except Exception as exc:  # noqa: BLE001 - as above
+                    failed[b.owner] = str(exc)
+    finally:
+        main.close()
+        for runner in runners.values():
+            runner.close()
+    notes = tuple(f"the body of {owner!r} was not calibrated and stays float: {why}" for owner, why in failed.items())
+    states = {b.owner: {t: r.state() for t, r in reducers[b.owner].items() if r.state().count}
+              for b in bodies if b.owner not in failed}
+    return {k: v for k, v in states.items() if v}, notes
+
+
+def _run_body(body: Body, values: Mapping[str, np.ndarray], runner: Any, reducers: Mapping[str, AbsHistogram]) -> None:
+    """One batch's run of ``body``'s node, step by step, its tensors into ``reducers``."""
+    outer = {t: values[t] for t in body.outer}
+    graph = _body_graph(body.node)
+    steps = _loop_steps(body.node, graph, values) if body.node.op_type == "Loop" else _scan_steps(body.node, graph,
+                                                                                                  values)
+    feeds = next(steps)
+    while feeds is not None:
+        out = runner.run({**feeds, **outer}, None)
+        for t, reducer in reducers.items():
+            value = feeds.get(t) if t in feeds else out.get(t)
+            if value is not None and np.issubdtype(np.asarray(value).dtype, np.floating):
+                reducer.update(np.asarray(value))
+        feeds = steps.send(out)
+
+
+def _loop_steps(node: onnx.NodeProto, graph: onnx.GraphProto, values: Mapping[str, np.ndarray]) -> Any:
+    """A generator of a Loop's body feeds, one step at a time; each ``send`` gives it the step's outputs."""
+    trip, cond_name, *carried_names = node.input
+    limit = int(np.asarray(values[trip]).reshape(-1)[0]) if trip else None
+    cond = bool(np.asarray(values[cond_name]).reshape(-1)[0]) if cond_name else True
+    carried = [values[n] for n in carried_names]
+    names = [i.name for i in graph.input]
+    outs = [o.name for o in graph.output]
+    step = 0
+    while (limit is None or step < limit) and cond:
+        if step >= MAX_BODY_STEPS:
+            raise RuntimeError(f"{MAX_BODY_STEPS} steps without stopping")
+        feeds = {names[0]: np.array(step, np.int64), names[1]: np.array(cond, np.bool_),
+                 **dict(zip(names[2:], carried, strict=False))}
+        out = yield feeds
+        cond = bool(np.asarray(out[outs[0]]).reshape(-1)[0])
+        carried = [out[o] for o in outs[1:1 + len(carried_names)]]
+        step += 1
+    yield None
+
+
+def _scan_steps(node: onnx.NodeProto, graph: onnx.GraphProto, values: Mapping[str, np.ndarray]) -> Any:
+    """A generator of a Scan's body feeds (opset 9 on: no batch axis), one step at a time."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    scans = int(attrs["num_scan_inputs"])
+    states = len(node.input) - scans
+    axes = list(attrs.get("scan_input_axes") or [0] * scans)
+    directions = list(attrs.get("scan_input_directions") or [0] * scans)
+    inputs = [np.asarray(values[n]) for n in node.input[states:]]
+    axes = [a % x.ndim for a, x in zip(axes, inputs, strict=True)]
+    length = inputs[0].shape[axes[0]] if inputs else 0
+    state = [values[n] for n in node.input[:states]]
+    names = [i.name for i in graph.input]
+    outs = [o.name for o in graph.output]
+    for t in range(length):
+        slices = [np.take(x, t if d == 0 else length - 1 - t, axis=a) for x, a, d in zip(inputs, axes, directions,
+                                                                                          strict=True)]
+        out = yield {**dict(zip(names[:states], state, strict=True)),
+                     **dict(zip(names[states:], slices, strict=True))}
+        state = [out[o] for o in outs[:states]]
+    yield None

@@ -1,0 +1,127 @@
+"""stats.bodies: Loop/Scan bodies calibrated step by step, checked against ONNX Runtime's own loop; their INT8 writing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import models
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from quantlab.backends import get_backend
+from quantlab.calibrate import calibrate
+from quantlab.compare import CompareOptions, compare
+from quantlab.data import from_arrays
+from quantlab.graph import model_from_proto
+from quantlab.histogram import AbsHistogram
+from quantlab.plan import PrecisionPlan, uniform_plan
+from quantlab.quantize import WriteOptions, write_model
+from quantlab.stats.bodies import calibrated_bodies, collect_body_statistics
+from quantlab.table import read_table, write_table
+
+
+def _sequences(n: int, seed: int, steps: int = 7, features: int = 6, width: int = 12) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.normal(size=(n, steps, features)).astype(np.float32), "h0": np.zeros((n, width), np.float32)}
+
+
+def _with_body_tensors_as_scan_outputs(proto: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """The same model whose Loop/Scan also returns ``tensors`` of every step, stacked (ONNX Runtime runs the loop)."""
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    node = next(n for n in proto.graph.node if n.op_type in ("Loop", "Scan"))
+    body = next(a.g for a in node.attribute if a.name == "body")
+    for t in tensors:
+        body.node.append(helper.make_node("Identity", [t], [f"{t}_step"]))
+        body.output.append(helper.make_tensor_value_info(f"{t}_step", TensorProto.FLOAT, None))
+        node.output.append(f"{t}_stack")
+        proto.graph.output.append(helper.make_tensor_value_info(f"{t}_stack", TensorProto.FLOAT, None))
+    return proto
+
+
+@pytest.mark.parametrize("build", [models.token_rnn, models.scan_rnn, lambda: models.scan_rnn(reverse=True)],
+                         ids=["loop", "scan", "scan-backwards"])
+def test_body_statistics_equal_those_of_the_steps_onnx_runtime_runs(build):
+    """Every step's body tensors, as ONNX Runtime's own Loop/Scan computes them (returned as extra scan outputs),
+    binned alike: the same counts, min and max to the bit."""
+    proto = build()
+    model = model_from_proto(proto)
+    (body,) = calibrated_bodies(model)
+    width = 12 if body.node.op_type == "Loop" else 10
+    batches = [_sequences(4, seed, width=width) for seed in range(3)]
+    states, notes = collect_body_statistics(model, batches, get_backend("ort"), 2048, 1e30)
+    assert notes == ()
+    produced = [t for t in body.tensors if t not in {i.name for i in body.model.graph.input}]
+    assert "h_out" in produced and not any(t.startswith("w_") for t in body.tensors)  # weights are not activations
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(_with_body_tensors_as_scan_outputs(proto, produced).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    expected = {t: AbsHistogram(2048, 1e30) for t in produced}
+    for feeds in batches:
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+        for t in produced:
+            for step in got[f"{t}_stack"]:
+                expected[t].update(step)
+    for t in produced:
+        mine, theirs = states[body.owner][t], expected[t].state()
+        assert (mine.count, mine.min, mine.max) == (theirs.count, theirs.min, theirs.max), t
+        assert np.array_equal(mine.counts, theirs.counts), t
+
+
+@pytest.fixture(scope="module")
+def rnn_table():
+    model = model_from_proto(models.token_rnn())
+    return model, calibrate(model, from_arrays(_sequences(32, 0)), "minmax", batch_size=8).tables["minmax"]
+
+
+def _body_ops(written) -> list[str]:
+    loop = next(n for n in written.proto.graph.node if n.op_type == "Loop")
+    return [n.op_type for n in next(a.g for a in loop.attribute if a.name == "body").node]
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ort"])
+def test_an_int8_plan_writes_the_calibrated_body_in_int8_and_it_stays_accurate(rnn_table, target, tmp_path):
+    """The recurrent MatMul inside the Loop gets its Q/DQ (it had stayed float in every INT8 model); the table keeps
+    the body's ranges through JSON; INT8 measured against FP32 on ONNX Runtime stays accurate."""
+    model, table = rnn_table
+    assert set(table.bodies["over_tokens"]) >= {"h_in", "recurrent", "h_out"}
+    assert any("calibrated step by step" in n for n in table.notes)
+    write_table(table, tmp_path / "t.json")
+    assert read_table(tmp_path / "t.json").bodies == table.bodies
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target=target))
+    assert "QuantizeLinear" in _body_ops(written) and "MatMul" in _body_ops(written)
+    assert any("is written INT8 with its calibrated ranges" in n for n in written.provenance.notes)
+    assert not any("left in float, inside the body" in n for n in written.provenance.notes)
+    result = compare(model, {"int8": written}, from_arrays(_sequences(16, 1), role="validation"),
+                     CompareOptions(batch_size=8, per_layer=False, bootstrap=0))
+    assert result.end_to_end.iloc[0]["sqnr_db"] > 25
+
+
+def test_a_pinned_loop_or_a_table_without_body_ranges_keeps_the_body_float(rnn_table):
+    model, table = rnn_table
+    pinned = write_model(model, PrecisionPlan(default="int8", overrides={"over_tokens": "fp32"}), table,
+                         WriteOptions(target="tensorrt"))
+    assert "QuantizeLinear" not in _body_ops(pinned)  # a search's pin is respected
+    older = write_model(model, uniform_plan("int8"), dataclasses.replace(table, bodies={}),
+                        WriteOptions(target="tensorrt"))
+    assert "QuantizeLinear" not in _body_ops(older)
+    assert any("left in float, inside the body of Loop 'over_tokens'" in n for n in older.provenance.notes)
+    fp16 = write_model(model, PrecisionPlan(default="int8", fallback="fp16"), table, WriteOptions(target="tensorrt"))
+    ops = _body_ops(fp16)
+    assert "QuantizeLinear" in ops and "Cast" in ops  # INT8 where it can be, the rest of the body in the fallback
+
+
+def test_tensorrt_rtx_builds_an_int8_loop_body(rnn_table):
+    rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed")
+    assert rtx is not None
+    from quantlab.backends.tensorrt import TensorRTBackend
+    from quantlab.shapes import ShapeRange
+
+    model, table = rnn_table
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    shapes = {"x": ShapeRange("x", (1, 7, 6), (8, 7, 6), (8, 7, 6)),
+              "h0": ShapeRange("h0", (1, 12), (8, 12), (8, 12))}
+    engine = TensorRTBackend("tensorrt-rtx").build_engine(written.proto, shapes=shapes, label="int8 loop body")
+    assert isinstance(engine, bytes) and len(engine) > 10_000
