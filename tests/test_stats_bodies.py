@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import models
 import numpy as np
@@ -40,8 +41,23 @@ def _with_body_tensors_as_scan_outputs(proto: onnx.ModelProto, tensors: list[str
     return proto
 
 
-@pytest.mark.parametrize("build", [models.token_rnn, models.scan_rnn, lambda: models.scan_rnn(reverse=True)],
-                         ids=["loop", "scan", "scan-backwards"])
+def _token_rnn_rank1() -> onnx.ModelProto:
+    """token_rnn with the loop's condition a [1] tensor, as paddle2onnx writes it (SLANet)."""
+    from onnx import numpy_helper
+
+    proto = models.token_rnn()
+    go = next(i for i in proto.graph.initializer if i.name == "go")
+    go.CopyFrom(numpy_helper.from_array(np.array([True]), "go"))
+    body = next(a.g for n in proto.graph.node if n.op_type == "Loop" for a in n.attribute if a.name == "body")
+    for vi in (body.input[1], body.output[0]):
+        vi.type.tensor_type.shape.ClearField("dim")
+        vi.type.tensor_type.shape.dim.add().dim_value = 1
+    return proto
+
+
+@pytest.mark.parametrize("build", [models.token_rnn, _token_rnn_rank1, models.scan_rnn,
+                                   lambda: models.scan_rnn(reverse=True)],
+                         ids=["loop", "loop-rank1-condition", "scan", "scan-backwards"])
 def test_body_statistics_equal_those_of_the_steps_onnx_runtime_runs(build):
     """Every step's body tensors, as ONNX Runtime's own Loop/Scan computes them (returned as extra scan outputs),
     binned alike: the same counts, min and max to the bit."""
@@ -90,7 +106,7 @@ def test_an_int8_plan_writes_the_calibrated_body_in_int8_and_it_stays_accurate(r
     assert any("calibrated step by step" in n for n in table.notes)
     write_table(table, tmp_path / "t.json")
     assert read_table(tmp_path / "t.json").bodies == table.bodies
-    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target=target))
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target=target, int8_bodies=True))
     assert "QuantizeLinear" in _body_ops(written) and "MatMul" in _body_ops(written)
     assert any("is written INT8 with its calibrated ranges" in n for n in written.provenance.notes)
     assert not any("left in float, inside the body" in n for n in written.provenance.notes)
@@ -99,17 +115,19 @@ def test_an_int8_plan_writes_the_calibrated_body_in_int8_and_it_stays_accurate(r
     assert result.end_to_end.iloc[0]["sqnr_db"] > 25
 
 
-def test_a_pinned_loop_or_a_table_without_body_ranges_keeps_the_body_float(rnn_table):
+def test_int8_bodies_are_asked_for_under_an_int8_plan_and_need_the_body_ranges(rnn_table):
     model, table = rnn_table
-    pinned = write_model(model, PrecisionPlan(default="int8", overrides={"over_tokens": "fp32"}), table,
-                         WriteOptions(target="tensorrt"))
-    assert "QuantizeLinear" not in _body_ops(pinned)  # a search's pin is respected
+    default = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert "QuantizeLinear" not in _body_ops(default)  # opt-in: the search cannot revert a body
+    fp16 = write_model(model, uniform_plan("fp16"), table, WriteOptions(target="tensorrt", int8_bodies=True))
+    assert "QuantizeLinear" not in _body_ops(fp16)  # only under an int8 plan
     older = write_model(model, uniform_plan("int8"), dataclasses.replace(table, bodies={}),
-                        WriteOptions(target="tensorrt"))
+                        WriteOptions(target="tensorrt", int8_bodies=True))
     assert "QuantizeLinear" not in _body_ops(older)
     assert any("left in float, inside the body of Loop 'over_tokens'" in n for n in older.provenance.notes)
-    fp16 = write_model(model, PrecisionPlan(default="int8", fallback="fp16"), table, WriteOptions(target="tensorrt"))
-    ops = _body_ops(fp16)
+    mixed = write_model(model, PrecisionPlan(default="int8", fallback="fp16"), table,
+                        WriteOptions(target="tensorrt", int8_bodies=True))
+    ops = _body_ops(mixed)
     assert "QuantizeLinear" in ops and "Cast" in ops  # INT8 where it can be, the rest of the body in the fallback
 
 
@@ -120,8 +138,32 @@ def test_tensorrt_rtx_builds_an_int8_loop_body(rnn_table):
     from quantlab.shapes import ShapeRange
 
     model, table = rnn_table
-    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt", int8_bodies=True))
     shapes = {"x": ShapeRange("x", (1, 7, 6), (8, 7, 6), (8, 7, 6)),
               "h0": ShapeRange("h0", (1, 12), (8, 12), (8, 12))}
     engine = TensorRTBackend("tensorrt-rtx").build_engine(written.proto, shapes=shapes, label="int8 loop body")
     assert isinstance(engine, bytes) and len(engine) > 10_000
+
+
+def test_the_cli_calibrates_the_body_and_builds_it_int8_when_asked(tmp_path, capsys):
+    from quantlab.cli import main
+    from quantlab.experiment.spec import parse_experiment
+    from quantlab.experiment.stages import _write_options
+
+    onnx.save(models.token_rnn(), tmp_path / "rnn.onnx")
+    np.savez(tmp_path / "seq.npz", **_sequences(16, 0))
+    (tmp_path / "seq.toml").write_text('[[source]]\nkind = "npz"\npath = "seq.npz"\nbatched = true\n')
+    assert main(["calibrate", str(tmp_path / "rnn.onnx"), "--calib", str(tmp_path / "seq.toml"), "--method",
+                 "minmax", "--out", str(tmp_path / "cal"), "--no-progress"]) == 0
+    assert "calibrated step by step" in capsys.readouterr().out
+    table = str(tmp_path / "cal" / "calib_minmax.json")
+    for flags, expected in (([], False), (["--int8-bodies"], True)):
+        out = tmp_path / f"b{len(flags)}"
+        assert main(["build", str(tmp_path / "rnn.onnx"), "--table", table, "--out", str(out), "--no-progress",
+                     *flags]) == 0
+        notes = json.loads((out / "provenance.json").read_text())["notes"]
+        assert any("is written INT8 with its calibrated ranges" in n for n in notes) is expected
+    (tmp_path / "e.toml").write_text('[model]\npath = "rnn.onnx"\n[data]\ncalibration = "seq.toml"\n'
+                                     'validation = "seq.toml"\n[candidates]\nint8 = ["minmax"]\nint8_bodies = true\n')
+    config = parse_experiment((tmp_path / "e.toml").read_text(), source=tmp_path / "e.toml")
+    assert config.int8_bodies and _write_options(config, None).int8_bodies and config.settings()["int8_bodies"]

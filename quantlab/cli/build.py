@@ -76,6 +76,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--reduce-range", action="store_true",
                    help="7-bit weights ([-64, 64]): ONNX Runtime's fast uint8 x int8 kernels saturate on x86 "
                         "CPUs without VNNI with full-range weights; this makes them exact there")
+    p.add_argument("--int8-bodies", action="store_true",
+                   help="also write the bodies of Loop/Scan nodes the table calibrated (quantlab calibrate runs them "
+                        "step by step) in INT8, under an int8 plan; the search cannot revert such a body")
     p.add_argument("--equalize", action="store_true",
                    help="cross-layer equalization of consecutive convs (exact in FP32); the table must come from "
                         "`quantlab calibrate --equalize`")
@@ -155,7 +158,7 @@ def _options(args: argparse.Namespace) -> WriteOptions:
     return WriteOptions(target=target, per_channel_weights=not args.per_tensor_weights, fp32_ops=fp32_ops,
                         fp16_simulation=args.fp16_simulation, reduce_range=args.reduce_range,
                         equalization=Equalization() if args.equalize else None, smoothquant=smooth,
-                        bias_correction=correction)
+                        bias_correction=correction, int8_bodies=args.int8_bodies)
 
 
 def _saturation_note(options: WriteOptions, written: WrittenModel) -> str | None:

@@ -71,6 +71,8 @@ class ExperimentConfig:
     search_bias_correction: bool = True
     batch_size: int | None = None
     """Samples per model run in every stage; None: each stage's default, or the batch a model fixes at 1."""
+    int8_bodies: bool = False
+    """INT8 candidates (and the search) write calibrated Loop/Scan bodies in INT8 (``WriteOptions.int8_bodies``)."""
 
     def batch_size_option(self) -> dict[str, int]:
         """``{"batch_size": n}`` when the experiment sets one (or its model fixes it at 1), else {} (each stage's
@@ -95,6 +97,8 @@ class ExperimentConfig:
             out["shapes"] = self.shapes
         if self.bind:
             out["bind"] = dict(self.bind)
+        if self.int8_bodies:  # absent when off: older manifests stay comparable
+            out["int8_bodies"] = True
         if self.equalize or self.smoothquant is not None:  # absent when off: older manifests stay comparable
             out["rewrites"] = {"equalize": self.equalize, "smoothquant": self.smoothquant}
         if not self.search_bias_correction:
@@ -175,6 +179,7 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
         "fp16": (Key("true or false", lambda v: isinstance(v, bool), "fp16 = true"), "fp16"),
         "int8": (Key(_METHODS_EXPECT, _methods, 'int8 = ["entropy"]'), "int8"),
         "target": (Key(f"one of {', '.join(map(repr, TARGETS))}", one_of(TARGETS), 'target = "tensorrt"'), "target"),
+        "int8_bodies": (Key("true or false", lambda v: isinstance(v, bool), "int8_bodies = true"), "int8_bodies"),
     },
     "search": {
         "enabled": (Key("true or false", lambda v: isinstance(v, bool), "enabled = true"), "search"),

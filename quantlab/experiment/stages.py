@@ -214,7 +214,8 @@ def int8_bodies(written: Mapping[str, WrittenModel]) -> set[str]:
 
 
 def _write_options(config: ExperimentConfig, rewrites: PreparedModel | None) -> WriteOptions:
-    return rewrites.write_options(target=config.target) if rewrites is not None else WriteOptions(target=config.target)
+    return (rewrites.write_options(target=config.target, int8_bodies=config.int8_bodies) if rewrites is not None
+            else WriteOptions(target=config.target, int8_bodies=config.int8_bodies))
 
 
 def candidate_table(candidate: Candidate, tables: Mapping[str, CalibrationTable]) -> CalibrationTable | None:
@@ -304,6 +305,7 @@ def search_stage(folder: Path, model: LoadedModel, val: DataSet, table: Calibrat
     options = SearchOptions(threshold=config.threshold, backend=config.backend, metric=config.metric,
                             budget=config.search_budget or None, seed=config.seed, target=config.target,
                             bias_correction=config.search_bias_correction, shapes=shapes,
+                            int8_bodies=config.int8_bodies,
                             **config.batch_size_option())
     if rewrites is not None and rewrites.changed:
         model = rewrites.model

@@ -69,6 +69,12 @@ class WriteOptions:
     :func:`quantlab.quantize.measure_smoothquant`): outlier activation ranges moved into
     MatMul/Gemm weights. Both rewrite the float model before it is written, so the table must be
     calibrated on the rewritten model (:func:`quantlab.quantize.prepare_model`); None: not done.
+
+    ``int8_bodies``: under a plan whose default is int8, write the bodies of Loop/Scan nodes the table calibrated
+    (``CalibrationTable.bodies``, quantlab.stats.bodies) in INT8 too, with the Loop group's precision for what has
+    no INT8 form inside. Off by default: the search pins fusion groups, and a Loop's body is not one it can pin, so
+    an INT8 body it cannot revert is the user's choice (``quantlab build --int8-bodies``, ``[candidates]
+    int8_bodies = true``).
     """
 
     target: Target = "tensorrt"
@@ -83,6 +89,7 @@ class WriteOptions:
     bias_correction: BiasCorrection | None = None
     equalization: Equalization | None = None
     smoothquant: SmoothQuant | None = None
+    int8_bodies: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in ("tensorrt", "ort"):
@@ -122,6 +129,7 @@ class WriteOptions:
             "bias_correction": _described(self.bias_correction),
             "equalization": _described(self.equalization),
             "smoothquant": _described(self.smoothquant),
+            "int8_bodies": self.int8_bodies,
         }
 
     @property

@@ -28,7 +28,7 @@ from ..errors import PlanError
 from ..graph import LoadedModel, default_opset, outer_names, subgraph_reads, topological_order
 from ..graph.topology import CONTROL_FLOW_OPS, SHAPE_ONLY_OPS, initializer_map, shape_determined_nodes
 from ..plan import FusionGroup, ResolvedPlan
-from ..precision import FP16, FP32
+from ..precision import FP16, FP32, INT8
 from ..table import CalibrationTable
 from ..version import __version__
 from .casts import Casts
@@ -165,11 +165,11 @@ class Writer:
         self.node_map[name] = [name] + chains + casts
 
     def _int8_body(self, name: str) -> bool:
-        """Whether INT8 was asked of this Loop/Scan's group (it fell back: the node itself has no INT8 form) and the
-        table holds ranges calibrated inside its body (quantlab.stats.bodies)."""
+        """Whether ``WriteOptions.int8_bodies`` asks for this Loop/Scan's body in INT8 under an int8 plan, and the
+        table holds ranges calibrated inside it (quantlab.stats.bodies)."""
         table = self.placement.table
-        reason = self.plan.reasons.get(self.group_of[name].name, "")
-        return table is not None and bool(table.bodies.get(name)) and reason.startswith("fallback")
+        return (self.options.int8_bodies and self.plan.default == INT8 and table is not None
+                and bool(table.bodies.get(name)))
 
     def _fp16_bodies(self, node: onnx.NodeProto, written: onnx.NodeProto, name: str) -> None:
         """The bodies of a control-flow node of an FP16 group, written in float16 in place (:mod:`.subgraphs`).

@@ -30,7 +30,7 @@ from .suffix import plan_outputs
 def write_options(options: SearchOptions, correction: BiasCorrection | None = None) -> WriteOptions:
     """How the search writes its deployable models (the evaluated ones add the fp16 simulation)."""
     return WriteOptions(target=options.target, per_channel_weights=options.per_channel_weights,  # type: ignore[arg-type]
-                        bias_correction=correction)
+                        bias_correction=correction, int8_bodies=options.int8_bodies)
 
 
 class CompareEvaluator:

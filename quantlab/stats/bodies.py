@@ -144,12 +144,14 @@ def _loop_steps(node: onnx.NodeProto, graph: onnx.GraphProto, values: Mapping[st
     cond = bool(np.asarray(values[cond_name]).reshape(-1)[0]) if cond_name else True
     carried = [values[n] for n in carried_names]
     names = [i.name for i in graph.input]
+    ranks = [len(i.type.tensor_type.shape.dim) if i.type.tensor_type.HasField("shape") else 0 for i in graph.input]
     outs = [o.name for o in graph.output]
     step = 0
     while (limit is None or step < limit) and cond:
         if step >= MAX_BODY_STEPS:
             raise RuntimeError(f"{MAX_BODY_STEPS} steps without stopping")
-        feeds = {names[0]: np.array(step, np.int64), names[1]: np.array(cond, np.bool_),
+        feeds = {names[0]: np.array(step, np.int64).reshape([1] * ranks[0]),  # paddle2onnx declares them [1]
+                 names[1]: np.array(cond, np.bool_).reshape([1] * ranks[1]),
                  **dict(zip(names[2:], carried, strict=False))}
         out = yield feeds
         cond = bool(np.asarray(out[outs[0]]).reshape(-1)[0])
