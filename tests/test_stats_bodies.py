@@ -167,3 +167,35 @@ def test_the_cli_calibrates_the_body_and_builds_it_int8_when_asked(tmp_path, cap
                                      'validation = "seq.toml"\n[candidates]\nint8 = ["minmax"]\nint8_bodies = true\n')
     config = parse_experiment((tmp_path / "e.toml").read_text(), source=tmp_path / "e.toml")
     assert config.int8_bodies and _write_options(config, None).int8_bodies and config.settings()["int8_bodies"]
+
+
+def _rnn_with_a_loud_inside() -> onnx.ModelProto:
+    """token_rnn whose body scales its recurrent term by 1e5 and back: a value float16 cannot hold, that neither
+    enters nor leaves the body (the guard on the loop's boundary cannot see it)."""
+    from onnx import numpy_helper
+
+    proto = models.token_rnn()
+    body = next(a.g for n in proto.graph.node if n.op_type == "Loop" for a in n.attribute if a.name == "body")
+    nodes = list(body.node)
+    at = next(i for i, n in enumerate(nodes) if n.name == "add_step")
+    loud = [helper.make_node("Constant", [], ["up"], value=numpy_helper.from_array(np.array(1e5, np.float32))),
+            helper.make_node("Constant", [], ["down"], value=numpy_helper.from_array(np.array(1e-5, np.float32))),
+            helper.make_node("Mul", ["recurrent", "up"], ["loud"], name="loud"),
+            helper.make_node("Mul", ["loud", "down"], ["quiet"], name="quiet")]
+    nodes[at].input[1] = "quiet"
+    del body.node[:]
+    body.node.extend(nodes[:at] + loud + nodes[at:])
+    return proto
+
+
+def test_a_float16_body_keeps_the_nodes_its_calibrated_ranges_put_beyond_float16_in_float32():
+    model = model_from_proto(_rnn_with_a_loud_inside())
+    table = calibrate(model, from_arrays(_sequences(16, 0)), "minmax", batch_size=8).tables["minmax"]
+    assert table.bodies["over_tokens"]["loud"].max > 65504
+    options = WriteOptions(fp16_simulation=True)
+    guarded = write_model(model, uniform_plan("fp16"), table, options)
+    blind = write_model(model, uniform_plan("fp16"), dataclasses.replace(table, bodies={}), options)
+    result = compare(model, {"guarded": guarded, "blind": blind}, from_arrays(_sequences(16, 1), role="validation"),
+                     CompareOptions(batch_size=8, per_layer=False, bootstrap=0)).end_to_end.set_index("candidate")
+    assert result.loc["guarded", "sqnr_db"] > 30
+    assert not result.loc["blind", "sqnr_db"] > 30  # inf in float16 inside the body: the outputs break

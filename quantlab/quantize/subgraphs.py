@@ -11,9 +11,11 @@ change::
     ==>  h ─► Loop(body: h_in ─► Cast(f16) ─► MatMul(W/fp16) ─► Tanh ─► Cast(f32) ─► h_out) ─► h'
 
 Names the body's writing makes are prefixed with the node's name (ONNX forbids a subgraph to define a name of an
-enclosing scope). No calibration range reaches inside a body, so no body node is kept out of float16 for its own
-range; the writer keeps the whole body float32 when a value entering or leaving it went beyond
-``WriteOptions.fp16_data_max`` in calibration. Nested bodies are written the same way, recursively.
+enclosing scope). A Loop/Scan body the table calibrated (``CalibrationTable.bodies``, quantlab.stats.bodies) is
+written with those ranges, so its nodes beyond ``WriteOptions.fp16_data_max`` stay float32 one by one; for other
+bodies the writer keeps the whole body float32 when a value entering or leaving it went beyond that in calibration.
+Nested bodies are written the same way, recursively. The same machinery writes a calibrated body in INT8
+(:func:`write_int8_bodies`).
 """
 
 from __future__ import annotations
@@ -28,23 +30,59 @@ from onnx import TensorProto
 from ..errors import QuantlabError
 from ..folding import rename_node
 from ..graph import TensorSpec, outer_names
+from ..graph.topology import subgraph_reads
+from ..precision import FP16, INT8
 from ..graph.bodies import body_model
 from .options import WriteOptions
 
-__all__ = ["fp16_subgraph", "write_fp16_bodies", "write_int8_bodies", "written_subgraph"]
+__all__ = ["body_table", "fp16_subgraph", "write_bodies", "write_fp16_bodies", "write_int8_bodies", "written_subgraph"]
+
+
+def write_bodies(node: onnx.NodeProto, written: onnx.NodeProto, owner: str, precision: str, plan_default: str,
+                 specs: Mapping[str, TensorSpec], initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto,
+                 options: WriteOptions, table: Any, beyond_fp16: Mapping[str, float]) -> tuple[list[str], str | None]:
+    """The bodies of a control-flow node, written into the writer's copy ``written`` as plan and options ask; returns
+    (notes, ``"int8"`` / ``"fp16"`` for what they now compute in, None when left as they were).
+
+    INT8 when ``options.int8_bodies`` asks under an int8 plan and the table calibrated this Loop/Scan's body
+    (:func:`write_int8_bodies`); else float16 for a node of an FP16 group (:func:`write_fp16_bodies`), unless a value
+    that enters or leaves the bodies went beyond ``options.fp16_data_max`` in calibration (``beyond_fp16``:
+    tensor -> its largest |x|): then they stay float32."""
+    if options.int8_bodies and plan_default == INT8 and table is not None and table.bodies.get(owner):
+        notes, wrote = write_int8_bodies(written, owner, specs, initializers, model, options, table, precision)
+        if wrote:
+            return notes, INT8
+    else:
+        notes = []
+    if precision != FP16:
+        return notes, None
+    crossing = [*node.input, *node.output, *sorted(subgraph_reads([node]))]
+    seen = [(t, beyond_fp16[t]) for t in crossing if t in beyond_fp16]
+    if seen:
+        t, v = max(seen, key=lambda tv: tv[1])
+        return [*notes, f"the bodies of {owner!r} stay float32: {t!r}, which "
+                        f"{'enters' if t not in node.output else 'leaves'} them, reached |x| {v:.3g} in calibration "
+                        f"(beyond {options.fp16_data_max:g})"], None
+    told, wrote = write_fp16_bodies(written, owner, specs, initializers, model, options, table)
+    return [*notes, *told], FP16 if wrote else None
 
 
 def write_fp16_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, TensorSpec],
                       initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto,
-                      options: WriteOptions) -> tuple[list[str], bool]:
+                      options: WriteOptions, table: Any = None) -> tuple[list[str], bool]:
     """Writes every body of ``node`` in float16, in place (:func:`fp16_subgraph`); a body quantlab cannot write so
-    (sequences, odd types) stays float32 with a note. Returns (notes, whether a body now computes in float16)."""
+    (sequences, odd types) stays float32 with a note. ``table``: the calibration table; when it holds the ranges
+    calibrated inside a Loop/Scan body (quantlab.stats.bodies), a body node whose values went beyond
+    ``options.fp16_data_max`` stays float32, as in the main graph. Returns (notes, whether a body now computes in
+    float16)."""
     notes: list[str] = []
     wrote = False
+    inside = body_table(node, owner, table)
     for attr in node.attribute:
         for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
             try:
-                written, told = fp16_subgraph(body, owner, specs, initializers, model, options)
+                written, told = fp16_subgraph(body, owner, specs, initializers, model, options,
+                                              inside if attr.name == "body" else None)
             except Exception as exc:  # noqa: BLE001 - any body that cannot be written: it stays float32
                 why = str(exc) if isinstance(exc, QuantlabError) else f"{type(exc).__name__}: {exc}"
                 notes.append(f"the body of {owner!r} ({attr.name}) stays float32: writing it in float16 failed: {why}")
@@ -67,12 +105,9 @@ def write_int8_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
         ==>  Loop(body: h_in ─► Q/DQ ─► MatMul(Q/DQ(W)) ─► Tanh ─► h_out)
     """
     from ..plan import PrecisionPlan
-    from ..table import CalibrationTable
 
     body = next(a.g for a in node.attribute if a.name == "body")
-    reads = outer_names(body)
-    ranges = {**{t: r for t, r in table.ranges.items() if t in reads}, **table.bodies[owner]}
-    sub_table = CalibrationTable(table.method, ranges, "", settings=table.settings)
+    sub_table = body_table(node, owner, table)
     try:
         written, told = written_subgraph(body, owner, specs, initializers, model, options,
                                          PrecisionPlan(default="int8", fallback=fallback), sub_table)
@@ -86,6 +121,19 @@ def write_int8_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
     return [*told, f"the body of {owner!r} is written INT8 with its calibrated ranges ({quantizers} QuantizeLinear)"], True
 
 
+def body_table(node: onnx.NodeProto, owner: str, table: Any) -> Any:
+    """The table a Loop/Scan body is written with as a model of its own: the ranges calibrated inside it
+    (``table.bodies[owner]``) and those of the outer tensors it reads; None when the table has none for it."""
+    from ..table import CalibrationTable
+
+    if table is None or not table.bodies.get(owner):
+        return None
+    body = next((a.g for a in node.attribute if a.name == "body"), None)
+    reads = outer_names(body) if body is not None else set()
+    ranges = {**{t: r for t, r in table.ranges.items() if t in reads}, **table.bodies[owner]}
+    return CalibrationTable(table.method, ranges, "", settings=table.settings)
+
+
 def _holds_float16(graph: onnx.GraphProto) -> bool:
     """Whether a written body computes or rounds anything in float16 (a float16 copy, a Cast to float16)."""
     to_f16 = any(n.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in n.attribute)
@@ -95,12 +143,13 @@ def _holds_float16(graph: onnx.GraphProto) -> bool:
 
 def fp16_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorSpec],
                   initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto,
-                  options: WriteOptions) -> tuple[onnx.GraphProto, tuple[str, ...]]:
+                  options: WriteOptions, table: Any = None) -> tuple[onnx.GraphProto, tuple[str, ...]]:
     """(``body`` written in float16, the notes of that writing). ``specs`` types the outer tensors the body reads;
-    ``initializers`` are the enclosing graph's (an outer weight the body reads stays a weight)."""
+    ``initializers`` are the enclosing graph's (an outer weight the body reads stays a weight); ``table``: the
+    body's own ranges (:func:`body_table`), for the float16 range guard node by node."""
     from ..plan import uniform_plan
 
-    return written_subgraph(body, owner, specs, initializers, model, options, uniform_plan("fp16"), None)
+    return written_subgraph(body, owner, specs, initializers, model, options, uniform_plan("fp16"), table)
 
 
 def written_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorSpec],

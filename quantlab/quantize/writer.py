@@ -115,9 +115,9 @@ class Writer:
             self.notes.append(heavy)
         if self.fp16_bodies:
             self.notes.append(f"{len(self.fp16_bodies)} control-flow node(s) of FP16 groups compute their bodies in "
-                              f"float16 too: {', '.join(map(repr, self.fp16_bodies[:5]))} (no calibration range "
-                              "reaches inside a body: its nodes are not kept float32 one by one for their ranges, only "
-                              "the whole body when a value entering or leaving it passes float16's)")
+                              f"float16 too: {', '.join(map(repr, self.fp16_bodies[:5]))} (a Loop/Scan body the "
+                              "table calibrated keeps its nodes beyond float16's range in float32 one by one; other "
+                              "bodies only as a whole, when a value entering or leaving them passes float16's)")
         if self.kept_fp32:
             worst = sorted(self.kept_fp32.items(), key=lambda kv: -kv[1][1])
             shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in worst[:5])
@@ -149,46 +149,17 @@ class Writer:
         written.input.extend(new_inputs)
         del written.output[:]
         written.output.extend(outputs)
-        if self.bodies_in_fp16 and self._int8_body(name):  # INT8 asked of a Loop/Scan: its body, with fallback
-            from .subgraphs import write_int8_bodies
+        if node.op_type in CONTROL_FLOW_OPS and self.bodies_in_fp16:
+            from .subgraphs import write_bodies
 
-            notes, wrote = write_int8_bodies(written, name, self.book.specs, self.initializers, self.src, self.options,
-                                             self.placement.table, precision)
+            notes, kind = write_bodies(node, written, name, precision, self.plan.default, self.book.specs,
+                                       self.initializers, self.src, self.options, self.placement.table,
+                                       self.beyond_fp16)
             self.notes.extend(notes)
-            if wrote:
-                self.int8_bodies.append(name)
-        if precision == FP16 and node.op_type in CONTROL_FLOW_OPS and self.bodies_in_fp16 and \
-                name not in self.int8_bodies:
-            self._fp16_bodies(node, written, name)
+            (self.int8_bodies if kind == INT8 else self.fp16_bodies if kind == FP16 else []).append(name)
         self.book.out_nodes.append(written)
         self.book.flush_casts()
         self.node_map[name] = [name] + chains + casts
-
-    def _int8_body(self, name: str) -> bool:
-        """Whether ``WriteOptions.int8_bodies`` asks for this Loop/Scan's body in INT8 under an int8 plan, and the
-        table holds ranges calibrated inside it (quantlab.stats.bodies)."""
-        table = self.placement.table
-        return (self.options.int8_bodies and self.plan.default == INT8 and table is not None
-                and bool(table.bodies.get(name)))
-
-    def _fp16_bodies(self, node: onnx.NodeProto, written: onnx.NodeProto, name: str) -> None:
-        """The bodies of a control-flow node of an FP16 group, written in float16 in place (:mod:`.subgraphs`).
-
-        No calibration range reaches inside a body, but the values that enter and leave it have ranges: when one
-        of them went beyond ``fp16_data_max`` (a decoder's state, its logits buffer), the bodies stay float32."""
-        from .subgraphs import write_fp16_bodies
-
-        crossing = [*node.input, *node.output, *sorted(subgraph_reads([node]))]
-        seen = [(t, self.beyond_fp16[t]) for t in crossing if t in self.beyond_fp16]
-        if seen:
-            t, v = max(seen, key=lambda tv: tv[1])
-            self.notes.append(f"the bodies of {name!r} stay float32: {t!r}, which {'enters' if t not in node.output else 'leaves'} "
-                              f"them, reached |x| {v:.3g} in calibration (beyond {self.options.fp16_data_max:g})")
-            return
-        notes, wrote = write_fp16_bodies(written, name, self.book.specs, self.initializers, self.src, self.options)
-        self.notes.extend(notes)
-        if wrote and name not in self.fp16_bodies:
-            self.fp16_bodies.append(name)
 
     def _float_fallback_weights(self) -> str | None:
         """A note when a tenth or more of the weights sit in groups INT8 was asked of but that have no INT8 form
