@@ -110,7 +110,7 @@ def write_int8_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
     sub_table = body_table(node, owner, table)
     try:
         written, told = written_subgraph(body, owner, specs, initializers, model, options,
-                                         PrecisionPlan(default="int8", fallback=fallback), sub_table)
+                                         PrecisionPlan(default=INT8, fallback=fallback), sub_table)
     except Exception as exc:  # noqa: BLE001 - any body that cannot be written so: it stays as it was
         why = str(exc) if isinstance(exc, QuantlabError) else f"{type(exc).__name__}: {exc}"
         return [f"the body of {owner!r} stays float: writing it in INT8 failed: {why}"], False
@@ -149,7 +149,7 @@ def fp16_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorS
     body's own ranges (:func:`body_table`), for the float16 range guard node by node."""
     from ..plan import uniform_plan
 
-    return written_subgraph(body, owner, specs, initializers, model, options, uniform_plan("fp16"), table)
+    return written_subgraph(body, owner, specs, initializers, model, options, uniform_plan(FP16), table)
 
 
 def written_subgraph(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorSpec],
