@@ -1025,6 +1025,13 @@ def text_line_set(folder: str | os.PathLike[str], widths: list[int], seed: int =
     return manifest
 
 
+def _sequence_io(features: int, width: int, classes: int) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """The inputs x[N, T, features] and h0[N, width] and the output logits[N, classes] of the recurrent nets."""
+    return ([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", features]),
+             helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["N", width])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])])
+
+
 def token_rnn(seed: int = 0, features: int = 6, width: int = 12, classes: int = 4) -> onnx.ModelProto:
     """A recurrent net as torch.jit.script exports it: a ``Loop`` over the sequence, its trip count from the data.
 
@@ -1051,9 +1058,7 @@ def token_rnn(seed: int = 0, features: int = 6, width: int = 12, classes: int = 
         helper.make_node("Loop", ["steps", "go", "h0"], ["h_last"], name="over_tokens", body=body),
         helper.make_node("MatMul", ["h_last", "w_out"], ["logits"], name="head"),
     ]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", features]),
-              helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["N", width])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])]
+    inputs, outputs = _sequence_io(features, width, classes)
     inits = [_init("w_in", rng.normal(0, 0.5, (features, width)).astype(np.float32)),
              _init("w_out", rng.normal(0, 0.5, (width, classes)).astype(np.float32)),
              numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.array(True), "go")]
@@ -1083,9 +1088,7 @@ def scan_rnn(seed: int = 0, features: int = 6, width: int = 10, classes: int = 3
                          scan_input_axes=[1], scan_input_directions=[1 if reverse else 0]),
         helper.make_node("MatMul", ["h_last", "w_out"], ["logits"], name="head"),
     ]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", features]),
-              helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["N", width])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])]
+    inputs, outputs = _sequence_io(features, width, classes)
     inits = [_init("w_x", rng.normal(0, 0.5, (features, width)).astype(np.float32)),
              _init("w_h", rng.normal(0, 0.3, (width, width)).astype(np.float32)),
              _init("w_out", rng.normal(0, 0.5, (width, classes)).astype(np.float32))]
