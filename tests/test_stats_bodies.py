@@ -199,3 +199,30 @@ def test_a_float16_body_keeps_the_nodes_its_calibrated_ranges_put_beyond_float16
                      CompareOptions(batch_size=8, per_layer=False, bootstrap=0)).end_to_end.set_index("candidate")
     assert result.loc["guarded", "sqnr_db"] > 30
     assert not result.loc["blind", "sqnr_db"] > 30  # inf in float16 inside the body: the outputs break
+
+
+def test_an_experiment_with_int8_bodies_runs_end_to_end_and_says_the_bodies_stay_int8(tmp_path):
+    """calibrate -> build (INT8 bodies) -> compare -> search -> report on the token RNN; a search that pins every
+    quantizable group still has the INT8 body, and its line says so instead of "this plan is the FP16 model"."""
+    from quantlab.experiment import load_experiment, run_experiment
+    from quantlab.experiment.stages import search_notes
+
+    onnx.save(models.token_rnn(), tmp_path / "rnn.onnx")
+    for name, n, seed, role in (("calib", 32, 0, "calibration"), ("val", 16, 1, "validation")):
+        np.savez(tmp_path / f"{name}.npz", **_sequences(n, seed))
+        (tmp_path / f"{name}.toml").write_text(f'role = "{role}"\n[[source]]\nkind = "npz"\npath = "{name}.npz"\n'
+                                               'batched = true\n')
+    (tmp_path / "e.toml").write_text(
+        'name = "rnn"\nthreshold = "sqnr_db>=45"\n[model]\npath = "rnn.onnx"\n[data]\ncalibration = "calib.toml"\n'
+        'validation = "val.toml"\n[calibrate]\nmethods = ["minmax"]\n[candidates]\nint8 = ["minmax"]\n'
+        'int8_bodies = true\n')
+    result = run_experiment(load_experiment(tmp_path / "e.toml"), reports_dir=tmp_path / "reports")
+    assert result.index_html.is_file()
+    build = tmp_path / "reports" / "rnn" / "stages" / "build-int8-minmax"
+    notes = json.loads((build / "provenance.json").read_text())["notes"]
+    assert any("is written INT8 with its calibrated ranges" in n for n in notes)
+    assert not any("Conv/MatMul/Gemm layers sit inside control-flow" in m for m in result.messages)
+    summary = {"pinned": {"embed": "fp16", "head": "fp16"}, "quantizable_groups": 2, "int8_fraction": 0.0}
+    line = search_notes(summary, int8_bodies=True)[0]
+    assert "bodies stay INT8" in line and "FP16 model" not in line
+    assert "this plan is the FP16 model" in search_notes(summary)[0]

@@ -81,6 +81,12 @@ def _rewrite_key(config: ExperimentConfig) -> dict[str, Any]:
     return {"rewrites": {"equalize": config.equalize, "smoothquant": config.smoothquant}}
 
 
+def _write_key(config: ExperimentConfig) -> dict[str, Any]:
+    """What else shapes a written model, for the build and search stage keys: the rewrites and INT8 bodies
+    (nothing when off, so earlier stage folders stay reusable)."""
+    return {**_rewrite_key(config), **({"int8_bodies": True} if config.int8_bodies else {})}
+
+
 def run_experiment(config: ExperimentConfig, *, reports_dir: Path = Path("reports"), progress: bool = False,
                    force: bool = False, command: str = "") -> ExperimentResult:
     """Run every stage of ``config`` and write ``reports_dir/NAME/`` (see the package docstring).
@@ -192,7 +198,7 @@ class _Run:
         for cand in experiment_candidates(self.config):
             key = {"stage": "build", **self.common, "candidate": cand.name, "precision": cand.precision,
                    "table": self.stages[0].key_sha256 if cand.method else None, "method": cand.method,
-                   "target": self.config.target, **_rewrite_key(self.config)}
+                   "target": self.config.target, **_write_key(self.config)}
             table = candidate_table(cand, tables)
             if not cand.method and table is not None:  # FP16 reads only what went beyond float16
                 key["beyond_fp16"] = {t: f"{v:.3g}" for t, v in sorted(
@@ -237,7 +243,7 @@ class _Run:
         key = {"stage": "search", **self.common, "table": self.stages[0].key_sha256, "method": method,
                "data": data_key(val), "threshold": config.threshold, "budget": config.search_budget,
                "backend": config.backend, "target": config.target, "seed": config.seed,
-               "bias_correction": config.search_bias_correction, **_rewrite_key(config), **self._shapes_key(),
+               "bias_correction": config.search_bias_correction, **_write_key(config), **self._shapes_key(),
                **self._metric_key()}
         log_dir = self.report_dir / "search-log" / stage_key_hash(key)[:16]
         rec = run_stage(self.report_dir, "search", key,
@@ -245,7 +251,7 @@ class _Run:
                                                self.shapes, calib, rewrites))
         self.stages.append(rec)
         summary = read_json(rec.path / "search.json")
-        self.messages.extend(search_notes(summary))
+        self.messages.extend(search_notes(summary, self.config.int8_bodies))
         self.messages.append(bias_correction_note(summary.get("settings", {})))
         final = search_end_to_end(rec.path)
         verdict = verdict_for(final, SEARCH_CANDIDATE, config.threshold) if final is not None else verdicts[best]
