@@ -87,9 +87,10 @@ def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend:
     bodies = calibrated_bodies(model)
     if not bodies:
         return {}, ()
-    weights = {k: numpy_helper.to_array(v) for k, v in initializer_map(model.proto).items()}
+    initializers = initializer_map(model.proto)  # the loops' own inputs among them (a trip count, a first state)
+    weights = {t: numpy_helper.to_array(initializers[t]) for b in bodies for t in b.node.input if t in initializers}
     needed = sorted({t for b in bodies for t in (*b.node.input, *b.outer)
-                     if t and t not in weights and t not in model.input_names})
+                     if t and t not in initializers and t not in model.input_names})
     main = backend.build(model.proto, outputs=needed)
     runners: dict[str, Any] = {}
     reducers = {b.owner: {t: AbsHistogram(bins, huge_threshold) for t in b.tensors} for b in bodies}
