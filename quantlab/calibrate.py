@@ -29,7 +29,7 @@ import numpy as np
 from .backends.base import Backend
 from .calibrators import amax_entropy, amax_minmax, amax_mse
 from .controlflow import bind_hints
-from .errors import CalibrationError
+from .errors import CalibrationError, DataError, InputMismatchError
 from .fingerprint import tool_versions
 from .graph import LoadedModel, check_float32, check_float_activations, check_not_quantized
 from .histogram import HistogramState
@@ -302,8 +302,11 @@ def _body_statistics(model: LoadedModel, dataset: Any, batch_size: int, backend:
     notes on them: which bodies were calibrated, and any left float."""
     from .stats.bodies import calibrated_bodies, collect_body_statistics
 
-    if not calibrated_bodies(model):
-        return {}, ()
+    try:
+        if not calibrated_bodies(model):
+            return {}, ()
+    except Exception as exc:  # noqa: BLE001 - an add-on pass: the main graph's ranges are complete without it
+        return {}, (f"Loop/Scan bodies were not calibrated (they stay float): {type(exc).__name__}: {exc}",)
     if backend is None:
         from .backends import get_backend
 
@@ -322,6 +325,10 @@ def _body_statistics(model: LoadedModel, dataset: Any, batch_size: int, backend:
 
     try:
         bodies, notes = collect_body_statistics(model, items(), backend, stats.bins, stats.huge_threshold)
+    except (DataError, InputMismatchError):
+        raise  # the data itself: the main pass would have said it first
+    except Exception as exc:  # noqa: BLE001 - as above
+        bodies, notes = {}, (f"Loop/Scan bodies were not calibrated (they stay float): {type(exc).__name__}: {exc}",)
     finally:
         if bar is not None:
             bar.close()
