@@ -178,6 +178,8 @@ def table_from_statistics(
                                entropy_skip_zeros=entropy_skip_zeros)
     settings["samples"] = stats.samples
     ranges = _ranges(stats, method, percentile, entropy_skip_zeros)
+    inside = {node: {t: tensor_range(state, method, percentile=percentile, entropy_skip_zeros=entropy_skip_zeros)
+                     for t, state in states.items()} for node, states in (bodies or {}).items()}
     return CalibrationTable(
         method=method,
         ranges=ranges,
@@ -189,9 +191,9 @@ def table_from_statistics(
         + clipping_notes(method, ranges, stats, entropy_skip_zeros=entropy_skip_zeros,
                          unquantized=frozenset(unquantized))
         + zeroing_notes(method, ranges, unquantized=frozenset(unquantized))
-        + noise_notes(method, ranges, unquantized=frozenset(unquantized)),
-        bodies={node: {t: tensor_range(state, method, percentile=percentile, entropy_skip_zeros=entropy_skip_zeros)
-                       for t, state in states.items()} for node, states in (bodies or {}).items()},
+        + noise_notes(method, ranges, unquantized=frozenset(unquantized))
+        + noise_notes(method, {f"{node}/{t}": r for node, body in inside.items() for t, r in body.items()}),
+        bodies=inside,
     )
 
 

@@ -226,3 +226,21 @@ def test_an_experiment_with_int8_bodies_runs_end_to_end_and_says_the_bodies_stay
     line = search_notes(summary, int8_bodies=True)[0]
     assert "bodies stay INT8" in line and "FP16 model" not in line
     assert "this plan is the FP16 model" in search_notes(summary)[0]
+
+
+def test_a_body_range_predicted_to_keep_little_sqnr_is_named_in_the_table_notes():
+    from quantlab.calibrate import table_from_statistics
+    from quantlab.stats import Statistics
+
+    bulk = np.random.default_rng(0).normal(size=100_000).astype(np.float32)
+    loud = AbsHistogram(2048, 1e30)
+    loud.update(np.concatenate([bulk, np.float32([1000.0])]))  # one outlier sets minmax's step: the bulk rounds to 0
+    calm = AbsHistogram(2048, 1e30)
+    calm.update(bulk)
+    stats = Statistics(tensors={}, samples=1, batches=1, model_sha256="m", bins=2048, huge_threshold=1e30, passes=1,
+                       backend={})
+    table = table_from_statistics(stats, "minmax", versions={}, bodies={"decoder": {"h": loud.state(),
+                                                                                     "x": calm.state()}})
+    assert table.bodies["decoder"]["h"].predicted_sqnr_db < 15 < table.bodies["decoder"]["x"].predicted_sqnr_db
+    (note,) = [n for n in table.notes if "predicted to keep under 15 dB" in n]
+    assert "'decoder/h'" in note and "decoder/x" not in note
