@@ -222,6 +222,7 @@ def test_an_experiment_with_int8_bodies_runs_end_to_end_and_says_the_bodies_stay
     notes = json.loads((build / "provenance.json").read_text())["notes"]
     assert any("is written INT8 with its calibrated ranges" in n for n in notes)
     assert not any("Conv/MatMul/Gemm layers sit inside control-flow" in m for m in result.messages)
+    assert any(m.startswith("INT8 inside control flow") and "'over_tokens'" in m for m in result.messages)
     summary = {"pinned": {"embed": "fp16", "head": "fp16"}, "quantizable_groups": 2, "int8_fraction": 0.0}
     line = search_notes(summary, int8_bodies=True)[0]
     assert "bodies stay INT8" in line and "FP16 model" not in line

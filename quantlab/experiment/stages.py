@@ -194,18 +194,22 @@ def float_bodies_note(model: LoadedModel, config: ExperimentConfig,
 
     if not any(c.precision == INT8 for c in experiment_candidates(config)):
         return None
-    inside = compute_layers_in_bodies(model.proto, skip=int8_bodies(written or {}))
+    written_int8 = int8_bodies(written or {})
+    done = (f"INT8 inside control flow ([candidates] int8_bodies): the bodies of "
+            f"{', '.join(map(repr, sorted(written_int8)))}, their ranges calibrated step by step") if written_int8 else ""
+    inside = compute_layers_in_bodies(model.proto, skip=written_int8)
     if not inside:
-        return None
+        return done or None
     k, outside = sum(inside.values()), compute_layers_outside(model.proto)
     where = ", ".join(f"{name} ({n})" for name, n in inside.items())
     line = (f"{k} of {k + outside} Conv/MatMul/Gemm layers sit inside control-flow bodies that stay float in every "
             f"INT8 candidate: {where}; INT8 figures and speed cover the other {outside} only")
     if k >= outside:
         line = ("WARNING " + line + ". A Loop whose trip count the data cannot change is unrolled (and an If whose "
-                "condition is an input you can bind is inlined, `[model] bind`); a Loop over the data's length, one "
-                "that stops on its state (a decoder's end token) or a Scan is not yet")
-    return line
+                "condition is an input you can bind is inlined, `[model] bind`); the body of a Loop or Scan of the "
+                "main graph, which calibration runs step by step, is written INT8 with `[candidates] int8_bodies = "
+                "true` (`quantlab build --int8-bodies`); an If's branches and nested loops stay float")
+    return f"{line}; {done}" if done else line
 
 
 def int8_bodies(written: Mapping[str, WrittenModel]) -> set[str]:
