@@ -75,11 +75,9 @@ def _row(name: str, tally: TensorTally, calib: Any, clipped: float, samples: int
 
 
 def _drop(calib: float, here: float) -> float:
-    """dB of predicted SQNR this set loses against the calibration set (nan when either has no signal; a noiseless
-    side counts as 0 dB lost or gained)."""
-    if math.isnan(calib) or math.isnan(here) or (math.isinf(calib) and math.isinf(here)):
-        return 0.0 if math.isinf(calib) and math.isinf(here) else math.nan
-    return calib - here
+    """dB of predicted SQNR this set loses against the calibration set (nan when either has no signal; 0 when both
+    are noiseless, where inf - inf would be nan)."""
+    return 0.0 if math.isinf(calib) and math.isinf(here) else calib - here
 
 
 def _rows(result: PassResult, table: CalibrationTable, calibration: Statistics,

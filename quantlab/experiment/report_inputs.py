@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..errors import ExperimentError
 from ..graph import LoadedModel
+from ..plan import FusionGroup
 from ..precision import INT8
 from ..quantize import WrittenModel
 from ..report import WORST_LAYERS_SHOWN, HistogramView, ReportInputs, Verdict, worst_layers
@@ -118,7 +119,7 @@ def _from_wide(df: pd.DataFrame, metric: str, layer_col: str, order_col: str | N
     return out
 
 
-def _groups_of_layers(written: Mapping[str, WrittenModel]) -> Any:
+def _groups_of_layers(written: Mapping[str, WrittenModel]) -> Callable[[str], FusionGroup | None]:
     """``layer -> its fusion group`` (a layer is a node name, or a group's output tensor), from any written model
     (they share the groups)."""
     by_node: dict[str, Any] = {}

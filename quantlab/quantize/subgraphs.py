@@ -30,9 +30,9 @@ from onnx import TensorProto
 from ..errors import QuantlabError
 from ..folding import rename_node
 from ..graph import TensorSpec, outer_names
+from ..graph.bodies import body_model
 from ..graph.topology import subgraph_reads
 from ..precision import FP16, INT8
-from ..graph.bodies import body_model
 from .options import WriteOptions
 
 __all__ = ["body_table", "fp16_subgraph", "write_bodies", "write_fp16_bodies", "write_int8_bodies", "written_subgraph"]
@@ -48,12 +48,11 @@ def write_bodies(node: onnx.NodeProto, written: onnx.NodeProto, owner: str, prec
     (:func:`write_int8_bodies`); else float16 for a node of an FP16 group (:func:`write_fp16_bodies`), unless a value
     that enters or leaves the bodies went beyond ``options.fp16_data_max`` in calibration (``beyond_fp16``:
     tensor -> its largest |x|): then they stay float32."""
+    notes: list[str] = []
     if options.int8_bodies and plan_default == INT8 and table is not None and table.bodies.get(owner):
         notes, wrote = write_int8_bodies(written, owner, specs, initializers, model, options, table, precision)
         if wrote:
             return notes, INT8
-    else:
-        notes = []
     if precision != FP16:
         return notes, None
     crossing = [*node.input, *node.output, *sorted(subgraph_reads([node]))]

@@ -88,13 +88,13 @@ def write_model(
     writer = Writer(model, work_plan, placement, options)
     try:
         out = _finish(writer.run(), writer.book.written_dtype, model.label, options.check)
-    except ModelError as exc:  # a body written in float16 that does not fit its graph: write it as it was
-        if not writer.fp16_bodies:
+    except ModelError as exc:  # a body written in float16 or INT8 that does not fit its graph: write it as it was
+        if not writer.fp16_bodies and not writer.int8_bodies:
             raise
-        writer = Writer(model, work_plan, placement, options, bodies_in_fp16=False)
+        writer = Writer(model, work_plan, placement, options, rewrite_bodies=False)
         out = _finish(writer.run(), writer.book.written_dtype, model.label, options.check)
-        writer.notes.append(f"control-flow bodies stay float32: the model with float16 bodies failed its check "
-                            f"({exc}); please report it")
+        writer.notes.append(f"control-flow bodies stay float32: the model with float16 or INT8 bodies failed its "
+                            f"check ({exc}); please report it")
     meta = {
         "source_sha256": source.sha256,
         "source": str(model.path) if model.path else None,

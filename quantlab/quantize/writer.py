@@ -56,7 +56,7 @@ class Writer:
     """Writes the new graph node by node; its collaborators track names, dtypes, casts and Q/DQ."""
 
     def __init__(self, model: LoadedModel, plan: ResolvedPlan, placement: Placement,
-                 options: WriteOptions, bodies_in_fp16: bool = True) -> None:
+                 options: WriteOptions, rewrite_bodies: bool = True) -> None:
         self.src = model.proto
         self.plan = plan
         self.placement = placement
@@ -72,7 +72,7 @@ class Writer:
         self.notes: list[str] = []
         self.fp16_bodies: list[str] = []  # control-flow nodes whose bodies were written in float16
         self.int8_bodies: list[str] = []  # Loop/Scan nodes whose bodies were written in INT8
-        self.bodies_in_fp16 = bodies_in_fp16  # False: bodies stay as they are (the fallback of write_model)
+        self.rewrite_bodies = rewrite_bodies  # False: bodies stay as they are (the fallback of write_model)
         self.initializers = initializer_map(self.src)
         self.beyond_fp16 = beyond_fp16(placement.table, options.fp16_data_max)
         self.kept_fp32: dict[str, tuple[str, float]] = {}  # fp16-group node kept float32 -> (tensor, its |x|)
@@ -149,14 +149,17 @@ class Writer:
         written.input.extend(new_inputs)
         del written.output[:]
         written.output.extend(outputs)
-        if node.op_type in CONTROL_FLOW_OPS and self.bodies_in_fp16:
+        if node.op_type in CONTROL_FLOW_OPS and self.rewrite_bodies:
             from .subgraphs import write_bodies
 
             notes, kind = write_bodies(node, written, name, precision, self.plan.default, self.book.specs,
                                        self.initializers, self.src, self.options, self.placement.table,
                                        self.beyond_fp16)
             self.notes.extend(notes)
-            (self.int8_bodies if kind == INT8 else self.fp16_bodies if kind == FP16 else []).append(name)
+            if kind == INT8:
+                self.int8_bodies.append(name)
+            elif kind == FP16:
+                self.fp16_bodies.append(name)
         self.book.out_nodes.append(written)
         self.book.flush_casts()
         self.node_map[name] = [name] + chains + casts
