@@ -7,6 +7,7 @@ import json
 
 import models
 import numpy as np
+import pandas as pd
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -224,6 +225,9 @@ def test_an_experiment_with_int8_bodies_runs_end_to_end_and_says_the_bodies_stay
     assert any("is written INT8 with its calibrated ranges" in n for n in notes)
     assert not any("Conv/MatMul/Gemm layers sit inside control-flow" in m for m in result.messages)
     assert any(m.startswith("INT8 inside control flow") and "'over_tokens'" in m for m in result.messages)
+    plan = pd.read_parquet(tmp_path / "reports" / "rnn" / "results" / "plan.parquet").set_index("group")
+    assert plan.loc["over_tokens", "reason"].endswith("its body INT8 ([candidates] int8_bodies)")
+    assert "body INT8" not in plan.loc["head", "reason"]
     summary = {"pinned": {"embed": "fp16", "head": "fp16"}, "quantizable_groups": 2, "int8_fraction": 0.0}
     line = search_notes(summary, int8_bodies=True)[0]
     assert "bodies stay INT8" in line and "FP16 model" not in line

@@ -20,7 +20,8 @@ from ..search import impact_notes
 from ..stats import load_statistics
 from ..table import CalibrationTable
 from .spec import ExperimentConfig
-from .stages import SEARCH_CANDIDATE, experiment_candidates, load_frames, load_written, read_json, search_end_to_end
+from .stages import (SEARCH_CANDIDATE, experiment_candidates, int8_bodies, load_frames, load_written, read_json,
+                     search_end_to_end)
 from .store import StageRecord, package_versions
 
 __all__ = ["HISTOGRAM_BINS_SHOWN", "histogram_view", "disagreeing_tensors", "per_layer_for_report",
@@ -117,6 +118,16 @@ def _from_wide(df: pd.DataFrame, metric: str, layer_col: str, order_col: str | N
         if c and c in df.columns and c != layer_col:
             out[c] = df[c].to_numpy()
     return out
+
+
+def _with_int8_bodies(plan: pd.DataFrame, bodies: set[str]) -> pd.DataFrame:
+    """The plan table with the groups whose Loop/Scan body the INT8 candidates compute in INT8 saying so in their
+    reason (their own precision is the fallback's: the Loop node has no INT8 form)."""
+    marked = plan.copy()
+    column = marked["nodes"] if "nodes" in marked.columns else marked["group"]
+    holds = [bool(bodies & {n.strip() for n in str(nodes).split(",")}) for nodes in column]
+    marked.loc[holds, "reason"] = marked.loc[holds, "reason"].astype(str) + "; its body INT8 ([candidates] int8_bodies)"
+    return marked
 
 
 def _groups_of_layers(written: Mapping[str, WrittenModel]) -> Callable[[str], FusionGroup | None]:
@@ -262,6 +273,8 @@ def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables:
     if plan is not None:
         plan = plan[[c for c in ("group", "anchor_op", "nodes", "precision", "reason", "measured_impact")
                      if c in plan.columns]]
+        if config.int8_bodies and "reason" in plan.columns:
+            plan = _with_int8_bodies(plan, int8_bodies(written))
     per_layer, histograms = _histograms(config, frames, written, tables, cal_dir)
     notes = sorted({n for t in tables.values() for n in t.notes}) + list(messages)
     return ReportInputs(
