@@ -137,7 +137,8 @@ def search_notes(search: Mapping[str, Any], int8_bodies: bool = False) -> list[s
     line = (f"search: final plan pins {len(pinned)} of {groups} quantizable group(s) above INT8; INT8 on "
             f"{fraction:.0%} of them")
     if groups and fraction == 0.0 and int8_bodies:
-        line += "; the calibrated Loop/Scan bodies stay INT8 ([candidates] int8_bodies: no pin reaches them)"
+        line += ("; the calibrated Loop/Scan bodies stay INT8 ([candidates] int8_bodies: no pin reaches them; if the "
+                 "threshold is missed, run without it: SLANet's INT8 decoder body cost 33 points of sequence agreement)")
     elif groups and fraction == 0.0:
         fp32 = sum(1 for p in pinned.values() if str(p) == "fp32")
         what = ("so this plan is the FP16 model; compare the fp16 candidate" if not fp32 else
