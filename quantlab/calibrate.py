@@ -305,7 +305,8 @@ def _body_statistics(model: LoadedModel, dataset: Any, batch_size: int, backend:
     from .stats.bodies import calibrated_bodies, collect_body_statistics
 
     try:
-        if not calibrated_bodies(model):
+        found = calibrated_bodies(model)
+        if not found:
             return {}, ()
     except Exception as exc:  # noqa: BLE001 - an add-on pass: the main graph's ranges are complete without it
         return {}, (f"Loop/Scan bodies were not calibrated (they stay float): {type(exc).__name__}: {exc}",)
@@ -326,7 +327,7 @@ def _body_statistics(model: LoadedModel, dataset: Any, batch_size: int, backend:
                 bar.update(batch_size_of(item, batch_feeds(item)))
 
     try:
-        bodies, notes = collect_body_statistics(model, items(), backend, stats.bins, stats.huge_threshold)
+        bodies, notes = collect_body_statistics(model, items(), backend, stats.bins, stats.huge_threshold, found)
     except (DataError, InputMismatchError):
         raise  # the data itself: the main pass would have said it first
     except Exception as exc:  # noqa: BLE001 - as above

@@ -65,15 +65,17 @@ def _condition_in(candidate: Any, condition: str) -> str | None:
 
 
 def branch_flips(reference: LoadedModel, candidates: Mapping[str, Any], batches: Iterable[Batch],
-                 backend_of: Callable[[str], Backend], batch_size: int) -> list[dict[str, Any]]:
+                 backend_of: Callable[[str], Backend], batch_size: int,
+                 conditions: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per candidate and data-decided If (:func:`decided_conditions`): ``runs`` (model runs compared),
     ``flipped`` (runs whose condition differed from the reference's), the If and its condition.
 
     ``batches``: the comparison's batches (of up to ``batch_size`` samples, for the note);
     ``backend_of(name)``: the backend each candidate runs on (the reference: ``backend_of("")``).
-    A candidate without the condition tensor gets no row. [] when the reference has no such If.
+    A candidate without the condition tensor gets no row. [] when the reference has no such If. ``conditions``:
+    :func:`decided_conditions` of the reference, when the caller has it already.
     """
-    conditions = decided_conditions(reference)
+    conditions = decided_conditions(reference) if conditions is None else conditions
     if not conditions:
         return []
     names = {name: {node: _condition_in(c, cond) for node, cond in conditions.items()}

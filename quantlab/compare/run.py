@@ -286,7 +286,8 @@ class Comparison:
 
     def _branch_flips(self, progress: bool) -> list[dict[str, Any]]:
         """:func:`.branches.branch_flips` over the comparison's batches, with a bar when there is a pass to run."""
-        if not decided_conditions(self.reference):
+        conditions = decided_conditions(self.reference)
+        if not conditions:
             return []
         bar = tqdm(total=self.total, unit="sample", desc="If branches", dynamic_ncols=True) if progress else None
 
@@ -298,7 +299,8 @@ class Comparison:
 
         try:
             return branch_flips(self.reference, self.candidates, batches(),
-                                lambda name: self.candidate_backends.get(name, self.backend), self.options.batch_size)
+                                lambda name: self.candidate_backends.get(name, self.backend), self.options.batch_size,
+                                conditions)
         except Exception as exc:  # noqa: BLE001 - a diagnostic pass: its failure must not lose the comparison
             self.warnings.append(f"the check of which If branch each candidate takes did not run "
                                  f"({type(exc).__name__}: {exc}); the figures above are complete without it")

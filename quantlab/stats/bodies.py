@@ -19,7 +19,7 @@ is left out with a note: its loop keeps a float body, as before.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,10 +81,12 @@ def calibrated_bodies(model: LoadedModel) -> list[Body]:
 
 
 def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend: Any, bins: int,
-                            huge_threshold: float) -> tuple[dict[str, dict[str, HistogramState]], tuple[str, ...]]:
+                            huge_threshold: float, bodies: Sequence[Body] | None = None,
+                            ) -> tuple[dict[str, dict[str, HistogramState]], tuple[str, ...]]:
     """(``node name -> body tensor -> histogram state``, notes) over ``batches`` (items as the statistics pass takes
-    them) for :func:`calibrated_bodies`; empty when the model has none."""
-    bodies = calibrated_bodies(model)
+    them) for ``bodies`` (default :func:`calibrated_bodies`, which a caller that checked may pass on); empty when
+    there are none."""
+    bodies = calibrated_bodies(model) if bodies is None else bodies
     if not bodies:
         return {}, ()
     initializers = initializer_map(model.proto)  # the loops' own inputs among them (a trip count, a first state)
