@@ -488,8 +488,6 @@ def test_sequence_mode_also_measures_each_candidate_free_running(tmp_path):
     """Teacher forcing gives the error of one step; deployed, a candidate reads back its own state (Silero VAD's
     INT8: 23.5 dB teacher-forced, 14.3 free-running). compare runs every model over the streams on its own state
     too: the figures match a closed loop run here with ONNX Runtime directly."""
-    import onnxruntime as ort
-
     import quantlab as ql
 
     model, seq, _ = _sequence_and_plain_sets(tmp_path)
@@ -500,11 +498,8 @@ def test_sequence_mode_also_measures_each_candidate_free_running(tmp_path):
     assert set(rows) == {"prob", "stateN"} and rows["prob"]["samples"] == 5
     assert sum("free-running over whole streams" in w for w in result.warnings) == 1
 
-    def session(proto):
-        return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-
     chunks = [np.load(tmp_path / "chunks" / f"chunk{i}.npz") for i in range(5)]
-    sessions = {"ref": session(model.proto), "int8": session(int8.proto)}
+    sessions = {"ref": models.ort_session(model.proto), "int8": models.ort_session(int8.proto)}
     state = {k: chunks[0]["state"][:, None] for k in sessions}
     got = {k: {"prob": [], "stateN": []} for k in sessions}
     for c in chunks:
@@ -523,8 +518,6 @@ def test_free_running_figures_and_user_metrics_are_columns_a_threshold_can_judge
     """Silero VAD INT8: 98-99 % speech decisions agreed teacher-forced, 86-94 % free-running, and no gate could
     read the latter. The end-to-end table holds ``free_<figure>`` and ``free_<user metric>`` columns; the metric's
     free-running mean matches a closed loop run here with ONNX Runtime, and --fail-if / the search read them."""
-    import onnxruntime as ort
-
     import quantlab as ql
     from quantlab.cli.compare import known_metrics
     from quantlab.errors import ThresholdError
@@ -546,8 +539,7 @@ def test_free_running_figures_and_user_metrics_are_columns_a_threshold_can_judge
     for o in ("prob", "stateN"):
         assert frame.loc[o, "free_sqnr_db"] == rows[o]["sqnr_db"]
     chunks = [np.load(tmp_path / "chunks" / f"chunk{i}.npz") for i in range(5)]
-    sessions = {k: ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
-                for k, p in (("ref", model.proto), ("int8", int8.proto))}
+    sessions = {k: models.ort_session(p) for k, p in (("ref", model.proto), ("int8", int8.proto))}
     state = {k: chunks[0]["state"][:, None] for k in sessions}
     gaps = []
     for c in chunks:

@@ -973,7 +973,7 @@ def test_flip_margins_of_a_state_batched_on_axis_1_and_a_shared_scalar():
     fp32 = _session(model.proto).run(["logits"], feeds)[0]
     assert list(ref.top1) == list(np.argmax(fp32, axis=1))
     for k, plan in enumerate(plans):
-        session = _session(evaluator.write(plan).proto)
+        session = models.ort_session(evaluator.write(plan).proto)  # the evaluator's Q/DQ semantics on this CPU
         logits = session.run(["logits"], feeds)[0][indices].astype(np.float64)
         want = logit_margins(logits, ref.top1[indices]) / ref.scale[indices]
         np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-5)

@@ -32,10 +32,10 @@ from ..data import Batch
 from ..graph import LoadedModel, producer_map
 from ..graph.topology import SHAPE_ONLY_OPS, upstream
 from ..quantize import WrittenModel
+from .candidates import REFERENCE_KEY
 
 __all__ = ["branch_flips", "branch_note", "decided_conditions"]
 
-_REFERENCE = "\0reference"  # never a candidate's name
 
 
 def decided_conditions(model: LoadedModel) -> dict[str, str]:
@@ -81,7 +81,8 @@ def branch_flips(reference: LoadedModel, candidates: Mapping[str, Any], batches:
     names = {name: {node: _condition_in(c, cond) for node, cond in conditions.items()}
              for name, c in candidates.items()}
     names = {name: {k: v for k, v in found.items() if v is not None} for name, found in names.items()}
-    runners = {_REFERENCE: backend_of("").build(reference.proto, outputs=list(dict.fromkeys(conditions.values())))}
+    runners = {REFERENCE_KEY: backend_of("").build(reference.proto,
+                                                   outputs=list(dict.fromkeys(conditions.values())))}
     runners.update({name: backend_of(name).build(candidates[name].proto, outputs=list(dict.fromkeys(found.values())))
                     for name, found in names.items() if found})
     flipped = {(name, node): 0 for name, found in names.items() for node in found}
@@ -89,7 +90,7 @@ def branch_flips(reference: LoadedModel, candidates: Mapping[str, Any], batches:
     try:
         for batch in batches:
             feeds = batch.feeds
-            ref = runners[_REFERENCE].run(feeds, None)
+            ref = runners[REFERENCE_KEY].run(feeds, None)
             for name, found in names.items():
                 if not found:
                     continue

@@ -27,9 +27,12 @@ from ..precision import FP16
 from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
 from ..quantize import WriteOptions, WrittenModel, load_provenance
 
-__all__ = ["Candidate", "computes_in_float16", "holds_float16", "load_candidate", "simulates_tensorrt"]
+__all__ = ["REFERENCE_KEY", "Candidate", "computes_in_float16", "holds_float16", "load_candidate", "simulates_tensorrt"]
 
 Candidate = WrittenModel | LoadedModel
+
+REFERENCE_KEY = "\0reference"
+"""The FP32 reference's key beside the candidates' names in one mapping (never a candidate's name)."""
 
 
 def computes_in_float16(candidate: Candidate) -> bool:

@@ -30,6 +30,7 @@ from ..graph import LoadedModel
 from ..graph.samples import data_sized
 from ..metrics import ErrorSums, error_sums, errors_from_sums
 from ..sequence import SequenceData
+from .candidates import REFERENCE_KEY
 
 __all__ = ["FREE_RUNNING_FIGURES", "FREE_PREFIX", "SampleMetric", "free_column", "free_running", "free_running_note",
            "with_free_running"]
@@ -43,7 +44,6 @@ FREE_PREFIX = "free_"
 SampleMetric = Callable[[str, Batch, Mapping[str, np.ndarray], Mapping[str, np.ndarray]], list[dict[str, float]]]
 """(candidate, batch, reference outputs, candidate outputs) -> the user metric's numbers, one mapping per sample."""
 
-_REFERENCE = "\\0reference"  # never a candidate's name
 
 
 def free_column(figure: str) -> str:
@@ -59,7 +59,7 @@ def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: Se
     ``batch_size``; with ``metric``, also the mean of each of its numbers over every sample of every step (the
     same on every output row of a candidate, as the end-to-end table has them)."""
     outputs = compared_outputs(reference)
-    protos = {_REFERENCE: reference.proto, **{name: c.proto for name, c in candidates.items()}}
+    protos = {REFERENCE_KEY: reference.proto, **{name: c.proto for name, c in candidates.items()}}
     runners = {name: backend_of(name).build(proto) for name, proto in protos.items()}
     states: dict[str, dict[str, np.ndarray]] = {name: {} for name in protos}
     sums: dict[tuple[str, str], ErrorSums] = {(n, o): ErrorSums() for n in candidates for o in outputs}
@@ -73,10 +73,10 @@ def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: Se
             for name, out in got.items():
                 states[name] = {inp: out[o] for o, inp in data.carry.items()}
             for (name, o) in sums:
-                sums[(name, o)] = sums[(name, o)] + error_sums(got[_REFERENCE][o], got[name][o])
+                sums[(name, o)] = sums[(name, o)] + error_sums(got[REFERENCE_KEY][o], got[name][o])
             if metric is not None:
                 for name in candidates:
-                    user[name].extend(metric(name, batch, got[_REFERENCE], got[name]))
+                    user[name].extend(metric(name, batch, got[REFERENCE_KEY], got[name]))
             seen += len(batch)
     finally:
         for runner in runners.values():
