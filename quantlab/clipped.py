@@ -32,11 +32,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .binning import CHUNK, compiled, huge_bits, merge_pairs, power_of_two_above
-from .binning.core import _F32_NORMAL_MIN, _F32_POW2_MAX, _grow, _key_float, _scan_bits
+from .binning.core import _F32_NORMAL_MIN, _F32_POW2_MAX, _I32, _grow, _key_float, _scan_bits
 from .histogram import HistogramState, checked_bins
 
 __all__ = ["ClippedPair", "NotDerivable", "derivable_limit"]
 
+_U32 = np.uint32
 _MAX_VALUES = 1 << 30
 """Values per update binned in the int32 partial tables (no overflow); larger arrays are not derived."""
 
@@ -63,17 +64,19 @@ def _pair_indices(flat, bits, out, p_limit, p_scale, q_scale, offset, cap):  # p
     returns (negatives, x >= R_h). ``p_limit`` is the bit pattern of R_h (of +inf for Relu).
 
     Branch-free (a branch mispredicts on signed data: 6 instead of 1.2 ns a value); P's index of a Q value
-    is computed from ``min(|x|, cap)`` so that it stays in range, then masked out.
+    is computed from ``min(|x|, cap)`` so that it stays in range, then masked out. In 32-bit lanes (casts, as
+    quantlab.binning's scan; a chunk's counts fit int32): 0.42 instead of 0.88 ns a value on an AVX2 CPU.
     """
-    neg = 0
-    big = 0
+    neg = _I32(0)
+    big = _I32(0)
     for i in range(flat.size):
         b = bits[i]
-        neg += b < np.int32(0)
-        big += b >= p_limit
-        in_p = np.uint32(0) - np.uint32((b >= np.int32(0)) & (b < p_limit))
+        neg = _I32(neg + _I32(b < _I32(0)))
+        big = _I32(big + _I32(b >= p_limit))
+        in_p = _U32(_U32(0) - _U32(_I32(b >= _I32(0)) & _I32(b < p_limit)))
         a = abs(flat[i])
-        out[i] = (np.uint32(min(a, cap) * p_scale) & in_p) | ((offset + np.uint32(a * q_scale)) & ~in_p)
+        p_index = _U32(_U32(min(a, cap) * p_scale) & in_p)
+        out[i] = _U32(p_index | _U32(_U32(offset + _U32(a * q_scale)) & _U32(~in_p)))
     return neg, big
 
 

@@ -14,6 +14,7 @@ from .core import (
     _F32_INF_BITS,
     _F32_NORMAL_MIN,
     _F32_POW2_MAX,
+    _I32,
     _TINY_UPPER,
     _extremes,
     _grow,
@@ -61,22 +62,22 @@ def _scan_usable(bits, limit):  # pragma: no cover - compiled
     """(min key, max key, usable, non-finite) of a chunk holding values to leave out (see :func:`_scan_bits`).
 
     Only the usable values (magnitude bits below ``limit``: finite and ``|x| < huge``) reach the
-    keys, through selects, so the loop stays vectorised. No usable value: the keys stay at their
+    keys, through selects, so the loop stays vectorised (in int32 lanes, as :func:`_scan_bits`). No usable value: the keys stay at their
     starting points (check ``usable``).
     """
-    kmin = np.int32(0x7FFFFFFF)
-    kmax = np.int32(-0x80000000)
-    usable = 0
-    nonfinite = 0
+    kmin = _I32(0x7FFFFFFF)
+    kmax = _I32(-0x80000000)
+    usable = _I32(0)
+    nonfinite = _I32(0)
     for i in range(bits.size):
         b = bits[i]
-        mag = b & np.int32(_ABS)
+        mag = _I32(b & _I32(_ABS))
         ok = mag < limit
-        key = b ^ ((b >> np.int32(31)) & np.int32(_ABS))
-        kmin = min(kmin, key if ok else np.int32(0x7FFFFFFF))
-        kmax = max(kmax, key if ok else np.int32(-0x80000000))
-        usable += ok
-        nonfinite += mag >= np.int32(_F32_INF_BITS)
+        key = _I32(b ^ _I32(_I32(b >> _I32(31)) & _I32(_ABS)))
+        kmin = _I32(min(kmin, key if ok else _I32(0x7FFFFFFF)))
+        kmax = _I32(max(kmax, key if ok else _I32(-0x80000000)))
+        usable = _I32(usable + _I32(ok))
+        nonfinite = _I32(nonfinite + _I32(mag >= _I32(_F32_INF_BITS)))
     return kmin, kmax, usable, nonfinite
 
 
