@@ -31,6 +31,9 @@ def compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
     ``$NUMBA_CACHE_DIR`` or the user's cache folder; when none is writable
     (read-only install and home) ``cache=True`` fails at decoration, so the
     kernels are then compiled once per process instead (a few seconds).
+    numba checks only the cached function's own file: a kernel calling one of another module keeps
+    the callee's old code after that module is edited (installs write every file anew; in a working
+    tree delete ``quantlab/**/__pycache__/*.nb[ci]`` after editing a kernel).
     """
 
     def decorate(function: Callable[..., Any]) -> Any:
