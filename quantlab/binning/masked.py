@@ -62,8 +62,8 @@ def _scan_usable(bits, limit):  # pragma: no cover - compiled
     """(min key, max key, usable, non-finite) of a chunk holding values to leave out (see :func:`_scan_bits`).
 
     Only the usable values (magnitude bits below ``limit``: finite and ``|x| < huge``) reach the
-    keys, through selects, so the loop stays vectorised (in int32 lanes, as :func:`_scan_bits`). No usable value: the keys stay at their
-    starting points (check ``usable``).
+    keys, through selects, so the loop stays vectorised (in int32 lanes, as :func:`_scan_bits`). No usable
+    value: the keys stay at their starting points (check ``usable``).
     """
     kmin = _I32(0x7FFFFFFF)
     kmax = _I32(-0x80000000)
