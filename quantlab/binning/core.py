@@ -97,6 +97,12 @@ def _grow(counts, even, odd, upper, absmax):  # pragma: no cover - compiled
     return new
 
 
+@compiled(nogil=True, inline="always")
+def _order_key(b):  # pragma: no cover - compiled
+    """The int32 key of float32 bits ``b`` that orders like the float (-0.0 just below +0.0); its own inverse."""
+    return _I32(b ^ _I32(_I32(b >> _I32(31)) & _I32(_ABS)))
+
+
 @compiled(nogil=True, boundscheck=False)
 def _scan_bits(bits, limit):  # pragma: no cover - compiled
     """(min key, max key, zeros, -0.0 count, bad count) of ``bits`` (an int32 view of float32 values, a chunk:
@@ -116,7 +122,7 @@ def _scan_bits(bits, limit):  # pragma: no cover - compiled
     bad = _I32(0)
     for i in range(bits.size):
         b = bits[i]
-        key = _I32(b ^ _I32(_I32(b >> _I32(31)) & _I32(_ABS)))
+        key = _order_key(b)
         kmin = _I32(min(kmin, key))
         kmax = _I32(max(kmax, key))
         mag = _I32(b & _I32(_ABS))
@@ -129,7 +135,7 @@ def _scan_bits(bits, limit):  # pragma: no cover - compiled
 @compiled(nogil=True)
 def _key_float(key, scratch):  # pragma: no cover - compiled
     """The float32 a scan key stands for (the key transform is its own inverse)."""
-    scratch[0] = key ^ ((key >> np.int32(31)) & np.int32(_ABS))
+    scratch[0] = _order_key(key)
     return scratch.view(np.float32)[0]
 
 

@@ -18,6 +18,7 @@ from .core import (
     _TINY_UPPER,
     _extremes,
     _grow,
+    _order_key,
     compiled,
 )
 
@@ -73,7 +74,7 @@ def _scan_usable(bits, limit):  # pragma: no cover - compiled
         b = bits[i]
         mag = _I32(b & _I32(_ABS))
         ok = mag < limit
-        key = _I32(b ^ _I32(_I32(b >> _I32(31)) & _I32(_ABS)))
+        key = _order_key(b)
         kmin = _I32(min(kmin, key if ok else _I32(0x7FFFFFFF)))
         kmax = _I32(max(kmax, key if ok else _I32(-0x80000000)))
         usable = _I32(usable + _I32(ok))
