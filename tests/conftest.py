@@ -30,9 +30,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the numeric modules' tests, and move the ``slow`` ones to the front (stable otherwise): `make test`
+    runs two xdist workers, and a minute-long real-model run handed out last would leave one worker idle while
+    the other finishes it."""
     for item in items:
         if item.module is not None and item.module.__name__ in NUMERIC_MODULES:
             item.add_marker(pytest.mark.numeric)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(params=sorted(models.ALL_BUILDERS))
