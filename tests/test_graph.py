@@ -87,6 +87,24 @@ def test_external_data_inside_folder_loads(tmp_path):
     )
 
 
+def test_a_model_over_protobufs_limit_with_its_external_data_is_refused_before_reading_it(tmp_path, monkeypatch):
+    """The limit lowered to the model's own size (a real 2 GiB model is too big for a test): the file and the size
+    are named, nothing is loaded; at the real limit the same model loads."""
+    from quantlab.graph import load
+
+    folder = _external_model(tmp_path, "weights.bin")
+    graph_bytes = (folder / "m.onnx").stat().st_size
+    stored = onnx.load(folder / "m.onnx", load_external_data=False).graph.initializer
+    weights = sum(int(e.value) for t in stored for e in t.external_data if e.key == "length")  # not the padding
+    assert weights > 0
+    assert load_model(folder / "m.onnx").proto.graph.initializer
+    monkeypatch.setattr(load, "_PROTOBUF_LIMIT", graph_bytes + weights - 1)
+    with pytest.raises(ModelError, match=r"m\.onnx.*GiB.*2 GiB limit"):
+        load_model(folder / "m.onnx")
+    monkeypatch.setattr(load, "_PROTOBUF_LIMIT", graph_bytes + weights)
+    assert load_model(folder / "m.onnx").proto.graph.initializer
+
+
 @pytest.mark.parametrize("location", ["../weights.bin", "/etc/passwd", "sub/../../weights.bin"])
 def test_external_data_escaping_the_folder_is_refused(tmp_path, location):
     folder = _external_model(tmp_path, "weights.bin")

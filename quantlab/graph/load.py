@@ -119,10 +119,17 @@ def _min_ir_version(proto: onnx.ModelProto) -> int:
         standard = [o for o in proto.opset_import if o.domain in ("", "ai.onnx")]
         return helper.find_min_ir_version_for(standard, ignore_unknown=True)
 
-def _check_external_paths(proto: onnx.ModelProto, folder: Path, label: str) -> list[Path]:
-    """Refuse external-data locations that escape ``folder``; return the files used."""
+_PROTOBUF_LIMIT = 2**31 - 1
+"""Bytes of the largest protobuf message: quantlab holds a model, its weights inside, as one ModelProto and hands
+ORT its serialised bytes, so a model whose weights and graph exceed this cannot be handled (not yet)."""
+
+
+def _check_external_paths(proto: onnx.ModelProto, folder: Path, label: str) -> tuple[list[Path], int]:
+    """Refuse external-data locations that escape ``folder``; return the files used and the bytes the tensors
+    read from them (``length``, else the rest of the file after ``offset``)."""
     folder = folder.resolve()
     used: set[Path] = set()
+    loaded = 0
     tensors = list(proto.graph.initializer)
     for node in proto.graph.node:
         for attr in node.attribute:
@@ -152,7 +159,10 @@ def _check_external_paths(proto: onnx.ModelProto, folder: Path, label: str) -> l
                 f"does not exist in {folder}. Copy it next to the model."
             )
         used.add(resolved)
-    return sorted(used)
+        length, offset = info.get("length", ""), info.get("offset", "")
+        loaded += int(length) if length.isdigit() else max(
+            0, resolved.stat().st_size - (int(offset) if offset.isdigit() else 0))
+    return sorted(used), loaded
 
 
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
@@ -287,7 +297,12 @@ def _load_file(path: Path, bind: Mapping[str, Any] | None = None) -> LoadedModel
     if not data:
         raise ModelError(f"{label}: the file is empty; it is not an ONNX model.")
     proto = _parse(data, label)
-    external = _check_external_paths(proto, path.parent, label)
+    external, external_bytes = _check_external_paths(proto, path.parent, label)
+    if len(data) + external_bytes > _PROTOBUF_LIMIT:
+        raise ModelError(
+            f"{label}: with its external data the model holds {(len(data) + external_bytes) / 2**30:.2f} GiB, over "
+            f"protobuf's 2 GiB limit for one message; quantlab keeps a model and its weights in one message and "
+            "cannot calibrate or write models this large yet. Quantize a smaller variant, or split the model.")
     digest = sha256_bytes(data)
     if external:
         from onnx.external_data_helper import load_external_data_for_model
