@@ -264,7 +264,7 @@ def calibrate(
 
     def on_batch(item: Any) -> None:
         fingerprint.update(item)
-        shapes.observe_samples(batch_feeds(item), getattr(item, "batch_axes", {}))
+        shapes.observe_samples(batch_feeds(item), getattr(item, "batch_axes", {}), getattr(item, "alone_shapes", None))
 
     stats = collect_statistics(
         model,

@@ -216,17 +216,26 @@ class ShapeLog:
             shape = tuple(int(d) for d in getattr(array, "shape", ()))
             self.counts.setdefault(name, Counter())[shape] += 1
 
-    def observe_samples(self, feeds: Mapping[str, object], batch_axes: Mapping[str, int | None]) -> None:
+    def observe_samples(self, feeds: Mapping[str, object], batch_axes: Mapping[str, int | None],
+                        alone: Mapping[str, Sequence[Sequence[int]]] | None = None) -> None:
         """Count each sample's shape: the batch axis (``batch_axes``, default 0; None: none) set to 1. An input
-        without a batch axis counts once per sample of the batch too (the same counts whatever the batch size)."""
+        without a batch axis counts once per sample of the batch too (the same counts whatever the batch size).
+        ``alone``: for inputs a ``[pad]`` padded, each sample's shape padded alone (no batch axis;
+        ``Batch.alone_shapes``), counted instead of the batch's padded one."""
         shapes = {name: [int(d) for d in getattr(array, "shape", ())] for name, array in feeds.items()}
         axes = {name: batch_axes.get(name, BATCH_AXIS) for name in shapes}
         sizes = [shape[axes[n]] for n, shape in shapes.items() if axes[n] is not None and axes[n] < len(shape)]
         samples = sizes[0] if sizes else 1
         for name, shape in shapes.items():
-            if axes[name] is not None and axes[name] < len(shape):
-                shape[axes[name]] = 1
-            self.counts.setdefault(name, Counter())[tuple(shape)] += samples
+            counts = self.counts.setdefault(name, Counter())
+            axis = axes[name]
+            if alone and name in alone and axis is not None and axis < len(shape):
+                for own in alone[name]:
+                    counts[tuple(int(d) for d in own[:axis]) + (1,) + tuple(int(d) for d in own[axis:])] += 1
+                continue
+            if axis is not None and axis < len(shape):
+                shape[axis] = 1
+            counts[tuple(shape)] += samples
 
     @classmethod
     def of(cls, batches: Iterable[Any]) -> ShapeLog:
@@ -234,7 +243,8 @@ class ShapeLog:
         ``batch_axes``, or plain feed mappings, batched on axis 0)."""
         log = cls()
         for item in batches:
-            log.observe_samples(getattr(item, "feeds", item), getattr(item, "batch_axes", {}))
+            log.observe_samples(getattr(item, "feeds", item), getattr(item, "batch_axes", {}),
+                                getattr(item, "alone_shapes", None))
         return log
 
     def update(self, other: ShapeLog) -> ShapeLog:

@@ -268,6 +268,32 @@ def test_pad_makes_one_length_per_batch_with_a_mask_and_records_it(tmp_path):
     assert batch.feeds["attention_mask"].sum(axis=1).tolist() == [5, 8, 3]
 
 
+@pytest.mark.parametrize("to, alone", [("\"max\"", [5, 8, 3, 2]), ("4", [8, 8, 4, 4])])
+def test_engine_profiles_admit_the_shortest_sample_alone_not_only_the_padded_batches(tmp_path, to, alone):
+    """A 2-token sentence batched with an 8-token one is padded to 8, but an engine serving one request at a
+    time is fed its own 2 (or 4 with ``to = 4``): the table records each sample padded alone, and the profile's
+    minimum comes from there (it was the shortest padded batch)."""
+    from quantlab.shapes import ShapeLog, shapes_for_table
+
+    _sequences(tmp_path, [5, 8, 3, 2])
+    (tmp_path / "p.toml").write_text(PADDED + f'inputs = ["x"]\nto = {to}\nmask = "mask"\nmask_values = [0.0, -1e9]\n')
+    data = open_dataset(tmp_path / "p.toml")
+    batches = list(data.batches(2))
+    assert [b.feeds["x"].shape[1] for b in batches] == [8, 4 if to == "4" else 3]  # padded per batch
+    assert [s[0] for b in batches for s in b.alone_shapes["x"]] == alone
+    assert [s[0] for b in batches for s in b.alone_shapes["mask"]] == alone
+    log = ShapeLog.of(batches)
+    assert sorted(shape[1] for shape in log.shapes("x")) == sorted(set(alone))
+    assert sum(log.shapes("x").values()) == 4  # one count per sample
+    model = model_from_proto(models.dynamic_attention(hidden=4))
+    table = calibrate(model, data, "minmax", batch_size=2).tables["minmax"]
+    recorded = {tuple(row[:-1]): row[-1] for row in table.calib_set["input_shapes"]["x"]}
+    assert recorded == {(1, n, 4): alone.count(n) for n in alone}
+    ranges = shapes_for_table(None, table.calib_set, {"x": (-1, -1, 4), "mask": (-1, -1)}, batch=8)
+    assert ranges["x"].min == (1, min(alone), 4) and ranges["x"].max == (8, max(alone), 4)
+    assert ranges["mask"].min == (1, min(alone)) and ranges["mask"].max == (8, max(alone))
+
+
 @pytest.mark.parametrize("table, message", [
     ('inputs = "x"', r"p.toml: line 6: \[pad\] key 'inputs': must be a non-empty list.*inputs = \[\"input_ids\"\]"),
     ('inputs = ["x"]\nto = 0', r"\[pad\] key 'to': must be \"max\" or an integer >= 1.*to = \"max\""),

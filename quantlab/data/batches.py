@@ -23,7 +23,7 @@ from ..environment import available_memory_bytes, format_bytes, shape_bytes
 from ..errors import DataError, InputMismatchError
 from ..graph import TensorSpec
 from ..schema import is_int
-from .padding import PadSpec, pad_samples
+from .padding import PadSpec, alone_shapes, pad_samples
 
 __all__ = [
     "Batch",
@@ -62,6 +62,9 @@ class Batch:
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     batch_axes: Mapping[str, int | None] = field(default_factory=dict)
+    alone_shapes: Mapping[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
+    """Inputs ``[pad]`` padded: each sample's shape padded alone, without the batch axis
+    (:func:`quantlab.data.padding.alone_shapes`); the engine profiles take these, not the batch's."""
 
     def per_sample(self, name: str) -> np.ndarray:
         """Input ``name`` with the samples on axis 0 (a value without a batch axis repeated per sample)."""
@@ -110,6 +113,7 @@ def stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype: 
                   padding: PadSpec | None = None) -> Batch:
     """Samples stacked on each input's batch axis, 0 by default, after ``padding`` made the inputs it names
     one length (DataError naming both samples when shapes or dtypes still differ)."""
+    alone = alone_shapes(samples, padding)
     samples = pad_samples(samples, padding)
     first = samples[0]
     feeds: dict[str, np.ndarray] = {}
@@ -130,7 +134,7 @@ def stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype: 
         if label_dtype == "str":
             labels = labels.astype(str)
     return Batch(indices=tuple(s.index for s in samples), keys=tuple(s.key for s in samples), feeds=feeds,
-                 labels=labels, batch_axes=dict(batch_axes or {}))
+                 labels=labels, batch_axes=dict(batch_axes or {}), alone_shapes=alone)
 
 
 def batch_fits(specs: Mapping[str, tuple[str, tuple[int, ...]]], batch: int, where: str, advice: str) -> None:

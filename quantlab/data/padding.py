@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import DataError, ManifestError
 from ..schema import Key, Where, check_table, is_int, is_num, str_list
 
-__all__ = ["PAD_KEYS", "PadSpec", "pad_samples", "parse_pad", "with_mask"]
+__all__ = ["PAD_KEYS", "PadSpec", "alone_shapes", "pad_samples", "parse_pad", "with_mask"]
 
 GUIDE = "calib_sets/README.md"
 
@@ -128,6 +128,26 @@ def _padded(array: np.ndarray, axis: int, length: int, value: float) -> np.ndarr
     widths = [(0, 0)] * array.ndim
     widths[axis] = (0, length - array.shape[axis])
     return np.pad(array, widths, constant_values=np.asarray(value).astype(array.dtype))
+
+
+def alone_shapes(samples: Sequence[Any], spec: PadSpec | None) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Per padded input (and the mask), each sample's shape padded alone: its own length, or the next multiple
+    of ``to``. What an engine serving one request at a time is fed, so what its profile must admit: a batch's
+    padded length is that of its longest sample alone, the shortest sample's alone length may be far below it
+    (a 4-token sentence batched with a 26-token one)."""
+    if spec is None:
+        return {}
+    names = [*spec.inputs, *([spec.mask] if spec.mask else [])]
+    out: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for n in names:
+        shapes = []
+        for s in samples:
+            shape = list(s.feeds[n].shape)
+            axis = _axis(spec, n) % len(shape) if shape else 0
+            shape[axis] = _target([_length(s.feeds[n], spec, n, s.key)], spec.to)
+            shapes.append(tuple(int(d) for d in shape))
+        out[n] = tuple(shapes)
+    return out
 
 
 def pad_samples(samples: Sequence[Any], spec: PadSpec | None) -> list[Any]:
