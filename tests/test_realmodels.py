@@ -4,7 +4,7 @@
 that a width of 1 breaks); ``refinement_loop`` a Loop with a static trip count,
 unrolled before statistics. The ``slow`` tests at the end take every issue model
 (recognizer, ``dynamic_attention`` with padded sentences and an additive mask,
-``voice_activity`` with its state on axis 1, ``hardsigmoid_detector``) through the CLI
+``voice_activity`` with its state on axis 1, ``hardsigmoid_detector``, a Hugging Face BERT export) through the CLI
 as a user would: manifests, calibrate, build with TensorRT-RTX without --shapes, compare,
 search, and a TensorRT-RTX build of the plan the search chose.
 """
@@ -310,3 +310,57 @@ def test_hardsigmoid_spike_detector_end_to_end(tmp_path, capfd):
     assert gate["max"] == 1.0 and gate["amax"] >= 1.0  # the plateau at 1.0 is inside the range, not clipped
     row = got["end_to_end"].loc[("int8", "prob")]
     assert row["samples"] == 2 and row["cosine"] > 0.99
+
+
+def _hf_bert_classifier() -> bytes:
+    """A two-layer BERT sequence classifier as Hugging Face transformers builds it (random weights, seed 0), exported
+    by torch's TorchScript exporter: the graph patterns of a real HF export (the attention mask turned into
+    ``Where(mask, float32.min)``, Erf GELU, LayerNormalization, a Gather embedding, dynamic batch and length)."""
+    import io
+    import warnings
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, num_labels=3, attn_implementation="eager")
+    net = BertForSequenceClassification(config).eval()
+    ids = torch.randint(1, 512, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    out = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python booleans in the mask code
+        torch.onnx.export(net, (ids, mask), out, input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_axes={"input_ids": {0: "N", 1: "T"}, "attention_mask": {0: "N", 1: "T"},
+                                        "logits": {0: "N"}}, opset_version=17, dynamo=False)
+    return out.getvalue()
+
+
+@pytest.mark.slow
+def test_hugging_face_bert_with_padded_sentences_end_to_end(tmp_path, capfd):
+    """A real exporter's transformer through the CLI: the float32.min mask is left out of the ranges and of INT8,
+    the engine's profile admits the shortest sentence alone (not only the shortest padded batch), INT8 logits
+    hold up on ONNX Runtime."""
+    import onnx
+
+    proto = onnx.load_from_string(_hf_bert_classifier())
+    rng = np.random.default_rng(4)
+    sentence = lambda n: {"input_ids": rng.integers(1, 512, n).astype(np.int64)}  # noqa: E731
+    calib_lengths, valid_lengths = [12, 5, 20, 9, 16, 7, 18, 11], [6, 14, 9, 19]
+    got = _through_the_cli(tmp_path, capfd, proto, [sentence(n) for n in calib_lengths],
+                           [sentence(n) for n in valid_lengths], '[pad]\ninputs = ["input_ids"]\nmask = "attention_mask"')
+    assert got["table"]["calib_set"]["manifest"]["padding"]["mask"] == "attention_mask"
+    # batches of 2 are padded to 12, 20, 16, 18; the engine must still take a 5-token sentence alone
+    assert got["profiles"]["input_ids"][0] == [1, min(calib_lengths)]
+    assert got["profiles"]["input_ids"][2] == [8, max(calib_lengths)]
+    assert got["profiles"]["attention_mask"] == got["profiles"]["input_ids"]
+    tensors = got["table"]["tensors"]
+    huge = [name for name, t in tensors.items() if t.get("excluded", {}).get("huge", 0) > 0]  # the masked scores: float32.min
+    assert huge and all(np.isfinite(tensors[name]["amax"]) and tensors[name]["amax"] < 1e3 for name in huge)
+    assert not set(huge) & got["quantized"]  # a mask at float32.min in INT8 would turn into garbage
+    assert any("MatMul" in name for name in tensors) and len(got["quantized"]) >= 12  # the linear layers are INT8
+    row = got["end_to_end"].loc[("int8", "logits")]
+    assert row["samples"] == len(valid_lengths) and row["cosine"] > 0.99
+    assert got["search"]["met"]
