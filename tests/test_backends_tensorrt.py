@@ -116,6 +116,22 @@ def test_unsupported_op_names_node_and_op(rtx):
     assert "--backend ort" in text
 
 
+def test_onnx_runtime_contrib_ops_say_the_model_went_through_its_optimizer(rtx):
+    """A BERT fused by ORT's transformer optimizer (FastGelu, SkipLayerNormalization, ... in com.microsoft): ONNX
+    Runtime runs it, TensorRT cannot parse it; the error says where such ops come from and what to give instead."""
+    model = _model([helper.make_node("FastGelu", ["x"], ["y"], name="gelu_fused", domain="com.microsoft")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                   extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+    x = np.array([[-1.0, 0.0, 2.0]], np.float32)
+    assert get_backend("ort").build(model).run({"x": x}, ["y"])["y"].shape == (1, 3)  # ORT knows the op
+    with pytest.raises(UnsupportedOpError) as err:
+        rtx.build_engine(model, label="bert_opt.onnx")
+    text = str(err.value)
+    assert "bert_opt.onnx" in text and "gelu_fused" in text and "FastGelu is an op" in text
+    assert "com.microsoft" in text and "transformer optimizer" in text and "--backend ort" in text
+
+
 def test_nonzero_zero_point_is_a_backend_error_naming_the_node(rtx):
     """ORT's uint8 form: the TensorRT parser refuses it; the error says which node and what to do."""
     model = _model(

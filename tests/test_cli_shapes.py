@@ -144,3 +144,31 @@ def test_experiment_engine_shapes_come_from_the_file_or_the_data(recognizer, tmp
     assert engine_shapes_for(given, model, table, open_dataset(valid)) == "image:1x3x48x64,8x3x48x320,32x3x48x1600"
     ort = parse_experiment(head.replace("tensorrt-rtx", "ort"))
     assert engine_shapes_for(ort, model, table, open_dataset(valid)) is None
+
+
+def test_build_of_a_model_with_onnx_runtime_ops_says_so_and_writes_nothing(tmp_path, capfd):
+    """MatMul -> com.microsoft FastGelu (an ORT-optimized transformer's): INT8 calibrates and runs on ONNX Runtime;
+    the TensorRT build fails naming the domain, without the FP32 check's 'report it upstream' (no TensorRT bug)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import load_model
+    from quantlab.table import write_table
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.3, (8, 8)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+         helper.make_node("FastGelu", ["h"], ["y"], name="gelu_fused", domain="com.microsoft")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], initializer=[w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]),
+              tmp_path / "opt.onnx")
+    x = np.random.default_rng(1).normal(0, 1, (16, 8)).astype(np.float32)
+    table = calibrate(load_model(tmp_path / "opt.onnx"), from_arrays({"x": x}), "minmax").tables["minmax"]
+    write_table(table, tmp_path / "t.json")
+    code, _, err = _run(["build", str(tmp_path / "opt.onnx"), "--table", str(tmp_path / "t.json"), "--backend",
+                         "tensorrt-rtx", "--out", str(tmp_path / "int8"), "--no-progress"], capfd)
+    assert code == ExitCode.BAD_INPUT and not (tmp_path / "int8").exists()
+    assert "opt.onnx" in err and "gelu_fused" in err and "com.microsoft" in err and "transformer optimizer" in err
+    assert "report it upstream" not in err

@@ -28,7 +28,7 @@ import dataclasses
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BackendError, BackendUnavailableError
+from ..errors import BackendError, BackendUnavailableError, UnsupportedOpError
 from . import add_bind_option, add_command, add_progress_option, bound_inputs, path_arg, prepare_output
 
 if TYPE_CHECKING:
@@ -232,6 +232,8 @@ def _with_fp32_verdict(error: BackendError, build_engine: Any, model: Any, writt
     if isinstance(error, BackendUnavailableError) or counts["int8"] + counts["fp16"] == 0 or (
             counts["int8"] and written.options.target != "tensorrt"):  # the parser's error says: target tensorrt
         return error
+    if isinstance(error, UnsupportedOpError) and any(n.domain == "com.microsoft" for n in model.proto.graph.node):
+        return error  # ONNX Runtime's own ops: the error says so; no upstream bug to report
     try:
         build_engine(model.proto, label=str(args.model), shapes=ranges)
     except BackendError:

@@ -161,7 +161,7 @@ class EngineBuilder:
         ok = parser.parse(serialize(model))
         issues = parser_issues(parser)
         if not ok or issues:
-            raise parse_error(self.library, self.version, label, issues)
+            raise parse_error(self.library, self.version, label, issues, {n.name: n.domain for n in model.graph.node})
         self.allow_decomposed_attention(network)
         return builder, network, parser
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -75,15 +76,25 @@ def parser_issues(parser: Any) -> list[ParserIssue]:
     return issues
 
 
-def parse_error(library: str, version: str, label: str, issues: list[ParserIssue]) -> BackendError:
+def parse_error(library: str, version: str, label: str, issues: list[ParserIssue],
+                node_domains: Mapping[str, str] | None = None) -> BackendError:
+    """The parser's failure as an error that says what to do; ``node_domains`` (node name -> op domain) tells
+    ONNX Runtime's own ops (``com.microsoft``: what its transformer optimizer fuses a BERT into) apart."""
     unsupported = [i for i in issues if i.is_unsupported_op]
     listing = "\n  ".join(i.describe() for i in issues) or "(the parser gave no detail)"
     if unsupported:
         ops = ", ".join(sorted({f"{i.node_name or '#' + str(i.node_index)} ({i.op_type})" for i in unsupported}))
+        contrib = sorted({i.op_type for i in unsupported if (node_domains or {}).get(i.node_name) == "com.microsoft"})
+        advice = ("Pin these nodes to a precision the backend supports, replace the op, or use the "
+                  "ONNX Runtime backend (--backend ort).")
+        if contrib:
+            advice = (f"{', '.join(contrib)} {'is an op' if len(contrib) == 1 else 'are ops'} of ONNX Runtime's own "
+                      "domain (com.microsoft), which TensorRT does not know: the model went through ONNX Runtime's "
+                      "transformer optimizer (onnxruntime.transformers.optimizer, or an optimum export with "
+                      "optimization). Give quantlab the model as exported, before that optimizer, for TensorRT; "
+                      "this one runs on the ONNX Runtime backend (--backend ort) only.")
         return UnsupportedOpError(
-            f"{library} {version} cannot parse {label}: unsupported op at node(s) {ops}.\n  {listing}\n"
-            "Pin these nodes to a precision the backend supports, replace the op, or use the "
-            "ONNX Runtime backend (--backend ort)."
+            f"{library} {version} cannot parse {label}: unsupported op at node(s) {ops}.\n  {listing}\n{advice}"
         )
     hint = ""
     if any(i.op_type in ("QuantizeLinear", "DequantizeLinear") for i in issues):
