@@ -656,7 +656,8 @@ def test_load_candidate_from_build_folders_and_files(setup, tmp_path):
 
 def test_a_plan_that_does_not_fit_says_whether_another_quantlab_built_it(setup, tmp_path):
     """A build by an older quantlab (another quantlab-source) whose plan names nodes this one does not: say so
-    and say to rebuild, not "probably built from another model"."""
+    and say to rebuild, not "probably built from another model"; a build from another model (its recorded
+    source sha256) says that first."""
     import json
 
     save_written(setup["written"]["int8"], tmp_path / "int8")
@@ -671,6 +672,12 @@ def test_a_plan_that_does_not_fit_says_whether_another_quantlab_built_it(setup, 
     prov_path.write_text(json.dumps(prov))
     with pytest.raises(CompareError, match=r"built by another quantlab \(source 0123456789abcdef, this one is .*"
                                            r"rebuild it with this quantlab"):
+        load_candidate(tmp_path / "int8", setup["model"])
+    assert prov["meta"]["source_sha256"] == setup["model"].sha256
+    prov["meta"]["source_sha256"] = "f" * 64  # built from another model: that is the reason, whatever built it
+    prov_path.write_text(json.dumps(prov))
+    with pytest.raises(CompareError, match=r"built from another model \(sha256 ffffffffffff, the reference's is "
+                                           + setup["model"].sha256[:12]):
         load_candidate(tmp_path / "int8", setup["model"])
 
 

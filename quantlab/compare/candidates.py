@@ -111,7 +111,8 @@ def load_candidate(path: str | Path, reference: LoadedModel) -> Candidate:
     options = _write_options(meta.get("options", {}), prov_path)
     plan_path = folder / "plan.json"
     if plan_path.is_file():
-        plan = _resolved_plan(plan_path, reference, str(meta.get("versions", {}).get("quantlab-source", "")))
+        plan = _resolved_plan(plan_path, reference, str(meta.get("versions", {}).get("quantlab-source", "")),
+                              str(meta.get("source_sha256", "")))
     else:  # a folder without plan.json: the precisions the provenance records, on the reference's groups
         plan = ResolvedPlan(groups=tuple(fusion_groups(reference.proto)), precision=dict(provenance.group_precision))
     return WrittenModel(proto=loaded.proto, provenance=provenance, plan=plan, options=options,
@@ -142,19 +143,24 @@ def _write_options(recorded: Any, prov_path: Path) -> WriteOptions:
                            "rebuild the candidate with `quantlab build`.") from None
 
 
-def _resolved_plan(plan_path: Path, reference: LoadedModel, built_by: str = "") -> ResolvedPlan:
-    """The build's effective plan on the reference's groups; a plan naming other nodes means another model, or
-    another quantlab (``built_by``: the build's quantlab-source), whose loading named or grouped the nodes
-    otherwise."""
+def _resolved_plan(plan_path: Path, reference: LoadedModel, built_by: str = "", built_from: str = "") -> ResolvedPlan:
+    """The build's effective plan on the reference's groups; a plan naming other nodes means another model
+    (``built_from``: the sha256 of the model the build read, when recorded), or another quantlab (``built_by``:
+    the build's quantlab-source), whose loading named or grouped the nodes otherwise."""
     plan = load_plan(plan_path)  # its errors name the file
     try:
         return resolve_plan(plan, reference.proto)
     except QuantlabError as exc:
         current = source_hash()
-        why = (f"the candidate was built by another quantlab (source {built_by}, this one is {current}), which may "
-               "name and group the model's nodes otherwise: rebuild it with this quantlab (quantlab build), or "
-               "compare the .onnx alone for end-to-end figures"
-               if built_by and built_by != current else
-               "the candidate was probably built from another model (compare it with the FP32 model it was built "
-               "from)")
+        if built_from and built_from != reference.sha256:
+            why = (f"the candidate was built from another model (sha256 {built_from[:12]}, the reference's is "
+                   f"{reference.sha256[:12]}; or with other --bind values): compare it with the FP32 model it was "
+                   "built from")
+        elif built_by and built_by != current:
+            why = (f"the candidate was built by another quantlab (source {built_by}, this one is {current}), which "
+                   "may name and group the model's nodes otherwise: rebuild it with this quantlab (quantlab build), "
+                   "or compare the .onnx alone for end-to-end figures")
+        else:
+            why = ("the candidate was probably built from another model (compare it with the FP32 model it was "
+                   "built from)")
         raise CompareError(f"{plan_path}: does not fit the reference {reference.label}; {why}. {exc}") from None
