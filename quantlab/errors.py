@@ -95,7 +95,12 @@ class BackendUnavailableError(BackendError, ResourceError):
 
 
 class UnsupportedOpError(BackendError):
-    """The model holds an op the chosen backend does not support."""
+    """The model holds an op the chosen backend does not support. ``foreign_ops``: those of another runtime's
+    own domain (ONNX Runtime's ``com.microsoft``): the model's export is the cause, not a precision or the backend."""
+
+    def __init__(self, message: str, foreign_ops: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.foreign_ops = foreign_ops
 
 
 class CompareError(QuantlabError):

@@ -232,7 +232,7 @@ def _with_fp32_verdict(error: BackendError, build_engine: Any, model: Any, writt
     if isinstance(error, BackendUnavailableError) or counts["int8"] + counts["fp16"] == 0 or (
             counts["int8"] and written.options.target != "tensorrt"):  # the parser's error says: target tensorrt
         return error
-    if isinstance(error, UnsupportedOpError) and any(n.domain == "com.microsoft" for n in model.proto.graph.node):
+    if isinstance(error, UnsupportedOpError) and error.foreign_ops:
         return error  # ONNX Runtime's own ops: the error says so; no upstream bug to report
     try:
         build_engine(model.proto, label=str(args.model), shapes=ranges)

@@ -142,9 +142,9 @@ def alone_shapes(samples: Sequence[Any], spec: PadSpec | None) -> dict[str, tupl
     for n in names:
         shapes = []
         for s in samples:
+            length = _length(s.feeds[n], spec, n, s.key)  # DataError naming the sample for an axis it lacks
             shape = list(s.feeds[n].shape)
-            axis = _axis(spec, n) % len(shape) if shape else 0
-            shape[axis] = _target([_length(s.feeds[n], spec, n, s.key)], spec.to)
+            shape[_axis(spec, n) % len(shape)] = _target([length], spec.to)
             shapes.append(tuple(int(d) for d in shape))
         out[n] = tuple(shapes)
     return out

@@ -94,7 +94,8 @@ def parse_error(library: str, version: str, label: str, issues: list[ParserIssue
                       "optimization). Give quantlab the model as exported, before that optimizer, for TensorRT; "
                       "this one runs on the ONNX Runtime backend (--backend ort) only.")
         return UnsupportedOpError(
-            f"{library} {version} cannot parse {label}: unsupported op at node(s) {ops}.\n  {listing}\n{advice}"
+            f"{library} {version} cannot parse {label}: unsupported op at node(s) {ops}.\n  {listing}\n{advice}",
+            foreign_ops=tuple(contrib),
         )
     hint = ""
     if any(i.op_type in ("QuantizeLinear", "DequantizeLinear") for i in issues):
