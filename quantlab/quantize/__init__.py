@@ -15,6 +15,8 @@ Layout (arrows: who uses whom; nothing here imports compare/search/report/cli)::
        │                all calibration errors come from here, before anything is written
        ├─ writer.py     Writer: the node-by-node pass, assembly, Provenance of the result
        │   ├─ casts.py    Casts: fp16 regions, Casts, float16 copies, fp16 simulation
+       │   ├─ fp32_nodes.py  Fp32Nodes: the nodes of FP16 groups that compute in float32 (statistics, beyond fp16)
+       │   ├─ write_notes.py  writing_notes: what the pass tells the user (clipped values, biases, fallbacks)
        │   ├─ qdq.py      QdqInserter: Q/DQ pairs, int8 weights, int32 biases
        │   ├─ tensors.py  TensorBook: names, dtypes, inserted nodes and initializers so far
        │   └─ subgraphs.py  fp16_subgraph: an FP16 group's Loop/Scan/If bodies, written by write_model in turn
@@ -69,7 +71,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "activation_qparams": "qparams",
     "weight_qparams": "qparams",
     "write_model": "write",
-    "beyond_fp16": "writer",
+    "beyond_fp16": "fp32_nodes",
     "WrittenModel": "written",
     "save_written": "written",
 })

@@ -3,7 +3,7 @@
 FP16 group: its nodes compute in float16; Casts stand at region boundaries;
 initializers and Constant nodes get float16 copies (clipped to ±65504); ops in
 ``WriteOptions.fp32_ops`` (Softmax, reductions, ...) stay float32 inside the
-region, and so do (:class:`~quantlab.quantize.writer.Writer`) what only reductions
+region, and so do (:class:`~quantlab.quantize.fp32_nodes.Fp32Nodes`) what only reductions
 feed (a written-out LayerNorm's per-row statistics), ``Mul(x, x)`` where Pow is kept,
 and, with a calibration table, every node reading or writing an activation seen
 beyond ``WriteOptions.fp16_data_max``; graph inputs and outputs stay float32::

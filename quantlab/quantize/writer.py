@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -26,30 +25,21 @@ from ..backends.ort import unsafe_optimizers
 from ..controlflow import control_flow_notes
 from ..errors import PlanError
 from ..graph import LoadedModel, default_opset, outer_names, subgraph_reads, topological_order
-from ..graph.topology import CONTROL_FLOW_OPS, SHAPE_ONLY_OPS, initializer_map, shape_determined_nodes
+from ..graph.topology import CONTROL_FLOW_OPS, initializer_map, shape_determined_nodes
 from ..plan import FusionGroup, ResolvedPlan
-from ..precision import FP16, FP32, INT8
-from ..table import CalibrationTable
+from ..precision import FP16, INT8
 from ..version import __version__
 from .casts import Casts
+from .fp32_nodes import Fp32Nodes, beyond_fp16
 from .options import WriteOptions
 from .placement import Placement, Slot
 from .provenance import Provenance
 from .qdq import QdqInserter
 from .qparams import QParams
 from .tensors import F16, F32, TensorBook
+from .write_notes import writing_notes
 
 __all__ = ["Writer"]
-
-
-def beyond_fp16(table: CalibrationTable | None, limit: float) -> dict[str, float]:
-    """Tensor -> largest |x| calibration saw, for the activations beyond ``limit`` (finite values only: huge
-    sentinels such as masks at float32.min are left out of the observed min/max; float16 clips them on
-    purpose)."""
-    if table is None:
-        return {}
-    seen = {t: max(abs(r.min), abs(r.max)) for t, r in table.ranges.items()}
-    return {t: v for t, v in seen.items() if v > limit}
 
 
 class Writer:
@@ -75,8 +65,7 @@ class Writer:
         self.rewrite_bodies = rewrite_bodies  # False: bodies stay as they are (the fallback of write_model)
         self.initializers = initializer_map(self.src)
         self.beyond_fp16 = beyond_fp16(placement.table, options.fp16_data_max)
-        self.kept_fp32: dict[str, tuple[str, float]] = {}  # fp16-group node kept float32 -> (tensor, its |x|)
-        self.statistics: set[str] = set()  # reductions' outputs and what only they compute (see _statistic)
+        self.fp32 = Fp32Nodes(self.book, options, placement.constants, self.beyond_fp16)
         self._kept: set[str] = set()  # initializers the written model keeps
         self.subgraph_reads = frozenset(subgraph_reads(self.nodes))
         self.shape_determined = shape_determined_nodes(self.src)
@@ -86,43 +75,8 @@ class Writer:
             self.write_node(idx)
         self._check_subgraph_reads()
         self.notes.extend(control_flow_notes(self.src, self.int8_bodies))  # Ifs inlined, body tensors left float
-        if self.casts.fp16_clipped:
-            self.notes.append(f"{self.casts.fp16_clipped} constant value(s) (initializers, Constant nodes) outside "
-                              "float16 range were clipped to +-65504 in fp16 copies")
-        if self.qdq.bias_trouble:
-            worst = sorted(self.qdq.bias_trouble.items(), key=lambda kv: -kv[1][1])
-            shown = ", ".join(f"{t!r} ({n} channel(s) clipped, |error| up to {e:.3g}"
-                              + (f", {tiny} scale(s) below float32's normals" if tiny else "") + ")"
-                              for t, (n, e, tiny) in worst[:5])
-            self.notes.append(f"WARNING {len(worst)} int32 bias(es) do not fit their scale s_x * s_w (a large bias over "
-                              f"a near-zero weight channel): {shown}. Those channels compute another bias; write "
-                              "the TensorRT form (float bias), or keep those layers in FP16/FP32")
-        if self.casts.fp16_clipped_values:
-            worst = sorted(self.casts.fp16_clipped_values.items(), key=lambda kv: -kv[1])
-            shown = ", ".join(f"{t!r} (|x| up to {v:.3g})" for t, v in worst[:5])
-            self.notes.append(f"WARNING {len(worst)} parameter(s) hold values beyond float16's 65504, clipped in "
-                              f"their FP16 copies, so the layers reading them compute something else: {shown}. Keep "
-                              "those layers in FP32 (plan overrides), or fold the op that holds them into its "
-                              "neighbour before exporting")
-        if self.placement.unquantized_outputs:
-            shown = ", ".join(f"{t!r} (read by {r})" for t, r in list(self.placement.unquantized_outputs.items())[:5])
-            self.notes.append(f"{len(self.placement.unquantized_outputs)} INT8 group output(s) stay float, without "
-                              "the output Q/DQ of the ORT form (ONNX Runtime runs those layers unfused): their "
-                              "readers would turn every value under half the INT8 step into log(0) or a division by "
-                              f"zero: {shown}")
-        heavy = self._float_fallback_weights()
-        if heavy:
-            self.notes.append(heavy)
-        if self.fp16_bodies:
-            self.notes.append(f"{len(self.fp16_bodies)} control-flow node(s) of FP16 groups compute their bodies in "
-                              f"float16 too: {', '.join(map(repr, self.fp16_bodies[:5]))} (a Loop/Scan body the "
-                              "table calibrated keeps its nodes beyond float16's range in float32 one by one; other "
-                              "bodies only as a whole, when a value entering or leaving them passes float16's)")
-        if self.kept_fp32:
-            worst = sorted(self.kept_fp32.items(), key=lambda kv: -kv[1][1])
-            shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in worst[:5])
-            self.notes.append(f"{len(worst)} node(s) of FP16 groups compute in FP32: calibration saw their "
-                              f"activations beyond {self.options.fp16_data_max:g} (float16 ends at 65504): {shown}")
+        self.notes.extend(writing_notes(self.src, self.plan, self.placement, self.casts, self.qdq, self.fp16_bodies,
+                                        self.fp32.kept, self.options.fp16_data_max))
         written = self._assemble()
         crashing = unsafe_optimizers(written)
         if crashing:
@@ -135,10 +89,9 @@ class Writer:
         node = self.nodes[idx]
         name = self.names[idx]
         precision = self.plan.precision[self.group_of[name].name]
-        statistic = self._statistic(node)
-        runs_fp16 = (precision == FP16 and node.op_type not in self.options.fp32_ops and not statistic
-                     and not self._square(node)
-                     and idx not in self.shape_determined and not self._reads_beyond_fp16(node, name))
+        statistic = self.fp32.statistic(node)  # every node: a statistic is known from its inputs
+        runs_fp16 = (precision == FP16 and not statistic and idx not in self.shape_determined
+                     and not self.fp32.keeps_fp32(node, name))
         wants, fp16 = self.casts.input_wants(node, runs_fp16)
         new_inputs, chains = self._inputs(idx, node, name, wants)
         outputs, casts = self._outputs(node, fp16)
@@ -163,69 +116,6 @@ class Writer:
         self.book.out_nodes.append(written)
         self.book.flush_casts()
         self.node_map[name] = [name] + chains + casts
-
-    def _float_fallback_weights(self) -> str | None:
-        """A note when a tenth or more of the weights sit in groups INT8 was asked of but that have no INT8 form
-        (an LSTM, a weight-only Gather) and fell back to FP32: ddddocr's LSTM held 31 % of them, so its "INT8"
-        engine came out larger than the FP16 one while the build said "int8 on 100 % of quantizable groups"."""
-        floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
-        sizes = {i.name: int(np.prod(i.dims)) for i in self.src.graph.initializer if i.data_type in floats}
-        total = sum(sizes.values())
-        fallback = [g for g in self.plan.groups if self.plan.precision[g.name] == FP32
-                    and self.plan.reasons.get(g.name, "").startswith("fallback")]
-        index = self.placement.index_of
-        held = {g.name: sum(sizes.get(t, 0) for n in g.nodes for t in self.nodes[index[n]].input
-                            if self.nodes[index[n]].op_type not in SHAPE_ONLY_OPS)  # Shape(W) reads no value
-                for g in fallback}
-        share = sum(held.values()) / total if total else 0.0
-        if share < 0.1:
-            return None
-        biggest = sorted((n for n in held if held[n] >= 0.01 * total), key=lambda n: -held[n])[:3]
-        return (f"{share:.0%} of the weights are in groups with no INT8 form that fell back to FP32 ("
-                + ", ".join(f"{n!r} {held[n] / total:.0%}" for n in biggest) + "): a plan fallback of fp16 "
-                "(`quantlab build --fallback fp16`, or fallback = \"fp16\" in a plan file) runs them in FP16")
-
-    def _statistic(self, node: onnx.NodeProto) -> bool:
-        """Whether the node computes a per-sample statistic: a float32 reduction (``fp32_ops``), or a node whose
-        float inputs are all statistics or constants (then it stays float32, and its outputs are statistics).
-
-        A normalisation written out op by op (tf2onnx, jax2tf, older torch exports) computes its variance as
-        ``E[x^2] - E[x]^2`` and adds an epsilon of 1e-12: in float16 the difference cancels to nothing and the
-        epsilon to 0, so ``1 / sqrt(var + eps)`` is off by orders of magnitude (Magika's LayerNorm: 5 dB). These
-        tensors hold one value per sample (or row), so float32 costs nothing. ``Expand`` ends the chain: it
-        broadcasts a statistic back to the full size. tf2onnx writes a LayerNorm's means as a GlobalAveragePool
-        over ``[N, S, H]`` transposed to ``[N, H, S]``-like 3-D tensors: a mean like ReduceMean's, so it counts
-        where ReduceMean is kept float32 (a CNN's 4-D global pool does not).
-        """
-        spec = self.book.specs.get(node.input[0]) if node.input else None
-        mean_3d = (node.op_type == "GlobalAveragePool" and "ReduceMean" in self.options.fp32_ops
-                   and spec is not None and spec.shape is not None and len(spec.shape) == 3)
-        if (node.op_type in self.options.fp32_ops and node.op_type.startswith("Reduce")) or mean_3d:
-            self.statistics.update(node.output)
-            return True
-        if node.op_type == "Expand" or node.op_type in CONTROL_FLOW_OPS:
-            return False
-        data = [t for t in node.input if t and t not in self.placement.constants
-                and self.book.orig_dtype(t) in (F32, F16)]
-        if data and all(t in self.statistics for t in data):
-            self.statistics.update(node.output)
-            return True
-        return False
-
-    def _square(self, node: onnx.NodeProto) -> bool:
-        """``Mul(x, x)`` is ``Pow(x, 2)`` as tf2onnx writes it: float32 where ``fp32_ops`` keeps Pow (a variance's
-        squares must match the float32 mean it is taken against, or ``E[x^2] - E[x]^2`` goes negative)."""
-        return (node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]
-                and "Pow" in self.options.fp32_ops)
-
-    def _reads_beyond_fp16(self, node: onnx.NodeProto, name: str) -> bool:
-        """Whether an activation the node reads or writes went beyond ``fp16_data_max`` in calibration (then
-        the node computes in float32, and records why)."""
-        seen = [(t, self.beyond_fp16[t]) for t in (*node.input, *node.output)
-                if t in self.beyond_fp16 and t not in self.placement.constants]
-        if seen:
-            self.kept_fp32[name] = max(seen, key=lambda tv: tv[1])
-        return bool(seen)
 
     def _inputs(self, idx: int, node: onnx.NodeProto, name: str,
                 wants: list[str | None]) -> tuple[list[str], list[str]]:

@@ -1,0 +1,92 @@
+"""Which nodes of an FP16 group still compute in float32: per-sample statistics, squares for a variance, and nodes
+whose activations went beyond float16's range in calibration.
+
+The writer asks :meth:`Fp32Nodes.statistic` of every node in topological order (a statistic is known from its
+inputs, which were asked about first), then :meth:`Fp32Nodes.keeps_fp32` of an FP16 group's other nodes::
+
+    x ─► ReduceMean ─► m ─► Sub/Mul ─► ... ─► Expand ─► back to full size (fp16)
+          └──────── float32: one value per sample or row ────────┘
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import onnx
+
+from ..graph.topology import CONTROL_FLOW_OPS
+from ..table import CalibrationTable
+from .options import WriteOptions
+from .tensors import F16, F32, TensorBook
+
+__all__ = ["Fp32Nodes", "beyond_fp16"]
+
+
+def beyond_fp16(table: CalibrationTable | None, limit: float) -> dict[str, float]:
+    """Tensor -> largest |x| calibration saw, for the activations beyond ``limit`` (finite values only: huge
+    sentinels such as masks at float32.min are left out of the observed min/max; float16 clips them on
+    purpose)."""
+    if table is None:
+        return {}
+    seen = {t: max(abs(r.min), abs(r.max)) for t, r in table.ranges.items()}
+    return {t: v for t, v in seen.items() if v > limit}
+
+
+class Fp32Nodes:
+    """The float32 exceptions inside FP16 groups, and why each was made (``kept``: node -> (tensor, its |x|))."""
+
+    def __init__(self, book: TensorBook, options: WriteOptions, constants: Collection[str],
+                 beyond: Mapping[str, float]) -> None:
+        self.book = book
+        self.options = options
+        self.constants = constants
+        self.beyond = beyond  # tensor -> |x| beyond options.fp16_data_max (beyond_fp16)
+        self.kept: dict[str, tuple[str, float]] = {}  # fp16-group node kept float32 -> (tensor, its |x|)
+        self.statistics: set[str] = set()  # reductions' outputs and what only they compute (see statistic)
+
+    def keeps_fp32(self, node: onnx.NodeProto, name: str) -> bool:
+        """Whether ``node`` (written as ``name``) of an FP16 group, not a :meth:`statistic`, computes in float32:
+        an ``fp32_ops`` op, a square of fp32_ops' Pow, or a node reading or writing values beyond float16 in
+        calibration."""
+        return node.op_type in self.options.fp32_ops or self.square(node) or self.reads_beyond_fp16(node, name)
+
+    def statistic(self, node: onnx.NodeProto) -> bool:
+        """Whether the node computes a per-sample statistic: a float32 reduction (``fp32_ops``), or a node whose
+        float inputs are all statistics or constants (then it stays float32, and its outputs are statistics).
+
+        A normalisation written out op by op (tf2onnx, jax2tf, older torch exports) computes its variance as
+        ``E[x^2] - E[x]^2`` and adds an epsilon of 1e-12: in float16 the difference cancels to nothing and the
+        epsilon to 0, so ``1 / sqrt(var + eps)`` is off by orders of magnitude (Magika's LayerNorm: 5 dB). These
+        tensors hold one value per sample (or row), so float32 costs nothing. ``Expand`` ends the chain: it
+        broadcasts a statistic back to the full size. tf2onnx writes a LayerNorm's means as a GlobalAveragePool
+        over ``[N, S, H]`` transposed to ``[N, H, S]``-like 3-D tensors: a mean like ReduceMean's, so it counts
+        where ReduceMean is kept float32 (a CNN's 4-D global pool does not).
+        """
+        spec = self.book.specs.get(node.input[0]) if node.input else None
+        mean_3d = (node.op_type == "GlobalAveragePool" and "ReduceMean" in self.options.fp32_ops
+                   and spec is not None and spec.shape is not None and len(spec.shape) == 3)
+        if (node.op_type in self.options.fp32_ops and node.op_type.startswith("Reduce")) or mean_3d:
+            self.statistics.update(node.output)
+            return True
+        if node.op_type == "Expand" or node.op_type in CONTROL_FLOW_OPS:
+            return False
+        data = [t for t in node.input if t and t not in self.constants and self.book.orig_dtype(t) in (F32, F16)]
+        if data and all(t in self.statistics for t in data):
+            self.statistics.update(node.output)
+            return True
+        return False
+
+    def square(self, node: onnx.NodeProto) -> bool:
+        """``Mul(x, x)`` is ``Pow(x, 2)`` as tf2onnx writes it: float32 where ``fp32_ops`` keeps Pow (a variance's
+        squares must match the float32 mean it is taken against, or ``E[x^2] - E[x]^2`` goes negative)."""
+        return (node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]
+                and "Pow" in self.options.fp32_ops)
+
+    def reads_beyond_fp16(self, node: onnx.NodeProto, name: str) -> bool:
+        """Whether an activation the node reads or writes went beyond ``fp16_data_max`` in calibration (then
+        the node computes in float32, and :attr:`kept` records why)."""
+        seen = [(t, self.beyond[t]) for t in (*node.input, *node.output)
+                if t in self.beyond and t not in self.constants]
+        if seen:
+            self.kept[name] = max(seen, key=lambda tv: tv[1])
+        return bool(seen)

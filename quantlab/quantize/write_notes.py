@@ -1,0 +1,91 @@
+"""What the writing pass tells the user about the model it wrote: values clipped, biases that do not fit, layers
+that could not take the precision asked of them (the notes of :class:`~quantlab.quantize.provenance.Provenance`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from ..graph.topology import SHAPE_ONLY_OPS
+from ..plan import ResolvedPlan
+from ..precision import FP32
+from .casts import Casts
+from .placement import Placement
+from .qdq import QdqInserter
+
+__all__ = ["float_fallback_note", "writing_notes"]
+
+
+def writing_notes(src: onnx.ModelProto, plan: ResolvedPlan, placement: Placement, casts: Casts, qdq: QdqInserter,
+                  fp16_bodies: Sequence[str], kept_fp32: Mapping[str, tuple[str, float]],
+                  fp16_data_max: float) -> list[str]:
+    """The notes of a finished writing pass, warnings first where they change what a layer computes.
+
+    ``fp16_bodies``: control-flow nodes whose bodies were written in float16; ``kept_fp32``: FP16-group node ->
+    (the tensor beyond ``fp16_data_max`` that kept it float32, its |x|) (quantlab.quantize.fp32_nodes).
+    """
+    notes: list[str] = []
+    if casts.fp16_clipped:
+        notes.append(f"{casts.fp16_clipped} constant value(s) (initializers, Constant nodes) outside "
+                     "float16 range were clipped to +-65504 in fp16 copies")
+    if qdq.bias_trouble:
+        worst = sorted(qdq.bias_trouble.items(), key=lambda kv: -kv[1][1])
+        shown = ", ".join(f"{t!r} ({n} channel(s) clipped, |error| up to {e:.3g}"
+                          + (f", {tiny} scale(s) below float32's normals" if tiny else "") + ")"
+                          for t, (n, e, tiny) in worst[:5])
+        notes.append(f"WARNING {len(worst)} int32 bias(es) do not fit their scale s_x * s_w (a large bias over "
+                     f"a near-zero weight channel): {shown}. Those channels compute another bias; write "
+                     "the TensorRT form (float bias), or keep those layers in FP16/FP32")
+    if casts.fp16_clipped_values:
+        worst_values = sorted(casts.fp16_clipped_values.items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{t!r} (|x| up to {v:.3g})" for t, v in worst_values[:5])
+        notes.append(f"WARNING {len(worst_values)} parameter(s) hold values beyond float16's 65504, clipped in "
+                     f"their FP16 copies, so the layers reading them compute something else: {shown}. Keep "
+                     "those layers in FP32 (plan overrides), or fold the op that holds them into its "
+                     "neighbour before exporting")
+    if placement.unquantized_outputs:
+        shown = ", ".join(f"{t!r} (read by {r})" for t, r in list(placement.unquantized_outputs.items())[:5])
+        notes.append(f"{len(placement.unquantized_outputs)} INT8 group output(s) stay float, without "
+                     "the output Q/DQ of the ORT form (ONNX Runtime runs those layers unfused): their "
+                     "readers would turn every value under half the INT8 step into log(0) or a division by "
+                     f"zero: {shown}")
+    heavy = float_fallback_note(src, plan, placement)
+    if heavy:
+        notes.append(heavy)
+    if fp16_bodies:
+        notes.append(f"{len(fp16_bodies)} control-flow node(s) of FP16 groups compute their bodies in "
+                     f"float16 too: {', '.join(map(repr, fp16_bodies[:5]))} (a Loop/Scan body the "
+                     "table calibrated keeps its nodes beyond float16's range in float32 one by one; other "
+                     "bodies only as a whole, when a value entering or leaving them passes float16's)")
+    if kept_fp32:
+        worst_kept = sorted(kept_fp32.items(), key=lambda kv: -kv[1][1])
+        shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in worst_kept[:5])
+        notes.append(f"{len(worst_kept)} node(s) of FP16 groups compute in FP32: calibration saw their "
+                     f"activations beyond {fp16_data_max:g} (float16 ends at 65504): {shown}")
+    return notes
+
+
+def float_fallback_note(src: onnx.ModelProto, plan: ResolvedPlan, placement: Placement) -> str | None:
+    """A note when a tenth or more of the weights sit in groups INT8 was asked of but that have no INT8 form
+    (an LSTM, a weight-only Gather) and fell back to FP32: ddddocr's LSTM held 31 % of them, so its "INT8"
+    engine came out larger than the FP16 one while the build said "int8 on 100 % of quantizable groups"."""
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+    sizes = {i.name: int(np.prod(i.dims)) for i in src.graph.initializer if i.data_type in floats}
+    total = sum(sizes.values())
+    fallback = [g for g in plan.groups if plan.precision[g.name] == FP32
+                and plan.reasons.get(g.name, "").startswith("fallback")]
+    nodes = placement.nodes
+    index = placement.index_of
+    held = {g.name: sum(sizes.get(t, 0) for n in g.nodes for t in nodes[index[n]].input
+                        if nodes[index[n]].op_type not in SHAPE_ONLY_OPS)  # Shape(W) reads no value
+            for g in fallback}
+    share = sum(held.values()) / total if total else 0.0
+    if share < 0.1:
+        return None
+    biggest = sorted((n for n in held if held[n] >= 0.01 * total), key=lambda n: -held[n])[:3]
+    return (f"{share:.0%} of the weights are in groups with no INT8 form that fell back to FP32 ("
+            + ", ".join(f"{n!r} {held[n] / total:.0%}" for n in biggest) + "): a plan fallback of fp16 "
+            "(`quantlab build --fallback fp16`, or fallback = \"fp16\" in a plan file) runs them in FP16")
