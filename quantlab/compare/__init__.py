@@ -37,10 +37,12 @@ Package layout (arrows: "imports"; each module's docstring has the details and d
      ├─► runners       the sessions: reference and candidates as staged models, local models
      │    └─► segments      a model run in consecutive segments, one per chunk
      ├─► schedule      Task, BatchState, Pipeline: the per-batch task graph on worker threads
+     ├─► batch_tasks   BatchTasks: one batch's runs, sums and releases per chunk, and what each waits for
      ├─► labels        classifier outputs, whether labels give accuracy, label checks
      ├─► choices       outputs read as choices (best class per position, integer ids) and their agreement
-     ├─► end_to_end    running end-to-end statistics -> end-to-end and per-sample tables
-     │    ├─► intervals     bootstrap intervals, exact ones where the bootstrap collapses
+     ├─► end_to_end    running end-to-end statistics of every candidate output, batch by batch
+     │    ├─► end_to_end_tables   those statistics -> the end-to-end and per-sample tables
+     │    │    └─► intervals     bootstrap intervals, exact ones where the bootstrap collapses
      │    ├─► output_warnings   what the outputs call for: NaN reference, near-zero samples, rows of mixed
      │    │                     scales, shapes unlike the declared ones
      │    └─► user_metric   --metric file.py:function, loaded and called per sample

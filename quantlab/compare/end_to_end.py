@@ -1,5 +1,5 @@
-"""End-to-end figures: running statistics of every candidate output, then the end-to-end and
-per-sample tables (columns in :mod:`.result`).
+"""End-to-end figures: running statistics of every candidate output, fed batch by batch; the end-to-end and
+per-sample tables are made from them once, in :mod:`.end_to_end_tables` (columns in :mod:`.result`).
 
 Per batch only scalars per sample are kept (cosine, SQNR, max |d|, top-1 class, correctness,
 choices agreed (:mod:`.choices`), user metric numbers) plus the batch's error sums (nine numbers per output, added in batch
@@ -12,7 +12,6 @@ for drops with few discordant samples (:func:`.intervals.exact_intervals`: the b
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -27,25 +26,15 @@ from ..metrics import (
     ErrorSums,
     channel_spread,
     error_sums,
-    errors_from_sums,
-    mcnemar_exact_p,
     per_sample_errors,
     per_sample_sums,
     topk,
 )
 from .labels import LabelUse
 from .options import CompareOptions
-from .choices import CHOICE_COLUMNS, best_positions, decided_positions, part_agreement
-from .intervals import intervals
+from .choices import best_positions, decided_positions, part_agreement
+from .end_to_end_tables import end_to_end_frames
 from .sample_axes import samples_first
-from .result import (
-    CLASSIFIER_COLUMNS,
-    END_TO_END_COLUMNS,
-    LABEL_COLUMNS,
-    MATCH_COLUMNS,
-    PER_SAMPLE_COLUMNS,
-    POSITION_COLUMNS,
-)
 from .output_warnings import output_warnings
 from .padding import valid_positions, without_padding
 from .user_metric import metric_rows
@@ -159,6 +148,8 @@ class EndToEnd:
 
     def add(self, batch: Batch, ref_live: Mapping[str, np.ndarray],
             cand_live: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """One batch's outputs, the next in batch order, their samples put on axis 0: padded positions
+        (:mod:`.padding`) are left out of the error figures and the choices, not of what the user metric gets."""
         labels = np.asarray(batch.labels) if (self.labels.accuracy and batch.labels is not None) else None
         first = [o for o in self.outputs if not self.reference[o].shapes]
         for o in first:
@@ -279,125 +270,6 @@ class EndToEnd:
         return output_warnings(self)
 
     def frames(self, options: CompareOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """The end-to-end table (one row per candidate x output) and the per-sample table."""
-        rows: list[dict[str, Any]] = []
-        samples: list[pd.DataFrame] = []
-        user_names = list(dict.fromkeys(k for c in self.user.values() for d in c for k in d))
-        for name in self.candidates:
-            user_cols = {k: np.array([d.get(k, math.nan) for d in self.user[name]], dtype=np.float64)
-                         for k in user_names}
-            for o in self.outputs:
-                row, sample = self._row(name, o, user_cols, options)
-                rows.append(row)
-                samples.append(pd.DataFrame(sample))
-        columns_order = list(END_TO_END_COLUMNS)
-        if self.classifiers:
-            columns_order += list(CLASSIFIER_COLUMNS)
-        if self.positions:
-            columns_order += [c for c in POSITION_COLUMNS if c not in columns_order]
-        if len(self.choices) > len(self.positions):
-            columns_order += list(MATCH_COLUMNS)
-        if self.labels.accuracy:
-            columns_order += list(LABEL_COLUMNS)
-        for k in user_names:
-            columns_order += [k, f"{k}_ci_low", f"{k}_ci_high"]
-        frame = pd.DataFrame(rows)
-        for c in columns_order:
-            if c not in frame.columns:
-                frame[c] = math.nan
-        frame = frame[columns_order + [c for c in frame.columns if c not in columns_order]]
-        frame["samples"] = frame["samples"].astype("int64")
-        frame["nan_count"] = frame["nan_count"].astype("int64")
-        per_sample = (pd.concat(samples, ignore_index=True) if samples
-                      else pd.DataFrame(columns=list(PER_SAMPLE_COLUMNS)))
-        return frame.reset_index(drop=True), per_sample
-
-    def _row(self, name: str, o: str, user_cols: Mapping[str, np.ndarray],
-             options: CompareOptions) -> tuple[dict[str, Any], dict[str, Any]]:
-        """One end-to-end row and the per-sample columns of one candidate output."""
-        st = self.stats[(name, o)]
-        err = errors_from_sums(st.sums())
-        cos = np.concatenate(st.cosine) if st.cosine else np.zeros(0)
-        kept = cos[~np.isnan(cos)] if st.mismatched else cos  # samples whose sizes differed are left out
-        row: dict[str, Any] = {
-            "candidate": name, "output": o, "samples": len(self.keys),
-            "cosine": float(kept.mean()) if kept.size else math.nan,
-            "cosine_min": float(kept.min()) if kept.size else math.nan,
-            "sqnr_db": err["sqnr_db"], "max_abs": err["max_abs"], "mean_abs": err["mean_abs"],
-            "rel_l2": err["rel_l2"], "nan_count": int(st.nonfinite),
-        }
-        columns: dict[str, np.ndarray] = {"cosine": kept}
-        sample = {"candidate": name, "output": o, "sample": np.asarray(self.indices, dtype=np.int64),
-                  "key": list(self.keys), "cosine": cos, "sqnr_db": np.concatenate(st.sqnr),
-                  "max_abs": np.concatenate(st.max_abs)}
-        if o in self.classifiers:
-            self._classifier(o, st, row, columns, sample)
-        if self.choices.get(o) == "values":  # ids and masks: equal or not (exact_match), their cosine means nothing
-            row.update(dict.fromkeys(_SIMILARITY, math.nan))
-            del columns["cosine"]
-            sample.update(cosine=np.full(len(cos), np.nan), sqnr_db=np.full(len(cos), np.nan))
-        elif st.widest == 1:  # one value per sample: its cosine is the sign agreement, 1 whatever the error
-            row.update(cosine=math.nan, cosine_min=math.nan)
-            del columns["cosine"]
-            sample.update(cosine=np.full(len(cos), np.nan))
-        apart: dict[str, np.ndarray] = {}  # choices where sizes differed: a sample of another length still counts
-        if o in self.choices:
-            self._choices(o, st, row, apart if st.mismatched else columns, sample)
-        for k, v in user_cols.items():
-            row[k] = float(np.nanmean(v)) if v.size and not np.isnan(v).all() else math.nan
-            columns[k] = v[~np.isnan(cos)] if st.mismatched else v  # paired with the kept samples
-            sample[k] = v
-        cis = intervals(columns, options)
-        for k, v in apart.items():
-            cis.update(intervals({k: v[~np.isnan(v)]}, options))
-        for k, (lo, hi) in cis.items():
-            row[f"{k}_ci_low"], row[f"{k}_ci_high"] = lo, hi
-        return row, sample
-
-    def _classifier(self, o: str, st: OutputStats, row: dict[str, Any], columns: dict[str, np.ndarray],
-                    sample: dict[str, Any]) -> None:
-        """Top-1 agreement and, on the labelled output, accuracy, drops and McNemar's test."""
-        ref = self.reference[o]
-        rt1 = np.concatenate(ref.top1)
-        ct1 = np.concatenate(st.top1)
-        agree = (rt1 == ct1).astype(np.float64) * 100.0
-        columns["top1_agreement"] = agree
-        row["classes"] = self.classifiers[o]
-        row["top1_agreement"] = float(agree.mean())
-        sample.update(ref_top1_class=rt1, top1_class=ct1, top1_agree=agree > 0)
-        if not (self.labels.accuracy and o == self.labels.label_output):
-            return
-        rc1 = np.concatenate(ref.correct1)
-        cc1 = np.concatenate(st.correct1)
-        rc5 = np.concatenate(ref.correct5)
-        cc5 = np.concatenate(st.correct5)
-        columns.update(ref_top1=rc1 * 100.0, top1=cc1 * 100.0, top1_drop=(rc1 * 1.0 - cc1) * 100.0)
-        if self.classifiers[o] > 5:
-            columns.update(ref_top5=rc5 * 100.0, top5=cc5 * 100.0, top5_drop=(rc5 * 1.0 - cc5) * 100.0)
-        for k in ("ref_top1", "top1", "top1_drop", "ref_top5", "top5", "top5_drop"):
-            row[k] = float(columns[k].mean()) if k in columns else math.nan
-        b = int(np.count_nonzero(rc1 & ~cc1))
-        c = int(np.count_nonzero(~rc1 & cc1))
-        row.update(mcnemar_p=mcnemar_exact_p(b, c), ref_only_correct=b, cand_only_correct=c)
-        sample.update(label=list(self.sample_labels), ref_correct=rc1, correct=cc1, ref_top5_correct=rc5,
-                      top5_correct=cc5)
-
-
-    def _choices(self, o: str, st: OutputStats, row: dict[str, Any], columns: dict[str, np.ndarray],
-                 sample: dict[str, Any]) -> None:
-        """How often the candidate makes the reference's choices (:mod:`.choices`)."""
-        part_name, whole_name, agree_name = CHOICE_COLUMNS[self.choices[o]]
-        part = np.concatenate(st.parts) if st.parts else np.zeros(0)
-        whole = np.concatenate(st.wholes) if st.wholes else np.zeros(0, dtype=bool)
-        columns[part_name] = part
-        columns[whole_name] = whole * 100.0
-        if o in self.positions:
-            row["classes"] = self.positions[o]
-        row[part_name] = float(np.nanmean(part)) if part.size and not np.isnan(part).all() else math.nan
-        row[whole_name] = float(whole.mean() * 100.0) if whole.size else math.nan
-        sample.update({part_name: part, agree_name: whole})
-
-
-_SIMILARITY = ("cosine", "cosine_min", "sqnr_db", "rel_l2")
-"""Figures that treat an output as a signal: left out (NaN) for integer and boolean outputs, which keep max_abs
-and mean_abs (a count off by one) and get exact_match / element_match instead."""
+        """The end-to-end table (one row per candidate x output) and the per-sample table
+        (:func:`.end_to_end_tables.end_to_end_frames`)."""
+        return end_to_end_frames(self, options)

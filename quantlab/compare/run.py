@@ -4,7 +4,7 @@ data (here, or in shards on Ray workers), then the tables and the record.
 ::
 
     Comparison(...)     analyse_reference ─► layers_per_group ─► plan_candidate (per candidate) ─► chunks
-    .local_pass()       Runners (sessions) ─► Pipeline over batches: per batch R, C, A, L tasks (_tasks)
+    .local_pass()       Runners (sessions) ─► Pipeline over batches: per batch R, C, MA, L tasks (batch_tasks)
                         ─► finished(batch), in batch order: merge sums, EndToEnd.add ─► PassTotals
     (or shards.run_shards: each worker's .shard_partial(), merged in shard order ─► PassTotals)
     .tables(totals)     per_layer_frame, EndToEnd.frames, warnings, records ─► CompareResult
@@ -15,8 +15,7 @@ A group fed only graph inputs (the first) reuses its accumulated figures as its 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from functools import partial
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,17 +27,17 @@ from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs, c
 from ..errors import CompareError
 from ..graph import LoadedModel, check_not_quantized
 from ..graph.samples import data_sized
-from ..metrics import ErrorAccumulator, ErrorSums, error_sums
+from ..metrics import ErrorAccumulator, ErrorSums
 from ..sequence import SequenceData, sequence_carry, with_carry
 from .alignment import plan_candidate
+from .batch_tasks import BatchTasks
 from .branches import branch_flips, branch_note, decided_conditions
 from .candidates import Candidate, computes_in_float16, simulates_tensorrt
 from .end_to_end import EndToEnd
 from .free_running import SampleMetric, free_running, free_running_note, with_free_running
-from .islands import LocalModel
 from .labels import label_use
 from .choices import exact_outputs, position_scorers
-from .layers import Layer, analyse_reference, chunks, layers_per_group, sized_by_first_batch
+from .layers import analyse_reference, chunks, layers_per_group, sized_by_first_batch
 from .options import CompareOptions
 from .padding import mask_input, padded_outputs, padding_note
 from .per_layer import nan_warnings, per_layer_frame
@@ -46,7 +45,7 @@ from .records import data_record, data_warnings, environment_record, models_reco
 from .result import CompareResult
 from .runners import Runners, mirrored_groups
 from .sample_axes import output_sample_axes, samples_first
-from .schedule import BatchState, Pipeline, Task
+from .schedule import BatchState, Pipeline
 from .shards import PassTotals, ShardData, ShardPartial, run_shards, truncated_batches
 from .user_metric import load_metric, metric_rows
 
@@ -247,7 +246,8 @@ class Comparison:
         self.runners = Runners(self.reference, self.ref, self.plans, self.chunks, self.do_acc, self.do_local,
                                self.workers, self.backend, self.candidate_backends)
         try:
-            Pipeline(self.workers, list(self.plans), self._tasks).run(batches, opened, finished)
+            graph = BatchTasks(self.runners, self.plans, self.chunks, self.do_acc, self.data_sized)
+            Pipeline(self.workers, list(self.plans), graph.for_batch).run(batches, opened, finished)
         finally:
             self.runners.close()
         return self.runners.segments()
@@ -335,55 +335,6 @@ class Comparison:
                                name, self.labels.use_labels)
         return measure
 
-    def _tasks(self, b: int, state: BatchState) -> list[Task]:
-        """The work of one batch as a small graph: runs, metric sums, releases (see :mod:`.schedule`)."""
-        runners = self.runners
-        tasks: list[Task] = []
-        for k in range(runners.k_count):
-            chunk = self.chunks[k] if k < len(self.chunks) else []
-            # a session never runs twice at once (its memory arena would grow to hold both): each run
-            # waits for the same run of the previous batch
-            tasks.append(Task(("R", b, k), partial(runners.reference.step, k, state.ref_live),
-                              (("R", b, k - 1), ("R", b - 1, k))))
-            chunk_tasks = [("R", b, k)] + ([("REL", b, k - 1)] if k else [])  # earlier chunks' readers first
-            for name, p in self.plans.items():
-                staged = runners.candidates[name]
-                if k < len(staged.steps):
-                    tasks.append(Task(("C", b, k, name), partial(staged.step, k, state.cand_live[name]),
-                                      (("C", b, k - 1, name), ("C", b - 1, k, name))))
-                    chunk_tasks.append(("C", b, k, name))
-                if self.do_acc and p.carriers and chunk:
-                    tasks.append(Task(("MA", b, k, name), partial(self._accumulated_sums, state, name, chunk),
-                                      (("R", b, k), ("C", b, k, name))))
-                    chunk_tasks.append(("MA", b, k, name))
-                for i, model in enumerate(runners.local.get(name, [[]] * (k + 1))[k]):
-                    tasks.append(Task(("L", b, k, name, i), partial(self._local_sums, state, name, model),
-                                      (("R", b, k), ("L", b - 1, k, name, i))))
-                    chunk_tasks.append(("L", b, k, name, i))
-            tasks.append(Task(("REL", b, k), partial(runners.release, state, k), tuple(chunk_tasks), inline=True))
-        return tasks
-
-    def _accumulated_sums(self, state: BatchState, name: str, chunk: Sequence[Layer]) -> None:
-        p = self.plans[name]
-        live = state.cand_live[name]
-        for x in chunk:
-            carrier = p.carriers.get(x.tensor)
-            if carrier is not None:
-                r, c = state.ref_live[x.tensor], live[carrier]
-                if r.shape != c.shape and x.tensor in self.data_sized:
-                    continue  # NMS kept other boxes: nothing to compare element by element in this batch
-                _check_shape(r, c, name, x.tensor, "accumulated")
-                state.sums[(name, "accumulated", x.tensor)] = error_sums(r, c)
-
-    def _local_sums(self, state: BatchState, name: str, model: LocalModel) -> None:
-        got = model.run(state.ref_live)
-        for tensor, value in got.items():
-            r = state.ref_live[tensor]
-            if r.shape != value.shape and tensor in self.data_sized:
-                continue
-            _check_shape(r, value, name, tensor, "local")
-            state.sums[(name, "local", tensor)] = error_sums(r, value)
-
     def _settings(self, segments: Mapping[str, int]) -> dict[str, Any]:
         return {
             **self.options.as_dict(),
@@ -397,8 +348,3 @@ class Comparison:
             "label_output": self.labels.label_output if self.labels.accuracy else None,
         }
 
-
-def _check_shape(r: np.ndarray, c: np.ndarray, name: str, tensor: str, mode: str) -> None:
-    if r.shape != c.shape:
-        raise CompareError(f"candidate {name!r}: tensor {tensor!r} ({mode}) has shape {list(c.shape)}, the "
-                           f"reference's has {list(r.shape)}; the written model does not compute the same layer")
