@@ -22,8 +22,10 @@ Layout (arrows: who uses whom; nothing here imports compare/search/report/cli)::
        │   └─ subgraphs.py  fp16_subgraph: an FP16 group's Loop/Scan/If bodies, written by write_model in turn
        ├─ qparams.py    QParams, activation_qparams, weight_qparams: scales and zero points
        └─ options.py    WriteOptions, Target, DEFAULT_FP32_OPS
-      bias_correction.py  BiasCorrection, measure_bias_correction: output mean shifts folded into biases
-       └─ input_means.py   input_means, fake_quantize: E[x], E[Q(x)] of layer inputs in one FP32 pass
+      bias_correction.py  measure_bias_correction, apply_bias_correction: output mean shifts folded into biases
+       ├─ input_means.py   input_means, fake_quantize: E[x], E[Q(x)] of layer inputs in one FP32 pass
+       ├─ bias_slots.py    bias_slot, bias_add: where a layer's bias is (its own input, or the Add after a MatMul)
+       └─ bias_correction_file.py  BiasCorrection, save/load_bias_correction: the shifts and bias_correction.json
       fp32_values.py  fp32_values: chosen tensors' FP32 values batch by batch (input means, SmoothQuant maxima)
       prepare.py      prepare_model: the float rewrites before calibration (equalization, then SmoothQuant)
        ├─ equalization.py  Equalization, equalize_model: cross-layer equalization of conv pairs
@@ -43,12 +45,12 @@ from __future__ import annotations
 from ..lazy import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "BiasCorrection": "bias_correction",
+    "BiasCorrection": "bias_correction_file",
     "apply_bias_correction": "bias_correction",
     "measure_bias_correction": "bias_correction",
-    "save_bias_correction": "bias_correction",
-    "load_bias_correction": "bias_correction",
-    "BIAS_CORRECTION_FILE": "bias_correction",
+    "save_bias_correction": "bias_correction_file",
+    "load_bias_correction": "bias_correction_file",
+    "BIAS_CORRECTION_FILE": "bias_correction_file",
     "Equalization": "equalization",
     "EqualizedModel": "equalization",
     "equalize_model": "equalization",

@@ -29,24 +29,24 @@ serves every plan: :func:`write_model` applies it to the INT8 groups of the plan
 the TensorRT form the corrected bias is the float bias TensorRT already parses; in the
 ONNX Runtime form it is quantized to int32 (scale s_x * s_w) as any bias is. A Conv/Gemm
 without bias gets one.
+
+Measuring and applying are here; beside them, :mod:`~quantlab.quantize.bias_correction_file`
+holds the shifts' value (:class:`BiasCorrection`) and its JSON file, and
+:mod:`~quantlab.quantize.bias_slots` finds the bias each layer's shift goes into.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..atomic import write_json
 from ..backends import get_backend
 from ..data import DataSet
 from ..errors import QuantlabError
@@ -55,6 +55,10 @@ from ..graph.topology import drop_unread_initializers
 from ..plan import ResolvedPlan, resolve_plan, uniform_plan
 from ..precision import INT8
 from ..table import CalibrationTable
+from .bias_correction_file import BIAS_CORRECTION_FILE, BiasCorrection, load_bias_correction, save_bias_correction
+from .bias_correction_file import BIAS_CORRECTION_FORMAT as BIAS_CORRECTION_FORMAT
+from .bias_slots import bias_add as bias_add
+from .bias_slots import bias_slot
 from .options import WriteOptions
 from .placement import Placement, Slot
 from .prepare import check_prepared_table, prepare_model
@@ -63,73 +67,6 @@ from .qparams import QParams, weight_qparams
 
 __all__ = ["BiasCorrection", "measure_bias_correction", "apply_bias_correction", "fake_quantize",
            "save_bias_correction", "load_bias_correction", "BIAS_CORRECTION_FILE"]
-
-
-@dataclass(frozen=True)
-class BiasCorrection:
-    """Per-channel shifts to subtract from the bias of each corrected layer (by node name).
-
-    ``settings``: the write settings the shifts were measured for (target,
-    per_channel_weights, reduce_range); :func:`apply_bias_correction` refuses others.
-    """
-
-    layers: tuple[tuple[str, tuple[float, ...]], ...]
-    samples: int
-    settings: tuple[tuple[str, Any], ...]
-
-    def shift(self, node: str) -> np.ndarray | None:
-        for name, values in self.layers:
-            if name == node:
-                return np.asarray(values, dtype=np.float64)
-        return None
-
-    @functools.cached_property
-    def _peak(self) -> float:
-        """The largest |shift| (every written model's provenance says it: computed once)."""
-        return float(max((max(abs(v) for v in vals) for _, vals in self.layers if vals), default=0.0))
-
-    def describe(self) -> dict[str, Any]:
-        return {"layers": len(self.layers), "samples": self.samples, "settings": dict(self.settings),
-                "max_abs_shift": self._peak}
-
-    def to_dict(self) -> dict[str, Any]:
-        """The shifts as JSON data (:func:`save_bias_correction`), so a build can apply what a search measured."""
-        return {"format": BIAS_CORRECTION_FORMAT, "samples": self.samples, "settings": dict(self.settings),
-                "layers": {name: list(values) for name, values in self.layers}}
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> BiasCorrection:
-        """The correction :meth:`to_dict` wrote; a QuantlabError naming ``where`` for anything else."""
-        layers = data.get("layers") if isinstance(data, dict) else None
-        if (not isinstance(data, dict) or data.get("format") != BIAS_CORRECTION_FORMAT or not isinstance(layers, dict)
-                or not isinstance(data.get("settings"), dict) or not isinstance(data.get("samples"), int)
-                or not all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
-                           for v in layers.values())):
-            raise QuantlabError(f"{where}: not a bias correction file (format {BIAS_CORRECTION_FORMAT}) as `quantlab "
-                                "search` / `quantlab run` write it (search/bias_correction.json)")
-        return cls(layers=tuple((str(k), tuple(float(x) for x in v)) for k, v in layers.items()),
-                   samples=data["samples"], settings=tuple(data["settings"].items()))
-
-
-BIAS_CORRECTION_FORMAT = 1
-"""Version of the bias correction file."""
-
-BIAS_CORRECTION_FILE = "bias_correction.json"
-"""Its name beside a search's plan.json: the shifts the final model's INT8 layers got (``build --bias-correction``)."""
-
-
-def save_bias_correction(correction: BiasCorrection, path: str | Path) -> Path:
-    """Write ``correction`` as JSON (atomically)."""
-    return write_json(Path(path), correction.to_dict())
-
-
-def load_bias_correction(path: str | Path) -> BiasCorrection:
-    """Read a file :func:`save_bias_correction` wrote."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise QuantlabError(f"{path}: cannot read the bias correction file ({exc})") from None
-    return BiasCorrection.from_dict(data, str(path))
 
 
 def correction_settings(options: WriteOptions) -> tuple[tuple[str, Any], ...]:
@@ -154,81 +91,9 @@ class _Layer:
         return -1 if self.node.op_type == "MatMul" else 1
 
 
-def bias_add(readers: Mapping[str, list[onnx.NodeProto]], matmul: onnx.NodeProto,
-             inits: Mapping[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, int] | None:
-    """The Add that alone reads ``matmul``'s output (a MatMul, or a Gemm without a bias of its own) and adds a
-    constant bias of its N outputs (``[N]``, or ones then N); the Add and the index of the bias among its inputs.
-    None when there is no such Add. ``readers``: the graph's consumer map (quantlab.graph.consumer_map).
-
-    Reshapes to a constant shape that keeps the N outputs on the last axis, and Squeezes/Unsqueezes of other
-    axes, may stand between them (tf2onnx: ``MatMul -> Reshape -> Add``, which had left every layer of its BERT
-    uncorrected; ``Gemm(beta=0) -> Reshape -> Squeeze -> Add``): they move rows, not channels."""
-    w = inits.get(matmul.input[1])
-    if w is None or len(w.dims) != 2:
-        return None
-    n = int(w.dims[0] if _attr(matmul, "transB", 0) else w.dims[1])
-    out, rank = matmul.output[0], 2 if matmul.op_type == "Gemm" else None
-    for _ in range(4):
-        found = readers.get(out, [])
-        rank = _rank_keeping_last(found[0], inits, n, rank) if len(found) == 1 else None
-        if rank is None:
-            break
-        out = found[0].output[0]
-    readers = readers.get(out, [])
-    if len(readers) != 1 or readers[0].op_type != "Add" or len(readers[0].input) != 2:
-        return None
-    add = readers[0]
-    slot = 1 - list(add.input).index(out)
-    bias = inits.get(add.input[slot])
-    if bias is None:
-        return None
-    dims = list(bias.dims)
-    if not dims or dims[-1] != n or any(d != 1 for d in dims[:-1]):
-        return None
-    return add, slot
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
-def _rank_keeping_last(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], size: int,
-                       rank: int | None) -> int | None:
-    """The output rank of ``node`` when it keeps the last axis (``size`` long) where it is, else None: a Reshape to
-    a constant shape ending in ``size``, a Squeeze/Unsqueeze whose axes (constant; ``rank``: its input's rank, when
-    known) leave the last one alone."""
-    if node.op_type == "Reshape":
-        shape = inits.get(node.input[1]) if len(node.input) > 1 else None
-        dims = numpy_helper.to_array(shape).reshape(-1) if shape is not None else np.zeros(0)
-        return int(dims.size) if dims.size and int(dims[-1]) == int(size) else None
-    if node.op_type not in ("Squeeze", "Unsqueeze") or rank is None:
-        return None
-    given = inits.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-    axes = [int(a) for a in numpy_helper.to_array(given).reshape(-1)] if given is not None else list(_attr(node, "axes", []))
-    if not axes:
-        return None  # a Squeeze of every 1: the last axis too when N is 1
-    out_rank = rank - len(axes) if node.op_type == "Squeeze" else rank + len(axes)
-    last = rank - 1 if node.op_type == "Squeeze" else out_rank - 1
-    normal = {a + (rank if node.op_type == "Squeeze" else out_rank) if a < 0 else a for a in axes}
-    return None if last in normal else out_rank
-
-
-def _bias_slot(node: onnx.NodeProto, readers: Mapping[str, list[onnx.NodeProto]],
-               inits: Mapping[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, int] | None:
-    """Where the bias of a Conv/Gemm/MatMul anchor is (the node and input index): a Conv's input 2, a Gemm's C
-    when it has one at beta 1, else the Add that follows (:func:`bias_add`; a Gemm's C at beta 0 adds nothing)."""
-    if node.op_type == "Conv":
-        return node, 2
-    if node.op_type == "Gemm" and float(_attr(node, "beta", 1.0)) == 1.0:
-        return node, 2
-    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and float(_attr(node, "beta", 1.0)) != 0.0:
-        return None  # a scaled C: the corrected bias would be scaled too
-    return bias_add(readers, node, inits)
-
-
 def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> list[_Layer]:
     """The Conv/Gemm/MatMul anchors of INT8 groups whose weight is an initializer and whose data input is float
-    (a MatMul also needs its bias Add: :func:`bias_add`)."""
+    (a MatMul also needs its bias Add: :func:`~quantlab.quantize.bias_slots.bias_add`)."""
     inits = {i.name: i for i in model.proto.graph.initializer}
     readers = consumer_map(model.proto)
     out = []
@@ -239,7 +104,7 @@ def _layers(model: LoadedModel, placement: Placement, plan: ResolvedPlan) -> lis
         node = placement.nodes[idx]
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
             continue
-        if _bias_slot(node, readers, inits) is None:
+        if bias_slot(node, readers, inits) is None:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Gemm" and (int(attrs.get("transA", 0)) or float(attrs.get("alpha", 1.0)) != 1.0):
@@ -384,7 +249,7 @@ def apply_bias_correction(model: LoadedModel, plan: ResolvedPlan, correction: Bi
         if shift is None:
             continue
         anchor = node.name
-        found = _bias_slot(node, readers, inits)
+        found = bias_slot(node, readers, inits)
         if found is None:
             continue
         target, slot = found  # a MatMul's bias is its Add's constant
