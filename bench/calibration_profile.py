@@ -1,6 +1,6 @@
 """Where the time of a calibration pass goes, stage by stage, per sample (issue 15's profile).
 
-    python bench/calibration_profile.py [--models lite0,lite2] [--samples 64] [--batch-size 8] [--repeat 3]
+    python bench/calibration_profile.py [--models lite0,lite2,bert] [--samples 64] [--batch-size 8] [--repeat 3]
                                         [--out bench/results/calibration_profile.json]
 
 Each stage runs alone, in one process, on the same batches (made once, before any timing), best of
@@ -87,7 +87,7 @@ def profile(name: str, samples: int, batch: int, repeat: int, tmp: Path) -> dict
     path, label = _model(name, tmp)
     model, load_s = _timed(lambda: load_model(path))
     names = [t for t in activation_names(model.proto) if t not in model.input_names]
-    batches = list(make_batches(samples, batch)())
+    batches = list(make_batches(samples, batch, model=name)())
     backend = get_backend("ort", spinning=False)
     plain, build_plain = _timed(lambda: backend.build(model.proto))
     exposed, build_exposed = _timed(lambda: backend.build(model.proto, outputs=names))
