@@ -57,8 +57,8 @@ from .stats import (
     collect_statistics,
     unquantized_tensors,
 )
-from .range_notes import clipping_notes, noise_notes, statistics_notes, zeroing_notes
-from .table import CalibrationTable, TensorRange
+from .range_notes import clipping_notes, noise_notes, statistics_notes, underflow_notes, zeroing_notes
+from .table import SMALLEST_AMAX, CalibrationTable, TensorRange
 
 __all__ = [
     "CalibrationResult",
@@ -124,6 +124,8 @@ def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFA
     weighs both by the values' energy (quantlab.noise): a range that saturates 0.4 % of a tensor's values can
     still lose most of its signal when those values are its largest."""
     amax = _amax(state, method, percentile, entropy_skip_zeros)
+    if 0.0 < amax < SMALLEST_AMAX:
+        amax = SMALLEST_AMAX  # its scale would be a denormal float32: raised, with a note (underflow_notes)
     return TensorRange(
         amax=amax,
         min=state.min,
@@ -188,6 +190,7 @@ def table_from_statistics(
         calib_set=dict(calib_set or {}),
         versions=dict(versions if versions is not None else tool_versions()),
         notes=statistics_notes(stats, frozenset(unquantized))
+        + underflow_notes(method, ranges, unquantized=frozenset(unquantized))
         + clipping_notes(method, ranges, stats, entropy_skip_zeros=entropy_skip_zeros,
                          unquantized=frozenset(unquantized))
         + zeroing_notes(method, ranges, unquantized=frozenset(unquantized))

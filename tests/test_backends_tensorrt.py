@@ -616,3 +616,22 @@ def test_an_interrupt_during_the_build_cancels_it_and_is_raised(rtx, monkeypatch
     monkeypatch.setattr(tqdm.auto.tqdm, "update", interrupted)
     with pytest.raises(KeyboardInterrupt):
         rtx.build_engine(model, progress=True)
+
+
+def test_a_branch_too_small_for_an_int8_scale_builds_in_int8(rtx):
+    """The smallest amax calibration raises such a tensor to gives a normal float32 scale: the TensorRT form parses
+    and builds (a denormal scale would be read as 0)."""
+    from quantlab.calibrate import table_from_statistics
+    from quantlab.stats import collect_statistics
+    from quantlab.table import SMALLEST_AMAX
+
+    quantize, plan_module = _writer()
+    model = model_from_proto(models.denormal_branch_net(), label="denormal_branch_net")
+    stats = collect_statistics(model, models.batch_factory(models.random_inputs(model.proto, batch=8), 4))
+    table = table_from_statistics(stats, "entropy")
+    assert table.ranges["tiny"].amax == SMALLEST_AMAX
+    written = quantize.write_model(model, plan_module.uniform_plan("int8"), table,
+                                   quantize.WriteOptions(target="tensorrt"))
+    out = _written_proto(written)
+    assert "tiny" in {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+    _engine_ok(rtx.build_engine(out, label="denormal_branch_net (int8, written by quantlab)"))

@@ -597,3 +597,34 @@ def test_noise_note_names_quantized_tensors_predicted_to_keep_little_sqnr():
     assert note.index("'add' 5.3 dB") < note.index("'mul' 11.2 dB")
     assert "conv" not in note and "fused_pre" not in note and "unknown" not in note
     assert noise_notes("entropy", {"conv": ranges["conv"]}) == ()
+
+
+def test_a_tensor_too_small_for_an_int8_scale_gets_the_smallest_amax_and_a_note(tmp_path):
+    """Values of ~1e-40 would need a denormal float32 scale (TensorRT reads it as 0; the table refused it, so
+    calibrating a whole MobileViT failed on one attention MatMul): every method raises amax to the smallest one
+    INT8 can use, the table round-trips, a note names the tensors, and the written model runs."""
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+    from quantlab.table import SMALLEST_AMAX
+
+    proto = models.denormal_branch_net()
+    model = model_from_proto(proto)
+    x = np.random.default_rng(0).standard_normal((12, 16)).astype(np.float32)
+    result = calibrate(model, ArrayDataSet({"x": x}), ["all", "mse"], batch_size=4)
+    for method, table in result.tables.items():
+        for name in ("tiny", "far"):
+            state = result.statistics[name]
+            assert 0 < max(abs(state.min), abs(state.max)) < SMALLEST_AMAX  # really that small, not all zero
+            assert table.ranges[name].amax == SMALLEST_AMAX, (method, name)
+        assert table.ranges["small"].amax > SMALLEST_AMAX and table.ranges["near"].amax > 1.0
+        (note,) = [n for n in table.notes if "too small for an INT8 scale" in n]
+        assert "'tiny'" in note and "'far'" in note and "'small'" not in note
+        assert not any("round more than" in n and "'tiny'" in n for n in table.notes)  # not the zeroing advice
+        write_table(table, tmp_path / f"{method}.json")
+        assert read_table(tmp_path / f"{method}.json").ranges["tiny"].amax == SMALLEST_AMAX
+    for target in ("tensorrt", "ort"):
+        written = write_model(model, uniform_plan("int8"), result.tables["entropy"], WriteOptions(target=target))
+        got = models.run_ort(written.proto, {"x": x})["y"]
+        want = models.run_ort(proto, {"x": x})["y"]
+        cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+        assert cosine > 0.99, target  # the tiny branch reads as 0, which is what it adds in float32 anyway
