@@ -70,7 +70,7 @@ def run_coverage(report_dir: Path, model: LoadedModel, config: ExperimentConfig,
     view = coverage_view(result, load_statistics(cal_dir / "statistics.npz"))
     verdict = result.verdict()
     flagged = len({(f["dataset"], f["tensor"]) for f in verdict["failing_tensors"]})
-    message = (f"calibration coverage ({method}): {'FLAGGED' if verdict['fails'] else 'covered'} by "
-               f"{verdict['gate']}" + (f", {flagged} tensor(s) flagged; see the Calibration coverage section"
-                                       if verdict["fails"] else ""))
+    message = (f"calibration coverage ({method}): {'FLAGGED' if verdict['fails'] else 'covered'} (a data set is "
+               f"flagged where {verdict['gate']})" + (f", {flagged} tensor(s) flagged; see the Calibration coverage "
+                                                      "section" if verdict["fails"] else ""))
     return rec, view, message
