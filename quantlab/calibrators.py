@@ -53,17 +53,16 @@ rule) for comparison with TensorRT's own calibrator.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from .binning import compiled
+from .entropy_search import entropy_argmin, entropy_divergences
 from .methods import (
     DEFAULT_PERCENTILE,
     ENTROPY_BINS,
     ENTROPY_LEVELS,
     ENTROPY_POINT_MASS,
-    ENTROPY_SMOOTHING,
     METHOD_NAMES,
     MSE_CANDIDATES,
     MSE_LEVELS,
@@ -133,114 +132,6 @@ def percentile_of_cumulative(cum: np.ndarray, total: float, upper: float, percen
     lo, hi = cum[k - 1], cum[k]
     frac = 0.0 if hi == lo else (target - lo) / (hi - lo)
     return float((k - 1 + frac) * upper / bins)
-
-
-@compiled(nogil=True)
-def _sum_plogp(c, i, e):  # pragma: no cover - compiled
-    """``sum (c_j - e) log(c_j - e)`` over the non-empty bins ``j < i - 1``; ``nan`` if one of them is <= e."""
-    s = 0.0
-    for j in range(i - 1):
-        v = c[j]
-        if v > 0:
-            v -= e
-            if v <= 0:
-                return np.nan
-            s += v * math.log(v)
-    return s
-
-
-@compiled(nogil=True)
-def _sum_plogq(cum, cum_nz, i, levels, e_p, e_q):  # pragma: no cover - compiled
-    """``(sum p_j log q_j over the non-empty bins j < i, log q of the last level)``; ``nan`` if a q is <= 0.
-
-    The non-empty bins of level k share ``q = s_k / nz_k - e_q`` and carry
-    ``p_j = c_j - e_p``: ``(s_k - nz_k * e_p) * log q`` per level, O(levels).
-    The outliers folded into bin i-1 are added by the caller.
-    """
-    p_log_q = 0.0
-    log_q_last = 0.0
-    for k in range(levels):
-        a = -((-k * i) // levels)  # level k = bins [ceil(k*i/levels), ceil((k+1)*i/levels))
-        b = -((-(k + 1) * i) // levels)
-        nz_k = cum_nz[b] - cum_nz[a]
-        if nz_k > 0:
-            s = cum[b] - cum[a]
-            q = s / nz_k - e_q
-            if q <= 0:
-                return np.nan, 0.0
-            log_q = math.log(q)
-            p_log_q += (s - nz_k * e_p) * log_q
-            if k == levels - 1:
-                log_q_last = log_q
-    return p_log_q, log_q_last
-
-
-@compiled(nogil=True)
-def _kl_curve(c, levels, start, eps):  # pragma: no cover - compiled
-    """Smoothed KL(P_i || Q_i) for i in [start, len(c)) (see :func:`entropy_divergences`); ``eps = 0``: unsmoothed."""
-    n = c.size
-    cum = np.zeros(n + 1)
-    cum_nz = np.zeros(n + 1, np.int64)
-    cum_clogc = np.zeros(n + 1)
-    for j in range(n):
-        v = c[j]
-        cum[j + 1] = cum[j] + v
-        cum_nz[j + 1] = cum_nz[j] + (1 if v > 0 else 0)
-        cum_clogc[j + 1] = cum_clogc[j] + (v * math.log(v) if v > 0 else 0.0)
-    total = cum[n]
-    out = np.full(n - start, np.inf)
-    for i in range(start, n):
-        outliers = total - cum[i]  # mass at or above bin i, folded into bin i-1
-        last = c[i - 1]
-        nz = cum_nz[i]  # non-empty bins of Q_i (Q never has mass where the unfolded bins are empty)
-        folded_into_empty = last == 0 and outliers > 0
-        if nz == 0 or (folded_into_empty and eps == 0):
-            continue  # Q_i is all zero, or has no mass where P_i has the outliers: infinite
-        nz_p = nz + (1 if folded_into_empty else 0)
-        e_p = eps * (i - nz_p) / nz_p  # what smoothing takes off each non-empty bin of P_i ...
-        e_q = eps * (i - nz) / nz  # ... and of Q_i (it gives eps to each empty bin)
-        p_last = last + outliers - e_p
-        if eps == 0:
-            p_log_p = cum_clogc[i - 1]
-        else:
-            p_log_p = _sum_plogp(c, i, e_p)
-        if not p_log_p == p_log_p or (p_last <= 0 and last + outliers > 0):
-            continue  # a count below the smoothing amount (fractional counts only): P_i cannot be smoothed
-        if last + outliers > 0:
-            p_log_p += p_last * math.log(p_last)
-        p_log_q, log_q_last = _sum_plogq(cum, cum_nz, i, levels, e_p, e_q)
-        if not p_log_q == p_log_q:
-            continue
-        if folded_into_empty:
-            p_log_q += p_last * math.log(eps)  # Q_i's bin i-1 is empty: smoothing gave it eps
-        else:
-            p_log_q += outliers * log_q_last
-        # empty bins of P_i are empty in Q_i too: both hold eps, their terms cancel.
-        # normalise: P sums to total, Q to total - outliers (smoothing keeps both sums)
-        kl = (p_log_p - p_log_q) / total - math.log(total) + math.log(total - outliers)
-        out[i - start] = max(kl, 0.0)
-    return out
-
-
-def entropy_divergences(hist: np.ndarray, levels: int = ENTROPY_LEVELS, start_bin: int | None = None,
-                        eps: float = ENTROPY_SMOOTHING) -> np.ndarray:
-    """KL divergence for every candidate threshold ``i`` in ``[start_bin, len(hist))``.
-
-    Element ``i - start_bin`` is ``KL(P_i || Q_i)`` (natural log) as defined in
-    :func:`amax_entropy`, with ``P_i`` and ``Q_i`` smoothed by ``eps`` counts
-    (ONNX Runtime's ``smooth_distribution``; ``eps = 0``: unsmoothed, ``inf``
-    where ``Q_i`` has no mass on a bin where ``P_i`` has some). ``inf`` where
-    ``Q_i`` is empty. Prefix sums make the ``Q`` side ``O(levels)`` per
-    candidate; the smoothed ``P`` side is a plain ``O(i)`` sum (15 ms for 2048 bins).
-    """
-    c = np.ascontiguousarray(hist, dtype=np.float64)
-    n = c.size
-    start = levels if start_bin is None else int(start_bin)
-    if start < levels or start >= n:
-        raise ValueError(f"start_bin must be in [{levels}, {n}), got {start}")
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"eps must be in [0, 1), got {eps}")
-    return _kl_curve(c, int(levels), start, float(eps))
 
 
 def without_point_masses(hist: np.ndarray, share: float = ENTROPY_POINT_MASS) -> np.ndarray:
@@ -317,16 +208,15 @@ def amax_entropy(
         return float(upper)
     start = levels if start_bin is None else int(start_bin)
     if not robust:
-        kl = entropy_divergences(hist, levels, start, eps=0.0)
+        m = entropy_argmin(hist, levels, start, eps=0.0)
     else:  # the eligible candidates are [first, len(hist)): the share above i only falls as i grows
         eligible = saturation_bound(hist, start)
         if not eligible.any():
             return float(upper)
         start += int(np.argmax(eligible))
-        kl = entropy_divergences(without_point_masses(hist), levels, start)
-    if not np.isfinite(kl).any():
+        m = entropy_argmin(without_point_masses(hist), levels, start)
+    if m is None:
         return float(upper)
-    m = start + int(np.argmin(kl))
     return float((m + 0.5) * upper / hist.size)
 
 
