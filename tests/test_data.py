@@ -910,3 +910,27 @@ def test_running_stats_and_sample_hash_equal_their_plain_numpy_definitions(dtype
         hasher.update("t", samples[0])
         a = np.ascontiguousarray(samples[0])
         assert hasher.hexdigest() == hashlib.sha256(f"t|{a.dtype.str}|{a.shape}|".encode() + a.tobytes()).hexdigest()
+
+
+def test_a_scalar_input_stacked_on_a_batch_axis_says_how_to_give_it_none(tmp_path):
+    """A rank-0 input (a Loop's step count as torch exports it) cannot take samples on axis 0: the error says to
+    declare batch_axis = "none" (or --bind), for npz files (it raised IndexError there) and arrays alike."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    steps = helper.make_tensor_value_info("steps", TensorProto.FLOAT, [])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "steps"], ["y"])], "scaled", [x, steps], [out])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = model_from_proto(proto)
+    (tmp_path / "set").mkdir()
+    for i in range(3):
+        np.savez(tmp_path / "set" / f"s{i}.npz", x=np.ones(4, np.float32), steps=np.array(5, np.float32))
+    stacked = open_dataset(_manifest(tmp_path, '[source]\nkind = "npz"\npath = "set"\n', "s.toml"))
+    with pytest.raises(InputMismatchError, match=r"input 'steps'.*rank 0 \[\], which has no axis 0.*"
+                                                  r"steps = \{ field = \"...\", batch_axis = \"none\" \}.*--bind steps="):
+        check_inputs(stacked, model)
+    fixed = open_dataset(_manifest(tmp_path, '[source]\nkind = "npz"\npath = "set"\n[inputs]\nx = "x"\n'
+                                   'steps = { field = "steps", batch_axis = "none" }\n', "n.toml"))
+    check_inputs(fixed, model)
+    (batch,) = list(fixed.batches(3))
+    assert batch.feeds["steps"].shape == () and batch.feeds["x"].shape == (3, 4)

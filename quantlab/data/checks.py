@@ -113,7 +113,7 @@ def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_
         return f"Make the [preprocess] hook return arrays of shape {want} (one sample, no batch axis)"
     if origin == "memory":
         return f"Give arrays of shape [N, {want[1:]}, the first axis counting samples"
-    if origin in ("npy", "npz") and not batched and len(got) == model_rank:
+    if origin in ("npy", "npz") and not batched and len(got) == model_rank and got:
         return (f"Each file holds a leading axis of {got[0]}, like a batch: set batched = true in its [[source]] to "
                 "take one sample per row")
     if origin in ("npy", "npz") and batched and len(got) == model_rank - 2:
@@ -227,7 +227,16 @@ def _check_shape(spec: TensorSpec, dtype: str, sample_shape: tuple[int, ...], mo
     per_sample = [spec.shape[a] for a in axes]
     want = format_shape(per_sample)
     words = _axis_words(batch_axis)
-    if len(per_sample) != len(sample_shape) or (batch_axis is not None and batch_axis >= len(spec.shape)):
+    if batch_axis is not None and batch_axis >= len(spec.shape):
+        raise InputMismatchError(
+            f"input {spec.name!r}: model {model.label} expects rank {len(spec.shape)} {format_shape(spec.shape)}, "
+            f"which has no axis {batch_axis} to stack samples on ({words}); {where} gives samples of shape "
+            f"{format_shape(sample_shape)}. If every sample holds the same value (a step count, a sample rate), "
+            f"write [inputs] {spec.name} = {{ field = \"...\", batch_axis = \"none\" }} in the manifest (or give "
+            f"--bind {spec.name}=VALUE to every command: it becomes a constant of the model); else re-export the "
+            "model with a batch axis on this input."
+        )
+    if len(per_sample) != len(sample_shape):
         raise InputMismatchError(
             f"input {spec.name!r}: model {model.label} expects rank {len(spec.shape)} "
             f"{format_shape(spec.shape)} ({words}), i.e. samples of shape {want}; {where} gives samples "
