@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # graph is a lower layer; imported only for the annotation
 __all__ = [
     "SMALLEST_AMAX", "ZERO_RANGE_SCALE", "ZeroRangeWarning", "check_range", "TensorRange",
     "CalibrationTable", "TABLE_FORMAT", "table_to_dict", "table_from_dict",
-    "write_table", "read_table", "check_table_fits", "warn_zero_ranges",
+    "write_table", "read_table", "check_table_fits", "warn_zero_ranges", "bodies_frame",
 ]
 
 TABLE_FORMAT = "quantlab.calibration/1"
@@ -343,3 +343,20 @@ def check_table_fits(table: CalibrationTable, model: LoadedModel) -> None:
             f"none of the {len(table.ranges)} tensors of the calibration table ({shown}, ...) is a tensor "
             f"of {model.label}; the cache was made for another model or another export of it."
         )
+
+
+def bodies_frame(tables: Mapping[str, CalibrationTable]) -> Any:
+    """Per method and Loop/Scan body the table calibrated (``CalibrationTable.bodies``): its tensors, the widest
+    range and the lowest predicted INT8 SQNR, each with its tensor. A pandas DataFrame (empty: no body)."""
+    import pandas as pd
+
+    rows = []
+    for method, table in tables.items():
+        for node, ranges in table.bodies.items():
+            widest = max(ranges, key=lambda t: ranges[t].amax)
+            known = {t: r.predicted_sqnr_db for t, r in ranges.items() if math.isfinite(r.predicted_sqnr_db)}
+            noisiest = min(known, key=known.__getitem__) if known else ""
+            rows.append({"method": method, "body of": node, "tensors": len(ranges), "widest": widest,
+                         "amax": ranges[widest].amax, "lowest SQNR dB": known.get(noisiest, math.nan),
+                         "at": noisiest})
+    return pd.DataFrame(rows)

@@ -333,3 +333,34 @@ def test_long_model_names_are_shortened_for_people_and_kept_whole_in_files() -> 
     text = frame.to_string(index=False, formatters=_formatters(frame))
     assert "model/dense_1/MatMul (+2)" in text and path not in text and "BiasAdd" not in text
     assert "overflow-wrap: anywhere" in CSS  # the HTML tables keep names whole, wrapped in their cell
+
+
+def test_loop_bodies_calibrated_step_by_step_get_their_section(tmp_path: Path) -> None:
+    """A Loop's body ranges (calibration runs it step by step) reach the report: node, tensors, widest range and
+    noisiest predicted tensor per method, escaped; and they survive a save/load of the report's inputs."""
+    import models
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.graph import model_from_proto
+    from quantlab.table import bodies_frame
+
+    model = model_from_proto(models.token_rnn())
+    rng = np.random.default_rng(0)
+    data = from_arrays({"x": rng.normal(0, 1, (16, 7, 6)).astype(np.float32), "h0": np.zeros((16, 12), np.float32)})
+    tables = calibrate(model, data, ["minmax", "entropy"], batch_size=8).tables
+    bodies = bodies_frame(tables)
+    assert list(bodies["method"]) == ["minmax", "entropy"] and (bodies["tensors"] > 3).all()
+    (loop,) = [n.name for n in model.proto.graph.node if n.op_type == "Loop"]
+    assert set(bodies["body of"]) == {loop}
+    assert render_report(sample_inputs()).count('id="bodies"') == 0  # no body, no section
+    evil = bodies.assign(**{"body of": EVIL})
+    inputs = ReportInputs(**{**sample_inputs().__dict__, "bodies": evil})
+    page = render_report(inputs)
+    section = page.split('id="bodies"')[1].split("</section>")[0]
+    assert "Loop and Scan bodies" in page and "--int8-bodies" in section and html.escape(EVIL) in section
+    assert EVIL not in page and str(bodies["widest"].iloc[0]) in section
+    save_report_inputs(tmp_path, inputs)
+    back = load_report_inputs(tmp_path)
+    pd.testing.assert_frame_equal(back.bodies, inputs.bodies)
+    assert render_report(back) == page

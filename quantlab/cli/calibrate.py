@@ -176,23 +176,6 @@ def methods_frame(tables: Mapping[str, CalibrationTable], unquantized: Collectio
     return pd.DataFrame(rows)
 
 
-def bodies_frame(tables: Mapping[str, CalibrationTable]) -> Any:
-    """Per method and Loop/Scan body the table calibrated (``CalibrationTable.bodies``): its tensors, the widest
-    range and the lowest predicted INT8 SQNR, each with its tensor. A pandas DataFrame (empty: no body)."""
-    import pandas as pd
-
-    rows = []
-    for method, table in tables.items():
-        for node, ranges in table.bodies.items():
-            widest = max(ranges, key=lambda t: ranges[t].amax)
-            known = {t: r.predicted_sqnr_db for t, r in ranges.items() if math.isfinite(r.predicted_sqnr_db)}
-            noisiest = min(known, key=known.__getitem__) if known else ""
-            rows.append({"method": method, "body of": node, "tensors": len(ranges), "widest": widest,
-                         "amax": ranges[widest].amax, "lowest SQNR dB": known.get(noisiest, math.nan),
-                         "at": noisiest})
-    return pd.DataFrame(rows)
-
-
 def owned_files() -> tuple[str, ...]:
     """The files a calibrate run writes into --out (the only ones a rerun may replace)."""
     from ..methods import METHOD_NAMES
@@ -308,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
         if len(result.tables) > 1:
             print("\npredicted INT8 SQNR of the quantized tensors, per method (higher keeps more of the signal)")
             print(methods_frame(result.tables, unquantized).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+        from ..table import bodies_frame
+
         bodies = bodies_frame(result.tables)
         if not bodies.empty:
             print("\nLoop/Scan bodies calibrated step by step (`quantlab build --int8-bodies` writes them in INT8)")

@@ -18,7 +18,7 @@ from ..report import WORST_LAYERS_SHOWN, HistogramView, ReportInputs, Verdict, w
 from ..report.samples import changed_samples
 from ..search import impact_notes
 from ..stats import load_statistics
-from ..table import CalibrationTable
+from ..table import CalibrationTable, bodies_frame
 from .spec import ExperimentConfig
 from .stages import (SEARCH_CANDIDATE, experiment_candidates, int8_bodies, load_frames, load_written, read_json,
                      search_end_to_end)
@@ -284,4 +284,5 @@ def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables:
         trajectory_metric=verdict.metric if verdict is not None else "", plan=plan,
         environment=package_versions(), reproducibility=_reproducibility(config, cal_dir, stages, command),
         notes=tuple(notes), changed_samples=changed_samples(_per_sample(frames, search_dir)),
+        bodies=bodies if not (bodies := bodies_frame(tables)).empty else None,
     )

@@ -112,6 +112,8 @@ class ReportInputs:
       (:func:`quantlab.report.coverage.coverage_view`), None when not computed.
     - ``changed_samples``: the samples whose decision a candidate changed
       (:func:`quantlab.report.samples.changed_samples`), None when no output is read as a choice.
+    - ``bodies``: per method, the Loop/Scan bodies calibrated step by step (:func:`quantlab.table.bodies_frame`),
+      None when the model has none.
     """
 
     title: str
@@ -132,6 +134,7 @@ class ReportInputs:
     notes: tuple[str, ...] = ()
     coverage: Mapping[str, Any] | None = None
     changed_samples: pd.DataFrame | None = None
+    bodies: pd.DataFrame | None = None
 
 
 def worst_layers(per_layer: pd.DataFrame, higher_is_better: bool, n: int) -> pd.DataFrame:
@@ -155,7 +158,7 @@ def check_per_layer(df: pd.DataFrame) -> None:
         raise ExperimentError(f"per-layer results lack the columns {missing}; cannot draw the per-layer plot")
 
 
-_FRAMES = ("end_to_end", "per_layer", "sensitivity", "trajectory", "plan", "changed_samples")
+_FRAMES = ("end_to_end", "per_layer", "sensitivity", "trajectory", "plan", "changed_samples", "bodies")
 
 
 def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from .sections import (
     changed_samples_section,
     end_to_end_section,
     environment_section,
+    bodies_section,
     histogram_section,
     notes_section,
     per_layer_section,
@@ -37,6 +38,7 @@ def render_report(inputs: ReportInputs, plots: Mapping[str, bytes] | None = None
     if inputs.model.get("sha256"):
         subtitle += f" (sha256 <code>{esc(str(inputs.model['sha256'])[:12])}</code>)"
     has_sens = inputs.sensitivity is not None and not inputs.sensitivity.empty
+    has_bodies = inputs.bodies is not None and not inputs.bodies.empty
     sections = [
         verdict_section(inputs),
         notes_section(inputs),
@@ -44,6 +46,7 @@ def render_report(inputs: ReportInputs, plots: Mapping[str, bytes] | None = None
         changed_samples_section(inputs),
         per_layer_section(inputs, plots),
         histogram_section(inputs, plots),
+        bodies_section(inputs),
         coverage_section(inputs.coverage),
         sensitivity_section(inputs) if has_sens else "",
         trajectory_section(inputs, plots),
@@ -51,7 +54,8 @@ def render_report(inputs: ReportInputs, plots: Mapping[str, bytes] | None = None
         environment_section(inputs),
     ]
     nav = [("verdict", "Verdict"), ("end-to-end", "End to end"), ("per-layer", "Per layer"),
-           ("histograms", "Histograms")] + ([("coverage", "Coverage")] if inputs.coverage else [])
+           ("histograms", "Histograms")] + ([("bodies", "Loop bodies")] if has_bodies else []) \
+        + ([("coverage", "Coverage")] if inputs.coverage else [])
     if has_sens:
         nav.append(("sensitivity", "Sensitivity"))
     nav.append(("search", "Search"))

@@ -10,7 +10,7 @@ from .inputs import MAX_TABLE_ROWS, WORST_LAYERS_SHOWN, ReportInputs, check_per_
 from .markup import esc, fmt, img, kv_table, table
 
 __all__ = ["verdict_section", "notes_section", "end_to_end_section", "per_layer_section", "histogram_section",
-           "sensitivity_section", "trajectory_section", "plan_section", "environment_section"]
+           "bodies_section", "sensitivity_section", "trajectory_section", "plan_section", "environment_section"]
 
 def verdict_section(inputs: ReportInputs) -> str:
     v = inputs.verdict
@@ -142,6 +142,18 @@ def histogram_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str:
         f"{img(plots.get('histograms'), 'activation histograms with each calibrator range')}"
         f"{'<ul>' + notes + '</ul>' if notes else ''}{table(pd.DataFrame(rows))}</section>"
     )
+
+
+def bodies_section(inputs: ReportInputs) -> str:
+    """The Loop/Scan bodies calibration ran step by step (a decoder's loop, a Scan RNN): where their widest range and
+    their noisiest predicted INT8 tensor are. Empty when the model has none."""
+    if inputs.bodies is None or inputs.bodies.empty:
+        return ""
+    return ('<section id="bodies"><h2>Loop and Scan bodies</h2>'
+            "<p>Calibration ran each body step by step, as its Loop or Scan does, and ranged its tensors. They are "
+            "written in INT8 only on request (<code>quantlab build --int8-bodies</code>, <code>[candidates] "
+            "int8_bodies = true</code>); otherwise the bodies stay float. Per method: the widest range and the lowest "
+            "predicted INT8 SQNR inside each body.</p>" + table(inputs.bodies, merge_ci=False) + "</section>")
 
 
 def sensitivity_section(inputs: ReportInputs) -> str:
