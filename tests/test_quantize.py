@@ -1375,3 +1375,41 @@ def test_ort_form_leaves_an_int8_output_float_where_a_log_reads_it():
     assert any("read by Log 'log'" in n for n in written.provenance.notes)
     out = OrtBackend().build(written.proto).run({"power": power})["db"]
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("simulation", [False, True], ids=["float16", "simulated"])
+def test_fp16_keeps_a_guard_constant_float16_reads_as_zero_in_fp32(simulation):
+    """A log-mel front end floors its mel energies at 1e-10 before the Log: in float16 the floor is 0, and on quiet
+    audio the FP16 model returned -inf dB (7 of 1280 values) where FP32 gives -85. The Clip that reads the guard
+    computes in FP32 and the build says so; the output stays finite."""
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+
+    model = model_from_proto(models.log_mel())
+    power = (10.0 ** np.random.default_rng(0).uniform(-14, -4, (16, 10, 16))).astype(np.float32)
+    table = calibrate(model, from_arrays({"power": power}), "minmax", batch_size=8).tables["minmax"]
+    written = write_model(model, uniform_plan("fp16"), table, WriteOptions(fp16_simulation=simulation))
+    got, want = _run(written.proto, {"power": power})["db"], _run(model.proto, {"power": power})["db"]
+    assert np.isfinite(got).all() and want.min() < -80
+    assert np.abs(got - want).max() < (30.0 if simulation else 0.1)  # simulated: float16's own underflow of mel
+    note = next(n for n in written.provenance.notes if "guard constant" in n)
+    assert "1 node(s)" in note and "'floor' ('floor' = 1e-10)" in note
+    clip = next(n for n in written.proto.graph.node if n.name == "floor")
+    assert tensor_specs(written.proto)[clip.input[1]].dtype == "float32"  # the floor is read as float32
+
+
+def test_fp16_keeps_nodes_of_activations_float16_reads_as_zero_in_fp32():
+    """Activations whose every value is below float16's smallest (6e-8) are 0 in float16: the nodes reading or
+    writing them compute in FP32, named in a note."""
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+
+    model = model_from_proto(models.denormal_branch_net())
+    x = np.random.default_rng(0).standard_normal((12, 16)).astype(np.float32)
+    table = calibrate(model, from_arrays({"x": x}), "minmax", batch_size=4).tables["minmax"]
+    written = write_model(model, uniform_plan("fp16"), table, WriteOptions())
+    note = next(n for n in written.provenance.notes if "below float16's smallest" in n)
+    assert all(f"'{n}'" in note for n in ("shrink", "far", "sum")) and "'near'" not in note  # 'square': a Pow
+    reads = {n.name: list(n.input) for n in written.proto.graph.node}
+    assert reads["far"][0] == "tiny" and reads["square"] == ["small", "small"]  # float32, not through a float16 cast
+    assert reads["near"][0] != "x"  # the normal branch is float16

@@ -1,17 +1,22 @@
-"""Which nodes of an FP16 group still compute in float32: per-sample statistics, squares for a variance, and nodes
-whose activations went beyond float16's range in calibration.
+"""Which nodes of an FP16 group still compute in float32: per-sample statistics, squares for a variance, nodes
+whose activations went beyond float16's range in calibration (above 65504, or all below its smallest value), and
+nodes reading a guard constant float16 reads as 0.
 
 The writer asks :meth:`Fp32Nodes.statistic` of every node in topological order (a statistic is known from its
 inputs, which were asked about first), then :meth:`Fp32Nodes.keeps_fp32` of an FP16 group's other nodes::
 
     x ─► ReduceMean ─► m ─► Sub/Mul ─► ... ─► Expand ─► back to full size (fp16)
           └──────── float32: one value per sample or row ────────┘
+
+    power ─► MatMul(mel) ─► Clip(min=1e-10) ─► Log ─► dB      the guard 1e-10 is 0 in float16: the Clip keeps
+                              float32                           float32, or silence's log(0) is -inf
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
+import numpy as np
 import onnx
 
 from ..graph.topology import CONTROL_FLOW_OPS
@@ -19,7 +24,15 @@ from ..table import CalibrationTable
 from .options import WriteOptions
 from .tensors import F16, F32, TensorBook
 
-__all__ = ["Fp32Nodes", "beyond_fp16"]
+__all__ = ["FP16_TINY", "Fp32Nodes", "beyond_fp16", "below_fp16"]
+
+FP16_TINY = 2.0**-24
+"""float16's smallest (subnormal) value, 6e-8: a non-zero |x| below half of it is 0 in float16, and below it
+holds no significant bit."""
+
+GUARD_SIZE = 64
+"""A float constant of at most this many values, all of whose non-zero values are below :data:`FP16_TINY`, is a
+guard (``Clip(x, 1e-10)`` before a Log, ``x + 1e-12`` under a division): 0 in float16."""
 
 
 def beyond_fp16(table: CalibrationTable | None, limit: float) -> dict[str, float]:
@@ -32,23 +45,38 @@ def beyond_fp16(table: CalibrationTable | None, limit: float) -> dict[str, float
     return {t: v for t, v in seen.items() if v > limit}
 
 
+def below_fp16(table: CalibrationTable | None) -> dict[str, float]:
+    """Tensor -> largest |x| calibration saw, for the activations whose every value is below :data:`FP16_TINY`
+    (non-zero): float16 reads the whole tensor as 0 (an untrained network's vanishing activations, a spectrum of
+    silence)."""
+    if table is None:
+        return {}
+    seen = {t: max(abs(r.min), abs(r.max)) for t, r in table.ranges.items()
+            if np.isfinite(r.min) and np.isfinite(r.max)}
+    return {t: v for t, v in seen.items() if 0.0 < v < FP16_TINY}
+
+
 class Fp32Nodes:
     """The float32 exceptions inside FP16 groups, and why each was made (``kept``: node -> (tensor, its |x|))."""
 
     def __init__(self, book: TensorBook, options: WriteOptions, constants: Collection[str],
-                 beyond: Mapping[str, float]) -> None:
+                 beyond: Mapping[str, float], below: Mapping[str, float] | None = None) -> None:
         self.book = book
         self.options = options
         self.constants = constants
         self.beyond = beyond  # tensor -> |x| beyond options.fp16_data_max (beyond_fp16)
+        self.below = below or {}  # tensor -> its largest |x|, all below FP16_TINY (below_fp16)
         self.kept: dict[str, tuple[str, float]] = {}  # fp16-group node kept float32 -> (tensor, its |x|)
+        self.kept_small: dict[str, tuple[str, float]] = {}  # node kept float32 -> (a tensor float16 reads as 0, |x|)
+        self.guards: dict[str, tuple[str, float]] = {}  # node kept float32 -> (guard constant, its largest |x|)
         self.statistics: set[str] = set()  # reductions' outputs and what only they compute (see statistic)
 
     def keeps_fp32(self, node: onnx.NodeProto, name: str) -> bool:
         """Whether ``node`` (written as ``name``) of an FP16 group, not a :meth:`statistic`, computes in float32:
         an ``fp32_ops`` op, a square of fp32_ops' Pow, or a node reading or writing values beyond float16 in
         calibration."""
-        return node.op_type in self.options.fp32_ops or self.square(node) or self.reads_beyond_fp16(node, name)
+        return (node.op_type in self.options.fp32_ops or self.square(node) or self.reads_beyond_fp16(node, name)
+                or self.reads_below_fp16(node, name) or self.reads_guard(node, name))
 
     def statistic(self, node: onnx.NodeProto) -> bool:
         """Whether the node computes a per-sample statistic: a float32 reduction (``fp32_ops``), or a node whose
@@ -90,3 +118,26 @@ class Fp32Nodes:
         if seen:
             self.kept[name] = max(seen, key=lambda tv: tv[1])
         return bool(seen)
+
+    def reads_below_fp16(self, node: onnx.NodeProto, name: str) -> bool:
+        """Whether an activation the node reads or writes was all below float16's smallest value in calibration
+        (:attr:`kept_small` records it)."""
+        seen = [(t, self.below[t]) for t in (*node.input, *node.output) if t in self.below and t not in self.constants]
+        if seen:
+            self.kept_small[name] = max(seen, key=lambda tv: tv[1])
+        return bool(seen)
+
+    def reads_guard(self, node: onnx.NodeProto, name: str) -> bool:
+        """Whether the node reads a guard constant (:data:`GUARD_SIZE`) that float16 reads as 0 (:attr:`guards`
+        records it)."""
+        for t in node.input:
+            if not t or (t not in self.book.inits and t not in self.book.const_nodes):
+                continue
+            value = self.book.constant_array(t)
+            if value.dtype.kind != "f" or not 0 < value.size <= GUARD_SIZE:
+                continue
+            nonzero = np.abs(value[value != 0].astype(np.float64))
+            if nonzero.size and (nonzero < FP16_TINY).all():
+                self.guards[name] = (t, float(nonzero.max()))
+                return True
+        return False

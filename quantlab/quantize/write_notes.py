@@ -3,7 +3,7 @@ that could not take the precision asked of them (the notes of :class:`~quantlab.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -13,6 +13,7 @@ from ..graph.topology import SHAPE_ONLY_OPS
 from ..plan import ResolvedPlan
 from ..precision import FP32
 from .casts import Casts
+from .fp32_nodes import FP16_TINY, Fp32Nodes
 from .placement import Placement
 from .qdq import QdqInserter
 
@@ -20,12 +21,11 @@ __all__ = ["float_fallback_note", "writing_notes"]
 
 
 def writing_notes(src: onnx.ModelProto, plan: ResolvedPlan, placement: Placement, casts: Casts, qdq: QdqInserter,
-                  fp16_bodies: Sequence[str], kept_fp32: Mapping[str, tuple[str, float]],
-                  fp16_data_max: float) -> list[str]:
+                  fp16_bodies: Sequence[str], fp32: Fp32Nodes, fp16_data_max: float) -> list[str]:
     """The notes of a finished writing pass, warnings first where they change what a layer computes.
 
-    ``fp16_bodies``: control-flow nodes whose bodies were written in float16; ``kept_fp32``: FP16-group node ->
-    (the tensor beyond ``fp16_data_max`` that kept it float32, its |x|) (quantlab.quantize.fp32_nodes).
+    ``fp16_bodies``: control-flow nodes whose bodies were written in float16; ``fp32``: the FP16-group nodes kept
+    float32 and why (quantlab.quantize.fp32_nodes).
     """
     notes: list[str] = []
     if casts.fp16_clipped:
@@ -60,11 +60,21 @@ def writing_notes(src: onnx.ModelProto, plan: ResolvedPlan, placement: Placement
                      f"float16 too: {', '.join(map(repr, fp16_bodies[:5]))} (a Loop/Scan body the "
                      "table calibrated keeps its nodes beyond float16's range in float32 one by one; other "
                      "bodies only as a whole, when a value entering or leaving them passes float16's)")
-    if kept_fp32:
-        worst_kept = sorted(kept_fp32.items(), key=lambda kv: -kv[1][1])
+    if fp32.kept:
+        worst_kept = sorted(fp32.kept.items(), key=lambda kv: -kv[1][1])
         shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in worst_kept[:5])
         notes.append(f"{len(worst_kept)} node(s) of FP16 groups compute in FP32: calibration saw their "
                      f"activations beyond {fp16_data_max:g} (float16 ends at 65504): {shown}")
+    if fp32.kept_small:
+        shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in list(fp32.kept_small.items())[:5])
+        notes.append(f"{len(fp32.kept_small)} node(s) of FP16 groups compute in FP32: calibration saw every value "
+                     f"of an activation they read or write below float16's smallest ({FP16_TINY:.3g}), which "
+                     f"float16 reads as 0: {shown}")
+    if fp32.guards:
+        shown = ", ".join(f"{n!r} ({t!r} = {v:.3g})" for n, (t, v) in list(fp32.guards.items())[:5])
+        notes.append(f"{len(fp32.guards)} node(s) of FP16 groups compute in FP32: they read a guard constant that "
+                     f"float16 reads as 0 (below {FP16_TINY:.3g}; an epsilon before a Log or under a division, "
+                     f"where 0 gives -inf or inf): {shown}")
     return notes
 
 

@@ -30,7 +30,7 @@ from ..plan import FusionGroup, ResolvedPlan
 from ..precision import FP16, INT8
 from ..version import __version__
 from .casts import Casts
-from .fp32_nodes import Fp32Nodes, beyond_fp16
+from .fp32_nodes import Fp32Nodes, below_fp16, beyond_fp16
 from .options import WriteOptions
 from .placement import Placement, Slot
 from .provenance import Provenance
@@ -65,7 +65,7 @@ class Writer:
         self.rewrite_bodies = rewrite_bodies  # False: bodies stay as they are (the fallback of write_model)
         self.initializers = initializer_map(self.src)
         self.beyond_fp16 = beyond_fp16(placement.table, options.fp16_data_max)
-        self.fp32 = Fp32Nodes(self.book, options, placement.constants, self.beyond_fp16)
+        self.fp32 = Fp32Nodes(self.book, options, placement.constants, self.beyond_fp16, below_fp16(placement.table))
         self._kept: set[str] = set()  # initializers the written model keeps
         self.subgraph_reads = frozenset(subgraph_reads(self.nodes))
         self.shape_determined = shape_determined_nodes(self.src)
@@ -76,7 +76,7 @@ class Writer:
         self._check_subgraph_reads()
         self.notes.extend(control_flow_notes(self.src, self.int8_bodies))  # Ifs inlined, body tensors left float
         self.notes.extend(writing_notes(self.src, self.plan, self.placement, self.casts, self.qdq, self.fp16_bodies,
-                                        self.fp32.kept, self.options.fp16_data_max))
+                                        self.fp32, self.options.fp16_data_max))
         written = self._assemble()
         crashing = unsafe_optimizers(written)
         if crashing:
