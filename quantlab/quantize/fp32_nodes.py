@@ -27,12 +27,16 @@ from .tensors import F16, F32, TensorBook
 __all__ = ["FP16_TINY", "Fp32Nodes", "beyond_fp16", "below_fp16"]
 
 FP16_TINY = 2.0**-24
-"""float16's smallest (subnormal) value, 6e-8: a non-zero |x| below half of it is 0 in float16, and below it
-holds no significant bit."""
+"""float16's smallest (subnormal) value, 6e-8; a |x| of at most half of it is 0 in float16."""
 
 GUARD_SIZE = 64
-"""A float constant of at most this many values, all of whose non-zero values are below :data:`FP16_TINY`, is a
-guard (``Clip(x, 1e-10)`` before a Log, ``x + 1e-12`` under a division): 0 in float16."""
+"""A float constant of at most this many values, all of whose non-zero values float16 reads as 0, is a guard
+(``Clip(x, 1e-10)`` before a Log, ``x + 1e-12`` under a division)."""
+
+
+def _zero_in_fp16(magnitude: float) -> bool:
+    """Whether float16 rounds this non-negative magnitude to 0 (at most half its smallest value)."""
+    return float(np.float16(magnitude)) == 0.0
 
 
 def beyond_fp16(table: CalibrationTable | None, limit: float) -> dict[str, float]:
@@ -46,18 +50,19 @@ def beyond_fp16(table: CalibrationTable | None, limit: float) -> dict[str, float
 
 
 def below_fp16(table: CalibrationTable | None) -> dict[str, float]:
-    """Tensor -> largest |x| calibration saw, for the activations whose every value is below :data:`FP16_TINY`
-    (non-zero): float16 reads the whole tensor as 0 (an untrained network's vanishing activations, a spectrum of
-    silence)."""
+    """Tensor -> largest |x| calibration saw, for the non-zero activations float16 reads as 0 in full (every value
+    at most half of :data:`FP16_TINY`: an untrained network's vanishing activations, a spectrum of silence)."""
     if table is None:
         return {}
     seen = {t: max(abs(r.min), abs(r.max)) for t, r in table.ranges.items()
             if np.isfinite(r.min) and np.isfinite(r.max)}
-    return {t: v for t, v in seen.items() if 0.0 < v < FP16_TINY}
+    return {t: v for t, v in seen.items() if v > 0.0 and _zero_in_fp16(v)}
 
 
 class Fp32Nodes:
-    """The float32 exceptions inside FP16 groups, and why each was made (``kept``: node -> (tensor, its |x|))."""
+    """The float32 exceptions inside FP16 groups, and why each was made: ``kept`` (values beyond
+    ``fp16_data_max``), ``kept_small`` (values float16 reads as 0) and ``guards`` (a guard constant float16 reads as
+    0), each node -> (tensor, its largest |x|)."""
 
     def __init__(self, book: TensorBook, options: WriteOptions, constants: Collection[str],
                  beyond: Mapping[str, float], below: Mapping[str, float] | None = None) -> None:
@@ -73,8 +78,9 @@ class Fp32Nodes:
 
     def keeps_fp32(self, node: onnx.NodeProto, name: str) -> bool:
         """Whether ``node`` (written as ``name``) of an FP16 group, not a :meth:`statistic`, computes in float32:
-        an ``fp32_ops`` op, a square of fp32_ops' Pow, or a node reading or writing values beyond float16 in
-        calibration."""
+        an ``fp32_ops`` op, a square of fp32_ops' Pow, a node reading or writing values beyond float16's range in
+        calibration (or all of whose values float16 reads as 0), or one reading a guard constant float16 reads
+        as 0."""
         return (node.op_type in self.options.fp32_ops or self.square(node) or self.reads_beyond_fp16(node, name)
                 or self.reads_below_fp16(node, name) or self.reads_guard(node, name))
 
@@ -120,7 +126,7 @@ class Fp32Nodes:
         return bool(seen)
 
     def reads_below_fp16(self, node: onnx.NodeProto, name: str) -> bool:
-        """Whether an activation the node reads or writes was all below float16's smallest value in calibration
+        """Whether float16 reads an activation the node reads or writes as 0 in full, by calibration
         (:attr:`kept_small` records it)."""
         seen = [(t, self.below[t]) for t in (*node.input, *node.output) if t in self.below and t not in self.constants]
         if seen:
@@ -131,13 +137,16 @@ class Fp32Nodes:
         """Whether the node reads a guard constant (:data:`GUARD_SIZE`) that float16 reads as 0 (:attr:`guards`
         records it)."""
         for t in node.input:
-            if not t or (t not in self.book.inits and t not in self.book.const_nodes):
+            if t in self.book.inits:
+                if not 0 < int(np.prod(self.book.inits[t].dims)) <= GUARD_SIZE:
+                    continue  # a weight: not read into an array for this
+            elif t not in self.book.const_nodes:
                 continue
             value = self.book.constant_array(t)
             if value.dtype.kind != "f" or not 0 < value.size <= GUARD_SIZE:
                 continue
             nonzero = np.abs(value[value != 0].astype(np.float64))
-            if nonzero.size and (nonzero < FP16_TINY).all():
+            if nonzero.size and _zero_in_fp16(float(nonzero.max())):
                 self.guards[name] = (t, float(nonzero.max()))
                 return True
         return False

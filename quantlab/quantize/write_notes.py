@@ -68,12 +68,12 @@ def writing_notes(src: onnx.ModelProto, plan: ResolvedPlan, placement: Placement
     if fp32.kept_small:
         shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in list(fp32.kept_small.items())[:5])
         notes.append(f"{len(fp32.kept_small)} node(s) of FP16 groups compute in FP32: calibration saw every value "
-                     f"of an activation they read or write below float16's smallest ({FP16_TINY:.3g}), which "
-                     f"float16 reads as 0: {shown}")
+                     f"of an activation they read or write below float16's smallest ({FP16_TINY:.3g}), so small that "
+                     f"float16 reads it as 0: {shown}")
     if fp32.guards:
         shown = ", ".join(f"{n!r} ({t!r} = {v:.3g})" for n, (t, v) in list(fp32.guards.items())[:5])
         notes.append(f"{len(fp32.guards)} node(s) of FP16 groups compute in FP32: they read a guard constant that "
-                     f"float16 reads as 0 (below {FP16_TINY:.3g}; an epsilon before a Log or under a division, "
+                     f"float16 reads as 0 (its smallest value is {FP16_TINY:.3g}; an epsilon before a Log or under a division, "
                      f"where 0 gives -inf or inf): {shown}")
     return notes
 
