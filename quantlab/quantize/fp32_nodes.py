@@ -36,7 +36,7 @@ GUARD_SIZE = 64
 
 def _zero_in_fp16(magnitude: float) -> bool:
     """Whether float16 rounds this non-negative magnitude to 0 (at most half its smallest value)."""
-    return float(np.float16(magnitude)) == 0.0
+    return magnitude <= FP16_TINY and float(np.float16(magnitude)) == 0.0
 
 
 def beyond_fp16(table: CalibrationTable | None, limit: float) -> dict[str, float]:
