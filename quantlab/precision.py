@@ -28,6 +28,7 @@ __all__ = [
     "INT8",
     "FP16",
     "FP16_MAX",
+    "FP16_TINY",
     "FP32",
     "DEFAULT_PRECISION",
     "DEFAULT_FALLBACK",
@@ -42,6 +43,8 @@ INT8: Final = "int8"
 FP16: Final = "fp16"
 FP16_MAX: Final = 65504.0
 """float16's largest finite value."""
+FP16_TINY: Final = 2.0**-24
+"""float16's smallest (subnormal) value, 6e-8; a |x| of at most half of it is 0 in float16."""
 FP32: Final = "fp32"
 DEFAULT_PRECISION: Final[Precision] = INT8
 """A plan's ``default``: every group int8 unless the plan says otherwise."""

@@ -10,6 +10,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 from .methods import ENTROPY_SKIP_ZEROS
 from .stats import Statistics
+from .precision import FP16_TINY
 from .table import SMALLEST_AMAX, ZERO_RANGE_SCALE, TensorRange
 
 __all__ = ["CLIP_NOTE_FRACTION", "LOW_SQNR_DB", "ZERO_NOTE_FRACTION", "clipping_notes", "noise_notes", "statistics_notes",
@@ -149,7 +150,8 @@ def underflow_notes(method: str, ranges: Mapping[str, TensorRange], *,
     shown = _listed(tiny, largest)
     return (f"WARNING {method}: {len(tiny)} of {len(ranges)} tensor(s) hold values too small for an INT8 scale: "
             f"their amax is raised to {SMALLEST_AMAX:.3g} (scale 2**-126, float32's smallest normal; TensorRT reads "
-            f"a smaller one as 0), so INT8 reads them as 0, as float16 does (its smallest value is 6e-8): {shown}. "
+            f"a smaller one as 0), so INT8 reads them as 0, as float16 does (its smallest value is {FP16_TINY:.2g}): "
+            f"{shown}. "
             "Values this small come from a branch that is all but dead or weights near zero (an untrained or "
             "pruned layer): check the model, or keep these layers in fp32 with a precision plan.",)
 

@@ -20,14 +20,12 @@ import numpy as np
 import onnx
 
 from ..graph.topology import CONTROL_FLOW_OPS
+from ..precision import FP16_TINY
 from ..table import CalibrationTable
 from .options import WriteOptions
 from .tensors import F16, F32, TensorBook
 
-__all__ = ["FP16_TINY", "Fp32Nodes", "beyond_fp16", "below_fp16"]
-
-FP16_TINY = 2.0**-24
-"""float16's smallest (subnormal) value, 6e-8; a |x| of at most half of it is 0 in float16."""
+__all__ = ["Fp32Nodes", "beyond_fp16", "below_fp16"]
 
 GUARD_SIZE = 64
 """A float constant of at most this many values, all of whose non-zero values float16 reads as 0, is a guard

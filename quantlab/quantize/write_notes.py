@@ -11,9 +11,9 @@ from onnx import TensorProto
 
 from ..graph.topology import SHAPE_ONLY_OPS
 from ..plan import ResolvedPlan
-from ..precision import FP32
+from ..precision import FP16_TINY, FP32
 from .casts import Casts
-from .fp32_nodes import FP16_TINY, Fp32Nodes
+from .fp32_nodes import Fp32Nodes
 from .placement import Placement
 from .qdq import QdqInserter
 
