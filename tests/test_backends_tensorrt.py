@@ -635,3 +635,25 @@ def test_a_branch_too_small_for_an_int8_scale_builds_in_int8(rtx):
     out = _written_proto(written)
     assert "tiny" in {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
     _engine_ok(rtx.build_engine(out, label="denormal_branch_net (int8, written by quantlab)"))
+
+
+def test_an_input_passed_through_as_an_output_builds_with_profiles_by_its_onnx_name(rtx):
+    """TensorRT's parser renames a graph input that is also a graph output to '__x': profiles from data (keyed by
+    the ONNX name) were refused ("shapes are given for 'x', which are not inputs"). They now reach the renamed
+    input, and the engine's record keys them by the ONNX name."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.backends.tensorrt.builder import onnx_input_name
+
+    w = numpy_helper.from_array(np.eye(16, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "passthrough",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16]),
+                               helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    engine, settings = rtx._builder.build(proto, profiles_from={"x": (4, 16)}, outputs=None, label="passthrough")
+    _engine_ok(engine)
+    assert settings["profiles"] == {"x": [[1, 16], [4, 16], [4, 16]]}
+    assert rtx.profiles_for(proto, profiles_from={"x": (4, 16)}) == settings["profiles"]
+    assert onnx_input_name("__x", {"x", "y"}) == "x" and onnx_input_name("__x", {"y"}) == "__x"

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,6 +34,15 @@ A build that fails with such a guess says which input and axis got it and what t
 write (``--shapes``), since e.g. a width of 1 can make a reshape impossible."""
 
 Profile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def onnx_input_name(network_name: str, output_names: Collection[str]) -> str:
+    """The ONNX name of a network (or engine) input. TensorRT's parser renames a graph input that is also a graph
+    output (an input passed through) to ``"__" + name`` and gives the output the name: profiles, feeds and
+    records use the ONNX name."""
+    if network_name.startswith("__") and network_name[2:] in output_names:
+        return network_name[2:]
+    return network_name
 
 
 def profile_shapes(name: str, network_shape: Sequence[int], data_shape: Sequence[int] | None) -> Profile:
@@ -214,17 +223,24 @@ class EngineBuilder:
         self, network: Any, profiles_from: Mapping[str, Sequence[int]] | None,
         shapes: Mapping[str, ShapeRange] | None = None,
     ) -> tuple[dict[str, Profile], dict[str, list[int]]]:
-        inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+        """(profile per dynamic input, guessed axes), keyed by the inputs' ONNX names (:func:`onnx_input_name`)."""
+        outputs = {network.get_output(i).name for i in range(network.num_outputs)}
+        inputs = {onnx_input_name(network.get_input(i).name, outputs): tuple(network.get_input(i).shape)
+                  for i in range(network.num_inputs)}
         return resolve_profiles(inputs, profiles_from, shapes)
 
-    def config(self, builder: Any, profiles: Mapping[str, Profile]) -> tuple[Any, Any]:
+    def config(self, builder: Any, network: Any, profiles: Mapping[str, Profile]) -> tuple[Any, Any]:
+        """The builder config; ``profiles`` keyed by ONNX input names, set on the network's own names."""
         trt = self._trt
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
         if profiles:
+            outputs = {network.get_output(i).name for i in range(network.num_outputs)}
+            names = {onnx_input_name(network.get_input(i).name, outputs): network.get_input(i).name
+                     for i in range(network.num_inputs)}
             profile = builder.create_optimization_profile()
             for name, (lo, opt, hi) in profiles.items():
-                profile.set_shape(name, lo, opt, hi)
+                profile.set_shape(names[name], lo, opt, hi)
             config.add_optimization_profile(profile)
         timing = None
         if self.timing_cache is not None and not self.is_rtx:
@@ -258,7 +274,7 @@ class EngineBuilder:
         builder, network, _parser = self.parse(model, label)  # parser must outlive the build
         self.mark_outputs(network, list(outputs or []), label)
         profiles, guessed = self.profiles(network, profiles_from, shapes)
-        config, _timing = self.config(builder, profiles)
+        config, _timing = self.config(builder, network, profiles)
         monitor = make_monitor(self._trt, progress)
         config.progress_monitor = monitor
         try:

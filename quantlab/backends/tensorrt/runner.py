@@ -16,6 +16,7 @@ import numpy as np
 from ...atomic import write_bytes
 from ...errors import BackendError, InputMismatchError
 from ..base import Runner, check_feed_names
+from .builder import onnx_input_name
 from .device import cuda_call
 from .flavors import NOT_PORTABLE
 
@@ -88,8 +89,10 @@ class TensorRTRunner(Runner):
             raise BackendError(f"{label} could not create an execution context for the engine")
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         modes = {n: self._engine.get_tensor_mode(n) for n in names}
-        self.input_names = tuple(n for n in names if modes[n] == trt.TensorIOMode.INPUT)
         engine_outputs = [n for n in names if modes[n] == trt.TensorIOMode.OUTPUT]
+        self._engine_inputs = {onnx_input_name(n, engine_outputs): n for n in names
+                               if modes[n] == trt.TensorIOMode.INPUT}  # ONNX name -> the engine's
+        self.input_names = tuple(self._engine_inputs)
         ordered = [n for n in output_names if n in engine_outputs]
         self.output_names = tuple(ordered + [n for n in engine_outputs if n not in ordered])
         self._dtypes = {n: self._numpy_dtype(n) for n in names}
@@ -156,8 +159,8 @@ class TensorRTRunner(Runner):
                 f"{self._label}: the engine does not output {unknown}; it outputs {list(self.output_names)}. "
                 "Pass them as outputs= when building."
             )
-        for name in self.input_names:
-            self._set_input(name, np.asarray(feeds[name]))
+        for name, engine_name in self._engine_inputs.items():
+            self._set_input(engine_name, np.asarray(feeds[name]))
         shapes: dict[str, tuple[int, ...]] = {}
         for name in self.output_names:  # every output needs an address, even unrequested ones
             shape = tuple(self._context.get_tensor_shape(name))
