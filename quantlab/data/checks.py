@@ -105,7 +105,9 @@ def _shape_hint(origin: str, expected: Sequence[Any], got: Sequence[int], layout
     return f"Re-save the arrays with per-sample shape {want}{transpose}"
 
 
-def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_rank: int) -> str:
+def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_shape: Sequence[Any],
+               name: str) -> str:
+    model_rank = len(model_shape)
     if origin == "image":
         return ("An image becomes a rank-3 sample ([C, H, W] or [H, W, C]) and this input is not an image batch: map "
                 f"another field in [inputs], or use a [preprocess] hook that returns shape {want}")
@@ -113,6 +115,10 @@ def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_
         return f"Make the [preprocess] hook return arrays of shape {want} (one sample, no batch axis)"
     if origin == "memory":
         return f"Give arrays of shape [N, {want[1:]}, the first axis counting samples"
+    if origin in ("npy", "npz") and not batched and tuple(got) == tuple(model_shape):
+        return (f"Each sample has the input's whole shape {format_shape(model_shape)}: if every sample of a batch "
+                f"holds the same value (a table, a weight), write [inputs] {name} = {{ field = \"...\", batch_axis = "
+                f"\"none\" }}; if each file holds {got[0]} samples, set batched = true in its [[source]]")
     if origin in ("npy", "npz") and not batched and len(got) == model_rank and got:
         return (f"Each file holds a leading axis of {got[0]}, like a batch: set batched = true in its [[source]] to "
                 "take one sample per row")
@@ -241,7 +247,7 @@ def _check_shape(spec: TensorSpec, dtype: str, sample_shape: tuple[int, ...], mo
             f"input {spec.name!r}: model {model.label} expects rank {len(spec.shape)} "
             f"{format_shape(spec.shape)} ({words}), i.e. samples of shape {want}; {where} gives samples "
             f"of shape {format_shape(sample_shape)}. "
-            f"{_rank_hint(origin[0], origin[1], want, sample_shape, len(spec.shape))}."
+            f"{_rank_hint(origin[0], origin[1], want, sample_shape, spec.shape, spec.name)}."
         )
     for axis, dim, actual in zip(axes, per_sample, sample_shape):
         if isinstance(dim, int) and dim > 0 and dim != actual:
