@@ -934,3 +934,20 @@ def test_a_scalar_input_stacked_on_a_batch_axis_says_how_to_give_it_none(tmp_pat
     check_inputs(fixed, model)
     (batch,) = list(fixed.batches(3))
     assert batch.feeds["steps"].shape == () and batch.feeds["x"].shape == (3, 4)
+
+
+def test_a_sample_with_the_inputs_whole_fixed_shape_suggests_no_batch_axis(tmp_path):
+    """A weight or table fed as an input ([8, 4], no batch dim) given one whole copy per file: the error offers
+    batch_axis = "none" (the samples share it) beside batched = true (the file is 8 samples)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])
+    v = helper.make_tensor_value_info("v", TensorProto.FLOAT, [8, 4])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "v"], ["y"])], "dynamic_weight", [x, v], [out])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    (tmp_path / "set").mkdir()
+    np.savez(tmp_path / "set" / "s0.npz", x=np.ones(8, np.float32), v=np.ones((8, 4), np.float32))
+    data = open_dataset(_manifest(tmp_path, '[source]\nkind = "npz"\npath = "set"\n'))
+    with pytest.raises(InputMismatchError, match=r"input 'v'.*whole shape \[8, 4\].*v = \{ field = \"...\", "
+                                                  r"batch_axis = \"none\" \}.*set batched = true"):
+        check_inputs(data, model_from_proto(proto))
