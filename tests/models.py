@@ -1303,3 +1303,26 @@ def denormal_branch_net(seed: int = 0, width: int = 16, out: int = 8) -> onnx.Mo
              _init("shrink", np.array(1e-20, np.float32))]
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out])], inits, "denormal_branch_net")
+
+
+def optional_inputs_net(seed: int = 0) -> onnx.ModelProto:
+    """Optional inputs spelled out as "" (valid ONNX, as some converters write them), an unused graph input, and an
+    output a later node also reads::
+
+        x ─► Conv(W, b) ─► Clip("", 6) ─► clip (output) ─► Resize("", scales) ─► Conv(W2, "") ─► y
+        unused (read by nothing)
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Clip", ["c", "", "six"], ["clip"], name="clip_max_only"),
+             helper.make_node("Resize", ["clip", "", "scales"], ["up"], mode="nearest", name="resize"),
+             helper.make_node("Conv", ["up", "cw2", ""], ["y"], pads=[1, 1, 1, 1], name="conv_nobias")]
+    inits = [_init("cw", (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)),
+             _init("cb", (rng.standard_normal(8) * 0.1).astype(np.float32)),
+             _init("six", np.array(6.0, np.float32)), _init("scales", np.array([1, 1, 2, 2], np.float32)),
+             _init("cw2", (rng.standard_normal((4, 8, 3, 3)) * 0.3).astype(np.float32))]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16]),
+              helper.make_tensor_value_info("unused", TensorProto.FLOAT, ["N", 2])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 32, 32]),
+               helper.make_tensor_value_info("clip", TensorProto.FLOAT, ["N", 8, 16, 16])]
+    return _model(nodes, inputs, outputs, inits, "optional_inputs_net")

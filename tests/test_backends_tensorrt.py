@@ -657,3 +657,24 @@ def test_an_input_passed_through_as_an_output_builds_with_profiles_by_its_onnx_n
     assert settings["profiles"] == {"x": [[1, 16], [4, 16], [4, 16]]}
     assert rtx.profiles_for(proto, profiles_from={"x": (4, 16)}) == settings["profiles"]
     assert onnx_input_name("__x", {"x", "y"}) == "x" and onnx_input_name("__x", {"y"}) == "__x"
+
+
+@pytest.mark.parametrize("which", ["int8", "fp16"])
+def test_optional_inputs_spelled_out_as_empty_names_are_dropped_and_the_written_model_builds(rtx, which):
+    """TensorRT's parser refuses Conv(x, W, "") ("Invalid Node"), which is valid ONNX for a Conv without bias: the
+    writer drops trailing empty inputs, so the written model parses and builds (the FP32 original does not)."""
+    quantize, plan_module = _writer()
+    proto = models.optional_inputs_net()
+    model = model_from_proto(proto, label="optional_inputs_net")
+    with pytest.raises(BackendError, match="conv_nobias"):
+        rtx.build_engine(proto, label="optional_inputs_net (FP32, as given)")
+    written = quantize.write_model(model, plan_module.uniform_plan(which), _minmax_table(model),
+                                   quantize.WriteOptions(target="tensorrt"))
+    out = _written_proto(written)
+    conv = next(n for n in out.graph.node if n.name == "conv_nobias")
+    assert len(conv.input) == 2 and all(conv.input)
+    assert next(n for n in out.graph.node if n.name == "clip_max_only").input[1] == ""  # not trailing: kept
+    _engine_ok(rtx.build_engine(out, label=f"optional_inputs_net ({which}, written by quantlab)"))
+    feeds = models.random_inputs(proto, batch=2)
+    got, want = models.run_ort(out, feeds)["y"], models.run_ort(proto, feeds)["y"]
+    assert np.isfinite(got).all() and np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.98

@@ -99,7 +99,7 @@ class Writer:
         written.CopyFrom(node)
         written.name = name
         del written.input[:]
-        written.input.extend(new_inputs)
+        written.input.extend(_without_trailing_omitted(new_inputs))
         del written.output[:]
         written.output.extend(outputs)
         if node.op_type in CONTROL_FLOW_OPS and self.rewrite_bodies:
@@ -274,3 +274,12 @@ class Writer:
             if name in self._kept:
                 return name
         return tensor
+
+
+def _without_trailing_omitted(inputs: list[str]) -> list[str]:
+    """``inputs`` without the empty names at its end: an optional input given as "" is one not given, and
+    TensorRT's parser refuses some nodes that spell it out (``Conv(x, W, "")``: "Invalid Node")."""
+    end = len(inputs)
+    while end and not inputs[end - 1]:
+        end -= 1
+    return inputs[:end]
