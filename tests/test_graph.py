@@ -903,3 +903,46 @@ def test_a_weight_reshaped_by_its_own_shape_is_a_weight_after_loading():
     assert "shape_y" in {n.name for n in model.proto.graph.node}  # an activation's shape stays computed
     x = rng.normal(size=(4, 8)).astype(np.float32)
     assert "w2" not in calibrate(model, from_arrays({"x": x}), "entropy").tables["entropy"].ranges
+
+
+def test_model_local_functions_are_inlined_so_their_layers_can_be_quantized():
+    """torch's export_modules_as_functions writes each block as a local function: one opaque node per call, its
+    convs without an INT8 form. Loaded, the calls are inlined (same outputs, unique node names) and an INT8
+    write quantizes the convs inside."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import models
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    rng = np.random.default_rng(0)
+    block = helper.make_function(
+        "local", "Block", ["x", "w"], ["y"],
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"), helper.make_node("Add", ["r", "x"], ["y"], name="add")],
+        [helper.make_opsetid("", 17)])
+    weights = [numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) * 0.2).astype(np.float32), f"w{k}")
+               for k in range(2)]
+    graph = helper.make_graph(
+        [helper.make_node("Block", ["x", "w0"], ["b0"], domain="local", name="/b0/Block"),
+         helper.make_node("Block", ["b0", "w1"], ["b1"], domain="local", name="/b1/Block"),
+         helper.make_node("ReduceMean", ["b1"], ["y"], axes=[2, 3], keepdims=0, name="pool")],
+        "functions", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], weights)
+    proto = helper.make_model(graph, functions=[block], opset_imports=[helper.make_opsetid("", 17),
+                                                                       helper.make_opsetid("local", 1)])
+    proto.ir_version = 8
+    model = model_from_proto(proto)
+    assert not model.proto.functions and [n.op_type for n in model.proto.graph.node].count("Conv") == 2
+    names = [n.name for n in model.proto.graph.node]
+    assert len(set(names)) == len(names) and all(names)
+    x = rng.standard_normal((6, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(models.run_ort(model.proto, {"x": x})["y"], models.run_ort(proto, {"x": x})["y"],
+                               rtol=1e-5, atol=1e-6)
+    table = calibrate(model, from_arrays({"x": x}), "minmax", batch_size=3).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    convs = [n for n in written.proto.graph.node if n.op_type == "Conv"]
+    producers = {o: n.op_type for n in written.proto.graph.node for o in n.output}
+    assert len(convs) == 2 and all(producers.get(c.input[1]) == "DequantizeLinear" for c in convs)

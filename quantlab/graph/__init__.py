@@ -9,7 +9,8 @@
     ├── pooling.py    a spatial ReduceMean as GlobalAveragePool (at load)
     ├── dims.py       dynamic axes written as -1 made symbolic (at load)
     ├── usable.py     refusals: no float activation to calibrate, a model already in float16
-    └── load.py       load_model / model_from_proto -> LoadedModel; TensorSpec; float activations
+    ├── specs.py      TensorSpec: every tensor's type and shape; the float activations in topological order
+    └── load.py       load_model / model_from_proto -> LoadedModel (local functions inlined at load)
 """
 
 from __future__ import annotations
