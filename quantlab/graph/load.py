@@ -240,7 +240,8 @@ def _with_functions_inlined(proto: onnx.ModelProto, label: str) -> onnx.ModelPro
 
     A call of a local function is one opaque node to everything that follows: its convs and matmuls had no INT8
     form (81 % of a small net's weights fell back to FP32) and its activations no ranges. Inlined, the graph
-    computes the same; the inlined nodes get unique names (``Conv_0__1``: node 0 of the function, call 1).
+    computes the same; the inlined nodes get unique names (``Conv_0__1``: node 0 of the function, call 1). When
+    the inliner cannot take a function, the model keeps its calls.
     """
     if not proto.functions:
         return proto
@@ -249,11 +250,9 @@ def _with_functions_inlined(proto: onnx.ModelProto, label: str) -> onnx.ModelPro
     try:
         inlined = inliner.inline_local_functions(proto)
         onnx.checker.check_model(inlined)
-    except Exception as exc:
-        raise ModelError(f"{label}: its local functions ({', '.join(f.name for f in proto.functions)}) could not be "
-                         f"inlined: {exc}. Re-export the model without functions (torch: leave "
-                         "export_modules_as_functions off).") from None
-    _check_unique_node_names(inlined.graph, label)
+        _check_unique_node_names(inlined.graph, label)
+    except Exception:  # the calls stay opaque (FP32 layers, as before): the model still runs, builds and compares
+        return proto
     return inlined
 
 
