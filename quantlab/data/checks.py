@@ -119,7 +119,7 @@ def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_
         return (f"Each sample has the input's whole shape {format_shape(model_shape)}: if every sample of a batch "
                 f"holds the same value (a table, a weight), write [inputs] {name} = {{ field = \"...\", batch_axis = "
                 f"\"none\" }}; if each file holds {got[0]} samples, set batched = true in its [[source]]")
-    if origin in ("npy", "npz") and not batched and len(got) == model_rank and got:
+    if origin in ("npy", "npz") and not batched and len(got) == model_rank:
         return (f"Each file holds a leading axis of {got[0]}, like a batch: set batched = true in its [[source]] to "
                 "take one sample per row")
     if origin in ("npy", "npz") and batched and len(got) == model_rank - 2:

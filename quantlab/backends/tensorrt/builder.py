@@ -62,6 +62,12 @@ def profile_shapes(name: str, network_shape: Sequence[int], data_shape: Sequence
             tuple(hi if n < 0 else n for n in net))
 
 
+def _input_indices(network: Any) -> dict[str, int]:
+    """ONNX input name (:func:`onnx_input_name`) -> index of the network input."""
+    outputs = {network.get_output(i).name for i in range(network.num_outputs)}
+    return {onnx_input_name(network.get_input(i).name, outputs): i for i in range(network.num_inputs)}
+
+
 def resolve_profiles(
     inputs: Mapping[str, Sequence[int]],
     profiles_from: Mapping[str, Sequence[int]] | None,
@@ -224,9 +230,7 @@ class EngineBuilder:
         shapes: Mapping[str, ShapeRange] | None = None,
     ) -> tuple[dict[str, Profile], dict[str, list[int]]]:
         """(profile per dynamic input, guessed axes), keyed by the inputs' ONNX names (:func:`onnx_input_name`)."""
-        outputs = {network.get_output(i).name for i in range(network.num_outputs)}
-        inputs = {onnx_input_name(network.get_input(i).name, outputs): tuple(network.get_input(i).shape)
-                  for i in range(network.num_inputs)}
+        inputs = {name: tuple(network.get_input(i).shape) for name, i in _input_indices(network).items()}
         return resolve_profiles(inputs, profiles_from, shapes)
 
     def config(self, builder: Any, network: Any, profiles: Mapping[str, Profile]) -> tuple[Any, Any]:
@@ -235,12 +239,10 @@ class EngineBuilder:
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
         if profiles:
-            outputs = {network.get_output(i).name for i in range(network.num_outputs)}
-            names = {onnx_input_name(network.get_input(i).name, outputs): network.get_input(i).name
-                     for i in range(network.num_inputs)}
+            indices = _input_indices(network)
             profile = builder.create_optimization_profile()
             for name, (lo, opt, hi) in profiles.items():
-                profile.set_shape(names[name], lo, opt, hi)
+                profile.set_shape(network.get_input(indices[name]).name, lo, opt, hi)
             config.add_optimization_profile(profile)
         timing = None
         if self.timing_cache is not None and not self.is_rtx:
