@@ -18,9 +18,7 @@ tables record no time stamps.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Collection, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,7 +39,6 @@ from .methods import (
     ENTROPY_LEVELS,
     ENTROPY_SKIP_ZEROS,
     METHOD_NAMES,
-    METHODS_BY_NAME,
     MSE_LEVELS,
     check_percentile,
     method_settings,
@@ -139,20 +136,10 @@ def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFA
 
 
 def _ranges(stats: Statistics, method: str, percentile: float, entropy_skip_zeros: bool) -> dict[str, TensorRange]:
-    """Every tensor's range; a method that searches (entropy: 3-4 ms a tensor, compiled, GIL released) on all cores.
-
-    Each tensor's search is the same computation whichever thread runs it: the table does not depend on threads.
-    """
-    names = list(stats.tensors)
-
-    def one(name: str) -> TensorRange:
-        return tensor_range(stats.tensors[name], method, percentile=percentile, entropy_skip_zeros=entropy_skip_zeros)
-
-    workers = min(os.cpu_count() or 1, len(names))
-    if workers < 2 or not METHODS_BY_NAME[method].searches:
-        return {name: one(name) for name in names}
-    with ThreadPoolExecutor(workers, thread_name_prefix="quantlab-table") as pool:
-        return dict(zip(names, pool.map(one, names), strict=True))
+    """Every tensor's range, in one thread: the searches take 0.1-3 ms a tensor (quantlab.entropy_search,
+    quantlab.mse_search), and threads lost time to each other (each search's return waited for the GIL)."""
+    return {name: tensor_range(state, method, percentile=percentile, entropy_skip_zeros=entropy_skip_zeros)
+            for name, state in stats.tensors.items()}
 
 
 def table_from_statistics(
@@ -293,8 +280,7 @@ def calibrate(
                                      entropy_skip_zeros=entropy_skip_zeros, unquantized=unquantized, bodies=bodies)
         return replace(made, notes=made.notes + body_notes) if body_notes else made
 
-    with ThreadPoolExecutor(min(len(chosen), os.cpu_count() or 1)) as pool:  # the KL / mse kernels release the GIL
-        tables = dict(zip(chosen, pool.map(table, chosen)))
+    tables = {method: table(method) for method in chosen}
     hints = bind_hints(model.proto, _constant_unbatched_inputs(dataset, summary), summary.count)
     if hints:
         tables = {m: replace(t, notes=t.notes + hints) for m, t in tables.items()}

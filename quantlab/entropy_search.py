@@ -61,9 +61,17 @@ def _sum_plogq(cum, cum_nz, i, levels, e_p, e_q):  # pragma: no cover - compiled
     """
     p_log_q = 0.0
     log_q_last = 0.0
+    step, extra = i // levels, i % levels
+    whole, rest = 0, 0  # (k + 1) * i == whole * levels + rest, stepped: 2 divisions a level took as long as the log
+    b = 0
     for k in range(levels):
-        a = -((-k * i) // levels)  # level k = bins [ceil(k*i/levels), ceil((k+1)*i/levels))
-        b = -((-(k + 1) * i) // levels)
+        a = b  # level k = bins [ceil(k*i/levels), ceil((k+1)*i/levels))
+        whole += step
+        rest += extra
+        if rest >= levels:
+            whole += 1
+            rest -= levels
+        b = whole + (1 if rest > 0 else 0)
         nz_k = cum_nz[b] - cum_nz[a]
         if nz_k > 0:
             s = cum[b] - cum[a]

@@ -89,16 +89,11 @@ DEFAULT_BATCH_SIZE = 8
 
 @dataclass(frozen=True)
 class Method:
-    """One calibration method: its name, a one-line description, and the fixed parameters a table records.
-
-    ``searches``: its range is a search over candidate thresholds (milliseconds a tensor, where
-    the others take microseconds), so a table computes its tensors on all cores.
-    """
+    """One calibration method: its name, a one-line description, and the fixed parameters a table records."""
 
     name: str
     summary: str
     parameters: tuple[tuple[str, Any], ...] = ()
-    searches: bool = False
 
 
 METHODS_BY_NAME: dict[str, Method] = {
@@ -108,9 +103,9 @@ METHODS_BY_NAME: dict[str, Method] = {
         Method("percentile", "|x| below which the given percentile of values lie"),
         Method("entropy", "TensorRT's KL-divergence threshold, smoothed, robust to point masses",
                (("bins", ENTROPY_BINS), ("levels", ENTROPY_LEVELS), ("start_bin", ENTROPY_LEVELS),
-                ("smoothing", ENTROPY_SMOOTHING), ("point_mass", ENTROPY_POINT_MASS)), searches=True),
+                ("smoothing", ENTROPY_SMOOTHING), ("point_mass", ENTROPY_POINT_MASS))),
         Method("mse", "least expected squared INT8 error (clipping + rounding)",
-               (("bins", ENTROPY_BINS), ("candidates", MSE_CANDIDATES)), searches=True),
+               (("bins", ENTROPY_BINS), ("candidates", MSE_CANDIDATES))),
     )
 }
 
