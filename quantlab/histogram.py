@@ -43,7 +43,7 @@ import numpy as np
 from .binning import merge_pairs, partial_tables, power_of_two_above, update_counts
 from .calibrators import percentile_of_cumulative
 from .methods import DEFAULT_BINS, DEFAULT_HUGE_THRESHOLD
-from .noise import predicted_sqnr_db
+from .noise import Signal, signal_of, sqnr_db_of
 
 __all__ = [
     "DEFAULT_BINS",
@@ -153,20 +153,22 @@ class HistogramState:
         total = float(self.cumulative_counts[-1])
         if self.upper == 0.0 or total == 0.0:
             return np.where(xs > 0, total, 0.0)
+        xp, fp = self._cdf_points
+        return np.interp(xs, xp, fp) + np.where(xs > 0, float(self.zeros), 0.0)
+
+    @cached_property
+    def _cdf_points(self) -> tuple[np.ndarray, np.ndarray]:
+        """The points :meth:`cdf_at` interpolates between (of a state with a range and values)."""
         zeros = float(self.zeros)
         cum = self.cumulative_counts.copy()
         cum[1:] -= zeros
-        total -= zeros
+        total = float(self.cumulative_counts[-1]) - zeros
         edges = self._edges
         absmax = self.absmax
         k = min(int(absmax * self.bins / self.upper), self.bins - 1)  # fine bin holding absmax
         if absmax > edges[k]:
-            xp = np.concatenate([edges[: k + 1], [absmax]])
-            fp = np.concatenate([cum[: k + 1], [total]])
-        else:  # absmax sits on an edge: its point mass joins the bin below
-            xp = edges[: k + 1]
-            fp = np.concatenate([cum[:k], [total]])
-        return np.interp(xs, xp, fp) + np.where(xs > 0, zeros, 0.0)
+            return np.concatenate([edges[: k + 1], [absmax]]), np.concatenate([cum[: k + 1], [total]])
+        return edges[: k + 1], np.concatenate([cum[:k], [total]])  # absmax on an edge: its mass joins the bin below
 
     def rebin_to(self, n_bins: int, upper: float) -> np.ndarray:
         """Counts (float64) of ``n_bins`` equal bins over ``[0, upper]``.
@@ -220,7 +222,11 @@ class HistogramState:
     def predicted_sqnr_db(self, amax: float, levels: int = 127) -> float:
         """SQNR in dB symmetric INT8 with this ``amax`` would give these values (rounding and saturation, at the
         fine bins' resolution: :func:`quantlab.noise.predicted_sqnr_db`); nan when no value is non-zero."""
-        return predicted_sqnr_db(self.counts, self.upper, self.zeros, amax, levels)
+        return sqnr_db_of(self._signal, amax, levels)
+
+    @cached_property
+    def _signal(self) -> Signal | None:
+        return signal_of(self.counts, self.upper, self.zeros)
 
     def quantile(self, q: float) -> float:
         """|x| below which a share ``q`` (0..1] of usable values lie, interpolated in the fine bins."""
