@@ -154,7 +154,7 @@ def table_from_statistics(
     bodies: Mapping[str, Mapping[str, HistogramState]] | None = None,
 ) -> CalibrationTable:
     """One method's table from collected statistics (no model run: methods share one pass); ``bodies``: the
-    statistics of Loop/Scan bodies (:func:`quantlab.stats.bodies.collect_body_statistics`), ranged the same way.
+    statistics of Loop/Scan bodies and If branches (:func:`quantlab.stats.bodies.collect_body_statistics`), ranged the same way.
 
     ``entropy_skip_zeros=False`` gives TensorRT's entropy algorithm exactly as
     published: exact zeros included, no smoothing, no point-mass rule
@@ -289,7 +289,7 @@ def calibrate(
 
 def _body_statistics(model: LoadedModel, dataset: Any, batch_size: int, backend: Backend | None, stats: Statistics,
                      progress: bool) -> tuple[dict[str, dict[str, HistogramState]], tuple[str, ...]]:
-    """The Loop/Scan bodies' statistics (one more pass over the data, only for a model with such a body) and the
+    """The statistics of Loop/Scan bodies and If branches (one more pass over the data, only for a model with such a body) and the
     notes on them: which bodies were calibrated, and any left float."""
     from .stats.bodies import calibrated_bodies, collect_body_statistics
 
@@ -298,7 +298,7 @@ def _body_statistics(model: LoadedModel, dataset: Any, batch_size: int, backend:
         if not found:
             return {}, ()
     except Exception as exc:  # noqa: BLE001 - an add-on pass: the main graph's ranges are complete without it
-        return {}, (f"Loop/Scan bodies were not calibrated (they stay float): {type(exc).__name__}: {exc}",)
+        return {}, (f"control-flow bodies were not calibrated (they stay float): {type(exc).__name__}: {exc}",)
     if backend is None:
         from .backends import get_backend
 
@@ -320,13 +320,13 @@ def _body_statistics(model: LoadedModel, dataset: Any, batch_size: int, backend:
     except (DataError, InputMismatchError):
         raise  # the data itself: the main pass would have said it first
     except Exception as exc:  # noqa: BLE001 - as above
-        bodies, notes = {}, (f"Loop/Scan bodies were not calibrated (they stay float): {type(exc).__name__}: {exc}",)
+        bodies, notes = {}, (f"control-flow bodies were not calibrated (they stay float): {type(exc).__name__}: {exc}",)
     finally:
         if bar is not None:
             bar.close()
     if bodies:
         shown = ", ".join(f"{node!r} ({len(states)} tensors)" for node, states in bodies.items())
-        notes = (f"Loop/Scan bodies calibrated step by step (quantlab.stats.bodies): {shown}",) + notes
+        notes = (f"control-flow bodies calibrated (Loop/Scan step by step, If branches as the data takes them; quantlab.stats.bodies): {shown}",) + notes
     return bodies, notes
 
 

@@ -145,7 +145,7 @@ class CalibrationTable:
     versions: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     bodies: Mapping[str, Mapping[str, TensorRange]] = field(default_factory=dict)
-    """Ranges inside Loop/Scan bodies: node name (the writer's, :func:`quantlab.plan.groups.node_names`) -> body
+    """Ranges inside Loop/Scan bodies and If branches: node name (the writer's, :func:`quantlab.plan.groups.node_names`) -> body
     tensor -> range (quantlab.stats.bodies); the JSON has them under ``bodies`` only when there are some."""
 
     def __post_init__(self) -> None:
@@ -223,7 +223,7 @@ def table_from_dict(doc: Any, where: str = "calibration table") -> CalibrationTa
     ranges = _ranges_from(doc["tensors"], where)
     bodies = doc.get("bodies", {})  # older tables: none
     if not isinstance(bodies, dict) or not all(isinstance(v, dict) for v in bodies.values()):
-        raise CalibrationError(f"{where}: 'bodies' must map a Loop/Scan node to its body's tensors")
+        raise CalibrationError(f"{where}: 'bodies' must map a Loop/Scan/If node to its bodies' tensors")
     # an all-zero tensor quantlab calibrated (its histogram summary: absmax 0) is in the table's notes when a Q/DQ
     # reads it; the warning is for zero ranges set by hand or by another tool (it named a BERT's zero-filled
     # mask tensors, which no Q/DQ reads, three times a run)
@@ -346,7 +346,7 @@ def check_table_fits(table: CalibrationTable, model: LoadedModel) -> None:
 
 
 def bodies_frame(tables: Mapping[str, CalibrationTable]) -> Any:
-    """Per method and Loop/Scan body the table calibrated (``CalibrationTable.bodies``): its tensors, the widest
+    """Per method and Loop/Scan/If node the table calibrated (``CalibrationTable.bodies``): its tensors, the widest
     range and the lowest predicted INT8 SQNR, each with its tensor. A pandas DataFrame (empty: no body)."""
     import pandas as pd
 

@@ -1,4 +1,5 @@
-"""stats.bodies: Loop/Scan bodies calibrated step by step, checked against ONNX Runtime's own loop; their INT8 writing."""
+"""stats.bodies: Loop/Scan bodies calibrated step by step, checked against ONNX Runtime's own loop, and If branches as the
+data takes them, checked against the branch inlined; their INT8 writing."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from quantlab.calibrate import calibrate
 from quantlab.compare import CompareOptions, compare
 from quantlab.data import from_arrays
 from quantlab.graph import model_from_proto
-from quantlab.histogram import AbsHistogram
+from quantlab.histogram import DEFAULT_BINS, AbsHistogram
 from quantlab.plan import PrecisionPlan, uniform_plan
 from quantlab.quantize import WriteOptions, write_model
 from quantlab.stats.bodies import calibrated_bodies, collect_body_statistics
@@ -104,7 +105,7 @@ def test_an_int8_plan_writes_the_calibrated_body_in_int8_and_it_stays_accurate(r
     the body's ranges through JSON; INT8 measured against FP32 on ONNX Runtime stays accurate."""
     model, table = rnn_table
     assert set(table.bodies["over_tokens"]) >= {"h_in", "recurrent", "h_out"}
-    assert any("calibrated step by step" in n for n in table.notes)
+    assert any("Loop/Scan step by step" in n for n in table.notes)
     write_table(table, tmp_path / "t.json")
     assert read_table(tmp_path / "t.json").bodies == table.bodies
     written = write_model(model, uniform_plan("int8"), table, WriteOptions(target=target, int8_bodies=True))
@@ -157,7 +158,7 @@ def test_the_cli_calibrates_the_body_and_builds_it_int8_when_asked(tmp_path, cap
     assert main(["calibrate", str(tmp_path / "rnn.onnx"), "--calib", str(tmp_path / "seq.toml"), "--method",
                  "minmax", "--out", str(tmp_path / "cal"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "calibrated step by step" in printed and "over_tokens" in printed.split("Loop/Scan bodies calibrated")[-1]
+    assert "Loop/Scan step by step" in printed and "over_tokens" in printed.split("control-flow bodies calibrated")[-1]
     table = str(tmp_path / "cal" / "calib_minmax.json")
     for flags, expected in (([], False), (["--int8-bodies"], True)):
         out = tmp_path / f"b{len(flags)}"
@@ -250,3 +251,108 @@ def test_a_body_range_predicted_to_keep_little_sqnr_is_named_in_the_table_notes(
     assert table.bodies["decoder"]["h"].predicted_sqnr_db < 15 < table.bodies["decoder"]["x"].predicted_sqnr_db
     (note,) = [n for n in table.notes if "predicted to keep under 15 dB" in n]
     assert "'decoder/h'" in note and "decoder/x" not in note
+
+
+def _vad_data_decides() -> onnx.ModelProto:
+    """The voice-activity model with ``sr`` an input: its If (an encoder per sample rate) is decided by the data."""
+    proto = models.voice_activity()
+    del proto.graph.initializer[[i.name for i in proto.graph.initializer].index("sr")]
+    return proto
+
+
+def _chunks(n: int, seed: int, rate: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input": rng.normal(size=(n, 64)).astype(np.float32),
+            "state": rng.normal(0, 0.5, (2, n, 128)).astype(np.float32), "sr": np.array(rate, np.int64)}
+
+
+def test_if_branch_statistics_equal_those_of_the_branch_inlined():
+    """Each batch runs the branch its condition takes; the branch's statistics equal those of the model with that
+    branch inlined (the sample rate bound), run over the batches that took it: counts, min and max to the bit."""
+    from quantlab.controlflow import bind_inputs
+    from quantlab.stats import collect_statistics
+
+    proto = _vad_data_decides()
+    model = model_from_proto(proto)
+    bodies = calibrated_bodies(model)
+    assert [(b.owner, b.attr) for b in bodies] == [("by_sample_rate", "then_branch"), ("by_sample_rate", "else_branch")]
+    batches = [_chunks(4, 0, 16000), _chunks(3, 1, 8000), _chunks(4, 2, 16000)]
+    states, notes = collect_body_statistics(model, batches, get_backend("ort"), DEFAULT_BINS, 1e30)
+    assert notes == ()
+    assert set(states["by_sample_rate"]) == {f"{t}_{k}" for t in ("mm", "pre", "enc") for k in ("16k", "8k")}
+    for rate, tag in ((16000, "16k"), (8000, "8k")):
+        inlined = model_from_proto(bind_inputs(proto, {"sr": np.array(rate, np.int64)}))
+        assert "If" not in {n.op_type for n in inlined.proto.graph.node}
+        took = [{k: v for k, v in b.items() if k != "sr"} for b in batches if int(b["sr"]) == rate]
+        names = {f"mm_{tag}": f"mm_{tag}", f"pre_{tag}": f"pre_{tag}", f"enc_{tag}": "enc"}  # inlined: the If's output
+        expected = collect_statistics(inlined, lambda took=took: took, tensors=list(names.values())).tensors
+        for t, there in names.items():
+            mine, theirs = states["by_sample_rate"][t], expected[there]
+            assert (mine.count, mine.min, mine.max) == (theirs.count, theirs.min, theirs.max), t
+            assert np.array_equal(mine.counts, theirs.counts), t
+
+
+def _if_ops(written, branch: str) -> list[str]:
+    node = next(n for n in written.proto.graph.node if n.op_type == "If")
+    return [n.op_type for n in next(a.g for a in node.attribute if a.name == branch).node]
+
+
+@pytest.fixture(scope="module")
+def vad_table():
+    model = model_from_proto(_vad_data_decides())
+    return model, _minmax_table(model, [_chunks(4, s, rate) for s, rate in enumerate((16000, 8000, 16000, 8000))])
+
+
+def _minmax_table(model, batches):
+    """The minmax table of the main graph's statistics and the bodies' (as quantlab.calibrate makes it)."""
+    from quantlab.calibrate import table_from_statistics
+    from quantlab.stats import collect_statistics
+
+    stats = collect_statistics(model, lambda: batches)
+    bodies, _ = collect_body_statistics(model, batches, get_backend("ort"), stats.bins, stats.huge_threshold)
+    return table_from_statistics(stats, "minmax", bodies=bodies)
+
+
+def test_int8_bodies_write_both_if_branches_and_tensorrt_rtx_builds_them(vad_table):
+    """Both branches get their Q/DQ with their own ranges, named apart (TensorRT refused a second
+    ``by_sample_rate/input/QuantizeLinear``); the model stays accurate at either rate on ONNX Runtime, and
+    TensorRT-RTX parses and builds it."""
+    model, table = vad_table
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt", int8_bodies=True))
+    for branch in ("then_branch", "else_branch"):
+        assert "QuantizeLinear" in _if_ops(written, branch) and "MatMul" in _if_ops(written, branch)
+    assert sum("branch of 'by_sample_rate' is written INT8" in n for n in written.provenance.notes) == 2
+    assert not any("left in float, inside If" in n for n in written.provenance.notes)
+    names = [n.name for g in (a.g for n in written.proto.graph.node if n.op_type == "If" for a in n.attribute)
+             for n in g.node]
+    assert len(names) == len(set(names))
+    import onnxruntime as ort
+
+    reference = ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    quantized = ort.InferenceSession(written.proto.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                     disabled_optimizers=["QDQPropagationTransformer"])
+    for rate in (16000, 8000):
+        feeds = _chunks(8, 9, rate)
+        want, got = reference.run(["prob"], feeds)[0], quantized.run(["prob"], feeds)[0]
+        assert 10 * np.log10(np.sum(want ** 2) / np.sum((want - got) ** 2)) > 25, rate
+    rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed")
+    assert rtx is not None
+    from quantlab.backends.tensorrt import TensorRTBackend
+    from quantlab.shapes import ShapeRange
+
+    shapes = {"input": ShapeRange("input", (1, 64), (4, 64), (8, 64)),
+              "state": ShapeRange("state", (2, 1, 128), (2, 4, 128), (2, 8, 128))}
+    engine = TensorRTBackend("tensorrt-rtx").build_engine(written.proto, shapes=shapes, label="int8 if branches")
+    assert isinstance(engine, bytes) and len(engine) > 10_000
+
+
+def test_a_branch_the_data_never_took_stays_float_and_says_so():
+    model = model_from_proto(_vad_data_decides())
+    table = _minmax_table(model, [_chunks(4, s, 16000) for s in range(2)])
+    assert set(table.bodies["by_sample_rate"]) == {"mm_16k", "pre_16k", "enc_16k"}
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt", int8_bodies=True))
+    assert "QuantizeLinear" in _if_ops(written, "then_branch")
+    assert "QuantizeLinear" not in _if_ops(written, "else_branch")
+    assert any("else branch of 'by_sample_rate' stays float: calibration never ran it" in n
+               for n in written.provenance.notes)

@@ -77,7 +77,7 @@ def register(subparsers: Any) -> None:
                    help="7-bit weights ([-64, 64]): ONNX Runtime's fast uint8 x int8 kernels saturate on x86 "
                         "CPUs without VNNI with full-range weights; this makes them exact there")
     p.add_argument("--int8-bodies", action="store_true",
-                   help="also write the bodies of Loop/Scan nodes the table calibrated (quantlab calibrate runs them "
+                   help="also write the bodies of Loop/Scan nodes (If branches) the table calibrated (quantlab calibrate runs them "
                         "step by step) in INT8, under an int8 plan; the search cannot revert such a body")
     p.add_argument("--equalize", action="store_true",
                    help="cross-layer equalization of consecutive convs (exact in FP32); the table must come from "

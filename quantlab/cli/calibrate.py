@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
 
         bodies = bodies_frame(result.tables)
         if not bodies.empty:
-            print("\nLoop/Scan bodies calibrated step by step (`quantlab build --int8-bodies` writes them in INT8)")
+            print("\ncontrol-flow bodies calibrated (`quantlab build --int8-bodies` writes them in INT8)")
             print(bodies.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     written = _write(args.out, result, args, source, prepared)
     print("\nwrote " + ", ".join(str(p) for p in written))

@@ -48,7 +48,7 @@ The experiment file (paths are relative to the file itself)::
     fp16 = true
     int8 = ["entropy", "minmax", "percentile"]    # one INT8 candidate per calibrator
     target = "tensorrt"                            # Q/DQ form: tensorrt | ort
-    int8_bodies = false                            # true: calibrated Loop/Scan bodies in INT8 too
+    int8_bodies = false                            # true: calibrated Loop/Scan/If bodies in INT8 too
 
     [search]
     enabled = true

@@ -121,7 +121,7 @@ def _from_wide(df: pd.DataFrame, metric: str, layer_col: str, order_col: str | N
 
 
 def _with_int8_bodies(plan: pd.DataFrame, bodies: set[str]) -> pd.DataFrame:
-    """The plan table with the groups whose Loop/Scan body the INT8 candidates compute in INT8 saying so in their
+    """The plan table with the groups whose Loop/Scan/If body the INT8 candidates compute in INT8 saying so in their
     reason (their own precision is the fallback's: the Loop node has no INT8 form)."""
     marked = plan.copy()
     column = marked["nodes"] if "nodes" in marked.columns else marked["group"]

@@ -72,7 +72,7 @@ class ExperimentConfig:
     batch_size: int | None = None
     """Samples per model run in every stage; None: each stage's default, or the batch a model fixes at 1."""
     int8_bodies: bool = False
-    """INT8 candidates (and the search) write calibrated Loop/Scan bodies in INT8 (``WriteOptions.int8_bodies``)."""
+    """INT8 candidates (and the search) write calibrated Loop/Scan/If bodies in INT8 (``WriteOptions.int8_bodies``)."""
 
     def batch_size_option(self) -> dict[str, int]:
         """``{"batch_size": n}`` when the experiment sets one (or its model fixes it at 1), else {} (each stage's

@@ -130,14 +130,14 @@ def search_notes(search: Mapping[str, Any], int8_bodies: bool = False) -> list[s
     """The report's line on what the search's final plan keeps in INT8 (search.json), with a warning when nothing:
     "PASS: mixed (search)" read like a mixed plan when every layer had gone to FP16; then the search's own
     warnings (a mostly-pinned end whose impacts do not add up). ``int8_bodies``: the search wrote calibrated
-    Loop/Scan bodies in INT8, which no pin reaches."""
+    Loop/Scan/If bodies in INT8, which no pin reaches."""
     pinned = search.get("pinned") or {}
     groups = int(search.get("quantizable_groups") or 0)
     fraction = float(search.get("int8_fraction") or 0.0)
     line = (f"search: final plan pins {len(pinned)} of {groups} quantizable group(s) above INT8; INT8 on "
             f"{fraction:.0%} of them")
     if groups and fraction == 0.0 and int8_bodies:
-        line += ("; the calibrated Loop/Scan bodies stay INT8 ([candidates] int8_bodies: no pin reaches them; if the "
+        line += ("; the calibrated Loop/Scan/If bodies stay INT8 ([candidates] int8_bodies: no pin reaches them; if the "
                  "threshold is missed, run without it: SLANet's INT8 decoder body cost 33 points of sequence agreement)")
     elif groups and fraction == 0.0:
         fp32 = sum(1 for p in pinned.values() if str(p) == "fp32")
@@ -197,7 +197,7 @@ def float_bodies_note(model: LoadedModel, config: ExperimentConfig,
         return None
     written_int8 = int8_bodies(written or {})
     done = (f"INT8 inside control flow ([candidates] int8_bodies): the bodies of "
-            f"{', '.join(map(repr, sorted(written_int8)))}, their ranges calibrated step by step") if written_int8 else ""
+            f"{', '.join(map(repr, sorted(written_int8)))}, their ranges calibrated as the data ran them") if written_int8 else ""
     inside = compute_layers_in_bodies(model.proto, skip=written_int8)
     if not inside:
         return done or None
@@ -207,9 +207,9 @@ def float_bodies_note(model: LoadedModel, config: ExperimentConfig,
             f"INT8 candidate: {where}; INT8 figures and speed cover the other {outside} only")
     if k >= outside:
         line = ("WARNING " + line + ". A Loop whose trip count the data cannot change is unrolled (and an If whose "
-                "condition is an input you can bind is inlined, `[model] bind`); the body of a Loop or Scan of the "
-                "main graph, which calibration runs step by step, is written INT8 with `[candidates] int8_bodies = "
-                "true` (`quantlab build --int8-bodies`); an If's branches and nested loops stay float")
+                "condition is an input you can bind is inlined, `[model] bind`); the body of a Loop, Scan or If of the "
+                "main graph, which calibration runs as the data takes it, is written INT8 with `[candidates] "
+                "int8_bodies = true` (`quantlab build --int8-bodies`); nested control flow stays float")
     return f"{line}; {done}" if done else line
 
 

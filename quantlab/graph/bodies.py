@@ -20,7 +20,16 @@ from onnx import helper
 from .load import TensorSpec
 from .topology import outer_names
 
-__all__ = ["body_model", "body_outer_inputs", "value_info_of"]
+__all__ = ["BRANCHES", "body_graphs", "body_model", "body_outer_inputs", "value_info_of"]
+
+BRANCHES = ("then_branch", "else_branch")
+"""An If's bodies, by attribute name: taken when its condition is true, and when false."""
+
+
+def body_graphs(node: onnx.NodeProto) -> dict[str, onnx.GraphProto]:
+    """The body of a Loop/Scan (``body``) or the branches of an If, by attribute name."""
+    graphs = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+    return {name: graphs[name] for name in (BRANCHES if node.op_type == "If" else ("body",)) if name in graphs}
 
 
 def body_outer_inputs(body: onnx.GraphProto, initializers: Mapping[str, onnx.TensorProto]) -> list[str]:

@@ -11,7 +11,7 @@ change::
     ==>  h ─► Loop(body: h_in ─► Cast(f16) ─► MatMul(W/fp16) ─► Tanh ─► Cast(f32) ─► h_out) ─► h'
 
 Names the body's writing makes are prefixed with the node's name (ONNX forbids a subgraph to define a name of an
-enclosing scope). A Loop/Scan body the table calibrated (``CalibrationTable.bodies``, quantlab.stats.bodies) is
+enclosing scope; an If's branches also by the branch's). A Loop/Scan body or If branch the table calibrated (``CalibrationTable.bodies``, quantlab.stats.bodies) is
 written with those ranges, so its nodes beyond ``WriteOptions.fp16_data_max`` stay float32 one by one; for other
 bodies the writer keeps the whole body float32 when a value entering or leaving it went beyond that in calibration.
 Nested bodies are written the same way, recursively. The same machinery writes a calibrated body in INT8
@@ -30,7 +30,7 @@ from onnx import TensorProto
 from ..errors import QuantlabError
 from ..folding import rename_node
 from ..graph import TensorSpec, outer_names
-from ..graph.bodies import body_model
+from ..graph.bodies import body_graphs, body_model
 from ..graph.topology import subgraph_reads
 from ..precision import FP16, INT8
 from .options import WriteOptions
@@ -44,7 +44,7 @@ def write_bodies(node: onnx.NodeProto, written: onnx.NodeProto, owner: str, prec
     """The bodies of a control-flow node, written into the writer's copy ``written`` as plan and options ask; returns
     (notes, ``"int8"`` / ``"fp16"`` for what they now compute in, None when left as they were).
 
-    INT8 when ``options.int8_bodies`` asks under an int8 plan and the table calibrated this Loop/Scan's body
+    INT8 when ``options.int8_bodies`` asks under an int8 plan and the table calibrated this node's bodies
     (:func:`write_int8_bodies`); else float16 for a node of an FP16 group (:func:`write_fp16_bodies`), unless a value
     that enters or leaves the bodies went beyond ``options.fp16_data_max`` in calibration (``beyond_fp16``:
     tensor -> its largest |x|): then they stay float32."""
@@ -71,17 +71,16 @@ def write_fp16_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
                       options: WriteOptions, table: Any = None) -> tuple[list[str], bool]:
     """Writes every body of ``node`` in float16, in place (:func:`fp16_subgraph`); a body quantlab cannot write so
     (sequences, odd types) stays float32 with a note. ``table``: the calibration table; when it holds the ranges
-    calibrated inside a Loop/Scan body (quantlab.stats.bodies), a body node whose values went beyond
+    calibrated inside a body (quantlab.stats.bodies), a body node whose values went beyond
     ``options.fp16_data_max`` stays float32, as in the main graph. Returns (notes, whether a body now computes in
     float16)."""
     notes: list[str] = []
     wrote = False
-    inside = body_table(node, owner, table)
     for attr in node.attribute:
         for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
             try:
-                written, told = fp16_subgraph(body, owner, specs, initializers, model, options,
-                                              inside if attr.name == "body" else None)
+                written, told = fp16_subgraph(body, _scope(owner, attr.name), specs, initializers, model, options,
+                                              body_table(body, owner, table))
             except Exception as exc:  # noqa: BLE001 - any body that cannot be written: it stays float32
                 why = str(exc) if isinstance(exc, QuantlabError) else f"{type(exc).__name__}: {exc}"
                 notes.append(f"the body of {owner!r} ({attr.name}) stays float32: writing it in float16 failed: {why}")
@@ -95,42 +94,61 @@ def write_fp16_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
 def write_int8_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, TensorSpec],
                       initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto, options: WriteOptions,
                       table: Any, fallback: str) -> tuple[list[str], bool]:
-    """Writes the body of a Loop/Scan whose group INT8 was asked of, in place, with an INT8 plan (``fallback`` for
-    what has no INT8 form) and the ranges calibrated inside it (``table.bodies[owner]``, quantlab.stats.bodies) beside
-    the outer tensors' ranges. A body that cannot be written so stays as it was, with a note. Returns (notes, whether
-    the body now holds Q/DQ)::
+    """Writes the body of a Loop/Scan (the branches of an If) whose group INT8 was asked of, in place, with an INT8
+    plan (``fallback`` for what has no INT8 form) and the ranges calibrated inside it (``table.bodies[owner]``,
+    quantlab.stats.bodies) beside the outer tensors' ranges. A body that cannot be written so, or that has no ranges
+    (a branch the calibration data never took), stays as it was, with a note. Returns (notes, whether a body now
+    holds Q/DQ)::
 
         Loop(body: h_in ─► MatMul(W) ─► Tanh ─► h_out)
         ==>  Loop(body: h_in ─► Q/DQ ─► MatMul(Q/DQ(W)) ─► Tanh ─► h_out)
     """
     from ..plan import PrecisionPlan
 
-    body = next(a.g for a in node.attribute if a.name == "body")
-    sub_table = body_table(node, owner, table)
-    try:
-        written, told = written_subgraph(body, owner, specs, initializers, model, options,
-                                         PrecisionPlan(default=INT8, fallback=fallback), sub_table)
-    except Exception as exc:  # noqa: BLE001 - any body that cannot be written so: it stays as it was
-        why = str(exc) if isinstance(exc, QuantlabError) else f"{type(exc).__name__}: {exc}"
-        return [f"the body of {owner!r} stays float: writing it in INT8 failed: {why}"], False
-    quantizers = sum(n.op_type == "QuantizeLinear" for n in written.node)
-    if not quantizers:
-        return [f"the body of {owner!r} stays float: nothing in it has an INT8 form"], False
-    body.CopyFrom(written)
-    return [*told, f"the body of {owner!r} is written INT8 with its calibrated ranges ({quantizers} QuantizeLinear)"], True
+    notes: list[str] = []
+    wrote = False
+    for attr, body in body_graphs(node).items():
+        where = f"the body of {owner!r}" if attr == "body" else f"the {attr.replace('_', ' ')} of {owner!r}"
+        sub_table = body_table(body, owner, table)
+        if sub_table is None or not set(table.bodies[owner]) & set(_defined(body)):
+            notes.append(f"{where} stays float: calibration never ran it")
+            continue
+        try:
+            written, told = written_subgraph(body, _scope(owner, attr), specs, initializers, model, options,
+                                             PrecisionPlan(default=INT8, fallback=fallback), sub_table)
+        except Exception as exc:  # noqa: BLE001 - any body that cannot be written so: it stays as it was
+            why = str(exc) if isinstance(exc, QuantlabError) else f"{type(exc).__name__}: {exc}"
+            notes.append(f"{where} stays float: writing it in INT8 failed: {why}")
+            continue
+        quantizers = sum(n.op_type == "QuantizeLinear" for n in written.node)
+        if not quantizers:
+            notes.append(f"{where} stays float: nothing in it has an INT8 form")
+            continue
+        body.CopyFrom(written)
+        notes += [*told, f"{where} is written INT8 with its calibrated ranges ({quantizers} QuantizeLinear)"]
+        wrote = True
+    return notes, wrote
 
 
-def body_table(node: onnx.NodeProto, owner: str, table: Any) -> Any:
-    """The table a Loop/Scan body is written with as a model of its own: the ranges calibrated inside it
-    (``table.bodies[owner]``) and those of the outer tensors it reads; None when the table has none for it."""
+def body_table(body: onnx.GraphProto, owner: str, table: Any) -> Any:
+    """The table a body of ``owner`` is written with as a model of its own: the ranges calibrated inside it
+    (``table.bodies[owner]``, those of this body's tensors) and those of the outer tensors it reads; None when the
+    table has none for the node."""
     from ..table import CalibrationTable
 
     if table is None or not table.bodies.get(owner):
         return None
-    body = next((a.g for a in node.attribute if a.name == "body"), None)
-    reads = outer_names(body) if body is not None else set()
-    ranges = {**{t: r for t, r in table.ranges.items() if t in reads}, **table.bodies[owner]}
+    reads = outer_names(body)
+    own = _defined(body) | {i.name for i in body.input}
+    ranges = {**{t: r for t, r in table.ranges.items() if t in reads},
+              **{t: r for t, r in table.bodies[owner].items() if t in own}}
     return CalibrationTable(table.method, ranges, "", settings=table.settings)
+
+
+def _scope(owner: str, attr: str) -> str:
+    """The prefix of the names a body's writing makes: the node's name, and an If's branch (both branches quantize
+    the outer tensors they read: TensorRT refused the second ``by_sample_rate/input/QuantizeLinear``)."""
+    return owner if attr == "body" else f"{owner}/{attr}"
 
 
 def _holds_float16(graph: onnx.GraphProto) -> bool:

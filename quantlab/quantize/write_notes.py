@@ -57,7 +57,7 @@ def writing_notes(src: onnx.ModelProto, plan: ResolvedPlan, placement: Placement
         notes.append(heavy)
     if fp16_bodies:
         notes.append(f"{len(fp16_bodies)} control-flow node(s) of FP16 groups compute their bodies in "
-                     f"float16 too: {', '.join(map(repr, fp16_bodies[:5]))} (a Loop/Scan body the "
+                     f"float16 too: {', '.join(map(repr, fp16_bodies[:5]))} (a Loop/Scan body or If branch the "
                      "table calibrated keeps its nodes beyond float16's range in float32 one by one; other "
                      "bodies only as a whole, when a value entering or leaving them passes float16's)")
     if fp32.kept:

@@ -61,7 +61,7 @@ class Writer:
         self.node_map: dict[str, list[str]] = {}
         self.notes: list[str] = []
         self.fp16_bodies: list[str] = []  # control-flow nodes whose bodies were written in float16
-        self.int8_bodies: list[str] = []  # Loop/Scan nodes whose bodies were written in INT8
+        self.int8_bodies: list[str] = []  # Loop/Scan/If nodes whose bodies were written in INT8
         self.rewrite_bodies = rewrite_bodies  # False: bodies stay as they are (the fallback of write_model)
         self.initializers = initializer_map(self.src)
         self.beyond_fp16 = beyond_fp16(placement.table, options.fp16_data_max)

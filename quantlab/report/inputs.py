@@ -112,7 +112,7 @@ class ReportInputs:
       (:func:`quantlab.report.coverage.coverage_view`), None when not computed.
     - ``changed_samples``: the samples whose decision a candidate changed
       (:func:`quantlab.report.samples.changed_samples`), None when no output is read as a choice.
-    - ``bodies``: per method, the Loop/Scan bodies calibrated step by step (:func:`quantlab.table.bodies_frame`),
+    - ``bodies``: per method, the Loop/Scan bodies (If branches) calibrated (:func:`quantlab.table.bodies_frame`),
       None when the model has none.
     """
 

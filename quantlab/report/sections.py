@@ -145,7 +145,7 @@ def histogram_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str:
 
 
 def bodies_section(inputs: ReportInputs) -> str:
-    """The Loop/Scan bodies calibration ran step by step (a decoder's loop, a Scan RNN): where their widest range and
+    """The Loop/Scan bodies calibration ran step by step (a decoder's loop, a Scan RNN) and the If branches it ran: where their widest range and
     their noisiest predicted INT8 tensor are. Empty when the model has none."""
     if inputs.bodies is None or inputs.bodies.empty:
         return ""

@@ -57,7 +57,7 @@ class SearchOptions:
     shards: int = 1                          # full validations split into shards on Ray (quantlab.compare)
     ray: str | None = None                   # None: local; "auto" or a cluster address
     shapes: str | None = None                # TensorRT profiles, quantlab.shapes.parse_shapes text
-    int8_bodies: bool = False                # WriteOptions.int8_bodies: calibrated Loop/Scan bodies in INT8 (not pinned)
+    int8_bodies: bool = False                # WriteOptions.int8_bodies: calibrated Loop/Scan/If bodies in INT8 (not pinned)
 
     @property
     def backend_options(self) -> dict[str, Any]:

@@ -1,20 +1,24 @@
-"""Statistics inside Loop and Scan bodies: each body run step by step as a model of its own.
+"""Statistics inside control flow: Loop and Scan bodies run step by step, the taken If branch once, as models of their own.
 
 The statistics pass sees the main graph; a Loop's body runs inside ONNX Runtime, its tensors out of reach.
 Exposing them as scan outputs would hold every step at once (SLANet's decoder: 501 steps x 72 tensors x a batch,
 ~0.6 GB), and a tensor whose shape changes from step to step cannot be one. So each batch runs the main graph once
-more, exposing what the loops read (their inputs and the outer tensors their bodies read), and then each body as
-the Loop or Scan would, one step at a time, its float tensors reduced after each step::
+more, exposing what the bodies read (the nodes' inputs and the outer tensors their bodies read), and then each body
+as the node would, its float tensors reduced after each step::
 
     batch ──► main graph ──► M, cond, v0 (a Scan: state, scan inputs), outer reads
     Loop: i = 0; while i < M and cond: body(i, cond, v, outer) ──► cond', v', body tensors ──► reducers; v = v'
     Scan: for t over the scan axis (either direction): body(state, x[t], outer) ──► state', body tensors ──► reducers
+    If:   cond ? then_branch(outer) : else_branch(outer) ──► branch tensors ──► reducers
 
-Bodies of the main graph's Loop and Scan nodes that hold a MatMul, Gemm or Conv are calibrated (nested
-control flow runs inside the body model, uncalibrated). A body's own float inputs (carried values, scan slices)
-and node outputs are reduced; ranges are keyed by the node's name (:func:`quantlab.plan.groups.node_names`, the
-writer's names) and the tensor's name in the body. A body that cannot be run so (a failing session, a step limit)
-is left out with a note: its loop keeps a float body, as before.
+Bodies of the main graph's Loop, Scan and If nodes that hold a MatMul, Gemm or Conv are calibrated (an If left
+after loading is one the data decides: optimum's merged decoders keep every layer in its branches; an If with a
+constant condition was inlined). Nested control flow runs inside the body model, uncalibrated. A body's own float
+inputs (carried values, scan slices) and node outputs are reduced; ranges are keyed by the node's name
+(:func:`quantlab.plan.groups.node_names`, the writer's names) and the tensor's name in the body (an If's two
+branches share the node's ranges: a name both define leaves that If uncalibrated). A branch the data never took
+has no ranges. A body that cannot be run so (a failing session, a step limit) is left out with a note: its node
+keeps float bodies, as before.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph import LoadedModel, tensor_specs
-from ..graph.bodies import body_model, body_outer_inputs
+from ..graph.bodies import BRANCHES, body_graphs, body_model, body_outer_inputs
 from ..graph.topology import initializer_map
 from ..histogram import AbsHistogram, HistogramState
 from ..plan.groups import COMPUTE_OPS, node_names
@@ -36,8 +40,8 @@ from .collect import batch_feeds
 
 __all__ = ["BODY_OPS", "MAX_BODY_STEPS", "calibrated_bodies", "collect_body_statistics"]
 
-BODY_OPS = frozenset({"Loop", "Scan"})
-"""Control-flow ops whose bodies are calibrated (an If's branches are inlined when constant, else stay float)."""
+BODY_OPS = frozenset({"Loop", "Scan", "If"})
+"""Control-flow ops whose bodies are calibrated (an If with a constant condition was inlined at load)."""
 
 MAX_BODY_STEPS = 100_000
 """Steps of one body run at most (a while loop whose condition never turns false would not end)."""
@@ -45,38 +49,48 @@ MAX_BODY_STEPS = 100_000
 
 @dataclass(frozen=True)
 class Body:
-    """One body to calibrate: its node, the node's writer name, the body as a model, what it reads from outside and
-    the float tensors to reduce (its float inputs, then its node outputs)."""
+    """One body to calibrate: its node, the node's writer name, the graph attribute it is (``body``, or an If's
+    ``then_branch`` / ``else_branch``), the body as a model, what it reads from outside and the float tensors to
+    reduce (its float inputs, then its node outputs)."""
 
     node: onnx.NodeProto
     owner: str
+    attr: str
     model: onnx.ModelProto
     outer: tuple[str, ...]
     tensors: tuple[str, ...]
 
 
-def _body_graph(node: onnx.NodeProto) -> onnx.GraphProto:
-    return next(a.g for a in node.attribute if a.name == "body")
+def _defined(graph: onnx.GraphProto) -> list[str]:
+    return [o for n in graph.node if n.op_type != "Constant" for o in n.output if o]  # a Constant's: a weight
 
 
 def calibrated_bodies(model: LoadedModel) -> list[Body]:
-    """The main graph's Loop/Scan nodes whose body holds a MatMul, Gemm or Conv, as :class:`Body` plans."""
+    """The bodies of the main graph's Loop/Scan/If nodes that hold a MatMul, Gemm or Conv, as :class:`Body` plans
+    (an If: both branches; not when the two define a tensor of the same name)."""
     proto = model.proto
-    found = [(node, name) for node, name in zip(proto.graph.node, node_names(proto), strict=True)
-             if node.op_type in BODY_OPS and any(n.op_type in COMPUTE_OPS for n in _body_graph(node).node)]
+    found = []
+    for node, name in zip(proto.graph.node, node_names(proto), strict=True):
+        graphs = body_graphs(node) if node.op_type in BODY_OPS else {}
+        if not any(n.op_type in COMPUTE_OPS for g in graphs.values() for n in g.node):
+            continue
+        if node.op_type == "If" and len(graphs) == 2 and set(_defined(graphs[BRANCHES[0]])) & set(
+                _defined(graphs[BRANCHES[1]])):
+            continue  # the branches' ranges share one table entry: stays float, listed as before
+        found.append((node, name, graphs))
     if not found:
         return []
     specs = tensor_specs(proto)
     weights = initializer_map(proto)
     bodies = []
-    for node, name in found:
-        graph = _body_graph(node)
-        sub = body_model(graph, name, specs, weights, proto)
-        inner = tensor_specs(sub)
-        own_inputs = [i.name for i in graph.input]
-        produced = [o for n in graph.node if n.op_type != "Constant" for o in n.output if o]  # a weight: not it
-        tensors = [t for t in (*own_inputs, *produced) if t in inner and inner[t].dtype == "float32"]
-        bodies.append(Body(node, name, sub, tuple(body_outer_inputs(graph, weights)), tuple(dict.fromkeys(tensors))))
+    for node, name, graphs in found:
+        for attr, graph in graphs.items():
+            sub = body_model(graph, name, specs, weights, proto)
+            inner = tensor_specs(sub)
+            tensors = [t for t in (*[i.name for i in graph.input], *_defined(graph))
+                       if t in inner and inner[t].dtype == "float32"]
+            bodies.append(Body(node, name, attr, sub, tuple(body_outer_inputs(graph, weights)),
+                               tuple(dict.fromkeys(tensors))))
     return bodies
 
 
@@ -94,16 +108,18 @@ def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend:
     needed = sorted({t for b in bodies for t in (*b.node.input, *b.outer)
                      if t and t not in initializers and t not in model.input_names})
     main = backend.build(model.proto, outputs=needed)
-    runners: dict[str, Any] = {}
-    reducers = {b.owner: {t: AbsHistogram(bins, huge_threshold) for t in b.tensors} for b in bodies}
+    runners: dict[tuple[str, str], Any] = {}
+    reducers: dict[str, dict[str, AbsHistogram]] = {}
+    for b in bodies:
+        reducers.setdefault(b.owner, {}).update({t: AbsHistogram(bins, huge_threshold) for t in b.tensors})
     failed: dict[str, str] = {}
     try:
         for b in bodies:
             try:
                 own = {i.name for i in b.model.graph.input}
-                runners[b.owner] = backend.build(b.model, outputs=[t for t in b.tensors if t not in own])
+                runners[b.owner, b.attr] = backend.build(b.model, outputs=[t for t in b.tensors if t not in own])
             except Exception as exc:  # noqa: BLE001 - a body ORT cannot run alone stays uncalibrated, with a note
-                failed[b.owner] = f"its body does not run as a model of its own ({exc})"
+                failed[b.owner] = f"its {b.attr.replace('_', ' ')} does not run as a model of its own ({exc})"
         for item in batches:
             feeds = dict(batch_feeds(item))
             values = {**weights, **feeds, **main.run(feeds, needed)} if needed else {**weights, **feeds}
@@ -111,7 +127,7 @@ def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend:
                 if b.owner in failed:
                     continue
                 try:
-                    _run_body(b, values, runners[b.owner], reducers[b.owner])
+                    _run_body(b, values, runners[b.owner, b.attr], reducers[b.owner])
                 except Exception as exc:  # noqa: BLE001 - as above
                     failed[b.owner] = str(exc)
     finally:
@@ -119,17 +135,22 @@ def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend:
         for runner in runners.values():
             runner.close()
     notes = tuple(f"the body of {owner!r} was not calibrated and stays float: {why}" for owner, why in failed.items())
-    states = {b.owner: {t: r.state() for t, r in reducers[b.owner].items() if r.state().count}
-              for b in bodies if b.owner not in failed}
+    states = {owner: {t: r.state() for t, r in kept.items() if r.state().count}
+              for owner, kept in reducers.items() if owner not in failed}
     return {k: v for k, v in states.items() if v}, notes
 
 
 def _run_body(body: Body, values: Mapping[str, np.ndarray], runner: Any, reducers: Mapping[str, AbsHistogram]) -> None:
-    """One batch's run of ``body``'s node, step by step, its tensors into ``reducers``."""
+    """One batch's run of ``body``'s node, step by step (an If: its branch once, when the batch takes it), its tensors
+    into ``reducers``."""
     outer = {t: values[t] for t in body.outer}
-    graph = _body_graph(body.node)
-    steps = _loop_steps(body.node, graph, values) if body.node.op_type == "Loop" else _scan_steps(body.node, graph,
-                                                                                                  values)
+    graph = body_graphs(body.node)[body.attr]
+    if body.node.op_type == "If":
+        steps = _branch_steps(body, values)
+    elif body.node.op_type == "Loop":
+        steps = _loop_steps(body.node, graph, values)
+    else:
+        steps = _scan_steps(body.node, graph, values)
     feeds = next(steps)
     while feeds is not None:
         out = runner.run({**feeds, **outer}, None)
@@ -138,6 +159,14 @@ def _run_body(body: Body, values: Mapping[str, np.ndarray], runner: Any, reducer
             if value is not None and np.issubdtype(np.asarray(value).dtype, np.floating):
                 reducer.update(np.asarray(value))
         feeds = steps.send(out)
+
+
+def _branch_steps(body: Body, values: Mapping[str, np.ndarray]) -> Any:
+    """An If branch's one run (no feeds of its own: it reads outer tensors), when the batch's condition takes it."""
+    cond = bool(np.asarray(values[body.node.input[0]]).reshape(-1)[0])
+    if body.attr == BRANCHES[0 if cond else 1]:
+        yield {}
+    yield None
 
 
 def _loop_steps(node: onnx.NodeProto, graph: onnx.GraphProto, values: Mapping[str, np.ndarray]) -> Any:
