@@ -26,6 +26,7 @@ from .constants import constants_to_initializers
 from .dims import symbolic_negative_dims
 from .domains import typed_custom_outputs
 from .identities import fold_initializer_identities, fold_initializer_views
+from .light import inferred_model
 from .pooling import reduce_mean_to_global_pool
 from .specs import TensorSpec, activation_names, tensor_specs
 from .weights import fold_computed_weights
@@ -228,7 +229,7 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
     proto = fold_initializer_identities(proto)  # torch's Identity over shared/equal weights: weights again
     proto = fold_batchnorm_into_conv(proto)  # dynamo exports (optimize=False) keep BatchNorms: folded as TensorRT does
     try:
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        proto = inferred_model(proto, strict_mode=False, data_prop=True)  # on the weightless copy: the same result
     except Exception as exc:
         raise ModelError(f"{label}: ONNX shape inference failed: {exc}") from None
     proto = reduce_mean_to_global_pool(proto)  # the dynamo exporter's adaptive_avg_pool2d(x, 1): as legacy writes it

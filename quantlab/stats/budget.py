@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from ..graph import LoadedModel, tensor_specs
+from ..graph.light import light_copy
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "DEFAULT_RUN_BUDGET", "RunRows", "plan_groups", "resolved_sizes", "samples_per_run"]
 
@@ -61,8 +62,7 @@ def resolved_sizes(model: LoadedModel, names: Sequence[str], feeds: Mapping[str,
     sizes = size_of(tensor_specs(model.proto))
     if not infer or all(v is not None for v in sizes.values()):
         return sizes
-    concrete = onnx.ModelProto()
-    concrete.CopyFrom(model.proto)
+    concrete = light_copy(model.proto)  # the weights' data is not needed, only their shapes
     del concrete.graph.value_info[:]
     for inp in concrete.graph.input:
         if inp.name in feeds:
