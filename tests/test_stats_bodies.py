@@ -356,3 +356,19 @@ def test_a_branch_the_data_never_took_stays_float_and_says_so():
     assert "QuantizeLinear" not in _if_ops(written, "else_branch")
     assert any("else branch of 'by_sample_rate' stays float: calibration never ran it" in n
                for n in written.provenance.notes)
+
+
+def test_an_if_branch_too_large_to_expose_in_one_run_stays_float_and_says_what_to_do(monkeypatch):
+    """A merged decoder's branch is the whole decoder: all its tensors exposed at once grow with the batch. Beyond
+    the memory budget the branch is not run (no gigabytes allocated) and the note says what to change."""
+    import quantlab.stats.bodies as bodies_module
+
+    monkeypatch.setattr(bodies_module, "DEFAULT_MEMORY_BUDGET", 100_000)  # 3 tensors of 4 x 128 floats: 6 KB a batch
+    model = model_from_proto(_vad_data_decides())
+    states, notes = collect_body_statistics(model, [_chunks(4, 0, 16000)], get_backend("ort"), DEFAULT_BINS, 1e30)
+    assert states["by_sample_rate"]
+    monkeypatch.setattr(bodies_module, "DEFAULT_MEMORY_BUDGET", 5_000)
+    states, notes = collect_body_statistics(model, [_chunks(4, 0, 16000)], get_backend("ort"), DEFAULT_BINS, 1e30)
+    assert states == {}
+    (note,) = notes
+    assert "'by_sample_rate'" in note and "then branch would hold" in note and "--batch-size" in note

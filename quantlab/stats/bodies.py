@@ -36,6 +36,7 @@ from ..graph.bodies import BRANCHES, body_graphs, body_model, body_outer_inputs
 from ..graph.topology import initializer_map
 from ..histogram import AbsHistogram, HistogramState
 from ..plan.groups import COMPUTE_OPS, node_names
+from .budget import DEFAULT_MEMORY_BUDGET, resolved_sizes
 from .collect import batch_feeds
 
 __all__ = ["BODY_OPS", "MAX_BODY_STEPS", "calibrated_bodies", "collect_body_statistics"]
@@ -113,6 +114,7 @@ def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend:
     for b in bodies:
         reducers.setdefault(b.owner, {}).update({t: AbsHistogram(bins, huge_threshold) for t in b.tensors})
     failed: dict[str, str] = {}
+    checked: set[tuple[Any, ...]] = set()
     try:
         for b in bodies:
             try:
@@ -127,6 +129,8 @@ def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend:
                 if b.owner in failed:
                     continue
                 try:
+                    if b.node.op_type == "If" and _taken(b, values):
+                        _check_branch_size(b, values, checked)
                     _run_body(b, values, runners[b.owner, b.attr], reducers[b.owner])
                 except Exception as exc:  # noqa: BLE001 - as above
                     failed[b.owner] = str(exc)
@@ -138,6 +142,26 @@ def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend:
     states = {owner: {t: r.state() for t, r in kept.items() if r.state().count}
               for owner, kept in reducers.items() if owner not in failed}
     return {k: v for k, v in states.items() if v}, notes
+
+
+def _check_branch_size(body: Body, values: Mapping[str, np.ndarray], checked: set[tuple[Any, ...]]) -> None:
+    """Raises when an If branch's tensors, all exposed for one run, would exceed the memory budget for these outer
+    shapes (a merged decoder's branch is the whole decoder: its exposure grows with the batch and the sequence)."""
+    outer = {t: values[t] for t in body.outer}
+    key = (body.owner, body.attr, tuple(sorted((t, np.shape(v)) for t, v in outer.items())))
+    if key in checked:
+        return
+    checked.add(key)
+    specs = tensor_specs(body.model)
+    inits = {i.name for i in body.model.graph.initializer}
+    shell = LoadedModel(proto=body.model, sha256="", path=None, inputs=tuple(
+        specs[i.name] for i in body.model.graph.input if i.name not in inits and i.name in specs), outputs=(), opset=0)
+    sizes = resolved_sizes(shell, list(body.tensors), outer)
+    total = sum(v for v in sizes.values() if v is not None)
+    if total > DEFAULT_MEMORY_BUDGET:
+        raise RuntimeError(f"its {body.attr.replace('_', ' ')} would hold {total / 2**30:.1f} GiB of activations a "
+                           f"batch (beyond {DEFAULT_MEMORY_BUDGET / 2**30:.0f} GiB); calibrate with a smaller "
+                           "--batch-size, or --bind the input that decides it")
 
 
 def _run_body(body: Body, values: Mapping[str, np.ndarray], runner: Any, reducers: Mapping[str, AbsHistogram]) -> None:
@@ -161,10 +185,14 @@ def _run_body(body: Body, values: Mapping[str, np.ndarray], runner: Any, reducer
         feeds = steps.send(out)
 
 
+def _taken(body: Body, values: Mapping[str, np.ndarray]) -> bool:
+    """Whether the batch's If condition takes this branch."""
+    return body.attr == BRANCHES[0 if bool(np.asarray(values[body.node.input[0]]).reshape(-1)[0]) else 1]
+
+
 def _branch_steps(body: Body, values: Mapping[str, np.ndarray]) -> Any:
     """An If branch's one run (no feeds of its own: it reads outer tensors), when the batch's condition takes it."""
-    cond = bool(np.asarray(values[body.node.input[0]]).reshape(-1)[0])
-    if body.attr == BRANCHES[0 if cond else 1]:
+    if _taken(body, values):
         yield {}
     yield None
 
