@@ -1,5 +1,5 @@
-"""stats.bodies: Loop/Scan bodies calibrated step by step, checked against ONNX Runtime's own loop, and If branches as the
-data takes them, checked against the branch inlined; their INT8 writing."""
+"""stats.bodies: Loop/Scan bodies calibrated step by step, checked against ONNX Runtime's own loop, and If branches as
+the data takes them, checked against the branch inlined; their INT8 writing."""
 
 from __future__ import annotations
 

@@ -11,9 +11,10 @@ change::
     ==>  h ─► Loop(body: h_in ─► Cast(f16) ─► MatMul(W/fp16) ─► Tanh ─► Cast(f32) ─► h_out) ─► h'
 
 Names the body's writing makes are prefixed with the node's name (ONNX forbids a subgraph to define a name of an
-enclosing scope; an If's branches also by the branch's). A Loop/Scan body or If branch the table calibrated (``CalibrationTable.bodies``, quantlab.stats.bodies) is
-written with those ranges, so its nodes beyond ``WriteOptions.fp16_data_max`` stay float32 one by one; for other
-bodies the writer keeps the whole body float32 when a value entering or leaving it went beyond that in calibration.
+enclosing scope), an If's also with the branch's. A Loop/Scan body or If branch the table calibrated
+(``CalibrationTable.bodies``, quantlab.stats.bodies) is written with those ranges, so its nodes beyond
+``WriteOptions.fp16_data_max`` stay float32 one by one; for other bodies the writer keeps the whole body float32 when
+a value entering or leaving it went beyond that in calibration.
 Nested bodies are written the same way, recursively. The same machinery writes a calibrated body in INT8
 (:func:`write_int8_bodies`).
 """

@@ -1,4 +1,4 @@
-"""Statistics inside control flow: Loop and Scan bodies run step by step, the taken If branch once, as models of their own.
+"""Statistics inside control flow: Loop/Scan bodies run step by step, the If branch taken once, as models of their own.
 
 The statistics pass sees the main graph; a Loop's body runs inside ONNX Runtime, its tensors out of reach.
 Exposing them as scan outputs would hold every step at once (SLANet's decoder: 501 steps x 72 tensors x a batch,
