@@ -154,7 +154,8 @@ def table_from_statistics(
     bodies: Mapping[str, Mapping[str, HistogramState]] | None = None,
 ) -> CalibrationTable:
     """One method's table from collected statistics (no model run: methods share one pass); ``bodies``: the
-    statistics of Loop/Scan bodies and If branches (:func:`quantlab.stats.bodies.collect_body_statistics`), ranged the same way.
+    statistics of Loop/Scan bodies and If branches (:func:`quantlab.stats.bodies.collect_body_statistics`), ranged
+    the same way.
 
     ``entropy_skip_zeros=False`` gives TensorRT's entropy algorithm exactly as
     published: exact zeros included, no smoothing, no point-mass rule
@@ -326,7 +327,8 @@ def _body_statistics(model: LoadedModel, dataset: Any, batch_size: int, backend:
             bar.close()
     if bodies:
         shown = ", ".join(f"{node!r} ({len(states)} tensors)" for node, states in bodies.items())
-        notes = (f"control-flow bodies calibrated (Loop/Scan step by step, If branches as the data takes them; quantlab.stats.bodies): {shown}",) + notes
+        notes = (f"control-flow bodies calibrated (Loop/Scan step by step, If branches as the data takes them; "
+                 f"quantlab.stats.bodies): {shown}",) + notes
     return bodies, notes
 
 

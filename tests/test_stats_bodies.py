@@ -279,15 +279,17 @@ def test_if_branch_statistics_equal_those_of_the_branch_inlined():
     batches = [_chunks(4, 0, 16000), _chunks(3, 1, 8000), _chunks(4, 2, 16000)]
     states, notes = collect_body_statistics(model, batches, get_backend("ort"), DEFAULT_BINS, 1e30)
     assert notes == ()
-    assert set(states["by_sample_rate"]) == {f"{t}_{k}" for t in ("mm", "pre", "enc") for k in ("16k", "8k")}
-    for rate, tag in ((16000, "16k"), (8000, "8k")):
+    assert {key: set(tensors) for key, tensors in states.items()} == {
+        f"by_sample_rate/{branch}": {f"{t}_{k}" for t in ("mm", "pre", "enc")}
+        for branch, k in (("then_branch", "16k"), ("else_branch", "8k"))}
+    for rate, tag, branch in ((16000, "16k", "then_branch"), (8000, "8k", "else_branch")):
         inlined = model_from_proto(bind_inputs(proto, {"sr": np.array(rate, np.int64)}))
         assert "If" not in {n.op_type for n in inlined.proto.graph.node}
         took = [{k: v for k, v in b.items() if k != "sr"} for b in batches if int(b["sr"]) == rate]
         names = {f"mm_{tag}": f"mm_{tag}", f"pre_{tag}": f"pre_{tag}", f"enc_{tag}": "enc"}  # inlined: the If's output
         expected = collect_statistics(inlined, lambda took=took: took, tensors=list(names.values())).tensors
         for t, there in names.items():
-            mine, theirs = states["by_sample_rate"][t], expected[there]
+            mine, theirs = states[f"by_sample_rate/{branch}"][t], expected[there]
             assert (mine.count, mine.min, mine.max) == (theirs.count, theirs.min, theirs.max), t
             assert np.array_equal(mine.counts, theirs.counts), t
 
@@ -350,7 +352,8 @@ def test_int8_bodies_write_both_if_branches_and_tensorrt_rtx_builds_them(vad_tab
 def test_a_branch_the_data_never_took_stays_float_and_says_so():
     model = model_from_proto(_vad_data_decides())
     table = _minmax_table(model, [_chunks(4, s, 16000) for s in range(2)])
-    assert set(table.bodies["by_sample_rate"]) == {"mm_16k", "pre_16k", "enc_16k"}
+    assert set(table.bodies) == {"by_sample_rate/then_branch"}
+    assert set(table.bodies["by_sample_rate/then_branch"]) == {"mm_16k", "pre_16k", "enc_16k"}
     written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt", int8_bodies=True))
     assert "QuantizeLinear" in _if_ops(written, "then_branch")
     assert "QuantizeLinear" not in _if_ops(written, "else_branch")
@@ -366,9 +369,32 @@ def test_an_if_branch_too_large_to_expose_in_one_run_stays_float_and_says_what_t
     monkeypatch.setattr(bodies_module, "DEFAULT_MEMORY_BUDGET", 100_000)  # 3 tensors of 4 x 128 floats: 6 KB a batch
     model = model_from_proto(_vad_data_decides())
     states, notes = collect_body_statistics(model, [_chunks(4, 0, 16000)], get_backend("ort"), DEFAULT_BINS, 1e30)
-    assert states["by_sample_rate"]
+    assert states["by_sample_rate/then_branch"]
     monkeypatch.setattr(bodies_module, "DEFAULT_MEMORY_BUDGET", 5_000)
     states, notes = collect_body_statistics(model, [_chunks(4, 0, 16000)], get_backend("ort"), DEFAULT_BINS, 1e30)
     assert states == {}
     (note,) = notes
-    assert "'by_sample_rate'" in note and "then branch would hold" in note and "--batch-size" in note
+    assert "'by_sample_rate/then_branch'" in note and "would hold" in note and "--batch-size" in note
+
+
+def test_branches_that_define_the_same_names_are_calibrated_and_written_apart():
+    """Two decoders exported alike name their tensors alike: the table keeps each branch's ranges under its own key,
+    so the 8 kHz encoder's ranges are not merged into the 16 kHz one's."""
+    from quantlab.folding import rename_node
+
+    proto = _vad_data_decides()
+    node = next(n for n in proto.graph.node if n.op_type == "If")
+    other = next(a.g for a in node.attribute if a.name == "else_branch")
+    same = {f"{t}_8k": f"{t}_16k" for t in ("mm", "pre", "enc")}
+    renamed = [rename_node(n, same) for n in other.node]
+    del other.node[:]
+    other.node.extend(renamed)
+    other.output[0].name = "enc_16k"
+    model = model_from_proto(proto)
+    table = _minmax_table(model, [_chunks(4, 0, 16000), _chunks(4, 1, 8000)])
+    then, other_ranges = table.bodies["by_sample_rate/then_branch"], table.bodies["by_sample_rate/else_branch"]
+    assert set(then) == set(other_ranges) == {"mm_16k", "pre_16k", "enc_16k"}
+    assert then["mm_16k"].amax != other_ranges["mm_16k"].amax  # other weights (scale 0.2 and 0.3): other ranges
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt", int8_bodies=True))
+    for branch in ("then_branch", "else_branch"):
+        assert "QuantizeLinear" in _if_ops(written, branch)

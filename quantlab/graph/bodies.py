@@ -20,10 +20,17 @@ from onnx import helper
 from .load import TensorSpec
 from .topology import outer_names
 
-__all__ = ["BRANCHES", "body_graphs", "body_model", "body_outer_inputs", "value_info_of"]
+__all__ = ["BRANCHES", "body_graphs", "body_key", "body_model", "body_outer_inputs", "value_info_of"]
 
 BRANCHES = ("then_branch", "else_branch")
 """An If's bodies, by attribute name: taken when its condition is true, and when false."""
+
+
+def body_key(owner: str, attr: str) -> str:
+    """The name a body goes by in a calibration table's ``bodies`` and as the prefix of the names its writing makes:
+    the node's name for a Loop/Scan body, ``node/then_branch`` for an If's branch (two branches may define the same
+    tensor names, and TensorRT wants every layer name once)."""
+    return owner if attr == "body" else f"{owner}/{attr}"
 
 
 def body_graphs(node: onnx.NodeProto) -> dict[str, onnx.GraphProto]:

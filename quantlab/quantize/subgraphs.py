@@ -11,7 +11,8 @@ change::
     ==>  h ─► Loop(body: h_in ─► Cast(f16) ─► MatMul(W/fp16) ─► Tanh ─► Cast(f32) ─► h_out) ─► h'
 
 Names the body's writing makes are prefixed with the node's name (ONNX forbids a subgraph to define a name of an
-enclosing scope), an If's also with the branch's. A Loop/Scan body or If branch the table calibrated
+enclosing scope), an If's also with the branch's (:func:`quantlab.graph.bodies.body_key`: TensorRT refused a second
+``by_sample_rate/input/QuantizeLinear``, both branches quantizing the input they read). A Loop/Scan body or If branch the table calibrated
 (``CalibrationTable.bodies``, quantlab.stats.bodies) is written with those ranges, so its nodes beyond
 ``WriteOptions.fp16_data_max`` stay float32 one by one; for other bodies the writer keeps the whole body float32 when
 a value entering or leaving it went beyond that in calibration.
@@ -31,7 +32,7 @@ from onnx import TensorProto
 from ..errors import QuantlabError
 from ..folding import rename_node
 from ..graph import TensorSpec, outer_names
-from ..graph.bodies import body_graphs, body_model
+from ..graph.bodies import body_graphs, body_key, body_model
 from ..graph.topology import subgraph_reads
 from ..precision import FP16, INT8
 from .options import WriteOptions
@@ -50,7 +51,8 @@ def write_bodies(node: onnx.NodeProto, written: onnx.NodeProto, owner: str, prec
     that enters or leaves the bodies went beyond ``options.fp16_data_max`` in calibration (``beyond_fp16``:
     tensor -> its largest |x|): then they stay float32."""
     notes: list[str] = []
-    if options.int8_bodies and plan_default == INT8 and table is not None and table.bodies.get(owner):
+    if options.int8_bodies and plan_default == INT8 and table is not None and any(
+            table.bodies.get(body_key(owner, attr)) for attr in body_graphs(node)):
         notes, wrote = write_int8_bodies(written, owner, specs, initializers, model, options, table, precision)
         if wrote:
             return notes, INT8
@@ -80,8 +82,9 @@ def write_fp16_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
     for attr in node.attribute:
         for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
             try:
-                written, told = fp16_subgraph(body, _scope(owner, attr.name), specs, initializers, model, options,
-                                              body_table(body, owner, table))
+                key = body_key(owner, attr.name)
+                written, told = fp16_subgraph(body, key, specs, initializers, model, options,
+                                              body_table(body, key, table))
             except Exception as exc:  # noqa: BLE001 - any body that cannot be written: it stays float32
                 why = str(exc) if isinstance(exc, QuantlabError) else f"{type(exc).__name__}: {exc}"
                 notes.append(f"the body of {owner!r} ({attr.name}) stays float32: writing it in float16 failed: {why}")
@@ -96,7 +99,7 @@ def write_int8_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
                       initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto, options: WriteOptions,
                       table: Any, fallback: str) -> tuple[list[str], bool]:
     """Writes the body of a Loop/Scan (the branches of an If) whose group INT8 was asked of, in place, with an INT8
-    plan (``fallback`` for what has no INT8 form) and the ranges calibrated inside it (``table.bodies[owner]``,
+    plan (``fallback`` for what has no INT8 form) and the ranges calibrated inside it (``table.bodies`` under its :func:`quantlab.graph.bodies.body_key`,
     quantlab.stats.bodies) beside the outer tensors' ranges. A body that cannot be written so, or that has no ranges
     (a branch the calibration data never took), stays as it was, with a note. Returns (notes, whether a body now
     holds Q/DQ)::
@@ -109,13 +112,14 @@ def write_int8_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
     notes: list[str] = []
     wrote = False
     for attr, body in body_graphs(node).items():
+        key = body_key(owner, attr)
         where = f"the body of {owner!r}" if attr == "body" else f"the {attr.replace('_', ' ')} of {owner!r}"
-        sub_table = body_table(body, owner, table)
-        if sub_table is None or not set(table.bodies[owner]) & set(_defined(body)):
+        sub_table = body_table(body, key, table)
+        if sub_table is None:
             notes.append(f"{where} stays float: calibration never ran it")
             continue
         try:
-            written, told = written_subgraph(body, _scope(owner, attr), specs, initializers, model, options,
+            written, told = written_subgraph(body, key, specs, initializers, model, options,
                                              PrecisionPlan(default=INT8, fallback=fallback), sub_table)
         except Exception as exc:  # noqa: BLE001 - any body that cannot be written so: it stays as it was
             why = str(exc) if isinstance(exc, QuantlabError) else f"{type(exc).__name__}: {exc}"
@@ -131,25 +135,16 @@ def write_int8_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
     return notes, wrote
 
 
-def body_table(body: onnx.GraphProto, owner: str, table: Any) -> Any:
-    """The table a body of ``owner`` is written with as a model of its own: the ranges calibrated inside it
-    (``table.bodies[owner]``, those of this body's tensors) and those of the outer tensors it reads; None when the
-    table has none for the node."""
+def body_table(body: onnx.GraphProto, key: str, table: Any) -> Any:
+    """The table a body is written with as a model of its own: the ranges calibrated inside it (``table.bodies[key]``,
+    :func:`quantlab.graph.bodies.body_key`) and those of the outer tensors it reads; None when the table has none."""
     from ..table import CalibrationTable
 
-    if table is None or not table.bodies.get(owner):
+    if table is None or not table.bodies.get(key):
         return None
     reads = outer_names(body)
-    own = _defined(body) | {i.name for i in body.input}
-    ranges = {**{t: r for t, r in table.ranges.items() if t in reads},
-              **{t: r for t, r in table.bodies[owner].items() if t in own}}
+    ranges = {**{t: r for t, r in table.ranges.items() if t in reads}, **table.bodies[key]}
     return CalibrationTable(table.method, ranges, "", settings=table.settings)
-
-
-def _scope(owner: str, attr: str) -> str:
-    """The prefix of the names a body's writing makes: the node's name, and an If's branch (both branches quantize
-    the outer tensors they read: TensorRT refused the second ``by_sample_rate/input/QuantizeLinear``)."""
-    return owner if attr == "body" else f"{owner}/{attr}"
 
 
 def _holds_float16(graph: onnx.GraphProto) -> bool:

@@ -15,9 +15,9 @@ Bodies of the main graph's Loop, Scan and If nodes that hold a MatMul, Gemm or C
 after loading is one the data decides: optimum's merged decoders keep every layer in its branches; an If with a
 constant condition was inlined). Nested control flow runs inside the body model, uncalibrated. A body's own float
 inputs (carried values, scan slices) and node outputs are reduced; ranges are keyed by the node's name
-(:func:`quantlab.plan.groups.node_names`, the writer's names) and the tensor's name in the body (an If's two
-branches share the node's ranges: a name both define leaves that If uncalibrated). A branch the data never took
-has no ranges. A body that cannot be run so (a failing session, a step limit) is left out with a note: its node
+(:func:`quantlab.plan.groups.node_names`, the writer's names; an If's branch by ``node/then_branch``,
+:func:`quantlab.graph.bodies.body_key`) and the tensor's name in the body. A branch the data never took has no
+ranges. A body that cannot be run so (a failing session, a step limit) is left out with a note: its node
 keeps float bodies, as before.
 """
 
@@ -32,7 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph import LoadedModel, tensor_specs
-from ..graph.bodies import BRANCHES, body_graphs, body_model, body_outer_inputs
+from ..graph.bodies import BRANCHES, body_graphs, body_key, body_model, body_outer_inputs
 from ..graph.topology import initializer_map
 from ..histogram import AbsHistogram, HistogramState
 from ..plan.groups import COMPUTE_OPS, node_names
@@ -61,6 +61,11 @@ class Body:
     outer: tuple[str, ...]
     tensors: tuple[str, ...]
 
+    @property
+    def key(self) -> str:
+        """Its name in the table's ``bodies`` (:func:`quantlab.graph.bodies.body_key`)."""
+        return body_key(self.owner, self.attr)
+
 
 def _defined(graph: onnx.GraphProto) -> list[str]:
     return [o for n in graph.node if n.op_type != "Constant" for o in n.output if o]  # a Constant's: a weight
@@ -68,17 +73,13 @@ def _defined(graph: onnx.GraphProto) -> list[str]:
 
 def calibrated_bodies(model: LoadedModel) -> list[Body]:
     """The bodies of the main graph's Loop/Scan/If nodes that hold a MatMul, Gemm or Conv, as :class:`Body` plans
-    (an If: both branches; not when the two define a tensor of the same name)."""
+    (an If: both branches)."""
     proto = model.proto
     found = []
     for node, name in zip(proto.graph.node, node_names(proto), strict=True):
         graphs = body_graphs(node) if node.op_type in BODY_OPS else {}
-        if not any(n.op_type in COMPUTE_OPS for g in graphs.values() for n in g.node):
-            continue
-        if node.op_type == "If" and len(graphs) == 2 and set(_defined(graphs[BRANCHES[0]])) & set(
-                _defined(graphs[BRANCHES[1]])):
-            continue  # the branches' ranges share one table entry: stays float, listed as before
-        found.append((node, name, graphs))
+        if any(n.op_type in COMPUTE_OPS for g in graphs.values() for n in g.node):
+            found.append((node, name, graphs))
     if not found:
         return []
     specs = tensor_specs(proto)
@@ -109,38 +110,38 @@ def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend:
     needed = sorted({t for b in bodies for t in (*b.node.input, *b.outer)
                      if t and t not in initializers and t not in model.input_names})
     main = backend.build(model.proto, outputs=needed)
-    runners: dict[tuple[str, str], Any] = {}
+    runners: dict[str, Any] = {}
     reducers: dict[str, dict[str, AbsHistogram]] = {}
     for b in bodies:
-        reducers.setdefault(b.owner, {}).update({t: AbsHistogram(bins, huge_threshold) for t in b.tensors})
+        reducers[b.key] = {t: AbsHistogram(bins, huge_threshold) for t in b.tensors}
     failed: dict[str, str] = {}
     checked: set[tuple[Any, ...]] = set()
     try:
         for b in bodies:
             try:
                 own = {i.name for i in b.model.graph.input}
-                runners[b.owner, b.attr] = backend.build(b.model, outputs=[t for t in b.tensors if t not in own])
+                runners[b.key] = backend.build(b.model, outputs=[t for t in b.tensors if t not in own])
             except Exception as exc:  # noqa: BLE001 - a body ORT cannot run alone stays uncalibrated, with a note
-                failed[b.owner] = f"its {b.attr.replace('_', ' ')} does not run as a model of its own ({exc})"
+                failed[b.key] = f"it does not run as a model of its own ({exc})"
         for item in batches:
             feeds = dict(batch_feeds(item))
             values = {**weights, **feeds, **main.run(feeds, needed)} if needed else {**weights, **feeds}
             for b in bodies:
-                if b.owner in failed:
+                if b.key in failed:
                     continue
                 try:
                     if b.node.op_type == "If" and _taken(b, values):
                         _check_branch_size(b, values, checked)
-                    _run_body(b, values, runners[b.owner, b.attr], reducers[b.owner])
+                    _run_body(b, values, runners[b.key], reducers[b.key])
                 except Exception as exc:  # noqa: BLE001 - as above
-                    failed[b.owner] = str(exc)
+                    failed[b.key] = str(exc)
     finally:
         main.close()
         for runner in runners.values():
             runner.close()
-    notes = tuple(f"the body of {owner!r} was not calibrated and stays float: {why}" for owner, why in failed.items())
-    states = {owner: {t: r.state() for t, r in kept.items() if r.state().count}
-              for owner, kept in reducers.items() if owner not in failed}
+    notes = tuple(f"the body {key!r} was not calibrated and stays float: {why}" for key, why in failed.items())
+    states = {key: {t: r.state() for t, r in kept.items() if r.state().count}
+              for key, kept in reducers.items() if key not in failed}
     return {k: v for k, v in states.items() if v}, notes
 
 
@@ -148,7 +149,7 @@ def _check_branch_size(body: Body, values: Mapping[str, np.ndarray], checked: se
     """Raises when an If branch's tensors, all exposed for one run, would exceed the memory budget for these outer
     shapes (a merged decoder's branch is the whole decoder: its exposure grows with the batch and the sequence)."""
     outer = {t: values[t] for t in body.outer}
-    key = (body.owner, body.attr, tuple(sorted((t, np.shape(v)) for t, v in outer.items())))
+    key = (body.key, tuple(sorted((t, np.shape(v)) for t, v in outer.items())))
     if key in checked:
         return
     checked.add(key)
@@ -159,7 +160,7 @@ def _check_branch_size(body: Body, values: Mapping[str, np.ndarray], checked: se
     sizes = resolved_sizes(shell, list(body.tensors), outer)
     total = sum(v for v in sizes.values() if v is not None)
     if total > DEFAULT_MEMORY_BUDGET:
-        raise RuntimeError(f"its {body.attr.replace('_', ' ')} would hold {total / 2**30:.1f} GiB of activations a "
+        raise RuntimeError(f"it would hold {total / 2**30:.1f} GiB of activations a "
                            f"batch (beyond {DEFAULT_MEMORY_BUDGET / 2**30:.0f} GiB); calibrate with a smaller "
                            "--batch-size, or --bind the input that decides it")
 
