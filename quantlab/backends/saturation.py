@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from ..graph import tensor_specs
+from ..graph.topology import nested_graphs
 
 __all__ = ["int8_dot_saturates", "saturation_free"]
 
@@ -50,29 +51,32 @@ def saturation_free(model: onnx.ModelProto) -> bool:
 
     Checks every DequantizeLinear feeding input 1 (the weight / B side, the
     signed operand of ORT's u8 x s8 kernels) of a Conv, ConvTranspose, MatMul
-    or Gemm: a uint8 operand is exact (u8 x u8 kernels widen to int16 first);
-    an int8 initializer must lie within [-64, 64]; an int8 activation
-    (activation x activation MatMul in the TensorRT form) can reach 127.
+    or Gemm, in the main graph and inside If/Loop/Scan bodies (ORT fuses there
+    too): a uint8 operand is exact (u8 x u8 kernels widen to int16 first);
+    an int8 initializer (of the body or an enclosing graph) must lie within
+    [-64, 64]; an int8 activation (activation x activation MatMul in the
+    TensorRT form) can reach 127.
     """
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output if o}
     specs = tensor_specs(model)
-    for node in model.graph.node:
-        if node.op_type not in _INT8_KERNEL_OPS or len(node.input) < 2:
-            continue
-        dq = producers.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear":
-            continue
-        source = dq.input[0]
-        if source in inits:
-            array = numpy_helper.to_array(inits[source])
-            if array.dtype == np.int8 and array.size and int(np.abs(array.astype(np.int16)).max()) > _SAFE_WEIGHT_QMAX:
-                return False
-        else:
-            spec = specs.get(source)
-            dtype = spec.dtype if spec is not None else None
-            if dtype != "uint8":
-                return False
+    inits = {i.name: i for g in nested_graphs(model.graph) for i in g.initializer}
+    for graph in nested_graphs(model.graph):
+        producers = {o: n for n in graph.node for o in n.output if o}
+        for node in graph.node:
+            if node.op_type not in _INT8_KERNEL_OPS or len(node.input) < 2:
+                continue
+            dq = producers.get(node.input[1])
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            source = dq.input[0]
+            if source in inits:
+                array = numpy_helper.to_array(inits[source])
+                if array.dtype == np.int8 and array.size and int(np.abs(array.astype(np.int16)).max()) > _SAFE_WEIGHT_QMAX:
+                    return False
+            else:
+                spec = specs.get(source)
+                dtype = spec.dtype if spec is not None else None
+                if dtype != "uint8":
+                    return False
     return True

@@ -5,7 +5,7 @@ The one home of graph algorithms (plan, quantize, compare, stats and the clean-u
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import onnx
 from onnx import TensorProto, helper
@@ -14,7 +14,8 @@ from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
            "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream",
-           "drop_unread_initializers", "shape_determined_nodes", "CONTROL_FLOW_OPS", "SHAPE_ONLY_OPS"]
+           "drop_unread_initializers", "shape_determined_nodes", "nested_graphs", "CONTROL_FLOW_OPS",
+           "SHAPE_ONLY_OPS"]
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 """The ops that hold subgraphs (their bodies read outer tensors by name)."""
@@ -112,6 +113,15 @@ def outer_names(graph: onnx.GraphProto) -> set[str]:
                 used |= outer_names(body)
     used.update(o.name for o in graph.output)
     return used - defined
+
+
+def nested_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph``, then every body in it (If branches, Loop/Scan bodies), nested ones too, depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from nested_graphs(body)
 
 
 def subgraph_reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:
