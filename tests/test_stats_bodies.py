@@ -398,3 +398,33 @@ def test_branches_that_define_the_same_names_are_calibrated_and_written_apart():
     written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt", int8_bodies=True))
     for branch in ("then_branch", "else_branch"):
         assert "QuantizeLinear" in _if_ops(written, branch)
+
+
+def test_a_model_whose_qdq_all_sit_in_if_branches_is_compared_as_written(vad_table, tmp_path):
+    """The comparison runs TensorRT-form candidates with Q/DQ as written (the search's and TensorRT's maths, on any
+    CPU); it looked for Q/DQ in the main graph only, so a model INT8 only inside its branches (an optimum-style
+    merged decoder) ran ORT's fused kernels instead, which saturate on a CPU without VNNI."""
+    import quantlab as ql
+    from quantlab.compare.candidates import simulates_tensorrt
+    from quantlab.plan.groups import fusion_groups
+
+    model, table = vad_table
+    main_groups = {g.name: "fp32" for g in fusion_groups(model.proto) if g.anchor_op != "If"}
+    plan = PrecisionPlan(default="int8", overrides=main_groups)
+    written = write_model(model, plan, table, WriteOptions(target="tensorrt", int8_bodies=True))
+    assert not any(n.op_type == "DequantizeLinear" for n in written.proto.graph.node)
+    assert "QuantizeLinear" in _if_ops(written, "then_branch")
+    assert simulates_tensorrt([written]) and simulates_tensorrt([model_from_proto(written.proto, label="bare")])
+    folder = tmp_path / "chunks"
+    folder.mkdir()
+    for i, rate in enumerate((16000, 16000, 8000, 8000)):
+        one = _chunks(1, 20 + i, rate)
+        np.savez(folder / f"c{i}.npz", input=one["input"][0], state=one["state"][:, 0], sr=one["sr"])
+    (tmp_path / "set.toml").write_text('role = "validation"\nshuffle = false\n[source]\nkind = "npz"\n'
+                                       'path = "chunks"\n[inputs]\ninput = "input"\n'
+                                       'state = { field = "state", batch_axis = 1 }\n'
+                                       'sr = { field = "sr", batch_axis = "none" }\n')
+    result = compare(model, {"int8": written}, ql.open_dataset(tmp_path / "set.toml"),
+                     CompareOptions(batch_size=2, per_layer=False, bootstrap=0))
+    assert result.environment["backend"]["details"]["qdq_fusion"] is False
+    assert result.end_to_end.set_index("output").loc["prob", "sqnr_db"] > 25
