@@ -453,7 +453,7 @@ def test_int8_candidates_with_no_qdq_get_a_warning_naming_the_input_to_bind(tmp_
     from quantlab.experiment.stages import simulated_candidates
 
     fp16 = write_model(model, uniform_plan("fp16"), None, WriteOptions(target="tensorrt"))
-    assert simulated_candidates({"fp16": fp16}, config) == []  # nothing float16 to simulate: no such note
+    assert simulated_candidates({"fp16": fp16}, config) == ["fp16"]  # its branches compute in float16
     bound = load_model(tmp_path / "merged.onnx", bind={"mode": 1})
     assert not [n for n in bound.proto.graph.node if n.op_type == "If"] and bound.bound == ("mode",)
     from quantlab.errors import InputMismatchError
@@ -504,9 +504,11 @@ def test_a_truncated_batch_cuts_each_input_on_its_own_batch_axis(tmp_path):
     np.testing.assert_allclose(cut.end_to_end["sqnr_db"], whole.end_to_end["sqnr_db"], rtol=1e-9)
 
 
-def test_run_with_every_layer_inside_an_if_has_no_verdict_and_fails_the_gate(tmp_path, capsys):
-    """Without a bind no candidate computes anything but float32: the run said 'PASS ... sqnr_db = inf'. It now
-    has no verdict, says why, and --fail-on-verdict (a CI gate) exits 1."""
+def test_run_with_every_layer_inside_an_if_judges_only_what_computes_in_int8_or_fp16(tmp_path, capsys):
+    """Without a bind (and without ``int8_bodies``) the INT8 candidate computes in float32: the run said 'PASS ...
+    sqnr_db = inf' of it. It now names it in a WARNING with the input to bind and leaves it out of the verdict; the
+    FP16 candidate, whose branches compute in float16, is judged (it too was called float32, its float16 being
+    inside the If)."""
     from quantlab.cli import main
 
     _layers_inside_an_if(tmp_path)
@@ -517,9 +519,36 @@ def test_run_with_every_layer_inside_an_if_has_no_verdict_and_fails_the_gate(tmp
     code = main(["run", str(tmp_path / "e.toml"), "--reports-dir", str(tmp_path / "r"), "--quiet",
                  "--fail-on-verdict"])
     out = capsys.readouterr().out
+    assert code == 0, out
+    assert "verdict: PASS: fp16: sqnr_db = " in out
+    assert "WARNING int8-minmax: no tensor got a Q/DQ or float16" in out and "'mode' decides" in out
+    # INT8 alone: nothing computes in INT8 or FP16, no verdict, and the CI gate fails
+    (tmp_path / "e.toml").write_text((tmp_path / "e.toml").read_text().replace('int8 = ["minmax"]\n',
+                                                                               'int8 = ["minmax"]\nfp16 = false\n'))
+    code = main(["run", str(tmp_path / "e.toml"), "--reports-dir", str(tmp_path / "r2"), "--quiet",
+                 "--fail-on-verdict"])
+    out = capsys.readouterr().out
     assert code == 1, out
     assert "verdict: NONE: no candidate computes in INT8 or FP16, so 'sqnr_db>=25' was not checked" in out
-    assert "WARNING fp16, int8-minmax: no tensor got a Q/DQ or float16" in out and "'mode' decides" in out
+
+
+def test_run_with_int8_bodies_measures_the_branches_and_has_a_verdict(tmp_path, capsys):
+    """The same merged model with ``int8_bodies = true``: the branch the data takes is calibrated and written INT8,
+    the FP16 candidate computes its branches in float16, and the run judges both (it said NONE, seeing no Q/DQ and
+    no float16 in the main graph)."""
+    from quantlab.cli import main
+
+    _layers_inside_an_if(tmp_path)
+    (tmp_path / "e.toml").write_text('name = "merged"\nthreshold = "sqnr_db>=25"\n[model]\npath = "merged.onnx"\n'
+                                     '[data]\ncalibration = "rows.toml"\nvalidation = "rows.toml"\n'
+                                     '[calibrate]\nmethods = ["minmax"]\n[candidates]\nint8 = ["minmax"]\n'
+                                     'int8_bodies = true\n[search]\nenabled = false\n[report]\ncoverage = false\n')
+    code = main(["run", str(tmp_path / "e.toml"), "--reports-dir", str(tmp_path / "r"), "--quiet",
+                 "--fail-on-verdict"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "verdict: PASS: " in out and "no tensor got a Q/DQ or float16" not in out
+    assert "INT8 inside control flow ([candidates] int8_bodies): the bodies of 'use_cache'" in out
 
 
 def test_compute_left_float_in_a_loop_body_is_counted_and_the_run_warns_of_it(tmp_path):

@@ -374,3 +374,16 @@ def test_a_search_that_pins_everything_says_whether_its_plan_is_the_fp16_model()
     line = search_notes(mixed)[0]
     assert line.startswith("WARNING") and "2 group(s) are FP32 and the rest FP16" in line
     assert "so this plan is the FP16 model" not in line
+
+
+def test_the_verdicts_interval_is_that_of_the_output_its_value_comes_from():
+    """A decoder with five outputs: the verdict shows the worst output's cosine; its interval was the first output's
+    ("cosine = 0.999611 (95 % CI 0.999918 – 0.99996)", a value outside its own interval)."""
+    from quantlab.experiment.stages import verdict_for
+
+    rows = pd.DataFrame({"candidate": ["int8"] * 3, "output": ["logits", "present.0", "present.1"],
+                         "cosine": [0.99994, 0.99961, 0.99998], "cosine_ci_low": [0.99992, 0.99890, 0.99996],
+                         "cosine_ci_high": [0.99996, 0.99997, 0.99999]})
+    verdict = verdict_for(rows, "int8", "cosine>=0.999")
+    assert verdict.value == 0.99961 and (verdict.ci_low, verdict.ci_high) == (0.99890, 0.99997)
+    assert verdict.ci_low <= verdict.value <= verdict.ci_high

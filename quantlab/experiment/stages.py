@@ -151,14 +151,14 @@ def search_notes(search: Mapping[str, Any], int8_bodies: bool = False) -> list[s
 
 
 def float_candidates(written: Mapping[str, WrittenModel], config: ExperimentConfig) -> list[str]:
-    """The candidates that compute in float32 all the same: INT8 ones that quantize no activation, FP16 ones that
-    hold no float16 tensor (every layer inside If/Loop bodies, which stay float)."""
+    """The candidates that compute in float32 all the same: INT8 ones that quantize no activation (every layer
+    inside If/Loop bodies left float: no ``int8_bodies``), FP16 ones that hold no float16 tensor."""
     out = []
     for c in experiment_candidates(config):
         w = written.get(c.name)
         if w is None:
             continue
-        if c.precision == INT8 and not w.provenance.quantized_activations():
+        if c.precision == INT8 and not w.provenance.quantized_activations() and not int8_bodies({c.name: w}):
             out.append(c.name)
         elif c.precision == FP16 and not holds_float16(w.proto):
             out.append(c.name)
@@ -343,13 +343,24 @@ def verdict_for(end_to_end: pd.DataFrame, candidate: str, threshold: str) -> Ver
     check = parsed.check(rows)
     cond = min(parsed.conditions, key=lambda c: check.margins[str(c)])
     value = check.values[str(cond)]
-    row = rows.iloc[0]
+    row = _row_of(rows, cond.metric, value)  # its interval is that output's (not the first output's)
     lo = row.get(f"{cond.metric}_ci_low")
     hi = row.get(f"{cond.metric}_ci_high")
     return Verdict(threshold=threshold, candidate=candidate, metric=cond.metric, op=cond.op, target=cond.value,
                    value=value, passed=check.passed,
                    ci_low=None if lo is None or lo != lo else float(lo),
                    ci_high=None if hi is None or hi != hi else float(hi))
+
+
+def _row_of(rows: pd.DataFrame, metric: str, value: float) -> pd.Series:
+    """The first of ``rows`` (one per output) whose ``metric`` is ``value`` (the worst output the threshold found);
+    the first row when none is (a metric that is NaN everywhere)."""
+    column = pd.to_numeric(rows[metric], errors="coerce") if metric in rows else None
+    if column is not None:
+        hits = column.index[column == value]
+        if len(hits):
+            return rows.loc[hits[0]]
+    return rows.iloc[0]
 
 
 def best_candidate(verdicts: Mapping[str, Verdict], names: Sequence[str]) -> str:
