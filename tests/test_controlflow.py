@@ -504,50 +504,42 @@ def test_a_truncated_batch_cuts_each_input_on_its_own_batch_axis(tmp_path):
     np.testing.assert_allclose(cut.end_to_end["sqnr_db"], whole.end_to_end["sqnr_db"], rtol=1e-9)
 
 
+def _run_merged(tmp_path, capsys, extra: str = "", folder: str = "r") -> tuple[int, str]:
+    """``quantlab run --fail-on-verdict`` of the merged model of :func:`_layers_inside_an_if` (minmax INT8 and FP16,
+    sqnr_db >= 25); ``extra``: more ``[candidates]`` lines. (exit code, what it printed)."""
+    from quantlab.cli import main
+
+    if not (tmp_path / "merged.onnx").exists():
+        _layers_inside_an_if(tmp_path)
+    (tmp_path / "e.toml").write_text('name = "merged"\nthreshold = "sqnr_db>=25"\n[model]\npath = "merged.onnx"\n'
+                                     '[data]\ncalibration = "rows.toml"\nvalidation = "rows.toml"\n'
+                                     '[calibrate]\nmethods = ["minmax"]\n[candidates]\nint8 = ["minmax"]\n'
+                                     f'{extra}[search]\nenabled = false\n[report]\ncoverage = false\n')
+    code = main(["run", str(tmp_path / "e.toml"), "--reports-dir", str(tmp_path / folder), "--quiet",
+                 "--fail-on-verdict"])
+    return code, capsys.readouterr().out
+
+
 def test_run_with_every_layer_inside_an_if_judges_only_what_computes_in_int8_or_fp16(tmp_path, capsys):
     """Without a bind (and without ``int8_bodies``) the INT8 candidate computes in float32: the run said 'PASS ...
     sqnr_db = inf' of it. It now names it in a WARNING with the input to bind and leaves it out of the verdict; the
     FP16 candidate, whose branches compute in float16, is judged (it too was called float32, its float16 being
     inside the If)."""
-    from quantlab.cli import main
-
-    _layers_inside_an_if(tmp_path)
-    (tmp_path / "e.toml").write_text('name = "merged"\nthreshold = "sqnr_db>=25"\n[model]\npath = "merged.onnx"\n'
-                                     '[data]\ncalibration = "rows.toml"\nvalidation = "rows.toml"\n'
-                                     '[calibrate]\nmethods = ["minmax"]\n[candidates]\nint8 = ["minmax"]\n'
-                                     '[search]\nenabled = false\n[report]\ncoverage = false\n')
-    code = main(["run", str(tmp_path / "e.toml"), "--reports-dir", str(tmp_path / "r"), "--quiet",
-                 "--fail-on-verdict"])
-    out = capsys.readouterr().out
+    code, out = _run_merged(tmp_path, capsys)
     assert code == 0, out
     assert "verdict: PASS: fp16: sqnr_db = " in out
     assert "WARNING int8-minmax: no tensor got a Q/DQ or float16" in out and "'mode' decides" in out
-    # INT8 alone: nothing computes in INT8 or FP16, no verdict, and the CI gate fails
-    (tmp_path / "e.toml").write_text((tmp_path / "e.toml").read_text().replace('int8 = ["minmax"]\n',
-                                                                               'int8 = ["minmax"]\nfp16 = false\n'))
-    code = main(["run", str(tmp_path / "e.toml"), "--reports-dir", str(tmp_path / "r2"), "--quiet",
-                 "--fail-on-verdict"])
-    out = capsys.readouterr().out
+    code, out = _run_merged(tmp_path, capsys, "fp16 = false\n", "r2")  # INT8 alone: no verdict, the gate fails
     assert code == 1, out
     assert "verdict: NONE: no candidate computes in INT8 or FP16, so 'sqnr_db>=25' was not checked" in out
 
 
 def test_run_with_int8_bodies_measures_the_branches_and_has_a_verdict(tmp_path, capsys):
     """The same merged model with ``int8_bodies = true``: the branch the data takes is calibrated and written INT8,
-    the FP16 candidate computes its branches in float16, and the run judges both (it said NONE, seeing no Q/DQ and
-    no float16 in the main graph)."""
-    from quantlab.cli import main
-
-    _layers_inside_an_if(tmp_path)
-    (tmp_path / "e.toml").write_text('name = "merged"\nthreshold = "sqnr_db>=25"\n[model]\npath = "merged.onnx"\n'
-                                     '[data]\ncalibration = "rows.toml"\nvalidation = "rows.toml"\n'
-                                     '[calibrate]\nmethods = ["minmax"]\n[candidates]\nint8 = ["minmax"]\n'
-                                     'int8_bodies = true\n[search]\nenabled = false\n[report]\ncoverage = false\n')
-    code = main(["run", str(tmp_path / "e.toml"), "--reports-dir", str(tmp_path / "r"), "--quiet",
-                 "--fail-on-verdict"])
-    out = capsys.readouterr().out
+    and the run judges it (it said NONE, seeing no Q/DQ in the main graph)."""
+    code, out = _run_merged(tmp_path, capsys, "int8_bodies = true\nfp16 = false\n")
     assert code == 0, out
-    assert "verdict: PASS: " in out and "no tensor got a Q/DQ or float16" not in out
+    assert "verdict: PASS: int8-minmax" in out and "no tensor got a Q/DQ or float16" not in out
     assert "INT8 inside control flow ([candidates] int8_bodies): the bodies of 'use_cache'" in out
 
 
