@@ -428,3 +428,22 @@ def test_a_model_whose_qdq_all_sit_in_if_branches_is_compared_as_written(vad_tab
                      CompareOptions(batch_size=2, per_layer=False, bootstrap=0))
     assert result.environment["backend"]["details"]["qdq_fusion"] is False
     assert result.end_to_end.set_index("output").loc["prob", "sqnr_db"] > 25
+
+
+def test_a_branch_is_sized_by_inference_once_and_again_only_when_its_estimate_passes_the_budget(monkeypatch):
+    """A decoder's data changes shape every step: later shapes are estimated from the first batch's size (grown by
+    the square of the outer values), and inferred only near the budget. The branch's 3 tensors hold 1536 bytes a
+    sample: 3 KB at 2 samples; 4 samples are estimated at 12 KB and are 6 KB."""
+    import quantlab.stats.bodies as bodies_module
+
+    calls = []
+    real = bodies_module._branch_bytes
+    monkeypatch.setattr(bodies_module, "_branch_bytes", lambda body, outer: calls.append(1) or real(body, outer))
+    model = model_from_proto(_vad_data_decides())
+    batches = [_chunks(2, 0, 16000), _chunks(2, 1, 16000), _chunks(4, 2, 16000)]
+    for budget, inferred, fails in ((20_000, 1, False), (8_000, 2, False), (5_000, 2, True)):
+        calls.clear()
+        monkeypatch.setattr(bodies_module, "DEFAULT_MEMORY_BUDGET", budget)
+        states, notes = collect_body_statistics(model, batches, get_backend("ort"), DEFAULT_BINS, 1e30)
+        assert len(calls) == inferred, budget
+        assert bool(notes) == fails and (states == {}) == fails, budget

@@ -115,7 +115,7 @@ def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend:
     for b in bodies:
         reducers[b.key] = {t: AbsHistogram(bins, huge_threshold) for t in b.tensors}
     failed: dict[str, str] = {}
-    checked: set[tuple[Any, ...]] = set()
+    budget = _BranchBudget(DEFAULT_MEMORY_BUDGET)
     try:
         for b in bodies:
             try:
@@ -131,7 +131,7 @@ def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend:
                     continue
                 try:
                     if b.node.op_type == "If" and _taken(b, values):
-                        _check_branch_size(b, values, checked)
+                        budget.check(b, values)
                     _run_body(b, values, runners[b.key], reducers[b.key])
                 except Exception as exc:  # noqa: BLE001 - as above
                     failed[b.key] = str(exc)
@@ -145,24 +145,41 @@ def collect_body_statistics(model: LoadedModel, batches: Iterable[Any], backend:
     return {k: v for k, v in states.items() if v}, notes
 
 
-def _check_branch_size(body: Body, values: Mapping[str, np.ndarray], checked: set[tuple[Any, ...]]) -> None:
-    """Raises when an If branch's tensors, all exposed for one run, would exceed the memory budget for these outer
-    shapes (a merged decoder's branch is the whole decoder: its exposure grows with the batch and the sequence)."""
-    outer = {t: values[t] for t in body.outer}
-    key = (body.key, tuple(sorted((t, np.shape(v)) for t, v in outer.items())))
-    if key in checked:
-        return
-    checked.add(key)
+class _BranchBudget:
+    """Raises when an If branch's tensors, all exposed for one run, would exceed the memory budget for a batch's outer
+    shapes (a merged decoder's branch is the whole decoder: its exposure grows with the batch and the sequence).
+
+    The first batch a branch takes is sized by shape inference; a later shape is estimated from it, grown by the
+    square of how many more outer values it has (attention grows with the square of the sequence), and inferred
+    only when that estimate passes the budget: a decoder's data changes shape every step."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._first: dict[str, tuple[float, int]] = {}  # body key -> (outer values, bytes) of its first batch
+
+    def check(self, body: Body, values: Mapping[str, np.ndarray]) -> None:
+        outer = {t: values[t] for t in body.outer}
+        elements = sum(int(np.size(v)) for v in outer.values())
+        first = self._first.get(body.key)
+        if first is not None:
+            growth = max(1.0, elements / max(first[0], 1.0)) ** 2
+            if first[1] * growth <= self._budget:
+                return
+        total = _branch_bytes(body, outer)
+        self._first.setdefault(body.key, (float(elements), total))
+        if total > self._budget:
+            raise RuntimeError(f"it would hold {total / 2**30:.1f} GiB of activations a batch (beyond "
+                               f"{self._budget / 2**30:.0f} GiB); calibrate with a smaller --batch-size, or --bind "
+                               "the input that decides it")
+
+
+def _branch_bytes(body: Body, outer: Mapping[str, np.ndarray]) -> int:
+    """Bytes of ``body``'s tensors for these outer values (shape inference; unknown sizes count 0)."""
     specs = tensor_specs(body.model)
     inits = {i.name for i in body.model.graph.initializer}
     shell = LoadedModel(proto=body.model, sha256="", path=None, inputs=tuple(
         specs[i.name] for i in body.model.graph.input if i.name not in inits and i.name in specs), outputs=(), opset=0)
-    sizes = resolved_sizes(shell, list(body.tensors), outer)
-    total = sum(v for v in sizes.values() if v is not None)
-    if total > DEFAULT_MEMORY_BUDGET:
-        raise RuntimeError(f"it would hold {total / 2**30:.1f} GiB of activations a "
-                           f"batch (beyond {DEFAULT_MEMORY_BUDGET / 2**30:.0f} GiB); calibrate with a smaller "
-                           "--batch-size, or --bind the input that decides it")
+    return sum(v for v in resolved_sizes(shell, list(body.tensors), outer).values() if v is not None)
 
 
 def _run_body(body: Body, values: Mapping[str, np.ndarray], runner: Any, reducers: Mapping[str, AbsHistogram]) -> None:
