@@ -47,7 +47,7 @@ import onnx
 from ..errors import BackendError, InputMismatchError
 from ..graph import serialize, tensor_specs, with_outputs
 from ..graph.halves import computes_in_float16
-from ..graph.topology import CONTROL_FLOW_OPS, nested_graphs
+from ..graph.topology import CONTROL_FLOW_OPS, holds_qdq
 from .base import Backend, BackendInfo, Runner, check_feed_names
 from .nchwc import BlockedRunner, block_size, blocked_graph
 from .ort_diagnostics import load_error
@@ -198,8 +198,8 @@ class OrtBackend(Backend):
         """Whether sessions for ``model`` let ORT fuse Q/DQ into integer kernels."""
         if self.qdq_fusion is not None:
             return self.qdq_fusion
-        if not any(n.op_type == "DequantizeLinear" for g in nested_graphs(model.graph) for n in g.node):
-            return True  # (Q/DQ only inside If/Loop bodies, an optimum merged decoder's: fused, they saturated)
+        if not holds_qdq(model):
+            return True
         cpu_only = all(p == "CPUExecutionProvider" for p in self.providers)
         return not (cpu_only and int8_dot_saturates()) or saturation_free(model)
 

@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import BackendUnavailableError, QuantlabError
     from ..fingerprint import tool_versions
     from ..graph import load_model
-    from ..graph.topology import nested_graphs
+    from ..graph.topology import holds_qdq
     from ..perf import random_feeds
 
     if args.json is not None:
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
           f"warm-up {args.warmup}, iterations {args.iterations})")
     if rows:
         print(_table(rows))
-    has_qdq = any(n.op_type == "DequantizeLinear" for g in nested_graphs(model.proto.graph) for n in g.node)
+    has_qdq = holds_qdq(model.proto)
     for r in rows:
         if has_qdq and r["backend"]["details"].get("qdq_fusion_used") is False:
             why = ("--qdq-fusion off" if args.qdq_fusion == "off" else

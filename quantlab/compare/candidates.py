@@ -23,7 +23,7 @@ from ..fingerprint import sha256_bytes, source_hash
 from ..graph import LoadedModel, load_model
 from ..graph.halves import computes_in_float16 as _computes_in_float16
 from ..graph.halves import holds_float16
-from ..graph.topology import nested_graphs
+from ..graph.topology import all_nodes, holds_qdq, nested_graphs
 from ..precision import FP16
 from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
 from ..quantize import WriteOptions, WrittenModel, load_provenance
@@ -55,8 +55,7 @@ def simulates_tensorrt(candidates: Iterable[Candidate]) -> bool:
     kernels round differently and differ between CPUs (VNNI or not); they made a tf2onnx-style Lite0 read 4
     points of agreement lower than the same maths in NCHW, and a report's INT8 rows disagree with its search,
     which measures as written."""
-    written = [c for c in candidates  # Q/DQ inside If/Loop bodies count: a merged decoder's are all there
-               if any(n.op_type == "DequantizeLinear" for g in nested_graphs(c.proto.graph) for n in g.node)]
+    written = [c for c in candidates if holds_qdq(c.proto)]
     return bool(written) and all(c.options.target == "tensorrt" if isinstance(c, WrittenModel)
                                  else _in_tensorrt_form(c.proto) for c in written)
 
@@ -65,7 +64,7 @@ def _in_tensorrt_form(proto: onnx.ModelProto) -> bool:
     """A bare model's Q/DQ in the form TensorRT parses: every QuantizeLinear with an int8 zero point of 0 (no
     uint8 activations) and no DequantizeLinear of an int32 tensor (no int32 bias), inside bodies too."""
     inits = {i.name: i for g in nested_graphs(proto.graph) for i in g.initializer}
-    for node in (n for g in nested_graphs(proto.graph) for n in g.node):
+    for node in all_nodes(proto.graph):
         if node.op_type == "QuantizeLinear":
             zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if zero is None or zero.data_type != onnx.TensorProto.INT8 or numpy_helper.to_array(zero).any():

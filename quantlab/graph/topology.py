@@ -14,7 +14,8 @@ from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
            "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream",
-           "drop_unread_initializers", "shape_determined_nodes", "nested_graphs", "CONTROL_FLOW_OPS",
+           "drop_unread_initializers", "shape_determined_nodes", "nested_graphs", "all_nodes", "holds_qdq",
+           "CONTROL_FLOW_OPS",
            "SHAPE_ONLY_OPS"]
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
@@ -122,6 +123,18 @@ def nested_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
         for attr in node.attribute:
             for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
                 yield from nested_graphs(body)
+
+
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of the bodies in it (:func:`nested_graphs`)."""
+    for body in nested_graphs(graph):
+        yield from body.node
+
+
+def holds_qdq(proto: onnx.ModelProto) -> bool:
+    """Whether the model holds a DequantizeLinear anywhere, If/Loop/Scan bodies included (a merged decoder written
+    INT8 only inside its branches has none in the main graph)."""
+    return any(n.op_type == "DequantizeLinear" for n in all_nodes(proto.graph))
 
 
 def subgraph_reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:

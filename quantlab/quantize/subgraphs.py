@@ -11,11 +11,11 @@ change::
     ==>  h ─► Loop(body: h_in ─► Cast(f16) ─► MatMul(W/fp16) ─► Tanh ─► Cast(f32) ─► h_out) ─► h'
 
 Names the body's writing makes are prefixed with the node's name (ONNX forbids a subgraph to define a name of an
-enclosing scope), an If's also with the branch's (:func:`quantlab.graph.bodies.body_key`: TensorRT refused a second
-``by_sample_rate/input/QuantizeLinear``, both branches quantizing the input they read). A Loop/Scan body or If branch the table calibrated
-(``CalibrationTable.bodies``, quantlab.stats.bodies) is written with those ranges, so its nodes beyond
-``WriteOptions.fp16_data_max`` stay float32 one by one; for other bodies the writer keeps the whole body float32 when
-a value entering or leaving it went beyond that in calibration.
+enclosing scope), an If's also with the branch's (:func:`quantlab.graph.bodies.body_key`: TensorRT refused a
+second ``by_sample_rate/input/QuantizeLinear``, both branches quantizing the input they read). A Loop/Scan body or
+If branch the table calibrated (``CalibrationTable.bodies``, quantlab.stats.bodies) is written with those ranges,
+so its nodes beyond ``WriteOptions.fp16_data_max`` stay float32 one by one; for other bodies the writer keeps the
+whole body float32 when a value entering or leaving it went beyond that in calibration.
 Nested bodies are written the same way, recursively. The same machinery writes a calibrated body in INT8
 (:func:`write_int8_bodies`).
 """
@@ -99,8 +99,8 @@ def write_int8_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
                       initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto, options: WriteOptions,
                       table: Any, fallback: str) -> tuple[list[str], bool]:
     """Writes the body of a Loop/Scan (the branches of an If) whose group INT8 was asked of, in place, with an INT8
-    plan (``fallback`` for what has no INT8 form) and the ranges calibrated inside it (``table.bodies`` under its :func:`quantlab.graph.bodies.body_key`,
-    quantlab.stats.bodies) beside the outer tensors' ranges. A body that cannot be written so, or that has no ranges
+    plan (``fallback`` for what has no INT8 form) and the ranges calibrated inside it (``table.bodies`` under its
+    :func:`quantlab.graph.bodies.body_key`, quantlab.stats.bodies) beside the outer tensors' ranges. A body that cannot be written so, or that has no ranges
     (a branch the calibration data never took), stays as it was, with a note. Returns (notes, whether a body now
     holds Q/DQ)::
 
