@@ -166,6 +166,9 @@ def test_the_cli_calibrates_the_body_and_builds_it_int8_when_asked(tmp_path, cap
                      *flags]) == 0
         notes = json.loads((out / "provenance.json").read_text())["notes"]
         assert any("is written INT8 with its calibrated ranges" in n for n in notes) is expected
+    assert main(["build", str(tmp_path / "rnn.onnx"), "--table", table, "--out", str(tmp_path / "f"),
+                 "--precision", "fp16", "--int8-bodies", "--no-progress"]) == 2  # nothing to write INT8: said
+    assert "--int8-bodies" in capsys.readouterr().err and not (tmp_path / "f").exists()
     (tmp_path / "e.toml").write_text('[model]\npath = "rnn.onnx"\n[data]\ncalibration = "seq.toml"\n'
                                      'validation = "seq.toml"\n[candidates]\nint8 = ["minmax"]\nint8_bodies = true\n')
     config = parse_experiment((tmp_path / "e.toml").read_text(), source=tmp_path / "e.toml")

@@ -123,6 +123,17 @@ def _plan(args: argparse.Namespace) -> tuple[PrecisionPlan, str]:
     return uniform_plan(precision), precision
 
 
+def _check_int8_bodies(args: argparse.Namespace, plan: PrecisionPlan, label: str) -> None:
+    """--int8-bodies writes bodies in INT8 only under a plan whose default is int8: say so rather than ignore it."""
+    from ..errors import PlanError
+
+    if args.int8_bodies and plan.default != "int8":
+        where = f"the plan {args.plan} defaults to {plan.default}" if args.plan is not None else f"--precision {label}"
+        raise PlanError(f"--int8-bodies writes the calibrated Loop/Scan/If bodies in INT8 under an int8 plan, but "
+                        f"{where}: nothing would be written in INT8 there. Drop --int8-bodies, or build with "
+                        "--precision int8 (a plan with default = \"int8\")")
+
+
 def _table(args: argparse.Namespace, model: Any, options: WriteOptions) -> CalibrationTable | None:
     """The --table / --trt-cache ranges, checked against the model as the options rewrite it (the error names
     the file)."""
@@ -257,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, bind=bound_inputs(args))
     check_not_quantized(model)  # before the table's checks, which would blame the table
     plan, label = _plan(args)
+    _check_int8_bodies(args, plan, label)
     options = _options(args)
     table = _table(args, model, options)
     shapes = _shapes(args, model, table)
