@@ -576,3 +576,93 @@ def test_rows_of_equal_scores_are_no_choice_unless_the_other_model_chooses():
     padding = np.array([[True, False, True, True], [True, True, True, True]])
     assert decided_positions(ref, cand, padding).tolist() == [[True, False, False, False], [True, True, True, False]]
     assert decided_positions(ref + np.arange(3), cand + np.arange(3), padding) is padding  # every row decides
+
+
+def _ctc_text(best: np.ndarray, blank: int) -> list[int]:
+    """Greedy CTC decoding written independently of quantlab.metrics.text: groupby runs, drop the blank."""
+    import itertools
+
+    return [int(k) for k, _ in itertools.groupby(best.tolist()) if k != blank]
+
+
+def _levenshtein(a: list[int], b: list[int]) -> int:
+    """The textbook dynamic programme, one full table."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return d[len(a)][len(b)]
+
+
+@pytest.mark.parametrize("layout", ["batch_major", "time_major"])
+def test_ctc_text_agreement_and_cer_match_a_decoding_by_hand(layout):
+    """With ctc_blank the per-position scores are also read as greedy CTC text: samples whose text is the
+    reference's (text_agreement, exact binomial interval) and the character error rate against it (cer), checked
+    against ONNX Runtime's outputs decoded here; a sample whose positions differ but whose text is the same has not
+    changed its decision."""
+    proto = models.text_recognizer(classes=12)
+    output = "logits"
+    if layout == "time_major":
+        proto, output = _time_major(proto), "ctc"
+    model = model_from_proto(proto, label="recognizer")
+    rng = np.random.default_rng(0)
+    calib = from_arrays({"image": rng.uniform(-0.3, 0.3, (8, 3, 48, 64)).astype(np.float32)})  # narrow: saturates
+    images = rng.uniform(-1, 1, (10, 3, 48, 64)).astype(np.float32)
+    table = calibrate(model, calib, "minmax", batch_size=4).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    ref = _runs(model.proto, images, output)
+    cand = _runs(written.proto, images, output)
+    if layout == "time_major":
+        ref, cand = ref.transpose(1, 0, 2), cand.transpose(1, 0, 2)
+    rb, cb = ref.argmax(axis=2), cand.argmax(axis=2)
+    blank = int(np.bincount(rb.ravel()).argmax())  # the class a CTC head emits most: its blank
+    texts = [(_ctc_text(r, blank), _ctc_text(c, blank)) for r, c in zip(rb, cb)]
+    same = np.array([r == c for r, c in texts])
+    cer = np.array([_levenshtein(r, c) / max(len(r), 1) * 100.0 for r, c in texts])
+    assert 0 < same.sum() < 10 and cer.max() > 0, "the check needs texts that differ and texts that agree"
+
+    options = CompareOptions(batch_size=4, local=False, bootstrap=200, workers=1, ctc_blank=blank,
+                             backend_options={"threads": 1, "qdq_fusion": False})
+    result = compare(model, {"int8": written}, valid := from_arrays({"image": images}, role="validation"), options)
+    row = result.end_to_end.set_index(["candidate", "output"]).loc[("int8", output)]
+    assert row["text_agreement"] == pytest.approx(same.mean() * 100.0)
+    lo, hi = binomial_ci(int(same.sum()), 10, 0.95)
+    assert (row["text_agreement_ci_low"], row["text_agreement_ci_high"]) == pytest.approx((100 * lo, 100 * hi))
+    assert row["cer"] == pytest.approx(cer.mean())
+    assert row["cer_ci_low"] <= row["cer"] <= row["cer_ci_high"]
+    per_sample = result.per_sample[result.per_sample["output"] == output]
+    assert per_sample["text_agree"].tolist() == same.tolist()
+    np.testing.assert_allclose(per_sample["cer"], cer)
+    assert result.check("text_agreement>=100")["int8"].passed is False
+    assert result.settings["ctc_blank"] == blank  # recorded with the figures it made
+    from quantlab.report.samples import changed_samples
+
+    changed = changed_samples(result.per_sample, shown=100)
+    assert sorted(changed["sample"]) == [i for i in range(10) if not same[i]]  # the text decides, not positions
+    assert all(c.startswith("text: CER ") for c in changed["change"])
+    without = compare(model, {"int8": written}, valid, CompareOptions(batch_size=4, local=False, bootstrap=0,
+                                                                      workers=1, backend_options={"threads": 1}))
+    assert "text_agreement" not in without.end_to_end.columns
+
+
+def test_ctc_blank_must_name_a_class_of_a_per_position_output(tmp_path, capsys):
+    from quantlab.cli import main
+    from quantlab.cli.compare import known_metrics
+    from quantlab.errors import CompareError
+
+    model = model_from_proto(models.text_recognizer(classes=12), label="recognizer")
+    valid = from_arrays({"image": np.zeros((2, 3, 48, 64), np.float32)}, role="validation")
+    with pytest.raises(CompareError, match="'logits' scores 12 classes"):
+        compare(model, {"same": model.proto}, valid, CompareOptions(ctc_blank=12, per_layer=False))
+    classifier = model_from_proto(models.conv_net())
+    images = from_arrays({"input": np.zeros((2, *[d.dim_value for d in models.conv_net().graph.input[0].type
+                                                   .tensor_type.shape.dim][1:]), np.float32)}, role="validation")
+    with pytest.raises(CompareError, match="no output of .* holds class scores per position"):
+        compare(classifier, {"same": classifier.proto}, images, CompareOptions(ctc_blank=0, per_layer=False))
+    with pytest.raises(ThresholdError):
+        parse_threshold("cer<=1", known_metrics=known_metrics(model, use_labels=False))
+    assert parse_threshold("cer<=1", known_metrics=known_metrics(model, False, None, 0)).metrics == ("cer",)
+    onnx.save(model.proto, tmp_path / "ref.onnx")
+    assert main(["compare", str(tmp_path / "ref.onnx"), str(tmp_path / "ref.onnx"), "--data", str(tmp_path / "x.toml"),
+                 "--out", str(tmp_path / "out"), "--ctc-blank", "-1"]) == 2
+    assert "--ctc-blank" in capsys.readouterr().err

@@ -82,6 +82,17 @@ def test_bad_key_names_key_and_line(exp_dir: Path, old: str, new: str, line: int
         assert w in msg, msg
 
 
+def test_ctc_blank_lets_the_threshold_name_the_text_figures(exp_dir: Path) -> None:
+    base = 'model = { path = "model.onnx" }\ndata = { calibration = "calib.toml", validation = "val.toml" }\n'
+    cfg = parse_experiment('threshold = "cer<=2"\nctc_blank = 0\n' + base, source=exp_dir / "ocr.toml")
+    assert cfg.ctc_blank == 0 and cfg.settings()["ctc_blank"] == 0
+    assert "ctc_blank" not in parse_experiment(base, source=exp_dir / "plain.toml").settings()  # older keys stay
+    with pytest.raises(ExperimentError, match="unknown metric 'cer'"):
+        parse_experiment('threshold = "cer<=2"\n' + base, source=exp_dir / "ocr.toml")
+    with pytest.raises(ExperimentError, match="ctc_blank"):
+        parse_experiment('ctc_blank = -1\n' + base, source=exp_dir / "ocr.toml")
+
+
 def test_model_needs_exactly_one_source(exp_dir: Path) -> None:
     path = exp_dir / "two.toml"
     path.write_text(GOOD.replace('path = "model.onnx"', 'path = "model.onnx"\nzoo = "efficientnet_lite0"'))
@@ -387,3 +398,30 @@ def test_the_verdicts_interval_is_that_of_the_output_its_value_comes_from():
     verdict = verdict_for(rows, "int8", "cosine>=0.999")
     assert verdict.value == 0.99961 and (verdict.ci_low, verdict.ci_high) == (0.99890, 0.99997)
     assert verdict.ci_low <= verdict.value <= verdict.ci_high
+
+
+@needs_compare
+def test_an_ocr_experiment_judges_and_searches_on_the_ctc_text(tmp_path: Path) -> None:
+    """ctc_blank in the experiment file: the comparison reads the recogniser's scores as CTC text, the threshold
+    names its character error rate, the search is judged on it and the report shows the text figures."""
+    onnx.save(models.text_recognizer(classes=12), tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", image=rng.uniform(-0.3, 0.3, (8, 3, 48, 64)).astype(np.float32))  # saturates
+    np.savez(tmp_path / "val.npz", image=rng.uniform(-1, 1, (12, 3, 48, 64)).astype(np.float32))
+    for role, name in (("calibration", "calib"), ("validation", "val")):
+        (tmp_path / f"{name}.toml").write_text(
+            f'role = "{role}"\nshuffle = false\n[[source]]\nkind = "npz"\npath = "{name}.npz"\nbatched = true\n')
+    (tmp_path / "ocr.toml").write_text(
+        'name = "ocr"\nthreshold = "cer<=0"\nctc_blank = 0\n[model]\npath = "model.onnx"\n'
+        '[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n[calibrate]\nmethods = ["minmax"]\n'
+        '[candidates]\nfp16 = false\n[search]\nbudget = 3\nbias_correction = false\n')
+    result = run_experiment(load_experiment(tmp_path / "ocr.toml"), reports_dir=tmp_path / "reports")
+    report = tmp_path / "reports" / "ocr"
+    e2e = pd.read_parquet(report / "results" / "end_to_end.parquet").set_index("candidate")  # the search's too
+    assert e2e["text_agreement"].notna().all() and e2e["cer"].notna().all()
+    assert e2e.loc["int8-minmax", "cer"] > 0 and e2e.loc["int8-minmax", "text_agreement"] < 100  # narrow ranges
+    assert result.verdict is not None and result.verdict.metric == "cer"
+    assert result.verdict.value == e2e.loc[result.verdict.candidate, "cer"]
+    trajectory = pd.read_csv(next(report.glob("stages/search*/trajectory.csv")))
+    assert set(trajectory["metric"]) == {"cer"}
+    assert "text_agreement" in (report / "index.html").read_text()

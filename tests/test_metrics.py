@@ -283,3 +283,47 @@ def test_channel_spread_finds_a_detectors_boxes_beside_its_scores():
     dead = rng.normal(0, 1, (2, 16, 600))
     dead[:, 3] = 0.0  # an all-zero row is not a scale
     assert channel_spread(dead) == []
+
+
+def test_ctc_greedy_merges_runs_and_drops_the_blank():
+    from quantlab.metrics import ctc_greedy
+
+    assert ctc_greedy(np.array([0, 0, 3, 3, 0, 5, 0, 7, 7, 0, 7, 2, 2, 0]), 0).tolist() == [3, 5, 7, 7, 2]
+    assert ctc_greedy(np.array([4, 4, 1, 4]), 4).tolist() == [1]  # the blank may be the last class
+    assert ctc_greedy(np.array([], dtype=np.int32), 0).tolist() == []
+    assert ctc_greedy(np.zeros(9, np.int32), 0).tolist() == []
+
+
+def test_edit_distance_matches_the_textbook_programme():
+    """The row-wise numpy programme against the full table on random label sequences (and the classic pair)."""
+    from quantlab.metrics import edit_distance
+
+    def textbook(a: list[int], b: list[int]) -> int:
+        d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+        for i in range(1, len(a) + 1):
+            for j in range(1, len(b) + 1):
+                d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+        return d[len(a)][len(b)]
+
+    assert edit_distance(np.frombuffer(b"kitten", np.uint8), np.frombuffer(b"sitting", np.uint8)) == 3
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a = rng.integers(0, 4, rng.integers(0, 12)).tolist()
+        b = rng.integers(0, 4, rng.integers(0, 12)).tolist()
+        assert edit_distance(np.array(a), np.array(b)) == textbook(a, b), (a, b)
+
+
+def test_ctc_text_agreement_reads_only_the_valid_positions():
+    from quantlab.metrics import ctc_text_agreement
+
+    ref = np.array([[0, 1, 1, 0, 2, 0], [0, 3, 0, 3, 0, 0], [0, 0, 0, 0, 0, 0], [0, 3, 0, 3, 0, 0]])
+    cand = np.array([[1, 1, 0, 0, 2, 2], [0, 3, 3, 3, 0, 4], [0, 5, 5, 0, 6, 0], [0, 3, 0, 3, 0, 4]])
+    same, cer = ctc_text_agreement(ref, cand, 0)
+    assert same.tolist() == [True, False, False, False]  # other positions, the same text "1 2"
+    np.testing.assert_allclose(cer, [0.0, 50.0, 200.0, 50.0])  # "3 3" vs "3 4"; "" vs "5 6"; "3 3" vs "3 3 4"
+    valid = np.array([[True] * 6, [True] * 6, [True] * 6, [True] * 5 + [False]])
+    same, cer = ctc_text_agreement(ref, cand, 0, valid)  # the padded position's 4 is not read
+    assert same.tolist() == [True, False, False, True]
+    np.testing.assert_allclose(cer, [0.0, 50.0, 200.0, 0.0])
+    with pytest.raises(ValueError, match=r"\[N, T\]"):
+        ctc_text_agreement(ref, cand[:, :3], 0)

@@ -58,6 +58,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--metric", type=text_arg, default=None, metavar="MODULE:FUNCTION",
                    help="user metric: function(reference_outputs, candidate_outputs, label) -> {name: number}, "
                         "called per sample; a module name or path/to/file.py")
+    p.add_argument("--ctc-blank", type=non_negative_int, default=None, metavar="K",
+                   help="the outputs scored per position ([N, T, C]) are CTC scores whose blank is class K (often "
+                        "0): also compare the text they read (greedy decoding): text_agreement (%% of samples) and "
+                        "cer (character error rate, %%)")
     p.add_argument("--fail-if", type=text_arg, default=None, action="append", metavar="EXPR",
                    help='exit 1 when EXPR holds for a candidate, e.g. "top1_drop>0.5" or "cosine<0.999"; '
                         "repeat it to fail when any one holds")
@@ -158,10 +162,18 @@ def check_label_metrics(threshold: Any, flag: str, data: Path, dataset: Any, no_
                              "or gate on a label-free metric (cosine, sqnr_db, top1_agreement)")
 
 
-def known_metrics(reference: Any, use_labels: bool, dataset: Any = None) -> set[str] | None:
+def known_metrics(reference: Any, use_labels: bool, dataset: Any = None, ctc_blank: int | None = None
+                  ) -> set[str] | None:
     """The end-to-end columns a comparison of ``reference`` on ``dataset`` reports: what a threshold may name
-    (a sequence set adds the free-running figures)."""
-    from ..compare import CLASSIFIER_COLUMNS, END_TO_END_COLUMNS, LABEL_COLUMNS, MATCH_COLUMNS, POSITION_COLUMNS
+    (a sequence set adds the free-running figures, ``ctc_blank`` the CTC text's)."""
+    from ..compare import (
+        CLASSIFIER_COLUMNS,
+        CTC_COLUMNS,
+        END_TO_END_COLUMNS,
+        LABEL_COLUMNS,
+        MATCH_COLUMNS,
+        POSITION_COLUMNS,
+    )
     from ..compare.choices import exact_outputs, position_scorers
     from ..compare.free_running import FREE_RUNNING_FIGURES, free_column
     from ..compare.labels import classifier_outputs
@@ -173,7 +185,7 @@ def known_metrics(reference: Any, use_labels: bool, dataset: Any = None) -> set[
         if use_labels:
             known |= set(LABEL_COLUMNS)
     if position_scorers(reference, {}):
-        known |= set(POSITION_COLUMNS)
+        known |= set(POSITION_COLUMNS) | (set(CTC_COLUMNS) if ctc_blank is not None else set())
     if exact_outputs(reference):
         known |= set(MATCH_COLUMNS)
     if isinstance(dataset, SequenceData) or getattr(dataset, "sequence_carry", None):
@@ -198,7 +210,8 @@ def _fmt(v: Any) -> str:
 def _end_to_end_view(result: Any) -> Any:
     df = result.end_to_end
     cols = ["candidate", "output", "samples", "cosine", "sqnr_db", "max_abs", "rel_l2", "nan_count"]
-    for c in ("top1_agreement", "token_agreement", "sequence_agreement", "exact_match", "ref_top1", "top1", "top1_drop", "top1_drop_ci_low", "top1_drop_ci_high",
+    for c in ("top1_agreement", "token_agreement", "sequence_agreement", "text_agreement", "cer", "exact_match",
+              "ref_top1", "top1", "top1_drop", "top1_drop_ci_low", "top1_drop_ci_high",
               "top5_drop", "mcnemar_p"):
         if c in df.columns and df[c].notna().any():
             cols.append(c)
@@ -253,14 +266,14 @@ def run(args: argparse.Namespace) -> int:
     for threshold in gates if args.metric is None else ():
         check_label_metrics(threshold, "--fail-if", args.data, dataset, args.labels is False)
         use_labels = bool(getattr(dataset, "has_labels", False)) and args.labels is not False
-        parse_threshold(threshold.text, known_metrics=known_metrics(reference, use_labels, dataset))
+        parse_threshold(threshold.text, known_metrics=known_metrics(reference, use_labels, dataset, args.ctc_blank))
     calibration = _calibration_summary(args.calib)
     options = CompareOptions(
         backend=args.backend, batch_size=args.batch_size, per_layer=not args.no_per_layer, local=not args.no_local,
         accumulated=not args.no_accumulated, layer_group_size=args.layer_group_size, max_samples=args.max_samples,
         metric=args.metric, bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed,
         layers=args.layers, labels=args.labels, label_output=args.label_output, workers=args.workers,
-        shards=args.shards, ray=args.ray,
+        shards=args.shards, ray=args.ray, ctc_blank=args.ctc_blank,
     )
     print(f"quantlab compare: {reference.label} vs {', '.join(names)} on {args.data}", flush=True)
     for name, cand in candidates.items():

@@ -113,6 +113,9 @@ def register(subparsers: Any) -> None:
                    help="measure every full validation's latency (always on with --objective latency)")
     p.add_argument("--metric", type=text_arg, default=None, metavar="MODULE:FUNCTION",
                    help="a user metric for the comparator; the threshold may name its columns")
+    p.add_argument("--ctc-blank", type=non_negative_int, default=None, metavar="K",
+                   help="as compare --ctc-blank: CTC outputs with blank class K also report text_agreement and cer, "
+                        "which the threshold may name (e.g. cer<=1)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--workdir", type=path_arg, default=None, metavar="DIR",
                    help="where the search log lives (default OUT/work); rerun with it to resume")
@@ -204,12 +207,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.metric is None:  # a threshold naming what no evaluation reports fails now, not after the first
         threshold = parse_threshold(args.threshold)
         check_label_metrics(threshold, "--threshold", args.data, val, False)
-        parse_threshold(threshold.text, known_metrics=known_metrics(model, bool(getattr(val, "has_labels", False)), val))
+        parse_threshold(threshold.text, known_metrics=known_metrics(model, bool(getattr(val, "has_labels", False)), val,
+                                                                  args.ctc_blank))
     options = SearchOptions(
         threshold=args.threshold, backend=args.backend, target=args.target, fallback=args.fallback,
         budget=args.budget, time_budget_s=args.time_budget, objective=args.objective,
         probe_samples=args.probe_samples, probe_top=args.probe_top, batch_size=args.batch_size, seed=args.seed,
-        latency=True if args.latency else None, metric=args.metric,
+        latency=True if args.latency else None, metric=args.metric, ctc_blank=args.ctc_blank,
         per_channel_weights=not args.per_tensor_weights, bias_correction=not args.no_bias_correction,
         shapes=" ".join(args.shapes) if args.shapes else None,
     )

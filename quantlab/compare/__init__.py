@@ -68,6 +68,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "END_TO_END_COLUMNS": "result",
     "LABEL_COLUMNS": "result",
     "POSITION_COLUMNS": "result",
+    "CTC_COLUMNS": "result",
     "MATCH_COLUMNS": "result",
     "PER_LAYER_COLUMNS": "result",
     "PER_SAMPLE_COLUMNS": "result",
@@ -80,4 +81,4 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 __all__ = ["CompareOptions", "CompareResult", "compare", "load_comparison", "load_candidate", "Candidate",
            "computes_in_float16", "holds_float16",
            "COMPARE_FORMAT", "END_TO_END_COLUMNS", "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "POSITION_COLUMNS",
-           "MATCH_COLUMNS", "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS"]
+           "CTC_COLUMNS", "MATCH_COLUMNS", "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS"]

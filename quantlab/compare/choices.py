@@ -25,6 +25,12 @@ on the last axis (or rank 4 as above), and class scores (:func:`score_outputs`, 
     Loop(... MatMul ─► Scatter into a buffer) ─► Softmax(axis=-1) ─► output [N, T, C]   scores: yes
     ... ─► LayerNormalization ─► output [N, T, 768]                        hidden states: no
 
+With ``CompareOptions.ctc_blank`` (``compare --ctc-blank K``) the ``[N, T, C]`` scores are CTC scores and are also read
+as text (:mod:`quantlab.metrics.text`: greedy decoding, runs merged, blanks dropped)::
+
+    text_agreement       samples whose text is the reference's (exact binomial interval): what an OCR user reads
+    cer                  character error rate of the candidate's text against the reference's, %, mean over samples
+
 Padded positions (an ``attention_mask`` input's zeros) do not count: :mod:`.padding`. Where the data decides the
 length (a decoding loop that stops at its end token), a batch whose lengths differ from the reference's counts as
 no sample agreeing, as for integer outputs below.
@@ -46,10 +52,12 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
+from ..errors import CompareError
 from ..graph import LoadedModel
 from ..graph.topology import initializer_map, producer_map
 
-__all__ = ["CHOICE_COLUMNS", "best_positions", "decided_positions", "exact_outputs", "part_agreement", "position_scorers",
+__all__ = ["CHOICE_COLUMNS", "best_positions", "ctc_outputs", "decided_positions", "exact_outputs", "part_agreement",
+           "position_scorers",
            "score_outputs"]
 
 CHOICE_COLUMNS: Mapping[str, tuple[str, str, str]] = {
@@ -118,6 +126,23 @@ def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict
         if isinstance(classes, int) and classes > 1:
             out[spec.name] = classes
     return out
+
+
+def ctc_outputs(model: LoadedModel, positions: Mapping[str, int], blank: int) -> list[str]:
+    """The outputs of ``positions`` (:func:`position_scorers`) read as CTC scores under class ``blank``: those of
+    rank 3 (``[N, T, C]`` or ``[T, N, C]``; not segmentation maps). An error when there is none, or when the
+    blank is not one of an output's classes."""
+    ranked = {spec.name: spec.shape for spec in model.outputs}
+    found = [o for o in positions if ranked.get(o) is not None and len(ranked[o]) == 3]
+    if not found:
+        raise CompareError(f"--ctc-blank {blank}: no output of {model.label} holds class scores per position "
+                           "([N, T, C] or [T, N, C], computed by a linear layer through a (log-)softmax), so none "
+                           "reads as CTC text; drop --ctc-blank")
+    narrow = [o for o in found if blank >= positions[o]]
+    if narrow:
+        raise CompareError(f"--ctc-blank {blank}: output {narrow[0]!r} scores {positions[narrow[0]]} classes "
+                           f"(0-{positions[narrow[0]] - 1}); give the index of its blank class (often 0, or the last)")
+    return found
 
 
 def _segmentation_map(model: LoadedModel, output: str, shape: tuple) -> bool:

@@ -25,6 +25,7 @@ from ..errors import CompareError
 from ..metrics import (
     ErrorSums,
     channel_spread,
+    ctc_text_agreement,
     error_sums,
     per_sample_errors,
     per_sample_sums,
@@ -58,6 +59,10 @@ class OutputStats:
     """Outputs read as choices (:mod:`.choices`): per sample, the % of parts (positions, elements) that agree."""
     wholes: list[np.ndarray] = field(default_factory=list)
     """... and whether every part agrees."""
+    texts: list[np.ndarray] = field(default_factory=list)
+    """CTC outputs (``CompareOptions.ctc_blank``): per sample, whether the greedy text is the reference's ..."""
+    cer: list[np.ndarray] = field(default_factory=list)
+    """... and its character error rate against it, % (NaN where the output's size differed)."""
     nonfinite: int = 0
     mismatched: int = 0
     """Samples whose output had another shape than the reference's (a size the data decides): left out."""
@@ -119,7 +124,8 @@ class EndToEnd:
                  sample_axes: Mapping[str, int] | None = None, data_sized: frozenset[str] = frozenset(),
                  positions: Mapping[str, int] | None = None, exact: Sequence[str] = (),
                  declared: Mapping[str, tuple[int | str | None, ...] | None] | None = None,
-                 padding: tuple[str | None, Sequence[str]] = (None, ())) -> None:
+                 padding: tuple[str | None, Sequence[str]] = (None, ()),
+                 ctc: tuple[int | None, Sequence[str]] = (None, ())) -> None:
         self.candidates = list(candidates)
         self.mask, self.padded = padding[0], list(padding[1])  # compare.padding: the mask input, its outputs
         self.outputs = list(outputs)
@@ -127,6 +133,7 @@ class EndToEnd:
         self.classifiers = dict(labels.classifiers)  # never a data-sized output (compare.labels)
         self.positions = dict(positions or {})  # output -> classes scored per position (compare.choices)
         self.choices = {**{o: "positions" for o in self.positions}, **{o: "values" for o in exact}}
+        self.ctc_blank, self.ctc = ctc[0], frozenset(ctc[1])  # compare.choices.ctc_outputs: read as CTC text
         self.sample_axes = dict(sample_axes or {})
         self.declared = dict(declared or {})
         self.labels = labels
@@ -240,8 +247,9 @@ class EndToEnd:
                      live: Mapping[str, np.ndarray], valid: Mapping[str, np.ndarray]) -> None:
         for o, ref in ref_chosen.items():
             cand = self._chosen(o, live[o])
-            if cand.shape != ref.shape and o in self.data_sized:  # another length (a while loop stopped elsewhere)
-                n = ref.shape[0] if ref.ndim else 1
+            n = ref.shape[0] if ref.ndim else 1
+            mismatched = cand.shape != ref.shape and o in self.data_sized  # a while loop stopped elsewhere
+            if mismatched:
                 part, whole = np.full(n, np.nan), np.zeros(n, dtype=bool)
             else:
                 counted = (decided_positions(ref_live[o], live[o], valid.get(o)) if self.choices[o] == "positions"
@@ -250,6 +258,11 @@ class EndToEnd:
             st = self.stats[(name, o)]
             st.parts.append(part)
             st.wholes.append(whole)
+            if o in self.ctc:
+                same, cer = ((np.zeros(n, dtype=bool), np.full(n, np.nan)) if mismatched
+                             else ctc_text_agreement(ref, cand, int(self.ctc_blank), valid.get(o)))
+                st.texts.append(same)
+                st.cer.append(cer)
 
     def _add_mismatch(self, st: OutputStats, samples: int) -> None:
         """A batch whose output sizes differ (NMS kept other boxes): NaN rows keep the per-sample tables aligned,

@@ -23,6 +23,7 @@ from .intervals import intervals
 from .options import CompareOptions
 from .result import (
     CLASSIFIER_COLUMNS,
+    CTC_COLUMNS,
     END_TO_END_COLUMNS,
     LABEL_COLUMNS,
     MATCH_COLUMNS,
@@ -73,6 +74,8 @@ def _column_order(e2e: EndToEnd, user_names: Sequence[str]) -> list[str]:
         columns_order += list(CLASSIFIER_COLUMNS)
     if e2e.positions:
         columns_order += [c for c in POSITION_COLUMNS if c not in columns_order]
+    if e2e.ctc:
+        columns_order += list(CTC_COLUMNS)
     if len(e2e.choices) > len(e2e.positions):
         columns_order += list(MATCH_COLUMNS)
     if e2e.labels.accuracy:
@@ -174,6 +177,13 @@ def _add_choice_figures(e2e: EndToEnd, o: str, st: OutputStats, row: dict[str, A
     row[part_name] = float(np.nanmean(part)) if part.size and not np.isnan(part).all() else math.nan
     row[whole_name] = float(whole.mean() * 100.0) if whole.size else math.nan
     sample.update({part_name: part, agree_name: whole})
+    if o in e2e.ctc:
+        same = np.concatenate(st.texts) if st.texts else np.zeros(0, dtype=bool)
+        cer = np.concatenate(st.cer) if st.cer else np.zeros(0)
+        columns.update(text_agreement=same * 100.0, cer=cer)
+        row["text_agreement"] = float(same.mean() * 100.0) if same.size else math.nan
+        row["cer"] = float(np.nanmean(cer)) if cer.size and not np.isnan(cer).all() else math.nan
+        sample.update(text_agree=same, cer=cer)
 
 
 _SIMILARITY = ("cosine", "cosine_min", "sqnr_db", "rel_l2")

@@ -25,10 +25,11 @@ def intervals(columns: Mapping[str, np.ndarray], options: CompareOptions) -> dic
     return cis
 
 
-_PROPORTIONS = ("top1_agreement", "ref_top1", "top1", "ref_top5", "top5", "sequence_agreement", "exact_match")
+_PROPORTIONS = ("top1_agreement", "ref_top1", "top1", "ref_top5", "top5", "sequence_agreement", "text_agreement",
+                "exact_match")
 """Per-sample 0/100 columns: their interval is the exact binomial one (:func:`quantlab.metrics.binomial_ci`)."""
 
-_CONTINUOUS = frozenset({"cosine", "token_agreement", "element_match"})
+_CONTINUOUS = frozenset({"cosine", "token_agreement", "element_match", "cer"})
 """Per-sample figures that are not one yes/no per sample, even where every sample reads 1 or 100."""
 
 

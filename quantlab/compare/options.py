@@ -30,6 +30,9 @@ class CompareOptions:
     they run, "auto" (a local Ray instance) or a cluster address (``ray://host:10001``);
     None with ``shards > 1`` means "auto". ``shards = 1`` with ``ray`` set runs the whole
     set as one Ray task.
+    ``ctc_blank``: the blank class of CTC scores; the outputs scored per position ``[N, T, C]`` are
+    then also read as greedy CTC text (:mod:`quantlab.metrics.text`): ``text_agreement`` (% of samples
+    reading the reference's text) and ``cer`` (the character error rate against it, %).
     """
 
     backend: str = "ort"
@@ -53,6 +56,7 @@ class CompareOptions:
     ray: str | None = None          # "auto" (local Ray) or a cluster address; None: in process unless shards > 1
     free_running: bool = True       # sequence mode: also run every model over the streams on its own state
     branches: bool = True           # a data-decided If: also count the runs a candidate took the other branch
+    ctc_blank: int | None = None    # outputs scored per position [N, T, C] are CTC: also text_agreement and cer
 
     def __post_init__(self) -> None:
         def bad(what: str) -> CompareError:
@@ -78,6 +82,9 @@ class CompareOptions:
             raise bad(f"shards must be an integer >= 1, got {self.shards!r}")
         if self.ray is not None and (not isinstance(self.ray, str) or not self.ray.strip()):
             raise bad(f"ray must be None, 'auto' or a cluster address such as 'ray://head:10001', got {self.ray!r}")
+        if self.ctc_blank is not None and (not isinstance(self.ctc_blank, int) or isinstance(self.ctc_blank, bool)
+                                           or self.ctc_blank < 0):
+            raise bad(f"ctc_blank must be None or a class index >= 0 (the blank of CTC scores), got {self.ctc_blank!r}")
         if self.metric is not None and ":" not in self.metric:
             raise bad(f"metric must be 'module:function' (or 'path/to/file.py:function'), got {self.metric!r}")
 

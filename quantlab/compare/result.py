@@ -16,7 +16,9 @@ reference minus candidate), top5 / ref_top5 / top5_drop, each with _ci_low/_ci_h
 (exact McNemar between reference and candidate correctness); for outputs scored per position
 (:mod:`.choices`: OCR/CTC scores, token logits [N, T, C]): classes, token_agreement (% of positions whose
 best class is the reference's, per sample then averaged) and sequence_agreement (% of samples that agree at
-every position); for integer and boolean outputs (ArgMax ids, decoded tokens): element_match and exact_match,
+every position), and with ``ctc_blank`` (CTC scores) text_agreement (% of samples whose greedy CTC text is the
+reference's) and cer (character error rate against that text, %, mean over samples); for integer and boolean
+outputs (ArgMax ids, decoded tokens): element_match and exact_match,
 alike over elements (their cosine, cosine_min, sqnr_db and rel_l2 are NaN); each with _ci_low/_ci_high; and one column per number a user metric returns. nan_count counts NaN/inf elements in the candidate's outputs.
 
 per_layer columns: candidate, mode, order (topological index of the node in the reference),
@@ -50,7 +52,8 @@ from ..errors import CompareError
 from ..threshold import Threshold, ThresholdCheck, parse_threshold
 
 __all__ = ["CompareResult", "load_comparison", "COMPARE_FORMAT", "FRAMES", "END_TO_END_COLUMNS",
-           "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "POSITION_COLUMNS", "MATCH_COLUMNS", "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS", "RESERVED_COLUMNS",
+           "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "POSITION_COLUMNS", "CTC_COLUMNS", "MATCH_COLUMNS", "PER_LAYER_COLUMNS",
+           "PER_SAMPLE_COLUMNS", "RESERVED_COLUMNS",
            "LIVE_MODES"]
 
 COMPARE_FORMAT = "quantlab.compare/1"
@@ -75,6 +78,9 @@ POSITION_COLUMNS: tuple[str, ...] = (
     "classes", "token_agreement", "token_agreement_ci_low", "token_agreement_ci_high",
     "sequence_agreement", "sequence_agreement_ci_low", "sequence_agreement_ci_high",
 )
+CTC_COLUMNS: tuple[str, ...] = (
+    "text_agreement", "text_agreement_ci_low", "text_agreement_ci_high", "cer", "cer_ci_low", "cer_ci_high",
+)
 MATCH_COLUMNS: tuple[str, ...] = (
     "element_match", "element_match_ci_low", "element_match_ci_high", "exact_match", "exact_match_ci_low",
     "exact_match_ci_high",
@@ -85,7 +91,7 @@ PER_LAYER_COLUMNS: tuple[str, ...] = (
 )
 PER_SAMPLE_COLUMNS: tuple[str, ...] = ("candidate", "output", "sample", "key", "cosine", "sqnr_db", "max_abs")
 RESERVED_COLUMNS = frozenset(END_TO_END_COLUMNS + CLASSIFIER_COLUMNS + LABEL_COLUMNS + POSITION_COLUMNS
-                             + MATCH_COLUMNS + PER_SAMPLE_COLUMNS)
+                             + CTC_COLUMNS + MATCH_COLUMNS + PER_SAMPLE_COLUMNS)
 """Names a user metric may not return: the comparator's own columns."""
 LIVE_MODES = ("accumulated", "local")
 """The per-layer modes, in the order of the per-layer table."""

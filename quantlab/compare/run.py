@@ -36,7 +36,7 @@ from .candidates import Candidate, computes_in_float16, simulates_tensorrt
 from .end_to_end import EndToEnd
 from .free_running import SampleMetric, free_running, free_running_note, with_free_running
 from .labels import label_use
-from .choices import exact_outputs, position_scorers
+from .choices import ctc_outputs, exact_outputs, position_scorers
 from .layers import analyse_reference, chunks, layers_per_group, sized_by_first_batch
 from .options import CompareOptions
 from .padding import mask_input, padded_outputs, padding_note
@@ -154,6 +154,8 @@ class Comparison:
         self.total = len(dataset) if options.max_samples is None else min(len(dataset), options.max_samples)
         self.sample_axes = output_sample_axes(reference, getattr(dataset, "batch_axes", {}), sequence_carry(dataset))
         self.positions = position_scorers(reference, self.sample_axes)  # outputs scored per position (OCR, tokens)
+        self.ctc = ([] if options.ctc_blank is None  # read as CTC text too
+                    else ctc_outputs(reference, self.positions, options.ctc_blank))
         self.exact = exact_outputs(reference)  # integer/bool outputs: equal or not
         self.padding = (mask_input(reference), padded_outputs(reference, self.sample_axes))  # compare.padding
         self.warnings.extend(filter(None, [padding_note(*self.padding)]))
@@ -255,7 +257,8 @@ class Comparison:
     def _end_to_end(self) -> EndToEnd:
         return EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric,
                         self.sample_axes, data_sized=self.data_sized, positions=self.positions,
-                        exact=self.exact, declared=self.declared, padding=self.padding)
+                        exact=self.exact, declared=self.declared, padding=self.padding,
+                        ctc=(self.options.ctc_blank, self.ctc))
 
     def tables(self, totals: PassTotals, progress: bool = False) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way); ``progress``:

@@ -24,6 +24,7 @@ The experiment file (paths are relative to the file itself)::
     threshold = "cosine>=0.995"         # end-to-end gate; omit for no verdict
     # metric = "ctc.py:line_accuracy"   # a user metric (as compare --metric): the threshold may name what it
     #                                   # returns; it gets the validation labels when they are not class indices
+    # ctc_blank = 0                     # CTC outputs (OCR, speech): blank class; adds text_agreement and cer
 
     [model]
     zoo = "efficientnet_lite0"          # or: path = "model.onnx"

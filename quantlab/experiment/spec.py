@@ -73,6 +73,8 @@ class ExperimentConfig:
     """Samples per model run in every stage; None: each stage's default, or the batch a model fixes at 1."""
     int8_bodies: bool = False
     """INT8 candidates (and the search) write calibrated Loop/Scan/If bodies in INT8 (``WriteOptions.int8_bodies``)."""
+    ctc_blank: int | None = None
+    """The blank class of CTC outputs (``CompareOptions.ctc_blank``): comparisons add text_agreement and cer."""
 
     def batch_size_option(self) -> dict[str, int]:
         """``{"batch_size": n}`` when the experiment sets one (or its model fixes it at 1), else {} (each stage's
@@ -99,6 +101,8 @@ class ExperimentConfig:
             out["bind"] = dict(self.bind)
         if self.int8_bodies:  # absent when off: older manifests stay comparable
             out["int8_bodies"] = True
+        if self.ctc_blank is not None:  # absent when unset: older manifests stay comparable
+            out["ctc_blank"] = self.ctc_blank
         if self.equalize or self.smoothquant is not None:  # absent when off: older manifests stay comparable
             out["rewrites"] = {"equalize": self.equalize, "smoothquant": self.smoothquant}
         if not self.search_bias_correction:
@@ -147,6 +151,7 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
         "threshold": (Key("a threshold expression", non_empty_str, 'threshold = "cosine>=0.995"'), "threshold"),
         "metric": (Key("a user metric, 'file.py:function' (relative to the experiment file) or 'module:function'",
                        lambda v: non_empty_str(v) and ":" in v, 'metric = "ctc_metric.py:line_accuracy"'), "metric"),
+        "ctc_blank": (Key("the blank class index of CTC outputs, " + _COUNT, _count, "ctc_blank = 0"), "ctc_blank"),
         "coverage": (Key("[[coverage]] tables, each with data = a manifest path", _coverage_sets,
                          '[[coverage]]\ndata = "../calib_sets/night.toml"'), "coverage_sets"),
     },
@@ -291,7 +296,8 @@ def parse_experiment(text: str, *, source: Path | None = None, base: Path | None
         raise ExperimentError(f"{where.at('export')}: give 'repository' (the Triton model repository folder) "
                               "for the [export] table.")
     if "threshold" in values:
-        _check_threshold(values["threshold"], where.at("", None, "threshold"), user_metric="metric" in values)
+        _check_threshold(values["threshold"], where.at("", None, "threshold"), user_metric="metric" in values,
+                         ctc="ctc_blank" in values)
     if "coverage_gate" in values:
         _check_threshold(values["coverage_gate"], where.at("report", None, "coverage_gate"), coverage=True)
     name = values.pop("name", None) or (source.stem if source else "experiment")
@@ -328,25 +334,34 @@ def _check_candidates(values: dict[str, Any], where: Where) -> None:
                               f"or one of {', '.join(calibrators)}.")
 
 
-def _check_threshold(expr: str, where: str, coverage: bool = False, user_metric: bool = False) -> None:
+def _check_threshold(expr: str, where: str, coverage: bool = False, user_metric: bool = False,
+                     ctc: bool = False) -> None:
     """Parse the threshold with the comparator's own language (quantlab.threshold); coverage gates name its metrics.
     A threshold must name a metric a comparison can report (for some model: ``top1_agreement`` needs a
     classifier, which only the run finds out), so a misspelt one fails here, before any work; with a user
     metric, whose names only its results tell, any name goes (as quantlab compare --metric)."""
-    known = None if user_metric else _comparison_metrics()
+    known = None if user_metric else _comparison_metrics(ctc)
     try:
         parse_gate(expr) if coverage else parse_threshold(expr, known_metrics=known)
     except ThresholdError as exc:
         raise ExperimentError(f"{where}: {exc}") from None
 
 
-def _comparison_metrics() -> set[str]:
-    from ..compare import CLASSIFIER_COLUMNS, END_TO_END_COLUMNS, LABEL_COLUMNS, MATCH_COLUMNS, POSITION_COLUMNS
+def _comparison_metrics(ctc: bool = False) -> set[str]:
+    """Every end-to-end column a comparison may report; the CTC text's with ``ctc`` (``ctc_blank`` set)."""
+    from ..compare import (
+        CLASSIFIER_COLUMNS,
+        CTC_COLUMNS,
+        END_TO_END_COLUMNS,
+        LABEL_COLUMNS,
+        MATCH_COLUMNS,
+        POSITION_COLUMNS,
+    )
     from ..compare.free_running import FREE_RUNNING_FIGURES, free_column
 
     return (set(END_TO_END_COLUMNS) | set(CLASSIFIER_COLUMNS) | set(LABEL_COLUMNS)
             | set(POSITION_COLUMNS) | set(MATCH_COLUMNS) | {free_column(f) for f in FREE_RUNNING_FIGURES}
-            ) - {"candidate", "output"}
+            | (set(CTC_COLUMNS) if ctc else set())) - {"candidate", "output"}
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:

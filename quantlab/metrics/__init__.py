@@ -2,7 +2,8 @@
 
     metrics/
     ├── errors.py      cosine, SQNR, rel_l2, max/mean |d| from streaming sums (numba kernels), per sample too
-    └── statistics.py  top-k classes, paired bootstrap and exact binomial intervals, exact McNemar test
+    ├── statistics.py  top-k classes, paired bootstrap and exact binomial intervals, exact McNemar test
+    └── text.py        greedy CTC decoding of per-position scores, edit distance, text agreement and CER
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .errors import (
     sqnr_db,
 )
 from .statistics import binomial_ci, bootstrap_ci, channel_spread, mcnemar_exact_p, near_zero_count, topk, topk_correct
+from .text import ctc_greedy, ctc_text_agreement, edit_distance
 
 __all__ = [
     "ErrorAccumulator",
@@ -39,4 +41,7 @@ __all__ = [
     "near_zero_count",
     "channel_spread",
     "as_float32",
+    "ctc_greedy",
+    "ctc_text_agreement",
+    "edit_distance",
 ]

@@ -5,6 +5,8 @@ becomes one row per changed (candidate, output, sample), saying what changed::
 
     top1_agree = False       "top-1 281 -> 285"                     a classifier's best class
     sequence_agree = False   "92.5 % of positions agree"            text read per position (OCR, tokens)
+    text_agree = False       "text: CER 12.5 %"                     CTC text (compare --ctc-blank): it decides
+                                                                    over sequence_agree where it was read
     exact_agree = False      "75 % of elements equal" / "another length"   ids, masks, decoded tokens
 
 the furthest from the reference first (by the % of positions or elements that agree; a changed top-1 by
@@ -22,7 +24,7 @@ __all__ = ["CHANGED_SAMPLES_SHOWN", "changed_samples"]
 CHANGED_SAMPLES_SHOWN = 12
 """Changed samples listed per candidate in the report (all of them are in the per-sample files)."""
 
-_FLAGS = ("top1_agree", "sequence_agree", "exact_agree")
+_FLAGS = ("top1_agree", "sequence_agree", "text_agree", "exact_agree")
 
 
 def changed_samples(per_sample: pd.DataFrame | None, shown: int = CHANGED_SAMPLES_SHOWN) -> pd.DataFrame | None:
@@ -30,6 +32,9 @@ def changed_samples(per_sample: pd.DataFrame | None, shown: int = CHANGED_SAMPLE
     changed in all; None when no output is read as a choice."""
     if per_sample is None or per_sample.empty or not any(f in per_sample.columns for f in _FLAGS):
         return None
+    if "text_agree" in per_sample.columns:  # CTC text read: other positions reading the same text changed nothing
+        per_sample = per_sample.astype({"sequence_agree": object})
+        per_sample.loc[per_sample["text_agree"].notna(), "sequence_agree"] = None
     flags = [f for f in _FLAGS if f in per_sample.columns]
     decided = per_sample[flags].notna().any(axis=1)
     changed = per_sample[decided & ~per_sample[flags].fillna(True).astype(bool).all(axis=1)].copy()
@@ -57,6 +62,9 @@ def _how_far(rows: pd.DataFrame) -> pd.Series:
 def _what_changed(row: dict) -> str:
     if row.get("top1_agree") is False or row.get("top1_agree") == 0:
         return f"top-1 {_int(row.get('ref_top1_class'))} -> {_int(row.get('top1_class'))}"
+    if row.get("text_agree") is False or row.get("text_agree") == 0:
+        cer, positions = row.get("cer", math.nan), row.get("token_agreement", math.nan)
+        return f"text: CER {cer:.1f} %, {positions:.1f} % of positions agree"
     if "sequence_agree" in row and row["sequence_agree"] is not None and not _nan(row["sequence_agree"]) \
             and not row["sequence_agree"]:
         return f"{row.get('token_agreement', math.nan):.1f} % of positions agree"

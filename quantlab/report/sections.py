@@ -52,7 +52,9 @@ def end_to_end_section(inputs: ReportInputs) -> str:
         "reference's and the candidate's correctness: a small value means the accuracy difference is "
         "not noise. Outputs scored at every position (OCR, token logits) add <code>token_agreement</code> "
         "(positions whose best class is the reference's) and <code>sequence_agreement</code> (samples that "
-        "agree at every position); integer outputs (class ids, decoded tokens) add <code>exact_match</code> "
+        "agree at every position), and CTC outputs (<code>ctc_blank</code> set) <code>text_agreement</code> "
+        "(samples whose greedy CTC text is the reference's) and <code>cer</code> (the character error rate "
+        "against it, %); integer outputs (class ids, decoded tokens) add <code>exact_match</code> "
         "(samples whose output equals the reference's) and <code>element_match</code>. In sequence mode, "
         "<code>free_</code> columns are the free-running figures: every model reading back its own state, "
         "as deployed.</p>"
@@ -75,8 +77,8 @@ def changed_samples_section(inputs: ReportInputs) -> str:
             "reference's: the samples to look at first.</p>" + body + "</section>")
 
 
-_END_TO_END_FIRST = ("candidate", "output", "samples", "top1_agreement", "token_agreement", "sequence_agreement",
-                     "exact_match", "element_match", "top1", "ref_top1", "top1_drop",
+_END_TO_END_FIRST = ("candidate", "output", "samples", "top1_agreement", "text_agreement", "cer", "token_agreement",
+                     "sequence_agreement", "exact_match", "element_match", "top1", "ref_top1", "top1_drop",
                      "mcnemar_p", "cosine", "sqnr_db", "free_sqnr_db", "top5", "ref_top5", "top5_drop")
 
 

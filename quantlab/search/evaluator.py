@@ -199,7 +199,7 @@ class CompareEvaluator:
         data, max_samples = self._data(samples)
         opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=local,
                               local=local, accumulated=False, max_samples=max_samples,
-                              metric=self.options.metric, seed=self.options.seed,
+                              metric=self.options.metric, seed=self.options.seed, ctc_blank=self.options.ctc_blank,
                               backend_options=self._backend_options(), free_running=self._free_running, branches=False,
                               bootstrap=CompareOptions.bootstrap if samples >= self._size else 0,
                               shards=self.options.shards if samples >= self._size else 1,
@@ -220,7 +220,8 @@ class CompareEvaluator:
         data, max_samples = self._data(samples)
         opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=False,
                               local=False, accumulated=False, max_samples=max_samples,
-                              metric=self.options.metric, seed=self.options.seed, bootstrap=0,
+                              metric=self.options.metric, seed=self.options.seed, ctc_blank=self.options.ctc_blank,
+                              bootstrap=0,
                               backend_options=self._backend_options(), free_running=self._free_running, branches=False)
         result = compare(self.model, written, data, opts)
         out = []

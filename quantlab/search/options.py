@@ -29,6 +29,8 @@ class SearchOptions:
     native fp16 model's activations); the final model is always written natively.
     ``latency``: measure each full validation's latency (None: with ``objective="latency"``).
     ``metric``: a ``module:function`` user metric for the comparator (thresholds may name it).
+    ``ctc_blank``: the blank class of CTC outputs, as :class:`quantlab.compare.CompareOptions` (thresholds may name
+    ``text_agreement`` and ``cer``).
     ``per_channel_weights``: the writer's weight granularity (False: per tensor).
     ``shapes``: TensorRT engine shape ranges (``--shapes`` text) for every engine the search
     builds (a TensorRT backend only: ONNX Runtime runs any shape).
@@ -52,6 +54,7 @@ class SearchOptions:
     latency: bool | None = None
     latency_iterations: int = 20
     metric: str | None = None
+    ctc_blank: int | None = None             # CompareOptions.ctc_blank: CTC text figures a threshold may name
     per_channel_weights: bool = True
     bias_correction: bool = True
     shards: int = 1                          # full validations split into shards on Ray (quantlab.compare)
