@@ -643,6 +643,23 @@ def test_ctc_text_agreement_and_cer_match_a_decoding_by_hand(layout):
     without = compare(model, {"int8": written}, valid, CompareOptions(batch_size=4, local=False, bootstrap=0,
                                                                       workers=1, backend_options={"threads": 1}))
     assert "text_agreement" not in without.end_to_end.columns
+    hint = [w for w in without.warnings if "--ctc-blank" in w]  # one class best at most positions: said
+    assert len(hint) == 1 and f"class {blank} is the reference's best class" in hint[0]
+    assert not any("--ctc-blank" in w for w in result.warnings)
+
+
+def test_the_ctc_hint_is_for_float_inputs_and_a_dominant_class():
+    from quantlab.compare.choices import ctc_hints
+
+    recognizer = model_from_proto(models.text_recognizer(classes=4))
+    tagger = model_from_proto(models.masked_token_tagger())  # token ids in: an "O" tag is as common as a blank
+    assert not all(spec.is_float for spec in tagger.inputs)
+    blank_heavy = {"logits": np.array([2, 7, 1, 0])}
+    assert len(ctc_hints(recognizer, blank_heavy, None)) == 1 and "--ctc-blank 1" in ctc_hints(
+        recognizer, blank_heavy, None)[0]
+    assert ctc_hints(recognizer, blank_heavy, 1) == []  # asked already
+    assert ctc_hints(tagger, blank_heavy, None) == []
+    assert ctc_hints(recognizer, {"logits": np.array([3, 4, 2, 1])}, None) == []  # no class at half the positions
 
 
 def test_ctc_blank_must_name_a_class_of_a_per_position_output(tmp_path, capsys):
@@ -653,12 +670,14 @@ def test_ctc_blank_must_name_a_class_of_a_per_position_output(tmp_path, capsys):
     model = model_from_proto(models.text_recognizer(classes=12), label="recognizer")
     valid = from_arrays({"image": np.zeros((2, 3, 48, 64), np.float32)}, role="validation")
     with pytest.raises(CompareError, match="'logits' scores 12 classes"):
-        compare(model, {"same": model.proto}, valid, CompareOptions(ctc_blank=12, per_layer=False))
+        compare(model, {"same": model}, valid, CompareOptions(ctc_blank=12, per_layer=False))
+    with pytest.raises(CompareError, match="candidate 'bare' is a ModelProto; pass a LoadedModel"):
+        compare(model, {"bare": model.proto}, valid, CompareOptions(per_layer=False))
     classifier = model_from_proto(models.conv_net())
     images = from_arrays({"input": np.zeros((2, *[d.dim_value for d in models.conv_net().graph.input[0].type
                                                    .tensor_type.shape.dim][1:]), np.float32)}, role="validation")
     with pytest.raises(CompareError, match="no output of .* holds class scores per position"):
-        compare(classifier, {"same": classifier.proto}, images, CompareOptions(ctc_blank=0, per_layer=False))
+        compare(classifier, {"same": classifier}, images, CompareOptions(ctc_blank=0, per_layer=False))
     with pytest.raises(ThresholdError):
         parse_threshold("cer<=1", known_metrics=known_metrics(model, use_labels=False))
     assert parse_threshold("cer<=1", known_metrics=known_metrics(model, False, None, 0)).metrics == ("cer",)

@@ -28,12 +28,22 @@ from ..precision import FP16
 from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
 from ..quantize import WriteOptions, WrittenModel, load_provenance
 
-__all__ = ["REFERENCE_KEY", "Candidate", "computes_in_float16", "holds_float16", "load_candidate", "simulates_tensorrt"]
+__all__ = ["REFERENCE_KEY", "Candidate", "check_candidates", "computes_in_float16", "holds_float16", "load_candidate", "simulates_tensorrt"]
 
 Candidate = WrittenModel | LoadedModel
 
 REFERENCE_KEY = "\0reference"
 """The FP32 reference's key beside the candidates' names in one mapping (never a candidate's name)."""
+
+
+def check_candidates(candidates: Mapping[str, Any]) -> None:
+    """A CompareError naming the first candidate that is neither a WrittenModel nor a LoadedModel (a bare
+    ModelProto had failed deep inside with "AttributeError: proto")."""
+    for name, c in candidates.items():
+        if not isinstance(c, (WrittenModel, LoadedModel)):
+            raise CompareError(f"candidate {name!r} is a {type(c).__name__}; pass a LoadedModel "
+                               "(quantlab.load_model(path), quantlab.graph.model_from_proto(proto)) or a WrittenModel "
+                               "(quantlab.write_model, quantlab.compare.load_candidate(build folder))")
 
 
 def computes_in_float16(candidate: Candidate) -> bool:

@@ -56,7 +56,7 @@ from ..errors import CompareError
 from ..graph import LoadedModel
 from ..graph.topology import initializer_map, producer_map
 
-__all__ = ["CHOICE_COLUMNS", "best_positions", "ctc_outputs", "decided_positions", "exact_outputs", "part_agreement",
+__all__ = ["CHOICE_COLUMNS", "CTC_BLANK_SHARE", "best_positions", "ctc_hints", "ctc_outputs", "decided_positions", "exact_outputs", "part_agreement",
            "position_scorers",
            "score_outputs"]
 
@@ -143,6 +143,29 @@ def ctc_outputs(model: LoadedModel, positions: Mapping[str, int], blank: int) ->
         raise CompareError(f"--ctc-blank {blank}: output {narrow[0]!r} scores {positions[narrow[0]]} classes "
                            f"(0-{positions[narrow[0]] - 1}); give the index of its blank class (often 0, or the last)")
     return found
+
+
+CTC_BLANK_SHARE = 0.5
+"""A class that is the reference's best at this share of an output's positions or more reads like a CTC blank."""
+
+
+def ctc_hints(model: LoadedModel, best_counts: Mapping[str, np.ndarray], blank: int | None) -> list[str]:
+    """Notes on the ``[N, T, C]`` outputs that look like CTC scores while ``blank`` is None: one class best at
+    :data:`CTC_BLANK_SHARE` of the positions or more (``best_counts``: output -> the reference's best classes
+    counted), in a model whose inputs are all float (an image, audio; a token classifier, whose "O" tag is as
+    common, reads token ids)."""
+    if blank is not None or not all(spec.is_float for spec in model.inputs):
+        return []
+    out = []
+    for o, counts in best_counts.items():
+        total = int(counts.sum())
+        if total and counts.max() >= CTC_BLANK_SHARE * total:
+            k = int(counts.argmax())
+            out.append(f"output {o!r}: class {k} is the reference's best class at {counts[k] / total:.0%} of the "
+                       f"positions, as a CTC blank is; if these are CTC scores (OCR, speech), --ctc-blank {k} "
+                       "(ctc_blank in an experiment) also compares the text they read: text_agreement and cer "
+                       "(token agreement counts the blanks, sequence agreement the positions)")
+    return out
 
 
 def _segmentation_map(model: LoadedModel, output: str, shape: tuple) -> bool:

@@ -73,6 +73,9 @@ class OutputStats:
     shard's first batch (:func:`quantlab.metrics.channel_spread`)."""
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     """The reference output's shape in a shard's first batch, as the model returned it."""
+    best_counts: list[np.ndarray] = field(default_factory=list)
+    """The reference's best classes counted over the positions of a shard's first batch (``[N, T, C]`` scores):
+    one class best at most positions is what a CTC blank looks like (:func:`.choices.ctc_hints`)."""
     ref_energy: list[np.ndarray] = field(default_factory=list)
     """Per sample, the reference's sum of squares: near 0 (a text detector's map of an image without text), the
     sample's cosine measures noise."""
@@ -170,6 +173,10 @@ class EndToEnd:
         ref_seen = {o: without_padding(v, valid[o]) if o in valid else v for o, v in ref_live.items()}
         self._add_reference(ref_seen, labels)
         ref_chosen = {o: self._chosen(o, ref_live[o]) for o in self.choices}
+        for o in first:
+            if self.choices.get(o) == "positions" and ref_chosen[o].ndim == 2:
+                best = ref_chosen[o][valid[o]] if o in valid else ref_chosen[o]
+                self.reference[o].best_counts.append(np.bincount(best.ravel(), minlength=self.positions[o]))
         for name in self.candidates:
             live = cand_live[name]
             seen = {o: without_padding(v, valid[o]) if o in valid and v.shape == ref_live[o].shape else v

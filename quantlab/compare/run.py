@@ -32,11 +32,11 @@ from ..sequence import SequenceData, sequence_carry, with_carry
 from .alignment import plan_candidate
 from .batch_tasks import BatchTasks
 from .branches import branch_flips, branch_note, decided_conditions
-from .candidates import Candidate, computes_in_float16, simulates_tensorrt
+from .candidates import Candidate, check_candidates, computes_in_float16, simulates_tensorrt
 from .end_to_end import EndToEnd
 from .free_running import SampleMetric, free_running, free_running_note, with_free_running
 from .labels import label_use
-from .choices import ctc_outputs, exact_outputs, position_scorers
+from .choices import ctc_hints, ctc_outputs, exact_outputs, position_scorers
 from .layers import analyse_reference, chunks, layers_per_group, sized_by_first_batch
 from .options import CompareOptions
 from .padding import mask_input, padded_outputs, padding_note
@@ -145,6 +145,7 @@ class Comparison:
         self.reference = reference
         self.data_sized = frozenset(data_sized(reference))  # tensors whose size the data decides (NMS boxes)
         self.candidates = dict(candidates)
+        check_candidates(self.candidates)
         self.dataset = dataset
         self.options = options
         self.calibration = calibration
@@ -268,6 +269,8 @@ class Comparison:
         e2e = self._end_to_end()
         e2e.extend(totals.records)
         self.warnings.extend(e2e.reference_warnings())
+        counts = {o: sum(st.best_counts) for o, st in e2e.reference.items() if st.best_counts}
+        self.warnings.extend(ctc_hints(self.reference, counts, self.options.ctc_blank))
         end_to_end, per_sample = e2e.frames(self.options)
         self.warnings.extend(nan_warnings(list(self.plans), per_layer, end_to_end))
         self.warnings.extend(totals.warnings)
