@@ -640,6 +640,8 @@ def test_ctc_text_agreement_and_cer_match_a_decoding_by_hand(layout):
     changed = changed_samples(result.per_sample, shown=100)
     assert sorted(changed["sample"]) == [i for i in range(10) if not same[i]]  # the text decides, not positions
     assert all(c.startswith("text: CER ") for c in changed["change"])
+    shown = changed["change"].str.split(" ").str[2].astype(float)  # "text: CER 12.5 %, ...": the worst first
+    assert list(shown) == sorted(shown, reverse=True)
     without = compare(model, {"int8": written}, valid, CompareOptions(batch_size=4, local=False, bootstrap=0,
                                                                       workers=1, backend_options={"threads": 1}))
     assert "text_agreement" not in without.end_to_end.columns

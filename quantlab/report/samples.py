@@ -9,8 +9,8 @@ becomes one row per changed (candidate, output, sample), saying what changed::
                                                                     over sequence_agree where it was read
     exact_agree = False      "75 % of elements equal" / "another length"   ids, masks, decoded tokens
 
-the furthest from the reference first (by the % of positions or elements that agree; a changed top-1 by
-100 x its cosine), at most ``shown`` per candidate.
+the furthest from the reference first (by the character error rate of a CTC text, the % of positions or
+elements that agree; a changed top-1 by 100 x its cosine), at most ``shown`` per candidate.
 """
 
 from __future__ import annotations
@@ -50,12 +50,15 @@ def changed_samples(per_sample: pd.DataFrame | None, shown: int = CHANGED_SAMPLE
 
 
 def _how_far(rows: pd.DataFrame) -> pd.Series:
-    """Per row, a number that is lower the further the sample is from the reference's: the % of positions or
-    elements that agree where the output has them, else 100 x cosine (a changed top-1)."""
+    """Per row, a number that is lower the further the sample is from the reference's: 100 - its character error
+    rate where its CTC text was read, else the % of positions or elements that agree where the output has them,
+    else 100 x cosine (a changed top-1)."""
     far = pd.Series(100.0 * rows["cosine"].astype(float), index=rows.index)
     for part in ("element_match", "token_agreement"):
         if part in rows.columns:
             far = rows[part].astype(float).where(rows[part].notna(), far)
+    if "cer" in rows.columns:
+        far = (100.0 - rows["cer"].astype(float)).where(rows["cer"].notna(), far)
     return far
 
 
