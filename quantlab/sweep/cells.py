@@ -90,7 +90,7 @@ def cell_config(spec: SweepSpec, cell: CellSpec, model_path: Path, calibration: 
         seed=spec.seed, backend=spec.backend, threshold=spec.threshold, calibrators=(method,),
         percentile=cell.percentile if cell.percentile is not None else ExperimentConfig.percentile,
         fp16=cell.precision == "fp16", int8=(method,) if cell.precision == "int8" else (), target=spec.target,
-        search=spec.search and cell.precision == "int8",
+        search=spec.search and cell.precision == "int8", ctc_blank=spec.ctc_blank,
     )
 
 
@@ -99,6 +99,8 @@ def cell_key(spec: SweepSpec, cell: CellSpec, model_path: Path, calib: Any, val:
     key = {"cell": asdict(cell), "model_sha256": sha256_file(model_path), "calibration": data_key(calib),
            "validation": data_key(val), "seed": spec.seed, "backend": spec.backend, "threshold": spec.threshold,
            "target": spec.target, "search": spec.search, "versions": package_versions()}
+    if spec.ctc_blank is not None:  # absent when unset: the keys of earlier sweeps' cells stay valid
+        key["ctc_blank"] = spec.ctc_blank
     return sha256_bytes(json_dumps(key).encode())
 
 

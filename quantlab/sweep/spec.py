@@ -5,6 +5,7 @@
     backend = "ort"
     threshold = "cosine>=0.995"         # optional: a verdict per cell
     target = "tensorrt"                 # Q/DQ form: tensorrt | ort
+    # ctc_blank = 0                     # CTC outputs (OCR, speech): their blank class; cells add text_agreement, cer
 
     [data]
     calibration = "../calib_sets/demo_calib.toml"
@@ -70,6 +71,7 @@ class SweepSpec:
     backend: str = "ort"
     threshold: str | None = None
     target: str = "tensorrt"
+    ctc_blank: int | None = None
 
 
 def _methods(v: Any) -> bool:
@@ -88,6 +90,8 @@ _TOP = {
     "backend": Key(f"one of {', '.join(map(repr, BACKENDS))}", one_of(BACKENDS), 'backend = "ort"'),
     "threshold": Key("a threshold expression", non_empty_str, 'threshold = "cosine>=0.995"'),
     "target": Key(f"one of {', '.join(map(repr, TARGETS))}", one_of(TARGETS), 'target = "tensorrt"'),
+    "ctc_blank": Key("the blank class index of CTC outputs, an integer >= 0", lambda v: is_int(v) and v >= 0,
+                     "ctc_blank = 0"),
     "data": Key("a table", lambda v: isinstance(v, dict), "[data]"),
     "model": Key("[[model]] tables", lambda v: isinstance(v, list) and bool(v) and all(isinstance(m, dict) for m in v),
                  '[[model]]\nzoo = "efficientnet_lite0"'),
@@ -158,7 +162,7 @@ def parse_sweep(text: str, *, source: Path | None = None, base: Path | None = No
         except ThresholdError as exc:
             raise ExperimentError(f"{where.at('', None, 'threshold')}: {exc}") from None
     grid = data.get("grid", {})
-    kwargs = {k: data[k] for k in ("seed", "backend", "threshold", "target") if k in data}
+    kwargs = {k: data[k] for k in ("seed", "backend", "threshold", "target", "ctc_blank") if k in data}
     kwargs.update({"methods": tuple(grid["methods"])} if "methods" in grid else {})
     kwargs.update({"percentiles": tuple(float(p) for p in grid["percentile"])} if "percentile" in grid else {})
     kwargs.update({k: grid[k] for k in ("fp16", "search") if k in grid})
