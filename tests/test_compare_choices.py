@@ -680,7 +680,7 @@ def test_ctc_blank_must_name_a_class_of_a_per_position_output(tmp_path, capsys):
                                                    .tensor_type.shape.dim][1:]), np.float32)}, role="validation")
     with pytest.raises(CompareError, match="no output of .* holds class scores per position"):
         compare(classifier, {"same": classifier}, images, CompareOptions(ctc_blank=0, per_layer=False))
-    with pytest.raises(ThresholdError):
+    with pytest.raises(ThresholdError, match="reads CTC scores as text: give the blank class"):
         parse_threshold("cer<=1", known_metrics=known_metrics(model, use_labels=False))
     assert parse_threshold("cer<=1", known_metrics=known_metrics(model, False, None, 0)).metrics == ("cer",)
     onnx.save(model.proto, tmp_path / "ref.onnx")
