@@ -5,6 +5,7 @@ samples."""
 from __future__ import annotations
 
 import models
+from reference_text import ctc_text, levenshtein
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -74,19 +75,26 @@ def _runs(proto: onnx.ModelProto, feeds: np.ndarray, output: str) -> np.ndarray:
                           axis=1 if output == "ctc" else 0)
 
 
-@pytest.mark.parametrize("layout", ["batch_major", "time_major"])
-def test_end_to_end_agreement_matches_onnxruntime_run_directly(layout):
+def _recognizer_int8(layout: str) -> tuple:
+    """(model, its INT8 TensorRT-form write, 10 validation images, the scores output) of ``text_recognizer`` in
+    ``layout`` ("batch_major" [N, T, C] or "time_major" [T, N, C]), calibrated on narrow data: it saturates, so its
+    choices differ from the reference's on some samples."""
     proto = models.text_recognizer(classes=12)
     output = "logits"
     if layout == "time_major":
         proto, output = _time_major(proto), "ctc"
     model = model_from_proto(proto, label="recognizer")
     rng = np.random.default_rng(0)
-    calib = from_arrays({"image": rng.uniform(-0.3, 0.3, (8, 3, 48, 64)).astype(np.float32)})  # narrow: saturates
+    calib = from_arrays({"image": rng.uniform(-0.3, 0.3, (8, 3, 48, 64)).astype(np.float32)})
     images = rng.uniform(-1, 1, (10, 3, 48, 64)).astype(np.float32)
-    valid = from_arrays({"image": images}, role="validation")
     table = calibrate(model, calib, "minmax", batch_size=4).tables["minmax"]
-    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    return model, write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt")), images, output
+
+
+@pytest.mark.parametrize("layout", ["batch_major", "time_major"])
+def test_end_to_end_agreement_matches_onnxruntime_run_directly(layout):
+    model, written, images, output = _recognizer_int8(layout)
+    valid = from_arrays({"image": images}, role="validation")
     options = CompareOptions(batch_size=4, local=False, bootstrap=200, workers=1,
                              backend_options={"threads": 1, "qdq_fusion": False})
     result = compare(model, {"int8": written}, valid, options)
@@ -578,47 +586,22 @@ def test_rows_of_equal_scores_are_no_choice_unless_the_other_model_chooses():
     assert decided_positions(ref + np.arange(3), cand + np.arange(3), padding) is padding  # every row decides
 
 
-def _ctc_text(best: np.ndarray, blank: int) -> list[int]:
-    """Greedy CTC decoding written independently of quantlab.metrics.text: groupby runs, drop the blank."""
-    import itertools
-
-    return [int(k) for k, _ in itertools.groupby(best.tolist()) if k != blank]
-
-
-def _levenshtein(a: list[int], b: list[int]) -> int:
-    """The textbook dynamic programme, one full table."""
-    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
-    for i in range(1, len(a) + 1):
-        for j in range(1, len(b) + 1):
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
-    return d[len(a)][len(b)]
-
-
 @pytest.mark.parametrize("layout", ["batch_major", "time_major"])
 def test_ctc_text_agreement_and_cer_match_a_decoding_by_hand(layout):
     """With ctc_blank the per-position scores are also read as greedy CTC text: samples whose text is the
     reference's (text_agreement, exact binomial interval) and the character error rate against it (cer), checked
     against ONNX Runtime's outputs decoded here; a sample whose positions differ but whose text is the same has not
     changed its decision."""
-    proto = models.text_recognizer(classes=12)
-    output = "logits"
-    if layout == "time_major":
-        proto, output = _time_major(proto), "ctc"
-    model = model_from_proto(proto, label="recognizer")
-    rng = np.random.default_rng(0)
-    calib = from_arrays({"image": rng.uniform(-0.3, 0.3, (8, 3, 48, 64)).astype(np.float32)})  # narrow: saturates
-    images = rng.uniform(-1, 1, (10, 3, 48, 64)).astype(np.float32)
-    table = calibrate(model, calib, "minmax", batch_size=4).tables["minmax"]
-    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    model, written, images, output = _recognizer_int8(layout)
     ref = _runs(model.proto, images, output)
     cand = _runs(written.proto, images, output)
     if layout == "time_major":
         ref, cand = ref.transpose(1, 0, 2), cand.transpose(1, 0, 2)
     rb, cb = ref.argmax(axis=2), cand.argmax(axis=2)
     blank = int(np.bincount(rb.ravel()).argmax())  # the class a CTC head emits most: its blank
-    texts = [(_ctc_text(r, blank), _ctc_text(c, blank)) for r, c in zip(rb, cb)]
+    texts = [(ctc_text(r, blank), ctc_text(c, blank)) for r, c in zip(rb, cb)]
     same = np.array([r == c for r, c in texts])
-    cer = np.array([_levenshtein(r, c) / max(len(r), 1) * 100.0 for r, c in texts])
+    cer = np.array([levenshtein(r, c) / max(len(r), 1) * 100.0 for r, c in texts])
     assert 0 < same.sum() < 10 and cer.max() > 0, "the check needs texts that differ and texts that agree"
 
     options = CompareOptions(batch_size=4, local=False, bootstrap=200, workers=1, ctc_blank=blank,

@@ -166,31 +166,15 @@ def known_metrics(reference: Any, use_labels: bool, dataset: Any = None, ctc_bla
                   ) -> set[str] | None:
     """The end-to-end columns a comparison of ``reference`` on ``dataset`` reports: what a threshold may name
     (a sequence set adds the free-running figures, ``ctc_blank`` the CTC text's)."""
-    from ..compare import (
-        CLASSIFIER_COLUMNS,
-        CTC_COLUMNS,
-        END_TO_END_COLUMNS,
-        LABEL_COLUMNS,
-        MATCH_COLUMNS,
-        POSITION_COLUMNS,
-    )
     from ..compare.choices import exact_outputs, position_scorers
-    from ..compare.free_running import FREE_RUNNING_FIGURES, free_column
     from ..compare.labels import classifier_outputs
+    from ..compare.reported import reported_metrics
     from ..sequence import SequenceData
 
-    known = set(END_TO_END_COLUMNS) - {"candidate", "output"}
-    if classifier_outputs(reference):
-        known |= set(CLASSIFIER_COLUMNS)
-        if use_labels:
-            known |= set(LABEL_COLUMNS)
-    if position_scorers(reference, {}):
-        known |= set(POSITION_COLUMNS) | (set(CTC_COLUMNS) if ctc_blank is not None else set())
-    if exact_outputs(reference):
-        known |= set(MATCH_COLUMNS)
-    if isinstance(dataset, SequenceData) or getattr(dataset, "sequence_carry", None):
-        known |= {free_column(f) for f in FREE_RUNNING_FIGURES}
-    return known
+    sequence = isinstance(dataset, SequenceData) or bool(getattr(dataset, "sequence_carry", None))
+    return reported_metrics(classifiers=bool(classifier_outputs(reference)), labels=use_labels,
+                            positions=bool(position_scorers(reference, {})), ctc=ctc_blank is not None,
+                            exact=bool(exact_outputs(reference)), free_running=sequence)
 
 
 def _fmt(v: Any) -> str:

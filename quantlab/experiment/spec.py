@@ -349,19 +349,9 @@ def _check_threshold(expr: str, where: str, coverage: bool = False, user_metric:
 
 def _comparison_metrics(ctc: bool = False) -> set[str]:
     """Every end-to-end column a comparison may report; the CTC text's with ``ctc`` (``ctc_blank`` set)."""
-    from ..compare import (
-        CLASSIFIER_COLUMNS,
-        CTC_COLUMNS,
-        END_TO_END_COLUMNS,
-        LABEL_COLUMNS,
-        MATCH_COLUMNS,
-        POSITION_COLUMNS,
-    )
-    from ..compare.free_running import FREE_RUNNING_FIGURES, free_column
+    from ..compare.reported import reported_metrics
 
-    return (set(END_TO_END_COLUMNS) | set(CLASSIFIER_COLUMNS) | set(LABEL_COLUMNS)
-            | set(POSITION_COLUMNS) | set(MATCH_COLUMNS) | {free_column(f) for f in FREE_RUNNING_FIGURES}
-            | (set(CTC_COLUMNS) if ctc else set())) - {"candidate", "output"}
+    return reported_metrics(ctc=ctc)
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
