@@ -56,9 +56,8 @@ from ..errors import CompareError
 from ..graph import LoadedModel
 from ..graph.topology import initializer_map, producer_map
 
-__all__ = ["CHOICE_COLUMNS", "CTC_BLANK_SHARE", "best_positions", "ctc_hints", "ctc_outputs", "decided_positions", "exact_outputs", "part_agreement",
-           "position_scorers",
-           "score_outputs"]
+__all__ = ["CHOICE_COLUMNS", "CTC_BLANK_SHARE", "best_positions", "ctc_hints", "ctc_outputs", "decided_positions",
+           "exact_outputs", "part_agreement", "position_scorers", "score_outputs"]
 
 CHOICE_COLUMNS: Mapping[str, tuple[str, str, str]] = {
     "positions": ("token_agreement", "sequence_agreement", "sequence_agree"),
