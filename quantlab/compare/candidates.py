@@ -28,7 +28,8 @@ from ..precision import FP16
 from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
 from ..quantize import WriteOptions, WrittenModel, load_provenance
 
-__all__ = ["REFERENCE_KEY", "Candidate", "check_candidates", "computes_in_float16", "holds_float16", "load_candidate", "simulates_tensorrt"]
+__all__ = ["REFERENCE_KEY", "Candidate", "check_candidates", "computes_in_float16", "holds_float16", "load_candidate",
+           "simulates_tensorrt"]
 
 Candidate = WrittenModel | LoadedModel
 
