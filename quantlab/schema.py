@@ -61,6 +61,11 @@ def is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_probability(v: Any) -> bool:
+    """A number strictly between 0 and 1 (a decision threshold)."""
+    return is_num(v) and 0.0 < v < 1.0
+
+
 def is_str(v: Any) -> bool:
     return isinstance(v, str)
 

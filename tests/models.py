@@ -443,6 +443,33 @@ def text_recognizer(seed: int = 0, channels: int = 8, height: int = 48, classes:
     return _model(nodes, inputs, outputs, inits, "text_recognizer")
 
 
+def text_detector(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
+    """A DBNet-style text detector with a dynamic image size: image[N,3,H,W] -> probability map[N,1,H,W].
+
+    Conv(stride 2) -> Relu -> Conv -> Relu -> 1x1 Conv (one channel, a negative bias: most pixels are
+    background) -> Resize x2 -> Sigmoid. H and W must be even.
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+    w = {"w1": rng.normal(0, 0.4, (c, 3, 3, 3)), "b1": rng.normal(0, 0.1, (c,)),
+         "w2": rng.normal(0, 0.3, (c, c, 3, 3)), "b2": rng.normal(0, 0.1, (c,)),
+         "w3": rng.normal(0, 0.6, (1, c, 1, 1)), "b3": np.array([-3.0])}
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["binarize"], name="binarize"),
+        helper.make_node("Resize", ["binarize", "", "scales"], ["upsampled"], name="upsample", mode="linear"),
+        helper.make_node("Sigmoid", ["upsampled"], ["maps"], name="probability"),
+    ]
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])]
+    outputs = [helper.make_tensor_value_info("maps", TensorProto.FLOAT, ["N", 1, "H", "W"])]
+    inits = [_init(k, v.astype(np.float32)) for k, v in w.items()]
+    inits.append(_init("scales", np.array([1, 1, 2, 2], np.float32)))
+    return _model(nodes, inputs, outputs, inits, "text_detector")
+
+
 def voice_activity(seed: int = 0, hidden: int = 128, chunk: int = 64, sample_rate: int = 16000) -> onnx.ModelProto:
     """A Silero-style voice-activity model: weights per sample rate inside an ``If``, a recurrent state.
 

@@ -93,6 +93,16 @@ def test_ctc_blank_lets_the_threshold_name_the_text_figures(exp_dir: Path) -> No
         parse_experiment('ctc_blank = -1\n' + base, source=exp_dir / "ocr.toml")
 
 
+def test_decision_threshold_is_a_probability_recorded_when_set(exp_dir: Path) -> None:
+    base = 'model = { path = "model.onnx" }\ndata = { calibration = "calib.toml", validation = "val.toml" }\n'
+    cfg = parse_experiment('threshold = "mask_iou>=95"\ndecision_threshold = 0.3\n' + base, source=exp_dir / "db.toml")
+    assert cfg.decision_threshold == 0.3 and cfg.settings()["decision_threshold"] == 0.3
+    assert "decision_threshold" not in parse_experiment(base, source=exp_dir / "plain.toml").settings()
+    for bad in ("1.5", "0", '"0.3"', "true"):
+        with pytest.raises(ExperimentError, match="decision_threshold.*a probability in \\(0, 1\\)"):
+            parse_experiment(f"decision_threshold = {bad}\n" + base, source=exp_dir / "db.toml")
+
+
 def test_model_needs_exactly_one_source(exp_dir: Path) -> None:
     path = exp_dir / "two.toml"
     path.write_text(GOOD.replace('path = "model.onnx"', 'path = "model.onnx"\nzoo = "efficientnet_lite0"'))
@@ -398,6 +408,34 @@ def test_the_verdicts_interval_is_that_of_the_output_its_value_comes_from():
     verdict = verdict_for(rows, "int8", "cosine>=0.999")
     assert verdict.value == 0.99961 and (verdict.ci_low, verdict.ci_high) == (0.99890, 0.99997)
     assert verdict.ci_low <= verdict.value <= verdict.ci_high
+
+
+@needs_compare
+def test_a_text_detector_experiment_judges_and_searches_on_the_mask_overlap(tmp_path: Path) -> None:
+    """A Sigmoid map read as the mask p > 0.3 (DBNet's threshold, set in the file): the threshold names its IoU,
+    the search is judged on it and the report shows it."""
+    onnx.save(models.text_detector(), tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", image=rng.uniform(-0.5, 0.5, (8, 3, 32, 48)).astype(np.float32))  # saturates
+    np.savez(tmp_path / "val.npz", image=rng.uniform(-1, 1, (12, 3, 32, 48)).astype(np.float32))
+    for role, name in (("calibration", "calib"), ("validation", "val")):
+        (tmp_path / f"{name}.toml").write_text(
+            f'role = "{role}"\nshuffle = false\n[[source]]\nkind = "npz"\npath = "{name}.npz"\nbatched = true\n')
+    (tmp_path / "db.toml").write_text(
+        'name = "db"\nthreshold = "mask_iou>=99"\ndecision_threshold = 0.3\n[model]\npath = "model.onnx"\n'
+        '[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n[calibrate]\nmethods = ["minmax"]\n'
+        '[candidates]\nfp16 = false\n[search]\nbudget = 3\nbias_correction = false\n')
+    result = run_experiment(load_experiment(tmp_path / "db.toml"), reports_dir=tmp_path / "reports")
+    report = tmp_path / "reports" / "db"
+    e2e = pd.read_parquet(report / "results" / "end_to_end.parquet").set_index("candidate")  # the search's too
+    assert e2e["mask_iou"].notna().all() and e2e.loc["int8-minmax", "mask_iou"] < 99  # narrow ranges
+    assert result.verdict is not None and result.verdict.metric == "mask_iou"
+    assert result.verdict.value == e2e.loc[result.verdict.candidate, "mask_iou"]
+    trajectory = pd.read_csv(next(report.glob("stages/search*/trajectory.csv")))
+    assert set(trajectory["metric"]) == {"mask_iou"}
+    compared = json.loads(next(report.glob("stages/compare*/compare.json")).read_text())
+    assert compared["settings"]["decision_threshold"] == 0.3
+    assert "mask_iou" in (report / "index.html").read_text()
 
 
 @needs_compare

@@ -79,6 +79,23 @@ def test_ctc_blank_reaches_every_cell_and_its_key(tmp_path: Path) -> None:
         parse_sweep('ctc_blank = "zero"\n' + text, source=tmp_path / "s.toml")
 
 
+def test_decision_threshold_reaches_every_cell_and_its_key(tmp_path: Path) -> None:
+    from quantlab.data import open_dataset
+    from quantlab.sweep.cells import cell_config, cell_key
+
+    plain = load_sweep(_sweep_dir(tmp_path))
+    text = (tmp_path / "s.toml").read_text()
+    spec = parse_sweep(text.replace('threshold = "cosine>=0.99"', 'threshold = "mask_iou>=95"\ndecision_threshold = 0.3'),
+                       source=tmp_path / "s.toml")
+    assert spec.decision_threshold == 0.3 and plain.decision_threshold == 0.5
+    cell, model = sweep_cells(spec)[0], tmp_path / "a.onnx"
+    assert cell_config(spec, cell, model, spec.calibration, spec.validation).decision_threshold == 0.3
+    calib, val = open_dataset(spec.calibration), open_dataset(spec.validation)
+    assert cell_key(spec, cell, model, calib, val) != cell_key(plain, cell, model, calib, val)
+    with pytest.raises(ExperimentError, match="key 'decision_threshold'"):
+        parse_sweep('decision_threshold = 1.0\n' + text, source=tmp_path / "s.toml")
+
+
 @pytest.fixture(scope="module")
 def local_sweep(tmp_path_factory: pytest.TempPathFactory):
     """The sweep run once locally in one process: (its folder, its reports folder, the result). The Ray test

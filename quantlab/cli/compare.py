@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_bind_option, add_command, add_progress_option, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, resolve_batch_size, text_arg
+from . import add_bind_option, add_command, add_progress_option, bound_inputs, confidence_level, non_negative_int, path_arg, positive_int, prepare_output, probability_arg, resolve_batch_size, text_arg
 
 __all__ = ["HELP", "register", "run", "candidate_name", "owned_files", "check_label_metrics",
            "known_metrics"]
@@ -62,6 +62,10 @@ def register(subparsers: Any) -> None:
                    help="the outputs scored per position ([N, T, C]) are CTC scores whose blank is class K (often "
                         "0): also compare the text they read (greedy decoding): text_agreement (%% of samples) and "
                         "cer (character error rate, %%)")
+    p.add_argument("--decision-threshold", type=probability_arg, default=d.decision_threshold, metavar="P",
+                   help="outputs a Sigmoid writes (a text detector's map, tags, voice activity) are read as the masks "
+                        f"p > P (default {d.decision_threshold}; DBNet reads its map at 0.3): element_match, "
+                        "exact_match and mask_iou (%% overlap) of the masks")
     p.add_argument("--fail-if", type=text_arg, default=None, action="append", metavar="EXPR",
                    help='exit 1 when EXPR holds for a candidate, e.g. "top1_drop>0.5" or "cosine<0.999"; '
                         "repeat it to fail when any one holds")
@@ -168,13 +172,15 @@ def known_metrics(reference: Any, use_labels: bool, dataset: Any = None, ctc_bla
     (a sequence set adds the free-running figures, ``ctc_blank`` the CTC text's)."""
     from ..compare.choices import exact_outputs, position_scorers
     from ..compare.labels import classifier_outputs
+    from ..compare.probabilities import probability_outputs
     from ..compare.reported import reported_metrics
     from ..sequence import SequenceData
 
     sequence = isinstance(dataset, SequenceData) or bool(getattr(dataset, "sequence_carry", None))
     return reported_metrics(classifiers=bool(classifier_outputs(reference)), labels=use_labels,
                             positions=bool(position_scorers(reference, {})), ctc=ctc_blank is not None,
-                            exact=bool(exact_outputs(reference)), free_running=sequence)
+                            exact=bool(exact_outputs(reference)), masks=bool(probability_outputs(reference)),
+                            free_running=sequence)
 
 
 def _fmt(v: Any) -> str:
@@ -258,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
         metric=args.metric, bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed,
         layers=args.layers, labels=args.labels, label_output=args.label_output, workers=args.workers,
         shards=args.shards, ray=args.ray, ctc_blank=args.ctc_blank,
+        decision_threshold=args.decision_threshold,
     )
     print(f"quantlab compare: {reference.label} vs {', '.join(names)} on {args.data}", flush=True)
     for name, cand in candidates.items():

@@ -29,7 +29,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from . import add_bind_option, add_command, add_progress_option, bound_inputs, non_negative_int, path_arg, positive_int, prepare_output, resolve_batch_size, text_arg
+from . import add_bind_option, add_command, add_progress_option, bound_inputs, non_negative_int, path_arg, positive_int, prepare_output, probability_arg, resolve_batch_size, text_arg
 from .calibrate import alpha_arg
 
 if TYPE_CHECKING:
@@ -116,6 +116,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ctc-blank", type=non_negative_int, default=None, metavar="K",
                    help="as compare --ctc-blank: CTC outputs with blank class K also report text_agreement and cer, "
                         "which the threshold may name (e.g. cer<=1)")
+    p.add_argument("--decision-threshold", type=probability_arg, default=defaults.decision_threshold, metavar="P",
+                   help="as compare --decision-threshold: outputs a Sigmoid writes are read as the masks p > P "
+                        f"(default {defaults.decision_threshold}); the threshold may name mask_iou (e.g. mask_iou>=95)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--workdir", type=path_arg, default=None, metavar="DIR",
                    help="where the search log lives (default OUT/work); rerun with it to resume")
@@ -214,6 +217,7 @@ def _run(args: argparse.Namespace) -> int:
         budget=args.budget, time_budget_s=args.time_budget, objective=args.objective,
         probe_samples=args.probe_samples, probe_top=args.probe_top, batch_size=args.batch_size, seed=args.seed,
         latency=True if args.latency else None, metric=args.metric, ctc_blank=args.ctc_blank,
+        decision_threshold=args.decision_threshold,
         per_channel_weights=not args.per_tensor_weights, bias_correction=not args.no_bias_correction,
         shapes=" ".join(args.shapes) if args.shapes else None,
     )

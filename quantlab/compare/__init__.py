@@ -40,6 +40,7 @@ Package layout (arrows: "imports"; each module's docstring has the details and d
      ├─► batch_tasks   BatchTasks: one batch's runs, sums and releases per chunk, and what each waits for
      ├─► labels        classifier outputs, whether labels give accuracy, label checks
      ├─► choices       outputs read as choices (best class per position, integer ids) and their agreement
+     ├─► probabilities outputs a Sigmoid writes, read as the masks p > decision_threshold (mask_iou)
      ├─► end_to_end    running end-to-end statistics of every candidate output, batch by batch
      │    ├─► end_to_end_tables   those statistics -> the end-to-end and per-sample tables
      │    │    └─► intervals     bootstrap intervals, exact ones where the bootstrap collapses

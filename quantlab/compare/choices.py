@@ -43,6 +43,8 @@ decoding loop emits, masks. Class 7 is not "close" to class 8, so their cosine, 
     exact_match          samples whose whole output equals the reference's (exact binomial interval)
 
 Both kinds give, per sample, the % of parts that agree and whether all do (:func:`part_agreement`).
+Outputs a Sigmoid writes are read as the masks their probabilities mark, compared as boolean outputs are
+(:mod:`.probabilities`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ __all__ = ["CHOICE_COLUMNS", "CTC_BLANK_SHARE", "best_positions", "ctc_hints", "
 CHOICE_COLUMNS: Mapping[str, tuple[str, str, str]] = {
     "positions": ("token_agreement", "sequence_agreement", "sequence_agree"),
     "values": ("element_match", "exact_match", "exact_agree"),
+    "decisions": ("element_match", "exact_match", "exact_agree"),  # the masks probabilities mark (.probabilities)
 }
 """Kind of output -> its columns: per-part % and whole-sample % (end-to-end and per-sample tables), and the
 per-sample table's bool."""

@@ -26,13 +26,15 @@ from ..metrics import (
     ErrorSums,
     channel_spread,
     ctc_text_agreement,
+    decision_mask,
     error_sums,
+    mask_iou,
     per_sample_errors,
     per_sample_sums,
     topk,
 )
 from .labels import LabelUse
-from .options import CompareOptions
+from .options import DECISION_THRESHOLD, CompareOptions
 from .choices import best_positions, decided_positions, part_agreement
 from .end_to_end_tables import end_to_end_frames
 from .sample_axes import samples_first
@@ -63,6 +65,9 @@ class OutputStats:
     """CTC outputs (``CompareOptions.ctc_blank``): per sample, whether the greedy text is the reference's ..."""
     cer: list[np.ndarray] = field(default_factory=list)
     """... and its character error rate against it, % (NaN where the output's size differed)."""
+    iou: list[np.ndarray] = field(default_factory=list)
+    """Probability outputs read as masks (:mod:`.probabilities`): per sample, the overlap of the candidate's mask
+    with the reference's, % (NaN where neither holds anything, or the output's size differed)."""
     nonfinite: int = 0
     mismatched: int = 0
     """Samples whose output had another shape than the reference's (a size the data decides): left out."""
@@ -128,14 +133,17 @@ class EndToEnd:
                  positions: Mapping[str, int] | None = None, exact: Sequence[str] = (),
                  declared: Mapping[str, tuple[int | str | None, ...] | None] | None = None,
                  padding: tuple[str | None, Sequence[str]] = (None, ()),
-                 ctc: tuple[int | None, Sequence[str]] = (None, ())) -> None:
+                 ctc: tuple[int | None, Sequence[str]] = (None, ()),
+                 decisions: tuple[float, Sequence[str]] = (DECISION_THRESHOLD, ())) -> None:
         self.candidates = list(candidates)
         self.mask, self.padded = padding[0], list(padding[1])  # compare.padding: the mask input, its outputs
         self.outputs = list(outputs)
         self.data_sized = data_sized  # outputs whose size the data decides (graph.samples.data_sized)
         self.classifiers = dict(labels.classifiers)  # never a data-sized output (compare.labels)
         self.positions = dict(positions or {})  # output -> classes scored per position (compare.choices)
-        self.choices = {**{o: "positions" for o in self.positions}, **{o: "values" for o in exact}}
+        self.decision_threshold, self.decided = float(decisions[0]), list(decisions[1])  # compare.probabilities
+        self.choices = {**{o: "positions" for o in self.positions}, **{o: "values" for o in exact},
+                        **{o: "decisions" for o in self.decided}}
         self.ctc_blank, self.ctc = ctc[0], frozenset(ctc[1])  # compare.choices.ctc_outputs: read as CTC text
         self.sample_axes = dict(sample_axes or {})
         self.declared = dict(declared or {})
@@ -247,8 +255,12 @@ class EndToEnd:
                     st.correct5.append((top == labels[:, None]).any(axis=1))
 
     def _chosen(self, o: str, value: np.ndarray) -> np.ndarray:
-        """What a user reads off output ``o``: the best class at each position, or the values themselves."""
-        return best_positions(value) if self.choices[o] == "positions" else value
+        """What a user reads off output ``o``: the best class at each position, the mask its probabilities mark,
+        or the values themselves."""
+        kind = self.choices[o]
+        if kind == "positions":
+            return best_positions(value)
+        return decision_mask(value, self.decision_threshold) if kind == "decisions" else value
 
     def _add_choices(self, name: str, ref_chosen: Mapping[str, np.ndarray], ref_live: Mapping[str, np.ndarray],
                      live: Mapping[str, np.ndarray], valid: Mapping[str, np.ndarray]) -> None:
@@ -270,6 +282,8 @@ class EndToEnd:
                              else ctc_text_agreement(ref, cand, int(self.ctc_blank), valid.get(o)))
                 st.texts.append(same)
                 st.cer.append(cer)
+            if self.choices[o] == "decisions":
+                st.iou.append(np.full(n, np.nan) if mismatched else mask_iou(ref, cand, valid.get(o)))
 
     def _add_mismatch(self, st: OutputStats, samples: int) -> None:
         """A batch whose output sizes differ (NMS kept other boxes): NaN rows keep the per-sample tables aligned,

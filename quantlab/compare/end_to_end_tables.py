@@ -26,6 +26,7 @@ from .result import (
     CTC_COLUMNS,
     END_TO_END_COLUMNS,
     LABEL_COLUMNS,
+    MASK_COLUMNS,
     MATCH_COLUMNS,
     PER_SAMPLE_COLUMNS,
     POSITION_COLUMNS,
@@ -78,6 +79,8 @@ def _column_order(e2e: EndToEnd, user_names: Sequence[str]) -> list[str]:
         columns_order += list(CTC_COLUMNS)
     if len(e2e.choices) > len(e2e.positions):
         columns_order += list(MATCH_COLUMNS)
+    if e2e.decided:
+        columns_order += list(MASK_COLUMNS)
     if e2e.labels.accuracy:
         columns_order += list(LABEL_COLUMNS)
     for k in user_names:
@@ -116,6 +119,11 @@ def _row(e2e: EndToEnd, name: str, o: str, user_cols: Mapping[str, np.ndarray],
     apart: dict[str, np.ndarray] = {}  # choices where sizes differed: a sample of another length still counts
     if o in e2e.choices:
         _add_choice_figures(e2e, o, st, row, apart if st.mismatched else columns, sample)
+    if e2e.choices.get(o) == "decisions":  # NaN where neither mask holds anything: an interval of its own
+        iou = np.concatenate(st.iou) if st.iou else np.zeros(0)
+        row["mask_iou"] = float(np.nanmean(iou)) if iou.size and not np.isnan(iou).all() else math.nan
+        apart["mask_iou"] = iou
+        sample["mask_iou"] = iou
     for k, v in user_cols.items():
         row[k] = float(np.nanmean(v)) if v.size and not np.isnan(v).all() else math.nan
         columns[k] = v[~np.isnan(cos)] if st.mismatched else v  # paired with the kept samples

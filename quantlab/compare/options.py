@@ -8,7 +8,10 @@ from typing import Any, Literal
 
 from ..errors import CompareError
 
-__all__ = ["CompareOptions"]
+__all__ = ["DECISION_THRESHOLD", "CompareOptions"]
+
+DECISION_THRESHOLD = 0.5
+"""The probability above which a Sigmoid's output marks its mask (:mod:`.probabilities`): a logit above 0."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class CompareOptions:
     ``ctc_blank``: the blank class of CTC scores; the outputs scored per position ``[N, T, C]`` are
     then also read as greedy CTC text (:mod:`quantlab.metrics.text`): ``text_agreement`` (% of samples
     reading the reference's text) and ``cer`` (the character error rate against it, %).
+    ``decision_threshold``: the probability above which an output a Sigmoid writes (a text detector's map,
+    multi-label tags, voice activity: :mod:`.probabilities`) marks its mask; those outputs get
+    ``element_match``, ``exact_match`` and ``mask_iou`` of the masks.
     """
 
     backend: str = "ort"
@@ -57,6 +63,7 @@ class CompareOptions:
     free_running: bool = True       # sequence mode: also run every model over the streams on its own state
     branches: bool = True           # a data-decided If: also count the runs a candidate took the other branch
     ctc_blank: int | None = None    # outputs scored per position [N, T, C] are CTC: also text_agreement and cer
+    decision_threshold: float = DECISION_THRESHOLD  # Sigmoid outputs read as masks p > this (DBNet: 0.3)
 
     def __post_init__(self) -> None:
         def bad(what: str) -> CompareError:
@@ -85,6 +92,10 @@ class CompareOptions:
         if self.ctc_blank is not None and (not isinstance(self.ctc_blank, int) or isinstance(self.ctc_blank, bool)
                                            or self.ctc_blank < 0):
             raise bad(f"ctc_blank must be None or a class index >= 0 (the blank of CTC scores), got {self.ctc_blank!r}")
+        if (not isinstance(self.decision_threshold, (int, float)) or isinstance(self.decision_threshold, bool)
+                or not 0.0 < float(self.decision_threshold) < 1.0):
+            raise bad(f"decision_threshold must be a probability in (0, 1), e.g. 0.5 (DBNet's maps: 0.3), got "
+                      f"{self.decision_threshold!r}")
         if self.metric is not None and ":" not in self.metric:
             raise bad(f"metric must be 'module:function' (or 'path/to/file.py:function'), got {self.metric!r}")
 

@@ -19,7 +19,10 @@ best class is the reference's, per sample then averaged) and sequence_agreement 
 every position), and with ``ctc_blank`` (CTC scores) text_agreement (% of samples whose greedy CTC text is the
 reference's) and cer (character error rate against that text, %, mean over samples); for integer and boolean
 outputs (ArgMax ids, decoded tokens): element_match and exact_match,
-alike over elements (their cosine, cosine_min, sqnr_db and rel_l2 are NaN); each with _ci_low/_ci_high; and one column per number a user metric returns. nan_count counts NaN/inf elements in the candidate's outputs.
+alike over elements (their cosine, cosine_min, sqnr_db and rel_l2 are NaN); for outputs a Sigmoid writes
+(:mod:`.probabilities`: a text detector's map, tags, voice activity) element_match and exact_match of the masks
+``p > decision_threshold``, and mask_iou (% overlap of the two masks, mean over the samples where either holds
+anything); each with _ci_low/_ci_high; and one column per number a user metric returns. nan_count counts NaN/inf elements in the candidate's outputs.
 
 per_layer columns: candidate, mode, order (topological index of the node in the reference),
 layer (reference node name), group (fusion group name), op_type, tensor (reference output
@@ -52,9 +55,8 @@ from ..errors import CompareError
 from ..threshold import Threshold, ThresholdCheck, parse_threshold
 
 __all__ = ["CompareResult", "load_comparison", "COMPARE_FORMAT", "FRAMES", "END_TO_END_COLUMNS",
-           "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "POSITION_COLUMNS", "CTC_COLUMNS", "MATCH_COLUMNS", "PER_LAYER_COLUMNS",
-           "PER_SAMPLE_COLUMNS", "RESERVED_COLUMNS",
-           "LIVE_MODES"]
+           "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "POSITION_COLUMNS", "CTC_COLUMNS", "MASK_COLUMNS", "MATCH_COLUMNS",
+           "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS", "RESERVED_COLUMNS", "LIVE_MODES"]
 
 COMPARE_FORMAT = "quantlab.compare/1"
 FRAMES = ("end_to_end", "per_layer", "per_sample")
@@ -81,6 +83,7 @@ POSITION_COLUMNS: tuple[str, ...] = (
 CTC_COLUMNS: tuple[str, ...] = (
     "text_agreement", "text_agreement_ci_low", "text_agreement_ci_high", "cer", "cer_ci_low", "cer_ci_high",
 )
+MASK_COLUMNS: tuple[str, ...] = ("mask_iou", "mask_iou_ci_low", "mask_iou_ci_high")
 MATCH_COLUMNS: tuple[str, ...] = (
     "element_match", "element_match_ci_low", "element_match_ci_high", "exact_match", "exact_match_ci_low",
     "exact_match_ci_high",
@@ -91,7 +94,7 @@ PER_LAYER_COLUMNS: tuple[str, ...] = (
 )
 PER_SAMPLE_COLUMNS: tuple[str, ...] = ("candidate", "output", "sample", "key", "cosine", "sqnr_db", "max_abs")
 RESERVED_COLUMNS = frozenset(END_TO_END_COLUMNS + CLASSIFIER_COLUMNS + LABEL_COLUMNS + POSITION_COLUMNS
-                             + CTC_COLUMNS + MATCH_COLUMNS + PER_SAMPLE_COLUMNS)
+                             + CTC_COLUMNS + MASK_COLUMNS + MATCH_COLUMNS + PER_SAMPLE_COLUMNS)
 """Names a user metric may not return: the comparator's own columns."""
 LIVE_MODES = ("accumulated", "local")
 """The per-layer modes, in the order of the per-layer table."""

@@ -37,6 +37,7 @@ from .end_to_end import EndToEnd
 from .free_running import SampleMetric, free_running, free_running_note, with_free_running
 from .labels import label_use
 from .choices import ctc_hints, ctc_outputs, exact_outputs, position_scorers
+from .probabilities import probability_outputs
 from .layers import analyse_reference, chunks, layers_per_group, sized_by_first_batch
 from .options import CompareOptions
 from .padding import mask_input, padded_outputs, padding_note
@@ -158,6 +159,7 @@ class Comparison:
         self.ctc = ([] if options.ctc_blank is None  # read as CTC text too
                     else ctc_outputs(reference, self.positions, options.ctc_blank))
         self.exact = exact_outputs(reference)  # integer/bool outputs: equal or not
+        self.decided = probability_outputs(reference, taken={*self.positions, *self.exact})  # read as masks p > t
         self.padding = (mask_input(reference), padded_outputs(reference, self.sample_axes))  # compare.padding
         self.warnings.extend(filter(None, [padding_note(*self.padding)]))
         coupled = samples_coupled(reference, dataset) if options.batch_size > 1 else []
@@ -259,7 +261,8 @@ class Comparison:
         return EndToEnd(list(self.plans), self.ref.outputs, self.labels, self.metric, self.options.metric,
                         self.sample_axes, data_sized=self.data_sized, positions=self.positions,
                         exact=self.exact, declared=self.declared, padding=self.padding,
-                        ctc=(self.options.ctc_blank, self.ctc))
+                        ctc=(self.options.ctc_blank, self.ctc),
+                        decisions=(self.options.decision_threshold, self.decided))
 
     def tables(self, totals: PassTotals, progress: bool = False) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way); ``progress``:

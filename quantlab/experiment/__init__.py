@@ -25,6 +25,7 @@ The experiment file (paths are relative to the file itself)::
     # metric = "ctc.py:line_accuracy"   # a user metric (as compare --metric): the threshold may name what it
     #                                   # returns; it gets the validation labels when they are not class indices
     # ctc_blank = 0                     # CTC outputs (OCR, speech): blank class; adds text_agreement and cer
+    # decision_threshold = 0.3          # Sigmoid outputs (text maps, tags) read as masks p > it (default 0.5)
 
     [model]
     zoo = "efficientnet_lite0"          # or: path = "model.onnx"

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..compare.options import DECISION_THRESHOLD
 from ..coverage.gate import parse_gate
 from ..errors import ExperimentError, InputMismatchError, ThresholdError
 from ..fingerprint import sha256_file
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
-from ..schema import Key, Where, check_table, parse_toml, read_toml_text, is_int, is_num, non_empty_str, one_of, show
+from ..schema import Key, Where, check_table, parse_toml, read_toml_text, is_int, is_num, is_probability, non_empty_str, one_of, show
 from ..shapes import SHAPES_GRAMMAR, parse_shapes
 from ..threshold import parse_threshold
 from ..zoo import ZOO_MODELS
@@ -75,6 +76,8 @@ class ExperimentConfig:
     """INT8 candidates (and the search) write calibrated Loop/Scan/If bodies in INT8 (``WriteOptions.int8_bodies``)."""
     ctc_blank: int | None = None
     """The blank class of CTC outputs (``CompareOptions.ctc_blank``): comparisons add text_agreement and cer."""
+    decision_threshold: float = DECISION_THRESHOLD
+    """The probability above which an output a Sigmoid writes marks its mask (``CompareOptions.decision_threshold``)."""
 
     def batch_size_option(self) -> dict[str, int]:
         """``{"batch_size": n}`` when the experiment sets one (or its model fixes it at 1), else {} (each stage's
@@ -103,6 +106,8 @@ class ExperimentConfig:
             out["int8_bodies"] = True
         if self.ctc_blank is not None:  # absent when unset: older manifests stay comparable
             out["ctc_blank"] = self.ctc_blank
+        if self.decision_threshold != DECISION_THRESHOLD:  # absent when default: older manifests stay comparable
+            out["decision_threshold"] = self.decision_threshold
         if self.equalize or self.smoothquant is not None:  # absent when off: older manifests stay comparable
             out["rewrites"] = {"equalize": self.equalize, "smoothquant": self.smoothquant}
         if not self.search_bias_correction:
@@ -152,6 +157,8 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
         "metric": (Key("a user metric, 'file.py:function' (relative to the experiment file) or 'module:function'",
                        lambda v: non_empty_str(v) and ":" in v, 'metric = "ctc_metric.py:line_accuracy"'), "metric"),
         "ctc_blank": (Key("the blank class index of CTC outputs, " + _COUNT, _count, "ctc_blank = 0"), "ctc_blank"),
+        "decision_threshold": (Key("a probability in (0, 1): outputs a Sigmoid writes are read as the masks p > it",
+                                   is_probability, "decision_threshold = 0.3"), "decision_threshold"),
         "coverage": (Key("[[coverage]] tables, each with data = a manifest path", _coverage_sets,
                          '[[coverage]]\ndata = "../calib_sets/night.toml"'), "coverage_sets"),
     },

@@ -299,6 +299,7 @@ def compare_stage(folder: Path, model: LoadedModel, written: Mapping[str, Writte
                   config: ExperimentConfig, progress: bool, cal_dir: Path, shapes: str | None = None) -> None:
     options = CompareOptions(backend=config.backend, seed=config.seed, backend_options=_backend_options(shapes),
                              metric=config.metric, ctc_blank=config.ctc_blank,
+                             decision_threshold=config.decision_threshold,
                              **config.batch_size_option())
     calibration = DataSummary.from_dict(read_json(cal_dir / "data_summary.json"))  # for the overlap warning
     result = compare(model, dict(written), dataset, options, progress=progress, calibration=calibration)
@@ -311,7 +312,7 @@ def search_stage(folder: Path, model: LoadedModel, val: DataSet, table: Calibrat
     """The search, with bias correction measured on ``calib``. With float rewrites it searches the rewritten
     model (its FP32 outputs are the original's up to rounding; the search has no rewrite option yet)."""
     options = SearchOptions(threshold=config.threshold, backend=config.backend, metric=config.metric,
-                            ctc_blank=config.ctc_blank,
+                            ctc_blank=config.ctc_blank, decision_threshold=config.decision_threshold,
                             budget=config.search_budget or None, seed=config.seed, target=config.target,
                             bias_correction=config.search_bias_correction, shapes=shapes,
                             int8_bodies=config.int8_bodies,

@@ -8,9 +8,10 @@ becomes one row per changed (candidate, output, sample), saying what changed::
     text_agree = False       "text: CER 12.5 %"                     CTC text (compare --ctc-blank): it decides
                                                                     over sequence_agree where it was read
     exact_agree = False      "75 % of elements equal" / "another length"   ids, masks, decoded tokens
+                             "mask: IoU 93.1 %, 99.6 % of elements agree"  a Sigmoid's probabilities' mask
 
-the furthest from the reference first (by the character error rate of a CTC text, the % of positions or
-elements that agree; a changed top-1 by 100 x its cosine), at most ``shown`` per candidate.
+the furthest from the reference first (by the character error rate of a CTC text, a mask's IoU, the % of
+positions or elements that agree; a changed top-1 by 100 x its cosine), at most ``shown`` per candidate.
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ def changed_samples(per_sample: pd.DataFrame | None, shown: int = CHANGED_SAMPLE
 
 def _how_far(rows: pd.DataFrame) -> pd.Series:
     """Per row, a number that is lower the further the sample is from the reference's: 100 - its character error
-    rate where its CTC text was read, else the % of positions or elements that agree where the output has them,
-    else 100 x cosine (a changed top-1)."""
+    rate where its CTC text was read, else a mask's IoU, else the % of positions or elements that agree where the
+    output has them, else 100 x cosine (a changed top-1)."""
     far = pd.Series(100.0 * rows["cosine"].astype(float), index=rows.index)
-    for part in ("element_match", "token_agreement"):
+    for part in ("element_match", "token_agreement", "mask_iou"):
         if part in rows.columns:
             far = rows[part].astype(float).where(rows[part].notna(), far)
     if "cer" in rows.columns:
@@ -71,7 +72,9 @@ def _what_changed(row: dict) -> str:
     if "sequence_agree" in row and row["sequence_agree"] is not None and not _nan(row["sequence_agree"]) \
             and not row["sequence_agree"]:
         return f"{row.get('token_agreement', math.nan):.1f} % of positions agree"
-    share = row.get("element_match", math.nan)
+    share, iou = row.get("element_match", math.nan), row.get("mask_iou", math.nan)
+    if not _nan(iou) and not _nan(share):
+        return f"mask: IoU {iou:.1f} %, {share:.1f} % of elements agree"
     return "another length" if _nan(share) else f"{share:.1f} % of elements equal"
 
 

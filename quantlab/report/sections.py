@@ -55,7 +55,10 @@ def end_to_end_section(inputs: ReportInputs) -> str:
         "agree at every position), and CTC outputs (<code>ctc_blank</code> set) <code>text_agreement</code> "
         "(samples whose greedy CTC text is the reference's) and <code>cer</code> (the character error rate "
         "against it, %); integer outputs (class ids, decoded tokens) add <code>exact_match</code> "
-        "(samples whose output equals the reference's) and <code>element_match</code>. In sequence mode, "
+        "(samples whose output equals the reference's) and <code>element_match</code>; outputs a Sigmoid writes "
+        "(a text detector's map, tags, voice activity) add the same two for the masks their probabilities mark "
+        "(<code>p &gt; decision_threshold</code>, 0.5 by default) and <code>mask_iou</code> (the overlap of the "
+        "candidate's mask with the reference's, %, over the samples where either marks anything). In sequence mode, "
         "<code>free_</code> columns are the free-running figures: every model reading back its own state, "
         "as deployed.</p>"
         f"{_candidates_list(inputs)}{table(_end_to_end_view(inputs.end_to_end))}</section>"
@@ -73,12 +76,12 @@ def changed_samples_section(inputs: ReportInputs) -> str:
         body = table(df, caption="changed: how many samples that candidate's output changed in all (the furthest "
                                  "from the reference first; every sample is in per_sample.csv)")
     return ('<section id="changed-samples"><h2>Samples whose decision changed</h2>'
-            "<p>Where a candidate's top-1 class, text read per position or integer output differs from the "
+            "<p>Where a candidate's top-1 class, text read per position, integer output or mask differs from the "
             "reference's: the samples to look at first.</p>" + body + "</section>")
 
 
 _END_TO_END_FIRST = ("candidate", "output", "samples", "top1_agreement", "text_agreement", "cer", "token_agreement",
-                     "sequence_agreement", "exact_match", "element_match", "top1", "ref_top1", "top1_drop",
+                     "sequence_agreement", "mask_iou", "exact_match", "element_match", "top1", "ref_top1", "top1_drop",
                      "mcnemar_p", "cosine", "sqnr_db", "free_sqnr_db", "top5", "ref_top5", "top5_drop")
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ..backends import is_onnxruntime
+from ..compare.options import DECISION_THRESHOLD
 from ..errors import QuantlabError, SearchError
 from ..shapes import parse_shapes
 
@@ -31,6 +32,8 @@ class SearchOptions:
     ``metric``: a ``module:function`` user metric for the comparator (thresholds may name it).
     ``ctc_blank``: the blank class of CTC outputs, as :class:`quantlab.compare.CompareOptions` (thresholds may name
     ``text_agreement`` and ``cer``).
+    ``decision_threshold``: as :class:`quantlab.compare.CompareOptions`: the probability above which an output a
+    Sigmoid writes marks its mask (thresholds may name ``element_match``, ``exact_match`` and ``mask_iou``).
     ``per_channel_weights``: the writer's weight granularity (False: per tensor).
     ``shapes``: TensorRT engine shape ranges (``--shapes`` text) for every engine the search
     builds (a TensorRT backend only: ONNX Runtime runs any shape).
@@ -55,6 +58,7 @@ class SearchOptions:
     latency_iterations: int = 20
     metric: str | None = None
     ctc_blank: int | None = None             # CompareOptions.ctc_blank: CTC text figures a threshold may name
+    decision_threshold: float = DECISION_THRESHOLD  # CompareOptions.decision_threshold: Sigmoid outputs' masks
     per_channel_weights: bool = True
     bias_correction: bool = True
     shards: int = 1                          # full validations split into shards on Ray (quantlab.compare)
@@ -94,6 +98,8 @@ class SearchOptions:
         for key in ("probe_samples", "batch_size", "latency_iterations"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 problems.append(f"{key} must be a whole number >= 1, got {getattr(self, key)!r}")
+        if not isinstance(self.decision_threshold, (int, float)) or not 0.0 < self.decision_threshold < 1.0:
+            problems.append(f"decision_threshold must be a probability in (0, 1), got {self.decision_threshold!r}")
         if not isinstance(self.probe_top, int) or self.probe_top < 0:
             problems.append(f"probe_top must be a whole number >= 0, got {self.probe_top!r}")
         if self.shapes is not None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..compare.options import DECISION_THRESHOLD
 from ..atomic import json_dumps, write_json
 from ..errors import QuantlabError
 from ..experiment import ExperimentConfig, data_key, run_experiment
@@ -91,6 +92,7 @@ def cell_config(spec: SweepSpec, cell: CellSpec, model_path: Path, calibration: 
         percentile=cell.percentile if cell.percentile is not None else ExperimentConfig.percentile,
         fp16=cell.precision == "fp16", int8=(method,) if cell.precision == "int8" else (), target=spec.target,
         search=spec.search and cell.precision == "int8", ctc_blank=spec.ctc_blank,
+        decision_threshold=spec.decision_threshold,
     )
 
 
@@ -101,6 +103,8 @@ def cell_key(spec: SweepSpec, cell: CellSpec, model_path: Path, calib: Any, val:
            "target": spec.target, "search": spec.search, "versions": package_versions()}
     if spec.ctc_blank is not None:  # absent when unset: the keys of earlier sweeps' cells stay valid
         key["ctc_blank"] = spec.ctc_blank
+    if spec.decision_threshold != DECISION_THRESHOLD:  # absent when default, as above
+        key["decision_threshold"] = spec.decision_threshold
     return sha256_bytes(json_dumps(key).encode())
 
 

@@ -6,6 +6,7 @@
     threshold = "cosine>=0.995"         # optional: a verdict per cell
     target = "tensorrt"                 # Q/DQ form: tensorrt | ort
     # ctc_blank = 0                     # CTC outputs (OCR, speech): their blank class; cells add text_agreement, cer
+    # decision_threshold = 0.3          # Sigmoid outputs (text maps, tags) read as masks p > it; cells add mask_iou
 
     [data]
     calibration = "../calib_sets/demo_calib.toml"
@@ -31,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..compare.options import DECISION_THRESHOLD
 from ..errors import ExperimentError, ThresholdError
 from ..experiment import CALIBRATORS, TARGETS
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
-from ..schema import Key, Where, check_table, parse_toml, read_toml_text, is_int, is_num, non_empty_str, one_of
+from ..schema import Key, Where, check_table, parse_toml, read_toml_text, is_int, is_num, is_probability, non_empty_str, one_of
 from ..threshold import parse_threshold
 from ..zoo import ZOO_MODELS
 
@@ -72,6 +74,7 @@ class SweepSpec:
     threshold: str | None = None
     target: str = "tensorrt"
     ctc_blank: int | None = None
+    decision_threshold: float = DECISION_THRESHOLD
 
 
 def _methods(v: Any) -> bool:
@@ -92,6 +95,8 @@ _TOP = {
     "target": Key(f"one of {', '.join(map(repr, TARGETS))}", one_of(TARGETS), 'target = "tensorrt"'),
     "ctc_blank": Key("the blank class index of CTC outputs, an integer >= 0", lambda v: is_int(v) and v >= 0,
                      "ctc_blank = 0"),
+    "decision_threshold": Key("a probability in (0, 1): outputs a Sigmoid writes are read as the masks p > it",
+                              is_probability, "decision_threshold = 0.3"),
     "data": Key("a table", lambda v: isinstance(v, dict), "[data]"),
     "model": Key("[[model]] tables", lambda v: isinstance(v, list) and bool(v) and all(isinstance(m, dict) for m in v),
                  '[[model]]\nzoo = "efficientnet_lite0"'),
@@ -162,7 +167,7 @@ def parse_sweep(text: str, *, source: Path | None = None, base: Path | None = No
         except ThresholdError as exc:
             raise ExperimentError(f"{where.at('', None, 'threshold')}: {exc}") from None
     grid = data.get("grid", {})
-    kwargs = {k: data[k] for k in ("seed", "backend", "threshold", "target", "ctc_blank") if k in data}
+    kwargs = {k: data[k] for k in ("seed", "backend", "threshold", "target", "ctc_blank", "decision_threshold") if k in data}
     kwargs.update({"methods": tuple(grid["methods"])} if "methods" in grid else {})
     kwargs.update({"percentiles": tuple(float(p) for p in grid["percentile"])} if "percentile" in grid else {})
     kwargs.update({k: grid[k] for k in ("fp16", "search") if k in grid})

@@ -1,0 +1,43 @@
+"""Masks read off probability outputs: what a threshold decides, and how much two such masks overlap.
+
+A Sigmoid's outputs are independent probabilities (a text detector's map ``[N, 1, H, W]``, a voice-activity
+probability ``[N, 1]``, multi-label tags ``[N, C]``, notes per frame ``[N, T, 88]``). What a user reads off them
+is the mask ``p > threshold``: the text pixels a detector's boxes are drawn around, speech or not, the tags.
+On a sparse map (text covers a few % of a page) most pixels are background in both masks, so the share of
+pixels that agree reads near 100 % whatever happens to the text; the overlap of the two foregrounds does not::
+
+    reference  . . # # # . .        agreement  6 of 7 pixels: 85.7 %
+    candidate  . . # # . . .        IoU        |both| / |either| = 2 / 3: 66.7 %
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["decision_mask", "mask_iou"]
+
+
+def decision_mask(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """bool, same shape: ``p > threshold`` (NaN is never above it)."""
+    with np.errstate(invalid="ignore"):
+        return np.asarray(probabilities) > threshold
+
+
+def mask_iou(reference: np.ndarray, candidate: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per sample (axis 0) of two same-shape bool masks: ``|both| / |either|`` in %, float64 ``[N]``; NaN for a
+    sample where neither mask holds anything (no foreground to overlap: such a sample says nothing of the
+    overlap, and agreement counts it). ``valid`` (bool over the first two axes: the real positions, as
+    :mod:`quantlab.compare.padding` gives) restricts both masks to the positions it marks."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"masks of shape {reference.shape} and {candidate.shape} do not pair up")
+    n = reference.shape[0] if reference.ndim else 1
+    r = np.asarray(reference, dtype=bool).reshape(n, -1)
+    c = np.asarray(candidate, dtype=bool).reshape(n, -1)
+    if valid is not None:
+        counted = np.broadcast_to(valid.reshape(valid.shape + (1,) * (reference.ndim - 2)), reference.shape)
+        counted = counted.reshape(n, -1)
+        r, c = r & counted, c & counted
+    both = np.count_nonzero(r & c, axis=1)
+    either = np.count_nonzero(r | c, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(either > 0, both / np.maximum(either, 1) * 100.0, np.nan)

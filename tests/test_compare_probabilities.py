@@ -1,0 +1,185 @@
+"""Outputs a Sigmoid writes, read as the masks their probabilities mark (quantlab.compare.probabilities): which
+outputs, and the end-to-end figures against ONNX Runtime run directly on the same samples."""
+
+from __future__ import annotations
+
+import math
+
+import models
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from quantlab.calibrate import calibrate
+from quantlab.compare import CompareOptions, compare
+from quantlab.compare.probabilities import probability_outputs
+from quantlab.data import from_arrays
+from quantlab.errors import CompareError, SearchError, ThresholdError
+from quantlab.graph import model_from_proto
+from quantlab.metrics import binomial_ci
+from quantlab.plan import uniform_plan
+from quantlab.quantize import WriteOptions, write_model
+from quantlab.report.samples import changed_samples
+from quantlab.search import SearchOptions
+from quantlab.threshold import parse_threshold
+
+
+def _heads() -> onnx.ModelProto:
+    """x[N, 8] -> MatMul -> z[N, 6], read five ways: Sigmoid -> Reshape (tags), Concat of two Sigmoids, a
+    Sigmoid scaled (a YOLO box: numbers), a Softmax (class scores), and a Greater (a bool mask)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["z"], name="dense"),
+        helper.make_node("Sigmoid", ["z"], ["p"], name="sigmoid"),
+        helper.make_node("Reshape", ["p", "shape"], ["tags"], name="tags"),
+        helper.make_node("HardSigmoid", ["z"], ["hp"], name="hard_sigmoid"),
+        helper.make_node("Concat", ["p", "hp"], ["both"], name="both", axis=1),
+        helper.make_node("Mul", ["p", "anchor"], ["boxes"], name="boxes"),
+        helper.make_node("Softmax", ["z"], ["classes"], name="classes", axis=-1),
+        helper.make_node("Greater", ["p", "half"], ["mask"], name="mask"),
+    ]
+    outputs = [helper.make_tensor_value_info("tags", TensorProto.FLOAT, ["N", 2, 3]),
+               helper.make_tensor_value_info("both", TensorProto.FLOAT, ["N", 12]),
+               helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 6]),
+               helper.make_tensor_value_info("classes", TensorProto.FLOAT, ["N", 6]),
+               helper.make_tensor_value_info("mask", TensorProto.BOOL, ["N", 6])]
+    inits = [onnx.numpy_helper.from_array(rng.normal(0, 1, (8, 6)).astype(np.float32), "w"),
+             onnx.numpy_helper.from_array(np.array([-1, 2, 3], np.int64), "shape"),
+             onnx.numpy_helper.from_array(np.float32(16.0), "anchor"),
+             onnx.numpy_helper.from_array(np.float32(0.5), "half")]
+    graph = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_probability_outputs_are_what_a_sigmoid_writes():
+    model = model_from_proto(_heads())
+    assert probability_outputs(model) == ["tags", "both"]  # not boxes (scaled), classes (softmax), mask (bool)
+    assert probability_outputs(model, taken={"tags"}) == ["both"]
+    assert probability_outputs(model_from_proto(models.text_detector())) == ["maps"]  # through the Resize
+    assert probability_outputs(model_from_proto(models.voice_activity())) == ["prob"]
+    assert probability_outputs(model_from_proto(models.text_recognizer())) == []
+    assert probability_outputs(model_from_proto(models.conv_net())) == []
+
+
+def _runs(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
+    """The map over ``images`` in batches of 4, Q/DQ as written, one thread: the kernels the comparison runs."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(["maps"], {"image": images[i:i + 4]})[0] for i in range(0, len(images), 4)])
+
+
+@pytest.fixture(scope="module")
+def detector_int8():
+    """(model, its INT8 TensorRT-form write, 12 validation images): calibrated on narrow data, so it saturates and
+    its masks differ from the reference's."""
+    model = model_from_proto(models.text_detector(), label="detector")
+    rng = np.random.default_rng(0)
+    calib = from_arrays({"image": rng.uniform(-0.8, 0.8, (8, 3, 32, 48)).astype(np.float32)})
+    images = rng.uniform(-1, 1, (12, 3, 32, 48)).astype(np.float32)
+    images[-1] *= 0.01  # a page without text: nothing above the threshold in the reference
+    table = calibrate(model, calib, "minmax", batch_size=4).tables["minmax"]
+    return model, write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt")), images
+
+
+def _by_hand(ref: np.ndarray, cand: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: % of pixels on the same side of ``threshold``, and IoU % of the masks (NaN where both empty)."""
+    r, c = (ref > threshold).reshape(len(ref), -1), (cand > threshold).reshape(len(cand), -1)
+    agree = (r == c).mean(axis=1) * 100.0
+    iou = np.array([(a & b).sum() / (a | b).sum() * 100.0 if (a | b).any() else math.nan for a, b in zip(r, c)])
+    return agree, iou
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5])
+def test_mask_figures_match_onnxruntime_run_directly(detector_int8, threshold):
+    model, written, images = detector_int8
+    ref, cand = _runs(model.proto, images), _runs(written.proto, images)
+    agree, iou = _by_hand(ref, cand, threshold)
+    exact = agree == 100.0
+    assert 0 < exact.sum() < 11 and np.nanmin(iou) < 95, "the check needs masks that differ and masks that agree"
+    assert math.isnan(iou[-1])  # the page without text: no foreground in either mask
+
+    options = CompareOptions(batch_size=4, local=False, bootstrap=200, workers=1, decision_threshold=threshold,
+                             backend_options={"threads": 1, "qdq_fusion": False})
+    result = compare(model, {"int8": written}, from_arrays({"image": images}, role="validation"), options)
+    row = result.end_to_end.set_index(["candidate", "output"]).loc[("int8", "maps")]
+    assert row["element_match"] == pytest.approx(agree.mean())
+    assert row["exact_match"] == pytest.approx(exact.mean() * 100.0)
+    lo, hi = binomial_ci(int(exact.sum()), 12, 0.95)
+    assert (row["exact_match_ci_low"], row["exact_match_ci_high"]) == pytest.approx((100 * lo, 100 * hi))
+    assert row["mask_iou"] == pytest.approx(np.nanmean(iou))
+    assert row["mask_iou_ci_low"] <= row["mask_iou"] <= row["mask_iou_ci_high"]
+    assert 0 < row["cosine"] < 1  # still numbers: cosine and SQNR stay
+    per_sample = result.per_sample[result.per_sample["output"] == "maps"]
+    np.testing.assert_allclose(per_sample["element_match"], agree)
+    np.testing.assert_allclose(per_sample["mask_iou"], iou)
+    assert per_sample["exact_agree"].tolist() == exact.tolist()
+    assert result.settings["decision_threshold"] == threshold
+    assert result.check(f"mask_iou>={np.nanmean(iou) + 0.5}")["int8"].passed is False
+    assert result.check(f"mask_iou>={np.nanmean(iou) - 0.5}")["int8"].passed is True
+
+    changed = changed_samples(result.per_sample, shown=100)
+    assert sorted(changed["sample"]) == [i for i in range(12) if not exact[i]]
+    shown = changed["change"].str.extract(r"^mask: IoU ([0-9.]+) %, ([0-9.]+) % of elements agree$").astype(float)
+    assert not shown.isna().any().any()
+    assert list(shown[0]) == sorted(shown[0])  # the least overlap first
+    np.testing.assert_allclose(shown[0], np.round(iou[changed["sample"]], 1))
+
+
+def test_the_threshold_decides_the_masks(detector_int8):
+    model, written, images = detector_int8
+    ref, cand = _runs(model.proto, images), _runs(written.proto, images)
+    figures = {}
+    for threshold in (0.3, 0.5):
+        options = CompareOptions(batch_size=4, per_layer=False, bootstrap=0, workers=1, decision_threshold=threshold,
+                                 backend_options={"threads": 1, "qdq_fusion": False})
+        result = compare(model, {"int8": written}, from_arrays({"image": images}, role="validation"), options)
+        figures[threshold] = result.end_to_end.iloc[0]["mask_iou"]
+        assert figures[threshold] == pytest.approx(np.nanmean(_by_hand(ref, cand, threshold)[1]))
+    assert figures[0.3] != figures[0.5]
+
+
+def test_mask_iou_by_hand():
+    from quantlab.metrics import decision_mask, mask_iou
+
+    p = np.array([[0.1, 0.6, 0.7, np.nan], [0.2, 0.1, 0.0, 0.3]], np.float32)
+    assert decision_mask(p, 0.5).tolist() == [[False, True, True, False], [False, False, False, False]]
+    ref = np.array([[0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]], bool)
+    cand = np.array([[0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0]], bool)
+    np.testing.assert_allclose(mask_iou(ref, cand), [200 / 3, np.nan, 0.0])
+    valid = np.array([[True] * 3 + [False] * 4, [True] * 7, [False] + [True] * 6])  # padding masks positions
+    np.testing.assert_allclose(mask_iou(ref, cand, valid), [100.0, np.nan, 0.0])
+    with pytest.raises(ValueError, match="do not pair up"):
+        mask_iou(ref, cand[:, :3])
+
+
+def test_decision_threshold_must_be_a_probability(detector_int8, tmp_path, capsys):
+    for bad in (0.0, 1.0, 1.5, math.nan, True):
+        with pytest.raises(CompareError, match="decision_threshold must be a probability"):
+            CompareOptions(decision_threshold=bad)
+    with pytest.raises(SearchError, match="decision_threshold"):
+        SearchOptions(threshold="cosine>=0.99", decision_threshold=2.0).check()
+    from quantlab.cli import main
+
+    model, _, images = detector_int8
+    path = tmp_path / "detector.onnx"
+    onnx.save(model.proto, path)
+    np.savez(tmp_path / "val.npz", image=images)
+    code = main(["compare", str(path), str(path), "--data", str(tmp_path / "val.npz"), "--out", str(tmp_path / "o"),
+                 "--decision-threshold", "1.5"])
+    assert code == 2 and "--decision-threshold: must be a probability in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_thresholds_may_name_mask_iou_where_a_model_has_probabilities():
+    from quantlab.cli.compare import known_metrics
+
+    known = known_metrics(model_from_proto(models.text_detector()), use_labels=False)
+    assert parse_threshold("mask_iou_ci_low>=95", known_metrics=known).metrics == ("mask_iou_ci_low",)
+    assert parse_threshold("element_match>=99", known_metrics=known).metrics == ("element_match",)
+    with pytest.raises(ThresholdError):
+        parse_threshold("mask_iou>=95", known_metrics=known_metrics(model_from_proto(models.conv_net()), False))
