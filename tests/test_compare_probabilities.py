@@ -133,18 +133,23 @@ def test_mask_figures_match_onnxruntime_run_directly(detector_int8, threshold):
 def test_the_threshold_decides_the_masks(detector_int8):
     model, written, images = detector_int8
     ref, cand = _runs(model.proto, images), _runs(written.proto, images)
-    figures = {}
-    for threshold in (0.3, 0.5):
+    figures, warned = {}, {}
+    for threshold in (0.3, 0.5, 0.999):
         options = CompareOptions(batch_size=4, per_layer=False, bootstrap=0, workers=1, decision_threshold=threshold,
                                  backend_options={"threads": 1, "qdq_fusion": False})
         result = compare(model, {"int8": written}, from_arrays({"image": images}, role="validation"), options)
         figures[threshold] = result.end_to_end.iloc[0]["mask_iou"]
-        assert figures[threshold] == pytest.approx(np.nanmean(_by_hand(ref, cand, threshold)[1]))
+        warned[threshold] = [w for w in result.warnings if "--decision-threshold" in w]
+        if threshold < 0.9:
+            assert figures[threshold] == pytest.approx(np.nanmean(_by_hand(ref, cand, threshold)[1]))
     assert figures[0.3] != figures[0.5]
+    assert (ref <= 0.999).all() and math.isnan(figures[0.999])  # nothing marked: no overlap to measure ...
+    assert warned[0.3] == warned[0.5] == [] and len(warned[0.999]) == 1  # ... and the comparison says why
+    assert "at decision threshold 0.999 the reference marks none of the elements of every sample" in warned[0.999][0]
 
 
 def test_mask_iou_by_hand():
-    from quantlab.metrics import decision_mask, mask_iou
+    from quantlab.metrics import decision_mask, marked_share, mask_iou
 
     p = np.array([[0.1, 0.6, 0.7, np.nan], [0.2, 0.1, 0.0, 0.3]], np.float32)
     assert decision_mask(p, 0.5).tolist() == [[False, True, True, False], [False, False, False, False]]
@@ -155,6 +160,8 @@ def test_mask_iou_by_hand():
     np.testing.assert_allclose(mask_iou(ref, cand, valid), [100.0, np.nan, 0.0])
     with pytest.raises(ValueError, match="do not pair up"):
         mask_iou(ref, cand[:, :3])
+    np.testing.assert_allclose(marked_share(ref), [300 / 7, 0.0, 100 / 7])
+    np.testing.assert_allclose(marked_share(ref, valid), [100 / 3, 0.0, 0.0])
 
 
 def test_decision_threshold_must_be_a_probability(detector_int8, tmp_path, capsys):

@@ -28,6 +28,7 @@ from ..metrics import (
     ctc_text_agreement,
     decision_mask,
     error_sums,
+    marked_share,
     mask_iou,
     per_sample_errors,
     per_sample_sums,
@@ -65,6 +66,9 @@ class OutputStats:
     """CTC outputs (``CompareOptions.ctc_blank``): per sample, whether the greedy text is the reference's ..."""
     cer: list[np.ndarray] = field(default_factory=list)
     """... and its character error rate against it, % (NaN where the output's size differed)."""
+    marked: list[np.ndarray] = field(default_factory=list)
+    """The reference's probability outputs: per sample, the % of elements its mask marks (a threshold that marks
+    all or nothing everywhere tells no candidate apart: :mod:`.output_warnings`)."""
     iou: list[np.ndarray] = field(default_factory=list)
     """Probability outputs read as masks (:mod:`.probabilities`): per sample, the overlap of the candidate's mask
     with the reference's, % (NaN where neither holds anything, or the output's size differed)."""
@@ -181,6 +185,8 @@ class EndToEnd:
         ref_seen = {o: without_padding(v, valid[o]) if o in valid else v for o, v in ref_live.items()}
         self._add_reference(ref_seen, labels)
         ref_chosen = {o: self._chosen(o, ref_live[o]) for o in self.choices}
+        for o in self.decided:
+            self.reference[o].marked.append(marked_share(ref_chosen[o], valid.get(o)))
         for o in first:
             if self.choices.get(o) == "positions" and ref_chosen[o].ndim == 2:
                 best = ref_chosen[o][valid[o]] if o in valid else ref_chosen[o]

@@ -1,6 +1,6 @@
 """Warnings on a comparison's outputs themselves, not on a candidate: a reference that holds NaN, an output with
 one value per sample (no cosine), samples whose reference is near zero, outputs of another shape than the
-reference's or than the model declares."""
+reference's or than the model declares, probabilities whose threshold marks all or nothing."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def output_warnings(e2e: EndToEnd) -> list[str]:
             "is left out; read its sqnr_db and max_abs" for o in single]
     out += _near_zero_warnings(e2e, skip=single)
     out += _undeclared_rank_warnings(e2e)
+    out += _uniform_mask_warnings(e2e)
     out += [f"output {o!r} holds rows of very different scales along axis {axis} (|x| up to {top:.3g} in some, "
             f"{low:.3g} in others: a detector's box coordinates beside its scores): cosine and SQNR weigh the large "
             "ones only; judge it by a task metric (--metric, e.g. detections matched to the reference's)"
@@ -49,6 +50,23 @@ def _undeclared_rank_warnings(e2e: EndToEnd) -> list[str]:
                        "figures that depend on what an output holds (top-1 agreement, token agreement) read "
                        "the declaration; correct the output's shape in the model (its value_info/output type, "
                        "or re-export) to get them")
+    return out
+
+
+def _uniform_mask_warnings(e2e: EndToEnd) -> list[str]:
+    """Probability outputs whose reference marks every element of every sample, or none, at the decision
+    threshold: a candidate near the reference marks the same, so its masks' figures read 100 whatever its error
+    (a random-weight DBNet's map sat at 0.5-0.6 everywhere: mask_iou 100 at 0.3)."""
+    out = []
+    for o in e2e.decided:
+        shares = np.concatenate(e2e.reference[o].marked) if e2e.reference[o].marked else np.zeros(0)
+        shares = shares[~np.isnan(shares)]
+        if shares.size and (np.all(shares == 0.0) or np.all(shares == 100.0)):
+            what = "none of the elements" if shares[0] == 0.0 else "every element"
+            out.append(f"output {o!r}: at decision threshold {e2e.decision_threshold:g} the reference marks {what} "
+                       "of every sample, so its masks' figures (element_match, exact_match, mask_iou) tell little; "
+                       "give the probability your application reads it at (--decision-threshold P, "
+                       "decision_threshold = P in an experiment or sweep file)")
     return out
 
 

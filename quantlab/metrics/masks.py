@@ -14,13 +14,25 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["decision_mask", "mask_iou"]
+__all__ = ["decision_mask", "mask_iou", "marked_share"]
 
 
 def decision_mask(probabilities: np.ndarray, threshold: float) -> np.ndarray:
     """bool, same shape: ``p > threshold`` (NaN is never above it)."""
     with np.errstate(invalid="ignore"):
         return np.asarray(probabilities) > threshold
+
+
+def marked_share(mask: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per sample (axis 0) of a bool mask: the % of its elements (at ``valid`` positions, as :func:`mask_iou`)
+    that it marks, float64 ``[N]`` (NaN for a sample without elements)."""
+    n = mask.shape[0] if mask.ndim else 1
+    counted = np.ones(mask.shape, dtype=bool) if valid is None else np.broadcast_to(
+        valid.reshape(valid.shape + (1,) * (mask.ndim - 2)), mask.shape)
+    m, counted = np.asarray(mask, dtype=bool).reshape(n, -1), counted.reshape(n, -1)
+    total = counted.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (m & counted).sum(axis=1) / np.maximum(total, 1) * 100.0, np.nan)
 
 
 def mask_iou(reference: np.ndarray, candidate: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
