@@ -8,6 +8,7 @@ against those axes and calibration runs.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import models
@@ -538,6 +539,15 @@ def test_sequence_mode_also_measures_each_candidate_free_running(tmp_path):
         ref, cand = (np.concatenate(got[k][o]).astype(np.float64) for k in ("ref", "int8"))
         sqnr = 10 * np.log10((ref ** 2).sum() / ((ref - cand) ** 2).sum())
         assert abs(row["sqnr_db"] - sqnr) < 0.5, (o, row["sqnr_db"], sqnr)
+    # prob, a Sigmoid's, is read as speech or not (p > 0.5): the decisions of every step, pooled
+    ref, cand = (np.concatenate(got[k]["prob"]) > 0.5 for k in ("ref", "int8"))
+    assert rows["prob"]["element_match"] == pytest.approx((ref == cand).mean() * 100.0)
+    either = (ref | cand).sum()
+    assert (math.isnan(rows["prob"]["mask_iou"]) if either == 0
+            else rows["prob"]["mask_iou"] == pytest.approx((ref & cand).sum() / either * 100.0))
+    assert "element_match" not in rows["stateN"]  # a state, not a probability
+    assert "prob masks: " in next(w for w in result.warnings if "free-running over whole streams" in w)
+    assert result.end_to_end.set_index("output").loc["prob", "free_element_match"] == rows["prob"]["element_match"]
 
 
 def test_free_running_figures_and_user_metrics_are_columns_a_threshold_can_judge(tmp_path):
@@ -582,6 +592,7 @@ def test_free_running_figures_and_user_metrics_are_columns_a_threshold_can_judge
     assert not parse_threshold(f"free_sqnr_db>={worst + 1}").check(result.end_to_end).passed
     # thresholds: known in sequence mode only, and a set without [sequence] says why not
     parse_threshold("free_sqnr_db>=20", known_metrics=known_metrics(model, False, seq))
+    parse_threshold("free_element_match>=95", known_metrics=known_metrics(model, False, seq))  # prob: a Sigmoid's
     with pytest.raises(ThresholdError, match=r"free-running figure.*\[sequence\]"):
         parse_threshold("free_sqnr_db>=20", known_metrics=known_metrics(model, False, plain))
     # the search's evaluations measure them when its threshold names one

@@ -11,14 +11,16 @@ inputs, and compares their outputs over every element of every step::
 
 The first step feeds every model the data's own state. Figures are over all elements (``cosine`` too: one
 cosine over the whole output, not a mean over samples). A user metric (``--metric``) is called on every sample of
-every step, as in the teacher-forced pass, and its mean kept. The comparison's end-to-end table holds all of them
+every step, as in the teacher-forced pass, and its mean kept. Outputs read as masks (:mod:`.probabilities`: a
+voice-activity probability) also get :data:`FREE_MASK_FIGURES`, over every element of every step: the % of
+decisions that agree and the overlap of the two masks. The comparison's end-to-end table holds all of them
 as ``free_<figure>`` columns (:func:`free_column`), so a threshold can judge deployed behaviour:
-``free_sqnr_db>=20``, ``free_decision_agree>=95``.
+``free_sqnr_db>=20``, ``free_element_match>=95``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,15 +30,19 @@ from ..backends.base import Backend
 from ..data import Batch
 from ..graph import LoadedModel
 from ..graph.samples import data_sized
-from ..metrics import ErrorSums, error_sums, errors_from_sums
+from ..metrics import ErrorSums, decision_mask, error_sums, errors_from_sums
 from ..sequence import SequenceData
 from .candidates import REFERENCE_KEY
+from .options import DECISION_THRESHOLD
 
-__all__ = ["FREE_RUNNING_FIGURES", "FREE_PREFIX", "SampleMetric", "free_column", "free_running", "free_running_note",
+__all__ = ["FREE_MASK_FIGURES", "FREE_RUNNING_FIGURES", "FREE_PREFIX", "SampleMetric", "free_column", "free_running", "free_running_note",
            "with_free_running"]
 
 FREE_RUNNING_FIGURES = ("cosine", "sqnr_db", "max_abs", "rel_l2")
 """What the free-running record keeps per candidate and output (:func:`quantlab.metrics.errors_from_sums`)."""
+
+FREE_MASK_FIGURES = ("element_match", "mask_iou")
+"""... and, for outputs read as masks, the % of elements whose decision agrees and the masks' IoU (%), pooled."""
 
 FREE_PREFIX = "free_"
 """The end-to-end columns of the free-running figures: ``free_sqnr_db``, ``free_<user metric>``."""
@@ -53,17 +59,21 @@ def free_column(figure: str) -> str:
 
 def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: SequenceData, batch_size: int,
                  backend_of: Callable[[str], Backend], max_samples: int | None = None,
-                 metric: SampleMetric | None = None) -> list[dict[str, Any]]:
+                 metric: SampleMetric | None = None,
+                 decisions: tuple[float, Sequence[str]] = (DECISION_THRESHOLD, ())) -> list[dict[str, Any]]:
     """One row per candidate and compared output (:func:`compared_outputs`): its :data:`FREE_RUNNING_FIGURES`
     against the free-running FP32 model, over the first ``max_samples`` samples (all: None), streams of
     ``batch_size``; with ``metric``, also the mean of each of its numbers over every sample of every step (the
-    same on every output row of a candidate, as the end-to-end table has them)."""
+    same on every output row of a candidate, as the end-to-end table has them); ``decisions``: the threshold and
+    the outputs read as masks, which also get :data:`FREE_MASK_FIGURES`."""
     outputs = compared_outputs(reference)
     protos = {REFERENCE_KEY: reference.proto, **{name: c.proto for name, c in candidates.items()}}
     runners = {name: backend_of(name).build(proto) for name, proto in protos.items()}
     states: dict[str, dict[str, np.ndarray]] = {name: {} for name in protos}
     sums: dict[tuple[str, str], ErrorSums] = {(n, o): ErrorSums() for n in candidates for o in outputs}
     user: dict[str, list[dict[str, float]]] = {n: [] for n in candidates}
+    threshold, decided = decisions[0], [o for o in decisions[1] if o in outputs]
+    masks = {(n, o): np.zeros(4, np.int64) for n in candidates for o in decided}  # agree, counted, both, either
     seen = 0
     try:
         for batch in data.dataset.batches(batch_size):
@@ -74,6 +84,8 @@ def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: Se
                 states[name] = {inp: out[o] for o, inp in data.carry.items()}
             for (name, o) in sums:
                 sums[(name, o)] = sums[(name, o)] + error_sums(got[REFERENCE_KEY][o], got[name][o])
+            for (name, o), counts in masks.items():
+                counts += _mask_counts(got[REFERENCE_KEY][o], got[name][o], threshold)
             if metric is not None:
                 for name in candidates:
                     user[name].extend(metric(name, batch, got[REFERENCE_KEY], got[name]))
@@ -83,8 +95,21 @@ def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: Se
             runner.close()
     means = {name: _means(rows) for name, rows in user.items()}
     return [{"candidate": name, "output": o, "samples": seen,
-             **{k: v for k, v in errors_from_sums(s).items() if k in FREE_RUNNING_FIGURES}, **means[name]}
+             **{k: v for k, v in errors_from_sums(s).items() if k in FREE_RUNNING_FIGURES},
+             **(_mask_figures(masks[(name, o)]) if (name, o) in masks else {}), **means[name]}
             for (name, o), s in sums.items()]
+
+
+def _mask_counts(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> np.ndarray:
+    """[elements whose decision agrees, elements, in both masks, in either] of one step."""
+    r, c = decision_mask(reference, threshold), decision_mask(candidate, threshold)
+    return np.array([np.count_nonzero(r == c), r.size, np.count_nonzero(r & c), np.count_nonzero(r | c)], np.int64)
+
+
+def _mask_figures(counts: np.ndarray) -> dict[str, float]:
+    agree, total, both, either = (int(x) for x in counts)
+    return {"element_match": agree / total * 100.0 if total else float("nan"),
+            "mask_iou": both / either * 100.0 if either else float("nan")}
 
 
 def _means(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -112,8 +137,10 @@ def free_running_note(rows: list[dict[str, Any]], teacher_forced: Mapping[tuple[
         mine = [r for r in rows if r["candidate"] == name]
         figures = ", ".join(f"{r['output']} {r['sqnr_db']:.1f} dB (teacher-forced "
                             f"{teacher_forced.get((name, r['output']), float('nan')):.1f})" for r in mine)
+        figures += "".join(f"; {r['output']} masks: {r['element_match']:.1f} % of decisions agree, IoU "
+                           f"{r['mask_iou']:.1f} %" for r in mine if "element_match" in r)
         user = [f"{k} {v:.4g}" for k, v in mine[0].items()
-                if k not in ("candidate", "output", "samples", *FREE_RUNNING_FIGURES)]
+                if k not in ("candidate", "output", "samples", *FREE_RUNNING_FIGURES, *FREE_MASK_FIGURES)]
         parts.append(f"{name}: {figures}" + (f"; metric {', '.join(user)}" if user else ""))
     return ("sequence mode, free-running over whole streams (each model reads back its own state, as deployed): "
             + "; ".join(parts) + f". {kept + '; ' if kept else ''}thresholds judge the teacher-forced figures, "

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .free_running import FREE_RUNNING_FIGURES, free_column
+from .free_running import FREE_MASK_FIGURES, FREE_RUNNING_FIGURES, free_column
 from .result import (
     CLASSIFIER_COLUMNS,
     CTC_COLUMNS,
@@ -33,5 +33,5 @@ def reported_metrics(*, classifiers: bool = True, labels: bool = True, positions
     if masks:
         known |= set(MASK_COLUMNS)
     if free_running:
-        known |= {free_column(f) for f in FREE_RUNNING_FIGURES}
+        known |= {free_column(f) for f in FREE_RUNNING_FIGURES + (FREE_MASK_FIGURES if masks else ())}
     return known

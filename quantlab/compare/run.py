@@ -324,7 +324,7 @@ class Comparison:
         assert isinstance(self.dataset, SequenceData)
         rows = free_running(self.reference, self.candidates, self.dataset, self.options.batch_size,
                             lambda name: self.candidate_backends.get(name, self.backend), self.options.max_samples,
-                            self._sample_metric())
+                            self._sample_metric(), decisions=(self.options.decision_threshold, self.decided))
         forced = {(r.candidate, r.output): float(r.sqnr_db) for r in end_to_end.itertuples()}
         if rows:
             self.warnings.append(free_running_note(rows, forced))

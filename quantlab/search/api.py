@@ -14,6 +14,7 @@ from typing import Any
 
 from ..compare import CompareResult, load_comparison
 from ..compare.free_running import free_running, free_running_note
+from ..compare.probabilities import probability_outputs
 from ..data import DataSet, check_inputs, summarize
 from ..fingerprint import sha256_bytes, tool_versions
 from ..graph import LoadedModel
@@ -136,7 +137,9 @@ def _free_running_notes(model: LoadedModel, evaluator: CompareEvaluator, plan: R
     rows = comparison.settings.get("free_running")  # measured with the plan: the threshold names free_ figures
     if not rows:
         backend = evaluator.exact_backend()
-        rows = free_running(model, {name: evaluator.write(plan)}, dataset, options.batch_size, lambda _: backend)
+        decided = probability_outputs(model)
+        rows = free_running(model, {name: evaluator.write(plan)}, dataset, options.batch_size, lambda _: backend,
+                            decisions=(options.decision_threshold, decided))
     forced = {(name, r.output): float(r.sqnr_db) for r in comparison.end_to_end.itertuples()}
     return (free_running_note(rows, forced, kept=""),) if rows else ()
 
