@@ -54,6 +54,30 @@ def _heads() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _vad_head(else_op: str) -> onnx.ModelProto:
+    """x[N, 4] -> Sigmoid -> If(its batch is 1: Squeeze(axis 1) | else_op) -> ReduceMean -> output [N]: the tail
+    of Silero VAD's export (the else branch Identity), or one whose else branch scales the probabilities. Read,
+    not run."""
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("zero", 0), ("one", 1))]
+    sq = helper.make_graph([helper.make_node("Squeeze", ["p", "axes"], ["sq"])], "then", [],
+                           [helper.make_tensor_value_info("sq", TensorProto.FLOAT, ["N"])],
+                           [onnx.numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["p"], ["el"]) if else_op == "Identity"
+         else helper.make_node("Mul", ["p", "two"], ["el"])], "else", [],
+        [helper.make_tensor_value_info("el", TensorProto.FLOAT, ["N", 4])],
+        [onnx.numpy_helper.from_array(np.float32(2.0), "two")])
+    nodes = [helper.make_node("Sigmoid", ["x"], ["p"]),
+             helper.make_node("Shape", ["p"], ["shape"]),
+             helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+             helper.make_node("Equal", ["batch", "one"], ["single"]),
+             helper.make_node("If", ["single"], ["picked"], then_branch=sq, else_branch=other),
+             helper.make_node("ReduceMean", ["picked"], ["speech"], axes=[-1], keepdims=0)]
+    graph = helper.make_graph(nodes, "vad_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("speech", TensorProto.FLOAT, ["N"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def test_probability_outputs_are_what_a_sigmoid_writes():
     model = model_from_proto(_heads())
     assert probability_outputs(model) == ["tags", "both"]  # not boxes (scaled), classes (softmax), mask (bool)
@@ -62,6 +86,8 @@ def test_probability_outputs_are_what_a_sigmoid_writes():
     assert probability_outputs(model_from_proto(models.voice_activity())) == ["prob"]
     assert probability_outputs(model_from_proto(models.text_recognizer())) == []
     assert probability_outputs(model_from_proto(models.conv_net())) == []
+    assert probability_outputs(model_from_proto(_vad_head("Identity"))) == ["speech"]  # both branches: p
+    assert probability_outputs(model_from_proto(_vad_head("Mul"))) == []  # one branch scales them
 
 
 def _runs(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ import pytest
 
 from quantlab.calibrate import calibrate
 from quantlab.compare import CompareOptions, compare
+from quantlab.compare.probabilities import probability_outputs
 from quantlab.data import from_arrays
 from quantlab.graph import load_model
 from quantlab.plan import fusion_groups, uniform_plan
@@ -102,6 +103,10 @@ def test_silero_vad_int8_keeps_its_state_float_and_is_measured_free_running_too(
     assert e2e.loc["stateN", "sqnr_db"] > 15
     free = {r["output"]: r for r in result.settings["free_running"]}
     assert set(free) == {"output", "stateN"} and all(np.isfinite(r["sqnr_db"]) for r in free.values())
+    # the speech probability (Sigmoid -> If on a shape -> ReduceMean) is read as speech or not, on its own state too
+    assert probability_outputs(model) == ["output"]
+    assert 0 <= e2e.loc["output", "element_match"] <= 100 and 0 <= free["output"]["element_match"] <= 100
+    assert "output masks: " in next(w for w in result.warnings if "free-running over whole streams" in w)
     rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed")
     assert rtx is not None
     from quantlab.backends.tensorrt import TensorRTBackend

@@ -144,7 +144,13 @@ def free_running_note(rows: list[dict[str, Any]], teacher_forced: Mapping[tuple[
         parts.append(f"{name}: {figures}" + (f"; metric {', '.join(user)}" if user else ""))
     return ("sequence mode, free-running over whole streams (each model reads back its own state, as deployed): "
             + "; ".join(parts) + f". {kept + '; ' if kept else ''}thresholds judge the teacher-forced figures, "
-            f"unless they name the free-running ones ({free_column('sqnr_db')}, {free_column('<metric>')})")
+            f"unless they name the free-running ones ({', '.join(_named(rows))})")
+
+
+def _named(rows: list[dict[str, Any]]) -> list[str]:
+    """The free-running columns a threshold may name, as examples: SQNR, the masks' agreement, a user metric's."""
+    masks = [free_column("element_match")] if any("element_match" in r for r in rows) else []
+    return [free_column("sqnr_db"), *masks, free_column("<metric>")]
 
 
 def with_free_running(end_to_end: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -4,7 +4,7 @@ A Sigmoid writes them, through only ops that move, pick or resample its values::
 
     ConvTranspose ─► Sigmoid ─► output [N, 1, H, W]          a text detector's map (DBNet): yes
     Gemm ─► Sigmoid ─► Reshape ─► output [N, 40]             multi-label tags: yes
-    LSTM ... ─► Sigmoid ─► output [N, 1]                     a voice-activity probability: yes
+    ... ─► Sigmoid ─► If(Squeeze | Identity) ─► ReduceMean ─► output [N, 1]   voice activity (Silero): yes
     Sigmoid ─► Mul(anchors) ─► Add(grid) ─► output           a YOLO head's boxes: no (numbers, not probabilities)
 
 Their masks (``p > CompareOptions.decision_threshold``, 0.5 by default: DBNet reads its map at 0.3) are
@@ -26,8 +26,10 @@ __all__ = ["probability_outputs"]
 
 _PROBABILITIES = frozenset({"Sigmoid", "HardSigmoid"})
 _VALUES_KEPT = frozenset({"Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice",
-                          "Gather", "Split", "Resize", "Upsample", "Dropout", "Concat"})
-"""Ops whose outputs are (resampled) values of their data input (the first; every input of a Concat)."""
+                          "Gather", "Split", "Resize", "Upsample", "Dropout", "Concat", "ReduceMean", "ReduceMax",
+                          "ReduceMin", "AveragePool", "GlobalAveragePool", "MaxPool", "GlobalMaxPool"})
+"""Ops whose outputs are (resampled, pooled) values of their data input (the first; every input of a Concat): a
+mean or a max of probabilities is one (Silero VAD's speech probability is a ReduceMean of a Sigmoid's frames)."""
 _MAX_HOPS = 16
 
 
@@ -45,6 +47,13 @@ def _from_probabilities(tensor: str, producers: Mapping[str, onnx.NodeProto], ho
         return False
     if node.op_type in _PROBABILITIES:
         return True
+    if node.op_type == "If":  # both branches hand on probabilities (Silero's If on a shape: Squeeze or not)
+        index = list(node.output).index(tensor)
+        branches = [a.g for a in node.attribute if a.name in ("then_branch", "else_branch")]
+        return len(branches) == 2 and all(
+            index < len(g.output) and _from_probabilities(
+                g.output[index].name, {**producers, **{o: n for n in g.node for o in n.output if o}}, hops - 1)
+            for g in branches)
     if node.op_type not in _VALUES_KEPT:
         return False
     data = [t for t in node.input if t] if node.op_type == "Concat" else node.input[:1]
