@@ -88,6 +88,13 @@ def test_probability_outputs_are_what_a_sigmoid_writes():
     assert probability_outputs(model_from_proto(models.conv_net())) == []
     assert probability_outputs(model_from_proto(_vad_head("Identity"))) == ["speech"]  # both branches: p
     assert probability_outputs(model_from_proto(_vad_head("Mul"))) == []  # one branch scales them
+    detr = helper.make_graph(  # queries [N, Q, 8] -> MatMul -> Sigmoid -> boxes [N, Q, 4], as DETR writes them
+        [helper.make_node("MatMul", ["queries", "w"], ["z"]), helper.make_node("Sigmoid", ["z"], ["boxes"])], "detr",
+        [helper.make_tensor_value_info("queries", TensorProto.FLOAT, ["N", 10, 8])],
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 10, 4])],
+        [onnx.numpy_helper.from_array(np.ones((8, 4), np.float32), "w")])
+    detr_model = model_from_proto(helper.make_model(detr, opset_imports=[helper.make_opsetid("", 17)]))
+    assert probability_outputs(detr_model) == []  # normalised cx, cy, w, h: no mask
 
 
 def _runs(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:

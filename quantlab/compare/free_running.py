@@ -35,8 +35,8 @@ from ..sequence import SequenceData
 from .candidates import REFERENCE_KEY
 from .options import DECISION_THRESHOLD
 
-__all__ = ["FREE_MASK_FIGURES", "FREE_RUNNING_FIGURES", "FREE_PREFIX", "SampleMetric", "free_column", "free_running", "free_running_note",
-           "with_free_running"]
+__all__ = ["FREE_MASK_FIGURES", "FREE_RUNNING_FIGURES", "FREE_PREFIX", "SampleMetric", "free_column", "free_running",
+           "free_running_note", "with_free_running"]
 
 FREE_RUNNING_FIGURES = ("cosine", "sqnr_db", "max_abs", "rel_l2")
 """What the free-running record keeps per candidate and output (:func:`quantlab.metrics.errors_from_sums`)."""

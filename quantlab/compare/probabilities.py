@@ -2,10 +2,11 @@
 
 A Sigmoid writes them, through only ops that move, pick or resample its values::
 
-    ConvTranspose ─► Sigmoid ─► output [N, 1, H, W]          a text detector's map (DBNet): yes
-    Gemm ─► Sigmoid ─► Reshape ─► output [N, 40]             multi-label tags: yes
-    ... ─► Sigmoid ─► If(Squeeze | Identity) ─► ReduceMean ─► output [N, 1]   voice activity (Silero): yes
-    Sigmoid ─► Mul(anchors) ─► Add(grid) ─► output           a YOLO head's boxes: no (numbers, not probabilities)
+    ConvTranspose ─► Sigmoid ─► output [N, 1, H, W]                 a text detector's map (DBNet): yes
+    Gemm ─► Sigmoid ─► Reshape ─► output [N, 40]                    multi-label tags: yes
+    Sigmoid ─► If(Squeeze | Identity) ─► ReduceMean ─► output [N]   voice activity (Silero): yes
+    Sigmoid ─► Mul(anchors) ─► Add(grid) ─► output                  a YOLO head's boxes: no (numbers)
+    MLP ─► Sigmoid ─► output [N, Q, 4]                              a DETR head's boxes: no (cx, cy, w, h in [0, 1])
 
 Their masks (``p > CompareOptions.decision_threshold``, 0.5 by default: DBNet reads its map at 0.3) are
 compared as the masks an integer or boolean output is (:data:`.choices.CHOICE_COLUMNS`: ``element_match``,
@@ -38,7 +39,14 @@ def probability_outputs(model: LoadedModel, taken: Collection[str] = ()) -> list
     (outputs already read otherwise: class scores, integer outputs)."""
     producers = producer_map(model.proto)
     return [spec.name for spec in model.outputs
-            if spec.is_float and spec.name not in taken and _from_probabilities(spec.name, producers, _MAX_HOPS)]
+            if spec.is_float and spec.name not in taken and not _boxes(spec.shape)
+            and _from_probabilities(spec.name, producers, _MAX_HOPS)]
+
+
+def _boxes(shape: tuple | None) -> bool:
+    """``[N, Q, 4]`` (rank 3 or more, 4 last): boxes, as DETR, YOLOS and RT-DETR write them through a Sigmoid
+    (normalised cx, cy, w, h): a box's corner is no decision (YOLOS's boxes "agreed" at 0.5 on 100 % of them)."""
+    return shape is not None and len(shape) >= 3 and shape[-1] == 4
 
 
 def _from_probabilities(tensor: str, producers: Mapping[str, onnx.NodeProto], hops: int) -> bool:

@@ -22,7 +22,8 @@ outputs (ArgMax ids, decoded tokens): element_match and exact_match,
 alike over elements (their cosine, cosine_min, sqnr_db and rel_l2 are NaN); for outputs a Sigmoid writes
 (:mod:`.probabilities`: a text detector's map, tags, voice activity) element_match and exact_match of the masks
 ``p > decision_threshold``, and mask_iou (% overlap of the two masks, mean over the samples where either holds
-anything); each with _ci_low/_ci_high; and one column per number a user metric returns. nan_count counts NaN/inf elements in the candidate's outputs.
+anything); each with _ci_low/_ci_high; and one column per number a user metric returns. nan_count counts
+NaN/inf elements in the candidate's outputs.
 
 per_layer columns: candidate, mode, order (topological index of the node in the reference),
 layer (reference node name), group (fusion group name), op_type, tensor (reference output
