@@ -200,8 +200,8 @@ def _fmt(v: Any) -> str:
 def _end_to_end_view(result: Any) -> Any:
     df = result.end_to_end
     cols = ["candidate", "output", "samples", "cosine", "sqnr_db", "max_abs", "rel_l2", "nan_count"]
-    for c in ("top1_agreement", "token_agreement", "sequence_agreement", "text_agreement", "cer", "exact_match",
-              "ref_top1", "top1", "top1_drop", "top1_drop_ci_low", "top1_drop_ci_high",
+    for c in ("top1_agreement", "token_agreement", "sequence_agreement", "text_agreement", "cer", "mask_iou",
+              "exact_match", "ref_top1", "top1", "top1_drop", "top1_drop_ci_low", "top1_drop_ci_high",
               "top5_drop", "mcnemar_p"):
         if c in df.columns and df[c].notna().any():
             cols.append(c)
