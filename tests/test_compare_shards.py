@@ -198,3 +198,4 @@ def test_shards_keep_a_state_batched_on_axis_1(ray_instance, tmp_path) -> None:
     local = compare(model, written, data, _options(batch_size=4, bootstrap=50))
     sharded = compare(model, written, data, _options(batch_size=4, bootstrap=50, shards=2))
     _assert_same_tables(local, sharded, tmp_path)
+    assert local.end_to_end.set_index("output").loc["prob", ["element_match", "exact_match"]].notna().all()  # masks
