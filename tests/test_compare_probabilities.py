@@ -155,6 +155,13 @@ def test_mask_figures_match_onnxruntime_run_directly(detector_int8, threshold):
     assert result.check(f"mask_iou>={np.nanmean(iou) + 0.5}")["int8"].passed is False
     assert result.check(f"mask_iou>={np.nanmean(iou) - 0.5}")["int8"].passed is True
 
+    (example,) = result.mask_examples  # the sample of lowest IoU, its two masks as planes
+    worst = int(np.nanargmin(iou))
+    assert (example.candidate, example.output, example.sample) == ("int8", "maps", worst)
+    assert example.iou == pytest.approx(iou[worst])
+    np.testing.assert_array_equal(example.reference, ref[worst, 0] > threshold)
+    np.testing.assert_array_equal(example.changed, cand[worst, 0] > threshold)
+
     changed = changed_samples(result.per_sample, shown=100)
     assert sorted(changed["sample"]) == [i for i in range(12) if not exact[i]]
     shown = changed["change"].str.extract(r"^mask: IoU ([0-9.]+) %, ([0-9.]+) % of elements agree$").astype(float)
@@ -223,3 +230,31 @@ def test_thresholds_may_name_mask_iou_where_a_model_has_probabilities():
     assert parse_threshold("element_match>=99", known_metrics=known).metrics == ("element_match",)
     with pytest.raises(ThresholdError):
         parse_threshold("mask_iou>=95", known_metrics=known_metrics(model_from_proto(models.conv_net()), False))
+
+
+def test_mask_examples_survive_the_folder_and_merge_to_the_worst(detector_int8, tmp_path):
+    from dataclasses import replace
+
+    from quantlab.compare import load_comparison
+    from quantlab.compare.mask_examples import MASK_EXAMPLES_FILE, load_mask_examples, mask_plane, worst_of
+
+    model, written, images = detector_int8
+    result = compare(model, {"int8": written}, from_arrays({"image": images}, role="validation"),
+                     CompareOptions(batch_size=4, per_layer=False, bootstrap=0, workers=1))
+    result.save(tmp_path / "cmp")
+    (back,) = load_comparison(tmp_path / "cmp").mask_examples
+    (kept,) = result.mask_examples
+    assert (back.candidate, back.output, back.sample, back.key, back.iou) == (
+        kept.candidate, kept.output, kept.sample, kept.key, kept.iou)
+    assert np.array_equal(back.reference, kept.reference) and np.array_equal(back.changed, kept.changed)
+    # a shard's worse sample replaces the kept one; a tie keeps the earlier
+    assert worst_of(kept, replace(kept, sample=99, iou=kept.iou - 1)).sample == 99
+    assert worst_of(kept, replace(kept, sample=99)).sample == kept.sample
+    assert worst_of(None, kept) is kept and worst_of(kept, None) is kept
+    # planes only: a probability per sample or tags are no picture
+    assert mask_plane(np.ones((1, 4, 5), bool)).shape == (4, 5)
+    assert mask_plane(np.ones((1,), bool)) is None and mask_plane(np.ones((3, 4, 5), bool)) is None
+    assert mask_plane(np.ones((40,), bool)) is None
+    (tmp_path / "cmp" / MASK_EXAMPLES_FILE).write_bytes(b"not a zip")
+    with pytest.raises(CompareError, match=f"{MASK_EXAMPLES_FILE}: unreadable mask examples"):
+        load_mask_examples(tmp_path / "cmp")

@@ -199,3 +199,20 @@ def test_shards_keep_a_state_batched_on_axis_1(ray_instance, tmp_path) -> None:
     sharded = compare(model, written, data, _options(batch_size=4, bootstrap=50, shards=2))
     _assert_same_tables(local, sharded, tmp_path)
     assert local.end_to_end.set_index("output").loc["prob", ["element_match", "exact_match"]].notna().all()  # masks
+
+
+def test_shards_keep_the_same_most_changed_mask(ray_instance, tmp_path) -> None:
+    """Each shard keeps its own lowest-IoU sample; the merge keeps the worst of them (the earlier on ties)."""
+    model = model_from_proto(models.text_detector(), label="detector")
+    rng = np.random.default_rng(0)
+    table = calibrate(model, from_arrays({"image": rng.uniform(-0.8, 0.8, (8, 3, 32, 48)).astype(np.float32)}),
+                      "minmax", batch_size=4).tables["minmax"]
+    written = {"int8": write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))}
+    data = from_arrays({"image": rng.uniform(-1, 1, (12, 3, 32, 48)).astype(np.float32)}, role="validation")
+    local = compare(model, written, data, _options(batch_size=4, bootstrap=50, per_layer=False))
+    sharded = compare(model, written, data, _options(batch_size=4, bootstrap=50, per_layer=False, shards=3))
+    _assert_same_tables(local, sharded, tmp_path)
+    (a,), (b,) = local.mask_examples, sharded.mask_examples
+    assert (a.sample, a.iou) == (b.sample, b.iou) and np.array_equal(a.changed, b.changed)
+    per_sample = local.per_sample
+    assert a.sample == int(per_sample.loc[per_sample["mask_iou"].idxmin(), "sample"])

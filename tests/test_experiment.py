@@ -435,7 +435,13 @@ def test_a_text_detector_experiment_judges_and_searches_on_the_mask_overlap(tmp_
     assert set(trajectory["metric"]) == {"mask_iou"}
     compared = json.loads(next(report.glob("stages/compare*/compare.json")).read_text())
     assert compared["settings"]["decision_threshold"] == 0.3
-    assert "mask_iou" in (report / "index.html").read_text()
+    page = (report / "index.html").read_text()
+    assert "mask_iou" in page and 'alt="masks the candidates changed most"' in page
+    assert (report / "plots" / "masks.png").read_bytes().startswith(b"\x89PNG")  # the worst page's masks, drawn
+    from quantlab.report import load_report_inputs
+
+    kept = load_report_inputs(report).mask_examples  # saved with the report's inputs: `quantlab report` redraws it
+    assert kept and kept[0].candidate == "int8-minmax" and kept[0].iou < 99
 
 
 @needs_compare

@@ -35,6 +35,7 @@ from ..metrics import (
     topk,
 )
 from .labels import LabelUse
+from .mask_examples import MaskExample, mask_plane, worst_of
 from .options import DECISION_THRESHOLD, CompareOptions
 from .choices import best_positions, decided_positions, part_agreement
 from .end_to_end_tables import end_to_end_frames
@@ -114,6 +115,8 @@ class SampleRecords:
     indices: list[int] = field(default_factory=list)
     sample_labels: list[Any] = field(default_factory=list)
     user: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    examples: dict[tuple[str, str], MaskExample] = field(default_factory=dict)
+    """(candidate, output) -> the sample whose mask it changed most so far (:mod:`.mask_examples`)."""
 
     def extend(self, later: SampleRecords) -> None:
         """Appends the records of the samples that follow (the next shard, same candidates and outputs)."""
@@ -126,6 +129,10 @@ class SampleRecords:
         self.sample_labels.extend(later.sample_labels)
         for name, rows in self.user.items():
             rows.extend(later.user[name])
+        for key in dict.fromkeys([*self.examples, *later.examples]):
+            worst = worst_of(self.examples.get(key), later.examples.get(key))
+            if worst is not None:
+                self.examples[key] = worst
 
 
 class EndToEnd:
@@ -196,7 +203,7 @@ class EndToEnd:
             seen = {o: without_padding(v, valid[o]) if o in valid and v.shape == ref_live[o].shape else v
                     for o, v in live.items()}
             self._add_candidate(name, ref_seen, seen, labels)
-            self._add_choices(name, ref_chosen, ref_live, live, valid)
+            self._add_choices(name, ref_chosen, ref_live, live, valid, batch)
             if self.metric is not None:
                 self._add_user(name, batch, ref_live, live)
         self.keys.extend(batch.keys)
@@ -269,7 +276,7 @@ class EndToEnd:
         return decision_mask(value, self.decision_threshold) if kind == "decisions" else value
 
     def _add_choices(self, name: str, ref_chosen: Mapping[str, np.ndarray], ref_live: Mapping[str, np.ndarray],
-                     live: Mapping[str, np.ndarray], valid: Mapping[str, np.ndarray]) -> None:
+                     live: Mapping[str, np.ndarray], valid: Mapping[str, np.ndarray], batch: Batch) -> None:
         for o, ref in ref_chosen.items():
             cand = self._chosen(o, live[o])
             n = ref.shape[0] if ref.ndim else 1
@@ -290,6 +297,24 @@ class EndToEnd:
                 st.cer.append(cer)
             if self.choices[o] == "decisions":
                 st.iou.append(np.full(n, np.nan) if mismatched else mask_iou(ref, cand, valid.get(o)))
+                self._keep_worst_mask(name, o, ref, cand, st.iou[-1], batch)
+
+    def _keep_worst_mask(self, name: str, o: str, ref: np.ndarray, cand: np.ndarray, iou: np.ndarray,
+                         batch: Batch) -> None:
+        """The batch's sample of lowest IoU, kept if it is lower than the one kept so far (maps only)."""
+        if np.isnan(iou).all() or mask_plane(ref[0]) is None:
+            return
+        i = int(np.nanargmin(iou))
+        found = MaskExample(candidate=name, output=o, sample=int(batch.indices[i]), key=str(batch.keys[i]),
+                            iou=float(iou[i]), reference=mask_plane(ref[i]).copy(), changed=mask_plane(cand[i]).copy())
+        worst = worst_of(self.records.examples.get((name, o)), found)
+        if worst is not None:
+            self.records.examples[(name, o)] = worst
+
+    def mask_examples(self) -> tuple[MaskExample, ...]:
+        """The kept examples, in candidate then output order."""
+        return tuple(self.records.examples[(c, o)] for c in self.candidates for o in self.outputs
+                     if (c, o) in self.records.examples)
 
     def _add_mismatch(self, st: OutputStats, samples: int) -> None:
         """A batch whose output sizes differ (NMS kept other boxes): NaN rows keep the per-sample tables aligned,

@@ -7,6 +7,7 @@ The table columns and the on-disk format change together with the result, so the
       end_to_end.parquet / .csv       one row per candidate x model output
       per_layer.parquet / .csv        one row per candidate x layer x mode ("accumulated" | "local")
       per_sample.parquet / .csv       one row per candidate x sample (x output)
+      mask_examples.npz               maps read as masks: each candidate's most changed sample (.mask_examples)
 
 end_to_end columns (NaN where not applicable): candidate, output, samples, cosine, sqnr_db,
 max_abs, mean_abs, rel_l2, and for classifier outputs ([N, C] or [N, C, 1, 1] scores, C > 1): top1_agreement,
@@ -54,6 +55,7 @@ import pandas as pd
 from ..atomic import atomic_dir, json_dumps
 from ..errors import CompareError
 from ..threshold import Threshold, ThresholdCheck, parse_threshold
+from .mask_examples import MASK_EXAMPLES_FILE, MaskExample, load_mask_examples, save_mask_examples
 
 __all__ = ["CompareResult", "load_comparison", "COMPARE_FORMAT", "FRAMES", "END_TO_END_COLUMNS",
            "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "POSITION_COLUMNS", "CTC_COLUMNS", "MASK_COLUMNS", "MATCH_COLUMNS",
@@ -62,7 +64,8 @@ __all__ = ["CompareResult", "load_comparison", "COMPARE_FORMAT", "FRAMES", "END_
 COMPARE_FORMAT = "quantlab.compare/1"
 FRAMES = ("end_to_end", "per_layer", "per_sample")
 
-OWNED_FILES = ("compare.json", *(f"{name}.{ext}" for name in FRAMES for ext in ("parquet", "csv")))
+OWNED_FILES = ("compare.json", MASK_EXAMPLES_FILE,
+               *(f"{name}.{ext}" for name in FRAMES for ext in ("parquet", "csv")))
 """What :meth:`CompareResult.save` writes: the only files a later save into the same folder may replace."""
 
 END_TO_END_COLUMNS: tuple[str, ...] = (
@@ -111,6 +114,7 @@ class CompareResult:
     models: Mapping[str, Any] = field(default_factory=dict)      # name -> sha256, plan hash, provenance meta
     environment: Mapping[str, Any] = field(default_factory=dict)  # tool versions, backend describe()
     warnings: tuple[str, ...] = ()                               # e.g. NaN first seen at layer X
+    mask_examples: tuple[MaskExample, ...] = ()                  # each candidate's most changed mask (maps)
 
     def check(self, threshold: str | Threshold) -> dict[str, ThresholdCheck]:
         """The threshold's outcome per candidate."""
@@ -166,6 +170,8 @@ class CompareResult:
                 names[f"{name}_csv"] = out / f"{name}.csv"
             (tmp / "compare.json").write_text(json_dumps(self.to_dict()), encoding="utf-8")
             names["json"] = out / "compare.json"
+            if save_mask_examples(self.mask_examples, tmp) is not None:
+                names["mask_examples"] = out / MASK_EXAMPLES_FILE
         return names
 
 
@@ -196,6 +202,7 @@ def load_comparison(out_dir: str | Path) -> CompareResult:
         end_to_end=frames["end_to_end"], per_layer=frames["per_layer"], per_sample=frames["per_sample"],
         settings=record.get("settings", {}), data=record.get("data", {}), models=record.get("models", {}),
         environment=record.get("environment", {}), warnings=tuple(record.get("warnings", ())),
+        mask_examples=load_mask_examples(folder),
     )
 
 

@@ -291,6 +291,7 @@ class Comparison:
             data=data_record(self.dataset, totals.summary, self.options.max_samples, self.labels.use_labels),
             models=models_record(self.reference, self.candidates),
             environment=environment_record(self.backend, self.candidate_backends), warnings=tuple(dict.fromkeys(self.warnings)),
+            mask_examples=e2e.mask_examples(),
         )
 
     def _branch_flips(self, progress: bool) -> list[dict[str, Any]]:

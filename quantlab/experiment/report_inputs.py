@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from ..compare.mask_examples import MaskExample, load_mask_examples
 from ..errors import ExperimentError
 from ..graph import LoadedModel
 from ..plan import FusionGroup
@@ -210,6 +212,14 @@ def _per_sample(frames: Mapping[str, pd.DataFrame], search_dir: Path | None) -> 
     return pd.concat(parts, ignore_index=True) if parts else None
 
 
+def _mask_examples(cmp_dir: Path | None, search_dir: Path | None) -> tuple[MaskExample, ...]:
+    """The comparison's mask examples, the search's final plan's after them (renamed as its end-to-end rows)."""
+    found = load_mask_examples(cmp_dir) if cmp_dir is not None else ()
+    if search_dir is not None and (search_dir / "final_compare").is_dir():
+        found += tuple(replace(e, candidate=SEARCH_CANDIDATE) for e in load_mask_examples(search_dir / "final_compare"))
+    return found
+
+
 def _final_reason(quantizable: bool, precision: str) -> str:
     """Why a group of the search's final plan has its precision (the plan file records only the precision)."""
     if not quantizable:
@@ -260,11 +270,12 @@ def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables:
                            cal_dir: Path, frames: Mapping[str, pd.DataFrame], written: Mapping[str, WrittenModel],
                            verdict: Verdict | None, search_dir: Path | None, stages: Sequence[StageRecord],
                            messages: Sequence[str], command: str,
-                           reference: LoadedModel | None = None) -> ReportInputs:
+                           reference: LoadedModel | None = None, cmp_dir: Path | None = None) -> ReportInputs:
     """Everything the report shows, from results already on disk (nothing is re-run).
 
     ``reference``: the model the comparator and the search ran on when it is not ``model``
-    (float rewrites: ``[calibrate] equalize`` / ``smoothquant``)."""
+    (float rewrites: ``[calibrate] equalize`` / ``smoothquant``); ``cmp_dir``: the comparison's folder (its mask
+    examples)."""
     candidates = {c.name: c.description for c in experiment_candidates(config)}
     e2e, trajectory, sensitivity, plan = _search_results(search_dir, reference or model, frames["end_to_end"].copy(),
                                                          candidates)
@@ -285,4 +296,5 @@ def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables:
         environment=package_versions(), reproducibility=_reproducibility(config, cal_dir, stages, command),
         notes=tuple(notes), changed_samples=changed_samples(_per_sample(frames, search_dir)),
         bodies=bodies if not (bodies := bodies_frame(tables)).empty else None,
+        mask_examples=_mask_examples(cmp_dir, search_dir),
     )

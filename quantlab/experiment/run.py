@@ -168,7 +168,8 @@ class _Run:
             self.messages.append(message)
         t0 = time.perf_counter()
         inputs = assemble_report_inputs(config, model, tables, cal_dir, frames, written, verdict, search_dir,
-                                        self.stages, self.messages, self.command, reference=reference)
+                                        self.stages, self.messages, self.command, reference=reference,
+                                        cmp_dir=cmp_dir)
         inputs = replace(inputs, coverage=coverage)
         with atomic_dir(self.report_dir / "results") as tmp:
             save_report_inputs(tmp, inputs)

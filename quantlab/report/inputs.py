@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path, json_dumps, write_json
+from ..compare.mask_examples import MaskExample, load_mask_examples, save_mask_examples
 from ..errors import ExperimentError
 
 __all__ = ["Verdict", "HistogramView", "ReportInputs", "PER_LAYER_COLUMNS", "REPORT_INPUTS_FILE",
@@ -114,6 +115,8 @@ class ReportInputs:
       (:func:`quantlab.report.samples.changed_samples`), None when no output is read as a choice.
     - ``bodies``: per method, the Loop/Scan bodies (If branches) calibrated (:func:`quantlab.table.bodies_frame`),
       None when the model has none.
+    - ``mask_examples``: for maps read as masks, each candidate's most changed sample's two masks
+      (:mod:`quantlab.compare.mask_examples`), drawn one over the other.
     """
 
     title: str
@@ -135,6 +138,7 @@ class ReportInputs:
     coverage: Mapping[str, Any] | None = None
     changed_samples: pd.DataFrame | None = None
     bodies: pd.DataFrame | None = None
+    mask_examples: tuple[MaskExample, ...] = ()
 
 
 def worst_layers(per_layer: pd.DataFrame, higher_is_better: bool, n: int) -> pd.DataFrame:
@@ -204,6 +208,8 @@ def save_report_inputs(folder: Path, inputs: ReportInputs) -> Path:
             ]
         elif f.name == "notes":
             meta["notes"] = list(value)
+        elif f.name == "mask_examples":
+            save_mask_examples(value, folder)
         else:
             meta[f.name] = value
     return write_json(folder / REPORT_INPUTS_FILE, json.loads(json_dumps(meta)))
@@ -238,6 +244,7 @@ def load_report_inputs(folder: Path) -> ReportInputs:
         for h in meta.get("histograms", [])
     )
     kwargs["notes"] = tuple(meta.get("notes", []))
+    kwargs["mask_examples"] = load_mask_examples(path.parent)  # its errors name the file
     for f in fields(ReportInputs):
         if f.name not in kwargs and f.name in meta:
             kwargs[f.name] = meta[f.name]

@@ -43,7 +43,7 @@ def render_report(inputs: ReportInputs, plots: Mapping[str, bytes] | None = None
         verdict_section(inputs),
         notes_section(inputs),
         end_to_end_section(inputs),
-        changed_samples_section(inputs),
+        changed_samples_section(inputs, plots),
         per_layer_section(inputs, plots),
         histogram_section(inputs, plots),
         bodies_section(inputs),

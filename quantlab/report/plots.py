@@ -1,4 +1,4 @@
-"""The report's plots as PNG bytes: per-layer error, activation histograms, search trajectory.
+"""The report's plots as PNG bytes: per-layer error, activation histograms, search trajectory, changed masks.
 
 matplotlib's object API with the Agg canvas (``Figure`` + ``FigureCanvasAgg``):
 no pyplot, no global backend switch in the caller's process. Names drawn in a
@@ -16,12 +16,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from ..compare.mask_examples import MaskExample
 from .inputs import WORST_LAYERS_SHOWN, HistogramView, ReportInputs, check_per_layer, worst_layers
 from .markup import fmt, isnan, short
 
-__all__ = ["report_plots", "png", "figure"]
+__all__ = ["MASKS_SHOWN", "report_plots", "png", "figure", "mask_plot", "shown_mask_examples"]
 
 def png(fig: Any) -> bytes:
     """PNG bytes of a matplotlib Figure, rendered with the Agg canvas (no pyplot)."""
@@ -158,8 +160,47 @@ def trajectory_plot(inputs: ReportInputs) -> bytes:
     return png(fig)
 
 
+_MASK_COLOURS = {"neither": (1.0, 1.0, 1.0), "both": (0.35, 0.35, 0.35), "reference only": (0.14, 0.44, 0.71),
+                 "candidate only": (0.75, 0.22, 0.17)}
+"""The overlay's colours: what both masks mark in grey, what the candidate lost in blue and added in red."""
+
+MASKS_SHOWN = 6
+"""Mask overlays drawn at most (the lowest IoU first)."""
+
+
+def shown_mask_examples(examples: Sequence[MaskExample]) -> list[MaskExample]:
+    """The examples worth a picture: a mask the candidate changed (IoU below 100), the lowest IoU first."""
+    changed = [e for e in examples if e.iou < 100.0]
+    return sorted(changed, key=lambda e: e.iou)[:MASKS_SHOWN]
+
+
+def mask_plot(examples: Sequence[MaskExample]) -> bytes:
+    """One panel per example: the reference's and the candidate's masks one over the other."""
+    cols = min(len(examples), 3)
+    rows = math.ceil(len(examples) / cols)
+    aspect = max(e.reference.shape[0] / e.reference.shape[1] for e in examples)
+    fig = figure(4.2 * cols, min(4.2 * aspect, 6.0) * rows + 0.5)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, e in zip(axes, examples):
+        overlay = np.empty(e.reference.shape + (3,))
+        r, c = e.reference, e.changed
+        for where, colour in ((~r & ~c, "neither"), (r & c, "both"), (r & ~c, "reference only"),
+                              (~r & c, "candidate only")):
+            overlay[where] = _MASK_COLOURS[colour]
+        ax.imshow(overlay, interpolation="nearest")
+        ax.set_title(f"{short(e.candidate, 24)} · {short(e.output, 24)}\n{short(e.key, 36)}: IoU {e.iou:.1f} %",
+                     fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(examples):]:
+        ax.set_axis_off()
+    handles = [Patch(facecolor=_MASK_COLOURS[k], edgecolor="0.6", label=k) for k in _MASK_COLOURS if k != "neither"]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    return png(fig)
+
+
 def report_plots(inputs: ReportInputs) -> dict[str, bytes]:
-    """The report's plots as PNG bytes, by name (``per_layer``, ``histograms``, ``trajectory``)."""
+    """The report's plots as PNG bytes, by name (``per_layer``, ``histograms``, ``trajectory``, ``masks``)."""
     plots: dict[str, bytes] = {}
     if inputs.per_layer is not None and not inputs.per_layer.empty:
         check_per_layer(inputs.per_layer)
@@ -169,4 +210,7 @@ def report_plots(inputs: ReportInputs) -> dict[str, bytes]:
         plots["histograms"] = histogram_plot(inputs.histograms)
     if inputs.trajectory is not None and not inputs.trajectory.empty:
         plots["trajectory"] = trajectory_plot(inputs)
+    masks = shown_mask_examples(inputs.mask_examples)
+    if masks:
+        plots["masks"] = mask_plot(masks)
     return plots

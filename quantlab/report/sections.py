@@ -65,11 +65,17 @@ def end_to_end_section(inputs: ReportInputs) -> str:
     )
 
 
-def changed_samples_section(inputs: ReportInputs) -> str:
-    """The samples whose decision changed (a classifier's top-1, text read per position, integer outputs)."""
+def changed_samples_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str:
+    """The samples whose decision changed (a classifier's top-1, text read per position, integer outputs, masks),
+    and the masks a candidate changed most, drawn."""
     df = inputs.changed_samples
     if df is None:
         return ""
+    drawn = ""
+    if plots.get("masks"):
+        drawn = ("<p>The sample whose mask each candidate changed most (the lowest <code>mask_iou</code>): grey "
+                 "where both masks mark, blue what the candidate lost, red what it added.</p>"
+                 + img(plots["masks"], "masks the candidates changed most"))
     if df.empty:
         body = '<p class="muted">No candidate changed a decision on any validation sample.</p>'
     else:
@@ -77,7 +83,7 @@ def changed_samples_section(inputs: ReportInputs) -> str:
                                  "from the reference first; every sample is in per_sample.csv)")
     return ('<section id="changed-samples"><h2>Samples whose decision changed</h2>'
             "<p>Where a candidate's top-1 class, text read per position, integer output or mask differs from the "
-            "reference's: the samples to look at first.</p>" + body + "</section>")
+            "reference's: the samples to look at first.</p>" + body + drawn + "</section>")
 
 
 _END_TO_END_FIRST = ("candidate", "output", "samples", "top1_agreement", "text_agreement", "cer", "token_agreement",
