@@ -54,6 +54,20 @@ def ort_session(proto: onnx.ModelProto, options: Any = None) -> Any:
     return ort.InferenceSession(serialize(proto), options, providers=["CPUExecutionProvider"])
 
 
+def run_exact(proto: onnx.ModelProto, name: str, output: str, values: np.ndarray, batch: int) -> np.ndarray:
+    """``output`` of ``proto`` fed ``values`` as input ``name`` in batches of ``batch`` (concatenated on axis 0),
+    Q/DQ as written and one thread: the kernels a comparison with ``qdq_fusion=False, threads=1`` runs, so a
+    near-tie falls the same way in both on any CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run([output], {name: values[i:i + batch]})[0]
+                           for i in range(0, len(values), batch)])
+
+
 def run_ort(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every output of ``proto`` on ``feeds``, through quantlab's ONNX Runtime backend (its session options)."""
     from quantlab.backends import get_backend

@@ -65,14 +65,12 @@ def test_best_positions_and_agreement_by_hand():
 
 
 def _runs(proto: onnx.ModelProto, feeds: np.ndarray, output: str) -> np.ndarray:
-    """The model's output over ``feeds`` in batches of 4, Q/DQ as written, one thread: the kernels the comparison
-    below runs, so a near-tie between two classes falls the same way on any CPU."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run([output], {"image": feeds[i:i + 4]})[0] for i in range(0, len(feeds), 4)],
-                          axis=1 if output == "ctc" else 0)
+    """The model's output over ``feeds`` in batches of 4 as the comparison below runs it (time-major ``ctc``: the
+    batches concatenated on axis 1)."""
+    if output != "ctc":
+        return models.run_exact(proto, "image", output, feeds, 4)
+    steps = [models.run_exact(proto, "image", output, feeds[i:i + 4], 4) for i in range(0, len(feeds), 4)]
+    return np.concatenate(steps, axis=1)
 
 
 def _recognizer_int8(layout: str) -> tuple:
@@ -194,11 +192,7 @@ def test_integer_outputs_are_compared_as_choices():
 
 
 def _run_ids(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(["top_ids"], {"image": images[i:i + 8]})[0] for i in range(0, len(images), 8)])
+    return models.run_exact(proto, "image", "top_ids", images, 8)
 
 
 def test_classifiers_are_told_from_poolers_and_embeddings():

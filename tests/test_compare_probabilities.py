@@ -8,7 +8,6 @@ import math
 import models
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
@@ -98,12 +97,8 @@ def test_probability_outputs_are_what_a_sigmoid_writes():
 
 
 def _runs(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
-    """The map over ``images`` in batches of 4, Q/DQ as written, one thread: the kernels the comparison runs."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(["maps"], {"image": images[i:i + 4]})[0] for i in range(0, len(images), 4)])
+    """The map over ``images`` in batches of 4, as the comparisons below run it."""
+    return models.run_exact(proto, "image", "maps", images, 4)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from quantlab.errors import ExperimentError
-from quantlab.experiment import CALIBRATORS, load_experiment, parse_experiment
+from quantlab.experiment import CALIBRATORS, ExperimentConfig, load_experiment, parse_experiment
 
 GOOD = """\
 name = "unit"
@@ -410,22 +410,32 @@ def test_the_verdicts_interval_is_that_of_the_output_its_value_comes_from():
     assert verdict.ci_low <= verdict.value <= verdict.ci_high
 
 
+def _image_experiment(folder: Path, proto: onnx.ModelProto, shape: tuple[int, ...], narrow: float, name: str,
+                      top: str) -> ExperimentConfig:
+    """An experiment on ``proto`` (input ``image``): 8 calibration images in ``[-narrow, narrow]`` (narrower than
+    the 12 validation images in [-1, 1]: INT8 saturates), minmax INT8 only, a search of 3 full validations;
+    ``top``: the file's top-level keys (a threshold, ...)."""
+    onnx.save(proto, folder / "model.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(folder / "calib.npz", image=rng.uniform(-narrow, narrow, (8, *shape)).astype(np.float32))
+    np.savez(folder / "val.npz", image=rng.uniform(-1, 1, (12, *shape)).astype(np.float32))
+    for role, data in (("calibration", "calib"), ("validation", "val")):
+        (folder / f"{data}.toml").write_text(
+            f'role = "{role}"\nshuffle = false\n[[source]]\nkind = "npz"\npath = "{data}.npz"\nbatched = true\n')
+    (folder / f"{name}.toml").write_text(
+        f'name = "{name}"\n{top}[model]\npath = "model.onnx"\n'
+        '[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n[calibrate]\nmethods = ["minmax"]\n'
+        '[candidates]\nfp16 = false\n[search]\nbudget = 3\nbias_correction = false\n')
+    return load_experiment(folder / f"{name}.toml")
+
+
 @needs_compare
 def test_a_text_detector_experiment_judges_and_searches_on_the_mask_overlap(tmp_path: Path) -> None:
     """A Sigmoid map read as the mask p > 0.3 (DBNet's threshold, set in the file): the threshold names its IoU,
     the search is judged on it and the report shows it."""
-    onnx.save(models.text_detector(), tmp_path / "model.onnx")
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "calib.npz", image=rng.uniform(-0.5, 0.5, (8, 3, 32, 48)).astype(np.float32))  # saturates
-    np.savez(tmp_path / "val.npz", image=rng.uniform(-1, 1, (12, 3, 32, 48)).astype(np.float32))
-    for role, name in (("calibration", "calib"), ("validation", "val")):
-        (tmp_path / f"{name}.toml").write_text(
-            f'role = "{role}"\nshuffle = false\n[[source]]\nkind = "npz"\npath = "{name}.npz"\nbatched = true\n')
-    (tmp_path / "db.toml").write_text(
-        'name = "db"\nthreshold = "mask_iou>=99"\ndecision_threshold = 0.3\n[model]\npath = "model.onnx"\n'
-        '[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n[calibrate]\nmethods = ["minmax"]\n'
-        '[candidates]\nfp16 = false\n[search]\nbudget = 3\nbias_correction = false\n')
-    result = run_experiment(load_experiment(tmp_path / "db.toml"), reports_dir=tmp_path / "reports")
+    config = _image_experiment(tmp_path, models.text_detector(), (3, 32, 48), 0.5, "db",
+                               'threshold = "mask_iou>=99"\ndecision_threshold = 0.3\n')
+    result = run_experiment(config, reports_dir=tmp_path / "reports")
     report = tmp_path / "reports" / "db"
     e2e = pd.read_parquet(report / "results" / "end_to_end.parquet").set_index("candidate")  # the search's too
     assert e2e["mask_iou"].notna().all() and e2e.loc["int8-minmax", "mask_iou"] < 99  # narrow ranges
@@ -448,18 +458,9 @@ def test_a_text_detector_experiment_judges_and_searches_on_the_mask_overlap(tmp_
 def test_an_ocr_experiment_judges_and_searches_on_the_ctc_text(tmp_path: Path) -> None:
     """ctc_blank in the experiment file: the comparison reads the recogniser's scores as CTC text, the threshold
     names its character error rate, the search is judged on it and the report shows the text figures."""
-    onnx.save(models.text_recognizer(classes=12), tmp_path / "model.onnx")
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "calib.npz", image=rng.uniform(-0.3, 0.3, (8, 3, 48, 64)).astype(np.float32))  # saturates
-    np.savez(tmp_path / "val.npz", image=rng.uniform(-1, 1, (12, 3, 48, 64)).astype(np.float32))
-    for role, name in (("calibration", "calib"), ("validation", "val")):
-        (tmp_path / f"{name}.toml").write_text(
-            f'role = "{role}"\nshuffle = false\n[[source]]\nkind = "npz"\npath = "{name}.npz"\nbatched = true\n')
-    (tmp_path / "ocr.toml").write_text(
-        'name = "ocr"\nthreshold = "cer<=0"\nctc_blank = 0\n[model]\npath = "model.onnx"\n'
-        '[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n[calibrate]\nmethods = ["minmax"]\n'
-        '[candidates]\nfp16 = false\n[search]\nbudget = 3\nbias_correction = false\n')
-    result = run_experiment(load_experiment(tmp_path / "ocr.toml"), reports_dir=tmp_path / "reports")
+    config = _image_experiment(tmp_path, models.text_recognizer(classes=12), (3, 48, 64), 0.3, "ocr",
+                               'threshold = "cer<=0"\nctc_blank = 0\n')
+    result = run_experiment(config, reports_dir=tmp_path / "reports")
     report = tmp_path / "reports" / "ocr"
     e2e = pd.read_parquet(report / "results" / "end_to_end.parquet").set_index("candidate")  # the search's too
     assert e2e["text_agreement"].notna().all() and e2e["cer"].notna().all()

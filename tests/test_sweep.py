@@ -62,38 +62,27 @@ def test_grid_and_bad_files(tmp_path: Path) -> None:
         parse_sweep(text, source=tmp_path / "s.toml")
 
 
-def test_ctc_blank_reaches_every_cell_and_its_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key, value, default, threshold, bad", [
+    ("ctc_blank", 0, None, "cer<=1", '"zero"'),
+    ("decision_threshold", 0.3, 0.5, "mask_iou>=95", "1.0"),
+])
+def test_comparison_keys_reach_every_cell_and_its_key(tmp_path: Path, key, value, default, threshold, bad) -> None:
+    """ctc_blank (CTC outputs read as text) and decision_threshold (Sigmoid outputs read as masks) at the top of a
+    sweep file: every cell's experiment gets them and a cell's cache key changes with them."""
     from quantlab.data import open_dataset
     from quantlab.sweep.cells import cell_config, cell_key
 
     plain = load_sweep(_sweep_dir(tmp_path))
     text = (tmp_path / "s.toml").read_text()
-    spec = parse_sweep(text.replace('threshold = "cosine>=0.99"', 'threshold = "cer<=1"\nctc_blank = 0'),
+    spec = parse_sweep(text.replace('threshold = "cosine>=0.99"', f'threshold = "{threshold}"\n{key} = {value}'),
                        source=tmp_path / "s.toml")
-    assert spec.ctc_blank == 0 and plain.ctc_blank is None
+    assert getattr(spec, key) == value and getattr(plain, key) == default
     cell, model = sweep_cells(spec)[0], tmp_path / "a.onnx"
-    assert cell_config(spec, cell, model, spec.calibration, spec.validation).ctc_blank == 0
+    assert getattr(cell_config(spec, cell, model, spec.calibration, spec.validation), key) == value
     calib, val = open_dataset(spec.calibration), open_dataset(spec.validation)
     assert cell_key(spec, cell, model, calib, val) != cell_key(plain, cell, model, calib, val)
-    with pytest.raises(ExperimentError, match="key 'ctc_blank'"):
-        parse_sweep('ctc_blank = "zero"\n' + text, source=tmp_path / "s.toml")
-
-
-def test_decision_threshold_reaches_every_cell_and_its_key(tmp_path: Path) -> None:
-    from quantlab.data import open_dataset
-    from quantlab.sweep.cells import cell_config, cell_key
-
-    plain = load_sweep(_sweep_dir(tmp_path))
-    text = (tmp_path / "s.toml").read_text()
-    spec = parse_sweep(text.replace('threshold = "cosine>=0.99"', 'threshold = "mask_iou>=95"\ndecision_threshold = 0.3'),
-                       source=tmp_path / "s.toml")
-    assert spec.decision_threshold == 0.3 and plain.decision_threshold == 0.5
-    cell, model = sweep_cells(spec)[0], tmp_path / "a.onnx"
-    assert cell_config(spec, cell, model, spec.calibration, spec.validation).decision_threshold == 0.3
-    calib, val = open_dataset(spec.calibration), open_dataset(spec.validation)
-    assert cell_key(spec, cell, model, calib, val) != cell_key(plain, cell, model, calib, val)
-    with pytest.raises(ExperimentError, match="key 'decision_threshold'"):
-        parse_sweep('decision_threshold = 1.0\n' + text, source=tmp_path / "s.toml")
+    with pytest.raises(ExperimentError, match=f"key '{key}'"):
+        parse_sweep(f"{key} = {bad}\n" + text, source=tmp_path / "s.toml")
 
 
 @pytest.fixture(scope="module")
