@@ -214,6 +214,9 @@ def test_decision_threshold_must_be_a_probability(detector_int8, tmp_path, capsy
     code = main(["compare", str(path), str(path), "--data", str(tmp_path / "val.npz"), "--out", str(tmp_path / "o"),
                  "--decision-threshold", "1.5"])
     assert code == 2 and "--decision-threshold: must be a probability in (0, 1)" in capsys.readouterr().err
+    code = main(["compare", str(path), str(path), "--data", str(tmp_path / "val.npz"), "--out", str(tmp_path / "o"),
+                 "--decision-threshold", "half"])
+    assert code == 2 and "must be a probability in (0, 1), e.g. 0.5; got 'half'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -223,7 +226,7 @@ def test_thresholds_may_name_mask_iou_where_a_model_has_probabilities():
     known = known_metrics(model_from_proto(models.text_detector()), use_labels=False)
     assert parse_threshold("mask_iou_ci_low>=95", known_metrics=known).metrics == ("mask_iou_ci_low",)
     assert parse_threshold("element_match>=99", known_metrics=known).metrics == ("element_match",)
-    with pytest.raises(ThresholdError):
+    with pytest.raises(ThresholdError, match="reported for outputs a Sigmoid writes.*this model has none"):
         parse_threshold("mask_iou>=95", known_metrics=known_metrics(model_from_proto(models.conv_net()), False))
 
 
