@@ -462,9 +462,11 @@ def test_a_segmentation_map_gets_pixel_agreement_and_an_image_does_not():
     do not show it. A map upsampled to the image (DeepLab) gets token_agreement over its pixels, checked against
     the argmax of both models' outputs here; a conv's output image (super-resolution) gets none."""
     from quantlab.backends import get_backend
+    from quantlab.cli.compare import known_metrics
     from quantlab.data import from_arrays
     from quantlab.plan import uniform_plan
     from quantlab.quantize import WriteOptions, write_model
+    from quantlab.report.samples import changed_samples
 
     x = np.random.default_rng(0).normal(size=(6, 3, 8, 8)).astype(np.float32)
     for resize in (True, False):
@@ -481,6 +483,21 @@ def test_a_segmentation_map_gets_pixel_agreement_and_an_image_does_not():
         cand = get_backend("ort").build(int8.proto).run({"x": x})["logits"].argmax(1)
         assert row["token_agreement"] == pytest.approx((ref == cand).reshape(6, -1).mean(1).mean() * 100)
         assert row["sequence_agreement"] == pytest.approx((ref == cand).reshape(6, -1).all(1).mean() * 100)
+        # mIoU, the segmentation benchmark's figure with the reference as ground truth: each class a set of pixels
+        miou = [np.mean([len(a & b) / len(a | b) * 100 for k in range(4)
+                         if (a := set(np.flatnonzero(r == k))) | (b := set(np.flatnonzero(c == k)))])
+                for r, c in zip(ref, cand)]
+        assert 0 < min(miou) < 100, "the check needs maps that differ"
+        np.testing.assert_allclose(result.per_sample["miou"], miou)
+        assert row["miou"] == pytest.approx(np.mean(miou))
+        assert row["miou_ci_low"] <= row["miou"] <= row["miou_ci_high"] or np.isnan(row["miou_ci_low"])
+        changed = changed_samples(result.per_sample, shown=100)
+        assert all(c.startswith("mIoU ") and c.endswith("% of pixels agree") for c in changed["change"])
+        shown = changed["change"].str.split(" ").str[1].astype(float)
+        assert list(shown) == sorted(shown)  # the lowest mIoU first
+        known = known_metrics(model, use_labels=False)
+        assert "miou_ci_low" in known and "miou" not in known_metrics(model_from_proto(models.text_recognizer()),
+                                                                      use_labels=False)
 
 
 def test_a_softmax_after_a_decoding_loop_scores_positions():

@@ -256,3 +256,14 @@ def test_mask_examples_survive_the_folder_and_merge_to_the_worst(detector_int8, 
     (tmp_path / "cmp" / MASK_EXAMPLES_FILE).write_bytes(b"not a zip")
     with pytest.raises(CompareError, match=f"{MASK_EXAMPLES_FILE}: unreadable mask examples"):
         load_mask_examples(tmp_path / "cmp")
+
+
+def test_mean_class_iou_by_hand():
+    from quantlab.metrics import mean_class_iou
+
+    ref = np.array([[0, 0, 0, 0, 1, 1, 2, 2], [3, 3, 3, 3, 3, 3, 3, 3]])
+    cand = np.array([[0, 0, 0, 1, 1, 1, 2, 0], [3, 3, 3, 3, 3, 3, 3, 3]])
+    # sample 0: class 0 {0,1,2,3} vs {0,1,2,7}: 3/5; class 1 {4,5} vs {3,4,5}: 2/3; class 2 {6,7} vs {6}: 1/2
+    np.testing.assert_allclose(mean_class_iou(ref, cand, 4), [(3 / 5 + 2 / 3 + 1 / 2) / 3 * 100, 100.0])
+    with pytest.raises(ValueError, match="do not pair up"):
+        mean_class_iou(ref, cand[:, :4], 4)

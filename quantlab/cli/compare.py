@@ -170,15 +170,17 @@ def known_metrics(reference: Any, use_labels: bool, dataset: Any = None, ctc_bla
                   ) -> set[str] | None:
     """The end-to-end columns a comparison of ``reference`` on ``dataset`` reports: what a threshold may name
     (a sequence set adds the free-running figures, ``ctc_blank`` the CTC text's)."""
-    from ..compare.choices import exact_outputs, position_scorers
+    from ..compare.choices import exact_outputs, position_scorers, segmentation_maps
     from ..compare.labels import classifier_outputs
     from ..compare.probabilities import probability_outputs
     from ..compare.reported import reported_metrics
     from ..sequence import SequenceData
 
     sequence = isinstance(dataset, SequenceData) or bool(getattr(dataset, "sequence_carry", None))
+    positions = position_scorers(reference, {})
     return reported_metrics(classifiers=bool(classifier_outputs(reference)), labels=use_labels,
-                            positions=bool(position_scorers(reference, {})), ctc=ctc_blank is not None,
+                            positions=bool(positions), ctc=ctc_blank is not None,
+                            segmentation=bool(segmentation_maps(reference, positions)),
                             exact=bool(exact_outputs(reference)), masks=bool(probability_outputs(reference)),
                             free_running=sequence)
 
@@ -200,7 +202,7 @@ def _fmt(v: Any) -> str:
 def _end_to_end_view(result: Any) -> Any:
     df = result.end_to_end
     cols = ["candidate", "output", "samples", "cosine", "sqnr_db", "max_abs", "rel_l2", "nan_count"]
-    for c in ("top1_agreement", "token_agreement", "sequence_agreement", "text_agreement", "cer", "mask_iou",
+    for c in ("top1_agreement", "token_agreement", "miou", "sequence_agreement", "text_agreement", "cer", "mask_iou",
               "exact_match", "ref_top1", "top1", "top1_drop", "top1_drop_ci_low", "top1_drop_ci_high",
               "top5_drop", "mcnemar_p"):
         if c in df.columns and df[c].notna().any():

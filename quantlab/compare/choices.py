@@ -11,8 +11,9 @@ adds (in %):
                          decoding such a sample reads the same text, whatever the others read
 
 A segmentation map ``[N, C, H, W]`` is read the same way, its pixels the positions (the best class at each pixel:
-``token_agreement`` is then pixel agreement), when its scores reach the output through an upsampling or a
-softmax (DeepLab's head; not an image a super-resolution model's last conv returns).
+``token_agreement`` is then pixel agreement, and ``miou`` the mean over classes of their maps' overlap:
+:func:`segmentation_maps`), when its scores reach the output through an upsampling or a softmax (DeepLab's head;
+not an image a super-resolution model's last conv returns).
 
 Which outputs (:func:`position_scorers`): float, rank 3, samples not on the last axis, a fixed class count > 1
 on the last axis (or rank 4 as above), and class scores (:func:`score_outputs`, which also decides the ``[N, C]`` classifiers of
@@ -59,7 +60,7 @@ from ..graph import LoadedModel
 from ..graph.topology import initializer_map, producer_map
 
 __all__ = ["CHOICE_COLUMNS", "CTC_BLANK_SHARE", "best_positions", "ctc_hints", "ctc_outputs", "decided_positions",
-           "exact_outputs", "part_agreement", "position_scorers", "score_outputs"]
+           "exact_outputs", "part_agreement", "position_scorers", "score_outputs", "segmentation_maps"]
 
 CHOICE_COLUMNS: Mapping[str, tuple[str, str, str]] = {
     "positions": ("token_agreement", "sequence_agreement", "sequence_agree"),
@@ -128,6 +129,14 @@ def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict
         if isinstance(classes, int) and classes > 1:
             out[spec.name] = classes
     return out
+
+
+def segmentation_maps(model: LoadedModel, positions: Mapping[str, int]) -> list[str]:
+    """The outputs of ``positions`` that are maps ``[N, C, H, W]`` (a class per pixel): they also get ``miou``, the
+    mean over classes of the candidate's class map's overlap with the reference's
+    (:func:`quantlab.metrics.mean_class_iou`)."""
+    return [spec.name for spec in model.outputs if spec.name in positions and spec.shape is not None
+            and len(spec.shape) == 4]
 
 
 def ctc_outputs(model: LoadedModel, positions: Mapping[str, int], blank: int) -> list[str]:

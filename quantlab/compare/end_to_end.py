@@ -30,6 +30,7 @@ from ..metrics import (
     error_sums,
     marked_share,
     mask_iou,
+    mean_class_iou,
     per_sample_errors,
     per_sample_sums,
     topk,
@@ -70,6 +71,9 @@ class OutputStats:
     marked: list[np.ndarray] = field(default_factory=list)
     """The reference's probability outputs: per sample, the % of elements its mask marks (a threshold that marks
     all or nothing everywhere tells no candidate apart: :mod:`.output_warnings`)."""
+    miou: list[np.ndarray] = field(default_factory=list)
+    """Segmentation maps (:func:`.choices.segmentation_maps`): per sample, the mean over classes of the candidate's
+    class map's overlap with the reference's, % (NaN where the output's size differed)."""
     iou: list[np.ndarray] = field(default_factory=list)
     """Probability outputs read as masks (:mod:`.probabilities`): per sample, the overlap of the candidate's mask
     with the reference's, % (NaN where neither holds anything, or the output's size differed)."""
@@ -145,13 +149,15 @@ class EndToEnd:
                  declared: Mapping[str, tuple[int | str | None, ...] | None] | None = None,
                  padding: tuple[str | None, Sequence[str]] = (None, ()),
                  ctc: tuple[int | None, Sequence[str]] = (None, ()),
-                 decisions: tuple[float, Sequence[str]] = (DECISION_THRESHOLD, ())) -> None:
+                 decisions: tuple[float, Sequence[str]] = (DECISION_THRESHOLD, ()),
+                 segmentation: Sequence[str] = ()) -> None:
         self.candidates = list(candidates)
         self.mask, self.padded = padding[0], list(padding[1])  # compare.padding: the mask input, its outputs
         self.outputs = list(outputs)
         self.data_sized = data_sized  # outputs whose size the data decides (graph.samples.data_sized)
         self.classifiers = dict(labels.classifiers)  # never a data-sized output (compare.labels)
         self.positions = dict(positions or {})  # output -> classes scored per position (compare.choices)
+        self.segmentation = frozenset(segmentation)  # maps among them: also miou (compare.choices)
         self.decision_threshold, self.decided = float(decisions[0]), list(decisions[1])  # compare.probabilities
         self.choices = {**{o: "positions" for o in self.positions}, **{o: "values" for o in exact},
                         **{o: "decisions" for o in self.decided}}
@@ -295,6 +301,8 @@ class EndToEnd:
                              else ctc_text_agreement(ref, cand, int(self.ctc_blank), valid.get(o)))
                 st.texts.append(same)
                 st.cer.append(cer)
+            if o in self.segmentation:
+                st.miou.append(np.full(n, np.nan) if mismatched else mean_class_iou(ref, cand, self.positions[o]))
             if self.choices[o] == "decisions":
                 st.iou.append(np.full(n, np.nan) if mismatched else mask_iou(ref, cand, valid.get(o)))
                 self._keep_worst_mask(name, o, ref, cand, st.iou[-1], batch)

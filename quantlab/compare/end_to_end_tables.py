@@ -30,6 +30,7 @@ from .result import (
     MATCH_COLUMNS,
     PER_SAMPLE_COLUMNS,
     POSITION_COLUMNS,
+    SEGMENTATION_COLUMNS,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ def _column_order(e2e: EndToEnd, user_names: Sequence[str]) -> list[str]:
         columns_order += list(CLASSIFIER_COLUMNS)
     if e2e.positions:
         columns_order += [c for c in POSITION_COLUMNS if c not in columns_order]
+    if e2e.segmentation:
+        columns_order += list(SEGMENTATION_COLUMNS)
     if e2e.ctc:
         columns_order += list(CTC_COLUMNS)
     if len(e2e.choices) > len(e2e.positions):
@@ -119,11 +122,12 @@ def _row(e2e: EndToEnd, name: str, o: str, user_cols: Mapping[str, np.ndarray],
     apart: dict[str, np.ndarray] = {}  # choices where sizes differed: a sample of another length still counts
     if o in e2e.choices:
         _add_choice_figures(e2e, o, st, row, apart if st.mismatched else columns, sample)
-    if e2e.choices.get(o) == "decisions":  # NaN where neither mask holds anything: an interval of its own
-        iou = np.concatenate(st.iou) if st.iou else np.zeros(0)
-        row["mask_iou"] = float(np.nanmean(iou)) if iou.size and not np.isnan(iou).all() else math.nan
-        apart["mask_iou"] = iou
-        sample["mask_iou"] = iou
+    for name, per in (("mask_iou", st.iou), ("miou", st.miou)):  # NaN in some samples: an interval of its own
+        if per:
+            values = np.concatenate(per)
+            row[name] = float(np.nanmean(values)) if values.size and not np.isnan(values).all() else math.nan
+            apart[name] = values
+            sample[name] = values
     for k, v in user_cols.items():
         row[k] = float(np.nanmean(v)) if v.size and not np.isnan(v).all() else math.nan
         columns[k] = v[~np.isnan(cos)] if st.mismatched else v  # paired with the kept samples

@@ -29,7 +29,7 @@ _PROPORTIONS = ("top1_agreement", "ref_top1", "top1", "ref_top5", "top5", "seque
                 "exact_match")
 """Per-sample 0/100 columns: their interval is the exact binomial one (:func:`quantlab.metrics.binomial_ci`)."""
 
-_CONTINUOUS = frozenset({"cosine", "token_agreement", "element_match", "cer", "mask_iou"})
+_CONTINUOUS = frozenset({"cosine", "token_agreement", "element_match", "cer", "mask_iou", "miou"})
 """Per-sample figures that are not one yes/no per sample, even where every sample reads 1 or 100."""
 
 

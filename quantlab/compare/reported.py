@@ -12,15 +12,18 @@ from .result import (
     MASK_COLUMNS,
     MATCH_COLUMNS,
     POSITION_COLUMNS,
+    SEGMENTATION_COLUMNS,
 )
 
 __all__ = ["reported_metrics"]
 
 
 def reported_metrics(*, classifiers: bool = True, labels: bool = True, positions: bool = True, ctc: bool = False,
-                     exact: bool = True, masks: bool = True, free_running: bool = True) -> set[str]:
+                     exact: bool = True, masks: bool = True, segmentation: bool = True,
+                     free_running: bool = True) -> set[str]:
     """The end-to-end metric columns of a comparison whose model has classifier outputs, labels to check them with,
-    outputs scored per position (read as CTC text with ``ctc``), integer outputs, probability outputs read as
+    outputs scored per position (read as CTC text with ``ctc``; ``segmentation``: maps among them), integer
+    outputs, probability outputs read as
     masks, and a sequence set (the free-running figures); every kind by default, as a file read before its model
     is known must allow."""
     known = set(END_TO_END_COLUMNS) - {"candidate", "output"}
@@ -28,6 +31,7 @@ def reported_metrics(*, classifiers: bool = True, labels: bool = True, positions
         known |= set(CLASSIFIER_COLUMNS) | (set(LABEL_COLUMNS) if labels else set())
     if positions:
         known |= set(POSITION_COLUMNS) | (set(CTC_COLUMNS) if ctc else set())
+        known |= set(SEGMENTATION_COLUMNS) if segmentation else set()
     if exact or masks:
         known |= set(MATCH_COLUMNS)
     if masks:

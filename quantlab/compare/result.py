@@ -17,7 +17,8 @@ reference minus candidate), top5 / ref_top5 / top5_drop, each with _ci_low/_ci_h
 (exact McNemar between reference and candidate correctness); for outputs scored per position
 (:mod:`.choices`: OCR/CTC scores, token logits [N, T, C]): classes, token_agreement (% of positions whose
 best class is the reference's, per sample then averaged) and sequence_agreement (% of samples that agree at
-every position), and with ``ctc_blank`` (CTC scores) text_agreement (% of samples whose greedy CTC text is the
+every position), for segmentation maps [N, C, H, W] also miou (mean over the classes either map holds of their
+overlap, %), and with ``ctc_blank`` (CTC scores) text_agreement (% of samples whose greedy CTC text is the
 reference's) and cer (character error rate against that text, %, mean over samples); for integer and boolean
 outputs (ArgMax ids, decoded tokens): element_match and exact_match,
 alike over elements (their cosine, cosine_min, sqnr_db and rel_l2 are NaN); for outputs a Sigmoid writes
@@ -59,7 +60,7 @@ from .mask_examples import MASK_EXAMPLES_FILE, MaskExample, load_mask_examples, 
 
 __all__ = ["CompareResult", "load_comparison", "COMPARE_FORMAT", "FRAMES", "END_TO_END_COLUMNS",
            "CLASSIFIER_COLUMNS", "LABEL_COLUMNS", "POSITION_COLUMNS", "CTC_COLUMNS", "MASK_COLUMNS", "MATCH_COLUMNS",
-           "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS", "RESERVED_COLUMNS", "LIVE_MODES"]
+           "PER_LAYER_COLUMNS", "PER_SAMPLE_COLUMNS", "RESERVED_COLUMNS", "SEGMENTATION_COLUMNS", "LIVE_MODES"]
 
 COMPARE_FORMAT = "quantlab.compare/1"
 FRAMES = ("end_to_end", "per_layer", "per_sample")
@@ -88,6 +89,7 @@ CTC_COLUMNS: tuple[str, ...] = (
     "text_agreement", "text_agreement_ci_low", "text_agreement_ci_high", "cer", "cer_ci_low", "cer_ci_high",
 )
 MASK_COLUMNS: tuple[str, ...] = ("mask_iou", "mask_iou_ci_low", "mask_iou_ci_high")
+SEGMENTATION_COLUMNS: tuple[str, ...] = ("miou", "miou_ci_low", "miou_ci_high")
 MATCH_COLUMNS: tuple[str, ...] = (
     "element_match", "element_match_ci_low", "element_match_ci_high", "exact_match", "exact_match_ci_low",
     "exact_match_ci_high",
@@ -98,7 +100,8 @@ PER_LAYER_COLUMNS: tuple[str, ...] = (
 )
 PER_SAMPLE_COLUMNS: tuple[str, ...] = ("candidate", "output", "sample", "key", "cosine", "sqnr_db", "max_abs")
 RESERVED_COLUMNS = frozenset(END_TO_END_COLUMNS + CLASSIFIER_COLUMNS + LABEL_COLUMNS + POSITION_COLUMNS
-                             + CTC_COLUMNS + MASK_COLUMNS + MATCH_COLUMNS + PER_SAMPLE_COLUMNS)
+                             + CTC_COLUMNS + MASK_COLUMNS + SEGMENTATION_COLUMNS + MATCH_COLUMNS
+                             + PER_SAMPLE_COLUMNS)
 """Names a user metric may not return: the comparator's own columns."""
 LIVE_MODES = ("accumulated", "local")
 """The per-layer modes, in the order of the per-layer table."""

@@ -36,7 +36,7 @@ from .candidates import Candidate, check_candidates, computes_in_float16, simula
 from .end_to_end import EndToEnd
 from .free_running import SampleMetric, free_running, free_running_note, with_free_running
 from .labels import label_use
-from .choices import ctc_hints, ctc_outputs, exact_outputs, position_scorers
+from .choices import ctc_hints, ctc_outputs, exact_outputs, position_scorers, segmentation_maps
 from .probabilities import probability_outputs
 from .layers import analyse_reference, chunks, layers_per_group, sized_by_first_batch
 from .options import CompareOptions
@@ -262,7 +262,8 @@ class Comparison:
                         self.sample_axes, data_sized=self.data_sized, positions=self.positions,
                         exact=self.exact, declared=self.declared, padding=self.padding,
                         ctc=(self.options.ctc_blank, self.ctc),
-                        decisions=(self.options.decision_threshold, self.decided))
+                        decisions=(self.options.decision_threshold, self.decided),
+                        segmentation=segmentation_maps(self.reference, self.positions))
 
     def tables(self, totals: PassTotals, progress: bool = False) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way); ``progress``:

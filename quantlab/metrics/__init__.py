@@ -4,7 +4,7 @@
     ├── errors.py      cosine, SQNR, rel_l2, max/mean |d| from streaming sums (numba kernels), per sample too
     ├── statistics.py  top-k classes, paired bootstrap and exact binomial intervals, exact McNemar test
     ├── text.py        greedy CTC decoding of per-position scores, edit distance, text agreement and CER
-    └── masks.py       the masks probabilities threshold to, and their overlap (IoU)
+    └── masks.py       the masks probabilities threshold to, their overlap (IoU), a class map's mean IoU
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .errors import (
     sqnr_db,
 )
 from .statistics import binomial_ci, bootstrap_ci, channel_spread, mcnemar_exact_p, near_zero_count, topk, topk_correct
-from .masks import decision_mask, marked_share, mask_iou
+from .masks import decision_mask, marked_share, mask_iou, mean_class_iou
 from .text import ctc_greedy, ctc_text_agreement, edit_distance
 
 __all__ = [
@@ -49,4 +49,5 @@ __all__ = [
     "decision_mask",
     "mask_iou",
     "marked_share",
+    "mean_class_iou",
 ]

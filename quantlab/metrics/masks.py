@@ -1,4 +1,4 @@
-"""Masks read off probability outputs: what a threshold decides, and how much two such masks overlap.
+"""Masks read off probability outputs (what a threshold decides) and class maps, and how much two of them overlap.
 
 A Sigmoid's outputs are independent probabilities (a text detector's map ``[N, 1, H, W]``, a voice-activity
 probability ``[N, 1]``, multi-label tags ``[N, C]``, notes per frame ``[N, T, 88]``). What a user reads off them
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["decision_mask", "mask_iou", "marked_share"]
+__all__ = ["decision_mask", "mask_iou", "marked_share", "mean_class_iou"]
 
 
 def decision_mask(probabilities: np.ndarray, threshold: float) -> np.ndarray:
@@ -53,3 +53,24 @@ def mask_iou(reference: np.ndarray, candidate: np.ndarray, valid: np.ndarray | N
     either = np.count_nonzero(r | c, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(either > 0, both / np.maximum(either, 1) * 100.0, np.nan)
+
+
+def mean_class_iou(reference: np.ndarray, candidate: np.ndarray, classes: int) -> np.ndarray:
+    """Per sample (axis 0) of two same-shape maps of class ids in ``[0, classes)`` (a segmentation's best class
+    per pixel): the mean over the classes either map holds of ``|both| / |either|``, in %, float64 ``[N]`` (the
+    mIoU of a segmentation benchmark, with the reference's map as ground truth). A class a few pixels wide that
+    the candidate loses weighs as much as the background, which pixel agreement hides."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"maps of shape {reference.shape} and {candidate.shape} do not pair up")
+    n = reference.shape[0] if reference.ndim else 1
+    r = np.asarray(reference, dtype=np.int64).reshape(n, -1)
+    c = np.asarray(candidate, dtype=np.int64).reshape(n, -1)
+    out = np.full(n, np.nan)
+    for i in range(n):
+        confusion = np.bincount(r[i] * classes + c[i], minlength=classes * classes).reshape(classes, classes)
+        both = np.diag(confusion)
+        either = confusion.sum(axis=0) + confusion.sum(axis=1) - both
+        held = either > 0
+        if held.any():
+            out[i] = float((both[held] / either[held]).mean() * 100.0)
+    return out

@@ -5,13 +5,15 @@ becomes one row per changed (candidate, output, sample), saying what changed::
 
     top1_agree = False       "top-1 281 -> 285"                     a classifier's best class
     sequence_agree = False   "92.5 % of positions agree"            text read per position (OCR, tokens)
+                             "mIoU 81.2 %, 97.5 % of pixels agree"  a segmentation map
     text_agree = False       "text: CER 12.5 %"                     CTC text (compare --ctc-blank): it decides
                                                                     over sequence_agree where it was read
     exact_agree = False      "75 % of elements equal" / "another length"   ids, masks, decoded tokens
                              "mask: IoU 93.1 %, 99.6 % of elements agree"  a Sigmoid's probabilities' mask
 
-the furthest from the reference first (by the character error rate of a CTC text, a mask's IoU, the % of
-positions or elements that agree; a changed top-1 by 100 x its cosine), at most ``shown`` per candidate.
+the furthest from the reference first (by the character error rate of a CTC text, a mask's IoU or a
+segmentation's mIoU, the % of positions or elements that agree; a changed top-1 by 100 x its cosine), at most
+``shown`` per candidate.
 """
 
 from __future__ import annotations
@@ -52,10 +54,10 @@ def changed_samples(per_sample: pd.DataFrame | None, shown: int = CHANGED_SAMPLE
 
 def _how_far(rows: pd.DataFrame) -> pd.Series:
     """Per row, a number that is lower the further the sample is from the reference's: 100 - its character error
-    rate where its CTC text was read, else a mask's IoU, else the % of positions or elements that agree where the
-    output has them, else 100 x cosine (a changed top-1)."""
+    rate where its CTC text was read, else a mask's IoU or a segmentation's mIoU, else the % of positions or
+    elements that agree where the output has them, else 100 x cosine (a changed top-1)."""
     far = pd.Series(100.0 * rows["cosine"].astype(float), index=rows.index)
-    for part in ("element_match", "token_agreement", "mask_iou"):
+    for part in ("element_match", "token_agreement", "mask_iou", "miou"):
         if part in rows.columns:
             far = rows[part].astype(float).where(rows[part].notna(), far)
     if "cer" in rows.columns:
@@ -71,7 +73,9 @@ def _what_changed(row: dict) -> str:
         return f"text: CER {cer:.1f} %, {positions:.1f} % of positions agree"
     if "sequence_agree" in row and row["sequence_agree"] is not None and not _nan(row["sequence_agree"]) \
             and not row["sequence_agree"]:
-        return f"{row.get('token_agreement', math.nan):.1f} % of positions agree"
+        positions, miou = row.get("token_agreement", math.nan), row.get("miou", math.nan)
+        return (f"mIoU {miou:.1f} %, {positions:.1f} % of pixels agree" if not _nan(miou)
+                else f"{positions:.1f} % of positions agree")
     share, iou = row.get("element_match", math.nan), row.get("mask_iou", math.nan)
     if not _nan(iou) and not _nan(share):
         return f"mask: IoU {iou:.1f} %, {share:.1f} % of elements agree"

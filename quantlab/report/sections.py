@@ -52,7 +52,8 @@ def end_to_end_section(inputs: ReportInputs) -> str:
         "reference's and the candidate's correctness: a small value means the accuracy difference is "
         "not noise. Outputs scored at every position (OCR, token logits) add <code>token_agreement</code> "
         "(positions whose best class is the reference's) and <code>sequence_agreement</code> (samples that "
-        "agree at every position), and CTC outputs (<code>ctc_blank</code> set) <code>text_agreement</code> "
+        "agree at every position), segmentation maps <code>miou</code> (the mean over classes of the overlap of "
+        "the candidate's class map with the reference's, %), and CTC outputs (<code>ctc_blank</code> set) <code>text_agreement</code> "
         "(samples whose greedy CTC text is the reference's) and <code>cer</code> (the character error rate "
         "against it, %); integer outputs (class ids, decoded tokens) add <code>exact_match</code> "
         "(samples whose output equals the reference's) and <code>element_match</code>; outputs a Sigmoid writes "
@@ -87,7 +88,7 @@ def changed_samples_section(inputs: ReportInputs, plots: Mapping[str, bytes]) ->
 
 
 _END_TO_END_FIRST = ("candidate", "output", "samples", "top1_agreement", "text_agreement", "cer", "token_agreement",
-                     "sequence_agreement", "mask_iou", "exact_match", "element_match", "top1", "ref_top1", "top1_drop",
+                     "miou", "sequence_agreement", "mask_iou", "exact_match", "element_match", "top1", "ref_top1", "top1_drop",
                      "mcnemar_p", "cosine", "sqnr_db", "free_sqnr_db", "top5", "ref_top5", "top5_drop")
 
 

@@ -23,7 +23,7 @@ __all__ = ["write_sweep_report", "PLOTTED_METRICS"]
 
 PLOTTED_METRICS = ("cosine", "top1_agreement", "sqnr_db", "top1_drop")
 _SHOWN = ("cell", "model", "setting", "status", "passed", "output", "cosine", "top1_agreement", "top1",
-          "top1_drop", "text_agreement", "cer", "mask_iou", "sqnr_db", "seconds", "attempts", "error")
+          "top1_drop", "text_agreement", "cer", "mask_iou", "miou", "sqnr_db", "seconds", "attempts", "error")
 
 
 def metric_plot(df: pd.DataFrame, metric: str) -> bytes | None:
