@@ -81,11 +81,13 @@ def confidence_level(text: str) -> float:
 
 def probability_arg(text: str) -> float:
     """argparse type: a probability strictly between 0 and 1 (a decision threshold, e.g. 0.3)."""
+    from ..schema import is_probability  # here: this module imports only the standard library at load
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a probability in (0, 1), e.g. 0.5; got {text!r}") from None
-    if not 0.0 < value < 1.0:
+    if not is_probability(value):
         raise argparse.ArgumentTypeError(f"must be a probability in (0, 1), e.g. 0.5; got {value}")
     return value
 

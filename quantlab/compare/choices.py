@@ -58,6 +58,7 @@ import onnx
 from ..errors import CompareError
 from ..graph import LoadedModel
 from ..graph.topology import initializer_map, producer_map
+from ..metrics import counted_elements
 
 __all__ = ["CHOICE_COLUMNS", "CTC_BLANK_SHARE", "best_positions", "ctc_hints", "ctc_outputs", "decided_positions",
            "exact_outputs", "part_agreement", "position_scorers", "score_outputs", "segmentation_maps"]
@@ -327,11 +328,8 @@ def part_agreement(reference: np.ndarray, candidate: np.ndarray,
     if reference.shape != candidate.shape:
         raise ValueError(f"outputs of shape {reference.shape} and {candidate.shape} do not pair up")
     n = reference.shape[0] if reference.ndim else 1
-    same = np.asarray(reference) == np.asarray(candidate)
-    counted = np.ones_like(same, dtype=bool)
-    if valid is not None:
-        counted = np.broadcast_to(valid.reshape(valid.shape + (1,) * (same.ndim - 2)), same.shape)
-    same, counted = same.reshape(n, -1), counted.reshape(n, -1)
+    same = (np.asarray(reference) == np.asarray(candidate)).reshape(n, -1)
+    counted = counted_elements(np.shape(reference), valid)
     total = counted.sum(axis=1)
     agree = (same & counted).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):

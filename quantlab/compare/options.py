@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from ..errors import CompareError
+from ..schema import is_probability
 
 __all__ = ["DECISION_THRESHOLD", "CompareOptions"]
 
@@ -92,8 +93,7 @@ class CompareOptions:
         if self.ctc_blank is not None and (not isinstance(self.ctc_blank, int) or isinstance(self.ctc_blank, bool)
                                            or self.ctc_blank < 0):
             raise bad(f"ctc_blank must be None or a class index >= 0 (the blank of CTC scores), got {self.ctc_blank!r}")
-        if (not isinstance(self.decision_threshold, (int, float)) or isinstance(self.decision_threshold, bool)
-                or not 0.0 < float(self.decision_threshold) < 1.0):
+        if not is_probability(self.decision_threshold):
             raise bad(f"decision_threshold must be a probability in (0, 1), e.g. 0.5 (DBNet's maps: 0.3), got "
                       f"{self.decision_threshold!r}")
         if self.metric is not None and ":" not in self.metric:

@@ -23,9 +23,8 @@ def reported_metrics(*, classifiers: bool = True, labels: bool = True, positions
                      free_running: bool = True) -> set[str]:
     """The end-to-end metric columns of a comparison whose model has classifier outputs, labels to check them with,
     outputs scored per position (read as CTC text with ``ctc``; ``segmentation``: maps among them), integer
-    outputs, probability outputs read as
-    masks, and a sequence set (the free-running figures); every kind by default, as a file read before its model
-    is known must allow."""
+    outputs, probability outputs read as masks, and a sequence set (the free-running figures); every kind by
+    default, as a file read before its model is known must allow."""
     known = set(END_TO_END_COLUMNS) - {"candidate", "output"}
     if classifiers:
         known |= set(CLASSIFIER_COLUMNS) | (set(LABEL_COLUMNS) if labels else set())

@@ -158,6 +158,7 @@ class Comparison:
         self.positions = position_scorers(reference, self.sample_axes)  # outputs scored per position (OCR, tokens)
         self.ctc = ([] if options.ctc_blank is None  # read as CTC text too
                     else ctc_outputs(reference, self.positions, options.ctc_blank))
+        self.segmentation = segmentation_maps(reference, self.positions)  # maps among them: also miou
         self.exact = exact_outputs(reference)  # integer/bool outputs: equal or not
         self.decided = probability_outputs(reference, taken={*self.positions, *self.exact})  # read as masks p > t
         self.padding = (mask_input(reference), padded_outputs(reference, self.sample_axes))  # compare.padding
@@ -263,7 +264,7 @@ class Comparison:
                         exact=self.exact, declared=self.declared, padding=self.padding,
                         ctc=(self.options.ctc_blank, self.ctc),
                         decisions=(self.options.decision_threshold, self.decided),
-                        segmentation=segmentation_maps(self.reference, self.positions))
+                        segmentation=self.segmentation)
 
     def tables(self, totals: PassTotals, progress: bool = False) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way); ``progress``:

@@ -18,7 +18,8 @@ from ..coverage.gate import parse_gate
 from ..errors import ExperimentError, InputMismatchError, ThresholdError
 from ..fingerprint import sha256_file
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
-from ..schema import Key, Where, check_table, parse_toml, read_toml_text, is_int, is_num, is_probability, non_empty_str, one_of, show
+from ..schema import (Key, Where, check_table, parse_toml, read_toml_text, is_int, is_num, is_probability,
+                      non_empty_str, one_of, show)
 from ..shapes import SHAPES_GRAMMAR, parse_shapes
 from ..threshold import parse_threshold
 from ..zoo import ZOO_MODELS

@@ -22,7 +22,7 @@ from .errors import (
     sqnr_db,
 )
 from .statistics import binomial_ci, bootstrap_ci, channel_spread, mcnemar_exact_p, near_zero_count, topk, topk_correct
-from .masks import decision_mask, marked_share, mask_iou, mean_class_iou
+from .masks import counted_elements, decision_mask, marked_share, mask_iou, mean_class_iou
 from .text import ctc_greedy, ctc_text_agreement, edit_distance
 
 __all__ = [
@@ -50,4 +50,5 @@ __all__ = [
     "mask_iou",
     "marked_share",
     "mean_class_iou",
+    "counted_elements",
 ]

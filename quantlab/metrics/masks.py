@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["decision_mask", "mask_iou", "marked_share", "mean_class_iou"]
+__all__ = ["counted_elements", "decision_mask", "mask_iou", "marked_share", "mean_class_iou"]
 
 
 def decision_mask(probabilities: np.ndarray, threshold: float) -> np.ndarray:
@@ -23,13 +23,21 @@ def decision_mask(probabilities: np.ndarray, threshold: float) -> np.ndarray:
         return np.asarray(probabilities) > threshold
 
 
+def counted_elements(shape: tuple[int, ...], valid: np.ndarray | None = None) -> np.ndarray:
+    """bool ``[N, elements]``: which elements of an array of ``shape`` (samples on axis 0) count: all, or with
+    ``valid`` (bool over the first two axes: the real positions, as :mod:`quantlab.compare.padding` gives) those at
+    its valid positions, every element along the further axes."""
+    n = shape[0] if shape else 1
+    if valid is None:
+        return np.ones((n, int(np.prod(shape[1:], dtype=np.int64))), dtype=bool)
+    return np.broadcast_to(valid.reshape(valid.shape + (1,) * (len(shape) - 2)), shape).reshape(n, -1)
+
+
 def marked_share(mask: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """Per sample (axis 0) of a bool mask: the % of its elements (at ``valid`` positions, as :func:`mask_iou`)
     that it marks, float64 ``[N]`` (NaN for a sample without elements)."""
     n = mask.shape[0] if mask.ndim else 1
-    counted = np.ones(mask.shape, dtype=bool) if valid is None else np.broadcast_to(
-        valid.reshape(valid.shape + (1,) * (mask.ndim - 2)), mask.shape)
-    m, counted = np.asarray(mask, dtype=bool).reshape(n, -1), counted.reshape(n, -1)
+    m, counted = np.asarray(mask, dtype=bool).reshape(n, -1), counted_elements(mask.shape, valid)
     total = counted.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, (m & counted).sum(axis=1) / np.maximum(total, 1) * 100.0, np.nan)
@@ -46,8 +54,7 @@ def mask_iou(reference: np.ndarray, candidate: np.ndarray, valid: np.ndarray | N
     r = np.asarray(reference, dtype=bool).reshape(n, -1)
     c = np.asarray(candidate, dtype=bool).reshape(n, -1)
     if valid is not None:
-        counted = np.broadcast_to(valid.reshape(valid.shape + (1,) * (reference.ndim - 2)), reference.shape)
-        counted = counted.reshape(n, -1)
+        counted = counted_elements(reference.shape, valid)
         r, c = r & counted, c & counted
     both = np.count_nonzero(r & c, axis=1)
     either = np.count_nonzero(r | c, axis=1)

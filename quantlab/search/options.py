@@ -9,6 +9,7 @@ from typing import Any, Literal
 from ..backends import is_onnxruntime
 from ..compare.options import DECISION_THRESHOLD
 from ..errors import QuantlabError, SearchError
+from ..schema import is_probability
 from ..shapes import parse_shapes
 
 
@@ -98,7 +99,7 @@ class SearchOptions:
         for key in ("probe_samples", "batch_size", "latency_iterations"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 problems.append(f"{key} must be a whole number >= 1, got {getattr(self, key)!r}")
-        if not isinstance(self.decision_threshold, (int, float)) or not 0.0 < self.decision_threshold < 1.0:
+        if not is_probability(self.decision_threshold):
             problems.append(f"decision_threshold must be a probability in (0, 1), got {self.decision_threshold!r}")
         if not isinstance(self.probe_top, int) or self.probe_top < 0:
             problems.append(f"probe_top must be a whole number >= 0, got {self.probe_top!r}")

@@ -36,7 +36,8 @@ from ..compare.options import DECISION_THRESHOLD
 from ..errors import ExperimentError, ThresholdError
 from ..experiment import CALIBRATORS, TARGETS
 from ..methods import DEFAULT_PERCENTILE, METHOD_NAMES, percentile_error
-from ..schema import Key, Where, check_table, parse_toml, read_toml_text, is_int, is_num, is_probability, non_empty_str, one_of
+from ..schema import (Key, Where, check_table, parse_toml, read_toml_text, is_int, is_num, is_probability,
+                      non_empty_str, one_of)
 from ..threshold import parse_threshold
 from ..zoo import ZOO_MODELS
 
@@ -167,7 +168,8 @@ def parse_sweep(text: str, *, source: Path | None = None, base: Path | None = No
         except ThresholdError as exc:
             raise ExperimentError(f"{where.at('', None, 'threshold')}: {exc}") from None
     grid = data.get("grid", {})
-    kwargs = {k: data[k] for k in ("seed", "backend", "threshold", "target", "ctc_blank", "decision_threshold") if k in data}
+    top = ("seed", "backend", "threshold", "target", "ctc_blank", "decision_threshold")
+    kwargs = {k: data[k] for k in top if k in data}
     kwargs.update({"methods": tuple(grid["methods"])} if "methods" in grid else {})
     kwargs.update({"percentiles": tuple(float(p) for p in grid["percentile"])} if "percentile" in grid else {})
     kwargs.update({k: grid[k] for k in ("fp16", "search") if k in grid})
