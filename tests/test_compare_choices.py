@@ -457,7 +457,7 @@ def _segmenter(resize: bool) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_a_segmentation_map_gets_pixel_agreement_and_an_image_does_not():
+def test_a_segmentation_map_gets_pixel_agreement_and_an_image_does_not(tmp_path):
     """What a user reads off a segmentation model is the class of each pixel; cosine and SQNR over the score maps
     do not show it. A map upsampled to the image (DeepLab) gets token_agreement over its pixels, checked against
     the argmax of both models' outputs here; a conv's output image (super-resolution) gets none."""
@@ -466,6 +466,8 @@ def test_a_segmentation_map_gets_pixel_agreement_and_an_image_does_not():
     from quantlab.data import from_arrays
     from quantlab.plan import uniform_plan
     from quantlab.quantize import WriteOptions, write_model
+    from quantlab.compare.mask_examples import load_mask_examples, save_mask_examples
+    from quantlab.report.plots import _CLASS_CHANGED, _class_overlay, mask_plot
     from quantlab.report.samples import changed_samples
 
     x = np.random.default_rng(0).normal(size=(6, 3, 8, 8)).astype(np.float32)
@@ -498,6 +500,20 @@ def test_a_segmentation_map_gets_pixel_agreement_and_an_image_does_not():
         known = known_metrics(model, use_labels=False)
         assert "miou_ci_low" in known and "miou" not in known_metrics(model_from_proto(models.text_recognizer()),
                                                                       use_labels=False)
+        # the picture: the sample of lowest mIoU keeps both class maps, and survives the folder
+        (example,) = result.mask_examples
+        worst = int(np.argmin(miou))
+        assert example.classes and example.sample == worst and example.iou == pytest.approx(miou[worst])
+        np.testing.assert_array_equal(example.reference, ref[worst])
+        np.testing.assert_array_equal(example.changed, cand[worst])
+        save_mask_examples(result.mask_examples, tmp_path)
+        (back,) = load_mask_examples(tmp_path)
+        assert back.classes and back.iou == example.iou and back.reference.dtype == np.int32
+        np.testing.assert_array_equal(back.changed, example.changed)
+        overlay = _class_overlay(back)  # red exactly where the candidate picks another class
+        red = np.all(overlay == _CLASS_CHANGED, axis=-1)
+        np.testing.assert_array_equal(red, ref[worst] != cand[worst])
+        assert mask_plot([back]).startswith(b"\x89PNG")
 
 
 def test_a_softmax_after_a_decoding_loop_scores_positions():

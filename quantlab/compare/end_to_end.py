@@ -303,18 +303,21 @@ class EndToEnd:
                 st.cer.append(cer)
             if o in self.segmentation:
                 st.miou.append(np.full(n, np.nan) if mismatched else mean_class_iou(ref, cand, self.positions[o]))
+                self._keep_worst_mask(name, o, ref, cand, st.miou[-1], batch, classes=True)
             if self.choices[o] == "decisions":
                 st.iou.append(np.full(n, np.nan) if mismatched else mask_iou(ref, cand, valid.get(o)))
                 self._keep_worst_mask(name, o, ref, cand, st.iou[-1], batch)
 
     def _keep_worst_mask(self, name: str, o: str, ref: np.ndarray, cand: np.ndarray, iou: np.ndarray,
-                         batch: Batch) -> None:
-        """The batch's sample of lowest IoU, kept if it is lower than the one kept so far (maps only)."""
+                         batch: Batch, classes: bool = False) -> None:
+        """The batch's sample of lowest IoU (mIoU of ``classes`` maps), kept if it is lower than the one kept so
+        far (maps only)."""
         if np.isnan(iou).all() or mask_plane(ref[0]) is None:
             return
         i = int(np.nanargmin(iou))
         found = MaskExample(candidate=name, output=o, sample=int(batch.indices[i]), key=str(batch.keys[i]),
-                            iou=float(iou[i]), reference=mask_plane(ref[i]).copy(), changed=mask_plane(cand[i]).copy())
+                            iou=float(iou[i]), reference=mask_plane(ref[i]).copy(), changed=mask_plane(cand[i]).copy(),
+                            classes=classes)
         worst = worst_of(self.records.examples.get((name, o)), found)
         if worst is not None:
             self.records.examples[(name, o)] = worst

@@ -2,13 +2,16 @@
 
 For every candidate and probability output that is a map (one plane per sample, ``[N, 1, H, W]`` or ``[N, H, W]``:
 :mod:`.probabilities`), the comparison keeps the two masks of the sample with the lowest ``mask_iou`` (the first
-such sample on ties): the report draws them one over the other. A shard keeps its own worst; the merge takes the
-worst of the shards' (the earliest shard's on ties), so sharded and single passes keep the same sample.
+such sample on ties): the report draws them one over the other. For a segmentation map (``[N, C, H, W]`` scores:
+:func:`.choices.segmentation_maps`) it keeps the two class maps (best class per pixel) of the sample with the
+lowest ``miou``. A shard keeps its own worst; the merge takes the worst of the shards' (the earliest shard's on
+ties), so sharded and single passes keep the same sample.
 
 On disk (``mask_examples.npz`` beside ``compare.json``; read with ``allow_pickle=False``)::
 
-    meta        JSON text: [{candidate, output, sample, key, iou}, ...]
-    reference_0, candidate_0, ...   uint8 planes [H, W], 1 where the mask marks
+    meta        JSON text: [{candidate, output, sample, key, iou, classes}, ...]
+    reference_0, candidate_0, ...   planes [H, W]: uint8, 1 where the mask marks; int32 class ids where
+                                    ``classes`` is true
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ MASK_EXAMPLES_FILE = "mask_examples.npz"
 
 @dataclass(frozen=True, eq=False)
 class MaskExample:
-    """One candidate's most changed mask of one output: ``reference`` and ``changed`` are bool ``[H, W]``."""
+    """One candidate's most changed mask of one output: ``reference`` and ``changed`` are bool ``[H, W]`` masks,
+    or int ``[H, W]`` class ids when ``classes`` (a segmentation map; ``iou`` is then the sample's mIoU)."""
 
     candidate: str
     output: str
@@ -41,6 +45,7 @@ class MaskExample:
     iou: float
     reference: np.ndarray
     changed: np.ndarray
+    classes: bool = False
 
 
 def mask_plane(mask: np.ndarray) -> np.ndarray | None:
@@ -64,11 +69,12 @@ def save_mask_examples(examples: Sequence[MaskExample], folder: Path) -> Path | 
     if not examples:
         return None
     meta = [{"candidate": e.candidate, "output": e.output, "sample": int(e.sample), "key": e.key,
-             "iou": None if math.isnan(e.iou) else float(e.iou)} for e in examples]
+             "iou": None if math.isnan(e.iou) else float(e.iou), "classes": e.classes} for e in examples]
     arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
     for i, e in enumerate(examples):
-        arrays[f"reference_{i}"] = e.reference.astype(np.uint8)
-        arrays[f"candidate_{i}"] = e.changed.astype(np.uint8)
+        kind = np.int32 if e.classes else np.uint8
+        arrays[f"reference_{i}"] = e.reference.astype(kind)
+        arrays[f"candidate_{i}"] = e.changed.astype(kind)
     path = Path(folder) / MASK_EXAMPLES_FILE
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
@@ -92,6 +98,10 @@ def _example(meta: Mapping[str, object], reference: np.ndarray, changed: np.ndar
     if reference.shape != changed.shape or reference.ndim != 2:
         raise ValueError(f"planes of shape {reference.shape} and {changed.shape}")
     iou = meta.get("iou")
+    classes = meta.get("classes") is True
+    if classes and not (np.issubdtype(reference.dtype, np.integer) and np.issubdtype(changed.dtype, np.integer)):
+        raise ValueError(f"class maps of type {reference.dtype} and {changed.dtype}")
+    kind = np.int32 if classes else bool
     return MaskExample(candidate=str(meta["candidate"]), output=str(meta["output"]), sample=int(meta["sample"]),
                        key=str(meta["key"]), iou=math.nan if iou is None else float(iou),
-                       reference=reference.astype(bool), changed=changed.astype(bool))
+                       reference=reference.astype(kind), changed=changed.astype(kind), classes=classes)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -175,28 +176,51 @@ def shown_mask_examples(examples: Sequence[MaskExample]) -> list[MaskExample]:
 
 
 def mask_plot(examples: Sequence[MaskExample]) -> bytes:
-    """One panel per example: the reference's and the candidate's masks one over the other."""
+    """One panel per example: the reference's and the candidate's masks one over the other (or class maps:
+    :func:`_class_overlay`)."""
     cols = min(len(examples), 3)
     rows = math.ceil(len(examples) / cols)
     aspect = max(e.reference.shape[0] / e.reference.shape[1] for e in examples)
     fig = figure(4.2 * cols, min(4.2 * aspect, 6.0) * rows + 0.5)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, e in zip(axes, examples):
-        overlay = np.empty(e.reference.shape + (3,))
-        r, c = e.reference, e.changed
-        for where, colour in ((~r & ~c, "neither"), (r & c, "both"), (r & ~c, "reference only"),
-                              (~r & c, "candidate only")):
-            overlay[where] = _MASK_COLOURS[colour]
-        ax.imshow(overlay, interpolation="nearest")
-        ax.set_title(f"{short(e.candidate, 24)} · {short(e.output, 24)}\n{short(e.key, 36)}: IoU {e.iou:.1f} %",
+        ax.imshow(_class_overlay(e) if e.classes else _mask_overlay(e), interpolation="nearest")
+        score = "mIoU" if e.classes else "IoU"
+        ax.set_title(f"{short(e.candidate, 24)} · {short(e.output, 24)}\n{short(e.key, 36)}: {score} {e.iou:.1f} %",
                      fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in axes[len(examples):]:
         ax.set_axis_off()
-    handles = [Patch(facecolor=_MASK_COLOURS[k], edgecolor="0.6", label=k) for k in _MASK_COLOURS if k != "neither"]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    shown = [k for k in _MASK_COLOURS if k != "neither"] if any(not e.classes for e in examples) else []
+    handles = [Patch(facecolor=_MASK_COLOURS[k], edgecolor="0.6", label=k) for k in shown]
+    if any(e.classes for e in examples):
+        handles.append(Patch(facecolor=_CLASS_CHANGED, edgecolor="0.6", label="class changed (pale: same class)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8, frameon=False)
     return png(fig)
+
+
+def _mask_overlay(e: MaskExample) -> np.ndarray:
+    overlay = np.empty(e.reference.shape + (3,))
+    r, c = e.reference, e.changed
+    for where, colour in ((~r & ~c, "neither"), (r & c, "both"), (r & ~c, "reference only"),
+                          (~r & c, "candidate only")):
+        overlay[where] = _MASK_COLOURS[colour]
+    return overlay
+
+
+_CLASS_CHANGED = (0.75, 0.22, 0.17)
+"""A pixel whose best class the candidate changed, in a class map's overlay (red: what changed, as in a mask's)."""
+
+
+def _class_overlay(e: MaskExample) -> np.ndarray:
+    """RGB ``[H, W, 3]``: the reference's class of each pixel in a pale colour (one of 9 hues, by class id) where
+    the candidate picks the same class, red where it picks another."""
+    palette = np.delete(np.asarray(colormaps["tab10"].colors), 3, axis=0)  # tab10 without its red
+    pale = 0.5 * palette + 0.5  # blended with white: the changed pixels stand out
+    overlay = pale[np.asarray(e.reference, dtype=np.int64) % len(pale)]
+    overlay[e.reference != e.changed] = _CLASS_CHANGED
+    return overlay
 
 
 def report_plots(inputs: ReportInputs) -> dict[str, bytes]:

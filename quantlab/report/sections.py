@@ -8,6 +8,7 @@ import pandas as pd
 
 from .inputs import MAX_TABLE_ROWS, WORST_LAYERS_SHOWN, ReportInputs, check_per_layer, worst_layers
 from .markup import esc, fmt, img, kv_table, table
+from .plots import shown_mask_examples
 
 __all__ = ["verdict_section", "notes_section", "end_to_end_section", "per_layer_section", "histogram_section",
            "bodies_section", "sensitivity_section", "trajectory_section", "plan_section", "environment_section"]
@@ -74,9 +75,16 @@ def changed_samples_section(inputs: ReportInputs, plots: Mapping[str, bytes]) ->
         return ""
     drawn = ""
     if plots.get("masks"):
-        drawn = ("<p>The sample whose mask each candidate changed most (the lowest <code>mask_iou</code>): grey "
-                 "where both masks mark, blue what the candidate lost, red what it added.</p>"
-                 + img(plots["masks"], "masks the candidates changed most"))
+        kinds = {e.classes for e in shown_mask_examples(inputs.mask_examples)}
+        said = []
+        if False in kinds:
+            said.append("The sample whose mask each candidate changed most (the lowest <code>mask_iou</code>): "
+                        "grey where both masks mark, blue what the candidate lost, red what it added.")
+        if True in kinds:
+            said.append("The sample whose segmentation each candidate changed most (the lowest <code>miou</code>): "
+                        "each pixel in a pale colour of the reference's class, red where the candidate picks "
+                        "another class.")
+        drawn = f"<p>{' '.join(said)}</p>" + img(plots["masks"], "masks the candidates changed most")
     if df.empty:
         body = '<p class="muted">No candidate changed a decision on any validation sample.</p>'
     else:
