@@ -65,9 +65,10 @@ def static_trip_count(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.
         if not bool(cond):
             return None, "loop never runs (condition false)"
     body = next(a.g for a in node.attribute if a.name == "body")
+    outer = _outer_constants(body, folder)
     bound = int(m) if m is not None else limit + 1
     for i in range(min(bound, limit + 1)):
-        seeds = {body.input[0].name: _iteration(body, i), body.input[1].name: np.array(True)}
+        seeds = {**outer, body.input[0].name: _iteration(body, i), body.input[1].name: np.array(True)}
         cond_out = ConstantFolder(body, model, seeds).scalar(body.output[0].name)
         if cond_out is None:
             return None, "the body's continue condition depends on the data"
@@ -81,9 +82,23 @@ def static_trip_count(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.
     return bound, ""
 
 
+def _outer_constants(body: onnx.GraphProto, folder: ConstantFolder) -> dict[str, np.ndarray]:
+    """The values of the outer-scope tensors ``body``'s nodes read that fold to constants: torch's scripted loops
+    continue on ``Identity(<a Constant true of the main graph>)``."""
+    own = {i.name for i in body.input} | {i.name for i in body.initializer} | {o for n in body.node for o in n.output}
+    read = {t for n in body.node for t in n.input if t and t not in own}
+    values = {t: folder.value(t) for t in sorted(read)}
+    return {t: v for t, v in values.items() if v is not None}
+
+
 def _iteration(body: onnx.GraphProto, i: int) -> np.ndarray:
     dims = body.input[0].type.tensor_type.shape.dim
     return np.array([i] if len(dims) == 1 else i, np.int64)
+
+
+def _scoped(scope: str, name: str) -> str:
+    """``<scope>/<name>``; torch's names already start with a slash (``/Loop/0/wi/Gemm``, not ``/Loop/0//wi``)."""
+    return f"{scope}{name}" if name.startswith("/") else f"{scope}/{name}"
 
 
 def _unrolled(node: onnx.NodeProto, trips: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
@@ -92,8 +107,8 @@ def _unrolled(node: onnx.NodeProto, trips: int) -> tuple[list[onnx.NodeProto], l
     prefix = node.name or node.output[0]
     carried = len(node.input) - 2
     local = {t for n in body.node for t in n.output if t}
-    shared = {i.name: f"{prefix}/{i.name}" for i in body.initializer}
-    shared.update({n.output[0]: f"{prefix}/{n.output[0]}" for n in body.node if n.op_type == "Constant" and not n.input})
+    shared = {i.name: _scoped(prefix, i.name) for i in body.initializer}
+    shared.update({n.output[0]: _scoped(prefix, n.output[0]) for n in body.node if n.op_type == "Constant" and not n.input})
     inits = [renamed_initializer(i, shared[i.name]) for i in body.initializer]
     inits += [numpy_helper.from_array(constant_node_value(n), shared[n.output[0]])
               for n in body.node if n.op_type == "Constant" and not n.input]
@@ -101,7 +116,7 @@ def _unrolled(node: onnx.NodeProto, trips: int) -> tuple[list[onnx.NodeProto], l
     scans: list[list[str]] = [[] for _ in body.output[1 + carried:]]
     nodes: list[onnx.NodeProto] = []
     for i in range(trips):
-        mapping = {t: f"{prefix}/{i}/{t}" for t in local} | shared
+        mapping = {t: _scoped(f"{prefix}/{i}", t) for t in local} | shared
         mapping[body.input[0].name] = f"{prefix}/{i}/iteration"
         mapping[body.input[1].name] = f"{prefix}/{i}/cond"
         inits += [numpy_helper.from_array(_iteration(body, i), mapping[body.input[0].name]),
@@ -111,7 +126,7 @@ def _unrolled(node: onnx.NodeProto, trips: int) -> tuple[list[onnx.NodeProto], l
             if n.op_type == "Constant" and not n.input:
                 continue
             copy = rename_node(n, mapping)
-            copy.name = f"{prefix}/{i}/{n.name or n.output[0]}"
+            copy.name = _scoped(f"{prefix}/{i}", n.name or n.output[0])
             nodes.append(copy)
         current = [mapping.get(vi.name, vi.name) for vi in body.output[1:1 + carried]]
         for j, vi in enumerate(body.output[1 + carried:]):
@@ -129,6 +144,14 @@ def _unrolled(node: onnx.NodeProto, trips: int) -> tuple[list[onnx.NodeProto], l
     return nodes, inits
 
 
+def _names_taken(graph: onnx.GraphProto, loop: onnx.NodeProto, nodes: list[onnx.NodeProto],
+                 inits: list[onnx.TensorProto]) -> bool:
+    """Whether a tensor the unrolled copies define is already one of ``graph``'s (other than the loop's outputs)."""
+    taken = ({i.name for i in graph.input} | {i.name for i in graph.initializer}
+             | {o for n in graph.node for o in n.output}) - set(loop.output)
+    return any(o in taken for n in nodes for o in n.output) or any(i.name in taken for i in inits)
+
+
 def unroll_static_loops(proto: onnx.ModelProto, limit: int = MAX_UNROLLED_TRIPS
                         ) -> tuple[onnx.ModelProto, tuple[UnrolledLoop, ...]]:
     """A copy of ``proto`` whose main-graph Loops with a static trip count are unrolled (``proto`` if none)."""
@@ -137,6 +160,8 @@ def unroll_static_loops(proto: onnx.ModelProto, limit: int = MAX_UNROLLED_TRIPS
         if trips is None:
             return None
         nodes, inits = _unrolled(node, trips)
+        if _names_taken(out.graph, node, nodes, inits):
+            return None  # a copy's name is the graph's already: left a loop rather than wired to the wrong tensor
         replace_node(out.graph, idx, nodes, inits)
         drop_dead_producers(out.graph, node.input[:2])
         return UnrolledLoop(node.name or node.output[0], trips)

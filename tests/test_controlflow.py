@@ -598,6 +598,34 @@ def test_a_loop_over_a_fixed_axis_of_the_input_is_unrolled(form):
     assert resolve_static_control_flow(by_batch)[1] == ()
 
 
+def test_a_loop_continuing_on_an_outer_constant_is_unrolled_with_torch_style_names():
+    """torch.jit.script's for-loop continues on ``Identity(<a Constant true of the main graph>)``: the body's
+    condition folds only with the outer scope's constants (it had stayed a loop, its body float: "the body's
+    continue condition depends on the data", even with ``--bind steps=12``). torch's names start with a slash:
+    the copies read ``/Loop/0/mix``, not ``/Loop/0//mix``."""
+    proto = models.refinement_loop(trips=4)
+    loop = next(n for n in proto.graph.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    keep = next(n for n in body.node if n.name == "keep_going")
+    keep.input[0] = "/Constant_1_output_0"  # outer scope, as torch writes it
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["/Constant_1_output_0"], name="/Constant_1",
+                                                value=numpy_helper.from_array(np.array(True))))
+    for n in body.node:
+        n.output[:] = [f"/{o}" if o not in ("cond_out", "h_out", "step") else o for o in n.output]
+        n.input[:] = [f"/{i}" if i in ("mixed", "pre", "w_step") else i for i in n.input]
+        n.name = f"/{n.name}"
+    loop.name = "/Loop"
+    out, done = resolve_static_control_flow(proto)
+    assert [d.note() for d in done] == ["Loop '/Loop': trip count 4 (static), unrolled into 4 copies of its body "
+                                        "before statistics and writing"]
+    names = {o for n in out.graph.node for o in n.output}
+    assert "/Loop/0/mixed" in names and "/Loop/3/pre" in names and not any("//" in t for t in names)
+    onnx.checker.check_model(out, full_check=True)
+    feeds = {"input": np.random.default_rng(1).normal(size=(2, 16)).astype(np.float32)}
+    for name, value in _run(proto, feeds).items():
+        np.testing.assert_allclose(_run(out, feeds)[name], value, rtol=1e-6, atol=1e-6)
+
+
 def test_values_a_loop_carries_unchanged_are_read_from_outside_it():
     """paddle2onnx carries a loop's weights through it (SLANet: 16 of 23 carried values): they were calibrated
     as activations and listed among the widest tensors. Hoisted, the loop computes the same outputs (its final
