@@ -47,6 +47,7 @@ from .folding import (
     subgraphs,
 )
 from .graph.topology import SHAPE_ONLY_OPS, producer_map, upstream
+from .sequences import ConcatenatedSequence, concat_collected_sequences
 from .loops import (
     MAX_UNROLLED_TRIPS,
     HoistedInvariants,
@@ -90,6 +91,10 @@ class InlinedIf:
         sources = ", ".join(self.sources) or "a constant"
         return (f"If {self.node!r}: condition constant {self.condition} (from {sources}), "
                 f"{self.branch} inlined before statistics and writing")
+
+
+Resolved = InlinedIf | UnrolledLoop | HoistedInvariants | ConcatenatedSequence
+"""What :func:`resolve_static_control_flow` did to one node."""
 
 
 def bind_inputs(proto: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -168,14 +173,14 @@ def _inline_if(out: onnx.ModelProto, folder: ConstantFolder, idx: int, node: onn
 
 
 def resolve_static_control_flow(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROLLED_TRIPS
-                                ) -> tuple[onnx.ModelProto, tuple[InlinedIf | UnrolledLoop | HoistedInvariants, ...]]:
+                                ) -> tuple[onnx.ModelProto, tuple[Resolved, ...]]:
     """Inline constant Ifs and unroll static Loops until none is left (one may expose the other), then read the
     values the Loops left carry unchanged from outside them (:func:`quantlab.loops.hoist_loop_invariants`).
 
     What was done is appended to the copy's ``metadata_props`` under :data:`RECORD_KEY`, which
     :func:`control_flow_notes` reads back for provenance. ``proto`` itself when nothing applies.
     """
-    done: list[InlinedIf | UnrolledLoop | HoistedInvariants] = []
+    done: list[Resolved] = []
     out = proto
     while True:
         out, ifs = inline_constant_ifs(out)
@@ -184,14 +189,15 @@ def resolve_static_control_flow(proto: onnx.ModelProto, *, max_trips: int = MAX_
         if not ifs and not loops:
             break
     out, hoisted = hoist_loop_invariants(out)
-    done += hoisted
+    out, concatenated = concat_collected_sequences(out)
+    done += [*hoisted, *concatenated]
     if not done:
         return proto, ()
     _record(out, done)
     return out, tuple(done)
 
 
-def _record(proto: onnx.ModelProto, done: list[InlinedIf | UnrolledLoop | HoistedInvariants]) -> None:
+def _record(proto: onnx.ModelProto, done: list[Resolved]) -> None:
     _record_notes(proto, [d.note() for d in done])
 
 

@@ -1,0 +1,110 @@
+"""quantlab.sequences: the list a scripted loop collects, once the loop is unrolled, is one Concat."""
+
+from __future__ import annotations
+
+import models
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantlab.controlflow import resolve_static_control_flow
+from quantlab.graph import model_from_proto
+from quantlab.sequences import concat_collected_sequences
+
+
+def _collecting_loop(axis: int, new_axis: int, trips: int = 3, width: int = 4) -> onnx.ModelProto:
+    """torch.jit.script's ``ys = []; for _ in range(3): h = tanh(h @ W); ys.append(h)`` then ``torch.stack(ys, 1)``:
+
+    x[N, 4] -> Loop(M=3; carried h, ys: SequenceInsert(ys, h')) -> ConcatFromSequence(ys, axis, new_axis) -> out
+    """
+    w = np.random.default_rng(0).normal(0, 0.6, (width, width)).astype(np.float32)
+    seq_type = helper.make_tensor_sequence_value_info
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["go_outer"], ["cond_out"], name="/keep"),  # the outer constant, as torch
+         helper.make_node("MatMul", ["h_in", "w"], ["/mixed"], name="/mix"),
+         helper.make_node("Tanh", ["/mixed"], ["h_out"], name="/tanh"),
+         helper.make_node("SequenceInsert", ["ys_in", "h_out"], ["ys_out"], name="/append")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width]),
+         seq_type("ys_in", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width]),
+         seq_type("ys_out", TensorProto.FLOAT, ["N", width])])
+    nodes = [helper.make_node("Constant", [], ["go_outer"], name="/go", value=numpy_helper.from_array(np.array(True))),
+             helper.make_node("SequenceEmpty", [], ["ys0"], name="/empty", dtype=TensorProto.FLOAT),
+             helper.make_node("Loop", ["trips", "", "x", "ys0"], ["h_last", "ys"], name="/Loop", body=body),
+             helper.make_node("ConcatFromSequence", ["ys"], ["out"], name="/stack", axis=axis, new_axis=new_axis)]
+    graph = helper.make_graph(nodes, "collecting_loop", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                       ["N", width])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["A", "B", "C"][:3 - (new_axis == 0)]),
+                               helper.make_tensor_value_info("h_last", TensorProto.FLOAT, ["N", width])],
+                              [numpy_helper.from_array(np.array(trips, np.int64), "trips"),
+                               numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _constructed(axis: int) -> onnx.ModelProto:
+    """Opset 11 (Unsqueeze takes its axes as an attribute), no loop: ``SequenceConstruct(Tanh(x))``, then
+    ``SequenceInsert(·, Relu(x))``, then ``ConcatFromSequence(new_axis=1)``."""
+    nodes = [helper.make_node("Tanh", ["x"], ["y0"], name="/tanh"),
+             helper.make_node("Relu", ["x"], ["y1"], name="/relu"),
+             helper.make_node("SequenceConstruct", ["y0"], ["s0"], name="/construct"),
+             helper.make_node("SequenceInsert", ["s0", "y1"], ["s1"], name="/append"),
+             helper.make_node("ConcatFromSequence", ["s1"], ["out"], name="/stack", axis=axis, new_axis=1)]
+    graph = helper.make_graph(nodes, "constructed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["A", "B", "C"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize(("form", "axis", "new_axis"), [("loop", 1, 1), ("loop", 0, 0), ("opset 11", -1, 1)])
+def test_an_unrolled_loops_list_becomes_a_concat_with_the_same_values(form, axis, new_axis):
+    """After unrolling, SequenceEmpty -> SequenceInsert x3 -> ConcatFromSequence is a chain of known tensors:
+    Unsqueeze (an attribute before opset 13) and Concat compute the same output, and no sequence op is left
+    (TensorRT parses none: a scripted greedy decoder failed to build after its loop was unrolled)."""
+    proto = _collecting_loop(axis, new_axis) if form == "loop" else _constructed(axis)
+    out, done = resolve_static_control_flow(proto)
+    notes = [d.note() for d in done]
+    items = 3 if form == "loop" else 2
+    assert notes[-1] == (f"ConcatFromSequence '/stack': the {items} tensors its sequence collects one by one are "
+                         "concatenated directly (Concat; TensorRT parses no sequence ops)")
+    assert form != "loop" or notes[0].startswith("Loop '/Loop': trip count 3 (static), unrolled")
+    assert not any("Sequence" in n.op_type for n in out.graph.node)
+    onnx.checker.check_model(out, full_check=True)
+    x = {"x": np.random.default_rng(1).normal(0, 1, (2, 4)).astype(np.float32)}
+    before, after = models.run_ort(proto, x), models.run_ort(out, x)
+    assert before["out"].shape == {(1, 1): (2, 3, 4), (0, 0): (6, 4), (-1, 1): (2, 4, 2)}[(axis, new_axis)]
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-6, atol=1e-6)
+    if form == "loop" and new_axis:
+        from quantlab.backends.tensorrt import TensorRTBackend
+        from quantlab.shapes import parse_shapes
+
+        model = model_from_proto(proto, label="collecting loop")  # loading resolves it the same way
+        assert not any("Sequence" in n.op_type for n in model.proto.graph.node)
+        engine = TensorRTBackend("tensorrt-rtx").build_engine(model.proto, shapes=parse_shapes("x:1x4,2x4,4x4"),
+                                                             label="collecting loop")
+        assert len(engine) > 1000
+
+
+def test_sequences_it_cannot_read_are_left_alone():
+    """An insert at a position, or a sequence a loop left a loop builds: the ConcatFromSequence stays."""
+    long_loop = _collecting_loop(1, 1, trips=100)  # above the unrolling limit: a loop's sequence
+    out, done = concat_collected_sequences(long_loop)
+    assert out is long_loop and done == ()
+    at = _collecting_loop(1, 1)
+    body = next(a.g for a in next(n for n in at.graph.node if n.op_type == "Loop").attribute)
+    at.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), "front"))
+    next(n for n in body.node if n.op_type == "SequenceInsert").input.append("front")  # reads the outer "front"
+    out, done = resolve_static_control_flow(at)
+    assert any(n.op_type == "ConcatFromSequence" for n in out.graph.node)
+    x = {"x": np.random.default_rng(1).normal(0, 1, (2, 4)).astype(np.float32)}
+    np.testing.assert_allclose(models.run_ort(out, x)["out"], models.run_ort(at, x)["out"], rtol=1e-6)
