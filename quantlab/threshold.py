@@ -117,8 +117,38 @@ class Threshold:
             passed = passed and cond.holds(worst)
         return ThresholdCheck(self.text, passed, values, margins)
 
+    def unjudged_note(self, rows: Sequence[Mapping[str, Any]] | Any) -> str | None:
+        """A note naming the outputs of the end-to-end ``rows`` on which no condition reads a number, so the
+        threshold holds whatever they hold (an integer output has no cosine: EnCodec's codes, 0 % exact, passed
+        ``cosine>=0.99`` on its audio), with the figures they do report; None when every output is judged."""
+        records = _records(rows)
+        unjudged: dict[str, Mapping[str, Any]] = {}
+        for r in records:
+            if "output" in r and not any(_finite(r.get(c.metric)) for c in self.conditions):
+                unjudged.setdefault(str(r["output"]), r)
+        if not unjudged or len(unjudged) == len({str(r.get("output")) for r in records}):
+            return None  # no output is judged: check() fails or raises on its own
+        shown = []
+        for name, r in unjudged.items():
+            figures = [f"{m} {float(r[m]):.4g}" for m in _OUTPUT_FIGURES if _finite(r.get(m))][:2]
+            whose = f"{r['candidate']}: " if "candidate" in r else ""
+            shown.append(f"{name!r}" + (f" ({whose}{', '.join(figures)})" if figures else ""))
+        metrics = " or ".join(self.metrics)
+        example = next((m for m in _OUTPUT_FIGURES if any(_finite(r.get(m)) for r in unjudged.values())), None)
+        return (f"threshold {self.text!r} does not judge output(s) {', '.join(shown)}: they report no {metrics}"
+                + (f"; add a condition on what they report, e.g. '{example}>=...'" if example else ""))
+
     def __str__(self) -> str:
         return self.text
+
+
+_OUTPUT_FIGURES = ("exact_match", "element_match", "mask_iou", "token_agreement", "sqnr_db", "cosine")
+"""What an output the threshold does not judge is shown by (and a condition suggested on), the first reported."""
+
+
+def _finite(v: Any) -> bool:
+    x = _number(v)
+    return x is not None and not math.isnan(x)
 
 
 _LABEL_METRIC = re.compile(r"(ref_)?top[15](_drop|_accuracy)?(_ci_low|_ci_high)?|mcnemar_p|(ref|cand)_only_correct")

@@ -175,6 +175,11 @@ def test_integer_outputs_are_compared_as_choices():
     assert np.isnan(e2e.loc["label", "cosine"]) and np.isnan(e2e.loc["top_ids", "sqnr_db"])
     check = parse_threshold("cosine>=0.5").check(result.end_to_end)
     assert check.values["cosine>=0.5"] == pytest.approx(min(e2e.loc["logits", "cosine"], e2e.loc["top_scores", "cosine"]))
+    # ... and says so, with what the unjudged outputs report
+    note = parse_threshold("cosine>=0.5").unjudged_note(result.end_to_end)
+    assert note.startswith("threshold 'cosine>=0.5' does not judge output(s) 'label' (int8: exact_match ")
+    assert f"exact_match {e2e.loc['top_ids', 'exact_match']:.4g}" in note and "e.g. 'exact_match>=...'" in note
+    assert parse_threshold("cosine>=0.5 and exact_match>=0").unjudged_note(result.end_to_end) is None
     # the ArgMax output's exact match is the logits' top-1 agreement, computed apart
     assert e2e.loc["label", "exact_match"] == pytest.approx(e2e.loc["logits", "top1_agreement"])
     assert e2e.loc["label", "exact_match"] == pytest.approx(e2e.loc["label", "element_match"])

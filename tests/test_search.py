@@ -1245,3 +1245,24 @@ def test_suffix_runs_feed_each_run_its_own_shape_values():
     for out, p in zip(got, protos, strict=True):
         whole = run_batched(backend, p, {"x": x}, ["logits"], 8)["logits"]
         np.testing.assert_allclose(out, whole, rtol=0, atol=1e-4 * float(np.abs(whole).max()))
+
+
+def test_a_search_names_the_outputs_its_threshold_does_not_judge(chain):
+    """A class-id output reports no SQNR, so ``sqnr_db>=30`` holds whatever ids the plan changes: the search
+    says so (EnCodec's codes, 0 % exact, passed a cosine threshold on its audio without a word)."""
+    import dataclasses
+
+    proto, table, x = chain
+
+    class WithIds(OrtNumpyEvaluator):
+        def evaluate(self, plan, samples, *, local=False):
+            ev = super().evaluate(plan, samples, local=local)
+            name = self.names[0]
+            same = self.ref[name][:samples].argmax(1) == self._run(plan, samples)[name].argmax(1)
+            ids = {"candidate": "c", "output": "ids", "samples": samples, "sqnr_db": math.nan, "cosine": math.nan,
+                   "exact_match": float(same.mean() * 100)}
+            return dataclasses.replace(ev, rows=(*ev.rows, ids))
+
+    out = run_search(_base(proto), WithIds(proto, table, x), _opts("sqnr_db>=30"), save_comparisons=False)
+    assert [n for n in out.notes if n.startswith("threshold 'sqnr_db>=30' does not judge output(s) 'ids' (c: "
+                                                 "exact_match ")]

@@ -135,3 +135,19 @@ def test_other_unknown_metrics_get_no_label_advice_but_a_close_match():
     with pytest.raises(ThresholdError) as err:
         parse_threshold("iou>0.5").check([{"cosine": 0.99}])
     assert "[labels]" not in str(err.value)
+
+
+def test_outputs_no_condition_reads_are_named():
+    """An integer output has no cosine: ``cosine>=0.99`` passed EnCodec with its codes 0 % exact. The note names
+    such outputs with the figures they report; none when every output is judged, or when none is (check fails)."""
+    t = parse_threshold("cosine>=0.99")
+    rows = [{"candidate": "int8", "output": "audio", "cosine": 0.9999, "exact_match": math.nan},
+            {"candidate": "int8", "output": "codes", "cosine": math.nan, "exact_match": 0.0, "element_match": 72.5}]
+    assert t.check(rows).passed
+    assert t.unjudged_note(rows) == ("threshold 'cosine>=0.99' does not judge output(s) 'codes' (int8: exact_match "
+                                     "0, element_match 72.5): they report no cosine; add a condition on what they "
+                                     "report, e.g. 'exact_match>=...'")
+    assert parse_threshold("cosine>=0.99, exact_match>=50").unjudged_note(rows) is None
+    assert t.unjudged_note(rows[:1]) is None
+    assert t.unjudged_note(rows[1:]) is None  # nothing judged: check() itself fails
+    assert not t.check(rows[1:]).passed

@@ -306,6 +306,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"FAIL {name}: --fail-if {threshold} {why} ({shown})")
             else:
                 print(f"pass {name}: --fail-if {threshold} does not hold ({shown})")
+        unjudged = threshold.unjudged_note(result.end_to_end)
+        if unjudged:
+            print(f"note: --fail-if: {unjudged}")
     print(f"\nwrote {', '.join(str(p) for k, p in paths.items() if not k.endswith('_csv'))} (+ .csv)")
     sys.stdout.flush()
     return 1 if failed else 0

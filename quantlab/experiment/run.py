@@ -16,6 +16,7 @@ from ..precision import INT8
 from ..quantize import PreparedModel, WriteOptions, WrittenModel, beyond_fp16
 from ..report import Verdict, save_report_inputs, write_report
 from ..table import CalibrationTable, read_table
+from ..threshold import parse_threshold
 from ..zoo import zoo_model_path
 from .coverage import quantized_tensors, run_coverage
 from .report_inputs import assemble_report_inputs
@@ -236,6 +237,8 @@ class _Run:
         verdicts = {n: verdict_for(e2e, n, config.threshold) for n in e2e["candidate"] if n not in floating}
         if not verdicts:
             return None, None
+        unjudged = parse_threshold(config.threshold).unjudged_note(e2e[e2e["candidate"].isin(list(verdicts))])
+        self.messages.extend([unjudged] if unjudged else [])
         best = best_candidate(verdicts, int8_names or list(verdicts))
         if not (config.search and int8_names and not any(verdicts[n].passed for n in int8_names)):
             return verdicts[best], None

@@ -106,6 +106,8 @@ def _finish(ledger: Ledger, sensitivity: pd.DataFrame) -> SearchOutcome:
         raise SearchError("internal error: the chosen plan does not reproduce its hash")
     ledger.record("final", plan, ev, full=True, cached=True, seconds=0.0)
     met = bool(chosen["passed"])
+    unjudged = ledger.threshold.unjudged_note(list(ev.rows))
+    ledger.notes.extend([unjudged] if unjudged else [])
     ledger.notes.extend(_weak_ranking_note(plan, sensitivity))
     message = _message(ledger, met, chosen, plan)
     ledger.extra = [{"type": "sensitivity", "records": sensitivity.to_dict("records")},

@@ -163,10 +163,12 @@ def fp16_tier(ledger: Ledger, ranking: Ranking, pins: dict[str, str]) -> dict[st
     candidates = [{g: "fp16" for g in order}]
     if len(order) > 1:
         candidates.append({g: ("fp32" if i == 0 else "fp16") for i, g in enumerate(order)})
-    for cand in candidates:
+    for i, cand in enumerate(candidates):
         ev = ledger.evaluate("fp16-tier", cand, full=True)
         if ev is None:
-            ledger.notes.append("the budget ran out before the FP16 tier was tried")
+            ledger.notes.append("the budget ran out before the FP16 tier was tried" if i == 0 else
+                                f"every pinned group at fp16 does not meet the threshold, and the budget ran out "
+                                f"before the FP16 tier tried {order[0]!r} alone at fp32")
             break
         if ledger.passed(ev):
             return cand
