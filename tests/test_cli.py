@@ -508,6 +508,10 @@ def test_a_model_that_couples_the_samples_of_a_batch_runs_one_sample_at_a_time(w
     ranges = {k: json.loads((ws / k / "calib_minmax.json").read_text())["tensors"]["top"]["min"]
               for k in ("cal", "cal1", "cal4")}  # each sample's own max, or the batch's
     assert ranges["cal"] == ranges["cal1"] != ranges["cal4"]
+    code, out, err = run_main(["compare", str(ws / "model.onnx"), str(ws / "model.onnx"), "--data",
+                               str(ws / "val.toml"), "--no-progress", "--no-per-layer", "--batch-size", "4",
+                               "--out", str(ws / "cmp")], capfd)
+    assert code == 0 and (out + err).count("combines values across the samples") == 1  # said once, not twice
 
 
 def test_an_error_chained_to_itself_still_gets_its_exit_code():

@@ -142,9 +142,12 @@ def add_progress_option(p: argparse.ArgumentParser, *aliases: str) -> None:
                    help="no progress bars (for logs and CI)")
 
 
-def resolve_batch_size(args: argparse.Namespace, model: Any, dataset: Any, default: int, command: str) -> int:
+def resolve_batch_size(args: argparse.Namespace, model: Any, dataset: Any, default: int, command: str,
+                       warn_coupled: bool = True) -> int:
     """``--batch-size`` when given; else 1 for a model that fixes its batch at 1 (said on stderr), else
-    ``default``. Sets ``args.batch_size`` so every later use (and the run's record) sees the same value."""
+    ``default``. Sets ``args.batch_size`` so every later use (and the run's record) sees the same value.
+    ``warn_coupled=False``: a larger batch of a model that couples its samples is left to the command's own
+    warnings (compare's result carries it: said twice, it was)."""
     from ..data import coupled_batch_note, fixed_batch, samples_coupled
 
     coupled = samples_coupled(model, dataset) if dataset is not None else []
@@ -158,7 +161,7 @@ def resolve_batch_size(args: argparse.Namespace, model: Any, dataset: Any, defau
             args.batch_size = 1
             print(f"quantlab {command}: note: {coupled_batch_note(model.label, coupled, 1)}", file=sys.stderr,
                   flush=True)
-    elif coupled and int(args.batch_size) > 1:
+    elif coupled and int(args.batch_size) > 1 and warn_coupled:
         print(f"quantlab {command}: {coupled_batch_note(model.label, coupled, int(args.batch_size))}",
               file=sys.stderr, flush=True)
     return int(args.batch_size)

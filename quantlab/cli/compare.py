@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     names = _names(list(args.candidates))
     candidates = {name: load_candidate(path, reference) for name, path in zip(names, args.candidates)}
     dataset = open_dataset(args.data)
-    resolve_batch_size(args, reference, dataset, CompareOptions.batch_size, "compare")
+    resolve_batch_size(args, reference, dataset, CompareOptions.batch_size, "compare", warn_coupled=False)
     for threshold in gates if args.metric is None else ():
         check_label_metrics(threshold, "--fail-if", args.data, dataset, args.labels is False)
         use_labels = bool(getattr(dataset, "has_labels", False)) and args.labels is not False
