@@ -630,3 +630,41 @@ def test_a_tensor_too_small_for_an_int8_scale_gets_the_smallest_amax_and_a_note(
         # the tiny branch reads as 0, which is what it adds in float32 anyway; the bound leaves room for the INT8
         # error of the normal branch on any CPU's kernels (0.983 with ORT's saturating fused kernels forced on AVX2)
         assert np.isfinite(got).all() and cosine > 0.95, target
+
+
+def test_the_summary_leaves_out_shape_arithmetic_no_qdq_reads():
+    """EnCodec pads by ``ceil(L / stride) * stride - L`` computed in float: those one-valued tensors (512) filled
+    the ten widest rows of `quantlab calibrate`'s summary. A tensor no Q/DQ reads that held one value is left out;
+    a quantized one of one value stays (its range is used)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.cli.calibrate import summary_frame
+    from quantlab.data import from_arrays
+    from quantlab.graph import model_from_proto
+    from quantlab.stats.scope import unquantized_tensors
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.5, (8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape", start=1, end=2),
+             helper.make_node("Cast", ["shape"], ["length"], name="length", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["length", "big"], ["padded_length"], name="padded_length"),  # 512: arithmetic
+             helper.make_node("Cast", ["padded_length"], ["pad"], name="pad", to=TensorProto.INT64),
+             helper.make_node("Add", ["x", "ones"], ["lifted"], name="lifted"),
+             helper.make_node("MatMul", ["lifted", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(
+        nodes, "shape_arith", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("pad", TensorProto.INT64, [1])],
+        [w, numpy_helper.from_array(np.array([64.0], np.float32), "big"),
+         numpy_helper.from_array(np.full((8,), 1000.0, np.float32), "ones")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    model = model_from_proto(proto, label="shape_arith")
+    x = np.random.default_rng(1).normal(0, 1, (6, 8)).astype(np.float32)
+    table = calibrate(model, from_arrays({"x": x}), "minmax", batch_size=3).tables["minmax"]
+    unquantized = unquantized_tensors(model.proto)
+    assert table.ranges["padded_length"].min == table.ranges["padded_length"].max == 512.0
+    assert "padded_length" in unquantized and "lifted" not in unquantized
+    shown = set(summary_frame(table, top=3, unquantized=unquantized)["tensor"])
+    assert "padded_length" not in shown and "length" not in shown
+    assert {"lifted", "y"} <= shown  # the widest tensors that vary (about 1000)

@@ -129,7 +129,9 @@ def _load_dataset(path: Path) -> Any:
 
 def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS, unquantized: Collection[str] = ()) -> Any:
     """The widest, the most clipped, the most zeroed tensors of ``table`` (those that round more than half
-    their non-zero values to 0) and the quantized ones predicted to keep the least SQNR, as a pandas DataFrame."""
+    their non-zero values to 0) and the quantized ones predicted to keep the least SQNR, as a pandas DataFrame.
+    A tensor no Q/DQ reads that held one value throughout (shape arithmetic: a padding's length, 512, filled
+    EnCodec's widest ten) is left out."""
     import pandas as pd
 
     from ..range_notes import LOW_SQNR_DB, ZERO_NOTE_FRACTION
@@ -148,6 +150,7 @@ def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS, unquantized: 
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
+    frame = frame[~(frame["tensor"].isin(set(unquantized)) & (frame["min"] == frame["max"]))]
     widest = frame.nlargest(top, "amax")
     clipped = frame[frame["clipped %"] > 0].nlargest(top, "clipped %")
     zeroed = frame[frame["zeroed %"] > 100.0 * ZERO_NOTE_FRACTION].nlargest(top, "zeroed %")
