@@ -65,6 +65,12 @@ class CompareEvaluator:
     def size(self) -> int:
         return self._size
 
+    @property
+    def streams_whole(self) -> bool:
+        """Whether every evaluation runs the free-running pass (the threshold names a ``free_`` figure): then
+        one on fewer samples than the set takes the first ones, not a ranking subset taken out of the streams."""
+        return self._free_running
+
     def candidate_name(self, plan: ResolvedPlan) -> str:
         return f"plan-{plan.plan_hash()[:12]}"
 
@@ -83,6 +89,9 @@ class CompareEvaluator:
         """
         n = min(n, self._size)
         idx = list(range(n))
+        if self.streams_whole:
+            self.subset_indices = idx  # a free-running pass runs each stream from its start: the first samples
+            return idx
         order = self.fragile_order() if fragile else self.worst_order(conditions)
         if order:
             idx = sorted(order[:n]) if fragile else worst_and_spread(order, n)
@@ -190,7 +199,7 @@ class CompareEvaluator:
         """The data set and max_samples of an evaluation on ``samples`` samples."""
         if samples >= self._size:
             return self.dataset, None
-        if self.subset is not None and samples == len(self.subset) and not self._free_running:
+        if self.subset is not None and samples == len(self.subset):
             return self.subset, None  # samples taken out of their streams: no free-running figures
         return self.dataset, samples
 

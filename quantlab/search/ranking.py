@@ -159,7 +159,10 @@ def rank_groups(ledger: Ledger) -> Ranking:
     if select is not None:
         fragile = any(m in c.metric for c in ledger.threshold.conditions for m in DISCRETE_MARKERS)
         idx = select(ledger.probe_n, fragile=fragile, conditions=ledger.threshold.conditions)
-        if fragile:
+        if getattr(ledger.evaluator, "streams_whole", False):
+            ledger.notes.append(f"ranking subset: the first {len(idx)} validation samples (a free-running threshold "
+                                "runs each stream from its start)")
+        elif fragile:
             ledger.notes.append(f"ranking subset: the {len(idx)} validation samples whose FP32 top-1 lead is "
                                 "smallest (where a discrete metric flips)")
         elif idx != list(range(len(idx))):
