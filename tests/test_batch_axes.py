@@ -209,6 +209,33 @@ def test_text_lines_of_several_widths_batch_by_shape_and_give_the_engine_profile
     assert (image.min, image.opt, image.max) == ((1, 3, 48, 64), (2, 3, 48, 64), (2, 3, 48, 192))
 
 
+def test_a_selection_of_a_set_in_file_order_batches_its_sizes_apart(tmp_path):
+    """A set whose files keep their sizes apart by order alone (DINOv2 images of 56 then 70 px; here text lines
+    of 64 then 128, batch 2) runs in file order; a search's ranking subset of its worst and spread samples paired
+    a 56 with a 70 and failed with "samples of a batch must match" on a manifest compare accepts. A selection
+    batches equal shapes together."""
+    from quantlab.search import SearchOptions, search
+
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    widths = [64, 64, 64, 64, 128, 128, 128, 128]
+    for i, w in enumerate(widths):
+        np.save(folder / f"line{i}.npy", rng.uniform(-1, 1, (3, 48, w)).astype(np.float32))
+    (tmp_path / "in_order.toml").write_text('shuffle = false\nrole = "validation"\n[source]\nkind = "npy"\n'
+                                            'path = "lines"\n[inputs]\nimage = "array"\n')
+    data = open_dataset(tmp_path / "in_order.toml")
+    assert [b.indices for b in data.batches(2)] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    picked = data.select([7, 0, 5, 2])
+    assert [(b.indices, b.feeds["image"].shape[-1]) for b in picked.batches(2)] == [((7, 5), 128), ((0, 2), 64)]
+    model = model_from_proto(models.text_recognizer(), label="text_recognizer")
+    table = calibrate(model, data, "minmax", batch_size=2).tables["minmax"]
+    found = search(model, table, data, SearchOptions(threshold="sqnr_db>=60", batch_size=2, probe_samples=4,
+                                                     budget=2))
+    assert any(n.startswith("ranking subset: the 2 validation samples the all-INT8 model gets worst")
+               for n in found.notes)  # it ranked on samples of both widths
+
+
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_compare_gives_per_sample_rows_for_an_output_batched_on_axis_1(batch_size):
     """``stateN [2, N, 128]`` has its samples on axis 1: one per-sample row per sample, as for ``prob``."""

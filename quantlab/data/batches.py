@@ -222,8 +222,10 @@ class DataSet:
 
     def select(self, indices: Sequence[int], *, name: str | None = None) -> DataSet:
         """The samples ``indices``, in that order, as a data set that loads them from this one: same
-        feeds, keys, labels, batch axes, batching and padding (a search's ranking subset of text lines
-        of several widths batches by shape as the whole set does)."""
+        feeds, keys, labels, batch axes and padding. Without padding it batches equal shapes together
+        (``batching = "by_shape"``) whatever this set does: a set in file order may keep its sizes apart
+        only by that order (images of 56² then 70²), and a search's ranking subset takes samples from
+        both (it failed on a manifest compare accepts)."""
         return SelectedSamples(self, [self._checked_index(i) for i in indices], name=name)
 
     def _checked_index(self, i: int) -> int:
@@ -296,6 +298,7 @@ class SelectedSamples(DataSet):
         self.parent, self._indices = parent, list(indices)
         self._describe_like(parent)
         self.name = name or parent.name
+        self.group_by_shape = self.padding is None  # see DataSet.select
 
     def __len__(self) -> int:
         return len(self._indices)
