@@ -578,6 +578,28 @@ def test_user_metric_adds_columns_and_a_failing_metric_names_the_sample(setup, t
                 CompareOptions(per_layer=False, metric=f"{tmp_path / 'my_metric.py'}:nope"))
 
 
+def test_validation_sizes_and_values_calibration_did_not_cover_are_warned():
+    """An any-size classifier calibrated on 16 px images and compared on 24 px ones: the comparison names the
+    sizes (and, on brighter images, the values) its ranges never saw; images like the calibration's: no word."""
+    model = model_from_proto(models.any_size_classifier(), label="any_size")
+    rng = np.random.default_rng(0)
+    images = {s: rng.uniform(-1, 1, (6, 3, s, s)).astype(np.float32) for s in (16, 24)}
+    cal = summarize(from_arrays({"image": images[16][:3]}))
+    table = calibrate(model, from_arrays({"image": images[16][:3]}), "minmax").tables["minmax"]
+    int8 = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    options = CompareOptions(per_layer=False, bootstrap=0, batch_size=3)
+
+    def warned(images: np.ndarray) -> list[str]:
+        result = compare(model, {"int8": int8}, from_arrays({"image": images}, role="validation"), options,
+                         calibration=cal)
+        return [w for w in result.warnings if w.startswith("input 'image': validation")]
+
+    assert warned(images[16][3:]) == []
+    (sized,) = warned(images[24])
+    assert "sizes [3, 24, 24] where calibration covered [3, 16, 16]" in sized
+    assert len(warned(images[16][3:] * 2.0)) == 1
+
+
 def test_overlap_with_the_calibration_set_and_role_are_warned(setup):
     cal = summarize(from_arrays({k: v[:20] for k, v in setup["feeds"].items()}))
     res = compare(setup["model"], {"int8": setup["written"]["int8"]}, setup["val"],

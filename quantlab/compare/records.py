@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..backends import Backend
-from ..data import DataSet, DataSummary, overlap
+from ..data import DataSet, DataSummary, beyond_calibration, overlap
 from ..fingerprint import tool_versions
 from ..graph import LoadedModel
 from ..quantize import WrittenModel
@@ -18,14 +18,15 @@ __all__ = ["data_record", "data_warnings", "models_record", "environment_record"
 
 
 def data_warnings(summary: DataSummary, calibration: DataSummary | None, dataset: DataSet) -> list[str]:
-    """Warnings that the validation data overlaps calibration, is a calibration set, or repeats samples; in
-    sequence mode, that the figures are one step's (teacher forcing)."""
+    """Warnings that the validation data overlaps calibration, goes beyond its sizes or values, is a calibration
+    set, or repeats samples; in sequence mode, that the figures are one step's (teacher forcing)."""
     warnings: list[str] = []
     if calibration is not None:
         shared = overlap(summary, calibration)
         if shared:
             warnings.append(f"the validation set shares {shared} sample(s) (same content hash) with the "
                             "calibration set: accuracy on those is optimistic; use disjoint sets")
+        warnings.extend(beyond_calibration(summary, calibration))
     if getattr(dataset, "role", "validation") == "calibration":
         warnings.append(f"data set {getattr(dataset, 'name', '')!r} is marked role = \"calibration\"; "
                         "compare on a validation set (role = \"validation\"), disjoint from calibration")

@@ -26,7 +26,7 @@ Layout (arrows: imports; each manifest table's keys live with the code that uses
     batches.py      Sample, Batch, stacking, DataSet base, head(n)          │
     datasets.py     ManifestDataSet, ArrayDataSet, from_arrays, open_dataset┘
     checks.py       check_inputs: data vs a model's inputs, advice by origin; fixed_batch
-    summary.py      DataFingerprint, DataSummary, summarize, overlap
+    summary.py      DataFingerprint, DataSummary, summarize, overlap, beyond_calibration
 
 :class:`DataFingerprint` reduces the batches a run actually consumed to a
 :class:`DataSummary` (count, content hash, per-input value ranges, duplicates,
@@ -59,7 +59,7 @@ from .preprocess import (
     preprocess_image,
 )
 from .sources import IMAGE_SUFFIXES, SOURCE_KINDS, SourceSpec
-from .summary import DataFingerprint, DataSummary, InputStats, overlap, summarize
+from .summary import DataFingerprint, DataSummary, InputStats, beyond_calibration, overlap, summarize
 
 __all__ = [
     "take_samples",
@@ -95,6 +95,7 @@ __all__ = [
     "load_manifest",
     "open_dataset",
     "overlap",
+    "beyond_calibration",
     "preprocess_image",
     "random_resized_crop_box",
     "summarize",

@@ -40,9 +40,15 @@ class InputStats:
     std: float
     values: int
     """Number of scalar values the statistics cover."""
+    shape_min: tuple[int, ...] | None = None
+    """Per-sample shape, the smallest size seen on each axis (None: samples of several ranks, or a summary
+    written before it was recorded); with :attr:`shape_max`, the sizes a calibration covered."""
+    shape_max: tuple[int, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"shape": list(self.shape)}
+        return dataclasses.asdict(self) | {"shape": list(self.shape),
+                                           "shape_min": None if self.shape_min is None else list(self.shape_min),
+                                           "shape_max": None if self.shape_max is None else list(self.shape_max)}
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,10 @@ class DataSummary:
     def from_dict(cls, data: Mapping[str, Any]) -> DataSummary:
         try:
             inputs = tuple(
-                InputStats(**{**v, "shape": tuple(v["shape"])}) for v in data["inputs"].values()
+                InputStats(**{**v, "shape": tuple(v["shape"]),
+                              "shape_min": None if v.get("shape_min") is None else tuple(v["shape_min"]),
+                              "shape_max": None if v.get("shape_max") is None else tuple(v["shape_max"])})
+                for v in data["inputs"].values()
             )
             return cls(count=int(data["count"]), sha256=str(data["sha256"]), inputs=inputs,
                        duplicates=tuple((str(a), str(b)) for a, b in data["duplicates"]),
@@ -125,6 +134,7 @@ class RunningStats:
     def __init__(self, dtype: str, shape: tuple[int, ...]) -> None:
         self.dtype = dtype
         self.shape: tuple[int | None, ...] = shape
+        self.extent: tuple[tuple[int, ...], tuple[int, ...]] | None = (shape, shape)  # per-axis (min, max)
         self.n = 0
         self.mean = 0.0
         self.m2 = 0.0
@@ -135,6 +145,10 @@ class RunningStats:
         if sample.shape != self.shape:
             self.shape = tuple(None if len(self.shape) != sample.ndim or a != b else a
                                for a, b in zip(self.shape, sample.shape))
+        if self.extent is not None:
+            low, high = self.extent
+            self.extent = (None if len(low) != sample.ndim else
+                           (tuple(map(min, low, sample.shape)), tuple(map(max, high, sample.shape))))
         if sample.size == 0:
             return
         x = sample.astype(np.float64, copy=False)
@@ -153,9 +167,11 @@ class RunningStats:
 
     def result(self, name: str) -> InputStats:
         std = math.sqrt(self.m2 / self.n) if self.n else math.nan
+        low, high = self.extent if self.extent is not None else (None, None)
         return InputStats(name=name, dtype=self.dtype, shape=self.shape,
                           min=self.min if self.n else math.nan, max=self.max if self.n else math.nan,
-                          mean=self.mean if self.n else math.nan, std=std, values=self.n)
+                          mean=self.mean if self.n else math.nan, std=std, values=self.n,
+                          shape_min=low, shape_max=high)
 
 
 class DataFingerprint:
@@ -247,6 +263,43 @@ def summarize(dataset: DataSet, batch_size: int = 16, *, progress: bool = False)
     if summary.count == 0:
         raise DataError(f"{dataset_label(dataset)} is empty; give it at least one sample.")
     return summary
+
+
+BEYOND_CALIBRATION = 0.05
+"""A validation input whose values pass the calibration set's range by more than this share of that range's
+span is named (its INT8 range, and those after it, clip what calibration never showed)."""
+
+
+def beyond_calibration(validation: DataSummary, calibration: DataSummary) -> list[str]:
+    """Warnings for the inputs whose validation samples go where calibration did not: sizes outside the ones it
+    covered (the ranges of an attention over more positions, of sums over a larger image, were never measured:
+    DINOv2 at 84 px calibrated on 56-70 px lost 9 dB) and float values past its range."""
+    calibrated = {s.name: s for s in calibration.inputs}
+    out = []
+    for v in validation.inputs:
+        c = calibrated.get(v.name)
+        if c is None:
+            continue
+        if None not in (v.shape_min, v.shape_max, c.shape_min, c.shape_max) and len(v.shape_min) == len(c.shape_min):
+            if any(a < b for a, b in zip(v.shape_min, c.shape_min)) or any(
+                    a > b for a, b in zip(v.shape_max, c.shape_max)):
+                out.append(f"input {v.name!r}: validation samples of sizes {_extent(v)} where calibration covered "
+                           f"{_extent(c)}: the ranges of tensors whose values grow with the size (attention "
+                           "over more positions, sums over a larger image) were not measured on such sizes; "
+                           "calibrate on samples of every size the model will see")
+        span = c.max - c.min
+        if v.dtype.startswith("float") and span > 0 and (v.max > c.max + BEYOND_CALIBRATION * span
+                                                         or v.min < c.min - BEYOND_CALIBRATION * span):
+            out.append(f"input {v.name!r}: validation values reach [{v.min:.4g}, {v.max:.4g}] where calibration saw "
+                       f"[{c.min:.4g}, {c.max:.4g}]: the INT8 ranges of the input and of the layers after it clip "
+                       "what calibration never showed (`quantlab coverage` measures by how much); calibrate on "
+                       "data like the validation set's")
+    return out
+
+
+def _extent(stats: InputStats) -> str:
+    low, high = stats.shape_min or (), stats.shape_max or ()
+    return "[" + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in zip(low, high)) + "]"
 
 
 def overlap(a: DataSummary, b: DataSummary) -> int:
