@@ -138,10 +138,10 @@ def _resolve_shape(spec: TensorSpec, batch_size: int, dims: Mapping[str, int]) -
             shape.append(batch_size)
         else:
             label = repr(d) if isinstance(d, str) else "an unnamed dim"
+            name = d if isinstance(d, str) else "NAME"
             raise InputMismatchError(
-                f"input {spec.name!r} has a dynamic axis {axis} ({label}) that is not the batch; "
-                f"give its size, e.g. dims={{{d if isinstance(d, str) else 'name'!r}: 128}} "
-                "(quantlab perf --dim NAME=SIZE)"
+                f"input {spec.name!r} has a dynamic axis {axis} ({label}) that is not the batch; give its size: "
+                f"quantlab perf --dim {name}=128 (from Python: dims={{{name!r}: 128}})"
             )
     return tuple(shape)
 
