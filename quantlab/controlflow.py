@@ -47,7 +47,7 @@ from .folding import (
     subgraphs,
 )
 from .graph.topology import SHAPE_ONLY_OPS, producer_map, upstream
-from .sequences import ConcatenatedSequence, concat_collected_sequences
+from .sequences import ConcatenatedSequence, ScannedSequence, concat_collected_sequences, scan_loop_sequences
 from .loops import (
     MAX_UNROLLED_TRIPS,
     HoistedInvariants,
@@ -93,7 +93,7 @@ class InlinedIf:
                 f"{self.branch} inlined before statistics and writing")
 
 
-Resolved = InlinedIf | UnrolledLoop | HoistedInvariants | ConcatenatedSequence
+Resolved = InlinedIf | UnrolledLoop | HoistedInvariants | ConcatenatedSequence | ScannedSequence
 """What :func:`resolve_static_control_flow` did to one node."""
 
 
@@ -190,7 +190,8 @@ def resolve_static_control_flow(proto: onnx.ModelProto, *, max_trips: int = MAX_
             break
     out, hoisted = hoist_loop_invariants(out)
     out, concatenated = concat_collected_sequences(out)
-    done += [*hoisted, *concatenated]
+    out, scanned = scan_loop_sequences(out)
+    done += [*hoisted, *concatenated, *scanned]
     if not done:
         return proto, ()
     _record(out, done)

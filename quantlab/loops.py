@@ -33,8 +33,8 @@ from .folding import (
     rewrite_until_fixed,
 )
 
-__all__ = ["MAX_UNROLLED_TRIPS", "HoistedInvariants", "UnrolledLoop", "hoist_loop_invariants", "static_trip_count",
-           "unroll_static_loops"]
+__all__ = ["MAX_UNROLLED_TRIPS", "HoistedInvariants", "UnrolledLoop", "hoist_loop_invariants", "scoped_name",
+           "static_trip_count", "unroll_static_loops"]
 
 MAX_UNROLLED_TRIPS = 64
 """Loops running more often stay loops (their body tensors stay float): the graph would grow too much."""
@@ -96,7 +96,7 @@ def _iteration(body: onnx.GraphProto, i: int) -> np.ndarray:
     return np.array([i] if len(dims) == 1 else i, np.int64)
 
 
-def _scoped(scope: str, name: str) -> str:
+def scoped_name(scope: str, name: str) -> str:
     """``<scope>/<name>``; torch's names already start with a slash (``/Loop/0/wi/Gemm``, not ``/Loop/0//wi``)."""
     return f"{scope}{name}" if name.startswith("/") else f"{scope}/{name}"
 
@@ -107,8 +107,9 @@ def _unrolled(node: onnx.NodeProto, trips: int) -> tuple[list[onnx.NodeProto], l
     prefix = node.name or node.output[0]
     carried = len(node.input) - 2
     local = {t for n in body.node for t in n.output if t}
-    shared = {i.name: _scoped(prefix, i.name) for i in body.initializer}
-    shared.update({n.output[0]: _scoped(prefix, n.output[0]) for n in body.node if n.op_type == "Constant" and not n.input})
+    shared = {i.name: scoped_name(prefix, i.name) for i in body.initializer}
+    shared.update({n.output[0]: scoped_name(prefix, n.output[0]) for n in body.node
+                   if n.op_type == "Constant" and not n.input})
     inits = [renamed_initializer(i, shared[i.name]) for i in body.initializer]
     inits += [numpy_helper.from_array(constant_node_value(n), shared[n.output[0]])
               for n in body.node if n.op_type == "Constant" and not n.input]
@@ -116,7 +117,7 @@ def _unrolled(node: onnx.NodeProto, trips: int) -> tuple[list[onnx.NodeProto], l
     scans: list[list[str]] = [[] for _ in body.output[1 + carried:]]
     nodes: list[onnx.NodeProto] = []
     for i in range(trips):
-        mapping = {t: _scoped(f"{prefix}/{i}", t) for t in local} | shared
+        mapping = {t: scoped_name(f"{prefix}/{i}", t) for t in local} | shared
         mapping[body.input[0].name] = f"{prefix}/{i}/iteration"
         mapping[body.input[1].name] = f"{prefix}/{i}/cond"
         inits += [numpy_helper.from_array(_iteration(body, i), mapping[body.input[0].name]),
@@ -126,7 +127,7 @@ def _unrolled(node: onnx.NodeProto, trips: int) -> tuple[list[onnx.NodeProto], l
             if n.op_type == "Constant" and not n.input:
                 continue
             copy = rename_node(n, mapping)
-            copy.name = _scoped(f"{prefix}/{i}", n.name or n.output[0])
+            copy.name = scoped_name(f"{prefix}/{i}", n.name or n.output[0])
             nodes.append(copy)
         current = [mapping.get(vi.name, vi.name) for vi in body.output[1:1 + carried]]
         for j, vi in enumerate(body.output[1 + carried:]):

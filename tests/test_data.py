@@ -963,7 +963,7 @@ def test_a_summary_records_the_sizes_it_covered_and_validation_beyond_them_is_na
 
     def summary(sizes, scale=1.0):
         fp = DataFingerprint()
-        for i, (h, w) in enumerate(sizes):
+        for h, w in sizes:
             fp.update({"image": rng.uniform(-scale, scale, (1, 3, h, w)).astype(np.float32)})
         return fp.summary()
 

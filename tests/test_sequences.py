@@ -10,20 +10,27 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantlab.controlflow import resolve_static_control_flow
 from quantlab.graph import model_from_proto
-from quantlab.sequences import concat_collected_sequences
+from quantlab.sequences import concat_collected_sequences, scan_loop_sequences
 
 
-def _collecting_loop(axis: int, new_axis: int, trips: int = 3, width: int = 4) -> onnx.ModelProto:
+def _collecting_loop(axis: int, new_axis: int, trips: int = 3, width: int = 4, data_decides: bool = False
+                     ) -> onnx.ModelProto:
     """torch.jit.script's ``ys = []; for _ in range(3): h = tanh(h @ W); ys.append(h)`` then ``torch.stack(ys, 1)``:
 
     x[N, 4] -> Loop(M=3; carried h, ys: SequenceInsert(ys, h')) -> ConcatFromSequence(ys, axis, new_axis) -> out
+
+    ``data_decides``: the body continues while ``max(h') > -100`` (always, but the data decides: a while loop).
     """
     w = np.random.default_rng(0).normal(0, 0.6, (width, width)).astype(np.float32)
     seq_type = helper.make_tensor_sequence_value_info
+    keep = [helper.make_node("Identity", ["go_outer"], ["cond_out"], name="/keep")]  # the outer constant, as torch
+    if data_decides:
+        keep = [helper.make_node("ReduceMax", ["h_out"], ["/top"], name="/top", keepdims=0),
+                helper.make_node("Greater", ["/top", "floor"], ["cond_out"], name="/keep")]
     body = helper.make_graph(
-        [helper.make_node("Identity", ["go_outer"], ["cond_out"], name="/keep"),  # the outer constant, as torch
-         helper.make_node("MatMul", ["h_in", "w"], ["/mixed"], name="/mix"),
+        [helper.make_node("MatMul", ["h_in", "w"], ["/mixed"], name="/mix"),
          helper.make_node("Tanh", ["/mixed"], ["h_out"], name="/tanh"),
+         *keep,
          helper.make_node("SequenceInsert", ["ys_in", "h_out"], ["ys_out"], name="/append")],
         "body",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []),
@@ -42,7 +49,8 @@ def _collecting_loop(axis: int, new_axis: int, trips: int = 3, width: int = 4) -
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["A", "B", "C"][:3 - (new_axis == 0)]),
                                helper.make_tensor_value_info("h_last", TensorProto.FLOAT, ["N", width])],
                               [numpy_helper.from_array(np.array(trips, np.int64), "trips"),
-                               numpy_helper.from_array(w, "w")])
+                               numpy_helper.from_array(w, "w"),
+                               numpy_helper.from_array(np.array(-100.0, np.float32), "floor")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -108,3 +116,41 @@ def test_sequences_it_cannot_read_are_left_alone():
     assert any(n.op_type == "ConcatFromSequence" for n in out.graph.node)
     x = {"x": np.random.default_rng(1).normal(0, 1, (2, 4)).astype(np.float32)}
     np.testing.assert_allclose(models.run_ort(out, x)["out"], models.run_ort(at, x)["out"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("axis", "new_axis", "data_decides"), [(1, 1, False), (-1, 0, False), (1, 1, True),
+                                                                 (0, 1, True)])
+def test_a_loops_list_is_a_scan_output_when_the_loop_stays(axis, new_axis, data_decides):
+    """A loop too long to unroll (100 steps) or one the data stops appends to a list: its body emits the item as
+    a scan output, and Transpose (and Reshape, for a concatenation) give what ConcatFromSequence gave, with no
+    sequence op left; TensorRT builds the 100-step loop (the while loop's scan output needs a trip limit TensorRT
+    can see: torch's while loops have none)."""
+    proto = _collecting_loop(axis, new_axis, trips=100 if not data_decides else 7, data_decides=data_decides)
+    out, done = resolve_static_control_flow(proto)
+    assert [d.note() for d in done][-1] == ("Loop '/Loop': the list its body appends 'h_out' to each step is a scan "
+                                            "output, stacked after the loop, instead of a sequence (TensorRT parses "
+                                            "no sequence ops)")
+    assert not any("Sequence" in n.op_type for n in out.graph.node)
+    onnx.checker.check_model(out, full_check=True)
+    x = {"x": np.random.default_rng(2).normal(0, 1, (3, 4)).astype(np.float32)}
+    before, after = models.run_ort(proto, x), models.run_ort(out, x)
+    steps = 100 if not data_decides else 7
+    assert before["out"].shape == {(1, 1): (3, steps, 4), (-1, 0): (3, 4 * steps), (0, 1): (steps, 3, 4)}[
+        (axis, new_axis)]
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    if not data_decides and new_axis:
+        from quantlab.backends.tensorrt import TensorRTBackend
+        from quantlab.shapes import parse_shapes
+
+        engine = TensorRTBackend("tensorrt-rtx").build_engine(out, shapes=parse_shapes("x:1x4,2x4,4x4"),
+                                                             label="long collecting loop")
+        assert len(engine) > 1000
+
+
+def test_a_concatenation_of_steps_whose_size_may_differ_stays_a_sequence():
+    """Concatenated on the batch axis (a symbolic size: shape inference cannot say every step has the same),
+    the list stays a sequence rather than risk a scan output of steps of different sizes."""
+    proto = _collecting_loop(0, 0, trips=100)
+    out, done = scan_loop_sequences(proto)
+    assert out is proto and done == ()
