@@ -50,6 +50,8 @@ from .graph.topology import SHAPE_ONLY_OPS, producer_map, upstream
 from .sequences import ConcatenatedSequence, ScannedSequence, concat_collected_sequences, scan_loop_sequences
 from .loops import (
     MAX_UNROLLED_TRIPS,
+    BoundedLoop,
+    bound_loop_trips,
     HoistedInvariants,
     UnrolledLoop,
     static_trip_count,
@@ -93,7 +95,7 @@ class InlinedIf:
                 f"{self.branch} inlined before statistics and writing")
 
 
-Resolved = InlinedIf | UnrolledLoop | HoistedInvariants | ConcatenatedSequence | ScannedSequence
+Resolved = InlinedIf | UnrolledLoop | HoistedInvariants | BoundedLoop | ConcatenatedSequence | ScannedSequence
 """What :func:`resolve_static_control_flow` did to one node."""
 
 
@@ -191,7 +193,8 @@ def resolve_static_control_flow(proto: onnx.ModelProto, *, max_trips: int = MAX_
     out, hoisted = hoist_loop_invariants(out)
     out, concatenated = concat_collected_sequences(out)
     out, scanned = scan_loop_sequences(out)
-    done += [*hoisted, *concatenated, *scanned]
+    out, bounded = bound_loop_trips(out)
+    done += [*hoisted, *concatenated, *scanned, *bounded]
     if not done:
         return proto, ()
     _record(out, done)

@@ -27,14 +27,17 @@ from .folding import (
     ConstantFolder,
     constant_node_value,
     drop_dead_producers,
+    outer_reads,
     rename_node,
     renamed_initializer,
     replace_node,
     rewrite_until_fixed,
+    subgraphs,
 )
 
-__all__ = ["MAX_UNROLLED_TRIPS", "HoistedInvariants", "UnrolledLoop", "hoist_loop_invariants", "scoped_name",
-           "static_trip_count", "unroll_static_loops"]
+__all__ = ["MAX_BOUNDED_TRIPS", "MAX_UNROLLED_TRIPS", "BoundedLoop", "HoistedInvariants", "UnrolledLoop",
+           "bound_loop_trips", "hoist_loop_invariants", "scoped_name", "static_trip_count", "trip_bound",
+           "unroll_static_loops"]
 
 MAX_UNROLLED_TRIPS = 64
 """Loops running more often stay loops (their body tensors stay float): the graph would grow too much."""
@@ -86,7 +89,8 @@ def _outer_constants(body: onnx.GraphProto, folder: ConstantFolder) -> dict[str,
     """The values of the outer-scope tensors ``body``'s nodes read that fold to constants: torch's scripted loops
     continue on ``Identity(<a Constant true of the main graph>)``."""
     own = {i.name for i in body.input} | {i.name for i in body.initializer} | {o for n in body.node for o in n.output}
-    read = {t for n in body.node for t in n.input if t and t not in own}
+    read = {t for n in body.node for t in [*n.input, *(r for g in subgraphs(n) for r in outer_reads(g))]
+            if t and t not in own}
     values = {t: folder.value(t) for t in sorted(read)}
     return {t: v for t, v in values.items() if v is not None}
 
@@ -240,3 +244,90 @@ def _invariant_carried(node: onnx.NodeProto, body: onnx.GraphProto) -> list[int]
                 and (outer == inner or outer not in defined)):
             out.append(k)
     return out
+
+
+MAX_BOUNDED_TRIPS = 512
+"""A while loop's counter is followed this many steps at most looking for the step its condition stops at."""
+
+
+@dataclass(frozen=True)
+class BoundedLoop:
+    """A Loop its own condition stops within ``trips`` steps, whatever the data, given that trip limit."""
+
+    node: str
+    trips: int
+
+    def note(self) -> str:
+        return (f"Loop {self.node!r}: its condition stops it within {self.trips} steps whatever the data (a counter "
+                f"it carries), so its trip limit is set to {self.trips} (TensorRT sizes scan outputs from it; the "
+                "same outputs)")
+
+
+def _decided(name: str, folder: ConstantFolder, want: bool, depth: int = 0) -> bool:
+    """Whether bool ``name`` is ``want`` whatever the data: constant, or an And (Or) one of whose inputs is False
+    (True), through Not and Identity, and through an If whose condition is constant (torch writes
+    ``i < 24 and not done`` as ``If(i < 24, then: not done, else: False)``)."""
+    value = folder.value(name)
+    if value is not None:
+        return value.size == 1 and bool(value.reshape(())) is want
+    node = folder.producer.get(name)
+    if node is None or depth > 50:
+        return False
+    if node.op_type in ("Identity", "Not"):
+        return _decided(node.input[0], folder, want if node.op_type == "Identity" else not want, depth + 1)
+    if node.op_type == ("And" if not want else "Or"):
+        return any(_decided(i, folder, want, depth + 1) for i in node.input)
+    if node.op_type == "If":
+        cond = folder.scalar(node.input[0])
+        if cond is None:
+            return False
+        branch = next(a.g for a in node.attribute if a.name == ("then_branch" if bool(cond) else "else_branch"))
+        seeds = {t: v for t in sorted(outer_reads(branch)) for v in [folder.value(t)] if v is not None}
+        inner = ConstantFolder(branch, folder.model, seeds)
+        return _decided(branch.output[list(node.output).index(name)].name, inner, want, depth + 1)
+    return False
+
+
+def trip_bound(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.ModelProto,
+               limit: int = MAX_BOUNDED_TRIPS) -> int | None:
+    """The step (1-based) by which the body's condition is false whatever the data, following the carried values
+    that start constant and that the body updates from constants alone (torch's ``while i < 24 and not done``:
+    ``i``); None when no such step comes within ``limit``."""
+    body = next(a.g for a in node.attribute if a.name == "body")
+    carried = len(node.input) - 2
+    values = {k: folder.value(node.input[k + 2]) for k in range(carried) if node.input[k + 2]}
+    values = {k: v for k, v in values.items() if v is not None and v.size <= 16}
+    outer = _outer_constants(body, folder)
+    for t in range(limit):
+        if not values:
+            return None
+        seeds = {**outer, body.input[0].name: _iteration(body, t), body.input[1].name: np.array(True),
+                 **{body.input[k + 2].name: v for k, v in values.items()}}
+        step = ConstantFolder(body, model, seeds)
+        if _decided(body.output[0].name, step, False):
+            return t + 1
+        values = {k: v for k in values for v in [step.value(body.output[k + 1].name)] if v is not None}
+    return None
+
+
+def bound_loop_trips(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[BoundedLoop, ...]]:
+    """A copy of ``proto`` whose main-graph Loops without a trip limit below :func:`trip_bound` get that limit
+    (``proto`` if none): exact, the condition stops them there anyway."""
+    def bound(out: onnx.ModelProto, folder: ConstantFolder, idx: int, node: onnx.NodeProto) -> BoundedLoop | None:
+        current = folder.scalar(node.input[0]) if node.input and node.input[0] else None
+        if node.input and node.input[0] and current is None:
+            return None  # a trip count the data sets: a bound would have to be taken with it
+        trips = trip_bound(node, folder, out)
+        if trips is None or (current is not None and int(current) <= trips):
+            return None
+        label = node.name or node.output[0]
+        limit = f"{label}/trip_limit"
+        out.graph.initializer.append(numpy_helper.from_array(np.array(trips, np.int64), limit))
+        node_copy = onnx.NodeProto()
+        node_copy.CopyFrom(node)
+        node_copy.input[0] = limit
+        replace_node(out.graph, idx, [node_copy], [])
+        drop_dead_producers(out.graph, [node.input[0]])
+        return BoundedLoop(label, trips)
+
+    return rewrite_until_fixed(proto, "Loop", bound)

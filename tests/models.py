@@ -582,6 +582,60 @@ def _until_still(tol: float) -> list[onnx.NodeProto]:
             helper.make_node("Greater", ["change", "tol"], ["cond_out"], name="not_converged")]
 
 
+def scripted_while_loop(seed: int = 0, width: int = 4, limit: int = 5) -> onnx.ModelProto:
+    """torch.jit.script's ``i = 0; ys = []; while i < limit and not bool(h.max() < -100): h = tanh(h @ W); i += 1;
+    ys.append(h)`` then ``torch.stack(ys, 1)``, as torch writes it: trip count INT64_MAX, the ``and`` an If::
+
+        x[N, 4] -> Loop(M=2**63-1; carried h, i, ys; body: h' = Tanh(h @ W), i' = i + 1,
+                        cond = If(i' < limit, then: max(h') >= -100, else: False), ys' = SequenceInsert(ys, h'))
+                -> ConcatFromSequence(ys, axis 1, new_axis 1) -> out[N, T, 4], h_last
+
+    The data decides the condition (it never stops the loop), the counter bounds it at ``limit`` steps.
+    """
+    rng = np.random.default_rng(seed)
+    seq_type = helper.make_tensor_sequence_value_info
+    scalar_bool = [helper.make_tensor_value_info("/go_on", TensorProto.BOOL, [])]
+    then_branch = helper.make_graph(
+        [helper.make_node("ReduceMax", ["h_out"], ["/top"], name="/top", keepdims=0),
+         helper.make_node("Less", ["/top", "floor"], ["/sunk"], name="/sunk"),
+         helper.make_node("Not", ["/sunk"], ["/go_on"], name="/go_on")], "then", [], scalar_bool)
+    else_branch = helper.make_graph([helper.make_node("Identity", ["/false"], ["/go_on"], name="/stop")], "else", [],
+                                    scalar_bool)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "w"], ["/mixed"], name="/mix"),
+         helper.make_node("Tanh", ["/mixed"], ["h_out"], name="/tanh"),
+         helper.make_node("Add", ["i_in", "/one"], ["i_out"], name="/count"),
+         helper.make_node("Less", ["i_out", "/limit"], ["/below"], name="/below"),
+         helper.make_node("If", ["/below"], ["cond_out"], name="/and", then_branch=then_branch,
+                          else_branch=else_branch),
+         helper.make_node("SequenceInsert", ["ys_in", "h_out"], ["ys_out"], name="/append")],
+        "body",
+        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width]),
+         helper.make_tensor_value_info("i_in", TensorProto.INT64, []),
+         seq_type("ys_in", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width]),
+         helper.make_tensor_value_info("i_out", TensorProto.INT64, []),
+         seq_type("ys_out", TensorProto.FLOAT, ["N", width])])
+    nodes = [helper.make_node("SequenceEmpty", [], ["ys0"], name="/empty", dtype=TensorProto.FLOAT),
+             helper.make_node("Loop", ["trips", "go", "x", "i0", "ys0"], ["h_last", "i_last", "ys"], name="/Loop",
+                              body=body),
+             helper.make_node("ConcatFromSequence", ["ys"], ["out"], name="/stack", axis=1, new_axis=1)]
+    inits = [numpy_helper.from_array(np.array(2**63 - 1, np.int64), "trips"),
+             numpy_helper.from_array(np.array(True), "go"), numpy_helper.from_array(np.array(0, np.int64), "i0"),
+             numpy_helper.from_array(rng.normal(0, 0.6, (width, width)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(-100.0, np.float32), "floor"),
+             numpy_helper.from_array(np.array(1, np.int64), "/one"),
+             numpy_helper.from_array(np.array(limit, np.int64), "/limit"),
+             numpy_helper.from_array(np.array(False), "/false")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", "T", width]),
+               helper.make_tensor_value_info("h_last", TensorProto.FLOAT, ["N", width])]
+    return _model(nodes, inputs, outputs, inits, "scripted_while_loop")
+
+
 def until_converged(seed: int = 0, width: int = 16, max_trips: int = 30, tol: float = 0.05) -> onnx.ModelProto:
     """A while loop: ``h = Tanh(h @ W + x)`` until no element moves by more than ``tol`` (at most ``max_trips``).
 

@@ -626,6 +626,38 @@ def test_a_loop_continuing_on_an_outer_constant_is_unrolled_with_torch_style_nam
         np.testing.assert_allclose(_run(out, feeds)[name], value, rtol=1e-6, atol=1e-6)
 
 
+def test_a_scripted_while_loop_gets_the_trip_limit_its_counter_sets_and_builds_with_tensorrt_rtx():
+    """torch's ``while i < 5 and not done``: trip count INT64_MAX, the ``and`` an If on ``i + 1 < 5``. The data
+    decides the loop (not unrolled), but its counter stops it by step 5 whatever the data: that is its trip limit
+    now (the same outputs), and with its list a scan output TensorRT-RTX builds it (it refused: "cannot infer the
+    shape of scan output ... since no trip limit was set", and before that: sequence ops)."""
+    from quantlab.folding import ConstantFolder
+    from quantlab.loops import trip_bound
+
+    proto = models.scripted_while_loop(limit=5)
+    out, done = resolve_static_control_flow(proto)
+    notes = [d.note() for d in done]
+    assert any(n.startswith("Loop '/Loop': the list its body appends 'h_out' to each step is a scan output")
+               for n in notes)
+    assert "Loop '/Loop': its condition stops it within 5 steps whatever the data (a counter it carries), so its " \
+           "trip limit is set to 5 (TensorRT sizes scan outputs from it; the same outputs)" in notes
+    onnx.checker.check_model(out, full_check=True)
+    x = {"x": np.random.default_rng(3).normal(0, 1, (3, 4)).astype(np.float32)}
+    before, after = _run(proto, x), _run(out, x)
+    assert before["out"].shape == (3, 5, 4)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    assert len(_rtx().build_engine(out, shapes=_batch_range("x", 4), label="scripted while loop")) > 10_000
+    # no counter, no bound: a loop the data alone stops keeps its trip count
+    unbounded = models.scripted_while_loop(limit=5)
+    body = next(a.g for a in next(n for n in unbounded.graph.node if n.op_type == "Loop").attribute)
+    next(n for n in body.node if n.name == "/count").input[1] = "h_in_sum"  # the counter now follows the data
+    body.node.insert(0, helper.make_node("ReduceSum", ["h_in"], ["h_in_sum_f"], name="/sum", keepdims=0))
+    body.node.insert(1, helper.make_node("Cast", ["h_in_sum_f"], ["h_in_sum"], name="/sum_int", to=TensorProto.INT64))
+    loop = next(n for n in unbounded.graph.node if n.op_type == "Loop")
+    assert trip_bound(loop, ConstantFolder(unbounded.graph, unbounded), unbounded) is None
+
+
 def test_values_a_loop_carries_unchanged_are_read_from_outside_it():
     """paddle2onnx carries a loop's weights through it (SLANet: 16 of 23 carried values): they were calibrated
     as activations and listed among the widest tensors. Hoisted, the loop computes the same outputs (its final
