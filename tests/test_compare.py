@@ -1028,3 +1028,20 @@ def test_padded_positions_are_left_out_of_every_end_to_end_figure():
     cand = get_backend("ort").build(int8.proto).run(feeds)["logits"].argmax(-1)
     per_sample = [(ref[i, :k] == cand[i, :k]).mean() * 100 for i, k in enumerate(lengths)]
     assert frames[1]["token_agreement"] == pytest.approx(np.mean(per_sample), rel=1e-9)
+
+
+def test_the_worst_layers_view_tells_the_outputs_of_one_layer_apart():
+    """An LSTM writes y, hn and cn: its three rows read the same layer name in the terminal's worst-layers table
+    unless the tensor is shown; a table of one row per layer stays without it."""
+    import types
+
+    from quantlab.cli.compare import _worst_view
+
+    rows = [{"candidate": "int8", "mode": "local", "layer": layer, "tensor": tensor, "order": i, "group": layer,
+             "op_type": op, "precision": "int8", "sqnr_db": 30.0 + i, "cosine": 0.99}
+            for i, (layer, tensor, op) in enumerate([("/lstm/LSTM", "y", "LSTM"), ("/lstm/LSTM", "hn", "LSTM"),
+                                                     ("/lstm/LSTM", "cn", "LSTM"), ("/fc/Gemm", "out", "Gemm")])]
+    view = _worst_view(types.SimpleNamespace(per_layer=pd.DataFrame(rows)), "int8", 10)
+    assert list(view["tensor"][:3]) == ["y", "hn", "cn"]
+    single = _worst_view(types.SimpleNamespace(per_layer=pd.DataFrame(rows[2:])), "int8", 10)
+    assert "tensor" not in single.columns and list(single["layer"]) == ["/lstm/LSTM", "/fc/Gemm"]

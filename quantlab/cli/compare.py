@@ -234,7 +234,8 @@ def _worst_view(result: Any, candidate: str, n: int) -> Any:
     view = view.reset_index()
     by = "local_db" if "local_db" in view.columns else "accumulated_db"
     view = view.sort_values([by, "order"], kind="stable").head(n)
-    return pd.DataFrame(view).drop(columns=["tensor"]).reset_index(drop=True)
+    several = view["layer"].duplicated(keep=False).any()  # an LSTM's y, hn and cn: which row is which
+    return pd.DataFrame(view).drop(columns=[] if several else ["tensor"]).reset_index(drop=True)
 
 
 CHANGED_SHOWN = 5
