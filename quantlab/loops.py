@@ -288,6 +288,21 @@ def _decided(name: str, folder: ConstantFolder, want: bool, depth: int = 0) -> b
     return False
 
 
+def _upstream(graph: onnx.GraphProto, name: str) -> set[str]:
+    """The tensors ``name`` is computed from in ``graph`` (itself included; a subgraph's outer reads count)."""
+    producers = {o: n for n in graph.node for o in n.output if o}
+    seen, pending = set(), [name]
+    while pending:
+        t = pending.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        node = producers.get(t)
+        if node is not None:
+            pending += [i for i in node.input if i] + [r for g in subgraphs(node) for r in outer_reads(g)]
+    return seen
+
+
 def trip_bound(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.ModelProto,
                limit: int = MAX_BOUNDED_TRIPS) -> int | None:
     """The step (1-based) by which the body's condition is false whatever the data, following the carried values
@@ -297,6 +312,9 @@ def trip_bound(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.ModelPr
     carried = len(node.input) - 2
     values = {k: folder.value(node.input[k + 2]) for k in range(carried) if node.input[k + 2]}
     values = {k: v for k, v in values.items() if v is not None and v.size <= 16}
+    deciding = _upstream(body, body.output[0].name)
+    if body.input[0].name not in deciding and not any(body.input[k + 2].name in deciding for k in values):
+        return None  # no counter decides the condition: nothing to follow
     outer = _outer_constants(body, folder)
     for t in range(limit):
         if not values:
