@@ -47,7 +47,6 @@ from .folding import (
     subgraphs,
 )
 from .graph.topology import SHAPE_ONLY_OPS, producer_map, upstream
-from .sequences import ConcatenatedSequence, ScannedSequence, concat_collected_sequences, scan_loop_sequences
 from .loops import (
     MAX_UNROLLED_TRIPS,
     BoundedLoop,
@@ -58,6 +57,7 @@ from .loops import (
     hoist_loop_invariants,
     unroll_static_loops,
 )
+from .sequences import ConcatenatedSequence, ScannedSequence, concat_collected_sequences, scan_loop_sequences
 
 __all__ = [
     "RECORD_KEY",

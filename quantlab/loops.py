@@ -32,8 +32,8 @@ from .folding import (
     renamed_initializer,
     replace_node,
     rewrite_until_fixed,
-    subgraphs,
 )
+from .graph.topology import subgraph_reads, upstream
 
 __all__ = ["MAX_BOUNDED_TRIPS", "MAX_UNROLLED_TRIPS", "BoundedLoop", "HoistedInvariants", "UnrolledLoop",
            "bound_loop_trips", "hoist_loop_invariants", "scoped_name", "static_trip_count", "trip_bound",
@@ -89,8 +89,7 @@ def _outer_constants(body: onnx.GraphProto, folder: ConstantFolder) -> dict[str,
     """The values of the outer-scope tensors ``body``'s nodes read that fold to constants: torch's scripted loops
     continue on ``Identity(<a Constant true of the main graph>)``."""
     own = {i.name for i in body.input} | {i.name for i in body.initializer} | {o for n in body.node for o in n.output}
-    read = {t for n in body.node for t in [*n.input, *(r for g in subgraphs(n) for r in outer_reads(g))]
-            if t and t not in own}
+    read = {t for n in body.node for t in [*n.input, *subgraph_reads([n])] if t and t not in own}
     values = {t: folder.value(t) for t in sorted(read)}
     return {t: v for t, v in values.items() if v is not None}
 
@@ -288,21 +287,6 @@ def _decided(name: str, folder: ConstantFolder, want: bool, depth: int = 0) -> b
     return False
 
 
-def _upstream(graph: onnx.GraphProto, name: str) -> set[str]:
-    """The tensors ``name`` is computed from in ``graph`` (itself included; a subgraph's outer reads count)."""
-    producers = {o: n for n in graph.node for o in n.output if o}
-    seen, pending = set(), [name]
-    while pending:
-        t = pending.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        node = producers.get(t)
-        if node is not None:
-            pending += [i for i in node.input if i] + [r for g in subgraphs(node) for r in outer_reads(g)]
-    return seen
-
-
 def trip_bound(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.ModelProto,
                limit: int = MAX_BOUNDED_TRIPS) -> int | None:
     """The step (1-based) by which the body's condition is false whatever the data, following the carried values
@@ -312,7 +296,7 @@ def trip_bound(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.ModelPr
     carried = len(node.input) - 2
     values = {k: folder.value(node.input[k + 2]) for k in range(carried) if node.input[k + 2]}
     values = {k: v for k, v in values.items() if v is not None and v.size <= 16}
-    deciding = _upstream(body, body.output[0].name)
+    deciding = set(upstream([body.output[0].name], {o: n for n in body.node for o in n.output if o}, bodies=True))
     if body.input[0].name not in deciding and not any(body.input[k + 2].name in deciding for k in values):
         return None  # no counter decides the condition: nothing to follow
     outer = _outer_constants(body, folder)

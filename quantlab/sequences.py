@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .folding import ConstantFolder, drop_dead_producers, outer_reads, replace_node, rewrite_until_fixed, subgraphs
+from .folding import ConstantFolder, drop_dead_producers, replace_node, rewrite_until_fixed
+from .graph.topology import subgraph_reads
 from .loops import scoped_name
 
 __all__ = ["ConcatenatedSequence", "ScannedSequence", "concat_collected_sequences", "scan_loop_sequences"]
@@ -118,7 +119,7 @@ class ScannedSequence:
 
 def _readers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     """The nodes of ``graph`` that read ``name``, directly or from a subgraph."""
-    return [n for n in graph.node if name in n.input or any(name in outer_reads(g) for g in subgraphs(n))]
+    return [n for n in graph.node if name in n.input or name in subgraph_reads([n])]
 
 
 def _inferred_type(proto: onnx.ModelProto, loop_name: str, item: str) -> onnx.TypeProto | None:
