@@ -209,7 +209,7 @@ def _mask_overlay(e: MaskExample) -> np.ndarray:
     return overlay
 
 
-_CLASS_CHANGED = (0.75, 0.22, 0.17)
+_CLASS_CHANGED = _MASK_COLOURS["candidate only"]
 """A pixel whose best class the candidate changed, in a class map's overlay (red: what changed, as in a mask's)."""
 
 
