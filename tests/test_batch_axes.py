@@ -627,7 +627,7 @@ def test_free_running_figures_and_user_metrics_are_columns_a_threshold_can_judge
     assert found.met and "free_sqnr_db" in found.comparison.end_to_end.columns
     # ... and a ranking runs whole streams: the first samples, said as such (it said "the samples the all-INT8
     # model gets worst", which it did not use)
-    ranked = search(model, table, seq, SearchOptions(threshold=f"free_sqnr_db>={worst + 3}", batch_size=1,
+    ranked = search(model, table, seq, SearchOptions(threshold="free_sqnr_db>=200", batch_size=1,  # INT8 misses
                                                      probe_samples=2, budget=2))
     subset_notes = [n for n in ranked.notes if n.startswith("ranking subset")]
     assert subset_notes == ["ranking subset: the first 2 validation samples (a free-running threshold runs each "
