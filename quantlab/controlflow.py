@@ -254,14 +254,21 @@ def float_subgraph_tensors(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROL
         bodies = subgraphs(node) if node.name not in skip else []
         reason = _reason(node, folder, proto, max_trips) if bodies else ""
         for body in bodies:
-            constants = {i.name for i in body.initializer} | {o for n in body.node if n.op_type == "Constant"
-                                                               for o in n.output}
-            declared = {vi.name: vi.type.tensor_type.elem_type for vi in list(body.output) + list(body.value_info)}
-            not_float = {t for t, dtype in declared.items() if dtype and dtype not in _FLOAT_TYPES}
-            for t in sorted(graph_names(body) - {i.name for i in body.input} - outer_reads(body) - constants
-                            - not_float):
-                out.setdefault(t, reason)
+            _add_body_tensors(body, reason, out)
     return out
+
+
+def _add_body_tensors(body: onnx.GraphProto, reason: str, out: dict[str, str]) -> None:
+    """``body``'s float activations into ``out`` with ``reason``, and those of the bodies nested in it (an RNN-T's
+    symbol loop inside its frame loop: every Gemm is there) with theirs."""
+    constants = {i.name for i in body.initializer} | {o for n in body.node if n.op_type == "Constant" for o in n.output}
+    declared = {vi.name: vi.type.tensor_type.elem_type for vi in list(body.output) + list(body.value_info)}
+    not_float = {t for t, dtype in declared.items() if dtype and dtype not in _FLOAT_TYPES}
+    for t in sorted(graph_names(body) - {i.name for i in body.input} - outer_reads(body) - constants - not_float):
+        out.setdefault(t, reason)
+    for node in body.node:
+        for nested in subgraphs(node):
+            _add_body_tensors(nested, f"inside {node.op_type} {node.name or node.output[0]!r}, nested {reason}", out)
 
 
 _COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})

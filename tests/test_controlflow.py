@@ -658,6 +658,43 @@ def test_a_scripted_while_loop_gets_the_trip_limit_its_counter_sets_and_builds_w
     assert trip_bound(loop, ConstantFolder(unbounded.graph, unbounded), unbounded) is None
 
 
+def test_tensors_of_a_loop_nested_in_a_loop_left_a_loop_are_named():
+    """An RNN-T's symbol loop inside its frame loop holds every Gemm; the frame loop's trip count comes from the
+    data, so both stay loops and float. The inner body's tensors were never named: 'int8 on 100 %' and a note
+    on the outer body's three tensors only."""
+    rng = np.random.default_rng(0)
+    inner = helper.make_graph(
+        [helper.make_node("Identity", ["c_i"], ["c_o"], name="keep_inner"),
+         helper.make_node("MatMul", ["h_i", "w"], ["mixed"], name="mix"),
+         helper.make_node("Tanh", ["mixed"], ["h_o"], name="tanh")], "symbols",
+        [helper.make_tensor_value_info("k", TensorProto.INT64, []), helper.make_tensor_value_info("c_i", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_i", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("c_o", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_o", TensorProto.FLOAT, ["N", 4])])
+    outer = helper.make_graph(
+        [helper.make_node("Identity", ["c_j"], ["c_p"], name="keep_outer"),
+         helper.make_node("Loop", ["three", "", "g_j"], ["g_p"], name="symbol_loop", body=inner)], "frames",
+        [helper.make_tensor_value_info("j", TensorProto.INT64, []), helper.make_tensor_value_info("c_j", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("g_j", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("c_p", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("g_p", TensorProto.FLOAT, ["N", 4])])
+    nodes = [helper.make_node("Shape", ["x"], ["n"], name="n", start=0, end=1),
+             helper.make_node("Squeeze", ["n"], ["frames"], name="frames"),
+             helper.make_node("Loop", ["frames", "", "x"], ["y"], name="frame_loop", body=outer)]
+    graph = helper.make_graph(nodes, "nested", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(np.array(3, np.int64), "three"),
+                               numpy_helper.from_array(rng.normal(0, 0.5, (4, 4)).astype(np.float32), "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto, full_check=True)
+    left = float_subgraph_tensors(proto)
+    assert left["mixed"] == ("inside Loop 'symbol_loop', nested inside the body of Loop 'frame_loop', not "
+                             "unrolled: trip count set by the data")
+    assert {"mixed", "h_o", "g_p"} <= set(left)
+    assert any(n.startswith("2 tensor(s) left in float, inside Loop 'symbol_loop', nested inside the body of Loop "
+                            "'frame_loop'") for n in control_flow_notes(proto))
+
+
 def test_values_a_loop_carries_unchanged_are_read_from_outside_it():
     """paddle2onnx carries a loop's weights through it (SLANet: 16 of 23 carried values): they were calibrated
     as activations and listed among the widest tensors. Hoisted, the loop computes the same outputs (its final
