@@ -89,10 +89,12 @@ def float_fallback_note(src: onnx.ModelProto, plan: ResolvedPlan, placement: Pla
                 and plan.reasons.get(g.name, "").startswith("fallback")]
     nodes = placement.nodes
     index = placement.index_of
-    held = {g.name: sum(sizes.get(t, 0) for n in g.nodes for t in nodes[index[n]].input
-                        if nodes[index[n]].op_type not in SHAPE_ONLY_OPS)  # Shape(W) reads no value
+    read = {g.name: {t for n in g.nodes for t in nodes[index[n]].input if t in sizes
+                     and nodes[index[n]].op_type not in SHAPE_ONLY_OPS}  # Shape(W) reads no value
             for g in fallback}
-    share = sum(held.values()) / total if total else 0.0
+    held = {g: sum(sizes[t] for t in names) for g, names in read.items()}
+    kept = set().union(*read.values())  # a table six unrolled steps' Gathers read counts once
+    share = sum(sizes[t] for t in kept) / total if total else 0.0
     if share < 0.1:
         return None
     biggest = sorted((n for n in held if held[n] >= 0.01 * total), key=lambda n: -held[n])[:3]
