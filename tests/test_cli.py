@@ -514,6 +514,29 @@ def test_a_model_that_couples_the_samples_of_a_batch_runs_one_sample_at_a_time(w
     assert code == 0 and (out + err).count("combines values across the samples") == 1  # said once, not twice
 
 
+def test_a_loop_that_couples_the_samples_inside_its_body_is_found_by_running_them_alone(ws: Path, capfd) -> None:
+    """until_converged's body stops when the whole batch has converged: no main-graph node combines samples, so
+    only running samples alone shows it. calibrate then runs one sample at a time, saying so; compare at an
+    explicit --batch-size 4 warns once, naming the outputs that changed."""
+    onnx.save(models.until_converged(), ws / "model.onnx")
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        np.save(ws / "data" / f"s{i}.npy", rng.normal(0, 1, (16,)).astype(np.float32))
+    np.savez(ws / "val.npz", input=rng.normal(0, 1, (4, 16)).astype(np.float32))
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == 0 and "other outputs in a batch than alone" in err and "'refined'" in err
+    assert json.loads((ws / "cal" / "calibrate_run.json").read_text())["batch_size"] == 1
+    code, out, err = run_main(["compare", str(ws / "model.onnx"), str(ws / "model.onnx"), "--data",
+                               str(ws / "val.toml"), "--no-progress", "--no-per-layer", "--batch-size", "4",
+                               "--out", str(ws / "cmp")], capfd)
+    assert code == 0 and (out + err).count("other outputs in a batch than alone") == 1
+    code, out, err = run_main(["compare", str(ws / "model.onnx"), str(ws / "model.onnx"), "--data",
+                               str(ws / "val.toml"), "--no-progress", "--no-per-layer", "--out", str(ws / "cmp1")],
+                              capfd)
+    assert code == 0 and "than alone" in out + err
+    assert json.loads((ws / "cmp1" / "compare.json").read_text())["settings"]["batch_size"] == 1
+
+
 def test_an_error_chained_to_itself_still_gets_its_exit_code():
     """`raise error from error` makes a loop of causes; the exit-code classifier walked it forever."""
     from quantlab.cli.exits import failure

@@ -148,22 +148,24 @@ def resolve_batch_size(args: argparse.Namespace, model: Any, dataset: Any, defau
     ``default``. Sets ``args.batch_size`` so every later use (and the run's record) sees the same value.
     ``warn_coupled=False``: a larger batch of a model that couples its samples is left to the command's own
     warnings (compare's result carries it: said twice, it was)."""
-    from ..data import coupled_batch_note, fixed_batch, samples_coupled
+    from ..backends.coupling import BatchCoupling, batch_coupling
+    from ..data import fixed_batch
 
-    coupled = samples_coupled(model, dataset) if dataset is not None else []
+    fixed = dataset is not None and fixed_batch(model, dataset) == 1
+    size = 1 if fixed else int(args.batch_size or default)
+    decide = dataset is not None and (args.batch_size is None or warn_coupled)
+    coupled = batch_coupling(model, dataset, size) if decide else BatchCoupling()
     if args.batch_size is None:
         args.batch_size = default
-        if dataset is not None and fixed_batch(model, dataset) == 1:
+        if fixed:
             args.batch_size = 1
             print(f"quantlab {command}: note: {model.label} fixes its batch at 1: running one sample at a time",
                   file=sys.stderr, flush=True)
         elif coupled:
             args.batch_size = 1
-            print(f"quantlab {command}: note: {coupled_batch_note(model.label, coupled, 1)}", file=sys.stderr,
-                  flush=True)
+            print(f"quantlab {command}: note: {coupled.note(model.label, 1)}", file=sys.stderr, flush=True)
     elif coupled and int(args.batch_size) > 1 and warn_coupled:
-        print(f"quantlab {command}: {coupled_batch_note(model.label, coupled, int(args.batch_size))}",
-              file=sys.stderr, flush=True)
+        print(f"quantlab {command}: {coupled.note(model.label, int(args.batch_size))}", file=sys.stderr, flush=True)
     return int(args.batch_size)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..backends import Backend, get_backend, is_onnxruntime
+from ..backends.coupling import measured_coupling
 from ..backends.ort import environment_options
 from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs, coupled_batch_note, samples_coupled
 from ..errors import CompareError
@@ -163,9 +164,9 @@ class Comparison:
         self.decided = probability_outputs(reference, taken={*self.positions, *self.exact})  # read as masks p > t
         self.padding = (mask_input(reference), padded_outputs(reference, self.sample_axes))  # compare.padding
         self.warnings.extend(filter(None, [padding_note(*self.padding)]))
-        coupled = samples_coupled(reference, dataset) if options.batch_size > 1 else []
-        if coupled:
-            self.warnings.append(coupled_batch_note(reference.label, coupled, options.batch_size))
+        self.coupled = samples_coupled(reference, dataset) if options.batch_size > 1 else []
+        if self.coupled:
+            self.warnings.append(coupled_batch_note(reference.label, self.coupled, options.batch_size))
         self.declared = {spec.name: spec.shape for spec in reference.outputs}  # what the model says it returns
         if self.total == 0:
             raise CompareError(f"the validation set {getattr(dataset, 'name', '')!r} is empty")
@@ -283,6 +284,8 @@ class Comparison:
         if isinstance(self.dataset, SequenceData) and self.options.free_running:
             settings["free_running"] = self._free_running(end_to_end)
             end_to_end = with_free_running(end_to_end, settings["free_running"])
+        if self.options.batch_size > 1 and not self.coupled:
+            self.warnings.extend(filter(None, [self._measured_coupling()]))
         branches = self._branch_flips(progress) if self.options.branches else []
         if branches:
             settings["branch_flips"] = branches
@@ -295,6 +298,14 @@ class Comparison:
             environment=environment_record(self.backend, self.candidate_backends), warnings=tuple(dict.fromkeys(self.warnings)),
             mask_examples=e2e.mask_examples(),
         )
+
+    def _measured_coupling(self) -> str | None:
+        """A WARNING when the first samples of the first batch, run alone on the reference, give other outputs
+        (:mod:`quantlab.backends.coupling`: what the graph analysis cannot see); None when they match."""
+        coupled = measured_coupling(self.backend, self.reference, self.dataset, min(self.options.batch_size,
+                                                                                     self.total), self.sample_axes)
+        return coupled_batch_note(self.reference.label, [], self.options.batch_size,
+                                  measured=[c.describe() for c in coupled]) if coupled else None
 
     def _branch_flips(self, progress: bool) -> list[dict[str, Any]]:
         """:func:`.branches.branch_flips` over the comparison's batches, with a bar when there is a pass to run."""

@@ -145,11 +145,18 @@ def samples_coupled(model: LoadedModel, dataset: Any) -> list[str]:
     return sample_mixing_nodes(model, axes)
 
 
-def coupled_batch_note(label: str, nodes: Sequence[str], batch_size: int) -> str:
-    """What to say of a model whose samples a batch couples, run at ``batch_size``."""
-    shown = ", ".join(map(repr, nodes[:3])) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
-    why = (f"{label} combines values across the samples of a batch ({shown}: a reduction, softmax or top-k over "
-           "the sample axis), so each sample's outputs depend on the others in its batch")
+def coupled_batch_note(label: str, nodes: Sequence[str], batch_size: int, measured: Sequence[str] = ()) -> str:
+    """What to say of a model whose samples a batch couples, run at ``batch_size``: ``nodes`` that the graph shows
+    combining samples, or (``measured``, nodes empty) the outputs that changed when samples ran alone
+    (:func:`quantlab.backends.coupling.measured_coupling`, described)."""
+    if nodes:
+        shown = ", ".join(map(repr, nodes[:3])) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+        why = (f"{label} combines values across the samples of a batch ({shown}: a reduction, softmax or top-k "
+               "over the sample axis), so each sample's outputs depend on the others in its batch")
+    else:
+        why = (f"{label} gives a sample other outputs in a batch than alone: run alone, the first samples of the "
+               f"first batch changed {', '.join(measured)}; a reduction over the batch inside a Loop or If body, "
+               "or one the graph hides from shape inference, couples the samples")
     if batch_size == 1:
         return f"{why}: running one sample at a time, as the model runs on one input"
     return (f"WARNING {why}: at batch size {batch_size} the tables and figures are not what one sample at a time "

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_dir, write_json
-from ..data import DataSet, coupled_batch_note, fixed_batch, open_dataset, samples_coupled
+from ..backends.coupling import batch_coupling
+from ..data import DataSet, fixed_batch, open_dataset
 from ..graph import LoadedModel, load_model
-from ..methods import method_settings
+from ..methods import DEFAULT_BATCH_SIZE, method_settings
 from ..precision import INT8
 from ..quantize import PreparedModel, WriteOptions, WrittenModel, beyond_fp16
 from ..report import Verdict, save_report_inputs, write_report
@@ -125,15 +126,16 @@ class _Run:
                                                                                 progress=self.progress)
         model = load_model(model_path, bind=dict(config.bind))
         calib, val = open_dataset(config.calibration), open_dataset(config.validation)
-        coupled = samples_coupled(model, calib)
-        if config.batch_size is None and fixed_batch(model, calib) == 1:  # a static export: one sample per run
+        fixed = fixed_batch(model, calib) == 1
+        coupled = batch_coupling(model, calib, 1 if fixed else int(config.batch_size or DEFAULT_BATCH_SIZE))
+        if config.batch_size is None and fixed:  # a static export: one sample per run
             config = self.config = replace(config, batch_size=1)
             self.messages.append(f"{model.label} fixes its batch at 1: every stage runs one sample at a time")
         elif config.batch_size is None and coupled:
             config = self.config = replace(config, batch_size=1)
-            self.messages.append(coupled_batch_note(model.label, coupled, 1))
+            self.messages.append(coupled.note(model.label, 1))
         elif coupled and (config.batch_size or 1) > 1:
-            self.messages.append(coupled_batch_note(model.label, coupled, int(config.batch_size or 1)))
+            self.messages.append(coupled.note(model.label, int(config.batch_size or 1)))
         self.common = {"versions": package_versions(), "model_sha256": model.sha256}
         if config.batch_size is not None:  # absent by default: the stage keys of earlier runs stay valid
             self.common["batch_size"] = config.batch_size

@@ -19,7 +19,7 @@ from ..shapes import fixed_batch_size
 from .load import LoadedModel, tensor_specs
 from .topology import CONTROL_FLOW_OPS, SHAPE_ONLY_OPS, subgraph_reads, topological_nodes, upstream
 
-__all__ = ["batch_symbols", "carries_samples", "data_sized", "sample_mixing_nodes", "samples_on_axis0",
+__all__ = ["batch_named_outputs", "batch_symbols", "carries_samples", "data_sized", "sample_mixing_nodes", "samples_on_axis0",
            "tensor_sample_axes"]
 
 
@@ -65,6 +65,15 @@ def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
 
 _ALONG_ONE_AXIS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "TopK", "CumSum"})
 """Ops that combine the values along one axis (``axis``; CumSum's is an input)."""
+
+
+def batch_named_outputs(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> list[str]:
+    """The outputs whose shape names an input's batch symbol: each sample's part of them is known (NMS boxes
+    ``[K, 3]`` of the whole batch, or a fixed-size export, name none)."""
+    symbols = batch_symbols(model, batch_axes)
+    specs = tensor_specs(model.proto)
+    return [name for name in model.output_names
+            if name in specs and any(isinstance(d, str) and d in symbols for d in specs[name].shape or ())]
 
 
 def sample_mixing_nodes(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> list[str]:
