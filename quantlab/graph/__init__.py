@@ -7,6 +7,7 @@
     ├── weights.py    weights and biases computed from constants (weight_norm): computed once (at load)
     ├── batchnorm.py  BatchNormalization after a Conv folded into it (at load)
     ├── pooling.py    a spatial ReduceMean as GlobalAveragePool (at load)
+    ├── einsum.py     an Einsum that is a matrix product as Transpose/MatMul (at load)
     ├── dims.py       dynamic axes written as -1 made symbolic (at load)
     ├── usable.py     refusals: no float activation to calibrate, a model already in float16
     ├── specs.py      TensorSpec: every tensor's type and shape; the float activations in topological order

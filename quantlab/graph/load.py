@@ -27,6 +27,7 @@ from .dims import symbolic_negative_dims
 from .domains import typed_custom_outputs
 from .identities import fold_initializer_identities, fold_initializer_views
 from .light import inferred_model
+from .einsum import einsum_as_matmul
 from .pooling import reduce_mean_to_global_pool
 from .specs import TensorSpec, activation_names, tensor_specs
 from .weights import fold_computed_weights
@@ -233,6 +234,12 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
     except Exception as exc:
         raise ModelError(f"{label}: ONNX shape inference failed: {exc}") from None
     proto = reduce_mean_to_global_pool(proto)  # the dynamo exporter's adaptive_avg_pool2d(x, 1): as legacy writes it
+    lowered = einsum_as_matmul(proto)  # EinsumDense, einsum attention: MatMuls both targets quantize
+    if lowered is not proto:
+        try:
+            proto = inferred_model(lowered, strict_mode=False, data_prop=True)
+        except Exception as exc:
+            raise ModelError(f"{label}: ONNX shape inference failed after writing Einsums as MatMul: {exc}") from None
     return typed_custom_outputs(proto), opset, upgraded_from
 
 
