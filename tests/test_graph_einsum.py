@@ -15,9 +15,11 @@ HIDDEN, HEADS = 16, 2
 
 
 def einsum_attention(seed: int = 0) -> onnx.ModelProto:
-    """A TF-style attention block: EinsumDense projections ("abc,cd->abd"; the query's weight first, "cd,abc->abd"),
-    per-head scores ("bqhd,bkhd->bhqk"), the weighted values ("bhqk,bkhd->bqhd"), an output projection over heads
-    and head size ("abcd,cde->abe": two contracted indices, left an Einsum) and a row sum ("ij->i", one operand)."""
+    """A TF BERT attention block as tf2onnx writes it: EinsumDense projections into heads ("abc,cde->abde"; the
+    value's weight first), scores from key and query ("aecd,abcd->acbe"), the weighted values ("acbe,aecd->abcd"),
+    the projection out of the heads ("abcd,cde->abe"), a dense layer with an ellipsis and an implicit output
+    ("...c,cd"), a torch Linear's [out, in] weight ("abc,dc->abd"). Left Einsums: a row sum ("ij->i", one operand)
+    and a per-position dot product of two activations over two indices ("abcd,abcd->ab")."""
     rng = np.random.default_rng(seed)
     head = HIDDEN // HEADS
 
@@ -25,29 +27,31 @@ def einsum_attention(seed: int = 0) -> onnx.ModelProto:
         return numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
 
     nodes = [
-        helper.make_node("Einsum", ["wq", "x"], ["q"], name="query", equation="cd,abc->abd"),
-        helper.make_node("Einsum", ["x", "wk"], ["k"], name="key", equation="abc,cd->abd"),
-        helper.make_node("Einsum", ["x", "wv"], ["v"], name="value", equation="abc,cd->abd"),
-        helper.make_node("Reshape", ["q", "heads"], ["qh"], name="q_heads"),
-        helper.make_node("Reshape", ["k", "heads"], ["kh"], name="k_heads"),
-        helper.make_node("Reshape", ["v", "heads"], ["vh"], name="v_heads"),
-        helper.make_node("Einsum", ["qh", "kh"], ["scores"], name="scores", equation="bqhd,bkhd->bhqk"),
+        helper.make_node("Einsum", ["x", "wq"], ["q"], name="query", equation="abc,cde->abde"),
+        helper.make_node("Einsum", ["x", "wk"], ["k"], name="key", equation="abc,cde->abde"),
+        helper.make_node("Einsum", ["wv", "x"], ["v"], name="value", equation="cde,abc->abde"),
+        helper.make_node("Einsum", ["k", "q"], ["scores"], name="scores", equation="aecd,abcd->acbe"),
         helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
-        helper.make_node("Einsum", ["probs", "vh"], ["context"], name="context", equation="bhqk,bkhd->bqhd"),
+        helper.make_node("Einsum", ["probs", "v"], ["context"], name="context", equation="acbe,aecd->abcd"),
         helper.make_node("Einsum", ["context", "wo"], ["y"], name="out_proj", equation="abcd,cde->abe"),
-        helper.make_node("Einsum", ["wo2"], ["wo2_sum"], name="row_sum", equation="ij->i"),
-        helper.make_node("Einsum", ["y", "wo2"], ["z"], name="final", equation="...c,cd"),
+        helper.make_node("Einsum", ["y", "wd"], ["d"], name="dense", equation="...c,cd"),
+        helper.make_node("Einsum", ["d", "wl"], ["z"], name="linear", equation="abc,dc->abd"),
+        helper.make_node("Einsum", ["wd"], ["wd_sum"], name="row_sum", equation="ij->i"),
+        helper.make_node("Einsum", ["context", "q"], ["agreement"], name="agreement", equation="abcd,abcd->ab"),
     ]
     graph = helper.make_graph(
         nodes, "einsum_attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, HIDDEN])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 6, 4]),
-         helper.make_tensor_value_info("wo2_sum", TensorProto.FLOAT, [HIDDEN])],
-        [weight("wq", HIDDEN, HIDDEN), weight("wk", HIDDEN, HIDDEN), weight("wv", HIDDEN, HIDDEN),
-         weight("wo", HEADS, head, HIDDEN), weight("wo2", HIDDEN, 4),
-         numpy_helper.from_array(np.array([0, 0, HEADS, head], np.int64), "heads")])
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 6, 3]),
+         helper.make_tensor_value_info("wd_sum", TensorProto.FLOAT, [HIDDEN]),
+         helper.make_tensor_value_info("agreement", TensorProto.FLOAT, ["N", 6])],
+        [weight("wq", HIDDEN, HEADS, head), weight("wk", HIDDEN, HEADS, head), weight("wv", HIDDEN, HEADS, head),
+         weight("wo", HEADS, head, HIDDEN), weight("wd", HIDDEN, 4), weight("wl", 3, 4)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     return model
+
+
+LOWERED = ("query", "key", "value", "scores", "context", "out_proj", "dense", "linear")
 
 
 def _run(proto: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
@@ -58,19 +62,23 @@ def test_matrix_product_einsums_load_as_matmuls_computing_the_same():
     proto = einsum_attention()
     loaded = model_from_proto(proto, label="einsum")
     ops = {n.name: n.op_type for n in loaded.proto.graph.node}
-    assert {k: ops[k] for k in ("query", "key", "value", "scores", "context", "final")} == dict.fromkeys(
-        ("query", "key", "value", "scores", "context", "final"), "MatMul")
-    assert ops["out_proj"] == "Einsum" and ops["row_sum"] == "Einsum"  # two contracted indices; one operand
-    transposes = [n for n in loaded.proto.graph.node if n.op_type == "Transpose"]
-    assert sorted(n.name for n in transposes) == ["context/transpose_b", "context/transpose_out",
-                                                  "scores/transpose_a", "scores/transpose_b"]
+    assert {k: ops[k] for k in LOWERED} == dict.fromkeys(LOWERED, "MatMul")
+    assert ops["row_sum"] == "Einsum" and ops["agreement"] == "Einsum"
+    helpers = sorted((n.op_type, n.name) for n in loaded.proto.graph.node if n.op_type in ("Transpose", "Reshape"))
+    assert helpers == [("Reshape", "key/split"), ("Reshape", "out_proj/merge"), ("Reshape", "query/split"),
+                       ("Reshape", "value/split"), ("Transpose", "context/transpose_b"),
+                       ("Transpose", "context/transpose_out"), ("Transpose", "scores/transpose_a"),
+                       ("Transpose", "scores/transpose_b"), ("Transpose", "scores/transpose_out")]
     weights = {i.name: numpy_helper.to_array(i) for i in loaded.proto.graph.initializer}
-    query = next(n for n in loaded.proto.graph.node if n.name == "query")
-    assert list(query.input) == ["x", "wq"]  # the weight on the right, as written: per-channel over d
+    matmuls = {n.name: list(n.input) for n in loaded.proto.graph.node if n.op_type == "MatMul"}
+    assert weights[matmuls["query"][1]].shape == (HIDDEN, HIDDEN)  # [c, h, d] -> [c, h*d]
+    assert matmuls["value"][0] == "x"  # the weight-first einsum: the activation on the left
+    assert weights[matmuls["out_proj"][1]].shape == (HIDDEN, HIDDEN)  # [h, d, e] -> [h*d, e]
+    assert matmuls["dense"][1] == "wd"  # already [K, N]: the same initializer
+    assert not {"wq", "wk", "wv", "wo", "wl"} & set(weights)  # replaced, not kept beside their matrices
     x = np.random.default_rng(1).normal(0, 1, (3, 6, HIDDEN)).astype(np.float32)
     for got, want in zip(_run(loaded.proto, x), _run(proto, x), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert "wq" in weights and weights["wq"].shape == (HIDDEN, HIDDEN)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_transposed_weight_is_stored_transposed_once():
@@ -106,7 +114,7 @@ def test_einsum_layers_are_written_int8_and_tensorrt_rtx_builds_them():
     made = {o: n for n in graph.node for o in n.output}
     int8_matmuls = {n.name for n in graph.node if n.op_type == "MatMul"
                     and all(made.get(t) is not None and made[t].op_type == "DequantizeLinear" for t in n.input)}
-    assert {"query", "key", "value", "scores", "context", "final"} <= int8_matmuls
+    assert set(LOWERED) <= int8_matmuls
     x = np.random.default_rng(4).normal(0, 1, (2, 6, HIDDEN)).astype(np.float32)
     got, want = _run(written.proto, x)[0], _run(loaded.proto, x)[0]
     cosine = float(np.sum(got * want) / np.linalg.norm(got) / np.linalg.norm(want))
