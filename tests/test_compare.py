@@ -978,6 +978,21 @@ def test_a_user_metric_of_yes_no_per_sample_gets_an_exact_interval():
     assert "cosine" not in got and "score" not in got
 
 
+def test_shares_of_positions_at_100_everywhere_get_the_exact_lower_bound_of_the_samples():
+    """A decoder step's logits [N, 1, V]: token agreement 100 at each of 12 samples read 100 [100, 100] beside the
+    sequence agreement's exact [73.5, 100], so ``token_agreement_ci_low<99`` passed. Each share is at most 100, so
+    the samples agreeing everywhere bound the mean from below; below 100 somewhere the bootstrap's stays."""
+    from quantlab.compare.intervals import exact_intervals
+    from quantlab.metrics import binomial_ci
+
+    n = 12
+    got = exact_intervals({"token_agreement": np.full(n, 100.0), "miou": np.full(n, 100.0),
+                           "element_match": np.r_[np.full(n - 1, 100.0), 99.0]}, 0.95)
+    lo = 100 * binomial_ci(n, n, 0.95)[0]
+    assert got["token_agreement"] == pytest.approx((lo, 100.0)) and got["token_agreement"][0] < 75
+    assert got["miou"] == got["token_agreement"] and "element_match" not in got
+
+
 def test_local_figures_of_an_fp16_group_feed_fp32_kept_nodes_their_float32_values():
     """Magika's FP16 per-layer table still showed the nodes the range guard keeps FP32 at 2-4 dB: their islands
     were fed the reference saturated at 65504 (a LayerNorm's sum of squares is 6e5), though they read float32."""

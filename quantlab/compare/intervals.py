@@ -47,6 +47,12 @@ def _proportion_scale(name: str, values: np.ndarray | None) -> float | None:
     return 1.0 if np.isin(v, (0.0, 1.0)).all() else None
 
 
+_SHARES = ("token_agreement", "element_match", "mask_iou", "miou")
+"""Per-sample shares in [0, 100] (of positions, elements, overlap): 100 at every sample gave the bootstrap's
+"100 [100, 100]" (a decoder step's one-token logits: ``token_agreement_ci_low<99`` passed on 12 samples beside
+``sequence_agreement`` 100 [73.5, 100] of the same output); their lower end is then the exact bound of the samples
+at 100."""
+
 _FEW_DISCORDANT = 10
 """Below this many samples where reference and candidate differ, a drop's interval is the exact bound below."""
 
@@ -67,6 +73,12 @@ def exact_intervals(columns: Mapping[str, np.ndarray], confidence: float) -> dic
             continue
         lo, hi = binomial_ci(int(np.count_nonzero(values > scale / 2)), len(values), confidence)
         out[name] = (scale * lo, scale * hi)
+    for name in _SHARES:
+        values = columns.get(name)
+        if values is not None and len(values) and np.all(np.asarray(values) == 100.0):
+            # each sample's share is at most 100, so the mean is at least 100 x the share of samples agreeing
+            # everywhere: a bound that does not collapse where the bootstrap's does
+            out[name] = (100.0 * binomial_ci(len(values), len(values), confidence)[0], 100.0)
     for name in ("top1_drop", "top5_drop"):
         values = columns.get(name)
         if values is None or not len(values) or np.isnan(values).any():
