@@ -537,6 +537,18 @@ def test_a_loop_that_couples_the_samples_inside_its_body_is_found_by_running_the
     assert json.loads((ws / "cmp1" / "compare.json").read_text())["settings"]["batch_size"] == 1
 
 
+def test_compare_calib_given_a_calibration_table_says_what_to_give(ws: Path, capfd) -> None:
+    """``--calib cal/calib_entropy.json`` (the table, not the set) said "not a quantlab data summary (KeyError:
+    'inputs')"; it now names the manifest or the data_summary.json beside the table, and that one works."""
+    assert run_main(calibrate_argv(ws, ws / "cal"), capfd)[0] == 0
+    argv = ["compare", str(ws / "model.onnx"), str(ws / "model.onnx"), "--data", str(ws / "val.toml"),
+            "--no-progress", "--no-per-layer", "--out", str(ws / "cmp"), "--calib"]
+    code, _, err = run_main([*argv, str(ws / "cal" / "calib_minmax.json")], capfd)
+    line = error_line(err, "compare")
+    assert code == 2 and "is a calibration table" in line and "data_summary.json" in line
+    assert run_main([*argv, str(ws / "cal" / "data_summary.json")], capfd)[0] == 0
+
+
 def test_an_error_chained_to_itself_still_gets_its_exit_code():
     """`raise error from error` makes a loop of causes; the exit-code classifier walked it forever."""
     from quantlab.cli.exits import failure

@@ -94,7 +94,7 @@ def register(subparsers: Any) -> None:
                         "cluster, ray://host:10001")
     p.add_argument("--calib", type=path_arg, default=None, metavar="PATH",
                    help="the calibration set (manifest .toml, or data_summary.json of `quantlab calibrate`): "
-                        "warn when the validation set shares samples with it")
+                        "warn when the validation set shares samples with it, or holds sizes or values beyond it")
     p.add_argument("--worst", type=non_negative_int, default=WORST_LAYERS,
                    help=f"worst layers printed per candidate (default {WORST_LAYERS})")
     add_progress_option(p)
@@ -140,6 +140,10 @@ def _calibration_summary(path: Path | None) -> Any:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CompareError(f"--calib {path}: cannot read ({exc})") from None
+        if isinstance(doc, dict) and "tensors" in doc and "inputs" not in doc:
+            raise CompareError(f"--calib {path}: this is a calibration table (per-tensor ranges), not the calibration "
+                               f"set; give its manifest (.toml) or the data_summary.json beside it "
+                               f"({path.parent / 'data_summary.json'})")
         summary = DataSummary.from_dict(doc.get("summary", doc) if isinstance(doc, dict) else doc)
         if not summary.sample_hashes:
             raise CompareError(f"--calib {path}: holds no per-sample hashes; give the calibration manifest instead")
