@@ -178,6 +178,23 @@ def test_manifest_sequence_carry_is_parsed_for_sequence_data(tmp_path):
         open_dataset(tmp_path / "bad.toml")
 
 
+def test_a_set_with_a_carry_keeps_its_stream_order_and_refuses_shuffle(tmp_path):
+    """shuffle defaults to true: with a [sequence] carry each chunk got the state an unrelated chunk left (Silero
+    VAD v6's cell state ranged -9.7..24.5 instead of -5.9..24.2), without a word. A carry now keeps the listed
+    order; an explicit shuffle = true is refused, naming the key."""
+    _npz_folder(tmp_path)
+    body = MANIFEST.format(axis=1).replace("shuffle = false\n", "")
+    carry = '[sequence]\ncarry = { stateN = "state" }\n'
+    (tmp_path / "seq.toml").write_text(body + carry)
+    (tmp_path / "plain.toml").write_text(body)
+    keys = open_dataset(tmp_path / "seq.toml").keys()
+    assert keys == sorted(keys) and len(keys) == 5
+    assert open_dataset(tmp_path / "plain.toml").keys() != keys  # shuffled
+    (tmp_path / "bad.toml").write_text("shuffle = true\n" + body + carry)
+    with pytest.raises(ManifestError, match=r"key 'shuffle'.*stream order; remove shuffle = true"):
+        open_dataset(tmp_path / "bad.toml")
+
+
 def test_text_lines_of_several_widths_batch_by_shape_and_give_the_engine_profile(tmp_path):
     """batching = "by_shape": the OCR recognizer's lines of 64/128/192 px, calibrated; profiles from the batches."""
     from quantlab.shapes import ShapeLog, profiles_from_data
@@ -644,3 +661,32 @@ def test_a_search_in_sequence_mode_measures_its_final_plan_free_running(tmp_path
     result = search(model, table, seq, SearchOptions(threshold="sqnr_db>=0", batch_size=1, probe_samples=2))
     (note,) = [n for n in result.notes if n.startswith("sequence mode, free-running")]
     assert f"{result.comparison.end_to_end['candidate'].iloc[0]}: prob" in note and "teacher-forced" in note
+
+
+def test_an_lstm_whose_time_axis_holds_the_batch_couples_it():
+    """Silero VAD v6 (faster_whisper) reads ``input [seq_len, 576]`` and runs its LSTM along seq_len: a batch of 8
+    chunks there is 8 time steps of one stream (the cell state's range 1.00 at batch 1, 7.33 at 8), and nothing
+    said so. An LSTM over the batch axis couples; one whose batch is axis 1 of ``[T, N, C]`` (or 0 with
+    ``layout = 1``) does not."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.graph.samples import sample_mixing_nodes
+
+    hidden, features = 4, 3
+    rng = np.random.default_rng(0)
+
+    def lstm_model(x_shape: list, layout: int = 0, transpose: bool = False) -> onnx.ModelProto:
+        weights = [numpy_helper.from_array(rng.normal(0, 0.3, (1, 4 * hidden, features)).astype(np.float32), "W"),
+                   numpy_helper.from_array(rng.normal(0, 0.3, (1, 4 * hidden, hidden)).astype(np.float32), "R")]
+        nodes = [helper.make_node("Unsqueeze", ["x", "one"], ["seq"], name="add_stream_axis")] if transpose else []
+        nodes.append(helper.make_node("LSTM", ["seq" if transpose else "x", "W", "R"], ["y"], name="lstm",
+                                      hidden_size=hidden, layout=layout))
+        graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)],
+                                  [*weights, numpy_helper.from_array(np.array([1], np.int64), "one")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    assert sample_mixing_nodes(model_from_proto(lstm_model(["seq_len", features], transpose=True)), {}) == ["lstm"]
+    assert sample_mixing_nodes(model_from_proto(lstm_model(["T", "N", features])), {"x": 1}) == []
+    assert sample_mixing_nodes(model_from_proto(lstm_model(["N", "T", features], layout=1)), {}) == []
+    assert sample_mixing_nodes(model_from_proto(lstm_model(["N", "T", features], layout=1)), {"x": 1}) == ["lstm"]

@@ -962,6 +962,30 @@ def test_an_output_returned_with_another_rank_than_declared_is_a_warning():
     assert "'scores' is declared [N, 5] but the model returns shape [1, 1, 5]" in warning
 
 
+def test_ctc_scores_declared_with_another_rank_are_read_as_returned():
+    """ddddocr's recogniser: batch fixed at 1, ``[T, 1, C]`` CTC scores declared ``[1, T]``. ``--ctc-blank 0`` was
+    refused ("no output holds class scores per position") and token agreement missing; the first batch now shows
+    what the model returns, the output is read so (with a note), and a candidate written from the same export,
+    declaring what it did, is compared."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["z"], name="dense"),
+         helper.make_node("Transpose", ["z"], ["scores"], name="time_major", perm=[1, 0, 2])], "ctc_misdeclared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, "T"])],  # really [T, 1, 5]
+        [numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = model_from_proto(proto)
+    fp16 = write_model(model, uniform_plan("fp16"), None, WriteOptions(fp16_simulation=True))
+    data = from_arrays({"x": rng.normal(size=(6, 7, 4)).astype(np.float32)}, role="validation")
+    res = compare(model, {"fp16": fp16}, data, CompareOptions(batch_size=1, bootstrap=0, per_layer=False,
+                                                              ctc_blank=0))
+    note = next(w for w in res.warnings if "is declared" in w)
+    assert "returns shape [7, 1, 5]: read as returned ([scores_dim0, 1, 5])" in note
+    row = res.end_to_end.iloc[0]
+    assert row["token_agreement"] > 90 and "text_agreement" in res.end_to_end.columns
+
+
 def test_a_user_metric_of_yes_no_per_sample_gets_an_exact_interval():
     """A user metric of 0/100 per sample (agreement at a BERT's masked positions) read 100 [100, 100] on 192
     words, so a gate on its ``_ci_low`` could not fail; it now gets the exact binomial interval, as top-1 agreement

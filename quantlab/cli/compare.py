@@ -148,7 +148,9 @@ def _calibration_summary(path: Path | None) -> Any:
         if not summary.sample_hashes:
             raise CompareError(f"--calib {path}: holds no per-sample hashes; give the calibration manifest instead")
         return summary
-    return summarize(open_dataset(path))
+    # one sample at a time: a set whose input has no batch axis but differs per sample (Silero's clips) batches
+    # only so, and the summary is per sample anyway
+    return summarize(open_dataset(path), batch_size=1)
 
 
 def check_label_metrics(threshold: Any, flag: str, data: Path, dataset: Any, no_labels: bool) -> None:

@@ -45,6 +45,7 @@ from .padding import mask_input, padded_outputs, padding_note
 from .per_layer import nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
 from .result import CompareResult
+from .returned import as_returned, redeclared
 from .runners import Runners, mirrored_groups
 from .sample_axes import output_sample_axes, samples_first
 from .schedule import BatchState, Pipeline
@@ -155,6 +156,13 @@ class Comparison:
         check_not_quantized(reference)  # the reference is the float model (a quantized one may be a candidate)
         check_inputs(dataset, reference, batch_size=options.batch_size)
         self.total = len(dataset) if options.max_samples is None else min(len(dataset), options.max_samples)
+        self.workers = _workers(options)
+        self.backend, self.candidate_backends = _backends(options, self.workers, self.candidates)
+        if self.total:  # outputs declared with another rank than they return: read as returned (ddddocr)
+            fixed, notes = as_returned(reference, dataset, self.backend, min(options.batch_size, self.total))
+            self.reference = reference = redeclared(reference, fixed)
+            self.candidates = {n: redeclared(c, fixed) for n, c in self.candidates.items()}
+            self.warnings.extend(notes)
         self.sample_axes = output_sample_axes(reference, getattr(dataset, "batch_axes", {}), sequence_carry(dataset))
         self.positions = position_scorers(reference, self.sample_axes)  # outputs scored per position (OCR, tokens)
         self.ctc = ([] if options.ctc_blank is None  # read as CTC text too
@@ -170,8 +178,6 @@ class Comparison:
         self.declared = {spec.name: spec.shape for spec in reference.outputs}  # what the model says it returns
         if self.total == 0:
             raise CompareError(f"the validation set {getattr(dataset, 'name', '')!r} is empty")
-        self.workers = _workers(options)
-        self.backend, self.candidate_backends = _backends(options, self.workers, self.candidates)
         self.ref = analyse_reference(reference)
         others = [o.name for o in reference.proto.graph.output if o.name not in self.ref.outputs]
         if others and not self.ref.outputs:

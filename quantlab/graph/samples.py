@@ -66,6 +66,10 @@ def tensor_sample_axes(model: LoadedModel, batch_axes: Mapping[str, int | None],
 _ALONG_ONE_AXIS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "TopK", "CumSum"})
 """Ops that combine the values along one axis (``axis``; CumSum's is an input)."""
 
+_RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
+"""Ops that carry a state along the sequence axis of their input (0, or 1 with ``layout = 1``): a batch on that axis
+(Silero VAD v6's ``input [seq_len, 576]`` is the LSTM's time axis) is one stream, not independent samples."""
+
 
 def batch_named_outputs(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> list[str]:
     """The outputs whose shape names an input's batch symbol: each sample's part of them is known (NMS boxes
@@ -114,6 +118,9 @@ def _combined_axes(node: onnx.NodeProto, rank: int, consts: Mapping[str, onnx.Te
         if not axes:
             return None if attrs.get("noop_with_empty_axes", 0) else set(range(rank))
         return {int(a) % rank for a in axes}
+    if node.op_type in _RECURRENT:  # runs along its sequence axis: samples there are time steps of one stream
+        layout = int(attrs.get("layout", 0))
+        return {layout} if rank == 3 else None
     if node.op_type in _ALONG_ONE_AXIS:
         if node.op_type == "CumSum":
             given = consts.get(node.input[1]) if len(node.input) > 1 else None
