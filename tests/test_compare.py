@@ -986,6 +986,33 @@ def test_ctc_scores_declared_with_another_rank_are_read_as_returned():
     assert row["token_agreement"] > 90 and "text_agreement" in res.end_to_end.columns
 
 
+def test_a_recurrent_state_is_not_taken_for_a_detectors_rows_of_scales():
+    """Silero VAD v6 returns ``hn [1, 1, 128]`` beside its input ``h [1, 1, 128]``: a near-dead hidden unit made
+    the spread check warn of "a detector's box coordinates beside its scores" on every compare. An output of an
+    input's very shape is a state; a ``[N, 6, A]`` output of rows 100x apart still gets the warning."""
+    rng = np.random.default_rng(0)
+    gain = numpy_helper.from_array(np.r_[np.full(7, 1.0), 1e-4].astype(np.float32).reshape(1, 1, 8), "gain")
+    rows = numpy_helper.from_array(np.repeat(np.r_[np.full(4, 300.0), np.full(2, 0.5)].reshape(1, 6, 1), 5, axis=2)
+                                   .astype(np.float32), "rows")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["h", "x3"], ["mixed"], name="mix"),
+         helper.make_node("Tanh", ["mixed"], ["t"], name="tanh"),
+         helper.make_node("Mul", ["t", "gain"], ["hn"], name="units"),
+         helper.make_node("Mul", ["x6", "rows"], ["boxes"], name="scale_rows")], "stateful",
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, 8]),
+         helper.make_tensor_value_info("x3", TensorProto.FLOAT, [1, 1, 8]),
+         helper.make_tensor_value_info("x6", TensorProto.FLOAT, [1, 6, 1])],
+        [helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, 1, 8]),
+         helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 6, 5])], [gain, rows])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = {"h": rng.uniform(0.2, 1, (3, 1, 8)), "x3": rng.uniform(0.2, 1, (3, 1, 8)),
+             "x6": rng.uniform(0.2, 1, (3, 6, 1))}
+    data = from_arrays({k: v.astype(np.float32) for k, v in feeds.items()}, role="validation")
+    res = compare(model, {"same": model}, data, CompareOptions(batch_size=1, bootstrap=0, per_layer=False))
+    spread = [w for w in res.warnings if "rows of very different scales" in w]
+    assert len(spread) == 1 and "'boxes'" in spread[0]
+
+
 def test_a_user_metric_of_yes_no_per_sample_gets_an_exact_interval():
     """A user metric of 0/100 per sample (agreement at a BERT's masked positions) read 100 [100, 100] on 192
     words, so a gate on its ``_ci_low`` could not fail; it now gets the exact binomial interval, as top-1 agreement

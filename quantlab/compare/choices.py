@@ -61,7 +61,7 @@ from ..graph.topology import initializer_map, producer_map
 from ..metrics import counted_elements
 
 __all__ = ["CHOICE_COLUMNS", "CTC_BLANK_SHARE", "best_positions", "ctc_hints", "ctc_outputs", "decided_positions",
-           "exact_outputs", "part_agreement", "position_scorers", "score_outputs", "segmentation_maps"]
+           "exact_outputs", "part_agreement", "position_scorers", "score_outputs", "segmentation_maps", "state_outputs"]
 
 CHOICE_COLUMNS: Mapping[str, tuple[str, str, str]] = {
     "positions": ("token_agreement", "sequence_agreement", "sequence_agree"),
@@ -130,6 +130,13 @@ def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict
         if isinstance(classes, int) and classes > 1:
             out[spec.name] = classes
     return out
+
+
+def state_outputs(model: LoadedModel, carry: Mapping[str, str]) -> frozenset[str]:
+    """Outputs that are a recurrent state: fed back by the data set's ``carry``, or of the very shape of an input
+    (Silero VAD v6's ``hn``/``cn [1, 1, 128]`` beside its ``h``/``c``)."""
+    shapes = [spec.shape for spec in model.inputs if spec.shape]
+    return frozenset(set(carry) | {spec.name for spec in model.outputs if spec.shape and spec.shape in shapes})
 
 
 def segmentation_maps(model: LoadedModel, positions: Mapping[str, int]) -> list[str]:

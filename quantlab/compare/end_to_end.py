@@ -150,8 +150,9 @@ class EndToEnd:
                  padding: tuple[str | None, Sequence[str]] = (None, ()),
                  ctc: tuple[int | None, Sequence[str]] = (None, ()),
                  decisions: tuple[float, Sequence[str]] = (DECISION_THRESHOLD, ()),
-                 segmentation: Sequence[str] = ()) -> None:
+                 segmentation: Sequence[str] = (), states: frozenset[str] = frozenset()) -> None:
         self.candidates = list(candidates)
+        self.states = states  # recurrent state outputs: their hidden units are no detector's rows (channel_spread)
         self.mask, self.padded = padding[0], list(padding[1])  # compare.padding: the mask input, its outputs
         self.outputs = list(outputs)
         self.data_sized = data_sized  # outputs whose size the data decides (graph.samples.data_sized)
@@ -191,7 +192,7 @@ class EndToEnd:
             self.reference[o].shapes.append(tuple(np.shape(ref_live[o])))
         ref_live = self._samples_first(ref_live, len(batch))
         for o in first:
-            if o not in self.classifiers and o not in self.choices:
+            if o not in self.classifiers and o not in self.choices and o not in self.states:
                 self.reference[o].spread.extend(channel_spread(ref_live[o]))
         cand_live = {name: self._samples_first(cand_live[name], len(batch)) for name in self.candidates}
         valid = self._valid_positions(batch, ref_live)

@@ -37,7 +37,7 @@ from .candidates import Candidate, check_candidates, computes_in_float16, simula
 from .end_to_end import EndToEnd
 from .free_running import SampleMetric, free_running, free_running_note, with_free_running
 from .labels import label_use
-from .choices import ctc_hints, ctc_outputs, exact_outputs, position_scorers, segmentation_maps
+from .choices import ctc_hints, ctc_outputs, exact_outputs, position_scorers, segmentation_maps, state_outputs
 from .probabilities import probability_outputs
 from .layers import analyse_reference, chunks, layers_per_group, sized_by_first_batch
 from .options import CompareOptions
@@ -169,6 +169,7 @@ class Comparison:
                     else ctc_outputs(reference, self.positions, options.ctc_blank))
         self.segmentation = segmentation_maps(reference, self.positions)  # maps among them: also miou
         self.exact = exact_outputs(reference)  # integer/bool outputs: equal or not
+        self.states = state_outputs(reference, sequence_carry(dataset))  # an LSTM's hn: no detector's rows
         self.decided = probability_outputs(reference, taken={*self.positions, *self.exact})  # read as masks p > t
         self.padding = (mask_input(reference), padded_outputs(reference, self.sample_axes))  # compare.padding
         self.warnings.extend(filter(None, [padding_note(*self.padding)]))
@@ -271,7 +272,7 @@ class Comparison:
                         exact=self.exact, declared=self.declared, padding=self.padding,
                         ctc=(self.options.ctc_blank, self.ctc),
                         decisions=(self.options.decision_threshold, self.decided),
-                        segmentation=self.segmentation)
+                        segmentation=self.segmentation, states=self.states)
 
     def tables(self, totals: PassTotals, progress: bool = False) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way); ``progress``:
