@@ -171,11 +171,17 @@ def zeroing_notes(method: str, ranges: Mapping[str, TensorRange], *,
     if not heavy:
         return ()
     shown = _listed(heavy, lambda n: f"{ranges[n].zeroed_fraction:.0%}")
-    return (f"WARNING {method}: {len(heavy)} of {len(ranges)} tensor(s) round more than {ZERO_NOTE_FRACTION:.0%} of "
-            f"their non-zero values to 0 (|x| under half a step, amax / 254), worst first: {shown}. A few large "
-            "values set their range; the rest reach the next layer as a sparse, coarse copy. A method with a lower "
-            "amax keeps more of them (percentile, mse), or keep their layers in fp16 (the search pins the ones that "
-            "matter).",)
+    others = ", ".join(m for m in ("percentile", "mse") if m != method)
+    return (f"WARNING {method}: {len(heavy)} of {_quantized_count(ranges, unquantized)} quantized tensor(s) round "
+            f"more than {ZERO_NOTE_FRACTION:.0%} of their non-zero values to 0 (|x| under half a step, amax / 254), "
+            f"worst first: {shown}. Their range is wide for the bulk of their values (a few large values, or values "
+            "spread far below the largest); those reach the next layer as a sparse, coarse copy. A method with a "
+            f"lower amax may keep more of them ({others}), or keep their layers in fp16 (the search pins the ones "
+            "that matter).",)
+
+
+def _quantized_count(ranges: Mapping[str, TensorRange], unquantized: Collection[str]) -> int:
+    return sum(1 for n in ranges if n not in unquantized)
 
 
 LOW_SQNR_DB = 15.0
@@ -202,7 +208,8 @@ def noise_notes(method: str, ranges: Mapping[str, TensorRange], *,
     if not low:
         return ()
     shown = _listed(low, lambda n: f"{ranges[n].predicted_sqnr_db:.1f} dB")
-    return (f"WARNING {method}: {len(low)} of {len(ranges)} tensor(s) are predicted to keep under {LOW_SQNR_DB:g} dB "
+    return (f"WARNING {method}: {len(low)} of {_quantized_count(ranges, unquantized)} quantized tensor(s) are "
+            f"predicted to keep under {LOW_SQNR_DB:g} dB "
             f"SQNR in INT8 (rounding and saturation over the calibration values), worst first: {shown}. Such a "
             "range keeps little of its tensor's signal; how much the outputs lose depends on what follows (compare's "
             "per-layer figures and the search measure it): compare the methods' predictions (`quantlab calibrate "

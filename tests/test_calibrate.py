@@ -548,8 +548,12 @@ def test_zeroing_note_names_quantized_tensors_that_lose_most_values():
     fractions = {"scores": 0.9, "hardswish": 0.6, "relu": 0.2, "fused_pre": 0.95}
     ranges = {n: TensorRange(amax=1.0, min=-1.0, max=1.0, zeroed_fraction=f) for n, f in fractions.items()}
     (note,) = zeroing_notes("minmax", ranges, unquantized={"fused_pre"})
-    assert note.startswith("WARNING minmax: 2 of 4 tensor(s) round more than 50% of their non-zero values to 0")
+    assert note.startswith("WARNING minmax: 2 of 3 quantized tensor(s) round more than 50% of their non-zero values "
+                           "to 0")  # fused_pre is not quantized: not counted
     assert note.index("'scores' 90%") < note.index("'hardswish' 60%") and "relu" not in note and "fused" not in note
+    assert "(percentile, mse)" in note
+    (mse,) = zeroing_notes("mse", ranges)
+    assert "may keep more of them (percentile)" in mse  # not the method the note warns of
     assert zeroing_notes("minmax", {"relu": ranges["relu"]}) == ()
 
 
@@ -593,7 +597,7 @@ def test_noise_note_names_quantized_tensors_predicted_to_keep_little_sqnr():
     predicted = {"add": 5.3, "mul": 11.2, "conv": 31.0, "fused_pre": 2.0, "unknown": float("nan")}
     ranges = {n: TensorRange(amax=1.0, min=-1.0, max=1.0, predicted_sqnr_db=v) for n, v in predicted.items()}
     (note,) = noise_notes("entropy", ranges, unquantized={"fused_pre"})
-    assert note.startswith("WARNING entropy: 2 of 5 tensor(s) are predicted to keep under 15 dB SQNR")
+    assert note.startswith("WARNING entropy: 2 of 4 quantized tensor(s) are predicted to keep under 15 dB SQNR")
     assert note.index("'add' 5.3 dB") < note.index("'mul' 11.2 dB")
     assert "conv" not in note and "fused_pre" not in note and "unknown" not in note
     assert noise_notes("entropy", {"conv": ranges["conv"]}) == ()

@@ -292,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"note: {note}")
                 shown.add(note)
         if len(result.tables) > 1:
-            print("\npredicted INT8 SQNR of the quantized tensors, per method (higher keeps more of the signal)")
+            print("\npredicted INT8 SQNR of the tensors a Q/DQ may go on (either target: the TensorRT form quantizes "
+                  "layer inputs, the ORT form also outputs), per method (higher keeps more of the signal)")
             print(methods_frame(result.tables, unquantized).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
         from ..table import bodies_frame
 
