@@ -285,7 +285,7 @@ def test_cli_writes_every_output_atomically(tmp_path, cli_setup, capsys):
                      "calibration_mse.cache", "calibration_percentile.cache", "data_summary.json", "statistics.npz"]
     printed = capsys.readouterr().out
     assert "widest, most clipped, most zeroed and noisiest" in printed and "huge constants" in printed
-    assert "predicted INT8 SQNR of the quantized tensors, per method" in printed  # --method all: side by side
+    assert "predicted INT8 SQNR of the tensors a Q/DQ may go on" in printed  # --method all: side by side
     for method in ("minmax", "percentile", "entropy", "mse"):
         ranges = read_table(out / f"calib_{method}.json").ranges
         assert all(np.isfinite(r.predicted_sqnr_db) for r in ranges.values() if r.histogram.get("absmax"))
