@@ -119,8 +119,9 @@ def bias_correction_note(settings: Mapping[str, Any]) -> str:
     """The report's line on the search's bias correction (from its saved settings)."""
     bc = settings.get("bias_correction")
     if isinstance(bc, Mapping):
-        checked = (f"; all-INT8 SQNR on {bc['check_samples']} validation sample(s) {bc['int8_sqnr_db_with']:.2f} dB "
-                   f"with it, {bc['int8_sqnr_db_without']:.2f} without" if "check_samples" in bc else "")
+        checked = (f"; all-INT8 SQNR on {bc['check_samples']} validation sample(s) (the outputs' noise summed, "
+                   f"not the threshold's figure) {bc['int8_sqnr_db_with']:.2f} dB with it, "
+                   f"{bc['int8_sqnr_db_without']:.2f} without" if "check_samples" in bc else "")
         return (f"search: bias correction on {bc.get('layers')} layer(s), measured on {bc.get('samples')} "
                 f"calibration sample(s) (largest shift {float(bc.get('max_abs_shift', 0.0)):.3g}){checked}")
     return f"search: bias correction {bc if bc else 'off'}"
