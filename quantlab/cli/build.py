@@ -213,7 +213,8 @@ def _engine(args: argparse.Namespace, model: Any, written: WrittenModel, shapes:
         return None, None, f"{args.backend}: this backend cannot build engines yet; wrote the ONNX only"
     ranges, source = shapes
     try:
-        engine = build_engine(written.proto, label=str(args.model), shapes=ranges, progress=not args.no_progress)
+        engine = build_engine(written.proto, label=f"the model written from {args.model} ({written.options.target} form)",
+                              shapes=ranges, progress=not args.no_progress)
     except BackendError as error:
         told = _with_fp32_verdict(error, build_engine, model, written, args, ranges)
         if told is error:
