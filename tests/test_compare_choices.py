@@ -702,3 +702,51 @@ def test_ctc_blank_must_name_a_class_of_a_per_position_output(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "ref.onnx"), str(tmp_path / "ref.onnx"), "--data", str(tmp_path / "x.toml"),
                  "--out", str(tmp_path / "out"), "--ctc-blank", "-1"]) == 2
     assert "--ctc-blank" in capsys.readouterr().err
+
+
+def _quarter_size_head(seed: int = 0, classes: int = 5) -> onnx.ModelProto:
+    """SegFormer's shape: image[N, 3, 16, 16] -> Conv(4x4, stride 4) -> Relu -> 1x1 Conv -> logits[N, C, 4, 4], no
+    Resize or Softmax after it (a keypoint heatmap looks the same)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["image", "w1", "b1"], ["f"], name="patch", kernel_shape=[4, 4], strides=[4, 4]),
+             helper.make_node("Relu", ["f"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["logits"], name="classifier", kernel_shape=[1, 1])]
+    graph = helper.make_graph(
+        nodes, "quarter", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes, 4, 4])],
+        [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 4, 4)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b1"),
+         numpy_helper.from_array(rng.normal(0, 0.5, (classes, 8, 1, 1)).astype(np.float32), "w2"),
+         numpy_helper.from_array(rng.normal(0, 0.1, classes).astype(np.float32), "b2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_quarter_size_class_map_is_read_as_one_when_named_and_suggested_otherwise(tmp_path, capsys):
+    """SegFormer's 1/4-size logits straight from a 1x1 conv got cosine and SQNR only, with no word; a note now names
+    --class-map, and named (compare, search, experiment files) the output gets pixel agreement and miou. A name
+    that is no [N, C, H, W] output is refused."""
+    from quantlab.cli import main
+    from quantlab.errors import CompareError
+
+    model = model_from_proto(_quarter_size_head())
+    x = np.random.default_rng(1).normal(0, 1, (6, 3, 16, 16)).astype(np.float32)
+    data = from_arrays({"image": x}, role="validation")
+    int8 = write_model(model, uniform_plan("int8"), calibrate(model, from_arrays({"image": x}), "minmax")
+                       .tables["minmax"], WriteOptions(target="tensorrt"))
+    plain = compare(model, {"int8": int8}, data, CompareOptions(batch_size=2, per_layer=False, bootstrap=0))
+    assert "miou" not in plain.end_to_end.columns
+    assert any("--class-map logits" in w for w in plain.warnings)
+    named = compare(model, {"int8": int8}, data, CompareOptions(batch_size=2, per_layer=False, bootstrap=0,
+                                                                class_maps=("logits",)))
+    assert {"miou", "token_agreement"} <= set(named.end_to_end.columns)
+    assert not any("--class-map" in w for w in named.warnings)
+    with pytest.raises(CompareError, match="class map 'scores' is not an output"):
+        compare(model, {"int8": int8}, data, CompareOptions(per_layer=False, class_maps=("scores",)))
+    onnx.save(model.proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "val.npz", image=x)
+    (tmp_path / "val.toml").write_text('role = "validation"\n[[source]]\nkind = "npz"\npath = "val.npz"\n'
+                                       'batched = true\n')
+    code = main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--data", str(tmp_path / "val.toml"),
+                 "--class-map", "logits", "--no-per-layer", "--no-progress", "--out", str(tmp_path / "cmp"),
+                 "--fail-if", "miou<99"])
+    assert code == 0 and "miou" in capsys.readouterr().out

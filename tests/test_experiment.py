@@ -103,6 +103,16 @@ def test_decision_threshold_is_a_probability_recorded_when_set(exp_dir: Path) ->
             parse_experiment(f"decision_threshold = {bad}\n" + base, source=exp_dir / "db.toml")
 
 
+def test_class_maps_are_output_names_recorded_when_set(exp_dir: Path) -> None:
+    base = 'model = { path = "model.onnx" }\ndata = { calibration = "calib.toml", validation = "val.toml" }\n'
+    cfg = parse_experiment('threshold = "miou>=95"\nclass_maps = ["logits"]\n' + base, source=exp_dir / "seg.toml")
+    assert cfg.class_maps == ("logits",) and cfg.settings()["class_maps"] == ["logits"]
+    assert "class_maps" not in parse_experiment(base, source=exp_dir / "plain.toml").settings()
+    for bad in ('"logits"', "[]", '[""]', "[1]"):
+        with pytest.raises(ExperimentError, match="class_maps.*a list of output names"):
+            parse_experiment(f"class_maps = {bad}\n" + base, source=exp_dir / "seg.toml")
+
+
 def test_model_needs_exactly_one_source(exp_dir: Path) -> None:
     path = exp_dir / "two.toml"
     path.write_text(GOOD.replace('path = "model.onnx"', 'path = "model.onnx"\nzoo = "efficientnet_lite0"'))

@@ -62,6 +62,9 @@ def register(subparsers: Any) -> None:
                    help="the outputs scored per position ([N, T, C]) are CTC scores whose blank is class K (often "
                         "0): also compare the text they read (greedy decoding): text_agreement (%% of samples) and "
                         "cer (character error rate, %%)")
+    p.add_argument("--class-map", action="append", type=text_arg, default=None, metavar="OUTPUT",
+                   help="read output OUTPUT [N, C, H, W] as class scores per pixel (pixel agreement, miou) where its "
+                        "head does not show it (SegFormer's 1/4-size logits straight from a 1x1 conv); repeatable")
     p.add_argument("--decision-threshold", type=probability_arg, default=d.decision_threshold, metavar="P",
                    help="outputs a Sigmoid writes (a text detector's map, tags, voice activity) are read as the masks "
                         f"p > P (default {d.decision_threshold}; DBNet reads its map at 0.3): element_match, "
@@ -172,8 +175,8 @@ def check_label_metrics(threshold: Any, flag: str, data: Path, dataset: Any, no_
                              "or gate on a label-free metric (cosine, sqnr_db, top1_agreement)")
 
 
-def known_metrics(reference: Any, use_labels: bool, dataset: Any = None, ctc_blank: int | None = None
-                  ) -> set[str] | None:
+def known_metrics(reference: Any, use_labels: bool, dataset: Any = None, ctc_blank: int | None = None,
+                  class_maps: Any = ()) -> set[str] | None:
     """The end-to-end columns a comparison of ``reference`` on ``dataset`` reports: what a threshold may name
     (a sequence set adds the free-running figures, ``ctc_blank`` the CTC text's)."""
     from ..compare.choices import exact_outputs, position_scorers, segmentation_maps
@@ -183,7 +186,7 @@ def known_metrics(reference: Any, use_labels: bool, dataset: Any = None, ctc_bla
     from ..sequence import SequenceData
 
     sequence = isinstance(dataset, SequenceData) or bool(getattr(dataset, "sequence_carry", None))
-    positions = position_scorers(reference, {})
+    positions = position_scorers(reference, {}, tuple(class_maps or ()))
     return reported_metrics(classifiers=bool(classifier_outputs(reference)), labels=use_labels,
                             positions=bool(positions), ctc=ctc_blank is not None,
                             segmentation=bool(segmentation_maps(reference, positions)),
@@ -265,14 +268,15 @@ def run(args: argparse.Namespace) -> int:
     for threshold in gates if args.metric is None else ():
         check_label_metrics(threshold, "--fail-if", args.data, dataset, args.labels is False)
         use_labels = bool(getattr(dataset, "has_labels", False)) and args.labels is not False
-        parse_threshold(threshold.text, known_metrics=known_metrics(reference, use_labels, dataset, args.ctc_blank))
+        parse_threshold(threshold.text, known_metrics=known_metrics(reference, use_labels, dataset, args.ctc_blank,
+                                                                          args.class_map))
     calibration = _calibration_summary(args.calib)
     options = CompareOptions(
         backend=args.backend, batch_size=args.batch_size, per_layer=not args.no_per_layer, local=not args.no_local,
         accumulated=not args.no_accumulated, layer_group_size=args.layer_group_size, max_samples=args.max_samples,
         metric=args.metric, bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed,
         layers=args.layers, labels=args.labels, label_output=args.label_output, workers=args.workers,
-        shards=args.shards, ray=args.ray, ctc_blank=args.ctc_blank,
+        shards=args.shards, ray=args.ray, ctc_blank=args.ctc_blank, class_maps=tuple(args.class_map or ()),
         decision_threshold=args.decision_threshold,
     )
     print(f"quantlab compare: {reference.label} vs {', '.join(names)} on {args.data}", flush=True)

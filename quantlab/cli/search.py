@@ -116,6 +116,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ctc-blank", type=non_negative_int, default=None, metavar="K",
                    help="as compare --ctc-blank: CTC outputs with blank class K also report text_agreement and cer, "
                         "which the threshold may name (e.g. cer<=1)")
+    p.add_argument("--class-map", action="append", type=text_arg, default=None, metavar="OUTPUT",
+                   help="as compare --class-map: output OUTPUT [N, C, H, W] is class scores per pixel (miou, which "
+                        "the threshold may name); repeatable")
     p.add_argument("--decision-threshold", type=probability_arg, default=defaults.decision_threshold, metavar="P",
                    help="as compare --decision-threshold: outputs a Sigmoid writes are read as the masks p > P "
                         f"(default {defaults.decision_threshold}); the threshold may name mask_iou (e.g. mask_iou>=95)")
@@ -211,12 +214,13 @@ def _run(args: argparse.Namespace) -> int:
         threshold = parse_threshold(args.threshold)
         check_label_metrics(threshold, "--threshold", args.data, val, False)
         parse_threshold(threshold.text, known_metrics=known_metrics(model, bool(getattr(val, "has_labels", False)), val,
-                                                                  args.ctc_blank))
+                                                                  args.ctc_blank, args.class_map))
     options = SearchOptions(
         threshold=args.threshold, backend=args.backend, target=args.target, fallback=args.fallback,
         budget=args.budget, time_budget_s=args.time_budget, objective=args.objective,
         probe_samples=args.probe_samples, probe_top=args.probe_top, batch_size=args.batch_size, seed=args.seed,
         latency=True if args.latency else None, metric=args.metric, ctc_blank=args.ctc_blank,
+        class_maps=tuple(args.class_map or ()),
         decision_threshold=args.decision_threshold,
         per_channel_weights=not args.per_tensor_weights, bias_correction=not args.no_bias_correction,
         shapes=" ".join(args.shapes) if args.shapes else None,

@@ -50,7 +50,7 @@ Outputs a Sigmoid writes are read as the masks their probabilities mark, compare
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -61,7 +61,7 @@ from ..graph.topology import initializer_map, producer_map
 from ..metrics import counted_elements
 
 __all__ = ["CHOICE_COLUMNS", "CTC_BLANK_SHARE", "best_positions", "ctc_hints", "ctc_outputs", "decided_positions",
-           "exact_outputs", "part_agreement", "position_scorers", "score_outputs", "segmentation_maps", "state_outputs"]
+           "exact_outputs", "part_agreement", "position_scorers", "class_map_hints", "score_outputs", "segmentation_maps", "state_outputs"]
 
 CHOICE_COLUMNS: Mapping[str, tuple[str, str, str]] = {
     "positions": ("token_agreement", "sequence_agreement", "sequence_agree"),
@@ -112,13 +112,18 @@ def _softmax_over_classes(output: str, shape: tuple | None, producers: Mapping[s
     return axis % len(shape) == (1 if len(shape) == 4 else len(shape) - 1)
 
 
-def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict[str, int]:
+def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int],
+                     class_maps: Sequence[str] = ()) -> dict[str, int]:
     """Output -> class count, for the outputs that score classes at every position (see the module docstring):
-    ``[N, T, C]`` scores, and ``[N, C, H, W]`` segmentation maps (:func:`_segmentation_map`)."""
+    ``[N, T, C]`` scores, and ``[N, C, H, W]`` segmentation maps (:func:`_segmentation_map`, or named in
+    ``class_maps``: CompareError for one that is no such output)."""
     scored = score_outputs(model)
     out: dict[str, int] = {}
     for spec in model.outputs:
         shape = spec.shape
+        if spec.name in class_maps:
+            out[spec.name] = _named_class_map(model, spec.name, shape, sample_axes.get(spec.name, 0))
+            continue
         if shape is None or spec.name not in scored:
             continue
         if len(shape) == 3 and sample_axes.get(spec.name, 0) != 2:
@@ -129,6 +134,50 @@ def position_scorers(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict
             continue
         if isinstance(classes, int) and classes > 1:
             out[spec.name] = classes
+    missing = sorted(set(class_maps) - set(model.output_names))
+    if missing:
+        raise CompareError(f"class map {missing[0]!r} is not an output of {model.label} (its outputs: "
+                           f"{', '.join(map(repr, model.output_names))}); name an [N, C, H, W] output")
+    return out
+
+
+def _named_class_map(model: LoadedModel, name: str, shape: tuple | None, sample_axis: int) -> int:
+    """The class count of an output the user names a class map; CompareError unless it is ``[N, C, H, W]`` float
+    scores with a fixed C > 1 and its samples on axis 0."""
+    spec = next(s for s in model.outputs if s.name == name)
+    classes = shape[1] if shape is not None and len(shape) == 4 else None
+    if not spec.is_float or sample_axis != 0 or not isinstance(classes, int) or classes < 2:
+        raise CompareError(f"class map {name!r} of {model.label} is {spec.dtype} "
+                           f"{'[?]' if shape is None else list(shape)}: a class map is float scores [N, C, H, W] "
+                           "with a fixed class count C > 1 on axis 1; drop it from the class maps")
+    return classes
+
+
+def _one_by_one_conv(node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> bool:
+    if node.op_type != "Conv":
+        return False
+    kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), None)
+    if kernel is None and len(node.input) > 1 and node.input[1] in weights:
+        kernel = list(weights[node.input[1]].dims[2:])
+    return kernel == [1, 1]
+
+
+def class_map_hints(model: LoadedModel, positions: Mapping[str, int]) -> list[str]:
+    """Notes on ``[N, C, H, W]`` float outputs a 1x1 Conv writes that are not read as class maps: a segmentation head at reduced resolution (SegFormer's logits at 1/4 size)
+    looks like that, and so does a keypoint heatmap, so it is left to the user to say."""
+    producers, weights = producer_map(model.proto), initializer_map(model.proto)
+    out = []
+    for spec in model.outputs:
+        shape = spec.shape
+        if spec.name in positions or not spec.is_float or shape is None or len(shape) != 4:
+            continue
+        conv = producers.get(spec.name)
+        if not isinstance(shape[1], int) or shape[1] < 2 or conv is None or not _one_by_one_conv(conv, weights):
+            continue
+        out.append(f"output {spec.name!r} {list(shape)} comes straight from a 1x1 Conv: if it holds class scores "
+                   "per pixel (a segmentation head at reduced resolution, as SegFormer's), give --class-map "
+                   f"{spec.name} (class_maps = [\"{spec.name}\"] in an experiment file) for pixel agreement and "
+                   "miou; a keypoint heatmap or an image is compared as values, as now")
     return out
 
 

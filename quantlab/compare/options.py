@@ -40,6 +40,9 @@ class CompareOptions:
     ``decision_threshold``: the probability above which an output a Sigmoid writes (a text detector's map,
     multi-label tags, voice activity: :mod:`.probabilities`) marks its mask; those outputs get
     ``element_match``, ``exact_match`` and ``mask_iou`` of the masks.
+    ``class_maps``: outputs ``[N, C, H, W]`` to read as class scores per pixel (pixel agreement and ``miou``) where
+    their head does not show it (SegFormer's logits at 1/4 of the input's size straight from a 1x1 conv, which a
+    keypoint heatmap also is).
     """
 
     backend: str = "ort"
@@ -65,6 +68,7 @@ class CompareOptions:
     branches: bool = True           # a data-decided If: also count the runs a candidate took the other branch
     ctc_blank: int | None = None    # outputs scored per position [N, T, C] are CTC: also text_agreement and cer
     decision_threshold: float = DECISION_THRESHOLD  # Sigmoid outputs read as masks p > this (DBNet: 0.3)
+    class_maps: tuple[str, ...] = ()  # [N, C, H, W] outputs read as class scores per pixel whatever their head
 
     def __post_init__(self) -> None:
         def bad(what: str) -> CompareError:
@@ -96,6 +100,8 @@ class CompareOptions:
         if not is_probability(self.decision_threshold):
             raise bad(f"decision_threshold must be a probability in (0, 1), e.g. 0.5 (DBNet's maps: 0.3), got "
                       f"{self.decision_threshold!r}")
+        if not isinstance(self.class_maps, tuple) or not all(isinstance(o, str) and o for o in self.class_maps):
+            raise bad(f"class_maps must be a tuple of output names, got {self.class_maps!r}")
         if self.metric is not None and ":" not in self.metric:
             raise bad(f"metric must be 'module:function' (or 'path/to/file.py:function'), got {self.metric!r}")
 

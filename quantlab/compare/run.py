@@ -37,7 +37,15 @@ from .candidates import Candidate, check_candidates, computes_in_float16, simula
 from .end_to_end import EndToEnd
 from .free_running import SampleMetric, free_running, free_running_note, with_free_running
 from .labels import label_use
-from .choices import ctc_hints, ctc_outputs, exact_outputs, position_scorers, segmentation_maps, state_outputs
+from .choices import (
+    class_map_hints,
+    ctc_hints,
+    ctc_outputs,
+    exact_outputs,
+    position_scorers,
+    segmentation_maps,
+    state_outputs,
+)
 from .probabilities import probability_outputs
 from .layers import analyse_reference, chunks, layers_per_group, sized_by_first_batch
 from .options import CompareOptions
@@ -164,7 +172,8 @@ class Comparison:
             self.candidates = {n: redeclared(c, fixed) for n, c in self.candidates.items()}
             self.warnings.extend(notes)
         self.sample_axes = output_sample_axes(reference, getattr(dataset, "batch_axes", {}), sequence_carry(dataset))
-        self.positions = position_scorers(reference, self.sample_axes)  # outputs scored per position (OCR, tokens)
+        self.positions = position_scorers(reference, self.sample_axes, options.class_maps)  # OCR, tokens, pixels
+        self.warnings.extend(class_map_hints(reference, self.positions))
         self.ctc = ([] if options.ctc_blank is None  # read as CTC text too
                     else ctc_outputs(reference, self.positions, options.ctc_blank))
         self.segmentation = segmentation_maps(reference, self.positions)  # maps among them: also miou

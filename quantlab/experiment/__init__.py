@@ -26,6 +26,7 @@ The experiment file (paths are relative to the file itself)::
     #                                   # returns; it gets the validation labels when they are not class indices
     # ctc_blank = 0                     # CTC outputs (OCR, speech): blank class; adds text_agreement and cer
     # decision_threshold = 0.3          # Sigmoid outputs (text maps, tags) read as masks p > it (default 0.5)
+    # class_maps = ["logits"]            # [N, C, H, W] outputs read as class scores per pixel (SegFormer's 1/4 logits)
 
     [model]
     zoo = "efficientnet_lite0"          # or: path = "model.onnx"

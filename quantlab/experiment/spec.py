@@ -79,6 +79,8 @@ class ExperimentConfig:
     """The blank class of CTC outputs (``CompareOptions.ctc_blank``): comparisons add text_agreement and cer."""
     decision_threshold: float = DECISION_THRESHOLD
     """The probability above which an output a Sigmoid writes marks its mask (``CompareOptions.decision_threshold``)."""
+    class_maps: tuple[str, ...] = ()
+    """Outputs ``[N, C, H, W]`` read as class scores per pixel (``CompareOptions.class_maps``)."""
 
     def batch_size_option(self) -> dict[str, int]:
         """``{"batch_size": n}`` when the experiment sets one (or its model fixes it at 1), else {} (each stage's
@@ -109,6 +111,8 @@ class ExperimentConfig:
             out["ctc_blank"] = self.ctc_blank
         if self.decision_threshold != DECISION_THRESHOLD:  # absent when default: older manifests stay comparable
             out["decision_threshold"] = self.decision_threshold
+        if self.class_maps:  # absent when unset: older manifests stay comparable
+            out["class_maps"] = list(self.class_maps)
         if self.equalize or self.smoothquant is not None:  # absent when off: older manifests stay comparable
             out["rewrites"] = {"equalize": self.equalize, "smoothquant": self.smoothquant}
         if not self.search_bias_correction:
@@ -160,6 +164,9 @@ _SCHEMA: dict[str, dict[str, tuple[Key, str]]] = {
         "ctc_blank": (Key("the blank class index of CTC outputs, " + _COUNT, _count, "ctc_blank = 0"), "ctc_blank"),
         "decision_threshold": (Key("a probability in (0, 1): outputs a Sigmoid writes are read as the masks p > it",
                                    is_probability, "decision_threshold = 0.3"), "decision_threshold"),
+        "class_maps": (Key("a list of output names read as class scores per pixel [N, C, H, W]",
+                           lambda v: isinstance(v, list) and bool(v) and all(non_empty_str(o) for o in v),
+                           'class_maps = ["logits"]'), "class_maps"),
         "coverage": (Key("[[coverage]] tables, each with data = a manifest path", _coverage_sets,
                          '[[coverage]]\ndata = "../calib_sets/night.toml"'), "coverage_sets"),
     },

@@ -300,7 +300,7 @@ def compare_stage(folder: Path, model: LoadedModel, written: Mapping[str, Writte
                   config: ExperimentConfig, progress: bool, cal_dir: Path, shapes: str | None = None) -> None:
     options = CompareOptions(backend=config.backend, seed=config.seed, backend_options=_backend_options(shapes),
                              metric=config.metric, ctc_blank=config.ctc_blank,
-                             decision_threshold=config.decision_threshold,
+                             decision_threshold=config.decision_threshold, class_maps=config.class_maps,
                              **config.batch_size_option())
     calibration = DataSummary.from_dict(read_json(cal_dir / "data_summary.json"))  # for the overlap warning
     result = compare(model, dict(written), dataset, options, progress=progress, calibration=calibration)
@@ -314,7 +314,7 @@ def search_stage(folder: Path, model: LoadedModel, val: DataSet, table: Calibrat
     model (its FP32 outputs are the original's up to rounding; the search has no rewrite option yet)."""
     options = SearchOptions(threshold=config.threshold, backend=config.backend, metric=config.metric,
                             ctc_blank=config.ctc_blank, decision_threshold=config.decision_threshold,
-                            budget=config.search_budget or None, seed=config.seed, target=config.target,
+                            class_maps=config.class_maps, budget=config.search_budget or None, seed=config.seed, target=config.target,
                             bias_correction=config.search_bias_correction, shapes=shapes,
                             int8_bodies=config.int8_bodies,
                             **config.batch_size_option())

@@ -209,7 +209,7 @@ class CompareEvaluator:
         opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=local,
                               local=local, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed, ctc_blank=self.options.ctc_blank,
-                              decision_threshold=self.options.decision_threshold,
+                              decision_threshold=self.options.decision_threshold, class_maps=self.options.class_maps,
                               backend_options=self._backend_options(), free_running=self._free_running, branches=False,
                               bootstrap=CompareOptions.bootstrap if samples >= self._size else 0,
                               shards=self.options.shards if samples >= self._size else 1,
@@ -231,7 +231,7 @@ class CompareEvaluator:
         opts = CompareOptions(backend=self.options.backend, batch_size=self.options.batch_size, per_layer=False,
                               local=False, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed, ctc_blank=self.options.ctc_blank,
-                              decision_threshold=self.options.decision_threshold,
+                              decision_threshold=self.options.decision_threshold, class_maps=self.options.class_maps,
                               bootstrap=0,
                               backend_options=self._backend_options(), free_running=self._free_running, branches=False)
         result = compare(self.model, written, data, opts)

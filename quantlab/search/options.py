@@ -60,6 +60,7 @@ class SearchOptions:
     metric: str | None = None
     ctc_blank: int | None = None             # CompareOptions.ctc_blank: CTC text figures a threshold may name
     decision_threshold: float = DECISION_THRESHOLD  # CompareOptions.decision_threshold: Sigmoid outputs' masks
+    class_maps: tuple[str, ...] = ()         # CompareOptions.class_maps: outputs read as class scores per pixel
     per_channel_weights: bool = True
     bias_correction: bool = True
     shards: int = 1                          # full validations split into shards on Ray (quantlab.compare)
