@@ -1289,6 +1289,35 @@ def _float16_reads(proto: onnx.ModelProto) -> dict[str, bool]:
     return {n.name: any(is_half(t) for t in n.input) for n in proto.graph.node if n.op_type != "Cast"}
 
 
+def test_a_group_computing_on_weights_alone_is_not_counted_as_weights_left_fp32():
+    """DeBERTa projects its relative-position table with the query's weight (LayerNorm and MatMul over constants):
+    that MatMul has no activation to quantize and fell back, and the note said 49 % of the weights were left FP32,
+    though a builder folds the whole computation into a constant. Weights a group reads beside an activation
+    still count."""
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": (8, 8), "table": (64, 8), "wq": (8, 8), "sel": (8, 64)}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["y"], name="dense"),
+         helper.make_node("LayerNormalization", ["table", "g", "b"], ["table_ln"], name="rel_ln"),
+         helper.make_node("MatMul", ["table_ln", "wq"], ["rel"], name="rel_proj"),
+         helper.make_node("MatMul", ["sel", "rel"], ["rel8"], name="pick"),
+         helper.make_node("Add", ["y", "rel8"], ["out"], name="add")], "relative",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8, 8])],
+        [numpy_helper.from_array(rng.normal(0, 0.3, v).astype(np.float32), k) for k, v in weights.items()]
+        + [numpy_helper.from_array(np.ones(8, np.float32), "g"), numpy_helper.from_array(np.zeros(8, np.float32), "b")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    table = calibrate(model, from_arrays({"x": rng.normal(0, 1, (4, 8, 8)).astype(np.float32)}), "minmax").tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert written.plan.precision["pick"] == "fp32"  # no activation to quantize: it falls back
+    assert not any("no INT8 form" in n for n in written.provenance.notes)
+
+
 def test_weights_left_fp32_for_lack_of_an_int8_form_are_a_note_and_fallback_fp16_runs_them_fp16(tmp_path, capfd):
     """ddddocr's LSTM (31 % of the weights) has no INT8 form: its "int8 on 100 % of quantizable groups" engine was
     larger than the FP16 one, and nothing said why or that INT8 + FP16 (TensorRT's classic build) was a flag away."""

@@ -89,6 +89,10 @@ def float_fallback_note(src: onnx.ModelProto, plan: ResolvedPlan, placement: Pla
                 and plan.reasons.get(g.name, "").startswith("fallback")]
     nodes = placement.nodes
     index = placement.index_of
+    constant = _constant_tensors(src)
+    # a group computing on weights alone (DeBERTa's query projection of its relative-position table) is folded by
+    # TensorRT's builder into a constant: nothing of it runs in FP32
+    fallback = [g for g in fallback if not all(t in constant for n in g.nodes for t in nodes[index[n]].input if t)]
     read = {g.name: {t for n in g.nodes for t in nodes[index[n]].input if t in sizes
                      and nodes[index[n]].op_type not in SHAPE_ONLY_OPS}  # Shape(W) reads no value
             for g in fallback}
@@ -101,3 +105,18 @@ def float_fallback_note(src: onnx.ModelProto, plan: ResolvedPlan, placement: Pla
     return (f"{share:.0%} of the weights are in groups with no INT8 form that fell back to FP32 ("
             + ", ".join(f"{n!r} {held[n] / total:.0%}" for n in biggest) + "): a plan fallback of fp16 "
             "(`quantlab build --fallback fp16`, or fallback = \"fp16\" in a plan file) runs them in FP16")
+
+
+_NOT_FOLDED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                         "Bernoulli", "If", "Loop", "Scan"})
+
+
+def _constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """The main graph's tensors computed from initializers and Constant nodes alone (a builder folds them)."""
+    known = {i.name for i in model.graph.initializer} - {i.name for i in model.graph.input}
+    for node in model.graph.node:  # a loaded model's nodes are in topological order
+        if node.op_type in _NOT_FOLDED:
+            continue
+        if node.op_type == "Constant" or all(t in known for t in node.input if t):
+            known.update(o for o in node.output if o)
+    return known
