@@ -248,7 +248,9 @@ def _histograms(config: ExperimentConfig, frames: Mapping[str, pd.DataFrame], wr
 
 def _model_info(model: LoadedModel) -> dict[str, Any]:
     return {"name": Path(str(model.path)).name if model.path else model.label, "path": str(model.path),
-            "sha256": model.sha256, "opset": model.opset,
+            "sha256": model.sha256,
+            "opset": (model.opset if model.upgraded_from_opset is None
+                      else f"{model.upgraded_from_opset} (read as {model.opset}: upgraded at load)"),
             "inputs": [f"{s.name}: {s.dtype}{list(s.shape or ())}" for s in model.inputs],
             "outputs": [f"{s.name}: {s.dtype}{list(s.shape or ())}" for s in model.outputs]}
 
