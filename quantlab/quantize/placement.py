@@ -46,6 +46,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import CalibrationError
 from ..graph import LoadedModel, tensor_specs
+from ..graph.topology import subgraph_reads
 from ..plan import FusionGroup, ResolvedPlan, constant_names, node_names
 from ..precision import INT8
 from ..table import CalibrationTable, TensorRange
@@ -54,6 +55,10 @@ from .qparams import QParams, activation_qparams, bias_scale_floor, combine_rang
 from .tensors import F32
 
 __all__ = ["NEAR_ZERO_SENSITIVE", "Slot", "Placement"]
+
+_PASS_TO_OUTPUT = frozenset({"Concat", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast",
+                             "Split", "Slice"})
+"""Ops that pass values on to a model output unchanged but for their layout."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ class Placement:
         self.slots: dict[tuple[int, int], Slot] = {}
         self.output_qdq: dict[str, QParams] = {}  # tensor -> qparams every reader goes through
         self.unquantized_outputs: dict[str, str] = {}  # group output left float -> the reader that wants it so
+        self.output_bound: dict[str, str] = {}  # group output left float -> the model output it only reaches
+        self._readers: dict[str, list[onnx.NodeProto]] | None = None  # tensor -> main-graph nodes reading it
         self.missing: list[tuple[str, str]] = []  # (group, tensor)
         self.huge: list[tuple[str, str, int]] = []
 
@@ -278,10 +285,39 @@ class Placement:
         if sensitive is not None:
             self.unquantized_outputs[t] = sensitive
             return
+        reached = self._only_reaches_outputs(t)
+        if reached is not None:
+            self.output_bound[t] = reached
+            return
         qp = self._activation(t, group)
         if qp is not None:
             self.output_qdq[t] = qp
 
+
+    def _only_reaches_outputs(self, tensor: str) -> str | None:
+        """The model output ``tensor`` reaches when it reaches outputs only, through layout ops (a detector's scores
+        and boxes -> Concat -> its output); None when any other node reads it on the way. No INT8 layer reads such a
+        tensor, so an output Q/DQ would only round (and, with entropy or percentile, clip) what the model returns:
+        ddddocr's detector's objectness read amax 0.115 of its 0.50 under entropy, detection F1 60 -> 51 %."""
+        if self._readers is None:
+            self._readers = {}
+            for node in self.nodes:
+                for t in set(node.input) | subgraph_reads([node]):  # a body's outer reads: its node reads them
+                    self._readers.setdefault(t, []).append(node)
+        readers = self._readers
+        frontier, seen, reached = [tensor], {tensor}, None
+        while frontier:
+            t = frontier.pop()
+            if t in self.graph_outputs:
+                reached = reached or t
+            for node in readers.get(t, []):
+                if node.op_type not in _PASS_TO_OUTPUT:
+                    return None
+                for o in node.output:
+                    if o and o not in seen:
+                        seen.add(o)
+                        frontier.append(o)
+        return reached
 
     def _near_zero_reader(self, tensor: str) -> str | None:
         """``op 'name'`` of a float node reading ``tensor`` where a value rounded to 0 changes its result without
