@@ -622,10 +622,11 @@ def test_weights_computed_from_constants_are_weights_after_loading():
     src = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     want = src["v"] * (src["g"] / np.sqrt((src["v"].astype(np.float64) ** 2).sum(axis=(1, 2), keepdims=True)))
     np.testing.assert_allclose(inits["w"], want, rtol=3e-7)
-    np.testing.assert_array_equal(inits["shift_col"], src["shift"][:, None])
+    # the Unsqueezed shift became a weight, and then the conv's bias (graph/conv_bias.py)
+    np.testing.assert_allclose(inits["pos_conv/add_folded_bias"], src["b"] + src["shift"], rtol=1e-6)
     ops = [n.op_type for n in model.proto.graph.node]
-    assert ops == ["Conv", "Add", "ReduceMax", "Mul", "Conv"], ops  # norm, Div, Mul, Constant, Unsqueeze gone
-    assert not {"v", "g", "norm_axes", "shift"} & set(inits) and "u" in inits
+    assert ops == ["Conv", "ReduceMax", "Mul", "Conv"], ops  # norm, Div, Mul, Constant, Unsqueeze, Add gone
+    assert not {"v", "g", "norm_axes", "shift", "shift_col"} & set(inits) and "u" in inits
     x = np.random.default_rng(4).normal(size=(6, 4, 12)).astype(np.float32)
 
     def run(p):
@@ -828,6 +829,46 @@ def test_pads_computed_from_constants_fold_and_their_chain_goes():
     loaded = model_from_proto(proto, label="legacy pads")
     assert [n.op_type for n in loaded.proto.graph.node] == ["Conv", "Relu", "Conv"]
     assert {i.name for i in loaded.proto.graph.initializer} == {"w1", "w2"}
+
+
+def test_a_constant_per_channel_add_after_a_conv_loads_as_its_bias():
+    """paddle2onnx's Conv without bias + Add(Reshape(bias)): the ORT form quantized the conv's output and the Add's
+    again (no int32 bias, and the second rounding charged to the next layer). Folded as TensorRT fuses it; an Add
+    along the width ([C] against [N, C, H, W]) or of a conv output read twice stays."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    c = 4
+    inits = [numpy_helper.from_array(rng.normal(size=(c, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=(c, c, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(size=(c,)).astype(np.float32), "b2"),
+             numpy_helper.from_array(rng.normal(size=(1, c, 1, 1)).astype(np.float32), "k"),
+             numpy_helper.from_array(rng.normal(size=(c, 1, 1)).astype(np.float32), "k2"),
+             numpy_helper.from_array(rng.normal(size=(6,)).astype(np.float32), "along_w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["k", "c"], ["a"], name="bias_add"),
+             helper.make_node("Conv", ["a", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Add", ["c2", "k2"], ["a2"], name="bias_add2"),
+             helper.make_node("Conv", ["a2", "w2"], ["c3"], name="conv3"),
+             helper.make_node("Add", ["c3", "along_w"], ["y"], name="width_add"),
+             helper.make_node("Conv", ["y", "w2"], ["c4"], name="conv4"),
+             helper.make_node("Add", ["c4", "k"], ["a4"], name="shared_add"),
+             helper.make_node("Mul", ["c4", "a4"], ["z"], name="reads_c4_too")]
+    graph = helper.make_graph(nodes, "paddle", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", c, 6, 6])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    loaded = model_from_proto(proto, label="paddle")
+    assert [n.name for n in loaded.proto.graph.node] == ["conv", "conv2", "conv3", "width_add", "conv4", "shared_add",
+                                                         "reads_c4_too"]
+    convs = {n.name: list(n.input) for n in loaded.proto.graph.node if n.op_type == "Conv"}
+    assert convs["conv"][2] == "conv/add_folded_bias" and convs["conv2"][2] == "conv2/add_folded_bias"
+    assert len(convs["conv3"]) == 2 and len(convs["conv4"]) == 2
+    x = rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
+
+    def run(model: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    np.testing.assert_allclose(run(loaded.proto), run(proto), rtol=1e-4, atol=1e-4)
 
 
 def test_a_reduce_mean_over_the_spatial_axes_loads_as_global_average_pool():

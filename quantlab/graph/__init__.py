@@ -6,6 +6,7 @@
     ├── identities.py Identity / widening Cast / layout ops over initializers: weights again (at load)
     ├── weights.py    weights and biases computed from constants (weight_norm): computed once (at load)
     ├── batchnorm.py  BatchNormalization after a Conv folded into it (at load)
+    ├── conv_bias.py  a constant per-channel Add after a Conv folded into its bias (at load)
     ├── pooling.py    a spatial ReduceMean as GlobalAveragePool (at load)
     ├── einsum.py     an Einsum that is a matrix product as Transpose/MatMul (at load)
     ├── dims.py       dynamic axes written as -1 made symbolic (at load)

@@ -27,6 +27,7 @@ from .dims import symbolic_negative_dims
 from .domains import typed_custom_outputs
 from .identities import fold_initializer_identities, fold_initializer_views
 from .light import inferred_model
+from .conv_bias import fold_bias_add_into_conv
 from .einsum import einsum_as_matmul
 from .pooling import reduce_mean_to_global_pool
 from .specs import TensorSpec, activation_names, tensor_specs
@@ -229,6 +230,7 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
     proto = fold_initializer_views(proto)  # weights cast up or transposed at every run: weights again
     proto = fold_initializer_identities(proto)  # torch's Identity over shared/equal weights: weights again
     proto = fold_batchnorm_into_conv(proto)  # dynamo exports (optimize=False) keep BatchNorms: folded as TensorRT does
+    proto = fold_bias_add_into_conv(proto)  # paddle2onnx's Conv + Add(bias): one Conv, one Q/DQ in the ORT form
     try:
         proto = inferred_model(proto, strict_mode=False, data_prop=True)  # on the weightless copy: the same result
     except Exception as exc:
