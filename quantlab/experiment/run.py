@@ -15,6 +15,7 @@ from ..graph import LoadedModel, load_model
 from ..methods import DEFAULT_BATCH_SIZE, method_settings
 from ..precision import INT8
 from ..quantize import PreparedModel, WriteOptions, WrittenModel, beyond_fp16
+from ..quantize.write_notes import FP32_FALLBACK_PHRASE
 from ..report import Verdict, save_report_inputs, write_report
 from ..table import CalibrationTable, read_table
 from ..threshold import parse_threshold
@@ -149,6 +150,10 @@ class _Run:
             self.messages.append(empty)
         elif bodies := float_bodies_note(model, config, written):
             self.messages.append(bodies)
+        fallback = next((f"{name}: {note}" for name, w in written.items() for note in w.provenance.notes
+                         if FP32_FALLBACK_PHRASE in note), None)
+        if fallback:  # ddddocr's LSTM: 31 % of the weights FP32 under "PASS: int8-mse"
+            self.messages.append(fallback)
         self.shapes = engine_shapes_for(config, model, next(iter(tables.values()), None), val)
         # with float rewrites the comparator's reference is the rewritten FP32 model (same outputs up to
         # rounding): the INT8 models' rescaled tensors exist only there

@@ -83,6 +83,10 @@ def writing_notes(src: onnx.ModelProto, plan: ResolvedPlan, placement: Placement
     return notes
 
 
+FP32_FALLBACK_PHRASE = "with no INT8 form that fell back to FP32"
+"""What :func:`float_fallback_note` says, for readers of a written model's notes (``quantlab run``'s messages)."""
+
+
 def float_fallback_note(src: onnx.ModelProto, plan: ResolvedPlan, placement: Placement) -> str | None:
     """A note when a tenth or more of the weights sit in groups INT8 was asked of but that have no INT8 form
     (an LSTM, a weight-only Gather) and fell back to FP32: ddddocr's LSTM held 31 % of them, so its "INT8"
@@ -107,7 +111,7 @@ def float_fallback_note(src: onnx.ModelProto, plan: ResolvedPlan, placement: Pla
     if share < 0.1:
         return None
     biggest = sorted((n for n in held if held[n] >= 0.01 * total), key=lambda n: -held[n])[:3]
-    return (f"{share:.0%} of the weights are in groups with no INT8 form that fell back to FP32 ("
+    return (f"{share:.0%} of the weights are in groups {FP32_FALLBACK_PHRASE} ("
             + ", ".join(f"{n!r} {held[n] / total:.0%}" for n in biggest) + "): a plan fallback of fp16 "
             "(`quantlab build --fallback fp16`, or fallback = \"fp16\" in a plan file) runs them in FP16")
 
