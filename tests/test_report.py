@@ -364,3 +364,19 @@ def test_loop_bodies_calibrated_step_by_step_get_their_section(tmp_path: Path) -
     back = load_report_inputs(tmp_path)
     pd.testing.assert_frame_equal(back.bodies, inputs.bodies)
     assert render_report(back) == page
+
+
+def test_no_changed_text_is_not_told_as_no_changed_decision_when_positions_moved() -> None:
+    """ddddocr with ctc_blank: INT8 agreed on every line's text but on 91.7 % of the lines at every position, and the
+    report said "No candidate changed a decision on any validation sample"."""
+    import dataclasses
+
+    from quantlab.report.sections import changed_samples_section
+
+    base = sample_inputs()
+    e2e = base.end_to_end.assign(text_agreement=100.0, sequence_agreement=91.7)
+    empty = pd.DataFrame(columns=["candidate", "output", "sample", "key", "change", "changed", "cosine"])
+    text = changed_samples_section(dataclasses.replace(base, end_to_end=e2e, changed_samples=empty), {})
+    assert "No candidate changed the text" in text and "without changing the text" in text
+    plain = changed_samples_section(dataclasses.replace(base, changed_samples=empty), {})
+    assert "No candidate changed a decision on any validation sample" in plain

@@ -85,7 +85,13 @@ def changed_samples_section(inputs: ReportInputs, plots: Mapping[str, bytes]) ->
                         "each pixel in a pale colour of the reference's class, red where the candidate picks "
                         "another class.")
         drawn = f"<p>{' '.join(said)}</p>" + img(plots["masks"], "masks the candidates changed most")
-    if df.empty:
+    e2e = inputs.end_to_end
+    positions_moved = "sequence_agreement" in e2e.columns and bool((e2e["sequence_agreement"] < 100).any())
+    if df.empty and "text_agreement" in e2e.columns and positions_moved:
+        body = ('<p class="muted">No candidate changed the text any validation sample reads. Some changed the '
+                "best class at a few positions without changing the text (<code>token_agreement</code>, "
+                "<code>sequence_agreement</code> below 100 in the table above).</p>")
+    elif df.empty:
         body = '<p class="muted">No candidate changed a decision on any validation sample.</p>'
     else:
         body = table(df, caption="changed: how many samples that candidate's output changed in all (the furthest "
