@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .topology import drop_unread_initializers, kept_names
+from .topology import kept_names, replace_folded
 
 __all__ = ["fold_batchnorm_into_conv"]
 
@@ -58,20 +58,7 @@ def fold_batchnorm_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
         del conv.input[:]
         conv.input.extend([source, w_name, b_name])
         conv.output[0] = bn.output[0]
-    gone_nodes = {b for _, b in pairs}
-    nodes = [n for k, n in enumerate(g.node) if k not in gone_nodes]
-    replaced = {i.name for i in made}
-    gone = {proto.graph.node[c].output[0] for c, _ in pairs}
-    del g.node[:]
-    g.node.extend(nodes)
-    unreplaced = [i for i in g.initializer if i.name not in replaced]
-    del g.initializer[:]
-    g.initializer.extend(unreplaced)
-    drop_unread_initializers(g, readers, keep)
-    g.initializer.extend(made)
-    kept_info = [vi for vi in g.value_info if vi.name not in gone]
-    del g.value_info[:]
-    g.value_info.extend(kept_info)
+    replace_folded(g, {b for _, b in pairs}, made, readers, keep, {proto.graph.node[c].output[0] for c, _ in pairs})
     return out
 
 

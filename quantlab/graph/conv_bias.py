@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .topology import drop_unread_initializers, kept_names
+from .topology import kept_names, replace_folded
 
 __all__ = ["fold_bias_add_into_conv"]
 
@@ -63,14 +63,7 @@ def fold_bias_add_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
         del conv.input[:]
         conv.input.extend(inputs)
         conv.output[0] = add.output[0]
-    nodes = [n for k, n in enumerate(g.node) if k not in pairs]
-    del g.node[:]
-    g.node.extend(nodes)
-    drop_unread_initializers(g, readers, keep)
-    g.initializer.extend(made)
-    kept_info = [vi for vi in g.value_info if vi.name not in gone]
-    del g.value_info[:]
-    g.value_info.extend(kept_info)
+    replace_folded(g, set(pairs), made, readers, keep, gone)
     return out
 
 

@@ -5,7 +5,7 @@ The one home of graph algorithms (plan, quantize, compare, stats and the clean-u
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import onnx
 from onnx import TensorProto, helper
@@ -14,7 +14,7 @@ from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
            "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream",
-           "drop_unread_initializers", "shape_determined_nodes", "nested_graphs", "all_nodes", "holds_qdq",
+           "drop_unread_initializers", "replace_folded", "shape_determined_nodes", "nested_graphs", "all_nodes", "holds_qdq",
            "CONTROL_FLOW_OPS",
            "SHAPE_ONLY_OPS"]
 
@@ -181,6 +181,25 @@ def drop_unread_initializers(graph: onnx.GraphProto, read_before: Iterable[str],
     kept = [i for i in graph.initializer if i.name in read or i.name not in before]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+
+
+def replace_folded(graph: onnx.GraphProto, removed: Collection[int], made: Sequence[onnx.TensorProto],
+                   read_before: Iterable[str], keep: Iterable[str], gone: Collection[str]) -> None:
+    """Finish, in place, a fold of nodes into their neighbours: drop the ``removed`` nodes (indices), put the
+    initializers ``made`` in place of any of the same name, drop those the fold left unread
+    (:func:`drop_unread_initializers`) and the value infos of the ``gone`` tensors."""
+    nodes = [n for k, n in enumerate(graph.node) if k not in removed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    replaced = {i.name for i in made}
+    kept = [i for i in graph.initializer if i.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    drop_unread_initializers(graph, read_before, keep)
+    graph.initializer.extend(made)
+    info = [vi for vi in graph.value_info if vi.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(info)
 
 
 def kept_names(graph: onnx.GraphProto) -> set[str]:
