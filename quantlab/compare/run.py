@@ -167,7 +167,7 @@ class Comparison:
         self.workers = _workers(options)
         self.backend, self.candidate_backends = _backends(options, self.workers, self.candidates)
         if self.total:  # outputs declared with another rank than they return: read as returned (ddddocr)
-            fixed, notes = as_returned(reference, dataset, self.backend, min(options.batch_size, self.total))
+            fixed, notes = as_returned(reference, dataset, self._probe_backend(), min(options.batch_size, self.total))
             self.reference = reference = redeclared(reference, fixed)
             self.candidates = {n: redeclared(c, fixed) for n, c in self.candidates.items()}
             self.warnings.extend(notes)
@@ -315,10 +315,15 @@ class Comparison:
             mask_examples=e2e.mask_examples(),
         )
 
+    def _probe_backend(self) -> Backend:
+        """The comparison's backend when it is ONNX Runtime, else ONNX Runtime: a probe run of the FP32 reference
+        (what an output returns, samples alone) must not build a TensorRT engine again."""
+        return self.backend if is_onnxruntime(self.options.backend) else get_backend("ort")
+
     def _measured_coupling(self) -> str | None:
         """A WARNING when the first samples of the first batch, run alone on the reference, give other outputs
         (:mod:`quantlab.backends.coupling`: what the graph analysis cannot see); None when they match."""
-        coupled = measured_coupling(self.backend, self.reference, self.dataset, min(self.options.batch_size,
+        coupled = measured_coupling(self._probe_backend(), self.reference, self.dataset, min(self.options.batch_size,
                                                                                      self.total), self.sample_axes)
         return coupled_batch_note(self.reference.label, [], self.options.batch_size,
                                   measured=[c.describe() for c in coupled]) if coupled else None
