@@ -571,3 +571,24 @@ def test_a_static_model_builds_an_engine_without_profiles_and_says_so(tmp_path: 
     assert code == 0, err
     info = json.loads((tmp_path / "b" / "engine.json").read_text())
     assert info["profiles_from"] == "none: every input has a static shape"
+
+
+def test_compare_calib_manifest_whose_input_has_no_batch_axis_is_summarised_one_sample_at_a_time(
+        tmp_path: Path, capfd) -> None:
+    """Silero VAD v6 as faster_whisper calls it: ``input [T, 576]`` fed whole (batch_axis = "none"), a clip per
+    sample. `compare --calib calib.toml` stacked 16 calibration clips to summarise them and failed ("has no batch
+    axis ... but sample ... differs") even at --batch-size 1."""
+    onnx.save(models.relu_net(["T", 4]), tmp_path / "clip.onnx")
+    rng = np.random.default_rng(0)
+    for name in ("cal", "val"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            np.save(tmp_path / name / f"c{i}.npy", rng.normal(0, 1, (6, 4)).astype(np.float32))
+        role = "calibration" if name == "cal" else "validation"
+        (tmp_path / f"{name}.toml").write_text(
+            f'role = "{role}"\n[[source]]\nkind = "npy"\npath = "{name}"\n'
+            '[inputs]\ninput = { field = "array", batch_axis = "none" }\n')
+    code, out, err = run_main(["compare", str(tmp_path / "clip.onnx"), str(tmp_path / "clip.onnx"), "--data",
+                               str(tmp_path / "val.toml"), "--calib", str(tmp_path / "cal.toml"), "--batch-size", "1",
+                               "--no-per-layer", "--no-progress", "--out", str(tmp_path / "cmp")], capfd)
+    assert code == 0, err
