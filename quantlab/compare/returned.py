@@ -19,7 +19,7 @@ import onnx
 
 from ..backends import Backend
 from ..graph import LoadedModel
-from ..graph.light import inferred_model
+from ..graph.light import light_copy
 from ..graph.samples import batch_symbols
 from ..graph.specs import TensorSpec, tensor_specs
 
@@ -63,13 +63,12 @@ def _unconfirmed_outputs(model: LoadedModel) -> list[str]:
     floats = [spec for spec in model.outputs if spec.is_float and spec.shape is not None]
     if not floats:
         return []
-    cleared = onnx.ModelProto()
-    cleared.CopyFrom(model.proto)
+    cleared = light_copy(model.proto)  # the weights' data stays behind: a large model is not copied
     for out in cleared.graph.output:
         if out.name in {s.name for s in floats}:
             out.type.tensor_type.ClearField("shape")
     try:
-        inferred = inferred_model(cleared, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(cleared, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference that fails confirms nothing
         return [s.name for s in floats]
     ranks = {o.name: len(o.type.tensor_type.shape.dim) for o in inferred.graph.output
