@@ -901,6 +901,40 @@ def test_a_reduce_mean_over_the_spatial_axes_loads_as_global_average_pool():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_an_average_pool_over_the_whole_map_loads_as_global_average_pool():
+    """HF EfficientNet pools with AvgPool2d(1280, ceil_mode=True) over its 4x4 map: ONNX Runtime's fused
+    QLinearAveragePool returned the zero point for it (the deployed ORT-form model's logits all 0, while the
+    comparison's exposed tensors kept it unfused at 29 dB), and TensorRT-RTX refused the FP32 graph. A window
+    covering the map, of known or unknown size, is a GlobalAveragePool; a 2x2 pool stays."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+
+    def pooled(shape: list, kernel: int, ceil: int, strides: int | None = None) -> onnx.ModelProto:
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                 helper.make_node("AveragePool", ["c"], ["y"], name="pool", kernel_shape=[kernel, kernel],
+                                  strides=[strides or kernel] * 2, ceil_mode=ceil, count_include_pad=1,
+                                  pads=[0, 0, 0, 0])]
+        graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)], [w])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+
+    def run(model: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    for shape, kernel, ceil in ((["N", 3, "H", "W"], 640, 1), ([2, 3, 4, 4], 640, 1), ([2, 3, 4, 4], 4, 0)):
+        proto = pooled(shape, kernel, ceil)
+        loaded = model_from_proto(proto, label="pool")
+        assert [n.op_type for n in loaded.proto.graph.node] == ["Conv", "GlobalAveragePool"], (shape, kernel)
+        np.testing.assert_allclose(run(loaded.proto), run(proto), rtol=1e-5, atol=1e-6)
+    for proto in (pooled([2, 3, 4, 4], 2, 0), pooled(["N", 3, "H", "W"], 32, 1),
+                  pooled(["N", 3, "H", "W"], 640, 1, strides=1)):
+        assert model_from_proto(proto).proto.graph.node[-1].op_type == "AveragePool"
+
+
 @pytest.mark.parametrize("written_as", [-1, 0, "?"])
 def test_dynamic_axes_written_as_numbers_load_symbolic_and_compare(written_as):
     """paddle2onnx writes dynamic axes as -1 (others as 0): shape inference made a Conv's width 0, and every cut

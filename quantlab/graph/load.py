@@ -29,7 +29,7 @@ from .identities import fold_initializer_identities, fold_initializer_views
 from .light import inferred_model
 from .conv_bias import fold_bias_add_into_conv
 from .einsum import einsum_as_matmul
-from .pooling import reduce_mean_to_global_pool
+from .pooling import reduce_mean_to_global_pool, whole_window_pool_to_global
 from .specs import TensorSpec, activation_names, tensor_specs
 from .weights import fold_computed_weights
 
@@ -236,6 +236,7 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
     except Exception as exc:
         raise ModelError(f"{label}: ONNX shape inference failed: {exc}") from None
     proto = reduce_mean_to_global_pool(proto)  # the dynamo exporter's adaptive_avg_pool2d(x, 1): as legacy writes it
+    proto = whole_window_pool_to_global(proto)  # an AveragePool over the whole map (HF EfficientNet's pooler)
     lowered = einsum_as_matmul(proto)  # EinsumDense, einsum attention: MatMuls both targets quantize
     if lowered is not proto:
         try:
