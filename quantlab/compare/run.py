@@ -22,12 +22,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..backends import Backend, get_backend, is_onnxruntime
-from ..backends.coupling import measured_coupling
+from ..backends.coupling import BatchCoupling, measured_coupling
 from ..backends.ort import environment_options
 from ..data import Batch, DataFingerprint, DataSet, DataSummary, check_inputs, coupled_batch_note, samples_coupled
 from ..errors import CompareError
 from ..graph import LoadedModel, check_not_quantized
 from ..graph.samples import data_sized
+from ..graph.topology import holds_qdq
 from ..metrics import ErrorAccumulator, ErrorSums
 from ..sequence import SequenceData, sequence_carry, with_carry
 from .alignment import plan_candidate
@@ -52,6 +53,7 @@ from .options import CompareOptions
 from .padding import mask_input, padded_outputs, padding_note
 from .per_layer import nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
+from .deployed import deployed_notes
 from .result import CompareResult
 from .returned import as_returned, redeclared
 from .runners import Runners, mirrored_groups
@@ -294,6 +296,8 @@ class Comparison:
         counts = {o: sum(st.best_counts) for o, st in e2e.reference.items() if st.best_counts}
         self.warnings.extend(ctc_hints(self.reference, counts, self.options.ctc_blank))
         end_to_end, per_sample = e2e.frames(self.options)
+        if (self.do_acc or self.do_local) and is_onnxruntime(self.options.backend):
+            self.warnings.extend(self._deployed_notes(per_sample))
         self.warnings.extend(nan_warnings(list(self.plans), per_layer, end_to_end))
         self.warnings.extend(totals.warnings)
         settings = {**self._settings(totals.segments), **totals.settings}
@@ -301,7 +305,10 @@ class Comparison:
             settings["free_running"] = self._free_running(end_to_end)
             end_to_end = with_free_running(end_to_end, settings["free_running"])
         if self.options.batch_size > 1 and not self.coupled:
-            self.warnings.extend(filter(None, [self._measured_coupling()]))
+            coupled = BatchCoupling(measured=tuple(measured_coupling(  # what the graph analysis cannot see
+                self._probe_backend(), self.reference, self.dataset, min(self.options.batch_size, self.total),
+                self.sample_axes)))
+            self.warnings.extend([coupled.note(self.reference.label, self.options.batch_size)] if coupled else [])
         branches = self._branch_flips(progress) if self.options.branches else []
         if branches:
             settings["branch_flips"] = branches
@@ -315,18 +322,19 @@ class Comparison:
             mask_examples=e2e.mask_examples(),
         )
 
+    def _deployed_notes(self, per_sample: Any) -> list[str]:
+        """:func:`.deployed.deployed_notes` for the candidates ONNX Runtime may fuse (Q/DQ not written for TensorRT)."""
+        names = [n for n, c in self.candidates.items() if holds_qdq(c.proto) and not simulates_tensorrt([c])]
+        batch = next(iter(truncated_batches(self.dataset, self.options.batch_size, self.total)), None) if names else None
+        return [] if batch is None else deployed_notes(
+            self.reference.proto, {n: self.candidates[n].proto for n in names}, self._probe_backend(),
+            lambda n: self.candidate_backends.get(n, self.backend), batch,
+            [o for o in self.ref.outputs if o not in self.data_sized], self.sample_axes, per_sample)
+
     def _probe_backend(self) -> Backend:
         """The comparison's backend when it is ONNX Runtime, else ONNX Runtime: a probe run of the FP32 reference
         (what an output returns, samples alone) must not build a TensorRT engine again."""
         return self.backend if is_onnxruntime(self.options.backend) else get_backend("ort")
-
-    def _measured_coupling(self) -> str | None:
-        """A WARNING when the first samples of the first batch, run alone on the reference, give other outputs
-        (:mod:`quantlab.backends.coupling`: what the graph analysis cannot see); None when they match."""
-        coupled = measured_coupling(self._probe_backend(), self.reference, self.dataset, min(self.options.batch_size,
-                                                                                     self.total), self.sample_axes)
-        return coupled_batch_note(self.reference.label, [], self.options.batch_size,
-                                  measured=[c.describe() for c in coupled]) if coupled else None
 
     def _branch_flips(self, progress: bool) -> list[dict[str, Any]]:
         """:func:`.branches.branch_flips` over the comparison's batches, with a bar when there is a pass to run."""

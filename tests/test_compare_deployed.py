@@ -1,0 +1,54 @@
+"""The plain-session check of ORT-form candidates (quantlab.compare.deployed) on real ONNX Runtime sessions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+import models
+from quantlab.backends import get_backend
+from quantlab.calibrate import calibrate
+from quantlab.compare import CompareOptions, compare
+from quantlab.compare.deployed import exposure_notes
+from quantlab.data import from_arrays
+from quantlab.graph import model_from_proto
+from quantlab.plan import uniform_plan
+from quantlab.quantize import WriteOptions, write_model
+
+
+def _setup():
+    model = model_from_proto(models.conv_net(size=8))
+    x = np.random.default_rng(0).normal(0, 1, (8, 3, 8, 8)).astype(np.float32)
+    table = calibrate(model, from_arrays({"input": x}), "minmax").tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    return model, written, x
+
+
+def test_a_candidate_whose_plain_outputs_differ_from_the_measured_ones_is_warned_of():
+    """HF EfficientNet's fused QLinearAveragePool gave all-zero logits in a plain session while the comparison,
+    its tensors exposed, measured 29 dB. Here the measured cosines say 1.0 for samples whose plain-session outputs
+    are an INT8 model's with its weights zeroed: the note names the candidate, both cosines and --no-per-layer."""
+    model, written, x = _setup()
+    batch = next(iter(from_arrays({"input": x}).batches(4)))
+    backend = get_backend("ort")
+    ref_runner = backend.build(model.proto)
+    reference = ref_runner.run(batch.feeds, ["logits"])
+    broken = written.proto.__class__()
+    broken.CopyFrom(written.proto)
+    for init in broken.graph.initializer:
+        if init.data_type == 3:  # int8 weights: zeroed, the output collapses to the biases
+            init.raw_data = bytes(len(init.raw_data))
+    measured = pd.DataFrame({"candidate": "int8", "output": "logits", "sample": list(batch.indices), "cosine": 1.0})
+    (note,) = exposure_notes(["int8"], {"int8": broken}, lambda name: backend, reference, batch, ["logits"], {},
+                             measured)
+    assert note.startswith("WARNING candidate 'int8'") and "where the comparison measured 1.0000" in note
+    assert "--no-per-layer" in note
+
+
+def test_an_ort_form_candidate_that_computes_alike_both_ways_gets_no_warning():
+    """The check runs on every per-layer comparison of an ORT-form candidate: a model that computes alike with and
+    without its tensors exposed (fused kernels round a little otherwise) gets no warning."""
+    model, written, x = _setup()
+    result = compare(model, {"int8": written}, from_arrays({"input": x}, role="validation"),
+                     CompareOptions(batch_size=4, bootstrap=0))
+    assert not any("plain ONNX Runtime session" in w for w in result.warnings)
