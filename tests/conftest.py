@@ -11,7 +11,7 @@ import models  # noqa: E402
 
 NUMERIC_MODULES = frozenset({
     "test_backends_ort", "test_calibrate", "test_compare", "test_quantize", "test_search", "test_stats", "test_zoo",
-    "test_coverage",
+    "test_coverage", "test_compare_deployed", "test_backends_coupling", "test_graph_einsum",
 })
 """Modules whose tests compare numbers that come out of ONNX Runtime runs: all marked ``numeric``.
 
