@@ -137,9 +137,13 @@ def _weak_ranking_note(plan: ResolvedPlan, sensitivity: pd.DataFrame) -> list[st
     if not len(impacts) or worse < len(impacts) / 4:
         return []
     return [f"WARNING the search kept INT8 on only {fraction:.0%} of the quantizable groups, and {worse} of the "
-            f"{len(impacts)} groups it measured made the output worse when reverted alone: the INT8 errors of this "
-            "model do not add up, so no small set of pins fixes it. Try another calibrator (mse, percentile), "
-            "equalization, or quantization-aware training"]
+            f"{len(impacts)} groups it measured made the output worse when reverted alone: the ranking could not "
+            "tell the groups apart. On a few samples a change of a few dB can be noise (PP-OCRv6's detector: "
+            "1/17 of a pixel step of input noise moved one sample's INT8 SQNR by 9.6 dB), or the INT8 errors "
+            "interact and no small set of pins fixes them. Rank on more samples (--probe-samples, up to half the "
+            "set), read the per-layer table of `quantlab compare` for the layers with the lowest local SQNR and "
+            "pin those, or try another calibrator (mse, percentile) or equalization; quantization-aware training "
+            "if none helps"]
 
 
 def _message(ledger: Ledger, met: bool, chosen: Mapping[str, Any], plan: ResolvedPlan) -> str:
