@@ -118,7 +118,7 @@ def test_cli_perf_measures_ort_lists_unavailable_and_writes_json(tmp_path, capsy
     onnx.save(models.residual_net(), path)
     out_json = tmp_path / "perf.json"
     code = main(["perf", str(path), "--backend", "all", "--batch-size", "2", "--warmup", "2",
-                 "--iterations", "10", "--threads", "1", "--json", str(out_json)])
+                 "--iterations", "10", "--threads", "1", "--json", str(out_json), "--no-progress"])  # as every command
     assert code == 0
     printed = capsys.readouterr().out
     assert "p99 ms" in printed and "samples/s" in printed

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import add_bind_option, add_command, bound_inputs, non_negative_int, path_arg, positive_int
+from . import add_bind_option, add_command, add_progress_option, bound_inputs, non_negative_int, path_arg, positive_int
 
 if TYPE_CHECKING:
     from ..perf import LatencyResult
@@ -65,6 +65,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--engine-cache", type=path_arg, default=None,
                    help="folder for TensorRT engines (reused when model, version and GPU match)")
     p.add_argument("--json", type=path_arg, default=None, metavar="OUT", help="also write the results as JSON")
+    add_progress_option(p)  # perf shows no bar; taken so that a script can pass --no-progress to every command
 
 
 def _measure(
