@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 from .methods import ENTROPY_SKIP_ZEROS
 from .stats import Statistics
 from .precision import FP16_TINY
 from .table import SMALLEST_AMAX, ZERO_RANGE_SCALE, TensorRange
 
-__all__ = ["CLIP_NOTE_FRACTION", "LOW_SQNR_DB", "ZERO_NOTE_FRACTION", "clipping_notes", "noise_notes", "statistics_notes",
-           "zeroing_notes"]
+__all__ = ["CLIP_NOTE_FRACTION", "LOW_SQNR_DB", "METHOD_GAP_DB", "ZERO_NOTE_FRACTION", "clipping_notes",
+           "method_gap_notes", "noise_notes", "statistics_notes", "zeroing_notes"]
 
 
 def _names(names: Sequence[str], limit: int = 5) -> str:
@@ -215,3 +216,35 @@ def noise_notes(method: str, ranges: Mapping[str, TensorRange], *,
             "per-layer figures and the search measure it): compare the methods' predictions (`quantlab calibrate "
             "--method all` prints them side by side), or keep these layers in fp16 (the search pins the ones that "
             "matter).",)
+
+
+METHOD_GAP_DB = 8.0
+"""A method whose predicted SQNR on a quantized tensor is this far below another method's gets a note (compare
+runs at --method all): MobileNetV2's ReLU6 depthwise output, entropy 17.9 dB against minmax ~30, cost 4 dB end to
+end, above :data:`LOW_SQNR_DB`, so no other note said it."""
+
+
+def method_gap_notes(tables: Mapping[str, Any], unquantized: Collection[str] = ()) -> tuple[str, ...]:
+    """A note per method naming the quantized tensors it is predicted to keep :data:`METHOD_GAP_DB` or more worse
+    than the best other method (``tables``: method -> CalibrationTable of one run), widest gap first."""
+    notes = []
+    for method, table in tables.items():
+        gaps: dict[str, tuple[float, str, float]] = {}
+        for name, r in table.ranges.items():
+            if name in unquantized or not math.isfinite(r.predicted_sqnr_db):
+                continue
+            others = [(t.ranges[name].predicted_sqnr_db, m) for m, t in tables.items()
+                      if m != method and name in t.ranges and math.isfinite(t.ranges[name].predicted_sqnr_db)]
+            if not others:
+                continue
+            best, which = max(others)
+            if best - r.predicted_sqnr_db >= METHOD_GAP_DB:
+                gaps[name] = (best - r.predicted_sqnr_db, which, best)
+        if gaps:
+            order = sorted(gaps, key=lambda n: -gaps[n][0])  # noqa: B023 - called here, in this iteration
+            figures = {n: f"{table.ranges[n].predicted_sqnr_db:.1f} dB ({gaps[n][1]} {gaps[n][2]:.1f})" for n in order}
+            shown = _listed(order, figures.__getitem__, limit=5)
+            notes.append(f"{method}: {len(gaps)} quantized tensor(s) predicted {METHOD_GAP_DB:g} dB or more below "
+                         f"another method's range, widest gap first: {shown}; with {method}, keep those layers' "
+                         "error in view (compare's per-layer figures) or calibrate with the other method")
+    return tuple(notes)

@@ -590,6 +590,26 @@ def test_predicted_sqnr_is_in_the_table_and_older_tables_read_as_unknown(tmp_pat
     assert np.isnan(old["relu1"].predicted_sqnr_db) and np.isnan(old["input"].predicted_sqnr_db)
 
 
+def test_a_method_far_below_another_on_a_tensor_gets_a_note():
+    """MobileNetV2's ReLU6 depthwise output: entropy predicted 17.9 dB where minmax kept ~30 (4 dB lost end to end),
+    above the 15 dB line, so no note said it. With several methods, a tensor 8 dB or more below another method's
+    prediction is named under the worse method, with the better one."""
+    from types import SimpleNamespace
+
+    from quantlab.range_notes import method_gap_notes
+    from quantlab.table import TensorRange
+
+    def table(**sqnr: float) -> SimpleNamespace:
+        return SimpleNamespace(ranges={n: TensorRange(amax=1.0, min=0.0, max=1.0, predicted_sqnr_db=v)
+                                       for n, v in sqnr.items()})
+
+    tables = {"entropy": table(dw=17.9, conv=31.0, fused=2.0), "minmax": table(dw=30.1, conv=32.0, fused=30.0),
+              "mse": table(dw=30.5, conv=31.5, fused=29.0)}
+    (note,) = method_gap_notes(tables, unquantized={"fused"})
+    assert note.startswith("entropy: 1 quantized tensor(s) predicted 8 dB or more below")
+    assert "'dw' 17.9 dB (mse 30.5)" in note and "conv" not in note and "fused" not in note
+
+
 def test_noise_note_names_quantized_tensors_predicted_to_keep_little_sqnr():
     from quantlab.calibrate import noise_notes
     from quantlab.table import TensorRange

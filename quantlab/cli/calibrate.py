@@ -295,6 +295,10 @@ def run(args: argparse.Namespace) -> int:
             print("\npredicted INT8 SQNR of the tensors a Q/DQ may go on (either target: the TensorRT form quantizes "
                   "layer inputs, the ORT form also outputs), per method (higher keeps more of the signal)")
             print(methods_frame(result.tables, unquantized).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+            from ..range_notes import method_gap_notes
+
+            for note in method_gap_notes(result.tables, unquantized):
+                print(f"note: {note}")
         from ..table import bodies_frame
 
         bodies = bodies_frame(result.tables)
