@@ -298,7 +298,8 @@ class Placement:
         """The model output ``tensor`` reaches when it reaches outputs only, through layout ops (a detector's scores
         and boxes -> Concat -> its output); None when any other node reads it on the way. No INT8 layer reads such a
         tensor, so an output Q/DQ would only round (and, with entropy or percentile, clip) what the model returns:
-        ddddocr's detector's objectness read amax 0.115 of its 0.50 under entropy, detection F1 60 -> 51 %."""
+        ddddocr's detector's objectness read amax 0.115 of its 0.50 under entropy (its detection F1 on 8 pages did
+        not move, 51.3 % either way: the boxes' error dominates there; the clip is gone all the same)."""
         if self._readers is None:
             self._readers = {}
             for node in self.nodes:
