@@ -1473,9 +1473,7 @@ def test_a_weight_several_fallback_groups_read_counts_once_in_the_note():
 def test_ort_form_leaves_float_the_group_outputs_that_only_reach_the_models_outputs():
     """ddddocr's YOLOX head: Conv -> Sigmoid scores and Conv boxes -> Concat -> output. The ORT form put an output
     Q/DQ on each, though no INT8 layer reads them: entropy clipped the objectness at 0.115 of its 0.50. They now stay
-    float, with a note; a group output an INT8 layer also reads keeps its."""ddddocr's YOLOX head: Conv -> Sigmoid scores and Conv boxes -> Concat -> output. The ORT form put an output
-    Q/DQ on each, though no INT8 layer reads them: entropy clipped the objectness at 0.115 of its 0.50 and detection
-    F1 fell from 60 to 51 %. They now stay float, with a note; a group output an INT8 layer also reads keeps its."""
+    float, with a note; a group output an INT8 layer also reads keeps its."""
     from onnx import TensorProto, helper
 
     from quantlab.calibrate import calibrate
