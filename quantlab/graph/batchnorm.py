@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .topology import kept_names, replace_folded
+from .topology import FoldSite, replace_folded
 
 __all__ = ["fold_batchnorm_into_conv"]
 
@@ -33,13 +33,8 @@ def fold_batchnorm_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
     g = proto.graph
     if not any(n.op_type == "BatchNormalization" for n in g.node):
         return proto
-    inits = {i.name: i for i in g.initializer}
-    readers: dict[str, int] = {}
-    for node in g.node:
-        for t in node.input:
-            readers[t] = readers.get(t, 0) + 1
-    producers = {o: k for k, n in enumerate(g.node) for o in n.output if o}
-    keep = kept_names(g) | {i.name for i in g.input}  # an initializer listed as an input can be overridden
+    site = FoldSite.of(g)
+    inits, readers, producers, keep = site.inits, site.readers, site.producers, site.keep
     pairs = [(producers[bn.input[0]], k) for k, bn in enumerate(g.node)
              if _foldable(bn, g.node, producers, inits, readers, keep)]
     if not pairs:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .topology import kept_names, replace_folded
+from .topology import FoldSite, replace_folded
 
 __all__ = ["fold_bias_add_into_conv"]
 
@@ -30,13 +30,8 @@ def fold_bias_add_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` with each foldable Conv + constant Add (module docstring) made one Conv; ``proto`` itself when
     there is none."""
     g = proto.graph
-    inits = {i.name: i for i in g.initializer}
-    readers: dict[str, int] = {}
-    for node in g.node:
-        for t in node.input:
-            readers[t] = readers.get(t, 0) + 1
-    producers = {o: k for k, n in enumerate(g.node) for o in n.output if o}
-    keep = kept_names(g) | {i.name for i in g.input}
+    site = FoldSite.of(g)
+    inits, readers, producers, keep = site.inits, site.readers, site.producers, site.keep
     pairs = {}
     for k, add in enumerate(g.node):
         found = _foldable(add, g.node, producers, inits, readers, keep)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
+from dataclasses import dataclass
+
 import onnx
 from onnx import TensorProto, helper
 
@@ -14,7 +16,7 @@ from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
            "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream",
-           "drop_unread_initializers", "replace_folded", "shape_determined_nodes", "nested_graphs", "all_nodes", "holds_qdq",
+           "drop_unread_initializers", "FoldSite", "replace_folded", "shape_determined_nodes", "nested_graphs", "all_nodes", "holds_qdq",
            "CONTROL_FLOW_OPS",
            "SHAPE_ONLY_OPS"]
 
@@ -181,6 +183,29 @@ def drop_unread_initializers(graph: onnx.GraphProto, read_before: Iterable[str],
     kept = [i for i in graph.initializer if i.name in read or i.name not in before]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+
+
+@dataclass(frozen=True)
+class FoldSite:
+    """What a load-time fold of a node into its neighbour reads of the main graph: ``inits`` (name -> initializer),
+    ``readers`` (tensor -> how many node inputs read it), ``producers`` (tensor -> index of its node) and ``keep``
+    (names that must stay as they are: outputs, subgraph reads, and graph inputs, which may override an
+    initializer)."""
+
+    inits: dict[str, onnx.TensorProto]
+    readers: dict[str, int]
+    producers: dict[str, int]
+    keep: set[str]
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> FoldSite:
+        readers: dict[str, int] = {}
+        for node in graph.node:
+            for t in node.input:
+                readers[t] = readers.get(t, 0) + 1
+        return cls(inits={i.name: i for i in graph.initializer}, readers=readers,
+                   producers={o: k for k, n in enumerate(graph.node) for o in n.output if o},
+                   keep=kept_names(graph) | {i.name for i in graph.input})
 
 
 def replace_folded(graph: onnx.GraphProto, removed: Collection[int], made: Sequence[onnx.TensorProto],
