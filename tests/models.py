@@ -1360,6 +1360,21 @@ def masked_token_tagger(seed: int = 0, hidden: int = 16, classes: int = 5) -> on
     return _model(nodes, list(graph.input), outputs, inits, "masked_token_tagger")
 
 
+def lstm_head(input_name: str = "x", seed: int = 0) -> onnx.ModelProto:
+    """ddddocr's shape in small: an LSTM (no INT8 form) holding most of the weights before an INT8-able MatMul
+    head. input[N, 5, 8] -> Transpose -> LSTM(16) -> Squeeze -> MatMul -> logits[5, N, 4]."""
+    rng = np.random.default_rng(seed)
+    weights = {"W": (1, 64, 8), "R": (1, 64, 16), "B": (1, 128), "w_out": (16, 4)}
+    nodes = [helper.make_node("Transpose", [input_name], ["xt"], name="time_major", perm=[1, 0, 2]),
+             helper.make_node("LSTM", ["xt", "W", "R", "B"], ["y"], name="lstm", hidden_size=16),
+             helper.make_node("Squeeze", ["y", "one"], ["ys"], name="squeeze"),
+             helper.make_node("MatMul", ["ys", "w_out"], ["logits"], name="head")]
+    inits = [_init(k, rng.normal(0, 0.3, v).astype(np.float32)) for k, v in weights.items()]
+    inits.append(_init("one", np.array([1], np.int64)))
+    return _model(nodes, [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 5, 8])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [5, "N", 4])], inits, "lstm_net")
+
+
 def gru_with_state(seed: int = 0, hidden: int = 8, features: int = 6) -> onnx.ModelProto:
     """AECMOS's shape: ``x[T, N, F]`` with a dynamic batch beside a GRU state input ``h0[1, 1, H]`` whose batch
     (axis 1) the export fixed at 1: the model runs one sample at a time only. ``y[N, H]`` is the last step."""

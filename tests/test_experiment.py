@@ -486,21 +486,9 @@ def test_an_ocr_experiment_judges_and_searches_on_the_ctc_text(tmp_path: Path) -
 def test_a_run_says_when_the_int8_candidates_leave_most_weights_fp32(tmp_path: Path) -> None:
     """ddddocr's LSTM holds 31 % of its weights and has no INT8 form: the build said so, but `quantlab run` printed
     "PASS: int8-mse" alone. Its messages now carry the build's note."""
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
-    weights = {"W": (1, 64, 8), "R": (1, 64, 16), "B": (1, 128), "w_out": (16, 4)}
-    graph = helper.make_graph(
-        [helper.make_node("Transpose", ["input"], ["xt"], name="time_major", perm=[1, 0, 2]),
-         helper.make_node("LSTM", ["xt", "W", "R", "B"], ["y"], name="lstm", hidden_size=16),
-         helper.make_node("Squeeze", ["y", "one"], ["ys"], name="squeeze"),
-         helper.make_node("MatMul", ["ys", "w_out"], ["logits"], name="head")], "lstm_net",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 5, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [5, "N", 4])],
-        [numpy_helper.from_array(rng.normal(0, 0.3, v).astype(np.float32), k) for k, v in weights.items()]
-        + [numpy_helper.from_array(np.array([1], np.int64), "one")])
     path = _small_experiment(tmp_path, evil=False, calib_shape=(8, 5, 8))
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
+    onnx.save(models.lstm_head("input"), tmp_path / "model.onnx")
     np.savez(tmp_path / "val.npz", input=rng.normal(0, 1, (8, 5, 8)).astype(np.float32))
     path.write_text(path.read_text().replace('methods = ["minmax", "entropy"]', 'methods = ["minmax"]'))
     result = run_experiment(load_experiment(path), reports_dir=tmp_path / "reports")

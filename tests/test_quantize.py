@@ -1325,20 +1325,8 @@ def test_weights_left_fp32_for_lack_of_an_int8_form_are_a_note_and_fallback_fp16
     from quantlab.cli import main
     from quantlab.data import from_arrays
 
-    from onnx import TensorProto, helper
-
     rng = np.random.default_rng(0)
-    weights = {"W": (1, 64, 8), "R": (1, 64, 16), "B": (1, 128), "w_out": (16, 4)}
-    graph = helper.make_graph(
-        [helper.make_node("Transpose", ["x"], ["xt"], name="time_major", perm=[1, 0, 2]),
-         helper.make_node("LSTM", ["xt", "W", "R", "B"], ["y"], name="lstm", hidden_size=16),
-         helper.make_node("Squeeze", ["y", "one"], ["ys"], name="squeeze"),
-         helper.make_node("MatMul", ["ys", "w_out"], ["logits"], name="head")], "lstm_net",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [5, "N", 4])],
-        [numpy_helper.from_array(rng.normal(0, 0.3, v).astype(np.float32), k) for k, v in weights.items()]
-        + [numpy_helper.from_array(np.array([1], np.int64), "one")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = models.lstm_head()
     model = model_from_proto(proto)
     feeds = {"x": rng.normal(0, 1, (4, 5, 8)).astype(np.float32)}
     table = calibrate(model, from_arrays(feeds), "minmax").tables["minmax"]
