@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import base64
+import dataclasses
 import html
+import math
 import re
 import shutil
 import subprocess
@@ -380,3 +381,17 @@ def test_no_changed_text_is_not_told_as_no_changed_decision_when_positions_moved
     assert "No candidate changed the text" in text and "without changing the text" in text
     plain = changed_samples_section(dataclasses.replace(base, changed_samples=empty), {})
     assert "No candidate changed a decision on any validation sample" in plain
+
+
+def test_sensitivity_section_says_which_ranking_it_shows():
+    """A weak reverted-alone ranking is replaced by the isolated one: the section must not describe the table
+    as what reverting each group alone bought."""
+    from quantlab.report.sections import sensitivity_section
+
+    reverted = pd.DataFrame({"rank": [1, 2], "group": ["a", "b"], "impact_db": [1.2, 0.3]})
+    isolated = reverted.assign(impact_db=[-2.0, -0.5], isolated_sqnr_db=[15.2, 19.0])
+    plain = sensitivity_section(dataclasses.replace(sample_inputs(), sensitivity=reverted))
+    weak = sensitivity_section(dataclasses.replace(sample_inputs(), sensitivity=isolated))
+    assert "reverting them alone improves" in plain and "only INT8 group" not in plain
+    assert "only INT8 group" in weak and "reverting them alone improves" not in weak
+    assert "19.0" in weak or "19" in weak

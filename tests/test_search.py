@@ -1109,6 +1109,49 @@ def test_returns_to_int8_are_validated_when_the_budget_allows_even_if_the_subset
     assert set(_pins(out)) == {"side_a", "side_b"}, _pins(out)  # the hidden culprits only: 5 of 7 INT8
 
 
+class CancellingEvaluator(PlantedEvaluator):
+    """Planted noise plus a signed error per group that adds up before it is squared: INT8 errors that cancel,
+    so reverting one group of a cancelling pair alone makes the output worse (the interacting errors of
+    PP-OCRv5's recogniser, where reverting 45 of 54 groups alone made the output worse)."""
+
+    def __init__(self, noise: dict[str, float], bias: dict[str, float], **kw):
+        super().__init__(noise, **kw)
+        self.bias = bias
+
+    def plan_noise(self, plan: ResolvedPlan) -> float:
+        return super().plan_noise(plan) + sum(b for g, b in self.bias.items() if plan.precision[g] == "int8") ** 2
+
+
+def test_interacting_errors_are_ranked_by_each_group_isolated(deep):
+    """The culprit's own noise is hidden by its partner's cancelling error: reverted alone, both (and every
+    cancelling pair) make the output worse, so the reverted-alone ranking put them last and the search pinned
+    most of the model. Measured isolated (the only INT8 group), they lead: pinning the two passes."""
+    base, groups = deep
+    noise = _planted(groups, conv5=5e-3)
+    bias = {"conv5": 0.1, "conv30": -0.1}
+    pairs = [g for g in groups if g.startswith("conv") and g not in bias][:24]
+    bias.update({g: (0.01 if i % 2 == 0 else -0.01) for i, g in enumerate(pairs)})
+    ev = CancellingEvaluator(noise, bias)
+    out = run_search(base, ev, _opts("cosine>=0.999"), save_comparisons=False)
+    assert out.met
+    assert _pins(out) == {"conv5": "fp16", "conv30": "fp16"}, _pins(out)
+    sens = out.sensitivity.set_index("group")
+    assert list(out.sensitivity["group"][:2]) == ["conv5", "conv30"]
+    assert sens.loc["conv5", "impact_db"] < 0 and sens.loc["conv30", "impact_db"] < 0  # reverted alone: worse
+    assert sens.loc["conv5", "isolated_sqnr_db"] == pytest.approx(-10 * math.log10(5e-3 + 0.01 + 42e-7), abs=0.2)
+    assert out.sensitivity["impact"].sum() == pytest.approx(ev.plan_noise(base), rel=1e-6)  # scaled to all-INT8
+    assert any("ranked by the noise each makes as the only INT8 group" in n for n in out.notes)
+
+
+def test_additive_errors_are_not_measured_isolated(deep):
+    """The isolated pass costs a second subset pass per group: only a weak ranking pays it."""
+    base, groups = deep
+    out = run_search(base, PlantedEvaluator(_planted(groups, conv17=2e-2)), _opts("cosine>=0.999"),
+                     save_comparisons=False)
+    assert out.sensitivity["isolated_sqnr_db"].isna().all()
+    assert not (out.trajectory["phase"] == "rank-isolated").any()
+
+
 def test_a_search_that_ends_mostly_pinned_says_why():
     """PP-OCRv4's recogniser: reverting 31 of 55 groups alone made its output worse, and the search pinned 54 of
     55 without a word. A mostly-pinned end with such non-additive impacts gets a WARNING saying what to try."""

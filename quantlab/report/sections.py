@@ -191,6 +191,10 @@ def sensitivity_section(inputs: ReportInputs) -> str:
            "their top-1 margin shortfall (in FP32 logit standard deviations), <i>flips_fixed</i> the all-INT8 "
            "flips it alone undid, <i>pinned_step</i> when the search pinned it; the pinned groups come first."
            if margins else
+           "Fusion groups ranked by the noise each makes as the only INT8 group (<i>isolated_sqnr_db</i>, lowest "
+           "first): reverting groups alone did not add up (<i>impact_db</i> was not positive for many), so their "
+           "INT8 errors interact; the search pins groups from the top of this list."
+           if "isolated_sqnr_db" in sens.columns else
            "Fusion groups ranked by how much reverting them alone improves the output (most sensitive first); "
            "the search pins groups from the top of this list.")
     return (

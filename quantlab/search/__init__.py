@@ -12,7 +12,7 @@ INTERFACE (agreed in code; experiments, report and CLI use exactly this):
     result.sensitivity  # DataFrame, one row per quantizable group, most sensitive first
     result.save(out_dir)
 
-trajectory columns: step, phase ("all-int8" | "rank" | "bisect" | "fp16-tier" | "greedy" | "check" |
+trajectory columns: step, phase ("all-int8" | "rank" | "rank-isolated" | "bisect" | "fp16-tier" | "greedy" | "check" |
 "return-int8" | "final"), plan_hash, pinned (comma-joined groups), n_pinned, int8_fraction, metric, value,
 ci_low, ci_high, passed, samples (the subset size for the ranking), full (bool: counts
 against the bound of ceil(log2 G) + 5 full validations), latency_ms (mean, NaN when not
@@ -23,7 +23,8 @@ sensitivity columns (:data:`SENSITIVITY_COLUMNS`): rank, group, anchor_op, nodes
 reverted_sqnr_db (the output SQNR on the ranking subset with the group alone reverted to the
 fallback tier), impact_db (the SQNR gain that bought), impact (the output noise power it
 removed, relative to the signal), noise_share (its share of the all-INT8 noise) and
-cumulative_share (down the ranking); for top-1 thresholds instead (the flip search):
+cumulative_share (down the ranking); isolated_sqnr_db (the output SQNR with the group the only INT8
+one, measured when reverting alone did not add up: the ranking and impact then come from it); for top-1 thresholds instead (the flip search):
 critical_samples, margin_gain (how much reverting the group alone shrank the critical samples'
 top-1 margin shortfall), worst_margin_gain, flips_fixed (all-INT8 flips it alone undid) and
 pinned_step (when the greedy pinned it; NaN: not pinned).
@@ -43,7 +44,9 @@ The search, step by step (G = number of quantizable fusion groups)::
     all-int8     1 full validation; stop when it meets the threshold
     rank         on the ranking subset (``probe_samples``): the all-INT8 plan, then every group
                  reverted alone, in batched comparator passes (the reference runs once per
-                 batch); groups ordered by the output noise power they account for. Only this
+                 batch); groups ordered by the output noise power they account for (when a
+                 quarter or more of them make it no better, by the noise each makes as the
+                 only INT8 group: "rank-isolated", one more subset pass per group). Only this
                  continuous measure is read on the subset; discrete metrics (agreement,
                  accuracy) decide pass/fail on full validations only, with their intervals
     bisect       the smallest prefix of the ranking whose pinning (at ``fallback``) meets the

@@ -33,7 +33,7 @@ from .ledger import (
 )
 from .log import SearchLog
 from .options import SearchOptions
-from .ranking import Ranking, rank_groups
+from .ranking import Ranking, is_weak, rank_groups
 from .strategy import bisect, fp16_tier, return_int8
 
 
@@ -133,17 +133,20 @@ def _weak_ranking_note(plan: ResolvedPlan, sensitivity: pd.DataFrame) -> list[st
     if fraction >= _FEW_INT8 or sensitivity.empty or "impact_db" not in sensitivity.columns:
         return []
     impacts = sensitivity["impact_db"].dropna()
-    worse = int((impacts <= 0).sum())
-    if not len(impacts) or worse < len(impacts) / 4:
+    if not is_weak(impacts):
         return []
-    return [f"WARNING the search kept INT8 on only {fraction:.0%} of the quantizable groups, and {worse} of the "
-            f"{len(impacts)} groups it measured made the output worse when reverted alone: the ranking could not "
-            "tell the groups apart. On a few samples a change of a few dB can be noise (PP-OCRv6's detector: "
-            "1/17 of a pixel step of input noise moved one sample's INT8 SQNR by 9.6 dB), or the INT8 errors "
-            "interact and no small set of pins fixes them. Rank on more samples (--probe-samples, up to half the "
-            "set), read the per-layer table of `quantlab compare` for the layers with the lowest local SQNR and "
-            "pin those, or try another calibrator (mse, percentile) or equalization; quantization-aware training "
-            "if none helps"]
+    worse = int((impacts <= 0).sum())
+    isolated = "isolated_sqnr_db" in sensitivity.columns and sensitivity["isolated_sqnr_db"].notna().any()
+    ranked = (", and ranking them by the noise each makes as the only INT8 group did not find a small set either"
+              if isolated else "")
+    return [f"WARNING the search kept INT8 on only {fraction:.0%} of the quantizable groups; {worse} of the "
+            f"{len(impacts)} groups it measured made the output no better when reverted alone{ranked}: the ranking "
+            "could not tell the groups apart. On a few "
+            "samples a change of a few dB can be noise (PP-OCRv6's detector: 1/17 of a pixel step of input noise "
+            "moved one sample's INT8 SQNR by 9.6 dB), or the INT8 errors interact and no small set of pins fixes "
+            "them. Rank on more samples (--probe-samples, up to half the set), read the per-layer table of "
+            "`quantlab compare` for the layers with the lowest local SQNR and pin those, or try another calibrator "
+            "(mse, percentile) or equalization; quantization-aware training if none helps"]
 
 
 def _message(ledger: Ledger, met: bool, chosen: Mapping[str, Any], plan: ResolvedPlan) -> str:
