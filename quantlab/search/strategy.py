@@ -184,11 +184,13 @@ def return_int8(ledger: Ledger, ranking: Ranking, pins: dict[str, str]) -> None:
     passed the all-INT8 plan that failed the whole set: the model fit on it is blind to what
     failed (a two-output model, 31.9 dB on the subset and 23.4 on the set, had every return
     predicted to fail and ended all FP16 where 60 % INT8 passed), so each return is validated
-    while the budget lasts. Without impacts, the candidates are screened on the subset when
+    while the budget lasts. The same when the ranking found the groups' errors interacting (it
+    measured them isolated): the additive model is a guess there. Without impacts, the candidates are screened on the subset when
     the budget cannot try them all.
     """
     current = dict(pins)
-    blind = _subset_missed_the_failure(ledger)  # the additive model, fit on the subset, cannot be trusted
+    # the additive model, fit on the subset or on interacting errors, cannot be trusted
+    blind = _subset_missed_the_failure(ledger) or bool(ranking.isolated_sqnr)
     order = [g for g in reversed(ranking.order) if g in current]
     for i, g in enumerate(order):
         cand = {k: v for k, v in current.items() if k != g}
