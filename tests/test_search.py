@@ -1141,6 +1141,8 @@ def test_interacting_errors_are_ranked_by_each_group_isolated(deep):
     assert sens.loc["conv5", "isolated_sqnr_db"] == pytest.approx(-10 * math.log10(5e-3 + 0.01 + 42e-7), abs=0.2)
     assert out.sensitivity["impact"].sum() == pytest.approx(ev.plan_noise(base), rel=1e-6)  # scaled to all-INT8
     assert any("ranked by the noise each makes as the only INT8 group" in n for n in out.notes)
+    returns = out.trajectory[(out.trajectory["phase"] == "return-int8") & out.trajectory["full"]]
+    assert len(returns) == 2 and not returns["passed"].any()  # the additive model is a guess here: validated
 
 
 def test_additive_errors_are_not_measured_isolated(deep):
