@@ -215,13 +215,14 @@ def rank_groups(ledger: Ledger) -> Ranking:
                      for g, ev in zip(topo, evs, strict=False) if ev is not None and g in impact}
     isolated: dict[str, float] = {}
     if is_weak(impact.values()) and len(topo) > 1:
-        isolated, isolated_impact, isolated_output = _isolated(ledger, topo, base_noise, output_base)
-        if isolated_impact:
+        isolated = _isolated(ledger, topo)
+        if isolated:
             worse = sum(v <= 0 for v in impact.values() if not is_nan(v))
             ledger.notes.append(f"ranking: {worse} of {len(impact)} groups made the output no better reverted alone "
                                 "(their INT8 errors interact), so the groups are ranked by the noise each makes as "
                                 "the only INT8 group (isolated_sqnr_db)")
-            impact, output_impact = isolated_impact, isolated_output
+            impact = _scaled_isolated(isolated, base_noise)
+            output_base = {}  # the additive model is only a first guess here: no per-output model
     measured = sorted(impact, key=lambda g: (-impact[g], ledger.topo[g]))
     ranking = Ranking(order=measured + [g for g in topo if g not in impact], base_noise=base_noise,
                       impact=impact, reverted_sqnr=reverted,
@@ -244,25 +245,21 @@ def is_weak(impacts: Iterable[float]) -> bool:
     return bool(vals) and sum(v <= 0 for v in vals) >= WEAK_SHARE * len(vals)
 
 
-def _isolated(ledger: Ledger, topo: Sequence[str], base_noise: float, output_base: Mapping[str, float],
-              ) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
-    """Each group measured as the only INT8 group: (group -> subset SQNR, the scaled impacts, the scaled
-    per-output impacts); the impacts are empty when the time ran out or no group made measurable noise."""
+def _isolated(ledger: Ledger, topo: Sequence[str]) -> dict[str, float]:
+    """group -> the subset SQNR (dB) with it the only INT8 group; {} (with a note) when the time ran out before
+    every group was measured or no group made measurable noise."""
     tier = ledger.options.fallback
     evs = ledger.evaluate_many("rank-isolated", [{h: tier for h in topo if h != g} for g in topo])
     sqnr = {g: output_sqnr(ev.rows) for g, ev in zip(topo, evs, strict=True) if ev is not None}
-    noise = {g: noise_power(s) for g, s in sqnr.items() if not is_nan(s)}
-    total = sum(noise.values())
-    if len(noise) < len(topo) or not total > 0:
+    if len(sqnr) < len(topo) or not sum(noise_power(s) for s in sqnr.values() if not is_nan(s)) > 0:
         ledger.notes.append("the reverted-alone ranking is weak, and measuring the groups isolated did not finish "
                             "or found no noise: the ranking stays the reverted-alone one")
-        return sqnr, {}, {}
-    impact = {g: n * base_noise / total for g, n in noise.items()}
-    per_output = {g: _output_noise(ev.rows) for g, ev in zip(topo, evs, strict=True) if ev is not None}
-    output_impact: dict[str, dict[str, float]] = {}
-    for o, base in output_base.items():
-        o_total = sum(per_output[g].get(o, 0.0) for g in noise)
-        for g in noise:
-            share = per_output[g].get(o, 0.0) / o_total if o_total > 0 else 0.0
-            output_impact.setdefault(g, {})[o] = share * base
-    return sqnr, impact, output_impact
+        return {}
+    return sqnr
+
+
+def _scaled_isolated(isolated: Mapping[str, float], base_noise: float) -> dict[str, float]:
+    """The isolated noises scaled to add up to the all-INT8 noise (module docstring)."""
+    noise = {g: noise_power(s) for g, s in isolated.items() if not is_nan(s)}
+    total = sum(noise.values())
+    return {g: n * base_noise / total for g, n in noise.items()}
