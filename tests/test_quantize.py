@@ -1394,6 +1394,33 @@ def test_ort_form_leaves_an_int8_output_float_where_a_log_reads_it():
     assert np.isfinite(out).all()
 
 
+@pytest.mark.parametrize("exponent, kept_float", [(3.0, False), (-1.0, True)], ids=["cube", "inverse"])
+def test_ort_form_keeps_an_output_qdq_a_pow_reads_unless_its_exponent_is_negative(exponent, kept_float):
+    """GELU-tanh's ``Pow(x, 3)`` (ALBERT, GPT-2, Funnel) maps a value rounded to 0 to 0: its MatMul keeps the
+    ORT form's output Q/DQ. A negative exponent divides by the value: that output stays float, with the note."""
+    from onnx import TensorProto, helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="ffn"),
+         helper.make_node("Pow", ["h", "p"], ["y"], name="pow")], "pow_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(rng.normal(0, 0.3, (16, 8)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.array(exponent, np.float32), "p")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.normal(0, 1, (16, 16)).astype(np.float32)
+    table = calibrate(model, from_arrays({"x": x}), "minmax").tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    pow_input = next(n.input[0] for n in written.proto.graph.node if n.op_type == "Pow")
+    producer = next(n for n in written.proto.graph.node if pow_input in n.output)
+    assert (producer.op_type != "DequantizeLinear") == kept_float
+    assert any("read by Pow 'pow'" in n for n in written.provenance.notes) == kept_float
+
+
 @pytest.mark.parametrize("simulation", [False, True], ids=["float16", "simulated"])
 def test_fp16_keeps_a_guard_constant_float16_reads_as_zero_in_fp32(simulation):
     """A log-mel front end floors its mel energies at 1e-10 before the Log: in float16 the floor is 0, and on quiet

@@ -77,7 +77,8 @@ class Slot:
 NEAR_ZERO_SENSITIVE: dict[str, tuple[int, ...]] = {"Log": (0,), "Reciprocal": (0,), "Sqrt": (0,), "Pow": (0,),
                                                     "Div": (1,)}
 """Float ops (and the input slots) whose result a value rounded to zero changes without bound: a log-mel
-front end's ``Clip(mel, 1e-10) -> Log`` gets ``log(0) = -inf`` for every energy under half the INT8 step."""
+front end's ``Clip(mel, 1e-10) -> Log`` gets ``log(0) = -inf`` for every energy under half the INT8 step. A Pow
+only with a negative or unknown exponent: ``0 ** 3`` is 0 (GELU-tanh's ``Pow(x, 3)``, T5's ``Pow(x, 2)``)."""
 
 
 class Placement:
@@ -325,6 +326,12 @@ class Placement:
         bound (:data:`NEAR_ZERO_SENSITIVE`); None when no reader does."""
         for node, name in zip(self.nodes, self.names):
             slots = NEAR_ZERO_SENSITIVE.get(node.op_type, ())
-            if any(i < len(node.input) and node.input[i] == tensor for i in slots):
+            if any(i < len(node.input) and node.input[i] == tensor for i in slots) \
+                    and not (node.op_type == "Pow" and self._non_negative(node.input[1])):
                 return f"{node.op_type} {name!r}"
         return None
+
+    def _non_negative(self, tensor: str) -> bool:
+        """Whether ``tensor`` is a constant with no negative value (a Pow's exponent)."""
+        init = self.initializers.get(tensor)
+        return init is not None and bool((numpy_helper.to_array(init) >= 0).all())
