@@ -395,3 +395,13 @@ def test_sensitivity_section_says_which_ranking_it_shows():
     assert "reverting them alone improves" in plain and "only INT8 group" not in plain
     assert "only INT8 group" in weak and "reverting them alone improves" not in weak
     assert "19.0" in weak or "19" in weak
+
+
+def test_an_isolated_rankings_rows_name_the_one_int8_group():
+    """A rank-isolated row pins every group but one: the table names that one instead of listing the rest."""
+    from quantlab.report.sections import _trajectory_view
+
+    t = pd.DataFrame({"step": [1, 2], "phase": ["rank", "rank-isolated"], "pinned": ["a", "a,b,d"],
+                      "pins": ["a=fp16", "a=fp16,b=fp16,d=fp16"], "only_int8": ["", "c"], "plan_hash": ["x", "y"]})
+    view = _trajectory_view(t)
+    assert list(view["pinned"]) == ["a", "all but c"] and "only_int8" not in view.columns

@@ -1141,6 +1141,9 @@ def test_interacting_errors_are_ranked_by_each_group_isolated(deep):
     assert sens.loc["conv5", "isolated_sqnr_db"] == pytest.approx(-10 * math.log10(5e-3 + 0.01 + 42e-7), abs=0.2)
     assert out.sensitivity["impact"].sum() == pytest.approx(ev.plan_noise(base), rel=1e-6)  # scaled to all-INT8
     assert any("ranked by the noise each makes as the only INT8 group" in n for n in out.notes)
+    isolated_rows = out.trajectory[out.trajectory["phase"] == "rank-isolated"]
+    assert sorted(isolated_rows["only_int8"]) == sorted(groups) and (isolated_rows["n_pinned"] == len(groups) - 1).all()
+    assert (out.trajectory.loc[out.trajectory["phase"] != "rank-isolated", "only_int8"] == "").all()
     returns = out.trajectory[(out.trajectory["phase"] == "return-int8") & out.trajectory["full"]]
     # {conv5} alone is prefix 1, already failed; {conv30} alone is predicted to fail but validated: a guess here
     assert list(returns["pins"]) == ["conv30=fp16"] and not returns["passed"].any()
@@ -1230,6 +1233,9 @@ def test_search_progress_keeps_the_nines_a_threshold_turns_on():
     best = {"metric": "cosine", "value": 0.9997012, "passed": True, "n_pinned": 2, "int8_fraction": 0.9}
     line = format_step(StepEvent(row=row, best=best, full_used=3, budget=9))
     assert "cosine=0.999665 miss" in line and "cosine=0.999701 pass" in line
+    isolated = {**row, "phase": "rank-isolated", "pinned": "conv0,conv1,conv3", "n_pinned": 3, "only_int8": "conv2"}
+    line = format_step(StepEvent(row=isolated, best=best, full_used=3, budget=9))
+    assert "only INT8  [conv2]" in line and "conv0" not in line  # the one group it measures, not the 3 pinned
 
 
 def test_bias_correction_with_no_layer_to_correct_spends_no_validation():

@@ -146,7 +146,9 @@ def format_step(event: StepEvent) -> str:
     if best is not None:
         best_text = (f"{best['metric']}={fmt(float(best['value']))} {'pass' if best['passed'] else 'miss'}, "
                      f"{best['n_pinned']} pinned, int8 {best['int8_fraction']:.0%}")
-    return (f"  step {r['step']:>3}  {r['phase']:<11} pinned {r['n_pinned']:>3} [{pinned}]  "
+    what = (f"only INT8  [{r['only_int8']}]" if r.get("only_int8")  # every other group pinned: name the one left
+            else f"pinned {r['n_pinned']:>3} [{pinned}]")
+    return (f"  step {r['step']:>3}  {r['phase']:<11} {what}  "
             f"{r['metric']}={fmt(float(r['value']))} {verdict} ({where}{extra}){latency}  "
             f"best: {best_text}  full {event.full_used}/{event.budget}")
 

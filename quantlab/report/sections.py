@@ -206,7 +206,10 @@ def sensitivity_section(inputs: ReportInputs) -> str:
 
 def _trajectory_view(t: pd.DataFrame) -> pd.DataFrame:
     """The trajectory as a reviewer reads it: short plan hashes, the bookkeeping columns left to the CSV."""
-    view = t.drop(columns=[c for c in ("pins", "margin", "latency_ms") if c in t.columns
+    if "only_int8" in t.columns:  # an isolated ranking's rows pin every group but one: name that one
+        alone = t["only_int8"].fillna("").astype(str)
+        t = t.assign(pinned=t["pinned"].where(alone == "", "all but " + alone))
+    view = t.drop(columns=[c for c in ("pins", "margin", "latency_ms", "only_int8") if c in t.columns
                            and (c != "latency_ms" or t[c].isna().all())])
     if "plan_hash" in view.columns:
         view = view.assign(plan_hash=view["plan_hash"].astype(str).str[:12])

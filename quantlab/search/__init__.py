@@ -17,7 +17,7 @@ trajectory columns: step, phase ("all-int8" | "rank" | "rank-isolated" | "bisect
 ci_low, ci_high, passed, samples (the subset size for the ranking), full (bool: counts
 against the bound of ceil(log2 G) + 5 full validations), latency_ms (mean, NaN when not
 measured), cached (bool), seconds. Added: pins (group=precision, comma-joined), margin (the
-threshold's smallest margin: negative when missed).
+threshold's smallest margin: negative when missed), only_int8 (a rank-isolated row's one INT8 group).
 
 sensitivity columns (:data:`SENSITIVITY_COLUMNS`): rank, group, anchor_op, nodes,
 reverted_sqnr_db (the output SQNR on the ranking subset with the group alone reverted to the

@@ -33,8 +33,9 @@ from .options import SearchOptions, evaluation_bound
 
 TRAJECTORY_COLUMNS: tuple[str, ...] = (
     "step", "phase", "plan_hash", "pinned", "n_pinned", "int8_fraction", "metric", "value", "ci_low",
-    "ci_high", "passed", "samples", "full", "latency_ms", "cached", "seconds", "pins", "margin",
+    "ci_high", "passed", "samples", "full", "latency_ms", "cached", "seconds", "pins", "margin", "only_int8",
 )
+"""``only_int8``: on a ``rank-isolated`` row, the one quantizable group left INT8 (every other one pinned), else ""."""
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,7 @@ class Ledger:
             "samples": ev.samples, "full": bool(full), "latency_ms": float(ev.latency_ms), "cached": cached,
             "seconds": round(seconds, 4), "pins": ",".join(f"{g}={pins[g]}" for g in order),
             "margin": float(check.margin),
+            "only_int8": ",".join(g for g in self.groups if g not in pins) if phase == "rank-isolated" else "",
         }
         self.rows.append(row)
         self.write_log()
