@@ -55,7 +55,8 @@ def writing_notes(src: onnx.ModelProto, plan: ResolvedPlan, placement: Placement
     if placement.output_bound:
         shown = ", ".join(f"{t!r} (-> {o!r})" for t, o in list(placement.output_bound.items())[:5])
         notes.append(f"{len(placement.output_bound)} INT8 group output(s) stay float, without the output Q/DQ of the "
-                     "ORT form: only layout ops lead from them to the model's outputs, so no INT8 layer reads them "
+                     "ORT form: only layout ops (or a scale or shift by a constant) lead from them to the model's "
+                     "outputs, so no INT8 layer reads them "
                      f"and a Q/DQ would only round and clip what the model returns: {shown}")
     heavy = float_fallback_note(src, plan, placement)
     if heavy:
