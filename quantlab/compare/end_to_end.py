@@ -30,6 +30,7 @@ from ..metrics import (
     error_sums,
     marked_share,
     mask_iou,
+    mean_and_spread,
     mean_class_iou,
     per_sample_errors,
     per_sample_sums,
@@ -85,6 +86,9 @@ class OutputStats:
     spread: list[tuple[int, float, float]] = field(default_factory=list)
     """(axis, largest, median) per-index absmax along an axis whose indices differ in scale 100x or more, in a
     shard's first batch (:func:`quantlab.metrics.channel_spread`)."""
+    offset: list[tuple[float, float]] = field(default_factory=list)
+    """(mean, standard deviation) of the reference output's values in a shard's first batch: a depth map at 5.0 +-
+    0.05 is mostly offset, which cosine and SQNR count as signal (:mod:`.output_warnings`)."""
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     """The reference output's shape in a shard's first batch, as the model returned it."""
     best_counts: list[np.ndarray] = field(default_factory=list)
@@ -194,6 +198,7 @@ class EndToEnd:
         for o in first:
             if o not in self.classifiers and o not in self.choices and o not in self.states:
                 self.reference[o].spread.extend(channel_spread(ref_live[o]))
+                self.reference[o].offset.extend(mean_and_spread(ref_live[o]))
         cand_live = {name: self._samples_first(cand_live[name], len(batch)) for name in self.candidates}
         valid = self._valid_positions(batch, ref_live)
         ref_seen = {o: without_padding(v, valid[o]) if o in valid else v for o, v in ref_live.items()}

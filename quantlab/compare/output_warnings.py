@@ -1,6 +1,7 @@
 """Warnings on a comparison's outputs themselves, not on a candidate: a reference that holds NaN, an output with
 one value per sample (no cosine), samples whose reference is near zero, outputs of another shape than the
-reference's or than the model declares, probabilities whose threshold marks all or nothing."""
+reference's or than the model declares, probabilities whose threshold marks all or nothing, an output that is
+mostly a constant offset."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..metrics import near_zero_count
+from ..metrics import near_zero_count, offset_db
 
 if TYPE_CHECKING:
     from .end_to_end import EndToEnd
 
-__all__ = ["output_warnings"]
+__all__ = ["OFFSET_DB", "output_warnings"]
+
+OFFSET_DB = 20.0
+"""An output whose constant offset alone is worth this much SQNR (its mean 10x its standard deviation) is warned of:
+the SQNR a candidate gets there is mostly the offset's."""
 
 
 def output_warnings(e2e: EndToEnd) -> list[str]:
@@ -30,6 +35,7 @@ def output_warnings(e2e: EndToEnd) -> list[str]:
             f"{low:.3g} in others: a detector's box coordinates beside its scores): cosine and SQNR weigh the large "
             "ones only; judge it by a task metric (--metric, e.g. detections matched to the reference's)"
             for o in e2e.outputs for axis, top, low in e2e.reference[o].spread[:1]]
+    out += _offset_warnings(e2e)
     out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps or the steps "
             f"a while loop takes) has "
             f"another shape than the reference's on {st.mismatched} of {len(e2e.keys)} sample(s); its figures "
@@ -93,4 +99,21 @@ def _near_zero_warnings(e2e: EndToEnd, skip: list[str]) -> list[str]:
             out.append(f"output {o!r}: {near_zero} of {energy.size} sample(s) have a reference close to zero "
                        "(norm under 1/1000 of the median: e.g. an image without text): their cosine measures "
                        "noise and pulls the mean cosine down; read sqnr_db (over all elements) instead")
+    return out
+
+
+def _offset_warnings(e2e: EndToEnd) -> list[str]:
+    """Outputs whose values sit far from 0 with a small spread (GLPN's depth map: 5.0 +- 0.049, the offset alone
+    worth 41 dB): cosine and SQNR count the offset as signal, so an ORT-form build that kept 16 dB of the depths'
+    variation read 58 dB. Judged on a shard's first batch of the reference."""
+    out = []
+    for o in e2e.outputs:
+        if not e2e.reference[o].offset:
+            continue
+        mean, std = e2e.reference[o].offset[0]
+        worth = offset_db(mean, std)
+        if worth >= OFFSET_DB and np.isfinite(worth):
+            out.append(f"output {o!r} is mostly a constant offset (values {mean:.4g} +- {std:.3g}): the offset alone "
+                       f"is worth {worth:.0f} dB of SQNR and a cosine near 1, whatever the error in its variation; "
+                       "read max_abs against its spread, or judge it by a task metric (--metric)")
     return out

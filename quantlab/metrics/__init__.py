@@ -21,7 +21,17 @@ from .errors import (
     rel_l2,
     sqnr_db,
 )
-from .statistics import binomial_ci, bootstrap_ci, channel_spread, mcnemar_exact_p, near_zero_count, topk, topk_correct
+from .statistics import (
+    binomial_ci,
+    bootstrap_ci,
+    channel_spread,
+    mcnemar_exact_p,
+    mean_and_spread,
+    near_zero_count,
+    offset_db,
+    topk,
+    topk_correct,
+)
 from .masks import counted_elements, decision_mask, marked_share, mask_iou, mean_class_iou
 from .text import ctc_greedy, ctc_text_agreement, edit_distance
 
@@ -42,6 +52,8 @@ __all__ = [
     "mcnemar_exact_p",
     "near_zero_count",
     "channel_spread",
+    "mean_and_spread",
+    "offset_db",
     "as_float32",
     "ctc_greedy",
     "ctc_text_agreement",

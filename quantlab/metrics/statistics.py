@@ -171,6 +171,21 @@ def near_zero_count(energy: np.ndarray, share: float = 1e-6) -> int:
     return int(np.count_nonzero(energy < share * float(np.median(positive)))) if positive.size else 0
 
 
+def mean_and_spread(x: np.ndarray) -> list[tuple[float, float]]:
+    """[(mean, standard deviation)] of the finite values of a float array (float64 sums); [] for none."""
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
+        return []
+    live = arr[np.isfinite(arr)].astype(np.float64)
+    return [(float(live.mean()), float(live.std()))] if live.size else []
+
+
+def offset_db(mean: float, std: float) -> float:
+    """What an output's constant offset alone is worth as SQNR (dB): its power over its spread's,
+    ``10 log10((mean^2 + std^2) / std^2)``; inf for a constant output."""
+    return math.inf if std == 0 else 10.0 * math.log10((mean * mean + std * std) / (std * std))
+
+
 def channel_spread(x: np.ndarray, ratio: float = 100.0, max_size: int = 512) -> list[tuple[int, float, float]]:
     """(axis, largest, smallest) for each axis of a ``[N, A, B]`` output (samples on axis 0) along which the
     indices' largest |x| differ ``ratio`` times or more (smallest over the non-zero ones), for axes of 3 to
