@@ -1119,6 +1119,35 @@ def test_padded_positions_are_left_out_of_every_end_to_end_figure():
     assert frames[1]["token_agreement"] == pytest.approx(np.mean(per_sample), rel=1e-9)
 
 
+def test_a_decoders_mask_over_its_encoders_positions_leaves_no_position_out():
+    """A BART decoder step exported with both lengths fixed at 16: the encoder's ``attention_mask`` has the shape
+    of the decoder's output positions, and 43 % of the real positions were left out. A mask read beside
+    ``encoder_hidden_states`` (or ``decoder_input_ids``) is the encoder's: every position counts, with a note."""
+    model_proto = models.masked_token_tagger()
+    for node in model_proto.graph.node:
+        node.input[:] = ["encoder_hidden_states" if i == "x" else i for i in node.input]
+    next(i for i in model_proto.graph.input if i.name == "x").name = "encoder_hidden_states"
+    model = model_from_proto(model_proto, label="decoder")
+    rng = np.random.default_rng(0)
+    mask = np.ones((8, 6), np.int64)
+    mask[:, 3:] = 0
+    x = rng.normal(size=(8, 6, 16)).astype(np.float32)
+    noisy = model_from_proto(models.masked_token_tagger(seed=1))
+    for node in noisy.proto.graph.node:
+        node.input[:] = ["encoder_hidden_states" if i == "x" else i for i in node.input]
+    next(i for i in noisy.proto.graph.input if i.name == "x").name = "encoder_hidden_states"
+    result = compare(model, {"other": noisy}, from_arrays({"encoder_hidden_states": x, "attention_mask": mask},
+                                                           role="validation"),
+                     CompareOptions(batch_size=4, per_layer=False, bootstrap=0))
+    assert not any("(padding) are left out" in w for w in result.warnings)
+    (note,) = [w for w in result.warnings if "decoder's mask over its encoder's positions" in w]
+    assert note.startswith("input 'attention_mask' reads as") and "'encoder_hidden_states'" in note
+    ref = get_backend("ort").build(model.proto).run({"encoder_hidden_states": x, "attention_mask": mask})["logits"]
+    cand = get_backend("ort").build(noisy.proto).run({"encoder_hidden_states": x, "attention_mask": mask})["logits"]
+    agree = (ref.argmax(-1) == cand.argmax(-1)).mean() * 100  # every position, padded ones too
+    assert result.end_to_end.set_index("output").loc["logits", "token_agreement"] == pytest.approx(agree)
+
+
 def test_the_worst_layers_view_tells_the_outputs_of_one_layer_apart():
     """An LSTM writes y, hn and cn: its three rows read the same layer name in the terminal's worst-layers table
     unless the tensor is shown; a table of one row per layer stays without it."""
