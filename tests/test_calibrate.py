@@ -603,11 +603,13 @@ def test_a_method_far_below_another_on_a_tensor_gets_a_note():
         return SimpleNamespace(ranges={n: TensorRange(amax=1.0, min=0.0, max=1.0, predicted_sqnr_db=v)
                                        for n, v in sqnr.items()})
 
-    tables = {"entropy": table(dw=17.9, conv=31.0, fused=2.0), "minmax": table(dw=30.1, conv=32.0, fused=30.0),
-              "mse": table(dw=30.5, conv=31.5, fused=29.0)}
+    tables = {"entropy": table(dw=17.9, conv=31.0, fused=2.0, fine=49.7),
+              "minmax": table(dw=30.1, conv=32.0, fused=30.0, fine=60.1),
+              "mse": table(dw=30.5, conv=31.5, fused=29.0, fine=55.0)}
     (note,) = method_gap_notes(tables, unquantized={"fused"})
     assert note.startswith("entropy: 1 quantized tensor(s) predicted 8 dB or more below")
     assert "'dw' 17.9 dB (mse 30.5)" in note and "conv" not in note and "fused" not in note
+    assert "fine" not in note  # 49.7 dB against 60.1: nothing lost that shows
 
 
 def test_noise_note_names_quantized_tensors_predicted_to_keep_little_sqnr():
