@@ -146,6 +146,21 @@ def _resolve_shape(spec: TensorSpec, batch_size: int, dims: Mapping[str, int]) -
     return tuple(shape)
 
 
+def _check_sized(model: LoadedModel, dims: Mapping[str, int]) -> None:
+    """InputMismatchError naming every named dynamic axis besides the batch that ``dims`` gives no size, all at once
+    (one per run made a decoder step with two lengths fail twice)."""
+    missing: dict[str, list[str]] = {}
+    for spec in model.inputs:
+        for axis, d in enumerate(spec.shape or ()):
+            if axis and isinstance(d, str) and d not in dims:
+                missing.setdefault(d, []).append(f"{spec.name!r} axis {axis}")
+    if len(missing) > 1:
+        where = "; ".join(f"{d!r} ({', '.join(at)})" for d, at in missing.items())
+        flags = " ".join(f"--dim {d}=128" for d in missing)
+        raise InputMismatchError(f"{model.label}: dynamic axes other than the batch need sizes: {where}; give them: "
+                                 f"quantlab perf {flags} (from Python: dims={{{', '.join(f'{d!r}: 128' for d in missing)}}})")
+
+
 def _feed_dtype(spec: TensorSpec) -> np.dtype:
     if spec.dtype in ("undefined", "bfloat16"):
         raise InputMismatchError(f"input {spec.name!r} has type {spec.dtype}; numpy cannot make data for it")
@@ -205,6 +220,7 @@ def check_feeds_fit(model: LoadedModel, batch_size: int, dims: Mapping[str, int]
     draws before the cast to the input's type.
     """
     dims = dims or {}
+    _check_sized(model, dims)
     tensors: list[tuple[str, TensorSpec | None, tuple[int, ...], int]] = []
     need = 0
     for spec in model.inputs:

@@ -113,6 +113,18 @@ def test_random_feeds_need_named_non_batch_dims():
     assert feeds["x"].shape == (2, 8, 16)
 
 
+def test_every_missing_dim_is_named_at_once():
+    """A decoder step with a decoder and an encoder length asked for one --dim per run: both are named at once."""
+    proto = models.mlp_attention()
+    names = ["dec_seq", "enc_seq"]
+    for inp, name in zip(proto.graph.input, names * len(proto.graph.input)):
+        inp.type.tensor_type.shape.dim[1].dim_param = name
+    model = model_from_proto(proto)
+    assert [s.shape[1] for s in model.inputs] == names  # x and its mask, each with its own length
+    with pytest.raises(InputMismatchError, match=r"'dec_seq' .*'enc_seq' .*--dim dec_seq=128 --dim enc_seq=128"):
+        random_feeds(model, batch_size=2)
+
+
 def test_cli_perf_measures_ort_lists_unavailable_and_writes_json(tmp_path, capsys):
     path = tmp_path / "residual.onnx"
     onnx.save(models.residual_net(), path)
