@@ -334,6 +334,11 @@ def test_long_model_names_are_shortened_for_people_and_kept_whole_in_files() -> 
     text = frame.to_string(index=False, formatters=_formatters(frame))
     assert "model/dense_1/MatMul (+2)" in text and path not in text and "BiasAdd" not in text
     assert "overflow-wrap: anywhere" in CSS  # the HTML tables keep names whole, wrapped in their cell
+    # RegNet: three layers whose names differ only in the middle shortened alike; those are shown whole
+    alike = [f"/m/regnet/encoder/stages.{i}/layers.0/layer/layer.2/attention/attention.0/Conv" for i in (1, 2, 3)]
+    frame = pd.DataFrame({"layer": alike + [path], "local_db": [1.0, 2.0, 3.0, 4.0]})
+    text = frame.to_string(index=False, formatters=_formatters(frame))
+    assert all(name in text for name in alike) and path not in text
 
 
 def test_loop_bodies_calibrated_step_by_step_get_their_section(tmp_path: Path) -> None:

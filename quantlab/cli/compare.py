@@ -335,5 +335,17 @@ def _formatters(df: Any) -> dict[str, Any]:
     from ..report.markup import short
 
     out: dict[str, Any] = {c: _fmt for c in df.columns if pd.api.types.is_float_dtype(df[c])}
-    out.update({c: (lambda v: short(str(v), 60)) for c in NAME_COLUMNS if c in df.columns})
+    for c in NAME_COLUMNS:
+        if c in df.columns:
+            shown = _distinct_shortening({str(v) for v in df[c]}, 60, short)
+            out[c] = lambda v, shown=shown: shown[str(v)]
     return out
+
+
+def _distinct_shortening(names: set[str], limit: int, short: Any) -> dict[str, str]:
+    """name -> its shortened form, whole where two names would shorten alike (three RegNet layers read as one)."""
+    shortened = {n: short(n, limit) for n in names}
+    counts: dict[str, int] = {}
+    for v in shortened.values():
+        counts[v] = counts.get(v, 0) + 1
+    return {n: (n if counts[v] > 1 else v) for n, v in shortened.items()}
