@@ -125,6 +125,30 @@ def test_ok_and_verdict(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
     assert code == ExitCode.BAD_INPUT and "give each its own --fail-if" in error_line(err, "compare")
 
 
+def test_compare_names_validation_sizes_a_build_folders_engine_cannot_run(ws: Path,
+                                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    """A BART decoder step validated at an encoder length of 40 against an engine built up to 32: ONNX Runtime ran
+    it, and nothing said the engine could not. A build folder's engine.json profiles are checked against the
+    validation sizes (the batch axis aside); sizes inside them get no word."""
+    import json
+
+    code, _, err = run_main(["build", str(ws / "model.onnx"), "--precision", "fp16", "--out", str(ws / "b")], capfd)
+    assert code == ExitCode.OK, err
+    compare = ["compare", str(ws / "model.onnx"), str(ws / "b"), "--data", str(ws / "val.toml"), "--no-progress",
+               "--bootstrap", "0", "--no-per-layer"]
+    for name, low, high in (("inside", [1, 3, 8, 8], [16, 3, 8, 8]), ("outside", [1, 3, 16, 16], [8, 3, 32, 32])):
+        (ws / "b" / "engine.json").write_text(json.dumps({"profiles": {"input": [low, high, high]}}))
+        code, out, err = run_main([*compare, "--out", str(ws / name)], capfd)
+        assert code == ExitCode.OK, err
+        warned = [line for line in out.splitlines() if "engine's profile covers" in line]
+        saved = json.loads((ws / name / "compare.json").read_text())["warnings"]
+        if name == "inside":
+            assert not warned
+        else:
+            assert len(warned) == 1 and "input 'input' has validation samples of sizes [3, 8, 8]" in warned[0]
+            assert "covers [3, 16-32, 16-32]" in warned[0] and any("engine's profile" in w for w in saved)
+
+
 @pytest.mark.parametrize("flag", ["--fail-if", "--metric", "--label-output", "--out", "--data", "--calib"])
 @pytest.mark.parametrize("value", ["", "   "])
 def test_compare_refuses_empty_values(ws: Path, flag: str, value: str, capfd: pytest.CaptureFixture[str]) -> None:

@@ -21,6 +21,7 @@ figures are NaN); nothing is written on errors (exit 2 or 3).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -251,6 +252,26 @@ CHANGED_SHOWN = 5
 """Changed samples printed per candidate (the report lists more)."""
 
 
+def _engine_profile_notes(name: str, path: Path, result: Any) -> list[str]:
+    """:func:`quantlab.shapes.outside_profiles` for a build folder that holds an engine (``engine.json``)."""
+    import json
+
+    from ..shapes import outside_profiles
+
+    folder = path if path.is_dir() else path.parent
+    info = folder / "engine.json"
+    if not info.is_file():
+        return []
+    try:
+        profiles = json.loads(info.read_text(encoding="utf-8")).get("profiles") or {}
+    except (OSError, ValueError, AttributeError):
+        return [f"candidate {name!r}: {info} is not readable JSON: its engine's profiles were not checked"]
+    inputs = ((result.data or {}).get("summary") or {}).get("inputs") or {}  # name -> InputStats.as_dict()
+    if not isinstance(profiles, dict) or not isinstance(inputs, dict):
+        return []
+    return outside_profiles(f"candidate {name!r} ({info})", profiles, inputs.values())
+
+
 def run(args: argparse.Namespace) -> int:
     from ..compare import CompareOptions, compare, load_candidate
     from ..data import open_dataset
@@ -284,6 +305,9 @@ def run(args: argparse.Namespace) -> int:
         if not hasattr(cand, "provenance"):
             print(f"  note: {name} has no provenance (not a `quantlab build` folder): end-to-end comparison only")
     result = compare(reference, candidates, dataset, options, progress=not args.no_progress, calibration=calibration)
+    engine_notes = [n for name, path in zip(names, args.candidates) for n in _engine_profile_notes(name, path, result)]
+    if engine_notes:
+        result = dataclasses.replace(result, warnings=(*result.warnings, *engine_notes))
     checks = [(threshold, result.check(threshold)) for threshold in gates]
     paths = result.save(args.out)
 

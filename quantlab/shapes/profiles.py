@@ -22,6 +22,7 @@ __all__ = [
     "batch_axes_from_dict",
     "engine_shapes",
     "fixed_batch_size",
+    "outside_profiles",
     "profiles_from_data",
     "range_from_shapes",
     "shapes_for_build",
@@ -170,3 +171,29 @@ def engine_shapes(backend: str, shapes_text: str | Sequence[str] | None, calib_s
     seen = ShapeLog.of(batches) if batches is not None and not shapes_text else None
     ranges = shapes_for_table(shapes_text, calib_set, network_inputs, seen, where, batch)
     return format_shapes(ranges) if ranges else None
+
+
+def outside_profiles(label: str, profiles: Mapping[str, Sequence[Sequence[int]]],
+                     inputs: Iterable[Mapping[str, Any]]) -> list[str]:
+    """A note per input whose samples' sizes (a data summary's ``inputs``: ``name``, per-sample ``shape_min`` and
+    ``shape_max``) fall outside the engine profile ``profiles[name]`` (``[min, opt, max]``, the batch on axis 0):
+    the engine ``label`` names cannot run them, though ONNX Runtime compared them (a BART decoder step validated at
+    an encoder length of 40 against an engine built up to 32, without a word)."""
+    out = []
+    for stats in inputs:
+        profile = profiles.get(str(stats.get("name")))
+        low, high = stats.get("shape_min"), stats.get("shape_max")
+        if profile is None or low is None or high is None or len(profile) != 3:
+            continue
+        lo, hi = list(profile[0]), list(profile[2])
+        if len(lo) == len(low) + 1:  # the batch axis: the profile's, not the samples'
+            lo, hi = lo[1:], hi[1:]
+        if len(lo) != len(low):
+            continue
+        if any(a < b for a, b in zip(low, lo)) or any(a > b for a, b in zip(high, hi)):
+            sizes = "[" + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in zip(low, high)) + "]"
+            built = "[" + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in zip(lo, hi)) + "]"
+            out.append(f"{label}: input {stats.get('name')!r} has validation samples of sizes {sizes} where its "
+                       f"engine's profile covers {built} (batch aside): the engine cannot run them, though these "
+                       "figures (ONNX Runtime) cover them; rebuild with --shapes covering them")
+    return out
