@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph.topology import CONTROL_FLOW_OPS, RANDOM_OPS
 from .graph.topology import outer_names as outer_reads
 from .simplify import single_node_model
 
@@ -39,8 +40,7 @@ __all__ = [
 
 Record = TypeVar("Record")
 
-NEVER_FOLD = frozenset({"Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike",
-                        "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"})
+NEVER_FOLD = frozenset({"Shape", "Size", *RANDOM_OPS, *CONTROL_FLOW_OPS})
 """Ops never evaluated at rewrite time: shape- or randomness-dependent, or holding subgraphs."""
 
 

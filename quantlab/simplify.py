@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph.topology import drop_unread_initializers, kept_names
+from .graph.topology import RANDOM_OPS, drop_unread_initializers, kept_names
 
 __all__ = [
     "fold_constant_subgraphs",
@@ -35,8 +35,7 @@ def simplify_exported_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(out, strict_mode=True)
 
 
-_NEVER_FOLD = {"Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike",
-               "RandomUniformLike", "Multinomial", "Bernoulli"}
+_NEVER_FOLD = {"Shape", "Size", *RANDOM_OPS}
 
 
 def fold_constant_subgraphs(proto: onnx.ModelProto) -> onnx.ModelProto:

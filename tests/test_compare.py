@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from fractions import Fraction
 
 import models
@@ -1034,6 +1035,27 @@ def test_an_output_that_is_mostly_a_constant_offset_is_warned_of():
     assert note.startswith("output 'depth' is mostly a constant offset (values 5")
     assert "is worth 29 dB" in note  # 5.02 over a spread of 0.18: 10 log10(1 + (5.02 / 0.18) ** 2)
     assert not any("'residual'" in w for w in res.warnings)  # the same map without the offset
+
+
+@pytest.mark.parametrize("gain, warned", [(1.0, True), (0.0, False)], ids=["noisy", "noise-off"])
+def test_a_reference_that_draws_random_numbers_is_warned_of(gain, warned):
+    """VITS draws its latent noise in the graph: the FP32 reference gives another waveform each run, and the
+    candidates' figures measured that noise as if it were quantization's. Two runs of the first batch are set side
+    by side; with the noise scaled to nothing (its export with noise_scale = 0), the same graph gives no warning."""
+    graph = helper.make_graph(
+        [helper.make_node("RandomNormalLike", ["x"], ["noise"], name="latent_noise", scale=0.1),
+         helper.make_node("Mul", ["noise", "gain"], ["scaled"], name="noise_scale"),
+         helper.make_node("Add", ["x", "scaled"], ["y"], name="add_noise")], "noisy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(np.array(gain, np.float32), "gain")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = from_arrays({"x": np.random.default_rng(0).normal(0, 1, (4, 16)).astype(np.float32)}, role="validation")
+    res = compare(model, {"same": model}, data, CompareOptions(batch_size=2, bootstrap=0, per_layer=False))
+    notes = [w for w in res.warnings if "not deterministic" in w]
+    assert len(notes) == int(warned)
+    if warned:  # two draws of std 0.1 apart: about 17 dB
+        assert "RandomNormalLike 'latent_noise'" in notes[0] and re.search(r"'y': SQNR 1\d\.\d dB", notes[0])
 
 
 def test_a_user_metric_of_yes_no_per_sample_gets_an_exact_interval():

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .topology import kept_names, upstream
+from .topology import RANDOM_OPS, kept_names, upstream
 
 __all__ = ["fold_computed_weights"]
 
@@ -34,8 +34,7 @@ _WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMu
 W, R, B of recurrent layers: torch writes an LSTM's as ``Concat(Slice(w_ih), ...)`` (gates reordered),
 which otherwise stayed Concat nodes the plan took for INT8 groups of activations."""
 
-_NEVER_EVALUATED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-                              "Multinomial", "Bernoulli", "QuantizeLinear", "DequantizeLinear"})
+_NEVER_EVALUATED = RANDOM_OPS | {"QuantizeLinear", "DequantizeLinear"}
 """Ops whose output depends on more than their constant inputs (random draws), and Q/DQ: a model that already
 holds them is the writer's to refuse, not this fold's to turn back into float. ``Shape``/``Size`` are not here:
 of a constant they are constant (tf2onnx reshapes a Gemm weight by ``Reshape(W, ReduceProd(Shape(W')))``,

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ..graph.topology import SHAPE_ONLY_OPS
+from ..graph.topology import CONTROL_FLOW_OPS, RANDOM_OPS, SHAPE_ONLY_OPS
 from ..plan import ResolvedPlan
 from ..precision import FP16_TINY, FP32
 from .casts import Casts
@@ -117,8 +117,7 @@ def float_fallback_note(src: onnx.ModelProto, plan: ResolvedPlan, placement: Pla
             "(`quantlab build --fallback fp16`, or fallback = \"fp16\" in a plan file) runs them in FP16")
 
 
-_NOT_FOLDED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                         "Bernoulli", "If", "Loop", "Scan"})
+_NOT_FOLDED = RANDOM_OPS | CONTROL_FLOW_OPS
 
 
 def _constant_tensors(model: onnx.ModelProto) -> set[str]:
