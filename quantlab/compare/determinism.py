@@ -1,8 +1,9 @@
 """Whether the FP32 reference gives the same outputs twice: a model that draws random numbers does not.
 
 VITS draws its latent noise inside the graph (``RandomNormalLike``, unless exported with ``noise_scale = 0``):
-each run, the reference's own included, gives another waveform, and every candidate's figures measure that noise
-beside quantization's. When the graph holds a random op (:data:`quantlab.graph.topology.RANDOM_OPS`, bodies
+each run of a session gives another waveform. ONNX Runtime starts every session's generator alike, so whether a
+candidate draws the reference's numbers depends on what each session ran before: the figures may measure that
+noise beside quantization's, or hide it (a deployment draws its own). When the graph holds a random op (:data:`quantlab.graph.topology.RANDOM_OPS`, bodies
 too), the first batch runs twice on the reference and the outputs are set side by side::
 
     batch ─► reference ─► outputs a ┐
@@ -56,6 +57,8 @@ def reference_noise_note(reference: LoadedModel, backend: Backend, batch: Batch,
     ops = ", ".join(drawn[:3]) + (f" and {len(drawn) - 3} more" if len(drawn) > 3 else "")
     runs = "; ".join(f"{o!r}: {what}" for o, what in list(differ.items())[:4])
     return (f"WARNING the FP32 reference is not deterministic: it draws random numbers ({ops}), and two runs of the "
-            f"first batch differ ({runs}). Every candidate's figures hold that noise beside quantization's: export "
-            "the model with its noise off (VITS: noise_scale = 0 and noise_scale_duration = 0; a seed attribute does "
-            "not help: ONNX Runtime draws new numbers each run), or judge it by a task metric (--metric)")
+            f"first batch in one session differ ({runs}). A session's draws depend on what it ran before (new "
+            "sessions start alike, so a candidate may draw the reference's numbers or others), and a deployment "
+            "draws its own: these figures may hold that noise beside quantization's, or hide it. Export the model "
+            "with its noise off (VITS: noise_scale = 0 and noise_scale_duration = 0; a seed attribute does not help), "
+            "or judge it by a task metric (--metric)")
