@@ -35,7 +35,7 @@ def deployed_notes(reference: onnx.ModelProto, protos: Mapping[str, onnx.ModelPr
                    sample_axes: Mapping[str, int], per_sample: pd.DataFrame | None) -> list[str]:
     """:func:`exposure_notes` of the candidates ``protos`` on ``batch``, the FP32 ``reference`` run on
     ``reference_backend`` for it."""
-    if not protos or per_sample is None or per_sample.empty:
+    if not protos or not outputs or per_sample is None or per_sample.empty:  # every output sized by the data: none
         return []
     runner = reference_backend.build(reference)
     try:
