@@ -8,6 +8,7 @@ search sees are real; the comparator-backed path is exercised by the API/CLI tes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -1156,6 +1157,23 @@ def test_additive_errors_are_not_measured_isolated(deep):
                      save_comparisons=False)
     assert out.sensitivity["isolated_sqnr_db"].isna().all()
     assert not (out.trajectory["phase"] == "rank-isolated").any()
+
+
+class ShapeChangingEvaluator(PlantedEvaluator):
+    """VITS: INT8 durations change the waveform's length, so a plan with INT8 groups has no SQNR (NaN) at all."""
+
+    def evaluate(self, plan: ResolvedPlan, samples: int, *, local: bool = False) -> Evaluation:
+        ev = super().evaluate(plan, samples, local=local)
+        if any(plan.precision[g] == "int8" for g in self.noise):
+            ev = dataclasses.replace(ev, rows=({**ev.rows[0], "sqnr_db": math.nan, "cosine": math.nan},))
+        return ev
+
+
+def test_a_ranking_without_sqnr_says_why_not_that_there_is_no_noise(deep):
+    base, groups = deep
+    out = run_search(base, ShapeChangingEvaluator(_planted(groups)), _opts("sqnr_db>=20"), save_comparisons=False)
+    note = next(n for n in out.notes if "topological order" in n)
+    assert "no SQNR" in note and "another shape" in note and "equal the reference's" not in note
 
 
 def test_a_search_that_ends_mostly_pinned_says_why():

@@ -200,8 +200,13 @@ def rank_groups(ledger: Ledger) -> Ranking:
         return Ranking(order=topo)
     base_noise = noise_power(output_sqnr(base.rows))
     if not base_noise > 0:
-        ledger.notes.append("the all-INT8 outputs have no measurable noise on the ranking subset (no SQNR): "
-                            "groups are in topological order")
+        ledger.notes.append(
+            "the all-INT8 outputs equal the reference's on the ranking subset: groups are in topological order"
+            if base_noise == 0 else
+            "the all-INT8 outputs have no SQNR on the ranking subset (NaN: outputs of another shape than the "
+            "reference's, a size the data decides, e.g. VITS's waveform whose length its INT8 durations changed, "
+            "or NaN values): groups are in topological order; a task metric (--metric) that reads such outputs can "
+            "rank them")
         return Ranking(order=topo, base_noise=base_noise)
     tier = ledger.options.fallback
     evs = ledger.evaluate_many("rank", [{g: tier} for g in topo])
