@@ -240,6 +240,24 @@ def test_classifiers_are_told_from_poolers_and_embeddings():
     assert classifier_outputs(model) == {"logits": 3, "squeezenet": 5}
 
 
+@pytest.mark.parametrize("axis, classifier", [(1, True), (-1, False)], ids=["query-axis", "class-axis"])
+def test_one_query_gathered_out_of_a_decoders_scores_is_a_classifier(axis, classifier):
+    """Perceiver's classifier decodes [N, 1, C] and returns ``x[:, 0]``, a Gather on axis 1: it had no top-1
+    agreement. A Gather on the last axis picks classes instead: not class scores."""
+    from quantlab.compare.labels import classifier_outputs
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["latents", "w"], ["z"], name="final_layer"),
+         helper.make_node("Gather", ["z", "zero"], ["logits"], name="first_query", axis=axis)], "perceiver_head",
+        [helper.make_tensor_value_info("latents", TensorProto.FLOAT, ["N", 1, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5] if axis == 1 else ["N", 1])],
+        [onnx.numpy_helper.from_array(rng.normal(0, 0.3, (8, 5)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert classifier_outputs(model) == ({"logits": 5} if classifier else {})
+
+
 def test_a_1x1_conv_head_is_a_classifier_for_compare_and_the_search():
     """SqueezeNet/DenseNet exports end in [N, C, 1, 1] scores: they get top-1 agreement, and the search's flip
     margins read them (before: no classifier, so a top1_agreement threshold was refused)."""

@@ -285,9 +285,17 @@ def _ops_from_linear_layer(tensor: str, producers: Mapping[str, onnx.NodeProto],
         elif node.op_type in _ON_THE_WAY:
             tensor = node.input[0]
             ops.append(node.op_type)
+        elif node.op_type == "Gather" and node.input[1] in constants and _gather_axis(node) >= 1:
+            tensor = node.input[0]  # Perceiver's x[:, 0]: one query's scores out of [N, queries, C]
+            ops.append(node.op_type)
         else:
             return None
     return None
+
+
+def _gather_axis(node: onnx.NodeProto) -> int:
+    """A Gather's axis attribute (0 by default; negative ones, which may be the class axis, as given)."""
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
 _BROADCASTS = frozenset({"Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast", "Flatten"})
