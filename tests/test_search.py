@@ -1150,6 +1150,19 @@ def test_interacting_errors_are_ranked_by_each_group_isolated(deep):
     assert list(returns["pins"]) == ["conv30=fp16"] and not returns["passed"].any()
 
 
+def test_a_weak_ranking_whose_one_reverted_group_passes_is_not_measured_isolated(deep):
+    """VideoMAE: many groups made the output no better reverted alone, but one of them, reverted alone, met the
+    threshold on the subset; the isolated pass then spent 18 evaluations to pin the same group."""
+    base, groups = deep
+    pairs = [g for g in groups if g.startswith("conv") and g != "conv5"][:24]
+    ev = CancellingEvaluator(_planted(groups, conv5=5e-3),
+                             {g: (0.01 if i % 2 == 0 else -0.01) for i, g in enumerate(pairs)})
+    out = run_search(base, ev, _opts("cosine>=0.999"), save_comparisons=False)
+    assert out.met and _pins(out) == {"conv5": "fp16"}
+    assert not (out.trajectory["phase"] == "rank-isolated").any()
+    assert (out.sensitivity["impact_db"] <= 0).sum() >= len(groups) / 4  # weak all the same
+
+
 def test_additive_errors_are_not_measured_isolated(deep):
     """The isolated pass costs a second subset pass per group: only a weak ranking pays it."""
     base, groups = deep

@@ -22,8 +22,9 @@ SQNR gain: how many dB reverting the group alone bought.
 When they do not add, the difference ``N_all - N_-g`` is the difference of two large,
 interacting noises and says little: reverting one group alone made PP-OCRv5's recogniser
 worse for 45 of its 54 groups (by up to 4.3 dB), and the search pinned all of them. When at
-least :data:`WEAK_SHARE` of the measured impacts are not positive, the ranking measures each
-group *isolated* as well, the one INT8 group of a plan with every other group at
+least :data:`WEAK_SHARE` of the measured impacts are not positive (and no group reverted alone
+meets the threshold on the subset: VideoMAE's one such group ranked first anyway), the ranking
+measures each group *isolated* as well, the one INT8 group of a plan with every other group at
 ``fallback``::
 
     isolated(g) = N_only-g                        (never a difference: no cancellation)
@@ -219,7 +220,8 @@ def rank_groups(ledger: Ledger) -> Ranking:
     output_impact = {g: {o: output_base[o] - n for o, n in _output_noise(ev.rows).items() if o in output_base}
                      for g, ev in zip(topo, evs, strict=False) if ev is not None and g in impact}
     isolated: dict[str, float] = {}
-    if is_weak(impact.values()) and len(topo) > 1:
+    passing_alone = any(ev is not None and ledger.passed(ev) for ev in evs)  # a one-group fix the bisection finds
+    if is_weak(impact.values()) and len(topo) > 1 and not passing_alone:
         isolated = _isolated(ledger, topo)
         if isolated:
             worse = sum(v <= 0 for v in impact.values() if not is_nan(v))
