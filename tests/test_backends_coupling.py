@@ -57,3 +57,24 @@ def test_only_outputs_that_name_the_batch_are_judged():
     model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert batch_named_outputs(model, {}) == ["y"]
     assert measured_coupling(get_backend("ort"), model, _data((4, 4)), 4) == []
+
+
+def test_a_two_tower_similarity_matrix_is_said_to_pair_the_samples():
+    """CLIP's logits_per_image [N, M] holds every image against every text of the batch: alone, a sample's row has
+    one column. The note says the output pairs the samples rather than blaming a hidden reduction."""
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.3, (4, 4)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["image", "w"], ["image_embeds"], name="image_proj"),
+         helper.make_node("Transpose", ["text"], ["text_t"], name="text_t", perm=[1, 0]),
+         helper.make_node("MatMul", ["image_embeds", "text_t"], ["logits_per_image"], name="similarity")], "towers",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("text", TensorProto.FLOAT, ["M", 4])],
+        [helper.make_tensor_value_info("logits_per_image", TensorProto.FLOAT, ["N", "M"]),
+         helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["N", 4])], [w])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    rng = np.random.default_rng(1)
+    data = from_arrays({"image": rng.normal(0, 1, (4, 4)).astype(np.float32),
+                        "text": rng.normal(0, 1, (4, 4)).astype(np.float32)})
+    (found,) = measured_coupling(get_backend("ort"), model, data, 4)
+    assert found.output == "logits_per_image" and found.how == "pairs N, M"
+    assert "its [N, M] pairs every sample with the others" in found.describe()

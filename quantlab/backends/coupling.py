@@ -14,6 +14,7 @@ samples of a batch alone and comparing their outputs with the batch's sees all o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 from ..data.batches import Batch, take_samples
 from ..data.checks import coupled_batch_note, samples_coupled
 from ..graph import LoadedModel
-from ..graph.samples import batch_named_outputs, samples_on_axis0, tensor_sample_axes
+from ..graph.samples import batch_named_outputs, batch_symbols, samples_on_axis0, tensor_sample_axes
 from ..graph.topology import CONTROL_FLOW_OPS
 from .base import Backend, Runner
 
@@ -45,6 +46,9 @@ class CoupledOutput:
     how: str = ""
 
     def describe(self) -> str:
+        if self.how.startswith("pairs "):  # "pairs N, M": the batch symbols its shape names
+            return (f"{self.output!r} (its shape: its [{self.how.removeprefix('pairs ')}] pairs every sample with "
+                    "the others of its batch, as a two-tower similarity matrix does)")
         if self.how == "shape":
             return f"{self.output!r} (its shape)"
         if self.how == "non-finite":
@@ -74,9 +78,24 @@ def measured_coupling(backend: Backend, model: LoadedModel, dataset: Any, batch_
     axes = dict(sample_axes) if sample_axes is not None else tensor_sample_axes(model, batch_axes, outputs)
     runner = backend.build(model.proto)
     try:
-        return _changed_outputs(runner, batch, outputs, axes, min(samples, len(batch)))
+        changed = _changed_outputs(runner, batch, outputs, axes, min(samples, len(batch)))
     finally:
         runner.close()
+    pairing = _pairing_outputs(model, batch_axes)
+    return [dataclasses.replace(c, how=f"pairs {pairing[c.output]}") if c.how == "shape" and c.output in pairing
+            else c for c in changed]
+
+
+def _pairing_outputs(model: LoadedModel, batch_axes: Mapping[str, Any]) -> dict[str, str]:
+    """Output -> its batch symbols, for the outputs whose shape names two or more (CLIP's ``logits_per_image``
+    ``[N, M]``: images by texts)."""
+    symbols = batch_symbols(model, batch_axes)
+    out = {}
+    for spec in model.outputs:
+        named = [d for d in spec.shape or () if isinstance(d, str) and d in symbols]
+        if len(set(named)) >= 2:
+            out[spec.name] = ", ".join(named)
+    return out
 
 
 def _is_float(model: LoadedModel, output: str) -> bool:

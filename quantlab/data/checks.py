@@ -156,7 +156,7 @@ def coupled_batch_note(label: str, nodes: Sequence[str], batch_size: int, measur
     else:
         why = (f"{label} gives a sample other outputs in a batch than alone: run alone, the first samples of the "
                f"first batch changed {', '.join(measured)}; a reduction over the batch inside a Loop or If body, "
-               "or one the graph hides from shape inference, couples the samples")
+               "one the graph hides from shape inference, or an output that pairs the samples couples them")
     if batch_size == 1:
         return f"{why}: running one sample at a time, as the model runs on one input"
     return (f"WARNING {why}: at batch size {batch_size} the tables and figures are not what one sample at a time "
