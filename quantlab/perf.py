@@ -157,8 +157,9 @@ def _check_sized(model: LoadedModel, dims: Mapping[str, int]) -> None:
     if len(missing) > 1:
         where = "; ".join(f"{d!r} ({', '.join(at)})" for d, at in missing.items())
         flags = " ".join(f"--dim {d}=128" for d in missing)
+        python = ", ".join(f"{d!r}: 128" for d in missing)
         raise InputMismatchError(f"{model.label}: dynamic axes other than the batch need sizes: {where}; give them: "
-                                 f"quantlab perf {flags} (from Python: dims={{{', '.join(f'{d!r}: 128' for d in missing)}}})")
+                                 f"quantlab perf {flags} (from Python: dims={{{python}}})")
 
 
 def _feed_dtype(spec: TensorSpec) -> np.dtype:

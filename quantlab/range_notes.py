@@ -14,8 +14,8 @@ from .stats import Statistics
 from .precision import FP16_TINY
 from .table import SMALLEST_AMAX, ZERO_RANGE_SCALE, TensorRange
 
-__all__ = ["CLIP_NOTE_FRACTION", "LOW_SQNR_DB", "METHOD_GAP_BELOW_DB", "METHOD_GAP_DB", "ZERO_NOTE_FRACTION", "clipping_notes",
-           "method_gap_notes", "noise_notes", "statistics_notes", "zeroing_notes"]
+__all__ = ["CLIP_NOTE_FRACTION", "LOW_SQNR_DB", "METHOD_GAP_BELOW_DB", "METHOD_GAP_DB", "ZERO_NOTE_FRACTION",
+           "clipping_notes", "method_gap_notes", "noise_notes", "statistics_notes", "zeroing_notes"]
 
 
 def _names(names: Sequence[str], limit: int = 5) -> str:

@@ -3,8 +3,9 @@
 VITS draws its latent noise inside the graph (``RandomNormalLike``, unless exported with ``noise_scale = 0``):
 each run of a session gives another waveform. ONNX Runtime starts every session's generator alike, so whether a
 candidate draws the reference's numbers depends on what each session ran before: the figures may measure that
-noise beside quantization's, or hide it (a deployment draws its own). When the graph holds a random op (:data:`quantlab.graph.topology.RANDOM_OPS`, bodies
-too), the first batch runs twice on the reference and the outputs are set side by side::
+noise beside quantization's, or hide it (a deployment draws its own). When the graph holds a random op
+(:data:`quantlab.graph.topology.RANDOM_OPS`, bodies too), the first batch runs twice on the reference and the
+outputs are set side by side::
 
     batch ─► reference ─► outputs a ┐
     batch ─► reference ─► outputs b ┴─► equal?  else WARNING: SQNR of b against a, per output

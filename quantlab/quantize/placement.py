@@ -302,7 +302,8 @@ class Placement:
     def _only_reaches_outputs(self, tensor: str) -> str | None:
         """The model output ``tensor`` reaches when it reaches outputs only, through layout ops (a detector's scores
         and boxes -> Concat -> its output) or a scale or shift by a constant (GLPN's ``Sigmoid -> Mul(10)``: an
-        output Q/DQ left 14 levels for its depths, 16 dB against 32); None when any other node reads it on the way. No INT8 layer reads such a
+        output Q/DQ left 14 levels for its depths, 16 dB against 32); None when any other node reads it on the
+        way. No INT8 layer reads such a
         tensor, so an output Q/DQ would only round (and, with entropy or percentile, clip) what the model returns:
         ddddocr's detector's objectness read amax 0.115 of its 0.50 under entropy (its detection F1 on 8 pages did
         not move, 51.3 % either way: the boxes' error dominates there; the clip is gone all the same)."""

@@ -24,7 +24,8 @@ reverted_sqnr_db (the output SQNR on the ranking subset with the group alone rev
 fallback tier), impact_db (the SQNR gain that bought), impact (the output noise power it
 removed, relative to the signal), noise_share (its share of the all-INT8 noise) and
 cumulative_share (down the ranking); isolated_sqnr_db (the output SQNR with the group the only INT8
-one, measured when reverting alone did not add up: the ranking and impact then come from it); for top-1 thresholds instead (the flip search):
+one, measured when reverting alone did not add up: the ranking and impact then come from it);
+for top-1 thresholds instead (the flip search):
 critical_samples, margin_gain (how much reverting the group alone shrank the critical samples'
 top-1 margin shortfall), worst_margin_gain, flips_fixed (all-INT8 flips it alone undid) and
 pinned_step (when the greedy pinned it; NaN: not pinned).

@@ -47,7 +47,8 @@ from .ledger import Ledger, is_nan
 
 SENSITIVITY_COLUMNS: tuple[str, ...] = (
     "rank", "group", "anchor_op", "nodes", "reverted_sqnr_db", "impact_db", "isolated_sqnr_db", "impact",
-    "noise_share", "cumulative_share", "critical_samples", "margin_gain", "worst_margin_gain", "flips_fixed", "pinned_step",
+    "noise_share", "cumulative_share", "critical_samples", "margin_gain", "worst_margin_gain", "flips_fixed",
+    "pinned_step",
 )
 """The noise columns (``reverted_sqnr_db`` .. ``cumulative_share``; ``isolated_sqnr_db`` only for a weak
 ranking, see the module docstring) come from the noise ranking, the
@@ -141,7 +142,8 @@ class Ranking:
             recs.append({
                 "rank": rank, "group": g, "anchor_op": groups[g].anchor_op, "nodes": ", ".join(groups[g].nodes),
                 "reverted_sqnr_db": self.reverted_sqnr.get(g, math.nan), "impact_db": self.impact_db(g),
-                "isolated_sqnr_db": self.isolated_sqnr.get(g, math.nan), "impact": self.impact.get(g, math.nan), "noise_share": share,
+                "isolated_sqnr_db": self.isolated_sqnr.get(g, math.nan), "impact": self.impact.get(g, math.nan),
+                "noise_share": share,
                 "cumulative_share": cumulative if self.impact else math.nan,
             })
         return pd.DataFrame(recs, columns=list(SENSITIVITY_COLUMNS))

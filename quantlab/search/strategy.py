@@ -185,8 +185,8 @@ def return_int8(ledger: Ledger, ranking: Ranking, pins: dict[str, str]) -> None:
     failed (a two-output model, 31.9 dB on the subset and 23.4 on the set, had every return
     predicted to fail and ended all FP16 where 60 % INT8 passed), so each return is validated
     while the budget lasts. The same when the ranking found the groups' errors interacting (it
-    measured them isolated): the additive model is a guess there. Without impacts, the candidates are screened on the subset when
-    the budget cannot try them all.
+    measured them isolated): the additive model is a guess there. Without impacts, the candidates
+    are screened on the subset when the budget cannot try them all.
     """
     current = dict(pins)
     # the additive model, fit on the subset or on interacting errors, cannot be trusted
