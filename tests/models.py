@@ -117,6 +117,21 @@ def conv_net(seed: int = 0, channels: int = 8, size: int = 16) -> onnx.ModelProt
     return _model(nodes, inputs, outputs, inits, "conv_net")
 
 
+def noisy_conv_net(seed: int = 0, gain: float = 1.0, size: int = 16) -> onnx.ModelProto:
+    """:func:`conv_net` whose logits get latent noise drawn in the graph, as VITS's do: ``logits + gain *
+    RandomNormalLike(logits, scale=0.1)`` (``gain`` 0: the export with its noise off, same graph)."""
+    model = conv_net(seed, size=size)
+    graph = model.graph
+    graph.node[-1].output[0] = "clean"
+    graph.node.extend([
+        helper.make_node("RandomNormalLike", ["clean"], ["noise"], name="latent_noise", scale=0.1),
+        helper.make_node("Mul", ["noise", "gain"], ["scaled"], name="noise_scale"),
+        helper.make_node("Add", ["clean", "scaled"], ["logits"], name="add_noise")])
+    graph.initializer.append(_init("gain", np.array(gain, np.float32)))
+    onnx.checker.check_model(model)
+    return model
+
+
 def residual_net(seed: int = 0, channels: int = 8, size: int = 16) -> onnx.ModelProto:
     """ResNet-style block: stem Conv+Relu, then Conv+Relu -> Conv -> Add(skip) -> Relu, depthwise Conv, pool, Gemm."""
     rng = np.random.default_rng(seed)

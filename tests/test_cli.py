@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,27 @@ def test_ok_and_verdict(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
     assert "pass b: --fail-if cosine>2 does not hold" in out and "FAIL b: --fail-if sqnr_db<1000 holds" in out
     code, _, err = run_main([*compare, "--out", str(ws / "c4"), "--fail-if", "cosine<0.5 or sqnr_db<1"], capfd)
     assert code == ExitCode.BAD_INPUT and "give each its own --fail-if" in error_line(err, "compare")
+
+
+def test_a_reference_that_draws_random_numbers_fails_every_gate(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A model that draws its noise in the graph (VITS): compare's --fail-if cannot judge it, so it fails (it passed
+    on figures that held the noise, or hid it), and search refuses before its first evaluation; both say what to
+    do."""
+    onnx.save(models.noisy_conv_net(size=8), ws / "noisy.onnx")
+    code, out, err = run_main(["compare", str(ws / "noisy.onnx"), str(ws / "noisy.onnx"), "--data",
+                               str(ws / "val.toml"), "--no-progress", "--bootstrap", "0", "--no-per-layer",
+                               "--out", str(ws / "c"), "--fail-if", "cosine<0.1"], capfd)
+    assert code == ExitCode.VERDICT, err
+    assert re.search(r"FAIL noisy: --fail-if cosine<0\.1 cannot be judged: the FP32 reference is not deterministic "
+                     r"\(two runs of one batch differ: 'logits': SQNR .* dB against itself\)", out), out
+    assert "warning: WARNING the FP32 reference is not deterministic" in out and "noise_scale = 0" in out
+    assert "other outputs in a batch than alone" not in out  # its draws, not its batch, change the outputs
+    code, _, err = run_main(["search", str(ws / "noisy.onnx"), "--calib", str(ws / "calib.toml"), "--method",
+                             "minmax", "--data", str(ws / "val.toml"), "--threshold", "sqnr_db>=10", "--no-progress",
+                             "--out", str(ws / "s")], capfd)
+    line = error_line(err, "search")
+    assert code == ExitCode.BAD_INPUT and "not deterministic" in line and "RandomNormalLike 'latent_noise'" in line
+    assert not (ws / "s").exists()
 
 
 def test_compare_names_validation_sizes_a_build_folders_engine_cannot_run(ws: Path,

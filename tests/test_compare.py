@@ -1056,6 +1056,8 @@ def test_a_reference_that_draws_random_numbers_is_warned_of(gain, warned):
     assert len(notes) == int(warned)
     if warned:  # two draws of std 0.1 apart: about 17 dB
         assert "RandomNormalLike 'latent_noise'" in notes[0] and re.search(r"'y': SQNR 1\d\.\d dB", notes[0])
+    # no threshold is judged on such figures (compare --fail-if, run's verdict): the reason is kept with them
+    assert bool(res.unjudged()) == warned and ("y" in res.settings.get("reference_noise", {})) == warned
 
 
 def test_a_user_metric_of_yes_no_per_sample_gets_an_exact_interval():

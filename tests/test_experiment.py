@@ -493,3 +493,27 @@ def test_a_run_says_when_the_int8_candidates_leave_most_weights_fp32(tmp_path: P
     path.write_text(path.read_text().replace('methods = ["minmax", "entropy"]', 'methods = ["minmax"]'))
     result = run_experiment(load_experiment(path), reports_dir=tmp_path / "reports")
     assert any("of the weights are in groups with no INT8 form" in m and "lstm" in m for m in result.messages)
+
+
+@needs_compare
+def test_a_run_on_a_reference_that_draws_random_numbers_is_not_judged(tmp_path: Path, capsys) -> None:
+    """VITS with its noise on: `quantlab run` said PASS on figures that held the reference's own noise (or hid it,
+    a candidate drawing the reference's numbers). The verdict is now NONE, saying why and what to do; the search
+    does not run (it would chase the noise); the report says NOT JUDGED and --fail-on-verdict fails."""
+    from quantlab.cli import main
+
+    proto = models.noisy_conv_net()
+    proto.graph.input[0].name = proto.graph.node[0].input[0] = "image"
+    config = _image_experiment(tmp_path, proto, (3, 16, 16), 1.0, "noisy", 'threshold = "sqnr_db>=10"\n')
+    result = run_experiment(config, reports_dir=tmp_path / "reports")
+    assert result.verdict is None and "'sqnr_db>=10' was not judged" in result.unjudged
+    assert "not deterministic" in result.unjudged and "noise_scale = 0" in result.unjudged
+    assert not any(s.name == "search" for s in result.stages)
+    report = tmp_path / "reports" / "noisy"
+    page = (report / "index.html").read_text()
+    assert "NOT JUDGED" in page and "No threshold was set" not in page
+    assert json.loads((report / "manifest.json").read_text())["unjudged"] == result.unjudged
+    code = main(["run", str(tmp_path / "noisy.toml"), "--reports-dir", str(tmp_path / "r2"), "--quiet",
+                 "--fail-on-verdict"])
+    out = capsys.readouterr().out
+    assert code == 1 and "verdict: NONE: 'sqnr_db>=10' was not judged: the FP32 reference is not deterministic" in out

@@ -1350,3 +1350,26 @@ def test_a_search_names_the_outputs_its_threshold_does_not_judge(chain):
     out = run_search(_base(proto), WithIds(proto, table, x), _opts("sqnr_db>=30"), save_comparisons=False)
     assert [n for n in out.notes if n.startswith("threshold 'sqnr_db>=30' does not judge output(s) 'ids' (c: "
                                                  "exact_match ")]
+
+
+@pytest.mark.parametrize("gain", [1.0, 0.0], ids=["noisy", "noise-off"])
+def test_a_search_on_a_reference_that_draws_random_numbers_is_refused(gain, tmp_path):
+    """VITS draws its latent noise in the graph: a ranking subset drew what the reference drew for other samples,
+    and `quantlab run` said PASS on such a model by luck. The search checks two runs of the first batch before any
+    evaluation and refuses, naming the random op and what to do; with the noise scaled to nothing it searches."""
+    from quantlab.search import search
+
+    model = model_from_proto(models.noisy_conv_net(gain=gain))
+    rng = np.random.default_rng(0)
+    calib = from_arrays({"input": rng.normal(0, 1, (8, 3, 16, 16)).astype(np.float32)})
+    val = from_arrays({"input": rng.normal(0, 1, (8, 3, 16, 16)).astype(np.float32)}, role="validation")
+    table = calibrate(model, calib, "minmax").tables["minmax"]
+    options = SearchOptions(threshold="sqnr_db>=10", probe_samples=4, batch_size=4, bias_correction=False)
+    if gain:
+        with pytest.raises(SearchError, match=r"not deterministic.*RandomNormalLike 'latent_noise'.*'logits': "
+                                              r"SQNR .* dB against itself.*noise_scale = 0") as err:
+            search(model, table, val, options, workdir=tmp_path / "work")
+        assert not (tmp_path / "work").exists()  # refused before the log is opened
+        assert "sqnr_db>=10" in str(err.value)
+    else:
+        assert search(model, table, val, options).met

@@ -24,7 +24,7 @@ from ..data.batches import Batch, take_samples
 from ..data.checks import coupled_batch_note, samples_coupled
 from ..graph import LoadedModel
 from ..graph.samples import batch_named_outputs, batch_symbols, samples_on_axis0, tensor_sample_axes
-from ..graph.topology import CONTROL_FLOW_OPS
+from ..graph.topology import CONTROL_FLOW_OPS, RANDOM_OPS, all_nodes
 from .base import Backend, Runner
 
 __all__ = ["COUPLING_TOLERANCE", "BatchCoupling", "CoupledOutput", "batch_coupling", "measured_coupling"]
@@ -60,13 +60,14 @@ def measured_coupling(backend: Backend, model: LoadedModel, dataset: Any, batch_
                       sample_axes: Mapping[str, int] | None = None, samples: int = 2) -> list[CoupledOutput]:
     """The float outputs of ``model`` whose values for the first ``samples`` samples of ``dataset``'s first batch
     (of ``batch_size``) change when each runs alone, by more than :data:`COUPLING_TOLERANCE` or in shape; []
-    when none does, when that batch holds one sample, or when it is padded (alone, a sample is not, so it may
-    differ by design).
+    when none does, when that batch holds one sample, when it is padded (alone, a sample is not, so it may
+    differ by design), or when the model draws random numbers (every run differs: the comparator's determinism
+    check, :mod:`quantlab.compare.determinism`, says so instead of blaming the batch).
 
     Only outputs whose shape names the batch symbol are judged (:func:`quantlab.graph.samples.batch_named_outputs`:
     NMS boxes of the whole batch are not per sample). ``sample_axes``: output -> the axis its samples are on
     (default: what shape inference says, :func:`quantlab.graph.samples.tensor_sample_axes`)."""
-    if batch_size < 2:
+    if batch_size < 2 or any(n.op_type in RANDOM_OPS for n in all_nodes(model.proto.graph)):
         return []
     batch = next(iter(dataset.batches(batch_size)), None)
     if batch is None or len(batch) < 2 or batch.alone_shapes:

@@ -331,13 +331,15 @@ def run(args: argparse.Namespace) -> int:
     for w in result.warnings:
         print(f"warning: {w}")
     failed = []
+    not_judged = result.unjudged()  # a gate that cannot be judged fails, as one that holds does
     for threshold, per_candidate in checks:
         for name, check in per_candidate.items():
             unknown = [k for k, v in check.values.items() if v is None or (isinstance(v, float) and math.isnan(v))]
             shown = ", ".join(f"{k} = {_fmt(v)}" for k, v in check.values.items())
-            if check.passed or unknown:
+            if check.passed or unknown or not_judged:
                 failed.append(name)
-                why = "holds" if check.passed else f"cannot be evaluated ({', '.join(unknown)} is NaN)"
+                why = ("holds" if check.passed else f"cannot be evaluated ({', '.join(unknown)} is NaN)"
+                       if unknown else f"cannot be judged: {not_judged}")
                 print(f"FAIL {name}: --fail-if {threshold} {why} ({shown})")
             else:
                 print(f"pass {name}: --fail-if {threshold} does not hold ({shown})")

@@ -45,8 +45,7 @@ def print_result(result: Any, *, stream: Any = None) -> None:
         word = "PASS" if v.passed else "FAIL"
         print(f"verdict: {word}: {v.candidate}: {v.metric} = {v.value:.6g}{ci}; threshold {v.threshold}", file=out)
     elif result.config.threshold:
-        print(f"verdict: NONE: no candidate computes in INT8 or FP16, so {result.config.threshold!r} was not "
-              "checked (see the WARNING below)", file=out)
+        print(f"verdict: NONE: {result.unjudged}", file=out)
     for note in result.messages:
         print(f"note: {note}", file=out)
     print(f"report: {result.index_html}", file=out)

@@ -16,7 +16,7 @@ A draw that reaches no output (or is scaled to nothing) gives no warning; a ``se
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -26,7 +26,8 @@ from ..graph import LoadedModel
 from ..graph.topology import RANDOM_OPS, all_nodes
 from ..metrics import sqnr_db
 
-__all__ = ["random_nodes", "reference_noise_note"]
+__all__ = ["NOISE_OFF", "differing_outputs", "drawn_ops", "random_nodes", "reference_noise", "reference_noise_note",
+           "unjudged_reason"]
 
 
 def random_nodes(model: LoadedModel) -> list[str]:
@@ -34,11 +35,12 @@ def random_nodes(model: LoadedModel) -> list[str]:
     return [f"{n.op_type} {n.name or n.output[0]!r}" for n in all_nodes(model.proto.graph) if n.op_type in RANDOM_OPS]
 
 
-def reference_noise_note(reference: LoadedModel, backend: Backend, batch: Batch, outputs: Sequence[str]) -> str | None:
-    """A WARNING when ``reference`` holds a random op and two runs of ``batch`` give other ``outputs``; else None."""
-    drawn = random_nodes(reference)
-    if not drawn or not outputs:
-        return None
+def reference_noise(reference: LoadedModel, backend: Backend, batch: Batch,
+                    outputs: Sequence[str]) -> dict[str, str]:
+    """How each of ``outputs`` differs between two runs of ``batch`` on ``reference`` (``{output: 'SQNR 17.2 dB
+    against itself'}``); empty when ``reference`` draws no random numbers or both runs agree."""
+    if not random_nodes(reference) or not outputs:
+        return {}
     runner = backend.build(reference.proto)
     try:
         first = runner.run(batch.feeds, list(outputs))
@@ -53,13 +55,40 @@ def reference_noise_note(reference: LoadedModel, backend: Backend, batch: Batch,
         elif not np.array_equal(a, b, equal_nan=True):
             differ[o] = (f"SQNR {sqnr_db(a.astype(np.float64), b.astype(np.float64)):.1f} dB against itself"
                          if np.issubdtype(a.dtype, np.floating) else "other values")
+    return differ
+
+
+def reference_noise_note(reference: LoadedModel, differ: Mapping[str, str]) -> str | None:
+    """The WARNING for what :func:`reference_noise` found (None when it found nothing)."""
     if not differ:
         return None
-    ops = ", ".join(drawn[:3]) + (f" and {len(drawn) - 3} more" if len(drawn) > 3 else "")
-    runs = "; ".join(f"{o!r}: {what}" for o, what in list(differ.items())[:4])
-    return (f"WARNING the FP32 reference is not deterministic: it draws random numbers ({ops}), and two runs of the "
-            f"first batch in one session differ ({runs}). A session's draws depend on what it ran before (new "
-            "sessions start alike, so a candidate may draw the reference's numbers or others), and a deployment "
-            "draws its own: these figures may hold that noise beside quantization's, or hide it. Export the model "
-            "with its noise off (VITS: noise_scale = 0 and noise_scale_duration = 0; a seed attribute does not help), "
-            "or judge it by a task metric (--metric)")
+    return (f"WARNING the FP32 reference is not deterministic: it draws random numbers ({drawn_ops(reference)}), "
+            f"and two runs of the first batch in one session differ ({differing_outputs(differ)}). A session's draws "
+            "depend on what it ran before (new sessions start alike, so a candidate may draw the reference's numbers "
+            "or others), and a deployment draws its own: these figures may hold that noise beside quantization's, or "
+            f"hide it, and no threshold on them is judged. {NOISE_OFF}")
+
+
+def drawn_ops(reference: LoadedModel, shown: int = 3) -> str:
+    """The first ``shown`` of :func:`random_nodes`, for a message."""
+    drawn = random_nodes(reference)
+    return ", ".join(drawn[:shown]) + (f" and {len(drawn) - shown} more" if len(drawn) > shown else "")
+
+
+def differing_outputs(differ: Mapping[str, str], shown: int = 4) -> str:
+    """The first ``shown`` outputs of what :func:`reference_noise` found, for a message."""
+    return "; ".join(f"{o!r}: {what}" for o, what in list(differ.items())[:shown])
+
+
+def unjudged_reason(noise: Mapping[str, str]) -> str:
+    """Why no threshold is judged on figures whose reference gave ``noise`` (:func:`reference_noise`); ""
+    when it gave none."""
+    if not noise:
+        return ""
+    return f"the FP32 reference is not deterministic (two runs of one batch differ: {differing_outputs(noise, 2)})"
+
+
+NOISE_OFF = ("Feed zero noise scales where the model takes them as inputs (Piper's VITS: scales = [0, length, 0]), "
+             "or export it with its noise off (transformers' VITS: noise_scale = 0 and noise_scale_duration = 0; a "
+             "seed attribute does not help)")
+"""What to do about a reference that draws random numbers: one home for the compare warning and the refusals."""

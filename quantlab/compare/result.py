@@ -56,6 +56,7 @@ import pandas as pd
 from ..atomic import atomic_dir, json_dumps
 from ..errors import CompareError
 from ..threshold import Threshold, ThresholdCheck, parse_threshold
+from .determinism import unjudged_reason
 from .mask_examples import MASK_EXAMPLES_FILE, MaskExample, load_mask_examples, save_mask_examples
 
 __all__ = ["CompareResult", "load_comparison", "COMPARE_FORMAT", "FRAMES", "END_TO_END_COLUMNS",
@@ -123,6 +124,12 @@ class CompareResult:
         """The threshold's outcome per candidate."""
         t = parse_threshold(threshold)
         return {str(name): t.check(rows) for name, rows in self.end_to_end.groupby("candidate", sort=False)}
+
+    def unjudged(self) -> str:
+        """Why no threshold on these figures can be judged ("" when one can): the FP32 reference drew other random
+        numbers on a second run of the same batch (``settings["reference_noise"]``), so the figures measure that
+        noise beside quantization's, or hide it."""
+        return unjudged_reason(self.settings.get("reference_noise") or {})
 
     def worst_layers(self, n: int = 10, *, candidate: str | None = None, mode: str = "local",
                      metric: str = "sqnr_db") -> pd.DataFrame:

@@ -54,7 +54,7 @@ from .padding import cross_attention_note, mask_input, padded_outputs, padding_n
 from .per_layer import nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
 from .deployed import deployed_notes
-from .determinism import reference_noise_note
+from .determinism import reference_noise, reference_noise_note
 from .result import CompareResult
 from .returned import as_returned, redeclared
 from .runners import Runners, mirrored_groups
@@ -306,9 +306,11 @@ class Comparison:
             settings["free_running"] = self._free_running(end_to_end)
             end_to_end = with_free_running(end_to_end, settings["free_running"])
         first = next(iter(truncated_batches(self.dataset, self.options.batch_size, self.total)), None)
-        noisy = None if first is None else reference_noise_note(
-            self.reference, self._probe_backend(), first, list(self.ref.outputs))
-        self.warnings.extend([noisy] if noisy else [])
+        noise = {} if first is None else reference_noise(self.reference, self._probe_backend(), first,
+                                                         list(self.ref.outputs))
+        if noise:  # the verdicts read it: a threshold on these figures is not judged (compare --fail-if, run)
+            settings["reference_noise"] = noise
+            self.warnings.append(reference_noise_note(self.reference, noise))
         if self.options.batch_size > 1 and not self.coupled:
             coupled = BatchCoupling(measured=tuple(measured_coupling(  # what the graph analysis cannot see
                 self._probe_backend(), self.reference, self.dataset, min(self.options.batch_size, self.total),

@@ -272,12 +272,13 @@ def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables:
                            cal_dir: Path, frames: Mapping[str, pd.DataFrame], written: Mapping[str, WrittenModel],
                            verdict: Verdict | None, search_dir: Path | None, stages: Sequence[StageRecord],
                            messages: Sequence[str], command: str,
-                           reference: LoadedModel | None = None, cmp_dir: Path | None = None) -> ReportInputs:
+                           reference: LoadedModel | None = None, cmp_dir: Path | None = None,
+                           unjudged: str = "") -> ReportInputs:
     """Everything the report shows, from results already on disk (nothing is re-run).
 
     ``reference``: the model the comparator and the search ran on when it is not ``model``
     (float rewrites: ``[calibrate] equalize`` / ``smoothquant``); ``cmp_dir``: the comparison's folder (its mask
-    examples)."""
+    examples); ``unjudged``: why the threshold got no verdict."""
     candidates = {c.name: c.description for c in experiment_candidates(config)}
     e2e, trajectory, sensitivity, plan = _search_results(search_dir, reference or model, frames["end_to_end"].copy(),
                                                          candidates)
@@ -292,6 +293,7 @@ def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables:
     notes = sorted({n for t in tables.values() for n in t.notes}) + list(messages)
     return ReportInputs(
         title=config.name, model=_model_info(model), end_to_end=e2e, per_layer=per_layer, verdict=verdict,
+        unjudged=unjudged,
         candidates=candidates, layer_metric="sqnr_db", layer_metric_higher_is_better=True,
         histograms=histograms, sensitivity=sensitivity, trajectory=trajectory,
         trajectory_metric=verdict.metric if verdict is not None else "", plan=plan,

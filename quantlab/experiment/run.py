@@ -10,6 +10,7 @@ from typing import Any
 
 from ..atomic import atomic_dir, write_json
 from ..backends.coupling import batch_coupling
+from ..compare.determinism import NOISE_OFF, unjudged_reason
 from ..data import DataSet, fixed_batch, open_dataset
 from ..graph import LoadedModel, load_model
 from ..methods import DEFAULT_BATCH_SIZE, method_settings
@@ -75,6 +76,7 @@ class ExperimentResult:
     stages: tuple[StageRecord, ...]
     messages: tuple[str, ...]
     seconds: float
+    unjudged: str = ""  # why a threshold was set and no verdict given ("" with a verdict or without a threshold)
 
 
 def _rewrite_key(config: ExperimentConfig) -> dict[str, Any]:
@@ -120,6 +122,7 @@ class _Run:
     messages: list[str] = field(default_factory=list)
     common: dict[str, Any] = field(default_factory=dict)
     shapes: str | None = None  # the TensorRT engines' shape ranges (stages.engine_shapes_for)
+    unjudged: str = ""  # why the threshold got no verdict
 
     def go(self, start: float) -> ExperimentResult:
         config = self.config
@@ -164,9 +167,11 @@ class _Run:
         frames, cmp_dir = self._compare(
             reference, lambda: measured_candidates(model, written, tables, config, rewrites), build_keys, val, cal_dir,
             simulated)
-        self.messages += list(read_json(cmp_dir / "compare.json").get("warnings", []))
+        record = read_json(cmp_dir / "compare.json")
+        self.messages += list(record.get("warnings", []))
+        noise = unjudged_reason(record.get("settings", {}).get("reference_noise") or {})
         verdict, search_dir = self._verdict_and_search(model, val, tables, written, frames["end_to_end"], calib,
-                                                       rewrites)
+                                                       rewrites, noise)
         coverage = None
         if config.coverage:
             rec, coverage, message = run_coverage(self.report_dir, reference, config, val, tables, cal_dir, self.common,
@@ -177,7 +182,7 @@ class _Run:
         t0 = time.perf_counter()
         inputs = assemble_report_inputs(config, model, tables, cal_dir, frames, written, verdict, search_dir,
                                         self.stages, self.messages, self.command, reference=reference,
-                                        cmp_dir=cmp_dir)
+                                        cmp_dir=cmp_dir, unjudged=self.unjudged)
         inputs = replace(inputs, coverage=coverage)
         with atomic_dir(self.report_dir / "results") as tmp:
             save_report_inputs(tmp, inputs)
@@ -186,7 +191,8 @@ class _Run:
         seconds = time.perf_counter() - start
         self._write_manifest(model_path, model, cal_dir, val, verdict, seconds)
         return ExperimentResult(config=config, report_dir=self.report_dir, index_html=index, verdict=verdict,
-                                stages=tuple(self.stages), messages=tuple(self.messages), seconds=seconds)
+                                stages=tuple(self.stages), messages=tuple(self.messages), seconds=seconds,
+                                unjudged=self.unjudged)
 
     def _calibrate(self, model: LoadedModel, calib: DataSet) -> tuple[dict[str, CalibrationTable], Path]:
         config = self.config
@@ -234,15 +240,22 @@ class _Run:
 
     def _verdict_and_search(self, model: LoadedModel, val: DataSet, tables: dict[str, CalibrationTable],
                             written: dict[str, WrittenModel], e2e: Any, calib: DataSet,
-                            rewrites: PreparedModel | None) -> tuple[Verdict | None, Path | None]:
-        """The verdict of the best candidate; when every INT8 candidate misses the threshold, the search's."""
+                            rewrites: PreparedModel | None, noise: str) -> tuple[Verdict | None, Path | None]:
+        """The verdict of the best candidate; when every INT8 candidate misses the threshold, the search's. None
+        (and why in ``self.unjudged``) when the threshold cannot be judged: ``noise`` says the reference is not
+        deterministic, or no candidate computes in INT8 or FP16."""
         config = self.config
         if not config.threshold:
+            return None, None
+        if noise:  # every figure holds the reference's own noise: no verdict, and no search chasing it
+            self.unjudged = f"{config.threshold!r} was not judged: {noise}; see the WARNING below. {NOISE_OFF}"
             return None, None
         floating = set(float_candidates(written, config))  # they compute in float32: not judged
         int8_names = [c.name for c in experiment_candidates(config) if c.precision == INT8 and c.name not in floating]
         verdicts = {n: verdict_for(e2e, n, config.threshold) for n in e2e["candidate"] if n not in floating}
         if not verdicts:
+            self.unjudged = (f"no candidate computes in INT8 or FP16, so {config.threshold!r} was not checked (see "
+                             "the WARNING below)")
             return None, None
         unjudged = parse_threshold(config.threshold).unjudged_note(e2e[e2e["candidate"].isin(list(verdicts))])
         self.messages.extend([unjudged] if unjudged else [])
@@ -288,5 +301,6 @@ class _Run:
             "seed": config.seed, "versions": self.common["versions"],
             "stages": [s.as_dict() for s in self.stages], "seconds": round(seconds, 2),
             "verdict": None if verdict is None else {k: getattr(verdict, k) for k in verdict.__dataclass_fields__},
+            "unjudged": self.unjudged or None,
             "messages": self.messages,
         })

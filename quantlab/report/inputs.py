@@ -115,6 +115,8 @@ class ReportInputs:
       (:func:`quantlab.report.samples.changed_samples`), None when no output is read as a choice.
     - ``bodies``: per method, the Loop/Scan bodies (If branches) calibrated (:func:`quantlab.table.bodies_frame`),
       None when the model has none.
+    - ``unjudged``: why a threshold was set and ``verdict`` is None (a reference that draws random numbers, no
+      candidate that computes in INT8 or FP16); "" otherwise.
     - ``mask_examples``: for maps read as masks, each candidate's most changed sample's two masks
       (:mod:`quantlab.compare.mask_examples`), drawn one over the other.
     """
@@ -124,6 +126,7 @@ class ReportInputs:
     end_to_end: pd.DataFrame
     per_layer: pd.DataFrame | None = None
     verdict: Verdict | None = None
+    unjudged: str = ""  # why a threshold was set and got no verdict
     candidates: Mapping[str, str] = field(default_factory=dict)
     layer_metric: str = "sqnr_db"
     layer_metric_higher_is_better: bool = True

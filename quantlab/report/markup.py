@@ -160,6 +160,7 @@ code { font: 13px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; background: #
 .badge { display: inline-block; font-weight: 700; color: #fff; padding: 1px 10px; border-radius: 4px;
          margin-right: 8px; }
 .pass .badge { background: var(--pass); } .fail .badge { background: var(--fail); }
+.none .badge { background: #7f8c8d; }
 .caveat { background: #fef5e7; border-left: 4px solid #d68910; padding: 8px 12px; }
 .tablewrap { overflow-x: auto; margin: 8px 0; }
 table.tbl { border-collapse: collapse; font-size: 13px; }

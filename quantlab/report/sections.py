@@ -15,6 +15,9 @@ __all__ = ["verdict_section", "notes_section", "end_to_end_section", "per_layer_
 
 def verdict_section(inputs: ReportInputs) -> str:
     v = inputs.verdict
+    if v is None and inputs.unjudged:
+        return ('<section id="verdict"><h2>Verdict</h2><p class="verdict none"><span class="badge">NOT JUDGED'
+                f"</span> {esc(inputs.unjudged)}</p></section>")
     if v is None:
         return ('<section id="verdict"><h2>Verdict</h2><p class="verdict none">No threshold was set: '
                 "the tables below describe the drift without a pass/fail verdict.</p></section>")

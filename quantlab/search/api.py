@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from ..compare import CompareResult, load_comparison
+from ..compare.determinism import NOISE_OFF, differing_outputs, drawn_ops, random_nodes, reference_noise
 from ..compare.free_running import free_running, free_running_note
+from ..compare.shards import truncated_batches
 from ..compare.probabilities import probability_outputs
 from ..data import DataSet, check_inputs, summarize
+from ..errors import SearchError
 from ..fingerprint import sha256_bytes, tool_versions
 from ..graph import LoadedModel
 from ..plan import ResolvedPlan, resolve_plan, uniform_plan
@@ -25,7 +28,7 @@ from ..table import CalibrationTable, table_to_dict
 from ..threshold import parse_threshold
 from ..version import __version__
 from .evaluation import Evaluation
-from .evaluator import CompareEvaluator, write_options
+from .evaluator import CompareEvaluator, exact_backend, write_options
 from .ledger import StepEvent, is_nan
 from .log import SearchLog, log_line, normalise
 from .options import SearchOptions
@@ -81,6 +84,7 @@ def search(
     parse_threshold(options.threshold)
     dataset = with_carry(dataset, model, streams=options.batch_size)
     check_inputs(dataset, model)
+    _refuse_random_reference(model, dataset, options)
     base = resolve_plan(uniform_plan("int8"), model.proto)
     correction = None
     correction_check: dict[str, Any] = {}
@@ -125,6 +129,21 @@ def search(
         notes=notes, budget=outcome.budget, executed=outcome.executed,
         seconds=time.perf_counter() - start, correction=correction,
     )
+
+
+def _refuse_random_reference(model: LoadedModel, dataset: DataSet, options: SearchOptions) -> None:
+    """Raise SearchError when the FP32 reference draws other random numbers on a second run of the first batch:
+    every plan's figures would hold that noise (a ranking subset draws what the reference drew for other
+    samples), and the search would pin layers chasing it, or meet the threshold by luck."""
+    first = next(iter(truncated_batches(dataset, options.batch_size, len(dataset))), None)
+    if first is None or not random_nodes(model):
+        return
+    noise = reference_noise(model, exact_backend(options), first, model.output_names)
+    if noise:
+        raise SearchError(
+            f"{model.label}: cannot search: the FP32 reference is not deterministic: it draws random numbers "
+            f"({drawn_ops(model)}) and two runs of the first batch differ ({differing_outputs(noise, 2)}), so no "
+            f"plan's figures can be judged against {options.threshold!r}. {NOISE_OFF}")
 
 
 def _free_running_notes(model: LoadedModel, evaluator: CompareEvaluator, plan: ResolvedPlan, comparison: Any,

@@ -158,19 +158,10 @@ class CompareEvaluator:
         logits = [np.concatenate(r)[back] for r in rows]
         return np.stack([logit_margins(z, ref.top1[idx]) / ref.scale[idx] for z in logits])
 
-    def _backend_options(self) -> dict[str, Any]:
-        """On ONNX Runtime, Q/DQ run as written: the ONNX (and TensorRT) semantics on every CPU. ORT's
-        fused integer kernels, which it would pick on a CPU with VNNI, round differently (about 0.3
-        logits on EfficientNet-Lite0), enough to flip the samples a top-1 threshold counts; and a
-        suffix (:mod:`.suffix`) then computes exactly what its whole model computes. On TensorRT: the
-        engine shapes (``SearchOptions.backend_options``)."""
-        exact = {"qdq_fusion": False} if is_onnxruntime(self.options.backend) else {}
-        return {**self.options.backend_options, **exact}
-
     def exact_backend(self) -> Backend:
-        """A backend with the options the search's comparisons get (:meth:`_backend_options`), for what runs
+        """A backend with the options the search's comparisons get (:func:`exact_backend`), for what runs
         outside them: the flip margins and the final plan's free-running pass."""
-        return get_backend(self.options.backend, **self._backend_options())
+        return exact_backend(self.options)
 
     def _feeds_by_shape(self, idx: Sequence[int]) -> list[tuple[list[int], dict[str, np.ndarray], int]]:
         """(positions in ``idx``, their feeds, samples per run) for each distinct sample shape: stacked on axis 0.
@@ -210,8 +201,8 @@ class CompareEvaluator:
                               local=local, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed, ctc_blank=self.options.ctc_blank,
                               decision_threshold=self.options.decision_threshold, class_maps=self.options.class_maps,
-                              backend_options=self._backend_options(), free_running=self._free_running, branches=False,
-                              bootstrap=CompareOptions.bootstrap if samples >= self._size else 0,
+                              backend_options=_backend_options(self.options), free_running=self._free_running,
+                              branches=False, bootstrap=CompareOptions.bootstrap if samples >= self._size else 0,
                               shards=self.options.shards if samples >= self._size else 1,
                               ray=self.options.ray if samples >= self._size else None)
         result = compare(self.model, {self.candidate_name(plan): written}, data, opts)
@@ -232,8 +223,8 @@ class CompareEvaluator:
                               local=False, accumulated=False, max_samples=max_samples,
                               metric=self.options.metric, seed=self.options.seed, ctc_blank=self.options.ctc_blank,
                               decision_threshold=self.options.decision_threshold, class_maps=self.options.class_maps,
-                              bootstrap=0,
-                              backend_options=self._backend_options(), free_running=self._free_running, branches=False)
+                              bootstrap=0, backend_options=_backend_options(self.options),
+                              free_running=self._free_running, branches=False)
         result = compare(self.model, written, data, opts)
         out = []
         for p in plans:
@@ -252,6 +243,21 @@ class CompareEvaluator:
             return measure_latency(runner, self._feeds, warmup=3, iterations=self.options.latency_iterations).mean_ms
         finally:
             runner.close()
+
+
+def _backend_options(options: SearchOptions) -> dict[str, Any]:
+    """On ONNX Runtime, Q/DQ run as written: the ONNX (and TensorRT) semantics on every CPU. ORT's
+    fused integer kernels, which it would pick on a CPU with VNNI, round differently (about 0.3
+    logits on EfficientNet-Lite0), enough to flip the samples a top-1 threshold counts; and a
+    suffix (:mod:`.suffix`) then computes exactly what its whole model computes. On TensorRT: the
+    engine shapes (``SearchOptions.backend_options``)."""
+    exact = {"qdq_fusion": False} if is_onnxruntime(options.backend) else {}
+    return {**options.backend_options, **exact}
+
+
+def exact_backend(options: SearchOptions) -> Backend:
+    """The backend of the search's comparisons (:func:`_backend_options`)."""
+    return get_backend(options.backend, **_backend_options(options))
 
 
 def _local_errors(per_layer: pd.DataFrame) -> dict[str, float]:
