@@ -1060,6 +1060,19 @@ def test_a_reference_that_draws_random_numbers_is_warned_of(gain, warned):
     assert bool(res.unjudged()) == warned and ("y" in res.settings.get("reference_noise", {})) == warned
 
 
+def test_the_per_layer_table_leaves_out_random_draws():
+    """VITS's RandomNormalLike outputs headed its worst layers (each candidate's draw against the reference's):
+    a draw is no layer's quantization error."""
+    model = model_from_proto(models.noisy_conv_net(size=8))
+    rng = np.random.default_rng(0)
+    data = from_arrays({"input": rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)}, role="validation")
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    int8 = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    res = compare(model, {"int8": int8}, data, CompareOptions(batch_size=2, bootstrap=0, layers="nodes"))
+    tensors = set(res.per_layer["tensor"])
+    assert "noise" not in tensors and {"conv1", "scaled", "logits"} <= tensors
+
+
 def test_a_user_metric_of_yes_no_per_sample_gets_an_exact_interval():
     """A user metric of 0/100 per sample (agreement at a BERT's masked positions) read 100 [100, 100] on 192
     words, so a gate on its ``_ci_low`` could not fail; it now gets the exact binomial interval, as top-1 agreement

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..graph import LoadedModel, tensor_specs, topological_order
+from ..graph.topology import RANDOM_OPS
 from ..plan import FusionGroup, constant_names, fusion_groups, node_names
 from ..sequence import SequenceData
 from .options import CompareOptions
@@ -104,7 +105,7 @@ def layers_per_group(ref: ReferenceGraph, mode: str) -> list[list[Layer]]:
             if t in seen or t not in ref.producer or not _is_float_spec(ref.specs.get(t)):
                 continue
             idx = ref.producer[t]
-            if nodes[idx].op_type == "Constant":
+            if nodes[idx].op_type == "Constant" or nodes[idx].op_type in RANDOM_OPS:  # a draw is no layer's error
                 continue
             seen.add(t)
             op_type = g.anchor_op if mode == "groups" else nodes[idx].op_type
