@@ -774,6 +774,12 @@ def test_boxes_nms_keeps_may_differ_in_number_and_are_compared_where_they_agree(
     rows = result.end_to_end.set_index("output")
     assert np.isfinite(rows.loc["kept_boxes", "cosine"]) and rows.loc["scores", "cosine"] == 1.0
     assert "top1_agreement" not in rows.columns or math.isnan(rows.loc["kept_boxes", "top1_agreement"])
+    none = compare(model, {"none": model_from_proto(models.nms_detector(score_threshold=0.9))},
+                   from_arrays({"image": x}, role="validation"), CompareOptions(batch_size=1, bootstrap=0,
+                                                                                per_layer=False))
+    (note,) = [w for w in none.warnings if "another shape" in w]  # every image keeps fewer boxes: nothing is left
+    assert "on 10 of 10 sample(s); it has no figures (NaN)" in note
+    assert math.isnan(none.end_to_end.set_index("output").loc["kept_boxes", "cosine"])
     from quantlab.cli.compare import known_metrics
     from quantlab.compare.labels import classifier_outputs
 
@@ -1035,6 +1041,29 @@ def test_an_output_that_is_mostly_a_constant_offset_is_warned_of():
     assert note.startswith("output 'depth' is mostly a constant offset (values 5")
     assert "is worth 29 dB" in note  # 5.02 over a spread of 0.18: 10 log10(1 + (5.02 / 0.18) ** 2)
     assert not any("'residual'" in w for w in res.warnings)  # the same map without the offset
+
+
+def test_an_output_the_reference_gives_as_one_constant_is_warned_of():
+    """All-zero logits (a dead head, data the model does not expect) scored SQNR inf and cosine 1 without a word:
+    a candidate giving the same constant is perfect whatever its error elsewhere. Zero or not, such an output is
+    named; one that varies is not."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.05, (1, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["h"], name="head", pads=[1, 1, 1, 1]),
+         helper.make_node("Mul", ["h", "zero"], ["zeros"], name="dead"),
+         helper.make_node("Add", ["zeros", "seven"], ["sevens"], name="constant")], "dead",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 1, 8, 8]) for n in ("h", "zeros", "sevens")],
+        [w, numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+         numpy_helper.from_array(np.array(7.0, np.float32), "seven")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = from_arrays({"x": rng.normal(0, 1, (6, 3, 8, 8)).astype(np.float32)}, role="validation")
+    res = compare(model, {"same": model}, data, CompareOptions(batch_size=2, bootstrap=0, per_layer=False))
+    notes = [w for w in res.warnings if "at every element" in w]
+    assert [n.split(":")[0] for n in notes] == ["output 'zeros'", "output 'sevens'"]
+    assert "gives 0 at every element" in notes[0] and "gives 7 at every element" in notes[1]
+    assert not any("'sevens' is mostly a constant offset" in w for w in res.warnings)
 
 
 @pytest.mark.parametrize("gain, warned", [(1.0, True), (0.0, False)], ids=["noisy", "noise-off"])

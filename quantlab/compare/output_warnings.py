@@ -1,7 +1,7 @@
 """Warnings on a comparison's outputs themselves, not on a candidate: a reference that holds NaN, an output with
 one value per sample (no cosine), samples whose reference is near zero, outputs of another shape than the
 reference's or than the model declares, probabilities whose threshold marks all or nothing, an output that is
-mostly a constant offset."""
+mostly a constant offset, or constant."""
 
 from __future__ import annotations
 
@@ -37,9 +37,10 @@ def output_warnings(e2e: EndToEnd) -> list[str]:
             for o in e2e.outputs for axis, top, low in e2e.reference[o].spread[:1]]
     out += _offset_warnings(e2e)
     out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps or the steps "
-            f"a while loop takes) has "
-            f"another shape than the reference's on {st.mismatched} of {len(e2e.keys)} sample(s); its figures "
-            "cover the others" for (name, o), st in e2e.stats.items() if st.mismatched]
+            f"a while loop takes) has another shape than the reference's on {st.mismatched} of {len(e2e.keys)} "
+            "sample(s); " + ("its figures cover the others" if st.mismatched < len(e2e.keys) else
+                             "it has no figures (NaN): judge it by a task metric (--metric)")
+            for (name, o), st in e2e.stats.items() if st.mismatched]
     return out
 
 
@@ -112,7 +113,12 @@ def _offset_warnings(e2e: EndToEnd) -> list[str]:
             continue
         mean, std = e2e.reference[o].offset[0]
         worth = offset_db(mean, std)
-        if worth >= OFFSET_DB and np.isfinite(worth):
+        if std == 0:  # an all-zero map, a dead head: any candidate that gives the same constant scores perfect
+            out.append(f"output {o!r}: the reference gives {mean:.4g} at every element of the first batch: its "
+                       "figures say nothing of quantization (a candidate giving the same constant scores perfect); "
+                       "check that the data is what the model expects (layout, scale, an input left at zero), or "
+                       "judge the model by its other outputs")
+        elif worth >= OFFSET_DB and np.isfinite(worth):
             out.append(f"output {o!r} is mostly a constant offset (values {mean:.4g} +- {std:.3g}): the offset alone "
                        f"is worth {worth:.0f} dB of SQNR and a cosine near 1, whatever the error in its variation; "
                        "read max_abs against its spread, or judge it by a task metric (--metric)")
