@@ -1373,3 +1373,25 @@ def test_a_search_on_a_reference_that_draws_random_numbers_is_refused(gain, tmp_
         assert "sqnr_db>=10" in str(err.value)
     else:
         assert search(model, table, val, options).met
+
+
+def test_the_final_plan_says_which_outputs_it_judged_without_some_samples():
+    """A data-sized output (the boxes NMS keeps) of another shape than FP32's on some samples is left out of the
+    figures there: a plan keeping a box more on the hardest images looked no worse. The search's notes name it
+    with the count, and the threshold to add; a threshold that gates on it gets no such note."""
+    from quantlab.compare import CompareOptions, compare
+    from quantlab.search.api import shape_mismatch_notes
+
+    model = model_from_proto(models.nms_detector(score_threshold=0.57))
+    stricter = model_from_proto(models.nms_detector(score_threshold=0.62))
+    x = np.random.default_rng(0).normal(size=(10, 3, 16, 16)).astype(np.float32)
+    result = compare(model, {"stricter": stricter}, from_arrays({"image": x}, role="validation"),
+                     CompareOptions(batch_size=1, bootstrap=0, per_layer=False))
+    rows = result.end_to_end.set_index("output")
+    differ = int(rows.loc["kept_boxes", "shape_mismatch"])
+    assert 0 < differ < 10 and rows.loc["scores", "shape_mismatch"] == 0
+    assert result.check("cosine>=0.5 and shape_mismatch<=0")["stricter"].passed is False  # a gate on it works
+    (note,) = shape_mismatch_notes(result, "cosine>=0.5")
+    assert note.startswith(f"WARNING output 'kept_boxes' of the final plan had another shape than the FP32 model's "
+                           f"on {differ} of 10 validation sample(s)") and "'and shape_mismatch<=0'" in note
+    assert shape_mismatch_notes(result, "cosine>=0.5 and shape_mismatch<=0") == ()

@@ -217,8 +217,10 @@ def _end_to_end_view(result: Any) -> Any:
               "top5_drop", "mcnemar_p"):
         if c in df.columns and df[c].notna().any():
             cols.append(c)
+    if "shape_mismatch" in df.columns and (df["shape_mismatch"] > 0).any():  # else a column of zeros
+        cols.insert(cols.index("nan_count") + 1, "shape_mismatch")
     extra = [c for c in df.columns if c not in cols and not c.endswith(("_ci_low", "_ci_high"))
-             and c not in ("cosine_min", "mean_abs", "classes", "ref_top5", "top5", "ref_only_correct",
+             and c not in ("cosine_min", "mean_abs", "classes", "ref_top5", "top5", "ref_only_correct", "shape_mismatch",
                            "cand_only_correct", "free_cosine", "free_max_abs", "free_rel_l2")]
     return df[cols + extra]
 

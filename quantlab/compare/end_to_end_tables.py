@@ -58,6 +58,7 @@ def end_to_end_frames(e2e: EndToEnd, options: CompareOptions) -> tuple[pd.DataFr
     frame = frame[columns_order + [c for c in frame.columns if c not in columns_order]]
     frame["samples"] = frame["samples"].astype("int64")
     frame["nan_count"] = frame["nan_count"].astype("int64")
+    frame["shape_mismatch"] = frame["shape_mismatch"].astype("int64")
     per_sample = (pd.concat(samples, ignore_index=True) if samples
                   else pd.DataFrame(columns=list(PER_SAMPLE_COLUMNS)))
     return frame.reset_index(drop=True), per_sample
@@ -103,7 +104,7 @@ def _row(e2e: EndToEnd, name: str, o: str, user_cols: Mapping[str, np.ndarray],
         "cosine": float(kept.mean()) if kept.size else math.nan,
         "cosine_min": float(kept.min()) if kept.size else math.nan,
         "sqnr_db": err["sqnr_db"], "max_abs": err["max_abs"], "mean_abs": err["mean_abs"],
-        "rel_l2": err["rel_l2"], "nan_count": int(st.nonfinite),
+        "rel_l2": err["rel_l2"], "nan_count": int(st.nonfinite), "shape_mismatch": int(st.mismatched),
     }
     columns: dict[str, np.ndarray] = {"cosine": kept}
     sample = {"candidate": name, "output": o, "sample": np.asarray(e2e.indices, dtype=np.int64),

@@ -25,7 +25,9 @@ alike over elements (their cosine, cosine_min, sqnr_db and rel_l2 are NaN); for 
 (:mod:`.probabilities`: a text detector's map, tags, voice activity) element_match and exact_match of the masks
 ``p > decision_threshold``, and mask_iou (% overlap of the two masks, mean over the samples where either holds
 anything); each with _ci_low/_ci_high; and one column per number a user metric returns. nan_count counts
-NaN/inf elements in the candidate's outputs.
+NaN/inf elements in the candidate's outputs; shape_mismatch the samples whose output had another shape than the
+reference's (a data-sized output: the boxes NMS keeps), left out of the other figures (gate on it:
+``shape_mismatch<=0``).
 
 per_layer columns: candidate, mode, order (topological index of the node in the reference),
 layer (reference node name), group (fusion group name), op_type, tensor (reference output
@@ -72,7 +74,7 @@ OWNED_FILES = ("compare.json", MASK_EXAMPLES_FILE,
 
 END_TO_END_COLUMNS: tuple[str, ...] = (
     "candidate", "output", "samples", "cosine", "cosine_min", "cosine_ci_low", "cosine_ci_high", "sqnr_db",
-    "max_abs", "mean_abs", "rel_l2", "nan_count",
+    "max_abs", "mean_abs", "rel_l2", "nan_count", "shape_mismatch",
 )
 CLASSIFIER_COLUMNS: tuple[str, ...] = ("classes", "top1_agreement", "top1_agreement_ci_low", "top1_agreement_ci_high")
 LABEL_COLUMNS: tuple[str, ...] = (

@@ -117,7 +117,8 @@ def search(
     if comparison is None:  # the log lost it: measure the final plan again rather than return nothing
         comparison = evaluator.evaluate(outcome.plan, evaluator.size).comparison
     final = evaluator.write(outcome.plan, deploy=True)
-    notes = outcome.notes + _free_running_notes(model, evaluator, outcome.plan, comparison, dataset, options)
+    notes = (outcome.notes + _free_running_notes(model, evaluator, outcome.plan, comparison, dataset, options)
+             + shape_mismatch_notes(comparison, options.threshold))
     return SearchResult(
         met=outcome.met, plan=outcome.plan, final=final, comparison=comparison, trajectory=outcome.trajectory,
         sensitivity=outcome.sensitivity, evaluations=outcome.evaluations, bound=outcome.bound,
@@ -129,6 +130,21 @@ def search(
         notes=notes, budget=outcome.budget, executed=outcome.executed,
         seconds=time.perf_counter() - start, correction=correction,
     )
+
+
+def shape_mismatch_notes(comparison: CompareResult, threshold: str) -> tuple[str, ...]:
+    """A WARNING per output of the final comparison that had another shape than the FP32 model's on some samples
+    (``shape_mismatch``): its figures leave those samples out, so a plan that changes more of them (an INT8 NMS
+    keeping a box more) was not judged worse. None when the threshold names ``shape_mismatch`` itself."""
+    e2e = comparison.end_to_end
+    if "shape_mismatch" not in e2e.columns or "shape_mismatch" in parse_threshold(threshold).metrics:
+        return ()
+    return tuple(
+        f"WARNING output {r.output!r} of the final plan had another shape than the FP32 model's on "
+        f"{int(r.shape_mismatch)} of {int(r.samples)} validation sample(s) (a data-sized output: the boxes NMS "
+        f"keeps, the steps a loop takes): {threshold!r} was judged without them, so a plan changing more of them "
+        f"did not look worse; add 'and shape_mismatch<=0' to the threshold to require FP32's shapes"
+        for r in e2e[e2e["shape_mismatch"] > 0].itertuples())
 
 
 def _refuse_random_reference(model: LoadedModel, dataset: DataSet, options: SearchOptions) -> None:
