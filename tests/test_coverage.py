@@ -349,6 +349,30 @@ def test_cli_gate_exit_codes_and_files(tmp_path, capsys):
     assert "satur" in capsys.readouterr().err and not (tmp_path / "c6").exists()
 
 
+def test_cli_coverage_names_inputs_of_sizes_calibration_did_not_cover(tmp_path, capsys):
+    """A classifier for any image size calibrated on 16 px and checked on 24 px: the ranges of its sums over the
+    larger image were never measured. `compare --calib` said so; `coverage` (the command asked about the
+    calibration set) did not. A set of the calibrated size gets no such note."""
+    proto = models.any_size_classifier()
+    proto.graph.input[0].name = proto.graph.node[0].input[0] = "input"
+    onnx.save(proto, tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    calib = _manifest(data, "calib", {"input": rng.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)})
+    same = _manifest(data, "same", {"input": rng.normal(0, 1, (8, 3, 16, 16)).astype(np.float32)})
+    large = _manifest(data, "large", {"input": rng.normal(0, 1, (8, 3, 24, 24)).astype(np.float32)})
+    assert main(["calibrate", str(tmp_path / "model.onnx"), "--calib", str(calib), "--method", "minmax",
+                 "--no-progress", "--out", str(tmp_path / "cal")]) == 0
+    main(["coverage", str(tmp_path / "model.onnx"), "--table", str(tmp_path / "cal" / "calib_minmax.json"),
+          "--data", str(same), "--data", str(large), "--no-progress", "--out", str(tmp_path / "cov")])
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "where calibration covered" in line]
+    assert notes == ["note: large: input 'input': its samples of sizes [3, 24, 24] where calibration covered "
+                     "[3, 16, 16]: the ranges of tensors whose values grow with the size (attention over more "
+                     "positions, sums over a larger image) were not measured on such sizes; calibrate on samples of "
+                     "every size the model will see"]
+
+
 def test_cli_coverage_checks_what_an_int8_plan_may_quantize_unless_asked_for_all(tmp_path, capsys):
     """NudeNet at 416 failed standalone coverage on 72 shape-determined tensors (the anchor grid) and on the FP32
     box decoding, which no INT8 plan quantizes, while `quantlab run` (its candidates' tensors) said covered."""

@@ -113,14 +113,16 @@ def _flattened_note(result: PassResult) -> tuple[str, ...]:
 def _notes(name: str, summary: Any, calibration_summary: Any) -> tuple[str, ...]:
     if calibration_summary is None or summary is None:
         return ()
-    from ..data import overlap
+    from ..data import beyond_calibration, overlap
 
     shared = overlap(calibration_summary, summary)
+    sizes = tuple(f"{name}: {w}" for w in beyond_calibration(summary, calibration_summary, values=False,
+                                                               role="its"))
     if not shared:
-        return ()
+        return sizes
     note = (f"{name}: {shared} of {summary.count} samples are also in the calibration set; their coverage is "
             "trivially good, so this set looks better covered than new data would be")
-    return (note,)
+    return (note, *sizes)
 
 
 def coverage_of(model: LoadedModel, dataset: Any, table: CalibrationTable, calibration: Statistics, *,

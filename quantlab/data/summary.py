@@ -270,10 +270,12 @@ BEYOND_CALIBRATION = 0.05
 span is named (its INT8 range, and those after it, clip what calibration never showed)."""
 
 
-def beyond_calibration(validation: DataSummary, calibration: DataSummary) -> list[str]:
-    """Warnings for the inputs whose validation samples go where calibration did not: sizes outside the ones it
+def beyond_calibration(validation: DataSummary, calibration: DataSummary, *, values: bool = True,
+                       role: str = "validation") -> list[str]:
+    """Warnings for the inputs whose ``role`` samples go where calibration did not: sizes outside the ones it
     covered (the ranges of an attention over more positions, of sums over a larger image, were never measured:
-    DINOv2 at 84 px calibrated on 56-70 px lost 9 dB) and float values past its range."""
+    DINOv2 at 84 px calibrated on 56-70 px lost 9 dB) and, with ``values``, float values past its range
+    (``quantlab coverage`` measures those itself, tensor by tensor)."""
     calibrated = {s.name: s for s in calibration.inputs}
     out = []
     for v in validation.inputs:
@@ -283,12 +285,12 @@ def beyond_calibration(validation: DataSummary, calibration: DataSummary) -> lis
         if None not in (v.shape_min, v.shape_max, c.shape_min, c.shape_max) and len(v.shape_min) == len(c.shape_min):
             if any(a < b for a, b in zip(v.shape_min, c.shape_min)) or any(
                     a > b for a, b in zip(v.shape_max, c.shape_max)):
-                out.append(f"input {v.name!r}: validation samples of sizes {_extent(v)} where calibration covered "
+                out.append(f"input {v.name!r}: {role} samples of sizes {_extent(v)} where calibration covered "
                            f"{_extent(c)}: the ranges of tensors whose values grow with the size (attention "
                            "over more positions, sums over a larger image) were not measured on such sizes; "
                            "calibrate on samples of every size the model will see")
         span = c.max - c.min
-        if v.dtype.startswith("float") and span > 0 and (v.max > c.max + BEYOND_CALIBRATION * span
+        if values and v.dtype.startswith("float") and span > 0 and (v.max > c.max + BEYOND_CALIBRATION * span
                                                          or v.min < c.min - BEYOND_CALIBRATION * span):
             out.append(f"input {v.name!r}: validation values reach [{v.min:.4g}, {v.max:.4g}] where calibration saw "
                        f"[{c.min:.4g}, {c.max:.4g}]: the INT8 ranges of the input and of the layers after it clip "
