@@ -78,3 +78,11 @@ def test_a_two_tower_similarity_matrix_is_said_to_pair_the_samples():
     (found,) = measured_coupling(get_backend("ort"), model, data, 4)
     assert found.output == "logits_per_image" and found.how == "pairs N, M"
     assert "its [N, M] pairs every sample with the others" in found.describe()
+    # the graph shows it too, so calibrate and run (which measure only models with bodies) see it: batch 1
+    assert sample_mixing_nodes(model, {}) == ["similarity"]
+    coupling = batch_coupling(model, data, 4)
+    assert coupling.nodes == ("similarity",) and "a product that pairs the samples" in coupling.note(model.label, 4)
+    assert sample_mixing_nodes(model_from_proto(models.conv_net(size=8)), {}) == []
+    slip = models.any_size_classifier()  # an exporter declared a map's H as the batch: one input holds samples
+    slip.graph.output[0].CopyFrom(helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 8, "N", "W"]))
+    assert sample_mixing_nodes(model_from_proto(slip), {}) == []

@@ -322,3 +322,13 @@ def test_ctc_text_agreement_reads_only_the_valid_positions():
     np.testing.assert_allclose(cer, [0.0, 50.0, 200.0, 0.0])
     with pytest.raises(ValueError, match=r"\[N, T\]"):
         ctc_text_agreement(ref, cand[:, :3], 0)
+
+
+def test_mean_and_spread_needs_two_values():
+    """One value has no spread: CLIP's 1 x 1 logits of a batch of one were called a constant output."""
+    from quantlab.metrics import mean_and_spread
+
+    assert mean_and_spread(np.array([[-7.6]], np.float32)) == []
+    assert mean_and_spread(np.array([np.inf, 2.0], np.float32)) == []  # one finite value
+    assert mean_and_spread(np.array([2.0, 2.0, np.nan], np.float32)) == [(2.0, 0.0)]
+    assert mean_and_spread(np.array([1, 2], np.int64)) == []

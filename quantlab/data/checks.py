@@ -152,7 +152,8 @@ def coupled_batch_note(label: str, nodes: Sequence[str], batch_size: int, measur
     if nodes:
         shown = ", ".join(map(repr, nodes[:3])) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
         why = (f"{label} combines values across the samples of a batch ({shown}: a reduction, softmax or top-k "
-               "over the sample axis), so each sample's outputs depend on the others in its batch")
+               "over the sample axis, or a product that pairs the samples, as CLIP's logits_per_image [N, M]), so "
+               "each sample's outputs depend on the others in its batch")
     else:
         why = (f"{label} gives a sample other outputs in a batch than alone: run alone, the first samples of the "
                f"first batch changed {', '.join(measured)}; a reduction over the batch inside a Loop or If body, "

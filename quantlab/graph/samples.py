@@ -10,6 +10,7 @@ samples on axis 0; :func:`samples_on_axis0` checks the size against the batch.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,8 @@ def batch_named_outputs(model: LoadedModel, batch_axes: Mapping[str, int | None]
 def sample_mixing_nodes(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> list[str]:
     """Names of the main-graph nodes that combine values across samples: a reduction over the sample axis
     (openwakeword's melspectrogram: ``ReduceMax`` without axes sets its -80 dB floor from the whole batch), or a
-    softmax/arg-max/top-k/cumsum along it. Each sample's output then depends on the others in its batch: figures
+    softmax/arg-max/top-k/cumsum along it, or a product that pairs the samples (:func:`_pairs_samples`). Each
+    sample's output then depends on the others in its batch: figures
     measured at batch 8 are not what the model gives one sample at a time. Only tensors whose sample axis shape
     inference names (the inputs' batch symbol) are judged."""
     symbols = batch_symbols(model, batch_axes)
@@ -93,6 +95,9 @@ def sample_mixing_nodes(model: LoadedModel, batch_axes: Mapping[str, int | None]
     consts = {i.name: i for i in model.proto.graph.initializer}
     out = []
     for node in model.proto.graph.node:
+        if _pairs_samples(node, specs, symbols):
+            out.append(node.name or node.output[0])
+            continue
         data = node.input[0] if node.input else ""
         spec = specs.get(data)
         shape = tuple(spec.shape or ()) if spec else ()
@@ -103,6 +108,19 @@ def sample_mixing_nodes(model: LoadedModel, batch_axes: Mapping[str, int | None]
         if over is not None and axis in over:
             out.append(node.name or node.output[0])
     return out
+
+
+def _pairs_samples(node: onnx.NodeProto, specs: Mapping[str, Any], symbols: set[str]) -> bool:
+    """Whether ``node`` makes a tensor that holds every sample against every other out of two inputs that each
+    hold samples: an output naming batch symbols on two axes (CLIP's ``logits_per_image [N, M]``, a Gram matrix
+    ``[N, N]``) where no input does. Alone, a sample's row has one column. (A Conv whose declared output reads
+    ``[batch, 21, batch, w]``, an exporter's slip, reads one input with samples: not judged.)"""
+    def named(name: str) -> int:
+        spec = specs.get(name) if name else None
+        return 0 if spec is None else sum(isinstance(d, str) and d in symbols for d in spec.shape or ())
+
+    ins = [named(i) for i in node.input]
+    return any(named(o) >= 2 for o in node.output) and max(ins, default=0) < 2 and sum(n > 0 for n in ins) >= 2
 
 
 def _combined_axes(node: onnx.NodeProto, rank: int, consts: Mapping[str, onnx.TensorProto]) -> set[int] | None:

@@ -172,12 +172,13 @@ def near_zero_count(energy: np.ndarray, share: float = 1e-6) -> int:
 
 
 def mean_and_spread(x: np.ndarray) -> list[tuple[float, float]]:
-    """[(mean, standard deviation)] of the finite values of a float array (float64 sums); [] for none."""
+    """[(mean, standard deviation)] of the finite values of a float array (float64 sums); [] for fewer than two
+    (one value has no spread: a batch of one sample of CLIP's 1 x 1 logits is no constant output)."""
     arr = np.asarray(x)
-    if not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
+    if not np.issubdtype(arr.dtype, np.floating) or arr.size < 2:
         return []
     live = arr[np.isfinite(arr)].astype(np.float64)
-    return [(float(live.mean()), float(live.std()))] if live.size else []
+    return [(float(live.mean()), float(live.std()))] if live.size >= 2 else []
 
 
 def offset_db(mean: float, std: float) -> float:
