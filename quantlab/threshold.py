@@ -138,6 +138,31 @@ class Threshold:
         return (f"threshold {self.text!r} does not judge output(s) {', '.join(shown)}: they report no {metrics}"
                 + (f"; add a condition on what they report, e.g. '{example}>=...'" if example else ""))
 
+    def nan_reasons(self, rows: Sequence[Mapping[str, Any]] | Any) -> list[str]:
+        """Why each condition that reads NaN on every output of the end-to-end ``rows`` does: the candidate's
+        outputs hold NaN/inf (``nan_count``), no sample's output had the reference's shape (``shape_mismatch``),
+        or no output reports the metric (an integer output has no cosine). [] when every condition reads a
+        number."""
+        records = _records(rows)
+        out = []
+        for cond in self.conditions:
+            if any(_finite(r.get(cond.metric)) for r in records):
+                continue
+            nonfinite = sum(int(_number(r.get("nan_count")) or 0) for r in records)
+            whole = [str(r.get("output")) for r in records
+                     if 0 < (_number(r.get("samples")) or 0) <= (_number(r.get("shape_mismatch")) or 0)]
+            if nonfinite:
+                why = f"the candidate's outputs hold {nonfinite} NaN/inf value(s) (nan_count)"
+            elif whole:
+                why = (f"no sample's {', '.join(map(repr, whole[:3]))} had the reference's shape (shape_mismatch), "
+                       "so no sample has figures")
+            else:
+                reported = [m for m in _OUTPUT_FIGURES if any(_finite(r.get(m)) for r in records)]
+                why = (f"no output reports {cond.metric}" + (f" (they report {', '.join(reported[:3])})"
+                                                             if reported else ""))
+            out.append(f"{cond} is NaN: {why}")
+        return out
+
     def __str__(self) -> str:
         return self.text
 

@@ -751,6 +751,7 @@ def test_cli_nan_candidate_fails_the_gate(setup, cli_setup, tmp_path, capsys):
                  "--no-progress", "--bootstrap", "0"])
     out = capsys.readouterr().out
     assert code == 1 and "cannot be evaluated" in out and "end-to-end comparison only" in out
+    assert re.search(r"cannot be evaluated \(cosine<0\.9 is NaN: the candidate's outputs hold \d+ NaN/inf value", out)
 
 
 def test_boxes_nms_keeps_may_differ_in_number_and_are_compared_where_they_agree():

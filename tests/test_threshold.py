@@ -151,3 +151,19 @@ def test_outputs_no_condition_reads_are_named():
     assert t.unjudged_note(rows[:1]) is None
     assert t.unjudged_note(rows[1:]) is None  # nothing judged: check() itself fails
     assert not t.check(rows[1:]).passed
+
+
+def test_a_condition_that_reads_nan_says_why():
+    """`--fail-if` on a NaN figure said only "cosine<0.9 is NaN": the candidate's NaN outputs, a data-sized output
+    no sample of which kept the reference's shape, and an output that does not report the metric read alike."""
+    t = parse_threshold("cosine>=0.9")
+    nan = math.nan
+    assert t.nan_reasons([{"output": "y", "samples": 4, "cosine": nan, "nan_count": 12, "shape_mismatch": 0}]) == [
+        "cosine>=0.9 is NaN: the candidate's outputs hold 12 NaN/inf value(s) (nan_count)"]
+    (why,) = t.nan_reasons([{"output": "boxes", "samples": 4, "cosine": nan, "nan_count": 0, "shape_mismatch": 4}])
+    assert why == ("cosine>=0.9 is NaN: no sample's 'boxes' had the reference's shape (shape_mismatch), so no "
+                   "sample has figures")
+    assert t.nan_reasons([{"output": "ids", "samples": 4, "cosine": nan, "exact_match": 75.0, "nan_count": 0,
+                           "shape_mismatch": 0}]) == [
+        "cosine>=0.9 is NaN: no output reports cosine (they report exact_match)"]
+    assert t.nan_reasons([{"output": "y", "samples": 4, "cosine": 0.5, "shape_mismatch": 1}]) == []

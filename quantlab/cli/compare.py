@@ -340,7 +340,9 @@ def run(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{k} = {_fmt(v)}" for k, v in check.values.items())
             if check.passed or unknown or not_judged:
                 failed.append(name)
-                why = ("holds" if check.passed else f"cannot be evaluated ({', '.join(unknown)} is NaN)"
+                rows = result.end_to_end[result.end_to_end["candidate"] == name]
+                why = ("holds" if check.passed else
+                       f"cannot be evaluated ({'; '.join(threshold.nan_reasons(rows)) or ', '.join(unknown)})"
                        if unknown else f"cannot be judged: {not_judged}")
                 print(f"FAIL {name}: --fail-if {threshold} {why} ({shown})")
             else:
