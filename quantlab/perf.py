@@ -25,8 +25,8 @@ from .environment import available_memory_bytes, format_bytes, shape_bytes
 from .errors import InputMismatchError
 from .graph import LoadedModel, TensorSpec
 
-__all__ = ["LatencyResult", "measure_latency", "random_feeds", "latency_from_samples", "feed_batch_size",
-           "check_feeds_fit"]
+__all__ = ["LatencyResult", "measure_latency", "random_feeds", "data_feeds", "latency_from_samples",
+           "feed_batch_size", "check_feeds_fit"]
 
 _RANDOM_TEMP_ITEMSIZE = 8
 """numpy draws random numbers as float64 / int64 before the cast: 8 more bytes per value while a feed is made."""
@@ -275,3 +275,18 @@ def random_feeds(
         else:
             raise InputMismatchError(f"input {spec.name!r} has type {spec.dtype}; quantlab makes only numeric data")
     return feeds
+
+
+def data_feeds(model: LoadedModel, dataset: Any, batch_size: int) -> tuple[dict[str, np.ndarray], int]:
+    """The first batch of ``dataset`` (up to ``batch_size`` samples) as feeds for ``model``, and how many samples
+    it holds: what a latency of real work is measured on. Random data misleads where the values decide the work:
+    a TTS model fed padding ids (0) made half its waveform, a while loop stops after other steps, NMS keeps other
+    boxes. Raises InputMismatchError for data that does not fit the model (named by input) or an empty set."""
+    from .data import check_inputs
+
+    check_inputs(dataset, model, batch_size=batch_size)
+    batch = next(iter(dataset.batches(batch_size)), None)
+    if batch is None:
+        raise InputMismatchError(f"data set {getattr(dataset, 'label', dataset)!s} holds no sample to time; give "
+                                 "a manifest with at least one")
+    return {k: np.asarray(v) for k, v in batch.feeds.items()}, len(batch)

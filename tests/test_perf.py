@@ -242,3 +242,26 @@ def test_feeds_that_fit_only_at_a_smaller_batch_say_which_sizes_to_lower():
         check_feeds_fit(model, 2, {"seq": 8}, available=need - 1)
     assert "a smaller --batch-size than 2" in str(err.value) and "seq=8" in str(err.value)
     assert "5.5 KiB available" in str(err.value) and need == 5632
+
+
+def test_cli_perf_times_the_first_batch_of_a_data_set(tmp_path, capsys):
+    """Random data times other work where the values decide it (VITS fed padding id 0 made half its waveform):
+    --data times the first batch of a manifest, at the data's own sizes (no --dim), a batch no larger than the
+    set, and says and records what it timed."""
+    proto = models.any_size_classifier()
+    onnx.save(proto, tmp_path / "any.onnx")
+    images = np.random.default_rng(0).normal(0, 1, (3, 3, 20, 28)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", image=images)
+    (tmp_path / "val.toml").write_text('role = "validation"\n[[source]]\nkind = "npz"\npath = "val.npz"\n'
+                                       'batched = true\n')
+    common = ["perf", str(tmp_path / "any.onnx"), "--backend", "ort", "--warmup", "1", "--iterations", "3",
+              "--threads", "1"]
+    assert main([*common, "--batch-size", "4", "--data", str(tmp_path / "val.toml"), "--json",
+                 str(tmp_path / "p.json")]) == 0
+    assert f"batch 3, warm-up 1, iterations 3, the first batch of {tmp_path / 'val.toml'})" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["settings"]["feeds"] == {"image": [[3, 3, 20, 28], "float32"]} and doc["settings"]["batch_size"] == 3
+    assert doc["results"][0]["latency"]["batch_size"] == 3
+    assert main([*common, "--data", str(tmp_path / "val.toml"), "--dim", "H=8"]) == 2  # one or the other
+    assert "--dim sizes random data" in capsys.readouterr().err
+    assert main([*common]) == 2  # random data needs the sizes the data gave

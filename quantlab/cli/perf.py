@@ -3,7 +3,8 @@
     quantlab perf model.onnx --backend all --batch-size 8 --iterations 200 --json perf.json
 
 Each backend builds the model once, runs ``--warmup`` untimed batches of random
-data, then times ``--iterations`` batches (and at least ``--duration`` seconds).
+data (or of the first batch of ``--data``), then times ``--iterations`` batches (and at least ``--duration``
+seconds).
 Backends that cannot run here (not installed, no GPU) are listed with the reason.
 
 For INT8 Q/DQ models ONNX Runtime's fused integer kernels are the fast path;
@@ -56,6 +57,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=SIZE",
                    help="size of a named dynamic input axis other than the batch (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input data")
+    p.add_argument("--data", type=path_arg, default=None, metavar="TOML",
+                   help="time the first batch of this data set (manifest) instead of random data: where the values "
+                        "decide the work (a while loop's steps, the boxes NMS keeps, a TTS model's output length, "
+                        "ids where 0 is padding) random data times other work")
     p.add_argument("--shapes", action="append", default=None, metavar="NAME:MIN,OPT,MAX",
                    help="TensorRT engine shape ranges, trtexec-style (e.g. image:1x3x48x64,8x3x48x320,32x3x48x1600); "
                         "the named inputs are timed at their OPT shape, batch included (it replaces --batch-size)")
@@ -168,14 +173,23 @@ def run(args: argparse.Namespace) -> int:
     from ..fingerprint import tool_versions
     from ..graph import load_model
     from ..graph.topology import holds_qdq
-    from ..perf import random_feeds
+    from ..data import open_dataset
+    from ..errors import InputMismatchError
+    from ..perf import data_feeds, random_feeds
 
     if args.json is not None:
         _check_json_target(args.json)
     model = load_model(args.model, bind=bound_inputs(args))
     args.ranges = _ranges(args.shapes, model)
-    feeds = random_feeds(model, args.batch_size, seed=args.seed, dims={**_opt_dims(args.ranges, model), **dict(args.dim)})
-    if args.ranges:
+    if args.data is not None:
+        if args.dim:
+            raise InputMismatchError("--dim sizes random data; with --data the data's own sizes are timed: give one "
+                                     "or the other")
+        feeds, args.batch_size = data_feeds(model, open_dataset(args.data), args.batch_size)
+    else:
+        feeds = random_feeds(model, args.batch_size, seed=args.seed,
+                             dims={**_opt_dims(args.ranges, model), **dict(args.dim)})
+    if args.ranges and args.data is None:
         _at_opt_shapes(feeds, args.ranges, args.seed)
         args.batch_size = next(iter(args.ranges.values())).opt[0]  # what is timed: the OPT batch (axis 0)
     names = list(BACKEND_NAMES) if args.backend == "all" else [args.backend]
@@ -191,8 +205,9 @@ def run(args: argparse.Namespace) -> int:
             unavailable.append({"backend": name, "reason": str(exc)})
             continue
         rows.append({"backend": info, "latency": result.as_dict()})
+    timed = f"the first batch of {args.data}" if args.data is not None else f"random data, seed {args.seed}"
     print(f"model: {model.label}  (sha256 {model.sha256[:12]}, batch {args.batch_size}, "
-          f"warm-up {args.warmup}, iterations {args.iterations})")
+          f"warm-up {args.warmup}, iterations {args.iterations}, {timed})")
     if rows:
         print(_table(rows))
     has_qdq = holds_qdq(model.proto)
@@ -209,7 +224,9 @@ def run(args: argparse.Namespace) -> int:
             "model": {"path": str(args.model), "sha256": model.sha256},
             "settings": {"batch_size": args.batch_size, "warmup": args.warmup, "iterations": args.iterations,
                          "duration_s": args.duration, "threads": args.threads, "seed": args.seed,
-                         "dims": dict(args.dim), "qdq_fusion": args.qdq_fusion},
+                         "dims": dict(args.dim), "qdq_fusion": args.qdq_fusion,
+                         "data": None if args.data is None else str(args.data),
+                         "feeds": {k: [list(v.shape), str(v.dtype)] for k, v in feeds.items()}},
             "results": rows,
             "unavailable": unavailable,
             "tool_versions": tool_versions(),
