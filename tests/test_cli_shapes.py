@@ -60,12 +60,15 @@ def test_build_takes_the_shapes_a_calibration_table_recorded(recognizer, tmp_pat
     assert table.calib_set["input_shapes"] == {"image": [[1, 3, 48, 96, 4]]}  # [*sample shape, samples]
     assert table.calib_set["batch_axes"] == {"image": 0}
     write_table(table, tmp_path / "t.json")
-    code, _, _ = _run(["build", str(recognizer), "--table", str(tmp_path / "t.json"), "--backend", "tensorrt-rtx",
-                       "--out", str(tmp_path / "b")], capfd)
+    code, out, _ = _run(["build", str(recognizer), "--table", str(tmp_path / "t.json"), "--backend", "tensorrt-rtx",
+                         "--out", str(tmp_path / "b")], capfd)
     assert code == ExitCode.OK
     info = json.loads((tmp_path / "b" / "engine.json").read_text())
     assert info["profiles"] == {"image": [[1, 3, 48, 96], [8, 3, 48, 96], [8, 3, 48, 96]]}  # batch: PROFILE_BATCH
     assert info["profiles_from"] == "the calibration data"
+    # lines of 96 px only: a narrower or wider line is refused at run time, which the build now says
+    note = "the engine takes only the sizes the calibration data had on the model's dynamic axes ('image' axis 3: 96)"
+    assert note in out and "give --shapes NAME:MIN,OPT,MAX" in out and info["profile_note"].startswith(note[:40])
 
 
 def test_perf_times_the_opt_shape(recognizer, tmp_path, capfd):

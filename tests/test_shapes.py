@@ -159,3 +159,17 @@ def test_sample_shapes_do_not_depend_on_the_batch_size_and_the_batch_axis_is_set
     assert fixed["image"].as_lists() == [[4, 3, 48, 96]] * 3  # a fixed batch stays the model's
     with pytest.raises(InputMismatchError, match="t.json: calib_set.batch_axes: is"):
         shapes_for_table(None, {"batch_axes": {"state": "one"}}, net, where="t.json")
+
+
+def test_a_profile_from_data_says_which_dynamic_sizes_its_engine_refuses():
+    """A decoder step's past calibrated from length 4 up: its engine refused steps 1-3 without a word at build.
+    Axes whose data reached 0 or 1 (the batch, a past of length 0) and static axes are not named."""
+    from quantlab.shapes import ShapeRange, data_profile_note
+
+    net = {"past": [-1, 4, -1, 8], "ids": [-1, 1], "image": [-1, 3, 48, -1]}
+    ranges = {"past": ShapeRange("past", (1, 4, 4, 8), (8, 4, 9, 8), (8, 4, 16, 8)),
+              "ids": ShapeRange("ids", (1, 1), (8, 1), (8, 1)),
+              "image": ShapeRange("image", (1, 3, 48, 0), (8, 3, 48, 96), (8, 3, 48, 320))}
+    note = data_profile_note(ranges, net)
+    assert note is not None and "('past' axis 2: 4 to 16)" in note and "'image'" not in note and "'ids'" not in note
+    assert data_profile_note({"ids": ranges["ids"]}, net) is None

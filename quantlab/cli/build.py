@@ -205,6 +205,7 @@ def _engine(args: argparse.Namespace, model: Any, written: WrittenModel, shapes:
     """(engine bytes, description, message) for TensorRT backends; ORT only has to load the model."""
     from ..backends import get_backend
     from ..fingerprint import sha256_bytes
+    from ..shapes import data_profile_note, network_shapes
 
     backend = get_backend(args.backend)
     if args.backend == "ort":
@@ -234,8 +235,11 @@ def _engine(args: argparse.Namespace, model: Any, written: WrittenModel, shapes:
         "profiles_from": source,
     }
     shown = " ".join(f"{k}:{','.join('x'.join(map(str, s)) for s in v)}" for k, v in profiles.items())
+    narrow = data_profile_note(ranges, network_shapes(model.inputs)) if ranges and not args.shapes else None
+    info["profile_note"] = narrow
     return engine, info, (f"{args.backend} built an engine of {len(engine) / 1e6:.1f} MB"
-                          + (f"; profiles from {source}: {shown}" if profiles else ""))
+                          + (f"; profiles from {source}: {shown}" if profiles else "")
+                          + (f"\n  note: {narrow}" if narrow else ""))
 
 
 def _with_fp32_verdict(error: BackendError, build_engine: Any, model: Any, written: WrittenModel,

@@ -31,6 +31,7 @@ from __future__ import annotations
 from .profiles import (
     PROFILE_BATCH,
     batch_axes_from_dict,
+    data_profile_note,
     engine_shapes,
     fixed_batch_size,
     outside_profiles,
@@ -67,6 +68,7 @@ __all__ = [
     "outside_profiles",
     "parse_shapes",
     "profiles_from_data",
+    "data_profile_note",
     "range_from_shapes",
     "shapes_for_build",
     "shapes_for_table",

@@ -19,6 +19,7 @@ from .shape_log import BATCH_AXIS, ShapeLog
 
 __all__ = [
     "PROFILE_BATCH",
+    "data_profile_note",
     "batch_axes_from_dict",
     "engine_shapes",
     "fixed_batch_size",
@@ -111,6 +112,26 @@ def profiles_from_data(network_inputs: Mapping[str, Sequence[int]], log: ShapeLo
     return {name: range_from_shapes(name, shape, log.shapes(name), axis(name), batch)
             for name, shape in network_inputs.items()
             if any(int(d) < 0 for d in shape) and log.shapes(name)}
+
+
+def data_profile_note(ranges: Mapping[str, ShapeRange], network_inputs: Mapping[str, Sequence[int]]) -> str | None:
+    """What an engine whose profiles came from data refuses: the dynamic axes (other than the batch, whose
+    minimum is 1) the data never fed below some size (a decoder step's past calibrated from length 4 up: its
+    steps 1-3 are refused at run time, as is any text line narrower than the narrowest calibrated). None when
+    every dynamic axis reaches 0 or 1."""
+    narrow = []
+    for name, r in ranges.items():
+        net = network_inputs.get(name) or ()
+        for axis, n in enumerate(net):
+            if int(n) < 0 and axis < len(r.min) and r.min[axis] > 1:
+                sizes = f"{r.min[axis]}" if r.min[axis] == r.max[axis] else f"{r.min[axis]} to {r.max[axis]}"
+                narrow.append(f"{name!r} axis {axis}: {sizes}")
+    if not narrow:
+        return None
+    shown = "; ".join(narrow[:4]) + (f"; and {len(narrow) - 4} more" if len(narrow) > 4 else "")
+    return (f"the engine takes only the sizes the calibration data had on the model's dynamic axes ({shown}): a "
+            "deployment feeding others (a decoder's first steps, a narrower image or text line) is refused at run "
+            "time; give --shapes NAME:MIN,OPT,MAX with the sizes it will feed")
 
 
 def batch_axes_from_dict(doc: object, where: str = "calib_set.batch_axes") -> dict[str, int | None]:
