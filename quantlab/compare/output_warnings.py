@@ -36,6 +36,7 @@ def output_warnings(e2e: EndToEnd) -> list[str]:
             "ones only; judge it by a task metric (--metric, e.g. detections matched to the reference's)"
             for o in e2e.outputs for axis, top, low in e2e.reference[o].spread[:1]]
     out += _offset_warnings(e2e)
+    out += _same_for_every_sample_warnings(e2e)
     out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps or the steps "
             f"a while loop takes) has another shape than the reference's on {st.mismatched} of {len(e2e.keys)} "
             "sample(s); " + ("its figures cover the others" if st.mismatched < len(e2e.keys) else
@@ -100,6 +101,31 @@ def _near_zero_warnings(e2e: EndToEnd, skip: list[str]) -> list[str]:
             out.append(f"output {o!r}: {near_zero} of {energy.size} sample(s) have a reference close to zero "
                        "(norm under 1/1000 of the median: e.g. an image without text): their cosine measures "
                        "noise and pulls the mean cosine down; read sqnr_db (over all elements) instead")
+    return out
+
+
+SAME_FOR_EVERY_SAMPLE = 1e-5
+"""An output whose largest difference between samples is at most this share of its largest |x| is the same for
+every sample (float32 rounding is ~1e-7; images that differ give differences of 1e-2 and more)."""
+
+
+def _same_for_every_sample_warnings(e2e: EndToEnd) -> list[str]:
+    """Outputs the reference gives alike for every sample of a shard's first batch (MobileViT with tiny random
+    weights: logits of 1e-4 that differ by 1e-10): a candidate that gives that output whatever its input scores
+    perfect, and bias correction reached 103 dB by absorbing it. Outputs constant everywhere have their own
+    warning (:func:`_offset_warnings`)."""
+    out = []
+    for o in e2e.outputs:
+        ref = e2e.reference[o]
+        if not ref.sameness or ref.sameness[0] > SAME_FOR_EVERY_SAMPLE:
+            continue
+        if ref.offset and ref.offset[0][1] == 0:
+            continue  # one constant: said by _offset_warnings
+        out.append(f"WARNING output {o!r}: the reference gives the same values for every sample of the first batch "
+                   f"(they differ by {ref.sameness[0]:.2g} of its largest value): the model ignores its input (a "
+                   "dead network, e.g. weights initialised too small, or data it does not expect: check layout and "
+                   "scale), unless the output is meant to be (an anchor grid); its figures say nothing of how a "
+                   "candidate treats the data")
     return out
 
 

@@ -22,6 +22,7 @@ from .errors import (
     sqnr_db,
 )
 from .statistics import (
+    across_samples,
     binomial_ci,
     bootstrap_ci,
     channel_spread,
@@ -52,6 +53,7 @@ __all__ = [
     "mcnemar_exact_p",
     "near_zero_count",
     "channel_spread",
+    "across_samples",
     "mean_and_spread",
     "offset_db",
     "as_float32",

@@ -187,6 +187,22 @@ def offset_db(mean: float, std: float) -> float:
     return math.inf if std == 0 else 10.0 * math.log10((mean * mean + std * std) / (std * std))
 
 
+def across_samples(x: np.ndarray) -> list[float]:
+    """[the largest difference between samples (standard deviation over axis 0, the samples, per element) over the
+    largest |x|] of a float array, samples first; [] for fewer than two samples or no finite value. About 1e-7
+    (float rounding) or less: every sample gives the same output (MobileViT with tiny random weights: 1e-10 of
+    logits of 1e-4), so the model ignores its input."""
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.floating) or arr.ndim == 0 or arr.shape[0] < 2 or arr.size == 0:
+        return []
+    live = np.where(np.isfinite(arr), arr, np.nan).astype(np.float64)
+    scale = np.nanmax(np.abs(live)) if np.isfinite(live).any() else math.nan
+    if not np.isfinite(scale):
+        return []
+    spread = np.nanmax(np.nanstd(live, axis=0)) if live.shape[0] >= 2 else 0.0
+    return [float(spread / scale) if scale > 0 else 0.0]
+
+
 def channel_spread(x: np.ndarray, ratio: float = 100.0, max_size: int = 512) -> list[tuple[int, float, float]]:
     """(axis, largest, smallest) for each axis of a ``[N, A, B]`` output (samples on axis 0) along which the
     indices' largest |x| differ ``ratio`` times or more (smallest over the non-zero ones), for axes of 3 to

@@ -118,7 +118,8 @@ def search(
         comparison = evaluator.evaluate(outcome.plan, evaluator.size).comparison
     final = evaluator.write(outcome.plan, deploy=True)
     notes = (outcome.notes + _free_running_notes(model, evaluator, outcome.plan, comparison, dataset, options)
-             + shape_mismatch_notes(comparison, options.threshold))
+             + shape_mismatch_notes(comparison, options.threshold)
+             + tuple(f"final comparison: {w}" for w in comparison.warnings))  # a dead output passed at 103 dB
     return SearchResult(
         met=outcome.met, plan=outcome.plan, final=final, comparison=comparison, trajectory=outcome.trajectory,
         sensitivity=outcome.sensitivity, evaluations=outcome.evaluations, bound=outcome.bound,
