@@ -146,6 +146,31 @@ def _resolve_shape(spec: TensorSpec, batch_size: int, dims: Mapping[str, int]) -
     return tuple(shape)
 
 
+def _with_batch(model: LoadedModel, batch_size: int, dims: Mapping[str, int] | None) -> dict[str, int]:
+    """``dims`` with every batch symbol (an input's axis-0 symbol) at ``batch_size``, wherever it appears: a GRU's
+    state ``h0 [2, batch, 48]`` beside ``feats [batch, 16, time]`` gets the batch on axis 1 too (asked for a size
+    of its own, ``--dim batch=4`` ran batch 4 while perf said 1 and divided by 1). A size ``dims`` gives a batch
+    symbol is refused: ``batch_size`` sets it."""
+    from .graph.samples import batch_symbols
+
+    symbols = batch_symbols(model, {})
+    given = sorted(set(dims or {}) & symbols)
+    if given:
+        raise InputMismatchError(f"{model.label}: {', '.join(map(repr, given))} is the batch (axis 0 of an input); "
+                                 "its size is the batch size: give --batch-size (batch_size=), not --dim. For a model "
+                                 "whose samples are on another axis (a sequence-first RNN's [T, batch, F]), time real "
+                                 "data whose manifest says so: --data MANIFEST with its batch_axis")
+    elsewhere = sorted({d for spec in model.inputs for d in (spec.shape or ())[1:]
+                        if isinstance(d, str) and "batch" in d.lower() and d not in symbols})
+    if elsewhere:  # random data would put the batch on axis 0 and size the real one by --dim: wrong samples/s
+        raise InputMismatchError(
+            f"{model.label}: {', '.join(map(repr, elsewhere))} names a batch but is not on axis 0 of any input, "
+            f"where {', '.join(map(repr, sorted(symbols))) or 'no symbol'} is: perf cannot tell which axis holds the "
+            "samples of random data. Time real data whose manifest says where the batch is: --data MANIFEST (with "
+            "[inputs] NAME = { field = ..., batch_axis = 1 })")
+    return {**dict.fromkeys(symbols, batch_size), **(dims or {})}
+
+
 def _check_sized(model: LoadedModel, dims: Mapping[str, int]) -> None:
     """InputMismatchError naming every named dynamic axis besides the batch that ``dims`` gives no size, all at once
     (one per run made a decoder step with two lengths fail twice)."""
@@ -220,7 +245,7 @@ def check_feeds_fit(model: LoadedModel, batch_size: int, dims: Mapping[str, int]
     instead of a numpy allocation error. Counts the float64/int64 values numpy
     draws before the cast to the input's type.
     """
-    dims = dims or {}
+    dims = _with_batch(model, batch_size, dims)
     _check_sized(model, dims)
     tensors: list[tuple[str, TensorSpec | None, tuple[int, ...], int]] = []
     need = 0
@@ -253,18 +278,19 @@ def random_feeds(
 ) -> dict[str, np.ndarray]:
     """Deterministic random data for every model input, dynamic dims resolved.
 
-    A dynamic leading axis becomes ``batch_size``; other dynamic axes need a
-    size in ``dims`` (by symbol name). Floats are N(0, 1) in the input's float
+    A dynamic leading axis becomes ``batch_size``, and so does its symbol on any other axis (a recurrent state's
+    batch on axis 1); other dynamic axes need a size in ``dims`` (by symbol name). Floats are N(0, 1) in the input's float
     type; integers are 0 or 1 (valid ids, masks and token types); bools random.
     Refuses sizes that cannot fit in memory first (:func:`check_feeds_fit`).
     """
     if batch_size < 1:
         raise InputMismatchError(f"batch_size must be >= 1, got {batch_size}")
     check_feeds_fit(model, batch_size, dims, available=available)
+    sized = _with_batch(model, batch_size, dims)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in model.inputs:
-        shape = _resolve_shape(spec, batch_size, dims or {})
+        shape = _resolve_shape(spec, batch_size, sized)
         dtype = _feed_dtype(spec)
         if dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)

@@ -265,3 +265,33 @@ def test_cli_perf_times_the_first_batch_of_a_data_set(tmp_path, capsys):
     assert main([*common, "--data", str(tmp_path / "val.toml"), "--dim", "H=8"]) == 2  # one or the other
     assert "--dim sizes random data" in capsys.readouterr().err
     assert main([*common]) == 2  # random data needs the sizes the data gave
+
+
+def test_random_feeds_put_the_batch_on_every_axis_its_symbol_names():
+    """A GRU's state h0 [2, batch, 48] beside feats [batch, 16, time]: perf asked for --dim batch=128, then timed
+    batch 4 while it said batch 1 (throughput off 4x). The batch symbol takes the batch size wherever it is; a
+    --dim for it is refused, and so is random data for a model whose 'batch' is on no input's axis 0."""
+    from onnx import TensorProto, helper
+
+    from quantlab.errors import InputMismatchError
+    from quantlab.graph import model_from_proto
+
+    def gru(x_shape: list) -> object:
+        graph = helper.make_graph(
+            [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]) if x_shape[0] == "batch" else
+             helper.make_node("Identity", ["x"], ["xt"]),
+             helper.make_node("GRU", ["xt", "W", "R", "", "", "h0"], ["y", "hn"], hidden_size=4)], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape),
+             helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "batch", 4])],
+            [helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, "batch", 4])],
+            [onnx.numpy_helper.from_array(np.zeros((1, 12, 3), np.float32), "W"),
+             onnx.numpy_helper.from_array(np.zeros((1, 12, 4), np.float32), "R")])
+        return model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+    batch_first = gru(["batch", "time", 3])
+    feeds = random_feeds(batch_first, 4, dims={"time": 5})
+    assert feeds["x"].shape == (4, 5, 3) and feeds["h0"].shape == (1, 4, 4)
+    with pytest.raises(InputMismatchError, match="'batch' is the batch .* give --batch-size"):
+        random_feeds(batch_first, 4, dims={"time": 5, "batch": 2})
+    with pytest.raises(InputMismatchError, match="'batch' names a batch but is not on axis 0 .* --data MANIFEST"):
+        random_feeds(gru(["time", "batch", 3]), 4, dims={"batch": 2})
