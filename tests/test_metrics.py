@@ -332,3 +332,19 @@ def test_mean_and_spread_needs_two_values():
     assert mean_and_spread(np.array([np.inf, 2.0], np.float32)) == []  # one finite value
     assert mean_and_spread(np.array([2.0, 2.0, np.nan], np.float32)) == [(2.0, 0.0)]
     assert mean_and_spread(np.array([1, 2], np.int64)) == []
+
+
+def test_varying_share_is_the_power_that_differs_between_samples():
+    """Rows of one vector plus a small per-sample part: the share is that part's power over the whole."""
+    from quantlab.metrics import varying_share
+
+    rng = np.random.default_rng(0)
+    prior = rng.normal(0, 1, (1, 64))
+    x = prior + 0.01 * rng.normal(0, 1, (8, 64))
+    centred = x - x.mean(axis=0)
+    assert varying_share(x) == pytest.approx([float((centred ** 2).sum() / (x ** 2).sum())])
+    assert varying_share(x)[0] < 2e-4 and varying_share(rng.normal(0, 1, (8, 64)))[0] > 0.5
+    assert varying_share(np.repeat(prior, 4, axis=0)) == [0.0]
+    assert varying_share(prior) == [] and varying_share(np.zeros((3, 4))) == []
+    with_nan = np.vstack([x, np.full((1, 64), np.nan)])  # a sample with a NaN is left out whole
+    assert varying_share(with_nan) == pytest.approx(varying_share(x))

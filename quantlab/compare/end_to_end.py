@@ -24,7 +24,7 @@ from ..data import Batch
 from ..errors import CompareError
 from ..metrics import (
     ErrorSums,
-    across_samples,
+    varying_share,
     channel_spread,
     ctc_text_agreement,
     decision_mask,
@@ -90,9 +90,9 @@ class OutputStats:
     offset: list[tuple[float, float]] = field(default_factory=list)
     """(mean, standard deviation) of the reference output's values in a shard's first batch: a depth map at 5.0 +-
     0.05 is mostly offset, which cosine and SQNR count as signal (:mod:`.output_warnings`)."""
-    sameness: list[float] = field(default_factory=list)
-    """How much the reference output differs between the samples of a shard's first batch, over its largest |x|
-    (:func:`quantlab.metrics.across_samples`): ~0 when every sample gives the same output."""
+    varying: list[float] = field(default_factory=list)
+    """The share of the reference output's power that differs between the samples of a shard's first batch
+    (:func:`quantlab.metrics.varying_share`): ~0 when every sample gives (nearly) the same output."""
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     """The reference output's shape in a shard's first batch, as the model returned it."""
     best_counts: list[np.ndarray] = field(default_factory=list)
@@ -201,7 +201,7 @@ class EndToEnd:
         ref_live = self._samples_first(ref_live, len(batch))
         for o in first:
             if o not in self.states:  # a classifier's or a mask's too: dead logits looked perfect
-                self.reference[o].sameness.extend(across_samples(ref_live[o]))
+                self.reference[o].varying.extend(varying_share(ref_live[o]))
             if o not in self.classifiers and o not in self.choices and o not in self.states:
                 self.reference[o].spread.extend(channel_spread(ref_live[o]))
                 self.reference[o].offset.extend(mean_and_spread(ref_live[o]))

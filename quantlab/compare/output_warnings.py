@@ -1,10 +1,11 @@
 """Warnings on a comparison's outputs themselves, not on a candidate: a reference that holds NaN, an output with
 one value per sample (no cosine), samples whose reference is near zero, outputs of another shape than the
 reference's or than the model declares, probabilities whose threshold marks all or nothing, an output that is
-mostly a constant offset, or constant."""
+mostly a constant offset, or constant, or nearly the same for every sample."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,8 +36,9 @@ def output_warnings(e2e: EndToEnd) -> list[str]:
             f"{low:.3g} in others: a detector's box coordinates beside its scores): cosine and SQNR weigh the large "
             "ones only; judge it by a task metric (--metric, e.g. detections matched to the reference's)"
             for o in e2e.outputs for axis, top, low in e2e.reference[o].spread[:1]]
-    out += _offset_warnings(e2e)
-    out += _same_for_every_sample_warnings(e2e)
+    offsets = _offset_warnings(e2e)
+    out += offsets.values()
+    out += _invariant_warnings(e2e, set(offsets))
     out += [f"candidate {name!r}: output {o!r} (its size decided by the data, e.g. the boxes NMS keeps or the steps "
             f"a while loop takes) has another shape than the reference's on {st.mismatched} of {len(e2e.keys)} "
             "sample(s); " + ("its figures cover the others" if st.mismatched < len(e2e.keys) else
@@ -104,48 +106,56 @@ def _near_zero_warnings(e2e: EndToEnd, skip: list[str]) -> list[str]:
     return out
 
 
-SAME_FOR_EVERY_SAMPLE = 1e-5
-"""An output whose largest difference between samples is at most this share of its largest |x| is the same for
-every sample (float32 rounding is ~1e-7; images that differ give differences of 1e-2 and more)."""
+DEAD_SHARE = 1e-8
+"""An output whose power differs between samples by at most this share is the same for every sample (float32
+rounding alone differs by ~1e-14 of the power; a dead MobileViT's logits by 1e-12)."""
 
 
-def _same_for_every_sample_warnings(e2e: EndToEnd) -> list[str]:
-    """Outputs the reference gives alike for every sample of a shard's first batch (MobileViT with tiny random
-    weights: logits of 1e-4 that differ by 1e-10): a candidate that gives that output whatever its input scores
-    perfect, and bias correction reached 103 dB by absorbing it. Outputs constant everywhere have their own
-    warning (:func:`_offset_warnings`)."""
+def _invariant_warnings(e2e: EndToEnd, offsets: set[str]) -> list[str]:
+    """Outputs whose power is nearly all the same for every sample of a shard's first batch
+    (:func:`quantlab.metrics.varying_share`): cosine and SQNR count that part as signal. At most
+    :data:`DEAD_SHARE` the model ignores its input (a dead MobileViT's logits of 1e-4 that differ by 1e-10: top-1
+    agreement 100, and a search met sqnr_db>=38 at 103 dB by bias correction absorbing it); at most 1 %, what
+    varies is a small part (a dead EfficientNet head: 0.03 +- 1e-4 per class read 32 dB where the INT8 error was
+    larger than all that varied). ``offsets``: outputs :func:`_offset_warnings` named, whose one offset says it."""
     out = []
     for o in e2e.outputs:
         ref = e2e.reference[o]
-        if not ref.sameness or ref.sameness[0] > SAME_FOR_EVERY_SAMPLE:
+        if not ref.varying or o in offsets or ref.varying[0] > 10 ** (-OFFSET_DB / 10):
             continue
-        if ref.offset and ref.offset[0][1] == 0:
-            continue  # one constant: said by _offset_warnings
-        out.append(f"WARNING output {o!r}: the reference gives the same values for every sample of the first batch "
-                   f"(they differ by {ref.sameness[0]:.2g} of its largest value): the model ignores its input (a "
-                   "dead network, e.g. weights initialised too small, or data it does not expect: check layout and "
-                   "scale), unless the output is meant to be (an anchor grid); its figures say nothing of how a "
-                   "candidate treats the data")
+        share = ref.varying[0]
+        if share <= DEAD_SHARE:
+            out.append(f"WARNING output {o!r}: the reference gives the same values for every sample of the first "
+                       f"batch (what differs is {share:.1g} of its power): the model ignores its input (a dead "
+                       "network, e.g. weights initialised too small, or data it does not expect: check layout and "
+                       "scale), unless the output is meant to be (an anchor grid); its figures say nothing of how a "
+                       "candidate treats the data")
+        else:
+            out.append(f"WARNING output {o!r} hardly changes with the input: only {100 * share:.2g} % of its power "
+                       "differs between the samples of the first batch; the rest, the same for every sample, is "
+                       f"worth {10 * math.log10(1 / share):.0f} dB of SQNR alone, and cosine and SQNR count it as "
+                       "signal whatever a candidate does to what varies; read max_abs against that variation, or "
+                       "judge it by a task metric (--metric)")
     return out
 
 
-def _offset_warnings(e2e: EndToEnd) -> list[str]:
+def _offset_warnings(e2e: EndToEnd) -> dict[str, str]:
     """Outputs whose values sit far from 0 with a small spread (GLPN's depth map: 5.0 +- 0.049, the offset alone
     worth 41 dB): cosine and SQNR count the offset as signal, so an ORT-form build that kept 16 dB of the depths'
-    variation read 58 dB. Judged on a shard's first batch of the reference."""
-    out = []
+    variation read 58 dB. Judged on a shard's first batch of the reference. Output -> its warning."""
+    out = {}
     for o in e2e.outputs:
         if not e2e.reference[o].offset:
             continue
         mean, std = e2e.reference[o].offset[0]
         worth = offset_db(mean, std)
         if std == 0:  # an all-zero map, a dead head: any candidate that gives the same constant scores perfect
-            out.append(f"output {o!r}: the reference gives {mean:.4g} at every element of the first batch: its "
-                       "figures say nothing of quantization (a candidate giving the same constant scores perfect); "
-                       "check that the data is what the model expects (layout, scale, an input left at zero), or "
-                       "judge the model by its other outputs")
+            out[o] = (f"output {o!r}: the reference gives {mean:.4g} at every element of the first batch: its "
+                      "figures say nothing of quantization (a candidate giving the same constant scores perfect); "
+                      "check that the data is what the model expects (layout, scale, an input left at zero), or "
+                      "judge the model by its other outputs")
         elif worth >= OFFSET_DB and np.isfinite(worth):
-            out.append(f"output {o!r} is mostly a constant offset (values {mean:.4g} +- {std:.3g}): the offset alone "
-                       f"is worth {worth:.0f} dB of SQNR and a cosine near 1, whatever the error in its variation; "
-                       "read max_abs against its spread, or judge it by a task metric (--metric)")
+            out[o] = (f"output {o!r} is mostly a constant offset (values {mean:.4g} +- {std:.3g}): the offset alone "
+                      f"is worth {worth:.0f} dB of SQNR and a cosine near 1, whatever the error in its variation; "
+                      "read max_abs against its spread, or judge it by a task metric (--metric)")
     return out

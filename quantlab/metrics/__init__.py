@@ -22,7 +22,6 @@ from .errors import (
     sqnr_db,
 )
 from .statistics import (
-    across_samples,
     binomial_ci,
     bootstrap_ci,
     channel_spread,
@@ -32,6 +31,7 @@ from .statistics import (
     offset_db,
     topk,
     topk_correct,
+    varying_share,
 )
 from .masks import counted_elements, decision_mask, marked_share, mask_iou, mean_class_iou
 from .text import ctc_greedy, ctc_text_agreement, edit_distance
@@ -53,8 +53,8 @@ __all__ = [
     "mcnemar_exact_p",
     "near_zero_count",
     "channel_spread",
-    "across_samples",
     "mean_and_spread",
+    "varying_share",
     "offset_db",
     "as_float32",
     "ctc_greedy",
