@@ -221,11 +221,13 @@ def ctc_hints(model: LoadedModel, best_counts: Mapping[str, np.ndarray], blank: 
     """Notes on the ``[N, T, C]`` outputs that look like CTC scores while ``blank`` is None: one class best at
     :data:`CTC_BLANK_SHARE` of the positions or more (``best_counts``: output -> the reference's best classes
     counted), in a model whose inputs are all float (an image, audio; a token classifier, whose "O" tag is as
-    common, reads token ids)."""
+    common, reads token ids), and without a box per position (:func:`_has_boxes`)."""
     if blank is not None or not all(spec.is_float for spec in model.inputs):
         return []
     out = []
     for o, counts in best_counts.items():
+        if _has_boxes(model, o):  # DETR/YOLOS: "no object" is best at most queries, as a blank is at most frames
+            continue
         total = int(counts.sum())
         if total and counts.max() >= CTC_BLANK_SHARE * total:
             k = int(counts.argmax())
@@ -234,6 +236,17 @@ def ctc_hints(model: LoadedModel, best_counts: Mapping[str, np.ndarray], blank: 
                        "(ctc_blank in an experiment) also compares the text they read: text_agreement and cer "
                        "(token agreement counts the blanks, sequence agreement the positions)")
     return out
+
+
+def _has_boxes(model: LoadedModel, output: str) -> bool:
+    """Whether another output holds a box ``[N, Q, 4]`` per position of ``output`` ``[N, Q, C]`` (the same Q,
+    a symbol or a size): a DETR-style detector's class scores per query, not a sequence."""
+    shapes = {spec.name: tuple(spec.shape or ()) for spec in model.outputs}
+    mine = shapes.get(output, ())
+    if len(mine) != 3 or mine[1] in (None, -1):
+        return False
+    return any(name != output and len(shape) == 3 and shape[2] == 4 and shape[1] == mine[1]
+               for name, shape in shapes.items())
 
 
 def _segmentation_map(model: LoadedModel, output: str, shape: tuple) -> bool:
