@@ -1415,3 +1415,19 @@ def test_the_search_says_what_its_final_comparison_warned_of():
                                                      bias_correction=False))
     assert any(n.startswith("final comparison: WARNING output 'logits': the reference gives the same values for "
                             "every sample") for n in result.notes), result.notes
+
+
+def test_the_search_says_when_validation_goes_beyond_calibration_sizes():
+    """YOLOS calibrated at 64-80 px and searched at 96: compare --calib and run said so, search did not."""
+    from quantlab.search import search
+
+    model = model_from_proto(models.any_size_classifier())
+    rng = np.random.default_rng(0)
+    calib = from_arrays({"image": rng.normal(0, 1, (8, 3, 16, 16)).astype(np.float32)})
+    val = from_arrays({"image": rng.normal(0, 1, (8, 3, 24, 24)).astype(np.float32)}, role="validation")
+    table = calibrate(model, calib, "minmax").tables["minmax"]
+    options = SearchOptions(threshold="sqnr_db>=10", probe_samples=4, batch_size=4, bias_correction=False)
+    notes = search(model, table, val, options, calib=calib).notes
+    assert any(n.startswith("beyond calibration: input 'image': validation samples of sizes [3, 24, 24] where "
+                            "calibration covered [3, 16, 16]") for n in notes), notes
+    assert not any(n.startswith("beyond calibration") for n in search(model, table, calib, options, calib=calib).notes)

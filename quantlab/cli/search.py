@@ -229,17 +229,20 @@ def _run(args: argparse.Namespace) -> int:
     )
     options.check()  # refuses --shapes on ONNX Runtime and bad --shapes text before any work
     model = _rewritten(model, args)
-    calib = None
+    calib = summary = None
     if args.table is not None:
+        from .coverage import calibration_summary
+
         table = read_table(args.table)
         source = f"table {args.table} ({table.method})"
+        summary = calibration_summary(args.table)  # data_summary.json beside it, when calibrate wrote one
     else:
         from ..calibrate import calibrate
 
         print(f"quantlab search: calibrating {model.label} on {args.calib} ({args.method})", flush=True)
         calib = open_dataset(args.calib)
-        table = calibrate(model, calib, [args.method], batch_size=args.batch_size,
-                          progress=not args.no_progress).tables[args.method]
+        calibrated = calibrate(model, calib, [args.method], batch_size=args.batch_size, progress=not args.no_progress)
+        table, summary = calibrated.tables[args.method], calibrated.data
         source = f"{args.method} calibration on {args.calib}"
     options = _with_engine_shapes(options, args, model, table, val)
     workdir = args.workdir if args.workdir is not None else args.out / "work"
@@ -253,7 +256,8 @@ def _run(args: argparse.Namespace) -> int:
     def on_step(event: StepEvent) -> None:
         print(format_step(event), flush=True)
 
-    result = search(model, table, val, options, workdir=workdir, progress=False, on_step=on_step, calib=calib)
+    result = search(model, table, val, options, workdir=workdir, progress=False, on_step=on_step, calib=calib,
+                    calibration_summary=summary)
     _print_result(result, result.save(args.out))
     return 0 if result.met else 1
 
