@@ -399,6 +399,31 @@ def test_quantizable_scope_is_what_an_int8_plan_can_quantize_on_a_transformer():
         assert quantized and quantized <= set(chosen)
 
 
+@pytest.mark.parametrize("builder", ["conv_net", "text_detector"])
+def test_a_model_output_is_in_the_quantizable_scope_only_when_a_group_reads_it(builder):
+    """YOLOS's pred_boxes (a Sigmoid's output the model returns) topped `coverage`'s worst tensors: no plan
+    quantizes it, the writer puts no output Q/DQ on a model output. Without them the scope's table writes the same
+    model, byte for byte, as a table of every tensor, for both targets."""
+    from quantlab.data import from_arrays
+    from quantlab.graph import serialize
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+    from quantlab.stats import quantizable_tensors, scope_tensors
+
+    model = model_from_proto(getattr(models, builder)())
+    proto = model.proto
+    returned = {o.name for o in proto.graph.output}
+    assert not returned & quantizable_tensors(proto)
+    data = from_arrays(models.random_inputs(proto, 8, seed=1))
+    every = calibrate(model, data, "minmax").tables["minmax"]
+    scoped = calibrate(model, data, "minmax", tensors=scope_tensors(proto, "quantizable")).tables["minmax"]
+    assert returned <= set(every.ranges) and not returned & set(scoped.ranges)
+    for target in ("tensorrt", "ort"):
+        options = WriteOptions(target=target)
+        assert serialize(write_model(model, uniform_plan("int8"), every, options).proto) == serialize(
+            write_model(model, uniform_plan("int8"), scoped, options).proto)
+
+
 # --------------------------------------------------------------------------- the method registry (quantlab.methods)
 
 

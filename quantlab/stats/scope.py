@@ -42,7 +42,8 @@ def fused_preactivations(proto: onnx.ModelProto) -> list[str]:
 
 def quantizable_tensors(proto: onnx.ModelProto) -> set[str]:
     """The float activations some INT8 plan may put a Q/DQ on: the activation inputs and outputs of every quantizable
-    fusion group (quantlab.plan.groups), its anchor's output unless a Relu/Clip fuses it, and a residual Add's inputs.
+    fusion group (quantlab.plan.groups), its anchor's output unless a Relu/Clip fuses it, and a residual Add's inputs;
+    not a model output, unless such a group reads it.
 
     A superset of what the writer quantizes for either target (an ONNX Runtime target also quantizes a conv's
     output before a BatchNorm or a residual Add, inside its group). Everything else only float ops read: an
@@ -56,17 +57,21 @@ def _quantizable_among(proto: onnx.ModelProto, names: list[str]) -> set[str]:
     """:func:`quantizable_tensors` among ``names`` (the model's activation names, computed once by the caller)."""
     fused = set(fused_preactivations(proto))
     nodes = dict(zip(node_names(proto), proto.graph.node, strict=True))
+    inputs: set[str] = set()
     out: set[str] = set()
     for group in fusion_groups(proto):
         if not group.quantizable:
             continue
-        out.update(group.input_tensors)
+        inputs.update(group.input_tensors)
         out.update(group.output_tensors or (group.output_tensor,))
         out.update(t for t in nodes[group.nodes[0]].output if t and t not in fused)  # the anchor's (ORT target)
         if group.residual_input:  # the residual Add's inputs: the skip, and the conv branch (ORT target)
-            out.update(t for name in group.nodes for t in nodes[name].input
-                       if group.residual_input in nodes[name].input and t)
-    return out & set(names)
+            inputs.update(t for name in group.nodes for t in nodes[name].input
+                          if group.residual_input in nodes[name].input and t)
+    # the writer puts no output Q/DQ on what the model returns (YOLOS's pred_boxes topped `coverage`'s worst
+    # tensors, quantized by no plan): a model output counts when a quantizable group reads it
+    returned = {o.name for o in proto.graph.output}
+    return (inputs | (out - returned)) & set(names)
 
 
 def unquantized_tensors(proto: onnx.ModelProto) -> frozenset[str]:
