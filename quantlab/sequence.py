@@ -9,7 +9,8 @@ with the state the previous batch produced and hands out the batch with that sta
        ▲                                                               │ carry {"stateN": "state"}
        └───────────────────────────────────────────────────────────────┘ (batch t+1)
 
-With batch size B the set is B interleaved streams: position j of batch t continues
+With batch size B the set is B interleaved streams (``[sequence] streams = B`` in the manifest says so, and
+a run at another batch size is refused): position j of batch t continues
 position j of batch t-1 (batch size 1: one stream in sample order; a last, shorter
 batch takes the first rows of the carried state along its batch axis). The first
 batch keeps the data's own value of each carried input. Every consumer sees the
@@ -133,6 +134,13 @@ def with_carry(dataset: DataSet, model: LoadedModel, *, backend: str = "ort", st
     carry = getattr(dataset, "sequence_carry", None)
     if not carry or isinstance(dataset, SequenceData):
         return dataset
+    declared = getattr(dataset, "sequence_streams", None)
+    if declared is not None and streams is not None and streams != declared:
+        # at 8, a T5 decoder's step 1 got the empty cache and step 2 step 0's: 4 streams read as 8, without a word
+        raise InputMismatchError(
+            f"data set {getattr(dataset, 'name', '') or dataset.describe_source()}: its samples interleave "
+            f"{declared} streams ([sequence] streams = {declared}), so each batch must hold one sample of each: run "
+            f"at batch size {declared} (--batch-size {declared}, batch_size = {declared}), not {streams}")
     return SequenceData(dataset, model, carry, backend=backend, streams=streams)
 
 

@@ -690,3 +690,33 @@ def test_an_lstm_whose_time_axis_holds_the_batch_couples_it():
     assert sample_mixing_nodes(model_from_proto(lstm_model(["T", "N", features])), {"x": 1}) == []
     assert sample_mixing_nodes(model_from_proto(lstm_model(["N", "T", features], layout=1)), {}) == []
     assert sample_mixing_nodes(model_from_proto(lstm_model(["N", "T", features], layout=1)), {"x": 1}) == ["lstm"]
+
+
+def test_a_manifests_stream_count_sets_the_batch_and_refuses_another(tmp_path, capsys):
+    """4 streams interleaved, calibrated at the default batch of 8: a T5 decoder's step 1 got the empty cache and
+    step 2 step 0's, without a word. `[sequence] streams = N` says how many; every command runs at that batch
+    and another batch size is refused, naming the key."""
+    from quantlab.cli import main
+
+    _npz_folder(tmp_path)
+    (tmp_path / "seq.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n'
+                                       'streams = 2\n')
+    onnx.save(_vad(), tmp_path / "vad.onnx")
+    data = open_dataset(tmp_path / "seq.toml")
+    assert data.sequence_streams == 2
+    model = model_from_proto(_vad(), label="vad")
+    with pytest.raises(InputMismatchError, match=r"interleave 2 streams \(\[sequence\] streams = 2\).*--batch-size 2"):
+        calibrate(model, data, "minmax", batch_size=1)
+    at_two = calibrate(model, data, "minmax", batch_size=2).tables["minmax"]
+    assert main(["calibrate", str(tmp_path / "vad.onnx"), "--calib", str(tmp_path / "seq.toml"), "--method",
+                 "minmax", "--no-progress", "--out", str(tmp_path / "cal")]) == 0
+    assert "interleaves 2 streams ([sequence] streams): batch size 2" in capsys.readouterr().err
+    from quantlab.table import read_table
+
+    assert read_table(tmp_path / "cal" / "calib_minmax.json").ranges == at_two.ranges
+    assert main(["calibrate", str(tmp_path / "vad.onnx"), "--calib", str(tmp_path / "seq.toml"), "--method",
+                 "minmax", "--no-progress", "--batch-size", "4", "--out", str(tmp_path / "c4")]) == 2
+    (tmp_path / "bad.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n'
+                                       'streams = 0\n')
+    with pytest.raises(ManifestError, match=r"streams.*a positive integer"):
+        open_dataset(tmp_path / "bad.toml")

@@ -151,6 +151,11 @@ def resolve_batch_size(args: argparse.Namespace, model: Any, dataset: Any, defau
     from ..backends.coupling import BatchCoupling, batch_coupling
     from ..data import fixed_batch
 
+    streams = getattr(dataset, "sequence_streams", None)
+    if args.batch_size is None and streams is not None:  # interleaved streams: one sample of each per batch
+        args.batch_size = streams
+        print(f"quantlab {command}: note: the data interleaves {streams} streams ([sequence] streams): batch size "
+              f"{streams}", file=sys.stderr, flush=True)
     fixed = dataset is not None and fixed_batch(model, dataset) == 1
     size = 1 if fixed else int(args.batch_size or default)
     decide = dataset is not None and (args.batch_size is None or warn_coupled)

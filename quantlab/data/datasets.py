@@ -102,6 +102,7 @@ class ManifestDataSet(DataSet):
         self.input_names = (*self._mapping, *mask)
         self.batch_axes = dict(manifest.batch_axes)
         self.sequence_carry = dict(manifest.sequence_carry)  # quantlab.sequence.SequenceData runs the carry
+        self.sequence_streams = manifest.sequence_streams  # ... at this batch size, when given
         self.group_by_shape = manifest.group_by_shape
 
     # --- listing -------------------------------------------------------------------------

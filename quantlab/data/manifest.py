@@ -36,7 +36,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = ["ROLES", "TOP_KEYS", "DataSetManifest", "load_manifest", "parse_batch_axes", "parse_inputs",
-           "parse_sequence"]
+           "parse_sequence", "parse_streams"]
 
 ROLES = ("calibration", "validation")
 
@@ -86,6 +86,7 @@ class DataSetManifest:
     batch_axes: tuple[tuple[str, int | None], ...] = ()
     complete_feeds: bool = False
     sequence_carry: tuple[tuple[str, str], ...] = ()
+    sequence_streams: int | None = None
     group_by_shape: bool = False
     padding: PadSpec | None = None
 
@@ -175,6 +176,7 @@ def _manifest_from(path: Path, raw: dict[str, Any], text: str, digest: str) -> D
         batch_axes=parse_batch_axes(raw.get("inputs"), where),
         complete_feeds=raw.get("feeds", "samples") == "complete",
         sequence_carry=parse_sequence(raw.get("sequence"), where),
+        sequence_streams=parse_streams(raw.get("sequence")),
         group_by_shape=raw.get("batching", "in_order") == "by_shape",
         padding=parse_pad(raw.get("pad"), where),
         preprocess=parse_preprocess(raw.get("preprocess", {}), where, path.parent, kinds),
@@ -228,8 +230,11 @@ def parse_batch_axes(table: dict[str, Any] | None, where: Where) -> tuple[tuple[
 SEQUENCE_KEYS: dict[str, Key] = {
     "carry": Key("a table of model output = model input", lambda v: isinstance(v, dict) and bool(v)
                  and all(isinstance(x, str) and x for x in v.values()), 'carry = { stateN = "state" }'),
+    "streams": Key("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                   "streams = 4"),
 }
-"""Keys of ``[sequence]``: which outputs feed which inputs on the next batch (quantlab.sequence.SequenceData)."""
+"""Keys of ``[sequence]``: which outputs feed which inputs on the next batch (quantlab.sequence.SequenceData), and
+how many streams the samples interleave (the batch size every command then runs at)."""
 
 
 def _shuffle(raw: dict[str, Any], where: Where) -> bool:
@@ -243,6 +248,12 @@ def _shuffle(raw: dict[str, Any], where: Where) -> bool:
                             "left, so the samples must stay in stream order; remove shuffle = true (without it, "
                             "a set with a carry is not shuffled)")
     return False
+
+
+def parse_streams(table: dict[str, Any] | None) -> int | None:
+    """``[sequence] streams``: how many streams the samples interleave (sample ``j`` of every ``streams`` continues
+    the one ``streams`` before it); None when not given (checked by :func:`parse_sequence`)."""
+    return None if table is None else table.get("streams")
 
 
 def parse_sequence(table: dict[str, Any] | None, where: Where) -> tuple[tuple[str, str], ...]:

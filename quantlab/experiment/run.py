@@ -130,6 +130,10 @@ class _Run:
                                                                                 progress=self.progress)
         model = load_model(model_path, bind=dict(config.bind))
         calib, val = open_dataset(config.calibration), open_dataset(config.validation)
+        streams = next((s for s in (getattr(d, "sequence_streams", None) for d in (calib, val)) if s), None)
+        if config.batch_size is None and streams is not None:  # interleaved streams: one sample of each per batch
+            config = self.config = replace(config, batch_size=streams)
+            self.messages.append(f"the data interleaves {streams} streams ([sequence] streams): batch size {streams}")
         fixed = fixed_batch(model, calib) == 1
         coupled = batch_coupling(model, calib, 1 if fixed else int(config.batch_size or DEFAULT_BATCH_SIZE))
         if config.batch_size is None and fixed:  # a static export: one sample per run
