@@ -175,3 +175,47 @@ def test_build_of_a_model_with_onnx_runtime_ops_says_so_and_writes_nothing(tmp_p
     assert code == ExitCode.BAD_INPUT and not (tmp_path / "int8").exists()
     assert "opt.onnx" in err and "gelu_fused" in err and "com.microsoft" in err and "transformer optimizer" in err
     assert "report it upstream" not in err
+
+
+def _gru_with_state(tmp_path: Path) -> Path:
+    """feats [batch, 16, time] -> GRU (batch on axis 1 of its state h0 [1, batch, 8]) -> hn."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["feats"], ["ft"], perm=[2, 0, 1]),
+         helper.make_node("GRU", ["ft", "W", "R", "", "", "h0"], ["y", "hn"], hidden_size=8)], "gru",
+        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, ["batch", 16, "time"]),
+         helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "batch", 8])],
+        [helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, "batch", 8])],
+        [onnx.numpy_helper.from_array(rng.normal(0, 0.3, (1, 24, 16)).astype(np.float32), "W"),
+         onnx.numpy_helper.from_array(rng.normal(0, 0.3, (1, 24, 8)).astype(np.float32), "R")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "gru.onnx")
+    return tmp_path / "gru.onnx"
+
+
+def test_shapes_fill_an_input_left_out_from_the_symbols_it_shares_and_refuse_two_ranges_for_one(tmp_path, capfd):
+    """--shapes for feats only: the state h0 shares its batch symbol, took the default guess, and TensorRT refused
+    ("Dimensions with name batch must be equal"), which quantlab blamed on the graph. h0 now takes the batch's
+    range from feats; two ranges for one symbol are refused before any build, naming both inputs."""
+    from quantlab.backends.tensorrt.builder import input_symbols, resolve_profiles
+    from quantlab.shapes import ShapeRange
+
+    path = _gru_with_state(tmp_path)
+    model = onnx.load(path)
+    symbols = input_symbols(model)
+    assert symbols == {"feats": ("batch", None, "time"), "h0": (None, "batch", None)}
+    feats = ShapeRange("feats", (1, 16, 10), (4, 16, 32), (8, 16, 64))
+    profiles, guessed = resolve_profiles({"feats": (-1, 16, -1), "h0": (1, -1, 8)}, None, {"feats": feats}, symbols)
+    assert profiles["h0"] == ((1, 1, 8), (1, 4, 8), (1, 8, 8)) and not guessed
+    code, out, err = _run(["build", str(path), "--precision", "fp32", "--backend", "tensorrt-rtx", "--out",
+                           str(tmp_path / "b"), "--shapes", "feats:1x16x10,4x16x32,8x16x64"], capfd)
+    assert code == ExitCode.OK, err
+    info = json.loads((tmp_path / "b" / "engine.json").read_text())
+    assert info["profiles"]["h0"] == [[1, 1, 8], [1, 4, 8], [1, 8, 8]]
+    code, _, err = _run(["build", str(path), "--precision", "fp32", "--backend", "tensorrt-rtx", "--out",
+                         str(tmp_path / "bad"), "--shapes", "feats:1x16x10,4x16x32,8x16x64",
+                         "--shapes", "h0:1x1x8,1x2x8,1x4x8"], capfd)
+    assert code == ExitCode.BAD_INPUT and "gives dimension 'batch' two ranges" in err and "'h0' axis 1" in err
+    assert not (tmp_path / "bad").exists()

@@ -68,16 +68,69 @@ def _input_indices(network: Any) -> dict[str, int]:
     return {onnx_input_name(network.get_input(i).name, outputs): i for i in range(network.num_inputs)}
 
 
+def input_symbols(model: onnx.ModelProto) -> dict[str, tuple[str | None, ...]]:
+    """Input name -> its dims' symbols (``dim_param``; None for a size or an unnamed dim), initializers aside."""
+    inits = {i.name for i in model.graph.initializer}
+    return {inp.name: tuple(d.dim_param or None for d in inp.type.tensor_type.shape.dim)
+            for inp in model.graph.input if inp.name not in inits}
+
+
+def _symbol_ranges(shapes: Mapping[str, ShapeRange], symbols: Mapping[str, Sequence[str | None]]
+                   ) -> dict[str, tuple[int, int, int, str]]:
+    """Symbol -> (min, opt, max, the input that gave it) over the ``shapes`` given; InputMismatchError naming the
+    inputs when two give one symbol other ranges (TensorRT: "Dimensions with name batch must be equal", which
+    read as the graph's fault)."""
+    out: dict[str, tuple[int, int, int, str]] = {}
+    for name, r in shapes.items():
+        for axis, sym in enumerate(symbols.get(name, ())):
+            if sym is None or axis >= len(r.min):
+                continue
+            mine = (r.min[axis], r.opt[axis], r.max[axis])
+            if sym in out and out[sym][:3] != mine:
+                other = out[sym]
+                raise InputMismatchError(
+                    f"--shapes gives dimension {sym!r} two ranges: {other[3]!r} has {other[:3]} (min, opt, max), "
+                    f"{name!r} axis {axis} has {mine}; one dimension of the model takes one range: give both the "
+                    "same sizes there")
+            out[sym] = (*mine, name)
+    return out
+
+
+def _filled(name: str, net: Sequence[int], syms: Sequence[str | None],
+            known: Mapping[str, tuple[int, int, int, str]]) -> ShapeRange | None:
+    """A range for an input ``--shapes`` leaves out whose every dynamic axis names a symbol another input's range
+    gives (a GRU's ``h0 [2, batch, 48]`` beside ``feats``): None when an axis has none."""
+    lo, opt, hi = [], [], []
+    for axis, n in enumerate(net):
+        if int(n) >= 0:
+            lo.append(int(n)), opt.append(int(n)), hi.append(int(n))
+            continue
+        sym = syms[axis] if axis < len(syms) else None
+        if sym not in known:
+            return None
+        a, b, c, _ = known[sym]
+        lo.append(a), opt.append(b), hi.append(c)
+    return ShapeRange(name, tuple(lo), tuple(opt), tuple(hi))
+
+
 def resolve_profiles(
     inputs: Mapping[str, Sequence[int]],
     profiles_from: Mapping[str, Sequence[int]] | None,
     shapes: Mapping[str, ShapeRange] | None,
+    symbols: Mapping[str, Sequence[str | None]] | None = None,
 ) -> tuple[dict[str, Profile], dict[str, list[int]]]:
     """(profile per dynamic input, the axes per input that got :data:`DEFAULT_DYNAMIC_DIM`).
 
     ``shapes`` (``--shapes`` or ranges derived from the data) win over ``profiles_from``
-    (one data shape per input); an input named in neither gets the default guess.
+    (one data shape per input); an input named in neither gets the default guess, or, with ``symbols``
+    (:func:`input_symbols`), the ranges ``shapes`` gives its dims' symbols elsewhere. Two ranges for one symbol
+    are refused.
     """
+    if shapes and symbols:
+        known = _symbol_ranges(shapes, symbols)
+        extra = {name: r for name, net in inputs.items() if name not in shapes and not (profiles_from or {}).get(name)
+                 and (r := _filled(name, net, symbols.get(name, ()), known)) is not None}
+        shapes = {**shapes, **extra}
     given = {**dict(profiles_from or {}), **dict(shapes or {})}
     unknown = sorted(set(given) - set(inputs))
     if unknown:
@@ -227,11 +280,12 @@ class EngineBuilder:
 
     def profiles(
         self, network: Any, profiles_from: Mapping[str, Sequence[int]] | None,
-        shapes: Mapping[str, ShapeRange] | None = None,
+        shapes: Mapping[str, ShapeRange] | None = None, symbols: Mapping[str, Sequence[str | None]] | None = None,
     ) -> tuple[dict[str, Profile], dict[str, list[int]]]:
-        """(profile per dynamic input, guessed axes), keyed by the inputs' ONNX names (:func:`onnx_input_name`)."""
+        """(profile per dynamic input, guessed axes), keyed by the inputs' ONNX names (:func:`onnx_input_name`);
+        ``symbols`` as :func:`resolve_profiles` takes them."""
         inputs = {name: tuple(network.get_input(i).shape) for name, i in _input_indices(network).items()}
-        return resolve_profiles(inputs, profiles_from, shapes)
+        return resolve_profiles(inputs, profiles_from, shapes, symbols)
 
     def config(self, builder: Any, network: Any, profiles: Mapping[str, Profile]) -> tuple[Any, Any]:
         """The builder config; ``profiles`` keyed by ONNX input names, set on the network's own names."""
@@ -275,7 +329,7 @@ class EngineBuilder:
         way (:mod:`.monitor`)."""
         builder, network, _parser = self.parse(model, label)  # parser must outlive the build
         self.mark_outputs(network, list(outputs or []), label)
-        profiles, guessed = self.profiles(network, profiles_from, shapes)
+        profiles, guessed = self.profiles(network, profiles_from, shapes, input_symbols(model))
         config, _timing = self.config(builder, network, profiles)
         monitor = make_monitor(self._trt, progress)
         config.progress_monitor = monitor
@@ -302,4 +356,4 @@ class EngineBuilder:
         inits = {i.name for i in model.graph.initializer}
         inputs = {inp.name: [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
                   for inp in model.graph.input if inp.name not in inits}
-        return self.settings(list(outputs), resolve_profiles(inputs, profiles_from, shapes)[0])
+        return self.settings(list(outputs), resolve_profiles(inputs, profiles_from, shapes, input_symbols(model))[0])
