@@ -20,7 +20,7 @@ from quantlab.backends import get_backend
 from quantlab.backends.ort import environment_options
 from quantlab.compare import CompareOptions, compare, load_candidate, load_comparison
 from quantlab.data import from_arrays, summarize
-from quantlab.errors import CompareError, ThresholdError
+from quantlab.errors import BackendError, CompareError, ThresholdError
 from quantlab.graph import model_from_proto, serialize, with_outputs
 from quantlab.plan import uniform_plan
 from quantlab.quantize import WriteOptions, save_written, write_model
@@ -1257,3 +1257,31 @@ def test_the_worst_layers_view_tells_the_outputs_of_one_layer_apart():
     assert list(view["tensor"][:3]) == ["y", "hn", "cn"]
     single = _worst_view(types.SimpleNamespace(per_layer=pd.DataFrame(rows[2:])), "int8", 10)
     assert "tensor" not in single.columns and list(single["layer"]) == ["/lstm/LSTM", "/fc/Gemm"]
+
+
+def test_a_reference_that_cannot_run_the_data_is_named_by_the_models_inputs():
+    """A traced MobileViT cannot reshape 96 px: compare said it failed on a segment's inner tensors
+    ('/mobilevit/encoder/layer.3/Reshape_3_output_0 [4, 4, 9, 48]'), where calibrate named pixel_values. The
+    model's inputs come first now, with the segment."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+         helper.make_node("Neg", ["r"], ["n"], name="neg"),
+         helper.make_node("Reshape", ["n", "rows_of_8"], ["y"], name="reshape")], "rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])],
+        [numpy_helper.from_array(np.array([-1, 8], np.int64), "rows_of_8")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    from quantlab.backends import get_backend
+    from quantlab.compare.segments import StagedModel
+
+    segments = StagedModel(model.proto, [["r"], ["n"], ["y"]], get_backend("ort"), "the FP32 reference")
+    live = {"x": np.ones((1, 6), np.float32)}  # 6 values a row: no rows of 8
+    try:
+        segments.step(0, live)
+        segments.step(1, live)
+        with pytest.raises(BackendError) as err:
+            segments.step(2, live)
+    finally:
+        segments.close()
+    assert str(err.value).startswith("the FP32 reference cannot run the batch whose inputs are 'x' [1, 6] (in "
+                                     "segment 3 of 3): ONNX Runtime failed")

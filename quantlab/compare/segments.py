@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from ..backends import Backend, Runner
-from ..errors import CompareError
+from ..errors import BackendError, CompareError
 from ..graph import topological_order
 from .submodel import build_runner, node_reads, submodel, typed_specs
 
@@ -51,6 +51,7 @@ class StagedModel:
         nodes = list(graph.node)
         inits = {i.name for i in graph.initializer}
         graph_inputs = [i.name for i in graph.input if i.name not in inits]
+        self.graph_inputs = tuple(graph_inputs)
         producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
         for names in wants:
             for t in names:
@@ -105,7 +106,15 @@ class StagedModel:
         if s.runner is None or not s.fetch:
             return
         feeds = {t: live[t] for t in s.inputs}
-        live.update(s.runner.run(feeds, list(s.fetch)))
+        try:
+            live.update(s.runner.run(feeds, list(s.fetch)))
+        except BackendError as exc:
+            if len(self.steps) == 1:  # its message names the model's inputs already
+                raise
+            # a segment's feeds are inner tensors (MobileViT's Reshape_3_output_0): name the model's inputs first
+            shapes = ", ".join(f"{t!r} {list(np.shape(live[t]))}" for t in self.graph_inputs if t in live)
+            raise BackendError(f"{self.label} cannot run the batch whose inputs are {shapes} (in segment {k + 1} "
+                               f"of {len(self.steps)}): {exc}") from None
 
     def close(self) -> None:
         for s in self.steps:
