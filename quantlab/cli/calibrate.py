@@ -127,11 +127,13 @@ def _load_dataset(path: Path) -> Any:
     return data.load_dataset(path)
 
 
-def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS, unquantized: Collection[str] = ()) -> Any:
+def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS, unquantized: Collection[str] = (),
+                  shape_only: Collection[str] = ()) -> Any:
     """The widest, the most clipped, the most zeroed tensors of ``table`` (those that round more than half
     their non-zero values to 0) and the quantized ones predicted to keep the least SQNR, as a pandas DataFrame.
     A tensor no Q/DQ reads that held one value throughout (shape arithmetic: a padding's length, 512, filled
-    EnCodec's widest ten) is left out."""
+    EnCodec's widest ten) is left out, and so is any of ``shape_only`` (arithmetic on shapes alone, never
+    quantized: MobileViT's Cast/Ceil/Div of its sizes filled the widest ten of every method)."""
     import pandas as pd
 
     from ..range_notes import LOW_SQNR_DB, ZERO_NOTE_FRACTION
@@ -150,7 +152,8 @@ def summary_frame(table: CalibrationTable, top: int = TOP_TENSORS, unquantized: 
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    frame = frame[~(frame["tensor"].isin(set(unquantized)) & (frame["min"] == frame["max"]))]
+    frame = frame[~(frame["tensor"].isin(set(unquantized)) & (frame["min"] == frame["max"]))
+                  & ~frame["tensor"].isin(set(shape_only))]
     widest = frame.nlargest(top, "amax")
     clipped = frame[frame["clipped %"] > 0].nlargest(top, "clipped %")
     zeroed = frame[frame["zeroed %"] > 100.0 * ZERO_NOTE_FRACTION].nlargest(top, "zeroed %")
@@ -252,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
     from ..graph import load_model
     from ..quantize import prepare_rewrites
     from ..stats import scope_tensors, unquantized_tensors
+    from ..graph.topology import shape_determined_nodes
 
     inputs = [args.model, *([args.calib] if args.calib else args.stats)]
     prepare_output(args.out, owned_files(), command="calibrate", inputs=inputs)
@@ -283,11 +287,13 @@ def run(args: argparse.Namespace) -> int:
         print(frame.to_string())
         shown: set[str] = set()  # a note every table has (a bind hint, huge values) is printed once
         unquantized = unquantized_tensors(model.proto)
+        nodes = model.proto.graph.node
+        shape_only = {o for i in shape_determined_nodes(model.proto) for o in nodes[i].output if o}
         for method, table in result.tables.items():
             print(f"\n{method}: widest, most clipped, most zeroed and noisiest tensors (of {len(table.ranges)}; "
                   "SQNR dB: predicted for INT8 at amax)")
-            print(summary_frame(table, unquantized=unquantized).to_string(index=False,
-                                                                          float_format=lambda v: f"{v:.4g}"))
+            print(summary_frame(table, unquantized=unquantized, shape_only=shape_only).to_string(
+                index=False, float_format=lambda v: f"{v:.4g}"))
             for note in (n for n in table.notes if n not in shown):
                 print(f"note: {note}")
                 shown.add(note)
