@@ -98,6 +98,8 @@ class OutputStats:
     best_counts: list[np.ndarray] = field(default_factory=list)
     """The reference's best classes counted over the positions of a shard's first batch (``[N, T, C]`` scores):
     one class best at most positions is what a CTC blank looks like (:func:`.choices.ctc_hints`)."""
+    padded: list[int] = field(default_factory=list)
+    """Per batch, the positions the mask input marks as padding, left out of the figures (:mod:`.padding`)."""
     ref_energy: list[np.ndarray] = field(default_factory=list)
     """Per sample, the reference's sum of squares: near 0 (a text detector's map of an image without text), the
     sample's cosine measures noise."""
@@ -207,6 +209,8 @@ class EndToEnd:
                 self.reference[o].offset.extend(mean_and_spread(ref_live[o]))
         cand_live = {name: self._samples_first(cand_live[name], len(batch)) for name in self.candidates}
         valid = self._valid_positions(batch, ref_live)
+        for o, v in valid.items():  # how many positions the mask left out, for the padding note
+            self.reference[o].padded.append(int(v.size - np.count_nonzero(v)))
         ref_seen = {o: without_padding(v, valid[o]) if o in valid else v for o, v in ref_live.items()}
         self._add_reference(ref_seen, labels)
         ref_chosen = {o: self._chosen(o, ref_live[o]) for o in self.choices}

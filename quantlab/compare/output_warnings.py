@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..metrics import near_zero_count, offset_db
+from .padding import padding_note
 
 if TYPE_CHECKING:
     from .end_to_end import EndToEnd
@@ -26,6 +27,9 @@ def output_warnings(e2e: EndToEnd) -> list[str]:
     """Every warning of the module docstring, for the outputs as compared so far."""
     out = [f"the reference itself gives {st.nonfinite} NaN/inf value(s) in output {o!r}; its figures are NaN"
            for o, st in e2e.reference.items() if st.nonfinite]
+    padded = [o for o in e2e.padded if o in e2e.reference]
+    left_out = max((sum(e2e.reference[o].padded) for o in padded), default=0)  # each output sees the same mask
+    out += filter(None, [padding_note(e2e.mask, padded, left_out)])
     single = _one_value_outputs(e2e)
     out += [f"output {o!r} holds one value per sample: its cosine (the sign agreement, 1 whatever the error) "
             "is left out; read its sqnr_db and max_abs" for o in single]

@@ -120,11 +120,12 @@ def cross_attention_note(model: LoadedModel) -> str | None:
             "figures, every output position counts")
 
 
-def padding_note(mask: str | None, outputs: list[str]) -> str | None:
-    """What the comparison says when it leaves padded positions out."""
-    if mask is None or not outputs:
+def padding_note(mask: str | None, outputs: list[str], left_out: int) -> str | None:
+    """What the comparison says when it left ``left_out`` padded positions out (none: nothing to say; a T5
+    encoder's all-ones mask got the note all the same)."""
+    if mask is None or not outputs or not left_out:
         return None
     shown = ", ".join(map(repr, outputs[:4])) + (f" and {len(outputs) - 4} more" if len(outputs) > 4 else "")
-    return (f"positions where input {mask!r} is 0 (padding) are left out of the end-to-end and per-sample figures "
-            f"of {shown} (cosine, SQNR, max_abs, token agreement), where their second axis is the mask's; the "
-            "per-layer figures and a --metric see every position")
+    return (f"{left_out} position(s) where input {mask!r} is 0 (padding) are left out of the end-to-end and "
+            f"per-sample figures of {shown} (cosine, SQNR, max_abs, token agreement), where their second axis is "
+            "the mask's; the per-layer figures and a --metric see every position")

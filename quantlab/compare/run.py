@@ -50,7 +50,7 @@ from .choices import (
 from .probabilities import probability_outputs
 from .layers import analyse_reference, chunks, layers_per_group, sized_by_first_batch
 from .options import CompareOptions
-from .padding import cross_attention_note, mask_input, padded_outputs, padding_note
+from .padding import cross_attention_note, mask_input, padded_outputs
 from .per_layer import nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
 from .deployed import deployed_notes
@@ -184,7 +184,7 @@ class Comparison:
         self.states = state_outputs(reference, sequence_carry(dataset))  # an LSTM's hn: no detector's rows
         self.decided = probability_outputs(reference, taken={*self.positions, *self.exact})  # read as masks p > t
         self.padding = (mask_input(reference), padded_outputs(reference, self.sample_axes))  # compare.padding
-        self.warnings.extend(filter(None, [padding_note(*self.padding), cross_attention_note(reference)]))
+        self.warnings.extend(filter(None, [cross_attention_note(reference)]))  # the padding note: output_warnings
         self.coupled = samples_coupled(reference, dataset) if options.batch_size > 1 else []
         if self.coupled:
             self.warnings.append(coupled_batch_note(reference.label, self.coupled, options.batch_size))
