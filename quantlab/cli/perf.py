@@ -185,7 +185,12 @@ def run(args: argparse.Namespace) -> int:
         if args.dim:
             raise InputMismatchError("--dim sizes random data; with --data the data's own sizes are timed: give one "
                                      "or the other")
-        feeds, args.batch_size = data_feeds(model, open_dataset(args.data), args.batch_size)
+        dataset = open_dataset(args.data)
+        feeds, args.batch_size = data_feeds(model, dataset, args.batch_size)
+        if getattr(dataset, "sequence_carry", None):  # a T5 step timed on its first chunk: an empty past
+            print(f"quantlab perf: note: {args.data} is a sequence ([sequence] carry): its first batch is timed with "
+                  "the state the data holds (the first step's), not the state later steps carry; time a later step "
+                  "with a manifest of such samples", file=sys.stderr, flush=True)
     else:
         feeds = random_feeds(model, args.batch_size, seed=args.seed,
                              dims={**_opt_dims(args.ranges, model), **dict(args.dim)})
