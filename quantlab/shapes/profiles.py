@@ -117,15 +117,18 @@ def profiles_from_data(network_inputs: Mapping[str, Sequence[int]], log: ShapeLo
 def data_profile_note(ranges: Mapping[str, ShapeRange], network_inputs: Mapping[str, Sequence[int]]) -> str | None:
     """What an engine whose profiles came from data refuses: the dynamic axes (other than the batch, whose
     minimum is 1) the data never fed below some size (a decoder step's past calibrated from length 4 up: its
-    steps 1-3 are refused at run time, as is any text line narrower than the narrowest calibrated). None when
-    every dynamic axis reaches 0 or 1."""
+    steps 1-3 are refused at run time, as is any text line narrower than the narrowest calibrated; a ``past``
+    input's cache never fed empty refuses the first step). None when every dynamic axis reaches 0 or 1 (a past
+    cache's axes other than the first, 0)."""
     narrow = []
     for name, r in ranges.items():
         net = network_inputs.get(name) or ()
+        cache = "past" in name.lower()  # a KV cache's length is 0 at a decoder's first step
         for axis, n in enumerate(net):
-            if int(n) < 0 and axis < len(r.min) and r.min[axis] > 1:
+            if int(n) < 0 and axis < len(r.min) and (r.min[axis] > 1 or cache and axis and r.min[axis] > 0):
                 sizes = f"{r.min[axis]}" if r.min[axis] == r.max[axis] else f"{r.min[axis]} to {r.max[axis]}"
-                narrow.append(f"{name!r} axis {axis}: {sizes}")
+                narrow.append(f"{name!r} axis {axis}: {sizes}" + (" (a first step's empty cache is 0)" if cache
+                                                                   else ""))
     if not narrow:
         return None
     shown = "; ".join(narrow[:4]) + (f"; and {len(narrow) - 4} more" if len(narrow) > 4 else "")
