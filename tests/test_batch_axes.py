@@ -716,6 +716,10 @@ def test_a_manifests_stream_count_sets_the_batch_and_refuses_another(tmp_path, c
     assert read_table(tmp_path / "cal" / "calib_minmax.json").ranges == at_two.ranges
     assert main(["calibrate", str(tmp_path / "vad.onnx"), "--calib", str(tmp_path / "seq.toml"), "--method",
                  "minmax", "--no-progress", "--batch-size", "4", "--out", str(tmp_path / "c4")]) == 2
+    # perf --data on a sequence: its first batch holds the first step's state, and it says so
+    assert main(["perf", str(tmp_path / "vad.onnx"), "--backend", "ort", "--data", str(tmp_path / "seq.toml"),
+                 "--iterations", "2", "--warmup", "0", "--batch-size", "2"]) == 0
+    assert "is a sequence ([sequence] carry): its first batch is timed with the state" in capsys.readouterr().err
     (tmp_path / "bad.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n'
                                        'streams = 0\n')
     with pytest.raises(ManifestError, match=r"streams.*a positive integer"):
