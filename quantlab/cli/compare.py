@@ -341,9 +341,8 @@ def run(args: argparse.Namespace) -> int:
             if check.passed or unknown or not_judged:
                 failed.append(name)
                 rows = result.end_to_end[result.end_to_end["candidate"] == name]
-                why = ("holds" if check.passed else
-                       f"cannot be evaluated ({'; '.join(threshold.nan_reasons(rows)) or ', '.join(unknown)})"
-                       if unknown else f"cannot be judged: {not_judged}")
+                why = (f"cannot be judged: {not_judged}" if not_judged else "holds" if check.passed else
+                       f"cannot be evaluated ({'; '.join(threshold.nan_reasons(rows)) or ', '.join(unknown)})")
                 print(f"FAIL {name}: --fail-if {threshold} {why} ({shown})")
             else:
                 print(f"pass {name}: --fail-if {threshold} does not hold ({shown})")

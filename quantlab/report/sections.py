@@ -225,7 +225,7 @@ def trajectory_section(inputs: ReportInputs, plots: Mapping[str, bytes]) -> str:
     t = inputs.trajectory
     if t is None or t.empty:
         why = ("the all-INT8 candidates already met the threshold or the search was off"
-               if inputs.verdict is not None else "no threshold was set")
+               if inputs.verdict is not None else inputs.unjudged or "no threshold was set")
         return (f'<section id="search"><h2>Sensitivity search</h2><p class="muted">No search ran ({esc(why)}).'
                 "</p></section>")
     return (

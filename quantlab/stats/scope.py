@@ -42,8 +42,9 @@ def fused_preactivations(proto: onnx.ModelProto) -> list[str]:
 
 def quantizable_tensors(proto: onnx.ModelProto) -> set[str]:
     """The float activations some INT8 plan may put a Q/DQ on: the activation inputs and outputs of every quantizable
-    fusion group (quantlab.plan.groups), its anchor's output unless a Relu/Clip fuses it, and a residual Add's inputs;
-    not a model output, unless such a group reads it.
+    fusion group (quantlab.plan.groups), a conv anchor's output unless a Relu/Clip fuses it (the ORT target
+    quantizes it for QLinearConv; a MatMul's before its bias Add and Sigmoid it does not: YOLOS's box head), and a
+    residual Add's inputs; not a model output, unless such a group reads it.
 
     A superset of what the writer quantizes for either target (an ONNX Runtime target also quantizes a conv's
     output before a BatchNorm or a residual Add, inside its group). Everything else only float ops read: an
@@ -64,7 +65,9 @@ def _quantizable_among(proto: onnx.ModelProto, names: list[str]) -> set[str]:
             continue
         inputs.update(group.input_tensors)
         out.update(group.output_tensors or (group.output_tensor,))
-        out.update(t for t in nodes[group.nodes[0]].output if t and t not in fused)  # the anchor's (ORT target)
+        anchor = nodes[group.nodes[0]]
+        if anchor.op_type in ("Conv", "ConvTranspose") and len(group.nodes) > 1:  # its output (ORT target: fused)
+            out.update(t for t in anchor.output if t and t not in fused)
         if group.residual_input:  # the residual Add's inputs: the skip, and the conv branch (ORT target)
             inputs.update(t for name in group.nodes for t in nodes[name].input
                           if group.residual_input in nodes[name].input and t)
