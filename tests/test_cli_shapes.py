@@ -198,7 +198,8 @@ def _gru_with_state(tmp_path: Path) -> Path:
 def test_shapes_fill_an_input_left_out_from_the_symbols_it_shares_and_refuse_two_ranges_for_one(tmp_path, capfd):
     """--shapes for feats only: the state h0 shares its batch symbol, took the default guess, and TensorRT refused
     ("Dimensions with name batch must be equal"), which quantlab blamed on the graph. h0 now takes the batch's
-    range from feats; two ranges for one symbol are refused before any build, naming both inputs."""
+    range from feats; two optimum sizes for one symbol are refused before any build, naming both inputs (other
+    minima build: ranges from data see a state's batch from 2)."""
     from quantlab.backends.tensorrt.builder import input_symbols, resolve_profiles
     from quantlab.shapes import ShapeRange
 
@@ -217,5 +218,5 @@ def test_shapes_fill_an_input_left_out_from_the_symbols_it_shares_and_refuse_two
     code, _, err = _run(["build", str(path), "--precision", "fp32", "--backend", "tensorrt-rtx", "--out",
                          str(tmp_path / "bad"), "--shapes", "feats:1x16x10,4x16x32,8x16x64",
                          "--shapes", "h0:1x1x8,1x2x8,1x4x8"], capfd)
-    assert code == ExitCode.BAD_INPUT and "gives dimension 'batch' two ranges" in err and "'h0' axis 1" in err
+    assert code == ExitCode.BAD_INPUT and "give dimension 'batch' two optimum sizes" in err and "'h0' axis 1" in err
     assert not (tmp_path / "bad").exists()

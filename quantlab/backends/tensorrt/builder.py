@@ -77,22 +77,23 @@ def input_symbols(model: onnx.ModelProto) -> dict[str, tuple[str | None, ...]]:
 
 def _symbol_ranges(shapes: Mapping[str, ShapeRange], symbols: Mapping[str, Sequence[str | None]]
                    ) -> dict[str, tuple[int, int, int, str]]:
-    """Symbol -> (min, opt, max, the input that gave it) over the ``shapes`` given; InputMismatchError naming the
-    inputs when two give one symbol other ranges (TensorRT: "Dimensions with name batch must be equal", which
-    read as the graph's fault)."""
+    """Symbol -> (min, opt, max, the input that gave it first) over the ``shapes`` given; InputMismatchError naming
+    the inputs when two give one symbol other optimum sizes (TensorRT: "Profile kOPT values are not
+    self-consistent. Dimensions with name batch must be equal", which read as the graph's fault). Other minima or
+    maxima it builds with (ranges from data: a state's batch axis seen from 2 beside an input's from 1)."""
     out: dict[str, tuple[int, int, int, str]] = {}
     for name, r in shapes.items():
         for axis, sym in enumerate(symbols.get(name, ())):
             if sym is None or axis >= len(r.min):
                 continue
             mine = (r.min[axis], r.opt[axis], r.max[axis])
-            if sym in out and out[sym][:3] != mine:
+            if sym in out and out[sym][1] != mine[1]:
                 other = out[sym]
                 raise InputMismatchError(
-                    f"--shapes gives dimension {sym!r} two ranges: {other[3]!r} has {other[:3]} (min, opt, max), "
-                    f"{name!r} axis {axis} has {mine}; one dimension of the model takes one range: give both the "
-                    "same sizes there")
-            out[sym] = (*mine, name)
+                    f"the shape ranges give dimension {sym!r} two optimum sizes: {other[3]!r} has {other[:3]} "
+                    f"(min, opt, max), {name!r} axis {axis} has {mine}; one dimension of the model takes one: give "
+                    "both the same OPT there (--shapes)")
+            out.setdefault(sym, (*mine, name))
     return out
 
 
@@ -123,8 +124,8 @@ def resolve_profiles(
 
     ``shapes`` (``--shapes`` or ranges derived from the data) win over ``profiles_from``
     (one data shape per input); an input named in neither gets the default guess, or, with ``symbols``
-    (:func:`input_symbols`), the ranges ``shapes`` gives its dims' symbols elsewhere. Two ranges for one symbol
-    are refused.
+    (:func:`input_symbols`), the ranges ``shapes`` gives its dims' symbols elsewhere. Two optimum sizes for one
+    symbol are refused.
     """
     if shapes and symbols:
         known = _symbol_ranges(shapes, symbols)
