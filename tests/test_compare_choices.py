@@ -684,7 +684,7 @@ def test_ctc_text_agreement_and_cer_match_a_decoding_by_hand(layout):
 
 
 def test_the_ctc_hint_is_for_float_inputs_and_a_dominant_class():
-    from quantlab.compare.choices import ctc_hints
+    from quantlab.compare.ctc_hints import ctc_hints
 
     recognizer = model_from_proto(models.text_recognizer(classes=4))
     tagger = model_from_proto(models.masked_token_tagger())  # token ids in: an "O" tag is as common as a blank

@@ -97,7 +97,7 @@ class OutputStats:
     """The reference output's shape in a shard's first batch, as the model returned it."""
     best_counts: list[np.ndarray] = field(default_factory=list)
     """The reference's best classes counted over the positions of a shard's first batch (``[N, T, C]`` scores):
-    one class best at most positions is what a CTC blank looks like (:func:`.choices.ctc_hints`)."""
+    one class best at most positions is what a CTC blank looks like (:func:`.ctc_hints.ctc_hints`)."""
     padded: list[int] = field(default_factory=list)
     """Per batch, the positions the mask input marks as padding, left out of the figures (:mod:`.padding`)."""
     ref_energy: list[np.ndarray] = field(default_factory=list)

@@ -40,7 +40,6 @@ from .free_running import SampleMetric, free_running, free_running_note, with_fr
 from .labels import label_use
 from .choices import (
     class_map_hints,
-    ctc_hints,
     ctc_outputs,
     exact_outputs,
     position_scorers,
@@ -54,6 +53,7 @@ from .padding import cross_attention_note, mask_input, padded_outputs
 from .per_layer import nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
 from .deployed import deployed_notes
+from .ctc_hints import ctc_hints
 from .determinism import reference_noise, reference_noise_note
 from .result import CompareResult
 from .returned import as_returned, redeclared
