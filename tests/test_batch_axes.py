@@ -724,3 +724,22 @@ def test_a_manifests_stream_count_sets_the_batch_and_refuses_another(tmp_path, c
                                        'streams = 0\n')
     with pytest.raises(ManifestError, match=r"streams.*a positive integer"):
         open_dataset(tmp_path / "bad.toml")
+
+
+def test_sequence_mode_does_not_call_every_streams_first_step_alike_a_dead_model():
+    """The first batch of a sequence set holds every stream's first step: streams that start alike (a decoder's
+    BOS, silence) give the same outputs, rightly. The check for outputs alike for every sample skips sequence mode;
+    the same batch as plain samples is named."""
+    from quantlab.compare import CompareOptions, compare
+    from quantlab.sequence import SequenceData
+
+    arrays = _arrays(6)
+    arrays["input"] = np.repeat(arrays["input"][:1], 6, axis=0)  # one chunk, six times
+    arrays["state"] = np.zeros_like(arrays["state"])
+    model = model_from_proto(_vad(), label="vad")
+    options = CompareOptions(batch_size=3, per_layer=False, bootstrap=0)
+    plain = from_arrays(arrays, batch_axes=AXES, role="validation")
+    alike = "the same values for every sample"
+    assert any(alike in w for w in compare(model, {"same": model}, plain, options).warnings)
+    streams = SequenceData(plain, model, {"stateN": "state"})
+    assert not any(alike in w for w in compare(model, {"same": model}, streams, options).warnings)

@@ -160,8 +160,10 @@ class EndToEnd:
                  padding: tuple[str | None, Sequence[str]] = (None, ()),
                  ctc: tuple[int | None, Sequence[str]] = (None, ()),
                  decisions: tuple[float, Sequence[str]] = (DECISION_THRESHOLD, ()),
-                 segmentation: Sequence[str] = (), states: frozenset[str] = frozenset()) -> None:
+                 segmentation: Sequence[str] = (), states: frozenset[str] = frozenset(),
+                 streams: bool = False) -> None:
         self.candidates = list(candidates)
+        self.streams = streams  # sequence mode: the first batch is every stream's first step
         self.states = states  # recurrent state outputs: their hidden units are no detector's rows (channel_spread)
         self.mask, self.padded = padding[0], list(padding[1])  # compare.padding: the mask input, its outputs
         self.outputs = list(outputs)
@@ -202,7 +204,9 @@ class EndToEnd:
             self.reference[o].shapes.append(tuple(np.shape(ref_live[o])))
         ref_live = self._samples_first(ref_live, len(batch))
         for o in first:
-            if o not in self.states:  # a classifier's or a mask's too: dead logits looked perfect
+            # a classifier's or a mask's too (dead logits looked perfect); not in sequence mode, whose first batch
+            # is every stream's first step (a decoder's BOS for all: the same logits, rightly)
+            if not self.streams:
                 self.reference[o].varying.extend(varying_share(ref_live[o]))
             if o not in self.classifiers and o not in self.choices and o not in self.states:
                 self.reference[o].spread.extend(channel_spread(ref_live[o]))

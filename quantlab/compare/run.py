@@ -284,7 +284,8 @@ class Comparison:
                         exact=self.exact, declared=self.declared, padding=self.padding,
                         ctc=(self.options.ctc_blank, self.ctc),
                         decisions=(self.options.decision_threshold, self.decided),
-                        segmentation=self.segmentation, states=self.states)
+                        segmentation=self.segmentation, states=self.states,
+                        streams=bool(sequence_carry(self.dataset)))
 
     def tables(self, totals: PassTotals, progress: bool = False) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way); ``progress``:
