@@ -743,3 +743,20 @@ def test_sequence_mode_does_not_call_every_streams_first_step_alike_a_dead_model
     assert any(alike in w for w in compare(model, {"same": model}, plain, options).warnings)
     streams = SequenceData(plain, model, {"stateN": "state"})
     assert not any(alike in w for w in compare(model, {"same": model}, streams, options).warnings)
+
+
+def test_a_padded_set_is_summarised_as_its_samples_whatever_the_batch(tmp_path):
+    """A [pad] set was fingerprinted in its padded, batch-dependent form: its content hash changed with the batch
+    size, 2 of 10 samples shared with the calibration set were found (10 at batch 1), and the size warnings read
+    the batches' padded lengths (24-25 for sentences of 7-25). Each sample is read as it was before padding."""
+    from quantlab.data import summarize
+
+    _sequences(tmp_path, [5, 8, 3, 6])
+    (tmp_path / "p.toml").write_text(PADDED + 'inputs = ["x"]\nvalue = -7.0\nmask = "mask"\n')
+    data = open_dataset(tmp_path / "p.toml")
+    summaries = [summarize(data, batch) for batch in (1, 2, 4)]
+    assert len({s.sha256 for s in summaries}) == 1 and len({s.sample_hashes for s in summaries}) == 1
+    x = next(i for i in summaries[2].inputs if i.name == "x")
+    assert (x.shape_min[0], x.shape_max[0]) == (3, 8) and x.min > -7.0  # own lengths; no padding value
+    mask = next(i for i in summaries[2].inputs if i.name == "mask")
+    assert mask.min == mask.max == 1.0  # the real positions only

@@ -65,6 +65,9 @@ class Batch:
     alone_shapes: Mapping[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     """Inputs ``[pad]`` padded: each sample's shape padded alone, without the batch axis
     (:func:`quantlab.data.padding.alone_shapes`); the engine profiles take these, not the batch's."""
+    own_shapes: Mapping[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
+    """... and each sample's shape before any padding: what its content hash and input statistics read (the
+    batch's padded form made them depend on the batch size)."""
 
     def per_sample(self, name: str) -> np.ndarray:
         """Input ``name`` with the samples on axis 0 (a value without a batch axis repeated per sample)."""
@@ -114,6 +117,7 @@ def stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype: 
     """Samples stacked on each input's batch axis, 0 by default, after ``padding`` made the inputs it names
     one length (DataError naming both samples when shapes or dtypes still differ)."""
     alone = alone_shapes(samples, padding)
+    own = {n: tuple(tuple(int(d) for d in s.feeds[n].shape) for s in samples) for n in alone}
     samples = pad_samples(samples, padding)
     first = samples[0]
     feeds: dict[str, np.ndarray] = {}
@@ -134,7 +138,7 @@ def stack_samples(samples: Sequence[Sample], names: Sequence[str], label_dtype: 
         if label_dtype == "str":
             labels = labels.astype(str)
     return Batch(indices=tuple(s.index for s in samples), keys=tuple(s.key for s in samples), feeds=feeds,
-                 labels=labels, batch_axes=dict(batch_axes or {}), alone_shapes=alone)
+                 labels=labels, batch_axes=dict(batch_axes or {}), alone_shapes=alone, own_shapes=own)
 
 
 def batch_fits(specs: Mapping[str, tuple[str, tuple[int, ...]]], batch: int, where: str, advice: str) -> None:

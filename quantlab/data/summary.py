@@ -217,10 +217,11 @@ class DataFingerprint:
                     raise DataError(f"sample {keys[i]!r}: input {name!r} holds {bad} {kinds} value(s). Fix or "
                                     "remove that sample (or its preprocessing); quantlab does not calibrate or "
                                     "compare on non-finite inputs.")
+        own = getattr(batch, "own_shapes", None) or {}  # [pad]ded inputs: each sample as it was, not as batched
         for i in range(n):
             sample_hash = ArrayHasher()
             for name, arr in arrays.items():
-                a = arr[i]
+                a = arr[i][tuple(slice(0, d) for d in own[name][i])] if name in own else arr[i]
                 self._hasher.update(name, a)
                 sample_hash.update(name, a)
                 stats = self._stats.get(name)
