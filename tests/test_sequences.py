@@ -154,3 +154,26 @@ def test_a_concatenation_of_steps_whose_size_may_differ_stays_a_sequence():
     proto = _collecting_loop(0, 0, trips=100)
     out, done = scan_loop_sequences(proto)
     assert out is proto and done == ()
+
+
+def test_the_local_mode_skips_a_group_fed_the_list_a_loop_carries():
+    """A scripted while loop that starts its list with ``[x]`` (SequenceConstruct: no scan output rewrite) and an
+    FP16 build: the local mode fed the list to ConcatFromSequence's island and the comparison failed ("cannot tell
+    the type of tensor 'ref/ys'"), stopping `quantlab run`. That group is skipped with a note."""
+    from quantlab.calibrate import calibrate
+    from quantlab.compare import CompareOptions, compare
+    from quantlab.data import from_arrays
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+
+    proto = _collecting_loop(1, 1, data_decides=True)
+    for node in proto.graph.node:
+        if node.op_type == "SequenceEmpty":
+            node.CopyFrom(helper.make_node("SequenceConstruct", ["x"], ["ys0"], name="/start"))
+    model = model_from_proto(proto)
+    assert "Loop" in {n.op_type for n in model.proto.graph.node}
+    data = from_arrays({"x": np.random.default_rng(0).normal(0, 1, (6, 4)).astype(np.float32)}, role="validation")
+    fp16 = write_model(model, uniform_plan("fp16"), calibrate(model, data, "minmax").tables["minmax"], WriteOptions())
+    result = compare(model, {"fp16": fp16}, data, CompareOptions(batch_size=3, bootstrap=0))
+    assert any("local mode skips group '/stack': the type of its input 'ys' is unknown" in w for w in result.warnings)
+    assert set(result.end_to_end["output"]) == {"out", "h_last"}

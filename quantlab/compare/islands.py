@@ -104,10 +104,11 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
         outputs = tuple((x.tensor, carriers[x.tensor]) for x in by_group[g.name] if carriers[x.tensor] in made)
         if not outputs:
             continue
-        untyped = [t for t in boundary if t not in typed()]
-        if untyped:  # e.g. a contrib op's int32 mask index in an FP16-simulation write: nothing to feed it as
+        untyped = [t for t in boundary if t not in typed() or typed()[t].dtype == "undefined"]
+        if untyped:  # e.g. a contrib op's int32 mask index in an FP16-simulation write: nothing to feed it as;
+            # a list a while loop carries (a sequence, no tensor type) crashed the comparison
             notes.append(f"candidate {name!r}: local mode skips group {g.name!r}: the type of its input "
-                         f"{untyped[0]!r} is unknown (shape inference cannot type it)")
+                         f"{untyped[0]!r} is unknown (shape inference cannot type it, or it is a sequence)")
             continue
         foreign = [t for t in boundary if t not in known]
         if foreign:  # e.g. a tensor --equalize rescaled: the reference cannot feed it

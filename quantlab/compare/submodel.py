@@ -44,9 +44,10 @@ def has_subgraph(node: onnx.NodeProto) -> bool:
 def _value_info(name: str, specs: Mapping[str, Any], label: str) -> onnx.ValueInfoProto:
     spec = specs.get(name)
     if spec is None or spec.dtype == "undefined":
-        raise CompareError(f"{label}: cannot tell the type of tensor {name!r} (shape inference gives none); "
-                           "per-layer comparison needs typed tensors. Run with per_layer=False or a smaller "
-                           "layer chunk (layer_group_size) that does not cut here.")
+        raise CompareError(f"{label}: cannot tell the type of tensor {name!r} (shape inference gives none, or it "
+                           "is a sequence); per-layer comparison needs typed tensors. Run without it (--no-per-layer "
+                           "or --no-local; per_layer=False / local=False), or with another layer chunk "
+                           "(--layer-group-size) that does not cut here.")
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
     shape = None if spec.shape is None else [d if isinstance(d, (int, str)) else None for d in spec.shape]
     return helper.make_tensor_value_info(name, elem, shape)
