@@ -265,7 +265,7 @@ class BoundedLoop:
 def _decided(name: str, folder: ConstantFolder, want: bool, depth: int = 0) -> bool:
     """Whether bool ``name`` is ``want`` whatever the data: constant, or an And (Or) one of whose inputs is False
     (True), through Not and Identity, and through an If whose condition is constant (torch writes
-    ``i < 24 and not done`` as ``If(i < 24, then: not done, else: False)``)."""
+    ``i < 24 and not done`` as ``If(i < 24, then: not done, else: False)``) or whose branches both are."""
     value = folder.value(name)
     if value is not None:
         return value.size == 1 and bool(value.reshape(())) is want
@@ -278,13 +278,20 @@ def _decided(name: str, folder: ConstantFolder, want: bool, depth: int = 0) -> b
         return any(_decided(i, folder, want, depth + 1) for i in node.input)
     if node.op_type == "If":
         cond = folder.scalar(node.input[0])
-        if cond is None:
-            return False
-        branch = next(a.g for a in node.attribute if a.name == ("then_branch" if bool(cond) else "else_branch"))
-        seeds = {t: v for t in sorted(outer_reads(branch)) for v in [folder.value(t)] if v is not None}
-        inner = ConstantFolder(branch, folder.model, seeds)
-        return _decided(branch.output[list(node.output).index(name)].name, inner, want, depth + 1)
+        taken = ("then_branch", "else_branch") if cond is None else ("then_branch" if bool(cond) else "else_branch",)
+        # a condition the data decides: both branches must give ``want`` (torch's ``done and i < 5`` is
+        # If(done, then: i < 5, else: False))
+        return all(_branch_decided(node, which, name, folder, want, depth) for which in taken)
     return False
+
+
+def _branch_decided(node: onnx.NodeProto, which: str, name: str, folder: ConstantFolder, want: bool,
+                    depth: int) -> bool:
+    """:func:`_decided` of the output ``name`` of If ``node`` in its branch ``which``."""
+    branch = next(a.g for a in node.attribute if a.name == which)
+    seeds = {t: v for t in sorted(outer_reads(branch)) for v in [folder.value(t)] if v is not None}
+    inner = ConstantFolder(branch, folder.model, seeds)
+    return _decided(branch.output[list(node.output).index(name)].name, inner, want, depth + 1)
 
 
 def trip_bound(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.ModelProto,

@@ -713,3 +713,37 @@ def test_values_a_loop_carries_unchanged_are_read_from_outside_it():
     model = model_from_proto(proto, label="loop_carrying_weights")  # loading hoists too
     assert "b_final" not in activation_names(model.proto)  # w_final: the Identity of w that keeps the output
     assert any("2 carried value(s) its body passes through unchanged (w, b" in n for n in control_flow_notes(model.proto))
+
+
+def test_a_while_loop_whose_and_tests_the_data_first_gets_its_counters_trip_limit():
+    """torch writes ``while not done and i < 5`` as If(not done, then: i < 5, else: False): the If's condition is
+    the data's, so the bound was missed (trip count 2**63-1; TensorRT-RTX: "no trip limit was set"). Both branches
+    stop the loop by step 5, so that is its limit."""
+    from quantlab.folding import ConstantFolder
+    from quantlab.loops import trip_bound
+
+    proto = models.scripted_while_loop(limit=5)
+    loop = next(n for n in proto.graph.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    gate = next(n for n in body.node if n.op_type == "If")
+    bool_out = [helper.make_tensor_value_info("/go_on", TensorProto.BOOL, [])]
+    data_first = helper.make_node(
+        "If", ["/alive"], ["cond_out"], name="/and",
+        then_branch=helper.make_graph([helper.make_node("Less", ["i_out", "/limit"], ["/go_on"], name="/below")],
+                                      "then", [], bool_out),
+        else_branch=helper.make_graph([helper.make_node("Identity", ["/false"], ["/go_on"], name="/stop")],
+                                      "else", [], bool_out))
+    kept = [n for n in body.node if n.name not in ("/below", "/and")]
+    del body.node[:]
+    body.node.extend(kept[:3] + [helper.make_node("ReduceMax", ["h_out"], ["/top"], name="/top", keepdims=0),
+                                 helper.make_node("Less", ["/top", "floor"], ["/sunk"], name="/sunk"),
+                                 helper.make_node("Not", ["/sunk"], ["/alive"], name="/alive"),
+                                 data_first] + kept[3:])
+    assert gate.op_type == "If"
+    onnx.checker.check_model(proto)
+    assert trip_bound(loop, ConstantFolder(proto.graph, proto), proto) == 5
+    out, done = resolve_static_control_flow(proto)
+    assert any("its condition stops it within 5 steps whatever the data" in d.note() for d in done)
+    x = {"x": np.random.default_rng(3).normal(0, 1, (3, 4)).astype(np.float32)}
+    for name, value in _run(proto, x).items():
+        np.testing.assert_array_equal(_run(out, x)[name], value)
