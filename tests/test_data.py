@@ -988,3 +988,20 @@ def test_a_summary_records_the_sizes_it_covered_and_validation_beyond_them_is_na
     ragged.update({"x": np.zeros((1, 4), np.float32)})
     ragged.update({"x": np.zeros((1, 2, 2), np.float32)})
     assert ragged.summary().input("x").shape_min is None  # samples of two ranks: no per-axis sizes
+
+
+def test_inputs_beyond_calibration_sizes_alike_are_named_in_one_warning():
+    """BERT's input_ids, attention_mask and token_type_ids share their length: the warning came three times."""
+    from quantlab.data import beyond_calibration, summarize
+
+    def tokens(n: int, length: int) -> dict[str, np.ndarray]:
+        ids = np.random.default_rng(length).integers(1, 50, (n, length)).astype(np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+                "pixel": np.ones((n, length + 3), np.float32)}
+
+    calib, val = summarize(from_arrays(tokens(4, 8))), summarize(from_arrays(tokens(4, 12)))
+    notes = beyond_calibration(val, calib)
+    assert len(notes) == 2 and notes[0].startswith(
+        "inputs 'attention_mask', 'input_ids', 'token_type_ids': validation samples of sizes [12] where calibration "
+        "covered [8]")
+    assert notes[1].startswith("input 'pixel': validation samples of sizes [15] where calibration covered [11]")

@@ -279,6 +279,7 @@ def beyond_calibration(validation: DataSummary, calibration: DataSummary, *, val
     (``quantlab coverage`` measures those itself, tensor by tensor)."""
     calibrated = {s.name: s for s in calibration.inputs}
     out = []
+    sizes: dict[tuple[str, str], list[str]] = {}  # (validation, calibration extents) -> inputs: BERT's three said once
     for v in validation.inputs:
         c = calibrated.get(v.name)
         if c is None:
@@ -286,10 +287,7 @@ def beyond_calibration(validation: DataSummary, calibration: DataSummary, *, val
         if None not in (v.shape_min, v.shape_max, c.shape_min, c.shape_max) and len(v.shape_min) == len(c.shape_min):
             if any(a < b for a, b in zip(v.shape_min, c.shape_min)) or any(
                     a > b for a, b in zip(v.shape_max, c.shape_max)):
-                out.append(f"input {v.name!r}: {role} samples of sizes {_extent(v)} where calibration covered "
-                           f"{_extent(c)}: the ranges of tensors whose values grow with the size (attention "
-                           "over more positions, sums over a larger image) were not measured on such sizes; "
-                           "calibrate on samples of every size the model will see")
+                sizes.setdefault((_extent(v), _extent(c)), []).append(v.name)
         span = c.max - c.min
         if values and v.dtype.startswith("float") and span > 0 and (v.max > c.max + BEYOND_CALIBRATION * span
                                                          or v.min < c.min - BEYOND_CALIBRATION * span):
@@ -297,7 +295,10 @@ def beyond_calibration(validation: DataSummary, calibration: DataSummary, *, val
                        f"[{c.min:.4g}, {c.max:.4g}]: the INT8 ranges of the input and of the layers after it clip "
                        "what calibration never showed (`quantlab coverage` measures by how much); calibrate on "
                        "data like the validation set's")
-    return out
+    return [f"input{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}: {role} samples of sizes {seen} "
+            f"where calibration covered {covered}: the ranges of tensors whose values grow with the size (attention "
+            "over more positions, sums over a larger image) were not measured on such sizes; calibrate on samples "
+            "of every size the model will see" for (seen, covered), names in sizes.items()] + out
 
 
 def _extent(stats: InputStats) -> str:
