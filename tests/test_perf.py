@@ -265,6 +265,15 @@ def test_cli_perf_times_the_first_batch_of_a_data_set(tmp_path, capsys):
     assert main([*common, "--data", str(tmp_path / "val.toml"), "--dim", "H=8"]) == 2  # one or the other
     assert "--dim sizes random data" in capsys.readouterr().err
     assert main([*common]) == 2  # random data needs the sizes the data gave
+    # a model that mixes the samples of a batch: its time follows the batch, which --data says
+    onnx.save(models.until_converged(), tmp_path / "loop.onnx")
+    np.savez(tmp_path / "rows.npz", input=np.random.default_rng(1).normal(0, 1, (4, 16)).astype(np.float32))
+    (tmp_path / "rows.toml").write_text('role = "validation"\n[[source]]\nkind = "npz"\npath = "rows.npz"\n'
+                                        'batched = true\n')
+    capsys.readouterr()
+    assert main(["perf", str(tmp_path / "loop.onnx"), "--backend", "ort", "--warmup", "0", "--iterations", "2",
+                 "--batch-size", "4", "--data", str(tmp_path / "rows.toml")]) == 0
+    assert "gives a sample other outputs in a batch than alone" in capsys.readouterr().err
 
 
 def test_random_feeds_put_the_batch_on_every_axis_its_symbol_names():

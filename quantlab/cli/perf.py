@@ -173,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
     from ..fingerprint import tool_versions
     from ..graph import load_model
     from ..graph.topology import holds_qdq
+    from ..backends.coupling import batch_coupling
     from ..data import open_dataset
     from ..errors import InputMismatchError
     from ..perf import data_feeds, random_feeds
@@ -187,6 +188,9 @@ def run(args: argparse.Namespace) -> int:
                                      "or the other")
         dataset = open_dataset(args.data)
         feeds, args.batch_size = data_feeds(model, dataset, args.batch_size)
+        coupled = batch_coupling(model, dataset, args.batch_size) if args.batch_size > 1 else None
+        if coupled:  # a while loop until the whole batch converges: its steps, so its time, follow the batch
+            print(f"quantlab perf: {coupled.note(model.label, args.batch_size)}", file=sys.stderr, flush=True)
         if getattr(dataset, "sequence_carry", None):  # a T5 step timed on its first chunk: an empty past
             print(f"quantlab perf: note: {args.data} is a sequence ([sequence] carry): its first batch is timed with "
                   "the state the data holds (the first step's), not the state later steps carry; time a later step "
