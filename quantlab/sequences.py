@@ -12,7 +12,8 @@ A ``SequenceConstruct(x0, x1)`` at the chain's start gives its inputs first. Ins
 input) stay as they are.
 
 A loop left a loop (a while loop, or too long to unroll) that appends to such a list each step returns the
-same values as a scan output, which TensorRT builds (a while loop's too), reshaped after the loop::
+same values as a scan output, which TensorRT builds (a while loop's too), reshaped after the loop (a list started
+with items, torch's ``ys = [x]``, gets them put before the steps)::
 
     SequenceEmpty ─► Loop(carried ys; body: ys ─► SequenceInsert(ys, y) ─► ys') ─► ConcatFromSequence(axis=a)
     ==>  Loop(body: ... y ─► scan output) ─► ys[T, *y] ─► Transpose(T to axis a) [─► Reshape(T merged with
@@ -164,8 +165,8 @@ def scan_loop_sequences(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[
             start = producers.get(node.input[k + 2])
             final = node.output[k] if k < len(node.output) else ""
             readers = _readers(out.graph, final) if final else []
-            if (start is None or start.op_type != "SequenceEmpty" or final in graph_outputs or len(readers) != 1
-                    or readers[0].op_type != "ConcatFromSequence"):
+            if (start is None or start.op_type not in ("SequenceEmpty", "SequenceConstruct") or final in graph_outputs
+                    or len(readers) != 1 or readers[0].op_type != "ConcatFromSequence"):
                 continue
             found = _appended(node, k)
             if found is None:
@@ -183,10 +184,15 @@ def scan_loop_sequences(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[
             axis = axis + rank + 1 if new_axis and axis < 0 else axis + rank if axis < 0 else axis
             if not 0 <= axis <= rank - (0 if new_axis else 1) or (not new_axis and dims[axis] < 0):
                 continue  # a concatenation of steps whose sizes may differ: left a sequence
+            heads = list(start.input) if start.op_type == "SequenceConstruct" else []
+            if any(not _same_shape(out, h, dims) for h in heads):
+                continue  # torch's ``ys = [x]``: taken when x has the steps' shape
             scanned = scoped_name(f"{label}/scanned", item)
             replace_node(out.graph, idx, [_scanning_loop(node, k, insert, item, kind, scanned)], [])
             position = next(i for i, n in enumerate(out.graph.node) if concat.output[0] in n.output)
-            replace_node(out.graph, position, _stacked_like_concat(scanned, concat, axis, new_axis, rank), [])
+            stacked = _with_heads(scanned, heads, f"{label}/listed")
+            replace_node(out.graph, position, [*stacked[1], *_stacked_like_concat(stacked[0], concat, axis,
+                                                                                   new_axis, rank)], [])
             drop_dead_producers(out.graph, [start.output[0]])
             kept = [vi for vi in out.graph.value_info if vi.name != final]
             del out.graph.value_info[:]
@@ -195,6 +201,35 @@ def scan_loop_sequences(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[
         return None
 
     return rewrite_until_fixed(proto, "Loop", rewrite)
+
+
+def _same_shape(proto: onnx.ModelProto, name: str, dims: list[int]) -> bool:
+    """Whether main-graph tensor ``name`` has the rank of ``dims`` and their known sizes (shape inference)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except Exception:  # noqa: BLE001 - unreadable: not taken
+        return False
+    infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    info = next((vi for vi in infos if vi.name == name), None)
+    if info is None or not info.type.tensor_type.HasField("shape"):
+        return False
+    own = [d.dim_value if d.HasField("dim_value") else -1 for d in info.type.tensor_type.shape.dim]
+    return len(own) == len(dims) and all(a == b or a < 0 or b < 0 for a, b in zip(own, dims))
+
+
+def _with_heads(scanned: str, heads: list[str], label: str) -> tuple[str, list[onnx.NodeProto]]:
+    """The scan output ``[T, *y]`` with the list's first items (a SequenceConstruct's inputs) before the steps:
+    ``[len(heads) + T, *y]``, and the nodes that make it (none without heads)."""
+    if not heads:
+        return scanned, []
+    zero = f"{label}/axis0"
+    nodes = [helper.make_node("Constant", [], [zero], name=zero, value=numpy_helper.from_array(np.array([0], np.int64)))]
+    firsts = []
+    for i, h in enumerate(heads):
+        firsts.append(f"{label}/head{i}")
+        nodes.append(helper.make_node("Unsqueeze", [h, zero], [firsts[-1]], name=firsts[-1]))
+    nodes.append(helper.make_node("Concat", [*firsts, scanned], [label], name=label, axis=0))
+    return label, nodes
 
 
 def _scanning_loop(node: onnx.NodeProto, k: int, insert: onnx.NodeProto, item: str, kind: onnx.TypeProto,

@@ -157,7 +157,7 @@ def test_a_concatenation_of_steps_whose_size_may_differ_stays_a_sequence():
 
 
 def test_the_local_mode_skips_a_group_fed_the_list_a_loop_carries():
-    """A scripted while loop that starts its list with ``[x]`` (SequenceConstruct: no scan output rewrite) and an
+    """A scripted while loop whose list stays a list (its first item has another shape than the steps') and an
     FP16 build: the local mode fed the list to ConcatFromSequence's island and the comparison failed ("cannot tell
     the type of tensor 'ref/ys'"), stopping `quantlab run`. That group is skipped with a note."""
     from quantlab.calibrate import calibrate
@@ -166,14 +166,35 @@ def test_the_local_mode_skips_a_group_fed_the_list_a_loop_carries():
     from quantlab.plan import uniform_plan
     from quantlab.quantize import WriteOptions, write_model
 
-    proto = _collecting_loop(1, 1, data_decides=True)
-    for node in proto.graph.node:
+    proto = _collecting_loop(-1, 0, data_decides=True)
+    for node in proto.graph.node:  # the list starts with an item of another shape: it stays a list
         if node.op_type == "SequenceEmpty":
-            node.CopyFrom(helper.make_node("SequenceConstruct", ["x"], ["ys0"], name="/start"))
+            node.CopyFrom(helper.make_node("SequenceConstruct", ["x_mean"], ["ys0"], name="/start"))
+    proto.graph.node.insert(0, helper.make_node("ReduceMean", ["x"], ["x_mean"], name="/mean", axes=[1]))
     model = model_from_proto(proto)
-    assert "Loop" in {n.op_type for n in model.proto.graph.node}
+    assert {"Loop", "ConcatFromSequence"} <= {n.op_type for n in model.proto.graph.node}
     data = from_arrays({"x": np.random.default_rng(0).normal(0, 1, (6, 4)).astype(np.float32)}, role="validation")
     fp16 = write_model(model, uniform_plan("fp16"), calibrate(model, data, "minmax").tables["minmax"], WriteOptions())
     result = compare(model, {"fp16": fp16}, data, CompareOptions(batch_size=3, bootstrap=0))
     assert any("local mode skips group '/stack': the type of its input 'ys' is unknown" in w for w in result.warnings)
     assert set(result.end_to_end["output"]) == {"out", "h_last"}
+
+
+@pytest.mark.parametrize("axis, new_axis", [(1, 1), (-1, 0), (0, 1)])
+def test_a_list_started_with_an_item_is_a_scan_output_too(axis, new_axis):
+    """torch's ``ys = [x]`` before the loop is SequenceConstruct(x): the rewrite took only an empty start, so the
+    while loop kept its sequence ops and TensorRT-RTX refused it ("unsupported op SequenceConstruct"). The start's
+    items go before the steps."""
+    proto = _collecting_loop(axis, new_axis, trips=7, data_decides=True)
+    for node in proto.graph.node:
+        if node.op_type == "SequenceEmpty":
+            node.CopyFrom(helper.make_node("SequenceConstruct", ["x"], ["ys0"], name="/start"))
+    out, done = resolve_static_control_flow(proto)
+    assert any("is a scan output" in d.note() for d in done)
+    assert not any("Sequence" in n.op_type for n in out.graph.node)
+    onnx.checker.check_model(out, full_check=True)
+    x = {"x": np.random.default_rng(2).normal(0, 1, (3, 4)).astype(np.float32)}
+    before, after = models.run_ort(proto, x), models.run_ort(out, x)
+    assert before["out"].shape == {(1, 1): (3, 8, 4), (-1, 0): (3, 32), (0, 1): (8, 3, 4)}[(axis, new_axis)]
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
