@@ -123,9 +123,14 @@ def _readers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     return [n for n in graph.node if name in n.input or name in subgraph_reads([n])]
 
 
-def _inferred_type(proto: onnx.ModelProto, loop_name: str, item: str) -> onnx.TypeProto | None:
+def _inferred_type(proto: onnx.ModelProto, loop_name: str, item: str,
+                   folder: ConstantFolder | None = None) -> onnx.TypeProto | None:
     """``item``'s tensor type inside the body of Loop ``loop_name`` by ONNX shape inference; None when inference
-    does not give its rank."""
+    does not give its rank. With ``folder``, the small constants the body reads from the outer scope are copied
+    into it first: inference does not carry values across scopes (torch's ``h.pow(2).sum(-1)`` in a while loop
+    reads its axes from a main-graph Constant, and the item's rank was unknown)."""
+    if folder is not None:
+        proto = _with_outer_constants(proto, loop_name, folder)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
     except Exception:  # noqa: BLE001 - a model shape inference cannot read: left a sequence
@@ -137,6 +142,31 @@ def _inferred_type(proto: onnx.ModelProto, loop_name: str, item: str) -> onnx.Ty
     if info is None or not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
         return None
     return info.type
+
+
+def _with_outer_constants(proto: onnx.ModelProto, loop_name: str, folder: ConstantFolder) -> onnx.ModelProto:
+    """A copy of ``proto`` whose Loop ``loop_name`` computes the small constants (64 values at most) its body's
+    own nodes read from the outer scope as Constant nodes of its own, under new names (for shape inference only)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    loop = next((n for n in out.graph.node if n.op_type == "Loop" and (n.name or n.output[0]) == loop_name), None)
+    body = next((a.g for a in loop.attribute if a.name == "body"), None) if loop is not None else None
+    if body is None:
+        return proto
+    local = {i.name for i in body.input} | {o for n in body.node for o in n.output} | {
+        i.name for i in body.initializer}
+    values = {t: v for t in sorted({i for n in body.node for i in n.input if i and i not in local})
+              for v in [folder.value(t)] if v is not None and v.size <= 64}
+    if not values:
+        return proto
+    made = [helper.make_node("Constant", [], [f"{t}/in_body"], value=numpy_helper.from_array(v))
+            for t, v in values.items()]
+    for node in body.node:
+        node.input[:] = [f"{i}/in_body" if i in values else i for i in node.input]
+    nodes = [*made, *body.node]
+    del body.node[:]
+    body.node.extend(nodes)
+    return out
 
 
 def _appended(loop: onnx.NodeProto, k: int) -> tuple[onnx.NodeProto, str] | None:
@@ -176,7 +206,7 @@ def scan_loop_sequences(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[
             attrs = {a.name: a.i for a in concat.attribute}
             axis, new_axis = attrs.get("axis", 0), attrs.get("new_axis", 0)
             label = node.name or node.output[0]
-            kind = _inferred_type(out, label, item)
+            kind = _inferred_type(out, label, item, folder)
             if kind is None:
                 continue
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.tensor_type.shape.dim]

@@ -198,3 +198,26 @@ def test_a_list_started_with_an_item_is_a_scan_output_too(axis, new_axis):
     assert before["out"].shape == {(1, 1): (3, 8, 4), (-1, 0): (3, 32), (0, 1): (8, 3, 4)}[(axis, new_axis)]
     for name in before:
         np.testing.assert_array_equal(after[name], before[name])
+
+
+def test_a_list_of_items_whose_rank_needs_an_outer_constant_is_a_scan_output():
+    """torch's ``norms.append(h.pow(2).sum(-1))`` in a while loop reads the reduction's axes from a main-graph
+    Constant: shape inference, which carries no value across scopes, gave the item no rank, the list stayed a
+    sequence and TensorRT-RTX refused it. The body's outer constants are copied in for that inference."""
+    proto = _collecting_loop(1, 1, trips=7, data_decides=True)
+    loop = next(n for n in proto.graph.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    append = next(n for n in body.node if n.op_type == "SequenceInsert")
+    append.input[1] = "/norm"
+    body.node.insert(list(body.node).index(append),
+                     helper.make_node("ReduceSum", ["h_out", "/axes"], ["/norm"], name="/norm", keepdims=0))
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["/axes"], name="/axes_const",
+                                                value=numpy_helper.from_array(np.array([-1], np.int64))))
+    out, done = resolve_static_control_flow(proto)
+    assert any("the list its body appends '/norm' to each step is a scan output" in d.note() for d in done)
+    assert not any("Sequence" in n.op_type for n in out.graph.node)
+    x = {"x": np.random.default_rng(2).normal(0, 1, (3, 4)).astype(np.float32)}
+    before, after = models.run_ort(proto, x), models.run_ort(out, x)
+    assert before["out"].shape == (3, 7)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
