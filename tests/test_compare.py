@@ -1289,3 +1289,35 @@ def test_a_reference_that_cannot_run_the_data_is_named_by_the_models_inputs():
         segments.close()
     assert str(err.value).startswith("the FP32 reference cannot run the batch whose inputs are 'x' [1, 6] (in "
                                      "segment 3 of 3): ONNX Runtime failed")
+
+
+def test_a_float_group_that_reads_an_int8_groups_output_qdq_says_whose_error_it_shows():
+    """ConvNeXt in the ORT form: the Transpose after an INT8 depthwise conv reads the conv's output through its
+    Q/DQ, so its local figures (fp32, 36 dB) held the conv's output quantization and ranked above the conv. The
+    comparison says the error is the conv's, and that pinning the Transpose would not remove it."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "dw", "db"], ["dwc"], name="dwconv", group=4, pads=[1, 1, 1, 1]),
+         helper.make_node("Transpose", ["dwc"], ["nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+         helper.make_node("MatMul", ["nhwc", "w"], ["y"], name="pw")], "convnext_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 6])],
+        [numpy_helper.from_array(rng.normal(0, 0.5, (4, 1, 3, 3)).astype(np.float32), "dw"),
+         numpy_helper.from_array(rng.normal(0, 0.1, (4,)).astype(np.float32), "db"),
+         numpy_helper.from_array(rng.normal(0, 0.5, (4, 6)).astype(np.float32), "w")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = from_arrays({"x": rng.normal(0, 1, (6, 4, 8, 8)).astype(np.float32)}, role="validation")
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    notes = {}
+    for target in ("ort", "tensorrt"):
+        written = write_model(model, uniform_plan("int8"), table, WriteOptions(target=target))
+        result = compare(model, {target: written}, data, CompareOptions(batch_size=3, bootstrap=0))
+        notes[target] = [w for w in result.warnings if "through its Q/DQ" in w]
+        local = result.per_layer[result.per_layer["mode"] == "local"].set_index("group")
+        if target == "ort":  # the row stays (it is what the Transpose reads), with whose error it is
+            assert local.loc["to_nhwc", "precision"] == "fp32" and np.isfinite(local.loc["to_nhwc", "sqnr_db"])
+    assert notes["ort"] == ["candidate 'ort': float group(s) 'to_nhwc' (of 'dwconv') read an INT8 group's output "
+                            "through its Q/DQ (the ORT form quantizes an output where its readers read it), so their "
+                            "local figures hold that group's output quantization: the error is the INT8 group's; "
+                            "pinning the float group would not remove it"]
+    assert notes["tensorrt"] == []  # the TensorRT form quantizes layer inputs: the Transpose reads float

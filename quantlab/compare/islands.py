@@ -78,6 +78,7 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
     known = set(ref.producer) | set(ref.graph_inputs) | ref_inits | ref.constants
     out: dict[str, Island] = {}
     notes: list[str] = []
+    borrowed: list[tuple[str, str]] = []  # (float group, the INT8 group whose output Q/DQ its island holds)
     specs: dict[str, Any] = {}
 
     def typed() -> Mapping[str, Any]:  # computed on first use: shape inference of a large model costs seconds
@@ -116,10 +117,35 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
                          "only in the candidate (a float rewrite such as --equalize rescaled it); compare against "
                          "the rewritten FP32 model for its local error")
             continue
+        if precision.get(g.name, "fp32") == "fp32":  # ConvNeXt's Transpose after an INT8 depthwise conv
+            borrowed.extend((g.name, o) for o in _output_qdq_owners(members, w_nodes, prov, ref, g.name))
         order = sorted(members, key=position.__getitem__)
         out[g.name] = Island(index=gi, group=g.name, nodes=tuple(order), boundary=tuple(boundary), outputs=outputs,
                              float16=precision.get(g.name) == "fp16")
+    if borrowed:  # one note for them all: a ConvNeXt has one such Transpose per block
+        shown = ", ".join(f"{g!r} (of {o!r})" for g, o in borrowed[:3]) + (
+            f" and {len(borrowed) - 3} more" if len(borrowed) > 3 else "")
+        notes.append(f"candidate {name!r}: float group(s) {shown} read an INT8 group's output through its Q/DQ (the "
+                     "ORT form quantizes an output where its readers read it), so their local figures hold that "
+                     "group's output quantization: the error is the INT8 group's; pinning the float group would not "
+                     "remove it")
     return out, notes
+
+
+def _output_qdq_owners(members: set[int], w_nodes: Sequence[onnx.NodeProto], prov: Provenance,
+                       ref: ReferenceGraph, group: str) -> list[str]:
+    """The other groups whose outputs the QuantizeLinear nodes among ``members`` quantize."""
+    original = {v: k for k, v in prov.tensor_map.items()}
+    owners: list[str] = []
+    for i in sorted(members):
+        node = w_nodes[i]
+        if node.op_type != "QuantizeLinear":
+            continue
+        idx = ref.producer.get(original.get(node.input[0], node.input[0]))
+        owner = ref.group_of.get(ref.names[idx]) if idx is not None else None
+        if owner is not None and owner != group and owner not in owners:
+            owners.append(owner)
+    return owners
 
 
 def _members(group: FusionGroup, prov: Provenance, w_nodes: Sequence[onnx.NodeProto], stops: set[str],
