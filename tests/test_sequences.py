@@ -221,3 +221,22 @@ def test_a_list_of_items_whose_rank_needs_an_outer_constant_is_a_scan_output():
     assert before["out"].shape == (3, 7)
     for name in before:
         np.testing.assert_array_equal(after[name], before[name])
+
+
+def test_a_list_tensorrt_cannot_take_gets_advice_that_can_help():
+    """A list that stays a list (its first item has another shape than the steps'): TensorRT-RTX refuses its
+    sequence ops, and the advice was "pin these nodes to a precision the backend supports", which cannot help."""
+    pytest.importorskip("tensorrt_rtx_bindings")
+    from quantlab.backends.tensorrt import TensorRTBackend
+    from quantlab.errors import UnsupportedOpError
+    from quantlab.shapes import parse_shapes
+
+    proto = _collecting_loop(-1, 0, data_decides=True)
+    for node in proto.graph.node:
+        if node.op_type == "SequenceEmpty":
+            node.CopyFrom(helper.make_node("SequenceConstruct", ["x_mean"], ["ys0"], name="/start"))
+    proto.graph.node.insert(0, helper.make_node("ReduceMean", ["x"], ["x_mean"], name="/mean", axes=[1]))
+    model = model_from_proto(proto)
+    with pytest.raises(UnsupportedOpError) as err:
+        TensorRTBackend("tensorrt-rtx").build_engine(model.proto, shapes=parse_shapes("x:1x4,2x4,4x4"), label="list")
+    assert "TensorRT has no sequence ops (" in str(err.value) and "Pin these nodes" not in str(err.value)

@@ -64,6 +64,11 @@ class ParserIssue:
         return f"{where}: {self.code}: {self.message}"
 
 
+SEQUENCE_OPS = frozenset({"SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceAt", "SequenceErase",
+                          "SequenceLength", "ConcatFromSequence", "SplitToSequence", "SequenceMap"})
+"""ONNX's sequence ops, which no TensorRT parser takes (a torch.jit.script list)."""
+
+
 def parser_issues(parser: Any) -> list[ParserIssue]:
     issues = []
     for i in range(parser.num_errors):
@@ -87,6 +92,13 @@ def parse_error(library: str, version: str, label: str, issues: list[ParserIssue
         contrib = sorted({i.op_type for i in unsupported if (node_domains or {}).get(i.node_name) == "com.microsoft"})
         advice = ("Pin these nodes to a precision the backend supports, replace the op, or use the "
                   "ONNX Runtime backend (--backend ort).")
+        sequences = sorted({i.op_type for i in unsupported if i.op_type in SEQUENCE_OPS})
+        if sequences:  # no precision makes them parse: the list has to go
+            advice = (f"TensorRT has no sequence ops ({', '.join(sequences)}): quantlab turns a scripted loop's list "
+                      "into a Concat (an unrolled loop) or a scan output (a loop that stays) where every item has "
+                      "one shape and its rank is known; this list is not such a one. Export the model with the items "
+                      "stacked into a tensor inside the loop (or the loop unrolled, e.g. --bind its trip count), or "
+                      "use the ONNX Runtime backend (--backend ort).")
         if contrib:
             advice = (f"{', '.join(contrib)} {'is an op' if len(contrib) == 1 else 'are ops'} of ONNX Runtime's own "
                       "domain (com.microsoft), which TensorRT does not know: the model went through ONNX Runtime's "
