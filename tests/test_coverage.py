@@ -617,3 +617,23 @@ def test_a_flattened_tensor_is_checked_per_sample_too():
     assert all(math.isfinite(r["psi"]) for r in rows.values())
     assert any("one sample at a time" in n for n in batched.datasets[0].notes)
     assert [r["psi"] for r in batched.datasets[0].rows] == [r["psi"] for r in single.datasets[0].rows]
+
+
+def test_an_experiment_whose_validation_sizes_were_never_calibrated_does_not_just_say_covered(tmp_path):
+    """Wav2Vec2 validated at 12000 samples, calibrated at 4000-8000: `run` said "calibration coverage: covered"
+    a line after the note that the lengths went beyond calibration. The gate judges the values it sees; the message
+    now says sizes were never calibrated."""
+    from quantlab.experiment import load_experiment, run_experiment
+
+    proto = models.any_size_classifier()
+    proto.graph.input[0].name = proto.graph.node[0].input[0] = "input"
+    onnx.save(proto, tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    _manifest(tmp_path, "calib", {"input": rng.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)})
+    _manifest(tmp_path, "val", {"input": 0.5 * rng.normal(0, 1, (8, 3, 24, 24)).astype(np.float32)})
+    (tmp_path / "e.toml").write_text(
+        'name = "sizes"\n[model]\npath = "model.onnx"\n[data]\ncalibration = "calib.toml"\nvalidation = "val.toml"\n'
+        '[calibrate]\nmethods = ["minmax"]\n[candidates]\nfp16 = false\n[search]\nenabled = false\n')
+    result = run_experiment(load_experiment(tmp_path / "e.toml"), reports_dir=tmp_path / "reports")
+    (line,) = [m for m in result.messages if m.startswith("calibration coverage (minmax)")]
+    assert "covered" in line and "some sizes were never calibrated: val: input 'input': its samples of sizes" in line
