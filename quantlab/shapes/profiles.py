@@ -118,23 +118,30 @@ def data_profile_note(ranges: Mapping[str, ShapeRange], network_inputs: Mapping[
     """What an engine whose profiles came from data refuses: the dynamic axes (other than the batch, whose
     minimum is 1) the data never fed below some size (a decoder step's past calibrated from length 4 up: its
     steps 1-3 are refused at run time, as is any text line narrower than the narrowest calibrated; a ``past``
-    input's cache never fed empty refuses the first step). None when every dynamic axis reaches 0 or 1 (a past
-    cache's axes other than the first, 0)."""
+    input's cache never fed empty refuses the first step), and a ``past`` cache's lengths always (one longer than
+    the longest calibrated, a later decoding step, is refused). None when every other dynamic axis reaches 0 or 1
+    and no input is a cache."""
     narrow = []
     for name, r in ranges.items():
         net = network_inputs.get(name) or ()
-        cache = "past" in name.lower()  # a KV cache's length is 0 at a decoder's first step
+        cache = "past" in name.lower()  # a KV cache: 0 at a decoder's first step, growing every step
         for axis, n in enumerate(net):
-            if int(n) < 0 and axis < len(r.min) and (r.min[axis] > 1 or cache and axis and r.min[axis] > 0):
-                sizes = f"{r.min[axis]}" if r.min[axis] == r.max[axis] else f"{r.min[axis]} to {r.max[axis]}"
-                narrow.append(f"{name!r} axis {axis}: {sizes}" + (" (a first step's empty cache is 0)" if cache
-                                                                   else ""))
+            if int(n) >= 0 or axis >= len(r.min):
+                continue
+            low, high = r.min[axis], r.max[axis]
+            sizes = f"{low}" if low == high else f"{low} to {high}"
+            if cache and axis:  # Whisper's decoder calibrated on 7 steps: its engine refused the 8th, unsaid
+                why = (["a first step's empty cache is 0"] if low > 0 else []) + [
+                    f"a cache longer than {high}, a later step, is refused"]
+                narrow.append(f"{name!r} axis {axis}: {sizes} ({'; '.join(why)})")
+            elif low > 1:
+                narrow.append(f"{name!r} axis {axis}: {sizes}")
     if not narrow:
         return None
     shown = "; ".join(narrow[:4]) + (f"; and {len(narrow) - 4} more" if len(narrow) > 4 else "")
     return (f"the engine takes only the sizes the calibration data had on the model's dynamic axes ({shown}): a "
-            "deployment feeding others (a decoder's first steps, a narrower image or text line) is refused at run "
-            "time; give --shapes NAME:MIN,OPT,MAX with the sizes it will feed")
+            "deployment feeding others (a decoder's first or later steps, a narrower image or text line) is refused "
+            "at run time; give --shapes NAME:MIN,OPT,MAX with the sizes it will feed")
 
 
 def batch_axes_from_dict(doc: object, where: str = "calib_set.batch_axes") -> dict[str, int | None]:
