@@ -678,3 +678,39 @@ def test_optional_inputs_spelled_out_as_empty_names_are_dropped_and_the_written_
     feeds = models.random_inputs(proto, batch=2)
     got, want = models.run_ort(out, feeds)["y"], models.run_ort(proto, feeds)["y"]
     assert np.isfinite(got).all() and np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.98
+
+
+def test_a_loop_carrying_a_growing_value_gets_the_unroll_advice_not_the_profile_hint():
+    """A greedy decoder's loop concatenates one token id per step: TensorRT refuses ("IRecurrenceLayer must have
+    inputs with same shape"), and quantlab blamed the guessed batch profile. It now says what works: unroll the
+    loop by binding its trip count."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.backends.tensorrt import TensorRTBackend
+    from quantlab.errors import BackendError
+
+    value = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["enc", "w"], ["scores"], name="/head"),
+         helper.make_node("ArgMax", ["scores"], ["tok"], name="/pick", axis=1, keepdims=1),
+         helper.make_node("Concat", ["ids_in", "tok"], ["ids_out"], name="/grow", axis=1),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="/keep")], "body",
+        [value("i", TensorProto.INT64, []), value("cond_in", TensorProto.BOOL, []),
+         value("ids_in", TensorProto.INT64, ["N", None])],
+        [value("cond_out", TensorProto.BOOL, []), value("ids_out", TensorProto.INT64, ["N", None])])
+    empty = numpy_helper.from_array(np.array([0], np.int64))
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["enc"], ["batch"], name="/batch", start=0, end=1),
+         helper.make_node("Concat", ["batch", "zero"], ["empty_shape"], name="/empty_shape", axis=0),
+         helper.make_node("ConstantOfShape", ["empty_shape"], ["ids0"], name="/ids0", value=empty),
+         helper.make_node("Loop", ["max_len", "go", "ids0"], ["ids"], name="/Loop", body=body)], "greedy",
+        [value("enc", TensorProto.FLOAT, ["N", 4]), value("max_len", TensorProto.INT64, [])],
+        [value("ids", TensorProto.INT64, ["N", None])],
+        [numpy_helper.from_array(np.random.default_rng(0).normal(0, 1, (4, 6)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array(True), "go")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    with pytest.raises(BackendError) as err:
+        TensorRTBackend("tensorrt-rtx").build_engine(model, label="greedy")  # enc's batch guessed
+    assert "TensorRT's loops keep a carried value's shape" in str(err.value) and "--bind NAME=N" in str(err.value)
+    assert "No data or --shapes fixed" not in str(err.value)

@@ -21,7 +21,7 @@ from ...atomic import write_bytes
 from ...errors import BackendError, BackendUnavailableError, InputMismatchError
 from ...graph import serialize
 from ...shapes import BATCH_AXIS, ShapeRange, check_range_fits, range_from_shapes
-from .diagnostics import build_error_hint, parse_error, parser_issues
+from .diagnostics import build_error_hint, is_profile_error, parse_error, parser_issues
 from .monitor import make_monitor
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30
@@ -343,7 +343,8 @@ class EngineBuilder:
             errors = "\n  ".join(logged) or "(no error was logged)"
             raise BackendError(
                 f"{self.library} {self.version} failed to build an engine for {label}:\n  {errors}"
-                + build_error_hint(logged) + guessed_profiles_hint(profiles, guessed)
+                + build_error_hint(logged) + (guessed_profiles_hint(profiles, guessed) if is_profile_error(logged)
+                                               else "")
             )
         self.save_timing_cache(config)
         return bytes(serialized), self.settings(list(outputs or []), profiles)

@@ -128,4 +128,20 @@ def build_error_hint(errors: list[str]) -> str:
         return (f"\n  {node} squeezes without axes (an export at opset < 13 squeezing every dim of size 1): with a "
                 "dynamic dim in its input, TensorRT cannot fix its output rank at build time. Re-export with explicit "
                 "axes (torch: x.squeeze(dim)), or with the batch fixed if the model only runs at one batch size.")
+    if _GROWING_CARRY in text:  # a greedy decoder's ids, one column longer each step
+        return ("\n  A Loop carries a value whose shape changes from step to step (a decoder's token ids, one longer "
+                "each step): TensorRT's loops keep a carried value's shape. Unroll the loop by fixing its trip count "
+                "(--bind NAME=N for the input that sets it, or export it as a constant), or carry a preallocated "
+                "tensor written at the step's index.")
     return ""
+
+
+_GROWING_CARRY = "IRecurrenceLayer must have inputs with same shape"
+
+
+def is_profile_error(errors: list[str]) -> bool:
+    """Whether the build errors are about shapes the profiles allow (the guessed-dims hint then applies; a Loop
+    TensorRT cannot take got it too, blaming the batch profile)."""
+    text = " ".join(errors).lower()
+    return _GROWING_CARRY.lower() not in text and any(w in text for w in ("profile", "shape", "dimension", "kmin",
+                                                                          "kopt", "kmax"))
