@@ -132,6 +132,23 @@ def noisy_conv_net(seed: int = 0, gain: float = 1.0, size: int = 16) -> onnx.Mod
     return model
 
 
+def detr_head(seed: int = 0, queries: int = 10, width: int = 8, classes: int = 6) -> onnx.ModelProto:
+    """A DETR/YOLOS head: queries[N, Q, W] -> MatMul -> logits[N, Q, classes] (the last class "no object"), and
+    MatMul -> Add(bias) -> Sigmoid -> pred_boxes[N, Q, 4] (a box per query)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("MatMul", ["queries", "wc"], ["logits"], name="class_head"),
+             helper.make_node("MatMul", ["queries", "wb"], ["mm"], name="box_mm"),
+             helper.make_node("Add", ["mm", "bb"], ["box_logit"], name="box_bias"),
+             helper.make_node("Sigmoid", ["box_logit"], ["pred_boxes"], name="box_sigmoid")]
+    inputs = [helper.make_tensor_value_info("queries", TensorProto.FLOAT, ["N", queries, width])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", queries, classes]),
+               helper.make_tensor_value_info("pred_boxes", TensorProto.FLOAT, ["N", queries, 4])]
+    inits = [_init("wc", rng.normal(0, 1, (width, classes)).astype(np.float32)),
+             _init("wb", rng.normal(0, 1, (width, 4)).astype(np.float32)),
+             _init("bb", rng.normal(0, 1, (4,)).astype(np.float32))]
+    return _model(nodes, inputs, outputs, inits, "detr_head")
+
+
 def residual_net(seed: int = 0, channels: int = 8, size: int = 16) -> onnx.ModelProto:
     """ResNet-style block: stem Conv+Relu, then Conv+Relu -> Conv -> Add(skip) -> Relu, depthwise Conv, pool, Gemm."""
     rng = np.random.default_rng(seed)

@@ -697,17 +697,7 @@ def test_the_ctc_hint_is_for_float_inputs_and_a_dominant_class():
     assert ctc_hints(recognizer, {"logits": np.array([3, 4, 2, 1])}, None) == []  # no class at half the positions
     # a DETR-style detector: a box per query beside the class scores, whose "no object" class is best at most
     # queries (YOLOS got the CTC hint; --ctc-blank would read its queries as text)
-    rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["queries", "wc"], ["logits"], name="class_head"),
-         helper.make_node("MatMul", ["queries", "wb"], ["b"], name="box_head"),
-         helper.make_node("Sigmoid", ["b"], ["pred_boxes"], name="box_sigmoid")], "detr",
-        [helper.make_tensor_value_info("queries", TensorProto.FLOAT, ["N", 10, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10, 6]),
-         helper.make_tensor_value_info("pred_boxes", TensorProto.FLOAT, ["N", 10, 4])],
-        [numpy_helper.from_array(rng.normal(0, 1, (8, 6)).astype(np.float32), "wc"),
-         numpy_helper.from_array(rng.normal(0, 1, (8, 4)).astype(np.float32), "wb")])
-    detector = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    detector = model_from_proto(models.detr_head())
     assert ctc_hints(detector, {"logits": np.array([1, 0, 0, 0, 0, 9])}, None) == []
 
 
