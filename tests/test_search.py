@@ -1427,7 +1427,9 @@ def test_the_search_says_when_validation_goes_beyond_calibration_sizes():
     val = from_arrays({"image": rng.normal(0, 1, (8, 3, 24, 24)).astype(np.float32)}, role="validation")
     table = calibrate(model, calib, "minmax").tables["minmax"]
     options = SearchOptions(threshold="sqnr_db>=10", probe_samples=4, batch_size=4, bias_correction=False)
-    notes = search(model, table, val, options, calib=calib).notes
+    covered = calibrate(model, calib, "minmax").data  # what the CLI passes (or data_summary.json beside a table)
+    notes = search(model, table, val, options, calibration_summary=covered).notes
     assert any(n.startswith("beyond calibration: input 'image': validation samples of sizes [3, 24, 24] where "
                             "calibration covered [3, 16, 16]") for n in notes), notes
-    assert not any(n.startswith("beyond calibration") for n in search(model, table, calib, options, calib=calib).notes)
+    assert not any(n.startswith("beyond calibration") for n in search(model, table, calib, options,
+                                                                      calibration_summary=covered).notes)

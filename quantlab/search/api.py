@@ -77,8 +77,8 @@ def search(
     ``workdir``: where the search log lives; a rerun with the same workdir resumes.
     ``on_step``: called after every step with a :class:`StepEvent` (the CLI prints it).
     ``calib``: the calibration set, for ``options.bias_correction`` (measured once, applied to
-    every plan's INT8 layers). ``calibration_summary``: what the table was calibrated on (default: ``calib``'s),
-    for notes on validation sizes and values it did not cover.
+    every plan's INT8 layers). ``calibration_summary``: what the table was calibrated on (``CalibrationResult.data``,
+    or the ``data_summary.json`` beside a table), for notes on validation sizes and values it did not cover.
     Raises SearchError for unusable options or a log written with other settings.
     """
     start = time.perf_counter()
@@ -100,8 +100,8 @@ def search(
             correction, correction_check = None, {"why": "no INT8 layer with a bias it can correct"}
     log = None
     data_sha = None
-    summary = summarize(dataset, options.batch_size) if workdir is not None or calib is not None or (
-        calibration_summary is not None) else None
+    summary = summarize(dataset, options.batch_size) if workdir is not None or calibration_summary is not None \
+        else None
     if workdir is not None:
         data_sha = summary.sha256
         settings = search_settings(model, table, dataset, options, data_sha256=data_sha)
@@ -124,7 +124,7 @@ def search(
     notes = (outcome.notes + _free_running_notes(model, evaluator, outcome.plan, comparison, dataset, options)
              + shape_mismatch_notes(comparison, options.threshold)
              + tuple(f"final comparison: {w}" for w in comparison.warnings)  # a dead output passed at 103 dB
-             + _beyond_calibration_notes(summary, calib, calibration_summary, options.batch_size))
+             + _beyond_calibration_notes(summary, calibration_summary))
     return SearchResult(
         met=outcome.met, plan=outcome.plan, final=final, comparison=comparison, trajectory=outcome.trajectory,
         sensitivity=outcome.sensitivity, evaluations=outcome.evaluations, bound=outcome.bound,
@@ -138,15 +138,13 @@ def search(
     )
 
 
-def _beyond_calibration_notes(validation: DataSummary | None, calib: DataSet | None,
-                               calibration: DataSummary | None, batch_size: int) -> tuple[str, ...]:
+def _beyond_calibration_notes(validation: DataSummary | None, calibration: DataSummary | None) -> tuple[str, ...]:
     """The validation inputs that go where calibration did not (sizes, values): compare --calib and run said so,
     search did not (YOLOS calibrated at 64-80 px and searched at 96). Not WARNINGs: `quantlab run`, which forwards
     those, says it from its comparison already."""
-    if validation is None or (calibration is None and calib is None):
+    if validation is None or calibration is None:
         return ()
-    calibrated = calibration if calibration is not None else summarize(calib, batch_size)  # type: ignore[arg-type]
-    return tuple(f"beyond calibration: {w}" for w in beyond_calibration(validation, calibrated))
+    return tuple(f"beyond calibration: {w}" for w in beyond_calibration(validation, calibration))
 
 
 def shape_mismatch_notes(comparison: CompareResult, threshold: str) -> tuple[str, ...]:
