@@ -166,8 +166,10 @@ def _refuse_random_reference(model: LoadedModel, dataset: DataSet, options: Sear
     """Raise SearchError when the FP32 reference draws other random numbers on a second run of the first batch:
     every plan's figures would hold that noise (a ranking subset draws what the reference drew for other
     samples), and the search would pin layers chasing it, or meet the threshold by luck."""
+    if not random_nodes(model):  # most models: no data read, no session built
+        return
     first = next(iter(truncated_batches(dataset, options.batch_size, len(dataset))), None)
-    if first is None or not random_nodes(model):
+    if first is None:
         return
     noise = reference_noise(model, exact_backend(options), first, model.output_names)
     if noise:
