@@ -59,7 +59,15 @@ from .preprocess import (
     preprocess_image,
 )
 from .sources import IMAGE_SUFFIXES, SOURCE_KINDS, SourceSpec
-from .summary import DataFingerprint, DataSummary, InputStats, beyond_calibration, overlap, summarize
+from .summary import (
+    NOT_CALIBRATED_SIZES,
+    DataFingerprint,
+    DataSummary,
+    InputStats,
+    beyond_calibration,
+    overlap,
+    summarize,
+)
 
 __all__ = [
     "take_samples",
@@ -96,6 +104,7 @@ __all__ = [
     "open_dataset",
     "overlap",
     "beyond_calibration",
+    "NOT_CALIBRATED_SIZES",
     "preprocess_image",
     "random_resized_crop_box",
     "summarize",

@@ -271,6 +271,10 @@ BEYOND_CALIBRATION = 0.05
 span is named (its INT8 range, and those after it, clip what calibration never showed)."""
 
 
+NOT_CALIBRATED_SIZES = "where calibration covered"
+"""The words of :func:`beyond_calibration`'s size warnings, by which a caller holding only its notes finds them."""
+
+
 def beyond_calibration(validation: DataSummary, calibration: DataSummary, *, values: bool = True,
                        role: str = "validation") -> list[str]:
     """Warnings for the inputs whose ``role`` samples go where calibration did not: sizes outside the ones it
@@ -296,7 +300,7 @@ def beyond_calibration(validation: DataSummary, calibration: DataSummary, *, val
                        "what calibration never showed (`quantlab coverage` measures by how much); calibrate on "
                        "data like the validation set's")
     return [f"input{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}: {role} samples of sizes {seen} "
-            f"where calibration covered {covered}: the ranges of tensors whose values grow with the size (attention "
+            f"{NOT_CALIBRATED_SIZES} {covered}: the ranges of tensors whose values grow with the size (attention "
             "over more positions, sums over a larger image) were not measured on such sizes; calibrate on samples "
             "of every size the model will see" for (seen, covered), names in sizes.items()] + out
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..coverage import CoverageOptions, check_coverage, load_coverage
-from ..data import DataSet, DataSummary, open_dataset
+from ..data import NOT_CALIBRATED_SIZES, DataSet, DataSummary, open_dataset
 from ..graph import LoadedModel
 from ..quantize import WrittenModel
 from ..report.coverage import coverage_view
@@ -70,7 +70,7 @@ def run_coverage(report_dir: Path, model: LoadedModel, config: ExperimentConfig,
     view = coverage_view(result, load_statistics(cal_dir / "statistics.npz"))
     verdict = result.verdict()
     flagged = len({(f["dataset"], f["tensor"]) for f in verdict["failing_tensors"]})
-    sizes = [n for d in result.datasets for n in d.notes if "where calibration covered" in n]
+    sizes = [n for d in result.datasets for n in d.notes if NOT_CALIBRATED_SIZES in n]
     message = (f"calibration coverage ({method}): {'FLAGGED' if verdict['fails'] else 'covered'} (a data set is "
                f"flagged where {verdict['gate']})" + (f", {flagged} tensor(s) flagged; see the Calibration coverage "
                                                       "section" if verdict["fails"] else "")
