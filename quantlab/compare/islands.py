@@ -79,6 +79,7 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
     out: dict[str, Island] = {}
     notes: list[str] = []
     borrowed: list[tuple[str, str]] = []  # (float group, the INT8 group whose output Q/DQ its island holds)
+    original = {v: k for k, v in prov.tensor_map.items()}  # written tensor -> the original it carries
     specs: dict[str, Any] = {}
 
     def typed() -> Mapping[str, Any]:  # computed on first use: shape inference of a large model costs seconds
@@ -118,7 +119,7 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
                          "the rewritten FP32 model for its local error")
             continue
         if precision.get(g.name, "fp32") == "fp32":  # ConvNeXt's Transpose after an INT8 depthwise conv
-            borrowed.extend((g.name, o) for o in _output_qdq_owners(members, w_nodes, prov, ref, g.name))
+            borrowed.extend((g.name, o) for o in _output_qdq_owners(members, w_nodes, original, ref, g.name))
         order = sorted(members, key=position.__getitem__)
         out[g.name] = Island(index=gi, group=g.name, nodes=tuple(order), boundary=tuple(boundary), outputs=outputs,
                              float16=precision.get(g.name) == "fp16")
@@ -132,10 +133,10 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
     return out, notes
 
 
-def _output_qdq_owners(members: set[int], w_nodes: Sequence[onnx.NodeProto], prov: Provenance,
+def _output_qdq_owners(members: set[int], w_nodes: Sequence[onnx.NodeProto], original: Mapping[str, str],
                        ref: ReferenceGraph, group: str) -> list[str]:
-    """The other groups whose outputs the QuantizeLinear nodes among ``members`` quantize."""
-    original = {v: k for k, v in prov.tensor_map.items()}
+    """The other groups whose outputs the QuantizeLinear nodes among ``members`` quantize (``original``: written
+    tensor -> the original tensor it carries)."""
     owners: list[str] = []
     for i in sorted(members):
         node = w_nodes[i]
