@@ -14,7 +14,7 @@ s_x * s_w, and a Q/DQ on the group's output so DQ -> Conv -> Q becomes
 QLinearConv; ORT drops a Relu/Clip standing before a Q whose zero point is 0,
 so only other activations (LeakyRelu, swish, BatchNorm...) get a Q/DQ on the
 conv's own output too, and a residual Add gets one on both inputs; no output Q/DQ where a Log, Div,
-Sqrt... reads the output, :data:`NEAR_ZERO_SENSITIVE`)::
+Sqrt... reads the output, nor where only the model's outputs do: quantlab.quantize.output_reach)::
 
     x ──► Q ──► DQ ──┐
      W int8 ──► DQ ──┼──► Conv ──► Relu ──► y ──► Q(s_y) ──► DQ ──► (every reader of y)
@@ -46,24 +46,15 @@ from onnx import helper, numpy_helper
 
 from ..errors import CalibrationError
 from ..graph import LoadedModel, tensor_specs
-from ..graph.topology import subgraph_reads
 from ..plan import FusionGroup, ResolvedPlan, constant_names, node_names
 from ..precision import INT8
 from ..table import CalibrationTable, TensorRange
 from .options import WriteOptions
+from .output_reach import OutputReach
 from .qparams import QParams, activation_qparams, bias_scale_floor, combine_ranges, fit_below
 from .tensors import F32
 
-__all__ = ["NEAR_ZERO_SENSITIVE", "Slot", "Placement"]
-
-_PASS_TO_OUTPUT = frozenset({"Concat", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast",
-                             "Split", "Slice"})
-"""Ops that pass values on to a model output unchanged but for their layout."""
-
-_SCALE_TO_OUTPUT = frozenset({"Mul", "Div", "Add", "Sub"})
-"""Ops that pass values on to a model output scaled or shifted when their other operand is a constant (GLPN's depth
-head: ``Sigmoid -> Mul(10) -> Squeeze``; a divisor only as the constant)."""
-
+__all__ = ["Slot", "Placement"]
 
 @dataclass(frozen=True)
 class Slot:
@@ -76,13 +67,6 @@ class Slot:
     weight_tensor: str | None = None  # bias: the weight it pairs with
     input_qparams: QParams | None = None  # bias: the activation scale
     scale_floor: np.ndarray | None = field(default=None, compare=False)  # weights under an int32 bias
-
-
-NEAR_ZERO_SENSITIVE: dict[str, tuple[int, ...]] = {"Log": (0,), "Reciprocal": (0,), "Sqrt": (0,), "Pow": (0,),
-                                                    "Div": (1,)}
-"""Float ops (and the input slots) whose result a value rounded to zero changes without bound: a log-mel
-front end's ``Clip(mel, 1e-10) -> Log`` gets ``log(0) = -inf`` for every energy under half the INT8 step. A Pow
-only with a negative or unknown exponent: ``0 ** 3`` is 0 (GELU-tanh's ``Pow(x, 3)``, T5's ``Pow(x, 2)``)."""
 
 
 class Placement:
@@ -106,7 +90,7 @@ class Placement:
         self.output_qdq: dict[str, QParams] = {}  # tensor -> qparams every reader goes through
         self.unquantized_outputs: dict[str, str] = {}  # group output left float -> the reader that wants it so
         self.output_bound: dict[str, str] = {}  # group output left float -> the model output it only reaches
-        self._readers: dict[str, list[onnx.NodeProto]] | None = None  # tensor -> main-graph nodes reading it
+        self.reach = OutputReach(self.nodes, self.names, self.graph_outputs, self.initializers)
         self.missing: list[tuple[str, str]] = []  # (group, tensor)
         self.huge: list[tuple[str, str, int]] = []
 
@@ -286,67 +270,14 @@ class Placement:
         t = group.output_tensor
         if not t or t in self.graph_outputs or not self._is_float_activation(t):
             return
-        sensitive = self._near_zero_reader(t)
+        sensitive = self.reach.near_zero_reader(t)
         if sensitive is not None:
             self.unquantized_outputs[t] = sensitive
             return
-        reached = self._only_reaches_outputs(t)
+        reached = self.reach.only_reaches_outputs(t)
         if reached is not None:
             self.output_bound[t] = reached
             return
         qp = self._activation(t, group)
         if qp is not None:
             self.output_qdq[t] = qp
-
-
-    def _only_reaches_outputs(self, tensor: str) -> str | None:
-        """The model output ``tensor`` reaches when it reaches outputs only, through layout ops (a detector's scores
-        and boxes -> Concat -> its output) or a scale or shift by a constant (GLPN's ``Sigmoid -> Mul(10)``: an
-        output Q/DQ left 14 levels for its depths, 16 dB against 32); None when any other node reads it on the
-        way. No INT8 layer reads such a
-        tensor, so an output Q/DQ would only round (and, with entropy or percentile, clip) what the model returns:
-        ddddocr's detector's objectness read amax 0.115 of its 0.50 under entropy (its detection F1 on 8 pages did
-        not move, 51.3 % either way: the boxes' error dominates there; the clip is gone all the same)."""
-        if self._readers is None:
-            self._readers = {}
-            for node in self.nodes:
-                for t in set(node.input) | subgraph_reads([node]):  # a body's outer reads: its node reads them
-                    self._readers.setdefault(t, []).append(node)
-        readers = self._readers
-        frontier, seen, reached = [tensor], {tensor}, None
-        while frontier:
-            t = frontier.pop()
-            if t in self.graph_outputs:
-                reached = reached or t
-            for node in readers.get(t, []):
-                if not self._passes_on(node, t):
-                    return None
-                for o in node.output:
-                    if o and o not in seen:
-                        seen.add(o)
-                        frontier.append(o)
-        return reached
-
-    def _passes_on(self, node: onnx.NodeProto, tensor: str) -> bool:
-        """Whether ``node`` passes ``tensor`` on unchanged but for its layout, or scaled or shifted by constants."""
-        if node.op_type in _PASS_TO_OUTPUT:
-            return True
-        others = [i for i in node.input if i != tensor]
-        return (node.op_type in _SCALE_TO_OUTPUT and len(others) == len(node.input) - 1
-                and all(i in self.initializers for i in others)
-                and (node.op_type != "Div" or node.input[0] == tensor))
-
-    def _near_zero_reader(self, tensor: str) -> str | None:
-        """``op 'name'`` of a float node reading ``tensor`` where a value rounded to 0 changes its result without
-        bound (:data:`NEAR_ZERO_SENSITIVE`); None when no reader does."""
-        for node, name in zip(self.nodes, self.names):
-            slots = NEAR_ZERO_SENSITIVE.get(node.op_type, ())
-            if any(i < len(node.input) and node.input[i] == tensor for i in slots) \
-                    and not (node.op_type == "Pow" and self._non_negative(node.input[1])):
-                return f"{node.op_type} {name!r}"
-        return None
-
-    def _non_negative(self, tensor: str) -> bool:
-        """Whether ``tensor`` is a constant with no negative value (a Pow's exponent)."""
-        init = self.initializers.get(tensor)
-        return init is not None and bool((numpy_helper.to_array(init) >= 0).all())
