@@ -28,8 +28,8 @@ from ..precision import FP16
 from ..plan import ResolvedPlan, fusion_groups, load_plan, resolve_plan
 from ..quantize import WriteOptions, WrittenModel, load_provenance
 
-__all__ = ["REFERENCE_KEY", "Candidate", "check_candidates", "computes_in_float16", "holds_float16", "load_candidate",
-           "simulates_tensorrt"]
+__all__ = ["REFERENCE_KEY", "Candidate", "check_candidates", "computes_in_float16", "float16_on_ort_warnings",
+           "holds_float16", "load_candidate", "simulates_tensorrt"]
 
 Candidate = WrittenModel | LoadedModel
 
@@ -57,6 +57,16 @@ def computes_in_float16(candidate: Candidate) -> bool:
     if isinstance(candidate, WrittenModel):
         return not candidate.options.fp16_simulation and bool(candidate.plan.groups_at(FP16))
     return _computes_in_float16(candidate.proto)
+
+
+def float16_on_ort_warnings(candidates: Mapping[str, Candidate]) -> list[str]:
+    """What ONNX Runtime's figures of float16 candidates measure (its CPU provider computes most of them in
+    float32)."""
+    return [f"candidate {name!r} computes in float16, which ONNX Runtime's CPU provider runs mostly in float32 "
+            "(activations not rounded, where float16 would round them): its figures do not measure FP16 "
+            "accuracy (usually better, sometimes worse); build it with `quantlab build --fp16-simulation` to "
+            "measure float16 rounding on ONNX Runtime"
+            for name, c in candidates.items() if computes_in_float16(c)]
 
 
 def simulates_tensorrt(candidates: Iterable[Candidate]) -> bool:

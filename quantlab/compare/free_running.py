@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 
 from ..backends.base import Backend
-from ..data import Batch
 from ..graph import LoadedModel
 from ..graph.samples import data_sized
 from ..metrics import ErrorSums, decision_mask, error_sums, errors_from_sums
 from ..sequence import SequenceData
 from .candidates import REFERENCE_KEY
 from .options import DECISION_THRESHOLD
+from .user_metric import SampleMetric
 
 __all__ = ["FREE_MASK_FIGURES", "FREE_RUNNING_FIGURES", "FREE_PREFIX", "SampleMetric", "free_column", "free_running",
            "free_running_note", "with_free_running"]
@@ -47,8 +47,6 @@ FREE_MASK_FIGURES = ("element_match", "mask_iou")
 FREE_PREFIX = "free_"
 """The end-to-end columns of the free-running figures: ``free_sqnr_db``, ``free_<user metric>``."""
 
-SampleMetric = Callable[[str, Batch, Mapping[str, np.ndarray], Mapping[str, np.ndarray]], list[dict[str, float]]]
-"""(candidate, batch, reference outputs, candidate outputs) -> the user metric's numbers, one mapping per sample."""
 
 
 

@@ -18,7 +18,6 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ..backends import Backend, get_backend, is_onnxruntime
@@ -34,9 +33,9 @@ from ..sequence import SequenceData, sequence_carry, with_carry
 from .alignment import plan_candidate
 from .batch_tasks import BatchTasks
 from .branches import branch_flips, branch_note, decided_conditions
-from .candidates import Candidate, check_candidates, computes_in_float16, simulates_tensorrt
+from .candidates import Candidate, check_candidates, float16_on_ort_warnings, simulates_tensorrt
 from .end_to_end import EndToEnd
-from .free_running import SampleMetric, free_running, free_running_note, with_free_running
+from .free_running import free_running, free_running_note, with_free_running
 from .labels import label_use
 from .choices import (
     class_map_hints,
@@ -58,10 +57,10 @@ from .determinism import reference_noise, reference_noise_note
 from .result import CompareResult
 from .returned import as_returned, redeclared
 from .runners import Runners, mirrored_groups
-from .sample_axes import output_sample_axes, samples_first
+from .sample_axes import output_sample_axes
 from .schedule import BatchState, Pipeline
 from .shards import PassTotals, ShardData, ShardPartial, run_shards, truncated_batches
-from .user_metric import load_metric, metric_rows
+from .user_metric import load_metric, sample_metric
 
 __all__ = ["compare", "shard_worker", "Comparison"]
 
@@ -209,12 +208,7 @@ class Comparison:
                 self.warnings.append(f"candidate {p.name!r} has no provenance (not written by quantlab): "
                                      "end-to-end comparison only")
         if is_onnxruntime(options.backend):
-            self.warnings.extend(
-                f"candidate {name!r} computes in float16, which ONNX Runtime's CPU provider runs mostly in float32 "
-                "(activations not rounded, where float16 would round them): its figures do not measure FP16 "
-                "accuracy (usually better, sometimes worse); build it with `quantlab build --fp16-simulation` to "
-                "measure float16 rounding on ONNX Runtime"
-                for name, c in self.candidates.items() if computes_in_float16(c))
+            self.warnings.extend(float16_on_ort_warnings(self.candidates))
         self.do_acc = options.per_layer and options.accumulated
         self.do_local = options.per_layer and options.local
         if self.do_acc or self.do_local:
@@ -375,25 +369,12 @@ class Comparison:
         assert isinstance(self.dataset, SequenceData)
         rows = free_running(self.reference, self.candidates, self.dataset, self.options.batch_size,
                             lambda name: self.candidate_backends.get(name, self.backend), self.options.max_samples,
-                            self._sample_metric(), decisions=(self.options.decision_threshold, self.decided))
+                            sample_metric(self.metric, str(self.options.metric), self.sample_axes,
+                                          self.ref.outputs, self.labels.use_labels), decisions=(self.options.decision_threshold, self.decided))
         forced = {(r.candidate, r.output): float(r.sqnr_db) for r in end_to_end.itertuples()}
         if rows:
             self.warnings.append(free_running_note(rows, forced))
         return rows
-
-    def _sample_metric(self) -> SampleMetric | None:
-        """The user metric per sample of a free-running step: the outputs split as the end-to-end pass does."""
-        if self.metric is None:
-            return None
-        metric, spec, axes, outputs = self.metric, str(self.options.metric), self.sample_axes, self.ref.outputs
-
-        def measure(name: str, batch: Batch, ref: Mapping[str, np.ndarray],
-                    cand: Mapping[str, np.ndarray]) -> list[dict[str, float]]:
-            first = {o: samples_first(ref[o], axes.get(o, 0), len(batch), o) for o in outputs}
-            return metric_rows(metric, spec, batch, first,
-                               {o: samples_first(cand[o], axes.get(o, 0), len(batch), o) for o in outputs},
-                               name, self.labels.use_labels)
-        return measure
 
     def _settings(self, segments: Mapping[str, int]) -> dict[str, Any]:
         return {

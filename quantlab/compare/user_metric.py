@@ -7,7 +7,7 @@ name becomes a column of the end-to-end table (mean over samples, with a bootstr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,12 @@ from ..data import Batch
 from ..errors import CompareError
 from ..hooks import load_hook
 from .result import RESERVED_COLUMNS
+from .sample_axes import samples_first
 
-__all__ = ["load_metric", "call_metric", "metric_rows"]
+__all__ = ["SampleMetric", "load_metric", "call_metric", "metric_rows", "sample_metric"]
+
+SampleMetric = Callable[[str, Batch, Mapping[str, np.ndarray], Mapping[str, np.ndarray]], list[dict[str, float]]]
+"""(candidate, batch, reference outputs, candidate outputs) -> the user metric's numbers, one mapping per sample."""
 
 
 def load_metric(spec: str) -> Callable[..., Any]:
@@ -59,3 +63,19 @@ def metric_rows(func: Callable[..., Any], spec: str, batch: Batch, ref: Mapping[
                         None if labels is None else labels[i].item(), candidate, int(batch.indices[i]),
                         str(batch.keys[i]))
             for i in range(len(batch))]
+
+
+def sample_metric(func: Callable[..., Any] | None, spec: str, sample_axes: Mapping[str, int], outputs: Sequence[str],
+                  use_labels: bool) -> SampleMetric | None:
+    """The user metric per sample of a batch whose ``outputs`` hold their samples on ``sample_axes`` (axis 0
+    when not named), as the end-to-end pass splits them; None without a metric."""
+    if func is None:
+        return None
+
+    def measure(name: str, batch: Batch, ref: Mapping[str, np.ndarray],
+                cand: Mapping[str, np.ndarray]) -> list[dict[str, float]]:
+        return metric_rows(func, spec, batch,
+                           {o: samples_first(ref[o], sample_axes.get(o, 0), len(batch), o) for o in outputs},
+                           {o: samples_first(cand[o], sample_axes.get(o, 0), len(batch), o) for o in outputs},
+                           name, use_labels)
+    return measure
