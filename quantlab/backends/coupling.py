@@ -24,7 +24,7 @@ from ..data.batches import Batch, take_samples
 from ..data.checks import coupled_batch_note, samples_coupled
 from ..graph import LoadedModel
 from ..graph.samples import batch_named_outputs, batch_symbols, samples_on_axis0, tensor_sample_axes
-from ..graph.topology import CONTROL_FLOW_OPS, RANDOM_OPS, all_nodes
+from ..graph.topology import CONTROL_FLOW_OPS, random_nodes
 from .base import Backend, Runner
 
 __all__ = ["COUPLING_TOLERANCE", "BatchCoupling", "CoupledOutput", "batch_coupling", "measured_coupling"]
@@ -67,7 +67,7 @@ def measured_coupling(backend: Backend, model: LoadedModel, dataset: Any, batch_
     Only outputs whose shape names the batch symbol are judged (:func:`quantlab.graph.samples.batch_named_outputs`:
     NMS boxes of the whole batch are not per sample). ``sample_axes``: output -> the axis its samples are on
     (default: what shape inference says, :func:`quantlab.graph.samples.tensor_sample_axes`)."""
-    if batch_size < 2 or any(n.op_type in RANDOM_OPS for n in all_nodes(model.proto.graph)):
+    if batch_size < 2 or random_nodes(model.proto):
         return []
     batch = next(iter(dataset.batches(batch_size)), None)
     if batch is None or len(batch) < 2 or batch.alone_shapes:

@@ -23,23 +23,18 @@ import numpy as np
 from ..backends import Backend
 from ..data import Batch
 from ..graph import LoadedModel
-from ..graph.topology import RANDOM_OPS, all_nodes
+from ..graph.topology import random_nodes
 from ..metrics import sqnr_db
 
-__all__ = ["NOISE_OFF", "differing_outputs", "drawn_ops", "random_nodes", "reference_noise", "reference_noise_note",
+__all__ = ["NOISE_OFF", "differing_outputs", "drawn_ops", "reference_noise", "reference_noise_note",
            "unjudged_reason"]
-
-
-def random_nodes(model: LoadedModel) -> list[str]:
-    """``op 'name'`` of every node that draws random numbers, bodies included."""
-    return [f"{n.op_type} {n.name or n.output[0]!r}" for n in all_nodes(model.proto.graph) if n.op_type in RANDOM_OPS]
 
 
 def reference_noise(reference: LoadedModel, backend: Backend, batch: Batch,
                     outputs: Sequence[str]) -> dict[str, str]:
     """How each of ``outputs`` differs between two runs of ``batch`` on ``reference`` (``{output: 'SQNR 17.2 dB
     against itself'}``); empty when ``reference`` draws no random numbers or both runs agree."""
-    if not random_nodes(reference) or not outputs:
+    if not random_nodes(reference.proto) or not outputs:
         return {}
     runner = backend.build(reference.proto)
     try:
@@ -70,8 +65,8 @@ def reference_noise_note(reference: LoadedModel, differ: Mapping[str, str]) -> s
 
 
 def drawn_ops(reference: LoadedModel, shown: int = 3) -> str:
-    """The first ``shown`` of :func:`random_nodes`, for a message."""
-    drawn = random_nodes(reference)
+    """The first ``shown`` of :func:`quantlab.graph.topology.random_nodes`, for a message."""
+    drawn = random_nodes(reference.proto)
     return ", ".join(drawn[:shown]) + (f" and {len(drawn) - shown} more" if len(drawn) > shown else "")
 
 

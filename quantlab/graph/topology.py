@@ -16,9 +16,8 @@ from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
            "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream",
-           "drop_unread_initializers", "FoldSite", "replace_folded", "shape_determined_nodes", "nested_graphs", "all_nodes", "holds_qdq",
-           "CONTROL_FLOW_OPS", "RANDOM_OPS",
-           "SHAPE_ONLY_OPS"]
+           "drop_unread_initializers", "FoldSite", "replace_folded", "shape_determined_nodes", "nested_graphs", "all_nodes",
+           "random_nodes", "holds_qdq", "CONTROL_FLOW_OPS", "RANDOM_OPS", "SHAPE_ONLY_OPS"]
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 """The ops that hold subgraphs (their bodies read outer tensors by name)."""
@@ -136,6 +135,11 @@ def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """Every node of ``graph`` and of the bodies in it (:func:`nested_graphs`)."""
     for body in nested_graphs(graph):
         yield from body.node
+
+
+def random_nodes(proto: onnx.ModelProto) -> list[str]:
+    """``op 'name'`` of every node that draws random numbers (:data:`RANDOM_OPS`), bodies included."""
+    return [f"{n.op_type} {n.name or n.output[0]!r}" for n in all_nodes(proto.graph) if n.op_type in RANDOM_OPS]
 
 
 def holds_qdq(proto: onnx.ModelProto) -> bool:

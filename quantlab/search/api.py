@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..compare import CompareResult, load_comparison
-from ..compare.determinism import NOISE_OFF, differing_outputs, drawn_ops, random_nodes, reference_noise
+from ..compare.determinism import NOISE_OFF, differing_outputs, drawn_ops, reference_noise
 from ..compare.free_running import free_running, free_running_note
 from ..compare.shards import truncated_batches
 from ..compare.probabilities import probability_outputs
@@ -21,6 +21,7 @@ from ..data import DataSet, DataSummary, beyond_calibration, check_inputs, summa
 from ..errors import SearchError
 from ..fingerprint import sha256_bytes, tool_versions
 from ..graph import LoadedModel
+from ..graph.topology import random_nodes
 from ..plan import ResolvedPlan, resolve_plan, uniform_plan
 from ..quantize import BiasCorrection, measure_bias_correction
 from ..sequence import SequenceData, with_carry
@@ -166,7 +167,7 @@ def _refuse_random_reference(model: LoadedModel, dataset: DataSet, options: Sear
     """Raise SearchError when the FP32 reference draws other random numbers on a second run of the first batch:
     every plan's figures would hold that noise (a ranking subset draws what the reference drew for other
     samples), and the search would pin layers chasing it, or meet the threshold by luck."""
-    if not random_nodes(model):  # most models: no data read, no session built
+    if not random_nodes(model.proto):  # most models: no data read, no session built
         return
     first = next(iter(truncated_batches(dataset, options.batch_size, len(dataset))), None)
     if first is None:
