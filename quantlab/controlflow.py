@@ -245,13 +245,14 @@ def _shapes_deciding(condition: str, proto: onnx.ModelProto) -> list[str]:
 
 
 def float_subgraph_tensors(proto: onnx.ModelProto, *, max_trips: int = MAX_UNROLLED_TRIPS,
-                           skip: Collection[str] = ()) -> dict[str, str]:
-    """Activations computed inside If / Loop / Scan bodies (which stay float), each with the reason; ``skip``: nodes
-    whose bodies were written in INT8 (quantlab.stats.bodies calibrated them)."""
+                           skip: Collection[int] = ()) -> dict[str, str]:
+    """Activations computed inside If / Loop / Scan bodies (which stay float), each with the reason; ``skip``: the
+    indices (in ``proto.graph.node``) of nodes whose bodies were written in INT8 (quantlab.stats.bodies calibrated
+    them) or in float16 (said apart)."""
     folder = ConstantFolder(proto.graph, proto)
     out: dict[str, str] = {}
-    for node in proto.graph.node:
-        bodies = subgraphs(node) if node.name not in skip else []
+    for i, node in enumerate(proto.graph.node):
+        bodies = subgraphs(node) if i not in skip else []
         reason = _reason(node, folder, proto, max_trips) if bodies else ""
         for body in bodies:
             _add_body_tensors(body, reason, out)
@@ -294,15 +295,18 @@ def compute_layers_outside(proto: onnx.ModelProto) -> int:
     return sum(n.op_type in _COMPUTE_OPS for n in proto.graph.node)
 
 
-def control_flow_notes(proto: onnx.ModelProto, int8_bodies: Collection[str] = ()) -> tuple[str, ...]:
-    """Provenance notes: what :func:`resolve_static_control_flow` did, and the subgraph tensors left float (not
-    those of ``int8_bodies``, the nodes whose bodies the writer wrote in INT8)."""
+def control_flow_notes(proto: onnx.ModelProto, written_bodies: Collection[int] = (), *,
+                       float_tensors: bool = True) -> tuple[str, ...]:
+    """Provenance notes: what :func:`resolve_static_control_flow` did, and (``float_tensors``: for a plan with INT8
+    groups) the subgraph tensors left float but in ``written_bodies``, the indices of the nodes whose bodies the
+    writer wrote in INT8 or float16."""
     notes: list[str] = []
     for p in proto.metadata_props:
         if p.key == RECORD_KEY:
             notes += [str(n) for n in json.loads(p.value)]
     by_reason: dict[str, list[str]] = {}
-    for name, reason in float_subgraph_tensors(proto, skip=int8_bodies).items():
+    left = float_subgraph_tensors(proto, skip=written_bodies) if float_tensors else {}
+    for name, reason in left.items():
         by_reason.setdefault(reason, []).append(name)
     for reason, names in by_reason.items():
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")

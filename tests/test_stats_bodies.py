@@ -123,6 +123,8 @@ def test_int8_bodies_are_asked_for_under_an_int8_plan_and_need_the_body_ranges(r
     assert "QuantizeLinear" not in _body_ops(default)  # opt-in: the search cannot revert a body
     fp16 = write_model(model, uniform_plan("fp16"), table, WriteOptions(target="tensorrt", int8_bodies=True))
     assert "QuantizeLinear" not in _body_ops(fp16)  # only under an int8 plan
+    assert any("compute their bodies in float16 too: 'over_tokens'" in n for n in fp16.provenance.notes)
+    assert not any("left in float" in n for n in fp16.provenance.notes)  # said of INT8 plans only
     older = write_model(model, uniform_plan("int8"), dataclasses.replace(table, bodies={}),
                         WriteOptions(target="tensorrt", int8_bodies=True))
     assert "QuantizeLinear" not in _body_ops(older)

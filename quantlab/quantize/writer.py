@@ -62,6 +62,7 @@ class Writer:
         self.notes: list[str] = []
         self.fp16_bodies: list[str] = []  # control-flow nodes whose bodies were written in float16
         self.int8_bodies: list[str] = []  # Loop/Scan/If nodes whose bodies were written in INT8
+        self.written_bodies: list[int] = []  # the indices of the nodes whose bodies were written in INT8 or float16
         self.rewrite_bodies = rewrite_bodies  # False: bodies stay as they are (the fallback of write_model)
         self.initializers = initializer_map(self.src)
         self.beyond_fp16 = beyond_fp16(placement.table, options.fp16_data_max)
@@ -74,7 +75,8 @@ class Writer:
         for idx in topological_order(self.src):
             self.write_node(idx)
         self._check_subgraph_reads()
-        self.notes.extend(control_flow_notes(self.src, self.int8_bodies))  # Ifs inlined, body tensors left float
+        self.notes.extend(control_flow_notes(  # Ifs inlined; body tensors left float, when the plan has INT8
+            self.src, self.written_bodies, float_tensors=INT8 in self.plan.precision.values()))
         self.notes.extend(writing_notes(self.src, self.plan, self.placement, self.casts, self.qdq, self.fp16_bodies,
                                         self.fp32, self.options.fp16_data_max))
         written = self._assemble()
@@ -113,6 +115,8 @@ class Writer:
                 self.int8_bodies.append(name)
             elif kind == FP16:
                 self.fp16_bodies.append(name)
+            if kind in (INT8, FP16):
+                self.written_bodies.append(idx)
         self.book.out_nodes.append(written)
         self.book.flush_casts()
         self.node_map[name] = [name] + chains + casts
