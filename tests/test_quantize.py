@@ -1562,3 +1562,32 @@ def test_ort_form_leaves_float_the_group_outputs_that_only_reach_the_models_outp
     got = models.run_ort(written.proto, feeds)["det"]
     want = models.run_ort(model.proto, feeds)["det"]
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+
+
+def test_a_table_two_unrolled_steps_gather_from_is_counted_and_named_once():
+    """An unrolled greedy decoder's two embedding Gathers read one table: the fallback note listed it twice (each
+    with its full share); it names the groups together, once, with the table's share."""
+    from onnx import TensorProto, helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids0"], ["e0"], name="embed_step0"),
+         helper.make_node("Gather", ["table", "ids1"], ["e1"], name="embed_step1"),
+         helper.make_node("Add", ["e0", "e1"], ["e"], name="sum"),
+         helper.make_node("MatMul", ["e", "w"], ["out"], name="head")], "unrolled",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["N", 3]) for n in ("ids0", "ids1")],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 4])],
+        [numpy_helper.from_array(rng.normal(0, 1, (64, 32)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.normal(0, 0.2, (32, 4)).astype(np.float32), "w")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = {n: rng.integers(0, 64, (4, 3)).astype(np.int64) for n in ("ids0", "ids1")}
+    table = calibrate(model, from_arrays(feeds), "minmax").tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    fallen = sorted(g for g, p in written.plan.precision.items() if p == "fp32")
+    assert {"embed_step0", "embed_step1"} <= set(fallen), written.plan.precision
+    note = next(n for n in written.provenance.notes if "no INT8 form" in n)
+    assert note.startswith("94% of the weights")  # 2048 of 2176, once
+    assert note.count("embed_step") == 1 and "and 1 other group(s) reading the same weights 94%" in note

@@ -111,10 +111,21 @@ def float_fallback_note(src: onnx.ModelProto, plan: ResolvedPlan, placement: Pla
     share = sum(sizes[t] for t in kept) / total if total else 0.0
     if share < 0.1:
         return None
-    biggest = sorted((n for n in held if held[n] >= 0.01 * total), key=lambda n: -held[n])[:3]
+    alike: dict[frozenset[str], list[str]] = {}  # groups reading the same weights are named together
+    for g, names in read.items():
+        if held[g] >= 0.01 * total:
+            alike.setdefault(frozenset(names), []).append(g)
+    biggest = sorted(alike.items(), key=lambda kv: -held[kv[1][0]])[:3]
     return (f"{share:.0%} of the weights are in groups {FP32_FALLBACK_PHRASE} ("
-            + ", ".join(f"{n!r} {held[n] / total:.0%}" for n in biggest) + "): a plan fallback of fp16 "
+            + ", ".join(_named(groups) + f" {held[groups[0]] / total:.0%}" for _, groups in biggest)
+            + "): a plan fallback of fp16 "
             "(`quantlab build --fallback fp16`, or fallback = \"fp16\" in a plan file) runs them in FP16")
+
+
+def _named(groups: Sequence[str]) -> str:
+    """``'a'``, or ``'a' and 2 other group(s) reading the same weights``."""
+    more = f" and {len(groups) - 1} other group(s) reading the same weights" if len(groups) > 1 else ""
+    return f"{groups[0]!r}{more}"
 
 
 _NOT_FOLDED = RANDOM_OPS | CONTROL_FLOW_OPS
