@@ -1433,3 +1433,29 @@ def test_the_search_says_when_validation_goes_beyond_calibration_sizes():
                             "calibration covered [3, 16, 16]") for n in notes), notes
     assert not any(n.startswith("beyond calibration") for n in search(model, table, calib, options,
                                                                       calibration_summary=covered).notes)
+
+
+class AmplifyingEvaluator(PlantedEvaluator):
+    """Each INT8 group's error grows in the INT8 layers after it: the output noise is the cube of the planted sum,
+    so reverting one group alone removes about three times its share (MobileNetV2's impacts summed to 3.8x)."""
+
+    def plan_noise(self, plan: ResolvedPlan) -> float:
+        return super().plan_noise(plan) ** 3 * 3
+
+
+def test_impacts_that_add_up_to_more_than_the_noise_are_scaled_to_it(deep):
+    """The additive model read impacts summing to 3x the all-INT8 noise: it predicted that pinning a few groups
+    removes all of it (MobileNetV2: 2 groups, where 20 were needed), so the bisection's first validation failed
+    and it had to validate every group pinned before it could halve. Scaled to add up to the all-INT8 noise, the
+    first guess holds enough groups to pass: the same plan for one validation less."""
+    base, groups = deep
+    noise = _planted(groups, seed=1, low=1e-3, high=3e-3)
+    ev = AmplifyingEvaluator(noise)
+    out = run_search(base, ev, _opts("cosine>=0.9995"), save_comparisons=False)
+    assert out.met and len(_pins(out)) == 13
+    assert out.sensitivity["impact"].sum() == pytest.approx(ev.plan_noise(base), rel=1e-6)  # scaled to all-INT8
+    assert any("removed 2.9x the all-INT8 noise in sum" in n for n in out.notes), out.notes
+    assert list(out.sensitivity["group"]) == sorted(groups, key=lambda g: -noise[g])  # the order stands
+    bisect = out.trajectory[(out.trajectory["phase"] == "bisect") & out.trajectory["full"]]
+    assert bisect.iloc[0]["passed"] and int(bisect.iloc[0]["n_pinned"]) < len(groups)
+    assert ev.full_calls() == 7  # all-INT8, the guess, 5 halvings

@@ -31,6 +31,13 @@ measures each group *isolated* as well, the one INT8 group of a plan with every 
     order       = isolated, largest first
     impact(g)   = isolated(g) * N_all / sum(isolated)   (the additive model, scaled so
                                                          that pinning every group predicts 0)
+
+When they add up to well more than ``N_all`` (:data:`OVER_ADDING`: an early layer's error amplified by the INT8
+layers after it, so reverting it alone also removes what they added; MobileNetV2's summed to 3.8x), the order
+stands but the additive model would predict that pinning a few groups removes all the noise (the search's first
+guess pinned 2 groups where 20 were needed): the impacts are scaled to add up to ``N_all``, on each output too::
+
+    impact(g)   = (N_all - N_-g) * N_all / sum(N_all - N_-h over the h that made it better)
 """
 
 from __future__ import annotations
@@ -59,6 +66,11 @@ margin columns (``critical_samples`` .. ``pinned_step``) from the flip model of 
 WEAK_SHARE = 0.25
 """When at least this share of the groups made the output worse (or no better) reverted alone, the
 reverted-alone ranking is weak: the ranking then measures every group isolated (module docstring)."""
+
+
+OVER_ADDING = 1.5
+"""When the positive reverted-alone impacts add up to more than this many times the all-INT8 noise, they are scaled
+to add up to it (module docstring)."""
 
 
 DISCRETE_MARKERS: tuple[str, ...] = ("top1", "top5", "agreement", "mcnemar")
@@ -232,6 +244,13 @@ def rank_groups(ledger: Ledger) -> Ranking:
                                 "the only INT8 group (isolated_sqnr_db)")
             impact = _scaled_isolated(isolated, base_noise)
             output_base = {}  # the additive model is only a first guess here: no per-output model
+    elif _over_adding(impact.values(), base_noise):
+        over = _gained(impact.values()) / base_noise
+        ledger.notes.append(f"ranking: reverting the groups one at a time removed {over:.1f}x "
+                            "the all-INT8 noise in sum (an early error grows in the INT8 layers after it), so the "
+                            "impacts are scaled to add up to it for the search's predictions")
+        impact = _scaled_down(impact, base_noise)
+        output_impact = _scaled_outputs(output_impact, output_base)
     measured = sorted(impact, key=lambda g: (-impact[g], ledger.topo[g]))
     ranking = Ranking(order=measured + [g for g in topo if g not in impact], base_noise=base_noise,
                       impact=impact, reverted_sqnr=reverted,
@@ -252,6 +271,36 @@ def is_weak(impacts: Iterable[float]) -> bool:
     """Whether at least :data:`WEAK_SHARE` of the measured reverted-alone impacts are not positive."""
     vals = [v for v in impacts if not is_nan(v)]
     return bool(vals) and sum(v <= 0 for v in vals) >= WEAK_SHARE * len(vals)
+
+
+def _gained(impacts: Iterable[float]) -> float:
+    """The sum of the positive impacts (noise power removed)."""
+    return sum(v for v in impacts if not is_nan(v) and v > 0)
+
+
+def _over_adding(impacts: Iterable[float], base_noise: float) -> bool:
+    """Whether the positive impacts add up to more than :data:`OVER_ADDING` times ``base_noise``."""
+    return _gained(impacts) > OVER_ADDING * base_noise
+
+
+def _scaled_down(impact: Mapping[str, float], base_noise: float) -> dict[str, float]:
+    """``impact`` scaled so that its positive values add up to ``base_noise`` (module docstring)."""
+    factor = base_noise / _gained(impact.values())
+    return {g: v * factor for g, v in impact.items()}
+
+
+def _scaled_outputs(output_impact: Mapping[str, Mapping[str, float]],
+                    output_base: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """:func:`_scaled_down` for each output whose impacts over-add."""
+    out = {g: dict(per) for g, per in output_impact.items()}
+    for o, base in output_base.items():
+        impacts = [per[o] for per in output_impact.values() if o in per]
+        if base > 0 and _over_adding(impacts, base):
+            factor = base / _gained(impacts)
+            for per in out.values():
+                if o in per:
+                    per[o] *= factor
+    return out
 
 
 def _isolated(ledger: Ledger, topo: Sequence[str]) -> dict[str, float]:
