@@ -1291,33 +1291,82 @@ def test_a_reference_that_cannot_run_the_data_is_named_by_the_models_inputs():
                                      "segment 3 of 3): ONNX Runtime failed")
 
 
-def test_a_float_group_that_reads_an_int8_groups_output_qdq_says_whose_error_it_shows():
-    """ConvNeXt in the ORT form: the Transpose after an INT8 depthwise conv reads the conv's output through its
-    Q/DQ, so its local figures (fp32, 36 dB) held the conv's output quantization and ranked above the conv. The
-    comparison says the error is the conv's, and that pinning the Transpose would not remove it."""
+def _pooled_sqnr(ref: np.ndarray, cand: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - cand).astype(np.float64) ** 2)))
+
+
+def _as_written(proto: onnx.ModelProto, outputs: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``outputs`` of ``proto`` computed as written: no graph optimization (exposing an intermediate tensor lets ONNX
+    Runtime's optimizer move a Q/DQ across a Transpose and change what that tensor holds)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(with_outputs(proto, outputs).SerializeToString(), so,
+                                   providers=["CPUExecutionProvider"])
+    return dict(zip(outputs, session.run(outputs, feeds), strict=True))
+
+
+def _convnext_block(shared: bool = False) -> onnx.ModelProto:
+    """Depthwise conv -> Transpose -> MatMul (ConvNeXt); ``shared``: a 1x1 conv reads the depthwise output too."""
     rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "dw", "db"], ["dwc"], name="dwconv", group=4, pads=[1, 1, 1, 1]),
-         helper.make_node("Transpose", ["dwc"], ["nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
-         helper.make_node("MatMul", ["nhwc", "w"], ["y"], name="pw")], "convnext_block",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 6])],
-        [numpy_helper.from_array(rng.normal(0, 0.5, (4, 1, 3, 3)).astype(np.float32), "dw"),
-         numpy_helper.from_array(rng.normal(0, 0.1, (4,)).astype(np.float32), "db"),
-         numpy_helper.from_array(rng.normal(0, 0.5, (4, 6)).astype(np.float32), "w")])
-    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    nodes = [helper.make_node("Conv", ["x", "dw", "db"], ["dwc"], name="dwconv", group=4, pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["dwc"], ["nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["nhwc", "w"], ["y"], name="pw")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 6])]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 1, 3, 3)).astype(np.float32), "dw"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (4,)).astype(np.float32), "db"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (4, 6)).astype(np.float32), "w")]
+    if shared:
+        nodes.append(helper.make_node("Conv", ["dwc", "pw2"], ["z"], name="conv1x1"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3, 8, 8]))
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, (3, 4, 1, 1)).astype(np.float32), "pw2"))
+    graph = helper.make_graph(nodes, "convnext_block",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_int8_groups_output_qdq_that_only_float_groups_read_is_the_int8_groups_error():
+    """ConvNeXt in the ORT form: the Transpose after an INT8 depthwise conv reads the conv's output through its
+    Q/DQ, so its local figures (fp32, 36 dB) held the conv's output quantization and ranked above the conv, and
+    the accumulated error first dropped at the Transpose. ONNX Runtime's fused conv returns the quantized output:
+    the conv is measured after its output Q/DQ in both modes (checked against the written model run directly),
+    and the Transpose, which computes nothing wrong, has no local row."""
+    rng = np.random.default_rng(1)
+    model = model_from_proto(_convnext_block())
     data = from_arrays({"x": rng.normal(0, 1, (6, 4, 8, 8)).astype(np.float32)}, role="validation")
     table = calibrate(model, data, "minmax").tables["minmax"]
-    notes = {}
     for target in ("ort", "tensorrt"):
         written = write_model(model, uniform_plan("int8"), table, WriteOptions(target=target))
         result = compare(model, {target: written}, data, CompareOptions(batch_size=3, bootstrap=0))
-        notes[target] = [w for w in result.warnings if "through its Q/DQ" in w]
-        local = result.per_layer[result.per_layer["mode"] == "local"].set_index("group")
-        if target == "ort":  # the row stays (it is what the Transpose reads), with whose error it is
-            assert local.loc["to_nhwc", "precision"] == "fp32" and np.isfinite(local.loc["to_nhwc", "sqnr_db"])
-    assert notes["ort"] == ["candidate 'ort': float group(s) 'to_nhwc' (of 'dwconv') read an INT8 group's output "
-                            "through its Q/DQ (the ORT form quantizes an output where its readers read it), so their "
-                            "local figures hold that group's output quantization: the error is the INT8 group's; "
-                            "pinning the float group would not remove it"]
-    assert notes["tensorrt"] == []  # the TensorRT form quantizes layer inputs: the Transpose reads float
+        assert not [w for w in result.warnings if "through its Q/DQ" in w]
+        rows = result.per_layer.set_index(["mode", "group"])
+        assert ("local", "to_nhwc") not in rows.index  # a float Transpose: no error of its own
+        feeds = {"x": np.concatenate([b.feeds["x"] for b in data.batches(6)])}
+        ref = models.run_ort(with_outputs(model.proto, ["dwc"]), feeds)["dwc"]
+        carrier = "dwc/dq" if target == "ort" else "dwc"  # the ORT form's conv returns its output quantized
+        cand = _as_written(written.proto, [carrier], feeds)[carrier]
+        for mode in ("accumulated", "local"):
+            assert rows.loc[(mode, "dwconv"), "sqnr_db"] == pytest.approx(_pooled_sqnr(ref, cand), abs=0.3)
+        # the error enters at the conv: the Transpose passes it on unchanged
+        assert rows.loc[("accumulated", "to_nhwc"), "sqnr_db"] == pytest.approx(
+            rows.loc[("accumulated", "dwconv"), "sqnr_db"], abs=1e-6)
+
+
+def test_an_output_qdq_an_int8_group_reads_too_is_that_groups_input_quantization():
+    """The depthwise output read by the Transpose and by an INT8 1x1 conv: the Q/DQ is the 1x1 conv's input
+    quantization (its local figures hold it, as in the TensorRT form), not the depthwise conv's and not the
+    Transpose's; the accumulated mode still measures the depthwise conv after it, where the Transpose reads."""
+    rng = np.random.default_rng(1)
+    model = model_from_proto(_convnext_block(shared=True))
+    data = from_arrays({"x": rng.normal(0, 1, (6, 4, 8, 8)).astype(np.float32)}, role="validation")
+    table = calibrate(model, data, "minmax").tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    result = compare(model, {"ort": written}, data, CompareOptions(batch_size=3, bootstrap=0))
+    assert not [w for w in result.warnings if "through its Q/DQ" in w]
+    rows = result.per_layer.set_index(["mode", "group"])
+    assert ("local", "to_nhwc") not in rows.index
+    feeds = {"x": np.concatenate([b.feeds["x"] for b in data.batches(6)])}
+    ref = models.run_ort(with_outputs(model.proto, ["dwc"]), feeds)["dwc"]
+    cand = _as_written(written.proto, ["dwc", "dwc/dq"], feeds)
+    assert rows.loc[("local", "dwconv"), "sqnr_db"] == pytest.approx(_pooled_sqnr(ref, cand["dwc"]), abs=0.3)
+    assert rows.loc[("accumulated", "dwconv"), "sqnr_db"] == pytest.approx(_pooled_sqnr(ref, cand["dwc/dq"]), abs=0.3)
+    assert rows.loc[("accumulated", "dwconv"), "sqnr_db"] < rows.loc[("local", "dwconv"), "sqnr_db"] - 1

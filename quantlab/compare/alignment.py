@@ -12,7 +12,7 @@ from ..errors import CompareError
 from ..graph import LoadedModel, tensor_specs
 from ..quantize import WrittenModel
 from .candidates import Candidate
-from .islands import Island, find_islands
+from .islands import Island, find_islands, output_qdq_chains
 from .layers import Layer, ReferenceGraph
 from .options import CompareOptions
 
@@ -105,7 +105,12 @@ def plan_candidate(name: str, cand: Candidate, ref: ReferenceGraph, layers: Sequ
     if missing:
         plan.skipped.append(f"candidate {name!r}: {len(missing)} layer tensor(s) have no written counterpart in "
                             f"its provenance (e.g. {missing[0]!r}); they are left out of its per-layer table")
+    chains = output_qdq_chains(written, ref, plan.precision)
+    for chain in chains:  # measured after its Q/DQ, as ONNX Runtime's fused kernel returns it (QdqChain)
+        if chain.float_read and plan.carriers.get(chain.tensor) == chain.carrier:
+            plan.carriers[chain.tensor] = chain.quantized
     if options.local:
-        plan.islands, notes = find_islands(name, written, ref, layers, plan.carriers, plan.precision, produced)
+        plan.islands, notes = find_islands(name, written, ref, layers, plan.carriers, plan.precision, produced,
+                                           chains)
         plan.skipped.extend(notes)
     return plan

@@ -38,12 +38,13 @@ from ..backends import Backend
 from ..errors import CompareError
 from ..graph import topological_order
 from ..plan import FusionGroup
+from ..precision import INT8
 from ..quantize import Provenance, WrittenModel
 from ..quantize.tensors import FP16_MAX
 from .layers import Layer, ReferenceGraph
 from .submodel import build_runner, has_subgraph, node_reads, submodel, typed_specs
 
-__all__ = ["Island", "find_islands", "LocalModel"]
+__all__ = ["Island", "QdqChain", "find_islands", "output_qdq_chains", "LocalModel"]
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,16 @@ class Island:
     boundary: tuple[str, ...]                   # written (= original) tensors fed from the reference
     outputs: tuple[tuple[str, str], ...]        # (reference tensor, written carrier)
     float16: bool = False                       # an FP16 group: fed reference values saturated at +-65504
+    fed: tuple[tuple[str, str], ...] = ()       # (written tensor at the boundary, the reference tensor fed there)
 
 
 def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: Sequence[Layer],
                  carriers: Mapping[str, str], precision: Mapping[str, str],
-                 produced: Mapping[str, int]) -> tuple[dict[str, Island], list[str]]:
+                 produced: Mapping[str, int], chains: Sequence[QdqChain] = ()) -> tuple[dict[str, Island], list[str]]:
     """One island per group whose written form differs from the original (see the module docstring),
-    and notes on the groups left out."""
+    and notes on the groups left out. ``chains``: the ORT form's output Q/DQ (:func:`output_qdq_chains`); an
+    owned one is in its owner's island (``carriers`` then names its DQ's output), and a float reader is fed the
+    reference value after it."""
     prov = written.provenance
     proto = written.proto
     w_nodes = list(proto.graph.node)
@@ -87,10 +91,20 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
             specs.update(typed_specs(proto))
         return specs
 
-    for gi, g in enumerate(ref.groups):
+    int8_first = sorted(range(len(ref.groups)), key=lambda i: precision.get(ref.groups[i].name) != INT8)
+    for gi in int8_first:  # an INT8 group's island holds its output Q/DQ before its float readers stop there
+        g = ref.groups[gi]
         if g.name not in by_group:
             continue
-        members = _members(g, prov, w_nodes, stops, produced)
+        float_group = precision.get(g.name, "fp32") != INT8
+        owned = [c for c in chains if c.owner == g.name and c.owned]
+        # a float group reading an INT8 group's output through its Q/DQ is fed the reference value after it, when
+        # that Q/DQ's error is counted elsewhere: in the INT8 group's island, or in an INT8 reader's
+        fed = {c.quantized: c.tensor for c in chains
+               if float_group and c.owner != g.name and (not c.owned or c.owner in out)}
+        members = _members(g, prov, w_nodes, stops | set(fed), produced)
+        members -= {i for c in chains if c.quantized in fed for i in c.nodes}  # the reader's node_map holds them
+        members |= {i for c in owned for i in c.nodes} if members else set()
         if not members:
             continue
         inserted = any(w_nodes[i].name in prov.inserted_nodes for i in members)
@@ -103,7 +117,9 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
         made = {o for i in members for o in w_nodes[i].output if o}
         boundary = sorted({t for i in members for t in w_nodes[i].input
                            if t and t not in inits and t not in made})
-        outputs = tuple((x.tensor, carriers[x.tensor]) for x in by_group[g.name] if carriers[x.tensor] in made)
+        raw = {c.quantized: c.carrier for c in chains if c.owner == g.name and not c.owned}  # an INT8 reader's
+        outputs = tuple((x.tensor, raw.get(carriers[x.tensor], carriers[x.tensor])) for x in by_group[g.name]
+                        if raw.get(carriers[x.tensor], carriers[x.tensor]) in made)
         if not outputs:
             continue
         untyped = [t for t in boundary if t not in typed() or typed()[t].dtype == "undefined"]
@@ -112,7 +128,7 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
             notes.append(f"candidate {name!r}: local mode skips group {g.name!r}: the type of its input "
                          f"{untyped[0]!r} is unknown (shape inference cannot type it, or it is a sequence)")
             continue
-        foreign = [t for t in boundary if t not in known]
+        foreign = [t for t in boundary if fed.get(t, t) not in known]
         if foreign:  # e.g. a tensor --equalize rescaled: the reference cannot feed it
             notes.append(f"candidate {name!r}: local mode skips group {g.name!r}: its input {foreign[0]!r} exists "
                          "only in the candidate (a float rewrite such as --equalize rescaled it); compare against "
@@ -122,7 +138,8 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
             borrowed.extend((g.name, o) for o in _output_qdq_owners(members, w_nodes, original, ref, g.name))
         order = sorted(members, key=position.__getitem__)
         out[g.name] = Island(index=gi, group=g.name, nodes=tuple(order), boundary=tuple(boundary), outputs=outputs,
-                             float16=precision.get(g.name) == "fp16")
+                             float16=precision.get(g.name) == "fp16",
+                             fed=tuple((t, fed[t]) for t in boundary if t in fed))
     if borrowed:  # one note for them all: a ConvNeXt has one such Transpose per block
         shown = ", ".join(f"{g!r} (of {o!r})" for g, o in borrowed[:3]) + (
             f" and {len(borrowed) - 3} more" if len(borrowed) > 3 else "")
@@ -130,7 +147,66 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
                      "ORT form quantizes an output where its readers read it), so their local figures hold that "
                      "group's output quantization: the error is the INT8 group's; pinning the float group would not "
                      "remove it")
-    return out, notes
+    return dict(sorted(out.items(), key=lambda kv: kv[1].index)), notes
+
+
+@dataclass(frozen=True)
+class QdqChain:
+    """A Q -> DQ pair the ORT form wrote on an INT8 group's output (``carrier``, written, carrying the reference's
+    ``tensor``), read as ``quantized`` by other groups' nodes::
+
+        [owner: Conv ─► Relu] ─► carrier ─► Q ─► DQ ─► quantized ─► [float reader: Transpose]
+
+    In ONNX Runtime's fused kernels the owner's output *is* the quantized one (QLinearConv), so when only float
+    groups read it (``owned``) the error of this Q/DQ is the owner's: the per-layer table measures the owner at
+    ``quantized`` in both modes, and a float reader's island is fed the reference value after the DQ (its own
+    error, none, not the owner's). With an INT8 reader the pair is that reader's input quantization, as in the
+    TensorRT form (its local figures hold it); where a float group reads it too, the accumulated mode still
+    measures the owner at ``quantized``."""
+
+    owner: str
+    tensor: str
+    carrier: str
+    quantized: str
+    nodes: tuple[int, int]
+    owned: bool
+    """No INT8 group reads ``quantized``: its error is the owner's (in the owner's island); else it is the input
+    quantization of the INT8 readers, as in the TensorRT form."""
+    float_read: bool
+    """A float group reads ``quantized``: the accumulated mode measures the owner there, so that the error does not
+    first show at the float reader."""
+
+
+def output_qdq_chains(written: WrittenModel, ref: ReferenceGraph, precision: Mapping[str, str]) -> list[QdqChain]:
+    """The Q -> DQ pairs on INT8 groups' outputs that other groups read (the ORT form's output Q/DQ)."""
+    prov = written.provenance
+    w_nodes = list(written.proto.graph.node)
+    original = {v: k for k, v in prov.tensor_map.items()}  # written tensor -> the original it carries
+    origin = {w: o for o, ws in prov.node_map.items() for w in ws}  # written node -> the original node it writes
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(w_nodes):
+        for t in node_reads(node):
+            readers.setdefault(t, []).append(i)
+    chains = []
+    for qi, q in enumerate(w_nodes):
+        if q.op_type != "QuantizeLinear" or not q.output[0] or len(readers.get(q.output[0], [])) != 1:
+            continue
+        di = readers[q.output[0]][0]
+        if w_nodes[di].op_type != "DequantizeLinear":
+            continue
+        tensor = original.get(q.input[0], q.input[0])
+        idx = ref.producer.get(tensor)
+        owner = ref.group_of.get(ref.names[idx]) if idx is not None else None
+        if owner is None or precision.get(owner) != INT8:
+            continue
+        groups = {ref.group_of.get(origin.get(w_nodes[r].name, "")) for r in readers.get(w_nodes[di].output[0], [])}
+        others = groups - {owner}
+        if not others or None in others:
+            continue
+        chains.append(QdqChain(owner=owner, tensor=tensor, carrier=q.input[0], quantized=w_nodes[di].output[0],
+                                nodes=(qi, di), owned=all(precision.get(str(h)) != INT8 for h in others),
+                                float_read=any(precision.get(str(h)) != INT8 for h in others)))
+    return chains
 
 
 def _output_qdq_owners(members: set[int], w_nodes: Sequence[onnx.NodeProto], original: Mapping[str, str],
@@ -180,13 +256,14 @@ class LocalModel:
         self._specs = typed_specs(proto)
         self._inits = {i.name for i in proto.graph.initializer}
         self._nodes: list[onnx.NodeProto] = []
-        self._inputs: dict[str, str] = {}           # graph input -> written tensor (= reference tensor)
+        self._inputs: dict[str, str] = {}           # graph input -> the reference tensor it is fed
+        self._written: dict[str, str] = {}          # graph input -> the written tensor it stands for
         self._local_specs: dict[str, Any] = {}
         self._emitted: dict[tuple[int, tuple[str, ...]], list[str]] = {}
         self.outputs: list[tuple[str, str]] = []    # (output name, reference tensor)
         for island in islands:
             self._add(island)
-        for graph_input, t in self._inputs.items():
+        for graph_input, t in self._written.items():
             if t not in self._specs:
                 raise CompareError(f"candidate {name!r}: cannot tell the type of written tensor {t!r} "
                                    "to feed it the reference's value (local mode)")
@@ -203,6 +280,7 @@ class LocalModel:
         w_nodes = self._proto.graph.node
         prefix = f"local/{island.index}/"
         names: dict[str, str] = {}   # written tensor made in this island -> its name here
+        fed = dict(island.fed)       # written tensor -> the reference tensor fed there (else the same name)
         # what the island casts to float16 (a node the writer kept FP32, its input beyond float16's range as a
         # LayerNorm's sum of squares at 6e5, reads the float32 value: saturating it made the layer look broken)
         into16 = {w_nodes[i].input[0] for i in island.nodes if w_nodes[i].op_type == "Cast"
@@ -214,7 +292,8 @@ class LocalModel:
             if t in names:
                 return names[t]
             feed = ("ref16/" if island.float16 and t in into16 else "ref/") + t
-            self._inputs[feed] = t
+            self._inputs[feed] = fed.get(t, t)
+            self._written[feed] = t
             return feed
 
         for i in island.nodes:

@@ -23,7 +23,7 @@ def mirrored_groups(p: CandidatePlan, ref: ReferenceGraph, accumulated: bool) ->
         return set()
     graph_inputs = set(ref.graph_inputs)
     return {g for g, island in p.islands.items()
-            if set(island.boundary) <= graph_inputs and all(t in p.carriers for t, _ in island.outputs)}
+            if set(island.boundary) <= graph_inputs and all(p.carriers.get(t) == c for t, c in island.outputs)}
 
 
 class Runners:
@@ -99,7 +99,7 @@ class Runners:
         load = [0] * len(parts)
 
         def size(island: Island) -> int:
-            tensors = list(island.boundary) + [t for t, _ in island.outputs]
+            tensors = [dict(island.fed).get(t, t) for t in island.boundary] + [t for t, _ in island.outputs]
             return sum(elements_per_sample(self._ref.specs.get(t)) or 0 for t in tensors) or 1
 
         for island in sorted(islands, key=lambda i: (-size(i), i.index)):
