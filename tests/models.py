@@ -1468,3 +1468,19 @@ def optional_inputs_net(seed: int = 0) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 32, 32]),
                helper.make_tensor_value_info("clip", TensorProto.FLOAT, ["N", 8, 16, 16])]
     return _model(nodes, inputs, outputs, inits, "optional_inputs_net")
+
+
+def kv_cache_step(width: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """A decoder step with a KV cache: x[N, 1, width] -> MatMul(W_k) -> k; present = Concat(past[N, P, width], k,
+    axis 1) [N, P + 1, width]; logits = MatMul(ReduceMean(present over positions), W_o)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("MatMul", ["x", "wk"], ["k"], name="key"),
+             helper.make_node("Concat", ["past", "k"], ["present"], name="cache", axis=1),
+             helper.make_node("ReduceMean", ["present"], ["pooled"], name="pool", axes=[1], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "wo"], ["logits"], name="head")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, width]),
+              helper.make_tensor_value_info("past", TensorProto.FLOAT, ["N", "P", width])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", width]),
+               helper.make_tensor_value_info("present", TensorProto.FLOAT, ["N", "P1", width])]
+    inits = [_init(n, rng.normal(0, 0.5, (width, width)).astype(np.float32)) for n in ("wk", "wo")]
+    return _model(nodes, inputs, outputs, inits, "kv_cache_step")

@@ -40,6 +40,7 @@ from ..metrics import (
 from .labels import LabelUse
 from .mask_examples import MaskExample, mask_plane, worst_of
 from .options import DECISION_THRESHOLD, CompareOptions
+from .copied import CopiedPrefix, without_copied
 from .choices import best_positions, decided_positions, part_agreement
 from .end_to_end_tables import end_to_end_frames
 from .sample_axes import samples_first
@@ -161,8 +162,9 @@ class EndToEnd:
                  ctc: tuple[int | None, Sequence[str]] = (None, ()),
                  decisions: tuple[float, Sequence[str]] = (DECISION_THRESHOLD, ()),
                  segmentation: Sequence[str] = (), states: frozenset[str] = frozenset(),
-                 streams: bool = False) -> None:
+                 streams: bool = False, copied: Mapping[str, CopiedPrefix] | None = None) -> None:
         self.candidates = list(candidates)
+        self.copied = dict(copied or {})  # compare.copied: a cache's positions copied from its input
         self.streams = streams  # sequence mode: the first batch is every stream's first step
         self.states = states  # recurrent state outputs: their hidden units are no detector's rows (channel_spread)
         self.mask, self.padded = padding[0], list(padding[1])  # compare.padding: the mask input, its outputs
@@ -215,7 +217,8 @@ class EndToEnd:
         valid = self._valid_positions(batch, ref_live)
         for o, v in valid.items():  # how many positions the mask left out, for the padding note
             self.reference[o].padded.append(int(v.size - np.count_nonzero(v)))
-        ref_seen = {o: without_padding(v, valid[o]) if o in valid else v for o, v in ref_live.items()}
+        ref_seen = self._without_copied(batch, {o: without_padding(v, valid[o]) if o in valid else v
+                                                for o, v in ref_live.items()})
         self._add_reference(ref_seen, labels)
         ref_chosen = {o: self._chosen(o, ref_live[o]) for o in self.choices}
         for o in self.decided:
@@ -226,8 +229,8 @@ class EndToEnd:
                 self.reference[o].best_counts.append(np.bincount(best.ravel(), minlength=self.positions[o]))
         for name in self.candidates:
             live = cand_live[name]
-            seen = {o: without_padding(v, valid[o]) if o in valid and v.shape == ref_live[o].shape else v
-                    for o, v in live.items()}
+            seen = self._without_copied(batch, {o: without_padding(v, valid[o]) if o in valid and
+                                                v.shape == ref_live[o].shape else v for o, v in live.items()})
             self._add_candidate(name, ref_seen, seen, labels)
             self._add_choices(name, ref_chosen, ref_live, live, valid, batch)
             if self.metric is not None:
@@ -244,6 +247,13 @@ class EndToEnd:
             return {}
         found = {o: valid_positions(batch, self.mask, ref_live[o]) for o in self.padded}
         return {o: v for o, v in found.items() if v is not None}
+
+    def _without_copied(self, batch: Batch, live: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``live`` with the positions a cache output copies from its input set to 0 (:mod:`.copied`)."""
+        for o, prefix in self.copied.items():
+            if o in live and prefix.source in batch.feeds:
+                live[o] = without_copied(live[o], prefix, int(np.shape(batch.feeds[prefix.source])[prefix.axis]))
+        return live
 
     def _samples_first(self, live: Mapping[str, np.ndarray], samples: int) -> dict[str, np.ndarray]:
         """The compared outputs with their samples on axis 0 (see :mod:`.sample_axes`)."""

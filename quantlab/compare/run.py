@@ -52,6 +52,7 @@ from .padding import cross_attention_note, mask_input, padded_outputs
 from .per_layer import nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
 from .deployed import deployed_notes
+from .copied import copied_note, copied_prefixes
 from .ctc_hints import ctc_hints
 from .determinism import reference_noise, reference_noise_note
 from .result import CompareResult
@@ -183,6 +184,8 @@ class Comparison:
         self.states = state_outputs(reference, sequence_carry(dataset))  # an LSTM's hn: no detector's rows
         self.decided = probability_outputs(reference, taken={*self.positions, *self.exact})  # read as masks p > t
         self.padding = (mask_input(reference), padded_outputs(reference, self.sample_axes))  # compare.padding
+        self.copied = copied_prefixes(reference, self.sample_axes)  # a cache's copy of its input: compare.copied
+        self.warnings.extend(filter(None, [copied_note(self.copied)]))
         self.warnings.extend(filter(None, [cross_attention_note(reference)]))  # the padding note: output_warnings
         self.coupled = samples_coupled(reference, dataset) if options.batch_size > 1 else []
         if self.coupled:
@@ -279,7 +282,7 @@ class Comparison:
                         ctc=(self.options.ctc_blank, self.ctc),
                         decisions=(self.options.decision_threshold, self.decided),
                         segmentation=self.segmentation, states=self.states,
-                        streams=bool(sequence_carry(self.dataset)))
+                        streams=bool(sequence_carry(self.dataset)), copied=self.copied)
 
     def tables(self, totals: PassTotals, progress: bool = False) -> CompareResult:
         """The result from the totals of one pass or of the merged shards (the same code either way); ``progress``:
