@@ -242,3 +242,27 @@ def test_real_tritonserver_reads_the_exported_repository(build, tmp_path: Path) 
     config.write_text(config.read_text().replace("max_batch_size: 8", "max_batch_size: eight"))
     log = serve()
     assert "unable to find backend library" not in log and "convnet" in log
+
+
+def test_a_mixed_int8_fp16_plan_is_told_its_fp16_groups_run_in_fp32_on_tritons_accelerator(build, tmp_path, capsys):
+    """Triton's ONNX Runtime backend maps precision_mode INT8 to trt_int8_enable alone (and refuses the
+    trt_fp16_enable key): the FP16 groups of a search's mixed plan then run in FP32 there. The export says so, and
+    how to run them in FP16; an all-INT8 export says nothing."""
+    from quantlab.plan import PrecisionPlan
+
+    folder, manifest, written = build
+    first = next(g.name for g in written.plan.groups if g.quantizable)
+    table = calibrate(model_from_proto(models.conv_net()), open_dataset(manifest), ["minmax"]).tables["minmax"]
+    mixed = write_model(model_from_proto(models.conv_net(), label="conv_net"),
+                        PrecisionPlan(default="int8", overrides={first: "fp16"}), table, WriteOptions(target="tensorrt"))
+    assert mixed.plan.precision[first] == "fp16"
+    mixed_folder = tmp_path / "mixed"
+    mixed_folder.mkdir()
+    save_written(mixed, mixed_folder)
+    assert export_triton(resolve_source(folder), tmp_path / "repo", TritonOptions(name="int8")).notes == ()
+    assert cli_main(["export", "triton", str(mixed_folder), "--repository", str(tmp_path / "repo"),
+                     "--name", "mixed"]) == 0
+    out = capsys.readouterr().out
+    assert "TensorRT precision INT8" in out
+    assert "note: the plan's 1 FP16 group(s) run in FP32 on Triton's TensorRT accelerator" in out
+    assert "--platform tensorrt" in out

@@ -56,4 +56,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {result.model_file.name}, max_batch_size {result.max_batch_size}, TensorRT precision "
           f"{result.precision}, warm-up {'from ' + ', '.join(result.warmup_inputs) if result.warmup_inputs else 'none'}")
     print(f"  config: {result.config_path}")
+    for note in result.notes:
+        print(f"  note: {note}")
     return 0

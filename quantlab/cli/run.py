@@ -68,6 +68,8 @@ def export_release(config: Any, report_dir: Path) -> None:
                             dynamic_batching=config.export_dynamic_batching, instances=config.export_instances)
     exported = export_triton(resolve_source(report_dir), config.export_repository, options)
     print(f"export: {exported.model_dir} version {exported.version} ({exported.model_file.name})")
+    for note in exported.notes:
+        print(f"note: export: {note}")
 
 
 def run(args: Any) -> int:

@@ -12,7 +12,8 @@ plan has INT8 groups (explicit Q/DQ: TensorRT takes scales from the graph, no
 calibration table), else ``FP16`` when it has FP16 groups, else ``FP32``. The
 flag *allows* a precision: with ``FP16`` TensorRT may also run layers the plan
 kept in FP32 in FP16. A plan that pins layers to FP32 for accuracy is exact
-only with ``--platform tensorrt`` (a strongly typed engine built by quantlab).
+only with ``--platform tensorrt`` (a strongly typed engine built by quantlab). With ``INT8`` alone a plan's FP16
+groups run in FP32 (:func:`precision_note`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ..errors import ModelError
 from ..graph import TensorSpec
 from .pbtxt import Enum, Message
 
-__all__ = ["TritonOptions", "ModelIO", "PLATFORMS", "triton_dtype", "precision_mode", "model_config"]
+__all__ = ["TritonOptions", "ModelIO", "PLATFORMS", "triton_dtype", "precision_mode", "precision_note",
+           "model_config"]
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 DEFAULT_FILENAMES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
@@ -98,6 +100,19 @@ def precision_mode(group_counts: Mapping[str, int]) -> str:
     if group_counts.get("fp16", 0):
         return "FP16"
     return "FP32"
+
+
+def precision_note(group_counts: Mapping[str, int], platform: str) -> str | None:
+    """What the ONNX Runtime backend's one ``precision_mode`` does to a plan mixing INT8 and FP16 groups: ``INT8``
+    sets ``trt_int8_enable`` alone (the backend maps each mode to one TensorRT flag and refuses the ``trt_*16_enable``
+    keys), so TensorRT may pick no FP16 kernel and the FP16 groups run in FP32."""
+    fp16 = group_counts.get("fp16", 0)
+    if platform != "onnxruntime" or not group_counts.get("int8", 0) or not fp16:
+        return None
+    return (f"the plan's {fp16} FP16 group(s) run in FP32 on Triton's TensorRT accelerator: precision_mode INT8 "
+            "enables INT8 kernels only (the ONNX Runtime backend sets one TensorRT precision flag): as accurate as "
+            "measured or better, but slower than an INT8+FP16 engine; export with --platform tensorrt (an engine "
+            "built by `quantlab build --backend tensorrt`, strongly typed) to run them in FP16")
 
 
 def _io(specs: Sequence[TensorSpec], batched: bool) -> list[Message]:

@@ -32,7 +32,7 @@ from ..data import DataSet, open_dataset
 from ..errors import ExperimentError
 from ..fingerprint import sha256_bytes, sha256_file, tool_versions
 from ..graph import TensorSpec, load_model
-from .config import ModelIO, TritonOptions, model_config, precision_mode
+from .config import ModelIO, TritonOptions, model_config, precision_mode, precision_note
 from .pbtxt import render
 from .source import ExportSource
 
@@ -56,6 +56,8 @@ class ExportResult:
     max_batch_size: int
     precision: str
     warmup_inputs: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+    """What the deployed model does otherwise than measured (:func:`.config.precision_note`)."""
 
 
 def _check_options(options: TritonOptions, io: ModelIO, source: ExportSource) -> int:
@@ -196,7 +198,8 @@ def export_triton(source: ExportSource, repository: str | Path, options: TritonO
     write_json(model_dir / RECORD_FILE, {"format": "quantlab.triton_export/1", "config_sha256": sha256_file(config_path),
                                          "versions": versions, "warmup_files": sorted(names.values())})
     return ExportResult(model_dir=model_dir, version=version, config_path=config_path, model_file=model_file,
-                        max_batch_size=max_batch, precision=precision, warmup_inputs=tuple(warm))
+                        max_batch_size=max_batch, precision=precision, warmup_inputs=tuple(warm),
+                        notes=tuple(filter(None, [precision_note(source.group_counts, options.platform)])))
 
 
 def _write_version(model_dir: Path, version: int, source: ExportSource, options: TritonOptions,
