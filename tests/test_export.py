@@ -244,9 +244,9 @@ def test_real_tritonserver_reads_the_exported_repository(build, tmp_path: Path) 
     assert "unable to find backend library" not in log and "convnet" in log
 
 
-def test_a_mixed_int8_fp16_plan_is_told_its_fp16_groups_run_in_fp32_on_tritons_accelerator(build, tmp_path, capsys):
+def test_a_mixed_int8_fp16_plan_is_told_its_fp16_groups_cannot_run_in_fp16_on_tritons_accelerator(build, tmp_path, capsys):
     """Triton's ONNX Runtime backend maps precision_mode INT8 to trt_int8_enable alone (and refuses the
-    trt_fp16_enable key): the FP16 groups of a search's mixed plan then run in FP32 there. The export says so, and
+    trt_fp16_enable key): the FP16 groups of a search's mixed plan cannot run in FP16 there. The export says so, and
     how to run them in FP16; an all-INT8 export says nothing."""
     from quantlab.plan import PrecisionPlan
 
@@ -264,5 +264,5 @@ def test_a_mixed_int8_fp16_plan_is_told_its_fp16_groups_run_in_fp32_on_tritons_a
                      "--name", "mixed"]) == 0
     out = capsys.readouterr().out
     assert "TensorRT precision INT8" in out
-    assert "note: the plan's 1 FP16 group(s) run in FP32 on Triton's TensorRT accelerator" in out
-    assert "--platform tensorrt" in out
+    assert "note: precision_mode INT8 gives TensorRT no FP16 flag" in out
+    assert "the plan's 1 FP16 group(s) cannot run in FP16" in out and "--platform tensorrt" in out

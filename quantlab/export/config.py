@@ -13,7 +13,7 @@ calibration table), else ``FP16`` when it has FP16 groups, else ``FP32``. The
 flag *allows* a precision: with ``FP16`` TensorRT may also run layers the plan
 kept in FP32 in FP16. A plan that pins layers to FP32 for accuracy is exact
 only with ``--platform tensorrt`` (a strongly typed engine built by quantlab). With ``INT8`` alone a plan's FP16
-groups run in FP32 (:func:`precision_note`).
+groups cannot run in FP16 (:func:`precision_note`).
 """
 
 from __future__ import annotations
@@ -105,14 +105,16 @@ def precision_mode(group_counts: Mapping[str, int]) -> str:
 def precision_note(group_counts: Mapping[str, int], platform: str) -> str | None:
     """What the ONNX Runtime backend's one ``precision_mode`` does to a plan mixing INT8 and FP16 groups: ``INT8``
     sets ``trt_int8_enable`` alone (the backend maps each mode to one TensorRT flag and refuses the ``trt_*16_enable``
-    keys), so TensorRT may pick no FP16 kernel and the FP16 groups run in FP32."""
+    keys), so TensorRT gets no FP16 flag for the plan's float16 layers (unverified here: no GPU)."""
     fp16 = group_counts.get("fp16", 0)
     if platform != "onnxruntime" or not group_counts.get("int8", 0) or not fp16:
         return None
-    return (f"the plan's {fp16} FP16 group(s) run in FP32 on Triton's TensorRT accelerator: precision_mode INT8 "
-            "enables INT8 kernels only (the ONNX Runtime backend sets one TensorRT precision flag): as accurate as "
-            "measured or better, but slower than an INT8+FP16 engine; export with --platform tensorrt (an engine "
-            "built by `quantlab build --backend tensorrt`, strongly typed) to run them in FP16")
+    return (f"precision_mode INT8 gives TensorRT no FP16 flag (Triton's ONNX Runtime backend sets one precision flag "
+            f"and refuses trt_fp16_enable), so the plan's {fp16} FP16 group(s) cannot run in FP16 on its TensorRT "
+            "accelerator: TensorRT runs them in FP32 (slower) or refuses float16 layers without the flag (TensorRT "
+            "8.6: 'fp16 precision has been set for a layer or layer output, but fp16 is not configured in the "
+            "builder'). Export with --platform tensorrt (a strongly typed engine from `quantlab build --backend "
+            "tensorrt`) to run them in FP16, or build the plan with fallback fp32 for this platform")
 
 
 def _io(specs: Sequence[TensorSpec], batched: bool) -> list[Message]:
