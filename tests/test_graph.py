@@ -1041,3 +1041,54 @@ def test_model_local_functions_are_inlined_so_their_layers_can_be_quantized():
     convs = [n for n in written.proto.graph.node if n.op_type == "Conv"]
     producers = {o: n.op_type for n in written.proto.graph.node for o in n.output}
     assert len(convs) == 2 and all(producers.get(c.input[1]) == "DequantizeLinear" for c in convs)
+
+
+def _resize_model(op: str, opset: int, mode: str, scales: list[float]) -> onnx.ModelProto:
+    """x[1, 2, 6, 6] -> Resize-10 / Upsample-9 (scales as an initializer) or Upsample-7 (scales attribute)."""
+    if op == "Upsample" and opset < 9:
+        nodes, inits = [helper.make_node("Upsample", ["x"], ["y"], name="up", mode=mode, scales=scales)], []
+    else:
+        nodes = [helper.make_node(op, ["x", "s"], ["y"], name="up", mode=mode)]
+        inits = [numpy_helper.from_array(np.array(scales, np.float32), "s")]
+    graph = helper.make_graph(nodes, "resize", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [int(d * f) for d, f in
+                                                                                      zip((1, 2, 6, 6), scales)])],
+                              inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 6
+    return proto
+
+
+@pytest.mark.parametrize("op,opset", [("Resize", 10), ("Upsample", 9), ("Upsample", 7)])
+@pytest.mark.parametrize("mode,scales", [("linear", [1.0, 1.0, 3.0, 3.0]), ("linear", [1.0, 1.0, 2.0, 1.5]),
+                                         ("nearest", [1.0, 1.0, 3.0, 3.0]), ("nearest", [1.0, 1.0, 2.0, 1.5])])
+def test_an_upgraded_resize_computes_what_the_file_computes(op, opset, mode, scales):
+    """The version converter keeps a Resize-10's attributes, and opset 11 gave its missing grid attribute another
+    default (half_pixel): a bilinear upsample moved by half a pixel (1.6 on unit-variance data), and every figure
+    was measured against the changed model. Loaded, the model computes on ONNX Runtime what the file computes."""
+    proto = _resize_model(op, opset, mode, scales)
+    model = model_from_proto(proto, label="old")
+    assert model.upgraded_from_opset == opset
+    x = {"x": np.random.default_rng(0).normal(size=(1, 2, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(models.run_ort(model.proto, x)["y"], models.ort_session(proto).run(None, x)[0],
+                               atol=1e-6)
+
+
+def test_a_hardmax_whose_meaning_the_upgrade_changes_is_refused():
+    """Below opset 13 Hardmax flattens its input at ``axis``; from 13 it works along ``axis`` alone: upgraded as is,
+    it returns another one-hot. Its last axis means the same either way."""
+    def hardmax(axis: int) -> onnx.ModelProto:
+        graph = helper.make_graph([helper.make_node("Hardmax", ["x"], ["y"], name="pick", axis=axis)], "h",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+        proto.ir_version = 6
+        return proto
+
+    with pytest.raises(ModelError, match=r"Hardmax 'pick' \(axis 1\).*Re-export the model with opset_version>=13"):
+        model_from_proto(hardmax(1), label="old")
+    for axis in (-1, 2):
+        model = model_from_proto(hardmax(axis), label="old")
+        x = {"x": np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)}
+        np.testing.assert_array_equal(models.run_ort(model.proto, x)["y"],
+                                      models.ort_session(hardmax(axis)).run(None, x)[0])

@@ -31,6 +31,7 @@ from .conv_bias import fold_bias_add_into_conv
 from .einsum import einsum_as_matmul
 from .pooling import reduce_mean_to_global_pool, whole_window_pool_to_global
 from .specs import TensorSpec, activation_names, tensor_specs
+from .upgrade import upgraded
 from .weights import fold_computed_weights
 
 __all__ = [
@@ -201,17 +202,7 @@ def _prepare(proto: onnx.ModelProto, label: str, path: Path | None) -> tuple[onn
             "re-export it."
         ) from None
     if opset < MIN_OPSET:
-        try:
-            from onnx import version_converter
-
-            proto = version_converter.convert_version(proto, MIN_OPSET)
-            onnx.checker.check_model(proto)
-        except Exception as exc:
-            raise ModelError(
-                f"{label}: opset {opset} is below {MIN_OPSET} (needed for per-channel "
-                f"Q/DQ) and the automatic upgrade failed: {exc}. Re-export the model with "
-                f"opset_version>={MIN_OPSET}."
-            ) from None
+        proto = upgraded(proto, opset, MIN_OPSET, label)
         upgraded_from, opset = opset, MIN_OPSET
         # IR < 4 wants every initializer listed as a graph input: a written model's Q/DQ scales are not
         proto.ir_version = max(proto.ir_version, _min_ir_version(proto))
