@@ -218,7 +218,7 @@ def _checked_request(model: LoadedModel, methods: Sequence[str] | str, percentil
         check_percentile(percentile)
     check_not_quantized(model)
     check_float_activations(model)
-    check_float32(model, weights=False)  # a float16 weight only a graph output reads calibrates fine
+    check_float32(model)  # before the pass: a float16 model's table no build could use
     if tensors is not None and not tensors:
         raise CalibrationError(f"{model.label}: the list of tensors to calibrate is empty; give at least one")
     return chosen

@@ -717,13 +717,47 @@ def test_a_model_that_already_computes_in_float16_is_refused(where):
         name = init.name
     with pytest.raises(ModelError, match=rf"already computes in float16 \({where} '{name}' is float16\).*FP32 export"):
         write_model(_loaded(half), uniform_plan("int8"), None)
-    if where == "input":  # calibrate refuses it before the pass: no build could use its table
-        from quantlab.calibrate import calibrate
-        from quantlab.data import from_arrays
+    # calibrate refuses it before the pass: no build could use its table (a keep_io_types float16 export, float32
+    # inputs over float16 weights, was calibrated in full before build refused it)
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
 
-        data = from_arrays({name: np.zeros((2, 3, 16, 16), np.float16)})
-        with pytest.raises(ModelError, match="already computes in float16"):
-            calibrate(_loaded(half), data, "minmax")
+    dtype = np.float16 if where == "input" else np.float32
+    data = from_arrays({half.graph.input[0].name: np.zeros((2, 3, 16, 16), dtype)})
+    with pytest.raises(ModelError, match="already computes in float16"):
+        calibrate(_loaded(half), data, "minmax")
+
+
+def test_a_float16_input_only_cast_to_float32_is_a_float32_model():
+    """An export with float16 I/O whose network computes in float32 (input -> Cast(float) -> ...) was refused as
+    "already computes in float16": it calibrates on float16 data and writes INT8 that runs; a bfloat16 input, which
+    numpy cannot hold, is refused saying what to export instead."""
+    from onnx import TensorProto, helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+    from quantlab.errors import InputMismatchError
+
+    def behind_cast(dtype: int) -> onnx.ModelProto:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(models.conv_net())
+        first = proto.graph.input[0]
+        for node in proto.graph.node:
+            node.input[:] = ["x32" if t == first.name else t for t in node.input]
+        proto.graph.node.insert(0, helper.make_node("Cast", [first.name], ["x32"], name="to_float",
+                                                    to=TensorProto.FLOAT))
+        first.type.tensor_type.elem_type = dtype
+        return proto
+
+    model = _loaded(behind_cast(TensorProto.FLOAT16))
+    x = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float16)
+    table = calibrate(model, from_arrays({"input": x}), "minmax").tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    ref, int8 = models.run_ort(model.proto, {"input": x}), models.run_ort(written.proto, {"input": x})
+    out = model.outputs[0].name
+    assert int8[out].shape == ref[out].shape and np.isfinite(int8[out]).all()
+    with pytest.raises(InputMismatchError, match=r"expects bfloat16, which numpy .* Export the model with float32"):
+        calibrate(_loaded(behind_cast(TensorProto.BFLOAT16)), from_arrays({"input": x.astype(np.float32)}), "minmax")
 
 
 def _loaded(proto):

@@ -296,6 +296,11 @@ def check_inputs(dataset: Any, model: LoadedModel, *, batch_size: int | None = N
     symbols: dict[str, tuple[int, str]] = {}
     for spec in model.inputs:
         dtype, sample_shape = specs[spec.name]
+        if spec.dtype == "bfloat16":
+            raise InputMismatchError(
+                f"input {spec.name!r}: model {model.label} expects bfloat16, which numpy (and so quantlab's data) "
+                f"has no type for; {where} gives {dtype}. Export the model with float32 inputs (a Cast to bfloat16 "
+                "inside it, if it needs one).")
         if spec.dtype != "undefined" and dtype != spec.dtype:
             fix = (f"Set [preprocess] dtype = \"{spec.dtype}\" in the manifest (or dtype = {{ {spec.name} = "
                    f"\"{spec.dtype}\" }})." if in_manifest else f"Cast the array: array.astype(numpy.{spec.dtype}).")

@@ -10,6 +10,7 @@ import onnx
 
 from ..errors import ModelError
 from .load import LoadedModel, activation_names
+from .topology import all_nodes
 
 __all__ = ["QUANTIZED_OPS", "check_float32", "check_float_activations", "check_not_quantized"]
 
@@ -61,14 +62,29 @@ _HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "
 def check_float32(model: LoadedModel, *, weights: bool = True) -> None:
     """ModelError for a model that already computes in float16/bfloat16 (inputs, or ``weights`` too): the
     writer's Q/DQ and FP16 casts are written around float32 tensors (opset 13-18 QuantizeLinear reads float32
-    only). Calibrate refuses float16 inputs too, before a pass whose table no build could use."""
+    only). Calibrate refuses such a model too, before a pass whose table no build could use (a keep_io_types
+    float16 export, float32 inputs over float16 weights, calibrated in full before build refused it).
+
+    A half-precision input that only Casts to float32 read (the float32 network of an export whose I/O is float16)
+    is no such model, nor a half-precision weight only a graph output reads."""
     g = model.proto.graph
     inits = {i.name for i in g.initializer}
-    half = [(f"input {i.name!r}", i.type.tensor_type.elem_type) for i in g.input if i.name not in inits]
-    half += [(f"weight {i.name!r}", i.data_type) for i in g.initializer] if weights else []
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in all_nodes(g):
+        for t in node.input:
+            readers.setdefault(t, []).append(node)
+    half = [(f"input {i.name!r}", i.type.tensor_type.elem_type) for i in g.input
+            if i.name not in inits and not _cast_up_only(readers.get(i.name, []))]
+    half += [(f"weight {i.name!r}", i.data_type) for i in g.initializer if i.name in readers] if weights else []
     found = next(((what, _HALF_TYPES[t]) for what, t in half if t in _HALF_TYPES), None)
     if found is not None:
         raise ModelError(
             f"{model.label} already computes in {found[1]} ({found[0]} is {found[1]}); quantlab writes INT8 and "
             "FP16 from the FP32 model (--precision fp16, or fp16 groups in a plan, make the FP16 parts). Give "
             "the FP32 export.")
+
+
+def _cast_up_only(readers: list[onnx.NodeProto]) -> bool:
+    """Whether ``readers`` are all Casts to float32 (and there is one)."""
+    return bool(readers) and all(n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT
+                                                              for a in n.attribute) for n in readers)
