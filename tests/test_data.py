@@ -984,6 +984,7 @@ def test_a_summary_records_the_sizes_it_covered_and_validation_beyond_them_is_na
     (valued,) = beyond_calibration(summary([(56, 56)], scale=1.5), cal)
     assert valued.startswith("input 'image': validation values reach [-1.5")
     assert "where calibration saw [-1, 1]" in valued and "quantlab coverage" in valued
+    assert "at +-1 in the TensorRT form, at [-1, 1] in the ORT form" in valued  # symmetric and asymmetric ends
     ragged = DataFingerprint()
     ragged.update({"x": np.zeros((1, 4), np.float32)})
     ragged.update({"x": np.zeros((1, 2, 2), np.float32)})

@@ -295,10 +295,12 @@ def beyond_calibration(validation: DataSummary, calibration: DataSummary, *, val
         span = c.max - c.min
         if values and v.dtype.startswith("float") and span > 0 and (v.max > c.max + BEYOND_CALIBRATION * span
                                                          or v.min < c.min - BEYOND_CALIBRATION * span):
+            amax = max(abs(c.min), abs(c.max))
             out.append(f"input {v.name!r}: validation values reach [{v.min:.4g}, {v.max:.4g}] where calibration saw "
-                       f"[{c.min:.4g}, {c.max:.4g}]: the INT8 ranges of the input and of the layers after it clip "
-                       "what calibration never showed (`quantlab coverage` measures by how much); calibrate on "
-                       "data like the validation set's")
+                       f"[{c.min:.4g}, {c.max:.4g}]: ranges calibrated without such values clip them where they end "
+                       f"(the input's own at +-{amax:.4g} in the TensorRT form, at [{c.min:.4g}, {c.max:.4g}] in the "
+                       "ORT form; the layers after it likewise; `quantlab coverage` measures by how much); "
+                       "calibrate on data like the validation set's")
     return [f"input{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}: {role} samples of sizes {seen} "
             f"{NOT_CALIBRATED_SIZES} {covered}: the ranges of tensors whose values grow with the size (attention "
             "over more positions, sums over a larger image) were not measured on such sizes; calibrate on samples "
