@@ -184,3 +184,18 @@ def test_a_profile_from_data_says_which_dynamic_sizes_its_engine_refuses():
                                                                   (8, 2, 4, 8), (8, 2, 7, 8))},
                              {"past_key_values.0.key": [-1, 2, -1, 8]})
     assert note is not None and "axis 2: 0 to 7 (a cache longer than 7, a later step, is refused)" in note
+
+
+def test_shapes_name_inputs_whose_names_hold_spaces_or_commas():
+    """build prints a profile as ``my image:1x16,8x16,8x16`` and --shapes could not read it back ("'my' comes before
+    any input name"): words before a NAME:DIMS word that are no shape belong to its name."""
+    from quantlab.shapes import format_shapes
+
+    ranges = parse_shapes("my image:1x16,4x16,8x16 in/put:0:1x3 a, b:2x2,3x3,4x4")
+    assert list(ranges) == ["my image", "in/put:0", "a, b"]
+    assert ranges["my image"].opt == (4, 16) and ranges["a, b"].max == (4, 4)
+    assert parse_shapes(format_shapes(ranges)) == ranges
+    with pytest.raises(InputMismatchError, match=r"'x' comes before any input name"):
+        parse_shapes("x 1x3")
+    with pytest.raises(InputMismatchError, match=r"OPT shape '1xa' of input 'a' is not dims"):
+        parse_shapes("a:1x3,1xa,4x3")

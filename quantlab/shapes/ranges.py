@@ -84,20 +84,35 @@ def _dims(token: str, name: str, which: str) -> Shape:
     return tuple(int(d) for d in token.split("x"))
 
 
+_DIMS_TOKEN = re.compile(r"\d+(?:x\d+)*")
+
+
 def _specs(text: str) -> list[tuple[str, list[str]]]:
-    """``text`` split into (name, [shape tokens]): a token holding ':' starts a new input."""
+    """``text`` split into (name, [shape tokens]): a token holding ':' starts a new input. Words before it that are
+    no shape belong to its name when an input follows (``my image:1x16,4x16,8x16``: names with spaces or commas,
+    as :func:`format_shapes` writes them)."""
+    parts = re.split(r"([\s,]+)", text.strip())  # words at even indices, the separators between them at odd ones
+    words = [(parts[i], parts[i + 1] if i + 1 < len(parts) else "") for i in range(0, len(parts), 2) if parts[i]]
     specs: list[tuple[str, list[str]]] = []
-    for token in (t for t in re.split(r"[\s,]+", text.strip()) if t):
-        if ":" in token:
-            name, first = token.rsplit(":", 1)  # names such as 'input:0' keep their own colons
+    pending = ""  # words of a name that goes on in a later word holding ':'
+    for k, (word, after) in enumerate(words):
+        if ":" in word:
+            name, first = word.rsplit(":", 1)  # names such as 'input:0' keep their own colons
+            name = pending + name
+            pending = ""
             if not name:
-                raise InputMismatchError(f"--shapes: {token!r} has no input name before ':'; write {SHAPES_GRAMMAR}")
+                raise InputMismatchError(f"--shapes: {word!r} has no input name before ':'; write {SHAPES_GRAMMAR}")
             specs.append((name, [first]))
+        elif pending or not _DIMS_TOKEN.fullmatch(word) and any(":" in w for w, _ in words[k + 1:]):
+            pending += word + after
         elif not specs:
             raise InputMismatchError(
-                f"--shapes: {token!r} comes before any input name; write {SHAPES_GRAMMAR}")
+                f"--shapes: {word!r} comes before any input name; write {SHAPES_GRAMMAR}")
         else:
-            specs[-1][1].append(token)
+            specs[-1][1].append(word)
+    if pending:
+        raise InputMismatchError(f"--shapes: {pending.strip()!r} names no input (no ':' after it); write "
+                                 f"{SHAPES_GRAMMAR}")
     return specs
 
 
