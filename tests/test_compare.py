@@ -1370,3 +1370,16 @@ def test_an_output_qdq_an_int8_group_reads_too_is_that_groups_input_quantization
     assert rows.loc[("local", "dwconv"), "sqnr_db"] == pytest.approx(_pooled_sqnr(ref, cand["dwc"]), abs=0.3)
     assert rows.loc[("accumulated", "dwconv"), "sqnr_db"] == pytest.approx(_pooled_sqnr(ref, cand["dwc/dq"]), abs=0.3)
     assert rows.loc[("accumulated", "dwconv"), "sqnr_db"] < rows.loc[("local", "dwconv"), "sqnr_db"] - 1
+
+
+def test_a_float16_io_candidate_is_refused_saying_how_to_compare_one():
+    """A user's own float16 export (float16 inputs) against the FP32 reference: the same data cannot feed both, and
+    the refusal says how to get a candidate that can be compared."""
+    half = onnx.ModelProto()
+    half.CopyFrom(models.conv_net())
+    half.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    x = models.random_inputs(models.conv_net(), 2, seed=0)
+    with pytest.raises(CompareError, match=r"input 'input' is float16, the reference's is float32; the same data "
+                                           r"cannot feed both\. .*--precision fp16.*keep_io_types=True"):
+        compare(model_from_proto(models.conv_net()), {"half": model_from_proto(half, label="half")},
+                from_arrays(x, role="validation"), CompareOptions(per_layer=False, bootstrap=0))

@@ -58,8 +58,13 @@ def check_io(ref: LoadedModel, name: str, proto: onnx.ModelProto) -> None:
             continue
         kind = "input" if spec.name in want_in else "output"
         if spec.name in want_in and spec.dtype != "undefined" and got.dtype not in ("undefined", spec.dtype):
+            half = "float16" in (got.dtype, spec.dtype) or "bfloat16" in (got.dtype, spec.dtype)
             raise CompareError(f"candidate {name!r}: {kind} {spec.name!r} is {got.dtype}, the reference's is "
-                               f"{spec.dtype}; the same data cannot feed both.")
+                               f"{spec.dtype}; the same data cannot feed both." + (
+                                   " Compare a candidate with the reference's input types: `quantlab build "
+                                   "--precision fp16` writes one from the reference (float32 I/O), as does "
+                                   "onnxconverter-common's convert_float_to_float16(model, keep_io_types=True)"
+                                   if half else ""))
         if spec.shape is not None and got.shape is not None:
             if len(spec.shape) != len(got.shape):
                 raise CompareError(f"candidate {name!r}: {kind} {spec.name!r} has rank {len(got.shape)} "
