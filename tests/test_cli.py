@@ -492,7 +492,7 @@ def test_a_model_that_fixes_its_batch_at_1_needs_no_batch_size_flag(ws: Path, ca
         vi.type.tensor_type.shape.dim[0].dim_value = 1
     onnx.save(model, ws / "model.onnx")
     code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
-    assert code == 0 and "fixes its batch at 1: running one sample at a time" in err
+    assert code == 0 and "its batch fixed at 1, or no input with a sample axis): running one sample at a time" in err
     assert json.loads((ws / "cal" / "calibrate_run.json").read_text())["batch_size"] == 1
     table = str(ws / "cal" / "calib_minmax.json")
     assert run_main(["build", str(ws / "model.onnx"), "--table", table, "--precision", "int8",
@@ -502,9 +502,33 @@ def test_a_model_that_fixes_its_batch_at_1_needs_no_batch_size_flag(ws: Path, ca
                  ["coverage", str(ws / "model.onnx"), "--table", table, "--data", str(ws / "val.toml"),
                   "--out", str(ws / "cov")]):
         code, _, err = run_main(argv, capfd)
-        assert code in (0, 1) and "fixes its batch at 1" in err, err
+        assert code in (0, 1) and "its batch fixed at 1" in err, err
     code, _, err = run_main(calibrate_argv(ws, ws / "cal4", "--batch-size", "4"), capfd)
     assert code == 2 and "fixed batch of 1" in error_line(err, "calibrate")
+
+
+def test_a_model_with_no_batch_axis_runs_one_sample_at_a_time(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """An image model exported as [3, 8, 8] (no batch axis at all): with batch_axis = "none" every command stopped
+    at "every sample of a batch must hold the same value" until --batch-size 1 was given; now it runs one sample at
+    a time and says so, and the first refusal names batch_axis = "none" for it."""
+    model = onnx.load(ws / "model.onnx")
+    x, y = model.graph.input[0].name, model.graph.output[0].name
+    for vi in list(model.graph.input) + list(model.graph.output):
+        del vi.type.tensor_type.shape.dim[0]
+    for node in model.graph.node:  # as torch exports it: Unsqueeze(0) in front, Squeeze(0) behind
+        node.input[:] = ["x4" if t == x else t for t in node.input]
+        node.output[:] = ["y2" if t == y else t for t in node.output]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+    model.graph.node.insert(0, onnx.helper.make_node("Unsqueeze", [x, "axis0"], ["x4"], name="add_batch"))
+    model.graph.node.append(onnx.helper.make_node("Squeeze", ["y2", "axis0"], [y], name="drop_batch"))
+    onnx.save(model, ws / "model.onnx")
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal0"), capfd)
+    assert code == 2 and 'takes one sample per run with no batch axis (an image as [3, H, W])' in err, err
+    (ws / "calib.toml").write_text(CALIB_TOML.replace('input = "array"', 'input = { field = "array", batch_axis = '
+                                                                          '"none" }'))
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == 0 and "no input with a sample axis): running one sample at a time" in err, err
+    assert json.loads((ws / "cal" / "calibrate_run.json").read_text())["batch_size"] == 1
 
 
 def test_an_int8_build_in_the_default_ort_form_says_tensorrt_rejects_it(ws: Path, capfd) -> None:

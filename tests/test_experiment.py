@@ -343,7 +343,7 @@ def test_a_model_that_fixes_its_batch_at_1_runs_one_sample_at_a_time(tmp_path: P
     cfg = load_experiment(path)
     assert cfg.batch_size is None
     result = run_experiment(cfg, reports_dir=tmp_path / "reports")
-    assert any("fixes its batch at 1" in m for m in result.messages)
+    assert any("its batch fixed at 1" in m for m in result.messages)
     manifest = json.loads((tmp_path / "reports" / "small" / "manifest.json").read_text())
     assert manifest["experiment"]["batch_size"] == 1
     import pandas as pd

@@ -164,7 +164,8 @@ def resolve_batch_size(args: argparse.Namespace, model: Any, dataset: Any, defau
         args.batch_size = default
         if fixed:
             args.batch_size = 1
-            print(f"quantlab {command}: note: {model.label} fixes its batch at 1: running one sample at a time",
+            print(f"quantlab {command}: note: {model.label} takes one sample per run (its batch fixed at 1, or no "
+                  "input with a sample axis): running one sample at a time",
                   file=sys.stderr, flush=True)
         elif coupled:
             args.batch_size = 1

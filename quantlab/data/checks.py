@@ -116,9 +116,11 @@ def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_
     if origin == "memory":
         return f"Give arrays of shape [N, {want[1:]}, the first axis counting samples"
     if origin in ("npy", "npz") and not batched and tuple(got) == tuple(model_shape):
-        return (f"Each sample has the input's whole shape {format_shape(model_shape)}: if every sample of a batch "
-                f"holds the same value (a table, a weight), write [inputs] {name} = {{ field = \"...\", batch_axis = "
-                f"\"none\" }}; if each file holds {got[0]} samples, set batched = true in its [[source]]")
+        return (f"Each sample has the input's whole shape {format_shape(model_shape)}: if the model takes one "
+                "sample per run with no batch axis (an image as [3, H, W]), or every sample of a batch holds the same "
+                f"value (a table, a weight), write [inputs] {name} = {{ field = \"...\", batch_axis = \"none\" }} "
+                f"(a model with no input batched runs one sample at a time); if each file holds {got[0]} samples, set "
+                "batched = true in its [[source]]")
     if origin in ("npy", "npz") and not batched and len(got) == model_rank:
         return (f"Each file holds a leading axis of {got[0]}, like a batch: set batched = true in its [[source]] to "
                 "take one sample per row")
@@ -131,9 +133,12 @@ def _rank_hint(origin: str, batched: bool, want: str, got: Sequence[int], model_
 def fixed_batch(model: LoadedModel, dataset: Any) -> int | None:
     """The batch the batched inputs of ``model`` fix (a static export's ``[1, 3, 640, 640]``, or a recurrent
     state ``[layers, 1, H]`` beside a dynamic input: :func:`quantlab.shapes.fixed_batch_size`), None when they
-    leave it dynamic or disagree; ``dataset`` says which axis holds each input's samples."""
+    leave it dynamic or disagree; ``dataset`` says which axis holds each input's samples. 1 too when no input has a
+    sample axis (``batch_axis = "none"`` for all: an image model exported as ``[3, 64, 64]`` takes one per run)."""
     axes = {spec.name: dataset.batch_axis(spec.name) if hasattr(dataset, "batch_axis") else 0
             for spec in model.inputs}
+    if axes and all(a is None for a in axes.values()):
+        return 1
     return fixed_batch_size({spec.name: spec.shape for spec in model.inputs}, axes)
 
 

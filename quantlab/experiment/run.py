@@ -138,7 +138,8 @@ class _Run:
         coupled = batch_coupling(model, calib, 1 if fixed else int(config.batch_size or DEFAULT_BATCH_SIZE))
         if config.batch_size is None and fixed:  # a static export: one sample per run
             config = self.config = replace(config, batch_size=1)
-            self.messages.append(f"{model.label} fixes its batch at 1: every stage runs one sample at a time")
+            self.messages.append(f"{model.label} takes one sample per run (its batch fixed at 1, or no input with a "
+                                 "sample axis): every stage runs one sample at a time")
         elif config.batch_size is None and coupled:
             config = self.config = replace(config, batch_size=1)
             self.messages.append(coupled.note(model.label, 1))
