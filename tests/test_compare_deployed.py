@@ -80,3 +80,36 @@ def test_a_model_whose_every_output_is_sized_by_the_data_skips_the_check():
                      CompareOptions(batch_size=1, bootstrap=0))
     assert list(result.end_to_end["output"]) == ["kept"]
     assert get_backend("ort").build(model.proto).run({"x": x[:1]}, []) == {}
+
+
+def test_a_plain_session_closer_to_the_reference_or_within_rounding_is_no_warning():
+    """DPT's ORT-form INT8 measured 0.9734 with its tensors exposed and 0.9802 plain: the deployed model is better,
+    and the warning said a fused kernel may be broken. Only a plain session worse by 0.005 and by half again the
+    measured deficit (1 - cosine) is warned of: at a low cosine, 0.006 worse is kernel rounding."""
+    model, written, x = _setup()
+    batch = next(iter(from_arrays({"input": x}).batches(4)))
+    backend = get_backend("ort")
+    reference = backend.build(model.proto).run(batch.feeds, ["logits"])
+    broken = written.proto.__class__()
+    broken.CopyFrom(written.proto)
+    for init in broken.graph.initializer:
+        if init.data_type == 3 and init.name.startswith("w1"):  # the first conv's int8 weights halved: a poor model
+            w = np.frombuffer(init.raw_data, np.int8) // 2
+            init.raw_data = w.astype(np.int8).tobytes()
+
+    def cosine(proto) -> float:
+        out = backend.build(proto).run(batch.feeds, ["logits"])["logits"].astype(np.float64)
+        ref = reference["logits"].astype(np.float64)
+        return float(np.mean([r @ c / (np.linalg.norm(r) * np.linalg.norm(c)) for r, c in zip(ref, out)]))
+
+    def notes(proto, measured: float) -> list[str]:
+        frame = pd.DataFrame({"candidate": "int8", "output": "logits", "sample": list(batch.indices),
+                              "cosine": measured})
+        return exposure_notes(["int8"], {"int8": proto}, lambda name: backend, reference, batch, ["logits"], {},
+                              frame)
+
+    assert notes(written.proto, cosine(written.proto) - 0.01) == []  # the plain session is the better one
+    poor = cosine(broken)
+    assert poor < 0.98, poor  # a deficit well above the 0.005 of kernel rounding
+    assert notes(broken, poor + 0.006) == []  # worse by 0.006, but not by 1.5x the measured deficit
+    assert len(notes(broken, 1.0)) == 1  # worse by all its deficit: warned of

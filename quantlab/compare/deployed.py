@@ -7,7 +7,8 @@ plain session while the comparison measured 29 dB and `quantlab run` said PASS. 
 each ORT-form candidate, plain, and its per-sample cosine is set beside what the comparison measured::
 
     batch ─► candidate (plain session) ─► outputs ─► cosine vs reference, per sample
-    per_sample.cosine (the comparison's, tensors exposed)   differ by more than 0.005 -> WARNING
+    per_sample.cosine (the comparison's, tensors exposed)   plain worse by 0.005 and by 1.5x the
+                                                            deficit (1 - cosine) -> WARNING
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ from ..data import Batch
 from ..errors import CompareError
 from .sample_axes import samples_first
 
-__all__ = ["COSINE_GAP", "deployed_notes", "exposure_notes"]
+__all__ = ["COSINE_GAP", "DEFICIT_RATIO", "deployed_notes", "exposure_notes"]
 
 COSINE_GAP = 0.005
 """Largest difference of the mean per-sample cosine, plain session vs exposed tensors, taken for kernel rounding
 (fused and unfused INT8 kernels requantize differently: ~1e-4)."""
+
+
+DEFICIT_RATIO = 1.5
+"""... and the plain session's cosine deficit must exceed the measured one by this factor: at an INT8 cosine of 0.97
+(a depth model's) fused and unfused kernels differ by more than 0.005 in rounding alone. A plain session closer to
+the reference than measured is no warning (DPT's: 0.980 plain, 0.973 exposed)."""
 
 
 def deployed_notes(reference: onnx.ModelProto, protos: Mapping[str, onnx.ModelProto], reference_backend: Backend,
@@ -70,7 +77,7 @@ def exposure_notes(names: Sequence[str], protos: Mapping[str, onnx.ModelProto], 
             except CompareError:  # samples not told apart in this output: the comparison said so already
                 continue
             measured = float(rows["cosine"].mean())
-            if plain is not None and abs(plain - measured) > COSINE_GAP:
+            if plain is not None and measured - plain > COSINE_GAP and 1 - plain > DEFICIT_RATIO * (1 - measured):
                 notes.append(
                     f"WARNING candidate {name!r}: in a plain ONNX Runtime session its output {output!r} has cosine "
                     f"{plain:.4f} on the first batch, where the comparison measured {measured:.4f} with its tensors "
