@@ -183,13 +183,17 @@ _LABEL_METRIC = re.compile(r"(ref_)?top[15](_drop|_accuracy)?(_ci_low|_ci_high)?
 def _hint(metric: str) -> str:
     """Why a metric may be missing, when the reason is known: label metrics need a labelled set, free-running
     figures a sequence set, the CTC text's figures (quantlab.compare's CTC_COLUMNS) the blank class, mask_iou an
-    output a Sigmoid writes."""
+    output a Sigmoid writes, the per-position figures an output read as class maps."""
     if metric.removesuffix("_ci_low").removesuffix("_ci_high") in ("text_agreement", "cer"):
         return (f" ({metric} reads CTC scores as text: give the blank class of the model's [N, T, C] output, "
                 "--ctc-blank K, or ctc_blank = K in an experiment or sweep file)")
     if metric.removesuffix("_ci_low").removesuffix("_ci_high") == "mask_iou":
         return (f" ({metric} is reported for outputs a Sigmoid writes (a text detector's map, tags, voice "
                 "activity), read as masks; this model has none)")
+    if metric.removesuffix("_ci_low").removesuffix("_ci_high") in ("miou", "token_agreement", "sequence_agreement"):
+        return (f" ({metric} is reported for outputs read as a class per position (text, tokens, pixels): an output "
+                "[N, C, H, W] or [N, T, C] straight from a 1x1 conv or MatMul is read as values unless named: "
+                "--class-map OUTPUT, or class_maps = [\"OUTPUT\"] in an experiment file)")
     if metric.startswith("free_"):
         return (f" ({metric} is a free-running figure: compare reports them in sequence mode only, when the "
                 "validation set's manifest has a [sequence] table naming the state its model carries)")

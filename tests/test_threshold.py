@@ -167,3 +167,11 @@ def test_a_condition_that_reads_nan_says_why():
                            "shape_mismatch": 0}]) == [
         "cosine>=0.9 is NaN: no output reports cosine (they report exact_match)"]
     assert t.nan_reasons([{"output": "y", "samples": 4, "cosine": 0.5, "shape_mismatch": 1}]) == []
+
+
+@pytest.mark.parametrize("metric", ["miou", "token_agreement_ci_low", "sequence_agreement"])
+def test_a_class_map_metric_of_a_model_whose_maps_read_as_values_names_class_map(metric):
+    """SegFormer's 1/4-resolution logits straight from a 1x1 conv are compared as values unless named: a search on
+    miou>=97 was refused as "unknown metric 'miou'" with nothing said of --class-map."""
+    with pytest.raises(ThresholdError, match=r"--class-map OUTPUT, or class_maps"):
+        parse_threshold(f"{metric}>=97", known_metrics={"cosine", "sqnr_db"})
