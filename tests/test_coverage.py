@@ -479,6 +479,18 @@ def test_cli_calibrate_from_merged_statistics(tmp_path):
     summary = json.loads((tmp_path / "merged" / "data_summary.json").read_text())
     assert summary["count"] == 56 and set(summary["sample_hashes"]) == set(
         json.loads((tmp_path / "ab" / "data_summary.json").read_text())["sample_hashes"])
+    # the sample shapes the sources' tables record are kept: build takes its engine profiles from them (SegFormer's
+    # merged 64 px + 96 px table held none, and TensorRT-RTX failed on a guessed 1..32 px profile)
+    merged_set = json.loads((tmp_path / "merged" / "calib_minmax.json").read_text())["calib_set"]
+    union_set = json.loads((tmp_path / "ab" / "calib_minmax.json").read_text())["calib_set"]
+    assert merged_set["input_shapes"] == union_set["input_shapes"] and merged_set["batch_axes"] == {"input": 0}
+    for table in (tmp_path / "b").glob("calib_*.json"):
+        table.unlink()  # a source whose shapes are unknown: the table claims none, and says so
+    assert main(["calibrate", str(model), "--stats", str(tmp_path / "a" / "statistics.npz"), "--stats",
+                 str(tmp_path / "b" / "statistics.npz"), "--method", "minmax", "--out", str(tmp_path / "m2")]) == 0
+    blind = json.loads((tmp_path / "m2" / "calib_minmax.json").read_text())
+    assert "input_shapes" not in blind["calib_set"]
+    assert any("no sample shapes are known" in n and "give --shapes" in n for n in blind["notes"])
     assert main(["calibrate", str(model), "--stats", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "x")]) == 2
     assert main(["calibrate", str(model), "--calib", str(sets["a"]), "--stats", str(tmp_path / "a" / "statistics.npz"),
                  "--out", str(tmp_path / "y")]) == 2

@@ -15,6 +15,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,12 @@ from ..errors import CalibrationError
 from ..fingerprint import tool_versions
 from ..graph import LoadedModel
 from ..methods import resolve_methods
+from ..shapes import ShapeLog
 from ..stats import Statistics, load_statistics, unquantized_tensors
 from .merge import merge_statistics
 from .result import COVERAGE_FILE
 
-__all__ = ["merge_summaries", "recalibrate", "summary_beside"]
+__all__ = ["merge_summaries", "recalibrate", "shapes_beside", "summary_beside"]
 
 
 def summary_beside(stats_path: str | os.PathLike[str]) -> DataSummary | None:
@@ -89,10 +91,43 @@ def recalibrate(model: LoadedModel, stats_paths: Sequence[str | os.PathLike[str]
     known = [s for s in summaries if s is not None]
     summary = merge_summaries(known) if len(known) == len(summaries) else DataSummary(
         count=merged.samples, sha256="", inputs=(), duplicates=(), sample_hashes=frozenset())
-    calib_set: dict[str, Any] = {"merged_statistics": labels, "sha256": summary.sha256, "count": merged.samples}
+    calib_set: dict[str, Any] = {"merged_statistics": labels, "sha256": summary.sha256, "count": merged.samples,
+                                 **_merged_shapes([shapes_beside(p) for p in stats_paths])}
     unquantized = unquantized_tensors(model.proto)
     versions = tool_versions()
     tables = {m: table_from_statistics(merged, m, percentile=percentile, calib_set=calib_set, versions=versions,
                                        entropy_skip_zeros=entropy_skip_zeros, unquantized=unquantized)
               for m in resolve_methods(methods)}
+    if "input_shapes" not in calib_set and any(not isinstance(d, int) for s in model.inputs for d in s.shape or ()):
+        note = (f"no sample shapes are known for {', '.join(labels)} (no calibration table beside a statistics file "
+                "records them): `quantlab build --backend tensorrt*` cannot take engine profiles from this table; "
+                "give --shapes")
+        tables = {m: replace(t, notes=(*t.notes, note)) for m, t in tables.items()}
     return CalibrationResult(tables=tables, statistics=merged, data=summary)
+
+
+def shapes_beside(stats_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The sample shapes a statistics file was collected on (``input_shapes`` and ``batch_axes``): those a
+    calibration table beside it records (a calibrate output), None when none does (a coverage output)."""
+    for table in sorted(Path(stats_path).parent.glob("calib_*.json")):
+        try:
+            calib_set = json.loads(table.read_text(encoding="utf-8")).get("calib_set") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        if calib_set.get("input_shapes"):
+            return {"input_shapes": calib_set["input_shapes"], "batch_axes": calib_set.get("batch_axes") or {}}
+    return None
+
+
+def _merged_shapes(parts: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """The union of the parts' sample shapes (counts added), when every part records them and their batch axes
+    agree; {} otherwise (a table must not claim shapes some of its data never said)."""
+    if not parts or any(p is None for p in parts):
+        return {}
+    known = [p for p in parts if p is not None]
+    if any(p["batch_axes"] != known[0]["batch_axes"] for p in known):
+        return {}
+    log = ShapeLog()
+    for p in known:
+        log.update(ShapeLog.from_dict(p["input_shapes"]))
+    return {"input_shapes": log.as_dict(), "batch_axes": known[0]["batch_axes"]}
