@@ -571,6 +571,34 @@ def test_a_failed_build_says_whether_the_fp32_model_builds(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_a_failed_build_on_guessed_profiles_blames_the_guess_not_the_graph(tmp_path, capsys):
+    """SegFormer built from a table that held no sample shapes: its H/W got the guess 1..32, the FP16/INT8 build
+    failed, the FP32 model failed with the same guessed profiles, and the verdict sent the user upstream ("cannot
+    build this graph as it is"), where the real sizes built at once. The guess gets the blame."""
+    from onnx import TensorProto, helper
+
+    from quantlab.cli import ExitCode, main
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", strides=[2, 2]),
+         helper.make_node("Reshape", ["c", "shape"], ["y"], name="regroup")], "guess",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 2, "K"])],
+        [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([0, 4, 2, -1], np.int64), "shape")])
+    path = tmp_path / "guess.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code = main(["build", str(path), "--precision", "fp16", "--backend", "tensorrt-rtx", "--out", str(tmp_path / "b")])
+    assert code == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err
+    assert "they got the guess" in err and "fails to build with these guessed profiles too" in err
+    assert "report it upstream" not in err
+    code = main(["build", str(path), "--precision", "fp16", "--backend", "tensorrt-rtx", "--out", str(tmp_path / "c"),
+                 "--shapes", "x:1x3x8x8,2x3x16x16,4x3x32x32"])
+    assert code == ExitCode.OK
+
+
 def test_a_plan_tensorrt_refuses_is_told_from_a_graph_it_refuses(tmp_path, capsys):
     """The other verdict: the ORT form's Q/DQ (uint8, zero points) fails TensorRT's parser, the FP32 model builds.
     The parser's own advice (write target tensorrt) stands alone: no FP32 build is needed to say it."""

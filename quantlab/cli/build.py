@@ -253,9 +253,14 @@ def _with_fp32_verdict(error: BackendError, build_engine: Any, model: Any, writt
         return error
     if isinstance(error, UnsupportedOpError) and error.foreign_ops:
         return error  # ONNX Runtime's own ops: the error says so; no upstream bug to report
+    from ..backends.tensorrt.builder import GUESSED_PHRASE  # a TensorRT build ran: the module is loaded
+
     try:
         build_engine(model.proto, label=str(args.model), shapes=ranges)
-    except BackendError:
+    except BackendError as fp32_error:
+        if GUESSED_PHRASE in str(fp32_error) and _guessed_beyond_batch(model, ranges):  # no verdict on the graph
+            return type(error)(f"{error}\n  The FP32 model fails to build with these guessed profiles too: give the "
+                               "real ranges (above) before judging the graph.")
         verdict = (f"\n  The FP32 model fails to build too (same profiles, no Q/DQ, no FP16): {args.backend} cannot "
                    "build this graph as it is, whatever precision quantlab writes. Check it with trtexec or "
                    "polygraphy on the FP32 model and report it upstream; meanwhile compare, search and the report "
@@ -265,6 +270,13 @@ def _with_fp32_verdict(error: BackendError, build_engine: Any, model: Any, writt
                    "node(s) the error names out of INT8/FP16 (a plan's fp32 list, or `quantlab build --keep-fp32 "
                    "OP`) and build again.")
     return type(error)(f"{error}{verdict}")
+
+
+def _guessed_beyond_batch(model: Any, ranges: Any) -> bool:
+    """Whether an input's dynamic dim other than its batch got a guessed profile (no --shapes, no table shapes for
+    it): a failure on such a profile says nothing of the graph (the batch's default range is no guess)."""
+    covered = set(ranges or {})
+    return any(not isinstance(d, int) for s in model.inputs if s.name not in covered for d in (s.shape or ())[1:])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -163,10 +163,14 @@ def guessed_profiles_hint(profiles: Mapping[str, Profile], guessed: Mapping[str,
         return ""
     which = "; ".join(f"input {name!r} axis {', '.join(map(str, axes))}" for name, axes in guessed.items())
     example = " ".join(_shape_template(name, profiles[name], guessed[name]) for name in guessed)
-    return (f"\n  No data or --shapes fixed {which}: they got the guess (min, opt, max) = {DEFAULT_DYNAMIC_DIM}, "
+    return (f"\n  {GUESSED_PHRASE} {which}: they got the guess (min, opt, max) = {DEFAULT_DYNAMIC_DIM}, "
             f"which the model does not accept. Give the real range: --shapes {example}, each MIN/OPT/MAX the "
-            "smallest, typical and largest size your data has there; or build from data (--table: profiles then "
-            "follow the shapes it holds).")
+            "smallest, typical and largest size your data has there; or build with a table calibrated on data "
+            "(--table: profiles then follow the sample shapes it records).")
+
+
+GUESSED_PHRASE = "No data or --shapes fixed"
+"""How :func:`guessed_profiles_hint` begins: a failed build whose message holds it ran on guessed profiles."""
 
 
 def _shape_template(name: str, profile: Profile, axes: Sequence[int]) -> str:
