@@ -507,6 +507,23 @@ def test_a_model_that_fixes_its_batch_at_1_needs_no_batch_size_flag(ws: Path, ca
     assert code == 2 and "fixed batch of 1" in error_line(err, "calibrate")
 
 
+def test_a_model_that_fixes_its_batch_at_2_runs_at_2_and_refuses_a_short_last_batch(ws: Path, capfd) -> None:
+    """Swin exported at batch 2: without --batch-size the default 8 was refused; with it, 11 samples ran 5 batches
+    and then failed on the last one's single sample with ONNX Runtime's own error. The fixed batch is the default,
+    and a sample count it does not divide is refused before any run, naming a count that works."""
+    model = onnx.load(ws / "model.onnx")
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(model, ws / "model.onnx")
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal"), capfd)
+    assert code == 0 and "fixes its batch at 2: batch size 2" in err, err
+    assert json.loads((ws / "cal" / "calibrate_run.json").read_text())["batch_size"] == 2
+    (ws / "data" / "s3.npy").unlink()  # 3 samples
+    code, _, err = run_main(calibrate_argv(ws, ws / "cal3"), capfd)
+    assert code == 2 and "holds 3 samples, not a multiple of the batch 2" in error_line(err, "calibrate")
+    assert "use 2 samples (count = 2 in the manifest)" in err
+
+
 def test_a_model_with_no_batch_axis_runs_one_sample_at_a_time(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """An image model exported as [3, 8, 8] (no batch axis at all): with batch_axis = "none" every command stopped
     at "every sample of a batch must hold the same value" until --batch-size 1 was given; now it runs one sample at

@@ -631,6 +631,43 @@ def test_a_flattened_tensor_is_checked_per_sample_too():
     assert [r["psi"] for r in batched.datasets[0].rows] == [r["psi"] for r in single.datasets[0].rows]
 
 
+def test_a_flattened_tensor_of_a_model_that_fixes_its_batch_above_1_is_pooled_not_run_alone():
+    """Swin exported at batch 2 flattens its windows to [N*nW, ...]: the pass fell back to one sample per run, which
+    the model refuses ("Got: 1 Expected: 2"), and `quantlab run` failed at its coverage stage. Such tensors now
+    count in the ranges checked (their values all seen), not in the per-sample scores, with a note."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "rows"], ["flat"], name="flatten_tokens"),
+         helper.make_node("MatMul", ["flat", "w"], ["h"], name="dense"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Reshape", ["r", "back"], ["y"], name="unflatten")], "flat_fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 8])],
+        [numpy_helper.from_array(rng.normal(0, 0.5, (8, 8)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([-1, 8], np.int64), "rows"),
+         numpy_helper.from_array(np.array([2, 6, 8], np.int64), "back")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    calib = {"x": rng.normal(0, 1, (32, 6, 8)).astype(np.float32)}
+    cal = calibrate(model, from_arrays(calib), ["entropy"], batch_size=2)
+    shifted = {"x": (1.8 * rng.normal(0, 1, (12, 6, 8))).astype(np.float32)}
+    result = check_coverage(model, [from_arrays(shifted, name="check")], cal.tables["entropy"], cal.statistics,
+                            options=CoverageOptions(seed=0, resamples=50, batch_size=2))
+    rows = {r["tensor"]: r for r in result.datasets[0].rows}
+    assert rows["flat"]["values"] == 12 * 48 and rows["h"]["values"] == 12 * 48  # every value checked
+    assert any("fixes its batch above 1" in n and "'flat'" in n for n in result.datasets[0].notes)
+    # the same figures as the dynamic-batch twin run one sample at a time: each sample's rows, split in order
+    graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    graph.initializer[2].CopyFrom(numpy_helper.from_array(np.array([-1, 6, 8], np.int64), "back"))
+    twin = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    twin_cal = calibrate(twin, from_arrays(calib), ["entropy"], batch_size=2)
+    single = check_coverage(twin, [from_arrays(shifted, name="check")], twin_cal.tables["entropy"], twin_cal.statistics,
+                            options=CoverageOptions(seed=0, resamples=50, batch_size=1))
+    assert [r["psi"] for r in result.datasets[0].rows] == [r["psi"] for r in single.datasets[0].rows]
+
+
 def test_an_experiment_whose_validation_sizes_were_never_calibrated_does_not_just_say_covered(tmp_path):
     """Wav2Vec2 validated at 12000 samples, calibrated at 4000-8000: `run` said "calibration coverage: covered"
     a line after the note that the lengths went beyond calibration. The gate judges the values it sees; the message

@@ -156,7 +156,12 @@ def resolve_batch_size(args: argparse.Namespace, model: Any, dataset: Any, defau
         args.batch_size = streams
         print(f"quantlab {command}: note: the data interleaves {streams} streams ([sequence] streams): batch size "
               f"{streams}", file=sys.stderr, flush=True)
-    fixed = dataset is not None and fixed_batch(model, dataset) == 1
+    fixed_size = fixed_batch(model, dataset) if dataset is not None else None
+    fixed = fixed_size == 1
+    if args.batch_size is None and fixed_size and fixed_size > 1:  # a static export at batch B: B per run
+        args.batch_size = fixed_size
+        print(f"quantlab {command}: note: {model.label} fixes its batch at {fixed_size}: batch size {fixed_size}",
+              file=sys.stderr, flush=True)
     size = 1 if fixed else int(args.batch_size or default)
     decide = dataset is not None and (args.batch_size is None or warn_coupled)
     coupled = batch_coupling(model, dataset, size) if decide else BatchCoupling()

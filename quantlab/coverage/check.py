@@ -102,6 +102,12 @@ def _bootstrap_weights(block_counts: set[int], options: CoverageOptions) -> dict
 
 
 def _flattened_note(result: PassResult) -> tuple[str, ...]:
+    if result.pooled:
+        shown = ", ".join(repr(t) for t in result.pooled[:3])
+        more = f" and {len(result.pooled) - 3} more" if len(result.pooled) > 3 else ""
+        return (f"{shown}{more} hold several samples' rows in one axis (a flattened [N*S, H]), and the model fixes "
+                "its batch above 1, so no run of one sample is possible: each run's rows are split in as many equal "
+                "parts as it had samples, in order, as a flatten of [N, ...] lays them out",)
     if not result.one_at_a_time:
         return ()
     shown = ", ".join(repr(t) for t in result.one_at_a_time[:3])

@@ -65,6 +65,9 @@ class PassResult:
     one_at_a_time: tuple[str, ...] = ()
     """Tensors whose samples a run of several could not tell apart (a flattened ``[N*S, H]``): the pass then ran
     one sample at a time, so that they are checked per sample too."""
+    pooled: tuple[str, ...] = ()
+    """... or, for a model that fixes its batch above 1 (no smaller run is possible), those tensors' first axis
+    split in as many equal parts as the run had samples, in order (how a flatten of ``[N, ...]`` lays them out)."""
 
 
 def table_bins(table: CalibrationTable, calibration: Statistics) -> dict[str, TensorBins]:
@@ -132,6 +135,8 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
     plan: RunRows | None = None
     layout: tuple[dict[str, int], dict[str, bool]] | None = None  # sample axes, carries the samples
     flattened: tuple[str, ...] = ()  # PassResult.one_at_a_time
+    pooled: tuple[str, ...] = ()  # PassResult.pooled
+    whole = _fixed_batch_above_1(model)  # Swin exported at batch 2: every run takes the whole batch
     try:
         for item in batches:
             fingerprint.update(item)
@@ -144,7 +149,7 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
             axes, carries = layout
             if plan is None:
                 plan = RunRows(model, exposed, run_budget_bytes, feeds, n, resolved_sizes(model, exposed, feeds))
-            run_rows = 1 if flattened else plan(feeds, n, batch_axes)
+            run_rows = n if whole else 1 if flattened else plan(feeds, n, batch_axes)
             keys = _keys(item, samples, n)
             start = 0
             while start < n:  # a large batch runs in slices: memory flat in the batch size
@@ -157,9 +162,14 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
                 outputs = {t: (a, _by_sample(a, axes.get(t, 0), len(shown), weights.get(t, 1)))
                            for t, a in outputs.items()}
                 lost = [t for t, (_, rows) in outputs.items() if rows is None]
-                if lost and len(shown) > 1:  # nothing reduced yet: this slice again, one sample at a time
+                if lost and len(shown) > 1 and not whole:  # nothing reduced yet: this slice again, one at a time
                     flattened, run_rows = tuple(lost), 1
                     continue
+                for t in lost:  # no smaller run: a flatten of [N, ...] lays each sample's rows out together
+                    a = outputs[t][0]
+                    if a.ndim and a.shape[0] % len(shown) == 0:
+                        outputs[t] = (a, a.reshape(len(shown), -1))
+                pooled = tuple(dict.fromkeys((*pooled, *lost)))
                 for score in _slice_scores(outputs, weights, tallies, huge_threshold, pool, shown):
                     worst.push(score)
                 del outputs
@@ -174,7 +184,12 @@ def coverage_pass(model: LoadedModel, batches: Iterable[Any], bins: Mapping[str,
     if samples == 0:
         raise DataError("the data set yielded no samples; give it at least one")
     return PassResult(tallies=tallies, samples=samples, batches=n_batches, worst=tuple(worst.result()),
-                      summary=fingerprint.summary(), one_at_a_time=flattened)
+                      summary=fingerprint.summary(), one_at_a_time=flattened, pooled=pooled)
+
+
+def _fixed_batch_above_1(model: LoadedModel) -> bool:
+    """Whether an input fixes its first axis above 1 (a static export's batch: no run of fewer samples works)."""
+    return any(s.shape and isinstance(s.shape[0], int) and s.shape[0] > 1 for s in model.inputs)
 
 
 def _by_sample(array: np.ndarray, axis: int, samples: int, weight: int) -> np.ndarray | None:

@@ -180,6 +180,8 @@ def _check_batch(spec: TensorSpec, dataset: Any, model: LoadedModel, batch_size:
     if fixed:
         batch_fits(specs, int(batch_dim), where,  # type: ignore[arg-type]
                     f"model {model.label} fixes its batch at {batch_dim}; re-export it with a dynamic batch axis")
+    if fixed and n:
+        _check_whole_batches(n, int(batch_dim), spec, model, where)  # type: ignore[arg-type]
     if batch_size is None:
         return
     effective = min(batch_size, n) if n else batch_size
@@ -194,6 +196,19 @@ def _check_batch(spec: TensorSpec, dataset: Any, model: LoadedModel, batch_size:
             f"{effective}, or re-export the model with a dynamic batch axis.{other}"
         )
     batch_fits(specs, effective, where, "lower the batch size (--batch-size / batch_size=)")
+
+
+def _check_whole_batches(n: int, batch: int, spec: TensorSpec, model: LoadedModel, where: str) -> None:
+    """A model that fixes its batch above 1 refuses a last, shorter batch: ``n`` samples must fill whole batches
+    (Swin exported at batch 2 failed on the 11th of 11 samples, after the other batches had run)."""
+    if batch <= 1 or n % batch == 0:
+        return
+    keep = n - n % batch
+    fix = (f"use {keep} samples (count = {keep} in the manifest)" if keep else f"give at least {batch} samples")
+    raise InputMismatchError(
+        f"{where} holds {n} samples, not a multiple of the batch {batch} model {model.label} fixes (input "
+        f"{spec.name!r} {format_shape(spec.shape)}): its last batch would hold {n % batch}, which the model "
+        f"refuses; {fix}, or re-export the model with a dynamic batch axis.")
 
 
 def _bind_fix(spec: Any, model: LoadedModel) -> str:

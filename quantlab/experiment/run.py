@@ -134,7 +134,11 @@ class _Run:
         if config.batch_size is None and streams is not None:  # interleaved streams: one sample of each per batch
             config = self.config = replace(config, batch_size=streams)
             self.messages.append(f"the data interleaves {streams} streams ([sequence] streams): batch size {streams}")
-        fixed = fixed_batch(model, calib) == 1
+        fixed_size = fixed_batch(model, calib)
+        fixed = fixed_size == 1
+        if config.batch_size is None and fixed_size and fixed_size > 1:  # a static export at batch B: B per run
+            config = self.config = replace(config, batch_size=fixed_size)
+            self.messages.append(f"{model.label} fixes its batch at {fixed_size}: batch size {fixed_size}")
         coupled = batch_coupling(model, calib, 1 if fixed else int(config.batch_size or DEFAULT_BATCH_SIZE))
         if config.batch_size is None and fixed:  # a static export: one sample per run
             config = self.config = replace(config, batch_size=1)
