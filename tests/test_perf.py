@@ -304,3 +304,22 @@ def test_random_feeds_put_the_batch_on_every_axis_its_symbol_names():
         random_feeds(batch_first, 4, dims={"time": 5, "batch": 2})
     with pytest.raises(InputMismatchError, match="'batch' names a batch but is not on axis 0 .* --data MANIFEST"):
         random_feeds(gru(["time", "batch", 3]), 4, dims={"batch": 2})
+
+
+def test_a_model_that_fixes_its_batch_at_2_is_timed_at_2(tmp_path, capsys):
+    """Swin exported at batch 2 ran on [2, ...] feeds but was reported as batch 1, its samples/s halved; a
+    --batch-size the fixed batch refuses is refused instead of reported."""
+    proto = models.residual_net()
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 2
+    path = tmp_path / "static2.onnx"
+    onnx.save(proto, path)
+    out_json = tmp_path / "perf.json"
+    assert main(["perf", str(path), "--backend", "ort", "--warmup", "1", "--iterations", "5", "--threads", "1",
+                 "--json", str(out_json), "--no-progress"]) == 0
+    assert "fixes its batch at 2: batch size 2" in capsys.readouterr().err
+    (row,) = json.loads(out_json.read_text())["results"]
+    assert row["latency"]["batch_size"] == 2
+    assert row["latency"]["throughput_per_s"] > 1000.0 / row["latency"]["p99_ms"]  # two samples per run
+    assert main(["perf", str(path), "--backend", "ort", "--batch-size", "4", "--iterations", "1"]) == 2
+    assert "fixes its batch at 2" in capsys.readouterr().err

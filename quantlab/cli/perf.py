@@ -47,7 +47,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", type=path_arg, help="ONNX model file")
     p.add_argument("--backend", choices=[*BACKEND_NAMES, "all"], default="all",
                    help="backend to measure; 'all' measures every one available here (default)")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="samples per run (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="samples per run (default 1, or the batch a static export fixes)")
     p.add_argument("--warmup", type=non_negative_int, default=10, help="untimed runs first (default 10)")
     p.add_argument("--iterations", type=positive_int, default=100, help="timed runs (default 100)")
     p.add_argument("--duration", type=float, default=None,
@@ -166,6 +167,24 @@ def _check_json_target(path: Path) -> None:
     check_writable(path, label=label)
 
 
+def _batch_size(model: Any, asked: int | None) -> int:
+    """``--batch-size``, else the batch every input fixes on axis 0 (Swin exported at batch 2 was timed as batch 1,
+    its samples/s halved), else 1; a size the model's fixed batch refuses is refused."""
+    from ..errors import InputMismatchError
+    from ..shapes import fixed_batch_size
+
+    fixed = fixed_batch_size({s.name: s.shape for s in model.inputs}, all_inputs=True)
+    if asked is None:
+        if fixed and fixed > 1:
+            print(f"quantlab perf: note: {model.label} fixes its batch at {fixed}: batch size {fixed}",
+                  file=sys.stderr, flush=True)
+        return fixed or 1
+    if fixed and asked != fixed:
+        raise InputMismatchError(f"--batch-size {asked}: {model.label} fixes its batch at {fixed}; time it at "
+                                 f"{fixed} (leave --batch-size out), or re-export it with a dynamic batch axis")
+    return asked
+
+
 def run(args: argparse.Namespace) -> int:
     from ..atomic import write_json
     from ..backends import BACKEND_NAMES
@@ -181,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         _check_json_target(args.json)
     model = load_model(args.model, bind=bound_inputs(args))
+    args.batch_size = _batch_size(model, args.batch_size)
     args.ranges = _ranges(args.shapes, model)
     if args.data is not None:
         if args.dim:
