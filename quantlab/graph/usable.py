@@ -65,8 +65,8 @@ def check_float32(model: LoadedModel, *, weights: bool = True) -> None:
     only). Calibrate refuses such a model too, before a pass whose table no build could use (a keep_io_types
     float16 export, float32 inputs over float16 weights, calibrated in full before build refused it).
 
-    A half-precision input that only Casts to float32 read (the float32 network of an export whose I/O is float16)
-    is no such model, nor a half-precision weight only a graph output reads."""
+    A half-precision input or weight that only Casts to float32 read (the float32 network of an export whose I/O is
+    float16; a weight stored in float16 for a graph output) is no such model, nor a weight no node reads."""
     g = model.proto.graph
     inits = {i.name for i in g.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -75,7 +75,8 @@ def check_float32(model: LoadedModel, *, weights: bool = True) -> None:
             readers.setdefault(t, []).append(node)
     half = [(f"input {i.name!r}", i.type.tensor_type.elem_type) for i in g.input
             if i.name not in inits and not _cast_up_only(readers.get(i.name, []))]
-    half += [(f"weight {i.name!r}", i.data_type) for i in g.initializer if i.name in readers] if weights else []
+    half += [(f"weight {i.name!r}", i.data_type) for i in g.initializer
+             if i.name in readers and not _cast_up_only(readers[i.name])] if weights else []
     found = next(((what, _HALF_TYPES[t]) for what, t in half if t in _HALF_TYPES), None)
     if found is not None:
         raise ModelError(
