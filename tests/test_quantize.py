@@ -1598,6 +1598,32 @@ def test_ort_form_leaves_float_the_group_outputs_that_only_reach_the_models_outp
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
 
 
+def test_class_logits_upsampled_to_the_output_keep_no_output_qdq():
+    """SegFormer upsampled to the input's size: Conv (class logits) -> Resize -> output. No INT8 layer reads the
+    logits, and the ORT form's output Q/DQ only rounded them before the Resize."""
+    from onnx import TensorProto, helper
+
+    from quantlab.calibrate import calibrate
+    from quantlab.data import from_arrays
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["logits"], name="classifier"),
+         helper.make_node("Resize", ["logits", "", "scales"], ["up"], name="upsample", mode="linear")], "seg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4, 4])],
+        [helper.make_tensor_value_info("up", TensorProto.FLOAT, ["N", 5, 16, 16])],
+        [numpy_helper.from_array(rng.normal(0, 0.3, (5, 8, 1, 1)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([1, 1, 4, 4], np.float32), "scales")])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = {"x": rng.normal(0, 1, (4, 8, 4, 4)).astype(np.float32)}
+    table = calibrate(model, from_arrays(feeds), "minmax").tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="ort"))
+    made = {o: n for n in written.proto.graph.node for o in n.output}
+    resize = next(n for n in written.proto.graph.node if n.op_type == "Resize")
+    assert made[resize.input[0]].op_type == "Conv"  # read as computed, no DequantizeLinear
+    assert any("'logits' (-> 'up')" in n for n in written.provenance.notes)
+
+
 def test_a_table_two_unrolled_steps_gather_from_is_counted_and_named_once():
     """An unrolled greedy decoder's two embedding Gathers read one table: the fallback note listed it twice (each
     with its full share); it names the groups together, once, with the table's share."""

@@ -4,7 +4,7 @@ with a value rounded to zero (the questions :class:`~quantlab.quantize.placement
 An output Q/DQ is left out where it can only hurt::
 
     y ──► Log / Reciprocal / Sqrt / Div(·, y)     a value under half the INT8 step -> log(0), 1/0
-    y ──► Reshape ──► Concat ──► model output      no INT8 layer reads it: a Q/DQ only rounds and clips
+    y ──► Reshape / Resize ──► model output        no INT8 layer reads it: a Q/DQ only rounds and clips
     y ──► Mul(10) ──► Squeeze ──► model output     (the same, scaled by a constant)
 """
 
@@ -20,8 +20,9 @@ from ..graph.topology import subgraph_reads
 __all__ = ["NEAR_ZERO_SENSITIVE", "OutputReach"]
 
 _PASS_TO_OUTPUT = frozenset({"Concat", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast",
-                             "Split", "Slice"})
-"""Ops that pass values on to a model output unchanged but for their layout."""
+                             "Split", "Slice", "Resize"})
+"""Ops that pass values on to a model output unchanged but for their layout (a Resize: interpolated, as SegFormer's
+class logits upsampled to the input's size)."""
 
 _SCALE_TO_OUTPUT = frozenset({"Mul", "Div", "Add", "Sub"})
 """Ops that pass values on to a model output scaled or shifted when their other operand is a constant (GLPN's depth
