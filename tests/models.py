@@ -1470,12 +1470,16 @@ def optional_inputs_net(seed: int = 0) -> onnx.ModelProto:
     return _model(nodes, inputs, outputs, inits, "optional_inputs_net")
 
 
-def kv_cache_step(width: int = 8, seed: int = 0) -> onnx.ModelProto:
+def kv_cache_step(width: int = 8, seed: int = 0, one_input_concat: bool = False) -> onnx.ModelProto:
     """A decoder step with a KV cache: x[N, 1, width] -> MatMul(W_k) -> k; present = Concat(past[N, P, width], k,
-    axis 1) [N, P + 1, width]; logits = MatMul(ReduceMean(present over positions), W_o)."""
+    axis 1) [N, P + 1, width]; logits = MatMul(ReduceMean(present over positions), W_o). ``one_input_concat``: the
+    past goes through ``Concat(past)`` first, as torch exports a cache."""
     rng = np.random.default_rng(seed)
+    past = "past_cat" if one_input_concat else "past"
     nodes = [helper.make_node("MatMul", ["x", "wk"], ["k"], name="key"),
-             helper.make_node("Concat", ["past", "k"], ["present"], name="cache", axis=1),
+             *([helper.make_node("Concat", ["past"], ["past_cat"], name="cache_in", axis=1)] if one_input_concat
+               else []),
+             helper.make_node("Concat", [past, "k"], ["present"], name="cache", axis=1),
              helper.make_node("ReduceMean", ["present"], ["pooled"], name="pool", axes=[1], keepdims=0),
              helper.make_node("MatMul", ["pooled", "wo"], ["logits"], name="head")]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, width]),

@@ -4,7 +4,8 @@ A decoder step with a KV cache returns ``present = Concat(past, new)``: the firs
 which every model is fed alike (teacher-forced, from the reference's previous step), so they hold no error of any
 candidate. Counted, they diluted the error of the new positions: Whisper's INT8 decoder read 36.0 dB on
 ``present_k0`` teacher-forced where its own steps, free-running, gave 31.4. They are left out of the end-to-end
-figures as padding is (:mod:`.padding`): set to 0 in the reference and the candidate alike::
+figures as padding is (:mod:`.padding`): set to 0 in the reference and the candidate alike; free-running too,
+where the copy is each model's own earlier steps (counted when they were new) and the data's first past::
 
     past    [N, H, P, D] ──┐
                            ├──► Concat(axis=2) ──► present [N, H, P + 1, D]
@@ -24,7 +25,8 @@ from ..graph import LoadedModel
 __all__ = ["CopiedPrefix", "copied_prefixes", "copied_note", "without_copied"]
 
 _PASS = frozenset({"Identity", "Cast"})
-"""Ops between a cache input, its Concat and the output that change nothing the comparison sees."""
+"""Ops between a cache input, its Concat and the output that change nothing the comparison sees (and a Concat of
+one input: :func:`_passes`)."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,8 @@ class CopiedPrefix:
 
 
 def copied_prefixes(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict[str, CopiedPrefix]:
-    """Output -> its copied prefix, for the outputs made by a Concat whose first input is a graph input (through
-    Identity / Cast)."""
+    """Output -> its copied prefix, for the outputs made by a Concat of several inputs whose first is a graph input
+    (through Identity / Cast / one-input Concat)."""
     proto = model.proto
     producer = {o: n for n in proto.graph.node for o in n.output if o}
     inputs = {i.name for i in proto.graph.input} - {i.name for i in proto.graph.initializer}
@@ -47,7 +49,7 @@ def copied_prefixes(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict[
     out: dict[str, CopiedPrefix] = {}
     for spec in model.outputs:
         node = _through(producer, spec.name)
-        if node is None or node.op_type != "Concat" or len(node.input) < 2:
+        if node is None or node.op_type != "Concat" or len([t for t in node.input if t]) < 2:
             continue
         first = _source(producer, node.input[0])
         rank = ranks.get(spec.name, ranks.get(first))
@@ -60,30 +62,37 @@ def copied_prefixes(model: LoadedModel, sample_axes: Mapping[str, int]) -> dict[
     return out
 
 
+def _passes(node: onnx.NodeProto) -> bool:
+    """Identity, Cast, or a Concat of one input (torch writes ``Concat(past)`` before ``Concat(past, new)``)."""
+    return node.op_type in _PASS or (node.op_type == "Concat" and len([t for t in node.input if t]) == 1)
+
+
 def _through(producer: Mapping[str, onnx.NodeProto], tensor: str) -> onnx.NodeProto | None:
-    """The node making ``tensor``, past Identity / Cast nodes."""
+    """The node making ``tensor``, past the nodes that pass it on unchanged."""
     node = producer.get(tensor)
-    while node is not None and node.op_type in _PASS:
+    while node is not None and _passes(node):
         node = producer.get(node.input[0])
     return node
 
 
 def _source(producer: Mapping[str, onnx.NodeProto], tensor: str) -> str:
-    """``tensor`` traced back through Identity / Cast nodes."""
+    """``tensor`` traced back through the nodes that pass it on unchanged."""
     node = producer.get(tensor)
-    while node is not None and node.op_type in _PASS:
+    while node is not None and _passes(node):
         tensor = node.input[0]
         node = producer.get(tensor)
     return tensor
 
 
-def without_copied(array: np.ndarray, prefix: CopiedPrefix, length: int) -> np.ndarray:
-    """``array`` (samples first) with its first ``length`` positions along the prefix's axis set to 0."""
-    if length <= 0 or array.ndim <= prefix.samples_axis or array.shape[prefix.samples_axis] < length:
+def without_copied(array: np.ndarray, prefix: CopiedPrefix, length: int, *, samples_first: bool = True) -> np.ndarray:
+    """``array`` with its first ``length`` positions along the prefix's axis set to 0: the axis once its samples are
+    on axis 0 (``samples_first``), else as the model returns it."""
+    axis = prefix.samples_axis if samples_first else prefix.axis
+    if length <= 0 or array.ndim <= axis or array.shape[axis] < length:
         return array
     out = np.array(array, copy=True)
     index = [slice(None)] * array.ndim
-    index[prefix.samples_axis] = slice(0, length)
+    index[axis] = slice(0, length)
     out[tuple(index)] = 0
     return out
 

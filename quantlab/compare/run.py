@@ -373,7 +373,8 @@ class Comparison:
         rows = free_running(self.reference, self.candidates, self.dataset, self.options.batch_size,
                             lambda name: self.candidate_backends.get(name, self.backend), self.options.max_samples,
                             sample_metric(self.metric, str(self.options.metric), self.sample_axes,
-                                          self.ref.outputs, self.labels.use_labels), decisions=(self.options.decision_threshold, self.decided))
+                                          self.ref.outputs, self.labels.use_labels),
+                            decisions=(self.options.decision_threshold, self.decided), copied=self.copied)
         forced = {(r.candidate, r.output): float(r.sqnr_db) for r in end_to_end.itertuples()}
         if rows:
             self.warnings.append(free_running_note(rows, forced))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..compare import CompareResult, load_comparison
+from ..compare.copied import copied_prefixes
 from ..compare.determinism import NOISE_OFF, differing_outputs, drawn_ops, reference_noise
 from ..compare.free_running import free_running, free_running_note
 from ..compare.shards import truncated_batches
@@ -192,7 +193,7 @@ def _free_running_notes(model: LoadedModel, evaluator: CompareEvaluator, plan: R
         backend = evaluator.exact_backend()
         decided = probability_outputs(model)
         rows = free_running(model, {name: evaluator.write(plan)}, dataset, options.batch_size, lambda _: backend,
-                            decisions=(options.decision_threshold, decided))
+                            decisions=(options.decision_threshold, decided), copied=copied_prefixes(model, {}))
     forced = {(name, r.output): float(r.sqnr_db) for r in comparison.end_to_end.itertuples()}
     return (free_running_note(rows, forced, kept=""),) if rows else ()
 
