@@ -52,6 +52,7 @@ from .stats import (
     batch_feeds,
     batch_size_of,
     collect_statistics,
+    probability_tensors,
     unquantized_tensors,
 )
 from .range_notes import clipping_notes, noise_notes, statistics_notes, underflow_notes, zeroing_notes
@@ -111,7 +112,7 @@ def _histogram_summary(state: HistogramState) -> dict[str, Any]:
 
 
 def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFAULT_PERCENTILE,
-                 entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS) -> TensorRange:
+                 entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS, probability: bool = False) -> TensorRange:
     """The :class:`TensorRange` of one tensor for ``method``.
 
     ``clipped_fraction`` is the share of all usable values (exact zeros included) that saturate at run time:
@@ -119,8 +120,15 @@ def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFA
     ``amax`` does: a HardSigmoid's 1.0 against an mse amax of 0.9985 saturates nothing. ``zeroed_fraction``
     is the other end: the share of non-zero values below half a step, which INT8 reads as 0. ``predicted_sqnr_db``
     weighs both by the values' energy (quantlab.noise): a range that saturates 0.4 % of a tensor's values can
-    still lose most of its signal when those values are its largest."""
+    still lose most of its signal when those values are its largest.
+
+    ``probability``: a Softmax's output (:func:`quantlab.stats.probability_tensors`), whose whole range entropy and
+    percentile keep: their largest values are the keys a query attends to, which they clipped (a Llama's attention
+    at 0.52 of its 1.0, its INT8 at 19.4 dB where the whole range gave 30.1; Swin's corner windows at 0.13 of 0.26).
+    Not for entropy as TensorRT published it (``entropy_skip_zeros=False``)."""
     amax = _amax(state, method, percentile, entropy_skip_zeros)
+    if probability and (method == "percentile" or (method == "entropy" and entropy_skip_zeros)):
+        amax = max(amax, state.absmax)
     if 0.0 < amax < SMALLEST_AMAX:
         amax = SMALLEST_AMAX  # its scale would be a denormal float32: raised, with a note (underflow_notes)
     return TensorRange(
@@ -135,10 +143,23 @@ def tensor_range(state: HistogramState, method: str, *, percentile: float = DEFA
     )
 
 
-def _ranges(stats: Statistics, method: str, percentile: float, entropy_skip_zeros: bool) -> dict[str, TensorRange]:
+def _probability_note(method: str, entropy_skip_zeros: bool, probabilities: frozenset[str],
+                      unquantized: frozenset[str]) -> tuple[str, ...]:
+    """What :func:`tensor_range` did to the Softmax outputs a plan may quantize."""
+    kept = sorted(probabilities - unquantized)
+    if not kept or not (method == "percentile" or (method == "entropy" and entropy_skip_zeros)):
+        return ()
+    shown = ", ".join(map(repr, kept[:3])) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+    return (f"{len(kept)} Softmax output(s) keep their whole range under {method} ({shown}): their largest values, "
+            "the keys a query attends to, are the ones that matter, and clipping them cost a Llama 11 dB",)
+
+
+def _ranges(stats: Statistics, method: str, percentile: float, entropy_skip_zeros: bool,
+            probabilities: Collection[str] = ()) -> dict[str, TensorRange]:
     """Every tensor's range, in one thread: the searches take 0.1-3 ms a tensor (quantlab.entropy_search,
     quantlab.mse_search), and threads lost time to each other (each search's return waited for the GIL)."""
-    return {name: tensor_range(state, method, percentile=percentile, entropy_skip_zeros=entropy_skip_zeros)
+    return {name: tensor_range(state, method, percentile=percentile, entropy_skip_zeros=entropy_skip_zeros,
+                               probability=name in probabilities)
             for name, state in stats.tensors.items()}
 
 
@@ -152,6 +173,7 @@ def table_from_statistics(
     entropy_skip_zeros: bool = ENTROPY_SKIP_ZEROS,
     unquantized: Collection[str] = (),
     bodies: Mapping[str, Mapping[str, HistogramState]] | None = None,
+    probabilities: Collection[str] = (),
 ) -> CalibrationTable:
     """One method's table from collected statistics (no model run: methods share one pass); ``bodies``: the
     statistics of Loop/Scan bodies and If branches (:func:`quantlab.stats.bodies.collect_body_statistics`), ranged
@@ -161,13 +183,15 @@ def table_from_statistics(
     published: exact zeros included, no smoothing, no point-mass rule
     (``quantlab.calibrators.amax_entropy(robust=False)``).
     ``unquantized`` names the tensors no INT8 plan puts a Q/DQ on (only the
-    notes use it: see :func:`statistics_notes`, :func:`clipping_notes`).
+    notes use it: see :func:`statistics_notes`, :func:`clipping_notes`); ``probabilities`` the Softmax outputs
+    whose whole range entropy and percentile keep (:func:`tensor_range`).
     """
     (method,) = resolve_methods([method])
     settings = method_settings(method, percentile=percentile, bins=stats.bins, huge_threshold=stats.huge_threshold,
                                entropy_skip_zeros=entropy_skip_zeros)
     settings["samples"] = stats.samples
-    ranges = _ranges(stats, method, percentile, entropy_skip_zeros)
+    probabilities = frozenset(probabilities) & set(stats.tensors)
+    ranges = _ranges(stats, method, percentile, entropy_skip_zeros, probabilities)
     inside = {node: {t: tensor_range(state, method, percentile=percentile, entropy_skip_zeros=entropy_skip_zeros)
                      for t, state in states.items()} for node, states in (bodies or {}).items()}
     return CalibrationTable(
@@ -183,7 +207,8 @@ def table_from_statistics(
                          unquantized=frozenset(unquantized))
         + zeroing_notes(method, ranges, unquantized=frozenset(unquantized))
         + noise_notes(method, ranges, unquantized=frozenset(unquantized))
-        + noise_notes(method, {f"{node}/{t}": r for node, body in inside.items() for t, r in body.items()}),
+        + noise_notes(method, {f"{node}/{t}": r for node, body in inside.items() for t, r in body.items()})
+        + _probability_note(method, entropy_skip_zeros, probabilities, frozenset(unquantized)),
         bodies=inside,
     )
 
@@ -270,6 +295,7 @@ def calibrate(
     bodies, body_notes = _body_statistics(model, dataset, batch_size, backend, stats, progress)
     summary = fingerprint.summary()
     unquantized = unquantized_tensors(model.proto)
+    probabilities = probability_tensors(model.proto)
     calib_set = {"manifest": dataset.manifest_record(), "sha256": summary.sha256, "count": summary.count,
                  **recorded_shapes(dataset, model, shapes)}
     if model.bindings:
@@ -278,7 +304,8 @@ def calibrate(
 
     def table(method: str) -> CalibrationTable:
         made = table_from_statistics(stats, method, percentile=percentile, calib_set=calib_set, versions=versions,
-                                     entropy_skip_zeros=entropy_skip_zeros, unquantized=unquantized, bodies=bodies)
+                                     entropy_skip_zeros=entropy_skip_zeros, unquantized=unquantized, bodies=bodies,
+                                     probabilities=probabilities)
         return replace(made, notes=made.notes + body_notes) if body_notes else made
 
     tables = {method: table(method) for method in chosen}

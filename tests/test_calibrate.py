@@ -745,3 +745,40 @@ def test_a_box_heads_matmul_output_is_not_in_the_quantizable_scope():
     from quantlab.stats import quantizable_tensors
 
     assert quantizable_tensors(model_from_proto(models.detr_head()).proto) == {"queries"}
+
+
+def test_attention_probabilities_keep_their_whole_range_under_entropy_and_percentile():
+    """A Llama's attention Softmax (Cast before its MatMul with V) got an entropy amax of 0.52 where its values reach
+    1.0: the few keys a query attends to were clipped and INT8 fell to 19.4 dB (30.1 with the whole range). The
+    Softmax outputs, and what holds them unchanged, keep their whole range under entropy and percentile, with a
+    note; mse and TensorRT's published entropy are left as they are, and other tensors too."""
+    from onnx import TensorProto, helper
+
+    from quantlab.calibrate import tensor_range
+    from quantlab.data import from_arrays
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+         helper.make_node("Cast", ["probs"], ["probs32"], name="cast", to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["probs32", "v"], ["ctx"], name="pv")], "attention",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 16, 16]) for n in ("scores", "v")],
+        [helper.make_tensor_value_info("ctx", TensorProto.FLOAT, ["N", 16, 16])])
+    model = model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    # most queries spread their weight thin; 16 of 512 attend to one key, with 0.4 to 0.99 of it
+    scores = rng.normal(0, 0.3, (512, 16))
+    scores[rng.choice(512, size=16, replace=False), 0] += rng.uniform(0.5, 8.0, size=16)
+    feeds = {"scores": scores.reshape(32, 16, 16).astype(np.float32),
+             "v": rng.normal(0, 1, (32, 16, 16)).astype(np.float32)}
+    result = calibrate(model, from_arrays(feeds), ["entropy", "percentile", "minmax", "mse"])
+    top = result.tables["minmax"].ranges["probs32"].amax
+    assert tensor_range(result.statistics.tensors["probs"], "entropy").amax < 0.5 * top  # entropy alone clips them
+    for method in ("entropy", "percentile"):
+        table = result.tables[method]
+        assert table.ranges["probs"].amax == table.ranges["probs32"].amax == pytest.approx(top)
+        assert any("Softmax output(s) keep their whole range" in n for n in table.notes)
+        assert table.ranges["scores"] == tensor_range(result.statistics.tensors["scores"], method)  # others as before
+    assert result.tables["mse"].ranges["probs"] == tensor_range(result.statistics.tensors["probs"], "mse")
+    assert not any("Softmax output(s) keep" in n for n in result.tables["mse"].notes)
+    published = calibrate(model, from_arrays(feeds), "entropy", entropy_skip_zeros=False).tables["entropy"]
+    assert not any("Softmax output(s) keep" in n for n in published.notes)

@@ -26,7 +26,7 @@ from ..fingerprint import tool_versions
 from ..graph import LoadedModel
 from ..methods import resolve_methods
 from ..shapes import ShapeLog
-from ..stats import Statistics, load_statistics, unquantized_tensors
+from ..stats import Statistics, load_statistics, probability_tensors, unquantized_tensors
 from .merge import merge_statistics
 from .result import COVERAGE_FILE
 
@@ -96,7 +96,8 @@ def recalibrate(model: LoadedModel, stats_paths: Sequence[str | os.PathLike[str]
     unquantized = unquantized_tensors(model.proto)
     versions = tool_versions()
     tables = {m: table_from_statistics(merged, m, percentile=percentile, calib_set=calib_set, versions=versions,
-                                       entropy_skip_zeros=entropy_skip_zeros, unquantized=unquantized)
+                                       entropy_skip_zeros=entropy_skip_zeros, unquantized=unquantized,
+                                       probabilities=probability_tensors(model.proto))
               for m in resolve_methods(methods)}
     if "input_shapes" not in calib_set and any(not isinstance(d, int) for s in model.inputs for d in s.shape or ()):
         note = (f"no sample shapes are known for {', '.join(labels)} (no calibration table beside a statistics file "

@@ -26,7 +26,14 @@ from .budget import (
 from .collect import batch_axes_of, batch_feeds, batch_size_of, collect_statistics, sample_rows
 from .reductions import sample_weights
 from .record import STATISTICS_FORMAT, Statistics, load_statistics, save_statistics
-from .scope import TENSOR_SCOPES, fused_preactivations, quantizable_tensors, scope_tensors, unquantized_tensors
+from .scope import (
+    TENSOR_SCOPES,
+    fused_preactivations,
+    probability_tensors,
+    quantizable_tensors,
+    scope_tensors,
+    unquantized_tensors,
+)
 
 __all__ = [
     "STATISTICS_FORMAT",
@@ -49,5 +56,6 @@ __all__ = [
     "fused_preactivations",
     "quantizable_tensors",
     "unquantized_tensors",
+    "probability_tensors",
     "scope_tensors",
 ]

@@ -13,7 +13,8 @@ from ..graph import activation_names, consumer_map, producer_map
 from ..methods import TENSOR_SCOPES
 from ..plan.groups import fusion_groups, node_names
 
-__all__ = ["TENSOR_SCOPES", "fused_preactivations", "quantizable_tensors", "scope_tensors", "unquantized_tensors"]
+__all__ = ["TENSOR_SCOPES", "fused_preactivations", "probability_tensors", "quantizable_tensors", "scope_tensors",
+           "unquantized_tensors"]
 
 
 _FUSING_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
@@ -83,6 +84,21 @@ def unquantized_tensors(proto: onnx.ModelProto) -> frozenset[str]:
     names = activation_names(proto)
     quantizable = _quantizable_among(proto, names)
     return frozenset(n for n in names if n not in quantizable)
+
+
+_SAME_VALUES = frozenset({"Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+"""Ops that pass a Softmax's probabilities on without changing one (a Llama's attention Softmax is Cast before
+its MatMul with V)."""
+
+
+def probability_tensors(proto: onnx.ModelProto) -> frozenset[str]:
+    """The main graph's Softmax outputs, and the tensors that hold them unchanged: attention probabilities, whose
+    largest values (the keys a query attends to) matter most (quantlab.calibrate keeps their whole range)."""
+    out: set[str] = set()
+    for node in proto.graph.node:  # a loaded model's nodes are in topological order
+        if node.op_type == "Softmax" or (node.op_type in _SAME_VALUES and node.input and node.input[0] in out):
+            out.update(o for o in node.output if o)
+    return frozenset(out)
 
 
 def scope_tensors(proto: onnx.ModelProto, scope: str = "all") -> list[str]:
