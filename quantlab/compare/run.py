@@ -49,7 +49,7 @@ from .probabilities import probability_outputs
 from .layers import analyse_reference, chunks, layers_per_group, sized_by_first_batch
 from .options import CompareOptions
 from .padding import cross_attention_note, mask_input, padded_outputs
-from .per_layer import nan_warnings, per_layer_frame
+from .per_layer import data_sized_layers_note, nan_warnings, per_layer_frame
 from .records import data_record, data_warnings, environment_record, models_record
 from .deployed import deployed_notes
 from .copied import copied_note, copied_prefixes
@@ -203,6 +203,8 @@ class Comparison:
                              for o in others)
         per_group = layers_per_group(self.ref, options.layers) if options.per_layer else []
         self.all_layers = [x for g in per_group for x in g]
+        self.warnings.extend(filter(None, [data_sized_layers_note([x.tensor for x in self.all_layers],
+                                                                  self.data_sized)]))
         self.plans = {name: plan_candidate(name, c, self.ref, self.all_layers, options)
                       for name, c in self.candidates.items()}
         for p in self.plans.values():
