@@ -742,3 +742,23 @@ def test_a_loop_carrying_a_growing_value_gets_the_unroll_advice_not_the_profile_
         TensorRTBackend("tensorrt-rtx").build_engine(model, label="greedy")  # enc's batch guessed
     assert "TensorRT's loops keep a carried value's shape" in str(err.value) and "--bind NAME=N" in str(err.value)
     assert "No data or --shapes fixed" not in str(err.value)
+
+
+def test_an_op_tensorrt_has_no_layer_for_gets_advice_that_can_help(rtx):
+    """A Mixtral's NonZero routing: TensorRT-RTX refuses it even in FP32 (no plugin), and the advice was to pin the
+    node to another precision, which cannot help."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Greater", ["x", "zero"], ["chosen"], name="choose"),
+         helper.make_node("NonZero", ["chosen"], ["where"], name="route")], "nonzero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("where", TensorProto.INT64, [2, "K"])],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    try:
+        rtx.build_engine(model)
+    except BackendError as err:
+        assert "no precision helps" in str(err) and "--backend ort" in str(err), err
+    else:
+        pytest.skip("this TensorRT-RTX builds NonZero: nothing to advise")

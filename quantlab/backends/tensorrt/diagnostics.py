@@ -90,8 +90,10 @@ def parse_error(library: str, version: str, label: str, issues: list[ParserIssue
     if unsupported:
         ops = ", ".join(sorted({f"{i.node_name or '#' + str(i.node_index)} ({i.op_type})" for i in unsupported}))
         contrib = sorted({i.op_type for i in unsupported if (node_domains or {}).get(i.node_name) == "com.microsoft"})
-        advice = ("Pin these nodes to a precision the backend supports, replace the op, or use the "
-                  "ONNX Runtime backend (--backend ort).")
+        advice = ("If the FP32 model parses, pin these nodes to FP32 (a plan's fp32 list, or `quantlab build "
+                  "--keep-fp32 OP`); if it does not either (an op this TensorRT has no layer or plugin for, such as "
+                  "NonZero in TensorRT-RTX), no precision helps: export the model without the op, or use the ONNX "
+                  "Runtime backend (--backend ort).")
         sequences = sorted({i.op_type for i in unsupported if i.op_type in SEQUENCE_OPS})
         if sequences:  # no precision makes them parse: the list has to go
             advice = (f"TensorRT has no sequence ops ({', '.join(sequences)}): quantlab turns a scripted loop's list "
