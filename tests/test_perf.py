@@ -323,3 +323,28 @@ def test_a_model_that_fixes_its_batch_at_2_is_timed_at_2(tmp_path, capsys):
     assert row["latency"]["throughput_per_s"] > 1000.0 / row["latency"]["p99_ms"]  # two samples per run
     assert main(["perf", str(path), "--backend", "ort", "--batch-size", "4", "--iterations", "1"]) == 2
     assert "fixes its batch at 2" in capsys.readouterr().err
+
+
+def test_a_run_on_random_data_that_fails_suggests_timing_real_data(tmp_path, capsys):
+    """A Llama decode step wants its attention mask one longer than its past: perf's own suggestion (--dim
+    total_len=128 --dim past_len=128) failed with ONNX Runtime's bare error. The failure now says what random data
+    cannot know and to time real samples with --data."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["past", "x"], ["present"], name="cache", axis=1),
+         helper.make_node("ReduceMean", ["present", "last"], ["per_pos"], name="pool", keepdims=0),
+         helper.make_node("Add", ["per_pos", "mask"], ["y"], name="masked")], "decode_step",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8]),
+         helper.make_tensor_value_info("past", TensorProto.FLOAT, ["N", "past_len", 8]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", "total_len"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "total_len"])],
+        [onnx.numpy_helper.from_array(np.array([2], np.int64), "last")])
+    path = tmp_path / "step.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    assert main(["perf", str(path), "--backend", "ort", "--iterations", "1", "--dim", "past_len=4",
+                 "--dim", "total_len=4"]) != 0
+    err = capsys.readouterr().err
+    assert "a cache's total length = its past + 1" in err and "--data MANIFEST" in err
+    assert main(["perf", str(path), "--backend", "ort", "--iterations", "1", "--dim", "past_len=4",
+                 "--dim", "total_len=5"]) == 0

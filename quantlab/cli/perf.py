@@ -188,7 +188,7 @@ def _batch_size(model: Any, asked: int | None) -> int:
 def run(args: argparse.Namespace) -> int:
     from ..atomic import write_json
     from ..backends import BACKEND_NAMES
-    from ..errors import BackendUnavailableError, QuantlabError
+    from ..errors import BackendError, BackendUnavailableError, QuantlabError
     from ..fingerprint import tool_versions
     from ..graph import load_model
     from ..graph.topology import holds_qdq
@@ -233,6 +233,13 @@ def run(args: argparse.Namespace) -> int:
                 raise
             unavailable.append({"backend": name, "reason": str(exc)})
             continue
+        except BackendError as exc:
+            if args.data is not None:
+                raise
+            raise type(exc)(f"{exc}\n  The run was on random data (sizes from --dim/--shapes, values drawn at "
+                            "random): sizes may have to agree with each other (a cache's total length = its past + "
+                            "1) and values may decide the work (token ids routed to experts, boxes kept by NMS). "
+                            "Time the model on real samples: --data MANIFEST.") from None
         rows.append({"backend": info, "latency": result.as_dict()})
     timed = f"the first batch of {args.data}" if args.data is not None else f"random data, seed {args.seed}"
     print(f"model: {model.label}  (sha256 {model.sha256[:12]}, batch {args.batch_size}, "
