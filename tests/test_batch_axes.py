@@ -8,6 +8,7 @@ against those axes and calibration runs.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -720,6 +721,10 @@ def test_a_manifests_stream_count_sets_the_batch_and_refuses_another(tmp_path, c
     assert main(["perf", str(tmp_path / "vad.onnx"), "--backend", "ort", "--data", str(tmp_path / "seq.toml"),
                  "--iterations", "2", "--warmup", "0", "--batch-size", "2"]) == 0
     assert "is a sequence ([sequence] carry): its first batch is timed with the state" in capsys.readouterr().err
+    assert main(["perf", str(tmp_path / "vad.onnx"), "--backend", "ort", "--data", str(tmp_path / "seq.toml"),
+                 "--iterations", "2", "--warmup", "0", "--json", str(tmp_path / "p.json")]) == 0
+    assert "interleaves 2 streams ([sequence] streams): batch size 2" in capsys.readouterr().err  # not batch 1
+    assert json.loads((tmp_path / "p.json").read_text())["results"][0]["latency"]["batch_size"] == 2
     (tmp_path / "bad.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n'
                                        'streams = 0\n')
     with pytest.raises(ManifestError, match=r"streams.*a positive integer"):

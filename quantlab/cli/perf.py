@@ -200,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         _check_json_target(args.json)
     model = load_model(args.model, bind=bound_inputs(args))
+    asked = args.batch_size
     args.batch_size = _batch_size(model, args.batch_size)
     args.ranges = _ranges(args.shapes, model)
     if args.data is not None:
@@ -207,6 +208,11 @@ def run(args: argparse.Namespace) -> int:
             raise InputMismatchError("--dim sizes random data; with --data the data's own sizes are timed: give one "
                                      "or the other")
         dataset = open_dataset(args.data)
+        streams = getattr(dataset, "sequence_streams", None)
+        if asked is None and streams:  # interleaved streams: a step of each is one run
+            args.batch_size = streams
+            print(f"quantlab perf: note: the data interleaves {streams} streams ([sequence] streams): batch size "
+                  f"{streams}", file=sys.stderr, flush=True)
         feeds, args.batch_size = data_feeds(model, dataset, args.batch_size)
         coupled = batch_coupling(model, dataset, args.batch_size) if args.batch_size > 1 else None
         if coupled:  # a while loop until the whole batch converges: its steps, so its time, follow the batch
