@@ -194,19 +194,24 @@ def output_qdq_chains(written: WrittenModel, ref: ReferenceGraph, precision: Map
         di = readers[q.output[0]][0]
         if w_nodes[di].op_type != "DequantizeLinear":
             continue
-        tensor = original.get(q.input[0], q.input[0])
-        idx = ref.producer.get(tensor)
-        owner = ref.group_of.get(ref.names[idx]) if idx is not None else None
+        owner = _producing_group(q.input[0], original, ref)
         if owner is None or precision.get(owner) != INT8:
             continue
         groups = {ref.group_of.get(origin.get(w_nodes[r].name, "")) for r in readers.get(w_nodes[di].output[0], [])}
         others = groups - {owner}
         if not others or None in others:
             continue
-        chains.append(QdqChain(owner=owner, tensor=tensor, carrier=q.input[0], quantized=w_nodes[di].output[0],
+        chains.append(QdqChain(owner=owner, tensor=original.get(q.input[0], q.input[0]), carrier=q.input[0], quantized=w_nodes[di].output[0],
                                 nodes=(qi, di), owned=all(precision.get(str(h)) != INT8 for h in others),
                                 float_read=any(precision.get(str(h)) != INT8 for h in others)))
     return chains
+
+
+def _producing_group(written: str, original: Mapping[str, str], ref: ReferenceGraph) -> str | None:
+    """The group whose node makes the reference tensor a written tensor carries (``original``: written tensor ->
+    the original it carries); None for a graph input or a constant."""
+    idx = ref.producer.get(original.get(written, written))
+    return ref.group_of.get(ref.names[idx]) if idx is not None else None
 
 
 def _output_qdq_owners(members: set[int], w_nodes: Sequence[onnx.NodeProto], original: Mapping[str, str],
@@ -218,8 +223,7 @@ def _output_qdq_owners(members: set[int], w_nodes: Sequence[onnx.NodeProto], ori
         node = w_nodes[i]
         if node.op_type != "QuantizeLinear":
             continue
-        idx = ref.producer.get(original.get(node.input[0], node.input[0]))
-        owner = ref.group_of.get(ref.names[idx]) if idx is not None else None
+        owner = _producing_group(node.input[0], original, ref)
         if owner is not None and owner != group and owner not in owners:
             owners.append(owner)
     return owners
