@@ -1678,3 +1678,14 @@ def test_expert_weights_a_gather_picks_for_an_int8_matmul_are_not_called_fp32():
     made = {o: n for n in written.proto.graph.node for o in n.output}
     assert made[mm.input[1]].op_type == "DequantizeLinear"  # the picked weights reach the MatMul in INT8
     assert not any("no INT8 form" in n for n in written.provenance.notes)
+    # their range is their table's, whatever rows the calibration data picked: mse had clipped a Mixtral's experts
+    # (one expert picked here: its range alone would clip the other fifteen)
+    experts = numpy_helper.to_array(next(i for i in model.proto.graph.initializer if i.name == "experts"))
+    for method in ("minmax", "mse"):
+        table = calibrate(model, from_arrays(feeds, batch_axes={"pick": None}), method).tables[method]
+        assert table.ranges["w_sel"].amax < np.abs(experts).max()  # the picked expert's own range
+        written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+        inits = {i.name: numpy_helper.to_array(i) for i in written.proto.graph.initializer}
+        dq = {o: n for n in written.proto.graph.node for o in n.output}[
+            next(n for n in written.proto.graph.node if n.name == "expert_mm").input[1]]
+        assert float(inits[dq.input[1]]) == pytest.approx(float(np.abs(experts).max()) / 127, rel=1e-6)
