@@ -1653,7 +1653,8 @@ def test_a_table_two_unrolled_steps_gather_from_is_counted_and_named_once():
     assert note.count("embed_step") == 1 and "and 1 other group(s) reading the same weights 94%" in note
 
 
-def test_expert_weights_a_gather_picks_for_an_int8_matmul_are_not_called_fp32():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_expert_weights_a_gather_picks_for_an_int8_matmul_are_not_called_fp32(transposed):
     """A Mixtral-style MoE: each expert's weights reach its MatMul through Gather(experts, index), and the written
     model quantizes them there (the MatMul's input Q/DQ): the note said 84 % of the weights "fell back to FP32"."""
     from onnx import TensorProto, helper
@@ -1662,9 +1663,11 @@ def test_expert_weights_a_gather_picks_for_an_int8_matmul_are_not_called_fp32():
     from quantlab.data import from_arrays
 
     rng = np.random.default_rng(0)
+    picked = "w_t" if transposed else "w_sel"  # a Mixtral's gate_up_proj: Gather -> Transpose -> MatMul
     graph = helper.make_graph(
         [helper.make_node("Gather", ["experts", "pick"], ["w_sel"], name="pick_expert", axis=0),
-         helper.make_node("MatMul", ["x", "w_sel"], ["y"], name="expert_mm")], "moe",
+         *([helper.make_node("Transpose", ["w_sel"], ["w_t"], name="to_in_out", perm=[1, 0])] if transposed else []),
+         helper.make_node("MatMul", ["x", picked], ["y"], name="expert_mm")], "moe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
          helper.make_tensor_value_info("pick", TensorProto.INT64, [])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
@@ -1683,7 +1686,7 @@ def test_expert_weights_a_gather_picks_for_an_int8_matmul_are_not_called_fp32():
     experts = numpy_helper.to_array(next(i for i in model.proto.graph.initializer if i.name == "experts"))
     for method in ("minmax", "mse"):
         table = calibrate(model, from_arrays(feeds, batch_axes={"pick": None}), method).tables[method]
-        assert table.ranges["w_sel"].amax < np.abs(experts).max()  # the picked expert's own range
+        assert table.ranges[picked].amax < np.abs(experts).max()  # the picked expert's own range
         written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
         inits = {i.name: numpy_helper.to_array(i) for i in written.proto.graph.initializer}
         dq = {o: n for n in written.proto.graph.node for o in n.output}[

@@ -17,7 +17,7 @@ from ..errors import ModelError
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
            "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream",
            "drop_unread_initializers", "FoldSite", "replace_folded", "shape_determined_nodes", "nested_graphs", "all_nodes",
-           "random_nodes", "holds_qdq", "CONTROL_FLOW_OPS", "RANDOM_OPS", "SHAPE_ONLY_OPS"]
+           "random_nodes", "holds_qdq", "CONTROL_FLOW_OPS", "RANDOM_OPS", "SAME_VALUE_OPS", "SHAPE_ONLY_OPS"]
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 """The ops that hold subgraphs (their bodies read outer tensors by name)."""
@@ -26,6 +26,10 @@ RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "Ra
                         "Bernoulli"})
 """The ops that draw random numbers: never evaluated at rewrite time, and a model holding them may not give the
 same outputs twice."""
+
+SAME_VALUE_OPS = frozenset({"Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+"""Ops that pass their first input's values on unchanged but for their layout or float type: what a Softmax or a
+Gather of weights goes through before the layer that reads it (quantlab.stats.scope, quantlab.quantize)."""
 
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size", "EyeLike"})
 """Ops whose output depends on their input's shape, not its values: walks for what values decide stop there."""

@@ -46,6 +46,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import CalibrationError
 from ..graph import LoadedModel, tensor_specs
+from ..graph.topology import SAME_VALUE_OPS
 from ..plan import FusionGroup, ResolvedPlan, constant_names, node_names
 from ..precision import INT8
 from ..table import CalibrationTable, TensorRange
@@ -55,10 +56,6 @@ from .qparams import QParams, activation_qparams, bias_scale_floor, combine_rang
 from .tensors import F32
 
 __all__ = ["Slot", "Placement"]
-
-_SAME_VALUES = frozenset({"Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
-"""Ops between a Gather of weights and the layer reading them that change no value (:meth:`Placement._range`)."""
-
 
 @dataclass(frozen=True)
 class Slot:
@@ -106,18 +103,24 @@ class Placement:
         huge = int(r.excluded.get("huge", 0)) if r.excluded else 0
         if huge:
             self.huge.append((group.name, tensor, huge))
-        table = self._gathered_table(tensor)
+        table = self.gathered_table(tensor)
         if table is not None and table.size:  # weights whatever the data picks: their own values bound them
             r = replace(r, amax=float(np.abs(table).max()), min=float(table.min()), max=float(table.max()))
         return r
 
-    def _gathered_table(self, tensor: str) -> np.ndarray | None:
+    def source_of(self, tensor: str) -> str:
+        """``tensor`` traced back through the ops that pass values on unchanged (:data:`SAME_VALUE_OPS`)."""
+        node = self.producers.get(tensor)
+        while node is not None and node.op_type in SAME_VALUE_OPS and node.input:
+            tensor = node.input[0]
+            node = self.producers.get(tensor)
+        return tensor
+
+    def gathered_table(self, tensor: str) -> np.ndarray | None:
         """The float initializer ``tensor`` holds rows of, picked by a Gather (a MoE's expert weights, layout ops
         after it aside); None for any other tensor. Its calibrated range saw only the rows the calibration data
         picked, and mse clipped a Mixtral's experts at 0.0798 of their 0.0884."""
-        node = self.producers.get(tensor)
-        while node is not None and node.op_type in _SAME_VALUES and node.input:
-            node = self.producers.get(node.input[0])
+        node = self.producers.get(self.source_of(tensor))
         if node is None or node.op_type != "Gather" or node.input[0] not in self.initializers:
             return None
         table = numpy_helper.to_array(self.initializers[node.input[0]])

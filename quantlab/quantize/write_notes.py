@@ -104,8 +104,9 @@ def float_fallback_note(src: onnx.ModelProto, plan: ResolvedPlan, placement: Pla
     # TensorRT's builder into a constant: nothing of it runs in FP32
     fallback = [g for g in fallback if not all(t in constant for n in g.nodes for t in nodes[index[n]].input if t)]
     # weights a Gather picks for an INT8 layer (a MoE's experts) reach it through its activation Q/DQ: they run INT8
-    quantized = {slot.tensor for slot in placement.slots.values() if slot.kind == "activation"}
-    fallback = [g for g in fallback if g.output_tensor not in quantized]
+    quantized = {placement.source_of(slot.tensor) for slot in placement.slots.values() if slot.kind == "activation"}
+    fallback = [g for g in fallback if g.output_tensor not in quantized or placement.gathered_table(g.output_tensor)
+                is None]
     read = {g.name: {t for n in g.nodes for t in nodes[index[n]].input if t in sizes
                      and nodes[index[n]].op_type not in SHAPE_ONLY_OPS}  # Shape(W) reads no value
             for g in fallback}

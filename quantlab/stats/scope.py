@@ -10,6 +10,7 @@ import onnx
 
 from ..errors import CalibrationError
 from ..graph import activation_names, consumer_map, producer_map
+from ..graph.topology import SAME_VALUE_OPS
 from ..methods import TENSOR_SCOPES
 from ..plan.groups import fusion_groups, node_names
 
@@ -86,17 +87,13 @@ def unquantized_tensors(proto: onnx.ModelProto) -> frozenset[str]:
     return frozenset(n for n in names if n not in quantizable)
 
 
-_SAME_VALUES = frozenset({"Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
-"""Ops that pass a Softmax's probabilities on without changing one (a Llama's attention Softmax is Cast before
-its MatMul with V)."""
-
-
 def probability_tensors(proto: onnx.ModelProto) -> frozenset[str]:
     """The main graph's Softmax outputs, and the tensors that hold them unchanged: attention probabilities, whose
     largest values (the keys a query attends to) matter most (quantlab.calibrate keeps their whole range)."""
     out: set[str] = set()
     for node in proto.graph.node:  # a loaded model's nodes are in topological order
-        if node.op_type == "Softmax" or (node.op_type in _SAME_VALUES and node.input and node.input[0] in out):
+        # a Llama's attention Softmax is Cast before its MatMul with V
+        if node.op_type == "Softmax" or (node.op_type in SAME_VALUE_OPS and node.input and node.input[0] in out):
             out.update(o for o in node.output if o)
     return frozenset(out)
 
