@@ -22,7 +22,7 @@ import onnx
 
 from ..graph import LoadedModel
 
-__all__ = ["CopiedPrefix", "copied_prefixes", "copied_note", "without_copied"]
+__all__ = ["CopiedPrefix", "copied_prefixes", "copied_note", "new_positions", "without_copied"]
 
 _PASS = frozenset({"Identity", "Cast"})
 """Ops between a cache input, its Concat and the output that change nothing the comparison sees (and a Concat of
@@ -94,6 +94,19 @@ def without_copied(array: np.ndarray, prefix: CopiedPrefix, length: int, *, samp
     index = [slice(None)] * array.ndim
     index[axis] = slice(0, length)
     out[tuple(index)] = 0
+    return out
+
+
+def new_positions(outputs: Mapping[str, np.ndarray], fed: Mapping[str, np.ndarray],
+                  copied: Mapping[str, CopiedPrefix] | None, *, samples_first: bool) -> dict[str, np.ndarray]:
+    """``outputs`` with each cache output's copy of its input (as long as the input ``fed``) set to 0: the outputs
+    with their samples on axis 0 (``samples_first``, the end-to-end pass) or as the model returns them
+    (free-running)."""
+    out = dict(outputs)
+    for o, prefix in (copied or {}).items():
+        if o in out and prefix.source in fed:
+            out[o] = without_copied(out[o], prefix, int(np.shape(fed[prefix.source])[prefix.axis]),
+                                    samples_first=samples_first)
     return out
 
 

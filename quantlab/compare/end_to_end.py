@@ -40,7 +40,7 @@ from ..metrics import (
 from .labels import LabelUse
 from .mask_examples import MaskExample, mask_plane, worst_of
 from .options import DECISION_THRESHOLD, CompareOptions
-from .copied import CopiedPrefix, without_copied
+from .copied import CopiedPrefix, new_positions
 from .choices import best_positions, decided_positions, part_agreement
 from .end_to_end_tables import end_to_end_frames
 from .sample_axes import samples_first
@@ -217,8 +217,8 @@ class EndToEnd:
         valid = self._valid_positions(batch, ref_live)
         for o, v in valid.items():  # how many positions the mask left out, for the padding note
             self.reference[o].padded.append(int(v.size - np.count_nonzero(v)))
-        ref_seen = self._without_copied(batch, {o: without_padding(v, valid[o]) if o in valid else v
-                                                for o, v in ref_live.items()})
+        ref_seen = new_positions({o: without_padding(v, valid[o]) if o in valid else v for o, v in ref_live.items()},
+                                 batch.feeds, self.copied, samples_first=True)
         self._add_reference(ref_seen, labels)
         ref_chosen = {o: self._chosen(o, ref_live[o]) for o in self.choices}
         for o in self.decided:
@@ -229,8 +229,8 @@ class EndToEnd:
                 self.reference[o].best_counts.append(np.bincount(best.ravel(), minlength=self.positions[o]))
         for name in self.candidates:
             live = cand_live[name]
-            seen = self._without_copied(batch, {o: without_padding(v, valid[o]) if o in valid and
-                                                v.shape == ref_live[o].shape else v for o, v in live.items()})
+            seen = new_positions({o: without_padding(v, valid[o]) if o in valid and v.shape == ref_live[o].shape
+                                  else v for o, v in live.items()}, batch.feeds, self.copied, samples_first=True)
             self._add_candidate(name, ref_seen, seen, labels)
             self._add_choices(name, ref_chosen, ref_live, live, valid, batch)
             if self.metric is not None:
@@ -247,13 +247,6 @@ class EndToEnd:
             return {}
         found = {o: valid_positions(batch, self.mask, ref_live[o]) for o in self.padded}
         return {o: v for o, v in found.items() if v is not None}
-
-    def _without_copied(self, batch: Batch, live: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``live`` with the positions a cache output copies from its input set to 0 (:mod:`.copied`)."""
-        for o, prefix in self.copied.items():
-            if o in live and prefix.source in batch.feeds:
-                live[o] = without_copied(live[o], prefix, int(np.shape(batch.feeds[prefix.source])[prefix.axis]))
-        return live
 
     def _samples_first(self, live: Mapping[str, np.ndarray], samples: int) -> dict[str, np.ndarray]:
         """The compared outputs with their samples on axis 0 (see :mod:`.sample_axes`)."""

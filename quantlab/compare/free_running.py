@@ -32,7 +32,7 @@ from ..graph.samples import data_sized
 from ..metrics import ErrorSums, decision_mask, error_sums, errors_from_sums
 from ..sequence import SequenceData
 from .candidates import REFERENCE_KEY
-from .copied import CopiedPrefix, without_copied
+from .copied import CopiedPrefix, new_positions
 from .options import DECISION_THRESHOLD
 from .user_metric import SampleMetric
 
@@ -85,7 +85,7 @@ def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: Se
             got = {name: runner.run(fed[name], None) for name, runner in runners.items()}
             for name, out in got.items():
                 states[name] = {inp: out[o] for o, inp in data.carry.items()}
-            got = {name: _new_positions(out, fed[name], copied) for name, out in got.items()}
+            got = {name: new_positions(out, fed[name], copied, samples_first=False) for name, out in got.items()}
             for (name, o) in sums:
                 sums[(name, o)] = sums[(name, o)] + error_sums(got[REFERENCE_KEY][o], got[name][o])
             for (name, o), counts in masks.items():
@@ -102,17 +102,6 @@ def free_running(reference: LoadedModel, candidates: Mapping[str, Any], data: Se
              **{k: v for k, v in errors_from_sums(s).items() if k in FREE_RUNNING_FIGURES},
              **(_mask_figures(masks[(name, o)]) if (name, o) in masks else {}), **means[name]}
             for (name, o), s in sums.items()]
-
-
-def _new_positions(outputs: Mapping[str, np.ndarray], fed: Mapping[str, np.ndarray],
-                   copied: Mapping[str, CopiedPrefix] | None) -> dict[str, np.ndarray]:
-    """``outputs`` with each cache output's copy of its input (as long as what was ``fed``) set to 0."""
-    out = dict(outputs)
-    for o, prefix in (copied or {}).items():
-        if o in out and prefix.source in fed:
-            out[o] = without_copied(out[o], prefix, int(np.shape(fed[prefix.source])[prefix.axis]),
-                                    samples_first=False)
-    return out
 
 
 def _mask_counts(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> np.ndarray:
