@@ -16,8 +16,9 @@ iteration). A condition computed from shapes alone (Shape, Size) or from
 constants is not decided by the data, so it is left out (constant ones were
 inlined when the model was loaded: quantlab.controlflow). In sequence mode
 every model is fed the reference's state (the set's own batches are teacher
-forced, as the comparison's figures are). The pass runs only for models that
-have such an If.
+forced, as the comparison's figures are). The same pass counts the rows where a
+data-decided TopK/ArgMax selects other elements (:mod:`.selections`); it runs
+only for models that have such an If or selection.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from ..graph import LoadedModel, producer_map
 from ..graph.topology import SHAPE_ONLY_OPS, upstream
 from ..quantize import WrittenModel
 from .candidates import REFERENCE_KEY
+from .selections import Selection, changed_rows
 
-__all__ = ["branch_flips", "branch_note", "decided_conditions"]
+__all__ = ["branch_note", "decided_conditions", "decision_flips"]
 
 
 
@@ -53,39 +55,44 @@ def decided_conditions(model: LoadedModel) -> dict[str, str]:
     return found
 
 
-def _condition_in(candidate: Any, condition: str) -> str | None:
-    """The candidate's name for the reference's ``condition`` tensor, None when its graph has no such tensor (a
-    bare model, or a condition folded away)."""
-    name = condition
+def _tensor_in(candidate: Any, tensor: str) -> str | None:
+    """The candidate's name for the reference's ``tensor`` (an If's condition, a TopK's indices), None when its graph
+    has no such tensor (a bare model, or a condition folded away)."""
+    name = tensor
     if isinstance(candidate, WrittenModel):
-        name = candidate.provenance.tensor_map.get(condition, condition)
+        name = candidate.provenance.tensor_map.get(tensor, tensor)
     graph = candidate.proto.graph
     produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     return name if name in produced else None
 
 
-def branch_flips(reference: LoadedModel, candidates: Mapping[str, Any], batches: Iterable[Batch],
-                 backend_of: Callable[[str], Backend], batch_size: int,
-                 conditions: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-    """One row per candidate and data-decided If (:func:`decided_conditions`): ``runs`` (model runs compared),
-    ``flipped`` (runs whose condition differed from the reference's), the If and its condition.
+def decision_flips(reference: LoadedModel, candidates: Mapping[str, Any], batches: Iterable[Batch],
+                   backend_of: Callable[[str], Backend], batch_size: int, conditions: Mapping[str, str],
+                   selections: Mapping[str, Selection] | None = None
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(If rows, selection rows) of one pass over ``batches`` with the reference and every candidate exposing the
+    ``conditions`` of :func:`decided_conditions` and the indices of ``selections``
+    (:func:`.selections.decided_selections`).
 
+    If rows, one per candidate and If: ``runs`` (model runs compared), ``flipped`` (runs whose condition differed
+    from the reference's), the If and its condition. Selection rows, one per candidate and op: ``rows`` compared
+    and ``changed`` (:func:`.selections.changed_rows`), the op, its node and indices tensor.
     ``batches``: the comparison's batches (of up to ``batch_size`` samples, for the note);
     ``backend_of(name)``: the backend each candidate runs on (the reference: ``backend_of("")``).
-    A candidate without the condition tensor gets no row. [] when the reference has no such If. ``conditions``:
-    :func:`decided_conditions` of the reference, when the caller has it already.
+    A candidate without a watched tensor gets no row for it.
     """
-    conditions = decided_conditions(reference) if conditions is None else conditions
-    if not conditions:
-        return []
-    names = {name: {node: _condition_in(c, cond) for node, cond in conditions.items()}
+    selections = selections or {}
+    watched = {**conditions, **{node: s.indices for node, s in selections.items()}}
+    if not watched:
+        return [], []
+    names = {name: {node: _tensor_in(c, tensor) for node, tensor in watched.items()}
              for name, c in candidates.items()}
     names = {name: {k: v for k, v in found.items() if v is not None} for name, found in names.items()}
-    runners = {REFERENCE_KEY: backend_of("").build(reference.proto,
-                                                   outputs=list(dict.fromkeys(conditions.values())))}
+    runners = {REFERENCE_KEY: backend_of("").build(reference.proto, outputs=list(dict.fromkeys(watched.values())))}
     runners.update({name: backend_of(name).build(candidates[name].proto, outputs=list(dict.fromkeys(found.values())))
                     for name, found in names.items() if found})
-    flipped = {(name, node): 0 for name, found in names.items() for node in found}
+    flipped = {(name, node): 0 for name, found in names.items() for node in found if node in conditions}
+    changed = {(name, node): [0, 0] for name, found in names.items() for node in found if node in selections}
     runs = 0
     try:
         for batch in batches:
@@ -96,14 +103,21 @@ def branch_flips(reference: LoadedModel, candidates: Mapping[str, Any], batches:
                     continue
                 got = runners[name].run(feeds, None)
                 for node, tensor in found.items():
-                    if not np.array_equal(np.asarray(got[tensor]), np.asarray(ref[conditions[node]])):
+                    if node in selections:
+                        rows, moved = changed_rows(ref[watched[node]], got[tensor], selections[node])
+                        changed[(name, node)][0] += rows
+                        changed[(name, node)][1] += moved
+                    elif not np.array_equal(np.asarray(got[tensor]), np.asarray(ref[watched[node]])):
                         flipped[(name, node)] += 1
             runs += 1
     finally:
         for runner in runners.values():
             runner.close()
-    return [{"candidate": name, "if": node, "condition": conditions[node], "runs": runs, "flipped": count,
-             "batch_size": batch_size} for (name, node), count in flipped.items()]
+    branches = [{"candidate": name, "if": node, "condition": conditions[node], "runs": runs, "flipped": count,
+                 "batch_size": batch_size} for (name, node), count in flipped.items()]
+    selected = [{"candidate": name, "node": node, "op": selections[node].op, "indices": selections[node].indices,
+                 "rows": rows, "changed": moved} for (name, node), (rows, moved) in changed.items()]
+    return branches, selected
 
 
 def branch_note(rows: list[dict[str, Any]]) -> str | None:

@@ -65,7 +65,7 @@ class CompareOptions:
     shards: int = 1                 # > 1: Ray tasks over contiguous shards of the set (quantlab[ray])
     ray: str | None = None          # "auto" (local Ray) or a cluster address; None: in process unless shards > 1
     free_running: bool = True       # sequence mode: also run every model over the streams on its own state
-    branches: bool = True           # a data-decided If: also count the runs a candidate took the other branch
+    branches: bool = True           # a data-decided If, TopK or ArgMax: also count where a candidate decided otherwise
     ctc_blank: int | None = None    # outputs scored per position [N, T, C] are CTC: also text_agreement and cer
     decision_threshold: float = DECISION_THRESHOLD  # Sigmoid outputs read as masks p > this (DBNet: 0.3)
     class_maps: tuple[str, ...] = ()  # [N, C, H, W] outputs read as class scores per pixel whatever their head

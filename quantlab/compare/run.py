@@ -32,7 +32,7 @@ from ..metrics import ErrorAccumulator, ErrorSums
 from ..sequence import SequenceData, sequence_carry, with_carry
 from .alignment import plan_candidate
 from .batch_tasks import BatchTasks
-from .branches import branch_flips, branch_note, decided_conditions
+from .branches import branch_note, decided_conditions, decision_flips
 from .candidates import Candidate, check_candidates, float16_on_ort_warnings, simulates_tensorrt
 from .end_to_end import EndToEnd
 from .free_running import free_running, free_running_note, with_free_running
@@ -57,6 +57,7 @@ from .ctc_hints import ctc_hints
 from .determinism import reference_noise, reference_noise_note
 from .result import CompareResult
 from .returned import as_returned, redeclared
+from .selections import decided_selections, selection_note
 from .runners import Runners, mirrored_groups
 from .sample_axes import output_sample_axes
 from .schedule import BatchState, Pipeline
@@ -316,10 +317,13 @@ class Comparison:
                 self._probe_backend(), self.reference, self.dataset, min(self.options.batch_size, self.total),
                 self.sample_axes)))
             self.warnings.extend([coupled.note(self.reference.label, self.options.batch_size)] if coupled else [])
-        branches = self._branch_flips(progress) if self.options.branches else []
+        branches, selections = self._decision_flips(progress) if self.options.branches else ([], [])
         if branches:
             settings["branch_flips"] = branches
             self.warnings.extend(filter(None, [branch_note(branches)]))
+        if selections:
+            settings["selection_flips"] = selections
+            self.warnings.extend(filter(None, [selection_note(selections)]))
         return CompareResult(
             end_to_end=end_to_end, per_layer=per_layer, per_sample=per_sample,
             settings=settings,
@@ -343,12 +347,13 @@ class Comparison:
         (what an output returns, samples alone) must not build a TensorRT engine again."""
         return self.backend if is_onnxruntime(self.options.backend) else get_backend("ort")
 
-    def _branch_flips(self, progress: bool) -> list[dict[str, Any]]:
-        """:func:`.branches.branch_flips` over the comparison's batches, with a bar when there is a pass to run."""
-        conditions = decided_conditions(self.reference)
-        if not conditions:
-            return []
-        bar = tqdm(total=self.total, unit="sample", desc="If branches", dynamic_ncols=True) if progress else None
+    def _decision_flips(self, progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """:func:`.branches.decision_flips` over the comparison's batches, with a bar when there is a pass to run."""
+        conditions, selections = decided_conditions(self.reference), decided_selections(self.reference)
+        if not conditions and not selections:
+            return [], []
+        desc = "If branches" if not selections else "selections" if not conditions else "If branches, selections"
+        bar = tqdm(total=self.total, unit="sample", desc=desc, dynamic_ncols=True) if progress else None
 
         def batches() -> Iterable[Batch]:
             for batch in truncated_batches(self.dataset, self.options.batch_size, self.total):
@@ -357,13 +362,13 @@ class Comparison:
                     bar.update(len(batch))
 
         try:
-            return branch_flips(self.reference, self.candidates, batches(),
-                                lambda name: self.candidate_backends.get(name, self.backend), self.options.batch_size,
-                                conditions)
+            return decision_flips(self.reference, self.candidates, batches(),
+                                  lambda name: self.candidate_backends.get(name, self.backend),
+                                  self.options.batch_size, conditions, selections)
         except Exception as exc:  # noqa: BLE001 - a diagnostic pass: its failure must not lose the comparison
-            self.warnings.append(f"the check of which If branch each candidate takes did not run "
-                                 f"({type(exc).__name__}: {exc}); the figures above are complete without it")
-            return []
+            self.warnings.append(f"the check of which If branch (TopK/ArgMax selection) each candidate takes did not "
+                                 f"run ({type(exc).__name__}: {exc}); the figures above are complete without it")
+            return [], []
         finally:
             if bar is not None:
                 bar.close()
