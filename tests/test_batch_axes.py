@@ -805,3 +805,41 @@ def test_a_caches_copy_of_its_past_is_left_out_of_its_figures(one_input_concat):
         pasts = {0: ref, 1: cand}
     free = next(r for r in result.settings["free_running"] if r["output"] == "present")
     assert free["sqnr_db"] == pytest.approx(10 * np.log10(signal / noise), abs=0.05)
+
+
+def _batchless_classifier() -> onnx.ModelProto:
+    """x[16] (no batch axis) -> MatMul[16, 10] -> Add -> Softmax -> probs[10]: a model exported for one sample."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (16, 10)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("Add", ["h", "b"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["probs"], name="softmax", axis=-1)]
+    graph = helper.make_graph(nodes, "batchless", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_batchless_classifiers_class_scores_give_top1_agreement(tmp_path):
+    """probs[10] of a model without batch axis is one sample's class scores: top-1 agreement is figured as for
+    [N, 10], from the samples a manifest feeds one at a time."""
+    from quantlab.compare import CompareOptions, compare
+    from quantlab.compare.labels import classifier_outputs
+    from quantlab.plan import uniform_plan
+    from quantlab.quantize import WriteOptions, write_model
+    model = model_from_proto(_batchless_classifier())
+    assert classifier_outputs(model) == {"probs": 10}
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i, x in enumerate(np.random.default_rng(5).normal(0, 1, (12, 16)).astype(np.float32)):
+        np.savez(folder / f"s{i:02d}.npz", x=x)
+    (tmp_path / "set.toml").write_text('shuffle = false\n[source]\nkind = "npz"\npath = "samples"\n'
+                                       '[inputs]\nx = { field = "x", batch_axis = "none" }\n')
+    data = open_dataset(tmp_path / "set.toml")
+    table = calibrate(model, data, "minmax", batch_size=1).tables["minmax"]
+    int8 = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    result = compare(model, {"int8": int8, "same": model}, data, CompareOptions(batch_size=1, per_layer=False,
+                                                                               bootstrap=0))
+    rows = result.end_to_end.set_index("candidate")
+    assert (rows["samples"] == 12).all() and rows.loc["same", "top1_agreement"] == 100.0
+    assert 0.0 < rows.loc["int8", "top1_agreement"] <= 100.0

@@ -99,9 +99,9 @@ def score_outputs(model: LoadedModel) -> set[str]:
 
 def _softmax_over_classes(output: str, shape: tuple | None, producers: Mapping[str, onnx.NodeProto]) -> bool:
     """Whether a Softmax/LogSoftmax writes ``output`` (through Identity/Cast) over its class axis: the last of an
-    ``[N, C]`` or ``[N, T, C]`` output, axis 1 of an ``[N, C, H, W]`` map. Loaded models are opset >= 13, where the
-    softmax normalises that one axis."""
-    if shape is None or len(shape) < 2:
+    ``[C]``, ``[N, C]`` or ``[N, T, C]`` output, axis 1 of an ``[N, C, H, W]`` map. Loaded models are opset >= 13,
+    where the softmax normalises that one axis."""
+    if not shape:
         return False
     node = producers.get(output)
     while node is not None and node.op_type in ("Identity", "Cast"):

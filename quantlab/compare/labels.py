@@ -46,17 +46,23 @@ class LabelUse:
 
 def classifier_outputs(reference: LoadedModel) -> dict[str, int]:
     """Output -> classes, for the outputs that score classes: ``[N, C]`` (or ``[N, C, 1, 1]``, a 1x1-conv head as
-    SqueezeNet and DenseNet exports end) float with C > 1 fixed, computed as
+    SqueezeNet and DenseNet exports end, or ``[C]`` without batch axis) float with C > 1 fixed, computed as
     scores (:func:`.choices.score_outputs`: a linear layer, then only softmax/bias/layout ops). Not an output
     whose size the data decides: NMS's kept boxes ``[K, 4]`` are not 4 classes over K samples; nor a BERT
     pooler's Tanh (768 "classes"), a normalised embedding or a TopK's sorted scores. With both a pooler and
     logits, the labels went to the pooler (the output with the most classes)."""
     sized = data_sized(reference)
     scored = score_outputs(reference)
-    return {spec.name: int(spec.shape[1]) for spec in reference.outputs
-            if spec.shape is not None and len(spec.shape) >= 2 and isinstance(spec.shape[1], int)
-            and spec.shape[1] > 1 and all(d == 1 for d in spec.shape[2:])  # [N, C, 1, 1]: a 1x1-conv head
-            and spec.name in scored and spec.name not in sized}
+    found = {spec.name: _classes(spec.shape) for spec in reference.outputs
+             if spec.shape is not None and spec.name in scored and spec.name not in sized}
+    return {name: classes for name, classes in found.items() if classes is not None}
+
+
+def _classes(shape: tuple) -> int | None:
+    """C of a class-score shape: ``[N, C]``, ``[N, C, 1, 1]`` (a 1x1-conv head) or ``[C]`` (a model without batch
+    axis, run one sample at a time); None for any other shape."""
+    classes = shape[1] if len(shape) >= 2 and all(d == 1 for d in shape[2:]) else shape[0] if len(shape) == 1 else None
+    return classes if isinstance(classes, int) and classes > 1 else None
 
 
 def label_use(reference: LoadedModel, dataset: DataSet, options: CompareOptions,
