@@ -787,6 +787,39 @@ def test_a_batchnorm_after_a_conv_is_folded_into_it_at_load(shared):
     assert [n.op_type for n in kept.proto.graph.node] == ["Conv", "Relu", "Conv", "BatchNormalization"]
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_a_batchnorm_after_a_conv_transpose_is_folded_per_output_channel(group):
+    """DBNet's upsampling head: ConvTranspose(stride 2) + BatchNorm + Relu. Its weight is [C_in, C_out/G, k, k], so
+    the BN's per-channel scale goes on axis 1 within each group; folded on axis 0 the outputs would differ."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(2)
+    c_in, c_out = 4, 6
+    inits = [numpy_helper.from_array(rng.normal(size=(c_in, c_out // group, 2, 2)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, c_out).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.normal(size=c_out).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.normal(size=c_out).astype(np.float32), "mean"),
+             numpy_helper.from_array(rng.uniform(0.1, 3, c_out).astype(np.float32), "var")]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["up"], name="deconv", strides=[2, 2], group=group),
+             helper.make_node("BatchNormalization", ["up", "gamma", "beta", "mean", "var"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "deconvbn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c_out, 10, 10])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    loaded = model_from_proto(proto, label="deconvbn")
+    assert [n.op_type for n in loaded.proto.graph.node] == ["ConvTranspose", "Relu"]
+    x = rng.normal(size=(2, c_in, 5, 5)).astype(np.float32)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def run(model: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})[0]
+
+    np.testing.assert_allclose(run(loaded.proto), run(proto), rtol=1e-5, atol=1e-5)
+
+
 def test_parameters_in_constant_nodes_fold_like_initializers():
     """paddle2onnx writes parameters as Constant nodes: PP-OCRv4's detector kept a BatchNorm whose variance (1e7)
     its FP16 copy clipped to 65504 (SQNR -0.7 dB). Loading makes them initializers, so the BN folds, and the FP16

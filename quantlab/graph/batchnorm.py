@@ -1,4 +1,5 @@
-"""BatchNormalization after a Conv, folded into the Conv's weight and bias at load (as TensorRT does at build).
+"""BatchNormalization after a Conv or ConvTranspose, folded into its weight and bias at load (as TensorRT does at
+build).
 
 torch's dynamo exporter (and a legacy export without constant folding) keeps every BatchNorm as a node. The
 TensorRT form is not hurt (TensorRT fuses Conv + BN + activation, and the Q/DQ sit around that group), but
@@ -7,6 +8,9 @@ ONNX Runtime's form quantizes the conv's output before the BN, inside the group:
 
     x ─► Conv(W, b) ─► c ─► BatchNormalization(γ, β, μ, σ², ε) ─► y
     ==>  x ─► Conv(W·s, (b − μ)·s + β) ─► y          s = γ / sqrt(σ² + ε), per output channel
+
+A Conv's weight holds its output channels on axis 0 ``[C_out, C_in/G, k...]``; a ConvTranspose's on axis 1 within
+each of its G groups ``[C_in, C_out/G, k...]`` (a DBNet text detector's upsampling head: ConvTranspose + BN + ReLU).
 
 Only when the Conv's output has the BN as its only reader (and is no graph output nor read by a subgraph),
 the BN is in inference form (one output, ``training_mode`` 0) and every parameter, the weight and the bias
@@ -28,8 +32,8 @@ __all__ = ["fold_batchnorm_into_conv"]
 
 
 def fold_batchnorm_into_conv(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with each foldable Conv + BatchNormalization pair (module docstring) made one Conv; ``proto``
-    itself when there is none."""
+    """``proto`` with each foldable Conv (ConvTranspose) + BatchNormalization pair (module docstring) made one
+    Conv (ConvTranspose); ``proto`` itself when there is none."""
     g = proto.graph
     if not any(n.op_type == "BatchNormalization" for n in g.node):
         return proto
@@ -64,7 +68,7 @@ def _foldable(bn: onnx.NodeProto, nodes: Sequence[onnx.NodeProto], producers: di
     if len([o for o in bn.output if o]) != 1 or any(a.name == "training_mode" and a.i for a in bn.attribute):
         return False
     conv = nodes[producers[bn.input[0]]] if bn.input[0] in producers else None
-    if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+    if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or conv.domain not in ("", "ai.onnx"):
         return False
     if readers.get(bn.input[0], 0) != 1 or bn.input[0] in keep or len(conv.output) != 1:
         return False
@@ -82,6 +86,12 @@ def _folded(conv: onnx.NodeProto, bn: onnx.NodeProto, inits: dict[str, onnx.Tens
     scale = gamma / np.sqrt(var + float(np.float32(eps)))
     weight = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
     bias = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2]
-            else np.zeros(weight.shape[0]))
-    shaped = scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-    return (weight * shaped).astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)
+            else np.zeros(scale.size))
+    if conv.op_type == "ConvTranspose":  # [C_in, C_out/G, k...]: output channel g * C_out/G + j is group g's column j
+        groups = next((int(helper.get_attribute_value(a)) for a in conv.attribute if a.name == "group"), 1)
+        grouped = weight.reshape((groups, weight.shape[0] // groups, weight.shape[1]) + weight.shape[2:])
+        shaped = scale.reshape((groups, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
+        folded = (grouped * shaped).reshape(weight.shape)
+    else:
+        folded = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    return folded.astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)
