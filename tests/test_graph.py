@@ -787,11 +787,20 @@ def test_a_batchnorm_after_a_conv_is_folded_into_it_at_load(shared):
     assert [n.op_type for n in kept.proto.graph.node] == ["Conv", "Relu", "Conv", "BatchNormalization"]
 
 
+def _unoptimised_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The model's first output for ``x``, ONNX Runtime's own graph rewrites off (it would fold a BN itself)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+
+
 @pytest.mark.parametrize("group", [1, 2])
 def test_a_batchnorm_after_a_conv_transpose_is_folded_per_output_channel(group):
     """DBNet's upsampling head: ConvTranspose(stride 2) + BatchNorm + Relu. Its weight is [C_in, C_out/G, k, k], so
     the BN's per-channel scale goes on axis 1 within each group; folded on axis 0 the outputs would differ."""
-    import onnxruntime as ort
 
     rng = np.random.default_rng(2)
     c_in, c_out = 4, 6
@@ -810,21 +819,13 @@ def test_a_batchnorm_after_a_conv_transpose_is_folded_per_output_channel(group):
     loaded = model_from_proto(proto, label="deconvbn")
     assert [n.op_type for n in loaded.proto.graph.node] == ["ConvTranspose", "Relu"]
     x = rng.normal(size=(2, c_in, 5, 5)).astype(np.float32)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-
-    def run(model: onnx.ModelProto) -> np.ndarray:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
-            None, {"x": x})[0]
-
-    np.testing.assert_allclose(run(loaded.proto), run(proto), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_unoptimised_run(loaded.proto, x), _unoptimised_run(proto, x), rtol=1e-5, atol=1e-5)
 
 
 def test_parameters_in_constant_nodes_fold_like_initializers():
     """paddle2onnx writes parameters as Constant nodes: PP-OCRv4's detector kept a BatchNorm whose variance (1e7)
     its FP16 copy clipped to 65504 (SQNR -0.7 dB). Loading makes them initializers, so the BN folds, and the FP16
     model keeps the values."""
-    import onnxruntime as ort
 
     proto = _conv_bn_model()
     for init in [i for i in proto.graph.initializer if i.name.endswith("1")]:  # bn1's, not the convs' weights
@@ -836,14 +837,7 @@ def test_parameters_in_constant_nodes_fold_like_initializers():
     loaded = model_from_proto(proto, label="convbn, BN parameters in Constant nodes")
     assert [n.op_type for n in loaded.proto.graph.node] == ["Conv", "Relu", "Conv"]
     x = np.random.default_rng(1).normal(size=(2, 4, 6, 6)).astype(np.float32)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-
-    def run(model: onnx.ModelProto) -> np.ndarray:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
-            None, {"x": x})[0]
-
-    np.testing.assert_allclose(run(loaded.proto), run(proto), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_unoptimised_run(loaded.proto, x), _unoptimised_run(proto, x), rtol=1e-5, atol=1e-5)
 
 
 def test_pads_computed_from_constants_fold_and_their_chain_goes():
