@@ -686,3 +686,24 @@ def test_an_experiment_whose_validation_sizes_were_never_calibrated_does_not_jus
     result = run_experiment(load_experiment(tmp_path / "e.toml"), reports_dir=tmp_path / "reports")
     (line,) = [m for m in result.messages if m.startswith("calibration coverage (minmax)")]
     assert "covered" in line and "some sizes were never calibrated: val: input 'input': its samples of sizes" in line
+
+
+def test_the_calibration_set_saturates_no_more_than_itself_when_amax_sits_within_half_a_step_of_a_plateau():
+    """Rendered text lines are ~96 % white pixels at exactly 1.0; mse put the input's amax at 0.99854. Those pixels
+    are above amax, yet within half a step of it, so the table's clipped_fraction (error-bearing saturation) does not
+    count them: compared with it, the calibration set checked against itself saturated 96 % "in excess". Both sides
+    now count |x| > amax alike."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(7)
+    x = np.where(rng.uniform(size=(16, 3, 16, 16)) < 0.96, 1.0, rng.uniform(-1, 1, (16, 3, 16, 16)))
+    feeds = {"input": x.astype(np.float32)}
+    result = calibrate(MODEL, from_arrays(feeds, name="pages"), ["minmax"])
+    table = result.tables["minmax"]
+    plateau = replace(table.ranges["input"], amax=0.99854)
+    table = replace(table, ranges={**table.ranges, "input": plateau})
+    report = check_coverage(MODEL, [from_arrays(feeds, name="pages")], table, result.statistics,
+                            options=CoverageOptions(resamples=50))
+    row = next(r for r in report.datasets[0].rows if r["tensor"] == "input")
+    assert row["saturated"] > 0.9 and row["saturated_calib"] == pytest.approx(row["saturated"], abs=1e-4)
+    assert abs(row["saturated_excess"]) < 1e-4  # the histogram interpolates within its last fine bin

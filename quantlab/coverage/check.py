@@ -44,7 +44,7 @@ class CoverageOptions:
     backend: str = "ort"
 
 
-def _row(name: str, tally: TensorTally, calib: Any, clipped: float, samples: int, calib_samples: int,
+def _row(name: str, tally: TensorTally, calib: Any, samples: int, calib_samples: int,
          weights: np.ndarray | None, confidence: float, tensors: int) -> dict[str, Any]:
     total = tally.blocks.total()
     values = int(total.sum())
@@ -55,6 +55,8 @@ def _row(name: str, tally: TensorTally, calib: Any, clipped: float, samples: int
                        weights=weights)
     fine = tally.fine.state()
     saturated = sat / values if values else math.nan
+    clipped = b.calib_saturated  # |x| > amax as this set's values are counted (the table's clipped_fraction counts
+    # only values more than half a step above: a white page's 1.0 under amax 0.9985 is in one and not the other)
     zeroed = fine.zeroed_fraction(b.amax) if values else math.nan  # non-zero values INT8 reads as 0: under-range
     zeroed_calib = calib.zeroed_fraction(b.amax)
     sqnr = fine.predicted_sqnr_db(b.amax) if values else math.nan  # both ends weighed by energy, in dB
@@ -83,9 +85,8 @@ def _drop(calib: float, here: float) -> float:
 def _rows(result: PassResult, table: CalibrationTable, calibration: Statistics,
           options: CoverageOptions) -> tuple[dict[str, Any], ...]:
     weights = _bootstrap_weights({tally.blocks.used().shape[0] for tally in result.tallies.values()}, options)
-    return tuple(_row(t, tally, calibration.tensors[t], table.ranges[t].clipped_fraction, result.samples,
-                      calibration.samples, weights.get(tally.blocks.used().shape[0]), options.confidence,
-                      len(result.tallies))
+    return tuple(_row(t, tally, calibration.tensors[t], result.samples, calibration.samples,
+                      weights.get(tally.blocks.used().shape[0]), options.confidence, len(result.tallies))
                  for t, tally in result.tallies.items())
 
 
