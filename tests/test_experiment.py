@@ -229,8 +229,17 @@ def test_run_writes_a_finished_report_and_reuses_stages(tmp_path: Path) -> None:
     again = run_experiment(cfg, reports_dir=tmp_path / "reports")
     assert all(s.reused for s in again.stages if s.name != "report")
     assert again.verdict == first.verdict
+    _the_plan_says_why_without_a_search(page, first.verdict.candidate)
     _fp16_is_measured_in_simulation(tmp_path, report, first.messages)
     _per_layer_rows_carry_their_inputs_predicted_sqnr(report)
+
+
+def _the_plan_says_why_without_a_search(page: str, candidate: str) -> None:
+    """Without a search the report's plan is the verdict candidate's: each group says it is that candidate's
+    precision (its written plan, an override per group, said only "overrides", as if a user had pinned them)."""
+    plan = page[page.index("precision plan"):]
+    assert f"INT8 in candidate &#x27;{candidate}&#x27;" in plan or f"INT8 in candidate '{candidate}'" in plan
+    assert "<td>overrides</td>" not in plan
 
 
 def _per_layer_rows_carry_their_inputs_predicted_sqnr(report: Path) -> None:

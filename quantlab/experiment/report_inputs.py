@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..compare.mask_examples import MaskExample, load_mask_examples
@@ -194,11 +195,7 @@ def _search_results(search_dir: Path | None, model: LoadedModel, e2e: pd.DataFra
         candidates[SEARCH_CANDIDATE] = "the sensitivity search's final mixed-precision plan"
     plan = None
     if (search_dir / "final" / "plan.json").is_file():
-        plan = load_written(search_dir / "final", model).plan.to_frame()
-        # the saved plan is an effective one (an override per group): say why each group has its precision
-        plan["reason"] = [_final_reason(q, p) for q, p in zip(plan["quantizable"], plan["precision"], strict=True)]
-        # the groups the search pinned first: they are what a reviewer checks
-        plan = plan.sort_values("precision", key=lambda p: p != INT8, ascending=False, kind="stable")
+        plan = _explained(load_written(search_dir / "final", model).plan.to_frame(), "the search")
         notes = impact_notes(extra.get("sensitivity"))
         plan["measured_impact"] = [notes.get(g, "") if p != INT8 else "" for g, p in
                                    zip(plan["group"], plan["precision"], strict=True)]
@@ -220,11 +217,24 @@ def _mask_examples(cmp_dir: Path | None, search_dir: Path | None) -> tuple[MaskE
     return found
 
 
-def _final_reason(quantizable: bool, precision: str) -> str:
-    """Why a group of the search's final plan has its precision (the plan file records only the precision)."""
+def _explained(plan: pd.DataFrame, chooser: str) -> pd.DataFrame:
+    """A written plan's table with why each group has its precision, the groups ``chooser`` (the search, or the
+    candidate the verdict names) left out of INT8 first: what a reviewer checks, then the INT8 ones. A written plan is an effective
+    one (an override per group), so its own reasons say only "overrides"."""
+    plan = plan.copy()
+    plan["reason"] = [_final_reason(q, p, chooser) for q, p in zip(plan["quantizable"], plan["precision"], strict=True)]
+    quantizable = plan["quantizable"].astype(bool)
+    order = np.where(~quantizable, 2, np.where(plan["precision"] == INT8, 1, 0))  # pinned, INT8, no INT8 kernel
+    return plan.assign(_order=order).sort_values("_order", kind="stable").drop(columns="_order")
+
+
+def _final_reason(quantizable: bool, precision: str, chooser: str) -> str:
+    """Why a group of a written plan has its precision (the plan file records only the precision)."""
     if not quantizable:
         return f"not quantizable: no INT8 kernel ({precision})"
-    return "INT8 (kept by the search)" if precision == INT8 else f"pinned to {precision} by the search"
+    if chooser == "the search":
+        return "INT8 (kept by the search)" if precision == INT8 else f"pinned to {precision} by the search"
+    return f"INT8 in {chooser}" if precision == INT8 else f"{precision} in {chooser}'s plan"
 
 
 def _histograms(config: ExperimentConfig, frames: Mapping[str, pd.DataFrame], written: Mapping[str, WrittenModel],
@@ -283,7 +293,7 @@ def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables:
     e2e, trajectory, sensitivity, plan = _search_results(search_dir, reference or model, frames["end_to_end"].copy(),
                                                          candidates)
     if plan is None and verdict is not None and verdict.candidate in written:
-        plan = written[verdict.candidate].plan.to_frame()
+        plan = _explained(written[verdict.candidate].plan.to_frame(), f"candidate {verdict.candidate!r}")
     if plan is not None:
         plan = plan[[c for c in ("group", "anchor_op", "nodes", "precision", "reason", "measured_impact")
                      if c in plan.columns]]
