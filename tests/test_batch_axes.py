@@ -843,3 +843,28 @@ def test_a_batchless_classifiers_class_scores_give_top1_agreement(tmp_path):
     rows = result.end_to_end.set_index("candidate")
     assert (rows["samples"] == 12).all() and rows.loc["same", "top1_agreement"] == 100.0
     assert 0.0 < rows.loc["int8", "top1_agreement"] <= 100.0
+
+
+@pytest.mark.parametrize("chunk, shared", [(0, True), (2, False)])
+def test_compare_calib_hashes_a_sequence_set_with_the_state_its_streams_carry(tmp_path, capsys, chunk, shared):
+    """A validation stream whose first step is calibration chunk 2's input was called a shared sample: the
+    --calib manifest was hashed with each file's own state, the validation set with the state it carries (at its
+    first step, its own). Calibration fed chunk 2 the state chunk 1 left, so it is another sample; chunk 0, a
+    first step in both, is the same one."""
+    import shutil
+
+    from quantlab.cli import main
+
+    _npz_folder(tmp_path)
+    (tmp_path / "seq.toml").write_text(MANIFEST.format(axis=1) + '[sequence]\ncarry = { stateN = "state" }\n')
+    (tmp_path / "val").mkdir()
+    shutil.copy(tmp_path / "chunks" / f"chunk{chunk}.npz", tmp_path / "val" / "first.npz")
+    (tmp_path / "val.toml").write_text('role = "validation"\n' + MANIFEST.format(axis=1).replace('"chunks"', '"val"')
+                                       + '[sequence]\ncarry = { stateN = "state" }\n')
+    onnx.save(_vad(), tmp_path / "vad.onnx")
+    code = main(["compare", str(tmp_path / "vad.onnx"), str(tmp_path / "vad.onnx"), "--data",
+                 str(tmp_path / "val.toml"), "--calib", str(tmp_path / "seq.toml"), "--batch-size", "1",
+                 "--no-per-layer", "--no-progress", "--out", str(tmp_path / "cmp")])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert ("shares 1 sample(s)" in captured.out + captured.err) == shared

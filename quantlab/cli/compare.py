@@ -131,7 +131,9 @@ def owned_files() -> tuple[str, ...]:
     return OWNED_FILES
 
 
-def _calibration_summary(path: Path | None) -> Any:
+def _calibration_summary(path: Path | None, reference: Any, batch_size: int) -> Any:
+    """The --calib set's summary, hashed as calibrate hashed it: a ``[sequence]`` set with the state its streams
+    carry (so a step fed another state is another sample, as in the validation set's summary)."""
     if path is None:
         return None
     import json
@@ -154,7 +156,13 @@ def _calibration_summary(path: Path | None) -> Any:
         return summary
     # one sample at a time: a set whose input has no batch axis but differs per sample (Silero's clips) batches
     # only so, and the summary is per sample anyway
-    return summarize(open_dataset(path), batch_size=1)
+    dataset = open_dataset(path)
+    if getattr(dataset, "sequence_carry", None):
+        from ..sequence import with_carry
+
+        streams = getattr(dataset, "sequence_streams", None) or batch_size
+        return summarize(with_carry(dataset, reference, streams=streams), batch_size=streams)
+    return summarize(dataset, batch_size=1)
 
 
 def check_label_metrics(threshold: Any, flag: str, data: Path, dataset: Any, no_labels: bool) -> None:
@@ -293,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
         use_labels = bool(getattr(dataset, "has_labels", False)) and args.labels is not False
         parse_threshold(threshold.text, known_metrics=known_metrics(reference, use_labels, dataset, args.ctc_blank,
                                                                           args.class_map))
-    calibration = _calibration_summary(args.calib)
+    calibration = _calibration_summary(args.calib, reference, args.batch_size)
     options = CompareOptions(
         backend=args.backend, batch_size=args.batch_size, per_layer=not args.no_per_layer, local=not args.no_local,
         accumulated=not args.no_accumulated, layer_group_size=args.layer_group_size, max_samples=args.max_samples,
