@@ -136,7 +136,8 @@ def test_a_build_takes_the_flag_else_the_recorded_data_shapes_else_nothing():
 
 
 def test_sample_shapes_do_not_depend_on_the_batch_size_and_the_batch_axis_is_set_apart():
-    """What a calibration table keeps: sample shapes (batch axis 1, counted per sample), on each input's axis."""
+    """What a calibration table keeps: sample shapes (batch axis 1, counted per sample), on each input's axis. A
+    ``[sequence]`` set's declared stream count is the batch every command runs it at: the engine's too."""
     from quantlab.shapes import PROFILE_BATCH, shapes_for_table
 
     logs = []
@@ -159,6 +160,8 @@ def test_sample_shapes_do_not_depend_on_the_batch_size_and_the_batch_axis_is_set
     assert fixed["image"].as_lists() == [[4, 3, 48, 96]] * 3  # a fixed batch stays the model's
     with pytest.raises(InputMismatchError, match="t.json: calib_set.batch_axes: is"):
         shapes_for_table(None, {"batch_axes": {"state": "one"}}, net, where="t.json")
+    streams = {**calib_set, "manifest": {"settings": {"sequence": {"carry": {"stateN": "state"}, "streams": 4}}}}
+    assert shapes_for_table(None, streams, net)["state"].as_lists() == [[2, 1, 128], [2, 4, 128], [2, 4, 128]]
 
 
 def test_a_profile_from_data_says_which_dynamic_sizes_its_engine_refuses():

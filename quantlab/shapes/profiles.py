@@ -179,8 +179,12 @@ def shapes_for_table(shapes_text: str | Sequence[str] | None, calib_set: Mapping
                      where: str = "the calibration table", batch: int = PROFILE_BATCH) -> dict[str, ShapeRange] | None:
     """:func:`shapes_for_build` with the sample shapes and batch axes a calibration table recorded (its
     ``calib_set``: ``input_shapes``, ``batch_axes``; tables written before these keys give only ``seen``,
-    on axis 0); the batch axis gets (1, ``batch``, ``batch``)."""
+    on axis 0); the batch axis gets (1, ``batch``, ``batch``), ``batch`` the stream count of a ``[sequence]``
+    set that declares one."""
     calib_set = calib_set or {}
+    streams = _declared_streams(calib_set)
+    if streams is not None:  # every command runs such a set at exactly its stream count: so will the engine
+        batch = streams
     axes: int | None | Mapping[str, int | None] = BATCH_AXIS
     if "batch_axes" in calib_set:
         axes = batch_axes_from_dict(calib_set["batch_axes"], f"{where}: calib_set.batch_axes")
@@ -188,6 +192,15 @@ def shapes_for_table(shapes_text: str | Sequence[str] | None, calib_set: Mapping
     if fixed is not None:  # an input fixes the batch (a recurrent state [layers, 1, H]): the engine runs that one
         batch = min(batch, fixed)
     return shapes_for_build(shapes_text, calib_set.get("input_shapes") or None, network_inputs, axes, seen, batch)
+
+
+def _declared_streams(calib_set: Mapping[str, Any]) -> int | None:
+    """The ``[sequence] streams`` of the manifest a table was calibrated on, None when it declares none."""
+    manifest = calib_set.get("manifest")
+    settings = manifest.get("settings") if isinstance(manifest, Mapping) else None  # the manifest file as parsed
+    sequence = settings.get("sequence") if isinstance(settings, Mapping) else None
+    streams = sequence.get("streams") if isinstance(sequence, Mapping) else None
+    return streams if isinstance(streams, int) and not isinstance(streams, bool) and streams > 0 else None
 
 
 def engine_shapes(backend: str, shapes_text: str | Sequence[str] | None, calib_set: Mapping[str, Any] | None,
