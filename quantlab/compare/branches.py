@@ -31,7 +31,7 @@ import numpy as np
 from ..backends.base import Backend
 from ..data import Batch
 from ..graph import LoadedModel, producer_map
-from ..graph.topology import SHAPE_ONLY_OPS, upstream
+from ..graph.topology import decided_by_values
 from ..quantize import WrittenModel
 from .candidates import REFERENCE_KEY
 from .selections import Selection, changed_rows
@@ -49,8 +49,7 @@ def decided_conditions(model: LoadedModel) -> dict[str, str]:
     for index, node in enumerate(model.proto.graph.node):
         if node.op_type != "If" or not node.input or not node.input[0]:
             continue
-        feeding = upstream([node.input[0]], producers, stop=lambda n: n.op_type in SHAPE_ONLY_OPS, bodies=True)
-        if inputs.intersection(feeding):
+        if decided_by_values(node.input[0], producers, inputs):
             found[node.name or f"If_{index}"] = node.input[0]
     return found
 

@@ -30,7 +30,7 @@ import onnx
 from onnx import helper
 
 from ..graph import LoadedModel, producer_map, tensor_specs
-from ..graph.topology import SHAPE_ONLY_OPS, upstream
+from ..graph.topology import decided_by_values
 
 __all__ = ["SELECTING_OPS", "Selection", "changed_rows", "decided_selections", "selection_note"]
 
@@ -72,8 +72,7 @@ def decided_selections(model: LoadedModel) -> dict[str, Selection]:
         if not indices or indices in returned or (spec is not None and spec.dtype != "undefined"
                                                   and not spec.is_float):
             continue
-        feeding = upstream([node.input[0]], producers, stop=lambda n: n.op_type in SHAPE_ONLY_OPS, bodies=True)
-        if inputs.intersection(feeding):
+        if decided_by_values(node.input[0], producers, inputs):
             axis = _attribute(node, "axis", -1 if node.op_type == "TopK" else 0)
             found[node.name or f"{node.op_type}_{index}"] = Selection(node.op_type, indices, axis)
     return found

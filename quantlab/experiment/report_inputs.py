@@ -195,7 +195,8 @@ def _search_results(search_dir: Path | None, model: LoadedModel, e2e: pd.DataFra
         candidates[SEARCH_CANDIDATE] = "the sensitivity search's final mixed-precision plan"
     plan = None
     if (search_dir / "final" / "plan.json").is_file():
-        plan = _explained(load_written(search_dir / "final", model).plan.to_frame(), "the search")
+        plan = _explained(load_written(search_dir / "final", model).plan.to_frame(), "INT8 (kept by the search)",
+                          lambda precision: f"pinned to {precision} by the search")
         notes = impact_notes(extra.get("sensitivity"))
         plan["measured_impact"] = [notes.get(g, "") if p != INT8 else "" for g, p in
                                    zip(plan["group"], plan["precision"], strict=True)]
@@ -217,24 +218,18 @@ def _mask_examples(cmp_dir: Path | None, search_dir: Path | None) -> tuple[MaskE
     return found
 
 
-def _explained(plan: pd.DataFrame, chooser: str) -> pd.DataFrame:
-    """A written plan's table with why each group has its precision, the groups ``chooser`` (the search, or the
-    candidate the verdict names) left out of INT8 first: what a reviewer checks, then the INT8 ones. A written plan is an effective
-    one (an override per group), so its own reasons say only "overrides"."""
+def _explained(plan: pd.DataFrame, kept: str, chosen: Callable[[str], str]) -> pd.DataFrame:
+    """A written plan's table with why each group has its precision: ``kept`` for an INT8 group, ``chosen(its
+    precision)`` for a quantizable one left out of INT8. Those come first, what a reviewer checks, then the
+    INT8 ones, then the groups without an INT8 kernel. A written plan is an effective one (an override per group),
+    so its own reasons say only "overrides"."""
     plan = plan.copy()
-    plan["reason"] = [_final_reason(q, p, chooser) for q, p in zip(plan["quantizable"], plan["precision"], strict=True)]
     quantizable = plan["quantizable"].astype(bool)
-    order = np.where(~quantizable, 2, np.where(plan["precision"] == INT8, 1, 0))  # pinned, INT8, no INT8 kernel
+    int8 = plan["precision"] == INT8
+    plan["reason"] = [f"not quantizable: no INT8 kernel ({p})" if not q else kept if p == INT8 else
+                      chosen(p) for q, p in zip(quantizable, plan["precision"], strict=True)]
+    order = np.where(~quantizable, 2, np.where(int8, 1, 0))
     return plan.assign(_order=order).sort_values("_order", kind="stable").drop(columns="_order")
-
-
-def _final_reason(quantizable: bool, precision: str, chooser: str) -> str:
-    """Why a group of a written plan has its precision (the plan file records only the precision)."""
-    if not quantizable:
-        return f"not quantizable: no INT8 kernel ({precision})"
-    if chooser == "the search":
-        return "INT8 (kept by the search)" if precision == INT8 else f"pinned to {precision} by the search"
-    return f"INT8 in {chooser}" if precision == INT8 else f"{precision} in {chooser}'s plan"
 
 
 def _histograms(config: ExperimentConfig, frames: Mapping[str, pd.DataFrame], written: Mapping[str, WrittenModel],
@@ -293,7 +288,9 @@ def assemble_report_inputs(config: ExperimentConfig, model: LoadedModel, tables:
     e2e, trajectory, sensitivity, plan = _search_results(search_dir, reference or model, frames["end_to_end"].copy(),
                                                          candidates)
     if plan is None and verdict is not None and verdict.candidate in written:
-        plan = _explained(written[verdict.candidate].plan.to_frame(), f"candidate {verdict.candidate!r}")
+        chooser = f"candidate {verdict.candidate!r}"
+        plan = _explained(written[verdict.candidate].plan.to_frame(), f"INT8 in {chooser}",
+                          lambda precision: f"{precision} in {chooser}'s plan")
     if plan is not None:
         plan = plan[[c for c in ("group", "anchor_op", "nodes", "precision", "reason", "measured_impact")
                      if c in plan.columns]]

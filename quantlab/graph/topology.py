@@ -16,6 +16,7 @@ from ..errors import ModelError
 
 __all__ = ["initializer_map", "producer_map", "consumer_map", "consumer_indices", "topological_order",
            "topological_nodes", "with_outputs", "outer_names", "subgraph_reads", "kept_names", "upstream",
+           "decided_by_values",
            "drop_unread_initializers", "FoldSite", "replace_folded", "shape_determined_nodes", "nested_graphs", "all_nodes",
            "random_nodes", "holds_qdq", "CONTROL_FLOW_OPS", "RANDOM_OPS", "SAME_VALUE_OPS", "SHAPE_ONLY_OPS"]
 
@@ -187,6 +188,14 @@ def upstream(names: Iterable[str], producers: Mapping[str, onnx.NodeProto], *,
             pending += sorted(subgraph_reads([node]))
     return found
 
+
+
+def decided_by_values(tensor: str, producers: Mapping[str, onnx.NodeProto], inputs: Iterable[str]) -> bool:
+    """Whether the values (not only the shapes) of some of ``inputs`` reach ``tensor``: an If's condition or a
+    TopK's scores the data decides, as opposed to one computed from shapes or constants (outer reads of bodies
+    walked too)."""
+    feeding = upstream([tensor], producers, stop=lambda n: n.op_type in SHAPE_ONLY_OPS, bodies=True)
+    return not set(inputs).isdisjoint(feeding)
 
 def drop_unread_initializers(graph: onnx.GraphProto, read_before: Iterable[str], keep: Iterable[str] = ()) -> None:
     """Remove, in place, the initializers a rewrite left unread: read by a node before it (``read_before``), and
