@@ -82,8 +82,7 @@ def _drop(calib: float, here: float) -> float:
     return 0.0 if math.isinf(calib) and math.isinf(here) else calib - here
 
 
-def _rows(result: PassResult, table: CalibrationTable, calibration: Statistics,
-          options: CoverageOptions) -> tuple[dict[str, Any], ...]:
+def _rows(result: PassResult, calibration: Statistics, options: CoverageOptions) -> tuple[dict[str, Any], ...]:
     weights = _bootstrap_weights({tally.blocks.used().shape[0] for tally in result.tallies.values()}, options)
     return tuple(_row(t, tally, calibration.tensors[t], result.samples, calibration.samples,
                       weights.get(tally.blocks.used().shape[0]), options.confidence, len(result.tallies))
@@ -165,7 +164,7 @@ def coverage_of(model: LoadedModel, dataset: Any, table: CalibrationTable, calib
                             else {})
     return DataSetCoverage(
         name=label, source=dataset.describe_source() if hasattr(dataset, "describe_source") else label,
-        samples=result.samples, rows=_rows(result, table, calibration, options),
+        samples=result.samples, rows=_rows(result, calibration, options),
         worst_samples=tuple(s.as_dict() for s in result.worst), summary=result.summary, statistics=stats,
         notes=_notes(label, result.summary, calibration_summary) + _flattened_note(result))
 
