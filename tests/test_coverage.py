@@ -707,3 +707,23 @@ def test_the_calibration_set_saturates_no_more_than_itself_when_amax_sits_within
     row = next(r for r in report.datasets[0].rows if r["tensor"] == "input")
     assert row["saturated"] > 0.9 and row["saturated_calib"] == pytest.approx(row["saturated"], abs=1e-4)
     assert abs(row["saturated_excess"]) < 1e-4  # the histogram interpolates within its last fine bin
+
+
+def test_an_experiment_checks_the_coverage_of_the_table_behind_its_verdict(tmp_path):
+    """Coverage was judged on the first INT8 candidate's table whatever the verdict chose: a minmax table stretched
+    by one outlier sample was checked while the report released percentile's. The check now reads the verdict's."""
+    from quantlab.experiment import load_experiment, run_experiment
+
+    onnx.save(models.conv_net(), tmp_path / "model.onnx")
+    calib = draw(48, 0)
+    calib["input"][0] *= 40.0  # one outlier sample: minmax's ranges 40x too wide, percentile's barely moved
+    _manifest(tmp_path, "calib", calib)
+    _manifest(tmp_path, "val", draw(32, 1))
+    (tmp_path / "e.toml").write_text(
+        'name = "judged"\nthreshold = "sqnr_db>=0"\n[model]\npath = "model.onnx"\n[data]\ncalibration = '
+        '"calib.toml"\nvalidation = "val.toml"\n[calibrate]\nmethods = ["minmax", "percentile"]\npercentile = 99.9\n'
+        '[candidates]\nfp16 = false\nint8 = ["minmax", "percentile"]\n[search]\nenabled = false\n')
+    result = run_experiment(load_experiment(tmp_path / "e.toml"), reports_dir=tmp_path / "reports")
+    assert result.verdict is not None and result.verdict.candidate == "int8-percentile"
+    (line,) = [m for m in result.messages if m.startswith("calibration coverage")]
+    assert line.startswith("calibration coverage (percentile)")

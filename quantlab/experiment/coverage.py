@@ -1,7 +1,8 @@
 """The coverage stage of ``quantlab run``: does the calibration set cover the validation set (and ``[[coverage]]`` sets)?
 
-Runs after the comparison, on the table of the first INT8 candidate's method
-(the first calibrator when there is none), and is reused like any stage while
+Runs after the verdict, on the table behind it (the search's when the search
+gave the verdict, else the verdict candidate's; without an INT8 verdict the
+first INT8 candidate's, else the first calibrator's), and is reused like any stage while
 the model, the calibration stage and the data are unchanged. Its result feeds
 the report's "Calibration coverage" section; it never changes the run's verdict.
 """
@@ -25,8 +26,11 @@ from .store import StageRecord, data_key, run_stage
 __all__ = ["coverage_method", "coverage_stage", "quantized_tensors", "run_coverage"]
 
 
-def coverage_method(config: ExperimentConfig) -> str:
-    """The calibrator whose table is checked: the first INT8 candidate's, else the first calibrator."""
+def coverage_method(config: ExperimentConfig, judged: str | None = None) -> str:
+    """The calibrator whose table is checked: ``judged`` (the verdict's table) when the run calibrated it, else the
+    first INT8 candidate's, else the first calibrator."""
+    if judged is not None and judged in config.calibrators:
+        return judged
     return config.int8[0] if config.int8 else config.calibrators[0]
 
 
@@ -56,9 +60,11 @@ def coverage_stage(folder: Path, model: LoadedModel, datasets: Sequence[DataSet]
 def run_coverage(report_dir: Path, model: LoadedModel, config: ExperimentConfig, val: DataSet,
                  tables: Mapping[str, CalibrationTable], cal_dir: Path, common: Mapping[str, Any],
                  calib_key: str, progress: bool = False,
-                 tensors: Sequence[str] | None = None) -> tuple[StageRecord, dict[str, Any], str]:
-    """Run (or reuse) the stage; its record, the report's view of it, and a one-line message."""
-    method = coverage_method(config)
+                 tensors: Sequence[str] | None = None,
+                 judged: str | None = None) -> tuple[StageRecord, dict[str, Any], str]:
+    """Run (or reuse) the stage on :func:`coverage_method`'s table; its record, the report's view of it, and a
+    one-line message."""
+    method = coverage_method(config, judged)
     datasets = [val, *(open_dataset(p) for p in config.coverage_sets)]
     key = {"stage": "coverage", **common, "table": calib_key, "method": method, "gate": config.coverage_gate,
            "data": [data_key(d) for d in datasets], "seed": config.seed,

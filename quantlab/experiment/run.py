@@ -123,6 +123,7 @@ class _Run:
     common: dict[str, Any] = field(default_factory=dict)
     shapes: str | None = None  # the TensorRT engines' shape ranges (stages.engine_shapes_for)
     unjudged: str = ""  # why the threshold got no verdict
+    judged_table: str | None = None  # the calibrator behind the verdict (the search's, or the verdict candidate's)
 
     def go(self, start: float) -> ExperimentResult:
         config = self.config
@@ -185,7 +186,7 @@ class _Run:
         if config.coverage:
             rec, coverage, message = run_coverage(self.report_dir, reference, config, val, tables, cal_dir, self.common,
                                                   self.stages[0].key_sha256, self.progress,
-                                                  quantized_tensors(written))
+                                                  quantized_tensors(written), judged=self.judged_table)
             self.stages.append(rec)
             self.messages.append(message)
         t0 = time.perf_counter()
@@ -269,10 +270,11 @@ class _Run:
         unjudged = parse_threshold(config.threshold).unjudged_note(e2e[e2e["candidate"].isin(list(verdicts))])
         self.messages.extend([unjudged] if unjudged else [])
         best = best_candidate(verdicts, int8_names or list(verdicts))
+        self.judged_table = written[best].table_method if best in written else None
         if not (config.search and int8_names and not any(verdicts[n].passed for n in int8_names)):
             return verdicts[best], None
-        method = (config.search_calibrator if config.search_calibrator != "best"
-                  else written[best].table_method or config.calibrators[0])
+        method = self.judged_table = (config.search_calibrator if config.search_calibrator != "best"
+                                      else written[best].table_method or config.calibrators[0])
         key = {"stage": "search", **self.common, "table": self.stages[0].key_sha256, "method": method,
                "data": data_key(val), "threshold": config.threshold, "budget": config.search_budget,
                "backend": config.backend, "target": config.target, "seed": config.seed,
