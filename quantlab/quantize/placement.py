@@ -215,6 +215,9 @@ class Placement:
             return 1 if int(attrs.get("transA", 0)) else 0
         if op == "MatMul" and len(shape) == 2:
             return 1 if slot == 1 else 0  # x @ W: per output column; W @ x: per output row
+        # a batched weight (MoE experts, per-head [H, D, Dh]) keeps one scale: onnxruntime 1.32 fuses a per-axis
+        # DequantizeLinear of a rank-3 B (axis 0 or 2) into MatMulIntegerToFloat, which then fails at run time
+        # ("b zero point is not valid"), though TensorRT-RTX builds both axes
         return None
 
     def _compute_group(self, group: FusionGroup) -> None:
