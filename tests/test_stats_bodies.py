@@ -135,6 +135,19 @@ def test_int8_bodies_are_asked_for_under_an_int8_plan_and_need_the_body_ranges(r
     assert "QuantizeLinear" in ops and "Cast" in ops  # INT8 where it can be, the rest of the body in the fallback
 
 
+@pytest.mark.parametrize("pinned", ["fp16", "fp32"])
+def test_a_loop_pinned_to_a_float_precision_keeps_its_body_float_under_int8_bodies(rnn_table, pinned):
+    """An override of the Loop's group to fp16 was ignored: --int8-bodies wrote the body's MatMul INT8 all the same
+    (the fp16 only for what has no INT8 form). A group the plan pins or overrides keeps the precision asked."""
+    model, table = rnn_table
+    plan = PrecisionPlan(default="int8", overrides={"over_tokens": pinned})
+    written = write_model(model, plan, table, WriteOptions(target="tensorrt", int8_bodies=True))
+    ops = _body_ops(written)
+    assert "MatMul" in ops and "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    assert ("Cast" in ops) == (pinned == "fp16")  # an fp16 pin: the body in float16
+    assert written.provenance.group_precision["over_tokens"] == pinned
+
+
 def test_tensorrt_rtx_builds_an_int8_loop_body(rnn_table):
     rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed")
     assert rtx is not None

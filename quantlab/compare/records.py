@@ -28,8 +28,9 @@ def data_warnings(summary: DataSummary, calibration: DataSummary | None, dataset
                             "calibration set: accuracy on those is optimistic; use disjoint sets")
         warnings.extend(beyond_calibration(summary, calibration))
     if getattr(dataset, "role", "validation") == "calibration":
-        warnings.append(f"data set {getattr(dataset, 'name', '')!r} is marked role = \"calibration\"; "
-                        "compare on a validation set (role = \"validation\"), disjoint from calibration")
+        warnings.append(f"data set {getattr(dataset, 'name', '')!r} is a calibration set (role = \"calibration\", "
+                        "the default when its manifest gives no role); compare on a validation set (role = "
+                        "\"validation\" in its manifest), disjoint from calibration")
     if summary.duplicates:
         warnings.append(f"{len(summary.duplicates)} validation sample(s) repeat an earlier one (e.g. "
                         f"{summary.duplicates[0][0]!r} = {summary.duplicates[0][1]!r}); they count twice")

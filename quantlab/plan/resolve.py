@@ -26,6 +26,10 @@ from .rules import PrecisionPlan, Rule
 __all__ = ["ResolvedPlan", "resolve_plan"]
 
 
+_FALLBACK_REASON = "fallback ("
+"""How the reason of a group that was asked INT8 and has no INT8 form starts (``ResolvedPlan.reasons``)."""
+
+
 @dataclass(frozen=True)
 class ResolvedPlan:
     """A plan applied to one model: the precision of every fusion group, and why.
@@ -72,6 +76,11 @@ class ResolvedPlan:
             changes[group.name] = p
             reasons[group.name] = "pin"
         return dataclasses.replace(self, precision=self.precision.replace(changes), reasons=reasons)
+
+    def int8_asked(self, group: str) -> bool:
+        """True when the plan put ``group`` in INT8, or asked INT8 of it and fell back because the group has no INT8
+        form (a Loop under an int8 default); False when an override, pin or rule chose its float precision."""
+        return self.precision[group] == INT8 or self.reasons.get(group, "").startswith(_FALLBACK_REASON)
 
     def int8_fraction(self) -> float:
         """Share of quantizable groups that run in INT8 (0.0 when none is quantizable)."""
@@ -156,7 +165,7 @@ class _Assignment:
             if is_explicit:
                 raise PlanError(_not_quantizable(group, reason))
             self.precision[group.name] = self.plan.fallback
-            self.reasons[group.name] = f"fallback ({reason} asked int8)"
+            self.reasons[group.name] = f"{_FALLBACK_REASON}{reason} asked int8)"
             return
         self.precision[group.name], self.reasons[group.name] = p, reason
 

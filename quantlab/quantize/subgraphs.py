@@ -40,18 +40,19 @@ from .options import WriteOptions
 __all__ = ["body_table", "fp16_subgraph", "write_bodies", "write_fp16_bodies", "write_int8_bodies", "written_subgraph"]
 
 
-def write_bodies(node: onnx.NodeProto, written: onnx.NodeProto, owner: str, precision: str, plan_default: str,
+def write_bodies(node: onnx.NodeProto, written: onnx.NodeProto, owner: str, precision: str, int8_asked: bool,
                  specs: Mapping[str, TensorSpec], initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto,
                  options: WriteOptions, table: Any, beyond_fp16: Mapping[str, float]) -> tuple[list[str], str | None]:
     """The bodies of a control-flow node, written into the writer's copy ``written`` as plan and options ask; returns
     (notes, ``"int8"`` / ``"fp16"`` for what they now compute in, None when left as they were).
 
-    INT8 when ``options.int8_bodies`` asks under an int8 plan and the table calibrated this node's bodies
-    (:func:`write_int8_bodies`); else float16 for a node of an FP16 group (:func:`write_fp16_bodies`), unless a value
+    INT8 when ``options.int8_bodies`` asks, the plan asked INT8 of the node's group (``int8_asked``,
+    :meth:`quantlab.plan.ResolvedPlan.int8_asked`: an int8 default or rule; a group pinned or overridden to fp16/fp32
+    keeps float bodies) and the table calibrated this node's bodies (:func:`write_int8_bodies`); else float16 for a node of an FP16 group (:func:`write_fp16_bodies`), unless a value
     that enters or leaves the bodies went beyond ``options.fp16_data_max`` in calibration (``beyond_fp16``:
     tensor -> its largest |x|): then they stay float32."""
     notes: list[str] = []
-    if options.int8_bodies and plan_default == INT8 and table is not None and any(
+    if options.int8_bodies and int8_asked and table is not None and any(
             table.bodies.get(body_key(owner, attr)) for attr in body_graphs(node)):
         notes, wrote = write_int8_bodies(written, owner, specs, initializers, model, options, table, precision)
         if wrote:

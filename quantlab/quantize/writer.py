@@ -107,7 +107,8 @@ class Writer:
         if node.op_type in CONTROL_FLOW_OPS and self.rewrite_bodies:
             from .subgraphs import write_bodies
 
-            notes, kind = write_bodies(node, written, name, precision, self.plan.default, self.book.specs,
+            notes, kind = write_bodies(node, written, name, precision,
+                                       self.plan.int8_asked(self.group_of[name].name), self.book.specs,
                                        self.initializers, self.src, self.options, self.placement.table,
                                        self.beyond_fp16)
             self.notes.extend(notes)
