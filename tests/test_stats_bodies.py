@@ -135,6 +135,27 @@ def test_int8_bodies_are_asked_for_under_an_int8_plan_and_need_the_body_ranges(r
     assert "QuantizeLinear" in ops and "Cast" in ops  # INT8 where it can be, the rest of the body in the fallback
 
 
+def test_the_per_layer_table_gives_a_loop_the_precision_its_body_computes_in(rnn_table, tmp_path):
+    """The Loop's row said fp32 (its group's fallback) while its body ran INT8: a reader of the table took the loop
+    for float. The provenance records what the bodies were written in, through its JSON, and the row reads it."""
+    from quantlab.compare import load_candidate
+    from quantlab.quantize import save_written
+
+    model, table = rnn_table
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt", int8_bodies=True))
+    assert written.provenance.group_precision["over_tokens"] == "fp32"
+    assert dict(written.provenance.body_precision) == {"over_tokens": "int8"}
+    save_written(written, tmp_path / "b")
+    reloaded = load_candidate(tmp_path / "b", model)
+    assert dict(reloaded.provenance.body_precision) == {"over_tokens": "int8"}
+    result = compare(model, {"int8": reloaded}, from_arrays(_sequences(8, 1), role="validation"),
+                     CompareOptions(batch_size=8, bootstrap=0))
+    rows = result.per_layer[result.per_layer["group"] == "over_tokens"]
+    assert len(rows) and set(rows["precision"]) == {"int8"}
+    plain = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
+    assert dict(plain.provenance.body_precision) == {}
+
+
 @pytest.mark.parametrize("pinned", ["fp16", "fp32"])
 def test_a_loop_pinned_to_a_float_precision_keeps_its_body_float_under_int8_bodies(rnn_table, pinned):
     """An override of the Loop's group to fp16 was ignored: --int8-bodies wrote the body's MatMul INT8 all the same

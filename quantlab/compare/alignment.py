@@ -28,6 +28,7 @@ class CandidatePlan:
     written: WrittenModel | None
     carriers: dict[str, str] = field(default_factory=dict)       # reference tensor -> written tensor
     precision: dict[str, str] = field(default_factory=dict)      # group -> precision
+    bodies: dict[str, str] = field(default_factory=dict)         # control-flow group -> its bodies' precision
     islands: dict[str, Island] = field(default_factory=dict)     # group -> island (local mode)
     mirrored: set[str] = field(default_factory=set)              # groups whose local figures are the accumulated
     skipped: list[str] = field(default_factory=list)             # notes
@@ -99,6 +100,7 @@ def plan_candidate(name: str, cand: Candidate, ref: ReferenceGraph, layers: Sequ
             + ". Compare it with the FP32 model it was written from."
         )
     plan.precision = {g.name: str(prov.group_precision.get(g.name, "fp32")) for g in ref.groups}
+    plan.bodies = dict(prov.body_precision)
     produced = {o: i for i, n in enumerate(proto.graph.node) for o in n.output if o}
     missing = []
     for x in layers:

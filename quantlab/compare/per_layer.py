@@ -17,7 +17,8 @@ __all__ = ["per_layer_frame", "nan_warnings"]
 def per_layer_frame(plans: Mapping[str, CandidatePlan], layers: Sequence[Layer],
                     acc: Mapping[tuple[str, str, str], ErrorAccumulator]) -> pd.DataFrame:
     """One row per candidate x mode x layer with sums; a group fed only graph inputs takes its local
-    figures from the accumulated ones (``CandidatePlan.mirrored``)."""
+    figures from the accumulated ones (``CandidatePlan.mirrored``). A Loop/Scan/If's ``precision`` is its bodies'
+    when they were written INT8 or FP16 (``CandidatePlan.bodies``): the node itself is only a fallback's."""
     rows = []
     for name, p in plans.items():
         for mode in LIVE_MODES:
@@ -29,7 +30,7 @@ def per_layer_frame(plans: Mapping[str, CandidatePlan], layers: Sequence[Layer],
                     continue
                 rows.append({
                     "candidate": name, "mode": mode, "order": x.order, "layer": x.layer, "group": x.group,
-                    "op_type": x.op_type, "tensor": x.tensor, "precision": p.precision.get(x.group, "fp32"),
+                    "op_type": x.op_type, "tensor": x.tensor, "precision": p.bodies.get(x.group) or p.precision.get(x.group, "fp32"),
                     **a.result(), "node": x.node,
                 })
     frame = pd.DataFrame(rows, columns=list(PER_LAYER_COLUMNS))

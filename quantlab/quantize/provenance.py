@@ -43,6 +43,9 @@ class Provenance:
     (a :class:`quantlab.precision.GroupPrecision`, as ``ResolvedPlan.precision``);
     ``node_group``: original node -> its group. ``inserted_nodes``: written
     node -> kind. ``meta``: hashes, options, table and tool versions.
+    ``body_precision``: group of a Loop/Scan/If -> what its bodies were written
+    to compute in (``int8`` / ``fp16``; absent: as the source model had them),
+    which its ``group_precision`` (the node's own, a fallback) does not say.
     """
 
     tensor_map: Mapping[str, str]
@@ -54,6 +57,7 @@ class Provenance:
     inserted_nodes: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
+    body_precision: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_precision, GroupPrecision):  # a plain mapping is checked and converted
@@ -76,6 +80,7 @@ class Provenance:
             "inserted_nodes": dict(self.inserted_nodes),
             "notes": list(self.notes),
             "meta": dict(self.meta),
+            **({"body_precision": dict(self.body_precision)} if self.body_precision else {}),
         }
 
     @classmethod
@@ -93,6 +98,7 @@ class Provenance:
             inserted_nodes=dict(data.get("inserted_nodes", {})),
             notes=tuple(data.get("notes", ())),
             meta=dict(data.get("meta", {})),
+            body_precision=dict(data.get("body_precision", {})),
         )
 
 

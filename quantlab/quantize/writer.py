@@ -265,6 +265,8 @@ class Writer:
             inserted_nodes=self.book.inserted,
             notes=tuple(self.notes),
             meta=dict(meta),
+            body_precision={**{self.group_of[n].name: FP16 for n in self.fp16_bodies},
+                            **{self.group_of[n].name: INT8 for n in self.int8_bodies}},
         )
 
     def _carrier(self, tensor: str) -> str:
