@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from quantlab.backends import get_backend
 from quantlab.calibrate import calibrate
@@ -45,8 +45,6 @@ def _with_body_tensors_as_scan_outputs(proto: onnx.ModelProto, tensors: list[str
 
 def _token_rnn_rank1() -> onnx.ModelProto:
     """token_rnn with the loop's condition a [1] tensor, as paddle2onnx writes it (SLANet)."""
-    from onnx import numpy_helper
-
     proto = models.token_rnn()
     go = next(i for i in proto.graph.initializer if i.name == "go")
     go.CopyFrom(numpy_helper.from_array(np.array([True]), "go"))
@@ -86,6 +84,44 @@ def test_body_statistics_equal_those_of_the_steps_onnx_runtime_runs(build):
         mine, theirs = states[body.owner][t], expected[t].state()
         assert (mine.count, mine.min, mine.max) == (theirs.count, theirs.min, theirs.max), t
         assert np.array_equal(mine.counts, theirs.counts), t
+
+
+def _token_rnn_with_a_growing_trace() -> onnx.ModelProto:
+    """token_rnn whose Loop also carries a trace that grows a column a step, its body input typed by the first step
+    ([N, 0]), as torch's exporter types a token accumulator (``out = cat([out, tok])``)."""
+    proto = models.token_rnn()
+    loop = next(n for n in proto.graph.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    body.input.append(helper.make_tensor_value_info("trace_in", TensorProto.FLOAT, ["N", 0]))
+    body.node.extend([
+        helper.make_node("Slice", ["h_out", "zero1", "one1", "one1"], ["h_first"], name="first_unit"),
+        helper.make_node("Concat", ["trace_in", "h_first"], ["trace_out"], name="grow", axis=1)])
+    body.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "zero1"),
+                             numpy_helper.from_array(np.array([1], np.int64), "one1")])
+    body.output.insert(2, helper.make_tensor_value_info("trace_out", TensorProto.FLOAT, ["N", None]))
+    proto.graph.node.insert(0, helper.make_node("Slice", ["h0", "zero0", "zero0", "one0"], ["trace0"], name="empty"))
+    proto.graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "zero0"),
+                                    numpy_helper.from_array(np.array([1], np.int64), "one0")])
+    loop.input.append("trace0")
+    loop.output.append("trace")
+    proto.graph.output.append(helper.make_tensor_value_info("trace", TensorProto.FLOAT, ["N", None]))
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def test_a_loop_carrying_a_value_that_grows_each_step_is_calibrated_and_written_int8(tmp_path):
+    """A greedy decoder's body carries its tokens so far, typed [N, 0] by the export: the body model was built with
+    that fixed size, refused the second step ([N, 1]) and the body stayed uncalibrated and float."""
+    model = model_from_proto(_token_rnn_with_a_growing_trace())
+    states, notes = collect_body_statistics(model, [_sequences(4, 0)], get_backend("ort"), 2048, 1e30)
+    assert notes == ()
+    assert {"h_out", "recurrent", "trace_in"} <= set(states["over_tokens"])
+    table = calibrate(model, from_arrays(_sequences(16, 0)), "minmax", batch_size=8).tables["minmax"]
+    written = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt", int8_bodies=True))
+    assert "QuantizeLinear" in _body_ops(written)
+    result = compare(model, {"int8": written}, from_arrays(_sequences(8, 1), role="validation"),
+                     CompareOptions(batch_size=8, per_layer=False, bootstrap=0))
+    assert (result.end_to_end["sqnr_db"] > 25).all()
 
 
 @pytest.fixture(scope="module")

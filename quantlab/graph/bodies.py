@@ -47,13 +47,29 @@ def body_outer_inputs(body: onnx.GraphProto, initializers: Mapping[str, onnx.Ten
 def body_model(body: onnx.GraphProto, owner: str, specs: Mapping[str, TensorSpec],
                initializers: Mapping[str, onnx.TensorProto], model: onnx.ModelProto) -> onnx.ModelProto:
     """``body`` of the node ``owner`` as a model: its inputs, then the outer tensors it reads (typed by ``specs``;
-    one without a spec is left out, as before), the outer weights it reads as initializers, its own outputs."""
+    one without a spec is left out, as before), the outer weights it reads as initializers, its own outputs.
+
+    The inputs keep their types and ranks but not their fixed sizes: a loop-carried value may change shape from step
+    to step, and exporters type it by the first (torch's token accumulator ``[N, 0]``, ``[N, 1]`` a step later: the
+    body model refused the second step, and the decoder's body went uncalibrated)."""
     reads = sorted(outer_names(body))
     weights = [initializers[r] for r in reads if r in initializers]
     outer = [value_info_of(specs[r]) for r in reads if r not in initializers and r in specs]
-    graph = helper.make_graph(list(body.node), body.name or owner, [*body.input, *outer], list(body.output),
+    inputs = [_sizes_free(i) for i in body.input]
+    graph = helper.make_graph(list(body.node), body.name or owner, [*inputs, *outer], list(body.output),
                               [*body.initializer, *weights], value_info=list(body.value_info))
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def _sizes_free(info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """``info`` with each fixed dim of a tensor type made unknown (type, rank and named dims kept)."""
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(info)
+    if copy.type.HasField("tensor_type") and copy.type.tensor_type.HasField("shape"):
+        for dim in copy.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value"):
+                dim.Clear()
+    return copy
 
 
 def value_info_of(spec: TensorSpec) -> onnx.ValueInfoProto:
