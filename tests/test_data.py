@@ -1006,3 +1006,18 @@ def test_inputs_beyond_calibration_sizes_alike_are_named_in_one_warning():
         "inputs 'attention_mask', 'input_ids', 'token_type_ids': validation samples of sizes [12] where calibration "
         "covered [8]")
     assert notes[1].startswith("input 'pixel': validation samples of sizes [15] where calibration covered [11]")
+
+
+def test_an_array_set_of_one_value_per_sample_gives_0d_samples_that_a_batch_axis_model_takes():
+    """A diffusion UNet's timestep input is [N]: one value per sample. from_arrays gave each sample shape [1]
+    (numpy's ascontiguousarray makes a 0-d array 1-d), and the model's rank check refused the data."""
+    from quantlab.data import check_inputs, from_arrays
+    from quantlab.graph import model_from_proto
+
+    t = np.arange(6, dtype=np.float32)
+    data = from_arrays({"t": t})
+    assert data.sample(2).feeds["t"].shape == () and float(data.sample(2).feeds["t"]) == 2.0
+    graph = helper.make_graph([helper.make_node("Neg", ["t"], ["y"])], "g",
+                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])])
+    check_inputs(data, model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))

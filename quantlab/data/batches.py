@@ -93,7 +93,9 @@ def take_samples(array: np.ndarray, axis: int | None, index: int | slice) -> np.
         return array
     where = [slice(None)] * np.ndim(array)
     where[axis] = index
-    return np.ascontiguousarray(np.asarray(array)[tuple(where)])
+    taken = np.asarray(np.asarray(array)[tuple(where)])
+    # ascontiguousarray makes a 0-d sample (one timestep of a [N] input) 1-d: the model's rank check refused it
+    return np.ascontiguousarray(taken) if taken.ndim else taken
 
 
 def stack_input(name: str, samples: Sequence[Sample], axis: int | None) -> np.ndarray:

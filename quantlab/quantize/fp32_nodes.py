@@ -1,6 +1,6 @@
 """Which nodes of an FP16 group still compute in float32: per-sample statistics, squares for a variance, nodes
-whose activations went beyond float16's range in calibration (above 65504, or all below its smallest value), and
-nodes reading a guard constant float16 reads as 0.
+whose activations went beyond float16's range in calibration (above 65504, or all below its smallest value),
+nodes reading a guard constant float16 reads as 0, and the argument of a Sin/Cos beyond a few radians.
 
 The writer asks :meth:`Fp32Nodes.statistic` of every node in topological order (a statistic is known from its
 inputs, which were asked about first), then :meth:`Fp32Nodes.keeps_fp32` of an FP16 group's other nodes::
@@ -10,11 +10,15 @@ inputs, which were asked about first), then :meth:`Fp32Nodes.keeps_fp32` of an F
 
     power ─► MatMul(mel) ─► Clip(min=1e-10) ─► Log ─► dB      the guard 1e-10 is 0 in float16: the Clip keeps
                               float32                           float32, or silence's log(0) is -inf
+
+    t (0..999) ─► Unsqueeze ─► Mul(freqs) ─► Sin/Cos ─► Linear      a phase of 999 rad is rounded to 0.5 rad in
+    └──────── float32: |x| beyond PHASE_LIMIT ───────┘              float16: a diffusion UNet's timestep embedding
+                                                                    (28 dB), rotary position embeddings
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -25,7 +29,12 @@ from ..table import CalibrationTable
 from .options import WriteOptions
 from .tensors import F16, F32, TensorBook
 
-__all__ = ["Fp32Nodes", "beyond_fp16", "below_fp16"]
+__all__ = ["Fp32Nodes", "beyond_fp16", "below_fp16", "phase_nodes"]
+
+PHASE_OPS = frozenset({"Sin", "Cos"})
+PHASE_LIMIT = 2.0
+"""Beyond this |x| (radians), rounding a Sin/Cos argument to float16 (half a step: |x| * 2**-11) costs more than
+rounding its result: the argument, and what computes it at such magnitudes, stays float32."""
 
 GUARD_SIZE = 64
 """A float constant of at most this many values, all of whose non-zero values float16 reads as 0, is a guard
@@ -57,13 +66,43 @@ def below_fp16(table: CalibrationTable | None) -> dict[str, float]:
     return {t: v for t, v in seen.items() if v > 0.0 and _zero_in_fp16(v)}
 
 
+def phase_nodes(nodes: Sequence[onnx.NodeProto], names: Sequence[str], table: CalibrationTable | None,
+                constants: Collection[str]) -> dict[str, tuple[str, float]]:
+    """Node name -> (tensor, its largest |x|) for each Sin/Cos whose argument went beyond :data:`PHASE_LIMIT` in
+    calibration, and each node computing that argument back through tensors beyond it (a Mul by frequencies, an
+    Unsqueeze of the timesteps); a graph input, a constant or a small value ends the walk. Empty without a table."""
+    if table is None:
+        return {}
+    magnitude = {t: max(abs(r.min), abs(r.max)) for t, r in table.ranges.items()
+                 if np.isfinite(r.min) and np.isfinite(r.max)}
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    out: dict[str, tuple[str, float]] = {}
+    pending = []
+    for i, node in enumerate(nodes):
+        if node.op_type in PHASE_OPS and node.input and magnitude.get(node.input[0], 0.0) > PHASE_LIMIT:
+            out[names[i]] = (node.input[0], magnitude[node.input[0]])
+            pending.append(node.input[0])
+    seen: set[str] = set()
+    while pending:
+        t = pending.pop()
+        i = producer.get(t)
+        if t in seen or i is None or nodes[i].op_type in CONTROL_FLOW_OPS:
+            continue
+        seen.add(t)
+        out.setdefault(names[i], (t, magnitude[t]))
+        pending += [u for u in nodes[i].input if u and u not in constants and magnitude.get(u, 0.0) > PHASE_LIMIT]
+    return out
+
+
 class Fp32Nodes:
     """The float32 exceptions inside FP16 groups, and why each was made: ``kept`` (values beyond
-    ``fp16_data_max``), ``kept_small`` (values float16 reads as 0) and ``guards`` (a guard constant float16 reads as
-    0), each node -> (tensor, its largest |x|)."""
+    ``fp16_data_max``), ``kept_small`` (values float16 reads as 0), ``guards`` (a guard constant float16 reads as
+    0) and ``phases`` (a Sin/Cos argument beyond :data:`PHASE_LIMIT`, :func:`phase_nodes`), each node -> (tensor,
+    its largest |x|)."""
 
     def __init__(self, book: TensorBook, options: WriteOptions, constants: Collection[str],
-                 beyond: Mapping[str, float], below: Mapping[str, float] | None = None) -> None:
+                 beyond: Mapping[str, float], below: Mapping[str, float] | None = None,
+                 phase: Mapping[str, tuple[str, float]] | None = None) -> None:
         self.book = book
         self.options = options
         self.constants = constants
@@ -72,6 +111,8 @@ class Fp32Nodes:
         self.kept: dict[str, tuple[str, float]] = {}  # fp16-group node kept float32 -> (tensor, its |x|)
         self.kept_small: dict[str, tuple[str, float]] = {}  # node kept float32 -> (a tensor float16 reads as 0, |x|)
         self.guards: dict[str, tuple[str, float]] = {}  # node kept float32 -> (guard constant, its largest |x|)
+        self.phase = dict(phase or {})  # node name -> (a Sin/Cos argument beyond PHASE_LIMIT, its |x|): phase_nodes
+        self.phases: dict[str, tuple[str, float]] = {}  # the FP16-group nodes of those kept float32
         self.statistics: set[str] = set()  # reductions' outputs and what only they compute (see statistic)
 
     def keeps_fp32(self, node: onnx.NodeProto, name: str) -> bool:
@@ -80,7 +121,14 @@ class Fp32Nodes:
         calibration (or all of whose values float16 reads as 0), or one reading a guard constant float16 reads
         as 0."""
         return (node.op_type in self.options.fp32_ops or self.square(node) or self.reads_beyond_fp16(node, name)
-                or self.reads_below_fp16(node, name) or self.reads_guard(node, name))
+                or self.reads_below_fp16(node, name) or self.reads_guard(node, name) or self.computes_phase(name))
+
+    def computes_phase(self, name: str) -> bool:
+        """Whether the node is a Sin/Cos of a large argument or computes one (:func:`phase_nodes`; :attr:`phases`
+        records it)."""
+        if name in self.phase:
+            self.phases[name] = self.phase[name]
+        return name in self.phase
 
     def statistic(self, node: onnx.NodeProto) -> bool:
         """Whether the node computes a per-sample statistic: a float32 reduction (``fp32_ops``), or a node whose

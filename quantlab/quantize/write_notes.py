@@ -13,7 +13,7 @@ from ..graph.topology import CONTROL_FLOW_OPS, RANDOM_OPS, SHAPE_ONLY_OPS
 from ..plan import ResolvedPlan
 from ..precision import FP16_TINY, FP32
 from .casts import Casts
-from .fp32_nodes import Fp32Nodes
+from .fp32_nodes import PHASE_LIMIT, Fp32Nodes
 from .placement import Placement
 from .qdq import QdqInserter
 
@@ -81,6 +81,11 @@ def writing_notes(src: onnx.ModelProto, plan: ResolvedPlan, placement: Placement
         notes.append(f"{len(fp32.guards)} node(s) of FP16 groups compute in FP32: they read a guard constant that "
                      f"float16 reads as 0 (its smallest value is {FP16_TINY:.3g}; an epsilon before a Log or under a division, "
                      f"where 0 gives -inf or inf): {shown}")
+    if fp32.phases:
+        shown = ", ".join(f"{n!r} ({t!r} up to {v:.3g})" for n, (t, v) in list(fp32.phases.items())[:5])
+        notes.append(f"{len(fp32.phases)} node(s) of FP16 groups compute in FP32: a Sin/Cos argument beyond "
+                     f"{PHASE_LIMIT:g} rad (a timestep or position embedding), which float16 would round by up to "
+                     f"|x| * 2**-11 rad, and what computes it: {shown}")
     return notes
 
 

@@ -30,7 +30,7 @@ from ..plan import FusionGroup, ResolvedPlan
 from ..precision import FP16, INT8
 from ..version import __version__
 from .casts import Casts
-from .fp32_nodes import Fp32Nodes, below_fp16, beyond_fp16
+from .fp32_nodes import Fp32Nodes, below_fp16, beyond_fp16, phase_nodes
 from .options import WriteOptions
 from .placement import Placement, Slot
 from .provenance import Provenance
@@ -66,7 +66,8 @@ class Writer:
         self.rewrite_bodies = rewrite_bodies  # False: bodies stay as they are (the fallback of write_model)
         self.initializers = initializer_map(self.src)
         self.beyond_fp16 = beyond_fp16(placement.table, options.fp16_data_max)
-        self.fp32 = Fp32Nodes(self.book, options, placement.constants, self.beyond_fp16, below_fp16(placement.table))
+        self.fp32 = Fp32Nodes(self.book, options, placement.constants, self.beyond_fp16, below_fp16(placement.table),
+                              phase_nodes(self.nodes, self.names, placement.table, placement.constants))
         self._kept: set[str] = set()  # initializers the written model keeps
         self.subgraph_reads = frozenset(subgraph_reads(self.nodes))
         self.shape_determined = shape_determined_nodes(self.src)
