@@ -297,10 +297,10 @@ def beyond_calibration(validation: DataSummary, calibration: DataSummary, *, val
                                                          or v.min < c.min - BEYOND_CALIBRATION * span):
             amax = max(abs(c.min), abs(c.max))
             out.append(f"input {v.name!r}: validation values reach [{v.min:.4g}, {v.max:.4g}] where calibration saw "
-                       f"[{c.min:.4g}, {c.max:.4g}]: ranges calibrated without such values clip them where they end "
-                       f"(the input's own at +-{amax:.4g} in the TensorRT form, at [{c.min:.4g}, {c.max:.4g}] in the "
-                       "ORT form; the layers after it likewise; `quantlab coverage` measures by how much); "
-                       "calibrate on data like the validation set's")
+                       f"[{c.min:.4g}, {c.max:.4g}]: ranges calibrated without such values clip them where a Q/DQ "
+                       f"reads them (the input itself, if an INT8 layer reads it, at +-{amax:.4g} in the TensorRT "
+                       f"form, at [{c.min:.4g}, {c.max:.4g}] in the ORT form; the INT8 layers after it likewise; "
+                       "`quantlab coverage` measures by how much); calibrate on data like the validation set's")
     return [f"input{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}: {role} samples of sizes {seen} "
             f"{NOT_CALIBRATED_SIZES} {covered}: the ranges of tensors whose values grow with the size (attention "
             "over more positions, sums over a larger image) were not measured on such sizes; calibrate on samples "
