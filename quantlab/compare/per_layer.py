@@ -30,7 +30,8 @@ def per_layer_frame(plans: Mapping[str, CandidatePlan], layers: Sequence[Layer],
                     continue
                 rows.append({
                     "candidate": name, "mode": mode, "order": x.order, "layer": x.layer, "group": x.group,
-                    "op_type": x.op_type, "tensor": x.tensor, "precision": p.bodies.get(x.group) or p.precision.get(x.group, "fp32"),
+                    "op_type": x.op_type, "tensor": x.tensor,
+                    "precision": p.bodies.get(x.group) or p.precision.get(x.group, "fp32"),
                     **a.result(), "node": x.node,
                 })
     frame = pd.DataFrame(rows, columns=list(PER_LAYER_COLUMNS))
@@ -86,7 +87,7 @@ def data_sized_layers_note(layers: Sequence[str], data_sized: Collection[str]) -
     if not sized:
         return None
     shown = ", ".join(map(repr, sized[:3])) + (f" and {len(sized) - 3} more" if len(sized) > 3 else "")
-    return (f"{len(sized)} layer tensor(s) are sized by the data (after NonZero, TopK, NMS or a loop the data stops: {shown}): their "
-            "per-layer figures leave out the batches where a candidate's size differs, and compare row by row where "
-            "it does not, though the rows may be other tokens (another expert or box chosen); read them with care "
+    return (f"{len(sized)} layer tensor(s) are sized by the data (after NonZero, TopK, NMS or a loop the data "
+            f"stops: {shown}): their per-layer figures leave out the batches where a candidate's size differs, and "
+            "compare row by row where it does not, though the rows may be other tokens (another expert or box chosen); read them with care "
             "(their local figures, fed the reference's choice, are sound) and judge such a model end to end")
