@@ -89,5 +89,6 @@ def data_sized_layers_note(layers: Sequence[str], data_sized: Collection[str]) -
     shown = ", ".join(map(repr, sized[:3])) + (f" and {len(sized) - 3} more" if len(sized) > 3 else "")
     return (f"{len(sized)} layer tensor(s) are sized by the data (after NonZero, TopK, NMS or a loop the data "
             f"stops: {shown}): their per-layer figures leave out the batches where a candidate's size differs, and "
-            "compare row by row where it does not, though the rows may be other tokens (another expert or box chosen); read them with care "
-            "(their local figures, fed the reference's choice, are sound) and judge such a model end to end")
+            "compare row by row where it does not, though the rows may be other tokens (another expert or box "
+            "chosen); read them with care (their local figures, fed the reference's choice, are sound) and judge "
+            "such a model end to end")

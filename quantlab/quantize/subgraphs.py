@@ -49,8 +49,8 @@ def write_bodies(node: onnx.NodeProto, written: onnx.NodeProto, owner: str, prec
     INT8 when ``options.int8_bodies`` asks, the plan asked INT8 of the node's group (``int8_asked``,
     :meth:`quantlab.plan.ResolvedPlan.int8_asked`: an int8 default or rule; a group pinned or overridden to fp16/fp32
     keeps float bodies) and the table calibrated this node's bodies (:func:`write_int8_bodies`); else float16 for a
-    node of an FP16 group (:func:`write_fp16_bodies`), unless a value that enters or leaves the bodies went beyond ``options.fp16_data_max`` in calibration (``beyond_fp16``:
-    tensor -> its largest |x|): then they stay float32."""
+    node of an FP16 group (:func:`write_fp16_bodies`), unless a value that enters or leaves the bodies went beyond
+    ``options.fp16_data_max`` in calibration (``beyond_fp16``: tensor -> its largest |x|): then they stay float32."""
     notes: list[str] = []
     if options.int8_bodies and int8_asked and table is not None and any(
             table.bodies.get(body_key(owner, attr)) for attr in body_graphs(node)):
