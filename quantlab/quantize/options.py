@@ -72,8 +72,8 @@ class WriteOptions:
 
     ``int8_bodies``: where the plan asks INT8 of a Loop/Scan/If's group (an int8 default or rule; not a group
     pinned or overridden to fp16/fp32), write the bodies of Loop/Scan nodes (the branches of If nodes) the table
-    calibrated (``CalibrationTable.bodies``, quantlab.stats.bodies) in INT8 too, with the Loop group's precision for what has
-    no INT8 form inside. Off by default: the search pins fusion groups, and a Loop's body is not one it can pin, so
+    calibrated (``CalibrationTable.bodies``, quantlab.stats.bodies) in INT8 too, with the Loop group's precision for
+    what has no INT8 form inside. Off by default: the search pins fusion groups, and a Loop's body is not one it can pin, so
     an INT8 body it cannot revert is the user's choice (``quantlab build --int8-bodies``, ``[candidates]
     int8_bodies = true``).
     """

@@ -101,8 +101,9 @@ def write_int8_bodies(node: onnx.NodeProto, owner: str, specs: Mapping[str, Tens
                       table: Any, fallback: str) -> tuple[list[str], bool]:
     """Writes the body of a Loop/Scan (the branches of an If) whose group INT8 was asked of, in place, with an INT8
     plan (``fallback`` for what has no INT8 form) and the ranges calibrated inside it (``table.bodies`` under its
-    :func:`quantlab.graph.bodies.body_key`, quantlab.stats.bodies) beside the outer tensors' ranges. A body that cannot be written so, or that has no ranges
-    (a branch the calibration data never took), stays as it was, with a note. Returns (notes, whether a body now
+    :func:`quantlab.graph.bodies.body_key`, quantlab.stats.bodies) beside the outer tensors' ranges. A body that
+    cannot be written so, or that has no ranges (a branch the calibration data never took), stays as it was, with a
+    note. Returns (notes, whether a body now
     holds Q/DQ)::
 
         Loop(body: h_in ─► MatMul(W) ─► Tanh ─► h_out)
