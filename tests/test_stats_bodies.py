@@ -188,6 +188,12 @@ def test_the_per_layer_table_gives_a_loop_the_precision_its_body_computes_in(rnn
                      CompareOptions(batch_size=8, bootstrap=0))
     rows = result.per_layer[result.per_layer["group"] == "over_tokens"]
     assert len(rows) and set(rows["precision"]) == {"int8"}
+    # local mode cuts the Loop out with its body, its outer reads (xp) fed the reference's values: the body's own
+    # error, not what it inherits from the INT8 embedding (it was skipped: "a subgraph that cannot be cut out")
+    local = rows[rows["mode"] == "local"]["sqnr_db"]
+    accumulated = rows[rows["mode"] == "accumulated"]["sqnr_db"]
+    assert len(local) == 1 and np.isfinite(local.iloc[0]) and local.iloc[0] > accumulated.iloc[0]
+    assert "over_tokens" in set(result.worst_layers(candidate="int8")["group"])
     plain = write_model(model, uniform_plan("int8"), table, WriteOptions(target="tensorrt"))
     assert dict(plain.provenance.body_precision) == {}
 

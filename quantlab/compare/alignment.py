@@ -117,7 +117,8 @@ def plan_candidate(name: str, cand: Candidate, ref: ReferenceGraph, layers: Sequ
         if chain.float_read and plan.carriers.get(chain.tensor) == chain.carrier:
             plan.carriers[chain.tensor] = chain.quantized
     if options.local:
-        plan.islands, notes = find_islands(name, written, ref, layers, plan.carriers, plan.precision, produced,
-                                           chains)
+        # a Loop/If whose bodies compute in INT8/FP16 is an island of that precision (its node alone is fp32)
+        plan.islands, notes = find_islands(name, written, ref, layers, plan.carriers,
+                                           {**plan.precision, **plan.bodies}, produced, chains)
         plan.skipped.extend(notes)
     return plan

@@ -19,7 +19,9 @@ original tensor -> written tensor carrying its value), never by guessing from na
 
 An island is the group's written nodes (``Provenance.node_map``: the node plus the Q/DQ/Cast
 nodes feeding it) closed over inserted nodes, cut at the written tensors that carry original
-tensors. The islands of a chunk of groups form "local models" (renamed ``local/<i>/...``,
+tensors; a Loop/If/Scan is cut out with its bodies, the outer tensors they read by name fed like its inputs (an
+INT8 or FP16 body is an island of that precision, ``CandidatePlan.bodies``). The islands of a chunk of groups form
+"local models" (renamed ``local/<i>/...``,
 inputs ``ref/<tensor>``; a node shared by two islands on the same inputs is computed once),
 one per worker thread, each run once per batch.
 """
@@ -42,7 +44,8 @@ from ..precision import INT8
 from ..quantize import Provenance, WrittenModel
 from ..quantize.tensors import FP16_MAX
 from .layers import Layer, ReferenceGraph
-from .submodel import build_runner, has_subgraph, node_reads, submodel, typed_specs
+from ..folding import rename_node
+from .submodel import build_runner, node_reads, submodel, typed_specs
 
 __all__ = ["Island", "QdqChain", "find_islands", "output_qdq_chains", "LocalModel"]
 
@@ -110,12 +113,9 @@ def find_islands(name: str, written: WrittenModel, ref: ReferenceGraph, layers: 
         inserted = any(w_nodes[i].name in prov.inserted_nodes for i in members)
         if precision.get(g.name, "fp32") == "fp32" and not inserted:
             continue
-        if any(has_subgraph(w_nodes[i]) for i in members):
-            notes.append(f"candidate {name!r}: local mode skips group {g.name!r}: it holds a subgraph "
-                         "(If/Loop/Scan) that cannot be cut out")
-            continue
         made = {o for i in members for o in w_nodes[i].output if o}
-        boundary = sorted({t for i in members for t in w_nodes[i].input
+        # a Loop/If's bodies read outer tensors by name: they are fed from the reference too (LocalModel renames them)
+        boundary = sorted({t for i in members for t in node_reads(w_nodes[i])
                            if t and t not in inits and t not in made})
         raw = {c.quantized: c.carrier for c in chains if c.owner == g.name and not c.owned}  # an INT8 reader's
         outputs = tuple((x.tensor, raw.get(carriers[x.tensor], carriers[x.tensor])) for x in by_group[g.name]
@@ -303,14 +303,16 @@ class LocalModel:
         for i in island.nodes:
             src = w_nodes[i]
             ins = tuple(rename(t) for t in src.input)
-            key = (i, ins)
+            outer = {t: rename(t) for t in node_reads(src)[len([t for t in src.input if t]):]}  # bodies' reads
+            key = (i, ins + tuple(sorted(outer.items())))
             if key in self._emitted:  # the same node on the same inputs in an earlier island: computed once
                 for t, done in zip(src.output, self._emitted[key]):
                     if t:
                         names[t] = done
                 continue
-            node = onnx.NodeProto()
-            node.CopyFrom(src)
+            node = rename_node(src, {t: n for t, n in outer.items() if n != t}) if outer else onnx.NodeProto()
+            if not outer:
+                node.CopyFrom(src)
             node.name = prefix + (src.name or f"{src.op_type}_{i}")
             del node.input[:]
             node.input.extend(ins)

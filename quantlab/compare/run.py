@@ -271,6 +271,7 @@ class Comparison:
         """Runs the per-batch task graphs over ``batches``; returns the segments per model."""
         self.runners = Runners(self.reference, self.ref, self.plans, self.chunks, self.do_acc, self.do_local,
                                self.workers, self.backend, self.candidate_backends)
+        self.warnings.extend(n for n in self.runners.notes if n not in self.warnings)
         try:
             graph = BatchTasks(self.runners, self.plans, self.chunks, self.do_acc, self.data_sized)
             Pipeline(self.workers, list(self.plans), graph.for_batch).run(batches, opened, finished)

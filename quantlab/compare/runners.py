@@ -12,6 +12,7 @@ from .islands import Island, LocalModel
 from .layers import Layer, ReferenceGraph, elements_per_sample
 from .schedule import BatchState
 from .segments import StagedModel
+from .submodel import has_subgraph
 
 __all__ = ["Runners", "mirrored_groups"]
 
@@ -48,6 +49,7 @@ class Runners:
         self.k_count = max(1, len(chunks))
         layered = [p for p in plans.values() if p.written is not None and (p.carriers or p.islands)]
         self.local: dict[str, list[list[LocalModel]]] = {}
+        self.notes: list[str] = []  # local-mode islands left out when their session could not be built
         self.candidates: dict[str, StagedModel] = {}
         ref_wants: list[list[str]] = [[] for _ in range(self.k_count)]
         for k, chunk in enumerate(chunks):
@@ -83,12 +85,28 @@ class Runners:
             per_chunk[chunk_of_group[g]].append(island)
         models: list[list[LocalModel]] = []
         for k, islands in enumerate(per_chunk):
-            parts = [LocalModel(p.name, p.proto, part, self._own.get(p.name, self._backend))
-                     for part in self._split(islands)]
+            parts = [lm for part in self._split(islands) if (lm := self._local_model(p, part)) is not None]
             for lm in parts:
                 ref_wants[k].extend(lm.needs)
             models.append(parts)
         return models
+
+    def _local_model(self, p: CandidatePlan, islands: list[Island]) -> LocalModel | None:
+        """The local model of ``islands``; when its session cannot be built and some hold a Loop/If/Scan (cut out
+        with its bodies, whose outer reads are fed from the reference), the model without those, with a note."""
+        backend = self._own.get(p.name, self._backend)
+        try:
+            return LocalModel(p.name, p.proto, islands, backend)
+        except Exception as exc:  # noqa: BLE001 - any backend's failure to build: the other islands still run
+            nodes = p.proto.graph.node
+            flowing = [i for i in islands if any(has_subgraph(nodes[n]) for n in i.nodes)]
+            if not flowing:
+                raise
+            self.notes.append(f"candidate {p.name!r}: local mode skips group(s) "
+                              f"{', '.join(repr(i.group) for i in flowing)}: their Loop/If/Scan, cut out and fed the "
+                              f"reference's values, could not be built ({type(exc).__name__}: {str(exc)[:200]})")
+            rest = [i for i in islands if i not in flowing]
+            return LocalModel(p.name, p.proto, rest, backend) if rest else None
 
     def _split(self, islands: list[Island]) -> list[list[Island]]:
         """Islands in ``workers`` parts of similar size (activation elements in and out), so the
