@@ -365,6 +365,26 @@ def test_a_model_that_fixes_its_batch_at_1_runs_one_sample_at_a_time(tmp_path: P
 
 
 @needs_compare
+def test_a_batch_coupling_warning_is_said_once_by_a_run(tmp_path: Path) -> None:
+    """A streaming step whose If tests the whole batch's state got the same WARNING twice from `quantlab run`: once
+    from the run's own check, once among the comparison's warnings."""
+    from onnx import helper
+
+    path = _small_experiment(tmp_path, evil=False)
+    model = onnx.load(tmp_path / "model.onnx")
+    out = model.graph.output[0].name
+    last = next(n for n in model.graph.node if out in n.output)
+    last.output[list(last.output).index(out)] = "raw"
+    model.graph.node.extend([helper.make_node("ReduceMax", ["raw"], ["top"], name="batch_max"),
+                             helper.make_node("Sub", ["raw", "top"], [out], name="from_top")])
+    onnx.save(model, tmp_path / "model.onnx")
+    path.write_text(path.read_text().replace('validation = "val.toml"', 'validation = "val.toml"\nbatch_size = 4'))
+    result = run_experiment(load_experiment(path), reports_dir=tmp_path / "reports")
+    said = [m for m in result.messages if "combines values across the samples of a batch" in m]
+    assert len(said) == 1 and "WARNING" in said[0]
+
+
+@needs_compare
 def test_an_experiment_takes_a_user_metric_and_gates_on_its_names(tmp_path: Path) -> None:
     """An OCR model's line accuracy is a user metric: `quantlab run` told users to pass --metric, which an
     experiment file could not take. ``metric = "file.py:function"`` (relative to the file) reaches the compare

@@ -178,7 +178,7 @@ class _Run:
             reference, lambda: measured_candidates(model, written, tables, config, rewrites), build_keys, val, cal_dir,
             simulated)
         record = read_json(cmp_dir / "compare.json")
-        self.messages += list(record.get("warnings", []))
+        self.messages += [w for w in record.get("warnings", []) if w not in self.messages]  # the batch note: said once
         noise = unjudged_reason(record.get("settings", {}).get("reference_noise") or {})
         verdict, search_dir = self._verdict_and_search(model, val, tables, written, frames["end_to_end"], calib,
                                                        rewrites, noise)
