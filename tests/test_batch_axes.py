@@ -496,6 +496,34 @@ def test_sizes_decided_by_computed_values_are_data_sized():
     assert "by_value" in sized and not {"by_shape", "by_input"} & sized
 
 
+@pytest.mark.parametrize("widen", [False, True], ids=["same-shape", "other-shape"])
+def test_an_if_the_data_decides_resizes_only_the_outputs_its_branches_shape_differently(widen):
+    """A streaming step's ``if state is all zeros: h = init(x) else: h = cell(x, state)`` returns [N, 16] either
+    way: its outputs were listed as sized by the data (a note on every comparison); only branches that declare
+    other shapes (or none) make an output data-sized."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantlab.graph import model_from_proto
+    from quantlab.graph.samples import data_sized
+
+    def branch(name: str, op: str, shape: list) -> onnx.GraphProto:
+        inputs, attrs = (["x", "x"], {"axis": 1}) if op == "Concat" else (["x"], {})
+        return helper.make_graph([helper.make_node(op, inputs, [f"{name}_out"], name=f"{name}_op", **attrs)], name,
+                                 [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, shape)])
+
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], name="total", keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"], name="positive"),
+             helper.make_node("If", ["positive"], ["h"], name="choose", then_branch=branch("then", "Relu", ["N", 4]),
+                              else_branch=branch("else", "Concat", ["N", 8]) if widen else branch("else", "Neg",
+                                                                                                     ["N", 4])),
+             helper.make_node("Relu", ["h"], ["y"], name="after")]
+    graph = helper.make_graph(nodes, "step", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", None])],
+                              [numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    sized = data_sized(model_from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    assert sized == ({"h", "y"} if widen else set())
+
+
 def test_a_carried_state_with_unnamed_dims_is_compared_per_stream(tmp_path):
     """torch's LSTM exports leave ``stateN`` as ``['', '', '']`` (Silero VAD): no batch symbol says its samples are
     on axis 1, but the carry ``stateN -> state`` does. Compare at 2 streams failed with "quantlab expected the

@@ -170,10 +170,32 @@ def data_sized(model: LoadedModel) -> set[str]:
     out: set[str] = set()
     differ = _may_differ(model)
     for node in topological_nodes(model.proto):
-        if (node.op_type in _DATA_SIZED_OPS or any(t in out for t in node.input if t)
-                or _sized_by_values(node, differ)):
+        if node.op_type in _DATA_SIZED_OPS or any(t in out for t in node.input if t):
             out.update(o for o in node.output if o)
+        elif _sized_by_values(node, differ):
+            out.update(_resized_outputs(node))
     return out
+
+
+def _resized_outputs(node: onnx.NodeProto) -> list[str]:
+    """The outputs of a node whose size values decide that may change size: an If's outputs but those both
+    branches declare with one shape (a streaming step's ``if first chunk: h = init(x) else: h = cell(x, state)``,
+    ``[N, 16]`` either way); every output of any other node."""
+    if node.op_type != "If":
+        return [o for o in node.output if o]
+    then, other = (next(a.g for a in node.attribute if a.name == b) for b in ("then_branch", "else_branch"))
+    return [o for o, a, b in zip(node.output, then.output, other.output, strict=False)
+            if o and not (_declared_shape(a) is not None and _declared_shape(a) == _declared_shape(b))]
+
+
+def _declared_shape(info: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
+    """The declared shape, each dim a size or a symbol; None when a dim (or the shape) is not declared."""
+    tensor = info.type.tensor_type
+    if not info.type.HasField("tensor_type") or not tensor.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param if d.HasField("dim_param") else None
+            for d in tensor.shape.dim]
+    return None if None in dims or "" in dims else tuple(dims)
 
 
 _SIZE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2),
