@@ -180,7 +180,15 @@ def data_sized(model: LoadedModel) -> set[str]:
 def _resized_outputs(node: onnx.NodeProto) -> list[str]:
     """The outputs of a node whose size values decide that may change size: an If's outputs but those both
     branches declare with one shape (a streaming step's ``if first chunk: h = init(x) else: h = cell(x, state)``,
-    ``[N, 16]`` either way); every output of any other node."""
+    ``[N, 16]`` either way); a Loop's scan outputs and the carried values its body declares with another shape out
+    than in (a decoder's tokens so far), not a state of one shape (its final hidden state); every output of any
+    other node."""
+    if node.op_type == "Loop":
+        body = next(a.g for a in node.attribute if a.name == "body")
+        carried = len(body.input) - 2
+        return [o for k, o in enumerate(node.output) if o and not (
+            k < carried and _declared_shape(body.input[2 + k]) is not None
+            and _declared_shape(body.input[2 + k]) == _declared_shape(body.output[1 + k]))]
     if node.op_type != "If":
         return [o for o in node.output if o]
     then, other = (next(a.g for a in node.attribute if a.name == b) for b in ("then_branch", "else_branch"))
