@@ -38,13 +38,13 @@ import onnx
 
 from ..backends import Backend
 from ..errors import CompareError
-from ..graph import topological_order
+from ..folding import rename_node
+from ..graph import subgraph_reads, topological_order
 from ..plan import FusionGroup
 from ..precision import INT8
 from ..quantize import Provenance, WrittenModel
 from ..quantize.tensors import FP16_MAX
 from .layers import Layer, ReferenceGraph
-from ..folding import rename_node
 from .submodel import build_runner, node_reads, submodel, typed_specs
 
 __all__ = ["Island", "QdqChain", "find_islands", "output_qdq_chains", "LocalModel"]
@@ -303,16 +303,14 @@ class LocalModel:
         for i in island.nodes:
             src = w_nodes[i]
             ins = tuple(rename(t) for t in src.input)
-            outer = {t: rename(t) for t in node_reads(src)[len([t for t in src.input if t]):]}  # bodies' reads
-            key = (i, ins + tuple(sorted(outer.items())))
+            outer = {t: rename(t) for t in sorted(subgraph_reads([src]))}  # what its bodies read by name
+            key = (i, ins + tuple(outer.items()))
             if key in self._emitted:  # the same node on the same inputs in an earlier island: computed once
                 for t, done in zip(src.output, self._emitted[key]):
                     if t:
                         names[t] = done
                 continue
-            node = rename_node(src, {t: n for t, n in outer.items() if n != t}) if outer else onnx.NodeProto()
-            if not outer:
-                node.CopyFrom(src)
+            node = rename_node(src, outer)  # a copy, its bodies reading the fed names
             node.name = prefix + (src.name or f"{src.op_type}_{i}")
             del node.input[:]
             node.input.extend(ins)
