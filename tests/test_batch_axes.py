@@ -57,7 +57,7 @@ def test_without_batch_axes_the_error_says_what_to_write():
         from_arrays(_arrays())
     model = model_from_proto(_vad(), label="vad")
     data = from_arrays({**_arrays(), "state": np.zeros((6, 2, 128), np.float32)}, batch_axes={"sr": None})
-    with pytest.raises(InputMismatchError, match=r"input 'state'.*fixed batch of 2.*batch_axis = 1"):
+    with pytest.raises(InputMismatchError, match=r"input 'state'.*batch on axis 1 \('N'\).*batch_axes=\{'state': 1\}"):
         check_inputs(data, model, batch_size=4)
     no_rate = from_arrays({k: v for k, v in _arrays().items() if k != "sr"}, batch_axes={"state": 1})
     with pytest.raises(InputMismatchError, match=r"expects input 'sr'.*bind it instead: --bind sr=VALUE"):
@@ -896,3 +896,36 @@ def test_compare_calib_hashes_a_sequence_set_with_the_state_its_streams_carry(tm
     assert code == 0
     captured = capsys.readouterr()
     assert ("shares 1 sample(s)" in captured.out + captured.err) == shared
+
+
+def _sequence_first() -> onnx.ModelProto:
+    """``x[T, batch, 8]`` (a torch ``batch_first=False`` export) -> MatMul -> mean over time -> ``y[batch, 4]``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("ReduceMean", ["h"], ["y"], name="mean", axes=[0], keepdims=0)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "batch", 8])
+    graph = helper.make_graph(nodes, "seq_first", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], initializer=[w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_sequence_first_input_is_not_stacked_on_its_time_axis(tmp_path):
+    """The default axis 0 is time here: the batch symbol would take the steps and ONNX Runtime fail in a Reshape."""
+    model = model_from_proto(_sequence_first(), label="seq.onnx")
+    steps = np.random.default_rng(1).normal(size=(6, 5, 8)).astype(np.float32)  # 6 samples of [5 steps, 8]
+    with pytest.raises(InputMismatchError, match=r"input 'x'.*batch on axis 1 \('batch'\).*batch_axes=\{'x': 1\}"):
+        check_inputs(from_arrays({"x": steps}), model, batch_size=2)
+    folder = tmp_path / "seq"
+    folder.mkdir()
+    for i, s in enumerate(steps):
+        np.save(folder / f"s{i}.npy", s)
+    (tmp_path / "seq.toml").write_text('[source]\nkind = "npy"\npath = "seq"\n[inputs]\nx = "array"\n')
+    manifest_error = r"seq.toml stacks samples on axis 0 \('T' in the model\).*batch_axis = 1"
+    with pytest.raises(InputMismatchError, match=manifest_error):
+        check_inputs(open_dataset(tmp_path / "seq.toml"), model, batch_size=2)
+    data = from_arrays({"x": np.ascontiguousarray(steps.transpose(1, 0, 2))}, batch_axes={"x": 1})
+    check_inputs(data, model, batch_size=4)
+    four, one = (calibrate(model, data, "minmax", batch_size=b) for b in (4, 1))
+    assert four.tables["minmax"].ranges["h"] == one.tables["minmax"].ranges["h"]

@@ -252,6 +252,36 @@ def _axis_words(axis: int | None) -> str:
     return "no batch axis" if axis is None else "first dim = batch" if axis == 0 else f"batch on axis {axis}"
 
 
+_BATCH_NAMES = frozenset({"b", "n", "bs", "nb", "nbatch", "batchsize", "num_batch", "num_batches"})
+"""Symbolic dims read as a batch axis besides those starting with "batch" (an exporter's dynamic_axes names)."""
+
+
+def _batch_named(dim: Any) -> bool:
+    """A symbolic dim whose name says it counts samples: batch, batch_size, N, B, ..."""
+    return isinstance(dim, str) and (dim.lower() in _BATCH_NAMES or dim.lower().startswith("batch"))
+
+
+def _check_batch_name(spec: TensorSpec, model: LoadedModel, where: str, origin: str) -> None:
+    """Refuse stacking samples on axis 0 (the default) of an input whose only batch-named axis is another one.
+
+    A sequence-first export (``[time, batch, 40]``: torch's ``batch_first=False``) otherwise passes every shape
+    check, its batch symbol taking the sample's time steps, and fails deep inside ONNX Runtime with a Reshape
+    error that names neither the input nor the fix.
+    """
+    assert spec.shape is not None
+    named = [a for a, d in enumerate(spec.shape) if _batch_named(d)]
+    if len(named) != 1 or named[0] == 0:
+        return
+    axis = named[0]
+    fix = (f"batch_axes={{{spec.name!r}: {axis}}} (from_arrays)" if origin == "memory" else
+           f"[inputs] {spec.name} = {{ field = \"...\", batch_axis = {axis} }} in the manifest")
+    raise InputMismatchError(
+        f"input {spec.name!r}: model {model.label} declares {format_shape(spec.shape)}, its batch on axis {axis} "
+        f"({spec.shape[axis]!r}), but {where} stacks samples on axis 0 ({spec.shape[0]!r} in the model), the "
+        f"default. If axis {axis} counts the samples, set {fix}; if axis 0 does, re-export the model with another name "
+        f"for axis {axis}.")
+
+
 def _check_shape(spec: TensorSpec, dtype: str, sample_shape: tuple[int, ...], model: LoadedModel, where: str,
                  origin: tuple[str, bool], layout: str, symbols: dict[str, tuple[int, str]],
                  batch_axis: int | None = 0) -> None:
@@ -330,5 +360,7 @@ def check_inputs(dataset: Any, model: LoadedModel, *, batch_size: int | None = N
         if spec.shape is None:
             continue
         axis = dataset.batch_axis(spec.name) if hasattr(dataset, "batch_axis") else 0
+        if spec.name not in (getattr(dataset, "batch_axes", None) or {}):
+            _check_batch_name(spec, model, where, _origin(dataset, spec.name)[0])
         _check_shape(spec, dtype, sample_shape, model, where, _origin(dataset, spec.name), layout, symbols, axis)
         _check_batch(spec, dataset, model, batch_size, specs, where, axis)
