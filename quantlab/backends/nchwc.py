@@ -18,7 +18,11 @@ runs the elementwise ops on them::
 An op runs on blocked tensors only when that is elementwise: one input, or
 inputs of the same shape (all blocked) and scalar constants, and it maps 0
 to a finite value (the padding lanes feed the next convolution through zero
-weights: a NaN there would spread). A blocked array as ORT returns it has
+weights: a NaN there would spread). A pooling op on a blocked tensor runs in
+its NCHWc form where ORT's own NchwcTransformer would have put it (one output,
+rank 4, the channels a multiple of the block): exposing its input made ORT run
+it in NCHW, whose sums round otherwise (a GlobalAveragePool 1 ulp off, so a
+table of every tensor and one of the quantized ones differed on an AVX2 CPU). A blocked array as ORT returns it has
 shape ``[N, C_padded, H, W]``; :func:`values_of` drops the padding lanes.
 Everything else (graph outputs of the model, ops that need NCHW) is left as ORT
 planned it.
@@ -46,6 +50,9 @@ _ZERO_SAFE = frozenset({
     "Abs", "Neg", "Identity", "Erf", "Add", "Sub", "Mul", "Max", "Min", "Sum", "PRelu",
 })
 """Elementwise ops with a finite value at 0 (the padding lanes) that may run on blocked tensors."""
+
+_POOLS = frozenset({"MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool"})
+"""Ops ORT's NchwcTransformer runs in NCHWc (``TransformPool``) when their channels fill whole blocks."""
 
 _BLOCKED_SUFFIX = "::nchwc"
 
@@ -110,9 +117,10 @@ def _shape(specs: Mapping[str, Any], name: str) -> tuple[Any, ...] | None:
 class _Rewrite:
     """The state of one rewrite: which NCHW tensor has a blocked twin, and the nodes kept so far."""
 
-    def __init__(self, graph: onnx.GraphProto, specs: Mapping[str, Any]) -> None:
+    def __init__(self, graph: onnx.GraphProto, specs: Mapping[str, Any], block: int | None) -> None:
         self.graph = graph
         self.specs = specs
+        self.block = block
         self.scalars = _scalar_constants(graph)
         self.blocked: dict[str, str] = {}  # NCHW name -> blocked twin
         self.channels: dict[str, int] = {}  # NCHW name -> real channels
@@ -140,11 +148,23 @@ class _Rewrite:
             return None
         return [self.blocked.get(t, t) if t in tensors else t for t in node.input]
 
-    def run_blocked(self, node: onnx.NodeProto, inputs: list[str]) -> None:
+    def pool_input(self, node: onnx.NodeProto) -> list[str] | None:
+        """A pool's input as its blocked twin where ORT would pool in NCHWc (module docstring), else None."""
+        if (node.domain not in ("", "ai.onnx") or node.op_type not in _POOLS or len(node.output) != 1
+                or not self.block or node.input[0] not in self.blocked):
+            return None
+        shape = _shape(self.specs, node.input[0])
+        if shape is None or len(shape) != 4 or self.channels[node.input[0]] % self.block:
+            return None
+        return [self.blocked[node.input[0]]]
+
+    def run_blocked(self, node: onnx.NodeProto, inputs: list[str], domain: str | None = None) -> None:
         out = node.output[0]
         twin = out + _BLOCKED_SUFFIX
         new = onnx.NodeProto()
         new.CopyFrom(node)
+        if domain is not None:
+            new.domain = domain
         del new.input[:]
         new.input.extend(inputs)
         new.output[0] = twin
@@ -161,8 +181,11 @@ class _Rewrite:
                     node, "channels_last", 0) and node.input[0] in self.blocked):
                 self.alias[node.output[0]] = self.blocked[node.input[0]]
                 continue
+            pooled = self.pool_input(node)
             inputs = self.twin_inputs(node)
-            if inputs is None:
+            if pooled is not None:
+                self.run_blocked(node, pooled, NCHWC_DOMAIN)
+            elif inputs is None:
                 self.nodes.append(node)
             else:
                 self.run_blocked(node, inputs)
@@ -208,20 +231,21 @@ def _live(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str]) -> list[onnx.
 
 
 def blocked_graph(optimized: onnx.ModelProto, exposed: Sequence[str], model_outputs: Sequence[str],
-                  specs: Mapping[str, Any]) -> tuple[onnx.ModelProto, dict[str, Blocked]]:
+                  specs: Mapping[str, Any], block: int | None = None) -> tuple[onnx.ModelProto, dict[str, Blocked]]:
     """ORT's optimised graph rewritten to expose blocked tensors (see the module docstring).
 
     ``optimized`` is what ORT saved for the model with ``exposed`` as extra
     outputs; it is rewritten in place (its weights are not copied: 0.5 GB for
     VGG-19) and returned. ``model_outputs`` keep their NCHW form; ``specs``
     (from the original model's shape inference) tell which binary ops see
-    inputs of one shape. The graph's outputs are the model's, then one per
-    exposed tensor; the dict names the exposed tensors now read in blocked form.
+    inputs of one shape; ``block`` (:func:`block_size`) which pools run blocked.
+    The graph's outputs are the model's, then one per exposed tensor; the dict
+    names the exposed tensors now read in blocked form.
     """
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in optimized.graph.node
            for a in n.attribute):
         return optimized, {}  # control flow: outer-scope names in subgraphs; not worth the risk
-    rewrite = _Rewrite(optimized.graph, specs)
+    rewrite = _Rewrite(optimized.graph, specs, block)
     rewrite.note_reorders()
     rewrite.walk()
     blocked = {t: Blocked(rewrite.blocked[t], rewrite.channels[t]) for t in exposed

@@ -271,7 +271,7 @@ class OrtBackend(Backend):
         fuse = self.fuses(model)
         try:
             optimized = self.optimized_model(_with_typed_outputs(model, extra))
-            graph, blocked = blocked_graph(optimized, extra, model_outputs, tensor_specs(model))
+            graph, blocked = blocked_graph(optimized, extra, model_outputs, tensor_specs(model), block)
             if not blocked:
                 return self.build(model, outputs=outputs)
             so = self._session_options(fuse)
