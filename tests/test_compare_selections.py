@@ -44,11 +44,15 @@ def routed_model(return_indices: bool = False, argmax: bool = False) -> onnx.Mod
 
 
 def _indices(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """The router's indices, read by ONNX Runtime directly (independent of quantlab's pass)."""
+    """The router's indices as an ONNX Runtime session returns them (independent of compare's pass), with Q/DQ run
+    as written, as compare runs a TensorRT-form candidate (``simulates_tensorrt``): ORT's fused integer kernels
+    round the INT8 router's logits otherwise (on an AVX2 CPU they picked other experts for 2 of 60 rows)."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(proto)
     exposed.graph.output.append(helper.make_tensor_value_info("idx", TensorProto.INT64, None))
-    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(exposed.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
     return session.run(["idx"], {"x": x})[0]
 
 
