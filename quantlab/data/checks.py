@@ -252,12 +252,13 @@ def _axis_words(axis: int | None) -> str:
     return "no batch axis" if axis is None else "first dim = batch" if axis == 0 else f"batch on axis {axis}"
 
 
-_BATCH_NAMES = frozenset({"b", "n", "bs", "nb", "nbatch", "batchsize", "num_batch", "num_batches"})
-"""Symbolic dims read as a batch axis besides those starting with "batch" (an exporter's dynamic_axes names)."""
+_BATCH_NAMES = frozenset({"bs", "nbatch", "num_batch", "num_batches"})
+"""Symbolic dims read as a batch axis besides those starting with "batch" (an exporter's dynamic_axes names). Not
+``N`` or ``B``: a point cloud's ``[1, 3, N]`` counts points there."""
 
 
 def _batch_named(dim: Any) -> bool:
-    """A symbolic dim whose name says it counts samples: batch, batch_size, N, B, ..."""
+    """A symbolic dim whose name says it counts samples: batch, batch_size, bs, ..."""
     return isinstance(dim, str) and (dim.lower() in _BATCH_NAMES or dim.lower().startswith("batch"))
 
 
