@@ -151,7 +151,7 @@ def _with_batch(model: LoadedModel, batch_size: int, dims: Mapping[str, int] | N
     state ``h0 [2, batch, 48]`` beside ``feats [batch, 16, time]`` gets the batch on axis 1 too (asked for a size
     of its own, ``--dim batch=4`` ran batch 4 while perf said 1 and divided by 1). A size ``dims`` gives a batch
     symbol is refused: ``batch_size`` sets it."""
-    from .graph.samples import batch_symbols
+    from .graph.samples import batch_named, batch_symbols
 
     symbols = batch_symbols(model, {})
     given = sorted(set(dims or {}) & symbols)
@@ -161,7 +161,7 @@ def _with_batch(model: LoadedModel, batch_size: int, dims: Mapping[str, int] | N
                                  "whose samples are on another axis (a sequence-first RNN's [T, batch, F]), time real "
                                  "data whose manifest says so: --data MANIFEST with its batch_axis")
     elsewhere = sorted({d for spec in model.inputs for d in (spec.shape or ())[1:]
-                        if isinstance(d, str) and "batch" in d.lower() and d not in symbols})
+                        if batch_named(d) and d not in symbols})
     if elsewhere:  # random data would put the batch on axis 0 and size the real one by --dim: wrong samples/s
         raise InputMismatchError(
             f"{model.label}: {', '.join(map(repr, elsewhere))} names a batch but is not on axis 0 of any input, "

@@ -22,8 +22,9 @@ weights: a NaN there would spread). A pooling op on a blocked tensor runs in
 its NCHWc form where ORT's own NchwcTransformer would have put it (one output,
 rank 4, the channels a multiple of the block): exposing its input made ORT run
 it in NCHW, whose sums round otherwise (a GlobalAveragePool 1 ulp off, so a
-table of every tensor and one of the quantized ones differed on an AVX2 CPU). A blocked array as ORT returns it has
-shape ``[N, C_padded, H, W]``; :func:`values_of` drops the padding lanes.
+table of every tensor and one of the quantized ones differed on an AVX2 CPU).
+A blocked array as ORT returns it has shape ``[N, C_padded, H, W]``;
+:func:`values_of` drops the padding lanes.
 Everything else (graph outputs of the model, ops that need NCHW) is left as ORT
 planned it.
 """

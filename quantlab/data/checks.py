@@ -18,7 +18,7 @@ import numpy as np
 from ..environment import available_memory_bytes, format_bytes, shape_bytes
 from ..errors import DataError, InputMismatchError
 from ..graph import LoadedModel, TensorSpec
-from ..graph.samples import sample_mixing_nodes
+from ..graph.samples import batch_named, sample_mixing_nodes
 from ..shapes import fixed_batch_size
 from .batches import batch_fits, format_shape
 from .manifest import DataSetManifest
@@ -252,16 +252,6 @@ def _axis_words(axis: int | None) -> str:
     return "no batch axis" if axis is None else "first dim = batch" if axis == 0 else f"batch on axis {axis}"
 
 
-_BATCH_NAMES = frozenset({"bs", "nbatch", "num_batch", "num_batches"})
-"""Symbolic dims read as a batch axis besides those starting with "batch" (an exporter's dynamic_axes names). Not
-``N`` or ``B``: a point cloud's ``[1, 3, N]`` counts points there."""
-
-
-def _batch_named(dim: Any) -> bool:
-    """A symbolic dim whose name says it counts samples: batch, batch_size, bs, ..."""
-    return isinstance(dim, str) and (dim.lower() in _BATCH_NAMES or dim.lower().startswith("batch"))
-
-
 def _check_batch_name(spec: TensorSpec, model: LoadedModel, where: str, origin: str) -> None:
     """Refuse stacking samples on axis 0 (the default) of an input whose only batch-named axis is another one.
 
@@ -270,7 +260,7 @@ def _check_batch_name(spec: TensorSpec, model: LoadedModel, where: str, origin: 
     error that names neither the input nor the fix.
     """
     assert spec.shape is not None
-    named = [a for a, d in enumerate(spec.shape) if _batch_named(d)]
+    named = [a for a, d in enumerate(spec.shape) if batch_named(d)]
     if len(named) != 1 or named[0] == 0:
         return
     axis = named[0]

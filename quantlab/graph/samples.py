@@ -20,8 +20,14 @@ from ..shapes import fixed_batch_size
 from .load import LoadedModel, tensor_specs
 from .topology import CONTROL_FLOW_OPS, SHAPE_ONLY_OPS, subgraph_reads, topological_nodes, upstream
 
-__all__ = ["batch_named_outputs", "batch_symbols", "carries_samples", "data_sized", "sample_mixing_nodes", "samples_on_axis0",
+__all__ = ["batch_named", "batch_named_outputs", "batch_symbols", "carries_samples", "data_sized", "sample_mixing_nodes", "samples_on_axis0",
            "tensor_sample_axes"]
+
+
+def batch_named(dim: Any) -> bool:
+    """Whether a symbolic dim's name says it counts samples (an exporter's dynamic_axes names: batch, batch_size,
+    nbatch, bs). Not ``N`` or ``B``: a point cloud's ``[1, 3, N]`` counts points there."""
+    return isinstance(dim, str) and ("batch" in dim.lower() or dim.lower() == "bs")
 
 
 def batch_symbols(model: LoadedModel, batch_axes: Mapping[str, int | None]) -> set[str]:
