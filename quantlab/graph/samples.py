@@ -20,8 +20,8 @@ from ..shapes import fixed_batch_size
 from .load import LoadedModel, tensor_specs
 from .topology import CONTROL_FLOW_OPS, SHAPE_ONLY_OPS, subgraph_reads, topological_nodes, upstream
 
-__all__ = ["batch_named", "batch_named_outputs", "batch_symbols", "carries_samples", "data_sized", "sample_mixing_nodes", "samples_on_axis0",
-           "tensor_sample_axes"]
+__all__ = ["batch_named", "batch_named_outputs", "batch_symbols", "carries_samples", "data_sized", "sample_mixing_nodes",
+           "samples_on_axis0", "tensor_sample_axes"]
 
 
 def batch_named(dim: Any) -> bool:
