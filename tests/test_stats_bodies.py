@@ -211,6 +211,26 @@ def test_a_loop_pinned_to_a_float_precision_keeps_its_body_float_under_int8_bodi
     assert written.provenance.group_precision["over_tokens"] == pinned
 
 
+def test_an_effective_plan_writes_the_int8_body_again_and_a_pinned_loop_has_its_own_hash(rnn_table):
+    """The effective plan (a build's or a search's plan.json) overrode the Loop's group with the fp32 it had fallen
+    back to: rebuilt from it, --int8-bodies wrote the body float, and that model had the INT8-body model's plan
+    hash. Without a control-flow group the hash is the assignment's digest as before."""
+    from quantlab.plan import resolve_plan
+
+    model, table = rnn_table
+    options = WriteOptions(target="tensorrt", int8_bodies=True)
+    resolved = resolve_plan(uniform_plan("int8"), model.proto)
+    effective = resolve_plan(resolved.to_plan(), model.proto)
+    assert effective.plan_hash() == resolved.plan_hash() and "over_tokens" not in resolved.to_plan().overrides
+    rebuilt = write_model(model, effective, table, options)
+    assert dict(rebuilt.provenance.body_precision) == {"over_tokens": "int8"} and "QuantizeLinear" in _body_ops(rebuilt)
+    pinned = resolved.with_pins({"over_tokens": "fp32"})
+    assert pinned.precision.digest() == resolved.precision.digest() and pinned.plan_hash() != resolved.plan_hash()
+    assert "QuantizeLinear" not in _body_ops(write_model(model, pinned, table, options))
+    flat = resolve_plan(uniform_plan("int8"), models.conv_net())
+    assert flat.plan_hash() == flat.precision.digest()
+
+
 def test_tensorrt_rtx_builds_an_int8_loop_body(rnn_table):
     rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed")
     assert rtx is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import onnx
 import pandas as pd
 
 from ..errors import PlanError
+from ..graph.topology import CONTROL_FLOW_OPS
 from ..precision import DEFAULT_FALLBACK, DEFAULT_PRECISION, INT8, GroupPrecision, Precision, check_precision
 from .groups import FusionGroup, fusion_groups
 from .rules import PrecisionPlan, Rule
@@ -91,14 +93,27 @@ class ResolvedPlan:
         return self.precision.counts()
 
     def plan_hash(self) -> str:
-        """sha256 of the assignment (group -> precision), independent of how it was written."""
-        return self.precision.digest()
+        """sha256 of the assignment (group -> precision), independent of how it was written. A Loop/Scan/If group
+        asked INT8 (its bodies INT8 under ``int8_bodies``) counts apart from one pinned to the precision it fell
+        back to (float bodies): both hold that precision, and the same hash had named two models."""
+        asked = self._bodies_asked_int8()
+        if not asked:
+            return self.precision.digest()
+        return hashlib.sha256(f"{self.precision.digest()}\nint8 asked of {','.join(asked)}".encode()).hexdigest()
+
+    def _bodies_asked_int8(self) -> list[str]:
+        """The control-flow groups asked INT8 that fell back (:meth:`int8_asked`, not INT8 themselves)."""
+        return [g.name for g in self.groups if g.anchor_op in CONTROL_FLOW_OPS and self.precision[g.name] != INT8
+                and self.int8_asked(g.name)]
 
     def to_plan(self, description: str = "") -> PrecisionPlan:
-        """The effective plan: an override for every group, so it reproduces this assignment exactly."""
+        """The effective plan: an override for every group, so it reproduces this assignment exactly; a Loop/Scan/If
+        group asked INT8 by an int8 default gets none, so the default asks it again (an override of its fallback
+        precision would write its bodies float under ``int8_bodies``)."""
+        asked = set(self._bodies_asked_int8()) if self.default == INT8 else set()
         return PrecisionPlan(
             default=self.default,
-            overrides={g.name: self.precision[g.name] for g in self.groups},
+            overrides={g.name: self.precision[g.name] for g in self.groups if g.name not in asked},
             fallback=self.fallback,
             description=description or f"effective plan {self.plan_hash()[:12]}",
         )
