@@ -1200,12 +1200,12 @@ def test_a_search_that_ends_mostly_pinned_says_why():
 
     proto = models.residual_net()
     impacts = pd.DataFrame({"group": ["a", "b", "c", "d"], "impact_db": [-0.5, 0.2, -0.1, 0.3]})
-    (note,) = _weak_ranking_note(resolve_plan(uniform_plan("fp16"), proto), impacts)
+    (note,) = _weak_ranking_note(resolve_plan(uniform_plan("fp16"), proto).int8_fraction(), impacts)
     assert note.startswith("WARNING the search kept INT8 on only 0%") and "2 of the 4 groups" in note
     assert "--probe-samples" in note and "could not tell the groups apart" in note  # noise first, not only QAT
-    assert _weak_ranking_note(resolve_plan(uniform_plan("int8"), proto), impacts) == []  # mostly INT8: fine
+    assert _weak_ranking_note(resolve_plan(uniform_plan("int8"), proto).int8_fraction(), impacts) == []  # all INT8
     additive = impacts.assign(impact_db=[0.5, 0.2, 0.1, 0.3])
-    assert _weak_ranking_note(resolve_plan(uniform_plan("fp16"), proto), additive) == []
+    assert _weak_ranking_note(resolve_plan(uniform_plan("fp16"), proto).int8_fraction(), additive) == []
 
 
 def test_worst_and_spread_takes_the_worst_half_and_spreads_the_rest():

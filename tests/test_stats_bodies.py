@@ -231,6 +231,29 @@ def test_an_effective_plan_writes_the_int8_body_again_and_a_pinned_loop_has_its_
     assert flat.plan_hash() == flat.precision.digest()
 
 
+def test_the_search_pins_a_loop_whose_int8_body_costs_the_threshold(rnn_table, tmp_path):
+    """Under int8_bodies a Loop's INT8 body was out of the search's reach: with its recurrent input's range planted an
+    eighth of the calibrated one (a quiet calibration set), all-INT8 reads 4 dB and pinning the MatMuls around it
+    cannot help. The search ranks the Loop's group with the quantizable ones and pins it: the body is written in
+    float16, the rest stays INT8."""
+    from quantlab.search import SearchOptions, search
+
+    model, table = rnn_table
+    body = dict(table.bodies["over_tokens"])
+    h = body["h_in"]
+    body["h_in"] = dataclasses.replace(h, amax=h.amax / 8, min=h.min / 8, max=h.max / 8)
+    narrow = dataclasses.replace(table, bodies={**table.bodies, "over_tokens": body})
+    result = search(model, narrow, from_arrays(_sequences(16, 1), role="validation"),
+                    SearchOptions(threshold="sqnr_db>=38", int8_bodies=True, batch_size=8, probe_samples=8),
+                    workdir=tmp_path)
+    traj = result.trajectory
+    assert not traj["passed"].iloc[0] and traj["int8_fraction"].iloc[0] == 1.0  # 3 groups: embed, Loop, head
+    assert result.met and result.to_dict()["pinned"] == {"over_tokens": "fp16"}
+    assert traj["int8_fraction"].iloc[-1] == pytest.approx(2 / 3)
+    assert dict(result.final.provenance.body_precision) == {"over_tokens": "fp16"}
+    assert result.final.provenance.group_precision["embed"] == "int8"
+
+
 def test_tensorrt_rtx_builds_an_int8_loop_body(rnn_table):
     rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed")
     assert rtx is not None
@@ -332,7 +355,7 @@ def test_an_experiment_with_int8_bodies_runs_end_to_end_and_says_the_bodies_stay
     assert "body INT8" not in plan.loc["head", "reason"]
     summary = {"pinned": {"embed": "fp16", "head": "fp16"}, "quantizable_groups": 2, "int8_fraction": 0.0}
     line = search_notes(summary, int8_bodies=True)[0]
-    assert "bodies stay INT8" in line and "FP16 model" not in line
+    assert "bodies it did not pin stay INT8" in line and "FP16 model" not in line
     assert "this plan is the FP16 model" in search_notes(summary)[0]
 
 

@@ -131,15 +131,15 @@ def search_notes(search: Mapping[str, Any], int8_bodies: bool = False) -> list[s
     """The report's line on what the search's final plan keeps in INT8 (search.json), with a warning when nothing:
     "PASS: mixed (search)" read like a mixed plan when every layer had gone to FP16; then the search's own
     warnings (a mostly-pinned end whose impacts do not add up). ``int8_bodies``: the search wrote calibrated
-    Loop/Scan/If bodies in INT8, which no pin reaches."""
+    Loop/Scan/If bodies in INT8 where it did not pin their group."""
     pinned = search.get("pinned") or {}
     groups = int(search.get("quantizable_groups") or 0)
     fraction = float(search.get("int8_fraction") or 0.0)
     line = (f"search: final plan pins {len(pinned)} of {groups} quantizable group(s) above INT8; INT8 on "
             f"{fraction:.0%} of them")
     if groups and fraction == 0.0 and int8_bodies:
-        line += ("; the calibrated Loop/Scan/If bodies stay INT8 ([candidates] int8_bodies: no pin reaches them; if the "
-                 "threshold is missed, run without it: SLANet's INT8 decoder body cost 33 points of sequence agreement)")
+        line += ("; the calibrated Loop/Scan/If bodies it did not pin stay INT8 ([candidates] int8_bodies; SLANet's "
+                 "INT8 decoder body cost 33 points of sequence agreement)")
     elif groups and fraction == 0.0:
         fp32 = sum(1 for p in pinned.values() if str(p) == "fp32")
         what = ("so this plan is the FP16 model; compare the fp16 candidate" if not fp32 else

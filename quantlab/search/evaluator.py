@@ -77,6 +77,13 @@ class CompareEvaluator:
     def write(self, plan: ResolvedPlan, *, deploy: bool = False) -> WrittenModel:
         return write_model(self.model, plan, self.table, self.deploy_options if deploy else self.write_options)
 
+    def int8_body_groups(self, plan: ResolvedPlan) -> list[str]:
+        """The Loop/Scan/If groups whose bodies ``plan`` writes in INT8 (``int8_bodies``): the search may pin them."""
+        if not self.deploy_options.int8_bodies:
+            return []
+        written = self.write(plan, deploy=True)
+        return sorted(g for g, p in written.provenance.body_precision.items() if p == "int8")
+
     def select_subset(self, n: int, *, fragile: bool, conditions: Sequence[Condition] = ()) -> list[int]:
         """Fix the ranking subset (used for every evaluation on fewer samples than the set).
 

@@ -8,8 +8,11 @@
                                       v
                  trajectory row --> log rewritten, progress bar, on_step(StepEvent)
 
-The ledger also holds what every phase reads: the quantizable groups, the budgets, the
-threshold checks, and the notes that end up in the search's message.
+The ledger also holds what every phase reads: the groups it may pin, the budgets, the
+threshold checks, and the notes that end up in the search's message. The groups are the
+quantizable ones and, under ``int8_bodies``, the Loop/Scan/If groups whose bodies the base
+plan writes in INT8 (the evaluator's ``int8_body_groups``): pinned, such a group's bodies
+are written in the pin's float precision; unpinned, it counts as INT8.
 """
 
 from __future__ import annotations
@@ -105,7 +108,9 @@ class Ledger:
         self.log = log
         self.on_step = on_step
         self.save_comparison = save_comparison and log is not None
-        self.groups = [g.name for g in base.groups if g.quantizable]
+        bodies = getattr(evaluator, "int8_body_groups", None)
+        self.body_groups = frozenset(bodies(base) if bodies is not None else ())
+        self.groups = [g.name for g in base.groups if g.quantizable or g.name in self.body_groups]
         if not self.groups:
             raise SearchError("the model has no quantizable fusion group (no Conv/Gemm/MatMul with float "
                               "inputs, no pooling/Concat/Resize): there is nothing to search")
@@ -157,7 +162,15 @@ class Ledger:
                 to_number(worst.get(f"{cond.metric}_ci_high")))
 
     def pins_of(self, plan: ResolvedPlan) -> dict[str, str]:
-        return {g: plan.precision[g] for g in self.groups if plan.precision[g] != "int8"}
+        return {g: plan.precision[g] for g in self.groups if self._pinned(plan, g)}
+
+    def _pinned(self, plan: ResolvedPlan, group: str) -> bool:
+        """A quantizable group not in INT8; a group with INT8 bodies that the plan no longer asks INT8 of."""
+        return not plan.int8_asked(group) if group in self.body_groups else plan.precision[group] != "int8"
+
+    def int8_fraction(self, plan: ResolvedPlan) -> float:
+        """The share of :attr:`groups` left in INT8 (``ResolvedPlan.int8_fraction`` when no body is INT8)."""
+        return sum(not self._pinned(plan, g) for g in self.groups) / len(self.groups)
 
     def known_full(self, pins: Mapping[str, str]) -> tuple[Evaluation | None, bool]:
         """The cached full validation of ``base + pins`` (None: never measured) and whether
@@ -316,7 +329,7 @@ class Ledger:
         order = sorted(pins, key=lambda g: self.topo[g])
         row = {
             "step": len(self.rows) + 1, "phase": phase, "plan_hash": ev.plan_hash,
-            "pinned": ",".join(order), "n_pinned": len(order), "int8_fraction": plan.int8_fraction(),
+            "pinned": ",".join(order), "n_pinned": len(order), "int8_fraction": self.int8_fraction(plan),
             "metric": metric, "value": value, "ci_low": lo, "ci_high": hi, "passed": bool(check.passed),
             "samples": ev.samples, "full": bool(full), "latency_ms": float(ev.latency_ms), "cached": cached,
             "seconds": round(seconds, 4), "pins": ",".join(f"{g}={pins[g]}" for g in order),

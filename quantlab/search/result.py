@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..atomic import atomic_path, write_json
 from ..compare import CompareResult
+from ..graph.topology import CONTROL_FLOW_OPS
 from ..plan import ResolvedPlan, save_plan
 from ..quantize import BIAS_CORRECTION_FILE, BiasCorrection, WrittenModel, save_bias_correction, save_written
 from .evaluation import plain_value
@@ -41,7 +42,8 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         counts = self.plan.counts()
         pins = {g.name: self.plan.precision[g.name] for g in self.plan.groups
-                if g.quantizable and self.plan.precision[g.name] != "int8"}
+                if (g.quantizable and self.plan.precision[g.name] != "int8")
+                or (g.anchor_op in CONTROL_FLOW_OPS and self.plan.reasons.get(g.name) == "pin")}  # an INT8 body pinned
         final_row = self.trajectory.iloc[-1].to_dict() if len(self.trajectory) else {}
         check = None
         try:

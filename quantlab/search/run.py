@@ -108,7 +108,7 @@ def _finish(ledger: Ledger, sensitivity: pd.DataFrame) -> SearchOutcome:
     met = bool(chosen["passed"])
     unjudged = ledger.threshold.unjudged_note(list(ev.rows))
     ledger.notes.extend([unjudged] if unjudged else [])
-    ledger.notes.extend(_weak_ranking_note(plan, sensitivity))
+    ledger.notes.extend(_weak_ranking_note(ledger.int8_fraction(plan), sensitivity))
     message = _message(ledger, met, chosen, plan)
     ledger.extra = [{"type": "sensitivity", "records": sensitivity.to_dict("records")},
                     {"type": "end", "met": met, "plan_hash": plan.plan_hash(), "message": message,
@@ -126,10 +126,10 @@ _FEW_INT8 = 0.25
 """Below this INT8 share of the quantizable groups, the search's end is worth explaining."""
 
 
-def _weak_ranking_note(plan: ResolvedPlan, sensitivity: pd.DataFrame) -> list[str]:
-    """A WARNING when the search kept few groups INT8 and reverting groups alone did not add up (PP-OCRv4's
-    recogniser: 31 of 55 groups made the output worse when reverted alone; 54 ended pinned, without a word)."""
-    fraction = plan.int8_fraction()
+def _weak_ranking_note(fraction: float, sensitivity: pd.DataFrame) -> list[str]:
+    """A WARNING when the search kept few groups INT8 (``fraction``) and reverting groups alone did not add up
+    (PP-OCRv4's recogniser: 31 of 55 groups made the output worse when reverted alone; 54 ended pinned, without a
+    word)."""
     if fraction >= _FEW_INT8 or sensitivity.empty or "impact_db" not in sensitivity.columns:
         return []
     impacts = sensitivity["impact_db"].dropna()
@@ -163,13 +163,13 @@ def _message(ledger: Ledger, met: bool, chosen: Mapping[str, Any], plan: Resolve
                       if any(v == p for v in pins.values()))
     if met:
         return (f"pinned {len(pins)} of {len(ledger.groups)} quantizable groups ({tiers}: {chosen['pinned']}); "
-                f"INT8 on {plan.int8_fraction():.0%} of them; {figure} meets {t!r}; {used}")
+                f"INT8 on {ledger.int8_fraction(plan):.0%} of them; {figure} meets {t!r}; {used}")
     every = any(r["full"] and r["n_pinned"] == len(ledger.groups) for r in ledger.rows)
     why = ("no plan meets it, not even with every quantizable group pinned (the threshold is tighter than "
            "the FP16/FP32 noise of this backend, or the metric cannot reach it)" if every else
            "the budget ran out before a plan met it")
     return (f"{t!r} is not met: {why}. Returning the best plan measured ({figure}, "
-            f"{len(pins)} group(s) pinned, INT8 on {plan.int8_fraction():.0%}); {used}")
+            f"{len(pins)} group(s) pinned, INT8 on {ledger.int8_fraction(plan):.0%}); {used}")
 
 
 def _parse_pins(text: str) -> dict[str, str]:
