@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,19 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import models  # noqa: E402
+
+
+def _cache_bytecode_of_child_processes() -> None:
+    """Where the environment sets PYTHONDONTWRITEBYTECODE (this VM's does), every process the tests start
+    (CLI runs, spawned sweep workers, ray workers, the notebook's kernel) compiled quantlab's ~230 modules from
+    source again (~0.6 s a start; the import-order test compiles them ~230 times: 26 s of its 27). Children
+    write and read ``__pycache__`` beside the sources (git-ignored) as Python does by default; installed
+    packages have theirs from pip."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.dont_write_bytecode = False  # this process too: it imports quantlab before most children start
+
+
+_cache_bytecode_of_child_processes()
 
 NUMERIC_MODULES = frozenset({
     "test_backends_ort", "test_calibrate", "test_compare", "test_quantize", "test_search", "test_stats", "test_zoo",
