@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 
 from .folding import (
     ConstantFolder,
+    Evaluators,
     constant_node_value,
     drop_dead_producers,
     outer_reads,
@@ -70,9 +71,10 @@ def static_trip_count(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.
     body = next(a.g for a in node.attribute if a.name == "body")
     outer = _outer_constants(body, folder)
     bound = int(m) if m is not None else limit + 1
+    evaluators: Evaluators = {}
     for i in range(min(bound, limit + 1)):
         seeds = {**outer, body.input[0].name: _iteration(body, i), body.input[1].name: np.array(True)}
-        cond_out = ConstantFolder(body, model, seeds).scalar(body.output[0].name)
+        cond_out = ConstantFolder(body, model, seeds, evaluators).scalar(body.output[0].name)
         if cond_out is None:
             return None, "the body's continue condition depends on the data"
         if not bool(cond_out):
@@ -290,7 +292,7 @@ def _branch_decided(node: onnx.NodeProto, which: str, name: str, folder: Constan
     """:func:`_decided` of the output ``name`` of If ``node`` in its branch ``which``."""
     branch = next(a.g for a in node.attribute if a.name == which)
     seeds = {t: v for t in sorted(outer_reads(branch)) for v in [folder.value(t)] if v is not None}
-    inner = ConstantFolder(branch, folder.model, seeds)
+    inner = ConstantFolder(branch, folder.model, seeds, folder.evaluators)
     return _decided(branch.output[list(node.output).index(name)].name, inner, want, depth + 1)
 
 
@@ -307,12 +309,13 @@ def trip_bound(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.ModelPr
     if body.input[0].name not in deciding and not any(body.input[k + 2].name in deciding for k in values):
         return None  # no counter decides the condition: nothing to follow
     outer = _outer_constants(body, folder)
+    evaluators: Evaluators = {}
     for t in range(limit):
         if not values:
             return None
         seeds = {**outer, body.input[0].name: _iteration(body, t), body.input[1].name: np.array(True),
                  **{body.input[k + 2].name: v for k, v in values.items()}}
-        step = ConstantFolder(body, model, seeds)
+        step = ConstantFolder(body, model, seeds, evaluators)
         if _decided(body.output[0].name, step, False):
             return t + 1
         values = {k: v for k in values for v in [step.value(body.output[k + 1].name)] if v is not None}
@@ -322,7 +325,11 @@ def trip_bound(node: onnx.NodeProto, folder: ConstantFolder, model: onnx.ModelPr
 def bound_loop_trips(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[BoundedLoop, ...]]:
     """A copy of ``proto`` whose main-graph Loops without a trip limit below :func:`trip_bound` get that limit
     (``proto`` if none): exact, the condition stops them there anyway."""
+    bounded: set[str] = set()  # the Loops given their bound already: not followed again on the next round
+
     def bound(out: onnx.ModelProto, folder: ConstantFolder, idx: int, node: onnx.NodeProto) -> BoundedLoop | None:
+        if (node.name or node.output[0]) in bounded:
+            return None
         current = folder.scalar(node.input[0]) if node.input and node.input[0] else None
         if node.input and node.input[0] and current is None:
             return None  # a trip count the data sets: a bound would have to be taken with it
@@ -337,6 +344,7 @@ def bound_loop_trips(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[Bou
         node_copy.input[0] = limit
         replace_node(out.graph, idx, [node_copy], [])
         drop_dead_producers(out.graph, [node.input[0]])
+        bounded.add(label)
         return BoundedLoop(label, trips)
 
     return rewrite_until_fixed(proto, "Loop", bound)
