@@ -21,7 +21,7 @@ from ..coverage import CoverageResult
 from ..coverage.result import worst_first
 from ..stats import Statistics
 from .markup import esc, fmt, img, short, table
-from .plots import figure, png
+from .plots import figure, histogram_area, histogram_outline, log_counts, png
 
 __all__ = ["coverage_view", "coverage_plot", "coverage_section", "COVERAGE_TENSORS_SHOWN"]
 
@@ -107,13 +107,15 @@ def coverage_plot(histograms: Sequence[Mapping[str, Any]]) -> bytes:
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, h in zip(axes, histograms):
         edges = np.asarray(h["edges"], dtype=float)
-        ax.stairs(np.asarray(h["calibration"]), edges, fill=True, color="#aeb6bf", alpha=0.8, label="calibration")
-        ax.stairs(np.asarray(h["data"]), edges, color="#c0392b", lw=1.4, label=short(str(h["dataset"]), 30))
+        histogram_area(ax, np.asarray(h["calibration"]), edges, color="#aeb6bf", alpha=0.8, label="calibration")
+        histogram_outline(ax, np.asarray(h["data"]), edges, color="#c0392b", lw=1.4,
+                          label=short(str(h["dataset"]), 30))
         ax.axvline(h["amax"], color="#17202a", ls="--", lw=1.3, label=f"amax {fmt(h['amax'])}")
         ax.axvline(h["calib_absmax"], color="#2471a3", ls=":", lw=1.3, label=f"calibration max {fmt(h['calib_absmax'])}")
         if max(max(h["calibration"], default=0), max(h["data"], default=0)) > 0:
-            ax.set_yscale("log")
-        ax.set_title(f"{short(str(h['tensor']), 44)}: {100 * h.get('outside_samples', math.nan):.3g} % of samples "
+            log_counts(ax)
+        # two lines: one was wider than its axes, and the constrained layout fits titles' heights only
+        ax.set_title(f"{short(str(h['tensor']), 60)}\n{100 * h.get('outside_samples', math.nan):.3g} % of samples "
                      f"beyond, {100 * h['saturated']:.3g} % of values above amax; PSI {fmt(h['psi'])}",
                      fontsize=8, loc="left")
         ax.set_xlabel("|activation|", fontsize=8)

@@ -18,25 +18,49 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 from ..compare.mask_examples import MaskExample
 from .inputs import WORST_LAYERS_SHOWN, HistogramView, ReportInputs, check_per_layer, worst_layers
 from .markup import fmt, isnan, short
 
-__all__ = ["MASKS_SHOWN", "report_plots", "png", "figure", "mask_plot", "shown_mask_examples"]
+__all__ = ["MASKS_SHOWN", "report_plots", "png", "figure", "histogram_area", "histogram_outline", "log_counts",
+           "mask_plot", "shown_mask_examples"]
 
 def png(fig: Any) -> bytes:
-    """PNG bytes of a matplotlib Figure, rendered with the Agg canvas (no pyplot)."""
+    """PNG bytes of a matplotlib Figure, rendered with the Agg canvas (no pyplot). The figures' constrained layout
+    fits them already: ``bbox_inches="tight"`` drew each a second time to crop a few pixels."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=96, metadata={"Software": None})
     return buf.getvalue()
 
 
 def figure(width: float, height: float) -> Any:
     fig = Figure(figsize=(width, height), layout="constrained")
     return fig
+
+
+def histogram_area(ax: Any, counts: np.ndarray, edges: np.ndarray, **style: Any) -> None:
+    """A filled step histogram, the pixels of ``ax.stairs(counts, edges, fill=True)``: ``stairs`` makes one Patch
+    whose path matplotlib's autoscaling walks bin by bin in Python (1-1.5 s an axis of 2048 bins, most of the time
+    a report took); ``fill_between`` computes its limits on arrays."""
+    counts = np.asarray(counts, dtype=float)
+    ax.fill_between(edges, np.append(counts, counts[-1:]), step="post", lw=0, **style)
+
+
+def histogram_outline(ax: Any, counts: np.ndarray, edges: np.ndarray, **style: Any) -> None:
+    """The outline of a step histogram (``ax.stairs(counts, edges)`` without its end verticals), for the reason
+    :func:`histogram_area` gives."""
+    counts = np.asarray(counts, dtype=float)
+    ax.step(edges, np.append(counts, counts[-1:]), where="post", **style)
+
+
+def log_counts(ax: Any) -> None:
+    """A log y axis with no minor ticks: over the many decades of a histogram's counts they were hundreds of tick
+    objects an axis, a third of a report's drawing time, and no label the eye reads."""
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(NullLocator())
 
 
 
@@ -84,8 +108,9 @@ def histogram_plot(views: Sequence[HistogramView]) -> bytes:
     for ax, view in zip(axes, views):
         edges = np.asarray(view.edges, dtype=float)
         counts = np.asarray(view.counts, dtype=float)
-        ax.stairs(np.maximum(counts, 0), edges, fill=True, color="#aeb6bf", alpha=0.9)
-        ax.set_yscale("log") if counts.max(initial=0) > 0 else None
+        histogram_area(ax, np.maximum(counts, 0), edges, color="#aeb6bf", alpha=0.9)
+        if counts.max(initial=0) > 0:
+            log_counts(ax)
         lo_x, hi_x = float(edges[0]), float(edges[-1])
         for i, m in enumerate(methods):
             if m not in view.ranges:
