@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import models
@@ -18,6 +19,7 @@ import onnx
 import pytest
 
 from quantlab.calibrate import calibrate
+from quantlab.cli import main as cli_main
 from quantlab.data import check_inputs, from_arrays, open_dataset
 from quantlab.errors import DataError, InputMismatchError, ManifestError
 from quantlab.graph import model_from_proto
@@ -911,7 +913,7 @@ def _sequence_first() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_a_sequence_first_input_is_not_stacked_on_its_time_axis(tmp_path):
+def test_a_sequence_first_input_is_not_stacked_on_its_time_axis(tmp_path, capsys):
     """The default axis 0 is time here: the batch symbol would take the steps and ONNX Runtime fail in a Reshape."""
     model = model_from_proto(_sequence_first(), label="seq.onnx")
     steps = np.random.default_rng(1).normal(size=(6, 5, 8)).astype(np.float32)  # 6 samples of [5 steps, 8]
@@ -925,6 +927,13 @@ def test_a_sequence_first_input_is_not_stacked_on_its_time_axis(tmp_path):
     manifest_error = r"seq.toml stacks samples on axis 0 \('T' in the model\).*batch_axis = 1"
     with pytest.raises(InputMismatchError, match=manifest_error):
         check_inputs(open_dataset(tmp_path / "seq.toml"), model, batch_size=2)
+    # the command says that one thing: not first a batch-coupling note read off the wrong axis ('mean' over time)
+    onnx.save(_sequence_first(), tmp_path / "seq.onnx")
+    code = cli_main(["calibrate", str(tmp_path / "seq.onnx"), "--calib", str(tmp_path / "seq.toml"),
+                     "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(manifest_error, err[0]), err
+    assert not (tmp_path / "out").exists()
     data = from_arrays({"x": np.ascontiguousarray(steps.transpose(1, 0, 2))}, batch_axes={"x": 1})
     check_inputs(data, model, batch_size=4)
     four, one = (calibrate(model, data, "minmax", batch_size=b) for b in (4, 1))

@@ -149,8 +149,10 @@ def resolve_batch_size(args: argparse.Namespace, model: Any, dataset: Any, defau
     ``warn_coupled=False``: a larger batch of a model that couples its samples is left to the command's own
     warnings (compare's result carries it: said twice, it was)."""
     from ..backends.coupling import BatchCoupling, batch_coupling
-    from ..data import fixed_batch
+    from ..data import check_inputs, fixed_batch
 
+    if dataset is not None:  # data that does not fit is the one thing to say (the notes below read it as it comes)
+        check_inputs(dataset, model)
     streams = getattr(dataset, "sequence_streams", None)
     if args.batch_size is None and streams is not None:  # interleaved streams: one sample of each per batch
         args.batch_size = streams
