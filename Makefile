@@ -23,6 +23,8 @@ NUMERIC_MARK ?= numeric and not slow
 # Both passes run the tests in PYTEST_WORKERS processes (pytest-xdist; the slow tests are handed out first,
 # tests/conftest.py): on 2 cores the first pass took 639 s in one process, 469 s in two (ONNX Runtime's own
 # threads leave a core idle in the many small tests). PYTEST_WORKERS=0 runs them in this process.
+# On a 2-core AMD EPYC VM about 2.2x slower than that machine: 590 s + 72 s (it was 947 s + 109 s before the
+# tests cached quantlab's bytecode in their child processes, tests/conftest.py, and the report drew faster).
 PYTEST_WORKERS ?= 2
 
 .PHONY: demo test venv install-demo install-test chromium
