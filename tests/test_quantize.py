@@ -1739,3 +1739,43 @@ def test_expert_weights_a_gather_picks_for_an_int8_matmul_are_not_called_fp32(tr
         dq = {o: n for n in written.proto.graph.node for o in n.output}[
             next(n for n in written.proto.graph.node if n.name == "expert_mm").input[1]]
         assert float(inits[dq.input[1]]) == pytest.approx(float(np.abs(experts).max()) / 127, rel=1e-6)
+
+
+def _warp_net(size: int = 8) -> onnx.ModelProto:
+    """``Conv -> GridSample(h, grid)``, the grid a constant sampling pattern expanded to the batch (a model's
+    registered buffer, as a fixed warp or a spatial transformer's identity grid exports)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    ys, xs = np.meshgrid(np.linspace(-0.9, 0.9, size), np.linspace(-0.9, 0.9, size), indexing="ij")
+    grid = np.stack([xs + 0.05 * ys, ys - 0.05 * xs], axis=-1)[None].astype(np.float32)  # [1, H, W, 2], rotated
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(grid, "grid"),
+             numpy_helper.from_array(np.array([size, size, 2], np.int64), "hw2")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["x"], ["xs"], name="shape", end=1),
+             helper.make_node("Concat", ["xs", "hw2"], ["grid_shape"], name="grid_shape", axis=0),
+             helper.make_node("Expand", ["grid", "grid_shape"], ["grid_n"], name="expand"),
+             helper.make_node("GridSample", ["h", "grid_n"], ["y"], name="warp", align_corners=0)]
+    graph = helper.make_graph(
+        nodes, "warp_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, size, size])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fp16_casts_a_grid_sample_grid_of_constants_to_the_inputs_float16():
+    """ONNX lets a GridSample's grid (T2) differ from its input's type, TensorRT does not: the grid, computed from
+    constants alone, stayed float32 beside a float16 input, and TensorRT's parser refused the FP16 model ("input
+    and grid must be of same type"). It is float16 now; TensorRT-RTX parses and builds the model."""
+    model = model_from_proto(_warp_net())
+    written = write_model(model, uniform_plan("fp16"), None, WriteOptions())
+    specs = {name: s.dtype for name, s in tensor_specs(onnx.shape_inference.infer_shapes(written.proto)).items()}
+    warp = next(n for n in written.proto.graph.node if n.op_type == "GridSample")
+    assert [specs[t] for t in warp.input] == ["float16", "float16"], [specs[t] for t in warp.input]
+    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    want, got = _run(model.proto, {"x": x})["y"], _run(written.proto, {"x": x})["y"]
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()  # float16's rounding, not a broken warp
+    pytest.importorskip("tensorrt_rtx_bindings", reason="the tensorrt-rtx extra is not installed")
+    from quantlab.backends.tensorrt import TensorRTBackend
+
+    assert len(TensorRTBackend("tensorrt-rtx").build_engine(written.proto, label="warp_net fp16")) > 10_000

@@ -37,6 +37,11 @@ __all__ = ["Casts"]
 
 _ACCEPT_ANY_INPUT = frozenset({"Shape", "Size", "Cast"})
 
+_SAME_TYPE_IN_TENSORRT: dict[str, frozenset[int]] = {"GridSample": frozenset({1})}
+"""Float inputs ONNX lets differ from the node's data type and TensorRT does not: a GridSample's grid (its T2) in
+float32 beside a float16 input failed TensorRT's parser ("input and grid must be of same type"). In an FP16 node
+they are cast to float16 too (a grid of constants alone stayed float32 until then)."""
+
 
 class Casts:
     """Gets a tensor in the dtype a reader needs: the original name, a Cast, or a float16 copy (each made once)."""
@@ -161,7 +166,8 @@ class Casts:
                     wants.append(F16)
                     tied_float = True
                     continue
-                if t in self.constants and "tensor(float16)" in allowed.get(var, set()) and orig == F32:
+                if ((t in self.constants or i in _SAME_TYPE_IN_TENSORRT.get(node.op_type, ()))
+                        and "tensor(float16)" in allowed.get(var, set()) and orig == F32):
                     wants.append(F16)
                     continue
             wants.append(orig)
