@@ -762,3 +762,23 @@ def test_an_op_tensorrt_has_no_layer_for_gets_advice_that_can_help(rtx):
         assert "no precision helps" in str(err) and "--backend ort" in str(err), err
     else:
         pytest.skip("this TensorRT-RTX builds NonZero: nothing to advise")
+
+
+def test_a_uint8_image_transposed_before_its_cast_is_told_to_cast_first(rtx):
+    """``img.permute(0, 3, 1, 2).float()``: TensorRT has no Transpose on uint8 and its parser says only that the
+    type is wrong; the error says to cast first, as the export can."""
+    transposed_first = _model(
+        [helper.make_node("Transpose", ["img"], ["t"], name="to_nchw", perm=[0, 3, 1, 2]),
+         helper.make_node("Cast", ["t"], ["y"], name="to_float", to=TensorProto.FLOAT)],
+        [helper.make_tensor_value_info("img", TensorProto.UINT8, [1, 4, 4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])])
+    with pytest.raises(BackendError) as err:
+        rtx.build_engine(transposed_first, label="u8.onnx")
+    text = str(err.value)
+    assert "u8.onnx" in text and "to_nchw" in text and "img.float().permute(0, 3, 1, 2)" in text
+    cast_first = _model(
+        [helper.make_node("Cast", ["img"], ["f"], name="to_float", to=TensorProto.FLOAT),
+         helper.make_node("Transpose", ["f"], ["y"], name="to_nchw", perm=[0, 3, 1, 2])],
+        [helper.make_tensor_value_info("img", TensorProto.UINT8, [1, 4, 4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])])
+    _engine_ok(rtx.build_engine(cast_first, label="u8.onnx"))

@@ -81,6 +81,10 @@ def parser_issues(parser: Any) -> list[ParserIssue]:
     return issues
 
 
+_UINT8_REFUSED = "has type UInt8 but must have type"
+"""What TensorRT's layers say of a uint8 input (a Transpose or Resize on an image before its Cast to float)."""
+
+
 def parse_error(library: str, version: str, label: str, issues: list[ParserIssue],
                 node_domains: Mapping[str, str] | None = None) -> BackendError:
     """The parser's failure as an error that says what to do; ``node_domains`` (node name -> op domain) tells
@@ -115,6 +119,10 @@ def parse_error(library: str, version: str, label: str, issues: list[ParserIssue
     if any(i.op_type in ("QuantizeLinear", "DequantizeLinear") for i in issues):
         hint = ("\nTensorRT wants int8 symmetric Q/DQ (zero point 0) and float biases: write the "
                 "model with target 'tensorrt' (the 'ort' form is for ONNX Runtime only).")
+    elif any(_UINT8_REFUSED in i.message for i in issues):
+        hint = ("\nTensorRT computes no layer on uint8 but a Cast: a uint8 input (an image) must be cast to float "
+                "before any other op reads it. Export it so, e.g. `img.float().permute(0, 3, 1, 2)` rather than "
+                "`img.permute(0, 3, 1, 2).float()`.")
     return BackendError(f"{library} {version} failed to parse {label}:\n  {listing}{hint}")
 
 
