@@ -61,17 +61,17 @@ def graph_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-Evaluators = dict[tuple[int, tuple[tuple[str, tuple[int, ...]], ...]], object]
-"""Reference evaluators of single nodes, by ``(id(node), the feeds' dtypes and shapes)``: folders made one after
-another over the same graph (a loop body followed step by step) share one and build each node's evaluator once."""
+Evaluators = dict[tuple[int, tuple[tuple[str, tuple[int, ...]], ...]], tuple[onnx.NodeProto, Any]]
+"""Reference evaluators of single nodes, by ``(id(node), the feeds' dtypes and shapes)``, each beside its node (held,
+so that no other node object takes its id while the entry lives): folders made one after another over the same
+graph (a loop body followed step by step) share one and build each node's evaluator once."""
 
 
 class ConstantFolder:
     """Values of a graph's tensors computable from constants alone (memoised), and the constants behind them.
 
     ``seeds`` adds known values (e.g. a loop body's iteration number); their names count as leaves.
-    ``evaluators``: a cache shared with other folders over the same, unchanged graph (:data:`Evaluators`; keyed
-    by the nodes' ids, so it must not outlive the graph).
+    ``evaluators``: a cache shared with other folders over the same, unchanged graph (:data:`Evaluators`).
     """
 
     def __init__(self, graph: onnx.GraphProto, model: onnx.ModelProto,
@@ -156,9 +156,10 @@ class ConstantFolder:
         from onnx.reference import ReferenceEvaluator
 
         key = (id(node), tuple((v.dtype.str, v.shape) for v in feeds.values()))
-        if key not in self.evaluators:
-            self.evaluators[key] = ReferenceEvaluator(single_node_model(node, dict(feeds), self.model))
-        return self.evaluators[key]
+        held = self.evaluators.get(key)
+        if held is None or held[0] is not node:
+            held = self.evaluators[key] = (node, ReferenceEvaluator(single_node_model(node, dict(feeds), self.model)))
+        return held[1]
 
     def scalar(self, name: str) -> np.ndarray | None:
         """The value of ``name`` when it is constant and holds one element (else None)."""
